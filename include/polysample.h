@@ -1,0 +1,183 @@
+/*
+ * polysample: exact, cross-vendor token sampling from batches of logits.
+ *
+ * One C API over four backends (CUDA, HIP, OpenCL, OpenMP CPU). For the same
+ * logits, parameters and seed every backend returns the same tokens, bit for
+ * bit; docs/SAMPLING.md is the contract that makes this true.
+ *
+ * Rules of use:
+ * - Every call returns a psm_status. On failure nothing is written to any
+ *   output, and psm_last_error() holds a message for the calling thread.
+ * - The library never aborts, exits or prints.
+ * - A psm_context may be used by one thread at a time. Different contexts
+ *   may be used concurrently.
+ */
+#ifndef POLYSAMPLE_H
+#define POLYSAMPLE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define PSM_VERSION_MAJOR 0
+#define PSM_VERSION_MINOR 1
+#define PSM_VERSION_PATCH 0
+#define PSM_VERSION_NUMBER \
+    (PSM_VERSION_MAJOR * 10000 + PSM_VERSION_MINOR * 100 + PSM_VERSION_PATCH)
+
+#if defined(_WIN32) && defined(PSM_BUILDING_LIBRARY)
+#define PSM_API __declspec(dllexport)
+#elif defined(__GNUC__)
+#define PSM_API __attribute__((visibility("default")))
+#else
+#define PSM_API
+#endif
+
+/* Status codes. The values are pinned: they never change between versions. */
+typedef enum psm_status {
+    PSM_OK = 0,
+    PSM_ERR_INVALID_ARGUMENT = 1,   /* a NULL pointer, bad size, bad enum */
+    PSM_ERR_INVALID_PARAMETER = 2,  /* a sampling parameter out of range */
+    PSM_ERR_UNSUPPORTED = 3,        /* valid request the backend cannot do */
+    PSM_ERR_BACKEND_NOT_COMPILED = 4, /* asked-for backend not built in */
+    PSM_ERR_NO_DEVICE = 5,          /* backend built in, no usable device */
+    PSM_ERR_DRIVER = 6,             /* a driver or runtime call failed */
+    PSM_ERR_OUT_OF_MEMORY = 7,      /* host or device allocation failed */
+    PSM_ERR_BAD_ROW = 8,            /* checking mode: a row had NaN/+inf or no finite logit */
+    PSM_ERR_WRONG_BACKEND = 9,      /* memory of another backend was passed */
+    PSM_ERR_ENVIRONMENT = 10,       /* POLYSAMPLE_BACKEND could not be parsed */
+    PSM_ERR_INTERNAL = 11           /* a bug in polysample; please report it */
+} psm_status;
+
+typedef enum psm_backend {
+    PSM_BACKEND_AUTO = 0,
+    PSM_BACKEND_CPU = 1,
+    PSM_BACKEND_CUDA = 2,
+    PSM_BACKEND_HIP = 3,
+    PSM_BACKEND_OPENCL = 4
+} psm_backend;
+#define PSM_BACKEND_COUNT 5
+
+typedef enum psm_dtype {
+    PSM_DTYPE_F32 = 0,
+    PSM_DTYPE_F16 = 1,
+    PSM_DTYPE_BF16 = 2
+} psm_dtype;
+
+/* Where a buffer lives. DEVICE means memory of the context's backend:
+ * a CUDA or HIP device pointer, or an OpenCL cl_mem passed as the pointer.
+ * On the CPU backend DEVICE and HOST are the same. */
+typedef enum psm_memory {
+    PSM_MEMORY_HOST = 0,
+    PSM_MEMORY_DEVICE = 1
+} psm_memory;
+
+typedef struct psm_context psm_context;
+
+typedef struct psm_context_options {
+    psm_backend backend;  /* AUTO reads POLYSAMPLE_BACKEND, else CUDA, HIP, OpenCL, CPU */
+    int device_index;     /* -1: the backend's default (or the :N of POLYSAMPLE_BACKEND) */
+    int cpu_threads;      /* CPU backend; 0: OpenMP's default */
+    void *native_stream;  /* cudaStream_t, hipStream_t or cl_command_queue; NULL: own one */
+    int check_rows;       /* 1: a bad row makes psm_sample fail with PSM_ERR_BAD_ROW
+                             (device backends then wait for the result) */
+} psm_context_options;
+
+/* Fills *options with the defaults (AUTO, device -1, default threads). */
+PSM_API void psm_context_options_init(psm_context_options *options);
+
+PSM_API psm_status psm_context_create(const psm_context_options *options,
+                                      psm_context **context_out);
+/* NULL is a no-op. Waits for work queued by this context on its stream. */
+PSM_API void psm_context_destroy(psm_context *context);
+
+PSM_API psm_backend psm_context_backend(const psm_context *context);
+/* A human-readable device name, e.g. "NVIDIA H100 80GB HBM3" or "CPU (2 threads)". */
+PSM_API const char *psm_context_device_name(const psm_context *context);
+/* Why AUTO chose this backend, or "requested" when it was named. */
+PSM_API const char *psm_context_selection_reason(const psm_context *context);
+/* Reserves workspace for batches up to rows x vocab x num_samples, so that
+ * later psm_sample calls of that size or smaller allocate nothing. Optional:
+ * the first call of a shape reserves it otherwise. */
+PSM_API psm_status psm_context_reserve(psm_context *context, int64_t rows,
+                                       int64_t vocab, int64_t num_samples);
+
+/* A rows x vocab matrix of logits (or probabilities out of psm_probs). */
+typedef struct psm_tensor {
+    void *data;           /* host pointer, device pointer, or cl_mem */
+    psm_dtype dtype;
+    psm_memory memory;
+    int64_t rows;
+    int64_t vocab;
+    int64_t row_stride;   /* in elements; >= vocab; 0 means vocab */
+} psm_tensor;
+
+/* A per-row parameter array: NULL means "use the scalar". It lives in the
+ * same memory as the logits. Host arrays are validated on the host; values
+ * out of range in a device array give that row token -1 (or PSM_ERR_BAD_ROW
+ * in checking mode), since reading them on the host would need a sync. */
+typedef struct psm_params {
+    float temperature;    /* < 1e-5 (including 0) is greedy: argmax, lowest index on ties */
+    int32_t top_k;        /* 0 = off; k >= vocab means off */
+    float top_p;          /* in (0, 1]; 1 = off */
+    float min_p;          /* in [0, 1]; 0 = off */
+    uint64_t seed;
+    uint64_t offset;      /* e.g. the decoding step: the same seed at another offset draws anew */
+    int32_t num_samples;  /* >= 1, drawn with replacement */
+    const float *temperature_per_row;
+    const int32_t *top_k_per_row;
+    const float *top_p_per_row;
+    const float *min_p_per_row;
+    const uint64_t *seed_per_row;  /* one request, one seed: a row's tokens then do
+                                      not depend on its position in the batch */
+} psm_params;
+
+/* Plain sampling at temperature 1, one sample, seed 0, every filter off. */
+PSM_API void psm_params_init(psm_params *params);
+
+/* A rows x num_samples int32 matrix of tokens, or a float matrix of logprobs. */
+typedef struct psm_output {
+    void *data;
+    psm_memory memory;
+} psm_output;
+
+/* Draws num_samples tokens per row. tokens: rows x num_samples int32.
+ * logprobs (optional, data may be NULL): the natural log of each drawn token's
+ * probability under the final (filtered, renormalised) distribution.
+ * A row with a NaN or +inf logit, or no finite logit, gets token -1 and
+ * logprob NaN. On device backends the call is asynchronous on the context's
+ * stream and needs no host synchronisation (unless check_rows is set). */
+PSM_API psm_status psm_sample(psm_context *context, const psm_tensor *logits,
+                              const psm_params *params, psm_output tokens,
+                              psm_output logprobs);
+
+/* The final distribution psm_sample draws from: probs is rows x vocab f32
+ * (row_stride as given, dtype must be F32). A bad row is all NaN. */
+PSM_API psm_status psm_probs(psm_context *context, const psm_tensor *logits,
+                             const psm_params *params, const psm_tensor *probs);
+
+/* Waits until the context's queued work is done. */
+PSM_API psm_status psm_synchronize(psm_context *context);
+
+PSM_API const char *psm_status_string(psm_status status);
+/* The detailed message of the last failed call on this thread ("" if none). */
+PSM_API const char *psm_last_error(void);
+
+PSM_API const char *psm_version_string(void);
+PSM_API int psm_version_number(void);
+
+PSM_API const char *psm_backend_name(psm_backend backend); /* "cpu", "cuda", ... */
+PSM_API int psm_backend_compiled(psm_backend backend);
+/* 1 if a context of this backend can be created now. reason (optional) gets
+ * a static or thread-local text saying why not (or a device summary). */
+PSM_API int psm_backend_available(psm_backend backend, const char **reason);
+PSM_API int psm_backend_device_count(psm_backend backend);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* POLYSAMPLE_H */

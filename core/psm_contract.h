@@ -51,7 +51,9 @@ typedef uint16_t psm_u16;
 #define PSM_FN static __host__ __device__ __forceinline__
 #else
 #include <string.h>
-#pragma STDC FP_CONTRACT OFF
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF /* GCC ignores this pragma: it needs -ffp-contract=off */
+#endif
 #define PSM_FN static inline
 #endif
 #endif

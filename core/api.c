@@ -1,0 +1,98 @@
+/* api.c: the public calls: validate, then hand to the context's backend. */
+#include "context.h"
+#include "error.h"
+#include "validate.h"
+
+#include <stdio.h>
+
+#define PSM_STRINGIFY_INNER(x) #x
+#define PSM_STRINGIFY(x) PSM_STRINGIFY_INNER(x)
+
+const char *psm_version_string(void)
+{
+    return PSM_STRINGIFY(PSM_VERSION_MAJOR) "." PSM_STRINGIFY(PSM_VERSION_MINOR) "." PSM_STRINGIFY(
+        PSM_VERSION_PATCH);
+}
+
+int psm_version_number(void)
+{
+    return PSM_VERSION_NUMBER;
+}
+
+void psm_params_init(psm_params *params)
+{
+    if (!params)
+        return;
+    *params = (psm_params){.temperature = 1.0f, .top_p = 1.0f, .num_samples = 1};
+}
+
+/* The CPU backend's "device" memory is host memory, so its per-row arrays
+ * can always be checked here; other backends' only when on the host. */
+static int per_row_arrays_on_host(const psm_context *context, const psm_tensor *logits)
+{
+    return context->backend == PSM_BACKEND_CPU ||
+           (logits && logits->memory == PSM_MEMORY_HOST);
+}
+
+static psm_status finish_bad_row(psm_status status, const psm_request *request)
+{
+    if (status == PSM_ERR_BAD_ROW)
+        return psm_set_error(PSM_ERR_BAD_ROW,
+                             "row %lld has a NaN or +inf logit, no finite logit, or a parameter "
+                             "out of range (checking mode; nothing was written)",
+                             (long long)request->first_bad_row);
+    return status;
+}
+
+psm_status psm_sample(psm_context *context, const psm_tensor *logits, const psm_params *params,
+                      psm_output tokens, psm_output logprobs)
+{
+    psm_clear_error();
+    if (!context)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "context is NULL");
+    psm_request request;
+    psm_status status = psm_validate_request(logits, params, &tokens, &logprobs, NULL,
+                                             per_row_arrays_on_host(context, logits), &request);
+    if (status != PSM_OK)
+        return status;
+    request.check_rows = context->check_rows;
+    return finish_bad_row(context->ops->sample(context->state, &request), &request);
+}
+
+psm_status psm_probs(psm_context *context, const psm_tensor *logits, const psm_params *params,
+                     const psm_tensor *probs)
+{
+    psm_clear_error();
+    if (!context)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "context is NULL");
+    if (!probs)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "probs is NULL");
+    psm_request request;
+    psm_status status = psm_validate_request(logits, params, NULL, NULL, probs,
+                                             per_row_arrays_on_host(context, logits), &request);
+    if (status != PSM_OK)
+        return status;
+    request.check_rows = context->check_rows;
+    return finish_bad_row(context->ops->probs(context->state, &request), &request);
+}
+
+psm_status psm_context_reserve(psm_context *context, int64_t rows, int64_t vocab,
+                               int64_t num_samples)
+{
+    psm_clear_error();
+    if (!context)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "context is NULL");
+    if (rows < 1 || vocab < 1 || vocab > INT32_MAX || num_samples < 1)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                             "reserve(%lld, %lld, %lld): each must be >= 1, vocab <= 2^31-1",
+                             (long long)rows, (long long)vocab, (long long)num_samples);
+    return context->ops->reserve(context->state, rows, vocab, num_samples);
+}
+
+psm_status psm_synchronize(psm_context *context)
+{
+    psm_clear_error();
+    if (!context)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "context is NULL");
+    return context->ops->synchronize(context->state);
+}

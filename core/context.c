@@ -1,0 +1,200 @@
+/* context.c: creating a context, including run-time backend selection. */
+#include "context.h"
+
+#include "environment.h"
+#include "error.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* AUTO's preference: the fastest kind of device first, the CPU last. */
+static const psm_backend auto_order[] = {PSM_BACKEND_CUDA, PSM_BACKEND_HIP, PSM_BACKEND_OPENCL,
+                                         PSM_BACKEND_CPU};
+
+static _Thread_local const psm_environment *environment_of_creation;
+
+const psm_environment *psm_environment_of_creation(void)
+{
+    return environment_of_creation;
+}
+
+void psm_context_options_init(psm_context_options *options)
+{
+    if (!options)
+        return;
+    memset(options, 0, sizeof *options);
+    options->backend = PSM_BACKEND_AUTO;
+    options->device_index = -1;
+}
+
+int psm_backend_compiled(psm_backend backend)
+{
+    return psm_registry_lookup(backend) != NULL;
+}
+
+static _Thread_local char availability_reason[512];
+
+int psm_backend_available(psm_backend backend, const char **reason)
+{
+    const psm_backend_ops *ops = psm_registry_lookup(backend);
+    int device_count = 0;
+    int available = 0;
+    if (!ops) {
+        snprintf(availability_reason, sizeof availability_reason,
+                 "the %s backend is not compiled into this build", psm_backend_name(backend));
+    } else {
+        availability_reason[0] = '\0';
+        available = ops->probe(&device_count, availability_reason, sizeof availability_reason) &&
+                    device_count > 0;
+        if (available && availability_reason[0] == '\0')
+            snprintf(availability_reason, sizeof availability_reason, "%d device(s)",
+                     device_count);
+    }
+    if (reason)
+        *reason = availability_reason;
+    return available;
+}
+
+int psm_backend_device_count(psm_backend backend)
+{
+    const psm_backend_ops *ops = psm_registry_lookup(backend);
+    char reason[512];
+    int device_count = 0;
+    if (!ops || !ops->probe(&device_count, reason, sizeof reason))
+        return 0;
+    return device_count;
+}
+
+/* Checks that a named backend can run on device_index; the failure says why. */
+static psm_status check_named_backend(psm_backend backend, int device_index)
+{
+    const psm_backend_ops *ops = psm_registry_lookup(backend);
+    if (!ops)
+        return psm_set_error(PSM_ERR_BACKEND_NOT_COMPILED,
+                             "the %s backend is not compiled into this build (its toolchain was "
+                             "missing or it was turned off at configure time)",
+                             psm_backend_name(backend));
+    char reason[400] = "";
+    int device_count = 0;
+    if (!ops->probe(&device_count, reason, sizeof reason) || device_count <= 0)
+        return psm_set_error(PSM_ERR_NO_DEVICE, "the %s backend has no usable device: %s",
+                             psm_backend_name(backend), reason[0] ? reason : "none found");
+    if (device_index >= device_count)
+        return psm_set_error(PSM_ERR_NO_DEVICE,
+                             "device index %d asked for, but the %s backend has %d device(s)",
+                             device_index, psm_backend_name(backend), device_count);
+    return PSM_OK;
+}
+
+/* Picks the backend and device, and says why, without creating anything. */
+static psm_status select_backend(const psm_context_options *options,
+                                 const psm_environment *environment, psm_backend *backend_out,
+                                 int *device_index_out, char *why, size_t why_size)
+{
+    psm_backend backend = options->backend;
+    int device_index = options->device_index;
+    if (backend == PSM_BACKEND_AUTO && environment->backend_set &&
+        environment->backend != PSM_BACKEND_AUTO) {
+        backend = environment->backend;
+        if (device_index < 0)
+            device_index = environment->device_index;
+        snprintf(why, why_size, "POLYSAMPLE_BACKEND asks for %s", psm_backend_name(backend));
+    } else if (backend == PSM_BACKEND_AUTO) {
+        if (device_index < 0 && environment->backend_set)
+            device_index = environment->device_index;
+        size_t used = (size_t)snprintf(why, why_size, "auto:");
+        for (size_t i = 0; i < sizeof auto_order / sizeof auto_order[0]; ++i) {
+            const char *reason = NULL;
+            if (psm_backend_available(auto_order[i], &reason)) {
+                backend = auto_order[i];
+                if (used < why_size)
+                    snprintf(why + used, why_size - used, " %s is available (%s)",
+                             psm_backend_name(backend), reason);
+                break;
+            }
+            if (used < why_size)
+                used += (size_t)snprintf(why + used, why_size - used, " %s skipped (%s);",
+                                         psm_backend_name(auto_order[i]), reason);
+        }
+        if (backend == PSM_BACKEND_AUTO)
+            return psm_set_error(PSM_ERR_INTERNAL, "no backend available, not even the CPU");
+    } else {
+        snprintf(why, why_size, "requested");
+    }
+    if (device_index < 0)
+        device_index = 0;
+    psm_status status = check_named_backend(backend, device_index);
+    if (status != PSM_OK)
+        return status;
+    *backend_out = backend;
+    *device_index_out = device_index;
+    return PSM_OK;
+}
+
+psm_status psm_context_create(const psm_context_options *options, psm_context **context_out)
+{
+    psm_clear_error();
+    if (!context_out)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "context_out is NULL");
+    psm_context_options defaults;
+    if (!options) {
+        psm_context_options_init(&defaults);
+        options = &defaults;
+    }
+    if ((int)options->backend < 0 || (int)options->backend >= PSM_BACKEND_COUNT)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "unknown backend value %d",
+                             (int)options->backend);
+    if (options->cpu_threads < 0)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "cpu_threads is %d; expected >= 0",
+                             options->cpu_threads);
+
+    psm_environment environment;
+    psm_status status = psm_environment_read(&environment);
+    if (status != PSM_OK)
+        return status;
+
+    psm_context *context = calloc(1, sizeof *context);
+    if (!context)
+        return psm_set_error(PSM_ERR_OUT_OF_MEMORY, "cannot allocate a context");
+    int device_index = 0;
+    status = select_backend(options, &environment, &context->backend, &device_index,
+                            context->selection_reason, sizeof context->selection_reason);
+    if (status == PSM_OK) {
+        context->ops = psm_registry_lookup(context->backend);
+        context->check_rows = options->check_rows != 0;
+        environment_of_creation = &environment;
+        status = context->ops->create(options, device_index, &context->state,
+                                      context->device_name, sizeof context->device_name);
+        environment_of_creation = NULL;
+    }
+    if (status != PSM_OK) {
+        free(context);
+        return status;
+    }
+    *context_out = context;
+    return PSM_OK;
+}
+
+void psm_context_destroy(psm_context *context)
+{
+    if (!context)
+        return;
+    context->ops->destroy(context->state);
+    free(context);
+}
+
+psm_backend psm_context_backend(const psm_context *context)
+{
+    return context ? context->backend : PSM_BACKEND_AUTO;
+}
+
+const char *psm_context_device_name(const psm_context *context)
+{
+    return context ? context->device_name : "";
+}
+
+const char *psm_context_selection_reason(const psm_context *context)
+{
+    return context ? context->selection_reason : "";
+}

@@ -1,0 +1,16 @@
+/* validate.h: checks every argument before a request reaches a backend. */
+#ifndef PSM_VALIDATE_H
+#define PSM_VALIDATE_H
+
+#include "backend.h"
+
+/* Fills *request from the public arguments, or fails with a status and a
+ * message naming the argument. probs is NULL for psm_sample, and tokens and
+ * logprobs are ignored for psm_probs. host_side_arrays: the per-row arrays
+ * can be read here (host memory, or a backend whose device memory is host). */
+psm_status psm_validate_request(const psm_tensor *logits, const psm_params *params,
+                                const psm_output *tokens, const psm_output *logprobs,
+                                const psm_tensor *probs, int host_side_arrays,
+                                psm_request *request);
+
+#endif /* PSM_VALIDATE_H */

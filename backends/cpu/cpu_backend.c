@@ -1,0 +1,999 @@
+/*
+ * cpu_backend.c: the OpenMP CPU backend, the reference implementation of
+ * docs/SAMPLING.md. Every quantity that decides a token comes from
+ * core/psm_contract.h (cpu_weight.h holds a branch-free psm_weight that is
+ * equal to it for every input).
+ *
+ * Shape of the work:
+ * - batches with at least as many rows as threads: one row per thread at a
+ *   time; batches with fewer rows: rows one after another, the per-tile
+ *   passes of a row spread over the threads. Tile results are integers and
+ *   float maxima, so any split gives the same answer.
+ * - plain rows (no filter): one pass reads each tile once and reduces it to
+ *   (m_t, S_t); the row maximum comes from the tile maxima. A draw reads
+ *   again only the tile it lands in.
+ * - filtered rows: a summary pass (tile maxima, valid counts), then top-k by
+ *   a bounded heap (small k) or a radix select on rank keys (large k), top-p
+ *   on the top-k candidates or by a radix select weighted by g-mass, min-p as
+ *   a per-token test; then the tile masses of the kept set.
+ * Scratch lives in the state, per thread, and grows only when a larger vocab
+ * is seen.
+ */
+#include "backend.h"
+#include "cpu_weight.h"
+#include "error.h"
+#include "psm_contract.h"
+
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* The hot tile loops are compiled twice, for AVX2 and for the baseline, and
+ * picked at load time: AVX2 has the per-lane 64-bit shifts that the weight
+ * needs, which baseline x86-64 lacks. Both compute the same integers (only
+ * correctly rounded +, -, x are involved and contraction is off). */
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && \
+    (!defined(__clang__) || __clang_major__ >= 14)
+#define PSM_CPU_HOT __attribute__((target_clones("avx2", "default")))
+#else
+#define PSM_CPU_HOT
+#endif
+
+/* Radix select: 11-bit digits keep a histogram of counts and masses in
+ * 32 KiB; a bucket of at most CPU_GATHER_LIMIT tokens is sorted directly. */
+#define CPU_RADIX_BITS 11
+#define CPU_RADIX_BINS (1 << CPU_RADIX_BITS)
+#define CPU_GATHER_LIMIT 4096
+/* top-k up to this k uses a bounded min-heap of rank keys. */
+#define CPU_HEAP_LIMIT 4096
+
+typedef struct cpu_ranked {
+    uint64_t key;
+    uint64_t measure;
+} cpu_ranked;
+
+/* One thread's workspace. The tile arrays hold one row's per-tile results;
+ * the fixed buffers are sized by the contract (PSM_TILE) or by the limits
+ * above, never by the request. */
+typedef struct cpu_scratch {
+    int64_t tile_capacity;
+    float *tile_max;        /* plain: largest valid logit; filtered: first valid, then kept */
+    int32_t *tile_valid;    /* valid logits in the tile */
+    uint8_t *tile_bad;      /* a NaN or +inf in the tile */
+    uint64_t *tile_sum;     /* S_t (or a g-mass while top-p looks for Z) */
+    uint64_t *tile_prefix;  /* running sums of T_t, in tile order */
+    int64_t cached_tile;    /* the tile whose weights are in `weights`, or -1 */
+    uint64_t cached_sum;
+    float logits[PSM_TILE];
+    uint64_t weights[PSM_TILE];
+    uint64_t heap[CPU_HEAP_LIMIT];
+    uint64_t radix_count[CPU_RADIX_BINS];
+    uint64_t radix_measure[CPU_RADIX_BINS];
+    cpu_ranked gathered[CPU_GATHER_LIMIT];
+} cpu_scratch;
+
+typedef struct cpu_state {
+    int threads;
+    cpu_scratch **scratch; /* one per thread */
+} cpu_state;
+
+/* Everything a row's passes need to know about it. */
+typedef struct cpu_row {
+    const unsigned char *data; /* the row's first logit */
+    psm_dtype dtype;
+    int64_t vocab;
+    int64_t tiles;
+    float scale;        /* psm_inverse_temperature_scale(T) */
+    int weight_bits;    /* psm_weight_bits(vocab) */
+    float row_max;      /* M */
+    int filtered;       /* use the kept-set rule below instead of "every valid token" */
+    uint64_t key_cutoff; /* kept: rank key >= key_cutoff (0 keeps every valid token) */
+    uint64_t min_weight; /* kept: g_i >= min_weight (0: no min-p) */
+} cpu_row;
+
+/* ---- reading tiles --------------------------------------------------------- */
+
+static int64_t tile_length(const cpu_row *row, int64_t tile)
+{
+    int64_t start = tile * PSM_TILE;
+    int64_t left = row->vocab - start;
+    return left < PSM_TILE ? left : PSM_TILE;
+}
+
+/* Reads logits as the contract does (psm_read_logit) into out, which may be
+ * in itself. Returns the number of valid logits; *max_out is the largest
+ * value read (meaningful when some logit is valid), *bad_out whether a NaN or
+ * +inf was seen. */
+PSM_CPU_HOT
+static int32_t classify_tile(const float *in, float *out, int n, float *max_out, int *bad_out)
+{
+    int32_t valid = 0;
+    int bad = 0;
+    float largest = -INFINITY;
+#pragma omp simd reduction(max : largest) reduction(+ : valid) reduction(| : bad)
+    for (int i = 0; i < n; ++i) {
+        float raw = in[i];
+        int cls = psm_logit_class(raw);
+        valid += cls == PSM_LOGIT_VALID;
+        bad |= cls == PSM_LOGIT_BAD;
+        float x = psm_read_logit(raw);
+        out[i] = x;
+        largest = largest > x ? largest : x;
+    }
+    *max_out = largest;
+    *bad_out = bad;
+    return valid;
+}
+
+PSM_CPU_HOT
+static void widen_bf16(const uint16_t *in, float *out, int n)
+{
+#pragma omp simd
+    for (int i = 0; i < n; ++i)
+        out[i] = psm_bf16_to_float(in[i]);
+}
+
+static void widen_f16(const uint16_t *in, float *out, int n)
+{
+    for (int i = 0; i < n; ++i)
+        out[i] = psm_f16_to_float(in[i]);
+}
+
+/* Loads a tile into x (as read by the contract) and summarises it. */
+static int32_t load_tile(const cpu_row *row, int64_t tile, float *x, int *n_out, float *max_out,
+                         int *bad_out)
+{
+    int n = (int)tile_length(row, tile);
+    int64_t start = tile * PSM_TILE;
+    *n_out = n;
+    switch (row->dtype) {
+    case PSM_DTYPE_F32:
+        return classify_tile((const float *)row->data + start, x, n, max_out, bad_out);
+    case PSM_DTYPE_BF16:
+        widen_bf16((const uint16_t *)row->data + start, x, n);
+        break;
+    case PSM_DTYPE_F16:
+    default:
+        widen_f16((const uint16_t *)row->data + start, x, n);
+        break;
+    }
+    return classify_tile(x, x, n, max_out, bad_out);
+}
+
+/* ---- weights --------------------------------------------------------------- */
+
+/* S_t of a plain tile: every valid token weighs psm_weight(gap(m_t, x), B);
+ * masked tokens have an infinite gap and weigh 0. */
+PSM_CPU_HOT
+static uint64_t plain_weight_sum(const float *x, int n, float reference, float scale, int bits)
+{
+    uint64_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int i = 0; i < n; ++i)
+        sum += psm_cpu_weight(psm_scaled_gap(reference, x[i], scale), bits);
+    return sum;
+}
+
+PSM_CPU_HOT
+static uint64_t plain_weights(const float *x, int n, float reference, float scale, int bits,
+                              uint64_t *weights)
+{
+    uint64_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int i = 0; i < n; ++i) {
+        uint64_t w = psm_cpu_weight(psm_scaled_gap(reference, x[i], scale), bits);
+        weights[i] = w;
+        sum += w;
+    }
+    return sum;
+}
+
+/* g_i: a token's weight against the row maximum. */
+static uint64_t global_weight(const cpu_row *row, float x)
+{
+    return psm_weight(psm_scaled_gap(row->row_max, x, row->scale), row->weight_bits);
+}
+
+/* The largest rank key a tile can hold: its largest valid logit at its first
+ * index. Tiles below a cutoff are skipped by it. */
+static uint64_t tile_key_bound(const cpu_row *row, const cpu_scratch *owner, int64_t tile)
+{
+    (void)row;
+    return psm_rank_key(owner->tile_max[tile], (uint32_t)(tile * PSM_TILE));
+}
+
+/* Tile weights of a filtered row: w_i against the largest kept logit of the
+ * tile for kept tokens, 0 for the rest. Returns S_t, and m_t in *reference. */
+static uint64_t kept_weights(const cpu_row *row, int64_t tile, float *x, uint64_t *weights,
+                             float *reference)
+{
+    int n, bad;
+    float tile_max;
+    load_tile(row, tile, x, &n, &tile_max, &bad);
+    uint32_t start = (uint32_t)(tile * PSM_TILE);
+    float kept_max = -INFINITY;
+    int any_kept = 0;
+    for (int i = 0; i < n; ++i) {
+        int kept = psm_logit_class(x[i]) == PSM_LOGIT_VALID &&
+                   psm_rank_key(x[i], start + (uint32_t)i) >= row->key_cutoff &&
+                   (row->min_weight == 0 || global_weight(row, x[i]) >= row->min_weight);
+        weights[i] = (uint64_t)kept;
+        if (kept && (!any_kept || x[i] > kept_max)) {
+            kept_max = x[i];
+            any_kept = 1;
+        }
+    }
+    *reference = kept_max;
+    if (!any_kept) {
+        memset(weights, 0, (size_t)n * sizeof *weights);
+        return 0;
+    }
+    uint64_t sum = 0;
+    for (int i = 0; i < n; ++i) {
+        uint64_t w = weights[i]
+                         ? psm_weight(psm_scaled_gap(kept_max, x[i], row->scale), row->weight_bits)
+                         : 0;
+        weights[i] = w;
+        sum += w;
+    }
+    return sum;
+}
+
+/* A tile's weights into `weights` (plain or kept rule); returns S_t. */
+static uint64_t tile_weights(const cpu_row *row, const cpu_scratch *owner, int64_t tile, float *x,
+                             uint64_t *weights)
+{
+    if (row->filtered) {
+        float reference;
+        return kept_weights(row, tile, x, weights, &reference);
+    }
+    int n, bad;
+    float max;
+    load_tile(row, tile, x, &n, &max, &bad);
+    return plain_weights(x, n, owner->tile_max[tile], row->scale, row->weight_bits, weights);
+}
+
+/* ---- per-tile passes ------------------------------------------------------- */
+
+/* The passes run over a row's tiles either on one thread (its own scratch
+ * serves as tile buffer) or on all threads (each uses its own buffer; results
+ * go to the row owner's per-tile arrays, one slot per tile). */
+typedef enum cpu_pass {
+    PASS_PLAIN,     /* m_t, valid, bad, S_t of a plain row */
+    PASS_SUMMARY,   /* m_t, valid, bad */
+    PASS_G_MASS,    /* tile_sum = sum of g_i over valid tokens with key >= cutoff */
+    PASS_KEPT,      /* m_t, S_t of the kept set */
+    PASS_PROBS      /* write the row's probabilities */
+} cpu_pass;
+
+typedef struct cpu_pass_args {
+    cpu_pass pass;
+    const cpu_row *row;
+    cpu_scratch *owner;
+    uint64_t g_cutoff;   /* PASS_G_MASS */
+    uint64_t total;      /* PASS_PROBS */
+    float *probs_row;    /* PASS_PROBS */
+} cpu_pass_args;
+
+static void run_tile(const cpu_pass_args *args, int64_t tile, cpu_scratch *worker)
+{
+    const cpu_row *row = args->row;
+    cpu_scratch *owner = args->owner;
+    int n, bad;
+    float max;
+    switch (args->pass) {
+    case PASS_PLAIN: {
+        int32_t valid = load_tile(row, tile, worker->logits, &n, &max, &bad);
+        owner->tile_max[tile] = max;
+        owner->tile_valid[tile] = valid;
+        owner->tile_bad[tile] = (uint8_t)bad;
+        owner->tile_sum[tile] = (valid > 0 && !bad)
+                                    ? plain_weight_sum(worker->logits, n, max, row->scale,
+                                                       row->weight_bits)
+                                    : 0;
+        break;
+    }
+    case PASS_SUMMARY: {
+        int32_t valid = load_tile(row, tile, worker->logits, &n, &max, &bad);
+        owner->tile_max[tile] = max;
+        owner->tile_valid[tile] = valid;
+        owner->tile_bad[tile] = (uint8_t)bad;
+        break;
+    }
+    case PASS_G_MASS: {
+        uint64_t mass = 0;
+        if (owner->tile_valid[tile] > 0 && tile_key_bound(row, owner, tile) >= args->g_cutoff) {
+            uint32_t start = (uint32_t)(tile * PSM_TILE);
+            load_tile(row, tile, worker->logits, &n, &max, &bad);
+            for (int i = 0; i < n; ++i) {
+                float x = worker->logits[i];
+                if (psm_logit_class(x) == PSM_LOGIT_VALID &&
+                    psm_rank_key(x, start + (uint32_t)i) >= args->g_cutoff)
+                    mass += global_weight(row, x);
+            }
+        }
+        owner->tile_sum[tile] = mass;
+        break;
+    }
+    case PASS_KEPT: {
+        /* tile_max holds the largest valid logit here; it becomes m_t. */
+        if (owner->tile_valid[tile] == 0 || tile_key_bound(row, owner, tile) < row->key_cutoff) {
+            owner->tile_sum[tile] = 0;
+            owner->tile_max[tile] = -INFINITY;
+            break;
+        }
+        float reference;
+        owner->tile_sum[tile] =
+            kept_weights(row, tile, worker->logits, worker->weights, &reference);
+        owner->tile_max[tile] = reference;
+        break;
+    }
+    case PASS_PROBS: {
+        float *out = args->probs_row + tile * PSM_TILE;
+        int64_t length = tile_length(row, tile);
+        uint64_t mass_sum = owner->tile_sum[tile];
+        uint64_t mass = owner->tile_prefix[tile] - (tile > 0 ? owner->tile_prefix[tile - 1] : 0);
+        if (mass_sum == 0 || mass == 0) {
+            for (int64_t i = 0; i < length; ++i)
+                out[i] = 0.0f;
+            break;
+        }
+        tile_weights(row, owner, tile, worker->logits, worker->weights);
+        double tile_share = (double)mass / (double)args->total;
+        for (int64_t i = 0; i < length; ++i)
+            out[i] = (float)(((double)worker->weights[i] / (double)mass_sum) * tile_share);
+        break;
+    }
+    }
+}
+
+static void run_pass(const cpu_state *state, const cpu_pass_args *args, int parallel)
+{
+    int64_t tiles = args->row->tiles;
+    if (parallel && tiles > 1) {
+#pragma omp parallel for num_threads(state->threads) schedule(static)
+        for (int64_t tile = 0; tile < tiles; ++tile)
+            run_tile(args, tile, state->scratch[omp_get_thread_num()]);
+    } else {
+        for (int64_t tile = 0; tile < tiles; ++tile)
+            run_tile(args, tile, args->owner);
+    }
+}
+
+/* Reduces the summary arrays: returns 1 for a good row (no NaN/+inf, some
+ * valid logit) and sets *valid_out and *max_out (M). */
+static int row_is_good(const cpu_row *row, const cpu_scratch *owner, int64_t *valid_out,
+                       float *max_out)
+{
+    int64_t valid = 0;
+    float max = -INFINITY;
+    for (int64_t tile = 0; tile < row->tiles; ++tile) {
+        if (owner->tile_bad[tile])
+            return 0;
+        if (owner->tile_valid[tile] > 0) {
+            valid += owner->tile_valid[tile];
+            max = owner->tile_max[tile] > max ? owner->tile_max[tile] : max;
+        }
+    }
+    *valid_out = valid;
+    *max_out = max;
+    return valid > 0;
+}
+
+/* T_t for every tile as running sums; returns total. */
+static uint64_t tile_masses(const cpu_row *row, cpu_scratch *owner)
+{
+    uint64_t running = 0;
+    for (int64_t tile = 0; tile < row->tiles; ++tile) {
+        uint64_t sum = owner->tile_sum[tile];
+        if (sum != 0)
+            running += psm_rescale_mass(
+                sum, psm_scaled_gap(row->row_max, owner->tile_max[tile], row->scale));
+        owner->tile_prefix[tile] = running;
+    }
+    return running;
+}
+
+/* ---- filters --------------------------------------------------------------- */
+
+static void heap_sift_down(uint64_t *heap, int64_t size, int64_t at)
+{
+    for (;;) {
+        int64_t smallest = at, left = 2 * at + 1, right = left + 1;
+        if (left < size && heap[left] < heap[smallest])
+            smallest = left;
+        if (right < size && heap[right] < heap[smallest])
+            smallest = right;
+        if (smallest == at)
+            return;
+        uint64_t held = heap[at];
+        heap[at] = heap[smallest];
+        heap[smallest] = held;
+        at = smallest;
+    }
+}
+
+static int compare_keys_descending(const void *a, const void *b)
+{
+    uint64_t ka = *(const uint64_t *)a, kb = *(const uint64_t *)b;
+    return ka < kb ? 1 : (ka > kb ? -1 : 0);
+}
+
+static int compare_ranked_descending(const void *a, const void *b)
+{
+    return compare_keys_descending(&((const cpu_ranked *)a)->key, &((const cpu_ranked *)b)->key);
+}
+
+/* The k largest rank keys among valid tokens (k <= CPU_HEAP_LIMIT, k smaller
+ * than the valid count), left in owner->heap sorted descending. */
+static void top_k_heap(const cpu_row *row, cpu_scratch *owner, int64_t k)
+{
+    uint64_t *heap = owner->heap;
+    int64_t size = 0;
+    for (int64_t tile = 0; tile < row->tiles; ++tile) {
+        if (owner->tile_valid[tile] == 0)
+            continue;
+        if (size == k && tile_key_bound(row, owner, tile) <= heap[0])
+            continue;
+        int n, bad;
+        float max;
+        uint32_t start = (uint32_t)(tile * PSM_TILE);
+        load_tile(row, tile, owner->logits, &n, &max, &bad);
+        for (int i = 0; i < n; ++i) {
+            float x = owner->logits[i];
+            if (psm_logit_class(x) != PSM_LOGIT_VALID)
+                continue;
+            uint64_t key = psm_rank_key(x, start + (uint32_t)i);
+            if (size < k) {
+                /* sift up */
+                int64_t at = size++;
+                heap[at] = key;
+                while (at > 0 && heap[(at - 1) / 2] > heap[at]) {
+                    uint64_t held = heap[at];
+                    heap[at] = heap[(at - 1) / 2];
+                    heap[(at - 1) / 2] = held;
+                    at = (at - 1) / 2;
+                }
+            } else if (key > heap[0]) {
+                heap[0] = key;
+                heap_sift_down(heap, size, 0);
+            }
+        }
+    }
+    qsort(heap, (size_t)size, sizeof *heap, compare_keys_descending);
+}
+
+/* Inverse of psm_rank_key's logit half. */
+static float key_logit(uint64_t key)
+{
+    uint32_t ordered = (uint32_t)(key >> 32);
+    uint32_t bits = (ordered & 0x80000000u) ? (ordered & 0x7fffffffu) : ~ordered;
+    return psm_bits_float(bits);
+}
+
+/* Walks the valid tokens with key >= lower in rank order, adding up a
+ * measure (1 per token, or g_i), and returns the key of the token at which
+ * the sum first reaches target (the first token when target is 0). The
+ * caller guarantees those tokens' whole measure reaches target.
+ * Radix select: each round histograms the next 11 bits of the keys that
+ * share the prefix found so far; once the bucket holding the answer is
+ * small enough it is gathered and sorted. Keys are unique (they hold the
+ * token index), so the buckets always shrink. */
+static uint64_t radix_cutoff(const cpu_row *row, cpu_scratch *owner, uint64_t lower, int by_mass,
+                             uint64_t target)
+{
+    uint64_t prefix = 0, above = 0;
+    int consumed = 0;
+    int gather = 0;
+    for (;;) {
+        int digit_bits = 64 - consumed < CPU_RADIX_BITS ? 64 - consumed : CPU_RADIX_BITS;
+        int shift = 64 - consumed - digit_bits;
+        uint64_t range_low = consumed ? prefix << (64 - consumed) : 0;
+        uint64_t floor_key = range_low > lower ? range_low : lower;
+        int64_t gathered = 0;
+        if (!gather) {
+            memset(owner->radix_count, 0, sizeof owner->radix_count);
+            memset(owner->radix_measure, 0, sizeof owner->radix_measure);
+        }
+        for (int64_t tile = 0; tile < row->tiles; ++tile) {
+            if (owner->tile_valid[tile] == 0 || tile_key_bound(row, owner, tile) < floor_key)
+                continue;
+            int n, bad;
+            float max;
+            uint32_t start = (uint32_t)(tile * PSM_TILE);
+            load_tile(row, tile, owner->logits, &n, &max, &bad);
+            for (int i = 0; i < n; ++i) {
+                float x = owner->logits[i];
+                if (psm_logit_class(x) != PSM_LOGIT_VALID)
+                    continue;
+                uint64_t key = psm_rank_key(x, start + (uint32_t)i);
+                if (key < lower || (consumed && (key >> (64 - consumed)) != prefix))
+                    continue;
+                uint64_t measure = by_mass ? global_weight(row, x) : 1;
+                if (gather) {
+                    owner->gathered[gathered].key = key;
+                    owner->gathered[gathered].measure = measure;
+                    ++gathered;
+                } else {
+                    uint64_t digit = (key >> shift) & (((uint64_t)1 << digit_bits) - 1);
+                    owner->radix_count[digit] += 1;
+                    owner->radix_measure[digit] += measure;
+                }
+            }
+        }
+        if (gather) {
+            qsort(owner->gathered, (size_t)gathered, sizeof owner->gathered[0],
+                  compare_ranked_descending);
+            for (int64_t i = 0; i < gathered; ++i) {
+                above += owner->gathered[i].measure;
+                if (above >= target)
+                    return owner->gathered[i].key;
+            }
+            /* Unreachable when the caller's guarantee holds. */
+            return gathered > 0 ? owner->gathered[gathered - 1].key : lower;
+        }
+        int64_t digit = ((int64_t)1 << digit_bits) - 1;
+        for (; digit > 0; --digit) {
+            if (owner->radix_count[digit] != 0 && above + owner->radix_measure[digit] >= target)
+                break;
+            above += owner->radix_measure[digit];
+        }
+        prefix = (prefix << digit_bits) | (uint64_t)digit;
+        consumed += digit_bits;
+        gather = owner->radix_count[digit] <= CPU_GATHER_LIMIT;
+    }
+}
+
+/* Sets row->key_cutoff and row->min_weight from top-k, top-p and min-p. */
+static void apply_filters(const cpu_state *state, cpu_row *row, cpu_scratch *owner, int parallel,
+                          int64_t valid, int32_t top_k, float top_p, float min_p)
+{
+    uint64_t cutoff = 0;
+    int heap_candidates = 0;
+    if (top_k > 0 && top_k < valid) {
+        if (top_k <= CPU_HEAP_LIMIT) {
+            top_k_heap(row, owner, top_k);
+            cutoff = owner->heap[top_k - 1];
+            heap_candidates = 1;
+        } else {
+            cutoff = radix_cutoff(row, owner, 0, 0, (uint64_t)top_k);
+        }
+    }
+    if (top_p < 1.0f) {
+        if (heap_candidates) {
+            uint64_t mass = 0;
+            for (int32_t i = 0; i < top_k; ++i)
+                mass += global_weight(row, key_logit(owner->heap[i]));
+            uint64_t target = psm_top_p_target(mass, top_p);
+            uint64_t running = 0;
+            for (int32_t i = 0; i < top_k; ++i) {
+                running += global_weight(row, key_logit(owner->heap[i]));
+                if (running >= target) {
+                    cutoff = owner->heap[i];
+                    break;
+                }
+            }
+        } else {
+            cpu_pass_args args = {PASS_G_MASS, row, owner, cutoff, 0, NULL};
+            run_pass(state, &args, parallel);
+            uint64_t mass = 0;
+            for (int64_t tile = 0; tile < row->tiles; ++tile)
+                mass += owner->tile_sum[tile];
+            cutoff = radix_cutoff(row, owner, cutoff, 1, psm_top_p_target(mass, top_p));
+        }
+    }
+    row->key_cutoff = cutoff;
+    row->min_weight = psm_min_p_threshold(min_p, row->weight_bits);
+}
+
+/* ---- rows ------------------------------------------------------------------ */
+
+typedef struct cpu_row_params {
+    float temperature;
+    int32_t top_k;
+    float top_p;
+    float min_p;
+    uint64_t seed;
+    uint32_t stream;
+    int valid;
+} cpu_row_params;
+
+static cpu_row_params resolve_params(const psm_params *params, int64_t r)
+{
+    cpu_row_params out;
+    out.temperature = params->temperature_per_row ? params->temperature_per_row[r]
+                                                   : params->temperature;
+    out.top_k = params->top_k_per_row ? params->top_k_per_row[r] : params->top_k;
+    out.top_p = params->top_p_per_row ? params->top_p_per_row[r] : params->top_p;
+    out.min_p = params->min_p_per_row ? params->min_p_per_row[r] : params->min_p;
+    out.seed = params->seed_per_row ? params->seed_per_row[r] : params->seed;
+    out.stream = params->seed_per_row ? 0u : (uint32_t)r;
+    out.valid = psm_row_params_valid(out.temperature, out.top_k, out.top_p, out.min_p);
+    return out;
+}
+
+static size_t dtype_size(psm_dtype dtype)
+{
+    return dtype == PSM_DTYPE_F32 ? 4 : 2;
+}
+
+static void init_row(cpu_row *row, const psm_tensor *logits, int64_t r)
+{
+    row->data = (const unsigned char *)logits->data +
+                (size_t)r * (size_t)logits->row_stride * dtype_size(logits->dtype);
+    row->dtype = logits->dtype;
+    row->vocab = logits->vocab;
+    row->tiles = (logits->vocab + PSM_TILE - 1) / PSM_TILE;
+    row->weight_bits = psm_weight_bits(logits->vocab);
+    row->scale = 0.0f;
+    row->row_max = -INFINITY;
+    row->filtered = 0;
+    row->key_cutoff = 0;
+    row->min_weight = 0;
+}
+
+/* Is row r bad (checking mode)? Out-of-range parameters, a NaN/+inf, or no
+ * valid logit. */
+static int row_check_fails(const cpu_state *state, const psm_request *request, int64_t r,
+                           cpu_scratch *owner, int parallel)
+{
+    cpu_row_params params = resolve_params(&request->params, r);
+    if (!params.valid)
+        return 1;
+    cpu_row row;
+    init_row(&row, &request->logits, r);
+    cpu_pass_args args = {PASS_SUMMARY, &row, owner, 0, 0, NULL};
+    run_pass(state, &args, parallel);
+    int64_t valid;
+    float max;
+    return !row_is_good(&row, owner, &valid, &max);
+}
+
+static void write_bad_row(const psm_request *request, int64_t r, int want_probs)
+{
+    if (want_probs) {
+        float *out = (float *)request->probs.data + r * request->probs.row_stride;
+        for (int64_t i = 0; i < request->logits.vocab; ++i)
+            out[i] = NAN;
+        return;
+    }
+    int64_t samples = request->params.num_samples;
+    int32_t *tokens = (int32_t *)request->tokens.data + r * samples;
+    float *logprobs = request->logprobs.data ? (float *)request->logprobs.data + r * samples : NULL;
+    for (int64_t j = 0; j < samples; ++j) {
+        tokens[j] = -1;
+        if (logprobs)
+            logprobs[j] = NAN;
+    }
+}
+
+/* The greedy token: the first index holding M. */
+static int64_t greedy_token(const cpu_row *row, cpu_scratch *owner)
+{
+    for (int64_t tile = 0; tile < row->tiles; ++tile) {
+        if (owner->tile_valid[tile] == 0 || owner->tile_max[tile] != row->row_max)
+            continue;
+        int n, bad;
+        float max;
+        load_tile(row, tile, owner->logits, &n, &max, &bad);
+        for (int i = 0; i < n; ++i)
+            if (owner->logits[i] == row->row_max)
+                return tile * PSM_TILE + i;
+    }
+    return -1; /* unreachable for a good row: M is some valid logit */
+}
+
+static void write_greedy_row(const psm_request *request, int64_t r, int64_t token, int want_probs)
+{
+    if (want_probs) {
+        float *out = (float *)request->probs.data + r * request->probs.row_stride;
+        for (int64_t i = 0; i < request->logits.vocab; ++i)
+            out[i] = 0.0f;
+        out[token] = 1.0f;
+        return;
+    }
+    int64_t samples = request->params.num_samples;
+    int32_t *tokens = (int32_t *)request->tokens.data + r * samples;
+    float *logprobs = request->logprobs.data ? (float *)request->logprobs.data + r * samples : NULL;
+    for (int64_t j = 0; j < samples; ++j) {
+        tokens[j] = (int32_t)token;
+        if (logprobs)
+            logprobs[j] = 0.0f;
+    }
+}
+
+/* The tile whose running mass first exceeds a: the first prefix > a. */
+static int64_t find_tile(const uint64_t *prefix, int64_t tiles, uint64_t a)
+{
+    int64_t low = 0, high = tiles - 1;
+    while (low < high) {
+        int64_t middle = low + (high - low) / 2;
+        if (prefix[middle] > a)
+            high = middle;
+        else
+            low = middle + 1;
+    }
+    return low;
+}
+
+static void draw_row(const psm_request *request, const cpu_row *row, cpu_scratch *owner, int64_t r,
+                     const cpu_row_params *params, uint64_t total)
+{
+    int64_t samples = request->params.num_samples;
+    int32_t *tokens = (int32_t *)request->tokens.data + r * samples;
+    float *logprobs = request->logprobs.data ? (float *)request->logprobs.data + r * samples : NULL;
+    owner->cached_tile = -1;
+    for (int64_t j = 0; j < samples; ++j) {
+        psm_draw_bits bits =
+            psm_sample_bits(params->seed, request->params.offset, params->stream, (uint32_t)j);
+        int64_t tile = find_tile(owner->tile_prefix, row->tiles, psm_pick(bits.tile, total));
+        uint64_t mass = owner->tile_prefix[tile] - (tile > 0 ? owner->tile_prefix[tile - 1] : 0);
+        if (owner->cached_tile != tile) {
+            owner->cached_sum = tile_weights(row, owner, tile, owner->logits, owner->weights);
+            owner->cached_tile = tile;
+        }
+        uint64_t tile_sum = owner->cached_sum;
+        uint64_t b = psm_pick(bits.token, tile_sum);
+        int n = (int)tile_length(row, tile);
+        uint64_t running = 0;
+        int chosen = n - 1; /* never used: the running sum reaches tile_sum > b */
+        for (int i = 0; i < n; ++i) {
+            running += owner->weights[i];
+            if (running > b) {
+                chosen = i;
+                break;
+            }
+        }
+        tokens[j] = (int32_t)(tile * PSM_TILE + chosen);
+        if (logprobs)
+            logprobs[j] = (float)(log((double)owner->weights[chosen]) - log((double)tile_sum) +
+                                  log((double)mass) - log((double)total));
+    }
+}
+
+/* One row, sampled (want_probs 0) or written out as probabilities. */
+static void process_row(const cpu_state *state, const psm_request *request, int64_t r,
+                        cpu_scratch *owner, int parallel, int want_probs)
+{
+    cpu_row_params params = resolve_params(&request->params, r);
+    if (!params.valid) {
+        write_bad_row(request, r, want_probs);
+        return;
+    }
+    cpu_row row;
+    init_row(&row, &request->logits, r);
+    int greedy = psm_is_greedy(params.temperature);
+    int top_k_on = params.top_k > 0 && params.top_k < row.vocab;
+    int plain = !greedy && !top_k_on && !(params.top_p < 1.0f) && !(params.min_p > 0.0f);
+    if (!greedy)
+        row.scale = psm_inverse_temperature_scale(params.temperature);
+
+    cpu_pass_args args = {plain ? PASS_PLAIN : PASS_SUMMARY, &row, owner, 0, 0, NULL};
+    run_pass(state, &args, parallel);
+    int64_t valid;
+    if (!row_is_good(&row, owner, &valid, &row.row_max)) {
+        write_bad_row(request, r, want_probs);
+        return;
+    }
+    if (greedy) {
+        write_greedy_row(request, r, greedy_token(&row, owner), want_probs);
+        return;
+    }
+    if (!plain) {
+        row.filtered = 1;
+        apply_filters(state, &row, owner, parallel, valid, params.top_k, params.top_p,
+                      params.min_p);
+        args.pass = PASS_KEPT;
+        run_pass(state, &args, parallel);
+    }
+    uint64_t total = tile_masses(&row, owner);
+    if (want_probs) {
+        args.pass = PASS_PROBS;
+        args.total = total;
+        args.probs_row = (float *)request->probs.data + r * request->probs.row_stride;
+        run_pass(state, &args, parallel);
+        return;
+    }
+    draw_row(request, &row, owner, r, &params, total);
+}
+
+/* ---- scratch --------------------------------------------------------------- */
+
+static void free_scratch(cpu_scratch *scratch)
+{
+    if (!scratch)
+        return;
+    free(scratch->tile_max);
+    free(scratch->tile_valid);
+    free(scratch->tile_bad);
+    free(scratch->tile_sum);
+    free(scratch->tile_prefix);
+    free(scratch);
+}
+
+/* Grows every thread's tile arrays to hold a row of `vocab` tokens. */
+static psm_status ensure_capacity(cpu_state *state, int64_t vocab)
+{
+    int64_t tiles = (vocab + PSM_TILE - 1) / PSM_TILE;
+    for (int t = 0; t < state->threads; ++t) {
+        cpu_scratch *scratch = state->scratch[t];
+        if (scratch->tile_capacity >= tiles)
+            continue;
+        size_t count = (size_t)tiles;
+        float *tile_max = malloc(count * sizeof *tile_max);
+        int32_t *tile_valid = malloc(count * sizeof *tile_valid);
+        uint8_t *tile_bad = malloc(count * sizeof *tile_bad);
+        uint64_t *tile_sum = malloc(count * sizeof *tile_sum);
+        uint64_t *tile_prefix = malloc(count * sizeof *tile_prefix);
+        if (!tile_max || !tile_valid || !tile_bad || !tile_sum || !tile_prefix) {
+            free(tile_max);
+            free(tile_valid);
+            free(tile_bad);
+            free(tile_sum);
+            free(tile_prefix);
+            return psm_set_error(PSM_ERR_OUT_OF_MEMORY,
+                                 "cpu backend: cannot allocate tile workspace for vocab %lld",
+                                 (long long)vocab);
+        }
+        free(scratch->tile_max);
+        free(scratch->tile_valid);
+        free(scratch->tile_bad);
+        free(scratch->tile_sum);
+        free(scratch->tile_prefix);
+        scratch->tile_max = tile_max;
+        scratch->tile_valid = tile_valid;
+        scratch->tile_bad = tile_bad;
+        scratch->tile_sum = tile_sum;
+        scratch->tile_prefix = tile_prefix;
+        scratch->tile_capacity = tiles;
+    }
+    return PSM_OK;
+}
+
+/* ---- the backend table ----------------------------------------------------- */
+
+static int cpu_probe(int *device_count, char *reason, size_t reason_size)
+{
+    *device_count = 1;
+    if (reason && reason_size > 0)
+        snprintf(reason, reason_size, "CPU (%d threads available)", omp_get_max_threads());
+    return 1;
+}
+
+static void cpu_destroy(void *opaque)
+{
+    cpu_state *state = opaque;
+    if (!state)
+        return;
+    if (state->scratch) {
+        for (int t = 0; t < state->threads; ++t)
+            free_scratch(state->scratch[t]);
+        free(state->scratch);
+    }
+    free(state);
+}
+
+static psm_status cpu_create(const psm_context_options *options, int device_index,
+                             void **state_out, char *device_name, size_t device_name_size)
+{
+    if (device_index != 0)
+        return psm_set_error(PSM_ERR_NO_DEVICE,
+                             "cpu backend: device %d asked for, the CPU is device 0 only",
+                             device_index);
+    cpu_state *state = calloc(1, sizeof *state);
+    if (!state)
+        return psm_set_error(PSM_ERR_OUT_OF_MEMORY, "cpu backend: cannot allocate its state");
+    state->threads = options->cpu_threads > 0 ? options->cpu_threads : omp_get_max_threads();
+    if (state->threads < 1)
+        state->threads = 1;
+    state->scratch = calloc((size_t)state->threads, sizeof *state->scratch);
+    if (!state->scratch) {
+        cpu_destroy(state);
+        return psm_set_error(PSM_ERR_OUT_OF_MEMORY, "cpu backend: cannot allocate its state");
+    }
+    for (int t = 0; t < state->threads; ++t) {
+        /* Cache-line aligned so that threads never share a line. */
+        size_t size = (sizeof(cpu_scratch) + 63) / 64 * 64;
+        state->scratch[t] = aligned_alloc(64, size);
+        if (!state->scratch[t]) {
+            cpu_destroy(state);
+            return psm_set_error(PSM_ERR_OUT_OF_MEMORY,
+                                 "cpu backend: cannot allocate per-thread workspace");
+        }
+        memset(state->scratch[t], 0, sizeof(cpu_scratch));
+        state->scratch[t]->cached_tile = -1;
+    }
+    if (device_name && device_name_size > 0)
+        snprintf(device_name, device_name_size, "CPU (%d thread%s)", state->threads,
+                 state->threads == 1 ? "" : "s");
+    *state_out = state;
+    return PSM_OK;
+}
+
+static psm_status cpu_reserve(void *opaque, int64_t rows, int64_t vocab, int64_t num_samples)
+{
+    /* Only the vocab shapes the workspace: rows go one per thread at a time,
+     * and outputs are the caller's. */
+    (void)rows;
+    (void)num_samples;
+    return ensure_capacity(opaque, vocab);
+}
+
+/* Checking mode: finds the first bad row without writing anything. */
+static psm_status check_rows(const cpu_state *state, psm_request *request)
+{
+    int64_t rows = request->logits.rows;
+    int64_t first_bad = rows;
+    if (rows >= state->threads) {
+#pragma omp parallel for num_threads(state->threads) schedule(dynamic, 8) reduction(min : first_bad)
+        for (int64_t r = 0; r < rows; ++r)
+            if (r < first_bad &&
+                row_check_fails(state, request, r, state->scratch[omp_get_thread_num()], 0))
+                first_bad = r;
+    } else {
+        for (int64_t r = 0; r < rows && first_bad == rows; ++r)
+            if (row_check_fails(state, request, r, state->scratch[0], 1))
+                first_bad = r;
+    }
+    if (first_bad == rows)
+        return PSM_OK;
+    request->first_bad_row = first_bad;
+    cpu_row_params params = resolve_params(&request->params, first_bad);
+    return psm_set_error(PSM_ERR_BAD_ROW,
+                         params.valid ? "row %lld has a NaN or +inf logit, or no finite logit"
+                                      : "row %lld has a sampling parameter out of range",
+                         (long long)first_bad);
+}
+
+static psm_status cpu_run(void *opaque, psm_request *request, int want_probs)
+{
+    cpu_state *state = opaque;
+    psm_status status = ensure_capacity(state, request->logits.vocab);
+    if (status != PSM_OK)
+        return status;
+    if (request->check_rows) {
+        status = check_rows(state, request);
+        if (status != PSM_OK)
+            return status;
+    }
+    int64_t rows = request->logits.rows;
+    if (rows >= state->threads) {
+#pragma omp parallel for num_threads(state->threads) schedule(dynamic, 4)
+        for (int64_t r = 0; r < rows; ++r)
+            process_row(state, request, r, state->scratch[omp_get_thread_num()], 0, want_probs);
+    } else {
+        for (int64_t r = 0; r < rows; ++r)
+            process_row(state, request, r, state->scratch[0], 1, want_probs);
+    }
+    return PSM_OK;
+}
+
+static psm_status cpu_sample(void *state, psm_request *request)
+{
+    return cpu_run(state, request, 0);
+}
+
+static psm_status cpu_probs(void *state, psm_request *request)
+{
+    return cpu_run(state, request, 1);
+}
+
+static psm_status cpu_synchronize(void *state)
+{
+    (void)state; /* every call has finished when it returns */
+    return PSM_OK;
+}
+
+const psm_backend_ops psm_cpu_ops = {
+    .api_version = PSM_BACKEND_API_VERSION,
+    .id = PSM_BACKEND_CPU,
+    .probe = cpu_probe,
+    .create = cpu_create,
+    .destroy = cpu_destroy,
+    .reserve = cpu_reserve,
+    .sample = cpu_sample,
+    .probs = cpu_probs,
+    .synchronize = cpu_synchronize,
+};

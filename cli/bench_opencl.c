@@ -1,0 +1,236 @@
+/* bench_opencl.c: cl_mem buffers and queue timing for the OpenCL backend's
+ * benchmark (see bench_device.h). The tool creates the cl_context and the
+ * queue and passes the queue to polysample, so the cl_mem buffers made here
+ * belong to the context the backend works in. Timing: clFinish, host clock,
+ * the launches, clFinish, host clock (the kernels are polysample's own, so
+ * there are no events of ours to profile). */
+#define _POSIX_C_SOURCE 200809L
+#define CL_TARGET_OPENCL_VERSION 120
+#include "bench_device.h"
+
+#include <CL/cl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+typedef struct opencl_session {
+    cl_context context;
+    cl_command_queue queue;
+    size_t cache_bytes;
+    char error[256];
+} opencl_session;
+
+static double seconds_now(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)now.tv_sec + 1e-9 * (double)now.tv_nsec;
+}
+
+static int opencl_failed(opencl_session *session, const char *what, cl_int status)
+{
+    snprintf(session->error, sizeof session->error, "%s failed (OpenCL error %d)", what,
+             (int)status);
+    return -1;
+}
+
+/* Device device_index counts every device of every platform, in platform
+ * order; -1 takes the first GPU, or the first device when there is none. */
+static int pick_device(int device_index, cl_device_id *chosen, char *error, size_t error_size)
+{
+    cl_platform_id platforms[16];
+    cl_uint platform_count = 0, p;
+    int seen = 0, first_gpu_found = 0, any_found = 0;
+    cl_device_id first_any = NULL, first_gpu = NULL;
+    if (clGetPlatformIDs(16, platforms, &platform_count) != CL_SUCCESS || platform_count == 0) {
+        snprintf(error, error_size, "no OpenCL platform");
+        return -1;
+    }
+    if (platform_count > 16)
+        platform_count = 16;
+    for (p = 0; p < platform_count; ++p) {
+        cl_device_id devices[64];
+        cl_uint device_count = 0, d;
+        if (clGetDeviceIDs(platforms[p], CL_DEVICE_TYPE_ALL, 64, devices, &device_count) !=
+            CL_SUCCESS)
+            continue;
+        if (device_count > 64)
+            device_count = 64;
+        for (d = 0; d < device_count; ++d, ++seen) {
+            cl_device_type type = 0;
+            if (seen == device_index) {
+                *chosen = devices[d];
+                return 0;
+            }
+            if (!any_found) {
+                first_any = devices[d];
+                any_found = 1;
+            }
+            clGetDeviceInfo(devices[d], CL_DEVICE_TYPE, sizeof type, &type, NULL);
+            if (!first_gpu_found && (type & CL_DEVICE_TYPE_GPU)) {
+                first_gpu = devices[d];
+                first_gpu_found = 1;
+            }
+        }
+    }
+    if (device_index >= 0 || !any_found) {
+        snprintf(error, error_size, "no OpenCL device %d (%d found)", device_index, seen);
+        return -1;
+    }
+    *chosen = first_gpu_found ? first_gpu : first_any;
+    return 0;
+}
+
+static int opencl_open(int device_index, void **session_out, char *error, size_t error_size)
+{
+    opencl_session *session = calloc(1, sizeof *session);
+    cl_device_id device = NULL;
+    cl_ulong cache = 0;
+    cl_int status = CL_SUCCESS;
+    if (!session) {
+        snprintf(error, error_size, "out of memory");
+        return -1;
+    }
+    if (pick_device(device_index, &device, error, error_size) != 0) {
+        free(session);
+        return -1;
+    }
+    session->context = clCreateContext(NULL, 1, &device, NULL, NULL, &status);
+    if (status == CL_SUCCESS)
+        session->queue = clCreateCommandQueue(session->context, device, 0, &status);
+    if (status != CL_SUCCESS) {
+        snprintf(error, error_size, "creating an OpenCL context and queue failed (error %d)",
+                 (int)status);
+        if (session->context)
+            clReleaseContext(session->context);
+        free(session);
+        return -1;
+    }
+    if (clGetDeviceInfo(device, CL_DEVICE_GLOBAL_MEM_CACHE_SIZE, sizeof cache, &cache, NULL) ==
+        CL_SUCCESS)
+        session->cache_bytes = (size_t)cache;
+    *session_out = session;
+    return 0;
+}
+
+static void opencl_close(void *opaque)
+{
+    opencl_session *session = opaque;
+    if (!session)
+        return;
+    clFinish(session->queue);
+    clReleaseCommandQueue(session->queue);
+    clReleaseContext(session->context);
+    free(session);
+}
+
+static void *opencl_native_stream(void *opaque)
+{
+    return ((opencl_session *)opaque)->queue;
+}
+
+static size_t opencl_cache_bytes(void *opaque)
+{
+    return ((opencl_session *)opaque)->cache_bytes;
+}
+
+static int opencl_allocate(void *opaque, size_t bytes, void **buffer)
+{
+    opencl_session *session = opaque;
+    cl_int status = CL_SUCCESS;
+    cl_mem memory = clCreateBuffer(session->context, CL_MEM_READ_WRITE, bytes ? bytes : 1, NULL,
+                                   &status);
+    if (status != CL_SUCCESS)
+        return opencl_failed(session, "clCreateBuffer", status);
+    *buffer = memory;
+    return 0;
+}
+
+static void opencl_release(void *opaque, void *buffer)
+{
+    opencl_session *session = opaque;
+    if (!buffer)
+        return;
+    clFinish(session->queue);
+    clReleaseMemObject((cl_mem)buffer);
+}
+
+static int opencl_upload(void *opaque, void *buffer, const void *host, size_t bytes)
+{
+    opencl_session *session = opaque;
+    cl_int status = clEnqueueWriteBuffer(session->queue, (cl_mem)buffer, CL_TRUE, 0, bytes, host,
+                                         0, NULL, NULL);
+    return status == CL_SUCCESS ? 0 : opencl_failed(session, "clEnqueueWriteBuffer", status);
+}
+
+static int opencl_download(void *opaque, void *host, void *buffer, size_t bytes)
+{
+    opencl_session *session = opaque;
+    cl_int status = clEnqueueReadBuffer(session->queue, (cl_mem)buffer, CL_TRUE, 0, bytes, host,
+                                        0, NULL, NULL);
+    return status == CL_SUCCESS ? 0 : opencl_failed(session, "clEnqueueReadBuffer", status);
+}
+
+static int opencl_time_work(void *opaque, int launches, bench_device_work work, void *argument,
+                            double *milliseconds)
+{
+    opencl_session *session = opaque;
+    double start;
+    cl_int status = clFinish(session->queue);
+    int i;
+    if (status != CL_SUCCESS)
+        return opencl_failed(session, "clFinish", status);
+    start = seconds_now();
+    for (i = 0; i < launches; ++i) {
+        if (work(argument, i) != 0) {
+            clFinish(session->queue);
+            snprintf(session->error, sizeof session->error, "the timed work failed");
+            return -1;
+        }
+    }
+    status = clFinish(session->queue);
+    if (status != CL_SUCCESS)
+        return opencl_failed(session, "clFinish", status);
+    *milliseconds = 1e3 * (seconds_now() - start);
+    return 0;
+}
+
+static int opencl_time_copy(void *opaque, void *destination, void *source, size_t bytes,
+                            double *milliseconds)
+{
+    opencl_session *session = opaque;
+    double start;
+    cl_int status = clFinish(session->queue);
+    if (status != CL_SUCCESS)
+        return opencl_failed(session, "clFinish", status);
+    start = seconds_now();
+    status = clEnqueueCopyBuffer(session->queue, (cl_mem)source, (cl_mem)destination, 0, 0, bytes,
+                                 0, NULL, NULL);
+    if (status == CL_SUCCESS)
+        status = clFinish(session->queue);
+    if (status != CL_SUCCESS)
+        return opencl_failed(session, "clEnqueueCopyBuffer", status);
+    *milliseconds = 1e3 * (seconds_now() - start);
+    return 0;
+}
+
+static const char *opencl_last_error(void *opaque)
+{
+    return ((opencl_session *)opaque)->error;
+}
+
+const bench_device_ops bench_opencl_ops = {
+    .backend = PSM_BACKEND_OPENCL,
+    .open = opencl_open,
+    .close = opencl_close,
+    .native_stream = opencl_native_stream,
+    .cache_bytes = opencl_cache_bytes,
+    .allocate = opencl_allocate,
+    .release = opencl_release,
+    .upload = opencl_upload,
+    .download = opencl_download,
+    .time_work = opencl_time_work,
+    .time_copy = opencl_time_copy,
+    .last_error = opencl_last_error,
+};

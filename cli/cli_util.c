@@ -1,0 +1,294 @@
+/* cli_util.c: see cli_util.h. */
+#define _POSIX_C_SOURCE 200809L
+#include "cli_util.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+void cli_error(const char *command, const char *format, ...)
+{
+    va_list arguments;
+    fprintf(stderr, "polysample%s%s: ", command ? " " : "", command ? command : "");
+    va_start(arguments, format);
+    vfprintf(stderr, format, arguments);
+    va_end(arguments);
+    fputc('\n', stderr);
+}
+
+void cli_library_error(const char *command, const char *what, psm_status status)
+{
+    const char *detail = psm_last_error();
+    cli_error(command, "%s failed: %s%s%s", what, psm_status_string(status),
+              detail && detail[0] ? ": " : "", detail ? detail : "");
+}
+
+int cli_match_option(const char *command, int argc, char **argv, int *index, const char *name,
+                     const char **value)
+{
+    const char *argument = argv[*index];
+    size_t name_length = strlen(name);
+    if (strncmp(argument, name, name_length) != 0)
+        return 0;
+    if (argument[name_length] == '=') {
+        *value = argument + name_length + 1;
+        return 1;
+    }
+    if (argument[name_length] != '\0')
+        return 0;
+    if (*index + 1 >= argc) {
+        cli_error(command, "option %s needs a value", name);
+        return -1;
+    }
+    *index += 1;
+    *value = argv[*index];
+    return 1;
+}
+
+int cli_parse_int64(const char *text, int64_t min, int64_t max, int64_t *value)
+{
+    char *end = NULL;
+    long long parsed;
+    if (!text || !text[0])
+        return -1;
+    errno = 0;
+    parsed = strtoll(text, &end, 10);
+    if (errno != 0 || *end != '\0' || parsed < min || parsed > max)
+        return -1;
+    *value = (int64_t)parsed;
+    return 0;
+}
+
+int cli_parse_uint64(const char *text, uint64_t *value)
+{
+    char *end = NULL;
+    unsigned long long parsed;
+    if (!text || !text[0] || text[0] == '-')
+        return -1;
+    errno = 0;
+    parsed = strtoull(text, &end, 0);
+    if (errno != 0 || *end != '\0')
+        return -1;
+    *value = (uint64_t)parsed;
+    return 0;
+}
+
+int cli_parse_float(const char *text, float *value)
+{
+    char *end = NULL;
+    float parsed;
+    if (!text || !text[0])
+        return -1;
+    errno = 0;
+    parsed = strtof(text, &end);
+    if (errno != 0 || *end != '\0' || isnan(parsed))
+        return -1;
+    *value = parsed;
+    return 0;
+}
+
+int cli_parse_backend(const char *text, psm_backend *backend, int *device_index)
+{
+    static const struct {
+        const char *name;
+        psm_backend backend;
+    } names[] = {{"auto", PSM_BACKEND_AUTO},
+                 {"cpu", PSM_BACKEND_CPU},
+                 {"cuda", PSM_BACKEND_CUDA},
+                 {"hip", PSM_BACKEND_HIP},
+                 {"opencl", PSM_BACKEND_OPENCL}};
+    const char *colon;
+    size_t name_length;
+    size_t i;
+    if (!text)
+        return -1;
+    colon = strchr(text, ':');
+    name_length = colon ? (size_t)(colon - text) : strlen(text);
+    for (i = 0; i < sizeof names / sizeof names[0]; ++i) {
+        if (strlen(names[i].name) == name_length && strncmp(text, names[i].name, name_length) == 0) {
+            int64_t index = -1;
+            if (colon && (names[i].backend == PSM_BACKEND_AUTO ||
+                          cli_parse_int64(colon + 1, 0, 1024, &index) != 0))
+                return -1;
+            *backend = names[i].backend;
+            *device_index = (int)index;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+int cli_parse_dtype(const char *text, psm_dtype *dtype)
+{
+    if (!text)
+        return -1;
+    if (!strcmp(text, "f32") || !strcmp(text, "fp32") || !strcmp(text, "float32")) {
+        *dtype = PSM_DTYPE_F32;
+        return 0;
+    }
+    if (!strcmp(text, "f16") || !strcmp(text, "fp16") || !strcmp(text, "float16")) {
+        *dtype = PSM_DTYPE_F16;
+        return 0;
+    }
+    if (!strcmp(text, "bf16") || !strcmp(text, "bfloat16")) {
+        *dtype = PSM_DTYPE_BF16;
+        return 0;
+    }
+    return -1;
+}
+
+const char *cli_dtype_name(psm_dtype dtype)
+{
+    switch (dtype) {
+    case PSM_DTYPE_F32: return "f32";
+    case PSM_DTYPE_F16: return "f16";
+    case PSM_DTYPE_BF16: return "bf16";
+    }
+    return "?";
+}
+
+size_t cli_dtype_size(psm_dtype dtype)
+{
+    return dtype == PSM_DTYPE_F32 ? 4 : 2;
+}
+
+static uint32_t float_bits(float x)
+{
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    return bits;
+}
+
+static float bits_float(uint32_t bits)
+{
+    float x;
+    memcpy(&x, &bits, sizeof x);
+    return x;
+}
+
+uint16_t cli_float_to_bf16(float x)
+{
+    uint32_t bits = float_bits(x);
+    if ((bits & 0x7fffffffu) > 0x7f800000u)
+        return (uint16_t)((bits >> 16) | 0x40u); /* keep it a (quiet) NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+uint16_t cli_float_to_f16(float x)
+{
+    uint32_t bits = float_bits(x);
+    uint16_t sign = (uint16_t)((bits >> 16) & 0x8000u);
+    uint32_t magnitude = bits & 0x7fffffffu;
+    if (magnitude > 0x7f800000u)
+        return (uint16_t)(sign | 0x7e00u);
+    if (magnitude >= 0x477ff000u) /* 65520 and above round to infinity */
+        return (uint16_t)(sign | 0x7c00u);
+    if (magnitude >= 0x38800000u) { /* a normal half: 2^-14 and above */
+        uint32_t rounded = magnitude + 0xfffu + ((magnitude >> 13) & 1u);
+        return (uint16_t)(sign | ((rounded - 0x38000000u) >> 13));
+    }
+    /* A subnormal half counts units of 2^-24; scaling by 2^24 is exact and
+     * rintf rounds to nearest even in the default rounding mode. */
+    return (uint16_t)(sign | (uint16_t)rintf(bits_float(magnitude) * 16777216.0f));
+}
+
+float cli_bf16_to_float(uint16_t h)
+{
+    return bits_float((uint32_t)h << 16);
+}
+
+float cli_f16_to_float(uint16_t h)
+{
+    uint32_t sign = ((uint32_t)h & 0x8000u) << 16;
+    uint32_t exponent = ((uint32_t)h >> 10) & 0x1fu;
+    uint32_t mantissa = (uint32_t)h & 0x3ffu;
+    if (exponent == 0x1fu)
+        return bits_float(sign | 0x7f800000u | (mantissa << 13));
+    if (exponent == 0)
+        return (sign ? -1.0f : 1.0f) * (float)mantissa * 0x1p-24f;
+    return bits_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+}
+
+void cli_convert_from_f32(const float *source, size_t count, psm_dtype dtype, void *destination)
+{
+    int64_t i;
+    int64_t n = (int64_t)count;
+    if (dtype == PSM_DTYPE_F32) {
+        memcpy(destination, source, count * sizeof(float));
+        return;
+    }
+#pragma omp parallel for schedule(static)
+    for (i = 0; i < n; ++i) {
+        uint16_t *halves = (uint16_t *)destination;
+        halves[i] = dtype == PSM_DTYPE_F16 ? cli_float_to_f16(source[i]) : cli_float_to_bf16(source[i]);
+    }
+}
+
+static uint64_t mix64(uint64_t z)
+{
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+uint64_t cli_random_u64(uint64_t seed, uint64_t index)
+{
+    return mix64(mix64(seed ^ 0x6a09e667f3bcc909ull) + 0x9e3779b97f4a7c15ull * (index + 1));
+}
+
+double cli_random_unit(uint64_t seed, uint64_t index)
+{
+    return (double)(cli_random_u64(seed, index) >> 11) * 0x1p-53;
+}
+
+float cli_normal(uint64_t seed, uint64_t index)
+{
+    /* Box-Muller on the two halves of one random word; u1 is never 0. */
+    uint64_t word = cli_random_u64(seed, index);
+    double u1 = ((double)(word >> 32) + 0.5) * 0x1p-32;
+    double u2 = (double)(word & 0xffffffffu) * 0x1p-32;
+    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+}
+
+void cli_fill_normal(float *values, size_t count, float sigma, uint64_t seed)
+{
+    int64_t i;
+    int64_t n = (int64_t)count;
+#pragma omp parallel for schedule(static)
+    for (i = 0; i < n; ++i)
+        values[i] = sigma * cli_normal(seed, (uint64_t)i);
+}
+
+double cli_now_seconds(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)now.tv_sec + 1e-9 * (double)now.tv_nsec;
+}
+
+static int compare_doubles(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+double cli_median(double *values, int count)
+{
+    if (count <= 0)
+        return NAN;
+    qsort(values, (size_t)count, sizeof *values, compare_doubles);
+    return count % 2 ? values[count / 2] : 0.5 * (values[count / 2 - 1] + values[count / 2]);
+}
+
+void *cli_alloc(const char *command, size_t bytes)
+{
+    void *memory = malloc(bytes ? bytes : 1);
+    if (!memory)
+        cli_error(command, "out of memory (%zu bytes)", bytes);
+    return memory;
+}

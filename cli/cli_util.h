@@ -1,0 +1,79 @@
+/*
+ * cli_util.h: small helpers shared by the polysample subcommands: strict
+ * number parsing, backend names, dtype conversions, a deterministic random
+ * source for test and benchmark logits, and a monotonic clock.
+ */
+#ifndef PSM_CLI_UTIL_H
+#define PSM_CLI_UTIL_H
+
+#include "polysample.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Exit statuses of the tool. */
+#define CLI_EXIT_OK 0
+#define CLI_EXIT_FAILURE 1 /* a library call failed, or check found a disagreement */
+#define CLI_EXIT_USAGE 2   /* bad command line or bad input file */
+
+/* Prints "polysample <command>: <message>" on stderr. */
+void cli_error(const char *command, const char *format, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+
+/* Prints a failed library call with its status and psm_last_error(). */
+void cli_library_error(const char *command, const char *what, psm_status status);
+
+/* Matches argv[*index] against an option that takes a value, written
+ * "--name VALUE" or "--name=VALUE". Returns 1 with *value set (advancing
+ * *index past a separate value), 0 when it is not this option, -1 (after a
+ * message) when the value is missing. */
+int cli_match_option(const char *command, int argc, char **argv, int *index, const char *name,
+                     const char **value);
+
+/* Strict parsers: the whole text must be a number in range. 0 on success. */
+int cli_parse_int64(const char *text, int64_t min, int64_t max, int64_t *value);
+int cli_parse_uint64(const char *text, uint64_t *value);
+int cli_parse_float(const char *text, float *value);
+
+/* "auto", "cpu", "cuda", "hip", "opencl", optionally ":N" for a device. */
+int cli_parse_backend(const char *text, psm_backend *backend, int *device_index);
+
+/* "f32"/"fp32"/"float32", "f16"/"fp16"/"float16", "bf16"/"bfloat16". */
+int cli_parse_dtype(const char *text, psm_dtype *dtype);
+const char *cli_dtype_name(psm_dtype dtype);
+size_t cli_dtype_size(psm_dtype dtype);
+
+/* Round to nearest even; NaN stays NaN. */
+uint16_t cli_float_to_bf16(float x);
+uint16_t cli_float_to_f16(float x);
+float cli_bf16_to_float(uint16_t h);
+float cli_f16_to_float(uint16_t h);
+
+/* Converts count floats to dtype (f32 is a copy). */
+void cli_convert_from_f32(const float *source, size_t count, psm_dtype dtype, void *destination);
+
+/* A counter-based normal generator: value i of stream `seed` is the same
+ * whatever the thread that computes it, so large buffers fill in parallel
+ * and still reproduce. */
+float cli_normal(uint64_t seed, uint64_t index);
+/* A uniform 64-bit value, same property. */
+uint64_t cli_random_u64(uint64_t seed, uint64_t index);
+/* Uniform in [0, 1). */
+double cli_random_unit(uint64_t seed, uint64_t index);
+
+/* Fills count floats with N(0, sigma^2), in parallel. */
+void cli_fill_normal(float *values, size_t count, float sigma, uint64_t seed);
+
+/* Seconds on a monotonic clock. */
+double cli_now_seconds(void);
+
+/* Median of count values (sorts them). */
+double cli_median(double *values, int count);
+
+/* Allocation that reports failure on stderr and returns NULL. */
+void *cli_alloc(const char *command, size_t bytes);
+
+#endif /* PSM_CLI_UTIL_H */

@@ -1,0 +1,822 @@
+/*
+ * psm_kernels.cl: the OpenCL backend's kernels, OpenCL C 1.2.
+ *
+ * The host builds this file with core/psm_contract.h prepended (as the first
+ * source string of the same program), so every quantity that decides a token
+ * (weights, gaps, thresholds, Philox, the picks) comes from the contract and
+ * the FP_CONTRACT OFF pragma there covers this file too.
+ *
+ * Build options give PSM_WG, the work-group size of every kernel (a power of
+ * two between 16 and 1024, chosen by the host from device queries).
+ *
+ * Pipeline for one psm_sample call (docs/SAMPLING.md):
+ *   psm_tile_reduce  one group per (tile, row): reads the tile once; writes the
+ *                    tile's valid maximum, best rank key, valid count, bad flag
+ *                    and, for unfiltered rows, (m_t, S_t).
+ *   psm_row_filter   one group per row, only when a filter may be active:
+ *                    finds the top-k / top-p cutoff key by radix descent over
+ *                    psm_rank_key (counts for top-k, exact 64-bit masses per
+ *                    bucket for top-p) and the min-p weight threshold.
+ *   psm_tile_filter  one group per (tile, row) of filtered rows: (m_t, S_t)
+ *                    over the kept tokens.
+ *   psm_row_combine  one group per row: status, M, T_t, the inclusive prefix of
+ *                    T_t over tiles and the row total.
+ *   psm_draw         one group per (sample, row): picks the tile by binary
+ *                    search of the prefix, then the token within the tile.
+ *   psm_probs        one group per (tile, row): the final distribution.
+ * No kernel needs 64-bit atomics: 64-bit sums are tree reductions, and the
+ * per-bucket masses of top-p are kept as two 32-bit words with exact carries.
+ */
+
+#ifdef cl_khr_fp64
+#pragma OPENCL EXTENSION cl_khr_fp64 : enable
+#define PSM_HAVE_FP64 1
+#else
+#define PSM_HAVE_FP64 0
+#endif
+
+#ifndef PSM_WG
+#error "PSM_WG (work-group size) must be given as a build option"
+#endif
+#define PSM_PER_ITEM (PSM_TILE / PSM_WG)
+#define PSM_BUCKETS 256
+
+#define PSM_DTYPE_F32 0
+#define PSM_DTYPE_F16 1
+#define PSM_DTYPE_BF16 2
+
+/* Which per-row arrays a request has (bit mask, host and device agree). */
+#define PSM_PER_ROW_TEMPERATURE 1u
+#define PSM_PER_ROW_TOP_K 2u
+#define PSM_PER_ROW_TOP_P 4u
+#define PSM_PER_ROW_MIN_P 8u
+#define PSM_PER_ROW_SEED 16u
+
+#define PSM_ROW_SAMPLE 0
+#define PSM_ROW_GREEDY 1
+#define PSM_ROW_BAD 2
+
+/* Per-row results shared between kernels; lives only in device memory. */
+typedef struct psm_row_state {
+    ulong cutoff;      /* smallest kept rank key; 0 keeps every valid token */
+    ulong min_weight;  /* min-p threshold on global weights; 0 when off */
+    ulong total;       /* sum of T_t */
+    float maximum;     /* M */
+    int status;        /* PSM_ROW_* */
+    int filtered;      /* set by psm_row_filter when a filter is active */
+    uint greedy_token;
+} psm_row_state;
+/* The host reserves PSM_ROW_STATE_BYTES per row; fail the build if that is short. */
+typedef char psm_row_state_fits[(sizeof(psm_row_state) <= PSM_ROW_STATE_BYTES) ? 1 : -1];
+
+/* Every kernel that reads a row takes the request in this order. */
+#define PSM_REQUEST_PARAMS                                                                  \
+    __global const uchar *logits, int dtype, int vocab, long row_stride, int tiles,           \
+        float temperature, int top_k, float top_p, float min_p, ulong seed, ulong offset,     \
+        uint per_row, __global const float *temperature_per_row,                              \
+        __global const int *top_k_per_row, __global const float *top_p_per_row,              \
+        __global const float *min_p_per_row, __global const ulong *seed_per_row
+
+typedef struct psm_row_params {
+    float temperature;
+    int top_k;
+    float top_p;
+    float min_p;
+    ulong seed;
+    uint stream;
+    int valid;
+} psm_row_params;
+
+#define PSM_RESOLVE_ROW(row)                                                                 \
+    psm_resolve_row((row), temperature, top_k, top_p, min_p, seed, per_row,                 \
+                    temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row,       \
+                    seed_per_row)
+
+static psm_row_params psm_resolve_row(uint row, float temperature, int top_k, float top_p,
+                                      float min_p, ulong seed, uint per_row,
+                                      __global const float *temperature_per_row,
+                                      __global const int *top_k_per_row,
+                                      __global const float *top_p_per_row,
+                                      __global const float *min_p_per_row,
+                                      __global const ulong *seed_per_row)
+{
+    psm_row_params p;
+    p.temperature = (per_row & PSM_PER_ROW_TEMPERATURE) ? temperature_per_row[row] : temperature;
+    p.top_k = (per_row & PSM_PER_ROW_TOP_K) ? top_k_per_row[row] : top_k;
+    p.top_p = (per_row & PSM_PER_ROW_TOP_P) ? top_p_per_row[row] : top_p;
+    p.min_p = (per_row & PSM_PER_ROW_MIN_P) ? min_p_per_row[row] : min_p;
+    p.seed = (per_row & PSM_PER_ROW_SEED) ? seed_per_row[row] : seed;
+    p.stream = (per_row & PSM_PER_ROW_SEED) ? 0u : row;
+    p.valid = psm_row_params_valid(p.temperature, p.top_k, p.top_p, p.min_p);
+    return p;
+}
+
+/* A logit as the contract reads it, with anything that is not a candidate
+ * (masked, NaN, +inf) folded to -inf: callers that care about bad logits
+ * classify before folding. */
+static float psm_load(__global const uchar *logits, int dtype, long index)
+{
+    if (dtype == PSM_DTYPE_F32)
+        return psm_read_logit(((__global const float *)logits)[index]);
+    ushort h = ((__global const ushort *)logits)[index];
+    return psm_read_logit(dtype == PSM_DTYPE_F16 ? psm_f16_to_float(h) : psm_bf16_to_float(h));
+}
+
+static float psm_candidate_value(float x)
+{
+    return psm_logit_class(x) == PSM_LOGIT_VALID ? x : -INFINITY;
+}
+
+static int psm_is_valid(float folded)
+{
+    return folded > -INFINITY;
+}
+
+/* Inverse of the ordered bits inside psm_rank_key. */
+static float psm_ordered_to_float(uint ordered)
+{
+    return as_float((ordered >> 31) ? (ordered & 0x7fffffffu) : ~ordered);
+}
+
+/* ---- work-group collectives (every item must call them) ------------------ */
+
+static float psm_group_max_float(float value, __local float *scratch)
+{
+    uint lid = get_local_id(0);
+    scratch[lid] = value;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (uint half = PSM_WG / 2; half > 0; half >>= 1) {
+        if (lid < half && scratch[lid + half] > scratch[lid])
+            scratch[lid] = scratch[lid + half];
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    float result = scratch[0];
+    barrier(CLK_LOCAL_MEM_FENCE);
+    return result;
+}
+
+static ulong psm_group_max_u64(ulong value, __local ulong *scratch)
+{
+    uint lid = get_local_id(0);
+    scratch[lid] = value;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (uint half = PSM_WG / 2; half > 0; half >>= 1) {
+        if (lid < half && scratch[lid + half] > scratch[lid])
+            scratch[lid] = scratch[lid + half];
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    ulong result = scratch[0];
+    barrier(CLK_LOCAL_MEM_FENCE);
+    return result;
+}
+
+static ulong psm_group_sum_u64(ulong value, __local ulong *scratch)
+{
+    uint lid = get_local_id(0);
+    scratch[lid] = value;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (uint half = PSM_WG / 2; half > 0; half >>= 1) {
+        if (lid < half)
+            scratch[lid] += scratch[lid + half];
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    ulong result = scratch[0];
+    barrier(CLK_LOCAL_MEM_FENCE);
+    return result;
+}
+
+/* Inclusive prefix sum over the group (Hillis-Steele); *total gets the sum. */
+static ulong psm_group_inclusive_scan_u64(ulong value, __local ulong *scratch, ulong *total)
+{
+    uint lid = get_local_id(0);
+    scratch[lid] = value;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (uint distance = 1; distance < PSM_WG; distance <<= 1) {
+        ulong addend = lid >= distance ? scratch[lid - distance] : 0;
+        barrier(CLK_LOCAL_MEM_FENCE);
+        scratch[lid] += addend;
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    ulong result = scratch[lid];
+    *total = scratch[PSM_WG - 1];
+    barrier(CLK_LOCAL_MEM_FENCE);
+    return result;
+}
+
+/* ---- row summary from the tile summaries of psm_tile_reduce -------------- */
+
+#define PSM_TILE_BAD 0x80000000u
+
+typedef struct psm_row_summary {
+    float maximum;   /* M: the largest valid logit (-inf when none) */
+    ulong top_key;   /* largest rank key: the greedy token */
+    uint valid;      /* number of valid tokens */
+    int bad;         /* a NaN or +inf somewhere */
+} psm_row_summary;
+
+static psm_row_summary psm_summarise_row(__global const float *tile_max,
+                                         __global const ulong *tile_key,
+                                         __global const uint *tile_info, long row_tiles,
+                                         int tiles, __local float *scratch_float,
+                                         __local ulong *scratch_u64)
+{
+    float maximum = -INFINITY;
+    ulong key = 0, valid = 0, bad = 0;
+    for (int t = get_local_id(0); t < tiles; t += PSM_WG) {
+        float m = tile_max[row_tiles + t];
+        maximum = m > maximum ? m : maximum;
+        ulong k = tile_key[row_tiles + t];
+        key = k > key ? k : key;
+        uint info = tile_info[row_tiles + t];
+        valid += info & ~PSM_TILE_BAD;
+        bad |= (info & PSM_TILE_BAD) ? 1u : 0u;
+    }
+    psm_row_summary summary;
+    summary.maximum = psm_group_max_float(maximum, scratch_float);
+    summary.top_key = psm_group_max_u64(key, scratch_u64);
+    summary.valid = (uint)psm_group_sum_u64(valid, scratch_u64);
+    summary.bad = psm_group_max_u64(bad, scratch_u64) != 0;
+    return summary;
+}
+
+static int psm_row_status(const psm_row_params *p, const psm_row_summary *summary)
+{
+    if (!p->valid || summary->bad || summary->valid == 0)
+        return PSM_ROW_BAD;
+    return psm_is_greedy(p->temperature) ? PSM_ROW_GREEDY : PSM_ROW_SAMPLE;
+}
+
+static int psm_top_k_active(const psm_row_params *p, uint valid)
+{
+    return p->top_k > 0 && (uint)p->top_k < valid;
+}
+
+static int psm_filter_possible(const psm_row_params *p, uint valid)
+{
+    return psm_top_k_active(p, valid) || p->top_p < 1.0f || p->min_p > 0.0f;
+}
+
+/* ---- kernel 1: per-tile reduction ----------------------------------------- */
+
+__kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
+psm_tile_reduce(PSM_REQUEST_PARAMS, __global float *tile_max, __global ulong *tile_key,
+                __global uint *tile_info, __global float *tile_ref, __global ulong *tile_mass)
+{
+    __local float scratch_float[PSM_WG];
+    __local ulong scratch_u64[PSM_WG];
+    const uint lid = get_local_id(0);
+    const int tile = get_group_id(0);
+    const uint row = get_global_id(1);
+    const psm_row_params p = PSM_RESOLVE_ROW(row);
+    const long base = (long)row * row_stride;
+    const int first = tile * PSM_TILE;
+    const int count = min(PSM_TILE, vocab - first);
+
+    float values[PSM_PER_ITEM];
+    float maximum = -INFINITY;
+    ulong key = 0, valid = 0, bad = 0;
+    for (int j = 0; j < PSM_PER_ITEM; ++j) {
+        int i = lid + j * PSM_WG;
+        float x = -INFINITY;
+        if (i < count) {
+            float read = psm_load(logits, dtype, base + first + i);
+            int cls = psm_logit_class(read);
+            if (cls == PSM_LOGIT_VALID) {
+                x = read;
+                valid += 1;
+                maximum = x > maximum ? x : maximum;
+                ulong k = psm_rank_key(x, (uint)(first + i));
+                key = k > key ? k : key;
+            } else if (cls == PSM_LOGIT_BAD) {
+                bad = 1;
+            }
+        }
+        values[j] = x;
+    }
+    maximum = psm_group_max_float(maximum, scratch_float);
+    key = psm_group_max_u64(key, scratch_u64);
+    valid = psm_group_sum_u64(valid, scratch_u64);
+    bad = psm_group_max_u64(bad, scratch_u64);
+    const long slot = (long)row * tiles + tile;
+    if (lid == 0) {
+        tile_max[slot] = maximum;
+        tile_key[slot] = key;
+        tile_info[slot] = (uint)valid | (bad ? PSM_TILE_BAD : 0u);
+    }
+    /* S_t against the tile's own maximum: final for unfiltered rows,
+     * recomputed by psm_tile_filter for filtered ones. */
+    if (!p.valid || bad || valid == 0 || psm_is_greedy(p.temperature)) {
+        if (lid == 0) {
+            tile_ref[slot] = maximum;
+            tile_mass[slot] = 0;
+        }
+        return;
+    }
+    const float scale = psm_inverse_temperature_scale(p.temperature);
+    const int bits = psm_weight_bits(vocab);
+    ulong mass = 0;
+    for (int j = 0; j < PSM_PER_ITEM; ++j)
+        if (psm_is_valid(values[j]))
+            mass += psm_weight(psm_scaled_gap(maximum, values[j], scale), bits);
+    mass = psm_group_sum_u64(mass, scratch_u64);
+    if (lid == 0) {
+        tile_ref[slot] = maximum;
+        tile_mass[slot] = mass;
+    }
+}
+
+/* ---- kernel 2: filter cutoffs per row ------------------------------------- */
+
+/* A row's token as a candidate value (-inf when not valid), from the on-chip
+ * copy when the row fits in local memory, else from global memory. */
+typedef struct psm_row_source {
+    __global const uchar *logits;
+    __local const float *cache;
+    long base;
+    int dtype;
+    int cached;
+} psm_row_source;
+
+static float psm_row_value(const psm_row_source *source, int i)
+{
+    if (source->cached)
+        return source->cache[i];
+    return psm_candidate_value(psm_load(source->logits, source->dtype, source->base + i));
+}
+
+/* Radix descent over the ordered logit bits (8 bits per level) among the
+ * candidates (valid tokens with rank key >= floor_key). Counting mode finds
+ * the value of the want-th candidate in rank order; mass mode finds the value
+ * at which the running sum of global weights first reaches want. Returns the
+ * ordered bits of that value; *above gets the count or mass of candidates
+ * with a strictly larger value. */
+static uint psm_radix_descend(const psm_row_source *source, int vocab, ulong floor_key,
+                              int mass_mode, ulong want, float maximum, float scale,
+                              int bits, ulong *above_out, __local uint *bucket_low,
+                              __local uint *bucket_high, __local uint *shared_choice,
+                              __local ulong *shared_above)
+{
+    const uint lid = get_local_id(0);
+    uint prefix = 0, prefix_mask = 0;
+    ulong above = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int b = lid; b < PSM_BUCKETS; b += PSM_WG) {
+            bucket_low[b] = 0;
+            bucket_high[b] = 0;
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+        for (int i = lid; i < vocab; i += PSM_WG) {
+            float x = psm_row_value(source, i);
+            if (!psm_is_valid(x))
+                continue;
+            ulong key = psm_rank_key(x, (uint)i);
+            uint ordered = (uint)(key >> 32);
+            if (key < floor_key || (ordered & prefix_mask) != prefix)
+                continue;
+            uint digit = (ordered >> shift) & 0xffu;
+            if (mass_mode) {
+                ulong g = psm_weight(psm_scaled_gap(maximum, x, scale), bits);
+                if (g == 0)
+                    continue;
+                uint low = (uint)g;
+                uint old = atomic_add(&bucket_low[digit], low);
+                /* A wrapped low word carries exactly one into the high word. */
+                uint carry = (old + low < old) ? 1u : 0u;
+                uint high = (uint)(g >> 32) + carry;
+                if (high)
+                    atomic_add(&bucket_high[digit], high);
+            } else {
+                atomic_inc(&bucket_low[digit]);
+            }
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+        if (lid == 0) {
+            uint chosen = 0;
+            for (int digit = PSM_BUCKETS - 1; digit >= 0; --digit) {
+                ulong amount = ((ulong)bucket_high[digit] << 32) | bucket_low[digit];
+                if (above + amount >= want) {
+                    chosen = (uint)digit;
+                    break;
+                }
+                above += amount;
+            }
+            *shared_choice = chosen;
+            *shared_above = above;
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+        prefix |= *shared_choice << shift;
+        prefix_mask |= 0xffu << shift;
+        above = *shared_above;
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    *above_out = above;
+    return prefix;
+}
+
+/* The index of the nth (1-based) valid token, in index order, whose value is
+ * exactly `value`. Each item scans a contiguous chunk so index order is the
+ * item order. */
+static int psm_nth_with_value(const psm_row_source *source, int vocab, float value, uint nth,
+                              __local ulong *scratch, __local int *shared_index)
+{
+    const uint lid = get_local_id(0);
+    const int chunk = (vocab + PSM_WG - 1) / PSM_WG;
+    const int begin = min((int)lid * chunk, vocab);
+    const int end = min(begin + chunk, vocab);
+    uint count = 0;
+    for (int i = begin; i < end; ++i)
+        count += psm_row_value(source, i) == value ? 1u : 0u;
+    ulong total;
+    ulong inclusive = psm_group_inclusive_scan_u64(count, scratch, &total);
+    ulong before = inclusive - count;
+    if (before < nth && nth <= inclusive) {
+        ulong seen = before;
+        for (int i = begin; i < end; ++i) {
+            if (psm_row_value(source, i) == value && ++seen == nth) {
+                *shared_index = i;
+                break;
+            }
+        }
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    int index = *shared_index;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    return index;
+}
+
+__kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
+psm_row_filter(PSM_REQUEST_PARAMS, __global const float *tile_max,
+               __global const ulong *tile_key, __global const uint *tile_info,
+               __global psm_row_state *state, __local float *row_cache, int use_row_cache)
+{
+    __local float scratch_float[PSM_WG];
+    __local ulong scratch_u64[PSM_WG];
+    __local uint bucket_low[PSM_BUCKETS];
+    __local uint bucket_high[PSM_BUCKETS];
+    __local uint shared_choice;
+    __local ulong shared_above;
+    __local int shared_index;
+    const uint lid = get_local_id(0);
+    const uint row = get_group_id(1);
+    const psm_row_params p = PSM_RESOLVE_ROW(row);
+    const psm_row_summary summary =
+        psm_summarise_row(tile_max, tile_key, tile_info, (long)row * tiles, tiles,
+                          scratch_float, scratch_u64);
+    const int filtered = psm_row_status(&p, &summary) == PSM_ROW_SAMPLE &&
+                         psm_filter_possible(&p, summary.valid);
+    if (!filtered) {
+        if (lid == 0) {
+            state[row].filtered = 0;
+            state[row].cutoff = 0;
+            state[row].min_weight = 0;
+        }
+        return;
+    }
+
+    psm_row_source source;
+    source.logits = logits;
+    source.cache = row_cache;
+    source.base = (long)row * row_stride;
+    source.dtype = dtype;
+    source.cached = 0;
+    if (use_row_cache) {
+        for (int i = lid; i < vocab; i += PSM_WG)
+            row_cache[i] = psm_candidate_value(psm_load(logits, dtype, source.base + i));
+        barrier(CLK_LOCAL_MEM_FENCE);
+        source.cached = 1;
+    }
+
+    const float scale = psm_inverse_temperature_scale(p.temperature);
+    const int bits = psm_weight_bits(vocab);
+    ulong cutoff = 0;
+    if (psm_top_k_active(&p, summary.valid)) {
+        ulong above;
+        uint ordered = psm_radix_descend(&source, vocab, 0, 0, (ulong)p.top_k, summary.maximum,
+                                         scale, bits, &above, bucket_low, bucket_high,
+                                         &shared_choice, &shared_above);
+        float value = psm_ordered_to_float(ordered);
+        int index = psm_nth_with_value(&source, vocab, value, (uint)(p.top_k - above),
+                                       scratch_u64, &shared_index);
+        cutoff = psm_rank_key(value, (uint)index);
+    }
+    if (p.top_p < 1.0f) {
+        ulong mass = 0;
+        for (int i = lid; i < vocab; i += PSM_WG) {
+            float x = psm_row_value(&source, i);
+            if (psm_is_valid(x) && psm_rank_key(x, (uint)i) >= cutoff)
+                mass += psm_weight(psm_scaled_gap(summary.maximum, x, scale), bits);
+        }
+        mass = psm_group_sum_u64(mass, scratch_u64);
+        /* A target of 0 keeps one token, as a target of 1 does (the top
+         * token alone weighs 2^bits). */
+        ulong target = max(psm_top_p_target(mass, p.top_p), (ulong)1);
+        ulong above;
+        uint ordered = psm_radix_descend(&source, vocab, cutoff, 1, target, summary.maximum,
+                                         scale, bits, &above, bucket_low, bucket_high,
+                                         &shared_choice, &shared_above);
+        float value = psm_ordered_to_float(ordered);
+        ulong weight = psm_weight(psm_scaled_gap(summary.maximum, value, scale), bits);
+        ulong needed = (target - above + weight - 1) / weight;
+        int index = psm_nth_with_value(&source, vocab, value, (uint)needed, scratch_u64,
+                                       &shared_index);
+        cutoff = psm_rank_key(value, (uint)index);
+    }
+    if (lid == 0) {
+        state[row].maximum = summary.maximum;
+        state[row].filtered = 1;
+        state[row].cutoff = cutoff;
+        state[row].min_weight = psm_min_p_threshold(p.min_p, bits);
+    }
+}
+
+/* ---- kernel 3: tile masses over the kept tokens --------------------------- */
+
+static int psm_kept(float x, uint token, ulong cutoff, ulong min_weight, float maximum,
+                    float scale, int bits)
+{
+    if (!psm_is_valid(x) || psm_rank_key(x, token) < cutoff)
+        return 0;
+    return min_weight == 0 ||
+           psm_weight(psm_scaled_gap(maximum, x, scale), bits) >= min_weight;
+}
+
+__kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
+psm_tile_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key,
+                __global const psm_row_state *state, __global float *tile_ref,
+                __global ulong *tile_mass)
+{
+    __local float scratch_float[PSM_WG];
+    __local ulong scratch_u64[PSM_WG];
+    const uint lid = get_local_id(0);
+    const int tile = get_group_id(0);
+    const uint row = get_global_id(1);
+    const long slot = (long)row * tiles + tile;
+    /* Uniform over the group, so returning skips no barrier for anyone. */
+    if (!state[row].filtered)
+        return;
+    const ulong cutoff = state[row].cutoff;
+    const ulong min_weight = state[row].min_weight;
+    if (tile_key[slot] < cutoff) {
+        /* Every token of the tile ranks below the cutoff. */
+        if (lid == 0)
+            tile_mass[slot] = 0;
+        return;
+    }
+    const psm_row_params p = PSM_RESOLVE_ROW(row);
+    const float row_maximum = state[row].maximum;
+    const float scale = psm_inverse_temperature_scale(p.temperature);
+    const int bits = psm_weight_bits(vocab);
+    const long base = (long)row * row_stride;
+    const int first = tile * PSM_TILE;
+    const int count = min(PSM_TILE, vocab - first);
+
+    float values[PSM_PER_ITEM];
+    float maximum = -INFINITY;
+    for (int j = 0; j < PSM_PER_ITEM; ++j) {
+        int i = lid + j * PSM_WG;
+        float x = -INFINITY;
+        if (i < count) {
+            x = psm_candidate_value(psm_load(logits, dtype, base + first + i));
+            if (!psm_kept(x, (uint)(first + i), cutoff, min_weight, row_maximum, scale, bits))
+                x = -INFINITY;
+        }
+        values[j] = x;
+        maximum = x > maximum ? x : maximum;
+    }
+    maximum = psm_group_max_float(maximum, scratch_float);
+    ulong mass = 0;
+    if (psm_is_valid(maximum))
+        for (int j = 0; j < PSM_PER_ITEM; ++j)
+            if (psm_is_valid(values[j]))
+                mass += psm_weight(psm_scaled_gap(maximum, values[j], scale), bits);
+    mass = psm_group_sum_u64(mass, scratch_u64);
+    if (lid == 0) {
+        tile_ref[slot] = maximum;
+        tile_mass[slot] = mass;
+    }
+}
+
+/* ---- kernel 4: per-row combination ---------------------------------------- */
+
+__kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
+psm_row_combine(PSM_REQUEST_PARAMS, __global const float *tile_max,
+                __global const ulong *tile_key, __global const uint *tile_info,
+                __global const float *tile_ref, __global const ulong *tile_mass,
+                __global ulong *tile_prefix, __global psm_row_state *state,
+                int filters_ran, int check_rows, __global int *first_bad_row)
+{
+    __local float scratch_float[PSM_WG];
+    __local ulong scratch_u64[PSM_WG];
+    const uint lid = get_local_id(0);
+    const uint row = get_group_id(1);
+    const long row_tiles = (long)row * tiles;
+    const psm_row_params p = PSM_RESOLVE_ROW(row);
+    const psm_row_summary summary = psm_summarise_row(tile_max, tile_key, tile_info, row_tiles,
+                                                      tiles, scratch_float, scratch_u64);
+    const int status = psm_row_status(&p, &summary);
+    if (lid == 0) {
+        state[row].status = status;
+        state[row].maximum = summary.maximum;
+        state[row].greedy_token = 0xffffffffu - (uint)summary.top_key;
+        if (!filters_ran) {
+            state[row].filtered = 0;
+            state[row].cutoff = 0;
+            state[row].min_weight = 0;
+        }
+        if (status == PSM_ROW_BAD && check_rows)
+            atomic_min(first_bad_row, (int)row);
+    }
+    if (status != PSM_ROW_SAMPLE)
+        return;
+    const float scale = psm_inverse_temperature_scale(p.temperature);
+    ulong running = 0;
+    for (int start = 0; start < tiles; start += PSM_WG) {
+        int t = start + lid;
+        ulong rescaled = 0;
+        if (t < tiles)
+            rescaled = psm_rescale_mass(tile_mass[row_tiles + t],
+                                        psm_scaled_gap(summary.maximum, tile_ref[row_tiles + t],
+                                                       scale));
+        ulong chunk_total;
+        ulong inclusive = psm_group_inclusive_scan_u64(rescaled, scratch_u64, &chunk_total);
+        if (t < tiles)
+            tile_prefix[row_tiles + t] = running + inclusive;
+        running += chunk_total;
+    }
+    if (lid == 0)
+        state[row].total = running;
+}
+
+/* ---- the kept tile weight of one token, shared by the draw and probs ------- */
+
+typedef struct psm_tile_view {
+    ulong cutoff;
+    ulong min_weight;
+    float row_maximum;
+    float reference;   /* m_t */
+    float scale;
+    int bits;
+} psm_tile_view;
+
+static ulong psm_tile_weight(const psm_tile_view *view, float x, uint token)
+{
+    if (!psm_kept(x, token, view->cutoff, view->min_weight, view->row_maximum, view->scale,
+                  view->bits))
+        return 0;
+    return psm_weight(psm_scaled_gap(view->reference, x, view->scale), view->bits);
+}
+
+/* (w / S) x (T / total), in double where the device has it. */
+static float psm_probability(ulong weight, ulong mass, ulong rescaled, ulong total)
+{
+#if PSM_HAVE_FP64
+    return (float)(((double)weight / (double)mass) * ((double)rescaled / (double)total));
+#else
+    return ((float)weight / (float)mass) * ((float)rescaled / (float)total);
+#endif
+}
+
+static float psm_log_probability(ulong weight, ulong mass, ulong rescaled, ulong total)
+{
+#if PSM_HAVE_FP64
+    return (float)log(((double)weight / (double)mass) * ((double)rescaled / (double)total));
+#else
+    return log(psm_probability(weight, mass, rescaled, total));
+#endif
+}
+
+/* ---- kernel 5: the draw --------------------------------------------------- */
+
+__kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
+psm_draw(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulong *tile_mass,
+         __global const ulong *tile_prefix, __global const psm_row_state *state,
+         int num_samples, __global int *tokens, __global float *logprobs, int want_logprobs)
+{
+    __local ulong scratch_u64[PSM_WG];
+    __local int shared_token;
+    __local float shared_logprob;
+    const uint lid = get_local_id(0);
+    const uint sample = get_group_id(0);
+    const uint row = get_global_id(1);
+    const long out = (long)row * num_samples + sample;
+    const int status = state[row].status;
+    if (status != PSM_ROW_SAMPLE) {
+        if (lid == 0) {
+            tokens[out] = status == PSM_ROW_GREEDY ? (int)state[row].greedy_token : -1;
+            if (want_logprobs)
+                logprobs[out] = status == PSM_ROW_GREEDY ? 0.0f : NAN;
+        }
+        return;
+    }
+    const psm_row_params p = PSM_RESOLVE_ROW(row);
+    const long row_tiles = (long)row * tiles;
+    const ulong total = state[row].total;
+    const psm_draw_bits random = psm_sample_bits(p.seed, offset, p.stream, sample);
+    /* The tile: the first whose inclusive prefix exceeds a. */
+    const ulong a = psm_pick(random.tile, total);
+    int low = 0, high = tiles - 1;
+    while (low < high) {
+        int middle = low + (high - low) / 2;
+        if (tile_prefix[row_tiles + middle] > a)
+            high = middle;
+        else
+            low = middle + 1;
+    }
+    const int tile = low;
+    const ulong mass = tile_mass[row_tiles + tile];
+    const ulong rescaled =
+        tile_prefix[row_tiles + tile] - (tile > 0 ? tile_prefix[row_tiles + tile - 1] : 0);
+    const ulong b = psm_pick(random.token, mass);
+
+    psm_tile_view view;
+    view.cutoff = state[row].cutoff;
+    view.min_weight = state[row].min_weight;
+    view.row_maximum = state[row].maximum;
+    view.reference = tile_ref[row_tiles + tile];
+    view.scale = psm_inverse_temperature_scale(p.temperature);
+    view.bits = psm_weight_bits(vocab);
+
+    /* Each item owns a contiguous run of the tile, so item order is index
+     * order and an exclusive scan of the items' sums places every token. */
+    const long base = (long)row * row_stride;
+    const int first = tile * PSM_TILE;
+    const int count = min(PSM_TILE, vocab - first);
+    const int begin = min((int)lid * PSM_PER_ITEM, count);
+    const int end = min(begin + PSM_PER_ITEM, count);
+    ulong weights[PSM_PER_ITEM];
+    ulong own = 0;
+    for (int i = begin; i < end; ++i) {
+        float x = psm_candidate_value(psm_load(logits, dtype, base + first + i));
+        weights[i - begin] = psm_tile_weight(&view, x, (uint)(first + i));
+        own += weights[i - begin];
+    }
+    if (lid == 0)
+        shared_token = -1; /* unreachable when the masses are consistent */
+    ulong group_total;
+    ulong inclusive = psm_group_inclusive_scan_u64(own, scratch_u64, &group_total);
+    ulong running = inclusive - own;
+    if (running <= b && b < inclusive) {
+        for (int i = begin; i < end; ++i) {
+            running += weights[i - begin];
+            if (running > b) {
+                shared_token = first + i;
+                shared_logprob = psm_log_probability(weights[i - begin], mass, rescaled, total);
+                break;
+            }
+        }
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    if (lid == 0) {
+        tokens[out] = shared_token;
+        if (want_logprobs)
+            logprobs[out] = shared_logprob;
+    }
+}
+
+/* ---- kernel 6: the final distribution ------------------------------------- */
+
+__kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
+psm_probs(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulong *tile_mass,
+          __global const ulong *tile_prefix, __global const psm_row_state *state,
+          __global float *probs, long probs_stride)
+{
+    const uint lid = get_local_id(0);
+    const int tile = get_group_id(0);
+    const uint row = get_global_id(1);
+    const long row_tiles = (long)row * tiles;
+    const long slot = row_tiles + tile;
+    const int first = tile * PSM_TILE;
+    const int count = min(PSM_TILE, vocab - first);
+    const long out = (long)row * probs_stride + first;
+    const int status = state[row].status;
+    if (status != PSM_ROW_SAMPLE) {
+        const uint greedy = state[row].greedy_token;
+        for (int i = lid; i < count; i += PSM_WG)
+            probs[out + i] = status == PSM_ROW_BAD ? NAN
+                             : (uint)(first + i) == greedy ? 1.0f
+                                                           : 0.0f;
+        return;
+    }
+    const psm_row_params p = PSM_RESOLVE_ROW(row);
+    const ulong mass = tile_mass[slot];
+    const ulong rescaled = tile_prefix[slot] - (tile > 0 ? tile_prefix[slot - 1] : 0);
+    const ulong total = state[row].total;
+    if (mass == 0 || rescaled == 0) {
+        for (int i = lid; i < count; i += PSM_WG)
+            probs[out + i] = 0.0f;
+        return;
+    }
+    psm_tile_view view;
+    view.cutoff = state[row].cutoff;
+    view.min_weight = state[row].min_weight;
+    view.row_maximum = state[row].maximum;
+    view.reference = tile_ref[slot];
+    view.scale = psm_inverse_temperature_scale(p.temperature);
+    view.bits = psm_weight_bits(vocab);
+    const long base = (long)row * row_stride;
+    for (int i = lid; i < count; i += PSM_WG) {
+        float x = psm_candidate_value(psm_load(logits, dtype, base + first + i));
+        ulong weight = psm_tile_weight(&view, x, (uint)(first + i));
+        probs[out + i] = weight ? psm_probability(weight, mass, rescaled, total) : 0.0f;
+    }
+}

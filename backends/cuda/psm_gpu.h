@@ -1,0 +1,220 @@
+/*
+ * psm_gpu.h: the vendor layer under the GPU kernels and their host code.
+ *
+ * The CUDA backend compiles backends/cuda/*.cu as CUDA; the HIP backend
+ * compiles the same files as HIP. Everything vendor-specific that they use is
+ * named here once, under the project's own psm_gpu_* names, so that neither
+ * backend needs a rename list: a new runtime call is added to both branches
+ * of this file and nowhere else.
+ *
+ * PSM_GPU_WARP_SIZE is a compile-time constant; every warp-level reduction,
+ * scan and ballot in the kernels is written as a loop over it (see
+ * psm_gpu_warp.h), never with a literal 32 or a literal lane mask.
+ */
+#ifndef PSM_GPU_H
+#define PSM_GPU_H
+
+#if defined(__HIPCC__) || defined(__HIP_PLATFORM_AMD__)
+#define PSM_GPU_HIP 1
+#else
+#define PSM_GPU_HIP 0
+#endif
+
+#if PSM_GPU_HIP
+/* ---------------------------------------------------------------- HIP --- */
+#include <hip/hip_runtime.h>
+#include <hip/hip_fp16.h>
+
+/* Wave size: 64 on CDNA (gfx9xx), 32 on RDNA. The device pass knows it from
+ * the target; the host pass has no single answer, so the host code reads the
+ * device's warpSize at create and refuses a device whose wave size differs
+ * from the one the kernels were built for (PSM_GPU_WARP_SIZE_HOST). */
+#if defined(__AMDGCN_WAVEFRONT_SIZE)
+#define PSM_GPU_WARP_SIZE __AMDGCN_WAVEFRONT_SIZE
+#elif defined(PSM_GPU_WARP_SIZE_HOST)
+#define PSM_GPU_WARP_SIZE PSM_GPU_WARP_SIZE_HOST
+#else
+#define PSM_GPU_WARP_SIZE 64
+#endif
+
+#define PSM_GPU_BACKEND_ID PSM_BACKEND_HIP
+#define PSM_GPU_OPS_SYMBOL psm_hip_ops
+#define PSM_GPU_RUNTIME_NAME "HIP"
+
+typedef hipStream_t psm_gpu_stream_t;
+typedef hipEvent_t psm_gpu_event_t;
+typedef hipError_t psm_gpu_error_t;
+typedef hipDeviceProp_t psm_gpu_device_prop_t;
+#define psm_gpu_success hipSuccess
+#define psm_gpu_error_string hipGetErrorString
+#define psm_gpu_get_device_count hipGetDeviceCount
+#define psm_gpu_set_device hipSetDevice
+#define psm_gpu_get_device_properties hipGetDeviceProperties
+#define psm_gpu_malloc hipMalloc
+#define psm_gpu_free hipFree
+#define psm_gpu_malloc_host hipHostMalloc
+#define psm_gpu_free_host hipHostFree
+#define psm_gpu_memcpy_async hipMemcpyAsync
+#define psm_gpu_memcpy_2d_async hipMemcpy2DAsync
+#define psm_gpu_memset_async hipMemsetAsync
+#define psm_gpu_memcpy_host_to_device hipMemcpyHostToDevice
+#define psm_gpu_memcpy_device_to_host hipMemcpyDeviceToHost
+#define psm_gpu_memcpy_device_to_device hipMemcpyDeviceToDevice
+#define psm_gpu_stream_create_non_blocking(stream) \
+    hipStreamCreateWithFlags((stream), hipStreamNonBlocking)
+#define psm_gpu_stream_destroy hipStreamDestroy
+#define psm_gpu_stream_synchronize hipStreamSynchronize
+#define psm_gpu_get_last_error hipGetLastError
+#define psm_gpu_func_set_max_dynamic_shared(kernel, bytes) \
+    hipFuncSetAttribute((const void *)(kernel), hipFuncAttributeMaxDynamicSharedMemorySize, (bytes))
+typedef hipFuncAttributes psm_gpu_func_attributes_t;
+#define psm_gpu_func_get_attributes(attributes, kernel) \
+    hipFuncGetAttributes((attributes), (const void *)(kernel))
+#define psm_gpu_error_out_of_memory hipErrorOutOfMemory
+#define psm_gpu_shared_optin(prop) ((prop).sharedMemPerBlockOptin > 0 ? \
+    (size_t)(prop).sharedMemPerBlockOptin : (size_t)(prop).sharedMemPerBlock)
+
+#define PSM_GPU_KERNEL __global__
+#define PSM_GPU_DEVICE __device__ __forceinline__
+#define PSM_GPU_HOST_DEVICE __host__ __device__ __forceinline__
+
+template <typename T>
+PSM_GPU_DEVICE T psm_gpu_shfl_xor(T value, int lane_mask)
+{
+    return __shfl_xor(value, lane_mask, PSM_GPU_WARP_SIZE);
+}
+template <typename T>
+PSM_GPU_DEVICE T psm_gpu_shfl_up(T value, unsigned delta)
+{
+    return __shfl_up(value, delta, PSM_GPU_WARP_SIZE);
+}
+template <typename T>
+PSM_GPU_DEVICE T psm_gpu_shfl(T value, int source_lane)
+{
+    return __shfl(value, source_lane, PSM_GPU_WARP_SIZE);
+}
+PSM_GPU_DEVICE unsigned long long psm_gpu_ballot(int predicate)
+{
+    return (unsigned long long)__ballot(predicate);
+}
+PSM_GPU_DEVICE float psm_gpu_half_bits_to_float(unsigned short bits)
+{
+    return __half2float(__ushort_as_half(bits));
+}
+
+#else
+/* --------------------------------------------------------------- CUDA --- */
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+
+#define PSM_GPU_WARP_SIZE 32
+/* All lanes of a warp, for the *_sync intrinsics. */
+#define PSM_GPU_FULL_WARP_MASK 0xffffffffu
+
+#define PSM_GPU_BACKEND_ID PSM_BACKEND_CUDA
+#define PSM_GPU_OPS_SYMBOL psm_cuda_ops
+#define PSM_GPU_RUNTIME_NAME "CUDA"
+
+typedef cudaStream_t psm_gpu_stream_t;
+typedef cudaEvent_t psm_gpu_event_t;
+typedef cudaError_t psm_gpu_error_t;
+typedef cudaDeviceProp psm_gpu_device_prop_t;
+#define psm_gpu_success cudaSuccess
+#define psm_gpu_error_string cudaGetErrorString
+#define psm_gpu_get_device_count cudaGetDeviceCount
+#define psm_gpu_set_device cudaSetDevice
+#define psm_gpu_get_device_properties cudaGetDeviceProperties
+#define psm_gpu_malloc cudaMalloc
+#define psm_gpu_free cudaFree
+#define psm_gpu_malloc_host cudaMallocHost
+#define psm_gpu_free_host cudaFreeHost
+#define psm_gpu_memcpy_async cudaMemcpyAsync
+#define psm_gpu_memcpy_2d_async cudaMemcpy2DAsync
+#define psm_gpu_memset_async cudaMemsetAsync
+#define psm_gpu_memcpy_host_to_device cudaMemcpyHostToDevice
+#define psm_gpu_memcpy_device_to_host cudaMemcpyDeviceToHost
+#define psm_gpu_memcpy_device_to_device cudaMemcpyDeviceToDevice
+#define psm_gpu_stream_create_non_blocking(stream) \
+    cudaStreamCreateWithFlags((stream), cudaStreamNonBlocking)
+#define psm_gpu_stream_destroy cudaStreamDestroy
+#define psm_gpu_stream_synchronize cudaStreamSynchronize
+#define psm_gpu_get_last_error cudaGetLastError
+#define psm_gpu_func_set_max_dynamic_shared(kernel, bytes) \
+    cudaFuncSetAttribute((kernel), cudaFuncAttributeMaxDynamicSharedMemorySize, (int)(bytes))
+#define psm_gpu_shared_optin(prop) ((size_t)(prop).sharedMemPerBlockOptin)
+typedef cudaFuncAttributes psm_gpu_func_attributes_t;
+#define psm_gpu_func_get_attributes(attributes, kernel) cudaFuncGetAttributes((attributes), (kernel))
+#define psm_gpu_error_out_of_memory cudaErrorMemoryAllocation
+
+#define PSM_GPU_KERNEL __global__
+#define PSM_GPU_DEVICE __device__ __forceinline__
+#define PSM_GPU_HOST_DEVICE __host__ __device__ __forceinline__
+
+template <typename T>
+PSM_GPU_DEVICE T psm_gpu_shfl_xor(T value, int lane_mask)
+{
+    return __shfl_xor_sync(PSM_GPU_FULL_WARP_MASK, value, lane_mask, PSM_GPU_WARP_SIZE);
+}
+template <typename T>
+PSM_GPU_DEVICE T psm_gpu_shfl_up(T value, unsigned delta)
+{
+    return __shfl_up_sync(PSM_GPU_FULL_WARP_MASK, value, delta, PSM_GPU_WARP_SIZE);
+}
+template <typename T>
+PSM_GPU_DEVICE T psm_gpu_shfl(T value, int source_lane)
+{
+    return __shfl_sync(PSM_GPU_FULL_WARP_MASK, value, source_lane, PSM_GPU_WARP_SIZE);
+}
+PSM_GPU_DEVICE unsigned long long psm_gpu_ballot(int predicate)
+{
+    return (unsigned long long)__ballot_sync(PSM_GPU_FULL_WARP_MASK, predicate);
+}
+PSM_GPU_DEVICE float psm_gpu_half_bits_to_float(unsigned short bits)
+{
+    return __half2float(__ushort_as_half(bits));
+}
+#endif
+
+/* ------------------------------------------------------ both vendors --- */
+
+/* Shared-memory and global atomics used by the kernels (the same spelling
+ * in CUDA and HIP, named here so that a third vendor changes one file). */
+PSM_GPU_DEVICE unsigned psm_gpu_atomic_add_u32(unsigned *address, unsigned value)
+{
+    return atomicAdd(address, value);
+}
+PSM_GPU_DEVICE unsigned long long psm_gpu_atomic_add_u64(unsigned long long *address,
+                                                         unsigned long long value)
+{
+    return atomicAdd(address, value);
+}
+PSM_GPU_DEVICE unsigned long long psm_gpu_atomic_min_u64(unsigned long long *address,
+                                                         unsigned long long value)
+{
+    return atomicMin(address, value);
+}
+PSM_GPU_DEVICE int psm_gpu_first_set_lane(unsigned long long ballot)
+{
+    return __ffsll((long long)ballot) - 1;
+}
+PSM_GPU_DEVICE void psm_gpu_block_barrier(void)
+{
+    __syncthreads();
+}
+
+/* Lane exchange for the warp algorithms of psm_gpu_warp.h: on the device it
+ * is the hardware shuffle; a host test passes a simulated one instead. */
+struct psm_gpu_hardware_lanes {
+    template <typename T>
+    PSM_GPU_DEVICE T exchange_xor(T value, int lane_mask) const
+    {
+        return psm_gpu_shfl_xor(value, lane_mask);
+    }
+    template <typename T>
+    PSM_GPU_DEVICE T exchange_up(T value, unsigned delta) const
+    {
+        return psm_gpu_shfl_up(value, delta);
+    }
+};
+
+#endif /* PSM_GPU_H */

@@ -1,0 +1,579 @@
+/*
+ * psm_gpu_backend.cu: the host side of the CUDA backend (and, compiled as
+ * HIP, of the HIP backend): device probe, context state, workspace, staging
+ * of host-memory buffers, and the launches of psm_gpu_kernels.cuh.
+ *
+ * Every failure goes through psm_set_error with the runtime's message; the
+ * code never prints, aborts or exits.
+ *
+ * Launches per call: the tile kernel and the row kernel (plus the check
+ * kernel and one small copy in checking mode), whatever the batch size. With
+ * device buffers and no checking, a call queues only those launches on the
+ * stream (no allocation once the shape has been seen, no synchronisation), so
+ * it can be captured in a graph.
+ */
+#include "psm_gpu_kernels.cuh"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+extern "C" {
+#include "backend.h"
+#include "error.h"
+}
+
+namespace {
+
+struct psm_gpu_state {
+    int device;
+    psm_gpu_stream_t stream;
+    int owns_stream;
+    int multiprocessors;
+    size_t shared_row_limit; /* largest vocab the shared-row kernels take */
+
+    /* per-tile workspace, see psm_gpu_call */
+    void *tiles;
+    size_t tile_capacity;
+    unsigned long long *first_bad_row;      /* device */
+    unsigned long long *first_bad_row_host; /* pinned */
+
+    /* device copies of host-memory inputs and outputs, grown on demand */
+    void *staged_logits;
+    size_t staged_logits_bytes;
+    void *staged_params;
+    size_t staged_params_bytes;
+    void *staged_outputs;
+    size_t staged_outputs_bytes;
+};
+
+psm_status gpu_failure(psm_gpu_error_t error, const char *what)
+{
+    psm_status status =
+        error == psm_gpu_error_out_of_memory ? PSM_ERR_OUT_OF_MEMORY : PSM_ERR_DRIVER;
+    /* Clear the sticky last error so that the next call starts clean. */
+    (void)psm_gpu_get_last_error();
+    return psm_set_error(status, "%s backend: %s failed: %s", PSM_GPU_RUNTIME_NAME, what,
+                         psm_gpu_error_string(error));
+}
+
+#define PSM_GPU_TRY(call, what)                          \
+    do {                                                 \
+        psm_gpu_error_t psm_gpu_error_ = (call);         \
+        if (psm_gpu_error_ != psm_gpu_success)           \
+            return gpu_failure(psm_gpu_error_, (what));  \
+    } while (0)
+
+size_t dtype_bytes(psm_dtype dtype)
+{
+    return dtype == PSM_DTYPE_F32 ? 4 : 2;
+}
+
+psm_i64 tiles_per_row(psm_i64 vocab)
+{
+    return (vocab + PSM_TILE - 1) / PSM_TILE;
+}
+
+/* Grows a device buffer to at least `bytes`; the old contents are dropped. */
+psm_status grow_buffer(void **buffer, size_t *capacity, size_t bytes, const char *what)
+{
+    if (bytes <= *capacity)
+        return PSM_OK;
+    if (*buffer) {
+        /* cudaFree waits for the device, so queued work that still reads the
+         * old buffer finishes first. */
+        PSM_GPU_TRY(psm_gpu_free(*buffer), what);
+        *buffer = NULL;
+        *capacity = 0;
+    }
+    size_t rounded = bytes + bytes / 4; /* some headroom against regrowth */
+    PSM_GPU_TRY(psm_gpu_malloc(buffer, rounded), what);
+    *capacity = rounded;
+    return PSM_OK;
+}
+
+/* Bytes of workspace per tile: key, mass, prefix (u64) and info (u32). */
+const size_t tile_workspace_bytes = 3 * sizeof(psm_u64) + sizeof(psm_u32);
+
+psm_status reserve_tiles(psm_gpu_state *state, psm_i64 rows, psm_i64 vocab)
+{
+    size_t tiles = (size_t)rows * (size_t)tiles_per_row(vocab);
+    if (tiles <= state->tile_capacity)
+        return PSM_OK;
+    size_t capacity_bytes = state->tile_capacity * tile_workspace_bytes;
+    psm_status status = grow_buffer(&state->tiles, &capacity_bytes, tiles * tile_workspace_bytes,
+                                    "allocating the tile workspace");
+    if (status != PSM_OK) {
+        state->tile_capacity = 0;
+        return status;
+    }
+    state->tile_capacity = capacity_bytes / tile_workspace_bytes;
+    return PSM_OK;
+}
+
+/* The kernel instantiations, indexed by dtype, shared row, probs mode. */
+typedef void (*row_kernel_fn)(const psm_gpu_call);
+typedef void (*tile_kernel_fn)(const psm_gpu_call);
+
+const row_kernel_fn row_kernels[3][2][2] = {
+    {{psm_gpu_row_kernel<PSM_DTYPE_F32, false, false>, psm_gpu_row_kernel<PSM_DTYPE_F32, false, true>},
+     {psm_gpu_row_kernel<PSM_DTYPE_F32, true, false>, psm_gpu_row_kernel<PSM_DTYPE_F32, true, true>}},
+    {{psm_gpu_row_kernel<PSM_DTYPE_F16, false, false>, psm_gpu_row_kernel<PSM_DTYPE_F16, false, true>},
+     {psm_gpu_row_kernel<PSM_DTYPE_F16, true, false>, psm_gpu_row_kernel<PSM_DTYPE_F16, true, true>}},
+    {{psm_gpu_row_kernel<PSM_DTYPE_BF16, false, false>, psm_gpu_row_kernel<PSM_DTYPE_BF16, false, true>},
+     {psm_gpu_row_kernel<PSM_DTYPE_BF16, true, false>, psm_gpu_row_kernel<PSM_DTYPE_BF16, true, true>}},
+};
+const tile_kernel_fn tile_kernels[3] = {psm_gpu_tile_kernel<PSM_DTYPE_F32>,
+                                        psm_gpu_tile_kernel<PSM_DTYPE_F16>,
+                                        psm_gpu_tile_kernel<PSM_DTYPE_BF16>};
+
+row_kernel_fn row_kernel(psm_dtype dtype, bool shared_row, bool probs_mode)
+{
+    return row_kernels[dtype][shared_row ? 1 : 0][probs_mode ? 1 : 0];
+}
+
+/* The shared-row kernels get as much dynamic shared memory as the device
+ * allows a block; the smallest headroom over the variants bounds the vocab
+ * they take. */
+psm_status configure_shared_row_kernels(psm_gpu_state *state, size_t shared_optin)
+{
+    size_t limit = (size_t)-1;
+    for (int dtype = 0; dtype < 3; ++dtype)
+        for (int probs_mode = 0; probs_mode < 2; ++probs_mode) {
+            row_kernel_fn kernel = row_kernel((psm_dtype)dtype, true, probs_mode != 0);
+            psm_gpu_func_attributes_t attributes;
+            PSM_GPU_TRY(psm_gpu_func_get_attributes(&attributes, kernel),
+                        "reading the row kernel's attributes");
+            size_t static_bytes = attributes.sharedSizeBytes;
+            size_t dynamic_bytes = shared_optin > static_bytes ? shared_optin - static_bytes : 0;
+            PSM_GPU_TRY(psm_gpu_func_set_max_dynamic_shared(kernel, dynamic_bytes),
+                        "raising the row kernel's shared-memory limit");
+            if (dynamic_bytes < limit)
+                limit = dynamic_bytes;
+        }
+    state->shared_row_limit = limit / sizeof(float);
+    return PSM_OK;
+}
+
+void release_state(psm_gpu_state *state)
+{
+    if (state->stream)
+        (void)psm_gpu_stream_synchronize(state->stream);
+    if (state->tiles)
+        (void)psm_gpu_free(state->tiles);
+    if (state->first_bad_row)
+        (void)psm_gpu_free(state->first_bad_row);
+    if (state->first_bad_row_host)
+        (void)psm_gpu_free_host(state->first_bad_row_host);
+    if (state->staged_logits)
+        (void)psm_gpu_free(state->staged_logits);
+    if (state->staged_params)
+        (void)psm_gpu_free(state->staged_params);
+    if (state->staged_outputs)
+        (void)psm_gpu_free(state->staged_outputs);
+    if (state->owns_stream && state->stream)
+        (void)psm_gpu_stream_destroy(state->stream);
+    (void)psm_gpu_get_last_error();
+    free(state);
+}
+
+/* Device pointers for one call: host-memory inputs are copied into staging,
+ * host-memory outputs are written to staging and copied back afterwards. */
+struct call_buffers {
+    psm_gpu_call call;
+    void *host_tokens;
+    void *host_logprobs;
+    void *host_probs;
+    psm_i64 host_probs_stride;
+    size_t output_bytes;
+};
+
+psm_status stage_inputs(psm_gpu_state *state, const psm_request *request, psm_gpu_call *call)
+{
+    const psm_tensor *logits = &request->logits;
+    const psm_params *params = &request->params;
+    const size_t element_bytes = dtype_bytes(logits->dtype);
+
+    call->logits = logits->data;
+    call->rows = logits->rows;
+    call->vocab = logits->vocab;
+    call->row_stride = logits->row_stride;
+    call->temperature = params->temperature;
+    call->top_k = params->top_k;
+    call->top_p = params->top_p;
+    call->min_p = params->min_p;
+    call->seed = params->seed;
+    call->offset = params->offset;
+    call->num_samples = params->num_samples;
+    call->temperature_per_row = params->temperature_per_row;
+    call->top_k_per_row = params->top_k_per_row;
+    call->top_p_per_row = params->top_p_per_row;
+    call->min_p_per_row = params->min_p_per_row;
+    call->seed_per_row = params->seed_per_row;
+    call->weight_bits = psm_weight_bits(logits->vocab);
+
+    if (logits->memory == PSM_MEMORY_HOST) {
+        /* The stagings were grown by prepare_call before anything was queued. */
+        const size_t row_bytes = (size_t)logits->vocab * element_bytes;
+        PSM_GPU_TRY(psm_gpu_memcpy_2d_async(state->staged_logits, row_bytes, logits->data,
+                                            (size_t)logits->row_stride * element_bytes, row_bytes,
+                                            (size_t)logits->rows, psm_gpu_memcpy_host_to_device,
+                                            state->stream),
+                    "copying host logits to the device");
+        call->logits = state->staged_logits;
+        call->row_stride = logits->vocab;
+
+        /* Per-row parameters live in the logits' memory: stage them too. */
+        const size_t rows = (size_t)logits->rows;
+        const int any_per_row = params->temperature_per_row || params->top_k_per_row ||
+                                params->top_p_per_row || params->min_p_per_row ||
+                                params->seed_per_row;
+        if (any_per_row) {
+            unsigned char *staging = (unsigned char *)state->staged_params;
+            /* The u64 seeds first, so that they stay 8-byte aligned. */
+            struct {
+                const void *host;
+                size_t element;
+                const void **device;
+            } arrays[5] = {
+                {params->seed_per_row, sizeof(psm_u64), (const void **)&call->seed_per_row},
+                {params->temperature_per_row, sizeof(float), (const void **)&call->temperature_per_row},
+                {params->top_k_per_row, sizeof(psm_i32), (const void **)&call->top_k_per_row},
+                {params->top_p_per_row, sizeof(float), (const void **)&call->top_p_per_row},
+                {params->min_p_per_row, sizeof(float), (const void **)&call->min_p_per_row},
+            };
+            for (int a = 0; a < 5; ++a) {
+                if (!arrays[a].host)
+                    continue;
+                PSM_GPU_TRY(psm_gpu_memcpy_async(staging, arrays[a].host, rows * arrays[a].element,
+                                                 psm_gpu_memcpy_host_to_device, state->stream),
+                            "copying per-row parameters to the device");
+                *arrays[a].device = staging;
+                staging += rows * arrays[a].element;
+            }
+        }
+    }
+
+    uintptr_t base = (uintptr_t)call->logits;
+    call->logits_aligned = base % 16 == 0 && ((size_t)call->row_stride * element_bytes) % 16 == 0;
+    return PSM_OK;
+}
+
+psm_status prepare_call(psm_gpu_state *state, psm_request *request, bool probs_mode,
+                        call_buffers *buffers)
+{
+    memset(buffers, 0, sizeof *buffers);
+    psm_gpu_call *call = &buffers->call;
+    PSM_GPU_TRY(psm_gpu_set_device(state->device), "selecting the device");
+
+    psm_status status = reserve_tiles(state, request->logits.rows, request->logits.vocab);
+    if (status != PSM_OK)
+        return status;
+    /* Output staging first: growing a buffer may wait for the device, which
+     * must not happen after inputs were queued into another staging buffer. */
+    const size_t rows = (size_t)request->logits.rows;
+    size_t output_bytes = 0;
+    size_t tokens_bytes = 0, logprobs_bytes = 0;
+    if (probs_mode) {
+        if (request->probs.memory == PSM_MEMORY_HOST)
+            output_bytes = rows * (size_t)request->logits.vocab * sizeof(float);
+    } else {
+        const size_t samples = rows * (size_t)request->params.num_samples;
+        if (request->tokens.memory == PSM_MEMORY_HOST)
+            tokens_bytes = samples * sizeof(psm_i32);
+        if (request->logprobs.data && request->logprobs.memory == PSM_MEMORY_HOST)
+            logprobs_bytes = samples * sizeof(float);
+        output_bytes = tokens_bytes + logprobs_bytes;
+    }
+    if (output_bytes) {
+        status = grow_buffer(&state->staged_outputs, &state->staged_outputs_bytes, output_bytes,
+                             "allocating staging for host outputs");
+        if (status != PSM_OK)
+            return status;
+    }
+    if (request->logits.memory == PSM_MEMORY_HOST) {
+        /* Grow both input stagings before queuing any copy into them. */
+        status = grow_buffer(&state->staged_logits, &state->staged_logits_bytes,
+                             rows * (size_t)request->logits.vocab * dtype_bytes(request->logits.dtype),
+                             "allocating staging for host logits");
+        if (status != PSM_OK)
+            return status;
+        status = grow_buffer(&state->staged_params, &state->staged_params_bytes,
+                             rows * (4 * sizeof(float) + sizeof(psm_u64)),
+                             "allocating staging for per-row parameters");
+        if (status != PSM_OK)
+            return status;
+    }
+
+    status = stage_inputs(state, request, call);
+    if (status != PSM_OK)
+        return status;
+
+    call->tiles_per_row = tiles_per_row(request->logits.vocab);
+    unsigned char *tiles = (unsigned char *)state->tiles;
+    const size_t tile_count = state->tile_capacity;
+    call->tile_key = (psm_u64 *)tiles;
+    call->tile_mass = (psm_u64 *)(tiles + tile_count * sizeof(psm_u64));
+    call->tile_prefix = (psm_u64 *)(tiles + 2 * tile_count * sizeof(psm_u64));
+    call->tile_info = (psm_u32 *)(tiles + 3 * tile_count * sizeof(psm_u64));
+    call->first_bad_row = state->first_bad_row;
+
+    unsigned char *outputs = (unsigned char *)state->staged_outputs;
+    buffers->output_bytes = output_bytes;
+    if (probs_mode) {
+        call->probs = (float *)request->probs.data;
+        call->probs_stride = request->probs.row_stride;
+        if (request->probs.memory == PSM_MEMORY_HOST) {
+            buffers->host_probs = request->probs.data;
+            buffers->host_probs_stride = request->probs.row_stride;
+            call->probs = (float *)outputs;
+            call->probs_stride = request->logits.vocab;
+        }
+    } else {
+        call->tokens = (psm_i32 *)request->tokens.data;
+        call->logprobs = (float *)request->logprobs.data;
+        if (tokens_bytes) {
+            buffers->host_tokens = request->tokens.data;
+            call->tokens = (psm_i32 *)outputs;
+        }
+        if (logprobs_bytes) {
+            buffers->host_logprobs = request->logprobs.data;
+            call->logprobs = (float *)(outputs + tokens_bytes);
+        }
+    }
+    return PSM_OK;
+}
+
+int filters_possible(const psm_request *request)
+{
+    const psm_params *p = &request->params;
+    return p->top_k_per_row || p->top_p_per_row || p->min_p_per_row ||
+           (p->top_k > 0 && p->top_k < request->logits.vocab) || p->top_p < 1.0f ||
+           p->min_p > 0.0f;
+}
+
+psm_status launch(psm_gpu_state *state, psm_request *request, call_buffers *buffers,
+                  bool probs_mode)
+{
+    const psm_gpu_call &call = buffers->call;
+    const psm_dtype dtype = request->logits.dtype;
+
+    const psm_i64 total_tiles = call.rows * call.tiles_per_row;
+    const psm_i64 tiles_per_block = PSM_GPU_TILE_THREADS / PSM_GPU_WARP_SIZE;
+    psm_i64 tile_blocks = (total_tiles + tiles_per_block - 1) / tiles_per_block;
+    const psm_i64 tile_block_cap = (psm_i64)state->multiprocessors * 64;
+    if (tile_blocks > tile_block_cap)
+        tile_blocks = tile_block_cap;
+    tile_kernels[dtype]<<<(unsigned)tile_blocks, PSM_GPU_TILE_THREADS, 0, state->stream>>>(call);
+    PSM_GPU_TRY(psm_gpu_get_last_error(), "launching the tile kernel");
+
+    if (request->check_rows) {
+        PSM_GPU_TRY(psm_gpu_memset_async(state->first_bad_row, 0xff, sizeof *state->first_bad_row,
+                                         state->stream),
+                    "clearing the bad-row flag");
+        psm_i64 check_blocks = (call.rows + tiles_per_block - 1) / tiles_per_block;
+        if (check_blocks > tile_block_cap)
+            check_blocks = tile_block_cap;
+        psm_gpu_check_kernel<<<(unsigned)check_blocks, PSM_GPU_TILE_THREADS, 0, state->stream>>>(call);
+        PSM_GPU_TRY(psm_gpu_get_last_error(), "launching the check kernel");
+        PSM_GPU_TRY(psm_gpu_memcpy_async(state->first_bad_row_host, state->first_bad_row,
+                                         sizeof *state->first_bad_row,
+                                         psm_gpu_memcpy_device_to_host, state->stream),
+                    "reading the bad-row flag");
+        PSM_GPU_TRY(psm_gpu_stream_synchronize(state->stream), "waiting for the row check");
+        const unsigned long long first_bad = *state->first_bad_row_host;
+        if (first_bad != ~0ull) {
+            request->first_bad_row = (int64_t)first_bad;
+            return psm_set_error(PSM_ERR_BAD_ROW,
+                                 "row %lld has a NaN or +inf logit, no finite logit, or a "
+                                 "per-row parameter out of range",
+                                 (long long)first_bad);
+        }
+    }
+
+    const bool shared_row = filters_possible(request) &&
+                            (size_t)request->logits.vocab <= state->shared_row_limit;
+    const size_t dynamic_bytes = shared_row ? (size_t)request->logits.vocab * sizeof(float) : 0;
+    const psm_i64 row_blocks = call.rows < (psm_i64)1 << 30 ? call.rows : (psm_i64)1 << 30;
+    row_kernel(dtype, shared_row, probs_mode)<<<(unsigned)row_blocks, PSM_GPU_ROW_THREADS,
+                                                dynamic_bytes, state->stream>>>(call);
+    PSM_GPU_TRY(psm_gpu_get_last_error(), "launching the row kernel");
+
+    /* Host outputs: copy back and wait, so the caller can read them. */
+    if (buffers->host_probs) {
+        const size_t row_bytes = (size_t)request->logits.vocab * sizeof(float);
+        PSM_GPU_TRY(psm_gpu_memcpy_2d_async(buffers->host_probs,
+                                            (size_t)buffers->host_probs_stride * sizeof(float),
+                                            call.probs, row_bytes, row_bytes, (size_t)call.rows,
+                                            psm_gpu_memcpy_device_to_host, state->stream),
+                    "copying probabilities to the host");
+    }
+    const size_t samples = (size_t)call.rows * (size_t)call.num_samples;
+    if (buffers->host_tokens)
+        PSM_GPU_TRY(psm_gpu_memcpy_async(buffers->host_tokens, call.tokens, samples * sizeof(psm_i32),
+                                         psm_gpu_memcpy_device_to_host, state->stream),
+                    "copying tokens to the host");
+    if (buffers->host_logprobs)
+        PSM_GPU_TRY(psm_gpu_memcpy_async(buffers->host_logprobs, call.logprobs,
+                                         samples * sizeof(float), psm_gpu_memcpy_device_to_host,
+                                         state->stream),
+                    "copying logprobs to the host");
+    if (buffers->host_probs || buffers->host_tokens || buffers->host_logprobs ||
+        request->logits.memory == PSM_MEMORY_HOST)
+        PSM_GPU_TRY(psm_gpu_stream_synchronize(state->stream), "waiting for host outputs");
+    return PSM_OK;
+}
+
+psm_status run_request(void *opaque_state, psm_request *request, bool probs_mode)
+{
+    psm_gpu_state *state = (psm_gpu_state *)opaque_state;
+    call_buffers buffers;
+    psm_status status = prepare_call(state, request, probs_mode, &buffers);
+    if (status != PSM_OK)
+        return status;
+    return launch(state, request, &buffers, probs_mode);
+}
+
+} /* namespace */
+
+extern "C" {
+
+static int gpu_probe(int *device_count, char *reason, size_t reason_size)
+{
+    int count = 0;
+    psm_gpu_error_t error = psm_gpu_get_device_count(&count);
+    *device_count = 0;
+    if (error != psm_gpu_success) {
+        (void)psm_gpu_get_last_error();
+        if (reason && reason_size)
+            snprintf(reason, reason_size, "no %s device: %sGetDeviceCount: %s",
+                     PSM_GPU_RUNTIME_NAME, PSM_GPU_HIP ? "hip" : "cuda",
+                     psm_gpu_error_string(error));
+        return 0;
+    }
+    if (count <= 0) {
+        if (reason && reason_size)
+            snprintf(reason, reason_size, "no %s device: the runtime found none",
+                     PSM_GPU_RUNTIME_NAME);
+        return 0;
+    }
+    *device_count = count;
+    if (reason && reason_size)
+        snprintf(reason, reason_size, "%d %s device%s", count, PSM_GPU_RUNTIME_NAME,
+                 count == 1 ? "" : "s");
+    return 1;
+}
+
+static psm_status gpu_create(const psm_context_options *options, int device_index,
+                             void **state_out, char *device_name, size_t device_name_size)
+{
+    int count = 0;
+    char reason[256];
+    if (!gpu_probe(&count, reason, sizeof reason))
+        return psm_set_error(PSM_ERR_NO_DEVICE, "%s", reason);
+    if (device_index >= count)
+        return psm_set_error(PSM_ERR_NO_DEVICE, "%s device %d requested, %d present",
+                             PSM_GPU_RUNTIME_NAME, device_index, count);
+
+    psm_gpu_state *state = (psm_gpu_state *)calloc(1, sizeof *state);
+    if (!state)
+        return psm_set_error(PSM_ERR_OUT_OF_MEMORY, "%s backend: no memory for the context",
+                             PSM_GPU_RUNTIME_NAME);
+    state->device = device_index;
+
+    psm_status status = PSM_OK;
+    psm_gpu_device_prop_t properties;
+    psm_gpu_error_t error = psm_gpu_set_device(device_index);
+    if (error == psm_gpu_success)
+        error = psm_gpu_get_device_properties(&properties, device_index);
+    if (error != psm_gpu_success) {
+        status = gpu_failure(error, "reading the device properties");
+        release_state(state);
+        return status;
+    }
+    if (properties.warpSize != PSM_GPU_WARP_SIZE) {
+        release_state(state);
+        return psm_set_error(PSM_ERR_UNSUPPORTED,
+                             "%s device %d has warp size %d; these kernels were built for %d",
+                             PSM_GPU_RUNTIME_NAME, device_index, properties.warpSize,
+                             PSM_GPU_WARP_SIZE);
+    }
+    state->multiprocessors = properties.multiProcessorCount > 0 ? properties.multiProcessorCount : 1;
+
+    if (options->native_stream) {
+        state->stream = (psm_gpu_stream_t)options->native_stream;
+    } else {
+        error = psm_gpu_stream_create_non_blocking(&state->stream);
+        if (error != psm_gpu_success) {
+            status = gpu_failure(error, "creating a stream");
+            release_state(state);
+            return status;
+        }
+        state->owns_stream = 1;
+    }
+    error = psm_gpu_malloc((void **)&state->first_bad_row, sizeof *state->first_bad_row);
+    if (error == psm_gpu_success)
+        error = psm_gpu_malloc_host((void **)&state->first_bad_row_host,
+                                    sizeof *state->first_bad_row_host);
+    if (error != psm_gpu_success) {
+        status = gpu_failure(error, "allocating the bad-row flag");
+        release_state(state);
+        return status;
+    }
+    status = configure_shared_row_kernels(state, psm_gpu_shared_optin(properties));
+    if (status != PSM_OK) {
+        release_state(state);
+        return status;
+    }
+    if (device_name && device_name_size)
+        snprintf(device_name, device_name_size, "%s", properties.name);
+    *state_out = state;
+    return PSM_OK;
+}
+
+static void gpu_destroy(void *state)
+{
+    if (state)
+        release_state((psm_gpu_state *)state);
+}
+
+static psm_status gpu_reserve(void *opaque_state, int64_t rows, int64_t vocab, int64_t num_samples)
+{
+    (void)num_samples; /* the workspace does not depend on it */
+    psm_gpu_state *state = (psm_gpu_state *)opaque_state;
+    PSM_GPU_TRY(psm_gpu_set_device(state->device), "selecting the device");
+    return reserve_tiles(state, rows, vocab);
+}
+
+static psm_status gpu_sample(void *state, psm_request *request)
+{
+    return run_request(state, request, false);
+}
+
+static psm_status gpu_probs(void *state, psm_request *request)
+{
+    return run_request(state, request, true);
+}
+
+static psm_status gpu_synchronize(void *opaque_state)
+{
+    psm_gpu_state *state = (psm_gpu_state *)opaque_state;
+    PSM_GPU_TRY(psm_gpu_set_device(state->device), "selecting the device");
+    PSM_GPU_TRY(psm_gpu_stream_synchronize(state->stream), "synchronising the stream");
+    return PSM_OK;
+}
+
+extern const psm_backend_ops PSM_GPU_OPS_SYMBOL;
+const psm_backend_ops PSM_GPU_OPS_SYMBOL = {
+    PSM_BACKEND_API_VERSION, /* api_version */
+    PSM_GPU_BACKEND_ID,      /* id */
+    gpu_probe,               /* probe */
+    gpu_create,              /* create */
+    gpu_destroy,             /* destroy */
+    gpu_reserve,             /* reserve */
+    gpu_sample,              /* sample */
+    gpu_probs,               /* probs */
+    gpu_synchronize,         /* synchronize */
+};
+
+} /* extern "C" */

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Builds polysample (Release, into build/) and runs its benchmark.
+#
+#   scripts/bench.sh [--all] [--quick] [more `polysample bench` options]
+#
+# Without --all it benchmarks the backend AUTO selects (POLYSAMPLE_BACKEND
+# steers it); with --all, every available backend (the CPU one included, so
+# the table has speedups over it). The table goes to stdout and the JSON to
+# build/bench.json. When PyTorch with a CUDA GPU is present, the PyTorch
+# baselines (bench/torch_baseline.py) run on the same cases and their ratio to
+# polysample's CUDA times is printed.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+build="${root}/build"
+
+all=0
+quick=()
+passed=()
+for argument in "$@"; do
+  case "${argument}" in
+    --all) all=1 ;;
+    --quick) quick=(--quick); passed+=(--quick) ;;
+    -h|--help) sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) passed+=("${argument}") ;;
+  esac
+done
+
+# The same Debian packages as scripts/test.sh, installed when missing and root.
+packages=(check pkg-config cmake build-essential pocl-opencl-icd ocl-icd-opencl-dev
+          opencl-headers hipcc libamdhip64-dev)
+if [[ "$(id -u)" == 0 ]] && command -v dpkg-query >/dev/null && command -v apt-get >/dev/null; then
+  missing=()
+  for package in "${packages[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "${package}" 2>/dev/null | grep -q 'install ok installed'; then
+      missing+=("${package}")
+    fi
+  done
+  if (( ${#missing[@]} )); then
+    echo "bench.sh: installing ${missing[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  fi
+fi
+
+cmake -S "${root}" -B "${build}" -DCMAKE_BUILD_TYPE=Release -DPSM_BUILD_TESTS=OFF >/dev/null
+cmake --build "${build}" --parallel "$(nproc 2>/dev/null || echo 2)" >/dev/null
+
+backend_option=(--backend auto)
+if (( all )); then
+  backend_option=()
+fi
+json="${build}/bench.json"
+"${build}/cli/polysample" info
+echo
+status=0
+"${build}/cli/polysample" bench "${backend_option[@]}" "${passed[@]}" "--json=${json}" || status=$?
+echo
+echo "JSON results: ${json}"
+
+if python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  torch_json="${build}/bench_torch.json"
+  echo "PyTorch baselines (bench/torch_baseline.py) ..."
+  python3 "${root}/bench/torch_baseline.py" "${quick[@]}" > "${torch_json}"
+  python3 - "${json}" "${torch_json}" <<'PY'
+import json
+import sys
+
+ours = json.load(open(sys.argv[1]))["results"]
+theirs = json.load(open(sys.argv[2]))
+cuda = {(r["rows"], r["vocab"], r["dtype"], r["setting"]): r for r in ours
+        if r["backend"] == "cuda" and "median_ms" in r}
+print(f"PyTorch {theirs['torch_version']} on {theirs['device']} vs polysample CUDA "
+      "(ratio = PyTorch time / polysample time):")
+print(f"{'rows':>6} {'vocab':>7} {'dtype':5} {'setting':9} {'method':24} "
+      f"{'torch_ms':>9} {'polysample_ms':>13} {'ratio':>6}")
+for r in theirs["results"]:
+    key = (r["rows"], r["vocab"], r["dtype"], r["setting"])
+    mine = cuda.get(key)
+    ratio = f"{r['median_ms'] / mine['median_ms']:6.2f}" if mine else "     -"
+    mine_ms = f"{mine['median_ms']:13.3f}" if mine else f"{'-':>13}"
+    print(f"{r['rows']:6d} {r['vocab']:7d} {r['dtype']:5} {r['setting']:9} {r['method']:24} "
+          f"{r['median_ms']:9.3f} {mine_ms} {ratio}")
+if not cuda:
+    print("(no polysample CUDA results in this run to compare with)")
+PY
+else
+  echo "PyTorch with a CUDA GPU not found: no PyTorch baseline."
+fi
+exit "${status}"

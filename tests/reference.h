@@ -1,0 +1,32 @@
+/*
+ * reference.h: the final sampling distribution of a row in float64, written
+ * from docs/SAMPLING.md's definitions (softmax, rank order, top-k, top-p,
+ * min-p, greedy) without the contract's fixed-point arithmetic. The tests
+ * compare the library against it; it never calls the library.
+ */
+#ifndef PSM_TEST_REFERENCE_H
+#define PSM_TEST_REFERENCE_H
+
+#include <stdint.h>
+
+typedef struct psm_ref_params {
+    float temperature;
+    int32_t top_k;
+    float top_p;
+    float min_p;
+} psm_ref_params;
+
+/* Temperature 1, filters off. */
+psm_ref_params psm_ref_params_plain(void);
+
+/* Fills probs[0..vocab) with the final distribution: 0 outside the kept set,
+ * summing to 1. Returns 1 for a good row; 0 for a bad row (a NaN or +inf
+ * logit, or no finite logit), leaving probs all NaN. */
+int psm_ref_distribution(const float *logits, int64_t vocab, const psm_ref_params *params,
+                         double *probs);
+
+/* The greedy token: the largest finite logit, lowest index on ties; -1 for a
+ * bad row. */
+int64_t psm_ref_argmax(const float *logits, int64_t vocab);
+
+#endif /* PSM_TEST_REFERENCE_H */

@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# gpu-check.sh: everything the GPU machine is needed for, in one call.
+#
+#   scripts/gpu-check.sh            (from the repository root)
+#
+# Steps (each runs even when an earlier one failed; each has a time limit so
+# that the whole stays under about 9 minutes):
+#   1. Check from the .deb files in .deps/ (dpkg -x into /tmp/checkprefix),
+#      NVIDIA's OpenCL driver registered with the ICD loader
+#   2. configure + build (ninja) with CUDA and OpenCL in build-gpu/
+#   3. test_cuda (full size), then ctest (every test program, every backend)
+#   4. compute-sanitizer memcheck and racecheck on test_cuda
+#      (POLYSAMPLE_TEST_BACKENDS=cuda, POLYSAMPLE_TEST_QUICK=1)
+#   5. polysample check --rows 100000, if the tool has the command
+#   6. polysample bench on the CUDA backend, and the PyTorch baseline
+#      (scripts/bench.sh or bench/torch_baseline.py) when present
+# Full logs are kept in /tmp/gpu-check-logs and packed at the end into
+# $OUT/logs.tgz (the device tool returns at most 8 files); $OUT/steps.log
+# (each step's tail, written as it goes) and $OUT/summary.txt sit beside it.
+# Without $OUT (a run by hand) they go to /tmp/gpu-check-out.
+set -u
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-/tmp/gpu-check-out}
+LOGS=/tmp/gpu-check-logs
+mkdir -p "$OUT" "$LOGS"
+BUILD=$ROOT/build-gpu
+START=$(date +%s)
+declare -a STEP_NAMES STEP_RESULTS
+
+# run_step NAME LIMIT_SECONDS LOGFILE COMMAND...: runs, logs, records status.
+run_step() {
+    local name=$1 limit=$2 log=$3
+    shift 3
+    local begin=$(date +%s)
+    echo "=== $name (limit ${limit}s) ===" | tee -a "$OUT/steps.log"
+    timeout --kill-after=10 "$limit" "$@" >"$LOGS/$log" 2>&1
+    local rc=$?
+    local took=$(($(date +%s) - begin))
+    local result="ok"
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+        result="TIMEOUT"
+    elif [ $rc -eq 77 ]; then
+        result="skipped"
+    elif [ $rc -ne 0 ]; then
+        result="FAILED rc=$rc"
+    fi
+    tail -n 25 "$LOGS/$log" >>"$OUT/steps.log"
+    echo "--- $name: $result (${took}s)" | tee -a "$OUT/steps.log"
+    STEP_NAMES+=("$name")
+    STEP_RESULTS+=("$result (${took}s, log $log)")
+}
+
+skip_step() {
+    STEP_NAMES+=("$1")
+    STEP_RESULTS+=("not run: $2")
+    echo "--- $1: not run: $2" | tee -a "$OUT/steps.log"
+}
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1
+    nvcc --version 2>&1 | tail -1
+    cmake --version | head -1
+} >"$LOGS/machine.txt" 2>&1
+cat "$LOGS/machine.txt"
+
+# ---- 1. Check and OpenCL -------------------------------------------------
+PREFIX=/tmp/checkprefix
+mkdir -p "$PREFIX"
+for deb in "$ROOT"/.deps/*.deb; do
+    [ -f "$deb" ] && dpkg -x "$deb" "$PREFIX"
+done
+export PKG_CONFIG_PATH="$PREFIX/usr/lib/x86_64-linux-gnu/pkgconfig:${PKG_CONFIG_PATH:-}"
+export CMAKE_PREFIX_PATH="$PREFIX/usr${CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH}"
+export LD_LIBRARY_PATH="$PREFIX/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+if [ -d /etc/OpenCL/vendors ] && [ -w /etc/OpenCL/vendors ]; then
+    echo libnvidia-opencl.so.1 >/etc/OpenCL/vendors/nvidia.icd
+fi
+
+# ---- 2. configure + build -------------------------------------------------
+CONFIGURE=(cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release
+           -DPSM_WITH_CUDA=ON -DPSM_WITH_OPENCL=ON)
+# The HIP folder may not have its CMakeLists yet; there is no HIP here anyway.
+[ -f "$ROOT/backends/hip/CMakeLists.txt" ] || CONFIGURE+=(-DPSM_WITH_HIP=OFF)
+run_step configure 120 configure.log "${CONFIGURE[@]}"
+run_step build 240 build.log cmake --build "$BUILD" -j 16
+grep -E "polysample backends|Check|CUDA backend|OpenCL backend" "$LOGS/configure.log" | head -5
+
+TEST_CUDA=$BUILD/tests/test_cuda
+CLI=$BUILD/cli/polysample
+
+# ---- 3. tests --------------------------------------------------------------
+if [ -x "$TEST_CUDA" ]; then
+    run_step test_cuda 150 test_cuda.log env CK_VERBOSITY=normal "$TEST_CUDA"
+else
+    skip_step test_cuda "not built"
+fi
+
+# ---- 4. sanitizers ---------------------------------------------------------
+if [ -x "$TEST_CUDA" ] && command -v compute-sanitizer >/dev/null; then
+    for tool in memcheck racecheck; do
+        run_step "sanitizer $tool" 75 "sanitizer_$tool.log" \
+            env POLYSAMPLE_TEST_BACKENDS=cuda POLYSAMPLE_TEST_QUICK=1 \
+            compute-sanitizer --tool "$tool" --error-exitcode 1 "$TEST_CUDA"
+    done
+else
+    skip_step sanitizers "no test_cuda or no compute-sanitizer"
+fi
+
+# ---- 6. benchmarks (before the slow suite: their figures matter most) -----
+if [ -x "$CLI" ]; then
+    run_step "bench cuda" 120 bench_cuda.log "$CLI" bench --backend cuda --json="$LOGS/bench_cuda.json"
+else
+    skip_step "bench cuda" "no polysample tool"
+fi
+if [ -x "$ROOT/scripts/bench.sh" ]; then
+    run_step "scripts/bench.sh" 90 bench_sh.log env BUILD_DIR="$BUILD" "$ROOT/scripts/bench.sh"
+elif [ -f "$ROOT/bench/torch_baseline.py" ]; then
+    run_step "torch baseline" 90 torch_baseline.log env PYTHONUNBUFFERED=1 \
+        python3 "$ROOT/bench/torch_baseline.py"
+else
+    skip_step "torch baseline" "no scripts/bench.sh or bench/torch_baseline.py"
+fi
+
+# ---- 3b. the whole suite and 5. the tool's check ---------------------------
+ELAPSED=$(($(date +%s) - START))
+SUITE_LIMIT=$((430 - ELAPSED))
+[ $SUITE_LIMIT -lt 30 ] && SUITE_LIMIT=30
+if [ -d "$BUILD/tests" ]; then
+    run_step ctest "$SUITE_LIMIT" ctest.log \
+        ctest --test-dir "$BUILD" --output-on-failure -j 8 --timeout "$SUITE_LIMIT"
+else
+    skip_step ctest "no test suite built"
+fi
+if [ -x "$CLI" ] && "$CLI" check --help >/dev/null 2>&1; then
+    ELAPSED=$(($(date +%s) - START))
+    CHECK_LIMIT=$((500 - ELAPSED))
+    [ $CHECK_LIMIT -lt 20 ] && CHECK_LIMIT=20
+    run_step "polysample check" "$CHECK_LIMIT" check.log "$CLI" check --rows 100000
+else
+    skip_step "polysample check" "the tool has no check command"
+fi
+
+# ---- table ------------------------------------------------------------------
+{
+    echo
+    echo "== gpu-check summary ($(date -u +%FT%TZ), $(($(date +%s) - START)) s) =="
+    sed -n 2,3p "$LOGS/machine.txt"
+    for i in "${!STEP_NAMES[@]}"; do
+        printf '%-22s %s\n' "${STEP_NAMES[$i]}" "${STEP_RESULTS[$i]}"
+    done
+    grep -hE "^summary:" "$LOGS"/test_cuda.log "$LOGS"/ctest.log 2>/dev/null | head -20
+    grep -hE "tests passed|tests failed|\*\*\*Failed|Timeout" "$LOGS/ctest.log" 2>/dev/null | head -20
+    grep -HE "ERROR SUMMARY|RACECHECK SUMMARY" "$LOGS"/sanitizer_*.log 2>/dev/null
+    echo "-- bench (cuda) --"
+    grep -vE "^\s*$" "$LOGS/bench_cuda.log" 2>/dev/null | tail -24
+} >"$LOGS/summary.txt"
+cp "$LOGS/summary.txt" "$OUT/summary.txt"
+tar -czf "$OUT/logs.tgz" -C "$LOGS" .
+cat "$OUT/summary.txt"

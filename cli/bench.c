@@ -39,7 +39,8 @@ static const char bench_usage[] =
     "  --vocab V          one shape of vocab V (with --rows; default 32000)\n"
     "  --dtype LIST       f32, f16, bf16 (comma-separated): every listed dtype\n"
     "  --setting LIST     settings above (comma-separated): every listed setting\n"
-    "  --repeat N         timed runs per case (default: 3 to 20 within ~2 s)\n"
+    "  --repeat N         timed runs per case (default: 3 to 20 within ~2 s; one\n"
+    "                     when the warm-up call alone exceeds that)\n"
     "  --threads N        CPU backend and CPU read ceiling threads\n"
     "  --seed S           seed of the random logits (default 1)\n"
     "  --quick            shapes with a tenth of the rows, ~0.5 s per case\n"
@@ -180,11 +181,15 @@ static void describe_failure(bench_result *result, const char *what, psm_status 
     result->failed = 1;
 }
 
-static int enough_runs(const bench_config *config, int runs, double elapsed_s)
+/* Adaptive repeats: at least 3 runs and up to 20 within the time budget; a
+ * case whose warm-up alone took longer than the budget gets a single timed
+ * run, so that the default CPU run stays within minutes. */
+static int enough_runs(const bench_config *config, int runs, double elapsed_s, double warm_up_s)
 {
+    int minimum = warm_up_s > config->time_budget_s ? 1 : 3;
     if (config->repeat > 0)
         return runs >= config->repeat;
-    return runs >= BENCH_MAX_RUNS || runs >= 20 || (runs >= 3 && elapsed_s >= config->time_budget_s);
+    return runs >= 20 || (runs >= minimum && elapsed_s >= config->time_budget_s);
 }
 
 /* Times one case on one backend; inputs already hold the logits. */
@@ -194,7 +199,7 @@ static void time_case(const bench_config *config, bench_backend *backend, void *
     const bench_setting *setting = &bench_settings[result->which.setting];
     sample_launch launch;
     double times[BENCH_MAX_RUNS];
-    double started;
+    double started, warm_up_s;
     int runs = 0;
     psm_status status;
 
@@ -220,12 +225,14 @@ static void time_case(const bench_config *config, bench_backend *backend, void *
         describe_failure(result, "psm_context_reserve", status);
         return;
     }
+    started = cli_now_seconds();
     if (launch_sample_and_wait(&launch) != 0) { /* warm-up */
         describe_failure(result, "psm_sample", launch.status);
         return;
     }
+    warm_up_s = cli_now_seconds() - started;
     started = cli_now_seconds();
-    while (!enough_runs(config, runs, cli_now_seconds() - started)) {
+    while (!enough_runs(config, runs, cli_now_seconds() - started, warm_up_s)) {
         if (backend->device) {
             if (backend->device->time_work(backend->session, 1, launch_sample, &launch,
                                            &times[runs]) != 0) {

@@ -299,7 +299,8 @@ static void free_inputs(case_inputs *inputs)
 
 /* Random logits ~ N(0, 2^2), plus rows that exercise the edges: row 0 is
  * quantised to halves (ties everywhere), row 1 masks every 7th token with
- * -inf, and with 8 rows or more row 5 holds a NaN (a bad row: token -1). */
+ * -inf, and with 8 rows or more row 5 holds a NaN and row 6 is all -inf
+ * (bad rows: token -1). */
 static int make_inputs(const check_batch *shape, const parameter_set *set, uint64_t seed,
                        case_inputs *inputs)
 {
@@ -318,8 +319,11 @@ static int make_inputs(const check_batch *shape, const parameter_set *set, uint6
             for (i = 0; i < (size_t)shape->vocab; i += 7)
                 inputs->values[(size_t)shape->vocab + i] = -INFINITY;
     }
-    if (rows >= 8)
+    if (rows >= 8) {
         inputs->values[5 * (size_t)shape->vocab + (size_t)shape->vocab / 2] = NAN;
+        for (i = 0; i < (size_t)shape->vocab; ++i)
+            inputs->values[6 * (size_t)shape->vocab + i] = -INFINITY;
+    }
     cli_convert_from_f32(inputs->values, count, shape->dtype, inputs->logits);
     /* What the backends see, for the host-side checks below. */
     for (i = 0; i < count; ++i)

@@ -391,12 +391,13 @@ psm_status launch(psm_gpu_state *state, psm_request *request, call_buffers *buff
         }
     }
 
-    const bool shared_row = filters_possible(request) &&
-                            (size_t)request->logits.vocab <= state->shared_row_limit;
+    const bool filtered = filters_possible(request) != 0;
+    const bool shared_row = filtered && (size_t)request->logits.vocab <= state->shared_row_limit;
     const size_t dynamic_bytes = shared_row ? (size_t)request->logits.vocab * sizeof(float) : 0;
     const psm_i64 row_blocks = call.rows < (psm_i64)1 << 30 ? call.rows : (psm_i64)1 << 30;
-    row_kernel(dtype, shared_row, probs_mode)<<<(unsigned)row_blocks, PSM_GPU_ROW_THREADS,
-                                                dynamic_bytes, state->stream>>>(call);
+    const unsigned row_threads = filtered ? PSM_GPU_ROW_THREADS : PSM_GPU_ROW_THREADS_PLAIN;
+    row_kernel(dtype, shared_row, probs_mode)<<<(unsigned)row_blocks, row_threads, dynamic_bytes,
+                                                state->stream>>>(call);
     PSM_GPU_TRY(psm_gpu_get_last_error(), "launching the row kernel");
 
     /* Host outputs: copy back and wait, so the caller can read them. */

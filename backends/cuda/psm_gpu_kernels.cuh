@@ -33,14 +33,17 @@
 
 /* Threads of the tile kernel's blocks: several warps, one tile each. */
 #define PSM_GPU_TILE_THREADS 256
-/* Threads of the row kernel's blocks (one row per block). */
+/* Threads of the row kernel's blocks (one row per block): the most (rows
+ * with filters, whose selection passes read the whole row) and the fewest
+ * (plain rows, whose work is per tile and per sample). */
 #define PSM_GPU_ROW_THREADS 512
+#define PSM_GPU_ROW_THREADS_PLAIN 128
 /* Radix select digits: 8 bits, 256 buckets per level, 8 levels for 64 bits. */
 #define PSM_GPU_RADIX_BITS 8
 #define PSM_GPU_RADIX_BUCKETS 256
 #define PSM_GPU_RADIX_LEVELS 8
 
-#define PSM_GPU_WARPS_PER_ROW_BLOCK (PSM_GPU_ROW_THREADS / PSM_GPU_WARP_SIZE)
+#define PSM_GPU_MAX_WARPS_PER_ROW_BLOCK (PSM_GPU_ROW_THREADS / PSM_GPU_WARP_SIZE)
 /* Logits per lane when one warp holds one tile in registers. */
 #define PSM_GPU_TILE_PER_LANE (PSM_TILE / PSM_GPU_WARP_SIZE)
 
@@ -207,10 +210,15 @@ PSM_GPU_DEVICE psm_gpu_row_params psm_gpu_resolve_row(const psm_gpu_call &call, 
 
 /* ---- block-level helpers (row kernel) ------------------------------------ */
 
+PSM_GPU_DEVICE int psm_gpu_block_warps(void)
+{
+    return (int)(blockDim.x / PSM_GPU_WARP_SIZE);
+}
+
 struct psm_gpu_row_scratch {
     psm_u32 bucket_count[PSM_GPU_RADIX_BUCKETS];
     unsigned long long bucket_mass[PSM_GPU_RADIX_BUCKETS];
-    psm_u64 warp_values[PSM_GPU_WARPS_PER_ROW_BLOCK];
+    psm_u64 warp_values[PSM_GPU_MAX_WARPS_PER_ROW_BLOCK];
     psm_u64 broadcast[4];
 };
 
@@ -223,7 +231,7 @@ PSM_GPU_DEVICE psm_u64 psm_gpu_block_max_u64(psm_u64 value, psm_gpu_row_scratch 
         scratch.warp_values[warp] = value;
     psm_gpu_block_barrier();
     if (warp == 0) {
-        psm_u64 v = lane < PSM_GPU_WARPS_PER_ROW_BLOCK ? scratch.warp_values[lane] : 0;
+        psm_u64 v = lane < psm_gpu_block_warps() ? scratch.warp_values[lane] : 0;
         v = psm_warp_max<PSM_GPU_WARP_SIZE>(v, lanes);
         if (lane == 0)
             scratch.broadcast[0] = v;
@@ -243,7 +251,7 @@ PSM_GPU_DEVICE psm_u64 psm_gpu_block_sum_u64(psm_u64 value, psm_gpu_row_scratch 
         scratch.warp_values[warp] = value;
     psm_gpu_block_barrier();
     if (warp == 0) {
-        psm_u64 v = lane < PSM_GPU_WARPS_PER_ROW_BLOCK ? scratch.warp_values[lane] : 0;
+        psm_u64 v = lane < psm_gpu_block_warps() ? scratch.warp_values[lane] : 0;
         v = psm_warp_sum<PSM_GPU_WARP_SIZE>(v, lanes);
         if (lane == 0)
             scratch.broadcast[0] = v;
@@ -265,9 +273,9 @@ PSM_GPU_DEVICE psm_u64 psm_gpu_block_inclusive_scan_u64(psm_u64 value, psm_u64 *
         scratch.warp_values[warp] = inclusive;
     psm_gpu_block_barrier();
     if (warp == 0) {
-        psm_u64 v = lane < PSM_GPU_WARPS_PER_ROW_BLOCK ? scratch.warp_values[lane] : 0;
+        psm_u64 v = lane < psm_gpu_block_warps() ? scratch.warp_values[lane] : 0;
         psm_u64 scanned = psm_warp_inclusive_scan<PSM_GPU_WARP_SIZE>(v, lane, lanes);
-        if (lane < PSM_GPU_WARPS_PER_ROW_BLOCK)
+        if (lane < psm_gpu_block_warps())
             scratch.warp_values[lane] = scanned - v; /* exclusive offset of each warp */
         if (lane == PSM_GPU_WARP_SIZE - 1)
             scratch.broadcast[0] = scanned;
@@ -569,7 +577,7 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const Row &source, const psm_gpu_call &ca
 
     if (state.filtered) {
         /* One warp per tile: m_t over kept tokens, then S_t against it. */
-        for (psm_i64 tile = warp; tile < tiles; tile += PSM_GPU_WARPS_PER_ROW_BLOCK) {
+        for (psm_i64 tile = warp; tile < tiles; tile += psm_gpu_block_warps()) {
             const psm_i64 start = tile * PSM_TILE;
             float x[PSM_GPU_TILE_PER_LANE];
             psm_u64 best_key = 0;
@@ -625,7 +633,7 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const Row &source, const psm_gpu_call &ca
 
     if (probs_mode) {
         float *out = call.probs + state.row * call.probs_stride;
-        for (psm_i64 tile = warp; tile < tiles; tile += PSM_GPU_WARPS_PER_ROW_BLOCK) {
+        for (psm_i64 tile = warp; tile < tiles; tile += psm_gpu_block_warps()) {
             const psm_u64 key = tile_key[tile];
             const psm_u64 tile_total = tile_mass[tile];
             const psm_u64 rescaled = tile_prefix[tile] - (tile > 0 ? tile_prefix[tile - 1] : 0);
@@ -650,7 +658,7 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const Row &source, const psm_gpu_call &ca
     /* One warp per sample. Lane l owns the tile's tokens
      * [l * per_lane, (l + 1) * per_lane), so that a scan of the lanes' sums
      * gives running sums in index order. */
-    for (psm_i64 sample = warp; sample < call.num_samples; sample += PSM_GPU_WARPS_PER_ROW_BLOCK) {
+    for (psm_i64 sample = warp; sample < call.num_samples; sample += psm_gpu_block_warps()) {
         const psm_draw_bits bits = psm_sample_bits(p.seed, call.offset, p.stream, (psm_u32)sample);
         const psm_u64 tile_target = psm_pick(bits.tile, total);
         psm_i64 low = 0, high = tiles - 1; /* first tile whose prefix exceeds the target */

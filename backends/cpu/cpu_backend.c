@@ -48,6 +48,9 @@
 #define CPU_GATHER_LIMIT 4096
 /* top-k up to this k uses a bounded min-heap of rank keys. */
 #define CPU_HEAP_LIMIT 4096
+/* Draws keep the running weight sums of this many tiles: a row's mass sits in
+ * few tiles, so most draws of a row find their tile ready. */
+#define CPU_CACHED_TILES 8
 
 typedef struct cpu_ranked {
     uint64_t key;
@@ -64,8 +67,9 @@ typedef struct cpu_scratch {
     uint8_t *tile_bad;      /* a NaN or +inf in the tile */
     uint64_t *tile_sum;     /* S_t (or a g-mass while top-p looks for Z) */
     uint64_t *tile_prefix;  /* running sums of T_t, in tile order */
-    int64_t cached_tile;    /* the tile whose weights are in `weights`, or -1 */
-    uint64_t cached_sum;
+    int64_t cached_tile[CPU_CACHED_TILES]; /* -1: empty slot */
+    int next_slot;                         /* round-robin replacement */
+    uint64_t cached_running[CPU_CACHED_TILES][PSM_TILE];
     float logits[PSM_TILE];
     uint64_t weights[PSM_TILE];
     uint64_t heap[CPU_HEAP_LIMIT];
@@ -172,7 +176,7 @@ static uint64_t plain_weight_sum(const float *x, int n, float reference, float s
     uint64_t sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int i = 0; i < n; ++i)
-        sum += psm_cpu_weight(psm_scaled_gap(reference, x[i], scale), bits);
+        sum += psm_cpu_weight(psm_cpu_scaled_gap(reference, x[i], scale), bits);
     return sum;
 }
 
@@ -183,7 +187,7 @@ static uint64_t plain_weights(const float *x, int n, float reference, float scal
     uint64_t sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int i = 0; i < n; ++i) {
-        uint64_t w = psm_cpu_weight(psm_scaled_gap(reference, x[i], scale), bits);
+        uint64_t w = psm_cpu_weight(psm_cpu_scaled_gap(reference, x[i], scale), bits);
         weights[i] = w;
         sum += w;
     }
@@ -704,18 +708,37 @@ static void write_greedy_row(const psm_request *request, int64_t r, int64_t toke
     }
 }
 
-/* The tile whose running mass first exceeds a: the first prefix > a. */
-static int64_t find_tile(const uint64_t *prefix, int64_t tiles, uint64_t a)
+/* The first index whose running sum exceeds a (the tile of a draw, or the
+ * token within a tile). */
+static int64_t first_above(const uint64_t *running, int64_t count, uint64_t a)
 {
-    int64_t low = 0, high = tiles - 1;
+    int64_t low = 0, high = count - 1;
     while (low < high) {
         int64_t middle = low + (high - low) / 2;
-        if (prefix[middle] > a)
+        if (running[middle] > a)
             high = middle;
         else
             low = middle + 1;
     }
     return low;
+}
+
+/* The running weight sums of a tile (w_0, w_0 + w_1, ...), from the row
+ * owner's cache or computed into it. */
+static const uint64_t *tile_running_sums(const cpu_row *row, cpu_scratch *owner, int64_t tile)
+{
+    for (int slot = 0; slot < CPU_CACHED_TILES; ++slot)
+        if (owner->cached_tile[slot] == tile)
+            return owner->cached_running[slot];
+    int slot = owner->next_slot;
+    owner->next_slot = (slot + 1) % CPU_CACHED_TILES;
+    uint64_t *running = owner->cached_running[slot];
+    tile_weights(row, owner, tile, owner->logits, running);
+    int n = (int)tile_length(row, tile);
+    for (int i = 1; i < n; ++i)
+        running[i] += running[i - 1];
+    owner->cached_tile[slot] = tile;
+    return running;
 }
 
 static void draw_row(const psm_request *request, const cpu_row *row, cpu_scratch *owner, int64_t r,
@@ -724,32 +747,23 @@ static void draw_row(const psm_request *request, const cpu_row *row, cpu_scratch
     int64_t samples = request->params.num_samples;
     int32_t *tokens = (int32_t *)request->tokens.data + r * samples;
     float *logprobs = request->logprobs.data ? (float *)request->logprobs.data + r * samples : NULL;
-    owner->cached_tile = -1;
+    for (int slot = 0; slot < CPU_CACHED_TILES; ++slot)
+        owner->cached_tile[slot] = -1;
     for (int64_t j = 0; j < samples; ++j) {
         psm_draw_bits bits =
             psm_sample_bits(params->seed, request->params.offset, params->stream, (uint32_t)j);
-        int64_t tile = find_tile(owner->tile_prefix, row->tiles, psm_pick(bits.tile, total));
+        int64_t tile = first_above(owner->tile_prefix, row->tiles, psm_pick(bits.tile, total));
         uint64_t mass = owner->tile_prefix[tile] - (tile > 0 ? owner->tile_prefix[tile - 1] : 0);
-        if (owner->cached_tile != tile) {
-            owner->cached_sum = tile_weights(row, owner, tile, owner->logits, owner->weights);
-            owner->cached_tile = tile;
-        }
-        uint64_t tile_sum = owner->cached_sum;
-        uint64_t b = psm_pick(bits.token, tile_sum);
-        int n = (int)tile_length(row, tile);
-        uint64_t running = 0;
-        int chosen = n - 1; /* never used: the running sum reaches tile_sum > b */
-        for (int i = 0; i < n; ++i) {
-            running += owner->weights[i];
-            if (running > b) {
-                chosen = i;
-                break;
-            }
-        }
+        const uint64_t *running = tile_running_sums(row, owner, tile);
+        int64_t n = tile_length(row, tile);
+        uint64_t tile_sum = running[n - 1];
+        /* The token is the first whose running sum exceeds b. */
+        int64_t chosen = first_above(running, n, psm_pick(bits.token, tile_sum));
+        uint64_t weight = running[chosen] - (chosen > 0 ? running[chosen - 1] : 0);
         tokens[j] = (int32_t)(tile * PSM_TILE + chosen);
         if (logprobs)
-            logprobs[j] = (float)(log((double)owner->weights[chosen]) - log((double)tile_sum) +
-                                  log((double)mass) - log((double)total));
+            logprobs[j] = (float)(log((double)weight) - log((double)tile_sum) + log((double)mass) -
+                                  log((double)total));
     }
 }
 
@@ -903,7 +917,6 @@ static psm_status cpu_create(const psm_context_options *options, int device_inde
                                  "cpu backend: cannot allocate per-thread workspace");
         }
         memset(state->scratch[t], 0, sizeof(cpu_scratch));
-        state->scratch[t]->cached_tile = -1;
     }
     if (device_name && device_name_size > 0)
         snprintf(device_name, device_name_size, "CPU (%d thread%s)", state->threads,

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# The test command (README; CI runs it): builds polysample with its Check
+# suite and runs it, then builds and runs the whole suite again under
+# AddressSanitizer + UndefinedBehaviorSanitizer, and prints a summary.
+# Exits non-zero when any build or test fails.
+#
+# Environment:
+#   BUILD_DIR                 build directory prefix (default <repo>/build): the
+#                             release build goes to $BUILD_DIR, the sanitizer
+#                             build to $BUILD_DIR-asan
+#   JOBS                      parallel build jobs (default: all cores)
+#   PSM_SKIP_SANITIZER=1      skip the sanitizer build (e.g. on the GPU machine)
+#   POLYSAMPLE_TEST_BACKENDS  which backends the tests run, e.g. "cpu,opencl"
+#                             (tests/harness.h); default: every available one
+#   CMAKE_PREFIX_PATH         where to find Check when it is not installed
+#                             system-wide (tests/CMakeLists.txt)
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+build_dir=${BUILD_DIR:-$repo/build}
+asan_dir=$build_dir-asan
+jobs=${JOBS:-$(nproc 2>/dev/null || echo 2)}
+
+say() { printf '== %s\n' "$*"; }
+
+# ---- packages ----------------------------------------------------------------
+# Needed to build and test at all, and the toolchains of the optional
+# backends (OpenCL on PoCL's CPU device, HIP). As root, missing ones are
+# installed; an optional one that cannot be installed only turns its backend off.
+required_packages=(check pkg-config cmake build-essential)
+optional_packages=(pocl-opencl-icd ocl-icd-opencl-dev opencl-headers hipcc libamdhip64-dev)
+
+missing_packages() {
+    local package
+    for package in "$@"; do
+        dpkg -s "$package" >/dev/null 2>&1 || printf '%s\n' "$package"
+    done
+}
+
+if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1 && command -v dpkg >/dev/null 2>&1; then
+    mapfile -t missing_required < <(missing_packages "${required_packages[@]}")
+    mapfile -t missing_optional < <(missing_packages "${optional_packages[@]}")
+    if (( ${#missing_required[@]} + ${#missing_optional[@]} > 0 )); then
+        say "installing missing packages: ${missing_required[*]} ${missing_optional[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update
+        if (( ${#missing_required[@]} > 0 )); then
+            apt-get install -y --no-install-recommends "${missing_required[@]}"
+        fi
+        for package in "${missing_optional[@]}"; do
+            apt-get install -y --no-install-recommends "$package" ||
+                say "could not install optional package $package; its backend stays off"
+        done
+    fi
+else
+    # Not root (or not Debian): say which optional backends will be off.
+    command -v nvcc >/dev/null 2>&1 || [[ -x /usr/local/cuda/bin/nvcc ]] ||
+        say "CUDA backend will be off: no nvcc"
+    command -v hipcc >/dev/null 2>&1 || say "HIP backend will be off: no hipcc"
+    if [[ ! -e /usr/include/CL/cl.h ]]; then
+        say "OpenCL backend will be off: no OpenCL headers (opencl-headers)"
+    elif ! ls /etc/OpenCL/vendors/*.icd >/dev/null 2>&1; then
+        say "OpenCL tests will be skipped: no OpenCL driver (e.g. pocl-opencl-icd)"
+    fi
+    pkg-config --exists check 2>/dev/null || [[ -n ${CMAKE_PREFIX_PATH:-} ]] ||
+        say "Check (libcheck) not found: install 'check' or set CMAKE_PREFIX_PATH"
+fi
+
+# ---- build and test ------------------------------------------------------------
+
+failures=()
+summaries=()
+
+# Builds into $1 with the remaining arguments as CMake options, then runs ctest
+# there (with the environment already exported). $label names the stage.
+build_and_test() {
+    local label=$1 dir=$2
+    shift 2
+    say "$label: configure ($dir)"
+    if ! cmake -S "$repo" -B "$dir" "$@"; then
+        failures+=("$label: configure failed")
+        return
+    fi
+    say "$label: build"
+    if ! cmake --build "$dir" --parallel "$jobs"; then
+        failures+=("$label: build failed")
+        return
+    fi
+    local listed
+    listed=$(cd "$dir" && ctest -N | sed -n 's/^Total Tests: *//p')
+    if [[ -z $listed || $listed -eq 0 ]]; then
+        failures+=("$label: no tests were registered (is Check installed?)")
+        return
+    fi
+    say "$label: ctest ($listed test programs)"
+    local log=$dir/ctest-output.txt status=0
+    (cd "$dir" && ctest --output-on-failure) 2>&1 | tee "$log" || status=$?
+    (( status == 0 )) || failures+=("$label: ctest failed (see $log)")
+
+    # Each test program prints "summary: <name>: N run, F failed, S skipped;
+    # backends run: a,b" (tests/harness.c); ctest keeps all output here.
+    local detail=$dir/Testing/Temporary/LastTest.log
+    local passed backends skipped
+    passed=$(grep -E '[0-9]+% tests passed' "$log" | tail -n 1 || true)
+    backends=$(grep -ho 'backends run: [a-z,]*' "$detail" 2>/dev/null |
+        sed 's/backends run: //' | tr ',' '\n' | grep -v -e '^none$' -e '^$' | sort -u |
+        paste -sd, - || true)
+    skipped=$(grep -h '^skipped: ' "$detail" 2>/dev/null | awk '{sum += $2} END {print sum + 0}')
+    summaries+=("$label: ${passed:-no ctest result}; backends run: ${backends:-none}; skipped backend/test pairs: $skipped")
+}
+
+build_and_test "release" "$build_dir" -DCMAKE_BUILD_TYPE=Release
+
+if [[ ${PSM_SKIP_SANITIZER:-0} == 1 ]]; then
+    summaries+=("sanitizer: skipped (PSM_SKIP_SANITIZER=1)")
+else
+    # GPU backends are off here: their runtimes are not built with the
+    # sanitizers and the GPU machine runs them in the release build. OpenCL
+    # stays on, on PoCL's CPU device. Smaller problem sizes keep this under
+    # ten minutes (the chi-square tests keep their 10^6 draws).
+    export POLYSAMPLE_TEST_QUICK=1
+    export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0:strict_string_checks=1}
+    export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+    build_and_test "sanitizer" "$asan_dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPSM_SANITIZE=ON \
+        -DPSM_WITH_CUDA=OFF -DPSM_WITH_HIP=OFF
+fi
+
+say "summary"
+for line in "${summaries[@]}"; do
+    printf '   %s\n' "$line"
+done
+if (( ${#failures[@]} > 0 )); then
+    for line in "${failures[@]}"; do
+        printf '   FAILED %s\n' "$line"
+    done
+    exit 1
+fi
+printf '   all passed\n'

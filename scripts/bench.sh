@@ -3,6 +3,9 @@
 #
 #   scripts/bench.sh [--all] [--quick] [--no-install] [more `polysample bench` options]
 #
+# Environment: BUILD_DIR reuses an existing build (default: build/, made
+# Release without tests when absent).
+#
 # Without --all it benchmarks the backend AUTO selects (POLYSAMPLE_BACKEND
 # steers it); with --all, every available backend (the CPU one included, so
 # the table has speedups over it). The table goes to stdout and the JSON to
@@ -13,7 +16,8 @@
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-build="${root}/build"
+# BUILD_DIR: an existing build to reuse (it is built, not reconfigured).
+build="${BUILD_DIR:-${root}/build}"
 
 all=0
 install=1
@@ -43,15 +47,17 @@ if (( install )) && [[ "$(id -u)" == 0 ]] && command -v dpkg-query >/dev/null &&
     echo "bench.sh: installing ${missing[*]}" >&2
     # A machine without a package mirror still runs the benchmark with what
     # it has: a backend whose toolchain is missing is simply left out.
-    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-           apt-get install -y -qq --no-install-recommends "${missing[@]}"; }; then
+    if ! { timeout 300 apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+           timeout 900 apt-get install -y -qq --no-install-recommends "${missing[@]}"; }; then
       echo "bench.sh: could not install ${missing[*]}; continuing without them" >&2
     fi
   fi
 fi
 
-cmake -S "${root}" -B "${build}" -DCMAKE_BUILD_TYPE=Release -DPSM_BUILD_TESTS=OFF >/dev/null
-cmake --build "${build}" --parallel "$(nproc 2>/dev/null || echo 2)" >/dev/null
+if [[ ! -f "${build}/CMakeCache.txt" ]]; then
+  cmake -S "${root}" -B "${build}" -DCMAKE_BUILD_TYPE=Release -DPSM_BUILD_TESTS=OFF >/dev/null
+fi
+cmake --build "${build}" --target polysample_cli --parallel "$(nproc 2>/dev/null || echo 2)" >/dev/null
 
 backend_option=(--backend auto)
 if (( all )); then

@@ -12,7 +12,7 @@
 # build/bench.json. When PyTorch with a CUDA GPU is present, the PyTorch
 # baselines (bench/torch_baseline.py) run on the same cases and their ratio to
 # polysample's CUDA times is printed. Missing Debian packages are installed
-# first when running as root, unless --no-install is given.
+# first when running as root and building afresh, unless --no-install.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -36,6 +36,10 @@ done
 # The same Debian packages as scripts/test.sh, installed when missing and root.
 packages=(check pkg-config cmake build-essential pocl-opencl-icd ocl-icd-opencl-dev
           opencl-headers hipcc libamdhip64-dev)
+# An existing build (BUILD_DIR) already has what it needs: nothing to install.
+if [[ -f "${build}/CMakeCache.txt" ]]; then
+  install=0
+fi
 if (( install )) && [[ "$(id -u)" == 0 ]] && command -v dpkg-query >/dev/null && command -v apt-get >/dev/null; then
   missing=()
   for package in "${packages[@]}"; do

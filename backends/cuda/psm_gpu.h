@@ -49,6 +49,7 @@ typedef hipDeviceProp_t psm_gpu_device_prop_t;
 #define psm_gpu_error_string hipGetErrorString
 #define psm_gpu_get_device_count hipGetDeviceCount
 #define psm_gpu_set_device hipSetDevice
+#define psm_gpu_get_device hipGetDevice
 #define psm_gpu_get_device_properties hipGetDeviceProperties
 #define psm_gpu_malloc hipMalloc
 #define psm_gpu_free hipFree
@@ -123,6 +124,7 @@ typedef cudaDeviceProp psm_gpu_device_prop_t;
 #define psm_gpu_error_string cudaGetErrorString
 #define psm_gpu_get_device_count cudaGetDeviceCount
 #define psm_gpu_set_device cudaSetDevice
+#define psm_gpu_get_device cudaGetDevice
 #define psm_gpu_get_device_properties cudaGetDeviceProperties
 #define psm_gpu_malloc cudaMalloc
 #define psm_gpu_free cudaFree

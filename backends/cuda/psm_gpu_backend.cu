@@ -64,6 +64,17 @@ psm_status gpu_failure(psm_gpu_error_t error, const char *what)
             return gpu_failure(psm_gpu_error_, (what));  \
     } while (0)
 
+/* Makes the context's device current for this thread; a no-op when it is
+ * already (the common case, and the one inside a graph capture). */
+psm_status select_device(const psm_gpu_state *state)
+{
+    int current = -1;
+    PSM_GPU_TRY(psm_gpu_get_device(&current), "reading the current device");
+    if (current != state->device)
+        PSM_GPU_TRY(psm_gpu_set_device(state->device), "selecting the device");
+    return PSM_OK;
+}
+
 size_t dtype_bytes(psm_dtype dtype)
 {
     return dtype == PSM_DTYPE_F32 ? 4 : 2;
@@ -264,7 +275,9 @@ psm_status prepare_call(psm_gpu_state *state, psm_request *request, bool probs_m
 {
     memset(buffers, 0, sizeof *buffers);
     psm_gpu_call *call = &buffers->call;
-    PSM_GPU_TRY(psm_gpu_set_device(state->device), "selecting the device");
+    psm_status selected = select_device(state);
+    if (selected != PSM_OK)
+        return selected;
 
     psm_status status = reserve_tiles(state, request->logits.rows, request->logits.vocab);
     if (status != PSM_OK)
@@ -542,7 +555,9 @@ static psm_status gpu_reserve(void *opaque_state, int64_t rows, int64_t vocab, i
 {
     (void)num_samples; /* the workspace does not depend on it */
     psm_gpu_state *state = (psm_gpu_state *)opaque_state;
-    PSM_GPU_TRY(psm_gpu_set_device(state->device), "selecting the device");
+    psm_status selected = select_device(state);
+    if (selected != PSM_OK)
+        return selected;
     return reserve_tiles(state, rows, vocab);
 }
 
@@ -559,7 +574,9 @@ static psm_status gpu_probs(void *state, psm_request *request)
 static psm_status gpu_synchronize(void *opaque_state)
 {
     psm_gpu_state *state = (psm_gpu_state *)opaque_state;
-    PSM_GPU_TRY(psm_gpu_set_device(state->device), "selecting the device");
+    psm_status selected = select_device(state);
+    if (selected != PSM_OK)
+        return selected;
     PSM_GPU_TRY(psm_gpu_stream_synchronize(state->stream), "synchronising the stream");
     return PSM_OK;
 }

@@ -24,7 +24,8 @@ static const char check_usage[] =
     "per_row_params, per_row_seeds, num_samples_4) through every available\n"
     "backend, the CPU backend at 1 and 2 threads, device-resident buffers\n"
     "(CUDA, OpenCL) and, with per-row seeds, rows alone, split and reversed\n"
-    "batches. Prints token agreement for every pair (it must be 100%), logprob\n"
+    "batches; every other case has padded rows (row_stride > vocab) and offsets\n"
+    "use both 32-bit words. Prints token agreement for every pair (it must be 100%), logprob\n"
     "differences, and chi-square tests of a few settings against a float64\n"
     "softmax (10^6 draws each on the CPU backend).\n"
     "Exit status 1 on any disagreement, failed call or failed test.\n"
@@ -91,8 +92,9 @@ typedef struct participant {
 typedef struct check_batch {
     int64_t rows;
     int64_t vocab;
+    int64_t row_stride; /* elements from one row to the next, >= vocab */
     psm_dtype dtype;
-    const void *logits; /* rows x vocab of dtype */
+    const void *logits; /* rows rows of row_stride elements of dtype */
     psm_params params;  /* per-row pointers are host arrays (or NULL) */
 } check_batch;
 
@@ -204,6 +206,7 @@ static int run_batch(participant *who, const check_batch *batch, int32_t *tokens
     logits.dtype = batch->dtype;
     logits.rows = batch->rows;
     logits.vocab = batch->vocab;
+    logits.row_stride = batch->row_stride;
     if (!who->device) {
         logits.data = (void *)batch->logits;
         logits.memory = PSM_MEMORY_HOST;
@@ -222,7 +225,8 @@ static int run_batch(participant *who, const check_batch *batch, int32_t *tokens
     }
 
     /* Device memory: the logits, the per-row arrays and the outputs. */
-    failed |= device_copy(who, batch->logits, rows * (size_t)batch->vocab * cli_dtype_size(batch->dtype),
+    failed |= device_copy(who, batch->logits,
+                          rows * (size_t)batch->row_stride * cli_dtype_size(batch->dtype),
                           &buffers[0]);
     failed |= device_copy(who, batch->params.temperature_per_row, rows * sizeof(float), &buffers[1]);
     failed |= device_copy(who, batch->params.top_k_per_row, rows * sizeof(int32_t), &buffers[2]);
@@ -276,8 +280,8 @@ static float element_as_float(const void *data, psm_dtype dtype, size_t index)
 }
 
 typedef struct case_inputs {
-    float *values;        /* rows x vocab, f32, after the special rows */
-    void *logits;         /* the same in the case's dtype */
+    float *values;        /* rows x vocab, f32, as the backends read them */
+    void *logits;         /* the same in the case's dtype, rows of row_stride */
     float *temperature;
     int32_t *top_k;
     float *top_p;
@@ -300,15 +304,19 @@ static void free_inputs(case_inputs *inputs)
 /* Random logits ~ N(0, 2^2), plus rows that exercise the edges: row 0 is
  * quantised to halves (ties everywhere), row 1 masks every 7th token with
  * -inf, and with 8 rows or more row 5 holds a NaN and row 6 is all -inf
- * (bad rows: token -1). */
+ * (bad rows: token -1). With a row stride beyond vocab the padding holds
+ * NaN, so a backend that read it would turn a good row bad. */
 static int make_inputs(const check_batch *shape, const parameter_set *set, uint64_t seed,
                        case_inputs *inputs)
 {
     size_t count = (size_t)shape->rows * (size_t)shape->vocab;
     size_t rows = (size_t)shape->rows, i;
+    size_t vocab = (size_t)shape->vocab, stride = (size_t)shape->row_stride;
+    size_t element = cli_dtype_size(shape->dtype);
+    const float padding = NAN;
     memset(inputs, 0, sizeof *inputs);
     inputs->values = malloc(count * sizeof(float));
-    inputs->logits = malloc(count * cli_dtype_size(shape->dtype));
+    inputs->logits = malloc(rows * stride * element);
     if (!inputs->values || !inputs->logits)
         return -1;
     cli_fill_normal(inputs->values, count, 2.0f, seed);
@@ -324,10 +332,16 @@ static int make_inputs(const check_batch *shape, const parameter_set *set, uint6
         for (i = 0; i < (size_t)shape->vocab; ++i)
             inputs->values[6 * (size_t)shape->vocab + i] = -INFINITY;
     }
-    cli_convert_from_f32(inputs->values, count, shape->dtype, inputs->logits);
-    /* What the backends see, for the host-side checks below. */
-    for (i = 0; i < count; ++i)
-        inputs->values[i] = element_as_float(inputs->logits, shape->dtype, i);
+    for (i = 0; i < rows; ++i) {
+        char *row = (char *)inputs->logits + i * stride * element;
+        size_t pad;
+        cli_convert_from_f32(inputs->values + i * vocab, vocab, shape->dtype, row);
+        for (pad = vocab; pad < stride; ++pad)
+            cli_convert_from_f32(&padding, 1, shape->dtype, row + pad * element);
+        /* What the backends see, for the host-side checks below. */
+        for (pad = 0; pad < vocab; ++pad)
+            inputs->values[i * vocab + pad] = element_as_float(row, shape->dtype, pad);
+    }
 
     if (set->per_row_params) {
         inputs->temperature = malloc(rows * sizeof(float));
@@ -460,7 +474,7 @@ static check_batch sub_batch(const check_batch *batch, int64_t first, int64_t co
     check_batch part = *batch;
     size_t element = cli_dtype_size(batch->dtype);
     part.rows = count;
-    part.logits = (const char *)batch->logits + (size_t)first * (size_t)batch->vocab * element;
+    part.logits = (const char *)batch->logits + (size_t)first * (size_t)batch->row_stride * element;
 #define SHIFT(field) \
     if (part.params.field) part.params.field += first
     SHIFT(temperature_per_row);
@@ -498,7 +512,7 @@ static int check_composition(check_state *state, int who, const char *label,
     participant *runner = &state->participants[who];
     int32_t samples = batch->params.num_samples;
     size_t rows = (size_t)batch->rows, element = cli_dtype_size(batch->dtype);
-    size_t row_bytes = (size_t)batch->vocab * element;
+    size_t row_bytes = (size_t)batch->row_stride * element;
     int32_t *tokens = malloc(rows * (size_t)samples * sizeof *tokens);
     float *logprobs = malloc(rows * (size_t)samples * sizeof *logprobs);
     int64_t alone[3];
@@ -597,8 +611,8 @@ static int check_composition(check_state *state, int who, const char *label,
 
 /* ---- one case ------------------------------------------------------------ */
 
-static int run_case(check_state *state, int64_t rows, int64_t vocab, psm_dtype dtype,
-                    const parameter_set *set, uint64_t seed, uint64_t offset)
+static int run_case(check_state *state, int64_t rows, int64_t vocab, int64_t row_stride,
+                    psm_dtype dtype, const parameter_set *set, uint64_t seed, uint64_t offset)
 {
     check_batch batch;
     case_inputs inputs;
@@ -609,11 +623,12 @@ static int run_case(check_state *state, int64_t rows, int64_t vocab, psm_dtype d
     char label[128];
     int p, q, status = 0;
 
-    snprintf(label, sizeof label, "%lld x %lld %s %s", (long long)rows, (long long)vocab,
-             cli_dtype_name(dtype), set->name);
+    snprintf(label, sizeof label, "%lld x %lld%s %s %s", (long long)rows, (long long)vocab,
+             row_stride > vocab ? " (strided)" : "", cli_dtype_name(dtype), set->name);
     memset(&batch, 0, sizeof batch);
     batch.rows = rows;
     batch.vocab = vocab;
+    batch.row_stride = row_stride;
     batch.dtype = dtype;
     if (make_inputs(&batch, set, seed, &inputs) != 0) {
         cli_error("check", "out of memory for %s", label);
@@ -993,8 +1008,11 @@ int cli_check(int argc, char **argv)
                             CHECK_VOCAB_COUNT * CHECK_DTYPE_COUNT * PARAMETER_SET_COUNT,
                             (long long)rows, (long long)vocab, cli_dtype_name(check_dtypes[d]),
                             parameter_sets[s].name);
-                if (run_case(&state, rows, vocab, check_dtypes[d], &parameter_sets[s], case_seed,
-                             (uint64_t)case_count * 7u) != 0) {
+                /* Every other case has padded rows; offsets use both words. */
+                int64_t row_stride = case_count % 2 ? vocab + 5 : vocab;
+                uint64_t offset = (uint64_t)case_count * 0x100000007ull;
+                if (run_case(&state, rows, vocab, row_stride, check_dtypes[d], &parameter_sets[s],
+                             case_seed, offset) != 0) {
                     exit_status = CLI_EXIT_FAILURE;
                     goto done;
                 }

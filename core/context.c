@@ -150,7 +150,8 @@ psm_status psm_context_create(const psm_context_options *options, psm_context **
                              options->cpu_threads);
 
     psm_environment environment;
-    psm_status status = psm_environment_read(&environment);
+    psm_status status =
+        psm_environment_read(&environment, options->backend == PSM_BACKEND_AUTO);
     if (status != PSM_OK)
         return status;
 

@@ -47,14 +47,16 @@ psm_status psm_parse_backend_spec(const char *spec, psm_backend *backend, int *d
     return PSM_OK;
 }
 
-psm_status psm_environment_read(psm_environment *environment)
+psm_status psm_environment_read(psm_environment *environment, int read_backend)
 {
     memset(environment, 0, sizeof *environment);
     environment->device_index = -1;
     environment->backend = PSM_BACKEND_AUTO;
     const char *source_dir = getenv("POLYSAMPLE_OPENCL_SOURCE_DIR");
     environment->opencl_source_dir = (source_dir && source_dir[0]) ? source_dir : NULL;
-    const char *spec = getenv("POLYSAMPLE_BACKEND");
+    /* A backend named in the options is the caller's choice: the variable is
+     * not read at all then, so a stale or malformed value cannot break it. */
+    const char *spec = read_backend ? getenv("POLYSAMPLE_BACKEND") : NULL;
     if (!spec || !spec[0])
         return PSM_OK;
     psm_status status =

@@ -20,9 +20,10 @@ typedef struct psm_environment {
     const char *opencl_source_dir; /* NULL when unset */
 } psm_environment;
 
-/* Reads the variables; PSM_ERR_ENVIRONMENT (with a message) when
- * POLYSAMPLE_BACKEND cannot be parsed. */
-psm_status psm_environment_read(psm_environment *environment);
+/* Reads the variables; POLYSAMPLE_BACKEND only when read_backend is nonzero
+ * (the options ask for AUTO). PSM_ERR_ENVIRONMENT (with a message) when it
+ * cannot be parsed. */
+psm_status psm_environment_read(psm_environment *environment, int read_backend);
 
 /* Parses "name" or "name:N"; shared by the environment and the CLI's
  * --backend through psm_backend_from_name below. */

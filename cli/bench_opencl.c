@@ -35,51 +35,40 @@ static int opencl_failed(opencl_session *session, const char *what, cl_int statu
     return -1;
 }
 
-/* Device device_index counts every device of every platform, in platform
- * order; -1 takes the first GPU, or the first device when there is none. */
+/* Device device_index numbers devices as the library does
+ * (backends/opencl/opencl_backend.c): every GPU of every platform, then every
+ * accelerator, then every CPU, platforms in loader order; so "opencl:N" names
+ * the same device here and in a context. -1 takes index 0. */
 static int pick_device(int device_index, cl_device_id *chosen, char *error, size_t error_size)
 {
+    static const cl_device_type types[] = {CL_DEVICE_TYPE_GPU, CL_DEVICE_TYPE_ACCELERATOR,
+                                           CL_DEVICE_TYPE_CPU};
     cl_platform_id platforms[16];
     cl_uint platform_count = 0, p;
-    int seen = 0, first_gpu_found = 0, any_found = 0;
-    cl_device_id first_any = NULL, first_gpu = NULL;
+    int seen = 0, wanted = device_index < 0 ? 0 : device_index;
+    size_t t;
     if (clGetPlatformIDs(16, platforms, &platform_count) != CL_SUCCESS || platform_count == 0) {
         snprintf(error, error_size, "no OpenCL platform");
         return -1;
     }
     if (platform_count > 16)
         platform_count = 16;
-    for (p = 0; p < platform_count; ++p) {
-        cl_device_id devices[64];
-        cl_uint device_count = 0, d;
-        if (clGetDeviceIDs(platforms[p], CL_DEVICE_TYPE_ALL, 64, devices, &device_count) !=
-            CL_SUCCESS)
-            continue;
-        if (device_count > 64)
-            device_count = 64;
-        for (d = 0; d < device_count; ++d, ++seen) {
-            cl_device_type type = 0;
-            if (seen == device_index) {
-                *chosen = devices[d];
+    for (t = 0; t < sizeof types / sizeof types[0]; ++t)
+        for (p = 0; p < platform_count; ++p) {
+            cl_device_id devices[64];
+            cl_uint device_count = 0;
+            if (clGetDeviceIDs(platforms[p], types[t], 64, devices, &device_count) != CL_SUCCESS)
+                continue; /* CL_DEVICE_NOT_FOUND: none of this type here */
+            if (device_count > 64)
+                device_count = 64;
+            if (wanted < seen + (int)device_count) {
+                *chosen = devices[wanted - seen];
                 return 0;
             }
-            if (!any_found) {
-                first_any = devices[d];
-                any_found = 1;
-            }
-            clGetDeviceInfo(devices[d], CL_DEVICE_TYPE, sizeof type, &type, NULL);
-            if (!first_gpu_found && (type & CL_DEVICE_TYPE_GPU)) {
-                first_gpu = devices[d];
-                first_gpu_found = 1;
-            }
+            seen += (int)device_count;
         }
-    }
-    if (device_index >= 0 || !any_found) {
-        snprintf(error, error_size, "no OpenCL device %d (%d found)", device_index, seen);
-        return -1;
-    }
-    *chosen = first_gpu_found ? first_gpu : first_any;
-    return 0;
+    snprintf(error, error_size, "no OpenCL device %d (%d found)", wanted, seen);
+    return -1;
 }
 
 static int opencl_open(int device_index, void **session_out, char *error, size_t error_size)

@@ -21,8 +21,9 @@ static const char check_usage[] =
     "\n"
     "Runs the same random logits (vocab 1, 1000, 1025, 32000, 151936; f32, f16,\n"
     "bf16; parameter sets plain, greedy, top_k, top_p, min_p, combined,\n"
-    "per_row_params, per_row_seeds, num_samples_4) through every available\n"
-    "backend, the CPU backend at 1 and 2 threads, device-resident buffers\n"
+    "per_row_params, per_row_seeds, num_samples_4) through every device of\n"
+    "every available backend (e.g. opencl:0 and opencl:1 for a GPU driver and\n"
+    "PoCL), the CPU backend at 1 and 2 threads, device-resident buffers\n"
     "(CUDA, OpenCL) and, with per-row seeds, rows alone, split and reversed\n"
     "batches; every other case has padded rows (row_stride > vocab) and offsets\n"
     "use both 32-bit words. Prints token agreement for every pair (it must be 100%), logprob\n"
@@ -32,8 +33,9 @@ static const char check_usage[] =
     "\n"
     "options:\n"
     "  --rows N        total rows over all cases (default 20000)\n"
-    "  --backend LIST  comma-separated backends to compare with the CPU backend\n"
-    "                  (default: every available one)\n"
+    "  --backend LIST  comma-separated backends (each optionally :N) to compare\n"
+    "                  with the CPU backend, at most 5 (default: every device\n"
+    "                  of every available backend)\n"
     "  --seed S        seed of the inputs and the draws (default 2026)\n"
     "  --draws N       draws per chi-square test (default 1000000; 0 skips them)\n";
 
@@ -926,8 +928,10 @@ int cli_check(int argc, char **argv)
         } else if ((matched = cli_match_option("check", argc, argv, &p, "--backend", &value)) != 0) {
             if (matched < 0)
                 return CLI_EXIT_USAGE;
+            /* Each named backend adds up to two participants (host and
+             * device memory) beside the two CPU ones. */
             requested_count = parse_backend_list(value, requested, requested_devices,
-                                                 CHECK_MAX_PARTICIPANTS / 2);
+                                                 CHECK_MAX_PARTICIPANTS / 2 - 1);
             if (requested_count < 0) {
                 cli_error("check", "bad --backend '%s'", value);
                 return CLI_EXIT_USAGE;
@@ -947,11 +951,21 @@ int cli_check(int argc, char **argv)
     state.participant_count = 2;
     if (requested_count < 0) {
         requested_count = 0;
-        for (backend = PSM_BACKEND_CUDA; backend < PSM_BACKEND_COUNT; ++backend)
-            if (psm_backend_available(backend, NULL)) {
+        /* Every device of every available backend (OpenCL on a GPU driver
+         * and on PoCL, say), as far as the participant table holds them. */
+        for (backend = PSM_BACKEND_CUDA; backend < PSM_BACKEND_COUNT; ++backend) {
+            int devices = psm_backend_available(backend, NULL) ? psm_backend_device_count(backend)
+                                                               : 0;
+            for (int device = 0; device < devices; ++device) {
+                if (requested_count == CHECK_MAX_PARTICIPANTS / 2 - 1) {
+                    fprintf(stderr, "polysample check: more devices than it compares at once; "
+                                    "name them with --backend\n");
+                    break;
+                }
                 requested[requested_count] = backend;
-                requested_devices[requested_count++] = -1;
+                requested_devices[requested_count++] = devices > 1 ? device : -1;
             }
+        }
     }
     for (q = 0; q < requested_count; ++q) {
         char name[48];
@@ -967,7 +981,10 @@ int cli_check(int argc, char **argv)
         }
         if (backend == PSM_BACKEND_CPU)
             continue; /* already here, at 1 and 2 threads */
-        snprintf(name, sizeof name, "%s", psm_backend_name(backend));
+        if (requested_devices[q] >= 0)
+            snprintf(name, sizeof name, "%s:%d", psm_backend_name(backend), requested_devices[q]);
+        else
+            snprintf(name, sizeof name, "%s", psm_backend_name(backend));
         if (open_participant(&state.participants[state.participant_count], name, backend,
                              requested_devices[q], 0, 0) != 0) {
             exit_status = CLI_EXIT_FAILURE;
@@ -975,7 +992,8 @@ int cli_check(int argc, char **argv)
         }
         state.participant_count++;
         if (bench_device_find(backend)) {
-            snprintf(name, sizeof name, "%s/device-memory", psm_backend_name(backend));
+            size_t length = strlen(name);
+            snprintf(name + length, sizeof name - length, "/device-memory");
             if (open_participant(&state.participants[state.participant_count], name, backend,
                                  requested_devices[q], 0, 1) != 0) {
                 exit_status = CLI_EXIT_FAILURE;

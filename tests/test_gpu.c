@@ -1,27 +1,43 @@
 /*
- * test_cuda.c: what only the CUDA backend has: device pointers (logits,
- * per-row parameters, outputs), the caller's stream, CUDA graph capture and
+ * test_gpu.c: what only the GPU backends have: device pointers (logits,
+ * per-row parameters, outputs), the caller's stream, graph capture and
  * replay, checking mode on device memory, and rows whose offsets pass 2^32
- * elements. Every CUDA result is compared with the CPU backend on the same
+ * elements. Every GPU result is compared with the CPU backend on the same
  * inputs: tokens bit for bit, logprobs and probabilities to float rounding.
  *
- * These tests need a CUDA device; without one each is reported as a skip.
- * The CPU backend (always compiled in) is the reference whatever
- * POLYSAMPLE_TEST_BACKENDS selects; only the cuda selection is honoured.
+ * Built twice: as test_cuda (CUDA runtime) and, with PSM_TEST_GPU_HIP=1, as
+ * test_hip (HIP runtime); GPU(Name) is cudaName or hipName. The tests need a
+ * device of that runtime; without one each is reported as a skip. The CPU
+ * backend (always compiled in) is the reference whatever
+ * POLYSAMPLE_TEST_BACKENDS selects; only the GPU backend's selection is
+ * honoured.
  */
 #include "harness.h"
 
-#include <cuda_runtime_api.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define CUDA_OK(call)                                                                       \
+#if PSM_TEST_GPU_HIP
+#include <hip/hip_runtime_api.h>
+#define GPU(name) hip##name
+#define GPU_BACKEND PSM_BACKEND_HIP
+#define GPU_NAME "hip"
+#define GPU_GRAPH_INSTANTIATE(exec, graph) hipGraphInstantiate((exec), (graph), NULL, NULL, 0)
+#else
+#include <cuda_runtime_api.h>
+#define GPU(name) cuda##name
+#define GPU_BACKEND PSM_BACKEND_CUDA
+#define GPU_NAME "cuda"
+#define GPU_GRAPH_INSTANTIATE(exec, graph) cudaGraphInstantiate((exec), (graph), 0)
+#endif
+
+#define GPU_OK(call)                                                                        \
     do {                                                                                    \
-        cudaError_t cuda_ok_error_ = (call);                                                \
-        ck_assert_msg(cuda_ok_error_ == cudaSuccess, "%s failed: %s", #call,                \
-                      cudaGetErrorString(cuda_ok_error_));                                  \
+        GPU(Error_t) gpu_ok_error_ = (call);                                                \
+        ck_assert_msg(gpu_ok_error_ == GPU(Success), "%s failed: %s", #call,                \
+                      GPU(GetErrorString)(gpu_ok_error_));                                  \
     } while (0)
 
 /* Relative agreement of logprobs and probabilities across backends: both are
@@ -97,9 +113,9 @@ static logit_matrix make_logits(psm_dtype dtype, int64_t rows, int64_t vocab, in
 static void *to_device(const void *host, size_t bytes)
 {
     void *device = NULL;
-    CUDA_OK(cudaMalloc(&device, bytes ? bytes : 1));
+    GPU_OK(GPU(Malloc)(&device, bytes ? bytes : 1));
     if (bytes)
-        CUDA_OK(cudaMemcpy(device, host, bytes, cudaMemcpyHostToDevice));
+        GPU_OK(GPU(Memcpy)(device, host, bytes, GPU(MemcpyHostToDevice)));
     return device;
 }
 
@@ -110,11 +126,11 @@ static psm_tensor tensor_of(const logit_matrix *m, void *data, psm_memory memory
     return t;
 }
 
-static psm_context *open_cuda(void *stream)
+static psm_context *open_gpu(void *stream)
 {
     psm_context_options options;
     psm_context_options_init(&options);
-    options.backend = PSM_BACKEND_CUDA;
+    options.backend = GPU_BACKEND;
     options.native_stream = stream;
     return psm_test_open_with(&options);
 }
@@ -122,28 +138,28 @@ static psm_context *open_cuda(void *stream)
 /* ---- comparison --------------------------------------------------------- */
 
 static void expect_same_draws(const char *what, int64_t count, const int32_t *cpu_tokens,
-                              const int32_t *cuda_tokens, const float *cpu_logprobs,
-                              const float *cuda_logprobs)
+                              const int32_t *gpu_tokens, const float *cpu_logprobs,
+                              const float *gpu_logprobs)
 {
     for (int64_t j = 0; j < count; ++j) {
-        ck_assert_msg(cpu_tokens[j] == cuda_tokens[j], "%s: draw %lld: cpu token %d, cuda %d",
-                      what, (long long)j, cpu_tokens[j], cuda_tokens[j]);
+        ck_assert_msg(cpu_tokens[j] == gpu_tokens[j], "%s: draw %lld: cpu token %d, " GPU_NAME " %d",
+                      what, (long long)j, cpu_tokens[j], gpu_tokens[j]);
         if (!cpu_logprobs)
             continue;
-        const float a = cpu_logprobs[j], b = cuda_logprobs[j];
+        const float a = cpu_logprobs[j], b = gpu_logprobs[j];
         if (isnan(a) || isnan(b)) {
-            ck_assert_msg(isnan(a) && isnan(b), "%s: draw %lld: logprob cpu %g cuda %g", what,
+            ck_assert_msg(isnan(a) && isnan(b), "%s: draw %lld: logprob cpu %g " GPU_NAME " %g", what,
                           (long long)j, (double)a, (double)b);
             continue;
         }
         /* logprob = log(p): an absolute error of log's argument's relative one */
         ck_assert_msg(fabs((double)a - (double)b) <= FLOAT_AGREEMENT * (1.0 + fabs((double)a)),
-                      "%s: draw %lld: logprob cpu %.9g cuda %.9g", what, (long long)j,
+                      "%s: draw %lld: logprob cpu %.9g " GPU_NAME " %.9g", what, (long long)j,
                       (double)a, (double)b);
     }
 }
 
-/* Samples the matrix on the CPU (host memory) and on CUDA (device memory,
+/* Samples the matrix on the CPU (host memory) and on the GPU (device memory,
  * outputs in device memory too) and compares. */
 static void compare_sample(const char *what, const logit_matrix *m, const psm_params *params)
 {
@@ -151,8 +167,8 @@ static void compare_sample(const char *what, const logit_matrix *m, const psm_pa
     const size_t logit_bytes = (size_t)(m->rows * m->row_stride) * element_size(m->dtype);
     int32_t *cpu_tokens = psm_test_alloc((size_t)draws, sizeof *cpu_tokens);
     float *cpu_logprobs = psm_test_alloc((size_t)draws, sizeof *cpu_logprobs);
-    int32_t *cuda_tokens = psm_test_alloc((size_t)draws, sizeof *cuda_tokens);
-    float *cuda_logprobs = psm_test_alloc((size_t)draws, sizeof *cuda_logprobs);
+    int32_t *gpu_tokens = psm_test_alloc((size_t)draws, sizeof *gpu_tokens);
+    float *gpu_logprobs = psm_test_alloc((size_t)draws, sizeof *gpu_logprobs);
 
     psm_context *cpu = psm_test_open(PSM_BACKEND_CPU);
     psm_tensor host_tensor = tensor_of(m, m->data, PSM_MEMORY_HOST);
@@ -160,46 +176,46 @@ static void compare_sample(const char *what, const logit_matrix *m, const psm_pa
                             psm_test_output(cpu_logprobs)));
     psm_context_destroy(cpu);
 
-    psm_context *cuda = open_cuda(NULL);
+    psm_context *gpu = open_gpu(NULL);
     void *device_logits = to_device(m->data, logit_bytes);
     void *device_tokens = NULL, *device_logprobs = NULL;
-    CUDA_OK(cudaMalloc(&device_tokens, (size_t)draws * sizeof(int32_t)));
-    CUDA_OK(cudaMalloc(&device_logprobs, (size_t)draws * sizeof(float)));
-    CUDA_OK(cudaMemset(device_tokens, 0x5a, (size_t)draws * sizeof(int32_t)));
+    GPU_OK(GPU(Malloc)(&device_tokens, (size_t)draws * sizeof(int32_t)));
+    GPU_OK(GPU(Malloc)(&device_logprobs, (size_t)draws * sizeof(float)));
+    GPU_OK(GPU(Memset)(device_tokens, 0x5a, (size_t)draws * sizeof(int32_t)));
     psm_tensor device_tensor = tensor_of(m, device_logits, PSM_MEMORY_DEVICE);
     psm_output tokens_out = {device_tokens, PSM_MEMORY_DEVICE};
     psm_output logprobs_out = {device_logprobs, PSM_MEMORY_DEVICE};
-    PSM_CHECK_OK(psm_sample(cuda, &device_tensor, params, tokens_out, logprobs_out));
-    PSM_CHECK_OK(psm_synchronize(cuda));
-    CUDA_OK(cudaMemcpy(cuda_tokens, device_tokens, (size_t)draws * sizeof(int32_t),
-                       cudaMemcpyDeviceToHost));
-    CUDA_OK(cudaMemcpy(cuda_logprobs, device_logprobs, (size_t)draws * sizeof(float),
-                       cudaMemcpyDeviceToHost));
-    expect_same_draws(what, draws, cpu_tokens, cuda_tokens, cpu_logprobs, cuda_logprobs);
+    PSM_CHECK_OK(psm_sample(gpu, &device_tensor, params, tokens_out, logprobs_out));
+    PSM_CHECK_OK(psm_synchronize(gpu));
+    GPU_OK(GPU(Memcpy)(gpu_tokens, device_tokens, (size_t)draws * sizeof(int32_t),
+                       GPU(MemcpyDeviceToHost)));
+    GPU_OK(GPU(Memcpy)(gpu_logprobs, device_logprobs, (size_t)draws * sizeof(float),
+                       GPU(MemcpyDeviceToHost)));
+    expect_same_draws(what, draws, cpu_tokens, gpu_tokens, cpu_logprobs, gpu_logprobs);
 
     /* The same call with host logits and host outputs (staged by the backend). */
-    memset(cuda_tokens, 0x5a, (size_t)draws * sizeof *cuda_tokens);
-    PSM_CHECK_OK(psm_sample(cuda, &host_tensor, params, psm_test_output(cuda_tokens),
+    memset(gpu_tokens, 0x5a, (size_t)draws * sizeof *gpu_tokens);
+    PSM_CHECK_OK(psm_sample(gpu, &host_tensor, params, psm_test_output(gpu_tokens),
                             psm_test_output(NULL)));
-    expect_same_draws(what, draws, cpu_tokens, cuda_tokens, NULL, NULL);
+    expect_same_draws(what, draws, cpu_tokens, gpu_tokens, NULL, NULL);
 
-    CUDA_OK(cudaFree(device_logprobs));
-    CUDA_OK(cudaFree(device_tokens));
-    CUDA_OK(cudaFree(device_logits));
-    psm_context_destroy(cuda);
-    free(cuda_logprobs);
-    free(cuda_tokens);
+    GPU_OK(GPU(Free)(device_logprobs));
+    GPU_OK(GPU(Free)(device_tokens));
+    GPU_OK(GPU(Free)(device_logits));
+    psm_context_destroy(gpu);
+    free(gpu_logprobs);
+    free(gpu_tokens);
     free(cpu_logprobs);
     free(cpu_tokens);
 }
 
-/* psm_probs on both backends; CUDA writes device memory with its own stride. */
+/* psm_probs on both backends; the GPU writes device memory with its own stride. */
 static void compare_probs(const char *what, const logit_matrix *m, const psm_params *params)
 {
     const int64_t probs_stride = m->vocab + 3;
     const size_t count = (size_t)(m->rows * probs_stride);
     float *cpu_probs = psm_test_alloc(count, sizeof *cpu_probs);
-    float *cuda_probs = psm_test_alloc(count, sizeof *cuda_probs);
+    float *gpu_probs = psm_test_alloc(count, sizeof *gpu_probs);
 
     psm_context *cpu = psm_test_open(PSM_BACKEND_CPU);
     psm_tensor host_tensor = tensor_of(m, m->data, PSM_MEMORY_HOST);
@@ -207,41 +223,41 @@ static void compare_probs(const char *what, const logit_matrix *m, const psm_par
     PSM_CHECK_OK(psm_probs(cpu, &host_tensor, params, &cpu_out));
     psm_context_destroy(cpu);
 
-    psm_context *cuda = open_cuda(NULL);
+    psm_context *gpu = open_gpu(NULL);
     const size_t logit_bytes = (size_t)(m->rows * m->row_stride) * element_size(m->dtype);
     void *device_logits = to_device(m->data, logit_bytes);
     void *device_probs = NULL;
-    CUDA_OK(cudaMalloc(&device_probs, count * sizeof(float)));
+    GPU_OK(GPU(Malloc)(&device_probs, count * sizeof(float)));
     psm_tensor device_tensor = tensor_of(m, device_logits, PSM_MEMORY_DEVICE);
-    psm_tensor cuda_out = psm_test_tensor(device_probs, PSM_DTYPE_F32, m->rows, m->vocab, probs_stride);
-    cuda_out.memory = PSM_MEMORY_DEVICE;
-    PSM_CHECK_OK(psm_probs(cuda, &device_tensor, params, &cuda_out));
-    PSM_CHECK_OK(psm_synchronize(cuda));
-    CUDA_OK(cudaMemcpy(cuda_probs, device_probs, count * sizeof(float), cudaMemcpyDeviceToHost));
+    psm_tensor gpu_out = psm_test_tensor(device_probs, PSM_DTYPE_F32, m->rows, m->vocab, probs_stride);
+    gpu_out.memory = PSM_MEMORY_DEVICE;
+    PSM_CHECK_OK(psm_probs(gpu, &device_tensor, params, &gpu_out));
+    PSM_CHECK_OK(psm_synchronize(gpu));
+    GPU_OK(GPU(Memcpy)(gpu_probs, device_probs, count * sizeof(float), GPU(MemcpyDeviceToHost)));
 
     for (int64_t r = 0; r < m->rows; ++r) {
-        double cuda_sum = 0.0;
+        double gpu_sum = 0.0;
         for (int64_t i = 0; i < m->vocab; ++i) {
-            const float a = cpu_probs[r * probs_stride + i], b = cuda_probs[r * probs_stride + i];
+            const float a = cpu_probs[r * probs_stride + i], b = gpu_probs[r * probs_stride + i];
             if (isnan(a) || isnan(b)) {
-                ck_assert_msg(isnan(a) && isnan(b), "%s: row %lld token %lld: cpu %g cuda %g",
+                ck_assert_msg(isnan(a) && isnan(b), "%s: row %lld token %lld: cpu %g " GPU_NAME " %g",
                               what, (long long)r, (long long)i, (double)a, (double)b);
                 continue;
             }
             ck_assert_msg((a == 0.0f) == (b == 0.0f) &&
                               fabs((double)a - (double)b) <= FLOAT_AGREEMENT * fabs((double)a),
-                          "%s: row %lld token %lld: cpu %.9g cuda %.9g", what, (long long)r,
+                          "%s: row %lld token %lld: cpu %.9g " GPU_NAME " %.9g", what, (long long)r,
                           (long long)i, (double)a, (double)b);
-            cuda_sum += b;
+            gpu_sum += b;
         }
-        if (!isnan(cuda_probs[r * probs_stride]))
-            ck_assert_msg(fabs(cuda_sum - 1.0) < 1e-4, "%s: row %lld sums to %.9g", what,
-                          (long long)r, cuda_sum);
+        if (!isnan(gpu_probs[r * probs_stride]))
+            ck_assert_msg(fabs(gpu_sum - 1.0) < 1e-4, "%s: row %lld sums to %.9g", what,
+                          (long long)r, gpu_sum);
     }
-    CUDA_OK(cudaFree(device_probs));
-    CUDA_OK(cudaFree(device_logits));
-    psm_context_destroy(cuda);
-    free(cuda_probs);
+    GPU_OK(GPU(Free)(device_probs));
+    GPU_OK(GPU(Free)(device_logits));
+    psm_context_destroy(gpu);
+    free(gpu_probs);
     free(cpu_probs);
 }
 
@@ -300,7 +316,7 @@ static const shape shapes[] = {
 static const psm_dtype dtypes[] = {PSM_DTYPE_F32, PSM_DTYPE_F16, PSM_DTYPE_BF16};
 static const char *const dtype_names[] = {"f32", "f16", "bf16"};
 
-START_TEST(cuda_matches_cpu_on_device_memory)
+START_TEST(gpu_matches_cpu_on_device_memory)
 {
     for (size_t s = 0; s < SHAPE_COUNT; ++s) {
         if (psm_test_quick() && !shapes[s].quick)
@@ -322,7 +338,7 @@ START_TEST(cuda_matches_cpu_on_device_memory)
 }
 END_TEST
 
-START_TEST(cuda_probs_match_cpu)
+START_TEST(gpu_probs_match_cpu)
 {
     const int64_t vocabs[] = {1000, 40000, 70001};
     for (size_t v = 0; v < 3; ++v) {
@@ -345,7 +361,7 @@ END_TEST
 
 /* Bad rows (NaN, +inf, all masked) get token -1 and NaN logprobs, and leave
  * the other rows of the batch alone. */
-START_TEST(cuda_bad_rows_match_cpu)
+START_TEST(gpu_bad_rows_match_cpu)
 {
     logit_matrix m = make_logits(PSM_DTYPE_F32, 6, 3000, 3000, 2.0, 5);
     float *data = m.data;
@@ -365,7 +381,7 @@ END_TEST
 
 /* Per-row parameters and seeds in device memory; a value out of range in a
  * device array gives its row token -1 (it cannot be checked on the host). */
-START_TEST(cuda_per_row_device_parameters)
+START_TEST(gpu_per_row_device_parameters)
 {
     const int64_t rows = 64, vocab = 20000;
     const int32_t samples = 5;
@@ -390,8 +406,8 @@ START_TEST(cuda_per_row_device_parameters)
     params.min_p_per_row = min_ps;
     params.seed_per_row = seeds;
 
-    int32_t cpu_tokens[64 * 5], cuda_tokens[64 * 5];
-    float cpu_logprobs[64 * 5], cuda_logprobs[64 * 5];
+    int32_t cpu_tokens[64 * 5], gpu_tokens[64 * 5];
+    float cpu_logprobs[64 * 5], gpu_logprobs[64 * 5];
     psm_context *cpu = psm_test_open(PSM_BACKEND_CPU);
     psm_tensor host_tensor = tensor_of(&m, m.data, PSM_MEMORY_HOST);
     PSM_CHECK_OK(psm_sample(cpu, &host_tensor, &params, psm_test_output(cpu_tokens),
@@ -404,7 +420,7 @@ START_TEST(cuda_per_row_device_parameters)
     memcpy(device_top_ps_host, top_ps, sizeof top_ps);
     device_top_ps_host[bad_row] = 1.5f;
 
-    psm_context *cuda = open_cuda(NULL);
+    psm_context *gpu = open_gpu(NULL);
     void *device_logits = to_device(m.data, (size_t)(rows * vocab) * 2);
     psm_params device_params = params;
     device_params.temperature_per_row = to_device(temperatures, sizeof temperatures);
@@ -413,72 +429,76 @@ START_TEST(cuda_per_row_device_parameters)
     device_params.min_p_per_row = to_device(min_ps, sizeof min_ps);
     device_params.seed_per_row = to_device(seeds, sizeof seeds);
     void *device_tokens = NULL, *device_logprobs = NULL;
-    CUDA_OK(cudaMalloc(&device_tokens, sizeof cuda_tokens));
-    CUDA_OK(cudaMalloc(&device_logprobs, sizeof cuda_logprobs));
+    GPU_OK(GPU(Malloc)(&device_tokens, sizeof gpu_tokens));
+    GPU_OK(GPU(Malloc)(&device_logprobs, sizeof gpu_logprobs));
     psm_tensor device_tensor = tensor_of(&m, device_logits, PSM_MEMORY_DEVICE);
     psm_output tokens_out = {device_tokens, PSM_MEMORY_DEVICE};
     psm_output logprobs_out = {device_logprobs, PSM_MEMORY_DEVICE};
-    PSM_CHECK_OK(psm_sample(cuda, &device_tensor, &device_params, tokens_out, logprobs_out));
-    CUDA_OK(cudaMemcpy(cuda_tokens, device_tokens, sizeof cuda_tokens, cudaMemcpyDeviceToHost));
-    CUDA_OK(cudaMemcpy(cuda_logprobs, device_logprobs, sizeof cuda_logprobs,
-                       cudaMemcpyDeviceToHost));
+    PSM_CHECK_OK(psm_sample(gpu, &device_tensor, &device_params, tokens_out, logprobs_out));
+    /* The context's stream does not order with the copies below (they run on
+     * the default stream): wait for the call first. */
+    PSM_CHECK_OK(psm_synchronize(gpu));
+    GPU_OK(GPU(Memcpy)(gpu_tokens, device_tokens, sizeof gpu_tokens, GPU(MemcpyDeviceToHost)));
+    GPU_OK(GPU(Memcpy)(gpu_logprobs, device_logprobs, sizeof gpu_logprobs,
+                       GPU(MemcpyDeviceToHost)));
     for (int r = 0; r < rows; ++r) {
         char what[64];
         snprintf(what, sizeof what, "per-row parameters, row %d", r);
         if (r == bad_row) {
             for (int j = 0; j < samples; ++j) {
-                ck_assert_int_eq(cuda_tokens[r * samples + j], -1);
-                ck_assert(isnan(cuda_logprobs[r * samples + j]));
+                ck_assert_int_eq(gpu_tokens[r * samples + j], -1);
+                ck_assert(isnan(gpu_logprobs[r * samples + j]));
             }
             continue;
         }
-        expect_same_draws(what, samples, cpu_tokens + r * samples, cuda_tokens + r * samples,
-                          cpu_logprobs + r * samples, cuda_logprobs + r * samples);
+        expect_same_draws(what, samples, cpu_tokens + r * samples, gpu_tokens + r * samples,
+                          cpu_logprobs + r * samples, gpu_logprobs + r * samples);
     }
 
     /* Checking mode: the device array's bad value is found, nothing written. */
     psm_context_options options;
     psm_context_options_init(&options);
-    options.backend = PSM_BACKEND_CUDA;
+    options.backend = GPU_BACKEND;
     options.check_rows = 1;
     psm_context *checking = psm_test_open_with(&options);
-    CUDA_OK(cudaMemset(device_tokens, 0x5a, sizeof cuda_tokens));
+    GPU_OK(GPU(Memset)(device_tokens, 0x5a, sizeof gpu_tokens));
     psm_status status = psm_sample(checking, &device_tensor, &device_params, tokens_out, logprobs_out);
     ck_assert_msg(status == PSM_ERR_BAD_ROW, "checking mode returned %s: %s",
                   psm_status_string(status), psm_last_error());
     ck_assert_msg(strstr(psm_last_error(), "10") != NULL, "message does not name row 10: %s",
                   psm_last_error());
-    CUDA_OK(cudaMemcpy(cuda_tokens, device_tokens, sizeof cuda_tokens, cudaMemcpyDeviceToHost));
+    GPU_OK(GPU(Memcpy)(gpu_tokens, device_tokens, sizeof gpu_tokens, GPU(MemcpyDeviceToHost)));
     for (int j = 0; j < rows * samples; ++j)
-        ck_assert_msg(cuda_tokens[j] == 0x5a5a5a5a, "checking mode wrote token %d", j);
+        ck_assert_msg(gpu_tokens[j] == 0x5a5a5a5a, "checking mode wrote token %d", j);
     /* With the value fixed, checking mode draws what the CPU draws. */
-    CUDA_OK(cudaMemcpy((void *)device_params.top_p_per_row, top_ps, sizeof top_ps,
-                       cudaMemcpyHostToDevice));
+    GPU_OK(GPU(Memcpy)((void *)device_params.top_p_per_row, top_ps, sizeof top_ps,
+                       GPU(MemcpyHostToDevice)));
     PSM_CHECK_OK(psm_sample(checking, &device_tensor, &device_params, tokens_out, logprobs_out));
-    CUDA_OK(cudaMemcpy(cuda_tokens, device_tokens, sizeof cuda_tokens, cudaMemcpyDeviceToHost));
-    CUDA_OK(cudaMemcpy(cuda_logprobs, device_logprobs, sizeof cuda_logprobs,
-                       cudaMemcpyDeviceToHost));
-    expect_same_draws("checking mode", rows * samples, cpu_tokens, cuda_tokens, cpu_logprobs,
-                      cuda_logprobs);
+    PSM_CHECK_OK(psm_synchronize(checking));
+    GPU_OK(GPU(Memcpy)(gpu_tokens, device_tokens, sizeof gpu_tokens, GPU(MemcpyDeviceToHost)));
+    GPU_OK(GPU(Memcpy)(gpu_logprobs, device_logprobs, sizeof gpu_logprobs,
+                       GPU(MemcpyDeviceToHost)));
+    expect_same_draws("checking mode", rows * samples, cpu_tokens, gpu_tokens, cpu_logprobs,
+                      gpu_logprobs);
     psm_context_destroy(checking);
 
-    CUDA_OK(cudaFree(device_logprobs));
-    CUDA_OK(cudaFree(device_tokens));
-    CUDA_OK(cudaFree((void *)device_params.seed_per_row));
-    CUDA_OK(cudaFree((void *)device_params.min_p_per_row));
-    CUDA_OK(cudaFree((void *)device_params.top_p_per_row));
-    CUDA_OK(cudaFree((void *)device_params.top_k_per_row));
-    CUDA_OK(cudaFree((void *)device_params.temperature_per_row));
-    CUDA_OK(cudaFree(device_logits));
-    psm_context_destroy(cuda);
+    GPU_OK(GPU(Free)(device_logprobs));
+    GPU_OK(GPU(Free)(device_tokens));
+    GPU_OK(GPU(Free)((void *)device_params.seed_per_row));
+    GPU_OK(GPU(Free)((void *)device_params.min_p_per_row));
+    GPU_OK(GPU(Free)((void *)device_params.top_p_per_row));
+    GPU_OK(GPU(Free)((void *)device_params.top_k_per_row));
+    GPU_OK(GPU(Free)((void *)device_params.temperature_per_row));
+    GPU_OK(GPU(Free)(device_logits));
+    psm_context_destroy(gpu);
     free(m.data);
 }
 END_TEST
 
 /* On the caller's stream: the work is ordered on it (waiting on the stream
- * alone is enough), and a call captured into a CUDA graph replays to the same
+ * alone is enough), and a call captured into a graph replays to the same
  * tokens, reading the logits anew at each replay. */
-START_TEST(cuda_caller_stream_and_graph_replay)
+START_TEST(gpu_caller_stream_and_graph_replay)
 {
     const int64_t rows = 40, vocab = 50000;
     const int32_t samples = 4;
@@ -498,66 +518,66 @@ START_TEST(cuda_caller_stream_and_graph_replay)
     PSM_CHECK_OK(psm_test_sample_f32(cpu, first.data, rows, vocab, &plain, expected_plain, NULL));
     psm_context_destroy(cpu);
 
-    cudaStream_t stream;
-    CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-    psm_context *cuda = open_cuda(stream);
+    GPU(Stream_t) stream;
+    GPU_OK(GPU(StreamCreateWithFlags)(&stream, GPU(StreamNonBlocking)));
+    psm_context *gpu = open_gpu(stream);
     const size_t logit_bytes = (size_t)(rows * vocab) * sizeof(float);
     void *device_logits = to_device(first.data, logit_bytes);
     void *device_tokens = NULL, *device_plain_tokens = NULL;
-    CUDA_OK(cudaMalloc(&device_tokens, (size_t)draws * sizeof(int32_t)));
-    CUDA_OK(cudaMalloc(&device_plain_tokens, (size_t)draws * sizeof(int32_t)));
+    GPU_OK(GPU(Malloc)(&device_tokens, (size_t)draws * sizeof(int32_t)));
+    GPU_OK(GPU(Malloc)(&device_plain_tokens, (size_t)draws * sizeof(int32_t)));
     psm_tensor tensor = tensor_of(&first, device_logits, PSM_MEMORY_DEVICE);
     psm_output tokens_out = {device_tokens, PSM_MEMORY_DEVICE};
     psm_output plain_out = {device_plain_tokens, PSM_MEMORY_DEVICE};
     psm_output no_logprobs = {NULL, PSM_MEMORY_DEVICE};
 
     /* Direct call on the caller's stream; wait on the stream only. */
-    PSM_CHECK_OK(psm_sample(cuda, &tensor, &params, tokens_out, no_logprobs));
-    CUDA_OK(cudaMemcpyAsync(got, device_tokens, (size_t)draws * sizeof(int32_t),
-                            cudaMemcpyDeviceToHost, stream));
-    CUDA_OK(cudaStreamSynchronize(stream));
+    PSM_CHECK_OK(psm_sample(gpu, &tensor, &params, tokens_out, no_logprobs));
+    GPU_OK(GPU(MemcpyAsync)(got, device_tokens, (size_t)draws * sizeof(int32_t),
+                            GPU(MemcpyDeviceToHost), stream));
+    GPU_OK(GPU(StreamSynchronize)(stream));
     expect_same_draws("caller's stream", draws, expected_first, got, NULL, NULL);
 
     /* Capture two calls (filtered and plain) into one graph. */
-    CUDA_OK(cudaMemsetAsync(device_tokens, 0x5a, (size_t)draws * sizeof(int32_t), stream));
-    CUDA_OK(cudaMemsetAsync(device_plain_tokens, 0x5a, (size_t)draws * sizeof(int32_t), stream));
-    CUDA_OK(cudaStreamSynchronize(stream));
-    cudaGraph_t graph;
-    cudaGraphExec_t graph_exec;
-    CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-    psm_status captured = psm_sample(cuda, &tensor, &params, tokens_out, no_logprobs);
-    psm_status captured_plain = psm_sample(cuda, &tensor, &plain, plain_out, no_logprobs);
-    CUDA_OK(cudaStreamEndCapture(stream, &graph));
+    GPU_OK(GPU(MemsetAsync)(device_tokens, 0x5a, (size_t)draws * sizeof(int32_t), stream));
+    GPU_OK(GPU(MemsetAsync)(device_plain_tokens, 0x5a, (size_t)draws * sizeof(int32_t), stream));
+    GPU_OK(GPU(StreamSynchronize)(stream));
+    GPU(Graph_t) graph;
+    GPU(GraphExec_t) graph_exec;
+    GPU_OK(GPU(StreamBeginCapture)(stream, GPU(StreamCaptureModeGlobal)));
+    psm_status captured = psm_sample(gpu, &tensor, &params, tokens_out, no_logprobs);
+    psm_status captured_plain = psm_sample(gpu, &tensor, &plain, plain_out, no_logprobs);
+    GPU_OK(GPU(StreamEndCapture)(stream, &graph));
     ck_assert_msg(captured == PSM_OK && captured_plain == PSM_OK,
                   "psm_sample under capture failed: %s", psm_last_error());
-    CUDA_OK(cudaGraphInstantiate(&graph_exec, graph, 0));
+    GPU_OK(GPU_GRAPH_INSTANTIATE(&graph_exec, graph));
 
     /* Capturing ran nothing: the buffers still hold the poison. */
-    CUDA_OK(cudaMemcpy(got, device_tokens, (size_t)draws * sizeof(int32_t), cudaMemcpyDeviceToHost));
+    GPU_OK(GPU(Memcpy)(got, device_tokens, (size_t)draws * sizeof(int32_t), GPU(MemcpyDeviceToHost)));
     ck_assert_msg(got[0] == 0x5a5a5a5a, "capture executed the call");
 
-    CUDA_OK(cudaGraphLaunch(graph_exec, stream));
-    CUDA_OK(cudaStreamSynchronize(stream));
-    CUDA_OK(cudaMemcpy(got, device_tokens, (size_t)draws * sizeof(int32_t), cudaMemcpyDeviceToHost));
+    GPU_OK(GPU(GraphLaunch)(graph_exec, stream));
+    GPU_OK(GPU(StreamSynchronize)(stream));
+    GPU_OK(GPU(Memcpy)(got, device_tokens, (size_t)draws * sizeof(int32_t), GPU(MemcpyDeviceToHost)));
     expect_same_draws("graph replay", draws, expected_first, got, NULL, NULL);
-    CUDA_OK(cudaMemcpy(got, device_plain_tokens, (size_t)draws * sizeof(int32_t),
-                       cudaMemcpyDeviceToHost));
+    GPU_OK(GPU(Memcpy)(got, device_plain_tokens, (size_t)draws * sizeof(int32_t),
+                       GPU(MemcpyDeviceToHost)));
     expect_same_draws("graph replay (plain)", draws, expected_plain, got, NULL, NULL);
 
     /* New logits in the same buffer: the replay reads them. */
-    CUDA_OK(cudaMemcpy(device_logits, second.data, logit_bytes, cudaMemcpyHostToDevice));
-    CUDA_OK(cudaGraphLaunch(graph_exec, stream));
-    CUDA_OK(cudaStreamSynchronize(stream));
-    CUDA_OK(cudaMemcpy(got, device_tokens, (size_t)draws * sizeof(int32_t), cudaMemcpyDeviceToHost));
+    GPU_OK(GPU(Memcpy)(device_logits, second.data, logit_bytes, GPU(MemcpyHostToDevice)));
+    GPU_OK(GPU(GraphLaunch)(graph_exec, stream));
+    GPU_OK(GPU(StreamSynchronize)(stream));
+    GPU_OK(GPU(Memcpy)(got, device_tokens, (size_t)draws * sizeof(int32_t), GPU(MemcpyDeviceToHost)));
     expect_same_draws("graph replay, new logits", draws, expected_second, got, NULL, NULL);
 
-    CUDA_OK(cudaGraphExecDestroy(graph_exec));
-    CUDA_OK(cudaGraphDestroy(graph));
-    psm_context_destroy(cuda);
-    CUDA_OK(cudaStreamDestroy(stream));
-    CUDA_OK(cudaFree(device_plain_tokens));
-    CUDA_OK(cudaFree(device_tokens));
-    CUDA_OK(cudaFree(device_logits));
+    GPU_OK(GPU(GraphExecDestroy)(graph_exec));
+    GPU_OK(GPU(GraphDestroy)(graph));
+    psm_context_destroy(gpu);
+    GPU_OK(GPU(StreamDestroy)(stream));
+    GPU_OK(GPU(Free)(device_plain_tokens));
+    GPU_OK(GPU(Free)(device_tokens));
+    GPU_OK(GPU(Free)(device_logits));
     free(got);
     free(expected_plain);
     free(expected_second);
@@ -569,20 +589,20 @@ END_TEST
 
 /* Rows whose element offsets pass 2^32: f16 rows with a row stride of 2^31 + 64
  * elements (8 GiB of device memory; skipped when the device has less). */
-START_TEST(cuda_offsets_beyond_32_bits)
+START_TEST(gpu_offsets_beyond_32_bits)
 {
     const int64_t rows = 3, vocab = 5000, stride = ((int64_t)1 << 31) + 64;
     logit_matrix compact = make_logits(PSM_DTYPE_F16, rows, vocab, vocab, 2.0, 64);
     void *device_logits = NULL;
     const size_t bytes = (size_t)((rows - 1) * stride + vocab) * 2;
-    if (cudaMalloc(&device_logits, bytes) != cudaSuccess) {
-        (void)cudaGetLastError();
-        printf("SKIP [cuda] offsets_beyond_32_bits: cannot allocate %zu bytes\n", bytes);
+    if (GPU(Malloc)(&device_logits, bytes) != GPU(Success)) {
+        (void)GPU(GetLastError)();
+        printf("SKIP [" GPU_NAME "] offsets_beyond_32_bits: cannot allocate %zu bytes\n", bytes);
         free(compact.data);
         return;
     }
-    CUDA_OK(cudaMemcpy2D(device_logits, (size_t)stride * 2, compact.data, (size_t)vocab * 2,
-                         (size_t)vocab * 2, (size_t)rows, cudaMemcpyHostToDevice));
+    GPU_OK(GPU(Memcpy2D)(device_logits, (size_t)stride * 2, compact.data, (size_t)vocab * 2,
+                         (size_t)vocab * 2, (size_t)rows, GPU(MemcpyHostToDevice)));
     for (size_t p = 0; p < PARAMETER_SET_COUNT; ++p) {
         psm_params params = params_of(&parameter_sets[p], 6, 99);
         int32_t expected[3 * 6], got[3 * 6];
@@ -591,38 +611,38 @@ START_TEST(cuda_offsets_beyond_32_bits)
         PSM_CHECK_OK(psm_sample(cpu, &host_tensor, &params, psm_test_output(expected),
                                 psm_test_output(NULL)));
         psm_context_destroy(cpu);
-        psm_context *cuda = open_cuda(NULL);
+        psm_context *gpu = open_gpu(NULL);
         psm_tensor device_tensor = psm_test_tensor(device_logits, PSM_DTYPE_F16, rows, vocab, stride);
         device_tensor.memory = PSM_MEMORY_DEVICE;
-        PSM_CHECK_OK(psm_sample(cuda, &device_tensor, &params, psm_test_output(got),
+        PSM_CHECK_OK(psm_sample(gpu, &device_tensor, &params, psm_test_output(got),
                                 psm_test_output(NULL)));
-        psm_context_destroy(cuda);
+        psm_context_destroy(gpu);
         expect_same_draws(parameter_sets[p].name, rows * 6, expected, got, NULL, NULL);
     }
-    CUDA_OK(cudaFree(device_logits));
+    GPU_OK(GPU(Free)(device_logits));
     free(compact.data);
 }
 END_TEST
 
 int main(void)
 {
-    const TTest *tests[] = {cuda_matches_cpu_on_device_memory, cuda_probs_match_cpu,
-                            cuda_bad_rows_match_cpu, cuda_per_row_device_parameters,
-                            cuda_caller_stream_and_graph_replay, cuda_offsets_beyond_32_bits};
+    const TTest *tests[] = {gpu_matches_cpu_on_device_memory, gpu_probs_match_cpu,
+                            gpu_bad_rows_match_cpu, gpu_per_row_device_parameters,
+                            gpu_caller_stream_and_graph_replay, gpu_offsets_beyond_32_bits};
     const size_t count = sizeof tests / sizeof tests[0];
     const char *reason = NULL;
     const char *skip = NULL;
-    if (!psm_test_backend_selected(PSM_BACKEND_CUDA))
+    if (!psm_test_backend_selected(GPU_BACKEND))
         skip = "not listed in POLYSAMPLE_TEST_BACKENDS";
-    else if (!psm_backend_available(PSM_BACKEND_CUDA, &reason))
-        skip = reason && reason[0] ? reason : "the cuda backend is not available";
+    else if (!psm_backend_available(GPU_BACKEND, &reason))
+        skip = reason && reason[0] ? reason : "the " GPU_NAME " backend is not available";
     for (size_t t = 0; t < count; ++t) {
         if (skip)
-            psm_test_skip("cuda", tests[t]->name, skip);
-        else if (psm_test_quick() && tests[t] == cuda_offsets_beyond_32_bits)
-            psm_test_skip("cuda", tests[t]->name, "8 GiB test left out in quick mode");
+            psm_test_skip(GPU_NAME, tests[t]->name, skip);
+        else if (psm_test_quick() && tests[t] == gpu_offsets_beyond_32_bits)
+            psm_test_skip(GPU_NAME, tests[t]->name, "8 GiB test left out in quick mode");
         else
             psm_test_register_common(tests[t]);
     }
-    return psm_test_run("test_cuda");
+    return psm_test_run("test_" GPU_NAME);
 }

@@ -1,15 +1,26 @@
 /*
  * psm_gpu.h: the vendor layer under the GPU kernels and their host code.
  *
- * The CUDA backend compiles backends/cuda/*.cu as CUDA; the HIP backend
- * compiles the same files as HIP. Everything vendor-specific that they use is
+ * The CUDA backend compiles psm_gpu_backend.cu as CUDA; the HIP backend
+ * compiles the same file as HIP. Everything vendor-specific that they use is
  * named here once, under the project's own psm_gpu_* names, so that neither
  * backend needs a rename list: a new runtime call is added to both branches
  * of this file and nowhere else.
  *
- * PSM_GPU_WARP_SIZE is a compile-time constant; every warp-level reduction,
- * scan and ballot in the kernels is written as a loop over it (see
- * psm_gpu_warp.h), never with a literal 32 or a literal lane mask.
+ * Warp size: every warp-level reduction, scan and ballot of the kernels is
+ * written over a WarpSize template parameter (psm_gpu_warp.h), never with a
+ * literal 32 or a literal lane mask, and the kernels are templates over it.
+ * The host code instantiates them for every wave size of the vendor (32 for
+ * CUDA; 32 and 64 for HIP: RDNA and CDNA in one fat binary), reads the
+ * device's warpSize when a context is made and launches the matching set.
+ * On the device pass PSM_GPU_DEVICE_WARP_SIZE is the wave size of the target
+ * being compiled; an instantiation for another wave size compiles to an
+ * empty kernel there (psm_gpu_wave_compiled), so each target carries one
+ * real copy of each kernel.
+ *
+ * Everything is declared in a vendor namespace (psm_cuda / psm_hip), so that
+ * the CUDA and HIP objects, built from the same files, link into one
+ * library without clashing symbols.
  */
 #ifndef PSM_GPU_H
 #define PSM_GPU_H
@@ -20,22 +31,26 @@
 #define PSM_GPU_HIP 0
 #endif
 
+/* 1 while compiling device code (the kernels), 0 on the host pass. */
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+#define PSM_GPU_DEVICE_PASS 1
+#else
+#define PSM_GPU_DEVICE_PASS 0
+#endif
+
 #if PSM_GPU_HIP
 /* ---------------------------------------------------------------- HIP --- */
 #include <hip/hip_runtime.h>
 #include <hip/hip_fp16.h>
 
-/* Wave size: 64 on CDNA (gfx9xx), 32 on RDNA. The device pass knows it from
- * the target; the host pass has no single answer, so the host code reads the
- * device's warpSize at create and refuses a device whose wave size differs
- * from the one the kernels were built for (PSM_GPU_WARP_SIZE_HOST). */
-#if defined(__AMDGCN_WAVEFRONT_SIZE)
-#define PSM_GPU_WARP_SIZE __AMDGCN_WAVEFRONT_SIZE
-#elif defined(PSM_GPU_WARP_SIZE_HOST)
-#define PSM_GPU_WARP_SIZE PSM_GPU_WARP_SIZE_HOST
-#else
-#define PSM_GPU_WARP_SIZE 64
+/* Wave size: 64 on CDNA (gfx9xx), 32 on RDNA (gfx10xx, gfx11xx). Only the
+ * device pass knows it (clang also defines __AMDGCN_WAVEFRONT_SIZE on the
+ * host pass, where it means nothing, hence the test of the device pass). */
+#if defined(__HIP_DEVICE_COMPILE__)
+#define PSM_GPU_DEVICE_WARP_SIZE __AMDGCN_WAVEFRONT_SIZE
 #endif
+#define PSM_GPU_HAS_WAVE64 1
+#define PSM_GPU_NAMESPACE psm_hip
 
 #define PSM_GPU_BACKEND_ID PSM_BACKEND_HIP
 #define PSM_GPU_OPS_SYMBOL psm_hip_ops
@@ -66,33 +81,37 @@ typedef hipDeviceProp_t psm_gpu_device_prop_t;
 #define psm_gpu_stream_destroy hipStreamDestroy
 #define psm_gpu_stream_synchronize hipStreamSynchronize
 #define psm_gpu_get_last_error hipGetLastError
-#define psm_gpu_func_set_max_dynamic_shared(kernel, bytes) \
-    hipFuncSetAttribute((const void *)(kernel), hipFuncAttributeMaxDynamicSharedMemorySize, (bytes))
+/* AMD GPUs give a block its whole LDS (sharedMemPerBlock, 64 KiB) without an
+ * opt-in, and ROCm before 5.6 does not implement this attribute: no call. */
+#define psm_gpu_func_set_max_dynamic_shared(kernel, bytes) ((void)(kernel), (void)(bytes), hipSuccess)
 typedef hipFuncAttributes psm_gpu_func_attributes_t;
 #define psm_gpu_func_get_attributes(attributes, kernel) \
     hipFuncGetAttributes((attributes), (const void *)(kernel))
 #define psm_gpu_error_out_of_memory hipErrorOutOfMemory
-#define psm_gpu_shared_optin(prop) ((prop).sharedMemPerBlockOptin > 0 ? \
-    (size_t)(prop).sharedMemPerBlockOptin : (size_t)(prop).sharedMemPerBlock)
+#define psm_gpu_shared_optin(prop) ((size_t)(prop).sharedMemPerBlock)
 
 #define PSM_GPU_KERNEL __global__
 #define PSM_GPU_DEVICE __device__ __forceinline__
 #define PSM_GPU_HOST_DEVICE __host__ __device__ __forceinline__
 
-template <typename T>
+namespace PSM_GPU_NAMESPACE {
+/* Shuffles within groups of WarpSize lanes (the whole wave on the device
+ * whose kernels use them). Ballot is 64 bits wide on AMD; on a wave32 target
+ * the upper half is zero. */
+template <int WarpSize, typename T>
 PSM_GPU_DEVICE T psm_gpu_shfl_xor(T value, int lane_mask)
 {
-    return __shfl_xor(value, lane_mask, PSM_GPU_WARP_SIZE);
+    return __shfl_xor(value, lane_mask, WarpSize);
 }
-template <typename T>
+template <int WarpSize, typename T>
 PSM_GPU_DEVICE T psm_gpu_shfl_up(T value, unsigned delta)
 {
-    return __shfl_up(value, delta, PSM_GPU_WARP_SIZE);
+    return __shfl_up(value, delta, WarpSize);
 }
-template <typename T>
+template <int WarpSize, typename T>
 PSM_GPU_DEVICE T psm_gpu_shfl(T value, int source_lane)
 {
-    return __shfl(value, source_lane, PSM_GPU_WARP_SIZE);
+    return __shfl(value, source_lane, WarpSize);
 }
 PSM_GPU_DEVICE unsigned long long psm_gpu_ballot(int predicate)
 {
@@ -102,13 +121,17 @@ PSM_GPU_DEVICE float psm_gpu_half_bits_to_float(unsigned short bits)
 {
     return __half2float(__ushort_as_half(bits));
 }
+} /* namespace PSM_GPU_NAMESPACE */
 
 #else
 /* --------------------------------------------------------------- CUDA --- */
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 
-#define PSM_GPU_WARP_SIZE 32
+/* NVIDIA warps are 32 wide on both passes. */
+#define PSM_GPU_DEVICE_WARP_SIZE 32
+#define PSM_GPU_HAS_WAVE64 0
+#define PSM_GPU_NAMESPACE psm_cuda
 /* All lanes of a warp, for the *_sync intrinsics. */
 #define PSM_GPU_FULL_WARP_MASK 0xffffffffu
 
@@ -152,20 +175,21 @@ typedef cudaFuncAttributes psm_gpu_func_attributes_t;
 #define PSM_GPU_DEVICE __device__ __forceinline__
 #define PSM_GPU_HOST_DEVICE __host__ __device__ __forceinline__
 
-template <typename T>
+namespace PSM_GPU_NAMESPACE {
+template <int WarpSize, typename T>
 PSM_GPU_DEVICE T psm_gpu_shfl_xor(T value, int lane_mask)
 {
-    return __shfl_xor_sync(PSM_GPU_FULL_WARP_MASK, value, lane_mask, PSM_GPU_WARP_SIZE);
+    return __shfl_xor_sync(PSM_GPU_FULL_WARP_MASK, value, lane_mask, WarpSize);
 }
-template <typename T>
+template <int WarpSize, typename T>
 PSM_GPU_DEVICE T psm_gpu_shfl_up(T value, unsigned delta)
 {
-    return __shfl_up_sync(PSM_GPU_FULL_WARP_MASK, value, delta, PSM_GPU_WARP_SIZE);
+    return __shfl_up_sync(PSM_GPU_FULL_WARP_MASK, value, delta, WarpSize);
 }
-template <typename T>
+template <int WarpSize, typename T>
 PSM_GPU_DEVICE T psm_gpu_shfl(T value, int source_lane)
 {
-    return __shfl_sync(PSM_GPU_FULL_WARP_MASK, value, source_lane, PSM_GPU_WARP_SIZE);
+    return __shfl_sync(PSM_GPU_FULL_WARP_MASK, value, source_lane, WarpSize);
 }
 PSM_GPU_DEVICE unsigned long long psm_gpu_ballot(int predicate)
 {
@@ -175,9 +199,25 @@ PSM_GPU_DEVICE float psm_gpu_half_bits_to_float(unsigned short bits)
 {
     return __half2float(__ushort_as_half(bits));
 }
+} /* namespace PSM_GPU_NAMESPACE */
 #endif
 
 /* ------------------------------------------------------ both vendors --- */
+
+namespace PSM_GPU_NAMESPACE {
+
+/* Does this pass compile real code for kernels of this warp size? On the
+ * device pass, only for the target's own wave size; on the host pass (launch
+ * stubs) for every one. */
+template <int WarpSize>
+PSM_GPU_HOST_DEVICE constexpr bool psm_gpu_wave_compiled()
+{
+#if defined(PSM_GPU_DEVICE_WARP_SIZE)
+    return WarpSize == PSM_GPU_DEVICE_WARP_SIZE;
+#else
+    return true;
+#endif
+}
 
 /* Shared-memory and global atomics used by the kernels (the same spelling
  * in CUDA and HIP, named here so that a third vendor changes one file). */
@@ -195,6 +235,7 @@ PSM_GPU_DEVICE unsigned long long psm_gpu_atomic_min_u64(unsigned long long *add
 {
     return atomicMin(address, value);
 }
+/* The lowest set bit of a ballot, -1 for none. */
 PSM_GPU_DEVICE int psm_gpu_first_set_lane(unsigned long long ballot)
 {
     return __ffsll((long long)ballot) - 1;
@@ -205,18 +246,35 @@ PSM_GPU_DEVICE void psm_gpu_block_barrier(void)
 }
 
 /* Lane exchange for the warp algorithms of psm_gpu_warp.h: on the device it
- * is the hardware shuffle; a host test passes a simulated one instead. */
+ * is the hardware shuffle and ballot; tests/test_warp.cpp passes a simulated
+ * one instead. */
+template <int WarpSize>
 struct psm_gpu_hardware_lanes {
     template <typename T>
     PSM_GPU_DEVICE T exchange_xor(T value, int lane_mask) const
     {
-        return psm_gpu_shfl_xor(value, lane_mask);
+        return psm_gpu_shfl_xor<WarpSize>(value, lane_mask);
     }
     template <typename T>
     PSM_GPU_DEVICE T exchange_up(T value, unsigned delta) const
     {
-        return psm_gpu_shfl_up(value, delta);
+        return psm_gpu_shfl_up<WarpSize>(value, delta);
+    }
+    template <typename T>
+    PSM_GPU_DEVICE T exchange_from(T value, int source_lane) const
+    {
+        return psm_gpu_shfl<WarpSize>(value, source_lane);
+    }
+    PSM_GPU_DEVICE int first_lane_where(int predicate) const
+    {
+        return psm_gpu_first_set_lane(psm_gpu_ballot(predicate));
     }
 };
+
+struct psm_gpu_hardware_block {
+    PSM_GPU_DEVICE void barrier() const { psm_gpu_block_barrier(); }
+};
+
+} /* namespace PSM_GPU_NAMESPACE */
 
 #endif /* PSM_GPU_H */

@@ -23,13 +23,61 @@ extern "C" {
 #include "error.h"
 }
 
+namespace PSM_GPU_NAMESPACE {
 namespace {
+
+/* The kernel instantiations of one wave size, indexed by dtype (and, for
+ * the row kernel, by shared row and probs mode). */
+typedef void (*kernel_fn)(const psm_gpu_call);
+struct kernel_set {
+    int warp_size;
+    kernel_fn tile[3];
+    kernel_fn check;
+    kernel_fn row[3][2][2];
+};
+
+template <int WarpSize, int Dtype>
+void add_dtype_kernels(kernel_set *set)
+{
+    set->tile[Dtype] = psm_gpu_tile_kernel<WarpSize, Dtype>;
+    set->row[Dtype][0][0] = psm_gpu_row_kernel<WarpSize, Dtype, false, false>;
+    set->row[Dtype][0][1] = psm_gpu_row_kernel<WarpSize, Dtype, false, true>;
+    set->row[Dtype][1][0] = psm_gpu_row_kernel<WarpSize, Dtype, true, false>;
+    set->row[Dtype][1][1] = psm_gpu_row_kernel<WarpSize, Dtype, true, true>;
+}
+
+template <int WarpSize>
+void fill_kernel_set(kernel_set *set)
+{
+    set->warp_size = WarpSize;
+    add_dtype_kernels<WarpSize, PSM_DTYPE_F32>(set);
+    add_dtype_kernels<WarpSize, PSM_DTYPE_F16>(set);
+    add_dtype_kernels<WarpSize, PSM_DTYPE_BF16>(set);
+    set->check = psm_gpu_check_kernel<WarpSize>;
+}
+
+/* The set built for a device's warp size; false when this build has none. */
+bool select_kernel_set(int warp_size, kernel_set *set)
+{
+    if (warp_size == 32) {
+        fill_kernel_set<32>(set);
+        return true;
+    }
+#if PSM_GPU_HAS_WAVE64
+    if (warp_size == 64) {
+        fill_kernel_set<64>(set);
+        return true;
+    }
+#endif
+    return false;
+}
 
 struct psm_gpu_state {
     int device;
     psm_gpu_stream_t stream;
     int owns_stream;
     int multiprocessors;
+    kernel_set kernels;      /* for the device's warp size */
     size_t shared_row_limit; /* largest vocab the shared-row kernels take */
 
     /* per-tile workspace, see psm_gpu_call */
@@ -122,27 +170,6 @@ psm_status reserve_tiles(psm_gpu_state *state, psm_i64 rows, psm_i64 vocab)
     return PSM_OK;
 }
 
-/* The kernel instantiations, indexed by dtype, shared row, probs mode. */
-typedef void (*row_kernel_fn)(const psm_gpu_call);
-typedef void (*tile_kernel_fn)(const psm_gpu_call);
-
-const row_kernel_fn row_kernels[3][2][2] = {
-    {{psm_gpu_row_kernel<PSM_DTYPE_F32, false, false>, psm_gpu_row_kernel<PSM_DTYPE_F32, false, true>},
-     {psm_gpu_row_kernel<PSM_DTYPE_F32, true, false>, psm_gpu_row_kernel<PSM_DTYPE_F32, true, true>}},
-    {{psm_gpu_row_kernel<PSM_DTYPE_F16, false, false>, psm_gpu_row_kernel<PSM_DTYPE_F16, false, true>},
-     {psm_gpu_row_kernel<PSM_DTYPE_F16, true, false>, psm_gpu_row_kernel<PSM_DTYPE_F16, true, true>}},
-    {{psm_gpu_row_kernel<PSM_DTYPE_BF16, false, false>, psm_gpu_row_kernel<PSM_DTYPE_BF16, false, true>},
-     {psm_gpu_row_kernel<PSM_DTYPE_BF16, true, false>, psm_gpu_row_kernel<PSM_DTYPE_BF16, true, true>}},
-};
-const tile_kernel_fn tile_kernels[3] = {psm_gpu_tile_kernel<PSM_DTYPE_F32>,
-                                        psm_gpu_tile_kernel<PSM_DTYPE_F16>,
-                                        psm_gpu_tile_kernel<PSM_DTYPE_BF16>};
-
-row_kernel_fn row_kernel(psm_dtype dtype, bool shared_row, bool probs_mode)
-{
-    return row_kernels[dtype][shared_row ? 1 : 0][probs_mode ? 1 : 0];
-}
-
 /* The shared-row kernels get as much dynamic shared memory as the device
  * allows a block; the smallest headroom over the variants bounds the vocab
  * they take. */
@@ -151,7 +178,7 @@ psm_status configure_shared_row_kernels(psm_gpu_state *state, size_t shared_opti
     size_t limit = (size_t)-1;
     for (int dtype = 0; dtype < 3; ++dtype)
         for (int probs_mode = 0; probs_mode < 2; ++probs_mode) {
-            row_kernel_fn kernel = row_kernel((psm_dtype)dtype, true, probs_mode != 0);
+            kernel_fn kernel = state->kernels.row[dtype][1][probs_mode];
             psm_gpu_func_attributes_t attributes;
             PSM_GPU_TRY(psm_gpu_func_get_attributes(&attributes, kernel),
                         "reading the row kernel's attributes");
@@ -187,6 +214,38 @@ void release_state(psm_gpu_state *state)
     (void)psm_gpu_get_last_error();
     free(state);
 }
+
+#if PSM_GPU_HIP
+/* Asks the device which wave size its code object was compiled for (the
+ * kernels of another size compile to nothing there), so that a device whose
+ * code disagrees with its reported warpSize (an RDNA target built with
+ * -mwavefrontsize64, say) is refused instead of running empty kernels. */
+psm_status check_device_wave_size(psm_gpu_state *state)
+{
+    psm_gpu_stream_t stream;
+    PSM_GPU_TRY(psm_gpu_stream_create_non_blocking(&stream), "creating a stream");
+    *state->first_bad_row_host = 0;
+    psm_gpu_wave_size_kernel<<<1, 1, 0, stream>>>(state->first_bad_row);
+    psm_gpu_error_t error = psm_gpu_get_last_error();
+    if (error == psm_gpu_success)
+        error = psm_gpu_memcpy_async(state->first_bad_row_host, state->first_bad_row,
+                                     sizeof *state->first_bad_row, psm_gpu_memcpy_device_to_host,
+                                     stream);
+    if (error == psm_gpu_success)
+        error = psm_gpu_stream_synchronize(stream);
+    (void)psm_gpu_stream_destroy(stream);
+    if (error != psm_gpu_success)
+        return gpu_failure(error, "reading the wave size of the device code");
+    const unsigned long long compiled = *state->first_bad_row_host;
+    if (compiled != (unsigned long long)state->kernels.warp_size)
+        return psm_set_error(PSM_ERR_UNSUPPORTED,
+                             "%s device %d reports warp size %d, but its code object was "
+                             "compiled for wave size %llu",
+                             PSM_GPU_RUNTIME_NAME, state->device, state->kernels.warp_size,
+                             compiled);
+    return PSM_OK;
+}
+#endif
 
 /* Device pointers for one call: host-memory inputs are copied into staging,
  * host-memory outputs are written to staging and copied back afterwards. */
@@ -372,12 +431,13 @@ psm_status launch(psm_gpu_state *state, psm_request *request, call_buffers *buff
     const psm_dtype dtype = request->logits.dtype;
 
     const psm_i64 total_tiles = call.rows * call.tiles_per_row;
-    const psm_i64 tiles_per_block = PSM_GPU_TILE_THREADS / PSM_GPU_WARP_SIZE;
+    const kernel_set &kernels = state->kernels;
+    const psm_i64 tiles_per_block = PSM_GPU_TILE_THREADS / kernels.warp_size;
     psm_i64 tile_blocks = (total_tiles + tiles_per_block - 1) / tiles_per_block;
     const psm_i64 tile_block_cap = (psm_i64)state->multiprocessors * 64;
     if (tile_blocks > tile_block_cap)
         tile_blocks = tile_block_cap;
-    tile_kernels[dtype]<<<(unsigned)tile_blocks, PSM_GPU_TILE_THREADS, 0, state->stream>>>(call);
+    kernels.tile[dtype]<<<(unsigned)tile_blocks, PSM_GPU_TILE_THREADS, 0, state->stream>>>(call);
     PSM_GPU_TRY(psm_gpu_get_last_error(), "launching the tile kernel");
 
     if (request->check_rows) {
@@ -387,7 +447,7 @@ psm_status launch(psm_gpu_state *state, psm_request *request, call_buffers *buff
         psm_i64 check_blocks = (call.rows + tiles_per_block - 1) / tiles_per_block;
         if (check_blocks > tile_block_cap)
             check_blocks = tile_block_cap;
-        psm_gpu_check_kernel<<<(unsigned)check_blocks, PSM_GPU_TILE_THREADS, 0, state->stream>>>(call);
+        kernels.check<<<(unsigned)check_blocks, PSM_GPU_TILE_THREADS, 0, state->stream>>>(call);
         PSM_GPU_TRY(psm_gpu_get_last_error(), "launching the check kernel");
         PSM_GPU_TRY(psm_gpu_memcpy_async(state->first_bad_row_host, state->first_bad_row,
                                          sizeof *state->first_bad_row,
@@ -409,8 +469,8 @@ psm_status launch(psm_gpu_state *state, psm_request *request, call_buffers *buff
     const size_t dynamic_bytes = shared_row ? (size_t)request->logits.vocab * sizeof(float) : 0;
     const psm_i64 row_blocks = call.rows < (psm_i64)1 << 30 ? call.rows : (psm_i64)1 << 30;
     const unsigned row_threads = filtered ? PSM_GPU_ROW_THREADS : PSM_GPU_ROW_THREADS_PLAIN;
-    row_kernel(dtype, shared_row, probs_mode)<<<(unsigned)row_blocks, row_threads, dynamic_bytes,
-                                                state->stream>>>(call);
+    kernels.row[dtype][shared_row ? 1 : 0][probs_mode ? 1 : 0]<<<(unsigned)row_blocks, row_threads,
+                                                                 dynamic_bytes, state->stream>>>(call);
     PSM_GPU_TRY(psm_gpu_get_last_error(), "launching the row kernel");
 
     /* Host outputs: copy back and wait, so the caller can read them. */
@@ -449,6 +509,9 @@ psm_status run_request(void *opaque_state, psm_request *request, bool probs_mode
 }
 
 } /* namespace */
+} /* namespace PSM_GPU_NAMESPACE */
+
+using namespace PSM_GPU_NAMESPACE;
 
 extern "C" {
 
@@ -505,12 +568,13 @@ static psm_status gpu_create(const psm_context_options *options, int device_inde
         release_state(state);
         return status;
     }
-    if (properties.warpSize != PSM_GPU_WARP_SIZE) {
+    /* The kernels for the device's wave size (HIP: 64 on CDNA, 32 on RDNA). */
+    if (!select_kernel_set(properties.warpSize, &state->kernels)) {
         release_state(state);
         return psm_set_error(PSM_ERR_UNSUPPORTED,
-                             "%s device %d has warp size %d; these kernels were built for %d",
-                             PSM_GPU_RUNTIME_NAME, device_index, properties.warpSize,
-                             PSM_GPU_WARP_SIZE);
+                             "%s device %d (%s) has warp size %d; this build has kernels for %s",
+                             PSM_GPU_RUNTIME_NAME, device_index, properties.name,
+                             properties.warpSize, PSM_GPU_HAS_WAVE64 ? "32 and 64" : "32");
     }
     state->multiprocessors = properties.multiProcessorCount > 0 ? properties.multiProcessorCount : 1;
 
@@ -534,6 +598,13 @@ static psm_status gpu_create(const psm_context_options *options, int device_inde
         release_state(state);
         return status;
     }
+#if PSM_GPU_HIP
+    status = check_device_wave_size(state);
+    if (status != PSM_OK) {
+        release_state(state);
+        return status;
+    }
+#endif
     status = configure_shared_row_kernels(state, psm_gpu_shared_optin(properties));
     if (status != PSM_OK) {
         release_state(state);
@@ -581,6 +652,10 @@ static psm_status gpu_synchronize(void *opaque_state)
     return PSM_OK;
 }
 
+/* Not on HIP's device pass: clang makes a namespace-scope const variable with
+ * a constant initialiser __constant__ there, and the host functions it points
+ * to do not exist on the device. */
+#if !(PSM_GPU_HIP && PSM_GPU_DEVICE_PASS)
 extern const psm_backend_ops PSM_GPU_OPS_SYMBOL;
 const psm_backend_ops PSM_GPU_OPS_SYMBOL = {
     PSM_BACKEND_API_VERSION, /* api_version */
@@ -593,5 +668,6 @@ const psm_backend_ops PSM_GPU_OPS_SYMBOL = {
     gpu_probs,               /* probs */
     gpu_synchronize,         /* synchronize */
 };
+#endif
 
 } /* extern "C" */

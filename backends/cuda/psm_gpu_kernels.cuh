@@ -31,6 +31,8 @@
 #include "psm_contract.h"
 #include "polysample.h"
 
+namespace PSM_GPU_NAMESPACE {
+
 /* Threads of the tile kernel's blocks: several warps, one tile each. */
 #define PSM_GPU_TILE_THREADS 256
 /* Threads of the row kernel's blocks (one row per block): the most (rows
@@ -43,9 +45,9 @@
 #define PSM_GPU_RADIX_BUCKETS 256
 #define PSM_GPU_RADIX_LEVELS 8
 
-#define PSM_GPU_MAX_WARPS_PER_ROW_BLOCK (PSM_GPU_ROW_THREADS / PSM_GPU_WARP_SIZE)
-/* Logits per lane when one warp holds one tile in registers. */
-#define PSM_GPU_TILE_PER_LANE (PSM_TILE / PSM_GPU_WARP_SIZE)
+/* The block algorithms combine one value per warp in a single warp. */
+static_assert(PSM_GPU_ROW_THREADS <= 32 * 32,
+              "psm_block_reduce needs at most WarpSize warps a block, for WarpSize 32 too");
 
 /* Tile info word: count of valid logits in the low bits, bad flag on top. */
 #define PSM_GPU_TILE_BAD_FLAG 0x80000000u
@@ -210,81 +212,47 @@ PSM_GPU_DEVICE psm_gpu_row_params psm_gpu_resolve_row(const psm_gpu_call &call, 
 
 /* ---- block-level helpers (row kernel) ------------------------------------ */
 
+template <int WarpSize>
 PSM_GPU_DEVICE int psm_gpu_block_warps(void)
 {
-    return (int)(blockDim.x / PSM_GPU_WARP_SIZE);
+    return (int)(blockDim.x / WarpSize);
 }
 
+template <int WarpSize>
 struct psm_gpu_row_scratch {
     psm_u32 bucket_count[PSM_GPU_RADIX_BUCKETS];
     unsigned long long bucket_mass[PSM_GPU_RADIX_BUCKETS];
-    psm_u64 warp_values[PSM_GPU_MAX_WARPS_PER_ROW_BLOCK];
+    psm_u64 warp_values[PSM_GPU_ROW_THREADS / WarpSize];
     psm_u64 broadcast[4];
 };
 
-PSM_GPU_DEVICE psm_u64 psm_gpu_block_max_u64(psm_u64 value, psm_gpu_row_scratch &scratch)
+/* The block algorithms of psm_gpu_warp.h on the hardware. */
+template <int WarpSize>
+PSM_GPU_DEVICE psm_u64 psm_gpu_block_max_u64(psm_u64 value, psm_gpu_row_scratch<WarpSize> &scratch)
 {
-    const psm_gpu_hardware_lanes lanes;
-    const int lane = threadIdx.x % PSM_GPU_WARP_SIZE, warp = threadIdx.x / PSM_GPU_WARP_SIZE;
-    value = psm_warp_max<PSM_GPU_WARP_SIZE>(value, lanes);
-    if (lane == 0)
-        scratch.warp_values[warp] = value;
-    psm_gpu_block_barrier();
-    if (warp == 0) {
-        psm_u64 v = lane < psm_gpu_block_warps() ? scratch.warp_values[lane] : 0;
-        v = psm_warp_max<PSM_GPU_WARP_SIZE>(v, lanes);
-        if (lane == 0)
-            scratch.broadcast[0] = v;
-    }
-    psm_gpu_block_barrier();
-    value = scratch.broadcast[0];
-    psm_gpu_block_barrier();
-    return value;
+    return psm_block_reduce<WarpSize>(value, psm_warp_op_max(), (int)threadIdx.x, (int)blockDim.x,
+                                      scratch.warp_values, &scratch.broadcast[0],
+                                      psm_gpu_hardware_lanes<WarpSize>(), psm_gpu_hardware_block());
 }
 
-PSM_GPU_DEVICE psm_u64 psm_gpu_block_sum_u64(psm_u64 value, psm_gpu_row_scratch &scratch)
+template <int WarpSize>
+PSM_GPU_DEVICE psm_u64 psm_gpu_block_sum_u64(psm_u64 value, psm_gpu_row_scratch<WarpSize> &scratch)
 {
-    const psm_gpu_hardware_lanes lanes;
-    const int lane = threadIdx.x % PSM_GPU_WARP_SIZE, warp = threadIdx.x / PSM_GPU_WARP_SIZE;
-    value = psm_warp_sum<PSM_GPU_WARP_SIZE>(value, lanes);
-    if (lane == 0)
-        scratch.warp_values[warp] = value;
-    psm_gpu_block_barrier();
-    if (warp == 0) {
-        psm_u64 v = lane < psm_gpu_block_warps() ? scratch.warp_values[lane] : 0;
-        v = psm_warp_sum<PSM_GPU_WARP_SIZE>(v, lanes);
-        if (lane == 0)
-            scratch.broadcast[0] = v;
-    }
-    psm_gpu_block_barrier();
-    value = scratch.broadcast[0];
-    psm_gpu_block_barrier();
-    return value;
+    return psm_block_reduce<WarpSize>(value, psm_warp_op_sum(), (int)threadIdx.x, (int)blockDim.x,
+                                      scratch.warp_values, &scratch.broadcast[0],
+                                      psm_gpu_hardware_lanes<WarpSize>(), psm_gpu_hardware_block());
 }
 
 /* Inclusive scan over the block in thread order; *block_total gets the sum. */
+template <int WarpSize>
 PSM_GPU_DEVICE psm_u64 psm_gpu_block_inclusive_scan_u64(psm_u64 value, psm_u64 *block_total,
-                                                        psm_gpu_row_scratch &scratch)
+                                                        psm_gpu_row_scratch<WarpSize> &scratch)
 {
-    const psm_gpu_hardware_lanes lanes;
-    const int lane = threadIdx.x % PSM_GPU_WARP_SIZE, warp = threadIdx.x / PSM_GPU_WARP_SIZE;
-    psm_u64 inclusive = psm_warp_inclusive_scan<PSM_GPU_WARP_SIZE>(value, lane, lanes);
-    if (lane == PSM_GPU_WARP_SIZE - 1)
-        scratch.warp_values[warp] = inclusive;
-    psm_gpu_block_barrier();
-    if (warp == 0) {
-        psm_u64 v = lane < psm_gpu_block_warps() ? scratch.warp_values[lane] : 0;
-        psm_u64 scanned = psm_warp_inclusive_scan<PSM_GPU_WARP_SIZE>(v, lane, lanes);
-        if (lane < psm_gpu_block_warps())
-            scratch.warp_values[lane] = scanned - v; /* exclusive offset of each warp */
-        if (lane == PSM_GPU_WARP_SIZE - 1)
-            scratch.broadcast[0] = scanned;
-    }
-    psm_gpu_block_barrier();
-    inclusive += scratch.warp_values[warp];
-    *block_total = scratch.broadcast[0];
-    psm_gpu_block_barrier();
-    return inclusive;
+    return psm_block_inclusive_scan<WarpSize>(value, block_total, (int)threadIdx.x,
+                                              (int)blockDim.x, scratch.warp_values,
+                                              &scratch.broadcast[0],
+                                              psm_gpu_hardware_lanes<WarpSize>(),
+                                              psm_gpu_hardware_block());
 }
 
 /* ---- launch 1: tile statistics ------------------------------------------ */
@@ -292,18 +260,17 @@ PSM_GPU_DEVICE psm_u64 psm_gpu_block_inclusive_scan_u64(psm_u64 value, psm_u64 *
 /* One warp reduces one tile from registers: the best rank key of its valid
  * logits (carries m_t and the lowest index of the maximum), the count of
  * valid logits, the bad flag, and S_t, the sum of w_i against m_t. */
-template <int Dtype>
-PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_TILE_THREADS)
-    psm_gpu_tile_kernel(const psm_gpu_call call)
+template <int WarpSize, int Dtype>
+PSM_GPU_DEVICE void psm_gpu_tile_body(const psm_gpu_call &call)
 {
-    const psm_gpu_hardware_lanes lanes;
+    const psm_gpu_hardware_lanes<WarpSize> lanes;
     const int per_vector = psm_gpu_dtype_traits<Dtype>::per_vector;
-    const int vectors_per_lane = PSM_TILE / per_vector / PSM_GPU_WARP_SIZE;
-    const int lane = threadIdx.x % PSM_GPU_WARP_SIZE;
-    const psm_i64 warps_per_block = PSM_GPU_TILE_THREADS / PSM_GPU_WARP_SIZE;
+    const int vectors_per_lane = PSM_TILE / per_vector / WarpSize;
+    const int lane = threadIdx.x % WarpSize;
+    const psm_i64 warps_per_block = PSM_GPU_TILE_THREADS / WarpSize;
     const psm_i64 total_tiles = call.rows * call.tiles_per_row;
 
-    for (psm_i64 tile_id = (psm_i64)blockIdx.x * warps_per_block + threadIdx.x / PSM_GPU_WARP_SIZE;
+    for (psm_i64 tile_id = (psm_i64)blockIdx.x * warps_per_block + threadIdx.x / WarpSize;
          tile_id < total_tiles; tile_id += (psm_i64)gridDim.x * warps_per_block) {
         const psm_i64 row = tile_id / call.tiles_per_row;
         const psm_i64 tile_start = (tile_id - row * call.tiles_per_row) * PSM_TILE;
@@ -314,19 +281,19 @@ PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_TILE_THREADS)
         /* Element e of the tile sits at x[r * per_vector + k] of lane
          * (e / per_vector) % warp, r = e / (per_vector * warp): 16-byte
          * vectors, consecutive lanes on consecutive vectors (coalesced). */
-        float x[PSM_GPU_TILE_PER_LANE];
+        float x[(PSM_TILE / WarpSize)];
         if (call.logits_aligned && tile_length == PSM_TILE) {
 #pragma unroll
             for (int r = 0; r < vectors_per_lane; ++r)
                 psm_gpu_load_vector<Dtype>(
-                    row_base, tile_start + (psm_i64)(r * PSM_GPU_WARP_SIZE + lane) * per_vector,
+                    row_base, tile_start + (psm_i64)(r * WarpSize + lane) * per_vector,
                     &x[r * per_vector]);
         } else {
 #pragma unroll
             for (int r = 0; r < vectors_per_lane; ++r)
 #pragma unroll
                 for (int k = 0; k < per_vector; ++k) {
-                    psm_i64 e = (psm_i64)(r * PSM_GPU_WARP_SIZE + lane) * per_vector + k;
+                    psm_i64 e = (psm_i64)(r * WarpSize + lane) * per_vector + k;
                     /* Past the end of the row reads as masked (-inf). */
                     x[r * per_vector + k] = e < tile_length
                                                 ? psm_gpu_load_raw<Dtype>(row_base, tile_start + e)
@@ -344,7 +311,7 @@ PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_TILE_THREADS)
                 x[slot] = psm_read_logit(x[slot]);
                 const int logit_class = psm_logit_class(x[slot]);
                 if (logit_class == PSM_LOGIT_VALID) {
-                    psm_u32 token = (psm_u32)(tile_start + (psm_i64)(r * PSM_GPU_WARP_SIZE + lane) * per_vector + k);
+                    psm_u32 token = (psm_u32)(tile_start + (psm_i64)(r * WarpSize + lane) * per_vector + k);
                     psm_u64 key = psm_rank_key(x[slot], token);
                     best_key = key > best_key ? key : best_key;
                     ++valid_count;
@@ -352,9 +319,9 @@ PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_TILE_THREADS)
                     bad = 1;
                 }
             }
-        best_key = psm_warp_max<PSM_GPU_WARP_SIZE>(best_key, lanes);
-        valid_count = psm_warp_sum<PSM_GPU_WARP_SIZE>(valid_count, lanes);
-        bad = psm_warp_any<PSM_GPU_WARP_SIZE>(bad, lanes);
+        best_key = psm_warp_max<WarpSize>(best_key, lanes);
+        valid_count = psm_warp_sum<WarpSize>(valid_count, lanes);
+        bad = psm_warp_any<WarpSize>(bad, lanes);
 
         const float temperature =
             call.temperature_per_row ? call.temperature_per_row[row] : call.temperature;
@@ -364,10 +331,10 @@ PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_TILE_THREADS)
             const float tile_max = psm_gpu_key_logit(best_key);
             const float scale = psm_inverse_temperature_scale(temperature);
 #pragma unroll
-            for (int slot = 0; slot < PSM_GPU_TILE_PER_LANE; ++slot)
+            for (int slot = 0; slot < (PSM_TILE / WarpSize); ++slot)
                 if (psm_logit_class(x[slot]) == PSM_LOGIT_VALID)
                     mass += psm_weight(psm_scaled_gap(tile_max, x[slot], scale), call.weight_bits);
-            mass = psm_warp_sum<PSM_GPU_WARP_SIZE>(mass, lanes);
+            mass = psm_warp_sum<WarpSize>(mass, lanes);
         }
         if (lane == 0) {
             call.tile_key[tile_id] = best_key;
@@ -377,31 +344,47 @@ PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_TILE_THREADS)
     }
 }
 
+template <int WarpSize, int Dtype>
+PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_TILE_THREADS)
+    psm_gpu_tile_kernel(const psm_gpu_call call)
+{
+    if constexpr (psm_gpu_wave_compiled<WarpSize>())
+        psm_gpu_tile_body<WarpSize, Dtype>(call);
+}
+
 /* ---- launch 1b (checking mode): the first bad row ----------------------- */
 
-PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_TILE_THREADS)
-    psm_gpu_check_kernel(const psm_gpu_call call)
+template <int WarpSize>
+PSM_GPU_DEVICE void psm_gpu_check_body(const psm_gpu_call &call)
 {
-    const psm_gpu_hardware_lanes lanes;
-    const int lane = threadIdx.x % PSM_GPU_WARP_SIZE;
-    const psm_i64 warps_per_block = PSM_GPU_TILE_THREADS / PSM_GPU_WARP_SIZE;
-    for (psm_i64 row = (psm_i64)blockIdx.x * warps_per_block + threadIdx.x / PSM_GPU_WARP_SIZE;
+    const psm_gpu_hardware_lanes<WarpSize> lanes;
+    const int lane = threadIdx.x % WarpSize;
+    const psm_i64 warps_per_block = PSM_GPU_TILE_THREADS / WarpSize;
+    for (psm_i64 row = (psm_i64)blockIdx.x * warps_per_block + threadIdx.x / WarpSize;
          row < call.rows; row += (psm_i64)gridDim.x * warps_per_block) {
         psm_u32 bad = 0;
         psm_u64 valid_count = 0;
-        for (psm_i64 tile = lane; tile < call.tiles_per_row; tile += PSM_GPU_WARP_SIZE) {
+        for (psm_i64 tile = lane; tile < call.tiles_per_row; tile += WarpSize) {
             psm_u32 info = call.tile_info[row * call.tiles_per_row + tile];
             bad |= (info & PSM_GPU_TILE_BAD_FLAG) ? 1u : 0u;
             valid_count += info & PSM_GPU_TILE_COUNT_MASK;
         }
-        bad = psm_warp_any<PSM_GPU_WARP_SIZE>(bad, lanes);
-        valid_count = psm_warp_sum<PSM_GPU_WARP_SIZE>(valid_count, lanes);
+        bad = psm_warp_any<WarpSize>(bad, lanes);
+        valid_count = psm_warp_sum<WarpSize>(valid_count, lanes);
         if (lane == 0) {
             psm_gpu_row_params p = psm_gpu_resolve_row(call, row);
             if (bad || valid_count == 0 || !p.valid)
                 psm_gpu_atomic_min_u64(call.first_bad_row, (unsigned long long)row);
         }
     }
+}
+
+template <int WarpSize>
+PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_TILE_THREADS)
+    psm_gpu_check_kernel(const psm_gpu_call call)
+{
+    if constexpr (psm_gpu_wave_compiled<WarpSize>())
+        psm_gpu_check_body<WarpSize>(call);
 }
 
 /* ---- launch 2: per row --------------------------------------------------- */
@@ -431,6 +414,32 @@ PSM_GPU_DEVICE int psm_gpu_is_kept(const psm_gpu_row_state &state, int weight_bi
     return 1;
 }
 
+/* The radix histogram as psm_warp_search_running reads it: position p is
+ * bucket 255 - p (keys in decreasing order); its amount is the bucket's
+ * count or mass, and only non-empty buckets can be chosen. */
+template <int WarpSize>
+struct psm_gpu_bucket_totals {
+    const psm_gpu_row_scratch<WarpSize> *scratch;
+    int by_mass;
+    PSM_GPU_DEVICE psm_u64 amount(int position) const
+    {
+        const int b = PSM_GPU_RADIX_BUCKETS - 1 - position;
+        return by_mass ? (psm_u64)scratch->bucket_mass[b] : (psm_u64)scratch->bucket_count[b];
+    }
+    PSM_GPU_DEVICE bool eligible(int position) const
+    {
+        return scratch->bucket_count[PSM_GPU_RADIX_BUCKETS - 1 - position] > 0;
+    }
+};
+/* The top-p target from Z, the mass of the candidates. */
+struct psm_gpu_top_p_need {
+    float top_p;
+    PSM_GPU_DEVICE psm_u64 operator()(psm_u64 row_mass) const
+    {
+        return psm_top_p_target(row_mass, top_p);
+    }
+};
+
 /* Radix select over the row's valid logits with rank key >= lower_bound, in
  * decreasing key order. By count: the cutoff that keeps exactly `need`
  * tokens. By mass (g_i against M): `need` is ignored; the target is
@@ -439,15 +448,14 @@ PSM_GPU_DEVICE int psm_gpu_is_kept(const psm_gpu_row_state &state, int weight_bi
  * Returns a key c such that the selected tokens are exactly those with
  * key >= c. Keys are unique (they carry the token), so the last level always
  * isolates one token. Called by the whole block. */
-template <class Row>
+template <int WarpSize, class Row>
 PSM_GPU_DEVICE psm_u64 psm_gpu_radix_select(const Row &source, const psm_gpu_call &call,
                                             const psm_gpu_row_state &state,
                                             psm_u64 lower_bound, int by_mass, psm_u64 need,
-                                            float top_p, psm_gpu_row_scratch &scratch)
+                                            float top_p, psm_gpu_row_scratch<WarpSize> &scratch)
 {
-    const psm_gpu_hardware_lanes lanes;
-    const int lane = threadIdx.x % PSM_GPU_WARP_SIZE, warp = threadIdx.x / PSM_GPU_WARP_SIZE;
-    const int buckets_per_lane = PSM_GPU_RADIX_BUCKETS / PSM_GPU_WARP_SIZE;
+    const psm_gpu_hardware_lanes<WarpSize> lanes;
+    const int lane = threadIdx.x % WarpSize, warp = threadIdx.x / WarpSize;
     psm_u64 prefix = 0; /* the digits chosen so far */
     psm_u64 cutoff = lower_bound;
 
@@ -477,41 +485,23 @@ PSM_GPU_DEVICE psm_u64 psm_gpu_radix_select(const Row &source, const psm_gpu_cal
         psm_gpu_block_barrier();
 
         /* Warp 0 finds the first bucket, from the top, that is non-empty and
-         * whose running total reaches need. Lane l owns buckets
-         * 255 - l*buckets_per_lane downwards. */
+         * whose running total reaches need (psm_warp_search_running: lane l
+         * owns buckets 255 - l*buckets_per_lane downwards). By mass, at the
+         * first level, need comes from Z, the mass of the candidates. */
         if (warp == 0) {
-            psm_u64 lane_total = 0;
-            for (int k = 0; k < buckets_per_lane; ++k) {
-                int b = PSM_GPU_RADIX_BUCKETS - 1 - (lane * buckets_per_lane + k);
-                lane_total += by_mass ? (psm_u64)scratch.bucket_mass[b] : scratch.bucket_count[b];
-            }
-            const psm_u64 inclusive = psm_warp_inclusive_scan<PSM_GPU_WARP_SIZE>(lane_total, lane, lanes);
-            if (by_mass && level == 0) {
-                /* Z: the mass of the candidates; the last lane holds it. */
-                psm_u64 row_mass = psm_gpu_shfl(inclusive, PSM_GPU_WARP_SIZE - 1);
-                need = psm_top_p_target(row_mass, top_p);
-            }
-            psm_u64 running = inclusive - lane_total;
-            int found_bucket = -1;
-            psm_u64 above = 0;
-            for (int k = 0; k < buckets_per_lane; ++k) {
-                int b = PSM_GPU_RADIX_BUCKETS - 1 - (lane * buckets_per_lane + k);
-                psm_u64 value = by_mass ? (psm_u64)scratch.bucket_mass[b] : scratch.bucket_count[b];
-                if (found_bucket < 0 && scratch.bucket_count[b] > 0 && running + value >= need) {
-                    found_bucket = b;
-                    above = running;
-                }
-                running += value;
-            }
-            const unsigned long long hits = psm_gpu_ballot(found_bucket >= 0);
-            const int winner = hits ? psm_gpu_first_set_lane(hits) : -1;
-            if (lane == (winner < 0 ? 0 : winner)) {
+            const psm_gpu_bucket_totals<WarpSize> totals = {&scratch, by_mass};
+            const psm_gpu_top_p_need top_p_need = {top_p};
+            const psm_warp_search<psm_u64> hit =
+                psm_warp_search_running<WarpSize, PSM_GPU_RADIX_BUCKETS / WarpSize>(
+                    totals, need, by_mass && level == 0, top_p_need, lane, lanes);
+            if (lane == (hit.winner < 0 ? 0 : hit.winner)) {
                 /* winner < 0 cannot happen (need never exceeds the total at
                  * its level); stop with the whole prefix as a safe cutoff. */
-                scratch.broadcast[0] = (psm_u64)(winner < 0 ? 0 : found_bucket);
-                scratch.broadcast[1] = above;
-                scratch.broadcast[2] = need;
-                scratch.broadcast[3] = winner < 0 ? 1u : 0u;
+                scratch.broadcast[0] =
+                    (psm_u64)(hit.winner < 0 ? 0 : PSM_GPU_RADIX_BUCKETS - 1 - hit.position);
+                scratch.broadcast[1] = hit.before;
+                scratch.broadcast[2] = hit.need;
+                scratch.broadcast[3] = hit.winner < 0 ? 1u : 0u;
             }
         }
         psm_gpu_block_barrier();
@@ -563,13 +553,13 @@ PSM_GPU_DEVICE void psm_gpu_write_point_row(const psm_gpu_call &call, psm_i64 ro
 
 /* From the kept set to the outputs: tile masses over the kept set (when
  * filtered), T_t and their scan, then the draws or the probabilities. */
-template <class Row>
+template <int WarpSize, class Row>
 PSM_GPU_DEVICE void psm_gpu_finish_row(const Row &source, const psm_gpu_call &call,
                                        const psm_gpu_row_state &state, const psm_gpu_row_params &p,
-                                       int probs_mode, psm_gpu_row_scratch &scratch)
+                                       int probs_mode, psm_gpu_row_scratch<WarpSize> &scratch)
 {
-    const psm_gpu_hardware_lanes lanes;
-    const int lane = threadIdx.x % PSM_GPU_WARP_SIZE, warp = threadIdx.x / PSM_GPU_WARP_SIZE;
+    const psm_gpu_hardware_lanes<WarpSize> lanes;
+    const int lane = threadIdx.x % WarpSize, warp = threadIdx.x / WarpSize;
     const psm_i64 tiles = call.tiles_per_row;
     psm_u64 *tile_key = call.tile_key + state.tile_base;
     psm_u64 *tile_mass = call.tile_mass + state.tile_base;
@@ -577,13 +567,13 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const Row &source, const psm_gpu_call &ca
 
     if (state.filtered) {
         /* One warp per tile: m_t over kept tokens, then S_t against it. */
-        for (psm_i64 tile = warp; tile < tiles; tile += psm_gpu_block_warps()) {
+        for (psm_i64 tile = warp; tile < tiles; tile += psm_gpu_block_warps<WarpSize>()) {
             const psm_i64 start = tile * PSM_TILE;
-            float x[PSM_GPU_TILE_PER_LANE];
+            float x[(PSM_TILE / WarpSize)];
             psm_u64 best_key = 0;
 #pragma unroll
-            for (int r = 0; r < PSM_GPU_TILE_PER_LANE; ++r) {
-                const psm_i64 i = start + r * PSM_GPU_WARP_SIZE + lane;
+            for (int r = 0; r < (PSM_TILE / WarpSize); ++r) {
+                const psm_i64 i = start + r * WarpSize + lane;
                 x[r] = -INFINITY;
                 if (i < call.vocab) {
                     const float value = source.value(i);
@@ -594,16 +584,16 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const Row &source, const psm_gpu_call &ca
                     }
                 }
             }
-            best_key = psm_warp_max<PSM_GPU_WARP_SIZE>(best_key, lanes);
+            best_key = psm_warp_max<WarpSize>(best_key, lanes);
             psm_u64 mass = 0;
             if (best_key != 0) {
                 const float tile_max = psm_gpu_key_logit(best_key);
 #pragma unroll
-                for (int r = 0; r < PSM_GPU_TILE_PER_LANE; ++r)
+                for (int r = 0; r < (PSM_TILE / WarpSize); ++r)
                     if (x[r] != -INFINITY)
                         mass += psm_weight(psm_scaled_gap(tile_max, x[r], state.scale),
                                            call.weight_bits);
-                mass = psm_warp_sum<PSM_GPU_WARP_SIZE>(mass, lanes);
+                mass = psm_warp_sum<WarpSize>(mass, lanes);
             }
             if (lane == 0) {
                 tile_key[tile] = best_key;
@@ -633,14 +623,14 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const Row &source, const psm_gpu_call &ca
 
     if (probs_mode) {
         float *out = call.probs + state.row * call.probs_stride;
-        for (psm_i64 tile = warp; tile < tiles; tile += psm_gpu_block_warps()) {
+        for (psm_i64 tile = warp; tile < tiles; tile += psm_gpu_block_warps<WarpSize>()) {
             const psm_u64 key = tile_key[tile];
             const psm_u64 tile_total = tile_mass[tile];
             const psm_u64 rescaled = tile_prefix[tile] - (tile > 0 ? tile_prefix[tile - 1] : 0);
             const float tile_max = psm_gpu_key_logit(key);
             const double tile_share = (double)rescaled / (double)total;
-            for (int r = 0; r < PSM_GPU_TILE_PER_LANE; ++r) {
-                const psm_i64 i = tile * PSM_TILE + r * PSM_GPU_WARP_SIZE + lane;
+            for (int r = 0; r < (PSM_TILE / WarpSize); ++r) {
+                const psm_i64 i = tile * PSM_TILE + r * WarpSize + lane;
                 if (i >= call.vocab)
                     break;
                 float probability = 0.0f;
@@ -658,7 +648,7 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const Row &source, const psm_gpu_call &ca
     /* One warp per sample. Lane l owns the tile's tokens
      * [l * per_lane, (l + 1) * per_lane), so that a scan of the lanes' sums
      * gives running sums in index order. */
-    for (psm_i64 sample = warp; sample < call.num_samples; sample += psm_gpu_block_warps()) {
+    for (psm_i64 sample = warp; sample < call.num_samples; sample += psm_gpu_block_warps<WarpSize>()) {
         const psm_draw_bits bits = psm_sample_bits(p.seed, call.offset, p.stream, (psm_u32)sample);
         const psm_u64 tile_target = psm_pick(bits.tile, total);
         psm_i64 low = 0, high = tiles - 1; /* first tile whose prefix exceeds the target */
@@ -675,9 +665,9 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const Row &source, const psm_gpu_call &ca
         const float tile_max = psm_gpu_key_logit(tile_key[tile]);
         const psm_u64 token_target = psm_pick(bits.token, tile_total);
 
-        const psm_i64 lane_start = tile * PSM_TILE + (psm_i64)lane * PSM_GPU_TILE_PER_LANE;
+        const psm_i64 lane_start = tile * PSM_TILE + (psm_i64)lane * (PSM_TILE / WarpSize);
         psm_u64 lane_mass = 0;
-        for (int r = 0; r < PSM_GPU_TILE_PER_LANE; ++r) {
+        for (int r = 0; r < (PSM_TILE / WarpSize); ++r) {
             const psm_i64 i = lane_start + r;
             if (i >= call.vocab)
                 break;
@@ -685,16 +675,15 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const Row &source, const psm_gpu_call &ca
             if (psm_gpu_is_kept(state, call.weight_bits, x, i))
                 lane_mass += psm_weight(psm_scaled_gap(tile_max, x, state.scale), call.weight_bits);
         }
-        const psm_u64 lane_end = psm_warp_inclusive_scan<PSM_GPU_WARP_SIZE>(lane_mass, lane, lanes);
-        const psm_u64 lane_begin = lane_end - lane_mass;
-        const unsigned long long owner =
-            psm_gpu_ballot(lane_begin <= token_target && token_target < lane_end);
-        const int owner_lane = psm_gpu_first_set_lane(owner);
+        const psm_warp_owner<psm_u64> owner =
+            psm_warp_find_owner<WarpSize>(lane_mass, token_target, lane, lanes);
+        const psm_u64 lane_begin = owner.begin;
+        const int owner_lane = owner.lane;
         psm_i32 token = -1;
         psm_u64 token_weight = 0;
         if (lane == owner_lane) {
             psm_u64 running = lane_begin;
-            for (int r = 0; r < PSM_GPU_TILE_PER_LANE; ++r) {
+            for (int r = 0; r < (PSM_TILE / WarpSize); ++r) {
                 const psm_i64 i = lane_start + r;
                 if (i >= call.vocab)
                     break;
@@ -742,13 +731,10 @@ PSM_GPU_DEVICE void psm_gpu_stage_row(const psm_gpu_call &call, const unsigned c
 /* One block per row. SharedRow: rows that need a filter are first copied to
  * dynamic shared memory (the host launches this variant only when the row
  * fits). ProbsMode: write psm_probs' distribution instead of drawing. */
-template <int Dtype, bool SharedRow, bool ProbsMode>
-PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_ROW_THREADS)
-    psm_gpu_row_kernel(const psm_gpu_call call)
+template <int WarpSize, int Dtype, bool SharedRow, bool ProbsMode>
+PSM_GPU_DEVICE void psm_gpu_row_body(const psm_gpu_call &call, float *psm_gpu_shared_values,
+                                     psm_gpu_row_scratch<WarpSize> &scratch)
 {
-    extern __shared__ float psm_gpu_shared_values[];
-    __shared__ psm_gpu_row_scratch scratch;
-
     for (psm_i64 row = blockIdx.x; row < call.rows; row += gridDim.x) {
         const psm_gpu_row_params p = psm_gpu_resolve_row(call, row);
         const psm_i64 tile_base = row * call.tiles_per_row;
@@ -820,5 +806,32 @@ PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_ROW_THREADS)
         psm_gpu_block_barrier();
     }
 }
+
+template <int WarpSize, int Dtype, bool SharedRow, bool ProbsMode>
+PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_ROW_THREADS)
+    psm_gpu_row_kernel(const psm_gpu_call call)
+{
+    extern __shared__ float psm_gpu_shared_values[];
+    __shared__ psm_gpu_row_scratch<WarpSize> scratch;
+    if constexpr (psm_gpu_wave_compiled<WarpSize>())
+        psm_gpu_row_body<WarpSize, Dtype, SharedRow, ProbsMode>(call, psm_gpu_shared_values, scratch);
+}
+
+#if PSM_GPU_HIP
+/* ---- the wave size of the code the device runs (HIP) --------------------- */
+
+/* One HIP build carries wave64 (CDNA) and wave32 (RDNA) code objects; the
+ * host picks kernels by the device's reported warpSize, and checks with this
+ * kernel that the code object it runs was compiled for that size. */
+PSM_GPU_KERNEL void psm_gpu_wave_size_kernel(unsigned long long *out)
+{
+#if defined(PSM_GPU_DEVICE_WARP_SIZE)
+    if (threadIdx.x == 0 && blockIdx.x == 0)
+        *out = PSM_GPU_DEVICE_WARP_SIZE;
+#endif
+}
+#endif
+
+} /* namespace PSM_GPU_NAMESPACE */
 
 #endif /* PSM_GPU_KERNELS_CUH */

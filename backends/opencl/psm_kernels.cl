@@ -145,9 +145,9 @@ static float psm_group_max_float(float value, __local float *scratch)
     uint lid = get_local_id(0);
     scratch[lid] = value;
     barrier(CLK_LOCAL_MEM_FENCE);
-    for (uint half = PSM_WG / 2; half > 0; half >>= 1) {
-        if (lid < half && scratch[lid + half] > scratch[lid])
-            scratch[lid] = scratch[lid + half];
+    for (uint width = PSM_WG / 2; width > 0; width >>= 1) {
+        if (lid < width && scratch[lid + width] > scratch[lid])
+            scratch[lid] = scratch[lid + width];
         barrier(CLK_LOCAL_MEM_FENCE);
     }
     float result = scratch[0];
@@ -160,9 +160,9 @@ static ulong psm_group_max_u64(ulong value, __local ulong *scratch)
     uint lid = get_local_id(0);
     scratch[lid] = value;
     barrier(CLK_LOCAL_MEM_FENCE);
-    for (uint half = PSM_WG / 2; half > 0; half >>= 1) {
-        if (lid < half && scratch[lid + half] > scratch[lid])
-            scratch[lid] = scratch[lid + half];
+    for (uint width = PSM_WG / 2; width > 0; width >>= 1) {
+        if (lid < width && scratch[lid + width] > scratch[lid])
+            scratch[lid] = scratch[lid + width];
         barrier(CLK_LOCAL_MEM_FENCE);
     }
     ulong result = scratch[0];
@@ -175,9 +175,9 @@ static ulong psm_group_sum_u64(ulong value, __local ulong *scratch)
     uint lid = get_local_id(0);
     scratch[lid] = value;
     barrier(CLK_LOCAL_MEM_FENCE);
-    for (uint half = PSM_WG / 2; half > 0; half >>= 1) {
-        if (lid < half)
-            scratch[lid] += scratch[lid + half];
+    for (uint width = PSM_WG / 2; width > 0; width >>= 1) {
+        if (lid < width)
+            scratch[lid] += scratch[lid + width];
         barrier(CLK_LOCAL_MEM_FENCE);
     }
     ulong result = scratch[0];

@@ -41,6 +41,30 @@
 #define PSM_PER_ITEM (PSM_TILE / PSM_WG)
 #define PSM_BUCKETS 256
 
+/* Every helper that is handed a __local pointer is PSM_LOCAL_FN, forced
+ * inline, so that every use of a kernel's __local variables stays inside the
+ * kernel function.
+ *
+ * Why: clang's interprocedural optimisation removes a static helper's
+ * pointer parameter when every call passes the same kernel-scope __local
+ * array (psm_radix_descend and psm_nth_with_value, each called twice from
+ * psm_row_filter), and the helper then names the array directly. PoCL 3.1
+ * gives each work-group its own copy of a kernel's __local variables by
+ * rewriting their uses in the kernel function only, so those left in a
+ * helper address one module-wide copy that all the work-groups PoCL's
+ * threads run at once share. Rows then overwrote each other's radix buckets
+ * and shared scalars: wrong top-k/top-p cutoffs and different tokens from
+ * identical calls, with more than one row and more than one thread only
+ * (POCL_MAX_PTHREAD_COUNT=1 hides it; POCL_LEAVE_KERNEL_COMPILER_TEMP_FILES=1
+ * keeps the IR that shows it). Within a group the kernels have no race. GPU
+ * drivers give each group its own __local memory wherever it is named; the
+ * attribute is for clang (PoCL's front end), other compilers get inline. */
+#ifdef __clang__
+#define PSM_LOCAL_FN static inline __attribute__((always_inline))
+#else
+#define PSM_LOCAL_FN static inline
+#endif
+
 #define PSM_DTYPE_F32 0
 #define PSM_DTYPE_F16 1
 #define PSM_DTYPE_BF16 2
@@ -140,7 +164,7 @@ static float psm_ordered_to_float(uint ordered)
 
 /* ---- work-group collectives (every item must call them) ------------------ */
 
-static float psm_group_max_float(float value, __local float *scratch)
+PSM_LOCAL_FN float psm_group_max_float(float value, __local float *scratch)
 {
     uint lid = get_local_id(0);
     scratch[lid] = value;
@@ -155,7 +179,7 @@ static float psm_group_max_float(float value, __local float *scratch)
     return result;
 }
 
-static ulong psm_group_max_u64(ulong value, __local ulong *scratch)
+PSM_LOCAL_FN ulong psm_group_max_u64(ulong value, __local ulong *scratch)
 {
     uint lid = get_local_id(0);
     scratch[lid] = value;
@@ -170,7 +194,7 @@ static ulong psm_group_max_u64(ulong value, __local ulong *scratch)
     return result;
 }
 
-static ulong psm_group_sum_u64(ulong value, __local ulong *scratch)
+PSM_LOCAL_FN ulong psm_group_sum_u64(ulong value, __local ulong *scratch)
 {
     uint lid = get_local_id(0);
     scratch[lid] = value;
@@ -186,7 +210,7 @@ static ulong psm_group_sum_u64(ulong value, __local ulong *scratch)
 }
 
 /* Inclusive prefix sum over the group (Hillis-Steele); *total gets the sum. */
-static ulong psm_group_inclusive_scan_u64(ulong value, __local ulong *scratch, ulong *total)
+PSM_LOCAL_FN ulong psm_group_inclusive_scan_u64(ulong value, __local ulong *scratch, ulong *total)
 {
     uint lid = get_local_id(0);
     scratch[lid] = value;
@@ -214,11 +238,11 @@ typedef struct psm_row_summary {
     int bad;         /* a NaN or +inf somewhere */
 } psm_row_summary;
 
-static psm_row_summary psm_summarise_row(__global const float *tile_max,
-                                         __global const ulong *tile_key,
-                                         __global const uint *tile_info, long row_tiles,
-                                         int tiles, __local float *scratch_float,
-                                         __local ulong *scratch_u64)
+PSM_LOCAL_FN psm_row_summary psm_summarise_row(__global const float *tile_max,
+                                               __global const ulong *tile_key,
+                                               __global const uint *tile_info, long row_tiles,
+                                               int tiles, __local float *scratch_float,
+                                               __local ulong *scratch_u64)
 {
     float maximum = -INFINITY;
     ulong key = 0, valid = 0, bad = 0;
@@ -337,7 +361,7 @@ typedef struct psm_row_source {
     int cached;
 } psm_row_source;
 
-static float psm_row_value(const psm_row_source *source, int i)
+PSM_LOCAL_FN float psm_row_value(const psm_row_source *source, int i)
 {
     if (source->cached)
         return source->cache[i];
@@ -350,11 +374,11 @@ static float psm_row_value(const psm_row_source *source, int i)
  * at which the running sum of global weights first reaches want. Returns the
  * ordered bits of that value; *above gets the count or mass of candidates
  * with a strictly larger value. */
-static uint psm_radix_descend(const psm_row_source *source, int vocab, ulong floor_key,
-                              int mass_mode, ulong want, float maximum, float scale,
-                              int bits, ulong *above_out, __local uint *bucket_low,
-                              __local uint *bucket_high, __local uint *shared_choice,
-                              __local ulong *shared_above)
+PSM_LOCAL_FN uint psm_radix_descend(const psm_row_source *source, int vocab, ulong floor_key,
+                                    int mass_mode, ulong want, float maximum, float scale,
+                                    int bits, ulong *above_out, __local uint *bucket_low,
+                                    __local uint *bucket_high, __local uint *shared_choice,
+                                    __local ulong *shared_above)
 {
     const uint lid = get_local_id(0);
     uint prefix = 0, prefix_mask = 0;
@@ -416,8 +440,8 @@ static uint psm_radix_descend(const psm_row_source *source, int vocab, ulong flo
 /* The index of the nth (1-based) valid token, in index order, whose value is
  * exactly `value`. Each item scans a contiguous chunk so index order is the
  * item order. */
-static int psm_nth_with_value(const psm_row_source *source, int vocab, float value, uint nth,
-                              __local ulong *scratch, __local int *shared_index)
+PSM_LOCAL_FN int psm_nth_with_value(const psm_row_source *source, int vocab, float value, uint nth,
+                                    __local ulong *scratch, __local int *shared_index)
 {
     const uint lid = get_local_id(0);
     const int chunk = (vocab + PSM_WG - 1) / PSM_WG;

@@ -10,15 +10,29 @@
  *   passes of a row spread over the threads. Tile results are integers and
  *   float maxima, so any split gives the same answer.
  * - plain rows (no filter): one pass reads each tile once and reduces it to
- *   (m_t, S_t); the row maximum comes from the tile maxima. A draw reads
- *   again only the tile it lands in.
+ *   (m_t, S_t), prefetching the next tile while it computes; the row maximum
+ *   comes from the tile maxima. A draw reads again only the tile it lands in.
  * - filtered rows: a summary pass (tile maxima, valid counts), then top-k by
- *   a bounded heap (small k) or a radix select on rank keys (large k), top-p
- *   on the top-k candidates or by a radix select weighted by g-mass, min-p as
- *   a per-token test; then the tile masses of the kept set.
+ *   a bounded heap (small k; chunks with no key above the heap's least are
+ *   skipped after a vector test) or a radix select on rank keys (large k),
+ *   top-p on the top-k candidates or by a radix select weighted by g-mass,
+ *   min-p as a per-token test; then the tile masses of the kept set, straight
+ *   from the heap when the kept set lies in it, otherwise by a pass over the
+ *   tiles that can hold kept tokens.
+ * - the per-token loops are written to vectorise (GCC -O3, per-function
+ *   AVX-512F/AVX2 clones below); the weight is computed in float lanes and
+ *   summed in double, exactly (cpu_weight.h says why).
  * Scratch lives in the state, per thread, and grows only when a larger vocab
  * is seen.
  */
+/* Vector floor (cpu_weight.h) needs GCC told that floating-point operations
+ * do not trap: the flag changes no value (rounding, NaNs, infinities and
+ * signed zeros stay IEEE's; contraction stays off), only what may be
+ * reordered or vectorised. It must cover the whole file so that the inline
+ * helpers share the hot loops' options and inline into them. */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 #include "backend.h"
 #include "cpu_weight.h"
 #include "error.h"
@@ -30,24 +44,33 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* The hot tile loops are compiled twice, for AVX2 and for the baseline, and
- * picked at load time: AVX2 has the per-lane 64-bit shifts that the weight
- * needs, which baseline x86-64 lacks. Both compute the same integers (only
- * correctly rounded +, -, x are involved and contraction is off). */
+/* The hot tile loops are compiled three times, for AVX-512F, AVX2 and the
+ * baseline, and picked at load time (GCC function multiversioning): the
+ * baseline lacks the vector floor, float-to-double conversions and variable
+ * shifts of the weight, so without a clone those loops run at SSE2's width
+ * or not vectorised. Every clone computes the same integers: only correctly
+ * rounded +, -, x, exact conversions and floor are involved, and contraction
+ * is off (-ffp-contract=off; the clones contain no FMA instruction, although
+ * the AVX2 and AVX-512 targets would allow one). */
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && \
     (!defined(__clang__) || __clang_major__ >= 14)
-#define PSM_CPU_HOT __attribute__((target_clones("avx2", "default")))
+#define PSM_CPU_HOT __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define PSM_CPU_HOT
 #endif
 
 /* Radix select: 11-bit digits keep a histogram of counts and masses in
- * 32 KiB; a bucket of at most CPU_GATHER_LIMIT tokens is sorted directly. */
+ * 32 KiB; a bucket of at most CPU_GATHER_LIMIT tokens is gathered, ... */
 #define CPU_RADIX_BITS 11
 #define CPU_RADIX_BINS (1 << CPU_RADIX_BITS)
 #define CPU_GATHER_LIMIT 4096
+/* ... and further rounds over the gathered tokens leave at most this many to
+ * sort. */
+#define CPU_SORT_LIMIT 64
 /* top-k up to this k uses a bounded min-heap of rank keys. */
 #define CPU_HEAP_LIMIT 4096
+/* ... scanning a tile in chunks of this many tokens. */
+#define CPU_HEAP_CHUNK 64
 /* Draws keep the running weight sums of this many tiles: a row's mass sits in
  * few tiles, so most draws of a row find their tile ready. */
 #define CPU_CACHED_TILES 8
@@ -99,6 +122,11 @@ typedef struct cpu_row {
 
 /* ---- reading tiles --------------------------------------------------------- */
 
+static size_t dtype_size(psm_dtype dtype)
+{
+    return dtype == PSM_DTYPE_F32 ? 4 : 2;
+}
+
 static int64_t tile_length(const cpu_row *row, int64_t tile)
 {
     int64_t start = tile * PSM_TILE;
@@ -109,25 +137,28 @@ static int64_t tile_length(const cpu_row *row, int64_t tile)
 /* Reads logits as the contract does (psm_read_logit) into out, which may be
  * in itself. Returns the number of valid logits; *max_out is the largest
  * value read (meaningful when some logit is valid), *bad_out whether a NaN or
- * +inf was seen. */
+ * +inf was seen. Written on the float bits so that it vectorises into a few
+ * integer operations: valid is a magnitude below infinity's, masked is
+ * exactly -inf, and what is neither is bad; psm_read_logit clears magnitudes
+ * below PSM_TINY (2^-64), which a NaN never has. */
 PSM_CPU_HOT
 static int32_t classify_tile(const float *in, float *out, int n, float *max_out, int *bad_out)
 {
-    int32_t valid = 0;
-    int bad = 0;
+    int32_t valid = 0, masked = 0;
     float largest = -INFINITY;
-#pragma omp simd reduction(max : largest) reduction(+ : valid) reduction(| : bad)
+#pragma omp simd reduction(max : largest) reduction(+ : valid, masked)
     for (int i = 0; i < n; ++i) {
-        float raw = in[i];
-        int cls = psm_logit_class(raw);
-        valid += cls == PSM_LOGIT_VALID;
-        bad |= cls == PSM_LOGIT_BAD;
-        float x = psm_read_logit(raw);
+        uint32_t bits = psm_float_bits(in[i]);
+        int32_t magnitude = (int32_t)(bits & 0x7fffffffu);
+        valid += magnitude < 0x7f800000;
+        masked += bits == 0xff800000u;
+        uint32_t keep = (uint32_t)0 - (uint32_t)!(magnitude < 0x1f800000); /* 2^-64 */
+        float x = psm_bits_float(bits & keep);
         out[i] = x;
         largest = largest > x ? largest : x;
     }
     *max_out = largest;
-    *bad_out = bad;
+    *bad_out = valid + masked < n;
     return valid;
 }
 
@@ -169,14 +200,40 @@ static int32_t load_tile(const cpu_row *row, int64_t tile, float *x, int *n_out,
 /* ---- weights --------------------------------------------------------------- */
 
 /* S_t of a plain tile: every valid token weighs psm_weight(gap(m_t, x), B);
- * masked tokens have an infinite gap and weigh 0. */
+ * masked tokens have an infinite gap and weigh 0. `ahead` (ahead_bytes, or
+ * NULL) is the next tile of the row: it is prefetched first, so that memory
+ * works while this tile's weights are computed (a row is read once, tile by
+ * tile; without this the next tile's read waits for this tile's arithmetic). */
 PSM_CPU_HOT
-static uint64_t plain_weight_sum(const float *x, int n, float reference, float scale, int bits)
+static uint64_t plain_weight_sum(const float *x, int n, float reference, float scale, int bits,
+                                 const char *ahead, size_t ahead_bytes)
+{
+    for (size_t b = 0; ahead && b < ahead_bytes; b += 64)
+        __builtin_prefetch(ahead + b, 0, 3);
+    /* Exact: integer weights below 2^41, partial sums below 2^53 (see
+     * cpu_weight.h), so the lanes may add in any order. */
+    double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+    for (int i = 0; i < n; ++i)
+        sum += (double)psm_cpu_weight_float(psm_cpu_scaled_gap(reference, x[i], scale), bits);
+    return (uint64_t)sum;
+}
+
+/* Every token's weight against reference into weights; returns their sum.
+ * With `masked` (a constant in each caller), weights[i] holds 0 or 1 on entry
+ * (kept or not) and a token that is not kept weighs 0. */
+static inline uint64_t tile_weight_array(const float *x, int n, float reference, float scale,
+                                         int bits, uint64_t *weights, int masked)
 {
     uint64_t sum = 0;
 #pragma omp simd reduction(+ : sum)
-    for (int i = 0; i < n; ++i)
-        sum += psm_cpu_weight(psm_cpu_scaled_gap(reference, x[i], scale), bits);
+    for (int i = 0; i < n; ++i) {
+        uint64_t w = psm_cpu_weight(psm_cpu_scaled_gap(reference, x[i], scale), bits);
+        if (masked)
+            w &= (uint64_t)0 - weights[i];
+        weights[i] = w;
+        sum += w;
+    }
     return sum;
 }
 
@@ -184,14 +241,7 @@ PSM_CPU_HOT
 static uint64_t plain_weights(const float *x, int n, float reference, float scale, int bits,
                               uint64_t *weights)
 {
-    uint64_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int i = 0; i < n; ++i) {
-        uint64_t w = psm_cpu_weight(psm_cpu_scaled_gap(reference, x[i], scale), bits);
-        weights[i] = w;
-        sum += w;
-    }
-    return sum;
+    return tile_weight_array(x, n, reference, scale, bits, weights, 0);
 }
 
 /* g_i: a token's weight against the row maximum. */
@@ -208,6 +258,95 @@ static uint64_t tile_key_bound(const cpu_row *row, const cpu_scratch *owner, int
     return psm_rank_key(owner->tile_max[tile], (uint32_t)(tile * PSM_TILE));
 }
 
+/* psm_rank_key(x, token) >= cutoff, on 32-bit halves so that it vectorises
+ * in 32-bit lanes. x must be valid (finite, read by psm_read_logit). */
+static inline int key_at_least(float x, uint32_t token, uint64_t cutoff)
+{
+    uint32_t bits = psm_float_bits(x);
+    uint32_t ordered = (bits >> 31) ? ~bits : (bits | 0x80000000u);
+    uint32_t high = (uint32_t)(cutoff >> 32), low = (uint32_t)cutoff;
+    return ordered > high || (ordered == high && 0xffffffffu - token >= low);
+}
+
+static inline int is_valid_logit(float x)
+{
+    return (int32_t)(psm_float_bits(x) & 0x7fffffffu) < 0x7f800000;
+}
+
+/* The kept rule of a filtered tile: kept[i] = 1 for a valid token with key
+ * >= cutoff (and, with min-p, g_i >= min_weight), else 0; returns the largest
+ * kept logit, -inf when none is kept. g_i is computed only with min-p on
+ * (use_min_p is a constant in each caller, so each gets its own loop). */
+static inline float mark_kept(const cpu_row *row, const float *x, int n, uint32_t start,
+                              uint64_t *kept, int use_min_p)
+{
+    float kept_max = -INFINITY;
+    uint64_t cutoff = row->key_cutoff;
+    double min_weight = (double)row->min_weight; /* exact: at most 2^40 */
+    float row_max = row->row_max, scale = row->scale;
+    int bits = row->weight_bits;
+#pragma omp simd reduction(max : kept_max)
+    for (int i = 0; i < n; ++i) {
+        int keep = is_valid_logit(x[i]) & key_at_least(x[i], start + (uint32_t)i, cutoff);
+        if (use_min_p)
+            keep &= (double)psm_cpu_weight_float(psm_cpu_scaled_gap(row_max, x[i], scale), bits) >=
+                    min_weight;
+        kept[i] = (uint64_t)keep;
+        float candidate = keep ? x[i] : -INFINITY;
+        kept_max = kept_max > candidate ? kept_max : candidate;
+    }
+    return kept_max;
+}
+
+PSM_CPU_HOT
+static float mark_kept_top(const cpu_row *row, const float *x, int n, uint32_t start, uint64_t *kept)
+{
+    return mark_kept(row, x, n, start, kept, 0);
+}
+
+PSM_CPU_HOT
+static float mark_kept_min_p(const cpu_row *row, const float *x, int n, uint32_t start,
+                             uint64_t *kept)
+{
+    return mark_kept(row, x, n, start, kept, 1);
+}
+
+/* weights[i] (0 or 1 on entry: kept) becomes w_i against reference, or 0. */
+PSM_CPU_HOT
+static uint64_t masked_weights(const float *x, int n, float reference, float scale, int bits,
+                               uint64_t *weights)
+{
+    return tile_weight_array(x, n, reference, scale, bits, weights, 1);
+}
+
+/* Sum of g_i over a tile's valid tokens with key >= cutoff (top-p's Z). */
+PSM_CPU_HOT
+static uint64_t global_mass(const cpu_row *row, const float *x, int n, uint32_t start,
+                            uint64_t cutoff)
+{
+    double sum = 0.0; /* exact: integers, partial sums below 2^53 */
+    float row_max = row->row_max, scale = row->scale;
+    int bits = row->weight_bits;
+#pragma omp simd reduction(+ : sum)
+    for (int i = 0; i < n; ++i) {
+        int keep = is_valid_logit(x[i]) & key_at_least(x[i], start + (uint32_t)i, cutoff);
+        float g = psm_cpu_weight_float(psm_cpu_scaled_gap(row_max, x[i], scale), bits);
+        sum += keep ? (double)g : 0.0;
+    }
+    return (uint64_t)sum;
+}
+
+/* g_i of every token of a tile (0 for masked ones). */
+PSM_CPU_HOT
+static void global_weights(const cpu_row *row, const float *x, int n, uint64_t *g)
+{
+    float row_max = row->row_max, scale = row->scale;
+    int bits = row->weight_bits;
+#pragma omp simd
+    for (int i = 0; i < n; ++i)
+        g[i] = psm_cpu_weight(psm_cpu_scaled_gap(row_max, x[i], scale), bits);
+}
+
 /* Tile weights of a filtered row: w_i against the largest kept logit of the
  * tile for kept tokens, 0 for the rest. Returns S_t, and m_t in *reference. */
 static uint64_t kept_weights(const cpu_row *row, int64_t tile, float *x, uint64_t *weights,
@@ -217,32 +356,14 @@ static uint64_t kept_weights(const cpu_row *row, int64_t tile, float *x, uint64_
     float tile_max;
     load_tile(row, tile, x, &n, &tile_max, &bad);
     uint32_t start = (uint32_t)(tile * PSM_TILE);
-    float kept_max = -INFINITY;
-    int any_kept = 0;
-    for (int i = 0; i < n; ++i) {
-        int kept = psm_logit_class(x[i]) == PSM_LOGIT_VALID &&
-                   psm_rank_key(x[i], start + (uint32_t)i) >= row->key_cutoff &&
-                   (row->min_weight == 0 || global_weight(row, x[i]) >= row->min_weight);
-        weights[i] = (uint64_t)kept;
-        if (kept && (!any_kept || x[i] > kept_max)) {
-            kept_max = x[i];
-            any_kept = 1;
-        }
-    }
+    float kept_max = row->min_weight != 0 ? mark_kept_min_p(row, x, n, start, weights)
+                                          : mark_kept_top(row, x, n, start, weights);
     *reference = kept_max;
-    if (!any_kept) {
+    if (kept_max == -INFINITY) {
         memset(weights, 0, (size_t)n * sizeof *weights);
         return 0;
     }
-    uint64_t sum = 0;
-    for (int i = 0; i < n; ++i) {
-        uint64_t w = weights[i]
-                         ? psm_weight(psm_scaled_gap(kept_max, x[i], row->scale), row->weight_bits)
-                         : 0;
-        weights[i] = w;
-        sum += w;
-    }
-    return sum;
+    return masked_weights(x, n, kept_max, row->scale, row->weight_bits, weights);
 }
 
 /* A tile's weights into `weights` (plain or kept rule); returns S_t. */
@@ -293,9 +414,16 @@ static void run_tile(const cpu_pass_args *args, int64_t tile, cpu_scratch *worke
         owner->tile_max[tile] = max;
         owner->tile_valid[tile] = valid;
         owner->tile_bad[tile] = (uint8_t)bad;
+        const char *ahead = NULL;
+        size_t ahead_bytes = 0;
+        if (tile + 1 < row->tiles) {
+            size_t size = dtype_size(row->dtype);
+            ahead = (const char *)row->data + (size_t)(tile + 1) * PSM_TILE * size;
+            ahead_bytes = (size_t)tile_length(row, tile + 1) * size;
+        }
         owner->tile_sum[tile] = (valid > 0 && !bad)
                                     ? plain_weight_sum(worker->logits, n, max, row->scale,
-                                                       row->weight_bits)
+                                                       row->weight_bits, ahead, ahead_bytes)
                                     : 0;
         break;
     }
@@ -309,14 +437,8 @@ static void run_tile(const cpu_pass_args *args, int64_t tile, cpu_scratch *worke
     case PASS_G_MASS: {
         uint64_t mass = 0;
         if (owner->tile_valid[tile] > 0 && tile_key_bound(row, owner, tile) >= args->g_cutoff) {
-            uint32_t start = (uint32_t)(tile * PSM_TILE);
             load_tile(row, tile, worker->logits, &n, &max, &bad);
-            for (int i = 0; i < n; ++i) {
-                float x = worker->logits[i];
-                if (psm_logit_class(x) == PSM_LOGIT_VALID &&
-                    psm_rank_key(x, start + (uint32_t)i) >= args->g_cutoff)
-                    mass += global_weight(row, x);
-            }
+            mass = global_mass(row, worker->logits, n, (uint32_t)(tile * PSM_TILE), args->g_cutoff);
         }
         owner->tile_sum[tile] = mass;
         break;
@@ -430,6 +552,17 @@ static int compare_ranked_descending(const void *a, const void *b)
     return compare_keys_descending(&((const cpu_ranked *)a)->key, &((const cpu_ranked *)b)->key);
 }
 
+/* Is some valid token's key >= cutoff? */
+PSM_CPU_HOT
+static int any_key_at_least(const float *x, int n, uint32_t start, uint64_t cutoff)
+{
+    int any = 0;
+#pragma omp simd reduction(| : any)
+    for (int i = 0; i < n; ++i)
+        any |= is_valid_logit(x[i]) & key_at_least(x[i], start + (uint32_t)i, cutoff);
+    return any;
+}
+
 /* The k largest rank keys among valid tokens (k <= CPU_HEAP_LIMIT, k smaller
  * than the valid count), left in owner->heap sorted descending. */
 static void top_k_heap(const cpu_row *row, cpu_scratch *owner, int64_t k)
@@ -446,6 +579,16 @@ static void top_k_heap(const cpu_row *row, cpu_scratch *owner, int64_t k)
         uint32_t start = (uint32_t)(tile * PSM_TILE);
         load_tile(row, tile, owner->logits, &n, &max, &bad);
         for (int i = 0; i < n; ++i) {
+            /* Once the heap is full, a chunk with no key above its least one
+             * (found in a vector pass) is skipped whole. */
+            if (size == k && i % CPU_HEAP_CHUNK == 0) {
+                int length = n - i < CPU_HEAP_CHUNK ? n - i : CPU_HEAP_CHUNK;
+                if (!any_key_at_least(owner->logits + i, length, start + (uint32_t)i,
+                                      heap[0] + 1)) {
+                    i += length - 1;
+                    continue;
+                }
+            }
             float x = owner->logits[i];
             if (psm_logit_class(x) != PSM_LOGIT_VALID)
                 continue;
@@ -475,6 +618,57 @@ static float key_logit(uint64_t key)
     uint32_t ordered = (uint32_t)(key >> 32);
     uint32_t bits = (ordered & 0x80000000u) ? (ordered & 0x7fffffffu) : ~ordered;
     return psm_bits_float(bits);
+}
+
+/* Highest digit whose bucket holds the token at which the running measure
+ * (from *above, in rank order) reaches target; *above gains the measure of
+ * the buckets above it. */
+static int64_t radix_digit(const cpu_scratch *owner, int digit_bits, uint64_t *above,
+                           uint64_t target)
+{
+    int64_t digit = ((int64_t)1 << digit_bits) - 1;
+    for (; digit > 0; --digit) {
+        if (owner->radix_count[digit] != 0 && *above + owner->radix_measure[digit] >= target)
+            break;
+        *above += owner->radix_measure[digit];
+    }
+    return digit;
+}
+
+/* The end of radix_cutoff once the tokens left (all sharing the first
+ * `consumed` key bits) are gathered: further rounds over the array itself,
+ * which is small, until few enough are left to sort. */
+static uint64_t gathered_cutoff(cpu_scratch *owner, int64_t count, int consumed, uint64_t above,
+                                uint64_t target, uint64_t fallback)
+{
+    cpu_ranked *items = owner->gathered;
+    while (count > CPU_SORT_LIMIT && consumed < 64) {
+        int digit_bits = 64 - consumed < CPU_RADIX_BITS ? 64 - consumed : CPU_RADIX_BITS;
+        int shift = 64 - consumed - digit_bits;
+        uint64_t mask = ((uint64_t)1 << digit_bits) - 1;
+        memset(owner->radix_count, 0, sizeof owner->radix_count);
+        memset(owner->radix_measure, 0, sizeof owner->radix_measure);
+        for (int64_t i = 0; i < count; ++i) {
+            uint64_t digit = (items[i].key >> shift) & mask;
+            owner->radix_count[digit] += 1;
+            owner->radix_measure[digit] += items[i].measure;
+        }
+        uint64_t digit = (uint64_t)radix_digit(owner, digit_bits, &above, target);
+        int64_t kept = 0;
+        for (int64_t i = 0; i < count; ++i)
+            if (((items[i].key >> shift) & mask) == digit)
+                items[kept++] = items[i];
+        count = kept;
+        consumed += digit_bits;
+    }
+    qsort(items, (size_t)count, sizeof items[0], compare_ranked_descending);
+    for (int64_t i = 0; i < count; ++i) {
+        above += items[i].measure;
+        if (above >= target)
+            return items[i].key;
+    }
+    /* Unreachable when the caller's guarantee holds. */
+    return count > 0 ? items[count - 1].key : fallback;
 }
 
 /* Walks the valid tokens with key >= lower in rank order, adding up a
@@ -508,6 +702,11 @@ static uint64_t radix_cutoff(const cpu_row *row, cpu_scratch *owner, uint64_t lo
             float max;
             uint32_t start = (uint32_t)(tile * PSM_TILE);
             load_tile(row, tile, owner->logits, &n, &max, &bad);
+            /* The first round measures every valid token: their g_i in one
+             * vector pass; later rounds measure few, one by one. */
+            int all_global = by_mass && consumed == 0;
+            if (all_global)
+                global_weights(row, owner->logits, n, owner->weights);
             for (int i = 0; i < n; ++i) {
                 float x = owner->logits[i];
                 if (psm_logit_class(x) != PSM_LOGIT_VALID)
@@ -515,7 +714,7 @@ static uint64_t radix_cutoff(const cpu_row *row, cpu_scratch *owner, uint64_t lo
                 uint64_t key = psm_rank_key(x, start + (uint32_t)i);
                 if (key < lower || (consumed && (key >> (64 - consumed)) != prefix))
                     continue;
-                uint64_t measure = by_mass ? global_weight(row, x) : 1;
+                uint64_t measure = !by_mass ? 1 : all_global ? owner->weights[i] : global_weight(row, x);
                 if (gather) {
                     owner->gathered[gathered].key = key;
                     owner->gathered[gathered].measure = measure;
@@ -527,31 +726,18 @@ static uint64_t radix_cutoff(const cpu_row *row, cpu_scratch *owner, uint64_t lo
                 }
             }
         }
-        if (gather) {
-            qsort(owner->gathered, (size_t)gathered, sizeof owner->gathered[0],
-                  compare_ranked_descending);
-            for (int64_t i = 0; i < gathered; ++i) {
-                above += owner->gathered[i].measure;
-                if (above >= target)
-                    return owner->gathered[i].key;
-            }
-            /* Unreachable when the caller's guarantee holds. */
-            return gathered > 0 ? owner->gathered[gathered - 1].key : lower;
-        }
-        int64_t digit = ((int64_t)1 << digit_bits) - 1;
-        for (; digit > 0; --digit) {
-            if (owner->radix_count[digit] != 0 && above + owner->radix_measure[digit] >= target)
-                break;
-            above += owner->radix_measure[digit];
-        }
+        if (gather)
+            return gathered_cutoff(owner, gathered, consumed, above, target, lower);
+        int64_t digit = radix_digit(owner, digit_bits, &above, target);
         prefix = (prefix << digit_bits) | (uint64_t)digit;
         consumed += digit_bits;
         gather = owner->radix_count[digit] <= CPU_GATHER_LIMIT;
     }
 }
 
-/* Sets row->key_cutoff and row->min_weight from top-k, top-p and min-p. */
-static void apply_filters(const cpu_state *state, cpu_row *row, cpu_scratch *owner, int parallel,
+/* Sets row->key_cutoff and row->min_weight from top-k, top-p and min-p.
+ * Returns 1 when the kept tokens are all among owner->heap's top_k keys. */
+static int apply_filters(const cpu_state *state, cpu_row *row, cpu_scratch *owner, int parallel,
                           int64_t valid, int32_t top_k, float top_p, float min_p)
 {
     uint64_t cutoff = 0;
@@ -590,6 +776,28 @@ static void apply_filters(const cpu_state *state, cpu_row *row, cpu_scratch *own
     }
     row->key_cutoff = cutoff;
     row->min_weight = psm_min_p_threshold(min_p, row->weight_bits);
+    return heap_candidates;
+}
+
+/* m_t and S_t of the kept set when it lies in owner->heap (sorted by
+ * descending key): the first kept token met in a tile is its largest, m_t.
+ * Equal to PASS_KEPT's result, without reading the row again. */
+static void kept_masses_from_heap(const cpu_row *row, cpu_scratch *owner, int64_t count)
+{
+    for (int64_t tile = 0; tile < row->tiles; ++tile) {
+        owner->tile_sum[tile] = 0;
+        owner->tile_max[tile] = -INFINITY;
+    }
+    for (int64_t i = 0; i < count && owner->heap[i] >= row->key_cutoff; ++i) {
+        float x = key_logit(owner->heap[i]);
+        if (row->min_weight != 0 && global_weight(row, x) < row->min_weight)
+            continue;
+        int64_t tile = (int64_t)(0xffffffffu - (uint32_t)owner->heap[i]) / PSM_TILE;
+        if (owner->tile_max[tile] == -INFINITY)
+            owner->tile_max[tile] = x;
+        owner->tile_sum[tile] += psm_weight(psm_scaled_gap(owner->tile_max[tile], x, row->scale),
+                                            row->weight_bits);
+    }
 }
 
 /* ---- rows ------------------------------------------------------------------ */
@@ -616,11 +824,6 @@ static cpu_row_params resolve_params(const psm_params *params, int64_t r)
     out.stream = params->seed_per_row ? 0u : (uint32_t)r;
     out.valid = psm_row_params_valid(out.temperature, out.top_k, out.top_p, out.min_p);
     return out;
-}
-
-static size_t dtype_size(psm_dtype dtype)
-{
-    return dtype == PSM_DTYPE_F32 ? 4 : 2;
 }
 
 static void init_row(cpu_row *row, const psm_tensor *logits, int64_t r)
@@ -797,10 +1000,13 @@ static void process_row(const cpu_state *state, const psm_request *request, int6
     }
     if (!plain) {
         row.filtered = 1;
-        apply_filters(state, &row, owner, parallel, valid, params.top_k, params.top_p,
-                      params.min_p);
-        args.pass = PASS_KEPT;
-        run_pass(state, &args, parallel);
+        if (apply_filters(state, &row, owner, parallel, valid, params.top_k, params.top_p,
+                          params.min_p)) {
+            kept_masses_from_heap(&row, owner, params.top_k);
+        } else {
+            args.pass = PASS_KEPT;
+            run_pass(state, &args, parallel);
+        }
     }
     uint64_t total = tile_masses(&row, owner);
     if (want_probs) {

@@ -1,21 +1,39 @@
 /*
- * cpu_weight.h: psm_scaled_gap and psm_weight written without branches or
- * selects, so that GCC vectorises the CPU backend's hot loops. With the
- * contract's versions, GCC threads the ternaries into jumps (it knows the
- * weight of a zero gap is the constant 2^B) and the loop stays scalar.
+ * cpu_weight.h: psm_scaled_gap and psm_weight written so that GCC vectorises
+ * the CPU backend's hot loops well: no branches or selects (with the
+ * contract's versions GCC threads the ternaries into jumps and the loop stays
+ * scalar), and a weight computed in float lanes rather than 64-bit ones.
  *
- * Equalities (the check driver tests both):
+ * The weight. psm_weight splits d = n + r and returns q << (B - 24 - n) or
+ * q >> (n + 24 - B), with q = p x 2^24 read from the bits of the polynomial
+ * p = 2^-r. Both are floor(p x 2^(B - n)): q is an integer, so a left shift
+ * is an exact product and a right shift the floor of one. p x 2^(B - n) is a
+ * float exactly (a power-of-two scaling of a normal float; B - n lies in
+ * [B - 64, B], far from the exponent range's ends), and so is its floor (an
+ * integer below 2^(B + 1) with no more significant bits than p). Hence
+ * psm_cpu_weight_float returns the contract's weight exactly, as a float; its
+ * integer value is below 2^41 and a tile's sum of them below 2^50, so sums
+ * taken in double are exact in any order (every partial sum is an integer
+ * below 2^53).
+ *
+ * The polynomial and the rounding trick are psm_exp2_negative's, operation
+ * for operation (the same correctly rounded float operations on the same
+ * values, with contraction off), repeated here because the contract's version
+ * returns q rather than p.
+ *
+ * Equalities (backends/cpu/weight_check.c tests both, exhaustively):
  * - psm_cpu_scaled_gap(r, x, s) == psm_scaled_gap(r, x, s) for all inputs
  *   (bit for bit, NaN aside, which stays NaN);
- * - psm_cpu_weight(d, B) == psm_weight(d, B) for every d that psm_scaled_gap
- *   can return (+0, NaN, or at least PSM_TINY_GAP up to +inf) and every B
- *   in [32, 40], the values psm_weight_bits can return. The driver checks
- *   every non-negative float and NaNs of both signs, for each B.
+ * - psm_cpu_weight_float(d, B) == psm_weight(d, B) for every d that
+ *   psm_scaled_gap can return (+0, NaN, or at least PSM_TINY_GAP up to +inf)
+ *   and every B in [32, 40], the values psm_weight_bits can return.
  */
 #ifndef PSM_CPU_WEIGHT_H
 #define PSM_CPU_WEIGHT_H
 
 #include "psm_contract.h"
+
+#include <math.h>
 
 static inline float psm_cpu_scaled_gap(float reference, float x, float scale)
 {
@@ -25,23 +43,43 @@ static inline float psm_cpu_scaled_gap(float reference, float x, float scale)
     return psm_bits_float(psm_float_bits(gap) & keep);
 }
 
-static inline psm_u64 psm_cpu_weight(float d, int weight_bits)
+/* psm_weight(d, B), exactly, as a float (see above). */
+static inline float psm_cpu_weight_float(float d, int weight_bits)
 {
     /* Clamp d to 64 in the integer order of the float bits, where NaNs of
-     * either sign and +inf lie above 64. psm_weight is 0 from 64 on, and so is
-     * the formula below at 64 (see the shift), so no final select is needed;
-     * the clamp also keeps psm_exp2_negative inside its domain. */
+     * either sign and +inf lie above 64: psm_weight is 0 from 64 on, and so
+     * is the formula below at 64 (n = 64 gives floor(2^(B - 64)) = 0), so no
+     * final select is needed; the clamp also keeps the rounding trick inside
+     * its domain. */
     psm_u32 bits = psm_float_bits(d);
     psm_u32 limit = 0x42800000u; /* 64.0f */
-    psm_exp2_parts parts = psm_exp2_negative(psm_bits_float(bits < limit ? bits : limit));
-    /* psm_weight computes q << (B - 24 - n) or q >> (n + 24 - B). As q < 2^25,
-     * q * 2^32 fits in 64 bits, and both cases are (q * 2^32) >> (56 - B + n).
-     * When psm_weight returns 0 for a right shift of 32 or more (n = 64 always
-     * gives one), the amount here is 64 or more; clamping it to 63 also gives
-     * 0, because bit 63 of q * 2^32 is bit 31 of q, which is 0. */
-    int amount = 56 - weight_bits + parts.n;
-    amount = amount < 63 ? amount : 63;
-    return ((psm_u64)parts.q << 32) >> amount;
+    d = psm_bits_float(bits < limit ? bits : limit);
+    /* psm_exp2_negative: n = round(d) by the 1.5 x 2^23 trick, r = d - n. */
+    const float shifter = 12582912.0f;
+    float shifted = PSM_FADD(d, shifter);
+    float r = PSM_FSUB(d, PSM_FSUB(shifted, shifter));
+    float p = 0x1.444p-13f;
+    p = PSM_FADD(PSM_FMUL(p, r), -0x1.5f48cp-10f);
+    p = PSM_FADD(PSM_FMUL(p, r), 0x1.3b2a1cp-7f);
+    p = PSM_FADD(PSM_FMUL(p, r), -0x1.c6aeccp-5f);
+    p = PSM_FADD(PSM_FMUL(p, r), 0x1.ebfbe0p-3f);
+    p = PSM_FADD(PSM_FMUL(p, r), -0x1.62e430p-1f);
+    p = PSM_FADD(PSM_FMUL(p, r), 1.0f);
+    /* 2^(B - n) from its exponent bits: n = bits(shifted) - bits(shifter). */
+    psm_u32 n = psm_float_bits(shifted) - psm_float_bits(shifter);
+    float power = psm_bits_float(((psm_u32)(127 + weight_bits) - n) << 23);
+    return floorf(PSM_FMUL(p, power));
+}
+
+/* The same weight as an integer: through double and the 2^52 trick (exact
+ * for integers below 2^52), which vectorises where a float-to-64-bit
+ * conversion does not. */
+static inline psm_u64 psm_cpu_weight(float d, int weight_bits)
+{
+    double shifted = (double)psm_cpu_weight_float(d, weight_bits) + 0x1p52;
+    psm_u64 bits;
+    memcpy(&bits, &shifted, sizeof bits);
+    return bits - (psm_u64)0x4330000000000000u;
 }
 
 #endif /* PSM_CPU_WEIGHT_H */

@@ -1,0 +1,131 @@
+/*
+ * weight_check.c: checks cpu_weight.h against core/psm_contract.h
+ * exhaustively. Not part of the build (it takes minutes of CPU time); run it
+ * after any change to cpu_weight.h or to the flags of the CPU backend:
+ *
+ *   cc -O3 -ffp-contract=off -fopenmp -std=c11 -Icore -Ibackends/cpu \
+ *      backends/cpu/weight_check.c -o weight_check && ./weight_check
+ *
+ * It compiles the vectorised helpers as cpu_backend.c does (the same pragma,
+ * the same clones, an omp simd loop) and compares, for every B in [32, 40]:
+ * - psm_cpu_weight_float(d, B) and psm_cpu_weight(d, B) with psm_weight(d, B)
+ *   for every float bit pattern d with the sign bit clear (+0 up to +inf and
+ *   every positive NaN) and every negative NaN;
+ * - psm_cpu_scaled_gap with psm_scaled_gap on random and edge inputs.
+ * Exits 0 when every value agrees.
+ */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math") /* as in cpu_backend.c */
+#endif
+#include "cpu_weight.h"
+#include "psm_contract.h"
+
+#include <inttypes.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && \
+    (!defined(__clang__) || __clang_major__ >= 14)
+#define CHECK_HOT __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CHECK_HOT
+#endif
+
+#define CHUNK 4096
+
+/* The vectorised weights of CHUNK consecutive bit patterns. */
+CHECK_HOT
+static void vector_weights(uint32_t first, int weight_bits, float *as_float, uint64_t *as_integer)
+{
+#pragma omp simd
+    for (int i = 0; i < CHUNK; ++i) {
+        float d = psm_bits_float(first + (uint32_t)i);
+        as_float[i] = psm_cpu_weight_float(d, weight_bits);
+        as_integer[i] = psm_cpu_weight(d, weight_bits);
+    }
+}
+
+/* Bit patterns [first, last] in chunks; returns the number of mismatches. */
+static uint64_t check_range(uint64_t first, uint64_t last, int weight_bits)
+{
+    uint64_t mismatches = 0;
+    int64_t chunks = (int64_t)((last - first) / CHUNK + 1);
+#pragma omp parallel for schedule(dynamic, 256) reduction(+ : mismatches)
+    for (int64_t c = 0; c < chunks; ++c) {
+        float as_float[CHUNK];
+        uint64_t as_integer[CHUNK];
+        uint32_t start = (uint32_t)(first + (uint64_t)c * CHUNK);
+        vector_weights(start, weight_bits, as_float, as_integer);
+        for (int i = 0; i < CHUNK; ++i) {
+            uint64_t bits = (uint64_t)start + (uint64_t)i;
+            if (bits > last)
+                break;
+            float d = psm_bits_float((uint32_t)bits);
+            uint64_t expected = psm_weight(d, weight_bits);
+            if ((uint64_t)as_float[i] != expected || as_integer[i] != expected ||
+                as_float[i] != (float)expected) {
+                if (mismatches < 5)
+                    fprintf(stderr, "B %d d bits %08" PRIx64 ": %" PRIu64 " (float %.9g) vs %" PRIu64 "\n",
+                            weight_bits, bits, as_integer[i], (double)as_float[i], expected);
+                ++mismatches;
+            }
+        }
+    }
+    return mismatches;
+}
+
+static uint64_t next_random(uint64_t *state)
+{
+    uint64_t z = (*state += 0x9E3779B97F4A7C15u);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9u;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBu;
+    return z ^ (z >> 31);
+}
+
+static uint64_t check_gaps(void)
+{
+    static const float edges[] = {0.0f, -0.0f, 1.0f, -1.0f, 0x1p-30f, 0x1p-31f, 0x1.fffffep-31f,
+                                  0x1p-64f, 3.0e38f, -3.0e38f, 1.0f / 0.0f, -1.0f / 0.0f};
+    int edge_count = (int)(sizeof edges / sizeof edges[0]);
+    uint64_t mismatches = 0, state = 1;
+    for (int64_t k = 0; k < 200000000; ++k) {
+        float in[3];
+        for (int j = 0; j < 3; ++j) {
+            uint64_t draw = next_random(&state);
+            if ((draw & 7) == 0)
+                in[j] = edges[(draw >> 3) % (uint64_t)edge_count];
+            else if ((draw & 7) < 4)
+                in[j] = (float)((int64_t)(draw >> 40) - (1 << 23)) * 0x1p-18f; /* near each other */
+            else
+                in[j] = psm_bits_float((uint32_t)(draw >> 32));
+        }
+        float a = psm_cpu_scaled_gap(in[0], in[1], in[2]);
+        float b = psm_scaled_gap(in[0], in[1], in[2]);
+        if (psm_float_bits(a) != psm_float_bits(b) && !(a != a && b != b)) {
+            if (mismatches < 5)
+                fprintf(stderr, "gap(%a, %a, %a): %a vs %a\n", (double)in[0], (double)in[1],
+                        (double)in[2], (double)a, (double)b);
+            ++mismatches;
+        }
+    }
+    return mismatches;
+}
+
+int main(void)
+{
+    uint64_t total = 0;
+    for (int weight_bits = 32; weight_bits <= 40; ++weight_bits) {
+        uint64_t bad = check_range(0, 0x7fffffffu, weight_bits);
+        bad += check_range(0xff800001u, 0xffffffffu, weight_bits);
+        printf("B = %d: %" PRIu64 " mismatches over every non-negative float and negative NaN\n",
+               weight_bits, bad);
+        fflush(stdout);
+        total += bad;
+    }
+    uint64_t gap_bad = check_gaps();
+    printf("scaled gap: %" PRIu64 " mismatches over 2e8 random and edge inputs\n", gap_bad);
+    total += gap_bad;
+    printf("%s\n", total == 0 ? "all equal" : "MISMATCHES");
+    return total == 0 ? 0 : 1;
+}

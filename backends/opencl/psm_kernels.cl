@@ -450,6 +450,8 @@ PSM_LOCAL_FN int psm_nth_with_value(const psm_row_source *source, int vocab, flo
     uint count = 0;
     for (int i = begin; i < end; ++i)
         count += psm_row_value(source, i) == value ? 1u : 0u;
+    if (lid == 0)
+        *shared_index = 0; /* kept only if fewer than nth match: unreachable */
     ulong total;
     ulong inclusive = psm_group_inclusive_scan_u64(count, scratch, &total);
     ulong before = inclusive - count;
@@ -774,8 +776,12 @@ psm_draw(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulon
         weights[i - begin] = psm_tile_weight(&view, x, (uint)(first + i));
         own += weights[i - begin];
     }
-    if (lid == 0)
-        shared_token = -1; /* unreachable when the masses are consistent */
+    if (lid == 0) {
+        /* Kept only if no item finds the token: unreachable when the masses
+         * are consistent (the scan's barriers order these writes). */
+        shared_token = -1;
+        shared_logprob = NAN;
+    }
     ulong group_total;
     ulong inclusive = psm_group_inclusive_scan_u64(own, scratch_u64, &group_total);
     ulong running = inclusive - own;

@@ -1203,22 +1203,36 @@ static psm_status opencl_probs(void *opaque, psm_request *request)
     if (request->check_rows)
         PSM_TRY(check_rows_result(state, request));
     if (target == state->probs.mem) {
-        /* Only each row's vocab entries: the caller's padding stays untouched. */
-        size_t origin[3] = {0, 0, 0};
-        size_t region[3] = {(size_t)probs->vocab * sizeof(cl_float), (size_t)probs->rows, 1};
+        /* Only each row's vocab entries: the caller's padding stays untouched.
+         * The buffers end at the last row's vocab entries, not at a whole
+         * row pitch, and NVIDIA's driver refuses a rectangle whose last row
+         * pitch would pass the end (CL_INVALID_VALUE); so the first rows - 1
+         * rows go as a rectangle and the last row as a plain transfer. */
         size_t pitch = (size_t)probs->row_stride * sizeof(cl_float);
+        size_t last_row = (size_t)(probs->rows - 1) * pitch;
+        size_t row_bytes = (size_t)probs->vocab * sizeof(cl_float);
+        size_t origin[3] = {0, 0, 0};
+        size_t region[3] = {row_bytes, (size_t)probs->rows - 1, 1};
         if (probs->memory == PSM_MEMORY_DEVICE) {
-            CL_TRY(clEnqueueCopyBufferRect(state->queue, target, (cl_mem)probs->data, origin,
-                                           origin, region, pitch, 0, pitch, 0, 0, NULL, NULL),
-                   "clEnqueueCopyBufferRect");
+            if (probs->rows > 1)
+                CL_TRY(clEnqueueCopyBufferRect(state->queue, target, (cl_mem)probs->data, origin,
+                                               origin, region, pitch, 0, pitch, 0, 0, NULL, NULL),
+                       "clEnqueueCopyBufferRect");
+            CL_TRY(clEnqueueCopyBuffer(state->queue, target, (cl_mem)probs->data, last_row,
+                                       last_row, row_bytes, 0, NULL, NULL),
+                   "clEnqueueCopyBuffer");
             if (state->queue_out_of_order)
                 CL_TRY(clEnqueueBarrierWithWaitList(state->queue, 0, NULL, NULL),
                        "clEnqueueBarrierWithWaitList");
         } else {
-            CL_TRY(clEnqueueReadBufferRect(state->queue, target, CL_TRUE, origin, origin,
-                                           region, pitch, 0, pitch, 0, probs->data, 0, NULL,
-                                           NULL),
-                   "clEnqueueReadBufferRect");
+            if (probs->rows > 1)
+                CL_TRY(clEnqueueReadBufferRect(state->queue, target, CL_TRUE, origin, origin,
+                                               region, pitch, 0, pitch, 0, probs->data, 0, NULL,
+                                               NULL),
+                       "clEnqueueReadBufferRect");
+            CL_TRY(clEnqueueReadBuffer(state->queue, target, CL_TRUE, last_row, row_bytes,
+                                       (char *)probs->data + last_row, 0, NULL, NULL),
+                   "clEnqueueReadBuffer");
         }
     }
     return PSM_OK;

@@ -67,6 +67,11 @@ backend_option=(--backend auto)
 if (( all )); then
   backend_option=()
 fi
+for argument in "${passed[@]}"; do
+  case "${argument}" in
+    --backend|--backend=*) backend_option=() ;; # the caller names the backends
+  esac
+done
 json="${build}/bench.json"
 "${build}/cli/polysample" info
 echo
@@ -74,6 +79,26 @@ status=0
 "${build}/cli/polysample" bench "${backend_option[@]}" "${passed[@]}" "--json=${json}" || status=$?
 echo
 echo "JSON results: ${json}"
+
+# Where CUDA and OpenCL both ran (OpenCL on the same GPU through its vendor
+# driver), the ratio OpenCL time / CUDA time per case.
+python3 - "${json}" <<'PY'
+import json
+import sys
+
+results = [r for r in json.load(open(sys.argv[1]))["results"] if "median_ms" in r]
+by_case = {}
+for r in results:
+    by_case.setdefault((r["rows"], r["vocab"], r["dtype"], r["setting"]), {})[r["backend"]] = r
+pairs = [(case, b["cuda"], b[name]) for case, b in by_case.items() if "cuda" in b
+         for name in b if name.startswith("opencl")]
+if pairs:
+    print("OpenCL vs CUDA on the same run (ratio = OpenCL time / CUDA time):")
+    print(f"{'rows':>6} {'vocab':>7} {'dtype':5} {'setting':9} {'cuda_ms':>9} {'opencl_ms':>10} {'ratio':>6}")
+    for (rows, vocab, dtype, setting), cuda, opencl in pairs:
+        print(f"{rows:6d} {vocab:7d} {dtype:5} {setting:9} {cuda['median_ms']:9.3f} "
+              f"{opencl['median_ms']:10.3f} {opencl['median_ms'] / cuda['median_ms']:6.2f}")
+PY
 
 if python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   torch_json="${build}/bench_torch.json"

@@ -12,8 +12,8 @@
 #   4. compute-sanitizer memcheck and racecheck on test_cuda
 #      (POLYSAMPLE_TEST_BACKENDS=cuda, POLYSAMPLE_TEST_QUICK=1)
 #   5. polysample check --rows 100000, if the tool has the command
-#   6. the benchmark: scripts/bench.sh (polysample bench on CUDA and the
-#      PyTorch baseline) when present, else polysample bench --backend cuda
+#   6. the benchmark: scripts/bench.sh (polysample bench on CUDA and on
+#      OpenCL through NVIDIA's driver, and the PyTorch baseline) when present, else polysample bench --backend cuda
 # Full logs are kept in /tmp/gpu-check-logs and packed at the end into
 # $OUT/logs.tgz (the device tool returns at most 8 files); $OUT/steps.log
 # (each step's tail, written as it goes) and $OUT/summary.txt sit beside it.
@@ -113,7 +113,10 @@ fi
 # here) and the PyTorch baseline on the same cases; --no-install keeps it
 # from reaching for a package mirror this machine cannot reach.
 if [ -x "$ROOT/scripts/bench.sh" ] && [ -x "$CLI" ]; then
-    run_step "bench (cuda + torch)" 200 bench.log env BUILD_DIR="$BUILD" "$ROOT/scripts/bench.sh" --no-install
+    # opencl:0 is the first GPU of the OpenCL platforms: the H100 through
+    # NVIDIA's driver (registered above); PoCL's CPU device comes after it.
+    run_step "bench (cuda, opencl, torch)" 300 bench.log env BUILD_DIR="$BUILD" \
+        "$ROOT/scripts/bench.sh" --no-install --backend cuda,opencl:0
 elif [ -x "$CLI" ]; then
     run_step "bench cuda" 120 bench.log "$CLI" bench --backend cuda
 else
@@ -151,7 +154,7 @@ fi
     grep -hE "tests passed|tests failed|\*\*\*Failed|Timeout" "$LOGS/ctest.log" 2>/dev/null | head -20
     grep -HE "ERROR SUMMARY|RACECHECK SUMMARY" "$LOGS"/sanitizer_*.log 2>/dev/null
     echo "-- bench --"
-    grep -vE "^\s*$" "$LOGS/bench.log" 2>/dev/null | tail -45
+    grep -vE "^\s*$" "$LOGS/bench.log" 2>/dev/null | tail -75
 } >"$LOGS/summary.txt"
 cp "$LOGS/summary.txt" "$OUT/summary.txt"
 tar -czf "$OUT/logs.tgz" -C "$LOGS" .

@@ -258,6 +258,21 @@ typedef struct psm_exp2_parts {
     psm_i32 n;
 } psm_exp2_parts;
 
+/* 2^-r for r in [-0.5, 0.5]: a Chebyshev fit of degree 6, evaluated by
+ * Horner in float, in this order of operations. Its own function so that a
+ * backend computing the weight another exact way (the CPU backend's vector
+ * form) evaluates the same polynomial. */
+PSM_FN float psm_exp2_fraction(float r)
+{
+    float p = 0x1.444p-13f;
+    p = PSM_FADD(PSM_FMUL(p, r), -0x1.5f48cp-10f);
+    p = PSM_FADD(PSM_FMUL(p, r), 0x1.3b2a1cp-7f);
+    p = PSM_FADD(PSM_FMUL(p, r), -0x1.c6aeccp-5f);
+    p = PSM_FADD(PSM_FMUL(p, r), 0x1.ebfbe0p-3f);
+    p = PSM_FADD(PSM_FMUL(p, r), -0x1.62e430p-1f);
+    return PSM_FADD(PSM_FMUL(p, r), 1.0f);
+}
+
 PSM_FN psm_exp2_parts psm_exp2_negative(float d)
 {
     /* Round to nearest integer by the 1.5 * 2^23 trick: exact for d < 2^22,
@@ -266,14 +281,7 @@ PSM_FN psm_exp2_parts psm_exp2_negative(float d)
     float shifted = PSM_FADD(d, shifter);
     float nearest = PSM_FSUB(shifted, shifter);
     float r = PSM_FSUB(d, nearest); /* exact, in [-0.5, 0.5] */
-    /* 2^-r, Chebyshev fit of degree 6, evaluated by Horner in float. */
-    float p = 0x1.444p-13f;
-    p = PSM_FADD(PSM_FMUL(p, r), -0x1.5f48cp-10f);
-    p = PSM_FADD(PSM_FMUL(p, r), 0x1.3b2a1cp-7f);
-    p = PSM_FADD(PSM_FMUL(p, r), -0x1.c6aeccp-5f);
-    p = PSM_FADD(PSM_FMUL(p, r), 0x1.ebfbe0p-3f);
-    p = PSM_FADD(PSM_FMUL(p, r), -0x1.62e430p-1f);
-    p = PSM_FADD(PSM_FMUL(p, r), 1.0f);
+    float p = psm_exp2_fraction(r);
     /* p is in [0.70, 1.42]; p * 2^24 is an integer, read from the bits. */
     psm_u32 bits = psm_float_bits(p);
     psm_exp2_parts parts;

@@ -16,12 +16,11 @@
  * taken in double are exact in any order (every partial sum is an integer
  * below 2^53).
  *
- * The polynomial and the rounding trick are psm_exp2_negative's, operation
- * for operation (the same correctly rounded float operations on the same
- * values, with contraction off), repeated here because the contract's version
- * returns q rather than p.
+ * The rounding trick is psm_exp2_negative's, operation for operation, and the
+ * polynomial is the contract's own psm_exp2_fraction (the same correctly
+ * rounded float operations on the same values, with contraction off).
  *
- * Equalities (backends/cpu/weight_check.c tests both, exhaustively):
+ * Equalities (tests/test_cpu_weight.c tests both, exhaustively with --exhaustive):
  * - psm_cpu_scaled_gap(r, x, s) == psm_scaled_gap(r, x, s) for all inputs
  *   (bit for bit, NaN aside, which stays NaN);
  * - psm_cpu_weight_float(d, B) == psm_weight(d, B) for every d that
@@ -58,13 +57,7 @@ static inline float psm_cpu_weight_float(float d, int weight_bits)
     const float shifter = 12582912.0f;
     float shifted = PSM_FADD(d, shifter);
     float r = PSM_FSUB(d, PSM_FSUB(shifted, shifter));
-    float p = 0x1.444p-13f;
-    p = PSM_FADD(PSM_FMUL(p, r), -0x1.5f48cp-10f);
-    p = PSM_FADD(PSM_FMUL(p, r), 0x1.3b2a1cp-7f);
-    p = PSM_FADD(PSM_FMUL(p, r), -0x1.c6aeccp-5f);
-    p = PSM_FADD(PSM_FMUL(p, r), 0x1.ebfbe0p-3f);
-    p = PSM_FADD(PSM_FMUL(p, r), -0x1.62e430p-1f);
-    p = PSM_FADD(PSM_FMUL(p, r), 1.0f);
+    float p = psm_exp2_fraction(r);
     /* 2^(B - n) from its exponent bits: n = bits(shifted) - bits(shifter). */
     psm_u32 n = psm_float_bits(shifted) - psm_float_bits(shifter);
     float power = psm_bits_float(((psm_u32)(127 + weight_bits) - n) << 23);

@@ -1,17 +1,20 @@
 /*
- * weight_check.c: checks cpu_weight.h against core/psm_contract.h
- * exhaustively. Not part of the build (it takes minutes of CPU time); run it
- * after any change to cpu_weight.h or to the flags of the CPU backend:
+ * test_cpu_weight.c: checks backends/cpu/cpu_weight.h (the CPU backend's
+ * vectorised weight and gap) against core/psm_contract.h, compiled as
+ * cpu_backend.c compiles them (the same pragma, the same target clones, an
+ * omp simd loop). Registered with ctest in its quick form; after any change
+ * to cpu_weight.h or to the CPU backend's flags, run it exhaustively:
  *
- *   cc -O3 -ffp-contract=off -fopenmp -std=c11 -Icore -Ibackends/cpu \
- *      backends/cpu/weight_check.c -o weight_check && ./weight_check
+ *   build/tests/test_cpu_weight --exhaustive     (minutes on 2 cores)
  *
- * It compiles the vectorised helpers as cpu_backend.c does (the same pragma,
- * the same clones, an omp simd loop) and compares, for every B in [32, 40]:
- * - psm_cpu_weight_float(d, B) and psm_cpu_weight(d, B) with psm_weight(d, B)
- *   for every float bit pattern d with the sign bit clear (+0 up to +inf and
- *   every positive NaN) and every negative NaN;
- * - psm_cpu_scaled_gap with psm_scaled_gap on random and edge inputs.
+ * Exhaustive: for every B in [32, 40], psm_cpu_weight_float(d, B) and
+ * psm_cpu_weight(d, B) against psm_weight(d, B) for every float bit pattern d
+ * with the sign bit clear (+0 up to +inf and every positive NaN) and every
+ * negative NaN; psm_cpu_scaled_gap against psm_scaled_gap on 2e8 random and
+ * edge inputs.
+ * Quick (default): every pattern with d in [0.25, 64.5] (where n and the
+ * shift vary; below 0.25 the rounding gives n = 0) for B = 32, 36 and 40, the
+ * rest of the patterns with a stride of 4099, and 2e6 gap inputs.
  * Exits 0 when every value agrees.
  */
 #if defined(__GNUC__) && !defined(__clang__)
@@ -46,16 +49,20 @@ static void vector_weights(uint32_t first, int weight_bits, float *as_float, uin
     }
 }
 
-/* Bit patterns [first, last] in chunks; returns the number of mismatches. */
-static uint64_t check_range(uint64_t first, uint64_t last, int weight_bits)
+/* Bit patterns first, first + stride, ... up to last, in chunks of CHUNK
+ * consecutive patterns (stride 1: every pattern); returns the number of
+ * mismatches. */
+static uint64_t check_range(uint64_t first, uint64_t last, int weight_bits, uint64_t stride)
 {
     uint64_t mismatches = 0;
-    int64_t chunks = (int64_t)((last - first) / CHUNK + 1);
+    /* With a stride, each chunk starts stride * CHUNK patterns after the last. */
+    uint64_t step = stride == 1 ? CHUNK : stride * CHUNK;
+    int64_t chunks = (int64_t)((last - first) / step + 1);
 #pragma omp parallel for schedule(dynamic, 256) reduction(+ : mismatches)
     for (int64_t c = 0; c < chunks; ++c) {
         float as_float[CHUNK];
         uint64_t as_integer[CHUNK];
-        uint32_t start = (uint32_t)(first + (uint64_t)c * CHUNK);
+        uint32_t start = (uint32_t)(first + (uint64_t)c * step);
         vector_weights(start, weight_bits, as_float, as_integer);
         for (int i = 0; i < CHUNK; ++i) {
             uint64_t bits = (uint64_t)start + (uint64_t)i;
@@ -83,13 +90,13 @@ static uint64_t next_random(uint64_t *state)
     return z ^ (z >> 31);
 }
 
-static uint64_t check_gaps(void)
+static uint64_t check_gaps(int64_t count)
 {
     static const float edges[] = {0.0f, -0.0f, 1.0f, -1.0f, 0x1p-30f, 0x1p-31f, 0x1.fffffep-31f,
                                   0x1p-64f, 3.0e38f, -3.0e38f, 1.0f / 0.0f, -1.0f / 0.0f};
     int edge_count = (int)(sizeof edges / sizeof edges[0]);
     uint64_t mismatches = 0, state = 1;
-    for (int64_t k = 0; k < 200000000; ++k) {
+    for (int64_t k = 0; k < count; ++k) {
         float in[3];
         for (int j = 0; j < 3; ++j) {
             uint64_t draw = next_random(&state);
@@ -112,19 +119,37 @@ static uint64_t check_gaps(void)
     return mismatches;
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
+    int exhaustive = argc > 1 && strcmp(argv[1], "--exhaustive") == 0;
+    if (argc > 1 && !exhaustive) {
+        fprintf(stderr, "usage: %s [--exhaustive]\n", argv[0]);
+        return 2;
+    }
     uint64_t total = 0;
     for (int weight_bits = 32; weight_bits <= 40; ++weight_bits) {
-        uint64_t bad = check_range(0, 0x7fffffffu, weight_bits);
-        bad += check_range(0xff800001u, 0xffffffffu, weight_bits);
-        printf("B = %d: %" PRIu64 " mismatches over every non-negative float and negative NaN\n",
-               weight_bits, bad);
+        uint64_t bad;
+        if (exhaustive) {
+            bad = check_range(0, 0x7fffffffu, weight_bits, 1);
+            bad += check_range(0xff800001u, 0xffffffffu, weight_bits, 1);
+            printf("B = %d: %" PRIu64 " mismatches over every non-negative float and negative NaN\n",
+                   weight_bits, bad);
+        } else {
+            if (weight_bits % 4 != 0)
+                continue;
+            bad = check_range(0x3e800000u, 0x42810000u, weight_bits, 1); /* d in [0.25, 64.5] */
+            bad += check_range(0, 0x7fffffffu, weight_bits, 4099);
+            bad += check_range(0xff800001u, 0xffffffffu, weight_bits, 4099);
+            printf("B = %d: %" PRIu64 " mismatches over d in [0.25, 64.5] and a 1/4099 sample "
+                   "of the other patterns\n", weight_bits, bad);
+        }
         fflush(stdout);
         total += bad;
     }
-    uint64_t gap_bad = check_gaps();
-    printf("scaled gap: %" PRIu64 " mismatches over 2e8 random and edge inputs\n", gap_bad);
+    int64_t gap_inputs = exhaustive ? 200000000 : 2000000;
+    uint64_t gap_bad = check_gaps(gap_inputs);
+    printf("scaled gap: %" PRIu64 " mismatches over %" PRId64 " random and edge inputs\n", gap_bad,
+           gap_inputs);
     total += gap_bad;
     printf("%s\n", total == 0 ? "all equal" : "MISMATCHES");
     return total == 0 ? 0 : 1;

@@ -302,6 +302,36 @@ PSM_FN psm_u64 psm_weight(float d, int weight_bits)
     return -shift < 32 ? (psm_u64)(parts.q >> -shift) : 0;
 }
 
+/* The same weight, restated for devices where the integer shifts cost more
+ * than a conversion: psm_weight_of_gap(fl(fl(ref - x) * s), bits) equals
+ * psm_weight(psm_scaled_gap(ref, x, s), bits) whenever ref >= x (so the
+ * product is >= 0, +inf or NaN-free); x = -inf gives +inf, weight 0.
+ * Why it is the same function:
+ * - no tiny-gap clamp: for 0 < d < 2^-30 every Horner step rounds back to
+ *   its constant (each term c_k * r is below half an ulp of c_k), so p = 1
+ *   exactly, as for d = 0; n = 0 for both;
+ * - d is clamped to 128 instead of testing d < 64: every d >= 63.5 has
+ *   n >= 64 and weighs 0 either way (bits - 24 - n <= -48), and NaN maps to
+ *   128 as well;
+ * - q = p * 2^24 exactly, so floor(q * 2^(bits - 24 - n)) =
+ *   floor(p * 2^(bits - n)); that product is a float times a power of two,
+ *   exact and normal for n in [0, 128], and the conversion to an integer
+ *   truncates. The shift form (q << k, q >> -k, 0 past 32) is that floor.
+ * tests/test_contract.c compares the two on every float d in [0, 128] when
+ * PSM_TEST_EXHAUSTIVE is set (and on a stride of them otherwise). */
+PSM_FN psm_u64 psm_weight_of_gap(float d, int weight_bits)
+{
+    const float shifter = 12582912.0f;
+    d = d < 128.0f ? d : 128.0f;
+    float shifted = PSM_FADD(d, shifter);
+    float nearest = PSM_FSUB(shifted, shifter);
+    float p = psm_exp2_fraction(PSM_FSUB(d, nearest));
+    /* 2^(bits - n), n = round(d) read from the bits as in psm_exp2_negative */
+    psm_u32 exponent = (psm_u32)(127 + weight_bits) + psm_float_bits(shifter) -
+                       psm_float_bits(shifted);
+    return (psm_u64)PSM_FMUL(p, psm_bits_float(exponent << 23));
+}
+
 /* floor(mass * 2^-d): moves a tile's mass from its own reference to the
  * row's. mass < 2^63, so mass * q needs 128 bits, kept as two halves. */
 PSM_FN psm_u64 psm_rescale_mass(psm_u64 mass, float d)

@@ -126,6 +126,41 @@ START_TEST(weight_monotone_and_accurate)
 }
 END_TEST
 
+/* psm_weight_of_gap (the form the GPU kernels use) is psm_weight after the
+ * contract's gap clamp, for every gap d >= 0 a kernel can produce. With
+ * PSM_TEST_EXHAUSTIVE set, every float in [0, 128] (about 1.1e9; done once
+ * on 2026-11-25: no difference); otherwise a stride of 997 through them, a
+ * stride of 71 in [2^-32, 2^-20) around the dropped clamp, and the edges. */
+START_TEST(weight_of_gap_equals_weight)
+{
+    const int exhaustive = getenv("PSM_TEST_EXHAUSTIVE") != NULL;
+    const psm_u32 last = psm_float_bits(128.0f);
+    const psm_u32 near_clamp = psm_float_bits(0x1p-32f), small = psm_float_bits(0x1p-20f);
+    const int bits_cases[] = {32, 36, 39, 40};
+    psm_u32 b = 0;
+    while (b <= last) {
+        const float d = psm_bits_float(b);
+        const float clamped = psm_scaled_gap(0.0f, -d, 1.0f); /* the contract's clamp */
+        for (size_t k = 0; k < sizeof bits_cases / sizeof bits_cases[0]; ++k) {
+            const int bits = bits_cases[k];
+            const psm_u64 expected = psm_weight(clamped, bits);
+            const psm_u64 got = psm_weight_of_gap(d, bits);
+            ck_assert_msg(got == expected, "psm_weight_of_gap(%a, %d) = %llu, psm_weight %llu",
+                          (double)d, bits, (unsigned long long)got,
+                          (unsigned long long)expected);
+        }
+        b += exhaustive ? 1u : (b >= near_clamp && b < small ? 71u : 997u);
+    }
+    const float edges[] = {0.0f, 0x1p-30f, nextafterf(0x1p-30f, 0.0f), 0.5f, 63.5f,
+                           nextafterf(63.5f, 0.0f), 64.0f, 1e30f, INFINITY};
+    for (size_t i = 0; i < sizeof edges / sizeof edges[0]; ++i)
+        for (int bits = 32; bits <= 40; ++bits)
+            ck_assert_msg(psm_weight_of_gap(edges[i], bits) ==
+                              psm_weight(psm_scaled_gap(0.0f, -edges[i], 1.0f), bits),
+                          "psm_weight_of_gap(%a, %d)", (double)edges[i], bits);
+}
+END_TEST
+
 static unsigned long long long_double_rescale(psm_u64 mass, float d)
 {
     return (unsigned long long)floorl((long double)mass * exp2l(-(long double)d));
@@ -347,6 +382,7 @@ int main(void)
     psm_test_register_common(weight_of_top_token_is_exact);
     psm_test_register_common(weight_vanishes_from_64);
     psm_test_register_common(weight_monotone_and_accurate);
+    psm_test_register_common(weight_of_gap_equals_weight);
     psm_test_register_common(rescale_mass_matches_long_double);
     psm_test_register_common(f16_known_values);
     psm_test_register_common(f16_all_values);

@@ -116,6 +116,9 @@ static void *to_device(const void *host, size_t bytes)
     GPU_OK(GPU(Malloc)(&device, bytes ? bytes : 1));
     if (bytes)
         GPU_OK(GPU(Memcpy)(device, host, bytes, GPU(MemcpyHostToDevice)));
+    /* A copy from pageable memory may return before its DMA lands, and the
+     * library's non-blocking stream does not wait for the default stream. */
+    GPU_OK(GPU(DeviceSynchronize)());
     return device;
 }
 
@@ -182,6 +185,7 @@ static void compare_sample(const char *what, const logit_matrix *m, const psm_pa
     GPU_OK(GPU(Malloc)(&device_tokens, (size_t)draws * sizeof(int32_t)));
     GPU_OK(GPU(Malloc)(&device_logprobs, (size_t)draws * sizeof(float)));
     GPU_OK(GPU(Memset)(device_tokens, 0x5a, (size_t)draws * sizeof(int32_t)));
+    GPU_OK(GPU(DeviceSynchronize)()); /* the poison lands before the library's stream runs */
     psm_tensor device_tensor = tensor_of(m, device_logits, PSM_MEMORY_DEVICE);
     psm_output tokens_out = {device_tokens, PSM_MEMORY_DEVICE};
     psm_output logprobs_out = {device_logprobs, PSM_MEMORY_DEVICE};
@@ -473,6 +477,7 @@ START_TEST(gpu_per_row_device_parameters)
     /* With the value fixed, checking mode draws what the CPU draws. */
     GPU_OK(GPU(Memcpy)((void *)device_params.top_p_per_row, top_ps, sizeof top_ps,
                        GPU(MemcpyHostToDevice)));
+    GPU_OK(GPU(DeviceSynchronize)());
     PSM_CHECK_OK(psm_sample(checking, &device_tensor, &device_params, tokens_out, logprobs_out));
     PSM_CHECK_OK(psm_synchronize(checking));
     GPU_OK(GPU(Memcpy)(gpu_tokens, device_tokens, sizeof gpu_tokens, GPU(MemcpyDeviceToHost)));
@@ -566,6 +571,7 @@ START_TEST(gpu_caller_stream_and_graph_replay)
 
     /* New logits in the same buffer: the replay reads them. */
     GPU_OK(GPU(Memcpy)(device_logits, second.data, logit_bytes, GPU(MemcpyHostToDevice)));
+    GPU_OK(GPU(DeviceSynchronize)());
     GPU_OK(GPU(GraphLaunch)(graph_exec, stream));
     GPU_OK(GPU(StreamSynchronize)(stream));
     GPU_OK(GPU(Memcpy)(got, device_tokens, (size_t)draws * sizeof(int32_t), GPU(MemcpyDeviceToHost)));

@@ -121,6 +121,11 @@ PSM_GPU_DEVICE float psm_gpu_half_bits_to_float(unsigned short bits)
 {
     return __half2float(__ushort_as_half(bits));
 }
+/* max(a, b), NaN when either is NaN. */
+PSM_GPU_DEVICE float psm_gpu_max_keep_nan(float a, float b)
+{
+    return (a != a || b != b) ? __int_as_float(0x7fc00000) : fmaxf(a, b);
+}
 } /* namespace PSM_GPU_NAMESPACE */
 
 #else
@@ -199,6 +204,17 @@ PSM_GPU_DEVICE float psm_gpu_half_bits_to_float(unsigned short bits)
 {
     return __half2float(__ushort_as_half(bits));
 }
+/* max(a, b), NaN when either is NaN: one instruction from sm_80 on. */
+PSM_GPU_DEVICE float psm_gpu_max_keep_nan(float a, float b)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    float result;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(result) : "f"(a), "f"(b));
+    return result;
+#else
+    return (a != a || b != b) ? __int_as_float(0x7fc00000) : fmaxf(a, b);
+#endif
+}
 } /* namespace PSM_GPU_NAMESPACE */
 #endif
 
@@ -229,6 +245,11 @@ PSM_GPU_DEVICE unsigned long long psm_gpu_atomic_add_u64(unsigned long long *add
                                                          unsigned long long value)
 {
     return atomicAdd(address, value);
+}
+PSM_GPU_DEVICE unsigned long long psm_gpu_atomic_max_u64(unsigned long long *address,
+                                                         unsigned long long value)
+{
+    return atomicMax(address, value);
 }
 PSM_GPU_DEVICE unsigned long long psm_gpu_atomic_min_u64(unsigned long long *address,
                                                          unsigned long long value)

@@ -27,7 +27,7 @@ namespace PSM_GPU_NAMESPACE {
 namespace {
 
 /* The kernel instantiations of one wave size, indexed by dtype (and, for
- * the row kernel, by shared row and probs mode). */
+ * the row kernel, by filtered variant and probs mode). */
 typedef void (*kernel_fn)(const psm_gpu_call);
 struct kernel_set {
     int warp_size;
@@ -78,7 +78,6 @@ struct psm_gpu_state {
     int owns_stream;
     int multiprocessors;
     kernel_set kernels;      /* for the device's warp size */
-    size_t shared_row_limit; /* largest vocab the shared-row kernels take */
 
     /* per-tile workspace, see psm_gpu_call */
     void *tiles;
@@ -151,8 +150,11 @@ psm_status grow_buffer(void **buffer, size_t *capacity, size_t bytes, const char
     return PSM_OK;
 }
 
-/* Bytes of workspace per tile: key, mass, prefix (u64) and info (u32). */
-const size_t tile_workspace_bytes = 3 * sizeof(psm_u64) + sizeof(psm_u32);
+/* Bytes of workspace per tile: key, mass, prefix (u64), info (u32) and the
+ * lane maxima (one u32 per lane, for the widest wave). */
+const int max_warp_size = 64;
+const size_t tile_workspace_bytes =
+    3 * sizeof(psm_u64) + sizeof(psm_u32) + max_warp_size * sizeof(psm_u32);
 
 psm_status reserve_tiles(psm_gpu_state *state, psm_i64 rows, psm_i64 vocab)
 {
@@ -167,29 +169,6 @@ psm_status reserve_tiles(psm_gpu_state *state, psm_i64 rows, psm_i64 vocab)
         return status;
     }
     state->tile_capacity = capacity_bytes / tile_workspace_bytes;
-    return PSM_OK;
-}
-
-/* The shared-row kernels get as much dynamic shared memory as the device
- * allows a block; the smallest headroom over the variants bounds the vocab
- * they take. */
-psm_status configure_shared_row_kernels(psm_gpu_state *state, size_t shared_optin)
-{
-    size_t limit = (size_t)-1;
-    for (int dtype = 0; dtype < 3; ++dtype)
-        for (int probs_mode = 0; probs_mode < 2; ++probs_mode) {
-            kernel_fn kernel = state->kernels.row[dtype][1][probs_mode];
-            psm_gpu_func_attributes_t attributes;
-            PSM_GPU_TRY(psm_gpu_func_get_attributes(&attributes, kernel),
-                        "reading the row kernel's attributes");
-            size_t static_bytes = attributes.sharedSizeBytes;
-            size_t dynamic_bytes = shared_optin > static_bytes ? shared_optin - static_bytes : 0;
-            PSM_GPU_TRY(psm_gpu_func_set_max_dynamic_shared(kernel, dynamic_bytes),
-                        "raising the row kernel's shared-memory limit");
-            if (dynamic_bytes < limit)
-                limit = dynamic_bytes;
-        }
-    state->shared_row_limit = limit / sizeof(float);
     return PSM_OK;
 }
 
@@ -388,6 +367,8 @@ psm_status prepare_call(psm_gpu_state *state, psm_request *request, bool probs_m
     call->tile_mass = (psm_u64 *)(tiles + tile_count * sizeof(psm_u64));
     call->tile_prefix = (psm_u64 *)(tiles + 2 * tile_count * sizeof(psm_u64));
     call->tile_info = (psm_u32 *)(tiles + 3 * tile_count * sizeof(psm_u64));
+    call->lane_max = (psm_u32 *)(tiles + 3 * tile_count * sizeof(psm_u64) +
+                                 tile_count * sizeof(psm_u32));
     call->first_bad_row = state->first_bad_row;
 
     unsigned char *outputs = (unsigned char *)state->staged_outputs;
@@ -464,13 +445,12 @@ psm_status launch(psm_gpu_state *state, psm_request *request, call_buffers *buff
         }
     }
 
+    /* The same test as the kernels' psm_gpu_may_filter, over every row. */
     const bool filtered = filters_possible(request) != 0;
-    const bool shared_row = filtered && (size_t)request->logits.vocab <= state->shared_row_limit;
-    const size_t dynamic_bytes = shared_row ? (size_t)request->logits.vocab * sizeof(float) : 0;
     const psm_i64 row_blocks = call.rows < (psm_i64)1 << 30 ? call.rows : (psm_i64)1 << 30;
     const unsigned row_threads = filtered ? PSM_GPU_ROW_THREADS : PSM_GPU_ROW_THREADS_PLAIN;
-    kernels.row[dtype][shared_row ? 1 : 0][probs_mode ? 1 : 0]<<<(unsigned)row_blocks, row_threads,
-                                                                 dynamic_bytes, state->stream>>>(call);
+    kernels.row[dtype][filtered ? 1 : 0][probs_mode ? 1 : 0]<<<(unsigned)row_blocks, row_threads, 0,
+                                                               state->stream>>>(call);
     PSM_GPU_TRY(psm_gpu_get_last_error(), "launching the row kernel");
 
     /* Host outputs: copy back and wait, so the caller can read them. */
@@ -605,11 +585,6 @@ static psm_status gpu_create(const psm_context_options *options, int device_inde
         return status;
     }
 #endif
-    status = configure_shared_row_kernels(state, psm_gpu_shared_optin(properties));
-    if (status != PSM_OK) {
-        release_state(state);
-        return status;
-    }
     if (device_name && device_name_size)
         snprintf(device_name, device_name_size, "%s", properties.name);
     *state_out = state;

@@ -7,21 +7,21 @@
  * algorithm is docs/SAMPLING.md:
  *
  *   launch 1, tile kernel (one warp per 1024-token tile, all rows at once):
- *     reads the tile once, from registers: best rank key of its valid logits
- *     (which carries the tile max m_t and its lowest index), count of valid
- *     logits, a bad flag, and the unfiltered tile mass S_t against m_t.
+ *     reads the tile once, into registers: the tile max m_t (as a rank key),
+ *     valid count, bad flag, and for plain rows the tile mass S_t against m_t.
  *   launch 1b, check kernel (checking mode only): first bad row.
  *   launch 2, row kernel (one block per row):
  *     combines the tiles (row max M, greedy token, bad rows); with filters,
- *     finds the top-k / top-p cutoff by radix select on psm_rank_key and
- *     recomputes the tile masses over the kept set; then rescales the tile
- *     masses to the row (T_t), scans them, and draws each sample: the tile by
- *     a binary search over the scan, the token by a warp scan of w_i over
- *     that tile only. psm_probs runs the same kernel and writes the final
- *     distribution instead of drawing.
+ *     finds the top-k / top-p cutoff and makes the tile masses over the kept
+ *     set; then rescales the tile masses to the row (T_t), scans them, and
+ *     draws each sample: the tile by a binary search over the scan, the
+ *     token by a warp scan of w_i over that tile only. psm_probs runs the
+ *     same kernel and writes the final distribution instead of drawing.
  *
- * Rows that need a filter and fit in shared memory are copied there once, so
- * the selection passes do not read global memory again.
+ * Filtered rows: the row kernel bins the row's tokens by their gap to M,
+ * gathers the tokens of the bin where the cutoff lies into a short list and
+ * ranks it exactly (psm_gpu_select_cutoff); a row re-read by its block soon
+ * after comes from L2.
  */
 #ifndef PSM_GPU_KERNELS_CUH
 #define PSM_GPU_KERNELS_CUH
@@ -35,10 +35,10 @@ namespace PSM_GPU_NAMESPACE {
 
 /* Threads of the tile kernel's blocks: several warps, one tile each. */
 #define PSM_GPU_TILE_THREADS 256
-/* Threads of the row kernel's blocks (one row per block): the most (rows
- * with filters, whose selection passes read the whole row) and the fewest
- * (plain rows, whose work is per tile and per sample). */
-#define PSM_GPU_ROW_THREADS 512
+/* Threads of the row kernel's blocks (one row per block): rows with filters
+ * (whose selection passes read the whole row; three blocks of them per
+ * multiprocessor) and plain rows (whose work is per tile and per sample). */
+#define PSM_GPU_ROW_THREADS 256
 #define PSM_GPU_ROW_THREADS_PLAIN 128
 /* Radix select digits: 8 bits, 256 buckets per level, 8 levels for 64 bits. */
 #define PSM_GPU_RADIX_BITS 8
@@ -81,6 +81,7 @@ struct psm_gpu_call {
     psm_u64 *tile_key;    /* best rank key of the tile's (kept) logits, 0: none */
     psm_u64 *tile_mass;   /* S_t */
     psm_u32 *tile_info;   /* valid count | bad flag (launch 1) */
+    psm_u32 *lane_max;    /* rows with top-k: each lane's maximum (launch 1, see there) */
     psm_u64 *tile_prefix; /* inclusive running sum of T_t over the row */
     unsigned long long *first_bad_row;
 
@@ -120,13 +121,10 @@ PSM_GPU_DEVICE float psm_gpu_load_raw(const unsigned char *row_base, psm_i64 ind
     return psm_bf16_to_float(bits);
 }
 
-/* 16 bytes of elements starting at index (a multiple of per_vector, with the
- * row base 16-byte aligned). */
+/* The elements of 16 loaded bytes as floats (conversions are exact). */
 template <int Dtype>
-PSM_GPU_DEVICE void psm_gpu_load_vector(const unsigned char *row_base, psm_i64 index,
-                                        float *out)
+PSM_GPU_DEVICE void psm_gpu_unpack_vector(const uint4 raw, float *out)
 {
-    const uint4 raw = *(const uint4 *)(row_base + index * psm_gpu_dtype_traits<Dtype>::element_bytes);
     const psm_u32 words[4] = {raw.x, raw.y, raw.z, raw.w};
     if constexpr (Dtype == PSM_DTYPE_F32) {
         for (int k = 0; k < 4; ++k)
@@ -146,6 +144,20 @@ PSM_GPU_DEVICE void psm_gpu_load_vector(const unsigned char *row_base, psm_i64 i
     }
 }
 
+/* 16 bytes of elements starting at index (a multiple of per_vector, with the
+ * row base 16-byte aligned). */
+template <int Dtype>
+PSM_GPU_DEVICE uint4 psm_gpu_load_raw_vector(const unsigned char *row_base, psm_i64 index)
+{
+    return *(const uint4 *)(row_base + index * psm_gpu_dtype_traits<Dtype>::element_bytes);
+}
+template <int Dtype>
+PSM_GPU_DEVICE void psm_gpu_load_vector(const unsigned char *row_base, psm_i64 index,
+                                        float *out)
+{
+    psm_gpu_unpack_vector<Dtype>(psm_gpu_load_raw_vector<Dtype>(row_base, index), out);
+}
+
 template <int Dtype>
 PSM_GPU_DEVICE const unsigned char *psm_gpu_row_base(const psm_gpu_call &call, psm_i64 row)
 {
@@ -162,10 +174,6 @@ struct psm_gpu_global_row {
     {
         return psm_read_logit(psm_gpu_load_raw<Dtype>(base, index));
     }
-};
-struct psm_gpu_shared_row {
-    const float *values; /* already through psm_read_logit */
-    PSM_GPU_DEVICE float value(psm_i64 index) const { return values[index]; }
 };
 
 /* The logit a rank key was made from (inverse of psm_rank_key's high half). */
@@ -255,17 +263,115 @@ PSM_GPU_DEVICE psm_u64 psm_gpu_block_inclusive_scan_u64(psm_u64 value, psm_u64 *
                                               psm_gpu_hardware_block());
 }
 
+/* Loads tile `tile_start` of a row into x (one warp, every lane): element e
+ * of the tile sits at x[r * per_vector + k] of lane (e / per_vector) % warp,
+ * r = e / (per_vector * warp): 16-byte vectors, consecutive lanes on
+ * consecutive vectors (coalesced). Past the end of the row reads as -inf.
+ * Values are raw (before psm_read_logit). */
+template <int WarpSize, int Dtype>
+PSM_GPU_DEVICE void psm_gpu_load_tile(const psm_gpu_call &call, const unsigned char *row_base,
+                                      psm_i64 tile_start, int lane, float *x)
+{
+    const int per_vector = psm_gpu_dtype_traits<Dtype>::per_vector;
+    const int vectors_per_lane = PSM_TILE / per_vector / WarpSize;
+    const psm_i64 tile_length =
+        call.vocab - tile_start < PSM_TILE ? call.vocab - tile_start : PSM_TILE;
+    if (call.logits_aligned && tile_length == PSM_TILE) {
+#pragma unroll
+        for (int r = 0; r < vectors_per_lane; ++r)
+            psm_gpu_load_vector<Dtype>(
+                row_base, tile_start + (psm_i64)(r * WarpSize + lane) * per_vector,
+                &x[r * per_vector]);
+    } else {
+#pragma unroll
+        for (int r = 0; r < vectors_per_lane; ++r)
+#pragma unroll
+            for (int k = 0; k < per_vector; ++k) {
+                const psm_i64 e = (psm_i64)(r * WarpSize + lane) * per_vector + k;
+                x[r * per_vector + k] =
+                    e < tile_length ? psm_gpu_load_raw<Dtype>(row_base, tile_start + e) : -INFINITY;
+            }
+    }
+}
+
+/* The token of slot `slot` of lane `lane` in psm_gpu_load_tile's layout. */
+template <int WarpSize, int Dtype>
+PSM_GPU_DEVICE psm_i64 psm_gpu_tile_token(psm_i64 tile_start, int lane, int slot)
+{
+    const int per_vector = psm_gpu_dtype_traits<Dtype>::per_vector;
+    return tile_start + (psm_i64)((slot / per_vector) * WarpSize + lane) * per_vector +
+           slot % per_vector;
+}
+
+/* Calls visit(i, x) for every token i of the row, x after psm_read_logit,
+ * the whole block together: each thread takes 16-byte vectors, four of them
+ * loaded before any is used, so that a pass over the row keeps several loads
+ * in flight per thread. */
+template <int Dtype, class Visit>
+PSM_GPU_DEVICE void psm_gpu_for_each_logit(const psm_gpu_call &call, const unsigned char *row_base,
+                                           Visit &&visit)
+{
+    const int per_vector = psm_gpu_dtype_traits<Dtype>::per_vector;
+    const int batch = 4;
+    psm_i64 vector_end = 0;
+    if (call.logits_aligned) {
+        const psm_i64 vectors = call.vocab / per_vector;
+        vector_end = vectors * per_vector;
+        for (psm_i64 first = threadIdx.x; first < vectors; first += (psm_i64)blockDim.x * batch) {
+            uint4 raw[batch];
+#pragma unroll
+            for (int b = 0; b < batch; ++b) {
+                const psm_i64 v = first + (psm_i64)b * blockDim.x;
+                if (v < vectors)
+                    raw[b] = psm_gpu_load_raw_vector<Dtype>(row_base, v * per_vector);
+            }
+#pragma unroll
+            for (int b = 0; b < batch; ++b) {
+                const psm_i64 v = first + (psm_i64)b * blockDim.x;
+                if (v < vectors) {
+                    float values[per_vector];
+                    psm_gpu_unpack_vector<Dtype>(raw[b], values);
+#pragma unroll
+                    for (int k = 0; k < per_vector; ++k)
+                        visit(v * per_vector + k, psm_read_logit(values[k]));
+                }
+            }
+        }
+    }
+    for (psm_i64 i = vector_end + threadIdx.x; i < call.vocab; i += blockDim.x)
+        visit(i, psm_read_logit(psm_gpu_load_raw<Dtype>(row_base, i)));
+}
+
 /* ---- launch 1: tile statistics ------------------------------------------ */
 
-/* One warp reduces one tile from registers: the best rank key of its valid
- * logits (carries m_t and the lowest index of the maximum), the count of
- * valid logits, the bad flag, and S_t, the sum of w_i against m_t. */
+/* Rows whose parameters ask for a filter: their tile masses are made over the
+ * kept set by the row kernel, so the tile kernel leaves them out. */
+PSM_GPU_DEVICE int psm_gpu_may_filter(psm_i32 top_k, float top_p, float min_p, psm_i64 vocab)
+{
+    return (top_k > 0 && top_k < vocab) || top_p < 1.0f || min_p > 0.0f;
+}
+
+/* The scaled gap without the contract's tiny-gap clamp, which
+ * psm_weight_of_gap does not need (core/psm_contract.h says why). */
+PSM_GPU_DEVICE float psm_gpu_gap(float reference, float x, float scale)
+{
+    return PSM_FMUL(PSM_FSUB(reference, x), scale);
+}
+
+/* One warp reduces one tile from registers: the tile max m_t (as a rank key;
+ * its token part is the lowest index of the maximum only where the row kernel
+ * needs it: greedy and filtered rows), the count of valid logits (exact for
+ * rows with top-k, else 0 or 1), the bad flag, and S_t, the sum of w_i
+ * against m_t (plain rows only).
+ *
+ * Per element the first pass is one NaN-keeping max; psm_read_logit (monotone,
+ * so it commutes with the max) runs on the elements only in tiles whose
+ * maximum lies in [0, 2^-39). The second pass is psm_weight_of_gap; x = -inf
+ * gives an infinite gap, weight 0, so masked logits need no test. */
 template <int WarpSize, int Dtype>
 PSM_GPU_DEVICE void psm_gpu_tile_body(const psm_gpu_call &call)
 {
     const psm_gpu_hardware_lanes<WarpSize> lanes;
-    const int per_vector = psm_gpu_dtype_traits<Dtype>::per_vector;
-    const int vectors_per_lane = PSM_TILE / per_vector / WarpSize;
     const int lane = threadIdx.x % WarpSize;
     const psm_i64 warps_per_block = PSM_GPU_TILE_THREADS / WarpSize;
     const psm_i64 total_tiles = call.rows * call.tiles_per_row;
@@ -274,67 +380,74 @@ PSM_GPU_DEVICE void psm_gpu_tile_body(const psm_gpu_call &call)
          tile_id < total_tiles; tile_id += (psm_i64)gridDim.x * warps_per_block) {
         const psm_i64 row = tile_id / call.tiles_per_row;
         const psm_i64 tile_start = (tile_id - row * call.tiles_per_row) * PSM_TILE;
-        const psm_i64 tile_length =
-            call.vocab - tile_start < PSM_TILE ? call.vocab - tile_start : PSM_TILE;
         const unsigned char *row_base = psm_gpu_row_base<Dtype>(call, row);
 
-        /* Element e of the tile sits at x[r * per_vector + k] of lane
-         * (e / per_vector) % warp, r = e / (per_vector * warp): 16-byte
-         * vectors, consecutive lanes on consecutive vectors (coalesced). */
         float x[(PSM_TILE / WarpSize)];
-        if (call.logits_aligned && tile_length == PSM_TILE) {
-#pragma unroll
-            for (int r = 0; r < vectors_per_lane; ++r)
-                psm_gpu_load_vector<Dtype>(
-                    row_base, tile_start + (psm_i64)(r * WarpSize + lane) * per_vector,
-                    &x[r * per_vector]);
-        } else {
-#pragma unroll
-            for (int r = 0; r < vectors_per_lane; ++r)
-#pragma unroll
-                for (int k = 0; k < per_vector; ++k) {
-                    psm_i64 e = (psm_i64)(r * WarpSize + lane) * per_vector + k;
-                    /* Past the end of the row reads as masked (-inf). */
-                    x[r * per_vector + k] = e < tile_length
-                                                ? psm_gpu_load_raw<Dtype>(row_base, tile_start + e)
-                                                : -INFINITY;
-                }
-        }
-
-        psm_u64 best_key = 0;
-        psm_u32 valid_count = 0, bad = 0;
-#pragma unroll
-        for (int r = 0; r < vectors_per_lane; ++r)
-#pragma unroll
-            for (int k = 0; k < per_vector; ++k) {
-                const int slot = r * per_vector + k;
-                x[slot] = psm_read_logit(x[slot]);
-                const int logit_class = psm_logit_class(x[slot]);
-                if (logit_class == PSM_LOGIT_VALID) {
-                    psm_u32 token = (psm_u32)(tile_start + (psm_i64)(r * WarpSize + lane) * per_vector + k);
-                    psm_u64 key = psm_rank_key(x[slot], token);
-                    best_key = key > best_key ? key : best_key;
-                    ++valid_count;
-                } else if (logit_class == PSM_LOGIT_BAD) {
-                    bad = 1;
-                }
-            }
-        best_key = psm_warp_max<WarpSize>(best_key, lanes);
-        valid_count = psm_warp_sum<WarpSize>(valid_count, lanes);
-        bad = psm_warp_any<WarpSize>(bad, lanes);
+        psm_gpu_load_tile<WarpSize, Dtype>(call, row_base, tile_start, lane, x);
 
         const float temperature =
             call.temperature_per_row ? call.temperature_per_row[row] : call.temperature;
+        const psm_i32 top_k = call.top_k_per_row ? call.top_k_per_row[row] : call.top_k;
+        const float top_p = call.top_p_per_row ? call.top_p_per_row[row] : call.top_p;
+        const float min_p = call.min_p_per_row ? call.min_p_per_row[row] : call.min_p;
+        const int greedy = psm_is_greedy(temperature);
+        const int may_filter = psm_gpu_may_filter(top_k, top_p, min_p, call.vocab);
+
+        float lane_max = -INFINITY;
+#pragma unroll
+        for (int slot = 0; slot < (PSM_TILE / WarpSize); ++slot)
+            lane_max = psm_gpu_max_keep_nan(lane_max, x[slot]);
+        const float raw_max = psm_warp_max<WarpSize>(lane_max, lanes);
+        const psm_u32 bad =
+            psm_warp_any<WarpSize>(lane_max != lane_max ? 1u : 0u, lanes) || raw_max == INFINITY;
+        const float tile_max = psm_read_logit(raw_max);
+        /* psm_read_logit matters to the other logits only below a maximum of
+         * 2^-39: from there up, fl(m - x) = m for every |x| < 2^-64 (half an
+         * ulp of m is at least 2^-64), and no such x equals m. */
+        if (tile_max >= 0.0f && tile_max < 0x1p-39f) {
+#pragma unroll
+            for (int slot = 0; slot < (PSM_TILE / WarpSize); ++slot)
+                x[slot] = psm_read_logit(x[slot]);
+        }
+        const int any_valid = raw_max != -INFINITY && !bad;
+
+        psm_u32 valid_count = any_valid ? 1u : 0u;
+        if (top_k > 0 && any_valid) {
+            psm_u32 lane_count = 0;
+#pragma unroll
+            for (int slot = 0; slot < (PSM_TILE / WarpSize); ++slot)
+                lane_count += x[slot] != -INFINITY ? 1u : 0u;
+            valid_count = psm_warp_sum<WarpSize>(lane_count, lanes);
+        }
+
+        psm_u32 token = (psm_u32)tile_start;
+        if (any_valid && (greedy || may_filter)) {
+            /* The lowest index holding the maximum: slots run in element
+             * order within a lane, so the first match is the lane's lowest. */
+            psm_u32 first = 0xffffffffu;
+#pragma unroll
+            for (int slot = (PSM_TILE / WarpSize) - 1; slot >= 0; --slot)
+                if (x[slot] == tile_max)
+                    first = (psm_u32)psm_gpu_tile_token<WarpSize, Dtype>(tile_start, lane, slot);
+            token = ~psm_warp_max<WarpSize>(~first, lanes);
+        }
+        const psm_u64 best_key = any_valid ? psm_rank_key(tile_max, token) : 0;
+
         psm_u64 mass = 0;
-        if (best_key != 0 && !bad && temperature <= PSM_MAX_TEMPERATURE &&
-            !psm_is_greedy(temperature)) {
-            const float tile_max = psm_gpu_key_logit(best_key);
+        if (any_valid && !greedy && !may_filter && temperature <= PSM_MAX_TEMPERATURE) {
             const float scale = psm_inverse_temperature_scale(temperature);
 #pragma unroll
             for (int slot = 0; slot < (PSM_TILE / WarpSize); ++slot)
-                if (psm_logit_class(x[slot]) == PSM_LOGIT_VALID)
-                    mass += psm_weight(psm_scaled_gap(tile_max, x[slot], scale), call.weight_bits);
+                mass += psm_weight_of_gap(psm_gpu_gap(tile_max, x[slot], scale), call.weight_bits);
             mass = psm_warp_sum<WarpSize>(mass, lanes);
+        }
+        if (top_k > 0 && may_filter) {
+            /* Each lane's maximum as the high half of its rank key (0: no
+             * valid logit): k of them at or above a logit prove that k tokens
+             * are, which bounds the top-k cutoff from below. */
+            const float value = psm_read_logit(lane_max);
+            call.lane_max[tile_id * WarpSize + lane] =
+                any_valid && value != -INFINITY ? (psm_u32)(psm_rank_key(value, 0) >> 32) : 0u;
         }
         if (lane == 0) {
             call.tile_key[tile_id] = best_key;
@@ -397,10 +510,14 @@ struct psm_gpu_row_state {
     float scale;       /* s */
     psm_u64 cutoff;    /* kept: rank key >= cutoff (0: every valid token) */
     psm_u64 min_weight; /* kept: g_i >= min_weight (0: no min-p) */
-    int filtered;
+    float drop_gap;    /* with min-p: a gap to M at or above this weighs below min_weight */
+    int filtered;      /* tile masses are made over the kept set here */
 };
 
-/* The contract's kept set (docs/SAMPLING.md section 4) for one logit. */
+/* The contract's kept set (docs/SAMPLING.md section 4) for one logit. The
+ * kept set of top-k and top-p is every key >= cutoff; min-p's test is on
+ * g_i itself (the weight is not monotone at the last bit, so its kept set is
+ * no prefix of the rank order), skipped where the gap alone decides it. */
 PSM_GPU_DEVICE int psm_gpu_is_kept(const psm_gpu_row_state &state, int weight_bits, float x,
                                    psm_i64 token)
 {
@@ -408,10 +525,21 @@ PSM_GPU_DEVICE int psm_gpu_is_kept(const psm_gpu_row_state &state, int weight_bi
         return 0;
     if (state.cutoff != 0 && psm_rank_key(x, (psm_u32)token) < state.cutoff)
         return 0;
-    if (state.min_weight != 0 &&
-        psm_weight(psm_scaled_gap(state.row_max, x, state.scale), weight_bits) < state.min_weight)
-        return 0;
+    if (state.min_weight != 0) {
+        const float gap = psm_gpu_gap(state.row_max, x, state.scale);
+        if (!(gap < state.drop_gap) || psm_weight_of_gap(gap, weight_bits) < state.min_weight)
+            return 0;
+    }
     return 1;
+}
+
+/* min-p's drop gap: g = floor(2^-r (1 + e) 2^(bits - n)) < 2^(bits - d + 1)
+ * (|e| <= 1.1e-7, d = n + r exactly), so g >= threshold >= 2^L needs
+ * d < bits + 1 - L, L = floor(log2(threshold)). */
+PSM_GPU_DEVICE float psm_gpu_min_p_drop_gap(psm_u64 threshold, int weight_bits)
+{
+    const int log2_floor = 63 - __clzll((long long)threshold);
+    return (float)(weight_bits + 1 - log2_floor);
 }
 
 /* The radix histogram as psm_warp_search_running reads it: position p is
@@ -480,7 +608,7 @@ PSM_GPU_DEVICE psm_u64 psm_gpu_radix_select(const Row &source, const psm_gpu_cal
             if (by_mass)
                 psm_gpu_atomic_add_u64(
                     &scratch.bucket_mass[bucket],
-                    psm_weight(psm_scaled_gap(state.row_max, x, state.scale), call.weight_bits));
+                    psm_weight_of_gap(psm_gpu_gap(state.row_max, x, state.scale), call.weight_bits));
         }
         psm_gpu_block_barrier();
 
@@ -551,8 +679,305 @@ PSM_GPU_DEVICE void psm_gpu_write_point_row(const psm_gpu_call &call, psm_i64 ro
     }
 }
 
-/* From the kept set to the outputs: tile masses over the kept set (when
- * filtered), T_t and their scan, then the draws or the probabilities. */
+/* ---- filtered rows: the cutoff from gap bins and a candidate list -------- */
+
+/* A valid token's bin is its gap to M in 1/16 of a log2 unit (gaps of 64 and
+ * more share the last bin). The bin is a non-decreasing function of the gap,
+ * and the gap a non-increasing function of the logit, so the bins cut the
+ * rank order into consecutive runs: every token of a lower bin ranks before
+ * every token of a higher one. One pass counts the bins (and, for top-p
+ * alone, sums g_i per bin); the cutoff lies in one bin, whose tokens (for
+ * top-k, with every token of the bins before it) are gathered by a second
+ * pass into a list that is ranked by counting and walked exactly. */
+#define PSM_GPU_GAP_BINS 1024
+#define PSM_GPU_GAP_BIN_SCALE 16.0f
+#define PSM_GPU_LIST_CAPACITY 1024
+
+struct psm_gpu_select_scratch {
+    psm_u32 bin_count[PSM_GPU_GAP_BINS];
+    unsigned long long bin_mass[PSM_GPU_GAP_BINS];
+    psm_u64 list_key[PSM_GPU_LIST_CAPACITY];
+    psm_u64 list_weight[PSM_GPU_LIST_CAPACITY]; /* g_i of each listed token */
+    psm_u16 order[PSM_GPU_LIST_CAPACITY];       /* order[rank] = list index */
+    psm_u32 list_size;
+    int first_bin, last_bin; /* the list: valid tokens whose bin is in [first, last] */
+    int status;
+    psm_u64 need;        /* top-k: k; top-p alone: its target */
+    psm_u64 mass_before; /* top-p alone: g mass of the bins before the list */
+    psm_u64 cutoff;
+    psm_u32 kept;        /* ranks [0, kept) of the list are within the cutoff */
+};
+
+#define PSM_GPU_SELECT_LIST 0      /* cutoff found; with top-k the list holds every kept token */
+#define PSM_GPU_SELECT_TOP_ONLY 1  /* top-p target 0: the top token alone */
+#define PSM_GPU_SELECT_FALLBACK 2  /* the list would not fit: radix select */
+
+/* The gap bins as psm_warp_search_running reads them: position p is bin p
+ * (most probable first); its amount is the bin's count (top-k) or g mass
+ * (top-p alone), and only non-empty bins can be chosen. */
+struct psm_gpu_bin_totals {
+    const psm_gpu_select_scratch *select;
+    int by_mass;
+    PSM_GPU_DEVICE psm_u64 amount(int position) const
+    {
+        return by_mass ? (psm_u64)select->bin_mass[position] : (psm_u64)select->bin_count[position];
+    }
+    PSM_GPU_DEVICE bool eligible(int position) const { return amount(position) > 0; }
+};
+
+PSM_GPU_DEVICE int psm_gpu_gap_bin(float gap)
+{
+    return gap < 64.0f ? (int)PSM_FMUL(gap, PSM_GPU_GAP_BIN_SCALE) : PSM_GPU_GAP_BINS - 1;
+}
+
+/* First rank r < limit at which carry + the running sum of list_weight in
+ * rank order reaches target (limit - 1 if none). Called by one whole warp. */
+template <int WarpSize>
+PSM_GPU_DEVICE psm_u32 psm_gpu_walk_list(const psm_gpu_select_scratch &select, psm_u32 limit,
+                                         psm_u64 carry, psm_u64 target)
+{
+    const psm_gpu_hardware_lanes<WarpSize> lanes;
+    const int lane = threadIdx.x % WarpSize;
+    for (psm_u32 base = 0; base < limit; base += WarpSize) {
+        const psm_u32 rank = base + (psm_u32)lane;
+        const psm_u64 value = rank < limit ? select.list_weight[select.order[rank]] : 0;
+        const psm_u64 inclusive = psm_warp_inclusive_scan<WarpSize>(value, lane, lanes);
+        const unsigned long long hits = psm_gpu_ballot(rank < limit && carry + inclusive >= target);
+        if (hits)
+            return base + (psm_u32)psm_gpu_first_set_lane(hits);
+        carry += psm_gpu_shfl<WarpSize>(inclusive, WarpSize - 1);
+    }
+    return limit - 1;
+}
+
+/* The top-k / top-p cutoff of one row (called by the whole block; top-p
+ * alone when !top_k_on). Returns a PSM_GPU_SELECT_* status; with LIST,
+ * select.cutoff and select.kept are set. */
+template <int WarpSize, int Dtype>
+PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const psm_gpu_call &call,
+                                         const psm_gpu_row_state &state, int top_k_on,
+                                         psm_u64 top_k, int top_p_on, float top_p,
+                                         psm_gpu_select_scratch &select)
+{
+    const psm_gpu_hardware_lanes<WarpSize> lanes;
+    const int lane = threadIdx.x % WarpSize, warp = threadIdx.x / WarpSize;
+    const int by_mass = !top_k_on;
+    /* Top-k tries the lane maxima of launch 1 first (a bin that k of them
+     * reach holds the cutoff or lies below it: the list is then every token
+     * up to that bin), and counts the row itself only when that list would
+     * not fit. */
+    for (int from_lanes = top_k_on; from_lanes >= 0; --from_lanes) {
+        for (int b = threadIdx.x; b < PSM_GPU_GAP_BINS; b += blockDim.x) {
+            select.bin_count[b] = 0;
+            select.bin_mass[b] = 0;
+        }
+        if (threadIdx.x == 0)
+            select.list_size = 0;
+        psm_gpu_block_barrier();
+        if (from_lanes) {
+            const psm_u32 *lane_max = call.lane_max + state.tile_base * WarpSize;
+            const psm_i64 lane_count = call.tiles_per_row * WarpSize;
+            for (psm_i64 j = threadIdx.x; j < lane_count; j += blockDim.x) {
+                const psm_u32 high = lane_max[j];
+                if (high != 0)
+                    psm_gpu_atomic_add_u32(
+                        &select.bin_count[psm_gpu_gap_bin(psm_gpu_gap(
+                            state.row_max, psm_gpu_key_logit((psm_u64)high << 32), state.scale))],
+                        1u);
+            }
+        } else {
+            psm_gpu_for_each_logit<Dtype>(call, row_base, [&](psm_i64, float x) {
+                if (psm_logit_class(x) != PSM_LOGIT_VALID)
+                    return;
+                const float gap = psm_gpu_gap(state.row_max, x, state.scale);
+                const int bin = psm_gpu_gap_bin(gap);
+                psm_gpu_atomic_add_u32(&select.bin_count[bin], 1u);
+                if (by_mass)
+                    psm_gpu_atomic_add_u64(&select.bin_mass[bin],
+                                           psm_weight_of_gap(gap, call.weight_bits));
+            });
+        }
+        psm_gpu_block_barrier();
+
+        /* Warp 0 finds the bin where the running count (top-k) or mass (top-p
+         * alone) in bin order first reaches what is needed. */
+        if (warp == 0) {
+            const psm_gpu_bin_totals totals = {&select, by_mass};
+            const psm_gpu_top_p_need top_p_need = {top_p};
+            const psm_warp_search<psm_u64> hit =
+                psm_warp_search_running<WarpSize, PSM_GPU_GAP_BINS / WarpSize>(
+                    totals, top_k, by_mass != 0, top_p_need, lane, lanes);
+            if (lane == (hit.winner < 0 ? 0 : hit.winner)) {
+                const int found = hit.position;
+                int status = PSM_GPU_SELECT_LIST;
+                psm_u64 size = 0;
+                if (by_mass && hit.need == 0)
+                    status = PSM_GPU_SELECT_TOP_ONLY;
+                else if (hit.winner < 0)
+                    status = PSM_GPU_SELECT_FALLBACK; /* cannot happen: need <= the total */
+                else
+                    size = by_mass ? select.bin_count[found] : hit.before + select.bin_count[found];
+                if (status == PSM_GPU_SELECT_LIST && size > PSM_GPU_LIST_CAPACITY && !from_lanes)
+                    status = PSM_GPU_SELECT_FALLBACK;
+                select.status = status;
+                select.first_bin = by_mass ? found : 0;
+                select.last_bin = found;
+                select.need = hit.need;
+                select.mass_before = by_mass ? hit.before : 0;
+            }
+        }
+        psm_gpu_block_barrier();
+        const int status = select.status;
+        if (status != PSM_GPU_SELECT_LIST) {
+            if (from_lanes)
+                continue; /* fewer than k lane maxima: count the row */
+            return status;
+        }
+        const int first_bin = select.first_bin, last_bin = select.last_bin;
+
+        psm_gpu_for_each_logit<Dtype>(call, row_base, [&](psm_i64 i, float x) {
+            if (psm_logit_class(x) != PSM_LOGIT_VALID)
+                return;
+            const int bin = psm_gpu_gap_bin(psm_gpu_gap(state.row_max, x, state.scale));
+            if (bin < first_bin || bin > last_bin)
+                return;
+            const psm_u32 slot = psm_gpu_atomic_add_u32(&select.list_size, 1u);
+            if (slot < PSM_GPU_LIST_CAPACITY)
+                select.list_key[slot] = psm_rank_key(x, (psm_u32)i);
+        });
+        psm_gpu_block_barrier();
+        if (select.list_size <= PSM_GPU_LIST_CAPACITY)
+            break;
+        /* From the lane maxima the list overflowed: count the row instead. The
+         * barrier keeps every thread's read of list_size before the reset. */
+        psm_gpu_block_barrier();
+        if (!from_lanes)
+            return PSM_GPU_SELECT_FALLBACK; /* cannot happen: the size was checked */
+    }
+
+    /* Rank by counting (keys are unique), and g_i of each listed token. */
+    const psm_u32 size = select.list_size;
+    for (psm_u32 j = threadIdx.x; j < size; j += blockDim.x) {
+        const psm_u64 key = select.list_key[j];
+        psm_u32 rank = 0;
+        for (psm_u32 m = 0; m < size; ++m)
+            rank += select.list_key[m] > key ? 1u : 0u;
+        select.order[rank] = (psm_u16)j;
+        select.list_weight[j] = psm_weight_of_gap(
+            psm_gpu_gap(state.row_max, psm_gpu_key_logit(key), state.scale), call.weight_bits);
+    }
+    psm_gpu_block_barrier();
+
+    if (warp == 0) {
+        psm_u32 last_rank;
+        if (top_k_on) {
+            /* The list holds the top k (and a few more) in rank order. */
+            last_rank = (psm_u32)top_k - 1;
+            if (top_p_on) {
+                psm_u64 partial = 0;
+                for (psm_u32 r = lane; r < (psm_u32)top_k; r += WarpSize)
+                    partial += select.list_weight[select.order[r]];
+                const psm_u64 target =
+                    psm_top_p_target(psm_warp_sum<WarpSize>(partial, lanes), top_p);
+                last_rank = target == 0 ? 0 : psm_gpu_walk_list<WarpSize>(select, (psm_u32)top_k, 0, target);
+            }
+        } else {
+            last_rank = psm_gpu_walk_list<WarpSize>(select, size, select.mass_before, select.need);
+        }
+        if (lane == 0) {
+            select.cutoff = select.list_key[select.order[last_rank]];
+            select.kept = last_rank + 1;
+        }
+    }
+    psm_gpu_block_barrier();
+    return PSM_GPU_SELECT_LIST;
+}
+
+/* Tile masses over the kept set when the list holds every kept token (top-k):
+ * m_t is the best kept key of the tile, then S_t sums the kept w_i. */
+PSM_GPU_DEVICE void psm_gpu_list_masses(const psm_gpu_call &call, const psm_gpu_row_state &state,
+                                        const psm_gpu_select_scratch &select)
+{
+    psm_u64 *tile_key = call.tile_key + state.tile_base;
+    psm_u64 *tile_mass = call.tile_mass + state.tile_base;
+    for (psm_i64 tile = threadIdx.x; tile < call.tiles_per_row; tile += blockDim.x) {
+        tile_key[tile] = 0;
+        tile_mass[tile] = 0;
+    }
+    psm_gpu_block_barrier();
+    for (int pass = 0; pass < 2; ++pass) {
+        for (psm_u32 rank = threadIdx.x; rank < select.kept; rank += blockDim.x) {
+            const psm_u32 j = select.order[rank];
+            if (state.min_weight != 0 && select.list_weight[j] < state.min_weight)
+                continue;
+            const psm_u64 key = select.list_key[j];
+            const psm_i64 tile = psm_gpu_key_token(key) / PSM_TILE;
+            if (pass == 0) {
+                psm_gpu_atomic_max_u64((unsigned long long *)&tile_key[tile], key);
+            } else {
+                const float gap = psm_gpu_gap(psm_gpu_key_logit(tile_key[tile]),
+                                              psm_gpu_key_logit(key), state.scale);
+                psm_gpu_atomic_add_u64((unsigned long long *)&tile_mass[tile],
+                                       psm_weight_of_gap(gap, call.weight_bits));
+            }
+        }
+        psm_gpu_block_barrier();
+    }
+}
+
+/* Tile masses over the kept set by reading the tiles (one warp per tile);
+ * a tile whose best key is below the cutoff, or (min-p) whose maximum is
+ * too far below M, keeps nothing and is not read. */
+template <int WarpSize, int Dtype>
+PSM_GPU_DEVICE void psm_gpu_scan_masses(const unsigned char *row_base, const psm_gpu_call &call,
+                                        const psm_gpu_row_state &state)
+{
+    const psm_gpu_hardware_lanes<WarpSize> lanes;
+    const int lane = threadIdx.x % WarpSize, warp = threadIdx.x / WarpSize;
+    psm_u64 *tile_key = call.tile_key + state.tile_base;
+    psm_u64 *tile_mass = call.tile_mass + state.tile_base;
+    for (psm_i64 tile = warp; tile < call.tiles_per_row; tile += psm_gpu_block_warps<WarpSize>()) {
+        const psm_i64 start = tile * PSM_TILE;
+        const psm_u64 tile_best = tile_key[tile]; /* launch 1: the unfiltered tile maximum */
+        int skip = tile_best == 0 || tile_best < state.cutoff;
+        if (!skip && state.min_weight != 0)
+            skip = !(psm_gpu_gap(state.row_max, psm_gpu_key_logit(tile_best), state.scale) <
+                     state.drop_gap);
+        psm_u64 best_key = 0, mass = 0;
+        if (!skip) {
+            float x[(PSM_TILE / WarpSize)];
+            psm_gpu_load_tile<WarpSize, Dtype>(call, row_base, start, lane, x);
+            float lane_max = -INFINITY;
+#pragma unroll
+            for (int slot = 0; slot < (PSM_TILE / WarpSize); ++slot) {
+                const float value = psm_read_logit(x[slot]);
+                x[slot] = psm_gpu_is_kept(state, call.weight_bits, value,
+                                          psm_gpu_tile_token<WarpSize, Dtype>(start, lane, slot))
+                              ? value
+                              : -INFINITY;
+                lane_max = fmaxf(lane_max, x[slot]);
+            }
+            const float kept_max = psm_warp_max<WarpSize>(lane_max, lanes);
+            if (kept_max != -INFINITY) {
+#pragma unroll
+                for (int slot = 0; slot < (PSM_TILE / WarpSize); ++slot)
+                    mass += psm_weight_of_gap(psm_gpu_gap(kept_max, x[slot], state.scale),
+                                              call.weight_bits);
+                mass = psm_warp_sum<WarpSize>(mass, lanes);
+                /* Only the logit and non-zero-ness of this key are read later. */
+                best_key = psm_rank_key(kept_max, (psm_u32)start);
+            }
+        }
+        if (lane == 0) {
+            tile_key[tile] = best_key;
+            tile_mass[tile] = mass;
+        }
+    }
+    psm_gpu_block_barrier();
+}
+
+/* From the tile masses over the kept set to the outputs: T_t and their scan,
+ * then the draws or the probabilities. */
 template <int WarpSize, class Row>
 PSM_GPU_DEVICE void psm_gpu_finish_row(const Row &source, const psm_gpu_call &call,
                                        const psm_gpu_row_state &state, const psm_gpu_row_params &p,
@@ -564,44 +989,6 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const Row &source, const psm_gpu_call &ca
     psm_u64 *tile_key = call.tile_key + state.tile_base;
     psm_u64 *tile_mass = call.tile_mass + state.tile_base;
     psm_u64 *tile_prefix = call.tile_prefix + state.tile_base;
-
-    if (state.filtered) {
-        /* One warp per tile: m_t over kept tokens, then S_t against it. */
-        for (psm_i64 tile = warp; tile < tiles; tile += psm_gpu_block_warps<WarpSize>()) {
-            const psm_i64 start = tile * PSM_TILE;
-            float x[(PSM_TILE / WarpSize)];
-            psm_u64 best_key = 0;
-#pragma unroll
-            for (int r = 0; r < (PSM_TILE / WarpSize); ++r) {
-                const psm_i64 i = start + r * WarpSize + lane;
-                x[r] = -INFINITY;
-                if (i < call.vocab) {
-                    const float value = source.value(i);
-                    if (psm_gpu_is_kept(state, call.weight_bits, value, i)) {
-                        x[r] = value;
-                        const psm_u64 key = psm_rank_key(value, (psm_u32)i);
-                        best_key = key > best_key ? key : best_key;
-                    }
-                }
-            }
-            best_key = psm_warp_max<WarpSize>(best_key, lanes);
-            psm_u64 mass = 0;
-            if (best_key != 0) {
-                const float tile_max = psm_gpu_key_logit(best_key);
-#pragma unroll
-                for (int r = 0; r < (PSM_TILE / WarpSize); ++r)
-                    if (x[r] != -INFINITY)
-                        mass += psm_weight(psm_scaled_gap(tile_max, x[r], state.scale),
-                                           call.weight_bits);
-                mass = psm_warp_sum<WarpSize>(mass, lanes);
-            }
-            if (lane == 0) {
-                tile_key[tile] = best_key;
-                tile_mass[tile] = mass;
-            }
-        }
-        psm_gpu_block_barrier();
-    }
 
     /* T_t = S_t rescaled to the row maximum, and their running sum. */
     psm_u64 carry = 0;
@@ -636,7 +1023,7 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const Row &source, const psm_gpu_call &ca
                 float probability = 0.0f;
                 const float x = source.value(i);
                 if (key != 0 && tile_total != 0 && psm_gpu_is_kept(state, call.weight_bits, x, i)) {
-                    psm_u64 w = psm_weight(psm_scaled_gap(tile_max, x, state.scale), call.weight_bits);
+                    psm_u64 w = psm_weight_of_gap(psm_gpu_gap(tile_max, x, state.scale), call.weight_bits);
                     probability = (float)(((double)w / (double)tile_total) * tile_share);
                 }
                 out[i] = probability;
@@ -673,7 +1060,7 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const Row &source, const psm_gpu_call &ca
                 break;
             const float x = source.value(i);
             if (psm_gpu_is_kept(state, call.weight_bits, x, i))
-                lane_mass += psm_weight(psm_scaled_gap(tile_max, x, state.scale), call.weight_bits);
+                lane_mass += psm_weight_of_gap(psm_gpu_gap(tile_max, x, state.scale), call.weight_bits);
         }
         const psm_warp_owner<psm_u64> owner =
             psm_warp_find_owner<WarpSize>(lane_mass, token_target, lane, lanes);
@@ -690,7 +1077,7 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const Row &source, const psm_gpu_call &ca
                 const float x = source.value(i);
                 if (!psm_gpu_is_kept(state, call.weight_bits, x, i))
                     continue;
-                psm_u64 w = psm_weight(psm_scaled_gap(tile_max, x, state.scale), call.weight_bits);
+                psm_u64 w = psm_weight_of_gap(psm_gpu_gap(tile_max, x, state.scale), call.weight_bits);
                 if (token_target < running + w) {
                     token = (psm_i32)i;
                     token_weight = w;
@@ -707,33 +1094,13 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const Row &source, const psm_gpu_call &ca
     }
 }
 
-/* Copies a row, through psm_read_logit, into shared memory. */
-template <int Dtype>
-PSM_GPU_DEVICE void psm_gpu_stage_row(const psm_gpu_call &call, const unsigned char *row_base,
-                                      float *shared_values)
-{
-    const int per_vector = psm_gpu_dtype_traits<Dtype>::per_vector;
-    psm_i64 vector_end = 0;
-    if (call.logits_aligned) {
-        vector_end = call.vocab / per_vector * per_vector;
-        for (psm_i64 v = threadIdx.x; v < vector_end / per_vector; v += blockDim.x) {
-            float values[8];
-            psm_gpu_load_vector<Dtype>(row_base, v * per_vector, values);
-            for (int k = 0; k < per_vector; ++k)
-                shared_values[v * per_vector + k] = psm_read_logit(values[k]);
-        }
-    }
-    for (psm_i64 i = vector_end + threadIdx.x; i < call.vocab; i += blockDim.x)
-        shared_values[i] = psm_read_logit(psm_gpu_load_raw<Dtype>(row_base, i));
-    psm_gpu_block_barrier();
-}
-
-/* One block per row. SharedRow: rows that need a filter are first copied to
- * dynamic shared memory (the host launches this variant only when the row
- * fits). ProbsMode: write psm_probs' distribution instead of drawing. */
-template <int WarpSize, int Dtype, bool SharedRow, bool ProbsMode>
-PSM_GPU_DEVICE void psm_gpu_row_body(const psm_gpu_call &call, float *psm_gpu_shared_values,
-                                     psm_gpu_row_scratch<WarpSize> &scratch)
+/* One block per row. Filtered: the variant for calls whose parameters may
+ * ask for a filter (512 threads, the selection's shared memory); the other
+ * runs plain and greedy rows with 128 threads. ProbsMode: write psm_probs'
+ * distribution instead of drawing. */
+template <int WarpSize, int Dtype, bool Filtered, bool ProbsMode>
+PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scratch<WarpSize> &scratch,
+                                     psm_gpu_select_scratch *select)
 {
     for (psm_i64 row = blockIdx.x; row < call.rows; row += gridDim.x) {
         const psm_gpu_row_params p = psm_gpu_resolve_row(call, row);
@@ -768,53 +1135,62 @@ PSM_GPU_DEVICE void psm_gpu_row_body(const psm_gpu_call &call, float *psm_gpu_sh
         state.scale = psm_inverse_temperature_scale(p.temperature);
         state.cutoff = 0;
         state.min_weight = 0;
-        const int top_k_on = p.top_k > 0 && (psm_u64)p.top_k < valid_count;
-        const int top_p_on = p.top_p < 1.0f;
-        const int min_p_on = p.min_p > 0.0f;
-        state.filtered = top_k_on || top_p_on || min_p_on;
+        state.drop_gap = INFINITY;
+        /* Launch 1 made no tile masses for these rows (the same test). */
+        state.filtered = psm_gpu_may_filter(p.top_k, p.top_p, p.min_p, call.vocab);
+        psm_gpu_global_row<Dtype> source = {psm_gpu_row_base<Dtype>(call, row)};
 
-        if (!state.filtered) {
-            psm_gpu_global_row<Dtype> source = {psm_gpu_row_base<Dtype>(call, row)};
-            psm_gpu_finish_row(source, call, state, p, ProbsMode, scratch);
-            psm_gpu_block_barrier();
-            continue;
+        if constexpr (Filtered) {
+            if (state.filtered) {
+                const int top_k_on = p.top_k > 0 && (psm_u64)p.top_k < valid_count;
+                const int top_p_on = p.top_p < 1.0f;
+                if (p.min_p > 0.0f) {
+                    state.min_weight = psm_min_p_threshold(p.min_p, call.weight_bits);
+                    state.drop_gap = psm_gpu_min_p_drop_gap(state.min_weight, call.weight_bits);
+                }
+                int status = PSM_GPU_SELECT_LIST;
+                if (top_k_on || top_p_on) {
+                    status = psm_gpu_select_cutoff<WarpSize, Dtype>(source.base, call, state, top_k_on,
+                                                          (psm_u64)p.top_k, top_p_on, p.top_p,
+                                                          *select);
+                    if (status == PSM_GPU_SELECT_LIST) {
+                        state.cutoff = select->cutoff;
+                    } else if (status == PSM_GPU_SELECT_TOP_ONLY) {
+                        state.cutoff = best_key;
+                    } else {
+                        if (top_k_on)
+                            state.cutoff = psm_gpu_radix_select(source, call, state, 0, 0,
+                                                                (psm_u64)p.top_k, 1.0f, scratch);
+                        if (top_p_on)
+                            state.cutoff = psm_gpu_radix_select(source, call, state, state.cutoff,
+                                                                1, 0, p.top_p, scratch);
+                    }
+                }
+                if (top_k_on && status == PSM_GPU_SELECT_LIST)
+                    psm_gpu_list_masses(call, state, *select);
+                else
+                    psm_gpu_scan_masses<WarpSize, Dtype>(source.base, call, state);
+            }
         }
-        if (min_p_on)
-            state.min_weight = psm_min_p_threshold(p.min_p, call.weight_bits);
-
-        if (SharedRow) {
-            psm_gpu_stage_row<Dtype>(call, psm_gpu_row_base<Dtype>(call, row), psm_gpu_shared_values);
-            psm_gpu_shared_row source = {psm_gpu_shared_values};
-            if (top_k_on)
-                state.cutoff = psm_gpu_radix_select(source, call, state, 0, 0, (psm_u64)p.top_k,
-                                                    1.0f, scratch);
-            if (top_p_on)
-                state.cutoff = psm_gpu_radix_select(source, call, state, state.cutoff, 1, 0,
-                                                    p.top_p, scratch);
-            psm_gpu_finish_row(source, call, state, p, ProbsMode, scratch);
-        } else {
-            psm_gpu_global_row<Dtype> source = {psm_gpu_row_base<Dtype>(call, row)};
-            if (top_k_on)
-                state.cutoff = psm_gpu_radix_select(source, call, state, 0, 0, (psm_u64)p.top_k,
-                                                    1.0f, scratch);
-            if (top_p_on)
-                state.cutoff = psm_gpu_radix_select(source, call, state, state.cutoff, 1, 0,
-                                                    p.top_p, scratch);
-            psm_gpu_finish_row(source, call, state, p, ProbsMode, scratch);
-        }
-        /* The next row reuses the shared row and the scratch. */
+        psm_gpu_finish_row(source, call, state, p, ProbsMode, scratch);
+        /* The next row reuses the scratch. */
         psm_gpu_block_barrier();
     }
 }
 
-template <int WarpSize, int Dtype, bool SharedRow, bool ProbsMode>
-PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_ROW_THREADS)
+template <int WarpSize, int Dtype, bool Filtered, bool ProbsMode>
+PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_ROW_THREADS, 3)
     psm_gpu_row_kernel(const psm_gpu_call call)
 {
-    extern __shared__ float psm_gpu_shared_values[];
     __shared__ psm_gpu_row_scratch<WarpSize> scratch;
-    if constexpr (psm_gpu_wave_compiled<WarpSize>())
-        psm_gpu_row_body<WarpSize, Dtype, SharedRow, ProbsMode>(call, psm_gpu_shared_values, scratch);
+    if constexpr (psm_gpu_wave_compiled<WarpSize>()) {
+        if constexpr (Filtered) {
+            __shared__ psm_gpu_select_scratch select;
+            psm_gpu_row_loop<WarpSize, Dtype, true, ProbsMode>(call, scratch, &select);
+        } else {
+            psm_gpu_row_loop<WarpSize, Dtype, false, ProbsMode>(call, scratch, nullptr);
+        }
+    }
 }
 
 #if PSM_GPU_HIP

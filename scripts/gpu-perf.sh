@@ -10,7 +10,7 @@
 # for sm_90 only, no OpenCL) and built here. Check comes from .deps/*.deb as
 # in gpu-check.sh. Logs go to $OUT (default /tmp/gpu-perf-out):
 # resources.txt (ptxas report, SASS counts), test_cuda.log,
-# sanitizer_*.log, check.log, bench.log, ncu.log, summary.txt and, with
+# sanitizers.log, check.log, bench.log, ncu.log.gz, ncu_short.txt, summary.txt and, with
 # WITH_TORCH=1, torch.json (the PyTorch baselines).
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -38,7 +38,7 @@ if [ ! -x "$BUILD/tests/test_cuda" ]; then
 fi
 CLI=$BUILD/cli/polysample
 
-# Resource report and a look at the tile kernel's machine code.
+# Resource report and per-kernel SASS counts.
 {
     nvcc -arch=sm_90 -std=c++17 -fmad=false -Xptxas -v -I"$ROOT/include" -I"$ROOT/core" \
         -I"$ROOT/backends/cuda" -c "$ROOT/backends/cuda/psm_gpu_backend.cu" -o /tmp/psm_perf.o 2>&1 |
@@ -49,8 +49,6 @@ CLI=$BUILD/cli/polysample
          /LDG.E.128/{l[name]++} END{for (k in n) printf "%s %d %d %d %d\n", k, n[k], f[k], a[k], l[k]}' \
         /tmp/psm_perf.sass | sort
 } >"$OUT/resources.txt" 2>&1
-awk '/Function : _Z19psm_gpu_tile_kernelILi0/{p=1} /Function : _Z19psm_gpu_tile_kernelILi1/{p=0} p' \
-    /tmp/psm_perf.sass >"$OUT/tile_f32.sass" 2>/dev/null
 
 step() { # name limit log command...
     local name=$1 limit=$2 log=$3
@@ -66,6 +64,7 @@ for tool in memcheck racecheck; do
     step "sanitizer $tool" 90 "sanitizer_$tool.log" env POLYSAMPLE_TEST_BACKENDS=cuda \
         POLYSAMPLE_TEST_QUICK=1 compute-sanitizer --tool "$tool" --error-exitcode 1 "$BUILD/tests/test_cuda"
 done
+cat "$OUT"/sanitizer_*.log >"$OUT/sanitizers.log" && rm -f "$OUT"/sanitizer_*.log
 step "check ${CHECK_ROWS:-20000} rows" 150 check.log "$CLI" check --rows "${CHECK_ROWS:-20000}" --draws 0
 step bench 200 bench.log "$CLI" bench --backend cuda
 sed -n '/^backend/,/^$/p' "$OUT/bench.log" | tee -a "$OUT/summary.txt"
@@ -89,4 +88,5 @@ for case in "f32 plain 2000 32000" "bf16 plain 2000 32000" "f32 topk_topp 2000 3
 done
 grep -E "^===|psm_gpu_|Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per" \
     "$OUT/ncu.log" | sed 's/  */ /g' >"$OUT/ncu_short.txt"
+gzip -f "$OUT/ncu.log"
 summary "total $(($(date +%s) - START)) s"

@@ -828,12 +828,16 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
         }
         psm_gpu_block_barrier();
         const int status = select.status;
+        const int first_bin = select.first_bin, last_bin = select.last_bin;
+        /* Every thread has read these before list_size changes again (the
+         * compiler reads list_size, first_bin, last_bin and status in one
+         * 16-byte load; racecheck saw that load meet list_size's reset). */
+        psm_gpu_block_barrier();
         if (status != PSM_GPU_SELECT_LIST) {
             if (from_lanes)
                 continue; /* fewer than k lane maxima: count the row */
             return status;
         }
-        const int first_bin = select.first_bin, last_bin = select.last_bin;
 
         psm_gpu_for_each_logit<Dtype>(call, row_base, [&](psm_i64 i, float x) {
             if (psm_logit_class(x) != PSM_LOGIT_VALID)

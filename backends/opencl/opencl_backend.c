@@ -1039,11 +1039,26 @@ static psm_status run_rows(const launch *call)
         PSM_TRY(SET_MEM(kernel, &index, state->tile_info.mem));
         PSM_TRY(SET_MEM(kernel, &index, state->row_state.mem));
         /* The on-chip path keeps the row's values in local memory across the
-         * radix passes when they fit next to the kernel's own local use. */
+         * radix passes when they fit next to the kernel's own local use.
+         * Otherwise the same local memory holds a list of candidate rank keys
+         * (8 bytes each), as many as fit, once the search has narrowed. */
         cl_ulong row_bytes = (cl_ulong)call->vocab * sizeof(cl_float);
-        cl_int use_cache = state->row_filter_local + row_bytes <= state->local_memory;
-        PSM_TRY(set_arg(kernel, &index, use_cache ? (size_t)row_bytes : sizeof(cl_float), NULL));
+        cl_ulong free_local = state->local_memory > state->row_filter_local
+                                  ? state->local_memory - state->row_filter_local
+                                  : 0;
+        cl_int use_cache = row_bytes <= free_local;
+        cl_ulong list_bytes = use_cache ? row_bytes : free_local / sizeof(cl_ulong) * sizeof(cl_ulong);
+#ifdef PSM_OPENCL_TEST_LIST_BYTES
+        /* Test builds only: force the global path with a small list. */
+        use_cache = 0;
+        list_bytes = PSM_OPENCL_TEST_LIST_BYTES;
+#endif
+        cl_int list_capacity = use_cache ? 0 : (cl_int)(list_bytes / sizeof(cl_ulong));
+        PSM_TRY(set_arg(kernel, &index, list_bytes >= sizeof(cl_ulong) ? (size_t)list_bytes
+                                                                        : sizeof(cl_ulong),
+                        NULL));
         PSM_TRY(SET_VALUE(kernel, &index, use_cache));
+        PSM_TRY(SET_VALUE(kernel, &index, list_capacity));
         PSM_TRY(enqueue(state, kernel, 1, (size_t)call->rows, kernel_names[KERNEL_ROW_FILTER]));
 
         kernel = state->kernels[KERNEL_TILE_FILTER];

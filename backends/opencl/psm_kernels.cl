@@ -368,6 +368,33 @@ PSM_LOCAL_FN float psm_row_value(const psm_row_source *source, int i)
     return psm_candidate_value(psm_load(source->logits, source->dtype, source->base + i));
 }
 
+/* Adds a 64-bit mass to a bucket kept as two 32-bit words: a wrapped low
+ * word carries exactly one into the high word. */
+PSM_LOCAL_FN void psm_bucket_add(__local uint *bucket_low, __local uint *bucket_high, uint digit,
+                                 ulong g)
+{
+    uint low = (uint)g;
+    uint old = atomic_add(&bucket_low[digit], low);
+    uint carry = (old + low < old) ? 1u : 0u;
+    uint high = (uint)(g >> 32) + carry;
+    if (high)
+        atomic_add(&bucket_high[digit], high);
+}
+
+/* The highest bucket at which the running amount from the top reaches want;
+ * *above grows by the amount of the buckets above it. */
+PSM_LOCAL_FN uint psm_choose_bucket(__local const uint *bucket_low,
+                                    __local const uint *bucket_high, ulong want, ulong *above)
+{
+    for (int digit = PSM_BUCKETS - 1; digit >= 0; --digit) {
+        ulong amount = ((ulong)bucket_high[digit] << 32) | bucket_low[digit];
+        if (*above + amount >= want)
+            return (uint)digit;
+        *above += amount;
+    }
+    return 0;
+}
+
 /* Radix descent over the ordered logit bits (8 bits per level) among the
  * candidates (valid tokens with rank key >= floor_key). Counting mode finds
  * the value of the want-th candidate in rank order; mass mode finds the value
@@ -402,29 +429,14 @@ PSM_LOCAL_FN uint psm_radix_descend(const psm_row_source *source, int vocab, ulo
                 ulong g = psm_weight(psm_scaled_gap(maximum, x, scale), bits);
                 if (g == 0)
                     continue;
-                uint low = (uint)g;
-                uint old = atomic_add(&bucket_low[digit], low);
-                /* A wrapped low word carries exactly one into the high word. */
-                uint carry = (old + low < old) ? 1u : 0u;
-                uint high = (uint)(g >> 32) + carry;
-                if (high)
-                    atomic_add(&bucket_high[digit], high);
+                psm_bucket_add(bucket_low, bucket_high, digit, g);
             } else {
                 atomic_inc(&bucket_low[digit]);
             }
         }
         barrier(CLK_LOCAL_MEM_FENCE);
         if (lid == 0) {
-            uint chosen = 0;
-            for (int digit = PSM_BUCKETS - 1; digit >= 0; --digit) {
-                ulong amount = ((ulong)bucket_high[digit] << 32) | bucket_low[digit];
-                if (above + amount >= want) {
-                    chosen = (uint)digit;
-                    break;
-                }
-                above += amount;
-            }
-            *shared_choice = chosen;
+            *shared_choice = psm_choose_bucket(bucket_low, bucket_high, want, &above);
             *shared_above = above;
         }
         barrier(CLK_LOCAL_MEM_FENCE);
@@ -470,18 +482,182 @@ PSM_LOCAL_FN int psm_nth_with_value(const psm_row_source *source, int vocab, flo
     return index;
 }
 
+/* ---- the global path's candidate list ------------------------------------
+ * A row too long for local memory is not read once per radix level. Each
+ * level over global memory also counts its bucket's tokens; as soon as the
+ * tokens the remaining search needs fit in local memory, one more pass
+ * appends their rank keys there (in any order: a key holds its value and its
+ * token) and the rest of the search, top-p after top-k included, runs on that
+ * list. The keys found are those of the definitions; only where the search
+ * looks changes. */
+
+/* Radix descent over global memory with the escape to a list. Counting mode
+ * (top-k, want = k) collects every candidate at or above the chosen bucket;
+ * mass mode (top-p) collects the chosen bucket's candidates of nonzero
+ * weight, and with want = 0 takes its target from the first level's total
+ * (the mass of every candidate, as top-p alone needs). Returns the list's
+ * length, or -1 when even the last level's bucket does not fit;
+ * *above_out gets the mass above the collected bucket (mass mode) and
+ * *want_out the target. */
+PSM_LOCAL_FN int psm_radix_collect(__global const uchar *logits, int dtype, long base, int vocab,
+                                   int mass_mode, ulong want, float top_p, float maximum,
+                                   float scale, int bits, __local ulong *list, uint capacity,
+                                   __local uint *bucket_low, __local uint *bucket_high,
+                                   __local uint *bucket_count, __local uint *shared_choice,
+                                   __local ulong *shared_above, __local ulong *shared_want,
+                                   __local uint *shared_size, ulong *above_out,
+                                   ulong *want_out)
+{
+    const uint lid = get_local_id(0);
+    uint prefix = 0, prefix_mask = 0;
+    ulong above = 0, target = want;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int b = lid; b < PSM_BUCKETS; b += PSM_WG) {
+            bucket_low[b] = 0;
+            bucket_high[b] = 0;
+            bucket_count[b] = 0;
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+        for (int i = lid; i < vocab; i += PSM_WG) {
+            float x = psm_candidate_value(psm_load(logits, dtype, base + i));
+            if (!psm_is_valid(x))
+                continue;
+            uint ordered = (uint)(psm_rank_key(x, (uint)i) >> 32);
+            if ((ordered & prefix_mask) != prefix)
+                continue;
+            uint digit = (ordered >> shift) & 0xffu;
+            if (mass_mode) {
+                ulong g = psm_weight(psm_scaled_gap(maximum, x, scale), bits);
+                if (g == 0)
+                    continue;
+                psm_bucket_add(bucket_low, bucket_high, digit, g);
+            }
+            atomic_inc(&bucket_count[digit]);
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+        if (lid == 0) {
+            /* above and target are lid 0's own across the levels. */
+            if (shift == 24 && mass_mode && want == 0) {
+                ulong total = 0;
+                for (int digit = 0; digit < PSM_BUCKETS; ++digit)
+                    total += ((ulong)bucket_high[digit] << 32) | bucket_low[digit];
+                /* A target of 0 keeps one token, as a target of 1 does. */
+                target = max(psm_top_p_target(total, top_p), (ulong)1);
+            }
+            uint chosen = 0;
+            for (int digit = PSM_BUCKETS - 1; digit >= 0; --digit) {
+                ulong amount = mass_mode ? (((ulong)bucket_high[digit] << 32) | bucket_low[digit])
+                                         : bucket_count[digit];
+                if (above + amount >= target) {
+                    chosen = (uint)digit;
+                    break;
+                }
+                above += amount;
+            }
+            /* Counting mode keeps the candidates above the bucket too. */
+            ulong size = (mass_mode ? 0 : above) + bucket_count[chosen];
+            *shared_choice = chosen;
+            *shared_above = above;
+            *shared_want = target;
+            *shared_size = size <= capacity ? 0u : 0xffffffffu;
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+        prefix |= *shared_choice << shift;
+        prefix_mask |= 0xffu << shift;
+        const int fits = *shared_size == 0;
+        barrier(CLK_LOCAL_MEM_FENCE);
+        if (!fits)
+            continue;
+        for (int i = lid; i < vocab; i += PSM_WG) {
+            float x = psm_candidate_value(psm_load(logits, dtype, base + i));
+            if (!psm_is_valid(x))
+                continue;
+            ulong key = psm_rank_key(x, (uint)i);
+            uint masked = (uint)(key >> 32) & prefix_mask;
+            if (mass_mode) {
+                if (masked != prefix || psm_weight(psm_scaled_gap(maximum, x, scale), bits) == 0)
+                    continue;
+            } else if (masked < prefix) {
+                continue;
+            }
+            list[atomic_inc(shared_size)] = key;
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+        const int size = (int)*shared_size;
+        *above_out = *shared_above;
+        *want_out = *shared_want;
+        barrier(CLK_LOCAL_MEM_FENCE);
+        return size;
+    }
+    return -1;
+}
+
+/* Radix descent over the full 64-bit rank keys of a list in local memory,
+ * among the keys >= floor_key: the key of the want-th candidate in rank order
+ * (counting mode), or the key at which the running sum of global weights
+ * first reaches want (mass mode). */
+PSM_LOCAL_FN ulong psm_list_descend(__local const ulong *list, int size, ulong floor_key,
+                                    int mass_mode, ulong want, float maximum, float scale,
+                                    int bits, __local uint *bucket_low,
+                                    __local uint *bucket_high, __local uint *shared_choice,
+                                    __local ulong *shared_above)
+{
+    const uint lid = get_local_id(0);
+    ulong prefix = 0, prefix_mask = 0, above = 0;
+    for (int shift = 56; shift >= 0; shift -= 8) {
+        for (int b = lid; b < PSM_BUCKETS; b += PSM_WG) {
+            bucket_low[b] = 0;
+            bucket_high[b] = 0;
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+        for (int i = lid; i < size; i += PSM_WG) {
+            ulong key = list[i];
+            if (key < floor_key || (key & prefix_mask) != prefix)
+                continue;
+            uint digit = (uint)(key >> shift) & 0xffu;
+            if (mass_mode) {
+                float x = psm_ordered_to_float((uint)(key >> 32));
+                ulong g = psm_weight(psm_scaled_gap(maximum, x, scale), bits);
+                if (g == 0)
+                    continue;
+                psm_bucket_add(bucket_low, bucket_high, digit, g);
+            } else {
+                atomic_inc(&bucket_low[digit]);
+            }
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+        if (lid == 0) {
+            *shared_choice = psm_choose_bucket(bucket_low, bucket_high, want, &above);
+            *shared_above = above;
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+        prefix |= (ulong)*shared_choice << shift;
+        prefix_mask |= (ulong)0xffu << shift;
+        above = *shared_above;
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    return prefix;
+}
+
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_row_filter(PSM_REQUEST_PARAMS, __global const float *tile_max,
                __global const ulong *tile_key, __global const uint *tile_info,
-               __global psm_row_state *state, __local float *row_cache, int use_row_cache)
+               __global psm_row_state *state, __local ulong *local_store, int use_row_cache,
+               int list_capacity)
 {
     __local float scratch_float[PSM_WG];
     __local ulong scratch_u64[PSM_WG];
     __local uint bucket_low[PSM_BUCKETS];
     __local uint bucket_high[PSM_BUCKETS];
+    __local uint bucket_count[PSM_BUCKETS];
     __local uint shared_choice;
     __local ulong shared_above;
+    __local ulong shared_want;
+    __local uint shared_size;
     __local int shared_index;
+    /* The row's values when the row fits (use_row_cache), else the list of
+     * candidate keys (list_capacity entries). */
+    __local float *row_cache = (__local float *)local_store;
     const uint lid = get_local_id(0);
     const uint row = get_group_id(1);
     const psm_row_params p = PSM_RESOLVE_ROW(row);
@@ -515,7 +691,49 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const float *tile_max,
     const float scale = psm_inverse_temperature_scale(p.temperature);
     const int bits = psm_weight_bits(vocab);
     ulong cutoff = 0;
-    if (psm_top_k_active(&p, summary.valid)) {
+    int found = 0;
+    if (!use_row_cache && list_capacity > 0 && (psm_top_k_active(&p, summary.valid) ||
+                                                p.top_p < 1.0f)) {
+        const int top_k_on = psm_top_k_active(&p, summary.valid);
+        ulong above = 0, target = 0;
+        int size = psm_radix_collect(logits, dtype, source.base, vocab, !top_k_on,
+                                     top_k_on ? (ulong)p.top_k : 0, p.top_p, summary.maximum,
+                                     scale, bits, local_store, (uint)list_capacity, bucket_low,
+                                     bucket_high, bucket_count, &shared_choice, &shared_above,
+                                     &shared_want, &shared_size, &above, &target);
+        if (size >= 0) {
+            found = 1;
+            if (top_k_on) {
+                /* Every candidate at or above the k-th is on the list. */
+                cutoff = psm_list_descend(local_store, size, 0, 0, (ulong)p.top_k,
+                                          summary.maximum, scale, bits, bucket_low,
+                                          bucket_high, &shared_choice, &shared_above);
+                if (p.top_p < 1.0f) {
+                    ulong mass = 0;
+                    for (int i = lid; i < size; i += PSM_WG) {
+                        ulong key = local_store[i];
+                        if (key >= cutoff)
+                            mass += psm_weight(psm_scaled_gap(summary.maximum,
+                                                              psm_ordered_to_float(
+                                                                  (uint)(key >> 32)),
+                                                              scale),
+                                               bits);
+                    }
+                    mass = psm_group_sum_u64(mass, scratch_u64);
+                    target = max(psm_top_p_target(mass, p.top_p), (ulong)1);
+                    cutoff = psm_list_descend(local_store, size, cutoff, 1, target,
+                                              summary.maximum, scale, bits, bucket_low,
+                                              bucket_high, &shared_choice, &shared_above);
+                }
+            } else {
+                /* The list is the bucket where the target is reached. */
+                cutoff = psm_list_descend(local_store, size, 0, 1, target - above,
+                                          summary.maximum, scale, bits, bucket_low,
+                                          bucket_high, &shared_choice, &shared_above);
+            }
+        }
+    }
+    if (!found && psm_top_k_active(&p, summary.valid)) {
         ulong above;
         uint ordered = psm_radix_descend(&source, vocab, 0, 0, (ulong)p.top_k, summary.maximum,
                                          scale, bits, &above, bucket_low, bucket_high,
@@ -525,7 +743,7 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const float *tile_max,
                                        scratch_u64, &shared_index);
         cutoff = psm_rank_key(value, (uint)index);
     }
-    if (p.top_p < 1.0f) {
+    if (!found && p.top_p < 1.0f) {
         ulong mass = 0;
         for (int i = lid; i < vocab; i += PSM_WG) {
             float x = psm_row_value(&source, i);

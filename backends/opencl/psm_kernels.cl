@@ -16,7 +16,11 @@
  *   psm_row_filter   one group per row, only when a filter may be active:
  *                    finds the top-k / top-p cutoff key by radix descent over
  *                    psm_rank_key (counts for top-k, exact 64-bit masses per
- *                    bucket for top-p) and the min-p weight threshold.
+ *                    bucket for top-p) and the min-p weight threshold. A row
+ *                    that fits in local memory is read once; a longer one is
+ *                    read once per radix level until the tokens still needed
+ *                    fit, once more to collect their keys, and the search
+ *                    ends on that list (psm_radix_collect).
  *   psm_tile_filter  one group per (tile, row) of filtered rows: (m_t, S_t)
  *                    over the kept tokens.
  *   psm_row_combine  one group per row: status, M, T_t, the inclusive prefix of

@@ -342,10 +342,13 @@ psm_tile_reduce(PSM_REQUEST_PARAMS, __global float *tile_max, __global ulong *ti
     }
     const float scale = psm_inverse_temperature_scale(p.temperature);
     const int bits = psm_weight_bits(vocab);
+    /* maximum >= every valid value, so psm_weight_of_gap on the unclamped
+     * product is psm_weight of psm_scaled_gap (core/psm_contract.h), with a
+     * conversion in place of the shifts. */
     ulong mass = 0;
     for (int j = 0; j < PSM_PER_ITEM; ++j)
         if (psm_is_valid(values[j]))
-            mass += psm_weight(psm_scaled_gap(maximum, values[j], scale), bits);
+            mass += psm_weight_of_gap(PSM_FMUL(PSM_FSUB(maximum, values[j]), scale), bits);
     mass = psm_group_sum_u64(mass, scratch_u64);
     if (lid == 0) {
         tile_ref[slot] = maximum;
@@ -835,8 +838,8 @@ psm_tile_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key,
     ulong mass = 0;
     if (psm_is_valid(maximum))
         for (int j = 0; j < PSM_PER_ITEM; ++j)
-            if (psm_is_valid(values[j]))
-                mass += psm_weight(psm_scaled_gap(maximum, values[j], scale), bits);
+            if (psm_is_valid(values[j])) /* <= maximum: as in psm_tile_reduce */
+                mass += psm_weight_of_gap(PSM_FMUL(PSM_FSUB(maximum, values[j]), scale), bits);
     mass = psm_group_sum_u64(mass, scratch_u64);
     if (lid == 0) {
         tile_ref[slot] = maximum;

@@ -319,17 +319,25 @@ PSM_FN psm_u64 psm_weight(float d, int weight_bits)
  *   truncates. The shift form (q << k, q >> -k, 0 past 32) is that floor.
  * tests/test_contract.c compares the two on every float d in [0, 128] when
  * PSM_TEST_EXHAUSTIVE is set (and on a stride of them otherwise). */
-PSM_FN psm_u64 psm_weight_of_gap(float d, int weight_bits)
+/* p * 2^(bits - n) for d = n + r in [0, 128]: the weight before truncation
+ * (see psm_weight_of_gap); d must already be clamped. Also the core of the
+ * CPU backend's vector weight (backends/cpu/cpu_weight.h), which clamps and
+ * floors in its own branch-free way. */
+PSM_FN float psm_weight_product(float d, int weight_bits)
 {
     const float shifter = 12582912.0f;
-    d = d < 128.0f ? d : 128.0f;
     float shifted = PSM_FADD(d, shifter);
     float nearest = PSM_FSUB(shifted, shifter);
     float p = psm_exp2_fraction(PSM_FSUB(d, nearest));
     /* 2^(bits - n), n = round(d) read from the bits as in psm_exp2_negative */
     psm_u32 exponent = (psm_u32)(127 + weight_bits) + psm_float_bits(shifter) -
                        psm_float_bits(shifted);
-    return (psm_u64)PSM_FMUL(p, psm_bits_float(exponent << 23));
+    return PSM_FMUL(p, psm_bits_float(exponent << 23));
+}
+
+PSM_FN psm_u64 psm_weight_of_gap(float d, int weight_bits)
+{
+    return (psm_u64)psm_weight_product(d < 128.0f ? d : 128.0f, weight_bits);
 }
 
 /* floor(mass * 2^-d): moves a tile's mass from its own reference to the

@@ -16,9 +16,10 @@
  * taken in double are exact in any order (every partial sum is an integer
  * below 2^53).
  *
- * The rounding trick is psm_exp2_negative's, operation for operation, and the
- * polynomial is the contract's own psm_exp2_fraction (the same correctly
- * rounded float operations on the same values, with contraction off).
+ * The product p x 2^(B - n) is the contract's own psm_weight_product (the
+ * rounding trick of psm_exp2_negative and the polynomial psm_exp2_fraction:
+ * the same correctly rounded float operations, with contraction off); only
+ * the clamp and the floor are written here, branch-free.
  *
  * Equalities (tests/test_cpu_weight.c tests both, exhaustively with --exhaustive):
  * - psm_cpu_scaled_gap(r, x, s) == psm_scaled_gap(r, x, s) for all inputs
@@ -53,15 +54,9 @@ static inline float psm_cpu_weight_float(float d, int weight_bits)
     psm_u32 bits = psm_float_bits(d);
     psm_u32 limit = 0x42800000u; /* 64.0f */
     d = psm_bits_float(bits < limit ? bits : limit);
-    /* psm_exp2_negative: n = round(d) by the 1.5 x 2^23 trick, r = d - n. */
-    const float shifter = 12582912.0f;
-    float shifted = PSM_FADD(d, shifter);
-    float r = PSM_FSUB(d, PSM_FSUB(shifted, shifter));
-    float p = psm_exp2_fraction(r);
-    /* 2^(B - n) from its exponent bits: n = bits(shifted) - bits(shifter). */
-    psm_u32 n = psm_float_bits(shifted) - psm_float_bits(shifter);
-    float power = psm_bits_float(((psm_u32)(127 + weight_bits) - n) << 23);
-    return floorf(PSM_FMUL(p, power));
+    /* The contract's p x 2^(B - n), floored (truncation, as the conversion
+     * in psm_weight_of_gap, since the product is >= 0). */
+    return floorf(psm_weight_product(d, weight_bits));
 }
 
 /* The same weight as an integer: through double and the 2^52 trick (exact

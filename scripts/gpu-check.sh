@@ -14,6 +14,7 @@
 #   5. polysample check --rows 100000, if the tool has the command
 #   6. the benchmark: scripts/bench.sh (polysample bench on CUDA and on
 #      OpenCL through NVIDIA's driver, and the PyTorch baseline) when present, else polysample bench --backend cuda
+# GPU_CHECK_BENCH_BACKENDS picks step 6's backends (default cuda,opencl:0).
 # Full logs are kept in /tmp/gpu-check-logs and packed at the end into
 # $OUT/logs.tgz (the device tool returns at most 8 files); $OUT/steps.log
 # (each step's tail, written as it goes) and $OUT/summary.txt sit beside it.
@@ -25,6 +26,7 @@ OUT=${OUT:-/tmp/gpu-check-out}
 LOGS=/tmp/gpu-check-logs
 mkdir -p "$OUT" "$LOGS"
 BUILD=$ROOT/build-gpu
+BENCH_BACKENDS=${GPU_CHECK_BENCH_BACKENDS:-cuda,opencl:0}
 START=$(date +%s)
 declare -a STEP_NAMES STEP_RESULTS
 
@@ -115,8 +117,8 @@ fi
 if [ -x "$ROOT/scripts/bench.sh" ] && [ -x "$CLI" ]; then
     # opencl:0 is the first GPU of the OpenCL platforms: the H100 through
     # NVIDIA's driver (registered above); PoCL's CPU device comes after it.
-    run_step "bench (cuda, opencl, torch)" 300 bench.log env BUILD_DIR="$BUILD" \
-        "$ROOT/scripts/bench.sh" --no-install --backend cuda,opencl:0
+    run_step "bench ($BENCH_BACKENDS, torch)" 300 bench.log env BUILD_DIR="$BUILD" \
+        "$ROOT/scripts/bench.sh" --no-install --backend "$BENCH_BACKENDS"
 elif [ -x "$CLI" ]; then
     run_step "bench cuda" 120 bench.log "$CLI" bench --backend cuda
 else

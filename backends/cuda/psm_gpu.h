@@ -88,7 +88,16 @@ typedef hipFuncAttributes psm_gpu_func_attributes_t;
 #define psm_gpu_func_get_attributes(attributes, kernel) \
     hipFuncGetAttributes((attributes), (const void *)(kernel))
 #define psm_gpu_error_out_of_memory hipErrorOutOfMemory
+#define psm_gpu_error_cooperative_too_large hipErrorCooperativeLaunchTooLarge
 #define psm_gpu_shared_optin(prop) ((size_t)(prop).sharedMemPerBlock)
+/* Cooperative launch (all blocks resident at once, or the launch fails). */
+#define psm_gpu_cooperative_supported(value, device) \
+    hipDeviceGetAttribute((value), hipDeviceAttributeCooperativeLaunch, (device))
+#define psm_gpu_occupancy_blocks(blocks, kernel, threads) \
+    hipOccupancyMaxActiveBlocksPerMultiprocessor((blocks), (const void *)(kernel), (threads), 0)
+#define psm_gpu_launch_cooperative(kernel, blocks, threads, arguments, stream) \
+    hipLaunchCooperativeKernel((const void *)(kernel), dim3(blocks), dim3(threads), (arguments), 0, \
+                               (stream))
 
 #define PSM_GPU_KERNEL __global__
 #define PSM_GPU_DEVICE __device__ __forceinline__
@@ -175,6 +184,15 @@ typedef cudaDeviceProp psm_gpu_device_prop_t;
 typedef cudaFuncAttributes psm_gpu_func_attributes_t;
 #define psm_gpu_func_get_attributes(attributes, kernel) cudaFuncGetAttributes((attributes), (kernel))
 #define psm_gpu_error_out_of_memory cudaErrorMemoryAllocation
+#define psm_gpu_error_cooperative_too_large cudaErrorCooperativeLaunchTooLarge
+/* Cooperative launch (all blocks resident at once, or the launch fails). */
+#define psm_gpu_cooperative_supported(value, device) \
+    cudaDeviceGetAttribute((value), cudaDevAttrCooperativeLaunch, (device))
+#define psm_gpu_occupancy_blocks(blocks, kernel, threads) \
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor((blocks), (kernel), (threads), 0)
+#define psm_gpu_launch_cooperative(kernel, blocks, threads, arguments, stream) \
+    cudaLaunchCooperativeKernel((const void *)(kernel), dim3(blocks), dim3(threads), (arguments), 0, \
+                                (stream))
 
 #define PSM_GPU_KERNEL __global__
 #define PSM_GPU_DEVICE __device__ __forceinline__
@@ -264,6 +282,11 @@ PSM_GPU_DEVICE int psm_gpu_first_set_lane(unsigned long long ballot)
 PSM_GPU_DEVICE void psm_gpu_block_barrier(void)
 {
     __syncthreads();
+}
+/* Orders this thread's global writes before its later ones, device-wide. */
+PSM_GPU_DEVICE void psm_gpu_device_fence(void)
+{
+    __threadfence();
 }
 
 /* Lane exchange for the warp algorithms of psm_gpu_warp.h: on the device it

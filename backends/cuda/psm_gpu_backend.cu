@@ -7,7 +7,10 @@
  * code never prints, aborts or exits.
  *
  * Launches per call: the tile kernel and the row kernel (plus the check
- * kernel and one small copy in checking mode), whatever the batch size. With
+ * kernel and one small copy in checking mode), whatever the batch size. A
+ * call with filters and fewer rows than multiprocessors launches the row
+ * kernel cooperatively with several blocks per row (split rows,
+ * psm_gpu_kernels.cuh), where the device supports it. With
  * device buffers and no checking, a call queues only those launches on the
  * stream (no allocation once the shape has been seen, no synchronisation), so
  * it can be captured in a graph.
@@ -78,6 +81,10 @@ struct psm_gpu_state {
     int owns_stream;
     int multiprocessors;
     kernel_set kernels;      /* for the device's warp size */
+    /* split rows: how many blocks of the filtered row kernel (by dtype and
+     * probs mode) can be resident at once; 0 without cooperative launch */
+    psm_i64 split_capacity[3][2];
+    psm_gpu_split_row *split_rows; /* one pool per multiprocessor: split calls have fewer rows */
 
     /* per-tile workspace, see psm_gpu_call */
     void *tiles;
@@ -178,6 +185,8 @@ void release_state(psm_gpu_state *state)
         (void)psm_gpu_stream_synchronize(state->stream);
     if (state->tiles)
         (void)psm_gpu_free(state->tiles);
+    if (state->split_rows)
+        (void)psm_gpu_free(state->split_rows);
     if (state->first_bad_row)
         (void)psm_gpu_free(state->first_bad_row);
     if (state->first_bad_row_host)
@@ -225,6 +234,31 @@ psm_status check_device_wave_size(psm_gpu_state *state)
     return PSM_OK;
 }
 #endif
+
+/* Split rows need a cooperative launch of the filtered row kernel; its
+ * capacity is the occupancy the runtime reports for each variant. A device
+ * or runtime that cannot tell leaves rows unsplit. */
+void find_split_capacity(psm_gpu_state *state)
+{
+    int cooperative = 0;
+    memset(state->split_capacity, 0, sizeof state->split_capacity);
+    if (psm_gpu_cooperative_supported(&cooperative, state->device) != psm_gpu_success ||
+        !cooperative) {
+        (void)psm_gpu_get_last_error();
+        return;
+    }
+    for (int dtype = 0; dtype < 3; ++dtype)
+        for (int probs = 0; probs < 2; ++probs) {
+            int per_multiprocessor = 0;
+            if (psm_gpu_occupancy_blocks(&per_multiprocessor, state->kernels.row[dtype][1][probs],
+                                         PSM_GPU_ROW_THREADS) != psm_gpu_success) {
+                (void)psm_gpu_get_last_error();
+                per_multiprocessor = 0;
+            }
+            state->split_capacity[dtype][probs] =
+                (psm_i64)per_multiprocessor * state->multiprocessors;
+        }
+}
 
 /* Device pointers for one call: host-memory inputs are copied into staging,
  * host-memory outputs are written to staging and copied back afterwards. */
@@ -370,6 +404,8 @@ psm_status prepare_call(psm_gpu_state *state, psm_request *request, bool probs_m
     call->lane_max = (psm_u32 *)(tiles + 3 * tile_count * sizeof(psm_u64) +
                                  tile_count * sizeof(psm_u32));
     call->first_bad_row = state->first_bad_row;
+    call->row_parts = 1; /* launch() may split rows */
+    call->split = state->split_rows;
 
     unsigned char *outputs = (unsigned char *)state->staged_outputs;
     buffers->output_bytes = output_bytes;
@@ -405,11 +441,33 @@ int filters_possible(const psm_request *request)
            p->min_p > 0.0f;
 }
 
+/* Blocks per row of the row kernel: more than one only for calls that may
+ * filter (a plain row's row-kernel work is per tile and per sample, not a
+ * pass over the row) with fewer rows than multiprocessors, and only as many
+ * as can be resident together, each with at least PSM_GPU_SPLIT_MIN_TILES
+ * tiles to read. */
+#define PSM_GPU_SPLIT_MIN_TILES 4
+
+psm_i64 row_parts(const psm_gpu_state *state, const psm_gpu_call &call, psm_dtype dtype,
+                  bool filtered, bool probs_mode)
+{
+    const psm_i64 capacity = state->split_capacity[dtype][probs_mode ? 1 : 0];
+    if (!filtered || capacity == 0 || call.rows >= state->multiprocessors)
+        return 1;
+    const psm_i64 by_work = (call.tiles_per_row + PSM_GPU_SPLIT_MIN_TILES - 1) / PSM_GPU_SPLIT_MIN_TILES;
+    const psm_i64 by_room = capacity / call.rows;
+    const psm_i64 parts = by_work < by_room ? by_work : by_room;
+    return parts > 1 ? parts : 1;
+}
+
 psm_status launch(psm_gpu_state *state, psm_request *request, call_buffers *buffers,
                   bool probs_mode)
 {
-    const psm_gpu_call &call = buffers->call;
+    psm_gpu_call &call = buffers->call;
     const psm_dtype dtype = request->logits.dtype;
+    /* The same test as the kernels' psm_gpu_may_filter, over every row. */
+    const bool filtered = filters_possible(request) != 0;
+    call.row_parts = (psm_i32)row_parts(state, call, dtype, filtered, probs_mode);
 
     const psm_i64 total_tiles = call.rows * call.tiles_per_row;
     const kernel_set &kernels = state->kernels;
@@ -445,13 +503,29 @@ psm_status launch(psm_gpu_state *state, psm_request *request, call_buffers *buff
         }
     }
 
-    /* The same test as the kernels' psm_gpu_may_filter, over every row. */
-    const bool filtered = filters_possible(request) != 0;
-    const psm_i64 row_blocks = call.rows < (psm_i64)1 << 30 ? call.rows : (psm_i64)1 << 30;
-    const unsigned row_threads = filtered ? PSM_GPU_ROW_THREADS : PSM_GPU_ROW_THREADS_PLAIN;
-    kernels.row[dtype][filtered ? 1 : 0][probs_mode ? 1 : 0]<<<(unsigned)row_blocks, row_threads, 0,
-                                                               state->stream>>>(call);
-    PSM_GPU_TRY(psm_gpu_get_last_error(), "launching the row kernel");
+    const kernel_fn row_kernel = kernels.row[dtype][filtered ? 1 : 0][probs_mode ? 1 : 0];
+    bool row_launched = false;
+    if (call.row_parts > 1) {
+        void *arguments[] = {&call};
+        const psm_gpu_error_t error =
+            psm_gpu_launch_cooperative(row_kernel, (unsigned)(call.rows * call.row_parts),
+                                       PSM_GPU_ROW_THREADS, arguments, state->stream);
+        if (error == psm_gpu_error_cooperative_too_large) {
+            /* Fewer multiprocessors are ours than the device has (MPS, say):
+             * one block per row instead. Launch 1's clearing is harmless. */
+            (void)psm_gpu_get_last_error();
+            call.row_parts = 1;
+        } else {
+            PSM_GPU_TRY(error, "launching the split row kernel");
+            row_launched = true;
+        }
+    }
+    if (!row_launched) {
+        const psm_i64 row_blocks = call.rows < (psm_i64)1 << 30 ? call.rows : (psm_i64)1 << 30;
+        const unsigned row_threads = filtered ? PSM_GPU_ROW_THREADS : PSM_GPU_ROW_THREADS_PLAIN;
+        row_kernel<<<(unsigned)row_blocks, row_threads, 0, state->stream>>>(call);
+        PSM_GPU_TRY(psm_gpu_get_last_error(), "launching the row kernel");
+    }
 
     /* Host outputs: copy back and wait, so the caller can read them. */
     if (buffers->host_probs) {
@@ -557,6 +631,7 @@ static psm_status gpu_create(const psm_context_options *options, int device_inde
                              properties.warpSize, PSM_GPU_HAS_WAVE64 ? "32 and 64" : "32");
     }
     state->multiprocessors = properties.multiProcessorCount > 0 ? properties.multiProcessorCount : 1;
+    find_split_capacity(state);
 
     if (options->native_stream) {
         state->stream = (psm_gpu_stream_t)options->native_stream;
@@ -569,7 +644,10 @@ static psm_status gpu_create(const psm_context_options *options, int device_inde
         }
         state->owns_stream = 1;
     }
-    error = psm_gpu_malloc((void **)&state->first_bad_row, sizeof *state->first_bad_row);
+    error = psm_gpu_malloc((void **)&state->split_rows,
+                           (size_t)state->multiprocessors * sizeof *state->split_rows);
+    if (error == psm_gpu_success)
+        error = psm_gpu_malloc((void **)&state->first_bad_row, sizeof *state->first_bad_row);
     if (error == psm_gpu_success)
         error = psm_gpu_malloc_host((void **)&state->first_bad_row_host,
                                     sizeof *state->first_bad_row_host);

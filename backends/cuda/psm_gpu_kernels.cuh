@@ -10,7 +10,8 @@
  *     reads the tile once, into registers: the tile max m_t (as a rank key),
  *     valid count, bad flag, and for plain rows the tile mass S_t against m_t.
  *   launch 1b, check kernel (checking mode only): first bad row.
- *   launch 2, row kernel (one block per row):
+ *   launch 2, row kernel (one block per row; with fewer rows than
+ *   multiprocessors and filters, several blocks per row, see "split rows"):
  *     combines the tiles (row max M, greedy token, bad rows); with filters,
  *     finds the top-k / top-p cutoff and makes the tile masses over the kept
  *     set; then rescales the tile masses to the row (T_t), scans them, and
@@ -20,8 +21,9 @@
  *
  * Filtered rows: the row kernel bins the row's tokens by their gap to M,
  * gathers the tokens of the bin where the cutoff lies into a short list and
- * ranks it exactly (psm_gpu_select_cutoff); a row re-read by its block soon
- * after comes from L2.
+ * ranks it exactly (psm_gpu_select_cutoff). Top-k bins the lane maxima of
+ * launch 1 instead of the row, and gathers from the few lanes that can hold
+ * a candidate; top-p alone and min-p read the row again.
  */
 #ifndef PSM_GPU_KERNELS_CUH
 #define PSM_GPU_KERNELS_CUH
@@ -52,6 +54,33 @@ static_assert(PSM_GPU_ROW_THREADS <= 32 * 32,
 /* Tile info word: count of valid logits in the low bits, bad flag on top. */
 #define PSM_GPU_TILE_BAD_FLAG 0x80000000u
 #define PSM_GPU_TILE_COUNT_MASK 0x7fffffffu
+
+/* Filtered rows' cutoff search (psm_gpu_select_cutoff): gap bins of 1/16 of
+ * a log2 unit, and the most tokens its candidate list holds. */
+#define PSM_GPU_GAP_BINS 1024
+#define PSM_GPU_GAP_BIN_SCALE 16.0f
+#define PSM_GPU_LIST_CAPACITY 1024
+
+/* Split rows. When a call has fewer rows than multiprocessors and may
+ * filter, one block per row would leave most of the GPU idle while it reads
+ * its row several times. The host then launches the row kernel
+ * cooperatively (every block resident at once, or the launch fails) with
+ * row_parts blocks per row: the blocks of a row read disjoint slices of it,
+ * pool what they found (gap-bin counts, candidate keys, tile masses) here in
+ * global memory, and meet at a per-row barrier; the decisions that follow
+ * are taken by every block alike from the pooled data, and block 0 of the
+ * row alone writes the outputs. */
+struct psm_gpu_split_pool {
+    unsigned long long bin_mass[PSM_GPU_GAP_BINS];
+    psm_u32 bin_count[PSM_GPU_GAP_BINS];
+    psm_u32 arrivals;     /* blocks that reached a row barrier, over all barriers */
+    psm_u32 list_size[2]; /* candidates found, per gathering round */
+    psm_u32 unused;
+};
+struct psm_gpu_split_row {
+    psm_gpu_split_pool pool; /* cleared by launch 1 of every split call */
+    psm_u64 list_key[PSM_GPU_LIST_CAPACITY];
+};
 
 /* Everything one call needs on the device, passed by value to each kernel.
  * Per-row pointers are device pointers or NULL (use the scalar). */
@@ -84,6 +113,11 @@ struct psm_gpu_call {
     psm_u32 *lane_max;    /* rows with top-k: each lane's maximum (launch 1, see there) */
     psm_u64 *tile_prefix; /* inclusive running sum of T_t over the row */
     unsigned long long *first_bad_row;
+
+    /* blocks per row of the row kernel: 1, or more in a split launch, whose
+     * rows pool their work in split[row] */
+    psm_i32 row_parts;
+    psm_gpu_split_row *split;
 
     /* outputs (device memory) */
     psm_i32 *tokens;
@@ -303,21 +337,29 @@ PSM_GPU_DEVICE psm_i64 psm_gpu_tile_token(psm_i64 tile_start, int lane, int slot
            slot % per_vector;
 }
 
-/* Calls visit(i, x) for every token i of the row, x after psm_read_logit,
+/* Tokens [begin, end) of a row; begin is a multiple of PSM_TILE. */
+struct psm_gpu_slice {
+    psm_i64 begin, end;
+};
+
+/* Calls visit(i, x) for every token i of the slice, x after psm_read_logit,
  * the whole block together: each thread takes 16-byte vectors, four of them
  * loaded before any is used, so that a pass over the row keeps several loads
  * in flight per thread. */
 template <int Dtype, class Visit>
 PSM_GPU_DEVICE void psm_gpu_for_each_logit(const psm_gpu_call &call, const unsigned char *row_base,
-                                           Visit &&visit)
+                                           psm_gpu_slice slice, Visit &&visit)
 {
     const int per_vector = psm_gpu_dtype_traits<Dtype>::per_vector;
     const int batch = 4;
-    psm_i64 vector_end = 0;
+    if (slice.begin >= slice.end)
+        return;
+    psm_i64 vector_end = slice.begin;
     if (call.logits_aligned) {
-        const psm_i64 vectors = call.vocab / per_vector;
+        const psm_i64 vectors = slice.end / per_vector;
         vector_end = vectors * per_vector;
-        for (psm_i64 first = threadIdx.x; first < vectors; first += (psm_i64)blockDim.x * batch) {
+        for (psm_i64 first = slice.begin / per_vector + threadIdx.x; first < vectors;
+             first += (psm_i64)blockDim.x * batch) {
             uint4 raw[batch];
 #pragma unroll
             for (int b = 0; b < batch; ++b) {
@@ -338,11 +380,24 @@ PSM_GPU_DEVICE void psm_gpu_for_each_logit(const psm_gpu_call &call, const unsig
             }
         }
     }
-    for (psm_i64 i = vector_end + threadIdx.x; i < call.vocab; i += blockDim.x)
+    for (psm_i64 i = vector_end + threadIdx.x; i < slice.end; i += blockDim.x)
         visit(i, psm_read_logit(psm_gpu_load_raw<Dtype>(row_base, i)));
 }
 
 /* ---- launch 1: tile statistics ------------------------------------------ */
+
+/* A split call's pools start empty: launch 1 clears them (launch 2 runs
+ * after it in stream order). */
+PSM_GPU_DEVICE void psm_gpu_clear_split_pools(const psm_gpu_call &call)
+{
+    const psm_i64 words_per_row = sizeof(psm_gpu_split_pool) / sizeof(psm_u32);
+    const psm_i64 words = call.rows * words_per_row;
+    for (psm_i64 w = (psm_i64)blockIdx.x * blockDim.x + threadIdx.x; w < words;
+         w += (psm_i64)gridDim.x * blockDim.x) {
+        const psm_i64 row = w / words_per_row;
+        ((psm_u32 *)&call.split[row].pool)[w - row * words_per_row] = 0;
+    }
+}
 
 /* Rows whose parameters ask for a filter: their tile masses are made over the
  * kept set by the row kernel, so the tile kernel leaves them out. */
@@ -375,6 +430,8 @@ PSM_GPU_DEVICE void psm_gpu_tile_body(const psm_gpu_call &call)
     const int lane = threadIdx.x % WarpSize;
     const psm_i64 warps_per_block = PSM_GPU_TILE_THREADS / WarpSize;
     const psm_i64 total_tiles = call.rows * call.tiles_per_row;
+    if (call.row_parts > 1)
+        psm_gpu_clear_split_pools(call);
 
     for (psm_i64 tile_id = (psm_i64)blockIdx.x * warps_per_block + threadIdx.x / WarpSize;
          tile_id < total_tiles; tile_id += (psm_i64)gridDim.x * warps_per_block) {
@@ -679,6 +736,64 @@ PSM_GPU_DEVICE void psm_gpu_write_point_row(const psm_gpu_call &call, psm_i64 ro
     }
 }
 
+/* ---- split rows (see psm_gpu_split_pool) --------------------------------- */
+
+/* This block's share of its row. */
+struct psm_gpu_row_split {
+    int part, parts;
+    psm_gpu_split_row *shared; /* the row's pool; NULL when parts == 1 */
+    psm_u32 barriers;          /* row barriers passed so far */
+    psm_gpu_slice slice;       /* the tokens this block reads in a pass over the row */
+};
+
+PSM_GPU_DEVICE psm_gpu_row_split psm_gpu_make_split(const psm_gpu_call &call, psm_i64 row, int part)
+{
+    psm_gpu_row_split split;
+    split.part = part;
+    split.parts = call.row_parts;
+    split.shared = call.row_parts > 1 ? call.split + row : nullptr;
+    split.barriers = 0;
+    /* Whole tiles per block, so that slices start on 16-byte vectors. */
+    const psm_i64 tiles_per_part = (call.tiles_per_row + split.parts - 1) / split.parts;
+    const psm_i64 begin = part * tiles_per_part * PSM_TILE;
+    const psm_i64 end = begin + tiles_per_part * PSM_TILE;
+    split.slice.begin = begin < call.vocab ? begin : call.vocab;
+    split.slice.end = end < call.vocab ? end : call.vocab;
+    return split;
+}
+
+/* Pooled data written by other blocks: read past this block's L1. */
+template <class T>
+PSM_GPU_DEVICE T psm_gpu_read_pooled(const T *address)
+{
+    return *(const volatile T *)address;
+}
+
+/* The blocks of a split row wait here for each other; the global writes of
+ * each before the barrier are visible to all after it. It is the usual grid
+ * barrier (block barrier; one thread fences, arrives and spins; fence; block
+ * barrier) over the row's blocks only, which the cooperative launch keeps
+ * resident together. Every block of a row passes the same barriers, since
+ * each decision between them is taken from pooled data. Without a split, a
+ * block barrier. */
+PSM_GPU_DEVICE void psm_gpu_row_barrier(psm_gpu_row_split &split)
+{
+    psm_gpu_block_barrier();
+    if (split.parts == 1)
+        return;
+    ++split.barriers;
+    if (threadIdx.x == 0) {
+        psm_u32 *arrivals = &split.shared->pool.arrivals;
+        const psm_u32 everyone = split.barriers * (psm_u32)split.parts;
+        psm_gpu_device_fence();
+        psm_gpu_atomic_add_u32(arrivals, 1u);
+        while (psm_gpu_read_pooled(arrivals) < everyone) {
+        }
+        psm_gpu_device_fence();
+    }
+    psm_gpu_block_barrier();
+}
+
 /* ---- filtered rows: the cutoff from gap bins and a candidate list -------- */
 
 /* A valid token's bin is its gap to M in 1/16 of a log2 unit (gaps of 64 and
@@ -689,10 +804,6 @@ PSM_GPU_DEVICE void psm_gpu_write_point_row(const psm_gpu_call &call, psm_i64 ro
  * alone, sums g_i per bin); the cutoff lies in one bin, whose tokens (for
  * top-k, with every token of the bins before it) are gathered by a second
  * pass into a list that is ranked by counting and walked exactly. */
-#define PSM_GPU_GAP_BINS 1024
-#define PSM_GPU_GAP_BIN_SCALE 16.0f
-#define PSM_GPU_LIST_CAPACITY 1024
-
 struct psm_gpu_select_scratch {
     psm_u32 bin_count[PSM_GPU_GAP_BINS];
     unsigned long long bin_mass[PSM_GPU_GAP_BINS];
@@ -700,6 +811,7 @@ struct psm_gpu_select_scratch {
     psm_u64 list_weight[PSM_GPU_LIST_CAPACITY]; /* g_i of each listed token */
     psm_u16 order[PSM_GPU_LIST_CAPACITY];       /* order[rank] = list index */
     psm_u32 list_size;
+    psm_u32 pool_base; /* split rows: where this block's candidates go in the pool */
     int first_bin, last_bin; /* the list: valid tokens whose bin is in [first, last] */
     int status;
     psm_u64 need;        /* top-k: k; top-p alone: its target */
@@ -750,6 +862,85 @@ PSM_GPU_DEVICE psm_u32 psm_gpu_walk_list(const psm_gpu_select_scratch &select, p
     return limit - 1;
 }
 
+/* Split rows: adds this block's gap-bin counts (and masses) to the row's
+ * pool, then takes the pooled totals as its own. */
+PSM_GPU_DEVICE void psm_gpu_pool_bins(psm_gpu_row_split &split, psm_gpu_select_scratch &select,
+                                      int by_mass)
+{
+    psm_gpu_split_pool &pool = split.shared->pool;
+    psm_gpu_block_barrier();
+    for (int b = threadIdx.x; b < PSM_GPU_GAP_BINS; b += blockDim.x) {
+        if (select.bin_count[b] != 0)
+            psm_gpu_atomic_add_u32(&pool.bin_count[b], select.bin_count[b]);
+        if (by_mass && select.bin_mass[b] != 0)
+            psm_gpu_atomic_add_u64(&pool.bin_mass[b], select.bin_mass[b]);
+    }
+    psm_gpu_row_barrier(split);
+    for (int b = threadIdx.x; b < PSM_GPU_GAP_BINS; b += blockDim.x) {
+        select.bin_count[b] = psm_gpu_read_pooled(&pool.bin_count[b]);
+        if (by_mass)
+            select.bin_mass[b] = psm_gpu_read_pooled(&pool.bin_mass[b]);
+    }
+    psm_gpu_block_barrier();
+}
+
+/* Split rows: appends this block's candidates to the row's pooled list, then
+ * takes the pooled list as its own (its size, and its keys when they fit). */
+PSM_GPU_DEVICE void psm_gpu_pool_list(psm_gpu_row_split &split, psm_gpu_select_scratch &select,
+                                      int round)
+{
+    psm_gpu_split_row &shared = *split.shared;
+    const psm_u32 found = select.list_size;
+    const psm_u32 held = found < PSM_GPU_LIST_CAPACITY ? found : PSM_GPU_LIST_CAPACITY;
+    if (threadIdx.x == 0)
+        select.pool_base = psm_gpu_atomic_add_u32(&shared.pool.list_size[round], found);
+    psm_gpu_block_barrier();
+    for (psm_u32 j = threadIdx.x; j < held; j += blockDim.x) {
+        const psm_u32 slot = select.pool_base + j;
+        if (slot < PSM_GPU_LIST_CAPACITY)
+            shared.list_key[slot] = select.list_key[j];
+    }
+    psm_gpu_row_barrier(split);
+    const psm_u32 pooled = psm_gpu_read_pooled(&shared.pool.list_size[round]);
+    if (pooled <= PSM_GPU_LIST_CAPACITY)
+        for (psm_u32 j = threadIdx.x; j < pooled; j += blockDim.x)
+            select.list_key[j] = psm_gpu_read_pooled(&shared.list_key[j]);
+    if (threadIdx.x == 0)
+        select.list_size = pooled;
+    psm_gpu_block_barrier();
+}
+
+/* Calls visit(i, x) for the tokens of this block's slice that lie in lanes
+ * (of launch 1's tile layout, psm_gpu_load_tile) whose maximum falls in a
+ * gap bin up to last_bin. A token is at most its lane's maximum, so its bin
+ * is at least that of the maximum: no other token can lie in those bins, and
+ * top-k's gathering reads these lanes (a few per k) instead of the row. */
+template <int WarpSize, int Dtype, class Visit>
+PSM_GPU_DEVICE void psm_gpu_for_each_logit_of_lanes(const psm_gpu_call &call,
+                                                    const unsigned char *row_base,
+                                                    const psm_gpu_row_state &state,
+                                                    psm_gpu_slice slice, int last_bin, Visit &&visit)
+{
+    if (slice.begin >= slice.end)
+        return;
+    const psm_u32 *lane_max = call.lane_max + state.tile_base * WarpSize;
+    const psm_i64 end = (slice.end + PSM_TILE - 1) / PSM_TILE * WarpSize;
+    for (psm_i64 j = slice.begin / PSM_TILE * WarpSize + threadIdx.x; j < end; j += blockDim.x) {
+        const psm_u32 high = lane_max[j];
+        if (high == 0 || psm_gpu_gap_bin(psm_gpu_gap(state.row_max,
+                                                     psm_gpu_key_logit((psm_u64)high << 32),
+                                                     state.scale)) > last_bin)
+            continue;
+        const psm_i64 tile_start = j / WarpSize * PSM_TILE;
+        const int lane = (int)(j % WarpSize);
+        float x[PSM_TILE / WarpSize]; /* past the row's end: -inf, never valid */
+        psm_gpu_load_tile<WarpSize, Dtype>(call, row_base, tile_start, lane, x);
+#pragma unroll
+        for (int slot = 0; slot < PSM_TILE / WarpSize; ++slot)
+            visit(psm_gpu_tile_token<WarpSize, Dtype>(tile_start, lane, slot), psm_read_logit(x[slot]));
+    }
+}
+
 /* The top-k / top-p cutoff of one row (called by the whole block; top-p
  * alone when !top_k_on). Returns a PSM_GPU_SELECT_* status; with LIST,
  * select.cutoff and select.kept are set. */
@@ -757,16 +948,17 @@ template <int WarpSize, int Dtype>
 PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const psm_gpu_call &call,
                                          const psm_gpu_row_state &state, int top_k_on,
                                          psm_u64 top_k, int top_p_on, float top_p,
-                                         psm_gpu_select_scratch &select)
+                                         psm_gpu_row_split &split, psm_gpu_select_scratch &select)
 {
     const psm_gpu_hardware_lanes<WarpSize> lanes;
     const int lane = threadIdx.x % WarpSize, warp = threadIdx.x / WarpSize;
     const int by_mass = !top_k_on;
     /* Top-k tries the lane maxima of launch 1 first (a bin that k of them
      * reach holds the cutoff or lies below it: the list is then every token
-     * up to that bin), and counts the row itself only when that list would
-     * not fit. */
+     * up to that bin, gathered from the lanes whose maximum reaches it), and
+     * counts the row itself only when that list would not fit. */
     for (int from_lanes = top_k_on; from_lanes >= 0; --from_lanes) {
+        const int round = from_lanes ? 0 : 1; /* of the pooled list, split rows */
         for (int b = threadIdx.x; b < PSM_GPU_GAP_BINS; b += blockDim.x) {
             select.bin_count[b] = 0;
             select.bin_mass[b] = 0;
@@ -786,7 +978,7 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
                         1u);
             }
         } else {
-            psm_gpu_for_each_logit<Dtype>(call, row_base, [&](psm_i64, float x) {
+            psm_gpu_for_each_logit<Dtype>(call, row_base, split.slice, [&](psm_i64, float x) {
                 if (psm_logit_class(x) != PSM_LOGIT_VALID)
                     return;
                 const float gap = psm_gpu_gap(state.row_max, x, state.scale);
@@ -796,6 +988,8 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
                     psm_gpu_atomic_add_u64(&select.bin_mass[bin],
                                            psm_weight_of_gap(gap, call.weight_bits));
             });
+            if (split.parts > 1)
+                psm_gpu_pool_bins(split, select, by_mass);
         }
         psm_gpu_block_barrier();
 
@@ -839,7 +1033,7 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
             return status;
         }
 
-        psm_gpu_for_each_logit<Dtype>(call, row_base, [&](psm_i64 i, float x) {
+        const auto gather = [&](psm_i64 i, float x) {
             if (psm_logit_class(x) != PSM_LOGIT_VALID)
                 return;
             const int bin = psm_gpu_gap_bin(psm_gpu_gap(state.row_max, x, state.scale));
@@ -848,8 +1042,15 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
             const psm_u32 slot = psm_gpu_atomic_add_u32(&select.list_size, 1u);
             if (slot < PSM_GPU_LIST_CAPACITY)
                 select.list_key[slot] = psm_rank_key(x, (psm_u32)i);
-        });
+        };
+        if (from_lanes)
+            psm_gpu_for_each_logit_of_lanes<WarpSize, Dtype>(call, row_base, state, split.slice,
+                                                             last_bin, gather);
+        else
+            psm_gpu_for_each_logit<Dtype>(call, row_base, split.slice, gather);
         psm_gpu_block_barrier();
+        if (split.parts > 1)
+            psm_gpu_pool_list(split, select, round);
         if (select.list_size <= PSM_GPU_LIST_CAPACITY)
             break;
         /* From the lane maxima the list overflowed: count the row instead. The
@@ -934,13 +1135,16 @@ PSM_GPU_DEVICE void psm_gpu_list_masses(const psm_gpu_call &call, const psm_gpu_
  * too far below M, keeps nothing and is not read. */
 template <int WarpSize, int Dtype>
 PSM_GPU_DEVICE void psm_gpu_scan_masses(const unsigned char *row_base, const psm_gpu_call &call,
-                                        const psm_gpu_row_state &state)
+                                        const psm_gpu_row_state &state, psm_gpu_row_split &split)
 {
     const psm_gpu_hardware_lanes<WarpSize> lanes;
     const int lane = threadIdx.x % WarpSize, warp = threadIdx.x / WarpSize;
+    const psm_i64 warps = psm_gpu_block_warps<WarpSize>();
     psm_u64 *tile_key = call.tile_key + state.tile_base;
     psm_u64 *tile_mass = call.tile_mass + state.tile_base;
-    for (psm_i64 tile = warp; tile < call.tiles_per_row; tile += psm_gpu_block_warps<WarpSize>()) {
+    /* Split rows: the tiles are dealt out over every warp of the row's blocks. */
+    for (psm_i64 tile = split.part * warps + warp; tile < call.tiles_per_row;
+         tile += split.parts * warps) {
         const psm_i64 start = tile * PSM_TILE;
         const psm_u64 tile_best = tile_key[tile]; /* launch 1: the unfiltered tile maximum */
         int skip = tile_best == 0 || tile_best < state.cutoff;
@@ -977,7 +1181,7 @@ PSM_GPU_DEVICE void psm_gpu_scan_masses(const unsigned char *row_base, const psm
             tile_mass[tile] = mass;
         }
     }
-    psm_gpu_block_barrier();
+    psm_gpu_row_barrier(split);
 }
 
 /* From the tile masses over the kept set to the outputs: T_t and their scan,
@@ -1106,8 +1310,13 @@ template <int WarpSize, int Dtype, bool Filtered, bool ProbsMode>
 PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scratch<WarpSize> &scratch,
                                      psm_gpu_select_scratch *select)
 {
-    for (psm_i64 row = blockIdx.x; row < call.rows; row += gridDim.x) {
+    /* A split launch has row_parts blocks per row and one row per block
+     * group; otherwise blocks take rows in turn. */
+    const int part = (int)(blockIdx.x % call.row_parts);
+    for (psm_i64 row = blockIdx.x / call.row_parts; row < call.rows;
+         row += gridDim.x / call.row_parts) {
         const psm_gpu_row_params p = psm_gpu_resolve_row(call, row);
+        psm_gpu_row_split split = psm_gpu_make_split(call, row, part);
         const psm_i64 tile_base = row * call.tiles_per_row;
 
         psm_u64 best_key = 0, valid_count = 0;
@@ -1124,11 +1333,13 @@ PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scrat
         bad = (psm_u32)psm_gpu_block_max_u64(bad, scratch);
 
         if (bad || valid_count == 0 || !p.valid) {
-            psm_gpu_write_point_row(call, row, ProbsMode, -1);
+            if (part == 0)
+                psm_gpu_write_point_row(call, row, ProbsMode, -1);
             continue;
         }
         if (psm_is_greedy(p.temperature)) {
-            psm_gpu_write_point_row(call, row, ProbsMode, psm_gpu_key_token(best_key));
+            if (part == 0)
+                psm_gpu_write_point_row(call, row, ProbsMode, psm_gpu_key_token(best_key));
             continue;
         }
 
@@ -1156,7 +1367,7 @@ PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scrat
                 if (top_k_on || top_p_on) {
                     status = psm_gpu_select_cutoff<WarpSize, Dtype>(source.base, call, state, top_k_on,
                                                           (psm_u64)p.top_k, top_p_on, p.top_p,
-                                                          *select);
+                                                          split, *select);
                     if (status == PSM_GPU_SELECT_LIST) {
                         state.cutoff = select->cutoff;
                     } else if (status == PSM_GPU_SELECT_TOP_ONLY) {
@@ -1170,12 +1381,16 @@ PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scrat
                                                                 1, 0, p.top_p, scratch);
                     }
                 }
-                if (top_k_on && status == PSM_GPU_SELECT_LIST)
-                    psm_gpu_list_masses(call, state, *select);
-                else
-                    psm_gpu_scan_masses<WarpSize, Dtype>(source.base, call, state);
+                if (top_k_on && status == PSM_GPU_SELECT_LIST) {
+                    if (part == 0) /* from the list alone: nothing to share */
+                        psm_gpu_list_masses(call, state, *select);
+                } else {
+                    psm_gpu_scan_masses<WarpSize, Dtype>(source.base, call, state, split);
+                }
             }
         }
+        if (part != 0) /* block 0 of a split row draws */
+            continue;
         psm_gpu_finish_row(source, call, state, p, ProbsMode, scratch);
         /* The next row reuses the scratch. */
         psm_gpu_block_barrier();

@@ -139,7 +139,11 @@ if [ -x "$CLI" ] && "$CLI" check --help >/dev/null 2>&1; then
     ELAPSED=$(($(date +%s) - START))
     CHECK_LIMIT=$((500 - ELAPSED))
     [ $CHECK_LIMIT -lt 20 ] && CHECK_LIMIT=20
-    run_step "polysample check" "$CHECK_LIMIT" check.log "$CLI" check --rows 100000
+    # PoCL 5.0 (this machine's) crashes in its default work-group method
+    # (loopvec) on these kernels, with old and new sources alike; PoCL 3.1
+    # (CI's) does not. Its cbs method runs them.
+    run_step "polysample check" "$CHECK_LIMIT" check.log \
+        env POCL_WORK_GROUP_METHOD=cbs "$CLI" check --rows 100000
 else
     skip_step "polysample check" "the tool has no check command"
 fi

@@ -362,6 +362,58 @@ void check_warp_searches()
     expect_equal("search running: total before", width, before, want_before);
 }
 
+/* The warp upper bound over sorted arrays of many lengths (empty, shorter
+ * than a wave, one element past a power of the width, long), with repeated
+ * values and targets below, inside, on and above the values, against the
+ * serial first index whose value exceeds the target. */
+struct Sorted {
+    const std::vector<u64> *values;
+    u64 operator()(long long i) const { return (*values)[(std::size_t)i]; }
+};
+
+template <int WarpSize>
+void check_warp_upper_bound()
+{
+    const int width = WarpSize;
+    const long long lengths[] = {0, 1, 2, 5, WarpSize - 1, WarpSize, WarpSize + 1,
+                                 WarpSize * WarpSize + 1, 149, 1000, 5000};
+    u64 seed = 99 + width;
+    std::vector<std::vector<u64>> arrays;
+    std::vector<u64> targets;
+    for (long long n : lengths) {
+        std::vector<u64> values((std::size_t)n);
+        u64 running = 0;
+        for (long long i = 0; i < n; ++i) {
+            running += splitmix(&seed) % 3 == 0 ? 0 : splitmix(&seed) % 100; /* repeats */
+            values[(std::size_t)i] = running;
+        }
+        const u64 last = n ? values.back() : 0;
+        const u64 picks[] = {0, last, last + 1, n ? values[(std::size_t)(n / 2)] : 0,
+                             last ? splitmix(&seed) % last : 0};
+        for (u64 target : picks) {
+            arrays.push_back(values);
+            targets.push_back(target);
+        }
+    }
+    const std::size_t n = arrays.size();
+    std::vector<u64> got(n * width), want(n * width);
+    run_block(width, width, [&](int lane, const SimLanes &lanes, const SimBlock &) {
+        for (std::size_t c = 0; c < n; ++c) {
+            const Sorted values = {&arrays[c]};
+            got[c * width + lane] = (u64)psm_warp_upper_bound<WarpSize>(
+                values, (long long)arrays[c].size(), targets[c], lane, lanes);
+        }
+    });
+    for (std::size_t c = 0; c < n; ++c) {
+        std::size_t first = 0;
+        while (first < arrays[c].size() && arrays[c][first] <= targets[c])
+            ++first;
+        for (int l = 0; l < width; ++l)
+            want[c * width + l] = first;
+    }
+    expect_equal("upper bound", width, got, want);
+}
+
 /* ---- the block algorithms ------------------------------------------------ */
 
 /* Block max, sum and inclusive scan over `threads` threads (the kernels use
@@ -432,6 +484,7 @@ void check_wave()
     const int failed_before = checks_failed, run_before = checks_run;
     check_warp_reductions<WarpSize>(WarpSize, false);
     check_warp_searches<WarpSize>();
+    check_warp_upper_bound<WarpSize>();
     check_block<WarpSize>(128);
     check_block<WarpSize>(512);
     std::printf("wave%d: %d checks, %d failed\n", WarpSize, checks_run - run_before,

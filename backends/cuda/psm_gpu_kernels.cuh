@@ -38,9 +38,13 @@ namespace PSM_GPU_NAMESPACE {
 /* Threads of the tile kernel's blocks: several warps, one tile each. */
 #define PSM_GPU_TILE_THREADS 256
 /* Threads of the row kernel's blocks (one row per block): rows with filters
- * (whose selection passes read the whole row; three blocks of them per
- * multiprocessor) and plain rows (whose work is per tile and per sample). */
-#define PSM_GPU_ROW_THREADS 256
+ * and plain rows (whose work is per tile and per sample). A filtered row's
+ * work is mostly a chain of short steps, each waiting for the one before
+ * (latency, not throughput), so more rows at once beat more threads a row:
+ * six blocks of 128 per multiprocessor (the same 85 registers a thread as
+ * three of 256). */
+#define PSM_GPU_ROW_THREADS 128
+#define PSM_GPU_ROW_BLOCKS_PER_SM 6
 #define PSM_GPU_ROW_THREADS_PLAIN 128
 /* Radix select digits: 8 bits, 256 buckets per level, 8 levels for 64 bits. */
 #define PSM_GPU_RADIX_BITS 8
@@ -1184,6 +1188,12 @@ PSM_GPU_DEVICE void psm_gpu_scan_masses(const unsigned char *row_base, const psm
     psm_gpu_row_barrier(split);
 }
 
+/* The running sums of T_t as psm_warp_upper_bound reads them. */
+struct psm_gpu_prefix_reader {
+    const psm_u64 *prefix;
+    PSM_GPU_DEVICE psm_u64 operator()(long long tile) const { return prefix[tile]; }
+};
+
 /* From the tile masses over the kept set to the outputs: T_t and their scan,
  * then the draws or the probabilities. */
 template <int WarpSize, class Row>
@@ -1246,15 +1256,9 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const Row &source, const psm_gpu_call &ca
     for (psm_i64 sample = warp; sample < call.num_samples; sample += psm_gpu_block_warps<WarpSize>()) {
         const psm_draw_bits bits = psm_sample_bits(p.seed, call.offset, p.stream, (psm_u32)sample);
         const psm_u64 tile_target = psm_pick(bits.tile, total);
-        psm_i64 low = 0, high = tiles - 1; /* first tile whose prefix exceeds the target */
-        while (low < high) {
-            psm_i64 middle = low + (high - low) / 2;
-            if (tile_prefix[middle] > tile_target)
-                high = middle;
-            else
-                low = middle + 1;
-        }
-        const psm_i64 tile = low;
+        /* The first tile whose prefix exceeds the target (target < total). */
+        const psm_gpu_prefix_reader prefixes = {tile_prefix};
+        const psm_i64 tile = psm_warp_upper_bound<WarpSize>(prefixes, tiles, tile_target, lane, lanes);
         const psm_u64 tile_total = tile_mass[tile];
         const psm_u64 rescaled = tile_prefix[tile] - (tile > 0 ? tile_prefix[tile - 1] : 0);
         const float tile_max = psm_gpu_key_logit(tile_key[tile]);
@@ -1302,10 +1306,10 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const Row &source, const psm_gpu_call &ca
     }
 }
 
-/* One block per row. Filtered: the variant for calls whose parameters may
- * ask for a filter (512 threads, the selection's shared memory); the other
- * runs plain and greedy rows with 128 threads. ProbsMode: write psm_probs'
- * distribution instead of drawing. */
+/* One block per row (several for split rows). Filtered: the variant for
+ * calls whose parameters may ask for a filter (with the selection's shared
+ * memory); the other runs plain and greedy rows. ProbsMode: write
+ * psm_probs' distribution instead of drawing. */
 template <int WarpSize, int Dtype, bool Filtered, bool ProbsMode>
 PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scratch<WarpSize> &scratch,
                                      psm_gpu_select_scratch *select)
@@ -1398,7 +1402,7 @@ PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scrat
 }
 
 template <int WarpSize, int Dtype, bool Filtered, bool ProbsMode>
-PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_ROW_THREADS, 3)
+PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_ROW_THREADS, PSM_GPU_ROW_BLOCKS_PER_SM)
     psm_gpu_row_kernel(const psm_gpu_call call)
 {
     __shared__ psm_gpu_row_scratch<WarpSize> scratch;

@@ -113,6 +113,33 @@ PSM_WARP_FN psm_warp_owner<T> psm_warp_find_owner(T amount, T target, int lane,
     return owner;
 }
 
+/* The first index i in [0, count) with values(i) > target, for values(i)
+ * non-decreasing in i; count when there is none. Every lane gets it. Each
+ * round the lanes read the last element of WarpSize consecutive chunks of
+ * the indices still open and keep the chunk of the first that exceeds the
+ * target: about log_WarpSize(count) rounds of one read per lane, where a
+ * binary search makes log2(count) reads one after another. */
+template <int WarpSize, typename T, typename Values, typename Lanes>
+PSM_WARP_FN long long psm_warp_upper_bound(const Values &values, long long count, T target,
+                                           int lane, const Lanes &lanes)
+{
+    /* The answer is in [low, high]; values(high) > target unless high == count. */
+    long long low = 0, high = count;
+    while (low < high) {
+        const long long step = (high - low + WarpSize - 1) / WarpSize;
+        const long long chunk_begin = low + (long long)lane * step;
+        const long long chunk_end = chunk_begin + step < high ? chunk_begin + step : high;
+        const int exceeds = chunk_begin < high && values(chunk_end - 1) > target;
+        const int first = lanes.first_lane_where(exceeds);
+        if (first < 0)
+            break; /* every open index is <= target: the answer is high */
+        const long long first_end = lanes.exchange_from(chunk_end, first);
+        low = low + (long long)first * step;
+        high = first_end - 1;
+    }
+    return high;
+}
+
 /* The first position, in order, that is eligible and whose running total
  * (the amounts of the positions before it plus its own) reaches `need`.
  * Positions 0 .. WarpSize * PerLane - 1; lane l owns

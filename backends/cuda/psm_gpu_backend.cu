@@ -446,7 +446,7 @@ int filters_possible(const psm_request *request)
  * pass over the row) with fewer rows than multiprocessors, and only as many
  * as can be resident together, each with at least PSM_GPU_SPLIT_MIN_TILES
  * tiles to read. */
-#define PSM_GPU_SPLIT_MIN_TILES 4
+#define PSM_GPU_SPLIT_MIN_TILES 2
 
 psm_i64 row_parts(const psm_gpu_state *state, const psm_gpu_call &call, psm_dtype dtype,
                   bool filtered, bool probs_mode)

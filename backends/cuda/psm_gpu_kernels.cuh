@@ -76,7 +76,8 @@ static_assert(PSM_GPU_ROW_THREADS <= 32 * 32,
  * row alone writes the outputs. */
 struct psm_gpu_split_pool {
     unsigned long long bin_mass[PSM_GPU_GAP_BINS];
-    psm_u32 bin_count[PSM_GPU_GAP_BINS];
+    psm_u32 bin_count[PSM_GPU_GAP_BINS];      /* the row's tokens */
+    psm_u32 lane_bin_count[PSM_GPU_GAP_BINS]; /* top-k: launch 1's lane maxima */
     psm_u32 arrivals;     /* blocks that reached a row barrier, over all barriers */
     psm_u32 list_size[2]; /* candidates found, per gathering round */
     psm_u32 unused;
@@ -866,24 +867,23 @@ PSM_GPU_DEVICE psm_u32 psm_gpu_walk_list(const psm_gpu_select_scratch &select, p
     return limit - 1;
 }
 
-/* Split rows: adds this block's gap-bin counts (and masses) to the row's
- * pool, then takes the pooled totals as its own. */
+/* Split rows: adds this block's gap-bin counts (and, with masses, their
+ * masses) to the row's pool, then takes the pooled totals as its own. */
 PSM_GPU_DEVICE void psm_gpu_pool_bins(psm_gpu_row_split &split, psm_gpu_select_scratch &select,
-                                      int by_mass)
+                                      psm_u32 *pool_count, unsigned long long *pool_mass)
 {
-    psm_gpu_split_pool &pool = split.shared->pool;
     psm_gpu_block_barrier();
     for (int b = threadIdx.x; b < PSM_GPU_GAP_BINS; b += blockDim.x) {
         if (select.bin_count[b] != 0)
-            psm_gpu_atomic_add_u32(&pool.bin_count[b], select.bin_count[b]);
-        if (by_mass && select.bin_mass[b] != 0)
-            psm_gpu_atomic_add_u64(&pool.bin_mass[b], select.bin_mass[b]);
+            psm_gpu_atomic_add_u32(&pool_count[b], select.bin_count[b]);
+        if (pool_mass && select.bin_mass[b] != 0)
+            psm_gpu_atomic_add_u64(&pool_mass[b], select.bin_mass[b]);
     }
     psm_gpu_row_barrier(split);
     for (int b = threadIdx.x; b < PSM_GPU_GAP_BINS; b += blockDim.x) {
-        select.bin_count[b] = psm_gpu_read_pooled(&pool.bin_count[b]);
-        if (by_mass)
-            select.bin_mass[b] = psm_gpu_read_pooled(&pool.bin_mass[b]);
+        select.bin_count[b] = psm_gpu_read_pooled(&pool_count[b]);
+        if (pool_mass)
+            select.bin_mass[b] = psm_gpu_read_pooled(&pool_mass[b]);
     }
     psm_gpu_block_barrier();
 }
@@ -971,9 +971,12 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
             select.list_size = 0;
         psm_gpu_block_barrier();
         if (from_lanes) {
+            /* The lanes of this block's tiles (every tile without a split). */
             const psm_u32 *lane_max = call.lane_max + state.tile_base * WarpSize;
-            const psm_i64 lane_count = call.tiles_per_row * WarpSize;
-            for (psm_i64 j = threadIdx.x; j < lane_count; j += blockDim.x) {
+            const psm_i64 lane_end = (split.slice.end + PSM_TILE - 1) / PSM_TILE * WarpSize;
+            const psm_i64 lane_begin =
+                split.slice.begin < split.slice.end ? split.slice.begin / PSM_TILE * WarpSize : lane_end;
+            for (psm_i64 j = lane_begin + threadIdx.x; j < lane_end; j += blockDim.x) {
                 const psm_u32 high = lane_max[j];
                 if (high != 0)
                     psm_gpu_atomic_add_u32(
@@ -981,6 +984,8 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
                             state.row_max, psm_gpu_key_logit((psm_u64)high << 32), state.scale))],
                         1u);
             }
+            if (split.parts > 1)
+                psm_gpu_pool_bins(split, select, split.shared->pool.lane_bin_count, nullptr);
         } else {
             psm_gpu_for_each_logit<Dtype>(call, row_base, split.slice, [&](psm_i64, float x) {
                 if (psm_logit_class(x) != PSM_LOGIT_VALID)
@@ -993,7 +998,8 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
                                            psm_weight_of_gap(gap, call.weight_bits));
             });
             if (split.parts > 1)
-                psm_gpu_pool_bins(split, select, by_mass);
+                psm_gpu_pool_bins(split, select, split.shared->pool.bin_count,
+                                  by_mass ? split.shared->pool.bin_mass : nullptr);
         }
         psm_gpu_block_barrier();
 

@@ -867,6 +867,25 @@ PSM_GPU_DEVICE psm_u32 psm_gpu_walk_list(const psm_gpu_select_scratch &select, p
     return limit - 1;
 }
 
+/* A 64-bit shared-memory sum made with 32-bit atomics on its two words
+ * (little-endian, as NVIDIA and AMD GPUs are): the low word's add returns
+ * the value before it, which tells whether it carried into the high word.
+ * Once every add has finished the 64-bit value is the exact sum. Used on
+ * top-p's mass bins, where a 64-bit shared atomic add is a compare-and-swap
+ * loop that many lanes of a warp retry on the same few bins. */
+PSM_GPU_DEVICE void psm_gpu_shared_add_u64_by_words(unsigned long long *address, psm_u64 value)
+{
+    psm_u32 *words = (psm_u32 *)address;
+    const psm_u32 low = (psm_u32)value;
+    psm_u32 high = (psm_u32)(value >> 32);
+    if (low != 0) {
+        const psm_u32 before = psm_gpu_atomic_add_u32(&words[0], low);
+        high += before + low < before ? 1u : 0u;
+    }
+    if (high != 0)
+        psm_gpu_atomic_add_u32(&words[1], high);
+}
+
 /* Split rows: adds this block's gap-bin counts (and, with masses, their
  * masses) to the row's pool, then takes the pooled totals as its own. */
 PSM_GPU_DEVICE void psm_gpu_pool_bins(psm_gpu_row_split &split, psm_gpu_select_scratch &select,
@@ -992,10 +1011,15 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
                     return;
                 const float gap = psm_gpu_gap(state.row_max, x, state.scale);
                 const int bin = psm_gpu_gap_bin(gap);
-                psm_gpu_atomic_add_u32(&select.bin_count[bin], 1u);
+                /* By mass the bins are told apart by their masses alone (a
+                 * bin without mass cannot be where the running mass first
+                 * reaches the target), and the list's size is checked as it
+                 * is gathered: no count. */
                 if (by_mass)
-                    psm_gpu_atomic_add_u64(&select.bin_mass[bin],
-                                           psm_weight_of_gap(gap, call.weight_bits));
+                    psm_gpu_shared_add_u64_by_words(&select.bin_mass[bin],
+                                                    psm_weight_of_gap(gap, call.weight_bits));
+                else
+                    psm_gpu_atomic_add_u32(&select.bin_count[bin], 1u);
             });
             if (split.parts > 1)
                 psm_gpu_pool_bins(split, select, split.shared->pool.bin_count,
@@ -1019,8 +1043,8 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
                     status = PSM_GPU_SELECT_TOP_ONLY;
                 else if (hit.winner < 0)
                     status = PSM_GPU_SELECT_FALLBACK; /* cannot happen: need <= the total */
-                else
-                    size = by_mass ? select.bin_count[found] : hit.before + select.bin_count[found];
+                else if (!by_mass)
+                    size = hit.before + select.bin_count[found];
                 if (status == PSM_GPU_SELECT_LIST && size > PSM_GPU_LIST_CAPACITY && !from_lanes)
                     status = PSM_GPU_SELECT_FALLBACK;
                 select.status = status;
@@ -1063,11 +1087,12 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
             psm_gpu_pool_list(split, select, round);
         if (select.list_size <= PSM_GPU_LIST_CAPACITY)
             break;
-        /* From the lane maxima the list overflowed: count the row instead. The
-         * barrier keeps every thread's read of list_size before the reset. */
+        /* From the lane maxima the list overflowed: count the row instead (top-p
+         * alone: its bin held more tokens than the list). The barrier keeps
+         * every thread's read of list_size before the reset. */
         psm_gpu_block_barrier();
         if (!from_lanes)
-            return PSM_GPU_SELECT_FALLBACK; /* cannot happen: the size was checked */
+            return PSM_GPU_SELECT_FALLBACK;
     }
 
     /* Rank by counting (keys are unique), and g_i of each listed token. */

@@ -472,11 +472,16 @@ psm_status launch(psm_gpu_state *state, psm_request *request, call_buffers *buff
     const psm_i64 total_tiles = call.rows * call.tiles_per_row;
     const kernel_set &kernels = state->kernels;
     const psm_i64 tiles_per_block = PSM_GPU_TILE_THREADS / kernels.warp_size;
-    psm_i64 tile_blocks = (total_tiles + tiles_per_block - 1) / tiles_per_block;
+    /* Too few tiles to give every multiprocessor a full block (a row or a
+     * few): blocks of two warps, so that they spread over more of the GPU. */
+    const bool few_tiles = total_tiles < tiles_per_block * state->multiprocessors;
+    const psm_i64 tile_block_tiles = few_tiles ? 2 : tiles_per_block;
+    psm_i64 tile_blocks = (total_tiles + tile_block_tiles - 1) / tile_block_tiles;
     const psm_i64 tile_block_cap = (psm_i64)state->multiprocessors * 64;
     if (tile_blocks > tile_block_cap)
         tile_blocks = tile_block_cap;
-    kernels.tile[dtype]<<<(unsigned)tile_blocks, PSM_GPU_TILE_THREADS, 0, state->stream>>>(call);
+    kernels.tile[dtype]<<<(unsigned)tile_blocks, (unsigned)(tile_block_tiles * kernels.warp_size), 0,
+                          state->stream>>>(call);
     PSM_GPU_TRY(psm_gpu_get_last_error(), "launching the tile kernel");
 
     if (request->check_rows) {

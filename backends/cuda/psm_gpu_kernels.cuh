@@ -35,7 +35,8 @@
 
 namespace PSM_GPU_NAMESPACE {
 
-/* Threads of the tile kernel's blocks: several warps, one tile each. */
+/* Threads of the tile kernel's blocks: several warps, one tile each (at most;
+ * a call with few tiles launches blocks of two warps). */
 #define PSM_GPU_TILE_THREADS 256
 /* Threads of the row kernel's blocks (one row per block): rows with filters
  * and plain rows (whose work is per tile and per sample). A filtered row's
@@ -433,7 +434,7 @@ PSM_GPU_DEVICE void psm_gpu_tile_body(const psm_gpu_call &call)
 {
     const psm_gpu_hardware_lanes<WarpSize> lanes;
     const int lane = threadIdx.x % WarpSize;
-    const psm_i64 warps_per_block = PSM_GPU_TILE_THREADS / WarpSize;
+    const psm_i64 warps_per_block = blockDim.x / WarpSize; /* at most PSM_GPU_TILE_THREADS */
     const psm_i64 total_tiles = call.rows * call.tiles_per_row;
     if (call.row_parts > 1)
         psm_gpu_clear_split_pools(call);

@@ -1308,31 +1308,28 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const Row &source, const psm_gpu_call &ca
         }
         const psm_warp_owner<psm_u64> owner =
             psm_warp_find_owner<WarpSize>(lane_mass, token_target, lane, lanes);
-        const psm_u64 lane_begin = owner.begin;
-        const int owner_lane = owner.lane;
-        psm_i32 token = -1;
-        psm_u64 token_weight = 0;
-        if (lane == owner_lane) {
-            psm_u64 running = lane_begin;
-            for (int r = 0; r < (PSM_TILE / WarpSize); ++r) {
-                const psm_i64 i = lane_start + r;
-                if (i >= call.vocab)
-                    break;
-                const float x = source.value(i);
-                if (!psm_gpu_is_kept(state, call.weight_bits, x, i))
-                    continue;
-                psm_u64 w = psm_weight_of_gap(psm_gpu_gap(tile_max, x, state.scale), call.weight_bits);
-                if (token_target < running + w) {
-                    token = (psm_i32)i;
-                    token_weight = w;
-                    break;
-                }
-                running += w;
-            }
-            call.tokens[state.row * call.num_samples + sample] = token;
+        /* Then the owner lane's tokens, one a lane (the same running sums
+         * in index order, from the owner's begin): the token whose interval
+         * holds the target. owner.lane < 0 cannot happen (the target is below
+         * the tile's mass); it would leave token -1. */
+        const int per_lane = PSM_TILE / WarpSize;
+        const psm_i64 owner_start = tile * PSM_TILE + (psm_i64)owner.lane * per_lane;
+        const psm_i64 i = owner_start + lane;
+        psm_u64 w = 0;
+        if (owner.lane >= 0 && lane < per_lane && i < call.vocab) {
+            const float x = source.value(i);
+            if (psm_gpu_is_kept(state, call.weight_bits, x, i))
+                w = psm_weight_of_gap(psm_gpu_gap(tile_max, x, state.scale), call.weight_bits);
+        }
+        const psm_u64 owner_begin = lanes.exchange_from(owner.begin, owner.lane < 0 ? 0 : owner.lane);
+        const psm_warp_owner<psm_u64> chosen = psm_warp_find_owner<WarpSize>(
+            w, owner.lane < 0 ? 0 : token_target - owner_begin, lane, lanes);
+        if (lane == (chosen.lane < 0 || owner.lane < 0 ? 0 : chosen.lane)) {
+            const int found = chosen.lane >= 0 && owner.lane >= 0;
+            call.tokens[state.row * call.num_samples + sample] = found ? (psm_i32)i : -1;
             if (call.logprobs)
                 call.logprobs[state.row * call.num_samples + sample] =
-                    (float)log(((double)token_weight / (double)tile_total) *
+                    (float)log(((double)(found ? w : 0) / (double)tile_total) *
                                ((double)rescaled / (double)total));
         }
     }

@@ -1203,10 +1203,14 @@ PSM_GPU_DEVICE void psm_gpu_scan_masses(const unsigned char *row_base, const psm
             }
             const float kept_max = psm_warp_max<WarpSize>(lane_max, lanes);
             if (kept_max != -INFINITY) {
+                /* A dropped token (-inf here) weighs 0: skip its weight, which
+                 * for min-p and top-p is most tokens of most tiles, so the
+                 * whole warp mostly skips it. */
 #pragma unroll
                 for (int slot = 0; slot < (PSM_TILE / WarpSize); ++slot)
-                    mass += psm_weight_of_gap(psm_gpu_gap(kept_max, x[slot], state.scale),
-                                              call.weight_bits);
+                    if (x[slot] != -INFINITY)
+                        mass += psm_weight_of_gap(psm_gpu_gap(kept_max, x[slot], state.scale),
+                                                  call.weight_bits);
                 mass = psm_warp_sum<WarpSize>(mass, lanes);
                 /* Only the logit and non-zero-ness of this key are read later. */
                 best_key = psm_rank_key(kept_max, (psm_u32)start);

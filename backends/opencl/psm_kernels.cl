@@ -56,8 +56,8 @@
  *
  * Why: clang's interprocedural optimisation removes a static helper's
  * pointer parameter when every call passes the same kernel-scope __local
- * array (psm_radix_descend and psm_nth_with_value, each called twice from
- * psm_row_filter), and the helper then names the array directly. PoCL 3.1
+ * array (psm_descend, called twice from psm_row_filter), and the helper
+ * then names the array directly. PoCL 3.1
  * gives each work-group its own copy of a kernel's __local variables by
  * rewriting their uses in the kernel function only, so those left in a
  * helper address one module-wide copy that all the work-groups PoCL's
@@ -525,21 +525,39 @@ psm_tile_reduce(PSM_REQUEST_PARAMS, __global ulong *tile_key, __global uint *til
 
 /* ---- kernel 2: filter cutoffs per row ------------------------------------- */
 
-/* A row's token as a candidate value (-inf when not valid), from the on-chip
- * copy when the row fits in local memory, else from global memory. */
-typedef struct psm_row_source {
+/* Where psm_row_filter's searches read the candidates' rank keys: the row
+ * itself (from its on-chip copy when it fits in local memory, else from
+ * global memory), or the list of keys psm_radix_collect gathered. */
+#define PSM_SOURCE_GLOBAL 0
+#define PSM_SOURCE_CACHE 1
+#define PSM_SOURCE_LIST 2
+
+typedef struct psm_key_source {
     __global const uchar *logits;
-    __local const float *cache;
+    __local const float *cache;  /* the row's candidate values (PSM_SOURCE_CACHE) */
+    __local const ulong *list;   /* candidate keys (PSM_SOURCE_LIST) */
     long base;
     int dtype;
-    int cached;
-} psm_row_source;
+    int kind;
+    int count;                   /* the row's tokens, or the list's keys */
+} psm_key_source;
 
-PSM_LOCAL_FN float psm_row_value(const psm_row_source *source, int i)
+/* Entry i's rank key, 0 when it is no candidate (not a valid token). */
+PSM_LOCAL_FN ulong psm_source_key(const psm_key_source *source, int i)
 {
-    if (source->cached)
-        return source->cache[i];
-    return psm_load_candidate(source->logits, source->dtype, source->base + i);
+    if (source->kind == PSM_SOURCE_LIST)
+        return source->list[i];
+    float x = source->kind == PSM_SOURCE_CACHE
+                  ? source->cache[i]
+                  : psm_load_candidate(source->logits, source->dtype, source->base + i);
+    return psm_is_valid(x) ? psm_rank_key(x, (uint)i) : 0;
+}
+
+/* A candidate's global weight g_i, from its rank key. */
+static ulong psm_key_weight(ulong key, float maximum, float scale, int bits)
+{
+    return psm_weight(psm_scaled_gap(maximum, psm_ordered_to_float((uint)(key >> 32)), scale),
+                      bits);
 }
 
 /* Adds a 64-bit mass to a bucket kept as two 32-bit words: a wrapped low
@@ -569,38 +587,31 @@ PSM_LOCAL_FN uint psm_choose_bucket(__local const uint *bucket_low,
     return 0;
 }
 
-/* Radix descent over the ordered logit bits (8 bits per level) among the
- * candidates (valid tokens with rank key >= floor_key). Counting mode finds
- * the value of the want-th candidate in rank order; mass mode finds the value
- * at which the running sum of global weights first reaches want. Returns the
- * ordered bits of that value; *above gets the count or mass of candidates
- * with a strictly larger value. */
-PSM_LOCAL_FN uint psm_radix_descend(const psm_row_source *source, int vocab, ulong floor_key,
-                                    int mass_mode, ulong want, float maximum, float scale,
-                                    int bits, ulong *above_out, __local uint *bucket_low,
-                                    __local uint *bucket_high, __local uint *shared_choice,
-                                    __local ulong *shared_above)
+/* Radix descent over the full 64-bit rank keys (8 bits per level) of the
+ * candidates with key >= floor_key: the key of the want-th candidate in rank
+ * order (counting mode), or the key at which the running sum of global
+ * weights first reaches want (mass mode). The key holds the token, so the
+ * last level leaves one candidate and no tie needs a separate search. */
+PSM_LOCAL_FN ulong psm_descend(const psm_key_source *source, ulong floor_key, int mass_mode,
+                               ulong want, float maximum, float scale, int bits,
+                               __local uint *bucket_low, __local uint *bucket_high,
+                               __local uint *shared_choice, __local ulong *shared_above)
 {
     const uint lid = get_local_id(0);
-    uint prefix = 0, prefix_mask = 0;
-    ulong above = 0;
-    for (int shift = 24; shift >= 0; shift -= 8) {
+    ulong prefix = 0, prefix_mask = 0, above = 0;
+    for (int shift = 56; shift >= 0; shift -= 8) {
         for (int b = lid; b < PSM_BUCKETS; b += PSM_WG) {
             bucket_low[b] = 0;
             bucket_high[b] = 0;
         }
         barrier(CLK_LOCAL_MEM_FENCE);
-        for (int i = lid; i < vocab; i += PSM_WG) {
-            float x = psm_row_value(source, i);
-            if (!psm_is_valid(x))
+        for (int i = lid; i < source->count; i += PSM_WG) {
+            ulong key = psm_source_key(source, i);
+            if (key == 0 || key < floor_key || (key & prefix_mask) != prefix)
                 continue;
-            ulong key = psm_rank_key(x, (uint)i);
-            uint ordered = (uint)(key >> 32);
-            if (key < floor_key || (ordered & prefix_mask) != prefix)
-                continue;
-            uint digit = (ordered >> shift) & 0xffu;
+            uint digit = (uint)(key >> shift) & 0xffu;
             if (mass_mode) {
-                ulong g = psm_weight(psm_scaled_gap(maximum, x, scale), bits);
+                ulong g = psm_key_weight(key, maximum, scale, bits);
                 if (g == 0)
                     continue;
                 psm_bucket_add(bucket_low, bucket_high, digit, g);
@@ -614,45 +625,29 @@ PSM_LOCAL_FN uint psm_radix_descend(const psm_row_source *source, int vocab, ulo
             *shared_above = above;
         }
         barrier(CLK_LOCAL_MEM_FENCE);
-        prefix |= *shared_choice << shift;
-        prefix_mask |= 0xffu << shift;
+        prefix |= (ulong)*shared_choice << shift;
+        prefix_mask |= (ulong)0xffu << shift;
         above = *shared_above;
         barrier(CLK_LOCAL_MEM_FENCE);
     }
-    *above_out = above;
     return prefix;
 }
 
-/* The index of the nth (1-based) valid token, in index order, whose value is
- * exactly `value`. Each item scans a contiguous chunk so index order is the
- * item order. */
-PSM_LOCAL_FN int psm_nth_with_value(const psm_row_source *source, int vocab, float value, uint nth,
-                                    __local ulong *scratch, __local int *shared_index)
+/* The top-p target over the candidates with key >= floor_key: a target of 0
+ * keeps one token, as a target of 1 does (the top token alone weighs
+ * 2^bits). */
+PSM_LOCAL_FN ulong psm_top_p_target_from(const psm_key_source *source, ulong floor_key,
+                                         float top_p, float maximum, float scale, int bits,
+                                         __local ulong *scratch)
 {
-    const uint lid = get_local_id(0);
-    const int chunk = (vocab + PSM_WG - 1) / PSM_WG;
-    const int begin = min((int)lid * chunk, vocab);
-    const int end = min(begin + chunk, vocab);
-    uint count = 0;
-    for (int i = begin; i < end; ++i)
-        count += psm_row_value(source, i) == value ? 1u : 0u;
-    if (lid == 0)
-        *shared_index = 0; /* kept only if fewer than nth match: unreachable */
-    ulong before;
-    psm_posted_sum_u64(count, lid, PSM_WG, scratch, &before);
-    if (before < nth && nth <= before + count) {
-        ulong seen = before;
-        for (int i = begin; i < end; ++i) {
-            if (psm_row_value(source, i) == value && ++seen == nth) {
-                *shared_index = i;
-                break;
-            }
-        }
+    ulong mass = 0;
+    for (int i = get_local_id(0); i < source->count; i += PSM_WG) {
+        ulong key = psm_source_key(source, i);
+        if (key != 0 && key >= floor_key)
+            mass += psm_key_weight(key, maximum, scale, bits);
     }
-    barrier(CLK_LOCAL_MEM_FENCE);
-    int index = *shared_index;
-    barrier(CLK_LOCAL_MEM_FENCE);
-    return index;
+    mass = psm_group_sum_u64(mass, scratch);
+    return max(psm_top_p_target(mass, top_p), (ulong)1);
 }
 
 /* ---- the global path's candidate list ------------------------------------
@@ -660,9 +655,9 @@ PSM_LOCAL_FN int psm_nth_with_value(const psm_row_source *source, int vocab, flo
  * level over global memory also counts its bucket's tokens; as soon as the
  * tokens the remaining search needs fit in local memory, one more pass
  * appends their rank keys there (in any order: a key holds its value and its
- * token) and the rest of the search, top-p after top-k included, runs on that
- * list. The keys found are those of the definitions; only where the search
- * looks changes. */
+ * token) and the rest of the search (psm_descend), top-p after top-k
+ * included, runs on that list. The keys found are those of the definitions;
+ * only where the search looks changes. */
 
 /* Radix descent over global memory with the escape to a list. Counting mode
  * (top-k, want = k) collects every candidate at or above the chosen bucket;
@@ -765,53 +760,6 @@ PSM_LOCAL_FN int psm_radix_collect(__global const uchar *logits, int dtype, long
     return -1;
 }
 
-/* Radix descent over the full 64-bit rank keys of a list in local memory,
- * among the keys >= floor_key: the key of the want-th candidate in rank order
- * (counting mode), or the key at which the running sum of global weights
- * first reaches want (mass mode). */
-PSM_LOCAL_FN ulong psm_list_descend(__local const ulong *list, int size, ulong floor_key,
-                                    int mass_mode, ulong want, float maximum, float scale,
-                                    int bits, __local uint *bucket_low,
-                                    __local uint *bucket_high, __local uint *shared_choice,
-                                    __local ulong *shared_above)
-{
-    const uint lid = get_local_id(0);
-    ulong prefix = 0, prefix_mask = 0, above = 0;
-    for (int shift = 56; shift >= 0; shift -= 8) {
-        for (int b = lid; b < PSM_BUCKETS; b += PSM_WG) {
-            bucket_low[b] = 0;
-            bucket_high[b] = 0;
-        }
-        barrier(CLK_LOCAL_MEM_FENCE);
-        for (int i = lid; i < size; i += PSM_WG) {
-            ulong key = list[i];
-            if (key < floor_key || (key & prefix_mask) != prefix)
-                continue;
-            uint digit = (uint)(key >> shift) & 0xffu;
-            if (mass_mode) {
-                float x = psm_ordered_to_float((uint)(key >> 32));
-                ulong g = psm_weight(psm_scaled_gap(maximum, x, scale), bits);
-                if (g == 0)
-                    continue;
-                psm_bucket_add(bucket_low, bucket_high, digit, g);
-            } else {
-                atomic_inc(&bucket_low[digit]);
-            }
-        }
-        barrier(CLK_LOCAL_MEM_FENCE);
-        if (lid == 0) {
-            *shared_choice = psm_choose_bucket(bucket_low, bucket_high, want, &above);
-            *shared_above = above;
-        }
-        barrier(CLK_LOCAL_MEM_FENCE);
-        prefix |= (ulong)*shared_choice << shift;
-        prefix_mask |= (ulong)0xffu << shift;
-        above = *shared_above;
-        barrier(CLK_LOCAL_MEM_FENCE);
-    }
-    return prefix;
-}
-
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const uint *tile_info,
                __global psm_row_state *state, __local ulong *local_store, int use_row_cache,
@@ -826,7 +774,6 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global cons
     __local ulong shared_above;
     __local ulong shared_want;
     __local uint shared_size;
-    __local int shared_index;
     /* The row's values when the row fits (use_row_cache), else the list of
      * candidate keys (list_capacity entries). */
     __local float *row_cache = (__local float *)local_store;
@@ -849,26 +796,30 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global cons
         return;
     }
 
-    psm_row_source source;
+    psm_key_source source;
     source.logits = logits;
     source.cache = row_cache;
+    source.list = local_store;
     source.base = (long)row * row_stride;
     source.dtype = dtype;
-    source.cached = 0;
+    source.kind = PSM_SOURCE_GLOBAL;
+    source.count = vocab;
     if (use_row_cache) {
         for (int i = lid; i < vocab; i += PSM_WG)
             row_cache[i] = psm_load_candidate(logits, dtype, source.base + i);
         barrier(CLK_LOCAL_MEM_FENCE);
-        source.cached = 1;
+        source.kind = PSM_SOURCE_CACHE;
     }
 
     const float scale = psm_inverse_temperature_scale(p.temperature);
     const int bits = psm_weight_bits(vocab);
+    const int top_k_on = psm_top_k_active(&p, summary.valid);
+    const int top_p_on = p.top_p < 1.0f;
     ulong cutoff = 0;
-    int found = 0;
-    if (!use_row_cache && list_capacity > 0 && (psm_top_k_active(&p, summary.valid) ||
-                                                p.top_p < 1.0f)) {
-        const int top_k_on = psm_top_k_active(&p, summary.valid);
+    /* Top-p alone on the list: the list is the bucket where the target is
+     * reached, and its search wants what is left of the target. */
+    ulong list_want = 0;
+    if (!use_row_cache && list_capacity > 0 && (top_k_on || top_p_on)) {
         ulong above = 0, target = 0;
         int size = psm_radix_collect(logits, dtype, source.base, vocab, !top_k_on,
                                      top_k_on ? (ulong)p.top_k : 0, p.top_p, summary.maximum,
@@ -876,68 +827,22 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global cons
                                      bucket_high, bucket_count, &shared_choice, &shared_above,
                                      &shared_want, &shared_size, &above, &target);
         if (size >= 0) {
-            found = 1;
-            if (top_k_on) {
-                /* Every candidate at or above the k-th is on the list. */
-                cutoff = psm_list_descend(local_store, size, 0, 0, (ulong)p.top_k,
-                                          summary.maximum, scale, bits, bucket_low,
-                                          bucket_high, &shared_choice, &shared_above);
-                if (p.top_p < 1.0f) {
-                    ulong mass = 0;
-                    for (int i = lid; i < size; i += PSM_WG) {
-                        ulong key = local_store[i];
-                        if (key >= cutoff)
-                            mass += psm_weight(psm_scaled_gap(summary.maximum,
-                                                              psm_ordered_to_float(
-                                                                  (uint)(key >> 32)),
-                                                              scale),
-                                               bits);
-                    }
-                    mass = psm_group_sum_u64(mass, scratch_u64);
-                    target = max(psm_top_p_target(mass, p.top_p), (ulong)1);
-                    cutoff = psm_list_descend(local_store, size, cutoff, 1, target,
-                                              summary.maximum, scale, bits, bucket_low,
-                                              bucket_high, &shared_choice, &shared_above);
-                }
-            } else {
-                /* The list is the bucket where the target is reached. */
-                cutoff = psm_list_descend(local_store, size, 0, 1, target - above,
-                                          summary.maximum, scale, bits, bucket_low,
-                                          bucket_high, &shared_choice, &shared_above);
-            }
+            source.kind = PSM_SOURCE_LIST;
+            source.count = size;
+            list_want = target - above;
         }
     }
-    if (!found && psm_top_k_active(&p, summary.valid)) {
-        ulong above;
-        uint ordered = psm_radix_descend(&source, vocab, 0, 0, (ulong)p.top_k, summary.maximum,
-                                         scale, bits, &above, bucket_low, bucket_high,
-                                         &shared_choice, &shared_above);
-        float value = psm_ordered_to_float(ordered);
-        int index = psm_nth_with_value(&source, vocab, value, (uint)(p.top_k - above),
-                                       scratch_u64, &shared_index);
-        cutoff = psm_rank_key(value, (uint)index);
-    }
-    if (!found && p.top_p < 1.0f) {
-        ulong mass = 0;
-        for (int i = lid; i < vocab; i += PSM_WG) {
-            float x = psm_row_value(&source, i);
-            if (psm_is_valid(x) && psm_rank_key(x, (uint)i) >= cutoff)
-                mass += psm_weight(psm_scaled_gap(summary.maximum, x, scale), bits);
-        }
-        mass = psm_group_sum_u64(mass, scratch_u64);
-        /* A target of 0 keeps one token, as a target of 1 does (the top
-         * token alone weighs 2^bits). */
-        ulong target = max(psm_top_p_target(mass, p.top_p), (ulong)1);
-        ulong above;
-        uint ordered = psm_radix_descend(&source, vocab, cutoff, 1, target, summary.maximum,
-                                         scale, bits, &above, bucket_low, bucket_high,
-                                         &shared_choice, &shared_above);
-        float value = psm_ordered_to_float(ordered);
-        ulong weight = psm_weight(psm_scaled_gap(summary.maximum, value, scale), bits);
-        ulong needed = (target - above + weight - 1) / weight;
-        int index = psm_nth_with_value(&source, vocab, value, (uint)needed, scratch_u64,
-                                       &shared_index);
-        cutoff = psm_rank_key(value, (uint)index);
+    /* With top-k, every candidate at or above the k-th is on a list. */
+    if (top_k_on)
+        cutoff = psm_descend(&source, 0, 0, (ulong)p.top_k, summary.maximum, scale, bits,
+                             bucket_low, bucket_high, &shared_choice, &shared_above);
+    if (top_p_on) {
+        ulong want = source.kind == PSM_SOURCE_LIST && !top_k_on
+                         ? list_want
+                         : psm_top_p_target_from(&source, cutoff, p.top_p, summary.maximum,
+                                                 scale, bits, scratch_u64);
+        cutoff = psm_descend(&source, cutoff, 1, want, summary.maximum, scale, bits, bucket_low,
+                             bucket_high, &shared_choice, &shared_above);
     }
     if (lid == 0) {
         state[row].maximum = summary.maximum;

@@ -23,10 +23,13 @@
  *                    finds the top-k / top-p cutoff key by radix descent over
  *                    psm_rank_key (counts for top-k, exact 64-bit masses per
  *                    bucket for top-p) and the min-p weight threshold. A row
- *                    that fits in local memory is read once; a longer one is
- *                    read once per radix level until the tokens still needed
- *                    fit, once more to collect their keys, and the search
- *                    ends on that list (psm_radix_collect).
+ *                    that fits in local memory is read once. A longer one is
+ *                    read once to tally its tokens by gap to M and once to
+ *                    collect the keys of the bin holding the cutoff
+ *                    (psm_bin_collect); where that bin does not fit, once per
+ *                    radix level until the tokens still needed fit and once
+ *                    more to collect them (psm_radix_collect). The search
+ *                    ends on that list.
  *   psm_tile_filter  a team per tile of filtered rows: (m_t, S_t) over the
  *                    kept tokens.
  *   psm_row_combine  a team per row: status, M, T_t, the inclusive prefix of
@@ -760,6 +763,124 @@ PSM_LOCAL_FN int psm_radix_collect(__global const uchar *logits, int dtype, long
     return -1;
 }
 
+/* ---- gap bins: the global path's first look --------------------------------
+ * A valid token's bin is its scaled gap to M in 1/16 of a log2 unit (gaps
+ * of 64 and more share the last bin): a non-decreasing function of the gap,
+ * itself a non-increasing function of the logit, so the bins cut the rank
+ * order into consecutive runs. The first radix level (sign and top exponent
+ * bits) puts nearly all of a row into a handful of buckets, whose local
+ * atomics then collide on every step; the bins spread the row thinly, and
+ * the bin that holds the cutoff is usually small enough to collect at once:
+ * one pass to tally, one to collect. (The CUDA backend's
+ * psm_gpu_select_cutoff does the same.) The bins live where the list will
+ * go. */
+#define PSM_GAP_BINS 1024
+#define PSM_GAP_BIN_SCALE 16.0f
+/* A count and a two-word mass per bin, in 32-bit words. */
+#define PSM_GAP_BIN_WORDS (3 * PSM_GAP_BINS)
+
+/* Token i's gap bin, or -1 when it is no candidate; *x and *gap get its
+ * value and its scaled gap to M (M >= x, so psm_weight_of_gap of that gap
+ * is g_i, as in psm_tile_reduce). */
+static int psm_gap_bin(__global const uchar *logits, int dtype, long base, int i, float maximum,
+                       float scale, float *x, float *gap)
+{
+    *x = psm_load_candidate(logits, dtype, base + i);
+    if (!psm_is_valid(*x))
+        return -1;
+    *gap = PSM_FMUL(PSM_FSUB(maximum, *x), scale);
+    return *gap < 64.0f ? (int)PSM_FMUL(*gap, PSM_GAP_BIN_SCALE) : PSM_GAP_BINS - 1;
+}
+
+/* psm_radix_collect's list and results from the gap bins: counting mode
+ * collects every candidate of the bins up to the one where the k-th lies,
+ * mass mode that bin's candidates of nonzero weight. Returns -1 when they do
+ * not fit (the caller then runs psm_radix_collect). The list must hold at
+ * least PSM_GAP_BIN_WORDS / 2 keys. */
+PSM_LOCAL_FN int psm_bin_collect(__global const uchar *logits, int dtype, long base, int vocab,
+                                 int mass_mode, ulong want, float top_p, float maximum,
+                                 float scale, int bits, __local ulong *list, uint capacity,
+                                 __local ulong *posts, __local uint *shared_choice,
+                                 __local ulong *shared_above, __local ulong *shared_want,
+                                 __local uint *shared_size, ulong *above_out, ulong *want_out)
+{
+    const uint lid = get_local_id(0);
+    __local uint *bin_count = (__local uint *)list;
+    __local uint *bin_low = bin_count + PSM_GAP_BINS;
+    __local uint *bin_high = bin_low + PSM_GAP_BINS;
+    for (int b = lid; b < PSM_GAP_BIN_WORDS; b += PSM_WG)
+        bin_count[b] = 0;
+    if (lid == 0)
+        *shared_size = 0xffffffffu; /* kept only if no bin reaches want: unreachable */
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int i = lid; i < vocab; i += PSM_WG) {
+        float x, gap;
+        int bin = psm_gap_bin(logits, dtype, base, i, maximum, scale, &x, &gap);
+        if (bin < 0)
+            continue;
+        if (mass_mode) {
+            ulong g = psm_weight_of_gap(gap, bits);
+            if (g == 0)
+                continue;
+            psm_bucket_add(bin_low, bin_high, (uint)bin, g);
+        }
+        atomic_inc(&bin_count[bin]);
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+
+    /* Each item sums a run of bins; the posted sums place the runs, and the
+     * item whose run reaches the target finds the bin. */
+    const int run = PSM_GAP_BINS / PSM_WG;
+    const int first_bin = (int)lid * run;
+    ulong own = 0;
+    for (int b = first_bin; b < first_bin + run; ++b)
+        own += mass_mode ? ((ulong)bin_high[b] << 32) | bin_low[b] : bin_count[b];
+    ulong before;
+    const ulong total = psm_posted_sum_u64(own, lid, PSM_WG, posts, &before);
+    /* Top-p alone: the target from the mass of every candidate; a target of
+     * 0 keeps one token, as a target of 1 does. */
+    const ulong target =
+        mass_mode && want == 0 ? max(psm_top_p_target(total, top_p), (ulong)1) : want;
+    if (before < target && target <= before + own) {
+        ulong above = before;
+        for (int b = first_bin; b < first_bin + run; ++b) {
+            ulong amount = mass_mode ? ((ulong)bin_high[b] << 32) | bin_low[b] : bin_count[b];
+            if (above + amount >= target) {
+                /* Counting mode keeps the candidates of the bins before too. */
+                ulong size = (mass_mode ? 0 : above) + bin_count[b];
+                *shared_choice = (uint)b;
+                *shared_above = above;
+                *shared_want = target;
+                *shared_size = size <= capacity ? 0u : 0xffffffffu;
+                break;
+            }
+            above += amount;
+        }
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    const int chosen = (int)*shared_choice;
+    const int fits = *shared_size == 0;
+    /* Every item has read the bins and the choice before the list (over the
+     * bins) grows. */
+    barrier(CLK_LOCAL_MEM_FENCE);
+    if (!fits)
+        return -1;
+    for (int i = lid; i < vocab; i += PSM_WG) {
+        float x, gap;
+        int bin = psm_gap_bin(logits, dtype, base, i, maximum, scale, &x, &gap);
+        if (bin < 0 ||
+            (mass_mode ? bin != chosen || psm_weight_of_gap(gap, bits) == 0 : bin > chosen))
+            continue;
+        list[atomic_inc(shared_size)] = psm_rank_key(x, (uint)i);
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    const int size = (int)*shared_size;
+    *above_out = *shared_above;
+    *want_out = *shared_want;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    return size;
+}
+
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const uint *tile_info,
                __global psm_row_state *state, __local ulong *local_store, int use_row_cache,
@@ -821,11 +942,19 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global cons
     ulong list_want = 0;
     if (!use_row_cache && list_capacity > 0 && (top_k_on || top_p_on)) {
         ulong above = 0, target = 0;
-        int size = psm_radix_collect(logits, dtype, source.base, vocab, !top_k_on,
-                                     top_k_on ? (ulong)p.top_k : 0, p.top_p, summary.maximum,
-                                     scale, bits, local_store, (uint)list_capacity, bucket_low,
-                                     bucket_high, bucket_count, &shared_choice, &shared_above,
-                                     &shared_want, &shared_size, &above, &target);
+        const ulong want = top_k_on ? (ulong)p.top_k : 0;
+        int size = -1;
+        if (list_capacity >= PSM_GAP_BIN_WORDS / 2)
+            size = psm_bin_collect(logits, dtype, source.base, vocab, !top_k_on, want, p.top_p,
+                                   summary.maximum, scale, bits, local_store,
+                                   (uint)list_capacity, scratch_u64, &shared_choice,
+                                   &shared_above, &shared_want, &shared_size, &above, &target);
+        if (size < 0)
+            size = psm_radix_collect(logits, dtype, source.base, vocab, !top_k_on, want,
+                                     p.top_p, summary.maximum, scale, bits, local_store,
+                                     (uint)list_capacity, bucket_low, bucket_high, bucket_count,
+                                     &shared_choice, &shared_above, &shared_want, &shared_size,
+                                     &above, &target);
         if (size >= 0) {
             source.kind = PSM_SOURCE_LIST;
             source.count = size;

@@ -548,7 +548,7 @@ typedef struct opencl_state {
     cl_ulong row_filter_local; /* local memory the row filter uses besides its row cache */
     cl_ulong max_allocation;
 
-    device_buffer tile_max, tile_key, tile_info, tile_ref, tile_mass, tile_prefix;
+    device_buffer tile_key, tile_info, tile_ref, tile_mass, tile_prefix;
     device_buffer row_state, first_bad_row;
     device_buffer tokens, logprobs;     /* outputs staged for host or checked calls */
     device_buffer probs;
@@ -597,7 +597,7 @@ static void opencl_destroy(void *opaque)
         return;
     if (state->queue)
         clFinish(state->queue);
-    device_buffer *buffers[] = {&state->tile_max,   &state->tile_key,  &state->tile_info,
+    device_buffer *buffers[] = {&state->tile_key,   &state->tile_info,
                                 &state->tile_ref,   &state->tile_mass, &state->tile_prefix,
                                 &state->row_state,  &state->first_bad_row, &state->tokens,
                                 &state->logprobs,   &state->probs,     &state->logits,
@@ -812,7 +812,6 @@ static size_t tile_count(int64_t vocab)
 static psm_status reserve_rows(opencl_state *state, int64_t rows, int64_t vocab)
 {
     size_t slots = (size_t)rows * tile_count(vocab);
-    PSM_TRY(ensure_buffer(state, &state->tile_max, slots * sizeof(cl_float), "tile"));
     PSM_TRY(ensure_buffer(state, &state->tile_key, slots * sizeof(cl_ulong), "tile"));
     PSM_TRY(ensure_buffer(state, &state->tile_info, slots * sizeof(cl_uint), "tile"));
     PSM_TRY(ensure_buffer(state, &state->tile_ref, slots * sizeof(cl_float), "tile"));
@@ -944,6 +943,7 @@ static psm_status set_request_args(const launch *call, cl_kernel kernel, cl_uint
 {
     const psm_params *params = &call->request->params;
     cl_int dtype = (cl_int)call->request->logits.dtype;
+    cl_int rows = (cl_int)call->rows;
     cl_int vocab = (cl_int)call->vocab;
     cl_long stride = (cl_long)call->stride;
     cl_int tiles = (cl_int)call->tiles;
@@ -956,6 +956,7 @@ static psm_status set_request_args(const launch *call, cl_kernel kernel, cl_uint
     cl_int code = CL_SUCCESS;
     code |= clSetKernelArg(kernel, index++, sizeof(cl_mem), &call->logits);
     code |= clSetKernelArg(kernel, index++, sizeof dtype, &dtype);
+    code |= clSetKernelArg(kernel, index++, sizeof rows, &rows);
     code |= clSetKernelArg(kernel, index++, sizeof vocab, &vocab);
     code |= clSetKernelArg(kernel, index++, sizeof stride, &stride);
     code |= clSetKernelArg(kernel, index++, sizeof tiles, &tiles);
@@ -1006,6 +1007,16 @@ static psm_status enqueue(opencl_state *state, cl_kernel kernel, size_t groups_x
     return PSM_OK;
 }
 
+/* Groups for `units` units of work (tiles, rows or draws) of the kernels
+ * that give each unit a team of min(32, group size) items (psm_kernels.cl,
+ * PSM_TEAM), several teams per group. */
+static size_t team_groups(const opencl_state *state, size_t units)
+{
+    size_t team = state->group_size < 32 ? state->group_size : 32;
+    size_t teams = state->group_size / team;
+    return (units + teams - 1) / teams;
+}
+
 /* The pipeline up to the per-row combination, shared by sample and probs. */
 static psm_status run_rows(const launch *call)
 {
@@ -1022,19 +1033,18 @@ static psm_status run_rows(const launch *call)
                "clEnqueueFillBuffer");
     }
 
+    const size_t tile_groups = team_groups(state, (size_t)call->rows * call->tiles);
     cl_kernel kernel = state->kernels[KERNEL_TILE_REDUCE];
     PSM_TRY(set_request_args(call, kernel, &index));
-    PSM_TRY(SET_MEM(kernel, &index, state->tile_max.mem));
     PSM_TRY(SET_MEM(kernel, &index, state->tile_key.mem));
     PSM_TRY(SET_MEM(kernel, &index, state->tile_info.mem));
     PSM_TRY(SET_MEM(kernel, &index, state->tile_ref.mem));
     PSM_TRY(SET_MEM(kernel, &index, state->tile_mass.mem));
-    PSM_TRY(enqueue(state, kernel, call->tiles, (size_t)call->rows, kernel_names[KERNEL_TILE_REDUCE]));
+    PSM_TRY(enqueue(state, kernel, tile_groups, 1, kernel_names[KERNEL_TILE_REDUCE]));
 
     if (call->filters) {
         kernel = state->kernels[KERNEL_ROW_FILTER];
         PSM_TRY(set_request_args(call, kernel, &index));
-        PSM_TRY(SET_MEM(kernel, &index, state->tile_max.mem));
         PSM_TRY(SET_MEM(kernel, &index, state->tile_key.mem));
         PSM_TRY(SET_MEM(kernel, &index, state->tile_info.mem));
         PSM_TRY(SET_MEM(kernel, &index, state->row_state.mem));
@@ -1067,14 +1077,13 @@ static psm_status run_rows(const launch *call)
         PSM_TRY(SET_MEM(kernel, &index, state->row_state.mem));
         PSM_TRY(SET_MEM(kernel, &index, state->tile_ref.mem));
         PSM_TRY(SET_MEM(kernel, &index, state->tile_mass.mem));
-        PSM_TRY(enqueue(state, kernel, call->tiles, (size_t)call->rows, kernel_names[KERNEL_TILE_FILTER]));
+        PSM_TRY(enqueue(state, kernel, tile_groups, 1, kernel_names[KERNEL_TILE_FILTER]));
     }
 
     kernel = state->kernels[KERNEL_ROW_COMBINE];
     cl_int filters_ran = call->filters;
     cl_int check = check_rows;
     PSM_TRY(set_request_args(call, kernel, &index));
-    PSM_TRY(SET_MEM(kernel, &index, state->tile_max.mem));
     PSM_TRY(SET_MEM(kernel, &index, state->tile_key.mem));
     PSM_TRY(SET_MEM(kernel, &index, state->tile_info.mem));
     PSM_TRY(SET_MEM(kernel, &index, state->tile_ref.mem));
@@ -1084,7 +1093,8 @@ static psm_status run_rows(const launch *call)
     PSM_TRY(SET_VALUE(kernel, &index, filters_ran));
     PSM_TRY(SET_VALUE(kernel, &index, check));
     PSM_TRY(SET_MEM(kernel, &index, state->first_bad_row.mem));
-    return enqueue(state, kernel, 1, (size_t)call->rows, kernel_names[KERNEL_ROW_COMBINE]);
+    return enqueue(state, kernel, team_groups(state, (size_t)call->rows), 1,
+                   kernel_names[KERNEL_ROW_COMBINE]);
 }
 
 /* Checking mode: waits for the row check and fails naming the first bad row. */
@@ -1172,7 +1182,7 @@ static psm_status opencl_sample(void *opaque, psm_request *request)
     PSM_TRY(SET_MEM(kernel, &index, tokens));
     PSM_TRY(SET_MEM(kernel, &index, logprobs));
     PSM_TRY(SET_VALUE(kernel, &index, want_logprobs));
-    PSM_TRY(enqueue(state, kernel, samples, (size_t)call.rows, kernel_names[KERNEL_DRAW]));
+    PSM_TRY(enqueue(state, kernel, team_groups(state, outputs), 1, kernel_names[KERNEL_DRAW]));
 
     if (request->check_rows)
         PSM_TRY(check_rows_result(state, request));
@@ -1213,7 +1223,8 @@ static psm_status opencl_probs(void *opaque, psm_request *request)
     PSM_TRY(SET_MEM(kernel, &index, state->row_state.mem));
     PSM_TRY(SET_MEM(kernel, &index, target));
     PSM_TRY(SET_VALUE(kernel, &index, probs_stride));
-    PSM_TRY(enqueue(state, kernel, call.tiles, (size_t)call.rows, kernel_names[KERNEL_PROBS]));
+    PSM_TRY(enqueue(state, kernel, team_groups(state, (size_t)call.rows * call.tiles), 1,
+                    kernel_names[KERNEL_PROBS]));
 
     if (request->check_rows)
         PSM_TRY(check_rows_result(state, request));

@@ -9,26 +9,35 @@
  * Build options give PSM_WG, the work-group size of every kernel (a power of
  * two between 16 and 1024, chosen by the host from device queries).
  *
- * Pipeline for one psm_sample call (docs/SAMPLING.md):
- *   psm_tile_reduce  one group per (tile, row): reads the tile once; writes the
- *                    tile's valid maximum, best rank key, valid count, bad flag
- *                    and, for unfiltered rows, (m_t, S_t).
- *   psm_row_filter   one group per row, only when a filter may be active:
+ * Pipeline for one psm_sample call (docs/SAMPLING.md). The per-tile, per-row
+ * and per-draw kernels give each unit of work a team of 32 items (one warp
+ * on NVIDIA; fewer on a device that runs groups of 16), several teams per
+ * group, and combine the items' partials with one barrier per round (see
+ * "teams" below); psm_row_filter gives each row a whole group.
+ *   psm_tile_reduce  a team per tile: reads the tile once (16-byte vector
+ *                    loads where aligned); writes the tile's best rank key
+ *                    (its maximum and the lowest index holding it), valid
+ *                    count, bad flag and, for rows with no top-p or min-p,
+ *                    (m_t, S_t).
+ *   psm_row_filter   a group per row, only when a filter may be active:
  *                    finds the top-k / top-p cutoff key by radix descent over
  *                    psm_rank_key (counts for top-k, exact 64-bit masses per
  *                    bucket for top-p) and the min-p weight threshold. A row
- *                    that fits in local memory is read once; a longer one is
- *                    read once per radix level until the tokens still needed
- *                    fit, once more to collect their keys, and the search
- *                    ends on that list (psm_radix_collect).
- *   psm_tile_filter  one group per (tile, row) of filtered rows: (m_t, S_t)
- *                    over the kept tokens.
- *   psm_row_combine  one group per row: status, M, T_t, the inclusive prefix of
+ *                    that fits in local memory is read once. A longer one is
+ *                    read once to tally its tokens by gap to M and once to
+ *                    collect the keys of the bin holding the cutoff
+ *                    (psm_bin_collect); where that bin does not fit, once per
+ *                    radix level until the tokens still needed fit and once
+ *                    more to collect them (psm_radix_collect). The search
+ *                    ends on that list.
+ *   psm_tile_filter  a team per tile of filtered rows: (m_t, S_t) over the
+ *                    kept tokens.
+ *   psm_row_combine  a team per row: status, M, T_t, the inclusive prefix of
  *                    T_t over tiles and the row total.
- *   psm_draw         one group per (sample, row): picks the tile by binary
+ *   psm_draw         a team per (sample, row): picks the tile by binary
  *                    search of the prefix, then the token within the tile.
- *   psm_probs        one group per (tile, row): the final distribution.
- * No kernel needs 64-bit atomics: 64-bit sums are tree reductions, and the
+ *   psm_probs        a team per tile: the final distribution.
+ * No kernel needs 64-bit atomics: 64-bit sums add posted partials, and the
  * per-bucket masses of top-p are kept as two 32-bit words with exact carries.
  */
 
@@ -42,7 +51,6 @@
 #ifndef PSM_WG
 #error "PSM_WG (work-group size) must be given as a build option"
 #endif
-#define PSM_PER_ITEM (PSM_TILE / PSM_WG)
 #define PSM_BUCKETS 256
 
 /* Every helper that is handed a __local pointer is PSM_LOCAL_FN, forced
@@ -51,8 +59,8 @@
  *
  * Why: clang's interprocedural optimisation removes a static helper's
  * pointer parameter when every call passes the same kernel-scope __local
- * array (psm_radix_descend and psm_nth_with_value, each called twice from
- * psm_row_filter), and the helper then names the array directly. PoCL 3.1
+ * array (psm_descend, called twice from psm_row_filter), and the helper
+ * then names the array directly. PoCL 3.1
  * gives each work-group its own copy of a kernel's __local variables by
  * rewriting their uses in the kernel function only, so those left in a
  * helper address one module-wide copy that all the work-groups PoCL's
@@ -99,7 +107,7 @@ typedef char psm_row_state_fits[(sizeof(psm_row_state) <= PSM_ROW_STATE_BYTES) ?
 
 /* Every kernel that reads a row takes the request in this order. */
 #define PSM_REQUEST_PARAMS                                                                  \
-    __global const uchar *logits, int dtype, int vocab, long row_stride, int tiles,           \
+    __global const uchar *logits, int dtype, int rows, int vocab, long row_stride, int tiles, \
         float temperature, int top_k, float top_p, float min_p, ulong seed, ulong offset,     \
         uint per_row, __global const float *temperature_per_row,                              \
         __global const int *top_k_per_row, __global const float *top_p_per_row,              \
@@ -139,20 +147,36 @@ static psm_row_params psm_resolve_row(uint row, float temperature, int top_k, fl
     return p;
 }
 
-/* A logit as the contract reads it, with anything that is not a candidate
- * (masked, NaN, +inf) folded to -inf: callers that care about bad logits
- * classify before folding. */
-static float psm_load(__global const uchar *logits, int dtype, long index)
+/* A 16-bit element (f16 or bf16) as a float: exact. */
+static float psm_half_to_float(ushort h, int dtype)
+{
+    return dtype == PSM_DTYPE_F16 ? psm_f16_to_float(h) : psm_bf16_to_float(h);
+}
+
+/* One element as a float before psm_read_logit (the conversions are exact). */
+static float psm_raw_logit(__global const uchar *logits, int dtype, long index)
 {
     if (dtype == PSM_DTYPE_F32)
-        return psm_read_logit(((__global const float *)logits)[index]);
-    ushort h = ((__global const ushort *)logits)[index];
-    return psm_read_logit(dtype == PSM_DTYPE_F16 ? psm_f16_to_float(h) : psm_bf16_to_float(h));
+        return ((__global const float *)logits)[index];
+    return psm_half_to_float(((__global const ushort *)logits)[index], dtype);
 }
 
 static float psm_candidate_value(float x)
 {
     return psm_logit_class(x) == PSM_LOGIT_VALID ? x : -INFINITY;
+}
+
+/* A raw logit as the contract reads it, with anything that is not a
+ * candidate (masked, NaN, +inf) folded to -inf: callers that care about bad
+ * logits classify before folding. */
+static float psm_candidate_logit(float raw)
+{
+    return psm_candidate_value(psm_read_logit(raw));
+}
+
+static float psm_load_candidate(__global const uchar *logits, int dtype, long index)
+{
+    return psm_candidate_logit(psm_raw_logit(logits, dtype, index));
 }
 
 static int psm_is_valid(float folded)
@@ -166,69 +190,191 @@ static float psm_ordered_to_float(uint ordered)
     return as_float((ordered >> 31) ? (ordered & 0x7fffffffu) : ~ordered);
 }
 
-/* ---- work-group collectives (every item must call them) ------------------ */
+/* ---- teams: several units of work per work-group ---------------------------
+ * A team of PSM_TEAM consecutive items does one unit of work: a tile in
+ * psm_tile_reduce, psm_tile_filter and psm_probs, a row in psm_row_combine,
+ * a (sample, row) pair in psm_draw. A group of PSM_WG items runs
+ * PSM_GROUP_TEAMS units side by side, the units numbered across the whole
+ * launch (dimension 0 only; the host enqueues enough groups for every unit).
+ *
+ * Why: a tile's partial results used to be combined by work-group trees
+ * through local memory, eight barrier steps each, five of them per tile.
+ * Now each item posts its partial to local memory, the group passes one
+ * barrier, and each item reads its team's PSM_TEAM posts itself: redundant,
+ * but free of further barriers, and one barrier serves every team of the
+ * group. On NVIDIA a team of 32 is one warp, so those reads are broadcasts
+ * and a team's branches (row parameters, aligned or not) stay uniform. */
+#if PSM_WG >= 32
+#define PSM_TEAM 32
+#else
+#define PSM_TEAM PSM_WG
+#endif
+#define PSM_GROUP_TEAMS (PSM_WG / PSM_TEAM)
+/* A tile's tokens per item: 32, or 64 on a device that runs groups of 16. */
+#define PSM_TEAM_SLOTS (PSM_TILE / PSM_TEAM)
 
-PSM_LOCAL_FN float psm_group_max_float(float value, __local float *scratch)
+/* The unit of work of the calling item's team. */
+static long psm_team_unit(void)
 {
-    uint lid = get_local_id(0);
-    scratch[lid] = value;
+    return (long)get_group_id(0) * PSM_GROUP_TEAMS + get_local_id(0) / PSM_TEAM;
+}
+
+/* The tile of a team of the per-tile kernels. Teams past the last tile (the
+ * last group's spare ones) get in_range 0 and row 0, a row that exists. */
+typedef struct psm_team_tile {
+    long slot;    /* row * tiles + tile: its place in the per-tile arrays */
+    uint row;
+    int tile;
+    int first;    /* its first token */
+    int count;    /* its tokens: PSM_TILE, fewer at the end of a row */
+    int in_range;
+} psm_team_tile;
+
+static psm_team_tile psm_locate_tile(int rows, int vocab, int tiles)
+{
+    psm_team_tile where;
+    where.slot = psm_team_unit();
+    where.in_range = where.slot < (long)rows * tiles;
+    where.row = where.in_range ? (uint)(where.slot / tiles) : 0u;
+    where.tile = where.in_range ? (int)(where.slot - (long)where.row * tiles) : 0;
+    where.first = where.tile * PSM_TILE;
+    where.count = min(PSM_TILE, vocab - where.first);
+    return where;
+}
+
+/* ---- combining posted partials --------------------------------------------
+ * Every item of the group calls these (they contain a barrier), posting its
+ * value at posts[get_local_id(0)]; each then reads the posts of its
+ * `members` items (its team with PSM_TEAM, the whole group with PSM_WG),
+ * member being its own place among them. A posts array is written again only
+ * after another barrier has followed every read of it: the tile kernels give
+ * each round its own array; psm_row_filter's group rounds end with a barrier
+ * (psm_group_sum_u64). */
+
+PSM_LOCAL_FN ulong psm_posted_max_u64(ulong value, uint member, uint members,
+                                      __local ulong *posts)
+{
+    const uint lid = get_local_id(0);
+    posts[lid] = value;
     barrier(CLK_LOCAL_MEM_FENCE);
-    for (uint width = PSM_WG / 2; width > 0; width >>= 1) {
-        if (lid < width && scratch[lid + width] > scratch[lid])
-            scratch[lid] = scratch[lid + width];
-        barrier(CLK_LOCAL_MEM_FENCE);
-    }
-    float result = scratch[0];
-    barrier(CLK_LOCAL_MEM_FENCE);
+    __local const ulong *mine = posts + (lid - member);
+    ulong result = 0;
+    for (uint j = 0; j < members; ++j)
+        result = max(result, mine[j]);
     return result;
 }
 
-PSM_LOCAL_FN ulong psm_group_max_u64(ulong value, __local ulong *scratch)
+PSM_LOCAL_FN float psm_posted_max_float(float value, uint member, uint members,
+                                        __local float *posts)
 {
-    uint lid = get_local_id(0);
-    scratch[lid] = value;
+    const uint lid = get_local_id(0);
+    posts[lid] = value;
     barrier(CLK_LOCAL_MEM_FENCE);
-    for (uint width = PSM_WG / 2; width > 0; width >>= 1) {
-        if (lid < width && scratch[lid + width] > scratch[lid])
-            scratch[lid] = scratch[lid + width];
-        barrier(CLK_LOCAL_MEM_FENCE);
-    }
-    ulong result = scratch[0];
-    barrier(CLK_LOCAL_MEM_FENCE);
+    __local const float *mine = posts + (lid - member);
+    float result = -INFINITY;
+    for (uint j = 0; j < members; ++j)
+        result = mine[j] > result ? mine[j] : result;
     return result;
 }
 
-PSM_LOCAL_FN ulong psm_group_sum_u64(ulong value, __local ulong *scratch)
+/* The sum of the members' values; *before gets the sum over the members
+ * placed before this one (an exclusive scan in member order). */
+PSM_LOCAL_FN ulong psm_posted_sum_u64(ulong value, uint member, uint members,
+                                      __local ulong *posts, ulong *before)
 {
-    uint lid = get_local_id(0);
-    scratch[lid] = value;
+    const uint lid = get_local_id(0);
+    posts[lid] = value;
     barrier(CLK_LOCAL_MEM_FENCE);
-    for (uint width = PSM_WG / 2; width > 0; width >>= 1) {
-        if (lid < width)
-            scratch[lid] += scratch[lid + width];
-        barrier(CLK_LOCAL_MEM_FENCE);
+    __local const ulong *mine = posts + (lid - member);
+    ulong total = 0, earlier = 0;
+    for (uint j = 0; j < members; ++j) {
+        ulong posted = mine[j];
+        earlier += j < member ? posted : 0;
+        total += posted;
     }
-    ulong result = scratch[0];
-    barrier(CLK_LOCAL_MEM_FENCE);
-    return result;
+    *before = earlier;
+    return total;
 }
 
-/* Inclusive prefix sum over the group (Hillis-Steele); *total gets the sum. */
-PSM_LOCAL_FN ulong psm_group_inclusive_scan_u64(ulong value, __local ulong *scratch, ulong *total)
+/* The sum over the whole group, ready for the next round on the same posts. */
+PSM_LOCAL_FN ulong psm_group_sum_u64(ulong value, __local ulong *posts)
 {
-    uint lid = get_local_id(0);
-    scratch[lid] = value;
+    ulong before;
+    ulong total = psm_posted_sum_u64(value, get_local_id(0), PSM_WG, posts, &before);
     barrier(CLK_LOCAL_MEM_FENCE);
-    for (uint distance = 1; distance < PSM_WG; distance <<= 1) {
-        ulong addend = lid >= distance ? scratch[lid - distance] : 0;
-        barrier(CLK_LOCAL_MEM_FENCE);
-        scratch[lid] += addend;
-        barrier(CLK_LOCAL_MEM_FENCE);
+    return total;
+}
+
+/* ---- reading a tile into an item's private slots ---------------------------
+ * An item holds PSM_TEAM_SLOTS of its tile's tokens, loaded as 16-byte
+ * vectors (4 f32 or 8 f16/bf16 values) wherever the tile is whole and its
+ * address 16-byte aligned (a cl_mem is aligned far more than that, so only
+ * the row stride decides), else element by element in the same layout.
+ * Two layouts:
+ * - interleaved: vector v of an item is vector v * PSM_TEAM + lane of the
+ *   tile, so each load instruction of a team reads 16 x PSM_TEAM contiguous
+ *   bytes (coalesced); for reductions, where order does not matter;
+ * - contiguous: an item's slots are a contiguous run of the tile in token
+ *   order, lane after lane; for the draw, which needs token order. */
+
+#define PSM_INTERLEAVED 0
+#define PSM_CONTIGUOUS 1
+
+/* log2 of the values in a 16-byte vector of the dtype. */
+static int psm_vector_shift(int dtype)
+{
+    return dtype == PSM_DTYPE_F32 ? 2 : 3;
+}
+
+/* The offset within its tile of an item's slot. */
+static int psm_slot_offset(int slot, uint lane, int vector_shift, int layout)
+{
+    const int vectors_per_item = PSM_TEAM_SLOTS >> vector_shift;
+    const int vector = slot >> vector_shift;
+    const int tile_vector = layout == PSM_CONTIGUOUS ? (int)lane * vectors_per_item + vector
+                                                     : vector * PSM_TEAM + (int)lane;
+    return (tile_vector << vector_shift) + (slot & ((1 << vector_shift) - 1));
+}
+
+/* x[slot] = the raw logit at psm_slot_offset(slot), -inf past the row's end
+ * (count tokens from tile_start). */
+static void psm_load_tile(__global const uchar *logits, int dtype, long row_base, int tile_start,
+                          int count, uint lane, int layout, float *x)
+{
+    const int vector_shift = psm_vector_shift(dtype);
+    const int element_bytes = dtype == PSM_DTYPE_F32 ? 4 : 2;
+    __global const uchar *tile = logits + (row_base + tile_start) * element_bytes;
+    if (count == PSM_TILE && ((uintptr_t)tile & 15) == 0) {
+        __global const uint4 *vectors = (__global const uint4 *)tile;
+        if (dtype == PSM_DTYPE_F32) {
+#pragma unroll
+            for (int slot = 0; slot < PSM_TEAM_SLOTS; slot += 4) {
+                uint4 raw = vectors[psm_slot_offset(slot, lane, 2, layout) >> 2];
+                x[slot] = as_float(raw.x);
+                x[slot + 1] = as_float(raw.y);
+                x[slot + 2] = as_float(raw.z);
+                x[slot + 3] = as_float(raw.w);
+            }
+        } else {
+#pragma unroll
+            for (int slot = 0; slot < PSM_TEAM_SLOTS; slot += 8) {
+                uint4 raw = vectors[psm_slot_offset(slot, lane, 3, layout) >> 3];
+                const uint words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    x[slot + 2 * k] = psm_half_to_float((ushort)(words[k] & 0xffffu), dtype);
+                    x[slot + 2 * k + 1] = psm_half_to_float((ushort)(words[k] >> 16), dtype);
+                }
+            }
+        }
+        return;
     }
-    ulong result = scratch[lid];
-    *total = scratch[PSM_WG - 1];
-    barrier(CLK_LOCAL_MEM_FENCE);
-    return result;
+#pragma unroll
+    for (int slot = 0; slot < PSM_TEAM_SLOTS; ++slot) {
+        int offset = psm_slot_offset(slot, lane, vector_shift, layout);
+        x[slot] = offset < count ? psm_raw_logit(logits, dtype, row_base + tile_start + offset)
+                                 : -INFINITY;
+    }
 }
 
 /* ---- row summary from the tile summaries of psm_tile_reduce -------------- */
@@ -242,28 +388,34 @@ typedef struct psm_row_summary {
     int bad;         /* a NaN or +inf somewhere */
 } psm_row_summary;
 
-PSM_LOCAL_FN psm_row_summary psm_summarise_row(__global const float *tile_max,
-                                               __global const ulong *tile_key,
-                                               __global const uint *tile_info, long row_tiles,
-                                               int tiles, __local float *scratch_float,
-                                               __local ulong *scratch_u64)
+/* The largest valid logit, from the largest rank key (0: no valid token). */
+static float psm_key_maximum(ulong key)
 {
-    float maximum = -INFINITY;
-    ulong key = 0, valid = 0, bad = 0;
-    for (int t = get_local_id(0); t < tiles; t += PSM_WG) {
-        float m = tile_max[row_tiles + t];
-        maximum = m > maximum ? m : maximum;
-        ulong k = tile_key[row_tiles + t];
-        key = k > key ? k : key;
+    return key ? psm_ordered_to_float((uint)(key >> 32)) : -INFINITY;
+}
+
+/* The row's summary, by `members` items (a team or the group; see the posted
+ * partials above) reading the row's tiles in turn. One round: a valid count
+ * and a bad count share one 64-bit post (counts below 2^31, so no carry). */
+PSM_LOCAL_FN psm_row_summary psm_summarise_row(__global const ulong *tile_key,
+                                               __global const uint *tile_info, long row_tiles,
+                                               int tiles, uint member, uint members,
+                                               __local ulong *posted_key,
+                                               __local ulong *posted_counts)
+{
+    ulong key = 0, counts = 0;
+    for (int t = member; t < tiles; t += members) {
+        key = max(key, tile_key[row_tiles + t]);
         uint info = tile_info[row_tiles + t];
-        valid += info & ~PSM_TILE_BAD;
-        bad |= (info & PSM_TILE_BAD) ? 1u : 0u;
+        counts += (info & ~PSM_TILE_BAD) | ((info & PSM_TILE_BAD) ? (1ul << 32) : 0ul);
     }
     psm_row_summary summary;
-    summary.maximum = psm_group_max_float(maximum, scratch_float);
-    summary.top_key = psm_group_max_u64(key, scratch_u64);
-    summary.valid = (uint)psm_group_sum_u64(valid, scratch_u64);
-    summary.bad = psm_group_max_u64(bad, scratch_u64) != 0;
+    summary.top_key = psm_posted_max_u64(key, member, members, posted_key);
+    ulong before;
+    counts = psm_posted_sum_u64(counts, member, members, posted_counts, &before);
+    summary.maximum = psm_key_maximum(summary.top_key);
+    summary.valid = (uint)counts;
+    summary.bad = (counts >> 32) != 0;
     return summary;
 }
 
@@ -286,93 +438,129 @@ static int psm_filter_possible(const psm_row_params *p, uint valid)
 
 /* ---- kernel 1: per-tile reduction ----------------------------------------- */
 
-__kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
-psm_tile_reduce(PSM_REQUEST_PARAMS, __global float *tile_max, __global ulong *tile_key,
-                __global uint *tile_info, __global float *tile_ref, __global ulong *tile_mass)
+/* Rows whose tile masses psm_tile_filter will surely remake over the kept
+ * tokens: a sampled row with top-p or min-p on is always filtered
+ * (psm_filter_possible), so psm_tile_reduce leaves their masses at 0. With
+ * top-k alone the row may turn out unfiltered (k >= valid tokens), so its
+ * masses are made here. */
+static int psm_filter_certain(const psm_row_params *p)
 {
-    __local float scratch_float[PSM_WG];
-    __local ulong scratch_u64[PSM_WG];
-    const uint lid = get_local_id(0);
-    const int tile = get_group_id(0);
-    const uint row = get_global_id(1);
-    const psm_row_params p = PSM_RESOLVE_ROW(row);
-    const long base = (long)row * row_stride;
-    const int first = tile * PSM_TILE;
-    const int count = min(PSM_TILE, vocab - first);
+    return p->top_p < 1.0f || p->min_p > 0.0f;
+}
 
-    float values[PSM_PER_ITEM];
-    float maximum = -INFINITY;
-    ulong key = 0, valid = 0, bad = 0;
-    for (int j = 0; j < PSM_PER_ITEM; ++j) {
-        int i = lid + j * PSM_WG;
-        float x = -INFINITY;
-        if (i < count) {
-            float read = psm_load(logits, dtype, base + first + i);
-            int cls = psm_logit_class(read);
-            if (cls == PSM_LOGIT_VALID) {
-                x = read;
-                valid += 1;
-                maximum = x > maximum ? x : maximum;
-                ulong k = psm_rank_key(x, (uint)(first + i));
-                key = k > key ? k : key;
-            } else if (cls == PSM_LOGIT_BAD) {
-                bad = 1;
-            }
+/* One team per tile (psm_team_unit: row * tiles + tile). Two barriers per
+ * group: the best rank key (which holds the tile maximum and the lowest
+ * index holding it) with the valid count and bad flag, then S_t. */
+__kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
+psm_tile_reduce(PSM_REQUEST_PARAMS, __global ulong *tile_key, __global uint *tile_info,
+                __global float *tile_ref, __global ulong *tile_mass)
+{
+    __local ulong posted_key[PSM_WG];
+    __local uint posted_info[PSM_WG];
+    __local ulong posted_mass[PSM_WG];
+    const uint lane = get_local_id(0) % PSM_TEAM;
+    const psm_team_tile where = psm_locate_tile(rows, vocab, tiles);
+    const psm_row_params p = PSM_RESOLVE_ROW(where.row);
+
+    float x[PSM_TEAM_SLOTS];
+    ulong key = 0;
+    uint info = 0;
+    if (where.in_range) {
+        psm_load_tile(logits, dtype, (long)where.row * row_stride, where.first, where.count, lane,
+                      PSM_INTERLEAVED, x);
+        float maximum = -INFINITY;
+        uint valid = 0, bad = 0;
+#pragma unroll
+        for (int j = 0; j < PSM_TEAM_SLOTS; ++j) {
+            int cls = psm_logit_class(x[j]);
+            valid += cls == PSM_LOGIT_VALID ? 1u : 0u;
+            bad |= cls == PSM_LOGIT_BAD ? PSM_TILE_BAD : 0u;
+            x[j] = cls == PSM_LOGIT_VALID ? psm_read_logit(x[j]) : -INFINITY;
+            maximum = x[j] > maximum ? x[j] : maximum;
         }
-        values[j] = x;
-    }
-    maximum = psm_group_max_float(maximum, scratch_float);
-    key = psm_group_max_u64(key, scratch_u64);
-    valid = psm_group_sum_u64(valid, scratch_u64);
-    bad = psm_group_max_u64(bad, scratch_u64);
-    const long slot = (long)row * tiles + tile;
-    if (lid == 0) {
-        tile_max[slot] = maximum;
-        tile_key[slot] = key;
-        tile_info[slot] = (uint)valid | (bad ? PSM_TILE_BAD : 0u);
-    }
-    /* S_t against the tile's own maximum: final for unfiltered rows,
-     * recomputed by psm_tile_filter for filtered ones. */
-    if (!p.valid || bad || valid == 0 || psm_is_greedy(p.temperature)) {
-        if (lid == 0) {
-            tile_ref[slot] = maximum;
-            tile_mass[slot] = 0;
+        if (valid) {
+            /* Slots run in token order within an item: the first slot
+             * holding the maximum is the item's lowest index of it. */
+            int at = 0;
+#pragma unroll
+            for (int j = PSM_TEAM_SLOTS - 1; j >= 0; --j)
+                at = x[j] == maximum ? j : at;
+            int offset = psm_slot_offset(at, lane, psm_vector_shift(dtype), PSM_INTERLEAVED);
+            key = psm_rank_key(maximum, (uint)(where.first + offset));
         }
-        return;
+        info = valid | bad;
     }
-    const float scale = psm_inverse_temperature_scale(p.temperature);
-    const int bits = psm_weight_bits(vocab);
-    /* maximum >= every valid value, so psm_weight_of_gap on the unclamped
-     * product is psm_weight of psm_scaled_gap (core/psm_contract.h), with a
-     * conversion in place of the shifts. */
+    /* Read after the next barrier, by the team's first item alone (the one
+     * that writes the tile's results). */
+    posted_info[get_local_id(0)] = info;
+    key = psm_posted_max_u64(key, lane, PSM_TEAM, posted_key);
+    const float maximum = psm_key_maximum(key);
+    /* S_t against the tile's own maximum: final for unfiltered rows, remade
+     * by psm_tile_filter for filtered ones. */
     ulong mass = 0;
-    for (int j = 0; j < PSM_PER_ITEM; ++j)
-        if (psm_is_valid(values[j]))
-            mass += psm_weight_of_gap(PSM_FMUL(PSM_FSUB(maximum, values[j]), scale), bits);
-    mass = psm_group_sum_u64(mass, scratch_u64);
-    if (lid == 0) {
-        tile_ref[slot] = maximum;
-        tile_mass[slot] = mass;
+    if (where.in_range && key && p.valid && !psm_is_greedy(p.temperature) &&
+        !psm_filter_certain(&p)) {
+        const float scale = psm_inverse_temperature_scale(p.temperature);
+        const int bits = psm_weight_bits(vocab);
+        /* maximum >= every valid value, so psm_weight_of_gap on the
+         * unclamped product is psm_weight of psm_scaled_gap
+         * (core/psm_contract.h), with a conversion in place of the shifts;
+         * x = -inf gives an infinite gap and weight 0. */
+#pragma unroll
+        for (int j = 0; j < PSM_TEAM_SLOTS; ++j)
+            mass += psm_weight_of_gap(PSM_FMUL(PSM_FSUB(maximum, x[j]), scale), bits);
+    }
+    ulong before;
+    mass = psm_posted_sum_u64(mass, lane, PSM_TEAM, posted_mass, &before);
+    if (where.in_range && lane == 0) {
+        uint tile_valid = 0, tile_bad = 0;
+        for (int j = 0; j < PSM_TEAM; ++j) {
+            uint posted = posted_info[get_local_id(0) + j];
+            tile_valid += posted & ~PSM_TILE_BAD;
+            tile_bad |= posted & PSM_TILE_BAD;
+        }
+        tile_key[where.slot] = key;
+        tile_info[where.slot] = tile_valid | tile_bad;
+        tile_ref[where.slot] = maximum;
+        tile_mass[where.slot] = tile_bad ? 0 : mass;
     }
 }
 
 /* ---- kernel 2: filter cutoffs per row ------------------------------------- */
 
-/* A row's token as a candidate value (-inf when not valid), from the on-chip
- * copy when the row fits in local memory, else from global memory. */
-typedef struct psm_row_source {
+/* Where psm_row_filter's searches read the candidates' rank keys: the row
+ * itself (from its on-chip copy when it fits in local memory, else from
+ * global memory), or the list of keys psm_radix_collect gathered. */
+#define PSM_SOURCE_GLOBAL 0
+#define PSM_SOURCE_CACHE 1
+#define PSM_SOURCE_LIST 2
+
+typedef struct psm_key_source {
     __global const uchar *logits;
-    __local const float *cache;
+    __local const float *cache;  /* the row's candidate values (PSM_SOURCE_CACHE) */
+    __local const ulong *list;   /* candidate keys (PSM_SOURCE_LIST) */
     long base;
     int dtype;
-    int cached;
-} psm_row_source;
+    int kind;
+    int count;                   /* the row's tokens, or the list's keys */
+} psm_key_source;
 
-PSM_LOCAL_FN float psm_row_value(const psm_row_source *source, int i)
+/* Entry i's rank key, 0 when it is no candidate (not a valid token). */
+PSM_LOCAL_FN ulong psm_source_key(const psm_key_source *source, int i)
 {
-    if (source->cached)
-        return source->cache[i];
-    return psm_candidate_value(psm_load(source->logits, source->dtype, source->base + i));
+    if (source->kind == PSM_SOURCE_LIST)
+        return source->list[i];
+    float x = source->kind == PSM_SOURCE_CACHE
+                  ? source->cache[i]
+                  : psm_load_candidate(source->logits, source->dtype, source->base + i);
+    return psm_is_valid(x) ? psm_rank_key(x, (uint)i) : 0;
+}
+
+/* A candidate's global weight g_i, from its rank key. */
+static ulong psm_key_weight(ulong key, float maximum, float scale, int bits)
+{
+    return psm_weight(psm_scaled_gap(maximum, psm_ordered_to_float((uint)(key >> 32)), scale),
+                      bits);
 }
 
 /* Adds a 64-bit mass to a bucket kept as two 32-bit words: a wrapped low
@@ -402,38 +590,31 @@ PSM_LOCAL_FN uint psm_choose_bucket(__local const uint *bucket_low,
     return 0;
 }
 
-/* Radix descent over the ordered logit bits (8 bits per level) among the
- * candidates (valid tokens with rank key >= floor_key). Counting mode finds
- * the value of the want-th candidate in rank order; mass mode finds the value
- * at which the running sum of global weights first reaches want. Returns the
- * ordered bits of that value; *above gets the count or mass of candidates
- * with a strictly larger value. */
-PSM_LOCAL_FN uint psm_radix_descend(const psm_row_source *source, int vocab, ulong floor_key,
-                                    int mass_mode, ulong want, float maximum, float scale,
-                                    int bits, ulong *above_out, __local uint *bucket_low,
-                                    __local uint *bucket_high, __local uint *shared_choice,
-                                    __local ulong *shared_above)
+/* Radix descent over the full 64-bit rank keys (8 bits per level) of the
+ * candidates with key >= floor_key: the key of the want-th candidate in rank
+ * order (counting mode), or the key at which the running sum of global
+ * weights first reaches want (mass mode). The key holds the token, so the
+ * last level leaves one candidate and no tie needs a separate search. */
+PSM_LOCAL_FN ulong psm_descend(const psm_key_source *source, ulong floor_key, int mass_mode,
+                               ulong want, float maximum, float scale, int bits,
+                               __local uint *bucket_low, __local uint *bucket_high,
+                               __local uint *shared_choice, __local ulong *shared_above)
 {
     const uint lid = get_local_id(0);
-    uint prefix = 0, prefix_mask = 0;
-    ulong above = 0;
-    for (int shift = 24; shift >= 0; shift -= 8) {
+    ulong prefix = 0, prefix_mask = 0, above = 0;
+    for (int shift = 56; shift >= 0; shift -= 8) {
         for (int b = lid; b < PSM_BUCKETS; b += PSM_WG) {
             bucket_low[b] = 0;
             bucket_high[b] = 0;
         }
         barrier(CLK_LOCAL_MEM_FENCE);
-        for (int i = lid; i < vocab; i += PSM_WG) {
-            float x = psm_row_value(source, i);
-            if (!psm_is_valid(x))
+        for (int i = lid; i < source->count; i += PSM_WG) {
+            ulong key = psm_source_key(source, i);
+            if (key == 0 || key < floor_key || (key & prefix_mask) != prefix)
                 continue;
-            ulong key = psm_rank_key(x, (uint)i);
-            uint ordered = (uint)(key >> 32);
-            if (key < floor_key || (ordered & prefix_mask) != prefix)
-                continue;
-            uint digit = (ordered >> shift) & 0xffu;
+            uint digit = (uint)(key >> shift) & 0xffu;
             if (mass_mode) {
-                ulong g = psm_weight(psm_scaled_gap(maximum, x, scale), bits);
+                ulong g = psm_key_weight(key, maximum, scale, bits);
                 if (g == 0)
                     continue;
                 psm_bucket_add(bucket_low, bucket_high, digit, g);
@@ -447,46 +628,29 @@ PSM_LOCAL_FN uint psm_radix_descend(const psm_row_source *source, int vocab, ulo
             *shared_above = above;
         }
         barrier(CLK_LOCAL_MEM_FENCE);
-        prefix |= *shared_choice << shift;
-        prefix_mask |= 0xffu << shift;
+        prefix |= (ulong)*shared_choice << shift;
+        prefix_mask |= (ulong)0xffu << shift;
         above = *shared_above;
         barrier(CLK_LOCAL_MEM_FENCE);
     }
-    *above_out = above;
     return prefix;
 }
 
-/* The index of the nth (1-based) valid token, in index order, whose value is
- * exactly `value`. Each item scans a contiguous chunk so index order is the
- * item order. */
-PSM_LOCAL_FN int psm_nth_with_value(const psm_row_source *source, int vocab, float value, uint nth,
-                                    __local ulong *scratch, __local int *shared_index)
+/* The top-p target over the candidates with key >= floor_key: a target of 0
+ * keeps one token, as a target of 1 does (the top token alone weighs
+ * 2^bits). */
+PSM_LOCAL_FN ulong psm_top_p_target_from(const psm_key_source *source, ulong floor_key,
+                                         float top_p, float maximum, float scale, int bits,
+                                         __local ulong *scratch)
 {
-    const uint lid = get_local_id(0);
-    const int chunk = (vocab + PSM_WG - 1) / PSM_WG;
-    const int begin = min((int)lid * chunk, vocab);
-    const int end = min(begin + chunk, vocab);
-    uint count = 0;
-    for (int i = begin; i < end; ++i)
-        count += psm_row_value(source, i) == value ? 1u : 0u;
-    if (lid == 0)
-        *shared_index = 0; /* kept only if fewer than nth match: unreachable */
-    ulong total;
-    ulong inclusive = psm_group_inclusive_scan_u64(count, scratch, &total);
-    ulong before = inclusive - count;
-    if (before < nth && nth <= inclusive) {
-        ulong seen = before;
-        for (int i = begin; i < end; ++i) {
-            if (psm_row_value(source, i) == value && ++seen == nth) {
-                *shared_index = i;
-                break;
-            }
-        }
+    ulong mass = 0;
+    for (int i = get_local_id(0); i < source->count; i += PSM_WG) {
+        ulong key = psm_source_key(source, i);
+        if (key != 0 && key >= floor_key)
+            mass += psm_key_weight(key, maximum, scale, bits);
     }
-    barrier(CLK_LOCAL_MEM_FENCE);
-    int index = *shared_index;
-    barrier(CLK_LOCAL_MEM_FENCE);
-    return index;
+    mass = psm_group_sum_u64(mass, scratch);
+    return max(psm_top_p_target(mass, top_p), (ulong)1);
 }
 
 /* ---- the global path's candidate list ------------------------------------
@@ -494,9 +658,9 @@ PSM_LOCAL_FN int psm_nth_with_value(const psm_row_source *source, int vocab, flo
  * level over global memory also counts its bucket's tokens; as soon as the
  * tokens the remaining search needs fit in local memory, one more pass
  * appends their rank keys there (in any order: a key holds its value and its
- * token) and the rest of the search, top-p after top-k included, runs on that
- * list. The keys found are those of the definitions; only where the search
- * looks changes. */
+ * token) and the rest of the search (psm_descend), top-p after top-k
+ * included, runs on that list. The keys found are those of the definitions;
+ * only where the search looks changes. */
 
 /* Radix descent over global memory with the escape to a list. Counting mode
  * (top-k, want = k) collects every candidate at or above the chosen bucket;
@@ -526,7 +690,7 @@ PSM_LOCAL_FN int psm_radix_collect(__global const uchar *logits, int dtype, long
         }
         barrier(CLK_LOCAL_MEM_FENCE);
         for (int i = lid; i < vocab; i += PSM_WG) {
-            float x = psm_candidate_value(psm_load(logits, dtype, base + i));
+            float x = psm_load_candidate(logits, dtype, base + i);
             if (!psm_is_valid(x))
                 continue;
             uint ordered = (uint)(psm_rank_key(x, (uint)i) >> 32);
@@ -576,7 +740,7 @@ PSM_LOCAL_FN int psm_radix_collect(__global const uchar *logits, int dtype, long
         if (!fits)
             continue;
         for (int i = lid; i < vocab; i += PSM_WG) {
-            float x = psm_candidate_value(psm_load(logits, dtype, base + i));
+            float x = psm_load_candidate(logits, dtype, base + i);
             if (!psm_is_valid(x))
                 continue;
             ulong key = psm_rank_key(x, (uint)i);
@@ -599,61 +763,131 @@ PSM_LOCAL_FN int psm_radix_collect(__global const uchar *logits, int dtype, long
     return -1;
 }
 
-/* Radix descent over the full 64-bit rank keys of a list in local memory,
- * among the keys >= floor_key: the key of the want-th candidate in rank order
- * (counting mode), or the key at which the running sum of global weights
- * first reaches want (mass mode). */
-PSM_LOCAL_FN ulong psm_list_descend(__local const ulong *list, int size, ulong floor_key,
-                                    int mass_mode, ulong want, float maximum, float scale,
-                                    int bits, __local uint *bucket_low,
-                                    __local uint *bucket_high, __local uint *shared_choice,
-                                    __local ulong *shared_above)
+/* ---- gap bins: the global path's first look --------------------------------
+ * A valid token's bin is its scaled gap to M in 1/16 of a log2 unit (gaps
+ * of 64 and more share the last bin): a non-decreasing function of the gap,
+ * itself a non-increasing function of the logit, so the bins cut the rank
+ * order into consecutive runs. The first radix level (sign and top exponent
+ * bits) puts nearly all of a row into a handful of buckets, whose local
+ * atomics then collide on every step; the bins spread the row thinly, and
+ * the bin that holds the cutoff is usually small enough to collect at once:
+ * one pass to tally, one to collect. (The CUDA backend's
+ * psm_gpu_select_cutoff does the same.) The bins live where the list will
+ * go. */
+#define PSM_GAP_BINS 1024
+#define PSM_GAP_BIN_SCALE 16.0f
+/* A count and a two-word mass per bin, in 32-bit words. */
+#define PSM_GAP_BIN_WORDS (3 * PSM_GAP_BINS)
+
+/* Token i's gap bin, or -1 when it is no candidate; *x and *gap get its
+ * value and its scaled gap to M (M >= x, so psm_weight_of_gap of that gap
+ * is g_i, as in psm_tile_reduce). */
+static int psm_gap_bin(__global const uchar *logits, int dtype, long base, int i, float maximum,
+                       float scale, float *x, float *gap)
+{
+    *x = psm_load_candidate(logits, dtype, base + i);
+    if (!psm_is_valid(*x))
+        return -1;
+    *gap = PSM_FMUL(PSM_FSUB(maximum, *x), scale);
+    return *gap < 64.0f ? (int)PSM_FMUL(*gap, PSM_GAP_BIN_SCALE) : PSM_GAP_BINS - 1;
+}
+
+/* psm_radix_collect's list and results from the gap bins: counting mode
+ * collects every candidate of the bins up to the one where the k-th lies,
+ * mass mode that bin's candidates of nonzero weight. Returns -1 when they do
+ * not fit (the caller then runs psm_radix_collect). The list must hold at
+ * least PSM_GAP_BIN_WORDS / 2 keys. */
+PSM_LOCAL_FN int psm_bin_collect(__global const uchar *logits, int dtype, long base, int vocab,
+                                 int mass_mode, ulong want, float top_p, float maximum,
+                                 float scale, int bits, __local ulong *list, uint capacity,
+                                 __local ulong *posts, __local uint *shared_choice,
+                                 __local ulong *shared_above, __local ulong *shared_want,
+                                 __local uint *shared_size, ulong *above_out, ulong *want_out)
 {
     const uint lid = get_local_id(0);
-    ulong prefix = 0, prefix_mask = 0, above = 0;
-    for (int shift = 56; shift >= 0; shift -= 8) {
-        for (int b = lid; b < PSM_BUCKETS; b += PSM_WG) {
-            bucket_low[b] = 0;
-            bucket_high[b] = 0;
-        }
-        barrier(CLK_LOCAL_MEM_FENCE);
-        for (int i = lid; i < size; i += PSM_WG) {
-            ulong key = list[i];
-            if (key < floor_key || (key & prefix_mask) != prefix)
+    __local uint *bin_count = (__local uint *)list;
+    __local uint *bin_low = bin_count + PSM_GAP_BINS;
+    __local uint *bin_high = bin_low + PSM_GAP_BINS;
+    for (int b = lid; b < PSM_GAP_BIN_WORDS; b += PSM_WG)
+        bin_count[b] = 0;
+    if (lid == 0)
+        *shared_size = 0xffffffffu; /* kept only if no bin reaches want: unreachable */
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int i = lid; i < vocab; i += PSM_WG) {
+        float x, gap;
+        int bin = psm_gap_bin(logits, dtype, base, i, maximum, scale, &x, &gap);
+        if (bin < 0)
+            continue;
+        if (mass_mode) {
+            ulong g = psm_weight_of_gap(gap, bits);
+            if (g == 0)
                 continue;
-            uint digit = (uint)(key >> shift) & 0xffu;
-            if (mass_mode) {
-                float x = psm_ordered_to_float((uint)(key >> 32));
-                ulong g = psm_weight(psm_scaled_gap(maximum, x, scale), bits);
-                if (g == 0)
-                    continue;
-                psm_bucket_add(bucket_low, bucket_high, digit, g);
-            } else {
-                atomic_inc(&bucket_low[digit]);
-            }
+            psm_bucket_add(bin_low, bin_high, (uint)bin, g);
         }
-        barrier(CLK_LOCAL_MEM_FENCE);
-        if (lid == 0) {
-            *shared_choice = psm_choose_bucket(bucket_low, bucket_high, want, &above);
-            *shared_above = above;
-        }
-        barrier(CLK_LOCAL_MEM_FENCE);
-        prefix |= (ulong)*shared_choice << shift;
-        prefix_mask |= (ulong)0xffu << shift;
-        above = *shared_above;
-        barrier(CLK_LOCAL_MEM_FENCE);
+        atomic_inc(&bin_count[bin]);
     }
-    return prefix;
+    barrier(CLK_LOCAL_MEM_FENCE);
+
+    /* Each item sums a run of bins; the posted sums place the runs, and the
+     * item whose run reaches the target finds the bin. */
+    const int run = PSM_GAP_BINS / PSM_WG;
+    const int first_bin = (int)lid * run;
+    ulong own = 0;
+    for (int b = first_bin; b < first_bin + run; ++b)
+        own += mass_mode ? ((ulong)bin_high[b] << 32) | bin_low[b] : bin_count[b];
+    ulong before;
+    const ulong total = psm_posted_sum_u64(own, lid, PSM_WG, posts, &before);
+    /* Top-p alone: the target from the mass of every candidate; a target of
+     * 0 keeps one token, as a target of 1 does. */
+    const ulong target =
+        mass_mode && want == 0 ? max(psm_top_p_target(total, top_p), (ulong)1) : want;
+    if (before < target && target <= before + own) {
+        ulong above = before;
+        for (int b = first_bin; b < first_bin + run; ++b) {
+            ulong amount = mass_mode ? ((ulong)bin_high[b] << 32) | bin_low[b] : bin_count[b];
+            if (above + amount >= target) {
+                /* Counting mode keeps the candidates of the bins before too. */
+                ulong size = (mass_mode ? 0 : above) + bin_count[b];
+                *shared_choice = (uint)b;
+                *shared_above = above;
+                *shared_want = target;
+                *shared_size = size <= capacity ? 0u : 0xffffffffu;
+                break;
+            }
+            above += amount;
+        }
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    const int chosen = (int)*shared_choice;
+    const int fits = *shared_size == 0;
+    /* Every item has read the bins and the choice before the list (over the
+     * bins) grows. */
+    barrier(CLK_LOCAL_MEM_FENCE);
+    if (!fits)
+        return -1;
+    for (int i = lid; i < vocab; i += PSM_WG) {
+        float x, gap;
+        int bin = psm_gap_bin(logits, dtype, base, i, maximum, scale, &x, &gap);
+        if (bin < 0 ||
+            (mass_mode ? bin != chosen || psm_weight_of_gap(gap, bits) == 0 : bin > chosen))
+            continue;
+        list[atomic_inc(shared_size)] = psm_rank_key(x, (uint)i);
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    const int size = (int)*shared_size;
+    *above_out = *shared_above;
+    *want_out = *shared_want;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    return size;
 }
 
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
-psm_row_filter(PSM_REQUEST_PARAMS, __global const float *tile_max,
-               __global const ulong *tile_key, __global const uint *tile_info,
+psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const uint *tile_info,
                __global psm_row_state *state, __local ulong *local_store, int use_row_cache,
                int list_capacity)
 {
-    __local float scratch_float[PSM_WG];
     __local ulong scratch_u64[PSM_WG];
+    __local ulong scratch_counts[PSM_WG];
     __local uint bucket_low[PSM_BUCKETS];
     __local uint bucket_high[PSM_BUCKETS];
     __local uint bucket_count[PSM_BUCKETS];
@@ -661,7 +895,6 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const float *tile_max,
     __local ulong shared_above;
     __local ulong shared_want;
     __local uint shared_size;
-    __local int shared_index;
     /* The row's values when the row fits (use_row_cache), else the list of
      * candidate keys (list_capacity entries). */
     __local float *row_cache = (__local float *)local_store;
@@ -669,8 +902,10 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const float *tile_max,
     const uint row = get_group_id(1);
     const psm_row_params p = PSM_RESOLVE_ROW(row);
     const psm_row_summary summary =
-        psm_summarise_row(tile_max, tile_key, tile_info, (long)row * tiles, tiles,
-                          scratch_float, scratch_u64);
+        psm_summarise_row(tile_key, tile_info, (long)row * tiles, tiles, lid, PSM_WG,
+                          scratch_u64, scratch_counts);
+    /* Every item has read the summary's posts: scratch_u64 is free again. */
+    barrier(CLK_LOCAL_MEM_FENCE);
     const int filtered = psm_row_status(&p, &summary) == PSM_ROW_SAMPLE &&
                          psm_filter_possible(&p, summary.valid);
     if (!filtered) {
@@ -682,95 +917,61 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const float *tile_max,
         return;
     }
 
-    psm_row_source source;
+    psm_key_source source;
     source.logits = logits;
     source.cache = row_cache;
+    source.list = local_store;
     source.base = (long)row * row_stride;
     source.dtype = dtype;
-    source.cached = 0;
+    source.kind = PSM_SOURCE_GLOBAL;
+    source.count = vocab;
     if (use_row_cache) {
         for (int i = lid; i < vocab; i += PSM_WG)
-            row_cache[i] = psm_candidate_value(psm_load(logits, dtype, source.base + i));
+            row_cache[i] = psm_load_candidate(logits, dtype, source.base + i);
         barrier(CLK_LOCAL_MEM_FENCE);
-        source.cached = 1;
+        source.kind = PSM_SOURCE_CACHE;
     }
 
     const float scale = psm_inverse_temperature_scale(p.temperature);
     const int bits = psm_weight_bits(vocab);
+    const int top_k_on = psm_top_k_active(&p, summary.valid);
+    const int top_p_on = p.top_p < 1.0f;
     ulong cutoff = 0;
-    int found = 0;
-    if (!use_row_cache && list_capacity > 0 && (psm_top_k_active(&p, summary.valid) ||
-                                                p.top_p < 1.0f)) {
-        const int top_k_on = psm_top_k_active(&p, summary.valid);
+    /* Top-p alone on the list: the list is the bucket where the target is
+     * reached, and its search wants what is left of the target. */
+    ulong list_want = 0;
+    if (!use_row_cache && list_capacity > 0 && (top_k_on || top_p_on)) {
         ulong above = 0, target = 0;
-        int size = psm_radix_collect(logits, dtype, source.base, vocab, !top_k_on,
-                                     top_k_on ? (ulong)p.top_k : 0, p.top_p, summary.maximum,
-                                     scale, bits, local_store, (uint)list_capacity, bucket_low,
-                                     bucket_high, bucket_count, &shared_choice, &shared_above,
-                                     &shared_want, &shared_size, &above, &target);
+        const ulong want = top_k_on ? (ulong)p.top_k : 0;
+        int size = -1;
+        if (list_capacity >= PSM_GAP_BIN_WORDS / 2)
+            size = psm_bin_collect(logits, dtype, source.base, vocab, !top_k_on, want, p.top_p,
+                                   summary.maximum, scale, bits, local_store,
+                                   (uint)list_capacity, scratch_u64, &shared_choice,
+                                   &shared_above, &shared_want, &shared_size, &above, &target);
+        if (size < 0)
+            size = psm_radix_collect(logits, dtype, source.base, vocab, !top_k_on, want,
+                                     p.top_p, summary.maximum, scale, bits, local_store,
+                                     (uint)list_capacity, bucket_low, bucket_high, bucket_count,
+                                     &shared_choice, &shared_above, &shared_want, &shared_size,
+                                     &above, &target);
         if (size >= 0) {
-            found = 1;
-            if (top_k_on) {
-                /* Every candidate at or above the k-th is on the list. */
-                cutoff = psm_list_descend(local_store, size, 0, 0, (ulong)p.top_k,
-                                          summary.maximum, scale, bits, bucket_low,
-                                          bucket_high, &shared_choice, &shared_above);
-                if (p.top_p < 1.0f) {
-                    ulong mass = 0;
-                    for (int i = lid; i < size; i += PSM_WG) {
-                        ulong key = local_store[i];
-                        if (key >= cutoff)
-                            mass += psm_weight(psm_scaled_gap(summary.maximum,
-                                                              psm_ordered_to_float(
-                                                                  (uint)(key >> 32)),
-                                                              scale),
-                                               bits);
-                    }
-                    mass = psm_group_sum_u64(mass, scratch_u64);
-                    target = max(psm_top_p_target(mass, p.top_p), (ulong)1);
-                    cutoff = psm_list_descend(local_store, size, cutoff, 1, target,
-                                              summary.maximum, scale, bits, bucket_low,
-                                              bucket_high, &shared_choice, &shared_above);
-                }
-            } else {
-                /* The list is the bucket where the target is reached. */
-                cutoff = psm_list_descend(local_store, size, 0, 1, target - above,
-                                          summary.maximum, scale, bits, bucket_low,
-                                          bucket_high, &shared_choice, &shared_above);
-            }
+            source.kind = PSM_SOURCE_LIST;
+            source.count = size;
+            list_want = target - above;
         }
     }
-    if (!found && psm_top_k_active(&p, summary.valid)) {
-        ulong above;
-        uint ordered = psm_radix_descend(&source, vocab, 0, 0, (ulong)p.top_k, summary.maximum,
-                                         scale, bits, &above, bucket_low, bucket_high,
-                                         &shared_choice, &shared_above);
-        float value = psm_ordered_to_float(ordered);
-        int index = psm_nth_with_value(&source, vocab, value, (uint)(p.top_k - above),
-                                       scratch_u64, &shared_index);
-        cutoff = psm_rank_key(value, (uint)index);
-    }
-    if (!found && p.top_p < 1.0f) {
-        ulong mass = 0;
-        for (int i = lid; i < vocab; i += PSM_WG) {
-            float x = psm_row_value(&source, i);
-            if (psm_is_valid(x) && psm_rank_key(x, (uint)i) >= cutoff)
-                mass += psm_weight(psm_scaled_gap(summary.maximum, x, scale), bits);
-        }
-        mass = psm_group_sum_u64(mass, scratch_u64);
-        /* A target of 0 keeps one token, as a target of 1 does (the top
-         * token alone weighs 2^bits). */
-        ulong target = max(psm_top_p_target(mass, p.top_p), (ulong)1);
-        ulong above;
-        uint ordered = psm_radix_descend(&source, vocab, cutoff, 1, target, summary.maximum,
-                                         scale, bits, &above, bucket_low, bucket_high,
-                                         &shared_choice, &shared_above);
-        float value = psm_ordered_to_float(ordered);
-        ulong weight = psm_weight(psm_scaled_gap(summary.maximum, value, scale), bits);
-        ulong needed = (target - above + weight - 1) / weight;
-        int index = psm_nth_with_value(&source, vocab, value, (uint)needed, scratch_u64,
-                                       &shared_index);
-        cutoff = psm_rank_key(value, (uint)index);
+    /* With top-k, every candidate at or above the k-th is on a list. */
+    if (top_k_on)
+        cutoff = psm_descend(&source, 0, 0, (ulong)p.top_k, summary.maximum, scale, bits,
+                             bucket_low, bucket_high, &shared_choice, &shared_above);
+    if (top_p_on) {
+        ulong want = source.kind == PSM_SOURCE_LIST && !top_k_on
+                         ? list_want
+                         : psm_top_p_target_from(&source, cutoff, p.top_p, summary.maximum,
+                                                 scale, bits, scratch_u64);
+        cutoff = psm_descend(&source, cutoff, 1, want, summary.maximum, scale, bits, bucket_low,
+                             bucket_high, &shared_choice, &shared_above);
     }
     if (lid == 0) {
         state[row].maximum = summary.maximum;
@@ -791,81 +992,87 @@ static int psm_kept(float x, uint token, ulong cutoff, ulong min_weight, float m
            psm_weight(psm_scaled_gap(maximum, x, scale), bits) >= min_weight;
 }
 
+/* One team per tile of the filtered rows, as psm_tile_reduce: (m_t, S_t)
+ * over the kept tokens, two barriers per group. */
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_tile_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key,
                 __global const psm_row_state *state, __global float *tile_ref,
                 __global ulong *tile_mass)
 {
-    __local float scratch_float[PSM_WG];
-    __local ulong scratch_u64[PSM_WG];
-    const uint lid = get_local_id(0);
-    const int tile = get_group_id(0);
-    const uint row = get_global_id(1);
-    const long slot = (long)row * tiles + tile;
-    /* Uniform over the group, so returning skips no barrier for anyone. */
-    if (!state[row].filtered)
-        return;
+    __local float posted_max[PSM_WG];
+    __local ulong posted_mass[PSM_WG];
+    const uint lane = get_local_id(0) % PSM_TEAM;
+    const psm_team_tile where = psm_locate_tile(rows, vocab, tiles);
+    const uint row = where.row;
+    const long slot = where.slot;
+    const int first = where.first;
+    /* Teams past the last tile or in unfiltered rows only pass the barriers. */
+    const int active = where.in_range && state[row].filtered;
     const ulong cutoff = state[row].cutoff;
+    /* A tile whose best key ranks below the cutoff keeps nothing. */
+    const int reachable = active && tile_key[slot] >= cutoff;
     const ulong min_weight = state[row].min_weight;
-    if (tile_key[slot] < cutoff) {
-        /* Every token of the tile ranks below the cutoff. */
-        if (lid == 0)
-            tile_mass[slot] = 0;
-        return;
-    }
-    const psm_row_params p = PSM_RESOLVE_ROW(row);
     const float row_maximum = state[row].maximum;
+    const psm_row_params p = PSM_RESOLVE_ROW(row);
     const float scale = psm_inverse_temperature_scale(p.temperature);
     const int bits = psm_weight_bits(vocab);
-    const long base = (long)row * row_stride;
-    const int first = tile * PSM_TILE;
-    const int count = min(PSM_TILE, vocab - first);
 
-    float values[PSM_PER_ITEM];
+    float x[PSM_TEAM_SLOTS];
     float maximum = -INFINITY;
-    for (int j = 0; j < PSM_PER_ITEM; ++j) {
-        int i = lid + j * PSM_WG;
-        float x = -INFINITY;
-        if (i < count) {
-            x = psm_candidate_value(psm_load(logits, dtype, base + first + i));
-            if (!psm_kept(x, (uint)(first + i), cutoff, min_weight, row_maximum, scale, bits))
-                x = -INFINITY;
+    if (reachable) {
+        psm_load_tile(logits, dtype, (long)row * row_stride, first, where.count, lane,
+                      PSM_INTERLEAVED, x);
+#pragma unroll
+        for (int j = 0; j < PSM_TEAM_SLOTS; ++j) {
+            uint token = (uint)(first + psm_slot_offset(j, lane, psm_vector_shift(dtype),
+                                                        PSM_INTERLEAVED));
+            float value = psm_candidate_logit(x[j]);
+            x[j] = psm_kept(value, token, cutoff, min_weight, row_maximum, scale, bits)
+                       ? value
+                       : -INFINITY;
+            maximum = x[j] > maximum ? x[j] : maximum;
         }
-        values[j] = x;
-        maximum = x > maximum ? x : maximum;
     }
-    maximum = psm_group_max_float(maximum, scratch_float);
+    maximum = psm_posted_max_float(maximum, lane, PSM_TEAM, posted_max);
     ulong mass = 0;
-    if (psm_is_valid(maximum))
-        for (int j = 0; j < PSM_PER_ITEM; ++j)
-            if (psm_is_valid(values[j])) /* <= maximum: as in psm_tile_reduce */
-                mass += psm_weight_of_gap(PSM_FMUL(PSM_FSUB(maximum, values[j]), scale), bits);
-    mass = psm_group_sum_u64(mass, scratch_u64);
-    if (lid == 0) {
-        tile_ref[slot] = maximum;
+    if (reachable && psm_is_valid(maximum))
+#pragma unroll
+        for (int j = 0; j < PSM_TEAM_SLOTS; ++j) /* x <= maximum: as in psm_tile_reduce */
+            mass += psm_weight_of_gap(PSM_FMUL(PSM_FSUB(maximum, x[j]), scale), bits);
+    ulong before;
+    mass = psm_posted_sum_u64(mass, lane, PSM_TEAM, posted_mass, &before);
+    if (active && lane == 0) {
+        if (reachable)
+            tile_ref[slot] = maximum;
         tile_mass[slot] = mass;
     }
 }
 
 /* ---- kernel 4: per-row combination ---------------------------------------- */
 
+/* One team per row: status, M, T_t, the inclusive prefix of T_t over tiles
+ * and the row total; three barriers per group. */
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
-psm_row_combine(PSM_REQUEST_PARAMS, __global const float *tile_max,
-                __global const ulong *tile_key, __global const uint *tile_info,
-                __global const float *tile_ref, __global const ulong *tile_mass,
-                __global ulong *tile_prefix, __global psm_row_state *state,
-                int filters_ran, int check_rows, __global int *first_bad_row)
+psm_row_combine(PSM_REQUEST_PARAMS, __global const ulong *tile_key,
+                __global const uint *tile_info, __global const float *tile_ref,
+                __global const ulong *tile_mass, __global ulong *tile_prefix,
+                __global psm_row_state *state, int filters_ran, int check_rows,
+                __global int *first_bad_row)
 {
-    __local float scratch_float[PSM_WG];
-    __local ulong scratch_u64[PSM_WG];
-    const uint lid = get_local_id(0);
-    const uint row = get_group_id(1);
+    __local ulong posted_key[PSM_WG];
+    __local ulong posted_counts[PSM_WG];
+    __local ulong posted_mass[PSM_WG];
+    const uint lane = get_local_id(0) % PSM_TEAM;
+    const long unit = psm_team_unit();
+    const int active = unit < rows;
+    const uint row = active ? (uint)unit : 0u;
     const long row_tiles = (long)row * tiles;
     const psm_row_params p = PSM_RESOLVE_ROW(row);
-    const psm_row_summary summary = psm_summarise_row(tile_max, tile_key, tile_info, row_tiles,
-                                                      tiles, scratch_float, scratch_u64);
+    const psm_row_summary summary =
+        psm_summarise_row(tile_key, tile_info, row_tiles, active ? tiles : 0, lane, PSM_TEAM,
+                          posted_key, posted_counts);
     const int status = psm_row_status(&p, &summary);
-    if (lid == 0) {
+    if (active && lane == 0) {
         state[row].status = status;
         state[row].maximum = summary.maximum;
         state[row].greedy_token = 0xffffffffu - (uint)summary.top_key;
@@ -877,25 +1084,34 @@ psm_row_combine(PSM_REQUEST_PARAMS, __global const float *tile_max,
         if (status == PSM_ROW_BAD && check_rows)
             atomic_min(first_bad_row, (int)row);
     }
-    if (status != PSM_ROW_SAMPLE)
-        return;
+    /* Each item owns a contiguous run of tiles, so item order is tile order:
+     * T_t goes to tile_prefix first, then the item's exclusive prefix is
+     * added along its run. */
+    const int sampled = active && status == PSM_ROW_SAMPLE;
+    const int run = (tiles + PSM_TEAM - 1) / PSM_TEAM;
+    const int begin = min((int)lane * run, tiles);
+    const int end = min(begin + run, tiles);
     const float scale = psm_inverse_temperature_scale(p.temperature);
-    ulong running = 0;
-    for (int start = 0; start < tiles; start += PSM_WG) {
-        int t = start + lid;
-        ulong rescaled = 0;
-        if (t < tiles)
-            rescaled = psm_rescale_mass(tile_mass[row_tiles + t],
-                                        psm_scaled_gap(summary.maximum, tile_ref[row_tiles + t],
-                                                       scale));
-        ulong chunk_total;
-        ulong inclusive = psm_group_inclusive_scan_u64(rescaled, scratch_u64, &chunk_total);
-        if (t < tiles)
-            tile_prefix[row_tiles + t] = running + inclusive;
-        running += chunk_total;
+    ulong own = 0;
+    if (sampled) {
+        for (int t = begin; t < end; ++t) {
+            ulong rescaled = psm_rescale_mass(
+                tile_mass[row_tiles + t],
+                psm_scaled_gap(summary.maximum, tile_ref[row_tiles + t], scale));
+            tile_prefix[row_tiles + t] = rescaled;
+            own += rescaled;
+        }
     }
-    if (lid == 0)
-        state[row].total = running;
+    ulong running;
+    const ulong total = psm_posted_sum_u64(own, lane, PSM_TEAM, posted_mass, &running);
+    if (sampled) {
+        for (int t = begin; t < end; ++t) {
+            running += tile_prefix[row_tiles + t];
+            tile_prefix[row_tiles + t] = running;
+        }
+        if (lane == 0)
+            state[row].total = total;
+    }
 }
 
 /* ---- the kept tile weight of one token, shared by the draw and probs ------- */
@@ -938,46 +1154,50 @@ static float psm_log_probability(ulong weight, ulong mass, ulong rescaled, ulong
 
 /* ---- kernel 5: the draw --------------------------------------------------- */
 
+/* One team per (sample, row) pair, numbered row * num_samples + sample (the
+ * output's place). The tile is found by binary search of the prefix (each
+ * item alike), then read in the contiguous layout, so that the exclusive
+ * scan of the items' sums places every token; one barrier per group. */
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_draw(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulong *tile_mass,
          __global const ulong *tile_prefix, __global const psm_row_state *state,
          int num_samples, __global int *tokens, __global float *logprobs, int want_logprobs)
 {
-    __local ulong scratch_u64[PSM_WG];
-    __local int shared_token;
-    __local float shared_logprob;
-    const uint lid = get_local_id(0);
-    const uint sample = get_group_id(0);
-    const uint row = get_global_id(1);
-    const long out = (long)row * num_samples + sample;
+    __local ulong posted_weight[PSM_WG];
+    const uint lane = get_local_id(0) % PSM_TEAM;
+    const long out = psm_team_unit();
+    const int active = out < (long)rows * num_samples;
+    const uint row = active ? (uint)(out / num_samples) : 0u;
+    const uint sample = (uint)(out - (long)row * num_samples);
     const int status = state[row].status;
-    if (status != PSM_ROW_SAMPLE) {
-        if (lid == 0) {
-            tokens[out] = status == PSM_ROW_GREEDY ? (int)state[row].greedy_token : -1;
-            if (want_logprobs)
-                logprobs[out] = status == PSM_ROW_GREEDY ? 0.0f : NAN;
-        }
-        return;
+    if (active && status != PSM_ROW_SAMPLE && lane == 0) {
+        tokens[out] = status == PSM_ROW_GREEDY ? (int)state[row].greedy_token : -1;
+        if (want_logprobs)
+            logprobs[out] = status == PSM_ROW_GREEDY ? 0.0f : NAN;
     }
+    const int drawing = active && status == PSM_ROW_SAMPLE;
     const psm_row_params p = PSM_RESOLVE_ROW(row);
     const long row_tiles = (long)row * tiles;
     const ulong total = state[row].total;
     const psm_draw_bits random = psm_sample_bits(p.seed, offset, p.stream, sample);
-    /* The tile: the first whose inclusive prefix exceeds a. */
-    const ulong a = psm_pick(random.tile, total);
-    int low = 0, high = tiles - 1;
-    while (low < high) {
-        int middle = low + (high - low) / 2;
-        if (tile_prefix[row_tiles + middle] > a)
-            high = middle;
-        else
-            low = middle + 1;
+    int tile = 0;
+    if (drawing) {
+        /* The tile: the first whose inclusive prefix exceeds a. */
+        const ulong a = psm_pick(random.tile, total);
+        int high = tiles - 1;
+        while (tile < high) {
+            int middle = tile + (high - tile) / 2;
+            if (tile_prefix[row_tiles + middle] > a)
+                high = middle;
+            else
+                tile = middle + 1;
+        }
     }
-    const int tile = low;
     const ulong mass = tile_mass[row_tiles + tile];
     const ulong rescaled =
         tile_prefix[row_tiles + tile] - (tile > 0 ? tile_prefix[row_tiles + tile - 1] : 0);
     const ulong b = psm_pick(random.token, mass);
+    const int first = tile * PSM_TILE;
 
     psm_tile_view view;
     view.cutoff = state[row].cutoff;
@@ -987,80 +1207,84 @@ psm_draw(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulon
     view.scale = psm_inverse_temperature_scale(p.temperature);
     view.bits = psm_weight_bits(vocab);
 
-    /* Each item owns a contiguous run of the tile, so item order is index
-     * order and an exclusive scan of the items' sums places every token. */
-    const long base = (long)row * row_stride;
-    const int first = tile * PSM_TILE;
-    const int count = min(PSM_TILE, vocab - first);
-    const int begin = min((int)lid * PSM_PER_ITEM, count);
-    const int end = min(begin + PSM_PER_ITEM, count);
-    ulong weights[PSM_PER_ITEM];
+    float x[PSM_TEAM_SLOTS];
     ulong own = 0;
-    for (int i = begin; i < end; ++i) {
-        float x = psm_candidate_value(psm_load(logits, dtype, base + first + i));
-        weights[i - begin] = psm_tile_weight(&view, x, (uint)(first + i));
-        own += weights[i - begin];
+    if (drawing) {
+        psm_load_tile(logits, dtype, (long)row * row_stride, first, min(PSM_TILE, vocab - first),
+                      lane, PSM_CONTIGUOUS, x);
+#pragma unroll
+        for (int j = 0; j < PSM_TEAM_SLOTS; ++j) {
+            x[j] = psm_candidate_logit(x[j]);
+            own += psm_tile_weight(&view, x[j], (uint)(first + psm_slot_offset(
+                                                          j, lane, psm_vector_shift(dtype),
+                                                          PSM_CONTIGUOUS)));
+        }
     }
-    if (lid == 0) {
-        /* Kept only if no item finds the token: unreachable when the masses
-         * are consistent (the scan's barriers order these writes). */
-        shared_token = -1;
-        shared_logprob = NAN;
-    }
-    ulong group_total;
-    ulong inclusive = psm_group_inclusive_scan_u64(own, scratch_u64, &group_total);
-    ulong running = inclusive - own;
-    if (running <= b && b < inclusive) {
-        for (int i = begin; i < end; ++i) {
-            running += weights[i - begin];
+    ulong running;
+    const ulong tile_total = psm_posted_sum_u64(own, lane, PSM_TEAM, posted_weight, &running);
+    if (!drawing)
+        return;
+    if (running <= b && b < running + own) {
+#pragma unroll
+        for (int j = 0; j < PSM_TEAM_SLOTS; ++j) {
+            uint token = (uint)(first + psm_slot_offset(j, lane, psm_vector_shift(dtype),
+                                                        PSM_CONTIGUOUS));
+            ulong weight = psm_tile_weight(&view, x[j], token);
+            running += weight;
             if (running > b) {
-                shared_token = first + i;
-                shared_logprob = psm_log_probability(weights[i - begin], mass, rescaled, total);
+                tokens[out] = (int)token;
+                if (want_logprobs)
+                    logprobs[out] = psm_log_probability(weight, mass, rescaled, total);
                 break;
             }
         }
     }
-    barrier(CLK_LOCAL_MEM_FENCE);
-    if (lid == 0) {
-        tokens[out] = shared_token;
+    /* No item finds the token only if b is past the tile's weights:
+     * unreachable when the masses are consistent. */
+    if (lane == 0 && b >= tile_total) {
+        tokens[out] = -1;
         if (want_logprobs)
-            logprobs[out] = shared_logprob;
+            logprobs[out] = NAN;
     }
 }
 
 /* ---- kernel 6: the final distribution ------------------------------------- */
 
+/* One team per tile; each item writes the probabilities of its own slots. */
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_probs(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulong *tile_mass,
           __global const ulong *tile_prefix, __global const psm_row_state *state,
           __global float *probs, long probs_stride)
 {
-    const uint lid = get_local_id(0);
-    const int tile = get_group_id(0);
-    const uint row = get_global_id(1);
-    const long row_tiles = (long)row * tiles;
-    const long slot = row_tiles + tile;
-    const int first = tile * PSM_TILE;
-    const int count = min(PSM_TILE, vocab - first);
-    const long out = (long)row * probs_stride + first;
+    const uint lane = get_local_id(0) % PSM_TEAM;
+    const psm_team_tile where = psm_locate_tile(rows, vocab, tiles);
+    if (!where.in_range)
+        return; /* no barrier below */
+    const uint row = where.row;
+    const long slot = where.slot;
+    const int tile = where.tile;
+    const int first = where.first;
+    const int count = where.count;
+    const int vector_shift = psm_vector_shift(dtype);
+    __global float *out = probs + (long)row * probs_stride + first;
     const int status = state[row].status;
-    if (status != PSM_ROW_SAMPLE) {
+    const ulong mass = tile_mass[slot];
+    const ulong rescaled = tile_prefix[slot] - (tile > 0 ? tile_prefix[slot - 1] : 0);
+    if (status != PSM_ROW_SAMPLE || mass == 0 || rescaled == 0) {
         const uint greedy = state[row].greedy_token;
-        for (int i = lid; i < count; i += PSM_WG)
-            probs[out + i] = status == PSM_ROW_BAD ? NAN
-                             : (uint)(first + i) == greedy ? 1.0f
-                                                           : 0.0f;
+#pragma unroll
+        for (int j = 0; j < PSM_TEAM_SLOTS; ++j) {
+            int offset = psm_slot_offset(j, lane, vector_shift, PSM_INTERLEAVED);
+            if (offset < count)
+                out[offset] = status == PSM_ROW_BAD                        ? NAN
+                              : status == PSM_ROW_GREEDY &&
+                                      (uint)(first + offset) == greedy ? 1.0f
+                                                                           : 0.0f;
+        }
         return;
     }
     const psm_row_params p = PSM_RESOLVE_ROW(row);
-    const ulong mass = tile_mass[slot];
-    const ulong rescaled = tile_prefix[slot] - (tile > 0 ? tile_prefix[slot - 1] : 0);
     const ulong total = state[row].total;
-    if (mass == 0 || rescaled == 0) {
-        for (int i = lid; i < count; i += PSM_WG)
-            probs[out + i] = 0.0f;
-        return;
-    }
     psm_tile_view view;
     view.cutoff = state[row].cutoff;
     view.min_weight = state[row].min_weight;
@@ -1068,10 +1292,15 @@ psm_probs(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulo
     view.reference = tile_ref[slot];
     view.scale = psm_inverse_temperature_scale(p.temperature);
     view.bits = psm_weight_bits(vocab);
-    const long base = (long)row * row_stride;
-    for (int i = lid; i < count; i += PSM_WG) {
-        float x = psm_candidate_value(psm_load(logits, dtype, base + first + i));
-        ulong weight = psm_tile_weight(&view, x, (uint)(first + i));
-        probs[out + i] = weight ? psm_probability(weight, mass, rescaled, total) : 0.0f;
+    float x[PSM_TEAM_SLOTS];
+    psm_load_tile(logits, dtype, (long)row * row_stride, first, count, lane, PSM_INTERLEAVED, x);
+#pragma unroll
+    for (int j = 0; j < PSM_TEAM_SLOTS; ++j) {
+        int offset = psm_slot_offset(j, lane, vector_shift, PSM_INTERLEAVED);
+        if (offset < count) {
+            ulong weight =
+                psm_tile_weight(&view, psm_candidate_logit(x[j]), (uint)(first + offset));
+            out[offset] = weight ? psm_probability(weight, mass, rescaled, total) : 0.0f;
+        }
     }
 }

@@ -934,6 +934,26 @@ PSM_GPU_DEVICE void psm_gpu_pool_list(psm_gpu_row_split &split, psm_gpu_select_s
     psm_gpu_block_barrier();
 }
 
+/* Calls visit(j, bin) for each lane maximum of launch 1 (top-k rows) in the
+ * tiles of this block's slice that is not empty: j indexes the row's lanes
+ * (tile * WarpSize + lane), bin is the maximum's gap bin. */
+template <int WarpSize, class Visit>
+PSM_GPU_DEVICE void psm_gpu_for_each_lane_max(const psm_gpu_call &call,
+                                              const psm_gpu_row_state &state, psm_gpu_slice slice,
+                                              Visit &&visit)
+{
+    if (slice.begin >= slice.end)
+        return;
+    const psm_u32 *lane_max = call.lane_max + state.tile_base * WarpSize;
+    const psm_i64 end = (slice.end + PSM_TILE - 1) / PSM_TILE * WarpSize;
+    for (psm_i64 j = slice.begin / PSM_TILE * WarpSize + threadIdx.x; j < end; j += blockDim.x) {
+        const psm_u32 high = lane_max[j];
+        if (high != 0)
+            visit(j, psm_gpu_gap_bin(psm_gpu_gap(
+                         state.row_max, psm_gpu_key_logit((psm_u64)high << 32), state.scale)));
+    }
+}
+
 /* Calls visit(i, x) for the tokens of this block's slice that lie in lanes
  * (of launch 1's tile layout, psm_gpu_load_tile) whose maximum falls in a
  * gap bin up to last_bin. A token is at most its lane's maximum, so its bin
@@ -945,16 +965,9 @@ PSM_GPU_DEVICE void psm_gpu_for_each_logit_of_lanes(const psm_gpu_call &call,
                                                     const psm_gpu_row_state &state,
                                                     psm_gpu_slice slice, int last_bin, Visit &&visit)
 {
-    if (slice.begin >= slice.end)
-        return;
-    const psm_u32 *lane_max = call.lane_max + state.tile_base * WarpSize;
-    const psm_i64 end = (slice.end + PSM_TILE - 1) / PSM_TILE * WarpSize;
-    for (psm_i64 j = slice.begin / PSM_TILE * WarpSize + threadIdx.x; j < end; j += blockDim.x) {
-        const psm_u32 high = lane_max[j];
-        if (high == 0 || psm_gpu_gap_bin(psm_gpu_gap(state.row_max,
-                                                     psm_gpu_key_logit((psm_u64)high << 32),
-                                                     state.scale)) > last_bin)
-            continue;
+    psm_gpu_for_each_lane_max<WarpSize>(call, state, slice, [&](psm_i64 j, int bin) {
+        if (bin > last_bin)
+            return;
         const psm_i64 tile_start = j / WarpSize * PSM_TILE;
         const int lane = (int)(j % WarpSize);
         float x[PSM_TILE / WarpSize]; /* past the row's end: -inf, never valid */
@@ -962,7 +975,7 @@ PSM_GPU_DEVICE void psm_gpu_for_each_logit_of_lanes(const psm_gpu_call &call,
 #pragma unroll
         for (int slot = 0; slot < PSM_TILE / WarpSize; ++slot)
             visit(psm_gpu_tile_token<WarpSize, Dtype>(tile_start, lane, slot), psm_read_logit(x[slot]));
-    }
+    });
 }
 
 /* The top-k / top-p cutoff of one row (called by the whole block; top-p
@@ -992,18 +1005,9 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
         psm_gpu_block_barrier();
         if (from_lanes) {
             /* The lanes of this block's tiles (every tile without a split). */
-            const psm_u32 *lane_max = call.lane_max + state.tile_base * WarpSize;
-            const psm_i64 lane_end = (split.slice.end + PSM_TILE - 1) / PSM_TILE * WarpSize;
-            const psm_i64 lane_begin =
-                split.slice.begin < split.slice.end ? split.slice.begin / PSM_TILE * WarpSize : lane_end;
-            for (psm_i64 j = lane_begin + threadIdx.x; j < lane_end; j += blockDim.x) {
-                const psm_u32 high = lane_max[j];
-                if (high != 0)
-                    psm_gpu_atomic_add_u32(
-                        &select.bin_count[psm_gpu_gap_bin(psm_gpu_gap(
-                            state.row_max, psm_gpu_key_logit((psm_u64)high << 32), state.scale))],
-                        1u);
-            }
+            psm_gpu_for_each_lane_max<WarpSize>(call, state, split.slice, [&](psm_i64, int bin) {
+                psm_gpu_atomic_add_u32(&select.bin_count[bin], 1u);
+            });
             if (split.parts > 1)
                 psm_gpu_pool_bins(split, select, split.shared->pool.lane_bin_count, nullptr);
         } else {

@@ -81,7 +81,7 @@ struct psm_gpu_split_pool {
     psm_u32 lane_bin_count[PSM_GPU_GAP_BINS]; /* top-k: launch 1's lane maxima */
     psm_u32 arrivals;     /* blocks that reached a row barrier, over all barriers */
     psm_u32 list_size[2]; /* candidates found, per gathering round */
-    psm_u32 unused;
+    psm_u32 unused;       /* keeps the pool a whole number of 8-byte words */
 };
 struct psm_gpu_split_row {
     psm_gpu_split_pool pool; /* cleared by launch 1 of every split call */

@@ -1,13 +1,13 @@
 /* bench_cuda.c: device buffers and cudaEvent timing for the CUDA backend's
  * benchmark (see bench_device.h). Plain C against the CUDA runtime API. */
 #include "bench_device.h"
+#include "cli_util.h"
 
 #include <cuda_runtime_api.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 typedef struct cuda_session {
     int device;
@@ -152,12 +152,9 @@ typedef struct stream_gate {
 static void CUDART_CB hold_stream(void *opaque)
 {
     stream_gate *gate = opaque;
-    struct timespec start, now;
-    clock_gettime(CLOCK_MONOTONIC, &start);
+    const double start = cli_now_seconds();
     while (!atomic_load(&gate->open)) {
-        clock_gettime(CLOCK_MONOTONIC, &now);
-        if ((double)(now.tv_sec - start.tv_sec) + 1e-9 * (double)(now.tv_nsec - start.tv_nsec) >
-            GATE_TIMEOUT_S) {
+        if (cli_now_seconds() - start > GATE_TIMEOUT_S) {
             atomic_store(&gate->timed_out, 1);
             return;
         }

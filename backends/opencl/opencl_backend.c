@@ -43,6 +43,10 @@
 #define PSM_ROW_STATE_BYTES 64
 #define PSM_TILE_TOKENS 1024
 #define PSM_BUILD_LOG_LIMIT 3000
+/* Keys in psm_row_filter's candidate list on the global path (see run_rows). */
+#define PSM_LIST_CAP 3072
+/* Gap bins of psm_row_top_k's tally, held in the list (psm_kernels.cl). */
+#define PSM_GAP_BINS 1024
 
 /* Per-row array flags; psm_kernels.cl has the same values. */
 #define PSM_PER_ROW_TEMPERATURE 1u
@@ -53,6 +57,7 @@
 
 enum {
     KERNEL_TILE_REDUCE,
+    KERNEL_ROW_TOP_K,
     KERNEL_ROW_FILTER,
     KERNEL_TILE_FILTER,
     KERNEL_ROW_COMBINE,
@@ -61,8 +66,8 @@ enum {
     KERNEL_COUNT
 };
 static const char *const kernel_names[KERNEL_COUNT] = {
-    "psm_tile_reduce", "psm_row_filter", "psm_tile_filter",
-    "psm_row_combine", "psm_draw",       "psm_probs"};
+    "psm_tile_reduce", "psm_row_top_k", "psm_row_filter", "psm_tile_filter",
+    "psm_row_combine", "psm_draw",      "psm_probs"};
 
 /* ---- errors ------------------------------------------------------------- */
 
@@ -549,6 +554,7 @@ typedef struct opencl_state {
     cl_ulong max_allocation;
 
     device_buffer tile_key, tile_info, tile_ref, tile_mass, tile_prefix;
+    device_buffer lane_max; /* top-k rows: each lane's maximum (psm_tile_reduce) */
     device_buffer row_state, first_bad_row;
     device_buffer tokens, logprobs;     /* outputs staged for host or checked calls */
     device_buffer probs;
@@ -599,6 +605,7 @@ static void opencl_destroy(void *opaque)
         clFinish(state->queue);
     device_buffer *buffers[] = {&state->tile_key,   &state->tile_info,
                                 &state->tile_ref,   &state->tile_mass, &state->tile_prefix,
+                                &state->lane_max,
                                 &state->row_state,  &state->first_bad_row, &state->tokens,
                                 &state->logprobs,   &state->probs,     &state->logits,
                                 &state->per_row[0], &state->per_row[1], &state->per_row[2],
@@ -817,6 +824,8 @@ static psm_status reserve_rows(opencl_state *state, int64_t rows, int64_t vocab)
     PSM_TRY(ensure_buffer(state, &state->tile_ref, slots * sizeof(cl_float), "tile"));
     PSM_TRY(ensure_buffer(state, &state->tile_mass, slots * sizeof(cl_ulong), "tile"));
     PSM_TRY(ensure_buffer(state, &state->tile_prefix, slots * sizeof(cl_ulong), "tile"));
+    /* A lane per item of a tile's team: at most 32 (PSM_TEAM). */
+    PSM_TRY(ensure_buffer(state, &state->lane_max, slots * 32 * sizeof(cl_uint), "lane"));
     return ensure_buffer(state, &state->row_state, (size_t)rows * PSM_ROW_STATE_BYTES,
                          "row state");
 }
@@ -873,6 +882,7 @@ typedef struct launch {
     cl_mem per_row_arrays[5];
     cl_uint per_row;
     int filters;      /* some row may have an active filter */
+    int may_top_k;    /* some row may have top-k */
 } launch;
 
 /* Input data as a cl_mem: the caller's, or a staged copy of host memory. */
@@ -935,6 +945,7 @@ static psm_status prepare(opencl_state *state, const psm_request *request, launc
     int all_greedy = !(call->per_row & PSM_PER_ROW_TEMPERATURE) &&
                      params->temperature < 1e-5f;
     call->filters = (scalar_filter || per_row_filter) && !all_greedy;
+    call->may_top_k = call->filters && (params->top_k > 0 || (call->per_row & PSM_PER_ROW_TOP_K));
     return PSM_OK;
 }
 
@@ -1040,35 +1051,60 @@ static psm_status run_rows(const launch *call)
     PSM_TRY(SET_MEM(kernel, &index, state->tile_info.mem));
     PSM_TRY(SET_MEM(kernel, &index, state->tile_ref.mem));
     PSM_TRY(SET_MEM(kernel, &index, state->tile_mass.mem));
+    PSM_TRY(SET_MEM(kernel, &index, state->lane_max.mem));
     PSM_TRY(enqueue(state, kernel, tile_groups, 1, kernel_names[KERNEL_TILE_REDUCE]));
 
     if (call->filters) {
-        kernel = state->kernels[KERNEL_ROW_FILTER];
-        PSM_TRY(set_request_args(call, kernel, &index));
-        PSM_TRY(SET_MEM(kernel, &index, state->tile_key.mem));
-        PSM_TRY(SET_MEM(kernel, &index, state->tile_info.mem));
-        PSM_TRY(SET_MEM(kernel, &index, state->row_state.mem));
         /* The on-chip path keeps the row's values in local memory across the
-         * radix passes when they fit next to the kernel's own local use.
+         * radix passes when they fit next to the row filter's own local use.
          * Otherwise the same local memory holds a list of candidate rank keys
-         * (8 bytes each), as many as fit, once the search has narrowed. */
+         * (8 bytes each), capped so that more row groups fit on a compute
+         * unit at once (the local memory a group asks for limits how many
+         * run side by side): PSM_LIST_CAP keys hold the gap-bin tallies and
+         * top-k's ranked list for k up to about a thousand; longer lists
+         * narrow by radix levels first. */
         cl_ulong row_bytes = (cl_ulong)call->vocab * sizeof(cl_float);
         cl_ulong free_local = state->local_memory > state->row_filter_local
                                   ? state->local_memory - state->row_filter_local
                                   : 0;
         cl_int use_cache = row_bytes <= free_local;
         cl_ulong list_bytes = use_cache ? row_bytes : free_local / sizeof(cl_ulong) * sizeof(cl_ulong);
+        if (!use_cache && list_bytes > PSM_LIST_CAP * sizeof(cl_ulong))
+            list_bytes = PSM_LIST_CAP * sizeof(cl_ulong);
 #ifdef PSM_OPENCL_TEST_LIST_BYTES
         /* Test builds only: force the global path with a small list. */
         use_cache = 0;
         list_bytes = PSM_OPENCL_TEST_LIST_BYTES;
 #endif
         cl_int list_capacity = use_cache ? 0 : (cl_int)(list_bytes / sizeof(cl_ulong));
-        PSM_TRY(set_arg(kernel, &index, list_bytes >= sizeof(cl_ulong) ? (size_t)list_bytes
-                                                                        : sizeof(cl_ulong),
-                        NULL));
+        size_t list_arg = list_bytes >= sizeof(cl_ulong) ? (size_t)list_bytes : sizeof(cl_ulong);
+
+        /* Top-k rows on the global path first try the lane maxima
+         * (psm_row_top_k); the row filter takes the rows it leaves. */
+        cl_int top_k_ran = !use_cache && list_capacity >= PSM_GAP_BINS && call->may_top_k;
+        if (top_k_ran) {
+            kernel = state->kernels[KERNEL_ROW_TOP_K];
+            PSM_TRY(set_request_args(call, kernel, &index));
+            PSM_TRY(SET_MEM(kernel, &index, state->tile_key.mem));
+            PSM_TRY(SET_MEM(kernel, &index, state->tile_info.mem));
+            PSM_TRY(SET_MEM(kernel, &index, state->lane_max.mem));
+            PSM_TRY(SET_MEM(kernel, &index, state->tile_ref.mem));
+            PSM_TRY(SET_MEM(kernel, &index, state->tile_mass.mem));
+            PSM_TRY(SET_MEM(kernel, &index, state->row_state.mem));
+            PSM_TRY(set_arg(kernel, &index, list_arg, NULL));
+            PSM_TRY(SET_VALUE(kernel, &index, list_capacity));
+            PSM_TRY(enqueue(state, kernel, 1, (size_t)call->rows, kernel_names[KERNEL_ROW_TOP_K]));
+        }
+
+        kernel = state->kernels[KERNEL_ROW_FILTER];
+        PSM_TRY(set_request_args(call, kernel, &index));
+        PSM_TRY(SET_MEM(kernel, &index, state->tile_key.mem));
+        PSM_TRY(SET_MEM(kernel, &index, state->tile_info.mem));
+        PSM_TRY(SET_MEM(kernel, &index, state->row_state.mem));
+        PSM_TRY(set_arg(kernel, &index, list_arg, NULL));
         PSM_TRY(SET_VALUE(kernel, &index, use_cache));
         PSM_TRY(SET_VALUE(kernel, &index, list_capacity));
+        PSM_TRY(SET_VALUE(kernel, &index, top_k_ran));
         PSM_TRY(enqueue(state, kernel, 1, (size_t)call->rows, kernel_names[KERNEL_ROW_FILTER]));
 
         kernel = state->kernels[KERNEL_TILE_FILTER];

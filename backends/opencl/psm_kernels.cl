@@ -92,6 +92,11 @@
 #define PSM_ROW_GREEDY 1
 #define PSM_ROW_BAD 2
 
+/* Whether a row is filtered, and who makes its kept tiles' masses. */
+#define PSM_FILTER_NONE 0 /* no filter: psm_tile_reduce's masses stand */
+#define PSM_FILTER_SCAN 1 /* psm_tile_filter reads the kept tiles again */
+#define PSM_FILTER_DONE 2 /* psm_row_filter made them from its list (top-k) */
+
 /* Per-row results shared between kernels; lives only in device memory. */
 typedef struct psm_row_state {
     ulong cutoff;      /* smallest kept rank key; 0 keeps every valid token */
@@ -99,7 +104,7 @@ typedef struct psm_row_state {
     ulong total;       /* sum of T_t */
     float maximum;     /* M */
     int status;        /* PSM_ROW_* */
-    int filtered;      /* set by psm_row_filter when a filter is active */
+    int filtered;      /* PSM_FILTER_*, set by psm_row_filter (else by psm_row_combine) */
     uint greedy_token;
 } psm_row_state;
 /* The host reserves PSM_ROW_STATE_BYTES per row; fail the build if that is short. */
@@ -355,6 +360,19 @@ static void psm_load_tile(__global const uchar *logits, int dtype, long row_base
                 x[slot + 2] = as_float(raw.z);
                 x[slot + 3] = as_float(raw.w);
             }
+        } else if (dtype == PSM_DTYPE_BF16) {
+            /* Its own loop, not psm_half_to_float's per-element choice: a
+             * bf16 is the top half of a float, two instructions a pair. */
+#pragma unroll
+            for (int slot = 0; slot < PSM_TEAM_SLOTS; slot += 8) {
+                uint4 raw = vectors[psm_slot_offset(slot, lane, 3, layout) >> 3];
+                const uint words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    x[slot + 2 * k] = as_float(words[k] << 16);
+                    x[slot + 2 * k + 1] = as_float(words[k] & 0xffff0000u);
+                }
+            }
         } else {
 #pragma unroll
             for (int slot = 0; slot < PSM_TEAM_SLOTS; slot += 8) {
@@ -362,8 +380,8 @@ static void psm_load_tile(__global const uchar *logits, int dtype, long row_base
                 const uint words[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
                 for (int k = 0; k < 4; ++k) {
-                    x[slot + 2 * k] = psm_half_to_float((ushort)(words[k] & 0xffffu), dtype);
-                    x[slot + 2 * k + 1] = psm_half_to_float((ushort)(words[k] >> 16), dtype);
+                    x[slot + 2 * k] = psm_f16_to_float((ushort)(words[k] & 0xffffu));
+                    x[slot + 2 * k + 1] = psm_f16_to_float((ushort)(words[k] >> 16));
                 }
             }
         }
@@ -448,12 +466,36 @@ static int psm_filter_certain(const psm_row_params *p)
     return p->top_p < 1.0f || p->min_p > 0.0f;
 }
 
+/* psm_read_logit matters to a tile's other logits only when the tile's
+ * maximum (read) lies in [0, 2^-39): from 2^-39 up, fl(m - x) = m for every
+ * |x| < 2^-64 (half an ulp of m is at least 2^-64) and no such x equals m;
+ * below 0 no tiny x exists (it would be the maximum). Elsewhere the raw
+ * values give the same gaps, weights and maximum. */
+static int psm_tile_needs_read(float maximum)
+{
+    return maximum >= 0.0f && maximum < 0x1p-39f;
+}
+
 /* One team per tile (psm_team_unit: row * tiles + tile). Two barriers per
  * group: the best rank key (which holds the tile maximum and the lowest
- * index holding it) with the valid count and bad flag, then S_t. */
+ * index holding it) with the valid count and bad flag, then S_t.
+ *
+ * Per element the first pass is a max and a NaN test on the raw values
+ * (+inf shows as the maximum); psm_read_logit (monotone, so it commutes
+ * with the max) runs on the elements only in the rare tiles that need it
+ * (psm_tile_needs_read). The valid count is exact for rows with top-k, the
+ * only ones that compare it with anything but 0; other rows count 0 or 1
+ * per item. The rank key's token part is the lowest index of the maximum
+ * for greedy and possibly filtered rows (the greedy token, the filters'
+ * tie-break) and the item's first token elsewhere (only its value is read).
+ *
+ * Rows with top-k also get each item's maximum (its lane: the item's
+ * PSM_TEAM_SLOTS tokens in the interleaved layout) as the high half of its
+ * rank key, 0 when it has no valid token, at lane_max[slot * PSM_TEAM +
+ * lane]: psm_row_filter finds top-k's candidates from them (psm_lane_collect). */
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_tile_reduce(PSM_REQUEST_PARAMS, __global ulong *tile_key, __global uint *tile_info,
-                __global float *tile_ref, __global ulong *tile_mass)
+                __global float *tile_ref, __global ulong *tile_mass, __global uint *lane_max)
 {
     __local ulong posted_key[PSM_WG];
     __local uint posted_info[PSM_WG];
@@ -461,6 +503,7 @@ psm_tile_reduce(PSM_REQUEST_PARAMS, __global ulong *tile_key, __global uint *til
     const uint lane = get_local_id(0) % PSM_TEAM;
     const psm_team_tile where = psm_locate_tile(rows, vocab, tiles);
     const psm_row_params p = PSM_RESOLVE_ROW(where.row);
+    const int vector_shift = psm_vector_shift(dtype);
 
     float x[PSM_TEAM_SLOTS];
     ulong key = 0;
@@ -468,27 +511,40 @@ psm_tile_reduce(PSM_REQUEST_PARAMS, __global ulong *tile_key, __global uint *til
     if (where.in_range) {
         psm_load_tile(logits, dtype, (long)where.row * row_stride, where.first, where.count, lane,
                       PSM_INTERLEAVED, x);
-        float maximum = -INFINITY;
-        uint valid = 0, bad = 0;
+        float raw_max = -INFINITY;
+        int nan = 0;
 #pragma unroll
         for (int j = 0; j < PSM_TEAM_SLOTS; ++j) {
-            int cls = psm_logit_class(x[j]);
-            valid += cls == PSM_LOGIT_VALID ? 1u : 0u;
-            bad |= cls == PSM_LOGIT_BAD ? PSM_TILE_BAD : 0u;
-            x[j] = cls == PSM_LOGIT_VALID ? psm_read_logit(x[j]) : -INFINITY;
-            maximum = x[j] > maximum ? x[j] : maximum;
+            nan |= x[j] != x[j];
+            raw_max = fmax(raw_max, x[j]); /* fmax skips NaN */
         }
-        if (valid) {
+        const int bad = nan || raw_max == INFINITY;
+        const int any_valid = !bad && raw_max != -INFINITY;
+        const float maximum = psm_read_logit(raw_max);
+        uint valid = any_valid ? 1u : 0u;
+        if (any_valid && p.top_k > 0) {
+            valid = 0;
+#pragma unroll
+            for (int j = 0; j < PSM_TEAM_SLOTS; ++j)
+                valid += x[j] != -INFINITY ? 1u : 0u;
+        }
+        uint token = (uint)where.first;
+        if (any_valid && (psm_is_greedy(p.temperature) || p.top_k > 0 || p.top_p < 1.0f ||
+                          p.min_p > 0.0f)) {
             /* Slots run in token order within an item: the first slot
              * holding the maximum is the item's lowest index of it. */
+            const int tiny = psm_tile_needs_read(maximum);
             int at = 0;
 #pragma unroll
             for (int j = PSM_TEAM_SLOTS - 1; j >= 0; --j)
-                at = x[j] == maximum ? j : at;
-            int offset = psm_slot_offset(at, lane, psm_vector_shift(dtype), PSM_INTERLEAVED);
-            key = psm_rank_key(maximum, (uint)(where.first + offset));
+                at = (tiny ? psm_read_logit(x[j]) : x[j]) == maximum ? j : at;
+            token += (uint)psm_slot_offset(at, lane, vector_shift, PSM_INTERLEAVED);
         }
-        info = valid | bad;
+        if (any_valid)
+            key = psm_rank_key(maximum, token);
+        info = valid | (bad ? PSM_TILE_BAD : 0u);
+        if (p.top_k > 0)
+            lane_max[where.slot * PSM_TEAM + lane] = (uint)(key >> 32);
     }
     /* Read after the next barrier, by the team's first item alone (the one
      * that writes the tile's results). */
@@ -496,16 +552,21 @@ psm_tile_reduce(PSM_REQUEST_PARAMS, __global ulong *tile_key, __global uint *til
     key = psm_posted_max_u64(key, lane, PSM_TEAM, posted_key);
     const float maximum = psm_key_maximum(key);
     /* S_t against the tile's own maximum: final for unfiltered rows, remade
-     * by psm_tile_filter for filtered ones. */
+     * by psm_tile_filter or psm_row_filter for filtered ones. */
     ulong mass = 0;
     if (where.in_range && key && p.valid && !psm_is_greedy(p.temperature) &&
         !psm_filter_certain(&p)) {
         const float scale = psm_inverse_temperature_scale(p.temperature);
         const int bits = psm_weight_bits(vocab);
+        if (psm_tile_needs_read(maximum))
+#pragma unroll
+            for (int j = 0; j < PSM_TEAM_SLOTS; ++j)
+                x[j] = psm_read_logit(x[j]);
         /* maximum >= every valid value, so psm_weight_of_gap on the
          * unclamped product is psm_weight of psm_scaled_gap
          * (core/psm_contract.h), with a conversion in place of the shifts;
-         * x = -inf gives an infinite gap and weight 0. */
+         * x = -inf gives an infinite gap and weight 0. NaN or +inf make the
+         * tile bad, and its mass is dropped below. */
 #pragma unroll
         for (int j = 0; j < PSM_TEAM_SLOTS; ++j)
             mass += psm_weight_of_gap(PSM_FMUL(PSM_FSUB(maximum, x[j]), scale), bits);
@@ -593,22 +654,31 @@ PSM_LOCAL_FN uint psm_choose_bucket(__local const uint *bucket_low,
 /* Radix descent over the full 64-bit rank keys (8 bits per level) of the
  * candidates with key >= floor_key: the key of the want-th candidate in rank
  * order (counting mode), or the key at which the running sum of global
- * weights first reaches want (mass mode). The key holds the token, so the
- * last level leaves one candidate and no tie needs a separate search. */
+ * weights first reaches want (mass mode; candidates of weight 0 do not
+ * count). The key holds the token, so the last level leaves one candidate
+ * and no tie needs a separate search. As soon as the chosen bucket holds a
+ * single candidate, the remaining levels do nothing (their barriers stay,
+ * unconditional: see psm_row_top_k on PoCL) and one pass over the source
+ * finds that candidate; most rows get there in two or three levels. */
 PSM_LOCAL_FN ulong psm_descend(const psm_key_source *source, ulong floor_key, int mass_mode,
                                ulong want, float maximum, float scale, int bits,
                                __local uint *bucket_low, __local uint *bucket_high,
-                               __local uint *shared_choice, __local ulong *shared_above)
+                               __local uint *bucket_count, __local uint *shared_choice,
+                               __local ulong *shared_above, __local ulong *shared_key)
 {
     const uint lid = get_local_id(0);
     ulong prefix = 0, prefix_mask = 0, above = 0;
+    int single = 0;
     for (int shift = 56; shift >= 0; shift -= 8) {
-        for (int b = lid; b < PSM_BUCKETS; b += PSM_WG) {
-            bucket_low[b] = 0;
-            bucket_high[b] = 0;
-        }
+        if (!single)
+            for (int b = lid; b < PSM_BUCKETS; b += PSM_WG) {
+                bucket_low[b] = 0;
+                bucket_high[b] = 0;
+                bucket_count[b] = 0;
+            }
         barrier(CLK_LOCAL_MEM_FENCE);
-        for (int i = lid; i < source->count; i += PSM_WG) {
+        const int count = single ? 0 : source->count;
+        for (int i = lid; i < count; i += PSM_WG) {
             ulong key = psm_source_key(source, i);
             if (key == 0 || key < floor_key || (key & prefix_mask) != prefix)
                 continue;
@@ -618,22 +688,41 @@ PSM_LOCAL_FN ulong psm_descend(const psm_key_source *source, ulong floor_key, in
                 if (g == 0)
                     continue;
                 psm_bucket_add(bucket_low, bucket_high, digit, g);
-            } else {
-                atomic_inc(&bucket_low[digit]);
             }
+            atomic_inc(&bucket_count[digit]);
         }
         barrier(CLK_LOCAL_MEM_FENCE);
-        if (lid == 0) {
-            *shared_choice = psm_choose_bucket(bucket_low, bucket_high, want, &above);
+        if (lid == 0 && !single) {
+            /* Counting mode reads the counts (its high words stay 0). */
+            const uint chosen = psm_choose_bucket(mass_mode ? bucket_low : bucket_count,
+                                                  bucket_high, want, &above);
+            /* The choice in the low byte, "a single candidate" above it. */
+            *shared_choice = chosen | (bucket_count[chosen] == 1 ? 0x100u : 0u);
             *shared_above = above;
         }
         barrier(CLK_LOCAL_MEM_FENCE);
-        prefix |= (ulong)*shared_choice << shift;
-        prefix_mask |= (ulong)0xffu << shift;
-        above = *shared_above;
+        if (!single) {
+            const uint choice = *shared_choice;
+            prefix |= (ulong)(choice & 0xffu) << shift;
+            prefix_mask |= (ulong)0xffu << shift;
+            above = *shared_above;
+            single = (choice & 0x100u) && shift > 0;
+        }
         barrier(CLK_LOCAL_MEM_FENCE);
     }
-    return prefix;
+    if (single) {
+        for (int i = lid; i < source->count; i += PSM_WG) {
+            ulong key = psm_source_key(source, i);
+            if (key == 0 || key < floor_key || (key & prefix_mask) != prefix)
+                continue;
+            if (!mass_mode || psm_key_weight(key, maximum, scale, bits) != 0)
+                *shared_key = key;
+        }
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    const ulong found = single ? *shared_key : prefix;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    return found;
 }
 
 /* The top-p target over the candidates with key >= floor_key: a target of 0
@@ -782,6 +871,11 @@ PSM_LOCAL_FN int psm_radix_collect(__global const uchar *logits, int dtype, long
 /* Token i's gap bin, or -1 when it is no candidate; *x and *gap get its
  * value and its scaled gap to M (M >= x, so psm_weight_of_gap of that gap
  * is g_i, as in psm_tile_reduce). */
+static int psm_bin_of_gap(float gap)
+{
+    return gap < 64.0f ? (int)PSM_FMUL(gap, PSM_GAP_BIN_SCALE) : PSM_GAP_BINS - 1;
+}
+
 static int psm_gap_bin(__global const uchar *logits, int dtype, long base, int i, float maximum,
                        float scale, float *x, float *gap)
 {
@@ -789,7 +883,13 @@ static int psm_gap_bin(__global const uchar *logits, int dtype, long base, int i
     if (!psm_is_valid(*x))
         return -1;
     *gap = PSM_FMUL(PSM_FSUB(maximum, *x), scale);
-    return *gap < 64.0f ? (int)PSM_FMUL(*gap, PSM_GAP_BIN_SCALE) : PSM_GAP_BINS - 1;
+    return psm_bin_of_gap(*gap);
+}
+
+/* The gap bin of a valid value. */
+static int psm_value_bin(float x, float maximum, float scale)
+{
+    return psm_bin_of_gap(PSM_FMUL(PSM_FSUB(maximum, x), scale));
 }
 
 /* psm_radix_collect's list and results from the gap bins: counting mode
@@ -881,10 +981,235 @@ PSM_LOCAL_FN int psm_bin_collect(__global const uchar *logits, int dtype, long b
     return size;
 }
 
+/* ---- kernel 2a: top-k from the lane maxima --------------------------------
+ * For rows with top-k, psm_tile_reduce keeps each lane's maximum (a lane:
+ * the PSM_TEAM_SLOTS tokens one item of a tile's team reads). k lane maxima
+ * in the gap bins up to b prove k candidates there, so the k-th candidate of
+ * the row lies in a bin up to b; and a candidate is at most its lane's
+ * maximum, so every candidate in those bins lies in a lane whose maximum
+ * does. The smallest such b comes from the lane maxima alone (1/32 of the
+ * row), and the list of every candidate up to it from those lanes alone
+ * (about k of them). The list is ranked by counting (keys are unique), the
+ * top k walked for top-p, min-p cuts a prefix of the ranks, and the kept
+ * tiles' (m_t, S_t) come from the kept keys, all on the list: the same
+ * values psm_tile_filter would compute, so neither that kernel nor
+ * psm_row_filter reads the row (state filtered = PSM_FILTER_DONE). Rows it
+ * cannot finish (no top-k, fewer than k lanes with a candidate, a list too
+ * long) get PSM_FILTER_NONE and are psm_row_filter's.
+ *
+ * The host launches it for rows too long for local memory, with a list of
+ * list_capacity >= PSM_GAP_BINS keys (the bin counts live there first).
+ * Every barrier is unconditional and every step is guarded by flags instead
+ * of early returns: PoCL 3.1's compiler replicates the code after each
+ * barrier-holding branch, and a kernel shaped like psm_row_filter with this
+ * path added did not finish compiling. */
+
+/* Local memory for ranking a list of n keys: the keys, a weight per key and
+ * a uint rank order. */
+#define PSM_RANKED_LIST_FITS(n, capacity) (5 * (long)(n) <= 2 * (long)(capacity))
+
+static uint psm_key_token(ulong key)
+{
+    return 0xffffffffu - (uint)key;
+}
+
+static float psm_key_value(ulong key)
+{
+    return psm_ordered_to_float((uint)(key >> 32));
+}
+
+__kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
+psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const uint *tile_info,
+              __global const uint *lane_max, __global float *tile_ref,
+              __global ulong *tile_mass, __global psm_row_state *state, __local ulong *list,
+              int list_capacity)
+{
+    __local ulong scratch_u64[PSM_WG];
+    __local ulong scratch_counts[PSM_WG];
+    __local uint shared_choice;
+    __local uint shared_size;
+    const uint lid = get_local_id(0);
+    const uint row = get_group_id(1);
+    const long row_tiles = (long)row * tiles;
+    const psm_row_params p = PSM_RESOLVE_ROW(row);
+    const psm_row_summary summary =
+        psm_summarise_row(tile_key, tile_info, row_tiles, tiles, lid, PSM_WG, scratch_u64,
+                          scratch_counts);
+    const float scale = psm_inverse_temperature_scale(p.temperature);
+    const int bits = psm_weight_bits(vocab);
+    const int mine =
+        psm_row_status(&p, &summary) == PSM_ROW_SAMPLE && psm_top_k_active(&p, summary.valid);
+    const uint k = mine ? (uint)p.top_k : 0u;
+    __global const uint *row_lanes = lane_max + row_tiles * PSM_TEAM;
+    const int lanes = tiles * PSM_TEAM;
+    const uint none = 0xffffffffu;
+
+    /* 1. The lane maxima tallied by gap bin (the barrier also ends every
+     * read of the summary's posts). */
+    __local uint *bin_count = (__local uint *)list;
+    if (mine)
+        for (int b = lid; b < PSM_GAP_BINS; b += PSM_WG)
+            bin_count[b] = 0;
+    if (lid == 0) {
+        shared_choice = none;
+        shared_size = 0;
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    if (mine)
+        for (int j = lid; j < lanes; j += PSM_WG) {
+            const uint high = row_lanes[j];
+            if (high)
+                atomic_inc(&bin_count[psm_value_bin(psm_ordered_to_float(high), summary.maximum,
+                                                    scale)]);
+        }
+    barrier(CLK_LOCAL_MEM_FENCE);
+
+    /* 2. The first bin at which the running count reaches k: each item sums
+     * a run of bins, the posted sums place the runs. */
+    const int bin_run = PSM_GAP_BINS / PSM_WG;
+    const int first_bin = (int)lid * bin_run;
+    ulong own = 0;
+    if (mine)
+        for (int b = first_bin; b < first_bin + bin_run; ++b)
+            own += bin_count[b];
+    ulong before;
+    psm_posted_sum_u64(own, lid, PSM_WG, scratch_u64, &before);
+    if (mine && before < k && k <= before + own) {
+        ulong running = before;
+        for (int b = first_bin; b < first_bin + bin_run; ++b) {
+            running += bin_count[b];
+            if (running >= k) {
+                shared_choice = (uint)b;
+                break;
+            }
+        }
+    }
+    /* Every item has read the bins before the list (over them) grows. */
+    barrier(CLK_LOCAL_MEM_FENCE);
+
+    /* 3. Every candidate up to that bin, from the lanes whose maximum is in
+     * it or before it. */
+    const uint last_bin = shared_choice;
+    const int gathering = mine && last_bin != none;
+    const int vector_shift = psm_vector_shift(dtype);
+    const long base = (long)row * row_stride;
+    if (gathering)
+        for (int j = lid; j < lanes; j += PSM_WG) {
+            const uint high = row_lanes[j];
+            if (!high ||
+                psm_value_bin(psm_ordered_to_float(high), summary.maximum, scale) > (int)last_bin)
+                continue;
+            const int first = j / PSM_TEAM * PSM_TILE;
+            const int count = min(PSM_TILE, vocab - first);
+            for (int slot = 0; slot < PSM_TEAM_SLOTS; ++slot) {
+                const int offset =
+                    psm_slot_offset(slot, (uint)(j % PSM_TEAM), vector_shift, PSM_INTERLEAVED);
+                if (offset >= count)
+                    continue;
+                const float x = psm_load_candidate(logits, dtype, base + first + offset);
+                if (!psm_is_valid(x) ||
+                    psm_value_bin(x, summary.maximum, scale) > (int)last_bin)
+                    continue;
+                const uint at = atomic_inc(&shared_size);
+                if (at < (uint)list_capacity)
+                    list[at] = psm_rank_key(x, (uint)(first + offset));
+            }
+        }
+    barrier(CLK_LOCAL_MEM_FENCE);
+
+    /* 4. Rank by counting; g_i of each key. (n >= k: each counted lane's
+     * maximum is on the list.) */
+    const int ranked = gathering && PSM_RANKED_LIST_FITS(shared_size, list_capacity);
+    const uint n = ranked ? shared_size : 0u;
+    __local ulong *weight = list + n;
+    __local uint *order = (__local uint *)(list + 2 * n);
+    if (ranked)
+        for (uint j = lid; j < n; j += PSM_WG) {
+            const ulong key = list[j];
+            uint rank = 0;
+            for (uint m = 0; m < n; ++m)
+                rank += list[m] > key ? 1u : 0u;
+            order[rank] = j;
+            weight[j] = psm_key_weight(key, summary.maximum, scale, bits);
+        }
+    barrier(CLK_LOCAL_MEM_FENCE);
+
+    /* 5. Top-p on the top k: the first rank at which their running weight
+     * reaches the target (the item whose run of ranks reaches it walks it). */
+    const int walking = ranked && p.top_p < 1.0f;
+    const uint rank_run = (k + PSM_WG - 1) / PSM_WG;
+    const uint begin = min(lid * rank_run, k), end = min(begin + rank_run, k);
+    ulong top_k_mass = 0;
+    if (walking)
+        for (uint r = begin; r < end; ++r)
+            top_k_mass += weight[order[r]];
+    ulong mass_before;
+    const ulong total = psm_posted_sum_u64(top_k_mass, lid, PSM_WG, scratch_counts, &mass_before);
+    /* A target of 0 keeps one token, as a target of 1 does. */
+    const ulong target = max(psm_top_p_target(total, p.top_p), (ulong)1);
+    if (walking && mass_before < target && target <= mass_before + top_k_mass) {
+        ulong running = mass_before;
+        for (uint r = begin; r < end; ++r) {
+            running += weight[order[r]];
+            if (running >= target) {
+                shared_choice = r;
+                break;
+            }
+        }
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+
+    /* 6. The kept ranks; then each tile's (m_t, S_t). Min-p keeps a prefix
+     * of them: weights do not grow down the ranks, and the top token's
+     * 2^bits meets any threshold. */
+    uint kept = walking ? shared_choice + 1 : k;
+    ulong cutoff = 0;
+    const ulong min_weight = psm_min_p_threshold(p.min_p, bits);
+    if (ranked) {
+        cutoff = list[order[kept - 1]];
+        if (min_weight != 0)
+            while (kept > 1 && weight[order[kept - 1]] < min_weight)
+                --kept;
+        for (int t = lid; t < tiles; t += PSM_WG)
+            tile_mass[row_tiles + t] = 0;
+    }
+    barrier(CLK_GLOBAL_MEM_FENCE);
+    /* A kept token leads its tile when no better-ranked kept token shares
+     * it: its value is m_t, and it sums the tile's kept weights against it. */
+    if (ranked)
+        for (uint r = lid; r < kept; r += PSM_WG) {
+            const ulong key = list[order[r]];
+            const uint tile = psm_key_token(key) / PSM_TILE;
+            int leads = 1;
+            for (uint q = 0; q < r && leads; ++q)
+                leads = psm_key_token(list[order[q]]) / PSM_TILE != tile;
+            if (!leads)
+                continue;
+            const float reference = psm_key_value(key);
+            ulong mass = 0;
+            for (uint q = r; q < kept; ++q) {
+                const ulong other = list[order[q]];
+                if (psm_key_token(other) / PSM_TILE == tile)
+                    mass += psm_weight_of_gap(
+                        PSM_FMUL(PSM_FSUB(reference, psm_key_value(other)), scale), bits);
+            }
+            tile_ref[row_tiles + tile] = reference;
+            tile_mass[row_tiles + tile] = mass;
+        }
+    if (lid == 0) {
+        state[row].filtered = ranked ? PSM_FILTER_DONE : PSM_FILTER_NONE;
+        if (ranked) {
+            state[row].maximum = summary.maximum;
+            state[row].cutoff = cutoff;
+            state[row].min_weight = min_weight;
+        }
+    }
+}
+
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const uint *tile_info,
                __global psm_row_state *state, __local ulong *local_store, int use_row_cache,
-               int list_capacity)
+               int list_capacity, int top_k_ran)
 {
     __local ulong scratch_u64[PSM_WG];
     __local ulong scratch_counts[PSM_WG];
@@ -895,11 +1220,16 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global cons
     __local ulong shared_above;
     __local ulong shared_want;
     __local uint shared_size;
+    __local ulong shared_key;
     /* The row's values when the row fits (use_row_cache), else the list of
      * candidate keys (list_capacity entries). */
     __local float *row_cache = (__local float *)local_store;
     const uint lid = get_local_id(0);
     const uint row = get_group_id(1);
+    /* Rows psm_row_top_k finished (the same value for every item, and
+     * before any barrier). */
+    if (top_k_ran && state[row].filtered == PSM_FILTER_DONE)
+        return;
     const psm_row_params p = PSM_RESOLVE_ROW(row);
     const psm_row_summary summary =
         psm_summarise_row(tile_key, tile_info, (long)row * tiles, tiles, lid, PSM_WG,
@@ -910,7 +1240,7 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global cons
                          psm_filter_possible(&p, summary.valid);
     if (!filtered) {
         if (lid == 0) {
-            state[row].filtered = 0;
+            state[row].filtered = PSM_FILTER_NONE;
             state[row].cutoff = 0;
             state[row].min_weight = 0;
         }
@@ -964,18 +1294,20 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global cons
     /* With top-k, every candidate at or above the k-th is on a list. */
     if (top_k_on)
         cutoff = psm_descend(&source, 0, 0, (ulong)p.top_k, summary.maximum, scale, bits,
-                             bucket_low, bucket_high, &shared_choice, &shared_above);
+                             bucket_low, bucket_high, bucket_count, &shared_choice,
+                             &shared_above, &shared_key);
     if (top_p_on) {
         ulong want = source.kind == PSM_SOURCE_LIST && !top_k_on
                          ? list_want
                          : psm_top_p_target_from(&source, cutoff, p.top_p, summary.maximum,
                                                  scale, bits, scratch_u64);
         cutoff = psm_descend(&source, cutoff, 1, want, summary.maximum, scale, bits, bucket_low,
-                             bucket_high, &shared_choice, &shared_above);
+                             bucket_high, bucket_count, &shared_choice, &shared_above,
+                             &shared_key);
     }
     if (lid == 0) {
         state[row].maximum = summary.maximum;
-        state[row].filtered = 1;
+        state[row].filtered = PSM_FILTER_SCAN;
         state[row].cutoff = cutoff;
         state[row].min_weight = psm_min_p_threshold(p.min_p, bits);
     }
@@ -1007,7 +1339,7 @@ psm_tile_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key,
     const long slot = where.slot;
     const int first = where.first;
     /* Teams past the last tile or in unfiltered rows only pass the barriers. */
-    const int active = where.in_range && state[row].filtered;
+    const int active = where.in_range && state[row].filtered == PSM_FILTER_SCAN;
     const ulong cutoff = state[row].cutoff;
     /* A tile whose best key ranks below the cutoff keeps nothing. */
     const int reachable = active && tile_key[slot] >= cutoff;
@@ -1077,7 +1409,7 @@ psm_row_combine(PSM_REQUEST_PARAMS, __global const ulong *tile_key,
         state[row].maximum = summary.maximum;
         state[row].greedy_token = 0xffffffffu - (uint)summary.top_key;
         if (!filters_ran) {
-            state[row].filtered = 0;
+            state[row].filtered = PSM_FILTER_NONE;
             state[row].cutoff = 0;
             state[row].min_weight = 0;
         }

@@ -15,7 +15,10 @@
 #      to its cases), if the tool has the command
 #   6. the benchmark: scripts/bench.sh (polysample bench on CUDA and on
 #      OpenCL through NVIDIA's driver, and the PyTorch baseline) when present, else polysample bench --backend cuda
-# GPU_CHECK_BENCH_BACKENDS picks step 6's backends (default cuda,opencl:0).
+# GPU_CHECK_BENCH_BACKENDS picks step 6's backends (default cuda,opencl:0);
+# GPU_CHECK_CUDA_TESTS=0 leaves out steps 3a and 4 (test_cuda and the
+# sanitizers: for a run after changes outside the CUDA backend; ctest still
+# runs test_cuda's properties among the others).
 # Full logs are kept in /tmp/gpu-check-logs and packed at the end into
 # $OUT/logs.tgz (the device tool returns at most 8 files); $OUT/steps.log
 # (each step's tail, written as it goes) and $OUT/summary.txt sit beside it.
@@ -94,14 +97,19 @@ TEST_CUDA=$BUILD/tests/test_cuda
 CLI=$BUILD/cli/polysample
 
 # ---- 3. tests --------------------------------------------------------------
-if [ -x "$TEST_CUDA" ]; then
+CUDA_TESTS=${GPU_CHECK_CUDA_TESTS:-1}
+if [ "$CUDA_TESTS" = 0 ]; then
+    skip_step test_cuda "GPU_CHECK_CUDA_TESTS=0"
+elif [ -x "$TEST_CUDA" ]; then
     run_step test_cuda 150 test_cuda.log env CK_VERBOSITY=normal "$TEST_CUDA"
 else
     skip_step test_cuda "not built"
 fi
 
 # ---- 4. sanitizers ---------------------------------------------------------
-if [ -x "$TEST_CUDA" ] && command -v compute-sanitizer >/dev/null; then
+if [ "$CUDA_TESTS" = 0 ]; then
+    skip_step sanitizers "GPU_CHECK_CUDA_TESTS=0"
+elif [ -x "$TEST_CUDA" ] && command -v compute-sanitizer >/dev/null; then
     for tool in memcheck racecheck; do
         run_step "sanitizer $tool" 75 "sanitizer_$tool.log" \
             env POLYSAMPLE_TEST_BACKENDS=cuda POLYSAMPLE_TEST_QUICK=1 \

@@ -17,8 +17,15 @@
  *   psm_tile_reduce  a team per tile: reads the tile once (16-byte vector
  *                    loads where aligned); writes the tile's best rank key
  *                    (its maximum and the lowest index holding it), valid
- *                    count, bad flag and, for rows with no top-p or min-p,
- *                    (m_t, S_t).
+ *                    count, bad flag, for rows with no top-p or min-p
+ *                    (m_t, S_t), and for rows with top-k each item's
+ *                    maximum (its lane of 32 tokens).
+ *   psm_row_top_k    a group per row, for top-k rows too long for local
+ *                    memory: the candidates from the lanes whose maximum
+ *                    reaches the k-th lane maximum's gap bin, ranked on
+ *                    chip; cutoff and the kept tiles' (m_t, S_t) from that
+ *                    list. The row is not read again (the next two skip
+ *                    it); rows it cannot finish go on to psm_row_filter.
  *   psm_row_filter   a group per row, only when a filter may be active:
  *                    finds the top-k / top-p cutoff key by radix descent over
  *                    psm_rank_key (counts for top-k, exact 64-bit masses per
@@ -30,8 +37,8 @@
  *                    radix level until the tokens still needed fit and once
  *                    more to collect them (psm_radix_collect). The search
  *                    ends on that list.
- *   psm_tile_filter  a team per tile of filtered rows: (m_t, S_t) over the
- *                    kept tokens.
+ *   psm_tile_filter  a team per tile of rows psm_row_filter filtered:
+ *                    (m_t, S_t) over the kept tokens.
  *   psm_row_combine  a team per row: status, M, T_t, the inclusive prefix of
  *                    T_t over tiles and the row total.
  *   psm_draw         a team per (sample, row): picks the tile by binary

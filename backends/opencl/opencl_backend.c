@@ -43,10 +43,10 @@
 #define PSM_ROW_STATE_BYTES 64
 #define PSM_TILE_TOKENS 1024
 #define PSM_BUILD_LOG_LIMIT 3000
-/* Keys in psm_row_filter's candidate list on the global path (see run_rows). */
-#define PSM_LIST_CAP 3072
-/* Gap bins of psm_row_top_k's tally, held in the list (psm_kernels.cl). */
-#define PSM_GAP_BINS 1024
+/* Keys in psm_row_filter's candidate list on the global path, and in
+ * psm_row_top_k's (see run_rows). */
+#define PSM_LIST_CAP 2048
+#define PSM_TOP_K_LIST 1024
 
 /* Per-row array flags; psm_kernels.cl has the same values. */
 #define PSM_PER_ROW_TEMPERATURE 1u
@@ -883,6 +883,7 @@ typedef struct launch {
     cl_uint per_row;
     int filters;      /* some row may have an active filter */
     int may_top_k;    /* some row may have top-k */
+    int may_search;   /* some row may have top-k or top-p (a cutoff search) */
 } launch;
 
 /* Input data as a cl_mem: the caller's, or a staged copy of host memory. */
@@ -946,6 +947,8 @@ static psm_status prepare(opencl_state *state, const psm_request *request, launc
                      params->temperature < 1e-5f;
     call->filters = (scalar_filter || per_row_filter) && !all_greedy;
     call->may_top_k = call->filters && (params->top_k > 0 || (call->per_row & PSM_PER_ROW_TOP_K));
+    call->may_search = call->may_top_k || (call->filters && (params->top_p < 1.0f ||
+                                                            (call->per_row & PSM_PER_ROW_TOP_P)));
     return PSM_OK;
 }
 
@@ -1061,16 +1064,18 @@ static psm_status run_rows(const launch *call)
          * (8 bytes each), capped so that more row groups fit on a compute
          * unit at once (the local memory a group asks for limits how many
          * run side by side): PSM_LIST_CAP keys hold the gap-bin tallies and
-         * top-k's ranked list for k up to about a thousand; longer lists
-         * narrow by radix levels first. */
+         * the tokens of the bin that holds a cutoff; longer lists narrow by
+         * radix levels first. Min-p alone needs neither. */
         cl_ulong row_bytes = (cl_ulong)call->vocab * sizeof(cl_float);
         cl_ulong free_local = state->local_memory > state->row_filter_local
                                   ? state->local_memory - state->row_filter_local
                                   : 0;
-        cl_int use_cache = row_bytes <= free_local;
+        cl_int use_cache = call->may_search && row_bytes <= free_local;
         cl_ulong list_bytes = use_cache ? row_bytes : free_local / sizeof(cl_ulong) * sizeof(cl_ulong);
         if (!use_cache && list_bytes > PSM_LIST_CAP * sizeof(cl_ulong))
             list_bytes = PSM_LIST_CAP * sizeof(cl_ulong);
+        if (!call->may_search)
+            list_bytes = 0;
 #ifdef PSM_OPENCL_TEST_LIST_BYTES
         /* Test builds only: force the global path with a small list. */
         use_cache = 0;
@@ -1080,8 +1085,12 @@ static psm_status run_rows(const launch *call)
         size_t list_arg = list_bytes >= sizeof(cl_ulong) ? (size_t)list_bytes : sizeof(cl_ulong);
 
         /* Top-k rows on the global path first try the lane maxima
-         * (psm_row_top_k); the row filter takes the rows it leaves. */
-        cl_int top_k_ran = !use_cache && list_capacity >= PSM_GAP_BINS && call->may_top_k;
+         * (psm_row_top_k, with a list of its own, small enough for several
+         * groups per compute unit: top-k up to a few hundred); the row
+         * filter takes the rows it leaves. */
+        cl_int top_k_capacity = PSM_TOP_K_LIST;
+        cl_int top_k_ran = !use_cache && call->may_top_k &&
+                           (cl_ulong)top_k_capacity * sizeof(cl_ulong) <= free_local;
         if (top_k_ran) {
             kernel = state->kernels[KERNEL_ROW_TOP_K];
             PSM_TRY(set_request_args(call, kernel, &index));
@@ -1091,8 +1100,8 @@ static psm_status run_rows(const launch *call)
             PSM_TRY(SET_MEM(kernel, &index, state->tile_ref.mem));
             PSM_TRY(SET_MEM(kernel, &index, state->tile_mass.mem));
             PSM_TRY(SET_MEM(kernel, &index, state->row_state.mem));
-            PSM_TRY(set_arg(kernel, &index, list_arg, NULL));
-            PSM_TRY(SET_VALUE(kernel, &index, list_capacity));
+            PSM_TRY(set_arg(kernel, &index, (size_t)top_k_capacity * sizeof(cl_ulong), NULL));
+            PSM_TRY(SET_VALUE(kernel, &index, top_k_capacity));
             PSM_TRY(enqueue(state, kernel, 1, (size_t)call->rows, kernel_names[KERNEL_ROW_TOP_K]));
         }
 

@@ -1005,7 +1005,8 @@ PSM_LOCAL_FN int psm_bin_collect(__global const uchar *logits, int dtype, long b
  * long) get PSM_FILTER_NONE and are psm_row_filter's.
  *
  * The host launches it for rows too long for local memory, with a list of
- * list_capacity >= PSM_GAP_BINS keys (the bin counts live there first).
+ * list_capacity >= PSM_GAP_BINS / 2 keys (the bin counts live there first),
+ * kept small so that several groups fit on a compute unit.
  * Every barrier is unconditional and every step is guarded by flags instead
  * of early returns: PoCL 3.1's compiler replicates the code after each
  * barrier-holding branch, and a kernel shaped like psm_row_filter with this
@@ -1014,6 +1015,9 @@ PSM_LOCAL_FN int psm_bin_collect(__global const uchar *logits, int dtype, long b
 /* Local memory for ranking a list of n keys: the keys, a weight per key and
  * a uint rank order. */
 #define PSM_RANKED_LIST_FITS(n, capacity) (5 * (long)(n) <= 2 * (long)(capacity))
+/* The lanes psm_row_top_k gathers from, at most (about k of them; more, and
+ * the list would not fit either). */
+#define PSM_TOP_K_LANES 512
 
 static uint psm_key_token(ulong key)
 {
@@ -1033,8 +1037,10 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
 {
     __local ulong scratch_u64[PSM_WG];
     __local ulong scratch_counts[PSM_WG];
+    __local uint lane_list[PSM_TOP_K_LANES];
     __local uint shared_choice;
     __local uint shared_size;
+    __local uint shared_lanes;
     const uint lid = get_local_id(0);
     const uint row = get_group_id(1);
     const long row_tiles = (long)row * tiles;
@@ -1060,6 +1066,7 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
     if (lid == 0) {
         shared_choice = none;
         shared_size = 0;
+        shared_lanes = 0;
     }
     barrier(CLK_LOCAL_MEM_FENCE);
     if (mine)
@@ -1095,33 +1102,41 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
     barrier(CLK_LOCAL_MEM_FENCE);
 
     /* 3. Every candidate up to that bin, from the lanes whose maximum is in
-     * it or before it. */
+     * it or before it: first those lanes, then their tokens, a token per
+     * item at a time (the loads of a lane spread over the group instead of
+     * 32 in a row by one item). */
     const uint last_bin = shared_choice;
-    const int gathering = mine && last_bin != none;
-    const int vector_shift = psm_vector_shift(dtype);
-    const long base = (long)row * row_stride;
+    int gathering = mine && last_bin != none;
     if (gathering)
         for (int j = lid; j < lanes; j += PSM_WG) {
             const uint high = row_lanes[j];
-            if (!high ||
-                psm_value_bin(psm_ordered_to_float(high), summary.maximum, scale) > (int)last_bin)
-                continue;
-            const int first = j / PSM_TEAM * PSM_TILE;
-            const int count = min(PSM_TILE, vocab - first);
-            for (int slot = 0; slot < PSM_TEAM_SLOTS; ++slot) {
-                const int offset =
-                    psm_slot_offset(slot, (uint)(j % PSM_TEAM), vector_shift, PSM_INTERLEAVED);
-                if (offset >= count)
-                    continue;
-                const float x = psm_load_candidate(logits, dtype, base + first + offset);
-                if (!psm_is_valid(x) ||
-                    psm_value_bin(x, summary.maximum, scale) > (int)last_bin)
-                    continue;
-                const uint at = atomic_inc(&shared_size);
-                if (at < (uint)list_capacity)
-                    list[at] = psm_rank_key(x, (uint)(first + offset));
+            if (high &&
+                psm_value_bin(psm_ordered_to_float(high), summary.maximum, scale) <=
+                    (int)last_bin) {
+                const uint at = atomic_inc(&shared_lanes);
+                if (at < PSM_TOP_K_LANES)
+                    lane_list[at] = (uint)j;
             }
         }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    gathering = gathering && shared_lanes <= PSM_TOP_K_LANES;
+    const int gathered_lanes = gathering ? (int)shared_lanes : 0;
+    const int vector_shift = psm_vector_shift(dtype);
+    const long base = (long)row * row_stride;
+    for (int w = lid; w < gathered_lanes * PSM_TEAM_SLOTS; w += PSM_WG) {
+        const uint j = lane_list[w / PSM_TEAM_SLOTS];
+        const int first = (int)(j / PSM_TEAM) * PSM_TILE;
+        const int offset =
+            psm_slot_offset(w % PSM_TEAM_SLOTS, j % PSM_TEAM, vector_shift, PSM_INTERLEAVED);
+        if (offset >= vocab - first)
+            continue;
+        const float x = psm_load_candidate(logits, dtype, base + first + offset);
+        if (!psm_is_valid(x) || psm_value_bin(x, summary.maximum, scale) > (int)last_bin)
+            continue;
+        const uint at = atomic_inc(&shared_size);
+        if (at < (uint)list_capacity)
+            list[at] = psm_rank_key(x, (uint)(first + offset));
+    }
     barrier(CLK_LOCAL_MEM_FENCE);
 
     /* 4. Rank by counting; g_i of each key. (n >= k: each counted lane's

@@ -1084,12 +1084,12 @@ static psm_status run_rows(const launch *call)
         cl_int list_capacity = use_cache ? 0 : (cl_int)(list_bytes / sizeof(cl_ulong));
         size_t list_arg = list_bytes >= sizeof(cl_ulong) ? (size_t)list_bytes : sizeof(cl_ulong);
 
-        /* Top-k rows on the global path first try the lane maxima
-         * (psm_row_top_k, with a list of its own, small enough for several
-         * groups per compute unit: top-k up to a few hundred); the row
-         * filter takes the rows it leaves. */
+        /* Top-k rows first try the lane maxima (psm_row_top_k, with a list
+         * of its own, small enough for several groups per compute unit:
+         * top-k up to a few hundred), which reads far less than even the
+         * on-chip path; the row filter takes the rows it leaves. */
         cl_int top_k_capacity = PSM_TOP_K_LIST;
-        cl_int top_k_ran = !use_cache && call->may_top_k &&
+        cl_int top_k_ran = call->may_top_k &&
                            (cl_ulong)top_k_capacity * sizeof(cl_ulong) <= free_local;
         if (top_k_ran) {
             kernel = state->kernels[KERNEL_ROW_TOP_K];

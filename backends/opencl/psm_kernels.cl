@@ -20,8 +20,8 @@
  *                    count, bad flag, for rows with no top-p or min-p
  *                    (m_t, S_t), and for rows with top-k each item's
  *                    maximum (its lane of 32 tokens).
- *   psm_row_top_k    a group per row, for top-k rows too long for local
- *                    memory: the candidates from the lanes whose maximum
+ *   psm_row_top_k    a group per row, when some row may have top-k: for
+ *                    top-k rows, the candidates from the lanes whose maximum
  *                    reaches the k-th lane maximum's gap bin, ranked on
  *                    chip; cutoff and the kept tiles' (m_t, S_t) from that
  *                    list. The row is not read again (the next two skip
@@ -1004,7 +1004,7 @@ PSM_LOCAL_FN int psm_bin_collect(__global const uchar *logits, int dtype, long b
  * cannot finish (no top-k, fewer than k lanes with a candidate, a list too
  * long) get PSM_FILTER_NONE and are psm_row_filter's.
  *
- * The host launches it for rows too long for local memory, with a list of
+ * The host launches it when some row may have top-k, with a list of
  * list_capacity >= PSM_GAP_BINS / 2 keys (the bin counts live there first),
  * kept small so that several groups fit on a compute unit.
  * Every barrier is unconditional and every step is guarded by flags instead
@@ -1050,8 +1050,8 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
                           scratch_counts);
     const float scale = psm_inverse_temperature_scale(p.temperature);
     const int bits = psm_weight_bits(vocab);
-    const int mine =
-        psm_row_status(&p, &summary) == PSM_ROW_SAMPLE && psm_top_k_active(&p, summary.valid);
+    const int mine = psm_row_status(&p, &summary) == PSM_ROW_SAMPLE &&
+                     psm_top_k_active(&p, summary.valid) && list_capacity >= PSM_GAP_BINS / 2;
     const uint k = mine ? (uint)p.top_k : 0u;
     __global const uint *row_lanes = lane_max + row_tiles * PSM_TEAM;
     const int lanes = tiles * PSM_TEAM;

@@ -368,8 +368,10 @@ static void psm_load_tile(__global const uchar *logits, int dtype, long row_base
                 x[slot + 3] = as_float(raw.w);
             }
         } else if (dtype == PSM_DTYPE_BF16) {
-            /* Its own loop, not psm_half_to_float's per-element choice: a
-             * bf16 is the top half of a float, two instructions a pair. */
+            /* Its own loop, not psm_half_to_float's per-element choice
+             * (with which bf16 tiles cost as much as f16 ones): a bf16 is
+             * the top half of a float, two instructions a pair. The f16
+             * loop below has the same shape on purpose. */
 #pragma unroll
             for (int slot = 0; slot < PSM_TEAM_SLOTS; slot += 8) {
                 uint4 raw = vectors[psm_slot_offset(slot, lane, 3, layout) >> 3];

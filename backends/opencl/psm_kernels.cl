@@ -765,29 +765,39 @@ PSM_LOCAL_FN ulong psm_top_p_target_from(const psm_key_source *source, ulong flo
  * mass mode (top-p) collects the chosen bucket's candidates of nonzero
  * weight, and with want = 0 takes its target from the first level's total
  * (the mass of every candidate, as top-p alone needs). Returns the list's
- * length, or -1 when even the last level's bucket does not fit;
+ * length, or -1 when even the last level's bucket does not fit (or !active);
  * *above_out gets the mass above the collected bucket (mass mode) and
- * *want_out the target. */
-PSM_LOCAL_FN int psm_radix_collect(__global const uchar *logits, int dtype, long base, int vocab,
-                                   int mass_mode, ulong want, float top_p, float maximum,
-                                   float scale, int bits, __local ulong *list, uint capacity,
-                                   __local uint *bucket_low, __local uint *bucket_high,
-                                   __local uint *bucket_count, __local uint *shared_choice,
-                                   __local ulong *shared_above, __local ulong *shared_want,
-                                   __local uint *shared_size, ulong *above_out,
-                                   ulong *want_out)
+ * *want_out the target, when a list is made.
+ *
+ * Every item calls it (active or not) and passes every barrier; the steps
+ * are guarded by flags, never skipped by continue or return: PoCL's
+ * compiler replicates the code after each barrier-holding branch, and with
+ * the early exits this function and psm_bin_collect took psm_row_filter's
+ * compilation to minutes. */
+PSM_LOCAL_FN int psm_radix_collect(int active, __global const uchar *logits, int dtype, long base,
+                                   int vocab, int mass_mode, ulong want, float top_p,
+                                   float maximum, float scale, int bits, __local ulong *list,
+                                   uint capacity, __local uint *bucket_low,
+                                   __local uint *bucket_high, __local uint *bucket_count,
+                                   __local uint *shared_choice, __local ulong *shared_above,
+                                   __local ulong *shared_want, __local uint *shared_size,
+                                   ulong *above_out, ulong *want_out)
 {
     const uint lid = get_local_id(0);
     uint prefix = 0, prefix_mask = 0;
     ulong above = 0, target = want;
+    int found = 0, size = -1;
     for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int b = lid; b < PSM_BUCKETS; b += PSM_WG) {
-            bucket_low[b] = 0;
-            bucket_high[b] = 0;
-            bucket_count[b] = 0;
-        }
+        const int searching = active && !found;
+        if (searching)
+            for (int b = lid; b < PSM_BUCKETS; b += PSM_WG) {
+                bucket_low[b] = 0;
+                bucket_high[b] = 0;
+                bucket_count[b] = 0;
+            }
         barrier(CLK_LOCAL_MEM_FENCE);
-        for (int i = lid; i < vocab; i += PSM_WG) {
+        const int count = searching ? vocab : 0;
+        for (int i = lid; i < count; i += PSM_WG) {
             float x = psm_load_candidate(logits, dtype, base + i);
             if (!psm_is_valid(x))
                 continue;
@@ -804,7 +814,7 @@ PSM_LOCAL_FN int psm_radix_collect(__global const uchar *logits, int dtype, long
             atomic_inc(&bucket_count[digit]);
         }
         barrier(CLK_LOCAL_MEM_FENCE);
-        if (lid == 0) {
+        if (searching && lid == 0) {
             /* above and target are lid 0's own across the levels. */
             if (shift == 24 && mass_mode && want == 0) {
                 ulong total = 0;
@@ -824,20 +834,22 @@ PSM_LOCAL_FN int psm_radix_collect(__global const uchar *logits, int dtype, long
                 above += amount;
             }
             /* Counting mode keeps the candidates above the bucket too. */
-            ulong size = (mass_mode ? 0 : above) + bucket_count[chosen];
+            ulong kept = (mass_mode ? 0 : above) + bucket_count[chosen];
             *shared_choice = chosen;
             *shared_above = above;
             *shared_want = target;
-            *shared_size = size <= capacity ? 0u : 0xffffffffu;
+            *shared_size = kept <= capacity ? 0u : 0xffffffffu;
         }
         barrier(CLK_LOCAL_MEM_FENCE);
-        prefix |= *shared_choice << shift;
-        prefix_mask |= 0xffu << shift;
-        const int fits = *shared_size == 0;
+        int fits = 0;
+        if (searching) {
+            prefix |= *shared_choice << shift;
+            prefix_mask |= 0xffu << shift;
+            fits = *shared_size == 0;
+        }
         barrier(CLK_LOCAL_MEM_FENCE);
-        if (!fits)
-            continue;
-        for (int i = lid; i < vocab; i += PSM_WG) {
+        const int collect_count = fits ? vocab : 0;
+        for (int i = lid; i < collect_count; i += PSM_WG) {
             float x = psm_load_candidate(logits, dtype, base + i);
             if (!psm_is_valid(x))
                 continue;
@@ -852,13 +864,15 @@ PSM_LOCAL_FN int psm_radix_collect(__global const uchar *logits, int dtype, long
             list[atomic_inc(shared_size)] = key;
         }
         barrier(CLK_LOCAL_MEM_FENCE);
-        const int size = (int)*shared_size;
-        *above_out = *shared_above;
-        *want_out = *shared_want;
+        if (fits) {
+            size = (int)*shared_size;
+            *above_out = *shared_above;
+            *want_out = *shared_want;
+            found = 1;
+        }
         barrier(CLK_LOCAL_MEM_FENCE);
-        return size;
     }
-    return -1;
+    return size;
 }
 
 /* ---- gap bins: the global path's first look --------------------------------
@@ -904,25 +918,29 @@ static int psm_value_bin(float x, float maximum, float scale)
 /* psm_radix_collect's list and results from the gap bins: counting mode
  * collects every candidate of the bins up to the one where the k-th lies,
  * mass mode that bin's candidates of nonzero weight. Returns -1 when they do
- * not fit (the caller then runs psm_radix_collect). The list must hold at
- * least PSM_GAP_BIN_WORDS / 2 keys. */
-PSM_LOCAL_FN int psm_bin_collect(__global const uchar *logits, int dtype, long base, int vocab,
-                                 int mass_mode, ulong want, float top_p, float maximum,
-                                 float scale, int bits, __local ulong *list, uint capacity,
-                                 __local ulong *posts, __local uint *shared_choice,
-                                 __local ulong *shared_above, __local ulong *shared_want,
-                                 __local uint *shared_size, ulong *above_out, ulong *want_out)
+ * not fit (the caller then runs psm_radix_collect) or !active. The list must
+ * hold at least PSM_GAP_BIN_WORDS / 2 keys. Every item calls it and passes
+ * every barrier (see psm_radix_collect). */
+PSM_LOCAL_FN int psm_bin_collect(int active, __global const uchar *logits, int dtype, long base,
+                                 int vocab, int mass_mode, ulong want, float top_p,
+                                 float maximum, float scale, int bits, __local ulong *list,
+                                 uint capacity, __local ulong *posts,
+                                 __local uint *shared_choice, __local ulong *shared_above,
+                                 __local ulong *shared_want, __local uint *shared_size,
+                                 ulong *above_out, ulong *want_out)
 {
     const uint lid = get_local_id(0);
     __local uint *bin_count = (__local uint *)list;
     __local uint *bin_low = bin_count + PSM_GAP_BINS;
     __local uint *bin_high = bin_low + PSM_GAP_BINS;
-    for (int b = lid; b < PSM_GAP_BIN_WORDS; b += PSM_WG)
-        bin_count[b] = 0;
+    if (active)
+        for (int b = lid; b < PSM_GAP_BIN_WORDS; b += PSM_WG)
+            bin_count[b] = 0;
     if (lid == 0)
         *shared_size = 0xffffffffu; /* kept only if no bin reaches want: unreachable */
     barrier(CLK_LOCAL_MEM_FENCE);
-    for (int i = lid; i < vocab; i += PSM_WG) {
+    const int count = active ? vocab : 0;
+    for (int i = lid; i < count; i += PSM_WG) {
         float x, gap;
         int bin = psm_gap_bin(logits, dtype, base, i, maximum, scale, &x, &gap);
         if (bin < 0)
@@ -942,25 +960,26 @@ PSM_LOCAL_FN int psm_bin_collect(__global const uchar *logits, int dtype, long b
     const int run = PSM_GAP_BINS / PSM_WG;
     const int first_bin = (int)lid * run;
     ulong own = 0;
-    for (int b = first_bin; b < first_bin + run; ++b)
-        own += mass_mode ? ((ulong)bin_high[b] << 32) | bin_low[b] : bin_count[b];
+    if (active)
+        for (int b = first_bin; b < first_bin + run; ++b)
+            own += mass_mode ? ((ulong)bin_high[b] << 32) | bin_low[b] : bin_count[b];
     ulong before;
     const ulong total = psm_posted_sum_u64(own, lid, PSM_WG, posts, &before);
     /* Top-p alone: the target from the mass of every candidate; a target of
      * 0 keeps one token, as a target of 1 does. */
     const ulong target =
         mass_mode && want == 0 ? max(psm_top_p_target(total, top_p), (ulong)1) : want;
-    if (before < target && target <= before + own) {
+    if (active && before < target && target <= before + own) {
         ulong above = before;
         for (int b = first_bin; b < first_bin + run; ++b) {
             ulong amount = mass_mode ? ((ulong)bin_high[b] << 32) | bin_low[b] : bin_count[b];
             if (above + amount >= target) {
                 /* Counting mode keeps the candidates of the bins before too. */
-                ulong size = (mass_mode ? 0 : above) + bin_count[b];
+                ulong kept = (mass_mode ? 0 : above) + bin_count[b];
                 *shared_choice = (uint)b;
                 *shared_above = above;
                 *shared_want = target;
-                *shared_size = size <= capacity ? 0u : 0xffffffffu;
+                *shared_size = kept <= capacity ? 0u : 0xffffffffu;
                 break;
             }
             above += amount;
@@ -968,13 +987,12 @@ PSM_LOCAL_FN int psm_bin_collect(__global const uchar *logits, int dtype, long b
     }
     barrier(CLK_LOCAL_MEM_FENCE);
     const int chosen = (int)*shared_choice;
-    const int fits = *shared_size == 0;
+    const int fits = active && *shared_size == 0;
     /* Every item has read the bins and the choice before the list (over the
      * bins) grows. */
     barrier(CLK_LOCAL_MEM_FENCE);
-    if (!fits)
-        return -1;
-    for (int i = lid; i < vocab; i += PSM_WG) {
+    const int collect_count = fits ? vocab : 0;
+    for (int i = lid; i < collect_count; i += PSM_WG) {
         float x, gap;
         int bin = psm_gap_bin(logits, dtype, base, i, maximum, scale, &x, &gap);
         if (bin < 0 ||
@@ -984,10 +1002,12 @@ PSM_LOCAL_FN int psm_bin_collect(__global const uchar *logits, int dtype, long b
     }
     barrier(CLK_LOCAL_MEM_FENCE);
     const int size = (int)*shared_size;
-    *above_out = *shared_above;
-    *want_out = *shared_want;
+    if (fits) {
+        *above_out = *shared_above;
+        *want_out = *shared_want;
+    }
     barrier(CLK_LOCAL_MEM_FENCE);
-    return size;
+    return fits ? size : -1;
 }
 
 /* ---- kernel 2a: top-k from the lane maxima --------------------------------
@@ -1294,26 +1314,26 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global cons
     /* Top-p alone on the list: the list is the bucket where the target is
      * reached, and its search wants what is left of the target. */
     ulong list_want = 0;
-    if (!use_row_cache && list_capacity > 0 && (top_k_on || top_p_on)) {
-        ulong above = 0, target = 0;
-        const ulong want = top_k_on ? (ulong)p.top_k : 0;
-        int size = -1;
-        if (list_capacity >= PSM_GAP_BIN_WORDS / 2)
-            size = psm_bin_collect(logits, dtype, source.base, vocab, !top_k_on, want, p.top_p,
-                                   summary.maximum, scale, bits, local_store,
-                                   (uint)list_capacity, scratch_u64, &shared_choice,
-                                   &shared_above, &shared_want, &shared_size, &above, &target);
-        if (size < 0)
-            size = psm_radix_collect(logits, dtype, source.base, vocab, !top_k_on, want,
-                                     p.top_p, summary.maximum, scale, bits, local_store,
-                                     (uint)list_capacity, bucket_low, bucket_high, bucket_count,
-                                     &shared_choice, &shared_above, &shared_want, &shared_size,
-                                     &above, &target);
-        if (size >= 0) {
-            source.kind = PSM_SOURCE_LIST;
-            source.count = size;
-            list_want = target - above;
-        }
+    /* Both collections are called by every item, active or not (see
+     * psm_radix_collect). */
+    const int to_list = !use_row_cache && list_capacity > 0 && (top_k_on || top_p_on);
+    ulong above = 0, target = 0;
+    const ulong want = top_k_on ? (ulong)p.top_k : 0;
+    const int from_bins = psm_bin_collect(
+        to_list && list_capacity >= PSM_GAP_BIN_WORDS / 2, logits, dtype, source.base, vocab,
+        !top_k_on, want, p.top_p, summary.maximum, scale, bits, local_store,
+        (uint)list_capacity, scratch_u64, &shared_choice, &shared_above, &shared_want,
+        &shared_size, &above, &target);
+    const int from_radix = psm_radix_collect(
+        to_list && from_bins < 0, logits, dtype, source.base, vocab, !top_k_on, want, p.top_p,
+        summary.maximum, scale, bits, local_store, (uint)list_capacity, bucket_low,
+        bucket_high, bucket_count, &shared_choice, &shared_above, &shared_want, &shared_size,
+        &above, &target);
+    const int size = from_bins >= 0 ? from_bins : from_radix;
+    if (size >= 0) {
+        source.kind = PSM_SOURCE_LIST;
+        source.count = size;
+        list_want = target - above;
     }
     /* With top-k, every candidate at or above the k-th is on a list. */
     if (top_k_on)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The test command (README; CI runs it): builds polysample with its Check
 # suite and runs it, then builds and runs the whole suite again under
-# AddressSanitizer + UndefinedBehaviorSanitizer, and prints a summary.
+# AddressSanitizer + UndefinedBehaviorSanitizer, then the OpenCL tests once
+# more with the backend forced onto its large-vocabulary path, and prints a
+# summary.
 # Exits non-zero when any build or test fails.
 #
 # Environment:
@@ -10,6 +12,7 @@
 #                             build to $BUILD_DIR-asan
 #   JOBS                      parallel build jobs (default: all cores)
 #   PSM_SKIP_SANITIZER=1      skip the sanitizer build (e.g. on the GPU machine)
+#   PSM_SKIP_OPENCL_GLOBAL=1  skip the OpenCL global-path build ($BUILD_DIR-opencl-global)
 #   POLYSAMPLE_TEST_BACKENDS  which backends the tests run, e.g. "cpu,opencl"
 #                             (tests/harness.h); default: every available one
 #   CMAKE_PREFIX_PATH         where to find Check when it is not installed
@@ -123,6 +126,21 @@ else
     export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
     build_and_test "sanitizer" "$asan_dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPSM_SANITIZE=ON \
         -DPSM_WITH_CUDA=OFF -DPSM_WITH_HIP=OFF
+fi
+
+# The OpenCL backend's large-vocabulary path on the CPU device too: PoCL's
+# local memory holds whole rows of most test vocabularies, so this variant
+# forces every filtered row onto the global path with a 64-key candidate
+# list (the radix narrowing, the list searches and their fallbacks).
+if [[ ${PSM_SKIP_OPENCL_GLOBAL:-0} == 1 ]]; then
+    summaries+=("opencl-global: skipped (PSM_SKIP_OPENCL_GLOBAL=1)")
+elif [[ -n ${POLYSAMPLE_TEST_BACKENDS:-} && ,$POLYSAMPLE_TEST_BACKENDS, != *,opencl,* ]]; then
+    summaries+=("opencl-global: skipped (POLYSAMPLE_TEST_BACKENDS leaves out opencl)")
+else
+    export POLYSAMPLE_TEST_QUICK=0
+    POLYSAMPLE_TEST_BACKENDS=opencl build_and_test "opencl-global" "$build_dir-opencl-global" \
+        -DCMAKE_BUILD_TYPE=Release -DPSM_WITH_CUDA=OFF -DPSM_WITH_HIP=OFF \
+        -DPSM_OPENCL_TEST_LIST_BYTES=512
 fi
 
 say "summary"

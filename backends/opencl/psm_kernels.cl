@@ -1314,26 +1314,28 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global cons
     /* Top-p alone on the list: the list is the bucket where the target is
      * reached, and its search wants what is left of the target. */
     ulong list_want = 0;
-    /* Both collections are called by every item, active or not (see
-     * psm_radix_collect). */
-    const int to_list = !use_row_cache && list_capacity > 0 && (top_k_on || top_p_on);
-    ulong above = 0, target = 0;
-    const ulong want = top_k_on ? (ulong)p.top_k : 0;
-    const int from_bins = psm_bin_collect(
-        to_list && list_capacity >= PSM_GAP_BIN_WORDS / 2, logits, dtype, source.base, vocab,
-        !top_k_on, want, p.top_p, summary.maximum, scale, bits, local_store,
-        (uint)list_capacity, scratch_u64, &shared_choice, &shared_above, &shared_want,
-        &shared_size, &above, &target);
-    const int from_radix = psm_radix_collect(
-        to_list && from_bins < 0, logits, dtype, source.base, vocab, !top_k_on, want, p.top_p,
-        summary.maximum, scale, bits, local_store, (uint)list_capacity, bucket_low,
-        bucket_high, bucket_count, &shared_choice, &shared_above, &shared_want, &shared_size,
-        &above, &target);
-    const int size = from_bins >= 0 ? from_bins : from_radix;
-    if (size >= 0) {
-        source.kind = PSM_SOURCE_LIST;
-        source.count = size;
-        list_want = target - above;
+    /* Inside, both collections are called by every item, active or not (see
+     * psm_radix_collect); rows that make no list (min-p alone, the on-chip
+     * path) skip their barriers. */
+    if (!use_row_cache && list_capacity > 0 && (top_k_on || top_p_on)) {
+        ulong above = 0, target = 0;
+        const ulong want = top_k_on ? (ulong)p.top_k : 0;
+        const int from_bins = psm_bin_collect(
+            list_capacity >= PSM_GAP_BIN_WORDS / 2, logits, dtype, source.base, vocab,
+            !top_k_on, want, p.top_p, summary.maximum, scale, bits, local_store,
+            (uint)list_capacity, scratch_u64, &shared_choice, &shared_above, &shared_want,
+            &shared_size, &above, &target);
+        const int from_radix = psm_radix_collect(
+            from_bins < 0, logits, dtype, source.base, vocab, !top_k_on, want, p.top_p,
+            summary.maximum, scale, bits, local_store, (uint)list_capacity, bucket_low,
+            bucket_high, bucket_count, &shared_choice, &shared_above, &shared_want,
+            &shared_size, &above, &target);
+        const int size = from_bins >= 0 ? from_bins : from_radix;
+        if (size >= 0) {
+            source.kind = PSM_SOURCE_LIST;
+            source.count = size;
+            list_want = target - above;
+        }
     }
     /* With top-k, every candidate at or above the k-th is on a list. */
     if (top_k_on)

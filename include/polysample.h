@@ -78,12 +78,18 @@ typedef enum psm_memory {
 typedef struct psm_context psm_context;
 
 typedef struct psm_context_options {
-    psm_backend backend;  /* AUTO reads POLYSAMPLE_BACKEND, else CUDA, HIP, OpenCL, CPU */
+    psm_backend backend;  /* AUTO reads POLYSAMPLE_BACKEND, else CUDA, HIP, an OpenCL
+                             GPU or accelerator, then the CPU backend */
     int device_index;     /* -1: the backend's default (or the :N of POLYSAMPLE_BACKEND) */
     int cpu_threads;      /* CPU backend; 0: OpenMP's default */
     void *native_stream;  /* cudaStream_t, hipStream_t or cl_command_queue; NULL: own one */
     int check_rows;       /* 1: a bad row makes psm_sample fail with PSM_ERR_BAD_ROW
                              (device backends then wait for the result) */
+    /* Optional: told when a long step starts, e.g. "compiling OpenCL kernels for
+     * <device> (first use; cached)", since the library never prints. Called on the
+     * thread that creates the context, during psm_context_create. */
+    void (*notice)(void *user_data, const char *message);
+    void *notice_user_data;
 } psm_context_options;
 
 /* Fills *options with the defaults (AUTO, device -1, default threads). */
@@ -172,7 +178,10 @@ PSM_API int psm_version_number(void);
 PSM_API const char *psm_backend_name(psm_backend backend); /* "cpu", "cuda", ... */
 PSM_API int psm_backend_compiled(psm_backend backend);
 /* 1 if a context of this backend can be created now. reason (optional) gets
- * a static or thread-local text saying why not (or a device summary). */
+ * a static or thread-local text saying why not (or a device summary). The GPU
+ * backends are modules loaded at first use (libpolysample-cuda.so, -hip.so,
+ * -opencl.so, beside the library or in POLYSAMPLE_BACKEND_PATH); a missing
+ * module or vendor runtime makes the backend unavailable, with the reason. */
 PSM_API int psm_backend_available(psm_backend backend, const char **reason);
 PSM_API int psm_backend_device_count(psm_backend backend);
 

@@ -9,10 +9,43 @@
 #include "bench_device.h"
 
 #include <CL/cl.h>
+#include <dlfcn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+/* The OpenCL entry points, resolved from the ICD loader at run time (as the
+ * library's module does by linking it), so that the tool itself starts on a
+ * machine without libOpenCL.so.1 and only this helper is then unavailable. */
+#define OPENCL_API_FUNCTIONS(X) X(clCreateBuffer) X(clCreateCommandQueue) X(clCreateContext) X(clEnqueueCopyBuffer) X(clEnqueueReadBuffer) X(clEnqueueWriteBuffer) X(clFinish) X(clGetDeviceIDs) X(clGetDeviceInfo) X(clGetPlatformIDs) X(clReleaseCommandQueue) X(clReleaseContext) X(clReleaseMemObject)
+static struct opencl_api {
+#define OPENCL_API_POINTER(name) __typeof__(name) *name;
+    OPENCL_API_FUNCTIONS(OPENCL_API_POINTER)
+#undef OPENCL_API_POINTER
+} opencl_api;
+
+static int load_opencl_api(char *error, size_t error_size)
+{
+    static void *loader;
+    if (loader)
+        return 0;
+    void *handle = dlopen("libOpenCL.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!handle) {
+        snprintf(error, error_size, "cannot load the OpenCL ICD loader: %s", dlerror());
+        return -1;
+    }
+#define OPENCL_API_RESOLVE(name)                                                            \
+    if (!(*(void **)&opencl_api.name = dlsym(handle, #name))) {                             \
+        snprintf(error, error_size, "libOpenCL.so.1 has no %s", #name);                     \
+        dlclose(handle);                                                                    \
+        return -1;                                                                          \
+    }
+    OPENCL_API_FUNCTIONS(OPENCL_API_RESOLVE)
+#undef OPENCL_API_RESOLVE
+    loader = handle;
+    return 0;
+}
 
 typedef struct opencl_session {
     cl_context context;
@@ -47,7 +80,7 @@ static int pick_device(int device_index, cl_device_id *chosen, char *error, size
     cl_uint platform_count = 0, p;
     int seen = 0, wanted = device_index < 0 ? 0 : device_index;
     size_t t;
-    if (clGetPlatformIDs(16, platforms, &platform_count) != CL_SUCCESS || platform_count == 0) {
+    if (opencl_api.clGetPlatformIDs(16, platforms, &platform_count) != CL_SUCCESS || platform_count == 0) {
         snprintf(error, error_size, "no OpenCL platform");
         return -1;
     }
@@ -57,7 +90,7 @@ static int pick_device(int device_index, cl_device_id *chosen, char *error, size
         for (p = 0; p < platform_count; ++p) {
             cl_device_id devices[64];
             cl_uint device_count = 0;
-            if (clGetDeviceIDs(platforms[p], types[t], 64, devices, &device_count) != CL_SUCCESS)
+            if (opencl_api.clGetDeviceIDs(platforms[p], types[t], 64, devices, &device_count) != CL_SUCCESS)
                 continue; /* CL_DEVICE_NOT_FOUND: none of this type here */
             if (device_count > 64)
                 device_count = 64;
@@ -81,23 +114,24 @@ static int opencl_open(int device_index, void **session_out, char *error, size_t
         snprintf(error, error_size, "out of memory");
         return -1;
     }
-    if (pick_device(device_index, &device, error, error_size) != 0) {
+    if (load_opencl_api(error, error_size) != 0 ||
+        pick_device(device_index, &device, error, error_size) != 0) {
         free(session);
         return -1;
     }
-    session->context = clCreateContext(NULL, 1, &device, NULL, NULL, &status);
+    session->context = opencl_api.clCreateContext(NULL, 1, &device, NULL, NULL, &status);
     if (status == CL_SUCCESS)
-        session->queue = clCreateCommandQueue(session->context, device, 0, &status);
+        session->queue = opencl_api.clCreateCommandQueue(session->context, device, 0, &status);
     if (status != CL_SUCCESS) {
         snprintf(error, error_size, "creating an OpenCL context and queue failed (error %d)",
                  (int)status);
         if (session->context)
-            clReleaseContext(session->context);
+            opencl_api.clReleaseContext(session->context);
         free(session);
         return -1;
     }
-    if (clGetDeviceInfo(device, CL_DEVICE_GLOBAL_MEM_CACHE_SIZE, sizeof cache, &cache, NULL) ==
-        CL_SUCCESS)
+    if (opencl_api.clGetDeviceInfo(device, CL_DEVICE_GLOBAL_MEM_CACHE_SIZE, sizeof cache, &cache,
+                                   NULL) == CL_SUCCESS)
         session->cache_bytes = (size_t)cache;
     *session_out = session;
     return 0;
@@ -108,9 +142,9 @@ static void opencl_close(void *opaque)
     opencl_session *session = opaque;
     if (!session)
         return;
-    clFinish(session->queue);
-    clReleaseCommandQueue(session->queue);
-    clReleaseContext(session->context);
+    opencl_api.clFinish(session->queue);
+    opencl_api.clReleaseCommandQueue(session->queue);
+    opencl_api.clReleaseContext(session->context);
     free(session);
 }
 
@@ -128,7 +162,7 @@ static int opencl_allocate(void *opaque, size_t bytes, void **buffer)
 {
     opencl_session *session = opaque;
     cl_int status = CL_SUCCESS;
-    cl_mem memory = clCreateBuffer(session->context, CL_MEM_READ_WRITE, bytes ? bytes : 1, NULL,
+    cl_mem memory = opencl_api.clCreateBuffer(session->context, CL_MEM_READ_WRITE, bytes ? bytes : 1, NULL,
                                    &status);
     if (status != CL_SUCCESS)
         return opencl_failed(session, "clCreateBuffer", status);
@@ -141,14 +175,14 @@ static void opencl_release(void *opaque, void *buffer)
     opencl_session *session = opaque;
     if (!buffer)
         return;
-    clFinish(session->queue);
-    clReleaseMemObject((cl_mem)buffer);
+    opencl_api.clFinish(session->queue);
+    opencl_api.clReleaseMemObject((cl_mem)buffer);
 }
 
 static int opencl_upload(void *opaque, void *buffer, const void *host, size_t bytes)
 {
     opencl_session *session = opaque;
-    cl_int status = clEnqueueWriteBuffer(session->queue, (cl_mem)buffer, CL_TRUE, 0, bytes, host,
+    cl_int status = opencl_api.clEnqueueWriteBuffer(session->queue, (cl_mem)buffer, CL_TRUE, 0, bytes, host,
                                          0, NULL, NULL);
     return status == CL_SUCCESS ? 0 : opencl_failed(session, "clEnqueueWriteBuffer", status);
 }
@@ -156,7 +190,7 @@ static int opencl_upload(void *opaque, void *buffer, const void *host, size_t by
 static int opencl_download(void *opaque, void *host, void *buffer, size_t bytes)
 {
     opencl_session *session = opaque;
-    cl_int status = clEnqueueReadBuffer(session->queue, (cl_mem)buffer, CL_TRUE, 0, bytes, host,
+    cl_int status = opencl_api.clEnqueueReadBuffer(session->queue, (cl_mem)buffer, CL_TRUE, 0, bytes, host,
                                         0, NULL, NULL);
     return status == CL_SUCCESS ? 0 : opencl_failed(session, "clEnqueueReadBuffer", status);
 }
@@ -166,19 +200,19 @@ static int opencl_time_work(void *opaque, int launches, bench_device_work work, 
 {
     opencl_session *session = opaque;
     double start;
-    cl_int status = clFinish(session->queue);
+    cl_int status = opencl_api.clFinish(session->queue);
     int i;
     if (status != CL_SUCCESS)
         return opencl_failed(session, "clFinish", status);
     start = seconds_now();
     for (i = 0; i < launches; ++i) {
         if (work(argument, i) != 0) {
-            clFinish(session->queue);
+            opencl_api.clFinish(session->queue);
             snprintf(session->error, sizeof session->error, "the timed work failed");
             return -1;
         }
     }
-    status = clFinish(session->queue);
+    status = opencl_api.clFinish(session->queue);
     if (status != CL_SUCCESS)
         return opencl_failed(session, "clFinish", status);
     *milliseconds = 1e3 * (seconds_now() - start);
@@ -190,14 +224,14 @@ static int opencl_time_copy(void *opaque, void *destination, void *source, size_
 {
     opencl_session *session = opaque;
     double start;
-    cl_int status = clFinish(session->queue);
+    cl_int status = opencl_api.clFinish(session->queue);
     if (status != CL_SUCCESS)
         return opencl_failed(session, "clFinish", status);
     start = seconds_now();
-    status = clEnqueueCopyBuffer(session->queue, (cl_mem)source, (cl_mem)destination, 0, 0, bytes,
+    status = opencl_api.clEnqueueCopyBuffer(session->queue, (cl_mem)source, (cl_mem)destination, 0, 0, bytes,
                                  0, NULL, NULL);
     if (status == CL_SUCCESS)
-        status = clFinish(session->queue);
+        status = opencl_api.clFinish(session->queue);
     if (status != CL_SUCCESS)
         return opencl_failed(session, "clEnqueueCopyBuffer", status);
     *milliseconds = 1e3 * (seconds_now() - start);

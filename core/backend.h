@@ -2,12 +2,13 @@
  * backend.h: what core/ asks of a backend.
  *
  * A backend is a table of functions (psm_backend_ops) filled with designated
- * initialisers; core/registry.c lists the compiled-in ones. Core validates
+ * initialisers; core/registry.c holds the CPU one and loads the GPU modules
+ * (core/module.h). Core validates
  * every request before it reaches a backend, so a backend may assume:
  * non-NULL pointers, rows >= 1, 1 <= vocab <= INT32_MAX, row_stride >= vocab,
  * num_samples >= 1, valid scalar parameters, and host per-row arrays already
  * checked. Per-row arrays in device memory are not checked on the host: a
- * backend gives a row with an out-of-range value token -1 (psm_row_params_ok).
+ * backend gives a row with an out-of-range value token -1 (psm_row_params_valid).
  *
  * Backends report failures through psm_set_error (core/error.h) and return
  * its status; they never print or abort.
@@ -39,8 +40,11 @@ typedef struct psm_backend_ops {
 
     /* Can a context be made now? Fills device_count (0 when not) and, when
      * not, a reason ("no CUDA device: cudaGetDeviceCount: ..."). Must be
-     * cheap enough to call from psm_backend_available. */
-    int (*probe)(int *device_count, char *reason, size_t reason_size);
+     * cheap enough to call from psm_backend_available. auto_device_count:
+     * how many of the devices, counted from index 0, AUTO may choose (the
+     * OpenCL backend lists GPUs and accelerators before CPU devices, which
+     * AUTO leaves to the CPU backend); reason then says why not the rest. */
+    int (*probe)(int *device_count, int *auto_device_count, char *reason, size_t reason_size);
 
     /* Makes the backend's state for one device. device_index is >= 0. */
     psm_status (*create)(const psm_context_options *options, int device_index,
@@ -55,18 +59,11 @@ typedef struct psm_backend_ops {
     psm_status (*synchronize)(void *state);
 } psm_backend_ops;
 
-/* The registry (core/registry.c): NULL for a backend not compiled in. */
+/* The registry (core/registry.c). A GPU backend is a module loaded on first
+ * use: psm_registry_load gives NULL when it was not built or cannot be
+ * loaded, with failure (optional) saying why. */
+int psm_registry_built(psm_backend backend);
+const psm_backend_ops *psm_registry_load(psm_backend backend, const char **failure);
 const psm_backend_ops *psm_registry_lookup(psm_backend backend);
-
-/* Row parameters resolved from the scalars and per-row arrays (host side;
- * device backends do the same on the device with the contract header). */
-typedef struct psm_row_params {
-    float temperature;
-    int32_t top_k;
-    float top_p;
-    float min_p;
-    uint64_t seed;
-    uint32_t stream;   /* row index with a batch seed, 0 with per-row seeds */
-} psm_row_params;
 
 #endif /* PSM_BACKEND_H */

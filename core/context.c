@@ -8,7 +8,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* AUTO's preference: the fastest kind of device first, the CPU last. */
+/* AUTO's preference: the fastest kind of device first, the CPU last. An
+ * OpenCL CPU device (PoCL) is never AUTO's choice: the CPU backend is faster
+ * on the same cores and needs no kernel compilation (it is used when named). */
 static const psm_backend auto_order[] = {PSM_BACKEND_CUDA, PSM_BACKEND_HIP, PSM_BACKEND_OPENCL,
                                          PSM_BACKEND_CPU};
 
@@ -30,27 +32,43 @@ void psm_context_options_init(psm_context_options *options)
 
 int psm_backend_compiled(psm_backend backend)
 {
-    return psm_registry_lookup(backend) != NULL;
+    return psm_registry_built(backend);
 }
 
-static _Thread_local char availability_reason[512];
+/* Loads (if need be) and probes a backend: 1 when it has a device. reason
+ * says why not, or summarises the devices. */
+static int probe_backend(psm_backend backend, int *device_count, int *auto_device_count,
+                         char *reason, size_t reason_size)
+{
+    const char *failure = "";
+    const psm_backend_ops *ops = psm_registry_load(backend, &failure);
+    *device_count = 0;
+    *auto_device_count = 0;
+    reason[0] = '\0';
+    if (!ops) {
+        snprintf(reason, reason_size, "%s", failure);
+        return 0;
+    }
+    int available = ops->probe(device_count, auto_device_count, reason, reason_size) &&
+                    *device_count > 0;
+    if (!available) {
+        *device_count = 0;
+        *auto_device_count = 0;
+        if (reason[0] == '\0')
+            snprintf(reason, reason_size, "no device found");
+    } else if (reason[0] == '\0') {
+        snprintf(reason, reason_size, "%d device(s)", *device_count);
+    }
+    return available;
+}
+
+static _Thread_local char availability_reason[768];
 
 int psm_backend_available(psm_backend backend, const char **reason)
 {
-    const psm_backend_ops *ops = psm_registry_lookup(backend);
-    int device_count = 0;
-    int available = 0;
-    if (!ops) {
-        snprintf(availability_reason, sizeof availability_reason,
-                 "the %s backend is not compiled into this build", psm_backend_name(backend));
-    } else {
-        availability_reason[0] = '\0';
-        available = ops->probe(&device_count, availability_reason, sizeof availability_reason) &&
-                    device_count > 0;
-        if (available && availability_reason[0] == '\0')
-            snprintf(availability_reason, sizeof availability_reason, "%d device(s)",
-                     device_count);
-    }
+    int device_count = 0, auto_device_count = 0;
+    int available = probe_backend(backend, &device_count, &auto_device_count,
+                                  availability_reason, sizeof availability_reason);
     if (reason)
         *reason = availability_reason;
     return available;
@@ -58,28 +76,25 @@ int psm_backend_available(psm_backend backend, const char **reason)
 
 int psm_backend_device_count(psm_backend backend)
 {
-    const psm_backend_ops *ops = psm_registry_lookup(backend);
-    char reason[512];
-    int device_count = 0;
-    if (!ops || !ops->probe(&device_count, reason, sizeof reason))
-        return 0;
+    char reason[768];
+    int device_count = 0, auto_device_count = 0;
+    probe_backend(backend, &device_count, &auto_device_count, reason, sizeof reason);
     return device_count;
 }
 
 /* Checks that a named backend can run on device_index; the failure says why. */
 static psm_status check_named_backend(psm_backend backend, int device_index)
 {
-    const psm_backend_ops *ops = psm_registry_lookup(backend);
-    if (!ops)
+    if (!psm_registry_built(backend))
         return psm_set_error(PSM_ERR_BACKEND_NOT_COMPILED,
                              "the %s backend is not compiled into this build (its toolchain was "
                              "missing or it was turned off at configure time)",
                              psm_backend_name(backend));
-    char reason[400] = "";
-    int device_count = 0;
-    if (!ops->probe(&device_count, reason, sizeof reason) || device_count <= 0)
-        return psm_set_error(PSM_ERR_NO_DEVICE, "the %s backend has no usable device: %s",
-                             psm_backend_name(backend), reason[0] ? reason : "none found");
+    char reason[768];
+    int device_count = 0, auto_device_count = 0;
+    if (!probe_backend(backend, &device_count, &auto_device_count, reason, sizeof reason))
+        return psm_set_error(PSM_ERR_NO_DEVICE, "the %s backend is not available: %s",
+                             psm_backend_name(backend), reason);
     if (device_index >= device_count)
         return psm_set_error(PSM_ERR_NO_DEVICE,
                              "device index %d asked for, but the %s backend has %d device(s)",
@@ -105,8 +120,11 @@ static psm_status select_backend(const psm_context_options *options,
             device_index = environment->device_index;
         size_t used = (size_t)snprintf(why, why_size, "auto:");
         for (size_t i = 0; i < sizeof auto_order / sizeof auto_order[0]; ++i) {
-            const char *reason = NULL;
-            if (psm_backend_available(auto_order[i], &reason)) {
+            char reason[768];
+            int device_count = 0, auto_device_count = 0;
+            probe_backend(auto_order[i], &device_count, &auto_device_count, reason,
+                          sizeof reason);
+            if (auto_device_count > 0) {
                 backend = auto_order[i];
                 if (used < why_size)
                     snprintf(why + used, why_size - used, " %s is available (%s)",
@@ -162,7 +180,7 @@ psm_status psm_context_create(const psm_context_options *options, psm_context **
     status = select_backend(options, &environment, &context->backend, &device_index,
                             context->selection_reason, sizeof context->selection_reason);
     if (status == PSM_OK) {
-        context->ops = psm_registry_lookup(context->backend);
+        context->ops = psm_registry_load(context->backend, NULL);
         context->check_rows = options->check_rows != 0;
         environment_of_creation = &environment;
         status = context->ops->create(options, device_index, &context->state,

@@ -10,7 +10,7 @@ struct psm_context {
     void *state;               /* the backend's own */
     int check_rows;
     char device_name[256];
-    char selection_reason[512];
+    char selection_reason[2048];
 };
 
 #endif /* PSM_CONTEXT_H */

@@ -17,6 +17,12 @@ psm_status psm_set_error(psm_status status, const char *format, ...)
     return status;
 }
 
+psm_status psm_set_error_message(psm_status status, const char *message)
+{
+    snprintf(last_error_message, sizeof last_error_message, "%s", message);
+    return status;
+}
+
 void psm_clear_error(void)
 {
     last_error_message[0] = '\0';

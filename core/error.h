@@ -17,6 +17,8 @@
 /* Records the message for this thread and returns status, so that
  * `return psm_set_error(PSM_ERR_..., "...", ...);` reads as one step. */
 psm_status psm_set_error(psm_status status, const char *format, ...) PSM_PRINTF_LIKE(2, 3);
+/* The same with a finished message (a backend module's, core/module.h). */
+psm_status psm_set_error_message(psm_status status, const char *message);
 void psm_clear_error(void);
 
 #endif /* PSM_ERROR_H */

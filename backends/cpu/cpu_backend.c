@@ -1074,9 +1074,11 @@ static psm_status ensure_capacity(cpu_state *state, int64_t vocab)
 
 /* ---- the backend table ----------------------------------------------------- */
 
-static int cpu_probe(int *device_count, char *reason, size_t reason_size)
+static int cpu_probe(int *device_count, int *auto_device_count, char *reason,
+                     size_t reason_size)
 {
     *device_count = 1;
+    *auto_device_count = 1;
     if (reason && reason_size > 0)
         snprintf(reason, reason_size, "CPU (%d threads available)", omp_get_max_threads());
     return 1;

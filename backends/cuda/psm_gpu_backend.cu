@@ -21,9 +21,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <dlfcn.h>
+
 extern "C" {
 #include "backend.h"
 #include "error.h"
+#include "module.h"
 }
 
 namespace PSM_GPU_NAMESPACE {
@@ -574,11 +577,36 @@ using namespace PSM_GPU_NAMESPACE;
 
 extern "C" {
 
-static int gpu_probe(int *device_count, char *reason, size_t reason_size)
+#if !PSM_GPU_HIP
+/* The CUDA runtime is linked statically and opens the driver itself; without
+ * the driver it reports an "insufficient driver version", so the driver's
+ * absence is named here first. */
+static int nvidia_driver_present(char *reason, size_t reason_size)
+{
+    void *driver = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_LOCAL);
+    if (driver) {
+        dlclose(driver);
+        return 1;
+    }
+    const char *why = dlerror();
+    if (reason && reason_size)
+        snprintf(reason, reason_size, "no NVIDIA driver (%s)",
+                 why ? why : "libcuda.so.1 cannot be loaded");
+    return 0;
+}
+#endif
+
+static int gpu_probe(int *device_count, int *auto_device_count, char *reason,
+                     size_t reason_size)
 {
     int count = 0;
-    psm_gpu_error_t error = psm_gpu_get_device_count(&count);
     *device_count = 0;
+    *auto_device_count = 0;
+#if !PSM_GPU_HIP
+    if (!nvidia_driver_present(reason, reason_size))
+        return 0;
+#endif
+    psm_gpu_error_t error = psm_gpu_get_device_count(&count);
     if (error != psm_gpu_success) {
         (void)psm_gpu_get_last_error();
         if (reason && reason_size)
@@ -594,6 +622,7 @@ static int gpu_probe(int *device_count, char *reason, size_t reason_size)
         return 0;
     }
     *device_count = count;
+    *auto_device_count = count;
     if (reason && reason_size)
         snprintf(reason, reason_size, "%d %s device%s", count, PSM_GPU_RUNTIME_NAME,
                  count == 1 ? "" : "s");
@@ -603,9 +632,9 @@ static int gpu_probe(int *device_count, char *reason, size_t reason_size)
 static psm_status gpu_create(const psm_context_options *options, int device_index,
                              void **state_out, char *device_name, size_t device_name_size)
 {
-    int count = 0;
+    int count = 0, auto_count = 0;
     char reason[256];
-    if (!gpu_probe(&count, reason, sizeof reason))
+    if (!gpu_probe(&count, &auto_count, reason, sizeof reason))
         return psm_set_error(PSM_ERR_NO_DEVICE, "%s", reason);
     if (device_index >= count)
         return psm_set_error(PSM_ERR_NO_DEVICE, "%s device %d requested, %d present",
@@ -714,8 +743,7 @@ static psm_status gpu_synchronize(void *opaque_state)
  * a constant initialiser __constant__ there, and the host functions it points
  * to do not exist on the device. */
 #if !(PSM_GPU_HIP && PSM_GPU_DEVICE_PASS)
-extern const psm_backend_ops PSM_GPU_OPS_SYMBOL;
-const psm_backend_ops PSM_GPU_OPS_SYMBOL = {
+static const psm_backend_ops gpu_ops = {
     PSM_BACKEND_API_VERSION, /* api_version */
     PSM_GPU_BACKEND_ID,      /* id */
     gpu_probe,               /* probe */
@@ -726,6 +754,8 @@ const psm_backend_ops PSM_GPU_OPS_SYMBOL = {
     gpu_probs,               /* probs */
     gpu_synchronize,         /* synchronize */
 };
+
+PSM_DEFINE_BACKEND_MODULE(gpu_ops)
 #endif
 
 } /* extern "C" */

@@ -29,6 +29,7 @@
 #include "backend.h"
 #include "environment.h"
 #include "error.h"
+#include "module.h"
 #include "opencl_embedded.h"
 
 #include <CL/cl.h>
@@ -220,17 +221,54 @@ static psm_status list_devices(device_list *list)
     return status;
 }
 
-static int opencl_probe(int *device_count, char *reason, size_t reason_size)
+/* Named, the backend runs on any device; AUTO takes only the GPUs and
+ * accelerators, which list_devices puts first. */
+static int opencl_probe(int *device_count, int *auto_device_count, char *reason,
+                        size_t reason_size)
 {
     device_list list;
+    *device_count = 0;
+    *auto_device_count = 0;
     if (list_devices(&list) != PSM_OK) {
-        *device_count = 0;
         if (reason && reason_size)
             snprintf(reason, reason_size, "%s", psm_last_error());
         psm_clear_error();
         return 0;
     }
+    cl_uint cpu_devices = 0;
+    char first_cpu[160] = "";
+    for (cl_uint i = 0; i < list.count; ++i) {
+        cl_device_type type = 0;
+        if (clGetDeviceInfo(list.devices[i], CL_DEVICE_TYPE, sizeof type, &type, NULL) !=
+                CL_SUCCESS ||
+            !(type & CL_DEVICE_TYPE_CPU))
+            continue;
+        if (cpu_devices++ == 0) {
+            cl_platform_id platform = NULL;
+            if (clGetDeviceInfo(list.devices[i], CL_DEVICE_PLATFORM, sizeof platform,
+                                &platform, NULL) != CL_SUCCESS ||
+                clGetPlatformInfo(platform, CL_PLATFORM_NAME, sizeof first_cpu, first_cpu,
+                                  NULL) != CL_SUCCESS)
+                snprintf(first_cpu, sizeof first_cpu, "unnamed platform");
+            first_cpu[sizeof first_cpu - 1] = '\0';
+        }
+    }
     *device_count = (int)list.count;
+    *auto_device_count = (int)(list.count - cpu_devices);
+    if (reason && reason_size) {
+        if (cpu_devices == 0)
+            snprintf(reason, reason_size, "%d device(s)", *device_count);
+        else if (*auto_device_count == 0)
+            snprintf(reason, reason_size,
+                     "only CPU device(s) (%s), which AUTO leaves to the cpu backend; "
+                     "name opencl to use them",
+                     first_cpu);
+        else
+            snprintf(reason, reason_size,
+                     "%d GPU or accelerator device(s), then %u CPU device(s) (%s) that AUTO "
+                     "does not pick",
+                     *auto_device_count, (unsigned)cpu_devices, first_cpu);
+    }
     free(list.devices);
     return 1;
 }
@@ -465,8 +503,21 @@ static cl_program program_from_binary(cl_context context, cl_device_id device,
     return NULL;
 }
 
+/* Tells the caller (psm_context_options.notice) that a long step starts. */
+static void notify(const psm_context_options *context_options, const char *format,
+                   const char *argument)
+{
+    if (!context_options || !context_options->notice)
+        return;
+    char message[512];
+    snprintf(message, sizeof message, format, argument);
+    context_options->notice(context_options->notice_user_data, message);
+}
+
 static psm_status acquire_program(cl_context context, cl_device_id device, const char *options,
-                                  const program_sources *sources, cached_program **entry_out)
+                                  const program_sources *sources,
+                                  const psm_context_options *context_options,
+                                  const char *device_name, cached_program **entry_out)
 {
     pthread_mutex_lock(&cache_lock);
     for (cached_program *entry = cached_programs; entry; entry = entry->next) {
@@ -486,6 +537,8 @@ static psm_status acquire_program(cl_context context, cl_device_id device, const
     cl_program program = program_from_binary(context, device, options, sources->hash);
     if (!program) {
         cl_int code = CL_SUCCESS;
+        notify(context_options, "compiling OpenCL kernels for %s (first use; cached)",
+               device_name);
         program = clCreateProgramWithSource(context, (cl_uint)sources->count,
                                             (const char **)sources->texts,
                                             sources->sizes, &code);
@@ -670,7 +723,9 @@ static size_t initial_group_size(cl_device_id device, psm_status *status)
     return size;
 }
 
-static psm_status build_kernels(opencl_state *state, const program_sources *sources)
+static psm_status build_kernels(opencl_state *state, const program_sources *sources,
+                                const psm_context_options *context_options,
+                                const char *device_name)
 {
     psm_status status = PSM_OK;
     size_t group = initial_group_size(state->device, &status);
@@ -685,7 +740,7 @@ static psm_status build_kernels(opencl_state *state, const program_sources *sour
         snprintf(options, sizeof options, "-cl-std=CL1.2 -DPSM_WG=%zu -DPSM_ROW_STATE_BYTES=%d",
                  group, PSM_ROW_STATE_BYTES);
         PSM_TRY(acquire_program(state->context, state->device, options, sources,
-                                &state->program));
+                                context_options, device_name, &state->program));
         int fits = 1;
         for (int k = 0; k < KERNEL_COUNT; ++k) {
             cl_int code = CL_SUCCESS;
@@ -783,7 +838,7 @@ static psm_status create_state(const psm_context_options *options, int device_in
 
     program_sources sources;
     PSM_TRY(load_sources(&sources));
-    psm_status status = build_kernels(state, &sources);
+    psm_status status = build_kernels(state, &sources, options, device_name);
     free_sources(&sources);
     PSM_TRY(status);
     CL_TRY(clGetKernelWorkGroupInfo(state->kernels[KERNEL_ROW_FILTER], state->device,
@@ -1316,7 +1371,7 @@ static psm_status opencl_synchronize(void *opaque)
     return PSM_OK;
 }
 
-const psm_backend_ops psm_opencl_ops = {
+static const psm_backend_ops opencl_ops = {
     .api_version = PSM_BACKEND_API_VERSION,
     .id = PSM_BACKEND_OPENCL,
     .probe = opencl_probe,
@@ -1327,3 +1382,5 @@ const psm_backend_ops psm_opencl_ops = {
     .probs = opencl_probs,
     .synchronize = opencl_synchronize,
 };
+
+PSM_DEFINE_BACKEND_MODULE(opencl_ops)

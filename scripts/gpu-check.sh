@@ -15,7 +15,8 @@
 #      to its cases), if the tool has the command
 #   6. the benchmark: scripts/bench.sh (polysample bench on CUDA and on
 #      OpenCL through NVIDIA's driver, and the PyTorch baseline) when present, else polysample bench --backend cuda
-# GPU_CHECK_BENCH_BACKENDS picks step 6's backends (default cuda,opencl:0);
+# GPU_CHECK_BENCH_BACKENDS picks step 6's backends (default cuda,opencl:0;
+# "none" leaves the benchmark out);
 # GPU_CHECK_CUDA_TESTS=0 leaves out steps 3a and 4 (test_cuda and the
 # sanitizers: for a run after changes outside the CUDA backend; ctest still
 # runs test_cuda's properties among the others).
@@ -123,7 +124,9 @@ fi
 # scripts/bench.sh runs `polysample bench` on the backend AUTO picks (CUDA
 # here) and the PyTorch baseline on the same cases; --no-install keeps it
 # from reaching for a package mirror this machine cannot reach.
-if [ -x "$ROOT/scripts/bench.sh" ] && [ -x "$CLI" ]; then
+if [ "$BENCH_BACKENDS" = none ]; then
+    skip_step bench "GPU_CHECK_BENCH_BACKENDS=none"
+elif [ -x "$ROOT/scripts/bench.sh" ] && [ -x "$CLI" ]; then
     # opencl:0 is the first GPU of the OpenCL platforms: the H100 through
     # NVIDIA's driver (registered above); PoCL's CPU device comes after it.
     run_step "bench ($BENCH_BACKENDS, torch)" 300 bench.log env BUILD_DIR="$BUILD" \

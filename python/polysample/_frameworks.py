@@ -9,6 +9,7 @@ PyTorch are refused: polysample cannot allocate their outputs; wrap them
 with torch.from_dlpack(x) (no copy) instead.
 """
 import importlib
+import operator
 import sys
 
 import numpy as np
@@ -86,6 +87,8 @@ def host_per_row(value, kind, name):
     """
     if value is None:
         return None
+    if isinstance(value, (list, tuple)) and kind != "float32":
+        return _integer_sequence(value, kind, name)
     array = _host_array(value, name)
     letter = array.dtype.kind
     if kind == "float32":
@@ -101,3 +104,19 @@ def host_per_row(value, kind, name):
     if letter == "i" and array.size and array.min() < 0:
         raise Error("INVALID_PARAMETER", f"{name} has negative seeds; seeds are 0 to 2^64 - 1")
     return np.ascontiguousarray(array, dtype=np.uint64)
+
+
+def _integer_sequence(values, kind, name):
+    """A list of Python integers, checked one by one (NumPy would turn a
+    list mixing 2^64 - 1 and small integers into float64)."""
+    low, high = (-(2**31), 2**31 - 1) if kind == "int32" else (0, 2**64 - 1)
+    checked = []
+    for value in values:
+        try:
+            value = operator.index(value)
+        except TypeError:
+            raise Error("INVALID_ARGUMENT", f"{name} must hold integers; got {value!r}") from None
+        if not low <= value <= high:
+            raise Error("INVALID_PARAMETER", f"{name} holds {value}, outside {low} to {high}")
+        checked.append(value)
+    return np.array(checked, dtype=np.int32 if kind == "int32" else np.uint64)

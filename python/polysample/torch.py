@@ -23,11 +23,13 @@ workspace a captured graph may use is never grown or freed: a larger shape
 gets a fresh context and the old one is kept for the graphs (its memory is
 held until the process exits).
 """
+import numpy as np
 import torch
 
 from . import _core
 from ._arguments import BACKEND_CODES, parse_backend, scalars
 from ._errors import Error
+from ._frameworks import host_per_row
 
 __all__ = ["sample", "probs"]
 
@@ -141,7 +143,10 @@ def _per_row_tensor(value, dtype, name, device):
     if value is None:
         return None
     if not isinstance(value, torch.Tensor):
-        value = torch.as_tensor(value)
+        kind = "uint64" if dtype is None else str(dtype).replace("torch.", "")
+        array = host_per_row(value, kind, name)
+        # Seeds travel as int64 carrying the unsigned bits.
+        value = torch.from_numpy(array.view(np.int64) if kind == "uint64" else array)
     if name == "seed_per_row":
         if value.dtype not in (torch.int64, getattr(torch, "uint64", torch.int64)):
             if value.is_floating_point():

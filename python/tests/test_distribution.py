@@ -41,7 +41,7 @@ def logits_row(vocab, seed, scale=1.5):
     return np.random.default_rng(seed).normal(0.0, scale, size=vocab).astype(np.float32)
 
 
-def test_tv_bound_formula_sane():
+def test_chi_square_quantile_formula():
     # Wilson-Hilferty against tabulated chi-square 99.9% quantiles.
     assert chi_square_critical(10) == pytest.approx(29.588, rel=0.01)
     assert chi_square_critical(50) == pytest.approx(86.661, rel=0.01)

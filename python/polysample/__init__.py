@@ -1,0 +1,229 @@
+"""polysample: exact, cross-vendor token sampling from batches of logits.
+
+    import numpy as np, polysample
+    logits = np.random.default_rng(0).normal(size=(4, 32000)).astype(np.float32)
+    tokens = polysample.sample(logits, temperature=0.8, top_p=0.9, seed=1234)
+    # tokens: int32 array of shape (4, 1); the same on every backend
+
+Inputs are any array with DLPack or the buffer protocol (NumPy, PyTorch,
+JAX, ...), float32, float16 or bfloat16, 1-D (one row) or 2-D (rows x
+vocab). The last dimension must be contiguous; the row stride is honoured
+(a view such as logits[:, -1, :] of a (batch, seq, vocab) array is read in
+place). Other layouts are refused with a message saying how to copy.
+
+Results are arrays of the caller's framework: tokens (int32) of shape
+logits.shape[:-1] + (num_samples,), logprobs (float32, same shape) when
+return_logprobs=True, probs (float32, logits' shape) from probs().
+
+backend=None picks the backend that owns the memory: host arrays run on the
+CPU backend, CUDA tensors on CUDA (ROCm on HIP). backend="auto" applies the
+C library's AUTO rule (POLYSAMPLE_BACKEND, else CUDA, HIP, OpenCL, CPU);
+"cpu", "cuda", "hip", "opencl", optionally with ":N", name one.
+
+See python/README.md for the PyTorch op (polysample.torch), CUDA graphs and
+the benchmark (python -m polysample.bench).
+"""
+import logging
+import threading
+
+from . import _core
+from ._arguments import BACKEND_CODES, BACKEND_NAMES, parse_backend, scalars
+from ._errors import Error
+from ._frameworks import HostResults, host_per_row, is_torch_tensor
+
+__all__ = ["Context", "Error", "info", "probs", "sample", "__version__"]
+__version__ = _core.version()
+
+_logger = logging.getLogger("polysample")
+
+
+def _notice(message):
+    # The library never prints; long steps (compiling OpenCL kernels at first
+    # use) are told here. A WARNING reaches stderr even with logging unset.
+    _logger.warning("polysample: %s", message)
+
+
+def _device_synchronize_torch(value):
+    torch = __import__("torch")
+    if value.device.type == "cuda":
+        torch.cuda.current_stream(value.device).synchronize()
+
+
+class Context:
+    """A backend and device, kept for reuse (workspace, compiled kernels).
+
+    backend: "cpu", "cuda", "hip", "opencl" or "auto" (None: "auto");
+        optionally "name:N" for device N.
+    device: device index (None: the name's :N, else device 0 for CUDA and
+        HIP, the backend's default otherwise).
+    check_rows: a row with NaN/+inf or no finite logit raises
+        Error("BAD_ROW") instead of giving token -1 (device backends then
+        wait for the result).
+    cpu_threads: CPU backend threads (0: OpenMP's default).
+    native_stream: a cudaStream_t / hipStream_t / cl_command_queue as an
+        integer to run on; None: the context's own stream.
+
+    A Context is safe to share between threads (calls on it take turns).
+    With its own stream, a call on PyTorch CUDA tensors first waits for
+    torch's current stream and then for its own work, so results are ready
+    on return; polysample.torch avoids both waits by running on torch's
+    stream.
+    """
+
+    def __init__(self, backend=None, *, device=None, check_rows=False, cpu_threads=0,
+                 native_stream=None):
+        code, index = parse_backend(backend if backend is not None else "auto")
+        if device is not None:
+            index = device
+        if index is None and code in (BACKEND_CODES["cuda"], BACKEND_CODES["hip"]):
+            index = 0
+        self._context = _core.Context(code, -1 if index is None else int(index),
+                                      bool(check_rows), int(native_stream or 0),
+                                      int(cpu_threads), _notice)
+        self._own_stream = not native_stream
+        self.device = index
+
+    @property
+    def backend(self):
+        """The backend's name ("cpu", "cuda", ...), AUTO resolved."""
+        return BACKEND_NAMES[self._context.backend]
+
+    @property
+    def device_name(self):
+        return self._context.device_name
+
+    @property
+    def selection_reason(self):
+        """Why AUTO chose this backend, or "requested"."""
+        return self._context.selection_reason
+
+    def __repr__(self):
+        return f"polysample.Context(backend={self.backend!r}, device={self.device_name!r})"
+
+    def reserve(self, rows, vocab, num_samples=1):
+        """Reserves workspace so that calls up to this size allocate nothing."""
+        self._context.reserve(int(rows), int(vocab), int(num_samples))
+
+    def synchronize(self):
+        """Waits until this context's queued work is done."""
+        self._context.synchronize()
+
+    def sample(self, logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0,
+               offset=0, num_samples=1, temperature_per_row=None, top_k_per_row=None,
+               top_p_per_row=None, min_p_per_row=None, seed_per_row=None,
+               return_logprobs=False):
+        """Draws num_samples tokens per row; see polysample.sample."""
+        values = scalars(temperature, top_k, top_p, min_p, seed, offset, num_samples)
+        per_row = (temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row,
+                   seed_per_row)
+        if is_torch_tensor(logits):
+            from . import torch as polysample_torch
+            return polysample_torch._run_on_context(self, 0, logits, values, per_row,
+                                                    return_logprobs)
+        results = HostResults(logits)
+        shape = tuple(_shape(logits)[:-1]) + (values[6],)
+        tokens = results.empty(shape, "int32")
+        logprobs = results.empty(shape, "float32") if return_logprobs else None
+        self._context.run(0, logits, *values, *_host_per_row(per_row), tokens, logprobs)
+        if return_logprobs:
+            return results.result(tokens), results.result(logprobs)
+        return results.result(tokens)
+
+    def probs(self, logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+              temperature_per_row=None, top_k_per_row=None, top_p_per_row=None,
+              min_p_per_row=None):
+        """The distribution sample() draws from; see polysample.probs."""
+        values = scalars(temperature, top_k, top_p, min_p, 0, 0, 1)
+        per_row = (temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row, None)
+        if is_torch_tensor(logits):
+            from . import torch as polysample_torch
+            return polysample_torch._run_on_context(self, 1, logits, values, per_row, False)
+        results = HostResults(logits)
+        out = results.empty(tuple(_shape(logits)), "float32")
+        self._context.run(1, logits, *values, *_host_per_row(per_row), out, None)
+        return results.result(out)
+
+
+def _shape(array):
+    shape = getattr(array, "shape", None)
+    if shape is None:
+        raise Error("INVALID_ARGUMENT", f"logits must be an array; got {type(array).__name__}")
+    if len(shape) not in (1, 2):
+        raise Error("INVALID_ARGUMENT", f"logits must be 1-D or 2-D; got {len(shape)}-D")
+    return shape
+
+
+_PER_ROW_KINDS = (("temperature_per_row", "float32"), ("top_k_per_row", "int32"),
+                  ("top_p_per_row", "float32"), ("min_p_per_row", "float32"),
+                  ("seed_per_row", "uint64"))
+
+
+def _host_per_row(values):
+    return [host_per_row(value, kind, name)
+            for value, (name, kind) in zip(values, _PER_ROW_KINDS)]
+
+
+_cached = threading.local()
+
+
+def _default_context(backend):
+    """One Context per backend name and thread, made at first use."""
+    contexts = getattr(_cached, "contexts", None)
+    if contexts is None:
+        contexts = _cached.contexts = {}
+    key = backend or "cpu"
+    context = contexts.get(key)
+    if context is None:
+        context = contexts[key] = Context(key)
+    return context
+
+
+def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, offset=0,
+           num_samples=1, temperature_per_row=None, top_k_per_row=None, top_p_per_row=None,
+           min_p_per_row=None, seed_per_row=None, return_logprobs=False, backend=None):
+    """Draws num_samples tokens per row of logits (docs/SAMPLING.md).
+
+    temperature: below 1e-5 (0 included) is greedy. top_k: 0 = off.
+    top_p: in (0, 1], 1 = off. min_p: in [0, 1], 0 = off. seed, offset:
+    0 to 2^64 - 1 (offset: e.g. the decoding step). *_per_row: one value per
+    row, overriding the scalar (arrays of the logits' framework and device,
+    or sequences for host logits). Returns tokens, or (tokens, logprobs)
+    with return_logprobs=True; a row with NaN/+inf or no finite logit gets
+    token -1 and logprob NaN.
+    """
+    if is_torch_tensor(logits):
+        from . import torch as polysample_torch
+        return polysample_torch._eager(0, logits, backend,
+                                       scalars(temperature, top_k, top_p, min_p, seed, offset,
+                                               num_samples),
+                                       (temperature_per_row, top_k_per_row, top_p_per_row,
+                                        min_p_per_row, seed_per_row), return_logprobs)
+    parse_backend(backend)
+    return _default_context(backend).sample(
+        logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
+        offset=offset, num_samples=num_samples, temperature_per_row=temperature_per_row,
+        top_k_per_row=top_k_per_row, top_p_per_row=top_p_per_row, min_p_per_row=min_p_per_row,
+        seed_per_row=seed_per_row, return_logprobs=return_logprobs)
+
+
+def probs(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, temperature_per_row=None,
+          top_k_per_row=None, top_p_per_row=None, min_p_per_row=None, backend=None):
+    """The final (filtered, renormalised) distribution sample() draws from,
+    float32 of the logits' shape; a bad row is all NaN."""
+    if is_torch_tensor(logits):
+        from . import torch as polysample_torch
+        return polysample_torch._eager(1, logits, backend,
+                                       scalars(temperature, top_k, top_p, min_p, 0, 0, 1),
+                                       (temperature_per_row, top_k_per_row, top_p_per_row,
+                                        min_p_per_row, None), False)
+    parse_backend(backend)
+    return _default_context(backend).probs(
+        logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        temperature_per_row=temperature_per_row, top_k_per_row=top_k_per_row,
+        top_p_per_row=top_p_per_row, min_p_per_row=min_p_per_row)
+
+
+def info():
+    """The version and, per backend: compiled in, available now (and why
+    not), device count."""
+    return {"version": __version__, "backends": _core.backend_info()}

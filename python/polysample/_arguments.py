@@ -1,0 +1,66 @@
+"""Checks and conversions shared by the array API and the PyTorch op.
+
+The library validates the sampling parameters itself (ranges, per-row host
+arrays) before any work; this module only makes sure each Python value fits
+the C type it becomes, so that nothing is silently truncated.
+"""
+import operator
+
+from ._errors import Error
+
+INT32_MIN = -(2**31)
+INT32_MAX = 2**31 - 1
+UINT64_MAX = 2**64 - 1
+
+BACKEND_CODES = {"auto": 0, "cpu": 1, "cuda": 2, "hip": 3, "opencl": 4}
+BACKEND_NAMES = {code: name for name, code in BACKEND_CODES.items()}
+
+
+def _integer(value, name):
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise Error("INVALID_ARGUMENT", f"{name} must be an integer; got {value!r}") from None
+
+
+def _real(value, name):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise Error("INVALID_ARGUMENT", f"{name} must be a real number; got {value!r}") from None
+
+
+def scalars(temperature, top_k, top_p, min_p, seed, offset, num_samples):
+    """The scalar parameters as the C call takes them, or Error."""
+    top_k = _integer(top_k, "top_k")
+    if not INT32_MIN <= top_k <= INT32_MAX:
+        raise Error("INVALID_PARAMETER", f"top_k is {top_k}; it must fit a 32-bit integer")
+    num_samples = _integer(num_samples, "num_samples")
+    if not 1 <= num_samples <= INT32_MAX:
+        raise Error("INVALID_PARAMETER", f"num_samples is {num_samples}; expected 1 to 2^31 - 1")
+    seed = _integer(seed, "seed")
+    offset = _integer(offset, "offset")
+    for name, value in (("seed", seed), ("offset", offset)):
+        if not 0 <= value <= UINT64_MAX:
+            raise Error("INVALID_PARAMETER", f"{name} is {value}; expected 0 to 2^64 - 1")
+    return (_real(temperature, "temperature"), top_k, _real(top_p, "top_p"),
+            _real(min_p, "min_p"), seed, offset, num_samples)
+
+
+def parse_backend(backend):
+    """'cpu', 'cuda:1', ... -> (code, device index or None); None -> (None, None)."""
+    if backend is None:
+        return None, None
+    if not isinstance(backend, str):
+        raise Error("INVALID_ARGUMENT", f"backend must be a string such as 'cpu' or 'cuda:0'; "
+                                        f"got {backend!r}")
+    name, _, index = backend.partition(":")
+    code = BACKEND_CODES.get(name.strip().lower())
+    if code is None:
+        raise Error("INVALID_ARGUMENT", f"unknown backend {backend!r}; expected auto, cpu, cuda, "
+                                        f"hip or opencl, optionally with :N")
+    if not index:
+        return code, None
+    if not index.isdigit():
+        raise Error("INVALID_ARGUMENT", f"bad device index in backend {backend!r}")
+    return code, int(index)

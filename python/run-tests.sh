@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The Python package's tests (CI): a venv under the build directory, NumPy
+# and pytest from PyPI when missing, the package built from this checkout
+# with the GPU backends off (they are compiled by the C build already; here
+# they would only cost time), then pytest.
+#
+# usage: python/run-tests.sh [BUILD_DIR]
+#   BUILD_DIR (or $POLYSAMPLE_BUILD_DIR, default build): the C build whose
+#   cli/polysample the identity tests compare with; the venv and the
+#   package's own build directory are kept under it between runs.
+# POLYSAMPLE_TEST_BACKENDS (default cpu) picks the backends, as for the C
+# suite, e.g. cpu,opencl for PoCL too. Prints one summary line; exits
+# non-zero when a test fails or the package does not build.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+build=${1:-${POLYSAMPLE_BUILD_DIR:-build}}
+mkdir -p "$build"
+build=$(cd "$build" && pwd)
+venv=$build/python-venv
+log=$build/python-tests.log
+
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+if ! "$venv/bin/python" -c "import numpy, pytest" 2>/dev/null; then
+  "$venv/bin/python" -m pip install --quiet numpy pytest
+fi
+if ! "$venv/bin/python" -m pip install --quiet "$repo" \
+    -C build-dir="$build/python-build" \
+    -C cmake.define.PSM_WITH_CUDA=OFF -C cmake.define.PSM_WITH_HIP=OFF \
+    >"$build/python-install.log" 2>&1; then
+  tail -n 30 "$build/python-install.log"
+  echo "python tests: the package did not build (log: $build/python-install.log)"
+  exit 1
+fi
+
+if [ -x "$build/cli/polysample" ]; then
+  export POLYSAMPLE_CLI=$build/cli/polysample
+fi
+status=0
+# From the tests' folder, so that `import polysample` is the installed
+# package, not the sources in python/polysample.
+(cd "$repo/python/tests" && "$venv/bin/python" -m pytest -q -rs -p no:cacheprovider) \
+  2>&1 | tee "$log" || status=$?
+summary=$(grep -E "(passed|failed|error|skipped)" "$log" | tail -n 1)
+echo "python tests: ${summary:-no pytest summary} (backends ${POLYSAMPLE_TEST_BACKENDS:-cpu})"
+exit "$status"

@@ -1,0 +1,650 @@
+// polysample._core: the layer between Python and the C API.
+//
+// It checks every array against what the C call needs (dtype, shape, strides,
+// where the memory lives), raises before any work when something does not
+// fit, and releases the GIL for the C call. Arrays arrive either as DLPack
+// objects (anything with __dlpack__, or the buffer protocol) or, on the
+// PyTorch fast path, as a tuple describing the tensor (see RawArray below),
+// which saves the cost of exporting a DLPack capsule per tensor per call.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <polysample.h>
+
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace nb = nanobind;
+
+namespace {
+
+// DLPack device types (dlpack.h, DLDeviceType).
+constexpr int32_t dl_cpu = 1;
+constexpr int32_t dl_cuda = 2;
+constexpr int32_t dl_cuda_host = 3;
+constexpr int32_t dl_rocm = 10;
+constexpr int32_t dl_rocm_host = 11;
+constexpr int32_t dl_cuda_managed = 13;
+
+// Element kinds the calls accept; the numbers are also the `kind` field of a
+// RawArray tuple (polysample/_frameworks.py keeps the same table).
+enum Kind : int { kind_f32 = 0, kind_f16 = 1, kind_bf16 = 2, kind_i32 = 3, kind_i64 = 4,
+                  kind_u64 = 5, kind_other = -1 };
+
+const char *kind_name(int kind)
+{
+    switch (kind) {
+    case kind_f32: return "float32";
+    case kind_f16: return "float16";
+    case kind_bf16: return "bfloat16";
+    case kind_i32: return "int32";
+    case kind_i64: return "int64";
+    case kind_u64: return "uint64";
+    }
+    return "an unsupported dtype";
+}
+
+int kind_of(nb::dlpack::dtype dtype)
+{
+    using code = nb::dlpack::dtype_code;
+    if (dtype.lanes != 1)
+        return kind_other;
+    if (dtype.code == (uint8_t)code::Float && dtype.bits == 32) return kind_f32;
+    if (dtype.code == (uint8_t)code::Float && dtype.bits == 16) return kind_f16;
+    if (dtype.code == (uint8_t)code::Bfloat && dtype.bits == 16) return kind_bf16;
+    if (dtype.code == (uint8_t)code::Int && dtype.bits == 32) return kind_i32;
+    if (dtype.code == (uint8_t)code::Int && dtype.bits == 64) return kind_i64;
+    if (dtype.code == (uint8_t)code::UInt && dtype.bits == 64) return kind_u64;
+    return kind_other;
+}
+
+// A failed check or C call; turned into polysample.Error(status, message).
+struct Failure {
+    psm_status status;
+    std::string message;
+};
+
+[[noreturn]] void fail(psm_status status, std::string message)
+{
+    throw Failure{status, std::move(message)};
+}
+
+const char *status_name(psm_status status)
+{
+    switch (status) {
+    case PSM_OK: return "OK";
+    case PSM_ERR_INVALID_ARGUMENT: return "INVALID_ARGUMENT";
+    case PSM_ERR_INVALID_PARAMETER: return "INVALID_PARAMETER";
+    case PSM_ERR_UNSUPPORTED: return "UNSUPPORTED";
+    case PSM_ERR_BACKEND_NOT_COMPILED: return "BACKEND_NOT_COMPILED";
+    case PSM_ERR_NO_DEVICE: return "NO_DEVICE";
+    case PSM_ERR_DRIVER: return "DRIVER";
+    case PSM_ERR_OUT_OF_MEMORY: return "OUT_OF_MEMORY";
+    case PSM_ERR_BAD_ROW: return "BAD_ROW";
+    case PSM_ERR_WRONG_BACKEND: return "WRONG_BACKEND";
+    case PSM_ERR_ENVIRONMENT: return "ENVIRONMENT";
+    case PSM_ERR_INTERNAL: return "INTERNAL";
+    }
+    return "UNKNOWN";
+}
+
+// One array as the checks see it. keep_* hold the imported DLPack array (if
+// any) so that its memory stays valid until the call returns.
+struct View {
+    void *data = nullptr;
+    int kind = kind_other;
+    int32_t device_type = dl_cpu;
+    int32_t device_id = 0;
+    size_t ndim = 0;
+    int64_t shape[2] = {0, 0};
+    int64_t strides[2] = {0, 0}; // in elements
+    std::optional<nb::ndarray<nb::ro>> keep_read_only;
+    std::optional<nb::ndarray<>> keep_writable;
+};
+
+std::string python_type_name(nb::handle object)
+{
+    return nb::cast<std::string>(nb::str(nb::handle((PyObject *)Py_TYPE(object.ptr()))));
+}
+
+template <typename Array> void fill_view(View &view, const Array &array, const char *role)
+{
+    view.data = (void *)array.data();
+    view.kind = kind_of(array.dtype());
+    view.device_type = array.device_type();
+    view.device_id = array.device_id();
+    view.ndim = array.ndim();
+    if (view.ndim > 2)
+        fail(PSM_ERR_INVALID_ARGUMENT,
+             std::string(role) + " must be 1-D or 2-D; got " + std::to_string(view.ndim) + "-D");
+    for (size_t i = 0; i < view.ndim; ++i) {
+        view.shape[i] = (int64_t)array.shape(i);
+        view.strides[i] = array.stride(i);
+    }
+}
+
+// A RawArray is the tuple (data_pointer, kind, device_type, device_id,
+// shape, strides), strides in elements; python/polysample/torch.py builds it
+// from a tensor's own attributes.
+View view_of(nb::handle object, const char *role, bool writable)
+{
+    View view;
+    if (nb::isinstance<nb::tuple>(object)) {
+        nb::tuple raw = nb::borrow<nb::tuple>(object);
+        if (raw.size() != 6)
+            fail(PSM_ERR_INVALID_ARGUMENT, std::string(role) + ": a raw array is a 6-tuple");
+        view.data = (void *)nb::cast<uintptr_t>(raw[0]);
+        view.kind = nb::cast<int>(raw[1]);
+        view.device_type = nb::cast<int32_t>(raw[2]);
+        view.device_id = nb::cast<int32_t>(raw[3]);
+        nb::tuple shape = nb::borrow<nb::tuple>(raw[4]);
+        nb::tuple strides = nb::borrow<nb::tuple>(raw[5]);
+        view.ndim = shape.size();
+        if (view.ndim > 2 || strides.size() != view.ndim)
+            fail(PSM_ERR_INVALID_ARGUMENT,
+                 std::string(role) + " must be 1-D or 2-D; got " + std::to_string(view.ndim) + "-D");
+        for (size_t i = 0; i < view.ndim; ++i) {
+            view.shape[i] = nb::cast<int64_t>(shape[i]);
+            view.strides[i] = nb::cast<int64_t>(strides[i]);
+        }
+        return view;
+    }
+    if (writable) {
+        nb::ndarray<> array;
+        if (!nb::try_cast<nb::ndarray<>>(object, array, false))
+            fail(PSM_ERR_INVALID_ARGUMENT,
+                 std::string(role) + " must be a writable array supporting DLPack or the "
+                 "buffer protocol; got " + python_type_name(object));
+        fill_view(view, array, role);
+        view.keep_writable = std::move(array);
+    } else {
+        nb::ndarray<nb::ro> array;
+        if (!nb::try_cast<nb::ndarray<nb::ro>>(object, array, false))
+            fail(PSM_ERR_INVALID_ARGUMENT,
+                 std::string(role) + " must be an array supporting DLPack or the buffer "
+                 "protocol; got " + python_type_name(object));
+        fill_view(view, array, role);
+        view.keep_read_only = std::move(array);
+    }
+    return view;
+}
+
+bool is_host_memory(int32_t device_type)
+{
+    return device_type == dl_cpu || device_type == dl_cuda_host || device_type == dl_rocm_host;
+}
+
+const char *device_type_name(int32_t device_type)
+{
+    switch (device_type) {
+    case dl_cpu: return "host";
+    case dl_cuda: return "CUDA";
+    case dl_cuda_host: return "CUDA pinned host";
+    case dl_rocm: return "ROCm";
+    case dl_rocm_host: return "ROCm pinned host";
+    case dl_cuda_managed: return "CUDA managed";
+    }
+    return "other";
+}
+
+// Symbols of the CUDA driver, looked up in the already loaded libcuda.so.1
+// (loaded by whichever framework made the CUDA tensor), so that the
+// extension itself needs no CUDA at build or load time.
+using exchange_capture_mode_fn = int (*)(int *mode);
+exchange_capture_mode_fn find_exchange_capture_mode()
+{
+    void *driver = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+    if (!driver)
+        return nullptr;
+    return (exchange_capture_mode_fn)dlsym(driver, "cuThreadExchangeStreamCaptureMode");
+}
+
+class Context {
+public:
+    Context(int backend, int device, bool check_rows, uintptr_t native_stream, int cpu_threads,
+            nb::object notice)
+        : notice_(std::move(notice))
+    {
+        psm_context_options options;
+        psm_context_options_init(&options);
+        options.backend = (psm_backend)backend;
+        options.device_index = device;
+        options.check_rows = check_rows ? 1 : 0;
+        options.native_stream = (void *)native_stream;
+        options.cpu_threads = cpu_threads;
+        if (!notice_.is_none()) {
+            options.notice = &Context::forward_notice;
+            options.notice_user_data = this;
+        }
+        psm_status status;
+        {
+            // Creation may compile kernels (OpenCL, first use): minutes on a CPU.
+            nb::gil_scoped_release release;
+            status = psm_context_create(&options, &context_);
+        }
+        if (status != PSM_OK)
+            fail(status, psm_last_error());
+        backend_ = psm_context_backend(context_);
+        device_ = device;
+    }
+
+    ~Context()
+    {
+        if (context_) {
+            nb::gil_scoped_release release;
+            psm_context_destroy(context_);
+        }
+    }
+
+    Context(const Context &) = delete;
+    Context &operator=(const Context &) = delete;
+
+    int backend() const { return backend_; }
+    std::string device_name() const { return psm_context_device_name(context_); }
+    std::string selection_reason() const { return psm_context_selection_reason(context_); }
+
+    void reserve(int64_t rows, int64_t vocab, int64_t num_samples)
+    {
+        psm_status status;
+        {
+            nb::gil_scoped_release release;
+            std::lock_guard<std::mutex> lock(mutex_);
+            status = psm_context_reserve(context_, rows, vocab, num_samples);
+        }
+        if (status != PSM_OK)
+            fail(status, psm_last_error());
+    }
+
+    void synchronize()
+    {
+        psm_status status;
+        {
+            nb::gil_scoped_release release;
+            std::lock_guard<std::mutex> lock(mutex_);
+            status = psm_synchronize(context_);
+        }
+        if (status != PSM_OK)
+            fail(status, psm_last_error());
+    }
+
+    // mode 0: psm_sample into `out` (tokens) and `logprobs_out` (optional);
+    // mode 1: psm_probs into `out`.
+    void run(int mode, nb::handle logits_object, float temperature, int32_t top_k, float top_p,
+             float min_p, uint64_t seed, uint64_t offset, int32_t num_samples,
+             nb::handle temperature_rows, nb::handle top_k_rows, nb::handle top_p_rows,
+             nb::handle min_p_rows, nb::handle seed_rows, nb::handle out_object,
+             nb::handle logprobs_object)
+    {
+        Prepared call = prepare(mode, logits_object, temperature, top_k, top_p, min_p, seed,
+                                offset, num_samples, temperature_rows, top_k_rows, top_p_rows,
+                                min_p_rows, seed_rows, out_object, logprobs_object);
+        psm_status status;
+        {
+            nb::gil_scoped_release release;
+            std::lock_guard<std::mutex> lock(mutex_);
+            status = execute(call);
+        }
+        if (status != PSM_OK)
+            fail(status, psm_last_error());
+    }
+
+    // The C call's own time, for the overhead measurement in polysample.bench:
+    // `repeats` calls of psm_sample on the given arrays, each timed alone on
+    // the host (a steady clock around the call), with a synchronisation every
+    // `sync_every` calls outside the timed part so that an asynchronous
+    // backend's queue stays short. Returns the per-call times in seconds.
+    std::vector<double> time_sample(nb::handle logits_object, nb::handle out_object, int repeats,
+                                    int sync_every)
+    {
+        Prepared call = prepare(0, logits_object, 1.0f, 0, 1.0f, 0.0f, 0, 0, 1, nb::none(),
+                                nb::none(), nb::none(), nb::none(), nb::none(), out_object,
+                                nb::none());
+        call.synchronize = false;
+        std::vector<double> seconds;
+        seconds.reserve(repeats > 0 ? repeats : 0);
+        psm_status status = PSM_OK;
+        {
+            nb::gil_scoped_release release;
+            std::lock_guard<std::mutex> lock(mutex_);
+            for (int i = 0; i < repeats && status == PSM_OK; ++i) {
+                auto start = std::chrono::steady_clock::now();
+                status = execute(call);
+                auto stop = std::chrono::steady_clock::now();
+                seconds.push_back(std::chrono::duration<double>(stop - start).count());
+                if (status == PSM_OK && sync_every > 0 && (i + 1) % sync_every == 0)
+                    status = psm_synchronize(context_);
+            }
+            if (status == PSM_OK)
+                status = psm_synchronize(context_);
+        }
+        if (status != PSM_OK)
+            fail(status, psm_last_error());
+        return seconds;
+    }
+
+private:
+    struct Prepared {
+        int mode = 0;
+        psm_tensor logits{};
+        psm_params params{};
+        psm_output tokens{};
+        psm_output logprobs{};
+        psm_tensor probs{};
+        bool synchronize = false;
+        // Keeps imported arrays alive. At most 8 (logits, 5 per-row arrays,
+        // 2 outputs): prepare() reserves them up front, so references into
+        // it stay valid while it fills.
+        std::vector<View> views;
+    };
+
+    static void forward_notice(void *user_data, const char *message)
+    {
+        Context *self = (Context *)user_data;
+        nb::gil_scoped_acquire acquire;
+        try {
+            self->notice_(std::string(message));
+        } catch (nb::python_error &error) {
+            error.discard_as_unraisable("polysample notice callback");
+        }
+    }
+
+    psm_status execute(const Prepared &call)
+    {
+        psm_status status = call.mode == 0
+                                ? psm_sample(context_, &call.logits, &call.params, call.tokens,
+                                             call.logprobs)
+                                : psm_probs(context_, &call.logits, &call.params, &call.probs);
+        if (status == PSM_OK && call.synchronize)
+            status = psm_synchronize(context_);
+        return status;
+    }
+
+    // Where `view` lives for this context's backend, or a failure naming `role`.
+    psm_memory memory_of(const View &view, const char *role) const
+    {
+        const int32_t type = view.device_type;
+        if (backend_ == PSM_BACKEND_CPU || backend_ == PSM_BACKEND_OPENCL) {
+            if (is_host_memory(type) || (backend_ == PSM_BACKEND_CPU && type == dl_cuda_managed))
+                return PSM_MEMORY_HOST;
+        } else {
+            const int32_t own = backend_ == PSM_BACKEND_CUDA ? dl_cuda : dl_rocm;
+            if (is_host_memory(type))
+                return PSM_MEMORY_HOST;
+            if (type == own || (backend_ == PSM_BACKEND_CUDA && type == dl_cuda_managed)) {
+                if (device_ < 0)
+                    fail(PSM_ERR_INVALID_ARGUMENT,
+                         std::string(role) + " is in device memory, but this context was "
+                         "created without a device index (AUTO); create it with device=N");
+                if (view.device_id != device_)
+                    fail(PSM_ERR_WRONG_BACKEND,
+                         std::string(role) + " is on device " + std::to_string(view.device_id) +
+                             ", the context on device " + std::to_string(device_));
+                return PSM_MEMORY_DEVICE;
+            }
+        }
+        fail(PSM_ERR_WRONG_BACKEND,
+             std::string(role) + " is in " + device_type_name(type) + " memory, which the " +
+                 psm_backend_name((psm_backend)backend_) + " backend cannot read");
+    }
+
+    static void expect_kind(const View &view, int kind, const char *role)
+    {
+        if (view.kind != kind)
+            fail(PSM_ERR_INVALID_ARGUMENT, std::string(role) + " must be " + kind_name(kind) +
+                                               "; got " + kind_name(view.kind));
+    }
+
+    // A per-row array: 1-D, `rows` long, contiguous, in the logits' memory.
+    const void *per_row(Prepared &call, nb::handle object, int kind, const char *role,
+                        int64_t rows, psm_memory logits_memory, int32_t logits_device)
+    {
+        if (object.is_none())
+            return nullptr;
+        call.views.push_back(view_of(object, role, false));
+        const View &view = call.views.back();
+        if (kind == kind_u64 && view.kind == kind_i64)
+            ; // seeds: int64 is read as the same 64 bits unsigned
+        else
+            expect_kind(view, kind, role);
+        if (view.ndim != 1 || view.shape[0] != rows)
+            fail(PSM_ERR_INVALID_ARGUMENT, std::string(role) + " must be 1-D with one value per "
+                                           "row (" + std::to_string(rows) + ")");
+        if (rows > 1 && view.strides[0] != 1)
+            fail(PSM_ERR_INVALID_ARGUMENT, std::string(role) + " must be contiguous");
+        psm_memory memory = memory_of(view, role);
+        bool same_place = memory == logits_memory &&
+                          (memory == PSM_MEMORY_HOST || view.device_id == logits_device);
+        if (!same_place)
+            fail(PSM_ERR_INVALID_ARGUMENT,
+                 std::string(role) + " must be in the same memory as the logits (" +
+                     device_type_name(call.views.front().device_type) + ")");
+        return view.data;
+    }
+
+    Prepared prepare(int mode, nb::handle logits_object, float temperature, int32_t top_k,
+                     float top_p, float min_p, uint64_t seed, uint64_t offset,
+                     int32_t num_samples, nb::handle temperature_rows, nb::handle top_k_rows,
+                     nb::handle top_p_rows, nb::handle min_p_rows, nb::handle seed_rows,
+                     nb::handle out_object, nb::handle logprobs_object)
+    {
+        Prepared call;
+        call.mode = mode;
+        call.views.reserve(8);
+        call.views.push_back(view_of(logits_object, "logits", false));
+        const View &logits = call.views.front();
+        if (logits.kind != kind_f32 && logits.kind != kind_f16 && logits.kind != kind_bf16)
+            fail(PSM_ERR_INVALID_ARGUMENT, std::string("logits must be float32, float16 or "
+                                                       "bfloat16; got ") + kind_name(logits.kind));
+        if (logits.ndim == 0)
+            fail(PSM_ERR_INVALID_ARGUMENT, "logits must be 1-D or 2-D; got a scalar");
+        const size_t last = logits.ndim - 1;
+        const int64_t vocab = logits.shape[last];
+        const int64_t rows = logits.ndim == 2 ? logits.shape[0] : 1;
+        if (rows < 1 || vocab < 1)
+            fail(PSM_ERR_INVALID_ARGUMENT, "logits must have at least one row and one column; "
+                                           "got shape (" + std::to_string(rows) + ", " +
+                                           std::to_string(vocab) + ")");
+        if (vocab > 1 && logits.strides[last] != 1)
+            fail(PSM_ERR_INVALID_ARGUMENT,
+                 "logits: the last dimension must be contiguous (element stride 1, got " +
+                     std::to_string(logits.strides[last]) +
+                     "); copy it first, e.g. numpy.ascontiguousarray(x) or x.contiguous()");
+        int64_t row_stride = vocab;
+        if (rows > 1) {
+            row_stride = logits.strides[0];
+            if (row_stride < vocab)
+                fail(PSM_ERR_INVALID_ARGUMENT,
+                     "logits: the row stride (" + std::to_string(row_stride) +
+                         " elements) is below the vocabulary (" + std::to_string(vocab) +
+                         "): rows overlap or are broadcast; copy it first, e.g. "
+                         "numpy.ascontiguousarray(x) or x.contiguous()");
+        }
+        const psm_memory logits_memory = memory_of(logits, "logits");
+        const int32_t logits_device = logits.device_id;
+
+        call.logits.data = logits.data;
+        call.logits.dtype = logits.kind == kind_f32   ? PSM_DTYPE_F32
+                            : logits.kind == kind_f16 ? PSM_DTYPE_F16
+                                                      : PSM_DTYPE_BF16;
+        call.logits.memory = logits_memory;
+        call.logits.rows = rows;
+        call.logits.vocab = vocab;
+        call.logits.row_stride = row_stride;
+
+        psm_params_init(&call.params);
+        call.params.temperature = temperature;
+        call.params.top_k = top_k;
+        call.params.top_p = top_p;
+        call.params.min_p = min_p;
+        call.params.seed = seed;
+        call.params.offset = offset;
+        call.params.num_samples = num_samples;
+        if (num_samples < 1)
+            fail(PSM_ERR_INVALID_PARAMETER,
+                 "num_samples is " + std::to_string(num_samples) + "; expected >= 1");
+        call.params.temperature_per_row = (const float *)per_row(
+            call, temperature_rows, kind_f32, "temperature_per_row", rows, logits_memory,
+            logits_device);
+        call.params.top_k_per_row = (const int32_t *)per_row(
+            call, top_k_rows, kind_i32, "top_k_per_row", rows, logits_memory, logits_device);
+        call.params.top_p_per_row = (const float *)per_row(
+            call, top_p_rows, kind_f32, "top_p_per_row", rows, logits_memory, logits_device);
+        call.params.min_p_per_row = (const float *)per_row(
+            call, min_p_rows, kind_f32, "min_p_per_row", rows, logits_memory, logits_device);
+        call.params.seed_per_row = (const uint64_t *)per_row(
+            call, seed_rows, kind_u64, "seed_per_row", rows, logits_memory, logits_device);
+
+        bool any_host = logits_memory == PSM_MEMORY_HOST;
+        if (mode == 0) {
+            call.views.push_back(view_of(out_object, "tokens output", true));
+            call.tokens = output(call.views.back(), kind_i32, "tokens output", logits, num_samples);
+            any_host = any_host || call.tokens.memory == PSM_MEMORY_HOST;
+            if (!logprobs_object.is_none()) {
+                call.views.push_back(view_of(logprobs_object, "logprobs output", true));
+                call.logprobs = output(call.views.back(), kind_f32, "logprobs output", logits,
+                                       num_samples);
+                any_host = any_host || call.logprobs.memory == PSM_MEMORY_HOST;
+            }
+        } else {
+            call.views.push_back(view_of(out_object, "probs output", true));
+            const View &probs = call.views.back();
+            expect_kind(probs, kind_f32, "probs output");
+            if (probs.ndim != logits.ndim || probs.shape[0] != logits.shape[0] ||
+                probs.shape[last] != vocab)
+                fail(PSM_ERR_INVALID_ARGUMENT, "probs output must have the logits' shape");
+            if (vocab > 1 && probs.strides[last] != 1)
+                fail(PSM_ERR_INVALID_ARGUMENT, "probs output: the last dimension must be "
+                                               "contiguous");
+            int64_t probs_stride = rows > 1 ? probs.strides[0] : vocab;
+            if (probs_stride < vocab)
+                fail(PSM_ERR_INVALID_ARGUMENT, "probs output: the row stride is below the "
+                                               "vocabulary");
+            call.probs.data = probs.data;
+            call.probs.dtype = PSM_DTYPE_F32;
+            call.probs.memory = memory_of(probs, "probs output");
+            call.probs.rows = rows;
+            call.probs.vocab = vocab;
+            call.probs.row_stride = probs_stride;
+            any_host = any_host || call.probs.memory == PSM_MEMORY_HOST;
+        }
+        // Host results must be complete when Python sees them, and host
+        // inputs must outlive the copies that a device backend queues.
+        call.synchronize = any_host && backend_ != PSM_BACKEND_CPU;
+        return call;
+    }
+
+    // A rows x num_samples output (shape logits.shape[:-1] + (num_samples,)),
+    // C-contiguous.
+    psm_output output(const View &view, int kind, const char *role, const View &logits,
+                      int32_t num_samples) const
+    {
+        expect_kind(view, kind, role);
+        bool shape_ok = view.ndim == logits.ndim &&
+                        view.shape[view.ndim - 1] == num_samples &&
+                        (view.ndim == 1 || view.shape[0] == logits.shape[0]);
+        if (!shape_ok)
+            fail(PSM_ERR_INVALID_ARGUMENT,
+                 std::string(role) + " must have shape logits.shape[:-1] + (num_samples,)");
+        bool contiguous = (num_samples == 1 || view.strides[view.ndim - 1] == 1) &&
+                          (view.ndim == 1 || view.shape[0] == 1 || view.strides[0] == num_samples);
+        if (!contiguous)
+            fail(PSM_ERR_INVALID_ARGUMENT, std::string(role) + " must be C-contiguous");
+        return psm_output{view.data, memory_of(view, role)};
+    }
+
+    psm_context *context_ = nullptr;
+    int backend_ = PSM_BACKEND_AUTO;
+    int device_ = -1;
+    std::mutex mutex_;
+    nb::object notice_;
+};
+
+// Sets the calling thread's CUDA stream-capture mode (0 global, 1 thread
+// local, 2 relaxed) and returns the previous one; -1 when no CUDA driver is
+// loaded. polysample/torch.py relaxes it while creating a context during a
+// CUDA-graph capture, when the library's workspace allocation would
+// otherwise be refused.
+int exchange_capture_mode(int mode)
+{
+    static exchange_capture_mode_fn exchange = find_exchange_capture_mode();
+    if (!exchange)
+        return -1;
+    int previous = mode;
+    if (exchange(&previous) != 0)
+        fail(PSM_ERR_DRIVER, "cuThreadExchangeStreamCaptureMode failed");
+    return previous;
+}
+
+nb::dict backend_info()
+{
+    nb::dict backends;
+    for (int backend = PSM_BACKEND_CPU; backend < PSM_BACKEND_COUNT; ++backend) {
+        const char *reason = "";
+        nb::dict entry;
+        bool compiled = psm_backend_compiled((psm_backend)backend) != 0;
+        bool available = psm_backend_available((psm_backend)backend, &reason) != 0;
+        entry["compiled"] = compiled;
+        entry["available"] = available;
+        entry["reason"] = std::string(reason ? reason : "");
+        entry["devices"] = available ? psm_backend_device_count((psm_backend)backend) : 0;
+        backends[psm_backend_name((psm_backend)backend)] = entry;
+    }
+    return backends;
+}
+
+PyObject *error_class = nullptr;
+
+} // namespace
+
+NB_MODULE(_core, module)
+{
+    module.doc() = "polysample's extension; use the `polysample` package instead.";
+    nb::set_leak_warnings(false); // cached contexts live until the interpreter exits
+
+    nb::register_exception_translator([](const std::exception_ptr &pointer, void *) {
+        try {
+            std::rethrow_exception(pointer);
+        } catch (const Failure &failure) {
+            if (!error_class) {
+                nb::object errors = nb::module_::import_("polysample._errors");
+                error_class = nb::object(errors.attr("Error")).release().ptr();
+            }
+            nb::object exception = nb::handle(error_class)(
+                status_name(failure.status), failure.message, (int)failure.status);
+            PyErr_SetObject(error_class, exception.ptr());
+        }
+    });
+
+    nb::class_<Context>(module, "Context")
+        .def(nb::init<int, int, bool, uintptr_t, int, nb::object>(), nb::arg("backend"),
+             nb::arg("device"), nb::arg("check_rows"), nb::arg("native_stream"),
+             nb::arg("cpu_threads"), nb::arg("notice").none())
+        .def_prop_ro("backend", &Context::backend)
+        .def_prop_ro("device_name", &Context::device_name)
+        .def_prop_ro("selection_reason", &Context::selection_reason)
+        .def("reserve", &Context::reserve)
+        .def("synchronize", &Context::synchronize)
+        .def("run", &Context::run, nb::arg("mode"), nb::arg("logits"), nb::arg("temperature"),
+             nb::arg("top_k"), nb::arg("top_p"), nb::arg("min_p"), nb::arg("seed"),
+             nb::arg("offset"), nb::arg("num_samples"), nb::arg("temperature_per_row").none(),
+             nb::arg("top_k_per_row").none(), nb::arg("top_p_per_row").none(),
+             nb::arg("min_p_per_row").none(), nb::arg("seed_per_row").none(), nb::arg("out"),
+             nb::arg("logprobs_out").none())
+        .def("time_sample", &Context::time_sample);
+
+    module.def("backend_info", &backend_info);
+    module.def("exchange_capture_mode", &exchange_capture_mode);
+    module.def("version", [] { return std::string(psm_version_string()); });
+    module.def("backend_name", [](int backend) {
+        return std::string(psm_backend_name((psm_backend)backend));
+    });
+}

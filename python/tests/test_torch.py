@@ -1,0 +1,230 @@
+"""polysample.torch: the ops on CPU tensors (here and in CI when PyTorch is
+installed) and on CUDA tensors (on a GPU machine): dtypes, identity with the
+C library, stream ordering, CUDA-graph capture and replay, torch.compile."""
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+
+import polysample  # noqa: E402
+import polysample.torch as pst  # noqa: E402
+
+SETTING = dict(temperature=0.8, top_k=50, top_p=0.9, min_p=0.01, seed=99, offset=3,
+               num_samples=4)
+
+
+def cuda_available():
+    if not torch.cuda.is_available():
+        return False, "torch sees no CUDA device"
+    entry = polysample.info()["backends"]["cuda"]
+    return entry["available"], f"polysample's CUDA backend: {entry['reason']}"
+
+
+_CUDA, _CUDA_REASON = cuda_available()
+needs_cuda = pytest.mark.skipif(not _CUDA, reason=_CUDA_REASON)
+
+
+def logits_tensor(rows=6, vocab=4000, dtype=torch.float32, seed=0, device="cpu"):
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(rows, vocab, generator=generator) * 2
+    return values.to(dtype).to(device)
+
+
+def numpy_reference(logits, **setting):
+    """Tokens and logprobs from the CPU backend on the same values (bf16
+    and f16 widen to f32 exactly)."""
+    values = logits.detach().to("cpu", torch.float32).numpy()
+    return polysample.sample(values, backend="cpu", return_logprobs=True, **setting)
+
+
+# --- CPU tensors -------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_tensors_equal_numpy(dtype):
+    logits = logits_tensor(dtype=dtype)
+    tokens, logprobs = pst.sample(logits, return_logprobs=True, **SETTING)
+    assert isinstance(tokens, torch.Tensor) and tokens.dtype == torch.int32
+    assert tokens.shape == logprobs.shape == (6, 4)
+    expected_tokens, expected_logprobs = numpy_reference(logits, **SETTING)
+    np.testing.assert_array_equal(tokens.numpy(), expected_tokens)
+    np.testing.assert_array_equal(logprobs.numpy(), expected_logprobs)
+
+
+def test_module_function_returns_torch_tensors():
+    logits = logits_tensor()
+    tokens = polysample.sample(logits, **SETTING)
+    assert isinstance(tokens, torch.Tensor)
+    np.testing.assert_array_equal(tokens.numpy(), pst.sample(logits, **SETTING).numpy())
+    probs = polysample.probs(logits, top_k=50)
+    assert isinstance(probs, torch.Tensor) and probs.dtype == torch.float32
+    np.testing.assert_array_equal(probs.numpy(), pst.probs(logits, top_k=50).numpy())
+    context = polysample.Context("cpu")
+    np.testing.assert_array_equal(context.sample(logits, **SETTING).numpy(), tokens.numpy())
+
+
+def test_per_row_tensors_and_large_seeds():
+    logits = logits_tensor(rows=3)
+    seeds = [2**64 - 1, 5, 2**63]
+    tokens = pst.sample(logits, seed_per_row=seeds, top_k_per_row=torch.tensor([5, 10, 0]),
+                        temperature_per_row=[0.5, 1.0, 2.0], num_samples=3)
+    expected = polysample.sample(logits.numpy(), seed_per_row=seeds, top_k_per_row=[5, 10, 0],
+                                 temperature_per_row=[0.5, 1.0, 2.0], num_samples=3)
+    np.testing.assert_array_equal(tokens.numpy(), expected)
+    high = pst.sample(logits, seed=2**64 - 1, offset=2**63)
+    np.testing.assert_array_equal(high.numpy(), polysample.sample(logits.numpy(), seed=2**64 - 1,
+                                                                  offset=2**63))
+
+
+def test_bad_tensor_arguments():
+    with pytest.raises(polysample.Error, match="1-D or 2-D"):
+        pst.sample(torch.zeros(2, 3, 4))
+    with pytest.raises(polysample.Error, match="float32, float16 or bfloat16"):
+        pst.sample(torch.zeros(2, 4, dtype=torch.float64))
+    with pytest.raises(polysample.Error, match="top_p"):
+        pst.sample(logits_tensor(), top_p=0.0)
+    with pytest.raises(polysample.Error, match="one value per row"):
+        pst.sample(logits_tensor(rows=3), seed_per_row=torch.tensor([1, 2]))
+    with pytest.raises(polysample.Error, match="integers"):
+        pst.sample(logits_tensor(rows=2), top_k_per_row=torch.tensor([1.5, 2.0]))
+    with pytest.raises(polysample.Error, match="last dimension must be contiguous"):
+        pst.sample(logits_tensor().t())
+
+
+def test_opcheck():
+    logits = logits_tensor(rows=3, vocab=300)
+    seeds = torch.tensor([1, 2, 3])
+    torch.library.opcheck(torch.ops.polysample.sample.default,
+                          (logits, 0.8, 20, 0.9, 0.0, 7, 1, 2, None, None, None, None, seeds,
+                           True))
+    torch.library.opcheck(torch.ops.polysample.probs.default,
+                          (logits, 1.0, 20, 0.9, 0.0, None, None, None, None))
+
+
+def test_torch_compile_cpu_traces_the_op():
+    logits = logits_tensor()
+
+    def step(values):
+        return pst.sample(values * 1.5, temperature=0.7, top_k=40, seed=4, num_samples=2)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    np.testing.assert_array_equal(compiled(logits).numpy(), step(logits).numpy())
+
+
+# --- CUDA tensors ------------------------------------------------------------
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_tensors_equal_the_cpu_backend(dtype):
+    logits = logits_tensor(rows=64, vocab=151_936, dtype=dtype, device="cuda")
+    tokens, logprobs = pst.sample(logits, return_logprobs=True, **SETTING)
+    assert tokens.device == logits.device and tokens.dtype == torch.int32
+    expected_tokens, expected_logprobs = numpy_reference(logits, **SETTING)
+    np.testing.assert_array_equal(tokens.cpu().numpy(), expected_tokens)
+    # Logprobs are floats computed from exact integers: equal to rounding.
+    np.testing.assert_allclose(logprobs.cpu().numpy(), expected_logprobs, rtol=2e-6, atol=1e-6)
+    probs = pst.probs(logits, top_k=50, top_p=0.9)
+    expected_probs = polysample.probs(logits.float().cpu().numpy(), top_k=50, top_p=0.9)
+    np.testing.assert_array_equal(probs.cpu().numpy() > 0, expected_probs > 0)
+    np.testing.assert_allclose(probs.cpu().numpy(), expected_probs, rtol=2e-6, atol=1e-12)
+
+
+@needs_cuda
+def test_cuda_row_strided_view():
+    batch = torch.randn(8, 3, 32000, device="cuda")
+    last = batch[:, -1, :]
+    np.testing.assert_array_equal(pst.sample(last, **SETTING).cpu().numpy(),
+                                  pst.sample(last.contiguous(), **SETTING).cpu().numpy())
+
+
+@needs_cuda
+def test_runs_in_order_on_a_non_default_stream():
+    expected_values = logits_tensor(rows=32, vocab=32000, device="cuda")
+    expected = numpy_reference(expected_values, **SETTING)[0]
+    stream = torch.cuda.Stream()
+    logits = torch.zeros_like(expected_values)
+    with torch.cuda.stream(stream):
+        # Work queued ahead keeps the stream busy, then writes the logits; a
+        # sampler running elsewhere would read zeros, and the NaNs written
+        # after it would make a late one return -1.
+        heavy = torch.randn(4096, 4096, device="cuda")
+        for _ in range(20):
+            heavy = heavy @ heavy / 64.0
+        logits.copy_(expected_values)
+        tokens = pst.sample(logits, **SETTING)
+        logits.fill_(float("nan"))
+    stream.synchronize()
+    np.testing.assert_array_equal(tokens.cpu().numpy(), expected)
+
+
+@needs_cuda
+def test_cuda_graph_capture_and_replay():
+    rows, vocab = 16, 32000
+    static_logits = logits_tensor(rows, vocab, device="cuda")
+    seeds = torch.arange(rows, dtype=torch.int64, device="cuda")
+    setting = dict(temperature=0.9, top_k=100, top_p=0.95, num_samples=2)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        pst.sample(static_logits, seed_per_row=seeds, **setting)  # warm-up
+    torch.cuda.current_stream().wait_stream(side)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_tokens = pst.sample(static_logits, seed_per_row=seeds, **setting)
+    # A second capture at a larger shape must leave the first graph's
+    # workspace alone.
+    bigger = logits_tensor(4 * rows, 4 * vocab, device="cuda", seed=9)
+    bigger_graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(bigger_graph):
+        bigger_tokens = pst.sample(bigger, seed=1, **setting)
+
+    for step in range(3):
+        fresh = logits_tensor(rows, vocab, device="cuda", seed=100 + step)
+        static_logits.copy_(fresh)
+        seeds.copy_(torch.arange(rows, device="cuda") * 1000 + step)
+        graph.replay()
+        bigger_graph.replay()
+        torch.cuda.synchronize()
+        expected = polysample.sample(fresh.cpu().numpy(), seed_per_row=seeds.cpu().numpy(),
+                                     **setting)
+        np.testing.assert_array_equal(static_tokens.cpu().numpy(), expected)
+        np.testing.assert_array_equal(
+            bigger_tokens.cpu().numpy(),
+            polysample.sample(bigger.cpu().numpy(), seed=1, **setting))
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_torch_compile_cuda(mode):
+    logits = logits_tensor(rows=8, vocab=32000, device="cuda")
+
+    def step(values, seeds):
+        return pst.sample(values / 0.7, top_k=40, top_p=0.9, seed_per_row=seeds, num_samples=2)
+
+    compiled = torch.compile(step, fullgraph=True, mode=mode)
+    seeds = torch.arange(8, dtype=torch.int64, device="cuda")
+    for _ in range(3):  # reduce-overhead records a graph after warm-up runs
+        got = compiled(logits, seeds).clone()
+    np.testing.assert_array_equal(got.cpu().numpy(), step(logits, seeds).cpu().numpy())
+
+
+@needs_cuda
+@pytest.mark.skipif(not os.environ.get("POLYSAMPLE_CLI"),
+                    reason="POLYSAMPLE_CLI (path of the C `polysample` tool) is not set")
+def test_cuda_tensors_equal_the_c_tool_on_cuda(tmp_path):
+    logits = logits_tensor(rows=5, vocab=32000, device="cuda")
+    path = tmp_path / "logits.npy"
+    np.save(path, logits.cpu().numpy())
+    command = [os.environ["POLYSAMPLE_CLI"], "sample", "--backend", "cuda", "--json",
+               "--temperature", "0.8", "--top-k", "50", "--top-p", "0.9", "--seed", "99",
+               "--offset", "3", "--num-samples", "4", str(path)]
+    expected = json.loads(subprocess.run(command, capture_output=True, text=True,
+                                         check=True).stdout)
+    tokens = pst.sample(logits, temperature=0.8, top_k=50, top_p=0.9, seed=99, offset=3,
+                        num_samples=4)
+    assert tokens.cpu().tolist() == expected["tokens"]

@@ -45,7 +45,10 @@ static const char bench_usage[] =
     "  --seed S           seed of the random logits (default 1)\n"
     "  --quick            shapes with a tenth of the rows, ~0.5 s per case\n"
     "  --json             write JSON results to stdout instead of the table\n"
-    "  --json=PATH        write JSON results to PATH as well as the table\n";
+    "  --json=PATH        write JSON results to PATH as well as the table\n"
+    "\n"
+    "Integers are decimal digits only: no sign, spaces or 0x prefix, and a leading\n"
+    "zero is not octal (--seed 010 is ten).\n";
 
 typedef struct bench_setting {
     const char *name;
@@ -644,7 +647,7 @@ int cli_bench(int argc, char **argv)
 
     for (i = 0; i < argc; ++i) {
         const char *value = NULL;
-        int64_t integer = 0;
+        uint64_t integer = 0;
         int matched;
         const char *argument = argv[i];
         if (!strcmp(argument, "--help") || !strcmp(argument, "-h")) {
@@ -689,37 +692,29 @@ int cli_bench(int argc, char **argv)
             if (setting_count < 0)
                 return CLI_EXIT_USAGE;
         } else if (BENCH_OPTION("--rows")) {
-            if (matched < 0 || cli_parse_int64(value, 1, INT32_MAX, &rows) != 0) {
-                if (matched > 0)
-                    cli_error("bench", "bad --rows '%s'", value);
+            if (matched < 0 ||
+                cli_option_decimal("bench", "--rows", value, 1, INT32_MAX, &integer) != 0)
                 return CLI_EXIT_USAGE;
-            }
+            rows = (int64_t)integer;
         } else if (BENCH_OPTION("--vocab")) {
-            if (matched < 0 || cli_parse_int64(value, 1, INT32_MAX, &vocab) != 0) {
-                if (matched > 0)
-                    cli_error("bench", "bad --vocab '%s'", value);
+            if (matched < 0 ||
+                cli_option_decimal("bench", "--vocab", value, 1, INT32_MAX, &integer) != 0)
                 return CLI_EXIT_USAGE;
-            }
+            vocab = (int64_t)integer;
         } else if (BENCH_OPTION("--repeat")) {
-            if (matched < 0 || cli_parse_int64(value, 1, BENCH_MAX_RUNS, &integer) != 0) {
-                if (matched > 0)
-                    cli_error("bench", "bad --repeat '%s' (1 to %d)", value, BENCH_MAX_RUNS);
+            if (matched < 0 ||
+                cli_option_decimal("bench", "--repeat", value, 1, BENCH_MAX_RUNS, &integer) != 0)
                 return CLI_EXIT_USAGE;
-            }
             config.repeat = (int)integer;
         } else if (BENCH_OPTION("--threads")) {
-            if (matched < 0 || cli_parse_int64(value, 1, 4096, &integer) != 0) {
-                if (matched > 0)
-                    cli_error("bench", "bad --threads '%s'", value);
+            if (matched < 0 ||
+                cli_option_decimal("bench", "--threads", value, 1, 4096, &integer) != 0)
                 return CLI_EXIT_USAGE;
-            }
             config.threads = (int)integer;
         } else if (BENCH_OPTION("--seed")) {
-            if (matched < 0 || cli_parse_uint64(value, &config.seed) != 0) {
-                if (matched > 0)
-                    cli_error("bench", "bad --seed '%s'", value);
+            if (matched < 0 ||
+                cli_option_decimal("bench", "--seed", value, 0, UINT64_MAX, &config.seed) != 0)
                 return CLI_EXIT_USAGE;
-            }
         } else {
             cli_error("bench", "unknown argument '%s' (see polysample bench --help)", argument);
             return CLI_EXIT_USAGE;

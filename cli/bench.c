@@ -6,6 +6,7 @@
 #include "cli_util.h"
 #include "polysample.h"
 
+#include <errno.h>
 #include <math.h>
 #include <omp.h>
 #include <stdio.h>
@@ -880,7 +881,7 @@ int cli_bench(int argc, char **argv)
     if (json_path) {
         FILE *out = fopen(json_path, "w");
         if (!out) {
-            cli_error("bench", "cannot write '%s'", json_path);
+            cli_error("bench", "cannot write '%s': %s", json_path, strerror(errno));
             exit_status = CLI_EXIT_FAILURE;
         } else {
             write_json(out, results, result_count);

@@ -22,9 +22,12 @@ void cli_error(const char *command, const char *format, ...)
 
 void cli_library_error(const char *command, const char *what, psm_status status)
 {
+    /* The library's message is whole (it says what the status stands for and
+     * more), so it is said alone; the status's words are for when there is
+     * none. */
     const char *detail = psm_last_error();
-    cli_error(command, "%s failed: %s%s%s", what, psm_status_string(status),
-              detail && detail[0] ? ": " : "", detail ? detail : "");
+    cli_error(command, "%s failed: %s", what,
+              detail && detail[0] ? detail : psm_status_string(status));
 }
 
 int cli_match_option(const char *command, int argc, char **argv, int *index, const char *name,

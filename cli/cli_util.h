@@ -23,7 +23,8 @@ void cli_error(const char *command, const char *format, ...)
 #endif
     ;
 
-/* Prints a failed library call with its status and psm_last_error(). */
+/* Prints "<what> failed: " and psm_last_error(), or the status's words when
+ * the library left no message. */
 void cli_library_error(const char *command, const char *what, psm_status status);
 
 /* Matches argv[*index] against an option that takes a value, written

@@ -87,6 +87,35 @@ static void print_results(const int32_t *tokens, const float *logprobs, int64_t 
     }
 }
 
+/* Why --check-rows refused the input: the first row with a NaN or +inf
+ * logit, or with no finite one, and what is wrong with it. The command's
+ * parameters were already accepted, so a refused row is one of these.
+ * 0 when no such row is found. */
+static int describe_bad_row(const cli_npy_array *array, char *text, size_t size)
+{
+    int64_t row, token;
+    for (row = 0; row < array->rows; ++row) {
+        int any_finite = 0;
+        for (token = 0; token < array->vocab; ++token) {
+            int64_t index = row * array->vocab + token;
+            float value = array->dtype == PSM_DTYPE_F32
+                              ? ((const float *)array->data)[index]
+                              : cli_f16_to_float(((const uint16_t *)array->data)[index]);
+            if (isnan(value) || (isinf(value) && value > 0)) {
+                snprintf(text, size, "row %lld has a %s logit (token %lld)", (long long)row,
+                         isnan(value) ? "NaN" : "+inf", (long long)token);
+                return 1;
+            }
+            any_finite |= isfinite(value);
+        }
+        if (!any_finite) {
+            snprintf(text, size, "row %lld has no finite logit (all are -inf)", (long long)row);
+            return 1;
+        }
+    }
+    return 0;
+}
+
 int cli_sample(int argc, char **argv)
 {
     psm_context_options options;
@@ -230,6 +259,12 @@ int cli_sample(int argc, char **argv)
     status = psm_sample(context, &logits, &params, token_output, logprob_output);
     if (status == PSM_OK)
         status = psm_synchronize(context);
+    if (status == PSM_ERR_BAD_ROW && describe_bad_row(&array, error, sizeof error)) {
+        cli_error("sample", "%s; --check-rows refuses such a row (without it the row gets "
+                            "token -1)", error);
+        exit_status = CLI_EXIT_FAILURE;
+        goto done;
+    }
     if (status != PSM_OK) {
         cli_library_error("sample", "psm_sample", status);
         /* An out-of-range flag is the caller's mistake, not a failure. */

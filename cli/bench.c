@@ -365,6 +365,12 @@ static void run_backend_cases(const bench_config *config, bench_backend *backend
         result->host_call_ms = NAN;
         result->speedup_vs_cpu = NAN;
         ++*progress;
+        /* The case is named as it starts, so a long one shows what it is. */
+        if (config->show_progress)
+            fprintf(stderr, "[%d/%d] %s %lld x %lld %s %s ... ", *progress, progress_total,
+                    psm_backend_name(backend->backend), (long long)result->which.rows,
+                    (long long)result->which.vocab, cli_dtype_name(result->which.dtype),
+                    setting->name);
         if (error[0]) {
             snprintf(result->error, sizeof result->error, "%s", error);
             result->failed = 1;
@@ -372,10 +378,6 @@ static void run_backend_cases(const bench_config *config, bench_backend *backend
             time_case(config, backend, inputs, input_count, tokens, result);
         }
         if (config->show_progress) {
-            fprintf(stderr, "[%d/%d] %s %lld x %lld %s %s: ", *progress, progress_total,
-                    psm_backend_name(backend->backend), (long long)result->which.rows,
-                    (long long)result->which.vocab, cli_dtype_name(result->which.dtype),
-                    setting->name);
             if (result->failed)
                 fprintf(stderr, "failed: %s\n", result->error);
             else
@@ -575,7 +577,7 @@ static int open_backend(const char *command, psm_backend backend, int device_ind
     opened->backend = backend;
     opened->device_index = device_index;
     opened->device = bench_device_find(backend);
-    psm_context_options_init(&options);
+    cli_context_options_init(&options);
     options.backend = backend;
     options.device_index = device_index;
     options.cpu_threads = config->threads;

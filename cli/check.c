@@ -155,7 +155,7 @@ static int open_participant(participant *opened, const char *name, psm_backend b
     memset(opened, 0, sizeof *opened);
     snprintf(opened->name, sizeof opened->name, "%s", name);
     opened->backend = backend;
-    psm_context_options_init(&options);
+    cli_context_options_init(&options);
     options.backend = backend;
     options.device_index = device_index;
     options.cpu_threads = threads;

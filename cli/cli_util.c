@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 void cli_error(const char *command, const char *format, ...)
 {
@@ -28,6 +29,19 @@ void cli_library_error(const char *command, const char *what, psm_status status)
     const char *detail = psm_last_error();
     cli_error(command, "%s failed: %s", what,
               detail && detail[0] ? detail : psm_status_string(status));
+}
+
+static void notice_on_stderr(void *user_data, const char *message)
+{
+    (void)user_data;
+    fprintf(stderr, "polysample: %s\n", message);
+}
+
+void cli_context_options_init(psm_context_options *options)
+{
+    psm_context_options_init(options);
+    if (isatty(STDERR_FILENO))
+        options->notice = notice_on_stderr;
 }
 
 int cli_match_option(const char *command, int argc, char **argv, int *index, const char *name,

@@ -27,6 +27,12 @@ void cli_error(const char *command, const char *format, ...)
  * the library left no message. */
 void cli_library_error(const char *command, const char *what, psm_status status);
 
+/* psm_context_options_init, plus a notice callback that shows the library's
+ * reports of long steps (compiling OpenCL kernels at first use, say) as
+ * "polysample: <message>" on stderr when stderr is a terminal, so that a
+ * wait is explained; elsewhere they are not shown. */
+void cli_context_options_init(psm_context_options *options);
+
 /* Matches argv[*index] against an option that takes a value, written
  * "--name VALUE" or "--name=VALUE". Returns 1 with *value set (advancing
  * *index past a separate value), 0 when it is not this option, -1 (after a

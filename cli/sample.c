@@ -133,7 +133,7 @@ int cli_sample(int argc, char **argv)
     int exit_status = CLI_EXIT_OK;
     int i;
 
-    psm_context_options_init(&options);
+    cli_context_options_init(&options);
     psm_params_init(&params);
     for (i = 0; i < argc; ++i) {
         const char *value = NULL;

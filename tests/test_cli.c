@@ -1,12 +1,13 @@
 /*
- * test_cli_input.c: the command-line tool's input checks, on their own: the
- * strict decimal parser every integer option goes through (cli/cli_util.c)
+ * test_cli.c: the command-line tool's helpers, on their own: the
+ * strict decimal parser every integer option goes through (cli/cli_util.c),
+ * the notice callback the tool gives the library (shown on a terminal only),
  * and the .npy reader (cli/npy.c) on well-formed and malformed files, which
  * this program writes into a temporary directory (and through a FIFO, for
  * input whose size is not known in advance). A plain program: exit status 0
  * when every check passes, 1 otherwise, with one line per failure.
  */
-#define _POSIX_C_SOURCE 200809L
+#define _XOPEN_SOURCE 700
 #include "cli_util.h"
 #include "npy.h"
 
@@ -15,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -103,6 +105,50 @@ static void test_backend_device_index(void)
     EXPECT(cli_parse_backend("opencl:+1", &backend, &device) == -1, "opencl:+1 refused");
     EXPECT(cli_parse_backend("opencl: 1", &backend, &device) == -1, "'opencl: 1' refused");
     EXPECT(cli_parse_backend("opencl:", &backend, &device) == -1, "'opencl:' refused");
+}
+
+/* ---- the notice callback, on a terminal and off one --------------------- */
+
+static void test_notice(void)
+{
+    psm_context_options options;
+    int saved_stderr = dup(STDERR_FILENO), terminal, master;
+    char *terminal_name, received[128] = "";
+    ssize_t length;
+
+    /* A file or pipe (ctest's capture): nothing is shown. */
+    if (!isatty(STDERR_FILENO)) {
+        cli_context_options_init(&options);
+        EXPECT(options.notice == NULL, "stderr is not a terminal, yet a notice callback is set");
+    }
+
+    /* A pseudo-terminal as stderr: the message arrives, prefixed. */
+    master = posix_openpt(O_RDWR | O_NOCTTY);
+    if (master < 0 || grantpt(master) != 0 || unlockpt(master) != 0 ||
+        !(terminal_name = ptsname(master)) ||
+        (terminal = open(terminal_name, O_RDWR | O_NOCTTY)) < 0) {
+        printf("SKIP notice on a terminal: no pseudo-terminal here\n");
+        if (master >= 0)
+            close(master);
+        return;
+    }
+    dup2(terminal, STDERR_FILENO);
+    cli_context_options_init(&options);
+    EXPECT(options.notice != NULL, "stderr is a terminal, yet no notice callback is set");
+    if (options.notice)
+        options.notice(options.notice_user_data, "compiling kernels (first use; cached)");
+    dup2(saved_stderr, STDERR_FILENO);
+    close(saved_stderr);
+    close(terminal);
+    length = read(master, received, sizeof received - 1);
+    received[length > 0 ? length : 0] = '\0';
+    close(master);
+    EXPECT(strncmp(received, "polysample: compiling kernels (first use; cached)",
+                   strlen("polysample: compiling kernels (first use; cached)")) == 0,
+           "the terminal received '%s'", received);
+    EXPECT(options.backend == PSM_BACKEND_AUTO && options.device_index == -1,
+           "cli_context_options_init left other defaults: backend %d device %d",
+           (int)options.backend, options.device_index);
 }
 
 /* ---- the .npy reader ------------------------------------------------------ */
@@ -407,7 +453,8 @@ int main(void)
     const char *temporary = getenv("TMPDIR");
     test_decimal();
     test_backend_device_index();
-    snprintf(directory, sizeof directory, "%s/test_cli_input.XXXXXX",
+    test_notice();
+    snprintf(directory, sizeof directory, "%s/test_cli.XXXXXX",
              temporary && temporary[0] && strlen(temporary) < 32 ? temporary : "/tmp");
     if (!mkdtemp(directory)) {
         printf("FAIL: cannot make a temporary directory %s\n", directory);
@@ -418,9 +465,9 @@ int main(void)
     test_npy_unsized();
     remove_directory();
     if (failures) {
-        printf("test_cli_input: %d failure(s)\n", failures);
+        printf("test_cli: %d failure(s)\n", failures);
         return EXIT_FAILURE;
     }
-    printf("test_cli_input: all checks passed\n");
+    printf("test_cli: all checks passed\n");
     return EXIT_SUCCESS;
 }

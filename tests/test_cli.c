@@ -79,7 +79,8 @@ static void test_decimal(void)
     expect_refused("1e3", 0, UINT64_MAX, "not a decimal number");
     expect_refused("1.0", 0, UINT64_MAX, "not a decimal number");
     expect_refused("", 0, UINT64_MAX, "empty");
-    expect_refused("18446744073709551616", 0, UINT64_MAX, "out of range (0 to 18446744073709551615)");
+    expect_refused("18446744073709551616", 0, UINT64_MAX,
+                   "out of range (0 to 18446744073709551615)");
     expect_refused("99999999999999999999999", 0, UINT64_MAX, "out of range");
     expect_refused("0", 1, 4096, "out of range (1 to 4096)");
     expect_refused("4097", 1, 4096, "out of range (1 to 4096)");
@@ -233,8 +234,9 @@ static void test_npy_well_formed(void)
     char error[512] = "";
     const char *path;
 
-    path = write_npy("good_2d.npy", 1, "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }",
-                     values, sizeof values);
+    path = write_npy("good_2d.npy", 1,
+                     "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }", values,
+                     sizeof values);
     EXPECT(cli_npy_read(path, &array, error, sizeof error) == 0, "good_2d: %s", error);
     if (array.data) {
         EXPECT(array.rows == 2 && array.vocab == 3 && array.dimensions == 2 &&
@@ -425,7 +427,8 @@ static void test_npy_unsized(void)
     snprintf(path, sizeof path, "%s/good_2d.npy", directory);
     expect_fifo("good_2d", path, 1, NULL);
     snprintf(path, sizeof path, "%s/huge_shape.npy", directory);
-    expect_fifo("huge shape", path, 0, "needs 40000000000 bytes of data after the 128-byte header, it has 40");
+    expect_fifo("huge shape", path, 0,
+                "needs 40000000000 bytes of data after the 128-byte header, it has 40");
     snprintf(path, sizeof path, "%s/long_data.npy", directory);
     expect_fifo("4 bytes too many", path, 0, "has bytes after the 24 bytes of data");
 }

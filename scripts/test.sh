@@ -140,11 +140,11 @@ build_and_test() {
 # The skips in a ctest log, grouped by backend and reason, largest group
 # first, each with its count in words and the tests it covers by program:
 #
-#   27 skipped: 26 backend/test pairs and 1 test that needs no backend, for 2 reasons:
-#     26 on cuda: no usable cuda device here (no NVIDIA driver)
-#        test_contract: bad_pointers, ...
-#     1 common: every compiled backend has a device
-#        test_validation: named_backend_without_device
+#   28 skipped: 27 backend/test pairs and 1 test that needs no backend, for 2 reasons:
+#     27 on cuda, which is not available here: no CUDA device: ...
+#        test_validation: bad_pointers_and_shapes, ...
+#     1 common test: every backend is compiled in
+#        test_validation: named_backend_not_compiled
 skip_report() {
     local detail=$1
     if [[ ! -f $detail ]]; then
@@ -157,7 +157,7 @@ skip_report() {
             line = prefix
             for (i = 1; i <= count; ++i) {
                 word = words[i]
-                if (length(line) + 1 + length(word) > 100 && line != prefix) {
+                if (length(line) + 1 + length(word) > 96 && line != prefix) {
                     out = out "\n" line
                     line = sprintf("%" length(prefix) "s", "") " " word
                 } else {
@@ -166,17 +166,16 @@ skip_report() {
             }
             out = out "\n" line
         }
-        function words_for(scope, reason,    detail) {
+        function words_for(scope, reason, n) {
             if (reason == "not listed in POLYSAMPLE_TEST_BACKENDS")
-                return "on " scope ": POLYSAMPLE_TEST_BACKENDS=" selection " leaves it out"
+                return "on " scope ", left out by POLYSAMPLE_TEST_BACKENDS=" selection
             if (reason == "not compiled in")
-                return "on " scope ": the " scope " backend is not compiled into this build"
-            if (reason ~ /^not available: /) {
-                detail = substr(reason, length("not available: ") + 1)
-                return "on " scope ": no usable " scope " device here (" detail ")"
-            }
+                return "on " scope ", which is not compiled into this build"
+            if (reason ~ /^not available: /)
+                return "on " scope ", which is not available here: " \
+                       substr(reason, length("not available: ") + 1)
             if (scope == "common")
-                return "common: " reason
+                return "common test" (n == 1 ? "" : "s") ": " reason
             return "on " scope ": " reason
         }
         /^[0-9]+\/[0-9]+ Testing: / { program = $3; next }
@@ -221,7 +220,7 @@ skip_report() {
             for (i = 1; i <= group_count; ++i) {
                 key = groups[i]
                 out = out sprintf("\n    %d %s", count[key],
-                                  words_for(group_scope[key], group_reason[key]))
+                                  words_for(group_scope[key], group_reason[key], count[key]))
                 listed = split(substr(programs[key], 2), in_order, SUBSEP)
                 for (p = 1; p <= listed; ++p) {
                     list = names[key, in_order[p]]

@@ -6,6 +6,7 @@
 #include "cli_util.h"
 #include "polysample.h"
 
+#include <errno.h>
 #include <math.h>
 #include <omp.h>
 #include <stdio.h>
@@ -45,7 +46,10 @@ static const char bench_usage[] =
     "  --seed S           seed of the random logits (default 1)\n"
     "  --quick            shapes with a tenth of the rows, ~0.5 s per case\n"
     "  --json             write JSON results to stdout instead of the table\n"
-    "  --json=PATH        write JSON results to PATH as well as the table\n";
+    "  --json=PATH        write JSON results to PATH as well as the table\n"
+    "\n"
+    "Integers are decimal digits only: no sign, spaces or 0x prefix, and a leading\n"
+    "zero is not octal (--seed 010 is ten).\n";
 
 typedef struct bench_setting {
     const char *name;
@@ -361,6 +365,12 @@ static void run_backend_cases(const bench_config *config, bench_backend *backend
         result->host_call_ms = NAN;
         result->speedup_vs_cpu = NAN;
         ++*progress;
+        /* The case is named as it starts, so a long one shows what it is. */
+        if (config->show_progress)
+            fprintf(stderr, "[%d/%d] %s %lld x %lld %s %s ... ", *progress, progress_total,
+                    psm_backend_name(backend->backend), (long long)result->which.rows,
+                    (long long)result->which.vocab, cli_dtype_name(result->which.dtype),
+                    setting->name);
         if (error[0]) {
             snprintf(result->error, sizeof result->error, "%s", error);
             result->failed = 1;
@@ -368,10 +378,6 @@ static void run_backend_cases(const bench_config *config, bench_backend *backend
             time_case(config, backend, inputs, input_count, tokens, result);
         }
         if (config->show_progress) {
-            fprintf(stderr, "[%d/%d] %s %lld x %lld %s %s: ", *progress, progress_total,
-                    psm_backend_name(backend->backend), (long long)result->which.rows,
-                    (long long)result->which.vocab, cli_dtype_name(result->which.dtype),
-                    setting->name);
             if (result->failed)
                 fprintf(stderr, "failed: %s\n", result->error);
             else
@@ -571,7 +577,7 @@ static int open_backend(const char *command, psm_backend backend, int device_ind
     opened->backend = backend;
     opened->device_index = device_index;
     opened->device = bench_device_find(backend);
-    psm_context_options_init(&options);
+    cli_context_options_init(&options);
     options.backend = backend;
     options.device_index = device_index;
     options.cpu_threads = config->threads;
@@ -644,7 +650,7 @@ int cli_bench(int argc, char **argv)
 
     for (i = 0; i < argc; ++i) {
         const char *value = NULL;
-        int64_t integer = 0;
+        uint64_t integer = 0;
         int matched;
         const char *argument = argv[i];
         if (!strcmp(argument, "--help") || !strcmp(argument, "-h")) {
@@ -689,37 +695,29 @@ int cli_bench(int argc, char **argv)
             if (setting_count < 0)
                 return CLI_EXIT_USAGE;
         } else if (BENCH_OPTION("--rows")) {
-            if (matched < 0 || cli_parse_int64(value, 1, INT32_MAX, &rows) != 0) {
-                if (matched > 0)
-                    cli_error("bench", "bad --rows '%s'", value);
+            if (matched < 0 ||
+                cli_option_decimal("bench", "--rows", value, 1, INT32_MAX, &integer) != 0)
                 return CLI_EXIT_USAGE;
-            }
+            rows = (int64_t)integer;
         } else if (BENCH_OPTION("--vocab")) {
-            if (matched < 0 || cli_parse_int64(value, 1, INT32_MAX, &vocab) != 0) {
-                if (matched > 0)
-                    cli_error("bench", "bad --vocab '%s'", value);
+            if (matched < 0 ||
+                cli_option_decimal("bench", "--vocab", value, 1, INT32_MAX, &integer) != 0)
                 return CLI_EXIT_USAGE;
-            }
+            vocab = (int64_t)integer;
         } else if (BENCH_OPTION("--repeat")) {
-            if (matched < 0 || cli_parse_int64(value, 1, BENCH_MAX_RUNS, &integer) != 0) {
-                if (matched > 0)
-                    cli_error("bench", "bad --repeat '%s' (1 to %d)", value, BENCH_MAX_RUNS);
+            if (matched < 0 ||
+                cli_option_decimal("bench", "--repeat", value, 1, BENCH_MAX_RUNS, &integer) != 0)
                 return CLI_EXIT_USAGE;
-            }
             config.repeat = (int)integer;
         } else if (BENCH_OPTION("--threads")) {
-            if (matched < 0 || cli_parse_int64(value, 1, 4096, &integer) != 0) {
-                if (matched > 0)
-                    cli_error("bench", "bad --threads '%s'", value);
+            if (matched < 0 ||
+                cli_option_decimal("bench", "--threads", value, 1, 4096, &integer) != 0)
                 return CLI_EXIT_USAGE;
-            }
             config.threads = (int)integer;
         } else if (BENCH_OPTION("--seed")) {
-            if (matched < 0 || cli_parse_uint64(value, &config.seed) != 0) {
-                if (matched > 0)
-                    cli_error("bench", "bad --seed '%s'", value);
+            if (matched < 0 ||
+                cli_option_decimal("bench", "--seed", value, 0, UINT64_MAX, &config.seed) != 0)
                 return CLI_EXIT_USAGE;
-            }
         } else {
             cli_error("bench", "unknown argument '%s' (see polysample bench --help)", argument);
             return CLI_EXIT_USAGE;
@@ -885,7 +883,7 @@ int cli_bench(int argc, char **argv)
     if (json_path) {
         FILE *out = fopen(json_path, "w");
         if (!out) {
-            cli_error("bench", "cannot write '%s'", json_path);
+            cli_error("bench", "cannot write '%s': %s", json_path, strerror(errno));
             exit_status = CLI_EXIT_FAILURE;
         } else {
             write_json(out, results, result_count);

@@ -37,7 +37,10 @@ static const char check_usage[] =
     "                  with the CPU backend, at most 5 (default: every device\n"
     "                  of every available backend)\n"
     "  --seed S        seed of the inputs and the draws (default 2026)\n"
-    "  --draws N       draws per chi-square test (default 1000000; 0 skips them)\n";
+    "  --draws N       draws per chi-square test (default 1000000; 0 skips them)\n"
+    "\n"
+    "Integers are decimal digits only: no sign, spaces or 0x prefix, and a leading\n"
+    "zero is not octal (--seed 010 is ten).\n";
 
 #define CHECK_MAX_PARTICIPANTS 12
 #define CHECK_MAX_REPORTED 10
@@ -152,7 +155,7 @@ static int open_participant(participant *opened, const char *name, psm_backend b
     memset(opened, 0, sizeof *opened);
     snprintf(opened->name, sizeof opened->name, "%s", name);
     opened->backend = backend;
-    psm_context_options_init(&options);
+    cli_context_options_init(&options);
     options.backend = backend;
     options.device_index = device_index;
     options.cpu_threads = threads;
@@ -902,29 +905,26 @@ int cli_check(int argc, char **argv)
     memset(&state, 0, sizeof state);
     for (p = 0; p < argc; ++p) {
         const char *value = NULL;
+        uint64_t integer = 0;
         int matched;
         if (!strcmp(argv[p], "--help") || !strcmp(argv[p], "-h")) {
             fputs(check_usage, stdout);
             return CLI_EXIT_OK;
         }
         if ((matched = cli_match_option("check", argc, argv, &p, "--rows", &value)) != 0) {
-            if (matched < 0 || cli_parse_int64(value, 1, INT32_MAX, &row_budget) != 0) {
-                if (matched > 0)
-                    cli_error("check", "bad --rows '%s'", value);
+            if (matched < 0 ||
+                cli_option_decimal("check", "--rows", value, 1, INT32_MAX, &integer) != 0)
                 return CLI_EXIT_USAGE;
-            }
+            row_budget = (int64_t)integer;
         } else if ((matched = cli_match_option("check", argc, argv, &p, "--draws", &value)) != 0) {
-            if (matched < 0 || cli_parse_int64(value, 0, 100000000, &draws) != 0) {
-                if (matched > 0)
-                    cli_error("check", "bad --draws '%s' (0 to 10^8)", value);
+            if (matched < 0 ||
+                cli_option_decimal("check", "--draws", value, 0, 100000000, &integer) != 0)
                 return CLI_EXIT_USAGE;
-            }
+            draws = (int64_t)integer;
         } else if ((matched = cli_match_option("check", argc, argv, &p, "--seed", &value)) != 0) {
-            if (matched < 0 || cli_parse_uint64(value, &seed) != 0) {
-                if (matched > 0)
-                    cli_error("check", "bad --seed '%s'", value);
+            if (matched < 0 ||
+                cli_option_decimal("check", "--seed", value, 0, UINT64_MAX, &seed) != 0)
                 return CLI_EXIT_USAGE;
-            }
         } else if ((matched = cli_match_option("check", argc, argv, &p, "--backend", &value)) != 0) {
             if (matched < 0)
                 return CLI_EXIT_USAGE;

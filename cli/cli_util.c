@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 void cli_error(const char *command, const char *format, ...)
 {
@@ -22,9 +23,25 @@ void cli_error(const char *command, const char *format, ...)
 
 void cli_library_error(const char *command, const char *what, psm_status status)
 {
+    /* The library's message is whole (it says what the status stands for and
+     * more), so it is said alone; the status's words are for when there is
+     * none. */
     const char *detail = psm_last_error();
-    cli_error(command, "%s failed: %s%s%s", what, psm_status_string(status),
-              detail && detail[0] ? ": " : "", detail ? detail : "");
+    cli_error(command, "%s failed: %s", what,
+              detail && detail[0] ? detail : psm_status_string(status));
+}
+
+static void notice_on_stderr(void *user_data, const char *message)
+{
+    (void)user_data;
+    fprintf(stderr, "polysample: %s\n", message);
+}
+
+void cli_context_options_init(psm_context_options *options)
+{
+    psm_context_options_init(options);
+    if (isatty(STDERR_FILENO))
+        options->notice = notice_on_stderr;
 }
 
 int cli_match_option(const char *command, int argc, char **argv, int *index, const char *name,
@@ -49,32 +66,41 @@ int cli_match_option(const char *command, int argc, char **argv, int *index, con
     return 1;
 }
 
-int cli_parse_int64(const char *text, int64_t min, int64_t max, int64_t *value)
+int cli_parse_decimal(const char *text, uint64_t min, uint64_t max, uint64_t *value,
+                      char *problem, size_t problem_size)
 {
-    char *end = NULL;
-    long long parsed;
-    if (!text || !text[0])
+    uint64_t parsed = 0;
+    int overflow = 0;
+    const char *digit;
+    if (!text || !text[0] || strspn(text, "0123456789") != strlen(text)) {
+        if (problem)
+            snprintf(problem, problem_size, "%s (%s)",
+                     text && text[0] ? "not a decimal number" : "empty", CLI_DECIMAL_RULE);
         return -1;
-    errno = 0;
-    parsed = strtoll(text, &end, 10);
-    if (errno != 0 || *end != '\0' || parsed < min || parsed > max)
+    }
+    for (digit = text; *digit && !overflow; ++digit) {
+        uint64_t next = (uint64_t)(*digit - '0');
+        overflow = parsed > (UINT64_MAX - next) / 10;
+        parsed = parsed * 10 + next;
+    }
+    if (overflow || parsed < min || parsed > max) {
+        if (problem)
+            snprintf(problem, problem_size, "out of range (%llu to %llu)", (unsigned long long)min,
+                     (unsigned long long)max);
         return -1;
-    *value = (int64_t)parsed;
+    }
+    *value = parsed;
     return 0;
 }
 
-int cli_parse_uint64(const char *text, uint64_t *value)
+int cli_option_decimal(const char *command, const char *option, const char *text, uint64_t min,
+                       uint64_t max, uint64_t *value)
 {
-    char *end = NULL;
-    unsigned long long parsed;
-    if (!text || !text[0] || text[0] == '-')
-        return -1;
-    errno = 0;
-    parsed = strtoull(text, &end, 0);
-    if (errno != 0 || *end != '\0')
-        return -1;
-    *value = (uint64_t)parsed;
-    return 0;
+    char problem[128];
+    if (cli_parse_decimal(text, min, max, value, problem, sizeof problem) == 0)
+        return 0;
+    cli_error(command, "bad %s '%s': %s", option, text ? text : "", problem);
+    return -1;
 }
 
 int cli_parse_float(const char *text, float *value)
@@ -110,12 +136,12 @@ int cli_parse_backend(const char *text, psm_backend *backend, int *device_index)
     name_length = colon ? (size_t)(colon - text) : strlen(text);
     for (i = 0; i < sizeof names / sizeof names[0]; ++i) {
         if (strlen(names[i].name) == name_length && strncmp(text, names[i].name, name_length) == 0) {
-            int64_t index = -1;
+            uint64_t index = 0;
             if (colon && (names[i].backend == PSM_BACKEND_AUTO ||
-                          cli_parse_int64(colon + 1, 0, 1024, &index) != 0))
+                          cli_parse_decimal(colon + 1, 0, 1024, &index, NULL, 0) != 0))
                 return -1;
             *backend = names[i].backend;
-            *device_index = (int)index;
+            *device_index = colon ? (int)index : -1;
             return 0;
         }
     }

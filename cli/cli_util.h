@@ -23,8 +23,15 @@ void cli_error(const char *command, const char *format, ...)
 #endif
     ;
 
-/* Prints a failed library call with its status and psm_last_error(). */
+/* Prints "<what> failed: " and psm_last_error(), or the status's words when
+ * the library left no message. */
 void cli_library_error(const char *command, const char *what, psm_status status);
+
+/* psm_context_options_init, plus a notice callback that shows the library's
+ * reports of long steps (compiling OpenCL kernels at first use, say) as
+ * "polysample: <message>" on stderr when stderr is a terminal, so that a
+ * wait is explained; elsewhere they are not shown. */
+void cli_context_options_init(psm_context_options *options);
 
 /* Matches argv[*index] against an option that takes a value, written
  * "--name VALUE" or "--name=VALUE". Returns 1 with *value set (advancing
@@ -33,9 +40,23 @@ void cli_library_error(const char *command, const char *what, psm_status status)
 int cli_match_option(const char *command, int argc, char **argv, int *index, const char *name,
                      const char **value);
 
-/* Strict parsers: the whole text must be a number in range. 0 on success. */
-int cli_parse_int64(const char *text, int64_t min, int64_t max, int64_t *value);
-int cli_parse_uint64(const char *text, uint64_t *value);
+/* Every integer the tool reads is written in decimal: one or more digits 0-9
+ * and nothing else. No sign, no spaces, no base prefix; leading zeros do not
+ * mean octal ("010" is ten, "08" is eight, "0x10" is refused). */
+#define CLI_DECIMAL_RULE "decimal digits only: no sign, spaces or 0x prefix"
+
+/* Parses a strict decimal integer in [min, max]. 0 on success; otherwise -1
+ * and, when problem is not NULL, a few words in it saying why (e.g. "not a
+ * decimal number (...)" or "out of range (1 to 4096)"). */
+int cli_parse_decimal(const char *text, uint64_t min, uint64_t max, uint64_t *value,
+                      char *problem, size_t problem_size);
+
+/* The value of an integer option, e.g. "--threads": as cli_parse_decimal,
+ * printing "bad --threads '<text>': <why>" on failure. */
+int cli_option_decimal(const char *command, const char *option, const char *text, uint64_t min,
+                       uint64_t max, uint64_t *value);
+
+/* Strict float: the whole text must be a number (NaN refused). 0 on success. */
 int cli_parse_float(const char *text, float *value);
 
 /* "auto", "cpu", "cuda", "hip", "opencl", optionally ":N" for a device. */

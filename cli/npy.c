@@ -2,13 +2,18 @@
  * length (2 bytes in version 1, 4 in versions 2 and 3, little end first),
  * then a Python dict literal with 'descr', 'fortran_order' and 'shape',
  * then the raw elements. */
+#define _POSIX_C_SOURCE 200809L
 #include "npy.h"
 
+#include "cli_util.h"
+
 #include <ctype.h>
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #define NPY_MAX_HEADER_BYTES (1u << 20)
 
@@ -113,24 +118,86 @@ static int parse_shape(const char *value, int64_t *extent, int *dimensions, char
     return 0;
 }
 
+/* The shape as written, "(R, V)" or "(V,)", for messages. */
+static void describe_shape(const int64_t *extent, int dimensions, char *text, size_t size)
+{
+    if (dimensions == 2)
+        snprintf(text, size, "(%lld, %lld)", (long long)extent[0], (long long)extent[1]);
+    else
+        snprintf(text, size, "(%lld,)", (long long)extent[0]);
+}
+
+/* Reads the data of a file whose size is not known in advance (a pipe, say):
+ * the buffer grows with what actually arrives, so a header that claims more
+ * than is sent costs no more memory than the bytes that came. Reads at most
+ * one byte past `expected`, which tells a surplus from an exact fit; *got is
+ * the count read. NULL when out of memory. */
+static unsigned char *read_unsized(FILE *file, size_t expected, size_t *got)
+{
+    const size_t first_capacity = (size_t)1 << 20;
+    size_t limit = expected < SIZE_MAX ? expected + 1 : expected;
+    size_t capacity = 0, used = 0;
+    unsigned char *buffer = NULL;
+    while (used < limit) {
+        size_t wanted, chunk;
+        if (used == capacity) {
+            size_t grown = capacity == 0 ? first_capacity : capacity * 2;
+            unsigned char *larger;
+            if (grown > limit || grown < capacity)
+                grown = limit;
+            larger = realloc(buffer, grown);
+            if (!larger) {
+                free(buffer);
+                return NULL;
+            }
+            buffer = larger;
+            capacity = grown;
+        }
+        wanted = capacity - used;
+        chunk = fread(buffer + used, 1, wanted, file);
+        used += chunk;
+        if (chunk < wanted)
+            break;
+    }
+    *got = used;
+    return buffer;
+}
+
 int cli_npy_read(const char *path, cli_npy_array *array, char *error, size_t error_size)
 {
     unsigned char preamble[12];
-    size_t header_length, element_size, count, i;
+    size_t header_length, element_size, preamble_length = 10, i;
     char *header = NULL;
     const char *fortran;
     int swap_bytes = 0, dimensions = 0;
     int64_t extent[2] = {0, 0};
+    uint64_t count, data_bytes, file_bytes = 0;
+    char shape[64];
     psm_dtype dtype = PSM_DTYPE_F32;
+    struct stat status;
+    int sized;
+    size_t got;
     FILE *file;
 
     memset(array, 0, sizeof *array);
     file = fopen(path, "rb");
     if (!file)
-        return fail(error, error_size, "cannot open '%s'", path);
-    if (fread(preamble, 1, 10, file) != 10 || memcmp(preamble, "\x93NUMPY", 6) != 0) {
+        return fail(error, error_size, "cannot open '%s': %s", path, strerror(errno));
+    /* A regular file's size is known before anything is allocated. */
+    sized = fstat(fileno(file), &status) == 0 && S_ISREG(status.st_mode);
+    if (sized)
+        file_bytes = (uint64_t)status.st_size;
+    got = fread(preamble, 1, 10, file);
+    if (got != 10 && ferror(file)) {
+        int reason = errno;
         fclose(file);
-        return fail(error, error_size, "'%s' is not a .npy file (bad magic)", path);
+        return fail(error, error_size, "cannot read '%s': %s", path, strerror(reason));
+    }
+    if (got != 10 || memcmp(preamble, "\x93NUMPY", 6) != 0) {
+        int short_file = got < 10 && memcmp(preamble, "\x93NUMPY", got < 6 ? got : 6) == 0;
+        fclose(file);
+        return fail(error, error_size, "'%s' is not a .npy file (%s)", path,
+                    short_file ? "shorter than the 10-byte preamble" : "bad magic");
     }
     if (preamble[6] == 1) {
         header_length = (size_t)preamble[8] | ((size_t)preamble[9] << 8);
@@ -139,6 +206,7 @@ int cli_npy_read(const char *path, cli_npy_array *array, char *error, size_t err
             fclose(file);
             return fail(error, error_size, "'%s' is truncated in its header", path);
         }
+        preamble_length = 12;
         header_length = (size_t)preamble[8] | ((size_t)preamble[9] << 8) |
                         ((size_t)preamble[10] << 16) | ((size_t)preamble[11] << 24);
     } else {
@@ -149,6 +217,13 @@ int cli_npy_read(const char *path, cli_npy_array *array, char *error, size_t err
         fclose(file);
         return fail(error, error_size, "'%s' has an implausible header length %zu", path,
                     header_length);
+    }
+    if (sized && file_bytes < preamble_length + header_length) {
+        fclose(file);
+        return fail(error, error_size,
+                    "'%s' is truncated in its header: it declares %zu header bytes after the "
+                    "%zu-byte preamble; the file has %llu bytes in all",
+                    path, header_length, preamble_length, (unsigned long long)file_bytes);
     }
     header = malloc(header_length + 1);
     if (!header) {
@@ -169,9 +244,12 @@ int cli_npy_read(const char *path, cli_npy_array *array, char *error, size_t err
 
     if (parse_descr(find_value(header, "descr"), &dtype, &swap_bytes, error, error_size) != 0 ||
         parse_shape(find_value(header, "shape"), extent, &dimensions, error, error_size) != 0) {
+        /* The parsers' messages do not name the file. */
+        char detail[256];
+        snprintf(detail, sizeof detail, "%s", error);
         free(header);
         fclose(file);
-        return -1;
+        return fail(error, error_size, "'%s': %s", path, detail);
     }
     fortran = find_value(header, "fortran_order");
     if (!fortran || (strncmp(fortran, "False", 5) != 0 && strncmp(fortran, "True", 4) != 0)) {
@@ -179,6 +257,7 @@ int cli_npy_read(const char *path, cli_npy_array *array, char *error, size_t err
         fclose(file);
         return fail(error, error_size, "'%s' header has no valid 'fortran_order'", path);
     }
+    /* Fortran order is the same bytes as C order when a dimension is 1. */
     if (strncmp(fortran, "True", 4) == 0 && dimensions == 2 && extent[0] > 1 && extent[1] > 1) {
         free(header);
         fclose(file);
@@ -186,45 +265,92 @@ int cli_npy_read(const char *path, cli_npy_array *array, char *error, size_t err
     }
     free(header);
 
+    describe_shape(extent, dimensions, shape, sizeof shape);
     array->dimensions = dimensions;
     array->rows = dimensions == 2 ? extent[0] : 1;
     array->vocab = dimensions == 2 ? extent[1] : extent[0];
     array->dtype = dtype;
     if (array->rows < 1 || array->vocab < 1) {
         fclose(file);
-        return fail(error, error_size, "'%s' is empty (shape has a zero)", path);
+        return fail(error, error_size, "'%s' is empty (shape %s has a zero)", path, shape);
     }
     if (array->vocab > INT32_MAX) {
         fclose(file);
-        return fail(error, error_size, "'%s': a row of %lld logits is too long", path,
-                    (long long)array->vocab);
+        return fail(error, error_size, "'%s': a row of %lld logits is too long (at most 2^31 - 1)",
+                    path, (long long)array->vocab);
     }
     element_size = dtype == PSM_DTYPE_F32 ? 4 : 2;
-    if ((uint64_t)array->rows > (uint64_t)(SIZE_MAX / element_size) / (uint64_t)array->vocab) {
+    /* rows and vocab are each below 2^63, so both products are checked. */
+    if ((uint64_t)array->rows > UINT64_MAX / (uint64_t)array->vocab ||
+        (uint64_t)array->rows * (uint64_t)array->vocab > UINT64_MAX / element_size) {
         fclose(file);
-        return fail(error, error_size, "'%s' is too large", path);
+        return fail(error, error_size,
+                    "'%s' declares shape %s, whose size in bytes does not fit in 64 bits", path,
+                    shape);
     }
-    count = (size_t)array->rows * (size_t)array->vocab;
-    array->data = malloc(count * element_size);
-    if (!array->data) {
+    count = (uint64_t)array->rows * (uint64_t)array->vocab;
+    data_bytes = count * element_size;
+    if (sized && file_bytes - (preamble_length + header_length) != data_bytes) {
+        uint64_t present = file_bytes - (preamble_length + header_length);
         fclose(file);
-        return fail(error, error_size, "out of memory for %zu elements of '%s'", count, path);
+        if (present < data_bytes)
+            return fail(error, error_size,
+                        "'%s' is truncated: shape %s of %s needs %llu bytes of data after the "
+                        "%zu-byte header, the file has %llu (%llu bytes in all)",
+                        path, shape, cli_dtype_name(dtype), (unsigned long long)data_bytes,
+                        preamble_length + header_length, (unsigned long long)present,
+                        (unsigned long long)file_bytes);
+        return fail(error, error_size,
+                    "'%s' has %llu bytes after the %llu bytes of data its shape %s of %s "
+                    "describes", path, (unsigned long long)(present - data_bytes),
+                    (unsigned long long)data_bytes, shape, cli_dtype_name(dtype));
     }
-    if (fread(array->data, element_size, count, file) != count) {
-        cli_npy_free(array);
+    if (data_bytes > SIZE_MAX) {
         fclose(file);
-        return fail(error, error_size, "'%s' is truncated: its shape needs %zu bytes of data",
-                    path, count * element_size);
+        return fail(error, error_size, "'%s' (shape %s) does not fit in this machine's memory",
+                    path, shape);
     }
-    if (fgetc(file) != EOF) {
-        cli_npy_free(array);
-        fclose(file);
-        return fail(error, error_size, "'%s' has bytes after the data its shape describes", path);
+    if (sized) {
+        array->data = malloc((size_t)data_bytes);
+        if (!array->data) {
+            fclose(file);
+            return fail(error, error_size, "out of memory for the %llu bytes of '%s' (shape %s)",
+                        (unsigned long long)data_bytes, path, shape);
+        }
+        if (fread(array->data, 1, (size_t)data_bytes, file) != data_bytes) {
+            int read_error = ferror(file), reason = errno;
+            cli_npy_free(array);
+            fclose(file);
+            return fail(error, error_size, "cannot read '%s': %s", path,
+                        read_error ? strerror(reason) : "the file shrank while being read");
+        }
+    } else {
+        size_t present = 0;
+        array->data = read_unsized(file, (size_t)data_bytes, &present);
+        if (!array->data) {
+            fclose(file);
+            return fail(error, error_size, "out of memory reading the data of '%s' (shape %s)",
+                        path, shape);
+        }
+        if (present != data_bytes) {
+            cli_npy_free(array);
+            fclose(file);
+            if (present < data_bytes)
+                return fail(error, error_size,
+                            "'%s' is truncated: shape %s of %s needs %llu bytes of data after "
+                            "the %zu-byte header, it has %zu",
+                            path, shape, cli_dtype_name(dtype), (unsigned long long)data_bytes,
+                            preamble_length + header_length, present);
+            return fail(error, error_size,
+                        "'%s' has bytes after the %llu bytes of data its shape %s of %s "
+                        "describes", path, (unsigned long long)data_bytes, shape,
+                        cli_dtype_name(dtype));
+        }
     }
     fclose(file);
     if (swap_bytes) {
         unsigned char *bytes = array->data;
-        for (i = 0; i < count; ++i) {
+        for (i = 0; i < (size_t)count; ++i) {
             unsigned char *element = bytes + i * element_size;
             size_t low, high;
             for (low = 0, high = element_size - 1; low < high; ++low, --high) {

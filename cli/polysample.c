@@ -60,7 +60,7 @@ static int cli_info(int argc, char **argv)
 
     printf("\nPOLYSAMPLE_BACKEND: %s\n",
            environment_backend && environment_backend[0] ? environment_backend : "(unset)");
-    psm_context_options_init(&options);
+    cli_context_options_init(&options);
     status = psm_context_create(&options, &context);
     if (status != PSM_OK) {
         printf("auto: no backend could be selected\n");

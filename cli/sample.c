@@ -23,13 +23,17 @@ static const char sample_usage[] =
     "  --top-k K            keep the K most probable tokens (0 = off, default)\n"
     "  --top-p P            keep the smallest set reaching mass P, in (0, 1] (1 = off)\n"
     "  --min-p P            keep tokens at least P times the top probability (0 = off)\n"
-    "  --seed S             random seed (default 0)\n"
-    "  --offset O           random stream offset, e.g. the decoding step (default 0)\n"
+    "  --seed S             random seed, 0 to 2^64 - 1 (default 0)\n"
+    "  --offset O           random stream offset, e.g. the decoding step, 0 to\n"
+    "                       2^64 - 1 (default 0)\n"
     "  --num-samples N      tokens per row, drawn with replacement (default 1)\n"
     "  --logprobs           also print each token's log-probability\n"
     "  --check-rows         fail on a row with NaN/+inf or no finite logit\n"
     "                       (by default such a row gets token -1)\n"
-    "  --json               write {\"tokens\": [[...]], \"logprobs\": [[...]]} instead\n";
+    "  --json               write {\"tokens\": [[...]], \"logprobs\": [[...]]} instead\n"
+    "\n"
+    "Integers are decimal digits only: no sign, spaces or 0x prefix, and a leading\n"
+    "zero is not octal (--seed 010 is ten).\n";
 
 static void print_logprob(float value, int json)
 {
@@ -83,6 +87,35 @@ static void print_results(const int32_t *tokens, const float *logprobs, int64_t 
     }
 }
 
+/* Why --check-rows refused the input: the first row with a NaN or +inf
+ * logit, or with no finite one, and what is wrong with it. The command's
+ * parameters were already accepted, so a refused row is one of these.
+ * 0 when no such row is found. */
+static int describe_bad_row(const cli_npy_array *array, char *text, size_t size)
+{
+    int64_t row, token;
+    for (row = 0; row < array->rows; ++row) {
+        int any_finite = 0;
+        for (token = 0; token < array->vocab; ++token) {
+            int64_t index = row * array->vocab + token;
+            float value = array->dtype == PSM_DTYPE_F32
+                              ? ((const float *)array->data)[index]
+                              : cli_f16_to_float(((const uint16_t *)array->data)[index]);
+            if (isnan(value) || (isinf(value) && value > 0)) {
+                snprintf(text, size, "row %lld has a %s logit (token %lld)", (long long)row,
+                         isnan(value) ? "NaN" : "+inf", (long long)token);
+                return 1;
+            }
+            any_finite |= isfinite(value);
+        }
+        if (!any_finite) {
+            snprintf(text, size, "row %lld has no finite logit (all are -inf)", (long long)row);
+            return 1;
+        }
+    }
+    return 0;
+}
+
 int cli_sample(int argc, char **argv)
 {
     psm_context_options options;
@@ -100,11 +133,11 @@ int cli_sample(int argc, char **argv)
     int exit_status = CLI_EXIT_OK;
     int i;
 
-    psm_context_options_init(&options);
+    cli_context_options_init(&options);
     psm_params_init(&params);
     for (i = 0; i < argc; ++i) {
         const char *value = NULL;
-        int64_t integer = 0;
+        uint64_t integer = 0;
         int matched;
         const char *argument = argv[i];
         if (!strcmp(argument, "--help") || !strcmp(argument, "-h")) {
@@ -134,11 +167,9 @@ int cli_sample(int argc, char **argv)
                 return CLI_EXIT_USAGE;
             }
         } else if (SAMPLE_OPTION("--threads")) {
-            if (matched < 0 || cli_parse_int64(value, 1, 4096, &integer) != 0) {
-                if (matched > 0)
-                    cli_error("sample", "bad --threads '%s' (1 to 4096)", value);
+            if (matched < 0 ||
+                cli_option_decimal("sample", "--threads", value, 1, 4096, &integer) != 0)
                 return CLI_EXIT_USAGE;
-            }
             options.cpu_threads = (int)integer;
         } else if (SAMPLE_OPTION("--temperature")) {
             if (matched < 0 || cli_parse_float(value, &params.temperature) != 0) {
@@ -147,11 +178,9 @@ int cli_sample(int argc, char **argv)
                 return CLI_EXIT_USAGE;
             }
         } else if (SAMPLE_OPTION("--top-k")) {
-            if (matched < 0 || cli_parse_int64(value, 0, INT32_MAX, &integer) != 0) {
-                if (matched > 0)
-                    cli_error("sample", "bad --top-k '%s' (0 to 2^31 - 1)", value);
+            if (matched < 0 ||
+                cli_option_decimal("sample", "--top-k", value, 0, INT32_MAX, &integer) != 0)
                 return CLI_EXIT_USAGE;
-            }
             params.top_k = (int32_t)integer;
         } else if (SAMPLE_OPTION("--top-p")) {
             if (matched < 0 || cli_parse_float(value, &params.top_p) != 0) {
@@ -166,23 +195,17 @@ int cli_sample(int argc, char **argv)
                 return CLI_EXIT_USAGE;
             }
         } else if (SAMPLE_OPTION("--seed")) {
-            if (matched < 0 || cli_parse_uint64(value, &params.seed) != 0) {
-                if (matched > 0)
-                    cli_error("sample", "bad --seed '%s' (an unsigned 64-bit integer)", value);
+            if (matched < 0 ||
+                cli_option_decimal("sample", "--seed", value, 0, UINT64_MAX, &params.seed) != 0)
                 return CLI_EXIT_USAGE;
-            }
         } else if (SAMPLE_OPTION("--offset")) {
-            if (matched < 0 || cli_parse_uint64(value, &params.offset) != 0) {
-                if (matched > 0)
-                    cli_error("sample", "bad --offset '%s' (an unsigned 64-bit integer)", value);
+            if (matched < 0 ||
+                cli_option_decimal("sample", "--offset", value, 0, UINT64_MAX, &params.offset) != 0)
                 return CLI_EXIT_USAGE;
-            }
         } else if (SAMPLE_OPTION("--num-samples")) {
-            if (matched < 0 || cli_parse_int64(value, 1, INT32_MAX, &integer) != 0) {
-                if (matched > 0)
-                    cli_error("sample", "bad --num-samples '%s' (1 to 2^31 - 1)", value);
+            if (matched < 0 ||
+                cli_option_decimal("sample", "--num-samples", value, 1, INT32_MAX, &integer) != 0)
                 return CLI_EXIT_USAGE;
-            }
             params.num_samples = (int32_t)integer;
         } else if (argument[0] == '-' && argument[1] != '\0') {
             cli_error("sample", "unknown option '%s' (see polysample sample --help)", argument);
@@ -236,6 +259,12 @@ int cli_sample(int argc, char **argv)
     status = psm_sample(context, &logits, &params, token_output, logprob_output);
     if (status == PSM_OK)
         status = psm_synchronize(context);
+    if (status == PSM_ERR_BAD_ROW && describe_bad_row(&array, error, sizeof error)) {
+        cli_error("sample", "%s; --check-rows refuses such a row (without it the row gets "
+                            "token -1)", error);
+        exit_status = CLI_EXIT_FAILURE;
+        goto done;
+    }
     if (status != PSM_OK) {
         cli_library_error("sample", "psm_sample", status);
         /* An out-of-range flag is the caller's mistake, not a failure. */

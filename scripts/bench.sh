@@ -6,6 +6,10 @@
 # Environment: BUILD_DIR reuses an existing build (default: build/, made
 # Release without tests when absent).
 #
+# Each step prints one line on stderr; apt's and the build's output go to
+# ${BUILD_DIR}-logs/ (packages.log, bench-build.log), and a failed step
+# shows the end of its log.
+#
 # Without --all it benchmarks the backend AUTO selects (POLYSAMPLE_BACKEND
 # steers it); with --all, every available backend (the CPU one included, so
 # the table has speedups over it). The table goes to stdout and the JSON to
@@ -33,6 +37,25 @@ for argument in "$@"; do
   esac
 done
 
+# Each step is one line on stderr; the output of apt and of the build goes to
+# log files, whose end is shown when a step fails.
+log_dir="${build}-logs"
+say() { printf '== %s\n' "$*" >&2; }
+# Runs a command with its output appended to a log; $1 says what it does, $2
+# is the log.
+step() {
+  local what=$1 log=$2
+  shift 2
+  say "${what} ... (log: ${log})"
+  printf '\n$ %s\n' "$*" >>"${log}"
+  if "$@" >>"${log}" 2>&1; then
+    return 0
+  fi
+  echo "bench.sh: ${what} failed; the end of ${log}:" >&2
+  tail -n 20 "${log}" | sed 's/^/   | /' >&2
+  return 1
+}
+
 # The same Debian packages as scripts/test.sh, installed when missing and root.
 packages=(check pkg-config cmake build-essential pocl-opencl-icd ocl-icd-opencl-dev
           opencl-headers hipcc libamdhip64-dev)
@@ -48,20 +71,29 @@ if (( install )) && [[ "$(id -u)" == 0 ]] && command -v dpkg-query >/dev/null &&
     fi
   done
   if (( ${#missing[@]} )); then
-    echo "bench.sh: installing ${missing[*]}" >&2
+    mkdir -p "${log_dir}"
     # A machine without a package mirror still runs the benchmark with what
     # it has: a backend whose toolchain is missing is simply left out.
-    if ! { timeout 300 apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-           timeout 900 apt-get install -y -qq --no-install-recommends "${missing[@]}"; }; then
-      echo "bench.sh: could not install ${missing[*]}; continuing without them" >&2
+    if ! { step "packages: updating the package lists" "${log_dir}/packages.log" \
+             timeout 300 apt-get update &&
+           step "packages: installing ${missing[*]}" "${log_dir}/packages.log" \
+             env DEBIAN_FRONTEND=noninteractive timeout 900 \
+             apt-get install -y --no-install-recommends "${missing[@]}"; }; then
+      say "packages: continuing without ${missing[*]}"
     fi
   fi
 fi
 
+mkdir -p "${log_dir}"
+build_log="${log_dir}/bench-build.log"
+: >"${build_log}"
 if [[ ! -f "${build}/CMakeCache.txt" ]]; then
-  cmake -S "${root}" -B "${build}" -DCMAKE_BUILD_TYPE=Release -DPSM_BUILD_TESTS=OFF >/dev/null
+  step "configure (Release, ${build})" "${build_log}" \
+    cmake -S "${root}" -B "${build}" -DCMAKE_BUILD_TYPE=Release -DPSM_BUILD_TESTS=OFF || exit 1
 fi
-cmake --build "${build}" --target polysample_cli --parallel "$(nproc 2>/dev/null || echo 2)" >/dev/null
+step "build polysample" "${build_log}" \
+  cmake --build "${build}" --target polysample_cli --parallel "$(nproc 2>/dev/null || echo 2)" ||
+  exit 1
 
 backend_option=(--backend auto)
 if (( all )); then
@@ -75,6 +107,8 @@ done
 json="${build}/bench.json"
 "${build}/cli/polysample" info
 echo
+# On a terminal, polysample bench names each case on stderr as it starts.
+say "polysample bench ${backend_option[*]} ${passed[*]}"
 status=0
 "${build}/cli/polysample" bench "${backend_option[@]}" "${passed[@]}" "--json=${json}" || status=$?
 echo

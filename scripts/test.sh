@@ -3,7 +3,10 @@
 # suite and runs it, then builds and runs the whole suite again under
 # AddressSanitizer + UndefinedBehaviorSanitizer, then the OpenCL tests once
 # more with the backend forced onto its large-vocabulary path, and prints a
-# summary.
+# summary: per build, the ctest result, the backends that ran, and every
+# skipped test grouped by backend and reason.
+# As root, missing Debian packages are installed first (apt's output goes to
+# $BUILD_DIR-logs/packages.log).
 # Exits non-zero when any build or test fails.
 #
 # Environment:
@@ -29,9 +32,12 @@ say() { printf '== %s\n' "$*"; }
 # ---- packages ----------------------------------------------------------------
 # Needed to build and test at all, and the toolchains of the optional
 # backends (OpenCL on PoCL's CPU device, HIP). As root, missing ones are
-# installed; an optional one that cannot be installed only turns its backend off.
+# installed, with apt's output in $log_dir/packages.log and one line per step
+# here; an optional one that cannot be installed only turns its backend off.
 required_packages=(check pkg-config cmake build-essential)
 optional_packages=(pocl-opencl-icd ocl-icd-opencl-dev opencl-headers hipcc libamdhip64-dev)
+log_dir=$build_dir-logs
+package_log=$log_dir/packages.log
 
 missing_packages() {
     local package
@@ -40,19 +46,37 @@ missing_packages() {
     done
 }
 
+# Runs one apt-get step with its output appended to the package log; on
+# failure the log's tail is shown. $1 says what the step does.
+apt_step() {
+    local what=$1
+    shift
+    say "packages: $what ... (log: $package_log)"
+    printf '\n$ apt-get %s\n' "$*" >>"$package_log"
+    if apt-get "$@" >>"$package_log" 2>&1; then
+        return 0
+    fi
+    printf '   apt-get %s failed; the end of %s:\n' "$1" "$package_log"
+    tail -n 5 "$package_log" | sed 's/^/   | /'
+    return 1
+}
+
 if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1 && command -v dpkg >/dev/null 2>&1; then
     mapfile -t missing_required < <(missing_packages "${required_packages[@]}")
     mapfile -t missing_optional < <(missing_packages "${optional_packages[@]}")
     if (( ${#missing_required[@]} + ${#missing_optional[@]} > 0 )); then
-        say "installing missing packages: ${missing_required[*]} ${missing_optional[*]}"
         export DEBIAN_FRONTEND=noninteractive
-        apt-get update
+        mkdir -p "$log_dir"
+        : >"$package_log"
+        apt_step "updating the package lists" update || true
         if (( ${#missing_required[@]} > 0 )); then
-            apt-get install -y --no-install-recommends "${missing_required[@]}"
+            apt_step "installing ${missing_required[*]} (required)" \
+                install -y --no-install-recommends "${missing_required[@]}" || exit 1
         fi
         for package in "${missing_optional[@]}"; do
-            apt-get install -y --no-install-recommends "$package" ||
-                say "could not install optional package $package; its backend stays off"
+            apt_step "installing $package (optional)" \
+                install -y --no-install-recommends "$package" ||
+                say "packages: $package not installed; its backend stays off"
         done
     fi
 else
@@ -101,15 +125,114 @@ build_and_test() {
     (( status == 0 )) || failures+=("$label: ctest failed (see $log)")
 
     # Each test program prints "summary: <name>: N run, F failed, S skipped;
-    # backends run: a,b" (tests/harness.c); ctest keeps all output here.
+    # backends run: a,b" and a "SKIP [backend] test: reason" line per skip
+    # (tests/harness.c); ctest keeps all output here.
     local detail=$dir/Testing/Temporary/LastTest.log
-    local passed backends skipped
+    local passed backends
     passed=$(grep -E '[0-9]+% tests passed' "$log" | tail -n 1 || true)
     backends=$(grep -ho 'backends run: [a-z,]*' "$detail" 2>/dev/null |
         sed 's/backends run: //' | tr ',' '\n' | grep -v -e '^none$' -e '^$' | sort -u |
         paste -sd, - || true)
-    skipped=$(grep -h '^skipped: ' "$detail" 2>/dev/null | awk '{sum += $2} END {print sum + 0}')
-    summaries+=("$label: ${passed:-no ctest result}; backends run: ${backends:-none}; skipped backend/test pairs: $skipped")
+    summaries+=("$label: ${passed:-no ctest result}; backends run: ${backends:-none}")
+    summaries+=("$(skip_report "$detail")")
+}
+
+# The skips in a ctest log, grouped by backend and reason, largest group
+# first, each with its count in words and the tests it covers by program:
+#
+#   28 skipped: 27 backend/test pairs and 1 test that needs no backend, for 2 reasons:
+#     27 on cuda, which is not available here: no CUDA device: ...
+#        test_validation: bad_pointers_and_shapes, ...
+#     1 common test: every backend is compiled in
+#        test_validation: named_backend_not_compiled
+skip_report() {
+    local detail=$1
+    if [[ ! -f $detail ]]; then
+        printf '  no test log (%s), so no skip report' "$detail"
+        return
+    fi
+    awk -v selection="${POLYSAMPLE_TEST_BACKENDS:-}" '
+        function wrap(prefix, text,    line, word, count, i, words) {
+            count = split(text, words, " ")
+            line = prefix
+            for (i = 1; i <= count; ++i) {
+                word = words[i]
+                if (length(line) + 1 + length(word) > 96 && line != prefix) {
+                    out = out "\n" line
+                    line = sprintf("%" length(prefix) "s", "") " " word
+                } else {
+                    line = line " " word
+                }
+            }
+            out = out "\n" line
+        }
+        function words_for(scope, reason, n) {
+            if (reason == "not listed in POLYSAMPLE_TEST_BACKENDS")
+                return "on " scope ", left out by POLYSAMPLE_TEST_BACKENDS=" selection
+            if (reason == "not compiled in")
+                return "on " scope ", which is not compiled into this build"
+            if (reason ~ /^not available: /)
+                return "on " scope ", which is not available here: " \
+                       substr(reason, length("not available: ") + 1)
+            if (scope == "common")
+                return "common test" (n == 1 ? "" : "s") ": " reason
+            return "on " scope ": " reason
+        }
+        /^[0-9]+\/[0-9]+ Testing: / { program = $3; next }
+        /^SKIP \[[^]]*\] [^:]*: / {
+            rest = substr($0, 7)
+            scope = substr(rest, 1, index(rest, "]") - 1)
+            rest = substr(rest, index(rest, "]") + 2)
+            name = substr(rest, 1, index(rest, ": ") - 1)
+            reason = substr(rest, index(rest, ": ") + 2)
+            key = scope SUBSEP reason
+            if (!(key in count)) {
+                groups[++group_count] = key
+                group_scope[key] = scope
+                group_reason[key] = reason
+            }
+            count[key]++
+            if (!((key, program) in names))
+                programs[key] = programs[key] SUBSEP program
+            names[key, program] = names[key, program] (names[key, program] == "" ? "" : ",") name
+            total++
+            common += scope == "common"
+            next
+        }
+        /^skipped: [0-9]+$/ { declared += $2 }
+        END {
+            if (total == 0) {
+                printf "  nothing skipped"
+                exit
+            }
+            pairs = total - common
+            out = sprintf("  %d skipped: %d backend/test pair%s%s, for %d reason%s:", total,
+                          pairs, pairs == 1 ? "" : "s",
+                          common ? sprintf(" and %d test%s that need%s no backend", common,
+                                           common == 1 ? "" : "s", common == 1 ? "s" : "") : "",
+                          group_count, group_count == 1 ? "" : "s")
+            # Largest group first (a selection sort; there are few groups).
+            for (i = 1; i <= group_count; ++i)
+                for (j = i + 1; j <= group_count; ++j)
+                    if (count[groups[j]] > count[groups[i]]) {
+                        kept = groups[i]; groups[i] = groups[j]; groups[j] = kept
+                    }
+            for (i = 1; i <= group_count; ++i) {
+                key = groups[i]
+                out = out sprintf("\n    %d %s", count[key],
+                                  words_for(group_scope[key], group_reason[key], count[key]))
+                listed = split(substr(programs[key], 2), in_order, SUBSEP)
+                for (p = 1; p <= listed; ++p) {
+                    list = names[key, in_order[p]]
+                    gsub(/,/, ", ", list)
+                    wrap("       " in_order[p] ":", list)
+                }
+            }
+            if (declared != total)
+                out = out sprintf("\n    (the programs counted %d skips; %d SKIP lines were found)",
+                                  declared, total)
+            printf "%s", out
+        }' "$detail"
 }
 
 build_and_test "release" "$build_dir" -DCMAKE_BUILD_TYPE=Release
@@ -145,7 +268,7 @@ fi
 
 say "summary"
 for line in "${summaries[@]}"; do
-    printf '   %s\n' "$line"
+    printf '%s\n' "$line" | sed 's/^/   /'
 done
 if (( ${#failures[@]} > 0 )); then
     for line in "${failures[@]}"; do

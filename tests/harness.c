@@ -89,6 +89,21 @@ int psm_test_backend_selected(psm_backend backend)
     return selection_all || selected[backend];
 }
 
+const char *psm_test_backend_skip_reason(psm_backend backend)
+{
+    static char reason[512];
+    const char *why = NULL;
+    if (!psm_test_backend_selected(backend))
+        return "not listed in POLYSAMPLE_TEST_BACKENDS";
+    if (!psm_backend_compiled(backend))
+        return "not compiled in";
+    if (psm_backend_available(backend, &why))
+        return NULL;
+    snprintf(reason, sizeof reason, "not available: %s",
+             why && why[0] ? why : "(no reason given)");
+    return reason;
+}
+
 int psm_test_quick(void)
 {
     const char *quick = getenv("POLYSAMPLE_TEST_QUICK");
@@ -116,20 +131,7 @@ int psm_test_run(const char *program_name)
     for (size_t b = 0; b < TESTED_BACKEND_COUNT && property_count > 0; ++b) {
         psm_backend backend = tested_backends[b];
         const char *name = psm_backend_name(backend);
-        const char *reason = NULL;
-        char reason_text[512];
-        if (!psm_test_backend_selected(backend)) {
-            reason = "not listed in POLYSAMPLE_TEST_BACKENDS";
-        } else if (!psm_backend_compiled(backend)) {
-            reason = "not compiled in";
-        } else {
-            const char *why = NULL;
-            if (!psm_backend_available(backend, &why)) {
-                snprintf(reason_text, sizeof reason_text, "not available: %s",
-                         why && why[0] ? why : "(no reason given)");
-                reason = reason_text;
-            }
-        }
+        const char *reason = psm_test_backend_skip_reason(backend);
         if (reason) {
             for (int p = 0; p < property_count; ++p)
                 psm_test_skip(name, properties[p]->name, reason);

@@ -52,6 +52,11 @@ int psm_test_run(const char *program_name);
 
 /* Is the backend selected by POLYSAMPLE_TEST_BACKENDS (or is it unset)? */
 int psm_test_backend_selected(psm_backend backend);
+/* Why a backend's tests do not run here, in the words every SKIP line uses
+ * ("not listed in POLYSAMPLE_TEST_BACKENDS", "not compiled in", "not
+ * available: <the library's reason>"; scripts/test.sh groups skips by them),
+ * or NULL when they run. Valid until the next call. */
+const char *psm_test_backend_skip_reason(psm_backend backend);
 /* POLYSAMPLE_TEST_QUICK=1 */
 int psm_test_quick(void);
 

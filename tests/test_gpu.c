@@ -638,12 +638,7 @@ int main(void)
                             gpu_bad_rows_match_cpu, gpu_per_row_device_parameters,
                             gpu_caller_stream_and_graph_replay, gpu_offsets_beyond_32_bits};
     const size_t count = sizeof tests / sizeof tests[0];
-    const char *reason = NULL;
-    const char *skip = NULL;
-    if (!psm_test_backend_selected(GPU_BACKEND))
-        skip = "not listed in POLYSAMPLE_TEST_BACKENDS";
-    else if (!psm_backend_available(GPU_BACKEND, &reason))
-        skip = reason && reason[0] ? reason : "the " GPU_NAME " backend is not available";
+    const char *skip = psm_test_backend_skip_reason(GPU_BACKEND);
     for (size_t t = 0; t < count; ++t) {
         if (skip)
             psm_test_skip(GPU_NAME, tests[t]->name, skip);

@@ -1,0 +1,476 @@
+/*
+ * test_cli.c: the command-line tool's helpers, on their own: the
+ * strict decimal parser every integer option goes through (cli/cli_util.c),
+ * the notice callback the tool gives the library (shown on a terminal only),
+ * and the .npy reader (cli/npy.c) on well-formed and malformed files, which
+ * this program writes into a temporary directory (and through a FIFO, for
+ * input whose size is not known in advance). A plain program: exit status 0
+ * when every check passes, 1 otherwise, with one line per failure.
+ */
+#define _XOPEN_SOURCE 700
+#include "cli_util.h"
+#include "npy.h"
+
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static int failures;
+
+#define EXPECT(condition, ...)                                                                \
+    do {                                                                                      \
+        if (!(condition)) {                                                                   \
+            printf("FAIL %s:%d: ", __FILE__, __LINE__);                                       \
+            printf(__VA_ARGS__);                                                              \
+            putchar('\n');                                                                    \
+            ++failures;                                                                       \
+        }                                                                                     \
+    } while (0)
+
+/* ---- cli_parse_decimal --------------------------------------------------- */
+
+static void expect_decimal(const char *text, uint64_t min, uint64_t max, uint64_t expected)
+{
+    uint64_t value = 12345;
+    char problem[128] = "";
+    int status = cli_parse_decimal(text, min, max, &value, problem, sizeof problem);
+    EXPECT(status == 0 && value == expected, "'%s' in [%llu, %llu]: status %d, value %llu (%s); "
+           "expected %llu", text, (unsigned long long)min, (unsigned long long)max, status,
+           (unsigned long long)value, problem, (unsigned long long)expected);
+}
+
+/* Refused, value untouched, and the problem names the expected kind. */
+static void expect_refused(const char *text, uint64_t min, uint64_t max, const char *problem_start)
+{
+    uint64_t value = 12345;
+    char problem[128] = "";
+    int status = cli_parse_decimal(text, min, max, &value, problem, sizeof problem);
+    EXPECT(status == -1 && value == 12345 &&
+               strncmp(problem, problem_start, strlen(problem_start)) == 0,
+           "'%s' in [%llu, %llu]: status %d, value %llu, problem '%s'; expected refusal "
+           "starting '%s'", text, (unsigned long long)min, (unsigned long long)max, status,
+           (unsigned long long)value, problem, problem_start);
+}
+
+static void test_decimal(void)
+{
+    expect_decimal("0", 0, UINT64_MAX, 0);
+    expect_decimal("10", 0, UINT64_MAX, 10);
+    expect_decimal("010", 0, UINT64_MAX, 10); /* not octal */
+    expect_decimal("08", 0, UINT64_MAX, 8);   /* not an octal error */
+    expect_decimal("0000000000000000000000042", 0, UINT64_MAX, 42);
+    expect_decimal("18446744073709551615", 0, UINT64_MAX, UINT64_MAX);
+    expect_decimal("1", 1, 4096, 1);
+    expect_decimal("4096", 1, 4096, 4096);
+
+    expect_refused("0x10", 0, UINT64_MAX, "not a decimal number");
+    expect_refused("0X10", 0, UINT64_MAX, "not a decimal number");
+    expect_refused(" 5", 0, UINT64_MAX, "not a decimal number");
+    expect_refused("5 ", 0, UINT64_MAX, "not a decimal number");
+    expect_refused("+5", 0, UINT64_MAX, "not a decimal number");
+    expect_refused("-0", 0, UINT64_MAX, "not a decimal number");
+    expect_refused("-1", 0, UINT64_MAX, "not a decimal number");
+    expect_refused("1e3", 0, UINT64_MAX, "not a decimal number");
+    expect_refused("1.0", 0, UINT64_MAX, "not a decimal number");
+    expect_refused("", 0, UINT64_MAX, "empty");
+    expect_refused("18446744073709551616", 0, UINT64_MAX,
+                   "out of range (0 to 18446744073709551615)");
+    expect_refused("99999999999999999999999", 0, UINT64_MAX, "out of range");
+    expect_refused("0", 1, 4096, "out of range (1 to 4096)");
+    expect_refused("4097", 1, 4096, "out of range (1 to 4096)");
+    {
+        uint64_t value = 7;
+        EXPECT(cli_parse_decimal(NULL, 0, 10, &value, NULL, 0) == -1 && value == 7,
+               "NULL text is refused (with no problem buffer)");
+    }
+}
+
+/* ---- backend names use the same rule for :N ----------------------------- */
+
+static void test_backend_device_index(void)
+{
+    psm_backend backend = PSM_BACKEND_AUTO;
+    int device = -7;
+    EXPECT(cli_parse_backend("cpu", &backend, &device) == 0 && backend == PSM_BACKEND_CPU &&
+               device == -1, "cpu: backend %d device %d", (int)backend, device);
+    EXPECT(cli_parse_backend("opencl:010", &backend, &device) == 0 &&
+               backend == PSM_BACKEND_OPENCL && device == 10,
+           "opencl:010: backend %d device %d", (int)backend, device);
+    EXPECT(cli_parse_backend("opencl:0x1", &backend, &device) == -1, "opencl:0x1 refused");
+    EXPECT(cli_parse_backend("opencl:+1", &backend, &device) == -1, "opencl:+1 refused");
+    EXPECT(cli_parse_backend("opencl: 1", &backend, &device) == -1, "'opencl: 1' refused");
+    EXPECT(cli_parse_backend("opencl:", &backend, &device) == -1, "'opencl:' refused");
+}
+
+/* ---- the notice callback, on a terminal and off one --------------------- */
+
+static void test_notice(void)
+{
+    psm_context_options options;
+    int saved_stderr = dup(STDERR_FILENO), terminal, master;
+    char *terminal_name, received[128] = "";
+    ssize_t length;
+
+    /* A file or pipe (ctest's capture): nothing is shown. */
+    if (!isatty(STDERR_FILENO)) {
+        cli_context_options_init(&options);
+        EXPECT(options.notice == NULL, "stderr is not a terminal, yet a notice callback is set");
+    }
+
+    /* A pseudo-terminal as stderr: the message arrives, prefixed. */
+    master = posix_openpt(O_RDWR | O_NOCTTY);
+    if (master < 0 || grantpt(master) != 0 || unlockpt(master) != 0 ||
+        !(terminal_name = ptsname(master)) ||
+        (terminal = open(terminal_name, O_RDWR | O_NOCTTY)) < 0) {
+        printf("SKIP notice on a terminal: no pseudo-terminal here\n");
+        if (master >= 0)
+            close(master);
+        return;
+    }
+    dup2(terminal, STDERR_FILENO);
+    cli_context_options_init(&options);
+    EXPECT(options.notice != NULL, "stderr is a terminal, yet no notice callback is set");
+    if (options.notice)
+        options.notice(options.notice_user_data, "compiling kernels (first use; cached)");
+    dup2(saved_stderr, STDERR_FILENO);
+    close(saved_stderr);
+    close(terminal);
+    length = read(master, received, sizeof received - 1);
+    received[length > 0 ? length : 0] = '\0';
+    close(master);
+    EXPECT(strncmp(received, "polysample: compiling kernels (first use; cached)",
+                   strlen("polysample: compiling kernels (first use; cached)")) == 0,
+           "the terminal received '%s'", received);
+    EXPECT(options.backend == PSM_BACKEND_AUTO && options.device_index == -1,
+           "cli_context_options_init left other defaults: backend %d device %d",
+           (int)options.backend, options.device_index);
+}
+
+/* ---- the .npy reader ------------------------------------------------------ */
+
+static char directory[64];
+
+/* The 10-byte (version 1) or 12-byte (versions 2, 3) preamble and the header
+ * dict, padded with spaces and a newline to a multiple of 64 bytes as NumPy
+ * writes it, followed by data_bytes bytes of data. Returns the file's path. */
+static const char *write_npy(const char *name, int version, const char *dict, const void *data,
+                             size_t data_bytes)
+{
+    static char path[128];
+    unsigned char preamble[12] = {0x93, 'N', 'U', 'M', 'P', 'Y', 0, 0};
+    size_t preamble_length = version == 1 ? 10 : 12;
+    size_t header_length = strlen(dict) + 1, padded;
+    char header[512];
+    FILE *file;
+    padded = (preamble_length + header_length + 63) / 64 * 64 - preamble_length;
+    memset(header, ' ', padded);
+    memcpy(header, dict, strlen(dict));
+    header[padded - 1] = '\n';
+    preamble[6] = (unsigned char)version;
+    preamble[8] = (unsigned char)(padded & 0xff);
+    preamble[9] = (unsigned char)(padded >> 8);
+    snprintf(path, sizeof path, "%s/%s", directory, name);
+    file = fopen(path, "wb");
+    if (!file || fwrite(preamble, 1, preamble_length, file) != preamble_length ||
+        fwrite(header, 1, padded, file) != padded ||
+        (data_bytes && fwrite(data, 1, data_bytes, file) != data_bytes) || fclose(file) != 0) {
+        printf("FAIL: cannot write %s\n", path);
+        exit(EXIT_FAILURE);
+    }
+    return path;
+}
+
+static const char *write_raw(const char *name, const void *bytes, size_t length)
+{
+    static char path[128];
+    FILE *file;
+    snprintf(path, sizeof path, "%s/%s", directory, name);
+    file = fopen(path, "wb");
+    if (!file || fwrite(bytes, 1, length, file) != length || fclose(file) != 0) {
+        printf("FAIL: cannot write %s\n", path);
+        exit(EXIT_FAILURE);
+    }
+    return path;
+}
+
+static long file_size(const char *path)
+{
+    struct stat status;
+    return stat(path, &status) == 0 ? (long)status.st_size : -1;
+}
+
+/* The reader refuses the file, allocates nothing for the caller, and its
+ * message contains every one of the NULL-terminated fragments. */
+static void expect_npy_refused(const char *what, const char *path, ...)
+{
+    cli_npy_array array;
+    char error[512] = "";
+    va_list fragments;
+    const char *fragment;
+    int status = cli_npy_read(path, &array, error, sizeof error);
+    EXPECT(status == -1 && array.data == NULL, "%s: status %d, data %p; expected a refusal",
+           what, status, array.data);
+    va_start(fragments, path);
+    while ((fragment = va_arg(fragments, const char *)) != NULL)
+        EXPECT(strstr(error, fragment) != NULL, "%s: message '%s' lacks '%s'", what, error,
+               fragment);
+    va_end(fragments);
+    if (status == 0)
+        cli_npy_free(&array);
+}
+
+static void test_npy_well_formed(void)
+{
+    const float values[6] = {1.0f, -2.5f, 3.0f, 0.125f, -0.0f, 65504.0f};
+    /* 1.0, 2.0, -3.0 as big-endian float16. */
+    const unsigned char big_halves[6] = {0x3c, 0x00, 0x40, 0x00, 0xc2, 0x00};
+    cli_npy_array array;
+    char error[512] = "";
+    const char *path;
+
+    path = write_npy("good_2d.npy", 1,
+                     "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }", values,
+                     sizeof values);
+    EXPECT(cli_npy_read(path, &array, error, sizeof error) == 0, "good_2d: %s", error);
+    if (array.data) {
+        EXPECT(array.rows == 2 && array.vocab == 3 && array.dimensions == 2 &&
+                   array.dtype == PSM_DTYPE_F32 && memcmp(array.data, values, sizeof values) == 0,
+               "good_2d: rows %lld vocab %lld dimensions %d dtype %d, or other values",
+               (long long)array.rows, (long long)array.vocab, array.dimensions, (int)array.dtype);
+        cli_npy_free(&array);
+    }
+
+    path = write_npy("good_1d.npy", 1, "{'descr': '<f4', 'fortran_order': False, 'shape': (6,), }",
+                     values, sizeof values);
+    EXPECT(cli_npy_read(path, &array, error, sizeof error) == 0, "good_1d: %s", error);
+    if (array.data) {
+        EXPECT(array.rows == 1 && array.vocab == 6 && array.dimensions == 1,
+               "good_1d: rows %lld vocab %lld dimensions %d", (long long)array.rows,
+               (long long)array.vocab, array.dimensions);
+        cli_npy_free(&array);
+    }
+
+    /* Fortran order is the same layout when a dimension is 1. */
+    path = write_npy("fortran_one_row.npy", 1,
+                     "{'descr': '<f4', 'fortran_order': True, 'shape': (1, 6), }", values,
+                     sizeof values);
+    EXPECT(cli_npy_read(path, &array, error, sizeof error) == 0, "fortran_one_row: %s", error);
+    cli_npy_free(&array);
+
+    path = write_npy("big_endian_f16_v2.npy", 2,
+                     "{'descr': '>f2', 'fortran_order': False, 'shape': (3,), }", big_halves,
+                     sizeof big_halves);
+    EXPECT(cli_npy_read(path, &array, error, sizeof error) == 0, "big_endian_f16_v2: %s", error);
+    if (array.data) {
+        const uint16_t *halves = array.data;
+        EXPECT(array.dtype == PSM_DTYPE_F16 && cli_f16_to_float(halves[0]) == 1.0f &&
+                   cli_f16_to_float(halves[1]) == 2.0f && cli_f16_to_float(halves[2]) == -3.0f,
+               "big_endian_f16_v2: dtype %d, values %g %g %g", (int)array.dtype,
+               (double)cli_f16_to_float(halves[0]), (double)cli_f16_to_float(halves[1]),
+               (double)cli_f16_to_float(halves[2]));
+        cli_npy_free(&array);
+    }
+}
+
+static void test_npy_malformed(void)
+{
+    const unsigned char zeros[64] = {0};
+    char expected[128];
+    const char *path;
+
+    /* The issue's case: 168 bytes that declare 10^10 float32 elements. The
+     * reader must compare the declared size with the file before it
+     * allocates (under AddressSanitizer a 40 GB request would abort). */
+    path = write_npy("huge_shape.npy", 1,
+                     "{'descr': '<f4', 'fortran_order': False, 'shape': (100000, 100000), }",
+                     zeros, 40);
+    EXPECT(file_size(path) == 168, "huge_shape.npy is %ld bytes; expected 168", file_size(path));
+    expect_npy_refused("huge shape in a 168-byte file", path, "is truncated",
+                       "shape (100000, 100000)", "needs 40000000000 bytes",
+                       "the file has 40 (168 bytes in all)", (const char *)NULL);
+
+    path = write_npy("short_data.npy", 1,
+                     "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }", zeros, 20);
+    expect_npy_refused("data 4 bytes short", path, "is truncated", "needs 24 bytes",
+                       "the file has 20", (const char *)NULL);
+
+    path = write_npy("no_data.npy", 1, "{'descr': '<f2', 'fortran_order': False, 'shape': (7,), }",
+                     zeros, 0);
+    expect_npy_refused("header only", path, "is truncated", "needs 14 bytes", "the file has 0",
+                       (const char *)NULL);
+
+    path = write_npy("long_data.npy", 1,
+                     "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }", zeros, 28);
+    expect_npy_refused("4 bytes too many", path, "has 4 bytes after the 24 bytes of data",
+                       (const char *)NULL);
+
+    path = write_raw("bad_magic.npy", "\x93NUMPX\x01\x00\x10\x00{}", 12);
+    expect_npy_refused("bad magic", path, "not a .npy file (bad magic)", (const char *)NULL);
+    path = write_raw("text.npy", "hello, world\n", 13);
+    expect_npy_refused("a text file", path, "not a .npy file (bad magic)", (const char *)NULL);
+    path = write_raw("short.npy", "\x93NUM", 4);
+    expect_npy_refused("4 bytes", path, "shorter than the 10-byte preamble", (const char *)NULL);
+    path = write_raw("empty.npy", "", 0);
+    expect_npy_refused("empty file", path, "shorter than the 10-byte preamble",
+                       (const char *)NULL);
+    path = write_raw("version9.npy", "\x93NUMPY\x09\x00\x10\x00", 10);
+    expect_npy_refused("version 9", path, "unsupported .npy version 9", (const char *)NULL);
+    /* The header length says 0x7000 bytes; the file ends after 10. */
+    path = write_raw("short_header.npy", "\x93NUMPY\x01\x00\x00\x70", 10);
+    expect_npy_refused("header longer than the file", path, "truncated in its header",
+                       "28672 header bytes", "10 bytes in all", (const char *)NULL);
+
+    path = write_npy("int32.npy", 1, "{'descr': '<i4', 'fortran_order': False, 'shape': (2,), }",
+                     zeros, 8);
+    expect_npy_refused("int32 dtype", path, "dtype '<i4' is not supported", (const char *)NULL);
+    path = write_npy("float64.npy", 1,
+                     "{'descr': '<f8', 'fortran_order': False, 'shape': (2,), }", zeros, 16);
+    expect_npy_refused("float64 dtype", path, "dtype '<f8' is not supported", (const char *)NULL);
+    path = write_npy("no_descr.npy", 1, "{'fortran_order': False, 'shape': (2,), }", zeros, 8);
+    expect_npy_refused("no descr", path, "no 'descr'", (const char *)NULL);
+
+    path = write_npy("fortran.npy", 1, "{'descr': '<f4', 'fortran_order': True, 'shape': (2, 3), }",
+                     zeros, 24);
+    expect_npy_refused("Fortran order", path, "Fortran order", (const char *)NULL);
+    path = write_npy("no_fortran.npy", 1, "{'descr': '<f4', 'shape': (2, 3), }", zeros, 24);
+    expect_npy_refused("no fortran_order", path, "no valid 'fortran_order'", (const char *)NULL);
+
+    path = write_npy("three_d.npy", 1,
+                     "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3, 4), }", zeros, 64);
+    expect_npy_refused("3-D", path, "more than 2 dimensions", (const char *)NULL);
+    path = write_npy("zero_d.npy", 1, "{'descr': '<f4', 'fortran_order': False, 'shape': (), }",
+                     zeros, 4);
+    expect_npy_refused("0-D", path, "0-dimensional", (const char *)NULL);
+    path = write_npy("zero_rows.npy", 1,
+                     "{'descr': '<f4', 'fortran_order': False, 'shape': (0, 3), }", zeros, 0);
+    expect_npy_refused("zero rows", path, "is empty", (const char *)NULL);
+    path = write_npy("negative.npy", 1,
+                     "{'descr': '<f4', 'fortran_order': False, 'shape': (-2, 3), }", zeros, 24);
+    expect_npy_refused("negative dimension", path, "malformed 'shape'", (const char *)NULL);
+    path = write_npy("long_row.npy", 1,
+                     "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 2147483648), }",
+                     zeros, 0);
+    expect_npy_refused("row longer than 2^31 - 1", path, "is too long", (const char *)NULL);
+
+    /* Element count past 2^64; element count fits but bytes do not; a
+     * dimension past 2^63. */
+    path = write_npy("count_overflow.npy", 1,
+                     "{'descr': '<f4', 'fortran_order': False, "
+                     "'shape': (4611686018427387904, 8), }", zeros, 8);
+    expect_npy_refused("element count overflows", path, "does not fit in 64 bits",
+                       (const char *)NULL);
+    path = write_npy("bytes_overflow.npy", 1,
+                     "{'descr': '<f4', 'fortran_order': False, "
+                     "'shape': (2305843009213693952, 4), }", zeros, 8);
+    expect_npy_refused("byte count overflows", path, "does not fit in 64 bits",
+                       (const char *)NULL);
+    path = write_npy("dimension_overflow.npy", 1,
+                     "{'descr': '<f4', 'fortran_order': False, "
+                     "'shape': (99999999999999999999, 4), }", zeros, 8);
+    expect_npy_refused("dimension past 2^63", path, "too large", (const char *)NULL);
+
+    snprintf(expected, sizeof expected, "%s/absent.npy", directory);
+    expect_npy_refused("missing file", expected, "cannot open", "absent.npy",
+                       "No such file or directory", (const char *)NULL);
+    expect_npy_refused("a directory", directory, "cannot read", "Is a directory",
+                       (const char *)NULL);
+}
+
+/* The same checks on input of unknown size: the file is fed through a FIFO
+ * by a child process. */
+static void expect_fifo(const char *what, const char *source, int expect_ok, const char *fragment)
+{
+    char fifo[128], error[512] = "";
+    cli_npy_array array;
+    pid_t child;
+    int status, child_status = 0;
+    snprintf(fifo, sizeof fifo, "%s/fifo", directory);
+    if (mkfifo(fifo, 0600) != 0) {
+        printf("FAIL: mkfifo %s\n", fifo);
+        ++failures;
+        return;
+    }
+    child = fork();
+    if (child == 0) {
+        FILE *in = fopen(source, "rb"), *out = fopen(fifo, "wb");
+        char buffer[4096];
+        size_t length;
+        if (!in || !out)
+            _exit(1);
+        while ((length = fread(buffer, 1, sizeof buffer, in)) > 0)
+            if (fwrite(buffer, 1, length, out) != length)
+                _exit(0); /* the reader stopped early: its answer is what counts */
+        fclose(out);
+        _exit(0);
+    }
+    status = cli_npy_read(fifo, &array, error, sizeof error);
+    waitpid(child, &child_status, 0);
+    unlink(fifo);
+    EXPECT(expect_ok ? status == 0 : status == -1 && array.data == NULL,
+           "%s through a FIFO: status %d (%s)", what, status, error);
+    if (fragment)
+        EXPECT(strstr(error, fragment) != NULL, "%s through a FIFO: message '%s' lacks '%s'", what,
+               error, fragment);
+    if (status == 0)
+        cli_npy_free(&array);
+}
+
+static void test_npy_unsized(void)
+{
+    char path[128];
+    snprintf(path, sizeof path, "%s/good_2d.npy", directory);
+    expect_fifo("good_2d", path, 1, NULL);
+    snprintf(path, sizeof path, "%s/huge_shape.npy", directory);
+    expect_fifo("huge shape", path, 0,
+                "needs 40000000000 bytes of data after the 128-byte header, it has 40");
+    snprintf(path, sizeof path, "%s/long_data.npy", directory);
+    expect_fifo("4 bytes too many", path, 0, "has bytes after the 24 bytes of data");
+}
+
+static void remove_directory(void)
+{
+    static const char *const names[] = {
+        "good_2d.npy", "good_1d.npy", "fortran_one_row.npy", "big_endian_f16_v2.npy",
+        "huge_shape.npy", "short_data.npy", "no_data.npy", "long_data.npy", "bad_magic.npy",
+        "text.npy", "short.npy", "empty.npy", "version9.npy", "short_header.npy", "int32.npy",
+        "float64.npy", "no_descr.npy", "fortran.npy", "no_fortran.npy", "three_d.npy",
+        "zero_d.npy", "zero_rows.npy", "negative.npy", "long_row.npy", "count_overflow.npy",
+        "bytes_overflow.npy", "dimension_overflow.npy"};
+    char path[128];
+    size_t i;
+    for (i = 0; i < sizeof names / sizeof names[0]; ++i) {
+        snprintf(path, sizeof path, "%s/%s", directory, names[i]);
+        unlink(path);
+    }
+    rmdir(directory);
+}
+
+int main(void)
+{
+    const char *temporary = getenv("TMPDIR");
+    test_decimal();
+    test_backend_device_index();
+    test_notice();
+    snprintf(directory, sizeof directory, "%s/test_cli.XXXXXX",
+             temporary && temporary[0] && strlen(temporary) < 32 ? temporary : "/tmp");
+    if (!mkdtemp(directory)) {
+        printf("FAIL: cannot make a temporary directory %s\n", directory);
+        return EXIT_FAILURE;
+    }
+    test_npy_well_formed();
+    test_npy_malformed();
+    test_npy_unsized();
+    remove_directory();
+    if (failures) {
+        printf("test_cli: %d failure(s)\n", failures);
+        return EXIT_FAILURE;
+    }
+    printf("test_cli: all checks passed\n");
+    return EXIT_SUCCESS;
+}

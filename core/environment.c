@@ -34,10 +34,14 @@ psm_status psm_parse_backend_spec(const char *spec, psm_backend *backend, int *d
                              (int)name_length, spec, spec);
     *device_index = -1;
     if (colon) {
+        /* Decimal digits only: no sign, spaces or 0x (as the tool's options). */
+        const char *digits = colon + 1;
+        size_t digit_count = strspn(digits, "0123456789");
         char *end = NULL;
         errno = 0;
-        long index = strtol(colon + 1, &end, 10);
-        if (colon[1] == '\0' || *end != '\0' || errno != 0 || index < 0 || index > 1000000)
+        long index = strtol(digits, &end, 10);
+        if (digit_count == 0 || digits[digit_count] != '\0' || *end != '\0' || errno != 0 ||
+            index > 1000000)
             return psm_set_error(PSM_ERR_ENVIRONMENT,
                                  "bad device index '%s' in '%s' (expected a number >= 0)",
                                  colon + 1, spec);

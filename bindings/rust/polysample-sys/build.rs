@@ -73,10 +73,7 @@ fn main() {
 fn from_environment(repository: &Path) -> Option<Found> {
     let lib_dir = PathBuf::from(env::var_os("POLYSAMPLE_LIB_DIR")?);
     if !lib_dir.join(LIBRARY_FILE).exists() {
-        fail(&format!(
-            "POLYSAMPLE_LIB_DIR is {} but {LIBRARY_FILE} is not there",
-            lib_dir.display()
-        ));
+        fail(&format!("POLYSAMPLE_LIB_DIR is {} but {LIBRARY_FILE} is not there", lib_dir.display()));
     }
     let include_dir = match env::var_os("POLYSAMPLE_INCLUDE_DIR") {
         Some(dir) => PathBuf::from(dir),
@@ -97,21 +94,13 @@ fn from_environment(repository: &Path) -> Option<Found> {
     }
     println!("cargo:rerun-if-changed={}", lib_dir.join(LIBRARY_FILE).display());
     println!("cargo:rerun-if-changed={}", include_dir.join("polysample.h").display());
-    Some(Found {
-        how: "POLYSAMPLE_LIB_DIR",
-        lib_dirs: vec![lib_dir],
-        libs: vec!["polysample".into()],
-        include_dir,
-    })
+    Some(Found { how: "POLYSAMPLE_LIB_DIR", lib_dirs: vec![lib_dir], libs: vec!["polysample".into()], include_dir })
 }
 
 /// Asks pkg-config; None when it is missing or does not know polysample.
 fn from_pkg_config() -> Option<Found> {
     let program = env::var("PKG_CONFIG").unwrap_or_else(|_| "pkg-config".into());
-    let output = Command::new(&program)
-        .args(["--libs", "--cflags", "polysample"])
-        .output()
-        .ok()?;
+    let output = Command::new(&program).args(["--libs", "--cflags", "polysample"]).output().ok()?;
     if !output.status.success() {
         return None;
     }
@@ -156,12 +145,11 @@ fn from_cmake(repository: &Path) -> Found {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
     let build_dir = out_dir.join("cmake-build");
     let mut configure = Command::new("cmake");
-    configure
-        .arg("-S")
-        .arg(repository)
-        .arg("-B")
-        .arg(&build_dir)
-        .args(["-DCMAKE_BUILD_TYPE=Release", "-DPSM_BUILD_TESTS=OFF", "-DPSM_BUILD_CLI=OFF"]);
+    configure.arg("-S").arg(repository).arg("-B").arg(&build_dir).args([
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DPSM_BUILD_TESTS=OFF",
+        "-DPSM_BUILD_CLI=OFF",
+    ]);
     if let Ok(extra) = env::var("POLYSAMPLE_CMAKE_ARGS") {
         configure.args(extra.split_whitespace());
     }

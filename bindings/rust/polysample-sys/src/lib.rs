@@ -21,8 +21,7 @@ use core::ffi::{c_char, c_int, c_uint, c_void};
 pub const PSM_VERSION_MAJOR: c_int = 0;
 pub const PSM_VERSION_MINOR: c_int = 1;
 pub const PSM_VERSION_PATCH: c_int = 0;
-pub const PSM_VERSION_NUMBER: c_int =
-    PSM_VERSION_MAJOR * 10000 + PSM_VERSION_MINOR * 100 + PSM_VERSION_PATCH;
+pub const PSM_VERSION_NUMBER: c_int = PSM_VERSION_MAJOR * 10000 + PSM_VERSION_MINOR * 100 + PSM_VERSION_PATCH;
 
 /// `enum psm_status`. The values are pinned by the header: they never change.
 pub type psm_status = c_uint;
@@ -122,21 +121,13 @@ pub struct psm_output {
 
 extern "C" {
     pub fn psm_context_options_init(options: *mut psm_context_options);
-    pub fn psm_context_create(
-        options: *const psm_context_options,
-        context_out: *mut *mut psm_context,
-    ) -> psm_status;
+    pub fn psm_context_create(options: *const psm_context_options, context_out: *mut *mut psm_context) -> psm_status;
     pub fn psm_context_destroy(context: *mut psm_context);
 
     pub fn psm_context_backend(context: *const psm_context) -> psm_backend;
     pub fn psm_context_device_name(context: *const psm_context) -> *const c_char;
     pub fn psm_context_selection_reason(context: *const psm_context) -> *const c_char;
-    pub fn psm_context_reserve(
-        context: *mut psm_context,
-        rows: i64,
-        vocab: i64,
-        num_samples: i64,
-    ) -> psm_status;
+    pub fn psm_context_reserve(context: *mut psm_context, rows: i64, vocab: i64, num_samples: i64) -> psm_status;
 
     pub fn psm_params_init(params: *mut psm_params);
 

@@ -190,9 +190,8 @@ fn compile_c(stem: &str, source: &str, run: bool) -> String {
         // "comparison is always false" warning.
         command.args(["-Wextra", "-fsyntax-only"]);
     }
-    let output = command
-        .output()
-        .unwrap_or_else(|error| panic!("could not run the C compiler {:?}: {error}", c_compiler()));
+    let output =
+        command.output().unwrap_or_else(|error| panic!("could not run the C compiler {:?}: {error}", c_compiler()));
     assert!(
         output.status.success(),
         "the C compiler rejected {}:\n{}",
@@ -212,14 +211,11 @@ fn sizes_offsets_and_constants_match_the_c_compiler() {
     let mut facts = Vec::new();
     struct_facts(&mut facts);
     constant_facts(&mut facts);
-    let mut source = String::from(
-        "#include <stddef.h>\n#include <stdio.h>\n#include <polysample.h>\n\nint main(void)\n{\n",
-    );
+    let mut source =
+        String::from("#include <stddef.h>\n#include <stdio.h>\n#include <polysample.h>\n\nint main(void)\n{\n");
     for fact in &facts {
-        source.push_str(&format!(
-            "    printf(\"%s=%lld\\n\", \"{}\", (long long)({}));\n",
-            fact.name, fact.c_expression
-        ));
+        source
+            .push_str(&format!("    printf(\"%s=%lld\\n\", \"{}\", (long long)({}));\n", fact.name, fact.c_expression));
     }
     source.push_str("    return 0;\n}\n");
     let c_values: BTreeMap<String, i64> = compile_c("layout", &source, true)
@@ -275,7 +271,8 @@ fn every_header_item_is_declared() {
             Some(_) => {}
         }
     }
-    let rust_enums: BTreeMap<&str, Vec<&str>> = RUST_ENUMS.iter().map(|(name, values)| (*name, values.to_vec())).collect();
+    let rust_enums: BTreeMap<&str, Vec<&str>> =
+        RUST_ENUMS.iter().map(|(name, values)| (*name, values.to_vec())).collect();
     for (name, values) in &parsed.enums {
         match rust_enums.get(name.as_str()) {
             None => problems.push(format!("enum {name} is not checked")),
@@ -405,8 +402,6 @@ fn typedef_bodies(code: &str, keyword: &str) -> Vec<(String, String)> {
 
 fn last_identifier(declaration: &str) -> String {
     let trimmed = declaration.trim_end();
-    let start = trimmed
-        .rfind(|c: char| !(c.is_alphanumeric() || c == '_'))
-        .map_or(0, |index| index + 1);
+    let start = trimmed.rfind(|c: char| !(c.is_alphanumeric() || c == '_')).map_or(0, |index| index + 1);
     trimmed[start..].to_string()
 }

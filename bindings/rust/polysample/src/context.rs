@@ -280,7 +280,7 @@ impl Context {
     /// A bad row (NaN, +inf, or no finite logit) gets -1 unless the context
     /// checks rows.
     pub fn sample(&mut self, logits: &Logits<'_>, params: &Params<'_>) -> Result<Vec<i32>> {
-        let raw_params = params.to_raw(logits.rows())?;
+        let raw_params = params.raw_for_rows(logits.rows())?;
         let mut tokens = vec![0; output_len(logits.rows(), raw_params.num_samples)?];
         self.sample_into(logits, params, &mut tokens, None)?;
         Ok(tokens)
@@ -289,7 +289,7 @@ impl Context {
     /// Like [`sample`](Self::sample), also returning each token's natural-log
     /// probability under the final (filtered, renormalised) distribution.
     pub fn sample_with_logprobs(&mut self, logits: &Logits<'_>, params: &Params<'_>) -> Result<(Vec<i32>, Vec<f32>)> {
-        let raw_params = params.to_raw(logits.rows())?;
+        let raw_params = params.raw_for_rows(logits.rows())?;
         let length = output_len(logits.rows(), raw_params.num_samples)?;
         let (mut tokens, mut logprobs) = (vec![0; length], vec![0.0; length]);
         self.sample_into(logits, params, &mut tokens, Some(&mut logprobs))?;
@@ -305,8 +305,8 @@ impl Context {
         tokens: &mut [i32],
         logprobs: Option<&mut [f32]>,
     ) -> Result<()> {
-        let raw_logits = logits.to_raw()?;
-        let raw_params = params.to_raw(logits.rows())?;
+        let raw_logits = logits.raw_tensor()?;
+        let raw_params = params.raw_for_rows(logits.rows())?;
         // A num_samples below 1 is left to the library, which rejects it
         // with its own message before looking at the outputs.
         if raw_params.num_samples >= 1 {
@@ -342,9 +342,9 @@ impl Context {
     /// [`probs`](Self::probs) into a caller-provided `rows x vocab` buffer.
     /// On any error nothing is written.
     pub fn probs_into(&mut self, logits: &Logits<'_>, params: &Params<'_>, probs: &mut [f32]) -> Result<()> {
-        let raw_logits = logits.to_raw()?;
-        let raw_params = params.to_raw(logits.rows())?;
-        let expected = logits.rows() * logits.vocab(); // bounded by logits.to_raw
+        let raw_logits = logits.raw_tensor()?;
+        let raw_params = params.raw_for_rows(logits.rows())?;
+        let expected = logits.rows() * logits.vocab(); // bounded by logits.raw_tensor
         if probs.len() != expected {
             return Err(Error::invalid_argument(format!(
                 "probs has {} values; expected rows x vocab = {} x {} = {expected}",
@@ -466,7 +466,7 @@ fn device_params(params: &Params<'_>, per_row: &DevicePerRow, rows: usize) -> Re
             "per-row slices of Params are host memory; device calls take per-row arrays in DevicePerRow".into(),
         ));
     }
-    let mut raw = params.to_raw(rows)?;
+    let mut raw = params.raw_for_rows(rows)?;
     raw.temperature_per_row = per_row.temperature;
     raw.top_k_per_row = per_row.top_k;
     raw.top_p_per_row = per_row.top_p;

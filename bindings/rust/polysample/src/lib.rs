@@ -10,6 +10,17 @@
 //! `examples/cuda_buffer.rs` samples from a CUDA buffer, and
 //! `examples/candle_custom_op.md` shows how a candle `CustomOp` would pass its
 //! CUDA storage pointer and stream.
+//!
+//! # Threads
+//!
+//! A [`Context`] moves between threads but is never shared by two at once:
+//!
+//! ```compile_fail
+//! fn shared<T: Sync>() {}
+//! shared::<polysample::Context>();
+//! ```
+//!
+//! Parallel work uses one context per thread, or a `Mutex<Context>`.
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_debug_implementations)]
 

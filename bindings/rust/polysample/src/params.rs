@@ -164,7 +164,7 @@ impl<'a> Params<'a> {
 
     /// The C struct for `rows` rows, the per-row slices' lengths checked.
     /// The pointers in it borrow from `self`.
-    pub(crate) fn to_raw(&self, rows: usize) -> Result<sys::psm_params> {
+    pub(crate) fn raw_for_rows(&self, rows: usize) -> Result<sys::psm_params> {
         fn slice_pointer<T>(name: &str, values: Option<&[T]>, rows: usize) -> Result<*const T> {
             match values {
                 None => Ok(ptr::null()),
@@ -272,7 +272,7 @@ impl<'a> Logits<'a> {
     }
 
     /// The C tensor, after checking the shape against the slice's length.
-    pub(crate) fn to_raw(&self) -> Result<sys::psm_tensor> {
+    pub(crate) fn raw_tensor(&self) -> Result<sys::psm_tensor> {
         let (pointer, length) = match self.data {
             LogitsData::F32(values) => (values.as_ptr().cast::<std::ffi::c_void>(), values.len()),
             LogitsData::F16(bits) | LogitsData::Bf16(bits) => (bits.as_ptr().cast(), bits.len()),
@@ -309,14 +309,10 @@ pub(crate) fn check_shape(name: &str, rows: usize, vocab: usize, row_stride: usi
         return Err(Error::invalid_argument(format!("{name}: vocab is {vocab}; expected 1 .. 2^31-1")));
     }
     if row_stride < vocab {
-        return Err(Error::invalid_argument(format!(
-            "{name}: row_stride is {row_stride}, below vocab {vocab}"
-        )));
+        return Err(Error::invalid_argument(format!("{name}: row_stride is {row_stride}, below vocab {vocab}")));
     }
     if rows.checked_mul(row_stride).map_or(true, |elements| elements > (i64::MAX / 8) as usize) {
-        return Err(Error::invalid_argument(format!(
-            "{name}: rows x row_stride ({rows} x {row_stride}) is too large"
-        )));
+        return Err(Error::invalid_argument(format!("{name}: rows x row_stride ({rows} x {row_stride}) is too large")));
     }
     Ok(())
 }

@@ -71,14 +71,32 @@ fn slices_of_the_wrong_length_are_refused_before_the_call() {
     let logits = Logits::f32(&values, 2, VOCAB);
     let params = Params::new().num_samples(3);
     let cases = [
-        (failing_sample(&Logits::f32(&values[1..], 2, VOCAB), &params, 6, 6), "logits: 127 values for 2 rows x 64 (row stride 64); expected 128"),
-        (failing_sample(&Logits::f32(&values, 1, VOCAB), &params, 3, 3), "logits: 128 values for 1 rows x 64 (row stride 64); expected 64"),
-        (failing_sample(&Logits::f32(&values, 2, VOCAB).with_row_stride(100), &params, 6, 6), "logits: 128 values for 2 rows x 64 (row stride 100); expected 164 .. 200"),
+        (
+            failing_sample(&Logits::f32(&values[1..], 2, VOCAB), &params, 6, 6),
+            "logits: 127 values for 2 rows x 64 (row stride 64); expected 128",
+        ),
+        (
+            failing_sample(&Logits::f32(&values, 1, VOCAB), &params, 3, 3),
+            "logits: 128 values for 1 rows x 64 (row stride 64); expected 64",
+        ),
+        (
+            failing_sample(&Logits::f32(&values, 2, VOCAB).with_row_stride(100), &params, 6, 6),
+            "logits: 128 values for 2 rows x 64 (row stride 100); expected 164 .. 200",
+        ),
         (failing_sample(&logits, &params, 5, 6), "tokens has 5 values; expected rows x num_samples = 2 x 3 = 6"),
         (failing_sample(&logits, &params, 6, 7), "logprobs has 7 values; expected rows x num_samples = 2 x 3 = 6"),
-        (failing_sample(&logits, &params.seed_per_row(&[1, 2, 3]), 6, 6), "seed_per_row has 3 values for 2 rows; expected one per row"),
-        (failing_sample(&logits, &params.top_k_per_row(&[1]), 6, 6), "top_k_per_row has 1 values for 2 rows; expected one per row"),
-        (failing_sample(&Logits::f32(&values, 2, VOCAB).with_row_stride(10), &params, 6, 6), "logits: row_stride is 10, below vocab 64"),
+        (
+            failing_sample(&logits, &params.seed_per_row(&[1, 2, 3]), 6, 6),
+            "seed_per_row has 3 values for 2 rows; expected one per row",
+        ),
+        (
+            failing_sample(&logits, &params.top_k_per_row(&[1]), 6, 6),
+            "top_k_per_row has 1 values for 2 rows; expected one per row",
+        ),
+        (
+            failing_sample(&Logits::f32(&values, 2, VOCAB).with_row_stride(10), &params, 6, 6),
+            "logits: row_stride is 10, below vocab 64",
+        ),
         (failing_sample(&Logits::f32(&[], 0, VOCAB), &params, 0, 0), "logits: rows is 0; expected >= 1"),
     ];
     for (error, message) in cases {

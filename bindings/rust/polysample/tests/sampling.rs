@@ -196,7 +196,8 @@ fn per_row_parameters_act_like_separate_calls() {
                 .min_p(min_ps[row])
                 .seed(seeds[row]);
             let values = &logits[row * VOCAB..(row + 1) * VOCAB];
-            let (alone, alone_logprobs) = context.sample_with_logprobs(&Logits::f32(values, 1, VOCAB), &single).unwrap();
+            let (alone, alone_logprobs) =
+                context.sample_with_logprobs(&Logits::f32(values, 1, VOCAB), &single).unwrap();
             assert_eq!(&tokens[row * 8..(row + 1) * 8], &alone[..], "{backend} row {row}");
             assert_eq!(&logprobs[row * 8..(row + 1) * 8], &alone_logprobs[..], "{backend} row {row}");
         }
@@ -239,8 +240,7 @@ fn f16_and_bf16_inputs_equal_the_same_values_in_f32() {
         let params = Params::new().temperature(0.9).top_k(100).top_p(0.9).seed(3).num_samples(3);
         let f32_result = context.sample_with_logprobs(&Logits::f32(&values, ROWS, VOCAB), &params).unwrap();
         let f32_probs = context.probs(&Logits::f32(&values, ROWS, VOCAB), &params).unwrap();
-        for (name, logits) in
-            [("f16", Logits::f16(&halves, ROWS, VOCAB)), ("bf16", Logits::bf16(&brains, ROWS, VOCAB))]
+        for (name, logits) in [("f16", Logits::f16(&halves, ROWS, VOCAB)), ("bf16", Logits::bf16(&brains, ROWS, VOCAB))]
         {
             assert_eq!(context.sample_with_logprobs(&logits, &params).unwrap(), f32_result, "{backend} {name}");
             assert_eq!(context.probs(&logits, &params).unwrap(), f32_probs, "{backend} {name} probs");
@@ -310,7 +310,10 @@ fn the_device_entry_on_the_cpu_backend_equals_the_host_call() {
     let temperatures = [0.5f32, 1.0, 0.0, 2.0];
     let mut context = cpu_context();
     let host = context
-        .sample_with_logprobs(&Logits::f32(&logits, 4, VOCAB), &Params::new().seed(8).num_samples(3).temperature_per_row(&temperatures))
+        .sample_with_logprobs(
+            &Logits::f32(&logits, 4, VOCAB),
+            &Params::new().seed(8).num_samples(3).temperature_per_row(&temperatures),
+        )
         .unwrap();
     let mut tokens = vec![0i32; 12];
     let mut logprobs = vec![0f32; 12];
@@ -326,7 +329,13 @@ fn the_device_entry_on_the_cpu_backend_equals_the_host_call() {
     // unchanged until synchronize returns.
     unsafe {
         context
-            .sample_device(&device_logits, &Params::new().seed(8).num_samples(3), &per_row, tokens.as_mut_ptr(), logprobs.as_mut_ptr())
+            .sample_device(
+                &device_logits,
+                &Params::new().seed(8).num_samples(3),
+                &per_row,
+                tokens.as_mut_ptr(),
+                logprobs.as_mut_ptr(),
+            )
             .unwrap();
     }
     context.synchronize().unwrap();

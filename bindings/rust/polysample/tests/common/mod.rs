@@ -19,13 +19,18 @@ pub fn requested_backends() -> Vec<(Backend, Option<u32>)> {
     list.split(',')
         .filter(|entry| !entry.trim().is_empty())
         .map(|entry| {
-            let (name, device) = match entry.split_once(':') {
-                Some((name, index)) => (name, Some(index.trim().parse().unwrap_or_else(|_| {
-                    panic!("POLYSAMPLE_TEST_BACKENDS={list}: bad device index in {entry:?}")
-                }))),
-                None => (entry, None),
-            };
-            let backend: Backend = name.parse().unwrap_or_else(|error| panic!("POLYSAMPLE_TEST_BACKENDS={list}: {error}"));
+            let (name, device) =
+                match entry.split_once(':') {
+                    Some((name, index)) => (
+                        name,
+                        Some(index.trim().parse().unwrap_or_else(|_| {
+                            panic!("POLYSAMPLE_TEST_BACKENDS={list}: bad device index in {entry:?}")
+                        })),
+                    ),
+                    None => (entry, None),
+                };
+            let backend: Backend =
+                name.parse().unwrap_or_else(|error| panic!("POLYSAMPLE_TEST_BACKENDS={list}: {error}"));
             assert!(backend != Backend::Auto, "POLYSAMPLE_TEST_BACKENDS={list}: name concrete backends");
             (backend, device)
         })

@@ -24,7 +24,6 @@ use std::process::Command;
 const LIBRARY_FILE: &str = "libpolysample.so";
 
 struct Found {
-    how: &'static str,
     lib_dirs: Vec<PathBuf>,
     libs: Vec<String>,
     include_dir: PathBuf,
@@ -67,7 +66,6 @@ fn main() {
     println!("cargo:include={}", found.include_dir.display());
     // For tests/layout.rs, which compiles the header with the C compiler.
     println!("cargo:rustc-env=POLYSAMPLE_SYS_INCLUDE_DIR={}", found.include_dir.display());
-    println!("cargo:rustc-env=POLYSAMPLE_SYS_FOUND_BY={}", found.how);
 }
 
 fn from_environment(repository: &Path) -> Option<Found> {
@@ -94,7 +92,7 @@ fn from_environment(repository: &Path) -> Option<Found> {
     }
     println!("cargo:rerun-if-changed={}", lib_dir.join(LIBRARY_FILE).display());
     println!("cargo:rerun-if-changed={}", include_dir.join("polysample.h").display());
-    Some(Found { how: "POLYSAMPLE_LIB_DIR", lib_dirs: vec![lib_dir], libs: vec!["polysample".into()], include_dir })
+    Some(Found { lib_dirs: vec![lib_dir], libs: vec!["polysample".into()], include_dir })
 }
 
 /// Asks pkg-config; None when it is missing or does not know polysample.
@@ -127,7 +125,7 @@ fn from_pkg_config() -> Option<Found> {
     if !libs.iter().any(|lib| lib == "polysample") {
         fail(&format!("`{program} --libs polysample` gave `{}`, without -lpolysample", flags.trim()));
     }
-    Some(Found { how: "pkg-config", lib_dirs, libs, include_dir })
+    Some(Found { lib_dirs, libs, include_dir })
 }
 
 /// Configures and builds the repository's library into OUT_DIR.
@@ -162,12 +160,7 @@ fn from_cmake(repository: &Path) -> Found {
     if !build_dir.join(LIBRARY_FILE).exists() {
         fail(&format!("CMake finished but {} has no {LIBRARY_FILE}", build_dir.display()));
     }
-    Found {
-        how: "cmake",
-        lib_dirs: vec![build_dir],
-        libs: vec!["polysample".into()],
-        include_dir: repository.join("include"),
-    }
+    Found { lib_dirs: vec![build_dir], libs: vec!["polysample".into()], include_dir: repository.join("include") }
 }
 
 /// Runs a CMake step with its output captured (a build script's stdout is

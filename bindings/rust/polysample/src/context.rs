@@ -1,4 +1,4 @@
-use crate::error::{check, Error, Result};
+use crate::error::{check, Error, Result, Status};
 use crate::info::{Backend, Dtype};
 use crate::params::{check_shape, Logits, Params};
 use polysample_sys as sys;
@@ -149,7 +149,10 @@ impl ContextOptions {
             resume_unwind(panic);
         }
         result?;
-        created.ok_or_else(|| Error::invalid_argument("psm_context_create returned no context".into()))
+        created.ok_or_else(|| Error {
+            status: Status::Internal,
+            message: "psm_context_create succeeded but returned no context".into(),
+        })
     }
 }
 

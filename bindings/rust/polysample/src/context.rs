@@ -502,3 +502,41 @@ unsafe fn owned_string(text: *const c_char) -> String {
         unsafe { CStr::from_ptr(text) }.to_string_lossy().into_owned()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The library calls notice only for long steps (an OpenCL kernel
+    // compile), so the trampoline is checked here by calling it as C would.
+    fn call_notice(state: &mut NoticeState<'_>, message: &CStr) {
+        // SAFETY: a live NoticeState and a NUL-terminated message.
+        unsafe { notice_trampoline((state as *mut NoticeState).cast(), message.as_ptr()) }
+    }
+
+    #[test]
+    fn notices_reach_the_callback_in_order() {
+        let mut seen = Vec::new();
+        let mut callback = |message: &str| seen.push(message.to_owned());
+        let mut state = NoticeState { callback: &mut callback, panic: None };
+        call_notice(&mut state, c"compiling OpenCL kernels");
+        call_notice(&mut state, c"done");
+        assert!(state.panic.is_none());
+        assert_eq!(seen, ["compiling OpenCL kernels", "done"]);
+    }
+
+    #[test]
+    fn a_panicking_callback_is_held_for_after_the_c_call() {
+        let mut calls = 0;
+        let mut callback = |_: &str| {
+            calls += 1;
+            panic!("callback failed");
+        };
+        let mut state = NoticeState { callback: &mut callback, panic: None };
+        call_notice(&mut state, c"first");
+        call_notice(&mut state, c"second"); // not called again after a panic
+        let panic = state.panic.take().expect("the panic is kept");
+        assert_eq!(panic.downcast_ref::<&str>(), Some(&"callback failed"));
+        assert_eq!(calls, 1);
+    }
+}

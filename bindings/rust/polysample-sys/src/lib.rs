@@ -1,0 +1,159 @@
+//! Raw FFI declarations for `include/polysample.h`, written by hand.
+//!
+//! Every item of the header is here under its C name. The safe wrapper is the
+//! `polysample` crate; use this one only to reach something it does not cover.
+//!
+//! The C enums are integer type aliases with one constant per value, not Rust
+//! enums: a value a C function returns that is not among the declared
+//! variants (a newer library, a corrupted struct) would be undefined
+//! behaviour in a Rust enum, while an integer can hold anything C writes.
+//! Their underlying type is `c_uint` because the C compiler gives an enum
+//! with no negative values an unsigned type; `tests/layout.rs` checks that,
+//! every size, alignment and field offset, and every constant against the
+//! header with the system C compiler.
+//!
+//! `build.rs` finds or builds the library; see the crate README for how.
+#![no_std]
+#![allow(non_camel_case_types)]
+
+use core::ffi::{c_char, c_int, c_uint, c_void};
+
+pub const PSM_VERSION_MAJOR: c_int = 0;
+pub const PSM_VERSION_MINOR: c_int = 1;
+pub const PSM_VERSION_PATCH: c_int = 0;
+pub const PSM_VERSION_NUMBER: c_int = PSM_VERSION_MAJOR * 10000 + PSM_VERSION_MINOR * 100 + PSM_VERSION_PATCH;
+
+/// `enum psm_status`. The values are pinned by the header: they never change.
+pub type psm_status = c_uint;
+pub const PSM_OK: psm_status = 0;
+pub const PSM_ERR_INVALID_ARGUMENT: psm_status = 1;
+pub const PSM_ERR_INVALID_PARAMETER: psm_status = 2;
+pub const PSM_ERR_UNSUPPORTED: psm_status = 3;
+pub const PSM_ERR_BACKEND_NOT_COMPILED: psm_status = 4;
+pub const PSM_ERR_NO_DEVICE: psm_status = 5;
+pub const PSM_ERR_DRIVER: psm_status = 6;
+pub const PSM_ERR_OUT_OF_MEMORY: psm_status = 7;
+pub const PSM_ERR_BAD_ROW: psm_status = 8;
+pub const PSM_ERR_WRONG_BACKEND: psm_status = 9;
+pub const PSM_ERR_ENVIRONMENT: psm_status = 10;
+pub const PSM_ERR_INTERNAL: psm_status = 11;
+
+/// `enum psm_backend`.
+pub type psm_backend = c_uint;
+pub const PSM_BACKEND_AUTO: psm_backend = 0;
+pub const PSM_BACKEND_CPU: psm_backend = 1;
+pub const PSM_BACKEND_CUDA: psm_backend = 2;
+pub const PSM_BACKEND_HIP: psm_backend = 3;
+pub const PSM_BACKEND_OPENCL: psm_backend = 4;
+pub const PSM_BACKEND_COUNT: c_int = 5;
+
+/// `enum psm_dtype`.
+pub type psm_dtype = c_uint;
+pub const PSM_DTYPE_F32: psm_dtype = 0;
+pub const PSM_DTYPE_F16: psm_dtype = 1;
+pub const PSM_DTYPE_BF16: psm_dtype = 2;
+
+/// `enum psm_memory`: where a buffer lives. `DEVICE` is memory of the
+/// context's backend (a CUDA or HIP device pointer, or an OpenCL `cl_mem`
+/// passed as the pointer); on the CPU backend the two are the same.
+pub type psm_memory = c_uint;
+pub const PSM_MEMORY_HOST: psm_memory = 0;
+pub const PSM_MEMORY_DEVICE: psm_memory = 1;
+
+/// Opaque `struct psm_context`; only ever behind a pointer.
+#[repr(C)]
+pub struct psm_context {
+    _opaque: [u8; 0],
+    // Neither Send, Sync nor Unpin: what may be done with it is up to the C API.
+    _not_send_sync_unpin: core::marker::PhantomData<(*mut u8, core::marker::PhantomPinned)>,
+}
+
+/// `void (*notice)(void *user_data, const char *message)`.
+pub type psm_notice_fn = unsafe extern "C" fn(user_data: *mut c_void, message: *const c_char);
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct psm_context_options {
+    pub backend: psm_backend,
+    pub device_index: c_int,
+    pub cpu_threads: c_int,
+    pub native_stream: *mut c_void,
+    pub check_rows: c_int,
+    /// A NULL function pointer in C is `None` here.
+    pub notice: Option<psm_notice_fn>,
+    pub notice_user_data: *mut c_void,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct psm_tensor {
+    pub data: *mut c_void,
+    pub dtype: psm_dtype,
+    pub memory: psm_memory,
+    pub rows: i64,
+    pub vocab: i64,
+    pub row_stride: i64,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct psm_params {
+    pub temperature: f32,
+    pub top_k: i32,
+    pub top_p: f32,
+    pub min_p: f32,
+    pub seed: u64,
+    pub offset: u64,
+    pub num_samples: i32,
+    pub temperature_per_row: *const f32,
+    pub top_k_per_row: *const i32,
+    pub top_p_per_row: *const f32,
+    pub min_p_per_row: *const f32,
+    pub seed_per_row: *const u64,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct psm_output {
+    pub data: *mut c_void,
+    pub memory: psm_memory,
+}
+
+extern "C" {
+    pub fn psm_context_options_init(options: *mut psm_context_options);
+    pub fn psm_context_create(options: *const psm_context_options, context_out: *mut *mut psm_context) -> psm_status;
+    pub fn psm_context_destroy(context: *mut psm_context);
+
+    pub fn psm_context_backend(context: *const psm_context) -> psm_backend;
+    pub fn psm_context_device_name(context: *const psm_context) -> *const c_char;
+    pub fn psm_context_selection_reason(context: *const psm_context) -> *const c_char;
+    pub fn psm_context_reserve(context: *mut psm_context, rows: i64, vocab: i64, num_samples: i64) -> psm_status;
+
+    pub fn psm_params_init(params: *mut psm_params);
+
+    pub fn psm_sample(
+        context: *mut psm_context,
+        logits: *const psm_tensor,
+        params: *const psm_params,
+        tokens: psm_output,
+        logprobs: psm_output,
+    ) -> psm_status;
+    pub fn psm_probs(
+        context: *mut psm_context,
+        logits: *const psm_tensor,
+        params: *const psm_params,
+        probs: *const psm_tensor,
+    ) -> psm_status;
+    pub fn psm_synchronize(context: *mut psm_context) -> psm_status;
+
+    pub fn psm_status_string(status: psm_status) -> *const c_char;
+    pub fn psm_last_error() -> *const c_char;
+
+    pub fn psm_version_string() -> *const c_char;
+    pub fn psm_version_number() -> c_int;
+
+    pub fn psm_backend_name(backend: psm_backend) -> *const c_char;
+    pub fn psm_backend_compiled(backend: psm_backend) -> c_int;
+    pub fn psm_backend_available(backend: psm_backend, reason: *mut *const c_char) -> c_int;
+    pub fn psm_backend_device_count(backend: psm_backend) -> c_int;
+}

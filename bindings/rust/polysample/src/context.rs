@@ -1,0 +1,542 @@
+use crate::error::{check, Error, Result, Status};
+use crate::info::{Backend, Dtype};
+use crate::params::{check_shape, Logits, Params};
+use polysample_sys as sys;
+use std::any::Any;
+use std::cell::Cell;
+use std::ffi::{c_char, c_void, CStr};
+use std::marker::PhantomData;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::ptr::{self, NonNull};
+
+/// How to create a [`Context`]: a builder over `psm_context_options`.
+///
+/// ```
+/// use polysample::{Backend, ContextOptions};
+/// let context = ContextOptions::new().backend(Backend::Cpu).cpu_threads(2).create()?;
+/// assert_eq!(context.backend(), Some(Backend::Cpu));
+/// # Ok::<(), polysample::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct ContextOptions {
+    backend: Backend,
+    device: Option<u32>,
+    cpu_threads: u32,
+    check_rows: bool,
+    native_stream: *mut c_void,
+}
+
+// SAFETY: the stream pointer is only a value here; it is used by
+// psm_context_create, and whoever set it promised (native_stream is unsafe)
+// that it is valid wherever the context is created and used.
+unsafe impl Send for ContextOptions {}
+unsafe impl Sync for ContextOptions {}
+
+impl Default for ContextOptions {
+    fn default() -> Self {
+        ContextOptions::new()
+    }
+}
+
+impl ContextOptions {
+    /// The library's defaults: [`Backend::Auto`], the backend's default
+    /// device, OpenMP's default thread count, the context's own stream, no
+    /// row checking.
+    pub fn new() -> ContextOptions {
+        ContextOptions {
+            backend: Backend::Auto,
+            device: None,
+            cpu_threads: 0,
+            check_rows: false,
+            native_stream: ptr::null_mut(),
+        }
+    }
+
+    /// The backend; [`Backend::Auto`] reads `POLYSAMPLE_BACKEND`, else takes
+    /// CUDA, HIP, an OpenCL GPU or accelerator, then the CPU.
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    /// The device index within the backend (default: the backend's default,
+    /// or the `:N` of `POLYSAMPLE_BACKEND`).
+    pub fn device(mut self, index: u32) -> Self {
+        self.device = Some(index);
+        self
+    }
+
+    /// Threads of the CPU backend; 0 is OpenMP's default.
+    pub fn cpu_threads(mut self, threads: u32) -> Self {
+        self.cpu_threads = threads;
+        self
+    }
+
+    /// Checking mode: a row with a NaN or +inf logit, or no finite logit,
+    /// makes a call fail with [`Status::BadRow`](crate::Status) and write
+    /// nothing, instead of giving that row token -1. Device backends then
+    /// wait for the result.
+    pub fn check_rows(mut self, check: bool) -> Self {
+        self.check_rows = check;
+        self
+    }
+
+    /// Runs the context's work on an existing `cudaStream_t`, `hipStream_t`
+    /// or `cl_command_queue` instead of a stream of its own.
+    ///
+    /// # Safety
+    /// `stream` must be null or a live stream (queue) of the backend and
+    /// device the context is created for, and stay alive until the
+    /// [`Context`] is dropped.
+    pub unsafe fn native_stream(mut self, stream: *mut c_void) -> Self {
+        self.native_stream = stream;
+        self
+    }
+
+    /// Creates the context.
+    pub fn create(&self) -> Result<Context> {
+        self.create_inner(None)
+    }
+
+    /// Creates the context, passing the library's notices (e.g. "compiling
+    /// OpenCL kernels ... (first use; cached)") to `notice`, on this thread,
+    /// before this returns. The library itself never prints.
+    ///
+    /// ```
+    /// use polysample::{Backend, ContextOptions};
+    /// let mut notices = Vec::new();
+    /// let context = ContextOptions::new()
+    ///     .backend(Backend::Cpu)
+    ///     .create_with_notice(&mut |message: &str| notices.push(message.to_owned()))?;
+    /// # drop(context);
+    /// # Ok::<(), polysample::Error>(())
+    /// ```
+    pub fn create_with_notice(&self, notice: &mut dyn FnMut(&str)) -> Result<Context> {
+        self.create_inner(Some(notice))
+    }
+
+    fn create_inner(&self, notice: Option<&mut dyn FnMut(&str)>) -> Result<Context> {
+        let mut raw = std::mem::MaybeUninit::<sys::psm_context_options>::uninit();
+        // SAFETY: psm_context_options_init writes every field.
+        let mut raw = unsafe {
+            sys::psm_context_options_init(raw.as_mut_ptr());
+            raw.assume_init()
+        };
+        raw.backend = self.backend.raw();
+        if let Some(index) = self.device {
+            raw.device_index = i32::try_from(index)
+                .map_err(|_| Error::invalid_argument(format!("device index {index} is above 2^31-1")))?;
+        }
+        raw.cpu_threads = i32::try_from(self.cpu_threads)
+            .map_err(|_| Error::invalid_argument(format!("cpu_threads {} is above 2^31-1", self.cpu_threads)))?;
+        raw.native_stream = self.native_stream;
+        raw.check_rows = i32::from(self.check_rows);
+
+        let mut state = notice.map(|callback| NoticeState { callback, panic: None });
+        if let Some(state) = state.as_mut() {
+            raw.notice = Some(notice_trampoline);
+            raw.notice_user_data = (state as *mut NoticeState).cast();
+        }
+        let mut context: *mut sys::psm_context = ptr::null_mut();
+        // SAFETY: raw is fully initialised; notice_user_data points to
+        // `state`, which outlives the call (the library calls notice only
+        // during psm_context_create).
+        let status = unsafe { sys::psm_context_create(&raw, &mut context) };
+        let result = check(status);
+        let created = NonNull::new(context).map(|raw| Context { raw, _not_sync: PhantomData });
+        if let Some(panic) = state.and_then(|state| state.panic) {
+            drop(created);
+            resume_unwind(panic);
+        }
+        result?;
+        created.ok_or_else(|| Error {
+            status: Status::Internal,
+            message: "psm_context_create succeeded but returned no context".into(),
+        })
+    }
+}
+
+struct NoticeState<'a> {
+    callback: &'a mut dyn FnMut(&str),
+    /// A panic of the callback, resumed once the C call has returned (it must
+    /// not unwind through C).
+    panic: Option<Box<dyn Any + Send>>,
+}
+
+unsafe extern "C" fn notice_trampoline(user_data: *mut c_void, message: *const c_char) {
+    // SAFETY: user_data is the NoticeState that create_inner passed, alive
+    // and not otherwise borrowed during psm_context_create.
+    let state = unsafe { &mut *user_data.cast::<NoticeState>() };
+    if state.panic.is_some() || message.is_null() {
+        return;
+    }
+    // SAFETY: the library passes a NUL-terminated message.
+    let text = unsafe { CStr::from_ptr(message) }.to_string_lossy();
+    if let Err(panic) = catch_unwind(AssertUnwindSafe(|| (state.callback)(&text))) {
+        state.panic = Some(panic);
+    }
+}
+
+/// A sampling context: one backend, one device, one stream, and the
+/// workspace reused between calls. Freed on drop (after the work it queued).
+///
+/// `Send` but not `Sync`: the library allows one thread at a time per
+/// context; use one context per thread for parallel work.
+///
+/// ```
+/// use polysample::{Backend, Context, ContextOptions, Logits, Params};
+/// let mut context = Context::new(&ContextOptions::new().backend(Backend::Cpu))?;
+/// let logits = [0.5f32, 3.0, -1.0, 2.0, /* row 2 */ 9.0, 0.0, 0.0, 0.0];
+/// let tokens = context.sample(&Logits::f32(&logits, 2, 4), &Params::new().greedy())?;
+/// assert_eq!(tokens, [1, 0]);
+/// # Ok::<(), polysample::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct Context {
+    raw: NonNull<sys::psm_context>,
+    _not_sync: PhantomData<Cell<()>>,
+}
+
+// SAFETY: a psm_context may be used by one thread at a time, from any
+// thread; `!Sync` and `&mut self` on every call that works keep it to one.
+unsafe impl Send for Context {}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        // SAFETY: raw came from psm_context_create and is destroyed once.
+        unsafe { sys::psm_context_destroy(self.raw.as_ptr()) }
+    }
+}
+
+/// Logits in the memory of a context's backend, for the `unsafe` device
+/// calls: a CUDA or HIP device pointer, or an OpenCL `cl_mem` passed as the
+/// pointer (on the CPU backend, host memory).
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceLogits {
+    pub data: *mut c_void,
+    pub dtype: Dtype,
+    pub rows: usize,
+    pub vocab: usize,
+    /// Elements between row starts; 0 means `vocab`.
+    pub row_stride: usize,
+}
+
+/// Per-row parameter arrays in the same memory as [`DeviceLogits`]; a null
+/// pointer uses the scalar from [`Params`]. Out-of-range values in them
+/// cannot be checked on the host: that row gets token -1 (or
+/// [`Status::BadRow`](crate::Status) in checking mode).
+#[derive(Debug, Clone, Copy)]
+pub struct DevicePerRow {
+    pub temperature: *const f32,
+    pub top_k: *const i32,
+    pub top_p: *const f32,
+    pub min_p: *const f32,
+    pub seed: *const u64,
+}
+
+impl Default for DevicePerRow {
+    fn default() -> Self {
+        DevicePerRow {
+            temperature: ptr::null(),
+            top_k: ptr::null(),
+            top_p: ptr::null(),
+            min_p: ptr::null(),
+            seed: ptr::null(),
+        }
+    }
+}
+
+impl Context {
+    pub fn new(options: &ContextOptions) -> Result<Context> {
+        options.create()
+    }
+
+    /// The backend the context runs on (AUTO resolved). `None` only if the
+    /// linked library is newer than this crate and chose a backend it does
+    /// not know.
+    pub fn backend(&self) -> Option<Backend> {
+        // SAFETY: raw is a live context.
+        Backend::from_raw(unsafe { sys::psm_context_backend(self.raw.as_ptr()) })
+    }
+
+    /// A human-readable device name, e.g. "CPU (2 threads)".
+    pub fn device_name(&self) -> String {
+        // SAFETY: raw is live; the string lives as long as the context.
+        unsafe { owned_string(sys::psm_context_device_name(self.raw.as_ptr())) }
+    }
+
+    /// Why AUTO chose this backend, or "requested" when it was named.
+    pub fn selection_reason(&self) -> String {
+        // SAFETY: raw is live; the string lives as long as the context.
+        unsafe { owned_string(sys::psm_context_selection_reason(self.raw.as_ptr())) }
+    }
+
+    /// Reserves workspace for calls up to `rows x vocab x num_samples`, so
+    /// that later calls of that size or smaller allocate nothing.
+    pub fn reserve(&mut self, rows: usize, vocab: usize, num_samples: usize) -> Result<()> {
+        let as_i64 = |value: usize| i64::try_from(value).unwrap_or(i64::MAX);
+        // SAFETY: raw is live; the library checks the sizes.
+        check(unsafe { sys::psm_context_reserve(self.raw.as_ptr(), as_i64(rows), as_i64(vocab), as_i64(num_samples)) })
+    }
+
+    /// Draws `num_samples` tokens per row: `rows x num_samples`, row-major.
+    /// A bad row (NaN, +inf, or no finite logit) gets -1 unless the context
+    /// checks rows.
+    pub fn sample(&mut self, logits: &Logits<'_>, params: &Params<'_>) -> Result<Vec<i32>> {
+        let raw_params = params.raw_for_rows(logits.rows())?;
+        let mut tokens = vec![0; output_len(logits.rows(), raw_params.num_samples)?];
+        self.sample_into(logits, params, &mut tokens, None)?;
+        Ok(tokens)
+    }
+
+    /// Like [`sample`](Self::sample), also returning each token's natural-log
+    /// probability under the final (filtered, renormalised) distribution.
+    pub fn sample_with_logprobs(&mut self, logits: &Logits<'_>, params: &Params<'_>) -> Result<(Vec<i32>, Vec<f32>)> {
+        let raw_params = params.raw_for_rows(logits.rows())?;
+        let length = output_len(logits.rows(), raw_params.num_samples)?;
+        let (mut tokens, mut logprobs) = (vec![0; length], vec![0.0; length]);
+        self.sample_into(logits, params, &mut tokens, Some(&mut logprobs))?;
+        Ok((tokens, logprobs))
+    }
+
+    /// Samples into caller-provided buffers of `rows x num_samples` each.
+    /// On any error nothing is written.
+    pub fn sample_into(
+        &mut self,
+        logits: &Logits<'_>,
+        params: &Params<'_>,
+        tokens: &mut [i32],
+        logprobs: Option<&mut [f32]>,
+    ) -> Result<()> {
+        let raw_logits = logits.raw_tensor()?;
+        let raw_params = params.raw_for_rows(logits.rows())?;
+        // A num_samples below 1 is left to the library, which rejects it
+        // with its own message before looking at the outputs.
+        if raw_params.num_samples >= 1 {
+            let expected = output_len(logits.rows(), raw_params.num_samples)?;
+            check_len("tokens", tokens.len(), expected, logits.rows(), raw_params.num_samples)?;
+            if let Some(logprobs) = logprobs.as_deref() {
+                check_len("logprobs", logprobs.len(), expected, logits.rows(), raw_params.num_samples)?;
+            }
+        }
+        let tokens = sys::psm_output { data: tokens.as_mut_ptr().cast(), memory: sys::PSM_MEMORY_HOST };
+        let logprobs = sys::psm_output {
+            data: logprobs.map_or(ptr::null_mut(), |values| values.as_mut_ptr().cast()),
+            memory: sys::PSM_MEMORY_HOST,
+        };
+        // SAFETY: every pointer is a host slice whose length was checked
+        // against the shape, borrowed for the whole call; for host memory
+        // the library has finished with them when it returns.
+        check(unsafe { sys::psm_sample(self.raw.as_ptr(), &raw_logits, &raw_params, tokens, logprobs) })
+    }
+
+    /// The final distribution `sample` draws from: `rows x vocab` f32,
+    /// row-major. Greedy rows are 1 at the argmax and 0 elsewhere; a bad row
+    /// is all NaN.
+    pub fn probs(&mut self, logits: &Logits<'_>, params: &Params<'_>) -> Result<Vec<f32>> {
+        let length = logits.rows().checked_mul(logits.vocab()).ok_or_else(|| {
+            Error::invalid_argument(format!("probs: {} x {} is too large", logits.rows(), logits.vocab()))
+        })?;
+        let mut probs = vec![0.0; length];
+        self.probs_into(logits, params, &mut probs)?;
+        Ok(probs)
+    }
+
+    /// [`probs`](Self::probs) into a caller-provided `rows x vocab` buffer.
+    /// On any error nothing is written.
+    pub fn probs_into(&mut self, logits: &Logits<'_>, params: &Params<'_>, probs: &mut [f32]) -> Result<()> {
+        let raw_logits = logits.raw_tensor()?;
+        let raw_params = params.raw_for_rows(logits.rows())?;
+        let expected = logits.rows() * logits.vocab(); // bounded by logits.raw_tensor
+        if probs.len() != expected {
+            return Err(Error::invalid_argument(format!(
+                "probs has {} values; expected rows x vocab = {} x {} = {expected}",
+                probs.len(),
+                logits.rows(),
+                logits.vocab()
+            )));
+        }
+        let raw_probs = sys::psm_tensor {
+            data: probs.as_mut_ptr().cast(),
+            dtype: sys::PSM_DTYPE_F32,
+            memory: sys::PSM_MEMORY_HOST,
+            rows: raw_logits.rows,
+            vocab: raw_logits.vocab,
+            row_stride: raw_logits.vocab,
+        };
+        // SAFETY: host slices of checked lengths, borrowed for the call.
+        check(unsafe { sys::psm_probs(self.raw.as_ptr(), &raw_logits, &raw_params, &raw_probs) })
+    }
+
+    /// Samples from logits already in the backend's memory, writing tokens
+    /// (and optionally logprobs) to the backend's memory. On a device backend
+    /// this only queues the work on the context's stream and returns; order
+    /// later work on that stream, or call [`synchronize`](Self::synchronize)
+    /// before reading the results on the host.
+    ///
+    /// `params` must not hold per-row slices (those are host memory); put
+    /// per-row arrays in device memory and pass them in `per_row`.
+    ///
+    /// # Safety
+    /// - `logits.data` is memory of this context's backend and device (a
+    ///   CUDA/HIP device pointer, an OpenCL `cl_mem`, or host memory for the
+    ///   CPU backend) holding `(rows - 1) * row_stride + vocab` elements of
+    ///   `logits.dtype`.
+    /// - `tokens` is such memory with room for `rows * num_samples` `i32`;
+    ///   `logprobs` is null or the same for `f32`. Neither overlaps the
+    ///   inputs.
+    /// - Each non-null pointer of `per_row` is such memory holding `rows`
+    ///   values.
+    /// - All of them stay valid, and the inputs unchanged, until the queued
+    ///   work has finished on the context's stream.
+    /// - The stream given with [`ContextOptions::native_stream`], if any, is
+    ///   still alive.
+    ///
+    /// If this returns an error, nothing was queued and nothing written.
+    pub unsafe fn sample_device(
+        &mut self,
+        logits: &DeviceLogits,
+        params: &Params<'_>,
+        per_row: &DevicePerRow,
+        tokens: *mut i32,
+        logprobs: *mut f32,
+    ) -> Result<()> {
+        let raw_logits = device_tensor("logits", logits)?;
+        let raw_params = device_params(params, per_row, logits.rows)?;
+        let tokens = sys::psm_output { data: tokens.cast(), memory: sys::PSM_MEMORY_DEVICE };
+        let logprobs = sys::psm_output { data: logprobs.cast(), memory: sys::PSM_MEMORY_DEVICE };
+        // SAFETY: the caller's contract above.
+        check(unsafe { sys::psm_sample(self.raw.as_ptr(), &raw_logits, &raw_params, tokens, logprobs) })
+    }
+
+    /// [`probs`](Self::probs) from and into the backend's memory: `probs` is
+    /// `rows x vocab` f32, row-major. Queued like
+    /// [`sample_device`](Self::sample_device).
+    ///
+    /// # Safety
+    /// As for [`sample_device`](Self::sample_device), with `probs` in place
+    /// of `tokens`: backend memory with room for `rows * vocab` `f32`.
+    pub unsafe fn probs_device(
+        &mut self,
+        logits: &DeviceLogits,
+        params: &Params<'_>,
+        per_row: &DevicePerRow,
+        probs: *mut f32,
+    ) -> Result<()> {
+        let raw_logits = device_tensor("logits", logits)?;
+        let raw_params = device_params(params, per_row, logits.rows)?;
+        let raw_probs = sys::psm_tensor {
+            data: probs.cast(),
+            dtype: sys::PSM_DTYPE_F32,
+            memory: sys::PSM_MEMORY_DEVICE,
+            rows: raw_logits.rows,
+            vocab: raw_logits.vocab,
+            row_stride: raw_logits.vocab,
+        };
+        // SAFETY: the caller's contract above.
+        check(unsafe { sys::psm_probs(self.raw.as_ptr(), &raw_logits, &raw_params, &raw_probs) })
+    }
+
+    /// Waits until the work this context queued is done.
+    pub fn synchronize(&mut self) -> Result<()> {
+        // SAFETY: raw is live.
+        check(unsafe { sys::psm_synchronize(self.raw.as_ptr()) })
+    }
+
+    /// The raw context, for the `polysample-sys` calls; it stays owned by
+    /// `self`.
+    pub fn as_raw(&mut self) -> *mut sys::psm_context {
+        self.raw.as_ptr()
+    }
+}
+
+fn device_tensor(name: &str, logits: &DeviceLogits) -> Result<sys::psm_tensor> {
+    let row_stride = if logits.row_stride == 0 { logits.vocab } else { logits.row_stride };
+    check_shape(name, logits.rows, logits.vocab, row_stride)?;
+    Ok(sys::psm_tensor {
+        data: logits.data,
+        dtype: logits.dtype.raw(),
+        memory: sys::PSM_MEMORY_DEVICE,
+        rows: logits.rows as i64,
+        vocab: logits.vocab as i64,
+        row_stride: row_stride as i64,
+    })
+}
+
+fn device_params(params: &Params<'_>, per_row: &DevicePerRow, rows: usize) -> Result<sys::psm_params> {
+    if params.has_per_row_slices() {
+        return Err(Error::invalid_argument(
+            "per-row slices of Params are host memory; device calls take per-row arrays in DevicePerRow".into(),
+        ));
+    }
+    let mut raw = params.raw_for_rows(rows)?;
+    raw.temperature_per_row = per_row.temperature;
+    raw.top_k_per_row = per_row.top_k;
+    raw.top_p_per_row = per_row.top_p;
+    raw.min_p_per_row = per_row.min_p;
+    raw.seed_per_row = per_row.seed;
+    Ok(raw)
+}
+
+fn output_len(rows: usize, num_samples: i32) -> Result<usize> {
+    let samples = usize::try_from(num_samples.max(0)).unwrap_or(0);
+    rows.checked_mul(samples)
+        .ok_or_else(|| Error::invalid_argument(format!("rows x num_samples ({rows} x {num_samples}) is too large")))
+}
+
+fn check_len(name: &str, length: usize, expected: usize, rows: usize, num_samples: i32) -> Result<()> {
+    if length == expected {
+        return Ok(());
+    }
+    Err(Error::invalid_argument(format!(
+        "{name} has {length} values; expected rows x num_samples = {rows} x {num_samples} = {expected}"
+    )))
+}
+
+/// # Safety
+/// `text` is null or a NUL-terminated string valid for this call.
+unsafe fn owned_string(text: *const c_char) -> String {
+    if text.is_null() {
+        String::new()
+    } else {
+        unsafe { CStr::from_ptr(text) }.to_string_lossy().into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The library calls notice only for long steps (an OpenCL kernel
+    // compile), so the trampoline is checked here by calling it as C would.
+    fn call_notice(state: &mut NoticeState<'_>, message: &CStr) {
+        // SAFETY: a live NoticeState and a NUL-terminated message.
+        unsafe { notice_trampoline((state as *mut NoticeState).cast(), message.as_ptr()) }
+    }
+
+    #[test]
+    fn notices_reach_the_callback_in_order() {
+        let mut seen = Vec::new();
+        let mut callback = |message: &str| seen.push(message.to_owned());
+        let mut state = NoticeState { callback: &mut callback, panic: None };
+        call_notice(&mut state, c"compiling OpenCL kernels");
+        call_notice(&mut state, c"done");
+        assert!(state.panic.is_none());
+        assert_eq!(seen, ["compiling OpenCL kernels", "done"]);
+    }
+
+    #[test]
+    fn a_panicking_callback_is_held_for_after_the_c_call() {
+        let mut calls = 0;
+        let mut callback = |_: &str| {
+            calls += 1;
+            panic!("callback failed");
+        };
+        let mut state = NoticeState { callback: &mut callback, panic: None };
+        call_notice(&mut state, c"first");
+        call_notice(&mut state, c"second"); // not called again after a panic
+        let panic = state.panic.take().expect("the panic is kept");
+        assert_eq!(panic.downcast_ref::<&str>(), Some(&"callback failed"));
+        assert_eq!(calls, 1);
+    }
+}

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command (README; CI runs it): builds polysample with its Check
-# suite and runs it, then builds and runs the whole suite again under
+# suite and runs it, then the Rust and Python bindings' tests against that
+# build, then builds and runs the whole suite again under
 # AddressSanitizer + UndefinedBehaviorSanitizer, then the OpenCL tests once
 # more with the backend forced onto its large-vocabulary path, and prints a
 # summary: per build, the ctest result, the backends that ran, and every
@@ -236,6 +237,41 @@ skip_report() {
 }
 
 build_and_test "release" "$build_dir" -DCMAKE_BUILD_TYPE=Release
+
+# run_script LABEL COMMAND...: a self-contained test script (it prints its
+# own one-line summary last); its output goes to $log_dir/<label>.log.
+run_script() {
+    local label=$1
+    shift
+    local log=$log_dir/$label.log status=0
+    mkdir -p "$log_dir"
+    say "$label: $* (log: $log)"
+    "$@" >"$log" 2>&1 || status=$?
+    local last
+    last=$(tail -n 1 "$log")
+    printf '   %s\n' "$last"
+    summaries+=("$label: $last")
+    if (( status != 0 )); then
+        tail -n 30 "$log" | sed 's/^/   | /'
+        failures+=("$label: exit status $status (see $log)")
+    fi
+}
+
+# The language bindings against the release build: the CPU backend, and
+# OpenCL on PoCL where it is there (unless POLYSAMPLE_TEST_BACKENDS says).
+binding_backends=${POLYSAMPLE_TEST_BACKENDS:-cpu}
+if [[ -z ${POLYSAMPLE_TEST_BACKENDS:-} && -e $build_dir/libpolysample-opencl.so ]] &&
+    ls /etc/OpenCL/vendors/*.icd >/dev/null 2>&1; then
+    binding_backends=cpu,opencl
+fi
+if [[ -e $build_dir/libpolysample.so ]]; then
+    POLYSAMPLE_TEST_BACKENDS=$binding_backends run_script rust \
+        "$repo/bindings/rust/run-tests.sh" "$build_dir"
+    POLYSAMPLE_TEST_BACKENDS=$binding_backends run_script python \
+        "$repo/python/run-tests.sh" "$build_dir"
+else
+    failures+=("bindings: not run, the release build made no libpolysample.so")
+fi
 
 if [[ ${PSM_SKIP_SANITIZER:-0} == 1 ]]; then
     summaries+=("sanitizer: skipped (PSM_SKIP_SANITIZER=1)")

@@ -171,6 +171,14 @@ psm_status reserve_tiles(psm_gpu_state *state, psm_i64 rows, psm_i64 vocab)
     size_t tiles = (size_t)rows * (size_t)tiles_per_row(vocab);
     if (tiles <= state->tile_capacity)
         return PSM_OK;
+    /* Within a call's bounds (rows x vocab < 2^60) the byte count can still
+     * pass 2^64 (2^59 one-token rows); such a workspace exists nowhere, and
+     * wrapped around it would look small. grow_buffer adds a quarter. */
+    if (tiles > SIZE_MAX / 2 / tile_workspace_bytes)
+        return psm_set_error(PSM_ERR_OUT_OF_MEMORY,
+                             "%s backend: a tile workspace for %lld rows of %lld tokens is "
+                             "beyond any device's memory",
+                             PSM_GPU_RUNTIME_NAME, (long long)rows, (long long)vocab);
     size_t capacity_bytes = state->tile_capacity * tile_workspace_bytes;
     psm_status status = grow_buffer(&state->tiles, &capacity_bytes, tiles * tile_workspace_bytes,
                                     "allocating the tile workspace");

@@ -1,6 +1,7 @@
 /* context.c: creating a context, including run-time backend selection. */
 #include "context.h"
 
+#include "alloc.h"
 #include "environment.h"
 #include "error.h"
 
@@ -173,7 +174,7 @@ psm_status psm_context_create(const psm_context_options *options, psm_context **
     if (status != PSM_OK)
         return status;
 
-    psm_context *context = calloc(1, sizeof *context);
+    psm_context *context = psm_alloc_zeroed(1, sizeof *context);
     if (!context)
         return psm_set_error(PSM_ERR_OUT_OF_MEMORY, "cannot allocate a context");
     int device_index = 0;
@@ -188,7 +189,7 @@ psm_status psm_context_create(const psm_context_options *options, psm_context **
         environment_of_creation = NULL;
     }
     if (status != PSM_OK) {
-        free(context);
+        psm_free(context);
         return status;
     }
     *context_out = context;
@@ -200,7 +201,7 @@ void psm_context_destroy(psm_context *context)
     if (!context)
         return;
     context->ops->destroy(context->state);
-    free(context);
+    psm_free(context);
 }
 
 psm_backend psm_context_backend(const psm_context *context)

@@ -26,6 +26,7 @@
  * Development mode: POLYSAMPLE_OPENCL_SOURCE_DIR (read by core/environment.c)
  * names a source tree whose kernel files replace the embedded copies.
  */
+#include "alloc.h"
 #include "backend.h"
 #include "environment.h"
 #include "error.h"
@@ -639,7 +640,10 @@ static psm_status ensure_buffer(opencl_state *state, device_buffer *buffer, size
                              what, bytes, (unsigned long long)state->max_allocation);
     release_buffer(buffer);
     cl_int code = CL_SUCCESS;
-    buffer->mem = clCreateBuffer(state->context, CL_MEM_READ_WRITE, bytes, NULL, &code);
+    if (psm_fault_device_allocation())
+        code = CL_MEM_OBJECT_ALLOCATION_FAILURE; /* test builds: an injected failure */
+    else
+        buffer->mem = clCreateBuffer(state->context, CL_MEM_READ_WRITE, bytes, NULL, &code);
     if (code != CL_SUCCESS) {
         buffer->mem = NULL;
         return psm_set_error(status_of(code), "OpenCL: cannot allocate %zu bytes for the %s workspace: %s",

@@ -147,8 +147,9 @@ typedef struct device_list {
     cl_uint count;
 } device_list;
 
-/* Every GPU, then accelerator, then CPU device of every platform. */
-static psm_status list_devices(device_list *list)
+/* Every GPU, then accelerator, then CPU device of every platform. Callers
+ * hold enumeration_lock. */
+static psm_status list_devices_locked(device_list *list)
 {
     list->devices = NULL;
     list->count = 0;
@@ -219,6 +220,20 @@ static psm_status list_devices(device_list *list)
         list->devices = NULL;
         list->count = 0;
     }
+    return status;
+}
+
+/* PoCL 3.1 initialises its devices on the first clGetDeviceIDs; a second
+ * thread enumerating meanwhile is told there are none (two threads making
+ * their first OpenCL contexts at once: one got PSM_ERR_NO_DEVICE,
+ * tests/test_threads.c). Enumeration is therefore one thread at a time. */
+static pthread_mutex_t enumeration_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static psm_status list_devices(device_list *list)
+{
+    pthread_mutex_lock(&enumeration_lock);
+    psm_status status = list_devices_locked(list);
+    pthread_mutex_unlock(&enumeration_lock);
     return status;
 }
 

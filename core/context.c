@@ -164,9 +164,12 @@ psm_status psm_context_create(const psm_context_options *options, psm_context **
     if ((int)options->backend < 0 || (int)options->backend >= PSM_BACKEND_COUNT)
         return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "unknown backend value %d",
                              (int)options->backend);
-    if (options->cpu_threads < 0)
-        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "cpu_threads is %d; expected >= 0",
-                             options->cpu_threads);
+    /* Each CPU thread gets its own workspace (about 200 KB) at creation: an
+     * unchecked count would have a typo allocate gigabytes. */
+    if (options->cpu_threads < 0 || options->cpu_threads > PSM_MAX_CPU_THREADS)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                             "cpu_threads is %d; expected 0 .. %d (0: OpenMP's default)",
+                             options->cpu_threads, PSM_MAX_CPU_THREADS);
 
     psm_environment environment;
     psm_status status =

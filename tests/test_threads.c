@@ -10,6 +10,8 @@
  * - The first load of a backend module, from two threads at once (run at
  *   the start of main, before anything else has loaded a module): both
  *   threads get a working context, or both get the same refusal.
+ * - cpu_threads beyond PSM_MAX_CPU_THREADS is refused (each thread's
+ *   workspace is allocated at creation).
  *
  * Failures inside worker threads are recorded and asserted by the test's
  * own thread (Check's assertions must not run elsewhere). The ThreadSanitizer
@@ -309,6 +311,26 @@ START_TEST(module_first_load_from_two_threads)
 }
 END_TEST
 
+START_TEST(cpu_threads_beyond_the_limit_refused)
+{
+    const int counts[] = {PSM_MAX_CPU_THREADS + 1, 1 << 20, 0x7fffffff};
+    for (size_t c = 0; c < sizeof counts / sizeof counts[0]; ++c) {
+        psm_context_options options;
+        psm_context_options_init(&options);
+        options.backend = PSM_BACKEND_CPU;
+        options.cpu_threads = counts[c];
+        psm_context *const canary = (psm_context *)&options;
+        psm_context *context = canary;
+        psm_status status = psm_context_create(&options, &context);
+        ck_assert_msg(status == PSM_ERR_INVALID_ARGUMENT, "cpu_threads %d gave %s: %s", counts[c],
+                      psm_status_string(status), psm_last_error());
+        ck_assert_msg(strstr(psm_last_error(), "cpu_threads") != NULL, "message: %s",
+                      psm_last_error());
+        ck_assert_ptr_eq(context, canary);
+    }
+}
+END_TEST
+
 int main(void)
 {
     /* The module-loading race must come before anything loads a module
@@ -326,6 +348,7 @@ int main(void)
     else
         psm_test_skip("common", "module_first_load_from_two_threads",
                       "no GPU backend module compiled in and selected");
+    psm_test_register_common(cpu_threads_beyond_the_limit_refused);
     psm_test_register_property(threads_get_single_threaded_tokens);
     psm_test_register_property(error_messages_stay_per_thread);
     return psm_test_run("test_threads");

@@ -53,8 +53,19 @@
  * rounded +, -, x, exact conversions and floor are involved, and contraction
  * is off (-ffp-contract=off; the clones contain no FMA instruction, although
  * the AVX2 and AVX-512 targets would allow one). */
+/* Not under ThreadSanitizer: the clones' resolvers run while the dynamic
+ * loader relocates, before the sanitizer's runtime is set up, and clang
+ * instruments them (the TSan build, fuzz/tsan.sh, crashed there). */
+#if defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define PSM_CPU_UNDER_TSAN 1
+#endif
+#endif
+#if defined(__SANITIZE_THREAD__)
+#define PSM_CPU_UNDER_TSAN 1
+#endif
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && \
-    (!defined(__clang__) || __clang_major__ >= 14)
+    (!defined(__clang__) || __clang_major__ >= 14) && !defined(PSM_CPU_UNDER_TSAN)
 #define PSM_CPU_HOT __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define PSM_CPU_HOT

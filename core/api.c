@@ -86,6 +86,14 @@ psm_status psm_context_reserve(psm_context *context, int64_t rows, int64_t vocab
         return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
                              "reserve(%lld, %lld, %lld): each must be >= 1, vocab <= 2^31-1",
                              (long long)rows, (long long)vocab, (long long)num_samples);
+    /* The bounds psm_sample's validation puts on a call (core/validate.c):
+     * a shape beyond them can never be sampled, and the backends' workspace
+     * sizes, computed from it in size_t, would wrap around. */
+    if (vocab > INT64_MAX / 8 / rows || num_samples > INT64_MAX / 8 / rows)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                             "reserve(%lld, %lld, %lld): rows x vocab or rows x num_samples is "
+                             "too large for any call",
+                             (long long)rows, (long long)vocab, (long long)num_samples);
     return context->ops->reserve(context->state, rows, vocab, num_samples);
 }
 

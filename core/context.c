@@ -1,6 +1,7 @@
 /* context.c: creating a context, including run-time backend selection. */
 #include "context.h"
 
+#include "alloc.h"
 #include "environment.h"
 #include "error.h"
 
@@ -163,9 +164,12 @@ psm_status psm_context_create(const psm_context_options *options, psm_context **
     if ((int)options->backend < 0 || (int)options->backend >= PSM_BACKEND_COUNT)
         return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "unknown backend value %d",
                              (int)options->backend);
-    if (options->cpu_threads < 0)
-        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "cpu_threads is %d; expected >= 0",
-                             options->cpu_threads);
+    /* Each CPU thread gets its own workspace (about 200 KB) at creation: an
+     * unchecked count would have a typo allocate gigabytes. */
+    if (options->cpu_threads < 0 || options->cpu_threads > PSM_MAX_CPU_THREADS)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                             "cpu_threads is %d; expected 0 .. %d (0: OpenMP's default)",
+                             options->cpu_threads, PSM_MAX_CPU_THREADS);
 
     psm_environment environment;
     psm_status status =
@@ -173,7 +177,7 @@ psm_status psm_context_create(const psm_context_options *options, psm_context **
     if (status != PSM_OK)
         return status;
 
-    psm_context *context = calloc(1, sizeof *context);
+    psm_context *context = psm_alloc_zeroed(1, sizeof *context);
     if (!context)
         return psm_set_error(PSM_ERR_OUT_OF_MEMORY, "cannot allocate a context");
     int device_index = 0;
@@ -188,7 +192,7 @@ psm_status psm_context_create(const psm_context_options *options, psm_context **
         environment_of_creation = NULL;
     }
     if (status != PSM_OK) {
-        free(context);
+        psm_free(context);
         return status;
     }
     *context_out = context;
@@ -200,7 +204,7 @@ void psm_context_destroy(psm_context *context)
     if (!context)
         return;
     context->ops->destroy(context->state);
-    free(context);
+    psm_free(context);
 }
 
 psm_backend psm_context_backend(const psm_context *context)

@@ -9,7 +9,8 @@
  *
  * A module exports one symbol, PSM_MODULE_ENTRY_NAME. The core calls it with
  * a psm_module_host (the services a backend needs from the core: the
- * thread-local error message and the environment read at context creation),
+ * thread-local error message, the environment read at context creation and,
+ * in test builds, the allocation-failure hook),
  * and gets the backend's psm_backend_ops. Modules are never unloaded.
  */
 #ifndef PSM_MODULE_H
@@ -18,7 +19,7 @@
 #include "backend.h"
 #include "environment.h"
 
-#define PSM_MODULE_API_VERSION 1
+#define PSM_MODULE_API_VERSION 2
 #define PSM_MODULE_ENTRY_NAME "psm_backend_module_entry"
 
 typedef struct psm_module_host {
@@ -27,6 +28,10 @@ typedef struct psm_module_host {
     void (*clear_error)(void);
     const char *(*last_error)(void);
     const psm_environment *(*environment_of_creation)(void);
+    /* Test builds (PSM_FAULT_INJECTION, core/alloc.h): 1 when this host
+     * (device = 0) or device (device = 1) allocation of the calling thread
+     * is the one armed to fail. NULL in every other build. */
+    int (*fault_allocation)(int device);
 } psm_module_host;
 
 typedef const psm_backend_ops *(*psm_module_entry_fn)(const psm_module_host *host);

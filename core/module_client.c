@@ -1,6 +1,7 @@
 /* module_client.c: a backend module's side of core/error.h and
  * core/environment.h, forwarded to the core that loaded it (core/module.h),
  * so that a module's messages reach the caller's psm_last_error(). */
+#include "alloc.h"
 #include "error.h"
 #include "module.h"
 
@@ -42,3 +43,16 @@ const psm_environment *psm_environment_of_creation(void)
 {
     return module_host->environment_of_creation();
 }
+
+#ifdef PSM_FAULT_INJECTION
+/* A module built for fault injection needs a core that was too. */
+int psm_fault_host_allocation(void)
+{
+    return module_host->fault_allocation ? module_host->fault_allocation(0) : 0;
+}
+
+int psm_fault_device_allocation(void)
+{
+    return module_host->fault_allocation ? module_host->fault_allocation(1) : 0;
+}
+#endif

@@ -11,6 +11,7 @@
  * runtime is missing, say), that is the backend's reason.
  */
 #define _GNU_SOURCE /* dladdr */
+#include "alloc.h"
 #include "backend.h"
 #include "context.h"
 #include "error.h"
@@ -53,12 +54,24 @@ static module_slot module_slots[PSM_BACKEND_COUNT] = {
 };
 static pthread_mutex_t module_lock = PTHREAD_MUTEX_INITIALIZER;
 
+#ifdef PSM_FAULT_INJECTION
+static int fault_allocation(int device)
+{
+    return device ? psm_fault_device_allocation() : psm_fault_host_allocation();
+}
+#endif
+
 static const psm_module_host module_host = {
     .api_version = PSM_MODULE_API_VERSION,
     .set_error = psm_set_error_message,
     .clear_error = psm_clear_error,
     .last_error = psm_last_error,
     .environment_of_creation = psm_environment_of_creation,
+#ifdef PSM_FAULT_INJECTION
+    .fault_allocation = fault_allocation,
+#else
+    .fault_allocation = NULL,
+#endif
 };
 
 /* dir/file_name into path; 1 when the file exists. */

@@ -77,11 +77,14 @@ typedef enum psm_memory {
 
 typedef struct psm_context psm_context;
 
+/* The most CPU threads a context may ask for (psm_context_options.cpu_threads). */
+#define PSM_MAX_CPU_THREADS 1024
+
 typedef struct psm_context_options {
     psm_backend backend;  /* AUTO reads POLYSAMPLE_BACKEND, else CUDA, HIP, an OpenCL
                              GPU or accelerator, then the CPU backend */
     int device_index;     /* -1: the backend's default (or the :N of POLYSAMPLE_BACKEND) */
-    int cpu_threads;      /* CPU backend; 0: OpenMP's default */
+    int cpu_threads;      /* CPU backend: 0 (OpenMP's default) .. PSM_MAX_CPU_THREADS */
     void *native_stream;  /* cudaStream_t, hipStream_t or cl_command_queue; NULL: own one */
     int check_rows;       /* 1: a bad row makes psm_sample fail with PSM_ERR_BAD_ROW
                              (device backends then wait for the result) */

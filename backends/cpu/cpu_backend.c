@@ -33,6 +33,7 @@
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif
+#include "alloc.h"
 #include "backend.h"
 #include "cpu_weight.h"
 #include "error.h"
@@ -52,8 +53,19 @@
  * rounded +, -, x, exact conversions and floor are involved, and contraction
  * is off (-ffp-contract=off; the clones contain no FMA instruction, although
  * the AVX2 and AVX-512 targets would allow one). */
+/* Not under ThreadSanitizer: the clones' resolvers run while the dynamic
+ * loader relocates, before the sanitizer's runtime is set up, and clang
+ * instruments them (the TSan build, fuzz/tsan.sh, crashed there). */
+#if defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define PSM_CPU_UNDER_TSAN 1
+#endif
+#endif
+#if defined(__SANITIZE_THREAD__)
+#define PSM_CPU_UNDER_TSAN 1
+#endif
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && \
-    (!defined(__clang__) || __clang_major__ >= 14)
+    (!defined(__clang__) || __clang_major__ >= 14) && !defined(PSM_CPU_UNDER_TSAN)
 #define PSM_CPU_HOT __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define PSM_CPU_HOT
@@ -1025,12 +1037,12 @@ static void free_scratch(cpu_scratch *scratch)
 {
     if (!scratch)
         return;
-    free(scratch->tile_max);
-    free(scratch->tile_valid);
-    free(scratch->tile_bad);
-    free(scratch->tile_sum);
-    free(scratch->tile_prefix);
-    free(scratch);
+    psm_free(scratch->tile_max);
+    psm_free(scratch->tile_valid);
+    psm_free(scratch->tile_bad);
+    psm_free(scratch->tile_sum);
+    psm_free(scratch->tile_prefix);
+    psm_free(scratch);
 }
 
 /* Grows every thread's tile arrays to hold a row of `vocab` tokens. */
@@ -1042,26 +1054,26 @@ static psm_status ensure_capacity(cpu_state *state, int64_t vocab)
         if (scratch->tile_capacity >= tiles)
             continue;
         size_t count = (size_t)tiles;
-        float *tile_max = malloc(count * sizeof *tile_max);
-        int32_t *tile_valid = malloc(count * sizeof *tile_valid);
-        uint8_t *tile_bad = malloc(count * sizeof *tile_bad);
-        uint64_t *tile_sum = malloc(count * sizeof *tile_sum);
-        uint64_t *tile_prefix = malloc(count * sizeof *tile_prefix);
+        float *tile_max = psm_alloc(count * sizeof *tile_max);
+        int32_t *tile_valid = psm_alloc(count * sizeof *tile_valid);
+        uint8_t *tile_bad = psm_alloc(count * sizeof *tile_bad);
+        uint64_t *tile_sum = psm_alloc(count * sizeof *tile_sum);
+        uint64_t *tile_prefix = psm_alloc(count * sizeof *tile_prefix);
         if (!tile_max || !tile_valid || !tile_bad || !tile_sum || !tile_prefix) {
-            free(tile_max);
-            free(tile_valid);
-            free(tile_bad);
-            free(tile_sum);
-            free(tile_prefix);
+            psm_free(tile_max);
+            psm_free(tile_valid);
+            psm_free(tile_bad);
+            psm_free(tile_sum);
+            psm_free(tile_prefix);
             return psm_set_error(PSM_ERR_OUT_OF_MEMORY,
                                  "cpu backend: cannot allocate tile workspace for vocab %lld",
                                  (long long)vocab);
         }
-        free(scratch->tile_max);
-        free(scratch->tile_valid);
-        free(scratch->tile_bad);
-        free(scratch->tile_sum);
-        free(scratch->tile_prefix);
+        psm_free(scratch->tile_max);
+        psm_free(scratch->tile_valid);
+        psm_free(scratch->tile_bad);
+        psm_free(scratch->tile_sum);
+        psm_free(scratch->tile_prefix);
         scratch->tile_max = tile_max;
         scratch->tile_valid = tile_valid;
         scratch->tile_bad = tile_bad;
@@ -1092,9 +1104,9 @@ static void cpu_destroy(void *opaque)
     if (state->scratch) {
         for (int t = 0; t < state->threads; ++t)
             free_scratch(state->scratch[t]);
-        free(state->scratch);
+        psm_free(state->scratch);
     }
-    free(state);
+    psm_free(state);
 }
 
 static psm_status cpu_create(const psm_context_options *options, int device_index,
@@ -1104,13 +1116,13 @@ static psm_status cpu_create(const psm_context_options *options, int device_inde
         return psm_set_error(PSM_ERR_NO_DEVICE,
                              "cpu backend: device %d asked for, the CPU is device 0 only",
                              device_index);
-    cpu_state *state = calloc(1, sizeof *state);
+    cpu_state *state = psm_alloc_zeroed(1, sizeof *state);
     if (!state)
         return psm_set_error(PSM_ERR_OUT_OF_MEMORY, "cpu backend: cannot allocate its state");
     state->threads = options->cpu_threads > 0 ? options->cpu_threads : omp_get_max_threads();
     if (state->threads < 1)
         state->threads = 1;
-    state->scratch = calloc((size_t)state->threads, sizeof *state->scratch);
+    state->scratch = psm_alloc_zeroed((size_t)state->threads, sizeof *state->scratch);
     if (!state->scratch) {
         cpu_destroy(state);
         return psm_set_error(PSM_ERR_OUT_OF_MEMORY, "cpu backend: cannot allocate its state");
@@ -1118,7 +1130,7 @@ static psm_status cpu_create(const psm_context_options *options, int device_inde
     for (int t = 0; t < state->threads; ++t) {
         /* Cache-line aligned so that threads never share a line. */
         size_t size = (sizeof(cpu_scratch) + 63) / 64 * 64;
-        state->scratch[t] = aligned_alloc(64, size);
+        state->scratch[t] = psm_alloc_aligned(64, size);
         if (!state->scratch[t]) {
             cpu_destroy(state);
             return psm_set_error(PSM_ERR_OUT_OF_MEMORY,

@@ -24,6 +24,7 @@
 #include <dlfcn.h>
 
 extern "C" {
+#include "alloc.h"
 #include "backend.h"
 #include "error.h"
 #include "module.h"
@@ -104,6 +105,26 @@ struct psm_gpu_state {
     size_t staged_outputs_bytes;
 };
 
+/* Every device (and pinned host) allocation of the backend, so that test
+ * builds can make any of them fail (core/alloc.h). */
+psm_gpu_error_t device_malloc(void **buffer, size_t bytes)
+{
+    if (psm_fault_device_allocation()) {
+        *buffer = NULL;
+        return psm_gpu_error_out_of_memory;
+    }
+    return psm_gpu_malloc(buffer, bytes);
+}
+
+psm_gpu_error_t pinned_malloc(void **buffer, size_t bytes)
+{
+    if (psm_fault_device_allocation()) {
+        *buffer = NULL;
+        return psm_gpu_error_out_of_memory;
+    }
+    return psm_gpu_malloc_host(buffer, bytes);
+}
+
 psm_status gpu_failure(psm_gpu_error_t error, const char *what)
 {
     psm_status status =
@@ -155,7 +176,7 @@ psm_status grow_buffer(void **buffer, size_t *capacity, size_t bytes, const char
         *capacity = 0;
     }
     size_t rounded = bytes + bytes / 4; /* some headroom against regrowth */
-    PSM_GPU_TRY(psm_gpu_malloc(buffer, rounded), what);
+    PSM_GPU_TRY(device_malloc(buffer, rounded), what);
     *capacity = rounded;
     return PSM_OK;
 }
@@ -171,6 +192,14 @@ psm_status reserve_tiles(psm_gpu_state *state, psm_i64 rows, psm_i64 vocab)
     size_t tiles = (size_t)rows * (size_t)tiles_per_row(vocab);
     if (tiles <= state->tile_capacity)
         return PSM_OK;
+    /* Within a call's bounds (rows x vocab < 2^60) the byte count can still
+     * pass 2^64 (2^59 one-token rows); such a workspace exists nowhere, and
+     * wrapped around it would look small. grow_buffer adds a quarter. */
+    if (tiles > SIZE_MAX / 2 / tile_workspace_bytes)
+        return psm_set_error(PSM_ERR_OUT_OF_MEMORY,
+                             "%s backend: a tile workspace for %lld rows of %lld tokens is "
+                             "beyond any device's memory",
+                             PSM_GPU_RUNTIME_NAME, (long long)rows, (long long)vocab);
     size_t capacity_bytes = state->tile_capacity * tile_workspace_bytes;
     psm_status status = grow_buffer(&state->tiles, &capacity_bytes, tiles * tile_workspace_bytes,
                                     "allocating the tile workspace");
@@ -678,13 +707,13 @@ static psm_status gpu_create(const psm_context_options *options, int device_inde
         }
         state->owns_stream = 1;
     }
-    error = psm_gpu_malloc((void **)&state->split_rows,
-                           (size_t)state->multiprocessors * sizeof *state->split_rows);
+    error = device_malloc((void **)&state->split_rows,
+                          (size_t)state->multiprocessors * sizeof *state->split_rows);
     if (error == psm_gpu_success)
-        error = psm_gpu_malloc((void **)&state->first_bad_row, sizeof *state->first_bad_row);
+        error = device_malloc((void **)&state->first_bad_row, sizeof *state->first_bad_row);
     if (error == psm_gpu_success)
-        error = psm_gpu_malloc_host((void **)&state->first_bad_row_host,
-                                    sizeof *state->first_bad_row_host);
+        error = pinned_malloc((void **)&state->first_bad_row_host,
+                              sizeof *state->first_bad_row_host);
     if (error != psm_gpu_success) {
         status = gpu_failure(error, "allocating the bad-row flag");
         release_state(state);

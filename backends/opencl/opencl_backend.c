@@ -26,6 +26,7 @@
  * Development mode: POLYSAMPLE_OPENCL_SOURCE_DIR (read by core/environment.c)
  * names a source tree whose kernel files replace the embedded copies.
  */
+#include "alloc.h"
 #include "backend.h"
 #include "environment.h"
 #include "error.h"
@@ -146,8 +147,9 @@ typedef struct device_list {
     cl_uint count;
 } device_list;
 
-/* Every GPU, then accelerator, then CPU device of every platform. */
-static psm_status list_devices(device_list *list)
+/* Every GPU, then accelerator, then CPU device of every platform. Callers
+ * hold enumeration_lock. */
+static psm_status list_devices_locked(device_list *list)
 {
     list->devices = NULL;
     list->count = 0;
@@ -218,6 +220,20 @@ static psm_status list_devices(device_list *list)
         list->devices = NULL;
         list->count = 0;
     }
+    return status;
+}
+
+/* PoCL 3.1 initialises its devices on the first clGetDeviceIDs; a second
+ * thread enumerating meanwhile is told there are none (two threads making
+ * their first OpenCL contexts at once: one got PSM_ERR_NO_DEVICE,
+ * tests/test_threads.c). Enumeration is therefore one thread at a time. */
+static pthread_mutex_t enumeration_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static psm_status list_devices(device_list *list)
+{
+    pthread_mutex_lock(&enumeration_lock);
+    psm_status status = list_devices_locked(list);
+    pthread_mutex_unlock(&enumeration_lock);
     return status;
 }
 
@@ -639,7 +655,10 @@ static psm_status ensure_buffer(opencl_state *state, device_buffer *buffer, size
                              what, bytes, (unsigned long long)state->max_allocation);
     release_buffer(buffer);
     cl_int code = CL_SUCCESS;
-    buffer->mem = clCreateBuffer(state->context, CL_MEM_READ_WRITE, bytes, NULL, &code);
+    if (psm_fault_device_allocation())
+        code = CL_MEM_OBJECT_ALLOCATION_FAILURE; /* test builds: an injected failure */
+    else
+        buffer->mem = clCreateBuffer(state->context, CL_MEM_READ_WRITE, bytes, NULL, &code);
     if (code != CL_SUCCESS) {
         buffer->mem = NULL;
         return psm_set_error(status_of(code), "OpenCL: cannot allocate %zu bytes for the %s workspace: %s",

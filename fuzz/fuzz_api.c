@@ -1,0 +1,407 @@
+/*
+ * fuzz_api.c: the public API's argument and parameter validation, on the
+ * CPU backend, with whatever the input says: tensors of any shape, stride,
+ * dtype and memory value (NULL data included), every float parameter from
+ * raw bits (NaN, infinities, negatives, denormals), per-row arrays, outputs
+ * (NULL, unknown memory values), NULL context, logits, params and probs,
+ * reserve with any sizes, and context options.
+ *
+ * Every call must:
+ * - succeed exactly when the arguments are valid by the rules of
+ *   include/polysample.h (mirrored below, independently of core/validate.c);
+ * - on failure, leave a message and write nothing (outputs hold a canary);
+ * - on success, write tokens in [-1, vocab) and leave the padding of probs
+ *   rows alone;
+ * - never read outside the buffers it is given: every buffer is allocated
+ *   to its exact size (AddressSanitizer), and a tensor whose shape is
+ *   invalid gets a one-element buffer, which the library must not read.
+ */
+#include "fuzz_input.h"
+#include "polysample.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CANARY 0xa5
+/* Inputs whose valid buffers would exceed this many elements are skipped
+ * (they test nothing the small ones do not, and cost time). */
+#define MAX_ELEMENTS (1 << 16)
+
+#define FAIL(...)                                                                            \
+    do {                                                                                     \
+        fprintf(stderr, "api: " __VA_ARGS__);                                                \
+        fputc('\n', stderr);                                                                 \
+        abort();                                                                             \
+    } while (0)
+
+static psm_context *contexts[2]; /* check_rows 0 and 1 */
+
+int LLVMFuzzerInitialize(int *argc, char ***argv)
+{
+    (void)argc;
+    (void)argv;
+    for (int check = 0; check < 2; ++check) {
+        psm_context_options options;
+        psm_context_options_init(&options);
+        options.backend = PSM_BACKEND_CPU;
+        options.cpu_threads = 2;
+        options.check_rows = check;
+        if (psm_context_create(&options, &contexts[check]) != PSM_OK)
+            FAIL("cannot create a CPU context: %s", psm_last_error());
+    }
+    return 0;
+}
+
+static int64_t decode_size(fuzz_input *input, int64_t small_high)
+{
+    uint8_t how = fuzz_u8(input);
+    if (how < 200)
+        return fuzz_range(input, -1, small_high);
+    if (how < 230)
+        return (int64_t)fuzz_u64(input);
+    static const int64_t edges[] = {0,         -1,        INT32_MAX,          (int64_t)INT32_MAX + 1,
+                                    INT64_MAX, INT64_MIN, INT64_MAX / 8,      ((int64_t)1 << 31) - 2,
+                                    (int64_t)1 << 40,     (int64_t)1 << 60};
+    return edges[how % (sizeof edges / sizeof edges[0])];
+}
+
+/* a + b with two's-complement wrap-around (sizes near the int64 edges are
+ * part of what is fuzzed). */
+static int64_t wrapping_add(int64_t a, int64_t b)
+{
+    return (int64_t)((uint64_t)a + (uint64_t)b);
+}
+
+static float decode_float(fuzz_input *input)
+{
+    uint8_t how = fuzz_u8(input);
+    static const float table[] = {1.0f, 0.0f, -0.0f, 0.5f, 1e-5f, 1e6f, 1.0000001f, 0.9999999f,
+                                  -1.0f, 2.0f, 1e-45f, 1e6f * 1.0000001f};
+    if (how < 160)
+        return table[how % (sizeof table / sizeof table[0])];
+    if (how < 170)
+        return NAN;
+    if (how < 180)
+        return how & 1 ? INFINITY : -INFINITY;
+    return fuzz_raw_float(input);
+}
+
+static int valid_memory(int memory)
+{
+    return memory == PSM_MEMORY_HOST || memory == PSM_MEMORY_DEVICE;
+}
+
+static int valid_dtype(int dtype)
+{
+    return dtype >= PSM_DTYPE_F32 && dtype <= PSM_DTYPE_BF16;
+}
+
+static int row_params_valid(float temperature, int32_t top_k, float top_p, float min_p)
+{
+    return temperature >= 0.0f && temperature <= 1e6f && top_k >= 0 && top_p > 0.0f &&
+           top_p <= 1.0f && min_p >= 0.0f && min_p <= 1.0f;
+}
+
+/* A tensor's shape by the API's rules; *elements the span it covers. */
+static int shape_valid(int64_t rows, int64_t vocab, int64_t stride, int64_t *elements)
+{
+    if (rows < 1 || vocab < 1 || vocab > INT32_MAX)
+        return 0;
+    int64_t effective = stride == 0 ? vocab : stride;
+    if (effective < vocab || effective > INT64_MAX / 8 / rows)
+        return 0;
+    *elements = (rows - 1) * effective + vocab;
+    return 1;
+}
+
+typedef struct buffer {
+    void *data;
+    size_t bytes;
+} buffer;
+
+static buffer make_buffer(size_t bytes, fuzz_input *input, int fill_from_input)
+{
+    buffer b = {malloc(bytes ? bytes : 1), bytes ? bytes : 1};
+    if (!b.data)
+        abort();
+    if (fill_from_input)
+        fuzz_read(input, b.data, b.bytes);
+    else
+        memset(b.data, CANARY, b.bytes);
+    return b;
+}
+
+static int untouched(const buffer *b)
+{
+    const unsigned char *byte = b->data;
+    for (size_t i = 0; i < b->bytes; ++i)
+        if (byte[i] != CANARY)
+            return 0;
+    return 1;
+}
+
+/* Decodes and makes one psm_sample or psm_probs call. */
+static void fuzz_call(fuzz_input *input, int probs_mode)
+{
+    uint8_t flags = fuzz_u8(input);
+    psm_context *context = contexts[flags & 1];
+    int null_context = (flags >> 1 & 7) == 0;
+    int null_logits = (flags >> 4 & 7) == 0;
+    int null_params = fuzz_u8(input) < 8;
+
+    psm_tensor logits;
+    logits.rows = decode_size(input, 6);
+    logits.vocab = decode_size(input, 200);
+    uint8_t stride_kind = fuzz_u8(input);
+    logits.row_stride = stride_kind < 128 ? 0
+                        : stride_kind < 230 ? wrapping_add(logits.vocab, fuzz_range(input, -2, 3))
+                                            : decode_size(input, 400);
+    int dtype_raw = fuzz_u8(input) < 240 ? (int)fuzz_range(input, 0, 2) : (int)fuzz_u32(input);
+    int memory_raw = fuzz_u8(input) < 240 ? (int)fuzz_range(input, 0, 1) : (int)fuzz_u32(input);
+    logits.dtype = (psm_dtype)dtype_raw;
+    logits.memory = (psm_memory)memory_raw;
+    int64_t logit_elements = 0;
+    int logits_valid = shape_valid(logits.rows, logits.vocab, logits.row_stride, &logit_elements) &&
+                       valid_dtype(dtype_raw) && valid_memory(memory_raw);
+    if (logits_valid && logit_elements > MAX_ELEMENTS)
+        return;
+    size_t element_bytes = dtype_raw == PSM_DTYPE_F32 ? 4 : 2;
+    buffer logit_buffer =
+        make_buffer(logits_valid ? (size_t)logit_elements * element_bytes : element_bytes, input, 1);
+    int null_data = fuzz_u8(input) < 8;
+    logits.data = null_data ? NULL : logit_buffer.data;
+    logits_valid = logits_valid && !null_data;
+    int64_t rows = logits_valid ? logits.rows : 1; /* rows the arrays may be read for */
+
+    psm_params params;
+    psm_params_init(&params);
+    uint8_t which = fuzz_u8(input);
+    if (which & 1)
+        params.temperature = decode_float(input);
+    if (which & 2)
+        params.top_k = fuzz_u8(input) < 200 ? (int32_t)fuzz_range(input, -2, 300)
+                                            : (int32_t)fuzz_u32(input);
+    if (which & 4)
+        params.top_p = decode_float(input);
+    if (which & 8)
+        params.min_p = decode_float(input);
+    params.seed = fuzz_u64(input);
+    params.offset = fuzz_u64(input);
+    params.num_samples = fuzz_u8(input) < 220 ? (int32_t)fuzz_range(input, -1, 4)
+                                              : (int32_t)fuzz_u32(input);
+    int params_valid = row_params_valid(params.temperature, params.top_k, params.top_p,
+                                        params.min_p);
+    int samples_valid = params.num_samples >= 1 &&
+                        (!logits_valid || params.num_samples <= INT64_MAX / 8 / logits.rows);
+
+    uint8_t arrays = fuzz_u8(input);
+    float *temperature_row = NULL, *top_p_row = NULL, *min_p_row = NULL;
+    int32_t *top_k_row = NULL;
+    uint64_t *seed_row = NULL;
+    if (arrays & 1) {
+        temperature_row = malloc((size_t)rows * sizeof *temperature_row);
+        for (int64_t r = 0; r < rows; ++r)
+            temperature_row[r] = decode_float(input);
+    }
+    if (arrays & 2) {
+        top_k_row = malloc((size_t)rows * sizeof *top_k_row);
+        for (int64_t r = 0; r < rows; ++r)
+            top_k_row[r] = (int32_t)fuzz_range(input, -1, 300);
+    }
+    if (arrays & 4) {
+        top_p_row = malloc((size_t)rows * sizeof *top_p_row);
+        for (int64_t r = 0; r < rows; ++r)
+            top_p_row[r] = decode_float(input);
+    }
+    if (arrays & 8) {
+        min_p_row = malloc((size_t)rows * sizeof *min_p_row);
+        for (int64_t r = 0; r < rows; ++r)
+            min_p_row[r] = decode_float(input);
+    }
+    if (arrays & 16) {
+        seed_row = malloc((size_t)rows * sizeof *seed_row);
+        for (int64_t r = 0; r < rows; ++r)
+            seed_row[r] = fuzz_u64(input);
+    }
+    params.temperature_per_row = temperature_row;
+    params.top_k_per_row = top_k_row;
+    params.top_p_per_row = top_p_row;
+    params.min_p_per_row = min_p_row;
+    params.seed_per_row = seed_row;
+    int arrays_valid = 1;
+    for (int64_t r = 0; r < rows && logits_valid; ++r)
+        arrays_valid &= row_params_valid(temperature_row ? temperature_row[r] : params.temperature,
+                                         top_k_row ? top_k_row[r] : params.top_k,
+                                         top_p_row ? top_p_row[r] : params.top_p,
+                                         min_p_row ? min_p_row[r] : params.min_p);
+
+    int call_valid = !null_context && !null_logits && !null_params && logits_valid &&
+                     params_valid && samples_valid && arrays_valid;
+    buffer tokens = {0}, logprobs = {0}, probs = {0};
+    psm_output token_out = {NULL, PSM_MEMORY_HOST}, logprob_out = {NULL, PSM_MEMORY_HOST};
+    psm_tensor probs_tensor = {0};
+    int null_probs = 0;
+    int64_t probs_stride = 0;
+    if (!probs_mode) {
+        int64_t outputs = call_valid ? logits.rows * params.num_samples : 1;
+        if (outputs > MAX_ELEMENTS)
+            goto done;
+        tokens = make_buffer((size_t)outputs * sizeof(int32_t), input, 0);
+        logprobs = make_buffer((size_t)outputs * sizeof(float), input, 0);
+        uint8_t out_flags = fuzz_u8(input);
+        token_out.data = (out_flags & 7) == 0 ? NULL : tokens.data;
+        token_out.memory = (psm_memory)((out_flags >> 3 & 7) == 0 ? (int)fuzz_u32(input)
+                                                                 : (out_flags >> 6 & 1));
+        logprob_out.data = (out_flags & 0x80) ? NULL : logprobs.data;
+        logprob_out.memory =
+            (psm_memory)(fuzz_u8(input) < 16 ? (int)fuzz_u32(input) : (int)fuzz_range(input, 0, 1));
+        call_valid = call_valid && token_out.data && valid_memory((int)token_out.memory) &&
+                     (!logprob_out.data || valid_memory((int)logprob_out.memory));
+    } else {
+        uint8_t probs_flags = fuzz_u8(input);
+        null_probs = (probs_flags & 15) == 0;
+        probs_tensor.rows = (probs_flags & 0x10) ? decode_size(input, 6) : logits.rows;
+        probs_tensor.vocab = (probs_flags & 0x20) ? decode_size(input, 200) : logits.vocab;
+        probs_tensor.row_stride = (probs_flags & 0x40)
+                                      ? wrapping_add(probs_tensor.vocab, fuzz_range(input, -1, 3))
+                                      : 0;
+        probs_tensor.dtype = (psm_dtype)((probs_flags & 0x80) ? (int)fuzz_range(input, 0, 4) : 0);
+        probs_tensor.memory = (psm_memory)(fuzz_u8(input) < 16 ? (int)fuzz_u32(input)
+                                                               : (int)fuzz_range(input, 0, 1));
+        int64_t probs_elements = 0;
+        int probs_valid = shape_valid(probs_tensor.rows, probs_tensor.vocab,
+                                      probs_tensor.row_stride, &probs_elements) &&
+                          probs_tensor.dtype == PSM_DTYPE_F32 &&
+                          valid_memory((int)probs_tensor.memory) && logits_valid &&
+                          probs_tensor.rows == logits.rows && probs_tensor.vocab == logits.vocab;
+        if (probs_valid && probs_elements > MAX_ELEMENTS)
+            goto done;
+        probs = make_buffer(probs_valid ? (size_t)probs_elements * sizeof(float) : sizeof(float),
+                            input, 0);
+        probs_tensor.data = fuzz_u8(input) < 8 ? NULL : probs.data;
+        probs_valid = probs_valid && probs_tensor.data;
+        probs_stride = probs_tensor.row_stride ? probs_tensor.row_stride : probs_tensor.vocab;
+        call_valid = call_valid && !null_probs && probs_valid;
+    }
+
+    psm_status status;
+    if (probs_mode)
+        status = psm_probs(null_context ? NULL : context, null_logits ? NULL : &logits,
+                           null_params ? NULL : &params, null_probs ? NULL : &probs_tensor);
+    else
+        status = psm_sample(null_context ? NULL : context, null_logits ? NULL : &logits,
+                            null_params ? NULL : &params, token_out, logprob_out);
+    const char *message = psm_last_error();
+    int checking = context == contexts[1];
+    if (status == PSM_OK) {
+        if (!call_valid)
+            FAIL("%s accepted arguments that are not valid", probs_mode ? "psm_probs" : "psm_sample");
+        if (message[0] != '\0')
+            FAIL("success left a message: %s", message);
+        if (!probs_mode) {
+            const int32_t *drawn = tokens.data;
+            for (int64_t i = 0; i < logits.rows * params.num_samples; ++i)
+                if (drawn[i] < -1 || drawn[i] >= logits.vocab)
+                    FAIL("token %d out of [-1, %lld)", drawn[i], (long long)logits.vocab);
+            if (checking)
+                for (int64_t i = 0; i < logits.rows * params.num_samples; ++i)
+                    if (drawn[i] == -1)
+                        FAIL("checking mode gave a row token -1 instead of failing");
+        } else {
+            const unsigned char *bytes = probs.data;
+            for (int64_t r = 0; r + 1 < probs_tensor.rows; ++r)
+                for (int64_t i = probs_tensor.vocab; i < probs_stride; ++i)
+                    for (size_t k = 0; k < sizeof(float); ++k)
+                        if (bytes[(size_t)(r * probs_stride + i) * sizeof(float) + k] != CANARY)
+                            FAIL("psm_probs wrote the padding of row %lld", (long long)r);
+        }
+    } else {
+        if (message[0] == '\0')
+            FAIL("%s failed (%s) without a message", probs_mode ? "psm_probs" : "psm_sample",
+                 psm_status_string(status));
+        if (call_valid && !(checking && status == PSM_ERR_BAD_ROW))
+            FAIL("valid arguments refused with %s: %s", psm_status_string(status), message);
+        if ((tokens.data && !untouched(&tokens)) || (logprobs.data && !untouched(&logprobs)) ||
+            (probs.data && !untouched(&probs)))
+            FAIL("a failing call (%s: %s) wrote an output", psm_status_string(status), message);
+    }
+done:
+    free(tokens.data);
+    free(logprobs.data);
+    free(probs.data);
+    free(temperature_row);
+    free(top_k_row);
+    free(top_p_row);
+    free(min_p_row);
+    free(seed_row);
+    free(logit_buffer.data);
+}
+
+static void fuzz_reserve(fuzz_input *input)
+{
+    int null_context = fuzz_u8(input) < 16;
+    int64_t rows = decode_size(input, 8), vocab = decode_size(input, 5000),
+            samples = decode_size(input, 8);
+    psm_status status = psm_context_reserve(null_context ? NULL : contexts[0], rows, vocab, samples);
+    int valid = !null_context && rows >= 1 && vocab >= 1 && vocab <= INT32_MAX && samples >= 1 &&
+                vocab <= INT64_MAX / 8 / rows && samples <= INT64_MAX / 8 / rows;
+    if (status != PSM_OK && psm_last_error()[0] == '\0')
+        FAIL("reserve failed without a message");
+    /* The CPU backend's workspace depends on the vocabulary alone (at most
+     * ~52 MB a thread), so a valid reserve succeeds. */
+    if ((status == PSM_OK) != valid)
+        FAIL("reserve(%lld, %lld, %lld) returned %s: %s", (long long)rows, (long long)vocab,
+             (long long)samples, psm_status_string(status), psm_last_error());
+}
+
+static void fuzz_create(fuzz_input *input)
+{
+    psm_context_options options;
+    psm_context_options_init(&options);
+    uint8_t backend = fuzz_u8(input);
+    options.backend = (psm_backend)(backend < 200 ? (int)(backend % 4) : (int)fuzz_u32(input));
+    if (options.backend == PSM_BACKEND_OPENCL || options.backend == PSM_BACKEND_AUTO)
+        options.backend = PSM_BACKEND_CPU; /* kernel compilation is not what this target tests */
+    options.device_index = fuzz_u8(input) < 200 ? (int)fuzz_range(input, -2, 2) : (int)fuzz_u32(input);
+    options.cpu_threads = fuzz_u8(input) < 200 ? (int)fuzz_range(input, -2, 8) : (int)fuzz_u32(input);
+    options.check_rows = (int)fuzz_u32(input);
+    int null_out = fuzz_u8(input) < 16;
+    psm_context *const canary = (psm_context *)&contexts;
+    psm_context *context = canary;
+    psm_status status = psm_context_create(&options, null_out ? NULL : &context);
+    if (status != PSM_OK) {
+        if (psm_last_error()[0] == '\0')
+            FAIL("psm_context_create failed without a message");
+        if (context != canary)
+            FAIL("a failing psm_context_create wrote context_out");
+        return;
+    }
+    if (null_out || options.backend != PSM_BACKEND_CPU || options.cpu_threads < 0 ||
+        options.cpu_threads > PSM_MAX_CPU_THREADS)
+        FAIL("psm_context_create accepted backend %d, cpu_threads %d, out %s",
+             (int)options.backend, options.cpu_threads, null_out ? "NULL" : "set");
+    psm_context_destroy(context);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    fuzz_input input = fuzz_input_make(data, size);
+    uint8_t mode = fuzz_u8(&input);
+    switch (mode % 8) {
+    case 0: case 1: case 2:
+        fuzz_call(&input, 0);
+        break;
+    case 3: case 4: case 5:
+        fuzz_call(&input, 1);
+        break;
+    case 6:
+        fuzz_reserve(&input);
+        break;
+    default:
+        fuzz_create(&input);
+        break;
+    }
+    return 0;
+}

@@ -1,0 +1,411 @@
+/*
+ * fuzz_differential.c: small random batches (1-4 rows, vocab 1-300, now and
+ * then up to 3000 so that rows span tiles), logits with ties, masked and bad
+ * entries, f32/f16/bf16, padded rows, and parameters decoded from the input,
+ * through the CPU backend, then held against three others:
+ *
+ * 1. the contract model (contract_model.c: SAMPLING.md written out
+ *    literally): the same tokens, bit for bit; the same support of psm_probs
+ *    (the kept tokens whose weight is not 0); probabilities within 1e-6
+ *    relative (docs/SAMPLING.md: "float rounding, about 1e-6 relative");
+ * 2. the float64 reference (tests/reference.c): greedy tokens and bad rows
+ *    exactly; for rows whose kept set is defined by rank alone (top-k or no
+ *    filter) psm_ref_distribution's kept set and a total-variation distance
+ *    of at most 1e-6 (docs/SAMPLING.md, "Precision"); for rows with top-p
+ *    or min-p the same bound against the float64 softmax over the contract's
+ *    kept set (whose cutoffs the float64 sums may place differently);
+ * 3. the OpenCL backend on PoCL, when it is available and FUZZ_OPENCL is not
+ *    0: the same tokens, probabilities within 1e-6 relative. Its context is
+ *    made once per process (PoCL compiles the kernels at first use).
+ *
+ * A disagreement aborts with the row and what differed.
+ */
+#include "contract_model.h"
+#include "fuzz_input.h"
+#include "polysample.h"
+#include "psm_contract.h"
+#include "reference.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_ROWS 4
+#define MAX_VOCAB 3000
+#define MAX_SAMPLES 4
+#define MAX_PAD 3
+#define PROBS_RELATIVE 1e-6
+#define TV_BOUND 1e-6
+
+/* tests/reference.c asserts its own allocation with Check; here a failed
+ * assertion is a crash for libFuzzer to report (these two are the Check
+ * functions its assertion macro calls). */
+void _ck_assert_failed(const char *file, int line, const char *expr, const char *msg, ...)
+{
+    fprintf(stderr, "%s:%d: %s %s\n", file, line, expr, msg ? msg : "");
+    abort();
+}
+
+void _mark_point(const char *file, int line)
+{
+    (void)file;
+    (void)line;
+}
+
+#define FAIL(...)                                                                            \
+    do {                                                                                     \
+        fprintf(stderr, "differential: " __VA_ARGS__);                                       \
+        fputc('\n', stderr);                                                                 \
+        abort();                                                                             \
+    } while (0)
+
+static psm_context *cpu_context, *opencl_context;
+
+static psm_context *open_backend(psm_backend backend, int threads)
+{
+    psm_context_options options;
+    psm_context_options_init(&options);
+    options.backend = backend;
+    options.cpu_threads = threads;
+    psm_context *context = NULL;
+    psm_status status = psm_context_create(&options, &context);
+    if (status != PSM_OK) {
+        fprintf(stderr, "differential: no %s context: %s\n", psm_backend_name(backend),
+                psm_last_error());
+        return NULL;
+    }
+    return context;
+}
+
+int LLVMFuzzerInitialize(int *argc, char ***argv)
+{
+    (void)argc;
+    (void)argv;
+    /* Two threads: batches with fewer rows than threads take the
+     * tile-parallel path, the others the row-parallel one. */
+    cpu_context = open_backend(PSM_BACKEND_CPU, 2);
+    if (!cpu_context)
+        abort();
+    const char *want_opencl = getenv("FUZZ_OPENCL");
+    if (!(want_opencl && strcmp(want_opencl, "0") == 0) &&
+        psm_backend_available(PSM_BACKEND_OPENCL, NULL))
+        opencl_context = open_backend(PSM_BACKEND_OPENCL, 0);
+    fprintf(stderr, "differential: OpenCL comparison %s\n", opencl_context ? "on" : "off");
+    return 0;
+}
+
+/* A logit from the input: mostly small values on a coarse grid (ties),
+ * sometimes the edges of the float range, -inf, NaN, +inf or raw bits. */
+static float decode_logit(fuzz_input *input)
+{
+    uint8_t kind = fuzz_u8(input);
+    if (kind < 160)
+        return (float)(int8_t)fuzz_u8(input) * 0.25f;
+    if (kind < 200)
+        return (float)(int16_t)fuzz_u16(input) * 0x1p-7f;
+    if (kind < 215)
+        return -INFINITY;
+    if (kind < 225)
+        return fuzz_raw_float(input);
+    if (kind < 235)
+        return ldexpf((float)(int8_t)fuzz_u8(input), (int)(int8_t)fuzz_u8(input));
+    if (kind < 240)
+        return (kind & 1 ? -1.0f : 1.0f) * 0x1p-70f * (float)fuzz_u8(input); /* below 2^-64 */
+    if (kind < 246)
+        return (kind & 1 ? -3.0e38f : 3.0e38f);
+    if (kind < 250)
+        return -0.0f;
+    if (kind < 253)
+        return NAN;
+    return INFINITY;
+}
+
+static uint16_t float_to_f16(float x)
+{
+    /* Round toward zero through the bits; exact values stay exact. The
+     * decoded float is what the library reads either way (it widens the
+     * stored half exactly), so no rounding rule matters here. */
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    uint16_t sign = (uint16_t)((bits >> 16) & 0x8000u);
+    uint32_t magnitude = bits & 0x7fffffffu;
+    if (magnitude >= 0x7f800000u)
+        return (uint16_t)(sign | 0x7c00u | (magnitude > 0x7f800000u ? 0x200u : 0u));
+    int exponent = (int)(magnitude >> 23) - 127;
+    if (exponent > 15)
+        return (uint16_t)(sign | 0x7bffu);
+    if (exponent < -24)
+        return sign;
+    if (exponent < -14) {
+        uint32_t mantissa = (magnitude & 0x7fffffu) | 0x800000u;
+        return (uint16_t)(sign | (mantissa >> (-1 - exponent)));
+    }
+    return (uint16_t)(sign | (uint32_t)(exponent + 15) << 10 | (magnitude & 0x7fffffu) >> 13);
+}
+
+static float decode_temperature(fuzz_input *input)
+{
+    static const float table[] = {1.0f,   0.0f,  1e-5f, 0x1.4f8b58p-17f /* just below 1e-5 */,
+                                  0.5f,   0.7f,  2.0f,  10.0f,
+                                  1e-3f,  1e6f,  100.0f, 0.05f};
+    uint8_t choice = fuzz_u8(input);
+    if (choice < 200)
+        return table[choice % (sizeof table / sizeof table[0])];
+    float raw = fabsf(fuzz_raw_float(input));
+    return raw <= PSM_MAX_TEMPERATURE ? raw : 1.0f; /* NaN goes to 1 too */
+}
+
+static float decode_unit(fuzz_input *input, int open_at_zero)
+{
+    static const float table[] = {1.0f, 0.9f, 0.5f, 0.1f, 0.999999f, 1e-9f, 0.3f, 0.95f};
+    uint8_t choice = fuzz_u8(input);
+    if (choice < 128)
+        return open_at_zero ? 1.0f : 0.0f; /* off */
+    if (choice < 220)
+        return table[choice % (sizeof table / sizeof table[0])];
+    float raw = fabsf(fuzz_raw_float(input));
+    if (!(raw <= 1.0f) || (open_at_zero && raw == 0.0f))
+        return open_at_zero ? 1.0f : 0.0f;
+    return raw;
+}
+
+typedef struct batch {
+    int64_t rows, vocab, stride, samples;
+    psm_dtype dtype;
+    void *logits;           /* rows x stride of dtype */
+    float widened[MAX_ROWS][MAX_VOCAB];
+    psm_params params;
+    float temperature[MAX_ROWS], top_p[MAX_ROWS], min_p[MAX_ROWS];
+    int32_t top_k[MAX_ROWS];
+    uint64_t seeds[MAX_ROWS];
+} batch;
+
+static batch current;
+
+static void decode_batch(fuzz_input *input, batch *b)
+{
+    uint8_t flags = fuzz_u8(input);
+    b->dtype = (psm_dtype)(flags % 3);
+    int per_row = (flags >> 2) & 1;
+    int long_rows = ((flags >> 3) & 7) == 0;
+    b->rows = fuzz_range(input, 1, MAX_ROWS);
+    b->vocab = fuzz_range(input, 1, long_rows ? MAX_VOCAB : 300);
+    b->stride = b->vocab + fuzz_range(input, 0, MAX_PAD);
+    b->samples = fuzz_range(input, 1, MAX_SAMPLES);
+
+    psm_params_init(&b->params);
+    b->params.temperature = decode_temperature(input);
+    b->params.top_k = (int32_t)(fuzz_u8(input) < 128 ? 0 : fuzz_range(input, 0, b->vocab + 2));
+    b->params.top_p = decode_unit(input, 1);
+    b->params.min_p = decode_unit(input, 0);
+    b->params.seed = fuzz_u64(input);
+    b->params.offset = fuzz_u64(input);
+    b->params.num_samples = (int32_t)b->samples;
+    if (per_row) {
+        uint8_t which = fuzz_u8(input);
+        for (int64_t r = 0; r < b->rows; ++r) {
+            b->temperature[r] = decode_temperature(input);
+            b->top_k[r] = (int32_t)fuzz_range(input, 0, b->vocab + 2);
+            b->top_p[r] = decode_unit(input, 1);
+            b->min_p[r] = decode_unit(input, 0);
+            b->seeds[r] = fuzz_u64(input);
+        }
+        b->params.temperature_per_row = which & 1 ? b->temperature : NULL;
+        b->params.top_k_per_row = which & 2 ? b->top_k : NULL;
+        b->params.top_p_per_row = which & 4 ? b->top_p : NULL;
+        b->params.min_p_per_row = which & 8 ? b->min_p : NULL;
+        b->params.seed_per_row = which & 16 ? b->seeds : NULL;
+    }
+
+    size_t element = b->dtype == PSM_DTYPE_F32 ? 4 : 2;
+    size_t count = (size_t)((b->rows - 1) * b->stride + b->vocab);
+    b->logits = malloc(count * element); /* exact: ASan sees any read past it */
+    if (!b->logits)
+        abort();
+    for (int64_t r = 0; r < b->rows; ++r) {
+        for (int64_t i = 0; i < b->stride; ++i) {
+            /* Padding holds NaN: the library must never read it. */
+            float x = i < b->vocab ? decode_logit(input) : NAN;
+            size_t at = (size_t)(r * b->stride + i);
+            if (at >= count)
+                break;
+            if (b->dtype == PSM_DTYPE_F32) {
+                ((float *)b->logits)[at] = x;
+                if (i < b->vocab)
+                    b->widened[r][i] = x;
+            } else if (b->dtype == PSM_DTYPE_BF16) {
+                uint32_t bits;
+                memcpy(&bits, &x, sizeof bits);
+                uint16_t h = (uint16_t)(bits >> 16);
+                if ((bits & 0x7fffffffu) > 0x7f800000u)
+                    h |= 0x40; /* a NaN stays a NaN after truncation */
+                ((uint16_t *)b->logits)[at] = h;
+                if (i < b->vocab)
+                    b->widened[r][i] = psm_bf16_to_float(h);
+            } else {
+                uint16_t h = float_to_f16(x);
+                ((uint16_t *)b->logits)[at] = h;
+                if (i < b->vocab)
+                    b->widened[r][i] = psm_f16_to_float(h);
+            }
+        }
+    }
+}
+
+static model_params row_params(const batch *b, int64_t r)
+{
+    const psm_params *p = &b->params;
+    model_params m;
+    m.temperature = p->temperature_per_row ? p->temperature_per_row[r] : p->temperature;
+    m.top_k = p->top_k_per_row ? p->top_k_per_row[r] : p->top_k;
+    m.top_p = p->top_p_per_row ? p->top_p_per_row[r] : p->top_p;
+    m.min_p = p->min_p_per_row ? p->min_p_per_row[r] : p->min_p;
+    m.seed = p->seed_per_row ? p->seed_per_row[r] : p->seed;
+    m.offset = p->offset;
+    m.stream = p->seed_per_row ? 0u : (uint32_t)r;
+    return m;
+}
+
+static void run(psm_context *context, const batch *b, int32_t *tokens, float *logprobs,
+                float *probs)
+{
+    psm_tensor logits = {b->logits, b->dtype, PSM_MEMORY_HOST, b->rows, b->vocab, b->stride};
+    psm_output token_out = {tokens, PSM_MEMORY_HOST}, logprob_out = {logprobs, PSM_MEMORY_HOST};
+    psm_status status = psm_sample(context, &logits, &b->params, token_out, logprob_out);
+    if (status != PSM_OK)
+        FAIL("%s psm_sample failed: %s", psm_backend_name(psm_context_backend(context)),
+             psm_last_error());
+    psm_tensor probs_tensor = {probs, PSM_DTYPE_F32, PSM_MEMORY_HOST, b->rows, b->vocab, 0};
+    status = psm_probs(context, &logits, &b->params, &probs_tensor);
+    if (status != PSM_OK)
+        FAIL("%s psm_probs failed: %s", psm_backend_name(psm_context_backend(context)),
+             psm_last_error());
+}
+
+static int close_enough(double a, double b, double relative)
+{
+    if (isnan(a) || isnan(b))
+        return isnan(a) && isnan(b);
+    return fabs(a - b) <= relative * fmax(fabs(a), fabs(b)) + 1e-37;
+}
+
+/* The float64 softmax over the kept tokens of the model row, into q. */
+static void restricted_softmax(const float *x, int64_t vocab, float temperature,
+                               const model_row *model, double *q)
+{
+    double top = -INFINITY, total = 0.0;
+    for (int64_t i = 0; i < vocab; ++i)
+        if (model->kept[i] && psm_read_logit(x[i]) > top)
+            top = psm_read_logit(x[i]);
+    for (int64_t i = 0; i < vocab; ++i) {
+        q[i] = model->kept[i] ? exp(((double)psm_read_logit(x[i]) - top) / temperature) : 0.0;
+        total += q[i];
+    }
+    for (int64_t i = 0; i < vocab; ++i)
+        q[i] /= total;
+}
+
+static double total_variation(const float *p, const double *q, int64_t vocab)
+{
+    double sum = 0.0;
+    for (int64_t i = 0; i < vocab; ++i)
+        sum += fabs((double)p[i] - q[i]);
+    return sum / 2.0;
+}
+
+static uint8_t kept[MAX_VOCAB];
+static uint64_t weights[MAX_VOCAB];
+static double model_probs[MAX_VOCAB], reference_probs[MAX_VOCAB];
+
+static void check_row(const batch *b, int64_t r, const int32_t *tokens, const float *probs)
+{
+    const float *x = b->widened[r];
+    model_params params = row_params(b, r);
+    model_row model = {0};
+    model.kept = kept;
+    model.weight = weights;
+    model.prob = model_probs;
+    model_evaluate(x, b->vocab, &params, &model);
+    const float *row_probs = probs + r * b->vocab;
+
+    for (int64_t j = 0; j < b->samples; ++j) {
+        int64_t expected = model_draw(&model, b->vocab, &params, (uint32_t)j);
+        if (tokens[r * b->samples + j] != expected)
+            FAIL("row %lld sample %lld: cpu token %d, contract model %lld (T=%g k=%d p=%g "
+                 "min_p=%g vocab=%lld dtype=%d)",
+                 (long long)r, (long long)j, tokens[r * b->samples + j], (long long)expected,
+                 (double)params.temperature, params.top_k, (double)params.top_p,
+                 (double)params.min_p, (long long)b->vocab, (int)b->dtype);
+    }
+    for (int64_t i = 0; i < b->vocab; ++i) {
+        double m = model.prob[i];
+        float c = row_probs[i];
+        if ((m == 0.0) != (c == 0.0) || !close_enough(c, m, PROBS_RELATIVE))
+            FAIL("row %lld token %lld: cpu prob %.9g, contract model %.9g (kept %d, weight "
+                 "%llu)",
+                 (long long)r, (long long)i, (double)c, m, model.kept[i],
+                 (unsigned long long)model.weight[i]);
+    }
+
+    /* Against the float64 reference. */
+    psm_ref_params ref = {params.temperature, params.top_k, params.top_p, params.min_p};
+    int good = psm_ref_distribution(x, b->vocab, &ref, reference_probs);
+    if (good != (model.kind != MODEL_BAD))
+        FAIL("row %lld: the reference calls the row %s, the contract model %s", (long long)r,
+             good ? "good" : "bad", model.kind == MODEL_BAD ? "bad" : "good");
+    if (!good)
+        return;
+    if (model.kind == MODEL_GREEDY) {
+        int64_t argmax = psm_ref_argmax(x, b->vocab);
+        if (argmax != model.greedy_token || tokens[r * b->samples] != argmax)
+            FAIL("row %lld: greedy token %d, reference argmax %lld", (long long)r,
+                 tokens[r * b->samples], (long long)argmax);
+        return;
+    }
+    int rank_only = !(params.top_p < 1.0f) && !(params.min_p > 0.0f);
+    if (rank_only) {
+        for (int64_t i = 0; i < b->vocab; ++i)
+            if ((reference_probs[i] > 0.0) && !model.kept[i])
+                FAIL("row %lld token %lld: kept by the reference (%.9g), not by the contract",
+                     (long long)r, (long long)i, reference_probs[i]);
+    } else {
+        restricted_softmax(x, b->vocab, params.temperature, &model, reference_probs);
+    }
+    double distance = total_variation(row_probs, reference_probs, b->vocab);
+    if (!(distance <= TV_BOUND))
+        FAIL("row %lld: total variation %.3g from the float64 reference (T=%g k=%d p=%g "
+             "min_p=%g vocab=%lld)",
+             (long long)r, distance, (double)params.temperature, params.top_k,
+             (double)params.top_p, (double)params.min_p, (long long)b->vocab);
+}
+
+static int32_t cpu_tokens[MAX_ROWS * MAX_SAMPLES], gpu_tokens[MAX_ROWS * MAX_SAMPLES];
+static float cpu_logprobs[MAX_ROWS * MAX_SAMPLES], gpu_logprobs[MAX_ROWS * MAX_SAMPLES];
+static float cpu_probs[MAX_ROWS * MAX_VOCAB], gpu_probs[MAX_ROWS * MAX_VOCAB];
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    fuzz_input input = fuzz_input_make(data, size);
+    batch *b = &current;
+    decode_batch(&input, b);
+    run(cpu_context, b, cpu_tokens, cpu_logprobs, cpu_probs);
+    for (int64_t r = 0; r < b->rows; ++r)
+        check_row(b, r, cpu_tokens, cpu_probs);
+    if (opencl_context) {
+        run(opencl_context, b, gpu_tokens, gpu_logprobs, gpu_probs);
+        size_t outputs = (size_t)(b->rows * b->samples);
+        for (size_t i = 0; i < outputs; ++i)
+            if (gpu_tokens[i] != cpu_tokens[i])
+                FAIL("row %lld sample %lld: opencl token %d, cpu %d",
+                     (long long)(i / (size_t)b->samples), (long long)(i % (size_t)b->samples),
+                     gpu_tokens[i], cpu_tokens[i]);
+        for (int64_t i = 0; i < b->rows * b->vocab; ++i)
+            if (!close_enough(gpu_probs[i], cpu_probs[i], PROBS_RELATIVE))
+                FAIL("row %lld token %lld: opencl prob %.9g, cpu %.9g",
+                     (long long)(i / b->vocab), (long long)(i % b->vocab), (double)gpu_probs[i],
+                     (double)cpu_probs[i]);
+    }
+    free(b->logits);
+    return 0;
+}

@@ -3,8 +3,8 @@
 # suite and runs it, then the Rust and Python bindings' tests against that
 # build, then builds and runs the whole suite again under
 # AddressSanitizer + UndefinedBehaviorSanitizer, then the OpenCL tests once
-# more with the backend forced onto its large-vocabulary path, and prints a
-# summary: per build, the ctest result, the backends that ran, and every
+# more with the backend forced onto its large-vocabulary path, then the
+# fuzzers and the ThreadSanitizer run, and prints a summary: per build, the ctest result, the backends that ran, and every
 # skipped test grouped by backend and reason.
 # As root, missing Debian packages are installed first (apt's output goes to
 # $BUILD_DIR-logs/packages.log).
@@ -17,6 +17,8 @@
 #   JOBS                      parallel build jobs (default: all cores)
 #   PSM_SKIP_SANITIZER=1      skip the sanitizer build (e.g. on the GPU machine)
 #   PSM_SKIP_OPENCL_GLOBAL=1  skip the OpenCL global-path build ($BUILD_DIR-opencl-global)
+#   PSM_SKIP_FUZZ=1           skip the fuzzers ($BUILD_DIR-fuzz) and the TSan build ($BUILD_DIR-tsan)
+#   FUZZ_SECONDS              seconds per fuzz target (default 60)
 #   POLYSAMPLE_TEST_BACKENDS  which backends the tests run, e.g. "cpu,opencl"
 #                             (tests/harness.h); default: every available one
 #   CMAKE_PREFIX_PATH         where to find Check when it is not installed
@@ -35,7 +37,11 @@ say() { printf '== %s\n' "$*"; }
 # backends (OpenCL on PoCL's CPU device, HIP). As root, missing ones are
 # installed, with apt's output in $log_dir/packages.log and one line per step
 # here; an optional one that cannot be installed only turns its backend off.
-required_packages=(check pkg-config cmake build-essential)
+# clang, its libFuzzer runtime and LLVM's OpenMP (with its TSan tool Archer)
+# build the fuzzers and the ThreadSanitizer run (fuzz/run.sh, fuzz/tsan.sh);
+# python3-venv makes the Python tests' environment.
+required_packages=(check pkg-config cmake build-essential clang libclang-rt-14-dev libomp-dev
+                   python3-venv)
 optional_packages=(pocl-opencl-icd ocl-icd-opencl-dev opencl-headers hipcc libamdhip64-dev)
 log_dir=$build_dir-logs
 package_log=$log_dir/packages.log
@@ -283,8 +289,10 @@ else
     export POLYSAMPLE_TEST_QUICK=1
     export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0:strict_string_checks=1}
     export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+    # Allocation-failure injection is compiled into this build only, so that
+    # test_fault_injection runs where LeakSanitizer watches it.
     build_and_test "sanitizer" "$asan_dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPSM_SANITIZE=ON \
-        -DPSM_WITH_CUDA=OFF -DPSM_WITH_HIP=OFF
+        -DPSM_FAULT_INJECTION=ON -DPSM_WITH_CUDA=OFF -DPSM_WITH_HIP=OFF
 fi
 
 # The OpenCL backend's large-vocabulary path on the CPU device too: PoCL's
@@ -300,6 +308,16 @@ else
     POLYSAMPLE_TEST_BACKENDS=opencl build_and_test "opencl-global" "$build_dir-opencl-global" \
         -DCMAKE_BUILD_TYPE=Release -DPSM_WITH_CUDA=OFF -DPSM_WITH_HIP=OFF \
         -DPSM_OPENCL_TEST_LIST_BYTES=512
+fi
+
+# The attacks (docs/RELIABILITY.md): each libFuzzer target for a bounded time
+# (FUZZ_SECONDS, default 60), then the ThreadSanitizer build of the CPU
+# backend's tests. PSM_SKIP_FUZZ=1 leaves both out.
+if [[ ${PSM_SKIP_FUZZ:-0} == 1 ]]; then
+    summaries+=("fuzz and tsan: skipped (PSM_SKIP_FUZZ=1)")
+else
+    run_script fuzz "$repo/fuzz/run.sh" "$build_dir-fuzz" "$build_dir"
+    run_script tsan "$repo/fuzz/tsan.sh" "$build_dir-tsan"
 fi
 
 say "summary"

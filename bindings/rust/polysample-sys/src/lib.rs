@@ -47,6 +47,9 @@ pub const PSM_BACKEND_HIP: psm_backend = 3;
 pub const PSM_BACKEND_OPENCL: psm_backend = 4;
 pub const PSM_BACKEND_COUNT: c_int = 5;
 
+/// The most CPU threads a context may ask for (`psm_context_options.cpu_threads`).
+pub const PSM_MAX_CPU_THREADS: c_int = 1024;
+
 /// `enum psm_dtype`.
 pub type psm_dtype = c_uint;
 pub const PSM_DTYPE_F32: psm_dtype = 0;

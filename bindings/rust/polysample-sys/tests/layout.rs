@@ -99,7 +99,7 @@ constant_facts! {
     psm_dtype { PSM_DTYPE_F32, PSM_DTYPE_F16, PSM_DTYPE_BF16 }
     psm_memory { PSM_MEMORY_HOST, PSM_MEMORY_DEVICE }
     ;
-    macros { PSM_VERSION_MAJOR, PSM_VERSION_MINOR, PSM_VERSION_PATCH, PSM_VERSION_NUMBER, PSM_BACKEND_COUNT }
+    macros { PSM_VERSION_MAJOR, PSM_VERSION_MINOR, PSM_VERSION_PATCH, PSM_VERSION_NUMBER, PSM_BACKEND_COUNT, PSM_MAX_CPU_THREADS }
 }
 
 /// Each function with its C type (return type, parameter list) and its Rust

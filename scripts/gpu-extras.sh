@@ -32,9 +32,16 @@ step() {
     echo "--- $name: rc=$rc ($(($(date +%s) - begin))s)" | tee -a "$log"
 }
 
-if [ ! -e "$BUILD/libpolysample.so" ]; then
+# Check from .deps/ (as gpu-check.sh), for the soak program's build.
+PREFIX=/tmp/checkprefix
+mkdir -p "$PREFIX"
+for deb in "$ROOT"/.deps/*.deb; do [ -f "$deb" ] && dpkg -x "$deb" "$PREFIX"; done
+export PKG_CONFIG_PATH="$PREFIX/usr/lib/x86_64-linux-gnu/pkgconfig:${PKG_CONFIG_PATH:-}"
+export CMAKE_PREFIX_PATH="$PREFIX/usr${CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH}"
+export LD_LIBRARY_PATH="$PREFIX/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+if [ ! -x "$BUILD/tests/polysample_soak" ]; then
     step "build" 240 bash -c "cmake -S '$ROOT' -B '$BUILD' -G Ninja -DCMAKE_BUILD_TYPE=Release \
-        -DPSM_WITH_HIP=OFF -DPSM_BUILD_TESTS=OFF && cmake --build '$BUILD' -j 16"
+        -DPSM_WITH_HIP=OFF && cmake --build '$BUILD' -j 16"
 fi
 
 if [ -x "$ROOT/.carry/cuda_buffer" ]; then

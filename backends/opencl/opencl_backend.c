@@ -31,6 +31,8 @@
 #include "error.h"
 #include "module.h"
 #include "opencl_embedded.h"
+#include "psm_contract.h"
+#include "psm_row.h"
 
 #include <CL/cl.h>
 
@@ -42,19 +44,11 @@
 
 /* Bytes per row of the device-only psm_row_state (the kernels check it fits). */
 #define PSM_ROW_STATE_BYTES 64
-#define PSM_TILE_TOKENS 1024
 #define PSM_BUILD_LOG_LIMIT 3000
 /* Keys in psm_row_filter's candidate list on the global path, and in
  * psm_row_top_k's (see run_rows). */
 #define PSM_LIST_CAP 2048
 #define PSM_TOP_K_LIST 1024
-
-/* Per-row array flags; psm_kernels.cl has the same values. */
-#define PSM_PER_ROW_TEMPERATURE 1u
-#define PSM_PER_ROW_TOP_K 2u
-#define PSM_PER_ROW_TOP_P 4u
-#define PSM_PER_ROW_MIN_P 8u
-#define PSM_PER_ROW_SEED 16u
 
 enum {
     KERNEL_TILE_REDUCE,
@@ -868,7 +862,7 @@ static psm_status opencl_create(const psm_context_options *options, int device_i
 
 static size_t tile_count(int64_t vocab)
 {
-    return (size_t)((vocab + PSM_TILE_TOKENS - 1) / PSM_TILE_TOKENS);
+    return (size_t)((vocab + PSM_TILE - 1) / PSM_TILE);
 }
 
 static psm_status reserve_rows(opencl_state *state, int64_t rows, int64_t vocab)
@@ -986,10 +980,12 @@ static psm_status prepare(opencl_state *state, const psm_request *request, launc
     static const size_t sizes[5] = {4, 4, 4, 4, 8};
     static const char *const names[5] = {"temperature_per_row", "top_k_per_row",
                                          "top_p_per_row", "min_p_per_row", "seed_per_row"};
+    static const cl_uint bits[5] = {PSM_PER_ROW_TEMPERATURE, PSM_PER_ROW_TOP_K,
+                                    PSM_PER_ROW_TOP_P, PSM_PER_ROW_MIN_P, PSM_PER_ROW_SEED};
     for (int i = 0; i < 5; ++i) {
         if (!arrays[i])
             continue;
-        call->per_row |= 1u << i;
+        call->per_row |= bits[i];
         PSM_TRY(input_buffer(state, &state->per_row[i], (void *)arrays[i],
                              request->logits.memory, (size_t)call->rows * sizes[i], names[i],
                              &call->per_row_arrays[i]));

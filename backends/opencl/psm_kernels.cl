@@ -88,13 +88,6 @@
 #define PSM_DTYPE_F16 1
 #define PSM_DTYPE_BF16 2
 
-/* Which per-row arrays a request has (bit mask, host and device agree). */
-#define PSM_PER_ROW_TEMPERATURE 1u
-#define PSM_PER_ROW_TOP_K 2u
-#define PSM_PER_ROW_TOP_P 4u
-#define PSM_PER_ROW_MIN_P 8u
-#define PSM_PER_ROW_SEED 16u
-
 #define PSM_ROW_SAMPLE 0
 #define PSM_ROW_GREEDY 1
 #define PSM_ROW_BAD 2
@@ -125,39 +118,37 @@ typedef char psm_row_state_fits[(sizeof(psm_row_state) <= PSM_ROW_STATE_BYTES) ?
         __global const int *top_k_per_row, __global const float *top_p_per_row,              \
         __global const float *min_p_per_row, __global const ulong *seed_per_row
 
-typedef struct psm_row_params {
-    float temperature;
-    int top_k;
-    float top_p;
-    float min_p;
-    ulong seed;
-    uint stream;
-    int valid;
-} psm_row_params;
-
-#define PSM_RESOLVE_ROW(row)                                                                 \
-    psm_resolve_row((row), temperature, top_k, top_p, min_p, seed, per_row,                 \
-                    temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row,       \
-                    seed_per_row)
-
-static psm_row_params psm_resolve_row(uint row, float temperature, int top_k, float top_p,
-                                      float min_p, ulong seed, uint per_row,
-                                      __global const float *temperature_per_row,
-                                      __global const int *top_k_per_row,
-                                      __global const float *top_p_per_row,
-                                      __global const float *min_p_per_row,
-                                      __global const ulong *seed_per_row)
+static psm_row_scalars psm_make_row_scalars(ulong seed, float temperature, int top_k,
+                                            float top_p, float min_p)
 {
-    psm_row_params p;
-    p.temperature = (per_row & PSM_PER_ROW_TEMPERATURE) ? temperature_per_row[row] : temperature;
-    p.top_k = (per_row & PSM_PER_ROW_TOP_K) ? top_k_per_row[row] : top_k;
-    p.top_p = (per_row & PSM_PER_ROW_TOP_P) ? top_p_per_row[row] : top_p;
-    p.min_p = (per_row & PSM_PER_ROW_MIN_P) ? min_p_per_row[row] : min_p;
-    p.seed = (per_row & PSM_PER_ROW_SEED) ? seed_per_row[row] : seed;
-    p.stream = (per_row & PSM_PER_ROW_SEED) ? 0u : row;
-    p.valid = psm_row_params_valid(p.temperature, p.top_k, p.top_p, p.min_p);
-    return p;
+    psm_row_scalars scalars;
+    scalars.seed = seed;
+    scalars.temperature = temperature;
+    scalars.top_k = top_k;
+    scalars.top_p = top_p;
+    scalars.min_p = min_p;
+    return scalars;
 }
+
+static psm_row_arrays psm_make_row_arrays(__global const float *temperature,
+                                          __global const int *top_k, __global const float *top_p,
+                                          __global const float *min_p, __global const ulong *seed)
+{
+    psm_row_arrays arrays;
+    arrays.temperature = temperature;
+    arrays.top_k = top_k;
+    arrays.top_p = top_p;
+    arrays.min_p = min_p;
+    arrays.seed = seed;
+    return arrays;
+}
+
+/* A row's parameters (core/psm_row.h), from the request arguments. */
+#define PSM_RESOLVE_ROW(row)                                                                 \
+    psm_resolve_row((row), per_row,                                                          \
+                    psm_make_row_scalars(seed, temperature, top_k, top_p, min_p),            \
+                    psm_make_row_arrays(temperature_per_row, top_k_per_row, top_p_per_row,   \
+                                        min_p_per_row, seed_per_row))
 
 /* A 16-bit element (f16 or bf16) as a float: exact. */
 static float psm_half_to_float(ushort h, int dtype)
@@ -194,12 +185,6 @@ static float psm_load_candidate(__global const uchar *logits, int dtype, long in
 static int psm_is_valid(float folded)
 {
     return folded > -INFINITY;
-}
-
-/* Inverse of the ordered bits inside psm_rank_key. */
-static float psm_ordered_to_float(uint ordered)
-{
-    return as_float((ordered >> 31) ? (ordered & 0x7fffffffu) : ~ordered);
 }
 
 /* ---- teams: several units of work per work-group ---------------------------
@@ -418,7 +403,7 @@ typedef struct psm_row_summary {
 /* The largest valid logit, from the largest rank key (0: no valid token). */
 static float psm_key_maximum(ulong key)
 {
-    return key ? psm_ordered_to_float((uint)(key >> 32)) : -INFINITY;
+    return key ? psm_rank_key_logit(key) : -INFINITY;
 }
 
 /* The row's summary, by `members` items (a team or the group; see the posted
@@ -578,7 +563,7 @@ psm_tile_reduce(PSM_REQUEST_PARAMS, __global ulong *tile_key, __global uint *til
          * tile bad, and its mass is dropped below. */
 #pragma unroll
         for (int j = 0; j < PSM_TEAM_SLOTS; ++j)
-            mass += psm_weight_of_gap(PSM_FMUL(PSM_FSUB(maximum, x[j]), scale), bits);
+            mass += psm_weight_of_gap(psm_unclamped_gap(maximum, x[j], scale), bits);
     }
     ulong before;
     mass = psm_posted_sum_u64(mass, lane, PSM_TEAM, posted_mass, &before);
@@ -629,8 +614,7 @@ PSM_LOCAL_FN ulong psm_source_key(const psm_key_source *source, int i)
 /* A candidate's global weight g_i, from its rank key. */
 static ulong psm_key_weight(ulong key, float maximum, float scale, int bits)
 {
-    return psm_weight(psm_scaled_gap(maximum, psm_ordered_to_float((uint)(key >> 32)), scale),
-                      bits);
+    return psm_weight(psm_scaled_gap(maximum, psm_rank_key_logit(key), scale), bits);
 }
 
 /* Adds a 64-bit mass to a bucket kept as two 32-bit words: a wrapped low
@@ -884,35 +868,28 @@ PSM_LOCAL_FN int psm_radix_collect(int active, __global const uchar *logits, int
  * atomics then collide on every step; the bins spread the row thinly, and
  * the bin that holds the cutoff is usually small enough to collect at once:
  * one pass to tally, one to collect. (The CUDA backend's
- * psm_gpu_select_cutoff does the same.) The bins live where the list will
- * go. */
-#define PSM_GAP_BINS 1024
-#define PSM_GAP_BIN_SCALE 16.0f
+ * psm_gpu_select_cutoff does the same, on the same bins: core/psm_row.h.)
+ * The bins live where the list will go. */
 /* A count and a two-word mass per bin, in 32-bit words. */
 #define PSM_GAP_BIN_WORDS (3 * PSM_GAP_BINS)
 
 /* Token i's gap bin, or -1 when it is no candidate; *x and *gap get its
  * value and its scaled gap to M (M >= x, so psm_weight_of_gap of that gap
  * is g_i, as in psm_tile_reduce). */
-static int psm_bin_of_gap(float gap)
-{
-    return gap < 64.0f ? (int)PSM_FMUL(gap, PSM_GAP_BIN_SCALE) : PSM_GAP_BINS - 1;
-}
-
-static int psm_gap_bin(__global const uchar *logits, int dtype, long base, int i, float maximum,
-                       float scale, float *x, float *gap)
+static int psm_load_gap_bin(__global const uchar *logits, int dtype, long base, int i,
+                            float maximum, float scale, float *x, float *gap)
 {
     *x = psm_load_candidate(logits, dtype, base + i);
     if (!psm_is_valid(*x))
         return -1;
-    *gap = PSM_FMUL(PSM_FSUB(maximum, *x), scale);
-    return psm_bin_of_gap(*gap);
+    *gap = psm_unclamped_gap(maximum, *x, scale);
+    return psm_gap_bin(*gap);
 }
 
 /* The gap bin of a valid value. */
 static int psm_value_bin(float x, float maximum, float scale)
 {
-    return psm_bin_of_gap(PSM_FMUL(PSM_FSUB(maximum, x), scale));
+    return psm_gap_bin(psm_unclamped_gap(maximum, x, scale));
 }
 
 /* psm_radix_collect's list and results from the gap bins: counting mode
@@ -942,7 +919,7 @@ PSM_LOCAL_FN int psm_bin_collect(int active, __global const uchar *logits, int d
     const int count = active ? vocab : 0;
     for (int i = lid; i < count; i += PSM_WG) {
         float x, gap;
-        int bin = psm_gap_bin(logits, dtype, base, i, maximum, scale, &x, &gap);
+        int bin = psm_load_gap_bin(logits, dtype, base, i, maximum, scale, &x, &gap);
         if (bin < 0)
             continue;
         if (mass_mode) {
@@ -994,7 +971,7 @@ PSM_LOCAL_FN int psm_bin_collect(int active, __global const uchar *logits, int d
     const int collect_count = fits ? vocab : 0;
     for (int i = lid; i < collect_count; i += PSM_WG) {
         float x, gap;
-        int bin = psm_gap_bin(logits, dtype, base, i, maximum, scale, &x, &gap);
+        int bin = psm_load_gap_bin(logits, dtype, base, i, maximum, scale, &x, &gap);
         if (bin < 0 ||
             (mass_mode ? bin != chosen || psm_weight_of_gap(gap, bits) == 0 : bin > chosen))
             continue;
@@ -1041,16 +1018,6 @@ PSM_LOCAL_FN int psm_bin_collect(int active, __global const uchar *logits, int d
  * the list would not fit either). */
 #define PSM_TOP_K_LANES 512
 
-static uint psm_key_token(ulong key)
-{
-    return 0xffffffffu - (uint)key;
-}
-
-static float psm_key_value(ulong key)
-{
-    return psm_ordered_to_float((uint)(key >> 32));
-}
-
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const uint *tile_info,
               __global const uint *lane_max, __global float *tile_ref,
@@ -1095,7 +1062,7 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
         for (int j = lid; j < lanes; j += PSM_WG) {
             const uint high = row_lanes[j];
             if (high)
-                atomic_inc(&bin_count[psm_value_bin(psm_ordered_to_float(high), summary.maximum,
+                atomic_inc(&bin_count[psm_value_bin(psm_ordered_logit(high), summary.maximum,
                                                     scale)]);
         }
     barrier(CLK_LOCAL_MEM_FENCE);
@@ -1133,7 +1100,7 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
         for (int j = lid; j < lanes; j += PSM_WG) {
             const uint high = row_lanes[j];
             if (high &&
-                psm_value_bin(psm_ordered_to_float(high), summary.maximum, scale) <=
+                psm_value_bin(psm_ordered_logit(high), summary.maximum, scale) <=
                     (int)last_bin) {
                 const uint at = atomic_inc(&shared_lanes);
                 if (at < PSM_TOP_K_LANES)
@@ -1223,19 +1190,19 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
     if (ranked)
         for (uint r = lid; r < kept; r += PSM_WG) {
             const ulong key = list[order[r]];
-            const uint tile = psm_key_token(key) / PSM_TILE;
+            const uint tile = psm_rank_key_token(key) / PSM_TILE;
             int leads = 1;
             for (uint q = 0; q < r && leads; ++q)
-                leads = psm_key_token(list[order[q]]) / PSM_TILE != tile;
+                leads = psm_rank_key_token(list[order[q]]) / PSM_TILE != tile;
             if (!leads)
                 continue;
-            const float reference = psm_key_value(key);
+            const float reference = psm_rank_key_logit(key);
             ulong mass = 0;
             for (uint q = r; q < kept; ++q) {
                 const ulong other = list[order[q]];
-                if (psm_key_token(other) / PSM_TILE == tile)
+                if (psm_rank_key_token(other) / PSM_TILE == tile)
                     mass += psm_weight_of_gap(
-                        PSM_FMUL(PSM_FSUB(reference, psm_key_value(other)), scale), bits);
+                        psm_unclamped_gap(reference, psm_rank_key_logit(other), scale), bits);
             }
             tile_ref[row_tiles + tile] = reference;
             tile_mass[row_tiles + tile] = mass;
@@ -1416,7 +1383,7 @@ psm_tile_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key,
     if (reachable && psm_is_valid(maximum))
 #pragma unroll
         for (int j = 0; j < PSM_TEAM_SLOTS; ++j) /* x <= maximum: as in psm_tile_reduce */
-            mass += psm_weight_of_gap(PSM_FMUL(PSM_FSUB(maximum, x[j]), scale), bits);
+            mass += psm_weight_of_gap(psm_unclamped_gap(maximum, x[j], scale), bits);
     ulong before;
     mass = psm_posted_sum_u64(mass, lane, PSM_TEAM, posted_mass, &before);
     if (active && lane == 0) {
@@ -1453,7 +1420,7 @@ psm_row_combine(PSM_REQUEST_PARAMS, __global const ulong *tile_key,
     if (active && lane == 0) {
         state[row].status = status;
         state[row].maximum = summary.maximum;
-        state[row].greedy_token = 0xffffffffu - (uint)summary.top_key;
+        state[row].greedy_token = psm_rank_key_token(summary.top_key);
         if (!filters_ran) {
             state[row].filtered = PSM_FILTER_NONE;
             state[row].cutoff = 0;
@@ -1558,19 +1525,9 @@ psm_draw(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulon
     const long row_tiles = (long)row * tiles;
     const ulong total = state[row].total;
     const psm_draw_bits random = psm_sample_bits(p.seed, offset, p.stream, sample);
-    int tile = 0;
-    if (drawing) {
-        /* The tile: the first whose inclusive prefix exceeds a. */
-        const ulong a = psm_pick(random.tile, total);
-        int high = tiles - 1;
-        while (tile < high) {
-            int middle = tile + (high - tile) / 2;
-            if (tile_prefix[row_tiles + middle] > a)
-                high = middle;
-            else
-                tile = middle + 1;
-        }
-    }
+    /* The tile: the first whose inclusive prefix exceeds a. */
+    const int tile =
+        drawing ? psm_first_above(tile_prefix + row_tiles, tiles, psm_pick(random.tile, total)) : 0;
     const ulong mass = tile_mass[row_tiles + tile];
     const ulong rescaled =
         tile_prefix[row_tiles + tile] - (tile > 0 ? tile_prefix[row_tiles + tile - 1] : 0);

@@ -1,10 +1,11 @@
 /*
  * psm_kernels.cl: the OpenCL backend's kernels, OpenCL C 1.2.
  *
- * The host builds this file with core/psm_contract.h prepended (as the first
- * source string of the same program), so every quantity that decides a token
- * (weights, gaps, thresholds, Philox, the picks) comes from the contract and
- * the FP_CONTRACT OFF pragma there covers this file too.
+ * Every quantity that decides a token (weights, gaps, thresholds, Philox,
+ * the picks) comes from core/psm_contract.h, whose FP_CONTRACT OFF pragma
+ * covers this file too; a row's parameters and the gap bins from
+ * core/psm_row.h; the call's description and the per-row state from
+ * psm_opencl_request.h, which the host compiles too.
  *
  * Build options give PSM_WG, the work-group size of every kernel (a power of
  * two between 16 and 1024, chosen by the host from device queries).
@@ -48,6 +49,22 @@
  * per-bucket masses of top-p are kept as two 32-bit words with exact carries.
  */
 
+/* The shared headers. The host hands them to the OpenCL compiler as the
+ * program's first source strings, in this order (embedded at build time by
+ * backends/opencl/CMakeLists.txt, so the program needs no include path at run
+ * time): each guard below is then already defined and the #include names the
+ * file only. Compiled alone, with -I core -I backends/opencl, this file reads
+ * the same headers through these lines. */
+#ifndef PSM_CONTRACT_H
+#include "psm_contract.h"
+#endif
+#ifndef PSM_ROW_H
+#include "psm_row.h"
+#endif
+#ifndef PSM_OPENCL_REQUEST_H
+#include "psm_opencl_request.h"
+#endif
+
 #ifdef cl_khr_fp64
 #pragma OPENCL EXTENSION cl_khr_fp64 : enable
 #define PSM_HAVE_FP64 1
@@ -84,51 +101,20 @@
 #define PSM_LOCAL_FN static inline
 #endif
 
-#define PSM_DTYPE_F32 0
-#define PSM_DTYPE_F16 1
-#define PSM_DTYPE_BF16 2
+/* This compiler lays the host's structs out as the host does (see
+ * psm_opencl_request.h); the build fails otherwise. */
+typedef char psm_request_layout_check[
+    sizeof(psm_opencl_request) == PSM_OPENCL_REQUEST_BYTES ? 1 : -1];
+typedef char psm_row_state_layout_check[sizeof(psm_row_state) == PSM_ROW_STATE_BYTES ? 1 : -1];
 
-#define PSM_ROW_SAMPLE 0
-#define PSM_ROW_GREEDY 1
-#define PSM_ROW_BAD 2
-
-/* Whether a row is filtered, and who makes its kept tiles' masses. */
-#define PSM_FILTER_NONE 0 /* no filter: psm_tile_reduce's masses stand */
-#define PSM_FILTER_SCAN 1 /* psm_tile_filter reads the kept tiles again */
-#define PSM_FILTER_DONE 2 /* psm_row_filter made them from its list (top-k) */
-
-/* Per-row results shared between kernels; lives only in device memory. */
-typedef struct psm_row_state {
-    ulong cutoff;      /* smallest kept rank key; 0 keeps every valid token */
-    ulong min_weight;  /* min-p threshold on global weights; 0 when off */
-    ulong total;       /* sum of T_t */
-    float maximum;     /* M */
-    int status;        /* PSM_ROW_* */
-    int filtered;      /* PSM_FILTER_*, set by psm_row_filter (else by psm_row_combine) */
-    uint greedy_token;
-} psm_row_state;
-/* The host reserves PSM_ROW_STATE_BYTES per row; fail the build if that is short. */
-typedef char psm_row_state_fits[(sizeof(psm_row_state) <= PSM_ROW_STATE_BYTES) ? 1 : -1];
-
-/* Every kernel that reads a row takes the request in this order. */
+/* Every kernel's first arguments: the call's description, then the buffers
+ * every row reads, the logits and the per-row arrays (psm_opencl_request.h
+ * says why these are apart). */
 #define PSM_REQUEST_PARAMS                                                                  \
-    __global const uchar *logits, int dtype, int rows, int vocab, long row_stride, int tiles, \
-        float temperature, int top_k, float top_p, float min_p, ulong seed, ulong offset,     \
-        uint per_row, __global const float *temperature_per_row,                              \
-        __global const int *top_k_per_row, __global const float *top_p_per_row,              \
-        __global const float *min_p_per_row, __global const ulong *seed_per_row
-
-static psm_row_scalars psm_make_row_scalars(ulong seed, float temperature, int top_k,
-                                            float top_p, float min_p)
-{
-    psm_row_scalars scalars;
-    scalars.seed = seed;
-    scalars.temperature = temperature;
-    scalars.top_k = top_k;
-    scalars.top_p = top_p;
-    scalars.min_p = min_p;
-    return scalars;
-}
+    const psm_opencl_request request, __global const uchar *logits,                         \
+        __global const float *temperature_per_row, __global const int *top_k_per_row,       \
+        __global const float *top_p_per_row, __global const float *min_p_per_row,           \
+        __global const ulong *seed_per_row
 
 static psm_row_arrays psm_make_row_arrays(__global const float *temperature,
                                           __global const int *top_k, __global const float *top_p,
@@ -143,23 +129,22 @@ static psm_row_arrays psm_make_row_arrays(__global const float *temperature,
     return arrays;
 }
 
-/* A row's parameters (core/psm_row.h), from the request arguments. */
+/* A row's parameters (core/psm_row.h), in a kernel. */
 #define PSM_RESOLVE_ROW(row)                                                                 \
-    psm_resolve_row((row), per_row,                                                          \
-                    psm_make_row_scalars(seed, temperature, top_k, top_p, min_p),            \
+    psm_resolve_row((row), request.per_row, request.scalars,                                 \
                     psm_make_row_arrays(temperature_per_row, top_k_per_row, top_p_per_row,   \
                                         min_p_per_row, seed_per_row))
 
 /* A 16-bit element (f16 or bf16) as a float: exact. */
 static float psm_half_to_float(ushort h, int dtype)
 {
-    return dtype == PSM_DTYPE_F16 ? psm_f16_to_float(h) : psm_bf16_to_float(h);
+    return dtype == PSM_OPENCL_DTYPE_F16 ? psm_f16_to_float(h) : psm_bf16_to_float(h);
 }
 
 /* One element as a float before psm_read_logit (the conversions are exact). */
 static float psm_raw_logit(__global const uchar *logits, int dtype, long index)
 {
-    if (dtype == PSM_DTYPE_F32)
+    if (dtype == PSM_OPENCL_DTYPE_F32)
         return ((__global const float *)logits)[index];
     return psm_half_to_float(((__global const ushort *)logits)[index], dtype);
 }
@@ -320,7 +305,7 @@ PSM_LOCAL_FN ulong psm_group_sum_u64(ulong value, __local ulong *posts)
 /* log2 of the values in a 16-byte vector of the dtype. */
 static int psm_vector_shift(int dtype)
 {
-    return dtype == PSM_DTYPE_F32 ? 2 : 3;
+    return dtype == PSM_OPENCL_DTYPE_F32 ? 2 : 3;
 }
 
 /* The offset within its tile of an item's slot. */
@@ -339,11 +324,11 @@ static void psm_load_tile(__global const uchar *logits, int dtype, long row_base
                           int count, uint lane, int layout, float *x)
 {
     const int vector_shift = psm_vector_shift(dtype);
-    const int element_bytes = dtype == PSM_DTYPE_F32 ? 4 : 2;
+    const int element_bytes = dtype == PSM_OPENCL_DTYPE_F32 ? 4 : 2;
     __global const uchar *tile = logits + (row_base + tile_start) * element_bytes;
     if (count == PSM_TILE && ((uintptr_t)tile & 15) == 0) {
         __global const uint4 *vectors = (__global const uint4 *)tile;
-        if (dtype == PSM_DTYPE_F32) {
+        if (dtype == PSM_OPENCL_DTYPE_F32) {
 #pragma unroll
             for (int slot = 0; slot < PSM_TEAM_SLOTS; slot += 4) {
                 uint4 raw = vectors[psm_slot_offset(slot, lane, 2, layout) >> 2];
@@ -352,7 +337,7 @@ static void psm_load_tile(__global const uchar *logits, int dtype, long row_base
                 x[slot + 2] = as_float(raw.z);
                 x[slot + 3] = as_float(raw.w);
             }
-        } else if (dtype == PSM_DTYPE_BF16) {
+        } else if (dtype == PSM_OPENCL_DTYPE_BF16) {
             /* Its own loop, not psm_half_to_float's per-element choice
              * (with which bf16 tiles cost as much as f16 ones): a bf16 is
              * the top half of a float, two instructions a pair. The f16
@@ -495,16 +480,16 @@ psm_tile_reduce(PSM_REQUEST_PARAMS, __global ulong *tile_key, __global uint *til
     __local uint posted_info[PSM_WG];
     __local ulong posted_mass[PSM_WG];
     const uint lane = get_local_id(0) % PSM_TEAM;
-    const psm_team_tile where = psm_locate_tile(rows, vocab, tiles);
+    const psm_team_tile where = psm_locate_tile(request.rows, request.vocab, request.tiles);
     const psm_row_params p = PSM_RESOLVE_ROW(where.row);
-    const int vector_shift = psm_vector_shift(dtype);
+    const int vector_shift = psm_vector_shift(request.dtype);
 
     float x[PSM_TEAM_SLOTS];
     ulong key = 0;
     uint info = 0;
     if (where.in_range) {
-        psm_load_tile(logits, dtype, (long)where.row * row_stride, where.first, where.count, lane,
-                      PSM_INTERLEAVED, x);
+        psm_load_tile(logits, request.dtype, (long)where.row * request.row_stride, where.first,
+                      where.count, lane, PSM_INTERLEAVED, x);
         float raw_max = -INFINITY;
         int nan = 0;
 #pragma unroll
@@ -551,7 +536,7 @@ psm_tile_reduce(PSM_REQUEST_PARAMS, __global ulong *tile_key, __global uint *til
     if (where.in_range && key && p.valid && !psm_is_greedy(p.temperature) &&
         !psm_filter_certain(&p)) {
         const float scale = psm_inverse_temperature_scale(p.temperature);
-        const int bits = psm_weight_bits(vocab);
+        const int bits = psm_weight_bits(request.vocab);
         if (psm_tile_needs_read(maximum))
 #pragma unroll
             for (int j = 0; j < PSM_TEAM_SLOTS; ++j)
@@ -1021,8 +1006,7 @@ PSM_LOCAL_FN int psm_bin_collect(int active, __global const uchar *logits, int d
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const uint *tile_info,
               __global const uint *lane_max, __global float *tile_ref,
-              __global ulong *tile_mass, __global psm_row_state *state, __local ulong *list,
-              int list_capacity)
+              __global ulong *tile_mass, __global psm_row_state *state, __local ulong *list)
 {
     __local ulong scratch_u64[PSM_WG];
     __local ulong scratch_counts[PSM_WG];
@@ -1032,18 +1016,19 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
     __local uint shared_lanes;
     const uint lid = get_local_id(0);
     const uint row = get_group_id(1);
-    const long row_tiles = (long)row * tiles;
+    const long row_tiles = (long)row * request.tiles;
     const psm_row_params p = PSM_RESOLVE_ROW(row);
     const psm_row_summary summary =
-        psm_summarise_row(tile_key, tile_info, row_tiles, tiles, lid, PSM_WG, scratch_u64,
+        psm_summarise_row(tile_key, tile_info, row_tiles, request.tiles, lid, PSM_WG, scratch_u64,
                           scratch_counts);
     const float scale = psm_inverse_temperature_scale(p.temperature);
-    const int bits = psm_weight_bits(vocab);
+    const int bits = psm_weight_bits(request.vocab);
     const int mine = psm_row_status(&p, &summary) == PSM_ROW_SAMPLE &&
-                     psm_top_k_active(&p, summary.valid) && list_capacity >= PSM_GAP_BINS / 2;
+                     psm_top_k_active(&p, summary.valid) &&
+                     request.top_k_list_capacity >= PSM_GAP_BINS / 2;
     const uint k = mine ? (uint)p.top_k : 0u;
     __global const uint *row_lanes = lane_max + row_tiles * PSM_TEAM;
-    const int lanes = tiles * PSM_TEAM;
+    const int lanes = request.tiles * PSM_TEAM;
     const uint none = 0xffffffffu;
 
     /* 1. The lane maxima tallied by gap bin (the barrier also ends every
@@ -1110,27 +1095,27 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
     barrier(CLK_LOCAL_MEM_FENCE);
     gathering = gathering && shared_lanes <= PSM_TOP_K_LANES;
     const int gathered_lanes = gathering ? (int)shared_lanes : 0;
-    const int vector_shift = psm_vector_shift(dtype);
-    const long base = (long)row * row_stride;
+    const int vector_shift = psm_vector_shift(request.dtype);
+    const long base = (long)row * request.row_stride;
     for (int w = lid; w < gathered_lanes * PSM_TEAM_SLOTS; w += PSM_WG) {
         const uint j = lane_list[w / PSM_TEAM_SLOTS];
         const int first = (int)(j / PSM_TEAM) * PSM_TILE;
         const int offset =
             psm_slot_offset(w % PSM_TEAM_SLOTS, j % PSM_TEAM, vector_shift, PSM_INTERLEAVED);
-        if (offset >= vocab - first)
+        if (offset >= request.vocab - first)
             continue;
-        const float x = psm_load_candidate(logits, dtype, base + first + offset);
+        const float x = psm_load_candidate(logits, request.dtype, base + first + offset);
         if (!psm_is_valid(x) || psm_value_bin(x, summary.maximum, scale) > (int)last_bin)
             continue;
         const uint at = atomic_inc(&shared_size);
-        if (at < (uint)list_capacity)
+        if (at < (uint)request.top_k_list_capacity)
             list[at] = psm_rank_key(x, (uint)(first + offset));
     }
     barrier(CLK_LOCAL_MEM_FENCE);
 
     /* 4. Rank by counting; g_i of each key. (n >= k: each counted lane's
      * maximum is on the list.) */
-    const int ranked = gathering && PSM_RANKED_LIST_FITS(shared_size, list_capacity);
+    const int ranked = gathering && PSM_RANKED_LIST_FITS(shared_size, request.top_k_list_capacity);
     const uint n = ranked ? shared_size : 0u;
     __local ulong *weight = list + n;
     __local uint *order = (__local uint *)(list + 2 * n);
@@ -1181,7 +1166,7 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
         if (min_weight != 0)
             while (kept > 1 && weight[order[kept - 1]] < min_weight)
                 --kept;
-        for (int t = lid; t < tiles; t += PSM_WG)
+        for (int t = lid; t < request.tiles; t += PSM_WG)
             tile_mass[row_tiles + t] = 0;
     }
     barrier(CLK_GLOBAL_MEM_FENCE);
@@ -1219,8 +1204,7 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
 
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const uint *tile_info,
-               __global psm_row_state *state, __local ulong *local_store, int use_row_cache,
-               int list_capacity, int top_k_ran)
+               __global psm_row_state *state, __local ulong *local_store)
 {
     __local ulong scratch_u64[PSM_WG];
     __local ulong scratch_counts[PSM_WG];
@@ -1232,19 +1216,19 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global cons
     __local ulong shared_want;
     __local uint shared_size;
     __local ulong shared_key;
-    /* The row's values when the row fits (use_row_cache), else the list of
-     * candidate keys (list_capacity entries). */
+    /* The row's values when the row fits (request.use_row_cache), else the list of
+     * candidate keys (request.list_capacity entries). */
     __local float *row_cache = (__local float *)local_store;
     const uint lid = get_local_id(0);
     const uint row = get_group_id(1);
     /* Rows psm_row_top_k finished (the same value for every item, and
      * before any barrier). */
-    if (top_k_ran && state[row].filtered == PSM_FILTER_DONE)
+    if (request.top_k_ran && state[row].filtered == PSM_FILTER_DONE)
         return;
     const psm_row_params p = PSM_RESOLVE_ROW(row);
     const psm_row_summary summary =
-        psm_summarise_row(tile_key, tile_info, (long)row * tiles, tiles, lid, PSM_WG,
-                          scratch_u64, scratch_counts);
+        psm_summarise_row(tile_key, tile_info, (long)row * request.tiles, request.tiles, lid,
+                          PSM_WG, scratch_u64, scratch_counts);
     /* Every item has read the summary's posts: scratch_u64 is free again. */
     barrier(CLK_LOCAL_MEM_FENCE);
     const int filtered = psm_row_status(&p, &summary) == PSM_ROW_SAMPLE &&
@@ -1262,19 +1246,19 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global cons
     source.logits = logits;
     source.cache = row_cache;
     source.list = local_store;
-    source.base = (long)row * row_stride;
-    source.dtype = dtype;
+    source.base = (long)row * request.row_stride;
+    source.dtype = request.dtype;
     source.kind = PSM_SOURCE_GLOBAL;
-    source.count = vocab;
-    if (use_row_cache) {
-        for (int i = lid; i < vocab; i += PSM_WG)
-            row_cache[i] = psm_load_candidate(logits, dtype, source.base + i);
+    source.count = request.vocab;
+    if (request.use_row_cache) {
+        for (int i = lid; i < request.vocab; i += PSM_WG)
+            row_cache[i] = psm_load_candidate(logits, request.dtype, source.base + i);
         barrier(CLK_LOCAL_MEM_FENCE);
         source.kind = PSM_SOURCE_CACHE;
     }
 
     const float scale = psm_inverse_temperature_scale(p.temperature);
-    const int bits = psm_weight_bits(vocab);
+    const int bits = psm_weight_bits(request.vocab);
     const int top_k_on = psm_top_k_active(&p, summary.valid);
     const int top_p_on = p.top_p < 1.0f;
     ulong cutoff = 0;
@@ -1284,17 +1268,17 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global cons
     /* Inside, both collections are called by every item, active or not (see
      * psm_radix_collect); rows that make no list (min-p alone, the on-chip
      * path) skip their barriers. */
-    if (!use_row_cache && list_capacity > 0 && (top_k_on || top_p_on)) {
+    if (!request.use_row_cache && request.list_capacity > 0 && (top_k_on || top_p_on)) {
         ulong above = 0, target = 0;
         const ulong want = top_k_on ? (ulong)p.top_k : 0;
         const int from_bins = psm_bin_collect(
-            list_capacity >= PSM_GAP_BIN_WORDS / 2, logits, dtype, source.base, vocab,
-            !top_k_on, want, p.top_p, summary.maximum, scale, bits, local_store,
-            (uint)list_capacity, scratch_u64, &shared_choice, &shared_above, &shared_want,
+            request.list_capacity >= PSM_GAP_BIN_WORDS / 2, logits, request.dtype, source.base,
+            request.vocab, !top_k_on, want, p.top_p, summary.maximum, scale, bits, local_store,
+            (uint)request.list_capacity, scratch_u64, &shared_choice, &shared_above, &shared_want,
             &shared_size, &above, &target);
         const int from_radix = psm_radix_collect(
-            from_bins < 0, logits, dtype, source.base, vocab, !top_k_on, want, p.top_p,
-            summary.maximum, scale, bits, local_store, (uint)list_capacity, bucket_low,
+            from_bins < 0, logits, request.dtype, source.base, request.vocab, !top_k_on, want,
+            p.top_p, summary.maximum, scale, bits, local_store, (uint)request.list_capacity, bucket_low,
             bucket_high, bucket_count, &shared_choice, &shared_above, &shared_want,
             &shared_size, &above, &target);
         const int size = from_bins >= 0 ? from_bins : from_radix;
@@ -1347,7 +1331,7 @@ psm_tile_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key,
     __local float posted_max[PSM_WG];
     __local ulong posted_mass[PSM_WG];
     const uint lane = get_local_id(0) % PSM_TEAM;
-    const psm_team_tile where = psm_locate_tile(rows, vocab, tiles);
+    const psm_team_tile where = psm_locate_tile(request.rows, request.vocab, request.tiles);
     const uint row = where.row;
     const long slot = where.slot;
     const int first = where.first;
@@ -1360,16 +1344,16 @@ psm_tile_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key,
     const float row_maximum = state[row].maximum;
     const psm_row_params p = PSM_RESOLVE_ROW(row);
     const float scale = psm_inverse_temperature_scale(p.temperature);
-    const int bits = psm_weight_bits(vocab);
+    const int bits = psm_weight_bits(request.vocab);
 
     float x[PSM_TEAM_SLOTS];
     float maximum = -INFINITY;
     if (reachable) {
-        psm_load_tile(logits, dtype, (long)row * row_stride, first, where.count, lane,
-                      PSM_INTERLEAVED, x);
+        psm_load_tile(logits, request.dtype, (long)row * request.row_stride, first, where.count,
+                      lane, PSM_INTERLEAVED, x);
 #pragma unroll
         for (int j = 0; j < PSM_TEAM_SLOTS; ++j) {
-            uint token = (uint)(first + psm_slot_offset(j, lane, psm_vector_shift(dtype),
+            uint token = (uint)(first + psm_slot_offset(j, lane, psm_vector_shift(request.dtype),
                                                         PSM_INTERLEAVED));
             float value = psm_candidate_logit(x[j]);
             x[j] = psm_kept(value, token, cutoff, min_weight, row_maximum, scale, bits)
@@ -1401,41 +1385,40 @@ __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_row_combine(PSM_REQUEST_PARAMS, __global const ulong *tile_key,
                 __global const uint *tile_info, __global const float *tile_ref,
                 __global const ulong *tile_mass, __global ulong *tile_prefix,
-                __global psm_row_state *state, int filters_ran, int check_rows,
-                __global int *first_bad_row)
+                __global psm_row_state *state, __global int *first_bad_row)
 {
     __local ulong posted_key[PSM_WG];
     __local ulong posted_counts[PSM_WG];
     __local ulong posted_mass[PSM_WG];
     const uint lane = get_local_id(0) % PSM_TEAM;
     const long unit = psm_team_unit();
-    const int active = unit < rows;
+    const int active = unit < request.rows;
     const uint row = active ? (uint)unit : 0u;
-    const long row_tiles = (long)row * tiles;
+    const long row_tiles = (long)row * request.tiles;
     const psm_row_params p = PSM_RESOLVE_ROW(row);
     const psm_row_summary summary =
-        psm_summarise_row(tile_key, tile_info, row_tiles, active ? tiles : 0, lane, PSM_TEAM,
-                          posted_key, posted_counts);
+        psm_summarise_row(tile_key, tile_info, row_tiles, active ? request.tiles : 0, lane,
+                          PSM_TEAM, posted_key, posted_counts);
     const int status = psm_row_status(&p, &summary);
     if (active && lane == 0) {
         state[row].status = status;
         state[row].maximum = summary.maximum;
         state[row].greedy_token = psm_rank_key_token(summary.top_key);
-        if (!filters_ran) {
+        if (!request.filters_ran) {
             state[row].filtered = PSM_FILTER_NONE;
             state[row].cutoff = 0;
             state[row].min_weight = 0;
         }
-        if (status == PSM_ROW_BAD && check_rows)
+        if (status == PSM_ROW_BAD && request.check_rows)
             atomic_min(first_bad_row, (int)row);
     }
     /* Each item owns a contiguous run of tiles, so item order is tile order:
      * T_t goes to tile_prefix first, then the item's exclusive prefix is
      * added along its run. */
     const int sampled = active && status == PSM_ROW_SAMPLE;
-    const int run = (tiles + PSM_TEAM - 1) / PSM_TEAM;
-    const int begin = min((int)lane * run, tiles);
-    const int end = min(begin + run, tiles);
+    const int run = (request.tiles + PSM_TEAM - 1) / PSM_TEAM;
+    const int begin = min((int)lane * run, request.tiles);
+    const int end = min(begin + run, request.tiles);
     const float scale = psm_inverse_temperature_scale(p.temperature);
     ulong own = 0;
     if (sampled) {
@@ -1506,28 +1489,30 @@ static float psm_log_probability(ulong weight, ulong mass, ulong rescaled, ulong
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_draw(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulong *tile_mass,
          __global const ulong *tile_prefix, __global const psm_row_state *state,
-         int num_samples, __global int *tokens, __global float *logprobs, int want_logprobs)
+         __global int *tokens, __global float *logprobs)
 {
     __local ulong posted_weight[PSM_WG];
     const uint lane = get_local_id(0) % PSM_TEAM;
     const long out = psm_team_unit();
-    const int active = out < (long)rows * num_samples;
-    const uint row = active ? (uint)(out / num_samples) : 0u;
-    const uint sample = (uint)(out - (long)row * num_samples);
+    const int active = out < (long)request.rows * request.num_samples;
+    const uint row = active ? (uint)(out / request.num_samples) : 0u;
+    const uint sample = (uint)(out - (long)row * request.num_samples);
     const int status = state[row].status;
     if (active && status != PSM_ROW_SAMPLE && lane == 0) {
         tokens[out] = status == PSM_ROW_GREEDY ? (int)state[row].greedy_token : -1;
-        if (want_logprobs)
+        if (request.want_logprobs)
             logprobs[out] = status == PSM_ROW_GREEDY ? 0.0f : NAN;
     }
     const int drawing = active && status == PSM_ROW_SAMPLE;
     const psm_row_params p = PSM_RESOLVE_ROW(row);
-    const long row_tiles = (long)row * tiles;
+    const long row_tiles = (long)row * request.tiles;
     const ulong total = state[row].total;
-    const psm_draw_bits random = psm_sample_bits(p.seed, offset, p.stream, sample);
+    const psm_draw_bits random = psm_sample_bits(p.seed, request.offset, p.stream, sample);
     /* The tile: the first whose inclusive prefix exceeds a. */
     const int tile =
-        drawing ? psm_first_above(tile_prefix + row_tiles, tiles, psm_pick(random.tile, total)) : 0;
+        drawing
+            ? psm_first_above(tile_prefix + row_tiles, request.tiles, psm_pick(random.tile, total))
+            : 0;
     const ulong mass = tile_mass[row_tiles + tile];
     const ulong rescaled =
         tile_prefix[row_tiles + tile] - (tile > 0 ? tile_prefix[row_tiles + tile - 1] : 0);
@@ -1540,18 +1525,18 @@ psm_draw(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulon
     view.row_maximum = state[row].maximum;
     view.reference = tile_ref[row_tiles + tile];
     view.scale = psm_inverse_temperature_scale(p.temperature);
-    view.bits = psm_weight_bits(vocab);
+    view.bits = psm_weight_bits(request.vocab);
 
     float x[PSM_TEAM_SLOTS];
     ulong own = 0;
     if (drawing) {
-        psm_load_tile(logits, dtype, (long)row * row_stride, first, min(PSM_TILE, vocab - first),
-                      lane, PSM_CONTIGUOUS, x);
+        psm_load_tile(logits, request.dtype, (long)row * request.row_stride, first,
+                      min(PSM_TILE, request.vocab - first), lane, PSM_CONTIGUOUS, x);
 #pragma unroll
         for (int j = 0; j < PSM_TEAM_SLOTS; ++j) {
             x[j] = psm_candidate_logit(x[j]);
             own += psm_tile_weight(&view, x[j], (uint)(first + psm_slot_offset(
-                                                          j, lane, psm_vector_shift(dtype),
+                                                          j, lane, psm_vector_shift(request.dtype),
                                                           PSM_CONTIGUOUS)));
         }
     }
@@ -1562,13 +1547,13 @@ psm_draw(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulon
     if (running <= b && b < running + own) {
 #pragma unroll
         for (int j = 0; j < PSM_TEAM_SLOTS; ++j) {
-            uint token = (uint)(first + psm_slot_offset(j, lane, psm_vector_shift(dtype),
+            uint token = (uint)(first + psm_slot_offset(j, lane, psm_vector_shift(request.dtype),
                                                         PSM_CONTIGUOUS));
             ulong weight = psm_tile_weight(&view, x[j], token);
             running += weight;
             if (running > b) {
                 tokens[out] = (int)token;
-                if (want_logprobs)
+                if (request.want_logprobs)
                     logprobs[out] = psm_log_probability(weight, mass, rescaled, total);
                 break;
             }
@@ -1578,7 +1563,7 @@ psm_draw(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulon
      * unreachable when the masses are consistent. */
     if (lane == 0 && b >= tile_total) {
         tokens[out] = -1;
-        if (want_logprobs)
+        if (request.want_logprobs)
             logprobs[out] = NAN;
     }
 }
@@ -1589,10 +1574,10 @@ psm_draw(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulon
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_probs(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulong *tile_mass,
           __global const ulong *tile_prefix, __global const psm_row_state *state,
-          __global float *probs, long probs_stride)
+          __global float *probs)
 {
     const uint lane = get_local_id(0) % PSM_TEAM;
-    const psm_team_tile where = psm_locate_tile(rows, vocab, tiles);
+    const psm_team_tile where = psm_locate_tile(request.rows, request.vocab, request.tiles);
     if (!where.in_range)
         return; /* no barrier below */
     const uint row = where.row;
@@ -1600,8 +1585,8 @@ psm_probs(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulo
     const int tile = where.tile;
     const int first = where.first;
     const int count = where.count;
-    const int vector_shift = psm_vector_shift(dtype);
-    __global float *out = probs + (long)row * probs_stride + first;
+    const int vector_shift = psm_vector_shift(request.dtype);
+    __global float *out = probs + (long)row * request.probs_stride + first;
     const int status = state[row].status;
     const ulong mass = tile_mass[slot];
     const ulong rescaled = tile_prefix[slot] - (tile > 0 ? tile_prefix[slot - 1] : 0);
@@ -1626,9 +1611,10 @@ psm_probs(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulo
     view.row_maximum = state[row].maximum;
     view.reference = tile_ref[slot];
     view.scale = psm_inverse_temperature_scale(p.temperature);
-    view.bits = psm_weight_bits(vocab);
+    view.bits = psm_weight_bits(request.vocab);
     float x[PSM_TEAM_SLOTS];
-    psm_load_tile(logits, dtype, (long)row * row_stride, first, count, lane, PSM_INTERLEAVED, x);
+    psm_load_tile(logits, request.dtype, (long)row * request.row_stride, first, count, lane,
+                  PSM_INTERLEAVED, x);
 #pragma unroll
     for (int j = 0; j < PSM_TEAM_SLOTS; ++j) {
         int offset = psm_slot_offset(j, lane, vector_shift, PSM_INTERLEAVED);

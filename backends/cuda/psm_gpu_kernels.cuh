@@ -43,8 +43,7 @@ namespace PSM_GPU_NAMESPACE {
  * and plain rows (whose work is per tile and per sample). A filtered row's
  * work is mostly a chain of short steps, each waiting for the one before
  * (latency, not throughput), so more rows at once beat more threads a row:
- * six blocks of 128 per multiprocessor (the same 85 registers a thread as
- * three of 256). */
+ * six blocks of 128 per multiprocessor, as many threads as three of 256. */
 #define PSM_GPU_ROW_THREADS 128
 #define PSM_GPU_ROW_BLOCKS_PER_SM 6
 #define PSM_GPU_ROW_THREADS_PLAIN 128
@@ -1008,9 +1007,9 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
         psm_gpu_block_barrier();
         const int status = select.status;
         const int first_bin = select.first_bin, last_bin = select.last_bin;
-        /* Every thread has read these before list_size changes again (the
-         * compiler reads list_size, first_bin, last_bin and status in one
-         * 16-byte load; racecheck saw that load meet list_size's reset). */
+        /* Every thread has read these before list_size changes again: the
+         * compiler may read list_size, first_bin, last_bin and status in one
+         * 16-byte load, which would otherwise race with list_size's reset. */
         psm_gpu_block_barrier();
         if (status != PSM_GPU_SELECT_LIST) {
             if (from_lanes)

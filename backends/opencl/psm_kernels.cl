@@ -84,16 +84,12 @@
  * Why: clang's interprocedural optimisation removes a static helper's
  * pointer parameter when every call passes the same kernel-scope __local
  * array (psm_descend, called twice from psm_row_filter), and the helper
- * then names the array directly. PoCL 3.1
- * gives each work-group its own copy of a kernel's __local variables by
- * rewriting their uses in the kernel function only, so those left in a
- * helper address one module-wide copy that all the work-groups PoCL's
- * threads run at once share. Rows then overwrote each other's radix buckets
- * and shared scalars: wrong top-k/top-p cutoffs and different tokens from
- * identical calls, with more than one row and more than one thread only
- * (POCL_MAX_PTHREAD_COUNT=1 hides it; POCL_LEAVE_KERNEL_COMPILER_TEMP_FILES=1
- * keeps the IR that shows it). Within a group the kernels have no race. GPU
- * drivers give each group its own __local memory wherever it is named; the
+ * then names the array directly. PoCL gives each work-group its own copy
+ * of a kernel's __local variables by rewriting their uses in the kernel
+ * function only, so uses left in a helper address one copy that all the
+ * work-groups its threads run at once share, and rows overwrite each other's
+ * buckets (docs/ARCHITECTURE.md, "PoCL", tells how this shows). GPU drivers
+ * give each group its own __local memory wherever it is named; the
  * attribute is for clang (PoCL's front end), other compilers get inline. */
 #ifdef __clang__
 #define PSM_LOCAL_FN static inline __attribute__((always_inline))
@@ -179,12 +175,10 @@ static int psm_is_valid(float folded)
  * PSM_GROUP_TEAMS units side by side, the units numbered across the whole
  * launch (dimension 0 only; the host enqueues enough groups for every unit).
  *
- * Why: a tile's partial results used to be combined by work-group trees
- * through local memory, eight barrier steps each, five of them per tile.
- * Now each item posts its partial to local memory, the group passes one
+ * Why: each item posts its partial to local memory, the group passes one
  * barrier, and each item reads its team's PSM_TEAM posts itself: redundant,
- * but free of further barriers, and one barrier serves every team of the
- * group. On NVIDIA a team of 32 is one warp, so those reads are broadcasts
+ * but one barrier per reduction where a work-group tree takes eight, and
+ * one barrier serves every team of the group. On NVIDIA a team of 32 is one warp, so those reads are broadcasts
  * and a team's branches (row parameters, aligned or not) stay uniform. */
 #if PSM_WG >= 32
 #define PSM_TEAM 32
@@ -740,9 +734,8 @@ PSM_LOCAL_FN ulong psm_top_p_target_from(const psm_key_source *source, ulong flo
  *
  * Every item calls it (active or not) and passes every barrier; the steps
  * are guarded by flags, never skipped by continue or return: PoCL's
- * compiler replicates the code after each barrier-holding branch, and with
- * the early exits this function and psm_bin_collect took psm_row_filter's
- * compilation to minutes. */
+ * compiler replicates the code after each barrier-holding branch, so early
+ * exits multiply the code it compiles (docs/ARCHITECTURE.md, "PoCL"). */
 PSM_LOCAL_FN int psm_radix_collect(int active, __global const uchar *logits, int dtype, long base,
                                    int vocab, int mass_mode, ulong want, float top_p,
                                    float maximum, float scale, int bits, __local ulong *list,
@@ -992,9 +985,7 @@ PSM_LOCAL_FN int psm_bin_collect(int active, __global const uchar *logits, int d
  * list_capacity >= PSM_GAP_BINS / 2 keys (the bin counts live there first),
  * kept small so that several groups fit on a compute unit.
  * Every barrier is unconditional and every step is guarded by flags instead
- * of early returns: PoCL 3.1's compiler replicates the code after each
- * barrier-holding branch, and a kernel shaped like psm_row_filter with this
- * path added did not finish compiling. */
+ * of early returns, for PoCL's compiler (see psm_radix_collect). */
 
 /* Local memory for ranking a list of n keys: the keys, a weight per key and
  * a uint rank order. */

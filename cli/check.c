@@ -9,6 +9,7 @@
 #include "cli_commands.h"
 #include "cli_util.h"
 #include "polysample.h"
+#include "psm_reference.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -692,68 +693,6 @@ static int run_case(check_state *state, int64_t rows, int64_t vocab, int64_t row
 
 /* ---- chi-square against a float64 softmax -------------------------------- */
 
-typedef struct ranked_token {
-    double logit;
-    int64_t index;
-} ranked_token;
-
-static int compare_rank(const void *a, const void *b)
-{
-    const ranked_token *x = a, *y = b;
-    if (x->logit != y->logit)
-        return x->logit > y->logit ? -1 : 1;
-    return (x->index > y->index) - (x->index < y->index);
-}
-
-/* The exact distribution the contract approximates, in float64: softmax at
- * temperature T, then top-k, top-p (shortest prefix in rank order reaching
- * mass p of the candidates) and min-p (probability at least min_p times the
- * top one), renormalised. */
-static int reference_distribution(const float *logits, int64_t vocab, const parameter_set *set,
-                                  double *probability)
-{
-    ranked_token *ranked = malloc((size_t)vocab * sizeof *ranked);
-    double top, candidate_mass = 0.0, running = 0.0, kept_mass = 0.0;
-    int64_t i, candidates = 0, kept;
-    if (!ranked)
-        return -1;
-    for (i = 0; i < vocab; ++i) {
-        probability[i] = 0.0;
-        if (isfinite(logits[i])) {
-            ranked[candidates].logit = logits[i];
-            ranked[candidates].index = i;
-            ++candidates;
-        }
-    }
-    qsort(ranked, (size_t)candidates, sizeof *ranked, compare_rank);
-    top = ranked[0].logit;
-    if (set->top_k > 0 && set->top_k < candidates)
-        candidates = set->top_k;
-    for (i = 0; i < candidates; ++i)
-        candidate_mass += exp((ranked[i].logit - top) / set->temperature);
-    kept = candidates;
-    if (set->top_p < 1.0f) {
-        for (i = 0; i < candidates; ++i) {
-            running += exp((ranked[i].logit - top) / set->temperature);
-            if (running >= (double)set->top_p * candidate_mass) {
-                kept = i + 1;
-                break;
-            }
-        }
-    }
-    for (i = 0; i < kept; ++i) {
-        double weight = exp((ranked[i].logit - top) / set->temperature);
-        if (set->min_p > 0.0f && weight < (double)set->min_p)
-            continue;
-        probability[ranked[i].index] = weight;
-        kept_mass += weight;
-    }
-    for (i = 0; i < vocab; ++i)
-        probability[i] /= kept_mass;
-    free(ranked);
-    return 0;
-}
-
 /* Upper 0.1% point of chi-square with df degrees of freedom, by the
  * Wilson-Hilferty cube approximation (accurate to well under 1% here). */
 static double chi_square_critical(int df)
@@ -774,6 +713,7 @@ static int chi_square_test(psm_context *context, const parameter_set *set, int64
     int32_t *tokens = malloc((size_t)draws * sizeof *tokens);
     psm_tensor tensor, probs_tensor;
     psm_params params;
+    psm_ref_params reference;
     psm_output token_output = {NULL, PSM_MEMORY_HOST}, no_logprobs = {NULL, PSM_MEMORY_HOST};
     psm_status status;
     double statistic = 0.0, pooled_expected = 0.0, pooled_observed = 0.0, distance = 0.0,
@@ -811,7 +751,12 @@ static int chi_square_test(psm_context *context, const parameter_set *set, int64
         failed_call = 1;
         goto done;
     }
-    if (reference_distribution(logits, vocab, set, expected) != 0) {
+    reference.temperature = set->temperature;
+    reference.top_k = set->top_k;
+    reference.top_p = set->top_p;
+    reference.min_p = set->min_p;
+    if (psm_ref_distribution(logits, vocab, &reference, expected) != 1) {
+        cli_error("check", "out of memory for the float64 reference");
         failed_call = 1;
         goto done;
     }

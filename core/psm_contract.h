@@ -40,7 +40,11 @@ typedef ulong psm_u64;
 typedef long psm_i64;
 typedef ushort psm_u16;
 #define PSM_FN static inline
+/* Per-row arrays and other device buffers that helpers read through a
+ * pointer: __global in OpenCL, plain memory elsewhere. */
+#define PSM_GLOBAL __global
 #else
+#define PSM_GLOBAL
 #include <stdint.h>
 typedef uint32_t psm_u32;
 typedef int32_t psm_i32;
@@ -340,6 +344,13 @@ PSM_FN psm_u64 psm_weight_of_gap(float d, int weight_bits)
     return (psm_u64)psm_weight_product(d < 128.0f ? d : 128.0f, weight_bits);
 }
 
+/* fl(fl(reference - x) * s): psm_scaled_gap without its tiny-gap clamp, the
+ * argument psm_weight_of_gap takes (see there why the clamp is not needed). */
+PSM_FN float psm_unclamped_gap(float reference, float x, float scale)
+{
+    return PSM_FMUL(PSM_FSUB(reference, x), scale);
+}
+
 /* floor(mass * 2^-d): moves a tile's mass from its own reference to the
  * row's. mass < 2^63, so mass * q needs 128 bits, kept as two halves. */
 PSM_FN psm_u64 psm_rescale_mass(psm_u64 mass, float d)
@@ -362,11 +373,34 @@ PSM_FN psm_u64 psm_rescale_mass(psm_u64 mass, float d)
 /* The order "most probable first": a larger key is earlier. Higher logit
  * first, then lower token index. Logits must have gone through
  * psm_read_logit (so there is no -0). */
-PSM_FN psm_u64 psm_rank_key(float x, psm_u32 token)
+/* A logit's bits mapped so that unsigned order is the logit's order: the
+ * high half of its rank key. */
+PSM_FN psm_u32 psm_ordered_bits(float x)
 {
     psm_u32 bits = psm_float_bits(x);
-    psm_u32 ordered = (bits >> 31) ? ~bits : (bits | 0x80000000u);
-    return ((psm_u64)ordered << 32) | (psm_u64)(0xffffffffu - token);
+    return (bits >> 31) ? ~bits : (bits | 0x80000000u);
+}
+
+PSM_FN psm_u64 psm_rank_key(float x, psm_u32 token)
+{
+    return ((psm_u64)psm_ordered_bits(x) << 32) | (psm_u64)(0xffffffffu - token);
+}
+
+/* The inverses: the logit of ordered bits (a rank key's high half), and the
+ * logit and token a rank key was made from. */
+PSM_FN float psm_ordered_logit(psm_u32 ordered)
+{
+    return psm_bits_float((ordered >> 31) ? (ordered & 0x7fffffffu) : ~ordered);
+}
+
+PSM_FN float psm_rank_key_logit(psm_u64 key)
+{
+    return psm_ordered_logit((psm_u32)(key >> 32));
+}
+
+PSM_FN psm_u32 psm_rank_key_token(psm_u64 key)
+{
+    return 0xffffffffu - (psm_u32)key;
 }
 
 /* top-p: keep the shortest prefix (in rank order, at least one token) whose

@@ -6,7 +6,7 @@
  * psm_probs at the drawn token.
  */
 #include "harness.h"
-#include "reference.h"
+#include "psm_reference.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -62,7 +62,7 @@ static void check_batch(psm_context *context, const precision_case *c)
     for (int64_t r = 0; r < rows; ++r) {
         psm_ref_params filter = c->filter;
         filter.temperature = row_temperatures[r];
-        ck_assert(psm_ref_distribution(logits + r * vocab, vocab, &filter, expected));
+        ck_assert_int_eq(psm_ref_distribution(logits + r * vocab, vocab, &filter, expected), 1);
         const float *got = probs + r * vocab;
         double distance = 0.0, sum = 0.0;
         for (int64_t i = 0; i < vocab; ++i) {

@@ -38,6 +38,7 @@
 #include "cpu_weight.h"
 #include "error.h"
 #include "psm_contract.h"
+#include "psm_row.h"
 
 #include <math.h>
 #include <omp.h>
@@ -274,8 +275,7 @@ static uint64_t tile_key_bound(const cpu_row *row, const cpu_scratch *owner, int
  * in 32-bit lanes. x must be valid (finite, read by psm_read_logit). */
 static inline int key_at_least(float x, uint32_t token, uint64_t cutoff)
 {
-    uint32_t bits = psm_float_bits(x);
-    uint32_t ordered = (bits >> 31) ? ~bits : (bits | 0x80000000u);
+    uint32_t ordered = psm_ordered_bits(x);
     uint32_t high = (uint32_t)(cutoff >> 32), low = (uint32_t)cutoff;
     return ordered > high || (ordered == high && 0xffffffffu - token >= low);
 }
@@ -624,14 +624,6 @@ static void top_k_heap(const cpu_row *row, cpu_scratch *owner, int64_t k)
     qsort(heap, (size_t)size, sizeof *heap, compare_keys_descending);
 }
 
-/* Inverse of psm_rank_key's logit half. */
-static float key_logit(uint64_t key)
-{
-    uint32_t ordered = (uint32_t)(key >> 32);
-    uint32_t bits = (ordered & 0x80000000u) ? (ordered & 0x7fffffffu) : ~ordered;
-    return psm_bits_float(bits);
-}
-
 /* Highest digit whose bucket holds the token at which the running measure
  * (from *above, in rank order) reaches target; *above gains the measure of
  * the buckets above it. */
@@ -767,11 +759,11 @@ static int apply_filters(const cpu_state *state, cpu_row *row, cpu_scratch *owne
         if (heap_candidates) {
             uint64_t mass = 0;
             for (int32_t i = 0; i < top_k; ++i)
-                mass += global_weight(row, key_logit(owner->heap[i]));
+                mass += global_weight(row, psm_rank_key_logit(owner->heap[i]));
             uint64_t target = psm_top_p_target(mass, top_p);
             uint64_t running = 0;
             for (int32_t i = 0; i < top_k; ++i) {
-                running += global_weight(row, key_logit(owner->heap[i]));
+                running += global_weight(row, psm_rank_key_logit(owner->heap[i]));
                 if (running >= target) {
                     cutoff = owner->heap[i];
                     break;
@@ -801,10 +793,10 @@ static void kept_masses_from_heap(const cpu_row *row, cpu_scratch *owner, int64_
         owner->tile_max[tile] = -INFINITY;
     }
     for (int64_t i = 0; i < count && owner->heap[i] >= row->key_cutoff; ++i) {
-        float x = key_logit(owner->heap[i]);
+        float x = psm_rank_key_logit(owner->heap[i]);
         if (row->min_weight != 0 && global_weight(row, x) < row->min_weight)
             continue;
-        int64_t tile = (int64_t)(0xffffffffu - (uint32_t)owner->heap[i]) / PSM_TILE;
+        int64_t tile = (int64_t)psm_rank_key_token(owner->heap[i]) / PSM_TILE;
         if (owner->tile_max[tile] == -INFINITY)
             owner->tile_max[tile] = x;
         owner->tile_sum[tile] += psm_weight(psm_scaled_gap(owner->tile_max[tile], x, row->scale),
@@ -814,28 +806,20 @@ static void kept_masses_from_heap(const cpu_row *row, cpu_scratch *owner, int64_
 
 /* ---- rows ------------------------------------------------------------------ */
 
-typedef struct cpu_row_params {
-    float temperature;
-    int32_t top_k;
-    float top_p;
-    float min_p;
-    uint64_t seed;
-    uint32_t stream;
-    int valid;
-} cpu_row_params;
-
-static cpu_row_params resolve_params(const psm_params *params, int64_t r)
+/* Row r's parameters (psm_resolve_row over the caller's host arrays). */
+static psm_row_params resolve_params(const psm_params *params, int64_t r)
 {
-    cpu_row_params out;
-    out.temperature = params->temperature_per_row ? params->temperature_per_row[r]
-                                                   : params->temperature;
-    out.top_k = params->top_k_per_row ? params->top_k_per_row[r] : params->top_k;
-    out.top_p = params->top_p_per_row ? params->top_p_per_row[r] : params->top_p;
-    out.min_p = params->min_p_per_row ? params->min_p_per_row[r] : params->min_p;
-    out.seed = params->seed_per_row ? params->seed_per_row[r] : params->seed;
-    out.stream = params->seed_per_row ? 0u : (uint32_t)r;
-    out.valid = psm_row_params_valid(out.temperature, out.top_k, out.top_p, out.min_p);
-    return out;
+    psm_row_scalars scalars = {params->seed, params->temperature, params->top_k, params->top_p,
+                               params->min_p};
+    psm_row_arrays arrays = {params->temperature_per_row, params->top_k_per_row,
+                             params->top_p_per_row, params->min_p_per_row,
+                             params->seed_per_row};
+    uint32_t per_row = (params->temperature_per_row ? PSM_PER_ROW_TEMPERATURE : 0u) |
+                       (params->top_k_per_row ? PSM_PER_ROW_TOP_K : 0u) |
+                       (params->top_p_per_row ? PSM_PER_ROW_TOP_P : 0u) |
+                       (params->min_p_per_row ? PSM_PER_ROW_MIN_P : 0u) |
+                       (params->seed_per_row ? PSM_PER_ROW_SEED : 0u);
+    return psm_resolve_row(r, per_row, scalars, arrays);
 }
 
 static void init_row(cpu_row *row, const psm_tensor *logits, int64_t r)
@@ -858,7 +842,7 @@ static void init_row(cpu_row *row, const psm_tensor *logits, int64_t r)
 static int row_check_fails(const cpu_state *state, const psm_request *request, int64_t r,
                            cpu_scratch *owner, int parallel)
 {
-    cpu_row_params params = resolve_params(&request->params, r);
+    psm_row_params params = resolve_params(&request->params, r);
     if (!params.valid)
         return 1;
     cpu_row row;
@@ -923,21 +907,6 @@ static void write_greedy_row(const psm_request *request, int64_t r, int64_t toke
     }
 }
 
-/* The first index whose running sum exceeds a (the tile of a draw, or the
- * token within a tile). */
-static int64_t first_above(const uint64_t *running, int64_t count, uint64_t a)
-{
-    int64_t low = 0, high = count - 1;
-    while (low < high) {
-        int64_t middle = low + (high - low) / 2;
-        if (running[middle] > a)
-            high = middle;
-        else
-            low = middle + 1;
-    }
-    return low;
-}
-
 /* The running weight sums of a tile (w_0, w_0 + w_1, ...), from the row
  * owner's cache or computed into it. */
 static const uint64_t *tile_running_sums(const cpu_row *row, cpu_scratch *owner, int64_t tile)
@@ -957,7 +926,7 @@ static const uint64_t *tile_running_sums(const cpu_row *row, cpu_scratch *owner,
 }
 
 static void draw_row(const psm_request *request, const cpu_row *row, cpu_scratch *owner, int64_t r,
-                     const cpu_row_params *params, uint64_t total)
+                     const psm_row_params *params, uint64_t total)
 {
     int64_t samples = request->params.num_samples;
     int32_t *tokens = (int32_t *)request->tokens.data + r * samples;
@@ -967,13 +936,14 @@ static void draw_row(const psm_request *request, const cpu_row *row, cpu_scratch
     for (int64_t j = 0; j < samples; ++j) {
         psm_draw_bits bits =
             psm_sample_bits(params->seed, request->params.offset, params->stream, (uint32_t)j);
-        int64_t tile = first_above(owner->tile_prefix, row->tiles, psm_pick(bits.tile, total));
+        int64_t tile =
+            psm_first_above(owner->tile_prefix, (int32_t)row->tiles, psm_pick(bits.tile, total));
         uint64_t mass = owner->tile_prefix[tile] - (tile > 0 ? owner->tile_prefix[tile - 1] : 0);
         const uint64_t *running = tile_running_sums(row, owner, tile);
         int64_t n = tile_length(row, tile);
         uint64_t tile_sum = running[n - 1];
         /* The token is the first whose running sum exceeds b. */
-        int64_t chosen = first_above(running, n, psm_pick(bits.token, tile_sum));
+        int64_t chosen = psm_first_above(running, (int32_t)n, psm_pick(bits.token, tile_sum));
         uint64_t weight = running[chosen] - (chosen > 0 ? running[chosen - 1] : 0);
         tokens[j] = (int32_t)(tile * PSM_TILE + chosen);
         if (logprobs)
@@ -986,7 +956,7 @@ static void draw_row(const psm_request *request, const cpu_row *row, cpu_scratch
 static void process_row(const cpu_state *state, const psm_request *request, int64_t r,
                         cpu_scratch *owner, int parallel, int want_probs)
 {
-    cpu_row_params params = resolve_params(&request->params, r);
+    psm_row_params params = resolve_params(&request->params, r);
     if (!params.valid) {
         write_bad_row(request, r, want_probs);
         return;
@@ -1173,7 +1143,7 @@ static psm_status check_rows(const cpu_state *state, psm_request *request)
     if (first_bad == rows)
         return PSM_OK;
     request->first_bad_row = first_bad;
-    cpu_row_params params = resolve_params(&request->params, first_bad);
+    psm_row_params params = resolve_params(&request->params, first_bad);
     return psm_set_error(PSM_ERR_BAD_ROW,
                          params.valid ? "row %lld has a NaN or +inf logit, or no finite logit"
                                       : "row %lld has a sampling parameter out of range",

@@ -37,7 +37,7 @@
 
 static inline float psm_cpu_scaled_gap(float reference, float x, float scale)
 {
-    float gap = PSM_FMUL(PSM_FSUB(reference, x), scale);
+    float gap = psm_unclamped_gap(reference, x, scale);
     /* All ones when the gap is kept, zero when it is read as +0. */
     psm_u32 keep = (psm_u32)0 - (psm_u32)!(gap < PSM_TINY_GAP);
     return psm_bits_float(psm_float_bits(gap) & keep);

@@ -313,18 +313,23 @@ psm_status stage_inputs(psm_gpu_state *state, const psm_request *request, psm_gp
     call->rows = logits->rows;
     call->vocab = logits->vocab;
     call->row_stride = logits->row_stride;
-    call->temperature = params->temperature;
-    call->top_k = params->top_k;
-    call->top_p = params->top_p;
-    call->min_p = params->min_p;
-    call->seed = params->seed;
+    call->scalars.seed = params->seed;
+    call->scalars.temperature = params->temperature;
+    call->scalars.top_k = params->top_k;
+    call->scalars.top_p = params->top_p;
+    call->scalars.min_p = params->min_p;
+    call->per_row = (params->temperature_per_row ? PSM_PER_ROW_TEMPERATURE : 0u) |
+                    (params->top_k_per_row ? PSM_PER_ROW_TOP_K : 0u) |
+                    (params->top_p_per_row ? PSM_PER_ROW_TOP_P : 0u) |
+                    (params->min_p_per_row ? PSM_PER_ROW_MIN_P : 0u) |
+                    (params->seed_per_row ? PSM_PER_ROW_SEED : 0u);
+    call->per_row_arrays.temperature = params->temperature_per_row;
+    call->per_row_arrays.top_k = params->top_k_per_row;
+    call->per_row_arrays.top_p = params->top_p_per_row;
+    call->per_row_arrays.min_p = params->min_p_per_row;
+    call->per_row_arrays.seed = params->seed_per_row;
     call->offset = params->offset;
     call->num_samples = params->num_samples;
-    call->temperature_per_row = params->temperature_per_row;
-    call->top_k_per_row = params->top_k_per_row;
-    call->top_p_per_row = params->top_p_per_row;
-    call->min_p_per_row = params->min_p_per_row;
-    call->seed_per_row = params->seed_per_row;
     call->weight_bits = psm_weight_bits(logits->vocab);
 
     if (logits->memory == PSM_MEMORY_HOST) {
@@ -351,11 +356,11 @@ psm_status stage_inputs(psm_gpu_state *state, const psm_request *request, psm_gp
                 size_t element;
                 const void **device;
             } arrays[5] = {
-                {params->seed_per_row, sizeof(psm_u64), (const void **)&call->seed_per_row},
-                {params->temperature_per_row, sizeof(float), (const void **)&call->temperature_per_row},
-                {params->top_k_per_row, sizeof(psm_i32), (const void **)&call->top_k_per_row},
-                {params->top_p_per_row, sizeof(float), (const void **)&call->top_p_per_row},
-                {params->min_p_per_row, sizeof(float), (const void **)&call->min_p_per_row},
+                {params->seed_per_row, sizeof(psm_u64), (const void **)&call->per_row_arrays.seed},
+                {params->temperature_per_row, sizeof(float), (const void **)&call->per_row_arrays.temperature},
+                {params->top_k_per_row, sizeof(psm_i32), (const void **)&call->per_row_arrays.top_k},
+                {params->top_p_per_row, sizeof(float), (const void **)&call->per_row_arrays.top_p},
+                {params->min_p_per_row, sizeof(float), (const void **)&call->per_row_arrays.min_p},
             };
             for (int a = 0; a < 5; ++a) {
                 if (!arrays[a].host)

@@ -31,6 +31,7 @@
 #include "psm_gpu.h"
 #include "psm_gpu_warp.h"
 #include "psm_contract.h"
+#include "psm_row.h"
 #include "polysample.h"
 
 namespace PSM_GPU_NAMESPACE {
@@ -42,8 +43,7 @@ namespace PSM_GPU_NAMESPACE {
  * and plain rows (whose work is per tile and per sample). A filtered row's
  * work is mostly a chain of short steps, each waiting for the one before
  * (latency, not throughput), so more rows at once beat more threads a row:
- * six blocks of 128 per multiprocessor (the same 85 registers a thread as
- * three of 256). */
+ * six blocks of 128 per multiprocessor, as many threads as three of 256. */
 #define PSM_GPU_ROW_THREADS 128
 #define PSM_GPU_ROW_BLOCKS_PER_SM 6
 #define PSM_GPU_ROW_THREADS_PLAIN 128
@@ -60,10 +60,8 @@ static_assert(PSM_GPU_ROW_THREADS <= 32 * 32,
 #define PSM_GPU_TILE_BAD_FLAG 0x80000000u
 #define PSM_GPU_TILE_COUNT_MASK 0x7fffffffu
 
-/* Filtered rows' cutoff search (psm_gpu_select_cutoff): gap bins of 1/16 of
- * a log2 unit, and the most tokens its candidate list holds. */
-#define PSM_GPU_GAP_BINS 1024
-#define PSM_GPU_GAP_BIN_SCALE 16.0f
+/* Filtered rows' cutoff search (psm_gpu_select_cutoff, over the gap bins of
+ * core/psm_row.h): the most tokens its candidate list holds. */
 #define PSM_GPU_LIST_CAPACITY 1024
 
 /* Split rows. When a call has fewer rows than multiprocessors and may
@@ -76,9 +74,9 @@ static_assert(PSM_GPU_ROW_THREADS <= 32 * 32,
  * are taken by every block alike from the pooled data, and block 0 of the
  * row alone writes the outputs. */
 struct psm_gpu_split_pool {
-    unsigned long long bin_mass[PSM_GPU_GAP_BINS];
-    psm_u32 bin_count[PSM_GPU_GAP_BINS];      /* the row's tokens */
-    psm_u32 lane_bin_count[PSM_GPU_GAP_BINS]; /* top-k: launch 1's lane maxima */
+    unsigned long long bin_mass[PSM_GAP_BINS];
+    psm_u32 bin_count[PSM_GAP_BINS];      /* the row's tokens */
+    psm_u32 lane_bin_count[PSM_GAP_BINS]; /* top-k: launch 1's lane maxima */
     psm_u32 arrivals;     /* blocks that reached a row barrier, over all barriers */
     psm_u32 list_size[2]; /* candidates found, per gathering round */
     psm_u32 unused;       /* keeps the pool a whole number of 8-byte words */
@@ -98,18 +96,11 @@ struct psm_gpu_call {
     int logits_aligned; /* base and row stride allow 16-byte loads */
     int weight_bits;
 
-    float temperature;
-    psm_i32 top_k;
-    float top_p;
-    float min_p;
-    psm_u64 seed;
+    psm_row_scalars scalars;
+    psm_u32 per_row;               /* PSM_PER_ROW_* bits: the arrays that replace scalars */
+    psm_row_arrays per_row_arrays; /* device pointers */
     psm_u64 offset;
     psm_i32 num_samples;
-    const float *temperature_per_row;
-    const psm_i32 *top_k_per_row;
-    const float *top_p_per_row;
-    const float *min_p_per_row;
-    const psm_u64 *seed_per_row;
 
     /* workspace: one entry per tile of every row */
     psm_i64 tiles_per_row;
@@ -216,46 +207,10 @@ struct psm_gpu_global_row {
     }
 };
 
-/* The logit a rank key was made from (inverse of psm_rank_key's high half). */
-PSM_GPU_DEVICE float psm_gpu_key_logit(psm_u64 key)
+/* A row's parameters (core/psm_row.h). */
+PSM_GPU_DEVICE psm_row_params psm_gpu_row_params(const psm_gpu_call &call, psm_i64 row)
 {
-    psm_u32 ordered = (psm_u32)(key >> 32);
-    psm_u32 bits = (ordered & 0x80000000u) ? (ordered & 0x7fffffffu) : ~ordered;
-    return psm_bits_float(bits);
-}
-PSM_GPU_DEVICE psm_i32 psm_gpu_key_token(psm_u64 key)
-{
-    return (psm_i32)(0xffffffffu - (psm_u32)key);
-}
-
-/* ---- per-row parameters ------------------------------------------------- */
-
-struct psm_gpu_row_params {
-    float temperature;
-    psm_i32 top_k;
-    float top_p;
-    float min_p;
-    psm_u64 seed;
-    psm_u32 stream;
-    int valid;
-};
-
-PSM_GPU_DEVICE psm_gpu_row_params psm_gpu_resolve_row(const psm_gpu_call &call, psm_i64 row)
-{
-    psm_gpu_row_params p;
-    p.temperature = call.temperature_per_row ? call.temperature_per_row[row] : call.temperature;
-    p.top_k = call.top_k_per_row ? call.top_k_per_row[row] : call.top_k;
-    p.top_p = call.top_p_per_row ? call.top_p_per_row[row] : call.top_p;
-    p.min_p = call.min_p_per_row ? call.min_p_per_row[row] : call.min_p;
-    if (call.seed_per_row) {
-        p.seed = call.seed_per_row[row];
-        p.stream = 0;
-    } else {
-        p.seed = call.seed;
-        p.stream = (psm_u32)row;
-    }
-    p.valid = psm_row_params_valid(p.temperature, p.top_k, p.top_p, p.min_p);
-    return p;
+    return psm_resolve_row(row, call.per_row, call.scalars, call.per_row_arrays);
 }
 
 /* ---- block-level helpers (row kernel) ------------------------------------ */
@@ -412,13 +367,6 @@ PSM_GPU_DEVICE int psm_gpu_may_filter(psm_i32 top_k, float top_p, float min_p, p
     return (top_k > 0 && top_k < vocab) || top_p < 1.0f || min_p > 0.0f;
 }
 
-/* The scaled gap without the contract's tiny-gap clamp, which
- * psm_weight_of_gap does not need (core/psm_contract.h says why). */
-PSM_GPU_DEVICE float psm_gpu_gap(float reference, float x, float scale)
-{
-    return PSM_FMUL(PSM_FSUB(reference, x), scale);
-}
-
 /* One warp reduces one tile from registers: the tile max m_t (as a rank key;
  * its token part is the lowest index of the maximum only where the row kernel
  * needs it: greedy and filtered rows), the count of valid logits (exact for
@@ -448,11 +396,13 @@ PSM_GPU_DEVICE void psm_gpu_tile_body(const psm_gpu_call &call)
         float x[(PSM_TILE / WarpSize)];
         psm_gpu_load_tile<WarpSize, Dtype>(call, row_base, tile_start, lane, x);
 
-        const float temperature =
-            call.temperature_per_row ? call.temperature_per_row[row] : call.temperature;
-        const psm_i32 top_k = call.top_k_per_row ? call.top_k_per_row[row] : call.top_k;
-        const float top_p = call.top_p_per_row ? call.top_p_per_row[row] : call.top_p;
-        const float min_p = call.min_p_per_row ? call.min_p_per_row[row] : call.min_p;
+        /* The seed and the validity test of the row's parameters are not
+         * used here, so they compile away. */
+        const psm_row_params params = psm_gpu_row_params(call, row);
+        const float temperature = params.temperature;
+        const psm_i32 top_k = params.top_k;
+        const float top_p = params.top_p;
+        const float min_p = params.min_p;
         const int greedy = psm_is_greedy(temperature);
         const int may_filter = psm_gpu_may_filter(top_k, top_p, min_p, call.vocab);
 
@@ -501,7 +451,7 @@ PSM_GPU_DEVICE void psm_gpu_tile_body(const psm_gpu_call &call)
             const float scale = psm_inverse_temperature_scale(temperature);
 #pragma unroll
             for (int slot = 0; slot < (PSM_TILE / WarpSize); ++slot)
-                mass += psm_weight_of_gap(psm_gpu_gap(tile_max, x[slot], scale), call.weight_bits);
+                mass += psm_weight_of_gap(psm_unclamped_gap(tile_max, x[slot], scale), call.weight_bits);
             mass = psm_warp_sum<WarpSize>(mass, lanes);
         }
         if (top_k > 0 && may_filter) {
@@ -548,7 +498,7 @@ PSM_GPU_DEVICE void psm_gpu_check_body(const psm_gpu_call &call)
         bad = psm_warp_any<WarpSize>(bad, lanes);
         valid_count = psm_warp_sum<WarpSize>(valid_count, lanes);
         if (lane == 0) {
-            psm_gpu_row_params p = psm_gpu_resolve_row(call, row);
+            psm_row_params p = psm_gpu_row_params(call, row);
             if (bad || valid_count == 0 || !p.valid)
                 psm_gpu_atomic_min_u64(call.first_bad_row, (unsigned long long)row);
         }
@@ -589,7 +539,7 @@ PSM_GPU_DEVICE int psm_gpu_is_kept(const psm_gpu_row_state &state, int weight_bi
     if (state.cutoff != 0 && psm_rank_key(x, (psm_u32)token) < state.cutoff)
         return 0;
     if (state.min_weight != 0) {
-        const float gap = psm_gpu_gap(state.row_max, x, state.scale);
+        const float gap = psm_unclamped_gap(state.row_max, x, state.scale);
         if (!(gap < state.drop_gap) || psm_weight_of_gap(gap, weight_bits) < state.min_weight)
             return 0;
     }
@@ -671,7 +621,7 @@ PSM_GPU_DEVICE psm_u64 psm_gpu_radix_select(const Row &source, const psm_gpu_cal
             if (by_mass)
                 psm_gpu_atomic_add_u64(
                     &scratch.bucket_mass[bucket],
-                    psm_weight_of_gap(psm_gpu_gap(state.row_max, x, state.scale), call.weight_bits));
+                    psm_weight_of_gap(psm_unclamped_gap(state.row_max, x, state.scale), call.weight_bits));
         }
         psm_gpu_block_barrier();
 
@@ -811,8 +761,8 @@ PSM_GPU_DEVICE void psm_gpu_row_barrier(psm_gpu_row_split &split)
  * top-k, with every token of the bins before it) are gathered by a second
  * pass into a list that is ranked by counting and walked exactly. */
 struct psm_gpu_select_scratch {
-    psm_u32 bin_count[PSM_GPU_GAP_BINS];
-    unsigned long long bin_mass[PSM_GPU_GAP_BINS];
+    psm_u32 bin_count[PSM_GAP_BINS];
+    unsigned long long bin_mass[PSM_GAP_BINS];
     psm_u64 list_key[PSM_GPU_LIST_CAPACITY];
     psm_u64 list_weight[PSM_GPU_LIST_CAPACITY]; /* g_i of each listed token */
     psm_u16 order[PSM_GPU_LIST_CAPACITY];       /* order[rank] = list index */
@@ -842,11 +792,6 @@ struct psm_gpu_bin_totals {
     }
     PSM_GPU_DEVICE bool eligible(int position) const { return amount(position) > 0; }
 };
-
-PSM_GPU_DEVICE int psm_gpu_gap_bin(float gap)
-{
-    return gap < 64.0f ? (int)PSM_FMUL(gap, PSM_GPU_GAP_BIN_SCALE) : PSM_GPU_GAP_BINS - 1;
-}
 
 /* First rank r < limit at which carry + the running sum of list_weight in
  * rank order reaches target (limit - 1 if none). Called by one whole warp. */
@@ -893,14 +838,14 @@ PSM_GPU_DEVICE void psm_gpu_pool_bins(psm_gpu_row_split &split, psm_gpu_select_s
                                       psm_u32 *pool_count, unsigned long long *pool_mass)
 {
     psm_gpu_block_barrier();
-    for (int b = threadIdx.x; b < PSM_GPU_GAP_BINS; b += blockDim.x) {
+    for (int b = threadIdx.x; b < PSM_GAP_BINS; b += blockDim.x) {
         if (select.bin_count[b] != 0)
             psm_gpu_atomic_add_u32(&pool_count[b], select.bin_count[b]);
         if (pool_mass && select.bin_mass[b] != 0)
             psm_gpu_atomic_add_u64(&pool_mass[b], select.bin_mass[b]);
     }
     psm_gpu_row_barrier(split);
-    for (int b = threadIdx.x; b < PSM_GPU_GAP_BINS; b += blockDim.x) {
+    for (int b = threadIdx.x; b < PSM_GAP_BINS; b += blockDim.x) {
         select.bin_count[b] = psm_gpu_read_pooled(&pool_count[b]);
         if (pool_mass)
             select.bin_mass[b] = psm_gpu_read_pooled(&pool_mass[b]);
@@ -949,8 +894,8 @@ PSM_GPU_DEVICE void psm_gpu_for_each_lane_max(const psm_gpu_call &call,
     for (psm_i64 j = slice.begin / PSM_TILE * WarpSize + threadIdx.x; j < end; j += blockDim.x) {
         const psm_u32 high = lane_max[j];
         if (high != 0)
-            visit(j, psm_gpu_gap_bin(psm_gpu_gap(
-                         state.row_max, psm_gpu_key_logit((psm_u64)high << 32), state.scale)));
+            visit(j, psm_gap_bin(psm_unclamped_gap(
+                         state.row_max, psm_ordered_logit(high), state.scale)));
     }
 }
 
@@ -996,7 +941,7 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
      * counts the row itself only when that list would not fit. */
     for (int from_lanes = top_k_on; from_lanes >= 0; --from_lanes) {
         const int round = from_lanes ? 0 : 1; /* of the pooled list, split rows */
-        for (int b = threadIdx.x; b < PSM_GPU_GAP_BINS; b += blockDim.x) {
+        for (int b = threadIdx.x; b < PSM_GAP_BINS; b += blockDim.x) {
             select.bin_count[b] = 0;
             select.bin_mass[b] = 0;
         }
@@ -1014,8 +959,8 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
             psm_gpu_for_each_logit<Dtype>(call, row_base, split.slice, [&](psm_i64, float x) {
                 if (psm_logit_class(x) != PSM_LOGIT_VALID)
                     return;
-                const float gap = psm_gpu_gap(state.row_max, x, state.scale);
-                const int bin = psm_gpu_gap_bin(gap);
+                const float gap = psm_unclamped_gap(state.row_max, x, state.scale);
+                const int bin = psm_gap_bin(gap);
                 /* By mass the bins are told apart by their masses alone (a
                  * bin without mass cannot be where the running mass first
                  * reaches the target), and the list's size is checked as it
@@ -1038,7 +983,7 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
             const psm_gpu_bin_totals totals = {&select, by_mass};
             const psm_gpu_top_p_need top_p_need = {top_p};
             const psm_warp_search<psm_u64> hit =
-                psm_warp_search_running<WarpSize, PSM_GPU_GAP_BINS / WarpSize>(
+                psm_warp_search_running<WarpSize, PSM_GAP_BINS / WarpSize>(
                     totals, top_k, by_mass != 0, top_p_need, lane, lanes);
             if (lane == (hit.winner < 0 ? 0 : hit.winner)) {
                 const int found = hit.position;
@@ -1062,9 +1007,9 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
         psm_gpu_block_barrier();
         const int status = select.status;
         const int first_bin = select.first_bin, last_bin = select.last_bin;
-        /* Every thread has read these before list_size changes again (the
-         * compiler reads list_size, first_bin, last_bin and status in one
-         * 16-byte load; racecheck saw that load meet list_size's reset). */
+        /* Every thread has read these before list_size changes again: the
+         * compiler may read list_size, first_bin, last_bin and status in one
+         * 16-byte load, which would otherwise race with list_size's reset. */
         psm_gpu_block_barrier();
         if (status != PSM_GPU_SELECT_LIST) {
             if (from_lanes)
@@ -1075,7 +1020,7 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
         const auto gather = [&](psm_i64 i, float x) {
             if (psm_logit_class(x) != PSM_LOGIT_VALID)
                 return;
-            const int bin = psm_gpu_gap_bin(psm_gpu_gap(state.row_max, x, state.scale));
+            const int bin = psm_gap_bin(psm_unclamped_gap(state.row_max, x, state.scale));
             if (bin < first_bin || bin > last_bin)
                 return;
             const psm_u32 slot = psm_gpu_atomic_add_u32(&select.list_size, 1u);
@@ -1109,7 +1054,7 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
             rank += select.list_key[m] > key ? 1u : 0u;
         select.order[rank] = (psm_u16)j;
         select.list_weight[j] = psm_weight_of_gap(
-            psm_gpu_gap(state.row_max, psm_gpu_key_logit(key), state.scale), call.weight_bits);
+            psm_unclamped_gap(state.row_max, psm_rank_key_logit(key), state.scale), call.weight_bits);
     }
     psm_gpu_block_barrier();
 
@@ -1156,12 +1101,12 @@ PSM_GPU_DEVICE void psm_gpu_list_masses(const psm_gpu_call &call, const psm_gpu_
             if (state.min_weight != 0 && select.list_weight[j] < state.min_weight)
                 continue;
             const psm_u64 key = select.list_key[j];
-            const psm_i64 tile = psm_gpu_key_token(key) / PSM_TILE;
+            const psm_i64 tile = (psm_i32)psm_rank_key_token(key) / PSM_TILE;
             if (pass == 0) {
                 psm_gpu_atomic_max_u64((unsigned long long *)&tile_key[tile], key);
             } else {
-                const float gap = psm_gpu_gap(psm_gpu_key_logit(tile_key[tile]),
-                                              psm_gpu_key_logit(key), state.scale);
+                const float gap = psm_unclamped_gap(psm_rank_key_logit(tile_key[tile]),
+                                              psm_rank_key_logit(key), state.scale);
                 psm_gpu_atomic_add_u64((unsigned long long *)&tile_mass[tile],
                                        psm_weight_of_gap(gap, call.weight_bits));
             }
@@ -1189,7 +1134,7 @@ PSM_GPU_DEVICE void psm_gpu_scan_masses(const unsigned char *row_base, const psm
         const psm_u64 tile_best = tile_key[tile]; /* launch 1: the unfiltered tile maximum */
         int skip = tile_best == 0 || tile_best < state.cutoff;
         if (!skip && state.min_weight != 0)
-            skip = !(psm_gpu_gap(state.row_max, psm_gpu_key_logit(tile_best), state.scale) <
+            skip = !(psm_unclamped_gap(state.row_max, psm_rank_key_logit(tile_best), state.scale) <
                      state.drop_gap);
         psm_u64 best_key = 0, mass = 0;
         if (!skip) {
@@ -1213,7 +1158,7 @@ PSM_GPU_DEVICE void psm_gpu_scan_masses(const unsigned char *row_base, const psm
 #pragma unroll
                 for (int slot = 0; slot < (PSM_TILE / WarpSize); ++slot)
                     if (x[slot] != -INFINITY)
-                        mass += psm_weight_of_gap(psm_gpu_gap(kept_max, x[slot], state.scale),
+                        mass += psm_weight_of_gap(psm_unclamped_gap(kept_max, x[slot], state.scale),
                                                   call.weight_bits);
                 mass = psm_warp_sum<WarpSize>(mass, lanes);
                 /* Only the logit and non-zero-ness of this key are read later. */
@@ -1238,7 +1183,7 @@ struct psm_gpu_prefix_reader {
  * then the draws or the probabilities. */
 template <int WarpSize, class Row>
 PSM_GPU_DEVICE void psm_gpu_finish_row(const Row &source, const psm_gpu_call &call,
-                                       const psm_gpu_row_state &state, const psm_gpu_row_params &p,
+                                       const psm_gpu_row_state &state, const psm_row_params &p,
                                        int probs_mode, psm_gpu_row_scratch<WarpSize> &scratch)
 {
     const psm_gpu_hardware_lanes<WarpSize> lanes;
@@ -1256,7 +1201,7 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const Row &source, const psm_gpu_call &ca
         if (tile < tiles && tile_key[tile] != 0)
             rescaled = psm_rescale_mass(
                 tile_mass[tile],
-                psm_scaled_gap(state.row_max, psm_gpu_key_logit(tile_key[tile]), state.scale));
+                psm_scaled_gap(state.row_max, psm_rank_key_logit(tile_key[tile]), state.scale));
         psm_u64 chunk_total;
         psm_u64 inclusive = psm_gpu_block_inclusive_scan_u64(rescaled, &chunk_total, scratch);
         if (tile < tiles)
@@ -1272,7 +1217,7 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const Row &source, const psm_gpu_call &ca
             const psm_u64 key = tile_key[tile];
             const psm_u64 tile_total = tile_mass[tile];
             const psm_u64 rescaled = tile_prefix[tile] - (tile > 0 ? tile_prefix[tile - 1] : 0);
-            const float tile_max = psm_gpu_key_logit(key);
+            const float tile_max = psm_rank_key_logit(key);
             const double tile_share = (double)rescaled / (double)total;
             for (int r = 0; r < (PSM_TILE / WarpSize); ++r) {
                 const psm_i64 i = tile * PSM_TILE + r * WarpSize + lane;
@@ -1281,7 +1226,7 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const Row &source, const psm_gpu_call &ca
                 float probability = 0.0f;
                 const float x = source.value(i);
                 if (key != 0 && tile_total != 0 && psm_gpu_is_kept(state, call.weight_bits, x, i)) {
-                    psm_u64 w = psm_weight_of_gap(psm_gpu_gap(tile_max, x, state.scale), call.weight_bits);
+                    psm_u64 w = psm_weight_of_gap(psm_unclamped_gap(tile_max, x, state.scale), call.weight_bits);
                     probability = (float)(((double)w / (double)tile_total) * tile_share);
                 }
                 out[i] = probability;
@@ -1301,7 +1246,7 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const Row &source, const psm_gpu_call &ca
         const psm_i64 tile = psm_warp_upper_bound<WarpSize>(prefixes, tiles, tile_target, lane, lanes);
         const psm_u64 tile_total = tile_mass[tile];
         const psm_u64 rescaled = tile_prefix[tile] - (tile > 0 ? tile_prefix[tile - 1] : 0);
-        const float tile_max = psm_gpu_key_logit(tile_key[tile]);
+        const float tile_max = psm_rank_key_logit(tile_key[tile]);
         const psm_u64 token_target = psm_pick(bits.token, tile_total);
 
         const psm_i64 lane_start = tile * PSM_TILE + (psm_i64)lane * (PSM_TILE / WarpSize);
@@ -1312,7 +1257,7 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const Row &source, const psm_gpu_call &ca
                 break;
             const float x = source.value(i);
             if (psm_gpu_is_kept(state, call.weight_bits, x, i))
-                lane_mass += psm_weight_of_gap(psm_gpu_gap(tile_max, x, state.scale), call.weight_bits);
+                lane_mass += psm_weight_of_gap(psm_unclamped_gap(tile_max, x, state.scale), call.weight_bits);
         }
         const psm_warp_owner<psm_u64> owner =
             psm_warp_find_owner<WarpSize>(lane_mass, token_target, lane, lanes);
@@ -1327,7 +1272,7 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const Row &source, const psm_gpu_call &ca
         if (owner.lane >= 0 && lane < per_lane && i < call.vocab) {
             const float x = source.value(i);
             if (psm_gpu_is_kept(state, call.weight_bits, x, i))
-                w = psm_weight_of_gap(psm_gpu_gap(tile_max, x, state.scale), call.weight_bits);
+                w = psm_weight_of_gap(psm_unclamped_gap(tile_max, x, state.scale), call.weight_bits);
         }
         const psm_u64 owner_begin = lanes.exchange_from(owner.begin, owner.lane < 0 ? 0 : owner.lane);
         const psm_warp_owner<psm_u64> chosen = psm_warp_find_owner<WarpSize>(
@@ -1356,7 +1301,7 @@ PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scrat
     const int part = (int)(blockIdx.x % call.row_parts);
     for (psm_i64 row = blockIdx.x / call.row_parts; row < call.rows;
          row += gridDim.x / call.row_parts) {
-        const psm_gpu_row_params p = psm_gpu_resolve_row(call, row);
+        const psm_row_params p = psm_gpu_row_params(call, row);
         psm_gpu_row_split split = psm_gpu_make_split(call, row, part);
         const psm_i64 tile_base = row * call.tiles_per_row;
 
@@ -1380,14 +1325,14 @@ PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scrat
         }
         if (psm_is_greedy(p.temperature)) {
             if (part == 0)
-                psm_gpu_write_point_row(call, row, ProbsMode, psm_gpu_key_token(best_key));
+                psm_gpu_write_point_row(call, row, ProbsMode, (psm_i32)psm_rank_key_token(best_key));
             continue;
         }
 
         psm_gpu_row_state state;
         state.row = row;
         state.tile_base = tile_base;
-        state.row_max = psm_gpu_key_logit(best_key);
+        state.row_max = psm_rank_key_logit(best_key);
         state.scale = psm_inverse_temperature_scale(p.temperature);
         state.cutoff = 0;
         state.min_weight = 0;

@@ -16,8 +16,12 @@
  * synchronisation (unless check_rows) and, once the shape has been seen or
  * reserved, no allocation.
  *
- * Programs. The kernels (psm_kernels.cl, with core/psm_contract.h prepended)
- * are embedded at build time (embed.cmake). A program is built once per
+ * Programs. The kernels (psm_kernels.cl, after the headers it includes:
+ * core/psm_contract.h, core/psm_row.h, psm_opencl_request.h) are embedded at
+ * build time (embed.cmake) and handed to the compiler as one program's
+ * source strings, headers first. Every kernel takes the call's description,
+ * a psm_opencl_request (psm_opencl_request.h, shared with the kernels), as
+ * its first argument, then its buffers. A program is built once per
  * (cl_context, device, build options, source hash) and shared by every
  * psm_context using that key; contexts this backend creates are shared per
  * device for the same reason. Program binaries are also kept in host memory
@@ -32,30 +36,35 @@
 #include "error.h"
 #include "module.h"
 #include "opencl_embedded.h"
+#include "psm_contract.h"
+#include "psm_row.h"
+#include "psm_opencl_request.h"
 
 #include <CL/cl.h>
 
 #include <limits.h>
+#include <stddef.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-/* Bytes per row of the device-only psm_row_state (the kernels check it fits). */
-#define PSM_ROW_STATE_BYTES 64
-#define PSM_TILE_TOKENS 1024
+/* The kernels read these structs as this file writes them (and check the
+ * same sizes): no padding anywhere (psm_opencl_request.h). */
+_Static_assert(sizeof(psm_row_scalars) == 24 &&
+                   offsetof(psm_opencl_request, dtype) == 48 &&
+                   sizeof(psm_opencl_request) == PSM_OPENCL_REQUEST_BYTES,
+               "psm_opencl_request is laid out with padding");
+_Static_assert(sizeof(psm_row_state) == PSM_ROW_STATE_BYTES,
+               "psm_row_state is laid out with padding");
+_Static_assert(PSM_OPENCL_DTYPE_F32 == PSM_DTYPE_F32 && PSM_OPENCL_DTYPE_F16 == PSM_DTYPE_F16 &&
+                   PSM_OPENCL_DTYPE_BF16 == PSM_DTYPE_BF16,
+               "the kernels' dtype values differ from psm_dtype");
 #define PSM_BUILD_LOG_LIMIT 3000
 /* Keys in psm_row_filter's candidate list on the global path, and in
- * psm_row_top_k's (see run_rows). */
+ * psm_row_top_k's (see plan_filters). */
 #define PSM_LIST_CAP 2048
 #define PSM_TOP_K_LIST 1024
-
-/* Per-row array flags; psm_kernels.cl has the same values. */
-#define PSM_PER_ROW_TEMPERATURE 1u
-#define PSM_PER_ROW_TOP_K 2u
-#define PSM_PER_ROW_TOP_P 4u
-#define PSM_PER_ROW_MIN_P 8u
-#define PSM_PER_ROW_SEED 16u
 
 enum {
     KERNEL_TILE_REDUCE,
@@ -756,8 +765,7 @@ static psm_status build_kernels(opencl_state *state, const program_sources *sour
                                  "polysample needs 16",
                                  group);
         char options[160];
-        snprintf(options, sizeof options, "-cl-std=CL1.2 -DPSM_WG=%zu -DPSM_ROW_STATE_BYTES=%d",
-                 group, PSM_ROW_STATE_BYTES);
+        snprintf(options, sizeof options, "-cl-std=CL1.2 -DPSM_WG=%zu", group);
         PSM_TRY(acquire_program(state->context, state->device, options, sources,
                                 context_options, device_name, &state->program));
         int fits = 1;
@@ -887,7 +895,7 @@ static psm_status opencl_create(const psm_context_options *options, int device_i
 
 static size_t tile_count(int64_t vocab)
 {
-    return (size_t)((vocab + PSM_TILE_TOKENS - 1) / PSM_TILE_TOKENS);
+    return (size_t)((vocab + PSM_TILE - 1) / PSM_TILE);
 }
 
 static psm_status reserve_rows(opencl_state *state, int64_t rows, int64_t vocab)
@@ -954,10 +962,11 @@ typedef struct launch {
     size_t tiles;
     cl_mem logits;
     cl_mem per_row_arrays[5];
-    cl_uint per_row;
     int filters;      /* some row may have an active filter */
     int may_top_k;    /* some row may have top-k */
     int may_search;   /* some row may have top-k or top-p (a cutoff search) */
+    size_t list_bytes; /* psm_row_filter's local row cache or candidate list */
+    psm_opencl_request description; /* every kernel's first argument */
 } launch;
 
 /* Input data as a cl_mem: the caller's, or a staged copy of host memory. */
@@ -976,6 +985,72 @@ static psm_status input_buffer(opencl_state *state, device_buffer *staging, void
            "clEnqueueWriteBuffer");
     *out = staging->mem;
     return PSM_OK;
+}
+
+/* Where the filter kernels keep their candidates. The on-chip path keeps
+ * the row's values in local memory across the radix passes when they fit
+ * next to the row filter's own local use. Otherwise the same local memory
+ * holds a list of candidate rank keys (8 bytes each), capped so that more
+ * row groups fit on a compute unit at once (the local memory a group asks
+ * for limits how many run side by side): PSM_LIST_CAP keys hold the gap-bin
+ * tallies and the tokens of the bin that holds a cutoff; longer lists
+ * narrow by radix levels first. Min-p alone needs neither.
+ * Top-k rows first try the lane maxima (psm_row_top_k, with a list of its
+ * own, small enough for several groups per compute unit: top-k up to a few
+ * hundred), which reads far less than even the on-chip path; the row filter
+ * takes the rows it leaves. */
+static void plan_filters(launch *call)
+{
+    const opencl_state *state = call->state;
+    psm_opencl_request *plan = &call->description;
+    if (!call->filters)
+        return;
+    cl_ulong row_bytes = (cl_ulong)call->vocab * sizeof(cl_float);
+    cl_ulong free_local = state->local_memory > state->row_filter_local
+                              ? state->local_memory - state->row_filter_local
+                              : 0;
+    int use_cache = call->may_search && row_bytes <= free_local;
+    cl_ulong list_bytes =
+        use_cache ? row_bytes : free_local / sizeof(cl_ulong) * sizeof(cl_ulong);
+    if (!use_cache && list_bytes > PSM_LIST_CAP * sizeof(cl_ulong))
+        list_bytes = PSM_LIST_CAP * sizeof(cl_ulong);
+    if (!call->may_search)
+        list_bytes = 0;
+#ifdef PSM_OPENCL_TEST_LIST_BYTES
+    /* Test builds only: force the global path with a small list. */
+    use_cache = 0;
+    list_bytes = PSM_OPENCL_TEST_LIST_BYTES;
+#endif
+    plan->use_row_cache = use_cache;
+    plan->list_capacity = use_cache ? 0 : (psm_i32)(list_bytes / sizeof(cl_ulong));
+    call->list_bytes = list_bytes >= sizeof(cl_ulong) ? (size_t)list_bytes : sizeof(cl_ulong);
+    plan->top_k_list_capacity = PSM_TOP_K_LIST;
+    plan->top_k_ran = call->may_top_k &&
+                      (cl_ulong)PSM_TOP_K_LIST * sizeof(cl_ulong) <= free_local;
+    plan->filters_ran = 1;
+}
+
+/* The rest of the call's description: the request as the kernels read it. */
+static void describe(launch *call)
+{
+    const psm_request *request = call->request;
+    const psm_params *params = &request->params;
+    psm_opencl_request *description = &call->description;
+    description->scalars.seed = params->seed;
+    description->scalars.temperature = params->temperature;
+    description->scalars.top_k = params->top_k;
+    description->scalars.top_p = params->top_p;
+    description->scalars.min_p = params->min_p;
+    description->offset = params->offset;
+    description->row_stride = call->stride;
+    description->probs_stride = request->probs.row_stride;
+    description->dtype = (psm_i32)request->logits.dtype;
+    description->rows = (psm_i32)call->rows;
+    description->vocab = (psm_i32)call->vocab;
+    description->tiles = (psm_i32)call->tiles;
+    description->num_samples = (psm_i32)params->num_samples;
+    description->want_logprobs = request->logprobs.data != NULL;
+    description->check_rows = request->check_rows;
 }
 
 static psm_status prepare(opencl_state *state, const psm_request *request, launch *call)
@@ -1005,56 +1080,38 @@ static psm_status prepare(opencl_state *state, const psm_request *request, launc
     static const size_t sizes[5] = {4, 4, 4, 4, 8};
     static const char *const names[5] = {"temperature_per_row", "top_k_per_row",
                                          "top_p_per_row", "min_p_per_row", "seed_per_row"};
+    static const cl_uint bits[5] = {PSM_PER_ROW_TEMPERATURE, PSM_PER_ROW_TOP_K,
+                                    PSM_PER_ROW_TOP_P, PSM_PER_ROW_MIN_P, PSM_PER_ROW_SEED};
     for (int i = 0; i < 5; ++i) {
         if (!arrays[i])
             continue;
-        call->per_row |= 1u << i;
+        call->description.per_row |= bits[i];
         PSM_TRY(input_buffer(state, &state->per_row[i], (void *)arrays[i],
                              request->logits.memory, (size_t)call->rows * sizes[i], names[i],
                              &call->per_row_arrays[i]));
     }
     int scalar_filter = (params->top_k > 0 && params->top_k < call->vocab) ||
                         params->top_p < 1.0f || params->min_p > 0.0f;
-    int per_row_filter = (call->per_row & (PSM_PER_ROW_TOP_K | PSM_PER_ROW_TOP_P |
-                                           PSM_PER_ROW_MIN_P)) != 0;
-    int all_greedy = !(call->per_row & PSM_PER_ROW_TEMPERATURE) &&
-                     params->temperature < 1e-5f;
+    const cl_uint per_row = call->description.per_row;
+    int per_row_filter = (per_row & (PSM_PER_ROW_TOP_K | PSM_PER_ROW_TOP_P |
+                                     PSM_PER_ROW_MIN_P)) != 0;
+    int all_greedy = !(per_row & PSM_PER_ROW_TEMPERATURE) && psm_is_greedy(params->temperature);
     call->filters = (scalar_filter || per_row_filter) && !all_greedy;
-    call->may_top_k = call->filters && (params->top_k > 0 || (call->per_row & PSM_PER_ROW_TOP_K));
+    call->may_top_k = call->filters && (params->top_k > 0 || (per_row & PSM_PER_ROW_TOP_K));
     call->may_search = call->may_top_k || (call->filters && (params->top_p < 1.0f ||
-                                                            (call->per_row & PSM_PER_ROW_TOP_P)));
+                                                            (per_row & PSM_PER_ROW_TOP_P)));
+    plan_filters(call);
+    describe(call);
     return PSM_OK;
 }
 
-/* The request arguments every kernel starts with (PSM_REQUEST_PARAMS). */
+/* The arguments every kernel starts with (PSM_REQUEST_PARAMS): the call's
+ * description, the logits and the per-row arrays (NULL where absent). */
 static psm_status set_request_args(const launch *call, cl_kernel kernel, cl_uint *next)
 {
-    const psm_params *params = &call->request->params;
-    cl_int dtype = (cl_int)call->request->logits.dtype;
-    cl_int rows = (cl_int)call->rows;
-    cl_int vocab = (cl_int)call->vocab;
-    cl_long stride = (cl_long)call->stride;
-    cl_int tiles = (cl_int)call->tiles;
-    cl_float temperature = params->temperature;
-    cl_int top_k = params->top_k;
-    cl_float top_p = params->top_p, min_p = params->min_p;
-    cl_ulong seed = params->seed, offset = params->offset;
-    cl_uint per_row = call->per_row;
     cl_uint index = 0;
-    cl_int code = CL_SUCCESS;
+    cl_int code = clSetKernelArg(kernel, index++, sizeof call->description, &call->description);
     code |= clSetKernelArg(kernel, index++, sizeof(cl_mem), &call->logits);
-    code |= clSetKernelArg(kernel, index++, sizeof dtype, &dtype);
-    code |= clSetKernelArg(kernel, index++, sizeof rows, &rows);
-    code |= clSetKernelArg(kernel, index++, sizeof vocab, &vocab);
-    code |= clSetKernelArg(kernel, index++, sizeof stride, &stride);
-    code |= clSetKernelArg(kernel, index++, sizeof tiles, &tiles);
-    code |= clSetKernelArg(kernel, index++, sizeof temperature, &temperature);
-    code |= clSetKernelArg(kernel, index++, sizeof top_k, &top_k);
-    code |= clSetKernelArg(kernel, index++, sizeof top_p, &top_p);
-    code |= clSetKernelArg(kernel, index++, sizeof min_p, &min_p);
-    code |= clSetKernelArg(kernel, index++, sizeof seed, &seed);
-    code |= clSetKernelArg(kernel, index++, sizeof offset, &offset);
-    code |= clSetKernelArg(kernel, index++, sizeof per_row, &per_row);
     for (int i = 0; i < 5; ++i)
         code |= clSetKernelArg(kernel, index++, sizeof(cl_mem), &call->per_row_arrays[i]);
     if (code != CL_SUCCESS)
@@ -1073,7 +1130,6 @@ static psm_status set_arg(cl_kernel kernel, cl_uint *index, size_t size, const v
 }
 
 #define SET_MEM(kernel, index, buffer) set_arg((kernel), (index), sizeof(cl_mem), &(buffer))
-#define SET_VALUE(kernel, index, value) set_arg((kernel), (index), sizeof(value), &(value))
 
 /* Enqueues over groups_x x rows groups; on an out-of-order caller queue a
  * barrier keeps our kernels in order. */
@@ -1110,7 +1166,7 @@ static psm_status run_rows(const launch *call)
 {
     opencl_state *state = call->state;
     const int check_rows = call->request->check_rows;
-    cl_uint index;
+    cl_uint index = 0;
     if (state->queue_out_of_order)
         CL_TRY(clEnqueueBarrierWithWaitList(state->queue, 0, NULL, NULL),
                "clEnqueueBarrierWithWaitList");
@@ -1132,40 +1188,7 @@ static psm_status run_rows(const launch *call)
     PSM_TRY(enqueue(state, kernel, tile_groups, 1, kernel_names[KERNEL_TILE_REDUCE]));
 
     if (call->filters) {
-        /* The on-chip path keeps the row's values in local memory across the
-         * radix passes when they fit next to the row filter's own local use.
-         * Otherwise the same local memory holds a list of candidate rank keys
-         * (8 bytes each), capped so that more row groups fit on a compute
-         * unit at once (the local memory a group asks for limits how many
-         * run side by side): PSM_LIST_CAP keys hold the gap-bin tallies and
-         * the tokens of the bin that holds a cutoff; longer lists narrow by
-         * radix levels first. Min-p alone needs neither. */
-        cl_ulong row_bytes = (cl_ulong)call->vocab * sizeof(cl_float);
-        cl_ulong free_local = state->local_memory > state->row_filter_local
-                                  ? state->local_memory - state->row_filter_local
-                                  : 0;
-        cl_int use_cache = call->may_search && row_bytes <= free_local;
-        cl_ulong list_bytes = use_cache ? row_bytes : free_local / sizeof(cl_ulong) * sizeof(cl_ulong);
-        if (!use_cache && list_bytes > PSM_LIST_CAP * sizeof(cl_ulong))
-            list_bytes = PSM_LIST_CAP * sizeof(cl_ulong);
-        if (!call->may_search)
-            list_bytes = 0;
-#ifdef PSM_OPENCL_TEST_LIST_BYTES
-        /* Test builds only: force the global path with a small list. */
-        use_cache = 0;
-        list_bytes = PSM_OPENCL_TEST_LIST_BYTES;
-#endif
-        cl_int list_capacity = use_cache ? 0 : (cl_int)(list_bytes / sizeof(cl_ulong));
-        size_t list_arg = list_bytes >= sizeof(cl_ulong) ? (size_t)list_bytes : sizeof(cl_ulong);
-
-        /* Top-k rows first try the lane maxima (psm_row_top_k, with a list
-         * of its own, small enough for several groups per compute unit:
-         * top-k up to a few hundred), which reads far less than even the
-         * on-chip path; the row filter takes the rows it leaves. */
-        cl_int top_k_capacity = PSM_TOP_K_LIST;
-        cl_int top_k_ran = call->may_top_k &&
-                           (cl_ulong)top_k_capacity * sizeof(cl_ulong) <= free_local;
-        if (top_k_ran) {
+        if (call->description.top_k_ran) {
             kernel = state->kernels[KERNEL_ROW_TOP_K];
             PSM_TRY(set_request_args(call, kernel, &index));
             PSM_TRY(SET_MEM(kernel, &index, state->tile_key.mem));
@@ -1174,8 +1197,7 @@ static psm_status run_rows(const launch *call)
             PSM_TRY(SET_MEM(kernel, &index, state->tile_ref.mem));
             PSM_TRY(SET_MEM(kernel, &index, state->tile_mass.mem));
             PSM_TRY(SET_MEM(kernel, &index, state->row_state.mem));
-            PSM_TRY(set_arg(kernel, &index, (size_t)top_k_capacity * sizeof(cl_ulong), NULL));
-            PSM_TRY(SET_VALUE(kernel, &index, top_k_capacity));
+            PSM_TRY(set_arg(kernel, &index, (size_t)PSM_TOP_K_LIST * sizeof(cl_ulong), NULL));
             PSM_TRY(enqueue(state, kernel, 1, (size_t)call->rows, kernel_names[KERNEL_ROW_TOP_K]));
         }
 
@@ -1184,10 +1206,7 @@ static psm_status run_rows(const launch *call)
         PSM_TRY(SET_MEM(kernel, &index, state->tile_key.mem));
         PSM_TRY(SET_MEM(kernel, &index, state->tile_info.mem));
         PSM_TRY(SET_MEM(kernel, &index, state->row_state.mem));
-        PSM_TRY(set_arg(kernel, &index, list_arg, NULL));
-        PSM_TRY(SET_VALUE(kernel, &index, use_cache));
-        PSM_TRY(SET_VALUE(kernel, &index, list_capacity));
-        PSM_TRY(SET_VALUE(kernel, &index, top_k_ran));
+        PSM_TRY(set_arg(kernel, &index, call->list_bytes, NULL));
         PSM_TRY(enqueue(state, kernel, 1, (size_t)call->rows, kernel_names[KERNEL_ROW_FILTER]));
 
         kernel = state->kernels[KERNEL_TILE_FILTER];
@@ -1200,8 +1219,6 @@ static psm_status run_rows(const launch *call)
     }
 
     kernel = state->kernels[KERNEL_ROW_COMBINE];
-    cl_int filters_ran = call->filters;
-    cl_int check = check_rows;
     PSM_TRY(set_request_args(call, kernel, &index));
     PSM_TRY(SET_MEM(kernel, &index, state->tile_key.mem));
     PSM_TRY(SET_MEM(kernel, &index, state->tile_info.mem));
@@ -1209,8 +1226,6 @@ static psm_status run_rows(const launch *call)
     PSM_TRY(SET_MEM(kernel, &index, state->tile_mass.mem));
     PSM_TRY(SET_MEM(kernel, &index, state->tile_prefix.mem));
     PSM_TRY(SET_MEM(kernel, &index, state->row_state.mem));
-    PSM_TRY(SET_VALUE(kernel, &index, filters_ran));
-    PSM_TRY(SET_VALUE(kernel, &index, check));
     PSM_TRY(SET_MEM(kernel, &index, state->first_bad_row.mem));
     return enqueue(state, kernel, team_groups(state, (size_t)call->rows), 1,
                    kernel_names[KERNEL_ROW_COMBINE]);
@@ -1278,7 +1293,7 @@ static psm_status opencl_sample(void *opaque, psm_request *request)
     const size_t outputs = (size_t)call.rows * samples;
     cl_mem tokens = NULL, logprobs = NULL;
     int tokens_staged = 0, logprobs_staged = 0;
-    cl_int want_logprobs = request->logprobs.data != NULL;
+    const int want_logprobs = call.description.want_logprobs;
     PSM_TRY(output_target(state, request->tokens, &state->tokens, outputs * sizeof(cl_int),
                           request->check_rows, "tokens", &tokens, &tokens_staged));
     if (want_logprobs)
@@ -1290,17 +1305,14 @@ static psm_status opencl_sample(void *opaque, psm_request *request)
 
     PSM_TRY(run_rows(&call));
     cl_kernel kernel = state->kernels[KERNEL_DRAW];
-    cl_uint index;
-    cl_int num_samples = (cl_int)samples;
+    cl_uint index = 0;
     PSM_TRY(set_request_args(&call, kernel, &index));
     PSM_TRY(SET_MEM(kernel, &index, state->tile_ref.mem));
     PSM_TRY(SET_MEM(kernel, &index, state->tile_mass.mem));
     PSM_TRY(SET_MEM(kernel, &index, state->tile_prefix.mem));
     PSM_TRY(SET_MEM(kernel, &index, state->row_state.mem));
-    PSM_TRY(SET_VALUE(kernel, &index, num_samples));
     PSM_TRY(SET_MEM(kernel, &index, tokens));
     PSM_TRY(SET_MEM(kernel, &index, logprobs));
-    PSM_TRY(SET_VALUE(kernel, &index, want_logprobs));
     PSM_TRY(enqueue(state, kernel, team_groups(state, outputs), 1, kernel_names[KERNEL_DRAW]));
 
     if (request->check_rows)
@@ -1333,15 +1345,13 @@ static psm_status opencl_probs(void *opaque, psm_request *request)
 
     PSM_TRY(run_rows(&call));
     cl_kernel kernel = state->kernels[KERNEL_PROBS];
-    cl_uint index;
-    cl_long probs_stride = (cl_long)probs->row_stride;
+    cl_uint index = 0;
     PSM_TRY(set_request_args(&call, kernel, &index));
     PSM_TRY(SET_MEM(kernel, &index, state->tile_ref.mem));
     PSM_TRY(SET_MEM(kernel, &index, state->tile_mass.mem));
     PSM_TRY(SET_MEM(kernel, &index, state->tile_prefix.mem));
     PSM_TRY(SET_MEM(kernel, &index, state->row_state.mem));
     PSM_TRY(SET_MEM(kernel, &index, target));
-    PSM_TRY(SET_VALUE(kernel, &index, probs_stride));
     PSM_TRY(enqueue(state, kernel, team_groups(state, (size_t)call.rows * call.tiles), 1,
                     kernel_names[KERNEL_PROBS]));
 

@@ -1,7 +1,8 @@
 /*
  * opencl_embedded.h: the kernel sources compiled into the library.
- * embed.cmake generates the definitions at build time from
- * core/psm_contract.h and backends/opencl/psm_kernels.cl, in that order.
+ * embed.cmake generates the definitions at build time from the files that
+ * backends/opencl/CMakeLists.txt lists: psm_kernels.cl after the headers it
+ * includes, in the order the program reads them.
  */
 #ifndef PSM_OPENCL_EMBEDDED_H
 #define PSM_OPENCL_EMBEDDED_H

@@ -1,10 +1,11 @@
 /*
  * psm_kernels.cl: the OpenCL backend's kernels, OpenCL C 1.2.
  *
- * The host builds this file with core/psm_contract.h prepended (as the first
- * source string of the same program), so every quantity that decides a token
- * (weights, gaps, thresholds, Philox, the picks) comes from the contract and
- * the FP_CONTRACT OFF pragma there covers this file too.
+ * Every quantity that decides a token (weights, gaps, thresholds, Philox,
+ * the picks) comes from core/psm_contract.h, whose FP_CONTRACT OFF pragma
+ * covers this file too; a row's parameters and the gap bins from
+ * core/psm_row.h; the call's description and the per-row state from
+ * psm_opencl_request.h, which the host compiles too.
  *
  * Build options give PSM_WG, the work-group size of every kernel (a power of
  * two between 16 and 1024, chosen by the host from device queries).
@@ -48,6 +49,22 @@
  * per-bucket masses of top-p are kept as two 32-bit words with exact carries.
  */
 
+/* The shared headers. The host hands them to the OpenCL compiler as the
+ * program's first source strings, in this order (embedded at build time by
+ * backends/opencl/CMakeLists.txt, so the program needs no include path at run
+ * time): each guard below is then already defined and the #include names the
+ * file only. Compiled alone, with -I core -I backends/opencl, this file reads
+ * the same headers through these lines. */
+#ifndef PSM_CONTRACT_H
+#include "psm_contract.h"
+#endif
+#ifndef PSM_ROW_H
+#include "psm_row.h"
+#endif
+#ifndef PSM_OPENCL_REQUEST_H
+#include "psm_opencl_request.h"
+#endif
+
 #ifdef cl_khr_fp64
 #pragma OPENCL EXTENSION cl_khr_fp64 : enable
 #define PSM_HAVE_FP64 1
@@ -67,16 +84,12 @@
  * Why: clang's interprocedural optimisation removes a static helper's
  * pointer parameter when every call passes the same kernel-scope __local
  * array (psm_descend, called twice from psm_row_filter), and the helper
- * then names the array directly. PoCL 3.1
- * gives each work-group its own copy of a kernel's __local variables by
- * rewriting their uses in the kernel function only, so those left in a
- * helper address one module-wide copy that all the work-groups PoCL's
- * threads run at once share. Rows then overwrote each other's radix buckets
- * and shared scalars: wrong top-k/top-p cutoffs and different tokens from
- * identical calls, with more than one row and more than one thread only
- * (POCL_MAX_PTHREAD_COUNT=1 hides it; POCL_LEAVE_KERNEL_COMPILER_TEMP_FILES=1
- * keeps the IR that shows it). Within a group the kernels have no race. GPU
- * drivers give each group its own __local memory wherever it is named; the
+ * then names the array directly. PoCL gives each work-group its own copy
+ * of a kernel's __local variables by rewriting their uses in the kernel
+ * function only, so uses left in a helper address one copy that all the
+ * work-groups its threads run at once share, and rows overwrite each other's
+ * buckets (docs/ARCHITECTURE.md, "PoCL", tells how this shows). GPU drivers
+ * give each group its own __local memory wherever it is named; the
  * attribute is for clang (PoCL's front end), other compilers get inline. */
 #ifdef __clang__
 #define PSM_LOCAL_FN static inline __attribute__((always_inline))
@@ -84,91 +97,50 @@
 #define PSM_LOCAL_FN static inline
 #endif
 
-#define PSM_DTYPE_F32 0
-#define PSM_DTYPE_F16 1
-#define PSM_DTYPE_BF16 2
+/* This compiler lays the host's structs out as the host does (see
+ * psm_opencl_request.h); the build fails otherwise. */
+typedef char psm_request_layout_check[
+    sizeof(psm_opencl_request) == PSM_OPENCL_REQUEST_BYTES ? 1 : -1];
+typedef char psm_row_state_layout_check[sizeof(psm_row_state) == PSM_ROW_STATE_BYTES ? 1 : -1];
 
-/* Which per-row arrays a request has (bit mask, host and device agree). */
-#define PSM_PER_ROW_TEMPERATURE 1u
-#define PSM_PER_ROW_TOP_K 2u
-#define PSM_PER_ROW_TOP_P 4u
-#define PSM_PER_ROW_MIN_P 8u
-#define PSM_PER_ROW_SEED 16u
-
-#define PSM_ROW_SAMPLE 0
-#define PSM_ROW_GREEDY 1
-#define PSM_ROW_BAD 2
-
-/* Whether a row is filtered, and who makes its kept tiles' masses. */
-#define PSM_FILTER_NONE 0 /* no filter: psm_tile_reduce's masses stand */
-#define PSM_FILTER_SCAN 1 /* psm_tile_filter reads the kept tiles again */
-#define PSM_FILTER_DONE 2 /* psm_row_filter made them from its list (top-k) */
-
-/* Per-row results shared between kernels; lives only in device memory. */
-typedef struct psm_row_state {
-    ulong cutoff;      /* smallest kept rank key; 0 keeps every valid token */
-    ulong min_weight;  /* min-p threshold on global weights; 0 when off */
-    ulong total;       /* sum of T_t */
-    float maximum;     /* M */
-    int status;        /* PSM_ROW_* */
-    int filtered;      /* PSM_FILTER_*, set by psm_row_filter (else by psm_row_combine) */
-    uint greedy_token;
-} psm_row_state;
-/* The host reserves PSM_ROW_STATE_BYTES per row; fail the build if that is short. */
-typedef char psm_row_state_fits[(sizeof(psm_row_state) <= PSM_ROW_STATE_BYTES) ? 1 : -1];
-
-/* Every kernel that reads a row takes the request in this order. */
+/* Every kernel's first arguments: the call's description, then the buffers
+ * every row reads, the logits and the per-row arrays (psm_opencl_request.h
+ * says why these are apart). */
 #define PSM_REQUEST_PARAMS                                                                  \
-    __global const uchar *logits, int dtype, int rows, int vocab, long row_stride, int tiles, \
-        float temperature, int top_k, float top_p, float min_p, ulong seed, ulong offset,     \
-        uint per_row, __global const float *temperature_per_row,                              \
-        __global const int *top_k_per_row, __global const float *top_p_per_row,              \
-        __global const float *min_p_per_row, __global const ulong *seed_per_row
+    const psm_opencl_request request, __global const uchar *logits,                         \
+        __global const float *temperature_per_row, __global const int *top_k_per_row,       \
+        __global const float *top_p_per_row, __global const float *min_p_per_row,           \
+        __global const ulong *seed_per_row
 
-typedef struct psm_row_params {
-    float temperature;
-    int top_k;
-    float top_p;
-    float min_p;
-    ulong seed;
-    uint stream;
-    int valid;
-} psm_row_params;
-
-#define PSM_RESOLVE_ROW(row)                                                                 \
-    psm_resolve_row((row), temperature, top_k, top_p, min_p, seed, per_row,                 \
-                    temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row,       \
-                    seed_per_row)
-
-static psm_row_params psm_resolve_row(uint row, float temperature, int top_k, float top_p,
-                                      float min_p, ulong seed, uint per_row,
-                                      __global const float *temperature_per_row,
-                                      __global const int *top_k_per_row,
-                                      __global const float *top_p_per_row,
-                                      __global const float *min_p_per_row,
-                                      __global const ulong *seed_per_row)
+static psm_row_arrays psm_make_row_arrays(__global const float *temperature,
+                                          __global const int *top_k, __global const float *top_p,
+                                          __global const float *min_p, __global const ulong *seed)
 {
-    psm_row_params p;
-    p.temperature = (per_row & PSM_PER_ROW_TEMPERATURE) ? temperature_per_row[row] : temperature;
-    p.top_k = (per_row & PSM_PER_ROW_TOP_K) ? top_k_per_row[row] : top_k;
-    p.top_p = (per_row & PSM_PER_ROW_TOP_P) ? top_p_per_row[row] : top_p;
-    p.min_p = (per_row & PSM_PER_ROW_MIN_P) ? min_p_per_row[row] : min_p;
-    p.seed = (per_row & PSM_PER_ROW_SEED) ? seed_per_row[row] : seed;
-    p.stream = (per_row & PSM_PER_ROW_SEED) ? 0u : row;
-    p.valid = psm_row_params_valid(p.temperature, p.top_k, p.top_p, p.min_p);
-    return p;
+    psm_row_arrays arrays;
+    arrays.temperature = temperature;
+    arrays.top_k = top_k;
+    arrays.top_p = top_p;
+    arrays.min_p = min_p;
+    arrays.seed = seed;
+    return arrays;
 }
+
+/* A row's parameters (core/psm_row.h), in a kernel. */
+#define PSM_RESOLVE_ROW(row)                                                                 \
+    psm_resolve_row((row), request.per_row, request.scalars,                                 \
+                    psm_make_row_arrays(temperature_per_row, top_k_per_row, top_p_per_row,   \
+                                        min_p_per_row, seed_per_row))
 
 /* A 16-bit element (f16 or bf16) as a float: exact. */
 static float psm_half_to_float(ushort h, int dtype)
 {
-    return dtype == PSM_DTYPE_F16 ? psm_f16_to_float(h) : psm_bf16_to_float(h);
+    return dtype == PSM_OPENCL_DTYPE_F16 ? psm_f16_to_float(h) : psm_bf16_to_float(h);
 }
 
 /* One element as a float before psm_read_logit (the conversions are exact). */
 static float psm_raw_logit(__global const uchar *logits, int dtype, long index)
 {
-    if (dtype == PSM_DTYPE_F32)
+    if (dtype == PSM_OPENCL_DTYPE_F32)
         return ((__global const float *)logits)[index];
     return psm_half_to_float(((__global const ushort *)logits)[index], dtype);
 }
@@ -196,12 +168,6 @@ static int psm_is_valid(float folded)
     return folded > -INFINITY;
 }
 
-/* Inverse of the ordered bits inside psm_rank_key. */
-static float psm_ordered_to_float(uint ordered)
-{
-    return as_float((ordered >> 31) ? (ordered & 0x7fffffffu) : ~ordered);
-}
-
 /* ---- teams: several units of work per work-group ---------------------------
  * A team of PSM_TEAM consecutive items does one unit of work: a tile in
  * psm_tile_reduce, psm_tile_filter and psm_probs, a row in psm_row_combine,
@@ -209,12 +175,10 @@ static float psm_ordered_to_float(uint ordered)
  * PSM_GROUP_TEAMS units side by side, the units numbered across the whole
  * launch (dimension 0 only; the host enqueues enough groups for every unit).
  *
- * Why: a tile's partial results used to be combined by work-group trees
- * through local memory, eight barrier steps each, five of them per tile.
- * Now each item posts its partial to local memory, the group passes one
+ * Why: each item posts its partial to local memory, the group passes one
  * barrier, and each item reads its team's PSM_TEAM posts itself: redundant,
- * but free of further barriers, and one barrier serves every team of the
- * group. On NVIDIA a team of 32 is one warp, so those reads are broadcasts
+ * but one barrier per reduction where a work-group tree takes eight, and
+ * one barrier serves every team of the group. On NVIDIA a team of 32 is one warp, so those reads are broadcasts
  * and a team's branches (row parameters, aligned or not) stay uniform. */
 #if PSM_WG >= 32
 #define PSM_TEAM 32
@@ -335,7 +299,7 @@ PSM_LOCAL_FN ulong psm_group_sum_u64(ulong value, __local ulong *posts)
 /* log2 of the values in a 16-byte vector of the dtype. */
 static int psm_vector_shift(int dtype)
 {
-    return dtype == PSM_DTYPE_F32 ? 2 : 3;
+    return dtype == PSM_OPENCL_DTYPE_F32 ? 2 : 3;
 }
 
 /* The offset within its tile of an item's slot. */
@@ -354,11 +318,11 @@ static void psm_load_tile(__global const uchar *logits, int dtype, long row_base
                           int count, uint lane, int layout, float *x)
 {
     const int vector_shift = psm_vector_shift(dtype);
-    const int element_bytes = dtype == PSM_DTYPE_F32 ? 4 : 2;
+    const int element_bytes = dtype == PSM_OPENCL_DTYPE_F32 ? 4 : 2;
     __global const uchar *tile = logits + (row_base + tile_start) * element_bytes;
     if (count == PSM_TILE && ((uintptr_t)tile & 15) == 0) {
         __global const uint4 *vectors = (__global const uint4 *)tile;
-        if (dtype == PSM_DTYPE_F32) {
+        if (dtype == PSM_OPENCL_DTYPE_F32) {
 #pragma unroll
             for (int slot = 0; slot < PSM_TEAM_SLOTS; slot += 4) {
                 uint4 raw = vectors[psm_slot_offset(slot, lane, 2, layout) >> 2];
@@ -367,7 +331,7 @@ static void psm_load_tile(__global const uchar *logits, int dtype, long row_base
                 x[slot + 2] = as_float(raw.z);
                 x[slot + 3] = as_float(raw.w);
             }
-        } else if (dtype == PSM_DTYPE_BF16) {
+        } else if (dtype == PSM_OPENCL_DTYPE_BF16) {
             /* Its own loop, not psm_half_to_float's per-element choice
              * (with which bf16 tiles cost as much as f16 ones): a bf16 is
              * the top half of a float, two instructions a pair. The f16
@@ -418,7 +382,7 @@ typedef struct psm_row_summary {
 /* The largest valid logit, from the largest rank key (0: no valid token). */
 static float psm_key_maximum(ulong key)
 {
-    return key ? psm_ordered_to_float((uint)(key >> 32)) : -INFINITY;
+    return key ? psm_rank_key_logit(key) : -INFINITY;
 }
 
 /* The row's summary, by `members` items (a team or the group; see the posted
@@ -510,16 +474,16 @@ psm_tile_reduce(PSM_REQUEST_PARAMS, __global ulong *tile_key, __global uint *til
     __local uint posted_info[PSM_WG];
     __local ulong posted_mass[PSM_WG];
     const uint lane = get_local_id(0) % PSM_TEAM;
-    const psm_team_tile where = psm_locate_tile(rows, vocab, tiles);
+    const psm_team_tile where = psm_locate_tile(request.rows, request.vocab, request.tiles);
     const psm_row_params p = PSM_RESOLVE_ROW(where.row);
-    const int vector_shift = psm_vector_shift(dtype);
+    const int vector_shift = psm_vector_shift(request.dtype);
 
     float x[PSM_TEAM_SLOTS];
     ulong key = 0;
     uint info = 0;
     if (where.in_range) {
-        psm_load_tile(logits, dtype, (long)where.row * row_stride, where.first, where.count, lane,
-                      PSM_INTERLEAVED, x);
+        psm_load_tile(logits, request.dtype, (long)where.row * request.row_stride, where.first,
+                      where.count, lane, PSM_INTERLEAVED, x);
         float raw_max = -INFINITY;
         int nan = 0;
 #pragma unroll
@@ -566,7 +530,7 @@ psm_tile_reduce(PSM_REQUEST_PARAMS, __global ulong *tile_key, __global uint *til
     if (where.in_range && key && p.valid && !psm_is_greedy(p.temperature) &&
         !psm_filter_certain(&p)) {
         const float scale = psm_inverse_temperature_scale(p.temperature);
-        const int bits = psm_weight_bits(vocab);
+        const int bits = psm_weight_bits(request.vocab);
         if (psm_tile_needs_read(maximum))
 #pragma unroll
             for (int j = 0; j < PSM_TEAM_SLOTS; ++j)
@@ -578,7 +542,7 @@ psm_tile_reduce(PSM_REQUEST_PARAMS, __global ulong *tile_key, __global uint *til
          * tile bad, and its mass is dropped below. */
 #pragma unroll
         for (int j = 0; j < PSM_TEAM_SLOTS; ++j)
-            mass += psm_weight_of_gap(PSM_FMUL(PSM_FSUB(maximum, x[j]), scale), bits);
+            mass += psm_weight_of_gap(psm_unclamped_gap(maximum, x[j], scale), bits);
     }
     ulong before;
     mass = psm_posted_sum_u64(mass, lane, PSM_TEAM, posted_mass, &before);
@@ -629,8 +593,7 @@ PSM_LOCAL_FN ulong psm_source_key(const psm_key_source *source, int i)
 /* A candidate's global weight g_i, from its rank key. */
 static ulong psm_key_weight(ulong key, float maximum, float scale, int bits)
 {
-    return psm_weight(psm_scaled_gap(maximum, psm_ordered_to_float((uint)(key >> 32)), scale),
-                      bits);
+    return psm_weight(psm_scaled_gap(maximum, psm_rank_key_logit(key), scale), bits);
 }
 
 /* Adds a 64-bit mass to a bucket kept as two 32-bit words: a wrapped low
@@ -771,9 +734,8 @@ PSM_LOCAL_FN ulong psm_top_p_target_from(const psm_key_source *source, ulong flo
  *
  * Every item calls it (active or not) and passes every barrier; the steps
  * are guarded by flags, never skipped by continue or return: PoCL's
- * compiler replicates the code after each barrier-holding branch, and with
- * the early exits this function and psm_bin_collect took psm_row_filter's
- * compilation to minutes. */
+ * compiler replicates the code after each barrier-holding branch, so early
+ * exits multiply the code it compiles (docs/ARCHITECTURE.md, "PoCL"). */
 PSM_LOCAL_FN int psm_radix_collect(int active, __global const uchar *logits, int dtype, long base,
                                    int vocab, int mass_mode, ulong want, float top_p,
                                    float maximum, float scale, int bits, __local ulong *list,
@@ -884,35 +846,28 @@ PSM_LOCAL_FN int psm_radix_collect(int active, __global const uchar *logits, int
  * atomics then collide on every step; the bins spread the row thinly, and
  * the bin that holds the cutoff is usually small enough to collect at once:
  * one pass to tally, one to collect. (The CUDA backend's
- * psm_gpu_select_cutoff does the same.) The bins live where the list will
- * go. */
-#define PSM_GAP_BINS 1024
-#define PSM_GAP_BIN_SCALE 16.0f
+ * psm_gpu_select_cutoff does the same, on the same bins: core/psm_row.h.)
+ * The bins live where the list will go. */
 /* A count and a two-word mass per bin, in 32-bit words. */
 #define PSM_GAP_BIN_WORDS (3 * PSM_GAP_BINS)
 
 /* Token i's gap bin, or -1 when it is no candidate; *x and *gap get its
  * value and its scaled gap to M (M >= x, so psm_weight_of_gap of that gap
  * is g_i, as in psm_tile_reduce). */
-static int psm_bin_of_gap(float gap)
-{
-    return gap < 64.0f ? (int)PSM_FMUL(gap, PSM_GAP_BIN_SCALE) : PSM_GAP_BINS - 1;
-}
-
-static int psm_gap_bin(__global const uchar *logits, int dtype, long base, int i, float maximum,
-                       float scale, float *x, float *gap)
+static int psm_load_gap_bin(__global const uchar *logits, int dtype, long base, int i,
+                            float maximum, float scale, float *x, float *gap)
 {
     *x = psm_load_candidate(logits, dtype, base + i);
     if (!psm_is_valid(*x))
         return -1;
-    *gap = PSM_FMUL(PSM_FSUB(maximum, *x), scale);
-    return psm_bin_of_gap(*gap);
+    *gap = psm_unclamped_gap(maximum, *x, scale);
+    return psm_gap_bin(*gap);
 }
 
 /* The gap bin of a valid value. */
 static int psm_value_bin(float x, float maximum, float scale)
 {
-    return psm_bin_of_gap(PSM_FMUL(PSM_FSUB(maximum, x), scale));
+    return psm_gap_bin(psm_unclamped_gap(maximum, x, scale));
 }
 
 /* psm_radix_collect's list and results from the gap bins: counting mode
@@ -942,7 +897,7 @@ PSM_LOCAL_FN int psm_bin_collect(int active, __global const uchar *logits, int d
     const int count = active ? vocab : 0;
     for (int i = lid; i < count; i += PSM_WG) {
         float x, gap;
-        int bin = psm_gap_bin(logits, dtype, base, i, maximum, scale, &x, &gap);
+        int bin = psm_load_gap_bin(logits, dtype, base, i, maximum, scale, &x, &gap);
         if (bin < 0)
             continue;
         if (mass_mode) {
@@ -994,7 +949,7 @@ PSM_LOCAL_FN int psm_bin_collect(int active, __global const uchar *logits, int d
     const int collect_count = fits ? vocab : 0;
     for (int i = lid; i < collect_count; i += PSM_WG) {
         float x, gap;
-        int bin = psm_gap_bin(logits, dtype, base, i, maximum, scale, &x, &gap);
+        int bin = psm_load_gap_bin(logits, dtype, base, i, maximum, scale, &x, &gap);
         if (bin < 0 ||
             (mass_mode ? bin != chosen || psm_weight_of_gap(gap, bits) == 0 : bin > chosen))
             continue;
@@ -1030,9 +985,7 @@ PSM_LOCAL_FN int psm_bin_collect(int active, __global const uchar *logits, int d
  * list_capacity >= PSM_GAP_BINS / 2 keys (the bin counts live there first),
  * kept small so that several groups fit on a compute unit.
  * Every barrier is unconditional and every step is guarded by flags instead
- * of early returns: PoCL 3.1's compiler replicates the code after each
- * barrier-holding branch, and a kernel shaped like psm_row_filter with this
- * path added did not finish compiling. */
+ * of early returns, for PoCL's compiler (see psm_radix_collect). */
 
 /* Local memory for ranking a list of n keys: the keys, a weight per key and
  * a uint rank order. */
@@ -1041,21 +994,10 @@ PSM_LOCAL_FN int psm_bin_collect(int active, __global const uchar *logits, int d
  * the list would not fit either). */
 #define PSM_TOP_K_LANES 512
 
-static uint psm_key_token(ulong key)
-{
-    return 0xffffffffu - (uint)key;
-}
-
-static float psm_key_value(ulong key)
-{
-    return psm_ordered_to_float((uint)(key >> 32));
-}
-
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const uint *tile_info,
               __global const uint *lane_max, __global float *tile_ref,
-              __global ulong *tile_mass, __global psm_row_state *state, __local ulong *list,
-              int list_capacity)
+              __global ulong *tile_mass, __global psm_row_state *state, __local ulong *list)
 {
     __local ulong scratch_u64[PSM_WG];
     __local ulong scratch_counts[PSM_WG];
@@ -1065,18 +1007,19 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
     __local uint shared_lanes;
     const uint lid = get_local_id(0);
     const uint row = get_group_id(1);
-    const long row_tiles = (long)row * tiles;
+    const long row_tiles = (long)row * request.tiles;
     const psm_row_params p = PSM_RESOLVE_ROW(row);
     const psm_row_summary summary =
-        psm_summarise_row(tile_key, tile_info, row_tiles, tiles, lid, PSM_WG, scratch_u64,
+        psm_summarise_row(tile_key, tile_info, row_tiles, request.tiles, lid, PSM_WG, scratch_u64,
                           scratch_counts);
     const float scale = psm_inverse_temperature_scale(p.temperature);
-    const int bits = psm_weight_bits(vocab);
+    const int bits = psm_weight_bits(request.vocab);
     const int mine = psm_row_status(&p, &summary) == PSM_ROW_SAMPLE &&
-                     psm_top_k_active(&p, summary.valid) && list_capacity >= PSM_GAP_BINS / 2;
+                     psm_top_k_active(&p, summary.valid) &&
+                     request.top_k_list_capacity >= PSM_GAP_BINS / 2;
     const uint k = mine ? (uint)p.top_k : 0u;
     __global const uint *row_lanes = lane_max + row_tiles * PSM_TEAM;
-    const int lanes = tiles * PSM_TEAM;
+    const int lanes = request.tiles * PSM_TEAM;
     const uint none = 0xffffffffu;
 
     /* 1. The lane maxima tallied by gap bin (the barrier also ends every
@@ -1095,7 +1038,7 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
         for (int j = lid; j < lanes; j += PSM_WG) {
             const uint high = row_lanes[j];
             if (high)
-                atomic_inc(&bin_count[psm_value_bin(psm_ordered_to_float(high), summary.maximum,
+                atomic_inc(&bin_count[psm_value_bin(psm_ordered_logit(high), summary.maximum,
                                                     scale)]);
         }
     barrier(CLK_LOCAL_MEM_FENCE);
@@ -1133,7 +1076,7 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
         for (int j = lid; j < lanes; j += PSM_WG) {
             const uint high = row_lanes[j];
             if (high &&
-                psm_value_bin(psm_ordered_to_float(high), summary.maximum, scale) <=
+                psm_value_bin(psm_ordered_logit(high), summary.maximum, scale) <=
                     (int)last_bin) {
                 const uint at = atomic_inc(&shared_lanes);
                 if (at < PSM_TOP_K_LANES)
@@ -1143,27 +1086,27 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
     barrier(CLK_LOCAL_MEM_FENCE);
     gathering = gathering && shared_lanes <= PSM_TOP_K_LANES;
     const int gathered_lanes = gathering ? (int)shared_lanes : 0;
-    const int vector_shift = psm_vector_shift(dtype);
-    const long base = (long)row * row_stride;
+    const int vector_shift = psm_vector_shift(request.dtype);
+    const long base = (long)row * request.row_stride;
     for (int w = lid; w < gathered_lanes * PSM_TEAM_SLOTS; w += PSM_WG) {
         const uint j = lane_list[w / PSM_TEAM_SLOTS];
         const int first = (int)(j / PSM_TEAM) * PSM_TILE;
         const int offset =
             psm_slot_offset(w % PSM_TEAM_SLOTS, j % PSM_TEAM, vector_shift, PSM_INTERLEAVED);
-        if (offset >= vocab - first)
+        if (offset >= request.vocab - first)
             continue;
-        const float x = psm_load_candidate(logits, dtype, base + first + offset);
+        const float x = psm_load_candidate(logits, request.dtype, base + first + offset);
         if (!psm_is_valid(x) || psm_value_bin(x, summary.maximum, scale) > (int)last_bin)
             continue;
         const uint at = atomic_inc(&shared_size);
-        if (at < (uint)list_capacity)
+        if (at < (uint)request.top_k_list_capacity)
             list[at] = psm_rank_key(x, (uint)(first + offset));
     }
     barrier(CLK_LOCAL_MEM_FENCE);
 
     /* 4. Rank by counting; g_i of each key. (n >= k: each counted lane's
      * maximum is on the list.) */
-    const int ranked = gathering && PSM_RANKED_LIST_FITS(shared_size, list_capacity);
+    const int ranked = gathering && PSM_RANKED_LIST_FITS(shared_size, request.top_k_list_capacity);
     const uint n = ranked ? shared_size : 0u;
     __local ulong *weight = list + n;
     __local uint *order = (__local uint *)(list + 2 * n);
@@ -1214,7 +1157,7 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
         if (min_weight != 0)
             while (kept > 1 && weight[order[kept - 1]] < min_weight)
                 --kept;
-        for (int t = lid; t < tiles; t += PSM_WG)
+        for (int t = lid; t < request.tiles; t += PSM_WG)
             tile_mass[row_tiles + t] = 0;
     }
     barrier(CLK_GLOBAL_MEM_FENCE);
@@ -1223,19 +1166,19 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
     if (ranked)
         for (uint r = lid; r < kept; r += PSM_WG) {
             const ulong key = list[order[r]];
-            const uint tile = psm_key_token(key) / PSM_TILE;
+            const uint tile = psm_rank_key_token(key) / PSM_TILE;
             int leads = 1;
             for (uint q = 0; q < r && leads; ++q)
-                leads = psm_key_token(list[order[q]]) / PSM_TILE != tile;
+                leads = psm_rank_key_token(list[order[q]]) / PSM_TILE != tile;
             if (!leads)
                 continue;
-            const float reference = psm_key_value(key);
+            const float reference = psm_rank_key_logit(key);
             ulong mass = 0;
             for (uint q = r; q < kept; ++q) {
                 const ulong other = list[order[q]];
-                if (psm_key_token(other) / PSM_TILE == tile)
+                if (psm_rank_key_token(other) / PSM_TILE == tile)
                     mass += psm_weight_of_gap(
-                        PSM_FMUL(PSM_FSUB(reference, psm_key_value(other)), scale), bits);
+                        psm_unclamped_gap(reference, psm_rank_key_logit(other), scale), bits);
             }
             tile_ref[row_tiles + tile] = reference;
             tile_mass[row_tiles + tile] = mass;
@@ -1252,8 +1195,7 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
 
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const uint *tile_info,
-               __global psm_row_state *state, __local ulong *local_store, int use_row_cache,
-               int list_capacity, int top_k_ran)
+               __global psm_row_state *state, __local ulong *local_store)
 {
     __local ulong scratch_u64[PSM_WG];
     __local ulong scratch_counts[PSM_WG];
@@ -1265,19 +1207,19 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global cons
     __local ulong shared_want;
     __local uint shared_size;
     __local ulong shared_key;
-    /* The row's values when the row fits (use_row_cache), else the list of
-     * candidate keys (list_capacity entries). */
+    /* The row's values when the row fits (request.use_row_cache), else the list of
+     * candidate keys (request.list_capacity entries). */
     __local float *row_cache = (__local float *)local_store;
     const uint lid = get_local_id(0);
     const uint row = get_group_id(1);
     /* Rows psm_row_top_k finished (the same value for every item, and
      * before any barrier). */
-    if (top_k_ran && state[row].filtered == PSM_FILTER_DONE)
+    if (request.top_k_ran && state[row].filtered == PSM_FILTER_DONE)
         return;
     const psm_row_params p = PSM_RESOLVE_ROW(row);
     const psm_row_summary summary =
-        psm_summarise_row(tile_key, tile_info, (long)row * tiles, tiles, lid, PSM_WG,
-                          scratch_u64, scratch_counts);
+        psm_summarise_row(tile_key, tile_info, (long)row * request.tiles, request.tiles, lid,
+                          PSM_WG, scratch_u64, scratch_counts);
     /* Every item has read the summary's posts: scratch_u64 is free again. */
     barrier(CLK_LOCAL_MEM_FENCE);
     const int filtered = psm_row_status(&p, &summary) == PSM_ROW_SAMPLE &&
@@ -1295,19 +1237,19 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global cons
     source.logits = logits;
     source.cache = row_cache;
     source.list = local_store;
-    source.base = (long)row * row_stride;
-    source.dtype = dtype;
+    source.base = (long)row * request.row_stride;
+    source.dtype = request.dtype;
     source.kind = PSM_SOURCE_GLOBAL;
-    source.count = vocab;
-    if (use_row_cache) {
-        for (int i = lid; i < vocab; i += PSM_WG)
-            row_cache[i] = psm_load_candidate(logits, dtype, source.base + i);
+    source.count = request.vocab;
+    if (request.use_row_cache) {
+        for (int i = lid; i < request.vocab; i += PSM_WG)
+            row_cache[i] = psm_load_candidate(logits, request.dtype, source.base + i);
         barrier(CLK_LOCAL_MEM_FENCE);
         source.kind = PSM_SOURCE_CACHE;
     }
 
     const float scale = psm_inverse_temperature_scale(p.temperature);
-    const int bits = psm_weight_bits(vocab);
+    const int bits = psm_weight_bits(request.vocab);
     const int top_k_on = psm_top_k_active(&p, summary.valid);
     const int top_p_on = p.top_p < 1.0f;
     ulong cutoff = 0;
@@ -1317,17 +1259,17 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global cons
     /* Inside, both collections are called by every item, active or not (see
      * psm_radix_collect); rows that make no list (min-p alone, the on-chip
      * path) skip their barriers. */
-    if (!use_row_cache && list_capacity > 0 && (top_k_on || top_p_on)) {
+    if (!request.use_row_cache && request.list_capacity > 0 && (top_k_on || top_p_on)) {
         ulong above = 0, target = 0;
         const ulong want = top_k_on ? (ulong)p.top_k : 0;
         const int from_bins = psm_bin_collect(
-            list_capacity >= PSM_GAP_BIN_WORDS / 2, logits, dtype, source.base, vocab,
-            !top_k_on, want, p.top_p, summary.maximum, scale, bits, local_store,
-            (uint)list_capacity, scratch_u64, &shared_choice, &shared_above, &shared_want,
+            request.list_capacity >= PSM_GAP_BIN_WORDS / 2, logits, request.dtype, source.base,
+            request.vocab, !top_k_on, want, p.top_p, summary.maximum, scale, bits, local_store,
+            (uint)request.list_capacity, scratch_u64, &shared_choice, &shared_above, &shared_want,
             &shared_size, &above, &target);
         const int from_radix = psm_radix_collect(
-            from_bins < 0, logits, dtype, source.base, vocab, !top_k_on, want, p.top_p,
-            summary.maximum, scale, bits, local_store, (uint)list_capacity, bucket_low,
+            from_bins < 0, logits, request.dtype, source.base, request.vocab, !top_k_on, want,
+            p.top_p, summary.maximum, scale, bits, local_store, (uint)request.list_capacity, bucket_low,
             bucket_high, bucket_count, &shared_choice, &shared_above, &shared_want,
             &shared_size, &above, &target);
         const int size = from_bins >= 0 ? from_bins : from_radix;
@@ -1380,7 +1322,7 @@ psm_tile_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key,
     __local float posted_max[PSM_WG];
     __local ulong posted_mass[PSM_WG];
     const uint lane = get_local_id(0) % PSM_TEAM;
-    const psm_team_tile where = psm_locate_tile(rows, vocab, tiles);
+    const psm_team_tile where = psm_locate_tile(request.rows, request.vocab, request.tiles);
     const uint row = where.row;
     const long slot = where.slot;
     const int first = where.first;
@@ -1393,16 +1335,16 @@ psm_tile_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key,
     const float row_maximum = state[row].maximum;
     const psm_row_params p = PSM_RESOLVE_ROW(row);
     const float scale = psm_inverse_temperature_scale(p.temperature);
-    const int bits = psm_weight_bits(vocab);
+    const int bits = psm_weight_bits(request.vocab);
 
     float x[PSM_TEAM_SLOTS];
     float maximum = -INFINITY;
     if (reachable) {
-        psm_load_tile(logits, dtype, (long)row * row_stride, first, where.count, lane,
-                      PSM_INTERLEAVED, x);
+        psm_load_tile(logits, request.dtype, (long)row * request.row_stride, first, where.count,
+                      lane, PSM_INTERLEAVED, x);
 #pragma unroll
         for (int j = 0; j < PSM_TEAM_SLOTS; ++j) {
-            uint token = (uint)(first + psm_slot_offset(j, lane, psm_vector_shift(dtype),
+            uint token = (uint)(first + psm_slot_offset(j, lane, psm_vector_shift(request.dtype),
                                                         PSM_INTERLEAVED));
             float value = psm_candidate_logit(x[j]);
             x[j] = psm_kept(value, token, cutoff, min_weight, row_maximum, scale, bits)
@@ -1416,7 +1358,7 @@ psm_tile_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key,
     if (reachable && psm_is_valid(maximum))
 #pragma unroll
         for (int j = 0; j < PSM_TEAM_SLOTS; ++j) /* x <= maximum: as in psm_tile_reduce */
-            mass += psm_weight_of_gap(PSM_FMUL(PSM_FSUB(maximum, x[j]), scale), bits);
+            mass += psm_weight_of_gap(psm_unclamped_gap(maximum, x[j], scale), bits);
     ulong before;
     mass = psm_posted_sum_u64(mass, lane, PSM_TEAM, posted_mass, &before);
     if (active && lane == 0) {
@@ -1434,41 +1376,40 @@ __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_row_combine(PSM_REQUEST_PARAMS, __global const ulong *tile_key,
                 __global const uint *tile_info, __global const float *tile_ref,
                 __global const ulong *tile_mass, __global ulong *tile_prefix,
-                __global psm_row_state *state, int filters_ran, int check_rows,
-                __global int *first_bad_row)
+                __global psm_row_state *state, __global int *first_bad_row)
 {
     __local ulong posted_key[PSM_WG];
     __local ulong posted_counts[PSM_WG];
     __local ulong posted_mass[PSM_WG];
     const uint lane = get_local_id(0) % PSM_TEAM;
     const long unit = psm_team_unit();
-    const int active = unit < rows;
+    const int active = unit < request.rows;
     const uint row = active ? (uint)unit : 0u;
-    const long row_tiles = (long)row * tiles;
+    const long row_tiles = (long)row * request.tiles;
     const psm_row_params p = PSM_RESOLVE_ROW(row);
     const psm_row_summary summary =
-        psm_summarise_row(tile_key, tile_info, row_tiles, active ? tiles : 0, lane, PSM_TEAM,
-                          posted_key, posted_counts);
+        psm_summarise_row(tile_key, tile_info, row_tiles, active ? request.tiles : 0, lane,
+                          PSM_TEAM, posted_key, posted_counts);
     const int status = psm_row_status(&p, &summary);
     if (active && lane == 0) {
         state[row].status = status;
         state[row].maximum = summary.maximum;
-        state[row].greedy_token = 0xffffffffu - (uint)summary.top_key;
-        if (!filters_ran) {
+        state[row].greedy_token = psm_rank_key_token(summary.top_key);
+        if (!request.filters_ran) {
             state[row].filtered = PSM_FILTER_NONE;
             state[row].cutoff = 0;
             state[row].min_weight = 0;
         }
-        if (status == PSM_ROW_BAD && check_rows)
+        if (status == PSM_ROW_BAD && request.check_rows)
             atomic_min(first_bad_row, (int)row);
     }
     /* Each item owns a contiguous run of tiles, so item order is tile order:
      * T_t goes to tile_prefix first, then the item's exclusive prefix is
      * added along its run. */
     const int sampled = active && status == PSM_ROW_SAMPLE;
-    const int run = (tiles + PSM_TEAM - 1) / PSM_TEAM;
-    const int begin = min((int)lane * run, tiles);
-    const int end = min(begin + run, tiles);
+    const int run = (request.tiles + PSM_TEAM - 1) / PSM_TEAM;
+    const int begin = min((int)lane * run, request.tiles);
+    const int end = min(begin + run, request.tiles);
     const float scale = psm_inverse_temperature_scale(p.temperature);
     ulong own = 0;
     if (sampled) {
@@ -1539,38 +1480,30 @@ static float psm_log_probability(ulong weight, ulong mass, ulong rescaled, ulong
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_draw(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulong *tile_mass,
          __global const ulong *tile_prefix, __global const psm_row_state *state,
-         int num_samples, __global int *tokens, __global float *logprobs, int want_logprobs)
+         __global int *tokens, __global float *logprobs)
 {
     __local ulong posted_weight[PSM_WG];
     const uint lane = get_local_id(0) % PSM_TEAM;
     const long out = psm_team_unit();
-    const int active = out < (long)rows * num_samples;
-    const uint row = active ? (uint)(out / num_samples) : 0u;
-    const uint sample = (uint)(out - (long)row * num_samples);
+    const int active = out < (long)request.rows * request.num_samples;
+    const uint row = active ? (uint)(out / request.num_samples) : 0u;
+    const uint sample = (uint)(out - (long)row * request.num_samples);
     const int status = state[row].status;
     if (active && status != PSM_ROW_SAMPLE && lane == 0) {
         tokens[out] = status == PSM_ROW_GREEDY ? (int)state[row].greedy_token : -1;
-        if (want_logprobs)
+        if (request.want_logprobs)
             logprobs[out] = status == PSM_ROW_GREEDY ? 0.0f : NAN;
     }
     const int drawing = active && status == PSM_ROW_SAMPLE;
     const psm_row_params p = PSM_RESOLVE_ROW(row);
-    const long row_tiles = (long)row * tiles;
+    const long row_tiles = (long)row * request.tiles;
     const ulong total = state[row].total;
-    const psm_draw_bits random = psm_sample_bits(p.seed, offset, p.stream, sample);
-    int tile = 0;
-    if (drawing) {
-        /* The tile: the first whose inclusive prefix exceeds a. */
-        const ulong a = psm_pick(random.tile, total);
-        int high = tiles - 1;
-        while (tile < high) {
-            int middle = tile + (high - tile) / 2;
-            if (tile_prefix[row_tiles + middle] > a)
-                high = middle;
-            else
-                tile = middle + 1;
-        }
-    }
+    const psm_draw_bits random = psm_sample_bits(p.seed, request.offset, p.stream, sample);
+    /* The tile: the first whose inclusive prefix exceeds a. */
+    const int tile =
+        drawing
+            ? psm_first_above(tile_prefix + row_tiles, request.tiles, psm_pick(random.tile, total))
+            : 0;
     const ulong mass = tile_mass[row_tiles + tile];
     const ulong rescaled =
         tile_prefix[row_tiles + tile] - (tile > 0 ? tile_prefix[row_tiles + tile - 1] : 0);
@@ -1583,18 +1516,18 @@ psm_draw(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulon
     view.row_maximum = state[row].maximum;
     view.reference = tile_ref[row_tiles + tile];
     view.scale = psm_inverse_temperature_scale(p.temperature);
-    view.bits = psm_weight_bits(vocab);
+    view.bits = psm_weight_bits(request.vocab);
 
     float x[PSM_TEAM_SLOTS];
     ulong own = 0;
     if (drawing) {
-        psm_load_tile(logits, dtype, (long)row * row_stride, first, min(PSM_TILE, vocab - first),
-                      lane, PSM_CONTIGUOUS, x);
+        psm_load_tile(logits, request.dtype, (long)row * request.row_stride, first,
+                      min(PSM_TILE, request.vocab - first), lane, PSM_CONTIGUOUS, x);
 #pragma unroll
         for (int j = 0; j < PSM_TEAM_SLOTS; ++j) {
             x[j] = psm_candidate_logit(x[j]);
             own += psm_tile_weight(&view, x[j], (uint)(first + psm_slot_offset(
-                                                          j, lane, psm_vector_shift(dtype),
+                                                          j, lane, psm_vector_shift(request.dtype),
                                                           PSM_CONTIGUOUS)));
         }
     }
@@ -1605,13 +1538,13 @@ psm_draw(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulon
     if (running <= b && b < running + own) {
 #pragma unroll
         for (int j = 0; j < PSM_TEAM_SLOTS; ++j) {
-            uint token = (uint)(first + psm_slot_offset(j, lane, psm_vector_shift(dtype),
+            uint token = (uint)(first + psm_slot_offset(j, lane, psm_vector_shift(request.dtype),
                                                         PSM_CONTIGUOUS));
             ulong weight = psm_tile_weight(&view, x[j], token);
             running += weight;
             if (running > b) {
                 tokens[out] = (int)token;
-                if (want_logprobs)
+                if (request.want_logprobs)
                     logprobs[out] = psm_log_probability(weight, mass, rescaled, total);
                 break;
             }
@@ -1621,7 +1554,7 @@ psm_draw(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulon
      * unreachable when the masses are consistent. */
     if (lane == 0 && b >= tile_total) {
         tokens[out] = -1;
-        if (want_logprobs)
+        if (request.want_logprobs)
             logprobs[out] = NAN;
     }
 }
@@ -1632,10 +1565,10 @@ psm_draw(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulon
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_probs(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulong *tile_mass,
           __global const ulong *tile_prefix, __global const psm_row_state *state,
-          __global float *probs, long probs_stride)
+          __global float *probs)
 {
     const uint lane = get_local_id(0) % PSM_TEAM;
-    const psm_team_tile where = psm_locate_tile(rows, vocab, tiles);
+    const psm_team_tile where = psm_locate_tile(request.rows, request.vocab, request.tiles);
     if (!where.in_range)
         return; /* no barrier below */
     const uint row = where.row;
@@ -1643,8 +1576,8 @@ psm_probs(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulo
     const int tile = where.tile;
     const int first = where.first;
     const int count = where.count;
-    const int vector_shift = psm_vector_shift(dtype);
-    __global float *out = probs + (long)row * probs_stride + first;
+    const int vector_shift = psm_vector_shift(request.dtype);
+    __global float *out = probs + (long)row * request.probs_stride + first;
     const int status = state[row].status;
     const ulong mass = tile_mass[slot];
     const ulong rescaled = tile_prefix[slot] - (tile > 0 ? tile_prefix[slot - 1] : 0);
@@ -1669,9 +1602,10 @@ psm_probs(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulo
     view.row_maximum = state[row].maximum;
     view.reference = tile_ref[slot];
     view.scale = psm_inverse_temperature_scale(p.temperature);
-    view.bits = psm_weight_bits(vocab);
+    view.bits = psm_weight_bits(request.vocab);
     float x[PSM_TEAM_SLOTS];
-    psm_load_tile(logits, dtype, (long)row * row_stride, first, count, lane, PSM_INTERLEAVED, x);
+    psm_load_tile(logits, request.dtype, (long)row * request.row_stride, first, count, lane,
+                  PSM_INTERLEAVED, x);
 #pragma unroll
     for (int j = 0; j < PSM_TEAM_SLOTS; ++j) {
         int offset = psm_slot_offset(j, lane, vector_shift, PSM_INTERLEAVED);

@@ -1,11 +1,12 @@
 /*
- * reference.h: the final sampling distribution of a row in float64, written
- * from docs/SAMPLING.md's definitions (softmax, rank order, top-k, top-p,
- * min-p, greedy) without the contract's fixed-point arithmetic. The tests
- * compare the library against it; it never calls the library.
+ * psm_reference.h: the final sampling distribution of a row in float64,
+ * written from docs/SAMPLING.md's definitions (softmax, rank order, top-k,
+ * top-p, min-p, greedy) without the contract's fixed-point arithmetic. The
+ * test suite and `polysample check` compare the library against it; it
+ * never calls the library.
  */
-#ifndef PSM_TEST_REFERENCE_H
-#define PSM_TEST_REFERENCE_H
+#ifndef PSM_REFERENCE_H
+#define PSM_REFERENCE_H
 
 #include <stdint.h>
 
@@ -21,7 +22,8 @@ psm_ref_params psm_ref_params_plain(void);
 
 /* Fills probs[0..vocab) with the final distribution: 0 outside the kept set,
  * summing to 1. Returns 1 for a good row; 0 for a bad row (a NaN or +inf
- * logit, or no finite logit), leaving probs all NaN. */
+ * logit, or no finite logit), leaving probs all NaN; -1 when its working
+ * memory cannot be allocated, leaving probs unspecified. */
 int psm_ref_distribution(const float *logits, int64_t vocab, const psm_ref_params *params,
                          double *probs);
 
@@ -29,4 +31,4 @@ int psm_ref_distribution(const float *logits, int64_t vocab, const psm_ref_param
  * bad row. */
 int64_t psm_ref_argmax(const float *logits, int64_t vocab);
 
-#endif /* PSM_TEST_REFERENCE_H */
+#endif /* PSM_REFERENCE_H */

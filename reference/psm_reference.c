@@ -1,7 +1,6 @@
-/* reference.c: the float64 reference distribution (reference.h). */
-#include "reference.h"
+/* psm_reference.c: the float64 reference distribution (psm_reference.h). */
+#include "psm_reference.h"
 
-#include <check.h>
 #include <math.h>
 #include <stdlib.h>
 
@@ -92,7 +91,8 @@ int psm_ref_distribution(const float *logits, int64_t vocab, const psm_ref_param
     int top_p_on = params->top_p < 1.0f;
     if (top_k_on || top_p_on) {
         ranked_token *ranked = calloc((size_t)valid, sizeof *ranked);
-        ck_assert_ptr_nonnull(ranked);
+        if (!ranked)
+            return -1;
         int64_t count = 0;
         for (int64_t i = 0; i < vocab; ++i) {
             if (isfinite(logits[i])) {

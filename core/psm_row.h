@@ -1,0 +1,118 @@
+/*
+ * psm_row.h: how every backend reads one row of a request, written once.
+ *
+ * Compiles as C, CUDA, HIP and OpenCL C 1.2, on psm_contract.h's platform
+ * layer. psm_contract.h defines the arithmetic that decides a token; this
+ * header holds the row-level steps around it that the backends share: which
+ * parameters apply to a row (the scalars or its entries in per-row arrays),
+ * the gap bins of the cutoff searches, and the search that turns a draw's
+ * random integer into a tile or a token.
+ */
+#ifndef PSM_ROW_H
+#define PSM_ROW_H
+
+/* The OpenCL program receives psm_contract.h as an earlier source string
+ * (backends/opencl/psm_kernels.cl says why), so it is included only where
+ * it has not been read yet. */
+#ifndef PSM_CONTRACT_H
+#include "psm_contract.h"
+#endif
+
+/* ---- a row's parameters ------------------------------------------------- */
+
+/* Which per-row arrays a request has, a bit each: the same values on the
+ * host and on every device. */
+#define PSM_PER_ROW_TEMPERATURE 1u
+#define PSM_PER_ROW_TOP_K 2u
+#define PSM_PER_ROW_TOP_P 4u
+#define PSM_PER_ROW_MIN_P 8u
+#define PSM_PER_ROW_SEED 16u
+
+/* The request's scalar parameters: what a row without per-row arrays uses.
+ * Fixed-size members, largest first, so that the OpenCL host and kernels
+ * lay it out alike inside their request struct. */
+typedef struct psm_row_scalars {
+    psm_u64 seed;
+    float temperature;
+    psm_i32 top_k;
+    float top_p;
+    float min_p;
+} psm_row_scalars;
+
+/* The per-row arrays (in the memory the backend's kernels read); an array
+ * whose PSM_PER_ROW_* bit is clear is never read and may be NULL. */
+typedef struct psm_row_arrays {
+    PSM_GLOBAL const float *temperature;
+    PSM_GLOBAL const psm_i32 *top_k;
+    PSM_GLOBAL const float *top_p;
+    PSM_GLOBAL const float *min_p;
+    PSM_GLOBAL const psm_u64 *seed;
+} psm_row_arrays;
+
+/* One row's parameters, resolved. */
+typedef struct psm_row_params {
+    float temperature;
+    psm_i32 top_k;
+    float top_p;
+    float min_p;
+    psm_u64 seed;
+    psm_u32 stream; /* Philox stream: the row with one seed, 0 with per-row seeds */
+    int valid;      /* psm_row_params_valid: out-of-range values give the row token -1 */
+} psm_row_params;
+
+/* Row `row`'s parameters: per_row (PSM_PER_ROW_* bits) says which come from
+ * the arrays. With per-row seeds the stream is 0, so that a request's tokens
+ * do not depend on its place in the batch (docs/SAMPLING.md, the draw). */
+PSM_FN psm_row_params psm_resolve_row(psm_i64 row, psm_u32 per_row, psm_row_scalars scalars,
+                                      psm_row_arrays arrays)
+{
+    psm_row_params p;
+    p.temperature = (per_row & PSM_PER_ROW_TEMPERATURE) ? arrays.temperature[row]
+                                                         : scalars.temperature;
+    p.top_k = (per_row & PSM_PER_ROW_TOP_K) ? arrays.top_k[row] : scalars.top_k;
+    p.top_p = (per_row & PSM_PER_ROW_TOP_P) ? arrays.top_p[row] : scalars.top_p;
+    p.min_p = (per_row & PSM_PER_ROW_MIN_P) ? arrays.min_p[row] : scalars.min_p;
+    p.seed = (per_row & PSM_PER_ROW_SEED) ? arrays.seed[row] : scalars.seed;
+    p.stream = (per_row & PSM_PER_ROW_SEED) ? 0u : (psm_u32)row;
+    p.valid = psm_row_params_valid(p.temperature, p.top_k, p.top_p, p.min_p);
+    return p;
+}
+
+/* ---- gap bins ------------------------------------------------------------ */
+
+/* The GPU backends' cutoff searches first tally a row's valid tokens by
+ * their gap to the row maximum M, in 1/16 of a log2 unit (gaps of 64 and
+ * more share the last bin). The bin is a non-decreasing function of the gap,
+ * and the gap a non-increasing function of the logit, so the bins cut the
+ * rank order into consecutive runs: every token of a lower bin ranks before
+ * every token of a higher one, and the bin that holds a cutoff is found from
+ * the tallies alone. */
+#define PSM_GAP_BINS 1024
+#define PSM_GAP_BIN_SCALE 16.0f
+
+/* The bin of an unclamped gap (psm_unclamped_gap(M, x, s), x valid). */
+PSM_FN int psm_gap_bin(float gap)
+{
+    return gap < 64.0f ? (int)PSM_FMUL(gap, PSM_GAP_BIN_SCALE) : PSM_GAP_BINS - 1;
+}
+
+/* ---- the draw's search ---------------------------------------------------- */
+
+/* The first index whose running sum exceeds target, for running sums in
+ * index order (target below the last): the tile of a draw from the tiles'
+ * running T_t, or the token within a tile from its running w_i. */
+PSM_FN psm_i32 psm_first_above(PSM_GLOBAL const psm_u64 *running, psm_i32 count,
+                               psm_u64 target)
+{
+    psm_i32 low = 0, high = count - 1;
+    while (low < high) {
+        psm_i32 middle = low + (high - low) / 2;
+        if (running[middle] > target)
+            high = middle;
+        else
+            low = middle + 1;
+    }
+    return low;
+}
+
+#endif /* PSM_ROW_H */

@@ -8,7 +8,7 @@
  *    literally): the same tokens, bit for bit; the same support of psm_probs
  *    (the kept tokens whose weight is not 0); probabilities within 1e-6
  *    relative (docs/SAMPLING.md: "float rounding, about 1e-6 relative");
- * 2. the float64 reference (tests/reference.c): greedy tokens and bad rows
+ * 2. the float64 reference (reference/psm_reference.c): greedy tokens and bad rows
  *    exactly; for rows whose kept set is defined by rank alone (top-k or no
  *    filter) psm_ref_distribution's kept set and a total-variation distance
  *    of at most 1e-6 (docs/SAMPLING.md, "Precision"); for rows with top-p
@@ -24,7 +24,7 @@
 #include "fuzz_input.h"
 #include "polysample.h"
 #include "psm_contract.h"
-#include "reference.h"
+#include "psm_reference.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -37,21 +37,6 @@
 #define MAX_PAD 3
 #define PROBS_RELATIVE 1e-6
 #define TV_BOUND 1e-6
-
-/* tests/reference.c asserts its own allocation with Check; here a failed
- * assertion is a crash for libFuzzer to report (these two are the Check
- * functions its assertion macro calls). */
-void _ck_assert_failed(const char *file, int line, const char *expr, const char *msg, ...)
-{
-    fprintf(stderr, "%s:%d: %s %s\n", file, line, expr, msg ? msg : "");
-    abort();
-}
-
-void _mark_point(const char *file, int line)
-{
-    (void)file;
-    (void)line;
-}
 
 #define FAIL(...)                                                                            \
     do {                                                                                     \
@@ -351,6 +336,8 @@ static void check_row(const batch *b, int64_t r, const int32_t *tokens, const fl
     /* Against the float64 reference. */
     psm_ref_params ref = {params.temperature, params.top_k, params.top_p, params.min_p};
     int good = psm_ref_distribution(x, b->vocab, &ref, reference_probs);
+    if (good < 0)
+        FAIL("row %lld: the reference could not allocate its working memory", (long long)r);
     if (good != (model.kind != MODEL_BAD))
         FAIL("row %lld: the reference calls the row %s, the contract model %s", (long long)r,
              good ? "good" : "bad", model.kind == MODEL_BAD ? "bad" : "good");

@@ -51,7 +51,7 @@ bin=$work/bin
 mkdir -p "$bin"
 sanitize=(-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer)
 common=(-g -O1 -std=c11 -ffp-contract=off -fopenmp -Wall -Wextra -Wno-pass-failed
-        -I"$repo/include" -I"$repo/core" -I"$repo/backends/cpu" -I"$repo/cli" -I"$repo/tests"
+        -I"$repo/include" -I"$repo/core" -I"$repo/backends/cpu" -I"$repo/cli" -I"$repo/tests" -I"$repo/reference"
         -I"$repo/fuzz" -DPSM_HAVE_OPENCL=1 '-DPSM_MODULE_DIR=""')
 library=(core/alloc.c core/api.c core/context.c core/environment.c core/error.c core/registry.c
          core/validate.c backends/cpu/cpu_backend.c)
@@ -63,7 +63,7 @@ sources_of() {
     case $1 in
     npy) echo "fuzz/fuzz_npy.c cli/npy.c cli/cli_util.c ${library[*]}" ;;
     api) echo "fuzz/fuzz_api.c ${library[*]}" ;;
-    differential) echo "fuzz/fuzz_differential.c fuzz/contract_model.c tests/reference.c ${library[*]}" ;;
+    differential) echo "fuzz/fuzz_differential.c fuzz/contract_model.c reference/psm_reference.c ${library[*]}" ;;
     esac
 }
 
@@ -77,7 +77,7 @@ for target in $targets; do
     fi
     # Rebuild only when a source or header is newer than the binary.
     if [[ -x $output ]] && [[ -z $(find "$repo/fuzz" "$repo/core" "$repo/backends/cpu" \
-            "$repo/cli/npy.c" "$repo/cli/npy.h" "$repo/cli/cli_util.c" "$repo/tests/reference.c" "$repo/include" \
+            "$repo/cli/npy.c" "$repo/cli/npy.h" "$repo/cli/cli_util.c" "$repo/reference" "$repo/include" \
             -newer "$output" -type f 2>/dev/null | head -n 1) ]]; then
         continue
     fi

@@ -448,29 +448,34 @@ static void test_commands(void)
                         "--threads --seed --quick --json --json=PATH");
     expect_command_help("check", cli_check, "--rows --backend --seed --draws");
 
-    expect_command_refused("info", cli_info, "extra", "unexpected argument 'extra'");
-    expect_command_refused("sample", cli_sample, "--top-k", "option --top-k needs a value");
-    expect_command_refused("sample", cli_sample, "--seed 1 --seed 1 x.npy",
-                           "option --seed is given more than once");
-    expect_command_refused("sample", cli_sample, "--top-p 0.9x x.npy",
-                           "bad --top-p '0.9x': not a decimal number");
-    expect_command_refused("sample", cli_sample, "--temperature 0x1p-1 x.npy",
-                           "bad --temperature '0x1p-1'");
-    expect_command_refused("sample", cli_sample, "--backend cpu,opencl x.npy",
-                           "--backend takes at most 1 item");
-    expect_command_refused("sample", cli_sample, "--logprobs", "no input file");
-    expect_command_refused("sample", cli_sample, "--unknown x.npy",
-                           "unknown option '--unknown' (see polysample sample --help)");
-    expect_command_refused("bench", cli_bench, "--distribution normal,gamma",
-                           "bad --distribution item 'gamma' (normal, lm or both)");
-    expect_command_refused("bench", cli_bench, "--json=", "option --json=PATH needs a value");
-    expect_command_refused("bench", cli_bench, "--quick --quick",
-                           "option --quick is given more than once");
-    expect_command_refused("bench", cli_bench, "--repeat 201",
-                           "bad --repeat '201': out of range (1 to 200)");
-    expect_command_refused("check", cli_check, "--backend cpu,cpu,cpu,cpu,cpu,cpu",
-                           "--backend takes at most 5 items");
-    expect_command_refused("check", cli_check, "--draws -1", "bad --draws '-1'");
+    static const struct {
+        const char *name;
+        int (*command)(int, char **);
+        const char *line;
+        const char *message;
+    } refusals[] = {
+        {"info", cli_info, "extra", "unexpected argument 'extra'"},
+        {"sample", cli_sample, "--top-k", "option --top-k needs a value"},
+        {"sample", cli_sample, "--seed 1 --seed 1 x.npy", "option --seed is given more than once"},
+        {"sample", cli_sample, "--top-p 0.9x x.npy", "bad --top-p '0.9x': not a decimal number"},
+        {"sample", cli_sample, "--temperature 0x1p-1 x.npy", "bad --temperature '0x1p-1'"},
+        {"sample", cli_sample, "--backend cpu,opencl x.npy", "--backend takes at most 1 item"},
+        {"sample", cli_sample, "--logprobs", "no input file"},
+        {"sample", cli_sample, "--unknown x.npy",
+         "unknown option '--unknown' (see polysample sample --help)"},
+        {"bench", cli_bench, "--distribution normal,gamma",
+         "bad --distribution item 'gamma' (normal, lm or both)"},
+        {"bench", cli_bench, "--json=", "option --json=PATH needs a value"},
+        {"bench", cli_bench, "--quick --quick", "option --quick is given more than once"},
+        {"bench", cli_bench, "--repeat 201", "bad --repeat '201': out of range (1 to 200)"},
+        {"check", cli_check, "--backend cpu,cpu,cpu,cpu,cpu,cpu",
+         "--backend takes at most 5 items"},
+        {"check", cli_check, "--draws -1", "bad --draws '-1'"},
+    };
+    size_t i;
+    for (i = 0; i < sizeof refusals / sizeof refusals[0]; ++i)
+        expect_command_refused(refusals[i].name, refusals[i].command, refusals[i].line,
+                               refusals[i].message);
 }
 
 /* ---- the bench's language-model logits ------------------------------------- */

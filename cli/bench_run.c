@@ -219,8 +219,8 @@ static double device_read_ceiling_ms(bench_backend *backend, void *source, size_
 
 /* Runs every case of one (shape, dtype) on one backend. */
 void bench_run_backend_cases(const bench_config *config, bench_backend *backend,
-                              const void *host_logits, size_t bytes, bench_result *results,
-                              int result_count, int *progress, int progress_total)
+                             const void *host_logits, size_t bytes, bench_result *results,
+                             int result_count, int *progress, int progress_total)
 {
     void *inputs[BENCH_MAX_ROTATION];
     void *tokens = NULL;
@@ -299,7 +299,7 @@ void bench_run_backend_cases(const bench_config *config, bench_backend *backend,
 }
 
 int bench_open_backend(const char *command, psm_backend backend, int device_index,
-                        const bench_config *config, bench_backend *opened)
+                       const bench_config *config, bench_backend *opened)
 {
     psm_context_options options;
     psm_status status;

@@ -118,9 +118,8 @@ static void compare_pair(check_state *state, int first, int second, const char *
             }
         } else {
             check_report(state, "%s vs %s, %s: row %lld sample %lld: token %d vs %d",
-                         state->participants[first].name, state->participants[second].name,
-                         label, (long long)(i / (size_t)samples),
-                         (long long)(i % (size_t)samples),
+                         state->participants[first].name, state->participants[second].name, label,
+                         (long long)(i / (size_t)samples), (long long)(i % (size_t)samples),
                          (int)tokens_a[i], (int)tokens_b[i]);
         }
     }
@@ -157,9 +156,8 @@ static int compare_composition(check_state *state, int who, const char *label,
             state->composition_agreed[who]++;
         else
             check_report(state, "%s, %s: row %lld %s: token %d, in the whole batch %d",
-                         state->participants[who].name, label,
-                         (long long)(first_row + i / samples), how, (int)got[i],
-                         (int)expected[first_row * samples + i]);
+                         state->participants[who].name, label, (long long)(first_row + i / samples),
+                         how, (int)got[i], (int)expected[first_row * samples + i]);
     }
     return 0;
 }
@@ -273,7 +271,7 @@ static int check_composition(check_state *state, int who, const char *label,
 /* ---- one case ------------------------------------------------------------ */
 
 int check_run_case(check_state *state, int64_t rows, int64_t vocab, int64_t row_stride,
-                    psm_dtype dtype, const parameter_set *set, uint64_t seed, uint64_t offset)
+                   psm_dtype dtype, const parameter_set *set, uint64_t seed, uint64_t offset)
 {
     check_batch batch;
     case_inputs inputs;

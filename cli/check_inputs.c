@@ -35,7 +35,7 @@ void check_free_inputs(case_inputs *inputs)
  * (bad rows: token -1). With a row stride beyond vocab the padding holds
  * NaN, so a backend that read it would turn a good row bad. */
 int check_make_inputs(const check_batch *shape, const parameter_set *set, uint64_t seed,
-                       case_inputs *inputs)
+                      case_inputs *inputs)
 {
     size_t count = (size_t)shape->rows * (size_t)shape->vocab;
     size_t rows = (size_t)shape->rows, i;

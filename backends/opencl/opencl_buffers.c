@@ -76,7 +76,7 @@ psm_status opencl_reserve_rows(opencl_state *state, int64_t rows, int64_t vocab)
     /* A lane per item of a tile's team: at most 32 (PSM_TEAM). */
     PSM_TRY(opencl_ensure_buffer(state, &state->lane_max, slots * 32 * sizeof(cl_uint), "lane"));
     return opencl_ensure_buffer(state, &state->row_state, (size_t)rows * PSM_ROW_STATE_BYTES,
-                         "row state");
+                                "row state");
 }
 
 /* Everything a cl_mem psm_sample of this size needs, plus its staged
@@ -117,8 +117,7 @@ psm_status opencl_check_device_buffer(opencl_state *state, void *pointer, size_t
 
 /* Input data as a cl_mem: the caller's, or a staged copy of host memory. */
 psm_status opencl_input_buffer(opencl_state *state, device_buffer *staging, void *data,
-                               psm_memory memory, size_t bytes, const char *what,
-                               cl_mem *out)
+                               psm_memory memory, size_t bytes, const char *what, cl_mem *out)
 {
     if (memory == PSM_MEMORY_DEVICE) {
         PSM_TRY(opencl_check_device_buffer(state, data, bytes, what));

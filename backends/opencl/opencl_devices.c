@@ -102,9 +102,8 @@ psm_status opencl_list_devices(device_list *list)
 }
 
 /* Named, the backend runs on any device; AUTO takes only the GPUs and
- * accelerators, which list_devices puts first. */
-int opencl_probe(int *device_count, int *auto_device_count, char *reason,
-                        size_t reason_size)
+ * accelerators, which opencl_list_devices puts first. */
+int opencl_probe(int *device_count, int *auto_device_count, char *reason, size_t reason_size)
 {
     device_list list;
     *device_count = 0;
@@ -153,8 +152,7 @@ int opencl_probe(int *device_count, int *auto_device_count, char *reason,
     return 1;
 }
 
-psm_status opencl_device_string(cl_device_id device, cl_device_info what, char *out,
-                                size_t size)
+psm_status opencl_device_string(cl_device_id device, cl_device_info what, char *out, size_t size)
 {
     out[0] = '\0';
     CL_TRY(clGetDeviceInfo(device, what, size, out, NULL), "clGetDeviceInfo");

@@ -135,7 +135,7 @@ static psm_status prepare(opencl_state *state, const psm_request *request, launc
     size_t span = ((size_t)(call->rows - 1) * (size_t)call->stride + (size_t)call->vocab) *
                   element;
     PSM_TRY(opencl_input_buffer(state, &state->logits, request->logits.data, request->logits.memory,
-                         span, "logits", &call->logits));
+                                span, "logits", &call->logits));
 
     const psm_params *params = &request->params;
     const void *arrays[5] = {params->temperature_per_row, params->top_k_per_row,
@@ -151,8 +151,8 @@ static psm_status prepare(opencl_state *state, const psm_request *request, launc
             continue;
         call->description.per_row |= bits[i];
         PSM_TRY(opencl_input_buffer(state, &state->per_row[i], (void *)arrays[i],
-                             request->logits.memory, (size_t)call->rows * sizes[i], names[i],
-                             &call->per_row_arrays[i]));
+                                    request->logits.memory, (size_t)call->rows * sizes[i], names[i],
+                                    &call->per_row_arrays[i]));
     }
     int scalar_filter = (params->top_k > 0 && params->top_k < call->vocab) ||
                         params->top_p < 1.0f || params->min_p > 0.0f;
@@ -324,11 +324,11 @@ psm_status opencl_sample(void *opaque, psm_request *request)
     int tokens_staged = 0, logprobs_staged = 0;
     const int want_logprobs = call.description.want_logprobs;
     PSM_TRY(opencl_output_target(state, request->tokens, &state->tokens, outputs * sizeof(cl_int),
-                          request->check_rows, "tokens", &tokens, &tokens_staged));
+                                 request->check_rows, "tokens", &tokens, &tokens_staged));
     if (want_logprobs)
         PSM_TRY(opencl_output_target(state, request->logprobs, &state->logprobs,
-                              outputs * sizeof(cl_float), request->check_rows, "logprobs",
-                              &logprobs, &logprobs_staged));
+                                     outputs * sizeof(cl_float), request->check_rows, "logprobs",
+                                     &logprobs, &logprobs_staged));
     else
         logprobs = tokens; /* never written: want_logprobs is 0 */
 

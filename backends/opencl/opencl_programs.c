@@ -196,8 +196,7 @@ static psm_status build_failure(cl_program program, cl_device_id device, cl_int 
         "OpenCL: building the polysample kernels failed (%s, options \"%s\"); build "
         "log%s:\n%.*s%s",
         opencl_error_name(code), options, truncated ? " (first 3000 bytes)" : "",
-        (int)(truncated ? PSM_BUILD_LOG_LIMIT : shown), log ? log : "",
-        truncated ? "\n[...]" : "");
+        (int)(truncated ? PSM_BUILD_LOG_LIMIT : shown), log ? log : "", truncated ? "\n[...]" : "");
     free(log);
     return status;
 }

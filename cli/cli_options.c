@@ -12,8 +12,8 @@
 
 #define CLI_BACKEND_ITEMS "auto, cpu, cuda, hip or opencl, each optionally :N"
 
-/* The option argument names: 1 for "--name", 2 for "--name=VALUE", 0 for
- * another option. */
+/* Whether argument names the option: 1 as "--name", 2 as "--name=VALUE", 0
+ * when it names another one. */
 static int names_option(const char *argument, const cli_option *option)
 {
     size_t length = strlen(option->name);
@@ -31,6 +31,7 @@ static int split_list(const cli_command *command, const cli_option *option, cons
 {
     char buffer[CLI_LIST_TEXT_MAX];
     char *item, *save = NULL;
+    uint64_t limit = option->maximum < CLI_LIST_CAPACITY ? option->maximum : CLI_LIST_CAPACITY;
     int count = 0;
     if (strlen(text) >= sizeof buffer) {
         cli_error(command->name, "%s list is too long (at most %d characters)", option->name,
@@ -39,9 +40,9 @@ static int split_list(const cli_command *command, const cli_option *option, cons
     }
     strcpy(buffer, text);
     for (item = strtok_r(buffer, ",", &save); item; item = strtok_r(NULL, ",", &save)) {
-        if ((uint64_t)count == option->maximum || count == CLI_LIST_CAPACITY) {
+        if ((uint64_t)count == limit) {
             cli_error(command->name, "%s takes at most %llu item%s", option->name,
-                      (unsigned long long)option->maximum, option->maximum == 1 ? "" : "s");
+                      (unsigned long long)limit, limit == 1 ? "" : "s");
             return -1;
         }
         if (store(item, count, context) != 0) {

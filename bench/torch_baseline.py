@@ -30,10 +30,11 @@ SETTINGS = {
 
 
 def default_cases(quick):
-    """The same case list as `polysample bench` (see cli/bench.c)."""
+    """The default case list of `polysample bench` (cli/bench_cases.c), its
+    normal-logits half."""
     cases = []
-    for rows, vocab in ((10000, 32000), (2048, 151936)):
-        if quick:
+    for rows, vocab in ((10000, 32000), (2048, 151936), (256, 151936), (64, 128256)):
+        if quick and rows >= 100:
             rows //= 10
         for dtype in ("f32", "bf16"):
             for setting in ("plain", "topk_topp", "top_p", "min_p"):

@@ -69,7 +69,7 @@ static int opencl_failed(opencl_session *session, const char *what, cl_int statu
 }
 
 /* Device device_index numbers devices as the library does
- * (backends/opencl/opencl_backend.c): every GPU of every platform, then every
+ * (backends/opencl/opencl_devices.c): every GPU of every platform, then every
  * accelerator, then every CPU, platforms in loader order; so "opencl:N" names
  * the same device here and in a context. -1 takes index 0. */
 static int pick_device(int device_index, cl_device_id *chosen, char *error, size_t error_size)

@@ -3,6 +3,7 @@
 #ifndef PSM_CLI_COMMANDS_H
 #define PSM_CLI_COMMANDS_H
 
+int cli_info(int argc, char **argv);
 int cli_sample(int argc, char **argv);
 int cli_bench(int argc, char **argv);
 int cli_check(int argc, char **argv);

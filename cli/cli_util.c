@@ -44,28 +44,6 @@ void cli_context_options_init(psm_context_options *options)
         options->notice = notice_on_stderr;
 }
 
-int cli_match_option(const char *command, int argc, char **argv, int *index, const char *name,
-                     const char **value)
-{
-    const char *argument = argv[*index];
-    size_t name_length = strlen(name);
-    if (strncmp(argument, name, name_length) != 0)
-        return 0;
-    if (argument[name_length] == '=') {
-        *value = argument + name_length + 1;
-        return 1;
-    }
-    if (argument[name_length] != '\0')
-        return 0;
-    if (*index + 1 >= argc) {
-        cli_error(command, "option %s needs a value", name);
-        return -1;
-    }
-    *index += 1;
-    *value = argv[*index];
-    return 1;
-}
-
 int cli_parse_decimal(const char *text, uint64_t min, uint64_t max, uint64_t *value,
                       char *problem, size_t problem_size)
 {
@@ -103,16 +81,51 @@ int cli_option_decimal(const char *command, const char *option, const char *text
     return -1;
 }
 
-int cli_parse_float(const char *text, float *value)
+/* The length of the run of decimal digits at text. */
+static size_t digit_run(const char *text)
 {
+    return strspn(text, "0123456789");
+}
+
+int cli_parse_float(const char *text, float *value, char *problem, size_t problem_size)
+{
+    const char *cursor = text;
+    size_t whole, fraction = 0;
     char *end = NULL;
     float parsed;
-    if (!text || !text[0])
+    if (!text || !text[0]) {
+        if (problem)
+            snprintf(problem, problem_size, "empty (%s)", CLI_FLOAT_RULE);
         return -1;
+    }
+    /* The grammar is checked here; strtof alone would also take spaces,
+     * hex, inf and nan. */
+    if (*cursor == '+' || *cursor == '-')
+        ++cursor;
+    whole = digit_run(cursor);
+    cursor += whole;
+    if (*cursor == '.') {
+        fraction = digit_run(cursor + 1);
+        cursor += 1 + fraction;
+    }
+    if (whole + fraction > 0 && (*cursor == 'e' || *cursor == 'E')) {
+        const char *exponent = cursor + 1;
+        if (*exponent == '+' || *exponent == '-')
+            ++exponent;
+        cursor = digit_run(exponent) > 0 ? exponent + digit_run(exponent) : cursor;
+    }
+    if (whole + fraction == 0 || *cursor != '\0') {
+        if (problem)
+            snprintf(problem, problem_size, "not a decimal number (%s)", CLI_FLOAT_RULE);
+        return -1;
+    }
     errno = 0;
     parsed = strtof(text, &end);
-    if (errno != 0 || *end != '\0' || isnan(parsed))
+    if (errno != 0 || *end != '\0' || !isfinite(parsed)) {
+        if (problem)
+            snprintf(problem, problem_size, "out of float range");
         return -1;
+    }
     *value = parsed;
     return 0;
 }

@@ -1,7 +1,8 @@
 /*
  * cli_util.h: small helpers shared by the polysample subcommands: strict
- * number parsing, backend names, dtype conversions, a deterministic random
- * source for test and benchmark logits, and a monotonic clock.
+ * number parsing (cli_options.h parses the options with it), backend names,
+ * dtype conversions, a deterministic random source for test and benchmark
+ * logits, and a monotonic clock.
  */
 #ifndef PSM_CLI_UTIL_H
 #define PSM_CLI_UTIL_H
@@ -33,13 +34,6 @@ void cli_library_error(const char *command, const char *what, psm_status status)
  * wait is explained; elsewhere they are not shown. */
 void cli_context_options_init(psm_context_options *options);
 
-/* Matches argv[*index] against an option that takes a value, written
- * "--name VALUE" or "--name=VALUE". Returns 1 with *value set (advancing
- * *index past a separate value), 0 when it is not this option, -1 (after a
- * message) when the value is missing. */
-int cli_match_option(const char *command, int argc, char **argv, int *index, const char *name,
-                     const char **value);
-
 /* Every integer the tool reads is written in decimal: one or more digits 0-9
  * and nothing else. No sign, no spaces, no base prefix; leading zeros do not
  * mean octal ("010" is ten, "08" is eight, "0x10" is refused). */
@@ -56,8 +50,16 @@ int cli_parse_decimal(const char *text, uint64_t min, uint64_t max, uint64_t *va
 int cli_option_decimal(const char *command, const char *option, const char *text, uint64_t min,
                        uint64_t max, uint64_t *value);
 
-/* Strict float: the whole text must be a number (NaN refused). 0 on success. */
-int cli_parse_float(const char *text, float *value);
+/* Every fraction the tool reads is written in decimal: an optional sign,
+ * digits with an optional decimal point (at least one digit in all), and an
+ * optional exponent "e" or "E", optional sign, digits. Nothing before or
+ * after: no spaces, no hex ("0x1p-3"), no "inf" or "nan". */
+#define CLI_FLOAT_RULE "decimal: digits, optional point and exponent; no spaces, hex, inf or nan"
+
+/* Parses a strict decimal float (CLI_FLOAT_RULE) that is finite as a float.
+ * 0 on success; otherwise -1 and, when problem is not NULL, why ("not a
+ * decimal number (...)", "empty" or "out of float range"). */
+int cli_parse_float(const char *text, float *value, char *problem, size_t problem_size);
 
 /* "auto", "cpu", "cuda", "hip", "opencl", optionally ":N" for a device. */
 int cli_parse_backend(const char *text, psm_backend *backend, int *device_index);

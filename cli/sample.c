@@ -1,5 +1,6 @@
 /* sample.c: `polysample sample`: tokens from logits in a .npy file. */
 #include "cli_commands.h"
+#include "cli_options.h"
 #include "cli_util.h"
 #include "npy.h"
 #include "polysample.h"
@@ -9,31 +10,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-static const char sample_usage[] =
-    "usage: polysample sample [options] LOGITS.npy\n"
-    "\n"
+static const char sample_description[] =
     "Samples tokens from a .npy file of logits: float32 or float16, 1-D (one\n"
     "row) or 2-D (rows x vocab), C order. Prints one line per row: the row's\n"
-    "tokens separated by spaces (with --logprobs, a tab and then their logprobs).\n"
-    "\n"
-    "options:\n"
-    "  --backend NAME[:N]   auto (default), cpu, cuda, hip or opencl; N picks a device\n"
-    "  --threads N          CPU backend threads (default: OpenMP's default)\n"
-    "  --temperature T      default 1; below 1e-5 (0 included) is greedy\n"
-    "  --top-k K            keep the K most probable tokens (0 = off, default)\n"
-    "  --top-p P            keep the smallest set reaching mass P, in (0, 1] (1 = off)\n"
-    "  --min-p P            keep tokens at least P times the top probability (0 = off)\n"
-    "  --seed S             random seed, 0 to 2^64 - 1 (default 0)\n"
-    "  --offset O           random stream offset, e.g. the decoding step, 0 to\n"
-    "                       2^64 - 1 (default 0)\n"
-    "  --num-samples N      tokens per row, drawn with replacement (default 1)\n"
-    "  --logprobs           also print each token's log-probability\n"
-    "  --check-rows         fail on a row with NaN/+inf or no finite logit\n"
-    "                       (by default such a row gets token -1)\n"
-    "  --json               write {\"tokens\": [[...]], \"logprobs\": [[...]]} instead\n"
-    "\n"
-    "Integers are decimal digits only: no sign, spaces or 0x prefix, and a leading\n"
-    "zero is not octal (--seed 010 is ten).\n";
+    "tokens separated by spaces (with --logprobs, a tab and then their logprobs).\n";
 
 static void print_logprob(float value, int json)
 {
@@ -116,6 +96,77 @@ static int describe_bad_row(const cli_npy_array *array, char *text, size_t size)
     return 0;
 }
 
+/* The options into options and params; the input file into *path (NULL
+ * after --help). CLI_EXIT_OK, or CLI_EXIT_USAGE after a message. */
+static int read_command_line(int argc, char **argv, psm_context_options *options,
+                             psm_params *params, const char **path, int *want_logprobs,
+                             int *json)
+{
+    cli_backend_list backend = {0};
+    uint64_t threads = 0, top_k = (uint64_t)params->top_k,
+             num_samples = (uint64_t)params->num_samples;
+    int check_rows = 0, parsed;
+    const cli_option sample_options[] = {
+        {.name = "--backend", .kind = CLI_OPTION_BACKEND_LIST, .value_name = "NAME[:N]",
+         .target = &backend, .maximum = 1,
+         .help = "auto, cpu, cuda, hip or opencl; N picks\na device", .default_text = "auto"},
+        {.name = "--threads", .kind = CLI_OPTION_DECIMAL, .value_name = "N", .target = &threads,
+         .minimum = 1, .maximum = 4096, .help = "CPU backend threads",
+         .default_text = "OpenMP's"},
+        {.name = "--temperature", .kind = CLI_OPTION_FLOAT, .value_name = "T",
+         .target = &params->temperature, .help = "below 1e-5 (0 included) is greedy"},
+        {.name = "--top-k", .kind = CLI_OPTION_DECIMAL, .value_name = "K", .target = &top_k,
+         .maximum = INT32_MAX, .help = "keep the K most probable tokens; 0 is off"},
+        {.name = "--top-p", .kind = CLI_OPTION_FLOAT, .value_name = "P", .target = &params->top_p,
+         .help = "keep the smallest set reaching mass P,\nin (0, 1]; 1 is off"},
+        {.name = "--min-p", .kind = CLI_OPTION_FLOAT, .value_name = "P", .target = &params->min_p,
+         .help = "keep tokens at least P times the top\nprobability; 0 is off"},
+        {.name = "--seed", .kind = CLI_OPTION_DECIMAL, .value_name = "S", .target = &params->seed,
+         .maximum = UINT64_MAX, .help = "random seed, 0 to 2^64 - 1"},
+        {.name = "--offset", .kind = CLI_OPTION_DECIMAL, .value_name = "O",
+         .target = &params->offset, .maximum = UINT64_MAX,
+         .help = "random stream offset, e.g. the decoding\nstep, 0 to 2^64 - 1"},
+        {.name = "--num-samples", .kind = CLI_OPTION_DECIMAL, .value_name = "N",
+         .target = &num_samples, .minimum = 1, .maximum = INT32_MAX,
+         .help = "tokens per row, drawn with replacement"},
+        {.name = "--logprobs", .kind = CLI_OPTION_FLAG, .target = want_logprobs,
+         .help = "also print each token's log-probability"},
+        {.name = "--check-rows", .kind = CLI_OPTION_FLAG, .target = &check_rows,
+         .help = "fail on a row with NaN/+inf or no finite\nlogit (by default such a row "
+                 "gets\ntoken -1)"},
+        {.name = "--json", .kind = CLI_OPTION_FLAG, .target = json,
+         .help = "write {\"tokens\": [[...]], \"logprobs\":\n[[...]]} instead"},
+    };
+    const cli_command sample_command = {
+        .name = "sample",
+        .synopsis = "polysample sample [options] LOGITS.npy",
+        .description = sample_description,
+        .options = sample_options,
+        .option_count = (int)(sizeof sample_options / sizeof sample_options[0]),
+        .positional_name = "input file",
+        .positional = path,
+    };
+    parsed = cli_parse_options(&sample_command, argc, argv);
+    if (parsed != CLI_PARSE_OK) {
+        *path = NULL;
+        return parsed == CLI_PARSE_HELP ? CLI_EXIT_OK : CLI_EXIT_USAGE;
+    }
+    if (!*path) {
+        cli_error("sample", "no input file");
+        cli_print_usage(&sample_command, stderr);
+        return CLI_EXIT_USAGE;
+    }
+    if (backend.count) {
+        options->backend = backend.backends[0];
+        options->device_index = backend.device_indices[0];
+    }
+    options->cpu_threads = (int)threads;
+    options->check_rows = check_rows;
+    params->top_k = (int32_t)top_k;
+    params->num_samples = (int32_t)num_samples;
+    return CLI_EXIT_OK;
+}
+
 int cli_sample(int argc, char **argv)
 {
     psm_context_options options;
@@ -131,97 +182,12 @@ int cli_sample(int argc, char **argv)
     float *logprobs = NULL;
     char error[512];
     int exit_status = CLI_EXIT_OK;
-    int i;
 
     cli_context_options_init(&options);
     psm_params_init(&params);
-    for (i = 0; i < argc; ++i) {
-        const char *value = NULL;
-        uint64_t integer = 0;
-        int matched;
-        const char *argument = argv[i];
-        if (!strcmp(argument, "--help") || !strcmp(argument, "-h")) {
-            fputs(sample_usage, stdout);
-            return CLI_EXIT_OK;
-        }
-        if (!strcmp(argument, "--logprobs")) {
-            want_logprobs = 1;
-            continue;
-        }
-        if (!strcmp(argument, "--json")) {
-            json = 1;
-            continue;
-        }
-        if (!strcmp(argument, "--check-rows")) {
-            options.check_rows = 1;
-            continue;
-        }
-#define SAMPLE_OPTION(name)                                                       \
-    (matched = cli_match_option("sample", argc, argv, &i, name, &value)) != 0
-        if (SAMPLE_OPTION("--backend")) {
-            if (matched < 0)
-                return CLI_EXIT_USAGE;
-            if (cli_parse_backend(value, &options.backend, &options.device_index) != 0) {
-                cli_error("sample", "bad --backend '%s' (auto, cpu, cuda, hip, opencl, "
-                                    "optionally :N)", value);
-                return CLI_EXIT_USAGE;
-            }
-        } else if (SAMPLE_OPTION("--threads")) {
-            if (matched < 0 ||
-                cli_option_decimal("sample", "--threads", value, 1, 4096, &integer) != 0)
-                return CLI_EXIT_USAGE;
-            options.cpu_threads = (int)integer;
-        } else if (SAMPLE_OPTION("--temperature")) {
-            if (matched < 0 || cli_parse_float(value, &params.temperature) != 0) {
-                if (matched > 0)
-                    cli_error("sample", "bad --temperature '%s'", value);
-                return CLI_EXIT_USAGE;
-            }
-        } else if (SAMPLE_OPTION("--top-k")) {
-            if (matched < 0 ||
-                cli_option_decimal("sample", "--top-k", value, 0, INT32_MAX, &integer) != 0)
-                return CLI_EXIT_USAGE;
-            params.top_k = (int32_t)integer;
-        } else if (SAMPLE_OPTION("--top-p")) {
-            if (matched < 0 || cli_parse_float(value, &params.top_p) != 0) {
-                if (matched > 0)
-                    cli_error("sample", "bad --top-p '%s'", value);
-                return CLI_EXIT_USAGE;
-            }
-        } else if (SAMPLE_OPTION("--min-p")) {
-            if (matched < 0 || cli_parse_float(value, &params.min_p) != 0) {
-                if (matched > 0)
-                    cli_error("sample", "bad --min-p '%s'", value);
-                return CLI_EXIT_USAGE;
-            }
-        } else if (SAMPLE_OPTION("--seed")) {
-            if (matched < 0 ||
-                cli_option_decimal("sample", "--seed", value, 0, UINT64_MAX, &params.seed) != 0)
-                return CLI_EXIT_USAGE;
-        } else if (SAMPLE_OPTION("--offset")) {
-            if (matched < 0 ||
-                cli_option_decimal("sample", "--offset", value, 0, UINT64_MAX, &params.offset) != 0)
-                return CLI_EXIT_USAGE;
-        } else if (SAMPLE_OPTION("--num-samples")) {
-            if (matched < 0 ||
-                cli_option_decimal("sample", "--num-samples", value, 1, INT32_MAX, &integer) != 0)
-                return CLI_EXIT_USAGE;
-            params.num_samples = (int32_t)integer;
-        } else if (argument[0] == '-' && argument[1] != '\0') {
-            cli_error("sample", "unknown option '%s' (see polysample sample --help)", argument);
-            return CLI_EXIT_USAGE;
-        } else if (path) {
-            cli_error("sample", "more than one input file ('%s' and '%s')", path, argument);
-            return CLI_EXIT_USAGE;
-        } else {
-            path = argument;
-        }
-#undef SAMPLE_OPTION
-    }
-    if (!path) {
-        cli_error("sample", "no input file\n%s", sample_usage);
-        return CLI_EXIT_USAGE;
-    }
+    exit_status = read_command_line(argc, argv, &options, &params, &path, &want_logprobs, &json);
+    if (exit_status != CLI_EXIT_OK || !path)
+        return exit_status;
     if (cli_npy_read(path, &array, error, sizeof error) != 0) {
         cli_error("sample", "%s", error);
         return CLI_EXIT_USAGE;

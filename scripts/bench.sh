@@ -123,14 +123,16 @@ import sys
 results = [r for r in json.load(open(sys.argv[1]))["results"] if "median_ms" in r]
 by_case = {}
 for r in results:
-    by_case.setdefault((r["rows"], r["vocab"], r["dtype"], r["setting"]), {})[r["backend"]] = r
+    by_case.setdefault((r["rows"], r["vocab"], r["distribution"], r["dtype"], r["setting"]),
+                       {})[r["backend"]] = r
 pairs = [(case, b["cuda"], b[name]) for case, b in by_case.items() if "cuda" in b
          for name in b if name.startswith("opencl")]
 if pairs:
     print("OpenCL vs CUDA on the same run (ratio = OpenCL time / CUDA time):")
-    print(f"{'rows':>6} {'vocab':>7} {'dtype':5} {'setting':9} {'cuda_ms':>9} {'opencl_ms':>10} {'ratio':>6}")
-    for (rows, vocab, dtype, setting), cuda, opencl in pairs:
-        print(f"{rows:6d} {vocab:7d} {dtype:5} {setting:9} {cuda['median_ms']:9.3f} "
+    print(f"{'rows':>6} {'vocab':>7} {'logits':6} {'dtype':5} {'setting':9} {'cuda_ms':>9} "
+          f"{'opencl_ms':>10} {'ratio':>6}")
+    for (rows, vocab, distribution, dtype, setting), cuda, opencl in pairs:
+        print(f"{rows:6d} {vocab:7d} {distribution:6} {dtype:5} {setting:9} {cuda['median_ms']:9.3f} "
               f"{opencl['median_ms']:10.3f} {opencl['median_ms'] / cuda['median_ms']:6.2f}")
 PY
 
@@ -144,8 +146,9 @@ import sys
 
 ours = json.load(open(sys.argv[1]))["results"]
 theirs = json.load(open(sys.argv[2]))
+# The baseline draws N(0, 2^2) logits: it is compared with the normal cases.
 cuda = {(r["rows"], r["vocab"], r["dtype"], r["setting"]): r for r in ours
-        if r["backend"] == "cuda" and "median_ms" in r}
+        if r["backend"] == "cuda" and r["distribution"] == "normal" and "median_ms" in r}
 print(f"PyTorch {theirs['torch_version']} on {theirs['device']} vs polysample CUDA "
       "(ratio = PyTorch time / polysample time):")
 print(f"{'rows':>6} {'vocab':>7} {'dtype':5} {'setting':9} {'method':24} "

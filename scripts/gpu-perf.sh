@@ -83,7 +83,8 @@ for case in "f32 plain 2000 32000" "bf16 plain 2000 32000" "f32 topk_topp 2000 3
     echo "=== $case ===" >>"$OUT/ncu.log"
     timeout 90 ncu --clock-control none -k regex:'psm_gpu_(tile|row)_kernel' -c 2 \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-        "$CLI" bench --backend cuda --dtype "$1" --setting "$2" --rows "$3" --vocab "$4" --repeat 1 \
+        "$CLI" bench --backend cuda --distribution normal --dtype "$1" --setting "$2" --rows "$3" \
+        --vocab "$4" --repeat 1 \
         >>"$OUT/ncu.log" 2>&1
 done
 grep -E "^===|psm_gpu_|Duration|DRAM Throughput|Compute \(SM\) Throughput|Occupancy|Registers Per|Block Limit|Grid Size|Block Size|Stall|Warp Cycles Per Issued|Shared Memory Configuration Size|Dynamic Shared|Static Shared" \

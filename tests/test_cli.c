@@ -1,15 +1,24 @@
 /*
  * test_cli.c: the command-line tool's helpers, on their own: the
- * strict decimal parser every integer option goes through (cli/cli_util.c),
- * the notice callback the tool gives the library (shown on a terminal only),
+ * strict decimal and float parsers every number option goes through
+ * (cli/cli_util.c), the option parser (cli/cli_options.c) on a table of every
+ * kind and through the subcommands themselves (--help, refusals, usage
+ * texts), the bench's language-model logits (cli/bench_cases.c), the notice
+ * callback the tool gives the library (shown on a terminal only),
  * and the .npy reader (cli/npy.c) on well-formed and malformed files, which
  * this program writes into a temporary directory (and through a FIFO, for
  * input whose size is not known in advance). A plain program: exit status 0
  * when every check passes, 1 otherwise, with one line per failure.
  */
 #define _XOPEN_SOURCE 700
+#include "bench.h"
+#include "cli_commands.h"
+#include "cli_options.h"
 #include "cli_util.h"
 #include "npy.h"
+
+#include <math.h>
+#include <omp.h>
 
 #include <stdarg.h>
 #include <stdint.h>
@@ -106,6 +115,417 @@ static void test_backend_device_index(void)
     EXPECT(cli_parse_backend("opencl:+1", &backend, &device) == -1, "opencl:+1 refused");
     EXPECT(cli_parse_backend("opencl: 1", &backend, &device) == -1, "'opencl: 1' refused");
     EXPECT(cli_parse_backend("opencl:", &backend, &device) == -1, "'opencl:' refused");
+}
+
+/* ---- cli_parse_float ----------------------------------------------------- */
+
+static void expect_float(const char *text, float expected)
+{
+    float value = -12345.0f;
+    char problem[160] = "";
+    int status = cli_parse_float(text, &value, problem, sizeof problem);
+    EXPECT(status == 0 && value == expected,
+           "float '%s': status %d, value %.9g (%s); expected %.9g", text, status, (double)value,
+           problem, (double)expected);
+}
+
+static void expect_float_refused(const char *text, const char *problem_start)
+{
+    float value = -12345.0f;
+    char problem[160] = "";
+    int status = cli_parse_float(text, &value, problem, sizeof problem);
+    EXPECT(status == -1 && value == -12345.0f &&
+               strncmp(problem, problem_start, strlen(problem_start)) == 0,
+           "float '%s': status %d, value %.9g, problem '%s'; expected refusal starting '%s'", text,
+           status, (double)value, problem, problem_start);
+}
+
+static void test_float(void)
+{
+    expect_float("0", 0.0f);
+    expect_float("0.9", 0.9f);
+    expect_float(".5", 0.5f);
+    expect_float("5.", 5.0f);
+    expect_float("1e-5", 1e-5f);
+    expect_float("5E-2", 5e-2f);
+    expect_float("2.5e+1", 25.0f);
+    expect_float("-1", -1.0f); /* the library says why a negative value is wrong */
+    expect_float("+0.8", 0.8f);
+    expect_float("007", 7.0f);
+
+    expect_float_refused("", "empty");
+    expect_float_refused(" 0.9", "not a decimal number");
+    expect_float_refused("0.9 ", "not a decimal number");
+    expect_float_refused("\t1", "not a decimal number");
+    expect_float_refused("0x1p-3", "not a decimal number");
+    expect_float_refused("0X10", "not a decimal number");
+    expect_float_refused("0.9x", "not a decimal number");
+    expect_float_refused("1e", "not a decimal number");
+    expect_float_refused("1e+", "not a decimal number");
+    expect_float_refused("e5", "not a decimal number");
+    expect_float_refused(".", "not a decimal number");
+    expect_float_refused("-", "not a decimal number");
+    expect_float_refused("--1", "not a decimal number");
+    expect_float_refused("1.2.3", "not a decimal number");
+    expect_float_refused("inf", "not a decimal number");
+    expect_float_refused("-infinity", "not a decimal number");
+    expect_float_refused("nan", "not a decimal number");
+    expect_float_refused("1,5", "not a decimal number");
+    expect_float_refused("1e39", "out of float range");
+    expect_float_refused("-1e39", "out of float range");
+    expect_float_refused("1e-60", "out of float range");
+    {
+        float value = 3.0f;
+        EXPECT(cli_parse_float(NULL, &value, NULL, 0) == -1 && value == 3.0f,
+               "NULL text is refused (with no problem buffer)");
+    }
+}
+
+/* ---- capturing a command's stdout and stderr ------------------------------ */
+
+typedef struct captured {
+    int status;
+    char out[16384];
+    char err[4096];
+} captured;
+
+static void read_back(FILE *file, char *text, size_t size)
+{
+    size_t length;
+    rewind(file);
+    length = fread(text, 1, size - 1, file);
+    text[length] = '\0';
+    fclose(file);
+}
+
+/* Runs parse(argc, argv) or command(argc, argv) with stdout and stderr sent
+ * to temporary files, and keeps what they received. */
+static void capture(captured *result, int (*command)(int, char **),
+                    const cli_command *table, int argc, char **argv)
+{
+    FILE *out = tmpfile(), *err = tmpfile();
+    int saved_out, saved_err;
+    if (!out || !err) {
+        printf("FAIL: cannot make temporary files\n");
+        exit(EXIT_FAILURE);
+    }
+    fflush(stdout);
+    fflush(stderr);
+    saved_out = dup(STDOUT_FILENO);
+    saved_err = dup(STDERR_FILENO);
+    dup2(fileno(out), STDOUT_FILENO);
+    dup2(fileno(err), STDERR_FILENO);
+    result->status = command ? command(argc, argv) : cli_parse_options(table, argc, argv);
+    fflush(stdout);
+    fflush(stderr);
+    dup2(saved_out, STDOUT_FILENO);
+    dup2(saved_err, STDERR_FILENO);
+    close(saved_out);
+    close(saved_err);
+    read_back(out, result->out, sizeof result->out);
+    read_back(err, result->err, sizeof result->err);
+}
+
+/* Splits a command line written as one string at spaces (no quoting). */
+static int split_words(const char *line, char *buffer, size_t size, char **words, int capacity)
+{
+    int count = 0;
+    char *word, *save = NULL;
+    snprintf(buffer, size, "%s", line);
+    for (word = strtok_r(buffer, " ", &save); word && count < capacity;
+         word = strtok_r(NULL, " ", &save))
+        words[count++] = word;
+    return count;
+}
+
+/* ---- the option parser on a table of every kind --------------------------- */
+
+typedef struct parsed_values {
+    int flag;
+    uint64_t count;
+    float fraction;
+    const char *name;
+    const char *path;
+    cli_backend_list backends;
+    cli_item_list colours;
+    const char *positional;
+} parsed_values;
+
+static int parse_colour(const char *item, int *value)
+{
+    static const char *const colours[] = {"red", "green", "blue"};
+    int i;
+    for (i = 0; i < 3; ++i)
+        if (!strcmp(item, colours[i])) {
+            *value = i;
+            return 0;
+        }
+    return -1;
+}
+
+/* Parses line against the test table into values (reset first). */
+static void parse_test_line(const char *line, parsed_values *values, captured *result)
+{
+    static char buffer[512];
+    char *words[32];
+    int count = split_words(line, buffer, sizeof buffer, words, 32);
+    const cli_option options[] = {
+        {.name = "--flag", .kind = CLI_OPTION_FLAG, .target = &values->flag, .help = "a flag"},
+        {.name = "--count", .kind = CLI_OPTION_DECIMAL, .value_name = "N",
+         .target = &values->count, .minimum = 1, .maximum = 100, .help = "a count"},
+        {.name = "--fraction", .kind = CLI_OPTION_FLOAT, .value_name = "F",
+         .target = &values->fraction, .help = "a fraction"},
+        {.name = "--name", .kind = CLI_OPTION_STRING, .value_name = "NAME",
+         .target = &values->name, .help = "a name"},
+        {.name = "--backend", .kind = CLI_OPTION_BACKEND_LIST, .value_name = "LIST",
+         .target = &values->backends, .maximum = 3, .help = "backends"},
+        {.name = "--colour", .kind = CLI_OPTION_LIST, .value_name = "LIST",
+         .target = &values->colours, .maximum = 2, .parse_item = parse_colour,
+         .items = "red, green or blue", .help = "colours"},
+        {.name = "--out", .kind = CLI_OPTION_FLAG, .target = &values->flag, .help = "stdout"},
+        {.name = "--out", .kind = CLI_OPTION_STRING, .value_name = "PATH",
+         .target = &values->path, .value_attached_only = 1, .help = "a file"},
+    };
+    const cli_command command = {
+        .name = "test",
+        .synopsis = "polysample test [options] FILE",
+        .options = options,
+        .option_count = (int)(sizeof options / sizeof options[0]),
+        .positional_name = "file",
+        .positional = &values->positional,
+    };
+    memset(values, 0, sizeof *values);
+    values->count = 7;
+    values->fraction = 0.5f;
+    capture(result, NULL, &command, count, words);
+}
+
+static void expect_parse_refused(const char *line, const char *message)
+{
+    parsed_values values;
+    captured result;
+    parse_test_line(line, &values, &result);
+    EXPECT(result.status == CLI_PARSE_ERROR && strstr(result.err, message) != NULL &&
+               result.out[0] == '\0',
+           "'%s': status %d, stderr '%s', stdout '%s'; expected a refusal saying '%s'", line,
+           result.status, result.err, result.out, message);
+}
+
+static void test_option_parser(void)
+{
+    parsed_values values;
+    captured result;
+
+    parse_test_line("--flag --count 42 --fraction=0.25 --name=x --backend cpu,opencl:1 "
+                    "--colour blue,red file.npy",
+                    &values, &result);
+    EXPECT(result.status == CLI_PARSE_OK && result.err[0] == '\0', "good line: status %d, '%s'",
+           result.status, result.err);
+    EXPECT(values.flag == 1 && values.count == 42 && values.fraction == 0.25f &&
+               values.name && !strcmp(values.name, "x") && values.positional &&
+               !strcmp(values.positional, "file.npy"),
+           "good line: flag %d count %llu fraction %g name %s positional %s", values.flag,
+           (unsigned long long)values.count, (double)values.fraction,
+           values.name ? values.name : "(null)", values.positional ? values.positional : "(null)");
+    EXPECT(values.backends.count == 2 && values.backends.backends[0] == PSM_BACKEND_CPU &&
+               values.backends.device_indices[0] == -1 &&
+               values.backends.backends[1] == PSM_BACKEND_OPENCL &&
+               values.backends.device_indices[1] == 1,
+           "good line: %d backends", values.backends.count);
+    EXPECT(values.colours.count == 2 && values.colours.values[0] == 2 &&
+               values.colours.values[1] == 0,
+           "good line: %d colours", values.colours.count);
+
+    /* Options not given keep their values; a "-" alone is a positional. */
+    parse_test_line("-", &values, &result);
+    EXPECT(result.status == CLI_PARSE_OK && values.count == 7 && values.fraction == 0.5f &&
+               !values.flag && values.backends.count == 0 && values.positional &&
+               !strcmp(values.positional, "-"),
+           "'-': status %d count %llu", result.status, (unsigned long long)values.count);
+
+    /* A flag and its "=VALUE" form are two options. */
+    parse_test_line("--out --out=o.json", &values, &result);
+    EXPECT(result.status == CLI_PARSE_OK && values.flag == 1 && values.path &&
+               !strcmp(values.path, "o.json"),
+           "--out --out=o.json: status %d, '%s'", result.status, result.err);
+
+    /* The word after an option is its value, whatever it looks like. */
+    parse_test_line("--name --flag", &values, &result);
+    EXPECT(result.status == CLI_PARSE_OK && values.name && !strcmp(values.name, "--flag") &&
+               values.flag == 0,
+           "--name --flag: status %d", result.status);
+
+    parse_test_line("--flag --help --bogus", &values, &result);
+    EXPECT(result.status == CLI_PARSE_HELP && result.err[0] == '\0' &&
+               strstr(result.out, "usage: polysample test [options] FILE\n") == result.out &&
+               strstr(result.out, "  --count N ") && strstr(result.out, "(default 7)") &&
+               strstr(result.out, "(default 0.5)") && strstr(result.out, "  --out=PATH ") &&
+               strstr(result.out, "  --help, -h ") && strstr(result.out, "Integers are decimal") &&
+               strstr(result.out, "Fractions are decimal"),
+           "--help: status %d, stdout '%s'", result.status, result.out);
+    parse_test_line("-h", &values, &result);
+    EXPECT(result.status == CLI_PARSE_HELP && strstr(result.out, "usage: "), "-h: status %d",
+           result.status);
+
+    expect_parse_refused("--bogus", "unknown option '--bogus' (see polysample test --help)");
+    expect_parse_refused("-x", "unknown option '-x'");
+    expect_parse_refused("--flags", "unknown option '--flags'");
+    expect_parse_refused("--count", "option --count needs a value");
+    expect_parse_refused("--flag --count", "option --count needs a value");
+    expect_parse_refused("--count 1 --count 2", "option --count is given more than once");
+    expect_parse_refused("--count=1 --count 1", "option --count is given more than once");
+    expect_parse_refused("--flag --flag", "option --flag is given more than once");
+    expect_parse_refused("--out=a --out=b", "option --out= is given more than once");
+    expect_parse_refused("--flag=1", "option --flag takes no value");
+    expect_parse_refused("--out=", "option --out=PATH needs a value");
+    expect_parse_refused("--name=", "option --name NAME needs a value");
+    expect_parse_refused("--count 0", "bad --count '0': out of range (1 to 100)");
+    expect_parse_refused("--count=0x10", "bad --count '0x10': not a decimal number");
+    expect_parse_refused("--fraction 0x1p-3", "bad --fraction '0x1p-3': not a decimal number");
+    expect_parse_refused("--fraction 1e99", "bad --fraction '1e99': out of float range");
+    expect_parse_refused("--backend gpu", "bad --backend item 'gpu'");
+    expect_parse_refused("--backend cpu,cpu,cpu,cpu", "--backend takes at most 3 items");
+    expect_parse_refused("--backend ,", "--backend needs at least one item");
+    expect_parse_refused("--colour green,pink", "bad --colour item 'pink' (red, green or blue)");
+    expect_parse_refused("a b", "more than one file ('a' and 'b')");
+}
+
+/* ---- the subcommands' command lines ---------------------------------------- */
+
+/* --help: exit 0, the usage on stdout (nothing on stderr) with each option
+ * (names separated by spaces) and no line longer than CLI_USAGE_WIDTH. */
+static void expect_command_help(const char *name, int (*command)(int, char **),
+                                const char *options)
+{
+    static char buffer[512];
+    char *words[32], *argv[1] = {"--help"};
+    char usage_start[64];
+    captured result;
+    const char *line;
+    int count = split_words(options, buffer, sizeof buffer, words, 32), i;
+    capture(&result, command, NULL, 1, argv);
+    snprintf(usage_start, sizeof usage_start, "usage: polysample %s", name);
+    EXPECT(result.status == CLI_EXIT_OK && result.err[0] == '\0' &&
+               strncmp(result.out, usage_start, strlen(usage_start)) == 0 &&
+               strstr(result.out, "\n  --help, -h "),
+           "%s --help: status %d, stderr '%s', stdout starts '%.40s'", name, result.status,
+           result.err, result.out);
+    for (i = 0; i < count; ++i) {
+        char label[64];
+        snprintf(label, sizeof label, "\n  %s", words[i]);
+        EXPECT(strstr(result.out, label) != NULL, "%s --help does not list %s", name, words[i]);
+    }
+    for (line = result.out; *line;) {
+        const char *end = strchr(line, '\n');
+        size_t length = end ? (size_t)(end - line) : strlen(line);
+        EXPECT(length <= CLI_USAGE_WIDTH, "%s --help: a line of %zu characters: '%.*s'", name,
+               length, (int)length, line);
+        line += length + (end ? 1 : 0);
+    }
+}
+
+static void expect_command_refused(const char *name, int (*command)(int, char **),
+                                   const char *line, const char *message)
+{
+    static char buffer[512];
+    char *words[32];
+    captured result;
+    int count = split_words(line, buffer, sizeof buffer, words, 32);
+    capture(&result, command, NULL, count, words);
+    EXPECT(result.status == CLI_EXIT_USAGE && strstr(result.err, message) != NULL,
+           "%s %s: status %d, stderr '%s'; expected exit %d saying '%s'", name, line,
+           result.status, result.err, CLI_EXIT_USAGE, message);
+}
+
+static void test_commands(void)
+{
+    expect_command_help("info", cli_info, "");
+    expect_command_help("sample", cli_sample,
+                        "--backend --threads --temperature --top-k --top-p --min-p --seed "
+                        "--offset --num-samples --logprobs --check-rows --json");
+    expect_command_help("bench", cli_bench,
+                        "--backend --rows --vocab --dtype --setting --distribution --repeat "
+                        "--threads --seed --quick --json --json=PATH");
+    expect_command_help("check", cli_check, "--rows --backend --seed --draws");
+
+    static const struct {
+        const char *name;
+        int (*command)(int, char **);
+        const char *line;
+        const char *message;
+    } refusals[] = {
+        {"info", cli_info, "extra", "unexpected argument 'extra'"},
+        {"sample", cli_sample, "--top-k", "option --top-k needs a value"},
+        {"sample", cli_sample, "--seed 1 --seed 1 x.npy", "option --seed is given more than once"},
+        {"sample", cli_sample, "--top-p 0.9x x.npy", "bad --top-p '0.9x': not a decimal number"},
+        {"sample", cli_sample, "--temperature 0x1p-1 x.npy", "bad --temperature '0x1p-1'"},
+        {"sample", cli_sample, "--backend cpu,opencl x.npy", "--backend takes at most 1 item"},
+        {"sample", cli_sample, "--logprobs", "no input file"},
+        {"sample", cli_sample, "--unknown x.npy",
+         "unknown option '--unknown' (see polysample sample --help)"},
+        {"bench", cli_bench, "--distribution normal,gamma",
+         "bad --distribution item 'gamma' (normal, lm or both)"},
+        {"bench", cli_bench, "--json=", "option --json=PATH needs a value"},
+        {"bench", cli_bench, "--quick --quick", "option --quick is given more than once"},
+        {"bench", cli_bench, "--repeat 201", "bad --repeat '201': out of range (1 to 200)"},
+        {"check", cli_check, "--backend cpu,cpu,cpu,cpu,cpu,cpu",
+         "--backend takes at most 5 items"},
+        {"check", cli_check, "--draws -1", "bad --draws '-1'"},
+    };
+    size_t i;
+    for (i = 0; i < sizeof refusals / sizeof refusals[0]; ++i)
+        expect_command_refused(refusals[i].name, refusals[i].command, refusals[i].line,
+                               refusals[i].message);
+}
+
+/* ---- the bench's language-model logits ------------------------------------- */
+
+static int compare_descending(const void *a, const void *b)
+{
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x < y) - (x > y);
+}
+
+/* Each row's k-th largest logit lies within the noise of -1.1 ln(k) (noise
+ * of at most 0.1 moves each order statistic by at most 0.1); the rows are
+ * shuffled differently (their top tokens differ); the values do not depend
+ * on the thread count. */
+static void test_language_model_logits(void)
+{
+    enum { ROWS = 3, VOCAB = 1000 };
+    static float one_thread[ROWS * VOCAB], two_threads[ROWS * VOCAB], sorted[VOCAB];
+    int saved_threads = omp_get_max_threads(), row, k, worst = -1, top[ROWS] = {0};
+    double worst_error = 0.0;
+    omp_set_num_threads(1);
+    EXPECT(bench_fill_logits(one_thread, ROWS, VOCAB, DISTRIBUTION_LM, 1) == 0, "lm fill failed");
+    omp_set_num_threads(2);
+    EXPECT(bench_fill_logits(two_threads, ROWS, VOCAB, DISTRIBUTION_LM, 1) == 0, "lm fill failed");
+    omp_set_num_threads(saved_threads);
+    EXPECT(memcmp(one_thread, two_threads, sizeof one_thread) == 0,
+           "lm logits differ between 1 and 2 threads");
+    for (row = 0; row < ROWS; ++row) {
+        memcpy(sorted, one_thread + row * VOCAB, sizeof sorted);
+        qsort(sorted, VOCAB, sizeof sorted[0], compare_descending);
+        for (k = 0; k < VOCAB; ++k) {
+            double error = fabs((double)sorted[k] + 1.1 * log((double)(k + 1)));
+            if (error > worst_error) {
+                worst_error = error;
+                worst = k;
+            }
+        }
+    }
+    EXPECT(worst_error <= 0.1 + 1e-5, "lm logits: order statistic %d is %.6f from -1.1 ln(rank)",
+           worst, worst_error);
+    EXPECT(worst_error > 0.05, "lm logits: no noise seen (largest deviation %.6f)", worst_error);
+    for (row = 0; row < ROWS; ++row) {
+        const float *values = one_thread + row * VOCAB;
+        for (k = 0; k < VOCAB; ++k)
+            if (values[k] > values[top[row]])
+                top[row] = k;
+    }
+    EXPECT(top[0] != top[1] && top[1] != top[2] && top[0] != top[2],
+           "lm logits: the rows' top tokens are %d, %d and %d; shuffled rows differ", top[0],
+           top[1], top[2]);
 }
 
 /* ---- the notice callback, on a terminal and off one --------------------- */
@@ -455,7 +875,11 @@ int main(void)
 {
     const char *temporary = getenv("TMPDIR");
     test_decimal();
+    test_float();
     test_backend_device_index();
+    test_option_parser();
+    test_commands();
+    test_language_model_logits();
     test_notice();
     snprintf(directory, sizeof directory, "%s/test_cli.XXXXXX",
              temporary && temporary[0] && strlen(temporary) < 32 ? temporary : "/tmp");

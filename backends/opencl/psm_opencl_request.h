@@ -11,7 +11,7 @@
  * size and sits at a multiple of that size with no padding before it (8-byte
  * members first, then 4-byte ones, then an explicit pad to a multiple of 8):
  * C and OpenCL C both align scalars to their size, and the host checks that
- * no padding was added (opencl_backend.c), the kernels that the size agrees.
+ * no padding was added (opencl_launch.c), the kernels that the size agrees.
  */
 #ifndef PSM_OPENCL_REQUEST_H
 #define PSM_OPENCL_REQUEST_H

@@ -1,0 +1,150 @@
+/*
+ * opencl_backend.h: what the OpenCL backend's files share (host side,
+ * OpenCL 1.2 API): the backend's state, its workspace buffers, the kernels
+ * and the error helpers. opencl_backend.c creates and destroys the state and
+ * lists the backend's operations; opencl_devices.c lists and probes devices;
+ * opencl_programs.c loads the kernel sources and builds the program (with
+ * the shared contexts and the program and binary caches); opencl_buffers.c
+ * holds the workspace and the caller's buffers; opencl_launch.c turns a
+ * request into the kernels' description and enqueues the pipeline.
+ */
+#ifndef PSM_OPENCL_BACKEND_H
+#define PSM_OPENCL_BACKEND_H
+
+#include "backend.h"
+#include "error.h"
+
+#include <CL/cl.h>
+
+#include <stddef.h>
+
+/* ---- errors (opencl_backend.c) -------------------------------------------- */
+
+/* The name of an OpenCL error code ("CL_OUT_OF_RESOURCES"). */
+const char *opencl_error_name(cl_int code);
+/* PSM_ERR_OUT_OF_MEMORY for the allocation failures, PSM_ERR_DRIVER else. */
+psm_status opencl_status_of(cl_int code);
+/* Sets "OpenCL: <what> failed: <name> (<code>)" and returns its status. */
+psm_status opencl_failure(cl_int code, const char *what);
+
+#define CL_TRY(call, what)                                                                  \
+    do {                                                                                    \
+        cl_int cl_try_code_ = (call);                                                       \
+        if (cl_try_code_ != CL_SUCCESS)                                                     \
+            return opencl_failure(cl_try_code_, (what));                                    \
+    } while (0)
+
+#define PSM_TRY(call)                                                                       \
+    do {                                                                                    \
+        psm_status psm_try_status_ = (call);                                                \
+        if (psm_try_status_ != PSM_OK)                                                      \
+            return psm_try_status_;                                                         \
+    } while (0)
+
+/* ---- devices (opencl_devices.c) ---------------------------------------------- */
+
+typedef struct device_list {
+    cl_device_id *devices;
+    cl_uint count;
+} device_list;
+
+/* Every GPU, then accelerator, then CPU device of every platform (the order
+ * of device_index; one thread at a time). The caller frees list->devices. */
+psm_status opencl_list_devices(device_list *list);
+int opencl_probe(int *device_count, int *auto_device_count, char *reason, size_t reason_size);
+/* A device's string property, NUL-terminated within size. */
+psm_status opencl_device_string(cl_device_id device, cl_device_info what, char *out,
+                                size_t size);
+/* The work-group size to build the kernels for first (opencl_devices.c says
+ * how it is chosen); 0 with *status set on failure. */
+size_t opencl_initial_group_size(cl_device_id device, psm_status *status);
+
+/* ---- the state ------------------------------------------------------------- */
+
+enum {
+    KERNEL_TILE_REDUCE,
+    KERNEL_ROW_TOP_K,
+    KERNEL_ROW_FILTER,
+    KERNEL_TILE_FILTER,
+    KERNEL_ROW_COMBINE,
+    KERNEL_DRAW,
+    KERNEL_PROBS,
+    KERNEL_COUNT
+};
+/* The kernels' names in the program, by the enum above. */
+extern const char *const opencl_kernel_names[KERNEL_COUNT];
+
+/* A program in the cache (opencl_programs.c), shared by the psm_contexts of
+ * one (cl_context, device, options, sources). */
+typedef struct cached_program cached_program;
+
+typedef struct device_buffer {
+    cl_mem mem;
+    size_t bytes;
+} device_buffer;
+
+typedef struct opencl_state {
+    cl_context context;
+    int own_context;
+    cl_device_id device;
+    cl_command_queue queue;
+    int queue_out_of_order;
+    cached_program *program;
+    cl_kernel kernels[KERNEL_COUNT];
+    size_t group_size;
+    cl_ulong local_memory;
+    cl_ulong row_filter_local; /* local memory the row filter uses besides its row cache */
+    cl_ulong max_allocation;
+
+    device_buffer tile_key, tile_info, tile_ref, tile_mass, tile_prefix;
+    device_buffer lane_max; /* top-k rows: each lane's maximum (psm_tile_reduce) */
+    device_buffer row_state, first_bad_row;
+    device_buffer tokens, logprobs;     /* outputs staged for host or checked calls */
+    device_buffer probs;
+    device_buffer logits;               /* host logits copied in */
+    device_buffer per_row[5];           /* host per-row arrays copied in */
+} opencl_state;
+
+/* ---- programs (opencl_programs.c) -------------------------------------------- */
+
+/* A context of our own for the device, shared with other psm_contexts. */
+psm_status opencl_acquire_own_context(cl_device_id device, cl_context *context_out);
+void opencl_release_own_context(cl_context context);
+/* Loads the kernel sources, builds (or finds) the program for the state's
+ * context and device at the largest work-group size every kernel allows,
+ * and creates the kernels: state->program, kernels, group_size. */
+psm_status opencl_build_program(opencl_state *state, const psm_context_options *options,
+                                const char *device_name);
+void opencl_release_program(cached_program *target);
+
+/* ---- buffers (opencl_buffers.c) ---------------------------------------------- */
+
+/* Grows a workspace buffer to at least bytes. */
+psm_status opencl_ensure_buffer(opencl_state *state, device_buffer *buffer, size_t bytes,
+                                const char *what);
+/* Releases every workspace and staging buffer of the state. */
+void opencl_release_workspace(opencl_state *state);
+size_t opencl_tile_count(int64_t vocab);
+/* The per-tile and per-row workspace of a call of rows x vocab. */
+psm_status opencl_reserve_rows(opencl_state *state, int64_t rows, int64_t vocab);
+psm_status opencl_reserve(void *opaque, int64_t rows, int64_t vocab, int64_t num_samples);
+/* A caller's cl_mem: of this context and at least bytes long. */
+psm_status opencl_check_device_buffer(opencl_state *state, void *pointer, size_t bytes,
+                                      const char *what);
+/* Input data as a cl_mem: the caller's, or a staged copy of host memory. */
+psm_status opencl_input_buffer(opencl_state *state, device_buffer *staging, void *data,
+                               psm_memory memory, size_t bytes, const char *what, cl_mem *out);
+/* The cl_mem a kernel writes an output to (the caller's, or staging). */
+psm_status opencl_output_target(opencl_state *state, psm_output output, device_buffer *staging,
+                                size_t bytes, int check_rows, const char *what, cl_mem *target,
+                                int *staged);
+/* Moves a staged output to where the caller wants it. */
+psm_status opencl_deliver(opencl_state *state, cl_mem staged, psm_output output, size_t bytes);
+
+/* ---- launch (opencl_launch.c) -------------------------------------------------- */
+
+psm_status opencl_sample(void *opaque, psm_request *request);
+psm_status opencl_probs(void *opaque, psm_request *request);
+psm_status opencl_synchronize(void *opaque);
+
+#endif /* PSM_OPENCL_BACKEND_H */

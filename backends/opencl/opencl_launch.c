@@ -1,0 +1,432 @@
+/* opencl_launch.c: one OpenCL call: the request as the kernels read it
+ * (psm_opencl_request.h), where the filter kernels keep their candidates,
+ * the kernels' arguments, and the pipeline enqueued for psm_sample and
+ * psm_probs. */
+#include "error.h"
+#include "opencl_backend.h"
+#include "psm_contract.h"
+#include "psm_opencl_request.h"
+#include "psm_row.h"
+
+#include <CL/cl.h>
+
+#include <limits.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <string.h>
+
+/* The kernels read these structs as this file writes them (and check the
+ * same sizes): no padding anywhere (psm_opencl_request.h). */
+_Static_assert(sizeof(psm_row_scalars) == 24 &&
+                   offsetof(psm_opencl_request, dtype) == 48 &&
+                   sizeof(psm_opencl_request) == PSM_OPENCL_REQUEST_BYTES,
+               "psm_opencl_request is laid out with padding");
+_Static_assert(sizeof(psm_row_state) == PSM_ROW_STATE_BYTES,
+               "psm_row_state is laid out with padding");
+_Static_assert(PSM_OPENCL_DTYPE_F32 == PSM_DTYPE_F32 && PSM_OPENCL_DTYPE_F16 == PSM_DTYPE_F16 &&
+                   PSM_OPENCL_DTYPE_BF16 == PSM_DTYPE_BF16,
+               "the kernels' dtype values differ from psm_dtype");
+
+/* Keys in psm_row_filter's candidate list on the global path, and in
+ * psm_row_top_k's (see plan_filters). */
+#define PSM_LIST_CAP 2048
+#define PSM_TOP_K_LIST 1024
+
+static size_t dtype_size(psm_dtype dtype)
+{
+    return dtype == PSM_DTYPE_F32 ? 4 : 2;
+}
+
+typedef struct launch {
+    opencl_state *state;
+    const psm_request *request;
+    int64_t rows, vocab, stride;
+    size_t tiles;
+    cl_mem logits;
+    cl_mem per_row_arrays[5];
+    int filters;      /* some row may have an active filter */
+    int may_top_k;    /* some row may have top-k */
+    int may_search;   /* some row may have top-k or top-p (a cutoff search) */
+    size_t list_bytes; /* psm_row_filter's local row cache or candidate list */
+    psm_opencl_request description; /* every kernel's first argument */
+} launch;
+
+/* Where the filter kernels keep their candidates. The on-chip path keeps
+ * the row's values in local memory across the radix passes when they fit
+ * next to the row filter's own local use. Otherwise the same local memory
+ * holds a list of candidate rank keys (8 bytes each), capped so that more
+ * row groups fit on a compute unit at once (the local memory a group asks
+ * for limits how many run side by side): PSM_LIST_CAP keys hold the gap-bin
+ * tallies and the tokens of the bin that holds a cutoff; longer lists
+ * narrow by radix levels first. Min-p alone needs neither.
+ * Top-k rows first try the lane maxima (psm_row_top_k, with a list of its
+ * own, small enough for several groups per compute unit: top-k up to a few
+ * hundred), which reads far less than even the on-chip path; the row filter
+ * takes the rows it leaves. */
+static void plan_filters(launch *call)
+{
+    const opencl_state *state = call->state;
+    psm_opencl_request *plan = &call->description;
+    if (!call->filters)
+        return;
+    cl_ulong row_bytes = (cl_ulong)call->vocab * sizeof(cl_float);
+    cl_ulong free_local = state->local_memory > state->row_filter_local
+                              ? state->local_memory - state->row_filter_local
+                              : 0;
+    int use_cache = call->may_search && row_bytes <= free_local;
+    cl_ulong list_bytes =
+        use_cache ? row_bytes : free_local / sizeof(cl_ulong) * sizeof(cl_ulong);
+    if (!use_cache && list_bytes > PSM_LIST_CAP * sizeof(cl_ulong))
+        list_bytes = PSM_LIST_CAP * sizeof(cl_ulong);
+    if (!call->may_search)
+        list_bytes = 0;
+#ifdef PSM_OPENCL_TEST_LIST_BYTES
+    /* Test builds only: force the global path with a small list. */
+    use_cache = 0;
+    list_bytes = PSM_OPENCL_TEST_LIST_BYTES;
+#endif
+    plan->use_row_cache = use_cache;
+    plan->list_capacity = use_cache ? 0 : (psm_i32)(list_bytes / sizeof(cl_ulong));
+    call->list_bytes = list_bytes >= sizeof(cl_ulong) ? (size_t)list_bytes : sizeof(cl_ulong);
+    plan->top_k_list_capacity = PSM_TOP_K_LIST;
+    plan->top_k_ran = call->may_top_k &&
+                      (cl_ulong)PSM_TOP_K_LIST * sizeof(cl_ulong) <= free_local;
+    plan->filters_ran = 1;
+}
+
+/* The rest of the call's description: the request as the kernels read it. */
+static void describe(launch *call)
+{
+    const psm_request *request = call->request;
+    const psm_params *params = &request->params;
+    psm_opencl_request *description = &call->description;
+    description->scalars.seed = params->seed;
+    description->scalars.temperature = params->temperature;
+    description->scalars.top_k = params->top_k;
+    description->scalars.top_p = params->top_p;
+    description->scalars.min_p = params->min_p;
+    description->offset = params->offset;
+    description->row_stride = call->stride;
+    description->probs_stride = request->probs.row_stride;
+    description->dtype = (psm_i32)request->logits.dtype;
+    description->rows = (psm_i32)call->rows;
+    description->vocab = (psm_i32)call->vocab;
+    description->tiles = (psm_i32)call->tiles;
+    description->num_samples = (psm_i32)params->num_samples;
+    description->want_logprobs = request->logprobs.data != NULL;
+    description->check_rows = request->check_rows;
+}
+
+static psm_status prepare(opencl_state *state, const psm_request *request, launch *call)
+{
+    memset(call, 0, sizeof *call);
+    call->state = state;
+    call->request = request;
+    call->rows = request->logits.rows;
+    call->vocab = request->logits.vocab;
+    call->stride = request->logits.row_stride;
+    call->tiles = opencl_tile_count(call->vocab);
+    if (call->rows > INT32_MAX)
+        return psm_set_error(PSM_ERR_UNSUPPORTED,
+                             "OpenCL: %lld rows; this backend handles at most 2^31 - 1",
+                             (long long)call->rows);
+    PSM_TRY(opencl_reserve_rows(state, call->rows, call->vocab));
+    size_t element = dtype_size(request->logits.dtype);
+    size_t span = ((size_t)(call->rows - 1) * (size_t)call->stride + (size_t)call->vocab) *
+                  element;
+    PSM_TRY(opencl_input_buffer(state, &state->logits, request->logits.data, request->logits.memory,
+                                span, "logits", &call->logits));
+
+    const psm_params *params = &request->params;
+    const void *arrays[5] = {params->temperature_per_row, params->top_k_per_row,
+                             params->top_p_per_row, params->min_p_per_row,
+                             params->seed_per_row};
+    static const size_t sizes[5] = {4, 4, 4, 4, 8};
+    static const char *const names[5] = {"temperature_per_row", "top_k_per_row",
+                                         "top_p_per_row", "min_p_per_row", "seed_per_row"};
+    static const cl_uint bits[5] = {PSM_PER_ROW_TEMPERATURE, PSM_PER_ROW_TOP_K,
+                                    PSM_PER_ROW_TOP_P, PSM_PER_ROW_MIN_P, PSM_PER_ROW_SEED};
+    for (int i = 0; i < 5; ++i) {
+        if (!arrays[i])
+            continue;
+        call->description.per_row |= bits[i];
+        PSM_TRY(opencl_input_buffer(state, &state->per_row[i], (void *)arrays[i],
+                                    request->logits.memory, (size_t)call->rows * sizes[i], names[i],
+                                    &call->per_row_arrays[i]));
+    }
+    int scalar_filter = (params->top_k > 0 && params->top_k < call->vocab) ||
+                        params->top_p < 1.0f || params->min_p > 0.0f;
+    const cl_uint per_row = call->description.per_row;
+    int per_row_filter = (per_row & (PSM_PER_ROW_TOP_K | PSM_PER_ROW_TOP_P |
+                                     PSM_PER_ROW_MIN_P)) != 0;
+    int all_greedy = !(per_row & PSM_PER_ROW_TEMPERATURE) && psm_is_greedy(params->temperature);
+    call->filters = (scalar_filter || per_row_filter) && !all_greedy;
+    call->may_top_k = call->filters && (params->top_k > 0 || (per_row & PSM_PER_ROW_TOP_K));
+    call->may_search = call->may_top_k || (call->filters && (params->top_p < 1.0f ||
+                                                            (per_row & PSM_PER_ROW_TOP_P)));
+    plan_filters(call);
+    describe(call);
+    return PSM_OK;
+}
+
+/* The arguments every kernel starts with (PSM_REQUEST_PARAMS): the call's
+ * description, the logits and the per-row arrays (NULL where absent). */
+static psm_status set_request_args(const launch *call, cl_kernel kernel, cl_uint *next)
+{
+    cl_uint index = 0;
+    cl_int code = clSetKernelArg(kernel, index++, sizeof call->description, &call->description);
+    code |= clSetKernelArg(kernel, index++, sizeof(cl_mem), &call->logits);
+    for (int i = 0; i < 5; ++i)
+        code |= clSetKernelArg(kernel, index++, sizeof(cl_mem), &call->per_row_arrays[i]);
+    if (code != CL_SUCCESS)
+        return psm_set_error(PSM_ERR_INTERNAL, "OpenCL: clSetKernelArg failed for the request");
+    *next = index;
+    return PSM_OK;
+}
+
+static psm_status set_arg(cl_kernel kernel, cl_uint *index, size_t size, const void *value)
+{
+    cl_int code = clSetKernelArg(kernel, (*index)++, size, value);
+    if (code != CL_SUCCESS)
+        return psm_set_error(PSM_ERR_INTERNAL, "OpenCL: clSetKernelArg(%u) failed: %s",
+                             (unsigned)(*index - 1), opencl_error_name(code));
+    return PSM_OK;
+}
+
+#define SET_MEM(kernel, index, buffer) set_arg((kernel), (index), sizeof(cl_mem), &(buffer))
+
+/* Enqueues over groups_x x rows groups; on an out-of-order caller queue a
+ * barrier keeps our kernels in order. */
+static psm_status enqueue(opencl_state *state, cl_kernel kernel, size_t groups_x, size_t rows,
+                          const char *name)
+{
+    size_t global[2] = {groups_x * state->group_size, rows};
+    size_t local[2] = {state->group_size, 1};
+    cl_int code = clEnqueueNDRangeKernel(state->queue, kernel, 2, NULL, global, local, 0, NULL,
+                                         NULL);
+    if (code != CL_SUCCESS) {
+        char what[96];
+        snprintf(what, sizeof what, "clEnqueueNDRangeKernel(%s)", name);
+        return opencl_failure(code, what);
+    }
+    if (state->queue_out_of_order)
+        CL_TRY(clEnqueueBarrierWithWaitList(state->queue, 0, NULL, NULL),
+               "clEnqueueBarrierWithWaitList");
+    return PSM_OK;
+}
+
+/* Groups for `units` units of work (tiles, rows or draws) of the kernels
+ * that give each unit a team of min(32, group size) items (psm_kernels.cl,
+ * PSM_TEAM), several teams per group. */
+static size_t team_groups(const opencl_state *state, size_t units)
+{
+    size_t team = state->group_size < 32 ? state->group_size : 32;
+    size_t teams = state->group_size / team;
+    return (units + teams - 1) / teams;
+}
+
+/* The pipeline up to the per-row combination, shared by sample and probs. */
+static psm_status run_rows(const launch *call)
+{
+    opencl_state *state = call->state;
+    const int check_rows = call->request->check_rows;
+    cl_uint index = 0;
+    if (state->queue_out_of_order)
+        CL_TRY(clEnqueueBarrierWithWaitList(state->queue, 0, NULL, NULL),
+               "clEnqueueBarrierWithWaitList");
+    if (check_rows) {
+        cl_int none = INT32_MAX;
+        CL_TRY(clEnqueueFillBuffer(state->queue, state->first_bad_row.mem, &none, sizeof none,
+                                   0, sizeof none, 0, NULL, NULL),
+               "clEnqueueFillBuffer");
+    }
+
+    const size_t tile_groups = team_groups(state, (size_t)call->rows * call->tiles);
+    cl_kernel kernel = state->kernels[KERNEL_TILE_REDUCE];
+    PSM_TRY(set_request_args(call, kernel, &index));
+    PSM_TRY(SET_MEM(kernel, &index, state->tile_key.mem));
+    PSM_TRY(SET_MEM(kernel, &index, state->tile_info.mem));
+    PSM_TRY(SET_MEM(kernel, &index, state->tile_ref.mem));
+    PSM_TRY(SET_MEM(kernel, &index, state->tile_mass.mem));
+    PSM_TRY(SET_MEM(kernel, &index, state->lane_max.mem));
+    PSM_TRY(enqueue(state, kernel, tile_groups, 1, opencl_kernel_names[KERNEL_TILE_REDUCE]));
+
+    if (call->filters) {
+        if (call->description.top_k_ran) {
+            kernel = state->kernels[KERNEL_ROW_TOP_K];
+            PSM_TRY(set_request_args(call, kernel, &index));
+            PSM_TRY(SET_MEM(kernel, &index, state->tile_key.mem));
+            PSM_TRY(SET_MEM(kernel, &index, state->tile_info.mem));
+            PSM_TRY(SET_MEM(kernel, &index, state->lane_max.mem));
+            PSM_TRY(SET_MEM(kernel, &index, state->tile_ref.mem));
+            PSM_TRY(SET_MEM(kernel, &index, state->tile_mass.mem));
+            PSM_TRY(SET_MEM(kernel, &index, state->row_state.mem));
+            PSM_TRY(set_arg(kernel, &index, (size_t)PSM_TOP_K_LIST * sizeof(cl_ulong), NULL));
+            PSM_TRY(enqueue(state, kernel, 1, (size_t)call->rows,
+                            opencl_kernel_names[KERNEL_ROW_TOP_K]));
+        }
+
+        kernel = state->kernels[KERNEL_ROW_FILTER];
+        PSM_TRY(set_request_args(call, kernel, &index));
+        PSM_TRY(SET_MEM(kernel, &index, state->tile_key.mem));
+        PSM_TRY(SET_MEM(kernel, &index, state->tile_info.mem));
+        PSM_TRY(SET_MEM(kernel, &index, state->row_state.mem));
+        PSM_TRY(set_arg(kernel, &index, call->list_bytes, NULL));
+        PSM_TRY(enqueue(state, kernel, 1, (size_t)call->rows,
+                        opencl_kernel_names[KERNEL_ROW_FILTER]));
+
+        kernel = state->kernels[KERNEL_TILE_FILTER];
+        PSM_TRY(set_request_args(call, kernel, &index));
+        PSM_TRY(SET_MEM(kernel, &index, state->tile_key.mem));
+        PSM_TRY(SET_MEM(kernel, &index, state->row_state.mem));
+        PSM_TRY(SET_MEM(kernel, &index, state->tile_ref.mem));
+        PSM_TRY(SET_MEM(kernel, &index, state->tile_mass.mem));
+        PSM_TRY(enqueue(state, kernel, tile_groups, 1, opencl_kernel_names[KERNEL_TILE_FILTER]));
+    }
+
+    kernel = state->kernels[KERNEL_ROW_COMBINE];
+    PSM_TRY(set_request_args(call, kernel, &index));
+    PSM_TRY(SET_MEM(kernel, &index, state->tile_key.mem));
+    PSM_TRY(SET_MEM(kernel, &index, state->tile_info.mem));
+    PSM_TRY(SET_MEM(kernel, &index, state->tile_ref.mem));
+    PSM_TRY(SET_MEM(kernel, &index, state->tile_mass.mem));
+    PSM_TRY(SET_MEM(kernel, &index, state->tile_prefix.mem));
+    PSM_TRY(SET_MEM(kernel, &index, state->row_state.mem));
+    PSM_TRY(SET_MEM(kernel, &index, state->first_bad_row.mem));
+    return enqueue(state, kernel, team_groups(state, (size_t)call->rows), 1,
+                   opencl_kernel_names[KERNEL_ROW_COMBINE]);
+}
+
+/* Checking mode: waits for the row check and fails naming the first bad row. */
+static psm_status check_rows_result(opencl_state *state, psm_request *request)
+{
+    cl_int first_bad = INT32_MAX;
+    CL_TRY(clEnqueueReadBuffer(state->queue, state->first_bad_row.mem, CL_TRUE, 0,
+                               sizeof first_bad, &first_bad, 0, NULL, NULL),
+           "clEnqueueReadBuffer");
+    if (first_bad == INT32_MAX)
+        return PSM_OK;
+    request->first_bad_row = first_bad;
+    return psm_set_error(PSM_ERR_BAD_ROW,
+                         "row %d has a NaN or +inf logit, no finite logit, or a per-row "
+                         "parameter out of range",
+                         (int)first_bad);
+}
+
+psm_status opencl_sample(void *opaque, psm_request *request)
+{
+    opencl_state *state = opaque;
+    launch call;
+    PSM_TRY(prepare(state, request, &call));
+    const size_t samples = (size_t)request->params.num_samples;
+    const size_t outputs = (size_t)call.rows * samples;
+    cl_mem tokens = NULL, logprobs = NULL;
+    int tokens_staged = 0, logprobs_staged = 0;
+    const int want_logprobs = call.description.want_logprobs;
+    PSM_TRY(opencl_output_target(state, request->tokens, &state->tokens, outputs * sizeof(cl_int),
+                                 request->check_rows, "tokens", &tokens, &tokens_staged));
+    if (want_logprobs)
+        PSM_TRY(opencl_output_target(state, request->logprobs, &state->logprobs,
+                                     outputs * sizeof(cl_float), request->check_rows, "logprobs",
+                                     &logprobs, &logprobs_staged));
+    else
+        logprobs = tokens; /* never written: want_logprobs is 0 */
+
+    PSM_TRY(run_rows(&call));
+    cl_kernel kernel = state->kernels[KERNEL_DRAW];
+    cl_uint index = 0;
+    PSM_TRY(set_request_args(&call, kernel, &index));
+    PSM_TRY(SET_MEM(kernel, &index, state->tile_ref.mem));
+    PSM_TRY(SET_MEM(kernel, &index, state->tile_mass.mem));
+    PSM_TRY(SET_MEM(kernel, &index, state->tile_prefix.mem));
+    PSM_TRY(SET_MEM(kernel, &index, state->row_state.mem));
+    PSM_TRY(SET_MEM(kernel, &index, tokens));
+    PSM_TRY(SET_MEM(kernel, &index, logprobs));
+    PSM_TRY(enqueue(state, kernel, team_groups(state, outputs), 1,
+                    opencl_kernel_names[KERNEL_DRAW]));
+
+    if (request->check_rows)
+        PSM_TRY(check_rows_result(state, request));
+    if (tokens_staged)
+        PSM_TRY(opencl_deliver(state, tokens, request->tokens, outputs * sizeof(cl_int)));
+    if (logprobs_staged)
+        PSM_TRY(opencl_deliver(state, logprobs, request->logprobs, outputs * sizeof(cl_float)));
+    return PSM_OK;
+}
+
+psm_status opencl_probs(void *opaque, psm_request *request)
+{
+    opencl_state *state = opaque;
+    launch call;
+    PSM_TRY(prepare(state, request, &call));
+    const psm_tensor *probs = &request->probs;
+    const size_t probs_bytes =
+        ((size_t)(probs->rows - 1) * (size_t)probs->row_stride + (size_t)probs->vocab) *
+        sizeof(cl_float);
+    cl_mem target = NULL;
+    if (probs->memory == PSM_MEMORY_DEVICE) {
+        PSM_TRY(opencl_check_device_buffer(state, probs->data, probs_bytes, "probs"));
+        target = (cl_mem)probs->data;
+    }
+    if (probs->memory != PSM_MEMORY_DEVICE || request->check_rows) {
+        PSM_TRY(opencl_ensure_buffer(state, &state->probs, probs_bytes, "probs"));
+        target = state->probs.mem;
+    }
+
+    PSM_TRY(run_rows(&call));
+    cl_kernel kernel = state->kernels[KERNEL_PROBS];
+    cl_uint index = 0;
+    PSM_TRY(set_request_args(&call, kernel, &index));
+    PSM_TRY(SET_MEM(kernel, &index, state->tile_ref.mem));
+    PSM_TRY(SET_MEM(kernel, &index, state->tile_mass.mem));
+    PSM_TRY(SET_MEM(kernel, &index, state->tile_prefix.mem));
+    PSM_TRY(SET_MEM(kernel, &index, state->row_state.mem));
+    PSM_TRY(SET_MEM(kernel, &index, target));
+    PSM_TRY(enqueue(state, kernel, team_groups(state, (size_t)call.rows * call.tiles), 1,
+                    opencl_kernel_names[KERNEL_PROBS]));
+
+    if (request->check_rows)
+        PSM_TRY(check_rows_result(state, request));
+    if (target == state->probs.mem) {
+        /* Only each row's vocab entries: the caller's padding stays untouched.
+         * The buffers end at the last row's vocab entries, not at a whole
+         * row pitch, and NVIDIA's driver refuses a rectangle whose last row
+         * pitch would pass the end (CL_INVALID_VALUE); so the first rows - 1
+         * rows go as a rectangle and the last row as a plain transfer. */
+        size_t pitch = (size_t)probs->row_stride * sizeof(cl_float);
+        size_t last_row = (size_t)(probs->rows - 1) * pitch;
+        size_t row_bytes = (size_t)probs->vocab * sizeof(cl_float);
+        size_t origin[3] = {0, 0, 0};
+        size_t region[3] = {row_bytes, (size_t)probs->rows - 1, 1};
+        if (probs->memory == PSM_MEMORY_DEVICE) {
+            if (probs->rows > 1)
+                CL_TRY(clEnqueueCopyBufferRect(state->queue, target, (cl_mem)probs->data, origin,
+                                               origin, region, pitch, 0, pitch, 0, 0, NULL, NULL),
+                       "clEnqueueCopyBufferRect");
+            CL_TRY(clEnqueueCopyBuffer(state->queue, target, (cl_mem)probs->data, last_row,
+                                       last_row, row_bytes, 0, NULL, NULL),
+                   "clEnqueueCopyBuffer");
+            if (state->queue_out_of_order)
+                CL_TRY(clEnqueueBarrierWithWaitList(state->queue, 0, NULL, NULL),
+                       "clEnqueueBarrierWithWaitList");
+        } else {
+            if (probs->rows > 1)
+                CL_TRY(clEnqueueReadBufferRect(state->queue, target, CL_TRUE, origin, origin,
+                                               region, pitch, 0, pitch, 0, probs->data, 0, NULL,
+                                               NULL),
+                       "clEnqueueReadBufferRect");
+            CL_TRY(clEnqueueReadBuffer(state->queue, target, CL_TRUE, last_row, row_bytes,
+                                       (char *)probs->data + last_row, 0, NULL, NULL),
+                   "clEnqueueReadBuffer");
+        }
+    }
+    return PSM_OK;
+}
+
+psm_status opencl_synchronize(void *opaque)
+{
+    opencl_state *state = opaque;
+    CL_TRY(clFinish(state->queue), "clFinish");
+    return PSM_OK;
+}
+

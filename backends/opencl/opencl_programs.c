@@ -1,0 +1,399 @@
+/* opencl_programs.c: the OpenCL program: its sources (embedded at build
+ * time, or read from a tree in development mode), the contexts this backend
+ * creates (shared per device), the program cache (per cl_context, device,
+ * options and source hash) and the binary cache (per device, options and
+ * hash, for the process's lifetime), and building the kernels at the
+ * largest work-group size they allow. */
+#include "environment.h"
+#include "error.h"
+#include "opencl_backend.h"
+#include "opencl_embedded.h"
+
+#include <CL/cl.h>
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define PSM_BUILD_LOG_LIMIT 3000
+
+const char *const opencl_kernel_names[KERNEL_COUNT] = {
+    "psm_tile_reduce", "psm_row_top_k", "psm_row_filter", "psm_tile_filter",
+    "psm_row_combine", "psm_draw",      "psm_probs"};
+
+/* ---- sources: embedded, or read from a tree in development mode --------- */
+
+typedef struct program_sources {
+    const char *texts[8];
+    size_t sizes[8];
+    char *owned[8];
+    size_t count;
+    uint64_t hash;
+} program_sources;
+
+static void free_sources(program_sources *sources)
+{
+    for (size_t i = 0; i < sources->count; ++i)
+        free(sources->owned[i]);
+}
+
+/* FNV-1a, 64 bits: the cache key of sources read at run time. */
+static uint64_t fnv1a(uint64_t hash, const char *bytes, size_t size)
+{
+    for (size_t i = 0; i < size; ++i) {
+        hash ^= (unsigned char)bytes[i];
+        hash *= 0x100000001b3ULL;
+    }
+    return hash;
+}
+
+static psm_status load_sources(program_sources *sources)
+{
+    memset(sources, 0, sizeof *sources);
+    const psm_environment *environment = psm_environment_of_creation();
+    const char *root = environment ? environment->opencl_source_dir : NULL;
+    sources->count = psm_opencl_embedded_source_count;
+    if (!root) {
+        for (size_t i = 0; i < sources->count; ++i) {
+            sources->texts[i] = psm_opencl_embedded_sources[i].text;
+            sources->sizes[i] = psm_opencl_embedded_sources[i].size;
+        }
+        sources->hash = psm_opencl_embedded_hash;
+        return PSM_OK;
+    }
+    uint64_t hash = 0xcbf29ce484222325ULL;
+    for (size_t i = 0; i < sources->count; ++i) {
+        char path[4096];
+        const char *name = psm_opencl_embedded_sources[i].name;
+        snprintf(path, sizeof path, "%s/%s", root, name);
+        FILE *file = fopen(path, "rb");
+        long size = -1;
+        if (file && fseek(file, 0, SEEK_END) == 0)
+            size = ftell(file);
+        char *text = size >= 0 ? malloc((size_t)size + 1) : NULL;
+        int ok = text && fseek(file, 0, SEEK_SET) == 0 &&
+                 fread(text, 1, (size_t)size, file) == (size_t)size;
+        if (file)
+            fclose(file);
+        if (!ok) {
+            free(text);
+            sources->count = i;
+            free_sources(sources);
+            return psm_set_error(PSM_ERR_ENVIRONMENT,
+                                 "POLYSAMPLE_OPENCL_SOURCE_DIR: cannot read %s", path);
+        }
+        text[size] = '\0';
+        sources->owned[i] = text;
+        sources->texts[i] = text;
+        sources->sizes[i] = (size_t)size;
+        hash = fnv1a(hash, name, strlen(name) + 1);
+        hash = fnv1a(hash, text, (size_t)size);
+    }
+    sources->hash = hash;
+    return PSM_OK;
+}
+
+/* ---- shared contexts and the program cache ------------------------------ */
+
+static pthread_mutex_t cache_lock = PTHREAD_MUTEX_INITIALIZER;
+
+typedef struct shared_context {
+    cl_device_id device;
+    cl_context context;
+    int references;
+    struct shared_context *next;
+} shared_context;
+static shared_context *shared_contexts;
+
+typedef struct cached_program {
+    cl_context context;
+    cl_device_id device;
+    char options[160];
+    uint64_t hash;
+    cl_program program;
+    int references;
+    struct cached_program *next;
+} cached_program;
+static cached_program *cached_programs;
+
+typedef struct cached_binary {
+    cl_device_id device;
+    char options[160];
+    uint64_t hash;
+    unsigned char *bytes;
+    size_t size;
+    struct cached_binary *next;
+} cached_binary;
+static cached_binary *cached_binaries;
+
+/* A context of our own for the device, shared with other psm_contexts. */
+psm_status opencl_acquire_own_context(cl_device_id device, cl_context *context_out)
+{
+    pthread_mutex_lock(&cache_lock);
+    for (shared_context *entry = shared_contexts; entry; entry = entry->next) {
+        if (entry->device == device) {
+            entry->references += 1;
+            *context_out = entry->context;
+            pthread_mutex_unlock(&cache_lock);
+            return PSM_OK;
+        }
+    }
+    shared_context *entry = calloc(1, sizeof *entry);
+    if (!entry) {
+        pthread_mutex_unlock(&cache_lock);
+        return psm_set_error(PSM_ERR_OUT_OF_MEMORY, "cannot allocate an OpenCL context entry");
+    }
+    cl_int code = CL_SUCCESS;
+    entry->context = clCreateContext(NULL, 1, &device, NULL, NULL, &code);
+    if (code != CL_SUCCESS) {
+        free(entry);
+        pthread_mutex_unlock(&cache_lock);
+        return opencl_failure(code, "clCreateContext");
+    }
+    entry->device = device;
+    entry->references = 1;
+    entry->next = shared_contexts;
+    shared_contexts = entry;
+    *context_out = entry->context;
+    pthread_mutex_unlock(&cache_lock);
+    return PSM_OK;
+}
+
+void opencl_release_own_context(cl_context context)
+{
+    pthread_mutex_lock(&cache_lock);
+    for (shared_context **link = &shared_contexts; *link; link = &(*link)->next) {
+        shared_context *entry = *link;
+        if (entry->context == context) {
+            if (--entry->references == 0) {
+                *link = entry->next;
+                clReleaseContext(entry->context);
+                free(entry);
+            }
+            break;
+        }
+    }
+    pthread_mutex_unlock(&cache_lock);
+}
+
+/* The build log, cut to a length a message can carry. Caller holds the lock. */
+static psm_status build_failure(cl_program program, cl_device_id device, cl_int code,
+                                const char *options)
+{
+    size_t log_size = 0;
+    clGetProgramBuildInfo(program, device, CL_PROGRAM_BUILD_LOG, 0, NULL, &log_size);
+    char *log = malloc(log_size + 1);
+    if (log && clGetProgramBuildInfo(program, device, CL_PROGRAM_BUILD_LOG, log_size, log,
+                                     NULL) == CL_SUCCESS)
+        log[log_size] = '\0';
+    else if (log)
+        log[0] = '\0';
+    size_t shown = log ? strlen(log) : 0;
+    int truncated = shown > PSM_BUILD_LOG_LIMIT;
+    psm_status status = psm_set_error(
+        opencl_status_of(code),
+        "OpenCL: building the polysample kernels failed (%s, options \"%s\"); build "
+        "log%s:\n%.*s%s",
+        opencl_error_name(code), options, truncated ? " (first 3000 bytes)" : "",
+        (int)(truncated ? PSM_BUILD_LOG_LIMIT : shown), log ? log : "", truncated ? "\n[...]" : "");
+    free(log);
+    return status;
+}
+
+/* Remembers the program's binary for later contexts. Caller holds the lock;
+ * a failure only means no binary is cached. */
+static void remember_binary(cl_program program, cl_device_id device, const char *options,
+                            uint64_t hash)
+{
+    size_t size = 0;
+    if (clGetProgramInfo(program, CL_PROGRAM_BINARY_SIZES, sizeof size, &size, NULL) !=
+            CL_SUCCESS ||
+        size == 0)
+        return;
+    cached_binary *entry = calloc(1, sizeof *entry);
+    unsigned char *bytes = malloc(size);
+    if (!entry || !bytes ||
+        clGetProgramInfo(program, CL_PROGRAM_BINARIES, sizeof bytes, &bytes, NULL) !=
+            CL_SUCCESS) {
+        free(entry);
+        free(bytes);
+        return;
+    }
+    entry->device = device;
+    snprintf(entry->options, sizeof entry->options, "%s", options);
+    entry->hash = hash;
+    entry->bytes = bytes;
+    entry->size = size;
+    entry->next = cached_binaries;
+    cached_binaries = entry;
+}
+
+static cl_program program_from_binary(cl_context context, cl_device_id device,
+                                      const char *options, uint64_t hash)
+{
+    for (cached_binary *entry = cached_binaries; entry; entry = entry->next) {
+        if (entry->device != device || entry->hash != hash ||
+            strcmp(entry->options, options) != 0)
+            continue;
+        const unsigned char *bytes = entry->bytes;
+        cl_int binary_status = CL_SUCCESS, code = CL_SUCCESS;
+        cl_program program = clCreateProgramWithBinary(context, 1, &device, &entry->size,
+                                                       &bytes, &binary_status, &code);
+        if (code != CL_SUCCESS || binary_status != CL_SUCCESS)
+            return NULL;
+        if (clBuildProgram(program, 1, &device, options, NULL, NULL) != CL_SUCCESS) {
+            clReleaseProgram(program);
+            return NULL;
+        }
+        return program;
+    }
+    return NULL;
+}
+
+/* Tells the caller (psm_context_options.notice) that a long step starts. */
+static void notify(const psm_context_options *context_options, const char *format,
+                   const char *argument)
+{
+    if (!context_options || !context_options->notice)
+        return;
+    char message[512];
+    snprintf(message, sizeof message, format, argument);
+    context_options->notice(context_options->notice_user_data, message);
+}
+
+static psm_status acquire_program(cl_context context, cl_device_id device, const char *options,
+                                  const program_sources *sources,
+                                  const psm_context_options *context_options,
+                                  const char *device_name, cached_program **entry_out)
+{
+    pthread_mutex_lock(&cache_lock);
+    for (cached_program *entry = cached_programs; entry; entry = entry->next) {
+        if (entry->context == context && entry->device == device &&
+            entry->hash == sources->hash && strcmp(entry->options, options) == 0) {
+            entry->references += 1;
+            *entry_out = entry;
+            pthread_mutex_unlock(&cache_lock);
+            return PSM_OK;
+        }
+    }
+    cached_program *entry = calloc(1, sizeof *entry);
+    if (!entry) {
+        pthread_mutex_unlock(&cache_lock);
+        return psm_set_error(PSM_ERR_OUT_OF_MEMORY, "cannot allocate a program cache entry");
+    }
+    cl_program program = program_from_binary(context, device, options, sources->hash);
+    if (!program) {
+        cl_int code = CL_SUCCESS;
+        notify(context_options, "compiling OpenCL kernels for %s (first use; cached)",
+               device_name);
+        program = clCreateProgramWithSource(context, (cl_uint)sources->count,
+                                            (const char **)sources->texts,
+                                            sources->sizes, &code);
+        if (code != CL_SUCCESS) {
+            free(entry);
+            pthread_mutex_unlock(&cache_lock);
+            return opencl_failure(code, "clCreateProgramWithSource");
+        }
+        code = clBuildProgram(program, 1, &device, options, NULL, NULL);
+        if (code != CL_SUCCESS) {
+            psm_status status = build_failure(program, device, code, options);
+            clReleaseProgram(program);
+            free(entry);
+            pthread_mutex_unlock(&cache_lock);
+            return status;
+        }
+        remember_binary(program, device, options, sources->hash);
+    }
+    entry->context = context;
+    entry->device = device;
+    snprintf(entry->options, sizeof entry->options, "%s", options);
+    entry->hash = sources->hash;
+    entry->program = program;
+    entry->references = 1;
+    entry->next = cached_programs;
+    cached_programs = entry;
+    *entry_out = entry;
+    pthread_mutex_unlock(&cache_lock);
+    return PSM_OK;
+}
+
+void opencl_release_program(cached_program *target)
+{
+    pthread_mutex_lock(&cache_lock);
+    for (cached_program **link = &cached_programs; *link; link = &(*link)->next) {
+        if (*link == target) {
+            if (--target->references == 0) {
+                *link = target->next;
+                clReleaseProgram(target->program);
+                free(target);
+            }
+            break;
+        }
+    }
+    pthread_mutex_unlock(&cache_lock);
+}
+
+/* ---- the kernels ---------------------------------------------------------- */
+
+static psm_status build_kernels(opencl_state *state, const program_sources *sources,
+                                const psm_context_options *context_options,
+                                const char *device_name)
+{
+    psm_status status = PSM_OK;
+    size_t group = opencl_initial_group_size(state->device, &status);
+    PSM_TRY(status);
+    for (;;) {
+        if (group < 16)
+            return psm_set_error(PSM_ERR_UNSUPPORTED,
+                                 "OpenCL: the device runs work-groups of at most %zu items; "
+                                 "polysample needs 16",
+                                 group);
+        char options[160];
+        snprintf(options, sizeof options, "-cl-std=CL1.2 -DPSM_WG=%zu", group);
+        PSM_TRY(acquire_program(state->context, state->device, options, sources,
+                                context_options, device_name, &state->program));
+        int fits = 1;
+        for (int k = 0; k < KERNEL_COUNT; ++k) {
+            cl_int code = CL_SUCCESS;
+            state->kernels[k] =
+                clCreateKernel(state->program->program, opencl_kernel_names[k], &code);
+            if (code != CL_SUCCESS)
+                return opencl_failure(code, "clCreateKernel");
+            size_t kernel_group = 0;
+            CL_TRY(clGetKernelWorkGroupInfo(state->kernels[k], state->device,
+                                            CL_KERNEL_WORK_GROUP_SIZE, sizeof kernel_group,
+                                            &kernel_group, NULL),
+                   "clGetKernelWorkGroupInfo");
+            if (kernel_group < group)
+                fits = 0;
+        }
+        if (fits) {
+            state->group_size = group;
+            return PSM_OK;
+        }
+        /* A kernel needs more registers than the group size allows: halve it. */
+        for (int k = 0; k < KERNEL_COUNT; ++k) {
+            clReleaseKernel(state->kernels[k]);
+            state->kernels[k] = NULL;
+        }
+        opencl_release_program(state->program);
+        state->program = NULL;
+        group /= 2;
+    }
+}
+
+psm_status opencl_build_program(opencl_state *state, const psm_context_options *options,
+                                const char *device_name)
+{
+    program_sources sources;
+    PSM_TRY(load_sources(&sources));
+    psm_status status = build_kernels(state, &sources, options, device_name);
+    free_sources(&sources);
+    PSM_TRY(status);
+    CL_TRY(clGetKernelWorkGroupInfo(state->kernels[KERNEL_ROW_FILTER], state->device,
+                                    CL_KERNEL_LOCAL_MEM_SIZE, sizeof state->row_filter_local,
+                                    &state->row_filter_local, NULL),
+           "clGetKernelWorkGroupInfo");
+    return PSM_OK;
+}

@@ -1,0 +1,131 @@
+/* bench_report.c: the results of `polysample bench` as a table on stdout
+ * and as JSON (scripts/bench.sh reads it). */
+#include "bench.h"
+#include "cli_util.h"
+
+#include <math.h>
+#include <stdio.h>
+
+static double logits_gigabytes(const bench_case *which)
+{
+    return (double)which->rows * (double)which->vocab * (double)cli_dtype_size(which->dtype) / 1e9;
+}
+
+static void print_optional(FILE *out, double value, const char *format)
+{
+    if (isnan(value))
+        fputs("null", out);
+    else
+        fprintf(out, format, value);
+}
+
+/* A JSON string's characters: quotes and backslashes escaped, control
+ * characters left out. */
+static void write_json_characters(FILE *out, const char *text)
+{
+    const char *c;
+    for (c = text; *c; ++c)
+        if (*c == '"' || *c == '\\')
+            fprintf(out, "\\%c", *c);
+        else if ((unsigned char)*c >= 0x20)
+            fputc(*c, out);
+}
+
+void bench_write_json(FILE *out, const bench_result *results, int result_count)
+{
+    int i;
+    fprintf(out, "{\n  \"polysample_version\": \"%s\",\n  \"results\": [", psm_version_string());
+    for (i = 0; i < result_count; ++i) {
+        const bench_result *result = &results[i];
+        const bench_setting *setting = &bench_settings[result->which.setting];
+        double gigabytes = logits_gigabytes(&result->which);
+        fprintf(out, "%s\n    {\"backend\": \"%s\", \"device\": \"", i ? "," : "",
+                psm_backend_name(result->backend->backend));
+        write_json_characters(out, result->backend->device_name);
+        fprintf(out,
+                "\", \"memory\": \"%s\", \"rows\": %lld, \"vocab\": %lld, "
+                "\"distribution\": \"%s\", \"dtype\": \"%s\", "
+                "\"setting\": \"%s\", \"temperature\": %g, \"top_k\": %d, \"top_p\": %g, "
+                "\"min_p\": %g, ",
+                result->backend->device ? "device" : "host", (long long)result->which.rows,
+                (long long)result->which.vocab,
+                bench_distribution_name(result->which.distribution),
+                cli_dtype_name(result->which.dtype),
+                setting->name, (double)setting->temperature, (int)setting->top_k,
+                (double)setting->top_p, (double)setting->min_p);
+        if (result->failed) {
+            fputs("\"error\": \"", out);
+            write_json_characters(out, result->error);
+            fputs("\"}", out);
+            continue;
+        }
+        fprintf(out, "\"runs\": %d, \"median_ms\": %.6f, \"gb_per_s\": %.3f, ", result->runs,
+                result->median_ms, gigabytes / (result->median_ms * 1e-3));
+        fputs("\"read_ceiling_ms\": ", out);
+        print_optional(out, result->read_ceiling_ms, "%.6f");
+        fputs(", \"read_ceiling_gb_per_s\": ", out);
+        print_optional(out, gigabytes / (result->read_ceiling_ms * 1e-3), "%.3f");
+        fputs(", \"ratio_to_read\": ", out);
+        print_optional(out, result->median_ms / result->read_ceiling_ms, "%.3f");
+        fputs(", \"speedup_vs_cpu\": ", out);
+        print_optional(out, result->speedup_vs_cpu, "%.3f");
+        fputs(", \"host_call_ms\": ", out);
+        print_optional(out, result->host_call_ms, "%.6f");
+        fputc('}', out);
+    }
+    fputs("\n  ]\n}\n", out);
+}
+
+static void format_optional(char *text, size_t size, double value, const char *format)
+{
+    if (isnan(value))
+        snprintf(text, size, "-");
+    else
+        snprintf(text, size, format, value);
+}
+
+void bench_print_table(const bench_result *results, int result_count)
+{
+    int i;
+    printf("%-7s %-6s %6s %7s %-6s %-5s %-9s %10s %8s %9s %7s %7s %10s %5s\n", "backend",
+           "memory", "rows", "vocab", "logits", "dtype", "setting", "median_ms", "GB/s",
+           "read_ms", "x_read", "vs_cpu", "host_ms", "runs");
+    for (i = 0; i < result_count; ++i) {
+        const bench_result *result = &results[i];
+        const bench_setting *setting = &bench_settings[result->which.setting];
+        char read_ms[32], ratio[32], speedup[32], host_ms[32];
+        printf("%-7s %-6s %6lld %7lld %-6s %-5s %-9s ",
+               psm_backend_name(result->backend->backend),
+               result->backend->device ? "device" : "host", (long long)result->which.rows,
+               (long long)result->which.vocab,
+               bench_distribution_name(result->which.distribution),
+               cli_dtype_name(result->which.dtype), setting->name);
+        if (result->failed) {
+            printf("failed: %s\n", result->error);
+            continue;
+        }
+        format_optional(read_ms, sizeof read_ms, result->read_ceiling_ms, "%.3f");
+        format_optional(ratio, sizeof ratio, result->median_ms / result->read_ceiling_ms, "%.2f");
+        format_optional(speedup, sizeof speedup, result->speedup_vs_cpu, "%.2f");
+        format_optional(host_ms, sizeof host_ms, result->host_call_ms, "%.3f");
+        printf("%10.3f %8.2f %9s %7s %7s %10s %5d\n", result->median_ms,
+               logits_gigabytes(&result->which) / (result->median_ms * 1e-3), read_ms, ratio,
+               speedup, host_ms, result->runs);
+    }
+    printf("\nmedian_ms: median of the timed runs after a warm-up. read_ms: time to read the\n"
+           "same logits once at the bandwidth measured in this run; x_read = median / read.\n"
+           "vs_cpu: CPU backend median / this median. host_ms: a whole call on the host.\n"
+           "logits: normal %s; lm: logit = %s.\n",
+           bench_distribution_formula(DISTRIBUTION_NORMAL),
+           bench_distribution_formula(DISTRIBUTION_LM));
+    for (i = 0; i < result_count; ++i)
+        if (i == 0 || results[i].backend != results[i - 1].backend) {
+            int seen = 0, j;
+            for (j = 0; j < i; ++j)
+                seen |= results[j].backend == results[i].backend;
+            if (!seen)
+                printf("%s: %s\n", psm_backend_name(results[i].backend->backend),
+                       results[i].backend->device_name);
+        }
+}
+

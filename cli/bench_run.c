@@ -1,0 +1,340 @@
+/* bench_run.c: how `polysample bench` times a case: the backends it opens
+ * (with their device buffers and clocks, bench_device.h), the read ceiling
+ * measured beside each shape, and the timed psm_sample calls. */
+#define _POSIX_C_SOURCE 200809L
+#include "bench.h"
+#include "cli_util.h"
+
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* A device input smaller than this many cache sizes is rotated through
+ * copies, so that consecutive calls do not find it in the cache. */
+#define BENCH_ROTATION_CACHE_MULTIPLE 4
+#define BENCH_MAX_ROTATION 512
+/* The L2 size assumed when a device does not report one (H100: 50 MB). */
+#define BENCH_DEFAULT_CACHE_BYTES (50u << 20)
+
+/* Keeps the read-and-sum from being optimised away. */
+static volatile uint64_t read_sink;
+
+static uint64_t read_and_sum(const void *data, size_t bytes, int threads)
+{
+    const uint64_t *words = data;
+    int64_t word_count = (int64_t)(bytes / sizeof(uint64_t));
+    uint64_t sum = 0;
+    int64_t i;
+    size_t tail;
+#pragma omp parallel for reduction(+ : sum) schedule(static) num_threads(threads)
+    for (i = 0; i < word_count; ++i)
+        sum += words[i];
+    for (tail = (size_t)word_count * sizeof(uint64_t); tail < bytes; ++tail)
+        sum += ((const unsigned char *)data)[tail];
+    return sum;
+}
+
+/* The ceiling is the fastest of a few reads: it stands for what the memory
+ * system can do, so a read slowed by another process must not lower it (the
+ * sampling times, medians, are compared against a best case). */
+#define BENCH_CEILING_RUNS 7
+
+static double cpu_read_ceiling_ms(const void *data, size_t bytes, int threads)
+{
+    double best = INFINITY;
+    int run;
+    read_sink += read_and_sum(data, bytes, threads); /* warm-up: page in, spin up threads */
+    for (run = 0; run < BENCH_CEILING_RUNS; ++run) {
+        double start = cli_now_seconds();
+        double elapsed_ms;
+        read_sink += read_and_sum(data, bytes, threads);
+        elapsed_ms = 1e3 * (cli_now_seconds() - start);
+        if (elapsed_ms < best)
+            best = elapsed_ms;
+    }
+    return best;
+}
+
+/* One psm_sample launch over a rotation of input buffers. */
+typedef struct sample_launch {
+    psm_context *context;
+    psm_tensor logits;
+    void **inputs;
+    int input_count;
+    int next_input;
+    psm_params params;
+    psm_output tokens;
+    psm_status status;
+} sample_launch;
+
+static int launch_sample(void *argument, int index)
+{
+    sample_launch *launch = argument;
+    psm_output no_logprobs = {NULL, launch->tokens.memory};
+    (void)index;
+    launch->logits.data = launch->inputs[launch->next_input];
+    launch->next_input = (launch->next_input + 1) % launch->input_count;
+    launch->status =
+        psm_sample(launch->context, &launch->logits, &launch->params, launch->tokens, no_logprobs);
+    return launch->status == PSM_OK ? 0 : -1;
+}
+
+static int launch_sample_and_wait(sample_launch *launch)
+{
+    if (launch_sample(launch, 0) != 0)
+        return -1;
+    launch->status = psm_synchronize(launch->context);
+    return launch->status == PSM_OK ? 0 : -1;
+}
+
+static void describe_failure(bench_result *result, const char *what, psm_status status)
+{
+    snprintf(result->error, sizeof result->error, "%s: %s: %s", what, psm_status_string(status),
+             psm_last_error());
+    result->failed = 1;
+}
+
+/* Adaptive repeats: at least 3 runs and up to 20 within the time budget; a
+ * case whose warm-up alone took longer than the budget gets a single timed
+ * run, so that the default CPU run stays within minutes. */
+static int enough_runs(const bench_config *config, int runs, double elapsed_s, double warm_up_s)
+{
+    int minimum = warm_up_s > config->time_budget_s ? 1 : 3;
+    if (config->repeat > 0)
+        return runs >= config->repeat;
+    return runs >= 20 || (runs >= minimum && elapsed_s >= config->time_budget_s);
+}
+
+/* Times one case on one backend; inputs already hold the logits. */
+static void time_case(const bench_config *config, bench_backend *backend, void **inputs,
+                      int input_count, void *tokens, bench_result *result)
+{
+    const bench_setting *setting = &bench_settings[result->which.setting];
+    sample_launch launch;
+    double times[BENCH_MAX_RUNS];
+    double started, warm_up_s;
+    int runs = 0;
+    psm_status status;
+
+    memset(&launch, 0, sizeof launch);
+    launch.context = backend->context;
+    launch.logits.dtype = result->which.dtype;
+    launch.logits.memory = backend->device ? PSM_MEMORY_DEVICE : PSM_MEMORY_HOST;
+    launch.logits.rows = result->which.rows;
+    launch.logits.vocab = result->which.vocab;
+    launch.inputs = inputs;
+    launch.input_count = input_count;
+    psm_params_init(&launch.params);
+    launch.params.temperature = setting->temperature;
+    launch.params.top_k = setting->top_k;
+    launch.params.top_p = setting->top_p;
+    launch.params.min_p = setting->min_p;
+    launch.params.seed = config->seed;
+    launch.tokens.data = tokens;
+    launch.tokens.memory = launch.logits.memory;
+
+    status = psm_context_reserve(backend->context, result->which.rows, result->which.vocab, 1);
+    if (status != PSM_OK) {
+        describe_failure(result, "psm_context_reserve", status);
+        return;
+    }
+    started = cli_now_seconds();
+    if (launch_sample_and_wait(&launch) != 0) { /* warm-up */
+        describe_failure(result, "psm_sample", launch.status);
+        return;
+    }
+    warm_up_s = cli_now_seconds() - started;
+    started = cli_now_seconds();
+    while (!enough_runs(config, runs, cli_now_seconds() - started, warm_up_s)) {
+        if (backend->device) {
+            if (backend->device->time_work(backend->session, 1, launch_sample, &launch,
+                                           &times[runs]) != 0) {
+                if (launch.status != PSM_OK)
+                    describe_failure(result, "psm_sample", launch.status);
+                else {
+                    snprintf(result->error, sizeof result->error, "%s",
+                             backend->device->last_error(backend->session));
+                    result->failed = 1;
+                }
+                return;
+            }
+        } else {
+            double start = cli_now_seconds();
+            if (launch_sample_and_wait(&launch) != 0) {
+                describe_failure(result, "psm_sample", launch.status);
+                return;
+            }
+            times[runs] = 1e3 * (cli_now_seconds() - start);
+        }
+        ++runs;
+    }
+    result->runs = runs;
+    result->median_ms = cli_median(times, runs);
+
+    /* For one row on a device, the launch overhead is most of the story:
+     * time the whole call, synchronisation included, on the host too. */
+    if (backend->device && result->which.rows == 1) {
+        double host_times[BENCH_MAX_RUNS];
+        int host_runs;
+        for (host_runs = 0; host_runs < runs; ++host_runs) {
+            double start = cli_now_seconds();
+            if (launch_sample_and_wait(&launch) != 0) {
+                describe_failure(result, "psm_sample", launch.status);
+                return;
+            }
+            host_times[host_runs] = 1e3 * (cli_now_seconds() - start);
+        }
+        result->host_call_ms = cli_median(host_times, host_runs);
+    }
+}
+
+static double device_read_ceiling_ms(bench_backend *backend, void *source, size_t bytes,
+                                     char *error, size_t error_size)
+{
+    void *destination = NULL;
+    double best = INFINITY;
+    int run;
+    if (backend->device->allocate(backend->session, bytes, &destination) != 0) {
+        snprintf(error, error_size, "%s", backend->device->last_error(backend->session));
+        return NAN;
+    }
+    for (run = -1; run < BENCH_CEILING_RUNS; ++run) { /* run -1 is a warm-up */
+        double copy_ms = 0.0;
+        if (backend->device->time_copy(backend->session, destination, source, bytes, &copy_ms) !=
+            0) {
+            snprintf(error, error_size, "%s", backend->device->last_error(backend->session));
+            backend->device->release(backend->session, destination);
+            return NAN;
+        }
+        if (run >= 0 && copy_ms < best)
+            best = copy_ms;
+    }
+    backend->device->release(backend->session, destination);
+    /* A copy reads and writes the bytes: bandwidth = 2 * bytes / time, and
+     * reading the logits once at that bandwidth takes half the copy time. */
+    return 0.5 * best;
+}
+
+/* Runs every case of one (shape, dtype) on one backend. */
+void bench_run_backend_cases(const bench_config *config, bench_backend *backend,
+                             const void *host_logits, size_t bytes, bench_result *results,
+                             int result_count, int *progress, int progress_total)
+{
+    void *inputs[BENCH_MAX_ROTATION];
+    void *tokens = NULL;
+    int input_count = 1;
+    int i;
+    double ceiling_ms = NAN;
+    char error[320] = "";
+    size_t token_bytes = (size_t)results[0].which.rows * sizeof(int32_t);
+
+    memset(inputs, 0, sizeof inputs);
+    if (backend->device) {
+        size_t cache = backend->device->cache_bytes(backend->session);
+        int ok = 1;
+        if (cache == 0)
+            cache = BENCH_DEFAULT_CACHE_BYTES;
+        if (bytes < (size_t)BENCH_ROTATION_CACHE_MULTIPLE * cache) {
+            size_t wanted = ((size_t)BENCH_ROTATION_CACHE_MULTIPLE * cache + bytes - 1) / bytes;
+            input_count = wanted > BENCH_MAX_ROTATION ? BENCH_MAX_ROTATION : (int)wanted;
+        }
+        for (i = 0; i < input_count && ok; ++i)
+            ok = backend->device->allocate(backend->session, bytes, &inputs[i]) == 0 &&
+                 backend->device->upload(backend->session, inputs[i], host_logits, bytes) == 0;
+        if (ok)
+            ok = backend->device->allocate(backend->session, token_bytes, &tokens) == 0;
+        if (!ok)
+            snprintf(error, sizeof error, "%s", backend->device->last_error(backend->session));
+        else
+            ceiling_ms = device_read_ceiling_ms(backend, inputs[0], bytes, error, sizeof error);
+    } else {
+        inputs[0] = (void *)host_logits;
+        tokens = malloc(token_bytes);
+        if (!tokens)
+            snprintf(error, sizeof error, "out of memory");
+        else if (backend->backend == PSM_BACKEND_CPU)
+            ceiling_ms = cpu_read_ceiling_ms(host_logits, bytes,
+                                             config->threads > 0 ? config->threads
+                                                                 : omp_get_max_threads());
+    }
+
+    for (i = 0; i < result_count; ++i) {
+        bench_result *result = &results[i];
+        const bench_setting *setting = &bench_settings[result->which.setting];
+        result->backend = backend;
+        result->read_ceiling_ms = ceiling_ms;
+        result->host_call_ms = NAN;
+        result->speedup_vs_cpu = NAN;
+        ++*progress;
+        /* The case is named as it starts, so a long one shows what it is. */
+        if (config->show_progress)
+            fprintf(stderr, "[%d/%d] %s %lld x %lld %s %s %s ... ", *progress, progress_total,
+                    psm_backend_name(backend->backend), (long long)result->which.rows,
+                    (long long)result->which.vocab,
+                    bench_distribution_name(result->which.distribution),
+                    cli_dtype_name(result->which.dtype), setting->name);
+        if (error[0]) {
+            snprintf(result->error, sizeof result->error, "%s", error);
+            result->failed = 1;
+        } else {
+            time_case(config, backend, inputs, input_count, tokens, result);
+        }
+        if (config->show_progress) {
+            if (result->failed)
+                fprintf(stderr, "failed: %s\n", result->error);
+            else
+                fprintf(stderr, "%.3f ms (%d runs)\n", result->median_ms, result->runs);
+        }
+    }
+
+    if (backend->device) {
+        for (i = 0; i < input_count; ++i)
+            backend->device->release(backend->session, inputs[i]);
+        backend->device->release(backend->session, tokens);
+    } else {
+        free(tokens);
+    }
+}
+
+int bench_open_backend(const char *command, psm_backend backend, int device_index,
+                       const bench_config *config, bench_backend *opened)
+{
+    psm_context_options options;
+    psm_status status;
+    char error[256] = "";
+    memset(opened, 0, sizeof *opened);
+    opened->backend = backend;
+    opened->device_index = device_index;
+    opened->device = bench_device_find(backend);
+    cli_context_options_init(&options);
+    options.backend = backend;
+    options.device_index = device_index;
+    options.cpu_threads = config->threads;
+    if (opened->device) {
+        if (opened->device->open(device_index, &opened->session, error, sizeof error) != 0) {
+            cli_error(command, "%s: %s", psm_backend_name(backend), error);
+            return -1;
+        }
+        options.native_stream = opened->device->native_stream(opened->session);
+    }
+    status = psm_context_create(&options, &opened->context);
+    if (status != PSM_OK) {
+        cli_library_error(command, psm_backend_name(backend), status);
+        if (opened->device)
+            opened->device->close(opened->session);
+        return -1;
+    }
+    snprintf(opened->device_name, sizeof opened->device_name, "%s",
+             psm_context_device_name(opened->context));
+    return 0;
+}
+
+void bench_close_backend(bench_backend *backend)
+{
+    psm_context_destroy(backend->context);
+    if (backend->device)
+        backend->device->close(backend->session);
+}
+

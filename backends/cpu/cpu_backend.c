@@ -40,6 +40,7 @@
 #include "psm_contract.h"
 #include "psm_row.h"
 
+#include <float.h>
 #include <math.h>
 #include <omp.h>
 #include <stdio.h>
@@ -84,9 +85,22 @@
 #define CPU_HEAP_LIMIT 4096
 /* ... scanning a tile in chunks of this many tokens. */
 #define CPU_HEAP_CHUNK 64
+/* Passes that look for few tokens test a chunk of this many with a vector
+ * test before looking at its tokens one by one. */
+#define CPU_CHUNK 64
 /* Draws keep the running weight sums of this many tiles: a row's mass sits in
  * few tiles, so most draws of a row find their tile ready. */
 #define CPU_CACHED_TILES 8
+/* top-p's gap bins: a token's bin is its unclamped gap to the row maximum in
+ * 1/64 of a log2 unit; gaps of CPU_BIN_GAP_LIMIT and more (whose weight is 0:
+ * a weight is 0 from a gap of 40.5 on) share the last bin. As with
+ * psm_gap_bin, the bin is a non-decreasing function of the gap and the gap a
+ * non-increasing function of the logit, so the bins cut the rank order into
+ * consecutive runs; bins this fine leave few tokens in the bin that holds the
+ * cutoff. */
+#define CPU_BIN_SCALE 64.0f
+#define CPU_BIN_GAP_LIMIT 42.0f
+#define CPU_GAP_BINS (42 * 64 + 1)
 
 typedef struct cpu_ranked {
     uint64_t key;
@@ -101,6 +115,7 @@ typedef struct cpu_scratch {
     float *tile_max;        /* plain: largest valid logit; filtered: first valid, then kept */
     int32_t *tile_valid;    /* valid logits in the tile */
     uint8_t *tile_bad;      /* a NaN or +inf in the tile */
+    uint8_t *tile_raw;      /* the row's memory holds the tile as read (load_tile) */
     uint64_t *tile_sum;     /* S_t (or a g-mass while top-p looks for Z) */
     uint64_t *tile_prefix;  /* running sums of T_t, in tile order */
     int64_t cached_tile[CPU_CACHED_TILES]; /* -1: empty slot */
@@ -112,6 +127,12 @@ typedef struct cpu_scratch {
     uint64_t radix_count[CPU_RADIX_BINS];
     uint64_t radix_measure[CPU_RADIX_BINS];
     cpu_ranked gathered[CPU_GATHER_LIMIT];
+    int64_t gathered_count; /* entries of `gathered` in use (band pass) */
+    int gather_overflow;    /* the band held more than CPU_GATHER_LIMIT tokens */
+    uint64_t bin_mass[CPU_GAP_BINS]; /* g-mass of the candidates per gap bin */
+    int32_t bins[PSM_TILE];          /* one tile's gap bins */
+    float masses[PSM_TILE];          /* one tile's g_i (exact integers, as floats) */
+    float compact[PSM_TILE];         /* one tile's min-p candidates, then its kept logits */
 } cpu_scratch;
 
 typedef struct cpu_state {
@@ -131,6 +152,7 @@ typedef struct cpu_row {
     int filtered;       /* use the kept-set rule below instead of "every valid token" */
     uint64_t key_cutoff; /* kept: rank key >= key_cutoff (0 keeps every valid token) */
     uint64_t min_weight; /* kept: g_i >= min_weight (0: no min-p) */
+    float kept_floor;    /* with min-p: logits below it fail min-p (psm_min_p_drop_gap) */
 } cpu_row;
 
 /* ---- reading tiles --------------------------------------------------------- */
@@ -150,28 +172,32 @@ static int64_t tile_length(const cpu_row *row, int64_t tile)
 /* Reads logits as the contract does (psm_read_logit) into out, which may be
  * in itself. Returns the number of valid logits; *max_out is the largest
  * value read (meaningful when some logit is valid), *bad_out whether a NaN or
- * +inf was seen. Written on the float bits so that it vectorises into a few
- * integer operations: valid is a magnitude below infinity's, masked is
- * exactly -inf, and what is neither is bad; psm_read_logit clears magnitudes
- * below PSM_TINY (2^-64), which a NaN never has. */
+ * +inf was seen, *changed_out whether reading changed some value (-0, or a
+ * magnitude below PSM_TINY). Written on the float bits so that it vectorises
+ * into a few integer operations: valid is a magnitude below infinity's,
+ * masked is exactly -inf, and what is neither is bad; psm_read_logit clears
+ * magnitudes below PSM_TINY (2^-64), which a NaN never has. */
 PSM_CPU_HOT
-static int32_t classify_tile(const float *in, float *out, int n, float *max_out, int *bad_out)
+static int32_t classify_tile(const float *in, float *out, int n, float *max_out, int *bad_out,
+                             int *changed_out)
 {
-    int32_t valid = 0, masked = 0;
+    int32_t valid = 0, masked = 0, changed = 0;
     float largest = -INFINITY;
-#pragma omp simd reduction(max : largest) reduction(+ : valid, masked)
+#pragma omp simd reduction(max : largest) reduction(+ : valid, masked, changed)
     for (int i = 0; i < n; ++i) {
         uint32_t bits = psm_float_bits(in[i]);
         int32_t magnitude = (int32_t)(bits & 0x7fffffffu);
         valid += magnitude < 0x7f800000;
         masked += bits == 0xff800000u;
-        uint32_t keep = (uint32_t)0 - (uint32_t)!(magnitude < 0x1f800000); /* 2^-64 */
-        float x = psm_bits_float(bits & keep);
+        int32_t tiny = magnitude < 0x1f800000; /* 2^-64 */
+        changed += tiny & (bits != 0u);
+        float x = psm_bits_float(bits & ((uint32_t)tiny - 1u));
         out[i] = x;
         largest = largest > x ? largest : x;
     }
     *max_out = largest;
     *bad_out = valid + masked < n;
+    *changed_out = changed != 0;
     return valid;
 }
 
@@ -189,16 +215,23 @@ static void widen_f16(const uint16_t *in, float *out, int n)
         out[i] = psm_f16_to_float(in[i]);
 }
 
-/* Loads a tile into x (as read by the contract) and summarises it. */
+/* Loads a tile into x (as read by the contract) and summarises it; *raw_out
+ * (when not NULL) says whether the row's own memory holds the tile exactly
+ * as read: f32 logits that reading leaves unchanged. */
 static int32_t load_tile(const cpu_row *row, int64_t tile, float *x, int *n_out, float *max_out,
-                         int *bad_out)
+                         int *bad_out, int *raw_out)
 {
     int n = (int)tile_length(row, tile);
     int64_t start = tile * PSM_TILE;
+    int changed;
     *n_out = n;
+    int32_t valid;
     switch (row->dtype) {
     case PSM_DTYPE_F32:
-        return classify_tile((const float *)row->data + start, x, n, max_out, bad_out);
+        valid = classify_tile((const float *)row->data + start, x, n, max_out, bad_out, &changed);
+        if (raw_out)
+            *raw_out = !changed;
+        return valid;
     case PSM_DTYPE_BF16:
         widen_bf16((const uint16_t *)row->data + start, x, n);
         break;
@@ -207,7 +240,25 @@ static int32_t load_tile(const cpu_row *row, int64_t tile, float *x, int *n_out,
         widen_f16((const uint16_t *)row->data + start, x, n);
         break;
     }
-    return classify_tile(x, x, n, max_out, bad_out);
+    if (raw_out)
+        *raw_out = 0;
+    return classify_tile(x, x, n, max_out, bad_out, &changed);
+}
+
+/* A tile of a row whose summary pass has run, as the contract reads it: the
+ * row's own memory when it holds the tile as read (owner->tile_raw), else a
+ * copy read into buffer. */
+static const float *read_tile(const cpu_row *row, const cpu_scratch *owner, int64_t tile,
+                              float *buffer, int *n_out)
+{
+    if (owner->tile_raw[tile]) {
+        *n_out = (int)tile_length(row, tile);
+        return (const float *)row->data + tile * PSM_TILE;
+    }
+    int bad;
+    float max;
+    load_tile(row, tile, buffer, n_out, &max, &bad, NULL);
+    return buffer;
 }
 
 /* ---- weights --------------------------------------------------------------- */
@@ -277,7 +328,9 @@ static inline int key_at_least(float x, uint32_t token, uint64_t cutoff)
 {
     uint32_t ordered = psm_ordered_bits(x);
     uint32_t high = (uint32_t)(cutoff >> 32), low = (uint32_t)cutoff;
-    return ordered > high || (ordered == high && 0xffffffffu - token >= low);
+    /* Bitwise, not short-circuit: GCC turns || and && here into per-lane
+     * scalar mask arithmetic. */
+    return (ordered > high) | ((ordered == high) & (0xffffffffu - token >= low));
 }
 
 static inline int is_valid_logit(float x)
@@ -331,21 +384,63 @@ static uint64_t masked_weights(const float *x, int n, float reference, float sca
     return tile_weight_array(x, n, reference, scale, bits, weights, 1);
 }
 
-/* Sum of g_i over a tile's valid tokens with key >= cutoff (top-p's Z). */
-PSM_CPU_HOT
-static uint64_t global_mass(const cpu_row *row, const float *x, int n, uint32_t start,
-                            uint64_t cutoff)
+/* top-p's first look at a tile: every token's gap bin into bins and its g_i
+ * (0 for masked tokens and, with use_lower, for keys below lower) into g.
+ * The bin comes from the unclamped gap, clamped to CPU_BIN_GAP_LIMIT on its
+ * float bits (gaps are >= 0 or +inf here, so their bits order as their
+ * values), so the conversion never sees an out-of-range value. */
+static inline void gap_bins(const cpu_row *row, const float *x, int n, uint32_t start,
+                            uint64_t lower, int32_t *bins, float *g, int use_lower)
 {
-    double sum = 0.0; /* exact: integers, partial sums below 2^53 */
     float row_max = row->row_max, scale = row->scale;
     int bits = row->weight_bits;
-#pragma omp simd reduction(+ : sum)
+    const psm_u32 limit = psm_float_bits(CPU_BIN_GAP_LIMIT);
+#pragma omp simd
     for (int i = 0; i < n; ++i) {
-        int keep = is_valid_logit(x[i]) & key_at_least(x[i], start + (uint32_t)i, cutoff);
-        float g = psm_cpu_weight_float(psm_cpu_scaled_gap(row_max, x[i], scale), bits);
-        sum += keep ? (double)g : 0.0;
+        float gap = psm_unclamped_gap(row_max, x[i], scale);
+        psm_u32 gap_bits = psm_float_bits(gap);
+        float clamped = psm_bits_float(gap_bits < limit ? gap_bits : limit);
+        bins[i] = (int32_t)(clamped * CPU_BIN_SCALE);
+        float weight = psm_cpu_weight_float(psm_cpu_scaled_gap(row_max, x[i], scale), bits);
+        if (use_lower)
+            weight = key_at_least(x[i], start + (uint32_t)i, lower) ? weight : 0.0f;
+        g[i] = weight;
     }
-    return (uint64_t)sum;
+}
+
+PSM_CPU_HOT
+static void gap_bins_all(const cpu_row *row, const float *x, int n, int32_t *bins, float *g)
+{
+    gap_bins(row, x, n, 0, 0, bins, g, 0);
+}
+
+PSM_CPU_HOT
+static void gap_bins_above(const cpu_row *row, const float *x, int n, uint32_t start,
+                           uint64_t lower, int32_t *bins, float *g)
+{
+    gap_bins(row, x, n, start, lower, bins, g, 1);
+}
+
+/* Adds each token's g_i to its bin's mass. The scatter stays scalar (tokens
+ * of one bin would collide in a vector); each g_i is an integer below 2^41,
+ * exact in the float, converted through a signed integer, which every x86-64
+ * clone converts to in one instruction. */
+PSM_CPU_HOT
+static void add_to_bins(const int32_t *bins, const float *g, int n, uint64_t *bin_mass)
+{
+    for (int i = 0; i < n; ++i)
+        bin_mass[bins[i]] += (uint64_t)(int64_t)g[i];
+}
+
+/* Is some logit of x in [low, high)? (Masked logits never are: low is finite.) */
+PSM_CPU_HOT
+static int any_in_band(const float *x, int n, float low, float high)
+{
+    int any = 0;
+#pragma omp simd reduction(| : any)
+    for (int i = 0; i < n; ++i)
+        any |= (x[i] >= low) & (x[i] < high);
+    return any;
 }
 
 /* g_i of every token of a tile (0 for masked ones). */
@@ -361,12 +456,11 @@ static void global_weights(const cpu_row *row, const float *x, int n, uint64_t *
 
 /* Tile weights of a filtered row: w_i against the largest kept logit of the
  * tile for kept tokens, 0 for the rest. Returns S_t, and m_t in *reference. */
-static uint64_t kept_weights(const cpu_row *row, int64_t tile, float *x, uint64_t *weights,
-                             float *reference)
+static uint64_t kept_weights(const cpu_row *row, const cpu_scratch *owner, int64_t tile,
+                             float *buffer, uint64_t *weights, float *reference)
 {
-    int n, bad;
-    float tile_max;
-    load_tile(row, tile, x, &n, &tile_max, &bad);
+    int n;
+    const float *x = read_tile(row, owner, tile, buffer, &n);
     uint32_t start = (uint32_t)(tile * PSM_TILE);
     float kept_max = row->min_weight != 0 ? mark_kept_min_p(row, x, n, start, weights)
                                           : mark_kept_top(row, x, n, start, weights);
@@ -378,17 +472,129 @@ static uint64_t kept_weights(const cpu_row *row, int64_t tile, float *x, uint64_
     return masked_weights(x, n, kept_max, row->scale, row->weight_bits, weights);
 }
 
+/* Is some valid token's key >= cutoff? */
+PSM_CPU_HOT
+static int any_key_at_least(const float *x, int n, uint32_t start, uint64_t cutoff)
+{
+    int any = 0;
+#pragma omp simd reduction(| : any)
+    for (int i = 0; i < n; ++i)
+        any |= is_valid_logit(x[i]) & key_at_least(x[i], start + (uint32_t)i, cutoff);
+    return any;
+}
+
+/* Sum of the weights against reference of the tokens with key >= cutoff
+ * (masked tokens weigh 0 whatever the cutoff). */
+PSM_CPU_HOT
+static uint64_t cut_weight_sum(const float *x, int n, uint32_t start, float reference,
+                               float scale, int bits, uint64_t cutoff)
+{
+    double sum = 0.0; /* exact: integers, partial sums below 2^53 */
+#pragma omp simd reduction(+ : sum)
+    for (int i = 0; i < n; ++i) {
+        int keep = key_at_least(x[i], start + (uint32_t)i, cutoff);
+        float w = psm_cpu_weight_float(psm_cpu_scaled_gap(reference, x[i], scale), bits);
+        sum += keep ? (double)w : 0.0;
+    }
+    return (uint64_t)sum;
+}
+
+/* Is some token of x a min-p candidate: logit >= floor and key >= cutoff? */
+PSM_CPU_HOT
+static int any_candidate(const float *x, int n, uint32_t start, float floor, uint64_t cutoff)
+{
+    int any = 0;
+#pragma omp simd reduction(| : any)
+    for (int i = 0; i < n; ++i)
+        any |= (x[i] >= floor) & key_at_least(x[i], start + (uint32_t)i, cutoff);
+    return any;
+}
+
+/* Keeps, in place, the logits of x whose g_i reaches min_weight; returns how
+ * many. The weights are computed in a vector pass into `passes` first. */
+PSM_CPU_HOT
+static int keep_min_p(const cpu_row *row, float *x, int n, float *passes)
+{
+    float row_max = row->row_max, scale = row->scale;
+    int bits = row->weight_bits;
+    double min_weight = (double)row->min_weight; /* exact: at most 2^40 */
+#pragma omp simd
+    for (int i = 0; i < n; ++i)
+        passes[i] = (double)psm_cpu_weight_float(psm_cpu_scaled_gap(row_max, x[i], scale), bits) >=
+                            min_weight
+                        ? 1.0f
+                        : 0.0f;
+    int kept = 0;
+    for (int i = 0; i < n; ++i) {
+        x[kept] = x[i];
+        kept += passes[i] != 0.0f;
+    }
+    return kept;
+}
+
+/* S_t of the kept set, with m_t in *reference (-inf, and 0 returned, when the
+ * tile keeps nothing), for a tile that may keep tokens (see PASS_KEPT).
+ * Without min-p the kept tokens are those with key >= cutoff, so a tile that
+ * keeps any keeps its first token in rank order, whose logit is the tile's
+ * largest: m_t is the tile maximum, and the weights are summed chunk by
+ * chunk, skipping chunks with no kept token. With min-p, g_i is not a
+ * monotone function of the logit at its last unit, so the kept tokens are
+ * collected first: only logits at or above row->kept_floor can pass (gaps
+ * below psm_min_p_drop_gap); those of them that pass are gathered, their
+ * maximum is m_t, and their weights are summed in one vector pass. */
+static uint64_t kept_mass(const cpu_row *row, const cpu_scratch *owner, int64_t tile,
+                          cpu_scratch *worker, float *reference)
+{
+    int n;
+    uint32_t start = (uint32_t)(tile * PSM_TILE);
+    const float *x = read_tile(row, owner, tile, worker->logits, &n);
+    uint64_t cutoff = row->key_cutoff;
+    if (row->min_weight == 0) {
+        float tile_max = owner->tile_max[tile];
+        uint64_t sum = 0;
+        for (int chunk = 0; chunk < n; chunk += CPU_CHUNK) {
+            int length = n - chunk < CPU_CHUNK ? n - chunk : CPU_CHUNK;
+            uint32_t first = start + (uint32_t)chunk;
+            if (any_key_at_least(x + chunk, length, first, cutoff))
+                sum += cut_weight_sum(x + chunk, length, first, tile_max, row->scale,
+                                      row->weight_bits, cutoff);
+        }
+        *reference = sum != 0 ? tile_max : -INFINITY;
+        return sum;
+    }
+    float *kept = worker->compact;
+    int count = 0;
+    for (int chunk = 0; chunk < n; chunk += CPU_CHUNK) {
+        int length = n - chunk < CPU_CHUNK ? n - chunk : CPU_CHUNK;
+        uint32_t first = start + (uint32_t)chunk;
+        if (!any_candidate(x + chunk, length, first, row->kept_floor, cutoff))
+            continue;
+        for (int i = 0; i < length; ++i) {
+            float value = x[chunk + i];
+            kept[count] = value;
+            count += (value >= row->kept_floor) & key_at_least(value, first + (uint32_t)i, cutoff);
+        }
+    }
+    count = keep_min_p(row, kept, count, worker->masses);
+    float kept_max = -INFINITY;
+    for (int i = 0; i < count; ++i)
+        kept_max = kept[i] > kept_max ? kept[i] : kept_max;
+    *reference = kept_max;
+    if (count == 0)
+        return 0;
+    return plain_weight_sum(kept, count, kept_max, row->scale, row->weight_bits, NULL, 0);
+}
+
 /* A tile's weights into `weights` (plain or kept rule); returns S_t. */
-static uint64_t tile_weights(const cpu_row *row, const cpu_scratch *owner, int64_t tile, float *x,
-                             uint64_t *weights)
+static uint64_t tile_weights(const cpu_row *row, const cpu_scratch *owner, int64_t tile,
+                             float *buffer, uint64_t *weights)
 {
     if (row->filtered) {
         float reference;
-        return kept_weights(row, tile, x, weights, &reference);
+        return kept_weights(row, owner, tile, buffer, weights, &reference);
     }
-    int n, bad;
-    float max;
-    load_tile(row, tile, x, &n, &max, &bad);
+    int n;
+    const float *x = read_tile(row, owner, tile, buffer, &n);
     return plain_weights(x, n, owner->tile_max[tile], row->scale, row->weight_bits, weights);
 }
 
@@ -400,7 +606,8 @@ static uint64_t tile_weights(const cpu_row *row, const cpu_scratch *owner, int64
 typedef enum cpu_pass {
     PASS_PLAIN,     /* m_t, valid, bad, S_t of a plain row */
     PASS_SUMMARY,   /* m_t, valid, bad */
-    PASS_G_MASS,    /* tile_sum = sum of g_i over valid tokens with key >= cutoff */
+    PASS_BINS,      /* top-p: g-mass of the candidates (key >= lower) per gap bin */
+    PASS_BAND,      /* top-p: gather the candidates whose logit is in [band_low, band_high) */
     PASS_KEPT,      /* m_t, S_t of the kept set */
     PASS_PROBS      /* write the row's probabilities */
 } cpu_pass;
@@ -409,7 +616,9 @@ typedef struct cpu_pass_args {
     cpu_pass pass;
     const cpu_row *row;
     cpu_scratch *owner;
-    uint64_t g_cutoff;   /* PASS_G_MASS */
+    uint64_t lower;      /* PASS_BINS, PASS_BAND: candidates have keys >= lower */
+    float band_low;      /* PASS_BAND */
+    float band_high;     /* PASS_BAND */
     uint64_t total;      /* PASS_PROBS */
     float *probs_row;    /* PASS_PROBS */
 } cpu_pass_args;
@@ -422,10 +631,12 @@ static void run_tile(const cpu_pass_args *args, int64_t tile, cpu_scratch *worke
     float max;
     switch (args->pass) {
     case PASS_PLAIN: {
-        int32_t valid = load_tile(row, tile, worker->logits, &n, &max, &bad);
+        int raw;
+        int32_t valid = load_tile(row, tile, worker->logits, &n, &max, &bad, &raw);
         owner->tile_max[tile] = max;
         owner->tile_valid[tile] = valid;
         owner->tile_bad[tile] = (uint8_t)bad;
+        owner->tile_raw[tile] = (uint8_t)raw;
         const char *ahead = NULL;
         size_t ahead_bytes = 0;
         if (tile + 1 < row->tiles) {
@@ -440,31 +651,64 @@ static void run_tile(const cpu_pass_args *args, int64_t tile, cpu_scratch *worke
         break;
     }
     case PASS_SUMMARY: {
-        int32_t valid = load_tile(row, tile, worker->logits, &n, &max, &bad);
+        int raw;
+        int32_t valid = load_tile(row, tile, worker->logits, &n, &max, &bad, &raw);
         owner->tile_max[tile] = max;
         owner->tile_valid[tile] = valid;
         owner->tile_bad[tile] = (uint8_t)bad;
+        owner->tile_raw[tile] = (uint8_t)raw;
         break;
     }
-    case PASS_G_MASS: {
-        uint64_t mass = 0;
-        if (owner->tile_valid[tile] > 0 && tile_key_bound(row, owner, tile) >= args->g_cutoff) {
-            load_tile(row, tile, worker->logits, &n, &max, &bad);
-            mass = global_mass(row, worker->logits, n, (uint32_t)(tile * PSM_TILE), args->g_cutoff);
+    case PASS_BINS: {
+        if (owner->tile_valid[tile] == 0 || tile_key_bound(row, owner, tile) < args->lower)
+            break;
+        uint32_t start = (uint32_t)(tile * PSM_TILE);
+        const float *x = read_tile(row, owner, tile, worker->logits, &n);
+        if (args->lower != 0)
+            gap_bins_above(row, x, n, start, args->lower, worker->bins, worker->masses);
+        else
+            gap_bins_all(row, x, n, worker->bins, worker->masses);
+        add_to_bins(worker->bins, worker->masses, n, worker->bin_mass);
+        break;
+    }
+    case PASS_BAND: {
+        if (owner->tile_valid[tile] == 0 || owner->tile_max[tile] < args->band_low ||
+            tile_key_bound(row, owner, tile) < args->lower)
+            break;
+        uint32_t start = (uint32_t)(tile * PSM_TILE);
+        const float *logits = read_tile(row, owner, tile, worker->logits, &n);
+        for (int chunk = 0; chunk < n; chunk += CPU_CHUNK) {
+            int length = n - chunk < CPU_CHUNK ? n - chunk : CPU_CHUNK;
+            const float *x = logits + chunk;
+            if (!any_in_band(x, length, args->band_low, args->band_high))
+                continue;
+            for (int i = 0; i < length; ++i) {
+                if (!(x[i] >= args->band_low && x[i] < args->band_high))
+                    continue;
+                uint64_t key = psm_rank_key(x[i], start + (uint32_t)(chunk + i));
+                if (key < args->lower)
+                    continue;
+                if (worker->gathered_count == CPU_GATHER_LIMIT) {
+                    worker->gather_overflow = 1;
+                    continue;
+                }
+                cpu_ranked *item = &worker->gathered[worker->gathered_count++];
+                item->key = key;
+                item->measure = global_weight(row, x[i]);
+            }
         }
-        owner->tile_sum[tile] = mass;
         break;
     }
     case PASS_KEPT: {
         /* tile_max holds the largest valid logit here; it becomes m_t. */
-        if (owner->tile_valid[tile] == 0 || tile_key_bound(row, owner, tile) < row->key_cutoff) {
+        if (owner->tile_valid[tile] == 0 || tile_key_bound(row, owner, tile) < row->key_cutoff ||
+            owner->tile_max[tile] < row->kept_floor) {
             owner->tile_sum[tile] = 0;
             owner->tile_max[tile] = -INFINITY;
             break;
         }
         float reference;
-        owner->tile_sum[tile] =
-            kept_weights(row, tile, worker->logits, worker->weights, &reference);
+        owner->tile_sum[tile] = kept_mass(row, owner, tile, worker, &reference);
         owner->tile_max[tile] = reference;
         break;
     }
@@ -487,14 +731,59 @@ static void run_tile(const cpu_pass_args *args, int64_t tile, cpu_scratch *worke
     }
 }
 
+/* Passes that gather into the worker's scratch (bins, band) start from empty
+ * accumulators ... */
+static void begin_pass(const cpu_pass_args *args, cpu_scratch *worker)
+{
+    if (args->pass == PASS_BINS)
+        memset(worker->bin_mass, 0, sizeof worker->bin_mass);
+    if (args->pass == PASS_BAND) {
+        worker->gathered_count = 0;
+        worker->gather_overflow = 0;
+    }
+}
+
+/* ... and, when the tiles were spread over threads, the other workers'
+ * accumulators are added to the row owner's. Sums are integers and the
+ * gathered tokens are sorted later, so the order of the workers is free. */
+static void merge_pass(const cpu_pass_args *args, cpu_scratch *owner, const cpu_scratch *worker)
+{
+    if (args->pass == PASS_BINS) {
+        for (int b = 0; b < CPU_GAP_BINS; ++b)
+            owner->bin_mass[b] += worker->bin_mass[b];
+    }
+    if (args->pass == PASS_BAND) {
+        owner->gather_overflow |= worker->gather_overflow;
+        for (int64_t i = 0; i < worker->gathered_count; ++i) {
+            if (owner->gathered_count == CPU_GATHER_LIMIT) {
+                owner->gather_overflow = 1;
+                break;
+            }
+            owner->gathered[owner->gathered_count++] = worker->gathered[i];
+        }
+    }
+}
+
 static void run_pass(const cpu_state *state, const cpu_pass_args *args, int parallel)
 {
     int64_t tiles = args->row->tiles;
     if (parallel && tiles > 1) {
-#pragma omp parallel for num_threads(state->threads) schedule(static)
-        for (int64_t tile = 0; tile < tiles; ++tile)
-            run_tile(args, tile, state->scratch[omp_get_thread_num()]);
+        int team = 1;
+#pragma omp parallel num_threads(state->threads)
+        {
+            cpu_scratch *worker = state->scratch[omp_get_thread_num()];
+#pragma omp single
+            team = omp_get_num_threads();
+            begin_pass(args, worker);
+#pragma omp for schedule(static)
+            for (int64_t tile = 0; tile < tiles; ++tile)
+                run_tile(args, tile, worker);
+        }
+        for (int t = 0; t < team; ++t)
+            if (state->scratch[t] != args->owner)
+                merge_pass(args, args->owner, state->scratch[t]);
     } else {
+        begin_pass(args, args->owner);
         for (int64_t tile = 0; tile < tiles; ++tile)
             run_tile(args, tile, args->owner);
     }
@@ -564,17 +853,6 @@ static int compare_ranked_descending(const void *a, const void *b)
     return compare_keys_descending(&((const cpu_ranked *)a)->key, &((const cpu_ranked *)b)->key);
 }
 
-/* Is some valid token's key >= cutoff? */
-PSM_CPU_HOT
-static int any_key_at_least(const float *x, int n, uint32_t start, uint64_t cutoff)
-{
-    int any = 0;
-#pragma omp simd reduction(| : any)
-    for (int i = 0; i < n; ++i)
-        any |= is_valid_logit(x[i]) & key_at_least(x[i], start + (uint32_t)i, cutoff);
-    return any;
-}
-
 /* The k largest rank keys among valid tokens (k <= CPU_HEAP_LIMIT, k smaller
  * than the valid count), left in owner->heap sorted descending. */
 static void top_k_heap(const cpu_row *row, cpu_scratch *owner, int64_t k)
@@ -586,22 +864,20 @@ static void top_k_heap(const cpu_row *row, cpu_scratch *owner, int64_t k)
             continue;
         if (size == k && tile_key_bound(row, owner, tile) <= heap[0])
             continue;
-        int n, bad;
-        float max;
+        int n;
         uint32_t start = (uint32_t)(tile * PSM_TILE);
-        load_tile(row, tile, owner->logits, &n, &max, &bad);
+        const float *logits = read_tile(row, owner, tile, owner->logits, &n);
         for (int i = 0; i < n; ++i) {
             /* Once the heap is full, a chunk with no key above its least one
              * (found in a vector pass) is skipped whole. */
             if (size == k && i % CPU_HEAP_CHUNK == 0) {
                 int length = n - i < CPU_HEAP_CHUNK ? n - i : CPU_HEAP_CHUNK;
-                if (!any_key_at_least(owner->logits + i, length, start + (uint32_t)i,
-                                      heap[0] + 1)) {
+                if (!any_key_at_least(logits + i, length, start + (uint32_t)i, heap[0] + 1)) {
                     i += length - 1;
                     continue;
                 }
             }
-            float x = owner->logits[i];
+            float x = logits[i];
             if (psm_logit_class(x) != PSM_LOGIT_VALID)
                 continue;
             uint64_t key = psm_rank_key(x, start + (uint32_t)i);
@@ -675,18 +951,19 @@ static uint64_t gathered_cutoff(cpu_scratch *owner, int64_t count, int consumed,
     return count > 0 ? items[count - 1].key : fallback;
 }
 
-/* Walks the valid tokens with key >= lower in rank order, adding up a
- * measure (1 per token, or g_i), and returns the key of the token at which
- * the sum first reaches target (the first token when target is 0). The
- * caller guarantees those tokens' whole measure reaches target.
+/* Walks the valid tokens with lower <= key < upper in rank order, adding up
+ * a measure (1 per token, or g_i) to `above` (the measure of the tokens
+ * ranked before them), and returns the key of the token at which the sum
+ * first reaches target (the first token when target is 0). The caller
+ * guarantees that the sum reaches target within those tokens.
  * Radix select: each round histograms the next 11 bits of the keys that
  * share the prefix found so far; once the bucket holding the answer is
  * small enough it is gathered and sorted. Keys are unique (they hold the
  * token index), so the buckets always shrink. */
-static uint64_t radix_cutoff(const cpu_row *row, cpu_scratch *owner, uint64_t lower, int by_mass,
-                             uint64_t target)
+static uint64_t radix_cutoff(const cpu_row *row, cpu_scratch *owner, uint64_t lower,
+                             uint64_t upper, int by_mass, uint64_t above, uint64_t target)
 {
-    uint64_t prefix = 0, above = 0;
+    uint64_t prefix = 0;
     int consumed = 0;
     int gather = 0;
     for (;;) {
@@ -702,21 +979,21 @@ static uint64_t radix_cutoff(const cpu_row *row, cpu_scratch *owner, uint64_t lo
         for (int64_t tile = 0; tile < row->tiles; ++tile) {
             if (owner->tile_valid[tile] == 0 || tile_key_bound(row, owner, tile) < floor_key)
                 continue;
-            int n, bad;
-            float max;
+            int n;
             uint32_t start = (uint32_t)(tile * PSM_TILE);
-            load_tile(row, tile, owner->logits, &n, &max, &bad);
+            const float *logits = read_tile(row, owner, tile, owner->logits, &n);
             /* The first round measures every valid token: their g_i in one
              * vector pass; later rounds measure few, one by one. */
             int all_global = by_mass && consumed == 0;
             if (all_global)
-                global_weights(row, owner->logits, n, owner->weights);
+                global_weights(row, logits, n, owner->weights);
             for (int i = 0; i < n; ++i) {
-                float x = owner->logits[i];
+                float x = logits[i];
                 if (psm_logit_class(x) != PSM_LOGIT_VALID)
                     continue;
                 uint64_t key = psm_rank_key(x, start + (uint32_t)i);
-                if (key < lower || (consumed && (key >> (64 - consumed)) != prefix))
+                if (key < lower || key >= upper ||
+                    (consumed && (key >> (64 - consumed)) != prefix))
                     continue;
                 uint64_t measure = !by_mass ? 1 : all_global ? owner->weights[i] : global_weight(row, x);
                 if (gather) {
@@ -739,6 +1016,96 @@ static uint64_t radix_cutoff(const cpu_row *row, cpu_scratch *owner, uint64_t lo
     }
 }
 
+/* The smallest logit x (at least -FLT_MAX) whose unclamped gap to the row
+ * maximum is below limit (limit > 0, so the maximum itself qualifies). The
+ * gap is a non-increasing function of the logit, so the logits that qualify
+ * are those >= the answer, found by bisection on the ordered float bits. */
+static float lowest_logit_within(const cpu_row *row, float limit)
+{
+    uint32_t low = psm_ordered_bits(-FLT_MAX), high = psm_ordered_bits(row->row_max);
+    while (low < high) {
+        uint32_t middle = low + (high - low) / 2;
+        if (psm_unclamped_gap(row->row_max, psm_ordered_logit(middle), row->scale) < limit)
+            high = middle;
+        else
+            low = middle + 1;
+    }
+    return psm_ordered_logit(low);
+}
+
+/* The key of the token at which the measure of `items` (rank keys with their
+ * g_i), walked in rank order, first reaches need (>= 1, at most their sum):
+ * a max-heap on the keys, popped until the sum reaches it. */
+static void ranked_sift_down(cpu_ranked *heap, int64_t size, int64_t at)
+{
+    for (;;) {
+        int64_t largest = at, left = 2 * at + 1, right = left + 1;
+        if (left < size && heap[left].key > heap[largest].key)
+            largest = left;
+        if (right < size && heap[right].key > heap[largest].key)
+            largest = right;
+        if (largest == at)
+            return;
+        cpu_ranked held = heap[at];
+        heap[at] = heap[largest];
+        heap[largest] = held;
+        at = largest;
+    }
+}
+
+static uint64_t ranked_select(cpu_ranked *items, int64_t count, uint64_t need)
+{
+    for (int64_t at = count / 2 - 1; at >= 0; --at)
+        ranked_sift_down(items, count, at);
+    uint64_t sum = 0;
+    while (count > 1) {
+        sum += items[0].measure;
+        if (sum >= need)
+            return items[0].key;
+        items[0] = items[--count];
+        ranked_sift_down(items, count, 0);
+    }
+    return items[0].key; /* the last one reaches need when the caller's guarantee holds */
+}
+
+/* top-p's cutoff among the candidates (valid tokens with key >= lower).
+ * One pass adds up the candidates' g-mass per gap bin (and so Z and the
+ * target); the cutoff lies in the first bin where the running mass, in bin
+ * order, reaches the target, since the bins follow the rank order. A second
+ * pass gathers that bin's tokens, found by the range of logits that the bin
+ * covers, and the cutoff is resolved among them. A bin with more tokens than
+ * the gather buffer holds (many equal logits) is resolved by the radix
+ * select, restricted to the bin's keys. */
+static uint64_t top_p_cutoff(const cpu_state *state, const cpu_row *row, cpu_scratch *owner,
+                             int parallel, uint64_t lower, float top_p)
+{
+    cpu_pass_args args = {.pass = PASS_BINS, .row = row, .owner = owner, .lower = lower};
+    run_pass(state, &args, parallel);
+    uint64_t mass = 0;
+    for (int b = 0; b < CPU_GAP_BINS; ++b)
+        mass += owner->bin_mass[b];
+    uint64_t target = psm_top_p_target(mass, top_p);
+    /* target >= 1 (the top token alone weighs 2^B), so the bin found has
+     * mass and tokens. */
+    uint64_t above = 0;
+    int bin = 0;
+    while (bin < CPU_GAP_BINS - 1 && above + owner->bin_mass[bin] < target)
+        above += owner->bin_mass[bin++];
+    /* Bins up to b hold the logits whose gap is below (b + 1) / CPU_BIN_SCALE
+     * (the product gap x CPU_BIN_SCALE is exact). */
+    args.pass = PASS_BAND;
+    args.band_low = bin < CPU_GAP_BINS - 1
+                        ? lowest_logit_within(row, (float)(bin + 1) / CPU_BIN_SCALE)
+                        : -FLT_MAX;
+    args.band_high = bin > 0 ? lowest_logit_within(row, (float)bin / CPU_BIN_SCALE) : INFINITY;
+    run_pass(state, &args, parallel);
+    if (!owner->gather_overflow)
+        return ranked_select(owner->gathered, owner->gathered_count, target - above);
+    uint64_t band_lower = (uint64_t)psm_ordered_bits(args.band_low) << 32;
+    return radix_cutoff(row, owner, band_lower > lower ? band_lower : lower,
+                        (uint64_t)psm_ordered_bits(args.band_high) << 32, 1, above, target);
+}
+
 /* Sets row->key_cutoff and row->min_weight from top-k, top-p and min-p.
  * Returns 1 when the kept tokens are all among owner->heap's top_k keys. */
 static int apply_filters(const cpu_state *state, cpu_row *row, cpu_scratch *owner, int parallel,
@@ -752,7 +1119,7 @@ static int apply_filters(const cpu_state *state, cpu_row *row, cpu_scratch *owne
             cutoff = owner->heap[top_k - 1];
             heap_candidates = 1;
         } else {
-            cutoff = radix_cutoff(row, owner, 0, 0, (uint64_t)top_k);
+            cutoff = radix_cutoff(row, owner, 0, UINT64_MAX, 0, 0, (uint64_t)top_k);
         }
     }
     if (top_p < 1.0f) {
@@ -770,16 +1137,14 @@ static int apply_filters(const cpu_state *state, cpu_row *row, cpu_scratch *owne
                 }
             }
         } else {
-            cpu_pass_args args = {PASS_G_MASS, row, owner, cutoff, 0, NULL};
-            run_pass(state, &args, parallel);
-            uint64_t mass = 0;
-            for (int64_t tile = 0; tile < row->tiles; ++tile)
-                mass += owner->tile_sum[tile];
-            cutoff = radix_cutoff(row, owner, cutoff, 1, psm_top_p_target(mass, top_p));
+            cutoff = top_p_cutoff(state, row, owner, parallel, cutoff, top_p);
         }
     }
     row->key_cutoff = cutoff;
     row->min_weight = psm_min_p_threshold(min_p, row->weight_bits);
+    if (row->min_weight != 0)
+        row->kept_floor =
+            lowest_logit_within(row, psm_min_p_drop_gap(row->min_weight, row->weight_bits));
     return heap_candidates;
 }
 
@@ -835,6 +1200,7 @@ static void init_row(cpu_row *row, const psm_tensor *logits, int64_t r)
     row->filtered = 0;
     row->key_cutoff = 0;
     row->min_weight = 0;
+    row->kept_floor = -FLT_MAX;
 }
 
 /* Is row r bad (checking mode)? Out-of-range parameters, a NaN/+inf, or no
@@ -847,7 +1213,7 @@ static int row_check_fails(const cpu_state *state, const psm_request *request, i
         return 1;
     cpu_row row;
     init_row(&row, &request->logits, r);
-    cpu_pass_args args = {PASS_SUMMARY, &row, owner, 0, 0, NULL};
+    cpu_pass_args args = {.pass = PASS_SUMMARY, .row = &row, .owner = owner};
     run_pass(state, &args, parallel);
     int64_t valid;
     float max;
@@ -878,11 +1244,10 @@ static int64_t greedy_token(const cpu_row *row, cpu_scratch *owner)
     for (int64_t tile = 0; tile < row->tiles; ++tile) {
         if (owner->tile_valid[tile] == 0 || owner->tile_max[tile] != row->row_max)
             continue;
-        int n, bad;
-        float max;
-        load_tile(row, tile, owner->logits, &n, &max, &bad);
+        int n;
+        const float *logits = read_tile(row, owner, tile, owner->logits, &n);
         for (int i = 0; i < n; ++i)
-            if (owner->logits[i] == row->row_max)
+            if (logits[i] == row->row_max)
                 return tile * PSM_TILE + i;
     }
     return -1; /* unreachable for a good row: M is some valid logit */
@@ -969,7 +1334,7 @@ static void process_row(const cpu_state *state, const psm_request *request, int6
     if (!greedy)
         row.scale = psm_inverse_temperature_scale(params.temperature);
 
-    cpu_pass_args args = {plain ? PASS_PLAIN : PASS_SUMMARY, &row, owner, 0, 0, NULL};
+    cpu_pass_args args = {.pass = plain ? PASS_PLAIN : PASS_SUMMARY, .row = &row, .owner = owner};
     run_pass(state, &args, parallel);
     int64_t valid;
     if (!row_is_good(&row, owner, &valid, &row.row_max)) {
@@ -1010,6 +1375,7 @@ static void free_scratch(cpu_scratch *scratch)
     psm_free(scratch->tile_max);
     psm_free(scratch->tile_valid);
     psm_free(scratch->tile_bad);
+    psm_free(scratch->tile_raw);
     psm_free(scratch->tile_sum);
     psm_free(scratch->tile_prefix);
     psm_free(scratch);
@@ -1027,12 +1393,14 @@ static psm_status ensure_capacity(cpu_state *state, int64_t vocab)
         float *tile_max = psm_alloc(count * sizeof *tile_max);
         int32_t *tile_valid = psm_alloc(count * sizeof *tile_valid);
         uint8_t *tile_bad = psm_alloc(count * sizeof *tile_bad);
+        uint8_t *tile_raw = psm_alloc(count * sizeof *tile_raw);
         uint64_t *tile_sum = psm_alloc(count * sizeof *tile_sum);
         uint64_t *tile_prefix = psm_alloc(count * sizeof *tile_prefix);
-        if (!tile_max || !tile_valid || !tile_bad || !tile_sum || !tile_prefix) {
+        if (!tile_max || !tile_valid || !tile_bad || !tile_raw || !tile_sum || !tile_prefix) {
             psm_free(tile_max);
             psm_free(tile_valid);
             psm_free(tile_bad);
+            psm_free(tile_raw);
             psm_free(tile_sum);
             psm_free(tile_prefix);
             return psm_set_error(PSM_ERR_OUT_OF_MEMORY,
@@ -1042,11 +1410,13 @@ static psm_status ensure_capacity(cpu_state *state, int64_t vocab)
         psm_free(scratch->tile_max);
         psm_free(scratch->tile_valid);
         psm_free(scratch->tile_bad);
+        psm_free(scratch->tile_raw);
         psm_free(scratch->tile_sum);
         psm_free(scratch->tile_prefix);
         scratch->tile_max = tile_max;
         scratch->tile_valid = tile_valid;
         scratch->tile_bad = tile_bad;
+        scratch->tile_raw = tile_raw;
         scratch->tile_sum = tile_sum;
         scratch->tile_prefix = tile_prefix;
         scratch->tile_capacity = tiles;

@@ -81,6 +81,8 @@
 /* ... and further rounds over the gathered tokens leave at most this many to
  * sort. */
 #define CPU_SORT_LIMIT 64
+/* Rows a thread takes at a time in a batch (at most). */
+#define CPU_ROW_RUN 16
 /* top-k up to this k uses a bounded min-heap of rank keys. */
 #define CPU_HEAP_LIMIT 4096
 /* ... scanning a tile in chunks of this many tokens. */
@@ -130,15 +132,23 @@ typedef struct cpu_scratch {
     int64_t gathered_count; /* entries of `gathered` in use (band pass) */
     int gather_overflow;    /* the band held more than CPU_GATHER_LIMIT tokens */
     uint64_t bin_mass[CPU_GAP_BINS]; /* g-mass of the candidates per gap bin */
-    int32_t bins[PSM_TILE];          /* one tile's gap bins */
-    float masses[PSM_TILE];          /* one tile's g_i (exact integers, as floats) */
+    int32_t bins[CPU_CHUNK];         /* gap bins of a chunk of tokens */
+    float masses[PSM_TILE];          /* g_i of a chunk (bin pass); min-p test results */
     float compact[PSM_TILE];         /* one tile's min-p candidates, then its kept logits */
+    uint8_t flags[PSM_TILE];         /* one tile's min-p candidates, marked */
 } cpu_scratch;
 
 typedef struct cpu_state {
     int threads;
     cpu_scratch **scratch; /* one per thread */
 } cpu_state;
+
+/* Where a filtered row prefetches the next row (cpu_row.next_data). */
+typedef enum cpu_prefetch_step {
+    PREFETCH_IN_BINS,   /* top-p's bin pass */
+    PREFETCH_IN_HEAP,   /* the top-k heap's scan */
+    PREFETCH_IN_KEPT    /* the kept pass */
+} cpu_prefetch_step;
 
 /* Everything a row's passes need to know about it. */
 typedef struct cpu_row {
@@ -153,6 +163,12 @@ typedef struct cpu_row {
     uint64_t key_cutoff; /* kept: rank key >= key_cutoff (0 keeps every valid token) */
     uint64_t min_weight; /* kept: g_i >= min_weight (0: no min-p) */
     float kept_floor;    /* with min-p: logits below it fail min-p (psm_min_p_drop_gap) */
+    /* The next row this thread will process (NULL: none known), and the
+     * step of a filtered row that prefetches it, tile by tile, while it
+     * computes from cache: the first one after the summary pass that reads
+     * every tile. */
+    const unsigned char *next_data;
+    cpu_prefetch_step prefetch_step;
 } cpu_row;
 
 /* ---- reading tiles --------------------------------------------------------- */
@@ -263,23 +279,58 @@ static const float *read_tile(const cpu_row *row, const cpu_scratch *owner, int6
 
 /* ---- weights --------------------------------------------------------------- */
 
+/* Memory that a loop over a tile brings into the cache while it computes:
+ * the next tile of the row, or the next row's tile. A loop works through
+ * its tile in steps of CPU_PACE tokens and, before each, prefetches the same
+ * share of `ahead`, so that the reads are spread over the arithmetic (issued
+ * all at once, they fill the core's line-fill buffers and stall it, and a
+ * prefetch inside a vector loop keeps GCC from vectorising it). */
+#define CPU_PACE 256
+typedef struct cpu_ahead {
+    const char *data; /* NULL: nothing to prefetch */
+    size_t bytes;
+} cpu_ahead;
+
+static inline void prefetch_share(cpu_ahead ahead, int from, int to, int n)
+{
+    if (!ahead.data)
+        return;
+    size_t end = ahead.bytes * (size_t)to / (size_t)n;
+    for (size_t b = (ahead.bytes * (size_t)from / (size_t)n) & ~(size_t)63; b < end; b += 64)
+        __builtin_prefetch(ahead.data + b, 0, 3);
+}
+
+/* The next row's tile `tile`, when `step` is the one that prefetches it. */
+static cpu_ahead next_row_tile(const cpu_row *row, int64_t tile, cpu_prefetch_step step)
+{
+    cpu_ahead ahead = {NULL, 0};
+    if (row->next_data && row->prefetch_step == step) {
+        size_t size = row->dtype == PSM_DTYPE_F32 ? 4 : 2;
+        int64_t start = tile * PSM_TILE, left = row->vocab - start;
+        ahead.data = (const char *)row->next_data + (size_t)start * size;
+        ahead.bytes = (size_t)(left < PSM_TILE ? left : PSM_TILE) * size;
+    }
+    return ahead;
+}
+
 /* S_t of a plain tile: every valid token weighs psm_weight(gap(m_t, x), B);
- * masked tokens have an infinite gap and weigh 0. `ahead` (ahead_bytes, or
- * NULL) is the next tile of the row: it is prefetched first, so that memory
- * works while this tile's weights are computed (a row is read once, tile by
- * tile; without this the next tile's read waits for this tile's arithmetic). */
+ * masked tokens have an infinite gap and weigh 0. */
 PSM_CPU_HOT
 static uint64_t plain_weight_sum(const float *x, int n, float reference, float scale, int bits,
-                                 const char *ahead, size_t ahead_bytes)
+                                 cpu_ahead ahead)
 {
-    for (size_t b = 0; ahead && b < ahead_bytes; b += 64)
-        __builtin_prefetch(ahead + b, 0, 3);
     /* Exact: integer weights below 2^41, partial sums below 2^53 (see
-     * cpu_weight.h), so the lanes may add in any order. */
+     * cpu_weight.h), so the lanes and steps may add in any order. */
     double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
-    for (int i = 0; i < n; ++i)
-        sum += (double)psm_cpu_weight_float(psm_cpu_scaled_gap(reference, x[i], scale), bits);
+    for (int step = 0; step < n; step += CPU_PACE) {
+        int end = n - step < CPU_PACE ? n : step + CPU_PACE;
+        prefetch_share(ahead, step, end, n);
+        double part = 0.0;
+#pragma omp simd reduction(+ : part)
+        for (int i = step; i < end; ++i)
+            part += (double)psm_cpu_weight_float(psm_cpu_scaled_gap(reference, x[i], scale), bits);
+        sum += part;
+    }
     return (uint64_t)sum;
 }
 
@@ -384,52 +435,56 @@ static uint64_t masked_weights(const float *x, int n, float reference, float sca
     return tile_weight_array(x, n, reference, scale, bits, weights, 1);
 }
 
-/* top-p's first look at a tile: every token's gap bin into bins and its g_i
- * (0 for masked tokens and, with use_lower, for keys below lower) into g.
- * The bin comes from the unclamped gap, clamped to CPU_BIN_GAP_LIMIT on its
- * float bits (gaps are >= 0 or +inf here, so their bits order as their
- * values), so the conversion never sees an out-of-range value. */
+/* top-p's look at a tile: adds every token's g_i (0 for masked tokens and,
+ * with use_lower, for keys below lower) to the mass of its gap bin. Per
+ * CPU_CHUNK tokens, a vector loop computes the bins and weights into bins and
+ * g, then a scalar loop adds them up: the scatter stays scalar, since tokens
+ * of one bin would collide in a vector. The bin comes from the unclamped gap,
+ * clamped to CPU_BIN_GAP_LIMIT on its float bits (gaps are >= 0 or +inf
+ * here, so their bits order as their values), so the conversion never sees
+ * an out-of-range value. Each g_i is an integer below 2^41, exact in the
+ * float, and goes through a signed integer, which every x86-64 clone
+ * converts to in one instruction. */
 static inline void gap_bins(const cpu_row *row, const float *x, int n, uint32_t start,
-                            uint64_t lower, int32_t *bins, float *g, int use_lower)
+                            uint64_t lower, cpu_ahead ahead, int32_t *bins, float *g,
+                            uint64_t *bin_mass, int use_lower)
 {
     float row_max = row->row_max, scale = row->scale;
     int bits = row->weight_bits;
     const psm_u32 limit = psm_float_bits(CPU_BIN_GAP_LIMIT);
+    for (int step = 0; step < n; step += CPU_CHUNK) {
+        int length = n - step < CPU_CHUNK ? n - step : CPU_CHUNK;
+        prefetch_share(ahead, step, step + length, n);
+        const float *chunk = x + step;
 #pragma omp simd
-    for (int i = 0; i < n; ++i) {
-        float gap = psm_unclamped_gap(row_max, x[i], scale);
-        psm_u32 gap_bits = psm_float_bits(gap);
-        float clamped = psm_bits_float(gap_bits < limit ? gap_bits : limit);
-        bins[i] = (int32_t)(clamped * CPU_BIN_SCALE);
-        float weight = psm_cpu_weight_float(psm_cpu_scaled_gap(row_max, x[i], scale), bits);
-        if (use_lower)
-            weight = key_at_least(x[i], start + (uint32_t)i, lower) ? weight : 0.0f;
-        g[i] = weight;
+        for (int i = 0; i < length; ++i) {
+            float gap = psm_unclamped_gap(row_max, chunk[i], scale);
+            psm_u32 gap_bits = psm_float_bits(gap);
+            float clamped = psm_bits_float(gap_bits < limit ? gap_bits : limit);
+            bins[i] = (int32_t)(clamped * CPU_BIN_SCALE);
+            float weight = psm_cpu_weight_float(psm_cpu_scaled_gap(row_max, chunk[i], scale), bits);
+            if (use_lower)
+                weight = key_at_least(chunk[i], start + (uint32_t)(step + i), lower) ? weight
+                                                                                      : 0.0f;
+            g[i] = weight;
+        }
+        for (int i = 0; i < length; ++i)
+            bin_mass[bins[i]] += (uint64_t)(int64_t)g[i];
     }
 }
 
 PSM_CPU_HOT
-static void gap_bins_all(const cpu_row *row, const float *x, int n, int32_t *bins, float *g)
+static void gap_bins_all(const cpu_row *row, const float *x, int n, cpu_ahead ahead,
+                         cpu_scratch *worker)
 {
-    gap_bins(row, x, n, 0, 0, bins, g, 0);
+    gap_bins(row, x, n, 0, 0, ahead, worker->bins, worker->masses, worker->bin_mass, 0);
 }
 
 PSM_CPU_HOT
 static void gap_bins_above(const cpu_row *row, const float *x, int n, uint32_t start,
-                           uint64_t lower, int32_t *bins, float *g)
+                           uint64_t lower, cpu_ahead ahead, cpu_scratch *worker)
 {
-    gap_bins(row, x, n, start, lower, bins, g, 1);
-}
-
-/* Adds each token's g_i to its bin's mass. The scatter stays scalar (tokens
- * of one bin would collide in a vector); each g_i is an integer below 2^41,
- * exact in the float, converted through a signed integer, which every x86-64
- * clone converts to in one instruction. */
-PSM_CPU_HOT
-static void add_to_bins(const int32_t *bins, const float *g, int n, uint64_t *bin_mass)
-{
-    for (int i = 0; i < n; ++i)
-        bin_mass[bins[i]] += (uint64_t)(int64_t)g[i];
+    gap_bins(row, x, n, start, lower, ahead, worker->bins, worker->masses, worker->bin_mass, 1);
 }
 
 /* Is some logit of x in [low, high)? (Masked logits never are: low is finite.) */
@@ -484,30 +539,64 @@ static int any_key_at_least(const float *x, int n, uint32_t start, uint64_t cuto
 }
 
 /* Sum of the weights against reference of the tokens with key >= cutoff
- * (masked tokens weigh 0 whatever the cutoff). */
+ * (masked tokens weigh 0 whatever the cutoff), chunk by chunk: a chunk with
+ * no such token (a vector test) is skipped. */
 PSM_CPU_HOT
 static uint64_t cut_weight_sum(const float *x, int n, uint32_t start, float reference,
-                               float scale, int bits, uint64_t cutoff)
+                               float scale, int bits, uint64_t cutoff, cpu_ahead ahead)
 {
     double sum = 0.0; /* exact: integers, partial sums below 2^53 */
-#pragma omp simd reduction(+ : sum)
-    for (int i = 0; i < n; ++i) {
-        int keep = key_at_least(x[i], start + (uint32_t)i, cutoff);
-        float w = psm_cpu_weight_float(psm_cpu_scaled_gap(reference, x[i], scale), bits);
-        sum += keep ? (double)w : 0.0;
+    for (int step = 0; step < n; step += CPU_CHUNK) {
+        int length = n - step < CPU_CHUNK ? n - step : CPU_CHUNK;
+        prefetch_share(ahead, step, step + length, n);
+        const float *chunk = x + step;
+        uint32_t first = start + (uint32_t)step;
+        int any = 0;
+#pragma omp simd reduction(| : any)
+        for (int i = 0; i < length; ++i)
+            any |= key_at_least(chunk[i], first + (uint32_t)i, cutoff);
+        if (!any)
+            continue;
+        double part = 0.0;
+#pragma omp simd reduction(+ : part)
+        for (int i = 0; i < length; ++i) {
+            int keep = key_at_least(chunk[i], first + (uint32_t)i, cutoff);
+            float w = psm_cpu_weight_float(psm_cpu_scaled_gap(reference, chunk[i], scale), bits);
+            part += keep ? (double)w : 0.0;
+        }
+        sum += part;
     }
     return (uint64_t)sum;
 }
 
-/* Is some token of x a min-p candidate: logit >= floor and key >= cutoff? */
+/* Copies to out the logits of x that are min-p candidates (logit >= floor,
+ * key >= cutoff), in index order; returns how many. A vector loop marks
+ * them, a byte each in flags (n rounded up to 8 bytes), and the marks are
+ * read eight at a time, so that a sparse tile costs little more than the
+ * vector loop. */
 PSM_CPU_HOT
-static int any_candidate(const float *x, int n, uint32_t start, float floor, uint64_t cutoff)
+static int gather_candidates(const float *x, int n, uint32_t start, float floor, uint64_t cutoff,
+                             cpu_ahead ahead, uint8_t *flags, float *out)
 {
-    int any = 0;
-#pragma omp simd reduction(| : any)
-    for (int i = 0; i < n; ++i)
-        any |= (x[i] >= floor) & key_at_least(x[i], start + (uint32_t)i, cutoff);
-    return any;
+    for (int step = 0; step < n; step += CPU_CHUNK) {
+        int end = n - step < CPU_CHUNK ? n : step + CPU_CHUNK;
+        prefetch_share(ahead, step, end, n);
+#pragma omp simd
+        for (int i = step; i < end; ++i)
+            flags[i] = (uint8_t)((x[i] >= floor) & key_at_least(x[i], start + (uint32_t)i, cutoff));
+    }
+    for (int i = n; i % 8 != 0; ++i)
+        flags[i] = 0;
+    int count = 0;
+    for (int word = 0; word < n; word += 8) {
+        uint64_t marks;
+        memcpy(&marks, flags + word, sizeof marks);
+        while (marks != 0) {
+            out[count++] = x[word + __builtin_ctzll(marks) / 8];
+            marks &= marks - 1;
+        }
+    }
+    return count;
 }
 
 /* Keeps, in place, the logits of x whose g_i reaches min_weight; returns how
@@ -549,32 +638,16 @@ static uint64_t kept_mass(const cpu_row *row, const cpu_scratch *owner, int64_t 
     uint32_t start = (uint32_t)(tile * PSM_TILE);
     const float *x = read_tile(row, owner, tile, worker->logits, &n);
     uint64_t cutoff = row->key_cutoff;
+    cpu_ahead ahead = next_row_tile(row, tile, PREFETCH_IN_KEPT);
     if (row->min_weight == 0) {
         float tile_max = owner->tile_max[tile];
-        uint64_t sum = 0;
-        for (int chunk = 0; chunk < n; chunk += CPU_CHUNK) {
-            int length = n - chunk < CPU_CHUNK ? n - chunk : CPU_CHUNK;
-            uint32_t first = start + (uint32_t)chunk;
-            if (any_key_at_least(x + chunk, length, first, cutoff))
-                sum += cut_weight_sum(x + chunk, length, first, tile_max, row->scale,
-                                      row->weight_bits, cutoff);
-        }
+        uint64_t sum = cut_weight_sum(x, n, start, tile_max, row->scale, row->weight_bits, cutoff,
+                                      ahead);
         *reference = sum != 0 ? tile_max : -INFINITY;
         return sum;
     }
     float *kept = worker->compact;
-    int count = 0;
-    for (int chunk = 0; chunk < n; chunk += CPU_CHUNK) {
-        int length = n - chunk < CPU_CHUNK ? n - chunk : CPU_CHUNK;
-        uint32_t first = start + (uint32_t)chunk;
-        if (!any_candidate(x + chunk, length, first, row->kept_floor, cutoff))
-            continue;
-        for (int i = 0; i < length; ++i) {
-            float value = x[chunk + i];
-            kept[count] = value;
-            count += (value >= row->kept_floor) & key_at_least(value, first + (uint32_t)i, cutoff);
-        }
-    }
+    int count = gather_candidates(x, n, start, row->kept_floor, cutoff, ahead, worker->flags, kept);
     count = keep_min_p(row, kept, count, worker->masses);
     float kept_max = -INFINITY;
     for (int i = 0; i < count; ++i)
@@ -582,7 +655,8 @@ static uint64_t kept_mass(const cpu_row *row, const cpu_scratch *owner, int64_t 
     *reference = kept_max;
     if (count == 0)
         return 0;
-    return plain_weight_sum(kept, count, kept_max, row->scale, row->weight_bits, NULL, 0);
+    cpu_ahead none = {NULL, 0};
+    return plain_weight_sum(kept, count, kept_max, row->scale, row->weight_bits, none);
 }
 
 /* A tile's weights into `weights` (plain or kept rule); returns S_t. */
@@ -637,17 +711,18 @@ static void run_tile(const cpu_pass_args *args, int64_t tile, cpu_scratch *worke
         owner->tile_valid[tile] = valid;
         owner->tile_bad[tile] = (uint8_t)bad;
         owner->tile_raw[tile] = (uint8_t)raw;
-        const char *ahead = NULL;
-        size_t ahead_bytes = 0;
+        /* The row is read once, tile by tile: the next tile's read overlaps
+         * this tile's arithmetic. */
+        cpu_ahead ahead = {NULL, 0};
         if (tile + 1 < row->tiles) {
             size_t size = dtype_size(row->dtype);
-            ahead = (const char *)row->data + (size_t)(tile + 1) * PSM_TILE * size;
-            ahead_bytes = (size_t)tile_length(row, tile + 1) * size;
+            ahead.data = (const char *)row->data + (size_t)(tile + 1) * PSM_TILE * size;
+            ahead.bytes = (size_t)tile_length(row, tile + 1) * size;
         }
-        owner->tile_sum[tile] = (valid > 0 && !bad)
-                                    ? plain_weight_sum(worker->logits, n, max, row->scale,
-                                                       row->weight_bits, ahead, ahead_bytes)
-                                    : 0;
+        owner->tile_sum[tile] = (valid > 0 && !bad) ? plain_weight_sum(worker->logits, n, max,
+                                                                      row->scale, row->weight_bits,
+                                                                      ahead)
+                                                    : 0;
         break;
     }
     case PASS_SUMMARY: {
@@ -664,11 +739,11 @@ static void run_tile(const cpu_pass_args *args, int64_t tile, cpu_scratch *worke
             break;
         uint32_t start = (uint32_t)(tile * PSM_TILE);
         const float *x = read_tile(row, owner, tile, worker->logits, &n);
+        cpu_ahead ahead = next_row_tile(row, tile, PREFETCH_IN_BINS);
         if (args->lower != 0)
-            gap_bins_above(row, x, n, start, args->lower, worker->bins, worker->masses);
+            gap_bins_above(row, x, n, start, args->lower, ahead, worker);
         else
-            gap_bins_all(row, x, n, worker->bins, worker->masses);
-        add_to_bins(worker->bins, worker->masses, n, worker->bin_mass);
+            gap_bins_all(row, x, n, ahead, worker);
         break;
     }
     case PASS_BAND: {
@@ -867,6 +942,7 @@ static void top_k_heap(const cpu_row *row, cpu_scratch *owner, int64_t k)
         int n;
         uint32_t start = (uint32_t)(tile * PSM_TILE);
         const float *logits = read_tile(row, owner, tile, owner->logits, &n);
+        prefetch_share(next_row_tile(row, tile, PREFETCH_IN_HEAP), 0, n, n);
         for (int i = 0; i < n; ++i) {
             /* Once the heap is full, a chunk with no key above its least one
              * (found in a vector pass) is skipped whole. */
@@ -1113,8 +1189,12 @@ static int apply_filters(const cpu_state *state, cpu_row *row, cpu_scratch *owne
 {
     uint64_t cutoff = 0;
     int heap_candidates = 0;
+    int top_k_by_heap = top_k > 0 && top_k < valid && top_k <= CPU_HEAP_LIMIT;
+    row->prefetch_step = top_k_by_heap    ? PREFETCH_IN_HEAP
+                         : top_p < 1.0f ? PREFETCH_IN_BINS
+                                        : PREFETCH_IN_KEPT;
     if (top_k > 0 && top_k < valid) {
-        if (top_k <= CPU_HEAP_LIMIT) {
+        if (top_k_by_heap) {
             top_k_heap(row, owner, top_k);
             cutoff = owner->heap[top_k - 1];
             heap_candidates = 1;
@@ -1187,10 +1267,15 @@ static psm_row_params resolve_params(const psm_params *params, int64_t r)
     return psm_resolve_row(r, per_row, scalars, arrays);
 }
 
+static const unsigned char *row_data(const psm_tensor *logits, int64_t r)
+{
+    return (const unsigned char *)logits->data +
+           (size_t)r * (size_t)logits->row_stride * dtype_size(logits->dtype);
+}
+
 static void init_row(cpu_row *row, const psm_tensor *logits, int64_t r)
 {
-    row->data = (const unsigned char *)logits->data +
-                (size_t)r * (size_t)logits->row_stride * dtype_size(logits->dtype);
+    row->data = row_data(logits, r);
     row->dtype = logits->dtype;
     row->vocab = logits->vocab;
     row->tiles = (logits->vocab + PSM_TILE - 1) / PSM_TILE;
@@ -1201,6 +1286,8 @@ static void init_row(cpu_row *row, const psm_tensor *logits, int64_t r)
     row->key_cutoff = 0;
     row->min_weight = 0;
     row->kept_floor = -FLT_MAX;
+    row->next_data = NULL;
+    row->prefetch_step = PREFETCH_IN_KEPT;
 }
 
 /* Is row r bad (checking mode)? Out-of-range parameters, a NaN/+inf, or no
@@ -1319,7 +1406,7 @@ static void draw_row(const psm_request *request, const cpu_row *row, cpu_scratch
 
 /* One row, sampled (want_probs 0) or written out as probabilities. */
 static void process_row(const cpu_state *state, const psm_request *request, int64_t r,
-                        cpu_scratch *owner, int parallel, int want_probs)
+                        cpu_scratch *owner, int parallel, int want_probs, int64_t next_row)
 {
     psm_row_params params = resolve_params(&request->params, r);
     if (!params.valid) {
@@ -1328,6 +1415,8 @@ static void process_row(const cpu_state *state, const psm_request *request, int6
     }
     cpu_row row;
     init_row(&row, &request->logits, r);
+    if (next_row >= 0)
+        row.next_data = row_data(&request->logits, next_row);
     int greedy = psm_is_greedy(params.temperature);
     int top_k_on = params.top_k > 0 && params.top_k < row.vocab;
     int plain = !greedy && !top_k_on && !(params.top_p < 1.0f) && !(params.min_p > 0.0f);
@@ -1533,12 +1622,22 @@ static psm_status cpu_run(void *opaque, psm_request *request, int want_probs)
     }
     int64_t rows = request->logits.rows;
     if (rows >= state->threads) {
-#pragma omp parallel for num_threads(state->threads) schedule(dynamic, 4)
-        for (int64_t r = 0; r < rows; ++r)
-            process_row(state, request, r, state->scratch[omp_get_thread_num()], 0, want_probs);
+        /* Threads take runs of consecutive rows, so that each knows its next
+         * row and a filtered row can prefetch it; runs are short enough to
+         * leave a few per thread for balance. */
+        int64_t run = rows / ((int64_t)state->threads * 8);
+        run = run < 1 ? 1 : run > CPU_ROW_RUN ? CPU_ROW_RUN : run;
+        int64_t runs = (rows + run - 1) / run;
+#pragma omp parallel for num_threads(state->threads) schedule(dynamic, 1)
+        for (int64_t k = 0; k < runs; ++k) {
+            int64_t end = (k + 1) * run < rows ? (k + 1) * run : rows;
+            for (int64_t r = k * run; r < end; ++r)
+                process_row(state, request, r, state->scratch[omp_get_thread_num()], 0,
+                            want_probs, r + 1 < end ? r + 1 : -1);
+        }
     } else {
         for (int64_t r = 0; r < rows; ++r)
-            process_row(state, request, r, state->scratch[0], 1, want_probs);
+            process_row(state, request, r, state->scratch[0], 1, want_probs, -1);
     }
     return PSM_OK;
 }

@@ -35,6 +35,7 @@
 #endif
 #include "alloc.h"
 #include "backend.h"
+#include "cpu_compact.h"
 #include "cpu_weight.h"
 #include "error.h"
 #include "psm_contract.h"
@@ -104,10 +105,19 @@
 #define CPU_BIN_GAP_LIMIT 42.0f
 #define CPU_GAP_BINS (42 * 64 + 1)
 
+/* A token gathered by a selection: its rank key and the measure walked in
+ * rank order (1 or g_i); top-p's band also keeps its tile and its weight
+ * against the tile maximum. */
 typedef struct cpu_ranked {
     uint64_t key;
     uint64_t measure;
+    float weight;
+    int32_t tile;
 } cpu_ranked;
+/* top-p's bin pass first adds up, per bin, only the tokens of the bins up to
+ * this many past the previous row's cutoff bin (the rest as one sum), and
+ * adds up every bin only when the cutoff lies beyond those. */
+#define CPU_BIN_MARGIN 128
 
 /* One thread's workspace. The tile arrays hold one row's per-tile results;
  * the fixed buffers are sized by the contract (PSM_TILE) or by the limits
@@ -131,11 +141,16 @@ typedef struct cpu_scratch {
     cpu_ranked gathered[CPU_GATHER_LIMIT];
     int64_t gathered_count; /* entries of `gathered` in use (band pass) */
     int gather_overflow;    /* the band held more than CPU_GATHER_LIMIT tokens */
-    uint64_t bin_mass[CPU_GAP_BINS]; /* g-mass of the candidates per gap bin */
-    int32_t bins[CPU_CHUNK];         /* gap bins of a chunk of tokens */
-    float masses[PSM_TILE];          /* g_i of a chunk (bin pass); min-p test results */
-    float compact[PSM_TILE];         /* one tile's min-p candidates, then its kept logits */
-    uint8_t flags[PSM_TILE];         /* one tile's min-p candidates, marked */
+    uint64_t bin_mass[CPU_GAP_BINS]; /* g-mass of the candidates per gap bin ... */
+    uint64_t bin_tail;               /* ... and of those beyond the bin limit */
+    int last_cutoff_bin;             /* top-p's cutoff bin in the last row, -1: none */
+    /* Per token of a tile: top-p's gap bins and g_i, and the entries that
+     * cpu_compact.h selects from them or from the logits (candidates). */
+    int32_t bins[PSM_TILE];
+    float masses[PSM_TILE + CPU_COMPACT_SLACK];
+    int32_t compact_bins[PSM_TILE + CPU_COMPACT_SLACK];
+    float compact[PSM_TILE + CPU_COMPACT_SLACK];
+    int32_t compact_index[PSM_TILE + CPU_COMPACT_SLACK];
 } cpu_scratch;
 
 typedef struct cpu_state {
@@ -436,55 +451,68 @@ static uint64_t masked_weights(const float *x, int n, float reference, float sca
 }
 
 /* top-p's look at a tile: adds every token's g_i (0 for masked tokens and,
- * with use_lower, for keys below lower) to the mass of its gap bin. Per
- * CPU_CHUNK tokens, a vector loop computes the bins and weights into bins and
- * g, then a scalar loop adds them up: the scatter stays scalar, since tokens
- * of one bin would collide in a vector. The bin comes from the unclamped gap,
- * clamped to CPU_BIN_GAP_LIMIT on its float bits (gaps are >= 0 or +inf
- * here, so their bits order as their values), so the conversion never sees
- * an out-of-range value. Each g_i is an integer below 2^41, exact in the
- * float, and goes through a signed integer, which every x86-64 clone
- * converts to in one instruction. */
-static inline void gap_bins(const cpu_row *row, const float *x, int n, uint32_t start,
-                            uint64_t lower, cpu_ahead ahead, int32_t *bins, float *g,
-                            uint64_t *bin_mass, int use_lower)
+ * with use_lower, for keys below lower) to the mass of its gap bin, for the
+ * bins up to bin_limit; the g_i of the tokens beyond it are returned as one
+ * sum. A vector loop computes every token's bin and weight into the
+ * worker's bins and masses, then a scalar loop adds them to their bins:
+ * every token or, when the limit leaves some out, those selected by
+ * psm_cpu_select_bins. The scatter stays scalar, since tokens of one bin
+ * would collide in a vector. The bin comes from the unclamped gap, clamped
+ * to CPU_BIN_GAP_LIMIT on its float bits (gaps are >= 0 or +inf here, so
+ * their bits order as their values), so the conversion never sees an
+ * out-of-range value. Each g_i is an integer below 2^41, exact in the float
+ * (and in the double sums), and goes to the bins through a signed integer,
+ * which every x86-64 clone converts to in one instruction. */
+static inline uint64_t gap_bins(const cpu_row *row, const float *x, int n, uint32_t start,
+                                uint64_t lower, int bin_limit, cpu_ahead ahead,
+                                cpu_scratch *worker, int use_lower)
 {
     float row_max = row->row_max, scale = row->scale;
     int bits = row->weight_bits;
     const psm_u32 limit = psm_float_bits(CPU_BIN_GAP_LIMIT);
-    for (int step = 0; step < n; step += CPU_CHUNK) {
-        int length = n - step < CPU_CHUNK ? n - step : CPU_CHUNK;
-        prefetch_share(ahead, step, step + length, n);
-        const float *chunk = x + step;
-#pragma omp simd
-        for (int i = 0; i < length; ++i) {
-            float gap = psm_unclamped_gap(row_max, chunk[i], scale);
+    int32_t *bins = worker->bins;
+    float *g = worker->masses;
+    double beyond = 0.0;
+    for (int step = 0; step < n; step += CPU_PACE) {
+        int end = n - step < CPU_PACE ? n : step + CPU_PACE;
+        prefetch_share(ahead, step, end, n);
+#pragma omp simd reduction(+ : beyond)
+        for (int i = step; i < end; ++i) {
+            float gap = psm_unclamped_gap(row_max, x[i], scale);
             psm_u32 gap_bits = psm_float_bits(gap);
             float clamped = psm_bits_float(gap_bits < limit ? gap_bits : limit);
-            bins[i] = (int32_t)(clamped * CPU_BIN_SCALE);
-            float weight = psm_cpu_weight_float(psm_cpu_scaled_gap(row_max, chunk[i], scale), bits);
+            int32_t bin = (int32_t)(clamped * CPU_BIN_SCALE);
+            float weight = psm_cpu_weight_float(psm_cpu_scaled_gap(row_max, x[i], scale), bits);
             if (use_lower)
-                weight = key_at_least(chunk[i], start + (uint32_t)(step + i), lower) ? weight
-                                                                                      : 0.0f;
+                weight = key_at_least(x[i], start + (uint32_t)i, lower) ? weight : 0.0f;
+            bins[i] = bin;
             g[i] = weight;
+            beyond += bin <= bin_limit ? 0.0 : (double)weight;
         }
-        for (int i = 0; i < length; ++i)
-            bin_mass[bins[i]] += (uint64_t)(int64_t)g[i];
     }
+    uint64_t *bin_mass = worker->bin_mass;
+    if (bin_limit < CPU_GAP_BINS - 1) {
+        n = psm_cpu_select_bins(bins, g, n, bin_limit, worker->compact_bins, worker->compact);
+        bins = worker->compact_bins;
+        g = worker->compact;
+    }
+    for (int i = 0; i < n; ++i)
+        bin_mass[bins[i]] += (uint64_t)(int64_t)g[i];
+    return (uint64_t)beyond;
 }
 
 PSM_CPU_HOT
-static void gap_bins_all(const cpu_row *row, const float *x, int n, cpu_ahead ahead,
-                         cpu_scratch *worker)
+static uint64_t gap_bins_all(const cpu_row *row, const float *x, int n, int bin_limit,
+                             cpu_ahead ahead, cpu_scratch *worker)
 {
-    gap_bins(row, x, n, 0, 0, ahead, worker->bins, worker->masses, worker->bin_mass, 0);
+    return gap_bins(row, x, n, 0, 0, bin_limit, ahead, worker, 0);
 }
 
 PSM_CPU_HOT
-static void gap_bins_above(const cpu_row *row, const float *x, int n, uint32_t start,
-                           uint64_t lower, cpu_ahead ahead, cpu_scratch *worker)
+static uint64_t gap_bins_above(const cpu_row *row, const float *x, int n, uint32_t start,
+                               uint64_t lower, int bin_limit, cpu_ahead ahead, cpu_scratch *worker)
 {
-    gap_bins(row, x, n, start, lower, ahead, worker->bins, worker->masses, worker->bin_mass, 1);
+    return gap_bins(row, x, n, start, lower, bin_limit, ahead, worker, 1);
 }
 
 /* Is some logit of x in [low, high)? (Masked logits never are: low is finite.) */
@@ -569,34 +597,25 @@ static uint64_t cut_weight_sum(const float *x, int n, uint32_t start, float refe
     return (uint64_t)sum;
 }
 
-/* Copies to out the logits of x that are min-p candidates (logit >= floor,
- * key >= cutoff), in index order; returns how many. A vector loop marks
- * them, a byte each in flags (n rounded up to 8 bytes), and the marks are
- * read eight at a time, so that a sparse tile costs little more than the
- * vector loop. */
-PSM_CPU_HOT
-static int gather_candidates(const float *x, int n, uint32_t start, float floor, uint64_t cutoff,
-                             cpu_ahead ahead, uint8_t *flags, float *out)
+/* The candidates of a tile into the worker's compact and compact_index:
+ * the tokens with logit >= floor and key >= cutoff, in index order; returns
+ * how many. Those with logit >= floor are selected first (cpu_compact.h);
+ * the key test, when there is a cutoff, then runs on them alone. */
+static int select_candidates(const float *x, int n, uint32_t start, float floor, uint64_t cutoff,
+                             cpu_scratch *worker)
 {
-    for (int step = 0; step < n; step += CPU_CHUNK) {
-        int end = n - step < CPU_CHUNK ? n : step + CPU_CHUNK;
-        prefetch_share(ahead, step, end, n);
-#pragma omp simd
-        for (int i = step; i < end; ++i)
-            flags[i] = (uint8_t)((x[i] >= floor) & key_at_least(x[i], start + (uint32_t)i, cutoff));
+    float *out = worker->compact;
+    int32_t *index = worker->compact_index;
+    int count = psm_cpu_select_at_least(x, n, floor, out, index);
+    if (cutoff == 0)
+        return count;
+    int kept = 0;
+    for (int j = 0; j < count; ++j) {
+        out[kept] = out[j];
+        index[kept] = index[j];
+        kept += key_at_least(out[j], start + (uint32_t)index[j], cutoff);
     }
-    for (int i = n; i % 8 != 0; ++i)
-        flags[i] = 0;
-    int count = 0;
-    for (int word = 0; word < n; word += 8) {
-        uint64_t marks;
-        memcpy(&marks, flags + word, sizeof marks);
-        while (marks != 0) {
-            out[count++] = x[word + __builtin_ctzll(marks) / 8];
-            marks &= marks - 1;
-        }
-    }
-    return count;
+    return kept;
 }
 
 /* Keeps, in place, the logits of x whose g_i reaches min_weight; returns how
@@ -619,6 +638,22 @@ static int keep_min_p(const cpu_row *row, float *x, int n, float *passes)
         kept += passes[i] != 0.0f;
     }
     return kept;
+}
+
+/* Each logit's weight against reference into w; returns the sum of those of
+ * the logits at or above high. */
+PSM_CPU_HOT
+static uint64_t weights_at_least(const float *x, int n, float reference, float scale, int bits,
+                                 float high, float *w)
+{
+    double sum = 0.0; /* exact: integers, partial sums below 2^53 */
+#pragma omp simd reduction(+ : sum)
+    for (int i = 0; i < n; ++i) {
+        float weight = psm_cpu_weight_float(psm_cpu_scaled_gap(reference, x[i], scale), bits);
+        w[i] = weight;
+        sum += x[i] >= high ? (double)weight : 0.0;
+    }
+    return (uint64_t)sum;
 }
 
 /* S_t of the kept set, with m_t in *reference (-inf, and 0 returned, when the
@@ -646,8 +681,9 @@ static uint64_t kept_mass(const cpu_row *row, const cpu_scratch *owner, int64_t 
         *reference = sum != 0 ? tile_max : -INFINITY;
         return sum;
     }
+    prefetch_share(ahead, 0, n, n);
     float *kept = worker->compact;
-    int count = gather_candidates(x, n, start, row->kept_floor, cutoff, ahead, worker->flags, kept);
+    int count = select_candidates(x, n, start, row->kept_floor, cutoff, worker);
     count = keep_min_p(row, kept, count, worker->masses);
     float kept_max = -INFINITY;
     for (int i = 0; i < count; ++i)
@@ -681,7 +717,8 @@ typedef enum cpu_pass {
     PASS_PLAIN,     /* m_t, valid, bad, S_t of a plain row */
     PASS_SUMMARY,   /* m_t, valid, bad */
     PASS_BINS,      /* top-p: g-mass of the candidates (key >= lower) per gap bin */
-    PASS_BAND,      /* top-p: gather the candidates whose logit is in [band_low, band_high) */
+    PASS_BAND,      /* top-p: gather the candidates whose logit is in [band_low, band_high);
+                       with band_masses, also S_t of the candidates at or above band_high */
     PASS_KEPT,      /* m_t, S_t of the kept set */
     PASS_PROBS      /* write the row's probabilities */
 } cpu_pass;
@@ -691,11 +728,76 @@ typedef struct cpu_pass_args {
     const cpu_row *row;
     cpu_scratch *owner;
     uint64_t lower;      /* PASS_BINS, PASS_BAND: candidates have keys >= lower */
+    int bin_limit;       /* PASS_BINS: bins past it are added up as one */
     float band_low;      /* PASS_BAND */
     float band_high;     /* PASS_BAND */
+    int band_masses;     /* PASS_BAND */
     uint64_t total;      /* PASS_PROBS */
     float *probs_row;    /* PASS_PROBS */
 } cpu_pass_args;
+
+/* Adds a band token to the worker's gathered ones (or marks the overflow). */
+static void gather_one(cpu_scratch *worker, uint64_t key, uint64_t measure, float weight,
+                       int64_t tile)
+{
+    if (worker->gathered_count == CPU_GATHER_LIMIT) {
+        worker->gather_overflow = 1;
+        return;
+    }
+    cpu_ranked *item = &worker->gathered[worker->gathered_count++];
+    item->key = key;
+    item->measure = measure;
+    item->weight = weight;
+    item->tile = (int32_t)tile;
+}
+
+/* PASS_BAND without masses: the tile's band tokens, found chunk by chunk
+ * after a vector test. */
+static void gather_band(const cpu_pass_args *args, int64_t tile, cpu_scratch *worker)
+{
+    const cpu_row *row = args->row;
+    int n;
+    uint32_t start = (uint32_t)(tile * PSM_TILE);
+    const float *logits = read_tile(row, args->owner, tile, worker->logits, &n);
+    for (int chunk = 0; chunk < n; chunk += CPU_CHUNK) {
+        int length = n - chunk < CPU_CHUNK ? n - chunk : CPU_CHUNK;
+        const float *x = logits + chunk;
+        if (!any_in_band(x, length, args->band_low, args->band_high))
+            continue;
+        for (int i = 0; i < length; ++i) {
+            if (!(x[i] >= args->band_low && x[i] < args->band_high))
+                continue;
+            uint64_t key = psm_rank_key(x[i], start + (uint32_t)(chunk + i));
+            if (key >= args->lower)
+                gather_one(worker, key, global_weight(row, x[i]), 0.0f, tile);
+        }
+    }
+}
+
+/* PASS_BAND with masses (top-p without min-p): the kept tokens are the
+ * candidates at or above band_high and the band's tokens up to the cutoff.
+ * A tile that keeps any keeps its first token in rank order, whose logit is
+ * its largest, so m_t is the tile maximum either way, and each candidate's
+ * weight against it is known now: this returns the sum for the tokens at or
+ * above band_high and gathers the band's tokens with their weights, which
+ * top_p_filter adds to their tiles once the cutoff is known. */
+static uint64_t band_tile_masses(const cpu_pass_args *args, int64_t tile, cpu_scratch *worker)
+{
+    const cpu_row *row = args->row;
+    int n;
+    uint32_t start = (uint32_t)(tile * PSM_TILE);
+    const float *x = read_tile(row, args->owner, tile, worker->logits, &n);
+    float *candidates = worker->compact, *weights = worker->masses;
+    int count = select_candidates(x, n, start, args->band_low, args->lower, worker);
+    uint64_t sum = weights_at_least(candidates, count, args->owner->tile_max[tile], row->scale,
+                                    row->weight_bits, args->band_high, weights);
+    for (int j = 0; j < count; ++j)
+        if (candidates[j] < args->band_high)
+            gather_one(worker,
+                       psm_rank_key(candidates[j], start + (uint32_t)worker->compact_index[j]),
+                       global_weight(row, candidates[j]), weights[j], tile);
+    return sum;
+}
 
 static void run_tile(const cpu_pass_args *args, int64_t tile, cpu_scratch *worker)
 {
@@ -740,38 +842,23 @@ static void run_tile(const cpu_pass_args *args, int64_t tile, cpu_scratch *worke
         uint32_t start = (uint32_t)(tile * PSM_TILE);
         const float *x = read_tile(row, owner, tile, worker->logits, &n);
         cpu_ahead ahead = next_row_tile(row, tile, PREFETCH_IN_BINS);
-        if (args->lower != 0)
-            gap_bins_above(row, x, n, start, args->lower, ahead, worker);
-        else
-            gap_bins_all(row, x, n, ahead, worker);
+        worker->bin_tail +=
+            args->lower != 0
+                ? gap_bins_above(row, x, n, start, args->lower, args->bin_limit, ahead, worker)
+                : gap_bins_all(row, x, n, args->bin_limit, ahead, worker);
         break;
     }
     case PASS_BAND: {
         if (owner->tile_valid[tile] == 0 || owner->tile_max[tile] < args->band_low ||
-            tile_key_bound(row, owner, tile) < args->lower)
+            tile_key_bound(row, owner, tile) < args->lower) {
+            if (args->band_masses)
+                owner->tile_sum[tile] = 0;
             break;
-        uint32_t start = (uint32_t)(tile * PSM_TILE);
-        const float *logits = read_tile(row, owner, tile, worker->logits, &n);
-        for (int chunk = 0; chunk < n; chunk += CPU_CHUNK) {
-            int length = n - chunk < CPU_CHUNK ? n - chunk : CPU_CHUNK;
-            const float *x = logits + chunk;
-            if (!any_in_band(x, length, args->band_low, args->band_high))
-                continue;
-            for (int i = 0; i < length; ++i) {
-                if (!(x[i] >= args->band_low && x[i] < args->band_high))
-                    continue;
-                uint64_t key = psm_rank_key(x[i], start + (uint32_t)(chunk + i));
-                if (key < args->lower)
-                    continue;
-                if (worker->gathered_count == CPU_GATHER_LIMIT) {
-                    worker->gather_overflow = 1;
-                    continue;
-                }
-                cpu_ranked *item = &worker->gathered[worker->gathered_count++];
-                item->key = key;
-                item->measure = global_weight(row, x[i]);
-            }
         }
+        if (args->band_masses)
+            owner->tile_sum[tile] = band_tile_masses(args, tile, worker);
+        else
+            gather_band(args, tile, worker);
         break;
     }
     case PASS_KEPT: {
@@ -810,8 +897,10 @@ static void run_tile(const cpu_pass_args *args, int64_t tile, cpu_scratch *worke
  * accumulators ... */
 static void begin_pass(const cpu_pass_args *args, cpu_scratch *worker)
 {
-    if (args->pass == PASS_BINS)
+    if (args->pass == PASS_BINS) {
         memset(worker->bin_mass, 0, sizeof worker->bin_mass);
+        worker->bin_tail = 0;
+    }
     if (args->pass == PASS_BAND) {
         worker->gathered_count = 0;
         worker->gather_overflow = 0;
@@ -826,6 +915,7 @@ static void merge_pass(const cpu_pass_args *args, cpu_scratch *owner, const cpu_
     if (args->pass == PASS_BINS) {
         for (int b = 0; b < CPU_GAP_BINS; ++b)
             owner->bin_mass[b] += worker->bin_mass[b];
+        owner->bin_tail += worker->bin_tail;
     }
     if (args->pass == PASS_BAND) {
         owner->gather_overflow |= worker->gather_overflow;
@@ -1111,7 +1201,8 @@ static float lowest_logit_within(const cpu_row *row, float limit)
 
 /* The key of the token at which the measure of `items` (rank keys with their
  * g_i), walked in rank order, first reaches need (>= 1, at most their sum):
- * a max-heap on the keys, popped until the sum reaches it. */
+ * a max-heap on the keys, popped until the sum reaches it. A popped item
+ * goes to the end of the array (as in heapsort), so that the items stay. */
 static void ranked_sift_down(cpu_ranked *heap, int64_t size, int64_t at)
 {
     for (;;) {
@@ -1138,7 +1229,9 @@ static uint64_t ranked_select(cpu_ranked *items, int64_t count, uint64_t need)
         sum += items[0].measure;
         if (sum >= need)
             return items[0].key;
+        cpu_ranked held = items[0];
         items[0] = items[--count];
+        items[count] = held;
         ranked_sift_down(items, count, 0);
     }
     return items[0].key; /* the last one reaches need when the caller's guarantee holds */
@@ -1147,48 +1240,91 @@ static uint64_t ranked_select(cpu_ranked *items, int64_t count, uint64_t need)
 /* top-p's cutoff among the candidates (valid tokens with key >= lower).
  * One pass adds up the candidates' g-mass per gap bin (and so Z and the
  * target); the cutoff lies in the first bin where the running mass, in bin
- * order, reaches the target, since the bins follow the rank order. A second
- * pass gathers that bin's tokens, found by the range of logits that the bin
- * covers, and the cutoff is resolved among them. A bin with more tokens than
- * the gather buffer holds (many equal logits) is resolved by the radix
- * select, restricted to the bin's keys. */
-static uint64_t top_p_cutoff(const cpu_state *state, const cpu_row *row, cpu_scratch *owner,
-                             int parallel, uint64_t lower, float top_p)
+ * order, reaches the target, since the bins follow the rank order. The pass
+ * scatters only the tokens of the bins up to CPU_BIN_MARGIN past the
+ * previous row's cutoff bin and sums the rest, and runs again over every bin
+ * when the cutoff lies beyond. A second pass gathers the tokens of the
+ * cutoff's bin, found by the range of logits that the bin covers, and the
+ * cutoff is resolved among them. With want_masses (no min-p) that pass also
+ * makes the kept tile masses (band_tile_masses), finished here, and
+ * *masses_done says so; a bin with more tokens than the gather buffer holds
+ * (many equal logits) is resolved by the radix select, restricted to the
+ * bin's keys, and leaves the masses to the kept pass. */
+static uint64_t top_p_filter(const cpu_state *state, const cpu_row *row, cpu_scratch *owner,
+                             int parallel, uint64_t lower, float top_p, int want_masses,
+                             int *masses_done)
 {
+    const int last_bin = CPU_GAP_BINS - 1;
+    int estimate = owner->last_cutoff_bin;
     cpu_pass_args args = {.pass = PASS_BINS, .row = row, .owner = owner, .lower = lower};
-    run_pass(state, &args, parallel);
-    uint64_t mass = 0;
-    for (int b = 0; b < CPU_GAP_BINS; ++b)
-        mass += owner->bin_mass[b];
-    uint64_t target = psm_top_p_target(mass, top_p);
-    /* target >= 1 (the top token alone weighs 2^B), so the bin found has
-     * mass and tokens. */
-    uint64_t above = 0;
-    int bin = 0;
-    while (bin < CPU_GAP_BINS - 1 && above + owner->bin_mass[bin] < target)
-        above += owner->bin_mass[bin++];
+    args.bin_limit = estimate >= 0 && estimate < last_bin - CPU_BIN_MARGIN
+                         ? estimate + CPU_BIN_MARGIN
+                         : last_bin;
+    uint64_t target, above;
+    int bin;
+    for (;;) {
+        run_pass(state, &args, parallel);
+        uint64_t mass = owner->bin_tail;
+        for (int b = 0; b <= args.bin_limit; ++b)
+            mass += owner->bin_mass[b];
+        target = psm_top_p_target(mass, top_p);
+        /* target >= 1 (the top token alone weighs 2^B), so the bin found has
+         * mass and tokens. */
+        above = 0;
+        bin = 0;
+        while (bin < args.bin_limit && above + owner->bin_mass[bin] < target)
+            above += owner->bin_mass[bin++];
+        if (args.bin_limit == last_bin || above + owner->bin_mass[bin] >= target)
+            break;
+        args.bin_limit = last_bin;
+    }
+    owner->last_cutoff_bin = bin;
     /* Bins up to b hold the logits whose gap is below (b + 1) / CPU_BIN_SCALE
      * (the product gap x CPU_BIN_SCALE is exact). */
     args.pass = PASS_BAND;
-    args.band_low = bin < CPU_GAP_BINS - 1
-                        ? lowest_logit_within(row, (float)(bin + 1) / CPU_BIN_SCALE)
-                        : -FLT_MAX;
+    args.band_low =
+        bin < last_bin ? lowest_logit_within(row, (float)(bin + 1) / CPU_BIN_SCALE) : -FLT_MAX;
     args.band_high = bin > 0 ? lowest_logit_within(row, (float)bin / CPU_BIN_SCALE) : INFINITY;
+    args.band_masses = want_masses;
     run_pass(state, &args, parallel);
-    if (!owner->gather_overflow)
-        return ranked_select(owner->gathered, owner->gathered_count, target - above);
-    uint64_t band_lower = (uint64_t)psm_ordered_bits(args.band_low) << 32;
-    return radix_cutoff(row, owner, band_lower > lower ? band_lower : lower,
-                        (uint64_t)psm_ordered_bits(args.band_high) << 32, 1, above, target);
+    *masses_done = 0;
+    if (owner->gather_overflow) {
+        uint64_t band_lower = (uint64_t)psm_ordered_bits(args.band_low) << 32;
+        return radix_cutoff(row, owner, band_lower > lower ? band_lower : lower,
+                            (uint64_t)psm_ordered_bits(args.band_high) << 32, 1, above, target);
+    }
+    uint64_t cutoff = ranked_select(owner->gathered, owner->gathered_count, target - above);
+    if (want_masses) {
+        for (int64_t i = 0; i < owner->gathered_count; ++i)
+            if (owner->gathered[i].key >= cutoff)
+                owner->tile_sum[owner->gathered[i].tile] += (uint64_t)owner->gathered[i].weight;
+        for (int64_t tile = 0; tile < row->tiles; ++tile)
+            if (owner->tile_sum[tile] == 0)
+                owner->tile_max[tile] = -INFINITY;
+        *masses_done = 1;
+    }
+    return cutoff;
 }
 
-/* Sets row->key_cutoff and row->min_weight from top-k, top-p and min-p.
- * Returns 1 when the kept tokens are all among owner->heap's top_k keys. */
-static int apply_filters(const cpu_state *state, cpu_row *row, cpu_scratch *owner, int parallel,
-                          int64_t valid, int32_t top_k, float top_p, float min_p)
+/* How a filtered row's kept tile masses are made once its filters are set. */
+typedef enum cpu_kept_source {
+    KEPT_FROM_HEAP, /* the kept tokens are among owner->heap's: kept_masses_from_heap */
+    KEPT_DONE,      /* top_p_filter made them */
+    KEPT_BY_PASS    /* PASS_KEPT */
+} cpu_kept_source;
+
+/* Sets row->key_cutoff, row->min_weight and row->kept_floor from top-k,
+ * top-p and min-p; says how the kept tile masses are to be made. */
+static cpu_kept_source apply_filters(const cpu_state *state, cpu_row *row, cpu_scratch *owner,
+                                     int parallel, int64_t valid, int32_t top_k, float top_p,
+                                     float min_p)
 {
+    row->min_weight = psm_min_p_threshold(min_p, row->weight_bits);
+    if (row->min_weight != 0)
+        row->kept_floor =
+            lowest_logit_within(row, psm_min_p_drop_gap(row->min_weight, row->weight_bits));
     uint64_t cutoff = 0;
-    int heap_candidates = 0;
+    cpu_kept_source source = KEPT_BY_PASS;
     int top_k_by_heap = top_k > 0 && top_k < valid && top_k <= CPU_HEAP_LIMIT;
     row->prefetch_step = top_k_by_heap    ? PREFETCH_IN_HEAP
                          : top_p < 1.0f ? PREFETCH_IN_BINS
@@ -1197,13 +1333,13 @@ static int apply_filters(const cpu_state *state, cpu_row *row, cpu_scratch *owne
         if (top_k_by_heap) {
             top_k_heap(row, owner, top_k);
             cutoff = owner->heap[top_k - 1];
-            heap_candidates = 1;
+            source = KEPT_FROM_HEAP;
         } else {
             cutoff = radix_cutoff(row, owner, 0, UINT64_MAX, 0, 0, (uint64_t)top_k);
         }
     }
     if (top_p < 1.0f) {
-        if (heap_candidates) {
+        if (source == KEPT_FROM_HEAP) {
             uint64_t mass = 0;
             for (int32_t i = 0; i < top_k; ++i)
                 mass += global_weight(row, psm_rank_key_logit(owner->heap[i]));
@@ -1217,15 +1353,15 @@ static int apply_filters(const cpu_state *state, cpu_row *row, cpu_scratch *owne
                 }
             }
         } else {
-            cutoff = top_p_cutoff(state, row, owner, parallel, cutoff, top_p);
+            int masses_done;
+            cutoff = top_p_filter(state, row, owner, parallel, cutoff, top_p,
+                                  row->min_weight == 0, &masses_done);
+            if (masses_done)
+                source = KEPT_DONE;
         }
     }
     row->key_cutoff = cutoff;
-    row->min_weight = psm_min_p_threshold(min_p, row->weight_bits);
-    if (row->min_weight != 0)
-        row->kept_floor =
-            lowest_logit_within(row, psm_min_p_drop_gap(row->min_weight, row->weight_bits));
-    return heap_candidates;
+    return source;
 }
 
 /* m_t and S_t of the kept set when it lies in owner->heap (sorted by
@@ -1436,12 +1572,17 @@ static void process_row(const cpu_state *state, const psm_request *request, int6
     }
     if (!plain) {
         row.filtered = 1;
-        if (apply_filters(state, &row, owner, parallel, valid, params.top_k, params.top_p,
-                          params.min_p)) {
+        switch (apply_filters(state, &row, owner, parallel, valid, params.top_k, params.top_p,
+                              params.min_p)) {
+        case KEPT_FROM_HEAP:
             kept_masses_from_heap(&row, owner, params.top_k);
-        } else {
+            break;
+        case KEPT_DONE:
+            break;
+        case KEPT_BY_PASS:
             args.pass = PASS_KEPT;
             run_pass(state, &args, parallel);
+            break;
         }
     }
     uint64_t total = tile_masses(&row, owner);
@@ -1566,6 +1707,7 @@ static psm_status cpu_create(const psm_context_options *options, int device_inde
                                  "cpu backend: cannot allocate per-thread workspace");
         }
         memset(state->scratch[t], 0, sizeof(cpu_scratch));
+        state->scratch[t]->last_cutoff_bin = -1;
     }
     if (device_name && device_name_size > 0)
         snprintf(device_name, device_name_size, "CPU (%d thread%s)", state->threads,

@@ -1,11 +1,11 @@
 /*
- * test_cpu_compact.c: checks backends/cpu/cpu_compact.h. Both forms of each
+ * test_cpu_compact.c: checks backends/cpu/cpu_compact.h. Both forms of the
  * compaction step (the portable loop and, where the CPU has AVX-512F, the
  * compress instructions) against the definition written as a plain filter,
  * on random inputs of every length from 0 to 100 and of 1024 (a tile):
  * logits with NaNs, infinities, -0, equal values and floors on and between
- * them; bins around the limit. Outputs are compared over the count, and the
- * count itself. Exits 0 when every output agrees; says so when the AVX-512
+ * them; with and without the indices. Outputs are compared over the count,
+ * and the count itself. Exits 0 when every output agrees; says so when the AVX-512
  * form could not run here.
  */
 #include "cpu_compact.h"
@@ -48,21 +48,20 @@ static float random_logit(void)
 }
 
 typedef int (*select_logits_fn)(const float *, int, float, float *, int32_t *);
-typedef int (*select_bins_fn)(const int32_t *, const float *, int, int32_t, int32_t *, float *);
 
 static int failures;
 
 static void check_logits(const char *form, select_logits_fn select, const float *x, int n,
-                         float floor)
+                         float floor, int with_index)
 {
     float out[MAX_N + CPU_COMPACT_SLACK];
     int32_t index[MAX_N + CPU_COMPACT_SLACK];
-    int count = select(x, n, floor, out, index);
+    int count = select(x, n, floor, out, with_index ? index : NULL);
     int expected = 0;
     for (int i = 0; i < n; ++i) {
         if (!(x[i] >= floor))
             continue;
-        if (expected >= count || index[expected] != i ||
+        if (expected >= count || (with_index && index[expected] != i) ||
             memcmp(&out[expected], &x[i], sizeof x[i]) != 0) {
             if (failures++ < 10)
                 fprintf(stderr, "%s: n %d floor %g: entry %d should be x[%d] = %g\n", form, n,
@@ -76,61 +75,29 @@ static void check_logits(const char *form, select_logits_fn select, const float 
                 expected);
 }
 
-static void check_bins(const char *form, select_bins_fn select, const int32_t *bins,
-                       const float *g, int n, int32_t limit)
-{
-    int32_t out_bins[MAX_N + CPU_COMPACT_SLACK];
-    float out_g[MAX_N + CPU_COMPACT_SLACK];
-    int count = select(bins, g, n, limit, out_bins, out_g);
-    int expected = 0;
-    for (int i = 0; i < n; ++i) {
-        if (bins[i] > limit)
-            continue;
-        if (expected >= count || out_bins[expected] != bins[i] || out_g[expected] != g[i]) {
-            if (failures++ < 10)
-                fprintf(stderr, "%s: n %d limit %d: entry %d should be pair %d\n", form, n,
-                        (int)limit, expected, i);
-            return;
-        }
-        ++expected;
-    }
-    if (count != expected && failures++ < 10)
-        fprintf(stderr, "%s: n %d limit %d: count %d, expected %d\n", form, n, (int)limit, count,
-                expected);
-}
-
 int main(void)
 {
     int vector_form = 0;
 #if PSM_CPU_COMPACT_AVX512
     vector_form = __builtin_cpu_supports("avx512f");
 #endif
-    float x[MAX_N], g[MAX_N];
-    int32_t bins[MAX_N];
+    float x[MAX_N];
     const float floors[] = {-INFINITY, -1000.0f, -0.0f, 0.0f, 1.5f, 0.1f, 3.9f, INFINITY};
     for (int round = 0; round < 200; ++round) {
         for (int n = 0; n <= 101; ++n) {
             int length = n == 101 ? MAX_N : n;
-            for (int i = 0; i < length; ++i) {
+            for (int i = 0; i < length; ++i)
                 x[i] = random_logit();
-                bins[i] = (int32_t)(next_random() % 300);
-                g[i] = (float)(next_random() % 100000);
-            }
-            for (size_t f = 0; f < sizeof floors / sizeof floors[0]; ++f) {
-                check_logits("portable", psm_cpu_select_at_least_portable, x, length, floors[f]);
+            for (size_t f = 0; f < sizeof floors / sizeof floors[0]; ++f)
+                for (int with_index = 0; with_index < 2; ++with_index) {
+                    check_logits("portable", psm_cpu_select_at_least_portable, x, length,
+                                 floors[f], with_index);
 #if PSM_CPU_COMPACT_AVX512
-                if (vector_form)
-                    check_logits("avx512", psm_cpu_select_at_least_avx512, x, length, floors[f]);
+                    if (vector_form)
+                        check_logits("avx512", psm_cpu_select_at_least_avx512, x, length,
+                                     floors[f], with_index);
 #endif
-            }
-            const int32_t limits[] = {-1, 0, 149, 150, 299, 300};
-            for (size_t l = 0; l < sizeof limits / sizeof limits[0]; ++l) {
-                check_bins("portable", psm_cpu_select_bins_portable, bins, g, length, limits[l]);
-#if PSM_CPU_COMPACT_AVX512
-                if (vector_form)
-                    check_bins("avx512", psm_cpu_select_bins_avx512, bins, g, length, limits[l]);
-#endif
-            }
+                }
         }
     }
     if (!vector_form)

@@ -148,7 +148,6 @@ typedef struct cpu_scratch {
      * cpu_compact.h selects from them or from the logits (candidates). */
     int32_t bins[PSM_TILE];
     float masses[PSM_TILE + CPU_COMPACT_SLACK];
-    int32_t compact_bins[PSM_TILE + CPU_COMPACT_SLACK];
     float compact[PSM_TILE + CPU_COMPACT_SLACK];
     int32_t compact_index[PSM_TILE + CPU_COMPACT_SLACK];
 } cpu_scratch;
@@ -310,8 +309,11 @@ static inline void prefetch_share(cpu_ahead ahead, int from, int to, int n)
 {
     if (!ahead.data)
         return;
-    size_t end = ahead.bytes * (size_t)to / (size_t)n;
-    for (size_t b = (ahead.bytes * (size_t)from / (size_t)n) & ~(size_t)63; b < end; b += 64)
+    /* 32-bit arithmetic: a tile's bytes (at most 4096) times a token count
+     * (at most 1024). */
+    uint32_t bytes = (uint32_t)ahead.bytes;
+    uint32_t end = bytes * (uint32_t)to / (uint32_t)n;
+    for (uint32_t b = (bytes * (uint32_t)from / (uint32_t)n) & ~63u; b < end; b += 64)
         __builtin_prefetch(ahead.data + b, 0, 3);
 }
 
@@ -450,69 +452,61 @@ static uint64_t masked_weights(const float *x, int n, float reference, float sca
     return tile_weight_array(x, n, reference, scale, bits, weights, 1);
 }
 
-/* top-p's look at a tile: adds every token's g_i (0 for masked tokens and,
- * with use_lower, for keys below lower) to the mass of its gap bin, for the
- * bins up to bin_limit; the g_i of the tokens beyond it are returned as one
- * sum. A vector loop computes every token's bin and weight into the
- * worker's bins and masses, then a scalar loop adds them to their bins:
- * every token or, when the limit leaves some out, those selected by
- * psm_cpu_select_bins. The scatter stays scalar, since tokens of one bin
- * would collide in a vector. The bin comes from the unclamped gap, clamped
- * to CPU_BIN_GAP_LIMIT on its float bits (gaps are >= 0 or +inf here, so
- * their bits order as their values), so the conversion never sees an
- * out-of-range value. Each g_i is an integer below 2^41, exact in the float
- * (and in the double sums), and goes to the bins through a signed integer,
- * which every x86-64 clone converts to in one instruction. */
-static inline uint64_t gap_bins(const cpu_row *row, const float *x, int n, uint32_t start,
-                                uint64_t lower, int bin_limit, cpu_ahead ahead,
-                                cpu_scratch *worker, int use_lower)
+/* top-p's bins: every token's gap bin into bins and its g_i into g (0 for
+ * masked tokens and, with use_lower, for keys below lower); returns the sum
+ * of the g_i. The bin comes from the unclamped gap, clamped to
+ * CPU_BIN_GAP_LIMIT on its float bits (gaps are >= 0 or +inf here, so their
+ * bits order as their values), so the conversion never sees an out-of-range
+ * value. Each g_i is an integer below 2^41, exact in the float and in the
+ * double sum. */
+static inline uint64_t bins_and_weights(const cpu_row *row, const float *x, int n, uint32_t start,
+                                        uint64_t lower, cpu_ahead ahead, int32_t *bins, float *g,
+                                        int use_lower)
 {
     float row_max = row->row_max, scale = row->scale;
     int bits = row->weight_bits;
     const psm_u32 limit = psm_float_bits(CPU_BIN_GAP_LIMIT);
-    int32_t *bins = worker->bins;
-    float *g = worker->masses;
-    double beyond = 0.0;
+    double sum = 0.0;
     for (int step = 0; step < n; step += CPU_PACE) {
         int end = n - step < CPU_PACE ? n : step + CPU_PACE;
         prefetch_share(ahead, step, end, n);
-#pragma omp simd reduction(+ : beyond)
+#pragma omp simd reduction(+ : sum)
         for (int i = step; i < end; ++i) {
             float gap = psm_unclamped_gap(row_max, x[i], scale);
             psm_u32 gap_bits = psm_float_bits(gap);
             float clamped = psm_bits_float(gap_bits < limit ? gap_bits : limit);
-            int32_t bin = (int32_t)(clamped * CPU_BIN_SCALE);
             float weight = psm_cpu_weight_float(psm_cpu_scaled_gap(row_max, x[i], scale), bits);
             if (use_lower)
                 weight = key_at_least(x[i], start + (uint32_t)i, lower) ? weight : 0.0f;
-            bins[i] = bin;
+            bins[i] = (int32_t)(clamped * CPU_BIN_SCALE);
             g[i] = weight;
-            beyond += bin <= bin_limit ? 0.0 : (double)weight;
+            sum += (double)weight;
         }
     }
-    uint64_t *bin_mass = worker->bin_mass;
-    if (bin_limit < CPU_GAP_BINS - 1) {
-        n = psm_cpu_select_bins(bins, g, n, bin_limit, worker->compact_bins, worker->compact);
-        bins = worker->compact_bins;
-        g = worker->compact;
-    }
+    return (uint64_t)sum;
+}
+
+PSM_CPU_HOT
+static uint64_t bins_all(const cpu_row *row, const float *x, int n, cpu_ahead ahead,
+                         int32_t *bins, float *g)
+{
+    return bins_and_weights(row, x, n, 0, 0, ahead, bins, g, 0);
+}
+
+PSM_CPU_HOT
+static uint64_t bins_above(const cpu_row *row, const float *x, int n, uint32_t start,
+                           uint64_t lower, cpu_ahead ahead, int32_t *bins, float *g)
+{
+    return bins_and_weights(row, x, n, start, lower, ahead, bins, g, 1);
+}
+
+/* Adds each g_i to its bin's mass. Scalar: tokens of one bin would collide
+ * in a vector. The conversion goes through a signed integer, which every
+ * x86-64 clone does in one instruction. */
+static void add_to_bins(const int32_t *bins, const float *g, int n, uint64_t *bin_mass)
+{
     for (int i = 0; i < n; ++i)
         bin_mass[bins[i]] += (uint64_t)(int64_t)g[i];
-    return (uint64_t)beyond;
-}
-
-PSM_CPU_HOT
-static uint64_t gap_bins_all(const cpu_row *row, const float *x, int n, int bin_limit,
-                             cpu_ahead ahead, cpu_scratch *worker)
-{
-    return gap_bins(row, x, n, 0, 0, bin_limit, ahead, worker, 0);
-}
-
-PSM_CPU_HOT
-static uint64_t gap_bins_above(const cpu_row *row, const float *x, int n, uint32_t start,
-                               uint64_t lower, int bin_limit, cpu_ahead ahead, cpu_scratch *worker)
-{
-    return gap_bins(row, x, n, start, lower, bin_limit, ahead, worker, 1);
 }
 
 /* Is some logit of x in [low, high)? (Masked logits never are: low is finite.) */
@@ -597,16 +591,18 @@ static uint64_t cut_weight_sum(const float *x, int n, uint32_t start, float refe
     return (uint64_t)sum;
 }
 
-/* The candidates of a tile into the worker's compact and compact_index:
- * the tokens with logit >= floor and key >= cutoff, in index order; returns
- * how many. Those with logit >= floor are selected first (cpu_compact.h);
- * the key test, when there is a cutoff, then runs on them alone. */
+/* The candidates of a tile into the worker's compact (and, with want_index,
+ * their indices into compact_index): the tokens with logit >= floor and key
+ * >= cutoff, in index order; returns how many. Those with logit >= floor are
+ * selected first (cpu_compact.h); the key test, when there is a cutoff, then
+ * runs on them alone. */
 static int select_candidates(const float *x, int n, uint32_t start, float floor, uint64_t cutoff,
-                             cpu_scratch *worker)
+                             int want_index, cpu_scratch *worker)
 {
     float *out = worker->compact;
     int32_t *index = worker->compact_index;
-    int count = psm_cpu_select_at_least(x, n, floor, out, index);
+    int count =
+        psm_cpu_select_at_least(x, n, floor, out, want_index || cutoff != 0 ? index : NULL);
     if (cutoff == 0)
         return count;
     int kept = 0;
@@ -683,7 +679,7 @@ static uint64_t kept_mass(const cpu_row *row, const cpu_scratch *owner, int64_t 
     }
     prefetch_share(ahead, 0, n, n);
     float *kept = worker->compact;
-    int count = select_candidates(x, n, start, row->kept_floor, cutoff, worker);
+    int count = select_candidates(x, n, start, row->kept_floor, cutoff, 0, worker);
     count = keep_min_p(row, kept, count, worker->masses);
     float kept_max = -INFINITY;
     for (int i = 0; i < count; ++i)
@@ -728,7 +724,8 @@ typedef struct cpu_pass_args {
     const cpu_row *row;
     cpu_scratch *owner;
     uint64_t lower;      /* PASS_BINS, PASS_BAND: candidates have keys >= lower */
-    int bin_limit;       /* PASS_BINS: bins past it are added up as one */
+    int bin_limit;       /* PASS_BINS: bins past it are added up as one ... */
+    float bin_edge;      /* ... the bins of the logits below this */
     float band_low;      /* PASS_BAND */
     float band_high;     /* PASS_BAND */
     int band_masses;     /* PASS_BAND */
@@ -788,7 +785,7 @@ static uint64_t band_tile_masses(const cpu_pass_args *args, int64_t tile, cpu_sc
     uint32_t start = (uint32_t)(tile * PSM_TILE);
     const float *x = read_tile(row, args->owner, tile, worker->logits, &n);
     float *candidates = worker->compact, *weights = worker->masses;
-    int count = select_candidates(x, n, start, args->band_low, args->lower, worker);
+    int count = select_candidates(x, n, start, args->band_low, args->lower, 1, worker);
     uint64_t sum = weights_at_least(candidates, count, args->owner->tile_max[tile], row->scale,
                                     row->weight_bits, args->band_high, weights);
     for (int j = 0; j < count; ++j)
@@ -842,10 +839,25 @@ static void run_tile(const cpu_pass_args *args, int64_t tile, cpu_scratch *worke
         uint32_t start = (uint32_t)(tile * PSM_TILE);
         const float *x = read_tile(row, owner, tile, worker->logits, &n);
         cpu_ahead ahead = next_row_tile(row, tile, PREFETCH_IN_BINS);
-        worker->bin_tail +=
-            args->lower != 0
-                ? gap_bins_above(row, x, n, start, args->lower, args->bin_limit, ahead, worker)
-                : gap_bins_all(row, x, n, args->bin_limit, ahead, worker);
+        if (args->bin_limit == CPU_GAP_BINS - 1) {
+            if (args->lower != 0)
+                bins_above(row, x, n, start, args->lower, ahead, worker->bins, worker->masses);
+            else
+                bins_all(row, x, n, ahead, worker->bins, worker->masses);
+            add_to_bins(worker->bins, worker->masses, n, worker->bin_mass);
+            break;
+        }
+        /* Z's share of the tile (the same g_i, summed), then the bins of the
+         * tokens within the limit: those whose logit is at least bin_edge. */
+        uint64_t mass = args->lower != 0 ? cut_weight_sum(x, n, start, row->row_max, row->scale,
+                                                          row->weight_bits, args->lower, ahead)
+                                         : plain_weight_sum(x, n, row->row_max, row->scale,
+                                                            row->weight_bits, ahead);
+        int count = select_candidates(x, n, start, args->bin_edge, args->lower, 0, worker);
+        cpu_ahead none = {NULL, 0};
+        mass -= bins_all(row, worker->compact, count, none, worker->bins, worker->masses);
+        add_to_bins(worker->bins, worker->masses, count, worker->bin_mass);
+        worker->bin_tail += mass;
         break;
     }
     case PASS_BAND: {
@@ -1260,6 +1272,7 @@ static uint64_t top_p_filter(const cpu_state *state, const cpu_row *row, cpu_scr
     args.bin_limit = estimate >= 0 && estimate < last_bin - CPU_BIN_MARGIN
                          ? estimate + CPU_BIN_MARGIN
                          : last_bin;
+    args.bin_edge = lowest_logit_within(row, (float)(args.bin_limit + 1) / CPU_BIN_SCALE);
     uint64_t target, above;
     int bin;
     for (;;) {

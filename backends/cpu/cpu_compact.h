@@ -2,8 +2,8 @@
  * cpu_compact.h: the CPU backend's compaction steps, which copy the entries
  * of a tile that pass a test to the front of another array, in order. The
  * filtered passes use them to work on few tokens after a vector test on all
- * of them: top-p's bin pass scatters only the tokens of the bins it needs,
- * and the kept passes weigh only the tokens that can be kept.
+ * of them: top-p's bin pass bins only the tokens of the bins it needs, and
+ * the kept passes weigh only the tokens that can be kept.
  *
  * GCC does not vectorise a compaction (the output position depends on every
  * earlier test), so each step has two forms: AVX-512F's compress
@@ -11,7 +11,7 @@
  * branch-free loop (write every entry, advance by the test's 0 or 1) that
  * costs about a cycle an entry. Both give the same output; the choice is
  * made per call from the CPU's features. tests/test_cpu_compact.c compares
- * the two forms.
+ * the two forms with the definition.
  *
  * Outputs need room for CPU_COMPACT_SLACK entries past the count: the vector
  * form stores 16 lanes at a time.
@@ -30,14 +30,19 @@
 #define PSM_CPU_COMPACT_AVX512 0
 #endif
 
-/* ---- logits at or above a floor ------------------------------------------ */
-
-/* Copies x[i] >= floor to out and i to index (both in index order);
- * returns how many. A NaN never passes. */
+/* Copies x[i] >= floor to out and, when index is not NULL, i to index (both
+ * in index order); returns how many. A NaN never passes. */
 static inline int psm_cpu_select_at_least_portable(const float *x, int n, float floor, float *out,
                                                    int32_t *index)
 {
     int count = 0;
+    if (!index) {
+        for (int i = 0; i < n; ++i) {
+            out[count] = x[i];
+            count += x[i] >= floor;
+        }
+        return count;
+    }
     for (int i = 0; i < n; ++i) {
         out[count] = x[i];
         index[count] = i;
@@ -58,13 +63,15 @@ psm_cpu_select_at_least_avx512(const float *x, int n, float floor, float *out, i
         __m512 values = _mm512_loadu_ps(x + i);
         __mmask16 pass = _mm512_cmp_ps_mask(values, threshold, _CMP_GE_OQ);
         _mm512_storeu_ps(out + count, _mm512_maskz_compress_ps(pass, values));
-        _mm512_storeu_si512(index + count, _mm512_maskz_compress_epi32(pass, lanes));
+        if (index)
+            _mm512_storeu_si512(index + count, _mm512_maskz_compress_epi32(pass, lanes));
         count += __builtin_popcount((unsigned)pass);
         lanes = _mm512_add_epi32(lanes, step);
     }
     for (; i < n; ++i) {
         out[count] = x[i];
-        index[count] = i;
+        if (index)
+            index[count] = i;
         count += x[i] >= floor;
     }
     return count;
@@ -79,55 +86,6 @@ static inline int psm_cpu_select_at_least(const float *x, int n, float floor, fl
         return psm_cpu_select_at_least_avx512(x, n, floor, out, index);
 #endif
     return psm_cpu_select_at_least_portable(x, n, floor, out, index);
-}
-
-/* ---- bins within a limit ------------------------------------------------- */
-
-/* Copies the pairs (bins[i], g[i]) with bins[i] <= limit to out_bins and
- * out_g (in index order); returns how many. */
-static inline int psm_cpu_select_bins_portable(const int32_t *bins, const float *g, int n,
-                                               int32_t limit, int32_t *out_bins, float *out_g)
-{
-    int count = 0;
-    for (int i = 0; i < n; ++i) {
-        out_bins[count] = bins[i];
-        out_g[count] = g[i];
-        count += bins[i] <= limit;
-    }
-    return count;
-}
-
-#if PSM_CPU_COMPACT_AVX512
-__attribute__((target("avx512f"))) static inline int
-psm_cpu_select_bins_avx512(const int32_t *bins, const float *g, int n, int32_t limit,
-                           int32_t *out_bins, float *out_g)
-{
-    const __m512i bound = _mm512_set1_epi32(limit);
-    int count = 0, i = 0;
-    for (; i + 16 <= n; i += 16) {
-        __m512i values = _mm512_loadu_si512(bins + i);
-        __mmask16 pass = _mm512_cmple_epi32_mask(values, bound);
-        _mm512_storeu_si512(out_bins + count, _mm512_maskz_compress_epi32(pass, values));
-        _mm512_storeu_ps(out_g + count, _mm512_maskz_compress_ps(pass, _mm512_loadu_ps(g + i)));
-        count += __builtin_popcount((unsigned)pass);
-    }
-    for (; i < n; ++i) {
-        out_bins[count] = bins[i];
-        out_g[count] = g[i];
-        count += bins[i] <= limit;
-    }
-    return count;
-}
-#endif
-
-static inline int psm_cpu_select_bins(const int32_t *bins, const float *g, int n, int32_t limit,
-                                      int32_t *out_bins, float *out_g)
-{
-#if PSM_CPU_COMPACT_AVX512
-    if (__builtin_cpu_supports("avx512f"))
-        return psm_cpu_select_bins_avx512(bins, g, n, limit, out_bins, out_g);
-#endif
-    return psm_cpu_select_bins_portable(bins, g, n, limit, out_bins, out_g);
 }
 
 #endif /* PSM_CPU_COMPACT_H */

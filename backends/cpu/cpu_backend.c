@@ -314,7 +314,7 @@ static inline void prefetch_share(cpu_ahead ahead, int from, int to, int n)
     uint32_t bytes = (uint32_t)ahead.bytes;
     uint32_t end = bytes * (uint32_t)to / (uint32_t)n;
     for (uint32_t b = (bytes * (uint32_t)from / (uint32_t)n) & ~63u; b < end; b += 64)
-        __builtin_prefetch(ahead.data + b, 0, 3);
+        __builtin_prefetch(ahead.data + b, 0, 2);
 }
 
 /* The next row's tile `tile`, when `step` is the one that prefetches it. */

@@ -4,7 +4,7 @@
  * compress instructions) against the definition written as a plain filter,
  * on random inputs of every length from 0 to 100 and of 1024 (a tile):
  * logits with NaNs, infinities, -0, equal values and floors on and between
- * them; with and without the indices. Outputs are compared over the count,
+ * them; with and without the indices and a paired array. Outputs are compared over the count,
  * and the count itself. Exits 0 when every output agrees; says so when the AVX-512
  * form could not run here.
  */
@@ -47,21 +47,25 @@ static float random_logit(void)
     }
 }
 
-typedef int (*select_logits_fn)(const float *, int, float, float *, int32_t *);
+typedef int (*select_logits_fn)(const float *, const float *, int, float, float *, float *,
+                                int32_t *);
 
 static int failures;
 
-static void check_logits(const char *form, select_logits_fn select, const float *x, int n,
-                         float floor, int with_index)
+/* with: bit 0 the indices, bit 1 the paired values (x + 1, bit for bit). */
+static void check_logits(const char *form, select_logits_fn select, const float *x,
+                         const float *paired, int n, float floor, int with)
 {
-    float out[MAX_N + CPU_COMPACT_SLACK];
+    float out[MAX_N + CPU_COMPACT_SLACK], paired_out[MAX_N + CPU_COMPACT_SLACK];
     int32_t index[MAX_N + CPU_COMPACT_SLACK];
-    int count = select(x, n, floor, out, with_index ? index : NULL);
+    int count = select(x, with & 2 ? paired : NULL, n, floor, out, with & 2 ? paired_out : NULL,
+                       with & 1 ? index : NULL);
     int expected = 0;
     for (int i = 0; i < n; ++i) {
         if (!(x[i] >= floor))
             continue;
-        if (expected >= count || (with_index && index[expected] != i) ||
+        if (expected >= count || ((with & 1) && index[expected] != i) ||
+            ((with & 2) && memcmp(&paired_out[expected], &paired[i], sizeof paired[i]) != 0) ||
             memcmp(&out[expected], &x[i], sizeof x[i]) != 0) {
             if (failures++ < 10)
                 fprintf(stderr, "%s: n %d floor %g: entry %d should be x[%d] = %g\n", form, n,
@@ -81,21 +85,23 @@ int main(void)
 #if PSM_CPU_COMPACT_AVX512
     vector_form = __builtin_cpu_supports("avx512f");
 #endif
-    float x[MAX_N];
+    float x[MAX_N], paired[MAX_N];
     const float floors[] = {-INFINITY, -1000.0f, -0.0f, 0.0f, 1.5f, 0.1f, 3.9f, INFINITY};
     for (int round = 0; round < 200; ++round) {
         for (int n = 0; n <= 101; ++n) {
             int length = n == 101 ? MAX_N : n;
-            for (int i = 0; i < length; ++i)
+            for (int i = 0; i < length; ++i) {
                 x[i] = random_logit();
+                paired[i] = x[i] + 1.0f;
+            }
             for (size_t f = 0; f < sizeof floors / sizeof floors[0]; ++f)
-                for (int with_index = 0; with_index < 2; ++with_index) {
-                    check_logits("portable", psm_cpu_select_at_least_portable, x, length,
-                                 floors[f], with_index);
+                for (int with = 0; with < 4; ++with) {
+                    check_logits("portable", psm_cpu_select_at_least_portable, x, paired, length,
+                                 floors[f], with);
 #if PSM_CPU_COMPACT_AVX512
                     if (vector_form)
-                        check_logits("avx512", psm_cpu_select_at_least_avx512, x, length,
-                                     floors[f], with_index);
+                        check_logits("avx512", psm_cpu_select_at_least_avx512, x, paired, length,
+                                     floors[f], with);
 #endif
                 }
         }

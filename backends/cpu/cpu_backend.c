@@ -149,6 +149,7 @@ typedef struct cpu_scratch {
     int32_t bins[PSM_TILE];
     float masses[PSM_TILE + CPU_COMPACT_SLACK];
     float compact[PSM_TILE + CPU_COMPACT_SLACK];
+    float compact_masses[PSM_TILE + CPU_COMPACT_SLACK];
     int32_t compact_index[PSM_TILE + CPU_COMPACT_SLACK];
 } cpu_scratch;
 
@@ -500,13 +501,52 @@ static uint64_t bins_above(const cpu_row *row, const float *x, int n, uint32_t s
     return bins_and_weights(row, x, n, start, lower, ahead, bins, g, 1);
 }
 
-/* Adds each g_i to its bin's mass. Scalar: tokens of one bin would collide
- * in a vector. The conversion goes through a signed integer, which every
- * x86-64 clone does in one instruction. */
-static void add_to_bins(const int32_t *bins, const float *g, int n, uint64_t *bin_mass)
+/* Every token's g_i into g; returns their sum (exact, as in bins_and_weights). */
+PSM_CPU_HOT
+static uint64_t global_weights_of(const cpu_row *row, const float *x, int n, cpu_ahead ahead,
+                                  float *g)
 {
-    for (int i = 0; i < n; ++i)
-        bin_mass[bins[i]] += (uint64_t)(int64_t)g[i];
+    float row_max = row->row_max, scale = row->scale;
+    int bits = row->weight_bits;
+    double sum = 0.0;
+    for (int step = 0; step < n; step += CPU_PACE) {
+        int end = n - step < CPU_PACE ? n : step + CPU_PACE;
+        prefetch_share(ahead, step, end, n);
+#pragma omp simd reduction(+ : sum)
+        for (int i = step; i < end; ++i) {
+            float weight = psm_cpu_weight_float(psm_cpu_scaled_gap(row_max, x[i], scale), bits);
+            g[i] = weight;
+            sum += (double)weight;
+        }
+    }
+    return (uint64_t)sum;
+}
+
+/* Every token's gap bin (as in bins_and_weights) into bins. */
+PSM_CPU_HOT
+static void bins_of(const cpu_row *row, const float *x, int n, int32_t *bins)
+{
+    float row_max = row->row_max, scale = row->scale;
+    const psm_u32 limit = psm_float_bits(CPU_BIN_GAP_LIMIT);
+#pragma omp simd
+    for (int i = 0; i < n; ++i) {
+        psm_u32 gap_bits = psm_float_bits(psm_unclamped_gap(row_max, x[i], scale));
+        bins[i] = (int32_t)(psm_bits_float(gap_bits < limit ? gap_bits : limit) * CPU_BIN_SCALE);
+    }
+}
+
+/* Adds each g_i to its bin's mass; returns their sum. Scalar: tokens of one
+ * bin would collide in a vector. The conversion goes through a signed
+ * integer, which every x86-64 clone does in one instruction. */
+static uint64_t add_to_bins(const int32_t *bins, const float *g, int n, uint64_t *bin_mass)
+{
+    uint64_t sum = 0;
+    for (int i = 0; i < n; ++i) {
+        uint64_t weight = (uint64_t)(int64_t)g[i];
+        bin_mass[bins[i]] += weight;
+        sum += weight;
+    }
+    return sum;
 }
 
 /* Is some logit of x in [low, high)? (Masked logits never are: low is finite.) */
@@ -601,8 +641,8 @@ static int select_candidates(const float *x, int n, uint32_t start, float floor,
 {
     float *out = worker->compact;
     int32_t *index = worker->compact_index;
-    int count =
-        psm_cpu_select_at_least(x, n, floor, out, want_index || cutoff != 0 ? index : NULL);
+    int count = psm_cpu_select_at_least(x, NULL, n, floor, out, NULL,
+                                        want_index || cutoff != 0 ? index : NULL);
     if (cutoff == 0)
         return count;
     int kept = 0;
@@ -847,12 +887,20 @@ static void run_tile(const cpu_pass_args *args, int64_t tile, cpu_scratch *worke
             add_to_bins(worker->bins, worker->masses, n, worker->bin_mass);
             break;
         }
-        /* Z's share of the tile (the same g_i, summed), then the bins of the
-         * tokens within the limit: those whose logit is at least bin_edge. */
-        uint64_t mass = args->lower != 0 ? cut_weight_sum(x, n, start, row->row_max, row->scale,
-                                                          row->weight_bits, args->lower, ahead)
-                                         : plain_weight_sum(x, n, row->row_max, row->scale,
-                                                            row->weight_bits, ahead);
+        /* Z's share of the tile (every candidate's g_i), then the bins of
+         * the tokens within the limit: those whose logit is at least
+         * bin_edge. */
+        if (args->lower == 0) {
+            uint64_t mass = global_weights_of(row, x, n, ahead, worker->masses);
+            int count = psm_cpu_select_at_least(x, worker->masses, n, args->bin_edge,
+                                                worker->compact, worker->compact_masses, NULL);
+            bins_of(row, worker->compact, count, worker->bins);
+            mass -= add_to_bins(worker->bins, worker->compact_masses, count, worker->bin_mass);
+            worker->bin_tail += mass;
+            break;
+        }
+        uint64_t mass = cut_weight_sum(x, n, start, row->row_max, row->scale, row->weight_bits,
+                                       args->lower, ahead);
         int count = select_candidates(x, n, start, args->bin_edge, args->lower, 0, worker);
         cpu_ahead none = {NULL, 0};
         mass -= bins_all(row, worker->compact, count, none, worker->bins, worker->masses);

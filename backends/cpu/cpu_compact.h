@@ -30,22 +30,20 @@
 #define PSM_CPU_COMPACT_AVX512 0
 #endif
 
-/* Copies x[i] >= floor to out and, when index is not NULL, i to index (both
- * in index order); returns how many. A NaN never passes. */
-static inline int psm_cpu_select_at_least_portable(const float *x, int n, float floor, float *out,
+/* Copies x[i] >= floor to out and, for those i, paired[i] to paired_out and
+ * i to index when these are not NULL (all in index order); returns how
+ * many. A NaN never passes. */
+static inline int psm_cpu_select_at_least_portable(const float *x, const float *paired, int n,
+                                                   float floor, float *out, float *paired_out,
                                                    int32_t *index)
 {
     int count = 0;
-    if (!index) {
-        for (int i = 0; i < n; ++i) {
-            out[count] = x[i];
-            count += x[i] >= floor;
-        }
-        return count;
-    }
     for (int i = 0; i < n; ++i) {
         out[count] = x[i];
-        index[count] = i;
+        if (paired)
+            paired_out[count] = paired[i];
+        if (index)
+            index[count] = i;
         count += x[i] >= floor;
     }
     return count;
@@ -53,7 +51,8 @@ static inline int psm_cpu_select_at_least_portable(const float *x, int n, float 
 
 #if PSM_CPU_COMPACT_AVX512
 __attribute__((target("avx512f"))) static inline int
-psm_cpu_select_at_least_avx512(const float *x, int n, float floor, float *out, int32_t *index)
+psm_cpu_select_at_least_avx512(const float *x, const float *paired, int n, float floor,
+                               float *out, float *paired_out, int32_t *index)
 {
     const __m512 threshold = _mm512_set1_ps(floor);
     const __m512i step = _mm512_set1_epi32(16);
@@ -63,6 +62,9 @@ psm_cpu_select_at_least_avx512(const float *x, int n, float floor, float *out, i
         __m512 values = _mm512_loadu_ps(x + i);
         __mmask16 pass = _mm512_cmp_ps_mask(values, threshold, _CMP_GE_OQ);
         _mm512_storeu_ps(out + count, _mm512_maskz_compress_ps(pass, values));
+        if (paired)
+            _mm512_storeu_ps(paired_out + count,
+                             _mm512_maskz_compress_ps(pass, _mm512_loadu_ps(paired + i)));
         if (index)
             _mm512_storeu_si512(index + count, _mm512_maskz_compress_epi32(pass, lanes));
         count += __builtin_popcount((unsigned)pass);
@@ -70,6 +72,8 @@ psm_cpu_select_at_least_avx512(const float *x, int n, float floor, float *out, i
     }
     for (; i < n; ++i) {
         out[count] = x[i];
+        if (paired)
+            paired_out[count] = paired[i];
         if (index)
             index[count] = i;
         count += x[i] >= floor;
@@ -78,14 +82,14 @@ psm_cpu_select_at_least_avx512(const float *x, int n, float floor, float *out, i
 }
 #endif
 
-static inline int psm_cpu_select_at_least(const float *x, int n, float floor, float *out,
-                                          int32_t *index)
+static inline int psm_cpu_select_at_least(const float *x, const float *paired, int n, float floor,
+                                          float *out, float *paired_out, int32_t *index)
 {
 #if PSM_CPU_COMPACT_AVX512
     if (__builtin_cpu_supports("avx512f"))
-        return psm_cpu_select_at_least_avx512(x, n, floor, out, index);
+        return psm_cpu_select_at_least_avx512(x, paired, n, floor, out, paired_out, index);
 #endif
-    return psm_cpu_select_at_least_portable(x, n, floor, out, index);
+    return psm_cpu_select_at_least_portable(x, paired, n, floor, out, paired_out, index);
 }
 
 #endif /* PSM_CPU_COMPACT_H */

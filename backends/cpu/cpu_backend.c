@@ -86,8 +86,6 @@
 #define CPU_ROW_RUN 16
 /* top-k up to this k uses a bounded min-heap of rank keys. */
 #define CPU_HEAP_LIMIT 4096
-/* ... scanning a tile in chunks of this many tokens. */
-#define CPU_HEAP_CHUNK 64
 /* Passes that look for few tokens test a chunk of this many with a vector
  * test before looking at its tokens one by one. */
 #define CPU_CHUNK 64
@@ -589,17 +587,6 @@ static uint64_t kept_weights(const cpu_row *row, const cpu_scratch *owner, int64
     return masked_weights(x, n, kept_max, row->scale, row->weight_bits, weights);
 }
 
-/* Is some valid token's key >= cutoff? */
-PSM_CPU_HOT
-static int any_key_at_least(const float *x, int n, uint32_t start, uint64_t cutoff)
-{
-    int any = 0;
-#pragma omp simd reduction(| : any)
-    for (int i = 0; i < n; ++i)
-        any |= is_valid_logit(x[i]) & key_at_least(x[i], start + (uint32_t)i, cutoff);
-    return any;
-}
-
 /* Sum of the weights against reference of the tokens with key >= cutoff
  * (masked tokens weigh 0 whatever the cutoff), chunk by chunk: a chunk with
  * no such token (a vector test) is skipped. */
@@ -1093,31 +1080,31 @@ static void top_k_heap(const cpu_row *row, cpu_scratch *owner, int64_t k)
         uint32_t start = (uint32_t)(tile * PSM_TILE);
         const float *logits = read_tile(row, owner, tile, owner->logits, &n);
         prefetch_share(next_row_tile(row, tile, PREFETCH_IN_HEAP), 0, n, n);
-        for (int i = 0; i < n; ++i) {
-            /* Once the heap is full, a chunk with no key above its least one
-             * (found in a vector pass) is skipped whole. */
-            if (size == k && i % CPU_HEAP_CHUNK == 0) {
-                int length = n - i < CPU_HEAP_CHUNK ? n - i : CPU_HEAP_CHUNK;
-                if (!any_key_at_least(logits + i, length, start + (uint32_t)i, heap[0] + 1)) {
-                    i += length - 1;
-                    continue;
-                }
-            }
-            float x = logits[i];
-            if (psm_logit_class(x) != PSM_LOGIT_VALID)
+        int i = 0;
+        /* Until the heap is full, every valid token goes in. */
+        for (; i < n && size < k; ++i) {
+            if (psm_logit_class(logits[i]) != PSM_LOGIT_VALID)
                 continue;
-            uint64_t key = psm_rank_key(x, start + (uint32_t)i);
-            if (size < k) {
-                /* sift up */
-                int64_t at = size++;
-                heap[at] = key;
-                while (at > 0 && heap[(at - 1) / 2] > heap[at]) {
-                    uint64_t held = heap[at];
-                    heap[at] = heap[(at - 1) / 2];
-                    heap[(at - 1) / 2] = held;
-                    at = (at - 1) / 2;
-                }
-            } else if (key > heap[0]) {
+            int64_t at = size++;
+            heap[at] = psm_rank_key(logits[i], start + (uint32_t)i);
+            while (at > 0 && heap[(at - 1) / 2] > heap[at]) {
+                uint64_t held = heap[at];
+                heap[at] = heap[(at - 1) / 2];
+                heap[(at - 1) / 2] = held;
+                at = (at - 1) / 2;
+            }
+        }
+        if (i == n)
+            continue;
+        /* Then only the logits at or above the heap's least one can have a
+         * larger key: they are selected (cpu_compact.h), and each is tested
+         * against the heap's least key as it is when its turn comes. */
+        int count = psm_cpu_select_at_least(logits + i, NULL, n - i, psm_rank_key_logit(heap[0]),
+                                            owner->compact, NULL, owner->compact_index);
+        for (int j = 0; j < count; ++j) {
+            uint64_t key =
+                psm_rank_key(owner->compact[j], start + (uint32_t)(i + owner->compact_index[j]));
+            if (key > heap[0]) {
                 heap[0] = key;
                 heap_sift_down(heap, size, 0);
             }

@@ -5,23 +5,33 @@
  * equal to it for every input).
  *
  * Shape of the work:
- * - batches with at least as many rows as threads: one row per thread at a
- *   time; batches with fewer rows: rows one after another, the per-tile
- *   passes of a row spread over the threads. Tile results are integers and
- *   float maxima, so any split gives the same answer.
+ * - batches with at least as many rows as threads: each thread takes runs of
+ *   consecutive rows (CPU_ROW_RUN at most), a row at a time, so that a
+ *   filtered row can prefetch the next; batches with fewer rows: rows one
+ *   after another, the per-tile passes of a row spread over the threads.
+ *   Tile results are integers and float maxima, so any split gives the same
+ *   answer.
  * - plain rows (no filter): one pass reads each tile once and reduces it to
  *   (m_t, S_t), prefetching the next tile while it computes; the row maximum
  *   comes from the tile maxima. A draw reads again only the tile it lands in.
- * - filtered rows: a summary pass (tile maxima, valid counts), then top-k by
- *   a bounded heap (small k; chunks with no key above the heap's least are
- *   skipped after a vector test) or a radix select on rank keys (large k),
- *   top-p on the top-k candidates or by a radix select weighted by g-mass,
- *   min-p as a per-token test; then the tile masses of the kept set, straight
- *   from the heap when the kept set lies in it, otherwise by a pass over the
- *   tiles that can hold kept tokens.
+ * - filtered rows: a summary pass (tile maxima, valid counts, which f32
+ *   tiles later passes may read in place), then:
+ *   top-k by a bounded heap (small k; once it is full, only the logits at or
+ *   above its least one are looked at) or a radix select on rank keys
+ *   (large k);
+ *   top-p on the heap's candidates, or else from g-mass per gap bin: one
+ *   pass sums Z and bins the tokens near the previous row's cutoff, the
+ *   cutoff's bin is found from the bin masses and its tokens are gathered
+ *   and resolved in a second pass, which (without min-p) also makes the kept
+ *   tile masses (top_p_filter);
+ *   min-p as a per-token test on the tokens above a drop-gap floor;
+ *   then the tile masses of the kept set, from the heap when the kept set
+ *   lies in it, else by a pass over the tiles that can hold kept tokens,
+ *   unless top-p made them.
  * - the per-token loops are written to vectorise (GCC -O3, per-function
  *   AVX-512F/AVX2 clones below); the weight is computed in float lanes and
- *   summed in double, exactly (cpu_weight.h says why).
+ *   summed in double, exactly (cpu_weight.h says why). The passes that need
+ *   few tokens of a tile select them first (cpu_compact.h).
  * Scratch lives in the state, per thread, and grows only when a larger vocab
  * is seen.
  */

@@ -5,8 +5,8 @@
  * layer. psm_contract.h defines the arithmetic that decides a token; this
  * header holds the row-level steps around it that the backends share: which
  * parameters apply to a row (the scalars or its entries in per-row arrays),
- * the gap bins of the cutoff searches, and the search that turns a draw's
- * random integer into a tile or a token.
+ * the gap bins of the cutoff searches, min-p's drop gap, and the search that
+ * turns a draw's random integer into a tile or a token.
  */
 #ifndef PSM_ROW_H
 #define PSM_ROW_H
@@ -94,6 +94,22 @@ PSM_FN psm_row_params psm_resolve_row(psm_i64 row, psm_u32 per_row, psm_row_scal
 PSM_FN int psm_gap_bin(float gap)
 {
     return gap < 64.0f ? (int)PSM_FMUL(gap, PSM_GAP_BIN_SCALE) : PSM_GAP_BINS - 1;
+}
+
+/* ---- min-p's drop gap ---------------------------------------------------- */
+
+/* A gap beyond which no token passes min-p: with d = n + r (exactly),
+ * g = floor(2^-r (1 + e) 2^(bits - n)) < 2^(bits - d + 1) since |e| <= 1.1e-7,
+ * so g >= threshold >= 2^L needs d < bits + 1 - L, L = floor(log2(threshold)).
+ * threshold is psm_min_p_threshold's, >= 1. A token whose unclamped gap to the
+ * row maximum is at least this fails min-p; one below it must still be tested
+ * with its weight. */
+PSM_FN float psm_min_p_drop_gap(psm_u64 threshold, int weight_bits)
+{
+    int log2_floor = 0;
+    while (log2_floor < 63 && (threshold >> (log2_floor + 1)) != 0)
+        ++log2_floor;
+    return (float)(weight_bits + 1 - log2_floor);
 }
 
 /* ---- the draw's search ---------------------------------------------------- */

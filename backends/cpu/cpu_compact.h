@@ -1,0 +1,95 @@
+/*
+ * cpu_compact.h: the CPU backend's compaction steps, which copy the entries
+ * of a tile that pass a test to the front of another array, in order. The
+ * filtered passes use them to work on few tokens after a vector test on all
+ * of them: top-p's bin pass bins only the tokens of the bins it needs, and
+ * the kept passes weigh only the tokens that can be kept.
+ *
+ * GCC does not vectorise a compaction (the output position depends on every
+ * earlier test), so each step has two forms: AVX-512F's compress
+ * instructions, 16 entries at a time, where the CPU has them, and a portable
+ * branch-free loop (write every entry, advance by the test's 0 or 1) that
+ * costs about a cycle an entry. Both give the same output; the choice is
+ * made per call from the CPU's features. tests/test_cpu_compact.c compares
+ * the two forms with the definition.
+ *
+ * Outputs need room for CPU_COMPACT_SLACK entries past the count: the vector
+ * form stores 16 lanes at a time.
+ */
+#ifndef PSM_CPU_COMPACT_H
+#define PSM_CPU_COMPACT_H
+
+#include <stdint.h>
+
+#define CPU_COMPACT_SLACK 16
+
+#if defined(__x86_64__) && defined(__GNUC__) && (!defined(__clang__) || __clang_major__ >= 14)
+#define PSM_CPU_COMPACT_AVX512 1
+#include <immintrin.h>
+#else
+#define PSM_CPU_COMPACT_AVX512 0
+#endif
+
+/* Copies x[i] >= floor to out and, for those i, paired[i] to paired_out and
+ * i to index when these are not NULL (all in index order); returns how
+ * many. A NaN never passes. */
+static inline int psm_cpu_select_at_least_portable(const float *x, const float *paired, int n,
+                                                   float floor, float *out, float *paired_out,
+                                                   int32_t *index)
+{
+    int count = 0;
+    for (int i = 0; i < n; ++i) {
+        out[count] = x[i];
+        if (paired)
+            paired_out[count] = paired[i];
+        if (index)
+            index[count] = i;
+        count += x[i] >= floor;
+    }
+    return count;
+}
+
+#if PSM_CPU_COMPACT_AVX512
+__attribute__((target("avx512f"))) static inline int
+psm_cpu_select_at_least_avx512(const float *x, const float *paired, int n, float floor,
+                               float *out, float *paired_out, int32_t *index)
+{
+    const __m512 threshold = _mm512_set1_ps(floor);
+    const __m512i step = _mm512_set1_epi32(16);
+    __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    int count = 0, i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 values = _mm512_loadu_ps(x + i);
+        __mmask16 pass = _mm512_cmp_ps_mask(values, threshold, _CMP_GE_OQ);
+        _mm512_storeu_ps(out + count, _mm512_maskz_compress_ps(pass, values));
+        if (paired)
+            _mm512_storeu_ps(paired_out + count,
+                             _mm512_maskz_compress_ps(pass, _mm512_loadu_ps(paired + i)));
+        if (index)
+            _mm512_storeu_si512(index + count, _mm512_maskz_compress_epi32(pass, lanes));
+        count += __builtin_popcount((unsigned)pass);
+        lanes = _mm512_add_epi32(lanes, step);
+    }
+    for (; i < n; ++i) {
+        out[count] = x[i];
+        if (paired)
+            paired_out[count] = paired[i];
+        if (index)
+            index[count] = i;
+        count += x[i] >= floor;
+    }
+    return count;
+}
+#endif
+
+static inline int psm_cpu_select_at_least(const float *x, const float *paired, int n, float floor,
+                                          float *out, float *paired_out, int32_t *index)
+{
+#if PSM_CPU_COMPACT_AVX512
+    if (__builtin_cpu_supports("avx512f"))
+        return psm_cpu_select_at_least_avx512(x, paired, n, floor, out, paired_out, index);
+#endif
+    return psm_cpu_select_at_least_portable(x, paired, n, floor, out, paired_out, index);
+}
+
+#endif /* PSM_CPU_COMPACT_H */

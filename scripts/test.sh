@@ -245,7 +245,8 @@ skip_report() {
 build_and_test "release" "$build_dir" -DCMAKE_BUILD_TYPE=Release
 
 # run_script LABEL COMMAND...: a self-contained test script (it prints its
-# own one-line summary last); its output goes to $log_dir/<label>.log.
+# own summary: "<label> summary:" lines, or one line last); its output goes
+# to $log_dir/<label>.log.
 run_script() {
     local label=$1
     shift
@@ -253,10 +254,13 @@ run_script() {
     mkdir -p "$log_dir"
     say "$label: $* (log: $log)"
     "$@" >"$log" 2>&1 || status=$?
-    local last
-    last=$(tail -n 1 "$log")
-    printf '   %s\n' "$last"
-    summaries+=("$label: $last")
+    # Its "<label> summary: ..." lines (one per fuzz target or TSan
+    # program), else its last line.
+    local result
+    result=$(sed -n "s/^$label summary: //p" "$log")
+    [[ -n $result ]] || result=$(tail -n 1 "$log" | sed "s/^$label: //")
+    printf '%s\n' "$result" | sed 's/^/   /'
+    summaries+=("$label: $(printf '%s\n' "$result" | sed '2,$s/^/  /')")
     if (( status != 0 )); then
         tail -n 30 "$log" | sed 's/^/   | /'
         failures+=("$label: exit status $status (see $log)")

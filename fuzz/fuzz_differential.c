@@ -22,6 +22,7 @@
  */
 #include "contract_model.h"
 #include "fuzz_input.h"
+#include "half_truncate.h"
 #include "polysample.h"
 #include "psm_contract.h"
 #include "psm_reference.h"
@@ -104,29 +105,6 @@ static float decode_logit(fuzz_input *input)
     if (kind < 253)
         return NAN;
     return INFINITY;
-}
-
-static uint16_t float_to_f16(float x)
-{
-    /* Round toward zero through the bits; exact values stay exact. The
-     * decoded float is what the library reads either way (it widens the
-     * stored half exactly), so no rounding rule matters here. */
-    uint32_t bits;
-    memcpy(&bits, &x, sizeof bits);
-    uint16_t sign = (uint16_t)((bits >> 16) & 0x8000u);
-    uint32_t magnitude = bits & 0x7fffffffu;
-    if (magnitude >= 0x7f800000u)
-        return (uint16_t)(sign | 0x7c00u | (magnitude > 0x7f800000u ? 0x200u : 0u));
-    int exponent = (int)(magnitude >> 23) - 127;
-    if (exponent > 15)
-        return (uint16_t)(sign | 0x7bffu);
-    if (exponent < -24)
-        return sign;
-    if (exponent < -14) {
-        uint32_t mantissa = (magnitude & 0x7fffffu) | 0x800000u;
-        return (uint16_t)(sign | (mantissa >> (-1 - exponent)));
-    }
-    return (uint16_t)(sign | (uint32_t)(exponent + 15) << 10 | (magnitude & 0x7fffffu) >> 13);
 }
 
 static float decode_temperature(fuzz_input *input)
@@ -229,7 +207,7 @@ static void decode_batch(fuzz_input *input, batch *b)
                 if (i < b->vocab)
                     b->widened[r][i] = psm_bf16_to_float(h);
             } else {
-                uint16_t h = float_to_f16(x);
+                uint16_t h = psm_test_truncate_to_f16(x);
                 ((uint16_t *)b->logits)[at] = h;
                 if (i < b->vocab)
                     b->widened[r][i] = psm_f16_to_float(h);

@@ -20,6 +20,7 @@
  */
 #define _POSIX_C_SOURCE 200809L
 
+#include "half_truncate.h"
 #include "polysample.h"
 
 #include <cuda_runtime_api.h>
@@ -117,24 +118,6 @@ static uint16_t to_bf16(float x)
     return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16); /* finite inputs */
 }
 
-static uint16_t to_f16(float x)
-{
-    /* Values here are within the half range and of modest precision: the
-     * truncated encoding is the value both backends read. */
-    uint32_t bits;
-    memcpy(&bits, &x, sizeof bits);
-    uint16_t sign = (uint16_t)((bits >> 16) & 0x8000u);
-    uint32_t magnitude = bits & 0x7fffffffu;
-    if (magnitude >= 0x7f800000u)
-        return (uint16_t)(sign | 0x7c00u | (magnitude > 0x7f800000u ? 0x200u : 0u));
-    int exponent = (int)(magnitude >> 23) - 127;
-    if (exponent < -14)
-        return sign;
-    if (exponent > 15)
-        return (uint16_t)(sign | 0x7bffu);
-    return (uint16_t)(sign | (uint32_t)(exponent + 15) << 10 | (magnitude & 0x7fffffu) >> 13);
-}
-
 static void make_job(job *j, int64_t max_vocab)
 {
     memset(j, 0, sizeof *j);
@@ -179,7 +162,7 @@ static void make_job(job *j, int64_t max_vocab)
             else if (j->dtype == PSM_DTYPE_BF16)
                 ((uint16_t *)j->logits)[at] = isnan(x) ? 0x7fc0u : isinf(x) ? (x > 0 ? 0x7f80u : 0xff80u) : to_bf16(x);
             else
-                ((uint16_t *)j->logits)[at] = to_f16(x);
+                ((uint16_t *)j->logits)[at] = psm_test_truncate_to_f16(x);
         }
     }
 

@@ -44,6 +44,26 @@ static psm_status finish_bad_row(psm_status status, const psm_request *request)
     return status;
 }
 
+/* A caller's workspace must hold what the backend says the call needs;
+ * checked before the backend sees the request, so that nothing is written. */
+static psm_status check_workspace(const psm_context *context, const psm_request *request,
+                                  int probs_mode)
+{
+    if (!request->params.workspace)
+        return PSM_OK;
+    size_t needed = 0;
+    psm_status status =
+        context->ops->workspace_size(context->state, request, probs_mode, &needed);
+    if (status != PSM_OK)
+        return status;
+    if (request->params.workspace_bytes < needed)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                             "workspace_bytes is %zu; this call needs %zu (psm_%s_workspace_size)",
+                             request->params.workspace_bytes, needed,
+                             probs_mode ? "probs" : "sample");
+    return PSM_OK;
+}
+
 psm_status psm_sample(psm_context *context, const psm_tensor *logits, const psm_params *params,
                       psm_output tokens, psm_output logprobs)
 {
@@ -52,7 +72,9 @@ psm_status psm_sample(psm_context *context, const psm_tensor *logits, const psm_
         return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "context is NULL");
     psm_request request;
     psm_status status = psm_validate_request(logits, params, &tokens, &logprobs, NULL,
-                                             per_row_arrays_on_host(context, logits), &request);
+                                             per_row_arrays_on_host(context, logits), 0, &request);
+    if (status == PSM_OK)
+        status = check_workspace(context, &request, 0);
     if (status != PSM_OK)
         return status;
     request.check_rows = context->check_rows;
@@ -69,11 +91,58 @@ psm_status psm_probs(psm_context *context, const psm_tensor *logits, const psm_p
         return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "probs is NULL");
     psm_request request;
     psm_status status = psm_validate_request(logits, params, NULL, NULL, probs,
-                                             per_row_arrays_on_host(context, logits), &request);
+                                             per_row_arrays_on_host(context, logits), 0, &request);
+    if (status == PSM_OK)
+        status = check_workspace(context, &request, 1);
     if (status != PSM_OK)
         return status;
     request.check_rows = context->check_rows;
     return finish_bad_row(context->ops->probs(context->state, &request), &request);
+}
+
+static psm_status workspace_size(psm_context *context, psm_request *request, int probs_mode,
+                                 size_t *bytes)
+{
+    size_t needed = 0;
+    psm_status status = context->ops->workspace_size(context->state, request, probs_mode, &needed);
+    if (status == PSM_OK)
+        *bytes = needed;
+    return status;
+}
+
+psm_status psm_sample_workspace_size(psm_context *context, const psm_tensor *logits,
+                                     const psm_params *params, psm_output tokens,
+                                     psm_output logprobs, size_t *bytes)
+{
+    psm_clear_error();
+    if (!context)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "context is NULL");
+    if (!bytes)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "bytes is NULL");
+    psm_request request;
+    psm_status status =
+        psm_validate_request(logits, params, &tokens, &logprobs, NULL, 0, 1, &request);
+    if (status != PSM_OK)
+        return status;
+    return workspace_size(context, &request, 0, bytes);
+}
+
+psm_status psm_probs_workspace_size(psm_context *context, const psm_tensor *logits,
+                                    const psm_params *params, const psm_tensor *probs,
+                                    size_t *bytes)
+{
+    psm_clear_error();
+    if (!context)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "context is NULL");
+    if (!probs)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "probs is NULL");
+    if (!bytes)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "bytes is NULL");
+    psm_request request;
+    psm_status status = psm_validate_request(logits, params, NULL, NULL, probs, 0, 1, &request);
+    if (status != PSM_OK)
+        return status;
+    return workspace_size(context, &request, 1, bytes);
 }
 
 psm_status psm_context_reserve(psm_context *context, int64_t rows, int64_t vocab,

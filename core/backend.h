@@ -6,9 +6,11 @@
  * (core/module.h). Core validates
  * every request before it reaches a backend, so a backend may assume:
  * non-NULL pointers, rows >= 1, 1 <= vocab <= INT32_MAX, row_stride >= vocab,
- * num_samples >= 1, valid scalar parameters, and host per-row arrays already
- * checked. Per-row arrays in device memory are not checked on the host: a
- * backend gives a row with an out-of-range value token -1 (psm_row_params_valid).
+ * num_samples >= 1, valid scalar parameters, host per-row arrays (and row
+ * indices) already checked, and a caller workspace, when given, at least as
+ * large as the backend's workspace_size said. Per-row arrays in device memory
+ * are not checked on the host: a backend gives a row whose psm_resolve_row
+ * says !valid token -1 and never reads its logits.
  *
  * Backends report failures through psm_set_error (core/error.h) and return
  * its status; they never print or abort.
@@ -17,16 +19,19 @@
 #define PSM_BACKEND_H
 
 #include "polysample.h"
+#include "psm_row.h"
 
 #include <stddef.h>
 #include <stdint.h>
 
-#define PSM_BACKEND_API_VERSION 1
+#define PSM_BACKEND_API_VERSION 2
 
 /* One validated call of psm_sample or psm_probs. */
 typedef struct psm_request {
     psm_tensor logits;          /* row_stride resolved (never 0) */
     psm_params params;          /* per-row pointers live in logits.memory */
+    int64_t rows;               /* output rows: params.output_rows with row_indices, else
+                                   logits.rows; per-row arrays have this many entries */
     psm_output tokens;          /* psm_sample: rows x num_samples int32 */
     psm_output logprobs;        /* psm_sample: optional (data may be NULL) */
     psm_tensor probs;           /* psm_probs: rows x vocab f32, row_stride resolved */
@@ -54,10 +59,64 @@ typedef struct psm_backend_ops {
     /* Grows the workspace so that calls up to this size allocate nothing. */
     psm_status (*reserve)(void *state, int64_t rows, int64_t vocab, int64_t num_samples);
 
+    /* The bytes of caller workspace the request needs (probs_mode: psm_probs);
+     * the request's data pointers may be NULL here. */
+    psm_status (*workspace_size)(void *state, const psm_request *request, int probs_mode,
+                                 size_t *bytes);
+
     psm_status (*sample)(void *state, psm_request *request);
     psm_status (*probs)(void *state, psm_request *request);
     psm_status (*synchronize)(void *state);
 } psm_backend_ops;
+
+/* ---- a request's rows, as psm_resolve_row (core/psm_row.h) reads them ---- */
+
+/* The PSM_PER_ROW_* bits of a call's parameters. */
+static inline psm_u32 psm_request_per_row(const psm_params *p)
+{
+    return (p->temperature_per_row ? PSM_PER_ROW_TEMPERATURE : 0u) |
+           (p->top_k_per_row ? PSM_PER_ROW_TOP_K : 0u) |
+           (p->top_p_per_row ? PSM_PER_ROW_TOP_P : 0u) |
+           (p->min_p_per_row ? PSM_PER_ROW_MIN_P : 0u) |
+           (p->seed_per_row ? PSM_PER_ROW_SEED : 0u) |
+           (p->offset_per_row ? PSM_PER_ROW_OFFSET : 0u) |
+           (p->subsequence_per_row ? PSM_PER_ROW_SUBSEQUENCE : 0u) |
+           (p->row_indices ? PSM_PER_ROW_LOGITS_ROW : 0u) |
+           (p->seed_pointer ? PSM_SEED_AT_POINTER : 0u) |
+           (p->offset_pointer ? PSM_OFFSET_AT_POINTER : 0u);
+}
+
+static inline psm_row_scalars psm_request_row_scalars(const psm_request *request)
+{
+    const psm_params *p = &request->params;
+    psm_row_scalars scalars;
+    scalars.seed = p->seed;
+    scalars.offset = p->offset;
+    scalars.logits_rows = request->logits.rows;
+    scalars.temperature = p->temperature;
+    scalars.top_k = p->top_k;
+    scalars.top_p = p->top_p;
+    scalars.min_p = p->min_p;
+    return scalars;
+}
+
+/* The per-row pointers as the caller gave them (a backend whose kernels read
+ * copies replaces them with the copies' addresses). */
+static inline psm_row_arrays psm_request_row_arrays(const psm_params *p)
+{
+    psm_row_arrays arrays;
+    arrays.temperature = p->temperature_per_row;
+    arrays.top_k = p->top_k_per_row;
+    arrays.top_p = p->top_p_per_row;
+    arrays.min_p = p->min_p_per_row;
+    arrays.seed = p->seed_per_row;
+    arrays.offset = p->offset_per_row;
+    arrays.subsequence = p->subsequence_per_row;
+    arrays.logits_row = p->row_indices;
+    arrays.seed_pointer = p->seed_pointer;
+    arrays.offset_pointer = p->offset_pointer;
+    return arrays;
+}
 
 /* The registry (core/registry.c). A GPU backend is a module loaded on first
  * use: psm_registry_load gives NULL when it was not built or cannot be

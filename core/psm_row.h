@@ -21,18 +21,27 @@
 /* ---- a row's parameters ------------------------------------------------- */
 
 /* Which per-row arrays a request has, a bit each: the same values on the
- * host and on every device. */
+ * host and on every device. The last two are single values in memory (the
+ * scalar seed or offset given by pointer), read with the arrays because
+ * they are read when the kernels run, like them. */
 #define PSM_PER_ROW_TEMPERATURE 1u
 #define PSM_PER_ROW_TOP_K 2u
 #define PSM_PER_ROW_TOP_P 4u
 #define PSM_PER_ROW_MIN_P 8u
 #define PSM_PER_ROW_SEED 16u
+#define PSM_PER_ROW_OFFSET 32u
+#define PSM_PER_ROW_SUBSEQUENCE 64u
+#define PSM_PER_ROW_LOGITS_ROW 128u /* psm_params.row_indices */
+#define PSM_SEED_AT_POINTER 256u
+#define PSM_OFFSET_AT_POINTER 512u
 
 /* The request's scalar parameters: what a row without per-row arrays uses.
  * Fixed-size members, largest first, so that the OpenCL host and kernels
  * lay it out alike inside their request struct. */
 typedef struct psm_row_scalars {
     psm_u64 seed;
+    psm_u64 offset;
+    psm_i64 logits_rows; /* rows of the logits: row_indices must lie below */
     float temperature;
     psm_i32 top_k;
     float top_p;
@@ -40,13 +49,18 @@ typedef struct psm_row_scalars {
 } psm_row_scalars;
 
 /* The per-row arrays (in the memory the backend's kernels read); an array
- * whose PSM_PER_ROW_* bit is clear is never read and may be NULL. */
+ * whose bit is clear is never read and may be NULL. */
 typedef struct psm_row_arrays {
     PSM_GLOBAL const float *temperature;
     PSM_GLOBAL const psm_i32 *top_k;
     PSM_GLOBAL const float *top_p;
     PSM_GLOBAL const float *min_p;
     PSM_GLOBAL const psm_u64 *seed;
+    PSM_GLOBAL const psm_u64 *offset;
+    PSM_GLOBAL const psm_u32 *subsequence;
+    PSM_GLOBAL const psm_i64 *logits_row;
+    PSM_GLOBAL const psm_u64 *seed_pointer;   /* one value */
+    PSM_GLOBAL const psm_u64 *offset_pointer; /* one value */
 } psm_row_arrays;
 
 /* One row's parameters, resolved. */
@@ -56,13 +70,17 @@ typedef struct psm_row_params {
     float top_p;
     float min_p;
     psm_u64 seed;
-    psm_u32 stream; /* Philox stream: the row with one seed, 0 with per-row seeds */
-    int valid;      /* psm_row_params_valid: out-of-range values give the row token -1 */
+    psm_u64 offset;
+    psm_i64 logits_row; /* the logits row this output row samples */
+    psm_u32 stream;     /* Philox stream (docs/SAMPLING.md, the draw) */
+    int valid; /* parameters in range (psm_row_params_valid) and logits_row inside the
+                  logits: otherwise the row gets token -1 and its logits are not read */
 } psm_row_params;
 
-/* Row `row`'s parameters: per_row (PSM_PER_ROW_* bits) says which come from
- * the arrays. With per-row seeds the stream is 0, so that a request's tokens
- * do not depend on its place in the batch (docs/SAMPLING.md, the draw). */
+/* Output row `row`'s parameters: per_row (the bits above) says which come
+ * from memory. The stream is the row's subsequence when given, else 0 with
+ * per-row seeds, so that a request's tokens do not depend on its place in
+ * the batch, else the row index. */
 PSM_FN psm_row_params psm_resolve_row(psm_i64 row, psm_u32 per_row, psm_row_scalars scalars,
                                       psm_row_arrays arrays)
 {
@@ -72,9 +90,18 @@ PSM_FN psm_row_params psm_resolve_row(psm_i64 row, psm_u32 per_row, psm_row_scal
     p.top_k = (per_row & PSM_PER_ROW_TOP_K) ? arrays.top_k[row] : scalars.top_k;
     p.top_p = (per_row & PSM_PER_ROW_TOP_P) ? arrays.top_p[row] : scalars.top_p;
     p.min_p = (per_row & PSM_PER_ROW_MIN_P) ? arrays.min_p[row] : scalars.min_p;
-    p.seed = (per_row & PSM_PER_ROW_SEED) ? arrays.seed[row] : scalars.seed;
-    p.stream = (per_row & PSM_PER_ROW_SEED) ? 0u : (psm_u32)row;
-    p.valid = psm_row_params_valid(p.temperature, p.top_k, p.top_p, p.min_p);
+    p.seed = (per_row & PSM_PER_ROW_SEED)      ? arrays.seed[row]
+             : (per_row & PSM_SEED_AT_POINTER) ? arrays.seed_pointer[0]
+                                               : scalars.seed;
+    p.offset = (per_row & PSM_PER_ROW_OFFSET)      ? arrays.offset[row]
+               : (per_row & PSM_OFFSET_AT_POINTER) ? arrays.offset_pointer[0]
+                                                   : scalars.offset;
+    p.stream = (per_row & PSM_PER_ROW_SUBSEQUENCE) ? arrays.subsequence[row]
+               : (per_row & PSM_PER_ROW_SEED)      ? 0u
+                                                   : (psm_u32)row;
+    p.logits_row = (per_row & PSM_PER_ROW_LOGITS_ROW) ? arrays.logits_row[row] : row;
+    p.valid = psm_row_params_valid(p.temperature, p.top_k, p.top_p, p.min_p) &&
+              p.logits_row >= 0 && p.logits_row < scalars.logits_rows;
     return p;
 }
 

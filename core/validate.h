@@ -7,10 +7,13 @@
 /* Fills *request from the public arguments, or fails with a status and a
  * message naming the argument. probs is NULL for psm_sample, and tokens and
  * logprobs are ignored for psm_probs. host_side_arrays: the per-row arrays
- * can be read here (host memory, or a backend whose device memory is host). */
+ * can be read here (host memory, or a backend whose device memory is host).
+ * size_query: for the workspace-size queries, which take the call's
+ * arguments before their data exists: data pointers may be NULL and host
+ * per-row values are not read. */
 psm_status psm_validate_request(const psm_tensor *logits, const psm_params *params,
                                 const psm_output *tokens, const psm_output *logprobs,
                                 const psm_tensor *probs, int host_side_arrays,
-                                psm_request *request);
+                                int size_query, psm_request *request);
 
 #endif /* PSM_VALIDATE_H */

@@ -124,10 +124,17 @@ typedef struct psm_tensor {
     int64_t row_stride;   /* in elements; >= vocab; 0 means vocab */
 } psm_tensor;
 
-/* A per-row parameter array: NULL means "use the scalar". It lives in the
- * same memory as the logits. Host arrays are validated on the host; values
- * out of range in a device array give that row token -1 (or PSM_ERR_BAD_ROW
- * in checking mode), since reading them on the host would need a sync. */
+/* A call's parameters. Rows here are the rows of the outputs: logits row i,
+ * or logits row row_indices[i] when row_indices is given.
+ *
+ * A per-row parameter array (the *_per_row members, row_indices, and the
+ * seed and offset pointers) is optional, NULL meaning "use the scalar", and
+ * lives in the same memory as the logits: with device logits it is a device
+ * pointer (an OpenCL cl_mem passed as the pointer) that the kernels read when
+ * they run, so a captured CUDA graph reads its current contents at every
+ * replay. Host arrays are validated on the host; values out of range in a
+ * device array give that row token -1 (or PSM_ERR_BAD_ROW in checking mode),
+ * since reading them on the host would need a sync. */
 typedef struct psm_params {
     float temperature;    /* < 1e-5 (including 0) is greedy: argmax, lowest index on ties */
     int32_t top_k;        /* 0 = off; k >= vocab means off */
@@ -142,6 +149,31 @@ typedef struct psm_params {
     const float *min_p_per_row;
     const uint64_t *seed_per_row;  /* one request, one seed: a row's tokens then do
                                       not depend on its position in the batch */
+
+    /* Request state (docs/SAMPLING.md, the draw). */
+    const uint64_t *offset_per_row;      /* each row's offset, e.g. its sequence position */
+    const uint32_t *subsequence_per_row; /* Philox stream of each row, so that rows with the
+                                            same seed and offset (n completions of one
+                                            request) draw independently; default: the row
+                                            index with one seed, 0 with per-row seeds */
+    const uint64_t *seed_pointer;        /* the scalar seed, read when the call runs */
+    const uint64_t *offset_pointer;      /* the scalar offset, read when the call runs */
+
+    /* Row gather: output row i samples logits row row_indices[i]
+     * (0 <= row_indices[i] < logits->rows), so that sequences sharing a row
+     * of logits need no copies. output_rows is the number of entries (>= 1);
+     * both 0/NULL: output row i samples logits row i. */
+    const int64_t *row_indices;
+    int64_t output_rows;
+
+    /* Caller-owned workspace (optional): memory of the context's backend (a
+     * CUDA or HIP device pointer, an OpenCL cl_mem passed as the pointer,
+     * host memory on the CPU backend), any alignment, at least the bytes
+     * psm_sample_workspace_size or psm_probs_workspace_size gives for the
+     * call. With it the call allocates nothing; the memory must not be in use
+     * by other work while the call runs on the context's stream. */
+    void *workspace;
+    size_t workspace_bytes;
 } psm_params;
 
 /* Plain sampling at temperature 1, one sample, seed 0, every filter off. */
@@ -153,7 +185,8 @@ typedef struct psm_output {
     psm_memory memory;
 } psm_output;
 
-/* Draws num_samples tokens per row. tokens: rows x num_samples int32.
+/* Draws num_samples tokens per row. tokens: rows x num_samples int32 (rows:
+ * output_rows with row_indices, else logits->rows).
  * logprobs (optional, data may be NULL): the natural log of each drawn token's
  * probability under the final (filtered, renormalised) distribution.
  * A row with a NaN or +inf logit, or no finite logit, gets token -1 and
@@ -164,9 +197,22 @@ PSM_API psm_status psm_sample(psm_context *context, const psm_tensor *logits,
                               psm_output logprobs);
 
 /* The final distribution psm_sample draws from: probs is rows x vocab f32
- * (row_stride as given, dtype must be F32). A bad row is all NaN. */
+ * (rows: output_rows with row_indices, else logits->rows; row_stride as
+ * given, dtype must be F32). A bad row is all NaN. */
 PSM_API psm_status psm_probs(psm_context *context, const psm_tensor *logits,
                              const psm_params *params, const psm_tensor *probs);
+
+/* The bytes of caller workspace (psm_params.workspace) that psm_sample or
+ * psm_probs needs for these arguments on this context: the same arguments as
+ * the call, whose data pointers may still be NULL here (the shapes, memory
+ * kinds, scalars and per-row pointers' presence decide the size; host
+ * per-row values are not read). 0 is a valid answer. */
+PSM_API psm_status psm_sample_workspace_size(psm_context *context, const psm_tensor *logits,
+                                             const psm_params *params, psm_output tokens,
+                                             psm_output logprobs, size_t *bytes);
+PSM_API psm_status psm_probs_workspace_size(psm_context *context, const psm_tensor *logits,
+                                            const psm_params *params, const psm_tensor *probs,
+                                            size_t *bytes);
 
 /* Waits until the context's queued work is done. */
 PSM_API psm_status psm_synchronize(psm_context *context);

@@ -130,8 +130,21 @@ typedef struct cpu_ranked {
 /* One thread's workspace. The tile arrays hold one row's per-tile results;
  * the fixed buffers are sized by the contract (PSM_TILE) or by the limits
  * above, never by the request. */
+/* The tile arrays of one thread, sized by the vocab: the context's own
+ * (grown on demand) or carved from a caller's workspace for one call. */
+typedef struct cpu_tile_arrays {
+    uint64_t *tile_sum;
+    uint64_t *tile_prefix;
+    float *tile_max;
+    int32_t *tile_valid;
+    uint8_t *tile_bad;
+    uint8_t *tile_raw;
+} cpu_tile_arrays;
+
 typedef struct cpu_scratch {
-    int64_t tile_capacity;
+    cpu_tile_arrays owned;  /* the context's, for owned_tiles tiles */
+    int64_t owned_tiles;
+    /* The arrays of the running call (owned, or in the caller's workspace). */
     float *tile_max;        /* plain: largest valid logit; filtered: first valid, then kept */
     int32_t *tile_valid;    /* valid logits in the tile */
     uint8_t *tile_bad;      /* a NaN or +inf in the tile */
@@ -1445,26 +1458,18 @@ static void kept_masses_from_heap(const cpu_row *row, cpu_scratch *owner, int64_
 
 /* ---- rows ------------------------------------------------------------------ */
 
-/* Row r's parameters (psm_resolve_row over the caller's host arrays). */
-static psm_row_params resolve_params(const psm_params *params, int64_t r)
+/* Output row r's parameters (psm_resolve_row over the caller's host arrays). */
+static psm_row_params resolve_params(const psm_request *request, int64_t r)
 {
-    psm_row_scalars scalars = {params->seed, params->temperature, params->top_k, params->top_p,
-                               params->min_p};
-    psm_row_arrays arrays = {params->temperature_per_row, params->top_k_per_row,
-                             params->top_p_per_row, params->min_p_per_row,
-                             params->seed_per_row};
-    uint32_t per_row = (params->temperature_per_row ? PSM_PER_ROW_TEMPERATURE : 0u) |
-                       (params->top_k_per_row ? PSM_PER_ROW_TOP_K : 0u) |
-                       (params->top_p_per_row ? PSM_PER_ROW_TOP_P : 0u) |
-                       (params->min_p_per_row ? PSM_PER_ROW_MIN_P : 0u) |
-                       (params->seed_per_row ? PSM_PER_ROW_SEED : 0u);
-    return psm_resolve_row(r, per_row, scalars, arrays);
+    return psm_resolve_row(r, psm_request_per_row(&request->params),
+                           psm_request_row_scalars(request),
+                           psm_request_row_arrays(&request->params));
 }
 
-static const unsigned char *row_data(const psm_tensor *logits, int64_t r)
+static const unsigned char *row_data(const psm_tensor *logits, int64_t logits_row)
 {
     return (const unsigned char *)logits->data +
-           (size_t)r * (size_t)logits->row_stride * dtype_size(logits->dtype);
+           (size_t)logits_row * (size_t)logits->row_stride * dtype_size(logits->dtype);
 }
 
 static void init_row(cpu_row *row, const psm_tensor *logits, int64_t r)
@@ -1489,11 +1494,11 @@ static void init_row(cpu_row *row, const psm_tensor *logits, int64_t r)
 static int row_check_fails(const cpu_state *state, const psm_request *request, int64_t r,
                            cpu_scratch *owner, int parallel)
 {
-    psm_row_params params = resolve_params(&request->params, r);
+    psm_row_params params = resolve_params(request, r);
     if (!params.valid)
         return 1;
     cpu_row row;
-    init_row(&row, &request->logits, r);
+    init_row(&row, &request->logits, params.logits_row);
     cpu_pass_args args = {.pass = PASS_SUMMARY, .row = &row, .owner = owner};
     run_pass(state, &args, parallel);
     int64_t valid;
@@ -1581,7 +1586,7 @@ static void draw_row(const psm_request *request, const cpu_row *row, cpu_scratch
         owner->cached_tile[slot] = -1;
     for (int64_t j = 0; j < samples; ++j) {
         psm_draw_bits bits =
-            psm_sample_bits(params->seed, request->params.offset, params->stream, (uint32_t)j);
+            psm_sample_bits(params->seed, params->offset, params->stream, (uint32_t)j);
         int64_t tile =
             psm_first_above(owner->tile_prefix, (int32_t)row->tiles, psm_pick(bits.tile, total));
         uint64_t mass = owner->tile_prefix[tile] - (tile > 0 ? owner->tile_prefix[tile - 1] : 0);
@@ -1602,15 +1607,18 @@ static void draw_row(const psm_request *request, const cpu_row *row, cpu_scratch
 static void process_row(const cpu_state *state, const psm_request *request, int64_t r,
                         cpu_scratch *owner, int parallel, int want_probs, int64_t next_row)
 {
-    psm_row_params params = resolve_params(&request->params, r);
+    psm_row_params params = resolve_params(request, r);
     if (!params.valid) {
         write_bad_row(request, r, want_probs);
         return;
     }
     cpu_row row;
-    init_row(&row, &request->logits, r);
-    if (next_row >= 0)
-        row.next_data = row_data(&request->logits, next_row);
+    init_row(&row, &request->logits, params.logits_row);
+    if (next_row >= 0) {
+        psm_row_params next = resolve_params(request, next_row);
+        if (next.valid)
+            row.next_data = row_data(&request->logits, next.logits_row);
+    }
     int greedy = psm_is_greedy(params.temperature);
     int top_k_on = params.top_k > 0 && params.top_k < row.vocab;
     int plain = !greedy && !top_k_on && !(params.top_p < 1.0f) && !(params.min_p > 0.0f);
@@ -1656,59 +1664,124 @@ static void process_row(const cpu_state *state, const psm_request *request, int6
 
 /* ---- scratch --------------------------------------------------------------- */
 
+static void free_tile_arrays(cpu_tile_arrays *arrays)
+{
+    psm_free(arrays->tile_sum);
+    psm_free(arrays->tile_prefix);
+    psm_free(arrays->tile_max);
+    psm_free(arrays->tile_valid);
+    psm_free(arrays->tile_bad);
+    psm_free(arrays->tile_raw);
+    memset(arrays, 0, sizeof *arrays);
+}
+
 static void free_scratch(cpu_scratch *scratch)
 {
     if (!scratch)
         return;
-    psm_free(scratch->tile_max);
-    psm_free(scratch->tile_valid);
-    psm_free(scratch->tile_bad);
-    psm_free(scratch->tile_raw);
-    psm_free(scratch->tile_sum);
-    psm_free(scratch->tile_prefix);
+    free_tile_arrays(&scratch->owned);
     psm_free(scratch);
 }
 
-/* Grows every thread's tile arrays to hold a row of `vocab` tokens. */
+static void use_tile_arrays(cpu_scratch *scratch, const cpu_tile_arrays *arrays)
+{
+    scratch->tile_sum = arrays->tile_sum;
+    scratch->tile_prefix = arrays->tile_prefix;
+    scratch->tile_max = arrays->tile_max;
+    scratch->tile_valid = arrays->tile_valid;
+    scratch->tile_bad = arrays->tile_bad;
+    scratch->tile_raw = arrays->tile_raw;
+}
+
+/* Grows every thread's own tile arrays to hold a row of `vocab` tokens. */
 static psm_status ensure_capacity(cpu_state *state, int64_t vocab)
 {
     int64_t tiles = (vocab + PSM_TILE - 1) / PSM_TILE;
     for (int t = 0; t < state->threads; ++t) {
         cpu_scratch *scratch = state->scratch[t];
-        if (scratch->tile_capacity >= tiles)
+        if (scratch->owned_tiles >= tiles)
             continue;
         size_t count = (size_t)tiles;
-        float *tile_max = psm_alloc(count * sizeof *tile_max);
-        int32_t *tile_valid = psm_alloc(count * sizeof *tile_valid);
-        uint8_t *tile_bad = psm_alloc(count * sizeof *tile_bad);
-        uint8_t *tile_raw = psm_alloc(count * sizeof *tile_raw);
-        uint64_t *tile_sum = psm_alloc(count * sizeof *tile_sum);
-        uint64_t *tile_prefix = psm_alloc(count * sizeof *tile_prefix);
-        if (!tile_max || !tile_valid || !tile_bad || !tile_raw || !tile_sum || !tile_prefix) {
-            psm_free(tile_max);
-            psm_free(tile_valid);
-            psm_free(tile_bad);
-            psm_free(tile_raw);
-            psm_free(tile_sum);
-            psm_free(tile_prefix);
+        cpu_tile_arrays grown = {
+            .tile_sum = psm_alloc(count * sizeof(uint64_t)),
+            .tile_prefix = psm_alloc(count * sizeof(uint64_t)),
+            .tile_max = psm_alloc(count * sizeof(float)),
+            .tile_valid = psm_alloc(count * sizeof(int32_t)),
+            .tile_bad = psm_alloc(count * sizeof(uint8_t)),
+            .tile_raw = psm_alloc(count * sizeof(uint8_t)),
+        };
+        if (!grown.tile_sum || !grown.tile_prefix || !grown.tile_max || !grown.tile_valid ||
+            !grown.tile_bad || !grown.tile_raw) {
+            free_tile_arrays(&grown);
             return psm_set_error(PSM_ERR_OUT_OF_MEMORY,
                                  "cpu backend: cannot allocate tile workspace for vocab %lld",
                                  (long long)vocab);
         }
-        psm_free(scratch->tile_max);
-        psm_free(scratch->tile_valid);
-        psm_free(scratch->tile_bad);
-        psm_free(scratch->tile_raw);
-        psm_free(scratch->tile_sum);
-        psm_free(scratch->tile_prefix);
-        scratch->tile_max = tile_max;
-        scratch->tile_valid = tile_valid;
-        scratch->tile_bad = tile_bad;
-        scratch->tile_raw = tile_raw;
-        scratch->tile_sum = tile_sum;
-        scratch->tile_prefix = tile_prefix;
-        scratch->tile_capacity = tiles;
+        free_tile_arrays(&scratch->owned);
+        scratch->owned = grown;
+        scratch->owned_tiles = tiles;
     }
+    return PSM_OK;
+}
+
+/* A caller's workspace holds every thread's tile arrays, each array starting
+ * on a cache line (so that threads never share one), after up to 63 bytes
+ * that align the first. */
+#define CPU_LINE 64
+
+static size_t line_round(size_t bytes)
+{
+    return (bytes + CPU_LINE - 1) / CPU_LINE * CPU_LINE;
+}
+
+static size_t thread_workspace_bytes(int64_t vocab)
+{
+    size_t tiles = (size_t)((vocab + PSM_TILE - 1) / PSM_TILE);
+    return 2 * line_round(tiles * sizeof(uint64_t)) + line_round(tiles * sizeof(float)) +
+           line_round(tiles * sizeof(int32_t)) + 2 * line_round(tiles * sizeof(uint8_t));
+}
+
+static size_t workspace_bytes(const cpu_state *state, int64_t vocab)
+{
+    return (CPU_LINE - 1) + (size_t)state->threads * thread_workspace_bytes(vocab);
+}
+
+static void carve_workspace(cpu_state *state, void *workspace, int64_t vocab)
+{
+    size_t tiles = (size_t)((vocab + PSM_TILE - 1) / PSM_TILE);
+    unsigned char *next =
+        (unsigned char *)(((uintptr_t)workspace + CPU_LINE - 1) / CPU_LINE * CPU_LINE);
+    for (int t = 0; t < state->threads; ++t) {
+        cpu_tile_arrays arrays;
+        arrays.tile_sum = (uint64_t *)next;
+        next += line_round(tiles * sizeof(uint64_t));
+        arrays.tile_prefix = (uint64_t *)next;
+        next += line_round(tiles * sizeof(uint64_t));
+        arrays.tile_max = (float *)next;
+        next += line_round(tiles * sizeof(float));
+        arrays.tile_valid = (int32_t *)next;
+        next += line_round(tiles * sizeof(int32_t));
+        arrays.tile_bad = next;
+        next += line_round(tiles * sizeof(uint8_t));
+        arrays.tile_raw = next;
+        next += line_round(tiles * sizeof(uint8_t));
+        use_tile_arrays(state->scratch[t], &arrays);
+    }
+}
+
+/* The running call's tile arrays: the caller's workspace (which core checked
+ * is large enough), or the context's own, grown if needed. */
+static psm_status prepare_tile_arrays(cpu_state *state, const psm_request *request)
+{
+    if (request->params.workspace) {
+        carve_workspace(state, request->params.workspace, request->logits.vocab);
+        return PSM_OK;
+    }
+    psm_status status = ensure_capacity(state, request->logits.vocab);
+    if (status != PSM_OK)
+        return status;
+    for (int t = 0; t < state->threads; ++t)
+        use_tile_arrays(state->scratch[t], &state->scratch[t]->owned);
     return PSM_OK;
 }
 
@@ -1786,7 +1859,7 @@ static psm_status cpu_reserve(void *opaque, int64_t rows, int64_t vocab, int64_t
 /* Checking mode: finds the first bad row without writing anything. */
 static psm_status check_rows(const cpu_state *state, psm_request *request)
 {
-    int64_t rows = request->logits.rows;
+    int64_t rows = request->rows;
     int64_t first_bad = rows;
     if (rows >= state->threads) {
 #pragma omp parallel for num_threads(state->threads) schedule(dynamic, 8) reduction(min : first_bad)
@@ -1802,17 +1875,18 @@ static psm_status check_rows(const cpu_state *state, psm_request *request)
     if (first_bad == rows)
         return PSM_OK;
     request->first_bad_row = first_bad;
-    psm_row_params params = resolve_params(&request->params, first_bad);
+    psm_row_params params = resolve_params(request, first_bad);
     return psm_set_error(PSM_ERR_BAD_ROW,
                          params.valid ? "row %lld has a NaN or +inf logit, or no finite logit"
-                                      : "row %lld has a sampling parameter out of range",
+                                      : "row %lld has a sampling parameter or row index out "
+                                        "of range",
                          (long long)first_bad);
 }
 
 static psm_status cpu_run(void *opaque, psm_request *request, int want_probs)
 {
     cpu_state *state = opaque;
-    psm_status status = ensure_capacity(state, request->logits.vocab);
+    psm_status status = prepare_tile_arrays(state, request);
     if (status != PSM_OK)
         return status;
     if (request->check_rows) {
@@ -1820,7 +1894,7 @@ static psm_status cpu_run(void *opaque, psm_request *request, int want_probs)
         if (status != PSM_OK)
             return status;
     }
-    int64_t rows = request->logits.rows;
+    int64_t rows = request->rows;
     if (rows >= state->threads) {
         /* Threads take runs of consecutive rows, so that each knows its next
          * row and a filtered row can prefetch it; runs are short enough to
@@ -1839,6 +1913,14 @@ static psm_status cpu_run(void *opaque, psm_request *request, int want_probs)
         for (int64_t r = 0; r < rows; ++r)
             process_row(state, request, r, state->scratch[0], 1, want_probs, -1);
     }
+    return PSM_OK;
+}
+
+static psm_status cpu_workspace_size(void *opaque, const psm_request *request, int probs_mode,
+                                     size_t *bytes)
+{
+    (void)probs_mode; /* both write their outputs directly */
+    *bytes = workspace_bytes(opaque, request->logits.vocab);
     return PSM_OK;
 }
 
@@ -1865,6 +1947,7 @@ const psm_backend_ops psm_cpu_ops = {
     .create = cpu_create,
     .destroy = cpu_destroy,
     .reserve = cpu_reserve,
+    .workspace_size = cpu_workspace_size,
     .sample = cpu_sample,
     .probs = cpu_probs,
     .synchronize = cpu_synchronize,

@@ -1,7 +1,7 @@
 /*
  * test_cpu_weight.c: checks backends/cpu/cpu_weight.h (the CPU backend's
  * vectorised weight and gap) against core/psm_contract.h, compiled as
- * cpu_backend.c compiles them (the same pragma, the same target clones, an
+ * the CPU backend compiles them (the same pragma, the same target clones, an
  * omp simd loop). Registered with ctest in its quick form; after any change
  * to cpu_weight.h or to the CPU backend's flags, run it exhaustively:
  *
@@ -18,7 +18,7 @@
  * Exits 0 when every value agrees.
  */
 #if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math") /* as in cpu_backend.c */
+#pragma GCC optimize("no-trapping-math") /* as in backends/cpu/cpu_backend.h */
 #endif
 #include "cpu_weight.h"
 #include "psm_contract.h"

@@ -1,0 +1,394 @@
+/* cpu_select.c: the filters, top-k, top-p and min-p, and how a filtered row's
+ * kept tile masses are made (cpu_backend.h describes the backend). */
+#include "cpu_backend.h"
+
+/* ---- filters --------------------------------------------------------------- */
+
+static void heap_sift_down(uint64_t *heap, int64_t size, int64_t at)
+{
+    for (;;) {
+        int64_t smallest = at, left = 2 * at + 1, right = left + 1;
+        if (left < size && heap[left] < heap[smallest])
+            smallest = left;
+        if (right < size && heap[right] < heap[smallest])
+            smallest = right;
+        if (smallest == at)
+            return;
+        uint64_t held = heap[at];
+        heap[at] = heap[smallest];
+        heap[smallest] = held;
+        at = smallest;
+    }
+}
+
+static int compare_keys_descending(const void *a, const void *b)
+{
+    uint64_t ka = *(const uint64_t *)a, kb = *(const uint64_t *)b;
+    return ka < kb ? 1 : (ka > kb ? -1 : 0);
+}
+
+static int compare_ranked_descending(const void *a, const void *b)
+{
+    return compare_keys_descending(&((const cpu_ranked *)a)->key, &((const cpu_ranked *)b)->key);
+}
+
+/* The k largest rank keys among valid tokens (k <= CPU_HEAP_LIMIT, k smaller
+ * than the valid count), left in owner->heap sorted descending. */
+static void top_k_heap(const cpu_row *row, cpu_scratch *owner, int64_t k)
+{
+    uint64_t *heap = owner->heap;
+    int64_t size = 0;
+    for (int64_t tile = 0; tile < row->tiles; ++tile) {
+        if (owner->tile_valid[tile] == 0)
+            continue;
+        if (size == k && tile_key_bound(row, owner, tile) <= heap[0])
+            continue;
+        int n;
+        uint32_t start = (uint32_t)(tile * PSM_TILE);
+        const float *logits = cpu_read_tile(row, owner, tile, owner->logits, &n);
+        prefetch_share(next_row_tile(row, tile, PREFETCH_IN_HEAP), 0, n, n);
+        int i = 0;
+        /* Until the heap is full, every valid token goes in. */
+        for (; i < n && size < k; ++i) {
+            if (psm_logit_class(logits[i]) != PSM_LOGIT_VALID)
+                continue;
+            int64_t at = size++;
+            heap[at] = psm_rank_key(logits[i], start + (uint32_t)i);
+            while (at > 0 && heap[(at - 1) / 2] > heap[at]) {
+                uint64_t held = heap[at];
+                heap[at] = heap[(at - 1) / 2];
+                heap[(at - 1) / 2] = held;
+                at = (at - 1) / 2;
+            }
+        }
+        if (i == n)
+            continue;
+        /* Then only the logits at or above the heap's least one can have a
+         * larger key: they are selected (cpu_compact.h), and each is tested
+         * against the heap's least key as it is when its turn comes. */
+        int count = psm_cpu_select_at_least(logits + i, NULL, n - i, psm_rank_key_logit(heap[0]),
+                                            owner->compact, NULL, owner->compact_index);
+        for (int j = 0; j < count; ++j) {
+            uint64_t key =
+                psm_rank_key(owner->compact[j], start + (uint32_t)(i + owner->compact_index[j]));
+            if (key > heap[0]) {
+                heap[0] = key;
+                heap_sift_down(heap, size, 0);
+            }
+        }
+    }
+    qsort(heap, (size_t)size, sizeof *heap, compare_keys_descending);
+}
+
+/* Highest digit whose bucket holds the token at which the running measure
+ * (from *above, in rank order) reaches target; *above gains the measure of
+ * the buckets above it. */
+static int64_t radix_digit(const cpu_scratch *owner, int digit_bits, uint64_t *above,
+                           uint64_t target)
+{
+    int64_t digit = ((int64_t)1 << digit_bits) - 1;
+    for (; digit > 0; --digit) {
+        if (owner->radix_count[digit] != 0 && *above + owner->radix_measure[digit] >= target)
+            break;
+        *above += owner->radix_measure[digit];
+    }
+    return digit;
+}
+
+/* The end of radix_cutoff once the tokens left (all sharing the first
+ * `consumed` key bits) are gathered: further rounds over the array itself,
+ * which is small, until few enough are left to sort. */
+static uint64_t gathered_cutoff(cpu_scratch *owner, int64_t count, int consumed, uint64_t above,
+                                uint64_t target, uint64_t fallback)
+{
+    cpu_ranked *items = owner->gathered;
+    while (count > CPU_SORT_LIMIT && consumed < 64) {
+        int digit_bits = 64 - consumed < CPU_RADIX_BITS ? 64 - consumed : CPU_RADIX_BITS;
+        int shift = 64 - consumed - digit_bits;
+        uint64_t mask = ((uint64_t)1 << digit_bits) - 1;
+        memset(owner->radix_count, 0, sizeof owner->radix_count);
+        memset(owner->radix_measure, 0, sizeof owner->radix_measure);
+        for (int64_t i = 0; i < count; ++i) {
+            uint64_t digit = (items[i].key >> shift) & mask;
+            owner->radix_count[digit] += 1;
+            owner->radix_measure[digit] += items[i].measure;
+        }
+        uint64_t digit = (uint64_t)radix_digit(owner, digit_bits, &above, target);
+        int64_t kept = 0;
+        for (int64_t i = 0; i < count; ++i)
+            if (((items[i].key >> shift) & mask) == digit)
+                items[kept++] = items[i];
+        count = kept;
+        consumed += digit_bits;
+    }
+    qsort(items, (size_t)count, sizeof items[0], compare_ranked_descending);
+    for (int64_t i = 0; i < count; ++i) {
+        above += items[i].measure;
+        if (above >= target)
+            return items[i].key;
+    }
+    /* Unreachable when the caller's guarantee holds. */
+    return count > 0 ? items[count - 1].key : fallback;
+}
+
+/* Walks the valid tokens with lower <= key < upper in rank order, adding up
+ * a measure (1 per token, or g_i) to `above` (the measure of the tokens
+ * ranked before them), and returns the key of the token at which the sum
+ * first reaches target (the first token when target is 0). The caller
+ * guarantees that the sum reaches target within those tokens.
+ * Radix select: each round histograms the next 11 bits of the keys that
+ * share the prefix found so far; once the bucket holding the answer is
+ * small enough it is gathered and sorted. Keys are unique (they hold the
+ * token index), so the buckets always shrink. */
+static uint64_t radix_cutoff(const cpu_row *row, cpu_scratch *owner, uint64_t lower,
+                             uint64_t upper, int by_mass, uint64_t above, uint64_t target)
+{
+    uint64_t prefix = 0;
+    int consumed = 0;
+    int gather = 0;
+    for (;;) {
+        int digit_bits = 64 - consumed < CPU_RADIX_BITS ? 64 - consumed : CPU_RADIX_BITS;
+        int shift = 64 - consumed - digit_bits;
+        uint64_t range_low = consumed ? prefix << (64 - consumed) : 0;
+        uint64_t floor_key = range_low > lower ? range_low : lower;
+        int64_t gathered = 0;
+        if (!gather) {
+            memset(owner->radix_count, 0, sizeof owner->radix_count);
+            memset(owner->radix_measure, 0, sizeof owner->radix_measure);
+        }
+        for (int64_t tile = 0; tile < row->tiles; ++tile) {
+            if (owner->tile_valid[tile] == 0 || tile_key_bound(row, owner, tile) < floor_key)
+                continue;
+            int n;
+            uint32_t start = (uint32_t)(tile * PSM_TILE);
+            const float *logits = cpu_read_tile(row, owner, tile, owner->logits, &n);
+            /* The first round measures every valid token: their g_i in one
+             * vector pass; later rounds measure few, one by one. */
+            int all_global = by_mass && consumed == 0;
+            if (all_global)
+                cpu_global_weights(row, logits, n, owner->weights);
+            for (int i = 0; i < n; ++i) {
+                float x = logits[i];
+                if (psm_logit_class(x) != PSM_LOGIT_VALID)
+                    continue;
+                uint64_t key = psm_rank_key(x, start + (uint32_t)i);
+                if (key < lower || key >= upper ||
+                    (consumed && (key >> (64 - consumed)) != prefix))
+                    continue;
+                uint64_t measure = !by_mass ? 1 : all_global ? owner->weights[i] : global_weight(row, x);
+                if (gather) {
+                    owner->gathered[gathered].key = key;
+                    owner->gathered[gathered].measure = measure;
+                    ++gathered;
+                } else {
+                    uint64_t digit = (key >> shift) & (((uint64_t)1 << digit_bits) - 1);
+                    owner->radix_count[digit] += 1;
+                    owner->radix_measure[digit] += measure;
+                }
+            }
+        }
+        if (gather)
+            return gathered_cutoff(owner, gathered, consumed, above, target, lower);
+        int64_t digit = radix_digit(owner, digit_bits, &above, target);
+        prefix = (prefix << digit_bits) | (uint64_t)digit;
+        consumed += digit_bits;
+        gather = owner->radix_count[digit] <= CPU_GATHER_LIMIT;
+    }
+}
+
+/* The smallest logit x (at least -FLT_MAX) whose unclamped gap to the row
+ * maximum is below limit (limit > 0, so the maximum itself qualifies). The
+ * gap is a non-increasing function of the logit, so the logits that qualify
+ * are those >= the answer, found by bisection on the ordered float bits. */
+static float lowest_logit_within(const cpu_row *row, float limit)
+{
+    uint32_t low = psm_ordered_bits(-FLT_MAX), high = psm_ordered_bits(row->row_max);
+    while (low < high) {
+        uint32_t middle = low + (high - low) / 2;
+        if (psm_unclamped_gap(row->row_max, psm_ordered_logit(middle), row->scale) < limit)
+            high = middle;
+        else
+            low = middle + 1;
+    }
+    return psm_ordered_logit(low);
+}
+
+/* The key of the token at which the measure of `items` (rank keys with their
+ * g_i), walked in rank order, first reaches need (>= 1, at most their sum):
+ * a max-heap on the keys, popped until the sum reaches it. A popped item
+ * goes to the end of the array (as in heapsort), so that the items stay. */
+static void ranked_sift_down(cpu_ranked *heap, int64_t size, int64_t at)
+{
+    for (;;) {
+        int64_t largest = at, left = 2 * at + 1, right = left + 1;
+        if (left < size && heap[left].key > heap[largest].key)
+            largest = left;
+        if (right < size && heap[right].key > heap[largest].key)
+            largest = right;
+        if (largest == at)
+            return;
+        cpu_ranked held = heap[at];
+        heap[at] = heap[largest];
+        heap[largest] = held;
+        at = largest;
+    }
+}
+
+static uint64_t ranked_select(cpu_ranked *items, int64_t count, uint64_t need)
+{
+    for (int64_t at = count / 2 - 1; at >= 0; --at)
+        ranked_sift_down(items, count, at);
+    uint64_t sum = 0;
+    while (count > 1) {
+        sum += items[0].measure;
+        if (sum >= need)
+            return items[0].key;
+        cpu_ranked held = items[0];
+        items[0] = items[--count];
+        items[count] = held;
+        ranked_sift_down(items, count, 0);
+    }
+    return items[0].key; /* the last one reaches need when the caller's guarantee holds */
+}
+
+/* top-p's cutoff among the candidates (valid tokens with key >= lower).
+ * One pass adds up the candidates' g-mass per gap bin (and so Z and the
+ * target); the cutoff lies in the first bin where the running mass, in bin
+ * order, reaches the target, since the bins follow the rank order. The pass
+ * scatters only the tokens of the bins up to CPU_BIN_MARGIN past the
+ * previous row's cutoff bin and sums the rest, and runs again over every bin
+ * when the cutoff lies beyond. A second pass gathers the tokens of the
+ * cutoff's bin, found by the range of logits that the bin covers, and the
+ * cutoff is resolved among them. With want_masses (no min-p) that pass also
+ * makes the kept tile masses (band_tile_masses), finished here, and
+ * *masses_done says so; a bin with more tokens than the gather buffer holds
+ * (many equal logits) is resolved by the radix select, restricted to the
+ * bin's keys, and leaves the masses to the kept pass. */
+static uint64_t top_p_filter(const cpu_state *state, const cpu_row *row, cpu_scratch *owner,
+                             int parallel, uint64_t lower, float top_p, int want_masses,
+                             int *masses_done)
+{
+    const int last_bin = CPU_GAP_BINS - 1;
+    int estimate = owner->last_cutoff_bin;
+    cpu_pass_args args = {.pass = PASS_BINS, .row = row, .owner = owner, .lower = lower};
+    args.bin_limit = estimate >= 0 && estimate < last_bin - CPU_BIN_MARGIN
+                         ? estimate + CPU_BIN_MARGIN
+                         : last_bin;
+    args.bin_edge = lowest_logit_within(row, (float)(args.bin_limit + 1) / CPU_BIN_SCALE);
+    uint64_t target, above;
+    int bin;
+    for (;;) {
+        cpu_run_pass(state, &args, parallel);
+        uint64_t mass = owner->bin_tail;
+        for (int b = 0; b <= args.bin_limit; ++b)
+            mass += owner->bin_mass[b];
+        target = psm_top_p_target(mass, top_p);
+        /* target >= 1 (the top token alone weighs 2^B), so the bin found has
+         * mass and tokens. */
+        above = 0;
+        bin = 0;
+        while (bin < args.bin_limit && above + owner->bin_mass[bin] < target)
+            above += owner->bin_mass[bin++];
+        if (args.bin_limit == last_bin || above + owner->bin_mass[bin] >= target)
+            break;
+        args.bin_limit = last_bin;
+    }
+    owner->last_cutoff_bin = bin;
+    /* Bins up to b hold the logits whose gap is below (b + 1) / CPU_BIN_SCALE
+     * (the product gap x CPU_BIN_SCALE is exact). */
+    args.pass = PASS_BAND;
+    args.band_low =
+        bin < last_bin ? lowest_logit_within(row, (float)(bin + 1) / CPU_BIN_SCALE) : -FLT_MAX;
+    args.band_high = bin > 0 ? lowest_logit_within(row, (float)bin / CPU_BIN_SCALE) : INFINITY;
+    args.band_masses = want_masses;
+    cpu_run_pass(state, &args, parallel);
+    *masses_done = 0;
+    if (owner->gather_overflow) {
+        uint64_t band_lower = (uint64_t)psm_ordered_bits(args.band_low) << 32;
+        return radix_cutoff(row, owner, band_lower > lower ? band_lower : lower,
+                            (uint64_t)psm_ordered_bits(args.band_high) << 32, 1, above, target);
+    }
+    uint64_t cutoff = ranked_select(owner->gathered, owner->gathered_count, target - above);
+    if (want_masses) {
+        for (int64_t i = 0; i < owner->gathered_count; ++i)
+            if (owner->gathered[i].key >= cutoff)
+                owner->tile_sum[owner->gathered[i].tile] += (uint64_t)owner->gathered[i].weight;
+        for (int64_t tile = 0; tile < row->tiles; ++tile)
+            if (owner->tile_sum[tile] == 0)
+                owner->tile_max[tile] = -INFINITY;
+        *masses_done = 1;
+    }
+    return cutoff;
+}
+
+/* Sets row->key_cutoff, row->min_weight and row->kept_floor from top-k,
+ * top-p and min-p; says how the kept tile masses are to be made. */
+cpu_kept_source cpu_apply_filters(const cpu_state *state, cpu_row *row, cpu_scratch *owner,
+                                  int parallel, int64_t valid, int32_t top_k, float top_p,
+                                  float min_p)
+{
+    row->min_weight = psm_min_p_threshold(min_p, row->weight_bits);
+    if (row->min_weight != 0)
+        row->kept_floor =
+            lowest_logit_within(row, psm_min_p_drop_gap(row->min_weight, row->weight_bits));
+    uint64_t cutoff = 0;
+    cpu_kept_source source = KEPT_BY_PASS;
+    int top_k_by_heap = top_k > 0 && top_k < valid && top_k <= CPU_HEAP_LIMIT;
+    row->prefetch_step = top_k_by_heap    ? PREFETCH_IN_HEAP
+                         : top_p < 1.0f ? PREFETCH_IN_BINS
+                                        : PREFETCH_IN_KEPT;
+    if (top_k > 0 && top_k < valid) {
+        if (top_k_by_heap) {
+            top_k_heap(row, owner, top_k);
+            cutoff = owner->heap[top_k - 1];
+            source = KEPT_FROM_HEAP;
+        } else {
+            cutoff = radix_cutoff(row, owner, 0, UINT64_MAX, 0, 0, (uint64_t)top_k);
+        }
+    }
+    if (top_p < 1.0f) {
+        if (source == KEPT_FROM_HEAP) {
+            uint64_t mass = 0;
+            for (int32_t i = 0; i < top_k; ++i)
+                mass += global_weight(row, psm_rank_key_logit(owner->heap[i]));
+            uint64_t target = psm_top_p_target(mass, top_p);
+            uint64_t running = 0;
+            for (int32_t i = 0; i < top_k; ++i) {
+                running += global_weight(row, psm_rank_key_logit(owner->heap[i]));
+                if (running >= target) {
+                    cutoff = owner->heap[i];
+                    break;
+                }
+            }
+        } else {
+            int masses_done;
+            cutoff = top_p_filter(state, row, owner, parallel, cutoff, top_p,
+                                  row->min_weight == 0, &masses_done);
+            if (masses_done)
+                source = KEPT_DONE;
+        }
+    }
+    row->key_cutoff = cutoff;
+    return source;
+}
+
+/* m_t and S_t of the kept set when it lies in owner->heap (sorted by
+ * descending key): the first kept token met in a tile is its largest, m_t.
+ * Equal to PASS_KEPT's result, without reading the row again. */
+void cpu_kept_masses_from_heap(const cpu_row *row, cpu_scratch *owner, int64_t count)
+{
+    for (int64_t tile = 0; tile < row->tiles; ++tile) {
+        owner->tile_sum[tile] = 0;
+        owner->tile_max[tile] = -INFINITY;
+    }
+    for (int64_t i = 0; i < count && owner->heap[i] >= row->key_cutoff; ++i) {
+        float x = psm_rank_key_logit(owner->heap[i]);
+        if (row->min_weight != 0 && global_weight(row, x) < row->min_weight)
+            continue;
+        int64_t tile = (int64_t)psm_rank_key_token(owner->heap[i]) / PSM_TILE;
+        if (owner->tile_max[tile] == -INFINITY)
+            owner->tile_max[tile] = x;
+        owner->tile_sum[tile] += psm_weight(psm_scaled_gap(owner->tile_max[tile], x, row->scale),
+                                            row->weight_bits);
+    }
+}

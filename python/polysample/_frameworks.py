@@ -95,6 +95,9 @@ def host_per_row(value, kind, name):
     if isinstance(value, (list, tuple)) and kind != "float32":
         return _integer_sequence(value, kind, name)
     array = _host_array(value, name)
+    if array.ndim == 0:
+        # NumPy would make it one value silently (ascontiguousarray).
+        raise Error("INVALID_ARGUMENT", f"{name} must be an array; got the scalar {value!r}")
     letter = array.dtype.kind
     if kind == "float32":
         if letter not in "fiu":

@@ -177,8 +177,9 @@ static void expect_same_row(const char *what, int64_t row, int32_t samples,
                             const int32_t *expected_tokens, const float *expected_logprobs)
 {
     for (int32_t j = 0; j < samples; ++j) {
-        ck_assert_msg(tokens[j] == expected_tokens[j], "%s: row %lld sample %d: token %d, expected %d",
-                      what, (long long)row, j, tokens[j], expected_tokens[j]);
+        ck_assert_msg(tokens[j] == expected_tokens[j],
+                      "%s: row %lld sample %d: token %d, expected %d", what, (long long)row, j,
+                      tokens[j], expected_tokens[j]);
         if (logprobs)
             ck_assert_msg(same_float(logprobs[j], expected_logprobs[j]),
                           "%s: row %lld sample %d: logprob %.9g, expected %.9g", what,
@@ -930,20 +931,25 @@ END_TEST
 
 /* ---- caller workspace ------------------------------------------------------- */
 
-static psm_status sample_size(psm_context *context, int64_t rows, int64_t vocab,
-                              const psm_params *params, size_t *bytes)
+/* The workspace sizes asked before any data exists: every data pointer
+ * NULL, the memory kinds those of the call (logits, outputs, and the
+ * per-row arrays with the logits). */
+static psm_status sample_size(psm_context *context, psm_memory kind, int64_t rows,
+                              int64_t vocab, const psm_params *params, size_t *bytes)
 {
     psm_tensor logits = psm_test_tensor(NULL, PSM_DTYPE_F32, rows, vocab, 0);
-    return psm_sample_workspace_size(context, &logits, params, psm_test_output(NULL),
-                                     psm_test_output(NULL), bytes);
+    logits.memory = kind;
+    psm_output tokens = {NULL, kind}, logprobs = {NULL, kind};
+    return psm_sample_workspace_size(context, &logits, params, tokens, logprobs, bytes);
 }
 
-static psm_status probs_size(psm_context *context, int64_t rows, int64_t vocab,
-                             const psm_params *params, size_t *bytes)
+static psm_status probs_size(psm_context *context, psm_memory kind, int64_t rows,
+                             int64_t vocab, const psm_params *params, size_t *bytes)
 {
     psm_tensor logits = psm_test_tensor(NULL, PSM_DTYPE_F32, rows, vocab, 0);
     psm_tensor probs =
         psm_test_tensor(NULL, PSM_DTYPE_F32, output_rows(params, rows), vocab, 0);
+    logits.memory = probs.memory = kind;
     return psm_probs_workspace_size(context, &logits, params, &probs, bytes);
 }
 
@@ -959,8 +965,10 @@ PSM_PROPERTY(workspace_size_grows_with_the_call)
     size_t previous_sample = 0, previous_probs = 0;
     for (size_t i = 0; i < sizeof row_steps / sizeof row_steps[0]; ++i) {
         size_t sample_bytes = 0, probs_bytes = 0;
-        PSM_CHECK_OK(sample_size(context, row_steps[i], 32000, &params, &sample_bytes));
-        PSM_CHECK_OK(probs_size(context, row_steps[i], 32000, &params, &probs_bytes));
+        PSM_CHECK_OK(sample_size(context, PSM_MEMORY_HOST, row_steps[i], 32000, &params,
+                                 &sample_bytes));
+        PSM_CHECK_OK(probs_size(context, PSM_MEMORY_HOST, row_steps[i], 32000, &params,
+                                &probs_bytes));
         printf("workspace [%s]: %lld x 32000: sample %zu bytes, probs %zu bytes\n",
                psm_backend_name(backend), (long long)row_steps[i], sample_bytes, probs_bytes);
         ck_assert_msg(sample_bytes >= previous_sample && probs_bytes >= previous_probs,
@@ -971,8 +979,10 @@ PSM_PROPERTY(workspace_size_grows_with_the_call)
     previous_sample = previous_probs = 0;
     for (size_t i = 0; i < sizeof vocab_steps / sizeof vocab_steps[0]; ++i) {
         size_t sample_bytes = 0, probs_bytes = 0;
-        PSM_CHECK_OK(sample_size(context, 8, vocab_steps[i], &params, &sample_bytes));
-        PSM_CHECK_OK(probs_size(context, 8, vocab_steps[i], &params, &probs_bytes));
+        PSM_CHECK_OK(sample_size(context, PSM_MEMORY_HOST, 8, vocab_steps[i], &params,
+                                 &sample_bytes));
+        PSM_CHECK_OK(probs_size(context, PSM_MEMORY_HOST, 8, vocab_steps[i], &params,
+                                &probs_bytes));
         printf("workspace [%s]: 8 x %lld: sample %zu bytes, probs %zu bytes\n",
                psm_backend_name(backend), (long long)vocab_steps[i], sample_bytes, probs_bytes);
         ck_assert_msg(sample_bytes >= previous_sample && probs_bytes >= previous_probs,
@@ -1031,8 +1041,10 @@ PSM_PROPERTY(workspace_of_the_asked_size)
             const int64_t rows = output_rows(&params, logits_rows);
             const size_t draws = (size_t)(rows * samples);
             size_t sample_bytes = 0, probs_bytes = 0;
-            PSM_CHECK_OK(sample_size(context, logits_rows, vocab, &params, &sample_bytes));
-            PSM_CHECK_OK(probs_size(context, logits_rows, vocab, &params, &probs_bytes));
+            PSM_CHECK_OK(sample_size(context, memory_kinds[k], logits_rows, vocab, &params,
+                                     &sample_bytes));
+            PSM_CHECK_OK(probs_size(context, memory_kinds[k], logits_rows, vocab, &params,
+                                    &probs_bytes));
 
             /* Asked with the call's own data pointers: the same sizes. */
             psm_tensor tensor = staged_logits(memory, logits, logits_rows, vocab);

@@ -425,15 +425,17 @@ static void sample_subsequences(psm_test_memory *memory, const float *row, int64
 
 /* Equal pairs: with one sample per row, U = #{i < j : token_i = token_j}.
  * Independent rows of distribution p give E U = C(n,2) q, q = sum p^2, and
- * (pairs sharing one row are correlated, the others not)
- *   Var U = C(n,2) q (1 - q) + 6 C(n,3) (sum p^3 - q^2).
+ *   Var U = C(n,2) q (1 - q) + 6 C(n,3) (sum p^3 - q^2):
+ * two pairs that share one row (6 C(n,3) ordered such couples) have
+ * covariance sum p^3 - q^2, disjoint pairs none.
  * The bound is z = 5 standard deviations. U is a sum of ~5e5 rare, nearly
  * independent indicators, so it is close to normal (Poisson-like, mean
- * ~200 here): beyond 5 sd lies about 1e-6 of it, so any seed passes a
- * correct implementation (the seeds here are fixed, so the test cannot
- * flake), while 5 sd is about 80 of the 499,500 pairs: streams that draw
- * alike for even 0.02% of pairs fail. A nearly flat p over 3 tiles keeps q
- * small, which is what makes the bound tight. */
+ * ~200 here) and beyond 5 sd lies at most about 1e-6 of it: a correct
+ * implementation passes with all but about one seed in a million (the
+ * seeds here are fixed, so the test cannot flake). Yet 5 sd is only about
+ * 80 of the 499,500 pairs: streams that draw alike for 0.02% of the pairs
+ * fail. A nearly flat p over 3 tiles keeps q small, which is what makes the
+ * bound tight. */
 PSM_PROPERTY(subsequences_pairs_match_sum_of_squares)
 {
     const int64_t vocab = 3000, n = SUBSEQUENCE_ROWS;

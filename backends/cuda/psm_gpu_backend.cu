@@ -470,10 +470,14 @@ psm_status own_memory(psm_gpu_state *state, const psm_request *request, const ca
     if (status != PSM_OK)
         return status;
     /* Output staging first: growing a buffer may wait for the device, which
-     * must not happen after inputs were queued into another staging buffer. */
-    if (plan.outputs_bytes) {
-        status = grow_buffer(&state->staged_outputs, &state->staged_outputs_bytes,
-                             plan.outputs_bytes, "allocating staging for host outputs");
+     * must not happen after inputs were queued into another staging buffer.
+     * Unlike a caller's workspace, it holds logprobs only when the call has
+     * them, so that a call without them never grows it for nothing. */
+    const size_t outputs_bytes =
+        plan.outputs_bytes - (request->logprobs.data ? 0 : plan.logprobs_bytes);
+    if (outputs_bytes) {
+        status = grow_buffer(&state->staged_outputs, &state->staged_outputs_bytes, outputs_bytes,
+                             "allocating staging for host outputs");
         if (status != PSM_OK)
             return status;
     }

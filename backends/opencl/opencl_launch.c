@@ -380,6 +380,52 @@ psm_status opencl_sample(void *opaque, psm_request *request)
     return finish_call(&call, sample_call(&call));
 }
 
+static int is_sub_buffer(cl_mem buffer)
+{
+    cl_mem parent = NULL;
+    return clGetMemObjectInfo(buffer, CL_MEM_ASSOCIATED_MEMOBJECT, sizeof parent, &parent,
+                              NULL) == CL_SUCCESS &&
+           parent != NULL;
+}
+
+/* Copies rows of row_bytes, pitch bytes apart, between two buffers of the
+ * same layout; only each row's bytes, so that the caller's padding stays
+ * untouched. The buffers end at the last row's bytes, not at a whole pitch,
+ * and NVIDIA's driver refuses a rectangle whose last row pitch would pass
+ * the end (CL_INVALID_VALUE); so the rows before the last go as a rectangle
+ * and the last row as a plain copy. PoCL 2.10 crashes in
+ * clEnqueueCopyBufferRect when either buffer is a sub-buffer (as a part of
+ * a caller's workspace is), so those go a row at a time. */
+static psm_status copy_rows(opencl_state *state, cl_mem from, cl_mem to, size_t rows,
+                            size_t row_bytes, size_t pitch)
+{
+    const size_t last_row = (rows - 1) * pitch;
+    if (pitch == row_bytes) {
+        CL_TRY(clEnqueueCopyBuffer(state->queue, from, to, 0, 0, last_row + row_bytes, 0, NULL,
+                                   NULL),
+               "clEnqueueCopyBuffer");
+    } else if (is_sub_buffer(from) || is_sub_buffer(to)) {
+        for (size_t row = 0; row < rows; ++row)
+            CL_TRY(clEnqueueCopyBuffer(state->queue, from, to, row * pitch, row * pitch,
+                                       row_bytes, 0, NULL, NULL),
+                   "clEnqueueCopyBuffer");
+    } else {
+        size_t origin[3] = {0, 0, 0};
+        size_t region[3] = {row_bytes, rows - 1, 1};
+        if (rows > 1)
+            CL_TRY(clEnqueueCopyBufferRect(state->queue, from, to, origin, origin, region, pitch,
+                                           0, pitch, 0, 0, NULL, NULL),
+                   "clEnqueueCopyBufferRect");
+        CL_TRY(clEnqueueCopyBuffer(state->queue, from, to, last_row, last_row, row_bytes, 0,
+                                   NULL, NULL),
+               "clEnqueueCopyBuffer");
+    }
+    if (state->queue_out_of_order)
+        CL_TRY(clEnqueueBarrierWithWaitList(state->queue, 0, NULL, NULL),
+               "clEnqueueBarrierWithWaitList");
+    return PSM_OK;
+}
+
 static psm_status probs_call(launch *call)
 {
     opencl_state *state = call->state;
@@ -407,39 +453,24 @@ static psm_status probs_call(launch *call)
 
     if (request->check_rows)
         PSM_TRY(check_rows_result(state, request));
-    if (target == part[PART_PROBS]) {
-        /* Only each row's vocab entries: the caller's padding stays untouched.
-         * The buffers end at the last row's vocab entries, not at a whole
-         * row pitch, and NVIDIA's driver refuses a rectangle whose last row
-         * pitch would pass the end (CL_INVALID_VALUE); so the first rows - 1
-         * rows go as a rectangle and the last row as a plain transfer. */
-        size_t pitch = (size_t)probs->row_stride * sizeof(cl_float);
-        size_t last_row = (size_t)(probs->rows - 1) * pitch;
-        size_t row_bytes = (size_t)probs->vocab * sizeof(cl_float);
-        size_t origin[3] = {0, 0, 0};
-        size_t region[3] = {row_bytes, (size_t)probs->rows - 1, 1};
-        if (probs->memory == PSM_MEMORY_DEVICE) {
-            if (probs->rows > 1)
-                CL_TRY(clEnqueueCopyBufferRect(state->queue, target, (cl_mem)probs->data, origin,
-                                               origin, region, pitch, 0, pitch, 0, 0, NULL, NULL),
-                       "clEnqueueCopyBufferRect");
-            CL_TRY(clEnqueueCopyBuffer(state->queue, target, (cl_mem)probs->data, last_row,
-                                       last_row, row_bytes, 0, NULL, NULL),
-                   "clEnqueueCopyBuffer");
-            if (state->queue_out_of_order)
-                CL_TRY(clEnqueueBarrierWithWaitList(state->queue, 0, NULL, NULL),
-                       "clEnqueueBarrierWithWaitList");
-        } else {
-            if (probs->rows > 1)
-                CL_TRY(clEnqueueReadBufferRect(state->queue, target, CL_TRUE, origin, origin,
-                                               region, pitch, 0, pitch, 0, probs->data, 0, NULL,
-                                               NULL),
-                       "clEnqueueReadBufferRect");
-            CL_TRY(clEnqueueReadBuffer(state->queue, target, CL_TRUE, last_row, row_bytes,
-                                       (char *)probs->data + last_row, 0, NULL, NULL),
-                   "clEnqueueReadBuffer");
-        }
-    }
+    if (target != part[PART_PROBS])
+        return PSM_OK;
+    const size_t pitch = (size_t)probs->row_stride * sizeof(cl_float);
+    const size_t row_bytes = (size_t)probs->vocab * sizeof(cl_float);
+    if (probs->memory == PSM_MEMORY_DEVICE)
+        return copy_rows(state, target, (cl_mem)probs->data, (size_t)probs->rows, row_bytes,
+                         pitch);
+    /* As in copy_rows: the rows before the last as a rectangle. */
+    const size_t last_row = (size_t)(probs->rows - 1) * pitch;
+    size_t origin[3] = {0, 0, 0};
+    size_t region[3] = {row_bytes, (size_t)probs->rows - 1, 1};
+    if (probs->rows > 1)
+        CL_TRY(clEnqueueReadBufferRect(state->queue, target, CL_TRUE, origin, origin, region,
+                                       pitch, 0, pitch, 0, probs->data, 0, NULL, NULL),
+               "clEnqueueReadBufferRect");
+    CL_TRY(clEnqueueReadBuffer(state->queue, target, CL_TRUE, last_row, row_bytes,
+                               (char *)probs->data + last_row, 0, NULL, NULL),
+           "clEnqueueReadBuffer");
     return PSM_OK;
 }
 

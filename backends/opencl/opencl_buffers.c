@@ -108,12 +108,13 @@ void opencl_row_arrays(const psm_request *request, const void *arrays[OPENCL_ROW
         given.temperature, given.top_k,       given.top_p,      given.min_p,
         given.seed,        given.offset,      given.subsequence, given.logits_row,
         given.seed_pointer, given.offset_pointer};
-    /* Bytes per row, except the two single values. */
     static const size_t element[OPENCL_ROW_ARRAYS] = {4, 4, 4, 4, 8, 8, 4, 8, 8, 8};
     const size_t rows = (size_t)request->rows;
     for (int i = 0; i < OPENCL_ROW_ARRAYS; ++i) {
+        /* The last two, seed_pointer and offset_pointer, hold one value. */
+        const size_t count = i >= OPENCL_ROW_ARRAYS - 2 ? 1 : rows;
         arrays[i] = in_order[i];
-        bytes[i] = element[i] * (i >= 8 ? 1 : rows);
+        bytes[i] = element[i] * count;
     }
 }
 

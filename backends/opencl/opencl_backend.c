@@ -17,7 +17,10 @@
  * reuse them at once); host outputs are read back with blocking reads. With
  * cl_mem inputs and outputs a call enqueues kernels only: no host
  * synchronisation (unless check_rows) and, once the shape has been seen or
- * reserved, no allocation.
+ * reserved, no allocation. With a caller's workspace (a cl_mem) every
+ * buffer of the call is a sub-buffer of it (opencl_buffers.c), and the call
+ * allocates no device memory at all; only the row check's one int
+ * (first_bad_row) is the context's, allocated with it.
  *
  * Programs. The kernels (psm_kernels.cl, after the headers it includes:
  * core/psm_contract.h, core/psm_row.h, psm_opencl_request.h) are embedded at
@@ -192,6 +195,15 @@ static psm_status create_state(const psm_context_options *options, int device_in
                            sizeof state->max_allocation, &state->max_allocation, NULL),
            "clGetDeviceInfo");
 
+    cl_uint alignment_bits = 0;
+    CL_TRY(clGetDeviceInfo(state->device, CL_DEVICE_MEM_BASE_ADDR_ALIGN, sizeof alignment_bits,
+                           &alignment_bits, NULL),
+           "clGetDeviceInfo");
+    /* In bits; at least 16 bytes, so that every part suits the kernels'
+     * 16-byte loads whatever the device reports. */
+    state->base_alignment = alignment_bits / 8 > 16 ? alignment_bits / 8 : 16;
+    state->check_rows = options->check_rows != 0;
+
     PSM_TRY(opencl_build_program(state, options, device_name));
     return opencl_ensure_buffer(state, &state->first_bad_row, sizeof(cl_int), "row check");
 }
@@ -219,6 +231,7 @@ static const psm_backend_ops opencl_ops = {
     .create = opencl_create,
     .destroy = opencl_destroy,
     .reserve = opencl_reserve,
+    .workspace_size = opencl_workspace_size,
     .sample = opencl_sample,
     .probs = opencl_probs,
     .synchronize = opencl_synchronize,

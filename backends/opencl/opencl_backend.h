@@ -5,7 +5,8 @@
  * lists the backend's operations; opencl_devices.c lists and probes devices;
  * opencl_programs.c loads the kernel sources and builds the program (with
  * the shared contexts and the program and binary caches); opencl_buffers.c
- * holds the workspace and the caller's buffers; opencl_launch.c turns a
+ * holds each call's buffers (the context's own or carved from a caller's
+ * workspace) and the checks of the caller's; opencl_launch.c turns a
  * request into the kernels' description and enqueues the pipeline.
  */
 #ifndef PSM_OPENCL_BACKEND_H
@@ -83,27 +84,58 @@ typedef struct device_buffer {
     size_t bytes;
 } device_buffer;
 
+/* The per-row arrays as the kernels take them: psm_row_arrays' order. */
+#define OPENCL_ROW_ARRAYS 10
+
+/* The device buffers of one call, each the context's own (grown as calls
+ * need it) or carved from a caller's workspace: per-tile and per-row state,
+ * stagings of host inputs, and of outputs that are host memory or wait for
+ * the row check. */
+enum {
+    PART_TILE_KEY,
+    PART_TILE_INFO,
+    PART_TILE_REF,
+    PART_TILE_MASS,
+    PART_TILE_PREFIX,
+    PART_LANE_MAX, /* top-k rows: each lane's maximum (psm_tile_reduce) */
+    PART_ROW_STATE,
+    PART_LOGITS,   /* host logits copied in */
+    PART_ROW_ARRAY, /* host per-row arrays copied in: OPENCL_ROW_ARRAYS parts */
+    PART_TOKENS = PART_ROW_ARRAY + OPENCL_ROW_ARRAYS,
+    PART_LOGPROBS,
+    PART_PROBS,
+    PART_COUNT
+};
+
 typedef struct opencl_state {
     cl_context context;
     int own_context;
     cl_device_id device;
     cl_command_queue queue;
     int queue_out_of_order;
+    int check_rows; /* the context's checking mode (its calls stage their outputs) */
     cached_program *program;
     cl_kernel kernels[KERNEL_COUNT];
     size_t group_size;
     cl_ulong local_memory;
     cl_ulong row_filter_local; /* local memory the row filter uses besides its row cache */
     cl_ulong max_allocation;
+    size_t base_alignment; /* bytes: a sub-buffer's origin is a multiple of it */
 
-    device_buffer tile_key, tile_info, tile_ref, tile_mass, tile_prefix;
-    device_buffer lane_max; /* top-k rows: each lane's maximum (psm_tile_reduce) */
-    device_buffer row_state, first_bad_row;
-    device_buffer tokens, logprobs;     /* outputs staged for host or checked calls */
-    device_buffer probs;
-    device_buffer logits;               /* host logits copied in */
-    device_buffer per_row[5];           /* host per-row arrays copied in */
+    device_buffer own[PART_COUNT];
+    device_buffer first_bad_row; /* checking mode's result: allocated with the state */
 } opencl_state;
+
+/* One call's device buffers (opencl_buffers.c). */
+typedef struct call_plan {
+    size_t bytes[PART_COUNT]; /* 0: the call does not use the part */
+} call_plan;
+
+typedef struct call_buffers {
+    cl_mem part[PART_COUNT];
+    cl_mem carved[PART_COUNT]; /* sub-buffers of the caller's workspace, released after the call */
+    int carved_count;
+} call_buffers;
 
 /* ---- programs (opencl_programs.c) -------------------------------------------- */
 
@@ -119,25 +151,37 @@ void opencl_release_program(cached_program *target);
 
 /* ---- buffers (opencl_buffers.c) ---------------------------------------------- */
 
-/* Grows a workspace buffer to at least bytes. */
+/* Grows a context buffer to at least bytes. */
 psm_status opencl_ensure_buffer(opencl_state *state, device_buffer *buffer, size_t bytes,
                                 const char *what);
-/* Releases every workspace and staging buffer of the state. */
+/* Releases every buffer the state owns. */
 void opencl_release_workspace(opencl_state *state);
 size_t opencl_tile_count(int64_t vocab);
-/* The per-tile and per-row workspace of a call of rows x vocab. */
-psm_status opencl_reserve_rows(opencl_state *state, int64_t rows, int64_t vocab);
 psm_status opencl_reserve(void *opaque, int64_t rows, int64_t vocab, int64_t num_samples);
 /* A caller's cl_mem: of this context and at least bytes long. */
 psm_status opencl_check_device_buffer(opencl_state *state, void *pointer, size_t bytes,
                                       const char *what);
-/* Input data as a cl_mem: the caller's, or a staged copy of host memory. */
-psm_status opencl_input_buffer(opencl_state *state, device_buffer *staging, void *data,
+/* The per-row arrays of a request in the kernels' order, with the bytes the
+ * kernels may read of each and its name; an absent one is NULL. */
+void opencl_row_arrays(const psm_request *request, const void *arrays[OPENCL_ROW_ARRAYS],
+                       size_t bytes[OPENCL_ROW_ARRAYS]);
+extern const char *const opencl_row_array_names[OPENCL_ROW_ARRAYS];
+/* The buffers a call needs: from the request's shapes, memory kinds and the
+ * per-row pointers it has, never from its data pointers, so that a size
+ * query and the call agree. */
+psm_status opencl_plan_call(const opencl_state *state, const psm_request *request,
+                            int probs_mode, call_plan *plan);
+psm_status opencl_workspace_size(void *opaque, const psm_request *request, int probs_mode,
+                                 size_t *bytes);
+/* The call's buffers: carved from the caller's workspace, or the context's
+ * own, grown to the plan. opencl_release_call_buffers after the call's last
+ * command is enqueued, whether it succeeded or not. */
+psm_status opencl_call_buffers(opencl_state *state, const psm_request *request,
+                               const call_plan *plan, call_buffers *buffers);
+void opencl_release_call_buffers(call_buffers *buffers);
+/* Input data as a cl_mem: the caller's, or a copy of host memory in staging. */
+psm_status opencl_input_buffer(opencl_state *state, cl_mem staging, const void *data,
                                psm_memory memory, size_t bytes, const char *what, cl_mem *out);
-/* The cl_mem a kernel writes an output to (the caller's, or staging). */
-psm_status opencl_output_target(opencl_state *state, psm_output output, device_buffer *staging,
-                                size_t bytes, int check_rows, const char *what, cl_mem *target,
-                                int *staged);
 /* Moves a staged output to where the caller wants it. */
 psm_status opencl_deliver(opencl_state *state, cl_mem staged, psm_output output, size_t bytes);
 

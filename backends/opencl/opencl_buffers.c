@@ -1,6 +1,8 @@
-/* opencl_buffers.c: the OpenCL backend's buffers: the workspace (per-tile
- * and per-row state, grown as calls need it, or reserved), the staging
- * buffers of host inputs and outputs, and the checks of a caller's cl_mem. */
+/* opencl_buffers.c: the OpenCL backend's buffers: what a call needs
+ * (per-tile and per-row state, stagings of host inputs and of outputs),
+ * taken from the context's own buffers (grown as calls need them, or
+ * reserved) or carved from a caller's workspace, and the checks of a
+ * caller's cl_mem. */
 #include "alloc.h"
 #include "error.h"
 #include "opencl_backend.h"
@@ -8,6 +10,9 @@
 #include "psm_opencl_request.h"
 
 #include <CL/cl.h>
+
+#include <stdint.h>
+#include <string.h>
 
 static void release_buffer(device_buffer *buffer)
 {
@@ -17,7 +22,7 @@ static void release_buffer(device_buffer *buffer)
     buffer->bytes = 0;
 }
 
-/* Grows a workspace buffer. Work already queued keeps the old one alive
+/* Grows a context buffer. Work already queued keeps the old one alive
  * (OpenCL reference-counts buffers used by enqueued commands). */
 psm_status opencl_ensure_buffer(opencl_state *state, device_buffer *buffer, size_t bytes,
                                 const char *what)
@@ -49,15 +54,9 @@ psm_status opencl_ensure_buffer(opencl_state *state, device_buffer *buffer, size
 
 void opencl_release_workspace(opencl_state *state)
 {
-    device_buffer *buffers[] = {&state->tile_key,   &state->tile_info,
-                                &state->tile_ref,   &state->tile_mass, &state->tile_prefix,
-                                &state->lane_max,
-                                &state->row_state,  &state->first_bad_row, &state->tokens,
-                                &state->logprobs,   &state->probs,     &state->logits,
-                                &state->per_row[0], &state->per_row[1], &state->per_row[2],
-                                &state->per_row[3], &state->per_row[4]};
-    for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; ++i)
-        release_buffer(buffers[i]);
+    for (int part = 0; part < PART_COUNT; ++part)
+        release_buffer(&state->own[part]);
+    release_buffer(&state->first_bad_row);
 }
 
 size_t opencl_tile_count(int64_t vocab)
@@ -65,18 +64,216 @@ size_t opencl_tile_count(int64_t vocab)
     return (size_t)((vocab + PSM_TILE - 1) / PSM_TILE);
 }
 
-psm_status opencl_reserve_rows(opencl_state *state, int64_t rows, int64_t vocab)
+/* What a failure to allocate a part names. */
+static const char *part_name(int part)
 {
-    size_t slots = (size_t)rows * opencl_tile_count(vocab);
-    PSM_TRY(opencl_ensure_buffer(state, &state->tile_key, slots * sizeof(cl_ulong), "tile"));
-    PSM_TRY(opencl_ensure_buffer(state, &state->tile_info, slots * sizeof(cl_uint), "tile"));
-    PSM_TRY(opencl_ensure_buffer(state, &state->tile_ref, slots * sizeof(cl_float), "tile"));
-    PSM_TRY(opencl_ensure_buffer(state, &state->tile_mass, slots * sizeof(cl_ulong), "tile"));
-    PSM_TRY(opencl_ensure_buffer(state, &state->tile_prefix, slots * sizeof(cl_ulong), "tile"));
+    if (part >= PART_ROW_ARRAY && part < PART_ROW_ARRAY + OPENCL_ROW_ARRAYS)
+        return opencl_row_array_names[part - PART_ROW_ARRAY];
+    switch (part) {
+    case PART_LANE_MAX: return "lane";
+    case PART_ROW_STATE: return "row state";
+    case PART_LOGITS: return "logits";
+    case PART_TOKENS: return "token";
+    case PART_LOGPROBS: return "logprob";
+    case PART_PROBS: return "probs";
+    default: return "tile";
+    }
+}
+
+/* The per-tile and per-row parts of a call of rows x vocab. Core bounds
+ * rows x vocab by 2^60, so these products fit. */
+static void plan_rows(call_plan *plan, int64_t rows, int64_t vocab)
+{
+    const size_t slots = (size_t)rows * opencl_tile_count(vocab);
+    plan->bytes[PART_TILE_KEY] = slots * sizeof(cl_ulong);
+    plan->bytes[PART_TILE_INFO] = slots * sizeof(cl_uint);
+    plan->bytes[PART_TILE_REF] = slots * sizeof(cl_float);
+    plan->bytes[PART_TILE_MASS] = slots * sizeof(cl_ulong);
+    plan->bytes[PART_TILE_PREFIX] = slots * sizeof(cl_ulong);
     /* A lane per item of a tile's team: at most 32 (PSM_TEAM). */
-    PSM_TRY(opencl_ensure_buffer(state, &state->lane_max, slots * 32 * sizeof(cl_uint), "lane"));
-    return opencl_ensure_buffer(state, &state->row_state, (size_t)rows * PSM_ROW_STATE_BYTES,
-                                "row state");
+    plan->bytes[PART_LANE_MAX] = slots * 32 * sizeof(cl_uint);
+    plan->bytes[PART_ROW_STATE] = (size_t)rows * PSM_ROW_STATE_BYTES;
+}
+
+const char *const opencl_row_array_names[OPENCL_ROW_ARRAYS] = {
+    "temperature_per_row", "top_k_per_row",       "top_p_per_row", "min_p_per_row",
+    "seed_per_row",        "offset_per_row",      "subsequence_per_row",
+    "row_indices",         "seed_pointer",        "offset_pointer"};
+
+void opencl_row_arrays(const psm_request *request, const void *arrays[OPENCL_ROW_ARRAYS],
+                       size_t bytes[OPENCL_ROW_ARRAYS])
+{
+    const psm_row_arrays given = psm_request_row_arrays(&request->params);
+    const void *const in_order[OPENCL_ROW_ARRAYS] = {
+        given.temperature, given.top_k,       given.top_p,      given.min_p,
+        given.seed,        given.offset,      given.subsequence, given.logits_row,
+        given.seed_pointer, given.offset_pointer};
+    static const size_t element[OPENCL_ROW_ARRAYS] = {4, 4, 4, 4, 8, 8, 4, 8, 8, 8};
+    const size_t rows = (size_t)request->rows;
+    for (int i = 0; i < OPENCL_ROW_ARRAYS; ++i) {
+        /* The last two, seed_pointer and offset_pointer, hold one value. */
+        const size_t count = i >= OPENCL_ROW_ARRAYS - 2 ? 1 : rows;
+        arrays[i] = in_order[i];
+        bytes[i] = element[i] * count;
+    }
+}
+
+psm_status opencl_plan_call(const opencl_state *state, const psm_request *request,
+                            int probs_mode, call_plan *plan)
+{
+    memset(plan, 0, sizeof *plan);
+    const psm_tensor *logits = &request->logits;
+    const size_t rows = (size_t)request->rows;
+    const size_t vocab = (size_t)logits->vocab;
+    plan_rows(plan, request->rows, logits->vocab);
+    if (logits->memory == PSM_MEMORY_HOST) {
+        const size_t element = logits->dtype == PSM_DTYPE_F32 ? 4 : 2;
+        plan->bytes[PART_LOGITS] =
+            ((size_t)(logits->rows - 1) * (size_t)logits->row_stride + vocab) * element;
+        const void *arrays[OPENCL_ROW_ARRAYS];
+        size_t bytes[OPENCL_ROW_ARRAYS];
+        opencl_row_arrays(request, arrays, bytes);
+        for (int i = 0; i < OPENCL_ROW_ARRAYS; ++i)
+            plan->bytes[PART_ROW_ARRAY + i] = arrays[i] ? bytes[i] : 0;
+    }
+    /* In checking mode every output waits in staging for the row check. */
+    const int staged = request->check_rows || state->check_rows;
+    if (probs_mode) {
+        if (request->probs.memory == PSM_MEMORY_HOST || staged)
+            plan->bytes[PART_PROBS] =
+                ((rows - 1) * (size_t)request->probs.row_stride + vocab) * sizeof(cl_float);
+    } else {
+        const size_t outputs = rows * (size_t)request->params.num_samples;
+        if (request->tokens.memory == PSM_MEMORY_HOST || staged)
+            plan->bytes[PART_TOKENS] = outputs * sizeof(cl_int);
+        /* Counted whatever logprobs.data is: at a size query it may still be
+         * NULL (a call without logprobs does not use the part). */
+        if (request->logprobs.memory == PSM_MEMORY_HOST || staged)
+            plan->bytes[PART_LOGPROBS] = outputs * sizeof(cl_float);
+    }
+    return PSM_OK;
+}
+
+static size_t align_up(size_t bytes, size_t alignment)
+{
+    return (bytes + alignment - 1) / alignment * alignment;
+}
+
+/* A caller's workspace holds every part of the plan, each at an origin that
+ * is a multiple of the device's base address alignment. */
+static psm_status plan_workspace_bytes(const opencl_state *state, const call_plan *plan,
+                                       size_t *bytes)
+{
+    size_t total = 0;
+    for (int part = 0; part < PART_COUNT; ++part) {
+        if (!plan->bytes[part])
+            continue;
+        const size_t rounded = align_up(plan->bytes[part], state->base_alignment);
+        if (rounded < plan->bytes[part] || total > SIZE_MAX - rounded)
+            return psm_set_error(PSM_ERR_OUT_OF_MEMORY,
+                                 "OpenCL: the workspace of this call is beyond any device's "
+                                 "memory");
+        total += rounded;
+    }
+    *bytes = total;
+    return PSM_OK;
+}
+
+psm_status opencl_workspace_size(void *opaque, const psm_request *request, int probs_mode,
+                                 size_t *bytes)
+{
+    const opencl_state *state = opaque;
+    call_plan plan;
+    PSM_TRY(opencl_plan_call(state, request, probs_mode, &plan));
+    return plan_workspace_bytes(state, &plan, bytes);
+}
+
+/* A part the call uses: logprobs only when the call has them. */
+static int part_used(const psm_request *request, const call_plan *plan, int part)
+{
+    return plan->bytes[part] && (part != PART_LOGPROBS || request->logprobs.data);
+}
+
+void opencl_release_call_buffers(call_buffers *buffers)
+{
+    for (int i = 0; i < buffers->carved_count; ++i)
+        clReleaseMemObject(buffers->carved[i]);
+    buffers->carved_count = 0;
+}
+
+/* The parts as sub-buffers of the caller's workspace (which core checked is
+ * as large as opencl_workspace_size said). Sub-buffers, because OpenCL 1.2
+ * has no pointer arithmetic on a cl_mem: a kernel argument is a whole
+ * buffer, so a region of the caller's buffer can be handed to a kernel only
+ * as a buffer of its own. Creating one allocates no device memory, and the
+ * commands enqueued with it retain it, so the call releases it as soon as
+ * the commands are enqueued. A workspace that is itself a sub-buffer is
+ * carved from its parent buffer at its offset (a sub-buffer of a sub-buffer
+ * does not exist). */
+static psm_status carve_workspace(opencl_state *state, const psm_request *request,
+                                  const call_plan *plan, call_buffers *buffers)
+{
+    size_t needed = 0;
+    PSM_TRY(plan_workspace_bytes(state, plan, &needed));
+    void *workspace = request->params.workspace;
+    PSM_TRY(opencl_check_device_buffer(state, workspace, needed, "workspace"));
+    cl_mem parent = (cl_mem)workspace;
+    cl_mem associated = NULL;
+    size_t origin = 0;
+    cl_mem_flags flags = 0;
+    CL_TRY(clGetMemObjectInfo(parent, CL_MEM_FLAGS, sizeof flags, &flags, NULL),
+           "clGetMemObjectInfo");
+    if (flags & (CL_MEM_READ_ONLY | CL_MEM_WRITE_ONLY))
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                             "OpenCL: workspace is a %s cl_mem; the kernels read and write it",
+                             (flags & CL_MEM_READ_ONLY) ? "read-only" : "write-only");
+    CL_TRY(clGetMemObjectInfo(parent, CL_MEM_ASSOCIATED_MEMOBJECT, sizeof associated,
+                              &associated, NULL),
+           "clGetMemObjectInfo");
+    if (associated) {
+        CL_TRY(clGetMemObjectInfo(parent, CL_MEM_OFFSET, sizeof origin, &origin, NULL),
+               "clGetMemObjectInfo");
+        if (origin % state->base_alignment != 0)
+            return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                                 "OpenCL: workspace is a sub-buffer at offset %zu, not a "
+                                 "multiple of the device's base address alignment (%zu bytes)",
+                                 origin, state->base_alignment);
+        parent = associated;
+    }
+    for (int part = 0; part < PART_COUNT; ++part) {
+        if (!plan->bytes[part])
+            continue;
+        if (part_used(request, plan, part)) {
+            cl_buffer_region region = {origin, plan->bytes[part]};
+            cl_int code = CL_SUCCESS;
+            cl_mem carved = clCreateSubBuffer(parent, 0, CL_BUFFER_CREATE_TYPE_REGION, &region,
+                                              &code);
+            if (code != CL_SUCCESS) {
+                opencl_release_call_buffers(buffers);
+                return opencl_failure(code, "clCreateSubBuffer (workspace)");
+            }
+            buffers->carved[buffers->carved_count++] = carved;
+            buffers->part[part] = carved;
+        }
+        origin += align_up(plan->bytes[part], state->base_alignment);
+    }
+    return PSM_OK;
+}
+
+psm_status opencl_call_buffers(opencl_state *state, const psm_request *request,
+                               const call_plan *plan, call_buffers *buffers)
+{
+    memset(buffers, 0, sizeof *buffers);
+    if (request->params.workspace)
+        return carve_workspace(state, request, plan, buffers);
+    for (int part = 0; part < PART_COUNT; ++part) {
+        if (!part_used(request, plan, part))
+            continue;
+        PSM_TRY(opencl_ensure_buffer(state, &state->own[part], plan->bytes[part],
+                                     part_name(part)));
+        buffers->part[part] = state->own[part].mem;
+    }
+    return PSM_OK;
 }
 
 /* Everything a cl_mem psm_sample of this size needs, plus its staged
@@ -85,10 +282,17 @@ psm_status opencl_reserve_rows(opencl_state *state, int64_t rows, int64_t vocab)
 psm_status opencl_reserve(void *opaque, int64_t rows, int64_t vocab, int64_t num_samples)
 {
     opencl_state *state = opaque;
-    PSM_TRY(opencl_reserve_rows(state, rows, vocab));
-    size_t outputs = (size_t)rows * (size_t)num_samples;
-    PSM_TRY(opencl_ensure_buffer(state, &state->tokens, outputs * sizeof(cl_int), "token"));
-    return opencl_ensure_buffer(state, &state->logprobs, outputs * sizeof(cl_float), "logprob");
+    call_plan plan;
+    memset(&plan, 0, sizeof plan);
+    plan_rows(&plan, rows, vocab);
+    const size_t outputs = (size_t)rows * (size_t)num_samples;
+    plan.bytes[PART_TOKENS] = outputs * sizeof(cl_int);
+    plan.bytes[PART_LOGPROBS] = outputs * sizeof(cl_float);
+    for (int part = 0; part < PART_COUNT; ++part)
+        if (plan.bytes[part])
+            PSM_TRY(opencl_ensure_buffer(state, &state->own[part], plan.bytes[part],
+                                         part_name(part)));
+    return PSM_OK;
 }
 
 /* A caller's cl_mem: of this context and large enough. */
@@ -115,20 +319,19 @@ psm_status opencl_check_device_buffer(opencl_state *state, void *pointer, size_t
     return PSM_OK;
 }
 
-/* Input data as a cl_mem: the caller's, or a staged copy of host memory. */
-psm_status opencl_input_buffer(opencl_state *state, device_buffer *staging, void *data,
+/* Input data as a cl_mem: the caller's, or a staged copy of host memory
+ * (a blocking write, so that the caller may reuse its memory at once). */
+psm_status opencl_input_buffer(opencl_state *state, cl_mem staging, const void *data,
                                psm_memory memory, size_t bytes, const char *what, cl_mem *out)
 {
     if (memory == PSM_MEMORY_DEVICE) {
-        PSM_TRY(opencl_check_device_buffer(state, data, bytes, what));
+        PSM_TRY(opencl_check_device_buffer(state, (void *)data, bytes, what));
         *out = (cl_mem)data;
         return PSM_OK;
     }
-    PSM_TRY(opencl_ensure_buffer(state, staging, bytes, what));
-    CL_TRY(clEnqueueWriteBuffer(state->queue, staging->mem, CL_TRUE, 0, bytes, data, 0, NULL,
-                                NULL),
+    CL_TRY(clEnqueueWriteBuffer(state->queue, staging, CL_TRUE, 0, bytes, data, 0, NULL, NULL),
            "clEnqueueWriteBuffer");
-    *out = staging->mem;
+    *out = staging;
     return PSM_OK;
 }
 
@@ -149,23 +352,3 @@ psm_status opencl_deliver(opencl_state *state, cl_mem staged, psm_output output,
            "clEnqueueReadBuffer");
     return PSM_OK;
 }
-
-/* The cl_mem a kernel writes an output to: the caller's own when it is a
- * cl_mem and nothing has to be checked first, else a staging buffer. */
-psm_status opencl_output_target(opencl_state *state, psm_output output, device_buffer *staging,
-                                size_t bytes, int check_rows, const char *what, cl_mem *target,
-                                int *staged)
-{
-    if (output.memory == PSM_MEMORY_DEVICE)
-        PSM_TRY(opencl_check_device_buffer(state, output.data, bytes, what));
-    if (output.memory == PSM_MEMORY_DEVICE && !check_rows) {
-        *target = (cl_mem)output.data;
-        *staged = 0;
-        return PSM_OK;
-    }
-    PSM_TRY(opencl_ensure_buffer(state, staging, bytes, what));
-    *target = staging->mem;
-    *staged = 1;
-    return PSM_OK;
-}
-

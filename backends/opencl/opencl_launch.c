@@ -17,8 +17,8 @@
 
 /* The kernels read these structs as this file writes them (and check the
  * same sizes): no padding anywhere (psm_opencl_request.h). */
-_Static_assert(sizeof(psm_row_scalars) == 24 &&
-                   offsetof(psm_opencl_request, dtype) == 48 &&
+_Static_assert(sizeof(psm_row_scalars) == 40 &&
+                   offsetof(psm_opencl_request, dtype) == 56 &&
                    sizeof(psm_opencl_request) == PSM_OPENCL_REQUEST_BYTES,
                "psm_opencl_request is laid out with padding");
 _Static_assert(sizeof(psm_row_state) == PSM_ROW_STATE_BYTES,
@@ -39,11 +39,12 @@ static size_t dtype_size(psm_dtype dtype)
 
 typedef struct launch {
     opencl_state *state;
-    const psm_request *request;
-    int64_t rows, vocab, stride;
+    psm_request *request;
+    int64_t rows, vocab, stride; /* rows: the output rows */
     size_t tiles;
+    call_buffers buffers;        /* released by finish_call */
     cl_mem logits;
-    cl_mem per_row_arrays[5];
+    cl_mem per_row_arrays[OPENCL_ROW_ARRAYS]; /* NULL where absent */
     int filters;      /* some row may have an active filter */
     int may_top_k;    /* some row may have top-k */
     int may_search;   /* some row may have top-k or top-p (a cutoff search) */
@@ -98,31 +99,29 @@ static void plan_filters(launch *call)
 static void describe(launch *call)
 {
     const psm_request *request = call->request;
-    const psm_params *params = &request->params;
     psm_opencl_request *description = &call->description;
-    description->scalars.seed = params->seed;
-    description->scalars.temperature = params->temperature;
-    description->scalars.top_k = params->top_k;
-    description->scalars.top_p = params->top_p;
-    description->scalars.min_p = params->min_p;
-    description->offset = params->offset;
+    description->scalars = psm_request_row_scalars(request);
     description->row_stride = call->stride;
     description->probs_stride = request->probs.row_stride;
     description->dtype = (psm_i32)request->logits.dtype;
     description->rows = (psm_i32)call->rows;
     description->vocab = (psm_i32)call->vocab;
     description->tiles = (psm_i32)call->tiles;
-    description->num_samples = (psm_i32)params->num_samples;
+    description->per_row = psm_request_per_row(&request->params);
+    description->num_samples = (psm_i32)request->params.num_samples;
     description->want_logprobs = request->logprobs.data != NULL;
     description->check_rows = request->check_rows;
 }
 
-static psm_status prepare(opencl_state *state, const psm_request *request, launch *call)
+/* The call's buffers, its inputs on the device and its description. On
+ * success the caller ends the call with finish_call. */
+static psm_status prepare(opencl_state *state, psm_request *request, int probs_mode,
+                          launch *call)
 {
     memset(call, 0, sizeof *call);
     call->state = state;
     call->request = request;
-    call->rows = request->logits.rows;
+    call->rows = request->rows;
     call->vocab = request->logits.vocab;
     call->stride = request->logits.row_stride;
     call->tiles = opencl_tile_count(call->vocab);
@@ -130,33 +129,35 @@ static psm_status prepare(opencl_state *state, const psm_request *request, launc
         return psm_set_error(PSM_ERR_UNSUPPORTED,
                              "OpenCL: %lld rows; this backend handles at most 2^31 - 1",
                              (long long)call->rows);
-    PSM_TRY(opencl_reserve_rows(state, call->rows, call->vocab));
-    size_t element = dtype_size(request->logits.dtype);
-    size_t span = ((size_t)(call->rows - 1) * (size_t)call->stride + (size_t)call->vocab) *
-                  element;
-    PSM_TRY(opencl_input_buffer(state, &state->logits, request->logits.data, request->logits.memory,
-                                span, "logits", &call->logits));
+    call_plan plan;
+    PSM_TRY(opencl_plan_call(state, request, probs_mode, &plan));
+    PSM_TRY(opencl_call_buffers(state, request, &plan, &call->buffers));
 
-    const psm_params *params = &request->params;
-    const void *arrays[5] = {params->temperature_per_row, params->top_k_per_row,
-                             params->top_p_per_row, params->min_p_per_row,
-                             params->seed_per_row};
-    static const size_t sizes[5] = {4, 4, 4, 4, 8};
-    static const char *const names[5] = {"temperature_per_row", "top_k_per_row",
-                                         "top_p_per_row", "min_p_per_row", "seed_per_row"};
-    static const cl_uint bits[5] = {PSM_PER_ROW_TEMPERATURE, PSM_PER_ROW_TOP_K,
-                                    PSM_PER_ROW_TOP_P, PSM_PER_ROW_MIN_P, PSM_PER_ROW_SEED};
-    for (int i = 0; i < 5; ++i) {
-        if (!arrays[i])
-            continue;
-        call->description.per_row |= bits[i];
-        PSM_TRY(opencl_input_buffer(state, &state->per_row[i], (void *)arrays[i],
-                                    request->logits.memory, (size_t)call->rows * sizes[i], names[i],
-                                    &call->per_row_arrays[i]));
+    /* Every logits row, since output rows may read any of them. */
+    const psm_tensor *logits = &request->logits;
+    size_t span = ((size_t)(logits->rows - 1) * (size_t)call->stride + (size_t)call->vocab) *
+                  dtype_size(logits->dtype);
+    psm_status status =
+        opencl_input_buffer(state, call->buffers.part[PART_LOGITS], logits->data, logits->memory,
+                            span, "logits", &call->logits);
+    const void *arrays[OPENCL_ROW_ARRAYS];
+    size_t bytes[OPENCL_ROW_ARRAYS];
+    opencl_row_arrays(request, arrays, bytes);
+    for (int i = 0; i < OPENCL_ROW_ARRAYS && status == PSM_OK; ++i)
+        if (arrays[i])
+            status = opencl_input_buffer(state, call->buffers.part[PART_ROW_ARRAY + i], arrays[i],
+                                         logits->memory, bytes[i], opencl_row_array_names[i],
+                                         &call->per_row_arrays[i]);
+    if (status != PSM_OK) {
+        opencl_release_call_buffers(&call->buffers);
+        return status;
     }
+
+    describe(call);
+    const psm_params *params = &request->params;
+    const cl_uint per_row = call->description.per_row;
     int scalar_filter = (params->top_k > 0 && params->top_k < call->vocab) ||
                         params->top_p < 1.0f || params->min_p > 0.0f;
-    const cl_uint per_row = call->description.per_row;
     int per_row_filter = (per_row & (PSM_PER_ROW_TOP_K | PSM_PER_ROW_TOP_P |
                                      PSM_PER_ROW_MIN_P)) != 0;
     int all_greedy = !(per_row & PSM_PER_ROW_TEMPERATURE) && psm_is_greedy(params->temperature);
@@ -165,18 +166,25 @@ static psm_status prepare(opencl_state *state, const psm_request *request, launc
     call->may_search = call->may_top_k || (call->filters && (params->top_p < 1.0f ||
                                                             (per_row & PSM_PER_ROW_TOP_P)));
     plan_filters(call);
-    describe(call);
     return PSM_OK;
 }
 
+/* Ends a prepared call, whether its commands were enqueued or not. */
+static psm_status finish_call(launch *call, psm_status status)
+{
+    opencl_release_call_buffers(&call->buffers);
+    return status;
+}
+
 /* The arguments every kernel starts with (PSM_REQUEST_PARAMS): the call's
- * description, the logits and the per-row arrays (NULL where absent). */
+ * description, the logits and the per-row arrays (NULL where absent), set
+ * here only. */
 static psm_status set_request_args(const launch *call, cl_kernel kernel, cl_uint *next)
 {
     cl_uint index = 0;
     cl_int code = clSetKernelArg(kernel, index++, sizeof call->description, &call->description);
     code |= clSetKernelArg(kernel, index++, sizeof(cl_mem), &call->logits);
-    for (int i = 0; i < 5; ++i)
+    for (int i = 0; i < OPENCL_ROW_ARRAYS; ++i)
         code |= clSetKernelArg(kernel, index++, sizeof(cl_mem), &call->per_row_arrays[i]);
     if (code != CL_SUCCESS)
         return psm_set_error(PSM_ERR_INTERNAL, "OpenCL: clSetKernelArg failed for the request");
@@ -230,6 +238,7 @@ static psm_status run_rows(const launch *call)
 {
     opencl_state *state = call->state;
     const int check_rows = call->request->check_rows;
+    const cl_mem *part = call->buffers.part;
     cl_uint index = 0;
     if (state->queue_out_of_order)
         CL_TRY(clEnqueueBarrierWithWaitList(state->queue, 0, NULL, NULL),
@@ -244,23 +253,23 @@ static psm_status run_rows(const launch *call)
     const size_t tile_groups = team_groups(state, (size_t)call->rows * call->tiles);
     cl_kernel kernel = state->kernels[KERNEL_TILE_REDUCE];
     PSM_TRY(set_request_args(call, kernel, &index));
-    PSM_TRY(SET_MEM(kernel, &index, state->tile_key.mem));
-    PSM_TRY(SET_MEM(kernel, &index, state->tile_info.mem));
-    PSM_TRY(SET_MEM(kernel, &index, state->tile_ref.mem));
-    PSM_TRY(SET_MEM(kernel, &index, state->tile_mass.mem));
-    PSM_TRY(SET_MEM(kernel, &index, state->lane_max.mem));
+    PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_KEY]));
+    PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_INFO]));
+    PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_REF]));
+    PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_MASS]));
+    PSM_TRY(SET_MEM(kernel, &index, part[PART_LANE_MAX]));
     PSM_TRY(enqueue(state, kernel, tile_groups, 1, opencl_kernel_names[KERNEL_TILE_REDUCE]));
 
     if (call->filters) {
         if (call->description.top_k_ran) {
             kernel = state->kernels[KERNEL_ROW_TOP_K];
             PSM_TRY(set_request_args(call, kernel, &index));
-            PSM_TRY(SET_MEM(kernel, &index, state->tile_key.mem));
-            PSM_TRY(SET_MEM(kernel, &index, state->tile_info.mem));
-            PSM_TRY(SET_MEM(kernel, &index, state->lane_max.mem));
-            PSM_TRY(SET_MEM(kernel, &index, state->tile_ref.mem));
-            PSM_TRY(SET_MEM(kernel, &index, state->tile_mass.mem));
-            PSM_TRY(SET_MEM(kernel, &index, state->row_state.mem));
+            PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_KEY]));
+            PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_INFO]));
+            PSM_TRY(SET_MEM(kernel, &index, part[PART_LANE_MAX]));
+            PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_REF]));
+            PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_MASS]));
+            PSM_TRY(SET_MEM(kernel, &index, part[PART_ROW_STATE]));
             PSM_TRY(set_arg(kernel, &index, (size_t)PSM_TOP_K_LIST * sizeof(cl_ulong), NULL));
             PSM_TRY(enqueue(state, kernel, 1, (size_t)call->rows,
                             opencl_kernel_names[KERNEL_ROW_TOP_K]));
@@ -268,30 +277,30 @@ static psm_status run_rows(const launch *call)
 
         kernel = state->kernels[KERNEL_ROW_FILTER];
         PSM_TRY(set_request_args(call, kernel, &index));
-        PSM_TRY(SET_MEM(kernel, &index, state->tile_key.mem));
-        PSM_TRY(SET_MEM(kernel, &index, state->tile_info.mem));
-        PSM_TRY(SET_MEM(kernel, &index, state->row_state.mem));
+        PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_KEY]));
+        PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_INFO]));
+        PSM_TRY(SET_MEM(kernel, &index, part[PART_ROW_STATE]));
         PSM_TRY(set_arg(kernel, &index, call->list_bytes, NULL));
         PSM_TRY(enqueue(state, kernel, 1, (size_t)call->rows,
                         opencl_kernel_names[KERNEL_ROW_FILTER]));
 
         kernel = state->kernels[KERNEL_TILE_FILTER];
         PSM_TRY(set_request_args(call, kernel, &index));
-        PSM_TRY(SET_MEM(kernel, &index, state->tile_key.mem));
-        PSM_TRY(SET_MEM(kernel, &index, state->row_state.mem));
-        PSM_TRY(SET_MEM(kernel, &index, state->tile_ref.mem));
-        PSM_TRY(SET_MEM(kernel, &index, state->tile_mass.mem));
+        PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_KEY]));
+        PSM_TRY(SET_MEM(kernel, &index, part[PART_ROW_STATE]));
+        PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_REF]));
+        PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_MASS]));
         PSM_TRY(enqueue(state, kernel, tile_groups, 1, opencl_kernel_names[KERNEL_TILE_FILTER]));
     }
 
     kernel = state->kernels[KERNEL_ROW_COMBINE];
     PSM_TRY(set_request_args(call, kernel, &index));
-    PSM_TRY(SET_MEM(kernel, &index, state->tile_key.mem));
-    PSM_TRY(SET_MEM(kernel, &index, state->tile_info.mem));
-    PSM_TRY(SET_MEM(kernel, &index, state->tile_ref.mem));
-    PSM_TRY(SET_MEM(kernel, &index, state->tile_mass.mem));
-    PSM_TRY(SET_MEM(kernel, &index, state->tile_prefix.mem));
-    PSM_TRY(SET_MEM(kernel, &index, state->row_state.mem));
+    PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_KEY]));
+    PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_INFO]));
+    PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_REF]));
+    PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_MASS]));
+    PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_PREFIX]));
+    PSM_TRY(SET_MEM(kernel, &index, part[PART_ROW_STATE]));
     PSM_TRY(SET_MEM(kernel, &index, state->first_bad_row.mem));
     return enqueue(state, kernel, team_groups(state, (size_t)call->rows), 1,
                    opencl_kernel_names[KERNEL_ROW_COMBINE]);
@@ -309,37 +318,47 @@ static psm_status check_rows_result(opencl_state *state, psm_request *request)
     request->first_bad_row = first_bad;
     return psm_set_error(PSM_ERR_BAD_ROW,
                          "row %d has a NaN or +inf logit, no finite logit, or a per-row "
-                         "parameter out of range",
+                         "parameter or row index out of range",
                          (int)first_bad);
 }
 
-psm_status opencl_sample(void *opaque, psm_request *request)
+/* The cl_mem a kernel writes an output to: the caller's own when it is a
+ * cl_mem and nothing has to be checked first, else the staging part (which
+ * the plan has then). */
+static psm_status output_target(const launch *call, psm_output output, int part, size_t bytes,
+                                const char *what, cl_mem *target)
 {
-    opencl_state *state = opaque;
-    launch call;
-    PSM_TRY(prepare(state, request, &call));
+    if (output.memory == PSM_MEMORY_DEVICE)
+        PSM_TRY(opencl_check_device_buffer(call->state, output.data, bytes, what));
+    *target = call->buffers.part[part] ? call->buffers.part[part] : (cl_mem)output.data;
+    return PSM_OK;
+}
+
+static psm_status sample_call(launch *call)
+{
+    opencl_state *state = call->state;
+    psm_request *request = call->request;
+    const cl_mem *part = call->buffers.part;
     const size_t samples = (size_t)request->params.num_samples;
-    const size_t outputs = (size_t)call.rows * samples;
+    const size_t outputs = (size_t)call->rows * samples;
+    const int want_logprobs = call->description.want_logprobs;
     cl_mem tokens = NULL, logprobs = NULL;
-    int tokens_staged = 0, logprobs_staged = 0;
-    const int want_logprobs = call.description.want_logprobs;
-    PSM_TRY(opencl_output_target(state, request->tokens, &state->tokens, outputs * sizeof(cl_int),
-                                 request->check_rows, "tokens", &tokens, &tokens_staged));
+    PSM_TRY(output_target(call, request->tokens, PART_TOKENS, outputs * sizeof(cl_int), "tokens",
+                          &tokens));
     if (want_logprobs)
-        PSM_TRY(opencl_output_target(state, request->logprobs, &state->logprobs,
-                                     outputs * sizeof(cl_float), request->check_rows, "logprobs",
-                                     &logprobs, &logprobs_staged));
+        PSM_TRY(output_target(call, request->logprobs, PART_LOGPROBS,
+                              outputs * sizeof(cl_float), "logprobs", &logprobs));
     else
         logprobs = tokens; /* never written: want_logprobs is 0 */
 
-    PSM_TRY(run_rows(&call));
+    PSM_TRY(run_rows(call));
     cl_kernel kernel = state->kernels[KERNEL_DRAW];
     cl_uint index = 0;
-    PSM_TRY(set_request_args(&call, kernel, &index));
-    PSM_TRY(SET_MEM(kernel, &index, state->tile_ref.mem));
-    PSM_TRY(SET_MEM(kernel, &index, state->tile_mass.mem));
-    PSM_TRY(SET_MEM(kernel, &index, state->tile_prefix.mem));
-    PSM_TRY(SET_MEM(kernel, &index, state->row_state.mem));
+    PSM_TRY(set_request_args(call, kernel, &index));
+    PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_REF]));
+    PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_MASS]));
+    PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_PREFIX]));
+    PSM_TRY(SET_MEM(kernel, &index, part[PART_ROW_STATE]));
     PSM_TRY(SET_MEM(kernel, &index, tokens));
     PSM_TRY(SET_MEM(kernel, &index, logprobs));
     PSM_TRY(enqueue(state, kernel, team_groups(state, outputs), 1,
@@ -347,80 +366,119 @@ psm_status opencl_sample(void *opaque, psm_request *request)
 
     if (request->check_rows)
         PSM_TRY(check_rows_result(state, request));
-    if (tokens_staged)
+    if (tokens == part[PART_TOKENS])
         PSM_TRY(opencl_deliver(state, tokens, request->tokens, outputs * sizeof(cl_int)));
-    if (logprobs_staged)
+    if (want_logprobs && logprobs == part[PART_LOGPROBS])
         PSM_TRY(opencl_deliver(state, logprobs, request->logprobs, outputs * sizeof(cl_float)));
     return PSM_OK;
 }
 
-psm_status opencl_probs(void *opaque, psm_request *request)
+psm_status opencl_sample(void *opaque, psm_request *request)
 {
-    opencl_state *state = opaque;
     launch call;
-    PSM_TRY(prepare(state, request, &call));
+    PSM_TRY(prepare(opaque, request, 0, &call));
+    return finish_call(&call, sample_call(&call));
+}
+
+static int is_sub_buffer(cl_mem buffer)
+{
+    cl_mem parent = NULL;
+    return clGetMemObjectInfo(buffer, CL_MEM_ASSOCIATED_MEMOBJECT, sizeof parent, &parent,
+                              NULL) == CL_SUCCESS &&
+           parent != NULL;
+}
+
+/* Copies rows of row_bytes, pitch bytes apart, between two buffers of the
+ * same layout; only each row's bytes, so that the caller's padding stays
+ * untouched. The buffers end at the last row's bytes, not at a whole pitch,
+ * and NVIDIA's driver refuses a rectangle whose last row pitch would pass
+ * the end (CL_INVALID_VALUE); so the rows before the last go as a rectangle
+ * and the last row as a plain copy. PoCL 2.10 crashes in
+ * clEnqueueCopyBufferRect when either buffer is a sub-buffer (as a part of
+ * a caller's workspace is), so those go a row at a time. */
+static psm_status copy_rows(opencl_state *state, cl_mem from, cl_mem to, size_t rows,
+                            size_t row_bytes, size_t pitch)
+{
+    const size_t last_row = (rows - 1) * pitch;
+    if (pitch == row_bytes) {
+        CL_TRY(clEnqueueCopyBuffer(state->queue, from, to, 0, 0, last_row + row_bytes, 0, NULL,
+                                   NULL),
+               "clEnqueueCopyBuffer");
+    } else if (is_sub_buffer(from) || is_sub_buffer(to)) {
+        for (size_t row = 0; row < rows; ++row)
+            CL_TRY(clEnqueueCopyBuffer(state->queue, from, to, row * pitch, row * pitch,
+                                       row_bytes, 0, NULL, NULL),
+                   "clEnqueueCopyBuffer");
+    } else {
+        size_t origin[3] = {0, 0, 0};
+        size_t region[3] = {row_bytes, rows - 1, 1};
+        if (rows > 1)
+            CL_TRY(clEnqueueCopyBufferRect(state->queue, from, to, origin, origin, region, pitch,
+                                           0, pitch, 0, 0, NULL, NULL),
+                   "clEnqueueCopyBufferRect");
+        CL_TRY(clEnqueueCopyBuffer(state->queue, from, to, last_row, last_row, row_bytes, 0,
+                                   NULL, NULL),
+               "clEnqueueCopyBuffer");
+    }
+    if (state->queue_out_of_order)
+        CL_TRY(clEnqueueBarrierWithWaitList(state->queue, 0, NULL, NULL),
+               "clEnqueueBarrierWithWaitList");
+    return PSM_OK;
+}
+
+static psm_status probs_call(launch *call)
+{
+    opencl_state *state = call->state;
+    psm_request *request = call->request;
+    const cl_mem *part = call->buffers.part;
     const psm_tensor *probs = &request->probs;
     const size_t probs_bytes =
         ((size_t)(probs->rows - 1) * (size_t)probs->row_stride + (size_t)probs->vocab) *
         sizeof(cl_float);
     cl_mem target = NULL;
-    if (probs->memory == PSM_MEMORY_DEVICE) {
-        PSM_TRY(opencl_check_device_buffer(state, probs->data, probs_bytes, "probs"));
-        target = (cl_mem)probs->data;
-    }
-    if (probs->memory != PSM_MEMORY_DEVICE || request->check_rows) {
-        PSM_TRY(opencl_ensure_buffer(state, &state->probs, probs_bytes, "probs"));
-        target = state->probs.mem;
-    }
+    PSM_TRY(output_target(call, (psm_output){probs->data, probs->memory}, PART_PROBS,
+                          probs_bytes, "probs", &target));
 
-    PSM_TRY(run_rows(&call));
+    PSM_TRY(run_rows(call));
     cl_kernel kernel = state->kernels[KERNEL_PROBS];
     cl_uint index = 0;
-    PSM_TRY(set_request_args(&call, kernel, &index));
-    PSM_TRY(SET_MEM(kernel, &index, state->tile_ref.mem));
-    PSM_TRY(SET_MEM(kernel, &index, state->tile_mass.mem));
-    PSM_TRY(SET_MEM(kernel, &index, state->tile_prefix.mem));
-    PSM_TRY(SET_MEM(kernel, &index, state->row_state.mem));
+    PSM_TRY(set_request_args(call, kernel, &index));
+    PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_REF]));
+    PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_MASS]));
+    PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_PREFIX]));
+    PSM_TRY(SET_MEM(kernel, &index, part[PART_ROW_STATE]));
     PSM_TRY(SET_MEM(kernel, &index, target));
-    PSM_TRY(enqueue(state, kernel, team_groups(state, (size_t)call.rows * call.tiles), 1,
+    PSM_TRY(enqueue(state, kernel, team_groups(state, (size_t)call->rows * call->tiles), 1,
                     opencl_kernel_names[KERNEL_PROBS]));
 
     if (request->check_rows)
         PSM_TRY(check_rows_result(state, request));
-    if (target == state->probs.mem) {
-        /* Only each row's vocab entries: the caller's padding stays untouched.
-         * The buffers end at the last row's vocab entries, not at a whole
-         * row pitch, and NVIDIA's driver refuses a rectangle whose last row
-         * pitch would pass the end (CL_INVALID_VALUE); so the first rows - 1
-         * rows go as a rectangle and the last row as a plain transfer. */
-        size_t pitch = (size_t)probs->row_stride * sizeof(cl_float);
-        size_t last_row = (size_t)(probs->rows - 1) * pitch;
-        size_t row_bytes = (size_t)probs->vocab * sizeof(cl_float);
-        size_t origin[3] = {0, 0, 0};
-        size_t region[3] = {row_bytes, (size_t)probs->rows - 1, 1};
-        if (probs->memory == PSM_MEMORY_DEVICE) {
-            if (probs->rows > 1)
-                CL_TRY(clEnqueueCopyBufferRect(state->queue, target, (cl_mem)probs->data, origin,
-                                               origin, region, pitch, 0, pitch, 0, 0, NULL, NULL),
-                       "clEnqueueCopyBufferRect");
-            CL_TRY(clEnqueueCopyBuffer(state->queue, target, (cl_mem)probs->data, last_row,
-                                       last_row, row_bytes, 0, NULL, NULL),
-                   "clEnqueueCopyBuffer");
-            if (state->queue_out_of_order)
-                CL_TRY(clEnqueueBarrierWithWaitList(state->queue, 0, NULL, NULL),
-                       "clEnqueueBarrierWithWaitList");
-        } else {
-            if (probs->rows > 1)
-                CL_TRY(clEnqueueReadBufferRect(state->queue, target, CL_TRUE, origin, origin,
-                                               region, pitch, 0, pitch, 0, probs->data, 0, NULL,
-                                               NULL),
-                       "clEnqueueReadBufferRect");
-            CL_TRY(clEnqueueReadBuffer(state->queue, target, CL_TRUE, last_row, row_bytes,
-                                       (char *)probs->data + last_row, 0, NULL, NULL),
-                   "clEnqueueReadBuffer");
-        }
-    }
+    if (target != part[PART_PROBS])
+        return PSM_OK;
+    const size_t pitch = (size_t)probs->row_stride * sizeof(cl_float);
+    const size_t row_bytes = (size_t)probs->vocab * sizeof(cl_float);
+    if (probs->memory == PSM_MEMORY_DEVICE)
+        return copy_rows(state, target, (cl_mem)probs->data, (size_t)probs->rows, row_bytes,
+                         pitch);
+    /* As in copy_rows: the rows before the last as a rectangle. */
+    const size_t last_row = (size_t)(probs->rows - 1) * pitch;
+    size_t origin[3] = {0, 0, 0};
+    size_t region[3] = {row_bytes, (size_t)probs->rows - 1, 1};
+    if (probs->rows > 1)
+        CL_TRY(clEnqueueReadBufferRect(state->queue, target, CL_TRUE, origin, origin, region,
+                                       pitch, 0, pitch, 0, probs->data, 0, NULL, NULL),
+               "clEnqueueReadBufferRect");
+    CL_TRY(clEnqueueReadBuffer(state->queue, target, CL_TRUE, last_row, row_bytes,
+                               (char *)probs->data + last_row, 0, NULL, NULL),
+           "clEnqueueReadBuffer");
     return PSM_OK;
+}
+
+psm_status opencl_probs(void *opaque, psm_request *request)
+{
+    launch call;
+    PSM_TRY(prepare(opaque, request, 1, &call));
+    return finish_call(&call, probs_call(&call));
 }
 
 psm_status opencl_synchronize(void *opaque)

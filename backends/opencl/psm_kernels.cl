@@ -104,17 +104,21 @@ typedef char psm_request_layout_check[
 typedef char psm_row_state_layout_check[sizeof(psm_row_state) == PSM_ROW_STATE_BYTES ? 1 : -1];
 
 /* Every kernel's first arguments: the call's description, then the buffers
- * every row reads, the logits and the per-row arrays (psm_opencl_request.h
- * says why these are apart). */
+ * every row reads, the logits and the per-row arrays in psm_row_arrays'
+ * order (psm_opencl_request.h says why these are apart). */
 #define PSM_REQUEST_PARAMS                                                                  \
     const psm_opencl_request request, __global const uchar *logits,                         \
         __global const float *temperature_per_row, __global const int *top_k_per_row,       \
         __global const float *top_p_per_row, __global const float *min_p_per_row,           \
-        __global const ulong *seed_per_row
+        __global const ulong *seed_per_row, __global const ulong *offset_per_row,           \
+        __global const uint *subsequence_per_row, __global const long *row_indices,         \
+        __global const ulong *seed_pointer, __global const ulong *offset_pointer
 
-static psm_row_arrays psm_make_row_arrays(__global const float *temperature,
-                                          __global const int *top_k, __global const float *top_p,
-                                          __global const float *min_p, __global const ulong *seed)
+static psm_row_arrays psm_make_row_arrays(
+    __global const float *temperature, __global const int *top_k, __global const float *top_p,
+    __global const float *min_p, __global const ulong *seed, __global const ulong *offset,
+    __global const uint *subsequence, __global const long *logits_row,
+    __global const ulong *seed_pointer, __global const ulong *offset_pointer)
 {
     psm_row_arrays arrays;
     arrays.temperature = temperature;
@@ -122,6 +126,11 @@ static psm_row_arrays psm_make_row_arrays(__global const float *temperature,
     arrays.top_p = top_p;
     arrays.min_p = min_p;
     arrays.seed = seed;
+    arrays.offset = offset;
+    arrays.subsequence = subsequence;
+    arrays.logits_row = logits_row;
+    arrays.seed_pointer = seed_pointer;
+    arrays.offset_pointer = offset_pointer;
     return arrays;
 }
 
@@ -129,7 +138,12 @@ static psm_row_arrays psm_make_row_arrays(__global const float *temperature,
 #define PSM_RESOLVE_ROW(row)                                                                 \
     psm_resolve_row((row), request.per_row, request.scalars,                                 \
                     psm_make_row_arrays(temperature_per_row, top_k_per_row, top_p_per_row,   \
-                                        min_p_per_row, seed_per_row))
+                                        min_p_per_row, seed_per_row, offset_per_row,         \
+                                        subsequence_per_row, row_indices, seed_pointer,      \
+                                        offset_pointer))
+
+/* Where output row p's logits start, in elements. */
+#define PSM_ROW_BASE(p) ((long)(p).logits_row * request.row_stride)
 
 /* A 16-bit element (f16 or bf16) as a float: exact. */
 static float psm_half_to_float(ushort h, int dtype)
@@ -481,8 +495,9 @@ psm_tile_reduce(PSM_REQUEST_PARAMS, __global ulong *tile_key, __global uint *til
     float x[PSM_TEAM_SLOTS];
     ulong key = 0;
     uint info = 0;
-    if (where.in_range) {
-        psm_load_tile(logits, request.dtype, (long)where.row * request.row_stride, where.first,
+    /* A row whose parameters or row index are out of range is never read. */
+    if (where.in_range && p.valid) {
+        psm_load_tile(logits, request.dtype, PSM_ROW_BASE(p), where.first,
                       where.count, lane, PSM_INTERLEAVED, x);
         float raw_max = -INFINITY;
         int nan = 0;
@@ -1087,7 +1102,7 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
     gathering = gathering && shared_lanes <= PSM_TOP_K_LANES;
     const int gathered_lanes = gathering ? (int)shared_lanes : 0;
     const int vector_shift = psm_vector_shift(request.dtype);
-    const long base = (long)row * request.row_stride;
+    const long base = PSM_ROW_BASE(p);
     for (int w = lid; w < gathered_lanes * PSM_TEAM_SLOTS; w += PSM_WG) {
         const uint j = lane_list[w / PSM_TEAM_SLOTS];
         const int first = (int)(j / PSM_TEAM) * PSM_TILE;
@@ -1237,7 +1252,7 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global cons
     source.logits = logits;
     source.cache = row_cache;
     source.list = local_store;
-    source.base = (long)row * request.row_stride;
+    source.base = PSM_ROW_BASE(p);
     source.dtype = request.dtype;
     source.kind = PSM_SOURCE_GLOBAL;
     source.count = request.vocab;
@@ -1340,7 +1355,7 @@ psm_tile_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key,
     float x[PSM_TEAM_SLOTS];
     float maximum = -INFINITY;
     if (reachable) {
-        psm_load_tile(logits, request.dtype, (long)row * request.row_stride, first, where.count,
+        psm_load_tile(logits, request.dtype, PSM_ROW_BASE(p), first, where.count,
                       lane, PSM_INTERLEAVED, x);
 #pragma unroll
         for (int j = 0; j < PSM_TEAM_SLOTS; ++j) {
@@ -1498,7 +1513,7 @@ psm_draw(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulon
     const psm_row_params p = PSM_RESOLVE_ROW(row);
     const long row_tiles = (long)row * request.tiles;
     const ulong total = state[row].total;
-    const psm_draw_bits random = psm_sample_bits(p.seed, request.offset, p.stream, sample);
+    const psm_draw_bits random = psm_sample_bits(p.seed, p.offset, p.stream, sample);
     /* The tile: the first whose inclusive prefix exceeds a. */
     const int tile =
         drawing
@@ -1521,7 +1536,7 @@ psm_draw(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulon
     float x[PSM_TEAM_SLOTS];
     ulong own = 0;
     if (drawing) {
-        psm_load_tile(logits, request.dtype, (long)row * request.row_stride, first,
+        psm_load_tile(logits, request.dtype, PSM_ROW_BASE(p), first,
                       min(PSM_TILE, request.vocab - first), lane, PSM_CONTIGUOUS, x);
 #pragma unroll
         for (int j = 0; j < PSM_TEAM_SLOTS; ++j) {
@@ -1604,7 +1619,7 @@ psm_probs(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulo
     view.scale = psm_inverse_temperature_scale(p.temperature);
     view.bits = psm_weight_bits(request.vocab);
     float x[PSM_TEAM_SLOTS];
-    psm_load_tile(logits, request.dtype, (long)row * request.row_stride, first, count, lane,
+    psm_load_tile(logits, request.dtype, PSM_ROW_BASE(p), first, count, lane,
                   PSM_INTERLEAVED, x);
 #pragma unroll
     for (int j = 0; j < PSM_TEAM_SLOTS; ++j) {

@@ -4,7 +4,7 @@
  *
  * Every kernel takes the call's description as its first argument, one
  * psm_opencl_request passed by value, then the logits and the per-row
- * arrays (PSM_ROW_ARRAY_PARAMS in psm_kernels.cl), then its own buffers:
+ * arrays (PSM_REQUEST_PARAMS in psm_kernels.cl), then its own buffers:
  * OpenCL 1.2 passes buffers only as kernel arguments, never inside a struct.
  * The host writes the struct with the same definition as the kernels read
  * it. So that both compilers lay it out alike, every member has a fixed
@@ -30,14 +30,13 @@
 /* One call: the request, and the host's choices for this launch. */
 typedef struct psm_opencl_request {
     psm_row_scalars scalars; /* the parameters of rows without per-row arrays */
-    psm_u64 offset;          /* Philox counter offset */
     psm_i64 row_stride;      /* logits: elements from one row to the next */
     psm_i64 probs_stride;    /* psm_probs: output floats from one row to the next */
     psm_i32 dtype;           /* PSM_OPENCL_DTYPE_* */
-    psm_i32 rows;
+    psm_i32 rows;            /* output rows (psm_request.rows) */
     psm_i32 vocab;
     psm_i32 tiles;           /* tiles per row: ceil(vocab / PSM_TILE) */
-    psm_u32 per_row;         /* PSM_PER_ROW_* bits: the per-row arrays present */
+    psm_u32 per_row;         /* psm_request_per_row: the per-row arrays present */
     psm_i32 num_samples;     /* psm_sample */
     psm_i32 want_logprobs;   /* psm_sample: write logprobs */
     psm_i32 check_rows;      /* checking mode: record the first bad row */
@@ -49,7 +48,7 @@ typedef struct psm_opencl_request {
     psm_i32 pad;             /* the size a multiple of 8 */
 } psm_opencl_request;
 
-#define PSM_OPENCL_REQUEST_BYTES 104
+#define PSM_OPENCL_REQUEST_BYTES 112
 
 /* Whether a row is sampled, and how. */
 #define PSM_ROW_SAMPLE 0

@@ -73,11 +73,11 @@ psm_status psm_sample(psm_context *context, const psm_tensor *logits, const psm_
     psm_request request;
     psm_status status = psm_validate_request(logits, params, &tokens, &logprobs, NULL,
                                              per_row_arrays_on_host(context, logits), 0, &request);
+    request.check_rows = context->check_rows;
     if (status == PSM_OK)
         status = check_workspace(context, &request, 0);
     if (status != PSM_OK)
         return status;
-    request.check_rows = context->check_rows;
     return finish_bad_row(context->ops->sample(context->state, &request), &request);
 }
 
@@ -92,11 +92,11 @@ psm_status psm_probs(psm_context *context, const psm_tensor *logits, const psm_p
     psm_request request;
     psm_status status = psm_validate_request(logits, params, NULL, NULL, probs,
                                              per_row_arrays_on_host(context, logits), 0, &request);
+    request.check_rows = context->check_rows;
     if (status == PSM_OK)
         status = check_workspace(context, &request, 1);
     if (status != PSM_OK)
         return status;
-    request.check_rows = context->check_rows;
     return finish_bad_row(context->ops->probs(context->state, &request), &request);
 }
 
@@ -124,6 +124,7 @@ psm_status psm_sample_workspace_size(psm_context *context, const psm_tensor *log
         psm_validate_request(logits, params, &tokens, &logprobs, NULL, 0, 1, &request);
     if (status != PSM_OK)
         return status;
+    request.check_rows = context->check_rows;
     return workspace_size(context, &request, 0, bytes);
 }
 
@@ -142,6 +143,7 @@ psm_status psm_probs_workspace_size(psm_context *context, const psm_tensor *logi
     psm_status status = psm_validate_request(logits, params, NULL, NULL, probs, 0, 1, &request);
     if (status != PSM_OK)
         return status;
+    request.check_rows = context->check_rows;
     return workspace_size(context, &request, 1, bytes);
 }
 

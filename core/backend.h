@@ -39,9 +39,14 @@ typedef struct psm_request {
     int64_t first_bad_row;      /* out: set with PSM_ERR_BAD_ROW */
 } psm_request;
 
+/* What a backend runs beyond plain sampling (psm_backend_ops.features): a
+ * request that needs a feature its backend lacks is PSM_ERR_UNSUPPORTED. */
+#define PSM_FEATURE_LOGIT_PROCESSING 1u /* psm_params.processing */
+
 typedef struct psm_backend_ops {
     int api_version;
     psm_backend id;
+    unsigned features; /* PSM_FEATURE_* bits */
 
     /* Can a context be made now? Fills device_count (0 when not) and, when
      * not, a reason ("no CUDA device: cudaGetDeviceCount: ..."). Must be
@@ -116,6 +121,15 @@ static inline psm_row_arrays psm_request_row_arrays(const psm_params *p)
     arrays.seed_pointer = p->seed_pointer;
     arrays.offset_pointer = p->offset_pointer;
     return arrays;
+}
+
+/* Does the call process its logits (psm_params.processing with something to
+ * do)? Penalties without a history or prompt list change nothing. */
+static inline int psm_processing_active(const psm_params *p)
+{
+    const psm_logit_processing *processing = p->processing;
+    return processing && (processing->allowed_mask || processing->bias_offsets ||
+                          processing->history_offsets || processing->prompt_offsets);
 }
 
 /* The registry (core/registry.c). A GPU backend is a module loaded on first

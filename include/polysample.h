@@ -124,6 +124,47 @@ typedef struct psm_tensor {
     int64_t row_stride;   /* in elements; >= vocab; 0 means vocab */
 } psm_tensor;
 
+/* Logit processing (docs/SAMPLING.md, section 1): what a runtime does to the
+ * logits before it samples, done inside the call as the logits are read.
+ * In order, per token of an output row: the penalties, for tokens in the
+ * row's history; the logit bias; the allowed-token mask. Every array below
+ * is per output row and lives in the logits' memory, like the per-row
+ * arrays of psm_params; the struct itself is host memory. Rows' lists are
+ * given CSR-style: row r's entries are [offsets[r], offsets[r + 1]) of the
+ * entry arrays, offsets having rows + 1 non-decreasing entries from 0.
+ * Backends: the CPU backend; the GPU backends return PSM_ERR_UNSUPPORTED
+ * for a call with processing until they run it through the shared stages. */
+typedef struct psm_logit_processing {
+    /* Allowed tokens (a grammar's mask): token i of row r is allowed when bit
+     * i % 32 of word allowed_mask[r * allowed_mask_words + i / 32] is set;
+     * others are masked like -inf. A row that allows no valid token is a bad
+     * row. allowed_mask_words: 0 means ceil(vocab / 32). NULL: all allowed. */
+    const uint32_t *allowed_mask;
+    int64_t allowed_mask_words;
+    /* Logit bias: entry e adds bias_values[e] to token bias_tokens[e]
+     * (entries of one token add in list order). NULL: no bias. */
+    const int64_t *bias_offsets;
+    const int32_t *bias_tokens;
+    const float *bias_values;
+    /* The history that penalties count: a token may repeat (frequency counts
+     * its repeats), e.g. the tokens generated so far. prompt_tokens (optional,
+     * repetition penalty only) adds tokens that repetition penalises without
+     * counting, e.g. the prompt, as vLLM and Hugging Face do. */
+    const int64_t *history_offsets;
+    const int32_t *history_tokens;
+    const int64_t *prompt_offsets;
+    const int32_t *prompt_tokens;
+    float repetition_penalty; /* in [1e-3, 1e3]; 1 = off. x > 0: x * (1/r), else x * r */
+    float frequency_penalty;  /* in [-1e3, 1e3]; 0 = off. x - f * count */
+    float presence_penalty;   /* in [-1e3, 1e3]; 0 = off. x - p, if count > 0 */
+    const float *repetition_penalty_per_row;
+    const float *frequency_penalty_per_row;
+    const float *presence_penalty_per_row;
+} psm_logit_processing;
+
+/* No processing: every pointer NULL, penalties off. */
+PSM_API void psm_logit_processing_init(psm_logit_processing *processing);
+
 /* A call's parameters. Rows here are the rows of the outputs: logits row i,
  * or logits row row_indices[i] when row_indices is given.
  *
@@ -174,6 +215,9 @@ typedef struct psm_params {
      * by other work while the call runs on the context's stream. */
     void *workspace;
     size_t workspace_bytes;
+
+    /* Logit processing (above); NULL: none. */
+    const psm_logit_processing *processing;
 } psm_params;
 
 /* Plain sampling at temperature 1, one sample, seed 0, every filter off. */

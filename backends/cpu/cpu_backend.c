@@ -16,11 +16,19 @@ static void free_tile_arrays(cpu_tile_arrays *arrays)
     memset(arrays, 0, sizeof *arrays);
 }
 
+static void free_processing_arrays(cpu_processing_arrays *arrays)
+{
+    psm_free(arrays->logits);
+    psm_free(arrays->counts);
+    memset(arrays, 0, sizeof *arrays);
+}
+
 static void free_scratch(cpu_scratch *scratch)
 {
     if (!scratch)
         return;
     free_tile_arrays(&scratch->owned);
+    free_processing_arrays(&scratch->owned_processing);
     psm_free(scratch);
 }
 
@@ -65,6 +73,31 @@ static psm_status ensure_capacity(cpu_state *state, int64_t vocab)
     return PSM_OK;
 }
 
+/* Grows every thread's own processing arrays to rows of `vocab` tokens. */
+static psm_status ensure_processing_capacity(cpu_state *state, int64_t vocab)
+{
+    for (int t = 0; t < state->threads; ++t) {
+        cpu_scratch *scratch = state->scratch[t];
+        if (scratch->owned_processing_vocab >= vocab)
+            continue;
+        cpu_processing_arrays grown = {
+            .logits = psm_alloc((size_t)vocab * sizeof(float)),
+            .counts = psm_alloc_zeroed((size_t)vocab, sizeof(uint32_t)),
+        };
+        if (!grown.logits || !grown.counts) {
+            free_processing_arrays(&grown);
+            return psm_set_error(PSM_ERR_OUT_OF_MEMORY,
+                                 "cpu backend: cannot allocate logit-processing workspace for "
+                                 "vocab %lld",
+                                 (long long)vocab);
+        }
+        free_processing_arrays(&scratch->owned_processing);
+        scratch->owned_processing = grown;
+        scratch->owned_processing_vocab = vocab;
+    }
+    return PSM_OK;
+}
+
 /* A caller's workspace holds every thread's tile arrays, each array starting
  * on a cache line (so that threads never share one), after up to 63 bytes
  * that align the first. */
@@ -75,19 +108,27 @@ static size_t line_round(size_t bytes)
     return (bytes + CPU_LINE - 1) / CPU_LINE * CPU_LINE;
 }
 
-static size_t thread_workspace_bytes(int64_t vocab)
+static size_t thread_workspace_bytes(int64_t vocab, int processing)
 {
     size_t tiles = (size_t)((vocab + PSM_TILE - 1) / PSM_TILE);
-    return 2 * line_round(tiles * sizeof(uint64_t)) + line_round(tiles * sizeof(float)) +
-           line_round(tiles * sizeof(int32_t)) + 2 * line_round(tiles * sizeof(uint8_t));
+    size_t bytes = 2 * line_round(tiles * sizeof(uint64_t)) + line_round(tiles * sizeof(float)) +
+                   line_round(tiles * sizeof(int32_t)) + 2 * line_round(tiles * sizeof(uint8_t));
+    if (processing)
+        bytes += line_round((size_t)vocab * sizeof(float)) +
+                 line_round((size_t)vocab * sizeof(uint32_t));
+    return bytes;
 }
 
-static size_t workspace_bytes(const cpu_state *state, int64_t vocab)
+static size_t workspace_bytes(const cpu_state *state, const psm_request *request)
 {
-    return (CPU_LINE - 1) + (size_t)state->threads * thread_workspace_bytes(vocab);
+    return (CPU_LINE - 1) +
+           (size_t)state->threads * thread_workspace_bytes(request->logits.vocab,
+                                                           psm_processing_active(&request->params));
 }
 
-static void carve_workspace(cpu_state *state, void *workspace, int64_t vocab)
+/* With logit processing the counts must start at zero: the caller's memory
+ * is cleared here (processed_row leaves them zero after each row). */
+static void carve_workspace(cpu_state *state, void *workspace, int64_t vocab, int processing)
 {
     size_t tiles = (size_t)((vocab + PSM_TILE - 1) / PSM_TILE);
     unsigned char *next =
@@ -107,22 +148,36 @@ static void carve_workspace(cpu_state *state, void *workspace, int64_t vocab)
         arrays.tile_raw = next;
         next += line_round(tiles * sizeof(uint8_t));
         use_tile_arrays(state->scratch[t], &arrays);
+        if (processing) {
+            cpu_processing_arrays *own = &state->scratch[t]->processing;
+            own->logits = (float *)next;
+            next += line_round((size_t)vocab * sizeof(float));
+            own->counts = (uint32_t *)next;
+            memset(own->counts, 0, (size_t)vocab * sizeof(uint32_t));
+            next += line_round((size_t)vocab * sizeof(uint32_t));
+        }
     }
 }
 
-/* The running call's tile arrays: the caller's workspace (which core checked
- * is large enough), or the context's own, grown if needed. */
+/* The running call's tile (and processing) arrays: the caller's workspace
+ * (which core checked is large enough), or the context's own, grown if
+ * needed. */
 static psm_status prepare_tile_arrays(cpu_state *state, const psm_request *request)
 {
+    const int processing = psm_processing_active(&request->params);
     if (request->params.workspace) {
-        carve_workspace(state, request->params.workspace, request->logits.vocab);
+        carve_workspace(state, request->params.workspace, request->logits.vocab, processing);
         return PSM_OK;
     }
     psm_status status = ensure_capacity(state, request->logits.vocab);
+    if (status == PSM_OK && processing)
+        status = ensure_processing_capacity(state, request->logits.vocab);
     if (status != PSM_OK)
         return status;
-    for (int t = 0; t < state->threads; ++t)
+    for (int t = 0; t < state->threads; ++t) {
         use_tile_arrays(state->scratch[t], &state->scratch[t]->owned);
+        state->scratch[t]->processing = state->scratch[t]->owned_processing;
+    }
     return PSM_OK;
 }
 
@@ -261,7 +316,7 @@ static psm_status cpu_workspace_size(void *opaque, const psm_request *request, i
                                      size_t *bytes)
 {
     (void)probs_mode; /* both write their outputs directly */
-    *bytes = workspace_bytes(opaque, request->logits.vocab);
+    *bytes = workspace_bytes(opaque, request);
     return PSM_OK;
 }
 
@@ -284,6 +339,7 @@ static psm_status cpu_synchronize(void *state)
 const psm_backend_ops psm_cpu_ops = {
     .api_version = PSM_BACKEND_API_VERSION,
     .id = PSM_BACKEND_CPU,
+    .features = PSM_FEATURE_LOGIT_PROCESSING,
     .probe = cpu_probe,
     .create = cpu_create,
     .destroy = cpu_destroy,

@@ -156,9 +156,19 @@ typedef struct cpu_tile_arrays {
     uint8_t *tile_raw;
 } cpu_tile_arrays;
 
+/* A row's processed logits and its token counts (logit processing only),
+ * vocab entries each; counts are all zero between rows. */
+typedef struct cpu_processing_arrays {
+    float *logits;
+    uint32_t *counts;
+} cpu_processing_arrays;
+
 typedef struct cpu_scratch {
     cpu_tile_arrays owned;  /* the context's, for owned_tiles tiles */
     int64_t owned_tiles;
+    cpu_processing_arrays owned_processing; /* the context's, for owned_processing_vocab */
+    int64_t owned_processing_vocab;
+    cpu_processing_arrays processing;       /* the running call's */
     /* The arrays of the running call (owned, or in the caller's workspace). */
     float *tile_max;        /* plain: largest valid logit; filtered: first valid, then kept */
     int32_t *tile_valid;    /* valid logits in the tile */

@@ -35,13 +35,10 @@ static void init_row(cpu_row *row, const psm_tensor *logits, int64_t r)
     row->prefetch_step = PREFETCH_IN_KEPT;
 }
 
-/* The count word of a token in processed_row: its history count, and this
- * bit when the prompt list holds it. Counts stay below 2^24. */
-#define CPU_IN_PROMPT 0x80000000u
-
-/* Output row r's processed logits (docs/SAMPLING.md, section 1), after
- * psm_read_logit, in the owner's buffer: the row the passes then read as
- * f32. Core checked every list and value (CPU arrays are host memory). */
+/* Output row r's processed logits (docs/SAMPLING.md, section 1;
+ * core/psm_processing.h), in the owner's buffer: the row the passes then
+ * read as f32. Core checked every list and value (CPU arrays are host
+ * memory). */
 static const float *processed_row(const psm_request *request, int64_t r, int64_t logits_row,
                                   cpu_scratch *owner)
 {
@@ -60,54 +57,18 @@ static const float *processed_row(const psm_request *request, int64_t r, int64_t
         for (int64_t i = 0; i < vocab; ++i)
             x[i] = psm_read_logit(psm_f16_to_float(((const uint16_t *)raw)[i]));
 
-    if (p->history_offsets || p->prompt_offsets) {
-        const float repetition =
-            p->repetition_penalty_per_row ? p->repetition_penalty_per_row[r] : p->repetition_penalty;
-        const float frequency =
-            p->frequency_penalty_per_row ? p->frequency_penalty_per_row[r] : p->frequency_penalty;
-        const float presence =
-            p->presence_penalty_per_row ? p->presence_penalty_per_row[r] : p->presence_penalty;
-        const float reciprocal = psm_penalty_reciprocal(repetition);
-        uint32_t *counts = owner->processing.counts;
-        int64_t history_begin = 0, history_end = 0, prompt_begin = 0, prompt_end = 0;
-        if (p->history_offsets) {
-            history_begin = p->history_offsets[r];
-            history_end = p->history_offsets[r + 1];
-        }
-        if (p->prompt_offsets) {
-            prompt_begin = p->prompt_offsets[r];
-            prompt_end = p->prompt_offsets[r + 1];
-        }
-        for (int64_t e = history_begin; e < history_end; ++e)
-            ++counts[p->history_tokens[e]];
-        for (int64_t e = prompt_begin; e < prompt_end; ++e)
-            counts[p->prompt_tokens[e]] |= CPU_IN_PROMPT;
-        /* Each listed token once (its count word is cleared when done), which
-         * leaves every count zero for the next row. */
-        for (int64_t e = history_begin; e < history_end + (prompt_end - prompt_begin); ++e) {
-            int32_t token = e < history_end ? p->history_tokens[e]
-                                            : p->prompt_tokens[prompt_begin + (e - history_end)];
-            uint32_t word = counts[token];
-            if (word == 0)
-                continue;
-            x[token] = psm_penalised_logit(x[token], word & ~CPU_IN_PROMPT,
-                                           (word & CPU_IN_PROMPT) != 0, repetition, reciprocal,
-                                           frequency, presence);
-            counts[token] = 0;
-        }
-    }
-    if (p->bias_offsets)
-        for (int64_t e = p->bias_offsets[r]; e < p->bias_offsets[r + 1]; ++e)
-            x[p->bias_tokens[e]] = PSM_FADD(x[p->bias_tokens[e]], p->bias_values[e]);
+    const psm_processing_arrays arrays = psm_request_processing_arrays(p);
+    const psm_row_lists lists = psm_row_lists_of(&arrays, r);
+    psm_process_row_lists(x, owner->processing.counts, &lists);
     if (p->allowed_mask) {
         const int64_t words = p->allowed_mask_words ? p->allowed_mask_words : (vocab + 31) / 32;
         const uint32_t *mask = p->allowed_mask + r * words;
         for (int64_t i = 0; i < vocab; ++i)
-            if (!((mask[i >> 5] >> (i & 31)) & 1u))
-                x[i] = -INFINITY;
+            x[i] = psm_processed_logit(x[i], psm_token_allowed(mask, i));
+    } else {
+        for (int64_t i = 0; i < vocab; ++i)
+            x[i] = psm_processed_logit(x[i], 1);
     }
-    for (int64_t i = 0; i < vocab; ++i)
-        x[i] = psm_read_logit(x[i]);
     return x;
 }
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The Python package on the GPU machine: build, pytest with the CUDA tests,
-# the benchmark plot, the overhead figures and the decode-loop example.
+# the benchmark plot, the overhead figures and the decode-loop example (with
+# its step captured in a CUDA graph and replayed, positions on the device).
 #
 # usage: python/gpu-tests.sh OUT_DIR [BUILD_DIR]
 #
@@ -47,7 +48,7 @@ status=0
   | tee "$out/pytest.txt" || status=$?
 (cd "$out" && python3 -m polysample.bench --device cuda --out "$out") 2>&1 \
   | tee "$out/bench.txt" || status=$?
-python3 "$repo/python/examples/decode_loop.py" --device cuda --steps 8 2>&1 \
+python3 "$repo/python/examples/decode_loop.py" --device cuda --steps 8 --graph 2>&1 \
   | tee "$out/decode_loop.txt" || status=$?
 summary=$(grep -E "(passed|failed|error)" "$out/pytest.txt" | tail -n 1)
 echo "python gpu tests: ${summary:-no pytest summary}; bench and overhead in $out"

@@ -14,7 +14,22 @@ same on every backend, and runs on torch's current stream:
     next_tokens = polysample.torch.sample(logits, temperature=..., top_p=...,
                                           seed_per_row=request_seeds, offset=step)
 
-Run: python decode_loop.py [--device cuda] [--steps 32] [--compile]
+With --graph (CUDA), the whole step (model, sampling, and advancing each
+sequence's position) is captured once in a CUDA graph and replayed per
+token. The positions live on the device (offset_per_row) and are read when
+the sampling kernels run, so each replay draws anew; the sampler's
+workspace comes from torch's allocator, i.e. the graph's pool:
+
+    positions = torch.zeros(batch, dtype=torch.int64, device="cuda")
+    with torch.cuda.graph(graph):
+        next_tokens = pst.sample(model(tokens), ..., seed_per_row=request_seeds,
+                                 offset_per_row=positions)
+        tokens.copy_(next_tokens[:, 0])
+        positions.add_(1)            # the next step's position, inside the graph
+    for step in range(steps):
+        graph.replay()
+
+Run: python decode_loop.py [--device cuda] [--steps 32] [--compile] [--graph]
 """
 import argparse
 
@@ -50,6 +65,35 @@ def decode(model, prompt, steps, request_seeds, use_polysample):
     return torch.stack(generated, dim=1)
 
 
+def decode_in_a_graph(model, prompt, steps, request_seeds):
+    """The polysample decode loop, its step captured once and replayed."""
+    tokens = prompt.clone()
+    positions = torch.zeros_like(request_seeds)
+
+    def step():
+        next_tokens = pst.sample(model(tokens), temperature=0.8, top_k=50, top_p=0.9,
+                                 seed_per_row=request_seeds, offset_per_row=positions)
+        tokens.copy_(next_tokens[:, 0])
+        positions.add_(1)
+
+    # Warm up on a side stream (as torch.cuda.graph asks), then start over.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    tokens.copy_(prompt)
+    positions.zero_()
+    generated = []
+    for _ in range(steps):
+        graph.replay()
+        generated.append(tokens.clone())
+    return torch.stack(generated, dim=1)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -58,6 +102,8 @@ def main():
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model and the sampling step together")
+    parser.add_argument("--graph", action="store_true",
+                        help="also capture the step in a CUDA graph and replay it (CUDA only)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -75,6 +121,14 @@ def main():
     for row in first.tolist():
         print("  ", row)
     print("same seeds, same tokens:", torch.equal(first, again))
+    if args.graph:
+        with torch.no_grad():
+            replayed = decode_in_a_graph(model, prompt, args.steps, request_seeds)
+        same = torch.equal(replayed, first)
+        print("CUDA graph replays, positions advanced on the device, equal the eager loop:",
+              same)
+        if not same:
+            raise SystemExit("the replayed graph drew other tokens than the eager loop")
     print("softmax + multinomial tokens (torch's generator):", baseline[0].tolist())
 
 

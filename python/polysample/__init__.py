@@ -26,8 +26,11 @@ the benchmark (python -m polysample.bench).
 import logging
 import threading
 
+import numpy as np
+
 from . import _core
-from ._arguments import BACKEND_CODES, BACKEND_NAMES, parse_backend, scalars
+from ._arguments import (ARRAY_NAMES, ARRAYS, BACKEND_CODES, BACKEND_NAMES, PROBS_ARRAYS,
+                         ROW_INDICES, arrays_of, parse_backend, scalars)
 from ._errors import Error
 from ._frameworks import HostResults, host_per_row, is_torch_tensor
 
@@ -111,37 +114,82 @@ class Context:
     def sample(self, logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0,
                offset=0, num_samples=1, temperature_per_row=None, top_k_per_row=None,
                top_p_per_row=None, min_p_per_row=None, seed_per_row=None,
-               return_logprobs=False):
+               offset_per_row=None, subsequence_per_row=None, row_indices=None,
+               seed_tensor=None, offset_tensor=None, workspace=None, return_logprobs=False):
         """Draws num_samples tokens per row; see polysample.sample."""
         values = scalars(temperature, top_k, top_p, min_p, seed, offset, num_samples)
-        per_row = (temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row,
-                   seed_per_row)
+        arrays = (temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row,
+                  seed_per_row, offset_per_row, subsequence_per_row, row_indices, seed_tensor,
+                  offset_tensor)
         if is_torch_tensor(logits):
             from . import torch as polysample_torch
-            return polysample_torch._run_on_context(self, 0, logits, values, per_row,
-                                                    return_logprobs)
+            return polysample_torch._run_on_context(self, 0, logits, values, arrays,
+                                                    return_logprobs, workspace)
         results = HostResults(logits)
-        shape = tuple(_shape(logits)[:-1]) + (values[6],)
+        arrays = _host_arrays(arrays)
+        shape = _output_rows(logits, arrays) + (values[6],)
         tokens = results.empty(shape, "int32")
         logprobs = results.empty(shape, "float32") if return_logprobs else None
-        self._context.run(0, logits, *values, *_host_per_row(per_row), tokens, logprobs)
+        self._context.run(0, logits, values, arrays, tokens, logprobs, workspace)
         if return_logprobs:
             return results.result(tokens), results.result(logprobs)
         return results.result(tokens)
 
     def probs(self, logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
               temperature_per_row=None, top_k_per_row=None, top_p_per_row=None,
-              min_p_per_row=None):
+              min_p_per_row=None, row_indices=None, workspace=None):
         """The distribution sample() draws from; see polysample.probs."""
         values = scalars(temperature, top_k, top_p, min_p, 0, 0, 1)
-        per_row = (temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row, None)
+        arrays = arrays_of(dict(temperature_per_row=temperature_per_row,
+                                top_k_per_row=top_k_per_row, top_p_per_row=top_p_per_row,
+                                min_p_per_row=min_p_per_row, row_indices=row_indices))
         if is_torch_tensor(logits):
             from . import torch as polysample_torch
-            return polysample_torch._run_on_context(self, 1, logits, values, per_row, False)
+            return polysample_torch._run_on_context(self, 1, logits, values, arrays, False,
+                                                    workspace)
         results = HostResults(logits)
-        out = results.empty(tuple(_shape(logits)), "float32")
-        self._context.run(1, logits, *values, *_host_per_row(per_row), out, None)
+        arrays = _host_arrays(arrays)
+        out = results.empty(_output_rows(logits, arrays) + (_shape(logits)[-1],), "float32")
+        self._context.run(1, logits, values, arrays, out, None, workspace)
         return results.result(out)
+
+    def sample_workspace_size(self, logits, **arguments):
+        """The bytes of workspace that sample(logits, **arguments) needs on
+        this context: the same keyword arguments as sample(), without
+        workspace. Only the shapes, the memory and which arrays are given
+        decide it (array contents are not read)."""
+        return self._workspace_size(0, logits, arguments)
+
+    def probs_workspace_size(self, logits, **arguments):
+        """The bytes of workspace that probs(logits, **arguments) needs."""
+        return self._workspace_size(1, logits, arguments)
+
+    def _workspace_size(self, mode, logits, arguments):
+        names = ARRAY_NAMES if mode == 0 else PROBS_ARRAYS
+        scalar_names = ("temperature", "top_k", "top_p", "min_p") + \
+            (("seed", "offset", "num_samples", "return_logprobs") if mode == 0 else ())
+        unknown = set(arguments) - set(names) - set(scalar_names)
+        if unknown:
+            raise Error("INVALID_ARGUMENT", f"unknown arguments {sorted(unknown)} (workspace "
+                                            "is what this sizes; leave it out)")
+        defaults = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, offset=0,
+                        num_samples=1)
+        defaults.update((key, value) for key, value in arguments.items() if key in defaults)
+        values = scalars(*(defaults[name] for name in (
+            "temperature", "top_k", "top_p", "min_p", "seed", "offset", "num_samples")))
+        arrays = arrays_of(arguments)
+        if is_torch_tensor(logits):
+            from . import torch as polysample_torch
+            return polysample_torch._workspace_size(self._context, mode, logits, values, arrays,
+                                                    bool(arguments.get("return_logprobs")))
+        arrays = _host_arrays(arrays)
+        rows = _output_rows(logits, arrays)
+        if mode == 0:
+            out = np.empty(rows + (values[6],), np.int32)
+            logprobs = out.view(np.float32) if arguments.get("return_logprobs") else None
+        else:
+            out, logprobs = np.empty(rows + (_shape(logits)[-1],), np.float32), None
+        return self._context.workspace_size(mode, logits, values, arrays, out, logprobs)
 
 
 def _shape(array):
@@ -153,14 +201,20 @@ def _shape(array):
     return shape
 
 
-_PER_ROW_KINDS = (("temperature_per_row", "float32"), ("top_k_per_row", "int32"),
-                  ("top_p_per_row", "float32"), ("min_p_per_row", "float32"),
-                  ("seed_per_row", "uint64"))
+def _output_rows(logits, arrays):
+    """The outputs' leading shape: (len(row_indices),) with row indices,
+    else the logits' shape without its last dimension."""
+    indices = arrays[ROW_INDICES]
+    if indices is None:
+        return tuple(_shape(logits)[:-1])
+    if indices.ndim != 1:
+        raise Error("INVALID_ARGUMENT", f"row_indices must be 1-D; got {indices.ndim}-D")
+    return (len(indices),)
 
 
-def _host_per_row(values):
-    return [host_per_row(value, kind, name)
-            for value, (name, kind) in zip(values, _PER_ROW_KINDS)]
+def _host_arrays(values):
+    return tuple(host_per_row(value, kind, name)
+                 for value, (name, kind) in zip(values, ARRAYS))
 
 
 _cached = threading.local()
@@ -180,47 +234,63 @@ def _default_context(backend):
 
 def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, offset=0,
            num_samples=1, temperature_per_row=None, top_k_per_row=None, top_p_per_row=None,
-           min_p_per_row=None, seed_per_row=None, return_logprobs=False, backend=None):
+           min_p_per_row=None, seed_per_row=None, offset_per_row=None, subsequence_per_row=None,
+           row_indices=None, seed_tensor=None, offset_tensor=None, workspace=None,
+           return_logprobs=False, backend=None):
     """Draws num_samples tokens per row of logits (docs/SAMPLING.md).
 
     temperature: below 1e-5 (0 included) is greedy. top_k: 0 = off.
     top_p: in (0, 1], 1 = off. min_p: in [0, 1], 0 = off. seed, offset:
     0 to 2^64 - 1 (offset: e.g. the decoding step). *_per_row: one value per
-    row, overriding the scalar (arrays of the logits' framework and device,
-    or sequences for host logits). Returns tokens, or (tokens, logprobs)
-    with return_logprobs=True; a row with NaN/+inf or no finite logit gets
-    token -1 and logprob NaN.
+    output row, overriding the scalar (arrays of the logits' framework and
+    device, or sequences for host logits): offset_per_row (e.g. each
+    sequence's position), subsequence_per_row (each row's random stream, so
+    that rows with the same seed and offset draw independently).
+    row_indices: output row i samples logits row row_indices[i]; outputs
+    then have len(row_indices) rows. seed_tensor, offset_tensor: a
+    one-element array in the logits' memory holding the seed or offset,
+    read when the call runs (with CUDA tensors, when the kernels run: a
+    captured CUDA graph draws anew once the tensor changes). workspace: a
+    1-D uint8 array of at least Context.sample_workspace_size() bytes in the
+    backend's memory (host for the CPU backend, the device for CUDA/HIP);
+    with it the call allocates nothing. Returns tokens, or (tokens,
+    logprobs) with return_logprobs=True; a row with NaN/+inf or no finite
+    logit gets token -1 and logprob NaN.
     """
+    values = scalars(temperature, top_k, top_p, min_p, seed, offset, num_samples)
+    arrays = (temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row, seed_per_row,
+              offset_per_row, subsequence_per_row, row_indices, seed_tensor, offset_tensor)
     if is_torch_tensor(logits):
         from . import torch as polysample_torch
-        return polysample_torch._eager(0, logits, backend,
-                                       scalars(temperature, top_k, top_p, min_p, seed, offset,
-                                               num_samples),
-                                       (temperature_per_row, top_k_per_row, top_p_per_row,
-                                        min_p_per_row, seed_per_row), return_logprobs)
+        return polysample_torch._eager(0, logits, backend, values, arrays, return_logprobs,
+                                       workspace)
     parse_backend(backend)
     return _default_context(backend).sample(
-        logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
-        offset=offset, num_samples=num_samples, temperature_per_row=temperature_per_row,
-        top_k_per_row=top_k_per_row, top_p_per_row=top_p_per_row, min_p_per_row=min_p_per_row,
-        seed_per_row=seed_per_row, return_logprobs=return_logprobs)
+        logits, **dict(zip(("temperature", "top_k", "top_p", "min_p", "seed", "offset",
+                            "num_samples"), values)),
+        **dict(zip(ARRAY_NAMES, arrays)), workspace=workspace, return_logprobs=return_logprobs)
 
 
 def probs(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, temperature_per_row=None,
-          top_k_per_row=None, top_p_per_row=None, min_p_per_row=None, backend=None):
+          top_k_per_row=None, top_p_per_row=None, min_p_per_row=None, row_indices=None,
+          workspace=None, backend=None):
     """The final (filtered, renormalised) distribution sample() draws from,
-    float32 of the logits' shape; a bad row is all NaN."""
+    float32 of the logits' shape (with row_indices: len(row_indices) rows);
+    a bad row is all NaN. workspace: as for sample(), sized by
+    Context.probs_workspace_size()."""
+    values = scalars(temperature, top_k, top_p, min_p, 0, 0, 1)
     if is_torch_tensor(logits):
         from . import torch as polysample_torch
-        return polysample_torch._eager(1, logits, backend,
-                                       scalars(temperature, top_k, top_p, min_p, 0, 0, 1),
-                                       (temperature_per_row, top_k_per_row, top_p_per_row,
-                                        min_p_per_row, None), False)
+        arrays = arrays_of(dict(temperature_per_row=temperature_per_row,
+                                top_k_per_row=top_k_per_row, top_p_per_row=top_p_per_row,
+                                min_p_per_row=min_p_per_row, row_indices=row_indices))
+        return polysample_torch._eager(1, logits, backend, values, arrays, False, workspace)
     parse_backend(backend)
     return _default_context(backend).probs(
         logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         temperature_per_row=temperature_per_row, top_k_per_row=top_k_per_row,
-        top_p_per_row=top_p_per_row, min_p_per_row=min_p_per_row)
+        top_p_per_row=top_p_per_row, min_p_per_row=min_p_per_row, row_indices=row_indices,
+        workspace=workspace)
 
 
 def info():

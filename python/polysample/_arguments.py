@@ -15,6 +15,27 @@ UINT64_MAX = 2**64 - 1
 BACKEND_CODES = {"auto": 0, "cpu": 1, "cuda": 2, "hip": 3, "opencl": 4}
 BACKEND_NAMES = {code: name for name, code in BACKEND_CODES.items()}
 
+# The array arguments of a call, in the order the extension takes them
+# (python/src/core.cpp, Arrays), with the element type each becomes.
+# seed_tensor and offset_tensor hold one value: the scalar seed or offset,
+# read when the call runs (on a GPU, when its kernels run: a captured CUDA
+# graph reads their contents at every replay).
+ARRAYS = (("temperature_per_row", "float32"), ("top_k_per_row", "int32"),
+          ("top_p_per_row", "float32"), ("min_p_per_row", "float32"),
+          ("seed_per_row", "uint64"), ("offset_per_row", "uint64"),
+          ("subsequence_per_row", "uint32"), ("row_indices", "int64"),
+          ("seed_tensor", "uint64"), ("offset_tensor", "uint64"))
+ARRAY_NAMES = tuple(name for name, _ in ARRAYS)
+ROW_INDICES = ARRAY_NAMES.index("row_indices")
+# The arrays that matter to probs(): the filters' per-row values and the gather.
+PROBS_ARRAYS = ("temperature_per_row", "top_k_per_row", "top_p_per_row", "min_p_per_row",
+                "row_indices")
+
+
+def arrays_of(values):
+    """The ARRAYS tuple from a dict of the given ones (the others None)."""
+    return tuple(values.get(name) for name in ARRAY_NAMES)
+
 
 def _integer(value, name):
     try:

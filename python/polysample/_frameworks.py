@@ -79,17 +79,25 @@ def _host_array(value, name):
     return np.asarray(value)
 
 
-def host_per_row(value, kind, name):
-    """A per-row parameter as a contiguous NumPy array of the C element type.
+# The range of each integer element type an array argument becomes.
+INTEGER_RANGES = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1),
+                  "uint32": (0, 2**32 - 1), "uint64": (0, 2**64 - 1)}
 
-    kind: "float32", "int32" or "uint64". Integers must be integers (no
-    silent truncation of 2.5 to 2) and must fit; float32 takes any real.
+
+def host_per_row(value, kind, name):
+    """An array argument as a contiguous NumPy array of the C element type.
+
+    kind: "float32", or a key of INTEGER_RANGES. Integers must be integers
+    (no silent truncation of 2.5 to 2) and must fit; float32 takes any real.
     """
     if value is None:
         return None
     if isinstance(value, (list, tuple)) and kind != "float32":
         return _integer_sequence(value, kind, name)
     array = _host_array(value, name)
+    if array.ndim == 0:
+        # NumPy would make it one value silently (ascontiguousarray).
+        raise Error("INVALID_ARGUMENT", f"{name} must be an array; got the scalar {value!r}")
     letter = array.dtype.kind
     if kind == "float32":
         if letter not in "fiu":
@@ -97,19 +105,20 @@ def host_per_row(value, kind, name):
         return np.ascontiguousarray(array, dtype=np.float32)
     if letter not in "iu":
         raise Error("INVALID_ARGUMENT", f"{name} must hold integers; got {array.dtype}")
-    if kind == "int32":
-        if array.size and (array.min() < -(2**31) or array.max() > 2**31 - 1):
-            raise Error("INVALID_PARAMETER", f"{name} has values outside 32-bit integers")
-        return np.ascontiguousarray(array, dtype=np.int32)
-    if letter == "i" and array.size and array.min() < 0:
-        raise Error("INVALID_PARAMETER", f"{name} has negative seeds; seeds are 0 to 2^64 - 1")
-    return np.ascontiguousarray(array, dtype=np.uint64)
+    low, high = INTEGER_RANGES[kind]
+    if array.size and low == 0 and letter == "i" and array.min() < 0:
+        raise Error("INVALID_PARAMETER", f"{name} has negative values; expected 0 to {high}")
+    # Compared as Python integers: NumPy would compare uint64 with int64
+    # bounds through float64.
+    if array.size and (int(array.min()) < low or int(array.max()) > high):
+        raise Error("INVALID_PARAMETER", f"{name} has values outside {low} to {high}")
+    return np.ascontiguousarray(array, dtype=np.dtype(kind))
 
 
 def _integer_sequence(values, kind, name):
     """A list of Python integers, checked one by one (NumPy would turn a
     list mixing 2^64 - 1 and small integers into float64)."""
-    low, high = (-(2**31), 2**31 - 1) if kind == "int32" else (0, 2**64 - 1)
+    low, high = INTEGER_RANGES[kind]
     checked = []
     for value in values:
         try:
@@ -119,4 +128,4 @@ def _integer_sequence(values, kind, name):
         if not low <= value <= high:
             raise Error("INVALID_PARAMETER", f"{name} holds {value}, outside {low} to {high}")
         checked.append(value)
-    return np.array(checked, dtype=np.int32 if kind == "int32" else np.uint64)
+    return np.array(checked, dtype=np.dtype(kind))

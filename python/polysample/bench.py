@@ -155,7 +155,7 @@ def run_overhead(device, vocab, repeats):
         import polysample.torch as pst
         logits = make_logits(1, vocab, "cuda")
         tokens = torch.empty((1, 1), dtype=torch.int32, device="cuda")
-        context = pst._context_for(logits.device, None, 1, vocab, 1)
+        context = pst._context_for(logits.device, None)
         sync = torch.cuda.synchronize
         pst.sample(logits)
         c_times = context.time_sample(pst._raw(logits), pst._raw(tokens), 3, SYNC_EVERY)

@@ -11,32 +11,38 @@ the library bound to that stream is made at first use and kept per
 (device, stream). CPU tensors run on the CPU backend.
 
 CUDA graphs: scalars (temperature, seed, offset, ...) are frozen into the
-graph at capture, so a replay draws the same random numbers. To draw anew
-at each replay, pass seed_per_row as a CUDA int64 tensor and update it in
-place between replays (e.g. request seed + step); with per-row seeds a
-row's draws depend on its seed alone, not its position in the batch.
+graph at capture, so a replay with them draws the same random numbers. To
+draw anew at each replay, keep the positions on the device: offset_tensor
+(one int64, the batch's offset) or offset_per_row (one per row, e.g. each
+sequence's position), and seed_tensor or seed_per_row likewise; the kernels
+read them when they run, so advancing them in place (inside the graph after
+the sampling node, or between replays) makes the next replay draw anew.
 
-Workspace: the library keeps its own device workspace per context (the C
-API has no hook for an external allocator yet), reserved outside the timed
-path: a context grows when it first sees a larger shape. A context whose
-workspace a captured graph may use is never grown or freed: a larger shape
-gets a fresh context and the old one is kept for the graphs (its memory is
-held until the process exits).
+Workspace: each call takes its workspace from torch's allocator
+(torch.empty of the bytes the library's size query gives, on the logits'
+device and torch's current stream), so the library allocates nothing:
+inside a CUDA graph capture the workspace comes from the graph's memory
+pool like any other tensor of the captured step, and outside from the
+caching allocator. The library context bound to a (device, stream) is made
+once and never grows.
 """
 import numpy as np
 import torch
 
 from . import _core
-from ._arguments import BACKEND_CODES, parse_backend, scalars
+from ._arguments import (ARRAY_NAMES, ARRAYS, BACKEND_CODES, PROBS_ARRAYS, ROW_INDICES,
+                         arrays_of, parse_backend, scalars)
 from ._errors import Error
 from ._frameworks import host_per_row
 
 __all__ = ["sample", "probs"]
 
 _KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int32: 3,
-          torch.int64: 4}
+          torch.int64: 4, torch.uint8: 7}
 if hasattr(torch, "uint64"):
     _KINDS[torch.uint64] = 5
+if hasattr(torch, "uint32"):
+    _KINDS[torch.uint32] = 6
 
 _IS_ROCM = getattr(torch.version, "hip", None) is not None
 _DL_CPU, _DL_CUDA, _DL_ROCM = 1, 2, 10
@@ -70,23 +76,13 @@ except AttributeError:
         return torch.cuda.current_stream(index).cuda_stream
 
 
-class _Entry:
-    """A cached context and the workspace it has reserved."""
-    __slots__ = ("context", "rows", "vocab", "samples", "captured")
-
-    def __init__(self, context, rows, vocab, samples, captured):
-        self.context = context
-        self.rows, self.vocab, self.samples = rows, vocab, samples
-        self.captured = captured
+_contexts = {}
 
 
-_entries = {}
-_kept_for_graphs = []
-
-
-def _context_for(device, backend, rows, vocab, samples):
-    """The extension context to run a call of this size on, on torch's
-    current stream, with its workspace reserved (see the module docstring)."""
+def _context_for(device, backend):
+    """The extension context that runs on torch's current stream for this
+    device, made at first use. Calls bring their own workspace (_run), so
+    the context never grows and a captured graph's use of it stays valid."""
     if device.type == "cpu":
         code = BACKEND_CODES["cpu"] if backend is None else backend
         key, index, stream, capturing = ("cpu", code), -1, 0, False
@@ -104,66 +100,55 @@ def _context_for(device, backend, rows, vocab, samples):
             stream = _CUDA_STREAM_LEGACY
         key = (index, stream)
         capturing = torch.cuda.is_current_stream_capturing()
-    entry = _entries.get(key)
-    if entry is not None and rows <= entry.rows and vocab <= entry.vocab \
-            and samples <= entry.samples:
-        if capturing:
-            entry.captured = True
-        return entry.context
-    if entry is not None:
-        rows, vocab = max(rows, entry.rows), max(vocab, entry.vocab)
-        samples = max(samples, entry.samples)
-        if not (entry.captured or capturing):
-            entry.context.reserve(rows, vocab, samples)
-            entry.rows, entry.vocab, entry.samples = rows, vocab, samples
-            return entry.context
-        _kept_for_graphs.append(entry.context)
-    # Creating a context allocates device memory, which CUDA refuses during
-    # a capture in the default (global) mode: relax it for this thread.
+    context = _contexts.get(key)
+    if context is not None:
+        return context
+    # Creating a context may allocate device memory, which CUDA refuses
+    # during a capture in the default (global) mode: relax it for this thread.
     previous_mode = _core.exchange_capture_mode(_CAPTURE_MODE_RELAXED) if capturing else None
     try:
         context = _core.Context(code, index, False, stream, 0, None)
-        context.reserve(rows, vocab, samples)
     finally:
         if previous_mode is not None and previous_mode >= 0:
             _core.exchange_capture_mode(previous_mode)
-    _entries[key] = _Entry(context, rows, vocab, samples, capturing)
+    _contexts[key] = context
     return context
 
 
-_PER_ROW_DTYPES = (torch.float32, torch.int32, torch.float32, torch.float32, None)
-_PER_ROW_NAMES = ("temperature_per_row", "top_k_per_row", "top_p_per_row", "min_p_per_row",
-                  "seed_per_row")
+# Per array argument (polysample._arguments.ARRAYS): the tensor dtypes taken
+# as they are, the first being the one others are converted to. Unsigned
+# values travel in the signed type of their width, read as the same bits.
+_UNSIGNED64 = (torch.int64,) + ((torch.uint64,) if hasattr(torch, "uint64") else ())
+_UNSIGNED32 = (torch.int32,) + ((torch.uint32,) if hasattr(torch, "uint32") else ())
+_ARRAY_DTYPES = ((torch.float32,), (torch.int32,), (torch.float32,), (torch.float32,),
+                 _UNSIGNED64, _UNSIGNED64, _UNSIGNED32, (torch.int64,), _UNSIGNED64,
+                 _UNSIGNED64)
+_SIGNED_OF = {"uint64": np.int64, "uint32": np.int32}
 
 
-def _per_row_tensor(value, dtype, name, device):
-    """A per-row parameter as a tensor on the logits' device. Sequences and
+def _array_tensor(value, dtypes, name, kind, device):
+    """An array argument as a tensor on the logits' device. Sequences and
     tensors of another dtype are converted (a copy; for CUDA graphs pass
-    tensors of the right dtype and device)."""
+    tensors of the right dtype and device, so that the graph reads the
+    tensor you update)."""
     if value is None:
         return None
     if not isinstance(value, torch.Tensor):
-        kind = "uint64" if dtype is None else str(dtype).replace("torch.", "")
         array = host_per_row(value, kind, name)
-        # Seeds travel as int64 carrying the unsigned bits.
-        value = torch.from_numpy(array.view(np.int64) if kind == "uint64" else array)
-    if name == "seed_per_row":
-        if value.dtype not in (torch.int64, getattr(torch, "uint64", torch.int64)):
-            if value.is_floating_point():
-                raise Error("INVALID_ARGUMENT", "seed_per_row must hold integers")
-            value = value.to(torch.int64)
-    elif value.dtype != dtype:
-        if dtype == torch.int32 and value.is_floating_point():
+        signed = _SIGNED_OF.get(kind)
+        value = torch.from_numpy(array.view(signed) if signed is not None else array)
+    if value.dtype not in dtypes:
+        if value.is_floating_point() and not dtypes[0].is_floating_point:
             raise Error("INVALID_ARGUMENT", f"{name} must hold integers")
-        value = value.to(dtype)
+        value = value.to(dtypes[0])
     if value.device != device:
         value = value.to(device)
     return value
 
 
-def _prepare_per_row(per_row, device):
-    return tuple(_per_row_tensor(value, dtype, name, device)
-                 for value, dtype, name in zip(per_row, _PER_ROW_DTYPES, _PER_ROW_NAMES))
+def _prepare_arrays(arrays, device):
+    return tuple(_array_tensor(value, dtypes, name, kind, device)
+                 for value, dtypes, (name, kind) in zip(arrays, _ARRAY_DTYPES, ARRAYS))
 
 
 def _check_logits(logits):
@@ -176,52 +161,94 @@ def _check_logits(logits):
     return rows, logits.shape[-1]
 
 
-def _run(mode, context, logits, values, per_row, return_logprobs):
-    temperature, top_k, top_p, min_p, seed, offset, samples = values
+def _output_rows(logits, arrays):
+    indices = arrays[ROW_INDICES]
+    if indices is None:
+        return tuple(logits.shape[:-1])
+    if indices.dim() != 1:
+        raise Error("INVALID_ARGUMENT", f"row_indices must be 1-D; got {indices.dim()}-D")
+    return (indices.shape[0],)
+
+
+def _outputs(mode, logits, arrays, samples, return_logprobs):
+    rows = _output_rows(logits, arrays)
     if mode == 1:
-        out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-        context.run(1, _raw(logits), temperature, top_k, top_p, min_p, 0, 0, 1,
-                    *map(_raw_or_none, per_row[:4]), None, _raw(out), None)
-        return out
-    shape = tuple(logits.shape[:-1]) + (samples,)
-    tokens = torch.empty(shape, dtype=torch.int32, device=logits.device)
-    logprobs = torch.empty(shape if return_logprobs else (0,), dtype=torch.float32,
-                           device=logits.device)
-    context.run(0, _raw(logits), temperature, top_k, top_p, min_p, seed, offset, samples,
-                *map(_raw_or_none, per_row), _raw(tokens),
-                _raw(logprobs) if return_logprobs else None)
+        return torch.empty(rows + (logits.shape[-1],), dtype=torch.float32,
+                           device=logits.device), None
+    tokens = torch.empty(rows + (samples,), dtype=torch.int32, device=logits.device)
+    logprobs = torch.empty(rows + (samples,) if return_logprobs else (0,),
+                           dtype=torch.float32, device=logits.device)
     return tokens, logprobs
 
 
-def _eager(mode, logits, backend, values, per_row, return_logprobs):
+def _torch_workspace(device, kept):
+    """The allocator the extension calls with the bytes a call needs: a
+    uint8 tensor from torch's allocator on torch's current stream, kept
+    alive (in `kept`) until the call has been queued; torch then reuses the
+    memory only for later work on that stream."""
+    def allocate(size):
+        workspace = torch.empty(size, dtype=torch.uint8, device=device)
+        kept.append(workspace)
+        return _raw(workspace)
+    return allocate
+
+
+def _run(mode, context, logits, values, arrays, return_logprobs, workspace):
+    """One call; workspace: a uint8 tensor, None (the context's own) or
+    "torch" (torch's allocator, sized by the library's query)."""
+    out, logprobs = _outputs(mode, logits, arrays, values[6], return_logprobs)
+    kept = []
+    if isinstance(workspace, str):
+        workspace = _torch_workspace(logits.device, kept)
+    elif workspace is not None:
+        workspace = _raw(workspace)
+    context.run(mode, _raw(logits), values, tuple(map(_raw_or_none, arrays)), _raw(out),
+                _raw(logprobs) if mode == 0 and return_logprobs else None, workspace)
+    return out, logprobs
+
+
+def _workspace_size(context, mode, logits, values, arrays, return_logprobs):
+    """Context.sample_workspace_size / probs_workspace_size on tensors."""
+    _check_logits(logits)
+    arrays = _prepare_arrays(arrays, logits.device)
+    out, logprobs = _outputs(mode, logits, arrays, values[6], return_logprobs)
+    return context.workspace_size(mode, _raw(logits), values, tuple(map(_raw_or_none, arrays)),
+                                  _raw(out), _raw(logprobs) if mode == 0 and return_logprobs
+                                  else None)
+
+
+def _eager(mode, logits, backend, values, arrays, return_logprobs, workspace):
     """polysample.sample / probs on a tensor: the op's work without the
     dispatcher (which only matters when tracing)."""
     code, index = parse_backend(backend)
     if index is not None and logits.device.type == "cuda" and index != logits.device.index:
         raise Error("WRONG_BACKEND", f"backend {backend!r} names device {index}; the logits "
                                      f"are on {logits.device}")
-    rows, vocab = _check_logits(logits)
-    per_row = _prepare_per_row(per_row, logits.device)
-    context = _context_for(logits.device, code, rows, vocab, values[6])
-    result = _run(mode, context, logits, values, per_row, return_logprobs)
-    if mode == 1:
-        return result
-    return result if return_logprobs else result[0]
-
-
-def _run_on_context(context, mode, logits, values, per_row, return_logprobs):
-    """polysample.Context.sample / probs on a tensor: the Context's own
-    stream, so it waits for torch's stream before and for itself after."""
     _check_logits(logits)
-    per_row = _prepare_per_row(per_row, logits.device)
+    arrays = _prepare_arrays(arrays, logits.device)
+    context = _context_for(logits.device, code)
+    out, logprobs = _run(mode, context, logits, values, arrays, return_logprobs,
+                         "torch" if workspace is None else workspace)
+    if mode == 1:
+        return out
+    return (out, logprobs) if return_logprobs else out
+
+
+def _run_on_context(context, mode, logits, values, arrays, return_logprobs, workspace):
+    """polysample.Context.sample / probs on a tensor: the Context's own
+    stream, so it waits for torch's stream before and for itself after.
+    Without a workspace the Context uses its own."""
+    _check_logits(logits)
+    arrays = _prepare_arrays(arrays, logits.device)
     if logits.device.type == "cuda":
         torch.cuda.current_stream(logits.device).synchronize()
-    result = _run(mode, context._context, logits, values, per_row, return_logprobs)
+    out, logprobs = _run(mode, context._context, logits, values, arrays, return_logprobs,
+                         workspace)
     if logits.device.type == "cuda" and context._own_stream:
         context.synchronize()
     if mode == 1:
-        return result
-    return result if return_logprobs else result[0]
+        return out
+    return (out, logprobs) if return_logprobs else out
 
 
 # The ops. Seeds and offsets are unsigned 64-bit in the C API and signed in
@@ -231,31 +258,44 @@ _library.define(
     "sample(Tensor logits, float temperature, int top_k, float top_p, float min_p, int seed, "
     "int offset, int num_samples, Tensor? temperature_per_row, Tensor? top_k_per_row, "
     "Tensor? top_p_per_row, Tensor? min_p_per_row, Tensor? seed_per_row, "
-    "bool return_logprobs) -> (Tensor, Tensor)")
+    "Tensor? offset_per_row, Tensor? subsequence_per_row, Tensor? row_indices, "
+    "Tensor? seed_tensor, Tensor? offset_tensor, bool return_logprobs) -> (Tensor, Tensor)")
 _library.define(
     "probs(Tensor logits, float temperature, int top_k, float top_p, float min_p, "
     "Tensor? temperature_per_row, Tensor? top_k_per_row, Tensor? top_p_per_row, "
-    "Tensor? min_p_per_row) -> Tensor")
+    "Tensor? min_p_per_row, Tensor? row_indices) -> Tensor")
+
+_PROBS_INDICES = tuple(ARRAY_NAMES.index(name) for name in PROBS_ARRAYS)
+
+
+def _probs_arrays(temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row,
+                  row_indices):
+    return arrays_of(dict(temperature_per_row=temperature_per_row,
+                          top_k_per_row=top_k_per_row, top_p_per_row=top_p_per_row,
+                          min_p_per_row=min_p_per_row, row_indices=row_indices))
 
 
 def _sample_kernel(logits, temperature, top_k, top_p, min_p, seed, offset, num_samples,
                    temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row,
-                   seed_per_row, return_logprobs):
+                   seed_per_row, offset_per_row, subsequence_per_row, row_indices, seed_tensor,
+                   offset_tensor, return_logprobs):
     values = scalars(temperature, top_k, top_p, min_p, seed & _UINT64_MASK,
                      offset & _UINT64_MASK, num_samples)
-    rows, vocab = _check_logits(logits)
-    per_row = (temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row, seed_per_row)
-    context = _context_for(logits.device, None, rows, vocab, num_samples)
-    return _run(0, context, logits, values, per_row, return_logprobs)
+    _check_logits(logits)
+    arrays = (temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row, seed_per_row,
+              offset_per_row, subsequence_per_row, row_indices, seed_tensor, offset_tensor)
+    context = _context_for(logits.device, None)
+    return _run(0, context, logits, values, arrays, return_logprobs, "torch")
 
 
 def _probs_kernel(logits, temperature, top_k, top_p, min_p, temperature_per_row,
-                  top_k_per_row, top_p_per_row, min_p_per_row):
+                  top_k_per_row, top_p_per_row, min_p_per_row, row_indices):
     values = scalars(temperature, top_k, top_p, min_p, 0, 0, 1)
-    rows, vocab = _check_logits(logits)
-    per_row = (temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row, None)
-    context = _context_for(logits.device, None, rows, vocab, 1)
-    return _run(1, context, logits, values, per_row, False)
+    _check_logits(logits)
+    arrays = _probs_arrays(temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row,
+                           row_indices)
+    context = _context_for(logits.device, None)
+    return _run(1, context, logits, values, arrays, False, "torch")[0]
 
 
 for _key in ("CPU", "CUDA"):
@@ -263,11 +303,16 @@ for _key in ("CPU", "CUDA"):
     _library.impl("probs", _probs_kernel, _key)
 
 
+def _fake_rows(logits, row_indices):
+    return (row_indices.shape[0],) if row_indices is not None else tuple(logits.shape[:-1])
+
+
 @torch.library.register_fake("polysample::sample")
 def _sample_fake(logits, temperature, top_k, top_p, min_p, seed, offset, num_samples,
                  temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row,
-                 seed_per_row, return_logprobs):
-    shape = tuple(logits.shape[:-1]) + (num_samples,)
+                 seed_per_row, offset_per_row, subsequence_per_row, row_indices, seed_tensor,
+                 offset_tensor, return_logprobs):
+    shape = _fake_rows(logits, row_indices) + (num_samples,)
     tokens = logits.new_empty(shape, dtype=torch.int32)
     logprobs = logits.new_empty(shape if return_logprobs else (0,), dtype=torch.float32)
     return tokens, logprobs
@@ -275,8 +320,9 @@ def _sample_fake(logits, temperature, top_k, top_p, min_p, seed, offset, num_sam
 
 @torch.library.register_fake("polysample::probs")
 def _probs_fake(logits, temperature, top_k, top_p, min_p, temperature_per_row, top_k_per_row,
-                top_p_per_row, min_p_per_row):
-    return logits.new_empty(logits.shape, dtype=torch.float32)
+                top_p_per_row, min_p_per_row, row_indices):
+    return logits.new_empty(_fake_rows(logits, row_indices) + (logits.shape[-1],),
+                            dtype=torch.float32)
 
 
 def _signed64(value, name):
@@ -288,33 +334,39 @@ def _signed64(value, name):
 
 def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, offset=0,
            num_samples=1, temperature_per_row=None, top_k_per_row=None, top_p_per_row=None,
-           min_p_per_row=None, seed_per_row=None, return_logprobs=False):
+           min_p_per_row=None, seed_per_row=None, offset_per_row=None, subsequence_per_row=None,
+           row_indices=None, seed_tensor=None, offset_tensor=None, return_logprobs=False):
     """torch.ops.polysample.sample with polysample.sample's arguments.
 
-    Per-row parameters are tensors on the logits' device (float32 for
-    temperature, top-p, min-p; int32 for top-k; int64 for seeds, read as
-    unsigned); other inputs are converted first. Returns tokens (int32,
-    logits.shape[:-1] + (num_samples,)), or (tokens, logprobs)."""
+    Array arguments are tensors on the logits' device: float32 for
+    temperature, top-p, min-p; int32 for top-k; int64 for seeds and offsets
+    (read as unsigned), int32 for subsequences (read as unsigned), int64 for
+    row_indices; seed_tensor and offset_tensor hold one int64 each, read
+    when the kernels run. Other inputs are converted first (a copy, which a
+    CUDA graph would not see updated). The workspace comes from torch's
+    allocator (the module's docstring). Returns tokens (int32, of shape
+    logits.shape[:-1] + (num_samples,), or (len(row_indices), num_samples)),
+    or (tokens, logprobs)."""
+    arrays = (temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row, seed_per_row,
+              offset_per_row, subsequence_per_row, row_indices, seed_tensor, offset_tensor)
     if not torch.compiler.is_compiling():
         scalars(temperature, top_k, top_p, min_p, seed, offset, num_samples)
-        per_row = _prepare_per_row((temperature_per_row, top_k_per_row, top_p_per_row,
-                                    min_p_per_row, seed_per_row), logits.device)
-    else:
-        per_row = (temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row,
-                   seed_per_row)
+        arrays = _prepare_arrays(arrays, logits.device)
     tokens, logprobs = torch.ops.polysample.sample(
         logits, float(temperature), int(top_k), float(top_p), float(min_p),
-        _signed64(seed, "seed"), _signed64(offset, "offset"), int(num_samples), *per_row,
+        _signed64(seed, "seed"), _signed64(offset, "offset"), int(num_samples), *arrays,
         bool(return_logprobs))
     return (tokens, logprobs) if return_logprobs else tokens
 
 
 def probs(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, temperature_per_row=None,
-          top_k_per_row=None, top_p_per_row=None, min_p_per_row=None):
-    """torch.ops.polysample.probs: the distribution sample() draws from."""
-    per_row = (temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row)
+          top_k_per_row=None, top_p_per_row=None, min_p_per_row=None, row_indices=None):
+    """torch.ops.polysample.probs: the distribution sample() draws from
+    (with row_indices, one row per entry)."""
+    arrays = _probs_arrays(temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row,
+                           row_indices)
     if not torch.compiler.is_compiling():
         scalars(temperature, top_k, top_p, min_p, 0, 0, 1)
-        per_row = _prepare_per_row(per_row + (None,), logits.device)[:4]
+        arrays = _prepare_arrays(arrays, logits.device)
     return torch.ops.polysample.probs(logits, float(temperature), int(top_k), float(top_p),
-                                      float(min_p), *per_row)
+                                      float(min_p), *(arrays[index] for index in _PROBS_INDICES))

@@ -38,7 +38,7 @@ constexpr int32_t dl_cuda_managed = 13;
 // Element kinds the calls accept; the numbers are also the `kind` field of a
 // RawArray tuple (polysample/_frameworks.py keeps the same table).
 enum Kind : int { kind_f32 = 0, kind_f16 = 1, kind_bf16 = 2, kind_i32 = 3, kind_i64 = 4,
-                  kind_u64 = 5, kind_other = -1 };
+                  kind_u64 = 5, kind_u32 = 6, kind_u8 = 7, kind_other = -1 };
 
 const char *kind_name(int kind)
 {
@@ -49,6 +49,8 @@ const char *kind_name(int kind)
     case kind_i32: return "int32";
     case kind_i64: return "int64";
     case kind_u64: return "uint64";
+    case kind_u32: return "uint32";
+    case kind_u8: return "uint8";
     }
     return "an unsupported dtype";
 }
@@ -64,6 +66,8 @@ int kind_of(nb::dlpack::dtype dtype)
     if (dtype.code == (uint8_t)code::Int && dtype.bits == 32) return kind_i32;
     if (dtype.code == (uint8_t)code::Int && dtype.bits == 64) return kind_i64;
     if (dtype.code == (uint8_t)code::UInt && dtype.bits == 64) return kind_u64;
+    if (dtype.code == (uint8_t)code::UInt && dtype.bits == 32) return kind_u32;
+    if (dtype.code == (uint8_t)code::UInt && dtype.bits == 8) return kind_u8;
     return kind_other;
 }
 
@@ -277,16 +281,25 @@ public:
     }
 
     // mode 0: psm_sample into `out` (tokens) and `logprobs_out` (optional);
-    // mode 1: psm_probs into `out`.
-    void run(int mode, nb::handle logits_object, float temperature, int32_t top_k, float top_p,
-             float min_p, uint64_t seed, uint64_t offset, int32_t num_samples,
-             nb::handle temperature_rows, nb::handle top_k_rows, nb::handle top_p_rows,
-             nb::handle min_p_rows, nb::handle seed_rows, nb::handle out_object,
-             nb::handle logprobs_object)
+    // mode 1: psm_probs into `out`. scalars: (temperature, top_k, top_p,
+    // min_p, seed, offset, num_samples); arrays: the per-row and request-state
+    // arrays in the order of Arrays below, each None or an array. workspace:
+    // None, a uint8 array, or a callable that takes the bytes the call needs
+    // and returns such an array (polysample.torch allocates it from torch's
+    // allocator that way, after the size query).
+    void run(int mode, nb::handle logits_object, nb::tuple scalars, nb::tuple arrays,
+             nb::handle out_object, nb::handle logprobs_object, nb::handle workspace_object)
     {
-        Prepared call = prepare(mode, logits_object, temperature, top_k, top_p, min_p, seed,
-                                offset, num_samples, temperature_rows, top_k_rows, top_p_rows,
-                                min_p_rows, seed_rows, out_object, logprobs_object);
+        Prepared call = prepare(mode, logits_object, Scalars::of(scalars), arrays, out_object,
+                                logprobs_object);
+        if (!workspace_object.is_none()) {
+            nb::object workspace = nb::borrow(workspace_object);
+            if (PyCallable_Check(workspace.ptr())) {
+                size_t bytes = workspace_size_of(call);
+                workspace = workspace(bytes);
+            }
+            attach_workspace(call, workspace);
+        }
         psm_status status;
         {
             nb::gil_scoped_release release;
@@ -297,6 +310,15 @@ public:
             fail(status, psm_last_error());
     }
 
+    // The bytes of workspace that run() with the same arguments needs.
+    size_t workspace_size(int mode, nb::handle logits_object, nb::tuple scalars,
+                          nb::tuple arrays, nb::handle out_object, nb::handle logprobs_object)
+    {
+        Prepared call = prepare(mode, logits_object, Scalars::of(scalars), arrays, out_object,
+                                logprobs_object);
+        return workspace_size_of(call);
+    }
+
     // The C call's own time, for the overhead measurement in polysample.bench:
     // `repeats` calls of psm_sample on the given arrays, each timed alone on
     // the host (a steady clock around the call), with a synchronisation every
@@ -305,9 +327,7 @@ public:
     std::vector<double> time_sample(nb::handle logits_object, nb::handle out_object, int repeats,
                                     int sync_every)
     {
-        Prepared call = prepare(0, logits_object, 1.0f, 0, 1.0f, 0.0f, 0, 0, 1, nb::none(),
-                                nb::none(), nb::none(), nb::none(), nb::none(), out_object,
-                                nb::none());
+        Prepared call = prepare(0, logits_object, Scalars{}, nb::tuple(), out_object, nb::none());
         call.synchronize = false;
         std::vector<double> seconds;
         seconds.reserve(repeats > 0 ? repeats : 0);
@@ -340,11 +360,85 @@ private:
         psm_output logprobs{};
         psm_tensor probs{};
         bool synchronize = false;
-        // Keeps imported arrays alive. At most 8 (logits, 5 per-row arrays,
-        // 2 outputs): prepare() reserves them up front, so references into
-        // it stay valid while it fills.
+        // Keeps imported arrays alive. At most 14 (logits, the arrays, 2
+        // outputs, the workspace): prepare() reserves them up front, so
+        // references into it stay valid while it fills.
         std::vector<View> views;
     };
+
+    struct Scalars {
+        float temperature = 1.0f;
+        int32_t top_k = 0;
+        float top_p = 1.0f;
+        float min_p = 0.0f;
+        uint64_t seed = 0;
+        uint64_t offset = 0;
+        int32_t num_samples = 1;
+
+        static Scalars of(nb::tuple values)
+        {
+            if (values.size() != 7)
+                fail(PSM_ERR_INTERNAL, "scalars: expected 7 values");
+            Scalars scalars;
+            scalars.temperature = nb::cast<float>(values[0]);
+            scalars.top_k = nb::cast<int32_t>(values[1]);
+            scalars.top_p = nb::cast<float>(values[2]);
+            scalars.min_p = nb::cast<float>(values[3]);
+            scalars.seed = nb::cast<uint64_t>(values[4]);
+            scalars.offset = nb::cast<uint64_t>(values[5]);
+            scalars.num_samples = nb::cast<int32_t>(values[6]);
+            return scalars;
+        }
+    };
+
+    // The order of the `arrays` tuple (polysample/__init__.py, ARRAY_NAMES).
+    enum Arrays : size_t { temperature_rows, top_k_rows, top_p_rows, min_p_rows, seed_rows,
+                           offset_rows, subsequence_rows, row_indices, seed_tensor,
+                           offset_tensor, array_count };
+
+    size_t workspace_size_of(const Prepared &call)
+    {
+        size_t bytes = 0;
+        psm_status status;
+        {
+            nb::gil_scoped_release release;
+            std::lock_guard<std::mutex> lock(mutex_);
+            status = call.mode == 0
+                         ? psm_sample_workspace_size(context_, &call.logits, &call.params,
+                                                     call.tokens, call.logprobs, &bytes)
+                         : psm_probs_workspace_size(context_, &call.logits, &call.params,
+                                                    &call.probs, &bytes);
+        }
+        if (status != PSM_OK)
+            fail(status, psm_last_error());
+        return bytes;
+    }
+
+    // The caller's workspace: a 1-D contiguous uint8 array in the memory the
+    // context's backend takes as workspace (host on the CPU backend, the
+    // device on CUDA and HIP; an OpenCL workspace is a cl_mem, which no
+    // Python array is).
+    void attach_workspace(Prepared &call, nb::handle object)
+    {
+        if (backend_ == PSM_BACKEND_OPENCL)
+            fail(PSM_ERR_UNSUPPORTED, "workspace: the OpenCL backend's workspace is a cl_mem, "
+                                      "which Python arrays are not; leave workspace unset");
+        call.views.push_back(view_of(object, "workspace", true));
+        const View &view = call.views.back();
+        expect_kind(view, kind_u8, "workspace");
+        if (view.ndim != 1 || (view.shape[0] > 1 && view.strides[0] != 1))
+            fail(PSM_ERR_INVALID_ARGUMENT, "workspace must be a 1-D contiguous uint8 array");
+        psm_memory memory = memory_of(view, "workspace");
+        psm_memory needed = backend_ == PSM_BACKEND_CPU ? PSM_MEMORY_HOST : PSM_MEMORY_DEVICE;
+        if (memory != needed)
+            fail(PSM_ERR_WRONG_BACKEND,
+                 std::string("workspace is in ") + device_type_name(view.device_type) +
+                     " memory; the " + psm_backend_name((psm_backend)backend_) +
+                     " backend's workspace is " +
+                     (needed == PSM_MEMORY_HOST ? "host memory" : "device memory"));
+        call.params.workspace = view.shape[0] > 0 ? view.data : nullptr;
+        call.params.workspace_bytes = view.shape[0] > 0 ? (size_t)view.shape[0] : 0;
+    }
 
     static void forward_notice(void *user_data, const char *message)
     {
@@ -403,18 +497,25 @@ private:
                                                "; got " + kind_name(view.kind));
     }
 
-    // A per-row array: 1-D, `rows` long, contiguous, in the logits' memory.
+    // A per-row array: 1-D, `rows` long, contiguous, in the logits' memory;
+    // with single, one value (the seed or offset read when the call runs).
     const void *per_row(Prepared &call, nb::handle object, int kind, const char *role,
-                        int64_t rows, psm_memory logits_memory, int32_t logits_device)
+                        int64_t rows, psm_memory logits_memory, int32_t logits_device,
+                        bool single = false)
     {
         if (object.is_none())
             return nullptr;
         call.views.push_back(view_of(object, role, false));
         const View &view = call.views.back();
         if (kind == kind_u64 && view.kind == kind_i64)
-            ; // seeds: int64 is read as the same 64 bits unsigned
+            ; // seeds and offsets: int64 is read as the same 64 bits unsigned
+        else if (kind == kind_u32 && view.kind == kind_i32)
+            ; // subsequences: int32 is read as the same 32 bits unsigned
         else
             expect_kind(view, kind, role);
+        if (single && (view.ndim != 1 || view.shape[0] != 1))
+            fail(PSM_ERR_INVALID_ARGUMENT,
+                 std::string(role) + " must be a 1-D array of one value");
         if (view.ndim != 1 || view.shape[0] != rows)
             fail(PSM_ERR_INVALID_ARGUMENT, std::string(role) + " must be 1-D with one value per "
                                            "row (" + std::to_string(rows) + ")");
@@ -430,15 +531,18 @@ private:
         return view.data;
     }
 
-    Prepared prepare(int mode, nb::handle logits_object, float temperature, int32_t top_k,
-                     float top_p, float min_p, uint64_t seed, uint64_t offset,
-                     int32_t num_samples, nb::handle temperature_rows, nb::handle top_k_rows,
-                     nb::handle top_p_rows, nb::handle min_p_rows, nb::handle seed_rows,
-                     nb::handle out_object, nb::handle logprobs_object)
+    Prepared prepare(int mode, nb::handle logits_object, const Scalars &scalars,
+                     nb::tuple arrays, nb::handle out_object, nb::handle logprobs_object)
     {
+        if (arrays.size() != 0 && arrays.size() != array_count)
+            fail(PSM_ERR_INTERNAL, "arrays: expected " + std::to_string((int)array_count) +
+                                       " entries");
+        auto array = [&](Arrays index) -> nb::handle {
+            return arrays.size() == 0 ? nb::handle(Py_None) : nb::handle(arrays[(size_t)index]);
+        };
         Prepared call;
         call.mode = mode;
-        call.views.reserve(8);
+        call.views.reserve(16);
         call.views.push_back(view_of(logits_object, "logits", false));
         const View &logits = call.views.front();
         if (logits.kind != kind_f32 && logits.kind != kind_f16 && logits.kind != kind_bf16)
@@ -481,57 +585,93 @@ private:
         call.logits.row_stride = row_stride;
 
         psm_params_init(&call.params);
-        call.params.temperature = temperature;
-        call.params.top_k = top_k;
-        call.params.top_p = top_p;
-        call.params.min_p = min_p;
-        call.params.seed = seed;
-        call.params.offset = offset;
+        call.params.temperature = scalars.temperature;
+        call.params.top_k = scalars.top_k;
+        call.params.top_p = scalars.top_p;
+        call.params.min_p = scalars.min_p;
+        call.params.seed = scalars.seed;
+        call.params.offset = scalars.offset;
+        const int32_t num_samples = scalars.num_samples;
         call.params.num_samples = num_samples;
         if (num_samples < 1)
             fail(PSM_ERR_INVALID_PARAMETER,
                  "num_samples is " + std::to_string(num_samples) + "; expected >= 1");
-        call.params.temperature_per_row = (const float *)per_row(
-            call, temperature_rows, kind_f32, "temperature_per_row", rows, logits_memory,
-            logits_device);
-        call.params.top_k_per_row = (const int32_t *)per_row(
-            call, top_k_rows, kind_i32, "top_k_per_row", rows, logits_memory, logits_device);
-        call.params.top_p_per_row = (const float *)per_row(
-            call, top_p_rows, kind_f32, "top_p_per_row", rows, logits_memory, logits_device);
-        call.params.min_p_per_row = (const float *)per_row(
-            call, min_p_rows, kind_f32, "min_p_per_row", rows, logits_memory, logits_device);
-        call.params.seed_per_row = (const uint64_t *)per_row(
-            call, seed_rows, kind_u64, "seed_per_row", rows, logits_memory, logits_device);
+
+        // Output rows: the entries of row_indices, else the logits' rows.
+        // With row indices the outputs are 2-D, one row per entry.
+        int64_t out_rows = rows;
+        size_t out_ndim = logits.ndim;
+        if (!array(row_indices).is_none()) {
+            call.views.push_back(view_of(array(row_indices), "row_indices", false));
+            const View &indices = call.views.back();
+            expect_kind(indices, kind_i64, "row_indices");
+            if (indices.ndim != 1 || indices.shape[0] < 1)
+                fail(PSM_ERR_INVALID_ARGUMENT,
+                     "row_indices must be 1-D with at least one entry");
+            out_rows = indices.shape[0];
+            out_ndim = 2;
+            call.views.pop_back(); // read again below with the per-row checks
+        }
+        auto rows_array = [&](Arrays index, int kind, const char *role) {
+            return per_row(call, array(index), kind, role, out_rows, logits_memory,
+                           logits_device);
+        };
+        call.params.temperature_per_row =
+            (const float *)rows_array(temperature_rows, kind_f32, "temperature_per_row");
+        call.params.top_k_per_row =
+            (const int32_t *)rows_array(top_k_rows, kind_i32, "top_k_per_row");
+        call.params.top_p_per_row =
+            (const float *)rows_array(top_p_rows, kind_f32, "top_p_per_row");
+        call.params.min_p_per_row =
+            (const float *)rows_array(min_p_rows, kind_f32, "min_p_per_row");
+        call.params.seed_per_row =
+            (const uint64_t *)rows_array(seed_rows, kind_u64, "seed_per_row");
+        call.params.offset_per_row =
+            (const uint64_t *)rows_array(offset_rows, kind_u64, "offset_per_row");
+        call.params.subsequence_per_row =
+            (const uint32_t *)rows_array(subsequence_rows, kind_u32, "subsequence_per_row");
+        call.params.row_indices = (const int64_t *)rows_array(row_indices, kind_i64, "row_indices");
+        call.params.output_rows = call.params.row_indices ? out_rows : 0;
+        call.params.seed_pointer =
+            (const uint64_t *)per_row(call, array(seed_tensor), kind_u64, "seed_tensor", 1,
+                                      logits_memory, logits_device, true);
+        call.params.offset_pointer =
+            (const uint64_t *)per_row(call, array(offset_tensor), kind_u64, "offset_tensor", 1,
+                                      logits_memory, logits_device, true);
 
         bool any_host = logits_memory == PSM_MEMORY_HOST;
         if (mode == 0) {
             call.views.push_back(view_of(out_object, "tokens output", true));
-            call.tokens = output(call.views.back(), kind_i32, "tokens output", logits, num_samples);
+            call.tokens = output(call.views.back(), kind_i32, "tokens output", out_ndim,
+                                 out_rows, num_samples);
             any_host = any_host || call.tokens.memory == PSM_MEMORY_HOST;
             if (!logprobs_object.is_none()) {
                 call.views.push_back(view_of(logprobs_object, "logprobs output", true));
-                call.logprobs = output(call.views.back(), kind_f32, "logprobs output", logits,
-                                       num_samples);
+                call.logprobs = output(call.views.back(), kind_f32, "logprobs output", out_ndim,
+                                       out_rows, num_samples);
                 any_host = any_host || call.logprobs.memory == PSM_MEMORY_HOST;
             }
         } else {
             call.views.push_back(view_of(out_object, "probs output", true));
             const View &probs = call.views.back();
             expect_kind(probs, kind_f32, "probs output");
-            if (probs.ndim != logits.ndim || probs.shape[0] != logits.shape[0] ||
-                probs.shape[last] != vocab)
-                fail(PSM_ERR_INVALID_ARGUMENT, "probs output must have the logits' shape");
-            if (vocab > 1 && probs.strides[last] != 1)
+            if (probs.ndim != out_ndim || (out_ndim == 2 && probs.shape[0] != out_rows) ||
+                probs.shape[out_ndim - 1] != vocab)
+                fail(PSM_ERR_INVALID_ARGUMENT,
+                     call.params.row_indices ? "probs output must have shape "
+                                               "(len(row_indices), vocab)"
+                                             : "probs output must have the logits' shape");
+            if (vocab > 1 && probs.strides[out_ndim - 1] != 1)
                 fail(PSM_ERR_INVALID_ARGUMENT, "probs output: the last dimension must be "
                                                "contiguous");
-            int64_t probs_stride = rows > 1 ? probs.strides[0] : vocab;
+            int64_t probs_stride = out_rows > 1 ? probs.strides[0] : vocab;
             if (probs_stride < vocab)
                 fail(PSM_ERR_INVALID_ARGUMENT, "probs output: the row stride is below the "
                                                "vocabulary");
             call.probs.data = probs.data;
             call.probs.dtype = PSM_DTYPE_F32;
             call.probs.memory = memory_of(probs, "probs output");
-            call.probs.rows = rows;
+            call.probs.rows = out_rows;
             call.probs.vocab = vocab;
             call.probs.row_stride = probs_stride;
             any_host = any_host || call.probs.memory == PSM_MEMORY_HOST;
@@ -542,18 +682,18 @@ private:
         return call;
     }
 
-    // A rows x num_samples output (shape logits.shape[:-1] + (num_samples,)),
-    // C-contiguous.
-    psm_output output(const View &view, int kind, const char *role, const View &logits,
+    // A rows x num_samples output, C-contiguous: of shape
+    // logits.shape[:-1] + (num_samples,), or (len(row_indices), num_samples).
+    psm_output output(const View &view, int kind, const char *role, size_t ndim, int64_t rows,
                       int32_t num_samples) const
     {
         expect_kind(view, kind, role);
-        bool shape_ok = view.ndim == logits.ndim &&
-                        view.shape[view.ndim - 1] == num_samples &&
-                        (view.ndim == 1 || view.shape[0] == logits.shape[0]);
+        bool shape_ok = view.ndim == ndim && view.shape[view.ndim - 1] == num_samples &&
+                        (view.ndim == 1 || view.shape[0] == rows);
         if (!shape_ok)
             fail(PSM_ERR_INVALID_ARGUMENT,
-                 std::string(role) + " must have shape logits.shape[:-1] + (num_samples,)");
+                 std::string(role) + " must have shape (rows, num_samples): rows of the "
+                 "logits, or len(row_indices)");
         bool contiguous = (num_samples == 1 || view.strides[view.ndim - 1] == 1) &&
                           (view.ndim == 1 || view.shape[0] == 1 || view.strides[0] == num_samples);
         if (!contiguous)
@@ -633,11 +773,11 @@ NB_MODULE(_core, module)
         .def_prop_ro("selection_reason", &Context::selection_reason)
         .def("reserve", &Context::reserve)
         .def("synchronize", &Context::synchronize)
-        .def("run", &Context::run, nb::arg("mode"), nb::arg("logits"), nb::arg("temperature"),
-             nb::arg("top_k"), nb::arg("top_p"), nb::arg("min_p"), nb::arg("seed"),
-             nb::arg("offset"), nb::arg("num_samples"), nb::arg("temperature_per_row").none(),
-             nb::arg("top_k_per_row").none(), nb::arg("top_p_per_row").none(),
-             nb::arg("min_p_per_row").none(), nb::arg("seed_per_row").none(), nb::arg("out"),
+        .def("run", &Context::run, nb::arg("mode"), nb::arg("logits"), nb::arg("scalars"),
+             nb::arg("arrays"), nb::arg("out"), nb::arg("logprobs_out").none(),
+             nb::arg("workspace").none())
+        .def("workspace_size", &Context::workspace_size, nb::arg("mode"), nb::arg("logits"),
+             nb::arg("scalars"), nb::arg("arrays"), nb::arg("out"),
              nb::arg("logprobs_out").none())
         .def("time_sample", &Context::time_sample);
 

@@ -1,6 +1,8 @@
 """polysample.torch: the ops on CPU tensors (here and in CI when PyTorch is
 installed) and on CUDA tensors (on a GPU machine): dtypes, identity with the
-C library, stream ordering, CUDA-graph capture and replay, torch.compile."""
+C library, stream ordering, CUDA-graph capture and replay (with device
+offsets advanced inside the graph, and the workspace from the graph's
+pool), request state, torch.compile."""
 import json
 import os
 import subprocess
@@ -15,6 +17,7 @@ import polysample.torch as pst  # noqa: E402
 
 SETTING = dict(temperature=0.8, top_k=50, top_p=0.9, min_p=0.01, seed=99, offset=3,
                num_samples=4)
+SETTING_NO_SEED = dict(temperature=0.8, top_k=50, top_p=0.9, min_p=0.01, num_samples=4)
 
 
 def cuda_available():
@@ -79,6 +82,39 @@ def test_per_row_tensors_and_large_seeds():
                                                                   offset=2**63))
 
 
+def test_request_state_tensors_equal_numpy():
+    logits = logits_tensor(rows=4, vocab=3000)
+    indices = torch.tensor([3, 3, 0, 1, 3], dtype=torch.int64)
+    offsets = torch.tensor([5, 6, 7, 8, 2**63 - 1], dtype=torch.int64)
+    streams = torch.tensor([0, 1, 2, 3, 4], dtype=torch.int32)
+    seeds = torch.full((5,), 42, dtype=torch.int64)
+    arguments = dict(row_indices=indices, offset_per_row=offsets, subsequence_per_row=streams,
+                     seed_per_row=seeds, num_samples=3)
+    tokens = pst.sample(logits, **arguments)
+    assert tokens.shape == (5, 3)
+    expected = polysample.sample(logits.numpy(), **{name: value.numpy() for name, value in
+                                                    arguments.items() if name != "num_samples"},
+                                 num_samples=3)
+    np.testing.assert_array_equal(tokens.numpy(), expected)
+    by_tensor = pst.sample(logits, seed_tensor=torch.tensor([9]), offset_tensor=torch.tensor([4]))
+    np.testing.assert_array_equal(by_tensor.numpy(), pst.sample(logits, seed=9, offset=4).numpy())
+    probs = pst.probs(logits, row_indices=indices, top_k=30)
+    assert probs.shape == (5, 3000)
+    np.testing.assert_array_equal(probs.numpy(), polysample.probs(
+        logits.numpy(), row_indices=indices.numpy(), top_k=30))
+
+
+def test_context_workspace_size_and_workspace_on_cpu_tensors():
+    context = polysample.Context("cpu")
+    logits = logits_tensor()
+    size = context.sample_workspace_size(logits, **SETTING)
+    workspace = torch.zeros(size, dtype=torch.uint8)
+    np.testing.assert_array_equal(context.sample(logits, workspace=workspace, **SETTING).numpy(),
+                                  pst.sample(logits, **SETTING).numpy())
+    with pytest.raises(polysample.Error, match="workspace_bytes"):
+        context.sample(logits, workspace=workspace[:1], **SETTING)
+
+
 def test_bad_tensor_arguments():
     with pytest.raises(polysample.Error, match="1-D or 2-D"):
         pst.sample(torch.zeros(2, 3, 4))
@@ -99,9 +135,17 @@ def test_opcheck():
     seeds = torch.tensor([1, 2, 3])
     torch.library.opcheck(torch.ops.polysample.sample.default,
                           (logits, 0.8, 20, 0.9, 0.0, 7, 1, 2, None, None, None, None, seeds,
-                           True))
+                           None, None, None, None, None, True))
+    indices = torch.tensor([2, 0, 2, 1])
+    torch.library.opcheck(torch.ops.polysample.sample.default,
+                          (logits, 0.8, 20, 0.9, 0.0, 7, 1, 2, None, None, None, None, None,
+                           torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 0, 1],
+                                                                    dtype=torch.int32),
+                           indices, None, None, True))
     torch.library.opcheck(torch.ops.polysample.probs.default,
-                          (logits, 1.0, 20, 0.9, 0.0, None, None, None, None))
+                          (logits, 1.0, 20, 0.9, 0.0, None, None, None, None, None))
+    torch.library.opcheck(torch.ops.polysample.probs.default,
+                          (logits, 1.0, 20, 0.9, 0.0, None, None, None, None, indices))
 
 
 def test_torch_compile_cpu_traces_the_op():
@@ -196,6 +240,107 @@ def test_cuda_graph_capture_and_replay():
         np.testing.assert_array_equal(
             bigger_tokens.cpu().numpy(),
             polysample.sample(bigger.cpu().numpy(), seed=1, **setting))
+
+
+def _advance(offsets):
+    """The small kernel the captured step ends with: the next position."""
+    offsets.add_(1)
+
+
+@needs_cuda
+def test_cuda_graph_with_device_offsets_draws_anew_at_each_replay():
+    # One decode step captured once: sample with the positions in device
+    # memory, then advance them inside the graph. Every replay must equal an
+    # uncaptured call at that step's positions, and steps must differ.
+    rows, vocab, steps = 8, 32000, 100
+    logits = logits_tensor(rows, vocab, device="cuda", seed=3)
+    seeds = torch.arange(100, 100 + rows, dtype=torch.int64, device="cuda")
+    offsets = torch.zeros(rows, dtype=torch.int64, device="cuda")
+    batch_offset = torch.zeros(1, dtype=torch.int64, device="cuda")
+    setting = dict(temperature=1.0, top_k=1000, num_samples=2)
+
+    def step():
+        per_row = pst.sample(logits, seed_per_row=seeds, offset_per_row=offsets, **setting)
+        shared = pst.sample(logits, seed=5, offset_tensor=batch_offset, **setting)
+        _advance(offsets)
+        _advance(batch_offset)
+        return per_row, shared
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up: contexts made outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    offsets.zero_()
+    batch_offset.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_per_row, static_shared = step()
+    offsets.zero_()
+    batch_offset.zero_()
+
+    host_logits = logits.cpu().numpy()
+    previous = None
+    changed = 0
+    for position in range(steps):
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = polysample.sample(host_logits, seed_per_row=seeds.cpu().numpy(),
+                                     offset_per_row=np.full(rows, position, np.uint64),
+                                     **setting)
+        np.testing.assert_array_equal(static_per_row.cpu().numpy(), expected,
+                                      err_msg=f"step {position}")
+        np.testing.assert_array_equal(static_shared.cpu().numpy(),
+                                      polysample.sample(host_logits, seed=5, offset=position,
+                                                        **setting), err_msg=f"step {position}")
+        tokens = static_per_row.cpu().numpy()
+        if previous is not None and (tokens != previous).any():
+            changed += 1
+        previous = tokens
+    assert offsets.cpu().tolist() == [steps] * rows
+    # 16 draws over top-1000 tokens: two steps agree by chance with
+    # probability far below 1e-20, so every step differs from the last.
+    assert changed == steps - 1
+
+
+@needs_cuda
+def test_cuda_graph_capture_at_a_new_shape_needs_no_library_allocation():
+    # The op takes its workspace from torch's allocator (inside a capture:
+    # the graph's pool), so capturing a shape far larger than any the
+    # library has seen must not make it allocate: a cudaMalloc during a
+    # capture in the default (global) mode would fail the capture.
+    small = logits_tensor(2, 1000, device="cuda")
+    pst.sample(small, seed=1)  # the context for this stream, made outside the capture
+    torch.cuda.synchronize()
+    logits = logits_tensor(256, 151_936, device="cuda", seed=4)
+    offsets = torch.zeros(1, dtype=torch.int64, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="global"):
+        tokens = pst.sample(logits, seed=1, offset_tensor=offsets, num_samples=2)
+    for value in (3, 9):
+        offsets.fill_(value)
+        graph.replay()
+        torch.cuda.synchronize()
+        np.testing.assert_array_equal(
+            tokens.cpu().numpy(),
+            polysample.sample(logits.cpu().numpy(), seed=1, offset=value, num_samples=2))
+
+
+@needs_cuda
+def test_cuda_request_state_equals_the_cpu_backend():
+    logits = logits_tensor(rows=6, vocab=151_936, device="cuda")
+    indices = torch.tensor([5, 5, 5, 0, 2], device="cuda")
+    arguments = dict(row_indices=indices,
+                     offset_per_row=torch.tensor([9, 9, 9, 1, 2**40], device="cuda"),
+                     subsequence_per_row=torch.tensor([0, 1, 2, 0, 0], dtype=torch.int32,
+                                                      device="cuda"),
+                     seed_per_row=torch.full((5,), 77, device="cuda"))
+    tokens, logprobs = pst.sample(logits, return_logprobs=True, **SETTING_NO_SEED, **arguments)
+    host = {name: value.cpu().numpy() for name, value in arguments.items()}
+    expected_tokens, expected_logprobs = polysample.sample(
+        logits.cpu().numpy(), return_logprobs=True, **SETTING_NO_SEED, **host)
+    np.testing.assert_array_equal(tokens.cpu().numpy(), expected_tokens)
+    np.testing.assert_allclose(logprobs.cpu().numpy(), expected_logprobs, rtol=2e-6, atol=1e-6)
 
 
 @needs_cuda

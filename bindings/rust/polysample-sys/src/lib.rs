@@ -12,6 +12,9 @@
 //! every size, alignment and field offset, and every constant against the
 //! header with the system C compiler.
 //!
+//! C's `size_t` is `usize` (the same width on every target Rust supports;
+//! the layout test checks it for `psm_params.workspace_bytes`).
+//!
 //! `build.rs` finds or builds the library; see the crate README for how.
 #![no_std]
 #![allow(non_camel_case_types)]
@@ -113,6 +116,14 @@ pub struct psm_params {
     pub top_p_per_row: *const f32,
     pub min_p_per_row: *const f32,
     pub seed_per_row: *const u64,
+    pub offset_per_row: *const u64,
+    pub subsequence_per_row: *const u32,
+    pub seed_pointer: *const u64,
+    pub offset_pointer: *const u64,
+    pub row_indices: *const i64,
+    pub output_rows: i64,
+    pub workspace: *mut c_void,
+    pub workspace_bytes: usize,
 }
 
 #[repr(C)]
@@ -146,6 +157,21 @@ extern "C" {
         logits: *const psm_tensor,
         params: *const psm_params,
         probs: *const psm_tensor,
+    ) -> psm_status;
+    pub fn psm_sample_workspace_size(
+        context: *mut psm_context,
+        logits: *const psm_tensor,
+        params: *const psm_params,
+        tokens: psm_output,
+        logprobs: psm_output,
+        bytes: *mut usize,
+    ) -> psm_status;
+    pub fn psm_probs_workspace_size(
+        context: *mut psm_context,
+        logits: *const psm_tensor,
+        params: *const psm_params,
+        probs: *const psm_tensor,
+        bytes: *mut usize,
     ) -> psm_status;
     pub fn psm_synchronize(context: *mut psm_context) -> psm_status;
 

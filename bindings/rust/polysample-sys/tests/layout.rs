@@ -61,7 +61,9 @@ struct_facts! {
     psm_context_options { backend, device_index, cpu_threads, native_stream, check_rows, notice, notice_user_data }
     psm_tensor { data, dtype, memory, rows, vocab, row_stride }
     psm_params { temperature, top_k, top_p, min_p, seed, offset, num_samples,
-                 temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row, seed_per_row }
+                 temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row, seed_per_row,
+                 offset_per_row, subsequence_per_row, seed_pointer, offset_pointer,
+                 row_indices, output_rows, workspace, workspace_bytes }
     psm_output { data, memory }
 }
 
@@ -136,6 +138,12 @@ function_signatures! {
         = unsafe extern "C" fn(*mut psm_context, *const psm_tensor, *const psm_params, psm_output, psm_output) -> psm_status;
     psm_probs: "psm_status" ("psm_context *, const psm_tensor *, const psm_params *, const psm_tensor *")
         = unsafe extern "C" fn(*mut psm_context, *const psm_tensor, *const psm_params, *const psm_tensor) -> psm_status;
+    psm_sample_workspace_size:
+        "psm_status" ("psm_context *, const psm_tensor *, const psm_params *, psm_output, psm_output, size_t *")
+        = unsafe extern "C" fn(*mut psm_context, *const psm_tensor, *const psm_params, psm_output, psm_output, *mut usize) -> psm_status;
+    psm_probs_workspace_size:
+        "psm_status" ("psm_context *, const psm_tensor *, const psm_params *, const psm_tensor *, size_t *")
+        = unsafe extern "C" fn(*mut psm_context, *const psm_tensor, *const psm_params, *const psm_tensor, *mut usize) -> psm_status;
     psm_synchronize: "psm_status" ("psm_context *")
         = unsafe extern "C" fn(*mut psm_context) -> psm_status;
     psm_status_string: "const char *" ("psm_status")

@@ -221,10 +221,20 @@ pub struct DeviceLogits {
     pub row_stride: usize,
 }
 
-/// Per-row parameter arrays in the same memory as [`DeviceLogits`]; a null
-/// pointer uses the scalar from [`Params`]. Out-of-range values in them
-/// cannot be checked on the host: that row gets token -1 (or
-/// [`Status::BadRow`](crate::Status) in checking mode).
+/// Per-row parameter arrays, and the request state read when the work runs,
+/// in the same memory as [`DeviceLogits`]; a null pointer uses the scalar
+/// from [`Params`] (or, for `row_indices`, logits row i for output row i).
+/// Out-of-range values in them cannot be checked on the host: that row gets
+/// token -1 (or [`Status::BadRow`](crate::Status) in checking mode) and its
+/// logits are not read.
+///
+/// The arrays hold one value per output row: `output_rows` with
+/// `row_indices`, else the logits' rows. `seed_pointer` and
+/// `offset_pointer` each point to one value, the scalar seed or offset,
+/// read when the kernels run: a captured CUDA graph reads their current
+/// contents at every replay, so advancing the offset in device memory
+/// between replays (or inside the graph) draws anew. A per-row array and
+/// the pointer of the same parameter exclude each other.
 #[derive(Debug, Clone, Copy)]
 pub struct DevicePerRow {
     pub temperature: *const f32,
@@ -232,6 +242,18 @@ pub struct DevicePerRow {
     pub top_p: *const f32,
     pub min_p: *const f32,
     pub seed: *const u64,
+    /// Each row's offset, e.g. its sequence position.
+    pub offset: *const u64,
+    /// Each row's Philox stream ([`Params::subsequence_per_row`]).
+    pub subsequence: *const u32,
+    /// Output row i samples logits row `row_indices[i]`.
+    pub row_indices: *const i64,
+    /// The entries of `row_indices`; 0 without it.
+    pub output_rows: usize,
+    /// The scalar seed, one value.
+    pub seed_pointer: *const u64,
+    /// The scalar offset, one value.
+    pub offset_pointer: *const u64,
 }
 
 impl Default for DevicePerRow {
@@ -242,8 +264,38 @@ impl Default for DevicePerRow {
             top_p: ptr::null(),
             min_p: ptr::null(),
             seed: ptr::null(),
+            offset: ptr::null(),
+            subsequence: ptr::null(),
+            row_indices: ptr::null(),
+            output_rows: 0,
+            seed_pointer: ptr::null(),
+            offset_pointer: ptr::null(),
         }
     }
+}
+
+impl DevicePerRow {
+    /// The rows of the outputs for logits of `logits_rows` rows.
+    pub fn output_rows(&self, logits_rows: usize) -> usize {
+        if self.row_indices.is_null() {
+            logits_rows
+        } else {
+            self.output_rows
+        }
+    }
+}
+
+/// Workspace owned by the caller for the `unsafe` device calls: memory of
+/// the context's backend (a CUDA or HIP device pointer, an OpenCL `cl_mem`
+/// passed as the pointer; host memory on the CPU backend), any alignment, at
+/// least the bytes that [`Context::sample_device_workspace_size`] or
+/// [`Context::probs_device_workspace_size`] gives for the call. With it the
+/// call allocates nothing (e.g. memory from a graph's pool, for a call
+/// captured in a CUDA graph).
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceWorkspace {
+    pub data: *mut c_void,
+    pub bytes: usize,
 }
 
 impl Context {
@@ -279,12 +331,13 @@ impl Context {
         check(unsafe { sys::psm_context_reserve(self.raw.as_ptr(), as_i64(rows), as_i64(vocab), as_i64(num_samples)) })
     }
 
-    /// Draws `num_samples` tokens per row: `rows x num_samples`, row-major.
-    /// A bad row (NaN, +inf, or no finite logit) gets -1 unless the context
-    /// checks rows.
+    /// Draws `num_samples` tokens per output row: `rows x num_samples`,
+    /// row-major, where rows are the logits' rows or the entries of
+    /// [`Params::row_indices`]. A bad row (NaN, +inf, or no finite logit)
+    /// gets -1 unless the context checks rows.
     pub fn sample(&mut self, logits: &Logits<'_>, params: &Params<'_>) -> Result<Vec<i32>> {
-        let raw_params = params.raw_for_rows(logits.rows())?;
-        let mut tokens = vec![0; output_len(logits.rows(), raw_params.num_samples)?];
+        let raw_params = params.raw_for_logits(logits.rows())?;
+        let mut tokens = vec![0; output_len(params.output_rows(logits.rows()), raw_params.num_samples)?];
         self.sample_into(logits, params, &mut tokens, None)?;
         Ok(tokens)
     }
@@ -292,15 +345,15 @@ impl Context {
     /// Like [`sample`](Self::sample), also returning each token's natural-log
     /// probability under the final (filtered, renormalised) distribution.
     pub fn sample_with_logprobs(&mut self, logits: &Logits<'_>, params: &Params<'_>) -> Result<(Vec<i32>, Vec<f32>)> {
-        let raw_params = params.raw_for_rows(logits.rows())?;
-        let length = output_len(logits.rows(), raw_params.num_samples)?;
+        let raw_params = params.raw_for_logits(logits.rows())?;
+        let length = output_len(params.output_rows(logits.rows()), raw_params.num_samples)?;
         let (mut tokens, mut logprobs) = (vec![0; length], vec![0.0; length]);
         self.sample_into(logits, params, &mut tokens, Some(&mut logprobs))?;
         Ok((tokens, logprobs))
     }
 
-    /// Samples into caller-provided buffers of `rows x num_samples` each.
-    /// On any error nothing is written.
+    /// Samples into caller-provided buffers of `rows x num_samples` each
+    /// (output rows). On any error nothing is written.
     pub fn sample_into(
         &mut self,
         logits: &Logits<'_>,
@@ -308,16 +361,66 @@ impl Context {
         tokens: &mut [i32],
         logprobs: Option<&mut [f32]>,
     ) -> Result<()> {
+        self.host_sample(logits, params, tokens, logprobs, None)
+    }
+
+    /// [`sample_into`](Self::sample_into) with the caller's workspace, so
+    /// that the call allocates nothing: at least
+    /// [`sample_workspace_size`](Self::sample_workspace_size) bytes, any
+    /// alignment. Host memory is the workspace of the CPU backend only; on
+    /// another backend this fails with [`Status::WrongBackend`] (device
+    /// workspace goes through
+    /// [`sample_device_with_workspace`](Self::sample_device_with_workspace)).
+    /// Too small a workspace fails with [`Status::InvalidArgument`] and
+    /// nothing is written.
+    ///
+    /// ```
+    /// use polysample::{Backend, ContextOptions, Logits, Params};
+    /// let mut context = ContextOptions::new().backend(Backend::Cpu).create()?;
+    /// let values = vec![0.5f32; 4 * 1000];
+    /// let logits = Logits::f32(&values, 4, 1000);
+    /// let params = Params::new().seed(3);
+    /// let mut workspace = vec![0u8; context.sample_workspace_size(&logits, &params)?];
+    /// let mut tokens = [0i32; 4];
+    /// context.sample_into_with_workspace(&logits, &params, &mut tokens, None, &mut workspace)?;
+    /// assert_eq!(tokens.to_vec(), context.sample(&logits, &params)?);
+    /// # Ok::<(), polysample::Error>(())
+    /// ```
+    pub fn sample_into_with_workspace(
+        &mut self,
+        logits: &Logits<'_>,
+        params: &Params<'_>,
+        tokens: &mut [i32],
+        logprobs: Option<&mut [f32]>,
+        workspace: &mut [u8],
+    ) -> Result<()> {
+        self.host_sample(logits, params, tokens, logprobs, Some(workspace))
+    }
+
+    fn host_sample(
+        &mut self,
+        logits: &Logits<'_>,
+        params: &Params<'_>,
+        tokens: &mut [i32],
+        logprobs: Option<&mut [f32]>,
+        workspace: Option<&mut [u8]>,
+    ) -> Result<()> {
         let raw_logits = logits.raw_tensor()?;
-        let raw_params = params.raw_for_rows(logits.rows())?;
+        let mut raw_params = params.raw_for_logits(logits.rows())?;
+        let rows = params.output_rows(logits.rows());
         // A num_samples below 1 is left to the library, which rejects it
         // with its own message before looking at the outputs.
         if raw_params.num_samples >= 1 {
-            let expected = output_len(logits.rows(), raw_params.num_samples)?;
-            check_len("tokens", tokens.len(), expected, logits.rows(), raw_params.num_samples)?;
+            let expected = output_len(rows, raw_params.num_samples)?;
+            check_len("tokens", tokens.len(), expected, rows, raw_params.num_samples)?;
             if let Some(logprobs) = logprobs.as_deref() {
-                check_len("logprobs", logprobs.len(), expected, logits.rows(), raw_params.num_samples)?;
+                check_len("logprobs", logprobs.len(), expected, rows, raw_params.num_samples)?;
             }
+        }
+        if let Some(workspace) = workspace {
+            self.check_host_workspace()?;
+            raw_params.workspace = workspace.as_mut_ptr().cast();
+            raw_params.workspace_bytes = workspace.len();
         }
         let tokens = sys::psm_output { data: tokens.as_mut_ptr().cast(), memory: sys::PSM_MEMORY_HOST };
         let logprobs = sys::psm_output {
@@ -325,18 +428,20 @@ impl Context {
             memory: sys::PSM_MEMORY_HOST,
         };
         // SAFETY: every pointer is a host slice whose length was checked
-        // against the shape, borrowed for the whole call; for host memory
-        // the library has finished with them when it returns.
+        // against the shape, borrowed for the whole call (the workspace
+        // only on the CPU backend, whose memory is host memory); for host
+        // memory the library has finished with them when it returns.
         check(unsafe { sys::psm_sample(self.raw.as_ptr(), &raw_logits, &raw_params, tokens, logprobs) })
     }
 
     /// The final distribution `sample` draws from: `rows x vocab` f32,
-    /// row-major. Greedy rows are 1 at the argmax and 0 elsewhere; a bad row
-    /// is all NaN.
+    /// row-major (output rows). Greedy rows are 1 at the argmax and 0
+    /// elsewhere; a bad row is all NaN.
     pub fn probs(&mut self, logits: &Logits<'_>, params: &Params<'_>) -> Result<Vec<f32>> {
-        let length = logits.rows().checked_mul(logits.vocab()).ok_or_else(|| {
-            Error::invalid_argument(format!("probs: {} x {} is too large", logits.rows(), logits.vocab()))
-        })?;
+        let rows = params.output_rows(logits.rows());
+        let length = rows
+            .checked_mul(logits.vocab())
+            .ok_or_else(|| Error::invalid_argument(format!("probs: {rows} x {} is too large", logits.vocab())))?;
         let mut probs = vec![0.0; length];
         self.probs_into(logits, params, &mut probs)?;
         Ok(probs)
@@ -345,27 +450,108 @@ impl Context {
     /// [`probs`](Self::probs) into a caller-provided `rows x vocab` buffer.
     /// On any error nothing is written.
     pub fn probs_into(&mut self, logits: &Logits<'_>, params: &Params<'_>, probs: &mut [f32]) -> Result<()> {
+        self.host_probs(logits, params, probs, None)
+    }
+
+    /// [`probs_into`](Self::probs_into) with the caller's workspace (at
+    /// least [`probs_workspace_size`](Self::probs_workspace_size) bytes), as
+    /// for [`sample_into_with_workspace`](Self::sample_into_with_workspace).
+    pub fn probs_into_with_workspace(
+        &mut self,
+        logits: &Logits<'_>,
+        params: &Params<'_>,
+        probs: &mut [f32],
+        workspace: &mut [u8],
+    ) -> Result<()> {
+        self.host_probs(logits, params, probs, Some(workspace))
+    }
+
+    fn host_probs(
+        &mut self,
+        logits: &Logits<'_>,
+        params: &Params<'_>,
+        probs: &mut [f32],
+        workspace: Option<&mut [u8]>,
+    ) -> Result<()> {
         let raw_logits = logits.raw_tensor()?;
-        let raw_params = params.raw_for_rows(logits.rows())?;
-        let expected = logits.rows() * logits.vocab(); // bounded by logits.raw_tensor
-        if probs.len() != expected {
+        let mut raw_params = params.raw_for_logits(logits.rows())?;
+        let rows = params.output_rows(logits.rows());
+        let expected = rows.checked_mul(logits.vocab());
+        if expected != Some(probs.len()) {
+            let expected = expected.map_or_else(|| "too many".to_string(), |count| count.to_string());
             return Err(Error::invalid_argument(format!(
-                "probs has {} values; expected rows x vocab = {} x {} = {expected}",
+                "probs has {} values; expected rows x vocab = {rows} x {} = {expected}",
                 probs.len(),
-                logits.rows(),
                 logits.vocab()
             )));
+        }
+        if let Some(workspace) = workspace {
+            self.check_host_workspace()?;
+            raw_params.workspace = workspace.as_mut_ptr().cast();
+            raw_params.workspace_bytes = workspace.len();
         }
         let raw_probs = sys::psm_tensor {
             data: probs.as_mut_ptr().cast(),
             dtype: sys::PSM_DTYPE_F32,
             memory: sys::PSM_MEMORY_HOST,
-            rows: raw_logits.rows,
+            rows: rows as i64,
             vocab: raw_logits.vocab,
             row_stride: raw_logits.vocab,
         };
-        // SAFETY: host slices of checked lengths, borrowed for the call.
+        // SAFETY: host slices of checked lengths, borrowed for the call (the
+        // workspace only on the CPU backend).
         check(unsafe { sys::psm_probs(self.raw.as_ptr(), &raw_logits, &raw_params, &raw_probs) })
+    }
+
+    /// The bytes of workspace a [`sample_into_with_workspace`] call with
+    /// these logits and parameters needs on this context
+    /// (`psm_sample_workspace_size`); 0 is a valid answer. The per-row
+    /// values are not read: their presence and the shapes decide it.
+    ///
+    /// [`sample_into_with_workspace`]: Self::sample_into_with_workspace
+    pub fn sample_workspace_size(&mut self, logits: &Logits<'_>, params: &Params<'_>) -> Result<usize> {
+        let raw_logits = logits.raw_tensor()?;
+        let raw_params = params.raw_for_logits(logits.rows())?;
+        let output = sys::psm_output { data: ptr::null_mut(), memory: sys::PSM_MEMORY_HOST };
+        let mut bytes = 0;
+        // SAFETY: the query reads the shapes and pointers' presence only;
+        // every pointer is a live host slice anyway.
+        check(unsafe {
+            sys::psm_sample_workspace_size(self.raw.as_ptr(), &raw_logits, &raw_params, output, output, &mut bytes)
+        })?;
+        Ok(bytes)
+    }
+
+    /// The bytes of workspace a [`probs_into_with_workspace`] call with
+    /// these logits and parameters needs on this context
+    /// (`psm_probs_workspace_size`).
+    ///
+    /// [`probs_into_with_workspace`]: Self::probs_into_with_workspace
+    pub fn probs_workspace_size(&mut self, logits: &Logits<'_>, params: &Params<'_>) -> Result<usize> {
+        let raw_logits = logits.raw_tensor()?;
+        let raw_params = params.raw_for_logits(logits.rows())?;
+        let raw_probs =
+            probs_tensor(ptr::null_mut(), sys::PSM_MEMORY_HOST, params.output_rows(logits.rows()), &raw_logits);
+        let mut bytes = 0;
+        // SAFETY: as for sample_workspace_size.
+        check(unsafe {
+            sys::psm_probs_workspace_size(self.raw.as_ptr(), &raw_logits, &raw_params, &raw_probs, &mut bytes)
+        })?;
+        Ok(bytes)
+    }
+
+    fn check_host_workspace(&self) -> Result<()> {
+        match self.backend() {
+            Some(Backend::Cpu) => Ok(()),
+            other => Err(Error {
+                status: Status::WrongBackend,
+                message: format!(
+                    "a host workspace serves the CPU backend only; this context runs on {}: pass \
+                     device workspace to sample_device_with_workspace, or none",
+                    other.map_or_else(|| "an unknown backend".to_string(), |backend| backend.to_string())
+                ),
+            }),
+        }
     }
 
     /// Samples from logits already in the backend's memory, writing tokens
@@ -374,21 +560,26 @@ impl Context {
     /// later work on that stream, or call [`synchronize`](Self::synchronize)
     /// before reading the results on the host.
     ///
-    /// `params` must not hold per-row slices (those are host memory); put
-    /// per-row arrays in device memory and pass them in `per_row`.
+    /// `params` must not hold per-row slices or row indices (those are host
+    /// memory); put per-row arrays, row indices, and the seed or offset read
+    /// when the work runs, in device memory and pass them in `per_row`.
     ///
     /// # Safety
     /// - `logits.data` is memory of this context's backend and device (a
     ///   CUDA/HIP device pointer, an OpenCL `cl_mem`, or host memory for the
     ///   CPU backend) holding `(rows - 1) * row_stride + vocab` elements of
     ///   `logits.dtype`.
-    /// - `tokens` is such memory with room for `rows * num_samples` `i32`;
-    ///   `logprobs` is null or the same for `f32`. Neither overlaps the
-    ///   inputs.
-    /// - Each non-null pointer of `per_row` is such memory holding `rows`
-    ///   values.
-    /// - All of them stay valid, and the inputs unchanged, until the queued
-    ///   work has finished on the context's stream.
+    /// - `tokens` is such memory with room for `output_rows * num_samples`
+    ///   `i32` (output rows: `per_row.output_rows` with
+    ///   `per_row.row_indices`, else `logits.rows`); `logprobs` is null or
+    ///   the same for `f32`. Neither overlaps the inputs.
+    /// - Each non-null array of `per_row` is such memory holding one value
+    ///   per output row; `seed_pointer` and `offset_pointer`, when non-null,
+    ///   hold one value each.
+    /// - All of them stay valid, and the inputs unchanged (except as the
+    ///   caller's own work ordered on the same stream changes them, e.g.
+    ///   advancing the offsets between calls), until the queued work has
+    ///   finished on the context's stream.
     /// - The stream given with [`ContextOptions::native_stream`], if any, is
     ///   still alive.
     ///
@@ -401,8 +592,51 @@ impl Context {
         tokens: *mut i32,
         logprobs: *mut f32,
     ) -> Result<()> {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.device_sample(logits, params, per_row, tokens, logprobs, None) }
+    }
+
+    /// [`sample_device`](Self::sample_device) with the caller's workspace:
+    /// the call allocates nothing (for example inside a CUDA graph capture,
+    /// with memory from the graph's pool).
+    ///
+    /// # Safety
+    /// As for [`sample_device`](Self::sample_device), and: `workspace.data`
+    /// is memory of this context's backend and device holding at least
+    /// `workspace.bytes` bytes, with `workspace.bytes` at least what
+    /// [`sample_device_workspace_size`](Self::sample_device_workspace_size)
+    /// gives for these arguments; no other work uses it until the queued
+    /// work has finished on the context's stream.
+    pub unsafe fn sample_device_with_workspace(
+        &mut self,
+        logits: &DeviceLogits,
+        params: &Params<'_>,
+        per_row: &DevicePerRow,
+        tokens: *mut i32,
+        logprobs: *mut f32,
+        workspace: &DeviceWorkspace,
+    ) -> Result<()> {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.device_sample(logits, params, per_row, tokens, logprobs, Some(workspace)) }
+    }
+
+    /// # Safety
+    /// As for [`sample_device_with_workspace`](Self::sample_device_with_workspace).
+    unsafe fn device_sample(
+        &mut self,
+        logits: &DeviceLogits,
+        params: &Params<'_>,
+        per_row: &DevicePerRow,
+        tokens: *mut i32,
+        logprobs: *mut f32,
+        workspace: Option<&DeviceWorkspace>,
+    ) -> Result<()> {
         let raw_logits = device_tensor("logits", logits)?;
-        let raw_params = device_params(params, per_row, logits.rows)?;
+        let mut raw_params = device_params(params, per_row, logits.rows)?;
+        if let Some(workspace) = workspace {
+            raw_params.workspace = workspace.data;
+            raw_params.workspace_bytes = workspace.bytes;
+        }
         let tokens = sys::psm_output { data: tokens.cast(), memory: sys::PSM_MEMORY_DEVICE };
         let logprobs = sys::psm_output { data: logprobs.cast(), memory: sys::PSM_MEMORY_DEVICE };
         // SAFETY: the caller's contract above.
@@ -410,12 +644,12 @@ impl Context {
     }
 
     /// [`probs`](Self::probs) from and into the backend's memory: `probs` is
-    /// `rows x vocab` f32, row-major. Queued like
+    /// `output_rows x vocab` f32, row-major. Queued like
     /// [`sample_device`](Self::sample_device).
     ///
     /// # Safety
     /// As for [`sample_device`](Self::sample_device), with `probs` in place
-    /// of `tokens`: backend memory with room for `rows * vocab` `f32`.
+    /// of `tokens`: backend memory with room for `output_rows * vocab` `f32`.
     pub unsafe fn probs_device(
         &mut self,
         logits: &DeviceLogits,
@@ -423,20 +657,97 @@ impl Context {
         per_row: &DevicePerRow,
         probs: *mut f32,
     ) -> Result<()> {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.device_probs(logits, params, per_row, probs, None) }
+    }
+
+    /// [`probs_device`](Self::probs_device) with the caller's workspace.
+    ///
+    /// # Safety
+    /// As for [`probs_device`](Self::probs_device), and for the workspace as
+    /// for [`sample_device_with_workspace`](Self::sample_device_with_workspace),
+    /// sized by [`probs_device_workspace_size`](Self::probs_device_workspace_size).
+    pub unsafe fn probs_device_with_workspace(
+        &mut self,
+        logits: &DeviceLogits,
+        params: &Params<'_>,
+        per_row: &DevicePerRow,
+        probs: *mut f32,
+        workspace: &DeviceWorkspace,
+    ) -> Result<()> {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.device_probs(logits, params, per_row, probs, Some(workspace)) }
+    }
+
+    /// # Safety
+    /// As for [`probs_device_with_workspace`](Self::probs_device_with_workspace).
+    unsafe fn device_probs(
+        &mut self,
+        logits: &DeviceLogits,
+        params: &Params<'_>,
+        per_row: &DevicePerRow,
+        probs: *mut f32,
+        workspace: Option<&DeviceWorkspace>,
+    ) -> Result<()> {
         let raw_logits = device_tensor("logits", logits)?;
-        let raw_params = device_params(params, per_row, logits.rows)?;
-        let raw_probs = sys::psm_tensor {
-            data: probs.cast(),
-            dtype: sys::PSM_DTYPE_F32,
-            memory: sys::PSM_MEMORY_DEVICE,
-            rows: raw_logits.rows,
-            vocab: raw_logits.vocab,
-            row_stride: raw_logits.vocab,
-        };
+        let mut raw_params = device_params(params, per_row, logits.rows)?;
+        if let Some(workspace) = workspace {
+            raw_params.workspace = workspace.data;
+            raw_params.workspace_bytes = workspace.bytes;
+        }
+        let raw_probs =
+            probs_tensor(probs.cast(), sys::PSM_MEMORY_DEVICE, per_row.output_rows(logits.rows), &raw_logits);
         // SAFETY: the caller's contract above.
         check(unsafe { sys::psm_probs(self.raw.as_ptr(), &raw_logits, &raw_params, &raw_probs) })
     }
 
+    /// The bytes of workspace a [`sample_device_with_workspace`] call with
+    /// these arguments needs on this context. Nothing behind the pointers is
+    /// read: the shapes and which pointers are non-null decide it, so it can
+    /// be asked before the buffers exist (with null pointers for them, and
+    /// any non-null value for the arrays the call will have).
+    ///
+    /// [`sample_device_with_workspace`]: Self::sample_device_with_workspace
+    pub fn sample_device_workspace_size(
+        &mut self,
+        logits: &DeviceLogits,
+        params: &Params<'_>,
+        per_row: &DevicePerRow,
+    ) -> Result<usize> {
+        let raw_logits = device_tensor("logits", logits)?;
+        let raw_params = device_params(params, per_row, logits.rows)?;
+        let output = sys::psm_output { data: ptr::null_mut(), memory: sys::PSM_MEMORY_DEVICE };
+        let mut bytes = 0;
+        // SAFETY: psm_sample_workspace_size reads no memory behind the data
+        // and per-row pointers (include/polysample.h).
+        check(unsafe {
+            sys::psm_sample_workspace_size(self.raw.as_ptr(), &raw_logits, &raw_params, output, output, &mut bytes)
+        })?;
+        Ok(bytes)
+    }
+
+    /// The bytes of workspace a [`probs_device_with_workspace`] call with
+    /// these arguments needs on this context; as for
+    /// [`sample_device_workspace_size`](Self::sample_device_workspace_size).
+    ///
+    /// [`probs_device_with_workspace`]: Self::probs_device_with_workspace
+    pub fn probs_device_workspace_size(
+        &mut self,
+        logits: &DeviceLogits,
+        params: &Params<'_>,
+        per_row: &DevicePerRow,
+    ) -> Result<usize> {
+        let raw_logits = device_tensor("logits", logits)?;
+        let raw_params = device_params(params, per_row, logits.rows)?;
+        let raw_probs =
+            probs_tensor(ptr::null_mut(), sys::PSM_MEMORY_DEVICE, per_row.output_rows(logits.rows), &raw_logits);
+        let mut bytes = 0;
+        // SAFETY: as for sample_device_workspace_size.
+        check(unsafe {
+            sys::psm_probs_workspace_size(self.raw.as_ptr(), &raw_logits, &raw_params, &raw_probs, &mut bytes)
+        })?;
+        Ok(bytes)
+    }
     /// Waits until the work this context queued is done.
     pub fn synchronize(&mut self) -> Result<()> {
         // SAFETY: raw is live.
@@ -463,21 +774,39 @@ fn device_tensor(name: &str, logits: &DeviceLogits) -> Result<sys::psm_tensor> {
     })
 }
 
-fn device_params(params: &Params<'_>, per_row: &DevicePerRow, rows: usize) -> Result<sys::psm_params> {
+fn device_params(params: &Params<'_>, per_row: &DevicePerRow, logits_rows: usize) -> Result<sys::psm_params> {
     if params.has_per_row_slices() {
         return Err(Error::invalid_argument(
-            "per-row slices of Params are host memory; device calls take per-row arrays in DevicePerRow".into(),
+            "per-row slices and row indices of Params are host memory; device calls take them in DevicePerRow".into(),
         ));
     }
-    let mut raw = params.raw_for_rows(rows)?;
+    let mut raw = params.raw_for_logits(logits_rows)?;
     raw.temperature_per_row = per_row.temperature;
     raw.top_k_per_row = per_row.top_k;
     raw.top_p_per_row = per_row.top_p;
     raw.min_p_per_row = per_row.min_p;
     raw.seed_per_row = per_row.seed;
+    raw.offset_per_row = per_row.offset;
+    raw.subsequence_per_row = per_row.subsequence;
+    raw.row_indices = per_row.row_indices;
+    raw.output_rows = i64::try_from(per_row.output_rows)
+        .map_err(|_| Error::invalid_argument(format!("output_rows {} is above 2^63-1", per_row.output_rows)))?;
+    raw.seed_pointer = per_row.seed_pointer;
+    raw.offset_pointer = per_row.offset_pointer;
     Ok(raw)
 }
 
+/// A `rows x vocab` f32 probs tensor, rows packed.
+fn probs_tensor(data: *mut c_void, memory: sys::psm_memory, rows: usize, logits: &sys::psm_tensor) -> sys::psm_tensor {
+    sys::psm_tensor {
+        data,
+        dtype: sys::PSM_DTYPE_F32,
+        memory,
+        rows: i64::try_from(rows).unwrap_or(i64::MAX),
+        vocab: logits.vocab,
+        row_stride: logits.vocab,
+    }
+}
 fn output_len(rows: usize, num_samples: i32) -> Result<usize> {
     let samples = usize::try_from(num_samples.max(0)).unwrap_or(0);
     rows.checked_mul(samples)

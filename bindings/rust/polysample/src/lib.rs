@@ -29,7 +29,7 @@ mod error;
 mod info;
 mod params;
 
-pub use context::{Context, ContextOptions, DeviceLogits, DevicePerRow};
+pub use context::{Context, ContextOptions, DeviceLogits, DevicePerRow, DeviceWorkspace};
 pub use error::{Error, Result, Status};
 pub use info::{backends, version, version_number, Availability, Backend, BackendInfo, Dtype};
 pub use params::{Logits, LogitsData, Params};

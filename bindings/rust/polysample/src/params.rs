@@ -12,7 +12,8 @@ use std::ptr;
 ///
 /// Per-row slices borrow the caller's data for as long as the `Params` lives,
 /// so they outlive every call that uses them; each must have one value per
-/// row of the logits it is used with.
+/// output row: a row of the logits, or an entry of
+/// [`row_indices`](Self::row_indices) when that is given.
 ///
 /// ```
 /// use polysample::Params;
@@ -24,6 +25,28 @@ use std::ptr;
 ///     .offset(17) // e.g. the decoding step
 ///     .temperature_per_row(&temperatures);
 /// # let _ = params;
+/// ```
+///
+/// Request state: three completions of one request that share its one row
+/// of logits, its seed and its position, drawing independently:
+///
+/// ```
+/// use polysample::{Backend, ContextOptions, Logits, Params};
+/// let mut context = ContextOptions::new().backend(Backend::Cpu).create()?;
+/// let logits = vec![0.0f32; 2 * 8]; // two requests, vocabulary 8
+/// let rows = [1i64, 1, 1]; // output rows 0..3 all sample logits row 1
+/// let seeds = [99u64; 3];
+/// let positions = [40u64; 3];
+/// let completions = [0u32, 1, 2]; // one Philox stream each
+/// let params = Params::new()
+///     .row_indices(&rows)
+///     .seed_per_row(&seeds)
+///     .offset_per_row(&positions)
+///     .subsequence_per_row(&completions);
+/// assert_eq!(params.output_rows(2), 3);
+/// let tokens = context.sample(&Logits::f32(&logits, 2, 8), &params)?;
+/// assert_eq!(tokens.len(), 3);
+/// # Ok::<(), polysample::Error>(())
 /// ```
 #[derive(Debug, Clone, Copy)]
 pub struct Params<'a> {
@@ -39,6 +62,9 @@ pub struct Params<'a> {
     top_p_per_row: Option<&'a [f32]>,
     min_p_per_row: Option<&'a [f32]>,
     seed_per_row: Option<&'a [u64]>,
+    offset_per_row: Option<&'a [u64]>,
+    subsequence_per_row: Option<&'a [u32]>,
+    row_indices: Option<&'a [i64]>,
 }
 
 impl Default for Params<'_> {
@@ -69,6 +95,9 @@ impl<'a> Params<'a> {
             top_p_per_row: None,
             min_p_per_row: None,
             seed_per_row: None,
+            offset_per_row: None,
+            subsequence_per_row: None,
+            row_indices: None,
         }
     }
 
@@ -154,26 +183,71 @@ impl<'a> Params<'a> {
         self
     }
 
+    /// One offset per row (e.g. each sequence's position), replacing the
+    /// scalar offset.
+    pub fn offset_per_row(mut self, values: &'a [u64]) -> Self {
+        self.offset_per_row = Some(values);
+        self
+    }
+
+    /// One Philox stream (subsequence) per row, so that rows with the same
+    /// seed and offset (n completions of one request) draw independently.
+    /// Without it a row's stream is its index with the scalar seed, and 0
+    /// with per-row seeds (docs/SAMPLING.md, the draw).
+    pub fn subsequence_per_row(mut self, values: &'a [u32]) -> Self {
+        self.subsequence_per_row = Some(values);
+        self
+    }
+
+    /// Row gather: output row i samples logits row `indices[i]`, so that
+    /// sequences sharing a row of logits need no copies. The outputs and
+    /// every per-row slice then have `indices.len()` rows (at least 1). An
+    /// index outside the logits fails the call with
+    /// [`Status::InvalidArgument`](crate::Status), naming the entry.
+    pub fn row_indices(mut self, indices: &'a [i64]) -> Self {
+        self.row_indices = Some(indices);
+        self
+    }
+
+    /// The rows of the outputs for logits of `logits_rows` rows: the number
+    /// of [`row_indices`](Self::row_indices) when given, else `logits_rows`.
+    pub fn output_rows(&self, logits_rows: usize) -> usize {
+        self.row_indices.map_or(logits_rows, <[i64]>::len)
+    }
+
     pub(crate) fn has_per_row_slices(&self) -> bool {
         self.temperature_per_row.is_some()
             || self.top_k_per_row.is_some()
             || self.top_p_per_row.is_some()
             || self.min_p_per_row.is_some()
             || self.seed_per_row.is_some()
+            || self.offset_per_row.is_some()
+            || self.subsequence_per_row.is_some()
+            || self.row_indices.is_some()
     }
 
-    /// The C struct for `rows` rows, the per-row slices' lengths checked.
-    /// The pointers in it borrow from `self`.
-    pub(crate) fn raw_for_rows(&self, rows: usize) -> Result<sys::psm_params> {
-        fn slice_pointer<T>(name: &str, values: Option<&[T]>, rows: usize) -> Result<*const T> {
+    /// The C struct for logits of `logits_rows` rows, the per-row slices'
+    /// lengths checked against the output rows. The pointers in it borrow
+    /// from `self`.
+    pub(crate) fn raw_for_logits(&self, logits_rows: usize) -> Result<sys::psm_params> {
+        fn slice_pointer<T>(name: &str, values: Option<&[T]>, rows: usize, gathered: bool) -> Result<*const T> {
             match values {
                 None => Ok(ptr::null()),
                 Some(values) if values.len() == rows => Ok(values.as_ptr()),
+                Some(values) if gathered => Err(Error::invalid_argument(format!(
+                    "{name} has {} values for {rows} output rows; expected one per entry of row_indices",
+                    values.len()
+                ))),
                 Some(values) => Err(Error::invalid_argument(format!(
                     "{name} has {} values for {rows} rows; expected one per row",
                     values.len()
                 ))),
             }
+        }
+        let rows = self.output_rows(logits_rows);
+        let gathered = self.row_indices.is_some();
+        if gathered && rows == 0 {
+            return Err(Error::invalid_argument("row_indices is empty; expected at least one entry".into()));
         }
         let num_samples = i32::try_from(self.num_samples).map_err(|_| {
             Error::invalid_parameter(format!("num_samples is {}; expected 1 .. 2^31-1", self.num_samples))
@@ -186,11 +260,20 @@ impl<'a> Params<'a> {
             seed: self.seed,
             offset: self.offset,
             num_samples,
-            temperature_per_row: slice_pointer("temperature_per_row", self.temperature_per_row, rows)?,
-            top_k_per_row: slice_pointer("top_k_per_row", self.top_k_per_row, rows)?,
-            top_p_per_row: slice_pointer("top_p_per_row", self.top_p_per_row, rows)?,
-            min_p_per_row: slice_pointer("min_p_per_row", self.min_p_per_row, rows)?,
-            seed_per_row: slice_pointer("seed_per_row", self.seed_per_row, rows)?,
+            temperature_per_row: slice_pointer("temperature_per_row", self.temperature_per_row, rows, gathered)?,
+            top_k_per_row: slice_pointer("top_k_per_row", self.top_k_per_row, rows, gathered)?,
+            top_p_per_row: slice_pointer("top_p_per_row", self.top_p_per_row, rows, gathered)?,
+            min_p_per_row: slice_pointer("min_p_per_row", self.min_p_per_row, rows, gathered)?,
+            seed_per_row: slice_pointer("seed_per_row", self.seed_per_row, rows, gathered)?,
+            offset_per_row: slice_pointer("offset_per_row", self.offset_per_row, rows, gathered)?,
+            subsequence_per_row: slice_pointer("subsequence_per_row", self.subsequence_per_row, rows, gathered)?,
+            seed_pointer: ptr::null(),
+            offset_pointer: ptr::null(),
+            row_indices: self.row_indices.map_or(ptr::null(), <[i64]>::as_ptr),
+            // A slice's length is at most isize::MAX.
+            output_rows: if gathered { rows as i64 } else { 0 },
+            workspace: ptr::null_mut(),
+            workspace_bytes: 0,
         })
     }
 }

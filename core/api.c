@@ -61,6 +61,11 @@ static psm_status check_features(const psm_context *context, const psm_request *
                              "logit processing (psm_params.processing) does not run on the %s "
                              "backend yet; the CPU backend runs it",
                              psm_backend_name(context->backend));
+    if (request->params.top_logprobs && !(context->ops->features & PSM_FEATURE_TOP_LOGPROBS))
+        return psm_set_error(PSM_ERR_UNSUPPORTED,
+                             "top-N logprobs (psm_params.top_logprobs) do not run on the %s "
+                             "backend yet; the CPU backend runs them",
+                             psm_backend_name(context->backend));
     return PSM_OK;
 }
 

@@ -43,6 +43,7 @@ typedef struct psm_request {
 /* What a backend runs beyond plain sampling (psm_backend_ops.features): a
  * request that needs a feature its backend lacks is PSM_ERR_UNSUPPORTED. */
 #define PSM_FEATURE_LOGIT_PROCESSING 1u /* psm_params.processing */
+#define PSM_FEATURE_TOP_LOGPROBS 2u     /* psm_params.top_logprobs */
 
 typedef struct psm_backend_ops {
     int api_version;

@@ -203,6 +203,40 @@ static psm_status check_processing(const psm_logit_processing *p, int64_t rows, 
     return PSM_OK;
 }
 
+static psm_status check_output_memory(const char *name, const psm_output *output)
+{
+    if ((int)output->memory != PSM_MEMORY_HOST && (int)output->memory != PSM_MEMORY_DEVICE)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "%s.memory has the unknown value %d", name,
+                             (int)output->memory);
+    return PSM_OK;
+}
+
+/* Top-N logprobs: psm_sample only, N in range, a known mode, the two
+ * outputs present (the ranks optional). */
+static psm_status check_top_logprobs(const psm_top_logprobs *top, int for_probs, int data_needed)
+{
+    if (for_probs)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                             "top_logprobs is for psm_sample; psm_probs gives every probability");
+    if (top->count < 1 || top->count > PSM_MAX_TOP_LOGPROBS)
+        return psm_set_error(PSM_ERR_INVALID_PARAMETER,
+                             "top_logprobs.count is %d; expected 1 .. %d", (int)top->count,
+                             PSM_MAX_TOP_LOGPROBS);
+    if ((int)top->mode != PSM_LOGPROBS_PROCESSED && (int)top->mode != PSM_LOGPROBS_RAW)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "top_logprobs.mode has the unknown value %d",
+                             (int)top->mode);
+    if (data_needed && !top->tokens.data)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "top_logprobs.tokens.data is NULL");
+    if (data_needed && !top->logprobs.data)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "top_logprobs.logprobs.data is NULL");
+    psm_status status = check_output_memory("top_logprobs.tokens", &top->tokens);
+    if (status == PSM_OK)
+        status = check_output_memory("top_logprobs.logprobs", &top->logprobs);
+    if (status == PSM_OK && top->sampled_ranks.data)
+        status = check_output_memory("top_logprobs.sampled_ranks", &top->sampled_ranks);
+    return status;
+}
+
 /* The output rows, and the request-state pointers that exclude each other. */
 static psm_status check_rows_and_state(const psm_tensor *logits, const psm_params *params,
                                        int64_t *rows_out)
@@ -268,6 +302,13 @@ psm_status psm_validate_request(const psm_tensor *logits, const psm_params *para
         status = check_per_row_arrays(params, rows, logits->rows);
         if (status != PSM_OK)
             return status;
+    }
+    if (params->top_logprobs) {
+        status = check_top_logprobs(params->top_logprobs, probs != NULL, data_needed);
+        if (status != PSM_OK)
+            return status;
+        if ((int64_t)params->top_logprobs->count > INT64_MAX / 8 / rows)
+            return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "rows x top_logprobs.count is too large");
     }
     if (params->processing) {
         status = check_processing(params->processing, rows, logits->vocab,

@@ -54,7 +54,7 @@ common=(-g -O1 -std=c11 -ffp-contract=off -fopenmp -Wall -Wextra -Wno-pass-faile
         -I"$repo/include" -I"$repo/core" -I"$repo/backends/cpu" -I"$repo/cli" -I"$repo/tests" -I"$repo/reference"
         -I"$repo/fuzz" -DPSM_HAVE_OPENCL=1 '-DPSM_MODULE_DIR=""')
 library=(core/alloc.c core/api.c core/context.c core/environment.c core/error.c core/registry.c
-         core/validate.c backends/cpu/cpu_backend.c backends/cpu/cpu_rows.c
+         core/validate.c backends/cpu/cpu_backend.c backends/cpu/cpu_logprobs.c backends/cpu/cpu_rows.c
          backends/cpu/cpu_select.c backends/cpu/cpu_tiles.c)
 # clang's -fopenmp links LLVM's libomp, which lives in LLVM's library
 # directory, two levels above clang's resource directory.

@@ -124,6 +124,12 @@ typedef struct psm_tensor {
     int64_t row_stride;   /* in elements; >= vocab; 0 means vocab */
 } psm_tensor;
 
+/* A rows x num_samples int32 matrix of tokens, or a float matrix of logprobs. */
+typedef struct psm_output {
+    void *data;
+    psm_memory memory;
+} psm_output;
+
 /* Logit processing (docs/SAMPLING.md, section 1): what a runtime does to the
  * logits before it samples, done inside the call as the logits are read.
  * In order, per token of an output row: the penalties, for tokens in the
@@ -164,6 +170,32 @@ typedef struct psm_logit_processing {
 
 /* No processing: every pointer NULL, penalties off. */
 PSM_API void psm_logit_processing_init(psm_logit_processing *processing);
+
+/* Top-N logprobs (psm_sample only): each row's N most probable tokens and
+ * their logprobs, and optionally the rank of each drawn token, in one of
+ * two modes (docs/SAMPLING.md, section 6). Ranks follow the rank order of
+ * the mode's candidates: higher logit first, lower index on ties (exact;
+ * probabilities follow it up to the contract's rounding). */
+#define PSM_MAX_TOP_LOGPROBS 64
+
+typedef enum psm_logprob_mode {
+    PSM_LOGPROBS_PROCESSED = 0, /* the distribution psm_sample draws from: after
+                                   processing, temperature and filters */
+    PSM_LOGPROBS_RAW = 1        /* log-softmax of the logits as given: no processing,
+                                   temperature 1, no filters */
+} psm_logprob_mode;
+
+typedef struct psm_top_logprobs {
+    int32_t count;             /* N: 1 .. PSM_MAX_TOP_LOGPROBS */
+    psm_logprob_mode mode;
+    psm_output tokens;         /* rows x N int32, most probable first; -1 past the last
+                                  candidate (and for a bad row) */
+    psm_output logprobs;       /* rows x N float; -inf past the last candidate, NaN for
+                                  a bad row */
+    psm_output sampled_ranks;  /* optional (data may be NULL): rows x num_samples int32,
+                                  the rank of each drawn token in this mode (1 = the
+                                  most probable); -1 for a bad row */
+} psm_top_logprobs;
 
 /* A call's parameters. Rows here are the rows of the outputs: logits row i,
  * or logits row row_indices[i] when row_indices is given.
@@ -218,16 +250,12 @@ typedef struct psm_params {
 
     /* Logit processing (above); NULL: none. */
     const psm_logit_processing *processing;
+    /* Top-N logprobs (above; psm_sample only); NULL: none. */
+    const psm_top_logprobs *top_logprobs;
 } psm_params;
 
 /* Plain sampling at temperature 1, one sample, seed 0, every filter off. */
 PSM_API void psm_params_init(psm_params *params);
-
-/* A rows x num_samples int32 matrix of tokens, or a float matrix of logprobs. */
-typedef struct psm_output {
-    void *data;
-    psm_memory memory;
-} psm_output;
 
 /* Draws num_samples tokens per row. tokens: rows x num_samples int32 (rows:
  * output_rows with row_indices, else logits->rows).

@@ -201,9 +201,12 @@ static void draw_row(const psm_request *request, const cpu_row *row, cpu_scratch
 void cpu_process_row(const cpu_state *state, const psm_request *request, int64_t r,
                      cpu_scratch *owner, int parallel, int want_probs, int64_t next_row)
 {
+    const int top_logprobs = !want_probs && request->params.top_logprobs;
     psm_row_params params = cpu_resolve_params(request, r);
     if (!params.valid) {
         write_bad_row(request, r, want_probs);
+        if (top_logprobs)
+            cpu_write_bad_top_logprobs(request, r);
         return;
     }
     cpu_row row;
@@ -224,16 +227,20 @@ void cpu_process_row(const cpu_state *state, const psm_request *request, int64_t
     int64_t valid;
     if (!cpu_row_is_good(&row, owner, &valid, &row.row_max)) {
         write_bad_row(request, r, want_probs);
+        if (top_logprobs)
+            cpu_write_bad_top_logprobs(request, r);
         return;
     }
     if (greedy) {
         write_greedy_row(request, r, greedy_token(&row, owner), want_probs);
+        if (top_logprobs)
+            cpu_top_logprobs(request, &row, owner, r, params.logits_row, 0, 1);
         return;
     }
     if (!plain) {
         row.filtered = 1;
         switch (cpu_apply_filters(state, &row, owner, parallel, valid, params.top_k, params.top_p,
-                              params.min_p)) {
+                                  params.min_p)) {
         case KEPT_FROM_HEAP:
             cpu_kept_masses_from_heap(&row, owner, params.top_k);
             break;
@@ -254,4 +261,6 @@ void cpu_process_row(const cpu_state *state, const psm_request *request, int64_t
         return;
     }
     draw_row(request, &row, owner, r, &params, total);
+    if (top_logprobs)
+        cpu_top_logprobs(request, &row, owner, r, params.logits_row, total, 0);
 }

@@ -19,26 +19,34 @@
 static const char check_description[] =
     "Runs the same random logits (vocab 1, 1000, 1025, 32000, 151936; f32, f16,\n"
     "bf16; parameter sets plain, greedy, top_k, top_p, min_p, combined,\n"
-    "per_row_params, per_row_seeds, num_samples_4) through every device of\n"
-    "every available backend (e.g. opencl:0 and opencl:1 for a GPU driver and\n"
-    "PoCL), the CPU backend at 1 and 2 threads, device-resident buffers\n"
-    "(CUDA, OpenCL) and, with per-row seeds, rows alone, split and reversed\n"
-    "batches; every other case has padded rows (row_stride > vocab) and offsets\n"
-    "use both 32-bit words. Prints token agreement for every pair (it must be\n"
-    "100%), logprob differences, and chi-square tests of a few settings against\n"
-    "a float64 softmax (10^6 draws each on the CPU backend).\n"
+    "per_row_params, per_row_seeds, num_samples_4, and the request state:\n"
+    "offset_per_row, subsequences (one seed and position, a subsequence per\n"
+    "row), gather (row indices with repeats, 1.5x the logits' rows, per-row\n"
+    "parameters) and seed_offset_pointers) through every device of every\n"
+    "available backend (e.g. opencl:0 and opencl:1 for a GPU driver and PoCL),\n"
+    "the CPU backend at 1 and 2 threads, device-resident buffers (CUDA,\n"
+    "OpenCL; per-row arrays, indices and pointers too) and, with per-row seeds,\n"
+    "rows alone, split and reversed batches; every other case has padded rows\n"
+    "(row_stride > vocab) and offsets use both 32-bit words. Prints token\n"
+    "agreement for every pair (it must be 100%), logprob differences, and\n"
+    "chi-square tests of a few settings against a float64 softmax (10^6 draws\n"
+    "each on the CPU backend).\n"
     "Exit status 1 on any disagreement, failed call or failed test.\n";
 
 static const parameter_set parameter_sets[] = {
-    {"plain", 1.0f, 0, 1.0f, 0.0f, 1, 0, 0},
-    {"greedy", 0.0f, 0, 1.0f, 0.0f, 1, 0, 0},
-    {"top_k", 0.8f, 50, 1.0f, 0.0f, 1, 0, 0},
-    {"top_p", 1.0f, 0, 0.9f, 0.0f, 1, 0, 0},
-    {"min_p", 1.0f, 0, 1.0f, 0.05f, 1, 0, 0},
-    {"combined", 0.7f, 40, 0.95f, 0.02f, 1, 0, 0},
-    {"per_row_params", 1.0f, 0, 1.0f, 0.0f, 1, 1, 0},
-    {"per_row_seeds", 0.9f, 0, 1.0f, 0.0f, 1, 1, 1},
-    {"num_samples_4", 1.2f, 0, 0.8f, 0.0f, 4, 0, 0},
+    {"plain", 1.0f, 0, 1.0f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE},
+    {"greedy", 0.0f, 0, 1.0f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE},
+    {"top_k", 0.8f, 50, 1.0f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE},
+    {"top_p", 1.0f, 0, 0.9f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE},
+    {"min_p", 1.0f, 0, 1.0f, 0.05f, 1, 0, 0, REQUEST_STATE_NONE},
+    {"combined", 0.7f, 40, 0.95f, 0.02f, 1, 0, 0, REQUEST_STATE_NONE},
+    {"per_row_params", 1.0f, 0, 1.0f, 0.0f, 1, 1, 0, REQUEST_STATE_NONE},
+    {"per_row_seeds", 0.9f, 0, 1.0f, 0.0f, 1, 1, 1, REQUEST_STATE_NONE},
+    {"num_samples_4", 1.2f, 0, 0.8f, 0.0f, 4, 0, 0, REQUEST_STATE_NONE},
+    {"offset_per_row", 1.0f, 0, 0.95f, 0.0f, 2, 0, 0, REQUEST_STATE_OFFSETS},
+    {"subsequences", 0.9f, 0, 1.0f, 0.0f, 2, 0, 1, REQUEST_STATE_SUBSEQUENCES},
+    {"gather", 0.8f, 30, 1.0f, 0.0f, 2, 1, 0, REQUEST_STATE_GATHER},
+    {"seed_offset_pointers", 1.0f, 0, 0.9f, 0.02f, 1, 0, 0, REQUEST_STATE_POINTERS},
 };
 #define PARAMETER_SET_COUNT ((int)(sizeof parameter_sets / sizeof parameter_sets[0]))
 

@@ -19,6 +19,16 @@
 #define CHECK_MAX_PARTICIPANTS 12
 #define CHECK_MAX_REPORTED 10
 
+/* Request state a case exercises (include/polysample.h, psm_params). */
+typedef enum request_state_form {
+    REQUEST_STATE_NONE = 0,
+    REQUEST_STATE_OFFSETS,      /* offset_per_row, both words */
+    REQUEST_STATE_SUBSEQUENCES, /* with per_row_seeds: one seed and one offset in every
+                                   row's per-row arrays, a subsequence id per row */
+    REQUEST_STATE_GATHER,       /* row_indices with repeats, more output rows than logits */
+    REQUEST_STATE_POINTERS      /* seed_pointer and offset_pointer */
+} request_state_form;
+
 typedef struct parameter_set {
     const char *name;
     float temperature;
@@ -28,6 +38,7 @@ typedef struct parameter_set {
     int32_t num_samples;
     int per_row_params;
     int per_row_seeds;
+    request_state_form request_state;
 } parameter_set;
 
 typedef struct participant {
@@ -40,13 +51,18 @@ typedef struct participant {
 
 /* One batch of inputs on the host. */
 typedef struct check_batch {
-    int64_t rows;
+    int64_t rows;       /* of the logits */
     int64_t vocab;
     int64_t row_stride; /* elements from one row to the next, >= vocab */
     psm_dtype dtype;
     const void *logits; /* rows rows of row_stride elements of dtype */
-    psm_params params;  /* per-row pointers are host arrays (or NULL) */
+    psm_params params;  /* per-row pointers are host arrays (or NULL) of
+                           check_output_rows entries */
 } check_batch;
+
+/* The rows of a batch's outputs and per-row arrays: params.output_rows
+ * with row indices, else the logits' rows. */
+int64_t check_output_rows(const check_batch *batch);
 
 typedef struct pair_record {
     uint64_t compared;
@@ -91,8 +107,8 @@ void check_close_participant(participant *closing);
 int check_open_participants(check_state *state, const psm_backend *requested,
                             const int *requested_devices, int requested_count);
 
-/* Samples a batch; tokens and logprobs (host) get rows x num_samples. 0, or
- * -1 after a message. */
+/* Samples a batch; tokens and logprobs (host) get output rows x
+ * num_samples. 0, or -1 after a message. */
 int check_run_batch(participant *who, const check_batch *batch, int32_t *tokens,
                     float *logprobs);
 
@@ -101,17 +117,24 @@ int check_run_batch(participant *who, const check_batch *batch, int32_t *tokens,
 typedef struct case_inputs {
     float *values;        /* rows x vocab, f32, as the backends read them */
     void *logits;         /* the same in the case's dtype, rows of row_stride */
+    int64_t output_rows;  /* the entries of every per-row array below */
     float *temperature;
     int32_t *top_k;
     float *top_p;
     float *min_p;
     uint64_t *seeds;
+    uint64_t *offsets;
+    uint32_t *subsequences;
+    int64_t *row_indices;
+    uint64_t seed_value;   /* what seed_pointer points to */
+    uint64_t offset_value; /* what offset_pointer points to */
 } case_inputs;
 
 /* The case's inputs for shape (rows, vocab, row_stride, dtype) and the
- * parameter set, from seed. 0, or -1 when out of memory (free them anyway). */
+ * parameter set, from seed, with offset the case's scalar offset. 0, or -1
+ * when out of memory (free them anyway). */
 int check_make_inputs(const check_batch *shape, const parameter_set *set, uint64_t seed,
-                      case_inputs *inputs);
+                      uint64_t offset, case_inputs *inputs);
 void check_free_inputs(case_inputs *inputs);
 
 /* ---- agreement (check_agreement.c) --------------------------------------------- */

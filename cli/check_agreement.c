@@ -62,8 +62,9 @@ static void validate_tokens(check_state *state, int who, const char *label,
 {
     int64_t row, sample;
     int32_t samples = batch->params.num_samples;
-    for (row = 0; row < batch->rows; ++row) {
-        const float *values = inputs->values + row * batch->vocab;
+    for (row = 0; row < check_output_rows(batch); ++row) {
+        int64_t logits_row = batch->params.row_indices ? batch->params.row_indices[row] : row;
+        const float *values = inputs->values + logits_row * batch->vocab;
         int bad = row_is_bad(values, batch->vocab);
         float temperature = inputs->temperature ? inputs->temperature[row]
                                                 : batch->params.temperature;
@@ -127,7 +128,8 @@ static void compare_pair(check_state *state, int first, int second, const char *
 
 /* ---- batch composition ----------------------------------------------------- */
 
-/* The batch rows [first, first + count), as a batch of its own. */
+/* The batch rows [first, first + count), as a batch of its own (a batch
+ * without row indices: logits rows are output rows). */
 static check_batch sub_batch(const check_batch *batch, int64_t first, int64_t count)
 {
     check_batch part = *batch;
@@ -141,6 +143,8 @@ static check_batch sub_batch(const check_batch *batch, int64_t first, int64_t co
     SHIFT(top_p_per_row);
     SHIFT(min_p_per_row);
     SHIFT(seed_per_row);
+    SHIFT(offset_per_row);
+    SHIFT(subsequence_per_row);
 #undef SHIFT
     return part;
 }
@@ -164,7 +168,8 @@ static int compare_composition(check_state *state, int who, const char *label,
 
 /* With per-row seeds a row's tokens may not depend on its batch: rows alone,
  * the batch split in two, and the batch in reverse order must all give the
- * tokens of the whole batch. */
+ * tokens of the whole batch (with per-row offsets and subsequences, when
+ * the case has them, moving with their rows). */
 static int check_composition(check_state *state, int who, const char *label,
                              const check_batch *batch, const int32_t *expected)
 {
@@ -214,7 +219,8 @@ static int check_composition(check_state *state, int who, const char *label,
         char *logits = malloc(rows * row_bytes);
         float *temperature = NULL, *top_p = NULL, *min_p = NULL;
         int32_t *top_k = NULL;
-        uint64_t *seeds = NULL;
+        uint64_t *seeds = NULL, *offsets = NULL;
+        uint32_t *subsequences = NULL;
         size_t r;
         if (batch->params.temperature_per_row) {
             temperature = malloc(rows * sizeof *temperature);
@@ -223,8 +229,14 @@ static int check_composition(check_state *state, int who, const char *label,
             min_p = malloc(rows * sizeof *min_p);
         }
         seeds = malloc(rows * sizeof *seeds);
+        if (batch->params.offset_per_row)
+            offsets = malloc(rows * sizeof *offsets);
+        if (batch->params.subsequence_per_row)
+            subsequences = malloc(rows * sizeof *subsequences);
         if (!logits || !seeds || (batch->params.temperature_per_row &&
-                                  (!temperature || !top_k || !top_p || !min_p))) {
+                                  (!temperature || !top_k || !top_p || !min_p)) ||
+            (batch->params.offset_per_row && !offsets) ||
+            (batch->params.subsequence_per_row && !subsequences)) {
             failed = 1;
         } else {
             for (r = 0; r < rows; ++r) {
@@ -232,6 +244,10 @@ static int check_composition(check_state *state, int who, const char *label,
                 memcpy(logits + r * row_bytes, (const char *)batch->logits + from * row_bytes,
                        row_bytes);
                 seeds[r] = batch->params.seed_per_row[from];
+                if (offsets)
+                    offsets[r] = batch->params.offset_per_row[from];
+                if (subsequences)
+                    subsequences[r] = batch->params.subsequence_per_row[from];
                 if (temperature) {
                     temperature[r] = batch->params.temperature_per_row[from];
                     top_k[r] = batch->params.top_k_per_row[from];
@@ -241,6 +257,10 @@ static int check_composition(check_state *state, int who, const char *label,
             }
             reversed.logits = logits;
             reversed.params.seed_per_row = seeds;
+            if (offsets)
+                reversed.params.offset_per_row = offsets;
+            if (subsequences)
+                reversed.params.subsequence_per_row = subsequences;
             if (temperature) {
                 reversed.params.temperature_per_row = temperature;
                 reversed.params.top_k_per_row = top_k;
@@ -262,6 +282,8 @@ static int check_composition(check_state *state, int who, const char *label,
         free(top_p);
         free(min_p);
         free(seeds);
+        free(offsets);
+        free(subsequences);
     }
     free(tokens);
     free(logprobs);
@@ -278,7 +300,7 @@ int check_run_case(check_state *state, int64_t rows, int64_t vocab, int64_t row_
     int32_t *tokens[CHECK_MAX_PARTICIPANTS] = {NULL};
     float *logprobs[CHECK_MAX_PARTICIPANTS] = {NULL};
     int ran[CHECK_MAX_PARTICIPANTS] = {0};
-    size_t outputs = (size_t)rows * (size_t)set->num_samples;
+    size_t outputs;
     char label[128];
     int p, q, status = 0;
 
@@ -289,7 +311,7 @@ int check_run_case(check_state *state, int64_t rows, int64_t vocab, int64_t row_
     batch.vocab = vocab;
     batch.row_stride = row_stride;
     batch.dtype = dtype;
-    if (check_make_inputs(&batch, set, seed, &inputs) != 0) {
+    if (check_make_inputs(&batch, set, seed, offset, &inputs) != 0) {
         cli_error("check", "out of memory for %s", label);
         check_free_inputs(&inputs);
         return -1;
@@ -308,6 +330,20 @@ int check_run_case(check_state *state, int64_t rows, int64_t vocab, int64_t row_
     batch.params.top_p_per_row = inputs.top_p;
     batch.params.min_p_per_row = inputs.min_p;
     batch.params.seed_per_row = inputs.seeds;
+    batch.params.offset_per_row = inputs.offsets;
+    batch.params.subsequence_per_row = inputs.subsequences;
+    if (inputs.row_indices) {
+        batch.params.row_indices = inputs.row_indices;
+        batch.params.output_rows = inputs.output_rows;
+    }
+    if (set->request_state == REQUEST_STATE_POINTERS) {
+        /* The scalars differ from the values pointed to, which win. */
+        batch.params.seed_pointer = &inputs.seed_value;
+        batch.params.offset_pointer = &inputs.offset_value;
+        batch.params.seed = ~inputs.seed_value;
+        batch.params.offset = ~inputs.offset_value;
+    }
+    outputs = (size_t)inputs.output_rows * (size_t)set->num_samples;
 
     for (p = 0; p < state->participant_count; ++p) {
         tokens[p] = malloc(outputs * sizeof(int32_t));

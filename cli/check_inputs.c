@@ -1,6 +1,8 @@
 /* check_inputs.c: the inputs of one `polysample check` case: random logits
  * with the edges every backend must handle (ties, masked tokens, bad rows,
- * padding between rows), and the per-row parameters and seeds. */
+ * padding between rows), the per-row parameters and seeds, and the request
+ * state (per-row offsets, subsequences, row indices, seed and offset by
+ * pointer). */
 #include "check.h"
 #include "cli_util.h"
 
@@ -26,6 +28,9 @@ void check_free_inputs(case_inputs *inputs)
     free(inputs->top_p);
     free(inputs->min_p);
     free(inputs->seeds);
+    free(inputs->offsets);
+    free(inputs->subsequences);
+    free(inputs->row_indices);
     memset(inputs, 0, sizeof *inputs);
 }
 
@@ -35,10 +40,11 @@ void check_free_inputs(case_inputs *inputs)
  * (bad rows: token -1). With a row stride beyond vocab the padding holds
  * NaN, so a backend that read it would turn a good row bad. */
 int check_make_inputs(const check_batch *shape, const parameter_set *set, uint64_t seed,
-                      case_inputs *inputs)
+                      uint64_t offset, case_inputs *inputs)
 {
     size_t count = (size_t)shape->rows * (size_t)shape->vocab;
     size_t rows = (size_t)shape->rows, i;
+    size_t outputs; /* output rows: the entries of the per-row arrays */
     size_t vocab = (size_t)shape->vocab, stride = (size_t)shape->row_stride;
     size_t element = cli_dtype_size(shape->dtype);
     const float padding = NAN;
@@ -71,14 +77,26 @@ int check_make_inputs(const check_batch *shape, const parameter_set *set, uint64
             inputs->values[i * vocab + pad] = element_as_float(row, shape->dtype, pad);
     }
 
+    /* A gather has half as many rows again as the logits: every logits row
+     * is likely to be read several times, some not at all. */
+    outputs = set->request_state == REQUEST_STATE_GATHER ? rows + rows / 2 : rows;
+    inputs->output_rows = (int64_t)outputs;
+    if (set->request_state == REQUEST_STATE_GATHER) {
+        inputs->row_indices = malloc(outputs * sizeof(int64_t));
+        if (!inputs->row_indices)
+            return -1;
+        for (i = 0; i < outputs; ++i)
+            inputs->row_indices[i] = (int64_t)(cli_random_u64(seed ^ 0x6a7eu, i) % rows);
+    }
+
     if (set->per_row_params) {
-        inputs->temperature = malloc(rows * sizeof(float));
-        inputs->top_k = malloc(rows * sizeof(int32_t));
-        inputs->top_p = malloc(rows * sizeof(float));
-        inputs->min_p = malloc(rows * sizeof(float));
+        inputs->temperature = malloc(outputs * sizeof(float));
+        inputs->top_k = malloc(outputs * sizeof(int32_t));
+        inputs->top_p = malloc(outputs * sizeof(float));
+        inputs->min_p = malloc(outputs * sizeof(float));
         if (!inputs->temperature || !inputs->top_k || !inputs->top_p || !inputs->min_p)
             return -1;
-        for (i = 0; i < rows; ++i) {
+        for (i = 0; i < outputs; ++i) {
             uint64_t word = cli_random_u64(seed ^ 0x5eedu, i);
             static const int32_t k_choices[] = {0, 1, 2, 5, 50, 1000, 2000000};
             inputs->temperature[i] =
@@ -91,11 +109,35 @@ int check_make_inputs(const check_batch *shape, const parameter_set *set, uint64
         }
     }
     if (set->per_row_seeds) {
-        inputs->seeds = malloc(rows * sizeof(uint64_t));
+        inputs->seeds = malloc(outputs * sizeof(uint64_t));
         if (!inputs->seeds)
             return -1;
-        for (i = 0; i < rows; ++i)
-            inputs->seeds[i] = cli_random_u64(seed ^ 0xabcdu, i);
+        /* Subsequences: n completions of one request, one seed for all. */
+        for (i = 0; i < outputs; ++i)
+            inputs->seeds[i] = cli_random_u64(
+                seed ^ 0xabcdu, set->request_state == REQUEST_STATE_SUBSEQUENCES ? 0 : i);
+    }
+    if (set->request_state == REQUEST_STATE_OFFSETS ||
+        set->request_state == REQUEST_STATE_SUBSEQUENCES) {
+        inputs->offsets = malloc(outputs * sizeof(uint64_t));
+        if (!inputs->offsets)
+            return -1;
+        for (i = 0; i < outputs; ++i)
+            inputs->offsets[i] = set->request_state == REQUEST_STATE_OFFSETS
+                                     ? cli_random_u64(seed ^ 0x0ff5e7u, i)
+                                     : offset;
+    }
+    if (set->request_state == REQUEST_STATE_SUBSEQUENCES) {
+        /* With the one seed and one position, each row its own subsequence. */
+        inputs->subsequences = malloc(outputs * sizeof(uint32_t));
+        if (!inputs->subsequences)
+            return -1;
+        for (i = 0; i < outputs; ++i)
+            inputs->subsequences[i] = (uint32_t)cli_random_u64(seed ^ 0x5b5e9u, i);
+    }
+    if (set->request_state == REQUEST_STATE_POINTERS) {
+        inputs->seed_value = cli_random_u64(seed ^ 0x5eedu, 0);
+        inputs->offset_value = offset ^ 0x8000000100000000u;
     }
     return 0;
 }

@@ -57,16 +57,39 @@ static int device_copy(participant *who, const void *host, size_t bytes, void **
     return who->device->upload(who->session, *buffer, host, bytes);
 }
 
-/* Samples a batch; tokens and logprobs (host) get rows x num_samples. */
+int64_t check_output_rows(const check_batch *batch)
+{
+    return batch->params.row_indices ? batch->params.output_rows : batch->rows;
+}
+
+/* The device buffers of one batch, in the order check_run_batch fills them. */
+enum batch_buffer {
+    BUFFER_LOGITS,
+    BUFFER_TEMPERATURE,
+    BUFFER_TOP_K,
+    BUFFER_TOP_P,
+    BUFFER_MIN_P,
+    BUFFER_SEEDS,
+    BUFFER_OFFSETS,
+    BUFFER_SUBSEQUENCES,
+    BUFFER_ROW_INDICES,
+    BUFFER_SEED_POINTER,
+    BUFFER_OFFSET_POINTER,
+    BUFFER_TOKENS,
+    BUFFER_LOGPROBS,
+    BUFFER_COUNT
+};
+
+/* Samples a batch; tokens and logprobs (host) get output rows x num_samples. */
 int check_run_batch(participant *who, const check_batch *batch, int32_t *tokens, float *logprobs)
 {
     psm_tensor logits;
     psm_params params = batch->params;
     psm_output token_output, logprob_output;
     psm_status status;
-    size_t outputs = (size_t)batch->rows * (size_t)params.num_samples;
-    size_t rows = (size_t)batch->rows;
-    void *buffers[8] = {NULL};
+    size_t rows = (size_t)check_output_rows(batch); /* the per-row arrays' entries */
+    size_t outputs = rows * (size_t)params.num_samples;
+    void *buffers[BUFFER_COUNT] = {NULL};
     int failed = 0, i;
 
     memset(&logits, 0, sizeof logits);
@@ -91,30 +114,54 @@ int check_run_batch(participant *who, const check_batch *batch, int32_t *tokens,
         return 0;
     }
 
-    /* Device memory: the logits, the per-row arrays and the outputs. */
+    /* Device memory: the logits, the per-row arrays, the seed and offset
+     * pointers, and the outputs. */
     failed |= device_copy(who, batch->logits,
-                          rows * (size_t)batch->row_stride * cli_dtype_size(batch->dtype),
-                          &buffers[0]);
-    failed |= device_copy(who, batch->params.temperature_per_row, rows * sizeof(float), &buffers[1]);
-    failed |= device_copy(who, batch->params.top_k_per_row, rows * sizeof(int32_t), &buffers[2]);
-    failed |= device_copy(who, batch->params.top_p_per_row, rows * sizeof(float), &buffers[3]);
-    failed |= device_copy(who, batch->params.min_p_per_row, rows * sizeof(float), &buffers[4]);
-    failed |= device_copy(who, batch->params.seed_per_row, rows * sizeof(uint64_t), &buffers[5]);
-    failed |= who->device->allocate(who->session, outputs * sizeof(int32_t), &buffers[6]);
-    failed |= who->device->allocate(who->session, outputs * sizeof(float), &buffers[7]);
+                          (size_t)batch->rows * (size_t)batch->row_stride *
+                              cli_dtype_size(batch->dtype),
+                          &buffers[BUFFER_LOGITS]);
+    failed |= device_copy(who, batch->params.temperature_per_row, rows * sizeof(float),
+                          &buffers[BUFFER_TEMPERATURE]);
+    failed |= device_copy(who, batch->params.top_k_per_row, rows * sizeof(int32_t),
+                          &buffers[BUFFER_TOP_K]);
+    failed |= device_copy(who, batch->params.top_p_per_row, rows * sizeof(float),
+                          &buffers[BUFFER_TOP_P]);
+    failed |= device_copy(who, batch->params.min_p_per_row, rows * sizeof(float),
+                          &buffers[BUFFER_MIN_P]);
+    failed |= device_copy(who, batch->params.seed_per_row, rows * sizeof(uint64_t),
+                          &buffers[BUFFER_SEEDS]);
+    failed |= device_copy(who, batch->params.offset_per_row, rows * sizeof(uint64_t),
+                          &buffers[BUFFER_OFFSETS]);
+    failed |= device_copy(who, batch->params.subsequence_per_row, rows * sizeof(uint32_t),
+                          &buffers[BUFFER_SUBSEQUENCES]);
+    failed |= device_copy(who, batch->params.row_indices, rows * sizeof(int64_t),
+                          &buffers[BUFFER_ROW_INDICES]);
+    failed |= device_copy(who, batch->params.seed_pointer, sizeof(uint64_t),
+                          &buffers[BUFFER_SEED_POINTER]);
+    failed |= device_copy(who, batch->params.offset_pointer, sizeof(uint64_t),
+                          &buffers[BUFFER_OFFSET_POINTER]);
+    failed |= who->device->allocate(who->session, outputs * sizeof(int32_t),
+                                    &buffers[BUFFER_TOKENS]);
+    failed |= who->device->allocate(who->session, outputs * sizeof(float),
+                                    &buffers[BUFFER_LOGPROBS]);
     if (failed) {
         cli_error("check", "%s: %s", who->name, who->device->last_error(who->session));
     } else {
-        logits.data = buffers[0];
+        logits.data = buffers[BUFFER_LOGITS];
         logits.memory = PSM_MEMORY_DEVICE;
-        params.temperature_per_row = buffers[1];
-        params.top_k_per_row = buffers[2];
-        params.top_p_per_row = buffers[3];
-        params.min_p_per_row = buffers[4];
-        params.seed_per_row = buffers[5];
-        token_output.data = buffers[6];
+        params.temperature_per_row = buffers[BUFFER_TEMPERATURE];
+        params.top_k_per_row = buffers[BUFFER_TOP_K];
+        params.top_p_per_row = buffers[BUFFER_TOP_P];
+        params.min_p_per_row = buffers[BUFFER_MIN_P];
+        params.seed_per_row = buffers[BUFFER_SEEDS];
+        params.offset_per_row = buffers[BUFFER_OFFSETS];
+        params.subsequence_per_row = buffers[BUFFER_SUBSEQUENCES];
+        params.row_indices = buffers[BUFFER_ROW_INDICES];
+        params.seed_pointer = buffers[BUFFER_SEED_POINTER];
+        params.offset_pointer = buffers[BUFFER_OFFSET_POINTER];
+        token_output.data = buffers[BUFFER_TOKENS];
         token_output.memory = PSM_MEMORY_DEVICE;
-        logprob_output.data = buffers[7];
+        logprob_output.data = buffers[BUFFER_LOGPROBS];
         logprob_output.memory = PSM_MEMORY_DEVICE;
         status = psm_sample(who->context, &logits, &params, token_output, logprob_output);
         if (status == PSM_OK)
@@ -122,15 +169,15 @@ int check_run_batch(participant *who, const check_batch *batch, int32_t *tokens,
         if (status != PSM_OK) {
             cli_library_error("check", who->name, status);
             failed = 1;
-        } else if (who->device->download(who->session, tokens, buffers[6],
+        } else if (who->device->download(who->session, tokens, buffers[BUFFER_TOKENS],
                                          outputs * sizeof(int32_t)) != 0 ||
-                   who->device->download(who->session, logprobs, buffers[7],
+                   who->device->download(who->session, logprobs, buffers[BUFFER_LOGPROBS],
                                          outputs * sizeof(float)) != 0) {
             cli_error("check", "%s: %s", who->name, who->device->last_error(who->session));
             failed = 1;
         }
     }
-    for (i = 0; i < 8; ++i)
+    for (i = 0; i < BUFFER_COUNT; ++i)
         who->device->release(who->session, buffers[i]);
     return failed ? -1 : 0;
 }

@@ -138,11 +138,11 @@ done:
 int check_run_chi_square_tests(psm_context *context, int64_t draws, uint64_t seed)
 {
     static const parameter_set chi_sets[] = {
-        {"plain T=1", 1.0f, 0, 1.0f, 0.0f, 1, 0, 0},
-        {"T=0.7 top-k 50", 0.7f, 50, 1.0f, 0.0f, 1, 0, 0},
-        {"top-p 0.9", 1.0f, 0, 0.9f, 0.0f, 1, 0, 0},
-        {"T=1.3 min-p 0.05", 1.3f, 0, 1.0f, 0.05f, 1, 0, 0},
-        {"T=0.8 k100 p0.95 minp0.01", 0.8f, 100, 0.95f, 0.01f, 1, 0, 0},
+        {"plain T=1", 1.0f, 0, 1.0f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE},
+        {"T=0.7 top-k 50", 0.7f, 50, 1.0f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE},
+        {"top-p 0.9", 1.0f, 0, 0.9f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE},
+        {"T=1.3 min-p 0.05", 1.3f, 0, 1.0f, 0.05f, 1, 0, 0, REQUEST_STATE_NONE},
+        {"T=0.8 k100 p0.95 minp0.01", 0.8f, 100, 0.95f, 0.01f, 1, 0, 0, REQUEST_STATE_NONE},
     };
     static const int64_t chi_vocabs[] = {5000, 32000, 5000, 5000, 32000};
     int t, failures = 0;

@@ -235,7 +235,8 @@ typedef struct psm_params {
     /* Row gather: output row i samples logits row row_indices[i]
      * (0 <= row_indices[i] < logits->rows), so that sequences sharing a row
      * of logits need no copies. output_rows is the number of entries (>= 1);
-     * both 0/NULL: output row i samples logits row i. */
+     * without row_indices output_rows is 0 (or logits->rows) and output row i
+     * samples logits row i. */
     const int64_t *row_indices;
     int64_t output_rows;
 

@@ -8,18 +8,24 @@
 #   1. Check from the .deb files in .deps/ (dpkg -x into /tmp/checkprefix),
 #      NVIDIA's OpenCL driver registered with the ICD loader
 #   2. configure + build (ninja) with CUDA and OpenCL in build-gpu/
-#   3. test_cuda (full size), then ctest (every test program, every backend)
+#   3. test_cuda (full size) and test_cuda_graph (sampling in a captured
+#      CUDA graph), then ctest (every test program, every backend)
 #   4. compute-sanitizer memcheck and racecheck on test_cuda
-#      (POLYSAMPLE_TEST_BACKENDS=cuda, POLYSAMPLE_TEST_QUICK=1)
+#      (POLYSAMPLE_TEST_BACKENDS=cuda, POLYSAMPLE_TEST_QUICK=1) and on
+#      test_cuda_graph; then test_cuda_graph from a second, small build with
+#      PSM_FAULT_INJECTION=ON (build-gpu-fault/: the core, the CUDA module
+#      and that test only, for this GPU's architecture), which also counts
+#      the device allocations of the captured call with a caller's workspace
 #   5. polysample check --rows 101000 (at least 100,000 rows after rounding
 #      to its cases), if the tool has the command
 #   6. the benchmark: scripts/bench.sh (polysample bench on CUDA and on
 #      OpenCL through NVIDIA's driver, and the PyTorch baseline) when present, else polysample bench --backend cuda
 # GPU_CHECK_BENCH_BACKENDS picks step 6's backends (default cuda,opencl:0;
 # "none" leaves the benchmark out);
-# GPU_CHECK_CUDA_TESTS=0 leaves out steps 3a and 4 (test_cuda and the
-# sanitizers: for a run after changes outside the CUDA backend; ctest still
-# runs test_cuda's properties among the others).
+# GPU_CHECK_CUDA_TESTS=0 leaves out steps 3a and 4 (test_cuda, test_cuda_graph,
+# the sanitizers and the fault-injection build: for a run after changes
+# outside the CUDA backend; ctest still runs both programs among the others);
+# GPU_CHECK_GRAPH_COUNT=0 leaves out only the fault-injection build.
 # Full logs are kept in /tmp/gpu-check-logs and packed at the end into
 # $OUT/logs.tgz (the device tool returns at most 8 files); $OUT/steps.log
 # (each step's tail, written as it goes) and $OUT/summary.txt sit beside it.
@@ -95,6 +101,7 @@ run_step build 240 build.log cmake --build "$BUILD" -j 16
 grep -E "polysample backends|Check|CUDA backend|OpenCL backend" "$LOGS/configure.log" | head -5
 
 TEST_CUDA=$BUILD/tests/test_cuda
+TEST_CUDA_GRAPH=$BUILD/tests/test_cuda_graph
 CLI=$BUILD/cli/polysample
 
 # ---- 3. tests --------------------------------------------------------------
@@ -106,6 +113,13 @@ elif [ -x "$TEST_CUDA" ]; then
 else
     skip_step test_cuda "not built"
 fi
+if [ "$CUDA_TESTS" = 0 ]; then
+    skip_step test_cuda_graph "GPU_CHECK_CUDA_TESTS=0"
+elif [ -x "$TEST_CUDA_GRAPH" ]; then
+    run_step test_cuda_graph 60 test_cuda_graph.log env CK_VERBOSITY=normal "$TEST_CUDA_GRAPH"
+else
+    skip_step test_cuda_graph "not built"
+fi
 
 # ---- 4. sanitizers ---------------------------------------------------------
 if [ "$CUDA_TESTS" = 0 ]; then
@@ -115,9 +129,41 @@ elif [ -x "$TEST_CUDA" ] && command -v compute-sanitizer >/dev/null; then
         run_step "sanitizer $tool" 75 "sanitizer_$tool.log" \
             env POLYSAMPLE_TEST_BACKENDS=cuda POLYSAMPLE_TEST_QUICK=1 \
             compute-sanitizer --tool "$tool" --error-exitcode 1 "$TEST_CUDA"
+        if [ -x "$TEST_CUDA_GRAPH" ]; then
+            run_step "sanitizer $tool (graph)" 60 "sanitizer_${tool}_graph.log" \
+                compute-sanitizer --tool "$tool" --error-exitcode 1 "$TEST_CUDA_GRAPH"
+        fi
     done
 else
     skip_step sanitizers "no test_cuda or no compute-sanitizer"
+fi
+
+# ---- 4b. the graph test's allocation count (fault-injection build) --------
+# Only a PSM_FAULT_INJECTION build has the counter of device allocations
+# (core/alloc.h) that proves the captured call with a caller's workspace
+# allocated nothing; the main build's run reports that check as a skip.
+FAULT_BUILD=$ROOT/build-gpu-fault
+# This GPU's architecture only ("9.0" -> 90-real), to keep the build short;
+# the backend's default list where nvidia-smi cannot tell.
+FAULT_ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d '. ')
+FAULT_ARCH_FLAG=()
+if [[ "$FAULT_ARCH" =~ ^[0-9]+$ ]]; then
+    FAULT_ARCH_FLAG=(-DCMAKE_CUDA_ARCHITECTURES="$FAULT_ARCH-real")
+fi
+if [ "$CUDA_TESTS" = 0 ] || [ "${GPU_CHECK_GRAPH_COUNT:-1}" = 0 ]; then
+    skip_step "graph allocation count" "GPU_CHECK_CUDA_TESTS=0 or GPU_CHECK_GRAPH_COUNT=0"
+elif [ -x "$TEST_CUDA_GRAPH" ]; then
+    run_step "graph allocation count" 180 graph_fault.log bash -c '
+        set -e
+        root=$1 build=$2
+        shift 2
+        cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DPSM_FAULT_INJECTION=ON \
+            -DPSM_WITH_CUDA=ON -DPSM_WITH_OPENCL=OFF -DPSM_WITH_HIP=OFF "$@"
+        cmake --build "$build" -j 16 --target polysample-cuda test_cuda_graph
+        env CK_VERBOSITY=normal "$build/tests/test_cuda_graph"' \
+        _ "$ROOT" "$FAULT_BUILD" ${FAULT_ARCH_FLAG[@]+"${FAULT_ARCH_FLAG[@]}"}
+else
+    skip_step "graph allocation count" "test_cuda_graph not built"
 fi
 
 # ---- 6. benchmarks (before the slow suite: their figures matter most) -----
@@ -168,7 +214,10 @@ fi
     for i in "${!STEP_NAMES[@]}"; do
         printf '%-22s %s\n' "${STEP_NAMES[$i]}" "${STEP_RESULTS[$i]}"
     done
-    grep -hE "^summary:" "$LOGS"/test_cuda.log "$LOGS"/ctest.log 2>/dev/null | head -20
+    grep -hE "^summary:" "$LOGS"/test_cuda.log "$LOGS"/test_cuda_graph.log \
+        "$LOGS"/graph_fault.log "$LOGS"/ctest.log 2>/dev/null | head -20
+    grep -hE "consecutive steps repeat|^SKIP" "$LOGS"/test_cuda_graph.log \
+        "$LOGS"/graph_fault.log 2>/dev/null | head -8
     grep -hE "tests passed|tests failed|\*\*\*Failed|Timeout" "$LOGS/ctest.log" 2>/dev/null | head -20
     grep -HE "ERROR SUMMARY|RACECHECK SUMMARY" "$LOGS"/sanitizer_*.log 2>/dev/null
     echo "-- bench --"

@@ -299,6 +299,124 @@ PSM_PROPERTY(bad_per_row_parameters)
 }
 END_TEST
 
+/* Request state (include/polysample.h): host row indices out of range, the
+ * output rows without row indices or below 1 with them, a value given both
+ * per row and by pointer, a workspace size without a workspace, and probs
+ * whose rows are not the output rows. */
+PSM_PROPERTY(bad_request_state)
+{
+    psm_context *context = psm_test_open(backend);
+    call c;
+
+    const int64_t bad_indices[] = {-1, ROWS, INT64_MAX, INT64_MIN};
+    for (size_t i = 0; i < sizeof bad_indices / sizeof bad_indices[0]; ++i) {
+        int64_t indices[ROWS] = {3, 0, 1, 1};
+        indices[2] = bad_indices[i];
+        make_valid_call(&c);
+        c.params.row_indices = indices;
+        c.params.output_rows = ROWS;
+        expect_failure(context, &c, PSM_ERR_INVALID_ARGUMENT, "a row index out of range");
+        ck_assert_msg(strstr(psm_last_error(), "row_indices[2]") != NULL,
+                      "row index %lld: the message does not name the entry: %s",
+                      (long long)bad_indices[i], psm_last_error());
+    }
+    const int64_t indices[ROWS] = {3, 0, 1, 1};
+    const int64_t bad_output_rows[] = {0, -1, INT64_MIN};
+    for (size_t i = 0; i < sizeof bad_output_rows / sizeof bad_output_rows[0]; ++i) {
+        make_valid_call(&c);
+        c.params.row_indices = indices;
+        c.params.output_rows = bad_output_rows[i];
+        expect_failure(context, &c, PSM_ERR_INVALID_ARGUMENT, "output_rows < 1 with row_indices");
+    }
+    const int64_t stray_output_rows[] = {1, ROWS + 1, -1};
+    for (size_t i = 0; i < sizeof stray_output_rows / sizeof stray_output_rows[0]; ++i) {
+        make_valid_call(&c);
+        c.params.output_rows = stray_output_rows[i];
+        expect_failure(context, &c, PSM_ERR_INVALID_ARGUMENT,
+                       "output_rows without row_indices");
+    }
+
+    const uint64_t seeds[ROWS] = {1, 2, 3, 4}, offsets[ROWS] = {5, 6, 7, 8};
+    const uint64_t seed = 9, offset = 10;
+    make_valid_call(&c);
+    c.params.seed_per_row = seeds;
+    c.params.seed_pointer = &seed;
+    expect_failure(context, &c, PSM_ERR_INVALID_ARGUMENT, "seed_pointer with seed_per_row");
+    make_valid_call(&c);
+    c.params.offset_per_row = offsets;
+    c.params.offset_pointer = &offset;
+    expect_failure(context, &c, PSM_ERR_INVALID_ARGUMENT, "offset_pointer with offset_per_row");
+
+    make_valid_call(&c);
+    c.params.workspace_bytes = 1;
+    expect_failure(context, &c, PSM_ERR_INVALID_ARGUMENT, "workspace_bytes without workspace");
+
+    make_valid_call(&c);
+    c.params.row_indices = indices;
+    c.params.output_rows = ROWS - 1;
+    expect_failure_of(context, &c, PROBS, PSM_ERR_INVALID_ARGUMENT,
+                      "probs with the logits' rows, not the output rows");
+    make_valid_call(&c);
+    c.params.row_indices = indices;
+    c.params.output_rows = ROWS - 1;
+    c.probs_tensor.rows = ROWS - 1;
+    PSM_CHECK_OK(invoke(context, &c, PROBS));
+    PSM_CHECK_OK(invoke(context, &c, SAMPLE));
+    PSM_CHECK_OK(psm_synchronize(context));
+    psm_context_destroy(context);
+}
+END_TEST
+
+/* The workspace-size queries fail like the calls, and leave *bytes alone. */
+PSM_PROPERTY(workspace_size_queries_reject_bad_arguments)
+{
+    psm_context *context = psm_test_open(backend);
+    call c;
+    const int64_t indices[ROWS] = {3, 0, 1, 1};
+    const size_t untouched_size = 0x5a5a5a5au;
+    for (int which = 0; which < 5; ++which) {
+        make_valid_call(&c);
+        psm_context *used = context;
+        size_t bytes = untouched_size;
+        size_t *bytes_out = &bytes;
+        const char *what = "";
+        switch (which) {
+        case 0: used = NULL; what = "a NULL context"; break;
+        case 1: bytes_out = NULL; what = "NULL bytes"; break;
+        case 2: c.params.num_samples = 0; what = "num_samples 0"; break;
+        case 3:
+            c.params.row_indices = indices;
+            c.params.output_rows = 0;
+            what = "output_rows 0 with row_indices";
+            break;
+        default: c.logits_tensor.vocab = 0; what = "vocab 0"; break;
+        }
+        psm_status expected =
+            which == 2 ? PSM_ERR_INVALID_PARAMETER : PSM_ERR_INVALID_ARGUMENT;
+        psm_status status = psm_sample_workspace_size(used, &c.logits_tensor, &c.params,
+                                                      c.tokens_output, c.logprobs_output,
+                                                      bytes_out);
+        ck_assert_msg(status == expected, "psm_sample_workspace_size with %s: %s (%s)", what,
+                      psm_status_string(status), psm_last_error());
+        ck_assert_msg(psm_last_error()[0] != '\0', "%s: no message", what);
+        ck_assert_msg(bytes == untouched_size, "psm_sample_workspace_size with %s wrote %zu",
+                      what, bytes);
+        status = psm_probs_workspace_size(used, &c.logits_tensor, &c.params, &c.probs_tensor,
+                                          bytes_out);
+        ck_assert_msg(status == expected, "psm_probs_workspace_size with %s: %s (%s)", what,
+                      psm_status_string(status), psm_last_error());
+        ck_assert_msg(bytes == untouched_size, "psm_probs_workspace_size with %s wrote %zu",
+                      what, bytes);
+    }
+    size_t bytes = untouched_size;
+    ck_assert_int_eq(psm_probs_workspace_size(context, &c.logits_tensor, &c.params, NULL, &bytes),
+                     PSM_ERR_INVALID_ARGUMENT);
+    ck_assert_msg(bytes == untouched_size, "psm_probs_workspace_size with NULL probs wrote %zu",
+                  bytes);
+    psm_context_destroy(context);
+}
+END_TEST
+
 /* The edges of every range are accepted. */
 PSM_PROPERTY(boundary_parameters_accepted)
 {
@@ -510,6 +628,8 @@ int main(void)
     psm_test_register_property(bad_scalar_parameters);
     psm_test_register_property(bad_per_row_parameters);
     psm_test_register_property(boundary_parameters_accepted);
+    psm_test_register_property(bad_request_state);
+    psm_test_register_property(workspace_size_queries_reject_bad_arguments);
     psm_test_register_common(destroy_null_is_a_no_op);
     psm_test_register_common(status_strings);
     psm_test_register_common(version_and_names);

@@ -12,8 +12,10 @@
  * kernel cooperatively with several blocks per row (split rows,
  * psm_gpu_kernels.cuh), where the device supports it. With
  * device buffers and no checking, a call queues only those launches on the
- * stream (no allocation once the shape has been seen, no synchronisation), so
- * it can be captured in a graph.
+ * stream (no synchronisation, and no allocation once the shape has been seen,
+ * or ever with a caller's workspace), so it can be captured in a graph; the
+ * seed and offset given by pointer and the per-row arrays are read by the
+ * kernels, so each replay of the graph reads their current values.
  */
 #include "psm_gpu_kernels.cuh"
 
@@ -89,14 +91,18 @@ struct psm_gpu_state {
      * probs mode) can be resident at once; 0 without cooperative launch */
     psm_i64 split_capacity[3][2];
     psm_gpu_split_row *split_rows; /* one pool per multiprocessor: split calls have fewer rows */
-
-    /* per-tile workspace, see psm_gpu_call */
-    void *tiles;
-    size_t tile_capacity;
+    /* The split pools above and the bad-row flag are allocated with the
+     * context, sized by the device and not by a request, and every call uses
+     * them, a call with a caller's workspace too. */
     unsigned long long *first_bad_row;      /* device */
     unsigned long long *first_bad_row_host; /* pinned */
 
-    /* device copies of host-memory inputs and outputs, grown on demand */
+    /* The context's own per-call buffers, grown on demand (a call with a
+     * caller's workspace carves its own from that instead, call_memory):
+     * the per-tile workspace (see psm_gpu_call), and device copies of
+     * host-memory inputs and outputs. */
+    void *tiles;
+    size_t tile_capacity;
     void *staged_logits;
     size_t staged_logits_bytes;
     void *staged_params;
@@ -187,22 +193,30 @@ const int max_warp_size = 64;
 const size_t tile_workspace_bytes =
     3 * sizeof(psm_u64) + sizeof(psm_u32) + max_warp_size * sizeof(psm_u32);
 
-psm_status reserve_tiles(psm_gpu_state *state, psm_i64 rows, psm_i64 vocab)
+/* The tiles of `rows` rows of `vocab` tokens. Within a call's bounds
+ * (rows x vocab < 2^60) their byte count can still pass 2^64 (2^59 one-token
+ * rows); such a workspace exists nowhere, and wrapped around it would look
+ * small. The bound leaves room for grow_buffer's quarter. */
+psm_status count_tiles(psm_i64 rows, psm_i64 vocab, size_t *tiles)
 {
-    size_t tiles = (size_t)rows * (size_t)tiles_per_row(vocab);
-    if (tiles <= state->tile_capacity)
-        return PSM_OK;
-    /* Within a call's bounds (rows x vocab < 2^60) the byte count can still
-     * pass 2^64 (2^59 one-token rows); such a workspace exists nowhere, and
-     * wrapped around it would look small. grow_buffer adds a quarter. */
-    if (tiles > SIZE_MAX / 2 / tile_workspace_bytes)
+    *tiles = (size_t)rows * (size_t)tiles_per_row(vocab);
+    if (*tiles > SIZE_MAX / 2 / tile_workspace_bytes)
         return psm_set_error(PSM_ERR_OUT_OF_MEMORY,
                              "%s backend: a tile workspace for %lld rows of %lld tokens is "
                              "beyond any device's memory",
                              PSM_GPU_RUNTIME_NAME, (long long)rows, (long long)vocab);
+    return PSM_OK;
+}
+
+psm_status reserve_tiles(psm_gpu_state *state, psm_i64 rows, psm_i64 vocab)
+{
+    size_t tiles = 0;
+    psm_status status = count_tiles(rows, vocab, &tiles);
+    if (status != PSM_OK || tiles <= state->tile_capacity)
+        return status;
     size_t capacity_bytes = state->tile_capacity * tile_workspace_bytes;
-    psm_status status = grow_buffer(&state->tiles, &capacity_bytes, tiles * tile_workspace_bytes,
-                                    "allocating the tile workspace");
+    status = grow_buffer(&state->tiles, &capacity_bytes, tiles * tile_workspace_bytes,
+                         "allocating the tile workspace");
     if (status != PSM_OK) {
         state->tile_capacity = 0;
         return status;
@@ -292,6 +306,204 @@ void find_split_capacity(psm_gpu_state *state)
         }
 }
 
+/* ---- one call's device memory -------------------------------------------- */
+
+/* Checked addition of sizes: false when the sum would not fit. */
+bool add_bytes(size_t *total, size_t more)
+{
+    if (more > SIZE_MAX - *total)
+        return false;
+    *total += more;
+    return true;
+}
+
+/* Buffers carved from a caller's workspace start on this boundary, so that
+ * any workspace pointer works and every buffer suits 16-byte loads. */
+const size_t workspace_alignment = 256;
+
+size_t workspace_round(size_t bytes)
+{
+    return (bytes + workspace_alignment - 1) / workspace_alignment * workspace_alignment;
+}
+
+/* One host-memory per-row input (a per-row array, or the seed or offset
+ * given by pointer: one value) and the call's pointer that its device copy
+ * replaces. */
+struct staged_array {
+    const void *host; /* NULL: the request has none */
+    size_t bytes;
+    const void **device;
+};
+const int staged_array_count = 10;
+
+/* The request's per-row inputs in staging order: the 8-byte ones first, so
+ * that each copy stays 8-byte aligned in one staging buffer. */
+void list_staged_arrays(const psm_params *p, size_t rows, psm_row_arrays *arrays,
+                        staged_array list[staged_array_count])
+{
+    list[0] = {p->seed_per_row, rows * sizeof(psm_u64), (const void **)&arrays->seed};
+    list[1] = {p->offset_per_row, rows * sizeof(psm_u64), (const void **)&arrays->offset};
+    list[2] = {p->row_indices, rows * sizeof(psm_i64), (const void **)&arrays->logits_row};
+    list[3] = {p->seed_pointer, sizeof(psm_u64), (const void **)&arrays->seed_pointer};
+    list[4] = {p->offset_pointer, sizeof(psm_u64), (const void **)&arrays->offset_pointer};
+    list[5] = {p->temperature_per_row, rows * sizeof(float), (const void **)&arrays->temperature};
+    list[6] = {p->top_k_per_row, rows * sizeof(psm_i32), (const void **)&arrays->top_k};
+    list[7] = {p->top_p_per_row, rows * sizeof(float), (const void **)&arrays->top_p};
+    list[8] = {p->min_p_per_row, rows * sizeof(float), (const void **)&arrays->min_p};
+    list[9] = {p->subsequence_per_row, rows * sizeof(psm_u32),
+               (const void **)&arrays->subsequence};
+}
+
+/* The device memory one call needs, in bytes: the tile workspace of its
+ * output rows and the stagings of its host-memory inputs and outputs. The
+ * sizes follow from the request's shapes, memory kinds and which per-row
+ * pointers it has, never from its data pointers, so that a workspace size
+ * query (whose data pointers may still be NULL) and the call agree. */
+struct call_plan {
+    size_t tile_count;
+    size_t tiles_bytes;
+    size_t logits_bytes;   /* host logits: a dense copy of every logits row */
+    size_t params_bytes;   /* host logits: their per-row inputs (staged_array) */
+    size_t tokens_bytes;   /* host tokens */
+    size_t logprobs_bytes; /* host logprobs */
+    size_t probs_bytes;    /* host probs */
+    size_t outputs_bytes;  /* tokens then logprobs, or probs: one staging */
+};
+
+psm_status too_large(const psm_request *request)
+{
+    return psm_set_error(PSM_ERR_OUT_OF_MEMORY,
+                         "%s backend: the buffers of a call of %lld rows of %lld tokens are "
+                         "beyond any device's memory",
+                         PSM_GPU_RUNTIME_NAME, (long long)request->rows,
+                         (long long)request->logits.vocab);
+}
+
+psm_status plan_call(const psm_request *request, bool probs_mode, call_plan *plan)
+{
+    memset(plan, 0, sizeof *plan);
+    const psm_tensor *logits = &request->logits;
+    /* Core's validation bounds rows x vocab, rows x num_samples and
+     * logits rows x row stride by 2^60, so the products of whole
+     * outputs and logits below fit; the tiles and the per-row inputs are
+     * checked. */
+    const size_t rows = (size_t)request->rows;
+    const size_t vocab = (size_t)logits->vocab;
+    psm_status status = count_tiles(request->rows, logits->vocab, &plan->tile_count);
+    if (status != PSM_OK)
+        return status;
+    plan->tiles_bytes = plan->tile_count * tile_workspace_bytes;
+
+    if (logits->memory == PSM_MEMORY_HOST) {
+        plan->logits_bytes = (size_t)logits->rows * vocab * dtype_bytes(logits->dtype);
+        psm_row_arrays unused;
+        staged_array list[staged_array_count];
+        if (rows > SIZE_MAX / sizeof(psm_u64))
+            return too_large(request);
+        list_staged_arrays(&request->params, rows, &unused, list);
+        for (int a = 0; a < staged_array_count; ++a)
+            if (list[a].host && !add_bytes(&plan->params_bytes, list[a].bytes))
+                return too_large(request);
+    }
+
+    if (probs_mode) {
+        if (request->probs.memory == PSM_MEMORY_HOST)
+            plan->probs_bytes = rows * vocab * sizeof(float);
+        plan->outputs_bytes = plan->probs_bytes;
+    } else {
+        const size_t samples = rows * (size_t)request->params.num_samples;
+        if (request->tokens.memory == PSM_MEMORY_HOST)
+            plan->tokens_bytes = samples * sizeof(psm_i32);
+        /* Counted whenever logprobs name host memory: at a size query their
+         * data may still be NULL. */
+        if (request->logprobs.memory == PSM_MEMORY_HOST)
+            plan->logprobs_bytes = samples * sizeof(float);
+        plan->outputs_bytes = plan->tokens_bytes + plan->logprobs_bytes;
+    }
+    return PSM_OK;
+}
+
+/* The caller's workspace a call needs: each buffer of the plan from a
+ * workspace_alignment boundary, after up to workspace_alignment - 1 bytes
+ * that align the first. */
+psm_status workspace_bytes(const psm_request *request, const call_plan &plan, size_t *bytes)
+{
+    const size_t parts[] = {plan.tiles_bytes, plan.logits_bytes, plan.params_bytes,
+                            plan.outputs_bytes};
+    size_t total = workspace_alignment - 1;
+    for (size_t part : parts)
+        if (part > SIZE_MAX - workspace_alignment || !add_bytes(&total, workspace_round(part)))
+            return too_large(request);
+    *bytes = total;
+    return PSM_OK;
+}
+
+/* Where one call's buffers are: the context's own, or a caller's workspace. */
+struct call_memory {
+    unsigned char *tiles;
+    size_t tile_count; /* tiles the tile arrays have room for */
+    void *logits;      /* staging for host logits */
+    void *params;      /* staging for host per-row inputs */
+    void *outputs;     /* staging for host outputs */
+};
+
+void carve_workspace(void *workspace, const call_plan &plan, call_memory *memory)
+{
+    const uintptr_t first = ((uintptr_t)workspace + workspace_alignment - 1) /
+                            workspace_alignment * workspace_alignment;
+    unsigned char *next = (unsigned char *)first;
+    memory->tiles = next;
+    memory->tile_count = plan.tile_count;
+    next += workspace_round(plan.tiles_bytes);
+    memory->logits = next;
+    next += workspace_round(plan.logits_bytes);
+    memory->params = next;
+    next += workspace_round(plan.params_bytes);
+    memory->outputs = next;
+}
+
+/* The context's own buffers, grown to the plan. */
+psm_status own_memory(psm_gpu_state *state, const psm_request *request, const call_plan &plan,
+                      call_memory *memory)
+{
+    psm_status status = reserve_tiles(state, request->rows, request->logits.vocab);
+    if (status != PSM_OK)
+        return status;
+    /* Output staging first: growing a buffer may wait for the device, which
+     * must not happen after inputs were queued into another staging buffer.
+     * Unlike a caller's workspace, it holds logprobs only when the call has
+     * them, so that a call without them never grows it for nothing. */
+    const size_t outputs_bytes =
+        plan.outputs_bytes - (request->logprobs.data ? 0 : plan.logprobs_bytes);
+    if (outputs_bytes) {
+        status = grow_buffer(&state->staged_outputs, &state->staged_outputs_bytes, outputs_bytes,
+                             "allocating staging for host outputs");
+        if (status != PSM_OK)
+            return status;
+    }
+    /* Both input stagings before any copy is queued into them. */
+    if (plan.logits_bytes) {
+        status = grow_buffer(&state->staged_logits, &state->staged_logits_bytes, plan.logits_bytes,
+                             "allocating staging for host logits");
+        if (status != PSM_OK)
+            return status;
+    }
+    if (plan.params_bytes) {
+        status = grow_buffer(&state->staged_params, &state->staged_params_bytes, plan.params_bytes,
+                             "allocating staging for per-row parameters");
+        if (status != PSM_OK)
+            return status;
+    }
+    memory->tiles = (unsigned char *)state->tiles;
+    memory->tile_count = state->tile_capacity;
+    memory->logits = state->staged_logits;
+    memory->params = state->staged_params;
+    memory->outputs = state->staged_outputs;
+    return PSM_OK;
+}
+
+/* ---- one call --------------------------------------------------------------- */
+
 /* Device pointers for one call: host-memory inputs are copied into staging,
  * host-memory outputs are written to staging and copied back afterwards. */
 struct call_buffers {
@@ -300,77 +512,48 @@ struct call_buffers {
     void *host_logprobs;
     void *host_probs;
     psm_i64 host_probs_stride;
-    size_t output_bytes;
 };
 
-psm_status stage_inputs(psm_gpu_state *state, const psm_request *request, psm_gpu_call *call)
+psm_status stage_inputs(psm_gpu_state *state, const psm_request *request,
+                        const call_memory &memory, psm_gpu_call *call)
 {
     const psm_tensor *logits = &request->logits;
     const psm_params *params = &request->params;
     const size_t element_bytes = dtype_bytes(logits->dtype);
 
     call->logits = logits->data;
-    call->rows = logits->rows;
+    call->rows = request->rows;
     call->vocab = logits->vocab;
     call->row_stride = logits->row_stride;
-    call->scalars.seed = params->seed;
-    call->scalars.temperature = params->temperature;
-    call->scalars.top_k = params->top_k;
-    call->scalars.top_p = params->top_p;
-    call->scalars.min_p = params->min_p;
-    call->per_row = (params->temperature_per_row ? PSM_PER_ROW_TEMPERATURE : 0u) |
-                    (params->top_k_per_row ? PSM_PER_ROW_TOP_K : 0u) |
-                    (params->top_p_per_row ? PSM_PER_ROW_TOP_P : 0u) |
-                    (params->min_p_per_row ? PSM_PER_ROW_MIN_P : 0u) |
-                    (params->seed_per_row ? PSM_PER_ROW_SEED : 0u);
-    call->per_row_arrays.temperature = params->temperature_per_row;
-    call->per_row_arrays.top_k = params->top_k_per_row;
-    call->per_row_arrays.top_p = params->top_p_per_row;
-    call->per_row_arrays.min_p = params->min_p_per_row;
-    call->per_row_arrays.seed = params->seed_per_row;
-    call->offset = params->offset;
+    call->scalars = psm_request_row_scalars(request);
+    call->per_row = psm_request_per_row(params);
+    call->per_row_arrays = psm_request_row_arrays(params);
     call->num_samples = params->num_samples;
     call->weight_bits = psm_weight_bits(logits->vocab);
 
     if (logits->memory == PSM_MEMORY_HOST) {
-        /* The stagings were grown by prepare_call before anything was queued. */
+        /* Every logits row, since the kernels gather output rows from them. */
         const size_t row_bytes = (size_t)logits->vocab * element_bytes;
-        PSM_GPU_TRY(psm_gpu_memcpy_2d_async(state->staged_logits, row_bytes, logits->data,
+        PSM_GPU_TRY(psm_gpu_memcpy_2d_async(memory.logits, row_bytes, logits->data,
                                             (size_t)logits->row_stride * element_bytes, row_bytes,
                                             (size_t)logits->rows, psm_gpu_memcpy_host_to_device,
                                             state->stream),
                     "copying host logits to the device");
-        call->logits = state->staged_logits;
+        call->logits = memory.logits;
         call->row_stride = logits->vocab;
 
-        /* Per-row parameters live in the logits' memory: stage them too. */
-        const size_t rows = (size_t)logits->rows;
-        const int any_per_row = params->temperature_per_row || params->top_k_per_row ||
-                                params->top_p_per_row || params->min_p_per_row ||
-                                params->seed_per_row;
-        if (any_per_row) {
-            unsigned char *staging = (unsigned char *)state->staged_params;
-            /* The u64 seeds first, so that they stay 8-byte aligned. */
-            struct {
-                const void *host;
-                size_t element;
-                const void **device;
-            } arrays[5] = {
-                {params->seed_per_row, sizeof(psm_u64), (const void **)&call->per_row_arrays.seed},
-                {params->temperature_per_row, sizeof(float), (const void **)&call->per_row_arrays.temperature},
-                {params->top_k_per_row, sizeof(psm_i32), (const void **)&call->per_row_arrays.top_k},
-                {params->top_p_per_row, sizeof(float), (const void **)&call->per_row_arrays.top_p},
-                {params->min_p_per_row, sizeof(float), (const void **)&call->per_row_arrays.min_p},
-            };
-            for (int a = 0; a < 5; ++a) {
-                if (!arrays[a].host)
-                    continue;
-                PSM_GPU_TRY(psm_gpu_memcpy_async(staging, arrays[a].host, rows * arrays[a].element,
-                                                 psm_gpu_memcpy_host_to_device, state->stream),
-                            "copying per-row parameters to the device");
-                *arrays[a].device = staging;
-                staging += rows * arrays[a].element;
-            }
+        /* Per-row inputs live in the logits' memory: stage them too. */
+        staged_array list[staged_array_count];
+        list_staged_arrays(params, (size_t)request->rows, &call->per_row_arrays, list);
+        unsigned char *staging = (unsigned char *)memory.params;
+        for (int a = 0; a < staged_array_count; ++a) {
+            if (!list[a].host)
+                continue;
+            PSM_GPU_TRY(psm_gpu_memcpy_async(staging, list[a].host, list[a].bytes,
+                                             psm_gpu_memcpy_host_to_device, state->stream),
+                        "copying per-row parameters to the device");
+            *list[a].device = staging;
+            staging += list[a].bytes;
         }
     }
 
@@ -379,61 +562,37 @@ psm_status stage_inputs(psm_gpu_state *state, const psm_request *request, psm_gp
     return PSM_OK;
 }
 
+/* Everything a call needs before its launches: its buffers (the context's,
+ * grown if needed, or carved from the caller's workspace, which core checked
+ * is large enough: then nothing is allocated) and its staged inputs. */
 psm_status prepare_call(psm_gpu_state *state, psm_request *request, bool probs_mode,
                         call_buffers *buffers)
 {
     memset(buffers, 0, sizeof *buffers);
     psm_gpu_call *call = &buffers->call;
-    psm_status selected = select_device(state);
-    if (selected != PSM_OK)
-        return selected;
-
-    psm_status status = reserve_tiles(state, request->logits.rows, request->logits.vocab);
+    psm_status status = select_device(state);
     if (status != PSM_OK)
         return status;
-    /* Output staging first: growing a buffer may wait for the device, which
-     * must not happen after inputs were queued into another staging buffer. */
-    const size_t rows = (size_t)request->logits.rows;
-    size_t output_bytes = 0;
-    size_t tokens_bytes = 0, logprobs_bytes = 0;
-    if (probs_mode) {
-        if (request->probs.memory == PSM_MEMORY_HOST)
-            output_bytes = rows * (size_t)request->logits.vocab * sizeof(float);
-    } else {
-        const size_t samples = rows * (size_t)request->params.num_samples;
-        if (request->tokens.memory == PSM_MEMORY_HOST)
-            tokens_bytes = samples * sizeof(psm_i32);
-        if (request->logprobs.data && request->logprobs.memory == PSM_MEMORY_HOST)
-            logprobs_bytes = samples * sizeof(float);
-        output_bytes = tokens_bytes + logprobs_bytes;
-    }
-    if (output_bytes) {
-        status = grow_buffer(&state->staged_outputs, &state->staged_outputs_bytes, output_bytes,
-                             "allocating staging for host outputs");
-        if (status != PSM_OK)
-            return status;
-    }
-    if (request->logits.memory == PSM_MEMORY_HOST) {
-        /* Grow both input stagings before queuing any copy into them. */
-        status = grow_buffer(&state->staged_logits, &state->staged_logits_bytes,
-                             rows * (size_t)request->logits.vocab * dtype_bytes(request->logits.dtype),
-                             "allocating staging for host logits");
-        if (status != PSM_OK)
-            return status;
-        status = grow_buffer(&state->staged_params, &state->staged_params_bytes,
-                             rows * (4 * sizeof(float) + sizeof(psm_u64)),
-                             "allocating staging for per-row parameters");
-        if (status != PSM_OK)
-            return status;
-    }
 
-    status = stage_inputs(state, request, call);
+    call_plan plan;
+    status = plan_call(request, probs_mode, &plan);
+    if (status != PSM_OK)
+        return status;
+    call_memory memory;
+    if (request->params.workspace)
+        carve_workspace(request->params.workspace, plan, &memory);
+    else
+        status = own_memory(state, request, plan, &memory);
+    if (status != PSM_OK)
+        return status;
+
+    status = stage_inputs(state, request, memory, call);
     if (status != PSM_OK)
         return status;
 
     call->tiles_per_row = tiles_per_row(request->logits.vocab);
-    unsigned char *tiles = (unsigned char *)state->tiles;
-    const size_t tile_count = state->tile_capacity;
+    unsigned char *tiles = memory.tiles;
+    const size_t tile_count = memory.tile_count;
     call->tile_key = (psm_u64 *)tiles;
     call->tile_mass = (psm_u64 *)(tiles + tile_count * sizeof(psm_u64));
     call->tile_prefix = (psm_u64 *)(tiles + 2 * tile_count * sizeof(psm_u64));
@@ -444,12 +603,11 @@ psm_status prepare_call(psm_gpu_state *state, psm_request *request, bool probs_m
     call->row_parts = 1; /* launch() may split rows */
     call->split = state->split_rows;
 
-    unsigned char *outputs = (unsigned char *)state->staged_outputs;
-    buffers->output_bytes = output_bytes;
+    unsigned char *outputs = (unsigned char *)memory.outputs;
     if (probs_mode) {
         call->probs = (float *)request->probs.data;
         call->probs_stride = request->probs.row_stride;
-        if (request->probs.memory == PSM_MEMORY_HOST) {
+        if (plan.probs_bytes) {
             buffers->host_probs = request->probs.data;
             buffers->host_probs_stride = request->probs.row_stride;
             call->probs = (float *)outputs;
@@ -458,13 +616,13 @@ psm_status prepare_call(psm_gpu_state *state, psm_request *request, bool probs_m
     } else {
         call->tokens = (psm_i32 *)request->tokens.data;
         call->logprobs = (float *)request->logprobs.data;
-        if (tokens_bytes) {
+        if (plan.tokens_bytes) {
             buffers->host_tokens = request->tokens.data;
             call->tokens = (psm_i32 *)outputs;
         }
-        if (logprobs_bytes) {
+        if (plan.logprobs_bytes && request->logprobs.data) {
             buffers->host_logprobs = request->logprobs.data;
-            call->logprobs = (float *)(outputs + tokens_bytes);
+            call->logprobs = (float *)(outputs + plan.tokens_bytes);
         }
     }
     return PSM_OK;
@@ -540,7 +698,7 @@ psm_status launch(psm_gpu_state *state, psm_request *request, call_buffers *buff
             request->first_bad_row = (int64_t)first_bad;
             return psm_set_error(PSM_ERR_BAD_ROW,
                                  "row %lld has a NaN or +inf logit, no finite logit, or a "
-                                 "per-row parameter out of range",
+                                 "sampling parameter or row index out of range",
                                  (long long)first_bad);
         }
     }
@@ -753,6 +911,17 @@ static psm_status gpu_reserve(void *opaque_state, int64_t rows, int64_t vocab, i
     return reserve_tiles(state, rows, vocab);
 }
 
+static psm_status gpu_workspace_size(void *opaque_state, const psm_request *request,
+                                     int probs_mode, size_t *bytes)
+{
+    (void)opaque_state; /* the context's own buffers are not part of it */
+    call_plan plan;
+    psm_status status = plan_call(request, probs_mode != 0, &plan);
+    if (status != PSM_OK)
+        return status;
+    return workspace_bytes(request, plan, bytes);
+}
+
 static psm_status gpu_sample(void *state, psm_request *request)
 {
     return run_request(state, request, false);
@@ -784,6 +953,7 @@ static const psm_backend_ops gpu_ops = {
     gpu_create,              /* create */
     gpu_destroy,             /* destroy */
     gpu_reserve,             /* reserve */
+    gpu_workspace_size,      /* workspace_size */
     gpu_sample,              /* sample */
     gpu_probs,               /* probs */
     gpu_synchronize,         /* synchronize */

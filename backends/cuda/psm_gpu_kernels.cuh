@@ -87,22 +87,24 @@ struct psm_gpu_split_row {
 };
 
 /* Everything one call needs on the device, passed by value to each kernel.
- * Per-row pointers are device pointers or NULL (use the scalar). */
+ * Per-row pointers are device pointers or NULL (use the scalar). Rows are
+ * the request's output rows: output row r reads logits row
+ * psm_resolve_row(r).logits_row, and the logits may have a different number
+ * of rows (scalars.logits_rows). */
 struct psm_gpu_call {
     const void *logits;
-    psm_i64 rows;
+    psm_i64 rows; /* output rows */
     psm_i64 vocab;
     psm_i64 row_stride;
     int logits_aligned; /* base and row stride allow 16-byte loads */
     int weight_bits;
 
     psm_row_scalars scalars;
-    psm_u32 per_row;               /* PSM_PER_ROW_* bits: the arrays that replace scalars */
+    psm_u32 per_row;               /* PSM_PER_ROW_* bits: what is read from memory */
     psm_row_arrays per_row_arrays; /* device pointers */
-    psm_u64 offset;
     psm_i32 num_samples;
 
-    /* workspace: one entry per tile of every row */
+    /* workspace: one entry per tile of every output row */
     psm_i64 tiles_per_row;
     psm_u64 *tile_key;    /* best rank key of the tile's (kept) logits, 0: none */
     psm_u64 *tile_mass;   /* S_t */
@@ -189,11 +191,13 @@ PSM_GPU_DEVICE void psm_gpu_load_vector(const unsigned char *row_base, psm_i64 i
     psm_gpu_unpack_vector<Dtype>(psm_gpu_load_raw_vector<Dtype>(row_base, index), out);
 }
 
+/* The first element of a logits row (psm_row_params.logits_row, which only a
+ * valid row may read). */
 template <int Dtype>
-PSM_GPU_DEVICE const unsigned char *psm_gpu_row_base(const psm_gpu_call &call, psm_i64 row)
+PSM_GPU_DEVICE const unsigned char *psm_gpu_row_base(const psm_gpu_call &call, psm_i64 logits_row)
 {
     return (const unsigned char *)call.logits +
-           row * call.row_stride * (psm_i64)psm_gpu_dtype_traits<Dtype>::element_bytes;
+           logits_row * call.row_stride * (psm_i64)psm_gpu_dtype_traits<Dtype>::element_bytes;
 }
 
 /* A row as the selection and draw code reads it: value(i) is the logit after
@@ -207,7 +211,7 @@ struct psm_gpu_global_row {
     }
 };
 
-/* A row's parameters (core/psm_row.h). */
+/* Output row `row`'s parameters (core/psm_row.h). */
 PSM_GPU_DEVICE psm_row_params psm_gpu_row_params(const psm_gpu_call &call, psm_i64 row)
 {
     return psm_resolve_row(row, call.per_row, call.scalars, call.per_row_arrays);
@@ -391,14 +395,22 @@ PSM_GPU_DEVICE void psm_gpu_tile_body(const psm_gpu_call &call)
          tile_id < total_tiles; tile_id += (psm_i64)gridDim.x * warps_per_block) {
         const psm_i64 row = tile_id / call.tiles_per_row;
         const psm_i64 tile_start = (tile_id - row * call.tiles_per_row) * PSM_TILE;
-        const unsigned char *row_base = psm_gpu_row_base<Dtype>(call, row);
 
-        float x[(PSM_TILE / WarpSize)];
-        psm_gpu_load_tile<WarpSize, Dtype>(call, row_base, tile_start, lane, x);
-
-        /* The seed and the validity test of the row's parameters are not
-         * used here, so they compile away. */
+        /* The row's parameters first: an invalid row (a parameter or its
+         * logits row out of range) must not read logits, so its tile reads
+         * as holding no valid logit, and the row kernel gives it token -1.
+         * The seed, offset and stream are not used here, so they compile
+         * away. */
         const psm_row_params params = psm_gpu_row_params(call, row);
+        float x[(PSM_TILE / WarpSize)];
+        if (params.valid) {
+            psm_gpu_load_tile<WarpSize, Dtype>(call, psm_gpu_row_base<Dtype>(call, params.logits_row),
+                                               tile_start, lane, x);
+        } else {
+#pragma unroll
+            for (int slot = 0; slot < (PSM_TILE / WarpSize); ++slot)
+                x[slot] = -INFINITY;
+        }
         const float temperature = params.temperature;
         const psm_i32 top_k = params.top_k;
         const float top_p = params.top_p;
@@ -1239,7 +1251,7 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const Row &source, const psm_gpu_call &ca
      * [l * per_lane, (l + 1) * per_lane), so that a scan of the lanes' sums
      * gives running sums in index order. */
     for (psm_i64 sample = warp; sample < call.num_samples; sample += psm_gpu_block_warps<WarpSize>()) {
-        const psm_draw_bits bits = psm_sample_bits(p.seed, call.offset, p.stream, (psm_u32)sample);
+        const psm_draw_bits bits = psm_sample_bits(p.seed, p.offset, p.stream, (psm_u32)sample);
         const psm_u64 tile_target = psm_pick(bits.tile, total);
         /* The first tile whose prefix exceeds the target (target < total). */
         const psm_gpu_prefix_reader prefixes = {tile_prefix};
@@ -1339,7 +1351,8 @@ PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scrat
         state.drop_gap = INFINITY;
         /* Launch 1 made no tile masses for these rows (the same test). */
         state.filtered = psm_gpu_may_filter(p.top_k, p.top_p, p.min_p, call.vocab);
-        psm_gpu_global_row<Dtype> source = {psm_gpu_row_base<Dtype>(call, row)};
+        /* Only valid rows get here: their logits row lies inside the logits. */
+        psm_gpu_global_row<Dtype> source = {psm_gpu_row_base<Dtype>(call, p.logits_row)};
 
         if constexpr (Filtered) {
             if (state.filtered) {

@@ -1,0 +1,425 @@
+/*
+ * test_cuda_graph.c: sampling inside a captured CUDA graph, with the request
+ * state in device memory (issue 12).
+ *
+ * One decode step (psm_sample, whose seed and offset or per-row offsets live
+ * in device memory, then a kernel that adds 1 to those offsets) is captured
+ * once on the caller's stream and replayed STEPS times. Each replay must draw
+ * exactly what an uncaptured call at that step's offset draws, on the GPU and
+ * on the CPU backend, and consecutive steps must repeat a row's token as
+ * often as chance says (expect_repeats_as_chance): neither the same draw
+ * every step nor fewer repeats than the distribution gives.
+ *
+ * The second test does the same through a caller's workspace, captured on a
+ * context that has not yet allocated any per-call buffer of its own: in
+ * CUDA's global capture mode a cudaMalloc fails the capture. A build with
+ * PSM_FAULT_INJECTION=ON also counts the device allocations that the captured
+ * call attempted (core/alloc.h): none, while the same call without the
+ * workspace, uncaptured, does allocate. Other builds report that count as a
+ * skip.
+ *
+ * Needs a CUDA device: without one each test is reported as a skip.
+ */
+#include "harness.h"
+#include "test_cuda_graph_kernels.h"
+
+#ifdef PSM_FAULT_INJECTION
+#include "alloc.h"
+#endif
+
+#include <cuda_runtime_api.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CUDA_OK(call)                                                                       \
+    do {                                                                                    \
+        cudaError_t cuda_ok_error_ = (call);                                                \
+        ck_assert_msg(cuda_ok_error_ == cudaSuccess, "%s failed: %s", #call,                \
+                      cudaGetErrorString(cuda_ok_error_));                                  \
+    } while (0)
+
+/* Replays of the captured step. */
+#define STEPS 100
+
+/* How far the count of repeated tokens may lie from its mean, in standard
+ * deviations: the inputs and seeds are fixed, and a correct sampler misses
+ * the bound with a probability of about 6e-7. */
+#define REPEAT_BOUND_SDS 5.0
+
+/* Rows of N(0, sigma^2) logits from a fixed seed. With sigma 2.5 over a few
+ * thousand tokens two draws of a row agree with a probability around 0.1
+ * (sum of p_i^2), so that repeats between steps are neither rare nor the
+ * rule. */
+static float *make_logits(int64_t rows, int64_t vocab, double sigma, uint64_t seed)
+{
+    float *logits = psm_test_alloc((size_t)(rows * vocab), sizeof(float));
+    psm_test_rng rng = psm_test_rng_make(seed);
+    for (int64_t i = 0; i < rows * vocab; ++i)
+        logits[i] = (float)(sigma * psm_test_rng_normal(&rng));
+    return logits;
+}
+
+static void *to_device(const void *host, size_t bytes)
+{
+    void *device = NULL;
+    CUDA_OK(cudaMalloc(&device, bytes));
+    CUDA_OK(cudaMemcpy(device, host, bytes, cudaMemcpyHostToDevice));
+    /* A copy from pageable memory may return before its DMA lands, and the
+     * library's stream does not wait for the default stream. */
+    CUDA_OK(cudaDeviceSynchronize());
+    return device;
+}
+
+static psm_tensor device_tensor(void *data, int64_t rows, int64_t vocab)
+{
+    psm_tensor tensor = psm_test_tensor(data, PSM_DTYPE_F32, rows, vocab, 0);
+    tensor.memory = PSM_MEMORY_DEVICE;
+    return tensor;
+}
+
+static psm_context *open_gpu(cudaStream_t stream)
+{
+    psm_context_options options;
+    psm_context_options_init(&options);
+    options.backend = PSM_BACKEND_CUDA;
+    options.native_stream = stream;
+    return psm_test_open_with(&options);
+}
+
+/* The captured step: the sample call (its status in *sampled) and the
+ * offsets' advance, as one graph ready to launch. The capture ends before
+ * anything is asserted, so that a failure leaves the stream usable. */
+static cudaGraphExec_t capture_step(cudaStream_t stream, psm_context *gpu,
+                                    const psm_tensor *logits, const psm_params *params,
+                                    psm_output tokens, uint64_t *device_offsets,
+                                    int64_t offset_count)
+{
+    cudaGraph_t graph = NULL;
+    CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+    const psm_status sampled = psm_sample(gpu, logits, params, tokens,
+                                          (psm_output){NULL, PSM_MEMORY_DEVICE});
+    const cudaError_t advanced = psm_test_advance_offsets(device_offsets, offset_count, stream);
+    const cudaError_t ended = cudaStreamEndCapture(stream, &graph);
+    ck_assert_msg(sampled == PSM_OK, "psm_sample under capture returned %s: %s",
+                  psm_status_string(sampled), psm_last_error());
+    CUDA_OK(advanced);
+    CUDA_OK(ended);
+    cudaGraphExec_t exec = NULL;
+    CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+    CUDA_OK(cudaGraphDestroy(graph));
+    return exec;
+}
+
+/* Launches the step STEPS times; step k's tokens land in replayed[k * rows ..]. */
+static void replay_steps(cudaStream_t stream, cudaGraphExec_t exec, const int32_t *device_tokens,
+                         int64_t rows, int32_t *replayed)
+{
+    for (int k = 0; k < STEPS; ++k) {
+        CUDA_OK(cudaGraphLaunch(exec, stream));
+        CUDA_OK(cudaMemcpyAsync(replayed + k * rows, device_tokens, (size_t)rows * sizeof(int32_t),
+                                cudaMemcpyDeviceToHost, stream));
+    }
+    CUDA_OK(cudaStreamSynchronize(stream));
+}
+
+static void expect_same_steps(const char *what, int64_t rows, const int32_t *expected,
+                              const int32_t *got)
+{
+    for (int k = 0; k < STEPS; ++k)
+        for (int64_t r = 0; r < rows; ++r)
+            ck_assert_msg(expected[k * rows + r] == got[k * rows + r],
+                          "%s: step %d, row %lld: expected token %d, the replay drew %d", what, k,
+                          (long long)r, expected[k * rows + r], got[k * rows + r]);
+}
+
+/* Repeats between consecutive steps against chance. A row's draws at
+ * different offsets are independent draws from its distribution p, so
+ * X_k = [token_k == token_(k-1)] has mean q = sum p_i^2; X_k and X_(k+1)
+ * share a draw (covariance c - q^2, c = sum p_i^3) and the rest are
+ * independent, rows too (each has its own Philox stream). */
+static void expect_repeats_as_chance(const char *what, int64_t rows, int64_t vocab,
+                                     const float *probs, const int32_t *tokens)
+{
+    const int pairs = STEPS - 1;
+    double mean = 0.0, variance = 0.0;
+    for (int64_t r = 0; r < rows; ++r) {
+        double q = 0.0, c = 0.0;
+        for (int64_t i = 0; i < vocab; ++i) {
+            const double p = probs[r * vocab + i];
+            q += p * p;
+            c += p * p * p;
+        }
+        mean += pairs * q;
+        variance += pairs * q * (1.0 - q) + 2.0 * (pairs - 1) * (c - q * q);
+    }
+    int64_t repeats = 0;
+    for (int k = 1; k < STEPS; ++k)
+        for (int64_t r = 0; r < rows; ++r)
+            repeats += tokens[k * rows + r] == tokens[(k - 1) * rows + r];
+    const double bound = REPEAT_BOUND_SDS * sqrt(variance);
+    printf("[cuda] %s: %lld of %lld consecutive steps repeat a token; chance: %.1f +- %.1f\n",
+           what, (long long)repeats, (long long)(pairs * rows), mean, bound);
+    ck_assert_msg(fabs((double)repeats - mean) <= bound,
+                  "%s: %lld of %lld consecutive steps repeat a row's token; chance gives "
+                  "%.1f +- %.1f (%.0f sd)",
+                  what, (long long)repeats, (long long)(pairs * rows), mean, bound,
+                  REPEAT_BOUND_SDS);
+}
+
+/* The scalar seed and offset given by pointer: the graph reads them at each
+ * replay, and the captured kernel advances the offset. */
+START_TEST(graph_replays_with_seed_and_offset_pointers)
+{
+    const int64_t rows = 16, vocab = 4096;
+    const uint64_t seed = 0x5eed, first_offset = 1000;
+    float *logits = make_logits(rows, vocab, 2.5, 11);
+    psm_params plain;
+    psm_params_init(&plain);
+    plain.seed = seed;
+
+    /* What each step must draw: uncaptured calls with that step's offset as
+     * the scalar, on the CPU backend. */
+    int32_t *expected_cpu = psm_test_alloc((size_t)(STEPS * rows), sizeof(int32_t));
+    float *probs = psm_test_alloc((size_t)(rows * vocab), sizeof(float));
+    psm_context *cpu = psm_test_open(PSM_BACKEND_CPU);
+    for (int k = 0; k < STEPS; ++k) {
+        psm_params at_step = plain;
+        at_step.offset = first_offset + (uint64_t)k;
+        PSM_CHECK_OK(psm_test_sample_f32(cpu, logits, rows, vocab, &at_step,
+                                         expected_cpu + k * rows, NULL));
+    }
+    PSM_CHECK_OK(psm_test_probs_f32(cpu, logits, rows, vocab, &plain, probs));
+    psm_context_destroy(cpu);
+
+    cudaStream_t stream;
+    CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    psm_context *gpu = open_gpu(stream);
+    void *device_logits = to_device(logits, (size_t)(rows * vocab) * sizeof(float));
+    uint64_t *device_seed = to_device(&seed, sizeof seed);
+    uint64_t *device_offset = to_device(&first_offset, sizeof first_offset);
+    int32_t *device_tokens = NULL;
+    CUDA_OK(cudaMalloc((void **)&device_tokens, (size_t)rows * sizeof(int32_t)));
+    const psm_tensor tensor = device_tensor(device_logits, rows, vocab);
+    const psm_output no_logprobs = {NULL, PSM_MEMORY_DEVICE};
+
+    /* The same uncaptured calls on the GPU (which also size the context's
+     * buffers for this shape, so that the captured call allocates nothing). */
+    int32_t *expected_gpu = psm_test_alloc((size_t)(STEPS * rows), sizeof(int32_t));
+    for (int k = 0; k < STEPS; ++k) {
+        psm_params at_step = plain;
+        at_step.offset = first_offset + (uint64_t)k;
+        PSM_CHECK_OK(psm_sample(gpu, &tensor, &at_step, psm_test_output(expected_gpu + k * rows),
+                                no_logprobs));
+    }
+
+    psm_params step = plain;
+    step.seed = 0; /* read from device_seed instead */
+    step.seed_pointer = device_seed;
+    step.offset_pointer = device_offset;
+    cudaGraphExec_t exec = capture_step(stream, gpu, &tensor, &step,
+                                        (psm_output){device_tokens, PSM_MEMORY_DEVICE},
+                                        device_offset, 1);
+    int32_t *replayed = psm_test_alloc((size_t)(STEPS * rows), sizeof(int32_t));
+    replay_steps(stream, exec, device_tokens, rows, replayed);
+
+    uint64_t last_offset = 0;
+    CUDA_OK(cudaMemcpy(&last_offset, device_offset, sizeof last_offset, cudaMemcpyDeviceToHost));
+    ck_assert_msg(last_offset == first_offset + STEPS,
+                  "the device offset is %llu after %d replays from %llu",
+                  (unsigned long long)last_offset, STEPS, (unsigned long long)first_offset);
+    expect_same_steps("uncaptured cpu calls", rows, expected_cpu, expected_gpu);
+    expect_same_steps("seed and offset pointers, against uncaptured calls", rows, expected_gpu,
+                      replayed);
+    expect_repeats_as_chance("seed and offset pointers", rows, vocab, probs, replayed);
+
+    CUDA_OK(cudaGraphExecDestroy(exec));
+    psm_context_destroy(gpu);
+    CUDA_OK(cudaStreamDestroy(stream));
+    CUDA_OK(cudaFree(device_tokens));
+    CUDA_OK(cudaFree(device_offset));
+    CUDA_OK(cudaFree(device_seed));
+    CUDA_OK(cudaFree(device_logits));
+    free(replayed);
+    free(expected_gpu);
+    free(probs);
+    free(expected_cpu);
+    free(logits);
+}
+END_TEST
+
+/* Per-row offsets and row indices in device memory, filters on, every
+ * per-call buffer in a caller's workspace: captured on a fresh context. */
+START_TEST(graph_replays_with_row_offsets_in_a_workspace)
+{
+    enum { LOGITS_ROWS = 6, ROWS = 16 };
+    const int64_t vocab = 5000; /* five tiles, the last one partial */
+    float *logits = make_logits(LOGITS_ROWS, vocab, 2.5, 12);
+    int64_t row_indices[ROWS];
+    uint64_t first_offsets[ROWS];
+    for (int r = 0; r < ROWS; ++r) {
+        row_indices[r] = (r * 5) % LOGITS_ROWS; /* each logits row serves two or three rows */
+        first_offsets[r] = 3 + 7 * (uint64_t)r;
+    }
+    psm_params filtered;
+    psm_params_init(&filtered);
+    filtered.top_k = 40;
+    filtered.top_p = 0.9f;
+    filtered.seed = 777;
+    filtered.row_indices = row_indices;
+    filtered.output_rows = ROWS;
+    const psm_tensor host_logits = psm_test_tensor(logits, PSM_DTYPE_F32, LOGITS_ROWS, vocab, 0);
+
+    /* What each step must draw, from the CPU backend with host arrays. */
+    int32_t *expected_cpu = psm_test_alloc((size_t)(STEPS * ROWS), sizeof(int32_t));
+    float *probs = psm_test_alloc((size_t)(ROWS * vocab), sizeof(float));
+    psm_context *cpu = psm_test_open(PSM_BACKEND_CPU);
+    for (int k = 0; k < STEPS; ++k) {
+        uint64_t offsets[ROWS];
+        for (int r = 0; r < ROWS; ++r)
+            offsets[r] = first_offsets[r] + (uint64_t)k;
+        psm_params at_step = filtered;
+        at_step.offset_per_row = offsets;
+        PSM_CHECK_OK(psm_sample(cpu, &host_logits, &at_step,
+                                psm_test_output(expected_cpu + k * ROWS), psm_test_output(NULL)));
+    }
+    const psm_tensor probs_out = psm_test_tensor(probs, PSM_DTYPE_F32, ROWS, vocab, 0);
+    PSM_CHECK_OK(psm_probs(cpu, &host_logits, &filtered, &probs_out));
+    psm_context_destroy(cpu);
+
+    cudaStream_t stream;
+    CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    psm_context *gpu = open_gpu(stream);
+    void *device_logits = to_device(logits, (size_t)(LOGITS_ROWS * vocab) * sizeof(float));
+    int64_t *device_row_indices = to_device(row_indices, sizeof row_indices);
+    uint64_t *device_offsets = to_device(first_offsets, sizeof first_offsets);
+    int32_t *device_tokens = NULL;
+    CUDA_OK(cudaMalloc((void **)&device_tokens, ROWS * sizeof(int32_t)));
+    const psm_tensor tensor = device_tensor(device_logits, LOGITS_ROWS, vocab);
+    const psm_output tokens_out = {device_tokens, PSM_MEMORY_DEVICE};
+    const psm_output no_logprobs = {NULL, PSM_MEMORY_DEVICE};
+
+    psm_params step = filtered;
+    step.row_indices = device_row_indices;
+    step.offset_per_row = device_offsets;
+    size_t needed = 0;
+    PSM_CHECK_OK(psm_sample_workspace_size(gpu, &tensor, &step, tokens_out, no_logprobs, &needed));
+    ck_assert_msg(needed > 0, "a call on the GPU needs a tile workspace, but the size is 0");
+    /* One byte more than needed, used from an odd address: any alignment
+     * must do. */
+    unsigned char *workspace_block = NULL;
+    CUDA_OK(cudaMalloc((void **)&workspace_block, needed + 1));
+    step.workspace = workspace_block + 1;
+    step.workspace_bytes = needed;
+
+    /* One byte short is refused before anything is written. */
+    CUDA_OK(cudaMemset(device_tokens, 0x5a, ROWS * sizeof(int32_t)));
+    psm_params short_workspace = step;
+    short_workspace.workspace_bytes = needed - 1;
+    const psm_status refused = psm_sample(gpu, &tensor, &short_workspace, tokens_out, no_logprobs);
+    ck_assert_msg(refused == PSM_ERR_INVALID_ARGUMENT,
+                  "a workspace one byte short gave %s, expected PSM_ERR_INVALID_ARGUMENT",
+                  psm_status_string(refused));
+    int32_t untouched[ROWS];
+    CUDA_OK(cudaStreamSynchronize(stream));
+    CUDA_OK(cudaMemcpy(untouched, device_tokens, sizeof untouched, cudaMemcpyDeviceToHost));
+    for (int r = 0; r < ROWS; ++r)
+        ck_assert_msg(untouched[r] == 0x5a5a5a5a, "the refused call wrote token %d of row %d",
+                      untouched[r], r);
+
+#ifdef PSM_FAULT_INJECTION
+    psm_fault_inject(0, 0); /* counts from here, fails nothing */
+#endif
+    cudaGraphExec_t exec =
+        capture_step(stream, gpu, &tensor, &step, tokens_out, device_offsets, ROWS);
+#ifdef PSM_FAULT_INJECTION
+    int64_t captured_allocations = -1;
+    psm_fault_counts(NULL, &captured_allocations);
+    ck_assert_msg(captured_allocations == 0,
+                  "the captured call with a workspace attempted %lld device allocations",
+                  (long long)captured_allocations);
+#endif
+    int32_t *replayed = psm_test_alloc((size_t)(STEPS * ROWS), sizeof(int32_t));
+    replay_steps(stream, exec, device_tokens, ROWS, replayed);
+
+    uint64_t last_offsets[ROWS];
+    CUDA_OK(cudaMemcpy(last_offsets, device_offsets, sizeof last_offsets, cudaMemcpyDeviceToHost));
+    for (int r = 0; r < ROWS; ++r)
+        ck_assert_msg(last_offsets[r] == first_offsets[r] + STEPS,
+                      "row %d's device offset is %llu after %d replays from %llu", r,
+                      (unsigned long long)last_offsets[r], STEPS,
+                      (unsigned long long)first_offsets[r]);
+
+    /* The uncaptured calls, with the context's own buffers: the first of
+     * them is the context's first call without a workspace, which must
+     * allocate (the counter sees the backend's allocations). */
+    int32_t *expected_gpu = psm_test_alloc((size_t)(STEPS * ROWS), sizeof(int32_t));
+    uint64_t *device_step_offsets = NULL;
+    CUDA_OK(cudaMalloc((void **)&device_step_offsets, sizeof first_offsets));
+#ifdef PSM_FAULT_INJECTION
+    psm_fault_inject(0, 0);
+#endif
+    for (int k = 0; k < STEPS; ++k) {
+        uint64_t offsets[ROWS];
+        for (int r = 0; r < ROWS; ++r)
+            offsets[r] = first_offsets[r] + (uint64_t)k;
+        CUDA_OK(cudaMemcpy(device_step_offsets, offsets, sizeof offsets, cudaMemcpyHostToDevice));
+        CUDA_OK(cudaDeviceSynchronize());
+        psm_params at_step = filtered;
+        at_step.row_indices = device_row_indices;
+        at_step.offset_per_row = device_step_offsets;
+        /* Host tokens: the call waits for its work, so the offsets can change. */
+        PSM_CHECK_OK(psm_sample(gpu, &tensor, &at_step, psm_test_output(expected_gpu + k * ROWS),
+                                no_logprobs));
+    }
+#ifdef PSM_FAULT_INJECTION
+    int64_t own_allocations = 0;
+    psm_fault_counts(NULL, &own_allocations);
+    ck_assert_msg(own_allocations > 0,
+                  "the context's first calls without a workspace counted no device allocation: "
+                  "the counter does not see the backend's allocations");
+#endif
+    expect_same_steps("uncaptured cpu calls", ROWS, expected_cpu, expected_gpu);
+    expect_same_steps("row offsets in a workspace, against uncaptured calls", ROWS, expected_gpu,
+                      replayed);
+    expect_repeats_as_chance("row offsets in a workspace", ROWS, vocab, probs, replayed);
+
+    CUDA_OK(cudaGraphExecDestroy(exec));
+    psm_context_destroy(gpu);
+    CUDA_OK(cudaStreamDestroy(stream));
+    CUDA_OK(cudaFree(device_step_offsets));
+    CUDA_OK(cudaFree(workspace_block));
+    CUDA_OK(cudaFree(device_tokens));
+    CUDA_OK(cudaFree(device_offsets));
+    CUDA_OK(cudaFree(device_row_indices));
+    CUDA_OK(cudaFree(device_logits));
+    free(replayed);
+    free(expected_gpu);
+    free(probs);
+    free(expected_cpu);
+    free(logits);
+}
+END_TEST
+
+int main(void)
+{
+    const TTest *tests[] = {graph_replays_with_seed_and_offset_pointers,
+                            graph_replays_with_row_offsets_in_a_workspace};
+    const size_t count = sizeof tests / sizeof tests[0];
+    const char *skip = psm_test_backend_skip_reason(PSM_BACKEND_CUDA);
+    for (size_t t = 0; t < count; ++t) {
+        if (skip)
+            psm_test_skip("cuda", tests[t]->name, skip);
+        else
+            psm_test_register_common(tests[t]);
+    }
+#ifndef PSM_FAULT_INJECTION
+    if (!skip)
+        psm_test_skip("cuda", "graph_workspace_allocation_count",
+                      "counting device allocations needs a build with PSM_FAULT_INJECTION=ON "
+                      "(core/alloc.h); here the capture in global mode, where a cudaMalloc "
+                      "fails it, is the check");
+#endif
+    return psm_test_run("test_cuda_graph");
+}

@@ -149,10 +149,14 @@ PSM_FN void psm_process_row_lists(PSM_GLOBAL float *x, PSM_GLOBAL psm_u32 *count
         x[lists->bias_tokens[e]] = PSM_FADD(x[lists->bias_tokens[e]], lists->bias_values[e]);
 }
 
-/* Step 3 for one token: the mask (allowed: its bit), then the final read. */
+/* Step 3 for one token: the mask (allowed: its bit), then the final read.
+ * A NaN or +inf stays, masked or not: the row is bad either way, so a mask
+ * never hides a broken row (nor a row a GPU backend marked bad with NaN). */
 PSM_FN float psm_processed_logit(float x, int allowed)
 {
-    return allowed ? psm_read_logit(x) : psm_bits_float(0xff800000u) /* -inf */;
+    if (allowed || psm_logit_class(x) == PSM_LOGIT_BAD)
+        return psm_read_logit(x);
+    return psm_bits_float(0xff800000u); /* -inf */
 }
 
 /* The mask bit of token i in its row's words. */

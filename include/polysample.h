@@ -138,8 +138,8 @@ typedef struct psm_output {
  * arrays of psm_params; the struct itself is host memory. Rows' lists are
  * given CSR-style: row r's entries are [offsets[r], offsets[r + 1]) of the
  * entry arrays, offsets having rows + 1 non-decreasing entries from 0.
- * Backends: the CPU backend; the GPU backends return PSM_ERR_UNSUPPORTED
- * for a call with processing until they run it through the shared stages. */
+ * Backends: CPU, CUDA and HIP (core/psm_processing.h on each); a backend
+ * without it returns PSM_ERR_UNSUPPORTED. */
 typedef struct psm_logit_processing {
     /* Allowed tokens (a grammar's mask): token i of row r is allowed when bit
      * i % 32 of word allowed_mask[r * allowed_mask_words + i / 32] is set;
@@ -279,7 +279,8 @@ PSM_API psm_status psm_probs(psm_context *context, const psm_tensor *logits,
  * psm_probs needs for these arguments on this context: the same arguments as
  * the call, whose data pointers may still be NULL here (the shapes, memory
  * kinds, scalars and per-row pointers' presence decide the size; host
- * per-row values are not read). 0 is a valid answer. */
+ * per-row values are not read, except the last offset of each logit-
+ * processing list in host memory: its length). 0 is a valid answer. */
 PSM_API psm_status psm_sample_workspace_size(psm_context *context, const psm_tensor *logits,
                                              const psm_params *params, psm_output tokens,
                                              psm_output logprobs, size_t *bytes);

@@ -156,7 +156,8 @@ static void process_literally(const batch *b, const float *raw, float *out)
             for (int64_t e = p->bias_offsets[r]; e < p->bias_offsets[r + 1]; ++e)
                 if (p->bias_tokens[e] == i)
                     x = x + p->bias_values[e];
-            if (!((p->allowed_mask[r * words + i / 32] >> (i % 32)) & 1u))
+            if (!((p->allowed_mask[r * words + i / 32] >> (i % 32)) & 1u) && !isnan(x) &&
+                x != INFINITY)
                 x = -INFINITY;
             out[r * b->vocab + i] = psm_read_logit(x);
         }
@@ -300,21 +301,23 @@ PSM_PROPERTY(empty_processing_is_plain_sampling)
     psm_context_destroy(context);
 }
 
-/* A mask that allows nothing valid, or a bias that overflows to +inf, makes
- * the row bad: token -1 and logprob NaN, other rows unaffected; in checking
+/* A mask that allows nothing valid, a bias that overflows to +inf, or a NaN
+ * (masked or not) makes the row bad: token -1 and logprob NaN, other rows unaffected; in checking
  * mode PSM_ERR_BAD_ROW names it and nothing is written. */
 PSM_PROPERTY(processing_can_make_a_row_bad)
 {
-    const int64_t rows = 3, vocab = 64;
-    float logits[3 * 64];
+    const int64_t rows = 4, vocab = 64;
+    float logits[4 * 64];
     for (int i = 0; i < rows * vocab; ++i)
         logits[i] = (float)(i % 7);
     logits[2 * vocab + 9] = 3e38f;
-    uint32_t mask[3 * 2];
-    for (int i = 0; i < 6; ++i)
+    logits[3 * vocab + 40] = NAN; /* row 3: a NaN the mask disallows */
+    uint32_t mask[4 * 2];
+    for (int i = 0; i < 8; ++i)
         mask[i] = 0xffffffffu;
     mask[2] = mask[3] = 0; /* row 1 allows nothing */
-    int64_t bias_offsets[4] = {0, 0, 0, 1};
+    mask[7] = 0;           /* row 3 disallows tokens 32 .. 63 */
+    int64_t bias_offsets[5] = {0, 0, 0, 1, 1};
     int32_t bias_tokens[1] = {9};
     float bias_values[1] = {3e38f}; /* row 2: 3e38 + 3e38 = +inf */
     psm_logit_processing processing;
@@ -329,8 +332,8 @@ PSM_PROPERTY(processing_can_make_a_row_bad)
     psm_params_init(&params);
     params.num_samples = 2;
     params.processing = &processing;
-    int32_t tokens[6];
-    float logprobs[6];
+    int32_t tokens[8];
+    float logprobs[8];
     psm_tensor tensor = psm_test_tensor(logits, PSM_DTYPE_F32, rows, vocab, 0);
     if (!sample_processed(context, backend, "processing_can_make_a_row_bad", tensor, &params,
                           tokens, logprobs)) {
@@ -338,7 +341,7 @@ PSM_PROPERTY(processing_can_make_a_row_bad)
         return;
     }
     ck_assert(tokens[0] >= 0 && tokens[1] >= 0);
-    for (int k = 2; k < 6; ++k) {
+    for (int k = 2; k < 8; ++k) {
         ck_assert_int_eq(tokens[k], -1);
         ck_assert(isnan(logprobs[k]));
     }
@@ -349,13 +352,13 @@ PSM_PROPERTY(processing_can_make_a_row_bad)
     options.backend = backend;
     options.check_rows = 1;
     context = psm_test_open_with(&options);
-    for (int k = 0; k < 6; ++k)
+    for (int k = 0; k < 8; ++k)
         tokens[k] = SENTINEL_TOKEN;
     psm_status status = psm_sample(context, &tensor, &params, psm_test_output(tokens),
                                    psm_test_output(NULL));
     ck_assert_msg(status == PSM_ERR_BAD_ROW, "%s", psm_status_string(status));
     ck_assert_msg(strstr(psm_last_error(), "row 1") != NULL, "%s", psm_last_error());
-    for (int k = 0; k < 6; ++k)
+    for (int k = 0; k < 8; ++k)
         ck_assert_int_eq(tokens[k], SENTINEL_TOKEN);
     psm_context_destroy(context);
 }

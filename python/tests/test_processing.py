@@ -67,13 +67,14 @@ def make_batch(rows, seed):
     history = [list(rng.choice(pool, rng.integers(0, 40))) for _ in range(rows)]
     history[0] = [5, 6] + history[0]
     prompt = [rng.choice(pool, rng.integers(0, 20)) for _ in range(rows)]
-    bias = [{int(token): float(rng.uniform(-4, 4)) for token in rng.choice(pool, rng.integers(0, 25))}
-            for _ in range(rows)]
+    bias = [{int(token): float(rng.uniform(-4, 4))
+             for token in rng.choice(pool, rng.integers(0, 25))} for _ in range(rows)]
     mask = rng.random((rows, VOCAB)) < 0.75
     mask[1:2] = True
-    repetition = np.where(np.arange(rows) % 3 == 0, 1, rng.uniform(0.5, 2, rows)).astype(np.float32)
-    frequency = np.where(np.arange(rows) % 4 == 1, 0, rng.uniform(-0.25, 0.75, rows)).astype(np.float32)
-    presence = np.where(np.arange(rows) % 4 == 2, 0, rng.uniform(-0.5, 1.5, rows)).astype(np.float32)
+    index = np.arange(rows)
+    repetition = np.where(index % 3 == 0, 1, rng.uniform(0.5, 2, rows)).astype(np.float32)
+    frequency = np.where(index % 4 == 1, 0, rng.uniform(-0.25, 0.75, rows)).astype(np.float32)
+    presence = np.where(index % 4 == 2, 0, rng.uniform(-0.5, 1.5, rows)).astype(np.float32)
     return dict(logits=logits, history=history, prompt=prompt, bias=bias, mask=mask,
                 repetition=repetition, frequency=frequency, presence=presence)
 
@@ -100,7 +101,8 @@ SETTINGS = [dict(temperature=0.9), dict(temperature=0.8, top_k=50, top_p=0.9),
             dict(temperature=0.7, min_p=0.05), dict(temperature=0.0)]
 
 
-@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.parametrize("setting", SETTINGS,
+                         ids=lambda setting: ",".join(f"{k}={v}" for k, v in setting.items()))
 def test_processing_equals_a_plain_call_on_the_processed_logits(context, setting):
     batch = make_batch(6, seed=1)
     processed = process_literally(batch["logits"], batch["history"], batch["prompt"],
@@ -221,7 +223,8 @@ LOGITS = np.random.default_rng(7).normal(size=(2, 40)).astype(np.float32)
     (dict(allowed_mask=np.ones((2, 1), np.uint32)), "INVALID_ARGUMENT",
      "allowed_mask_words is 1; a row of 40 tokens needs 2"),
     # The package's checks of the forms and lengths.
-    (dict(history=[[1, 2]]), "INVALID_ARGUMENT", "history has 1 rows; expected one per output row (2)"),
+    (dict(history=[[1, 2]]), "INVALID_ARGUMENT",
+     "history has 1 rows; expected one per output row (2)"),
     (dict(history=[1, 2]), "INVALID_ARGUMENT", "history of row 0 must be an array"),
     (dict(history=[[0.5], []]), "INVALID_ARGUMENT", "history of row 0 must hold integers"),
     (dict(history=[[2**31], []]), "INVALID_PARAMETER", "history of row 0 holds 2147483648"),

@@ -131,7 +131,7 @@ typedef struct psm_tensor {
  * is per output row and lives in the logits' memory, like the per-row
  * arrays of psm_params; the struct itself is host memory. Rows' lists are
  * given CSR-style: row r's entries are [offsets[r], offsets[r + 1]) of the
- * entry arrays, offsets having rows + 1 non-decreasing entries from 0.
+ * entry arrays, offsets having rows + 1 non-decreasing entries, the first >= 0.
  * Backends: the CPU backend; the GPU backends return PSM_ERR_UNSUPPORTED
  * for a call with processing until they run it through the shared stages. */
 typedef struct psm_logit_processing {

@@ -4,6 +4,7 @@
 #include "cli_util.h"
 #include "npy.h"
 #include "polysample.h"
+#include "processing_files.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -14,6 +15,86 @@ static const char sample_description[] =
     "Samples tokens from a .npy file of logits: float32 or float16, 1-D (one\n"
     "row) or 2-D (rows x vocab), C order. Prints one line per row: the row's\n"
     "tokens separated by spaces (with --logprobs, a tab and then their logprobs).\n";
+
+static const char sample_notes[] =
+    "\n"
+    "Logit processing (docs/SAMPLING.md, section 1) changes each row's logits\n"
+    "before sampling, in this order: the penalties, for tokens of the row's\n"
+    "history (and, for the repetition penalty, of its prompt); the bias; the\n"
+    "mask. A row left with no finite allowed logit, or with a +inf one, is a\n"
+    "bad row (token -1; --check-rows refuses it).\n"
+    "Only the CPU backend runs it so far. The files:\n"
+    "  --allowed-mask  a .npy of uint32 words, rows x W with W >= ceil(vocab/32)\n"
+    "                  (bit i % 32 of word i / 32 allows token i), or of bool,\n"
+    "                  rows x vocab (true allows); 1-D for one row\n"
+    "  --logit-bias    text: lines \"ROW TOKEN VALUE\" (VALUE is added)\n"
+    "  --history       text: lines \"ROW TOKEN [TOKEN ...]\", e.g. the tokens\n"
+    "  --prompt        generated so far, and the prompt's tokens\n"
+    "In the text files ROW is a logits row from 0, or '*' for every row; a row\n"
+    "may have several lines, and its entries keep the file's order (bias\n"
+    "entries of one token add in that order); words are separated by spaces or\n"
+    "tabs; '#' starts a comment; blank lines are skipped.\n";
+
+/* The processing options: their files, and the penalties, which go
+ * straight into processing. */
+typedef struct processing_options {
+    const char *mask_path, *bias_path, *history_path, *prompt_path;
+    psm_logit_processing processing;
+} processing_options;
+
+/* What the processing files held, in the library's layout. */
+typedef struct processing_inputs {
+    uint32_t *mask;
+    cli_row_lists bias, history, prompt;
+} processing_inputs;
+
+static void free_processing_inputs(processing_inputs *inputs)
+{
+    free(inputs->mask);
+    inputs->mask = NULL;
+    cli_row_lists_free(&inputs->bias);
+    cli_row_lists_free(&inputs->history);
+    cli_row_lists_free(&inputs->prompt);
+}
+
+static int processing_requested(const processing_options *options)
+{
+    return options->mask_path || options->bias_path || options->history_path ||
+           options->prompt_path;
+}
+
+/* Reads the files named in options for logits of rows x vocab into inputs,
+ * and points options->processing at them. 0, or -1 with a message in error
+ * (inputs then hold nothing). */
+static int read_processing_files(processing_options *options, int64_t rows, int64_t vocab,
+                                 processing_inputs *inputs, char *error, size_t error_size)
+{
+    psm_logit_processing *processing = &options->processing;
+    memset(inputs, 0, sizeof *inputs);
+    if (options->mask_path &&
+        cli_read_allowed_mask(options->mask_path, rows, vocab, &inputs->mask,
+                              &processing->allowed_mask_words, error, error_size) != 0)
+        return -1;
+    if ((options->bias_path && cli_read_bias_lists(options->bias_path, rows, vocab,
+                                                   &inputs->bias, error, error_size) != 0) ||
+        (options->history_path && cli_read_token_lists(options->history_path, rows, vocab,
+                                                       &inputs->history, error,
+                                                       error_size) != 0) ||
+        (options->prompt_path && cli_read_token_lists(options->prompt_path, rows, vocab,
+                                                      &inputs->prompt, error, error_size) != 0)) {
+        free_processing_inputs(inputs);
+        return -1;
+    }
+    processing->allowed_mask = inputs->mask;
+    processing->bias_offsets = inputs->bias.offsets;
+    processing->bias_tokens = inputs->bias.tokens;
+    processing->bias_values = inputs->bias.values;
+    processing->history_offsets = inputs->history.offsets;
+    processing->history_tokens = inputs->history.tokens;
+    processing->prompt_offsets = inputs->prompt.offsets;
+    processing->prompt_tokens = inputs->prompt.tokens;
+    return 0;
+}
 
 static void print_logprob(float value, int json)
 {
@@ -99,9 +180,10 @@ static int describe_bad_row(const cli_npy_array *array, char *text, size_t size)
 /* The options into options and params; the input file into *path (NULL
  * after --help). CLI_EXIT_OK, or CLI_EXIT_USAGE after a message. */
 static int read_command_line(int argc, char **argv, psm_context_options *options,
-                             psm_params *params, const char **path, int *want_logprobs,
-                             int *json)
+                             psm_params *params, processing_options *processing,
+                             const char **path, int *want_logprobs, int *json)
 {
+    psm_logit_processing *penalties = &processing->processing;
     cli_backend_list backend = {0};
     uint64_t threads = 0, top_k = (uint64_t)params->top_k,
              num_samples = (uint64_t)params->num_samples;
@@ -136,6 +218,26 @@ static int read_command_line(int argc, char **argv, psm_context_options *options
                  "gets\ntoken -1)"},
         {.name = "--json", .kind = CLI_OPTION_FLAG, .target = json,
          .help = "write {\"tokens\": [[...]], \"logprobs\":\n[[...]]} instead"},
+        {.name = "--allowed-mask", .kind = CLI_OPTION_STRING, .value_name = "FILE",
+         .target = &processing->mask_path,
+         .help = "allow only these tokens (.npy of uint32\nwords or bool; see below)"},
+        {.name = "--logit-bias", .kind = CLI_OPTION_STRING, .value_name = "FILE",
+         .target = &processing->bias_path, .help = "add these values to these tokens' logits"},
+        {.name = "--history", .kind = CLI_OPTION_STRING, .value_name = "FILE",
+         .target = &processing->history_path,
+         .help = "each row's tokens so far, which the\npenalties count"},
+        {.name = "--prompt", .kind = CLI_OPTION_STRING, .value_name = "FILE",
+         .target = &processing->prompt_path,
+         .help = "each row's prompt tokens, which the\nrepetition penalty also penalises"},
+        {.name = "--repetition-penalty", .kind = CLI_OPTION_FLOAT, .value_name = "R",
+         .target = &penalties->repetition_penalty,
+         .help = "a listed token's logit x > 0 becomes\nx / R, others x * R; 1e-3 to 1e3, 1 is off"},
+        {.name = "--frequency-penalty", .kind = CLI_OPTION_FLOAT, .value_name = "F",
+         .target = &penalties->frequency_penalty,
+         .help = "subtract F times the token's count in\nthe history; -1e3 to 1e3, 0 is off"},
+        {.name = "--presence-penalty", .kind = CLI_OPTION_FLOAT, .value_name = "P",
+         .target = &penalties->presence_penalty,
+         .help = "subtract P from tokens in the history;\n-1e3 to 1e3, 0 is off"},
     };
     const cli_command sample_command = {
         .name = "sample",
@@ -143,6 +245,7 @@ static int read_command_line(int argc, char **argv, psm_context_options *options
         .description = sample_description,
         .options = sample_options,
         .option_count = (int)(sizeof sample_options / sizeof sample_options[0]),
+        .notes = sample_notes,
         .positional_name = "input file",
         .positional = path,
     };
@@ -154,6 +257,19 @@ static int read_command_line(int argc, char **argv, psm_context_options *options
     if (!*path) {
         cli_error("sample", "no input file");
         cli_print_usage(&sample_command, stderr);
+        return CLI_EXIT_USAGE;
+    }
+    /* A penalty without the list it applies to would change nothing. */
+    if ((penalties->frequency_penalty != 0.0f || penalties->presence_penalty != 0.0f) &&
+        !processing->history_path) {
+        cli_error("sample", "--%s-penalty needs --history (the tokens it counts)",
+                  penalties->frequency_penalty != 0.0f ? "frequency" : "presence");
+        return CLI_EXIT_USAGE;
+    }
+    if (penalties->repetition_penalty != 1.0f && !processing->history_path &&
+        !processing->prompt_path) {
+        cli_error("sample", "--repetition-penalty needs --history or --prompt (the tokens it "
+                            "penalises)");
         return CLI_EXIT_USAGE;
     }
     if (backend.count) {
@@ -171,6 +287,8 @@ int cli_sample(int argc, char **argv)
 {
     psm_context_options options;
     psm_params params;
+    processing_options processing;
+    processing_inputs inputs;
     psm_context *context = NULL;
     psm_tensor logits;
     psm_output token_output, logprob_output;
@@ -185,7 +303,11 @@ int cli_sample(int argc, char **argv)
 
     cli_context_options_init(&options);
     psm_params_init(&params);
-    exit_status = read_command_line(argc, argv, &options, &params, &path, &want_logprobs, &json);
+    memset(&processing, 0, sizeof processing);
+    memset(&inputs, 0, sizeof inputs);
+    psm_logit_processing_init(&processing.processing);
+    exit_status = read_command_line(argc, argv, &options, &params, &processing, &path,
+                                    &want_logprobs, &json);
     if (exit_status != CLI_EXIT_OK || !path)
         return exit_status;
     if (cli_npy_read(path, &array, error, sizeof error) != 0) {
@@ -196,6 +318,15 @@ int cli_sample(int argc, char **argv)
         cli_error("sample", "rows x num_samples is too large");
         cli_npy_free(&array);
         return CLI_EXIT_USAGE;
+    }
+    if (processing_requested(&processing)) {
+        if (read_processing_files(&processing, array.rows, array.vocab, &inputs, error,
+                                  sizeof error) != 0) {
+            cli_error("sample", "%s", error);
+            cli_npy_free(&array);
+            return CLI_EXIT_USAGE;
+        }
+        params.processing = &processing.processing;
     }
     tokens = cli_alloc("sample", (size_t)array.rows * (size_t)params.num_samples * sizeof *tokens);
     if (want_logprobs)
@@ -225,9 +356,19 @@ int cli_sample(int argc, char **argv)
     status = psm_sample(context, &logits, &params, token_output, logprob_output);
     if (status == PSM_OK)
         status = psm_synchronize(context);
-    if (status == PSM_ERR_BAD_ROW && describe_bad_row(&array, error, sizeof error)) {
+    /* With processing a row is judged after it (a masked NaN is no harm), so
+     * the raw logits cannot say which row failed; the library's message does. */
+    if (status == PSM_ERR_BAD_ROW && !params.processing &&
+        describe_bad_row(&array, error, sizeof error)) {
         cli_error("sample", "%s; --check-rows refuses such a row (without it the row gets "
                             "token -1)", error);
+        exit_status = CLI_EXIT_FAILURE;
+        goto done;
+    }
+    if (status == PSM_ERR_BAD_ROW && params.processing) {
+        cli_error("sample", "psm_sample failed: %s; with logit processing a row is judged "
+                            "after it (a mask that allows no finite logit, or a bias that "
+                            "reaches +inf, makes it bad)", psm_last_error());
         exit_status = CLI_EXIT_FAILURE;
         goto done;
     }
@@ -247,6 +388,7 @@ done:
     psm_context_destroy(context);
     free(tokens);
     free(logprobs);
+    free_processing_inputs(&inputs);
     cli_npy_free(&array);
     return exit_status;
 }

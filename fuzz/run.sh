@@ -62,7 +62,7 @@ omp_rpath=-Wl,-rpath,$(cd "$($cc -print-resource-dir)/../.." && pwd)
 
 sources_of() {
     case $1 in
-    npy) echo "fuzz/fuzz_npy.c cli/npy.c cli/cli_util.c ${library[*]}" ;;
+    npy) echo "fuzz/fuzz_npy.c cli/npy.c cli/processing_files.c cli/cli_util.c ${library[*]}" ;;
     api) echo "fuzz/fuzz_api.c ${library[*]}" ;;
     differential) echo "fuzz/fuzz_differential.c fuzz/contract_model.c reference/psm_reference.c ${library[*]}" ;;
     esac
@@ -78,7 +78,8 @@ for target in $targets; do
     fi
     # Rebuild only when a source or header is newer than the binary.
     if [[ -x $output ]] && [[ -z $(find "$repo/fuzz" "$repo/core" "$repo/backends/cpu" \
-            "$repo/cli/npy.c" "$repo/cli/npy.h" "$repo/cli/cli_util.c" "$repo/reference" "$repo/include" \
+            "$repo/cli/npy.c" "$repo/cli/npy.h" "$repo/cli/processing_files.c" \
+            "$repo/cli/processing_files.h" "$repo/cli/cli_util.c" "$repo/reference" "$repo/include" \
             -newer "$output" -type f 2>/dev/null | head -n 1) ]]; then
         continue
     fi

@@ -299,13 +299,21 @@ static int any_in_band(const float *x, int n, float low, float high)
 
 /* g_i of every token of a tile (0 for masked ones). */
 PSM_CPU_HOT
-void cpu_global_weights(const cpu_row *row, const float *x, int n, uint64_t *g)
+static void global_weights(const cpu_row *row, const float *x, int n, uint64_t *g)
 {
     float row_max = row->row_max, scale = row->scale;
     int bits = row->weight_bits;
 #pragma omp simd
     for (int i = 0; i < n; ++i)
         g[i] = psm_cpu_weight(psm_cpu_scaled_gap(row_max, x[i], scale), bits);
+}
+
+/* The clones above are called through a plain function: clang 14 gives a
+ * target_clones function that other files declare without the attribute no
+ * symbol they can link to, and fuzz/run.sh builds with clang 14. */
+void cpu_global_weights(const cpu_row *row, const float *x, int n, uint64_t *g)
+{
+    global_weights(row, x, n, g);
 }
 
 /* Tile weights of a filtered row: w_i against the largest kept logit of the

@@ -124,6 +124,29 @@ pub struct psm_logit_processing {
     pub presence_penalty_per_row: *const f32,
 }
 
+/// The most entries `psm_top_logprobs.count` may ask for.
+pub const PSM_MAX_TOP_LOGPROBS: c_int = 64;
+
+/// `enum psm_logprob_mode` (docs/SAMPLING.md, section 6).
+pub type psm_logprob_mode = c_uint;
+/// The distribution `psm_sample` draws from (after processing, temperature, filters).
+pub const PSM_LOGPROBS_PROCESSED: psm_logprob_mode = 0;
+/// The log-softmax of the logits as given.
+pub const PSM_LOGPROBS_RAW: psm_logprob_mode = 1;
+
+/// `psm_top_logprobs`: each row's N most probable tokens and their logprobs,
+/// and optionally the rank of each drawn token (`psm_sample` only).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct psm_top_logprobs {
+    pub count: i32,
+    pub mode: psm_logprob_mode,
+    pub tokens: psm_output,
+    pub logprobs: psm_output,
+    /// `data` may be null: no ranks.
+    pub sampled_ranks: psm_output,
+}
+
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct psm_params {
@@ -149,6 +172,8 @@ pub struct psm_params {
     pub workspace_bytes: usize,
     /// Host memory; null: no processing.
     pub processing: *const psm_logit_processing,
+    /// Host memory; null: no top-N logprobs.
+    pub top_logprobs: *const psm_top_logprobs,
 }
 
 #[repr(C)]

@@ -307,6 +307,7 @@ impl<'a> Params<'a> {
             workspace: ptr::null_mut(),
             workspace_bytes: 0,
             processing: ptr::null(),
+            top_logprobs: ptr::null(),
         };
         Ok(RawParams { params, processing })
     }

@@ -14,7 +14,9 @@
 static const char sample_description[] =
     "Samples tokens from a .npy file of logits: float32 or float16, 1-D (one\n"
     "row) or 2-D (rows x vocab), C order. Prints one line per row: the row's\n"
-    "tokens separated by spaces (with --logprobs, a tab and then their logprobs).\n";
+    "tokens separated by spaces (with --logprobs, a tab and then their logprobs;\n"
+    "with --top-logprobs N, a tab and the row's N most probable tokens as\n"
+    "TOKEN:LOGPROB, then a tab and each drawn token's rank, 1 the most probable).\n";
 
 static const char sample_notes[] =
     "\n"
@@ -23,7 +25,7 @@ static const char sample_notes[] =
     "history (and, for the repetition penalty, of its prompt); the bias; the\n"
     "mask. A row left with no finite allowed logit, or with a +inf one, is a\n"
     "bad row (token -1; --check-rows refuses it).\n"
-    "Only the CPU backend runs it so far. The files:\n"
+    "The CPU, CUDA and HIP backends run it. The files:\n"
     "  --allowed-mask  a .npy of uint32 words, rows x W with W >= ceil(vocab/32)\n"
     "                  (bit i % 32 of word i / 32 allows token i), or of bool,\n"
     "                  rows x vocab (true allows); 1-D for one row\n"
@@ -104,8 +106,35 @@ static void print_logprob(float value, int json)
         printf("%.9g", (double)value);
 }
 
-static void print_results(const int32_t *tokens, const float *logprobs, int64_t rows,
-                          int64_t samples, int json)
+/* The top-N outputs, when asked for. */
+typedef struct top_results {
+    int32_t count; /* 0: none */
+    const int32_t *tokens, *ranks;
+    const float *logprobs;
+} top_results;
+
+static void print_top(const top_results *top, int64_t row, int64_t samples, int json)
+{
+    for (int32_t e = 0; e < top->count; ++e) {
+        const int64_t k = row * top->count + e;
+        if (json) {
+            printf("%s[%d, ", e ? ", " : "", (int)top->tokens[k]);
+            print_logprob(top->logprobs[k], 1);
+            fputc(']', stdout);
+        } else {
+            printf("%s%d:", e ? " " : "", (int)top->tokens[k]);
+            print_logprob(top->logprobs[k], 0);
+        }
+    }
+    if (!json) {
+        fputc('\t', stdout);
+        for (int64_t sample = 0; sample < samples; ++sample)
+            printf("%s%d", sample ? " " : "", (int)top->ranks[row * samples + sample]);
+    }
+}
+
+static void print_results(const int32_t *tokens, const float *logprobs, const top_results *top,
+                          int64_t rows, int64_t samples, int json)
 {
     int64_t row, sample;
     if (json) {
@@ -130,6 +159,22 @@ static void print_results(const int32_t *tokens, const float *logprobs, int64_t 
             }
             fputc(']', stdout);
         }
+        if (top->count) {
+            fputs(", \"top_logprobs\": [", stdout);
+            for (row = 0; row < rows; ++row) {
+                fputs(row ? ", [" : "[", stdout);
+                print_top(top, row, samples, 1);
+                fputc(']', stdout);
+            }
+            fputs("], \"ranks\": [", stdout);
+            for (row = 0; row < rows; ++row) {
+                fputs(row ? ", [" : "[", stdout);
+                for (sample = 0; sample < samples; ++sample)
+                    printf("%s%d", sample ? ", " : "", (int)top->ranks[row * samples + sample]);
+                fputc(']', stdout);
+            }
+            fputc(']', stdout);
+        }
         fputs("}\n", stdout);
         return;
     }
@@ -143,6 +188,10 @@ static void print_results(const int32_t *tokens, const float *logprobs, int64_t 
                     fputc(' ', stdout);
                 print_logprob(logprobs[row * samples + sample], 0);
             }
+        }
+        if (top->count) {
+            fputc('\t', stdout);
+            print_top(top, row, samples, 0);
         }
         fputc('\n', stdout);
     }
@@ -177,11 +226,17 @@ static int describe_bad_row(const cli_npy_array *array, char *text, size_t size)
     return 0;
 }
 
+/* --top-logprobs and --raw-logprobs. */
+typedef struct top_options {
+    uint64_t count; /* 0: none */
+    int raw;
+} top_options;
+
 /* The options into options and params; the input file into *path (NULL
  * after --help). CLI_EXIT_OK, or CLI_EXIT_USAGE after a message. */
 static int read_command_line(int argc, char **argv, psm_context_options *options,
                              psm_params *params, processing_options *processing,
-                             const char **path, int *want_logprobs, int *json)
+                             top_options *top, const char **path, int *want_logprobs, int *json)
 {
     psm_logit_processing *penalties = &processing->processing;
     cli_backend_list backend = {0};
@@ -213,6 +268,13 @@ static int read_command_line(int argc, char **argv, psm_context_options *options
          .help = "tokens per row, drawn with replacement"},
         {.name = "--logprobs", .kind = CLI_OPTION_FLAG, .target = want_logprobs,
          .help = "also print each token's log-probability"},
+        {.name = "--top-logprobs", .kind = CLI_OPTION_DECIMAL, .value_name = "N",
+         .target = &top->count, .minimum = 1, .maximum = PSM_MAX_TOP_LOGPROBS,
+         .help = "also print each row's N most probable\ntokens, their logprobs and the "
+                 "drawn\ntokens' ranks (docs/SAMPLING.md, 6)"},
+        {.name = "--raw-logprobs", .kind = CLI_OPTION_FLAG, .target = &top->raw,
+         .help = "--top-logprobs of the logits as given\n(no processing, temperature 1, no\n"
+                 "filters), not of the distribution drawn\nfrom"},
         {.name = "--check-rows", .kind = CLI_OPTION_FLAG, .target = &check_rows,
          .help = "fail on a row with NaN/+inf or no finite\nlogit (by default such a row "
                  "gets\ntoken -1)"},
@@ -272,6 +334,10 @@ static int read_command_line(int argc, char **argv, psm_context_options *options
                             "penalises)");
         return CLI_EXIT_USAGE;
     }
+    if (top->raw && !top->count) {
+        cli_error("sample", "--raw-logprobs needs --top-logprobs N");
+        return CLI_EXIT_USAGE;
+    }
     if (backend.count) {
         options->backend = backend.backends[0];
         options->device_index = backend.device_indices[0];
@@ -298,6 +364,11 @@ int cli_sample(int argc, char **argv)
     int want_logprobs = 0, json = 0;
     int32_t *tokens = NULL;
     float *logprobs = NULL;
+    top_options top;
+    psm_top_logprobs top_request;
+    top_results top_out = {0};
+    int32_t *top_tokens = NULL, *ranks = NULL;
+    float *top_logprobs = NULL;
     char error[512];
     int exit_status = CLI_EXIT_OK;
 
@@ -306,7 +377,8 @@ int cli_sample(int argc, char **argv)
     memset(&processing, 0, sizeof processing);
     memset(&inputs, 0, sizeof inputs);
     psm_logit_processing_init(&processing.processing);
-    exit_status = read_command_line(argc, argv, &options, &params, &processing, &path,
+    memset(&top, 0, sizeof top);
+    exit_status = read_command_line(argc, argv, &options, &params, &processing, &top, &path,
                                     &want_logprobs, &json);
     if (exit_status != CLI_EXIT_OK || !path)
         return exit_status;
@@ -336,6 +408,23 @@ int cli_sample(int argc, char **argv)
         exit_status = CLI_EXIT_FAILURE;
         goto done;
     }
+    if (top.count) {
+        top_tokens = cli_alloc("sample", (size_t)array.rows * top.count * sizeof *top_tokens);
+        top_logprobs = cli_alloc("sample", (size_t)array.rows * top.count * sizeof *top_logprobs);
+        ranks = cli_alloc("sample", (size_t)array.rows * (size_t)params.num_samples * sizeof *ranks);
+        if (!top_tokens || !top_logprobs || !ranks) {
+            exit_status = CLI_EXIT_FAILURE;
+            goto done;
+        }
+        memset(&top_request, 0, sizeof top_request);
+        top_request.count = (int32_t)top.count;
+        top_request.mode = top.raw ? PSM_LOGPROBS_RAW : PSM_LOGPROBS_PROCESSED;
+        top_request.tokens = (psm_output){top_tokens, PSM_MEMORY_HOST};
+        top_request.logprobs = (psm_output){top_logprobs, PSM_MEMORY_HOST};
+        top_request.sampled_ranks = (psm_output){ranks, PSM_MEMORY_HOST};
+        params.top_logprobs = &top_request;
+        top_out = (top_results){(int32_t)top.count, top_tokens, ranks, top_logprobs};
+    }
 
     status = psm_context_create(&options, &context);
     if (status != PSM_OK) {
@@ -356,8 +445,9 @@ int cli_sample(int argc, char **argv)
     status = psm_sample(context, &logits, &params, token_output, logprob_output);
     if (status == PSM_OK)
         status = psm_synchronize(context);
-    /* With processing a row is judged after it (a masked NaN is no harm), so
-     * the raw logits cannot say which row failed; the library's message does. */
+    /* With processing a row is judged after it (a mask or a bias can make a
+     * row bad), so the raw logits cannot say which row failed; the library's
+     * message does. */
     if (status == PSM_ERR_BAD_ROW && !params.processing &&
         describe_bad_row(&array, error, sizeof error)) {
         cli_error("sample", "%s; --check-rows refuses such a row (without it the row gets "
@@ -378,7 +468,7 @@ int cli_sample(int argc, char **argv)
         exit_status = status == PSM_ERR_INVALID_PARAMETER ? CLI_EXIT_USAGE : CLI_EXIT_FAILURE;
         goto done;
     }
-    print_results(tokens, logprobs, array.rows, params.num_samples, json);
+    print_results(tokens, logprobs, &top_out, array.rows, params.num_samples, json);
     if (fflush(stdout) != 0 || ferror(stdout)) {
         cli_error("sample", "writing the output failed");
         exit_status = CLI_EXIT_FAILURE;
@@ -388,6 +478,9 @@ done:
     psm_context_destroy(context);
     free(tokens);
     free(logprobs);
+    free(top_tokens);
+    free(top_logprobs);
+    free(ranks);
     free_processing_inputs(&inputs);
     cli_npy_free(&array);
     return exit_status;

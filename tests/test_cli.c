@@ -890,7 +890,8 @@ static const char prompt_text[] = "\t1 66 67\n"
                                   "0 13\n";
 
 /* Row 0 allows tokens i % 3 != 0; row 1 all but 0-31; row 2 all but 3 (a
- * NaN logit, which masking makes harmless) and 69. */
+ * NaN logit: the row stays bad, since a mask never hides a broken row) and
+ * 69. */
 static int mask_allows(int64_t row, int64_t token)
 {
     if (row == 0)
@@ -1111,6 +1112,11 @@ static void test_sample_processing(void)
                "row %d sample %d: sample printed token %d logprob %.9g; the library gives %d, "
                "%.9g", row, i % PROCESSING_SAMPLES, cli_tokens[i], (double)cli_logprobs[i],
                library_tokens[i], (double)library_logprobs[i]);
+        if (row == 2) {
+            EXPECT(cli_tokens[i] == -1, "row 2 (a masked NaN): token %d, expected -1",
+                   cli_tokens[i]);
+            continue;
+        }
         EXPECT(cli_tokens[i] >= 0 && mask_allows(row, cli_tokens[i]),
                "row %d: token %d, which the mask does not allow", row, cli_tokens[i]);
         differ |= cli_tokens[i] != plain_tokens[i];
@@ -1235,7 +1241,7 @@ static void remove_directory(void)
         "bias_words.txt", "bias_extra.txt", "bias_nan.txt", "bias_huge.txt", "bias_row.txt",
         "history_token.txt", "history_sign.txt", "prompt_row.txt", "prompt_empty_row.txt",
         "history_nul.txt", "mask_short_words.npy", "mask_short_bools.npy", "mask_rows.npy",
-        "mask_two.npy", "mask_float.npy", "mask_truncated.npy"};
+        "mask_two.npy", "mask_float.npy", "mask_truncated.npy", "top_logits.npy"};
     char path[128];
     size_t i;
     for (i = 0; i < sizeof names / sizeof names[0]; ++i) {
@@ -1243,6 +1249,75 @@ static void remove_directory(void)
         unlink(path);
     }
     rmdir(directory);
+}
+
+/* `sample --top-logprobs N` (and --raw-logprobs) prints exactly the
+ * library's top-N tokens, logprobs and ranks, in the text layout its help
+ * describes: tokens, a tab, TOKEN:LOGPROB pairs, a tab, the ranks. */
+static void test_sample_top_logprobs(void)
+{
+    enum { N = 3, SAMPLES = 4 };
+    for (int raw = 0; raw < 2; ++raw) {
+        char line[256];
+        captured run;
+        snprintf(line, sizeof line,
+                 "--backend cpu --seed 5 --num-samples 4 --temperature 0.7 --top-k 9 "
+                 "--top-logprobs 3%s @/top_logits.npy",
+                 raw ? " --raw-logprobs" : "");
+        run_sample(&run, line);
+        EXPECT(run.status == CLI_EXIT_OK, "sample --top-logprobs: status %d, '%s'", run.status,
+               run.err);
+
+        psm_context_options options;
+        psm_context *context = NULL;
+        psm_context_options_init(&options);
+        options.backend = PSM_BACKEND_CPU;
+        psm_params params;
+        psm_params_init(&params);
+        params.seed = 5;
+        params.num_samples = SAMPLES;
+        params.temperature = 0.7f;
+        params.top_k = 9;
+        int32_t tokens[2 * SAMPLES], top_tokens[2 * N], ranks[2 * SAMPLES];
+        float top_logprobs[2 * N];
+        psm_top_logprobs top = {N, raw ? PSM_LOGPROBS_RAW : PSM_LOGPROBS_PROCESSED,
+                                {top_tokens, PSM_MEMORY_HOST}, {top_logprobs, PSM_MEMORY_HOST},
+                                {ranks, PSM_MEMORY_HOST}};
+        params.top_logprobs = &top;
+        psm_tensor logits = {processing_logits, PSM_DTYPE_F32, PSM_MEMORY_HOST, 2,
+                             PROCESSING_VOCAB, 0};
+        psm_status status = psm_context_create(&options, &context);
+        if (status == PSM_OK)
+            status = psm_sample(context, &logits, &params, (psm_output){tokens, PSM_MEMORY_HOST},
+                                (psm_output){NULL, PSM_MEMORY_HOST});
+        psm_context_destroy(context);
+        EXPECT(status == PSM_OK, "the library call failed: %s", psm_last_error());
+
+        char expected[1024];
+        size_t used = 0;
+        for (int row = 0; row < 2; ++row) {
+            for (int j = 0; j < SAMPLES; ++j)
+                used += (size_t)snprintf(expected + used, sizeof expected - used, "%s%d",
+                                         j ? " " : "", tokens[row * SAMPLES + j]);
+            for (int e = 0; e < N; ++e)
+                used += (size_t)snprintf(expected + used, sizeof expected - used, "%s%d:%.9g",
+                                         e ? " " : "\t", top_tokens[row * N + e],
+                                         (double)top_logprobs[row * N + e]);
+            for (int j = 0; j < SAMPLES; ++j)
+                used += (size_t)snprintf(expected + used, sizeof expected - used, "%s%d",
+                                         j ? " " : "\t", ranks[row * SAMPLES + j]);
+            used += (size_t)snprintf(expected + used, sizeof expected - used, "\n");
+        }
+        EXPECT(!strcmp(run.out, expected), "sample --top-logprobs%s printed\n%s\nexpected\n%s",
+               raw ? " --raw-logprobs" : "", run.out, expected);
+    }
+    captured refused;
+    run_sample(&refused, "--raw-logprobs @/top_logits.npy");
+    EXPECT(refused.status == CLI_EXIT_USAGE &&
+               strstr(refused.err, "--raw-logprobs needs --top-logprobs N") != NULL,
+           "--raw-logprobs alone: status %d, '%s'", refused.status, refused.err);
+    run_sample(&refused, "--top-logprobs 65 @/top_logits.npy");
+    EXPECT(refused.status == CLI_EXIT_USAGE, "--top-logprobs 65: status %d", refused.status);
 }
 
 int main(void)
@@ -1268,6 +1343,9 @@ int main(void)
     test_processing_readers();
     test_sample_processing();
     test_sample_processing_refusals();
+    write_npy("top_logits.npy", 1, "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 70), }",
+              processing_logits, 2 * PROCESSING_VOCAB * sizeof(float));
+    test_sample_top_logprobs();
     remove_directory();
     if (failures) {
         printf("test_cli: %d failure(s)\n", failures);

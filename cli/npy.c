@@ -49,11 +49,49 @@ static const char *find_value(const char *header, const char *name)
     return at;
 }
 
-static int parse_descr(const char *value, psm_dtype *dtype, int *swap_bytes, char *error,
-                       size_t error_size)
+static const struct {
+    cli_npy_element element;
+    char kind, size; /* the descr's letter and byte count: 'f', '4' */
+    const char *short_name, *name, *descr; /* for messages */
+} element_types[] = {
+    {CLI_NPY_F32, 'f', '4', "f32", "float32", "'<f4'"},
+    {CLI_NPY_F16, 'f', '2', "f16", "float16", "'<f2'"},
+    {CLI_NPY_U32, 'u', '4', "u32", "uint32", "'<u4'"},
+    {CLI_NPY_BOOL, 'b', '1', "bool", "bool", "'|b1'"},
+};
+#define ELEMENT_TYPES (sizeof element_types / sizeof element_types[0])
+
+static const char *element_name(cli_npy_element element)
 {
-    char quote, order, descr[16];
-    size_t length = 0;
+    size_t i;
+    for (i = 0; i < ELEMENT_TYPES; ++i)
+        if (element_types[i].element == element)
+            return element_types[i].short_name;
+    return "?";
+}
+
+/* "float32 '<f4' or float16 '<f2'": the accepted types, for messages. */
+static void describe_accepted(unsigned accepted, char *text, size_t size)
+{
+    size_t i, used = 0, listed = 0, count = 0;
+    for (i = 0; i < ELEMENT_TYPES; ++i)
+        count += (accepted & element_types[i].element) != 0;
+    text[0] = '\0';
+    for (i = 0; i < ELEMENT_TYPES && used < size; ++i) {
+        if (!(accepted & element_types[i].element))
+            continue;
+        ++listed;
+        used += (size_t)snprintf(text + used, size - used, "%s%s %s",
+                                 listed == 1 ? "" : (listed == count ? " or " : ", "),
+                                 element_types[i].name, element_types[i].descr);
+    }
+}
+
+static int parse_descr(const char *value, unsigned accepted, cli_npy_element *element,
+                       int *swap_bytes, char *error, size_t error_size)
+{
+    char quote, order, descr[16], expected[128];
+    size_t length = 0, i;
     if (!value || (*value != '\'' && *value != '"'))
         return fail(error, error_size, "header has no 'descr' string");
     quote = *value++;
@@ -64,9 +102,13 @@ static int parse_descr(const char *value, psm_dtype *dtype, int *swap_bytes, cha
     if (value[length] != quote)
         return fail(error, error_size, "header has a malformed 'descr'");
     descr[length] = '\0';
-    if (length != 3 || descr[1] != 'f' || (descr[2] != '4' && descr[2] != '2'))
-        return fail(error, error_size,
-                    "dtype '%s' is not supported (use float32 '<f4' or float16 '<f2')", descr);
+    describe_accepted(accepted, expected, sizeof expected);
+    for (i = 0; i < ELEMENT_TYPES; ++i)
+        if ((accepted & element_types[i].element) && length == 3 &&
+            descr[1] == element_types[i].kind && descr[2] == element_types[i].size)
+            break;
+    if (i == ELEMENT_TYPES)
+        return fail(error, error_size, "dtype '%s' is not supported (use %s)", descr, expected);
     order = descr[0];
     if (order != '<' && order != '>' && order != '=' && order != '|')
         return fail(error, error_size, "dtype '%s' has an unknown byte order", descr);
@@ -75,7 +117,7 @@ static int parse_descr(const char *value, psm_dtype *dtype, int *swap_bytes, cha
         int host_little = *(const unsigned char *)&probe == 1;
         *swap_bytes = (order == '<' && !host_little) || (order == '>' && host_little);
     }
-    *dtype = descr[2] == '4' ? PSM_DTYPE_F32 : PSM_DTYPE_F16;
+    *element = element_types[i].element;
     return 0;
 }
 
@@ -165,6 +207,12 @@ static unsigned char *read_unsized(FILE *file, size_t expected, size_t *got)
 
 int cli_npy_read(const char *path, cli_npy_array *array, char *error, size_t error_size)
 {
+    return cli_npy_read_elements(path, CLI_NPY_LOGITS, array, error, error_size);
+}
+
+int cli_npy_read_elements(const char *path, unsigned accepted, cli_npy_array *array, char *error,
+                          size_t error_size)
+{
     unsigned char preamble[12];
     size_t header_length, element_size, preamble_length = 10, i;
     char *header = NULL;
@@ -173,7 +221,7 @@ int cli_npy_read(const char *path, cli_npy_array *array, char *error, size_t err
     int64_t extent[2] = {0, 0};
     uint64_t count, data_bytes, file_bytes = 0;
     char shape[64];
-    psm_dtype dtype = PSM_DTYPE_F32;
+    cli_npy_element element = CLI_NPY_F32;
     struct stat status;
     int sized;
     size_t got;
@@ -242,7 +290,8 @@ int cli_npy_read(const char *path, cli_npy_array *array, char *error, size_t err
         return fail(error, error_size, "'%s' has a NUL byte in its header", path);
     }
 
-    if (parse_descr(find_value(header, "descr"), &dtype, &swap_bytes, error, error_size) != 0 ||
+    if (parse_descr(find_value(header, "descr"), accepted, &element, &swap_bytes, error,
+                    error_size) != 0 ||
         parse_shape(find_value(header, "shape"), extent, &dimensions, error, error_size) != 0) {
         /* The parsers' messages do not name the file. */
         char detail[256];
@@ -269,7 +318,8 @@ int cli_npy_read(const char *path, cli_npy_array *array, char *error, size_t err
     array->dimensions = dimensions;
     array->rows = dimensions == 2 ? extent[0] : 1;
     array->vocab = dimensions == 2 ? extent[1] : extent[0];
-    array->dtype = dtype;
+    array->element = element;
+    array->dtype = element == CLI_NPY_F16 ? PSM_DTYPE_F16 : PSM_DTYPE_F32;
     if (array->rows < 1 || array->vocab < 1) {
         fclose(file);
         return fail(error, error_size, "'%s' is empty (shape %s has a zero)", path, shape);
@@ -279,7 +329,9 @@ int cli_npy_read(const char *path, cli_npy_array *array, char *error, size_t err
         return fail(error, error_size, "'%s': a row of %lld logits is too long (at most 2^31 - 1)",
                     path, (long long)array->vocab);
     }
-    element_size = dtype == PSM_DTYPE_F32 ? 4 : 2;
+    element_size = element == CLI_NPY_F32 || element == CLI_NPY_U32 ? 4
+                   : element == CLI_NPY_F16                        ? 2
+                                                                   : 1;
     /* rows and vocab are each below 2^63, so both products are checked. */
     if ((uint64_t)array->rows > UINT64_MAX / (uint64_t)array->vocab ||
         (uint64_t)array->rows * (uint64_t)array->vocab > UINT64_MAX / element_size) {
@@ -297,13 +349,13 @@ int cli_npy_read(const char *path, cli_npy_array *array, char *error, size_t err
             return fail(error, error_size,
                         "'%s' is truncated: shape %s of %s needs %llu bytes of data after the "
                         "%zu-byte header, the file has %llu (%llu bytes in all)",
-                        path, shape, cli_dtype_name(dtype), (unsigned long long)data_bytes,
+                        path, shape, element_name(element), (unsigned long long)data_bytes,
                         preamble_length + header_length, (unsigned long long)present,
                         (unsigned long long)file_bytes);
         return fail(error, error_size,
                     "'%s' has %llu bytes after the %llu bytes of data its shape %s of %s "
                     "describes", path, (unsigned long long)(present - data_bytes),
-                    (unsigned long long)data_bytes, shape, cli_dtype_name(dtype));
+                    (unsigned long long)data_bytes, shape, element_name(element));
     }
     if (data_bytes > SIZE_MAX) {
         fclose(file);
@@ -339,12 +391,12 @@ int cli_npy_read(const char *path, cli_npy_array *array, char *error, size_t err
                 return fail(error, error_size,
                             "'%s' is truncated: shape %s of %s needs %llu bytes of data after "
                             "the %zu-byte header, it has %zu",
-                            path, shape, cli_dtype_name(dtype), (unsigned long long)data_bytes,
+                            path, shape, element_name(element), (unsigned long long)data_bytes,
                             preamble_length + header_length, present);
             return fail(error, error_size,
                         "'%s' has bytes after the %llu bytes of data its shape %s of %s "
                         "describes", path, (unsigned long long)data_bytes, shape,
-                        cli_dtype_name(dtype));
+                        element_name(element));
         }
     }
     fclose(file);

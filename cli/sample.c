@@ -4,6 +4,7 @@
 #include "cli_util.h"
 #include "npy.h"
 #include "polysample.h"
+#include "processing_files.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -13,7 +14,89 @@
 static const char sample_description[] =
     "Samples tokens from a .npy file of logits: float32 or float16, 1-D (one\n"
     "row) or 2-D (rows x vocab), C order. Prints one line per row: the row's\n"
-    "tokens separated by spaces (with --logprobs, a tab and then their logprobs).\n";
+    "tokens separated by spaces (with --logprobs, a tab and then their logprobs;\n"
+    "with --top-logprobs N, a tab and the row's N most probable tokens as\n"
+    "TOKEN:LOGPROB, then a tab and each drawn token's rank, 1 the most probable).\n";
+
+static const char sample_notes[] =
+    "\n"
+    "Logit processing (docs/SAMPLING.md, section 1) changes each row's logits\n"
+    "before sampling, in this order: the penalties, for tokens of the row's\n"
+    "history (and, for the repetition penalty, of its prompt); the bias; the\n"
+    "mask. A row left with no finite allowed logit, or with a +inf one, is a\n"
+    "bad row (token -1; --check-rows refuses it).\n"
+    "The CPU, CUDA and HIP backends run it. The files:\n"
+    "  --allowed-mask  a .npy of uint32 words, rows x W with W >= ceil(vocab/32)\n"
+    "                  (bit i % 32 of word i / 32 allows token i), or of bool,\n"
+    "                  rows x vocab (true allows); 1-D for one row\n"
+    "  --logit-bias    text: lines \"ROW TOKEN VALUE\" (VALUE is added)\n"
+    "  --history       text: lines \"ROW TOKEN [TOKEN ...]\", e.g. the tokens\n"
+    "  --prompt        generated so far, and the prompt's tokens\n"
+    "In the text files ROW is a logits row from 0, or '*' for every row; a row\n"
+    "may have several lines, and its entries keep the file's order (bias\n"
+    "entries of one token add in that order); words are separated by spaces or\n"
+    "tabs; '#' starts a comment; blank lines are skipped.\n";
+
+/* The processing options: their files, and the penalties, which go
+ * straight into processing. */
+typedef struct processing_options {
+    const char *mask_path, *bias_path, *history_path, *prompt_path;
+    psm_logit_processing processing;
+} processing_options;
+
+/* What the processing files held, in the library's layout. */
+typedef struct processing_inputs {
+    uint32_t *mask;
+    cli_row_lists bias, history, prompt;
+} processing_inputs;
+
+static void free_processing_inputs(processing_inputs *inputs)
+{
+    free(inputs->mask);
+    inputs->mask = NULL;
+    cli_row_lists_free(&inputs->bias);
+    cli_row_lists_free(&inputs->history);
+    cli_row_lists_free(&inputs->prompt);
+}
+
+static int processing_requested(const processing_options *options)
+{
+    return options->mask_path || options->bias_path || options->history_path ||
+           options->prompt_path;
+}
+
+/* Reads the files named in options for logits of rows x vocab into inputs,
+ * and points options->processing at them. 0, or -1 with a message in error
+ * (inputs then hold nothing). */
+static int read_processing_files(processing_options *options, int64_t rows, int64_t vocab,
+                                 processing_inputs *inputs, char *error, size_t error_size)
+{
+    psm_logit_processing *processing = &options->processing;
+    memset(inputs, 0, sizeof *inputs);
+    if (options->mask_path &&
+        cli_read_allowed_mask(options->mask_path, rows, vocab, &inputs->mask,
+                              &processing->allowed_mask_words, error, error_size) != 0)
+        return -1;
+    if ((options->bias_path && cli_read_bias_lists(options->bias_path, rows, vocab,
+                                                   &inputs->bias, error, error_size) != 0) ||
+        (options->history_path && cli_read_token_lists(options->history_path, rows, vocab,
+                                                       &inputs->history, error,
+                                                       error_size) != 0) ||
+        (options->prompt_path && cli_read_token_lists(options->prompt_path, rows, vocab,
+                                                      &inputs->prompt, error, error_size) != 0)) {
+        free_processing_inputs(inputs);
+        return -1;
+    }
+    processing->allowed_mask = inputs->mask;
+    processing->bias_offsets = inputs->bias.offsets;
+    processing->bias_tokens = inputs->bias.tokens;
+    processing->bias_values = inputs->bias.values;
+    processing->history_offsets = inputs->history.offsets;
+    processing->history_tokens = inputs->history.tokens;
+    processing->prompt_offsets = inputs->prompt.offsets;
+    processing->prompt_tokens = inputs->prompt.tokens;
+    return 0;
+}
 
 static void print_logprob(float value, int json)
 {
@@ -23,8 +106,35 @@ static void print_logprob(float value, int json)
         printf("%.9g", (double)value);
 }
 
-static void print_results(const int32_t *tokens, const float *logprobs, int64_t rows,
-                          int64_t samples, int json)
+/* The top-N outputs, when asked for. */
+typedef struct top_results {
+    int32_t count; /* 0: none */
+    const int32_t *tokens, *ranks;
+    const float *logprobs;
+} top_results;
+
+static void print_top(const top_results *top, int64_t row, int64_t samples, int json)
+{
+    for (int32_t e = 0; e < top->count; ++e) {
+        const int64_t k = row * top->count + e;
+        if (json) {
+            printf("%s[%d, ", e ? ", " : "", (int)top->tokens[k]);
+            print_logprob(top->logprobs[k], 1);
+            fputc(']', stdout);
+        } else {
+            printf("%s%d:", e ? " " : "", (int)top->tokens[k]);
+            print_logprob(top->logprobs[k], 0);
+        }
+    }
+    if (!json) {
+        fputc('\t', stdout);
+        for (int64_t sample = 0; sample < samples; ++sample)
+            printf("%s%d", sample ? " " : "", (int)top->ranks[row * samples + sample]);
+    }
+}
+
+static void print_results(const int32_t *tokens, const float *logprobs, const top_results *top,
+                          int64_t rows, int64_t samples, int json)
 {
     int64_t row, sample;
     if (json) {
@@ -49,6 +159,22 @@ static void print_results(const int32_t *tokens, const float *logprobs, int64_t 
             }
             fputc(']', stdout);
         }
+        if (top->count) {
+            fputs(", \"top_logprobs\": [", stdout);
+            for (row = 0; row < rows; ++row) {
+                fputs(row ? ", [" : "[", stdout);
+                print_top(top, row, samples, 1);
+                fputc(']', stdout);
+            }
+            fputs("], \"ranks\": [", stdout);
+            for (row = 0; row < rows; ++row) {
+                fputs(row ? ", [" : "[", stdout);
+                for (sample = 0; sample < samples; ++sample)
+                    printf("%s%d", sample ? ", " : "", (int)top->ranks[row * samples + sample]);
+                fputc(']', stdout);
+            }
+            fputc(']', stdout);
+        }
         fputs("}\n", stdout);
         return;
     }
@@ -62,6 +188,10 @@ static void print_results(const int32_t *tokens, const float *logprobs, int64_t 
                     fputc(' ', stdout);
                 print_logprob(logprobs[row * samples + sample], 0);
             }
+        }
+        if (top->count) {
+            fputc('\t', stdout);
+            print_top(top, row, samples, 0);
         }
         fputc('\n', stdout);
     }
@@ -96,12 +226,19 @@ static int describe_bad_row(const cli_npy_array *array, char *text, size_t size)
     return 0;
 }
 
+/* --top-logprobs and --raw-logprobs. */
+typedef struct top_options {
+    uint64_t count; /* 0: none */
+    int raw;
+} top_options;
+
 /* The options into options and params; the input file into *path (NULL
  * after --help). CLI_EXIT_OK, or CLI_EXIT_USAGE after a message. */
 static int read_command_line(int argc, char **argv, psm_context_options *options,
-                             psm_params *params, const char **path, int *want_logprobs,
-                             int *json)
+                             psm_params *params, processing_options *processing,
+                             top_options *top, const char **path, int *want_logprobs, int *json)
 {
+    psm_logit_processing *penalties = &processing->processing;
     cli_backend_list backend = {0};
     uint64_t threads = 0, top_k = (uint64_t)params->top_k,
              num_samples = (uint64_t)params->num_samples;
@@ -131,11 +268,38 @@ static int read_command_line(int argc, char **argv, psm_context_options *options
          .help = "tokens per row, drawn with replacement"},
         {.name = "--logprobs", .kind = CLI_OPTION_FLAG, .target = want_logprobs,
          .help = "also print each token's log-probability"},
+        {.name = "--top-logprobs", .kind = CLI_OPTION_DECIMAL, .value_name = "N",
+         .target = &top->count, .minimum = 1, .maximum = PSM_MAX_TOP_LOGPROBS,
+         .help = "also print each row's N most probable\ntokens, their logprobs and the "
+                 "drawn\ntokens' ranks (docs/SAMPLING.md, 6)"},
+        {.name = "--raw-logprobs", .kind = CLI_OPTION_FLAG, .target = &top->raw,
+         .help = "--top-logprobs of the logits as given\n(no processing, temperature 1, no\n"
+                 "filters), not of the distribution drawn\nfrom"},
         {.name = "--check-rows", .kind = CLI_OPTION_FLAG, .target = &check_rows,
          .help = "fail on a row with NaN/+inf or no finite\nlogit (by default such a row "
                  "gets\ntoken -1)"},
         {.name = "--json", .kind = CLI_OPTION_FLAG, .target = json,
          .help = "write {\"tokens\": [[...]], \"logprobs\":\n[[...]]} instead"},
+        {.name = "--allowed-mask", .kind = CLI_OPTION_STRING, .value_name = "FILE",
+         .target = &processing->mask_path,
+         .help = "allow only these tokens (.npy of uint32\nwords or bool; see below)"},
+        {.name = "--logit-bias", .kind = CLI_OPTION_STRING, .value_name = "FILE",
+         .target = &processing->bias_path, .help = "add these values to these tokens' logits"},
+        {.name = "--history", .kind = CLI_OPTION_STRING, .value_name = "FILE",
+         .target = &processing->history_path,
+         .help = "each row's tokens so far, which the\npenalties count"},
+        {.name = "--prompt", .kind = CLI_OPTION_STRING, .value_name = "FILE",
+         .target = &processing->prompt_path,
+         .help = "each row's prompt tokens, which the\nrepetition penalty also penalises"},
+        {.name = "--repetition-penalty", .kind = CLI_OPTION_FLOAT, .value_name = "R",
+         .target = &penalties->repetition_penalty,
+         .help = "a listed token's logit x > 0 becomes\nx / R, others x * R; 1e-3 to 1e3, 1 is off"},
+        {.name = "--frequency-penalty", .kind = CLI_OPTION_FLOAT, .value_name = "F",
+         .target = &penalties->frequency_penalty,
+         .help = "subtract F times the token's count in\nthe history; -1e3 to 1e3, 0 is off"},
+        {.name = "--presence-penalty", .kind = CLI_OPTION_FLOAT, .value_name = "P",
+         .target = &penalties->presence_penalty,
+         .help = "subtract P from tokens in the history;\n-1e3 to 1e3, 0 is off"},
     };
     const cli_command sample_command = {
         .name = "sample",
@@ -143,6 +307,7 @@ static int read_command_line(int argc, char **argv, psm_context_options *options
         .description = sample_description,
         .options = sample_options,
         .option_count = (int)(sizeof sample_options / sizeof sample_options[0]),
+        .notes = sample_notes,
         .positional_name = "input file",
         .positional = path,
     };
@@ -154,6 +319,23 @@ static int read_command_line(int argc, char **argv, psm_context_options *options
     if (!*path) {
         cli_error("sample", "no input file");
         cli_print_usage(&sample_command, stderr);
+        return CLI_EXIT_USAGE;
+    }
+    /* A penalty without the list it applies to would change nothing. */
+    if ((penalties->frequency_penalty != 0.0f || penalties->presence_penalty != 0.0f) &&
+        !processing->history_path) {
+        cli_error("sample", "--%s-penalty needs --history (the tokens it counts)",
+                  penalties->frequency_penalty != 0.0f ? "frequency" : "presence");
+        return CLI_EXIT_USAGE;
+    }
+    if (penalties->repetition_penalty != 1.0f && !processing->history_path &&
+        !processing->prompt_path) {
+        cli_error("sample", "--repetition-penalty needs --history or --prompt (the tokens it "
+                            "penalises)");
+        return CLI_EXIT_USAGE;
+    }
+    if (top->raw && !top->count) {
+        cli_error("sample", "--raw-logprobs needs --top-logprobs N");
         return CLI_EXIT_USAGE;
     }
     if (backend.count) {
@@ -171,6 +353,8 @@ int cli_sample(int argc, char **argv)
 {
     psm_context_options options;
     psm_params params;
+    processing_options processing;
+    processing_inputs inputs;
     psm_context *context = NULL;
     psm_tensor logits;
     psm_output token_output, logprob_output;
@@ -180,12 +364,22 @@ int cli_sample(int argc, char **argv)
     int want_logprobs = 0, json = 0;
     int32_t *tokens = NULL;
     float *logprobs = NULL;
+    top_options top;
+    psm_top_logprobs top_request;
+    top_results top_out = {0};
+    int32_t *top_tokens = NULL, *ranks = NULL;
+    float *top_logprobs = NULL;
     char error[512];
     int exit_status = CLI_EXIT_OK;
 
     cli_context_options_init(&options);
     psm_params_init(&params);
-    exit_status = read_command_line(argc, argv, &options, &params, &path, &want_logprobs, &json);
+    memset(&processing, 0, sizeof processing);
+    memset(&inputs, 0, sizeof inputs);
+    psm_logit_processing_init(&processing.processing);
+    memset(&top, 0, sizeof top);
+    exit_status = read_command_line(argc, argv, &options, &params, &processing, &top, &path,
+                                    &want_logprobs, &json);
     if (exit_status != CLI_EXIT_OK || !path)
         return exit_status;
     if (cli_npy_read(path, &array, error, sizeof error) != 0) {
@@ -197,6 +391,15 @@ int cli_sample(int argc, char **argv)
         cli_npy_free(&array);
         return CLI_EXIT_USAGE;
     }
+    if (processing_requested(&processing)) {
+        if (read_processing_files(&processing, array.rows, array.vocab, &inputs, error,
+                                  sizeof error) != 0) {
+            cli_error("sample", "%s", error);
+            cli_npy_free(&array);
+            return CLI_EXIT_USAGE;
+        }
+        params.processing = &processing.processing;
+    }
     tokens = cli_alloc("sample", (size_t)array.rows * (size_t)params.num_samples * sizeof *tokens);
     if (want_logprobs)
         logprobs =
@@ -204,6 +407,23 @@ int cli_sample(int argc, char **argv)
     if (!tokens || (want_logprobs && !logprobs)) {
         exit_status = CLI_EXIT_FAILURE;
         goto done;
+    }
+    if (top.count) {
+        top_tokens = cli_alloc("sample", (size_t)array.rows * top.count * sizeof *top_tokens);
+        top_logprobs = cli_alloc("sample", (size_t)array.rows * top.count * sizeof *top_logprobs);
+        ranks = cli_alloc("sample", (size_t)array.rows * (size_t)params.num_samples * sizeof *ranks);
+        if (!top_tokens || !top_logprobs || !ranks) {
+            exit_status = CLI_EXIT_FAILURE;
+            goto done;
+        }
+        memset(&top_request, 0, sizeof top_request);
+        top_request.count = (int32_t)top.count;
+        top_request.mode = top.raw ? PSM_LOGPROBS_RAW : PSM_LOGPROBS_PROCESSED;
+        top_request.tokens = (psm_output){top_tokens, PSM_MEMORY_HOST};
+        top_request.logprobs = (psm_output){top_logprobs, PSM_MEMORY_HOST};
+        top_request.sampled_ranks = (psm_output){ranks, PSM_MEMORY_HOST};
+        params.top_logprobs = &top_request;
+        top_out = (top_results){(int32_t)top.count, top_tokens, ranks, top_logprobs};
     }
 
     status = psm_context_create(&options, &context);
@@ -225,9 +445,20 @@ int cli_sample(int argc, char **argv)
     status = psm_sample(context, &logits, &params, token_output, logprob_output);
     if (status == PSM_OK)
         status = psm_synchronize(context);
-    if (status == PSM_ERR_BAD_ROW && describe_bad_row(&array, error, sizeof error)) {
+    /* With processing a row is judged after it (a mask or a bias can make a
+     * row bad), so the raw logits cannot say which row failed; the library's
+     * message does. */
+    if (status == PSM_ERR_BAD_ROW && !params.processing &&
+        describe_bad_row(&array, error, sizeof error)) {
         cli_error("sample", "%s; --check-rows refuses such a row (without it the row gets "
                             "token -1)", error);
+        exit_status = CLI_EXIT_FAILURE;
+        goto done;
+    }
+    if (status == PSM_ERR_BAD_ROW && params.processing) {
+        cli_error("sample", "psm_sample failed: %s; with logit processing a row is judged "
+                            "after it (a mask that allows no finite logit, or a bias that "
+                            "reaches +inf, makes it bad)", psm_last_error());
         exit_status = CLI_EXIT_FAILURE;
         goto done;
     }
@@ -237,7 +468,7 @@ int cli_sample(int argc, char **argv)
         exit_status = status == PSM_ERR_INVALID_PARAMETER ? CLI_EXIT_USAGE : CLI_EXIT_FAILURE;
         goto done;
     }
-    print_results(tokens, logprobs, array.rows, params.num_samples, json);
+    print_results(tokens, logprobs, &top_out, array.rows, params.num_samples, json);
     if (fflush(stdout) != 0 || ferror(stdout)) {
         cli_error("sample", "writing the output failed");
         exit_status = CLI_EXIT_FAILURE;
@@ -247,6 +478,10 @@ done:
     psm_context_destroy(context);
     free(tokens);
     free(logprobs);
+    free(top_tokens);
+    free(top_logprobs);
+    free(ranks);
+    free_processing_inputs(&inputs);
     cli_npy_free(&array);
     return exit_status;
 }

@@ -19,6 +19,14 @@ int psm_version_number(void)
     return PSM_VERSION_NUMBER;
 }
 
+void psm_logit_processing_init(psm_logit_processing *processing)
+{
+    if (!processing)
+        return;
+    *processing = (psm_logit_processing){
+        .repetition_penalty = 1.0f, .frequency_penalty = 0.0f, .presence_penalty = 0.0f};
+}
+
 void psm_params_init(psm_params *params)
 {
     if (!params)
@@ -42,6 +50,23 @@ static psm_status finish_bad_row(psm_status status, const psm_request *request)
                              "out of range (checking mode; nothing was written)",
                              (long long)request->first_bad_row);
     return status;
+}
+
+/* A request the context's backend cannot run: said before anything runs. */
+static psm_status check_features(const psm_context *context, const psm_request *request)
+{
+    if (psm_processing_active(&request->params) &&
+        !(context->ops->features & PSM_FEATURE_LOGIT_PROCESSING))
+        return psm_set_error(PSM_ERR_UNSUPPORTED,
+                             "logit processing (psm_params.processing) does not run on the %s "
+                             "backend yet; the CPU backend runs it",
+                             psm_backend_name(context->backend));
+    if (request->params.top_logprobs && !(context->ops->features & PSM_FEATURE_TOP_LOGPROBS))
+        return psm_set_error(PSM_ERR_UNSUPPORTED,
+                             "top-N logprobs (psm_params.top_logprobs) do not run on the %s "
+                             "backend yet; the CPU backend runs them",
+                             psm_backend_name(context->backend));
+    return PSM_OK;
 }
 
 /* A caller's workspace must hold what the backend says the call needs;
@@ -75,6 +100,8 @@ psm_status psm_sample(psm_context *context, const psm_tensor *logits, const psm_
                                              per_row_arrays_on_host(context, logits), 0, &request);
     request.check_rows = context->check_rows;
     if (status == PSM_OK)
+        status = check_features(context, &request);
+    if (status == PSM_OK)
         status = check_workspace(context, &request, 0);
     if (status != PSM_OK)
         return status;
@@ -93,6 +120,8 @@ psm_status psm_probs(psm_context *context, const psm_tensor *logits, const psm_p
     psm_status status = psm_validate_request(logits, params, NULL, NULL, probs,
                                              per_row_arrays_on_host(context, logits), 0, &request);
     request.check_rows = context->check_rows;
+    if (status == PSM_OK)
+        status = check_features(context, &request);
     if (status == PSM_OK)
         status = check_workspace(context, &request, 1);
     if (status != PSM_OK)
@@ -122,6 +151,8 @@ psm_status psm_sample_workspace_size(psm_context *context, const psm_tensor *log
     psm_request request;
     psm_status status =
         psm_validate_request(logits, params, &tokens, &logprobs, NULL, 0, 1, &request);
+    if (status == PSM_OK)
+        status = check_features(context, &request);
     if (status != PSM_OK)
         return status;
     request.check_rows = context->check_rows;
@@ -141,6 +172,8 @@ psm_status psm_probs_workspace_size(psm_context *context, const psm_tensor *logi
         return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "bytes is NULL");
     psm_request request;
     psm_status status = psm_validate_request(logits, params, NULL, NULL, probs, 0, 1, &request);
+    if (status == PSM_OK)
+        status = check_features(context, &request);
     if (status != PSM_OK)
         return status;
     request.check_rows = context->check_rows;

@@ -19,6 +19,7 @@
 #define PSM_BACKEND_H
 
 #include "polysample.h"
+#include "psm_processing.h"
 #include "psm_row.h"
 
 #include <stddef.h>
@@ -39,9 +40,15 @@ typedef struct psm_request {
     int64_t first_bad_row;      /* out: set with PSM_ERR_BAD_ROW */
 } psm_request;
 
+/* What a backend runs beyond plain sampling (psm_backend_ops.features): a
+ * request that needs a feature its backend lacks is PSM_ERR_UNSUPPORTED. */
+#define PSM_FEATURE_LOGIT_PROCESSING 1u /* psm_params.processing */
+#define PSM_FEATURE_TOP_LOGPROBS 2u     /* psm_params.top_logprobs */
+
 typedef struct psm_backend_ops {
     int api_version;
     psm_backend id;
+    unsigned features; /* PSM_FEATURE_* bits */
 
     /* Can a context be made now? Fills device_count (0 when not) and, when
      * not, a reason ("no CUDA device: cudaGetDeviceCount: ..."). Must be
@@ -116,6 +123,42 @@ static inline psm_row_arrays psm_request_row_arrays(const psm_params *p)
     arrays.seed_pointer = p->seed_pointer;
     arrays.offset_pointer = p->offset_pointer;
     return arrays;
+}
+
+/* Does the call process its logits (psm_params.processing with something to
+ * do)? Penalties without a history or prompt list change nothing. */
+static inline int psm_processing_active(const psm_params *p)
+{
+    const psm_logit_processing *processing = p->processing;
+    return processing && (processing->allowed_mask || processing->bias_offsets ||
+                          processing->history_offsets || processing->prompt_offsets);
+}
+
+/* The call's processing arrays as the caller gave them (request->params
+ * .processing must be non-NULL). */
+static inline psm_processing_arrays psm_request_processing_arrays(const psm_logit_processing *p)
+{
+    psm_processing_arrays a;
+    a.present = (p->history_offsets ? PSM_LISTS_HISTORY : 0u) |
+                (p->prompt_offsets ? PSM_LISTS_PROMPT : 0u) |
+                (p->bias_offsets ? PSM_LISTS_BIAS : 0u) | (p->allowed_mask ? PSM_LISTS_MASK : 0u) |
+                (p->repetition_penalty_per_row ? PSM_LISTS_REPETITION_PER_ROW : 0u) |
+                (p->frequency_penalty_per_row ? PSM_LISTS_FREQUENCY_PER_ROW : 0u) |
+                (p->presence_penalty_per_row ? PSM_LISTS_PRESENCE_PER_ROW : 0u);
+    a.history_offsets = p->history_offsets;
+    a.history_tokens = p->history_tokens;
+    a.prompt_offsets = p->prompt_offsets;
+    a.prompt_tokens = p->prompt_tokens;
+    a.bias_offsets = p->bias_offsets;
+    a.bias_tokens = p->bias_tokens;
+    a.bias_values = p->bias_values;
+    a.repetition_per_row = p->repetition_penalty_per_row;
+    a.frequency_per_row = p->frequency_penalty_per_row;
+    a.presence_per_row = p->presence_penalty_per_row;
+    a.repetition = p->repetition_penalty;
+    a.frequency = p->frequency_penalty;
+    a.presence = p->presence_penalty;
+    return a;
 }
 
 /* The registry (core/registry.c). A GPU backend is a module loaded on first

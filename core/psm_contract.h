@@ -204,6 +204,57 @@ PSM_FN int psm_logit_class(float x)
     return PSM_LOGIT_BAD;
 }
 
+/* ---- logit processing (docs/SAMPLING.md, section 1) --------------------- */
+
+/* Penalty ranges: finite values whose products with a logit and a count stay
+ * far from float's limits in the common cases (an overflow makes the row
+ * bad, as an infinite logit does). */
+#define PSM_MIN_REPETITION_PENALTY 1e-3f
+#define PSM_MAX_REPETITION_PENALTY 1e3f
+#define PSM_MAX_ADDITIVE_PENALTY 1e3f
+/* Tokens a row's history may hold: counts stay exact in a float. */
+#define PSM_MAX_HISTORY_TOKENS (1 << 24)
+
+/* 1/r by the temperature scale's Newton steps (no division: an OpenCL
+ * division need not be correctly rounded). For r in the penalty range. */
+PSM_FN float psm_penalty_reciprocal(float r)
+{
+    float reciprocal = psm_bits_float(0x7ef311c3u - psm_float_bits(r));
+    int step;
+    for (step = 0; step < 4; ++step) {
+        float error = PSM_FSUB(1.0f, PSM_FMUL(r, reciprocal));
+        reciprocal = PSM_FADD(reciprocal, PSM_FMUL(reciprocal, error));
+    }
+    return reciprocal;
+}
+
+PSM_FN int psm_penalties_valid(float repetition, float frequency, float presence)
+{
+    return repetition >= PSM_MIN_REPETITION_PENALTY && repetition <= PSM_MAX_REPETITION_PENALTY &&
+           frequency >= -PSM_MAX_ADDITIVE_PENALTY && frequency <= PSM_MAX_ADDITIVE_PENALTY &&
+           presence >= -PSM_MAX_ADDITIVE_PENALTY && presence <= PSM_MAX_ADDITIVE_PENALTY;
+}
+
+/* A logit x (after psm_read_logit) of a token that the row's history holds
+ * `count` times, or that its prompt list holds (repeated): the repetition
+ * penalty (x > 0: x times 1/r, else x times r; the Hugging Face and vLLM
+ * rule, with the reciprocal above), then the frequency and presence
+ * penalties for a token counted at least once (the OpenAI rule), each a
+ * correctly rounded operation. A token neither repeated nor counted keeps x. */
+PSM_FN float psm_penalised_logit(float x, psm_u32 count, int repeated, float repetition,
+                                 float repetition_reciprocal, float frequency, float presence)
+{
+    if (!repeated && count == 0)
+        return x;
+    if (repetition != 1.0f) /* off: the reciprocal of 1 need not be exactly 1 */
+        x = x > 0.0f ? PSM_FMUL(x, repetition_reciprocal) : PSM_FMUL(x, repetition);
+    if (count > 0) {
+        x = PSM_FSUB(x, PSM_FMUL(frequency, (float)count));
+        x = PSM_FSUB(x, presence);
+    }
+    return x;
+}
+
 /* ---- temperature -------------------------------------------------------- */
 
 PSM_FN int psm_is_greedy(float temperature)

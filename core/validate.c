@@ -85,6 +85,158 @@ static psm_status check_per_row_arrays(const psm_params *params, int64_t rows,
     return PSM_OK;
 }
 
+/* A CSR list per row (logit bias, history, prompt): offsets non-decreasing
+ * from >= 0, every token id inside the vocab; at most max_per_row entries
+ * a row (0: no limit). */
+static psm_status check_row_lists(const char *what, const int64_t *offsets, const int32_t *tokens,
+                                  const float *values, int64_t rows, int64_t vocab,
+                                  int64_t max_per_row)
+{
+    if (!offsets)
+        return PSM_OK;
+    if (!tokens)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "processing: %s_offsets without %s_tokens",
+                             what, what);
+    if (offsets[0] < 0)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "processing: %s_offsets[0] is %lld; "
+                             "expected >= 0", what, (long long)offsets[0]);
+    for (int64_t row = 0; row < rows; ++row) {
+        int64_t begin = offsets[row], end = offsets[row + 1];
+        if (end < begin)
+            return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                                 "processing: %s_offsets[%lld] = %lld is below %s_offsets[%lld] = "
+                                 "%lld",
+                                 what, (long long)(row + 1), (long long)end, what, (long long)row,
+                                 (long long)begin);
+        if (max_per_row && end - begin > max_per_row)
+            return psm_set_error(PSM_ERR_INVALID_PARAMETER,
+                                 "processing: row %lld has %lld %s tokens; at most %lld",
+                                 (long long)row, (long long)(end - begin), what,
+                                 (long long)max_per_row);
+        for (int64_t e = begin; e < end; ++e) {
+            if (tokens[e] < 0 || tokens[e] >= vocab)
+                return psm_set_error(PSM_ERR_INVALID_PARAMETER,
+                                     "processing: row %lld: %s_tokens[%lld] is %d; the vocab is "
+                                     "%lld",
+                                     (long long)row, what, (long long)e, (int)tokens[e],
+                                     (long long)vocab);
+            if (values && !isfinite(values[e]))
+                return psm_set_error(PSM_ERR_INVALID_PARAMETER,
+                                     "processing: row %lld: %s_values[%lld] is %g; expected finite",
+                                     (long long)row, what, (long long)e, (double)values[e]);
+        }
+    }
+    return PSM_OK;
+}
+
+static psm_status check_penalties(const char *name, float repetition, float frequency,
+                                  float presence)
+{
+    if (psm_penalties_valid(repetition, frequency, presence))
+        return PSM_OK;
+    if (!(repetition >= PSM_MIN_REPETITION_PENALTY && repetition <= PSM_MAX_REPETITION_PENALTY))
+        return psm_set_error(PSM_ERR_INVALID_PARAMETER,
+                             "processing: %srepetition_penalty is %g; expected 1e-3 .. 1e3 (1 = off)",
+                             name, (double)repetition);
+    if (!(frequency >= -PSM_MAX_ADDITIVE_PENALTY && frequency <= PSM_MAX_ADDITIVE_PENALTY))
+        return psm_set_error(PSM_ERR_INVALID_PARAMETER,
+                             "processing: %sfrequency_penalty is %g; expected -1e3 .. 1e3 (0 = off)",
+                             name, (double)frequency);
+    return psm_set_error(PSM_ERR_INVALID_PARAMETER,
+                         "processing: %spresence_penalty is %g; expected -1e3 .. 1e3 (0 = off)",
+                         name, (double)presence);
+}
+
+/* Logit processing: the struct's shape always; host arrays' contents when
+ * they can be read here. */
+static psm_status check_processing(const psm_logit_processing *p, int64_t rows, int64_t vocab,
+                                   int host_side_arrays)
+{
+    psm_status status = check_penalties("", p->repetition_penalty, p->frequency_penalty,
+                                        p->presence_penalty);
+    if (status != PSM_OK)
+        return status;
+    int64_t words = (vocab + 31) / 32;
+    if (p->allowed_mask_words != 0 && p->allowed_mask_words < words)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                             "processing: allowed_mask_words is %lld; a row of %lld tokens "
+                             "needs %lld (0 means that)",
+                             (long long)p->allowed_mask_words, (long long)vocab, (long long)words);
+    if (p->allowed_mask_words > INT64_MAX / 8 / rows)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                             "processing: rows x allowed_mask_words is too large");
+    if ((p->bias_offsets != NULL) != (p->bias_tokens != NULL) ||
+        (p->bias_offsets != NULL) != (p->bias_values != NULL))
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                             "processing: bias_offsets, bias_tokens and bias_values go together");
+    if ((p->history_offsets != NULL) != (p->history_tokens != NULL))
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                             "processing: history_offsets and history_tokens go together");
+    if ((p->prompt_offsets != NULL) != (p->prompt_tokens != NULL))
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                             "processing: prompt_offsets and prompt_tokens go together");
+    if (!host_side_arrays)
+        return PSM_OK;
+    status = check_row_lists("bias", p->bias_offsets, p->bias_tokens, p->bias_values, rows, vocab,
+                             0);
+    if (status == PSM_OK)
+        status = check_row_lists("history", p->history_offsets, p->history_tokens, NULL, rows,
+                                 vocab, PSM_MAX_HISTORY_TOKENS);
+    if (status == PSM_OK)
+        status = check_row_lists("prompt", p->prompt_offsets, p->prompt_tokens, NULL, rows, vocab,
+                                 0);
+    if (status != PSM_OK)
+        return status;
+    char name[64];
+    for (int64_t row = 0; row < rows; ++row) {
+        float repetition = p->repetition_penalty_per_row ? p->repetition_penalty_per_row[row]
+                                                         : p->repetition_penalty;
+        float frequency = p->frequency_penalty_per_row ? p->frequency_penalty_per_row[row]
+                                                       : p->frequency_penalty;
+        float presence = p->presence_penalty_per_row ? p->presence_penalty_per_row[row]
+                                                     : p->presence_penalty;
+        if (psm_penalties_valid(repetition, frequency, presence))
+            continue;
+        snprintf(name, sizeof name, "row %lld: ", (long long)row);
+        return check_penalties(name, repetition, frequency, presence);
+    }
+    return PSM_OK;
+}
+
+static psm_status check_output_memory(const char *name, const psm_output *output)
+{
+    if ((int)output->memory != PSM_MEMORY_HOST && (int)output->memory != PSM_MEMORY_DEVICE)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "%s.memory has the unknown value %d", name,
+                             (int)output->memory);
+    return PSM_OK;
+}
+
+/* Top-N logprobs: psm_sample only, N in range, a known mode, the two
+ * outputs present (the ranks optional). */
+static psm_status check_top_logprobs(const psm_top_logprobs *top, int for_probs, int data_needed)
+{
+    if (for_probs)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                             "top_logprobs is for psm_sample; psm_probs gives every probability");
+    if (top->count < 1 || top->count > PSM_MAX_TOP_LOGPROBS)
+        return psm_set_error(PSM_ERR_INVALID_PARAMETER,
+                             "top_logprobs.count is %d; expected 1 .. %d", (int)top->count,
+                             PSM_MAX_TOP_LOGPROBS);
+    if ((int)top->mode != PSM_LOGPROBS_PROCESSED && (int)top->mode != PSM_LOGPROBS_RAW)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "top_logprobs.mode has the unknown value %d",
+                             (int)top->mode);
+    if (data_needed && !top->tokens.data)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "top_logprobs.tokens.data is NULL");
+    if (data_needed && !top->logprobs.data)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "top_logprobs.logprobs.data is NULL");
+    psm_status status = check_output_memory("top_logprobs.tokens", &top->tokens);
+    if (status == PSM_OK)
+        status = check_output_memory("top_logprobs.logprobs", &top->logprobs);
+    if (status == PSM_OK && top->sampled_ranks.data)
+        status = check_output_memory("top_logprobs.sampled_ranks", &top->sampled_ranks);
+    return status;
+}
+
 /* The output rows, and the request-state pointers that exclude each other. */
 static psm_status check_rows_and_state(const psm_tensor *logits, const psm_params *params,
                                        int64_t *rows_out)
@@ -148,6 +300,19 @@ psm_status psm_validate_request(const psm_tensor *logits, const psm_params *para
         return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "rows x vocab is too large");
     if (host_side_arrays && !size_query) {
         status = check_per_row_arrays(params, rows, logits->rows);
+        if (status != PSM_OK)
+            return status;
+    }
+    if (params->top_logprobs) {
+        status = check_top_logprobs(params->top_logprobs, probs != NULL, data_needed);
+        if (status != PSM_OK)
+            return status;
+        if ((int64_t)params->top_logprobs->count > INT64_MAX / 8 / rows)
+            return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "rows x top_logprobs.count is too large");
+    }
+    if (params->processing) {
+        status = check_processing(params->processing, rows, logits->vocab,
+                                  host_side_arrays && !size_query);
         if (status != PSM_OK)
             return status;
     }

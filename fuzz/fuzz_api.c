@@ -4,14 +4,19 @@
  * dtype and memory value (NULL data included), every float parameter from
  * raw bits (NaN, infinities, negatives, denormals), per-row arrays, outputs
  * (NULL, unknown memory values), NULL context, logits, params and probs,
- * reserve with any sizes, and context options.
+ * reserve with any sizes, and context options; logit processing with any
+ * penalties, mask word counts, CSR lists (offsets out of order or negative,
+ * tokens outside the vocab, NaN and infinite bias values, pieces given
+ * without their partners, a history longer than the API allows) and
+ * per-row penalty arrays.
  *
  * Every call must:
  * - succeed exactly when the arguments are valid by the rules of
  *   include/polysample.h (mirrored below, independently of core/validate.c);
  * - on failure, leave a message and write nothing (outputs hold a canary);
  * - on success, write tokens in [-1, vocab) and leave the padding of probs
- *   rows alone;
+ *   rows alone; with an allowed-token mask, draw no token and give no
+ *   probability (other than a bad row's NaN) to a token it does not allow;
  * - never read outside the buffers it is given: every buffer is allocated
  *   to its exact size (AddressSanitizer), and a tensor whose shape is
  *   invalid gets a one-element buffer, which the library must not read.
@@ -142,6 +147,253 @@ static int untouched(const buffer *b)
     return 1;
 }
 
+/* ---- logit processing ----------------------------------------------------------- */
+
+/* Lists hold at most this many entries, except a history made longer than
+ * the API allows. */
+#define MAX_LIST_ENTRIES 4096
+/* The API's longest history a row (include/polysample.h's rule, restated
+ * here rather than taken from the library's headers). A history one or two
+ * tokens past it is decoded now and then: it must be refused. One at the
+ * limit is not: the library then reads all 2^24 tokens, about 0.4 s a call,
+ * which would take most of a run. */
+#define HISTORY_LIMIT (1 << 24)
+
+static float decode_penalty(fuzz_input *input, float off)
+{
+    static const float table[] = {1.5f, 0.5f, -0.5f, 1e-3f, 1e3f, -1e3f, 0.0f, 1.0f,
+                                  0x1.0624dcp-10f /* just below 1e-3 */, 1000.0001f,
+                                  -1000.0001f, 2.0f, -0.0f, 1e-45f};
+    uint8_t how = fuzz_u8(input);
+    if (how < 96)
+        return off;
+    if (how < 220)
+        return table[how % (sizeof table / sizeof table[0])];
+    if (how < 230)
+        return NAN;
+    if (how < 240)
+        return how & 1 ? INFINITY : -INFINITY;
+    return fuzz_raw_float(input);
+}
+
+static int penalties_valid(float repetition, float frequency, float presence)
+{
+    return repetition >= 1e-3f && repetition <= 1e3f && frequency >= -1e3f &&
+           frequency <= 1e3f && presence >= -1e3f && presence <= 1e3f;
+}
+
+static float decode_bias_value(fuzz_input *input)
+{
+    uint8_t how = fuzz_u8(input);
+    if (how < 200)
+        return (float)(int8_t)fuzz_u8(input) * 0.5f;
+    if (how < 210)
+        return NAN;
+    if (how < 220)
+        return how & 1 ? INFINITY : -INFINITY;
+    if (how < 235)
+        return how & 1 ? 3.0e38f : -3.0e38f; /* finite: valid, and may overflow a logit */
+    return fuzz_raw_float(input);
+}
+
+static int32_t decode_token(fuzz_input *input, int64_t vocab)
+{
+    static const int32_t edges[] = {-1, INT32_MIN, INT32_MAX, 0};
+    uint8_t how = fuzz_u8(input);
+    if (how < 240)
+        return (int32_t)fuzz_range(input, 0, vocab - 1 < INT32_MAX ? vocab - 1 : INT32_MAX);
+    if (how < 248)
+        return (int32_t)(vocab <= INT32_MAX ? vocab : INT32_MAX); /* one past the end */
+    return edges[how % 4];
+}
+
+/* One CSR list family (bias, history or prompt), as the input says, with
+ * its pieces given or not (a pointer without its partners is a bad call). */
+typedef struct row_lists {
+    int64_t *offsets; /* rows + 1 */
+    int32_t *tokens;
+    float *values;
+    int offsets_given, tokens_given, values_given;
+    int contents_valid; /* offsets and entries by the API's rules */
+} row_lists;
+
+static int decode_lists(fuzz_input *input, int64_t rows, int64_t vocab, int with_values,
+                        int64_t max_per_row, row_lists *lists)
+{
+    memset(lists, 0, sizeof *lists);
+    uint8_t pieces = fuzz_u8(input);
+    if (pieces < 112)
+        return 0; /* absent */
+    /* Mostly all pieces, sometimes one missing. */
+    lists->offsets_given = !(pieces >= 240 && pieces % 3 == 0);
+    lists->tokens_given = !(pieces >= 240 && pieces % 3 == 1);
+    lists->values_given = with_values && !(pieces >= 240 && pieces % 3 == 2);
+    lists->offsets = malloc((size_t)(rows + 1) * sizeof *lists->offsets);
+    if (!lists->offsets)
+        abort();
+    int valid = 1;
+    int64_t largest = 0;
+    uint8_t start = fuzz_u8(input);
+    lists->offsets[0] = start < 200 ? 0 : start < 240 ? fuzz_range(input, 1, 8) : -fuzz_range(input, 1, 3);
+    valid &= lists->offsets[0] >= 0;
+    int64_t long_row = -1;
+    if (max_per_row && fuzz_u8(input) == 255)
+        long_row = fuzz_range(input, 0, rows - 1);
+    for (int64_t r = 0; r < rows; ++r) {
+        int64_t length;
+        uint8_t how = fuzz_u8(input);
+        if (r == long_row)
+            length = HISTORY_LIMIT + 1 + (how & 1);
+        else if (how < 240)
+            length = fuzz_range(input, 0, 6);
+        else
+            length = -fuzz_range(input, 1, 3); /* decreasing */
+        lists->offsets[r + 1] = lists->offsets[r] + length;
+        valid &= length >= 0 && (!max_per_row || length <= max_per_row);
+    }
+    for (int64_t r = 0; r <= rows; ++r)
+        if (lists->offsets[r] > largest)
+            largest = lists->offsets[r];
+    /* Entries up to the largest offset exist, so that whatever range a row
+     * names is memory the caller gave. */
+    if (largest > MAX_LIST_ENTRIES && long_row < 0)
+        return -1;
+    lists->tokens = long_row >= 0 ? calloc((size_t)largest, sizeof *lists->tokens)
+                                  : malloc((size_t)(largest ? largest : 1) * sizeof *lists->tokens);
+    lists->values = with_values ? malloc((size_t)(largest ? largest : 1) * sizeof *lists->values)
+                                : NULL;
+    if (!lists->tokens || (with_values && !lists->values))
+        abort();
+    for (int64_t e = 0; e < largest && (long_row < 0 || e < MAX_LIST_ENTRIES); ++e) {
+        lists->tokens[e] = decode_token(input, vocab);
+        if (with_values)
+            lists->values[e] = decode_bias_value(input);
+    }
+    /* Only the entries of rows whose offsets are in order count: the rest
+     * are past a refusal. */
+    for (int64_t r = 0; r < rows && valid; ++r)
+        for (int64_t e = lists->offsets[r]; e < lists->offsets[r + 1]; ++e)
+            valid &= lists->tokens[e] >= 0 && lists->tokens[e] < vocab &&
+                     (!with_values || isfinite(lists->values[e]));
+    lists->contents_valid = valid;
+    return 0;
+}
+
+static void free_lists(row_lists *lists)
+{
+    free(lists->offsets);
+    free(lists->tokens);
+    free(lists->values);
+}
+
+typedef struct processing_case {
+    psm_logit_processing processing;
+    row_lists bias, history, prompt;
+    uint32_t *mask;
+    int64_t mask_words; /* effective words a row, when the mask is read */
+    float *penalties_per_row[3];
+    int valid; /* by the API's rules, for a call whose other arguments are valid */
+} processing_case;
+
+static void free_processing(processing_case *c)
+{
+    free_lists(&c->bias);
+    free_lists(&c->history);
+    free_lists(&c->prompt);
+    free(c->mask);
+    for (int k = 0; k < 3; ++k)
+        free(c->penalties_per_row[k]);
+}
+
+/* Decodes a processing struct for rows x vocab (rows: those the arrays may be
+ * read for). -1: too large to test (skip the input). */
+static int decode_processing(fuzz_input *input, int64_t rows, int64_t vocab, processing_case *c)
+{
+    memset(c, 0, sizeof *c);
+    psm_logit_processing *p = &c->processing;
+    psm_logit_processing_init(p);
+    p->repetition_penalty = decode_penalty(input, 1.0f);
+    p->frequency_penalty = decode_penalty(input, 0.0f);
+    p->presence_penalty = decode_penalty(input, 0.0f);
+    int valid = penalties_valid(p->repetition_penalty, p->frequency_penalty, p->presence_penalty);
+
+    const int64_t needed = (vocab + 31) / 32;
+    uint8_t mask_how = fuzz_u8(input);
+    if (mask_how >= 96) {
+        static const int64_t odd_words[] = {-1, INT64_MAX, INT64_MIN, (int64_t)1 << 62};
+        int64_t words = mask_how < 160   ? 0
+                        : mask_how < 210 ? needed + fuzz_range(input, 0, 3)
+                        : mask_how < 235 ? needed - fuzz_range(input, 1, 2)
+                                         : odd_words[mask_how % 4];
+        p->allowed_mask_words = words;
+        int words_valid = words == 0 || (words >= needed && words <= INT64_MAX / 8 / rows);
+        valid &= words_valid;
+        c->mask_words = words == 0 ? needed : words;
+        size_t count = words_valid ? (size_t)(rows * c->mask_words) : 1;
+        if (words_valid && rows * c->mask_words > MAX_ELEMENTS)
+            return -1;
+        c->mask = malloc(count * sizeof *c->mask);
+        if (!c->mask)
+            abort();
+        /* Mostly dense bits, sometimes a row allowing nothing. */
+        for (size_t w = 0; w < count; ++w) {
+            uint8_t how = fuzz_u8(input);
+            c->mask[w] = how < 64 ? 0u : how < 128 ? 0xffffffffu : fuzz_u32(input);
+        }
+        p->allowed_mask = c->mask;
+    }
+
+    if (decode_lists(input, rows, vocab, 1, 0, &c->bias) != 0 ||
+        decode_lists(input, rows, vocab, 0, HISTORY_LIMIT, &c->history) != 0 ||
+        decode_lists(input, rows, vocab, 0, 0, &c->prompt) != 0)
+        return -1;
+    p->bias_offsets = c->bias.offsets_given ? c->bias.offsets : NULL;
+    p->bias_tokens = c->bias.tokens_given ? c->bias.tokens : NULL;
+    p->bias_values = c->bias.values_given ? c->bias.values : NULL;
+    p->history_offsets = c->history.offsets_given ? c->history.offsets : NULL;
+    p->history_tokens = c->history.tokens_given ? c->history.tokens : NULL;
+    p->prompt_offsets = c->prompt.offsets_given ? c->prompt.offsets : NULL;
+    p->prompt_tokens = c->prompt.tokens_given ? c->prompt.tokens : NULL;
+    const row_lists *families[3] = {&c->bias, &c->history, &c->prompt};
+    for (int k = 0; k < 3; ++k) {
+        const row_lists *lists = families[k];
+        int given = lists->offsets_given + lists->tokens_given + (k == 0 ? lists->values_given : 0);
+        int all = k == 0 ? 3 : 2;
+        /* The pieces go together; only given offsets bring contents. */
+        valid &= given == 0 || given == all;
+        if (given == all)
+            valid &= lists->contents_valid;
+    }
+
+    uint8_t per_row = fuzz_u8(input);
+    float offs[3] = {1.0f, 0.0f, 0.0f};
+    for (int k = 0; k < 3; ++k) {
+        if (!(per_row & (1 << k)))
+            continue;
+        c->penalties_per_row[k] = malloc((size_t)rows * sizeof(float));
+        if (!c->penalties_per_row[k])
+            abort();
+        for (int64_t r = 0; r < rows; ++r)
+            c->penalties_per_row[k][r] = decode_penalty(input, offs[k]);
+    }
+    p->repetition_penalty_per_row = c->penalties_per_row[0];
+    p->frequency_penalty_per_row = c->penalties_per_row[1];
+    p->presence_penalty_per_row = c->penalties_per_row[2];
+    for (int64_t r = 0; r < rows; ++r)
+        valid &= penalties_valid(
+            c->penalties_per_row[0] ? c->penalties_per_row[0][r] : p->repetition_penalty,
+            c->penalties_per_row[1] ? c->penalties_per_row[1][r] : p->frequency_penalty,
+            c->penalties_per_row[2] ? c->penalties_per_row[2][r] : p->presence_penalty);
+    c->valid = valid;
+    return 0;
+}
+
+/* A mask's bit for a token of a row (the mask is known to be read). */
+static int mask_allows(const processing_case *c, int64_t row, int64_t token)
+{
+    return (c->mask[row * c->mask_words + token / 32] >> (token % 32)) & 1u;
+}
+
 /* Decodes and makes one psm_sample or psm_probs call. */
 static void fuzz_call(fuzz_input *input, int probs_mode)
 {
@@ -150,6 +402,8 @@ static void fuzz_call(fuzz_input *input, int probs_mode)
     int null_context = (flags >> 1 & 7) == 0;
     int null_logits = (flags >> 4 & 7) == 0;
     int null_params = fuzz_u8(input) < 8;
+    processing_case processing;
+    memset(&processing, 0, sizeof processing);
 
     psm_tensor logits;
     logits.rows = decode_size(input, 6);
@@ -286,6 +540,15 @@ static void fuzz_call(fuzz_input *input, int probs_mode)
         call_valid = call_valid && !null_probs && probs_valid;
     }
 
+    /* Processing is decoded last, so that an input that ends before it (every
+     * seed written before it existed) makes a call without it. */
+    if (fuzz_u8(input) >= 128) {
+        if (decode_processing(input, rows, logits_valid ? logits.vocab : 1, &processing) != 0)
+            goto done;
+        params.processing = &processing.processing;
+        call_valid = call_valid && processing.valid;
+    }
+
     psm_status status;
     if (probs_mode)
         status = psm_probs(null_context ? NULL : context, null_logits ? NULL : &logits,
@@ -309,6 +572,11 @@ static void fuzz_call(fuzz_input *input, int probs_mode)
                 for (int64_t i = 0; i < logits.rows * params.num_samples; ++i)
                     if (drawn[i] == -1)
                         FAIL("checking mode gave a row token -1 instead of failing");
+            if (params.processing && processing.mask)
+                for (int64_t i = 0; i < logits.rows * params.num_samples; ++i)
+                    if (drawn[i] >= 0 && !mask_allows(&processing, i / params.num_samples, drawn[i]))
+                        FAIL("row %lld drew token %d, which its mask does not allow",
+                             (long long)(i / params.num_samples), drawn[i]);
         } else {
             const unsigned char *bytes = probs.data;
             for (int64_t r = 0; r + 1 < probs_tensor.rows; ++r)
@@ -316,6 +584,14 @@ static void fuzz_call(fuzz_input *input, int probs_mode)
                     for (size_t k = 0; k < sizeof(float); ++k)
                         if (bytes[(size_t)(r * probs_stride + i) * sizeof(float) + k] != CANARY)
                             FAIL("psm_probs wrote the padding of row %lld", (long long)r);
+            const float *values = probs.data;
+            for (int64_t r = 0; params.processing && processing.mask && r < probs_tensor.rows; ++r)
+                for (int64_t i = 0; i < probs_tensor.vocab; ++i)
+                    if (!mask_allows(&processing, r, i) && values[r * probs_stride + i] != 0.0f &&
+                        !isnan(values[r * probs_stride + i]))
+                        FAIL("row %lld: token %lld, which its mask does not allow, has "
+                             "probability %g", (long long)r, (long long)i,
+                             (double)values[r * probs_stride + i]);
         }
     } else {
         if (message[0] == '\0')
@@ -337,6 +613,7 @@ done:
     free(min_p_row);
     free(seed_row);
     free(logit_buffer.data);
+    free_processing(&processing);
 }
 
 static void fuzz_reserve(fuzz_input *input)

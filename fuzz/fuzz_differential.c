@@ -1,8 +1,13 @@
 /*
  * fuzz_differential.c: small random batches (1-4 rows, vocab 1-300, now and
  * then up to 3000 so that rows span tiles), logits with ties, masked and bad
- * entries, f32/f16/bf16, padded rows, and parameters decoded from the input,
- * through the CPU backend, then held against three others:
+ * entries, f32/f16/bf16, padded rows, parameters and (on about half the
+ * inputs) valid logit processing decoded from the input: penalties and
+ * per-row penalties in their ranges, bias, history and prompt lists over a
+ * few repeated tokens (bias values up to +-3e38, which can overflow a
+ * logit), allowed-token masks that may allow nothing, through the CPU
+ * backend, then held against three others, which see the logits as
+ * SAMPLING.md section 1 processes them, token by token (process_literally):
  *
  * 1. the contract model (contract_model.c: SAMPLING.md written out
  *    literally): the same tokens, bit for bit; the same support of psm_probs
@@ -15,8 +20,10 @@
  *    or min-p the same bound against the float64 softmax over the contract's
  *    kept set (whose cutoffs the float64 sums may place differently);
  * 3. the OpenCL backend on PoCL, when it is available and FUZZ_OPENCL is not
- *    0: the same tokens, probabilities within 1e-6 relative. Its context is
- *    made once per process (PoCL compiles the kernels at first use).
+ *    0: the same tokens, probabilities within 1e-6 relative; a batch with
+ *    processing only while it runs processing (until then it must refuse
+ *    it with PSM_ERR_UNSUPPORTED). Its context is made once per process
+ *    (PoCL compiles the kernels at first use).
  *
  * A disagreement aborts with the row and what differed.
  */
@@ -36,6 +43,11 @@
 #define MAX_VOCAB 3000
 #define MAX_SAMPLES 4
 #define MAX_PAD 3
+/* Processing lists: at most MAX_LIST_ROW entries a row, after at most 3
+ * unused ones before the first row's. */
+#define MAX_LIST_ROW 24
+#define MAX_LIST_ENTRIES (MAX_ROWS * MAX_LIST_ROW + 3)
+#define MAX_MASK_PAD 2
 #define PROBS_RELATIVE 1e-6
 #define TV_BOUND 1e-6
 
@@ -142,9 +154,180 @@ typedef struct batch {
     float temperature[MAX_ROWS], top_p[MAX_ROWS], min_p[MAX_ROWS];
     int32_t top_k[MAX_ROWS];
     uint64_t seeds[MAX_ROWS];
+    /* Logit processing (params.processing points here when it is on): valid
+     * lists, masks and penalties, and the logits processed literally. */
+    psm_logit_processing processing;
+    int64_t bias_offsets[MAX_ROWS + 1], history_offsets[MAX_ROWS + 1],
+        prompt_offsets[MAX_ROWS + 1];
+    int32_t bias_tokens[MAX_LIST_ENTRIES], history_tokens[MAX_LIST_ENTRIES],
+        prompt_tokens[MAX_LIST_ENTRIES];
+    float bias_values[MAX_LIST_ENTRIES];
+    uint32_t mask[MAX_ROWS * (MAX_VOCAB / 32 + 1 + MAX_MASK_PAD)];
+    float repetition[MAX_ROWS], frequency[MAX_ROWS], presence[MAX_ROWS];
+    float processed[MAX_ROWS][MAX_VOCAB];
 } batch;
 
 static batch current;
+
+/* A penalty in its valid range, mostly off. */
+static float decode_penalty(fuzz_input *input, float off, const float *table, size_t size)
+{
+    uint8_t how = fuzz_u8(input);
+    if (how < 96)
+        return off;
+    return table[how % size];
+}
+
+static const float repetition_table[] = {1.5f, 0.5f, 1e-3f, 1e3f, 2.0f, 1.1f, 0.9f, 1.0f};
+static const float additive_table[] = {0.25f, -0.5f, 1e3f, -1e3f, 1.0f, 0.1f, 2.0f, 0.0f};
+#define TABLE(t) (t), (sizeof(t) / sizeof((t)[0]))
+
+/* A token for a list: mostly from a few (so that lists repeat tokens and
+ * overlap), sometimes any. */
+static int32_t decode_list_token(fuzz_input *input, int64_t vocab)
+{
+    uint8_t how = fuzz_u8(input);
+    if (how < 160)
+        return (int32_t)(how % (vocab < 8 ? vocab : 8));
+    return (int32_t)fuzz_range(input, 0, vocab - 1);
+}
+
+static float decode_bias_value(fuzz_input *input)
+{
+    uint8_t how = fuzz_u8(input);
+    if (how < 200)
+        return (float)(int8_t)fuzz_u8(input) * 0.25f;
+    if (how < 225)
+        return (how & 1 ? -1.0f : 1.0f) * 3.0e38f; /* finite, and may overflow a logit */
+    if (how < 240)
+        return ldexpf((float)(int8_t)fuzz_u8(input), (int)(int8_t)fuzz_u8(input));
+    float raw = fuzz_raw_float(input);
+    return isfinite(raw) ? raw : 0.0f;
+}
+
+/* Valid CSR lists for rows, or none (NULL offsets). */
+static void decode_lists(fuzz_input *input, int64_t rows, int64_t vocab, int64_t *offsets,
+                         int32_t *tokens, float *values, int *present)
+{
+    *present = fuzz_u8(input) >= 96;
+    if (!*present)
+        return;
+    uint8_t start = fuzz_u8(input);
+    offsets[0] = start < 224 ? 0 : start % 4; /* entries before the first row's are allowed */
+    for (int64_t e = 0; e < offsets[0]; ++e) {
+        tokens[e] = -1; /* never read */
+        if (values)
+            values[e] = NAN;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+        int64_t length = fuzz_u8(input) < 224 ? fuzz_range(input, 0, 6)
+                                              : fuzz_range(input, 0, MAX_LIST_ROW);
+        offsets[r + 1] = offsets[r] + length;
+        for (int64_t e = offsets[r]; e < offsets[r + 1]; ++e) {
+            tokens[e] = decode_list_token(input, vocab);
+            if (values)
+                values[e] = decode_bias_value(input);
+        }
+    }
+}
+
+/* Decodes valid processing into b (after its logits). */
+static void decode_processing(fuzz_input *input, batch *b)
+{
+    psm_logit_processing *p = &b->processing;
+    psm_logit_processing_init(p);
+    p->repetition_penalty = decode_penalty(input, 1.0f, TABLE(repetition_table));
+    p->frequency_penalty = decode_penalty(input, 0.0f, TABLE(additive_table));
+    p->presence_penalty = decode_penalty(input, 0.0f, TABLE(additive_table));
+    int present;
+    decode_lists(input, b->rows, b->vocab, b->bias_offsets, b->bias_tokens, b->bias_values,
+                 &present);
+    if (present) {
+        p->bias_offsets = b->bias_offsets;
+        p->bias_tokens = b->bias_tokens;
+        p->bias_values = b->bias_values;
+    }
+    decode_lists(input, b->rows, b->vocab, b->history_offsets, b->history_tokens, NULL,
+                 &present);
+    if (present) {
+        p->history_offsets = b->history_offsets;
+        p->history_tokens = b->history_tokens;
+    }
+    decode_lists(input, b->rows, b->vocab, b->prompt_offsets, b->prompt_tokens, NULL, &present);
+    if (present) {
+        p->prompt_offsets = b->prompt_offsets;
+        p->prompt_tokens = b->prompt_tokens;
+    }
+    uint8_t mask_how = fuzz_u8(input);
+    if (mask_how >= 96) {
+        int64_t needed = (b->vocab + 31) / 32;
+        int64_t words = needed + (mask_how < 200 ? 0 : fuzz_range(input, 0, MAX_MASK_PAD));
+        p->allowed_mask = b->mask;
+        p->allowed_mask_words = mask_how < 160 ? 0 : words;
+        if (mask_how < 160)
+            words = needed;
+        /* Mostly dense; now and then a row that allows nothing or one token. */
+        for (int64_t w = 0; w < b->rows * words; ++w) {
+            uint8_t how = fuzz_u8(input);
+            b->mask[w] = how < 48    ? 0u
+                         : how < 160 ? 0xffffffffu
+                         : how < 176 ? 1u << (fuzz_u8(input) % 32)
+                                     : fuzz_u32(input);
+        }
+    }
+    uint8_t per_row = fuzz_u8(input);
+    for (int64_t r = 0; r < b->rows; ++r) {
+        b->repetition[r] = decode_penalty(input, 1.0f, TABLE(repetition_table));
+        b->frequency[r] = decode_penalty(input, 0.0f, TABLE(additive_table));
+        b->presence[r] = decode_penalty(input, 0.0f, TABLE(additive_table));
+    }
+    p->repetition_penalty_per_row = per_row & 1 ? b->repetition : NULL;
+    p->frequency_penalty_per_row = per_row & 2 ? b->frequency : NULL;
+    p->presence_penalty_per_row = per_row & 4 ? b->presence : NULL;
+}
+
+/* SAMPLING.md section 1, one token at a time, from the widened logits, as
+ * the rule reads: count the token in the row's history, look for it in the
+ * prompt, penalise, add its bias entries in list order, mask, read again. */
+static void process_literally(batch *b)
+{
+    const psm_logit_processing *p = &b->processing;
+    const int64_t words = p->allowed_mask_words ? p->allowed_mask_words : (b->vocab + 31) / 32;
+    for (int64_t r = 0; r < b->rows; ++r) {
+        float repetition = p->repetition_penalty_per_row ? p->repetition_penalty_per_row[r]
+                                                         : p->repetition_penalty;
+        float frequency = p->frequency_penalty_per_row ? p->frequency_penalty_per_row[r]
+                                                       : p->frequency_penalty;
+        float presence = p->presence_penalty_per_row ? p->presence_penalty_per_row[r]
+                                                     : p->presence_penalty;
+        for (int64_t i = 0; i < b->vocab; ++i) {
+            float x = psm_read_logit(b->widened[r][i]);
+            uint32_t count = 0;
+            int in_prompt = 0;
+            for (int64_t e = p->history_offsets ? p->history_offsets[r] : 0;
+                 p->history_offsets && e < p->history_offsets[r + 1]; ++e)
+                count += p->history_tokens[e] == i;
+            for (int64_t e = p->prompt_offsets ? p->prompt_offsets[r] : 0;
+                 p->prompt_offsets && e < p->prompt_offsets[r + 1]; ++e)
+                in_prompt |= p->prompt_tokens[e] == i;
+            if (count > 0 || in_prompt) {
+                if (repetition != 1.0f)
+                    x = x > 0.0f ? x * psm_penalty_reciprocal(repetition) : x * repetition;
+                if (count > 0) {
+                    x = x - frequency * (float)count;
+                    x = x - presence;
+                }
+            }
+            for (int64_t e = p->bias_offsets ? p->bias_offsets[r] : 0;
+                 p->bias_offsets && e < p->bias_offsets[r + 1]; ++e)
+                if (p->bias_tokens[e] == i)
+                    x = x + p->bias_values[e];
+            if (p->allowed_mask && !((p->allowed_mask[r * words + i / 32] >> (i % 32)) & 1u))
+                x = -INFINITY;
+            b->processed[r][i] = psm_read_logit(x);
+        }
+    }
+}
 
 static void decode_batch(fuzz_input *input, batch *b)
 {
@@ -214,6 +397,14 @@ static void decode_batch(fuzz_input *input, batch *b)
             }
         }
     }
+    /* Decoded last, so that an input that ends before it (every seed
+     * written before it existed) is a batch without it. */
+    b->params.processing = NULL;
+    if (fuzz_u8(input) >= 128) {
+        decode_processing(input, b);
+        process_literally(b);
+        b->params.processing = &b->processing;
+    }
 }
 
 static model_params row_params(const batch *b, int64_t r)
@@ -230,12 +421,16 @@ static model_params row_params(const batch *b, int64_t r)
     return m;
 }
 
-static void run(psm_context *context, const batch *b, int32_t *tokens, float *logprobs,
-                float *probs)
+/* Runs the batch; 0, or -1 when the context's backend does not run logit
+ * processing yet (it must then refuse it so, and that is all it can show). */
+static int run(psm_context *context, const batch *b, int32_t *tokens, float *logprobs,
+               float *probs)
 {
     psm_tensor logits = {b->logits, b->dtype, PSM_MEMORY_HOST, b->rows, b->vocab, b->stride};
     psm_output token_out = {tokens, PSM_MEMORY_HOST}, logprob_out = {logprobs, PSM_MEMORY_HOST};
     psm_status status = psm_sample(context, &logits, &b->params, token_out, logprob_out);
+    if (status == PSM_ERR_UNSUPPORTED && b->params.processing && context != cpu_context)
+        return -1;
     if (status != PSM_OK)
         FAIL("%s psm_sample failed: %s", psm_backend_name(psm_context_backend(context)),
              psm_last_error());
@@ -244,6 +439,7 @@ static void run(psm_context *context, const batch *b, int32_t *tokens, float *lo
     if (status != PSM_OK)
         FAIL("%s psm_probs failed: %s", psm_backend_name(psm_context_backend(context)),
              psm_last_error());
+    return 0;
 }
 
 static int close_enough(double a, double b, double relative)
@@ -283,7 +479,8 @@ static double model_probs[MAX_VOCAB], reference_probs[MAX_VOCAB];
 
 static void check_row(const batch *b, int64_t r, const int32_t *tokens, const float *probs)
 {
-    const float *x = b->widened[r];
+    /* The model and the reference see what processing made of the row. */
+    const float *x = b->params.processing ? b->processed[r] : b->widened[r];
     model_params params = row_params(b, r);
     model_row model = {0};
     model.kept = kept;
@@ -357,8 +554,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     run(cpu_context, b, cpu_tokens, cpu_logprobs, cpu_probs);
     for (int64_t r = 0; r < b->rows; ++r)
         check_row(b, r, cpu_tokens, cpu_probs);
-    if (opencl_context) {
-        run(opencl_context, b, gpu_tokens, gpu_logprobs, gpu_probs);
+    if (opencl_context && run(opencl_context, b, gpu_tokens, gpu_logprobs, gpu_probs) == 0) {
         size_t outputs = (size_t)(b->rows * b->samples);
         for (size_t i = 0; i < outputs; ++i)
             if (gpu_tokens[i] != cpu_tokens[i])

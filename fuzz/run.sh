@@ -54,7 +54,7 @@ common=(-g -O1 -std=c11 -ffp-contract=off -fopenmp -Wall -Wextra -Wno-pass-faile
         -I"$repo/include" -I"$repo/core" -I"$repo/backends/cpu" -I"$repo/cli" -I"$repo/tests" -I"$repo/reference"
         -I"$repo/fuzz" -DPSM_HAVE_OPENCL=1 '-DPSM_MODULE_DIR=""')
 library=(core/alloc.c core/api.c core/context.c core/environment.c core/error.c core/registry.c
-         core/validate.c backends/cpu/cpu_backend.c backends/cpu/cpu_rows.c
+         core/validate.c backends/cpu/cpu_backend.c backends/cpu/cpu_logprobs.c backends/cpu/cpu_rows.c
          backends/cpu/cpu_select.c backends/cpu/cpu_tiles.c)
 # clang's -fopenmp links LLVM's libomp, which lives in LLVM's library
 # directory, two levels above clang's resource directory.
@@ -62,7 +62,7 @@ omp_rpath=-Wl,-rpath,$(cd "$($cc -print-resource-dir)/../.." && pwd)
 
 sources_of() {
     case $1 in
-    npy) echo "fuzz/fuzz_npy.c cli/npy.c cli/cli_util.c ${library[*]}" ;;
+    npy) echo "fuzz/fuzz_npy.c cli/npy.c cli/processing_files.c cli/cli_util.c ${library[*]}" ;;
     api) echo "fuzz/fuzz_api.c ${library[*]}" ;;
     differential) echo "fuzz/fuzz_differential.c fuzz/contract_model.c reference/psm_reference.c ${library[*]}" ;;
     esac
@@ -78,7 +78,8 @@ for target in $targets; do
     fi
     # Rebuild only when a source or header is newer than the binary.
     if [[ -x $output ]] && [[ -z $(find "$repo/fuzz" "$repo/core" "$repo/backends/cpu" \
-            "$repo/cli/npy.c" "$repo/cli/npy.h" "$repo/cli/cli_util.c" "$repo/reference" "$repo/include" \
+            "$repo/cli/npy.c" "$repo/cli/npy.h" "$repo/cli/processing_files.c" \
+            "$repo/cli/processing_files.h" "$repo/cli/cli_util.c" "$repo/reference" "$repo/include" \
             -newer "$output" -type f 2>/dev/null | head -n 1) ]]; then
         continue
     fi

@@ -124,6 +124,79 @@ typedef struct psm_tensor {
     int64_t row_stride;   /* in elements; >= vocab; 0 means vocab */
 } psm_tensor;
 
+/* A rows x num_samples int32 matrix of tokens, or a float matrix of logprobs. */
+typedef struct psm_output {
+    void *data;
+    psm_memory memory;
+} psm_output;
+
+/* Logit processing (docs/SAMPLING.md, section 1): what a runtime does to the
+ * logits before it samples, done inside the call as the logits are read.
+ * In order, per token of an output row: the penalties, for tokens in the
+ * row's history; the logit bias; the allowed-token mask. Every array below
+ * is per output row and lives in the logits' memory, like the per-row
+ * arrays of psm_params; the struct itself is host memory. Rows' lists are
+ * given CSR-style: row r's entries are [offsets[r], offsets[r + 1]) of the
+ * entry arrays, offsets having rows + 1 non-decreasing entries, the first >= 0.
+ * Backends: CPU, CUDA and HIP (core/psm_processing.h on each); a backend
+ * without it returns PSM_ERR_UNSUPPORTED. */
+typedef struct psm_logit_processing {
+    /* Allowed tokens (a grammar's mask): token i of row r is allowed when bit
+     * i % 32 of word allowed_mask[r * allowed_mask_words + i / 32] is set;
+     * others are masked like -inf. A row that allows no valid token is a bad
+     * row. allowed_mask_words: 0 means ceil(vocab / 32). NULL: all allowed. */
+    const uint32_t *allowed_mask;
+    int64_t allowed_mask_words;
+    /* Logit bias: entry e adds bias_values[e] to token bias_tokens[e]
+     * (entries of one token add in list order). NULL: no bias. */
+    const int64_t *bias_offsets;
+    const int32_t *bias_tokens;
+    const float *bias_values;
+    /* The history that penalties count: a token may repeat (frequency counts
+     * its repeats), e.g. the tokens generated so far. prompt_tokens (optional,
+     * repetition penalty only) adds tokens that repetition penalises without
+     * counting, e.g. the prompt, as vLLM and Hugging Face do. */
+    const int64_t *history_offsets;
+    const int32_t *history_tokens;
+    const int64_t *prompt_offsets;
+    const int32_t *prompt_tokens;
+    float repetition_penalty; /* in [1e-3, 1e3]; 1 = off. x > 0: x * (1/r), else x * r */
+    float frequency_penalty;  /* in [-1e3, 1e3]; 0 = off. x - f * count */
+    float presence_penalty;   /* in [-1e3, 1e3]; 0 = off. x - p, if count > 0 */
+    const float *repetition_penalty_per_row;
+    const float *frequency_penalty_per_row;
+    const float *presence_penalty_per_row;
+} psm_logit_processing;
+
+/* No processing: every pointer NULL, penalties off. */
+PSM_API void psm_logit_processing_init(psm_logit_processing *processing);
+
+/* Top-N logprobs (psm_sample only): each row's N most probable tokens and
+ * their logprobs, and optionally the rank of each drawn token, in one of
+ * two modes (docs/SAMPLING.md, section 6). Ranks follow the rank order of
+ * the mode's candidates: higher logit first, lower index on ties (exact;
+ * probabilities follow it up to the contract's rounding). */
+#define PSM_MAX_TOP_LOGPROBS 64
+
+typedef enum psm_logprob_mode {
+    PSM_LOGPROBS_PROCESSED = 0, /* the distribution psm_sample draws from: after
+                                   processing, temperature and filters */
+    PSM_LOGPROBS_RAW = 1        /* log-softmax of the logits as given: no processing,
+                                   temperature 1, no filters */
+} psm_logprob_mode;
+
+typedef struct psm_top_logprobs {
+    int32_t count;             /* N: 1 .. PSM_MAX_TOP_LOGPROBS */
+    psm_logprob_mode mode;
+    psm_output tokens;         /* rows x N int32, most probable first; -1 past the last
+                                  candidate (and for a bad row) */
+    psm_output logprobs;       /* rows x N float; -inf past the last candidate, NaN for
+                                  a bad row */
+    psm_output sampled_ranks;  /* optional (data may be NULL): rows x num_samples int32,
+                                  the rank of each drawn token in this mode (1 = the
+                                  most probable); -1 for a bad row */
+} psm_top_logprobs;
+
 /* A call's parameters. Rows here are the rows of the outputs: logits row i,
  * or logits row row_indices[i] when row_indices is given.
  *
@@ -175,16 +248,15 @@ typedef struct psm_params {
      * by other work while the call runs on the context's stream. */
     void *workspace;
     size_t workspace_bytes;
+
+    /* Logit processing (above); NULL: none. */
+    const psm_logit_processing *processing;
+    /* Top-N logprobs (above; psm_sample only); NULL: none. */
+    const psm_top_logprobs *top_logprobs;
 } psm_params;
 
 /* Plain sampling at temperature 1, one sample, seed 0, every filter off. */
 PSM_API void psm_params_init(psm_params *params);
-
-/* A rows x num_samples int32 matrix of tokens, or a float matrix of logprobs. */
-typedef struct psm_output {
-    void *data;
-    psm_memory memory;
-} psm_output;
 
 /* Draws num_samples tokens per row. tokens: rows x num_samples int32 (rows:
  * output_rows with row_indices, else logits->rows).
@@ -207,7 +279,8 @@ PSM_API psm_status psm_probs(psm_context *context, const psm_tensor *logits,
  * psm_probs needs for these arguments on this context: the same arguments as
  * the call, whose data pointers may still be NULL here (the shapes, memory
  * kinds, scalars and per-row pointers' presence decide the size; host
- * per-row values are not read). 0 is a valid answer. */
+ * per-row values are not read, except the last offset of each logit-
+ * processing list in host memory: its length). 0 is a valid answer. */
 PSM_API psm_status psm_sample_workspace_size(psm_context *context, const psm_tensor *logits,
                                              const psm_params *params, psm_output tokens,
                                              psm_output logprobs, size_t *bytes);

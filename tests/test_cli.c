@@ -16,6 +16,7 @@
 #include "cli_options.h"
 #include "cli_util.h"
 #include "npy.h"
+#include "processing_files.h"
 
 #include <math.h>
 #include <omp.h>
@@ -442,7 +443,9 @@ static void test_commands(void)
     expect_command_help("info", cli_info, "");
     expect_command_help("sample", cli_sample,
                         "--backend --threads --temperature --top-k --top-p --min-p --seed "
-                        "--offset --num-samples --logprobs --check-rows --json");
+                        "--offset --num-samples --logprobs --check-rows --json --allowed-mask "
+                        "--logit-bias --history --prompt --repetition-penalty "
+                        "--frequency-penalty --presence-penalty");
     expect_command_help("bench", cli_bench,
                         "--backend --rows --vocab --dtype --setting --distribution --repeat "
                         "--threads --seed --quick --json --json=PATH");
@@ -461,6 +464,11 @@ static void test_commands(void)
         {"sample", cli_sample, "--temperature 0x1p-1 x.npy", "bad --temperature '0x1p-1'"},
         {"sample", cli_sample, "--backend cpu,opencl x.npy", "--backend takes at most 1 item"},
         {"sample", cli_sample, "--logprobs", "no input file"},
+        {"sample", cli_sample, "--presence-penalty 0.5 x.npy",
+         "--presence-penalty needs --history (the tokens it counts)"},
+        {"sample", cli_sample, "--repetition-penalty 1.2 x.npy",
+         "--repetition-penalty needs --history or --prompt"},
+        {"sample", cli_sample, "--history", "option --history needs a value"},
         {"sample", cli_sample, "--unknown x.npy",
          "unknown option '--unknown' (see polysample sample --help)"},
         {"bench", cli_bench, "--distribution normal,gamma",
@@ -853,6 +861,373 @@ static void test_npy_unsized(void)
     expect_fifo("4 bytes too many", path, 0, "has bytes after the 24 bytes of data");
 }
 
+/* ---- sample with logit processing ------------------------------------------ */
+
+enum { PROCESSING_ROWS = 3, PROCESSING_VOCAB = 70, PROCESSING_WORDS = 3, PROCESSING_SAMPLES = 6 };
+
+/* What the files below hold, in the library's layout, written out by hand:
+ * '*' lines become one entry of every row at their place in the file. */
+static const int64_t expected_bias_offsets[] = {0, 3, 5, 7};
+static const int32_t expected_bias_tokens[] = {10, 20, 10, 20, 65, 20, 68};
+static const float expected_bias_values[] = {2.5f, -1.25f, 5.0f, -1.25f, 4.0f, -1.25f, -3.0f};
+static const int64_t expected_history_offsets[] = {0, 5, 8, 11};
+static const int32_t expected_history_tokens[] = {10, 11, 11, 12, 30, 65, 65, 30, 30, 40, 41};
+static const int64_t expected_prompt_offsets[] = {0, 1, 3, 3};
+static const int32_t expected_prompt_tokens[] = {13, 66, 67};
+
+static const char bias_text[] = "# token bias\n"
+                                "0 10 2.5\n"
+                                "* 20 -1.25   # every row\n"
+                                "1 65 4\n"
+                                "\n"
+                                "0 10 0.5e1\n"
+                                "2\t68 -3\r\n";
+static const char history_text[] = "0 10 11 11 12\n"
+                                   "1 65 65\n"
+                                   "* 30\n"
+                                   "2 40 41";
+static const char prompt_text[] = "\t1 66 67\n"
+                                  "0 13\n";
+
+/* Row 0 allows tokens i % 3 != 0; row 1 all but 0-31; row 2 all but 3 (a
+ * NaN logit: the row stays bad, since a mask never hides a broken row) and
+ * 69. */
+static int mask_allows(int64_t row, int64_t token)
+{
+    if (row == 0)
+        return token % 3 != 0;
+    if (row == 1)
+        return token >= 32;
+    return token != 3 && token != 69;
+}
+
+static float processing_logits[PROCESSING_ROWS * PROCESSING_VOCAB];
+static uint32_t processing_mask[PROCESSING_ROWS * PROCESSING_WORDS];
+
+static void write_processing_files(void)
+{
+    unsigned char bools[PROCESSING_ROWS * PROCESSING_VOCAB];
+    int64_t row, token;
+    cli_fill_normal(processing_logits, PROCESSING_ROWS * PROCESSING_VOCAB, 2.0f, 11);
+    processing_logits[2 * PROCESSING_VOCAB + 3] = NAN;
+    memset(processing_mask, 0, sizeof processing_mask);
+    for (row = 0; row < PROCESSING_ROWS; ++row)
+        for (token = 0; token < PROCESSING_VOCAB; ++token) {
+            bools[row * PROCESSING_VOCAB + token] = (unsigned char)mask_allows(row, token);
+            if (mask_allows(row, token))
+                processing_mask[row * PROCESSING_WORDS + token / 32] |= 1u << (token % 32);
+        }
+    write_npy("processing_logits.npy", 1,
+              "{'descr': '<f4', 'fortran_order': False, 'shape': (3, 70), }", processing_logits,
+              sizeof processing_logits);
+    write_npy("mask_words.npy", 1, "{'descr': '<u4', 'fortran_order': False, 'shape': (3, 3), }",
+              processing_mask, sizeof processing_mask);
+    write_npy("mask_bools.npy", 1, "{'descr': '|b1', 'fortran_order': False, 'shape': (3, 70), }",
+              bools, sizeof bools);
+    write_raw("bias.txt", bias_text, strlen(bias_text));
+    write_raw("history.txt", history_text, strlen(history_text));
+    write_raw("prompt.txt", prompt_text, strlen(prompt_text));
+}
+
+/* The readers give exactly the lists above. */
+static void test_processing_readers(void)
+{
+    char path[128], error[512] = "";
+    cli_row_lists lists;
+    uint32_t *words = NULL;
+    int64_t words_per_row = 0;
+    const char *const masks[] = {"mask_words.npy", "mask_bools.npy"};
+    size_t i;
+
+    snprintf(path, sizeof path, "%s/bias.txt", directory);
+    EXPECT(cli_read_bias_lists(path, PROCESSING_ROWS, PROCESSING_VOCAB, &lists, error,
+                               sizeof error) == 0, "bias.txt: %s", error);
+    EXPECT(lists.offsets && lists.values && lists.entries == 7 &&
+               !memcmp(lists.offsets, expected_bias_offsets, sizeof expected_bias_offsets) &&
+               !memcmp(lists.tokens, expected_bias_tokens, sizeof expected_bias_tokens) &&
+               !memcmp(lists.values, expected_bias_values, sizeof expected_bias_values),
+           "bias.txt: %lld entries, or other offsets, tokens or values than written",
+           (long long)lists.entries);
+    cli_row_lists_free(&lists);
+
+    snprintf(path, sizeof path, "%s/history.txt", directory);
+    EXPECT(cli_read_token_lists(path, PROCESSING_ROWS, PROCESSING_VOCAB, &lists, error,
+                                sizeof error) == 0, "history.txt: %s", error);
+    EXPECT(lists.offsets && !lists.values && lists.entries == 11 &&
+               !memcmp(lists.offsets, expected_history_offsets,
+                       sizeof expected_history_offsets) &&
+               !memcmp(lists.tokens, expected_history_tokens, sizeof expected_history_tokens),
+           "history.txt: %lld entries, or other offsets or tokens than written",
+           (long long)lists.entries);
+    cli_row_lists_free(&lists);
+
+    snprintf(path, sizeof path, "%s/prompt.txt", directory);
+    EXPECT(cli_read_token_lists(path, PROCESSING_ROWS, PROCESSING_VOCAB, &lists, error,
+                                sizeof error) == 0, "prompt.txt: %s", error);
+    EXPECT(lists.offsets && lists.entries == 3 &&
+               !memcmp(lists.offsets, expected_prompt_offsets, sizeof expected_prompt_offsets) &&
+               !memcmp(lists.tokens, expected_prompt_tokens, sizeof expected_prompt_tokens),
+           "prompt.txt: %lld entries, or other offsets or tokens than written",
+           (long long)lists.entries);
+    cli_row_lists_free(&lists);
+
+    for (i = 0; i < 2; ++i) {
+        snprintf(path, sizeof path, "%s/%s", directory, masks[i]);
+        EXPECT(cli_read_allowed_mask(path, PROCESSING_ROWS, PROCESSING_VOCAB, &words,
+                                     &words_per_row, error, sizeof error) == 0,
+               "%s: %s", masks[i], error);
+        EXPECT(words && words_per_row == PROCESSING_WORDS &&
+                   !memcmp(words, processing_mask, sizeof processing_mask),
+               "%s: %lld words a row, or other bits than written", masks[i],
+               (long long)words_per_row);
+        free(words);
+        words = NULL;
+    }
+}
+
+/* Runs `polysample sample` on a command line whose words are separated by
+ * spaces, with "@" standing for the temporary directory. */
+static void run_sample(captured *result, const char *line)
+{
+    static char expanded[2048], buffer[2048];
+    char *words[40];
+    size_t used = 0;
+    const char *at;
+    for (at = line; *at && used + sizeof directory < sizeof expanded; ++at)
+        used += (size_t)snprintf(expanded + used, sizeof expanded - used, "%s",
+                                 *at == '@' ? directory : (char[2]){*at, '\0'});
+    capture(result, cli_sample, NULL, split_words(expanded, buffer, sizeof buffer, words, 40),
+            words);
+}
+
+/* Reads sample's text output: rows lines of samples tokens, a tab and
+ * samples logprobs. 0 when it has exactly that shape. */
+static int parse_sample_output(const char *text, int32_t *tokens, float *logprobs)
+{
+    const char *cursor = text;
+    char *end;
+    int row, sample;
+    for (row = 0; row < PROCESSING_ROWS; ++row) {
+        for (sample = 0; sample < PROCESSING_SAMPLES; ++sample) {
+            long value = strtol(cursor, &end, 10);
+            if (end == cursor)
+                return -1;
+            tokens[row * PROCESSING_SAMPLES + sample] = (int32_t)value;
+            cursor = end;
+        }
+        if (*cursor++ != '\t')
+            return -1;
+        for (sample = 0; sample < PROCESSING_SAMPLES; ++sample) {
+            logprobs[row * PROCESSING_SAMPLES + sample] = strtof(cursor, &end);
+            if (end == cursor)
+                return -1;
+            cursor = end;
+        }
+        if (*cursor++ != '\n')
+            return -1;
+    }
+    return *cursor == '\0' ? 0 : -1;
+}
+
+static void library_sample(const psm_logit_processing *processing, int32_t *tokens,
+                           float *logprobs)
+{
+    psm_context_options options;
+    psm_context *context = NULL;
+    psm_params params;
+    psm_tensor logits = {processing_logits, PSM_DTYPE_F32, PSM_MEMORY_HOST, PROCESSING_ROWS,
+                         PROCESSING_VOCAB, 0};
+    psm_output token_output = {tokens, PSM_MEMORY_HOST}, logprob_output = {logprobs,
+                                                                           PSM_MEMORY_HOST};
+    psm_status status;
+    psm_context_options_init(&options);
+    options.backend = PSM_BACKEND_CPU;
+    psm_params_init(&params);
+    params.seed = 7;
+    params.num_samples = PROCESSING_SAMPLES;
+    params.processing = processing;
+    status = psm_context_create(&options, &context);
+    if (status == PSM_OK)
+        status = psm_sample(context, &logits, &params, token_output, logprob_output);
+    if (status == PSM_OK)
+        status = psm_synchronize(context);
+    EXPECT(status == PSM_OK, "the library call failed: %s", psm_last_error());
+    psm_context_destroy(context);
+}
+
+/* `sample` with every kind of processing gives exactly the library's tokens
+ * and logprobs for the same lists, given by hand; the bool and the word mask
+ * give the same output; and the processing changes the tokens. */
+static void test_sample_processing(void)
+{
+    static const char options[] =
+        "--backend cpu --seed 7 --num-samples 6 --logprobs --logit-bias @/bias.txt "
+        "--history @/history.txt --prompt @/prompt.txt --repetition-penalty 1.5 "
+        "--frequency-penalty 0.25 --presence-penalty 0.5 --allowed-mask";
+    int32_t cli_tokens[PROCESSING_ROWS * PROCESSING_SAMPLES],
+        library_tokens[PROCESSING_ROWS * PROCESSING_SAMPLES],
+        plain_tokens[PROCESSING_ROWS * PROCESSING_SAMPLES];
+    float cli_logprobs[PROCESSING_ROWS * PROCESSING_SAMPLES],
+        library_logprobs[PROCESSING_ROWS * PROCESSING_SAMPLES],
+        plain_logprobs[PROCESSING_ROWS * PROCESSING_SAMPLES];
+    psm_logit_processing processing;
+    captured words_run, bools_run;
+    char line[512];
+    int i, differ = 0;
+
+    snprintf(line, sizeof line, "%s @/mask_words.npy @/processing_logits.npy", options);
+    run_sample(&words_run, line);
+    snprintf(line, sizeof line, "%s @/mask_bools.npy @/processing_logits.npy", options);
+    run_sample(&bools_run, line);
+    EXPECT(words_run.status == CLI_EXIT_OK && words_run.err[0] == '\0',
+           "sample with processing: status %d, stderr '%s'", words_run.status, words_run.err);
+    EXPECT(!strcmp(words_run.out, bools_run.out) && bools_run.status == CLI_EXIT_OK,
+           "the word mask printed '%s', the bool mask (status %d) '%s'", words_run.out,
+           bools_run.status, bools_run.out);
+    if (parse_sample_output(words_run.out, cli_tokens, cli_logprobs) != 0) {
+        EXPECT(0, "sample with processing printed '%s'; expected %d rows of %d tokens and "
+                  "logprobs", words_run.out, PROCESSING_ROWS, PROCESSING_SAMPLES);
+        return;
+    }
+
+    psm_logit_processing_init(&processing);
+    processing.allowed_mask = processing_mask;
+    processing.bias_offsets = expected_bias_offsets;
+    processing.bias_tokens = expected_bias_tokens;
+    processing.bias_values = expected_bias_values;
+    processing.history_offsets = expected_history_offsets;
+    processing.history_tokens = expected_history_tokens;
+    processing.prompt_offsets = expected_prompt_offsets;
+    processing.prompt_tokens = expected_prompt_tokens;
+    processing.repetition_penalty = 1.5f;
+    processing.frequency_penalty = 0.25f;
+    processing.presence_penalty = 0.5f;
+    library_sample(&processing, library_tokens, library_logprobs);
+    library_sample(NULL, plain_tokens, plain_logprobs);
+    for (i = 0; i < PROCESSING_ROWS * PROCESSING_SAMPLES; ++i) {
+        int row = i / PROCESSING_SAMPLES;
+        EXPECT(cli_tokens[i] == library_tokens[i] &&
+                   (cli_logprobs[i] == library_logprobs[i] ||
+                    (isnan(cli_logprobs[i]) && isnan(library_logprobs[i]))),
+               "row %d sample %d: sample printed token %d logprob %.9g; the library gives %d, "
+               "%.9g", row, i % PROCESSING_SAMPLES, cli_tokens[i], (double)cli_logprobs[i],
+               library_tokens[i], (double)library_logprobs[i]);
+        if (row == 2) {
+            EXPECT(cli_tokens[i] == -1, "row 2 (a masked NaN): token %d, expected -1",
+                   cli_tokens[i]);
+            continue;
+        }
+        EXPECT(cli_tokens[i] >= 0 && mask_allows(row, cli_tokens[i]),
+               "row %d: token %d, which the mask does not allow", row, cli_tokens[i]);
+        differ |= cli_tokens[i] != plain_tokens[i];
+    }
+    EXPECT(differ, "the processing changed no token: the comparison shows nothing");
+}
+
+/* A bad processing file: exit 2, nothing on stdout, and a message naming
+ * the file (and line) and the problem. */
+static void test_sample_processing_refusals(void)
+{
+    static const unsigned char bools_with_two[PROCESSING_ROWS * PROCESSING_VOCAB] = {[75] = 2};
+    static const unsigned char zeros[PROCESSING_ROWS * PROCESSING_VOCAB] = {0};
+    static const struct {
+        const char *name, *text, *option, *message;
+    } texts[] = {
+        {"bias_words.txt", "0 1 2\n0 1\n", "--logit-bias",
+         "bias_words.txt:2: expected ROW TOKEN VALUE; found only 2 words"},
+        {"bias_extra.txt", "0 1 2 3\n", "--logit-bias",
+         "bias_extra.txt:1: expected ROW TOKEN VALUE; found more than 3 words"},
+        {"bias_nan.txt", "0 1 nan\n", "--logit-bias", "bias_nan.txt:1: bad value 'nan'"},
+        {"bias_huge.txt", "0 1 1e39\n", "--logit-bias",
+         "bias_huge.txt:1: bad value '1e39': out of float range"},
+        {"bias_row.txt", "3 1 1\n", "--logit-bias",
+         "bias_row.txt:1: row 3 is out of range: the logits have 3 rows (0 to 2)"},
+        {"history_token.txt", "# c\n\n0 70\n", "--history",
+         "history_token.txt:3: token 70 is out of range: a row has 70 tokens (0 to 69)"},
+        {"history_sign.txt", "0 -1\n", "--history", "history_sign.txt:1: bad token '-1'"},
+        {"prompt_row.txt", "-1 2\n", "--prompt", "prompt_row.txt:1: bad row '-1'"},
+        {"prompt_empty_row.txt", "1 3\n2 # nothing\n", "--prompt",
+         "prompt_empty_row.txt:2: a row without tokens"},
+    };
+    static const struct {
+        const char *name, *dict;
+        const void *data;
+        size_t bytes;
+        const char *message;
+    } masks[] = {
+        {"mask_short_words.npy", "{'descr': '<u4', 'fortran_order': False, 'shape': (3, 2), }",
+         zeros, 24, "has 2 uint32 words a row; a row of 70 tokens needs at least 3"},
+        {"mask_short_bools.npy", "{'descr': '|b1', 'fortran_order': False, 'shape': (3, 69), }",
+         zeros, 207, "has 69 bools a row; the logits have 70 tokens a row"},
+        {"mask_rows.npy", "{'descr': '|b1', 'fortran_order': False, 'shape': (2, 70), }",
+         zeros, 140, "has 2 mask rows; the logits have 3"},
+        {"mask_two.npy", "{'descr': '|b1', 'fortran_order': False, 'shape': (3, 70), }",
+         bools_with_two, sizeof bools_with_two,
+         "row 1, token 5 holds byte 2, which is not a bool (0 or 1)"},
+        {"mask_float.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (3, 3), }",
+         zeros, 36, "dtype '<f4' is not supported (use uint32 '<u4' or bool '|b1')"},
+        {"mask_truncated.npy", "{'descr': '<u4', 'fortran_order': False, 'shape': (3, 3), }",
+         zeros, 20, "is truncated"},
+    };
+    static const struct {
+        const char *line, *message;
+    } others[] = {
+        {"--backend cpu --history @/missing.txt @/processing_logits.npy",
+         "cannot open '@/missing.txt': No such file or directory"},
+        {"--backend cpu --history @/history.txt --repetition-penalty 0 "
+         "@/processing_logits.npy",
+         "repetition_penalty is 0; expected 1e-3 .. 1e3"},
+        {"--backend cpu --prompt @/prompt.txt --frequency-penalty 1 @/processing_logits.npy",
+         "--frequency-penalty needs --history"},
+    };
+    char line[512], message[256];
+    captured result;
+    size_t i, length;
+    const char *nul_text = "0 1\0 2\n";
+
+    for (i = 0; i < sizeof texts / sizeof texts[0]; ++i) {
+        write_raw(texts[i].name, texts[i].text, strlen(texts[i].text));
+        snprintf(line, sizeof line, "--backend cpu %s @/%s @/processing_logits.npy",
+                 texts[i].option, texts[i].name);
+        run_sample(&result, line);
+        EXPECT(result.status == CLI_EXIT_USAGE && result.out[0] == '\0' &&
+                   strstr(result.err, texts[i].message),
+               "%s: status %d, stdout '%s', stderr '%s'; expected exit %d saying '%s'",
+               texts[i].name, result.status, result.out, result.err, CLI_EXIT_USAGE,
+               texts[i].message);
+    }
+    write_raw("history_nul.txt", nul_text, 7);
+    run_sample(&result, "--backend cpu --history @/history_nul.txt @/processing_logits.npy");
+    EXPECT(result.status == CLI_EXIT_USAGE && strstr(result.err, "history_nul.txt:1: a NUL byte"),
+           "history_nul.txt: status %d, stderr '%s'", result.status, result.err);
+    for (i = 0; i < sizeof masks / sizeof masks[0]; ++i) {
+        write_npy(masks[i].name, 1, masks[i].dict, masks[i].data, masks[i].bytes);
+        snprintf(line, sizeof line, "--backend cpu --allowed-mask @/%s @/processing_logits.npy",
+                 masks[i].name);
+        run_sample(&result, line);
+        EXPECT(result.status == CLI_EXIT_USAGE && result.out[0] == '\0' &&
+                   strstr(result.err, masks[i].name) && strstr(result.err, masks[i].message),
+               "%s: status %d, stdout '%s', stderr '%s'; expected exit %d saying '%s'",
+               masks[i].name, result.status, result.out, result.err, CLI_EXIT_USAGE,
+               masks[i].message);
+    }
+    for (i = 0; i < sizeof others / sizeof others[0]; ++i) {
+        const char *at = strchr(others[i].message, '@');
+        if (at) { /* the message names the path as given */
+            length = (size_t)(at - others[i].message);
+            snprintf(message, sizeof message, "%.*s%s%s", (int)length, others[i].message,
+                     directory, at + 1);
+        } else {
+            snprintf(message, sizeof message, "%s", others[i].message);
+        }
+        run_sample(&result, others[i].line);
+        EXPECT(result.status == CLI_EXIT_USAGE && result.out[0] == '\0' &&
+                   strstr(result.err, message),
+               "sample %s: status %d, stdout '%s', stderr '%s'; expected exit %d saying '%s'",
+               others[i].line, result.status, result.out, result.err, CLI_EXIT_USAGE, message);
+    }
+}
+
 static void remove_directory(void)
 {
     static const char *const names[] = {
@@ -861,7 +1236,12 @@ static void remove_directory(void)
         "text.npy", "short.npy", "empty.npy", "version9.npy", "short_header.npy", "int32.npy",
         "float64.npy", "no_descr.npy", "fortran.npy", "no_fortran.npy", "three_d.npy",
         "zero_d.npy", "zero_rows.npy", "negative.npy", "long_row.npy", "count_overflow.npy",
-        "bytes_overflow.npy", "dimension_overflow.npy"};
+        "bytes_overflow.npy", "dimension_overflow.npy", "processing_logits.npy",
+        "mask_words.npy", "mask_bools.npy", "bias.txt", "history.txt", "prompt.txt",
+        "bias_words.txt", "bias_extra.txt", "bias_nan.txt", "bias_huge.txt", "bias_row.txt",
+        "history_token.txt", "history_sign.txt", "prompt_row.txt", "prompt_empty_row.txt",
+        "history_nul.txt", "mask_short_words.npy", "mask_short_bools.npy", "mask_rows.npy",
+        "mask_two.npy", "mask_float.npy", "mask_truncated.npy", "top_logits.npy"};
     char path[128];
     size_t i;
     for (i = 0; i < sizeof names / sizeof names[0]; ++i) {
@@ -869,6 +1249,75 @@ static void remove_directory(void)
         unlink(path);
     }
     rmdir(directory);
+}
+
+/* `sample --top-logprobs N` (and --raw-logprobs) prints exactly the
+ * library's top-N tokens, logprobs and ranks, in the text layout its help
+ * describes: tokens, a tab, TOKEN:LOGPROB pairs, a tab, the ranks. */
+static void test_sample_top_logprobs(void)
+{
+    enum { N = 3, SAMPLES = 4 };
+    for (int raw = 0; raw < 2; ++raw) {
+        char line[256];
+        captured run;
+        snprintf(line, sizeof line,
+                 "--backend cpu --seed 5 --num-samples 4 --temperature 0.7 --top-k 9 "
+                 "--top-logprobs 3%s @/top_logits.npy",
+                 raw ? " --raw-logprobs" : "");
+        run_sample(&run, line);
+        EXPECT(run.status == CLI_EXIT_OK, "sample --top-logprobs: status %d, '%s'", run.status,
+               run.err);
+
+        psm_context_options options;
+        psm_context *context = NULL;
+        psm_context_options_init(&options);
+        options.backend = PSM_BACKEND_CPU;
+        psm_params params;
+        psm_params_init(&params);
+        params.seed = 5;
+        params.num_samples = SAMPLES;
+        params.temperature = 0.7f;
+        params.top_k = 9;
+        int32_t tokens[2 * SAMPLES], top_tokens[2 * N], ranks[2 * SAMPLES];
+        float top_logprobs[2 * N];
+        psm_top_logprobs top = {N, raw ? PSM_LOGPROBS_RAW : PSM_LOGPROBS_PROCESSED,
+                                {top_tokens, PSM_MEMORY_HOST}, {top_logprobs, PSM_MEMORY_HOST},
+                                {ranks, PSM_MEMORY_HOST}};
+        params.top_logprobs = &top;
+        psm_tensor logits = {processing_logits, PSM_DTYPE_F32, PSM_MEMORY_HOST, 2,
+                             PROCESSING_VOCAB, 0};
+        psm_status status = psm_context_create(&options, &context);
+        if (status == PSM_OK)
+            status = psm_sample(context, &logits, &params, (psm_output){tokens, PSM_MEMORY_HOST},
+                                (psm_output){NULL, PSM_MEMORY_HOST});
+        psm_context_destroy(context);
+        EXPECT(status == PSM_OK, "the library call failed: %s", psm_last_error());
+
+        char expected[1024];
+        size_t used = 0;
+        for (int row = 0; row < 2; ++row) {
+            for (int j = 0; j < SAMPLES; ++j)
+                used += (size_t)snprintf(expected + used, sizeof expected - used, "%s%d",
+                                         j ? " " : "", tokens[row * SAMPLES + j]);
+            for (int e = 0; e < N; ++e)
+                used += (size_t)snprintf(expected + used, sizeof expected - used, "%s%d:%.9g",
+                                         e ? " " : "\t", top_tokens[row * N + e],
+                                         (double)top_logprobs[row * N + e]);
+            for (int j = 0; j < SAMPLES; ++j)
+                used += (size_t)snprintf(expected + used, sizeof expected - used, "%s%d",
+                                         j ? " " : "\t", ranks[row * SAMPLES + j]);
+            used += (size_t)snprintf(expected + used, sizeof expected - used, "\n");
+        }
+        EXPECT(!strcmp(run.out, expected), "sample --top-logprobs%s printed\n%s\nexpected\n%s",
+               raw ? " --raw-logprobs" : "", run.out, expected);
+    }
+    captured refused;
+    run_sample(&refused, "--raw-logprobs @/top_logits.npy");
+    EXPECT(refused.status == CLI_EXIT_USAGE &&
+               strstr(refused.err, "--raw-logprobs needs --top-logprobs N") != NULL,
+           "--raw-logprobs alone: status %d, '%s'", refused.status, refused.err);
+    run_sample(&refused, "--top-logprobs 65 @/top_logits.npy");
+    EXPECT(refused.status == CLI_EXIT_USAGE, "--top-logprobs 65: status %d", refused.status);
 }
 
 int main(void)
@@ -890,6 +1339,13 @@ int main(void)
     test_npy_well_formed();
     test_npy_malformed();
     test_npy_unsized();
+    write_processing_files();
+    test_processing_readers();
+    test_sample_processing();
+    test_sample_processing_refusals();
+    write_npy("top_logits.npy", 1, "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 70), }",
+              processing_logits, 2 * PROCESSING_VOCAB * sizeof(float));
+    test_sample_top_logprobs();
     remove_directory();
     if (failures) {
         printf("test_cli: %d failure(s)\n", failures);

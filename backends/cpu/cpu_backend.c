@@ -16,11 +16,28 @@ static void free_tile_arrays(cpu_tile_arrays *arrays)
     memset(arrays, 0, sizeof *arrays);
 }
 
+static void free_processing_arrays(cpu_processing_arrays *arrays)
+{
+    psm_free(arrays->logits);
+    psm_free(arrays->counts);
+    memset(arrays, 0, sizeof *arrays);
+}
+
+static void free_rank_arrays(cpu_rank_arrays *arrays)
+{
+    psm_free(arrays->keys);
+    psm_free(arrays->sorted);
+    psm_free(arrays->above);
+    memset(arrays, 0, sizeof *arrays);
+}
+
 static void free_scratch(cpu_scratch *scratch)
 {
     if (!scratch)
         return;
     free_tile_arrays(&scratch->owned);
+    free_processing_arrays(&scratch->owned_processing);
+    free_rank_arrays(&scratch->owned_ranks);
     psm_free(scratch);
 }
 
@@ -65,6 +82,62 @@ static psm_status ensure_capacity(cpu_state *state, int64_t vocab)
     return PSM_OK;
 }
 
+/* Grows every thread's own processing arrays to rows of `vocab` tokens. */
+static psm_status ensure_processing_capacity(cpu_state *state, int64_t vocab)
+{
+    for (int t = 0; t < state->threads; ++t) {
+        cpu_scratch *scratch = state->scratch[t];
+        if (scratch->owned_processing_vocab >= vocab)
+            continue;
+        cpu_processing_arrays grown = {
+            .logits = psm_alloc((size_t)vocab * sizeof(float)),
+            .counts = psm_alloc_zeroed((size_t)vocab, sizeof(uint32_t)),
+        };
+        if (!grown.logits || !grown.counts) {
+            free_processing_arrays(&grown);
+            return psm_set_error(PSM_ERR_OUT_OF_MEMORY,
+                                 "cpu backend: cannot allocate logit-processing workspace for "
+                                 "vocab %lld",
+                                 (long long)vocab);
+        }
+        free_processing_arrays(&scratch->owned_processing);
+        scratch->owned_processing = grown;
+        scratch->owned_processing_vocab = vocab;
+    }
+    return PSM_OK;
+}
+
+/* Grows every thread's own rank buffers to `samples` draws a row. */
+static psm_status ensure_rank_capacity(cpu_state *state, int64_t samples)
+{
+    for (int t = 0; t < state->threads; ++t) {
+        cpu_scratch *scratch = state->scratch[t];
+        if (scratch->owned_rank_samples >= samples)
+            continue;
+        cpu_rank_arrays grown = {
+            .keys = psm_alloc((size_t)samples * sizeof(uint64_t)),
+            .sorted = psm_alloc((size_t)samples * sizeof(uint64_t)),
+            .above = psm_alloc((size_t)samples * sizeof(int64_t)),
+        };
+        if (!grown.keys || !grown.sorted || !grown.above) {
+            free_rank_arrays(&grown);
+            return psm_set_error(PSM_ERR_OUT_OF_MEMORY,
+                                 "cpu backend: cannot allocate rank buffers for %lld samples",
+                                 (long long)samples);
+        }
+        free_rank_arrays(&scratch->owned_ranks);
+        scratch->owned_ranks = grown;
+        scratch->owned_rank_samples = samples;
+    }
+    return PSM_OK;
+}
+
+/* Does the call need rank buffers (top-N logprobs with the drawn ranks)? */
+static int needs_ranks(const psm_request *request)
+{
+    return request->params.top_logprobs && request->params.top_logprobs->sampled_ranks.data;
+}
+
 /* A caller's workspace holds every thread's tile arrays, each array starting
  * on a cache line (so that threads never share one), after up to 63 bytes
  * that align the first. */
@@ -75,19 +148,34 @@ static size_t line_round(size_t bytes)
     return (bytes + CPU_LINE - 1) / CPU_LINE * CPU_LINE;
 }
 
-static size_t thread_workspace_bytes(int64_t vocab)
+static size_t thread_workspace_bytes(int64_t vocab, int processing, int64_t rank_samples)
 {
     size_t tiles = (size_t)((vocab + PSM_TILE - 1) / PSM_TILE);
-    return 2 * line_round(tiles * sizeof(uint64_t)) + line_round(tiles * sizeof(float)) +
-           line_round(tiles * sizeof(int32_t)) + 2 * line_round(tiles * sizeof(uint8_t));
+    size_t bytes = 2 * line_round(tiles * sizeof(uint64_t)) + line_round(tiles * sizeof(float)) +
+                   line_round(tiles * sizeof(int32_t)) + 2 * line_round(tiles * sizeof(uint8_t));
+    if (processing)
+        bytes += line_round((size_t)vocab * sizeof(float)) +
+                 line_round((size_t)vocab * sizeof(uint32_t));
+    bytes += 3 * line_round((size_t)rank_samples * sizeof(uint64_t));
+    return bytes;
 }
 
-static size_t workspace_bytes(const cpu_state *state, int64_t vocab)
+static size_t workspace_bytes(const cpu_state *state, const psm_request *request)
 {
-    return (CPU_LINE - 1) + (size_t)state->threads * thread_workspace_bytes(vocab);
+    /* The size query may come before the outputs exist: top-N logprobs
+     * count their rank buffers whenever they are asked for. */
+    const psm_top_logprobs *top = request->params.top_logprobs;
+    const int64_t rank_samples = top ? request->params.num_samples : 0;
+    return (CPU_LINE - 1) +
+           (size_t)state->threads * thread_workspace_bytes(request->logits.vocab,
+                                                           psm_processing_active(&request->params),
+                                                           rank_samples);
 }
 
-static void carve_workspace(cpu_state *state, void *workspace, int64_t vocab)
+/* With logit processing the counts must start at zero: the caller's memory
+ * is cleared here (processed_row leaves them zero after each row). */
+static void carve_workspace(cpu_state *state, void *workspace, int64_t vocab, int processing,
+                            int64_t rank_samples)
 {
     size_t tiles = (size_t)((vocab + PSM_TILE - 1) / PSM_TILE);
     unsigned char *next =
@@ -107,22 +195,50 @@ static void carve_workspace(cpu_state *state, void *workspace, int64_t vocab)
         arrays.tile_raw = next;
         next += line_round(tiles * sizeof(uint8_t));
         use_tile_arrays(state->scratch[t], &arrays);
+        if (processing) {
+            cpu_processing_arrays *own = &state->scratch[t]->processing;
+            own->logits = (float *)next;
+            next += line_round((size_t)vocab * sizeof(float));
+            own->counts = (uint32_t *)next;
+            memset(own->counts, 0, (size_t)vocab * sizeof(uint32_t));
+            next += line_round((size_t)vocab * sizeof(uint32_t));
+        }
+        if (rank_samples) {
+            cpu_rank_arrays *ranks = &state->scratch[t]->ranks;
+            ranks->keys = (uint64_t *)next;
+            next += line_round((size_t)rank_samples * sizeof(uint64_t));
+            ranks->sorted = (uint64_t *)next;
+            next += line_round((size_t)rank_samples * sizeof(uint64_t));
+            ranks->above = (int64_t *)next;
+            next += line_round((size_t)rank_samples * sizeof(int64_t));
+        }
     }
 }
 
-/* The running call's tile arrays: the caller's workspace (which core checked
- * is large enough), or the context's own, grown if needed. */
+/* The running call's tile (and processing) arrays: the caller's workspace
+ * (which core checked is large enough), or the context's own, grown if
+ * needed. */
 static psm_status prepare_tile_arrays(cpu_state *state, const psm_request *request)
 {
+    const int processing = psm_processing_active(&request->params);
+    const int64_t rank_samples = needs_ranks(request) ? request->params.num_samples : 0;
     if (request->params.workspace) {
-        carve_workspace(state, request->params.workspace, request->logits.vocab);
+        carve_workspace(state, request->params.workspace, request->logits.vocab, processing,
+                        rank_samples);
         return PSM_OK;
     }
     psm_status status = ensure_capacity(state, request->logits.vocab);
+    if (status == PSM_OK && processing)
+        status = ensure_processing_capacity(state, request->logits.vocab);
+    if (status == PSM_OK && rank_samples)
+        status = ensure_rank_capacity(state, rank_samples);
     if (status != PSM_OK)
         return status;
-    for (int t = 0; t < state->threads; ++t)
+    for (int t = 0; t < state->threads; ++t) {
         use_tile_arrays(state->scratch[t], &state->scratch[t]->owned);
+        state->scratch[t]->processing = state->scratch[t]->owned_processing;
+        state->scratch[t]->ranks = state->scratch[t]->owned_ranks;
+    }
     return PSM_OK;
 }
 
@@ -261,7 +377,7 @@ static psm_status cpu_workspace_size(void *opaque, const psm_request *request, i
                                      size_t *bytes)
 {
     (void)probs_mode; /* both write their outputs directly */
-    *bytes = workspace_bytes(opaque, request->logits.vocab);
+    *bytes = workspace_bytes(opaque, request);
     return PSM_OK;
 }
 
@@ -284,6 +400,7 @@ static psm_status cpu_synchronize(void *state)
 const psm_backend_ops psm_cpu_ops = {
     .api_version = PSM_BACKEND_API_VERSION,
     .id = PSM_BACKEND_CPU,
+    .features = PSM_FEATURE_LOGIT_PROCESSING | PSM_FEATURE_TOP_LOGPROBS,
     .probe = cpu_probe,
     .create = cpu_create,
     .destroy = cpu_destroy,

@@ -156,9 +156,30 @@ typedef struct cpu_tile_arrays {
     uint8_t *tile_raw;
 } cpu_tile_arrays;
 
+/* A row's processed logits and its token counts (logit processing only),
+ * vocab entries each; counts are all zero between rows. */
+typedef struct cpu_processing_arrays {
+    float *logits;
+    uint32_t *counts;
+} cpu_processing_arrays;
+
+/* Buffers for the ranks of a row's drawn tokens (top-N logprobs with
+ * sampled_ranks), num_samples entries each. */
+typedef struct cpu_rank_arrays {
+    uint64_t *keys;
+    uint64_t *sorted;
+    int64_t *above;
+} cpu_rank_arrays;
+
 typedef struct cpu_scratch {
     cpu_tile_arrays owned;  /* the context's, for owned_tiles tiles */
     int64_t owned_tiles;
+    cpu_processing_arrays owned_processing; /* the context's, for owned_processing_vocab */
+    int64_t owned_processing_vocab;
+    cpu_processing_arrays processing;       /* the running call's */
+    cpu_rank_arrays owned_ranks;            /* the context's, for owned_rank_samples */
+    int64_t owned_rank_samples;
+    cpu_rank_arrays ranks;                  /* the running call's */
     /* The arrays of the running call (owned, or in the caller's workspace). */
     float *tile_max;        /* plain: largest valid logit; filtered: first valid, then kept */
     int32_t *tile_valid;    /* valid logits in the tile */
@@ -357,6 +378,12 @@ cpu_kept_source cpu_apply_filters(const cpu_state *state, cpu_row *row, cpu_scra
                                   int parallel, int64_t valid, int32_t top_k, float top_p,
                                   float min_p);
 void cpu_kept_masses_from_heap(const cpu_row *row, cpu_scratch *owner, int64_t count);
+
+/* ---- cpu_logprobs.c --------------------------------------------------------- */
+
+void cpu_write_bad_top_logprobs(const psm_request *request, int64_t r);
+void cpu_top_logprobs(const psm_request *request, const cpu_row *row, const cpu_scratch *owner,
+                      int64_t r, int64_t logits_row, uint64_t total, int greedy);
 
 /* ---- cpu_rows.c ------------------------------------------------------------- */
 

@@ -35,6 +35,54 @@ static void init_row(cpu_row *row, const psm_tensor *logits, int64_t r)
     row->prefetch_step = PREFETCH_IN_KEPT;
 }
 
+/* Output row r's processed logits (docs/SAMPLING.md, section 1;
+ * core/psm_processing.h), in the owner's buffer: the row the passes then
+ * read as f32. Core checked every list and value (CPU arrays are host
+ * memory). */
+static const float *processed_row(const psm_request *request, int64_t r, int64_t logits_row,
+                                  cpu_scratch *owner)
+{
+    const psm_logit_processing *p = request->params.processing;
+    const psm_tensor *logits = &request->logits;
+    const int64_t vocab = logits->vocab;
+    const unsigned char *raw = row_data(logits, logits_row);
+    float *x = owner->processing.logits;
+    if (logits->dtype == PSM_DTYPE_F32)
+        for (int64_t i = 0; i < vocab; ++i)
+            x[i] = psm_read_logit(((const float *)raw)[i]);
+    else if (logits->dtype == PSM_DTYPE_BF16)
+        for (int64_t i = 0; i < vocab; ++i)
+            x[i] = psm_read_logit(psm_bf16_to_float(((const uint16_t *)raw)[i]));
+    else
+        for (int64_t i = 0; i < vocab; ++i)
+            x[i] = psm_read_logit(psm_f16_to_float(((const uint16_t *)raw)[i]));
+
+    const psm_processing_arrays arrays = psm_request_processing_arrays(p);
+    const psm_row_lists lists = psm_row_lists_of(&arrays, r);
+    psm_process_row_lists(x, owner->processing.counts, &lists);
+    if (p->allowed_mask) {
+        const int64_t words = p->allowed_mask_words ? p->allowed_mask_words : (vocab + 31) / 32;
+        const uint32_t *mask = p->allowed_mask + r * words;
+        for (int64_t i = 0; i < vocab; ++i)
+            x[i] = psm_processed_logit(x[i], psm_token_allowed(mask, i));
+    } else {
+        for (int64_t i = 0; i < vocab; ++i)
+            x[i] = psm_processed_logit(x[i], 1);
+    }
+    return x;
+}
+
+/* The row the passes read: the logits row, or its processed copy. */
+static void init_request_row(cpu_row *row, const psm_request *request, int64_t r,
+                             int64_t logits_row, cpu_scratch *owner)
+{
+    init_row(row, &request->logits, logits_row);
+    if (psm_processing_active(&request->params)) {
+        row->data = (const unsigned char *)processed_row(request, r, logits_row, owner);
+        row->dtype = PSM_DTYPE_F32;
+    }
+}
+
 /* Is row r bad (checking mode)? Out-of-range parameters, a NaN/+inf, or no
  * valid logit. */
 int cpu_row_check_fails(const cpu_state *state, const psm_request *request, int64_t r,
@@ -44,7 +92,7 @@ int cpu_row_check_fails(const cpu_state *state, const psm_request *request, int6
     if (!params.valid)
         return 1;
     cpu_row row;
-    init_row(&row, &request->logits, params.logits_row);
+    init_request_row(&row, request, r, params.logits_row, owner);
     cpu_pass_args args = {.pass = PASS_SUMMARY, .row = &row, .owner = owner};
     cpu_run_pass(state, &args, parallel);
     int64_t valid;
@@ -153,13 +201,16 @@ static void draw_row(const psm_request *request, const cpu_row *row, cpu_scratch
 void cpu_process_row(const cpu_state *state, const psm_request *request, int64_t r,
                      cpu_scratch *owner, int parallel, int want_probs, int64_t next_row)
 {
+    const int top_logprobs = !want_probs && request->params.top_logprobs;
     psm_row_params params = cpu_resolve_params(request, r);
     if (!params.valid) {
         write_bad_row(request, r, want_probs);
+        if (top_logprobs)
+            cpu_write_bad_top_logprobs(request, r);
         return;
     }
     cpu_row row;
-    init_row(&row, &request->logits, params.logits_row);
+    init_request_row(&row, request, r, params.logits_row, owner);
     if (next_row >= 0) {
         psm_row_params next = cpu_resolve_params(request, next_row);
         if (next.valid)
@@ -176,16 +227,20 @@ void cpu_process_row(const cpu_state *state, const psm_request *request, int64_t
     int64_t valid;
     if (!cpu_row_is_good(&row, owner, &valid, &row.row_max)) {
         write_bad_row(request, r, want_probs);
+        if (top_logprobs)
+            cpu_write_bad_top_logprobs(request, r);
         return;
     }
     if (greedy) {
         write_greedy_row(request, r, greedy_token(&row, owner), want_probs);
+        if (top_logprobs)
+            cpu_top_logprobs(request, &row, owner, r, params.logits_row, 0, 1);
         return;
     }
     if (!plain) {
         row.filtered = 1;
         switch (cpu_apply_filters(state, &row, owner, parallel, valid, params.top_k, params.top_p,
-                              params.min_p)) {
+                                  params.min_p)) {
         case KEPT_FROM_HEAP:
             cpu_kept_masses_from_heap(&row, owner, params.top_k);
             break;
@@ -206,4 +261,6 @@ void cpu_process_row(const cpu_state *state, const psm_request *request, int64_t
         return;
     }
     draw_row(request, &row, owner, r, &params, total);
+    if (top_logprobs)
+        cpu_top_logprobs(request, &row, owner, r, params.logits_row, total, 0);
 }

@@ -18,6 +18,7 @@
  * kernels, so each replay of the graph reads their current values.
  */
 #include "psm_gpu_kernels.cuh"
+#include "psm_gpu_processing.cuh"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -109,6 +110,11 @@ struct psm_gpu_state {
     size_t staged_params_bytes;
     void *staged_outputs;
     size_t staged_outputs_bytes;
+    /* logit processing: processed rows and counts, and host arrays' staging */
+    void *processed;
+    size_t processed_bytes;
+    void *staged_processing;
+    size_t staged_processing_bytes;
 };
 
 /* Every device (and pinned host) allocation of the backend, so that test
@@ -243,6 +249,10 @@ void release_state(psm_gpu_state *state)
         (void)psm_gpu_free(state->staged_params);
     if (state->staged_outputs)
         (void)psm_gpu_free(state->staged_outputs);
+    if (state->processed)
+        (void)psm_gpu_free(state->processed);
+    if (state->staged_processing)
+        (void)psm_gpu_free(state->staged_processing);
     if (state->owns_stream && state->stream)
         (void)psm_gpu_stream_destroy(state->stream);
     (void)psm_gpu_get_last_error();
@@ -354,6 +364,38 @@ void list_staged_arrays(const psm_params *p, size_t rows, psm_row_arrays *arrays
                (const void **)&arrays->subsequence};
 }
 
+/* The arrays of a call's logit processing in staging order (8-byte ones
+ * first). A token list's length is its offsets' last entry, read on the
+ * host: host lists only. */
+const int staged_processing_count = 11;
+
+void list_staged_processing(const psm_logit_processing *p, const psm_request *request,
+                            psm_processing_arrays *arrays, const psm_u32 **mask,
+                            staged_array list[staged_processing_count])
+{
+    const size_t rows = (size_t)request->rows;
+    const size_t offsets = (rows + 1) * sizeof(psm_i64);
+    const size_t words = (size_t)(p->allowed_mask_words ? p->allowed_mask_words
+                                                        : (request->logits.vocab + 31) / 32);
+    const size_t history = p->history_offsets ? (size_t)p->history_offsets[rows] : 0;
+    const size_t prompt = p->prompt_offsets ? (size_t)p->prompt_offsets[rows] : 0;
+    const size_t bias = p->bias_offsets ? (size_t)p->bias_offsets[rows] : 0;
+    list[0] = {p->history_offsets, offsets, (const void **)&arrays->history_offsets};
+    list[1] = {p->prompt_offsets, offsets, (const void **)&arrays->prompt_offsets};
+    list[2] = {p->bias_offsets, offsets, (const void **)&arrays->bias_offsets};
+    list[3] = {p->history_tokens, history * sizeof(psm_i32), (const void **)&arrays->history_tokens};
+    list[4] = {p->prompt_tokens, prompt * sizeof(psm_i32), (const void **)&arrays->prompt_tokens};
+    list[5] = {p->bias_tokens, bias * sizeof(psm_i32), (const void **)&arrays->bias_tokens};
+    list[6] = {p->bias_values, bias * sizeof(float), (const void **)&arrays->bias_values};
+    list[7] = {p->allowed_mask, rows * words * sizeof(psm_u32), (const void **)mask};
+    list[8] = {p->repetition_penalty_per_row, rows * sizeof(float),
+               (const void **)&arrays->repetition_per_row};
+    list[9] = {p->frequency_penalty_per_row, rows * sizeof(float),
+               (const void **)&arrays->frequency_per_row};
+    list[10] = {p->presence_penalty_per_row, rows * sizeof(float),
+                (const void **)&arrays->presence_per_row};
+}
+
 /* The device memory one call needs, in bytes: the tile workspace of its
  * output rows and the stagings of its host-memory inputs and outputs. The
  * sizes follow from the request's shapes, memory kinds and which per-row
@@ -368,6 +410,8 @@ struct call_plan {
     size_t logprobs_bytes; /* host logprobs */
     size_t probs_bytes;    /* host probs */
     size_t outputs_bytes;  /* tokens then logprobs, or probs: one staging */
+    size_t processed_bytes;  /* logit processing: the processed rows, then their counts */
+    size_t processing_bytes; /* host logits with processing: its arrays (staged_array) */
 };
 
 psm_status too_large(const psm_request *request)
@@ -406,6 +450,21 @@ psm_status plan_call(const psm_request *request, bool probs_mode, call_plan *pla
                 return too_large(request);
     }
 
+    if (psm_processing_active(&request->params)) {
+        /* Processed rows (f32) and their counts (u32). */
+        plan->processed_bytes = 2 * rows * vocab * sizeof(float);
+        if (logits->memory == PSM_MEMORY_HOST) {
+            psm_processing_arrays unused;
+            const psm_u32 *unused_mask;
+            staged_array list[staged_processing_count];
+            list_staged_processing(request->params.processing, request, &unused, &unused_mask,
+                                   list);
+            for (int a = 0; a < staged_processing_count; ++a)
+                if (list[a].host && !add_bytes(&plan->processing_bytes, workspace_round(list[a].bytes)))
+                    return too_large(request);
+        }
+    }
+
     if (probs_mode) {
         if (request->probs.memory == PSM_MEMORY_HOST)
             plan->probs_bytes = rows * vocab * sizeof(float);
@@ -428,8 +487,8 @@ psm_status plan_call(const psm_request *request, bool probs_mode, call_plan *pla
  * that align the first. */
 psm_status workspace_bytes(const psm_request *request, const call_plan &plan, size_t *bytes)
 {
-    const size_t parts[] = {plan.tiles_bytes, plan.logits_bytes, plan.params_bytes,
-                            plan.outputs_bytes};
+    const size_t parts[] = {plan.tiles_bytes,   plan.logits_bytes,    plan.params_bytes,
+                            plan.outputs_bytes, plan.processed_bytes, plan.processing_bytes};
     size_t total = workspace_alignment - 1;
     for (size_t part : parts)
         if (part > SIZE_MAX - workspace_alignment || !add_bytes(&total, workspace_round(part)))
@@ -445,6 +504,8 @@ struct call_memory {
     void *logits;      /* staging for host logits */
     void *params;      /* staging for host per-row inputs */
     void *outputs;     /* staging for host outputs */
+    void *processed;   /* logit processing: processed rows, then counts */
+    void *processing;  /* staging for host processing arrays */
 };
 
 void carve_workspace(void *workspace, const call_plan &plan, call_memory *memory)
@@ -460,6 +521,10 @@ void carve_workspace(void *workspace, const call_plan &plan, call_memory *memory
     memory->params = next;
     next += workspace_round(plan.params_bytes);
     memory->outputs = next;
+    next += workspace_round(plan.outputs_bytes);
+    memory->processed = next;
+    next += workspace_round(plan.processed_bytes);
+    memory->processing = next;
 }
 
 /* The context's own buffers, grown to the plan. */
@@ -494,6 +559,20 @@ psm_status own_memory(psm_gpu_state *state, const psm_request *request, const ca
         if (status != PSM_OK)
             return status;
     }
+    if (plan.processed_bytes) {
+        status = grow_buffer(&state->processed, &state->processed_bytes, plan.processed_bytes,
+                             "allocating the processed logits");
+        if (status != PSM_OK)
+            return status;
+    }
+    if (plan.processing_bytes) {
+        status = grow_buffer(&state->staged_processing, &state->staged_processing_bytes,
+                             plan.processing_bytes, "allocating staging for logit processing");
+        if (status != PSM_OK)
+            return status;
+    }
+    memory->processed = state->processed;
+    memory->processing = state->staged_processing;
     memory->tiles = (unsigned char *)state->tiles;
     memory->tile_count = state->tile_capacity;
     memory->logits = state->staged_logits;
@@ -508,6 +587,8 @@ psm_status own_memory(psm_gpu_state *state, const psm_request *request, const ca
  * host-memory outputs are written to staging and copied back afterwards. */
 struct call_buffers {
     psm_gpu_call call;
+    bool processing_active;
+    psm_gpu_processing processing;
     void *host_tokens;
     void *host_logprobs;
     void *host_probs;
@@ -562,6 +643,84 @@ psm_status stage_inputs(psm_gpu_state *state, const psm_request *request,
     return PSM_OK;
 }
 
+/* Logit processing's device view: the caller's arrays, or with host logits
+ * their staged copies; the processed rows and counts from the call's
+ * memory. */
+psm_status stage_processing(psm_gpu_state *state, const psm_request *request,
+                            const call_memory &memory, call_buffers *buffers)
+{
+    const psm_logit_processing *p = request->params.processing;
+    psm_gpu_processing &processing = buffers->processing;
+    buffers->processing_active = true;
+    processing.arrays = psm_request_processing_arrays(p);
+    processing.mask = p->allowed_mask;
+    processing.mask_words =
+        p->allowed_mask_words ? p->allowed_mask_words : (request->logits.vocab + 31) / 32;
+    const size_t cells = (size_t)request->rows * (size_t)request->logits.vocab;
+    processing.processed = (float *)memory.processed;
+    processing.counts = (psm_u32 *)((unsigned char *)memory.processed + cells * sizeof(float));
+    if (request->logits.memory != PSM_MEMORY_HOST)
+        return PSM_OK;
+    staged_array list[staged_processing_count];
+    list_staged_processing(p, request, &processing.arrays, &processing.mask, list);
+    unsigned char *staging = (unsigned char *)memory.processing;
+    for (int a = 0; a < staged_processing_count; ++a) {
+        if (!list[a].host)
+            continue;
+        if (list[a].bytes)
+            PSM_GPU_TRY(psm_gpu_memcpy_async(staging, list[a].host, list[a].bytes,
+                                             psm_gpu_memcpy_host_to_device, state->stream),
+                        "copying logit-processing arrays to the device");
+        *list[a].device = staging;
+        staging += workspace_round(list[a].bytes);
+    }
+    return PSM_OK;
+}
+
+/* Runs the processing kernels (psm_gpu_processing.cuh), then points the call
+ * at the processed rows: f32, one per output row, no gather left to do.
+ * Returns the dtype the sampling kernels then read. */
+psm_status run_processing(psm_gpu_state *state, const psm_request *request,
+                          call_buffers *buffers, psm_dtype *dtype)
+{
+    psm_gpu_call &call = buffers->call;
+    const psm_gpu_processing &processing = buffers->processing;
+    const psm_i64 cells = call.rows * call.vocab;
+    const unsigned threads = 256;
+    const psm_i64 cap = (psm_i64)state->multiprocessors * 32;
+    psm_i64 blocks = (cells + threads - 1) / threads;
+    blocks = blocks < cap ? blocks : cap;
+    switch (request->logits.dtype) {
+    case PSM_DTYPE_F32:
+        psm_gpu_process_read_kernel<PSM_DTYPE_F32>
+            <<<(unsigned)blocks, threads, 0, state->stream>>>(call, processing);
+        break;
+    case PSM_DTYPE_F16:
+        psm_gpu_process_read_kernel<PSM_DTYPE_F16>
+            <<<(unsigned)blocks, threads, 0, state->stream>>>(call, processing);
+        break;
+    case PSM_DTYPE_BF16:
+        psm_gpu_process_read_kernel<PSM_DTYPE_BF16>
+            <<<(unsigned)blocks, threads, 0, state->stream>>>(call, processing);
+        break;
+    }
+    PSM_GPU_TRY(psm_gpu_get_last_error(), "launching the processing read kernel");
+    psm_i64 row_blocks = (call.rows + 63) / 64;
+    row_blocks = row_blocks < cap ? row_blocks : cap;
+    psm_gpu_process_lists_kernel<<<(unsigned)row_blocks, 64, 0, state->stream>>>(call, processing);
+    PSM_GPU_TRY(psm_gpu_get_last_error(), "launching the processing lists kernel");
+    psm_gpu_process_mask_kernel<<<(unsigned)blocks, threads, 0, state->stream>>>(call, processing);
+    PSM_GPU_TRY(psm_gpu_get_last_error(), "launching the processing mask kernel");
+
+    call.logits = processing.processed;
+    call.row_stride = call.vocab;
+    call.per_row &= ~PSM_PER_ROW_LOGITS_ROW;
+    call.scalars.logits_rows = call.rows;
+    call.logits_aligned = (call.vocab * sizeof(float)) % 16 == 0; /* the base is carved aligned */
+    *dtype = PSM_DTYPE_F32;
+    return PSM_OK;
+}
+
 /* Everything a call needs before its launches: its buffers (the context's,
  * grown if needed, or carved from the caller's workspace, which core checked
  * is large enough: then nothing is allocated) and its staged inputs. */
@@ -587,6 +746,8 @@ psm_status prepare_call(psm_gpu_state *state, psm_request *request, bool probs_m
         return status;
 
     status = stage_inputs(state, request, memory, call);
+    if (status == PSM_OK && psm_processing_active(&request->params))
+        status = stage_processing(state, request, memory, buffers);
     if (status != PSM_OK)
         return status;
 
@@ -659,7 +820,12 @@ psm_status launch(psm_gpu_state *state, psm_request *request, call_buffers *buff
                   bool probs_mode)
 {
     psm_gpu_call &call = buffers->call;
-    const psm_dtype dtype = request->logits.dtype;
+    psm_dtype dtype = request->logits.dtype;
+    if (buffers->processing_active) {
+        psm_status status = run_processing(state, request, buffers, &dtype);
+        if (status != PSM_OK)
+            return status;
+    }
     /* The same test as the kernels' psm_gpu_may_filter, over every row. */
     const bool filtered = filters_possible(request) != 0;
     call.row_parts = (psm_i32)row_parts(state, call, dtype, filtered, probs_mode);
@@ -949,6 +1115,7 @@ static psm_status gpu_synchronize(void *opaque_state)
 static const psm_backend_ops gpu_ops = {
     PSM_BACKEND_API_VERSION, /* api_version */
     PSM_GPU_BACKEND_ID,      /* id */
+    PSM_FEATURE_LOGIT_PROCESSING, /* features */
     gpu_probe,               /* probe */
     gpu_create,              /* create */
     gpu_destroy,             /* destroy */

@@ -33,8 +33,10 @@ from ._arguments import (ARRAY_NAMES, ARRAYS, BACKEND_CODES, BACKEND_NAMES, PROB
                          ROW_INDICES, arrays_of, parse_backend, scalars)
 from ._errors import Error
 from ._frameworks import HostResults, host_per_row, is_torch_tensor
+from ._processing import NAMES as PROCESSING_NAMES
+from ._processing import RowLists, processing_tuple
 
-__all__ = ["Context", "Error", "info", "probs", "sample", "__version__"]
+__all__ = ["Context", "Error", "RowLists", "info", "probs", "sample", "__version__"]
 __version__ = _core.version()
 
 _logger = logging.getLogger("polysample")
@@ -115,42 +117,54 @@ class Context:
                offset=0, num_samples=1, temperature_per_row=None, top_k_per_row=None,
                top_p_per_row=None, min_p_per_row=None, seed_per_row=None,
                offset_per_row=None, subsequence_per_row=None, row_indices=None,
-               seed_tensor=None, offset_tensor=None, workspace=None, return_logprobs=False):
+               seed_tensor=None, offset_tensor=None, workspace=None, return_logprobs=False,
+               allowed_mask=None, logit_bias=None, history=None, prompt=None,
+               repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0):
         """Draws num_samples tokens per row; see polysample.sample."""
         values = scalars(temperature, top_k, top_p, min_p, seed, offset, num_samples)
         arrays = (temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row,
                   seed_per_row, offset_per_row, subsequence_per_row, row_indices, seed_tensor,
                   offset_tensor)
+        processing = _processing(logits, row_indices, dict(
+            allowed_mask=allowed_mask, logit_bias=logit_bias, history=history, prompt=prompt,
+            repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty))
         if is_torch_tensor(logits):
             from . import torch as polysample_torch
             return polysample_torch._run_on_context(self, 0, logits, values, arrays,
-                                                    return_logprobs, workspace)
+                                                    return_logprobs, workspace, processing)
         results = HostResults(logits)
         arrays = _host_arrays(arrays)
         shape = _output_rows(logits, arrays) + (values[6],)
         tokens = results.empty(shape, "int32")
         logprobs = results.empty(shape, "float32") if return_logprobs else None
-        self._context.run(0, logits, values, arrays, tokens, logprobs, workspace)
+        self._context.run(0, logits, values, arrays, tokens, logprobs, workspace, processing)
         if return_logprobs:
             return results.result(tokens), results.result(logprobs)
         return results.result(tokens)
 
     def probs(self, logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
               temperature_per_row=None, top_k_per_row=None, top_p_per_row=None,
-              min_p_per_row=None, row_indices=None, workspace=None):
+              min_p_per_row=None, row_indices=None, workspace=None, allowed_mask=None,
+              logit_bias=None, history=None, prompt=None, repetition_penalty=1.0,
+              frequency_penalty=0.0, presence_penalty=0.0):
         """The distribution sample() draws from; see polysample.probs."""
         values = scalars(temperature, top_k, top_p, min_p, 0, 0, 1)
         arrays = arrays_of(dict(temperature_per_row=temperature_per_row,
                                 top_k_per_row=top_k_per_row, top_p_per_row=top_p_per_row,
                                 min_p_per_row=min_p_per_row, row_indices=row_indices))
+        processing = _processing(logits, row_indices, dict(
+            allowed_mask=allowed_mask, logit_bias=logit_bias, history=history, prompt=prompt,
+            repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty))
         if is_torch_tensor(logits):
             from . import torch as polysample_torch
             return polysample_torch._run_on_context(self, 1, logits, values, arrays, False,
-                                                    workspace)
+                                                    workspace, processing)
         results = HostResults(logits)
         arrays = _host_arrays(arrays)
         out = results.empty(_output_rows(logits, arrays) + (_shape(logits)[-1],), "float32")
-        self._context.run(1, logits, values, arrays, out, None, workspace)
+        self._context.run(1, logits, values, arrays, out, None, workspace, processing)
         return results.result(out)
 
     def sample_workspace_size(self, logits, **arguments):
@@ -168,7 +182,7 @@ class Context:
         names = ARRAY_NAMES if mode == 0 else PROBS_ARRAYS
         scalar_names = ("temperature", "top_k", "top_p", "min_p") + \
             (("seed", "offset", "num_samples", "return_logprobs") if mode == 0 else ())
-        unknown = set(arguments) - set(names) - set(scalar_names)
+        unknown = set(arguments) - set(names) - set(scalar_names) - set(PROCESSING_NAMES)
         if unknown:
             raise Error("INVALID_ARGUMENT", f"unknown arguments {sorted(unknown)} (workspace "
                                             "is what this sizes; leave it out)")
@@ -178,10 +192,12 @@ class Context:
         values = scalars(*(defaults[name] for name in (
             "temperature", "top_k", "top_p", "min_p", "seed", "offset", "num_samples")))
         arrays = arrays_of(arguments)
+        processing = _processing(logits, arguments.get("row_indices"), arguments)
         if is_torch_tensor(logits):
             from . import torch as polysample_torch
             return polysample_torch._workspace_size(self._context, mode, logits, values, arrays,
-                                                    bool(arguments.get("return_logprobs")))
+                                                    bool(arguments.get("return_logprobs")),
+                                                    processing)
         arrays = _host_arrays(arrays)
         rows = _output_rows(logits, arrays)
         if mode == 0:
@@ -189,7 +205,8 @@ class Context:
             logprobs = out.view(np.float32) if arguments.get("return_logprobs") else None
         else:
             out, logprobs = np.empty(rows + (_shape(logits)[-1],), np.float32), None
-        return self._context.workspace_size(mode, logits, values, arrays, out, logprobs)
+        return self._context.workspace_size(mode, logits, values, arrays, out, logprobs,
+                                            processing)
 
 
 def _shape(array):
@@ -210,6 +227,19 @@ def _output_rows(logits, arrays):
     if indices.ndim != 1:
         raise Error("INVALID_ARGUMENT", f"row_indices must be 1-D; got {indices.ndim}-D")
     return (len(indices),)
+
+
+def _processing(logits, row_indices, arguments):
+    """The extension's processing tuple for these outputs, or None."""
+    if row_indices is not None:
+        dimensions = row_indices.dim() if is_torch_tensor(row_indices) else np.ndim(row_indices)
+        if dimensions != 1:
+            raise Error("INVALID_ARGUMENT", f"row_indices must be 1-D; got {dimensions}-D")
+        rows, one_row = len(row_indices), False
+    else:
+        shape = _shape(logits)
+        rows, one_row = (shape[0], False) if len(shape) == 2 else (1, True)
+    return processing_tuple(arguments, rows, _shape(logits)[-1], one_row)
 
 
 def _host_arrays(values):
@@ -236,7 +266,8 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, of
            num_samples=1, temperature_per_row=None, top_k_per_row=None, top_p_per_row=None,
            min_p_per_row=None, seed_per_row=None, offset_per_row=None, subsequence_per_row=None,
            row_indices=None, seed_tensor=None, offset_tensor=None, workspace=None,
-           return_logprobs=False, backend=None):
+           return_logprobs=False, allowed_mask=None, logit_bias=None, history=None, prompt=None,
+           repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0, backend=None):
     """Draws num_samples tokens per row of logits (docs/SAMPLING.md).
 
     temperature: below 1e-5 (0 included) is greedy. top_k: 0 = off.
@@ -256,41 +287,65 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, of
     with it the call allocates nothing. Returns tokens, or (tokens,
     logprobs) with return_logprobs=True; a row with NaN/+inf or no finite
     logit gets token -1 and logprob NaN.
+
+    Logit processing (docs/SAMPLING.md section 1; the CPU backend runs it,
+    the GPU backends raise UNSUPPORTED), applied as the logits are read, per
+    output row: the penalties for tokens of the row's history (and, for
+    repetition, its prompt), then the bias, then the mask.
+    allowed_mask: bool (rows, vocab), True = allowed, or uint32 (rows,
+    words) with bit i % 32 of word i // 32 for token i; a row that allows
+    no valid token is a bad row. logit_bias: {token: bias} for every row, a
+    list of such dicts (or None) per row, or RowLists(offsets, tokens,
+    values). history, prompt: a list of token sequences per row, or
+    RowLists(offsets, tokens). repetition_penalty (in [1e-3, 1e3], 1 = off),
+    frequency_penalty and presence_penalty (in [-1e3, 1e3], 0 = off): a
+    number, or one value per row. For 1-D logits without row_indices the
+    row dimension is left out (a 1-D mask, one dict, one token sequence).
+    These are host data; with tensors on a device they are copied there.
     """
     values = scalars(temperature, top_k, top_p, min_p, seed, offset, num_samples)
     arrays = (temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row, seed_per_row,
               offset_per_row, subsequence_per_row, row_indices, seed_tensor, offset_tensor)
+    processing = dict(allowed_mask=allowed_mask, logit_bias=logit_bias, history=history,
+                      prompt=prompt, repetition_penalty=repetition_penalty,
+                      frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
     if is_torch_tensor(logits):
         from . import torch as polysample_torch
         return polysample_torch._eager(0, logits, backend, values, arrays, return_logprobs,
-                                       workspace)
+                                       workspace, _processing(logits, row_indices, processing))
     parse_backend(backend)
     return _default_context(backend).sample(
         logits, **dict(zip(("temperature", "top_k", "top_p", "min_p", "seed", "offset",
                             "num_samples"), values)),
-        **dict(zip(ARRAY_NAMES, arrays)), workspace=workspace, return_logprobs=return_logprobs)
+        **dict(zip(ARRAY_NAMES, arrays)), workspace=workspace, return_logprobs=return_logprobs,
+        **processing)
 
 
 def probs(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, temperature_per_row=None,
           top_k_per_row=None, top_p_per_row=None, min_p_per_row=None, row_indices=None,
-          workspace=None, backend=None):
+          workspace=None, allowed_mask=None, logit_bias=None, history=None, prompt=None,
+          repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0, backend=None):
     """The final (filtered, renormalised) distribution sample() draws from,
     float32 of the logits' shape (with row_indices: len(row_indices) rows);
     a bad row is all NaN. workspace: as for sample(), sized by
-    Context.probs_workspace_size()."""
+    Context.probs_workspace_size(); logit processing as for sample()."""
     values = scalars(temperature, top_k, top_p, min_p, 0, 0, 1)
+    processing = dict(allowed_mask=allowed_mask, logit_bias=logit_bias, history=history,
+                      prompt=prompt, repetition_penalty=repetition_penalty,
+                      frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
     if is_torch_tensor(logits):
         from . import torch as polysample_torch
         arrays = arrays_of(dict(temperature_per_row=temperature_per_row,
                                 top_k_per_row=top_k_per_row, top_p_per_row=top_p_per_row,
                                 min_p_per_row=min_p_per_row, row_indices=row_indices))
-        return polysample_torch._eager(1, logits, backend, values, arrays, False, workspace)
+        return polysample_torch._eager(1, logits, backend, values, arrays, False, workspace,
+                                       _processing(logits, row_indices, processing))
     parse_backend(backend)
     return _default_context(backend).probs(
         logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         temperature_per_row=temperature_per_row, top_k_per_row=top_k_per_row,
         top_p_per_row=top_p_per_row, min_p_per_row=min_p_per_row, row_indices=row_indices,
-        workspace=workspace)
+        workspace=workspace, **processing)
 
 
 def info():

@@ -193,7 +193,27 @@ def _torch_workspace(device, kept):
     return allocate
 
 
-def _run(mode, context, logits, values, arrays, return_logprobs, workspace):
+def _processing_tensors(processing, device, kept):
+    """The processing tuple (polysample._processing.processing_tuple: host
+    NumPy arrays) as raw tensors on the logits' device, the tensors kept
+    alive in `kept` until the call has been queued. The uint32 mask travels
+    as int32 (the same bits)."""
+    if processing is None:
+        return None
+    raw = []
+    for array in processing[:-1]:
+        if array is None:
+            raw.append(None)
+            continue
+        if array.dtype == np.uint32:
+            array = array.view(np.int32)
+        tensor = torch.from_numpy(array).to(device)
+        kept.append(tensor)
+        raw.append(_raw(tensor))
+    return tuple(raw) + (processing[-1],)
+
+
+def _run(mode, context, logits, values, arrays, return_logprobs, workspace, processing=None):
     """One call; workspace: a uint8 tensor, None (the context's own) or
     "torch" (torch's allocator, sized by the library's query)."""
     out, logprobs = _outputs(mode, logits, arrays, values[6], return_logprobs)
@@ -203,21 +223,23 @@ def _run(mode, context, logits, values, arrays, return_logprobs, workspace):
     elif workspace is not None:
         workspace = _raw(workspace)
     context.run(mode, _raw(logits), values, tuple(map(_raw_or_none, arrays)), _raw(out),
-                _raw(logprobs) if mode == 0 and return_logprobs else None, workspace)
+                _raw(logprobs) if mode == 0 and return_logprobs else None, workspace,
+                _processing_tensors(processing, logits.device, kept))
     return out, logprobs
 
 
-def _workspace_size(context, mode, logits, values, arrays, return_logprobs):
+def _workspace_size(context, mode, logits, values, arrays, return_logprobs, processing=None):
     """Context.sample_workspace_size / probs_workspace_size on tensors."""
     _check_logits(logits)
     arrays = _prepare_arrays(arrays, logits.device)
     out, logprobs = _outputs(mode, logits, arrays, values[6], return_logprobs)
+    kept = []
     return context.workspace_size(mode, _raw(logits), values, tuple(map(_raw_or_none, arrays)),
                                   _raw(out), _raw(logprobs) if mode == 0 and return_logprobs
-                                  else None)
+                                  else None, _processing_tensors(processing, logits.device, kept))
 
 
-def _eager(mode, logits, backend, values, arrays, return_logprobs, workspace):
+def _eager(mode, logits, backend, values, arrays, return_logprobs, workspace, processing=None):
     """polysample.sample / probs on a tensor: the op's work without the
     dispatcher (which only matters when tracing)."""
     code, index = parse_backend(backend)
@@ -228,13 +250,14 @@ def _eager(mode, logits, backend, values, arrays, return_logprobs, workspace):
     arrays = _prepare_arrays(arrays, logits.device)
     context = _context_for(logits.device, code)
     out, logprobs = _run(mode, context, logits, values, arrays, return_logprobs,
-                         "torch" if workspace is None else workspace)
+                         "torch" if workspace is None else workspace, processing)
     if mode == 1:
         return out
     return (out, logprobs) if return_logprobs else out
 
 
-def _run_on_context(context, mode, logits, values, arrays, return_logprobs, workspace):
+def _run_on_context(context, mode, logits, values, arrays, return_logprobs, workspace,
+                    processing=None):
     """polysample.Context.sample / probs on a tensor: the Context's own
     stream, so it waits for torch's stream before and for itself after.
     Without a workspace the Context uses its own."""
@@ -243,7 +266,7 @@ def _run_on_context(context, mode, logits, values, arrays, return_logprobs, work
     if logits.device.type == "cuda":
         torch.cuda.current_stream(logits.device).synchronize()
     out, logprobs = _run(mode, context._context, logits, values, arrays, return_logprobs,
-                         workspace)
+                         workspace, processing)
     if logits.device.type == "cuda" and context._own_stream:
         context.synchronize()
     if mode == 1:

@@ -286,12 +286,15 @@ public:
     // arrays in the order of Arrays below, each None or an array. workspace:
     // None, a uint8 array, or a callable that takes the bytes the call needs
     // and returns such an array (polysample.torch allocates it from torch's
-    // allocator that way, after the size query).
+    // allocator that way, after the size query). processing: None or the
+    // tuple described at Processing below.
     void run(int mode, nb::handle logits_object, nb::tuple scalars, nb::tuple arrays,
-             nb::handle out_object, nb::handle logprobs_object, nb::handle workspace_object)
+             nb::handle out_object, nb::handle logprobs_object, nb::handle workspace_object,
+             nb::handle processing_object)
     {
         Prepared call = prepare(mode, logits_object, Scalars::of(scalars), arrays, out_object,
                                 logprobs_object);
+        attach_processing(call, processing_object);
         if (!workspace_object.is_none()) {
             nb::object workspace = nb::borrow(workspace_object);
             if (PyCallable_Check(workspace.ptr())) {
@@ -312,10 +315,12 @@ public:
 
     // The bytes of workspace that run() with the same arguments needs.
     size_t workspace_size(int mode, nb::handle logits_object, nb::tuple scalars,
-                          nb::tuple arrays, nb::handle out_object, nb::handle logprobs_object)
+                          nb::tuple arrays, nb::handle out_object, nb::handle logprobs_object,
+                          nb::handle processing_object)
     {
         Prepared call = prepare(mode, logits_object, Scalars::of(scalars), arrays, out_object,
                                 logprobs_object);
+        attach_processing(call, processing_object);
         return workspace_size_of(call);
     }
 
@@ -360,10 +365,22 @@ private:
         psm_output logprobs{};
         psm_tensor probs{};
         bool synchronize = false;
-        // Keeps imported arrays alive. At most 14 (logits, the arrays, 2
-        // outputs, the workspace): prepare() reserves them up front, so
-        // references into it stay valid while it fills.
+        // The processing struct params.processing points to when
+        // has_processing; the pointer is set by c_params(), at the call,
+        // since a Prepared moves.
+        psm_logit_processing processing{};
+        bool has_processing = false;
+        // Keeps imported arrays alive. At most 26 (logits, the arrays, 2
+        // outputs, the workspace, 11 processing arrays): prepare() reserves
+        // them up front, so references into it stay valid while it fills.
         std::vector<View> views;
+
+        psm_params c_params() const
+        {
+            psm_params copy = params;
+            copy.processing = has_processing ? &processing : nullptr;
+            return copy;
+        }
     };
 
     struct Scalars {
@@ -403,10 +420,11 @@ private:
         {
             nb::gil_scoped_release release;
             std::lock_guard<std::mutex> lock(mutex_);
+            const psm_params params = call.c_params();
             status = call.mode == 0
-                         ? psm_sample_workspace_size(context_, &call.logits, &call.params,
+                         ? psm_sample_workspace_size(context_, &call.logits, &params,
                                                      call.tokens, call.logprobs, &bytes)
-                         : psm_probs_workspace_size(context_, &call.logits, &call.params,
+                         : psm_probs_workspace_size(context_, &call.logits, &params,
                                                     &call.probs, &bytes);
         }
         if (status != PSM_OK)
@@ -440,6 +458,139 @@ private:
         call.params.workspace_bytes = view.shape[0] > 0 ? (size_t)view.shape[0] : 0;
     }
 
+    // The `processing` tuple (polysample/_processing.py, processing_tuple):
+    // (allowed_mask, bias_offsets, bias_tokens, bias_values,
+    // history_offsets, history_tokens, prompt_offsets, prompt_tokens,
+    // repetition_penalty_per_row, frequency_penalty_per_row,
+    // presence_penalty_per_row, (repetition, frequency, presence)), each
+    // array None or an array in the logits' memory. Every length is checked
+    // here, and host offsets against their entry arrays, so that the library
+    // never reads past an array; their contents are the library's to check.
+    enum Processing : size_t { mask_array, bias_offsets, bias_tokens, bias_values,
+                               history_offsets, history_tokens, prompt_offsets, prompt_tokens,
+                               repetition_rows, frequency_rows, presence_rows,
+                               penalty_scalars, processing_count };
+
+    void attach_processing(Prepared &call, nb::handle object)
+    {
+        if (object.is_none())
+            return;
+        nb::tuple items = nb::borrow<nb::tuple>(object);
+        if (items.size() != processing_count)
+            fail(PSM_ERR_INTERNAL, "processing: expected " +
+                                       std::to_string((int)processing_count) + " entries");
+        psm_logit_processing &p = call.processing;
+        psm_logit_processing_init(&p);
+        nb::tuple penalties = nb::borrow<nb::tuple>(items[(size_t)penalty_scalars]);
+        p.repetition_penalty = nb::cast<float>(penalties[0]);
+        p.frequency_penalty = nb::cast<float>(penalties[1]);
+        p.presence_penalty = nb::cast<float>(penalties[2]);
+
+        const int64_t rows = call.params.row_indices ? call.params.output_rows : call.logits.rows;
+        const psm_memory memory = call.logits.memory;
+        const int32_t device = call.views.front().device_id;
+        if (!items[(size_t)mask_array].is_none()) {
+            call.views.push_back(view_of(items[(size_t)mask_array], "allowed_mask", false));
+            const View &mask = call.views.back();
+            if (mask.kind != kind_i32) // int32 (torch's) is read as the same 32 bits
+                expect_kind(mask, kind_u32, "allowed_mask");
+            if (mask.ndim != 2 || mask.shape[0] != rows || mask.shape[1] < 1)
+                fail(PSM_ERR_INVALID_ARGUMENT, "allowed_mask must have shape (rows, words), "
+                                               "one row per output row (" +
+                                                   std::to_string(rows) + ")");
+            if ((mask.shape[1] > 1 && mask.strides[1] != 1) ||
+                (rows > 1 && mask.strides[0] != mask.shape[1]))
+                fail(PSM_ERR_INVALID_ARGUMENT, "allowed_mask must be C-contiguous");
+            same_memory(call, mask, "allowed_mask", memory, device);
+            p.allowed_mask = (const uint32_t *)mask.data;
+            p.allowed_mask_words = mask.shape[1];
+        }
+        const void *values = nullptr;
+        row_lists(call, items, bias_offsets, bias_tokens, "logit_bias", rows, memory, device,
+                  &p.bias_offsets, &p.bias_tokens, &values);
+        p.bias_values = (const float *)values;
+        row_lists(call, items, history_offsets, history_tokens, "history", rows, memory, device,
+                  &p.history_offsets, &p.history_tokens, nullptr);
+        row_lists(call, items, prompt_offsets, prompt_tokens, "prompt", rows, memory, device,
+                  &p.prompt_offsets, &p.prompt_tokens, nullptr);
+        p.repetition_penalty_per_row =
+            (const float *)per_row(call, items[(size_t)repetition_rows], kind_f32,
+                                   "repetition_penalty_per_row", rows, memory, device);
+        p.frequency_penalty_per_row =
+            (const float *)per_row(call, items[(size_t)frequency_rows], kind_f32,
+                                   "frequency_penalty_per_row", rows, memory, device);
+        p.presence_penalty_per_row =
+            (const float *)per_row(call, items[(size_t)presence_rows], kind_f32,
+                                   "presence_penalty_per_row", rows, memory, device);
+        call.has_processing = true;
+    }
+
+    void same_memory(const Prepared &call, const View &view, const std::string &role,
+                     psm_memory logits_memory, int32_t logits_device) const
+    {
+        psm_memory memory = memory_of(view, role.c_str());
+        if (memory != logits_memory ||
+            (memory == PSM_MEMORY_DEVICE && view.device_id != logits_device))
+            fail(PSM_ERR_INVALID_ARGUMENT,
+                 role + " must be in the same memory as the logits (" +
+                     device_type_name(call.views.front().device_type) + ")");
+    }
+
+    // A 1-D contiguous array of `count` elements (any count when count < 0).
+    const View &list_array(Prepared &call, nb::handle object, int kind, const std::string &role,
+                           int64_t count, psm_memory memory, int32_t device)
+    {
+        call.views.push_back(view_of(object, role.c_str(), false));
+        const View &view = call.views.back();
+        expect_kind(view, kind, role.c_str());
+        if (view.ndim != 1)
+            fail(PSM_ERR_INVALID_ARGUMENT, role + " must be 1-D");
+        if (count >= 0 && view.shape[0] != count)
+            fail(PSM_ERR_INVALID_ARGUMENT, role + " has " + std::to_string(view.shape[0]) +
+                                               " values; expected " + std::to_string(count));
+        if (view.shape[0] > 1 && view.strides[0] != 1)
+            fail(PSM_ERR_INVALID_ARGUMENT, role + " must be contiguous");
+        same_memory(call, view, role, memory, device);
+        return view;
+    }
+
+    // One CSR list argument: offsets (rows + 1, int64), tokens (int32) and,
+    // for the bias, values (float32, one per token: the entry after tokens).
+    void row_lists(Prepared &call, nb::tuple items, size_t offsets_at, size_t tokens_at,
+                   const char *name, int64_t rows, psm_memory memory, int32_t device,
+                   const int64_t **offsets_out, const int32_t **tokens_out,
+                   const void **values_out)
+    {
+        // An empty array may come with no storage; the library takes a
+        // missing entry array for a missing list, so it gets this instead.
+        static const int32_t no_tokens[1] = {0};
+        static const float no_values[1] = {0.0f};
+        if (items[offsets_at].is_none())
+            return;
+        const std::string base(name);
+        const View &offsets = list_array(call, items[offsets_at], kind_i64, base + " offsets",
+                                         rows + 1, memory, device);
+        const View &tokens =
+            list_array(call, items[tokens_at], kind_i32, base + " tokens", -1, memory, device);
+        const int64_t entries = tokens.shape[0];
+        if (memory == PSM_MEMORY_HOST) {
+            const int64_t *offset = (const int64_t *)offsets.data;
+            for (int64_t r = 0; r <= rows; ++r)
+                if (offset[r] < 0 || offset[r] > entries)
+                    fail(PSM_ERR_INVALID_ARGUMENT,
+                         base + " offsets[" + std::to_string(r) + "] is " +
+                             std::to_string(offset[r]) + "; the lists hold " +
+                             std::to_string(entries) + " entries");
+        }
+        *offsets_out = (const int64_t *)offsets.data;
+        *tokens_out = entries > 0 ? (const int32_t *)tokens.data : no_tokens;
+        if (values_out) {
+            const View &values = list_array(call, items[tokens_at + 1], kind_f32,
+                                            base + " values", entries, memory, device);
+            *values_out = entries > 0 ? values.data : (const void *)no_values;
+        }
+    }
+
     static void forward_notice(void *user_data, const char *message)
     {
         Context *self = (Context *)user_data;
@@ -453,10 +604,11 @@ private:
 
     psm_status execute(const Prepared &call)
     {
+        const psm_params params = call.c_params();
         psm_status status = call.mode == 0
-                                ? psm_sample(context_, &call.logits, &call.params, call.tokens,
+                                ? psm_sample(context_, &call.logits, &params, call.tokens,
                                              call.logprobs)
-                                : psm_probs(context_, &call.logits, &call.params, &call.probs);
+                                : psm_probs(context_, &call.logits, &params, &call.probs);
         if (status == PSM_OK && call.synchronize)
             status = psm_synchronize(context_);
         return status;
@@ -542,7 +694,7 @@ private:
         };
         Prepared call;
         call.mode = mode;
-        call.views.reserve(16);
+        call.views.reserve(32);
         call.views.push_back(view_of(logits_object, "logits", false));
         const View &logits = call.views.front();
         if (logits.kind != kind_f32 && logits.kind != kind_f16 && logits.kind != kind_bf16)
@@ -775,10 +927,10 @@ NB_MODULE(_core, module)
         .def("synchronize", &Context::synchronize)
         .def("run", &Context::run, nb::arg("mode"), nb::arg("logits"), nb::arg("scalars"),
              nb::arg("arrays"), nb::arg("out"), nb::arg("logprobs_out").none(),
-             nb::arg("workspace").none())
+             nb::arg("workspace").none(), nb::arg("processing").none() = nb::none())
         .def("workspace_size", &Context::workspace_size, nb::arg("mode"), nb::arg("logits"),
              nb::arg("scalars"), nb::arg("arrays"), nb::arg("out"),
-             nb::arg("logprobs_out").none())
+             nb::arg("logprobs_out").none(), nb::arg("processing").none() = nb::none())
         .def("time_sample", &Context::time_sample);
 
     module.def("backend_info", &backend_info);

@@ -101,6 +101,52 @@ pub struct psm_tensor {
     pub row_stride: i64,
 }
 
+/// `psm_logit_processing`: penalties, logit bias and allowed-token mask
+/// (docs/SAMPLING.md, section 1). Per-row lists are CSR: row r's entries are
+/// `[offsets[r], offsets[r + 1])` of the entry arrays.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct psm_logit_processing {
+    pub allowed_mask: *const u32,
+    pub allowed_mask_words: i64,
+    pub bias_offsets: *const i64,
+    pub bias_tokens: *const i32,
+    pub bias_values: *const f32,
+    pub history_offsets: *const i64,
+    pub history_tokens: *const i32,
+    pub prompt_offsets: *const i64,
+    pub prompt_tokens: *const i32,
+    pub repetition_penalty: f32,
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
+    pub repetition_penalty_per_row: *const f32,
+    pub frequency_penalty_per_row: *const f32,
+    pub presence_penalty_per_row: *const f32,
+}
+
+/// The most entries `psm_top_logprobs.count` may ask for.
+pub const PSM_MAX_TOP_LOGPROBS: c_int = 64;
+
+/// `enum psm_logprob_mode` (docs/SAMPLING.md, section 6).
+pub type psm_logprob_mode = c_uint;
+/// The distribution `psm_sample` draws from (after processing, temperature, filters).
+pub const PSM_LOGPROBS_PROCESSED: psm_logprob_mode = 0;
+/// The log-softmax of the logits as given.
+pub const PSM_LOGPROBS_RAW: psm_logprob_mode = 1;
+
+/// `psm_top_logprobs`: each row's N most probable tokens and their logprobs,
+/// and optionally the rank of each drawn token (`psm_sample` only).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct psm_top_logprobs {
+    pub count: i32,
+    pub mode: psm_logprob_mode,
+    pub tokens: psm_output,
+    pub logprobs: psm_output,
+    /// `data` may be null: no ranks.
+    pub sampled_ranks: psm_output,
+}
+
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct psm_params {
@@ -124,6 +170,10 @@ pub struct psm_params {
     pub output_rows: i64,
     pub workspace: *mut c_void,
     pub workspace_bytes: usize,
+    /// Host memory; null: no processing.
+    pub processing: *const psm_logit_processing,
+    /// Host memory; null: no top-N logprobs.
+    pub top_logprobs: *const psm_top_logprobs,
 }
 
 #[repr(C)]
@@ -142,6 +192,8 @@ extern "C" {
     pub fn psm_context_device_name(context: *const psm_context) -> *const c_char;
     pub fn psm_context_selection_reason(context: *const psm_context) -> *const c_char;
     pub fn psm_context_reserve(context: *mut psm_context, rows: i64, vocab: i64, num_samples: i64) -> psm_status;
+
+    pub fn psm_logit_processing_init(processing: *mut psm_logit_processing);
 
     pub fn psm_params_init(params: *mut psm_params);
 

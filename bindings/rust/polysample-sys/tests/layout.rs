@@ -60,11 +60,17 @@ macro_rules! struct_facts {
 struct_facts! {
     psm_context_options { backend, device_index, cpu_threads, native_stream, check_rows, notice, notice_user_data }
     psm_tensor { data, dtype, memory, rows, vocab, row_stride }
+    psm_logit_processing { allowed_mask, allowed_mask_words, bias_offsets, bias_tokens, bias_values,
+                           history_offsets, history_tokens, prompt_offsets, prompt_tokens,
+                           repetition_penalty, frequency_penalty, presence_penalty,
+                           repetition_penalty_per_row, frequency_penalty_per_row,
+                           presence_penalty_per_row }
     psm_params { temperature, top_k, top_p, min_p, seed, offset, num_samples,
                  temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row, seed_per_row,
                  offset_per_row, subsequence_per_row, seed_pointer, offset_pointer,
-                 row_indices, output_rows, workspace, workspace_bytes }
+                 row_indices, output_rows, workspace, workspace_bytes, processing, top_logprobs }
     psm_output { data, memory }
+    psm_top_logprobs { count, mode, tokens, logprobs, sampled_ranks }
 }
 
 macro_rules! constant_facts {
@@ -100,8 +106,10 @@ constant_facts! {
     psm_backend { PSM_BACKEND_AUTO, PSM_BACKEND_CPU, PSM_BACKEND_CUDA, PSM_BACKEND_HIP, PSM_BACKEND_OPENCL }
     psm_dtype { PSM_DTYPE_F32, PSM_DTYPE_F16, PSM_DTYPE_BF16 }
     psm_memory { PSM_MEMORY_HOST, PSM_MEMORY_DEVICE }
+    psm_logprob_mode { PSM_LOGPROBS_PROCESSED, PSM_LOGPROBS_RAW }
     ;
-    macros { PSM_VERSION_MAJOR, PSM_VERSION_MINOR, PSM_VERSION_PATCH, PSM_VERSION_NUMBER, PSM_BACKEND_COUNT, PSM_MAX_CPU_THREADS }
+    macros { PSM_VERSION_MAJOR, PSM_VERSION_MINOR, PSM_VERSION_PATCH, PSM_VERSION_NUMBER, PSM_BACKEND_COUNT, PSM_MAX_CPU_THREADS,
+             PSM_MAX_TOP_LOGPROBS }
 }
 
 /// Each function with its C type (return type, parameter list) and its Rust
@@ -132,6 +140,8 @@ function_signatures! {
         = unsafe extern "C" fn(*const psm_context) -> *const c_char;
     psm_context_reserve: "psm_status" ("psm_context *, int64_t, int64_t, int64_t")
         = unsafe extern "C" fn(*mut psm_context, i64, i64, i64) -> psm_status;
+    psm_logit_processing_init: "void" ("psm_logit_processing *")
+        = unsafe extern "C" fn(*mut psm_logit_processing);
     psm_params_init: "void" ("psm_params *")
         = unsafe extern "C" fn(*mut psm_params);
     psm_sample: "psm_status" ("psm_context *, const psm_tensor *, const psm_params *, psm_output, psm_output")

@@ -336,8 +336,8 @@ impl Context {
     /// [`Params::row_indices`]. A bad row (NaN, +inf, or no finite logit)
     /// gets -1 unless the context checks rows.
     pub fn sample(&mut self, logits: &Logits<'_>, params: &Params<'_>) -> Result<Vec<i32>> {
-        let raw_params = params.raw_for_logits(logits.rows())?;
-        let mut tokens = vec![0; output_len(params.output_rows(logits.rows()), raw_params.num_samples)?];
+        let raw_params = params.raw_for_logits(logits.rows(), logits.vocab())?;
+        let mut tokens = vec![0; output_len(params.output_rows(logits.rows()), raw_params.params.num_samples)?];
         self.sample_into(logits, params, &mut tokens, None)?;
         Ok(tokens)
     }
@@ -345,8 +345,8 @@ impl Context {
     /// Like [`sample`](Self::sample), also returning each token's natural-log
     /// probability under the final (filtered, renormalised) distribution.
     pub fn sample_with_logprobs(&mut self, logits: &Logits<'_>, params: &Params<'_>) -> Result<(Vec<i32>, Vec<f32>)> {
-        let raw_params = params.raw_for_logits(logits.rows())?;
-        let length = output_len(params.output_rows(logits.rows()), raw_params.num_samples)?;
+        let raw_params = params.raw_for_logits(logits.rows(), logits.vocab())?;
+        let length = output_len(params.output_rows(logits.rows()), raw_params.params.num_samples)?;
         let (mut tokens, mut logprobs) = (vec![0; length], vec![0.0; length]);
         self.sample_into(logits, params, &mut tokens, Some(&mut logprobs))?;
         Ok((tokens, logprobs))
@@ -406,21 +406,21 @@ impl Context {
         workspace: Option<&mut [u8]>,
     ) -> Result<()> {
         let raw_logits = logits.raw_tensor()?;
-        let mut raw_params = params.raw_for_logits(logits.rows())?;
+        let mut raw_params = params.raw_for_logits(logits.rows(), logits.vocab())?;
         let rows = params.output_rows(logits.rows());
         // A num_samples below 1 is left to the library, which rejects it
         // with its own message before looking at the outputs.
-        if raw_params.num_samples >= 1 {
-            let expected = output_len(rows, raw_params.num_samples)?;
-            check_len("tokens", tokens.len(), expected, rows, raw_params.num_samples)?;
+        if raw_params.params.num_samples >= 1 {
+            let expected = output_len(rows, raw_params.params.num_samples)?;
+            check_len("tokens", tokens.len(), expected, rows, raw_params.params.num_samples)?;
             if let Some(logprobs) = logprobs.as_deref() {
-                check_len("logprobs", logprobs.len(), expected, rows, raw_params.num_samples)?;
+                check_len("logprobs", logprobs.len(), expected, rows, raw_params.params.num_samples)?;
             }
         }
         if let Some(workspace) = workspace {
             self.check_host_workspace()?;
-            raw_params.workspace = workspace.as_mut_ptr().cast();
-            raw_params.workspace_bytes = workspace.len();
+            raw_params.params.workspace = workspace.as_mut_ptr().cast();
+            raw_params.params.workspace_bytes = workspace.len();
         }
         let tokens = sys::psm_output { data: tokens.as_mut_ptr().cast(), memory: sys::PSM_MEMORY_HOST };
         let logprobs = sys::psm_output {
@@ -431,7 +431,7 @@ impl Context {
         // against the shape, borrowed for the whole call (the workspace
         // only on the CPU backend, whose memory is host memory); for host
         // memory the library has finished with them when it returns.
-        check(unsafe { sys::psm_sample(self.raw.as_ptr(), &raw_logits, &raw_params, tokens, logprobs) })
+        check(unsafe { sys::psm_sample(self.raw.as_ptr(), &raw_logits, raw_params.get(), tokens, logprobs) })
     }
 
     /// The final distribution `sample` draws from: `rows x vocab` f32,
@@ -474,7 +474,7 @@ impl Context {
         workspace: Option<&mut [u8]>,
     ) -> Result<()> {
         let raw_logits = logits.raw_tensor()?;
-        let mut raw_params = params.raw_for_logits(logits.rows())?;
+        let mut raw_params = params.raw_for_logits(logits.rows(), logits.vocab())?;
         let rows = params.output_rows(logits.rows());
         let expected = rows.checked_mul(logits.vocab());
         if expected != Some(probs.len()) {
@@ -487,8 +487,8 @@ impl Context {
         }
         if let Some(workspace) = workspace {
             self.check_host_workspace()?;
-            raw_params.workspace = workspace.as_mut_ptr().cast();
-            raw_params.workspace_bytes = workspace.len();
+            raw_params.params.workspace = workspace.as_mut_ptr().cast();
+            raw_params.params.workspace_bytes = workspace.len();
         }
         let raw_probs = sys::psm_tensor {
             data: probs.as_mut_ptr().cast(),
@@ -500,7 +500,7 @@ impl Context {
         };
         // SAFETY: host slices of checked lengths, borrowed for the call (the
         // workspace only on the CPU backend).
-        check(unsafe { sys::psm_probs(self.raw.as_ptr(), &raw_logits, &raw_params, &raw_probs) })
+        check(unsafe { sys::psm_probs(self.raw.as_ptr(), &raw_logits, raw_params.get(), &raw_probs) })
     }
 
     /// The bytes of workspace a [`sample_into_with_workspace`] call with
@@ -511,13 +511,13 @@ impl Context {
     /// [`sample_into_with_workspace`]: Self::sample_into_with_workspace
     pub fn sample_workspace_size(&mut self, logits: &Logits<'_>, params: &Params<'_>) -> Result<usize> {
         let raw_logits = logits.raw_tensor()?;
-        let raw_params = params.raw_for_logits(logits.rows())?;
+        let mut raw_params = params.raw_for_logits(logits.rows(), logits.vocab())?;
         let output = sys::psm_output { data: ptr::null_mut(), memory: sys::PSM_MEMORY_HOST };
         let mut bytes = 0;
         // SAFETY: the query reads the shapes and pointers' presence only;
         // every pointer is a live host slice anyway.
         check(unsafe {
-            sys::psm_sample_workspace_size(self.raw.as_ptr(), &raw_logits, &raw_params, output, output, &mut bytes)
+            sys::psm_sample_workspace_size(self.raw.as_ptr(), &raw_logits, raw_params.get(), output, output, &mut bytes)
         })?;
         Ok(bytes)
     }
@@ -529,13 +529,13 @@ impl Context {
     /// [`probs_into_with_workspace`]: Self::probs_into_with_workspace
     pub fn probs_workspace_size(&mut self, logits: &Logits<'_>, params: &Params<'_>) -> Result<usize> {
         let raw_logits = logits.raw_tensor()?;
-        let raw_params = params.raw_for_logits(logits.rows())?;
+        let mut raw_params = params.raw_for_logits(logits.rows(), logits.vocab())?;
         let raw_probs =
             probs_tensor(ptr::null_mut(), sys::PSM_MEMORY_HOST, params.output_rows(logits.rows()), &raw_logits);
         let mut bytes = 0;
         // SAFETY: as for sample_workspace_size.
         check(unsafe {
-            sys::psm_probs_workspace_size(self.raw.as_ptr(), &raw_logits, &raw_params, &raw_probs, &mut bytes)
+            sys::psm_probs_workspace_size(self.raw.as_ptr(), &raw_logits, raw_params.get(), &raw_probs, &mut bytes)
         })?;
         Ok(bytes)
     }
@@ -632,7 +632,7 @@ impl Context {
         workspace: Option<&DeviceWorkspace>,
     ) -> Result<()> {
         let raw_logits = device_tensor("logits", logits)?;
-        let mut raw_params = device_params(params, per_row, logits.rows)?;
+        let mut raw_params = device_params(params, per_row, logits)?;
         if let Some(workspace) = workspace {
             raw_params.workspace = workspace.data;
             raw_params.workspace_bytes = workspace.bytes;
@@ -690,7 +690,7 @@ impl Context {
         workspace: Option<&DeviceWorkspace>,
     ) -> Result<()> {
         let raw_logits = device_tensor("logits", logits)?;
-        let mut raw_params = device_params(params, per_row, logits.rows)?;
+        let mut raw_params = device_params(params, per_row, logits)?;
         if let Some(workspace) = workspace {
             raw_params.workspace = workspace.data;
             raw_params.workspace_bytes = workspace.bytes;
@@ -715,7 +715,7 @@ impl Context {
         per_row: &DevicePerRow,
     ) -> Result<usize> {
         let raw_logits = device_tensor("logits", logits)?;
-        let raw_params = device_params(params, per_row, logits.rows)?;
+        let raw_params = device_params(params, per_row, logits)?;
         let output = sys::psm_output { data: ptr::null_mut(), memory: sys::PSM_MEMORY_DEVICE };
         let mut bytes = 0;
         // SAFETY: psm_sample_workspace_size reads no memory behind the data
@@ -738,7 +738,7 @@ impl Context {
         per_row: &DevicePerRow,
     ) -> Result<usize> {
         let raw_logits = device_tensor("logits", logits)?;
-        let raw_params = device_params(params, per_row, logits.rows)?;
+        let raw_params = device_params(params, per_row, logits)?;
         let raw_probs =
             probs_tensor(ptr::null_mut(), sys::PSM_MEMORY_DEVICE, per_row.output_rows(logits.rows), &raw_logits);
         let mut bytes = 0;
@@ -774,13 +774,19 @@ fn device_tensor(name: &str, logits: &DeviceLogits) -> Result<sys::psm_tensor> {
     })
 }
 
-fn device_params(params: &Params<'_>, per_row: &DevicePerRow, logits_rows: usize) -> Result<sys::psm_params> {
+fn device_params(params: &Params<'_>, per_row: &DevicePerRow, logits: &DeviceLogits) -> Result<sys::psm_params> {
+    let (logits_rows, vocab) = (logits.rows, logits.vocab);
+    if params.has_processing() {
+        return Err(Error::invalid_argument(
+            "logit processing of Params is host memory; the device calls do not take processing".into(),
+        ));
+    }
     if params.has_per_row_slices() {
         return Err(Error::invalid_argument(
             "per-row slices and row indices of Params are host memory; device calls take them in DevicePerRow".into(),
         ));
     }
-    let mut raw = params.raw_for_logits(logits_rows)?;
+    let mut raw = params.raw_for_logits(logits_rows, vocab)?.params;
     raw.temperature_per_row = per_row.temperature;
     raw.top_k_per_row = per_row.top_k;
     raw.top_p_per_row = per_row.top_p;

@@ -28,11 +28,13 @@ mod context;
 mod error;
 mod info;
 mod params;
+mod processing;
 
 pub use context::{Context, ContextOptions, DeviceLogits, DevicePerRow, DeviceWorkspace};
 pub use error::{Error, Result, Status};
 pub use info::{backends, version, version_number, Availability, Backend, BackendInfo, Dtype};
 pub use params::{Logits, LogitsData, Params};
+pub use processing::Processing;
 
 /// The raw declarations, for what this crate does not wrap.
 pub use polysample_sys as sys;

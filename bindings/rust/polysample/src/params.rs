@@ -1,5 +1,6 @@
 use crate::error::{Error, Result};
 use crate::info::Dtype;
+use crate::processing::Processing;
 use polysample_sys as sys;
 use std::ptr;
 
@@ -65,6 +66,23 @@ pub struct Params<'a> {
     offset_per_row: Option<&'a [u64]>,
     subsequence_per_row: Option<&'a [u32]>,
     row_indices: Option<&'a [i64]>,
+    processing: Option<&'a Processing<'a>>,
+}
+
+/// The C parameters of one call, with the processing struct they point to.
+#[derive(Debug)]
+pub(crate) struct RawParams {
+    pub(crate) params: sys::psm_params,
+    processing: Option<sys::psm_logit_processing>,
+}
+
+impl RawParams {
+    /// The parameters for the C call, pointing at the processing struct
+    /// held here (which therefore stays put while the result is borrowed).
+    pub(crate) fn get(&mut self) -> &sys::psm_params {
+        self.params.processing = self.processing.as_ref().map_or(ptr::null(), |processing| processing);
+        &self.params
+    }
 }
 
 impl Default for Params<'_> {
@@ -98,6 +116,7 @@ impl<'a> Params<'a> {
             offset_per_row: None,
             subsequence_per_row: None,
             row_indices: None,
+            processing: None,
         }
     }
 
@@ -209,6 +228,18 @@ impl<'a> Params<'a> {
         self
     }
 
+    /// Logit processing (penalties, bias, allowed-token mask) applied as the
+    /// logits are read; see [`Processing`]. Its lists and per-row slices
+    /// have one entry per output row.
+    pub fn processing(mut self, processing: &'a Processing<'a>) -> Self {
+        self.processing = Some(processing);
+        self
+    }
+
+    pub(crate) fn has_processing(&self) -> bool {
+        self.processing.is_some()
+    }
+
     /// The rows of the outputs for logits of `logits_rows` rows: the number
     /// of [`row_indices`](Self::row_indices) when given, else `logits_rows`.
     pub fn output_rows(&self, logits_rows: usize) -> usize {
@@ -226,10 +257,10 @@ impl<'a> Params<'a> {
             || self.row_indices.is_some()
     }
 
-    /// The C struct for logits of `logits_rows` rows, the per-row slices'
-    /// lengths checked against the output rows. The pointers in it borrow
-    /// from `self`.
-    pub(crate) fn raw_for_logits(&self, logits_rows: usize) -> Result<sys::psm_params> {
+    /// The C struct for logits of `logits_rows` rows of `vocab` tokens, the
+    /// per-row slices' lengths checked against the output rows. The pointers
+    /// in it borrow from `self`.
+    pub(crate) fn raw_for_logits(&self, logits_rows: usize, vocab: usize) -> Result<RawParams> {
         fn slice_pointer<T>(name: &str, values: Option<&[T]>, rows: usize, gathered: bool) -> Result<*const T> {
             match values {
                 None => Ok(ptr::null()),
@@ -252,7 +283,8 @@ impl<'a> Params<'a> {
         let num_samples = i32::try_from(self.num_samples).map_err(|_| {
             Error::invalid_parameter(format!("num_samples is {}; expected 1 .. 2^31-1", self.num_samples))
         })?;
-        Ok(sys::psm_params {
+        let processing = self.processing.map(|processing| processing.raw(rows, vocab)).transpose()?;
+        let params = sys::psm_params {
             temperature: self.temperature,
             top_k: i32::try_from(self.top_k).unwrap_or(i32::MAX),
             top_p: self.top_p,
@@ -274,7 +306,10 @@ impl<'a> Params<'a> {
             output_rows: if gathered { rows as i64 } else { 0 },
             workspace: ptr::null_mut(),
             workspace_bytes: 0,
-        })
+            processing: ptr::null(),
+            top_logprobs: ptr::null(),
+        };
+        Ok(RawParams { params, processing })
     }
 }
 

@@ -1,0 +1,375 @@
+/*
+ * test_top_logprobs.c: top-N logprobs and the ranks of drawn tokens
+ * (psm_params.top_logprobs; docs/SAMPLING.md section 6).
+ *
+ * Processed mode: the N first kept tokens in rank order (the kept set is
+ * where psm_probs is above 0, except kept tokens whose weight truncates to
+ * 0, which these rows do not have), their logprobs the log of psm_probs'
+ * probabilities. Raw mode: the N largest logits as given, their logprobs
+ * the float64 log-softmax. Ranks: 1 + the candidates ranked above the drawn
+ * token, counted by brute force. A backend that does not run top-N logprobs
+ * yet must refuse them with PSM_ERR_UNSUPPORTED, writing nothing.
+ */
+#include "harness.h"
+
+#include "psm_contract.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define SENTINEL (-7)
+
+typedef struct outputs {
+    int32_t *tokens, *top_tokens, *ranks;
+    float *top_logprobs;
+} outputs;
+
+static outputs make_outputs(int64_t rows, int32_t samples, int32_t count)
+{
+    outputs out;
+    out.tokens = psm_test_alloc((size_t)(rows * samples), sizeof(int32_t));
+    out.ranks = psm_test_alloc((size_t)(rows * samples), sizeof(int32_t));
+    out.top_tokens = psm_test_alloc((size_t)(rows * count), sizeof(int32_t));
+    out.top_logprobs = psm_test_alloc((size_t)(rows * count), sizeof(float));
+    for (int64_t k = 0; k < rows * count; ++k)
+        out.top_tokens[k] = SENTINEL;
+    for (int64_t k = 0; k < rows * samples; ++k)
+        out.ranks[k] = SENTINEL;
+    return out;
+}
+
+static void free_outputs(outputs *out)
+{
+    free(out->tokens);
+    free(out->ranks);
+    free(out->top_tokens);
+    free(out->top_logprobs);
+}
+
+/* Runs psm_sample with top-N logprobs; on a backend without them, checks the
+ * refusal (nothing written) and skips visibly. */
+static int sample_with_top(psm_context *context, psm_backend backend, const char *test,
+                           const float *logits, int64_t rows, int64_t vocab, psm_params *params,
+                           psm_top_logprobs *top, outputs *out)
+{
+    top->tokens = psm_test_output(out->top_tokens);
+    top->logprobs = psm_test_output(out->top_logprobs);
+    top->sampled_ranks = psm_test_output(out->ranks);
+    params->top_logprobs = top;
+    psm_status status =
+        psm_test_sample_f32(context, logits, rows, vocab, params, out->tokens, NULL);
+    if (status == PSM_ERR_UNSUPPORTED && backend != PSM_BACKEND_CPU) {
+        for (int64_t k = 0; k < rows * top->count; ++k)
+            ck_assert_int_eq(out->top_tokens[k], SENTINEL);
+        char reason[256];
+        snprintf(reason, sizeof reason, "refused as it should be (%s); the rest needs the backend "
+                 "to run top-N logprobs", psm_last_error());
+        psm_test_skip(psm_backend_name(backend), test, reason);
+        return 0;
+    }
+    ck_assert_msg(status == PSM_OK, "%s: %s", psm_status_string(status), psm_last_error());
+    PSM_CHECK_OK(psm_synchronize(context));
+    return 1;
+}
+
+/* Candidates in rank order: indices sorted by (logit desc, index asc). */
+static const float *sort_logits;
+static int by_rank(const void *a, const void *b)
+{
+    int32_t i = *(const int32_t *)a, j = *(const int32_t *)b;
+    if (sort_logits[i] != sort_logits[j])
+        return sort_logits[i] > sort_logits[j] ? -1 : 1;
+    return (i > j) - (i < j);
+}
+
+/* The expected list of one row: candidates (where candidate[i]) in rank
+ * order; returns how many there are. */
+static int64_t ranked_candidates(const float *row, int64_t vocab, const int *candidate,
+                                 int32_t *order)
+{
+    int64_t n = 0;
+    for (int64_t i = 0; i < vocab; ++i)
+        if (candidate[i])
+            order[n++] = (int32_t)i;
+    sort_logits = row;
+    qsort(order, (size_t)n, sizeof *order, by_rank);
+    return n;
+}
+
+static void check_row(const char *label, const float *row, int64_t vocab, const int *candidate,
+                      const double *expected_logprob, const int32_t *top_tokens,
+                      const float *top_logprobs, int32_t count, const int32_t *drawn,
+                      const int32_t *ranks, int32_t samples)
+{
+    int32_t *order = psm_test_alloc((size_t)vocab, sizeof *order);
+    int64_t n = ranked_candidates(row, vocab, candidate, order);
+    for (int32_t e = 0; e < count; ++e) {
+        if (e < n) {
+            ck_assert_msg(top_tokens[e] == order[e], "%s: entry %d is token %d, expected %d",
+                          label, e, top_tokens[e], order[e]);
+            double want = expected_logprob[order[e]];
+            ck_assert_msg(fabs((double)top_logprobs[e] - want) <= 1e-5 + 1e-6 * fabs(want),
+                          "%s: entry %d (token %d) logprob %.9g, expected %.9g", label, e,
+                          order[e], (double)top_logprobs[e], want);
+        } else {
+            ck_assert_msg(top_tokens[e] == -1 && top_logprobs[e] == -INFINITY,
+                          "%s: entry %d past the %lld candidates is %d, %g", label, e,
+                          (long long)n, top_tokens[e], (double)top_logprobs[e]);
+        }
+    }
+    for (int32_t j = 0; j < samples; ++j) {
+        int32_t rank = -1;
+        for (int64_t k = 0; k < n; ++k)
+            if (order[k] == drawn[j])
+                rank = (int32_t)k + 1;
+        ck_assert_msg(rank > 0, "%s: drawn token %d is not a candidate", label, drawn[j]);
+        ck_assert_msg(ranks[j] == rank, "%s: sample %d (token %d) rank %d, expected %d", label, j,
+                      drawn[j], ranks[j], rank);
+    }
+    free(order);
+}
+
+/* Rows with ties (values on a grid of 0.25) and a masked token, over two
+ * tiles. */
+static float *make_rows(int64_t rows, int64_t vocab, uint64_t seed)
+{
+    psm_test_rng rng = psm_test_rng_make(seed);
+    float *logits = psm_test_alloc((size_t)(rows * vocab), sizeof(float));
+    for (int64_t i = 0; i < rows * vocab; ++i)
+        logits[i] = (float)(0.25 * (double)(int64_t)(8.0 * psm_test_rng_normal(&rng)));
+    for (int64_t r = 0; r < rows; ++r)
+        logits[r * vocab + 3] = -INFINITY;
+    return logits;
+}
+
+PSM_PROPERTY(processed_top_logprobs_follow_the_kept_set)
+{
+    const int64_t rows = 5, vocab = 1500;
+    const int32_t samples = 40, count = 20;
+    float *logits = make_rows(rows, vocab, 0x70901);
+    float *probs = psm_test_alloc((size_t)(rows * vocab), sizeof(float));
+    int *candidate = psm_test_alloc((size_t)vocab, sizeof(int));
+    double *expected = psm_test_alloc((size_t)vocab, sizeof(double));
+    psm_context *context = psm_test_open(backend);
+    struct {
+        float temperature;
+        int32_t top_k;
+        float top_p, min_p;
+    } settings[] = {{1.0f, 0, 1.0f, 0.0f}, {0.7f, 50, 0.9f, 0.0f}, {0.8f, 0, 0.5f, 0.0f},
+                    {0.9f, 0, 1.0f, 0.1f}, {1.0f, 7, 1.0f, 0.0f} /* fewer than N */};
+    for (size_t s = 0; s < sizeof settings / sizeof settings[0]; ++s) {
+        psm_params params;
+        psm_params_init(&params);
+        params.temperature = settings[s].temperature;
+        params.top_k = settings[s].top_k;
+        params.top_p = settings[s].top_p;
+        params.min_p = settings[s].min_p;
+        params.num_samples = samples;
+        params.seed = 90 + s;
+        PSM_CHECK_OK(psm_test_probs_f32(context, logits, rows, vocab, &params, probs));
+        PSM_CHECK_OK(psm_synchronize(context));
+        outputs out = make_outputs(rows, samples, count);
+        psm_top_logprobs top = {.count = count, .mode = PSM_LOGPROBS_PROCESSED};
+        if (!sample_with_top(context, backend, "processed_top_logprobs_follow_the_kept_set",
+                             logits, rows, vocab, &params, &top, &out)) {
+            free_outputs(&out);
+            break;
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+            for (int64_t i = 0; i < vocab; ++i) {
+                candidate[i] = probs[r * vocab + i] > 0.0f;
+                expected[i] = log((double)probs[r * vocab + i]);
+            }
+            char label[64];
+            snprintf(label, sizeof label, "setting %zu row %lld", s, (long long)r);
+            check_row(label, logits + r * vocab, vocab, candidate, expected,
+                      out.top_tokens + r * count, out.top_logprobs + r * count,
+                      count, out.tokens + r * samples, out.ranks + r * samples, samples);
+        }
+        free_outputs(&out);
+    }
+    psm_context_destroy(context);
+    free(logits);
+    free(probs);
+    free(candidate);
+    free(expected);
+}
+
+PSM_PROPERTY(raw_top_logprobs_are_the_log_softmax_as_given)
+{
+    const int64_t rows = 4, vocab = 2100;
+    const int32_t samples = 30, count = 64;
+    float *logits = make_rows(rows, vocab, 0x70902);
+    int *candidate = psm_test_alloc((size_t)vocab, sizeof(int));
+    double *expected = psm_test_alloc((size_t)vocab, sizeof(double));
+    psm_context *context = psm_test_open(backend);
+    psm_params params;
+    psm_params_init(&params);
+    params.temperature = 0.6f; /* raw mode ignores it, and the filters */
+    params.top_k = 10;
+    params.num_samples = samples;
+    outputs out = make_outputs(rows, samples, count);
+    psm_top_logprobs top = {.count = count, .mode = PSM_LOGPROBS_RAW};
+    if (sample_with_top(context, backend, "raw_top_logprobs_are_the_log_softmax_as_given", logits,
+                        rows, vocab, &params, &top, &out)) {
+        for (int64_t r = 0; r < rows; ++r) {
+            const float *row = logits + r * vocab;
+            double max = -INFINITY, sum = 0.0;
+            for (int64_t i = 0; i < vocab; ++i)
+                if (isfinite(row[i]) && row[i] > max)
+                    max = row[i];
+            for (int64_t i = 0; i < vocab; ++i)
+                if (isfinite(row[i]))
+                    sum += exp((double)row[i] - max);
+            for (int64_t i = 0; i < vocab; ++i) {
+                candidate[i] = isfinite(row[i]);
+                expected[i] = (double)row[i] - max - log(sum);
+            }
+            char label[64];
+            snprintf(label, sizeof label, "raw row %lld", (long long)r);
+            check_row(label, row, vocab, candidate, expected, out.top_tokens + r * count,
+                      out.top_logprobs + r * count, count, out.tokens + r * samples,
+                      out.ranks + r * samples, samples);
+        }
+    }
+    free_outputs(&out);
+    psm_context_destroy(context);
+    free(logits);
+    free(candidate);
+    free(expected);
+}
+
+/* Greedy rows: a point mass in the processed mode; bad rows: -1 and NaN. */
+PSM_PROPERTY(greedy_and_bad_rows)
+{
+    const int64_t rows = 2, vocab = 40;
+    float logits[2 * 40];
+    for (int i = 0; i < 80; ++i)
+        logits[i] = (float)(i % 9);
+    logits[40 + 5] = NAN; /* row 1 is bad */
+    psm_context *context = psm_test_open(backend);
+    psm_params params;
+    psm_params_init(&params);
+    params.temperature = 0.0f;
+    params.num_samples = 3;
+    outputs out = make_outputs(rows, 3, 4);
+    psm_top_logprobs top = {.count = 4, .mode = PSM_LOGPROBS_PROCESSED};
+    if (sample_with_top(context, backend, "greedy_and_bad_rows", logits, rows, vocab, &params,
+                        &top, &out)) {
+        ck_assert_int_eq(out.tokens[0], 8); /* the first 8 (i % 9 == 8) */
+        ck_assert_int_eq(out.top_tokens[0], 8);
+        ck_assert(out.top_logprobs[0] == 0.0f);
+        for (int e = 1; e < 4; ++e)
+            ck_assert(out.top_tokens[e] == -1 && out.top_logprobs[e] == -INFINITY);
+        for (int j = 0; j < 3; ++j)
+            ck_assert_int_eq(out.ranks[j], 1);
+        for (int e = 4; e < 8; ++e)
+            ck_assert(out.top_tokens[e] == -1 && isnan(out.top_logprobs[e]));
+        for (int j = 3; j < 6; ++j)
+            ck_assert_int_eq(out.ranks[j], -1);
+    }
+    free_outputs(&out);
+    psm_context_destroy(context);
+}
+
+/* Through a caller's workspace of the asked size (the ranks' buffers come
+ * from it): the same outputs as without. */
+START_TEST(top_logprobs_through_a_caller_workspace)
+{
+    const int64_t rows = 3, vocab = 1500;
+    const int32_t samples = 50, count = 8;
+    float *logits = make_rows(rows, vocab, 0x70903);
+    psm_context *context = psm_test_open(PSM_BACKEND_CPU);
+    psm_params params;
+    psm_params_init(&params);
+    params.num_samples = samples;
+    params.top_p = 0.9f;
+    outputs plain = make_outputs(rows, samples, count), carved = make_outputs(rows, samples, count);
+    psm_top_logprobs top = {.count = count, .mode = PSM_LOGPROBS_PROCESSED};
+    ck_assert(sample_with_top(context, PSM_BACKEND_CPU, "workspace", logits, rows, vocab, &params,
+                              &top, &plain));
+    size_t bytes = 0;
+    psm_tensor tensor = psm_test_tensor(logits, PSM_DTYPE_F32, rows, vocab, 0);
+    PSM_CHECK_OK(psm_sample_workspace_size(context, &tensor, &params,
+                                           psm_test_output(carved.tokens), psm_test_output(NULL),
+                                           &bytes));
+    unsigned char *workspace = psm_test_alloc(bytes, 1);
+    memset(workspace, 0xa5, bytes);
+    params.workspace = workspace;
+    params.workspace_bytes = bytes;
+    ck_assert(sample_with_top(context, PSM_BACKEND_CPU, "workspace", logits, rows, vocab, &params,
+                              &top, &carved));
+    ck_assert(memcmp(plain.tokens, carved.tokens, (size_t)(rows * samples) * sizeof(int32_t)) == 0);
+    ck_assert(memcmp(plain.ranks, carved.ranks, (size_t)(rows * samples) * sizeof(int32_t)) == 0);
+    ck_assert(memcmp(plain.top_tokens, carved.top_tokens, (size_t)(rows * count) * sizeof(int32_t)) ==
+              0);
+    ck_assert(memcmp(plain.top_logprobs, carved.top_logprobs,
+                     (size_t)(rows * count) * sizeof(float)) == 0);
+    free(workspace);
+    free_outputs(&plain);
+    free_outputs(&carved);
+    free(logits);
+    psm_context_destroy(context);
+}
+END_TEST
+
+START_TEST(bad_top_logprobs_are_refused)
+{
+    psm_context *context = psm_test_open(PSM_BACKEND_CPU);
+    float logits[40] = {0};
+    int32_t tokens[1] = {SENTINEL}, top_tokens[64];
+    float top_logprobs[64];
+    psm_params params;
+    psm_params_init(&params);
+    psm_top_logprobs top = {.count = 4,
+                            .mode = PSM_LOGPROBS_PROCESSED,
+                            .tokens = psm_test_output(top_tokens),
+                            .logprobs = psm_test_output(top_logprobs)};
+    params.top_logprobs = &top;
+    struct {
+        int32_t count;
+        int mode;
+        int drop_tokens, drop_logprobs;
+        psm_status status;
+        const char *needle;
+    } cases[] = {{0, 0, 0, 0, PSM_ERR_INVALID_PARAMETER, "top_logprobs.count is 0"},
+                 {65, 0, 0, 0, PSM_ERR_INVALID_PARAMETER, "top_logprobs.count is 65"},
+                 {4, 7, 0, 0, PSM_ERR_INVALID_ARGUMENT, "top_logprobs.mode"},
+                 {4, 0, 1, 0, PSM_ERR_INVALID_ARGUMENT, "top_logprobs.tokens.data"},
+                 {4, 0, 0, 1, PSM_ERR_INVALID_ARGUMENT, "top_logprobs.logprobs.data"}};
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; ++c) {
+        top.count = cases[c].count;
+        top.mode = (psm_logprob_mode)cases[c].mode;
+        top.tokens.data = cases[c].drop_tokens ? NULL : top_tokens;
+        top.logprobs.data = cases[c].drop_logprobs ? NULL : top_logprobs;
+        psm_status status = psm_test_sample_f32(context, logits, 1, 40, &params, tokens, NULL);
+        ck_assert_msg(status == cases[c].status, "case %zu: %s (%s)", c,
+                      psm_status_string(status), psm_last_error());
+        ck_assert_msg(strstr(psm_last_error(), cases[c].needle) != NULL, "case %zu: '%s'", c,
+                      psm_last_error());
+        ck_assert_int_eq(tokens[0], SENTINEL);
+    }
+    /* psm_probs has every probability already. */
+    top.count = 4;
+    top.mode = PSM_LOGPROBS_PROCESSED;
+    top.tokens.data = top_tokens;
+    top.logprobs.data = top_logprobs;
+    float probs[40];
+    psm_status status = psm_test_probs_f32(context, logits, 1, 40, &params, probs);
+    ck_assert_int_eq(status, PSM_ERR_INVALID_ARGUMENT);
+    ck_assert(strstr(psm_last_error(), "for psm_sample") != NULL);
+    psm_context_destroy(context);
+}
+END_TEST
+
+int main(void)
+{
+    psm_test_register_common(bad_top_logprobs_are_refused);
+    psm_test_register_common(top_logprobs_through_a_caller_workspace);
+    psm_test_register_property(processed_top_logprobs_follow_the_kept_set);
+    psm_test_register_property(raw_top_logprobs_are_the_log_softmax_as_given);
+    psm_test_register_property(greedy_and_bad_rows);
+    return psm_test_run("test_top_logprobs");
+}

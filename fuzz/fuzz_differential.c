@@ -288,7 +288,8 @@ static void decode_processing(fuzz_input *input, batch *b)
 
 /* SAMPLING.md section 1, one token at a time, from the widened logits, as
  * the rule reads: count the token in the row's history, look for it in the
- * prompt, penalise, add its bias entries in list order, mask, read again. */
+ * prompt, penalise, add its bias entries in list order, mask (which leaves
+ * NaN and +inf), read again. */
 static void process_literally(batch *b)
 {
     const psm_logit_processing *p = &b->processing;
@@ -322,7 +323,9 @@ static void process_literally(batch *b)
                  p->bias_offsets && e < p->bias_offsets[r + 1]; ++e)
                 if (p->bias_tokens[e] == i)
                     x = x + p->bias_values[e];
-            if (p->allowed_mask && !((p->allowed_mask[r * words + i / 32] >> (i % 32)) & 1u))
+            /* A mask never hides a NaN or +inf: the row stays bad. */
+            if (p->allowed_mask && !((p->allowed_mask[r * words + i / 32] >> (i % 32)) & 1u) &&
+                !isnan(x) && x != INFINITY)
                 x = -INFINITY;
             b->processed[r][i] = psm_read_logit(x);
         }

@@ -199,10 +199,11 @@ static float decode_bias_value(fuzz_input *input)
         return (float)(int8_t)fuzz_u8(input) * 0.25f;
     if (how < 225)
         return (how & 1 ? -1.0f : 1.0f) * 3.0e38f; /* finite, and may overflow a logit */
-    if (how < 240)
-        return ldexpf((float)(int8_t)fuzz_u8(input), (int)(int8_t)fuzz_u8(input));
-    float raw = fuzz_raw_float(input);
-    return isfinite(raw) ? raw : 0.0f;
+    /* Finite always (valid processing): ldexpf of a large exponent, like raw
+     * bits, can be infinite, and such a value is 0 instead. */
+    float value = how < 240 ? ldexpf((float)(int8_t)fuzz_u8(input), (int)(int8_t)fuzz_u8(input))
+                            : fuzz_raw_float(input);
+    return isfinite(value) ? value : 0.0f;
 }
 
 /* Valid CSR lists for rows, or none (NULL offsets). */

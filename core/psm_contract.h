@@ -215,9 +215,11 @@ PSM_FN int psm_logit_class(float x)
 /* Tokens a row's history may hold: counts stay exact in a float. */
 #define PSM_MAX_HISTORY_TOKENS (1 << 24)
 
-/* 1/r by the temperature scale's Newton steps (no division: an OpenCL
- * division need not be correctly rounded). For r in the penalty range. */
-PSM_FN float psm_penalty_reciprocal(float r)
+/* 1/r by four Newton steps from a bit-level first guess, in correctly
+ * rounded operations (an OpenCL division need not be correctly rounded, so
+ * none is used): the temperature scale's reciprocal and the repetition
+ * penalty's. For r in [1e-6, 1e6]. */
+PSM_FN float psm_newton_reciprocal(float r)
 {
     float reciprocal = psm_bits_float(0x7ef311c3u - psm_float_bits(r));
     int step;
@@ -226,6 +228,12 @@ PSM_FN float psm_penalty_reciprocal(float r)
         reciprocal = PSM_FADD(reciprocal, PSM_FMUL(reciprocal, error));
     }
     return reciprocal;
+}
+
+/* 1/r for a repetition penalty r in the penalty range. */
+PSM_FN float psm_penalty_reciprocal(float r)
+{
+    return psm_newton_reciprocal(r);
 }
 
 PSM_FN int psm_penalties_valid(float repetition, float frequency, float presence)
@@ -267,13 +275,7 @@ PSM_FN int psm_is_greedy(float temperature)
  * used). Defined for T in [PSM_GREEDY_TEMPERATURE, PSM_MAX_TEMPERATURE]. */
 PSM_FN float psm_inverse_temperature_scale(float temperature)
 {
-    float reciprocal = psm_bits_float(0x7ef311c3u - psm_float_bits(temperature));
-    int step;
-    for (step = 0; step < 4; ++step) {
-        float error = PSM_FSUB(1.0f, PSM_FMUL(temperature, reciprocal));
-        reciprocal = PSM_FADD(reciprocal, PSM_FMUL(reciprocal, error));
-    }
-    return PSM_FMUL(0x1.715476p+0f /* log2(e) */, reciprocal);
+    return PSM_FMUL(0x1.715476p+0f /* log2(e) */, psm_newton_reciprocal(temperature));
 }
 
 /* Are a row's parameters in range? Host arrays are checked by core before a

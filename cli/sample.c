@@ -25,7 +25,7 @@ static const char sample_notes[] =
     "history (and, for the repetition penalty, of its prompt); the bias; the\n"
     "mask. A row left with no finite allowed logit, or with a NaN or +inf one\n"
     "(masked or not), is a bad row (token -1; --check-rows refuses it).\n"
-    "The CPU, CUDA and HIP backends run it. The files:\n"
+    "The CPU, CUDA, HIP and OpenCL backends run it. The files:\n"
     "  --allowed-mask  a .npy of uint32 words, rows x W with W >= ceil(vocab/32)\n"
     "                  (bit i % 32 of word i / 32 allows token i), or of bool,\n"
     "                  rows x vocab (true allows); 1-D for one row\n"

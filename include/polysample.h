@@ -138,7 +138,7 @@ typedef struct psm_output {
  * arrays of psm_params; the struct itself is host memory. Rows' lists are
  * given CSR-style: row r's entries are [offsets[r], offsets[r + 1]) of the
  * entry arrays, offsets having rows + 1 non-decreasing entries, the first >= 0.
- * Backends: CPU, CUDA and HIP (core/psm_processing.h on each); a backend
+ * Backends: CPU, CUDA, HIP and OpenCL (core/psm_processing.h on each); a backend
  * without it returns PSM_ERR_UNSUPPORTED. */
 typedef struct psm_logit_processing {
     /* Allowed tokens (a grammar's mask): token i of row r is allowed when bit

@@ -23,7 +23,8 @@
  * (first_bad_row) is the context's, allocated with it.
  *
  * Programs. The kernels (psm_kernels.cl, after the headers it includes:
- * core/psm_contract.h, core/psm_row.h, psm_opencl_request.h) are embedded at
+ * core/psm_contract.h, core/psm_row.h, core/psm_processing.h,
+ * psm_opencl_request.h) are embedded at
  * build time (embed.cmake) and handed to the compiler as one program's
  * source strings, headers first. Every kernel takes the call's description,
  * a psm_opencl_request (psm_opencl_request.h, shared with the kernels), as
@@ -227,6 +228,7 @@ static psm_status opencl_create(const psm_context_options *options, int device_i
 static const psm_backend_ops opencl_ops = {
     .api_version = PSM_BACKEND_API_VERSION,
     .id = PSM_BACKEND_OPENCL,
+    .features = PSM_FEATURE_LOGIT_PROCESSING,
     .probe = opencl_probe,
     .create = opencl_create,
     .destroy = opencl_destroy,

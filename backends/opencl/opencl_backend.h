@@ -70,6 +70,9 @@ enum {
     KERNEL_ROW_COMBINE,
     KERNEL_DRAW,
     KERNEL_PROBS,
+    KERNEL_PROCESS_READ,  /* logit processing, before the pipeline */
+    KERNEL_PROCESS_LISTS,
+    KERNEL_PROCESS_MASK,
     KERNEL_COUNT
 };
 /* The kernels' names in the program, by the enum above. */
@@ -87,6 +90,23 @@ typedef struct device_buffer {
 /* The per-row arrays as the kernels take them: psm_row_arrays' order. */
 #define OPENCL_ROW_ARRAYS 10
 
+/* The logit-processing arrays as the kernels take them: psm_process_lists'
+ * arguments in order, then psm_process_mask's mask. */
+enum {
+    PROCESSING_HISTORY_OFFSETS,
+    PROCESSING_HISTORY_TOKENS,
+    PROCESSING_PROMPT_OFFSETS,
+    PROCESSING_PROMPT_TOKENS,
+    PROCESSING_BIAS_OFFSETS,
+    PROCESSING_BIAS_TOKENS,
+    PROCESSING_BIAS_VALUES,
+    PROCESSING_REPETITION,
+    PROCESSING_FREQUENCY,
+    PROCESSING_PRESENCE,
+    PROCESSING_MASK,
+    OPENCL_PROCESSING_ARRAYS
+};
+
 /* The device buffers of one call, each the context's own (grown as calls
  * need it) or carved from a caller's workspace: per-tile and per-row state,
  * stagings of host inputs, and of outputs that are host memory or wait for
@@ -101,7 +121,10 @@ enum {
     PART_ROW_STATE,
     PART_LOGITS,   /* host logits copied in */
     PART_ROW_ARRAY, /* host per-row arrays copied in: OPENCL_ROW_ARRAYS parts */
-    PART_TOKENS = PART_ROW_ARRAY + OPENCL_ROW_ARRAYS,
+    PART_PROCESSED = PART_ROW_ARRAY + OPENCL_ROW_ARRAYS, /* logit processing: rows x vocab f32 */
+    PART_COUNTS,    /* logit processing: rows x vocab token counts */
+    PART_PROCESSING_ARRAY, /* host processing arrays copied in: OPENCL_PROCESSING_ARRAYS parts */
+    PART_TOKENS = PART_PROCESSING_ARRAY + OPENCL_PROCESSING_ARRAYS,
     PART_LOGPROBS,
     PART_PROBS,
     PART_COUNT
@@ -166,6 +189,15 @@ psm_status opencl_check_device_buffer(opencl_state *state, void *pointer, size_t
 void opencl_row_arrays(const psm_request *request, const void *arrays[OPENCL_ROW_ARRAYS],
                        size_t bytes[OPENCL_ROW_ARRAYS]);
 extern const char *const opencl_row_array_names[OPENCL_ROW_ARRAYS];
+/* The same for a request with logit processing (psm_processing_active), by
+ * the PROCESSING_* enum. A host list's bytes come from its offsets' last
+ * entry (the only host value a size query reads); a device list's tokens
+ * and values are unknown on the host: 0 bytes (the kernels bound them by
+ * their buffers' sizes). */
+psm_status opencl_processing_arrays(const psm_request *request,
+                                    const void *arrays[OPENCL_PROCESSING_ARRAYS],
+                                    size_t bytes[OPENCL_PROCESSING_ARRAYS]);
+extern const char *const opencl_processing_array_names[OPENCL_PROCESSING_ARRAYS];
 /* The buffers a call needs: from the request's shapes, memory kinds and the
  * per-row pointers it has, never from its data pointers, so that a size
  * query and the call agree. */

@@ -69,7 +69,11 @@ static const char *part_name(int part)
 {
     if (part >= PART_ROW_ARRAY && part < PART_ROW_ARRAY + OPENCL_ROW_ARRAYS)
         return opencl_row_array_names[part - PART_ROW_ARRAY];
+    if (part >= PART_PROCESSING_ARRAY && part < PART_PROCESSING_ARRAY + OPENCL_PROCESSING_ARRAYS)
+        return opencl_processing_array_names[part - PART_PROCESSING_ARRAY];
     switch (part) {
+    case PART_PROCESSED: return "processed logits";
+    case PART_COUNTS: return "token count";
     case PART_LANE_MAX: return "lane";
     case PART_ROW_STATE: return "row state";
     case PART_LOGITS: return "logits";
@@ -118,6 +122,68 @@ void opencl_row_arrays(const psm_request *request, const void *arrays[OPENCL_ROW
     }
 }
 
+const char *const opencl_processing_array_names[OPENCL_PROCESSING_ARRAYS] = {
+    "history_offsets", "history_tokens",   "prompt_offsets",
+    "prompt_tokens",   "bias_offsets",     "bias_tokens",
+    "bias_values",     "repetition_penalty_per_row", "frequency_penalty_per_row",
+    "presence_penalty_per_row", "allowed_mask"};
+
+/* Entries of a host list: its offsets' last entry, which core validates
+ * before a call but not before a size query. */
+static psm_status host_list_entries(const int64_t *offsets, int64_t rows, const char *what,
+                                    size_t element, size_t *bytes)
+{
+    *bytes = 0;
+    if (!offsets)
+        return PSM_OK;
+    const int64_t entries = offsets[rows];
+    if (entries < 0)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                             "processing: %s_offsets[%lld] is %lld; expected >= 0", what,
+                             (long long)rows, (long long)entries);
+    if ((uint64_t)entries > SIZE_MAX / element)
+        return psm_set_error(PSM_ERR_OUT_OF_MEMORY,
+                             "OpenCL: %lld %s entries are beyond any device's memory",
+                             (long long)entries, what);
+    *bytes = (size_t)entries * element;
+    return PSM_OK;
+}
+
+psm_status opencl_processing_arrays(const psm_request *request,
+                                    const void *arrays[OPENCL_PROCESSING_ARRAYS],
+                                    size_t bytes[OPENCL_PROCESSING_ARRAYS])
+{
+    const psm_logit_processing *p = request->params.processing;
+    const size_t rows = (size_t)request->rows;
+    const size_t words = (size_t)(p->allowed_mask_words ? p->allowed_mask_words
+                                                        : (request->logits.vocab + 31) / 32);
+    const void *const in_order[OPENCL_PROCESSING_ARRAYS] = {
+        p->history_offsets, p->history_tokens, p->prompt_offsets,
+        p->prompt_tokens,   p->bias_offsets,   p->bias_tokens,
+        p->bias_values,     p->repetition_penalty_per_row, p->frequency_penalty_per_row,
+        p->presence_penalty_per_row, p->allowed_mask};
+    for (int i = 0; i < OPENCL_PROCESSING_ARRAYS; ++i)
+        arrays[i] = in_order[i];
+    bytes[PROCESSING_HISTORY_OFFSETS] = bytes[PROCESSING_PROMPT_OFFSETS] =
+        bytes[PROCESSING_BIAS_OFFSETS] = (rows + 1) * sizeof(cl_long);
+    bytes[PROCESSING_REPETITION] = bytes[PROCESSING_FREQUENCY] = bytes[PROCESSING_PRESENCE] =
+        rows * sizeof(cl_float);
+    /* Core bounds rows x allowed_mask_words by 2^63 / 8. */
+    bytes[PROCESSING_MASK] = rows * words * sizeof(cl_uint);
+    bytes[PROCESSING_HISTORY_TOKENS] = bytes[PROCESSING_PROMPT_TOKENS] =
+        bytes[PROCESSING_BIAS_TOKENS] = bytes[PROCESSING_BIAS_VALUES] = 0;
+    if (request->logits.memory != PSM_MEMORY_HOST)
+        return PSM_OK;
+    PSM_TRY(host_list_entries(p->history_offsets, request->rows, "history", sizeof(cl_int),
+                              &bytes[PROCESSING_HISTORY_TOKENS]));
+    PSM_TRY(host_list_entries(p->prompt_offsets, request->rows, "prompt", sizeof(cl_int),
+                              &bytes[PROCESSING_PROMPT_TOKENS]));
+    PSM_TRY(host_list_entries(p->bias_offsets, request->rows, "bias", sizeof(cl_int),
+                              &bytes[PROCESSING_BIAS_TOKENS]));
+    bytes[PROCESSING_BIAS_VALUES] = bytes[PROCESSING_BIAS_TOKENS]; /* 4-byte floats */
+    return PSM_OK;
+}
+
 psm_status opencl_plan_call(const opencl_state *state, const psm_request *request,
                             int probs_mode, call_plan *plan)
 {
@@ -135,6 +201,19 @@ psm_status opencl_plan_call(const opencl_state *state, const psm_request *reques
         opencl_row_arrays(request, arrays, bytes);
         for (int i = 0; i < OPENCL_ROW_ARRAYS; ++i)
             plan->bytes[PART_ROW_ARRAY + i] = arrays[i] ? bytes[i] : 0;
+    }
+    if (psm_processing_active(&request->params)) {
+        /* Core bounds rows x vocab by 2^60, so these fit. */
+        plan->bytes[PART_PROCESSED] = rows * vocab * sizeof(cl_float);
+        plan->bytes[PART_COUNTS] = rows * vocab * sizeof(cl_uint);
+        if (logits->memory == PSM_MEMORY_HOST) {
+            const void *arrays[OPENCL_PROCESSING_ARRAYS];
+            size_t bytes[OPENCL_PROCESSING_ARRAYS];
+            PSM_TRY(opencl_processing_arrays(request, arrays, bytes));
+            /* An empty list has no part: its kernel argument is NULL. */
+            for (int i = 0; i < OPENCL_PROCESSING_ARRAYS; ++i)
+                plan->bytes[PART_PROCESSING_ARRAY + i] = arrays[i] ? bytes[i] : 0;
+        }
     }
     /* In checking mode every output waits in staging for the row check. */
     const int staged = request->check_rows || state->check_rows;

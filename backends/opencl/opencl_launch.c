@@ -45,6 +45,9 @@ typedef struct launch {
     call_buffers buffers;        /* released by finish_call */
     cl_mem logits;
     cl_mem per_row_arrays[OPENCL_ROW_ARRAYS]; /* NULL where absent */
+    int processing;   /* the call has logit processing (psm_processing_active) */
+    cl_mem processing_arrays[OPENCL_PROCESSING_ARRAYS]; /* NULL where absent or empty */
+    cl_long list_capacity[3]; /* entries of the history, prompt and bias buffers */
     int filters;      /* some row may have an active filter */
     int may_top_k;    /* some row may have top-k */
     int may_search;   /* some row may have top-k or top-p (a cutoff search) */
@@ -113,6 +116,47 @@ static void describe(launch *call)
     description->check_rows = request->check_rows;
 }
 
+/* The entries a token or value buffer holds. */
+static psm_status buffer_entries(cl_mem buffer, size_t element, cl_long *entries)
+{
+    size_t size = 0;
+    if (buffer)
+        CL_TRY(clGetMemObjectInfo(buffer, CL_MEM_SIZE, sizeof size, &size, NULL),
+               "clGetMemObjectInfo");
+    *entries = (cl_long)(size / element);
+    return PSM_OK;
+}
+
+/* Logit processing's arrays on the device: the caller's cl_mem (checked
+ * like the per-row arrays), or copies of host arrays, each in its part.
+ * An empty host list stays NULL: the kernels never read it. */
+static psm_status stage_processing(launch *call)
+{
+    opencl_state *state = call->state;
+    const psm_request *request = call->request;
+    const void *arrays[OPENCL_PROCESSING_ARRAYS];
+    size_t bytes[OPENCL_PROCESSING_ARRAYS];
+    PSM_TRY(opencl_processing_arrays(request, arrays, bytes));
+    const int host = request->logits.memory == PSM_MEMORY_HOST;
+    for (int i = 0; i < OPENCL_PROCESSING_ARRAYS; ++i)
+        if (arrays[i] && (bytes[i] || !host))
+            PSM_TRY(opencl_input_buffer(state, call->buffers.part[PART_PROCESSING_ARRAY + i],
+                                        arrays[i], request->logits.memory, bytes[i],
+                                        opencl_processing_array_names[i],
+                                        &call->processing_arrays[i]));
+    const cl_mem *staged = call->processing_arrays;
+    cl_long bias_tokens = 0, bias_values = 0;
+    PSM_TRY(buffer_entries(staged[PROCESSING_HISTORY_TOKENS], sizeof(cl_int),
+                           &call->list_capacity[0]));
+    PSM_TRY(buffer_entries(staged[PROCESSING_PROMPT_TOKENS], sizeof(cl_int),
+                           &call->list_capacity[1]));
+    PSM_TRY(buffer_entries(staged[PROCESSING_BIAS_TOKENS], sizeof(cl_int), &bias_tokens));
+    PSM_TRY(buffer_entries(staged[PROCESSING_BIAS_VALUES], sizeof(cl_float), &bias_values));
+    call->list_capacity[2] = bias_tokens < bias_values ? bias_tokens : bias_values;
+    call->processing = 1;
+    return PSM_OK;
+}
+
 /* The call's buffers, its inputs on the device and its description. On
  * success the caller ends the call with finish_call. */
 static psm_status prepare(opencl_state *state, psm_request *request, int probs_mode,
@@ -148,6 +192,8 @@ static psm_status prepare(opencl_state *state, psm_request *request, int probs_m
             status = opencl_input_buffer(state, call->buffers.part[PART_ROW_ARRAY + i], arrays[i],
                                          logits->memory, bytes[i], opencl_row_array_names[i],
                                          &call->per_row_arrays[i]);
+    if (status == PSM_OK && psm_processing_active(&request->params))
+        status = stage_processing(call);
     if (status != PSM_OK) {
         opencl_release_call_buffers(&call->buffers);
         return status;
@@ -233,8 +279,71 @@ static size_t team_groups(const opencl_state *state, size_t units)
     return (units + teams - 1) / teams;
 }
 
-/* The pipeline up to the per-row combination, shared by sample and probs. */
-static psm_status run_rows(const launch *call)
+/* Groups of the processing kernels' items: one per (token, row) in groups
+ * along the vocab, or one per row. */
+static size_t groups_over(const opencl_state *state, size_t items)
+{
+    return (items + state->group_size - 1) / state->group_size;
+}
+
+/* Runs the logit-processing kernels (psm_kernels.cl, "logit processing"),
+ * then describes the call as the pipeline reads their output: f32 logits,
+ * one dense row per output row, no row index left to follow. */
+static psm_status run_processing(launch *call)
+{
+    opencl_state *state = call->state;
+    const psm_logit_processing *p = call->request->params.processing;
+    const cl_mem *part = call->buffers.part;
+    const cl_mem *arrays = call->processing_arrays;
+    const size_t token_groups = groups_over(state, (size_t)call->vocab);
+    cl_uint index = 0;
+
+    cl_kernel kernel = state->kernels[KERNEL_PROCESS_READ];
+    PSM_TRY(set_request_args(call, kernel, &index));
+    PSM_TRY(SET_MEM(kernel, &index, part[PART_PROCESSED]));
+    PSM_TRY(SET_MEM(kernel, &index, part[PART_COUNTS]));
+    PSM_TRY(enqueue(state, kernel, token_groups, (size_t)call->rows,
+                    opencl_kernel_names[KERNEL_PROCESS_READ]));
+
+    kernel = state->kernels[KERNEL_PROCESS_LISTS];
+    const psm_processing_arrays given = psm_request_processing_arrays(p);
+    const cl_uint present = given.present;
+    PSM_TRY(set_request_args(call, kernel, &index));
+    PSM_TRY(set_arg(kernel, &index, sizeof present, &present));
+    PSM_TRY(set_arg(kernel, &index, sizeof(cl_float), &given.repetition));
+    PSM_TRY(set_arg(kernel, &index, sizeof(cl_float), &given.frequency));
+    PSM_TRY(set_arg(kernel, &index, sizeof(cl_float), &given.presence));
+    for (int i = 0; i < PROCESSING_MASK; ++i)
+        PSM_TRY(SET_MEM(kernel, &index, arrays[i]));
+    for (int list = 0; list < 3; ++list)
+        PSM_TRY(set_arg(kernel, &index, sizeof(cl_long), &call->list_capacity[list]));
+    PSM_TRY(SET_MEM(kernel, &index, part[PART_PROCESSED]));
+    PSM_TRY(SET_MEM(kernel, &index, part[PART_COUNTS]));
+    PSM_TRY(enqueue(state, kernel, groups_over(state, (size_t)call->rows), 1,
+                    opencl_kernel_names[KERNEL_PROCESS_LISTS]));
+
+    kernel = state->kernels[KERNEL_PROCESS_MASK];
+    const cl_long mask_words =
+        p->allowed_mask_words ? p->allowed_mask_words : (call->vocab + 31) / 32;
+    PSM_TRY(set_request_args(call, kernel, &index));
+    PSM_TRY(SET_MEM(kernel, &index, arrays[PROCESSING_MASK]));
+    PSM_TRY(set_arg(kernel, &index, sizeof mask_words, &mask_words));
+    PSM_TRY(SET_MEM(kernel, &index, part[PART_PROCESSED]));
+    PSM_TRY(enqueue(state, kernel, token_groups, (size_t)call->rows,
+                    opencl_kernel_names[KERNEL_PROCESS_MASK]));
+
+    psm_opencl_request *description = &call->description;
+    call->logits = part[PART_PROCESSED];
+    description->dtype = PSM_OPENCL_DTYPE_F32;
+    description->row_stride = call->vocab;
+    description->per_row &= ~PSM_PER_ROW_LOGITS_ROW;
+    description->scalars.logits_rows = call->rows;
+    return PSM_OK;
+}
+
+/* The pipeline up to the per-row combination, shared by sample and probs:
+ * logit processing first when the call has it. */
+static psm_status run_rows(launch *call)
 {
     opencl_state *state = call->state;
     const int check_rows = call->request->check_rows;
@@ -249,6 +358,8 @@ static psm_status run_rows(const launch *call)
                                    0, sizeof none, 0, NULL, NULL),
                "clEnqueueFillBuffer");
     }
+    if (call->processing)
+        PSM_TRY(run_processing(call));
 
     const size_t tile_groups = team_groups(state, (size_t)call->rows * call->tiles);
     cl_kernel kernel = state->kernels[KERNEL_TILE_REDUCE];

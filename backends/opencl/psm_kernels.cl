@@ -4,8 +4,9 @@
  * Every quantity that decides a token (weights, gaps, thresholds, Philox,
  * the picks) comes from core/psm_contract.h, whose FP_CONTRACT OFF pragma
  * covers this file too; a row's parameters and the gap bins from
- * core/psm_row.h; the call's description and the per-row state from
- * psm_opencl_request.h, which the host compiles too.
+ * core/psm_row.h; logit processing's rules from core/psm_processing.h; the
+ * call's description and the per-row state from psm_opencl_request.h, which
+ * the host compiles too.
  *
  * Build options give PSM_WG, the work-group size of every kernel (a power of
  * two between 16 and 1024, chosen by the host from device queries).
@@ -45,6 +46,8 @@
  *   psm_draw         a team per (sample, row): picks the tile by binary
  *                    search of the prefix, then the token within the tile.
  *   psm_probs        a team per tile: the final distribution.
+ * With logit processing, three kernels run first ("logit processing" at the
+ * end of this file) and the pipeline reads their output.
  * No kernel needs 64-bit atomics: 64-bit sums add posted partials, and the
  * per-bucket masses of top-p are kept as two 32-bit words with exact carries.
  */
@@ -60,6 +63,9 @@
 #endif
 #ifndef PSM_ROW_H
 #include "psm_row.h"
+#endif
+#ifndef PSM_PROCESSING_H
+#include "psm_processing.h"
 #endif
 #ifndef PSM_OPENCL_REQUEST_H
 #include "psm_opencl_request.h"
@@ -1630,4 +1636,110 @@ psm_probs(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulo
             out[offset] = weight ? psm_probability(weight, mass, rescaled, total) : 0.0f;
         }
     }
+}
+
+/* ---- logit processing (docs/SAMPLING.md section 1) ---------------------------
+ * Before the pipeline, when the call has psm_params.processing: the rules
+ * are core/psm_processing.h's, the code the CPU, CUDA and HIP backends run;
+ * these kernels only spread them over the device, and need no barrier.
+ *   psm_process_read   an item per (token, output row): the row's logit
+ *                      read into `processed` (rows x vocab f32), its count
+ *                      cleared; a row whose parameters or row index are out
+ *                      of range is written as NaN, so the pipeline finds it
+ *                      bad and its logits are never read;
+ *   psm_process_lists  an item per row: its penalties and bias in list
+ *                      order (the order is part of the rule; lists are short
+ *                      next to rows); lists out of range make the row bad
+ *                      the same way;
+ *   psm_process_mask   an item per (token, output row): the allowed-token
+ *                      mask and the final read.
+ * The pipeline then samples `processed` as f32 logits, one row per output
+ * row (the host rewrites the description accordingly). */
+
+/* The processing arrays (psm_processing_arrays; NULL where absent) and the
+ * scalars: present holds the PSM_LISTS_* bits of those given. */
+#define PSM_PROCESSING_PARAMS                                                               \
+    const uint present, const float repetition, const float frequency, const float presence, \
+        __global const long *history_offsets, __global const int *history_tokens,           \
+        __global const long *prompt_offsets, __global const int *prompt_tokens,             \
+        __global const long *bias_offsets, __global const int *bias_tokens,                 \
+        __global const float *bias_values, __global const float *repetition_per_row,        \
+        __global const float *frequency_per_row, __global const float *presence_per_row
+
+/* The (token, output row) of an item of the read and mask kernels; the
+ * last group of a row has items past the vocab. */
+#define PSM_PROCESS_TOKEN ((long)get_global_id(0))
+#define PSM_PROCESS_ROW ((long)get_global_id(1))
+
+__kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
+psm_process_read(PSM_REQUEST_PARAMS, __global float *processed, __global uint *counts)
+{
+    const long token = PSM_PROCESS_TOKEN, row = PSM_PROCESS_ROW;
+    if (token >= request.vocab)
+        return;
+    const psm_row_params p = PSM_RESOLVE_ROW(row);
+    const long cell = row * request.vocab + token;
+    counts[cell] = 0u;
+    processed[cell] =
+        p.valid ? psm_read_logit(psm_raw_logit(logits, request.dtype, PSM_ROW_BASE(p) + token))
+                : NAN;
+}
+
+/* Entries a device list may name: its buffer's, so that offsets out of
+ * range make the row bad instead of reading past the buffer. */
+static int psm_lists_within(const psm_row_lists *lists, long history_capacity,
+                            long prompt_capacity, long bias_capacity)
+{
+    return lists->history_begin >= 0 && lists->history_end <= history_capacity &&
+           lists->prompt_begin >= 0 && lists->prompt_end <= prompt_capacity &&
+           lists->bias_begin >= 0 && lists->bias_end <= bias_capacity;
+}
+
+/* history/prompt/bias_capacity: the entries each token array holds (bias:
+ * its tokens' and values' fewer). */
+__kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
+psm_process_lists(PSM_REQUEST_PARAMS, PSM_PROCESSING_PARAMS, const long history_capacity,
+                  const long prompt_capacity, const long bias_capacity,
+                  __global float *processed, __global uint *counts)
+{
+    const long row = (long)get_global_id(0);
+    if (row >= request.rows)
+        return;
+    psm_processing_arrays arrays;
+    arrays.present = present;
+    arrays.history_offsets = history_offsets;
+    arrays.history_tokens = history_tokens;
+    arrays.prompt_offsets = prompt_offsets;
+    arrays.prompt_tokens = prompt_tokens;
+    arrays.bias_offsets = bias_offsets;
+    arrays.bias_tokens = bias_tokens;
+    arrays.bias_values = bias_values;
+    arrays.repetition_per_row = repetition_per_row;
+    arrays.frequency_per_row = frequency_per_row;
+    arrays.presence_per_row = presence_per_row;
+    arrays.repetition = repetition;
+    arrays.frequency = frequency;
+    arrays.presence = presence;
+    const psm_row_lists lists = psm_row_lists_of(&arrays, row);
+    __global float *x = processed + row * request.vocab;
+    /* Within the buffers first: psm_row_lists_valid reads the entries. */
+    if (psm_lists_within(&lists, history_capacity, prompt_capacity, bias_capacity) &&
+        psm_row_lists_valid(&lists, request.vocab))
+        psm_process_row_lists(x, counts + row * request.vocab, &lists);
+    else
+        x[0] = NAN;
+}
+
+/* allowed_mask: NULL when every token is allowed; mask_words per row. */
+__kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
+psm_process_mask(PSM_REQUEST_PARAMS, __global const uint *allowed_mask, const long mask_words,
+                 __global float *processed)
+{
+    const long token = PSM_PROCESS_TOKEN, row = PSM_PROCESS_ROW;
+    if (token >= request.vocab)
+        return;
+    const int allowed =
+        allowed_mask ? psm_token_allowed(allowed_mask + row * mask_words, token) : 1;
+    const long cell = row * request.vocab + token;
+    processed[cell] = psm_processed_logit(processed[cell], allowed);
 }

@@ -101,7 +101,11 @@ PSM_FN int psm_row_lists_valid(const psm_row_lists *lists, psm_i64 vocab)
     psm_i64 e;
     if (!psm_penalties_valid(lists->repetition, lists->frequency, lists->presence))
         return 0;
-    if (lists->history_end < lists->history_begin || lists->prompt_end < lists->prompt_begin ||
+    /* Offsets below 0 would read before the arrays; how far a device array
+     * reaches is the caller's to keep (the OpenCL host also bounds it by its
+     * buffer's size). */
+    if (lists->history_begin < 0 || lists->prompt_begin < 0 || lists->bias_begin < 0 ||
+        lists->history_end < lists->history_begin || lists->prompt_end < lists->prompt_begin ||
         lists->bias_end < lists->bias_begin ||
         lists->history_end - lists->history_begin > PSM_MAX_HISTORY_TOKENS)
         return 0;

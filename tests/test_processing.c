@@ -10,6 +10,7 @@
  * processing yet must refuse it with PSM_ERR_UNSUPPORTED, writing nothing,
  * and its remaining checks are skipped (visibly).
  */
+#include "device_memory.h"
 #include "harness.h"
 
 #include "psm_contract.h"
@@ -277,6 +278,127 @@ done:
     psm_context_destroy(context);
 }
 
+/* The processing arrays in the backend's device memory (read when the
+ * kernels run) give the host arrays' tokens; a device list that names a
+ * token outside the vocab, or starts below 0, makes only its row bad (where
+ * core reads the arrays on the host, the call is refused instead). */
+PSM_PROPERTY(processing_arrays_in_device_memory)
+{
+    const char *why = psm_test_memory_unavailable(backend, PSM_MEMORY_DEVICE);
+    if (why) {
+        psm_test_skip(psm_backend_name(backend), "processing_arrays_in_device_memory", why);
+        return;
+    }
+    batch b;
+    make_batch(&b, 5, 1100, 0x5eed0002u);
+    const int64_t rows = b.rows, vocab = b.vocab, words = (vocab + 31) / 32;
+    const int32_t samples = 8;
+    psm_context *host_context = psm_test_open(backend);
+    psm_params params;
+    psm_params_init(&params);
+    params.num_samples = samples;
+    params.seed = 31;
+    params.top_p = 0.95f;
+    params.processing = &b.processing;
+    int32_t *expected = psm_test_alloc((size_t)(rows * samples), sizeof(int32_t));
+    int32_t *tokens = psm_test_alloc((size_t)(rows * samples), sizeof(int32_t));
+    psm_tensor host_tensor = psm_test_tensor(b.logits, PSM_DTYPE_F32, rows, vocab, 0);
+    psm_status status = psm_sample(host_context, &host_tensor, &params,
+                                   psm_test_output(expected), psm_test_output(NULL));
+    psm_context_destroy(host_context);
+    if (status == PSM_ERR_UNSUPPORTED && backend != PSM_BACKEND_CPU) {
+        psm_test_skip(psm_backend_name(backend), "processing_arrays_in_device_memory",
+                      "the backend does not run logit processing");
+        goto done;
+    }
+    ck_assert_msg(status == PSM_OK, "%s", psm_last_error());
+
+    for (int broken = 0; broken < 3; ++broken) {
+        psm_test_memory *memory = psm_test_memory_open(backend, PSM_MEMORY_DEVICE, 0);
+        /* broken 1: row 3's history names token `vocab`; broken 2: a bias
+         * offset of -1. */
+        int64_t *bias_offsets = psm_test_alloc((size_t)rows + 1, sizeof(int64_t));
+        memcpy(bias_offsets, b.bias_offsets, ((size_t)rows + 1) * sizeof(int64_t));
+        int32_t history_total = (int32_t)b.history_offsets[rows];
+        int32_t *history = psm_test_alloc((size_t)history_total + 1, sizeof(int32_t));
+        memcpy(history, b.history_tokens, (size_t)history_total * sizeof(int32_t));
+        if (broken == 1 && b.history_offsets[4] > b.history_offsets[3])
+            history[b.history_offsets[3]] = (int32_t)vocab;
+        if (broken == 2)
+            bias_offsets[3] = -1;
+        psm_logit_processing device = b.processing;
+        device.allowed_mask = psm_test_memory_copy_in(memory, b.mask,
+                                                      (size_t)(rows * words) * sizeof(uint32_t));
+        device.bias_offsets =
+            psm_test_memory_copy_in(memory, bias_offsets, ((size_t)rows + 1) * sizeof(int64_t));
+        device.bias_tokens = psm_test_memory_copy_in(
+            memory, b.bias_tokens, ((size_t)b.bias_offsets[rows] + 1) * sizeof(int32_t));
+        device.bias_values = psm_test_memory_copy_in(
+            memory, b.bias_values, ((size_t)b.bias_offsets[rows] + 1) * sizeof(float));
+        device.history_offsets = psm_test_memory_copy_in(memory, b.history_offsets,
+                                                         ((size_t)rows + 1) * sizeof(int64_t));
+        device.history_tokens =
+            psm_test_memory_copy_in(memory, history, ((size_t)history_total + 1) * sizeof(int32_t));
+        device.prompt_offsets = psm_test_memory_copy_in(memory, b.prompt_offsets,
+                                                        ((size_t)rows + 1) * sizeof(int64_t));
+        device.prompt_tokens = psm_test_memory_copy_in(
+            memory, b.prompt_tokens, ((size_t)b.prompt_offsets[rows] + 1) * sizeof(int32_t));
+        device.repetition_penalty_per_row =
+            psm_test_memory_copy_in(memory, b.repetition, (size_t)rows * sizeof(float));
+        device.frequency_penalty_per_row =
+            psm_test_memory_copy_in(memory, b.frequency, (size_t)rows * sizeof(float));
+        device.presence_penalty_per_row =
+            psm_test_memory_copy_in(memory, b.presence, (size_t)rows * sizeof(float));
+        void *logits = psm_test_memory_copy_in(memory, b.logits,
+                                               (size_t)(rows * vocab) * sizeof(float));
+        void *device_tokens =
+            psm_test_memory_filled(memory, (size_t)(rows * samples) * sizeof(int32_t), 0xa5);
+        psm_tensor tensor = psm_test_tensor(logits, PSM_DTYPE_F32, rows, vocab, 0);
+        tensor.memory = PSM_MEMORY_DEVICE;
+        psm_params device_params = params;
+        device_params.processing = &device;
+        status = psm_sample(psm_test_memory_context(memory), &tensor, &device_params,
+                            (psm_output){device_tokens, PSM_MEMORY_DEVICE},
+                            (psm_output){NULL, PSM_MEMORY_DEVICE});
+        /* The rows the breakage makes bad: row 3 for a history token outside
+         * the vocab (when row 3 has a history); rows 2 and 3 for the offset
+         * -1, which ends row 2's entries before they begin and starts row 3's
+         * below 0. */
+        const int history_broken = broken == 1 && b.history_offsets[4] > b.history_offsets[3];
+        const int any_broken = history_broken || broken == 2;
+        if (any_broken && psm_test_memory_checked_on_host(memory)) {
+            ck_assert_msg(status == PSM_ERR_INVALID_PARAMETER ||
+                              status == PSM_ERR_INVALID_ARGUMENT,
+                          "broken %d on the host: %s", broken, psm_status_string(status));
+        } else {
+            ck_assert_msg(status == PSM_OK, "broken %d: %s: %s", broken,
+                          psm_status_string(status), psm_last_error());
+            psm_test_memory_read(memory, tokens, device_tokens,
+                                 (size_t)(rows * samples) * sizeof(int32_t));
+            for (int64_t k = 0; k < rows * samples; ++k) {
+                const int64_t row = k / samples;
+                const int bad_row = (history_broken && row == 3) ||
+                                    (broken == 2 && (row == 2 || row == 3));
+                if (bad_row)
+                    ck_assert_msg(tokens[k] == -1, "broken %d row %lld: token %d, expected -1",
+                                  broken, (long long)row, tokens[k]);
+                else
+                    ck_assert_msg(tokens[k] == expected[k],
+                                  "broken %d row %lld sample %lld: token %d, host arrays %d",
+                                  broken, (long long)row, (long long)(k % samples),
+                                  tokens[k], expected[k]);
+            }
+        }
+        free(bias_offsets);
+        free(history);
+        psm_test_memory_close(memory);
+    }
+done:
+    free(expected);
+    free(tokens);
+    free_batch(&b);
+}
+
 /* A struct with nothing to do is no processing: every backend runs it, and
  * the tokens are the plain call's. */
 PSM_PROPERTY(empty_processing_is_plain_sampling)
@@ -467,6 +589,7 @@ int main(void)
     psm_test_register_common(bad_processing_inputs_are_refused);
     psm_test_register_property(processing_equals_plain_call_on_processed_logits);
     psm_test_register_property(empty_processing_is_plain_sampling);
+    psm_test_register_property(processing_arrays_in_device_memory);
     psm_test_register_property(processing_can_make_a_row_bad);
     return psm_test_run("test_processing");
 }

@@ -352,6 +352,70 @@ impl Context {
         Ok((tokens, logprobs))
     }
 
+    /// Like [`sample_with_logprobs`](Self::sample_with_logprobs), also
+    /// returning each output row's `count` most probable tokens with their
+    /// logprobs and the rank of each drawn token (docs/SAMPLING.md,
+    /// section 6), in the [`LogprobMode`] asked for. `count` is 1 ..= 64.
+    /// The CPU backend computes them; other backends fail with
+    /// [`Status::Unsupported`] for now.
+    ///
+    /// ```
+    /// use polysample::{Backend, ContextOptions, LogprobMode, Logits, Params};
+    /// let mut context = ContextOptions::new().backend(Backend::Cpu).create()?;
+    /// let values = [1.0f32, 3.0, 2.0, -1.0];
+    /// let logits = Logits::f32(&values, 1, 4);
+    /// let top = context.sample_with_top_logprobs(&logits, &Params::new(), 2, LogprobMode::Processed)?;
+    /// assert_eq!(top.top_tokens, vec![1, 2]);
+    /// assert!(top.top_logprobs[0] > top.top_logprobs[1]);
+    /// # Ok::<(), polysample::Error>(())
+    /// ```
+    pub fn sample_with_top_logprobs(
+        &mut self,
+        logits: &Logits<'_>,
+        params: &Params<'_>,
+        count: usize,
+        mode: LogprobMode,
+    ) -> Result<TopLogprobs> {
+        if !(1..=sys::PSM_MAX_TOP_LOGPROBS as usize).contains(&count) {
+            return Err(Error::invalid_parameter(format!(
+                "top_logprobs count is {count}; expected 1 .. {}",
+                sys::PSM_MAX_TOP_LOGPROBS
+            )));
+        }
+        let raw_logits = logits.raw_tensor()?;
+        let mut raw_params = params.raw_for_logits(logits.rows(), logits.vocab())?;
+        let rows = params.output_rows(logits.rows());
+        let length = output_len(rows, raw_params.params.num_samples)?;
+        let top_length = rows
+            .checked_mul(count)
+            .ok_or_else(|| Error::invalid_argument(format!("rows x count ({rows} x {count}) is too large")))?;
+        let mut result = TopLogprobs {
+            tokens: vec![0; length],
+            logprobs: vec![0.0; length],
+            top_tokens: vec![0; top_length],
+            top_logprobs: vec![0.0; top_length],
+            ranks: vec![0; length],
+        };
+        let host = |data: *mut c_void| sys::psm_output { data, memory: sys::PSM_MEMORY_HOST };
+        let top = sys::psm_top_logprobs {
+            count: count as i32,
+            mode: mode.raw(),
+            tokens: host(result.top_tokens.as_mut_ptr().cast()),
+            logprobs: host(result.top_logprobs.as_mut_ptr().cast()),
+            sampled_ranks: host(result.ranks.as_mut_ptr().cast()),
+        };
+        let tokens = host(result.tokens.as_mut_ptr().cast());
+        let logprobs = host(result.logprobs.as_mut_ptr().cast());
+        let mut call_params = *raw_params.get();
+        call_params.top_logprobs = &top;
+        // SAFETY: every output is a host Vec sized from the shape above and
+        // owned here for the whole call; `top` and the processing struct
+        // that raw_params holds outlive it; the library has finished with
+        // host memory when it returns.
+        check(unsafe { sys::psm_sample(self.raw.as_ptr(), &raw_logits, &call_params, tokens, logprobs) })?;
+        Ok(result)
+    }
+
     /// Samples into caller-provided buffers of `rows x num_samples` each
     /// (output rows). On any error nothing is written.
     pub fn sample_into(
@@ -813,6 +877,43 @@ fn probs_tensor(data: *mut c_void, memory: sys::psm_memory, rows: usize, logits:
         row_stride: logits.vocab,
     }
 }
+/// Which distribution [`Context::sample_with_top_logprobs`] ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogprobMode {
+    /// The distribution `sample` draws from: after processing, temperature
+    /// and filters.
+    Processed,
+    /// The log-softmax of the logits as given: no processing, temperature 1,
+    /// no filters.
+    Raw,
+}
+
+impl LogprobMode {
+    fn raw(self) -> sys::psm_logprob_mode {
+        match self {
+            LogprobMode::Processed => sys::PSM_LOGPROBS_PROCESSED,
+            LogprobMode::Raw => sys::PSM_LOGPROBS_RAW,
+        }
+    }
+}
+
+/// The result of [`Context::sample_with_top_logprobs`], row-major over the
+/// output rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopLogprobs {
+    /// `rows x num_samples` drawn tokens (-1 for a bad row).
+    pub tokens: Vec<i32>,
+    /// Their logprobs.
+    pub logprobs: Vec<f32>,
+    /// `rows x count`: each row's most probable tokens, most probable first;
+    /// -1 past the last candidate.
+    pub top_tokens: Vec<i32>,
+    /// Their logprobs; -inf past the last candidate, NaN for a bad row.
+    pub top_logprobs: Vec<f32>,
+    /// `rows x num_samples`: each drawn token's rank (1 = most probable).
+    pub ranks: Vec<i32>,
+}
+
 fn output_len(rows: usize, num_samples: i32) -> Result<usize> {
     let samples = usize::try_from(num_samples.max(0)).unwrap_or(0);
     rows.checked_mul(samples)

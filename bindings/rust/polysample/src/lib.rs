@@ -30,7 +30,7 @@ mod info;
 mod params;
 mod processing;
 
-pub use context::{Context, ContextOptions, DeviceLogits, DevicePerRow, DeviceWorkspace};
+pub use context::{Context, ContextOptions, DeviceLogits, DevicePerRow, DeviceWorkspace, LogprobMode, TopLogprobs};
 pub use error::{Error, Result, Status};
 pub use info::{backends, version, version_number, Availability, Backend, BackendInfo, Dtype};
 pub use params::{Logits, LogitsData, Params};

@@ -266,8 +266,7 @@ impl<'a> Processing<'a> {
         raw.repetition_penalty = self.repetition_penalty.unwrap_or(raw.repetition_penalty);
         raw.frequency_penalty = self.frequency_penalty.unwrap_or(raw.frequency_penalty);
         raw.presence_penalty = self.presence_penalty.unwrap_or(raw.presence_penalty);
-        raw.repetition_penalty_per_row =
-            per_row("repetition_penalty_per_row", self.repetition_penalty_per_row, rows)?;
+        raw.repetition_penalty_per_row = per_row("repetition_penalty_per_row", self.repetition_penalty_per_row, rows)?;
         raw.frequency_penalty_per_row = per_row("frequency_penalty_per_row", self.frequency_penalty_per_row, rows)?;
         raw.presence_penalty_per_row = per_row("presence_penalty_per_row", self.presence_penalty_per_row, rows)?;
         Ok(raw)

@@ -64,8 +64,7 @@ fn batch(rows: usize, seed: u64) -> Batch {
         .collect();
     let repetition =
         (0..rows).map(|row| if row % 3 == 0 { 1.0 } else { (0.5 + 1.5 * generator.uniform()) as f32 }).collect();
-    let frequency =
-        (0..rows).map(|row| if row % 4 == 1 { 0.0 } else { (generator.uniform() - 0.25) as f32 }).collect();
+    let frequency = (0..rows).map(|row| if row % 4 == 1 { 0.0 } else { (generator.uniform() - 0.25) as f32 }).collect();
     let presence =
         (0..rows).map(|row| if row % 4 == 2 { 0.0 } else { (2.0 * generator.uniform() - 0.5) as f32 }).collect();
     Batch { rows, logits, history, prompt, bias, mask, repetition, frequency, presence }
@@ -84,7 +83,9 @@ fn penalty_reciprocal(r: f32) -> f32 {
 
 /// The contract's read of a logit: tiny magnitudes (and -0) become +0.
 fn read_logit(x: f32) -> f32 {
-    if x.abs() < f32::from_bits(0x1f80_0000) /* 2^-64 */ {
+    if x.abs() < f32::from_bits(0x1f80_0000)
+    /* 2^-64 */
+    {
         0.0
     } else {
         x
@@ -203,8 +204,11 @@ fn csr_slices_and_scalar_penalties_equal_per_row_lists() {
     let bias_tokens: Vec<i32> = bias_entries.iter().map(|&(token, _)| token).collect();
     let bias_values: Vec<f32> = bias_entries.iter().map(|&(_, value)| value).collect();
     // Rows 32 words apart: the mask's words of a row, then padding.
-    let padded: Vec<u32> =
-        batch.mask.chunks(WORDS).flat_map(|row| row.iter().copied().chain(std::iter::repeat(0).take(32 - WORDS))).collect();
+    let padded: Vec<u32> = batch
+        .mask
+        .chunks(WORDS)
+        .flat_map(|row| row.iter().copied().chain(std::iter::repeat(0).take(32 - WORDS)))
+        .collect();
     let borrowed = Processing::new()
         .history_csr(&history_offsets, &history_tokens)
         .prompt_csr(&prompt_offsets, &prompt_tokens)
@@ -224,7 +228,8 @@ fn csr_slices_and_scalar_penalties_equal_per_row_lists() {
     let logits = Logits::f32(&batch.logits, batch.rows, VOCAB);
     for (backend, mut context) in contexts("CSR processing") {
         let params = Params::new().seed(9).num_samples(20);
-        let Some(got) = sample_processed(&mut context, backend, "CSR processing", &logits, &params.processing(&borrowed), 20)
+        let Some(got) =
+            sample_processed(&mut context, backend, "CSR processing", &logits, &params.processing(&borrowed), 20)
         else {
             continue;
         };
@@ -241,14 +246,21 @@ fn processing_follows_the_output_rows_of_a_row_gather() {
     // Output rows 0 and 1 sample the same logits with different histories.
     let history = vec![vec![10, 10, 11], vec![], vec![6, 7], vec![1; 30]];
     let processing = Processing::new().history(&history).frequency_penalty(1.5).presence_penalty(0.5);
-    let copied: Vec<f32> =
-        indices.iter().flat_map(|&row| batch.logits[row as usize * VOCAB..(row as usize + 1) * VOCAB].to_vec()).collect();
+    let copied: Vec<f32> = indices
+        .iter()
+        .flat_map(|&row| batch.logits[row as usize * VOCAB..(row as usize + 1) * VOCAB].to_vec())
+        .collect();
     let params = Params::new().seed(3).num_samples(8).processing(&processing);
     for (backend, mut context) in contexts("processing with a row gather") {
         let gathered = params.row_indices(&indices);
-        let Some(got) =
-            sample_processed(&mut context, backend, "processing with a row gather", &Logits::f32(&batch.logits, 3, VOCAB), &gathered, 8)
-        else {
+        let Some(got) = sample_processed(
+            &mut context,
+            backend,
+            "processing with a row gather",
+            &Logits::f32(&batch.logits, 3, VOCAB),
+            &gathered,
+            8,
+        ) else {
             continue;
         };
         assert_eq!(got, context.sample_with_logprobs(&Logits::f32(&copied, 4, VOCAB), &params).unwrap(), "{backend}");
@@ -358,7 +370,13 @@ fn a_mask_that_allows_nothing_makes_a_bad_row() {
 #[test]
 fn the_device_calls_refuse_processing() {
     let values = vec![0.0f32; VOCAB];
-    let logits = DeviceLogits { data: values.as_ptr().cast_mut().cast(), dtype: Dtype::F32, rows: 1, vocab: VOCAB, row_stride: 0 };
+    let logits = DeviceLogits {
+        data: values.as_ptr().cast_mut().cast(),
+        dtype: Dtype::F32,
+        rows: 1,
+        vocab: VOCAB,
+        row_stride: 0,
+    };
     let processing = Processing::new().presence_penalty(1.0);
     let mut token = SENTINEL;
     // SAFETY: the CPU backend's device memory is host memory; logits and the

@@ -203,7 +203,6 @@ static psm_status create_state(const psm_context_options *options, int device_in
     /* In bits; at least 16 bytes, so that every part suits the kernels'
      * 16-byte loads whatever the device reports. */
     state->base_alignment = alignment_bits / 8 > 16 ? alignment_bits / 8 : 16;
-    state->check_rows = options->check_rows != 0;
 
     PSM_TRY(opencl_build_program(state, options, device_name));
     return opencl_ensure_buffer(state, &state->first_bad_row, sizeof(cl_int), "row check");

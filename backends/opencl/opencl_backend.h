@@ -136,7 +136,6 @@ typedef struct opencl_state {
     cl_device_id device;
     cl_command_queue queue;
     int queue_out_of_order;
-    int check_rows; /* the context's checking mode (its calls stage their outputs) */
     cached_program *program;
     cl_kernel kernels[KERNEL_COUNT];
     size_t group_size;
@@ -201,8 +200,7 @@ extern const char *const opencl_processing_array_names[OPENCL_PROCESSING_ARRAYS]
 /* The buffers a call needs: from the request's shapes, memory kinds and the
  * per-row pointers it has, never from its data pointers, so that a size
  * query and the call agree. */
-psm_status opencl_plan_call(const opencl_state *state, const psm_request *request,
-                            int probs_mode, call_plan *plan);
+psm_status opencl_plan_call(const psm_request *request, int probs_mode, call_plan *plan);
 psm_status opencl_workspace_size(void *opaque, const psm_request *request, int probs_mode,
                                  size_t *bytes);
 /* The call's buffers: carved from the caller's workspace, or the context's

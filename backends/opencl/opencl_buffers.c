@@ -184,8 +184,7 @@ psm_status opencl_processing_arrays(const psm_request *request,
     return PSM_OK;
 }
 
-psm_status opencl_plan_call(const opencl_state *state, const psm_request *request,
-                            int probs_mode, call_plan *plan)
+psm_status opencl_plan_call(const psm_request *request, int probs_mode, call_plan *plan)
 {
     memset(plan, 0, sizeof *plan);
     const psm_tensor *logits = &request->logits;
@@ -216,7 +215,7 @@ psm_status opencl_plan_call(const opencl_state *state, const psm_request *reques
         }
     }
     /* In checking mode every output waits in staging for the row check. */
-    const int staged = request->check_rows || state->check_rows;
+    const int staged = request->check_rows;
     if (probs_mode) {
         if (request->probs.memory == PSM_MEMORY_HOST || staged)
             plan->bytes[PART_PROBS] =
@@ -263,7 +262,7 @@ psm_status opencl_workspace_size(void *opaque, const psm_request *request, int p
 {
     const opencl_state *state = opaque;
     call_plan plan;
-    PSM_TRY(opencl_plan_call(state, request, probs_mode, &plan));
+    PSM_TRY(opencl_plan_call(request, probs_mode, &plan));
     return plan_workspace_bytes(state, &plan, bytes);
 }
 

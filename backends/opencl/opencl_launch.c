@@ -174,7 +174,7 @@ static psm_status prepare(opencl_state *state, psm_request *request, int probs_m
                              "OpenCL: %lld rows; this backend handles at most 2^31 - 1",
                              (long long)call->rows);
     call_plan plan;
-    PSM_TRY(opencl_plan_call(state, request, probs_mode, &plan));
+    PSM_TRY(opencl_plan_call(request, probs_mode, &plan));
     PSM_TRY(opencl_call_buffers(state, request, &plan, &call->buffers));
 
     /* Every logits row, since output rows may read any of them. */

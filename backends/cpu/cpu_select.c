@@ -398,7 +398,13 @@ static cpu_kept_source apply_engine_order(cpu_row *row, cpu_scratch *owner, int6
 
     uint64_t cutoff = 0;
     if (top_k > 0 && top_k < candidates) {
-        cutoff = radix_cutoff(row, owner, 0, UINT64_MAX, 0, survivor_weight, 0, (uint64_t)top_k);
+        if (survivor_weight == 0 && top_k <= CPU_HEAP_LIMIT) {
+            top_k_heap(row, owner, top_k);
+            cutoff = owner->heap[top_k - 1];
+        } else {
+            cutoff =
+                radix_cutoff(row, owner, 0, UINT64_MAX, 0, survivor_weight, 0, (uint64_t)top_k);
+        }
         if (values || order == PSM_FILTER_ORDER_VLLM)
             cutoff = psm_rank_key_tie_floor(cutoff);
     }

@@ -195,6 +195,19 @@ size_t cli_dtype_size(psm_dtype dtype)
     return dtype == PSM_DTYPE_F32 ? 4 : 2;
 }
 
+int cli_parse_filter_order(const char *text, int32_t *order)
+{
+    static const char *const names[PSM_FILTER_ORDER_COUNT] = {
+        "polysample", "vllm", "sglang", "llama.cpp", "flashinfer-top-k-first",
+        "flashinfer-joint"};
+    for (int32_t i = 0; text && i < PSM_FILTER_ORDER_COUNT; ++i)
+        if (!strcmp(text, names[i])) {
+            *order = i;
+            return 0;
+        }
+    return -1;
+}
+
 static uint32_t float_bits(float x)
 {
     uint32_t bits;

@@ -69,6 +69,13 @@ int cli_parse_dtype(const char *text, psm_dtype *dtype);
 const char *cli_dtype_name(psm_dtype dtype);
 size_t cli_dtype_size(psm_dtype dtype);
 
+/* A filter order's name (psm_filter_order): "polysample", "vllm", "sglang",
+ * "llama.cpp", "flashinfer-top-k-first", "flashinfer-joint". 0 on success,
+ * -1 for another text. CLI_FILTER_ORDER_NAMES lists them for messages. */
+#define CLI_FILTER_ORDER_NAMES \
+    "polysample, vllm, sglang, llama.cpp, flashinfer-top-k-first or flashinfer-joint"
+int cli_parse_filter_order(const char *text, int32_t *order);
+
 /* Round to nearest even; NaN stays NaN. */
 uint16_t cli_float_to_bf16(float x);
 uint16_t cli_float_to_f16(float x);

@@ -243,6 +243,7 @@ static int read_command_line(int argc, char **argv, psm_context_options *options
     uint64_t threads = 0, top_k = (uint64_t)params->top_k,
              num_samples = (uint64_t)params->num_samples;
     int check_rows = 0, parsed;
+    const char *filter_order = NULL;
     const cli_option sample_options[] = {
         {.name = "--backend", .kind = CLI_OPTION_BACKEND_LIST, .value_name = "NAME[:N]",
          .target = &backend, .maximum = 1,
@@ -258,6 +259,11 @@ static int read_command_line(int argc, char **argv, psm_context_options *options
          .help = "keep the smallest set reaching mass P,\nin (0, 1]; 1 is off"},
         {.name = "--min-p", .kind = CLI_OPTION_FLOAT, .value_name = "P", .target = &params->min_p,
          .help = "keep tokens at least P times the top\nprobability; 0 is off"},
+        {.name = "--filter-order", .kind = CLI_OPTION_STRING, .value_name = "NAME",
+         .target = &filter_order,
+         .help = "the filters' order and rules: polysample,\nvllm, sglang, llama.cpp,\n"
+                 "flashinfer-top-k-first or flashinfer-joint\n(docs/SAMPLING.md, 4)",
+         .default_text = "polysample"},
         {.name = "--seed", .kind = CLI_OPTION_DECIMAL, .value_name = "S", .target = &params->seed,
          .maximum = UINT64_MAX, .help = "random seed, 0 to 2^64 - 1"},
         {.name = "--offset", .kind = CLI_OPTION_DECIMAL, .value_name = "O",
@@ -332,6 +338,10 @@ static int read_command_line(int argc, char **argv, psm_context_options *options
         !processing->prompt_path) {
         cli_error("sample", "--repetition-penalty needs --history or --prompt (the tokens it "
                             "penalises)");
+        return CLI_EXIT_USAGE;
+    }
+    if (filter_order && cli_parse_filter_order(filter_order, &params->filter_order) != 0) {
+        cli_error("sample", "--filter-order %s: expected " CLI_FILTER_ORDER_NAMES, filter_order);
         return CLI_EXIT_USAGE;
     }
     if (top->raw && !top->count) {

@@ -66,6 +66,13 @@ static psm_status check_features(const psm_context *context, const psm_request *
                              "top-N logprobs (psm_params.top_logprobs) do not run on the %s "
                              "backend yet; the CPU backend runs them",
                              psm_backend_name(context->backend));
+    if (request->params.filter_order != PSM_FILTER_ORDER_POLYSAMPLE &&
+        !(context->ops->features & PSM_FEATURE_FILTER_ORDERS))
+        return psm_set_error(PSM_ERR_UNSUPPORTED,
+                             "filter order %d (psm_params.filter_order) does not run on the %s "
+                             "backend yet; the CPU backend runs every order",
+                             (int)request->params.filter_order,
+                             psm_backend_name(context->backend));
     return PSM_OK;
 }
 

@@ -44,6 +44,7 @@ typedef struct psm_request {
  * request that needs a feature its backend lacks is PSM_ERR_UNSUPPORTED. */
 #define PSM_FEATURE_LOGIT_PROCESSING 1u /* psm_params.processing */
 #define PSM_FEATURE_TOP_LOGPROBS 2u     /* psm_params.top_logprobs */
+#define PSM_FEATURE_FILTER_ORDERS 4u    /* psm_params.filter_order other than POLYSAMPLE */
 
 typedef struct psm_backend_ops {
     int api_version;

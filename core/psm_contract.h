@@ -479,6 +479,29 @@ PSM_FN psm_u64 psm_min_p_threshold(float min_p, int weight_bits)
     return whole + (((float)whole != scaled) ? 1u : 0u);
 }
 
+/* ---- filter orders (docs/SAMPLING.md, section 4, "Filter orders") -------- */
+
+/* top-p as SGLang keeps it: a token stays while the mass ranked before it is
+ * at most mass * p' (psm_top_p_target's p'), so the kept prefix is the
+ * shortest one whose sum exceeds mass * p': it reaches floor(mass * p') + 1,
+ * which is at most mass. */
+PSM_FN psm_u64 psm_top_p_target_exceeding(psm_u64 mass, float top_p)
+{
+    if (!(top_p < 1.0f))
+        return mass;
+    psm_u64 p_fixed = (psm_u64)(psm_u32)PSM_FMUL(top_p, 4294967296.0f);
+    return psm_mulhi64(mass, p_fixed << 32) + 1u;
+}
+
+/* The least rank key with the same logit as `key`: a cutoff lowered to it
+ * keeps every token tied with the one the cutoff was made from (the orders
+ * whose thresholds are on values: FlashInfer's top-k and top-p, vLLM's
+ * top-k). */
+PSM_FN psm_u64 psm_rank_key_tie_floor(psm_u64 key)
+{
+    return key & ((psm_u64)0xffffffffu << 32);
+}
+
 /* ---- random bits: Philox4x32-10 ------------------------------------------ */
 
 typedef struct psm_u32x4 {

@@ -290,6 +290,11 @@ psm_status psm_validate_request(const psm_tensor *logits, const psm_params *para
     if (params->num_samples < 1)
         return psm_set_error(PSM_ERR_INVALID_PARAMETER, "num_samples is %d; expected >= 1",
                              (int)params->num_samples);
+    if (params->filter_order < 0 || params->filter_order >= PSM_FILTER_ORDER_COUNT)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                             "filter_order has the unknown value %d; expected 0 .. %d "
+                             "(psm_filter_order)",
+                             (int)params->filter_order, PSM_FILTER_ORDER_COUNT - 1);
     int64_t rows = 0;
     status = check_rows_and_state(logits, params, &rows);
     if (status != PSM_OK)

@@ -197,6 +197,30 @@ typedef struct psm_top_logprobs {
                                   most probable); -1 for a bad row */
 } psm_top_logprobs;
 
+/* Filter orders (docs/SAMPLING.md, section 4, "Filter orders"): which
+ * engine's order and semantics temperature, top-k, top-p and min-p follow,
+ * so that a runtime keeps its users' distributions. Each is exact (integer
+ * thresholds on the contract's weights); the draw is always at the row's
+ * temperature over the kept set. Backends: CPU; the others return
+ * PSM_ERR_UNSUPPORTED for any order but POLYSAMPLE. */
+typedef enum psm_filter_order {
+    PSM_FILTER_ORDER_POLYSAMPLE = 0,  /* temperature, top-k, top-p over the top-k set,
+                                         min-p (per token) */
+    PSM_FILTER_ORDER_VLLM = 1,        /* vLLM V1: temperature, min-p, top-k (ties at the
+                                         k-th logit kept), top-p over what is left */
+    PSM_FILTER_ORDER_SGLANG = 2,      /* SGLang: temperature; top-k, top-p and min-p each
+                                         on the whole distribution (top-p keeps a token
+                                         whose preceding mass is at most p) */
+    PSM_FILTER_ORDER_LLAMA_CPP = 3,   /* llama.cpp's default chain: top-k, top-p, min-p at
+                                         temperature 1, then temperature */
+    PSM_FILTER_ORDER_FLASHINFER_TOP_K_FIRST = 4, /* FlashInfer filter_apply_order
+                                         "top_k_first": top-k, then top-p over the top-k set,
+                                         ties at either boundary kept; min-p last */
+    PSM_FILTER_ORDER_FLASHINFER_JOINT = 5 /* FlashInfer "joint": top-k and top-p both on the
+                                         whole distribution, ties kept; min-p last */
+} psm_filter_order;
+#define PSM_FILTER_ORDER_COUNT 6
+
 /* A call's parameters. Rows here are the rows of the outputs: logits row i,
  * or logits row row_indices[i] when row_indices is given.
  *
@@ -253,6 +277,10 @@ typedef struct psm_params {
     const psm_logit_processing *processing;
     /* Top-N logprobs (above; psm_sample only); NULL: none. */
     const psm_top_logprobs *top_logprobs;
+
+    /* The order and semantics of the filters (psm_filter_order, above);
+     * 0 (PSM_FILTER_ORDER_POLYSAMPLE) is this library's own. */
+    int32_t filter_order;
 } psm_params;
 
 /* Plain sampling at temperature 1, one sample, seed 0, every filter off. */

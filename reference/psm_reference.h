@@ -10,6 +10,17 @@
 
 #include <stdint.h>
 
+/* The filter orders, with psm_filter_order's values (include/polysample.h;
+ * docs/SAMPLING.md, section 4, "Filter orders"). */
+typedef enum psm_ref_order {
+    PSM_REF_ORDER_POLYSAMPLE = 0,
+    PSM_REF_ORDER_VLLM = 1,
+    PSM_REF_ORDER_SGLANG = 2,
+    PSM_REF_ORDER_LLAMA_CPP = 3,
+    PSM_REF_ORDER_FLASHINFER_TOP_K_FIRST = 4,
+    PSM_REF_ORDER_FLASHINFER_JOINT = 5
+} psm_ref_order;
+
 typedef struct psm_ref_params {
     float temperature;
     int32_t top_k;
@@ -26,6 +37,11 @@ psm_ref_params psm_ref_params_plain(void);
  * memory cannot be allocated, leaving probs unspecified. */
 int psm_ref_distribution(const float *logits, int64_t vocab, const psm_ref_params *params,
                          double *probs);
+
+/* The same in a filter order: PSM_REF_ORDER_POLYSAMPLE gives
+ * psm_ref_distribution's result. */
+int psm_ref_distribution_ordered(const float *logits, int64_t vocab, const psm_ref_params *params,
+                                 psm_ref_order order, double *probs);
 
 /* The greedy token: the largest finite logit, lowest index on ties; -1 for a
  * bad row. */

@@ -1,5 +1,6 @@
 /* harness.c: registration, backend selection, skips and helpers (harness.h). */
 #include "harness.h"
+#include "psm_reference.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -307,4 +308,27 @@ uint16_t psm_test_bf16_exact(float x)
     ck_assert_msg((bits & 0xffffu) == 0 && !isnan(x), "%a is not an exact bf16 value",
                   (double)x);
     return (uint16_t)(bits >> 16);
+}
+
+/* ---- contexts and parameters of the filter-order tests ------------------ */
+
+psm_context *psm_test_open_threads(psm_backend backend, int threads)
+{
+    psm_context_options options;
+    psm_context_options_init(&options);
+    options.backend = backend;
+    options.cpu_threads = backend == PSM_BACKEND_CPU ? threads : 0;
+    return psm_test_open_with(&options);
+}
+
+psm_params psm_test_params_of(const psm_ref_params *filters, int32_t filter_order)
+{
+    psm_params params;
+    psm_params_init(&params);
+    params.temperature = filters->temperature;
+    params.top_k = filters->top_k;
+    params.top_p = filters->top_p;
+    params.min_p = filters->min_p;
+    params.filter_order = filter_order;
+    return params;
 }

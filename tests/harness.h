@@ -113,4 +113,14 @@ uint64_t psm_test_rng_below(psm_test_rng *rng, uint64_t bound);
 uint16_t psm_test_f16_exact(float x);
 uint16_t psm_test_bf16_exact(float x);
 
+/* ---- contexts and parameters of the filter-order tests ------------------ */
+
+/* A context of this backend; on the CPU backend, with `threads` threads. */
+psm_context *psm_test_open_threads(psm_backend backend, int threads);
+
+struct psm_ref_params;
+/* psm_params_init's defaults with the reference's filters (temperature,
+ * top-k, top-p, min-p) and this filter order. */
+psm_params psm_test_params_of(const struct psm_ref_params *filters, int32_t filter_order);
+
 #endif /* PSM_TEST_HARNESS_H */

@@ -123,7 +123,8 @@ static const setting settings[] = {
     {"5000 tokens, 5 tiles", 5000, 1.0, 7, {1.0f, 0, 1.0f, 0.0f}, 1},
 };
 
-static void run_setting(psm_context *context, const setting *s, uint64_t sample_seed)
+static void run_setting(psm_context *context, const setting *s, uint64_t sample_seed,
+                        psm_filter_order order)
 {
     int64_t vocab = s->vocab;
     float *logits = psm_test_alloc((size_t)vocab, sizeof *logits);
@@ -131,14 +132,10 @@ static void run_setting(psm_context *context, const setting *s, uint64_t sample_
     for (int64_t i = 0; i < vocab; ++i)
         logits[i] = (float)(s->logit_sigma * psm_test_rng_normal(&rng));
     double *probs = psm_test_alloc((size_t)vocab, sizeof *probs);
-    ck_assert_int_eq(psm_ref_distribution(logits, vocab, &s->filter, probs), 1);
+    ck_assert_int_eq(
+        psm_ref_distribution_ordered(logits, vocab, &s->filter, (psm_ref_order)order, probs), 1);
 
-    psm_params params;
-    psm_params_init(&params);
-    params.temperature = s->filter.temperature;
-    params.top_k = s->filter.top_k;
-    params.top_p = s->filter.top_p;
-    params.min_p = s->filter.min_p;
+    psm_params params = psm_test_params_of(&s->filter, order);
     params.num_samples = DRAWS;
     params.seed = sample_seed;
     int32_t *tokens = psm_test_alloc(DRAWS, sizeof *tokens);
@@ -173,7 +170,7 @@ PSM_PROPERTY(chi_square_goodness_of_fit)
     for (size_t i = 0; i < sizeof settings / sizeof settings[0]; ++i) {
         if (psm_test_quick() && !settings[i].quick)
             continue;
-        run_setting(context, &settings[i], 1000 + i);
+        run_setting(context, &settings[i], 1000 + i, PSM_FILTER_ORDER_POLYSAMPLE);
     }
     psm_context_destroy(context);
 }
@@ -228,10 +225,34 @@ PSM_PROPERTY(chi_square_across_rows)
 }
 END_TEST
 
+/* One engine order, llama.cpp's: its filters at temperature 1 and the draw
+ * at 0.6, against the reference in that order. Backends without filter
+ * orders refuse it (test_filter_orders checks that) and skip here. */
+PSM_PROPERTY(chi_square_llama_cpp_order)
+{
+    static const setting llama = {"llama.cpp order, T=0.6", 1000, 2.0, 9,
+                                  {0.6f, 300, 0.9f, 0.02f}, 1};
+    psm_context *context = psm_test_open(backend);
+    psm_params probe = psm_test_params_of(&llama.filter, PSM_FILTER_ORDER_LLAMA_CPP);
+    float logits[2] = {0.0f, 1.0f};
+    int32_t tokens[1];
+    psm_status status = psm_test_sample_f32(context, logits, 1, 2, &probe, tokens, NULL);
+    if (status == PSM_ERR_UNSUPPORTED && backend != PSM_BACKEND_CPU) {
+        psm_test_skip(psm_backend_name(backend), "chi_square_llama_cpp_order",
+                      "the backend does not run filter orders (PSM_ERR_UNSUPPORTED)");
+    } else {
+        PSM_CHECK_OK(status);
+        run_setting(context, &llama, 7777, PSM_FILTER_ORDER_LLAMA_CPP);
+    }
+    psm_context_destroy(context);
+}
+END_TEST
+
 int main(void)
 {
     psm_test_register_common(wilson_hilferty_quantile);
     psm_test_register_property(chi_square_goodness_of_fit);
     psm_test_register_property(chi_square_across_rows);
+    psm_test_register_property(chi_square_llama_cpp_order);
     return psm_test_run("test_chisquare");
 }

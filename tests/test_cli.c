@@ -442,7 +442,8 @@ static void test_commands(void)
 {
     expect_command_help("info", cli_info, "");
     expect_command_help("sample", cli_sample,
-                        "--backend --threads --temperature --top-k --top-p --min-p --seed "
+                        "--backend --threads --temperature --top-k --top-p --min-p "
+                        "--filter-order --seed "
                         "--offset --num-samples --logprobs --check-rows --json --allowed-mask "
                         "--logit-bias --history --prompt --repetition-penalty "
                         "--frequency-penalty --presence-penalty");
@@ -1254,6 +1255,22 @@ static void remove_directory(void)
 /* `sample --top-logprobs N` (and --raw-logprobs) prints exactly the
  * library's top-N tokens, logprobs and ranks, in the text layout its help
  * describes: tokens, a tab, TOKEN:LOGPROB pairs, a tab, the ranks. */
+/* The tokens psm_sample draws on a CPU context, to compare with what the
+ * sample command printed. */
+static void library_tokens(const psm_tensor *logits, const psm_params *params, int32_t *tokens)
+{
+    psm_context_options options;
+    psm_context *context = NULL;
+    psm_context_options_init(&options);
+    options.backend = PSM_BACKEND_CPU;
+    psm_status status = psm_context_create(&options, &context);
+    if (status == PSM_OK)
+        status = psm_sample(context, logits, params, (psm_output){tokens, PSM_MEMORY_HOST},
+                            (psm_output){NULL, PSM_MEMORY_HOST});
+    psm_context_destroy(context);
+    EXPECT(status == PSM_OK, "the library call failed: %s", psm_last_error());
+}
+
 static void test_sample_top_logprobs(void)
 {
     enum { N = 3, SAMPLES = 4 };
@@ -1268,10 +1285,6 @@ static void test_sample_top_logprobs(void)
         EXPECT(run.status == CLI_EXIT_OK, "sample --top-logprobs: status %d, '%s'", run.status,
                run.err);
 
-        psm_context_options options;
-        psm_context *context = NULL;
-        psm_context_options_init(&options);
-        options.backend = PSM_BACKEND_CPU;
         psm_params params;
         psm_params_init(&params);
         params.seed = 5;
@@ -1286,12 +1299,7 @@ static void test_sample_top_logprobs(void)
         params.top_logprobs = &top;
         psm_tensor logits = {processing_logits, PSM_DTYPE_F32, PSM_MEMORY_HOST, 2,
                              PROCESSING_VOCAB, 0};
-        psm_status status = psm_context_create(&options, &context);
-        if (status == PSM_OK)
-            status = psm_sample(context, &logits, &params, (psm_output){tokens, PSM_MEMORY_HOST},
-                                (psm_output){NULL, PSM_MEMORY_HOST});
-        psm_context_destroy(context);
-        EXPECT(status == PSM_OK, "the library call failed: %s", psm_last_error());
+        library_tokens(&logits, &params, tokens);
 
         char expected[1024];
         size_t used = 0;
@@ -1320,6 +1328,57 @@ static void test_sample_top_logprobs(void)
     EXPECT(refused.status == CLI_EXIT_USAGE, "--top-logprobs 65: status %d", refused.status);
 }
 
+/* sample --filter-order NAME prints the library's tokens in that order
+ * (on a row where every order keeps a different set; see
+ * tests/test_filter_orders.c), and an unknown name is a usage error. */
+static void test_sample_filter_order(void)
+{
+    static const float row[12] = {0.5f, 1, 0.5f, 2.5f, 0, 4, -1, 1, 0, -1, 0.5f, 1};
+    static const char *const names[PSM_FILTER_ORDER_COUNT] = {
+        "polysample", "vllm", "sglang", "llama.cpp", "flashinfer-top-k-first",
+        "flashinfer-joint"};
+    enum { SAMPLES = 16 };
+    write_npy("orders.npy", 1, "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 12), }",
+              row, sizeof row);
+    for (int32_t order = 0; order < PSM_FILTER_ORDER_COUNT; ++order) {
+        char line[256];
+        captured run;
+        snprintf(line, sizeof line,
+                 "--backend cpu --seed 3 --num-samples 16 --temperature 3 --top-k 6 --top-p 0.6 "
+                 "--min-p 0.02 --filter-order %s @/orders.npy",
+                 names[order]);
+        run_sample(&run, line);
+        EXPECT(run.status == CLI_EXIT_OK, "sample --filter-order %s: status %d, '%s'",
+               names[order], run.status, run.err);
+
+        psm_params params;
+        psm_params_init(&params);
+        params.seed = 3;
+        params.num_samples = SAMPLES;
+        params.temperature = 3.0f;
+        params.top_k = 6;
+        params.top_p = 0.6f;
+        params.min_p = 0.02f;
+        params.filter_order = order;
+        int32_t tokens[SAMPLES];
+        psm_tensor logits = {(void *)row, PSM_DTYPE_F32, PSM_MEMORY_HOST, 1, 12, 0};
+        library_tokens(&logits, &params, tokens);
+        char expected[256];
+        size_t used = 0;
+        for (int j = 0; j < SAMPLES; ++j)
+            used += (size_t)snprintf(expected + used, sizeof expected - used, "%s%d",
+                                     j ? " " : "", tokens[j]);
+        snprintf(expected + used, sizeof expected - used, "\n");
+        EXPECT(!strcmp(run.out, expected), "sample --filter-order %s printed\n%s\nexpected\n%s",
+               names[order], run.out, expected);
+    }
+    captured refused;
+    run_sample(&refused, "--filter-order vllm2 @/orders.npy");
+    EXPECT(refused.status == CLI_EXIT_USAGE &&
+               strstr(refused.err, "--filter-order vllm2: expected polysample, vllm") != NULL,
+           "--filter-order vllm2: status %d, '%s'", refused.status, refused.err);
+}
+
 int main(void)
 {
     const char *temporary = getenv("TMPDIR");
@@ -1346,6 +1405,7 @@ int main(void)
     write_npy("top_logits.npy", 1, "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 70), }",
               processing_logits, 2 * PROCESSING_VOCAB * sizeof(float));
     test_sample_top_logprobs();
+    test_sample_filter_order();
     remove_directory();
     if (failures) {
         printf("test_cli: %d failure(s)\n", failures);

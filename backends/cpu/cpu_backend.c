@@ -400,7 +400,8 @@ static psm_status cpu_synchronize(void *state)
 const psm_backend_ops psm_cpu_ops = {
     .api_version = PSM_BACKEND_API_VERSION,
     .id = PSM_BACKEND_CPU,
-    .features = PSM_FEATURE_LOGIT_PROCESSING | PSM_FEATURE_TOP_LOGPROBS,
+    .features =
+        PSM_FEATURE_LOGIT_PROCESSING | PSM_FEATURE_TOP_LOGPROBS | PSM_FEATURE_FILTER_ORDERS,
     .probe = cpu_probe,
     .create = cpu_create,
     .destroy = cpu_destroy,

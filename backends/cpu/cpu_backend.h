@@ -376,7 +376,7 @@ uint64_t cpu_tile_masses(const cpu_row *row, cpu_scratch *owner);
 
 cpu_kept_source cpu_apply_filters(const cpu_state *state, cpu_row *row, cpu_scratch *owner,
                                   int parallel, int64_t valid, int32_t top_k, float top_p,
-                                  float min_p);
+                                  float min_p, int32_t filter_order);
 void cpu_kept_masses_from_heap(const cpu_row *row, cpu_scratch *owner, int64_t count);
 
 /* ---- cpu_logprobs.c --------------------------------------------------------- */

@@ -240,7 +240,7 @@ void cpu_process_row(const cpu_state *state, const psm_request *request, int64_t
     if (!plain) {
         row.filtered = 1;
         switch (cpu_apply_filters(state, &row, owner, parallel, valid, params.top_k, params.top_p,
-                                  params.min_p)) {
+                                  params.min_p, request->params.filter_order)) {
         case KEPT_FROM_HEAP:
             cpu_kept_masses_from_heap(&row, owner, params.top_k);
             break;

@@ -134,15 +134,20 @@ static uint64_t gathered_cutoff(cpu_scratch *owner, int64_t count, int consumed,
 /* Walks the valid tokens with lower <= key < upper in rank order, adding up
  * a measure (1 per token, or g_i) to `above` (the measure of the tokens
  * ranked before them), and returns the key of the token at which the sum
- * first reaches target (the first token when target is 0). The caller
- * guarantees that the sum reaches target within those tokens.
+ * first reaches target (the first token when target is 0). With
+ * survivor_weight, a token whose g_i is below it measures 0 (vLLM's order
+ * counts and weighs only min-p's survivors), so the token returned is a
+ * survivor. The caller guarantees that the sum reaches target within those
+ * tokens.
  * Radix select: each round histograms the next 11 bits of the keys that
  * share the prefix found so far; once the bucket holding the answer is
  * small enough it is gathered and sorted. Keys are unique (they hold the
  * token index), so the buckets always shrink. */
 static uint64_t radix_cutoff(const cpu_row *row, cpu_scratch *owner, uint64_t lower,
-                             uint64_t upper, int by_mass, uint64_t above, uint64_t target)
+                             uint64_t upper, int by_mass, uint64_t survivor_weight,
+                             uint64_t above, uint64_t target)
 {
+    const int needs_weight = by_mass || survivor_weight != 0;
     uint64_t prefix = 0;
     int consumed = 0;
     int gather = 0;
@@ -164,7 +169,7 @@ static uint64_t radix_cutoff(const cpu_row *row, cpu_scratch *owner, uint64_t lo
             const float *logits = cpu_read_tile(row, owner, tile, owner->logits, &n);
             /* The first round measures every valid token: their g_i in one
              * vector pass; later rounds measure few, one by one. */
-            int all_global = by_mass && consumed == 0;
+            int all_global = needs_weight && consumed == 0;
             if (all_global)
                 cpu_global_weights(row, logits, n, owner->weights);
             for (int i = 0; i < n; ++i) {
@@ -175,7 +180,10 @@ static uint64_t radix_cutoff(const cpu_row *row, cpu_scratch *owner, uint64_t lo
                 if (key < lower || key >= upper ||
                     (consumed && (key >> (64 - consumed)) != prefix))
                     continue;
-                uint64_t measure = !by_mass ? 1 : all_global ? owner->weights[i] : global_weight(row, x);
+                uint64_t g = !needs_weight ? 0
+                             : all_global  ? owner->weights[i]
+                                           : global_weight(row, x);
+                uint64_t measure = g < survivor_weight ? 0 : by_mass ? g : 1;
                 if (gather) {
                     owner->gathered[gathered].key = key;
                     owner->gathered[gathered].measure = measure;
@@ -306,7 +314,8 @@ static uint64_t top_p_filter(const cpu_state *state, const cpu_row *row, cpu_scr
     if (owner->gather_overflow) {
         uint64_t band_lower = (uint64_t)psm_ordered_bits(args.band_low) << 32;
         return radix_cutoff(row, owner, band_lower > lower ? band_lower : lower,
-                            (uint64_t)psm_ordered_bits(args.band_high) << 32, 1, above, target);
+                            (uint64_t)psm_ordered_bits(args.band_high) << 32, 1, 0, above,
+                            target);
     }
     uint64_t cutoff = ranked_select(owner->gathered, owner->gathered_count, target - above);
     if (want_masses) {
@@ -321,12 +330,119 @@ static uint64_t top_p_filter(const cpu_state *state, const cpu_row *row, cpu_scr
     return cutoff;
 }
 
+/* ---- the engines' filter orders ---------------------------------------------- */
+
+/* What scan_candidates finds among the valid tokens with key >= lower and,
+ * with min_weight, g_i >= min_weight: how many, their g-mass, and the least
+ * key (UINT64_MAX when none). */
+typedef struct cpu_candidates {
+    int64_t count;
+    uint64_t mass;
+    uint64_t lowest_key;
+} cpu_candidates;
+
+/* One pass over the tiles that can hold such tokens (row->kept_floor must
+ * be min_weight's when min_weight is not 0). */
+static cpu_candidates scan_candidates(const cpu_row *row, cpu_scratch *owner, uint64_t lower,
+                                      uint64_t min_weight)
+{
+    cpu_candidates found = {0, 0, UINT64_MAX};
+    for (int64_t tile = 0; tile < row->tiles; ++tile) {
+        if (owner->tile_valid[tile] == 0 || tile_key_bound(row, owner, tile) < lower ||
+            (min_weight != 0 && owner->tile_max[tile] < row->kept_floor))
+            continue;
+        int n;
+        uint32_t start = (uint32_t)(tile * PSM_TILE);
+        const float *x = cpu_read_tile(row, owner, tile, owner->logits, &n);
+        cpu_global_weights(row, x, n, owner->weights);
+        for (int i = 0; i < n; ++i) {
+            if (psm_logit_class(x[i]) != PSM_LOGIT_VALID || owner->weights[i] < min_weight)
+                continue;
+            uint64_t key = psm_rank_key(x[i], start + (uint32_t)i);
+            if (key < lower)
+                continue;
+            found.count += 1;
+            found.mass += owner->weights[i];
+            found.lowest_key = key < found.lowest_key ? key : found.lowest_key;
+        }
+    }
+    return found;
+}
+
+/* The kept-set rule of an engine's order (docs/SAMPLING.md, section 4,
+ * "Filter orders"), as a cutoff key and a min-p weight for the kept test.
+ * Each filter's cutoff comes from the radix select over the candidates that
+ * the order leaves it; these orders always make the kept masses by the kept
+ * pass. */
+static cpu_kept_source apply_engine_order(cpu_row *row, cpu_scratch *owner, int64_t valid,
+                                          int32_t top_k, float top_p, float min_p,
+                                          int32_t order)
+{
+    const float draw_scale = row->scale;
+    const int llama = order == PSM_FILTER_ORDER_LLAMA_CPP;
+    const int values = order == PSM_FILTER_ORDER_FLASHINFER_TOP_K_FIRST ||
+                       order == PSM_FILTER_ORDER_FLASHINFER_JOINT;
+    const int joint = order == PSM_FILTER_ORDER_SGLANG || order == PSM_FILTER_ORDER_FLASHINFER_JOINT;
+    /* llama.cpp's chain filters before its temperature: at scale 1. */
+    if (llama)
+        row->scale = psm_inverse_temperature_scale(1.0f);
+    uint64_t min_weight = psm_min_p_threshold(min_p, row->weight_bits);
+    row->min_weight = min_weight;
+    if (min_weight != 0)
+        row->kept_floor =
+            lowest_logit_within(row, psm_min_p_drop_gap(min_weight, row->weight_bits));
+    /* vLLM runs min-p first: top-k and top-p see only its survivors. */
+    uint64_t survivor_weight = order == PSM_FILTER_ORDER_VLLM ? min_weight : 0;
+    int64_t candidates =
+        survivor_weight != 0 ? scan_candidates(row, owner, 0, survivor_weight).count : valid;
+
+    uint64_t cutoff = 0;
+    if (top_k > 0 && top_k < candidates) {
+        if (survivor_weight == 0 && top_k <= CPU_HEAP_LIMIT) {
+            top_k_heap(row, owner, top_k);
+            cutoff = owner->heap[top_k - 1];
+        } else {
+            cutoff =
+                radix_cutoff(row, owner, 0, UINT64_MAX, 0, survivor_weight, 0, (uint64_t)top_k);
+        }
+        if (values || order == PSM_FILTER_ORDER_VLLM)
+            cutoff = psm_rank_key_tie_floor(cutoff);
+    }
+    if (top_p < 1.0f) {
+        uint64_t lower = joint ? 0 : cutoff;
+        uint64_t mass = scan_candidates(row, owner, lower, survivor_weight).mass;
+        uint64_t target = order == PSM_FILTER_ORDER_SGLANG
+                              ? psm_top_p_target_exceeding(mass, top_p)
+                              : psm_top_p_target(mass, top_p);
+        uint64_t top_p_cutoff =
+            radix_cutoff(row, owner, lower, UINT64_MAX, 1, survivor_weight, 0, target);
+        if (values)
+            top_p_cutoff = psm_rank_key_tie_floor(top_p_cutoff);
+        cutoff = top_p_cutoff > cutoff ? top_p_cutoff : cutoff;
+    }
+    if (llama) {
+        /* min-p last, as a prefix: the candidates down to the last one that
+         * passes (llama.cpp compares logits, a monotone test). */
+        if (min_weight != 0)
+            cutoff = scan_candidates(row, owner, cutoff, min_weight).lowest_key;
+        row->min_weight = 0;
+        row->kept_floor = -FLT_MAX;
+        row->scale = draw_scale;
+    }
+    row->key_cutoff = cutoff;
+    row->prefetch_step = PREFETCH_IN_KEPT;
+    return KEPT_BY_PASS;
+}
+
 /* Sets row->key_cutoff, row->min_weight and row->kept_floor from top-k,
- * top-p and min-p; says how the kept tile masses are to be made. */
+ * top-p and min-p in the call's filter order; says how the kept tile masses
+ * are to be made. */
 cpu_kept_source cpu_apply_filters(const cpu_state *state, cpu_row *row, cpu_scratch *owner,
                                   int parallel, int64_t valid, int32_t top_k, float top_p,
-                                  float min_p)
+                                  float min_p, int32_t filter_order)
 {
+    if (filter_order != PSM_FILTER_ORDER_POLYSAMPLE)
+        return apply_engine_order(row, owner, valid, top_k, top_p, min_p, filter_order);
     row->min_weight = psm_min_p_threshold(min_p, row->weight_bits);
     if (row->min_weight != 0)
         row->kept_floor =
@@ -343,7 +459,7 @@ cpu_kept_source cpu_apply_filters(const cpu_state *state, cpu_row *row, cpu_scra
             cutoff = owner->heap[top_k - 1];
             source = KEPT_FROM_HEAP;
         } else {
-            cutoff = radix_cutoff(row, owner, 0, UINT64_MAX, 0, 0, (uint64_t)top_k);
+            cutoff = radix_cutoff(row, owner, 0, UINT64_MAX, 0, 0, 0, (uint64_t)top_k);
         }
     }
     if (top_p < 1.0f) {

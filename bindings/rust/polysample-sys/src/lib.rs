@@ -147,6 +147,16 @@ pub struct psm_top_logprobs {
     pub sampled_ranks: psm_output,
 }
 
+/// `enum psm_filter_order` (docs/SAMPLING.md, section 4, "Filter orders").
+pub type psm_filter_order = c_uint;
+pub const PSM_FILTER_ORDER_POLYSAMPLE: psm_filter_order = 0;
+pub const PSM_FILTER_ORDER_VLLM: psm_filter_order = 1;
+pub const PSM_FILTER_ORDER_SGLANG: psm_filter_order = 2;
+pub const PSM_FILTER_ORDER_LLAMA_CPP: psm_filter_order = 3;
+pub const PSM_FILTER_ORDER_FLASHINFER_TOP_K_FIRST: psm_filter_order = 4;
+pub const PSM_FILTER_ORDER_FLASHINFER_JOINT: psm_filter_order = 5;
+pub const PSM_FILTER_ORDER_COUNT: c_int = 6;
+
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct psm_params {
@@ -174,6 +184,8 @@ pub struct psm_params {
     pub processing: *const psm_logit_processing,
     /// Host memory; null: no top-N logprobs.
     pub top_logprobs: *const psm_top_logprobs,
+    /// A `psm_filter_order` value (the header declares the field `int32_t`).
+    pub filter_order: i32,
 }
 
 #[repr(C)]

@@ -68,7 +68,8 @@ struct_facts! {
     psm_params { temperature, top_k, top_p, min_p, seed, offset, num_samples,
                  temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row, seed_per_row,
                  offset_per_row, subsequence_per_row, seed_pointer, offset_pointer,
-                 row_indices, output_rows, workspace, workspace_bytes, processing, top_logprobs }
+                 row_indices, output_rows, workspace, workspace_bytes, processing, top_logprobs,
+                 filter_order }
     psm_output { data, memory }
     psm_top_logprobs { count, mode, tokens, logprobs, sampled_ranks }
 }
@@ -107,9 +108,14 @@ constant_facts! {
     psm_dtype { PSM_DTYPE_F32, PSM_DTYPE_F16, PSM_DTYPE_BF16 }
     psm_memory { PSM_MEMORY_HOST, PSM_MEMORY_DEVICE }
     psm_logprob_mode { PSM_LOGPROBS_PROCESSED, PSM_LOGPROBS_RAW }
+    psm_filter_order {
+        PSM_FILTER_ORDER_POLYSAMPLE, PSM_FILTER_ORDER_VLLM, PSM_FILTER_ORDER_SGLANG,
+        PSM_FILTER_ORDER_LLAMA_CPP, PSM_FILTER_ORDER_FLASHINFER_TOP_K_FIRST,
+        PSM_FILTER_ORDER_FLASHINFER_JOINT,
+    }
     ;
     macros { PSM_VERSION_MAJOR, PSM_VERSION_MINOR, PSM_VERSION_PATCH, PSM_VERSION_NUMBER, PSM_BACKEND_COUNT, PSM_MAX_CPU_THREADS,
-             PSM_MAX_TOP_LOGPROBS }
+             PSM_MAX_TOP_LOGPROBS, PSM_FILTER_ORDER_COUNT }
 }
 
 /// Each function with its C type (return type, parameter list) and its Rust

@@ -33,7 +33,7 @@ mod processing;
 pub use context::{Context, ContextOptions, DeviceLogits, DevicePerRow, DeviceWorkspace, LogprobMode, TopLogprobs};
 pub use error::{Error, Result, Status};
 pub use info::{backends, version, version_number, Availability, Backend, BackendInfo, Dtype};
-pub use params::{Logits, LogitsData, Params};
+pub use params::{FilterOrder, Logits, LogitsData, Params};
 pub use processing::Processing;
 
 /// The raw declarations, for what this crate does not wrap.

@@ -67,6 +67,41 @@ pub struct Params<'a> {
     subsequence_per_row: Option<&'a [u32]>,
     row_indices: Option<&'a [i64]>,
     processing: Option<&'a Processing<'a>>,
+    filter_order: FilterOrder,
+}
+
+/// Whose order and rules the filters follow (docs/SAMPLING.md, section 4,
+/// "Filter orders"). Every order is exact and draws at the row's
+/// temperature; only the CPU backend runs orders other than `Polysample`
+/// (the others return [`Status::Unsupported`](crate::Status)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FilterOrder {
+    /// Temperature, top-k, top-p over the top-k set, min-p.
+    #[default]
+    Polysample,
+    /// vLLM V1: min-p first, top-k keeping ties, top-p over what is left.
+    Vllm,
+    /// SGLang: top-k, top-p and min-p each on the whole distribution.
+    Sglang,
+    /// llama.cpp's default chain: top-k, top-p, min-p at temperature 1.
+    LlamaCpp,
+    /// FlashInfer `top_k_first`: top-k, then top-p over it, ties kept.
+    FlashInferTopKFirst,
+    /// FlashInfer `joint`: top-k and top-p on the whole distribution, ties kept.
+    FlashInferJoint,
+}
+
+impl FilterOrder {
+    fn raw(self) -> sys::psm_filter_order {
+        match self {
+            FilterOrder::Polysample => sys::PSM_FILTER_ORDER_POLYSAMPLE,
+            FilterOrder::Vllm => sys::PSM_FILTER_ORDER_VLLM,
+            FilterOrder::Sglang => sys::PSM_FILTER_ORDER_SGLANG,
+            FilterOrder::LlamaCpp => sys::PSM_FILTER_ORDER_LLAMA_CPP,
+            FilterOrder::FlashInferTopKFirst => sys::PSM_FILTER_ORDER_FLASHINFER_TOP_K_FIRST,
+            FilterOrder::FlashInferJoint => sys::PSM_FILTER_ORDER_FLASHINFER_JOINT,
+        }
+    }
 }
 
 /// The C parameters of one call, with the processing struct they point to.
@@ -117,6 +152,7 @@ impl<'a> Params<'a> {
             subsequence_per_row: None,
             row_indices: None,
             processing: None,
+            filter_order: FilterOrder::Polysample,
         }
     }
 
@@ -150,6 +186,12 @@ impl<'a> Params<'a> {
     /// 0 is off.
     pub fn min_p(mut self, p: f32) -> Self {
         self.min_p = p;
+        self
+    }
+
+    /// The filters' order and rules; `FilterOrder::Polysample` by default.
+    pub fn filter_order(mut self, order: FilterOrder) -> Self {
+        self.filter_order = order;
         self
     }
 
@@ -308,6 +350,7 @@ impl<'a> Params<'a> {
             workspace_bytes: 0,
             processing: ptr::null(),
             top_logprobs: ptr::null(),
+            filter_order: self.filter_order.raw() as i32,
         };
         Ok(RawParams { params, processing })
     }

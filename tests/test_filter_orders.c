@@ -1,0 +1,383 @@
+/*
+ * test_filter_orders.c: psm_params.filter_order, the engines' filter orders
+ * (docs/SAMPLING.md, section 4, "Filter orders"), through psm_probs (the
+ * kept set is where probs > 0) and psm_sample:
+ * - one row on which each of the six orders keeps a different set, asserted
+ *   exactly;
+ * - the expectations of llama.cpp's own tests (tests/test-sampling.cpp)
+ *   that apply to top-k, top-p and min-p;
+ * - random rows (normal ones, and coarse ones full of ties) in every order
+ *   against the float64 reference (reference/psm_reference.c, written
+ *   independently from the CPU backend), in batches and in single rows
+ *   split over threads;
+ * - an unknown order is refused, writing nothing.
+ * A backend without the orders must refuse them with PSM_ERR_UNSUPPORTED,
+ * writing nothing; its tests then skip visibly.
+ */
+#include "harness.h"
+#include "psm_reference.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define SENTINEL_PROB 7.0f
+
+static const char *const order_names[PSM_FILTER_ORDER_COUNT] = {
+    "polysample", "vllm", "sglang", "llama.cpp", "flashinfer top_k_first", "flashinfer joint"};
+
+/* psm_probs in the given order into probs (rows x vocab). On a backend
+ * without filter orders: checks the refusal (nothing written), records a
+ * visible skip and returns 0. */
+static int ordered_probs(psm_context *context, psm_backend backend, const char *test,
+                         const float *logits, int64_t rows, int64_t vocab, psm_params *params,
+                         float *probs)
+{
+    for (int64_t i = 0; i < rows * vocab; ++i)
+        probs[i] = SENTINEL_PROB;
+    psm_status status = psm_test_probs_f32(context, logits, rows, vocab, params, probs);
+    if (status == PSM_ERR_UNSUPPORTED && backend != PSM_BACKEND_CPU &&
+        params->filter_order != PSM_FILTER_ORDER_POLYSAMPLE) {
+        for (int64_t i = 0; i < rows * vocab; ++i)
+            ck_assert_msg(probs[i] == SENTINEL_PROB, "%s: refused, yet probs[%lld] was written",
+                          test, (long long)i);
+        char reason[256];
+        snprintf(reason, sizeof reason,
+                 "refused as it should be (%s); the rest needs the backend to run filter orders",
+                 psm_last_error());
+        psm_test_skip(psm_backend_name(backend), test, reason);
+        return 0;
+    }
+    ck_assert_msg(status == PSM_OK, "%s: %s: %s", test, psm_status_string(status),
+                  psm_last_error());
+    PSM_CHECK_OK(psm_synchronize(context));
+    return 1;
+}
+
+/* The kept set is exactly `expected` (token ids, count of them). */
+static void expect_exact_set(const char *label, const float *probs, int64_t vocab,
+                             const int32_t *expected, int count)
+{
+    for (int64_t i = 0; i < vocab; ++i) {
+        int listed = 0;
+        for (int e = 0; e < count; ++e)
+            listed |= expected[e] == i;
+        ck_assert_msg((probs[i] > 0.0f) == listed, "%s: token %lld has probability %g; it "
+                      "should%s be kept", label, (long long)i, (double)probs[i],
+                      listed ? "" : " not");
+    }
+}
+
+/* ---- one row, six sets -------------------------------------------------------- */
+
+/* Rank order: 5 (4), 3 (2.5), 1 7 11 (1), 0 2 10 (0.5), 4 8 (0), 6 9 (-1).
+ * At T = 3, k = 6, p = 0.6, min-p = 0.02 the orders differ thus (each set is
+ * the same when p or min-p moves by 1e-4 of itself, far more than the
+ * contract's rounding):
+ * - polysample: the top 6 (5 3 1 7 11 0), top-p over them keeps 5 3 1;
+ * - vLLM: the top 6 with the ties at 0.5 (2, 10) make top-p's Z larger, so
+ *   it keeps one more: 5 3 1 7;
+ * - SGLang: top-p over all 12 tokens keeps 5 3 1 7 11 0 2 (its preceding
+ *   mass stays below 0.6 Z until token 10), cut by the top 6: 5 3 1 7 11 0;
+ * - llama.cpp: the same filters at temperature 1, where 5 alone reaches
+ *   0.6 of the top 6's mass: 5;
+ * - FlashInfer top_k_first: the top 6 with its ties (9 tokens), top-p over
+ *   them keeps 5 3 1 7 and, tied with 7, 11;
+ * - FlashInfer joint: top-p over all keeps 5 3 1 7 11 0 and its ties 2 10,
+ *   all inside the top 6 with ties. */
+static const float six_sets_row[12] = {0.5f, 1, 0.5f, 2.5f, 0, 4, -1, 1, 0, -1, 0.5f, 1};
+
+PSM_PROPERTY(each_order_keeps_its_own_set)
+{
+    static const int32_t kept[PSM_FILTER_ORDER_COUNT][8] = {
+        {5, 3, 1}, {5, 3, 1, 7}, {5, 3, 1, 7, 11, 0}, {5}, {5, 3, 1, 7, 11},
+        {5, 3, 1, 7, 11, 0, 2, 10}};
+    static const int kept_count[PSM_FILTER_ORDER_COUNT] = {3, 4, 6, 1, 5, 8};
+    const psm_ref_params filters = {3.0f, 6, 0.6f, 0.02f};
+    psm_context *context = psm_test_open(backend);
+    float probs[12];
+    for (int32_t order = 0; order < PSM_FILTER_ORDER_COUNT; ++order) {
+        psm_params params = psm_test_params_of(&filters, order);
+        if (!ordered_probs(context, backend, "each_order_keeps_its_own_set", six_sets_row, 1, 12,
+                           &params, probs))
+            break;
+        expect_exact_set(order_names[order], probs, 12, kept[order], kept_count[order]);
+
+        /* The reference agrees, and so do the draws. */
+        double expected[12];
+        ck_assert_int_eq(psm_ref_distribution_ordered(six_sets_row, 12, &filters,
+                                                      (psm_ref_order)order, expected),
+                         1);
+        for (int i = 0; i < 12; ++i)
+            ck_assert_msg(fabs((double)probs[i] - expected[i]) <= 1e-6,
+                          "%s: probs[%d] = %.9g, reference %.9g", order_names[order], i,
+                          (double)probs[i], expected[i]);
+        int32_t tokens[500];
+        params.num_samples = 500;
+        params.seed = 5;
+        PSM_CHECK_OK(psm_test_sample_f32(context, six_sets_row, 1, 12, &params, tokens, NULL));
+        PSM_CHECK_OK(psm_synchronize(context));
+        for (int s = 0; s < 500; ++s)
+            ck_assert_msg(tokens[s] >= 0 && probs[tokens[s]] > 0.0f,
+                          "%s: drew token %d outside the kept set", order_names[order],
+                          tokens[s]);
+    }
+    psm_context_destroy(context);
+}
+END_TEST
+
+/* ---- llama.cpp's own expectations ------------------------------------------------ */
+
+/* From ggml-org/llama.cpp tests/test-sampling.cpp (commit f0817df5): the
+ * rows are log-probabilities, each sampler runs alone at temperature 1 and
+ * the test asserts the renormalised probabilities to 1e-5. Left out: top_p
+ * = 0 and min_p = 1.05, which psm_params refuses (top_p is in (0, 1], min_p
+ * in [0, 1]. top_p = 0.7 is a boundary case: the expected prefix {0.4, 0.3}
+ * sums to 0.7 exactly, so either set could follow from float rounding;
+ * llama.cpp's float sum reaches 0.7f, and the contract's integers also
+ * reach their target with two tokens (the same on every backend). */
+typedef struct llama_case {
+    const char *name;
+    psm_ref_params filters;
+    int count;
+    float expected[4]; /* the kept probabilities, most probable first */
+} llama_case;
+
+static const llama_case llama_cases[] = {
+    {"test_top_k k=1", {1.0f, 1, 1.0f, 0.0f}, 1, {1.0f}},
+    {"test_top_k k=3", {1.0f, 3, 1.0f, 0.0f}, 3, {0.44444f, 0.33333f, 0.22222f}},
+    {"test_top_k k=4", {1.0f, 4, 1.0f, 0.0f}, 4, {0.4f, 0.3f, 0.2f, 0.1f}},
+    {"test_top_k k=0", {1.0f, 0, 1.0f, 0.0f}, 4, {0.4f, 0.3f, 0.2f, 0.1f}},
+    {"test_top_p p=0.7", {1.0f, 0, 0.7f, 0.0f}, 2, {0.571429f, 0.428571f}},
+    {"test_top_p p=0.8", {1.0f, 0, 0.8f, 0.0f}, 3, {0.44444f, 0.33333f, 0.22222f}},
+    {"test_top_p p=1", {1.0f, 0, 1.0f, 0.0f}, 4, {0.4f, 0.3f, 0.2f, 0.1f}},
+    {"test_min_p 0.00", {1.0f, 0, 1.0f, 0.00f}, 4, {0.4f, 0.3f, 0.2f, 0.1f}},
+    {"test_min_p 0.24", {1.0f, 0, 1.0f, 0.24f}, 4, {0.4f, 0.3f, 0.2f, 0.1f}},
+    {"test_min_p 0.26", {1.0f, 0, 1.0f, 0.26f}, 3, {0.4f / 0.9f, 0.3f / 0.9f, 0.2f / 0.9f}},
+    {"test_min_p 0.49", {1.0f, 0, 1.0f, 0.49f}, 3, {0.4f / 0.9f, 0.3f / 0.9f, 0.2f / 0.9f}},
+    {"test_min_p 0.51", {1.0f, 0, 1.0f, 0.51f}, 2, {0.4f / 0.7f, 0.3f / 0.7f}},
+    {"test_min_p 0.74", {1.0f, 0, 1.0f, 0.74f}, 2, {0.4f / 0.7f, 0.3f / 0.7f}},
+    {"test_min_p 0.76", {1.0f, 0, 1.0f, 0.76f}, 1, {1.0f}},
+    {"test_min_p 1.00", {1.0f, 0, 1.0f, 1.00f}, 1, {1.0f}},
+};
+
+PSM_PROPERTY(llama_cpp_sampler_expectations)
+{
+    psm_context *context = psm_test_open(backend);
+    const float logits[4] = {logf(0.1f), logf(0.2f), logf(0.3f), logf(0.4f)};
+    float probs[4];
+    for (size_t c = 0; c < sizeof llama_cases / sizeof llama_cases[0]; ++c) {
+        const llama_case *lc = &llama_cases[c];
+        psm_params params = psm_test_params_of(&lc->filters, PSM_FILTER_ORDER_LLAMA_CPP);
+        if (!ordered_probs(context, backend, "llama_cpp_sampler_expectations", logits, 1, 4,
+                           &params, probs))
+            break;
+        /* Token 3 is the most probable, token 0 the least. */
+        for (int r = 0; r < 4; ++r) {
+            float want = r < lc->count ? lc->expected[r] : 0.0f;
+            ck_assert_msg(fabsf(probs[3 - r] - want) < 1e-5f, "%s: probs[%d] = %.7g, llama.cpp %.7g",
+                          lc->name, 3 - r, (double)probs[3 - r], (double)want);
+        }
+    }
+    psm_context_destroy(context);
+}
+END_TEST
+
+/* test_sampler_queue: 10,000 tokens with logit ln(id) (token 0 is -inf:
+ * masked here, never a candidate), p_i proportional to the id. The kept
+ * set is the ids from its lowest one up; llama.cpp's test derives that id
+ * in integers, and so does this one:
+ * - top-k k keeps ids >= 10000 - k (all 9,999 valid ones when k is 10,000);
+ * - top-p p keeps, from the top id down, ids until their sum reaches
+ *   ceil(p x the candidates' id sum);
+ * - min-p m keeps ids >= m x 9999.
+ * The chain "kpm" is llama.cpp's default order; every set is the same at
+ * other temperatures, since the chain filters at temperature 1. */
+typedef struct queue_case {
+    const char *chain;
+    psm_ref_params filters; /* the temperature is the test's */
+} queue_case;
+
+static int64_t queue_lowest_id(const psm_ref_params *q, int64_t vocab)
+{
+    int64_t lowest = 1;
+    if (q->top_k > 0 && q->top_k < vocab - 1)
+        lowest = vocab - q->top_k;
+    if (q->top_p < 1.0f) {
+        int64_t divisor = 0;
+        for (int64_t id = lowest; id < vocab; ++id)
+            divisor += id;
+        double target = ceil((double)q->top_p * (double)divisor);
+        int64_t sum = 0, id = vocab;
+        do {
+            --id;
+            sum += id;
+        } while ((double)sum < target);
+        lowest = id;
+    }
+    if (q->min_p > 0.0f) {
+        int64_t threshold = (int64_t)ceil((double)q->min_p * (double)(vocab - 1));
+        lowest = threshold > lowest ? threshold : lowest;
+    }
+    return lowest;
+}
+
+PSM_PROPERTY(llama_cpp_sampler_queue_expectations)
+{
+    static const queue_case queue[] = {
+        {"k", {1.0f, 10000, 1.0f, 0.0f}},
+        {"k", {1.0f, 1, 1.0f, 0.0f}},
+        {"k", {1.0f, 100, 1.0f, 0.0f}},
+        {"p", {1.0f, 0, 0.0003f, 0.0f}},
+        {"p", {1.0f, 0, 0.8f, 0.0f}},
+        {"m", {1.0f, 0, 1.0f, 0.1f}},
+        {"m", {1.0f, 0, 1.0f, 9997.9f / 9999.0f}},
+        {"kpm", {1.0f, 100, 0.8f, 0.1f}},
+    };
+    const int64_t vocab = 10000;
+    psm_context *context = psm_test_open(backend);
+    float *logits = psm_test_alloc((size_t)vocab, sizeof *logits);
+    float *probs = psm_test_alloc((size_t)vocab, sizeof *probs);
+    for (int64_t id = 0; id < vocab; ++id)
+        logits[id] = logf((float)id);
+    const float temperatures[] = {1.0f, 0.4f};
+    for (size_t c = 0; c < sizeof queue / sizeof queue[0]; ++c) {
+        for (size_t t = 0; t < 2; ++t) {
+            const psm_ref_params *q = &queue[c].filters;
+            psm_params params = psm_test_params_of(q, PSM_FILTER_ORDER_LLAMA_CPP);
+            params.temperature = temperatures[t];
+            if (!ordered_probs(context, backend, "llama_cpp_sampler_queue_expectations", logits,
+                               1, vocab, &params, probs))
+                goto done;
+            int64_t lowest = queue_lowest_id(q, vocab);
+            for (int64_t id = 0; id < vocab; ++id)
+                ck_assert_msg((probs[id] > 0.0f) == (id >= lowest),
+                              "chain %s (k %d, p %g, min-p %g) at T %g: token %lld %s; the "
+                              "kept ids are %lld and up",
+                              queue[c].chain, q->top_k, (double)q->top_p, (double)q->min_p,
+                              (double)temperatures[t], (long long)id,
+                              probs[id] > 0.0f ? "kept" : "dropped", (long long)lowest);
+        }
+    }
+done:
+    free(probs);
+    free(logits);
+    psm_context_destroy(context);
+}
+END_TEST
+
+/* ---- random rows against the reference ----------------------------------------- */
+
+static const psm_ref_params order_cases[] = {
+    {0.7f, 40, 0.9f, 0.05f}, {1.3f, 200, 0.8f, 0.0f}, {0.9f, 0, 0.95f, 0.01f},
+    {1.0f, 20, 1.0f, 0.1f},  {2.0f, 0, 0.5f, 0.0f},   {0.8f, 1500, 0.99f, 0.002f},
+};
+
+/* Normal rows (sigma 2) and coarse ones (rounded to 1/4: many ties at every
+ * boundary), vocab tokens each. */
+static void fill_rows(float *logits, int64_t rows, int64_t vocab, psm_test_rng *rng)
+{
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t i = 0; i < vocab; ++i) {
+            double x = 2.0 * psm_test_rng_normal(rng);
+            logits[r * vocab + i] = (float)(r % 2 ? round(4.0 * x) / 4.0 : x);
+        }
+}
+
+/* Returns 0 when the backend refused the orders (a skip is recorded). */
+static int expect_reference(psm_backend backend, int threads, int64_t rows, int64_t vocab,
+                            uint64_t seed)
+{
+    int ran = 1;
+    psm_context *context = psm_test_open_threads(backend, threads);
+    psm_test_rng rng = psm_test_rng_make(seed);
+    float *logits = psm_test_alloc((size_t)(rows * vocab), sizeof *logits);
+    float *probs = psm_test_alloc((size_t)(rows * vocab), sizeof *probs);
+    double *expected = psm_test_alloc((size_t)vocab, sizeof *expected);
+    fill_rows(logits, rows, vocab, &rng);
+    for (int32_t order = 0; order < PSM_FILTER_ORDER_COUNT; ++order) {
+        for (size_t c = 0; c < sizeof order_cases / sizeof order_cases[0]; ++c) {
+            const psm_ref_params *oc = &order_cases[c];
+            psm_params params = psm_test_params_of(oc, order);
+            if (!ordered_probs(context, backend, "orders_match_the_reference", logits, rows,
+                               vocab, &params, probs)) {
+                ran = 0;
+                goto done;
+            }
+            for (int64_t r = 0; r < rows; ++r) {
+                ck_assert_int_eq(psm_ref_distribution_ordered(logits + r * vocab, vocab, oc,
+                                                              (psm_ref_order)order,
+                                                              expected),
+                                 1);
+                const float *got = probs + r * vocab;
+                for (int64_t i = 0; i < vocab; ++i) {
+                    ck_assert_msg((got[i] > 0.0f) == (expected[i] > 0.0),
+                                  "%s, threads %d, row %lld, case %zu (T %g, k %d, p %g, min-p "
+                                  "%g): token %lld is %s, the reference %s it",
+                                  order_names[order], threads, (long long)r, c,
+                                  (double)oc->temperature, oc->top_k, (double)oc->top_p,
+                                  (double)oc->min_p, (long long)i,
+                                  got[i] > 0.0f ? "kept" : "dropped",
+                                  expected[i] > 0.0 ? "keeps" : "drops");
+                    ck_assert_msg(fabs((double)got[i] - expected[i]) <= 1e-6,
+                                  "%s, row %lld, case %zu: probs[%lld] = %.9g, reference %.9g",
+                                  order_names[order], (long long)r, c, (long long)i,
+                                  (double)got[i], expected[i]);
+                }
+            }
+        }
+    }
+done:
+    free(expected);
+    free(probs);
+    free(logits);
+    psm_context_destroy(context);
+    return ran;
+}
+
+/* A batch (rows taken a thread at a time) and single rows split over the
+ * threads, each order and case against the reference. */
+PSM_PROPERTY(orders_match_the_reference)
+{
+    if (expect_reference(backend, 2, 6, 3000, 41))
+        expect_reference(backend, 2, 1, psm_test_quick() ? 5000 : 20000, 42);
+}
+END_TEST
+
+/* ---- refusals ------------------------------------------------------------------- */
+
+START_TEST(bad_filter_orders_are_refused)
+{
+    psm_context *context = psm_test_open(PSM_BACKEND_CPU);
+    const float logits[4] = {0, 1, 2, 3};
+    int32_t tokens[1] = {-7};
+    float probs[4] = {SENTINEL_PROB, SENTINEL_PROB, SENTINEL_PROB, SENTINEL_PROB};
+    const int32_t bad[] = {-1, PSM_FILTER_ORDER_COUNT, 1000};
+    for (size_t b = 0; b < sizeof bad / sizeof bad[0]; ++b) {
+        psm_params params;
+        psm_params_init(&params);
+        params.filter_order = bad[b];
+        ck_assert_int_eq(psm_test_sample_f32(context, logits, 1, 4, &params, tokens, NULL),
+                         PSM_ERR_INVALID_ARGUMENT);
+        ck_assert_msg(strstr(psm_last_error(), "filter_order") != NULL, "message: %s",
+                      psm_last_error());
+        ck_assert_int_eq(psm_test_probs_f32(context, logits, 1, 4, &params, probs),
+                         PSM_ERR_INVALID_ARGUMENT);
+        ck_assert_int_eq(tokens[0], -7);
+        for (int i = 0; i < 4; ++i)
+            ck_assert(probs[i] == SENTINEL_PROB);
+    }
+    psm_context_destroy(context);
+}
+END_TEST
+
+int main(void)
+{
+    psm_test_register_common(bad_filter_orders_are_refused);
+    psm_test_register_property(each_order_keeps_its_own_set);
+    psm_test_register_property(llama_cpp_sampler_expectations);
+    psm_test_register_property(llama_cpp_sampler_queue_expectations);
+    psm_test_register_property(orders_match_the_reference);
+    return psm_test_run("test_filter_orders");
+}

@@ -46,6 +46,22 @@ typedef struct psm_request {
 #define PSM_FEATURE_TOP_LOGPROBS 2u     /* psm_params.top_logprobs */
 #define PSM_FEATURE_FILTER_ORDERS 4u    /* psm_params.filter_order other than POLYSAMPLE */
 
+/* One validated call of psm_verify (docs/SAMPLING.md, section 7). */
+typedef struct psm_verify_request {
+    psm_tensor target;           /* requests x (nodes + 1) rows, row_stride resolved */
+    psm_params target_params;    /* per-row arrays: one entry per request */
+    int64_t requests;
+    int32_t nodes;               /* k */
+    const int32_t *tokens;       /* requests x k */
+    const int32_t *parents;      /* requests x k; NULL: a chain */
+    psm_tensor draft_logits;     /* requests x k rows, row_stride resolved; data NULL: none */
+    psm_params draft_params;     /* with draft_logits (psm_params_init's when not given) */
+    psm_tensor draft_probs;      /* requests x k rows of f32, row_stride resolved; data NULL:
+                                    none (no draft_logits either: one-hot drafts) */
+    psm_verification outputs;
+    int check_rows;              /* a bad target row fails with PSM_ERR_BAD_ROW */
+} psm_verify_request;
+
 typedef struct psm_backend_ops {
     int api_version;
     psm_backend id;
@@ -75,6 +91,11 @@ typedef struct psm_backend_ops {
     psm_status (*sample)(void *state, psm_request *request);
     psm_status (*probs)(void *state, psm_request *request);
     psm_status (*synchronize)(void *state);
+
+    /* psm_verify; NULL: the backend has no speculative verification yet
+     * (PSM_ERR_UNSUPPORTED). The backend writes the message of a failure
+     * (a draft token of draft probability 0, checking mode's bad request). */
+    psm_status (*verify)(void *state, psm_verify_request *request);
 } psm_backend_ops;
 
 /* ---- a request's rows, as psm_resolve_row (core/psm_row.h) reads them ---- */

@@ -3,6 +3,7 @@
 
 #include "error.h"
 #include "psm_contract.h"
+#include "psm_verify.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -356,5 +357,240 @@ psm_status psm_validate_request(const psm_tensor *logits, const psm_params *para
     request->params = *params;
     request->rows = rows;
     request->first_bad_row = -1;
+    return PSM_OK;
+}
+
+/* ---- speculative verification (psm_verify) -------------------------------- */
+
+/* What psm_verify does not run yet in a psm_params (target or draft). */
+static psm_status check_verify_unsupported(const char *which, const psm_params *params)
+{
+    if (params->row_indices)
+        return psm_set_error(PSM_ERR_UNSUPPORTED,
+                             "%s.row_indices: psm_verify reads row r * (k + 1) + i for node i "
+                             "of request r; row gather is not supported there yet",
+                             which);
+    if (params->processing)
+        return psm_set_error(PSM_ERR_UNSUPPORTED,
+                             "%s.processing: psm_verify has no logit processing yet", which);
+    if (params->top_logprobs)
+        return psm_set_error(PSM_ERR_UNSUPPORTED,
+                             "%s.top_logprobs: psm_verify has no top-N logprobs", which);
+    if (params->workspace || params->workspace_bytes != 0)
+        return psm_set_error(PSM_ERR_UNSUPPORTED,
+                             "%s.workspace: psm_verify takes no caller workspace yet", which);
+    if (params->seed_pointer && params->seed_per_row)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                             "%s: seed_pointer and seed_per_row are both set; give one", which);
+    if (params->offset_pointer && params->offset_per_row)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                             "%s: offset_pointer and offset_per_row are both set; give one",
+                             which);
+    return PSM_OK;
+}
+
+/* A verification's parameters: the scalars, and each request's entries of
+ * the per-row arrays when they can be read here. */
+static psm_status check_verify_params(const char *which, const psm_params *params,
+                                      int64_t requests, int host_side_arrays)
+{
+    char name[96];
+    snprintf(name, sizeof name, "%s.", which);
+    psm_status status =
+        check_scalar(name, params->temperature, params->top_k, params->top_p, params->min_p);
+    if (status == PSM_OK &&
+        (params->filter_order < 0 || params->filter_order >= PSM_FILTER_ORDER_COUNT))
+        status = psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                               "%s.filter_order has the unknown value %d; expected 0 .. %d "
+                               "(psm_filter_order)",
+                               which, (int)params->filter_order, PSM_FILTER_ORDER_COUNT - 1);
+    if (status == PSM_OK)
+        status = check_verify_unsupported(which, params);
+    if (status != PSM_OK || !host_side_arrays)
+        return status;
+    for (int64_t r = 0; r < requests; ++r) {
+        float temperature =
+            params->temperature_per_row ? params->temperature_per_row[r] : params->temperature;
+        int32_t top_k = params->top_k_per_row ? params->top_k_per_row[r] : params->top_k;
+        float top_p = params->top_p_per_row ? params->top_p_per_row[r] : params->top_p;
+        float min_p = params->min_p_per_row ? params->min_p_per_row[r] : params->min_p;
+        if (psm_row_params_valid(temperature, top_k, top_p, min_p))
+            continue;
+        snprintf(name, sizeof name, "%s, request %lld: ", which, (long long)r);
+        return check_scalar(name, temperature, top_k, top_p, min_p);
+    }
+    return PSM_OK;
+}
+
+/* A draft tensor: requests x k rows of the target's vocab, in its memory. */
+static psm_status check_draft_tensor(const char *name, const psm_tensor *draft,
+                                     const psm_tensor *target, int64_t draft_rows,
+                                     int64_t *row_stride_out)
+{
+    psm_status status = check_tensor_shape(name, draft, 1, row_stride_out);
+    if (status != PSM_OK)
+        return status;
+    if (draft->rows != draft_rows || draft->vocab != target->vocab)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                             "%s is %lld x %lld; the call needs requests x k = %lld rows of the "
+                             "target's vocab %lld",
+                             name, (long long)draft->rows, (long long)draft->vocab,
+                             (long long)draft_rows, (long long)target->vocab);
+    if (draft->memory != target->memory)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                             "%s.memory differs from target_logits.memory; every array of "
+                             "psm_verify lives in the target logits' memory",
+                             name);
+    return PSM_OK;
+}
+
+/* The drafts' values that can be read here: tokens inside the vocab,
+ * parents earlier than their node, draft probabilities in [0, 1]. */
+static psm_status check_draft_values(const psm_verify_request *request)
+{
+    const int32_t k = request->nodes;
+    const int64_t vocab = request->target.vocab;
+    for (int64_t r = 0; r < request->requests; ++r) {
+        for (int32_t node = 1; node <= k; ++node) {
+            const int64_t at = r * k + node - 1;
+            if (request->tokens[at] < 0 || request->tokens[at] >= vocab)
+                return psm_set_error(PSM_ERR_INVALID_PARAMETER,
+                                     "request %lld, draft node %d: token %d is outside the "
+                                     "vocab of %lld",
+                                     (long long)r, (int)node, (int)request->tokens[at],
+                                     (long long)vocab);
+            if (request->parents && !(request->parents[at] >= 0 && request->parents[at] < node))
+                return psm_set_error(PSM_ERR_INVALID_PARAMETER,
+                                     "request %lld, draft node %d: parent %d; a node's parent is "
+                                     "an earlier node, 0 (the root) .. %d",
+                                     (long long)r, (int)node, (int)request->parents[at],
+                                     (int)node - 1);
+        }
+    }
+    const psm_tensor *probs = &request->draft_probs;
+    if (!probs->data)
+        return PSM_OK;
+    for (int64_t row = 0; row < probs->rows; ++row) {
+        const float *q = (const float *)probs->data + row * probs->row_stride;
+        for (int64_t i = 0; i < vocab; ++i)
+            if (!psm_draft_prob_valid(q[i]))
+                return psm_set_error(PSM_ERR_INVALID_PARAMETER,
+                                     "request %lld, draft node %lld: draft_probs[%lld] is %g; "
+                                     "expected a probability in [0, 1]",
+                                     (long long)(row / request->nodes),
+                                     (long long)(row % request->nodes + 1), (long long)i,
+                                     (double)q[i]);
+    }
+    return PSM_OK;
+}
+
+static psm_status check_verify_outputs(const psm_verification *outputs)
+{
+    if (!outputs->accepted.data)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "outputs->accepted.data is NULL");
+    if (!outputs->tokens.data)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "outputs->tokens.data is NULL");
+    psm_status status = check_output_memory("outputs->accepted", &outputs->accepted);
+    if (status == PSM_OK)
+        status = check_output_memory("outputs->tokens", &outputs->tokens);
+    if (status == PSM_OK && outputs->path_nodes.data)
+        status = check_output_memory("outputs->path_nodes", &outputs->path_nodes);
+    if (status == PSM_OK && outputs->logprobs.data)
+        status = check_output_memory("outputs->logprobs", &outputs->logprobs);
+    return status;
+}
+
+psm_status psm_validate_verify(const psm_tensor *target_logits, const psm_params *target_params,
+                               const psm_drafts *drafts, const psm_verification *outputs,
+                               int host_side_arrays, psm_verify_request *request)
+{
+    memset(request, 0, sizeof *request);
+    if (!target_logits)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "target_logits is NULL");
+    if (!target_params)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "target_params is NULL");
+    if (!drafts)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "drafts is NULL");
+    if (!outputs)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "outputs is NULL");
+    if (drafts->nodes < 1 || drafts->nodes > PSM_MAX_DRAFT_NODES)
+        return psm_set_error(PSM_ERR_INVALID_PARAMETER,
+                             "drafts->nodes is %d; expected 1 .. %d (PSM_MAX_DRAFT_NODES)",
+                             (int)drafts->nodes, PSM_MAX_DRAFT_NODES);
+    int64_t stride = 0;
+    psm_status status = check_tensor_shape("target_logits", target_logits, 1, &stride);
+    if (status != PSM_OK)
+        return status;
+    const int64_t positions = (int64_t)drafts->nodes + 1;
+    if (target_logits->rows % positions != 0)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                             "target_logits has %lld rows, not a multiple of k + 1 = %lld "
+                             "(one row per node, the root included, per request)",
+                             (long long)target_logits->rows, (long long)positions);
+    const int64_t requests = target_logits->rows / positions;
+    if (target_params->num_samples != 1)
+        return psm_set_error(PSM_ERR_UNSUPPORTED,
+                             "target_params.num_samples is %d; psm_verify emits one token per "
+                             "position (1)",
+                             (int)target_params->num_samples);
+    if (target_params->output_rows != 0 && target_params->output_rows != requests)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                             "target_params.output_rows is %lld; expected 0 or the %lld requests",
+                             (long long)target_params->output_rows, (long long)requests);
+    status = check_verify_params("target_params", target_params, requests, host_side_arrays);
+    if (status != PSM_OK)
+        return status;
+    if (!drafts->tokens)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "drafts->tokens is NULL");
+    if (drafts->draft_logits && drafts->draft_probs)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                             "drafts has both draft_logits and draft_probs; give one (or "
+                             "neither, for one-hot drafts)");
+    if (drafts->draft_params && !drafts->draft_logits)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                             "drafts->draft_params without draft_logits: the parameters shape "
+                             "the draft logits' distribution");
+    const int64_t draft_rows = requests * drafts->nodes;
+    psm_params_init(&request->draft_params);
+    if (drafts->draft_logits) {
+        int64_t draft_stride = 0;
+        status = check_draft_tensor("drafts->draft_logits", drafts->draft_logits, target_logits,
+                                    draft_rows, &draft_stride);
+        if (status != PSM_OK)
+            return status;
+        request->draft_logits = *drafts->draft_logits;
+        request->draft_logits.row_stride = draft_stride;
+        if (drafts->draft_params) {
+            status = check_verify_params("drafts->draft_params", drafts->draft_params, requests,
+                                         host_side_arrays);
+            if (status != PSM_OK)
+                return status;
+            request->draft_params = *drafts->draft_params;
+        }
+    }
+    if (drafts->draft_probs) {
+        int64_t probs_stride = 0;
+        status = check_draft_tensor("drafts->draft_probs", drafts->draft_probs, target_logits,
+                                    draft_rows, &probs_stride);
+        if (status != PSM_OK)
+            return status;
+        if (drafts->draft_probs->dtype != PSM_DTYPE_F32)
+            return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "drafts->draft_probs.dtype must be F32");
+        request->draft_probs = *drafts->draft_probs;
+        request->draft_probs.row_stride = probs_stride;
+    }
+    status = check_verify_outputs(outputs);
+    if (status != PSM_OK)
+        return status;
+    request->target = *target_logits;
+    request->target.row_stride = stride;
+    request->target_params = *target_params;
+    request->requests = requests;
+    request->nodes = drafts->nodes;
+    request->tokens = drafts->tokens;
+    request->parents = drafts->parents;
+    request->outputs = *outputs;
+    if (host_side_arrays)
+        return check_draft_values(request);
     return PSM_OK;
 }

@@ -16,4 +16,13 @@ psm_status psm_validate_request(const psm_tensor *logits, const psm_params *para
                                 const psm_tensor *probs, int host_side_arrays,
                                 int size_query, psm_request *request);
 
+/* psm_verify's arguments (docs/SAMPLING.md, section 7) into *request, or a
+ * status and a message naming the argument; with host_side_arrays, also the
+ * per-request arrays, the draft tokens and parents, and draft_probs' values
+ * (a drawn token's draft probability of 0 needs the draft's distribution:
+ * the backend checks it). */
+psm_status psm_validate_verify(const psm_tensor *target_logits, const psm_params *target_params,
+                               const psm_drafts *drafts, const psm_verification *outputs,
+                               int host_side_arrays, psm_verify_request *request);
+
 #endif /* PSM_VALIDATE_H */

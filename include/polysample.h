@@ -220,6 +220,53 @@ typedef enum psm_filter_order {
                                          whole distribution, ties kept; min-p last */
 } psm_filter_order;
 #define PSM_FILTER_ORDER_COUNT 6
+/* Speculative decoding verification (docs/SAMPLING.md, section 7): a draft
+ * proposed up to k tokens per request, as a chain or a tree; psm_verify checks
+ * them against the target model's logits in one call and returns the accepted
+ * tokens, then one token drawn from the target (the correction after a
+ * rejection, or the bonus after a fully accepted path). The rule is exact
+ * rejection sampling in integers: the emitted tokens follow the target's
+ * distribution, and every backend accepts the same tokens. */
+#define PSM_MAX_DRAFT_NODES 64 /* k: draft tokens per request (chain length or tree nodes) */
+
+typedef struct psm_drafts {
+    int32_t nodes;           /* k, 1 .. PSM_MAX_DRAFT_NODES: draft nodes per request, numbered
+                                1..k; node 0 is the root (the last token already emitted) */
+    const int32_t *tokens;   /* requests x k: the token of node i at [r * k + i - 1] */
+    const int32_t *parents;  /* requests x k, the parent of node i in [0, i) at [r * k + i - 1];
+                                NULL: a chain (the parent of node i is i - 1) */
+    /* The distribution each node's token was drawn from (row r * k + i - 1),
+     * given its parent's path and its earlier siblings; one of:
+     * - draft_logits (requests * k rows, the target's vocab), with
+     *   draft_params: temperature, top_k, top_p, min_p and their per-request
+     *   arrays, as in psm_params (seeds and offsets are not used: nothing is
+     *   drawn from the draft); NULL draft_params: temperature 1, no filters;
+     * - draft_probs (requests * k rows of f32 in [0, 1], the target's vocab),
+     *   read as integers floor(q * 2^B) (SAMPLING.md, section 7);
+     * - neither: a deterministic draft (n-gram, prompt lookup, a greedy draft
+     *   model): each node's distribution is a point mass on its token. */
+    const psm_tensor *draft_logits;
+    const struct psm_params *draft_params; /* psm_params, defined below */
+    const psm_tensor *draft_probs;
+} psm_drafts;
+
+typedef struct psm_verification {
+    psm_output accepted;   /* requests int32: accepted draft tokens (0 .. the tree's depth);
+                              -1 for a bad request */
+    psm_output tokens;     /* requests x (k + 1) int32: the accepted draft tokens in path
+                              order, then the correction or bonus token; -1 after it, and
+                              everywhere for a bad request */
+    psm_output path_nodes; /* optional (data may be NULL): requests x (k + 1) int32: the
+                              node each emitted token was drawn at (0, the root, then the
+                              accepted nodes in order: the accepted path, whose cache a
+                              runtime keeps); -1 after, and for a bad request */
+    psm_output logprobs;   /* optional (data may be NULL): requests x (k + 1) float: each
+                              emitted token's natural log probability under the target's
+                              distribution at its node; NaN after, and for a bad request */
+} psm_verification;
+
+/* Fills *drafts with k = 0 and every pointer NULL (set nodes and tokens). */
+PSM_API void psm_drafts_init(psm_drafts *drafts);
 
 /* A call's parameters. Rows here are the rows of the outputs: logits row i,
  * or logits row row_indices[i] when row_indices is given.
@@ -315,6 +362,21 @@ PSM_API psm_status psm_sample_workspace_size(psm_context *context, const psm_ten
 PSM_API psm_status psm_probs_workspace_size(psm_context *context, const psm_tensor *logits,
                                             const psm_params *params, const psm_tensor *probs,
                                             size_t *bytes);
+
+/* Verifies drafts (docs/SAMPLING.md, section 7). target_logits: requests x
+ * (k + 1) rows; row r * (k + 1) + i is the target's distribution after node
+ * i's path (requests = target_logits->rows / (k + 1), which must divide).
+ * target_params: temperature, filters, seed, offset and their per-row
+ * arrays, which here have one entry per request (seed, offset and stream
+ * resolve as for output row r of psm_sample); row_indices, processing,
+ * top_logprobs, num_samples other than 1 and a caller workspace are not
+ * supported yet (PSM_ERR_UNSUPPORTED). Every array (drafts, per-request
+ * arrays, outputs) lives in the target logits' memory. A request with a bad
+ * target row (NaN, +inf, no finite logit) gets -1 everywhere (checking mode:
+ * PSM_ERR_BAD_ROW). Backends: CPU; the others return PSM_ERR_UNSUPPORTED. */
+PSM_API psm_status psm_verify(psm_context *context, const psm_tensor *target_logits,
+                              const psm_params *target_params, const psm_drafts *drafts,
+                              const psm_verification *outputs);
 
 /* Waits until the context's queued work is done. */
 PSM_API psm_status psm_synchronize(psm_context *context);

@@ -31,10 +31,20 @@ static void free_rank_arrays(cpu_rank_arrays *arrays)
     memset(arrays, 0, sizeof *arrays);
 }
 
+static void free_verify_arrays(cpu_scratch *scratch)
+{
+    psm_free(scratch->verify_target);
+    psm_free(scratch->verify_residual);
+    psm_free(scratch->verify_draft);
+    scratch->verify_target = scratch->verify_residual = scratch->verify_draft = NULL;
+    scratch->owned_verify_vocab = 0;
+}
+
 static void free_scratch(cpu_scratch *scratch)
 {
     if (!scratch)
         return;
+    free_verify_arrays(scratch);
     free_tile_arrays(&scratch->owned);
     free_processing_arrays(&scratch->owned_processing);
     free_rank_arrays(&scratch->owned_ranks);
@@ -242,6 +252,34 @@ static psm_status prepare_tile_arrays(cpu_state *state, const psm_request *reque
     return PSM_OK;
 }
 
+/* psm_verify always runs on the context's own arrays (it takes no caller
+ * workspace). */
+psm_status cpu_prepare_verify(cpu_state *state, int64_t vocab)
+{
+    psm_status status = ensure_capacity(state, vocab);
+    if (status != PSM_OK)
+        return status;
+    for (int t = 0; t < state->threads; ++t) {
+        cpu_scratch *scratch = state->scratch[t];
+        use_tile_arrays(scratch, &scratch->owned);
+        if (scratch->owned_verify_vocab >= vocab)
+            continue;
+        free_verify_arrays(scratch);
+        scratch->verify_target = psm_alloc((size_t)vocab * sizeof(uint64_t));
+        scratch->verify_residual = psm_alloc((size_t)vocab * sizeof(uint64_t));
+        scratch->verify_draft = psm_alloc((size_t)vocab * sizeof(uint64_t));
+        if (!scratch->verify_target || !scratch->verify_residual || !scratch->verify_draft) {
+            free_verify_arrays(scratch);
+            return psm_set_error(PSM_ERR_OUT_OF_MEMORY,
+                                 "cpu backend: cannot allocate verification workspace for vocab "
+                                 "%lld",
+                                 (long long)vocab);
+        }
+        scratch->owned_verify_vocab = vocab;
+    }
+    return PSM_OK;
+}
+
 /* ---- the backend table ----------------------------------------------------- */
 
 static int cpu_probe(int *device_count, int *auto_device_count, char *reason,
@@ -410,4 +448,5 @@ const psm_backend_ops psm_cpu_ops = {
     .sample = cpu_sample,
     .probs = cpu_probs,
     .synchronize = cpu_synchronize,
+    .verify = cpu_verify,
 };

@@ -208,6 +208,12 @@ typedef struct cpu_scratch {
     float compact[PSM_TILE + CPU_COMPACT_SLACK];
     float compact_masses[PSM_TILE + CPU_COMPACT_SLACK];
     int32_t compact_index[PSM_TILE + CPU_COMPACT_SLACK];
+    /* psm_verify (cpu_verify.c): a node's target weights, the residual and a
+     * draft node's weights, vocab entries each, for owned_verify_vocab. */
+    uint64_t *verify_target;
+    uint64_t *verify_residual;
+    uint64_t *verify_draft;
+    int64_t owned_verify_vocab;
 } cpu_scratch;
 
 typedef struct cpu_state {
@@ -392,5 +398,17 @@ int cpu_row_check_fails(const cpu_state *state, const psm_request *request, int6
                         cpu_scratch *owner, int parallel);
 void cpu_process_row(const cpu_state *state, const psm_request *request, int64_t r,
                      cpu_scratch *owner, int parallel, int want_probs, int64_t next_row);
+
+/* ---- speculative verification ---------------------------------------------- */
+
+/* cpu_rows.c: a row of a tensor as the passes read it, and a good row's
+ * greedy token (after its summary pass). */
+void cpu_init_tensor_row(cpu_row *row, const psm_tensor *tensor, int64_t tensor_row);
+int64_t cpu_greedy_token(const cpu_row *row, cpu_scratch *owner);
+/* cpu_backend.c: every thread's own tile arrays and verification arrays,
+ * grown to rows of `vocab` tokens. */
+psm_status cpu_prepare_verify(cpu_state *state, int64_t vocab);
+/* cpu_verify.c: the backend's psm_verify. */
+psm_status cpu_verify(void *state, psm_verify_request *request);
 
 #endif /* PSM_CPU_BACKEND_H */

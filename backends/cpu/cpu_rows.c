@@ -264,3 +264,15 @@ void cpu_process_row(const cpu_state *state, const psm_request *request, int64_t
     if (top_logprobs)
         cpu_top_logprobs(request, &row, owner, r, params.logits_row, total, 0);
 }
+
+/* ---- speculative verification (cpu_verify.c) -------------------------------- */
+
+void cpu_init_tensor_row(cpu_row *row, const psm_tensor *tensor, int64_t tensor_row)
+{
+    init_row(row, tensor, tensor_row);
+}
+
+int64_t cpu_greedy_token(const cpu_row *row, cpu_scratch *owner)
+{
+    return greedy_token(row, owner);
+}

@@ -1,0 +1,152 @@
+/*
+ * psm_verify.h: the exact arithmetic of speculative decoding verification
+ * (docs/SAMPLING.md, section 7), written once.
+ *
+ * Compiles as C, CUDA, HIP and OpenCL C 1.2 on psm_contract.h's platform
+ * layer. OpenCL C has no 128-bit integer, so the wide products are built
+ * from 64-bit halves (psm_mulhi64) on every platform alike.
+ *
+ * Sizes that keep every step in range (B = psm_weight_bits(vocab), so
+ * vocab x 2^(B+1) <= 2^64):
+ * - a target weight P_i <= 2^B; a residual weight R_i < 2^(B+1) (the
+ *   residual step shifts to keep it there), so R_tot < 2^64;
+ * - a draft weight Q_i <= 2^B (a weight, or a probability in [0, 1] times
+ *   2^B), so Q_tot <= vocab x 2^B <= 2^63;
+ * - the acceptance test compares u x Q_x x R_tot < 2^(128 + B + 1) with
+ *   R_x x Q_tot x 2^64 < 2^(B + 1 + 63 + 64): both below 2^192;
+ * - the residual step's R_i x Q_tot and Q_i x R_tot are below 2^128.
+ */
+#ifndef PSM_VERIFY_H
+#define PSM_VERIFY_H
+
+/* The OpenCL program receives psm_contract.h as an earlier source string,
+ * so it is included only where it has not been read yet (as psm_row.h). */
+#ifndef PSM_CONTRACT_H
+#include "psm_contract.h"
+#endif
+
+typedef struct psm_u128 {
+    psm_u64 low;
+    psm_u64 high;
+} psm_u128;
+
+typedef struct psm_u192 {
+    psm_u64 low;
+    psm_u64 middle;
+    psm_u64 high;
+} psm_u192;
+
+PSM_FN psm_u128 psm_u128_product(psm_u64 a, psm_u64 b)
+{
+    psm_u128 product;
+    product.low = a * b;
+    product.high = psm_mulhi64(a, b);
+    return product;
+}
+
+PSM_FN psm_u192 psm_u192_product(psm_u128 a, psm_u64 b)
+{
+    psm_u128 low = psm_u128_product(a.low, b);
+    psm_u128 high = psm_u128_product(a.high, b);
+    psm_u192 product;
+    product.low = low.low;
+    product.middle = low.high + high.low;
+    product.high = high.high + (product.middle < low.high ? 1u : 0u);
+    return product;
+}
+
+PSM_FN int psm_u128_less(psm_u128 a, psm_u128 b)
+{
+    return a.high < b.high || (a.high == b.high && a.low < b.low);
+}
+
+PSM_FN int psm_u192_less(psm_u192 a, psm_u192 b)
+{
+    if (a.high != b.high)
+        return a.high < b.high;
+    if (a.middle != b.middle)
+        return a.middle < b.middle;
+    return a.low < b.low;
+}
+
+/* Is draft node c's token x accepted? u is its 64 random bits (words 0-1 of
+ * Philox counter c), Q_x / Q_tot its draft probability and R_x / R_tot the
+ * target's (residual) probability at its parent: accept iff
+ * u / 2^64 < (R_x / R_tot) / (Q_x / Q_tot), cross-multiplied in integers,
+ * u x Q_x x R_tot < R_x x Q_tot x 2^64. Needs Q_x >= 1 and R_tot >= 1. */
+PSM_FN int psm_draft_accepted(psm_u64 u, psm_u64 draft_weight, psm_u64 draft_total,
+                              psm_u64 residual_weight, psm_u64 residual_total)
+{
+    psm_u192 left = psm_u192_product(psm_u128_product(u, draft_weight), residual_total);
+    psm_u128 right_high = psm_u128_product(residual_weight, draft_total);
+    psm_u192 right;
+    right.low = 0;
+    right.middle = right_high.low;
+    right.high = right_high.high;
+    return psm_u192_less(left, right);
+}
+
+/* One token's part of the residual after a rejection, before the shift:
+ * max(0, R_i x Q_tot - Q_i x R_tot), the integer form of
+ * max(0, R_i / R_tot - Q_i / Q_tot) scaled by R_tot x Q_tot. */
+PSM_FN psm_u128 psm_residual_excess(psm_u64 residual_weight, psm_u64 draft_total,
+                                    psm_u64 draft_weight, psm_u64 residual_total)
+{
+    psm_u128 kept = psm_u128_product(residual_weight, draft_total);
+    psm_u128 removed = psm_u128_product(draft_weight, residual_total);
+    psm_u128 excess;
+    excess.low = 0;
+    excess.high = 0;
+    if (!psm_u128_less(removed, kept))
+        return excess;
+    excess.low = kept.low - removed.low;
+    excess.high = kept.high - removed.high - (kept.low < removed.low ? 1u : 0u);
+    return excess;
+}
+
+PSM_FN int psm_u128_bit_length(psm_u128 value)
+{
+    int length = 0;
+    psm_u64 word = value.high != 0 ? value.high : value.low;
+    while (word != 0) {
+        ++length;
+        word >>= 1;
+    }
+    return value.high != 0 ? 64 + length : length;
+}
+
+/* The right shift that brings the largest excess of a residual step below
+ * 2^(B+1), where a target's weights are (the top one is 2^B): 0 when it is
+ * there already. Every token's excess is shifted by the same amount. */
+PSM_FN int psm_residual_shift(psm_u128 largest_excess, int weight_bits)
+{
+    int surplus = psm_u128_bit_length(largest_excess) - (weight_bits + 1);
+    return surplus > 0 ? surplus : 0;
+}
+
+/* value >> shift, for a shift that leaves it below 2^64 (0 <= shift < 128). */
+PSM_FN psm_u64 psm_u128_shift_right(psm_u128 value, int shift)
+{
+    if (shift == 0)
+        return value.low;
+    if (shift >= 64)
+        return value.high >> (shift - 64);
+    return (value.low >> shift) | (value.high << (64 - shift));
+}
+
+/* Is q a draft probability the rule reads (finite, in [0, 1])? */
+PSM_FN int psm_draft_prob_valid(float q)
+{
+    return q >= 0.0f && q <= 1.0f;
+}
+
+/* A draft probability q in [0, 1] as an integer weight: floor(q x 2^B).
+ * Exact on every device: the product by a power of two only moves the
+ * exponent (q x 2^B <= 2^40 stays normal, and a denormal q reads 0 either
+ * way, since it is below 2^-126), and the conversion truncates. */
+PSM_FN psm_u64 psm_draft_prob_weight(float q, int weight_bits)
+{
+    return (psm_u64)PSM_FMUL(q, psm_bits_float((psm_u32)(127 + weight_bits) << 23));
+}
+
+#endif /* PSM_VERIFY_H */

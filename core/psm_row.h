@@ -158,4 +158,56 @@ PSM_FN psm_i32 psm_first_above(PSM_GLOBAL const psm_u64 *running, psm_i32 count,
     return low;
 }
 
+/* ---- which rows filter -------------------------------------------------- */
+
+/* Does top-k keep fewer tokens than the row has candidates? candidates is the
+ * row's count of valid tokens once known, or its vocab before (an upper
+ * bound of that count, so "may" below). */
+PSM_FN int psm_top_k_active(psm_i32 top_k, psm_i64 candidates)
+{
+    return top_k > 0 && (psm_i64)top_k < candidates;
+}
+
+/* top-p or min-p is on: the row's kept set is a filtered one whatever its
+ * count of valid tokens. */
+PSM_FN int psm_filter_certain(float top_p, float min_p)
+{
+    return top_p < 1.0f || min_p > 0.0f;
+}
+
+/* May a filter remove some of the row's candidates? A row for which this is
+ * 0 keeps every valid token: its tile masses are final after the tile pass. */
+PSM_FN int psm_may_filter(psm_i32 top_k, float top_p, float min_p, psm_i64 candidates)
+{
+    return psm_top_k_active(top_k, candidates) || psm_filter_certain(top_p, min_p);
+}
+
+/* ---- tile summaries -------------------------------------------------------- */
+
+/* The largest valid logit of a tile or row from its largest rank key; key 0
+ * means no valid logit. */
+PSM_FN float psm_key_maximum(psm_u64 key)
+{
+    return key ? psm_rank_key_logit(key) : psm_bits_float(0xff800000u); /* -inf */
+}
+
+/* Does psm_read_logit change a tile's gaps, weights or maximum? Only when the
+ * tile's maximum (read) lies in [0, 2^-39): from 2^-39 up, fl(m - x) = m for
+ * every |x| < 2^-64 (half an ulp of m is at least 2^-64) and no such x equals
+ * m; below 0 no tiny x exists (it would be the maximum). Elsewhere a tile's
+ * raw values give the same results as its read ones, so a pass over raw
+ * values reads them again only when this says so. */
+PSM_FN int psm_tile_needs_read(float maximum)
+{
+    return maximum >= 0.0f && maximum < 0x1p-39f;
+}
+
+/* ---- the logits' element types -------------------------------------------- */
+
+/* The values of psm_dtype (include/polysample.h, which device code cannot
+ * include), as kernels test them; the GPU backends check that they agree. */
+#define PSM_LOGITS_F32 0
+#define PSM_LOGITS_F16 1
+#define PSM_LOGITS_BF16 2
+
 #endif /* PSM_ROW_H */

@@ -41,7 +41,7 @@ CLI=$BUILD/cli/polysample
 # Resource report and per-kernel SASS counts.
 {
     nvcc -arch=sm_90 -std=c++17 -fmad=false -Xptxas -v -I"$ROOT/include" -I"$ROOT/core" \
-        -I"$ROOT/backends/cuda" -c "$ROOT/backends/cuda/psm_gpu_backend.cu" -o /tmp/psm_perf.o 2>&1 |
+        -I"$ROOT/kernels" -I"$ROOT/backends/cuda" -c "$ROOT/backends/cuda/psm_gpu_backend.cu" -o /tmp/psm_perf.o 2>&1 |
         grep -E "Compiling entry|Used|spill"
     cuobjdump -sass /tmp/psm_perf.o >/tmp/psm_perf.sass 2>&1
     echo "SASS instructions per kernel (all / F2I / ATOMS / LDG.E.128):"

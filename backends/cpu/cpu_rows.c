@@ -217,8 +217,7 @@ void cpu_process_row(const cpu_state *state, const psm_request *request, int64_t
             row.next_data = row_data(&request->logits, next.logits_row);
     }
     int greedy = psm_is_greedy(params.temperature);
-    int top_k_on = params.top_k > 0 && params.top_k < row.vocab;
-    int plain = !greedy && !top_k_on && !(params.top_p < 1.0f) && !(params.min_p > 0.0f);
+    int plain = !greedy && !psm_may_filter(params.top_k, params.top_p, params.min_p, row.vocab);
     if (!greedy)
         row.scale = psm_inverse_temperature_scale(params.temperature);
 

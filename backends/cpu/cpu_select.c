@@ -449,11 +449,11 @@ cpu_kept_source cpu_apply_filters(const cpu_state *state, cpu_row *row, cpu_scra
             lowest_logit_within(row, psm_min_p_drop_gap(row->min_weight, row->weight_bits));
     uint64_t cutoff = 0;
     cpu_kept_source source = KEPT_BY_PASS;
-    int top_k_by_heap = top_k > 0 && top_k < valid && top_k <= CPU_HEAP_LIMIT;
+    int top_k_by_heap = psm_top_k_active(top_k, valid) && top_k <= CPU_HEAP_LIMIT;
     row->prefetch_step = top_k_by_heap    ? PREFETCH_IN_HEAP
                          : top_p < 1.0f ? PREFETCH_IN_BINS
                                         : PREFETCH_IN_KEPT;
-    if (top_k > 0 && top_k < valid) {
+    if (psm_top_k_active(top_k, valid)) {
         if (top_k_by_heap) {
             top_k_heap(row, owner, top_k);
             cutoff = owner->heap[top_k - 1];

@@ -793,8 +793,7 @@ int filters_possible(const psm_request *request)
 {
     const psm_params *p = &request->params;
     return p->top_k_per_row || p->top_p_per_row || p->min_p_per_row ||
-           (p->top_k > 0 && p->top_k < request->logits.vocab) || p->top_p < 1.0f ||
-           p->min_p > 0.0f;
+           psm_may_filter(p->top_k, p->top_p, p->min_p, request->logits.vocab);
 }
 
 /* Blocks per row of the row kernel: more than one only for calls that may
@@ -826,7 +825,7 @@ psm_status launch(psm_gpu_state *state, psm_request *request, call_buffers *buff
         if (status != PSM_OK)
             return status;
     }
-    /* The same test as the kernels' psm_gpu_may_filter, over every row. */
+    /* The same test as the kernels' psm_may_filter, over every row. */
     const bool filtered = filters_possible(request) != 0;
     call.row_parts = (psm_i32)row_parts(state, call, dtype, filtered, probs_mode);
 

@@ -7,8 +7,10 @@
  * algorithm is docs/SAMPLING.md:
  *
  *   launch 1, tile kernel (one warp per 1024-token tile, all rows at once):
- *     reads the tile once, into registers: the tile max m_t (as a rank key),
- *     valid count, bad flag, and for plain rows the tile mass S_t against m_t.
+ *     the tile pass of kernels/psm_stage_tile.h, shared with the OpenCL
+ *     backend: reads the tile once, into registers: the tile max m_t (as a
+ *     rank key), valid count, bad flag, and for plain rows the tile mass S_t
+ *     against m_t.
  *   launch 1b, check kernel (checking mode only): first bad row.
  *   launch 2, row kernel (one block per row; with fewer rows than
  *   multiprocessors and filters, several blocks per row, see "split rows"):
@@ -32,6 +34,7 @@
 #include "psm_gpu_warp.h"
 #include "psm_contract.h"
 #include "psm_row.h"
+#include "psm_stage_tile.h"
 #include "polysample.h"
 
 namespace PSM_GPU_NAMESPACE {
@@ -56,9 +59,11 @@ namespace PSM_GPU_NAMESPACE {
 static_assert(PSM_GPU_ROW_THREADS <= 32 * 32,
               "psm_block_reduce needs at most WarpSize warps a block, for WarpSize 32 too");
 
-/* Tile info word: count of valid logits in the low bits, bad flag on top. */
-#define PSM_GPU_TILE_BAD_FLAG 0x80000000u
-#define PSM_GPU_TILE_COUNT_MASK 0x7fffffffu
+/* The kernels test the logits' dtype by psm_dtype's values (the template
+ * arguments) and the shared stages by core/psm_row.h's. */
+static_assert(PSM_LOGITS_F32 == PSM_DTYPE_F32 && PSM_LOGITS_F16 == PSM_DTYPE_F16 &&
+                  PSM_LOGITS_BF16 == PSM_DTYPE_BF16,
+              "core/psm_row.h's dtype values are psm_dtype's");
 
 /* Filtered rows' cutoff search (psm_gpu_select_cutoff, over the gap bins of
  * core/psm_row.h): the most tokens its candidate list holds. */
@@ -142,53 +147,12 @@ struct psm_gpu_dtype_traits<PSM_DTYPE_BF16> {
     enum { element_bytes = 2, per_vector = 8 };
 };
 
-/* One element as a float, before psm_read_logit (conversions are exact). */
-template <int Dtype>
-PSM_GPU_DEVICE float psm_gpu_load_raw(const unsigned char *row_base, psm_i64 index)
-{
-    if (Dtype == PSM_DTYPE_F32)
-        return ((const float *)row_base)[index];
-    psm_u16 bits = ((const psm_u16 *)row_base)[index];
-    if (Dtype == PSM_DTYPE_F16)
-        return psm_gpu_half_bits_to_float(bits);
-    return psm_bf16_to_float(bits);
-}
-
-/* The elements of 16 loaded bytes as floats (conversions are exact). */
-template <int Dtype>
-PSM_GPU_DEVICE void psm_gpu_unpack_vector(const uint4 raw, float *out)
-{
-    const psm_u32 words[4] = {raw.x, raw.y, raw.z, raw.w};
-    if constexpr (Dtype == PSM_DTYPE_F32) {
-        for (int k = 0; k < 4; ++k)
-            out[k] = psm_bits_float(words[k]);
-    } else {
-        for (int k = 0; k < 4; ++k) {
-            psm_u16 low = (psm_u16)(words[k] & 0xffffu);
-            psm_u16 high = (psm_u16)(words[k] >> 16);
-            if (Dtype == PSM_DTYPE_F16) {
-                out[2 * k] = psm_gpu_half_bits_to_float(low);
-                out[2 * k + 1] = psm_gpu_half_bits_to_float(high);
-            } else {
-                out[2 * k] = psm_bf16_to_float(low);
-                out[2 * k + 1] = psm_bf16_to_float(high);
-            }
-        }
-    }
-}
-
 /* 16 bytes of elements starting at index (a multiple of per_vector, with the
  * row base 16-byte aligned). */
 template <int Dtype>
 PSM_GPU_DEVICE uint4 psm_gpu_load_raw_vector(const unsigned char *row_base, psm_i64 index)
 {
     return *(const uint4 *)(row_base + index * psm_gpu_dtype_traits<Dtype>::element_bytes);
-}
-template <int Dtype>
-PSM_GPU_DEVICE void psm_gpu_load_vector(const unsigned char *row_base, psm_i64 index,
-                                        float *out)
-{
-    psm_gpu_unpack_vector<Dtype>(psm_gpu_load_raw_vector<Dtype>(row_base, index), out);
 }
 
 /* The first element of a logits row (psm_row_params.logits_row, which only a
@@ -207,7 +171,7 @@ struct psm_gpu_global_row {
     const unsigned char *base;
     PSM_GPU_DEVICE float value(psm_i64 index) const
     {
-        return psm_read_logit(psm_gpu_load_raw<Dtype>(base, index));
+        return psm_read_logit(psm_raw_logit(base, Dtype, index));
     }
 };
 
@@ -262,44 +226,27 @@ PSM_GPU_DEVICE psm_u64 psm_gpu_block_inclusive_scan_u64(psm_u64 value, psm_u64 *
                                               psm_gpu_hardware_block());
 }
 
-/* Loads tile `tile_start` of a row into x (one warp, every lane): element e
- * of the tile sits at x[r * per_vector + k] of lane (e / per_vector) % warp,
- * r = e / (per_vector * warp): 16-byte vectors, consecutive lanes on
- * consecutive vectors (coalesced). Past the end of the row reads as -inf.
- * Values are raw (before psm_read_logit). */
+/* Loads tile `tile_start` of a row into x, in the team layout of
+ * kernels/psm_portable.h (interleaved: 16-byte vectors, consecutive lanes on
+ * consecutive vectors). Past the end of the row reads as -inf. Values are
+ * raw (before psm_read_logit). */
 template <int WarpSize, int Dtype>
 PSM_GPU_DEVICE void psm_gpu_load_tile(const psm_gpu_call &call, const unsigned char *row_base,
                                       psm_i64 tile_start, int lane, float *x)
 {
-    const int per_vector = psm_gpu_dtype_traits<Dtype>::per_vector;
-    const int vectors_per_lane = PSM_TILE / per_vector / WarpSize;
-    const psm_i64 tile_length =
-        call.vocab - tile_start < PSM_TILE ? call.vocab - tile_start : PSM_TILE;
-    if (call.logits_aligned && tile_length == PSM_TILE) {
-#pragma unroll
-        for (int r = 0; r < vectors_per_lane; ++r)
-            psm_gpu_load_vector<Dtype>(
-                row_base, tile_start + (psm_i64)(r * WarpSize + lane) * per_vector,
-                &x[r * per_vector]);
-    } else {
-#pragma unroll
-        for (int r = 0; r < vectors_per_lane; ++r)
-#pragma unroll
-            for (int k = 0; k < per_vector; ++k) {
-                const psm_i64 e = (psm_i64)(r * WarpSize + lane) * per_vector + k;
-                x[r * per_vector + k] =
-                    e < tile_length ? psm_gpu_load_raw<Dtype>(row_base, tile_start + e) : -INFINITY;
-            }
-    }
+    const psm_i64 remaining = call.vocab - tile_start;
+    psm_team_load_tile(psm_team<WarpSize>{lane},
+                       row_base + tile_start * psm_gpu_dtype_traits<Dtype>::element_bytes, Dtype,
+                       remaining < PSM_TILE ? (int)remaining : PSM_TILE, call.logits_aligned,
+                       PSM_INTERLEAVED, x);
 }
 
 /* The token of slot `slot` of lane `lane` in psm_gpu_load_tile's layout. */
 template <int WarpSize, int Dtype>
 PSM_GPU_DEVICE psm_i64 psm_gpu_tile_token(psm_i64 tile_start, int lane, int slot)
 {
-    const int per_vector = psm_gpu_dtype_traits<Dtype>::per_vector;
-    return tile_start + (psm_i64)((slot / per_vector) * WarpSize + lane) * per_vector +
-           slot % per_vector;
+    return tile_start +
+           psm_slot_offset(slot, lane, WarpSize, psm_vector_shift(Dtype), PSM_INTERLEAVED);
 }
 
 /* Tokens [begin, end) of a row; begin is a multiple of PSM_TILE. */
@@ -337,7 +284,7 @@ PSM_GPU_DEVICE void psm_gpu_for_each_logit(const psm_gpu_call &call, const unsig
                 const psm_i64 v = first + (psm_i64)b * blockDim.x;
                 if (v < vectors) {
                     float values[per_vector];
-                    psm_gpu_unpack_vector<Dtype>(raw[b], values);
+                    psm_unpack_vector(raw[b], Dtype, values);
 #pragma unroll
                     for (int k = 0; k < per_vector; ++k)
                         visit(v * per_vector + k, psm_read_logit(values[k]));
@@ -346,7 +293,7 @@ PSM_GPU_DEVICE void psm_gpu_for_each_logit(const psm_gpu_call &call, const unsig
         }
     }
     for (psm_i64 i = vector_end + threadIdx.x; i < slice.end; i += blockDim.x)
-        visit(i, psm_read_logit(psm_gpu_load_raw<Dtype>(row_base, i)));
+        visit(i, psm_read_logit(psm_raw_logit(row_base, Dtype, i)));
 }
 
 /* ---- launch 1: tile statistics ------------------------------------------ */
@@ -364,121 +311,40 @@ PSM_GPU_DEVICE void psm_gpu_clear_split_pools(const psm_gpu_call &call)
     }
 }
 
-/* Rows whose parameters ask for a filter: their tile masses are made over the
- * kept set by the row kernel, so the tile kernel leaves them out. */
-PSM_GPU_DEVICE int psm_gpu_may_filter(psm_i32 top_k, float top_p, float min_p, psm_i64 vocab)
-{
-    return (top_k > 0 && top_k < vocab) || top_p < 1.0f || min_p > 0.0f;
-}
-
-/* One warp reduces one tile from registers: the tile max m_t (as a rank key;
- * its token part is the lowest index of the maximum only where the row kernel
- * needs it: greedy and filtered rows), the count of valid logits (exact for
- * rows with top-k, else 0 or 1), the bad flag, and S_t, the sum of w_i
- * against m_t (plain rows only).
- *
- * Per element the first pass is one NaN-keeping max; psm_read_logit (monotone,
- * so it commutes with the max) runs on the elements only in tiles whose
- * maximum lies in [0, 2^-39). The second pass is psm_weight_of_gap; x = -inf
- * gives an infinite gap, weight 0, so masked logits need no test. */
+/* One warp per tile, the blocks' warps taking the call's tiles in turn: the
+ * tile pass of kernels/psm_stage_tile.h. The row kernel remakes the tile
+ * masses of every row that may filter. */
 template <int WarpSize, int Dtype>
 PSM_GPU_DEVICE void psm_gpu_tile_body(const psm_gpu_call &call)
 {
-    const psm_gpu_hardware_lanes<WarpSize> lanes;
-    const int lane = threadIdx.x % WarpSize;
+    const psm_team<WarpSize> team = psm_team_of_thread<WarpSize>();
     const psm_i64 warps_per_block = blockDim.x / WarpSize; /* at most PSM_GPU_TILE_THREADS */
     const psm_i64 total_tiles = call.rows * call.tiles_per_row;
     if (call.row_parts > 1)
         psm_gpu_clear_split_pools(call);
 
+    psm_tile_call tile_call;
+    tile_call.logits = (const unsigned char *)call.logits;
+    tile_call.row_stride = call.row_stride;
+    tile_call.vocab = call.vocab;
+    tile_call.dtype = Dtype;
+    tile_call.aligned = call.logits_aligned;
+    tile_call.weight_bits = call.weight_bits;
+    tile_call.mass_rule = PSM_TILE_MASS_UNLESS_MAY_FILTER;
+    psm_tile_outputs out;
+    out.tile_key = call.tile_key;
+    out.tile_info = call.tile_info;
+    out.tile_mass = call.tile_mass;
+    out.lane_max = call.lane_max;
+    out.tile_reference = nullptr; /* the row kernel reads m_t from tile_key */
+
     for (psm_i64 tile_id = (psm_i64)blockIdx.x * warps_per_block + threadIdx.x / WarpSize;
          tile_id < total_tiles; tile_id += (psm_i64)gridDim.x * warps_per_block) {
         const psm_i64 row = tile_id / call.tiles_per_row;
-        const psm_i64 tile_start = (tile_id - row * call.tiles_per_row) * PSM_TILE;
-
-        /* The row's parameters first: an invalid row (a parameter or its
-         * logits row out of range) must not read logits, so its tile reads
-         * as holding no valid logit, and the row kernel gives it token -1.
-         * The seed, offset and stream are not used here, so they compile
-         * away. */
-        const psm_row_params params = psm_gpu_row_params(call, row);
-        float x[(PSM_TILE / WarpSize)];
-        if (params.valid) {
-            psm_gpu_load_tile<WarpSize, Dtype>(call, psm_gpu_row_base<Dtype>(call, params.logits_row),
-                                               tile_start, lane, x);
-        } else {
-#pragma unroll
-            for (int slot = 0; slot < (PSM_TILE / WarpSize); ++slot)
-                x[slot] = -INFINITY;
-        }
-        const float temperature = params.temperature;
-        const psm_i32 top_k = params.top_k;
-        const float top_p = params.top_p;
-        const float min_p = params.min_p;
-        const int greedy = psm_is_greedy(temperature);
-        const int may_filter = psm_gpu_may_filter(top_k, top_p, min_p, call.vocab);
-
-        float lane_max = -INFINITY;
-#pragma unroll
-        for (int slot = 0; slot < (PSM_TILE / WarpSize); ++slot)
-            lane_max = psm_gpu_max_keep_nan(lane_max, x[slot]);
-        const float raw_max = psm_warp_max<WarpSize>(lane_max, lanes);
-        const psm_u32 bad =
-            psm_warp_any<WarpSize>(lane_max != lane_max ? 1u : 0u, lanes) || raw_max == INFINITY;
-        const float tile_max = psm_read_logit(raw_max);
-        /* psm_read_logit matters to the other logits only below a maximum of
-         * 2^-39: from there up, fl(m - x) = m for every |x| < 2^-64 (half an
-         * ulp of m is at least 2^-64), and no such x equals m. */
-        if (tile_max >= 0.0f && tile_max < 0x1p-39f) {
-#pragma unroll
-            for (int slot = 0; slot < (PSM_TILE / WarpSize); ++slot)
-                x[slot] = psm_read_logit(x[slot]);
-        }
-        const int any_valid = raw_max != -INFINITY && !bad;
-
-        psm_u32 valid_count = any_valid ? 1u : 0u;
-        if (top_k > 0 && any_valid) {
-            psm_u32 lane_count = 0;
-#pragma unroll
-            for (int slot = 0; slot < (PSM_TILE / WarpSize); ++slot)
-                lane_count += x[slot] != -INFINITY ? 1u : 0u;
-            valid_count = psm_warp_sum<WarpSize>(lane_count, lanes);
-        }
-
-        psm_u32 token = (psm_u32)tile_start;
-        if (any_valid && (greedy || may_filter)) {
-            /* The lowest index holding the maximum: slots run in element
-             * order within a lane, so the first match is the lane's lowest. */
-            psm_u32 first = 0xffffffffu;
-#pragma unroll
-            for (int slot = (PSM_TILE / WarpSize) - 1; slot >= 0; --slot)
-                if (x[slot] == tile_max)
-                    first = (psm_u32)psm_gpu_tile_token<WarpSize, Dtype>(tile_start, lane, slot);
-            token = ~psm_warp_max<WarpSize>(~first, lanes);
-        }
-        const psm_u64 best_key = any_valid ? psm_rank_key(tile_max, token) : 0;
-
-        psm_u64 mass = 0;
-        if (any_valid && !greedy && !may_filter && temperature <= PSM_MAX_TEMPERATURE) {
-            const float scale = psm_inverse_temperature_scale(temperature);
-#pragma unroll
-            for (int slot = 0; slot < (PSM_TILE / WarpSize); ++slot)
-                mass += psm_weight_of_gap(psm_unclamped_gap(tile_max, x[slot], scale), call.weight_bits);
-            mass = psm_warp_sum<WarpSize>(mass, lanes);
-        }
-        if (top_k > 0 && may_filter) {
-            /* Each lane's maximum as the high half of its rank key (0: no
-             * valid logit): k of them at or above a logit prove that k tokens
-             * are, which bounds the top-k cutoff from below. */
-            const float value = psm_read_logit(lane_max);
-            call.lane_max[tile_id * WarpSize + lane] =
-                any_valid && value != -INFINITY ? (psm_u32)(psm_rank_key(value, 0) >> 32) : 0u;
-        }
-        if (lane == 0) {
-            call.tile_key[tile_id] = best_key;
-            call.tile_mass[tile_id] = mass;
-            call.tile_info[tile_id] = valid_count | (bad ? PSM_GPU_TILE_BAD_FLAG : 0u);
-        }
+        /* The seed, offset and stream are not used by the tile pass, so they
+         * compile away. */
+        psm_stage_tile(team, tile_call, psm_gpu_row_params(call, row), tile_id,
+                       (tile_id - row * call.tiles_per_row) * PSM_TILE, 1, psm_tile_posts(), out);
     }
 }
 
@@ -504,8 +370,8 @@ PSM_GPU_DEVICE void psm_gpu_check_body(const psm_gpu_call &call)
         psm_u64 valid_count = 0;
         for (psm_i64 tile = lane; tile < call.tiles_per_row; tile += WarpSize) {
             psm_u32 info = call.tile_info[row * call.tiles_per_row + tile];
-            bad |= (info & PSM_GPU_TILE_BAD_FLAG) ? 1u : 0u;
-            valid_count += info & PSM_GPU_TILE_COUNT_MASK;
+            bad |= (info & PSM_TILE_BAD_FLAG) ? 1u : 0u;
+            valid_count += info & PSM_TILE_COUNT_MASK;
         }
         bad = psm_warp_any<WarpSize>(bad, lanes);
         valid_count = psm_warp_sum<WarpSize>(valid_count, lanes);
@@ -1323,8 +1189,8 @@ PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scrat
             const psm_u64 key = call.tile_key[tile_base + tile];
             const psm_u32 info = call.tile_info[tile_base + tile];
             best_key = key > best_key ? key : best_key;
-            valid_count += info & PSM_GPU_TILE_COUNT_MASK;
-            bad |= (info & PSM_GPU_TILE_BAD_FLAG) ? 1u : 0u;
+            valid_count += info & PSM_TILE_COUNT_MASK;
+            bad |= (info & PSM_TILE_BAD_FLAG) ? 1u : 0u;
         }
         best_key = psm_gpu_block_max_u64(best_key, scratch);
         valid_count = psm_gpu_block_sum_u64(valid_count, scratch);
@@ -1350,13 +1216,13 @@ PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scrat
         state.min_weight = 0;
         state.drop_gap = INFINITY;
         /* Launch 1 made no tile masses for these rows (the same test). */
-        state.filtered = psm_gpu_may_filter(p.top_k, p.top_p, p.min_p, call.vocab);
+        state.filtered = psm_may_filter(p.top_k, p.top_p, p.min_p, call.vocab);
         /* Only valid rows get here: their logits row lies inside the logits. */
         psm_gpu_global_row<Dtype> source = {psm_gpu_row_base<Dtype>(call, p.logits_row)};
 
         if constexpr (Filtered) {
             if (state.filtered) {
-                const int top_k_on = p.top_k > 0 && (psm_u64)p.top_k < valid_count;
+                const int top_k_on = psm_top_k_active(p.top_k, (psm_i64)valid_count);
                 const int top_p_on = p.top_p < 1.0f;
                 if (p.min_p > 0.0f) {
                     state.min_weight = psm_min_p_threshold(p.min_p, call.weight_bits);

@@ -42,8 +42,8 @@ PSM_GPU_KERNEL void psm_gpu_process_read_kernel(const psm_gpu_call call,
         const psm_row_params p = psm_gpu_row_params(call, row);
         processing.counts[k] = 0u;
         processing.processed[k] =
-            p.valid ? psm_read_logit(psm_gpu_load_raw<Dtype>(
-                          psm_gpu_row_base<Dtype>(call, p.logits_row), k - row * call.vocab))
+            p.valid ? psm_read_logit(psm_raw_logit(psm_gpu_row_base<Dtype>(call, p.logits_row),
+                                                   Dtype, k - row * call.vocab))
                     : NAN;
     }
 }

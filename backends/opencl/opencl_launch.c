@@ -23,8 +23,8 @@ _Static_assert(sizeof(psm_row_scalars) == 40 &&
                "psm_opencl_request is laid out with padding");
 _Static_assert(sizeof(psm_row_state) == PSM_ROW_STATE_BYTES,
                "psm_row_state is laid out with padding");
-_Static_assert(PSM_OPENCL_DTYPE_F32 == PSM_DTYPE_F32 && PSM_OPENCL_DTYPE_F16 == PSM_DTYPE_F16 &&
-                   PSM_OPENCL_DTYPE_BF16 == PSM_DTYPE_BF16,
+_Static_assert(PSM_LOGITS_F32 == PSM_DTYPE_F32 && PSM_LOGITS_F16 == PSM_DTYPE_F16 &&
+                   PSM_LOGITS_BF16 == PSM_DTYPE_BF16,
                "the kernels' dtype values differ from psm_dtype");
 
 /* Keys in psm_row_filter's candidate list on the global path, and in
@@ -334,7 +334,7 @@ static psm_status run_processing(launch *call)
 
     psm_opencl_request *description = &call->description;
     call->logits = part[PART_PROCESSED];
-    description->dtype = PSM_OPENCL_DTYPE_F32;
+    description->dtype = PSM_LOGITS_F32;
     description->row_stride = call->vocab;
     description->per_row &= ~PSM_PER_ROW_LOGITS_ROW;
     description->scalars.logits_rows = call->rows;

@@ -16,12 +16,14 @@
  * on NVIDIA; fewer on a device that runs groups of 16), several teams per
  * group, and combine the items' partials with one barrier per round (see
  * "teams" below); psm_row_filter gives each row a whole group.
- *   psm_tile_reduce  a team per tile: reads the tile once (16-byte vector
- *                    loads where aligned); writes the tile's best rank key
- *                    (its maximum and the lowest index holding it), valid
- *                    count, bad flag, for rows with no top-p or min-p
- *                    (m_t, S_t), and for rows with top-k each item's
- *                    maximum (its lane of 32 tokens).
+ *   psm_tile_reduce  a team per tile, the tile pass of
+ *                    kernels/psm_stage_tile.h (shared with CUDA and HIP):
+ *                    reads the tile once (16-byte vector loads where
+ *                    aligned); writes the tile's best rank key (its maximum
+ *                    and the lowest index holding it), valid count, bad
+ *                    flag, for rows with no top-p or min-p (m_t, S_t), and
+ *                    for rows with top-k each item's maximum (its lane of
+ *                    32 tokens).
  *   psm_row_top_k    a group per row, when some row may have top-k: for
  *                    top-k rows, the candidates from the lanes whose maximum
  *                    reaches the k-th lane maximum's gap bin, ranked on
@@ -56,8 +58,8 @@
  * program's first source strings, in this order (embedded at build time by
  * backends/opencl/CMakeLists.txt, so the program needs no include path at run
  * time): each guard below is then already defined and the #include names the
- * file only. Compiled alone, with -I core -I backends/opencl, this file reads
- * the same headers through these lines. */
+ * file only. Compiled alone, with -I core -I kernels -I backends/opencl, this
+ * file reads the same headers through these lines. */
 #ifndef PSM_CONTRACT_H
 #include "psm_contract.h"
 #endif
@@ -70,6 +72,12 @@
 #ifndef PSM_OPENCL_REQUEST_H
 #include "psm_opencl_request.h"
 #endif
+#ifndef PSM_PORTABLE_H
+#include "psm_portable.h"
+#endif
+#ifndef PSM_STAGE_TILE_H
+#include "psm_stage_tile.h"
+#endif
 
 #ifdef cl_khr_fp64
 #pragma OPENCL EXTENSION cl_khr_fp64 : enable
@@ -78,30 +86,7 @@
 #define PSM_HAVE_FP64 0
 #endif
 
-#ifndef PSM_WG
-#error "PSM_WG (work-group size) must be given as a build option"
-#endif
 #define PSM_BUCKETS 256
-
-/* Every helper that is handed a __local pointer is PSM_LOCAL_FN, forced
- * inline, so that every use of a kernel's __local variables stays inside the
- * kernel function.
- *
- * Why: clang's interprocedural optimisation removes a static helper's
- * pointer parameter when every call passes the same kernel-scope __local
- * array (psm_descend, called twice from psm_row_filter), and the helper
- * then names the array directly. PoCL gives each work-group its own copy
- * of a kernel's __local variables by rewriting their uses in the kernel
- * function only, so uses left in a helper address one copy that all the
- * work-groups its threads run at once share, and rows overwrite each other's
- * buckets (docs/ARCHITECTURE.md, "PoCL", tells how this shows). GPU drivers
- * give each group its own __local memory wherever it is named; the
- * attribute is for clang (PoCL's front end), other compilers get inline. */
-#ifdef __clang__
-#define PSM_LOCAL_FN static inline __attribute__((always_inline))
-#else
-#define PSM_LOCAL_FN static inline
-#endif
 
 /* This compiler lays the host's structs out as the host does (see
  * psm_opencl_request.h); the build fails otherwise. */
@@ -151,20 +136,6 @@ static psm_row_arrays psm_make_row_arrays(
 /* Where output row p's logits start, in elements. */
 #define PSM_ROW_BASE(p) ((long)(p).logits_row * request.row_stride)
 
-/* A 16-bit element (f16 or bf16) as a float: exact. */
-static float psm_half_to_float(ushort h, int dtype)
-{
-    return dtype == PSM_OPENCL_DTYPE_F16 ? psm_f16_to_float(h) : psm_bf16_to_float(h);
-}
-
-/* One element as a float before psm_read_logit (the conversions are exact). */
-static float psm_raw_logit(__global const uchar *logits, int dtype, long index)
-{
-    if (dtype == PSM_OPENCL_DTYPE_F32)
-        return ((__global const float *)logits)[index];
-    return psm_half_to_float(((__global const ushort *)logits)[index], dtype);
-}
-
 static float psm_candidate_value(float x)
 {
     return psm_logit_class(x) == PSM_LOGIT_VALID ? x : -INFINITY;
@@ -194,20 +165,10 @@ static int psm_is_valid(float folded)
  * a (sample, row) pair in psm_draw. A group of PSM_WG items runs
  * PSM_GROUP_TEAMS units side by side, the units numbered across the whole
  * launch (dimension 0 only; the host enqueues enough groups for every unit).
- *
- * Why: each item posts its partial to local memory, the group passes one
- * barrier, and each item reads its team's PSM_TEAM posts itself: redundant,
- * but one barrier per reduction where a work-group tree takes eight, and
- * one barrier serves every team of the group. On NVIDIA a team of 32 is one warp, so those reads are broadcasts
- * and a team's branches (row parameters, aligned or not) stay uniform. */
-#if PSM_WG >= 32
-#define PSM_TEAM 32
-#else
-#define PSM_TEAM PSM_WG
-#endif
+ * PSM_TEAM, the team reductions and the tile's layout in an item's slots
+ * (PSM_TEAM_SLOTS of them: 32, or 64 on a device that runs groups of 16)
+ * are kernels/psm_portable.h's, which says why teams post to local memory. */
 #define PSM_GROUP_TEAMS (PSM_WG / PSM_TEAM)
-/* A tile's tokens per item: 32, or 64 on a device that runs groups of 16. */
-#define PSM_TEAM_SLOTS (PSM_TILE / PSM_TEAM)
 
 /* The unit of work of the calling item's team. */
 static long psm_team_unit(void)
@@ -260,19 +221,6 @@ PSM_LOCAL_FN ulong psm_posted_max_u64(ulong value, uint member, uint members,
     return result;
 }
 
-PSM_LOCAL_FN float psm_posted_max_float(float value, uint member, uint members,
-                                        __local float *posts)
-{
-    const uint lid = get_local_id(0);
-    posts[lid] = value;
-    barrier(CLK_LOCAL_MEM_FENCE);
-    __local const float *mine = posts + (lid - member);
-    float result = -INFINITY;
-    for (uint j = 0; j < members; ++j)
-        result = mine[j] > result ? mine[j] : result;
-    return result;
-}
-
 /* The sum of the members' values; *before gets the sum over the members
  * placed before this one (an exclusive scan in member order). */
 PSM_LOCAL_FN ulong psm_posted_sum_u64(ulong value, uint member, uint members,
@@ -302,95 +250,24 @@ PSM_LOCAL_FN ulong psm_group_sum_u64(ulong value, __local ulong *posts)
 }
 
 /* ---- reading a tile into an item's private slots ---------------------------
- * An item holds PSM_TEAM_SLOTS of its tile's tokens, loaded as 16-byte
- * vectors (4 f32 or 8 f16/bf16 values) wherever the tile is whole and its
- * address 16-byte aligned (a cl_mem is aligned far more than that, so only
- * the row stride decides), else element by element in the same layout.
- * Two layouts:
- * - interleaved: vector v of an item is vector v * PSM_TEAM + lane of the
- *   tile, so each load instruction of a team reads 16 x PSM_TEAM contiguous
- *   bytes (coalesced); for reductions, where order does not matter;
- * - contiguous: an item's slots are a contiguous run of the tile in token
- *   order, lane after lane; for the draw, which needs token order. */
+ * kernels/psm_portable.h defines the slots' layouts and loads them
+ * (psm_team_load_tile); the tile's address decides whether it is read in
+ * 16-byte vectors (a cl_mem is aligned far more than that, so only the row
+ * stride decides). */
 
-#define PSM_INTERLEAVED 0
-#define PSM_CONTIGUOUS 1
-
-/* log2 of the values in a 16-byte vector of the dtype. */
-static int psm_vector_shift(int dtype)
-{
-    return dtype == PSM_OPENCL_DTYPE_F32 ? 2 : 3;
-}
-
-/* The offset within its tile of an item's slot. */
-static int psm_slot_offset(int slot, uint lane, int vector_shift, int layout)
-{
-    const int vectors_per_item = PSM_TEAM_SLOTS >> vector_shift;
-    const int vector = slot >> vector_shift;
-    const int tile_vector = layout == PSM_CONTIGUOUS ? (int)lane * vectors_per_item + vector
-                                                     : vector * PSM_TEAM + (int)lane;
-    return (tile_vector << vector_shift) + (slot & ((1 << vector_shift) - 1));
-}
-
-/* x[slot] = the raw logit at psm_slot_offset(slot), -inf past the row's end
- * (count tokens from tile_start). */
+/* x[slot] = the raw logit at psm_slot_offset(slot) of the tile that starts
+ * at token tile_start of the row whose first element is row_base, -inf past
+ * the row's end (count tokens from tile_start). */
 static void psm_load_tile(__global const uchar *logits, int dtype, long row_base, int tile_start,
                           int count, uint lane, int layout, float *x)
 {
-    const int vector_shift = psm_vector_shift(dtype);
-    const int element_bytes = dtype == PSM_OPENCL_DTYPE_F32 ? 4 : 2;
-    __global const uchar *tile = logits + (row_base + tile_start) * element_bytes;
-    if (count == PSM_TILE && ((uintptr_t)tile & 15) == 0) {
-        __global const uint4 *vectors = (__global const uint4 *)tile;
-        if (dtype == PSM_OPENCL_DTYPE_F32) {
-#pragma unroll
-            for (int slot = 0; slot < PSM_TEAM_SLOTS; slot += 4) {
-                uint4 raw = vectors[psm_slot_offset(slot, lane, 2, layout) >> 2];
-                x[slot] = as_float(raw.x);
-                x[slot + 1] = as_float(raw.y);
-                x[slot + 2] = as_float(raw.z);
-                x[slot + 3] = as_float(raw.w);
-            }
-        } else if (dtype == PSM_OPENCL_DTYPE_BF16) {
-            /* Its own loop, not psm_half_to_float's per-element choice
-             * (with which bf16 tiles cost as much as f16 ones): a bf16 is
-             * the top half of a float, two instructions a pair. The f16
-             * loop below has the same shape on purpose. */
-#pragma unroll
-            for (int slot = 0; slot < PSM_TEAM_SLOTS; slot += 8) {
-                uint4 raw = vectors[psm_slot_offset(slot, lane, 3, layout) >> 3];
-                const uint words[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-                for (int k = 0; k < 4; ++k) {
-                    x[slot + 2 * k] = as_float(words[k] << 16);
-                    x[slot + 2 * k + 1] = as_float(words[k] & 0xffff0000u);
-                }
-            }
-        } else {
-#pragma unroll
-            for (int slot = 0; slot < PSM_TEAM_SLOTS; slot += 8) {
-                uint4 raw = vectors[psm_slot_offset(slot, lane, 3, layout) >> 3];
-                const uint words[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-                for (int k = 0; k < 4; ++k) {
-                    x[slot + 2 * k] = psm_f16_to_float((ushort)(words[k] & 0xffffu));
-                    x[slot + 2 * k + 1] = psm_f16_to_float((ushort)(words[k] >> 16));
-                }
-            }
-        }
-        return;
-    }
-#pragma unroll
-    for (int slot = 0; slot < PSM_TEAM_SLOTS; ++slot) {
-        int offset = psm_slot_offset(slot, lane, vector_shift, layout);
-        x[slot] = offset < count ? psm_raw_logit(logits, dtype, row_base + tile_start + offset)
-                                 : -INFINITY;
-    }
+    __global const uchar *tile = logits + (row_base + tile_start) * psm_element_bytes(dtype);
+    psm_team team;
+    team.lane = (int)lane;
+    psm_team_load_tile(team, tile, dtype, count, ((uintptr_t)tile & 15) == 0, layout, x);
 }
 
 /* ---- row summary from the tile summaries of psm_tile_reduce -------------- */
-
-#define PSM_TILE_BAD 0x80000000u
 
 typedef struct psm_row_summary {
     float maximum;   /* M: the largest valid logit (-inf when none) */
@@ -398,12 +275,6 @@ typedef struct psm_row_summary {
     uint valid;      /* number of valid tokens */
     int bad;         /* a NaN or +inf somewhere */
 } psm_row_summary;
-
-/* The largest valid logit, from the largest rank key (0: no valid token). */
-static float psm_key_maximum(ulong key)
-{
-    return key ? psm_rank_key_logit(key) : -INFINITY;
-}
 
 /* The row's summary, by `members` items (a team or the group; see the posted
  * partials above) reading the row's tiles in turn. One round: a valid count
@@ -418,7 +289,7 @@ PSM_LOCAL_FN psm_row_summary psm_summarise_row(__global const ulong *tile_key,
     for (int t = member; t < tiles; t += members) {
         key = max(key, tile_key[row_tiles + t]);
         uint info = tile_info[row_tiles + t];
-        counts += (info & ~PSM_TILE_BAD) | ((info & PSM_TILE_BAD) ? (1ul << 32) : 0ul);
+        counts += (info & PSM_TILE_COUNT_MASK) | ((info & PSM_TILE_BAD_FLAG) ? (1ul << 32) : 0ul);
     }
     psm_row_summary summary;
     summary.top_key = psm_posted_max_u64(key, member, members, posted_key);
@@ -437,148 +308,48 @@ static int psm_row_status(const psm_row_params *p, const psm_row_summary *summar
     return psm_is_greedy(p->temperature) ? PSM_ROW_GREEDY : PSM_ROW_SAMPLE;
 }
 
-static int psm_top_k_active(const psm_row_params *p, uint valid)
-{
-    return p->top_k > 0 && (uint)p->top_k < valid;
-}
-
-static int psm_filter_possible(const psm_row_params *p, uint valid)
-{
-    return psm_top_k_active(p, valid) || p->top_p < 1.0f || p->min_p > 0.0f;
-}
-
 /* ---- kernel 1: per-tile reduction ----------------------------------------- */
 
-/* Rows whose tile masses psm_tile_filter will surely remake over the kept
- * tokens: a sampled row with top-p or min-p on is always filtered
- * (psm_filter_possible), so psm_tile_reduce leaves their masses at 0. With
- * top-k alone the row may turn out unfiltered (k >= valid tokens), so its
- * masses are made here. */
-static int psm_filter_certain(const psm_row_params *p)
-{
-    return p->top_p < 1.0f || p->min_p > 0.0f;
-}
-
-/* psm_read_logit matters to a tile's other logits only when the tile's
- * maximum (read) lies in [0, 2^-39): from 2^-39 up, fl(m - x) = m for every
- * |x| < 2^-64 (half an ulp of m is at least 2^-64) and no such x equals m;
- * below 0 no tiny x exists (it would be the maximum). Elsewhere the raw
- * values give the same gaps, weights and maximum. */
-static int psm_tile_needs_read(float maximum)
-{
-    return maximum >= 0.0f && maximum < 0x1p-39f;
-}
-
-/* One team per tile (psm_team_unit: row * tiles + tile). Two barriers per
- * group: the best rank key (which holds the tile maximum and the lowest
- * index holding it) with the valid count and bad flag, then S_t.
- *
- * Per element the first pass is a max and a NaN test on the raw values
- * (+inf shows as the maximum); psm_read_logit (monotone, so it commutes
- * with the max) runs on the elements only in the rare tiles that need it
- * (psm_tile_needs_read). The valid count is exact for rows with top-k, the
- * only ones that compare it with anything but 0; other rows count 0 or 1
- * per item. The rank key's token part is the lowest index of the maximum
- * for greedy and possibly filtered rows (the greedy token, the filters'
- * tie-break) and the item's first token elsewhere (only its value is read).
- *
- * Rows with top-k also get each item's maximum (its lane: the item's
- * PSM_TEAM_SLOTS tokens in the interleaved layout) as the high half of its
- * rank key, 0 when it has no valid token, at lane_max[slot * PSM_TEAM +
- * lane]: psm_row_filter finds top-k's candidates from them (psm_lane_collect). */
+/* One team per tile (psm_team_unit: row * tiles + tile): the tile pass of
+ * kernels/psm_stage_tile.h, two barriers per group. The filter kernels
+ * remake the tile masses of rows with top-p or min-p; a row with top-k
+ * alone keeps the masses made here when k turns out to keep every valid
+ * token. tile_ref gets m_t (the later kernels' reference for T_t and the
+ * draw). psm_row_top_k and psm_row_filter find top-k's candidates from
+ * lane_max (psm_lane_collect). */
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_tile_reduce(PSM_REQUEST_PARAMS, __global ulong *tile_key, __global uint *tile_info,
                 __global float *tile_ref, __global ulong *tile_mass, __global uint *lane_max)
 {
-    __local ulong posted_key[PSM_WG];
-    __local uint posted_info[PSM_WG];
+    __local float posted_maximum[PSM_WG];
+    __local uint posted_nan[PSM_WG];
+    __local uint posted_count[PSM_WG];
+    __local uint posted_first[PSM_WG];
     __local ulong posted_mass[PSM_WG];
-    const uint lane = get_local_id(0) % PSM_TEAM;
     const psm_team_tile where = psm_locate_tile(request.rows, request.vocab, request.tiles);
-    const psm_row_params p = PSM_RESOLVE_ROW(where.row);
-    const int vector_shift = psm_vector_shift(request.dtype);
 
-    float x[PSM_TEAM_SLOTS];
-    ulong key = 0;
-    uint info = 0;
-    /* A row whose parameters or row index are out of range is never read. */
-    if (where.in_range && p.valid) {
-        psm_load_tile(logits, request.dtype, PSM_ROW_BASE(p), where.first,
-                      where.count, lane, PSM_INTERLEAVED, x);
-        float raw_max = -INFINITY;
-        int nan = 0;
-#pragma unroll
-        for (int j = 0; j < PSM_TEAM_SLOTS; ++j) {
-            nan |= x[j] != x[j];
-            raw_max = fmax(raw_max, x[j]); /* fmax skips NaN */
-        }
-        const int bad = nan || raw_max == INFINITY;
-        const int any_valid = !bad && raw_max != -INFINITY;
-        const float maximum = psm_read_logit(raw_max);
-        uint valid = any_valid ? 1u : 0u;
-        if (any_valid && p.top_k > 0) {
-            valid = 0;
-#pragma unroll
-            for (int j = 0; j < PSM_TEAM_SLOTS; ++j)
-                valid += x[j] != -INFINITY ? 1u : 0u;
-        }
-        uint token = (uint)where.first;
-        if (any_valid && (psm_is_greedy(p.temperature) || p.top_k > 0 || p.top_p < 1.0f ||
-                          p.min_p > 0.0f)) {
-            /* Slots run in token order within an item: the first slot
-             * holding the maximum is the item's lowest index of it. */
-            const int tiny = psm_tile_needs_read(maximum);
-            int at = 0;
-#pragma unroll
-            for (int j = PSM_TEAM_SLOTS - 1; j >= 0; --j)
-                at = (tiny ? psm_read_logit(x[j]) : x[j]) == maximum ? j : at;
-            token += (uint)psm_slot_offset(at, lane, vector_shift, PSM_INTERLEAVED);
-        }
-        if (any_valid)
-            key = psm_rank_key(maximum, token);
-        info = valid | (bad ? PSM_TILE_BAD : 0u);
-        if (p.top_k > 0)
-            lane_max[where.slot * PSM_TEAM + lane] = (uint)(key >> 32);
-    }
-    /* Read after the next barrier, by the team's first item alone (the one
-     * that writes the tile's results). */
-    posted_info[get_local_id(0)] = info;
-    key = psm_posted_max_u64(key, lane, PSM_TEAM, posted_key);
-    const float maximum = psm_key_maximum(key);
-    /* S_t against the tile's own maximum: final for unfiltered rows, remade
-     * by psm_tile_filter or psm_row_filter for filtered ones. */
-    ulong mass = 0;
-    if (where.in_range && key && p.valid && !psm_is_greedy(p.temperature) &&
-        !psm_filter_certain(&p)) {
-        const float scale = psm_inverse_temperature_scale(p.temperature);
-        const int bits = psm_weight_bits(request.vocab);
-        if (psm_tile_needs_read(maximum))
-#pragma unroll
-            for (int j = 0; j < PSM_TEAM_SLOTS; ++j)
-                x[j] = psm_read_logit(x[j]);
-        /* maximum >= every valid value, so psm_weight_of_gap on the
-         * unclamped product is psm_weight of psm_scaled_gap
-         * (core/psm_contract.h), with a conversion in place of the shifts;
-         * x = -inf gives an infinite gap and weight 0. NaN or +inf make the
-         * tile bad, and its mass is dropped below. */
-#pragma unroll
-        for (int j = 0; j < PSM_TEAM_SLOTS; ++j)
-            mass += psm_weight_of_gap(psm_unclamped_gap(maximum, x[j], scale), bits);
-    }
-    ulong before;
-    mass = psm_posted_sum_u64(mass, lane, PSM_TEAM, posted_mass, &before);
-    if (where.in_range && lane == 0) {
-        uint tile_valid = 0, tile_bad = 0;
-        for (int j = 0; j < PSM_TEAM; ++j) {
-            uint posted = posted_info[get_local_id(0) + j];
-            tile_valid += posted & ~PSM_TILE_BAD;
-            tile_bad |= posted & PSM_TILE_BAD;
-        }
-        tile_key[where.slot] = key;
-        tile_info[where.slot] = tile_valid | tile_bad;
-        tile_ref[where.slot] = maximum;
-        tile_mass[where.slot] = tile_bad ? 0 : mass;
-    }
+    const psm_tile_call call = {
+        .logits = logits,
+        .row_stride = request.row_stride,
+        .vocab = request.vocab,
+        .dtype = request.dtype,
+        .aligned = (((uintptr_t)logits |
+                     (uintptr_t)(request.row_stride * psm_element_bytes(request.dtype))) &
+                    15) == 0,
+        .weight_bits = psm_weight_bits(request.vocab),
+        .mass_rule = PSM_TILE_MASS_UNLESS_FILTER_CERTAIN};
+    const psm_tile_posts posts = {.maximum = posted_maximum,
+                                  .nan = posted_nan,
+                                  .count = posted_count,
+                                  .first = posted_first,
+                                  .mass = posted_mass};
+    const psm_tile_outputs out = {.tile_key = tile_key,
+                                  .tile_info = tile_info,
+                                  .tile_mass = tile_mass,
+                                  .lane_max = lane_max,
+                                  .tile_reference = tile_ref};
+    psm_stage_tile(psm_team_of_item(), call, PSM_RESOLVE_ROW(where.row), where.slot, where.first,
+                   where.in_range, posts, out);
 }
 
 /* ---- kernel 2: filter cutoffs per row ------------------------------------- */
@@ -1036,7 +807,7 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
     const float scale = psm_inverse_temperature_scale(p.temperature);
     const int bits = psm_weight_bits(request.vocab);
     const int mine = psm_row_status(&p, &summary) == PSM_ROW_SAMPLE &&
-                     psm_top_k_active(&p, summary.valid) &&
+                     psm_top_k_active(p.top_k, summary.valid) &&
                      request.top_k_list_capacity >= PSM_GAP_BINS / 2;
     const uint k = mine ? (uint)p.top_k : 0u;
     __global const uint *row_lanes = lane_max + row_tiles * PSM_TEAM;
@@ -1113,7 +884,8 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
         const uint j = lane_list[w / PSM_TEAM_SLOTS];
         const int first = (int)(j / PSM_TEAM) * PSM_TILE;
         const int offset =
-            psm_slot_offset(w % PSM_TEAM_SLOTS, j % PSM_TEAM, vector_shift, PSM_INTERLEAVED);
+            psm_slot_offset(w % PSM_TEAM_SLOTS, (int)(j % PSM_TEAM), PSM_TEAM, vector_shift,
+                            PSM_INTERLEAVED);
         if (offset >= request.vocab - first)
             continue;
         const float x = psm_load_candidate(logits, request.dtype, base + first + offset);
@@ -1244,7 +1016,7 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global cons
     /* Every item has read the summary's posts: scratch_u64 is free again. */
     barrier(CLK_LOCAL_MEM_FENCE);
     const int filtered = psm_row_status(&p, &summary) == PSM_ROW_SAMPLE &&
-                         psm_filter_possible(&p, summary.valid);
+                         psm_may_filter(p.top_k, p.top_p, p.min_p, summary.valid);
     if (!filtered) {
         if (lid == 0) {
             state[row].filtered = PSM_FILTER_NONE;
@@ -1271,7 +1043,7 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global cons
 
     const float scale = psm_inverse_temperature_scale(p.temperature);
     const int bits = psm_weight_bits(request.vocab);
-    const int top_k_on = psm_top_k_active(&p, summary.valid);
+    const int top_k_on = psm_top_k_active(p.top_k, summary.valid);
     const int top_p_on = p.top_p < 1.0f;
     ulong cutoff = 0;
     /* Top-p alone on the list: the list is the bucket where the target is
@@ -1342,7 +1114,8 @@ psm_tile_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key,
 {
     __local float posted_max[PSM_WG];
     __local ulong posted_mass[PSM_WG];
-    const uint lane = get_local_id(0) % PSM_TEAM;
+    const psm_team team = psm_team_of_item();
+    const uint lane = (uint)team.lane;
     const psm_team_tile where = psm_locate_tile(request.rows, request.vocab, request.tiles);
     const uint row = where.row;
     const long slot = where.slot;
@@ -1365,7 +1138,8 @@ psm_tile_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key,
                       lane, PSM_INTERLEAVED, x);
 #pragma unroll
         for (int j = 0; j < PSM_TEAM_SLOTS; ++j) {
-            uint token = (uint)(first + psm_slot_offset(j, lane, psm_vector_shift(request.dtype),
+            uint token = (uint)(first + psm_slot_offset(j, (int)lane, PSM_TEAM,
+                                                        psm_vector_shift(request.dtype),
                                                         PSM_INTERLEAVED));
             float value = psm_candidate_logit(x[j]);
             x[j] = psm_kept(value, token, cutoff, min_weight, row_maximum, scale, bits)
@@ -1374,7 +1148,9 @@ psm_tile_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key,
             maximum = x[j] > maximum ? x[j] : maximum;
         }
     }
-    maximum = psm_posted_max_float(maximum, lane, PSM_TEAM, posted_max);
+    PSM_TEAM_POST(posted_max, maximum);
+    psm_team_barrier();
+    maximum = psm_team_max_f32(team, maximum, posted_max);
     ulong mass = 0;
     if (reachable && psm_is_valid(maximum))
 #pragma unroll
@@ -1547,9 +1323,10 @@ psm_draw(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulon
 #pragma unroll
         for (int j = 0; j < PSM_TEAM_SLOTS; ++j) {
             x[j] = psm_candidate_logit(x[j]);
-            own += psm_tile_weight(&view, x[j], (uint)(first + psm_slot_offset(
-                                                          j, lane, psm_vector_shift(request.dtype),
-                                                          PSM_CONTIGUOUS)));
+            own += psm_tile_weight(&view, x[j],
+                                   (uint)(first + psm_slot_offset(j, (int)lane, PSM_TEAM,
+                                                                  psm_vector_shift(request.dtype),
+                                                                  PSM_CONTIGUOUS)));
         }
     }
     ulong running;
@@ -1559,7 +1336,8 @@ psm_draw(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulon
     if (running <= b && b < running + own) {
 #pragma unroll
         for (int j = 0; j < PSM_TEAM_SLOTS; ++j) {
-            uint token = (uint)(first + psm_slot_offset(j, lane, psm_vector_shift(request.dtype),
+            uint token = (uint)(first + psm_slot_offset(j, (int)lane, PSM_TEAM,
+                                                        psm_vector_shift(request.dtype),
                                                         PSM_CONTIGUOUS));
             ulong weight = psm_tile_weight(&view, x[j], token);
             running += weight;
@@ -1606,7 +1384,7 @@ psm_probs(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulo
         const uint greedy = state[row].greedy_token;
 #pragma unroll
         for (int j = 0; j < PSM_TEAM_SLOTS; ++j) {
-            int offset = psm_slot_offset(j, lane, vector_shift, PSM_INTERLEAVED);
+            int offset = psm_slot_offset(j, (int)lane, PSM_TEAM, vector_shift, PSM_INTERLEAVED);
             if (offset < count)
                 out[offset] = status == PSM_ROW_BAD                        ? NAN
                               : status == PSM_ROW_GREEDY &&
@@ -1629,7 +1407,7 @@ psm_probs(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulo
                   PSM_INTERLEAVED, x);
 #pragma unroll
     for (int j = 0; j < PSM_TEAM_SLOTS; ++j) {
-        int offset = psm_slot_offset(j, lane, vector_shift, PSM_INTERLEAVED);
+        int offset = psm_slot_offset(j, (int)lane, PSM_TEAM, vector_shift, PSM_INTERLEAVED);
         if (offset < count) {
             ulong weight =
                 psm_tile_weight(&view, psm_candidate_logit(x[j]), (uint)(first + offset));

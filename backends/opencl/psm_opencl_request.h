@@ -20,19 +20,12 @@
 #include "psm_row.h"
 #endif
 
-/* The logits' element types as the kernels test them: the values of
- * psm_dtype (include/polysample.h, which needs the C library and so cannot
- * be included here; the host checks that the values agree). */
-#define PSM_OPENCL_DTYPE_F32 0
-#define PSM_OPENCL_DTYPE_F16 1
-#define PSM_OPENCL_DTYPE_BF16 2
-
 /* One call: the request, and the host's choices for this launch. */
 typedef struct psm_opencl_request {
     psm_row_scalars scalars; /* the parameters of rows without per-row arrays */
     psm_i64 row_stride;      /* logits: elements from one row to the next */
     psm_i64 probs_stride;    /* psm_probs: output floats from one row to the next */
-    psm_i32 dtype;           /* PSM_OPENCL_DTYPE_* */
+    psm_i32 dtype;           /* PSM_LOGITS_* (core/psm_row.h) */
     psm_i32 rows;            /* output rows (psm_request.rows) */
     psm_i32 vocab;
     psm_i32 tiles;           /* tiles per row: ceil(vocab / PSM_TILE) */

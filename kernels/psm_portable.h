@@ -1,0 +1,343 @@
+/*
+ * psm_portable.h: the platform layer under the GPU stages (kernels/psm_stage_*.h).
+ *
+ * A stage is written once, over this header, core/psm_contract.h and
+ * core/psm_row.h, and compiles as CUDA, HIP and OpenCL C 1.2. What differs
+ * between the platforms is here, chosen by psm_contract.h's PSM_PLATFORM_*
+ * flags:
+ * - qualifiers: PSM_DEVICE_FN for device helpers, PSM_LOCAL_FN for those that
+ *   take posts (below), PSM_STAGE_BEGIN/END around shared code (the CUDA and
+ *   HIP objects put it in their vendor namespace, as psm_gpu.h does);
+ * - the team: the items that share one unit of work (a tile). On CUDA and
+ *   HIP a team is a warp of WarpSize lanes and a stage is a template over it
+ *   (PSM_TEAM_TEMPLATE: both wave sizes are compiled into one HIP binary);
+ *   on OpenCL it is PSM_TEAM consecutive work-items, a macro of the build
+ *   option PSM_WG;
+ * - team reductions: CUDA/HIP shuffles (the warp algorithms of
+ *   backends/cuda/psm_gpu_warp.h on the hardware lanes of psm_gpu.h), OpenCL
+ *   posts to local memory;
+ * - the per-element instructions where a platform has a faster exact one
+ *   (NaN-keeping max, half to float).
+ * The tile's element layout and the loads that fill it are written once,
+ * at the end, on top of those.
+ *
+ * Reductions in two steps. A team reduction is written
+ *     PSM_TEAM_POST(posts, value);   (every item)
+ *     psm_team_barrier();            (every item of the work-group)
+ *     result = psm_team_sum_u64(team, value, posts);
+ * On OpenCL the post stores the item's value at its place in a __local
+ * array, the barrier makes the posts visible, and the reduction reads the
+ * team's posts; several reductions post before one barrier. On CUDA and HIP
+ * posts are empty objects, the post and the barrier are nothing, and the
+ * reduction is the warp's shuffles, so a stage costs the same registers and
+ * instructions as a CUDA-only one. Rules that make one source correct on
+ * both (OpenCL's, which CUDA's shuffles satisfy too):
+ * - every work-item passes every barrier: a step only some items or teams
+ *   take is guarded by a flag, never by an early exit around a barrier
+ *   (PoCL also compiles code with barriers inside branches very slowly);
+ * - a reduction is read only after a barrier that follows its post, and a
+ *   posts array is posted to again only after another barrier has followed
+ *   every read of it (so each round of a stage has its own arrays);
+ * - the branches around a reduction are uniform over the team (the
+ *   shuffles need every lane of the warp).
+ */
+#ifndef PSM_PORTABLE_H
+#define PSM_PORTABLE_H
+
+/* The OpenCL program receives the headers as earlier source strings
+ * (backends/opencl/psm_kernels.cl says why), so each is included only
+ * where it has not been read yet. */
+#ifndef PSM_ROW_H
+#include "psm_row.h"
+#endif
+
+#if PSM_PLATFORM_GPU_CXX
+/* ---------------------------------------------------------- CUDA, HIP --- */
+#include "psm_gpu.h"
+#include "psm_gpu_warp.h"
+
+#define PSM_DEVICE_FN PSM_GPU_DEVICE
+#define PSM_LOCAL_FN PSM_GPU_DEVICE
+#define PSM_STAGE_BEGIN namespace PSM_GPU_NAMESPACE {
+#define PSM_STAGE_END }
+/* Team-sized code is a template over the warp size, named PSM_TEAM inside
+ * it as the OpenCL macro is named outside. */
+#define PSM_TEAM_TEMPLATE template <int PSM_TEAM>
+#define PSM_TEAM_TYPE psm_team<PSM_TEAM>
+
+PSM_STAGE_BEGIN
+
+/* The calling lane's place in its team; the type carries the team size. */
+template <int TeamSize>
+struct psm_team {
+    int lane;
+};
+
+/* Posts are not needed: the lanes exchange values through registers. */
+struct psm_no_posts {
+};
+#define PSM_POSTS(type) psm_no_posts
+#define PSM_TEAM_POST(posts, value) ((void)0)
+
+template <int WarpSize>
+PSM_DEVICE_FN psm_team<WarpSize> psm_team_of_thread(void)
+{
+    return psm_team<WarpSize>{(int)(threadIdx.x % WarpSize)};
+}
+
+PSM_DEVICE_FN void psm_team_barrier(void)
+{
+}
+
+/* A team reduction: a warp algorithm of psm_gpu_warp.h on the hardware
+ * lanes. */
+#define PSM_TEAM_REDUCTION(name, type, warp_algorithm)                                    \
+    PSM_TEAM_TEMPLATE                                                                   \
+    PSM_LOCAL_FN type name(PSM_TEAM_TYPE, type value, psm_no_posts)                     \
+    {                                                                                   \
+        return warp_algorithm<PSM_TEAM>(value, psm_gpu_hardware_lanes<PSM_TEAM>());     \
+    }
+PSM_TEAM_REDUCTION(psm_team_max_f32, float, psm_warp_max)
+PSM_TEAM_REDUCTION(psm_team_max_u32, psm_u32, psm_warp_max)
+PSM_TEAM_REDUCTION(psm_team_sum_u32, psm_u32, psm_warp_sum)
+PSM_TEAM_REDUCTION(psm_team_sum_u64, psm_u64, psm_warp_sum)
+/* Is flag (0 or 1) set on some item of the team? */
+PSM_TEAM_REDUCTION(psm_team_any, psm_u32, psm_warp_any)
+
+/* max(a, b), NaN when either is NaN. */
+PSM_DEVICE_FN float psm_max_keep_nan(float a, float b)
+{
+    return psm_gpu_max_keep_nan(a, b);
+}
+
+/* An IEEE half's bits as a float (exact): the hardware conversion. */
+PSM_DEVICE_FN float psm_half_bits_float(psm_u16 bits)
+{
+    return psm_gpu_half_bits_to_float(bits);
+}
+
+PSM_STAGE_END
+
+#elif PSM_PLATFORM_OPENCL
+/* ------------------------------------------------------------- OpenCL --- */
+
+#ifndef PSM_WG
+#error "PSM_WG (work-group size) must be given as a build option"
+#endif
+
+#define PSM_DEVICE_FN static
+/* Every helper that is handed a __local pointer is PSM_LOCAL_FN, forced
+ * inline, so that every use of a kernel's __local variables stays inside the
+ * kernel function.
+ *
+ * Why: clang's interprocedural optimisation removes a static helper's
+ * pointer parameter when every call passes the same kernel-scope __local
+ * array (psm_descend, called twice from psm_row_filter), and the helper
+ * then names the array directly. PoCL gives each work-group its own copy
+ * of a kernel's __local variables by rewriting their uses in the kernel
+ * function only, so uses left in a helper address one copy that all the
+ * work-groups its threads run at once share, and rows overwrite each other's
+ * buckets (docs/ARCHITECTURE.md, "PoCL", tells how this shows). GPU drivers
+ * give each group its own __local memory wherever it is named; the
+ * attribute is for clang (PoCL's front end), other compilers get inline. */
+#ifdef __clang__
+#define PSM_LOCAL_FN static inline __attribute__((always_inline))
+#else
+#define PSM_LOCAL_FN static inline
+#endif
+#define PSM_STAGE_BEGIN
+#define PSM_STAGE_END
+#define PSM_TEAM_TEMPLATE
+#define PSM_TEAM_TYPE psm_team
+
+/* A team of 32 items, one warp on NVIDIA, so that its posts are read as
+ * broadcasts and its branches stay uniform; a whole group on a device that
+ * runs groups of 16. Every item reads its team's posts itself: redundant
+ * work, but one barrier per round where a work-group tree takes eight, and
+ * one barrier serves every team of the group. */
+#if PSM_WG >= 32
+#define PSM_TEAM 32
+#else
+#define PSM_TEAM PSM_WG
+#endif
+
+typedef struct psm_team {
+    int lane;
+} psm_team;
+
+#define PSM_POSTS(type) __local type *
+#define PSM_TEAM_POST(posts, value) ((posts)[get_local_id(0)] = (value))
+
+PSM_DEVICE_FN psm_team psm_team_of_item(void)
+{
+    psm_team team;
+    team.lane = (int)(get_local_id(0) % PSM_TEAM);
+    return team;
+}
+
+PSM_DEVICE_FN void psm_team_barrier(void)
+{
+    barrier(CLK_LOCAL_MEM_FENCE);
+}
+
+/* A team reduction: `combine` folds each of the team's PSM_TEAM posts
+ * (`posted`) into `result`, which starts at `start`. The item's own value
+ * is among the posts. */
+#define PSM_TEAM_REDUCTION(name, type, start, combine)                                    \
+    PSM_LOCAL_FN type name(psm_team team, type value, __local type *posts)               \
+    {                                                                                   \
+        __local const type *mine = posts + (get_local_id(0) - (uint)team.lane);         \
+        type result = start;                                                            \
+        for (int j = 0; j < PSM_TEAM; ++j) {                                            \
+            const type posted = mine[j];                                                \
+            result = combine;                                                           \
+        }                                                                               \
+        return result;                                                                  \
+    }
+PSM_TEAM_REDUCTION(psm_team_max_f32, float, -INFINITY, posted > result ? posted : result)
+PSM_TEAM_REDUCTION(psm_team_max_u32, uint, 0u, max(result, posted))
+PSM_TEAM_REDUCTION(psm_team_sum_u32, uint, 0u, result + posted)
+PSM_TEAM_REDUCTION(psm_team_sum_u64, ulong, 0ul, result + posted)
+PSM_TEAM_REDUCTION(psm_team_or_u32, uint, 0u, result | posted)
+
+PSM_LOCAL_FN uint psm_team_any(psm_team team, uint flag, __local uint *posts)
+{
+    return psm_team_or_u32(team, flag, posts) != 0;
+}
+
+/* max(a, b), NaN when either is NaN. */
+PSM_DEVICE_FN float psm_max_keep_nan(float a, float b)
+{
+    return (b > a || b != b) ? b : a;
+}
+
+/* An IEEE half's bits as a float (exact), in integer arithmetic. */
+PSM_DEVICE_FN float psm_half_bits_float(psm_u16 bits)
+{
+    return psm_f16_to_float(bits);
+}
+
+#else
+#error "psm_portable.h compiles as CUDA, HIP or OpenCL C only"
+#endif
+
+/* ---- a tile in a team's registers (both platforms) ----------------------- */
+
+/* Each item of a team holds PSM_TEAM_SLOTS of its tile's tokens in slots
+ * x[0 .. PSM_TEAM_SLOTS - 1], loaded as 16-byte vectors (4 f32 or 8 f16 or
+ * bf16 values) where the tile is whole and aligned, else element by element
+ * in the same layout. Two layouts:
+ * - interleaved: vector v of an item is vector v * PSM_TEAM + lane of the
+ *   tile, so that each load instruction of a team reads 16 x PSM_TEAM
+ *   contiguous bytes (coalesced); for reductions, where order does not
+ *   matter. Slots run in token order within an item.
+ * - contiguous: an item's slots are a run of the tile in token order, lane
+ *   after lane; for the draw, which needs token order across the team. */
+#define PSM_TEAM_SLOTS (PSM_TILE / PSM_TEAM)
+#define PSM_INTERLEAVED 0
+#define PSM_CONTIGUOUS 1
+
+PSM_STAGE_BEGIN
+
+/* log2 of the elements of a dtype (PSM_LOGITS_*) in a 16-byte vector. */
+PSM_DEVICE_FN int psm_vector_shift(int dtype)
+{
+    return dtype == PSM_LOGITS_F32 ? 2 : 3;
+}
+
+PSM_DEVICE_FN int psm_element_bytes(int dtype)
+{
+    return dtype == PSM_LOGITS_F32 ? 4 : 2;
+}
+
+/* The offset within its tile of slot `slot` of lane `lane` of a team of
+ * team_size items. */
+PSM_DEVICE_FN int psm_slot_offset(int slot, int lane, int team_size, int vector_shift, int layout)
+{
+    const int vectors_per_item = (PSM_TILE / team_size) >> vector_shift;
+    const int vector = slot >> vector_shift;
+    const int tile_vector = layout == PSM_CONTIGUOUS ? lane * vectors_per_item + vector
+                                                     : vector * team_size + lane;
+    return (tile_vector << vector_shift) + (slot & ((1 << vector_shift) - 1));
+}
+
+/* Element `index` of logits as a float, before psm_read_logit (the
+ * conversions are exact). */
+PSM_DEVICE_FN float psm_raw_logit(PSM_GLOBAL const unsigned char *logits, int dtype,
+                                  psm_i64 index)
+{
+    if (dtype == PSM_LOGITS_F32)
+        return ((PSM_GLOBAL const float *)logits)[index];
+    const psm_u16 bits = ((PSM_GLOBAL const psm_u16 *)logits)[index];
+    return dtype == PSM_LOGITS_F16 ? psm_half_bits_float(bits) : psm_bf16_to_float(bits);
+}
+
+/* The elements of 16 loaded bytes as floats, out[0 .. 3] for f32 and
+ * out[0 .. 7] for the 16-bit types. A bf16 is the top half of a float: two
+ * instructions a pair. Each dtype is its own loop, so that the choice is
+ * made once per vector, not per element. */
+PSM_DEVICE_FN void psm_unpack_vector(uint4 raw, int dtype, float *out)
+{
+    const psm_u32 words[4] = {raw.x, raw.y, raw.z, raw.w};
+    if (dtype == PSM_LOGITS_F32) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+            out[k] = psm_bits_float(words[k]);
+    } else if (dtype == PSM_LOGITS_BF16) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            out[2 * k] = psm_bits_float(words[k] << 16);
+            out[2 * k + 1] = psm_bits_float(words[k] & 0xffff0000u);
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            out[2 * k] = psm_half_bits_float((psm_u16)(words[k] & 0xffffu));
+            out[2 * k + 1] = psm_half_bits_float((psm_u16)(words[k] >> 16));
+        }
+    }
+}
+
+/* x[slot] = the raw logit at psm_slot_offset(slot) of the tile that starts at
+ * `tile`, -inf past its `count` tokens. aligned: the tile's address allows
+ * 16-byte loads. */
+PSM_TEAM_TEMPLATE
+PSM_DEVICE_FN void psm_team_load_tile(PSM_TEAM_TYPE team, PSM_GLOBAL const unsigned char *tile,
+                                      int dtype, int count, int aligned, int layout, float *x)
+{
+    if (aligned && count == PSM_TILE) {
+        /* A loop per dtype, each with constant steps, so that every loop
+         * unrolls fully and x stays in registers. */
+        PSM_GLOBAL const uint4 *vectors = (PSM_GLOBAL const uint4 *)tile;
+        if (dtype == PSM_LOGITS_F32) {
+#pragma unroll
+            for (int slot = 0; slot < PSM_TEAM_SLOTS; slot += 4)
+                psm_unpack_vector(
+                    vectors[psm_slot_offset(slot, team.lane, PSM_TEAM, 2, layout) >> 2],
+                    PSM_LOGITS_F32, &x[slot]);
+        } else if (dtype == PSM_LOGITS_BF16) {
+#pragma unroll
+            for (int slot = 0; slot < PSM_TEAM_SLOTS; slot += 8)
+                psm_unpack_vector(
+                    vectors[psm_slot_offset(slot, team.lane, PSM_TEAM, 3, layout) >> 3],
+                    PSM_LOGITS_BF16, &x[slot]);
+        } else {
+#pragma unroll
+            for (int slot = 0; slot < PSM_TEAM_SLOTS; slot += 8)
+                psm_unpack_vector(
+                    vectors[psm_slot_offset(slot, team.lane, PSM_TEAM, 3, layout) >> 3],
+                    PSM_LOGITS_F16, &x[slot]);
+        }
+        return;
+    }
+    const int vector_shift = psm_vector_shift(dtype);
+#pragma unroll
+    for (int slot = 0; slot < PSM_TEAM_SLOTS; ++slot) {
+        const int offset = psm_slot_offset(slot, team.lane, PSM_TEAM, vector_shift, layout);
+        x[slot] = offset < count ? psm_raw_logit(tile, dtype, offset) : -INFINITY;
+    }
+}
+
+PSM_STAGE_END
+
+#endif /* PSM_PORTABLE_H */

@@ -113,4 +113,18 @@ uint64_t psm_test_rng_below(psm_test_rng *rng, uint64_t bound);
 uint16_t psm_test_f16_exact(float x);
 uint16_t psm_test_bf16_exact(float x);
 
+/* ---- features some backends refuse ------------------------------------- */
+
+/* After a call that needs a feature a backend may not run yet (logit
+ * processing, top-N logprobs), with `status` its result: a refusal
+ * (PSM_ERR_UNSUPPORTED) from a backend other than the CPU one, which runs
+ * every feature, must have written nothing, so each of the `count` entries
+ * of `untouched` (an output the caller filled with `sentinel`) is checked;
+ * the test is then skipped visibly (a SKIP line naming the feature and the
+ * library's message) and 0 is returned. Any other status must be PSM_OK;
+ * the context is synchronised and 1 is returned. */
+int psm_test_feature_ran(psm_context *context, psm_backend backend, psm_status status,
+                         const char *test_name, const char *feature, const int32_t *untouched,
+                         size_t count, int32_t sentinel);
+
 #endif /* PSM_TEST_HARNESS_H */

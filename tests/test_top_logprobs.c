@@ -60,18 +60,8 @@ static int sample_with_top(psm_context *context, psm_backend backend, const char
     params->top_logprobs = top;
     psm_status status =
         psm_test_sample_f32(context, logits, rows, vocab, params, out->tokens, NULL);
-    if (status == PSM_ERR_UNSUPPORTED && backend != PSM_BACKEND_CPU) {
-        for (int64_t k = 0; k < rows * top->count; ++k)
-            ck_assert_int_eq(out->top_tokens[k], SENTINEL);
-        char reason[256];
-        snprintf(reason, sizeof reason, "refused as it should be (%s); the rest needs the backend "
-                 "to run top-N logprobs", psm_last_error());
-        psm_test_skip(psm_backend_name(backend), test, reason);
-        return 0;
-    }
-    ck_assert_msg(status == PSM_OK, "%s: %s", psm_status_string(status), psm_last_error());
-    PSM_CHECK_OK(psm_synchronize(context));
-    return 1;
+    return psm_test_feature_ran(context, backend, status, test, "top-N logprobs",
+                                out->top_tokens, (size_t)(rows * top->count), SENTINEL);
 }
 
 /* Candidates in rank order: indices sorted by (logit desc, index asc). */

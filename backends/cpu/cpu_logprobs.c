@@ -69,7 +69,10 @@ static void count_candidate(rank_counter *ranks, uint64_t key)
     }
     if (low > 0) {
         ranks->above[0] += 1;
-        ranks->above[low] -= 1;
+        /* Above every drawn key, the count reaches the last slot: the
+         * difference array has no entry past it to end on. */
+        if (low < ranks->samples)
+            ranks->above[low] -= 1;
     }
 }
 

@@ -20,7 +20,8 @@ static const char bench_description[] =
     "distribution from the seed) on every available backend. Default cases:\n"
     "10000 x 32000, 2048 x 151936, 256 x 151936 and 64 x 128256 in f32 and bf16\n"
     "with the settings plain and topk_topp and in f32 with top_p and min_p, and\n"
-    "one row of 151936 in f32 (plain, topk_topp); each with both distributions.\n"
+    "one row of 151936 in f32 (plain, topk_topp); every shape in f32 with\n"
+    "mask+bias, penalties and top-20; each with both distributions.\n"
     "\n"
     "Logits distributions:\n"
     "  normal  every logit ~ N(0, 2^2)\n"
@@ -39,7 +40,17 @@ static const char bench_description[] =
     "the memory column).\n"
     "\n"
     "settings: plain (T 0.8), topk_topp (T 0.8, top-k 50, top-p 0.9),\n"
-    "          top_p (T 0.8, top-p 0.9), min_p (T 0.8, min-p 0.05), greedy (T 0)\n";
+    "          top_p (T 0.8, top-p 0.9), min_p (T 0.8, min-p 0.05), greedy (T 0);\n"
+    "          and plain with what a runtime adds around the draw, each also\n"
+    "          reported as a ratio to plain of the same shape, dtype and logits\n"
+    "          in the same run (x_plain; plain is run with them):\n"
+    "          mask+bias (an allowed-token mask of random bits, about half the\n"
+    "          tokens, and 64 bias entries per row), penalties (repetition 1.1,\n"
+    "          frequency 0.2, presence 0.3 over a 2048-token history per row,\n"
+    "          three in four tokens from a pool of 256), top-20 (the drawn\n"
+    "          token's logprob and rank, and the 20 most probable tokens with\n"
+    "          their processed logprobs); their inputs and outputs live in the\n"
+    "          logits' memory. A backend that refuses one shows 'unsupported'.\n";
 
 /* Every available backend, each on its first device. */
 static void every_available_backend(cli_backend_list *list)
@@ -98,7 +109,8 @@ static int run_cases(const bench_config *config, bench_backend *backends, int ba
         const bench_case *shape = &cases[first];
         size_t count = (size_t)shape->rows * (size_t)shape->vocab;
         float *logits;
-        int seen = 0, k, dtype, b;
+        bench_processing processing;
+        int seen = 0, k, dtype, b, with_processing = 0;
         for (k = 0; k < first; ++k)
             seen |= cases[k].rows == shape->rows && cases[k].vocab == shape->vocab &&
                     cases[k].distribution == shape->distribution;
@@ -117,6 +129,17 @@ static int run_cases(const bench_config *config, bench_backend *backends, int ba
             free(logits);
             return -1;
         }
+        /* The processing inputs, when a case of this shape needs them. */
+        for (k = first; k < case_count; ++k)
+            with_processing |= cases[k].rows == shape->rows && cases[k].vocab == shape->vocab &&
+                               bench_needs_processing(&cases[k], 1);
+        if (with_processing &&
+            bench_make_processing(&processing, shape->rows, shape->vocab, config->seed) != 0) {
+            cli_error("bench", "out of memory generating the processing inputs");
+            bench_free_processing(&processing);
+            free(logits);
+            return -1;
+        }
         for (dtype = PSM_DTYPE_F32; dtype <= PSM_DTYPE_BF16; ++dtype) {
             bench_case group[BENCH_SETTING_COUNT * 4];
             int group_count = 0;
@@ -132,6 +155,8 @@ static int run_cases(const bench_config *config, bench_backend *backends, int ba
             if (dtype != PSM_DTYPE_F32) {
                 converted = cli_alloc("bench", count * 2);
                 if (!converted) {
+                    if (with_processing)
+                        bench_free_processing(&processing);
                     free(logits);
                     return -1;
                 }
@@ -143,15 +168,24 @@ static int run_cases(const bench_config *config, bench_backend *backends, int ba
                 for (k = 0; k < group_count; ++k)
                     slice[k].which = group[k];
                 bench_run_backend_cases(config, &backends[b], data,
-                                        count * cli_dtype_size((psm_dtype)dtype), slice,
+                                        count * cli_dtype_size((psm_dtype)dtype),
+                                        with_processing ? &processing : NULL, slice,
                                         group_count, &progress, progress_total);
                 *result_count += group_count;
             }
             free(converted);
         }
+        if (with_processing)
+            bench_free_processing(&processing);
         free(logits);
     }
     return 0;
+}
+
+/* Did the case run and give a time? */
+static int timed(const bench_result *result)
+{
+    return !result->failed && !result->unsupported;
 }
 
 /* Speedups over the CPU backend on the same case. */
@@ -159,12 +193,29 @@ static void compare_with_cpu(bench_result *results, int result_count)
 {
     int i, k;
     for (i = 0; i < result_count; ++i) {
-        if (results[i].failed || results[i].backend->backend == PSM_BACKEND_CPU)
+        if (!timed(&results[i]) || results[i].backend->backend == PSM_BACKEND_CPU)
             continue;
         for (k = 0; k < result_count; ++k)
-            if (!results[k].failed && results[k].backend->backend == PSM_BACKEND_CPU &&
+            if (timed(&results[k]) && results[k].backend->backend == PSM_BACKEND_CPU &&
                 bench_same_case(&results[k].which, &results[i].which))
                 results[i].speedup_vs_cpu = results[k].median_ms / results[i].median_ms;
+    }
+}
+
+/* Each case's time over plain sampling's on the same backend, shape, dtype
+ * and logits, in the same run. */
+static void compare_with_plain(bench_result *results, int result_count)
+{
+    int i, k;
+    for (i = 0; i < result_count; ++i) {
+        bench_case plain = results[i].which;
+        plain.setting = SETTING_PLAIN;
+        if (!timed(&results[i]))
+            continue;
+        for (k = 0; k < result_count; ++k)
+            if (timed(&results[k]) && results[k].backend == results[i].backend &&
+                bench_same_case(&results[k].which, &plain))
+                results[i].ratio_to_plain = results[i].median_ms / results[k].median_ms;
     }
 }
 
@@ -214,7 +265,7 @@ int cli_bench(int argc, char **argv)
         {.name = "--setting", .kind = CLI_OPTION_LIST, .value_name = "LIST",
          .target = &setting_list, .maximum = BENCH_SETTING_COUNT,
          .parse_item = bench_parse_setting_item,
-         .items = "plain, topk_topp, top_p, min_p or greedy",
+         .items = "plain, topk_topp, top_p, min_p, greedy, mask+bias, penalties or top-20",
          .help = "settings above (comma-separated): every\nlisted setting"},
         {.name = "--distribution", .kind = CLI_OPTION_LIST, .value_name = "LIST",
          .target = &distribution_list, .maximum = BENCH_DISTRIBUTION_COUNT,
@@ -287,6 +338,7 @@ int cli_bench(int argc, char **argv)
         goto done;
     }
     compare_with_cpu(results, result_count);
+    compare_with_plain(results, result_count);
     for (i = 0; i < result_count; ++i)
         if (results[i].failed)
             exit_status = CLI_EXIT_FAILURE;

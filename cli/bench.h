@@ -16,17 +16,37 @@
 
 /* ---- cases (bench_cases.c) ---------------------------------------------------- */
 
+/* What a setting asks for beyond the sampling parameters. */
+typedef enum bench_extra {
+    EXTRA_NONE,
+    EXTRA_MASK_BIAS,   /* an allowed-token mask and 64 bias entries per row */
+    EXTRA_PENALTIES,   /* repetition, frequency and presence penalties over a
+                          2,048-token history per row */
+    EXTRA_TOP_20       /* the drawn tokens' logprobs and ranks and the 20 most
+                          probable tokens with their (processed) logprobs */
+} bench_extra;
+
 typedef struct bench_setting {
     const char *name;
     float temperature;
     int32_t top_k;
     float top_p;
     float min_p;
+    bench_extra extra;
 } bench_setting;
 
-enum { SETTING_PLAIN, SETTING_TOPK_TOPP, SETTING_TOP_P, SETTING_MIN_P, SETTING_GREEDY };
+enum {
+    SETTING_PLAIN,
+    SETTING_TOPK_TOPP,
+    SETTING_TOP_P,
+    SETTING_MIN_P,
+    SETTING_GREEDY,
+    SETTING_MASK_BIAS,
+    SETTING_PENALTIES,
+    SETTING_TOP_20
+};
 extern const bench_setting bench_settings[];
-#define BENCH_SETTING_COUNT 5
+#define BENCH_SETTING_COUNT 8
 
 /* The logits a case samples from (bench_fill_logits says how they are made). */
 enum { DISTRIBUTION_NORMAL, DISTRIBUTION_LM };
@@ -38,7 +58,7 @@ int bench_parse_distribution_item(const char *item, int *value);
 int bench_parse_setting_item(const char *item, int *value);
 int bench_parse_dtype_item(const char *item, int *value);
 
-#define BENCH_MAX_CASES 256
+#define BENCH_MAX_CASES 320
 
 typedef struct bench_case {
     int64_t rows;
@@ -72,6 +92,35 @@ int bench_fill_logits(float *values, int64_t rows, int64_t vocab, int distributi
 /* How the distribution's logits are made, in a few words ("~ N(0, 2^2)"). */
 const char *bench_distribution_formula(int distribution);
 
+/* The logit processing inputs of a shape (host arrays): per row an allowed
+ * mask (random bits: about half the tokens), BENCH_BIAS_ENTRIES bias entries
+ * and a history of BENCH_HISTORY_TOKENS tokens with repeats. */
+#define BENCH_BIAS_ENTRIES 64
+#define BENCH_HISTORY_TOKENS 2048
+/* The penalties of the "penalties" setting. */
+#define BENCH_REPETITION_PENALTY 1.1f
+#define BENCH_FREQUENCY_PENALTY 0.2f
+#define BENCH_PRESENCE_PENALTY 0.3f
+/* N of the "top-20" setting. */
+#define BENCH_TOP_LOGPROBS 20
+
+typedef struct bench_processing {
+    int64_t rows, vocab;
+    int64_t mask_words;
+    uint32_t *mask;
+    int64_t *bias_offsets;
+    int32_t *bias_tokens;
+    float *bias_values;
+    int64_t *history_offsets;
+    int32_t *history_tokens;
+} bench_processing;
+
+/* Does any case need processing inputs? */
+int bench_needs_processing(const bench_case *cases, int case_count);
+/* 0, or -1 when out of memory (free them anyway). */
+int bench_make_processing(bench_processing *inputs, int64_t rows, int64_t vocab, uint64_t seed);
+void bench_free_processing(bench_processing *inputs);
+
 /* ---- backends and timing (bench_run.c) ---------------------------------------- */
 
 #define BENCH_MAX_BACKENDS 8
@@ -90,12 +139,15 @@ typedef struct bench_result {
     bench_case which;
     const bench_backend *backend;
     int failed;
-    char error[320];
+    int unsupported;        /* the backend refused the setting (PSM_ERR_UNSUPPORTED): no time */
+    char error[320];        /* why it failed, or the refusal */
     int runs;
     double median_ms;
     double read_ceiling_ms; /* NAN when not measured */
     double host_call_ms;    /* device backends, one row: the whole call on the host */
     double speedup_vs_cpu;  /* NAN when the CPU did not run the case */
+    double ratio_to_plain;  /* median / the plain setting's median, same backend, shape,
+                               dtype and logits; NAN when plain did not run */
 } bench_result;
 
 typedef struct bench_config {
@@ -112,10 +164,12 @@ void bench_close_backend(bench_backend *backend);
 
 /* Runs every case of one (shape, distribution, dtype) on one backend:
  * results[0 .. result_count - 1].which name the cases; host_logits holds
- * bytes of their logits. progress counts the cases started, for the
- * progress lines. */
+ * bytes of their logits; processing (NULL when no case needs it) the
+ * shape's processing inputs, which a device backend gets in device memory.
+ * progress counts the cases started, for the progress lines. */
 void bench_run_backend_cases(const bench_config *config, bench_backend *backend,
-                             const void *host_logits, size_t bytes, bench_result *results,
+                             const void *host_logits, size_t bytes,
+                             const bench_processing *processing, bench_result *results,
                              int result_count, int *progress, int progress_total);
 
 /* ---- report (bench_report.c) --------------------------------------------------- */

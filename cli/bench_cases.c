@@ -10,11 +10,16 @@
 #include <string.h>
 
 const bench_setting bench_settings[BENCH_SETTING_COUNT] = {
-    {"plain", 0.8f, 0, 1.0f, 0.0f},
-    {"topk_topp", 0.8f, 50, 0.9f, 0.0f},
-    {"top_p", 0.8f, 0, 0.9f, 0.0f},
-    {"min_p", 0.8f, 0, 1.0f, 0.05f},
-    {"greedy", 0.0f, 0, 1.0f, 0.0f},
+    {"plain", 0.8f, 0, 1.0f, 0.0f, EXTRA_NONE},
+    {"topk_topp", 0.8f, 50, 0.9f, 0.0f, EXTRA_NONE},
+    {"top_p", 0.8f, 0, 0.9f, 0.0f, EXTRA_NONE},
+    {"min_p", 0.8f, 0, 1.0f, 0.05f, EXTRA_NONE},
+    {"greedy", 0.0f, 0, 1.0f, 0.0f, EXTRA_NONE},
+    /* Plain sampling with what a runtime does around it; each is reported
+     * as a ratio to plain. */
+    {"mask+bias", 0.8f, 0, 1.0f, 0.0f, EXTRA_MASK_BIAS},
+    {"penalties", 0.8f, 0, 1.0f, 0.0f, EXTRA_PENALTIES},
+    {"top-20", 0.8f, 0, 1.0f, 0.0f, EXTRA_TOP_20},
 };
 
 /* The shapes: three large batches (two vocabularies of today's models at
@@ -92,8 +97,9 @@ static int64_t case_rows(int64_t rows, int quick)
 }
 
 /* The cross product is the longest list: every shape, distribution, dtype
- * and setting (the option lists hold at most 3 dtypes and 5 settings). */
-_Static_assert(BENCH_SHAPE_COUNT * BENCH_DISTRIBUTION_COUNT * 3 * BENCH_SETTING_COUNT <=
+ * and setting (the option lists hold at most 3 dtypes and BENCH_SETTING_COUNT
+ * settings, and plain may be added to them). */
+_Static_assert(BENCH_SHAPE_COUNT * BENCH_DISTRIBUTION_COUNT * 3 * (BENCH_SETTING_COUNT + 1) <=
                    BENCH_MAX_CASES,
                "BENCH_MAX_CASES cannot hold every case");
 
@@ -107,7 +113,8 @@ static int add_case(bench_case *cases, int count, int64_t rows, int64_t vocab, i
 
 /* The default list: each batch shape in f32 and bf16 with plain and
  * topk_topp and in f32 with top_p and min_p; the one row in f32, plain and
- * topk_topp; each with every selected distribution. */
+ * topk_topp; every shape in f32 with mask+bias, penalties and top-20; each
+ * with every selected distribution. */
 static int default_cases(const bench_selection *selection, bench_case *cases)
 {
     static const psm_dtype dtypes[2] = {PSM_DTYPE_F32, PSM_DTYPE_BF16};
@@ -118,12 +125,19 @@ static int default_cases(const bench_selection *selection, bench_case *cases)
             if (!(selection->distributions & (1 << distribution)))
                 continue;
             for (dtype = 0; dtype < 2; ++dtype)
-                for (setting = SETTING_PLAIN; setting <= SETTING_MIN_P; ++setting) {
+                for (setting = SETTING_PLAIN; setting < BENCH_SETTING_COUNT; ++setting) {
                     int one_row = bench_shapes[shape][0] == 1;
-                    if (one_row && dtypes[dtype] != PSM_DTYPE_F32)
-                        continue;
-                    if ((one_row || dtypes[dtype] != PSM_DTYPE_F32) &&
-                        setting > SETTING_TOPK_TOPP)
+                    int f32 = dtypes[dtype] == PSM_DTYPE_F32;
+                    int wanted;
+                    if (setting == SETTING_GREEDY)
+                        wanted = 0;
+                    else if (setting <= SETTING_TOPK_TOPP)
+                        wanted = f32 || !one_row;
+                    else if (bench_settings[setting].extra != EXTRA_NONE)
+                        wanted = f32;
+                    else
+                        wanted = f32 && !one_row;
+                    if (!wanted)
                         continue;
                     count = add_case(cases, count, rows, bench_shapes[shape][1], distribution,
                                      dtypes[dtype], setting);
@@ -138,12 +152,23 @@ int bench_make_cases(const bench_selection *selection, bench_case *cases)
     static const int default_dtypes[2] = {PSM_DTYPE_F32, PSM_DTYPE_BF16};
     static const int default_settings[2] = {SETTING_PLAIN, SETTING_TOPK_TOPP};
     const int *dtypes = selection->dtype_count ? selection->dtypes : default_dtypes;
-    const int *settings = selection->setting_count ? selection->settings : default_settings;
+    int settings[BENCH_SETTING_COUNT + 1];
+    int t;
     int dtype_count = selection->dtype_count ? selection->dtype_count : 2;
-    int setting_count = selection->setting_count ? selection->setting_count : 2;
+    int setting_count = 0, plain_listed = 0, around_draw = 0;
+    for (t = 0; t < (selection->setting_count ? selection->setting_count : 2); ++t) {
+        settings[setting_count] =
+            selection->setting_count ? selection->settings[t] : default_settings[t];
+        plain_listed |= settings[setting_count] == SETTING_PLAIN;
+        around_draw |= bench_settings[settings[setting_count]].extra != EXTRA_NONE;
+        ++setting_count;
+    }
+    /* The settings around the draw are reported as ratios to plain. */
+    if (around_draw && !plain_listed)
+        settings[setting_count++] = SETTING_PLAIN;
     int one_shape = selection->rows || selection->vocab;
     int shape_count = one_shape ? 1 : BENCH_SHAPE_COUNT;
-    int count = 0, s, distribution, d, t;
+    int count = 0, s, distribution, d;
     if (!one_shape && selection->dtype_count == 0 && selection->setting_count == 0)
         return default_cases(selection, cases);
     for (s = 0; s < shape_count; ++s) {
@@ -219,5 +244,84 @@ int bench_fill_logits(float *values, int64_t rows, int64_t vocab, int distributi
     if (distribution == DISTRIBUTION_LM)
         return fill_language_model(values, rows, vocab, seed);
     cli_fill_normal(values, (size_t)rows * (size_t)vocab, 2.0f, seed);
+    return 0;
+}
+
+int bench_needs_processing(const bench_case *cases, int case_count)
+{
+    int i;
+    for (i = 0; i < case_count; ++i) {
+        bench_extra extra = bench_settings[cases[i].setting].extra;
+        if (extra == EXTRA_MASK_BIAS || extra == EXTRA_PENALTIES)
+            return 1;
+    }
+    return 0;
+}
+
+void bench_free_processing(bench_processing *inputs)
+{
+    free(inputs->mask);
+    free(inputs->bias_offsets);
+    free(inputs->bias_tokens);
+    free(inputs->bias_values);
+    free(inputs->history_offsets);
+    free(inputs->history_tokens);
+    memset(inputs, 0, sizeof *inputs);
+}
+
+/* Streams of the random source for the processing inputs. */
+#define MASK_STREAM 0x4d41534bull       /* "MASK" */
+#define BIAS_STREAM 0x42494153ull       /* "BIAS" */
+#define HISTORY_STREAM 0x48495354ull    /* "HIST" */
+
+/* A history repeats tokens as generated text does: three in four come
+ * from a pool of this many tokens of the row. */
+#define HISTORY_POOL 256
+
+int bench_make_processing(bench_processing *inputs, int64_t rows, int64_t vocab, uint64_t seed)
+{
+    const int64_t words = (vocab + 31) / 32;
+    int64_t row;
+    memset(inputs, 0, sizeof *inputs);
+    inputs->rows = rows;
+    inputs->vocab = vocab;
+    inputs->mask_words = words;
+    inputs->mask = malloc((size_t)(rows * words) * sizeof(uint32_t));
+    inputs->bias_offsets = malloc((size_t)(rows + 1) * sizeof(int64_t));
+    inputs->bias_tokens = malloc((size_t)(rows * BENCH_BIAS_ENTRIES) * sizeof(int32_t));
+    inputs->bias_values = malloc((size_t)(rows * BENCH_BIAS_ENTRIES) * sizeof(float));
+    inputs->history_offsets = malloc((size_t)(rows + 1) * sizeof(int64_t));
+    inputs->history_tokens = malloc((size_t)(rows * BENCH_HISTORY_TOKENS) * sizeof(int32_t));
+    if (!inputs->mask || !inputs->bias_offsets || !inputs->bias_tokens || !inputs->bias_values ||
+        !inputs->history_offsets || !inputs->history_tokens)
+        return -1;
+#pragma omp parallel for schedule(static)
+    for (row = 0; row < rows; ++row) {
+        const uint64_t first = (uint64_t)row << 24; /* each row's own counters */
+        int64_t k;
+        for (k = 0; k < words; ++k)
+            inputs->mask[row * words + k] = (uint32_t)cli_random_u64(seed ^ MASK_STREAM, first + (uint64_t)k);
+        for (k = 0; k < BENCH_BIAS_ENTRIES; ++k) {
+            const int64_t at = row * BENCH_BIAS_ENTRIES + k;
+            inputs->bias_tokens[at] =
+                (int32_t)below(cli_random_u64(seed ^ BIAS_STREAM, first + (uint64_t)k), (uint32_t)vocab);
+            inputs->bias_values[at] =
+                (float)(6.0 * cli_random_unit(seed ^ BIAS_STREAM, first + (uint64_t)k + (1u << 20)) - 3.0);
+        }
+        for (k = 0; k < BENCH_HISTORY_TOKENS; ++k) {
+            uint64_t word = cli_random_u64(seed ^ HISTORY_STREAM, first + (uint64_t)k);
+            uint32_t token = below(word, (uint32_t)vocab);
+            if (word & 3u)
+                /* The pool: the row's tokens at HISTORY_POOL fixed counters. */
+                token = below(cli_random_u64(seed ^ HISTORY_STREAM,
+                                             first + (1u << 20) + (word >> 2) % HISTORY_POOL),
+                              (uint32_t)vocab);
+            inputs->history_tokens[row * BENCH_HISTORY_TOKENS + k] = (int32_t)token;
+        }
+    }
+    for (row = 0; row <= rows; ++row) {
+        inputs->bias_offsets[row] = row * BENCH_BIAS_ENTRIES;
+        inputs->history_offsets[row] = row * BENCH_HISTORY_TOKENS;
+    }
     return 0;
 }

@@ -53,8 +53,9 @@ void bench_write_json(FILE *out, const bench_result *results, int result_count)
                 cli_dtype_name(result->which.dtype),
                 setting->name, (double)setting->temperature, (int)setting->top_k,
                 (double)setting->top_p, (double)setting->min_p);
-        if (result->failed) {
-            fputs("\"error\": \"", out);
+        if (result->failed || result->unsupported) {
+            fputs(result->unsupported ? "\"unsupported\": true, \"error\": \"" : "\"error\": \"",
+                  out);
             write_json_characters(out, result->error);
             fputs("\"}", out);
             continue;
@@ -69,6 +70,8 @@ void bench_write_json(FILE *out, const bench_result *results, int result_count)
         print_optional(out, result->median_ms / result->read_ceiling_ms, "%.3f");
         fputs(", \"speedup_vs_cpu\": ", out);
         print_optional(out, result->speedup_vs_cpu, "%.3f");
+        fputs(", \"ratio_to_plain\": ", out);
+        print_optional(out, result->ratio_to_plain, "%.3f");
         fputs(", \"host_call_ms\": ", out);
         print_optional(out, result->host_call_ms, "%.6f");
         fputc('}', out);
@@ -87,33 +90,39 @@ static void format_optional(char *text, size_t size, double value, const char *f
 void bench_print_table(const bench_result *results, int result_count)
 {
     int i;
-    printf("%-7s %-6s %6s %7s %-6s %-5s %-9s %10s %8s %9s %7s %7s %10s %5s\n", "backend",
+    printf("%-7s %-6s %6s %7s %-6s %-5s %-9s %10s %8s %9s %7s %7s %7s %10s %5s\n", "backend",
            "memory", "rows", "vocab", "logits", "dtype", "setting", "median_ms", "GB/s",
-           "read_ms", "x_read", "vs_cpu", "host_ms", "runs");
+           "read_ms", "x_read", "x_plain", "vs_cpu", "host_ms", "runs");
     for (i = 0; i < result_count; ++i) {
         const bench_result *result = &results[i];
         const bench_setting *setting = &bench_settings[result->which.setting];
-        char read_ms[32], ratio[32], speedup[32], host_ms[32];
+        char read_ms[32], ratio[32], plain[32], speedup[32], host_ms[32];
         printf("%-7s %-6s %6lld %7lld %-6s %-5s %-9s ",
                psm_backend_name(result->backend->backend),
                result->backend->device ? "device" : "host", (long long)result->which.rows,
                (long long)result->which.vocab,
                bench_distribution_name(result->which.distribution),
                cli_dtype_name(result->which.dtype), setting->name);
+        if (result->unsupported) {
+            printf("%10s (%s)\n", "unsupported", result->error);
+            continue;
+        }
         if (result->failed) {
             printf("failed: %s\n", result->error);
             continue;
         }
         format_optional(read_ms, sizeof read_ms, result->read_ceiling_ms, "%.3f");
         format_optional(ratio, sizeof ratio, result->median_ms / result->read_ceiling_ms, "%.2f");
+        format_optional(plain, sizeof plain, result->ratio_to_plain, "%.3f");
         format_optional(speedup, sizeof speedup, result->speedup_vs_cpu, "%.2f");
         format_optional(host_ms, sizeof host_ms, result->host_call_ms, "%.3f");
-        printf("%10.3f %8.2f %9s %7s %7s %10s %5d\n", result->median_ms,
+        printf("%10.3f %8.2f %9s %7s %7s %7s %10s %5d\n", result->median_ms,
                logits_gigabytes(&result->which) / (result->median_ms * 1e-3), read_ms, ratio,
-               speedup, host_ms, result->runs);
+               plain, speedup, host_ms, result->runs);
     }
     printf("\nmedian_ms: median of the timed runs after a warm-up. read_ms: time to read the\n"
            "same logits once at the bandwidth measured in this run; x_read = median / read.\n"
+           "x_plain: median / the plain setting's median (same backend, shape, dtype, logits).\n"
            "vs_cpu: CPU backend median / this median. host_ms: a whole call on the host.\n"
            "logits: normal %s; lm: logit = %s.\n",
            bench_distribution_formula(DISTRIBUTION_NORMAL),

@@ -66,18 +66,18 @@ typedef struct sample_launch {
     int next_input;
     psm_params params;
     psm_output tokens;
+    psm_output logprobs; /* data NULL: none */
     psm_status status;
 } sample_launch;
 
 static int launch_sample(void *argument, int index)
 {
     sample_launch *launch = argument;
-    psm_output no_logprobs = {NULL, launch->tokens.memory};
     (void)index;
     launch->logits.data = launch->inputs[launch->next_input];
     launch->next_input = (launch->next_input + 1) % launch->input_count;
-    launch->status =
-        psm_sample(launch->context, &launch->logits, &launch->params, launch->tokens, no_logprobs);
+    launch->status = psm_sample(launch->context, &launch->logits, &launch->params,
+                                launch->tokens, launch->logprobs);
     return launch->status == PSM_OK ? 0 : -1;
 }
 
@@ -89,12 +89,26 @@ static int launch_sample_and_wait(sample_launch *launch)
     return launch->status == PSM_OK ? 0 : -1;
 }
 
+/* A failed call; a refusal of what the setting adds to the draw
+ * (PSM_ERR_UNSUPPORTED) is the backend's "unsupported", not a failure. */
 static void describe_failure(bench_result *result, const char *what, psm_status status)
 {
     snprintf(result->error, sizeof result->error, "%s: %s: %s", what, psm_status_string(status),
              psm_last_error());
-    result->failed = 1;
+    if (status == PSM_ERR_UNSUPPORTED && bench_settings[result->which.setting].extra != EXTRA_NONE)
+        result->unsupported = 1;
+    else
+        result->failed = 1;
 }
+
+/* What a case's setting adds to the draw, in the memory its logits are in:
+ * the shape's processing arrays (processing, device or host), the lists
+ * and penalties each setting uses, and the top-N outputs. */
+typedef struct case_extras {
+    psm_logit_processing mask_bias, penalties;
+    psm_top_logprobs top;
+    psm_output logprobs;
+} case_extras;
 
 /* Adaptive repeats: at least 3 runs and up to 20 within the time budget; a
  * case whose warm-up alone took longer than the budget gets a single timed
@@ -109,7 +123,8 @@ static int enough_runs(const bench_config *config, int runs, double elapsed_s, d
 
 /* Times one case on one backend; inputs already hold the logits. */
 static void time_case(const bench_config *config, bench_backend *backend, void **inputs,
-                      int input_count, void *tokens, bench_result *result)
+                      int input_count, void *tokens, const case_extras *extras,
+                      bench_result *result)
 {
     const bench_setting *setting = &bench_settings[result->which.setting];
     sample_launch launch;
@@ -134,6 +149,16 @@ static void time_case(const bench_config *config, bench_backend *backend, void *
     launch.params.seed = config->seed;
     launch.tokens.data = tokens;
     launch.tokens.memory = launch.logits.memory;
+    launch.logprobs.memory = launch.logits.memory;
+    switch (setting->extra) {
+    case EXTRA_MASK_BIAS: launch.params.processing = &extras->mask_bias; break;
+    case EXTRA_PENALTIES: launch.params.processing = &extras->penalties; break;
+    case EXTRA_TOP_20:
+        launch.params.top_logprobs = &extras->top;
+        launch.logprobs = extras->logprobs;
+        break;
+    case EXTRA_NONE: break;
+    }
 
     status = psm_context_reserve(backend->context, result->which.rows, result->which.vocab, 1);
     if (status != PSM_OK) {
@@ -217,12 +242,110 @@ static double device_read_ceiling_ms(bench_backend *backend, void *source, size_
     return 0.5 * best;
 }
 
+/* The buffers of what the settings add to the draw, on one backend. */
+enum extra_buffer {
+    EXTRA_BUFFER_MASK,
+    EXTRA_BUFFER_BIAS_OFFSETS,
+    EXTRA_BUFFER_BIAS_TOKENS,
+    EXTRA_BUFFER_BIAS_VALUES,
+    EXTRA_BUFFER_HISTORY_OFFSETS,
+    EXTRA_BUFFER_HISTORY_TOKENS,
+    EXTRA_BUFFER_LOGPROBS,
+    EXTRA_BUFFER_TOP_TOKENS,
+    EXTRA_BUFFER_TOP_LOGPROBS,
+    EXTRA_BUFFER_RANKS,
+    EXTRA_BUFFER_COUNT
+};
+
+/* A buffer of `bytes` in the backend's memory, holding host (when not
+ * NULL). 0, or -1. */
+static int place(bench_backend *backend, const void *host, size_t bytes, void **buffer)
+{
+    if (!backend->device) {
+        *buffer = host ? (void *)host : malloc(bytes);
+        return *buffer ? 0 : -1;
+    }
+    if (backend->device->allocate(backend->session, bytes, buffer) != 0)
+        return -1;
+    return host ? backend->device->upload(backend->session, *buffer, host, bytes) : 0;
+}
+
+static void release_extras(bench_backend *backend, void **buffers)
+{
+    int i;
+    for (i = 0; i < EXTRA_BUFFER_COUNT; ++i) {
+        if (backend->device)
+            backend->device->release(backend->session, buffers[i]);
+        else if (i >= EXTRA_BUFFER_LOGPROBS) /* the outputs; the inputs are the caller's */
+            free(buffers[i]);
+    }
+}
+
+/* The extras of rows rows (processing: the shape's inputs, or NULL) in
+ * buffers of the backend's memory. 0, or -1 (release_extras then). */
+static int place_extras(bench_backend *backend, const bench_processing *processing, int64_t rows,
+                        void **buffers, case_extras *extras)
+{
+    const size_t count = (size_t)rows;
+    int failed = 0;
+    memset(extras, 0, sizeof *extras);
+    psm_logit_processing_init(&extras->mask_bias);
+    psm_logit_processing_init(&extras->penalties);
+    if (processing) {
+        failed |= place(backend, processing->mask,
+                        count * (size_t)processing->mask_words * sizeof(uint32_t),
+                        &buffers[EXTRA_BUFFER_MASK]);
+        failed |= place(backend, processing->bias_offsets, (count + 1) * sizeof(int64_t),
+                        &buffers[EXTRA_BUFFER_BIAS_OFFSETS]);
+        failed |= place(backend, processing->bias_tokens,
+                        count * BENCH_BIAS_ENTRIES * sizeof(int32_t),
+                        &buffers[EXTRA_BUFFER_BIAS_TOKENS]);
+        failed |= place(backend, processing->bias_values,
+                        count * BENCH_BIAS_ENTRIES * sizeof(float),
+                        &buffers[EXTRA_BUFFER_BIAS_VALUES]);
+        failed |= place(backend, processing->history_offsets, (count + 1) * sizeof(int64_t),
+                        &buffers[EXTRA_BUFFER_HISTORY_OFFSETS]);
+        failed |= place(backend, processing->history_tokens,
+                        count * BENCH_HISTORY_TOKENS * sizeof(int32_t),
+                        &buffers[EXTRA_BUFFER_HISTORY_TOKENS]);
+        extras->mask_bias.allowed_mask = buffers[EXTRA_BUFFER_MASK];
+        extras->mask_bias.allowed_mask_words = processing->mask_words;
+        extras->mask_bias.bias_offsets = buffers[EXTRA_BUFFER_BIAS_OFFSETS];
+        extras->mask_bias.bias_tokens = buffers[EXTRA_BUFFER_BIAS_TOKENS];
+        extras->mask_bias.bias_values = buffers[EXTRA_BUFFER_BIAS_VALUES];
+        extras->penalties.history_offsets = buffers[EXTRA_BUFFER_HISTORY_OFFSETS];
+        extras->penalties.history_tokens = buffers[EXTRA_BUFFER_HISTORY_TOKENS];
+        extras->penalties.repetition_penalty = BENCH_REPETITION_PENALTY;
+        extras->penalties.frequency_penalty = BENCH_FREQUENCY_PENALTY;
+        extras->penalties.presence_penalty = BENCH_PRESENCE_PENALTY;
+    }
+    failed |= place(backend, NULL, count * sizeof(float), &buffers[EXTRA_BUFFER_LOGPROBS]);
+    failed |= place(backend, NULL, count * BENCH_TOP_LOGPROBS * sizeof(int32_t),
+                    &buffers[EXTRA_BUFFER_TOP_TOKENS]);
+    failed |= place(backend, NULL, count * BENCH_TOP_LOGPROBS * sizeof(float),
+                    &buffers[EXTRA_BUFFER_TOP_LOGPROBS]);
+    failed |= place(backend, NULL, count * sizeof(int32_t), &buffers[EXTRA_BUFFER_RANKS]);
+    {
+        psm_memory memory = backend->device ? PSM_MEMORY_DEVICE : PSM_MEMORY_HOST;
+        extras->logprobs = (psm_output){buffers[EXTRA_BUFFER_LOGPROBS], memory};
+        extras->top.count = BENCH_TOP_LOGPROBS;
+        extras->top.mode = PSM_LOGPROBS_PROCESSED;
+        extras->top.tokens = (psm_output){buffers[EXTRA_BUFFER_TOP_TOKENS], memory};
+        extras->top.logprobs = (psm_output){buffers[EXTRA_BUFFER_TOP_LOGPROBS], memory};
+        extras->top.sampled_ranks = (psm_output){buffers[EXTRA_BUFFER_RANKS], memory};
+    }
+    return failed ? -1 : 0;
+}
+
 /* Runs every case of one (shape, dtype) on one backend. */
 void bench_run_backend_cases(const bench_config *config, bench_backend *backend,
-                             const void *host_logits, size_t bytes, bench_result *results,
+                             const void *host_logits, size_t bytes,
+                             const bench_processing *processing, bench_result *results,
                              int result_count, int *progress, int progress_total)
 {
     void *inputs[BENCH_MAX_ROTATION];
+    void *extra_buffers[EXTRA_BUFFER_COUNT] = {NULL};
+    case_extras extras;
     void *tokens = NULL;
     int input_count = 1;
     int i;
@@ -259,6 +382,11 @@ void bench_run_backend_cases(const bench_config *config, bench_backend *backend,
                                              config->threads > 0 ? config->threads
                                                                  : omp_get_max_threads());
     }
+    if (!error[0] &&
+        place_extras(backend, processing, results[0].which.rows, extra_buffers, &extras) != 0)
+        snprintf(error, sizeof error, "%s",
+                 backend->device ? backend->device->last_error(backend->session)
+                                 : "out of memory");
 
     for (i = 0; i < result_count; ++i) {
         bench_result *result = &results[i];
@@ -267,6 +395,7 @@ void bench_run_backend_cases(const bench_config *config, bench_backend *backend,
         result->read_ceiling_ms = ceiling_ms;
         result->host_call_ms = NAN;
         result->speedup_vs_cpu = NAN;
+        result->ratio_to_plain = NAN;
         ++*progress;
         /* The case is named as it starts, so a long one shows what it is. */
         if (config->show_progress)
@@ -279,16 +408,19 @@ void bench_run_backend_cases(const bench_config *config, bench_backend *backend,
             snprintf(result->error, sizeof result->error, "%s", error);
             result->failed = 1;
         } else {
-            time_case(config, backend, inputs, input_count, tokens, result);
+            time_case(config, backend, inputs, input_count, tokens, &extras, result);
         }
         if (config->show_progress) {
-            if (result->failed)
+            if (result->unsupported)
+                fprintf(stderr, "unsupported: %s\n", result->error);
+            else if (result->failed)
                 fprintf(stderr, "failed: %s\n", result->error);
             else
                 fprintf(stderr, "%.3f ms (%d runs)\n", result->median_ms, result->runs);
         }
     }
 
+    release_extras(backend, extra_buffers);
     if (backend->device) {
         for (i = 0; i < input_count; ++i)
             backend->device->release(backend->session, inputs[i]);

@@ -22,31 +22,54 @@ static const char check_description[] =
     "per_row_params, per_row_seeds, num_samples_4, and the request state:\n"
     "offset_per_row, subsequences (one seed and position, a subsequence per\n"
     "row), gather (row indices with repeats, 1.5x the logits' rows, per-row\n"
-    "parameters) and seed_offset_pointers) through every device of every\n"
-    "available backend (e.g. opencl:0 and opencl:1 for a GPU driver and PoCL),\n"
-    "the CPU backend at 1 and 2 threads, device-resident buffers (CUDA,\n"
-    "OpenCL; per-row arrays, indices and pointers too) and, with per-row seeds,\n"
-    "rows alone, split and reversed batches; every other case has padded rows\n"
-    "(row_stride > vocab) and offsets use both 32-bit words. Prints token\n"
-    "agreement for every pair (it must be 100%), logprob differences, and\n"
-    "chi-square tests of a few settings against a float64 softmax (10^6 draws\n"
-    "each on the CPU backend).\n"
+    "parameters) and seed_offset_pointers; logit processing: processing and\n"
+    "processing_per_row (a mask allowing about half the tokens, a bias list, a\n"
+    "history of 200-400 tokens with repeats and a prompt list per row, the\n"
+    "penalties as scalars or per row); top-N logprobs, N = 20 with the drawn\n"
+    "tokens' ranks: top_logprobs (processed), top_logprobs_raw, and\n"
+    "processing_top_logprobs (with processing and a gather)) through every\n"
+    "device of every available backend (e.g. opencl:0 and opencl:1 for a GPU\n"
+    "driver and PoCL), the CPU backend at 1 and 2 threads, device-resident\n"
+    "buffers (CUDA, OpenCL; per-row arrays, indices, pointers and processing\n"
+    "lists too) and, with per-row seeds, rows alone, split and reversed\n"
+    "batches; every other case has padded rows (row_stride > vocab) and\n"
+    "offsets use both 32-bit words. Prints token agreement for every pair (it\n"
+    "must be 100%), logprob differences, top-N list and rank agreement, the\n"
+    "participants that refused a case's logit processing or top-N logprobs\n"
+    "(skipped, not counted as agreement), and chi-square tests of a few\n"
+    "settings, one with logit processing, against a float64 softmax (10^6\n"
+    "draws each on the CPU backend).\n"
     "Exit status 1 on any disagreement, failed call or failed test.\n";
 
 static const parameter_set parameter_sets[] = {
-    {"plain", 1.0f, 0, 1.0f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE},
-    {"greedy", 0.0f, 0, 1.0f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE},
-    {"top_k", 0.8f, 50, 1.0f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE},
-    {"top_p", 1.0f, 0, 0.9f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE},
-    {"min_p", 1.0f, 0, 1.0f, 0.05f, 1, 0, 0, REQUEST_STATE_NONE},
-    {"combined", 0.7f, 40, 0.95f, 0.02f, 1, 0, 0, REQUEST_STATE_NONE},
-    {"per_row_params", 1.0f, 0, 1.0f, 0.0f, 1, 1, 0, REQUEST_STATE_NONE},
-    {"per_row_seeds", 0.9f, 0, 1.0f, 0.0f, 1, 1, 1, REQUEST_STATE_NONE},
-    {"num_samples_4", 1.2f, 0, 0.8f, 0.0f, 4, 0, 0, REQUEST_STATE_NONE},
-    {"offset_per_row", 1.0f, 0, 0.95f, 0.0f, 2, 0, 0, REQUEST_STATE_OFFSETS},
-    {"subsequences", 0.9f, 0, 1.0f, 0.0f, 2, 0, 1, REQUEST_STATE_SUBSEQUENCES},
-    {"gather", 0.8f, 30, 1.0f, 0.0f, 2, 1, 0, REQUEST_STATE_GATHER},
-    {"seed_offset_pointers", 1.0f, 0, 0.9f, 0.02f, 1, 0, 0, REQUEST_STATE_POINTERS},
+    {"plain", 1.0f, 0, 1.0f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0},
+    {"greedy", 0.0f, 0, 1.0f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0},
+    {"top_k", 0.8f, 50, 1.0f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0},
+    {"top_p", 1.0f, 0, 0.9f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0},
+    {"min_p", 1.0f, 0, 1.0f, 0.05f, 1, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0},
+    {"combined", 0.7f, 40, 0.95f, 0.02f, 1, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0},
+    {"per_row_params", 1.0f, 0, 1.0f, 0.0f, 1, 1, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0},
+    {"per_row_seeds", 0.9f, 0, 1.0f, 0.0f, 1, 1, 1, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0},
+    {"num_samples_4", 1.2f, 0, 0.8f, 0.0f, 4, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0},
+    {"offset_per_row", 1.0f, 0, 0.95f, 0.0f, 2, 0, 0, REQUEST_STATE_OFFSETS, PROCESSING_NONE, 0,
+     0},
+    {"subsequences", 0.9f, 0, 1.0f, 0.0f, 2, 0, 1, REQUEST_STATE_SUBSEQUENCES, PROCESSING_NONE, 0,
+     0},
+    {"gather", 0.8f, 30, 1.0f, 0.0f, 2, 1, 0, REQUEST_STATE_GATHER, PROCESSING_NONE, 0, 0},
+    {"seed_offset_pointers", 1.0f, 0, 0.9f, 0.02f, 1, 0, 0, REQUEST_STATE_POINTERS,
+     PROCESSING_NONE, 0, 0},
+    /* Logit processing and top-N logprobs (N = 20, with the drawn tokens'
+     * ranks). */
+    {"processing", 0.9f, 0, 0.95f, 0.0f, 2, 0, 0, REQUEST_STATE_NONE, PROCESSING_SCALAR_PENALTIES,
+     0, 0},
+    {"processing_per_row", 1.0f, 0, 1.0f, 0.0f, 1, 1, 1, REQUEST_STATE_NONE,
+     PROCESSING_PER_ROW_PENALTIES, 0, 0},
+    {"top_logprobs", 0.8f, 0, 0.9f, 0.0f, 3, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 20,
+     PSM_LOGPROBS_PROCESSED},
+    {"top_logprobs_raw", 0.7f, 40, 1.0f, 0.0f, 2, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 20,
+     PSM_LOGPROBS_RAW},
+    {"processing_top_logprobs", 1.0f, 50, 1.0f, 0.0f, 2, 0, 0, REQUEST_STATE_GATHER,
+     PROCESSING_SCALAR_PENALTIES, 20, PSM_LOGPROBS_PROCESSED},
 };
 #define PARAMETER_SET_COUNT ((int)(sizeof parameter_sets / sizeof parameter_sets[0]))
 

@@ -13,6 +13,7 @@
 
 #include "bench_device.h"
 #include "polysample.h"
+#include "processing_files.h"
 
 #include <stdint.h>
 
@@ -29,6 +30,16 @@ typedef enum request_state_form {
     REQUEST_STATE_POINTERS      /* seed_pointer and offset_pointer */
 } request_state_form;
 
+/* Logit processing a case exercises (include/polysample.h,
+ * psm_logit_processing): a mask allowing about half the tokens, a bias list,
+ * a history of a few hundred tokens with repeats and a prompt list, with
+ * the penalties as scalars or one value per row. */
+typedef enum processing_form {
+    PROCESSING_NONE = 0,
+    PROCESSING_SCALAR_PENALTIES,
+    PROCESSING_PER_ROW_PENALTIES
+} processing_form;
+
 typedef struct parameter_set {
     const char *name;
     float temperature;
@@ -39,6 +50,9 @@ typedef struct parameter_set {
     int per_row_params;
     int per_row_seeds;
     request_state_form request_state;
+    processing_form processing;
+    int32_t top_logprobs;      /* N of top-N logprobs (with the drawn tokens' ranks); 0: none */
+    psm_logprob_mode top_mode;
 } parameter_set;
 
 typedef struct participant {
@@ -47,6 +61,7 @@ typedef struct participant {
     psm_context *context;
     const bench_device_ops *device; /* non-NULL: buffers live on the device */
     void *session;
+    char refusal[256]; /* the library's message when it last refused a feature */
 } participant;
 
 /* One batch of inputs on the host. */
@@ -57,8 +72,28 @@ typedef struct check_batch {
     psm_dtype dtype;
     const void *logits; /* rows rows of row_stride elements of dtype */
     psm_params params;  /* per-row pointers are host arrays (or NULL) of
-                           check_output_rows entries */
+                           check_output_rows entries; params.processing and
+                           params.top_logprobs are set at the call, from: */
+    const psm_logit_processing *processing; /* host arrays; NULL: none */
+    int32_t top_count;  /* top-N logprobs: N; 0: none */
+    psm_logprob_mode top_mode;
 } check_batch;
+
+/* A batch's outputs on the host: tokens and logprobs, output rows x
+ * num_samples; with top-N logprobs, top_tokens and top_logprobs (output
+ * rows x N) and the drawn tokens' ranks (output rows x num_samples). */
+typedef struct check_outputs {
+    int32_t *tokens;
+    float *logprobs;
+    int32_t *top_tokens;
+    float *top_logprobs;
+    int32_t *ranks;
+} check_outputs;
+
+/* Allocates a batch's outputs (top-N ones only with top_count > 0). 0, or
+ * -1 when out of memory (free them anyway). */
+int check_alloc_outputs(check_outputs *outputs, int64_t rows, int32_t samples, int32_t top_count);
+void check_free_outputs(check_outputs *outputs);
 
 /* The rows of a batch's outputs and per-row arrays: params.output_rows
  * with row indices, else the logits' rows. */
@@ -69,6 +104,12 @@ typedef struct pair_record {
     uint64_t agreed;
     double logprob_max_difference;
     uint64_t logprob_mismatches;
+    /* Top-N logprobs: list entries and ranks compared and equal (tokens,
+     * ranks), and the list's logprobs as above. */
+    uint64_t top_compared;
+    uint64_t top_agreed;
+    double top_logprob_max_difference;
+    uint64_t top_logprob_mismatches;
 } pair_record;
 
 typedef struct check_state {
@@ -78,6 +119,11 @@ typedef struct check_state {
     uint64_t composition_compared[CHECK_MAX_PARTICIPANTS];
     uint64_t composition_agreed[CHECK_MAX_PARTICIPANTS];
     uint64_t invalid_tokens[CHECK_MAX_PARTICIPANTS]; /* out of range, masked, not argmax... */
+    uint64_t invalid_top[CHECK_MAX_PARTICIPANTS];    /* top-N lists and ranks that break a rule */
+    /* Cases a participant refused (PSM_ERR_UNSUPPORTED: a feature its backend
+     * does not run yet), not counted as agreement; the first reason. */
+    int refused_cases[CHECK_MAX_PARTICIPANTS];
+    char refused_reason[CHECK_MAX_PARTICIPANTS][256];
     uint64_t failed_calls;
     int reported;
     int show_progress;
@@ -107,10 +153,14 @@ void check_close_participant(participant *closing);
 int check_open_participants(check_state *state, const psm_backend *requested,
                             const int *requested_devices, int requested_count);
 
-/* Samples a batch; tokens and logprobs (host) get output rows x
- * num_samples. 0, or -1 after a message. */
-int check_run_batch(participant *who, const check_batch *batch, int32_t *tokens,
-                    float *logprobs);
+/* What check_run_batch returns when the backend refused the batch's logit
+ * processing or top-N logprobs with PSM_ERR_UNSUPPORTED (the library's
+ * message is then in who->refusal). */
+#define CHECK_REFUSED 1
+
+/* Samples a batch into outputs (host). 0; CHECK_REFUSED; or -1 after a
+ * message. */
+int check_run_batch(participant *who, const check_batch *batch, const check_outputs *outputs);
 
 /* ---- inputs (check_inputs.c) -------------------------------------------------- */
 
@@ -128,6 +178,14 @@ typedef struct case_inputs {
     int64_t *row_indices;
     uint64_t seed_value;   /* what seed_pointer points to */
     uint64_t offset_value; /* what offset_pointer points to */
+    /* Logit processing (output rows' lists; NULL without it) and, for the
+     * checks of the tokens, each output row's logits as processed by the
+     * float64 reference (reference/psm_reference.h). */
+    psm_logit_processing processing;
+    uint32_t *mask;
+    cli_row_lists bias, history, prompt;
+    float *repetition, *frequency, *presence;
+    float *processed; /* output rows x vocab */
 } case_inputs;
 
 /* The case's inputs for shape (rows, vocab, row_stride, dtype) and the
@@ -136,6 +194,20 @@ typedef struct case_inputs {
 int check_make_inputs(const check_batch *shape, const parameter_set *set, uint64_t seed,
                       uint64_t offset, case_inputs *inputs);
 void check_free_inputs(case_inputs *inputs);
+
+/* One row's processing lists (also the chi-square test's):
+ * a mask allowing about half the tokens, 16 to 64 bias entries (some of
+ * one token twice), a history of 200 to 400 tokens drawn mostly from a
+ * pool of 48 (repeats), a prompt of 30 to 120 tokens. The arrays must hold
+ * (vocab + 31) / 32 words, 64 bias entries, 400 history and 120 prompt
+ * tokens; the counts are returned through the pointers. */
+#define CHECK_MAX_BIAS 64
+#define CHECK_MAX_HISTORY 400
+#define CHECK_MAX_PROMPT 120
+void check_make_row_lists(uint64_t seed, uint64_t row, int64_t vocab, uint32_t *mask,
+                          int32_t *bias_tokens, float *bias_values, int64_t *bias_count,
+                          int32_t *history, int64_t *history_count, int32_t *prompt,
+                          int64_t *prompt_count);
 
 /* ---- agreement (check_agreement.c) --------------------------------------------- */
 

@@ -1,10 +1,12 @@
 /* check_inputs.c: the inputs of one `polysample check` case: random logits
  * with the edges every backend must handle (ties, masked tokens, bad rows,
- * padding between rows), the per-row parameters and seeds, and the request
+ * padding between rows), the per-row parameters and seeds, the request
  * state (per-row offsets, subsequences, row indices, seed and offset by
- * pointer). */
+ * pointer), and logit processing (a mask, a bias list, a history and a
+ * prompt per row, with the penalties). */
 #include "check.h"
 #include "cli_util.h"
+#include "psm_reference.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -31,7 +33,141 @@ void check_free_inputs(case_inputs *inputs)
     free(inputs->offsets);
     free(inputs->subsequences);
     free(inputs->row_indices);
+    free(inputs->mask);
+    cli_row_lists_free(&inputs->bias);
+    cli_row_lists_free(&inputs->history);
+    cli_row_lists_free(&inputs->prompt);
+    free(inputs->repetition);
+    free(inputs->frequency);
+    free(inputs->presence);
+    free(inputs->processed);
     memset(inputs, 0, sizeof *inputs);
+}
+
+/* Streams of the random source for the processing lists. */
+#define LISTS_STREAM 0x4c49535453ull /* "LISTS" */
+#define PENALTY_STREAM 0x50454e414c5459ull /* "PENALTY" */
+
+void check_make_row_lists(uint64_t seed, uint64_t row, int64_t vocab, uint32_t *mask,
+                          int32_t *bias_tokens, float *bias_values, int64_t *bias_count,
+                          int32_t *history, int64_t *history_count, int32_t *prompt,
+                          int64_t *prompt_count)
+{
+    /* Each row's words come from its own counters: word k of row r is
+     * counter r * 2^20 + k (a row uses fewer than 2^20 words). */
+    uint64_t next = row << 20;
+    const int64_t words = (vocab + 31) / 32;
+    int32_t pool[48];
+    int64_t e, w;
+#define WORD() cli_random_u64(seed ^ LISTS_STREAM, next++)
+#define TOKEN() ((int32_t)(WORD() % (uint64_t)vocab))
+    for (w = 0; w < words; ++w)
+        mask[w] = (uint32_t)WORD();
+    for (e = 0; e < 48; ++e)
+        pool[e] = TOKEN();
+    *bias_count = 16 + (int64_t)(WORD() % (CHECK_MAX_BIAS - 16 + 1));
+    for (e = 0; e < *bias_count; ++e) {
+        /* Every eighth entry repeats an earlier token: entries of one token
+         * add in list order. */
+        bias_tokens[e] = e % 8 == 7 ? bias_tokens[e / 2] : TOKEN();
+        bias_values[e] = (float)(10.0 * cli_random_unit(seed ^ LISTS_STREAM, next++) - 5.0);
+    }
+    *history_count = 200 + (int64_t)(WORD() % (CHECK_MAX_HISTORY - 200 + 1));
+    for (e = 0; e < *history_count; ++e) {
+        uint64_t word = WORD();
+        /* Three in four from the pool: a token is often repeated. */
+        history[e] = (word & 3u) ? pool[(word >> 2) % 48] : (int32_t)((word >> 8) % (uint64_t)vocab);
+    }
+    *prompt_count = 30 + (int64_t)(WORD() % (CHECK_MAX_PROMPT - 30 + 1));
+    for (e = 0; e < *prompt_count; ++e)
+        prompt[e] = (e & 1) ? pool[WORD() % 48] : TOKEN();
+#undef WORD
+#undef TOKEN
+}
+
+/* The processing lists of every output row, their penalties, and each
+ * output row's logits as the float64 reference processes them (for the
+ * checks of the tokens). 0, or -1 when out of memory. */
+static int make_processing(const check_batch *shape, const parameter_set *set, uint64_t seed,
+                           case_inputs *inputs)
+{
+    const size_t outputs = (size_t)inputs->output_rows, vocab = (size_t)shape->vocab;
+    const int64_t words = (shape->vocab + 31) / 32;
+    psm_logit_processing *p = &inputs->processing;
+    size_t r;
+    cli_row_lists *bias = &inputs->bias, *history = &inputs->history, *prompt = &inputs->prompt;
+    inputs->mask = malloc(outputs * (size_t)words * sizeof(uint32_t));
+    bias->offsets = calloc(outputs + 1, sizeof(int64_t));
+    history->offsets = calloc(outputs + 1, sizeof(int64_t));
+    prompt->offsets = calloc(outputs + 1, sizeof(int64_t));
+    bias->tokens = malloc(outputs * CHECK_MAX_BIAS * sizeof(int32_t));
+    bias->values = malloc(outputs * CHECK_MAX_BIAS * sizeof(float));
+    history->tokens = malloc(outputs * CHECK_MAX_HISTORY * sizeof(int32_t));
+    prompt->tokens = malloc(outputs * CHECK_MAX_PROMPT * sizeof(int32_t));
+    inputs->processed = malloc(outputs * vocab * sizeof(float));
+    if (!inputs->mask || !bias->offsets || !history->offsets || !prompt->offsets ||
+        !bias->tokens || !bias->values || !history->tokens || !prompt->tokens ||
+        !inputs->processed)
+        return -1;
+    psm_logit_processing_init(p);
+    if (set->processing == PROCESSING_PER_ROW_PENALTIES) {
+        inputs->repetition = malloc(outputs * sizeof(float));
+        inputs->frequency = malloc(outputs * sizeof(float));
+        inputs->presence = malloc(outputs * sizeof(float));
+        if (!inputs->repetition || !inputs->frequency || !inputs->presence)
+            return -1;
+        /* Each penalty off in a third of the rows. */
+        for (r = 0; r < outputs; ++r) {
+            uint64_t word = cli_random_u64(seed ^ PENALTY_STREAM, r);
+            inputs->repetition[r] =
+                word % 3u == 0 ? 1.0f
+                               : (float)(0.8 + 0.7 * cli_random_unit(seed ^ PENALTY_STREAM ^ 1u, r));
+            inputs->frequency[r] =
+                (word >> 8) % 3u == 0 ? 0.0f
+                                      : (float)(cli_random_unit(seed ^ PENALTY_STREAM ^ 2u, r) - 0.2);
+            inputs->presence[r] =
+                (word >> 16) % 3u == 0 ? 0.0f
+                                       : (float)(1.5 * cli_random_unit(seed ^ PENALTY_STREAM ^ 3u, r) -
+                                                 0.3);
+        }
+        p->repetition_penalty_per_row = inputs->repetition;
+        p->frequency_penalty_per_row = inputs->frequency;
+        p->presence_penalty_per_row = inputs->presence;
+    } else {
+        p->repetition_penalty = 1.2f;
+        p->frequency_penalty = 0.3f;
+        p->presence_penalty = 0.4f;
+    }
+    for (r = 0; r < outputs; ++r) {
+        int64_t bias_count, history_count, prompt_count;
+        int64_t logits_row = inputs->row_indices ? inputs->row_indices[r] : (int64_t)r;
+        psm_ref_processing row;
+        row.allowed_mask = inputs->mask + r * (size_t)words;
+        row.bias_tokens = bias->tokens + bias->offsets[r];
+        row.bias_values = bias->values + bias->offsets[r];
+        row.history = history->tokens + history->offsets[r];
+        row.prompt = prompt->tokens + prompt->offsets[r];
+        check_make_row_lists(seed, r, shape->vocab, inputs->mask + r * (size_t)words,
+                             bias->tokens + bias->offsets[r], bias->values + bias->offsets[r],
+                             &bias_count, history->tokens + history->offsets[r], &history_count,
+                             prompt->tokens + prompt->offsets[r], &prompt_count);
+        bias->offsets[r + 1] = bias->offsets[r] + bias_count;
+        history->offsets[r + 1] = history->offsets[r] + history_count;
+        prompt->offsets[r + 1] = prompt->offsets[r] + prompt_count;
+        row.history_count = history_count;
+        row.prompt_count = prompt_count;
+        row.bias_count = bias_count;
+        row.repetition = inputs->repetition ? inputs->repetition[r] : p->repetition_penalty;
+        row.frequency = inputs->frequency ? inputs->frequency[r] : p->frequency_penalty;
+        row.presence = inputs->presence ? inputs->presence[r] : p->presence_penalty;
+        if (psm_ref_process_row(inputs->values + (size_t)logits_row * vocab, shape->vocab, &row,
+                                inputs->processed + r * vocab) != 1)
+            return -1;
+    }
+    p->allowed_mask = inputs->mask;
+    p->allowed_mask_words = words;
+    cli_attach_row_lists(p, bias, history, prompt);
+    return 0;
 }
 
 /* Random logits ~ N(0, 2^2), plus rows that exercise the edges: row 0 is
@@ -139,6 +275,8 @@ int check_make_inputs(const check_batch *shape, const parameter_set *set, uint64
         inputs->seed_value = cli_random_u64(seed ^ 0x5eedu, 0);
         inputs->offset_value = offset ^ 0x8000000100000000u;
     }
+    if (set->processing != PROCESSING_NONE)
+        return make_processing(shape, set, seed, inputs);
     return 0;
 }
 

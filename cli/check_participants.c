@@ -62,6 +62,34 @@ int64_t check_output_rows(const check_batch *batch)
     return batch->params.row_indices ? batch->params.output_rows : batch->rows;
 }
 
+int check_alloc_outputs(check_outputs *outputs, int64_t rows, int32_t samples, int32_t top_count)
+{
+    size_t drawn = (size_t)rows * (size_t)samples, listed = (size_t)rows * (size_t)top_count;
+    memset(outputs, 0, sizeof *outputs);
+    outputs->tokens = malloc(drawn * sizeof(int32_t));
+    outputs->logprobs = malloc(drawn * sizeof(float));
+    if (!outputs->tokens || !outputs->logprobs)
+        return -1;
+    if (top_count > 0) {
+        outputs->top_tokens = malloc(listed * sizeof(int32_t));
+        outputs->top_logprobs = malloc(listed * sizeof(float));
+        outputs->ranks = malloc(drawn * sizeof(int32_t));
+        if (!outputs->top_tokens || !outputs->top_logprobs || !outputs->ranks)
+            return -1;
+    }
+    return 0;
+}
+
+void check_free_outputs(check_outputs *outputs)
+{
+    free(outputs->tokens);
+    free(outputs->logprobs);
+    free(outputs->top_tokens);
+    free(outputs->top_logprobs);
+    free(outputs->ranks);
+    memset(outputs, 0, sizeof *outputs);
+}
+
 /* The device buffers of one batch, in the order check_run_batch fills them. */
 enum batch_buffer {
     BUFFER_LOGITS,
@@ -77,45 +105,133 @@ enum batch_buffer {
     BUFFER_OFFSET_POINTER,
     BUFFER_TOKENS,
     BUFFER_LOGPROBS,
+    BUFFER_MASK,
+    BUFFER_BIAS_OFFSETS,
+    BUFFER_BIAS_TOKENS,
+    BUFFER_BIAS_VALUES,
+    BUFFER_HISTORY_OFFSETS,
+    BUFFER_HISTORY_TOKENS,
+    BUFFER_PROMPT_OFFSETS,
+    BUFFER_PROMPT_TOKENS,
+    BUFFER_REPETITION,
+    BUFFER_FREQUENCY,
+    BUFFER_PRESENCE,
+    BUFFER_TOP_TOKENS,
+    BUFFER_TOP_LOGPROBS,
+    BUFFER_RANKS,
     BUFFER_COUNT
 };
 
-/* Samples a batch; tokens and logprobs (host) get output rows x num_samples. */
-int check_run_batch(participant *who, const check_batch *batch, int32_t *tokens, float *logprobs)
+/* A list's entries as the rows' offsets reach them (at least one, so that
+ * an empty list still has a buffer). */
+static size_t list_entries(const int64_t *offsets, size_t rows)
+{
+    return offsets && offsets[rows] > 0 ? (size_t)offsets[rows] : 1;
+}
+
+/* The processing arrays copied to the device, into *device (whose arrays
+ * then name device buffers). 0, or -1. */
+static int device_processing(participant *who, const psm_logit_processing *host, size_t rows,
+                             int64_t vocab, void **buffers, psm_logit_processing *device)
+{
+    size_t words = (size_t)(host->allowed_mask_words ? host->allowed_mask_words
+                                                     : (vocab + 31) / 32);
+    size_t bias = list_entries(host->bias_offsets, rows);
+    size_t history = list_entries(host->history_offsets, rows);
+    size_t prompt = list_entries(host->prompt_offsets, rows);
+    int failed = 0;
+    *device = *host;
+    failed |= device_copy(who, host->allowed_mask, rows * words * sizeof(uint32_t),
+                          &buffers[BUFFER_MASK]);
+    failed |= device_copy(who, host->bias_offsets, (rows + 1) * sizeof(int64_t),
+                          &buffers[BUFFER_BIAS_OFFSETS]);
+    failed |= device_copy(who, host->bias_tokens, bias * sizeof(int32_t),
+                          &buffers[BUFFER_BIAS_TOKENS]);
+    failed |= device_copy(who, host->bias_values, bias * sizeof(float),
+                          &buffers[BUFFER_BIAS_VALUES]);
+    failed |= device_copy(who, host->history_offsets, (rows + 1) * sizeof(int64_t),
+                          &buffers[BUFFER_HISTORY_OFFSETS]);
+    failed |= device_copy(who, host->history_tokens, history * sizeof(int32_t),
+                          &buffers[BUFFER_HISTORY_TOKENS]);
+    failed |= device_copy(who, host->prompt_offsets, (rows + 1) * sizeof(int64_t),
+                          &buffers[BUFFER_PROMPT_OFFSETS]);
+    failed |= device_copy(who, host->prompt_tokens, prompt * sizeof(int32_t),
+                          &buffers[BUFFER_PROMPT_TOKENS]);
+    failed |= device_copy(who, host->repetition_penalty_per_row, rows * sizeof(float),
+                          &buffers[BUFFER_REPETITION]);
+    failed |= device_copy(who, host->frequency_penalty_per_row, rows * sizeof(float),
+                          &buffers[BUFFER_FREQUENCY]);
+    failed |= device_copy(who, host->presence_penalty_per_row, rows * sizeof(float),
+                          &buffers[BUFFER_PRESENCE]);
+    device->allowed_mask = buffers[BUFFER_MASK];
+    device->bias_offsets = buffers[BUFFER_BIAS_OFFSETS];
+    device->bias_tokens = buffers[BUFFER_BIAS_TOKENS];
+    device->bias_values = buffers[BUFFER_BIAS_VALUES];
+    device->history_offsets = buffers[BUFFER_HISTORY_OFFSETS];
+    device->history_tokens = buffers[BUFFER_HISTORY_TOKENS];
+    device->prompt_offsets = buffers[BUFFER_PROMPT_OFFSETS];
+    device->prompt_tokens = buffers[BUFFER_PROMPT_TOKENS];
+    device->repetition_penalty_per_row = buffers[BUFFER_REPETITION];
+    device->frequency_penalty_per_row = buffers[BUFFER_FREQUENCY];
+    device->presence_penalty_per_row = buffers[BUFFER_PRESENCE];
+    return failed ? -1 : 0;
+}
+
+/* The call's outcome: 0, CHECK_REFUSED (a feature the backend lacks), or -1
+ * after a message. */
+static int call_outcome(participant *who, const check_batch *batch, psm_status status)
+{
+    if (status == PSM_OK)
+        status = psm_synchronize(who->context);
+    if (status == PSM_ERR_UNSUPPORTED && (batch->processing || batch->top_count > 0)) {
+        snprintf(who->refusal, sizeof who->refusal, "%s", psm_last_error());
+        return CHECK_REFUSED;
+    }
+    if (status != PSM_OK) {
+        cli_library_error("check", who->name, status);
+        return -1;
+    }
+    return 0;
+}
+
+int check_run_batch(participant *who, const check_batch *batch, const check_outputs *outputs)
 {
     psm_tensor logits;
     psm_params params = batch->params;
+    psm_logit_processing device_lists;
+    psm_top_logprobs top;
     psm_output token_output, logprob_output;
-    psm_status status;
     size_t rows = (size_t)check_output_rows(batch); /* the per-row arrays' entries */
-    size_t outputs = rows * (size_t)params.num_samples;
+    size_t drawn = rows * (size_t)params.num_samples;
+    size_t listed = rows * (size_t)batch->top_count;
     void *buffers[BUFFER_COUNT] = {NULL};
-    int failed = 0, i;
+    int failed = 0, outcome = -1, i;
 
     memset(&logits, 0, sizeof logits);
     logits.dtype = batch->dtype;
     logits.rows = batch->rows;
     logits.vocab = batch->vocab;
     logits.row_stride = batch->row_stride;
+    memset(&top, 0, sizeof top);
+    top.count = batch->top_count;
+    top.mode = batch->top_mode;
+    params.processing = batch->processing;
+    params.top_logprobs = batch->top_count > 0 ? &top : NULL;
     if (!who->device) {
         logits.data = (void *)batch->logits;
         logits.memory = PSM_MEMORY_HOST;
-        token_output.data = tokens;
-        token_output.memory = PSM_MEMORY_HOST;
-        logprob_output.data = logprobs;
-        logprob_output.memory = PSM_MEMORY_HOST;
-        status = psm_sample(who->context, &logits, &params, token_output, logprob_output);
-        if (status == PSM_OK)
-            status = psm_synchronize(who->context);
-        if (status != PSM_OK) {
-            cli_library_error("check", who->name, status);
-            return -1;
-        }
-        return 0;
+        token_output = (psm_output){outputs->tokens, PSM_MEMORY_HOST};
+        logprob_output = (psm_output){outputs->logprobs, PSM_MEMORY_HOST};
+        top.tokens = (psm_output){outputs->top_tokens, PSM_MEMORY_HOST};
+        top.logprobs = (psm_output){outputs->top_logprobs, PSM_MEMORY_HOST};
+        top.sampled_ranks = (psm_output){outputs->ranks, PSM_MEMORY_HOST};
+        return call_outcome(who, batch,
+                            psm_sample(who->context, &logits, &params, token_output,
+                                       logprob_output));
     }
 
     /* Device memory: the logits, the per-row arrays, the seed and offset
-     * pointers, and the outputs. */
+     * pointers, the processing arrays, and the outputs. */
     failed |= device_copy(who, batch->logits,
                           (size_t)batch->rows * (size_t)batch->row_stride *
                               cli_dtype_size(batch->dtype),
@@ -140,10 +256,23 @@ int check_run_batch(participant *who, const check_batch *batch, int32_t *tokens,
                           &buffers[BUFFER_SEED_POINTER]);
     failed |= device_copy(who, batch->params.offset_pointer, sizeof(uint64_t),
                           &buffers[BUFFER_OFFSET_POINTER]);
-    failed |= who->device->allocate(who->session, outputs * sizeof(int32_t),
+    failed |= who->device->allocate(who->session, drawn * sizeof(int32_t),
                                     &buffers[BUFFER_TOKENS]);
-    failed |= who->device->allocate(who->session, outputs * sizeof(float),
+    failed |= who->device->allocate(who->session, drawn * sizeof(float),
                                     &buffers[BUFFER_LOGPROBS]);
+    if (batch->processing) {
+        failed |= device_processing(who, batch->processing, rows, batch->vocab, buffers,
+                                    &device_lists);
+        params.processing = &device_lists;
+    }
+    if (batch->top_count > 0) {
+        failed |= who->device->allocate(who->session, listed * sizeof(int32_t),
+                                        &buffers[BUFFER_TOP_TOKENS]);
+        failed |= who->device->allocate(who->session, listed * sizeof(float),
+                                        &buffers[BUFFER_TOP_LOGPROBS]);
+        failed |= who->device->allocate(who->session, drawn * sizeof(int32_t),
+                                        &buffers[BUFFER_RANKS]);
+    }
     if (failed) {
         cli_error("check", "%s: %s", who->name, who->device->last_error(who->session));
     } else {
@@ -159,27 +288,33 @@ int check_run_batch(participant *who, const check_batch *batch, int32_t *tokens,
         params.row_indices = buffers[BUFFER_ROW_INDICES];
         params.seed_pointer = buffers[BUFFER_SEED_POINTER];
         params.offset_pointer = buffers[BUFFER_OFFSET_POINTER];
-        token_output.data = buffers[BUFFER_TOKENS];
-        token_output.memory = PSM_MEMORY_DEVICE;
-        logprob_output.data = buffers[BUFFER_LOGPROBS];
-        logprob_output.memory = PSM_MEMORY_DEVICE;
-        status = psm_sample(who->context, &logits, &params, token_output, logprob_output);
-        if (status == PSM_OK)
-            status = psm_synchronize(who->context);
-        if (status != PSM_OK) {
-            cli_library_error("check", who->name, status);
-            failed = 1;
-        } else if (who->device->download(who->session, tokens, buffers[BUFFER_TOKENS],
-                                         outputs * sizeof(int32_t)) != 0 ||
-                   who->device->download(who->session, logprobs, buffers[BUFFER_LOGPROBS],
-                                         outputs * sizeof(float)) != 0) {
+        token_output = (psm_output){buffers[BUFFER_TOKENS], PSM_MEMORY_DEVICE};
+        logprob_output = (psm_output){buffers[BUFFER_LOGPROBS], PSM_MEMORY_DEVICE};
+        top.tokens = (psm_output){buffers[BUFFER_TOP_TOKENS], PSM_MEMORY_DEVICE};
+        top.logprobs = (psm_output){buffers[BUFFER_TOP_LOGPROBS], PSM_MEMORY_DEVICE};
+        top.sampled_ranks = (psm_output){buffers[BUFFER_RANKS], PSM_MEMORY_DEVICE};
+        outcome = call_outcome(who, batch,
+                               psm_sample(who->context, &logits, &params, token_output,
+                                          logprob_output));
+        if (outcome == 0 &&
+            (who->device->download(who->session, outputs->tokens, buffers[BUFFER_TOKENS],
+                                   drawn * sizeof(int32_t)) != 0 ||
+             who->device->download(who->session, outputs->logprobs, buffers[BUFFER_LOGPROBS],
+                                   drawn * sizeof(float)) != 0 ||
+             (batch->top_count > 0 &&
+              (who->device->download(who->session, outputs->top_tokens,
+                                     buffers[BUFFER_TOP_TOKENS], listed * sizeof(int32_t)) != 0 ||
+               who->device->download(who->session, outputs->top_logprobs,
+                                     buffers[BUFFER_TOP_LOGPROBS], listed * sizeof(float)) != 0 ||
+               who->device->download(who->session, outputs->ranks, buffers[BUFFER_RANKS],
+                                     drawn * sizeof(int32_t)) != 0)))) {
             cli_error("check", "%s: %s", who->name, who->device->last_error(who->session));
-            failed = 1;
+            outcome = -1;
         }
     }
     for (i = 0; i < BUFFER_COUNT; ++i)
         who->device->release(who->session, buffers[i]);
-    return failed ? -1 : 0;
+    return outcome;
 }
 
 

@@ -1,7 +1,7 @@
 /* check_statistics.c: the chi-square tests of `polysample check`: many
  * draws of one row on the CPU backend against the float64 reference
- * distribution (reference/psm_reference.h), and psm_probs' distance from
- * it. */
+ * distribution (reference/psm_reference.h; with logit processing, of the
+ * row as the reference processes it), and psm_probs' distance from it. */
 #include "check.h"
 #include "cli_util.h"
 #include "psm_reference.h"
@@ -21,9 +21,62 @@ static double chi_square_critical(int df)
     return df * cube * cube * cube;
 }
 
+/* One row's processing lists for the library (offsets {0, count}) and for
+ * the reference. */
+typedef struct row_processing {
+    uint32_t *mask;
+    int32_t bias_tokens[CHECK_MAX_BIAS], history[CHECK_MAX_HISTORY], prompt[CHECK_MAX_PROMPT];
+    float bias_values[CHECK_MAX_BIAS];
+    int64_t bias_offsets[2], history_offsets[2], prompt_offsets[2];
+    psm_logit_processing library;
+    psm_ref_processing reference;
+} row_processing;
+
+/* Penalties of the processed chi-square test. */
+#define CHI_REPETITION 1.3f
+#define CHI_FREQUENCY 0.5f
+#define CHI_PRESENCE 0.4f
+
+static int make_row_processing(row_processing *lists, int64_t vocab, uint64_t seed)
+{
+    lists->mask = malloc((size_t)((vocab + 31) / 32) * sizeof(uint32_t));
+    if (!lists->mask)
+        return -1;
+    lists->bias_offsets[0] = lists->history_offsets[0] = lists->prompt_offsets[0] = 0;
+    check_make_row_lists(seed, 0, vocab, lists->mask, lists->bias_tokens, lists->bias_values,
+                         &lists->bias_offsets[1], lists->history, &lists->history_offsets[1],
+                         lists->prompt, &lists->prompt_offsets[1]);
+    psm_logit_processing_init(&lists->library);
+    lists->library.allowed_mask = lists->mask;
+    lists->library.bias_offsets = lists->bias_offsets;
+    lists->library.bias_tokens = lists->bias_tokens;
+    lists->library.bias_values = lists->bias_values;
+    lists->library.history_offsets = lists->history_offsets;
+    lists->library.history_tokens = lists->history;
+    lists->library.prompt_offsets = lists->prompt_offsets;
+    lists->library.prompt_tokens = lists->prompt;
+    lists->library.repetition_penalty = CHI_REPETITION;
+    lists->library.frequency_penalty = CHI_FREQUENCY;
+    lists->library.presence_penalty = CHI_PRESENCE;
+    lists->reference.allowed_mask = lists->mask;
+    lists->reference.history = lists->history;
+    lists->reference.history_count = lists->history_offsets[1];
+    lists->reference.prompt = lists->prompt;
+    lists->reference.prompt_count = lists->prompt_offsets[1];
+    lists->reference.bias_tokens = lists->bias_tokens;
+    lists->reference.bias_values = lists->bias_values;
+    lists->reference.bias_count = lists->bias_offsets[1];
+    lists->reference.repetition = CHI_REPETITION;
+    lists->reference.frequency = CHI_FREQUENCY;
+    lists->reference.presence = CHI_PRESENCE;
+    return 0;
+}
+
 static int chi_square_test(psm_context *context, const parameter_set *set, int64_t vocab,
                            int64_t draws, uint64_t seed)
 {
+    row_processing lists = {.mask = NULL};
+    float *processed = NULL;
     float *logits = malloc((size_t)vocab * sizeof *logits);
     float *probs = malloc((size_t)vocab * sizeof *probs);
     double *expected = malloc((size_t)vocab * sizeof *expected);
@@ -39,7 +92,10 @@ static int chi_square_test(psm_context *context, const parameter_set *set, int64
     int64_t i;
     int bins = 0, passed = 0, failed_call = 0;
 
-    if (!logits || !probs || !expected || !counts || !tokens) {
+    if (!logits || !probs || !expected || !counts || !tokens ||
+        (set->processing != PROCESSING_NONE &&
+         (make_row_processing(&lists, vocab, seed) != 0 ||
+          !(processed = malloc((size_t)vocab * sizeof *processed))))) {
         cli_error("check", "out of memory for the chi-square test");
         failed_call = 1;
         goto done;
@@ -60,6 +116,8 @@ static int chi_square_test(psm_context *context, const parameter_set *set, int64
     params.min_p = set->min_p;
     params.seed = seed;
     params.num_samples = (int32_t)draws;
+    if (set->processing != PROCESSING_NONE)
+        params.processing = &lists.library;
     token_output.data = tokens;
     status = psm_sample(context, &tensor, &params, token_output, no_logprobs);
     if (status == PSM_OK)
@@ -73,7 +131,8 @@ static int chi_square_test(psm_context *context, const parameter_set *set, int64
     reference.top_k = set->top_k;
     reference.top_p = set->top_p;
     reference.min_p = set->min_p;
-    if (psm_ref_distribution(logits, vocab, &reference, expected) != 1) {
+    if ((processed && psm_ref_process_row(logits, vocab, &lists.reference, processed) != 1) ||
+        psm_ref_distribution(processed ? processed : logits, vocab, &reference, expected) != 1) {
         cli_error("check", "out of memory for the float64 reference");
         failed_call = 1;
         goto done;
@@ -126,6 +185,8 @@ static int chi_square_test(psm_context *context, const parameter_set *set, int64
            distance);
 
 done:
+    free(lists.mask);
+    free(processed);
     free(logits);
     free(probs);
     free(expected);
@@ -138,13 +199,20 @@ done:
 int check_run_chi_square_tests(psm_context *context, int64_t draws, uint64_t seed)
 {
     static const parameter_set chi_sets[] = {
-        {"plain T=1", 1.0f, 0, 1.0f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE},
-        {"T=0.7 top-k 50", 0.7f, 50, 1.0f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE},
-        {"top-p 0.9", 1.0f, 0, 0.9f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE},
-        {"T=1.3 min-p 0.05", 1.3f, 0, 1.0f, 0.05f, 1, 0, 0, REQUEST_STATE_NONE},
-        {"T=0.8 k100 p0.95 minp0.01", 0.8f, 100, 0.95f, 0.01f, 1, 0, 0, REQUEST_STATE_NONE},
+        {"plain T=1", 1.0f, 0, 1.0f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0},
+        {"T=0.7 top-k 50", 0.7f, 50, 1.0f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0,
+         0},
+        {"top-p 0.9", 1.0f, 0, 0.9f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0},
+        {"T=1.3 min-p 0.05", 1.3f, 0, 1.0f, 0.05f, 1, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE,
+         0, 0},
+        {"T=0.8 k100 p0.95 minp0.01", 0.8f, 100, 0.95f, 0.01f, 1, 0, 0, REQUEST_STATE_NONE,
+         PROCESSING_NONE, 0, 0},
+        /* A mask, a bias list, a history with repeats and a prompt;
+         * repetition 1.3, frequency 0.5, presence 0.4. */
+        {"processed T=0.9 p0.95", 0.9f, 0, 0.95f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE,
+         PROCESSING_SCALAR_PENALTIES, 0, 0},
     };
-    static const int64_t chi_vocabs[] = {5000, 32000, 5000, 5000, 32000};
+    static const int64_t chi_vocabs[] = {5000, 32000, 5000, 5000, 32000, 5000};
     int t, failures = 0;
     printf("\nchi-square vs float64 softmax, %lld draws each, CPU backend (alpha 0.001):\n",
            (long long)draws);

@@ -338,3 +338,15 @@ void cli_row_lists_free(cli_row_lists *lists)
     free(lists->values);
     memset(lists, 0, sizeof *lists);
 }
+
+void cli_attach_row_lists(psm_logit_processing *processing, const cli_row_lists *bias,
+                          const cli_row_lists *history, const cli_row_lists *prompt)
+{
+    processing->bias_offsets = bias->offsets;
+    processing->bias_tokens = bias->tokens;
+    processing->bias_values = bias->values;
+    processing->history_offsets = history->offsets;
+    processing->history_tokens = history->tokens;
+    processing->prompt_offsets = prompt->offsets;
+    processing->prompt_tokens = prompt->tokens;
+}

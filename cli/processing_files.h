@@ -23,6 +23,8 @@
 #ifndef PSM_CLI_PROCESSING_FILES_H
 #define PSM_CLI_PROCESSING_FILES_H
 
+#include "polysample.h"
+
 #include <stddef.h>
 #include <stdint.h>
 
@@ -50,5 +52,10 @@ int cli_read_token_lists(const char *path, int64_t rows, int64_t vocab, cli_row_
                          char *error, size_t error_size);
 
 void cli_row_lists_free(cli_row_lists *lists);
+
+/* Points processing's bias, history and prompt arrays at the lists (a list
+ * without offsets leaves its arrays NULL: no such list). */
+void cli_attach_row_lists(psm_logit_processing *processing, const cli_row_lists *bias,
+                          const cli_row_lists *history, const cli_row_lists *prompt);
 
 #endif /* PSM_CLI_PROCESSING_FILES_H */

@@ -88,13 +88,7 @@ static int read_processing_files(processing_options *options, int64_t rows, int6
         return -1;
     }
     processing->allowed_mask = inputs->mask;
-    processing->bias_offsets = inputs->bias.offsets;
-    processing->bias_tokens = inputs->bias.tokens;
-    processing->bias_values = inputs->bias.values;
-    processing->history_offsets = inputs->history.offsets;
-    processing->history_tokens = inputs->history.tokens;
-    processing->prompt_offsets = inputs->prompt.offsets;
-    processing->prompt_tokens = inputs->prompt.tokens;
+    cli_attach_row_lists(processing, &inputs->bias, &inputs->history, &inputs->prompt);
     return 0;
 }
 

@@ -307,3 +307,48 @@ int psm_ref_distribution_ordered(const float *logits, int64_t vocab, const psm_r
     normalise(probs, vocab);
     return 1;
 }
+
+int psm_ref_process_row(const float *logits, int64_t vocab, const psm_ref_processing *processing,
+                        float *out)
+{
+    double *value = malloc((size_t)vocab * sizeof *value);
+    int64_t *count = calloc((size_t)vocab, sizeof *count);
+    unsigned char *in_prompt = calloc((size_t)vocab, 1);
+    if (!value || !count || !in_prompt) {
+        free(value);
+        free(count);
+        free(in_prompt);
+        return -1;
+    }
+    for (int64_t e = 0; e < processing->history_count; ++e)
+        count[processing->history[e]]++;
+    for (int64_t e = 0; e < processing->prompt_count; ++e)
+        in_prompt[processing->prompt[e]] = 1;
+    const double r = processing->repetition;
+    for (int64_t i = 0; i < vocab; ++i) {
+        double x = isnan(logits[i]) || isinf(logits[i]) ? (double)logits[i] : read_logit(logits[i]);
+        if (count[i] > 0 || in_prompt[i]) {
+            if (r != 1.0)
+                x = x > 0.0 ? x / r : x * r;
+            if (count[i] > 0)
+                x = x - (double)processing->frequency * (double)count[i] -
+                    (double)processing->presence;
+        }
+        value[i] = x;
+    }
+    for (int64_t e = 0; e < processing->bias_count; ++e)
+        value[processing->bias_tokens[e]] += (double)processing->bias_values[e];
+    for (int64_t i = 0; i < vocab; ++i) {
+        float x = (float)value[i];
+        int allowed = !processing->allowed_mask ||
+                      ((processing->allowed_mask[i / 32] >> (i % 32)) & 1u);
+        /* A mask hides a valid logit only: NaN and +inf keep the row bad. */
+        if (!allowed && !isnan(x) && !(isinf(x) && x > 0))
+            x = -INFINITY;
+        out[i] = isfinite(x) ? (float)read_logit(x) : x;
+    }
+    free(value);
+    free(count);
+    free(in_prompt);
+    return 1;
+}

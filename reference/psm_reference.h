@@ -47,4 +47,32 @@ int psm_ref_distribution_ordered(const float *logits, int64_t vocab, const psm_r
  * bad row. */
 int64_t psm_ref_argmax(const float *logits, int64_t vocab);
 
+/* Logit processing of one row (docs/SAMPLING.md section 1): the penalties
+ * for tokens of the history (counted) and the prompt, then the bias entries
+ * in list order, then the allowed-token mask. */
+typedef struct psm_ref_processing {
+    const uint32_t *allowed_mask; /* the row's words (bit i % 32 of word i / 32);
+                                     NULL: every token allowed */
+    const int32_t *history;
+    int64_t history_count;
+    const int32_t *prompt;
+    int64_t prompt_count;
+    const int32_t *bias_tokens;
+    const float *bias_values;
+    int64_t bias_count;
+    float repetition; /* 1: off */
+    float frequency;  /* 0: off */
+    float presence;   /* 0: off */
+} psm_ref_processing;
+
+/* out[0..vocab) = the processed logits, computed in float64 by the rule's
+ * definitions (x / r for the repetition penalty) and rounded to float once,
+ * then read as the contract reads a logit (tiny magnitudes and -0 become
+ * +0). The contract rounds after each float operation instead, so the two
+ * differ by a few float ulps of the operands. Token ids must be in
+ * [0, vocab). Returns 1, or -1 when its working memory cannot be
+ * allocated. */
+int psm_ref_process_row(const float *logits, int64_t vocab, const psm_ref_processing *processing,
+                        float *out);
+
 #endif /* PSM_REFERENCE_H */

@@ -332,3 +332,27 @@ psm_params psm_test_params_of(const psm_ref_params *filters, int32_t filter_orde
     params.filter_order = filter_order;
     return params;
 }
+
+/* ---- features some backends refuse ------------------------------------- */
+
+int psm_test_feature_ran(psm_context *context, psm_backend backend, psm_status status,
+                         const char *test_name, const char *feature, const int32_t *untouched,
+                         size_t count, int32_t sentinel)
+{
+    if (status == PSM_ERR_UNSUPPORTED && backend != PSM_BACKEND_CPU) {
+        for (size_t k = 0; k < count; ++k)
+            ck_assert_msg(untouched[k] == sentinel,
+                          "%s: a refused call wrote entry %zu (%d)", test_name, k,
+                          (int)untouched[k]);
+        char reason[512];
+        snprintf(reason, sizeof reason,
+                 "refused as it should be (%s); the rest needs the backend to run %s",
+                 psm_last_error(), feature);
+        psm_test_skip(psm_backend_name(backend), test_name, reason);
+        return 0;
+    }
+    ck_assert_msg(status == PSM_OK, "%s: %s: %s", test_name, psm_status_string(status),
+                  psm_last_error());
+    PSM_CHECK_OK(psm_synchronize(context));
+    return 1;
+}

@@ -123,4 +123,18 @@ struct psm_ref_params;
  * top-k, top-p, min-p) and this filter order. */
 psm_params psm_test_params_of(const struct psm_ref_params *filters, int32_t filter_order);
 
+/* ---- features some backends refuse ------------------------------------- */
+
+/* After a call that needs a feature a backend may not run yet (logit
+ * processing, top-N logprobs), with `status` its result: a refusal
+ * (PSM_ERR_UNSUPPORTED) from a backend other than the CPU one, which runs
+ * every feature, must have written nothing, so each of the `count` entries
+ * of `untouched` (an output the caller filled with `sentinel`) is checked;
+ * the test is then skipped visibly (a SKIP line naming the feature and the
+ * library's message) and 0 is returned. Any other status must be PSM_OK;
+ * the context is synchronised and 1 is returned. */
+int psm_test_feature_ran(psm_context *context, psm_backend backend, psm_status status,
+                         const char *test_name, const char *feature, const int32_t *untouched,
+                         size_t count, int32_t sentinel);
+
 #endif /* PSM_TEST_HARNESS_H */

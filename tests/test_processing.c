@@ -16,7 +16,6 @@
 #include "psm_contract.h"
 
 #include <math.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -166,8 +165,8 @@ static void process_literally(const batch *b, const float *raw, float *out)
 }
 
 /* Runs psm_sample with processing; on a backend without it, checks the
- * refusal (nothing written) and says so with a SKIP line. Returns whether
- * the backend ran it. */
+ * refusal (nothing written) and skips visibly. Returns whether the backend
+ * ran it. */
 static int sample_processed(psm_context *context, psm_backend backend, const char *test,
                             psm_tensor logits, const psm_params *params, int32_t *tokens,
                             float *logprobs)
@@ -177,18 +176,8 @@ static int sample_processed(psm_context *context, psm_backend backend, const cha
         tokens[k] = SENTINEL_TOKEN;
     psm_status status = psm_sample(context, &logits, params, psm_test_output(tokens),
                                    psm_test_output(logprobs));
-    if (status == PSM_ERR_UNSUPPORTED && backend != PSM_BACKEND_CPU) {
-        for (size_t k = 0; k < outputs; ++k)
-            ck_assert_int_eq(tokens[k], SENTINEL_TOKEN);
-        char reason[256];
-        snprintf(reason, sizeof reason, "refused as it should be (%s); the rest needs the backend "
-                 "to run logit processing", psm_last_error());
-        psm_test_skip(psm_backend_name(backend), test, reason);
-        return 0;
-    }
-    ck_assert_msg(status == PSM_OK, "%s: %s", psm_status_string(status), psm_last_error());
-    PSM_CHECK_OK(psm_synchronize(context));
-    return 1;
+    return psm_test_feature_ran(context, backend, status, test, "logit processing", tokens,
+                                outputs, SENTINEL_TOKEN);
 }
 
 /* Processing equals a plain call on the literally processed logits: tokens,

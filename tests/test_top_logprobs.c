@@ -60,18 +60,8 @@ static int sample_with_top(psm_context *context, psm_backend backend, const char
     params->top_logprobs = top;
     psm_status status =
         psm_test_sample_f32(context, logits, rows, vocab, params, out->tokens, NULL);
-    if (status == PSM_ERR_UNSUPPORTED && backend != PSM_BACKEND_CPU) {
-        for (int64_t k = 0; k < rows * top->count; ++k)
-            ck_assert_int_eq(out->top_tokens[k], SENTINEL);
-        char reason[256];
-        snprintf(reason, sizeof reason, "refused as it should be (%s); the rest needs the backend "
-                 "to run top-N logprobs", psm_last_error());
-        psm_test_skip(psm_backend_name(backend), test, reason);
-        return 0;
-    }
-    ck_assert_msg(status == PSM_OK, "%s: %s", psm_status_string(status), psm_last_error());
-    PSM_CHECK_OK(psm_synchronize(context));
-    return 1;
+    return psm_test_feature_ran(context, backend, status, test, "top-N logprobs",
+                                out->top_tokens, (size_t)(rows * top->count), SENTINEL);
 }
 
 /* Candidates in rank order: indices sorted by (logit desc, index asc). */
@@ -241,6 +231,72 @@ PSM_PROPERTY(raw_top_logprobs_are_the_log_softmax_as_given)
     free(expected);
 }
 
+/* Drawn tokens below the top candidate: with one or two samples from a
+ * nearly flat row, candidates ranked above every drawn token are the rule
+ * (the rank counter's difference array must end its count at its last
+ * slot then), in both modes. */
+PSM_PROPERTY(ranks_of_few_samples_below_the_top)
+{
+    const int64_t rows = 6, vocab = 1200;
+    const int32_t count = 5;
+    float *logits = psm_test_alloc((size_t)(rows * vocab), sizeof(float));
+    psm_test_rng rng = psm_test_rng_make(0x70904);
+    for (int64_t i = 0; i < rows * vocab; ++i)
+        logits[i] = (float)(0.01 * psm_test_rng_normal(&rng));
+    float *probs = psm_test_alloc((size_t)(rows * vocab), sizeof(float));
+    int *candidate = psm_test_alloc((size_t)vocab, sizeof(int));
+    double *expected = psm_test_alloc((size_t)vocab, sizeof(double));
+    psm_context *context = psm_test_open(backend);
+    for (int32_t samples = 1; samples <= 2; ++samples)
+        for (int mode = 0; mode < 2; ++mode) {
+            psm_params params;
+            psm_params_init(&params);
+            params.num_samples = samples;
+            params.seed = 700 + (uint64_t)(2 * samples + mode);
+            outputs out = make_outputs(rows, samples, count);
+            psm_top_logprobs top = {.count = count,
+                                    .mode = mode ? PSM_LOGPROBS_RAW : PSM_LOGPROBS_PROCESSED};
+            PSM_CHECK_OK(psm_test_probs_f32(context, logits, rows, vocab, &params, probs));
+            PSM_CHECK_OK(psm_synchronize(context));
+            if (!sample_with_top(context, backend, "ranks_of_few_samples_below_the_top", logits,
+                                 rows, vocab, &params, &top, &out)) {
+                free_outputs(&out);
+                goto done;
+            }
+            int below_top = 0;
+            for (int64_t r = 0; r < rows; ++r) {
+                const float *row = logits + r * vocab;
+                double max = -INFINITY, sum = 0.0;
+                for (int64_t i = 0; i < vocab; ++i)
+                    max = row[i] > max ? row[i] : max;
+                for (int64_t i = 0; i < vocab; ++i)
+                    sum += exp((double)row[i] - max);
+                for (int64_t i = 0; i < vocab; ++i) {
+                    candidate[i] = 1;
+                    expected[i] = mode ? (double)row[i] - max - log(sum)
+                                       : log((double)probs[r * vocab + i]);
+                }
+                char label[64];
+                snprintf(label, sizeof label, "%d samples, mode %d, row %lld", samples, mode,
+                         (long long)r);
+                check_row(label, row, vocab, candidate, expected, out.top_tokens + r * count,
+                          out.top_logprobs + r * count, count, out.tokens + r * samples,
+                          out.ranks + r * samples, samples);
+                for (int32_t j = 0; j < samples; ++j)
+                    below_top |= out.ranks[r * samples + j] > 1;
+            }
+            ck_assert_msg(below_top, "%d samples, mode %d: every drawn token was the top one",
+                          samples, mode);
+            free_outputs(&out);
+        }
+done:
+    psm_context_destroy(context);
+    free(logits);
+    free(probs);
+    free(candidate);
+    free(expected);
+}
+
 /* Greedy rows: a point mass in the processed mode; bad rows: -1 and NaN. */
 PSM_PROPERTY(greedy_and_bad_rows)
 {
@@ -371,5 +427,6 @@ int main(void)
     psm_test_register_property(processed_top_logprobs_follow_the_kept_set);
     psm_test_register_property(raw_top_logprobs_are_the_log_softmax_as_given);
     psm_test_register_property(greedy_and_bad_rows);
+    psm_test_register_property(ranks_of_few_samples_below_the_top);
     return psm_test_run("test_top_logprobs");
 }

@@ -256,6 +256,24 @@ static inline size_t dtype_size(psm_dtype dtype)
     return dtype == PSM_DTYPE_F32 ? 4 : 2;
 }
 
+/* Element i of a row of logits of this dtype, widened to float (exactly:
+ * every f16 and bf16 is a float), before psm_read_logit: the backend's one
+ * reader of its input. Called with a constant dtype it inlines to the
+ * conversion alone, so that the tile loops that widen with it vectorise. */
+static inline float cpu_element(const unsigned char *data, psm_dtype dtype, int64_t i)
+{
+    if (dtype == PSM_DTYPE_F32)
+        return ((const float *)data)[i];
+    const uint16_t bits = ((const uint16_t *)data)[i];
+    return dtype == PSM_DTYPE_BF16 ? psm_bf16_to_float(bits) : psm_f16_to_float(bits);
+}
+
+/* Element i as the contract reads it (psm_read_logit). */
+static inline float cpu_logit_at(const unsigned char *data, psm_dtype dtype, int64_t i)
+{
+    return psm_read_logit(cpu_element(data, dtype, i));
+}
+
 static inline int64_t tile_length(const cpu_row *row, int64_t tile)
 {
     int64_t start = tile * PSM_TILE;

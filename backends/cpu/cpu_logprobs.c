@@ -29,16 +29,6 @@ static int top_full_above(const top_keys *top, uint64_t bound)
     return top->count == top->capacity && bound <= top->key[top->count - 1];
 }
 
-/* Element i of a row, after psm_read_logit. */
-static float logit_at(const unsigned char *data, psm_dtype dtype, int64_t i)
-{
-    if (dtype == PSM_DTYPE_F32)
-        return psm_read_logit(((const float *)data)[i]);
-    uint16_t bits = ((const uint16_t *)data)[i];
-    return psm_read_logit(dtype == PSM_DTYPE_BF16 ? psm_bf16_to_float(bits)
-                                                  : psm_f16_to_float(bits));
-}
-
 /* Is token i (logit x) a candidate of the processed mode: a kept token? */
 static int is_kept(const cpu_row *row, float x, uint32_t token)
 {
@@ -79,7 +69,10 @@ static void count_candidate(rank_counter *ranks, uint64_t key)
     }
     if (low > 0) {
         ranks->above[0] += 1;
-        ranks->above[low] -= 1;
+        /* Above every drawn key, the count reaches the last slot: the
+         * difference array has no entry past it to end on. */
+        if (low < ranks->samples)
+            ranks->above[low] -= 1;
     }
 }
 
@@ -134,7 +127,7 @@ static void raw_top_logprobs(const psm_request *request, int64_t r, int64_t logi
     const int64_t vocab = logits->vocab;
     float max = -INFINITY;
     for (int64_t i = 0; i < vocab; ++i) {
-        float x = logit_at(data, logits->dtype, i);
+        float x = cpu_logit_at(data, logits->dtype, i);
         if (is_valid_logit(x) && x > max)
             max = x;
     }
@@ -143,7 +136,7 @@ static void raw_top_logprobs(const psm_request *request, int64_t r, int64_t logi
     uint64_t total = 0;
     top_keys best = {.count = 0, .capacity = top->count};
     for (int64_t i = 0; i < vocab; ++i) {
-        float x = logit_at(data, logits->dtype, i);
+        float x = cpu_logit_at(data, logits->dtype, i);
         if (!is_valid_logit(x))
             continue;
         total += psm_weight(psm_scaled_gap(max, x, scale), bits);
@@ -185,7 +178,7 @@ static void processed_top_logprobs(const psm_request *request, const cpu_row *ro
             continue;
         int64_t start = tile * PSM_TILE, n = tile_length(row, tile);
         for (int64_t k = 0; k < n; ++k) {
-            float x = logit_at(row->data, row->dtype, start + k);
+            float x = cpu_logit_at(row->data, row->dtype, start + k);
             if (!is_kept(row, x, (uint32_t)(start + k)))
                 continue;
             uint64_t key = psm_rank_key(x, (uint32_t)(start + k));
@@ -256,7 +249,7 @@ void cpu_top_logprobs(const psm_request *request, const cpu_row *row, const cpu_
             dtype = request->logits.dtype;
         }
         for (int64_t j = 0; j < samples; ++j)
-            keys[j] = psm_rank_key(logit_at(data, dtype, drawn[j]), (uint32_t)drawn[j]);
+            keys[j] = psm_rank_key(cpu_logit_at(data, dtype, drawn[j]), (uint32_t)drawn[j]);
         memcpy(ranks.sorted, keys, (size_t)samples * sizeof *keys);
         qsort(ranks.sorted, (size_t)samples, sizeof *ranks.sorted, compare_u64);
     }

@@ -47,15 +47,16 @@ static const float *processed_row(const psm_request *request, int64_t r, int64_t
     const int64_t vocab = logits->vocab;
     const unsigned char *raw = row_data(logits, logits_row);
     float *x = owner->processing.logits;
+    /* A loop per dtype, each a plain conversion loop. */
     if (logits->dtype == PSM_DTYPE_F32)
         for (int64_t i = 0; i < vocab; ++i)
-            x[i] = psm_read_logit(((const float *)raw)[i]);
+            x[i] = cpu_logit_at(raw, PSM_DTYPE_F32, i);
     else if (logits->dtype == PSM_DTYPE_BF16)
         for (int64_t i = 0; i < vocab; ++i)
-            x[i] = psm_read_logit(psm_bf16_to_float(((const uint16_t *)raw)[i]));
+            x[i] = cpu_logit_at(raw, PSM_DTYPE_BF16, i);
     else
         for (int64_t i = 0; i < vocab; ++i)
-            x[i] = psm_read_logit(psm_f16_to_float(((const uint16_t *)raw)[i]));
+            x[i] = cpu_logit_at(raw, PSM_DTYPE_F16, i);
 
     const psm_processing_arrays arrays = psm_request_processing_arrays(p);
     const psm_row_lists lists = psm_row_lists_of(&arrays, r);

@@ -37,17 +37,17 @@ static int32_t classify_tile(const float *in, float *out, int n, float *max_out,
 }
 
 PSM_CPU_HOT
-static void widen_bf16(const uint16_t *in, float *out, int n)
+static void widen_bf16(const unsigned char *in, float *out, int n)
 {
 #pragma omp simd
     for (int i = 0; i < n; ++i)
-        out[i] = psm_bf16_to_float(in[i]);
+        out[i] = cpu_element(in, PSM_DTYPE_BF16, i);
 }
 
-static void widen_f16(const uint16_t *in, float *out, int n)
+static void widen_f16(const unsigned char *in, float *out, int n)
 {
     for (int i = 0; i < n; ++i)
-        out[i] = psm_f16_to_float(in[i]);
+        out[i] = cpu_element(in, PSM_DTYPE_F16, i);
 }
 
 /* Loads a tile into x (as read by the contract) and summarises it; *raw_out
@@ -68,11 +68,11 @@ static int32_t load_tile(const cpu_row *row, int64_t tile, float *x, int *n_out,
             *raw_out = !changed;
         return valid;
     case PSM_DTYPE_BF16:
-        widen_bf16((const uint16_t *)row->data + start, x, n);
+        widen_bf16(row->data + start * 2, x, n);
         break;
     case PSM_DTYPE_F16:
     default:
-        widen_f16((const uint16_t *)row->data + start, x, n);
+        widen_f16(row->data + start * 2, x, n);
         break;
     }
     if (raw_out)

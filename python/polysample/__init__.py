@@ -24,7 +24,9 @@ See python/README.md for the PyTorch op (polysample.torch), CUDA graphs and
 the benchmark (python -m polysample.bench).
 """
 import logging
+import operator
 import threading
+from collections import namedtuple
 
 import numpy as np
 
@@ -36,10 +38,51 @@ from ._frameworks import HostResults, host_per_row, is_torch_tensor
 from ._processing import NAMES as PROCESSING_NAMES
 from ._processing import RowLists, processing_tuple
 
-__all__ = ["Context", "Error", "RowLists", "info", "probs", "sample", "__version__"]
+__all__ = ["Context", "Error", "RowLists", "SampleResult", "info", "probs", "sample",
+           "__version__"]
 __version__ = _core.version()
 
 _logger = logging.getLogger("polysample")
+
+
+class SampleResult(namedtuple("SampleResult", ("tokens", "logprobs", "top_tokens",
+                                               "top_logprobs", "ranks"))):
+    """What sample() returns with top_logprobs=N (docs/SAMPLING.md section
+    6), arrays of the logits' framework, rows being the outputs' rows (none
+    for 1-D logits without row_indices):
+    tokens (int32) and logprobs (float32): rows + (num_samples,), the drawn
+    tokens and their logprobs; top_tokens (int32) and top_logprobs
+    (float32): rows + (N,), each row's N most probable tokens in the
+    logprob mode, most probable first (-1 and -inf past the last candidate;
+    -1 and NaN for a bad row); ranks (int32, rows + (num_samples,)): each
+    drawn token's rank in that mode (1 = the most probable; -1 for a bad
+    row), or None without return_ranks."""
+
+
+_LOGPROB_MODES = {"processed": 0, "raw": 1}
+
+
+def _top_request(top_logprobs, logprob_mode, return_ranks):
+    """(N, mode code, return_ranks) for the top-N arguments, or None when
+    top_logprobs is 0; Error for a bad combination."""
+    try:
+        count = operator.index(top_logprobs)
+    except TypeError:
+        raise Error("INVALID_ARGUMENT", f"top_logprobs must be an integer; got "
+                                        f"{top_logprobs!r}") from None
+    mode = _LOGPROB_MODES.get(logprob_mode) if isinstance(logprob_mode, str) else None
+    if mode is None:
+        raise Error("INVALID_ARGUMENT", f"logprob_mode must be 'processed' or 'raw'; got "
+                                        f"{logprob_mode!r}")
+    if count == 0:
+        if return_ranks:
+            raise Error("INVALID_ARGUMENT", "return_ranks needs top_logprobs (the ranks are in "
+                                            "the order of the top-N logprobs' mode)")
+        return None
+    if not 1 <= count <= _core.max_top_logprobs():
+        raise Error("INVALID_PARAMETER", f"top_logprobs is {count}; expected 1 to "
+                                         f"{_core.max_top_logprobs()} (0: none)")
+    return count, mode, bool(return_ranks)
 
 
 def _notice(message):
@@ -119,7 +162,8 @@ class Context:
                offset_per_row=None, subsequence_per_row=None, row_indices=None,
                seed_tensor=None, offset_tensor=None, workspace=None, return_logprobs=False,
                allowed_mask=None, logit_bias=None, history=None, prompt=None,
-               repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0):
+               repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0,
+               top_logprobs=0, logprob_mode="processed", return_ranks=False):
         """Draws num_samples tokens per row; see polysample.sample."""
         values = scalars(temperature, top_k, top_p, min_p, seed, offset, num_samples)
         arrays = (temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row,
@@ -129,16 +173,27 @@ class Context:
             allowed_mask=allowed_mask, logit_bias=logit_bias, history=history, prompt=prompt,
             repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
             presence_penalty=presence_penalty))
+        top = _top_request(top_logprobs, logprob_mode, return_ranks)
         if is_torch_tensor(logits):
             from . import torch as polysample_torch
             return polysample_torch._run_on_context(self, 0, logits, values, arrays,
-                                                    return_logprobs, workspace, processing)
+                                                    return_logprobs, workspace, processing, top)
         results = HostResults(logits)
         arrays = _host_arrays(arrays)
-        shape = _output_rows(logits, arrays) + (values[6],)
-        tokens = results.empty(shape, "int32")
-        logprobs = results.empty(shape, "float32") if return_logprobs else None
-        self._context.run(0, logits, values, arrays, tokens, logprobs, workspace, processing)
+        rows = _output_rows(logits, arrays)
+        tokens = results.empty(rows + (values[6],), "int32")
+        logprobs = results.empty(rows + (values[6],), "float32") \
+            if return_logprobs or top else None
+        outputs = None
+        if top:
+            outputs = (results.empty(rows + (top[0],), "int32"),
+                       results.empty(rows + (top[0],), "float32"),
+                       results.empty(rows + (values[6],), "int32") if top[2] else None)
+        self._context.run(0, logits, values, arrays, tokens, logprobs, workspace, processing,
+                          None if top is None else top[:2] + outputs)
+        if top:
+            return SampleResult(*(None if array is None else results.result(array)
+                                  for array in (tokens, logprobs) + outputs))
         if return_logprobs:
             return results.result(tokens), results.result(logprobs)
         return results.result(tokens)
@@ -181,7 +236,8 @@ class Context:
     def _workspace_size(self, mode, logits, arguments):
         names = ARRAY_NAMES if mode == 0 else PROBS_ARRAYS
         scalar_names = ("temperature", "top_k", "top_p", "min_p") + \
-            (("seed", "offset", "num_samples", "return_logprobs") if mode == 0 else ())
+            (("seed", "offset", "num_samples", "return_logprobs", "top_logprobs",
+              "logprob_mode", "return_ranks") if mode == 0 else ())
         unknown = set(arguments) - set(names) - set(scalar_names) - set(PROCESSING_NAMES)
         if unknown:
             raise Error("INVALID_ARGUMENT", f"unknown arguments {sorted(unknown)} (workspace "
@@ -193,20 +249,28 @@ class Context:
             "temperature", "top_k", "top_p", "min_p", "seed", "offset", "num_samples")))
         arrays = arrays_of(arguments)
         processing = _processing(logits, arguments.get("row_indices"), arguments)
+        top = _top_request(arguments.get("top_logprobs", 0),
+                           arguments.get("logprob_mode", "processed"),
+                           arguments.get("return_ranks", False)) if mode == 0 else None
+        return_logprobs = bool(arguments.get("return_logprobs")) or top is not None
         if is_torch_tensor(logits):
             from . import torch as polysample_torch
             return polysample_torch._workspace_size(self._context, mode, logits, values, arrays,
-                                                    bool(arguments.get("return_logprobs")),
-                                                    processing)
+                                                    return_logprobs, processing, top)
         arrays = _host_arrays(arrays)
         rows = _output_rows(logits, arrays)
+        outputs = None
         if mode == 0:
             out = np.empty(rows + (values[6],), np.int32)
-            logprobs = out.view(np.float32) if arguments.get("return_logprobs") else None
+            logprobs = out.view(np.float32) if return_logprobs else None
+            if top:
+                outputs = top[:2] + (np.empty(rows + (top[0],), np.int32),
+                                     np.empty(rows + (top[0],), np.float32),
+                                     out if top[2] else None)
         else:
             out, logprobs = np.empty(rows + (_shape(logits)[-1],), np.float32), None
         return self._context.workspace_size(mode, logits, values, arrays, out, logprobs,
-                                            processing)
+                                            processing, outputs)
 
 
 def _shape(array):
@@ -267,7 +331,8 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, of
            min_p_per_row=None, seed_per_row=None, offset_per_row=None, subsequence_per_row=None,
            row_indices=None, seed_tensor=None, offset_tensor=None, workspace=None,
            return_logprobs=False, allowed_mask=None, logit_bias=None, history=None, prompt=None,
-           repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0, backend=None):
+           repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0,
+           top_logprobs=0, logprob_mode="processed", return_ranks=False, backend=None):
     """Draws num_samples tokens per row of logits (docs/SAMPLING.md).
 
     temperature: below 1e-5 (0 included) is greedy. top_k: 0 = off.
@@ -288,8 +353,8 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, of
     logprobs) with return_logprobs=True; a row with NaN/+inf or no finite
     logit gets token -1 and logprob NaN.
 
-    Logit processing (docs/SAMPLING.md section 1; the CPU backend runs it,
-    the GPU backends raise UNSUPPORTED), applied as the logits are read, per
+    Logit processing (docs/SAMPLING.md section 1; every backend runs it),
+    applied as the logits are read, per
     output row: the penalties for tokens of the row's history (and, for
     repetition, its prompt), then the bias, then the mask.
     allowed_mask: bool (rows, vocab), True = allowed, or uint32 (rows,
@@ -302,6 +367,16 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, of
     number, or one value per row. For 1-D logits without row_indices the
     row dimension is left out (a 1-D mask, one dict, one token sequence).
     These are host data; with tensors on a device they are copied there.
+
+    Top-N logprobs (docs/SAMPLING.md section 6; the CPU backend runs them,
+    the GPU backends raise UNSUPPORTED): top_logprobs=N (1 to 64; 0: none)
+    returns a SampleResult (tokens, logprobs, top_tokens, top_logprobs,
+    ranks) instead: each row's N most probable tokens and their logprobs in
+    logprob_mode "processed" (the distribution the row is drawn from: after
+    processing, temperature and filters) or "raw" (the log-softmax of the
+    logits as given), with the drawn tokens' logprobs, and with
+    return_ranks=True each drawn token's rank in that mode (1 = the most
+    probable).
     """
     values = scalars(temperature, top_k, top_p, min_p, seed, offset, num_samples)
     arrays = (temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row, seed_per_row,
@@ -309,16 +384,18 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, of
     processing = dict(allowed_mask=allowed_mask, logit_bias=logit_bias, history=history,
                       prompt=prompt, repetition_penalty=repetition_penalty,
                       frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
+    top = dict(top_logprobs=top_logprobs, logprob_mode=logprob_mode, return_ranks=return_ranks)
     if is_torch_tensor(logits):
         from . import torch as polysample_torch
         return polysample_torch._eager(0, logits, backend, values, arrays, return_logprobs,
-                                       workspace, _processing(logits, row_indices, processing))
+                                       workspace, _processing(logits, row_indices, processing),
+                                       _top_request(**top))
     parse_backend(backend)
     return _default_context(backend).sample(
         logits, **dict(zip(("temperature", "top_k", "top_p", "min_p", "seed", "offset",
                             "num_samples"), values)),
         **dict(zip(ARRAY_NAMES, arrays)), workspace=workspace, return_logprobs=return_logprobs,
-        **processing)
+        **processing, **top)
 
 
 def probs(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, temperature_per_row=None,

@@ -213,10 +213,36 @@ def _processing_tensors(processing, device, kept):
     return tuple(raw) + (processing[-1],)
 
 
-def _run(mode, context, logits, values, arrays, return_logprobs, workspace, processing=None):
+def _top_outputs(logits, arrays, samples, top):
+    """The top-N outputs on the logits' device for top (polysample's
+    _top_request: N, mode, return_ranks), or None."""
+    if top is None:
+        return None
+    rows = _output_rows(logits, arrays)
+    count, _, return_ranks = top
+    return (torch.empty(rows + (count,), dtype=torch.int32, device=logits.device),
+            torch.empty(rows + (count,), dtype=torch.float32, device=logits.device),
+            torch.empty(rows + (samples,), dtype=torch.int32, device=logits.device)
+            if return_ranks else None)
+
+
+def _top_argument(top, outputs):
+    """The extension's top tuple (count, mode, top_tokens, top_logprobs,
+    ranks) as raw tensors, or None."""
+    if top is None:
+        return None
+    return top[:2] + tuple(map(_raw_or_none, outputs))
+
+
+def _run(mode, context, logits, values, arrays, return_logprobs, workspace, processing=None,
+         top=None):
     """One call; workspace: a uint8 tensor, None (the context's own) or
-    "torch" (torch's allocator, sized by the library's query)."""
+    "torch" (torch's allocator, sized by the library's query). With top (N,
+    mode, return_ranks) the drawn tokens' logprobs are always made, and the
+    result has the top-N outputs as a third entry."""
+    return_logprobs = return_logprobs or top is not None
     out, logprobs = _outputs(mode, logits, arrays, values[6], return_logprobs)
+    outputs = _top_outputs(logits, arrays, values[6], top)
     kept = []
     if isinstance(workspace, str):
         workspace = _torch_workspace(logits.device, kept)
@@ -224,11 +250,15 @@ def _run(mode, context, logits, values, arrays, return_logprobs, workspace, proc
         workspace = _raw(workspace)
     context.run(mode, _raw(logits), values, tuple(map(_raw_or_none, arrays)), _raw(out),
                 _raw(logprobs) if mode == 0 and return_logprobs else None, workspace,
-                _processing_tensors(processing, logits.device, kept))
+                _processing_tensors(processing, logits.device, kept),
+                _top_argument(top, outputs))
+    if top is not None:
+        return out, logprobs, outputs
     return out, logprobs
 
 
-def _workspace_size(context, mode, logits, values, arrays, return_logprobs, processing=None):
+def _workspace_size(context, mode, logits, values, arrays, return_logprobs, processing=None,
+                    top=None):
     """Context.sample_workspace_size / probs_workspace_size on tensors."""
     _check_logits(logits)
     arrays = _prepare_arrays(arrays, logits.device)
@@ -236,10 +266,23 @@ def _workspace_size(context, mode, logits, values, arrays, return_logprobs, proc
     kept = []
     return context.workspace_size(mode, _raw(logits), values, tuple(map(_raw_or_none, arrays)),
                                   _raw(out), _raw(logprobs) if mode == 0 and return_logprobs
-                                  else None, _processing_tensors(processing, logits.device, kept))
+                                  else None, _processing_tensors(processing, logits.device, kept),
+                                  _top_argument(top, _top_outputs(logits, arrays, values[6],
+                                                                  top)))
 
 
-def _eager(mode, logits, backend, values, arrays, return_logprobs, workspace, processing=None):
+def _result(mode, results, return_logprobs):
+    """What polysample.sample / probs return from _run's results."""
+    if mode == 1:
+        return results[0]
+    if len(results) == 3:
+        from . import SampleResult
+        return SampleResult(results[0], results[1], *results[2])
+    return results if return_logprobs else results[0]
+
+
+def _eager(mode, logits, backend, values, arrays, return_logprobs, workspace, processing=None,
+           top=None):
     """polysample.sample / probs on a tensor: the op's work without the
     dispatcher (which only matters when tracing)."""
     code, index = parse_backend(backend)
@@ -249,15 +292,13 @@ def _eager(mode, logits, backend, values, arrays, return_logprobs, workspace, pr
     _check_logits(logits)
     arrays = _prepare_arrays(arrays, logits.device)
     context = _context_for(logits.device, code)
-    out, logprobs = _run(mode, context, logits, values, arrays, return_logprobs,
-                         "torch" if workspace is None else workspace, processing)
-    if mode == 1:
-        return out
-    return (out, logprobs) if return_logprobs else out
+    return _result(mode, _run(mode, context, logits, values, arrays, return_logprobs,
+                              "torch" if workspace is None else workspace, processing, top),
+                   return_logprobs)
 
 
 def _run_on_context(context, mode, logits, values, arrays, return_logprobs, workspace,
-                    processing=None):
+                    processing=None, top=None):
     """polysample.Context.sample / probs on a tensor: the Context's own
     stream, so it waits for torch's stream before and for itself after.
     Without a workspace the Context uses its own."""
@@ -265,13 +306,11 @@ def _run_on_context(context, mode, logits, values, arrays, return_logprobs, work
     arrays = _prepare_arrays(arrays, logits.device)
     if logits.device.type == "cuda":
         torch.cuda.current_stream(logits.device).synchronize()
-    out, logprobs = _run(mode, context._context, logits, values, arrays, return_logprobs,
-                         workspace, processing)
+    results = _run(mode, context._context, logits, values, arrays, return_logprobs, workspace,
+                   processing, top)
     if logits.device.type == "cuda" and context._own_stream:
         context.synchronize()
-    if mode == 1:
-        return out
-    return (out, logprobs) if return_logprobs else out
+    return _result(mode, results, return_logprobs)
 
 
 # The ops. Seeds and offsets are unsigned 64-bit in the C API and signed in

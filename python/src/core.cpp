@@ -287,14 +287,16 @@ public:
     // None, a uint8 array, or a callable that takes the bytes the call needs
     // and returns such an array (polysample.torch allocates it from torch's
     // allocator that way, after the size query). processing: None or the
-    // tuple described at Processing below.
+    // tuple described at Processing below; top: None or the tuple described
+    // at attach_top below (mode 0 only).
     void run(int mode, nb::handle logits_object, nb::tuple scalars, nb::tuple arrays,
              nb::handle out_object, nb::handle logprobs_object, nb::handle workspace_object,
-             nb::handle processing_object)
+             nb::handle processing_object, nb::handle top_object)
     {
         Prepared call = prepare(mode, logits_object, Scalars::of(scalars), arrays, out_object,
                                 logprobs_object);
         attach_processing(call, processing_object);
+        attach_top(call, top_object);
         if (!workspace_object.is_none()) {
             nb::object workspace = nb::borrow(workspace_object);
             if (PyCallable_Check(workspace.ptr())) {
@@ -316,11 +318,12 @@ public:
     // The bytes of workspace that run() with the same arguments needs.
     size_t workspace_size(int mode, nb::handle logits_object, nb::tuple scalars,
                           nb::tuple arrays, nb::handle out_object, nb::handle logprobs_object,
-                          nb::handle processing_object)
+                          nb::handle processing_object, nb::handle top_object)
     {
         Prepared call = prepare(mode, logits_object, Scalars::of(scalars), arrays, out_object,
                                 logprobs_object);
         attach_processing(call, processing_object);
+        attach_top(call, top_object);
         return workspace_size_of(call);
     }
 
@@ -370,15 +373,21 @@ private:
         // since a Prepared moves.
         psm_logit_processing processing{};
         bool has_processing = false;
-        // Keeps imported arrays alive. At most 26 (logits, the arrays, 2
-        // outputs, the workspace, 11 processing arrays): prepare() reserves
-        // them up front, so references into it stay valid while it fills.
+        // The top-N request params.top_logprobs points to when has_top (set
+        // by c_params() too).
+        psm_top_logprobs top{};
+        bool has_top = false;
+        // Keeps imported arrays alive. At most 29 (logits, the arrays, 2
+        // outputs, the workspace, 11 processing arrays, 3 top-N outputs):
+        // prepare() reserves them up front, so references into it stay
+        // valid while it fills.
         std::vector<View> views;
 
         psm_params c_params() const
         {
             psm_params copy = params;
             copy.processing = has_processing ? &processing : nullptr;
+            copy.top_logprobs = has_top ? &top : nullptr;
             return copy;
         }
     };
@@ -523,6 +532,42 @@ private:
             (const float *)per_row(call, items[(size_t)presence_rows], kind_f32,
                                    "presence_penalty_per_row", rows, memory, device);
         call.has_processing = true;
+    }
+
+    // The `top` tuple (polysample/__init__.py, _top_request): (count, mode,
+    // top_tokens, top_logprobs, ranks): N, the psm_logprob_mode, the rows x N
+    // int32 and float32 outputs and the optional rows x num_samples int32
+    // ranks (None: not asked), shaped and placed like the tokens output.
+    void attach_top(Prepared &call, nb::handle object)
+    {
+        if (object.is_none())
+            return;
+        if (call.mode != 0)
+            fail(PSM_ERR_INTERNAL, "top: psm_sample only");
+        nb::tuple items = nb::borrow<nb::tuple>(object);
+        if (items.size() != 5)
+            fail(PSM_ERR_INTERNAL, "top: expected 5 entries");
+        psm_top_logprobs &top = call.top;
+        top.count = nb::cast<int32_t>(items[0]);
+        top.mode = (psm_logprob_mode)nb::cast<int>(items[1]);
+        const size_t ndim = call.views.front().ndim == 2 || call.params.row_indices ? 2 : 1;
+        const int64_t rows = call.params.row_indices ? call.params.output_rows : call.logits.rows;
+        call.views.push_back(view_of(items[2], "top_tokens output", true));
+        top.tokens = output(call.views.back(), kind_i32, "top_tokens output", ndim, rows,
+                            top.count);
+        call.views.push_back(view_of(items[3], "top_logprobs output", true));
+        top.logprobs = output(call.views.back(), kind_f32, "top_logprobs output", ndim, rows,
+                              top.count);
+        if (!items[4].is_none()) {
+            call.views.push_back(view_of(items[4], "ranks output", true));
+            top.sampled_ranks = output(call.views.back(), kind_i32, "ranks output", ndim, rows,
+                                       call.params.num_samples);
+        }
+        call.has_top = true;
+        const bool any_host = top.tokens.memory == PSM_MEMORY_HOST ||
+                              top.logprobs.memory == PSM_MEMORY_HOST ||
+                              (top.sampled_ranks.data && top.sampled_ranks.memory == PSM_MEMORY_HOST);
+        call.synchronize = call.synchronize || (any_host && backend_ != PSM_BACKEND_CPU);
     }
 
     void same_memory(const Prepared &call, const View &view, const std::string &role,
@@ -927,15 +972,18 @@ NB_MODULE(_core, module)
         .def("synchronize", &Context::synchronize)
         .def("run", &Context::run, nb::arg("mode"), nb::arg("logits"), nb::arg("scalars"),
              nb::arg("arrays"), nb::arg("out"), nb::arg("logprobs_out").none(),
-             nb::arg("workspace").none(), nb::arg("processing").none() = nb::none())
+             nb::arg("workspace").none(), nb::arg("processing").none() = nb::none(),
+             nb::arg("top").none() = nb::none())
         .def("workspace_size", &Context::workspace_size, nb::arg("mode"), nb::arg("logits"),
              nb::arg("scalars"), nb::arg("arrays"), nb::arg("out"),
-             nb::arg("logprobs_out").none(), nb::arg("processing").none() = nb::none())
+             nb::arg("logprobs_out").none(), nb::arg("processing").none() = nb::none(),
+             nb::arg("top").none() = nb::none())
         .def("time_sample", &Context::time_sample);
 
     module.def("backend_info", &backend_info);
     module.def("exchange_capture_mode", &exchange_capture_mode);
     module.def("version", [] { return std::string(psm_version_string()); });
+    module.def("max_top_logprobs", [] { return (int)PSM_MAX_TOP_LOGPROBS; });
     module.def("backend_name", [](int backend) {
         return std::string(psm_backend_name((psm_backend)backend));
     });

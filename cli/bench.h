@@ -96,6 +96,7 @@ typedef struct bench_result {
     double read_ceiling_ms; /* NAN when not measured */
     double host_call_ms;    /* device backends, one row: the whole call on the host */
     double speedup_vs_cpu;  /* NAN when the CPU did not run the case */
+    int32_t filter_order;   /* psm_params.filter_order of the run (bench_config's) */
 } bench_result;
 
 typedef struct bench_config {
@@ -104,6 +105,7 @@ typedef struct bench_config {
     int threads;
     uint64_t seed;
     int show_progress;
+    int32_t filter_order;  /* psm_params.filter_order of every case */
 } bench_config;
 
 int bench_open_backend(const char *command, psm_backend backend, int device_index,

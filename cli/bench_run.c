@@ -131,6 +131,7 @@ static void time_case(const bench_config *config, bench_backend *backend, void *
     launch.params.top_k = setting->top_k;
     launch.params.top_p = setting->top_p;
     launch.params.min_p = setting->min_p;
+    launch.params.filter_order = config->filter_order;
     launch.params.seed = config->seed;
     launch.tokens.data = tokens;
     launch.tokens.memory = launch.logits.memory;
@@ -267,6 +268,7 @@ void bench_run_backend_cases(const bench_config *config, bench_backend *backend,
         result->read_ceiling_ms = ceiling_ms;
         result->host_call_ms = NAN;
         result->speedup_vs_cpu = NAN;
+        result->filter_order = config->filter_order;
         ++*progress;
         /* The case is named as it starts, so a long one shows what it is. */
         if (config->show_progress)

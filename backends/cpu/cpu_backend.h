@@ -342,6 +342,7 @@ typedef enum cpu_pass {
     PASS_BAND,      /* top-p: gather the candidates whose logit is in [band_low, band_high);
                        with band_masses, also S_t of the candidates at or above band_high */
     PASS_KEPT,      /* m_t, S_t of the kept set */
+    PASS_MASS,      /* Z: the g-mass of every valid token, into bin_tail */
     PASS_PROBS      /* write the row's probabilities */
 } cpu_pass;
 
@@ -349,12 +350,20 @@ typedef struct cpu_pass_args {
     cpu_pass pass;
     const cpu_row *row;
     cpu_scratch *owner;
-    uint64_t lower;      /* PASS_BINS, PASS_BAND: candidates have keys >= lower */
+    uint64_t lower;      /* PASS_BINS, PASS_BAND: candidates have keys >= lower ... */
+    /* ... and, when not 0, g_i >= survivor_weight (vLLM's order: min-p's
+     * survivors; then row->kept_floor is min-p's floor); the others weigh 0
+     * in the bins and in the band's walk. */
+    uint64_t survivor_weight;
     int bin_limit;       /* PASS_BINS: bins past it are added up as one ... */
     float bin_edge;      /* ... the bins of the logits below this */
     float band_low;      /* PASS_BAND */
     float band_high;     /* PASS_BAND */
     int band_masses;     /* PASS_BAND */
+    /* PASS_BAND with band_masses: the scale of the tile weights, the row's
+     * temperature's (row->scale is the filters' scale, which llama.cpp's
+     * order sets to temperature 1 while it filters). */
+    float mass_scale;
     uint64_t total;      /* PASS_PROBS */
     float *probs_row;    /* PASS_PROBS */
 } cpu_pass_args;
@@ -371,6 +380,7 @@ typedef enum cpu_kept_source {
 const float *cpu_read_tile(const cpu_row *row, const cpu_scratch *owner, int64_t tile,
                            float *buffer, int *n_out);
 void cpu_global_weights(const cpu_row *row, const float *x, int n, uint64_t *g);
+uint64_t cpu_global_mass(const cpu_row *row, const float *x, int n);
 uint64_t cpu_tile_weights(const cpu_row *row, const cpu_scratch *owner, int64_t tile,
                           float *buffer, uint64_t *weights);
 void cpu_run_pass(const cpu_state *state, const cpu_pass_args *args, int parallel);

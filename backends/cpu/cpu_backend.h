@@ -240,7 +240,9 @@ typedef struct cpu_row {
     int filtered;       /* use the kept-set rule below instead of "every valid token" */
     uint64_t key_cutoff; /* kept: rank key >= key_cutoff (0 keeps every valid token) */
     uint64_t min_weight; /* kept: g_i >= min_weight (0: no min-p) */
-    float kept_floor;    /* with min-p: logits below it fail min-p (psm_min_p_drop_gap) */
+    float kept_floor;    /* logits below it are not kept: with min-p, they fail it
+                          * (psm_min_p_drop_gap); llama.cpp's order sets it to
+                          * the last logit of its min-p prefix */
     /* The next row this thread will process (NULL: none known), and the
      * step of a filtered row that prefetches it, tile by tile, while it
      * computes from cache: the first one after the summary pass that reads

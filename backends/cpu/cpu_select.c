@@ -408,6 +408,60 @@ static cpu_survivors scan_survivors(const cpu_row *row, cpu_scratch *owner, uint
  * the heap. */
 #define CPU_MASS_FLOOR_GAP 10.0f
 
+/* llama.cpp's min-p prefix among the candidates (valid tokens with key >=
+ * lower; row->scale and row->kept_floor are the filters'), and the kept
+ * tile masses at draw_scale, from one pass that gathers the candidates at
+ * or above the floor: the prefix ends at the least key of those that pass
+ * (*cutoff), and the kept tokens, all among them, are weighed against
+ * their tile's maximum, which a tile that keeps any keeps. Returns 0, with
+ * nothing made, when the gather buffer cannot hold them. */
+static int llama_min_p_masses(const cpu_row *row, cpu_scratch *owner, uint64_t lower,
+                              uint64_t min_weight, float draw_scale, uint64_t *cutoff)
+{
+    cpu_ranked *items = owner->gathered;
+    int64_t count = 0;
+    uint64_t lowest = UINT64_MAX;
+    for (int64_t tile = 0; tile < row->tiles; ++tile) {
+        cpu_ahead ahead = next_row_tile(row, tile, PREFETCH_IN_KEPT);
+        prefetch_share(ahead, 0, 1, 1);
+        if (owner->tile_valid[tile] == 0 || tile_key_bound(row, owner, tile) < lower ||
+            owner->tile_max[tile] < row->kept_floor)
+            continue;
+        int n;
+        uint32_t start = (uint32_t)(tile * PSM_TILE);
+        const float *x = cpu_read_tile(row, owner, tile, owner->logits, &n);
+        int selected = psm_cpu_select_at_least(x, NULL, n, row->kept_floor, owner->compact, NULL,
+                                               owner->compact_index);
+        cpu_global_weights(row, owner->compact, selected, owner->weights);
+        for (int j = 0; j < selected; ++j) {
+            uint64_t key =
+                psm_rank_key(owner->compact[j], start + (uint32_t)owner->compact_index[j]);
+            if (key < lower)
+                continue;
+            if (count == CPU_GATHER_LIMIT)
+                return 0;
+            items[count].key = key;
+            items[count].tile = (int32_t)tile;
+            ++count;
+            if (owner->weights[j] >= min_weight && key < lowest)
+                lowest = key;
+        }
+    }
+    for (int64_t tile = 0; tile < row->tiles; ++tile)
+        owner->tile_sum[tile] = 0;
+    for (int64_t i = 0; i < count; ++i)
+        if (items[i].key >= lowest)
+            owner->tile_sum[items[i].tile] +=
+                psm_weight(psm_scaled_gap(owner->tile_max[items[i].tile],
+                                          psm_rank_key_logit(items[i].key), draw_scale),
+                           row->weight_bits);
+    for (int64_t tile = 0; tile < row->tiles; ++tile)
+        if (owner->tile_sum[tile] == 0)
+            owner->tile_max[tile] = -INFINITY;
+    *cutoff = lowest;
+    return 1;
+}
+
 /* whole_row_mass's second lower bound, from its first (bound, made of the
  * tile shares in tile_sum, to which this adds the heap's tokens): says
  * whether it shows that top-p's target exceeds heap_mass. */
@@ -600,10 +654,15 @@ static cpu_kept_source apply_engine_order(const cpu_state *state, cpu_row *row,
                     last = owner->heap[i];
             cutoff = last;
         } else if (min_weight != 0) {
-            cutoff = scan_survivors(row, owner, cutoff, min_weight).lowest_key;
+            if (llama_min_p_masses(row, owner, cutoff, min_weight, draw_scale, &cutoff))
+                source = KEPT_DONE;
+            else
+                cutoff = scan_survivors(row, owner, cutoff, min_weight).lowest_key;
         }
         row->min_weight = 0;
-        row->kept_floor = -FLT_MAX;
+        /* The kept pass then weighs only the logits at or above the
+         * cutoff's. */
+        row->kept_floor = min_weight != 0 ? psm_rank_key_logit(cutoff) : -FLT_MAX;
         row->scale = draw_scale;
     }
     row->key_cutoff = cutoff;

@@ -442,7 +442,10 @@ static uint64_t weights_at_least(const float *x, int n, float reference, float s
  * monotone function of the logit at its last unit, so the kept tokens are
  * collected first: only logits at or above row->kept_floor can pass (gaps
  * below psm_min_p_drop_gap); those of them that pass are gathered, their
- * maximum is m_t, and their weights are summed in one vector pass. */
+ * maximum is m_t, and their weights are summed in one vector pass. A
+ * kept_floor without min-p (llama.cpp's order: its min-p prefix's last
+ * logit) gathers the same way, so that the few kept tokens alone are
+ * weighed. */
 static uint64_t kept_mass(const cpu_row *row, const cpu_scratch *owner, int64_t tile,
                           cpu_scratch *worker, float *reference)
 {
@@ -451,7 +454,7 @@ static uint64_t kept_mass(const cpu_row *row, const cpu_scratch *owner, int64_t 
     const float *x = cpu_read_tile(row, owner, tile, worker->logits, &n);
     uint64_t cutoff = row->key_cutoff;
     cpu_ahead ahead = next_row_tile(row, tile, PREFETCH_IN_KEPT);
-    if (row->min_weight == 0) {
+    if (row->min_weight == 0 && row->kept_floor == -FLT_MAX) {
         float tile_max = owner->tile_max[tile];
         uint64_t sum = cut_weight_sum(x, n, start, tile_max, row->scale, row->weight_bits, cutoff,
                                       ahead);
@@ -461,7 +464,8 @@ static uint64_t kept_mass(const cpu_row *row, const cpu_scratch *owner, int64_t 
     prefetch_share(ahead, 0, n, n);
     float *kept = worker->compact;
     int count = select_candidates(x, n, start, row->kept_floor, cutoff, 0, worker);
-    count = keep_min_p(row, kept, count, worker->masses);
+    if (row->min_weight != 0)
+        count = keep_min_p(row, kept, count, worker->masses);
     float kept_max = -INFINITY;
     for (int i = 0; i < count; ++i)
         kept_max = kept[i] > kept_max ? kept[i] : kept_max;

@@ -371,6 +371,30 @@ typedef struct cpu_survivors {
     uint64_t lowest_key;
 } cpu_survivors;
 
+/* A tile's logits at or above row->kept_floor into owner->compact (their
+ * indices into owner->compact_index) and their g_i into owner->weights;
+ * returns how many, 0 for a tile that holds no valid token with key >=
+ * lower at or above the floor. */
+static int tile_above_floor(const cpu_row *row, cpu_scratch *owner, int64_t tile, uint64_t lower)
+{
+    if (owner->tile_valid[tile] == 0 || tile_key_bound(row, owner, tile) < lower ||
+        owner->tile_max[tile] < row->kept_floor)
+        return 0;
+    int n;
+    const float *x = cpu_read_tile(row, owner, tile, owner->logits, &n);
+    int count = psm_cpu_select_at_least(x, NULL, n, row->kept_floor, owner->compact, NULL,
+                                        owner->compact_index);
+    cpu_global_weights(row, owner->compact, count, owner->weights);
+    return count;
+}
+
+/* The key of the j-th logit that tile_above_floor selected from a tile. */
+static uint64_t selected_key(const cpu_scratch *owner, int64_t tile, int j)
+{
+    return psm_rank_key(owner->compact[j],
+                        (uint32_t)(tile * PSM_TILE) + (uint32_t)owner->compact_index[j]);
+}
+
 /* One pass over the tiles that can hold such tokens; row->kept_floor must be
  * min_weight's floor (min_weight > 0), so only the logits at or above it
  * are weighed. */
@@ -379,20 +403,11 @@ static cpu_survivors scan_survivors(const cpu_row *row, cpu_scratch *owner, uint
 {
     cpu_survivors found = {0, UINT64_MAX};
     for (int64_t tile = 0; tile < row->tiles; ++tile) {
-        if (owner->tile_valid[tile] == 0 || tile_key_bound(row, owner, tile) < lower ||
-            owner->tile_max[tile] < row->kept_floor)
-            continue;
-        int n;
-        uint32_t start = (uint32_t)(tile * PSM_TILE);
-        const float *x = cpu_read_tile(row, owner, tile, owner->logits, &n);
-        int count = psm_cpu_select_at_least(x, NULL, n, row->kept_floor, owner->compact, NULL,
-                                            owner->compact_index);
-        cpu_global_weights(row, owner->compact, count, owner->weights);
+        int count = tile_above_floor(row, owner, tile, lower);
         for (int j = 0; j < count; ++j) {
             if (owner->weights[j] < min_weight)
                 continue;
-            uint64_t key =
-                psm_rank_key(owner->compact[j], start + (uint32_t)owner->compact_index[j]);
+            uint64_t key = selected_key(owner, tile, j);
             if (key < lower)
                 continue;
             found.count += 1;
@@ -422,20 +437,10 @@ static int llama_min_p_masses(const cpu_row *row, cpu_scratch *owner, uint64_t l
     int64_t count = 0;
     uint64_t lowest = UINT64_MAX;
     for (int64_t tile = 0; tile < row->tiles; ++tile) {
-        cpu_ahead ahead = next_row_tile(row, tile, PREFETCH_IN_KEPT);
-        prefetch_share(ahead, 0, 1, 1);
-        if (owner->tile_valid[tile] == 0 || tile_key_bound(row, owner, tile) < lower ||
-            owner->tile_max[tile] < row->kept_floor)
-            continue;
-        int n;
-        uint32_t start = (uint32_t)(tile * PSM_TILE);
-        const float *x = cpu_read_tile(row, owner, tile, owner->logits, &n);
-        int selected = psm_cpu_select_at_least(x, NULL, n, row->kept_floor, owner->compact, NULL,
-                                               owner->compact_index);
-        cpu_global_weights(row, owner->compact, selected, owner->weights);
+        prefetch_share(next_row_tile(row, tile, PREFETCH_IN_KEPT), 0, 1, 1);
+        int selected = tile_above_floor(row, owner, tile, lower);
         for (int j = 0; j < selected; ++j) {
-            uint64_t key =
-                psm_rank_key(owner->compact[j], start + (uint32_t)owner->compact_index[j]);
+            uint64_t key = selected_key(owner, tile, j);
             if (key < lower)
                 continue;
             if (count == CPU_GATHER_LIMIT)

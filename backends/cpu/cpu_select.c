@@ -287,7 +287,7 @@ static uint64_t top_p_cutoff_of(const cpu_top_p_rule *rule, uint64_t key)
  * scatters only the tokens of the bins up to CPU_BIN_MARGIN past the
  * previous row's cutoff bin and sums the rest, and runs again over every bin
  * when the cutoff lies beyond (with survivors it scatters every bin at
- * once: they are the few tokens above min-p's floor). A second pass gathers
+ * once, weighing only the tokens above min-p's floor). A second pass gathers
  * the tokens of the cutoff's bin, found by the range of logits that the bin
  * covers, and the cutoff is resolved among them; tokens tied with it share
  * its bin, so a cutoff lowered to its ties stays in the band. With

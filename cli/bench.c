@@ -50,7 +50,10 @@ static const char bench_description[] =
     "          three in four tokens from a pool of 256), top-20 (the drawn\n"
     "          token's logprob and rank, and the 20 most probable tokens with\n"
     "          their processed logprobs); their inputs and outputs live in the\n"
-    "          logits' memory. A backend that refuses one shows 'unsupported'.\n";
+    "          logits' memory. A backend that refuses one shows 'unsupported'.\n"
+    "\n"
+    "--filter-order runs every case in that order (docs/SAMPLING.md, section 4);\n"
+    "the table names it after the setting (top_p@vllm), the JSON in filter_order.\n";
 
 /* Every available backend, each on its first device. */
 static void every_available_backend(cli_backend_list *list)
@@ -236,13 +239,14 @@ static int write_json_file(const char *path, const bench_result *results, int re
 
 int cli_bench(int argc, char **argv)
 {
-    bench_config config = {0, 2.0, 0, 1, 0};
+    bench_config config = {0, 2.0, 0, 1, 0, PSM_FILTER_ORDER_POLYSAMPLE};
     bench_backend backends[BENCH_MAX_BACKENDS];
     cli_backend_list backend_list = {0};
     cli_item_list dtype_list = {0}, setting_list = {0}, distribution_list = {0};
     uint64_t rows = 0, vocab = 0, repeat = 0, threads = 0;
     int quick = 0, json_to_stdout = 0;
     const char *json_path = NULL;
+    const char *filter_order = NULL;
     bench_selection selection;
     bench_case cases[BENCH_MAX_CASES];
     bench_result *results = NULL;
@@ -272,6 +276,11 @@ int cli_bench(int argc, char **argv)
          .parse_item = bench_parse_distribution_item, .items = "normal, lm or both",
          .help = "logits distributions above: normal, lm or\nboth (comma-separated)",
          .default_text = "both"},
+        {.name = "--filter-order", .kind = CLI_OPTION_STRING, .value_name = "NAME",
+         .target = &filter_order,
+         .help = "the filters' order and rules: polysample,\nvllm, sglang, llama.cpp,\n"
+                 "flashinfer-top-k-first or flashinfer-joint",
+         .default_text = "polysample"},
         {.name = "--repeat", .kind = CLI_OPTION_DECIMAL, .value_name = "N", .target = &repeat,
          .minimum = 1, .maximum = BENCH_MAX_RUNS,
          .help = "timed runs per case (default: 3 to 20\nwithin ~2 s; one when the warm-up "
@@ -300,6 +309,10 @@ int cli_bench(int argc, char **argv)
     parsed = cli_parse_options(&bench_command, argc, argv);
     if (parsed != CLI_PARSE_OK)
         return parsed == CLI_PARSE_HELP ? CLI_EXIT_OK : CLI_EXIT_USAGE;
+    if (filter_order && cli_parse_filter_order(filter_order, &config.filter_order) != 0) {
+        cli_error("bench", "--filter-order %s: expected " CLI_FILTER_ORDER_NAMES, filter_order);
+        return CLI_EXIT_USAGE;
+    }
     config.repeat = (int)repeat;
     config.threads = (int)threads;
     if (quick)

@@ -148,6 +148,7 @@ typedef struct bench_result {
     double speedup_vs_cpu;  /* NAN when the CPU did not run the case */
     double ratio_to_plain;  /* median / the plain setting's median, same backend, shape,
                                dtype and logits; NAN when plain did not run */
+    int32_t filter_order;   /* psm_params.filter_order of the run (bench_config's) */
 } bench_result;
 
 typedef struct bench_config {
@@ -156,6 +157,7 @@ typedef struct bench_config {
     int threads;
     uint64_t seed;
     int show_progress;
+    int32_t filter_order;  /* psm_params.filter_order of every case */
 } bench_config;
 
 int bench_open_backend(const char *command, psm_backend backend, int device_index,

@@ -5,6 +5,7 @@
 
 #include <math.h>
 #include <stdio.h>
+#include <string.h>
 
 static double logits_gigabytes(const bench_case *which)
 {
@@ -31,6 +32,17 @@ static void write_json_characters(FILE *out, const char *text)
             fputc(*c, out);
 }
 
+/* The setting's name, followed by "@order" when the run's filter order is
+ * not the library's own. */
+static void setting_label(const bench_result *result, char *text, size_t size)
+{
+    const char *setting = bench_settings[result->which.setting].name;
+    if (result->filter_order == PSM_FILTER_ORDER_POLYSAMPLE)
+        snprintf(text, size, "%s", setting);
+    else
+        snprintf(text, size, "%s@%s", setting, cli_filter_order_name(result->filter_order));
+}
+
 void bench_write_json(FILE *out, const bench_result *results, int result_count)
 {
     int i;
@@ -46,13 +58,14 @@ void bench_write_json(FILE *out, const bench_result *results, int result_count)
                 "\", \"memory\": \"%s\", \"rows\": %lld, \"vocab\": %lld, "
                 "\"distribution\": \"%s\", \"dtype\": \"%s\", "
                 "\"setting\": \"%s\", \"temperature\": %g, \"top_k\": %d, \"top_p\": %g, "
-                "\"min_p\": %g, ",
+                "\"min_p\": %g, \"filter_order\": \"%s\", ",
                 result->backend->device ? "device" : "host", (long long)result->which.rows,
                 (long long)result->which.vocab,
                 bench_distribution_name(result->which.distribution),
                 cli_dtype_name(result->which.dtype),
                 setting->name, (double)setting->temperature, (int)setting->top_k,
-                (double)setting->top_p, (double)setting->min_p);
+                (double)setting->top_p, (double)setting->min_p,
+                cli_filter_order_name(result->filter_order));
         if (result->failed || result->unsupported) {
             fputs(result->unsupported ? "\"unsupported\": true, \"error\": \"" : "\"error\": \"",
                   out);
@@ -89,20 +102,25 @@ static void format_optional(char *text, size_t size, double value, const char *f
 
 void bench_print_table(const bench_result *results, int result_count)
 {
-    int i;
-    printf("%-7s %-6s %6s %7s %-6s %-5s %-9s %10s %8s %9s %7s %7s %7s %10s %5s\n", "backend",
-           "memory", "rows", "vocab", "logits", "dtype", "setting", "median_ms", "GB/s",
-           "read_ms", "x_read", "x_plain", "vs_cpu", "host_ms", "runs");
+    int i, setting_width = 9;
+    char setting[64];
+    for (i = 0; i < result_count; ++i) {
+        setting_label(&results[i], setting, sizeof setting);
+        setting_width = (int)strlen(setting) > setting_width ? (int)strlen(setting) : setting_width;
+    }
+    printf("%-7s %-6s %6s %7s %-6s %-5s %-*s %10s %8s %9s %7s %7s %7s %10s %5s\n", "backend",
+           "memory", "rows", "vocab", "logits", "dtype", setting_width, "setting", "median_ms",
+           "GB/s", "read_ms", "x_read", "x_plain", "vs_cpu", "host_ms", "runs");
     for (i = 0; i < result_count; ++i) {
         const bench_result *result = &results[i];
-        const bench_setting *setting = &bench_settings[result->which.setting];
         char read_ms[32], ratio[32], plain[32], speedup[32], host_ms[32];
-        printf("%-7s %-6s %6lld %7lld %-6s %-5s %-9s ",
+        setting_label(result, setting, sizeof setting);
+        printf("%-7s %-6s %6lld %7lld %-6s %-5s %-*s ",
                psm_backend_name(result->backend->backend),
                result->backend->device ? "device" : "host", (long long)result->which.rows,
                (long long)result->which.vocab,
                bench_distribution_name(result->which.distribution),
-               cli_dtype_name(result->which.dtype), setting->name);
+               cli_dtype_name(result->which.dtype), setting_width, setting);
         if (result->unsupported) {
             printf("%10s (%s)\n", "unsupported", result->error);
             continue;

@@ -146,6 +146,7 @@ static void time_case(const bench_config *config, bench_backend *backend, void *
     launch.params.top_k = setting->top_k;
     launch.params.top_p = setting->top_p;
     launch.params.min_p = setting->min_p;
+    launch.params.filter_order = config->filter_order;
     launch.params.seed = config->seed;
     launch.tokens.data = tokens;
     launch.tokens.memory = launch.logits.memory;
@@ -396,6 +397,7 @@ void bench_run_backend_cases(const bench_config *config, bench_backend *backend,
         result->host_call_ms = NAN;
         result->speedup_vs_cpu = NAN;
         result->ratio_to_plain = NAN;
+        result->filter_order = config->filter_order;
         ++*progress;
         /* The case is named as it starts, so a long one shows what it is. */
         if (config->show_progress)

@@ -195,13 +195,18 @@ size_t cli_dtype_size(psm_dtype dtype)
     return dtype == PSM_DTYPE_F32 ? 4 : 2;
 }
 
+static const char *const filter_order_names[PSM_FILTER_ORDER_COUNT] = {
+    "polysample", "vllm", "sglang", "llama.cpp", "flashinfer-top-k-first", "flashinfer-joint"};
+
+const char *cli_filter_order_name(int32_t order)
+{
+    return order >= 0 && order < PSM_FILTER_ORDER_COUNT ? filter_order_names[order] : "?";
+}
+
 int cli_parse_filter_order(const char *text, int32_t *order)
 {
-    static const char *const names[PSM_FILTER_ORDER_COUNT] = {
-        "polysample", "vllm", "sglang", "llama.cpp", "flashinfer-top-k-first",
-        "flashinfer-joint"};
     for (int32_t i = 0; text && i < PSM_FILTER_ORDER_COUNT; ++i)
-        if (!strcmp(text, names[i])) {
+        if (!strcmp(text, filter_order_names[i])) {
             *order = i;
             return 0;
         }

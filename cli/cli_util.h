@@ -75,6 +75,8 @@ size_t cli_dtype_size(psm_dtype dtype);
 #define CLI_FILTER_ORDER_NAMES \
     "polysample, vllm, sglang, llama.cpp, flashinfer-top-k-first or flashinfer-joint"
 int cli_parse_filter_order(const char *text, int32_t *order);
+/* The name cli_parse_filter_order reads as `order` ("?" for another value). */
+const char *cli_filter_order_name(int32_t order);
 
 /* Round to nearest even; NaN stays NaN. */
 uint16_t cli_float_to_bf16(float x);

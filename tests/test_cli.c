@@ -448,7 +448,8 @@ static void test_commands(void)
                         "--logit-bias --history --prompt --repetition-penalty "
                         "--frequency-penalty --presence-penalty");
     expect_command_help("bench", cli_bench,
-                        "--backend --rows --vocab --dtype --setting --distribution --repeat "
+                        "--backend --rows --vocab --dtype --setting --distribution "
+                        "--filter-order --repeat "
                         "--threads --seed --quick --json --json=PATH");
     expect_command_help("check", cli_check, "--rows --backend --seed --draws");
 
@@ -475,6 +476,8 @@ static void test_commands(void)
         {"bench", cli_bench, "--distribution normal,gamma",
          "bad --distribution item 'gamma' (normal, lm or both)"},
         {"bench", cli_bench, "--json=", "option --json=PATH needs a value"},
+        {"bench", cli_bench, "--filter-order vllm2",
+         "--filter-order vllm2: expected polysample, vllm, sglang"},
         {"bench", cli_bench, "--quick --quick", "option --quick is given more than once"},
         {"bench", cli_bench, "--repeat 201", "bad --repeat '201': out of range (1 to 200)"},
         {"check", cli_check, "--backend cpu,cpu,cpu,cpu,cpu,cpu",

@@ -285,25 +285,23 @@ static void fill_rows(float *logits, int64_t rows, int64_t vocab, psm_test_rng *
         }
 }
 
-/* Returns 0 when the backend refused the orders (a skip is recorded). */
-static int expect_reference(psm_backend backend, int threads, int64_t rows, int64_t vocab,
-                            uint64_t seed)
+/* Every order and case on rows x vocab logits, each row's kept set and
+ * probabilities against the reference. Returns 0 when the backend refused
+ * the orders (a skip is recorded). */
+static int match_reference(psm_context *context, psm_backend backend, const char *test,
+                           int threads, const float *logits, int64_t rows, int64_t vocab,
+                           const psm_ref_params *cases, size_t case_count)
 {
-    int ran = 1;
-    psm_context *context = psm_test_open_threads(backend, threads);
-    psm_test_rng rng = psm_test_rng_make(seed);
-    float *logits = psm_test_alloc((size_t)(rows * vocab), sizeof *logits);
     float *probs = psm_test_alloc((size_t)(rows * vocab), sizeof *probs);
     double *expected = psm_test_alloc((size_t)vocab, sizeof *expected);
-    fill_rows(logits, rows, vocab, &rng);
-    for (int32_t order = 0; order < PSM_FILTER_ORDER_COUNT; ++order) {
-        for (size_t c = 0; c < sizeof order_cases / sizeof order_cases[0]; ++c) {
-            const psm_ref_params *oc = &order_cases[c];
+    int ran = 1;
+    for (int32_t order = 0; order < PSM_FILTER_ORDER_COUNT && ran; ++order) {
+        for (size_t c = 0; c < case_count; ++c) {
+            const psm_ref_params *oc = &cases[c];
             psm_params params = psm_test_params_of(oc, order);
-            if (!ordered_probs(context, backend, "orders_match_the_reference", logits, rows,
-                               vocab, &params, probs)) {
+            if (!ordered_probs(context, backend, test, logits, rows, vocab, &params, probs)) {
                 ran = 0;
-                goto done;
+                break;
             }
             for (int64_t r = 0; r < rows; ++r) {
                 ck_assert_int_eq(psm_ref_distribution_ordered(logits + r * vocab, vocab, oc,
@@ -313,24 +311,37 @@ static int expect_reference(psm_backend backend, int threads, int64_t rows, int6
                 const float *got = probs + r * vocab;
                 for (int64_t i = 0; i < vocab; ++i) {
                     ck_assert_msg((got[i] > 0.0f) == (expected[i] > 0.0),
-                                  "%s, threads %d, row %lld, case %zu (T %g, k %d, p %g, min-p "
-                                  "%g): token %lld is %s, the reference %s it",
-                                  order_names[order], threads, (long long)r, c,
+                                  "%s: %s, threads %d, row %lld, case %zu (T %g, k %d, p %g, "
+                                  "min-p %g): token %lld is %s, the reference %s it",
+                                  test, order_names[order], threads, (long long)r, c,
                                   (double)oc->temperature, oc->top_k, (double)oc->top_p,
                                   (double)oc->min_p, (long long)i,
                                   got[i] > 0.0f ? "kept" : "dropped",
                                   expected[i] > 0.0 ? "keeps" : "drops");
                     ck_assert_msg(fabs((double)got[i] - expected[i]) <= 1e-6,
-                                  "%s, row %lld, case %zu: probs[%lld] = %.9g, reference %.9g",
-                                  order_names[order], (long long)r, c, (long long)i,
+                                  "%s: %s, row %lld, case %zu: probs[%lld] = %.9g, reference "
+                                  "%.9g",
+                                  test, order_names[order], (long long)r, c, (long long)i,
                                   (double)got[i], expected[i]);
                 }
             }
         }
     }
-done:
     free(expected);
     free(probs);
+    return ran;
+}
+
+/* Returns 0 when the backend refused the orders (a skip is recorded). */
+static int expect_reference(psm_backend backend, int threads, int64_t rows, int64_t vocab,
+                            uint64_t seed)
+{
+    psm_context *context = psm_test_open_threads(backend, threads);
+    psm_test_rng rng = psm_test_rng_make(seed);
+    float *logits = psm_test_alloc((size_t)(rows * vocab), sizeof *logits);
+    fill_rows(logits, rows, vocab, &rng);
+    int ran = match_reference(context, backend, "orders_match_the_reference", threads, logits,
+                              rows, vocab, order_cases, sizeof order_cases / sizeof order_cases[0]);
     free(logits);
     psm_context_destroy(context);
     return ran;
@@ -342,6 +353,91 @@ PSM_PROPERTY(orders_match_the_reference)
 {
     if (expect_reference(backend, 2, 6, 3000, 41))
         expect_reference(backend, 2, 1, psm_test_quick() ? 5000 : 20000, 42);
+}
+END_TEST
+
+/* ---- the search paths, on shaped rows ------------------------------------------- */
+
+/* The CPU backend finds an order's cutoffs by several paths, each of which
+ * must give the reference's set. The rows and cases below reach each one:
+ * - top-k by the heap with the order's top-p walked over it (k 50), and
+ *   for the orders that keep the k-th token's ties, a heap of k + 1 whose
+ *   last token ties (coarse rows, the plateau) or not (the others); k 4095
+ *   and 4096 straddle the heap's limit for those orders (4096 tokens);
+ * - for the orders that take top-p over the whole row after the heap, Z
+ *   from a bound without reading (spread rows, k 5, p 0.9), from a bound
+ *   over the tokens near the heap (language-model rows), or exactly: when
+ *   an upper bound shows that the walk ends in the heap (the peaked row) or
+ *   when no bound decides (p 0.3 on spread rows); single rows split over
+ *   the threads always sum exactly;
+ * - top-p by the gap bins (no top-k, top-k past the heap, or ties outside
+ *   it), with the kept masses made by its band pass or by the kept pass,
+ *   over min-p's survivors (vLLM), and with a cutoff bin of more tokens than
+ *   a gather buffer holds (the plateau, resolved by the radix select);
+ * - llama.cpp's min-p prefix from the heap and from a scan, and its masses
+ *   made at the row's temperature while it filters at 1;
+ * - vLLM's top-k over min-p's survivors (radix select), also with fewer
+ *   survivors than k.
+ * Masked tokens (a whole tile, and scattered ones) are in two of the rows. */
+#define SHAPED_VOCAB 16384
+#define SHAPED_ROWS 5
+
+static const psm_ref_params shaped_cases[] = {
+    {0.8f, 50, 0.9f, 0.0f},    {0.8f, 50, 0.3f, 0.0f},     {0.8f, 0, 0.9f, 0.0f},
+    {0.8f, 0, 1.0f, 0.05f},    {1.2f, 50, 0.9f, 0.02f},    {0.8f, 300, 0.95f, 0.001f},
+    {0.8f, 5000, 0.9f, 0.0f},  {0.7f, 4095, 0.9f, 0.0f},   {0.8f, 4096, 0.9f, 0.0f},
+    {0.8f, 20, 0.8f, 0.3f},    {0.8f, 5, 0.9f, 0.0f},
+};
+
+/* Row 0: spread (normal, sigma 2; tile 5 masked, PSM_TILE being 1024); row 1: shaped like a
+ * language model's (logit -1.1 ln(rank) + U(-0.1, 0.1), ranks shuffled;
+ * every 97th token masked); row 2: peaked (one token 25 above a normal
+ * row); row 3: coarse (normal rounded to 1/4); row 4: a plateau (four
+ * tokens in five at 0, the rest at -8, forty at 3). */
+static void fill_shaped_rows(float *logits, psm_test_rng *rng)
+{
+    const int64_t vocab = SHAPED_VOCAB;
+    int32_t *rank = psm_test_alloc((size_t)vocab, sizeof *rank);
+    for (int64_t i = 0; i < vocab; ++i)
+        rank[i] = (int32_t)i + 1;
+    for (int64_t i = vocab - 1; i > 0; --i) {
+        int64_t j = (int64_t)psm_test_rng_below(rng, (uint64_t)i + 1);
+        int32_t held = rank[i];
+        rank[i] = rank[j];
+        rank[j] = held;
+    }
+    for (int64_t i = 0; i < vocab; ++i) {
+        float *row = logits;
+        row[i] = i / 1024 == 5 ? -INFINITY : (float)(2.0 * psm_test_rng_normal(rng));
+        row += vocab;
+        row[i] = i % 97 == 0 ? -INFINITY
+                             : (float)(-1.1 * log((double)rank[i]) +
+                                       0.2 * psm_test_rng_uniform(rng) - 0.1);
+        row += vocab;
+        row[i] = i == vocab / 3 ? 25.0f : (float)(2.0 * psm_test_rng_normal(rng));
+        row += vocab;
+        row[i] = (float)(round(8.0 * psm_test_rng_normal(rng)) / 4.0);
+        row += vocab;
+        row[i] = i % 401 == 7 ? 3.0f : i % 5 != 0 ? 0.0f : -8.0f;
+    }
+    free(rank);
+}
+
+PSM_PROPERTY(each_search_path_matches_the_reference)
+{
+    const char *test = "each_search_path_matches_the_reference";
+    const size_t case_count = sizeof shaped_cases / sizeof shaped_cases[0];
+    psm_test_rng rng = psm_test_rng_make(43);
+    float *logits = psm_test_alloc((size_t)(SHAPED_ROWS * SHAPED_VOCAB), sizeof *logits);
+    fill_shaped_rows(logits, &rng);
+    psm_context *context = psm_test_open_threads(backend, 2);
+    int ran = match_reference(context, backend, test, 2, logits, SHAPED_ROWS, SHAPED_VOCAB,
+                              shaped_cases, case_count);
+    for (int64_t r = 0; ran && r < SHAPED_ROWS; ++r)
+        ran = match_reference(context, backend, test, 2, logits + r * SHAPED_VOCAB, 1,
+                              SHAPED_VOCAB, shaped_cases, case_count);
+    psm_context_destroy(context);
+    free(logits);
 }
 END_TEST
 
@@ -379,5 +475,6 @@ int main(void)
     psm_test_register_property(llama_cpp_sampler_expectations);
     psm_test_register_property(llama_cpp_sampler_queue_expectations);
     psm_test_register_property(orders_match_the_reference);
+    psm_test_register_property(each_search_path_matches_the_reference);
     return psm_test_run("test_filter_orders");
 }

@@ -240,7 +240,9 @@ typedef struct cpu_row {
     int filtered;       /* use the kept-set rule below instead of "every valid token" */
     uint64_t key_cutoff; /* kept: rank key >= key_cutoff (0 keeps every valid token) */
     uint64_t min_weight; /* kept: g_i >= min_weight (0: no min-p) */
-    float kept_floor;    /* with min-p: logits below it fail min-p (psm_min_p_drop_gap) */
+    float kept_floor;    /* logits below it are not kept: with min-p, they fail it
+                          * (psm_min_p_drop_gap); llama.cpp's order sets it to
+                          * the last logit of its min-p prefix */
     /* The next row this thread will process (NULL: none known), and the
      * step of a filtered row that prefetches it, tile by tile, while it
      * computes from cache: the first one after the summary pass that reads
@@ -360,6 +362,7 @@ typedef enum cpu_pass {
     PASS_BAND,      /* top-p: gather the candidates whose logit is in [band_low, band_high);
                        with band_masses, also S_t of the candidates at or above band_high */
     PASS_KEPT,      /* m_t, S_t of the kept set */
+    PASS_MASS,      /* Z: the g-mass of every valid token, into bin_tail */
     PASS_PROBS      /* write the row's probabilities */
 } cpu_pass;
 
@@ -367,12 +370,20 @@ typedef struct cpu_pass_args {
     cpu_pass pass;
     const cpu_row *row;
     cpu_scratch *owner;
-    uint64_t lower;      /* PASS_BINS, PASS_BAND: candidates have keys >= lower */
+    uint64_t lower;      /* PASS_BINS, PASS_BAND: candidates have keys >= lower ... */
+    /* ... and, when not 0, g_i >= survivor_weight (vLLM's order: min-p's
+     * survivors; then row->kept_floor is min-p's floor); the others weigh 0
+     * in the bins and in the band's walk. */
+    uint64_t survivor_weight;
     int bin_limit;       /* PASS_BINS: bins past it are added up as one ... */
     float bin_edge;      /* ... the bins of the logits below this */
     float band_low;      /* PASS_BAND */
     float band_high;     /* PASS_BAND */
     int band_masses;     /* PASS_BAND */
+    /* PASS_BAND with band_masses: the scale of the tile weights, the row's
+     * temperature's (row->scale is the filters' scale, which llama.cpp's
+     * order sets to temperature 1 while it filters). */
+    float mass_scale;
     uint64_t total;      /* PASS_PROBS */
     float *probs_row;    /* PASS_PROBS */
 } cpu_pass_args;
@@ -389,6 +400,7 @@ typedef enum cpu_kept_source {
 const float *cpu_read_tile(const cpu_row *row, const cpu_scratch *owner, int64_t tile,
                            float *buffer, int *n_out);
 void cpu_global_weights(const cpu_row *row, const float *x, int n, uint64_t *g);
+uint64_t cpu_global_mass(const cpu_row *row, const float *x, int n);
 uint64_t cpu_tile_weights(const cpu_row *row, const cpu_scratch *owner, int64_t tile,
                           float *buffer, uint64_t *weights);
 void cpu_run_pass(const cpu_state *state, const cpu_pass_args *args, int parallel);

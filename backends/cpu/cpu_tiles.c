@@ -316,6 +316,13 @@ void cpu_global_weights(const cpu_row *row, const float *x, int n, uint64_t *g)
     global_weights(row, x, n, g);
 }
 
+/* The sum of the g_i of n logits (masked ones weigh 0). */
+uint64_t cpu_global_mass(const cpu_row *row, const float *x, int n)
+{
+    cpu_ahead none = {NULL, 0};
+    return plain_weight_sum(x, n, row->row_max, row->scale, row->weight_bits, none);
+}
+
 /* Tile weights of a filtered row: w_i against the largest kept logit of the
  * tile for kept tokens, 0 for the rest. Returns S_t, and m_t in *reference. */
 static uint64_t kept_weights(const cpu_row *row, const cpu_scratch *owner, int64_t tile,
@@ -435,7 +442,10 @@ static uint64_t weights_at_least(const float *x, int n, float reference, float s
  * monotone function of the logit at its last unit, so the kept tokens are
  * collected first: only logits at or above row->kept_floor can pass (gaps
  * below psm_min_p_drop_gap); those of them that pass are gathered, their
- * maximum is m_t, and their weights are summed in one vector pass. */
+ * maximum is m_t, and their weights are summed in one vector pass. A
+ * kept_floor without min-p (llama.cpp's order: its min-p prefix's last
+ * logit) gathers the same way, so that the few kept tokens alone are
+ * weighed. */
 static uint64_t kept_mass(const cpu_row *row, const cpu_scratch *owner, int64_t tile,
                           cpu_scratch *worker, float *reference)
 {
@@ -444,7 +454,7 @@ static uint64_t kept_mass(const cpu_row *row, const cpu_scratch *owner, int64_t 
     const float *x = cpu_read_tile(row, owner, tile, worker->logits, &n);
     uint64_t cutoff = row->key_cutoff;
     cpu_ahead ahead = next_row_tile(row, tile, PREFETCH_IN_KEPT);
-    if (row->min_weight == 0) {
+    if (row->min_weight == 0 && row->kept_floor == -FLT_MAX) {
         float tile_max = owner->tile_max[tile];
         uint64_t sum = cut_weight_sum(x, n, start, tile_max, row->scale, row->weight_bits, cutoff,
                                       ahead);
@@ -454,7 +464,8 @@ static uint64_t kept_mass(const cpu_row *row, const cpu_scratch *owner, int64_t 
     prefetch_share(ahead, 0, n, n);
     float *kept = worker->compact;
     int count = select_candidates(x, n, start, row->kept_floor, cutoff, 0, worker);
-    count = keep_min_p(row, kept, count, worker->masses);
+    if (row->min_weight != 0)
+        count = keep_min_p(row, kept, count, worker->masses);
     float kept_max = -INFINITY;
     for (int i = 0; i < count; ++i)
         kept_max = kept[i] > kept_max ? kept[i] : kept_max;
@@ -495,6 +506,14 @@ static void gather_one(cpu_scratch *worker, uint64_t key, uint64_t measure, floa
     item->tile = (int32_t)tile;
 }
 
+/* A band token's measure in top-p's walk: g_i, or 0 for a token that is not
+ * one of min-p's survivors (PASS_BINS weighs it 0 too). */
+static uint64_t band_measure(const cpu_pass_args *args, float x)
+{
+    uint64_t g = global_weight(args->row, x);
+    return g < args->survivor_weight ? 0 : g;
+}
+
 /* PASS_BAND without masses: the tile's band tokens, found chunk by chunk
  * after a vector test. */
 static void gather_band(const cpu_pass_args *args, int64_t tile, cpu_scratch *worker)
@@ -513,7 +532,7 @@ static void gather_band(const cpu_pass_args *args, int64_t tile, cpu_scratch *wo
                 continue;
             uint64_t key = psm_rank_key(x[i], start + (uint32_t)(chunk + i));
             if (key >= args->lower)
-                gather_one(worker, key, global_weight(row, x[i]), 0.0f, tile);
+                gather_one(worker, key, band_measure(args, x[i]), 0.0f, tile);
         }
     }
 }
@@ -533,13 +552,13 @@ static uint64_t band_tile_masses(const cpu_pass_args *args, int64_t tile, cpu_sc
     const float *x = cpu_read_tile(row, args->owner, tile, worker->logits, &n);
     float *candidates = worker->compact, *weights = worker->masses;
     int count = select_candidates(x, n, start, args->band_low, args->lower, 1, worker);
-    uint64_t sum = weights_at_least(candidates, count, args->owner->tile_max[tile], row->scale,
-                                    row->weight_bits, args->band_high, weights);
+    uint64_t sum = weights_at_least(candidates, count, args->owner->tile_max[tile],
+                                    args->mass_scale, row->weight_bits, args->band_high, weights);
     for (int j = 0; j < count; ++j)
         if (candidates[j] < args->band_high)
             gather_one(worker,
                        psm_rank_key(candidates[j], start + (uint32_t)worker->compact_index[j]),
-                       global_weight(row, candidates[j]), weights[j], tile);
+                       band_measure(args, candidates[j]), weights[j], tile);
     return sum;
 }
 
@@ -583,9 +602,26 @@ static void run_tile(const cpu_pass_args *args, int64_t tile, cpu_scratch *worke
     case PASS_BINS: {
         if (owner->tile_valid[tile] == 0 || tile_key_bound(row, owner, tile) < args->lower)
             break;
+        if (args->survivor_weight != 0 && owner->tile_max[tile] < row->kept_floor)
+            break;
         uint32_t start = (uint32_t)(tile * PSM_TILE);
         const float *x = cpu_read_tile(row, owner, tile, worker->logits, &n);
         cpu_ahead ahead = next_row_tile(row, tile, PREFETCH_IN_BINS);
+        if (args->survivor_weight != 0) {
+            /* min-p's survivors lie at or above its floor: those tokens
+             * alone are weighed, and binned with their g_i or 0. The
+             * caller asks for every bin (bin_limit is the last). */
+            prefetch_share(ahead, 0, n, n);
+            int count = select_candidates(x, n, start, row->kept_floor, args->lower, 0, worker);
+            cpu_ahead none = {NULL, 0};
+            global_weights_of(row, worker->compact, count, none, worker->masses);
+            double survivor = (double)args->survivor_weight; /* exact: at most 2^40 */
+            for (int j = 0; j < count; ++j)
+                worker->masses[j] = (double)worker->masses[j] >= survivor ? worker->masses[j] : 0.0f;
+            bins_of(row, worker->compact, count, worker->bins);
+            add_to_bins(worker->bins, worker->masses, count, worker->bin_mass);
+            break;
+        }
         if (args->bin_limit == CPU_GAP_BINS - 1) {
             if (args->lower != 0)
                 bins_above(row, x, n, start, args->lower, ahead, worker->bins, worker->masses);
@@ -641,6 +677,13 @@ static void run_tile(const cpu_pass_args *args, int64_t tile, cpu_scratch *worke
         owner->tile_max[tile] = reference;
         break;
     }
+    case PASS_MASS: {
+        if (owner->tile_valid[tile] == 0)
+            break;
+        const float *x = cpu_read_tile(row, owner, tile, worker->logits, &n);
+        worker->bin_tail += cpu_global_mass(row, x, n);
+        break;
+    }
     case PASS_PROBS: {
         float *out = args->probs_row + tile * PSM_TILE;
         int64_t length = tile_length(row, tile);
@@ -668,6 +711,8 @@ static void begin_pass(const cpu_pass_args *args, cpu_scratch *worker)
         memset(worker->bin_mass, 0, sizeof worker->bin_mass);
         worker->bin_tail = 0;
     }
+    if (args->pass == PASS_MASS)
+        worker->bin_tail = 0;
     if (args->pass == PASS_BAND) {
         worker->gathered_count = 0;
         worker->gather_overflow = 0;
@@ -684,6 +729,8 @@ static void merge_pass(const cpu_pass_args *args, cpu_scratch *owner, const cpu_
             owner->bin_mass[b] += worker->bin_mass[b];
         owner->bin_tail += worker->bin_tail;
     }
+    if (args->pass == PASS_MASS)
+        owner->bin_tail += worker->bin_tail;
     if (args->pass == PASS_BAND) {
         owner->gather_overflow |= worker->gather_overflow;
         for (int64_t i = 0; i < worker->gathered_count; ++i) {

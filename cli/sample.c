@@ -62,7 +62,8 @@ static const char sample_notes[] =
     "drawn at (0, then the accepted path); with --logprobs, a tab and their\n"
     "logprobs under the target. A bad request prints -1 in each place (nan\n"
     "for its logprob). --json writes {\"accepted\": [...], \"tokens\": [[...]],\n"
-    "\"path_nodes\": [[...]], \"logprobs\": [[...]]} with the same lists.\n";
+    "\"path_nodes\": [[...]], \"logprobs\": [[...]]} with the same lists (the\n"
+    "logprobs with --logprobs).\n";
 
 /* The processing options: their files, and the penalties, which go
  * straight into processing. */

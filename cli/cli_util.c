@@ -349,3 +349,11 @@ void *cli_alloc(const char *command, size_t bytes)
         cli_error(command, "out of memory (%zu bytes)", bytes);
     return memory;
 }
+
+void cli_print_logprob(float value, int json)
+{
+    if (isnan(value) || isinf(value))
+        fputs(json ? "null" : (isnan(value) ? "nan" : "-inf"), stdout);
+    else
+        printf("%.9g", (double)value);
+}

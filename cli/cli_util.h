@@ -108,4 +108,8 @@ double cli_median(double *values, int count);
 /* Allocation that reports failure on stderr and returns NULL. */
 void *cli_alloc(const char *command, size_t bytes);
 
+/* Prints a logprob on stdout with 9 significant digits (a float reads back
+ * exactly); NaN and -inf as "nan" and "-inf", or in JSON as null. */
+void cli_print_logprob(float value, int json);
+
 #endif /* PSM_CLI_UTIL_H */

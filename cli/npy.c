@@ -58,6 +58,7 @@ static const struct {
     {CLI_NPY_F16, 'f', '2', "f16", "float16", "'<f2'"},
     {CLI_NPY_U32, 'u', '4', "u32", "uint32", "'<u4'"},
     {CLI_NPY_BOOL, 'b', '1', "bool", "bool", "'|b1'"},
+    {CLI_NPY_I32, 'i', '4', "i32", "int32", "'<i4'"},
 };
 #define ELEMENT_TYPES (sizeof element_types / sizeof element_types[0])
 
@@ -329,9 +330,7 @@ int cli_npy_read_elements(const char *path, unsigned accepted, cli_npy_array *ar
         return fail(error, error_size, "'%s': a row of %lld logits is too long (at most 2^31 - 1)",
                     path, (long long)array->vocab);
     }
-    element_size = element == CLI_NPY_F32 || element == CLI_NPY_U32 ? 4
-                   : element == CLI_NPY_F16                        ? 2
-                                                                   : 1;
+    element_size = element == CLI_NPY_F16 ? 2 : element == CLI_NPY_BOOL ? 1 : 4;
     /* rows and vocab are each below 2^63, so both products are checked. */
     if ((uint64_t)array->rows > UINT64_MAX / (uint64_t)array->vocab ||
         (uint64_t)array->rows * (uint64_t)array->vocab > UINT64_MAX / element_size) {

@@ -17,7 +17,8 @@ typedef enum cli_npy_element {
     CLI_NPY_F32 = 1,  /* '<f4' (either byte order) */
     CLI_NPY_F16 = 2,  /* '<f2' */
     CLI_NPY_U32 = 4,  /* '<u4' */
-    CLI_NPY_BOOL = 8  /* '|b1': one byte, 0 or 1 (the reader does not check) */
+    CLI_NPY_BOOL = 8, /* '|b1': one byte, 0 or 1 (the reader does not check) */
+    CLI_NPY_I32 = 16  /* '<i4' */
 } cli_npy_element;
 
 #define CLI_NPY_LOGITS (CLI_NPY_F32 | CLI_NPY_F16)

@@ -5,6 +5,7 @@
 #include "npy.h"
 #include "polysample.h"
 #include "processing_files.h"
+#include "sample_verify.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -16,7 +17,8 @@ static const char sample_description[] =
     "row) or 2-D (rows x vocab), C order. Prints one line per row: the row's\n"
     "tokens separated by spaces (with --logprobs, a tab and then their logprobs;\n"
     "with --top-logprobs N, a tab and the row's N most probable tokens as\n"
-    "TOKEN:LOGPROB, then a tab and each drawn token's rank, 1 the most probable).\n";
+    "TOKEN:LOGPROB, then a tab and each drawn token's rank, 1 the most probable).\n"
+    "With --verify it verifies drafted tokens instead (see below).\n";
 
 static const char sample_notes[] =
     "\n"
@@ -35,7 +37,33 @@ static const char sample_notes[] =
     "In the text files ROW is a logits row from 0, or '*' for every row; a row\n"
     "may have several lines, and its entries keep the file's order (bias\n"
     "entries of one token add in that order); words are separated by spaces or\n"
-    "tabs; '#' starts a comment; blank lines are skipped.\n";
+    "tabs; '#' starts a comment; blank lines are skipped.\n"
+    "\n"
+    "Verification (--verify; docs/SAMPLING.md, section 7) checks k drafted\n"
+    "tokens per request against the target's logits by exact rejection\n"
+    "sampling (CPU backend). LOGITS.npy then holds requests x (k + 1) rows: row\n"
+    "r (k + 1) + i is the target's distribution after draft node i of request r\n"
+    "(node 0, the root, is the last token already emitted). The drafts:\n"
+    "  --draft-tokens   a .npy of int32, requests x k (1-D for one request): the\n"
+    "                   token of node i in column i - 1; k is its column count\n"
+    "  --draft-parents  int32, requests x k: node i's parent, 0 .. i - 1 (a\n"
+    "                   tree); without it the nodes are a chain\n"
+    "  --draft-logits   the distribution each node's token was drawn from,\n"
+    "                   requests x k rows of the target's vocab (float32 or\n"
+    "                   float16), shaped by --draft-temperature, --draft-top-k,\n"
+    "                   --draft-top-p and --draft-min-p\n"
+    "  --draft-probs    or the same as float32 probabilities in [0, 1]\n"
+    "                   (neither: one-hot drafts, as from n-grams or prompt\n"
+    "                   lookup)\n"
+    "The target's options are the usual ones (--temperature, --top-k, --top-p,\n"
+    "--min-p, --filter-order, --seed, --offset). It prints one line per\n"
+    "request: the accepted count; a tab and the emitted tokens (the accepted\n"
+    "drafts, then the correction or bonus token); a tab and the nodes they were\n"
+    "drawn at (0, then the accepted path); with --logprobs, a tab and their\n"
+    "logprobs under the target. A bad request prints -1 in each place (nan\n"
+    "for its logprob). --json writes {\"accepted\": [...], \"tokens\": [[...]],\n"
+    "\"path_nodes\": [[...]], \"logprobs\": [[...]]} with the same lists (the\n"
+    "logprobs with --logprobs).\n";
 
 /* The processing options: their files, and the penalties, which go
  * straight into processing. */
@@ -92,14 +120,6 @@ static int read_processing_files(processing_options *options, int64_t rows, int6
     return 0;
 }
 
-static void print_logprob(float value, int json)
-{
-    if (isnan(value) || isinf(value))
-        fputs(json ? "null" : (isnan(value) ? "nan" : "-inf"), stdout);
-    else
-        printf("%.9g", (double)value);
-}
-
 /* The top-N outputs, when asked for. */
 typedef struct top_results {
     int32_t count; /* 0: none */
@@ -113,11 +133,11 @@ static void print_top(const top_results *top, int64_t row, int64_t samples, int 
         const int64_t k = row * top->count + e;
         if (json) {
             printf("%s[%d, ", e ? ", " : "", (int)top->tokens[k]);
-            print_logprob(top->logprobs[k], 1);
+            cli_print_logprob(top->logprobs[k], 1);
             fputc(']', stdout);
         } else {
             printf("%s%d:", e ? " " : "", (int)top->tokens[k]);
-            print_logprob(top->logprobs[k], 0);
+            cli_print_logprob(top->logprobs[k], 0);
         }
     }
     if (!json) {
@@ -147,7 +167,7 @@ static void print_results(const int32_t *tokens, const float *logprobs, const to
                 for (sample = 0; sample < samples; ++sample) {
                     if (sample)
                         fputs(", ", stdout);
-                    print_logprob(logprobs[row * samples + sample], 1);
+                    cli_print_logprob(logprobs[row * samples + sample], 1);
                 }
                 fputc(']', stdout);
             }
@@ -180,7 +200,7 @@ static void print_results(const int32_t *tokens, const float *logprobs, const to
             for (sample = 0; sample < samples; ++sample) {
                 if (sample)
                     fputc(' ', stdout);
-                print_logprob(logprobs[row * samples + sample], 0);
+                cli_print_logprob(logprobs[row * samples + sample], 0);
             }
         }
         if (top->count) {
@@ -226,11 +246,65 @@ typedef struct top_options {
     int raw;
 } top_options;
 
+/* The --draft-* options that only --draft-logits uses: given (not at their
+ * defaults) without it, they would change nothing. */
+static int draft_params_given(const cli_verify_options *verify)
+{
+    psm_params defaults;
+    psm_params_init(&defaults);
+    return verify->draft_params.temperature != defaults.temperature ||
+           verify->draft_top_k != (uint64_t)defaults.top_k ||
+           verify->draft_params.top_p != defaults.top_p ||
+           verify->draft_params.min_p != defaults.min_p;
+}
+
+/* Refuses --verify's options without it, --verify without its drafts, and
+ * what psm_verify does not take. 0, or -1 after a message. */
+static int check_verify_options(const cli_verify_options *verify, const psm_params *params,
+                                const processing_options *processing, const top_options *top)
+{
+    const char *draft_option = verify->tokens_path    ? "--draft-tokens"
+                               : verify->parents_path ? "--draft-parents"
+                               : verify->logits_path  ? "--draft-logits"
+                               : verify->probs_path   ? "--draft-probs"
+                               : draft_params_given(verify) ? "--draft-temperature, --draft-top-k, "
+                                                              "--draft-top-p or --draft-min-p"
+                                                            : NULL;
+    if (!verify->verify) {
+        if (draft_option)
+            cli_error("sample", "%s needs --verify", draft_option);
+        return draft_option ? -1 : 0;
+    }
+    if (!verify->tokens_path) {
+        cli_error("sample", "--verify needs --draft-tokens FILE (the drafted tokens)");
+        return -1;
+    }
+    if (verify->logits_path && verify->probs_path) {
+        cli_error("sample", "--draft-logits and --draft-probs are two forms of the draft's "
+                            "distribution; give one (or neither, for one-hot drafts)");
+        return -1;
+    }
+    if (!verify->logits_path && draft_params_given(verify)) {
+        cli_error("sample", "--draft-temperature, --draft-top-k, --draft-top-p and --draft-min-p "
+                            "shape --draft-logits, which is not given");
+        return -1;
+    }
+    if (params->num_samples != 1 || top->count || processing_requested(processing)) {
+        cli_error("sample", "--verify emits one token per draft node and takes no %s",
+                  params->num_samples != 1 ? "--num-samples"
+                  : top->count             ? "--top-logprobs"
+                                           : "logit processing (psm_verify has none yet)");
+        return -1;
+    }
+    return 0;
+}
+
 /* The options into options and params; the input file into *path (NULL
  * after --help). CLI_EXIT_OK, or CLI_EXIT_USAGE after a message. */
 static int read_command_line(int argc, char **argv, psm_context_options *options,
                              psm_params *params, processing_options *processing,
-                             top_options *top, const char **path, int *want_logprobs, int *json)
+                             top_options *top, cli_verify_options *verify, const char **path,
+                             int *want_logprobs, int *json)
 {
     psm_logit_processing *penalties = &processing->processing;
     cli_backend_list backend = {0};
@@ -300,10 +374,38 @@ static int read_command_line(int argc, char **argv, psm_context_options *options
         {.name = "--presence-penalty", .kind = CLI_OPTION_FLOAT, .value_name = "P",
          .target = &penalties->presence_penalty,
          .help = "subtract P from tokens in the history;\n-1e3 to 1e3, 0 is off"},
+        {.name = "--verify", .kind = CLI_OPTION_FLAG, .target = &verify->verify,
+         .help = "verify the drafts of --draft-tokens\nagainst LOGITS.npy (see below)"},
+        {.name = "--draft-tokens", .kind = CLI_OPTION_STRING, .value_name = "FILE",
+         .target = &verify->tokens_path,
+         .help = "--verify: the drafted tokens (.npy of\nint32, requests x k)"},
+        {.name = "--draft-parents", .kind = CLI_OPTION_STRING, .value_name = "FILE",
+         .target = &verify->parents_path,
+         .help = "--verify: each node's parent (.npy of\nint32, requests x k); none: a chain",
+         .default_text = ""},
+        {.name = "--draft-logits", .kind = CLI_OPTION_STRING, .value_name = "FILE",
+         .target = &verify->logits_path,
+         .help = "--verify: the draft's logits, requests x\nk rows (with neither this nor\n"
+                 "--draft-probs: one-hot drafts)"},
+        {.name = "--draft-probs", .kind = CLI_OPTION_STRING, .value_name = "FILE",
+         .target = &verify->probs_path,
+         .help = "--verify: the draft's probabilities,\nrequests x k rows of float32",
+         .default_text = ""},
+        {.name = "--draft-temperature", .kind = CLI_OPTION_FLOAT, .value_name = "T",
+         .target = &verify->draft_params.temperature,
+         .help = "--draft-logits' temperature"},
+        {.name = "--draft-top-k", .kind = CLI_OPTION_DECIMAL, .value_name = "K",
+         .target = &verify->draft_top_k, .maximum = INT32_MAX,
+         .help = "--draft-logits' top-k; 0 is off"},
+        {.name = "--draft-top-p", .kind = CLI_OPTION_FLOAT, .value_name = "P",
+         .target = &verify->draft_params.top_p, .help = "--draft-logits' top-p; 1 is off"},
+        {.name = "--draft-min-p", .kind = CLI_OPTION_FLOAT, .value_name = "P",
+         .target = &verify->draft_params.min_p, .help = "--draft-logits' min-p; 0 is off"},
     };
     const cli_command sample_command = {
         .name = "sample",
-        .synopsis = "polysample sample [options] LOGITS.npy",
+        .synopsis = "polysample sample [options] LOGITS.npy\n"
+                    "       polysample sample --verify --draft-tokens FILE [options] LOGITS.npy",
         .description = sample_description,
         .options = sample_options,
         .option_count = (int)(sizeof sample_options / sizeof sample_options[0]),
@@ -350,7 +452,8 @@ static int read_command_line(int argc, char **argv, psm_context_options *options
     options->check_rows = check_rows;
     params->top_k = (int32_t)top_k;
     params->num_samples = (int32_t)num_samples;
-    return CLI_EXIT_OK;
+    return check_verify_options(verify, params, processing, top) == 0 ? CLI_EXIT_OK
+                                                                       : CLI_EXIT_USAGE;
 }
 
 int cli_sample(int argc, char **argv)
@@ -369,6 +472,7 @@ int cli_sample(int argc, char **argv)
     int32_t *tokens = NULL;
     float *logprobs = NULL;
     top_options top;
+    cli_verify_options verify;
     psm_top_logprobs top_request;
     top_results top_out = {0};
     int32_t *top_tokens = NULL, *ranks = NULL;
@@ -382,10 +486,15 @@ int cli_sample(int argc, char **argv)
     memset(&inputs, 0, sizeof inputs);
     psm_logit_processing_init(&processing.processing);
     memset(&top, 0, sizeof top);
-    exit_status = read_command_line(argc, argv, &options, &params, &processing, &top, &path,
-                                    &want_logprobs, &json);
+    memset(&verify, 0, sizeof verify);
+    psm_params_init(&verify.draft_params);
+    verify.draft_top_k = (uint64_t)verify.draft_params.top_k;
+    exit_status = read_command_line(argc, argv, &options, &params, &processing, &top, &verify,
+                                    &path, &want_logprobs, &json);
     if (exit_status != CLI_EXIT_OK || !path)
         return exit_status;
+    if (verify.verify)
+        return cli_sample_verify(path, &verify, &options, &params, want_logprobs, json);
     if (cli_npy_read(path, &array, error, sizeof error) != 0) {
         cli_error("sample", "%s", error);
         return CLI_EXIT_USAGE;

@@ -446,7 +446,9 @@ static void test_commands(void)
                         "--filter-order --seed "
                         "--offset --num-samples --logprobs --check-rows --json --allowed-mask "
                         "--logit-bias --history --prompt --repetition-penalty "
-                        "--frequency-penalty --presence-penalty");
+                        "--frequency-penalty --presence-penalty --verify --draft-tokens "
+                        "--draft-parents --draft-logits --draft-probs --draft-temperature "
+                        "--draft-top-k --draft-top-p --draft-min-p");
     expect_command_help("bench", cli_bench,
                         "--backend --rows --vocab --dtype --setting --distribution "
                         "--filter-order --repeat "
@@ -989,17 +991,24 @@ static void test_processing_readers(void)
     }
 }
 
+/* text with each "@" replaced by the temporary directory, into out. */
+static void expand_directory(const char *text, char *out, size_t size)
+{
+    size_t used = 0;
+    const char *at;
+    out[0] = '\0';
+    for (at = text; *at && used + sizeof directory < size; ++at)
+        used += (size_t)snprintf(out + used, size - used, "%s",
+                                 *at == '@' ? directory : (char[2]){*at, '\0'});
+}
+
 /* Runs `polysample sample` on a command line whose words are separated by
  * spaces, with "@" standing for the temporary directory. */
 static void run_sample(captured *result, const char *line)
 {
     static char expanded[2048], buffer[2048];
     char *words[40];
-    size_t used = 0;
-    const char *at;
-    for (at = line; *at && used + sizeof directory < sizeof expanded; ++at)
-        used += (size_t)snprintf(expanded + used, sizeof expanded - used, "%s",
-                                 *at == '@' ? directory : (char[2]){*at, '\0'});
+    expand_directory(line, expanded, sizeof expanded);
     capture(result, cli_sample, NULL, split_words(expanded, buffer, sizeof buffer, words, 40),
             words);
 }
@@ -1245,7 +1254,14 @@ static void remove_directory(void)
         "bias_words.txt", "bias_extra.txt", "bias_nan.txt", "bias_huge.txt", "bias_row.txt",
         "history_token.txt", "history_sign.txt", "prompt_row.txt", "prompt_empty_row.txt",
         "history_nul.txt", "mask_short_words.npy", "mask_short_bools.npy", "mask_rows.npy",
-        "mask_two.npy", "mask_float.npy", "mask_truncated.npy", "top_logits.npy"};
+        "mask_two.npy", "mask_float.npy", "mask_truncated.npy", "top_logits.npy", "orders.npy",
+        "verify_target.npy", "verify_chain_tokens.npy", "verify_chain_logits.npy",
+        "verify_chain_probs.npy", "verify_tree_tokens.npy", "verify_tree_logits.npy",
+        "verify_tree_probs.npy", "verify_tree_parents.npy", "verify_greedy_tokens.npy",
+        "verify_bad_tokens.npy", "verify_bad_parents.npy", "verify_short_parents.npy",
+        "verify_two_requests.npy", "verify_wide_tokens.npy", "verify_float_tokens.npy",
+        "verify_narrow_logits.npy", "verify_short_probs.npy", "verify_big_probs.npy",
+        "verify_zero_probs.npy"};
     char path[128];
     size_t i;
     for (i = 0; i < sizeof names / sizeof names[0]; ++i) {
@@ -1382,6 +1398,423 @@ static void test_sample_filter_order(void)
            "--filter-order vllm2: status %d, '%s'", refused.status, refused.err);
 }
 
+/* ---- sample --verify ------------------------------------------------------ */
+
+enum { VERIFY_REQUESTS = 4, VERIFY_K = 3, VERIFY_VOCAB = 40, VERIFY_POSITIONS = VERIFY_K + 1 };
+enum { VERIFY_ONE_HOT, VERIFY_LOGITS, VERIFY_PROBS };
+
+/* The tree case's layout: nodes 1 and 2 are the root's children, node 3 is
+ * node 1's; the chain's parent of node i is i - 1. */
+static const int32_t verify_tree_parents[VERIFY_K] = {0, 0, 1};
+
+/* Inputs of one layout (chain or tree): node i's draft logits are a noisy
+ * copy of the target row of its parent, its probabilities their softmax,
+ * and its token their argmax, which every draft filter keeps. */
+typedef struct verify_layout {
+    const char *name;
+    int32_t parents[VERIFY_REQUESTS * VERIFY_K];
+    int32_t tokens[VERIFY_REQUESTS * VERIFY_K];
+    float logits[VERIFY_REQUESTS * VERIFY_K * VERIFY_VOCAB];
+    float probs[VERIFY_REQUESTS * VERIFY_K * VERIFY_VOCAB];
+} verify_layout;
+
+/* The target: request 3 has a NaN in its node-2 row (a bad request). */
+static float verify_target[VERIFY_REQUESTS * VERIFY_POSITIONS * VERIFY_VOCAB];
+static verify_layout verify_layouts[2] = {{.name = "chain"}, {.name = "tree"}};
+
+static int32_t argmax_of(const float *row, int64_t count)
+{
+    int32_t best = 0;
+    for (int32_t i = 1; i < count; ++i)
+        if (row[i] > row[best])
+            best = i;
+    return best;
+}
+
+static const char *write_int32_npy(const char *name, const int32_t *values, int rows, int columns)
+{
+    char dict[128];
+    snprintf(dict, sizeof dict, "{'descr': '<i4', 'fortran_order': False, 'shape': (%d, %d), }",
+             rows, columns);
+    return write_npy(name, 1, dict, values, (size_t)rows * (size_t)columns * sizeof *values);
+}
+
+static const char *write_float_npy(const char *name, const float *values, int rows, int columns)
+{
+    char dict[128];
+    snprintf(dict, sizeof dict, "{'descr': '<f4', 'fortran_order': False, 'shape': (%d, %d), }",
+             rows, columns);
+    return write_npy(name, 1, dict, values, (size_t)rows * (size_t)columns * sizeof *values);
+}
+
+static void write_verify_files(void)
+{
+    enum { DRAFT_ROWS = VERIFY_REQUESTS * VERIFY_K };
+    float noise[DRAFT_ROWS * VERIFY_VOCAB];
+    char name[64];
+    cli_fill_normal(verify_target, sizeof verify_target / sizeof *verify_target, 2.0f, 41);
+    verify_target[(3 * VERIFY_POSITIONS + 2) * VERIFY_VOCAB + 5] = NAN;
+    write_float_npy("verify_target.npy", verify_target, VERIFY_REQUESTS * VERIFY_POSITIONS,
+                    VERIFY_VOCAB);
+    cli_fill_normal(noise, DRAFT_ROWS * VERIFY_VOCAB, 0.8f, 42);
+    for (int tree = 0; tree < 2; ++tree) {
+        verify_layout *layout = &verify_layouts[tree];
+        for (int64_t at = 0; at < DRAFT_ROWS; ++at) {
+            const int64_t r = at / VERIFY_K, node = at % VERIFY_K + 1;
+            const int32_t parent = tree ? verify_tree_parents[node - 1] : (int32_t)node - 1;
+            const float *target_row = verify_target + (r * VERIFY_POSITIONS + parent) * VERIFY_VOCAB;
+            float *logits = layout->logits + at * VERIFY_VOCAB, *probs = layout->probs + at * VERIFY_VOCAB;
+            double total = 0.0;
+            for (int i = 0; i < VERIFY_VOCAB; ++i) {
+                /* The NaN row's draft stays finite: a draft row must be good. */
+                logits[i] = (isnan(target_row[i]) ? 0.0f : target_row[i]) +
+                            noise[at * VERIFY_VOCAB + i];
+                total += exp((double)logits[i]);
+            }
+            for (int i = 0; i < VERIFY_VOCAB; ++i)
+                probs[i] = (float)(exp((double)logits[i]) / total);
+            layout->parents[at] = parent;
+            layout->tokens[at] = argmax_of(logits, VERIFY_VOCAB);
+        }
+        snprintf(name, sizeof name, "verify_%s_tokens.npy", layout->name);
+        write_int32_npy(name, layout->tokens, VERIFY_REQUESTS, VERIFY_K);
+        snprintf(name, sizeof name, "verify_%s_logits.npy", layout->name);
+        write_float_npy(name, layout->logits, DRAFT_ROWS, VERIFY_VOCAB);
+        snprintf(name, sizeof name, "verify_%s_probs.npy", layout->name);
+        write_float_npy(name, layout->probs, DRAFT_ROWS, VERIFY_VOCAB);
+    }
+    write_int32_npy("verify_tree_parents.npy", verify_layouts[1].parents, VERIFY_REQUESTS,
+                    VERIFY_K);
+}
+
+/* What psm_verify writes for the comparison (with logprobs). */
+typedef struct verify_outputs {
+    int32_t accepted[VERIFY_REQUESTS];
+    int32_t tokens[VERIFY_REQUESTS * VERIFY_POSITIONS];
+    int32_t nodes[VERIFY_REQUESTS * VERIFY_POSITIONS];
+    float logprobs[VERIFY_REQUESTS * VERIFY_POSITIONS];
+} verify_outputs;
+
+/* Reads sample --verify's text output (with --logprobs) into the library's
+ * layout: the printed entries of each request, then -1 (NaN) to k + 1, as
+ * the library pads. 0 when the text has exactly the documented shape. */
+static int parse_verify_output(const char *text, verify_outputs *out)
+{
+    const char *cursor = text;
+    char *end;
+    for (int r = 0; r < VERIFY_REQUESTS; ++r) {
+        long accepted = strtol(cursor, &end, 10);
+        const long count = accepted >= 0 ? accepted + 1 : 1;
+        if (end == cursor || count > VERIFY_POSITIONS)
+            return -1;
+        out->accepted[r] = (int32_t)accepted;
+        cursor = end;
+        for (int list = 0; list < 3; ++list) {
+            if (*cursor++ != '\t')
+                return -1;
+            for (int e = 0; e < VERIFY_POSITIONS; ++e) {
+                const int at = r * VERIFY_POSITIONS + e;
+                int32_t *ints = list == 0 ? out->tokens : out->nodes;
+                if (e >= count) {
+                    if (list == 2)
+                        out->logprobs[at] = NAN;
+                    else
+                        ints[at] = -1;
+                    continue;
+                }
+                if (e && *cursor++ != ' ')
+                    return -1;
+                if (list == 2)
+                    out->logprobs[at] = strtof(cursor, &end);
+                else
+                    ints[at] = (int32_t)strtol(cursor, &end, 10);
+                if (end == cursor)
+                    return -1;
+                cursor = end;
+            }
+        }
+        if (*cursor++ != '\n')
+            return -1;
+    }
+    return *cursor == '\0' ? 0 : -1;
+}
+
+/* One comparison: a layout, a kind of draft distribution, and the target's
+ * and draft's parameters. */
+typedef struct verify_case {
+    int tree, kind;
+    float temperature, top_p;
+    int32_t top_k;
+    uint64_t seed;
+    float draft_temperature;
+    int32_t draft_top_k;
+} verify_case;
+
+static void library_verify(const verify_case *c, verify_outputs *out)
+{
+    const verify_layout *layout = &verify_layouts[c->tree];
+    psm_tensor target = {verify_target, PSM_DTYPE_F32, PSM_MEMORY_HOST,
+                         VERIFY_REQUESTS * VERIFY_POSITIONS, VERIFY_VOCAB, 0};
+    psm_tensor logits = {(void *)layout->logits, PSM_DTYPE_F32, PSM_MEMORY_HOST,
+                         VERIFY_REQUESTS * VERIFY_K, VERIFY_VOCAB, 0};
+    psm_tensor probs = logits;
+    probs.data = (void *)layout->probs;
+    psm_params params, draft_params;
+    psm_params_init(&params);
+    params.temperature = c->temperature;
+    params.top_k = c->top_k;
+    params.top_p = c->top_p;
+    params.seed = c->seed;
+    psm_params_init(&draft_params);
+    draft_params.temperature = c->draft_temperature;
+    draft_params.top_k = c->draft_top_k;
+    psm_drafts drafts;
+    psm_drafts_init(&drafts);
+    drafts.nodes = VERIFY_K;
+    drafts.tokens = layout->tokens;
+    drafts.parents = c->tree ? layout->parents : NULL;
+    if (c->kind == VERIFY_LOGITS) {
+        drafts.draft_logits = &logits;
+        drafts.draft_params = &draft_params;
+    } else if (c->kind == VERIFY_PROBS) {
+        drafts.draft_probs = &probs;
+    }
+    psm_verification outputs = {{out->accepted, PSM_MEMORY_HOST},
+                                {out->tokens, PSM_MEMORY_HOST},
+                                {out->nodes, PSM_MEMORY_HOST},
+                                {out->logprobs, PSM_MEMORY_HOST}};
+    psm_context_options options;
+    psm_context *context = NULL;
+    psm_context_options_init(&options);
+    options.backend = PSM_BACKEND_CPU;
+    psm_status status = psm_context_create(&options, &context);
+    if (status == PSM_OK)
+        status = psm_verify(context, &target, &params, &drafts, &outputs);
+    psm_context_destroy(context);
+    EXPECT(status == PSM_OK, "psm_verify failed: %s", psm_last_error());
+}
+
+/* `sample --verify` prints exactly psm_verify's outputs on the same inputs,
+ * for one-hot, probability and logits drafts, as a chain and as a tree,
+ * with a bad request among them; and the cases between them accept every
+ * draft of some request and reject some, so the comparison covers both. */
+static void test_sample_verify(void)
+{
+    static const verify_case cases[] = {
+        {0, VERIFY_ONE_HOT, 1.0f, 1.0f, 0, 11, 1.0f, 0},
+        {0, VERIFY_LOGITS, 0.8f, 1.0f, 8, 12, 0.9f, 10},
+        {0, VERIFY_PROBS, 1.2f, 0.9f, 0, 13, 1.0f, 0},
+        {1, VERIFY_ONE_HOT, 0.7f, 1.0f, 0, 14, 1.0f, 0},
+        {1, VERIFY_LOGITS, 1.0f, 1.0f, 0, 15, 1.0f, 0},
+        {1, VERIFY_PROBS, 1.0f, 0.95f, 20, 16, 1.0f, 0},
+    };
+    static const char *const kinds[] = {"one-hot", "logits", "probs"};
+    int full_paths = 0, rejections = 0;
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; ++i) {
+        const verify_case *c = &cases[i];
+        const char *layout = verify_layouts[c->tree].name;
+        char line[768], draft[256] = "";
+        if (c->kind == VERIFY_LOGITS)
+            snprintf(draft, sizeof draft,
+                     " --draft-logits @/verify_%s_logits.npy --draft-temperature %g "
+                     "--draft-top-k %d",
+                     layout, (double)c->draft_temperature, (int)c->draft_top_k);
+        else if (c->kind == VERIFY_PROBS)
+            snprintf(draft, sizeof draft, " --draft-probs @/verify_%s_probs.npy", layout);
+        snprintf(line, sizeof line,
+                 "--backend cpu --verify --logprobs --temperature %g --top-k %d --top-p %g "
+                 "--seed %llu --draft-tokens @/verify_%s_tokens.npy%s%s @/verify_target.npy",
+                 (double)c->temperature, (int)c->top_k, (double)c->top_p,
+                 (unsigned long long)c->seed, layout,
+                 c->tree ? " --draft-parents @/verify_tree_parents.npy" : "", draft);
+        captured run;
+        run_sample(&run, line);
+        verify_outputs printed, library;
+        if (run.status != CLI_EXIT_OK || parse_verify_output(run.out, &printed) != 0) {
+            EXPECT(0, "sample --verify (%s, %s drafts): status %d, stderr '%s', stdout '%s'",
+                   layout, kinds[c->kind], run.status, run.err, run.out);
+            continue;
+        }
+        library_verify(c, &library);
+        EXPECT(!memcmp(printed.accepted, library.accepted, sizeof library.accepted) &&
+                   !memcmp(printed.tokens, library.tokens, sizeof library.tokens) &&
+                   !memcmp(printed.nodes, library.nodes, sizeof library.nodes),
+               "sample --verify (%s, %s drafts) printed\n%sother counts, tokens or nodes than "
+               "psm_verify", layout, kinds[c->kind], run.out);
+        for (int at = 0; at < VERIFY_REQUESTS * VERIFY_POSITIONS; ++at)
+            EXPECT(printed.logprobs[at] == library.logprobs[at] ||
+                       (isnan(printed.logprobs[at]) && isnan(library.logprobs[at])),
+                   "sample --verify (%s, %s drafts): request %d entry %d: logprob %.9g printed, "
+                   "%.9g from psm_verify", layout, kinds[c->kind], at / VERIFY_POSITIONS,
+                   at % VERIFY_POSITIONS, (double)printed.logprobs[at],
+                   (double)library.logprobs[at]);
+        EXPECT(library.accepted[3] == -1, "request 3 has a NaN target row: accepted %d",
+               library.accepted[3]);
+        for (int r = 0; r < 3; ++r) {
+            const int depth = c->tree ? 2 : VERIFY_K;
+            full_paths += library.accepted[r] == depth;
+            rejections += library.accepted[r] < depth;
+        }
+    }
+    EXPECT(full_paths > 0 && rejections > 0,
+           "the cases accepted a whole path %d times and rejected a draft %d times; the "
+           "comparison needs both", full_paths, rejections);
+}
+
+/* A greedy target and one-hot drafts, checked by hand: a draft token that
+ * is its row's argmax is accepted; request 1's second draft is not, so its
+ * correction is the argmax of the target row after node 1; the others get
+ * the bonus, the argmax after node 3; every logprob is ln 1 = 0; request 3
+ * (a NaN row) is bad. Written as JSON. */
+static void test_sample_verify_greedy_json(void)
+{
+    int32_t tokens[VERIFY_REQUESTS * VERIFY_K], argmax[VERIFY_REQUESTS * VERIFY_POSITIONS];
+    for (int row = 0; row < VERIFY_REQUESTS * VERIFY_POSITIONS; ++row)
+        argmax[row] = argmax_of(verify_target + row * VERIFY_VOCAB, VERIFY_VOCAB);
+    for (int r = 0; r < VERIFY_REQUESTS; ++r)
+        for (int node = 1; node <= VERIFY_K; ++node)
+            tokens[r * VERIFY_K + node - 1] = argmax[r * VERIFY_POSITIONS + node - 1];
+    tokens[1 * VERIFY_K + 1] = (argmax[1 * VERIFY_POSITIONS + 1] + 1) % VERIFY_VOCAB;
+    write_int32_npy("verify_greedy_tokens.npy", tokens, VERIFY_REQUESTS, VERIFY_K);
+    const int32_t *a = argmax;
+    char expected[1024];
+    snprintf(expected, sizeof expected,
+             "{\"accepted\": [3, 1, 3, -1], \"tokens\": [[%d, %d, %d, %d], [%d, %d], "
+             "[%d, %d, %d, %d], [-1]], \"path_nodes\": [[0, 1, 2, 3], [0, 1], [0, 1, 2, 3], "
+             "[-1]], \"logprobs\": [[0, 0, 0, 0], [0, 0], [0, 0, 0, 0], [null]]}\n",
+             a[0], a[1], a[2], a[3], a[4], a[5], a[8], a[9], a[10], a[11]);
+    captured run;
+    run_sample(&run, "--backend cpu --verify --json --logprobs --temperature 0 "
+                     "--draft-tokens @/verify_greedy_tokens.npy @/verify_target.npy");
+    EXPECT(run.status == CLI_EXIT_OK && !strcmp(run.out, expected),
+           "sample --verify --json (greedy): status %d, stderr '%s', printed\n%sexpected\n%s",
+           run.status, run.err, run.out, expected);
+}
+
+/* Bad files, shapes and option combinations: the exit status, nothing on
+ * stdout, and a message naming the file (or options) and the problem. */
+static void test_sample_verify_refusals(void)
+{
+    enum { ROWS = VERIFY_REQUESTS * VERIFY_K };
+    static int32_t wide_tokens[2 * 65], tokens[ROWS], parents[ROWS];
+    static float probs[ROWS * VERIFY_VOCAB];
+    memcpy(tokens, verify_layouts[0].tokens, sizeof tokens);
+    tokens[1 * VERIFY_K + 2] = VERIFY_VOCAB;
+    write_int32_npy("verify_bad_tokens.npy", tokens, VERIFY_REQUESTS, VERIFY_K);
+    memcpy(parents, verify_layouts[1].parents, sizeof parents);
+    parents[1] = 2;
+    write_int32_npy("verify_bad_parents.npy", parents, VERIFY_REQUESTS, VERIFY_K);
+    write_int32_npy("verify_short_parents.npy", parents, VERIFY_REQUESTS, 2);
+    write_int32_npy("verify_two_requests.npy", verify_layouts[0].tokens, 2, VERIFY_K);
+    write_int32_npy("verify_wide_tokens.npy", wide_tokens, 1, 65);
+    write_float_npy("verify_float_tokens.npy", verify_layouts[0].logits, VERIFY_REQUESTS,
+                    VERIFY_K);
+    write_float_npy("verify_narrow_logits.npy", verify_layouts[0].logits, ROWS,
+                    VERIFY_VOCAB - 1);
+    write_float_npy("verify_short_probs.npy", verify_layouts[0].probs, ROWS - 1, VERIFY_VOCAB);
+    memcpy(probs, verify_layouts[0].probs, sizeof probs);
+    probs[2 * VERIFY_VOCAB + 7] = 1.5f;
+    write_float_npy("verify_big_probs.npy", probs, ROWS, VERIFY_VOCAB);
+    memcpy(probs, verify_layouts[0].probs, sizeof probs);
+    probs[VERIFY_VOCAB + verify_layouts[0].tokens[1]] = 0.0f;
+    write_float_npy("verify_zero_probs.npy", probs, ROWS, VERIFY_VOCAB);
+
+    static const struct {
+        const char *options, *message;
+        int status;
+    } refusals[] = {
+        {"--draft-tokens @/verify_two_requests.npy",
+         "target logits '@/verify_target.npy' have 16 rows; 2 requests of k = 3 drafts "
+         "(--draft-tokens '@/verify_two_requests.npy' is 2 x 3) need requests x (k + 1) = 8",
+         CLI_EXIT_USAGE},
+        {"--draft-tokens @/verify_float_tokens.npy",
+         "'@/verify_float_tokens.npy': dtype '<f4' is not supported (use int32 '<i4')",
+         CLI_EXIT_USAGE},
+        {"--draft-tokens @/verify_wide_tokens.npy",
+         "--draft-tokens '@/verify_wide_tokens.npy' has 65 columns, one per draft node; k is at "
+         "most 64 (PSM_MAX_DRAFT_NODES)",
+         CLI_EXIT_USAGE},
+        {"--draft-tokens @/verify_bad_tokens.npy",
+         "--draft-tokens '@/verify_bad_tokens.npy': request 1, node 3: token 40 is outside the "
+         "target's vocab of 40",
+         CLI_EXIT_USAGE},
+        {"--draft-tokens @/verify_tree_tokens.npy --draft-parents @/verify_short_parents.npy",
+         "--draft-parents '@/verify_short_parents.npy' is 4 x 2; it needs the shape of "
+         "--draft-tokens '@/verify_tree_tokens.npy', 4 x 3",
+         CLI_EXIT_USAGE},
+        {"--draft-tokens @/verify_tree_tokens.npy --draft-parents @/verify_bad_parents.npy",
+         "--draft-parents '@/verify_bad_parents.npy': request 0, node 2: parent 2; a node's "
+         "parent is an earlier node, 0 (the root) .. 1",
+         CLI_EXIT_USAGE},
+        {"--draft-tokens @/verify_chain_tokens.npy --draft-logits @/verify_narrow_logits.npy",
+         "--draft-logits '@/verify_narrow_logits.npy' is 12 x 39; the drafts need requests x k "
+         "= 4 x 3 = 12 rows of the target's vocab, 40",
+         CLI_EXIT_USAGE},
+        {"--draft-tokens @/verify_chain_tokens.npy --draft-probs @/verify_short_probs.npy",
+         "--draft-probs '@/verify_short_probs.npy' is 11 x 40", CLI_EXIT_USAGE},
+        {"--draft-tokens @/verify_chain_tokens.npy --draft-probs @/verify_big_probs.npy",
+         "psm_verify failed: request 0, draft node 3: draft_probs[7] is 1.5; expected a "
+         "probability in [0, 1]",
+         CLI_EXIT_USAGE},
+        {"--draft-tokens @/verify_chain_tokens.npy --draft-probs @/verify_zero_probs.npy",
+         "psm_verify failed: request 0, draft node 2: token", CLI_EXIT_USAGE},
+        {"--draft-tokens @/verify_missing.npy",
+         "cannot open '@/verify_missing.npy': No such file or directory", CLI_EXIT_USAGE},
+        {"--check-rows --draft-tokens @/verify_chain_tokens.npy",
+         "psm_verify failed: request 3 has a target row with a NaN or +inf logit",
+         CLI_EXIT_FAILURE},
+        {"--top-p 0 --draft-tokens @/verify_chain_tokens.npy",
+         "psm_verify failed: target_params.top_p is 0", CLI_EXIT_USAGE},
+        {"--draft-tokens @/verify_chain_tokens.npy --draft-logits @/verify_chain_logits.npy "
+         "--draft-probs @/verify_chain_probs.npy",
+         "--draft-logits and --draft-probs are two forms of the draft's distribution; give one",
+         CLI_EXIT_USAGE},
+        {"--draft-tokens @/verify_chain_tokens.npy --draft-top-k 5",
+         "--draft-temperature, --draft-top-k, --draft-top-p and --draft-min-p shape "
+         "--draft-logits, which is not given",
+         CLI_EXIT_USAGE},
+        {"--num-samples 2 --draft-tokens @/verify_chain_tokens.npy",
+         "--verify emits one token per draft node and takes no --num-samples", CLI_EXIT_USAGE},
+        {"--top-logprobs 2 --draft-tokens @/verify_chain_tokens.npy",
+         "--verify emits one token per draft node and takes no --top-logprobs", CLI_EXIT_USAGE},
+        {"--history @/history.txt --draft-tokens @/verify_chain_tokens.npy",
+         "takes no logit processing (psm_verify has none yet)", CLI_EXIT_USAGE},
+        {"", "--verify needs --draft-tokens FILE (the drafted tokens)", CLI_EXIT_USAGE},
+    };
+    char line[512], message[512];
+    for (size_t i = 0; i < sizeof refusals / sizeof refusals[0]; ++i) {
+        captured run;
+        snprintf(line, sizeof line, "--backend cpu --verify %s @/verify_target.npy",
+                 refusals[i].options);
+        run_sample(&run, line);
+        expand_directory(refusals[i].message, message, sizeof message);
+        EXPECT(run.status == refusals[i].status && run.out[0] == '\0' &&
+                   strstr(run.err, message) != NULL,
+               "sample %s: status %d, stdout '%s', stderr '%s'; expected exit %d saying '%s'",
+               line, run.status, run.out, run.err, refusals[i].status, message);
+    }
+    /* The drafts' options mean nothing without --verify. */
+    static const struct {
+        const char *line, *message;
+    } without_verify[] = {
+        {"--draft-tokens @/verify_chain_tokens.npy @/verify_target.npy",
+         "--draft-tokens needs --verify"},
+        {"--draft-probs @/verify_chain_probs.npy @/verify_target.npy",
+         "--draft-probs needs --verify"},
+        {"--draft-temperature 0.5 @/verify_target.npy",
+         "--draft-temperature, --draft-top-k, --draft-top-p or --draft-min-p needs --verify"},
+    };
+    for (size_t i = 0; i < sizeof without_verify / sizeof without_verify[0]; ++i) {
+        captured run;
+        run_sample(&run, without_verify[i].line);
+        EXPECT(run.status == CLI_EXIT_USAGE && run.out[0] == '\0' &&
+                   strstr(run.err, without_verify[i].message) != NULL,
+               "sample %s: status %d, stderr '%s'; expected exit %d saying '%s'",
+               without_verify[i].line, run.status, run.err, CLI_EXIT_USAGE,
+               without_verify[i].message);
+    }
+}
+
 int main(void)
 {
     const char *temporary = getenv("TMPDIR");
@@ -1409,6 +1842,10 @@ int main(void)
               processing_logits, 2 * PROCESSING_VOCAB * sizeof(float));
     test_sample_top_logprobs();
     test_sample_filter_order();
+    write_verify_files();
+    test_sample_verify();
+    test_sample_verify_greedy_json();
+    test_sample_verify_refusals();
     remove_directory();
     if (failures) {
         printf("test_cli: %d failure(s)\n", failures);

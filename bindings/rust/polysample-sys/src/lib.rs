@@ -157,6 +157,42 @@ pub const PSM_FILTER_ORDER_FLASHINFER_TOP_K_FIRST: psm_filter_order = 4;
 pub const PSM_FILTER_ORDER_FLASHINFER_JOINT: psm_filter_order = 5;
 pub const PSM_FILTER_ORDER_COUNT: c_int = 6;
 
+/// The most draft nodes (k) a request may have in `psm_drafts.nodes`.
+pub const PSM_MAX_DRAFT_NODES: c_int = 64;
+
+/// `psm_drafts`: what a draft proposed for speculative verification
+/// (docs/SAMPLING.md, section 7), k nodes per request as a chain or a tree,
+/// and the distribution each node's token was drawn from: `draft_logits`
+/// (with `draft_params`), `draft_probs`, or neither (one-hot).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct psm_drafts {
+    pub nodes: i32,
+    /// `requests x k`: the token of node i at `[r * k + i - 1]`.
+    pub tokens: *const i32,
+    /// `requests x k`: the parent of node i, in `[0, i)`; null: a chain.
+    pub parents: *const i32,
+    pub draft_logits: *const psm_tensor,
+    /// Null: temperature 1, no filters.
+    pub draft_params: *const psm_params,
+    pub draft_probs: *const psm_tensor,
+}
+
+/// `psm_verification`: the outputs of `psm_verify`. `path_nodes` and
+/// `logprobs` are optional (`data` may be null).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct psm_verification {
+    /// `requests` int32.
+    pub accepted: psm_output,
+    /// `requests x (k + 1)` int32.
+    pub tokens: psm_output,
+    /// `requests x (k + 1)` int32.
+    pub path_nodes: psm_output,
+    /// `requests x (k + 1)` float.
+    pub logprobs: psm_output,
+}
+
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct psm_params {
@@ -207,6 +243,8 @@ extern "C" {
 
     pub fn psm_logit_processing_init(processing: *mut psm_logit_processing);
 
+    pub fn psm_drafts_init(drafts: *mut psm_drafts);
+
     pub fn psm_params_init(params: *mut psm_params);
 
     pub fn psm_sample(
@@ -236,6 +274,13 @@ extern "C" {
         params: *const psm_params,
         probs: *const psm_tensor,
         bytes: *mut usize,
+    ) -> psm_status;
+    pub fn psm_verify(
+        context: *mut psm_context,
+        target_logits: *const psm_tensor,
+        target_params: *const psm_params,
+        drafts: *const psm_drafts,
+        outputs: *const psm_verification,
     ) -> psm_status;
     pub fn psm_synchronize(context: *mut psm_context) -> psm_status;
 

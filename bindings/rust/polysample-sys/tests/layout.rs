@@ -72,6 +72,8 @@ struct_facts! {
                  filter_order }
     psm_output { data, memory }
     psm_top_logprobs { count, mode, tokens, logprobs, sampled_ranks }
+    psm_drafts { nodes, tokens, parents, draft_logits, draft_params, draft_probs }
+    psm_verification { accepted, tokens, path_nodes, logprobs }
 }
 
 macro_rules! constant_facts {
@@ -115,7 +117,7 @@ constant_facts! {
     }
     ;
     macros { PSM_VERSION_MAJOR, PSM_VERSION_MINOR, PSM_VERSION_PATCH, PSM_VERSION_NUMBER, PSM_BACKEND_COUNT, PSM_MAX_CPU_THREADS,
-             PSM_MAX_TOP_LOGPROBS, PSM_FILTER_ORDER_COUNT }
+             PSM_MAX_TOP_LOGPROBS, PSM_FILTER_ORDER_COUNT, PSM_MAX_DRAFT_NODES }
 }
 
 /// Each function with its C type (return type, parameter list) and its Rust
@@ -148,6 +150,8 @@ function_signatures! {
         = unsafe extern "C" fn(*mut psm_context, i64, i64, i64) -> psm_status;
     psm_logit_processing_init: "void" ("psm_logit_processing *")
         = unsafe extern "C" fn(*mut psm_logit_processing);
+    psm_drafts_init: "void" ("psm_drafts *")
+        = unsafe extern "C" fn(*mut psm_drafts);
     psm_params_init: "void" ("psm_params *")
         = unsafe extern "C" fn(*mut psm_params);
     psm_sample: "psm_status" ("psm_context *, const psm_tensor *, const psm_params *, psm_output, psm_output")
@@ -160,6 +164,9 @@ function_signatures! {
     psm_probs_workspace_size:
         "psm_status" ("psm_context *, const psm_tensor *, const psm_params *, const psm_tensor *, size_t *")
         = unsafe extern "C" fn(*mut psm_context, *const psm_tensor, *const psm_params, *const psm_tensor, *mut usize) -> psm_status;
+    psm_verify:
+        "psm_status" ("psm_context *, const psm_tensor *, const psm_params *, const psm_drafts *, const psm_verification *")
+        = unsafe extern "C" fn(*mut psm_context, *const psm_tensor, *const psm_params, *const psm_drafts, *const psm_verification) -> psm_status;
     psm_synchronize: "psm_status" ("psm_context *")
         = unsafe extern "C" fn(*mut psm_context) -> psm_status;
     psm_status_string: "const char *" ("psm_status")

@@ -29,12 +29,14 @@ mod error;
 mod info;
 mod params;
 mod processing;
+mod verify;
 
 pub use context::{Context, ContextOptions, DeviceLogits, DevicePerRow, DeviceWorkspace, LogprobMode, TopLogprobs};
 pub use error::{Error, Result, Status};
 pub use info::{backends, version, version_number, Availability, Backend, BackendInfo, Dtype};
 pub use params::{FilterOrder, Logits, LogitsData, Params};
 pub use processing::Processing;
+pub use verify::{Drafts, Verification};
 
 /// The raw declarations, for what this crate does not wrap.
 pub use polysample_sys as sys;

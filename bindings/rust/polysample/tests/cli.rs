@@ -9,24 +9,6 @@ use polysample::{Logits, Params};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// A float32, C-order .npy file (format 1.0).
-fn write_npy(path: &Path, values: &[f32], rows: usize, vocab: usize) {
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {vocab}), }}");
-    // The magic, version and length take 10 bytes; the whole header ends in
-    // a newline at a multiple of 64.
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    bytes.extend_from_slice(header.as_bytes());
-    for value in values {
-        bytes.extend_from_slice(&value.to_le_bytes());
-    }
-    std::fs::write(path, bytes).expect("write the .npy file");
-}
-
 #[test]
 fn tokens_and_logprobs_equal_the_command_line_tools() {
     let Some(cli) = std::env::var_os("POLYSAMPLE_CLI").map(PathBuf::from) else {
@@ -38,7 +20,7 @@ fn tokens_and_logprobs_equal_the_command_line_tools() {
     const SAMPLES: usize = 4;
     let logits = Generator::new(30).normal_logits(ROWS * VOCAB, 2.0);
     let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("polysample-cli-logits.npy");
-    write_npy(&path, &logits, ROWS, VOCAB);
+    write_npy_f32(&path, &logits, ROWS, VOCAB);
 
     let output = Command::new(&cli)
         .args(["sample", "--backend", "cpu", "--temperature", "0.8", "--top-k", "50", "--top-p", "0.9"])

@@ -4,6 +4,7 @@
 
 use polysample::{Backend, Context, ContextOptions};
 use std::io::Write;
+use std::path::Path;
 
 /// A line on the real stderr: the test harness captures `eprintln!` of
 /// passing tests, and a skip must be seen. run-tests.sh counts these lines.
@@ -157,4 +158,33 @@ pub fn bf16_bits_exact(value: f32) -> u16 {
     let bits = value.to_bits();
     assert!(bits & 0xffff == 0, "{value} is not an exact bfloat16");
     (bits >> 16) as u16
+}
+
+/// A C-order .npy file (format 1.0) of `rows x columns` values of `descr`,
+/// given as little-endian bytes, for the C command-line tool.
+fn write_npy(path: &Path, descr: &str, rows: usize, columns: usize, data: &[u8]) {
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({rows}, {columns}), }}");
+    // The magic, version and length take 10 bytes; the whole header ends in
+    // a newline at a multiple of 64.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(data);
+    std::fs::write(path, bytes).expect("write the .npy file");
+}
+
+/// A float32 .npy file of `rows x columns` values.
+pub fn write_npy_f32(path: &Path, values: &[f32], rows: usize, columns: usize) {
+    let data: Vec<u8> = values.iter().flat_map(|value| value.to_le_bytes()).collect();
+    write_npy(path, "<f4", rows, columns, &data);
+}
+
+/// An int32 .npy file of `rows x columns` values.
+pub fn write_npy_i32(path: &Path, values: &[i32], rows: usize, columns: usize) {
+    let data: Vec<u8> = values.iter().flat_map(|value| value.to_le_bytes()).collect();
+    write_npy(path, "<i4", rows, columns, &data);
 }

@@ -10,7 +10,9 @@
 # architecture only, OpenCL on), then benchmarked in alternating rounds
 # (base, candidate, base, candidate) so that clock drift and warm-up land on
 # both; a case's figure is its lower median of the two rounds. BENCH OPTIONS
-# default to `--backend cuda,opencl:0`.
+# default to `--backend cuda,opencl:0`. COMPARE_BENCH_LIMIT (seconds, default
+# 110) bounds each of the four bench runs, so that the call fits the device
+# tool's 10 minutes with the builds.
 # Output in $OUT: bench-{base,candidate}-{1,2}.json, compare.txt (every case:
 # base ms, candidate ms, candidate / base) and build logs.
 set -u
@@ -48,7 +50,7 @@ for round in 1 2; do
     for tree in base candidate; do
         cli=/tmp/compare-build-$tree/cli/polysample
         [ -x "$cli" ] || continue
-        timeout 240 "$cli" bench "${BENCH_OPTIONS[@]}" --json="$OUT/bench-$tree-$round.json" \
+        timeout "${COMPARE_BENCH_LIMIT:-110}" "$cli" bench "${BENCH_OPTIONS[@]}" --json="$OUT/bench-$tree-$round.json" \
             >"$OUT/bench-$tree-$round.txt" 2>&1
         echo "bench $tree round $round: rc=$?"
     done

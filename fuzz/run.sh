@@ -53,9 +53,14 @@ sanitize=(-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit
 common=(-g -O1 -std=c11 -ffp-contract=off -fopenmp -Wall -Wextra -Wno-pass-failed
         -I"$repo/include" -I"$repo/core" -I"$repo/backends/cpu" -I"$repo/cli" -I"$repo/tests" -I"$repo/reference"
         -I"$repo/fuzz" -DPSM_HAVE_OPENCL=1 '-DPSM_MODULE_DIR=""')
-library=(core/alloc.c core/api.c core/context.c core/environment.c core/error.c core/registry.c
-         core/validate.c backends/cpu/cpu_backend.c backends/cpu/cpu_logprobs.c backends/cpu/cpu_rows.c
-         backends/cpu/cpu_select.c backends/cpu/cpu_tiles.c)
+# The core library's sources, read from its add_library in CMakeLists.txt so
+# that a new source file cannot be missed here.
+mapfile -t library < <(sed -n '/^add_library(polysample$/,/)/{s/^ *\([a-z_/]*\.c\))\{0,1\}$/\1/p}' \
+    "$repo/CMakeLists.txt")
+if [ ${#library[@]} -lt 10 ]; then
+    echo "fuzz: could not read the core's sources from CMakeLists.txt" >&2
+    exit 1
+fi
 # clang's -fopenmp links LLVM's libomp, which lives in LLVM's library
 # directory, two levels above clang's resource directory.
 omp_rpath=-Wl,-rpath,$(cd "$($cc -print-resource-dir)/../.." && pwd)

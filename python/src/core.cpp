@@ -282,8 +282,9 @@ public:
 
     // mode 0: psm_sample into `out` (tokens) and `logprobs_out` (optional);
     // mode 1: psm_probs into `out`. scalars: (temperature, top_k, top_p,
-    // min_p, seed, offset, num_samples, filter_order); arrays: the per-row and request-state
-    // arrays in the order of Arrays below, each None or an array. workspace:
+    // min_p, seed, offset, num_samples, filter_order); arrays: the per-row
+    // and request-state arrays in the order of Arrays below, each None or an
+    // array. workspace:
     // None, a uint8 array, or a callable that takes the bytes the call needs
     // and returns such an array (polysample.torch allocates it from torch's
     // allocator that way, after the size query). processing: None or the
@@ -371,7 +372,8 @@ public:
                 fail(PSM_ERR_INVALID_ARGUMENT, std::string(role) + " must have draft_tokens' "
                                                "shape (" + std::to_string(requests) + ", " +
                                                std::to_string(nodes) + ")");
-            if ((nodes > 1 && view.strides[1] != 1) || (requests > 1 && view.strides[0] != nodes))
+            if (nodes_valid &&
+                ((nodes > 1 && view.strides[1] != 1) || (requests > 1 && view.strides[0] != nodes)))
                 fail(PSM_ERR_INVALID_ARGUMENT, std::string(role) + " must be C-contiguous");
             same_memory(views, view, role, target.memory, device);
         };

@@ -20,6 +20,10 @@ CPU backend, CUDA tensors on CUDA (ROCm on HIP). backend="auto" applies the
 C library's AUTO rule (POLYSAMPLE_BACKEND, else CUDA, HIP, OpenCL, CPU);
 "cpu", "cuda", "hip", "opencl", optionally with ":N", name one.
 
+filter_order picks another engine's filter order and rules (CPU backend).
+verify() checks a speculative decoder's drafted tokens against the target's
+logits (docs/SAMPLING.md section 7; CPU backend) and returns a VerifyResult.
+
 See python/README.md for the PyTorch op (polysample.torch), CUDA graphs and
 the benchmark (python -m polysample.bench).
 """
@@ -37,9 +41,11 @@ from ._errors import Error
 from ._frameworks import HostResults, host_per_row, is_torch_tensor
 from ._processing import NAMES as PROCESSING_NAMES
 from ._processing import RowLists, processing_tuple
+from . import _verify
+from ._verify import VerifyResult
 
-__all__ = ["Context", "Error", "RowLists", "SampleResult", "info", "probs", "sample",
-           "__version__"]
+__all__ = ["Context", "Error", "RowLists", "SampleResult", "VerifyResult", "info", "probs",
+           "sample", "verify", "__version__"]
 __version__ = _core.version()
 
 _logger = logging.getLogger("polysample")
@@ -163,9 +169,11 @@ class Context:
                seed_tensor=None, offset_tensor=None, workspace=None, return_logprobs=False,
                allowed_mask=None, logit_bias=None, history=None, prompt=None,
                repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0,
-               top_logprobs=0, logprob_mode="processed", return_ranks=False):
+               top_logprobs=0, logprob_mode="processed", return_ranks=False,
+               filter_order="polysample"):
         """Draws num_samples tokens per row; see polysample.sample."""
-        values = scalars(temperature, top_k, top_p, min_p, seed, offset, num_samples)
+        values = scalars(temperature, top_k, top_p, min_p, seed, offset, num_samples,
+                         filter_order)
         arrays = (temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row,
                   seed_per_row, offset_per_row, subsequence_per_row, row_indices, seed_tensor,
                   offset_tensor)
@@ -202,9 +210,9 @@ class Context:
               temperature_per_row=None, top_k_per_row=None, top_p_per_row=None,
               min_p_per_row=None, row_indices=None, workspace=None, allowed_mask=None,
               logit_bias=None, history=None, prompt=None, repetition_penalty=1.0,
-              frequency_penalty=0.0, presence_penalty=0.0):
+              frequency_penalty=0.0, presence_penalty=0.0, filter_order="polysample"):
         """The distribution sample() draws from; see polysample.probs."""
-        values = scalars(temperature, top_k, top_p, min_p, 0, 0, 1)
+        values = scalars(temperature, top_k, top_p, min_p, 0, 0, 1, filter_order)
         arrays = arrays_of(dict(temperature_per_row=temperature_per_row,
                                 top_k_per_row=top_k_per_row, top_p_per_row=top_p_per_row,
                                 min_p_per_row=min_p_per_row, row_indices=row_indices))
@@ -222,6 +230,31 @@ class Context:
         self._context.run(1, logits, values, arrays, out, None, workspace, processing)
         return results.result(out)
 
+    def verify(self, target_logits, draft_tokens, *, parents=None, draft_logits=None,
+               draft_probs=None, draft_temperature=1.0, draft_top_k=0, draft_top_p=1.0,
+               draft_min_p=0.0, draft_filter_order="polysample",
+               draft_temperature_per_row=None, draft_top_k_per_row=None,
+               draft_top_p_per_row=None, draft_min_p_per_row=None, temperature=1.0, top_k=0,
+               top_p=1.0, min_p=0.0, seed=0, offset=0, filter_order="polysample",
+               temperature_per_row=None, top_k_per_row=None, top_p_per_row=None,
+               min_p_per_row=None, seed_per_row=None, offset_per_row=None,
+               subsequence_per_row=None, seed_tensor=None, offset_tensor=None):
+        """Verifies drafted tokens on this context; see polysample.verify."""
+        return _verify.run(
+            self, target_logits, draft_tokens, parents, draft_logits, draft_probs,
+            dict(temperature=draft_temperature, top_k=draft_top_k, top_p=draft_top_p,
+                 min_p=draft_min_p, filter_order=draft_filter_order),
+            dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
+                 offset=offset, filter_order=filter_order),
+            dict(temperature_per_row=temperature_per_row, top_k_per_row=top_k_per_row,
+                 top_p_per_row=top_p_per_row, min_p_per_row=min_p_per_row,
+                 seed_per_row=seed_per_row, offset_per_row=offset_per_row,
+                 subsequence_per_row=subsequence_per_row, seed_tensor=seed_tensor,
+                 offset_tensor=offset_tensor),
+            dict(temperature_per_row=draft_temperature_per_row,
+                 top_k_per_row=draft_top_k_per_row, top_p_per_row=draft_top_p_per_row,
+                 min_p_per_row=draft_min_p_per_row))
+
     def sample_workspace_size(self, logits, **arguments):
         """The bytes of workspace that sample(logits, **arguments) needs on
         this context: the same keyword arguments as sample(), without
@@ -235,7 +268,7 @@ class Context:
 
     def _workspace_size(self, mode, logits, arguments):
         names = ARRAY_NAMES if mode == 0 else PROBS_ARRAYS
-        scalar_names = ("temperature", "top_k", "top_p", "min_p") + \
+        scalar_names = ("temperature", "top_k", "top_p", "min_p", "filter_order") + \
             (("seed", "offset", "num_samples", "return_logprobs", "top_logprobs",
               "logprob_mode", "return_ranks") if mode == 0 else ())
         unknown = set(arguments) - set(names) - set(scalar_names) - set(PROCESSING_NAMES)
@@ -243,10 +276,11 @@ class Context:
             raise Error("INVALID_ARGUMENT", f"unknown arguments {sorted(unknown)} (workspace "
                                             "is what this sizes; leave it out)")
         defaults = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, offset=0,
-                        num_samples=1)
+                        num_samples=1, filter_order="polysample")
         defaults.update((key, value) for key, value in arguments.items() if key in defaults)
         values = scalars(*(defaults[name] for name in (
-            "temperature", "top_k", "top_p", "min_p", "seed", "offset", "num_samples")))
+            "temperature", "top_k", "top_p", "min_p", "seed", "offset", "num_samples",
+            "filter_order")))
         arrays = arrays_of(arguments)
         processing = _processing(logits, arguments.get("row_indices"), arguments)
         top = _top_request(arguments.get("top_logprobs", 0),
@@ -314,15 +348,15 @@ def _host_arrays(values):
 _cached = threading.local()
 
 
-def _default_context(backend):
-    """One Context per backend name and thread, made at first use."""
+def _default_context(backend, check_rows=False):
+    """One Context per backend name, check_rows and thread, made at first use."""
     contexts = getattr(_cached, "contexts", None)
     if contexts is None:
         contexts = _cached.contexts = {}
-    key = backend or "cpu"
+    key = (backend or "cpu", bool(check_rows))
     context = contexts.get(key)
     if context is None:
-        context = contexts[key] = Context(key)
+        context = contexts[key] = Context(key[0], check_rows=key[1])
     return context
 
 
@@ -332,7 +366,8 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, of
            row_indices=None, seed_tensor=None, offset_tensor=None, workspace=None,
            return_logprobs=False, allowed_mask=None, logit_bias=None, history=None, prompt=None,
            repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0,
-           top_logprobs=0, logprob_mode="processed", return_ranks=False, backend=None):
+           top_logprobs=0, logprob_mode="processed", return_ranks=False,
+           filter_order="polysample", backend=None):
     """Draws num_samples tokens per row of logits (docs/SAMPLING.md).
 
     temperature: below 1e-5 (0 included) is greedy. top_k: 0 = off.
@@ -377,8 +412,16 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, of
     logits as given), with the drawn tokens' logprobs, and with
     return_ranks=True each drawn token's rank in that mode (1 = the most
     probable).
+
+    filter_order: whose order and rules the filters follow (docs/SAMPLING.md
+    section 4, "Filter orders"): "polysample" (the default), "vllm",
+    "sglang", "llama.cpp", "flashinfer_top_k_first" or "flashinfer_joint"
+    (or the command-line tool's "flashinfer-top-k-first",
+    "flashinfer-joint"); another name raises a ValueError (a polysample.Error
+    with status INVALID_ARGUMENT) listing them. Only the CPU backend runs
+    orders other than "polysample"; the others raise UNSUPPORTED.
     """
-    values = scalars(temperature, top_k, top_p, min_p, seed, offset, num_samples)
+    values = scalars(temperature, top_k, top_p, min_p, seed, offset, num_samples, filter_order)
     arrays = (temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row, seed_per_row,
               offset_per_row, subsequence_per_row, row_indices, seed_tensor, offset_tensor)
     processing = dict(allowed_mask=allowed_mask, logit_bias=logit_bias, history=history,
@@ -395,18 +438,20 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, of
         logits, **dict(zip(("temperature", "top_k", "top_p", "min_p", "seed", "offset",
                             "num_samples"), values)),
         **dict(zip(ARRAY_NAMES, arrays)), workspace=workspace, return_logprobs=return_logprobs,
-        **processing, **top)
+        **processing, **top, filter_order=filter_order)
 
 
 def probs(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, temperature_per_row=None,
           top_k_per_row=None, top_p_per_row=None, min_p_per_row=None, row_indices=None,
           workspace=None, allowed_mask=None, logit_bias=None, history=None, prompt=None,
-          repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0, backend=None):
+          repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0,
+          filter_order="polysample", backend=None):
     """The final (filtered, renormalised) distribution sample() draws from,
     float32 of the logits' shape (with row_indices: len(row_indices) rows);
     a bad row is all NaN. workspace: as for sample(), sized by
-    Context.probs_workspace_size(); logit processing as for sample()."""
-    values = scalars(temperature, top_k, top_p, min_p, 0, 0, 1)
+    Context.probs_workspace_size(); logit processing and filter_order as
+    for sample()."""
+    values = scalars(temperature, top_k, top_p, min_p, 0, 0, 1, filter_order)
     processing = dict(allowed_mask=allowed_mask, logit_bias=logit_bias, history=history,
                       prompt=prompt, repetition_penalty=repetition_penalty,
                       frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
@@ -422,7 +467,68 @@ def probs(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, temperature
         logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         temperature_per_row=temperature_per_row, top_k_per_row=top_k_per_row,
         top_p_per_row=top_p_per_row, min_p_per_row=min_p_per_row, row_indices=row_indices,
-        workspace=workspace, **processing)
+        workspace=workspace, **processing, filter_order=filter_order)
+
+
+def verify(target_logits, draft_tokens, *, parents=None, draft_logits=None, draft_probs=None,
+           draft_temperature=1.0, draft_top_k=0, draft_top_p=1.0, draft_min_p=0.0,
+           draft_filter_order="polysample", draft_temperature_per_row=None,
+           draft_top_k_per_row=None, draft_top_p_per_row=None, draft_min_p_per_row=None,
+           temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, offset=0,
+           filter_order="polysample", temperature_per_row=None, top_k_per_row=None,
+           top_p_per_row=None, min_p_per_row=None, seed_per_row=None, offset_per_row=None,
+           subsequence_per_row=None, seed_tensor=None, offset_tensor=None, backend=None,
+           check_rows=False):
+    """Speculative decoding verification (docs/SAMPLING.md section 7): checks
+    each request's k drafted tokens against the target model's logits by
+    exact rejection sampling in integers and draws one more token from the
+    target, so that the emitted tokens follow the target's distribution
+    and every backend accepts the same tokens. Returns a VerifyResult
+    (accepted, tokens, path_nodes, logprobs) of the target logits'
+    framework; request r emits tokens[r, :accepted[r] + 1].
+
+    target_logits: (requests, k + 1, vocab), or (requests * (k + 1), vocab)
+        as the C API takes them: [r, i] is the target's logits after node
+        i's path (node 0, the root, is the last token already emitted).
+    draft_tokens: (requests, k) integers: the token of node i at [r, i - 1].
+    parents: None (a chain: node i follows node i - 1) or (requests, k)
+        integers: node i's parent, an earlier node 0 .. i - 1 (a tree).
+    The distribution each node's token was drawn from (given its parent's
+    path and its earlier siblings), one of:
+    draft_logits: (requests, k, vocab) or (requests * k, vocab), shaped by
+        draft_temperature, draft_top_k, draft_top_p, draft_min_p,
+        draft_filter_order and their draft_*_per_row arrays (one value per
+        request), as the target's parameters are;
+    draft_probs: the same shapes, float32 probabilities in [0, 1];
+    neither: one-hot drafts (n-gram, prompt lookup, a greedy draft model).
+    temperature, top_k, top_p, min_p, seed, offset, filter_order and the
+    *_per_row arrays, seed_tensor, offset_tensor: the target's, as for
+    sample(), with one value per request (a request's seed, offset and
+    stream are those of output row r of sample()).
+    check_rows: a request with a bad target row (NaN, +inf, no finite
+    logit) raises Error("BAD_ROW") instead of getting -1 everywhere.
+
+    Bad drafts (a token outside the vocab or one its draft distribution
+    gives probability 0, a parent that is not an earlier node, a
+    probability outside [0, 1]) raise Error("INVALID_PARAMETER") with the
+    library's message naming the request and node, and nothing is written.
+    Only the CPU backend verifies so far; the GPU backends raise
+    UNSUPPORTED.
+    """
+    backend = _verify.module_backend(target_logits, backend)
+    parse_backend(backend)
+    return _default_context(backend, check_rows).verify(
+        target_logits, draft_tokens, parents=parents, draft_logits=draft_logits,
+        draft_probs=draft_probs, draft_temperature=draft_temperature, draft_top_k=draft_top_k,
+        draft_top_p=draft_top_p, draft_min_p=draft_min_p, draft_filter_order=draft_filter_order,
+        draft_temperature_per_row=draft_temperature_per_row,
+        draft_top_k_per_row=draft_top_k_per_row, draft_top_p_per_row=draft_top_p_per_row,
+        draft_min_p_per_row=draft_min_p_per_row, temperature=temperature, top_k=top_k,
+        top_p=top_p, min_p=min_p, seed=seed, offset=offset, filter_order=filter_order,
+        temperature_per_row=temperature_per_row, top_k_per_row=top_k_per_row,
+        top_p_per_row=top_p_per_row, min_p_per_row=min_p_per_row, seed_per_row=seed_per_row,
+        offset_per_row=offset_per_row, subsequence_per_row=subsequence_per_row,
+        seed_tensor=seed_tensor, offset_tensor=offset_tensor)
 
 
 def info():

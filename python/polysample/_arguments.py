@@ -6,7 +6,7 @@ the C type it becomes, so that nothing is silently truncated.
 """
 import operator
 
-from ._errors import Error
+from ._errors import ChoiceError, Error
 
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
@@ -32,6 +32,23 @@ PROBS_ARRAYS = ("temperature_per_row", "top_k_per_row", "top_p_per_row", "min_p_
                 "row_indices")
 
 
+# psm_filter_order (include/polysample.h; docs/SAMPLING.md section 4,
+# "Filter orders") by name: the names `polysample sample --filter-order`
+# takes (cli/cli_util.c), and the FlashInfer ones with underscores, as
+# Python identifiers and FlashInfer's own filter_apply_order spell them.
+FILTER_ORDERS = {"polysample": 0, "vllm": 1, "sglang": 2, "llama.cpp": 3,
+                 "flashinfer_top_k_first": 4, "flashinfer-top-k-first": 4,
+                 "flashinfer_joint": 5, "flashinfer-joint": 5}
+
+
+def filter_order_code(name, argument="filter_order"):
+    """The psm_filter_order of a name, or a ChoiceError listing the names."""
+    code = FILTER_ORDERS.get(name) if isinstance(name, str) else None
+    if code is None:
+        raise ChoiceError(f"{argument} must be one of {', '.join(FILTER_ORDERS)}; got {name!r}")
+    return code
+
+
 def arrays_of(values):
     """The ARRAYS tuple from a dict of the given ones (the others None)."""
     return tuple(values.get(name) for name in ARRAY_NAMES)
@@ -51,8 +68,10 @@ def _real(value, name):
         raise Error("INVALID_ARGUMENT", f"{name} must be a real number; got {value!r}") from None
 
 
-def scalars(temperature, top_k, top_p, min_p, seed, offset, num_samples):
-    """The scalar parameters as the C call takes them, or Error."""
+def scalars(temperature, top_k, top_p, min_p, seed, offset, num_samples,
+            filter_order="polysample"):
+    """The scalar parameters as the C call takes them (the filter order as
+    its psm_filter_order), or Error."""
     top_k = _integer(top_k, "top_k")
     if not INT32_MIN <= top_k <= INT32_MAX:
         raise Error("INVALID_PARAMETER", f"top_k is {top_k}; it must fit a 32-bit integer")
@@ -65,7 +84,7 @@ def scalars(temperature, top_k, top_p, min_p, seed, offset, num_samples):
         if not 0 <= value <= UINT64_MAX:
             raise Error("INVALID_PARAMETER", f"{name} is {value}; expected 0 to 2^64 - 1")
     return (_real(temperature, "temperature"), top_k, _real(top_p, "top_p"),
-            _real(min_p, "min_p"), seed, offset, num_samples)
+            _real(min_p, "min_p"), seed, offset, num_samples, filter_order_code(filter_order))
 
 
 def parse_backend(backend):

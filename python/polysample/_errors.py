@@ -17,6 +17,14 @@ class Error(Exception):
         self.code = code if code is not None else STATUS_CODES.get(status)
 
 
+class ChoiceError(Error, ValueError):
+    """A name outside its set (filter_order): Error("INVALID_ARGUMENT"), and
+    a ValueError as well, which is what Python code raises for a bad choice."""
+
+    def __init__(self, message):
+        super().__init__("INVALID_ARGUMENT", message)
+
+
 STATUS_CODES = {
     "INVALID_ARGUMENT": 1,
     "INVALID_PARAMETER": 2,

@@ -282,8 +282,9 @@ public:
 
     // mode 0: psm_sample into `out` (tokens) and `logprobs_out` (optional);
     // mode 1: psm_probs into `out`. scalars: (temperature, top_k, top_p,
-    // min_p, seed, offset, num_samples); arrays: the per-row and request-state
-    // arrays in the order of Arrays below, each None or an array. workspace:
+    // min_p, seed, offset, num_samples, filter_order); arrays: the per-row
+    // and request-state arrays in the order of Arrays below, each None or an
+    // array. workspace:
     // None, a uint8 array, or a callable that takes the bytes the call needs
     // and returns such an array (polysample.torch allocates it from torch's
     // allocator that way, after the size query). processing: None or the
@@ -325,6 +326,119 @@ public:
         attach_processing(call, processing_object);
         attach_top(call, top_object);
         return workspace_size_of(call);
+    }
+
+    // psm_verify (docs/SAMPLING.md section 7). target: the target logits,
+    // requests * (k + 1) rows (polysample/_verify.py flattens a 3-D array);
+    // scalars and arrays: the target's, as for run(), one per-row value per
+    // request (row_indices None); drafts: (tokens, parents, draft_logits,
+    // draft_probs): int32 requests x k, None or int32 requests x k, None or
+    // requests * k rows of logits, None or requests * k rows of float32;
+    // draft_params: None or (scalars, arrays) shaping draft_logits (the
+    // library refuses them without draft_logits);
+    // outputs: (accepted, tokens, path_nodes, logprobs): int32 requests,
+    // int32 requests x (k + 1) twice, float32 requests x (k + 1). Array
+    // lengths are checked here; values (tokens, parents, probabilities,
+    // parameters) are the library's to check.
+    void verify(nb::handle target_object, nb::tuple scalars, nb::tuple arrays, nb::tuple drafts,
+                nb::handle draft_params_object, nb::tuple outputs)
+    {
+        if (drafts.size() != 4 || outputs.size() != 4)
+            fail(PSM_ERR_INTERNAL, "verify: drafts and outputs have 4 entries each");
+        std::vector<View> views;
+        views.reserve(32);
+        const psm_tensor target = logits_tensor(views, target_object, "target_logits");
+        const int32_t device = views.front().device_id;
+        psm_params target_params;
+        set_scalars(target_params, Scalars::of(scalars));
+
+        views.push_back(view_of(drafts[0], "draft_tokens", false));
+        const View &tokens = views.back();
+        expect_kind(tokens, kind_i32, "draft_tokens");
+        if (tokens.ndim != 2)
+            fail(PSM_ERR_INVALID_ARGUMENT, "draft_tokens must be 2-D (requests, k)");
+        const int64_t requests = tokens.shape[0];
+        const int64_t nodes = tokens.shape[1];
+        // Outside 1 .. PSM_MAX_DRAFT_NODES the library refuses k before it
+        // reads any array, with its own message.
+        const bool nodes_valid = nodes >= 1 && nodes <= PSM_MAX_DRAFT_NODES;
+        if (nodes_valid && target.rows != requests * (nodes + 1))
+            fail(PSM_ERR_INVALID_ARGUMENT,
+                 "target_logits has " + std::to_string(target.rows) + " rows; draft_tokens' " +
+                     std::to_string(requests) + " requests of k = " + std::to_string(nodes) +
+                     " need requests x (k + 1) = " + std::to_string(requests * (nodes + 1)));
+        auto node_array = [&](const View &view, const char *role) {
+            if (view.ndim != 2 || view.shape[0] != requests || view.shape[1] != nodes)
+                fail(PSM_ERR_INVALID_ARGUMENT, std::string(role) + " must have draft_tokens' "
+                                               "shape (" + std::to_string(requests) + ", " +
+                                               std::to_string(nodes) + ")");
+            if (nodes_valid &&
+                ((nodes > 1 && view.strides[1] != 1) || (requests > 1 && view.strides[0] != nodes)))
+                fail(PSM_ERR_INVALID_ARGUMENT, std::string(role) + " must be C-contiguous");
+            same_memory(views, view, role, target.memory, device);
+        };
+        node_array(tokens, "draft_tokens");
+        psm_drafts raw_drafts;
+        psm_drafts_init(&raw_drafts);
+        raw_drafts.nodes = (int32_t)std::min<int64_t>(nodes, INT32_MAX);
+        raw_drafts.tokens = (const int32_t *)tokens.data;
+        if (!drafts[1].is_none()) {
+            views.push_back(view_of(drafts[1], "parents", false));
+            expect_kind(views.back(), kind_i32, "parents");
+            node_array(views.back(), "parents");
+            raw_drafts.parents = (const int32_t *)views.back().data;
+        }
+        psm_tensor draft_logits{}, draft_probs{};
+        psm_params draft_params;
+        if (!drafts[2].is_none()) {
+            draft_logits = logits_tensor(views, drafts[2], "draft_logits");
+            same_memory(views, views.back(), "draft_logits", target.memory, device);
+            raw_drafts.draft_logits = &draft_logits;
+        }
+        if (!draft_params_object.is_none()) {
+            nb::tuple given = nb::borrow<nb::tuple>(draft_params_object);
+            set_scalars(draft_params, Scalars::of(nb::borrow<nb::tuple>(given[0])));
+            set_arrays(views, draft_params, nb::borrow<nb::tuple>(given[1]), "draft_", requests,
+                       target.memory, device);
+            raw_drafts.draft_params = &draft_params;
+        }
+        if (!drafts[3].is_none()) {
+            draft_probs = logits_tensor(views, drafts[3], "draft_probs");
+            same_memory(views, views.back(), "draft_probs", target.memory, device);
+            raw_drafts.draft_probs = &draft_probs;
+        }
+        set_arrays(views, target_params, arrays, "", requests, target.memory, device);
+
+        views.push_back(view_of(outputs[0], "accepted output", true));
+        const View &accepted = views.back();
+        expect_kind(accepted, kind_i32, "accepted output");
+        if (accepted.ndim != 1 || accepted.shape[0] != requests ||
+            (requests > 1 && accepted.strides[0] != 1))
+            fail(PSM_ERR_INVALID_ARGUMENT, "accepted output must be 1-D and contiguous, one "
+                                           "value per request");
+        psm_verification result{};
+        result.accepted = psm_output{accepted.data, memory_of(accepted, "accepted output")};
+        const int32_t positions = (int32_t)std::min<int64_t>(nodes + 1, INT32_MAX);
+        const char *roles[3] = {"tokens output", "path_nodes output", "logprobs output"};
+        psm_output *slots[3] = {&result.tokens, &result.path_nodes, &result.logprobs};
+        for (size_t i = 0; i < 3; ++i) {
+            views.push_back(view_of(outputs[i + 1], roles[i], true));
+            *slots[i] = output(views.back(), i == 2 ? kind_f32 : kind_i32, roles[i], 2, requests,
+                               positions);
+        }
+        const bool any_host = target.memory == PSM_MEMORY_HOST ||
+                              result.accepted.memory == PSM_MEMORY_HOST;
+        const bool synchronize = any_host && backend_ != PSM_BACKEND_CPU;
+        psm_status status;
+        {
+            nb::gil_scoped_release release;
+            std::lock_guard<std::mutex> lock(mutex_);
+            status = psm_verify(context_, &target, &target_params, &raw_drafts, &result);
+            if (status == PSM_OK && synchronize)
+                status = psm_synchronize(context_);
+        }
+        if (status != PSM_OK)
+            fail(status, psm_last_error());
     }
 
     // The C call's own time, for the overhead measurement in polysample.bench:
@@ -400,11 +514,12 @@ private:
         uint64_t seed = 0;
         uint64_t offset = 0;
         int32_t num_samples = 1;
+        int32_t filter_order = PSM_FILTER_ORDER_POLYSAMPLE;
 
         static Scalars of(nb::tuple values)
         {
-            if (values.size() != 7)
-                fail(PSM_ERR_INTERNAL, "scalars: expected 7 values");
+            if (values.size() != 8)
+                fail(PSM_ERR_INTERNAL, "scalars: expected 8 values");
             Scalars scalars;
             scalars.temperature = nb::cast<float>(values[0]);
             scalars.top_k = nb::cast<int32_t>(values[1]);
@@ -413,6 +528,7 @@ private:
             scalars.seed = nb::cast<uint64_t>(values[4]);
             scalars.offset = nb::cast<uint64_t>(values[5]);
             scalars.num_samples = nb::cast<int32_t>(values[6]);
+            scalars.filter_order = nb::cast<int32_t>(values[7]);
             return scalars;
         }
     };
@@ -510,7 +626,7 @@ private:
             if ((mask.shape[1] > 1 && mask.strides[1] != 1) ||
                 (rows > 1 && mask.strides[0] != mask.shape[1]))
                 fail(PSM_ERR_INVALID_ARGUMENT, "allowed_mask must be C-contiguous");
-            same_memory(call, mask, "allowed_mask", memory, device);
+            same_memory(call.views, mask, "allowed_mask", memory, device);
             p.allowed_mask = (const uint32_t *)mask.data;
             p.allowed_mask_words = mask.shape[1];
         }
@@ -523,13 +639,13 @@ private:
         row_lists(call, items, prompt_offsets, prompt_tokens, "prompt", rows, memory, device,
                   &p.prompt_offsets, &p.prompt_tokens, nullptr);
         p.repetition_penalty_per_row =
-            (const float *)per_row(call, items[(size_t)repetition_rows], kind_f32,
+            (const float *)per_row(call.views, items[(size_t)repetition_rows], kind_f32,
                                    "repetition_penalty_per_row", rows, memory, device);
         p.frequency_penalty_per_row =
-            (const float *)per_row(call, items[(size_t)frequency_rows], kind_f32,
+            (const float *)per_row(call.views, items[(size_t)frequency_rows], kind_f32,
                                    "frequency_penalty_per_row", rows, memory, device);
         p.presence_penalty_per_row =
-            (const float *)per_row(call, items[(size_t)presence_rows], kind_f32,
+            (const float *)per_row(call.views, items[(size_t)presence_rows], kind_f32,
                                    "presence_penalty_per_row", rows, memory, device);
         call.has_processing = true;
     }
@@ -570,7 +686,7 @@ private:
         call.synchronize = call.synchronize || (any_host && backend_ != PSM_BACKEND_CPU);
     }
 
-    void same_memory(const Prepared &call, const View &view, const std::string &role,
+    void same_memory(const std::vector<View> &views, const View &view, const std::string &role,
                      psm_memory logits_memory, int32_t logits_device) const
     {
         psm_memory memory = memory_of(view, role.c_str());
@@ -578,7 +694,7 @@ private:
             (memory == PSM_MEMORY_DEVICE && view.device_id != logits_device))
             fail(PSM_ERR_INVALID_ARGUMENT,
                  role + " must be in the same memory as the logits (" +
-                     device_type_name(call.views.front().device_type) + ")");
+                     device_type_name(views.front().device_type) + ")");
     }
 
     // A 1-D contiguous array of `count` elements (any count when count < 0).
@@ -595,7 +711,7 @@ private:
                                                " values; expected " + std::to_string(count));
         if (view.shape[0] > 1 && view.strides[0] != 1)
             fail(PSM_ERR_INVALID_ARGUMENT, role + " must be contiguous");
-        same_memory(call, view, role, memory, device);
+        same_memory(call.views, view, role, memory, device);
         return view;
     }
 
@@ -696,14 +812,14 @@ private:
 
     // A per-row array: 1-D, `rows` long, contiguous, in the logits' memory;
     // with single, one value (the seed or offset read when the call runs).
-    const void *per_row(Prepared &call, nb::handle object, int kind, const char *role,
+    const void *per_row(std::vector<View> &views, nb::handle object, int kind, const char *role,
                         int64_t rows, psm_memory logits_memory, int32_t logits_device,
                         bool single = false)
     {
         if (object.is_none())
             return nullptr;
-        call.views.push_back(view_of(object, role, false));
-        const View &view = call.views.back();
+        views.push_back(view_of(object, role, false));
+        const View &view = views.back();
         if (kind == kind_u64 && view.kind == kind_i64)
             ; // seeds and offsets: int64 is read as the same 64 bits unsigned
         else if (kind == kind_u32 && view.kind == kind_i32)
@@ -724,8 +840,102 @@ private:
         if (!same_place)
             fail(PSM_ERR_INVALID_ARGUMENT,
                  std::string(role) + " must be in the same memory as the logits (" +
-                     device_type_name(call.views.front().device_type) + ")");
+                     device_type_name(views.front().device_type) + ")");
         return view.data;
+    }
+
+    // A rows x vocab tensor of logits (float32, float16 or bfloat16; 1-D is
+    // one row) with a contiguous last dimension and rows that do not
+    // overlap; its view is appended to `views`.
+    psm_tensor logits_tensor(std::vector<View> &views, nb::handle object, const char *role)
+    {
+        views.push_back(view_of(object, role, false));
+        const View &logits = views.back();
+        const std::string name(role);
+        if (logits.kind != kind_f32 && logits.kind != kind_f16 && logits.kind != kind_bf16)
+            fail(PSM_ERR_INVALID_ARGUMENT, name + " must be float32, float16 or bfloat16; got " +
+                                               kind_name(logits.kind));
+        if (logits.ndim == 0)
+            fail(PSM_ERR_INVALID_ARGUMENT, name + " must be 1-D or 2-D; got a scalar");
+        const size_t last = logits.ndim - 1;
+        const int64_t vocab = logits.shape[last];
+        const int64_t rows = logits.ndim == 2 ? logits.shape[0] : 1;
+        if (rows < 1 || vocab < 1)
+            fail(PSM_ERR_INVALID_ARGUMENT, name + " must have at least one row and one column; "
+                                                  "got shape (" + std::to_string(rows) + ", " +
+                                                  std::to_string(vocab) + ")");
+        if (vocab > 1 && logits.strides[last] != 1)
+            fail(PSM_ERR_INVALID_ARGUMENT,
+                 name + ": the last dimension must be contiguous (element stride 1, got " +
+                     std::to_string(logits.strides[last]) +
+                     "); copy it first, e.g. numpy.ascontiguousarray(x) or x.contiguous()");
+        int64_t row_stride = vocab;
+        if (rows > 1) {
+            row_stride = logits.strides[0];
+            if (row_stride < vocab)
+                fail(PSM_ERR_INVALID_ARGUMENT,
+                     name + ": the row stride (" + std::to_string(row_stride) +
+                         " elements) is below the vocabulary (" + std::to_string(vocab) +
+                         "): rows overlap or are broadcast; copy it first, e.g. "
+                         "numpy.ascontiguousarray(x) or x.contiguous()");
+        }
+        psm_tensor tensor{};
+        tensor.data = logits.data;
+        tensor.dtype = logits.kind == kind_f32   ? PSM_DTYPE_F32
+                       : logits.kind == kind_f16 ? PSM_DTYPE_F16
+                                                 : PSM_DTYPE_BF16;
+        tensor.memory = memory_of(logits, role);
+        tensor.rows = rows;
+        tensor.vocab = vocab;
+        tensor.row_stride = row_stride;
+        return tensor;
+    }
+
+    // psm_params_init, then the scalars.
+    static void set_scalars(psm_params &params, const Scalars &scalars)
+    {
+        psm_params_init(&params);
+        params.temperature = scalars.temperature;
+        params.top_k = scalars.top_k;
+        params.top_p = scalars.top_p;
+        params.min_p = scalars.min_p;
+        params.seed = scalars.seed;
+        params.offset = scalars.offset;
+        params.num_samples = scalars.num_samples;
+        params.filter_order = scalars.filter_order;
+    }
+
+    // The per-row arrays of `arrays` (empty, or one entry per Arrays, each
+    // None or an array of `rows` values in the logits' memory) into params;
+    // `prefix` starts their names in messages ("draft_" for a draft's).
+    void set_arrays(std::vector<View> &views, psm_params &params, nb::tuple arrays,
+                    const std::string &prefix, int64_t rows, psm_memory memory, int32_t device)
+    {
+        if (arrays.size() == 0)
+            return;
+        if (arrays.size() != array_count)
+            fail(PSM_ERR_INTERNAL, "arrays: expected " + std::to_string((int)array_count) +
+                                       " entries");
+        auto rows_array = [&](Arrays index, int kind, const char *name, bool single = false) {
+            const std::string role = prefix + name;
+            return per_row(views, arrays[(size_t)index], kind, role.c_str(),
+                           single ? 1 : rows, memory, device, single);
+        };
+        params.temperature_per_row =
+            (const float *)rows_array(temperature_rows, kind_f32, "temperature_per_row");
+        params.top_k_per_row = (const int32_t *)rows_array(top_k_rows, kind_i32, "top_k_per_row");
+        params.top_p_per_row = (const float *)rows_array(top_p_rows, kind_f32, "top_p_per_row");
+        params.min_p_per_row = (const float *)rows_array(min_p_rows, kind_f32, "min_p_per_row");
+        params.seed_per_row = (const uint64_t *)rows_array(seed_rows, kind_u64, "seed_per_row");
+        params.offset_per_row =
+            (const uint64_t *)rows_array(offset_rows, kind_u64, "offset_per_row");
+        params.subsequence_per_row =
+            (const uint32_t *)rows_array(subsequence_rows, kind_u32, "subsequence_per_row");
+        params.row_indices = (const int64_t *)rows_array(row_indices, kind_i64, "row_indices");
+        params.seed_pointer =
+            (const uint64_t *)rows_array(seed_tensor, kind_u64, "seed_tensor", true);
+        params.offset_pointer =
+            (const uint64_t *)rows_array(offset_tensor, kind_u64, "offset_tensor", true);
     }
 
     Prepared prepare(int mode, nb::handle logits_object, const Scalars &scalars,
@@ -740,56 +950,15 @@ private:
         Prepared call;
         call.mode = mode;
         call.views.reserve(32);
-        call.views.push_back(view_of(logits_object, "logits", false));
+        call.logits = logits_tensor(call.views, logits_object, "logits");
         const View &logits = call.views.front();
-        if (logits.kind != kind_f32 && logits.kind != kind_f16 && logits.kind != kind_bf16)
-            fail(PSM_ERR_INVALID_ARGUMENT, std::string("logits must be float32, float16 or "
-                                                       "bfloat16; got ") + kind_name(logits.kind));
-        if (logits.ndim == 0)
-            fail(PSM_ERR_INVALID_ARGUMENT, "logits must be 1-D or 2-D; got a scalar");
-        const size_t last = logits.ndim - 1;
-        const int64_t vocab = logits.shape[last];
-        const int64_t rows = logits.ndim == 2 ? logits.shape[0] : 1;
-        if (rows < 1 || vocab < 1)
-            fail(PSM_ERR_INVALID_ARGUMENT, "logits must have at least one row and one column; "
-                                           "got shape (" + std::to_string(rows) + ", " +
-                                           std::to_string(vocab) + ")");
-        if (vocab > 1 && logits.strides[last] != 1)
-            fail(PSM_ERR_INVALID_ARGUMENT,
-                 "logits: the last dimension must be contiguous (element stride 1, got " +
-                     std::to_string(logits.strides[last]) +
-                     "); copy it first, e.g. numpy.ascontiguousarray(x) or x.contiguous()");
-        int64_t row_stride = vocab;
-        if (rows > 1) {
-            row_stride = logits.strides[0];
-            if (row_stride < vocab)
-                fail(PSM_ERR_INVALID_ARGUMENT,
-                     "logits: the row stride (" + std::to_string(row_stride) +
-                         " elements) is below the vocabulary (" + std::to_string(vocab) +
-                         "): rows overlap or are broadcast; copy it first, e.g. "
-                         "numpy.ascontiguousarray(x) or x.contiguous()");
-        }
-        const psm_memory logits_memory = memory_of(logits, "logits");
+        const int64_t vocab = call.logits.vocab;
+        const int64_t rows = call.logits.rows;
+        const psm_memory logits_memory = call.logits.memory;
         const int32_t logits_device = logits.device_id;
 
-        call.logits.data = logits.data;
-        call.logits.dtype = logits.kind == kind_f32   ? PSM_DTYPE_F32
-                            : logits.kind == kind_f16 ? PSM_DTYPE_F16
-                                                      : PSM_DTYPE_BF16;
-        call.logits.memory = logits_memory;
-        call.logits.rows = rows;
-        call.logits.vocab = vocab;
-        call.logits.row_stride = row_stride;
-
-        psm_params_init(&call.params);
-        call.params.temperature = scalars.temperature;
-        call.params.top_k = scalars.top_k;
-        call.params.top_p = scalars.top_p;
-        call.params.min_p = scalars.min_p;
-        call.params.seed = scalars.seed;
-        call.params.offset = scalars.offset;
+        set_scalars(call.params, scalars);
         const int32_t num_samples = scalars.num_samples;
-        call.params.num_samples = num_samples;
         if (num_samples < 1)
             fail(PSM_ERR_INVALID_PARAMETER,
                  "num_samples is " + std::to_string(num_samples) + "; expected >= 1");
@@ -809,32 +978,8 @@ private:
             out_ndim = 2;
             call.views.pop_back(); // read again below with the per-row checks
         }
-        auto rows_array = [&](Arrays index, int kind, const char *role) {
-            return per_row(call, array(index), kind, role, out_rows, logits_memory,
-                           logits_device);
-        };
-        call.params.temperature_per_row =
-            (const float *)rows_array(temperature_rows, kind_f32, "temperature_per_row");
-        call.params.top_k_per_row =
-            (const int32_t *)rows_array(top_k_rows, kind_i32, "top_k_per_row");
-        call.params.top_p_per_row =
-            (const float *)rows_array(top_p_rows, kind_f32, "top_p_per_row");
-        call.params.min_p_per_row =
-            (const float *)rows_array(min_p_rows, kind_f32, "min_p_per_row");
-        call.params.seed_per_row =
-            (const uint64_t *)rows_array(seed_rows, kind_u64, "seed_per_row");
-        call.params.offset_per_row =
-            (const uint64_t *)rows_array(offset_rows, kind_u64, "offset_per_row");
-        call.params.subsequence_per_row =
-            (const uint32_t *)rows_array(subsequence_rows, kind_u32, "subsequence_per_row");
-        call.params.row_indices = (const int64_t *)rows_array(row_indices, kind_i64, "row_indices");
+        set_arrays(call.views, call.params, arrays, "", out_rows, logits_memory, logits_device);
         call.params.output_rows = call.params.row_indices ? out_rows : 0;
-        call.params.seed_pointer =
-            (const uint64_t *)per_row(call, array(seed_tensor), kind_u64, "seed_tensor", 1,
-                                      logits_memory, logits_device, true);
-        call.params.offset_pointer =
-            (const uint64_t *)per_row(call, array(offset_tensor), kind_u64, "offset_tensor", 1,
-                                      logits_memory, logits_device, true);
 
         bool any_host = logits_memory == PSM_MEMORY_HOST;
         if (mode == 0) {
@@ -978,6 +1123,9 @@ NB_MODULE(_core, module)
              nb::arg("scalars"), nb::arg("arrays"), nb::arg("out"),
              nb::arg("logprobs_out").none(), nb::arg("processing").none() = nb::none(),
              nb::arg("top").none() = nb::none())
+        .def("verify", &Context::verify, nb::arg("target"), nb::arg("scalars"),
+             nb::arg("arrays"), nb::arg("drafts"), nb::arg("draft_params").none(),
+             nb::arg("outputs"))
         .def("time_sample", &Context::time_sample);
 
     module.def("backend_info", &backend_info);

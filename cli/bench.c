@@ -21,7 +21,8 @@ static const char bench_description[] =
     "10000 x 32000, 2048 x 151936, 256 x 151936 and 64 x 128256 in f32 and bf16\n"
     "with the settings plain and topk_topp and in f32 with top_p and min_p, and\n"
     "one row of 151936 in f32 (plain, topk_topp); every shape in f32 with\n"
-    "mask+bias, penalties and top-20; each with both distributions.\n"
+    "mask+bias, penalties and top-20; verify in f32 on 64 x 128256, 256 x\n"
+    "151936 and 1 x 128256 (rows: requests); each with both distributions.\n"
     "\n"
     "Logits distributions:\n"
     "  normal  every logit ~ N(0, 2^2)\n"
@@ -51,6 +52,14 @@ static const char bench_description[] =
     "          token's logprob and rank, and the 20 most probable tokens with\n"
     "          their processed logprobs); their inputs and outputs live in the\n"
     "          logits' memory. A backend that refuses one shows 'unsupported'.\n"
+    "          verify: psm_verify of a chain of 4 drafts per request (rows are\n"
+    "          requests) with draft logits, target and draft at T 0.8: the\n"
+    "          target has requests x 5 rows, the draft requests x 4, each a copy\n"
+    "          of the target row its token is proposed for, so every draft is\n"
+    "          accepted (the longest walk) and the bonus token is drawn; the\n"
+    "          draft tokens are the draft rows' greedy tokens; outputs: accepted\n"
+    "          counts and tokens. read_ms and x_read count the target and draft\n"
+    "          rows; a backend that refuses it shows 'unsupported'.\n"
     "\n"
     "--filter-order runs every case in that order (docs/SAMPLING.md, section 4);\n"
     "the table names it after the setting (top_p@vllm), the JSON in filter_order.\n";
@@ -110,31 +119,30 @@ static int run_cases(const bench_config *config, bench_backend *backends, int ba
     int progress = 0, progress_total = case_count * backend_count, first;
     for (first = 0; first < case_count; ++first) {
         const bench_case *shape = &cases[first];
-        size_t count = (size_t)shape->rows * (size_t)shape->vocab;
+        size_t count = (size_t)bench_logit_rows(shape) * (size_t)shape->vocab;
         float *logits;
         bench_processing processing;
         int seen = 0, k, dtype, b, with_processing = 0;
         for (k = 0; k < first; ++k)
-            seen |= cases[k].rows == shape->rows && cases[k].vocab == shape->vocab &&
-                    cases[k].distribution == shape->distribution;
+            seen |= bench_same_logits(&cases[k], shape);
         if (seen)
             continue;
         logits = cli_alloc("bench", count * sizeof(float));
         if (!logits)
             return -1;
         if (config->show_progress)
-            fprintf(stderr, "generating %lld x %lld %s logits (%s)\n", (long long)shape->rows,
+            fprintf(stderr, "generating %lld x %lld %s logits (%s)\n",
+                    (long long)bench_logit_rows(shape),
                     (long long)shape->vocab, bench_distribution_name(shape->distribution),
                     bench_distribution_formula(shape->distribution));
-        if (bench_fill_logits(logits, shape->rows, shape->vocab, shape->distribution,
-                              config->seed) != 0) {
+        if (bench_fill_case_logits(logits, shape, config->seed) != 0) {
             cli_error("bench", "out of memory generating the logits");
             free(logits);
             return -1;
         }
         /* The processing inputs, when a case of this shape needs them. */
         for (k = first; k < case_count; ++k)
-            with_processing |= cases[k].rows == shape->rows && cases[k].vocab == shape->vocab &&
+            with_processing |= bench_same_logits(&cases[k], shape) &&
                                bench_needs_processing(&cases[k], 1);
         if (with_processing &&
             bench_make_processing(&processing, shape->rows, shape->vocab, config->seed) != 0) {
@@ -149,9 +157,7 @@ static int run_cases(const bench_config *config, bench_backend *backends, int ba
             void *converted = NULL;
             const void *data = logits;
             for (k = first; k < case_count; ++k)
-                if (cases[k].rows == shape->rows && cases[k].vocab == shape->vocab &&
-                    cases[k].distribution == shape->distribution &&
-                    cases[k].dtype == (psm_dtype)dtype)
+                if (bench_same_logits(&cases[k], shape) && cases[k].dtype == (psm_dtype)dtype)
                     group[group_count++] = cases[k];
             if (group_count == 0)
                 continue;
@@ -206,14 +212,14 @@ static void compare_with_cpu(bench_result *results, int result_count)
 }
 
 /* Each case's time over plain sampling's on the same backend, shape, dtype
- * and logits, in the same run. */
+ * and logits, in the same run (not verify's: other calls on other logits). */
 static void compare_with_plain(bench_result *results, int result_count)
 {
     int i, k;
     for (i = 0; i < result_count; ++i) {
         bench_case plain = results[i].which;
         plain.setting = SETTING_PLAIN;
-        if (!timed(&results[i]))
+        if (!timed(&results[i]) || results[i].which.setting == SETTING_VERIFY)
             continue;
         for (k = 0; k < result_count; ++k)
             if (timed(&results[k]) && results[k].backend == results[i].backend &&
@@ -269,7 +275,8 @@ int cli_bench(int argc, char **argv)
         {.name = "--setting", .kind = CLI_OPTION_LIST, .value_name = "LIST",
          .target = &setting_list, .maximum = BENCH_SETTING_COUNT,
          .parse_item = bench_parse_setting_item,
-         .items = "plain, topk_topp, top_p, min_p, greedy, mask+bias, penalties or top-20",
+         .items = "plain, topk_topp, top_p, min_p, greedy, mask+bias, penalties, top-20 or "
+                  "verify",
          .help = "settings above (comma-separated): every\nlisted setting"},
         {.name = "--distribution", .kind = CLI_OPTION_LIST, .value_name = "LIST",
          .target = &distribution_list, .maximum = BENCH_DISTRIBUTION_COUNT,

@@ -22,8 +22,11 @@ typedef enum bench_extra {
     EXTRA_MASK_BIAS,   /* an allowed-token mask and 64 bias entries per row */
     EXTRA_PENALTIES,   /* repetition, frequency and presence penalties over a
                           2,048-token history per row */
-    EXTRA_TOP_20       /* the drawn tokens' logprobs and ranks and the 20 most
+    EXTRA_TOP_20,      /* the drawn tokens' logprobs and ranks and the 20 most
                           probable tokens with their (processed) logprobs */
+    EXTRA_VERIFY       /* not psm_sample but psm_verify of BENCH_VERIFY_DRAFTS
+                          drafts per row (a request), a chain with draft logits,
+                          the setting's parameters for the target and the draft */
 } bench_extra;
 
 typedef struct bench_setting {
@@ -43,10 +46,19 @@ enum {
     SETTING_GREEDY,
     SETTING_MASK_BIAS,
     SETTING_PENALTIES,
-    SETTING_TOP_20
+    SETTING_TOP_20,
+    SETTING_VERIFY
 };
 extern const bench_setting bench_settings[];
-#define BENCH_SETTING_COUNT 8
+#define BENCH_SETTING_COUNT 9
+
+/* The verify setting: a chain of this many drafts per request. A case's
+ * rows are its requests; its logits are requests x (k + 1) target rows
+ * followed by requests x k draft rows, each draft row a copy of the target
+ * row its token is proposed for (a perfect draft: every draft is accepted,
+ * so the walk computes every target row's distribution and draws the bonus
+ * token, the most a chain of k can cost). */
+#define BENCH_VERIFY_DRAFTS 4
 
 /* The logits a case samples from (bench_fill_logits says how they are made). */
 enum { DISTRIBUTION_NORMAL, DISTRIBUTION_LM };
@@ -70,6 +82,13 @@ typedef struct bench_case {
 
 int bench_same_case(const bench_case *a, const bench_case *b);
 
+/* The rows of logits a case reads: its rows, or for verify its target and
+ * draft rows. */
+int64_t bench_logit_rows(const bench_case *one);
+/* Do two cases read the same generated logits (the same logit rows, vocab
+ * and distribution, both verify or neither)? */
+int bench_same_logits(const bench_case *a, const bench_case *b);
+
 /* What the command line asked for; zero counts mean "the default". */
 typedef struct bench_selection {
     int64_t rows, vocab; /* 0: not given */
@@ -89,6 +108,10 @@ int bench_make_cases(const bench_selection *selection, bench_case *cases);
  * same values whatever the thread count. 0, or -1 when out of memory. */
 int bench_fill_logits(float *values, int64_t rows, int64_t vocab, int distribution,
                       uint64_t seed);
+/* The logits of a case's shape: bench_logit_rows(shape) x vocab, as
+ * bench_fill_logits makes them, with a verify case's draft rows copied from
+ * its target rows (BENCH_VERIFY_DRAFTS). 0, or -1 when out of memory. */
+int bench_fill_case_logits(float *values, const bench_case *shape, uint64_t seed);
 /* How the distribution's logits are made, in a few words ("~ N(0, 2^2)"). */
 const char *bench_distribution_formula(int distribution);
 

@@ -20,6 +20,8 @@ const bench_setting bench_settings[BENCH_SETTING_COUNT] = {
     {"mask+bias", 0.8f, 0, 1.0f, 0.0f, EXTRA_MASK_BIAS},
     {"penalties", 0.8f, 0, 1.0f, 0.0f, EXTRA_PENALTIES},
     {"top-20", 0.8f, 0, 1.0f, 0.0f, EXTRA_TOP_20},
+    /* Speculative decoding: a chain of 4 drafts, target and draft at T 0.8. */
+    {"verify", 0.8f, 0, 1.0f, 0.0f, EXTRA_VERIFY},
 };
 
 /* The shapes: three large batches (two vocabularies of today's models at
@@ -28,6 +30,11 @@ const bench_setting bench_settings[BENCH_SETTING_COUNT] = {
 static const int64_t bench_shapes[][2] = {
     {10000, 32000}, {2048, 151936}, {256, 151936}, {64, 128256}, {1, 151936}};
 #define BENCH_SHAPE_COUNT ((int)(sizeof bench_shapes / sizeof bench_shapes[0]))
+
+/* The verify setting's shapes (rows are requests): two batches, and one
+ * request, where the latency of a decoding step decides. */
+static const int64_t verify_shapes[][2] = {{64, 128256}, {256, 151936}, {1, 128256}};
+#define VERIFY_SHAPE_COUNT ((int)(sizeof verify_shapes / sizeof verify_shapes[0]))
 
 /* The language-model-like logits: logit = LM_SLOPE * ln(rank) + noise, the
  * noise uniform in [-LM_NOISE, LM_NOISE). A slope of -1.1 makes the
@@ -90,6 +97,19 @@ int bench_same_case(const bench_case *a, const bench_case *b)
            a->dtype == b->dtype && a->setting == b->setting;
 }
 
+int64_t bench_logit_rows(const bench_case *one)
+{
+    return one->setting == SETTING_VERIFY ? one->rows * (2 * BENCH_VERIFY_DRAFTS + 1)
+                                          : one->rows;
+}
+
+int bench_same_logits(const bench_case *a, const bench_case *b)
+{
+    return bench_logit_rows(a) == bench_logit_rows(b) && a->vocab == b->vocab &&
+           a->distribution == b->distribution &&
+           (a->setting == SETTING_VERIFY) == (b->setting == SETTING_VERIFY);
+}
+
 /* --quick: a tenth of the rows of a batch of 100 rows or more. */
 static int64_t case_rows(int64_t rows, int quick)
 {
@@ -111,10 +131,28 @@ static int add_case(bench_case *cases, int count, int64_t rows, int64_t vocab, i
     return count + 1;
 }
 
+/* The verify setting on its shapes, in each listed dtype and every
+ * selected distribution. */
+static int verify_cases(const bench_selection *selection, const psm_dtype *dtypes,
+                        int dtype_count, bench_case *cases, int count)
+{
+    int shape, distribution, dtype;
+    for (shape = 0; shape < VERIFY_SHAPE_COUNT; ++shape)
+        for (distribution = 0; distribution < BENCH_DISTRIBUTION_COUNT; ++distribution) {
+            if (!(selection->distributions & (1 << distribution)))
+                continue;
+            for (dtype = 0; dtype < dtype_count; ++dtype)
+                count = add_case(cases, count, case_rows(verify_shapes[shape][0], selection->quick),
+                                 verify_shapes[shape][1], distribution, dtypes[dtype],
+                                 SETTING_VERIFY);
+        }
+    return count;
+}
+
 /* The default list: each batch shape in f32 and bf16 with plain and
  * topk_topp and in f32 with top_p and min_p; the one row in f32, plain and
  * topk_topp; every shape in f32 with mask+bias, penalties and top-20; each
- * with every selected distribution. */
+ * with every selected distribution; then verify on its shapes in f32. */
 static int default_cases(const bench_selection *selection, bench_case *cases)
 {
     static const psm_dtype dtypes[2] = {PSM_DTYPE_F32, PSM_DTYPE_BF16};
@@ -129,7 +167,7 @@ static int default_cases(const bench_selection *selection, bench_case *cases)
                     int one_row = bench_shapes[shape][0] == 1;
                     int f32 = dtypes[dtype] == PSM_DTYPE_F32;
                     int wanted;
-                    if (setting == SETTING_GREEDY)
+                    if (setting == SETTING_GREEDY || setting == SETTING_VERIFY)
                         wanted = 0;
                     else if (setting <= SETTING_TOPK_TOPP)
                         wanted = f32 || !one_row;
@@ -144,7 +182,7 @@ static int default_cases(const bench_selection *selection, bench_case *cases)
                 }
         }
     }
-    return count;
+    return verify_cases(selection, dtypes, 1, cases, count);
 }
 
 int bench_make_cases(const bench_selection *selection, bench_case *cases)
@@ -155,12 +193,14 @@ int bench_make_cases(const bench_selection *selection, bench_case *cases)
     int settings[BENCH_SETTING_COUNT + 1];
     int t;
     int dtype_count = selection->dtype_count ? selection->dtype_count : 2;
-    int setting_count = 0, plain_listed = 0, around_draw = 0;
+    int setting_count = 0, plain_listed = 0, around_draw = 0, verify_listed = 0;
     for (t = 0; t < (selection->setting_count ? selection->setting_count : 2); ++t) {
         settings[setting_count] =
             selection->setting_count ? selection->settings[t] : default_settings[t];
         plain_listed |= settings[setting_count] == SETTING_PLAIN;
-        around_draw |= bench_settings[settings[setting_count]].extra != EXTRA_NONE;
+        verify_listed |= settings[setting_count] == SETTING_VERIFY;
+        around_draw |= bench_settings[settings[setting_count]].extra != EXTRA_NONE &&
+                       settings[setting_count] != SETTING_VERIFY;
         ++setting_count;
     }
     /* The settings around the draw are reported as ratios to plain. */
@@ -181,9 +221,17 @@ int bench_make_cases(const bench_selection *selection, bench_case *cases)
                 continue;
             for (d = 0; d < dtype_count; ++d)
                 for (t = 0; t < setting_count; ++t)
-                    count = add_case(cases, count, rows, vocab, distribution,
-                                     (psm_dtype)dtypes[d], settings[t]);
+                    /* Without a shape, verify runs on its own shapes (below). */
+                    if (one_shape || settings[t] != SETTING_VERIFY)
+                        count = add_case(cases, count, rows, vocab, distribution,
+                                         (psm_dtype)dtypes[d], settings[t]);
         }
+    }
+    if (verify_listed && !one_shape) {
+        psm_dtype verify_dtypes[3];
+        for (d = 0; d < dtype_count; ++d)
+            verify_dtypes[d] = (psm_dtype)dtypes[d];
+        count = verify_cases(selection, verify_dtypes, dtype_count, cases, count);
     }
     return count;
 }
@@ -244,6 +292,26 @@ int bench_fill_logits(float *values, int64_t rows, int64_t vocab, int distributi
     if (distribution == DISTRIBUTION_LM)
         return fill_language_model(values, rows, vocab, seed);
     cli_fill_normal(values, (size_t)rows * (size_t)vocab, 2.0f, seed);
+    return 0;
+}
+
+int bench_fill_case_logits(float *values, const bench_case *shape, uint64_t seed)
+{
+    const int64_t k = BENCH_VERIFY_DRAFTS, vocab = shape->vocab;
+    int64_t node;
+    if (shape->setting != SETTING_VERIFY)
+        return bench_fill_logits(values, shape->rows, vocab, shape->distribution, seed);
+    if (bench_fill_logits(values, shape->rows * (k + 1), vocab, shape->distribution, seed) != 0)
+        return -1;
+    /* Draft row r k + i - 1 (node i) is target row r (k + 1) + i - 1, the
+     * distribution node i's token is proposed for. */
+    float *draft = values + shape->rows * (k + 1) * vocab;
+#pragma omp parallel for schedule(static)
+    for (node = 0; node < shape->rows * k; ++node) {
+        int64_t request = node / k, i = node % k + 1;
+        memcpy(draft + node * vocab, values + (request * (k + 1) + i - 1) * vocab,
+               (size_t)vocab * sizeof(float));
+    }
     return 0;
 }
 

@@ -7,9 +7,11 @@
 #include <stdio.h>
 #include <string.h>
 
+/* The logits a case reads (verify: the target's and the draft's). */
 static double logits_gigabytes(const bench_case *which)
 {
-    return (double)which->rows * (double)which->vocab * (double)cli_dtype_size(which->dtype) / 1e9;
+    return (double)bench_logit_rows(which) * (double)which->vocab *
+           (double)cli_dtype_size(which->dtype) / 1e9;
 }
 
 static void print_optional(FILE *out, double value, const char *format)
@@ -66,6 +68,11 @@ void bench_write_json(FILE *out, const bench_result *results, int result_count)
                 setting->name, (double)setting->temperature, (int)setting->top_k,
                 (double)setting->top_p, (double)setting->min_p,
                 cli_filter_order_name(result->filter_order));
+        if (result->which.setting == SETTING_VERIFY)
+            fprintf(out, "\"draft_nodes\": %d, \"target_rows\": %lld, \"draft_rows\": %lld, ",
+                    BENCH_VERIFY_DRAFTS,
+                    (long long)(result->which.rows * (BENCH_VERIFY_DRAFTS + 1)),
+                    (long long)(result->which.rows * BENCH_VERIFY_DRAFTS));
         if (result->failed || result->unsupported) {
             fputs(result->unsupported ? "\"unsupported\": true, \"error\": \"" : "\"error\": \"",
                   out);
@@ -142,7 +149,11 @@ void bench_print_table(const bench_result *results, int result_count)
            "same logits once at the bandwidth measured in this run; x_read = median / read.\n"
            "x_plain: median / the plain setting's median (same backend, shape, dtype, logits).\n"
            "vs_cpu: CPU backend median / this median. host_ms: a whole call on the host.\n"
+           "verify: psm_verify, rows = requests, each a chain of %d drafts (target rows\n"
+           "requests x %d, draft rows requests x %d, all accepted); GB/s, read_ms and\n"
+           "x_read count the target and draft rows.\n"
            "logits: normal %s; lm: logit = %s.\n",
+           BENCH_VERIFY_DRAFTS, BENCH_VERIFY_DRAFTS + 1, BENCH_VERIFY_DRAFTS,
            bench_distribution_formula(DISTRIBUTION_NORMAL),
            bench_distribution_formula(DISTRIBUTION_LM));
     for (i = 0; i < result_count; ++i)

@@ -81,12 +81,47 @@ static int launch_sample(void *argument, int index)
     return launch->status == PSM_OK ? 0 : -1;
 }
 
-static int launch_sample_and_wait(sample_launch *launch)
+/* One psm_verify launch (the verify setting) over the rotation of inputs,
+ * each a pair of buffers: the target rows, then the draft rows. */
+typedef struct verify_launch {
+    psm_context *context;
+    psm_tensor target, draft;
+    void **inputs;
+    int input_count;
+    int next_input;
+    psm_params params; /* the target's; the draft's are the same */
+    psm_drafts drafts;
+    psm_verification outputs;
+    psm_status status;
+} verify_launch;
+
+static int launch_verify(void *argument, int index)
 {
-    if (launch_sample(launch, 0) != 0)
-        return -1;
-    launch->status = psm_synchronize(launch->context);
+    verify_launch *launch = argument;
+    (void)index;
+    launch->target.data = launch->inputs[2 * launch->next_input];
+    launch->draft.data = launch->inputs[2 * launch->next_input + 1];
+    launch->next_input = (launch->next_input + 1) % launch->input_count;
+    launch->status = psm_verify(launch->context, &launch->target, &launch->params,
+                                &launch->drafts, &launch->outputs);
     return launch->status == PSM_OK ? 0 : -1;
+}
+
+/* A case's timed call: work(argument, 0) launches it on context and leaves
+ * the call's status in *status. */
+typedef struct timed_call {
+    psm_context *context;
+    bench_device_work work;
+    void *argument;
+    psm_status *status;
+} timed_call;
+
+static int call_and_wait(const timed_call *call)
+{
+    if (call->work(call->argument, 0) != 0)
+        return -1;
+    *call->status = psm_synchronize(call->context);
+    return *call->status == PSM_OK ? 0 : -1;
 }
 
 /* A failed call; a refusal of what the setting adds to the draw
@@ -108,6 +143,8 @@ typedef struct case_extras {
     psm_logit_processing mask_bias, penalties;
     psm_top_logprobs top;
     psm_output logprobs;
+    /* verify: the draft tokens (requests x k) and the outputs. */
+    psm_output draft_tokens, accepted, emitted;
 } case_extras;
 
 /* Adaptive repeats: at least 3 runs and up to 20 within the time budget; a
@@ -121,64 +158,28 @@ static int enough_runs(const bench_config *config, int runs, double elapsed_s, d
     return runs >= 20 || (runs >= minimum && elapsed_s >= config->time_budget_s);
 }
 
-/* Times one case on one backend; inputs already hold the logits. */
-static void time_case(const bench_config *config, bench_backend *backend, void **inputs,
-                      int input_count, void *tokens, const case_extras *extras,
-                      bench_result *result)
+/* Times a case's call: a warm-up, then the runs; on a device with one
+ * row, the whole call on the host too. */
+static void time_call(const bench_config *config, bench_backend *backend, const timed_call *call,
+                      const char *what, bench_result *result)
 {
-    const bench_setting *setting = &bench_settings[result->which.setting];
-    sample_launch launch;
     double times[BENCH_MAX_RUNS];
     double started, warm_up_s;
     int runs = 0;
-    psm_status status;
 
-    memset(&launch, 0, sizeof launch);
-    launch.context = backend->context;
-    launch.logits.dtype = result->which.dtype;
-    launch.logits.memory = backend->device ? PSM_MEMORY_DEVICE : PSM_MEMORY_HOST;
-    launch.logits.rows = result->which.rows;
-    launch.logits.vocab = result->which.vocab;
-    launch.inputs = inputs;
-    launch.input_count = input_count;
-    psm_params_init(&launch.params);
-    launch.params.temperature = setting->temperature;
-    launch.params.top_k = setting->top_k;
-    launch.params.top_p = setting->top_p;
-    launch.params.min_p = setting->min_p;
-    launch.params.filter_order = config->filter_order;
-    launch.params.seed = config->seed;
-    launch.tokens.data = tokens;
-    launch.tokens.memory = launch.logits.memory;
-    launch.logprobs.memory = launch.logits.memory;
-    switch (setting->extra) {
-    case EXTRA_MASK_BIAS: launch.params.processing = &extras->mask_bias; break;
-    case EXTRA_PENALTIES: launch.params.processing = &extras->penalties; break;
-    case EXTRA_TOP_20:
-        launch.params.top_logprobs = &extras->top;
-        launch.logprobs = extras->logprobs;
-        break;
-    case EXTRA_NONE: break;
-    }
-
-    status = psm_context_reserve(backend->context, result->which.rows, result->which.vocab, 1);
-    if (status != PSM_OK) {
-        describe_failure(result, "psm_context_reserve", status);
-        return;
-    }
     started = cli_now_seconds();
-    if (launch_sample_and_wait(&launch) != 0) { /* warm-up */
-        describe_failure(result, "psm_sample", launch.status);
+    if (call_and_wait(call) != 0) { /* warm-up */
+        describe_failure(result, what, *call->status);
         return;
     }
     warm_up_s = cli_now_seconds() - started;
     started = cli_now_seconds();
     while (!enough_runs(config, runs, cli_now_seconds() - started, warm_up_s)) {
         if (backend->device) {
-            if (backend->device->time_work(backend->session, 1, launch_sample, &launch,
+            if (backend->device->time_work(backend->session, 1, call->work, call->argument,
                                            &times[runs]) != 0) {
-                if (launch.status != PSM_OK)
-                    describe_failure(result, "psm_sample", launch.status);
+                if (*call->status != PSM_OK)
+                    describe_failure(result, what, *call->status);
                 else {
                     snprintf(result->error, sizeof result->error, "%s",
                              backend->device->last_error(backend->session));
@@ -188,8 +189,8 @@ static void time_case(const bench_config *config, bench_backend *backend, void *
             }
         } else {
             double start = cli_now_seconds();
-            if (launch_sample_and_wait(&launch) != 0) {
-                describe_failure(result, "psm_sample", launch.status);
+            if (call_and_wait(call) != 0) {
+                describe_failure(result, what, *call->status);
                 return;
             }
             times[runs] = 1e3 * (cli_now_seconds() - start);
@@ -206,14 +207,125 @@ static void time_case(const bench_config *config, bench_backend *backend, void *
         int host_runs;
         for (host_runs = 0; host_runs < runs; ++host_runs) {
             double start = cli_now_seconds();
-            if (launch_sample_and_wait(&launch) != 0) {
-                describe_failure(result, "psm_sample", launch.status);
+            if (call_and_wait(call) != 0) {
+                describe_failure(result, what, *call->status);
                 return;
             }
             host_times[host_runs] = 1e3 * (cli_now_seconds() - start);
         }
         result->host_call_ms = cli_median(host_times, host_runs);
     }
+}
+
+/* A tensor of rows of the case's vocab and dtype in the backend's memory
+ * (data set at the launch). */
+static psm_tensor case_tensor(const bench_backend *backend, const bench_case *which, int64_t rows)
+{
+    psm_tensor tensor;
+    memset(&tensor, 0, sizeof tensor);
+    tensor.dtype = which->dtype;
+    tensor.memory = backend->device ? PSM_MEMORY_DEVICE : PSM_MEMORY_HOST;
+    tensor.rows = rows;
+    tensor.vocab = which->vocab;
+    return tensor;
+}
+
+/* A setting's parameters in the run's filter order, with the run's seed. */
+static psm_params setting_params(const bench_config *config, const bench_setting *setting)
+{
+    psm_params params;
+    psm_params_init(&params);
+    params.temperature = setting->temperature;
+    params.top_k = setting->top_k;
+    params.top_p = setting->top_p;
+    params.min_p = setting->min_p;
+    params.filter_order = config->filter_order;
+    params.seed = config->seed;
+    return params;
+}
+
+/* Times one sampling case on one backend; inputs already hold the logits. */
+static void time_case(const bench_config *config, bench_backend *backend, void **inputs,
+                      int input_count, void *tokens, const case_extras *extras,
+                      bench_result *result)
+{
+    const bench_setting *setting = &bench_settings[result->which.setting];
+    sample_launch launch;
+    psm_status status;
+
+    memset(&launch, 0, sizeof launch);
+    launch.context = backend->context;
+    launch.logits = case_tensor(backend, &result->which, result->which.rows);
+    launch.inputs = inputs;
+    launch.input_count = input_count;
+    launch.params = setting_params(config, setting);
+    launch.tokens.data = tokens;
+    launch.tokens.memory = launch.logits.memory;
+    launch.logprobs.memory = launch.logits.memory;
+    switch (setting->extra) {
+    case EXTRA_MASK_BIAS: launch.params.processing = &extras->mask_bias; break;
+    case EXTRA_PENALTIES: launch.params.processing = &extras->penalties; break;
+    case EXTRA_TOP_20:
+        launch.params.top_logprobs = &extras->top;
+        launch.logprobs = extras->logprobs;
+        break;
+    case EXTRA_NONE:
+    case EXTRA_VERIFY: break;
+    }
+
+    status = psm_context_reserve(backend->context, result->which.rows, result->which.vocab, 1);
+    if (status != PSM_OK) {
+        describe_failure(result, "psm_context_reserve", status);
+        return;
+    }
+    timed_call call = {backend->context, launch_sample, &launch, &launch.status};
+    time_call(config, backend, &call, "psm_sample", result);
+}
+
+/* Times one verify case: the draft tokens are first drawn greedily from
+ * the draft rows (of the first input; every input holds the same values),
+ * then psm_verify is timed. */
+static void time_verify_case(const bench_config *config, bench_backend *backend, void **inputs,
+                             int input_count, const case_extras *extras, bench_result *result)
+{
+    const bench_setting *setting = &bench_settings[result->which.setting];
+    const int32_t k = BENCH_VERIFY_DRAFTS;
+    verify_launch launch;
+    psm_params greedy;
+    psm_output no_logprobs;
+    psm_status status;
+
+    memset(&launch, 0, sizeof launch);
+    launch.context = backend->context;
+    launch.target = case_tensor(backend, &result->which, result->which.rows * (k + 1));
+    launch.draft = case_tensor(backend, &result->which, result->which.rows * k);
+    launch.draft.data = inputs[1];
+    launch.inputs = inputs;
+    launch.input_count = input_count;
+    launch.params = setting_params(config, setting);
+    psm_drafts_init(&launch.drafts);
+    launch.drafts.nodes = k;
+    launch.drafts.tokens = extras->draft_tokens.data;
+    launch.drafts.draft_logits = &launch.draft;
+    launch.drafts.draft_params = &launch.params;
+    launch.outputs.accepted = extras->accepted;
+    launch.outputs.tokens = extras->emitted;
+    launch.outputs.path_nodes = (psm_output){NULL, launch.target.memory};
+    launch.outputs.logprobs = (psm_output){NULL, launch.target.memory};
+
+    psm_params_init(&greedy);
+    greedy.temperature = 0.0f;
+    no_logprobs = (psm_output){NULL, launch.target.memory};
+    status = psm_sample(backend->context, &launch.draft, &greedy, extras->draft_tokens,
+                        no_logprobs);
+    if (status == PSM_OK)
+        status = psm_synchronize(backend->context);
+    if (status != PSM_OK) {
+        describe_failure(result, "psm_sample (the draft tokens)", status);
+        return;
+    }
+    timed_call call = {backend->context, launch_verify, &launch, &launch.status};
+    time_call(config, backend, &call, "psm_verify", result);
 }
 
 static double device_read_ceiling_ms(bench_backend *backend, void *source, size_t bytes,
@@ -255,6 +367,9 @@ enum extra_buffer {
     EXTRA_BUFFER_TOP_TOKENS,
     EXTRA_BUFFER_TOP_LOGPROBS,
     EXTRA_BUFFER_RANKS,
+    EXTRA_BUFFER_DRAFT_TOKENS,
+    EXTRA_BUFFER_ACCEPTED,
+    EXTRA_BUFFER_EMITTED,
     EXTRA_BUFFER_COUNT
 };
 
@@ -326,6 +441,11 @@ static int place_extras(bench_backend *backend, const bench_processing *processi
     failed |= place(backend, NULL, count * BENCH_TOP_LOGPROBS * sizeof(float),
                     &buffers[EXTRA_BUFFER_TOP_LOGPROBS]);
     failed |= place(backend, NULL, count * sizeof(int32_t), &buffers[EXTRA_BUFFER_RANKS]);
+    failed |= place(backend, NULL, count * BENCH_VERIFY_DRAFTS * sizeof(int32_t),
+                    &buffers[EXTRA_BUFFER_DRAFT_TOKENS]);
+    failed |= place(backend, NULL, count * sizeof(int32_t), &buffers[EXTRA_BUFFER_ACCEPTED]);
+    failed |= place(backend, NULL, count * (BENCH_VERIFY_DRAFTS + 1) * sizeof(int32_t),
+                    &buffers[EXTRA_BUFFER_EMITTED]);
     {
         psm_memory memory = backend->device ? PSM_MEMORY_DEVICE : PSM_MEMORY_HOST;
         extras->logprobs = (psm_output){buffers[EXTRA_BUFFER_LOGPROBS], memory};
@@ -334,6 +454,9 @@ static int place_extras(bench_backend *backend, const bench_processing *processi
         extras->top.tokens = (psm_output){buffers[EXTRA_BUFFER_TOP_TOKENS], memory};
         extras->top.logprobs = (psm_output){buffers[EXTRA_BUFFER_TOP_LOGPROBS], memory};
         extras->top.sampled_ranks = (psm_output){buffers[EXTRA_BUFFER_RANKS], memory};
+        extras->draft_tokens = (psm_output){buffers[EXTRA_BUFFER_DRAFT_TOKENS], memory};
+        extras->accepted = (psm_output){buffers[EXTRA_BUFFER_ACCEPTED], memory};
+        extras->emitted = (psm_output){buffers[EXTRA_BUFFER_EMITTED], memory};
     }
     return failed ? -1 : 0;
 }
@@ -344,16 +467,26 @@ void bench_run_backend_cases(const bench_config *config, bench_backend *backend,
                              const bench_processing *processing, bench_result *results,
                              int result_count, int *progress, int progress_total)
 {
-    void *inputs[BENCH_MAX_ROTATION];
+    /* Each input is one buffer, or for verify two: the target rows and the
+     * draft rows (a cl_mem cannot be offset into). */
+    void *inputs[2 * BENCH_MAX_ROTATION];
+    size_t part_bytes[2] = {bytes, 0};
+    int parts = 1;
     void *extra_buffers[EXTRA_BUFFER_COUNT] = {NULL};
     case_extras extras;
     void *tokens = NULL;
     int input_count = 1;
-    int i;
+    int i, p;
     double ceiling_ms = NAN;
     char error[320] = "";
     size_t token_bytes = (size_t)results[0].which.rows * sizeof(int32_t);
 
+    if (results[0].which.setting == SETTING_VERIFY) {
+        parts = 2;
+        part_bytes[0] = (size_t)results[0].which.rows * (BENCH_VERIFY_DRAFTS + 1) *
+                        (size_t)results[0].which.vocab * cli_dtype_size(results[0].which.dtype);
+        part_bytes[1] = bytes - part_bytes[0];
+    }
     memset(inputs, 0, sizeof inputs);
     if (backend->device) {
         size_t cache = backend->device->cache_bytes(backend->session);
@@ -364,17 +497,24 @@ void bench_run_backend_cases(const bench_config *config, bench_backend *backend,
             size_t wanted = ((size_t)BENCH_ROTATION_CACHE_MULTIPLE * cache + bytes - 1) / bytes;
             input_count = wanted > BENCH_MAX_ROTATION ? BENCH_MAX_ROTATION : (int)wanted;
         }
-        for (i = 0; i < input_count && ok; ++i)
-            ok = backend->device->allocate(backend->session, bytes, &inputs[i]) == 0 &&
-                 backend->device->upload(backend->session, inputs[i], host_logits, bytes) == 0;
+        for (i = 0; i < input_count * parts && ok; ++i) {
+            p = i % parts;
+            ok = backend->device->allocate(backend->session, part_bytes[p], &inputs[i]) == 0 &&
+                 backend->device->upload(backend->session, inputs[i],
+                                         (const char *)host_logits + (p ? part_bytes[0] : 0),
+                                         part_bytes[p]) == 0;
+        }
         if (ok)
             ok = backend->device->allocate(backend->session, token_bytes, &tokens) == 0;
         if (!ok)
             snprintf(error, sizeof error, "%s", backend->device->last_error(backend->session));
         else
-            ceiling_ms = device_read_ceiling_ms(backend, inputs[0], bytes, error, sizeof error);
+            for (ceiling_ms = 0.0, p = 0; p < parts && !error[0]; ++p)
+                ceiling_ms += device_read_ceiling_ms(backend, inputs[p], part_bytes[p], error,
+                                                     sizeof error);
     } else {
         inputs[0] = (void *)host_logits;
+        inputs[1] = (char *)host_logits + part_bytes[0];
         tokens = malloc(token_bytes);
         if (!tokens)
             snprintf(error, sizeof error, "out of memory");
@@ -409,6 +549,8 @@ void bench_run_backend_cases(const bench_config *config, bench_backend *backend,
         if (error[0]) {
             snprintf(result->error, sizeof result->error, "%s", error);
             result->failed = 1;
+        } else if (setting->extra == EXTRA_VERIFY) {
+            time_verify_case(config, backend, inputs, input_count, &extras, result);
         } else {
             time_case(config, backend, inputs, input_count, tokens, &extras, result);
         }
@@ -424,7 +566,7 @@ void bench_run_backend_cases(const bench_config *config, bench_backend *backend,
 
     release_extras(backend, extra_buffers);
     if (backend->device) {
-        for (i = 0; i < input_count; ++i)
+        for (i = 0; i < input_count * parts; ++i)
             backend->device->release(backend->session, inputs[i]);
         backend->device->release(backend->session, tokens);
     } else {

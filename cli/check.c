@@ -27,7 +27,10 @@ static const char check_description[] =
     "history of 200-400 tokens with repeats and a prompt list per row, the\n"
     "penalties as scalars or per row); top-N logprobs, N = 20 with the drawn\n"
     "tokens' ranks: top_logprobs (processed), top_logprobs_raw, and\n"
-    "processing_top_logprobs (with processing and a gather)) through every\n"
+    "processing_top_logprobs (with processing and a gather); the filter\n"
+    "orders order_vllm, order_sglang, order_llama.cpp,\n"
+    "order_flashinfer_top_k_first and order_flashinfer_joint (T 0.8, top-k\n"
+    "40, top-p 0.9, min-p 0.02)) through every\n"
     "device of every available backend (e.g. opencl:0 and opencl:1 for a GPU\n"
     "driver and PoCL), the CPU backend at 1 and 2 threads, device-resident\n"
     "buffers (CUDA, OpenCL; per-row arrays, indices, pointers and processing\n"
@@ -35,41 +38,64 @@ static const char check_description[] =
     "batches; every other case has padded rows (row_stride > vocab) and\n"
     "offsets use both 32-bit words. Prints token agreement for every pair (it\n"
     "must be 100%), logprob differences, top-N list and rank agreement, the\n"
-    "participants that refused a case's logit processing or top-N logprobs\n"
-    "(skipped, not counted as agreement), and chi-square tests of a few\n"
-    "settings, one with logit processing, against a float64 softmax (10^6\n"
-    "draws each on the CPU backend).\n"
+    "participants that refused a case's logit processing, top-N logprobs or\n"
+    "filter order (skipped, not counted as agreement), and chi-square tests\n"
+    "of a few settings, one with logit processing and one per filter order,\n"
+    "against a float64 softmax (10^6 draws each on the CPU backend).\n"
+    "Speculative verification (psm_verify), a tenth of --rows in target rows:\n"
+    "chains of 4 drafts with draft logits, draft probabilities and one-hot\n"
+    "drafts (greedy targets among them), a tree of two candidates per level\n"
+    "and a batch with bad requests, vocab 1000, 32000 and 151936 in f32 and\n"
+    "bf16, on every participant: accepted counts, tokens and path nodes must\n"
+    "agree exactly and logprobs to float rounding, each request's outputs\n"
+    "follow the rules (path, drafts, -1 after, the float64 logprobs); then\n"
+    "--draws requests of a chain with a poor draft on the CPU backend: the\n"
+    "first emitted token against the target's float64 distribution\n"
+    "(chi-square) and the mean accepted length against its float64\n"
+    "expectation.\n"
     "Exit status 1 on any disagreement, failed call or failed test.\n";
 
 static const parameter_set parameter_sets[] = {
-    {"plain", 1.0f, 0, 1.0f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0},
-    {"greedy", 0.0f, 0, 1.0f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0},
-    {"top_k", 0.8f, 50, 1.0f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0},
-    {"top_p", 1.0f, 0, 0.9f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0},
-    {"min_p", 1.0f, 0, 1.0f, 0.05f, 1, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0},
-    {"combined", 0.7f, 40, 0.95f, 0.02f, 1, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0},
-    {"per_row_params", 1.0f, 0, 1.0f, 0.0f, 1, 1, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0},
-    {"per_row_seeds", 0.9f, 0, 1.0f, 0.0f, 1, 1, 1, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0},
-    {"num_samples_4", 1.2f, 0, 0.8f, 0.0f, 4, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0},
+    {"plain", 1.0f, 0, 1.0f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0, 0},
+    {"greedy", 0.0f, 0, 1.0f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0, 0},
+    {"top_k", 0.8f, 50, 1.0f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0, 0},
+    {"top_p", 1.0f, 0, 0.9f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0, 0},
+    {"min_p", 1.0f, 0, 1.0f, 0.05f, 1, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0, 0},
+    {"combined", 0.7f, 40, 0.95f, 0.02f, 1, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0, 0},
+    {"per_row_params", 1.0f, 0, 1.0f, 0.0f, 1, 1, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0, 0},
+    {"per_row_seeds", 0.9f, 0, 1.0f, 0.0f, 1, 1, 1, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0, 0},
+    {"num_samples_4", 1.2f, 0, 0.8f, 0.0f, 4, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0, 0},
     {"offset_per_row", 1.0f, 0, 0.95f, 0.0f, 2, 0, 0, REQUEST_STATE_OFFSETS, PROCESSING_NONE, 0,
-     0},
+     0, 0},
     {"subsequences", 0.9f, 0, 1.0f, 0.0f, 2, 0, 1, REQUEST_STATE_SUBSEQUENCES, PROCESSING_NONE, 0,
-     0},
-    {"gather", 0.8f, 30, 1.0f, 0.0f, 2, 1, 0, REQUEST_STATE_GATHER, PROCESSING_NONE, 0, 0},
+     0, 0},
+    {"gather", 0.8f, 30, 1.0f, 0.0f, 2, 1, 0, REQUEST_STATE_GATHER, PROCESSING_NONE, 0, 0, 0},
     {"seed_offset_pointers", 1.0f, 0, 0.9f, 0.02f, 1, 0, 0, REQUEST_STATE_POINTERS,
-     PROCESSING_NONE, 0, 0},
+     PROCESSING_NONE, 0, 0, 0},
     /* Logit processing and top-N logprobs (N = 20, with the drawn tokens'
      * ranks). */
     {"processing", 0.9f, 0, 0.95f, 0.0f, 2, 0, 0, REQUEST_STATE_NONE, PROCESSING_SCALAR_PENALTIES,
-     0, 0},
+     0, 0, 0},
     {"processing_per_row", 1.0f, 0, 1.0f, 0.0f, 1, 1, 1, REQUEST_STATE_NONE,
-     PROCESSING_PER_ROW_PENALTIES, 0, 0},
+     PROCESSING_PER_ROW_PENALTIES, 0, 0, 0},
     {"top_logprobs", 0.8f, 0, 0.9f, 0.0f, 3, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 20,
-     PSM_LOGPROBS_PROCESSED},
+     PSM_LOGPROBS_PROCESSED, 0},
     {"top_logprobs_raw", 0.7f, 40, 1.0f, 0.0f, 2, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 20,
-     PSM_LOGPROBS_RAW},
+     PSM_LOGPROBS_RAW, 0},
     {"processing_top_logprobs", 1.0f, 50, 1.0f, 0.0f, 2, 0, 0, REQUEST_STATE_GATHER,
-     PROCESSING_SCALAR_PENALTIES, 20, PSM_LOGPROBS_PROCESSED},
+     PROCESSING_SCALAR_PENALTIES, 20, PSM_LOGPROBS_PROCESSED, 0},
+    /* The filter orders other than the default, every filter on so that
+     * the order decides the kept set. */
+    {"order_vllm", 0.8f, 40, 0.9f, 0.02f, 1, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0,
+     PSM_FILTER_ORDER_VLLM},
+    {"order_sglang", 0.8f, 40, 0.9f, 0.02f, 1, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0,
+     PSM_FILTER_ORDER_SGLANG},
+    {"order_llama.cpp", 0.8f, 40, 0.9f, 0.02f, 1, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0,
+     0, PSM_FILTER_ORDER_LLAMA_CPP},
+    {"order_flashinfer_top_k_first", 0.8f, 40, 0.9f, 0.02f, 1, 0, 0, REQUEST_STATE_NONE,
+     PROCESSING_NONE, 0, 0, PSM_FILTER_ORDER_FLASHINFER_TOP_K_FIRST},
+    {"order_flashinfer_joint", 0.8f, 40, 0.9f, 0.02f, 1, 0, 0, REQUEST_STATE_NONE,
+     PROCESSING_NONE, 0, 0, PSM_FILTER_ORDER_FLASHINFER_JOINT},
 };
 #define PARAMETER_SET_COUNT ((int)(sizeof parameter_sets / sizeof parameter_sets[0]))
 
@@ -172,7 +198,8 @@ int cli_check(int argc, char **argv)
     printf("\nproblems (at most %d listed):\n", CHECK_MAX_REPORTED);
     fflush(stdout);
 
-    if (run_cases(&state, (int64_t)row_budget, seed, &case_count, &total_rows) != 0) {
+    if (run_cases(&state, (int64_t)row_budget, seed, &case_count, &total_rows) != 0 ||
+        check_run_verify_cases(&state, (int64_t)row_budget, seed) != 0) {
         exit_status = CLI_EXIT_FAILURE;
         goto done;
     }
@@ -180,13 +207,17 @@ int cli_check(int argc, char **argv)
         printf("  none\n");
     printf("\n%d cases, %lld rows per participant\n", case_count, (long long)total_rows);
     failures += check_print_agreement(&state);
+    failures += check_print_verify_agreement(&state);
     if (state.failed_calls) {
         printf("\n%llu calls failed\n", (unsigned long long)state.failed_calls);
         failures++;
     }
-    if (draws > 0)
+    if (draws > 0) {
         failures += check_run_chi_square_tests(state.participants[1].context, (int64_t)draws,
                                                seed);
+        failures += check_run_verify_statistics(state.participants[1].context, (int64_t)draws,
+                                                seed);
+    }
 
     printf("\n%s\n", failures ? "check FAILED" : "check passed");
     exit_status = failures ? CLI_EXIT_FAILURE : CLI_EXIT_OK;

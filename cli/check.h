@@ -6,7 +6,8 @@
  * check_agreement.c runs a case on every participant and checks the tokens
  * (validity, agreement between every pair, batch composition);
  * check_statistics.c compares the CPU backend's draws with the float64
- * reference by chi-square tests.
+ * reference by chi-square tests; check_verify.c does both for speculative
+ * verification (psm_verify).
  */
 #ifndef PSM_CLI_CHECK_H
 #define PSM_CLI_CHECK_H
@@ -53,6 +54,7 @@ typedef struct parameter_set {
     processing_form processing;
     int32_t top_logprobs;      /* N of top-N logprobs (with the drawn tokens' ranks); 0: none */
     psm_logprob_mode top_mode;
+    int32_t filter_order;      /* psm_params.filter_order */
 } parameter_set;
 
 typedef struct participant {
@@ -112,6 +114,19 @@ typedef struct pair_record {
     uint64_t top_logprob_mismatches;
 } pair_record;
 
+/* The cases a participant refused (PSM_ERR_UNSUPPORTED: a feature its
+ * backend does not run yet), not counted as agreement, by the library's
+ * reason (the first CHECK_MAX_REASONS distinct ones; cases of further
+ * reasons are counted in other_cases). */
+#define CHECK_MAX_REASONS 8
+typedef struct refusal_record {
+    int cases;
+    int other_cases;
+    int reason_count;
+    int reason_cases[CHECK_MAX_REASONS];
+    char reasons[CHECK_MAX_REASONS][256];
+} refusal_record;
+
 typedef struct check_state {
     participant participants[CHECK_MAX_PARTICIPANTS];
     int participant_count;
@@ -120,10 +135,19 @@ typedef struct check_state {
     uint64_t composition_agreed[CHECK_MAX_PARTICIPANTS];
     uint64_t invalid_tokens[CHECK_MAX_PARTICIPANTS]; /* out of range, masked, not argmax... */
     uint64_t invalid_top[CHECK_MAX_PARTICIPANTS];    /* top-N lists and ranks that break a rule */
-    /* Cases a participant refused (PSM_ERR_UNSUPPORTED: a feature its backend
-     * does not run yet), not counted as agreement; the first reason. */
-    int refused_cases[CHECK_MAX_PARTICIPANTS];
-    char refused_reason[CHECK_MAX_PARTICIPANTS][256];
+    refusal_record refused[CHECK_MAX_PARTICIPANTS];
+    /* Verification (check_verify.c): per pair, the entries of accepted
+     * counts, tokens and path nodes compared and equal, and the emitted
+     * tokens' logprobs; per participant, requests whose outputs break a
+     * rule; the cases a participant refused. */
+    pair_record verify_pairs[CHECK_MAX_PARTICIPANTS][CHECK_MAX_PARTICIPANTS];
+    uint64_t verify_invalid[CHECK_MAX_PARTICIPANTS];
+    refusal_record verify_refused[CHECK_MAX_PARTICIPANTS];
+    int verify_cases;
+    int64_t verify_requests;
+    /* The first participant's requests by accepted count (0..4), bad ones
+     * last: how far the cases' walks went. */
+    uint64_t verify_accepted_counts[6];
     uint64_t failed_calls;
     int reported;
     int show_progress;
@@ -154,13 +178,17 @@ int check_open_participants(check_state *state, const psm_backend *requested,
                             const int *requested_devices, int requested_count);
 
 /* What check_run_batch returns when the backend refused the batch's logit
- * processing or top-N logprobs with PSM_ERR_UNSUPPORTED (the library's
- * message is then in who->refusal). */
+ * processing, top-N logprobs or filter order with PSM_ERR_UNSUPPORTED (the
+ * library's message is then in who->refusal). */
 #define CHECK_REFUSED 1
 
 /* Samples a batch into outputs (host). 0; CHECK_REFUSED; or -1 after a
  * message. */
 int check_run_batch(participant *who, const check_batch *batch, const check_outputs *outputs);
+
+/* A buffer in who's device memory holding bytes of host (NULL stays NULL,
+ * with nothing allocated). 0, or -1. */
+int check_device_copy(participant *who, const void *host, size_t bytes, void **buffer);
 
 /* ---- inputs (check_inputs.c) -------------------------------------------------- */
 
@@ -220,9 +248,45 @@ int check_run_case(check_state *state, int64_t rows, int64_t vocab, int64_t row_
  * returns the number of failed lines. */
 int check_print_agreement(const check_state *state);
 
+/* Counts a refused case under its reason. */
+void check_note_refusal(refusal_record *record, const char *reason);
+/* Prints each participant's refusals under heading (none: nothing). */
+void check_print_refusals(const check_state *state, const refusal_record *records,
+                          const char *heading);
+
+/* Do two logprobs agree to float rounding (NaN with NaN, infinities
+ * exactly)? */
+int check_logprobs_agree(float a, float b);
+
 /* ---- statistics (check_statistics.c) ------------------------------------------- */
 
 /* The chi-square tests, draws each, on context; returns how many failed. */
 int check_run_chi_square_tests(psm_context *context, int64_t draws, uint64_t seed);
+
+/* Pearson's statistic of counts (draws in all) against probs, bins of an
+ * expected count below 5 pooled into one; returns 1 when it is within the
+ * upper 0.1% point, with the statistic, the degrees of freedom and that
+ * point through the pointers. */
+int check_chi_square(const double *probs, const uint64_t *counts, int64_t vocab, int64_t draws,
+                     double *statistic, int *degrees, double *critical);
+
+/* ---- speculative verification (check_verify.c) ---------------------------------- */
+
+/* The verification cases (chains with draft logits, draft probabilities and
+ * one-hot drafts, a tree of two candidates per level, a batch with a bad
+ * request; vocabs 1000, 32000 and 151936 in f32 and bf16) on every
+ * participant, with a tenth of row_budget in target rows; records in
+ * state. 0, or -1 when a case could not be made. */
+int check_run_verify_cases(check_state *state, int64_t row_budget, uint64_t seed);
+
+/* Prints the verification agreement per pair, the validity per participant
+ * and the refusals; returns the number of failed lines. */
+int check_print_verify_agreement(const check_state *state);
+
+/* draws requests of a chain with a poor draft on context: the first
+ * emitted token against the target's float64 distribution (chi-square) and
+ * the mean accepted length against its float64 expectation. Returns how
+ * many failed. */
+int check_run_verify_statistics(psm_context *context, int64_t draws, uint64_t seed);
 
 #endif /* PSM_CLI_CHECK_H */

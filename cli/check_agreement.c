@@ -111,7 +111,7 @@ static void validate_tokens(check_state *state, int who, const char *label,
     }
 }
 
-static int logprobs_agree(float a, float b)
+int check_logprobs_agree(float a, float b)
 {
     if (isnan(a) || isnan(b))
         return isnan(a) && isnan(b);
@@ -190,7 +190,7 @@ static void validate_top(check_state *state, int who, const char *label,
                 report_top(state, who, label, row, "the list's entry at a drawn token's rank is "
                            "another token", drawn);
             else if (rank <= count && batch->top_mode == PSM_LOGPROBS_PROCESSED &&
-                     !logprobs_agree(logprobs[rank - 1], out->logprobs[row * samples + j]))
+                     !check_logprobs_agree(logprobs[rank - 1], out->logprobs[row * samples + j]))
                 report_top(state, who, label, row, "a listed drawn token's logprob differs from "
                            "its draw's", drawn);
         }
@@ -263,7 +263,7 @@ static void compare_top(check_state *state, int first, int second, const char *l
         record->top_agreed++;
         if (is_rank)
             continue;
-        if (!logprobs_agree(a->top_logprobs[at], b->top_logprobs[at]))
+        if (!check_logprobs_agree(a->top_logprobs[at], b->top_logprobs[at]))
             record->top_logprob_mismatches++;
         if (isfinite(a->top_logprobs[at]) && isfinite(b->top_logprobs[at])) {
             double difference = fabs((double)a->top_logprobs[at] - (double)b->top_logprobs[at]);
@@ -283,7 +283,7 @@ static void compare_pair(check_state *state, int first, int second, const char *
         record->compared++;
         if (tokens_a[i] == tokens_b[i]) {
             record->agreed++;
-            if (!logprobs_agree(logprobs_a[i], logprobs_b[i]))
+            if (!check_logprobs_agree(logprobs_a[i], logprobs_b[i]))
                 record->logprob_mismatches++;
             if (isfinite(logprobs_a[i]) && isfinite(logprobs_b[i])) {
                 double difference = fabs((double)logprobs_a[i] - (double)logprobs_b[i]);
@@ -584,6 +584,7 @@ int check_run_case(check_state *state, int64_t rows, int64_t vocab, int64_t row_
         batch.params.offset = ~inputs.offset_value;
     }
     batch.processing = set->processing != PROCESSING_NONE ? &inputs.processing : NULL;
+    batch.params.filter_order = set->filter_order;
     batch.top_count = set->top_logprobs;
     batch.top_mode = set->top_mode;
     drawn = (size_t)inputs.output_rows * (size_t)set->num_samples;
@@ -599,9 +600,7 @@ int check_run_case(check_state *state, int64_t rows, int64_t vocab, int64_t row_
         }
         outcome = check_run_batch(who, &batch, &outputs[p]);
         if (outcome == CHECK_REFUSED && who->backend != PSM_BACKEND_CPU) {
-            if (state->refused_cases[p]++ == 0)
-                snprintf(state->refused_reason[p], sizeof state->refused_reason[p], "%s",
-                         who->refusal);
+            check_note_refusal(&state->refused[p], who->refusal);
             continue;
         }
         if (outcome != 0) {
@@ -636,9 +635,45 @@ int check_run_case(check_state *state, int64_t rows, int64_t vocab, int64_t row_
 }
 
 
+void check_note_refusal(refusal_record *record, const char *reason)
+{
+    int i;
+    record->cases++;
+    for (i = 0; i < record->reason_count; ++i)
+        if (!strcmp(record->reasons[i], reason)) {
+            record->reason_cases[i]++;
+            return;
+        }
+    if (record->reason_count == CHECK_MAX_REASONS) {
+        record->other_cases++;
+        return;
+    }
+    snprintf(record->reasons[record->reason_count], sizeof record->reasons[0], "%s", reason);
+    record->reason_cases[record->reason_count++] = 1;
+}
+
+void check_print_refusals(const check_state *state, const refusal_record *records,
+                          const char *heading)
+{
+    int p, i, any = 0;
+    for (p = 0; p < state->participant_count; ++p)
+        any |= records[p].cases > 0;
+    if (!any)
+        return;
+    printf("%s\n", heading);
+    for (p = 0; p < state->participant_count; ++p) {
+        for (i = 0; i < records[p].reason_count; ++i)
+            printf("  %-24s %d cases: %s\n", state->participants[p].name,
+                   records[p].reason_cases[i], records[p].reasons[i]);
+        if (records[p].other_cases > 0)
+            printf("  %-24s %d cases: other reasons\n", state->participants[p].name,
+                   records[p].other_cases);
+    }
+}
+
 int check_print_agreement(const check_state *state)
 {
-    int p, q, failures = 0, any_top = 0, any_refused = 0;
+    int p, q, failures = 0, any_top = 0;
     printf("\ntoken agreement per pair (must be 100%%), logprob max |difference|:\n");
     for (p = 0; p < state->participant_count; ++p)
         for (q = p + 1; q < state->participant_count; ++q) {
@@ -694,15 +729,8 @@ int check_print_agreement(const check_state *state)
                (unsigned long long)state->invalid_top[p], invalid ? "FAIL" : "ok");
         failures += invalid;
     }
-    for (p = 0; p < state->participant_count; ++p)
-        any_refused |= state->refused_cases[p] > 0;
-    if (any_refused) {
-        printf("\nskipped (the backend refused the case's logit processing or top-N logprobs; "
-               "not counted as agreement):\n");
-        for (p = 0; p < state->participant_count; ++p)
-            if (state->refused_cases[p] > 0)
-                printf("  %-24s %d cases: %s\n", state->participants[p].name,
-                       state->refused_cases[p], state->refused_reason[p]);
-    }
+    check_print_refusals(state, state->refused,
+                         "\nskipped (the backend refused the case's logit processing, top-N "
+                         "logprobs or filter order; not counted as agreement):");
     return failures;
 }

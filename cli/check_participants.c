@@ -46,8 +46,7 @@ void check_close_participant(participant *closing)
         closing->device->close(closing->session);
 }
 
-/* A host array copied to the device (NULL stays NULL). */
-static int device_copy(participant *who, const void *host, size_t bytes, void **buffer)
+int check_device_copy(participant *who, const void *host, size_t bytes, void **buffer)
 {
     *buffer = NULL;
     if (!host)
@@ -141,27 +140,27 @@ static int device_processing(participant *who, const psm_logit_processing *host,
     size_t prompt = list_entries(host->prompt_offsets, rows);
     int failed = 0;
     *device = *host;
-    failed |= device_copy(who, host->allowed_mask, rows * words * sizeof(uint32_t),
+    failed |= check_device_copy(who, host->allowed_mask, rows * words * sizeof(uint32_t),
                           &buffers[BUFFER_MASK]);
-    failed |= device_copy(who, host->bias_offsets, (rows + 1) * sizeof(int64_t),
+    failed |= check_device_copy(who, host->bias_offsets, (rows + 1) * sizeof(int64_t),
                           &buffers[BUFFER_BIAS_OFFSETS]);
-    failed |= device_copy(who, host->bias_tokens, bias * sizeof(int32_t),
+    failed |= check_device_copy(who, host->bias_tokens, bias * sizeof(int32_t),
                           &buffers[BUFFER_BIAS_TOKENS]);
-    failed |= device_copy(who, host->bias_values, bias * sizeof(float),
+    failed |= check_device_copy(who, host->bias_values, bias * sizeof(float),
                           &buffers[BUFFER_BIAS_VALUES]);
-    failed |= device_copy(who, host->history_offsets, (rows + 1) * sizeof(int64_t),
+    failed |= check_device_copy(who, host->history_offsets, (rows + 1) * sizeof(int64_t),
                           &buffers[BUFFER_HISTORY_OFFSETS]);
-    failed |= device_copy(who, host->history_tokens, history * sizeof(int32_t),
+    failed |= check_device_copy(who, host->history_tokens, history * sizeof(int32_t),
                           &buffers[BUFFER_HISTORY_TOKENS]);
-    failed |= device_copy(who, host->prompt_offsets, (rows + 1) * sizeof(int64_t),
+    failed |= check_device_copy(who, host->prompt_offsets, (rows + 1) * sizeof(int64_t),
                           &buffers[BUFFER_PROMPT_OFFSETS]);
-    failed |= device_copy(who, host->prompt_tokens, prompt * sizeof(int32_t),
+    failed |= check_device_copy(who, host->prompt_tokens, prompt * sizeof(int32_t),
                           &buffers[BUFFER_PROMPT_TOKENS]);
-    failed |= device_copy(who, host->repetition_penalty_per_row, rows * sizeof(float),
+    failed |= check_device_copy(who, host->repetition_penalty_per_row, rows * sizeof(float),
                           &buffers[BUFFER_REPETITION]);
-    failed |= device_copy(who, host->frequency_penalty_per_row, rows * sizeof(float),
+    failed |= check_device_copy(who, host->frequency_penalty_per_row, rows * sizeof(float),
                           &buffers[BUFFER_FREQUENCY]);
-    failed |= device_copy(who, host->presence_penalty_per_row, rows * sizeof(float),
+    failed |= check_device_copy(who, host->presence_penalty_per_row, rows * sizeof(float),
                           &buffers[BUFFER_PRESENCE]);
     device->allowed_mask = buffers[BUFFER_MASK];
     device->bias_offsets = buffers[BUFFER_BIAS_OFFSETS];
@@ -177,13 +176,14 @@ static int device_processing(participant *who, const psm_logit_processing *host,
     return failed ? -1 : 0;
 }
 
-/* The call's outcome: 0, CHECK_REFUSED (a feature the backend lacks), or -1
- * after a message. */
+/* The call's outcome: 0, CHECK_REFUSED (a feature the backend lacks: logit
+ * processing, top-N logprobs, a filter order), or -1 after a message. */
 static int call_outcome(participant *who, const check_batch *batch, psm_status status)
 {
     if (status == PSM_OK)
         status = psm_synchronize(who->context);
-    if (status == PSM_ERR_UNSUPPORTED && (batch->processing || batch->top_count > 0)) {
+    if (status == PSM_ERR_UNSUPPORTED &&
+        (batch->processing || batch->top_count > 0 || batch->params.filter_order != 0)) {
         snprintf(who->refusal, sizeof who->refusal, "%s", psm_last_error());
         return CHECK_REFUSED;
     }
@@ -232,29 +232,29 @@ int check_run_batch(participant *who, const check_batch *batch, const check_outp
 
     /* Device memory: the logits, the per-row arrays, the seed and offset
      * pointers, the processing arrays, and the outputs. */
-    failed |= device_copy(who, batch->logits,
+    failed |= check_device_copy(who, batch->logits,
                           (size_t)batch->rows * (size_t)batch->row_stride *
                               cli_dtype_size(batch->dtype),
                           &buffers[BUFFER_LOGITS]);
-    failed |= device_copy(who, batch->params.temperature_per_row, rows * sizeof(float),
+    failed |= check_device_copy(who, batch->params.temperature_per_row, rows * sizeof(float),
                           &buffers[BUFFER_TEMPERATURE]);
-    failed |= device_copy(who, batch->params.top_k_per_row, rows * sizeof(int32_t),
+    failed |= check_device_copy(who, batch->params.top_k_per_row, rows * sizeof(int32_t),
                           &buffers[BUFFER_TOP_K]);
-    failed |= device_copy(who, batch->params.top_p_per_row, rows * sizeof(float),
+    failed |= check_device_copy(who, batch->params.top_p_per_row, rows * sizeof(float),
                           &buffers[BUFFER_TOP_P]);
-    failed |= device_copy(who, batch->params.min_p_per_row, rows * sizeof(float),
+    failed |= check_device_copy(who, batch->params.min_p_per_row, rows * sizeof(float),
                           &buffers[BUFFER_MIN_P]);
-    failed |= device_copy(who, batch->params.seed_per_row, rows * sizeof(uint64_t),
+    failed |= check_device_copy(who, batch->params.seed_per_row, rows * sizeof(uint64_t),
                           &buffers[BUFFER_SEEDS]);
-    failed |= device_copy(who, batch->params.offset_per_row, rows * sizeof(uint64_t),
+    failed |= check_device_copy(who, batch->params.offset_per_row, rows * sizeof(uint64_t),
                           &buffers[BUFFER_OFFSETS]);
-    failed |= device_copy(who, batch->params.subsequence_per_row, rows * sizeof(uint32_t),
+    failed |= check_device_copy(who, batch->params.subsequence_per_row, rows * sizeof(uint32_t),
                           &buffers[BUFFER_SUBSEQUENCES]);
-    failed |= device_copy(who, batch->params.row_indices, rows * sizeof(int64_t),
+    failed |= check_device_copy(who, batch->params.row_indices, rows * sizeof(int64_t),
                           &buffers[BUFFER_ROW_INDICES]);
-    failed |= device_copy(who, batch->params.seed_pointer, sizeof(uint64_t),
+    failed |= check_device_copy(who, batch->params.seed_pointer, sizeof(uint64_t),
                           &buffers[BUFFER_SEED_POINTER]);
-    failed |= device_copy(who, batch->params.offset_pointer, sizeof(uint64_t),
+    failed |= check_device_copy(who, batch->params.offset_pointer, sizeof(uint64_t),
                           &buffers[BUFFER_OFFSET_POINTER]);
     failed |= who->device->allocate(who->session, drawn * sizeof(int32_t),
                                     &buffers[BUFFER_TOKENS]);

@@ -72,6 +72,38 @@ static int make_row_processing(row_processing *lists, int64_t vocab, uint64_t se
     return 0;
 }
 
+int check_chi_square(const double *probs, const uint64_t *counts, int64_t vocab, int64_t draws,
+                     double *statistic, int *degrees, double *critical)
+{
+    double pooled_expected = 0.0, pooled_observed = 0.0;
+    int64_t i;
+    int bins = 0;
+    *statistic = 0.0;
+    /* Bins with an expected count below 5 are pooled into one, as the
+     * chi-square approximation needs. */
+    for (i = 0; i < vocab; ++i) {
+        double e = probs[i] * (double)draws;
+        if (e >= 5.0) {
+            double d = (double)counts[i] - e;
+            *statistic += d * d / e;
+            ++bins;
+        } else {
+            pooled_expected += e;
+            pooled_observed += (double)counts[i];
+        }
+    }
+    if (pooled_expected > 0.0) {
+        if (pooled_expected >= 5.0 || pooled_observed > 0.0) {
+            double d = pooled_observed - pooled_expected;
+            *statistic += d * d / (pooled_expected > 1e-300 ? pooled_expected : 1e-300);
+            ++bins;
+        }
+    }
+    *degrees = bins - 1;
+    *critical = chi_square_critical(bins > 1 ? bins - 1 : 1);
+    return bins > 1 ? *statistic <= *critical : 1;
+}
+
 static int chi_square_test(psm_context *context, const parameter_set *set, int64_t vocab,
                            int64_t draws, uint64_t seed)
 {
@@ -87,10 +119,9 @@ static int chi_square_test(psm_context *context, const parameter_set *set, int64
     psm_ref_params reference;
     psm_output token_output = {NULL, PSM_MEMORY_HOST}, no_logprobs = {NULL, PSM_MEMORY_HOST};
     psm_status status;
-    double statistic = 0.0, pooled_expected = 0.0, pooled_observed = 0.0, distance = 0.0,
-           critical;
+    double statistic = 0.0, distance = 0.0, critical = 0.0;
     int64_t i;
-    int bins = 0, passed = 0, failed_call = 0;
+    int degrees = 0, passed = 0, failed_call = 0;
 
     if (!logits || !probs || !expected || !counts || !tokens ||
         (set->processing != PROCESSING_NONE &&
@@ -114,6 +145,7 @@ static int chi_square_test(psm_context *context, const parameter_set *set, int64
     params.top_k = set->top_k;
     params.top_p = set->top_p;
     params.min_p = set->min_p;
+    params.filter_order = set->filter_order;
     params.seed = seed;
     params.num_samples = (int32_t)draws;
     if (set->processing != PROCESSING_NONE)
@@ -132,7 +164,8 @@ static int chi_square_test(psm_context *context, const parameter_set *set, int64
     reference.top_p = set->top_p;
     reference.min_p = set->min_p;
     if ((processed && psm_ref_process_row(logits, vocab, &lists.reference, processed) != 1) ||
-        psm_ref_distribution(processed ? processed : logits, vocab, &reference, expected) != 1) {
+        psm_ref_distribution_ordered(processed ? processed : logits, vocab, &reference,
+                                     (psm_ref_order)set->filter_order, expected) != 1) {
         cli_error("check", "out of memory for the float64 reference");
         failed_call = 1;
         goto done;
@@ -145,28 +178,7 @@ static int chi_square_test(psm_context *context, const parameter_set *set, int64
         }
         counts[tokens[i]]++;
     }
-    /* Bins with an expected count below 5 are pooled into one, as the
-     * chi-square approximation needs. */
-    for (i = 0; i < vocab; ++i) {
-        double e = expected[i] * (double)draws;
-        if (e >= 5.0) {
-            double d = (double)counts[i] - e;
-            statistic += d * d / e;
-            ++bins;
-        } else {
-            pooled_expected += e;
-            pooled_observed += (double)counts[i];
-        }
-    }
-    if (pooled_expected > 0.0) {
-        if (pooled_expected >= 5.0 || pooled_observed > 0.0) {
-            double d = pooled_observed - pooled_expected;
-            statistic += d * d / (pooled_expected > 1e-300 ? pooled_expected : 1e-300);
-            ++bins;
-        }
-    }
-    critical = chi_square_critical(bins > 1 ? bins - 1 : 1);
-    passed = bins > 1 ? statistic <= critical : 1;
+    passed = check_chi_square(expected, counts, vocab, draws, &statistic, &degrees, &critical);
 
     status = psm_probs(context, &tensor, &params, &probs_tensor);
     if (status == PSM_OK)
@@ -181,7 +193,7 @@ static int chi_square_test(psm_context *context, const parameter_set *set, int64
     distance *= 0.5;
     printf("  %-24s vocab %-6lld chi2 %10.2f  df %5d  critical(0.001) %9.2f  %s   "
            "TV(psm_probs, f64) %.2e\n",
-           set->name, (long long)vocab, statistic, bins - 1, critical, passed ? "pass" : "FAIL",
+           set->name, (long long)vocab, statistic, degrees, critical, passed ? "pass" : "FAIL",
            distance);
 
 done:
@@ -199,20 +211,36 @@ done:
 int check_run_chi_square_tests(psm_context *context, int64_t draws, uint64_t seed)
 {
     static const parameter_set chi_sets[] = {
-        {"plain T=1", 1.0f, 0, 1.0f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0},
+        {"plain T=1", 1.0f, 0, 1.0f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0, 0},
         {"T=0.7 top-k 50", 0.7f, 50, 1.0f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0,
-         0},
-        {"top-p 0.9", 1.0f, 0, 0.9f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0},
-        {"T=1.3 min-p 0.05", 1.3f, 0, 1.0f, 0.05f, 1, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE,
          0, 0},
+        {"top-p 0.9", 1.0f, 0, 0.9f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0, 0},
+        {"T=1.3 min-p 0.05", 1.3f, 0, 1.0f, 0.05f, 1, 0, 0, REQUEST_STATE_NONE, PROCESSING_NONE,
+         0, 0, 0},
         {"T=0.8 k100 p0.95 minp0.01", 0.8f, 100, 0.95f, 0.01f, 1, 0, 0, REQUEST_STATE_NONE,
-         PROCESSING_NONE, 0, 0},
+         PROCESSING_NONE, 0, 0, 0},
         /* A mask, a bias list, a history with repeats and a prompt;
          * repetition 1.3, frequency 0.5, presence 0.4. */
         {"processed T=0.9 p0.95", 0.9f, 0, 0.95f, 0.0f, 1, 0, 0, REQUEST_STATE_NONE,
-         PROCESSING_SCALAR_PENALTIES, 0, 0},
+         PROCESSING_SCALAR_PENALTIES, 0, 0, 0},
+        /* Each filter order other than the default (fi: FlashInfer), at
+         * T 0.7 with top-k 100, top-p 0.8 and min-p 0.02, so that the order
+         * decides the kept set, against psm_ref_distribution_ordered. */
+        {"order vllm", 0.7f, 100, 0.8f, 0.02f, 1, 0, 0, REQUEST_STATE_NONE,
+         PROCESSING_NONE, 0, 0, PSM_FILTER_ORDER_VLLM},
+        {"order sglang", 0.7f, 100, 0.8f, 0.02f, 1, 0, 0, REQUEST_STATE_NONE,
+         PROCESSING_NONE, 0, 0, PSM_FILTER_ORDER_SGLANG},
+        {"order llama.cpp", 0.7f, 100, 0.8f, 0.02f, 1, 0, 0, REQUEST_STATE_NONE,
+         PROCESSING_NONE, 0, 0, PSM_FILTER_ORDER_LLAMA_CPP},
+        {"order fi-top-k-first", 0.7f, 100, 0.8f, 0.02f, 1, 0, 0,
+         REQUEST_STATE_NONE, PROCESSING_NONE, 0, 0, PSM_FILTER_ORDER_FLASHINFER_TOP_K_FIRST},
+        {"order fi-joint", 0.7f, 100, 0.8f, 0.02f, 1, 0, 0, REQUEST_STATE_NONE,
+         PROCESSING_NONE, 0, 0, PSM_FILTER_ORDER_FLASHINFER_JOINT},
     };
-    static const int64_t chi_vocabs[] = {5000, 32000, 5000, 5000, 32000, 5000};
+    static const int64_t chi_vocabs[] = {5000, 32000, 5000, 5000, 32000, 5000,
+                                         5000, 5000, 5000, 5000, 5000};
+    _Static_assert(sizeof chi_vocabs / sizeof chi_vocabs[0] == sizeof chi_sets / sizeof chi_sets[0],
+                   "a vocab for every chi-square setting");
     int t, failures = 0;
     printf("\nchi-square vs float64 softmax, %lld draws each, CPU backend (alpha 0.001):\n",
            (long long)draws);

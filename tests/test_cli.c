@@ -492,6 +492,69 @@ static void test_commands(void)
                                refusals[i].message);
 }
 
+/* ---- the bench's verify setting ------------------------------------------ */
+
+/* --setting verify without a shape runs on the verify shapes (rows are
+ * requests), in every listed dtype, without plain added; the default list
+ * has them in f32; a verify case reads requests x (2k + 1) rows, which no
+ * sampling case of as many rows shares; its draft rows are copies of the
+ * target rows their tokens are proposed for. */
+static void test_bench_verify_cases(void)
+{
+    enum { REQUESTS = 3, VOCAB = 50, K = BENCH_VERIFY_DRAFTS };
+    static const int64_t shapes[3][2] = {{64, 128256}, {256, 151936}, {1, 128256}};
+    static bench_case cases[BENCH_MAX_CASES];
+    static float case_logits[REQUESTS * (2 * K + 1) * VOCAB], target[REQUESTS * (K + 1) * VOCAB];
+    const int verify_only[1] = {SETTING_VERIFY};
+    bench_selection selection;
+    int count, i, s, found[3] = {0};
+
+    memset(&selection, 0, sizeof selection);
+    selection.settings = verify_only;
+    selection.setting_count = 1;
+    selection.distributions = 1 << DISTRIBUTION_NORMAL;
+    count = bench_make_cases(&selection, cases);
+    EXPECT(count == 6, "--setting verify: %d cases, expected 3 shapes x 2 dtypes", count);
+    for (i = 0; i < count; ++i) {
+        int shape = -1;
+        for (s = 0; s < 3; ++s)
+            if (cases[i].rows == shapes[s][0] && cases[i].vocab == shapes[s][1])
+                shape = s;
+        EXPECT(cases[i].setting == SETTING_VERIFY && shape >= 0,
+               "--setting verify: case %d is setting %d at %lld x %lld", i, cases[i].setting,
+               (long long)cases[i].rows, (long long)cases[i].vocab);
+    }
+    selection.settings = NULL;
+    selection.setting_count = 0;
+    count = bench_make_cases(&selection, cases);
+    for (i = 0; i < count; ++i)
+        for (s = 0; s < 3; ++s)
+            found[s] += cases[i].setting == SETTING_VERIFY && cases[i].rows == shapes[s][0] &&
+                        cases[i].vocab == shapes[s][1] && cases[i].dtype == PSM_DTYPE_F32;
+    EXPECT(found[0] == 1 && found[1] == 1 && found[2] == 1,
+           "default list: verify cases %d, %d, %d on its shapes, expected one each", found[0],
+           found[1], found[2]);
+
+    bench_case verify = {REQUESTS, VOCAB, DISTRIBUTION_LM, PSM_DTYPE_F32, SETTING_VERIFY};
+    bench_case plain = {REQUESTS * (2 * K + 1), VOCAB, DISTRIBUTION_LM, PSM_DTYPE_F32,
+                        SETTING_PLAIN};
+    EXPECT(bench_logit_rows(&verify) == REQUESTS * (2 * K + 1) && bench_logit_rows(&plain) ==
+           plain.rows, "logit rows %lld and %lld", (long long)bench_logit_rows(&verify),
+           (long long)bench_logit_rows(&plain));
+    EXPECT(!bench_same_logits(&verify, &plain), "a verify case shares a sampling case's logits");
+    EXPECT(bench_fill_case_logits(case_logits, &verify, 7) == 0 &&
+               bench_fill_logits(target, REQUESTS * (K + 1), VOCAB, DISTRIBUTION_LM, 7) == 0,
+           "fill failed");
+    EXPECT(memcmp(case_logits, target, sizeof target) == 0,
+           "the verify case's target rows are not the distribution's rows");
+    for (int request = 0; request < REQUESTS; ++request)
+        for (int node = 1; node <= K; ++node)
+            EXPECT(memcmp(case_logits + (REQUESTS * (K + 1) + request * K + node - 1) * VOCAB,
+                          target + (request * (K + 1) + node - 1) * VOCAB,
+                          VOCAB * sizeof(float)) == 0,
+                   "request %d node %d: the draft row is not its target row", request, node);
+}
+
 /* ---- the bench's language-model logits ------------------------------------- */
 
 static int compare_descending(const void *a, const void *b)
@@ -1824,6 +1887,7 @@ int main(void)
     test_option_parser();
     test_commands();
     test_language_model_logits();
+    test_bench_verify_cases();
     test_notice();
     snprintf(directory, sizeof directory, "%s/test_cli.XXXXXX",
              temporary && temporary[0] && strlen(temporary) < 32 ? temporary : "/tmp");

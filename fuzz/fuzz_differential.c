@@ -765,8 +765,10 @@ static void check_verification(fuzz_input *input)
                 FAIL("%s refused psm_verify but wrote an output", name);
             continue;
         }
-        model_verify_request request = {v->vocab, v->nodes, NULL, {0}, NULL, NULL,
-                                        v->draft_kind, NULL, verify_draft_params(v)};
+        model_verify_request request = {.vocab = v->vocab,
+                                        .nodes = v->nodes,
+                                        .draft_kind = v->draft_kind,
+                                        .draft_params = verify_draft_params(v)};
         int drafts_invalid = 0;
         model_verify_result results[VERIFY_MAX_REQUESTS];
         for (int64_t r = 0; r < v->requests; ++r) {

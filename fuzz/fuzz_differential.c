@@ -25,6 +25,15 @@
  *    it with PSM_ERR_UNSUPPORTED). Its context is made once per process
  *    (PoCL compiles the kernels at first use).
  *
+ * After the batch, on about half the inputs, a psm_verify call (1-3
+ * requests, k 1-12, chains or trees, vocab 1-64, every draft kind) against
+ * docs/SAMPLING.md section 7 written out in contract_model.c
+ * (model_verify): the same status (INVALID_PARAMETER, writing nothing,
+ * exactly when a drawn draft token has weight 0 or a draft logits row is
+ * bad), then the same accepted counts, tokens and path nodes, logprobs
+ * within 1e-6 relative; OpenCL must refuse it with PSM_ERR_UNSUPPORTED and
+ * write nothing until it verifies, and then agree the same way.
+ *
  * A disagreement aborts with the row and what differed.
  */
 #include "contract_model.h"

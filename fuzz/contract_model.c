@@ -163,3 +163,249 @@ int64_t model_draw(const model_row *row, int64_t vocab, const model_params *para
     }
     return -2; /* unreachable: the tile's weights sum to tile_sum > b */
 }
+
+/* ---- section 7: speculative decoding verification ------------------------ */
+
+int model_distribution(const float *x, int64_t vocab, const model_params *params,
+                       uint64_t *weights, uint64_t *total)
+{
+    uint8_t *kept = malloc((size_t)vocab);
+    uint64_t *tile_weight = malloc((size_t)vocab * sizeof *tile_weight);
+    double *prob = malloc((size_t)vocab * sizeof *prob);
+    if (!kept || !tile_weight || !prob)
+        abort();
+    model_row row = {.kept = kept, .weight = tile_weight, .prob = prob};
+    model_evaluate(x, vocab, params, &row);
+    int good = row.kind != MODEL_BAD;
+    *total = 0;
+    if (row.kind == MODEL_GREEDY) {
+        for (int64_t i = 0; i < vocab; ++i)
+            weights[i] = i == row.greedy_token;
+        *total = 1;
+    } else if (row.kind == MODEL_SAMPLED) {
+        float top = -INFINITY;
+        for (int64_t i = 0; i < vocab; ++i)
+            if (psm_logit_class(x[i]) == PSM_LOGIT_VALID && psm_read_logit(x[i]) > top)
+                top = psm_read_logit(x[i]);
+        float scale = psm_inverse_temperature_scale(params->temperature);
+        int bits = psm_weight_bits(vocab);
+        for (int64_t i = 0; i < vocab; ++i) {
+            weights[i] = kept[i] ? psm_weight(psm_scaled_gap(top, psm_read_logit(x[i]), scale), bits)
+                                 : 0;
+            *total += weights[i];
+        }
+    }
+    free(kept);
+    free(tile_weight);
+    free(prob);
+    return good;
+}
+
+/* Unsigned integers of 256 bits in 32-bit limbs, little end first: enough
+ * for every product of section 7 (below 2^192), with room to see that none
+ * overflows. */
+typedef struct wide {
+    uint32_t limb[8];
+} wide;
+
+static wide wide_of(uint64_t value)
+{
+    wide w = {{(uint32_t)value, (uint32_t)(value >> 32)}};
+    return w;
+}
+
+/* a x b, schoolbook over the limbs. */
+static wide wide_times(wide a, uint64_t b)
+{
+    const uint32_t b_limb[2] = {(uint32_t)b, (uint32_t)(b >> 32)};
+    wide product = {{0}};
+    for (int j = 0; j < 2; ++j) {
+        uint64_t carry = 0;
+        for (int i = 0; i + j < 8; ++i) {
+            uint64_t sum = (uint64_t)a.limb[i] * b_limb[j] + product.limb[i + j] + carry;
+            product.limb[i + j] = (uint32_t)sum;
+            carry = sum >> 32;
+        }
+        if (carry)
+            abort(); /* beyond 256 bits: the sizes of section 7 do not hold */
+    }
+    return product;
+}
+
+/* a x 2^64 */
+static wide wide_times_2_64(wide a)
+{
+    wide shifted = {{0}};
+    if (a.limb[6] || a.limb[7])
+        abort();
+    for (int i = 0; i < 6; ++i)
+        shifted.limb[i + 2] = a.limb[i];
+    return shifted;
+}
+
+static int wide_less(wide a, wide b)
+{
+    for (int i = 7; i >= 0; --i)
+        if (a.limb[i] != b.limb[i])
+            return a.limb[i] < b.limb[i];
+    return 0;
+}
+
+/* a - b for a >= b */
+static wide wide_minus(wide a, wide b)
+{
+    wide difference;
+    int64_t borrow = 0;
+    for (int i = 0; i < 8; ++i) {
+        int64_t digit = (int64_t)a.limb[i] - b.limb[i] - borrow;
+        borrow = digit < 0;
+        difference.limb[i] = (uint32_t)(digit + (borrow ? ((int64_t)1 << 32) : 0));
+    }
+    return difference;
+}
+
+static int wide_bit_length(wide a)
+{
+    for (int i = 7; i >= 0; --i)
+        for (int bit = 31; bit >= 0; --bit)
+            if (a.limb[i] >> bit & 1u)
+                return i * 32 + bit + 1;
+    return 0;
+}
+
+/* a >> shift, which must fit in 64 bits. */
+static uint64_t wide_shift_right(wide a, int shift)
+{
+    uint64_t value = 0;
+    for (int bit = 0; bit < 64; ++bit) {
+        int from = bit + shift;
+        if (from < 256 && (a.limb[from / 32] >> (from % 32) & 1u))
+            value |= (uint64_t)1 << bit;
+    }
+    if (wide_bit_length(a) > shift + 64)
+        abort();
+    return value;
+}
+
+/* Node `node`'s draft weights (k rows of the draft, node 1 at row 0). */
+static int draft_weights(const model_verify_request *request, int32_t node, uint64_t *q,
+                         uint64_t *q_total)
+{
+    const int64_t vocab = request->vocab;
+    const float *row = request->draft + (int64_t)(node - 1) * vocab;
+    switch (request->draft_kind) {
+    case MODEL_DRAFT_LOGITS:
+        return model_distribution(row, vocab, &request->draft_params, q, q_total);
+    case MODEL_DRAFT_PROBS:
+        *q_total = 0;
+        for (int64_t i = 0; i < vocab; ++i) {
+            q[i] = (uint64_t)floor(ldexp((double)row[i], psm_weight_bits(vocab)));
+            *q_total += q[i];
+        }
+        return 1;
+    default:
+        for (int64_t i = 0; i < vocab; ++i)
+            q[i] = i == request->tokens[node - 1];
+        *q_total = 1;
+        return 1;
+    }
+}
+
+void model_verify(const model_verify_request *request, model_verify_result *result)
+{
+    const int64_t vocab = request->vocab;
+    const int32_t k = request->nodes;
+    const int bits = psm_weight_bits(vocab);
+    const model_params *target = &request->target_params;
+    uint64_t *p = malloc((size_t)vocab * sizeof *p), *q = malloc((size_t)vocab * sizeof *q),
+             *residual = malloc((size_t)vocab * sizeof *residual);
+    wide *excess = malloc((size_t)vocab * sizeof *excess);
+    if (!p || !q || !residual || !excess)
+        abort();
+    memset(result, 0, sizeof *result);
+    for (int32_t j = 0; j <= k; ++j) {
+        result->tokens[j] = -1;
+        result->path[j] = -1;
+        result->logprobs[j] = NAN;
+    }
+    result->accepted = -1;
+    uint64_t total;
+    for (int32_t node = 1; node <= k; ++node)
+        if (!draft_weights(request, node, q, &total) || q[request->tokens[node - 1]] == 0)
+            result->drafts_invalid = 1;
+    for (int32_t node = 0; node <= k; ++node)
+        if (!model_distribution(request->target + node * vocab, vocab, target, p, &total))
+            result->bad = 1;
+    if (result->drafts_invalid || result->bad)
+        goto done;
+
+    int32_t node = 0, emitted = 0;
+    for (;;) {
+        uint64_t p_total;
+        model_distribution(request->target + node * vocab, vocab, target, p, &p_total);
+        memcpy(residual, p, (size_t)vocab * sizeof *residual);
+        uint64_t r_total = p_total;
+        int32_t next = 0;
+        for (int32_t child = node + 1; child <= k && !next; ++child) {
+            int32_t parent = request->parents ? request->parents[child - 1] : child - 1;
+            if (parent != node)
+                continue;
+            int32_t x = request->tokens[child - 1];
+            uint64_t q_total;
+            draft_weights(request, child, q, &q_total);
+            uint64_t u = psm_sample_bits(target->seed, target->offset, target->stream,
+                                         (uint32_t)child).tile;
+            wide left = wide_times(wide_times(wide_of(u), q[x]), r_total);
+            wide right = wide_times_2_64(wide_times(wide_of(residual[x]), q_total));
+            if (wide_less(left, right)) {
+                result->tokens[emitted] = x;
+                result->path[emitted] = node;
+                result->logprobs[emitted] = log((double)p[x] / (double)p_total);
+                ++emitted;
+                next = child;
+                break;
+            }
+            /* Rejected: R_i = max(0, R_i Q_tot - Q_i R_tot), shifted. */
+            int longest = 0;
+            for (int64_t i = 0; i < vocab; ++i) {
+                wide kept = wide_times(wide_of(residual[i]), q_total);
+                wide removed = wide_times(wide_of(q[i]), r_total);
+                excess[i] = wide_less(removed, kept) ? wide_minus(kept, removed) : wide_of(0);
+                int length = wide_bit_length(excess[i]);
+                longest = length > longest ? length : longest;
+            }
+            int shift = longest > bits + 1 ? longest - (bits + 1) : 0;
+            r_total = 0;
+            for (int64_t i = 0; i < vocab; ++i) {
+                residual[i] = wide_shift_right(excess[i], shift);
+                r_total += residual[i];
+            }
+        }
+        if (next) {
+            node = next;
+            continue;
+        }
+        /* The correction or bonus token: floor(bits x R_tot / 2^64), then the
+         * running sum in index order. */
+        uint64_t draw = psm_sample_bits(target->seed, target->offset, target->stream,
+                                        (uint32_t)node).token;
+        wide scaled = wide_times(wide_of(draw), r_total);
+        uint64_t pick = wide_shift_right(scaled, 64), running = 0;
+        int64_t token = -1;
+        for (int64_t i = 0; i < vocab && token < 0; ++i) {
+            running += residual[i];
+            if (running > pick)
+                token = i;
+        }
+        result->tokens[emitted] = (int32_t)token; /* -1 if the residual emptied: a model failure */
+        result->path[emitted] = node;
+        result->logprobs[emitted] = token >= 0 ? log((double)p[token] / (double)p_total) : NAN;
+        result->accepted = emitted;
+        break;
+    }
+done:
+    free(p);
+    free(q);
+    free(residual);
+    free(excess);
+}

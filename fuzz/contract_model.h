@@ -42,4 +42,45 @@ void model_evaluate(const float *x, int64_t vocab, const model_params *params, m
 /* Token of sample j. */
 int64_t model_draw(const model_row *row, int64_t vocab, const model_params *params, uint32_t j);
 
+/* Section 7 (speculative decoding verification), for one request. */
+
+/* A row's integer distribution as section 7 reads it: the global weights
+ * g_i of the kept tokens (a greedy row: 1 at its token), into weights
+ * (vocab entries); returns 0 for a bad row, else 1 with their sum in
+ * *total. The filter order is POLYSAMPLE's (the only one this model has). */
+int model_distribution(const float *x, int64_t vocab, const model_params *params,
+                       uint64_t *weights, uint64_t *total);
+
+typedef enum model_draft_kind {
+    MODEL_DRAFT_POINT_MASS,
+    MODEL_DRAFT_LOGITS,
+    MODEL_DRAFT_PROBS
+} model_draft_kind;
+
+#define MODEL_MAX_NODES 64
+
+typedef struct model_verify_request {
+    int64_t vocab;
+    int32_t nodes;                /* k */
+    const float *target;          /* k + 1 rows of vocab logits, widened */
+    model_params target_params;   /* seed, offset and stream: the request's */
+    const int32_t *tokens;        /* k: node i's token at i - 1 */
+    const int32_t *parents;       /* k, or NULL: a chain */
+    model_draft_kind draft_kind;
+    const float *draft;           /* k rows of vocab: logits (widened) or probabilities */
+    model_params draft_params;    /* draft logits' temperature and filters */
+} model_verify_request;
+
+typedef struct model_verify_result {
+    int drafts_invalid; /* a bad draft logits row, or a drawn token of draft weight 0 */
+    int bad;            /* a bad target row: -1 everywhere */
+    int32_t accepted;
+    int32_t tokens[MODEL_MAX_NODES + 1];
+    int32_t path[MODEL_MAX_NODES + 1];
+    double logprobs[MODEL_MAX_NODES + 1];
+} model_verify_result;
+
+/* The walk of section 7 with the wide products in 32-bit limbs. */
+void model_verify(const model_verify_request *request, model_verify_result *result);
+
 #endif /* PSM_CONTRACT_MODEL_H */

@@ -25,6 +25,15 @@
  *    it with PSM_ERR_UNSUPPORTED). Its context is made once per process
  *    (PoCL compiles the kernels at first use).
  *
+ * After the batch, on about half the inputs, a psm_verify call (1-3
+ * requests, k 1-12, chains or trees, vocab 1-64, every draft kind) against
+ * docs/SAMPLING.md section 7 written out in contract_model.c
+ * (model_verify): the same status (INVALID_PARAMETER, writing nothing,
+ * exactly when a drawn draft token has weight 0 or a draft logits row is
+ * bad), then the same accepted counts, tokens and path nodes, logprobs
+ * within 1e-6 relative; OpenCL must refuse it with PSM_ERR_UNSUPPORTED and
+ * write nothing until it verifies, and then agree the same way.
+ *
  * A disagreement aborts with the row and what differed.
  */
 #include "contract_model.h"
@@ -333,6 +342,28 @@ static void process_literally(batch *b)
     }
 }
 
+/* Stores x at element `at` of logits of dtype (bf16 and f16 truncated, NaN
+ * kept) and returns the value the library reads there. */
+static float store_logit(void *logits, psm_dtype dtype, size_t at, float x)
+{
+    if (dtype == PSM_DTYPE_F32) {
+        ((float *)logits)[at] = x;
+        return x;
+    }
+    if (dtype == PSM_DTYPE_BF16) {
+        uint32_t bits;
+        memcpy(&bits, &x, sizeof bits);
+        uint16_t h = (uint16_t)(bits >> 16);
+        if ((bits & 0x7fffffffu) > 0x7f800000u)
+            h |= 0x40; /* a NaN stays a NaN after truncation */
+        ((uint16_t *)logits)[at] = h;
+        return psm_bf16_to_float(h);
+    }
+    uint16_t h = psm_test_truncate_to_f16(x);
+    ((uint16_t *)logits)[at] = h;
+    return psm_f16_to_float(h);
+}
+
 static void decode_batch(fuzz_input *input, batch *b)
 {
     uint8_t flags = fuzz_u8(input);
@@ -380,25 +411,9 @@ static void decode_batch(fuzz_input *input, batch *b)
             size_t at = (size_t)(r * b->stride + i);
             if (at >= count)
                 break;
-            if (b->dtype == PSM_DTYPE_F32) {
-                ((float *)b->logits)[at] = x;
-                if (i < b->vocab)
-                    b->widened[r][i] = x;
-            } else if (b->dtype == PSM_DTYPE_BF16) {
-                uint32_t bits;
-                memcpy(&bits, &x, sizeof bits);
-                uint16_t h = (uint16_t)(bits >> 16);
-                if ((bits & 0x7fffffffu) > 0x7f800000u)
-                    h |= 0x40; /* a NaN stays a NaN after truncation */
-                ((uint16_t *)b->logits)[at] = h;
-                if (i < b->vocab)
-                    b->widened[r][i] = psm_bf16_to_float(h);
-            } else {
-                uint16_t h = psm_test_truncate_to_f16(x);
-                ((uint16_t *)b->logits)[at] = h;
-                if (i < b->vocab)
-                    b->widened[r][i] = psm_f16_to_float(h);
-            }
+            float widened = store_logit(b->logits, b->dtype, at, x);
+            if (i < b->vocab)
+                b->widened[r][i] = widened;
         }
     }
     /* Decoded last, so that an input that ends before it (every seed
@@ -546,6 +561,268 @@ static void check_row(const batch *b, int64_t r, const int32_t *tokens, const fl
              (double)params.top_p, (double)params.min_p, (long long)b->vocab);
 }
 
+/* ---- psm_verify against section 7 written out (contract_model.c) ---------- */
+
+#define VERIFY_MAX_REQUESTS 3
+#define VERIFY_MAX_NODES 12
+#define VERIFY_MAX_VOCAB 64
+#define VERIFY_MAX_ROWS (VERIFY_MAX_REQUESTS * (VERIFY_MAX_NODES + 1))
+#define VERIFY_SENTINEL 0x5a5a5a5a
+
+/* A verification logit: decode_logit's values, with NaN and +inf only in
+ * rows meant to be bad (most requests should reach the walk). */
+static float decode_verify_logit(fuzz_input *input, int bad_row)
+{
+    float x = decode_logit(input);
+    if (!bad_row && (isnan(x) || x == INFINITY))
+        return 0.0f;
+    return x;
+}
+
+/* Valid parameters for a verification row (the POLYSAMPLE order, the only
+ * one the model has). */
+static void decode_verify_row_params(fuzz_input *input, int64_t vocab, model_params *m)
+{
+    m->temperature = decode_temperature(input);
+    m->top_k = (int32_t)(fuzz_u8(input) < 128 ? 0 : fuzz_range(input, 0, vocab + 1));
+    m->top_p = decode_unit(input, 1);
+    m->min_p = decode_unit(input, 0);
+}
+
+typedef struct verify_case {
+    int64_t requests, vocab, stride;
+    int32_t nodes;
+    psm_dtype dtype, draft_dtype;
+    model_draft_kind draft_kind;
+    void *target;                                   /* rows x stride of dtype */
+    float target_widened[VERIFY_MAX_ROWS * VERIFY_MAX_VOCAB]; /* rows of vocab, packed */
+    void *draft;                                    /* requests x k rows of vocab */
+    float draft_widened[VERIFY_MAX_ROWS * VERIFY_MAX_VOCAB];  /* rows of vocab, packed */
+    int32_t tokens[VERIFY_MAX_ROWS], parents[VERIFY_MAX_ROWS];
+    int tree;
+    psm_params target_params, draft_params;
+    float temperature[VERIFY_MAX_REQUESTS];
+    int32_t top_k[VERIFY_MAX_REQUESTS];
+    uint64_t seeds[VERIFY_MAX_REQUESTS];
+} verify_case;
+
+static verify_case verification;
+
+static model_params verify_target_params(const verify_case *v, int64_t r)
+{
+    const psm_params *p = &v->target_params;
+    model_params m = {p->temperature_per_row ? p->temperature_per_row[r] : p->temperature,
+                      p->top_k_per_row ? p->top_k_per_row[r] : p->top_k,
+                      p->top_p, p->min_p,
+                      p->seed_per_row ? p->seed_per_row[r] : p->seed, p->offset,
+                      p->seed_per_row ? 0u : (uint32_t)r};
+    return m;
+}
+
+static model_params verify_draft_params(const verify_case *v)
+{
+    const psm_params *p = &v->draft_params;
+    model_params m = {p->temperature, p->top_k, p->top_p, p->min_p, 0, 0, 0};
+    return m;
+}
+
+static void decode_verification(fuzz_input *input, verify_case *v)
+{
+    uint8_t flags = fuzz_u8(input);
+    v->dtype = (psm_dtype)(flags % 3);
+    v->draft_dtype = (psm_dtype)(flags / 3 % 3);
+    v->draft_kind = (model_draft_kind)(flags / 9 % 3);
+    v->tree = flags / 27 % 2;
+    v->requests = fuzz_range(input, 1, VERIFY_MAX_REQUESTS);
+    v->nodes = (int32_t)(fuzz_u8(input) < 224 ? fuzz_range(input, 1, 4)
+                                              : fuzz_range(input, 1, VERIFY_MAX_NODES));
+    v->vocab = fuzz_range(input, 1, VERIFY_MAX_VOCAB);
+    v->stride = v->vocab + fuzz_range(input, 0, MAX_PAD);
+    const int64_t width = (int64_t)v->nodes + 1, rows = v->requests * width;
+
+    psm_params_init(&v->target_params);
+    model_params scalar;
+    decode_verify_row_params(input, v->vocab, &scalar);
+    v->target_params.temperature = scalar.temperature;
+    v->target_params.top_k = scalar.top_k;
+    v->target_params.top_p = scalar.top_p;
+    v->target_params.min_p = scalar.min_p;
+    v->target_params.seed = fuzz_u64(input);
+    v->target_params.offset = fuzz_u64(input);
+    uint8_t per_request = fuzz_u8(input);
+    for (int64_t r = 0; r < v->requests; ++r) {
+        v->temperature[r] = decode_temperature(input);
+        v->top_k[r] = (int32_t)fuzz_range(input, 0, v->vocab + 1);
+        v->seeds[r] = fuzz_u64(input);
+    }
+    v->target_params.temperature_per_row = per_request & 1 ? v->temperature : NULL;
+    v->target_params.top_k_per_row = per_request & 2 ? v->top_k : NULL;
+    v->target_params.seed_per_row = per_request & 4 ? v->seeds : NULL;
+
+    size_t count = (size_t)((rows - 1) * v->stride + v->vocab);
+    v->target = malloc(count * (v->dtype == PSM_DTYPE_F32 ? 4 : 2)); /* exact */
+    if (!v->target)
+        abort();
+    for (int64_t row = 0; row < rows; ++row) {
+        int bad_row = fuzz_u8(input) >= 244;
+        for (int64_t i = 0; i < v->stride && (size_t)(row * v->stride + i) < count; ++i) {
+            float x = i < v->vocab ? decode_verify_logit(input, bad_row) : NAN;
+            float widened = store_logit(v->target, v->dtype, (size_t)(row * v->stride + i), x);
+            if (i < v->vocab)
+                v->target_widened[row * v->vocab + i] = widened;
+        }
+    }
+
+    for (int64_t at = 0; at < v->requests * v->nodes; ++at)
+        v->parents[at] = v->tree ? (int32_t)fuzz_range(input, 0, at % v->nodes) : (int32_t)(at % v->nodes);
+
+    /* Draft rows, then each node's token: mostly drawn from its draft
+     * distribution with the input's bits (a real draft's token), else any. */
+    psm_params_init(&v->draft_params);
+    decode_verify_row_params(input, v->vocab, &scalar);
+    v->draft_params.temperature = scalar.temperature;
+    v->draft_params.top_k = scalar.top_k;
+    v->draft_params.top_p = scalar.top_p;
+    v->draft_params.min_p = scalar.min_p;
+    const int64_t draft_rows = v->requests * v->nodes;
+    const psm_dtype draft_dtype = v->draft_kind == MODEL_DRAFT_PROBS ? PSM_DTYPE_F32 : v->draft_dtype;
+    v->draft = malloc((size_t)(draft_rows * v->vocab) * (draft_dtype == PSM_DTYPE_F32 ? 4 : 2));
+    if (!v->draft)
+        abort();
+    const model_params draft_model = verify_draft_params(v);
+    uint64_t q[VERIFY_MAX_VOCAB], q_total;
+    for (int64_t at = 0; at < draft_rows; ++at) {
+        int bad_row = fuzz_u8(input) >= 250;
+        for (int64_t i = 0; i < v->vocab && v->draft_kind != MODEL_DRAFT_POINT_MASS; ++i) {
+            float x;
+            if (v->draft_kind == MODEL_DRAFT_PROBS) {
+                uint8_t how = fuzz_u8(input);
+                x = how < 64 ? 0.0f : how < 250 ? (float)fuzz_u8(input) / 255.0f : 0x1p-41f;
+            } else {
+                x = decode_verify_logit(input, bad_row);
+            }
+            v->draft_widened[at * v->vocab + i] = store_logit(v->draft, draft_dtype, (size_t)(at * v->vocab + i), x);
+        }
+        int have_weights = 0;
+        if (v->draft_kind == MODEL_DRAFT_LOGITS)
+            have_weights = model_distribution(v->draft_widened + at * v->vocab, v->vocab, &draft_model, q, &q_total);
+        else if (v->draft_kind == MODEL_DRAFT_PROBS) {
+            q_total = 0;
+            for (int64_t i = 0; i < v->vocab; ++i) {
+                q[i] = (uint64_t)ldexp((double)v->draft_widened[at * v->vocab + i], psm_weight_bits(v->vocab));
+                q_total += q[i];
+            }
+            have_weights = q_total > 0;
+        }
+        uint8_t how = fuzz_u8(input);
+        if (have_weights && how < 224) {
+            uint64_t pick = fuzz_u64(input) % q_total, running = 0;
+            for (int64_t i = 0; i < v->vocab; ++i) {
+                running += q[i];
+                if (running > pick) {
+                    v->tokens[at] = (int32_t)i;
+                    break;
+                }
+            }
+        } else {
+            v->tokens[at] = (int32_t)fuzz_range(input, 0, v->vocab - 1);
+        }
+    }
+}
+
+static void check_verification(fuzz_input *input)
+{
+    verify_case *v = &verification;
+    decode_verification(input, v);
+    const int64_t width = (int64_t)v->nodes + 1, rows = v->requests * width;
+    psm_tensor target = {v->target, v->dtype, PSM_MEMORY_HOST, rows, v->vocab, v->stride};
+    const psm_dtype draft_dtype = v->draft_kind == MODEL_DRAFT_PROBS ? PSM_DTYPE_F32 : v->draft_dtype;
+    psm_tensor draft = {v->draft, draft_dtype, PSM_MEMORY_HOST, v->requests * v->nodes, v->vocab, 0};
+    psm_drafts drafts;
+    psm_drafts_init(&drafts);
+    drafts.nodes = v->nodes;
+    drafts.tokens = v->tokens;
+    drafts.parents = v->tree ? v->parents : NULL;
+    if (v->draft_kind == MODEL_DRAFT_LOGITS) {
+        drafts.draft_logits = &draft;
+        drafts.draft_params = &v->draft_params;
+    } else if (v->draft_kind == MODEL_DRAFT_PROBS) {
+        drafts.draft_probs = &draft;
+    }
+    static int32_t accepted[VERIFY_MAX_REQUESTS], tokens[VERIFY_MAX_ROWS], path[VERIFY_MAX_ROWS];
+    static float logprobs[VERIFY_MAX_ROWS];
+    psm_context *contexts_to_run[2] = {cpu_context, opencl_context};
+    for (int c = 0; c < 2 && contexts_to_run[c]; ++c) {
+        psm_context *context = contexts_to_run[c];
+        const char *name = psm_backend_name(psm_context_backend(context));
+        memset(accepted, 0x5a, sizeof accepted);
+        memset(tokens, 0x5a, sizeof tokens);
+        memset(path, 0x5a, sizeof path);
+        memset(logprobs, 0x5a, sizeof logprobs);
+        psm_verification outputs = {{accepted, PSM_MEMORY_HOST}, {tokens, PSM_MEMORY_HOST},
+                                    {path, PSM_MEMORY_HOST}, {logprobs, PSM_MEMORY_HOST}};
+        psm_status status = psm_verify(context, &target, &v->target_params, &drafts, &outputs);
+        int untouched = 1;
+        for (int64_t i = 0; i < rows; ++i) {
+            uint32_t bits;
+            memcpy(&bits, &logprobs[i], sizeof bits);
+            untouched &= tokens[i] == VERIFY_SENTINEL && path[i] == VERIFY_SENTINEL &&
+                         bits == VERIFY_SENTINEL && (i >= v->requests || accepted[i] == VERIFY_SENTINEL);
+        }
+        if (status == PSM_ERR_UNSUPPORTED && context != cpu_context) {
+            if (!untouched)
+                FAIL("%s refused psm_verify but wrote an output", name);
+            continue;
+        }
+        model_verify_request request = {.vocab = v->vocab,
+                                        .nodes = v->nodes,
+                                        .draft_kind = v->draft_kind,
+                                        .draft_params = verify_draft_params(v)};
+        int drafts_invalid = 0;
+        model_verify_result results[VERIFY_MAX_REQUESTS];
+        for (int64_t r = 0; r < v->requests; ++r) {
+            request.target = v->target_widened + r * width * v->vocab;
+            request.target_params = verify_target_params(v, r);
+            request.tokens = v->tokens + r * v->nodes;
+            request.parents = v->tree ? v->parents + r * v->nodes : NULL;
+            request.draft = v->draft_widened + r * v->nodes * v->vocab;
+            model_verify(&request, &results[r]);
+            drafts_invalid |= results[r].drafts_invalid;
+        }
+        if (drafts_invalid) {
+            if (status != PSM_ERR_INVALID_PARAMETER || !untouched)
+                FAIL("%s psm_verify: a draft node has draft weight 0 or a bad row, but the call "
+                     "gave %s (outputs %s): %s", name, psm_status_string(status),
+                     untouched ? "untouched" : "written", psm_last_error());
+            continue;
+        }
+        if (status != PSM_OK)
+            FAIL("%s psm_verify failed: %s", name, psm_last_error());
+        for (int64_t r = 0; r < v->requests; ++r) {
+            const model_verify_result *m = &results[r];
+            if (!m->bad && m->tokens[m->accepted] < 0)
+                FAIL("request %lld: the model's residual summed to 0 (SAMPLING.md section 7 "
+                     "says it cannot)", (long long)r);
+            if (accepted[r] != m->accepted)
+                FAIL("%s request %lld: accepted %d, the section 7 model %d (k=%d tree=%d draft "
+                     "kind %d vocab=%lld)", name, (long long)r, accepted[r], m->accepted,
+                     (int)v->nodes, v->tree, (int)v->draft_kind, (long long)v->vocab);
+            for (int64_t j = 0; j < width; ++j) {
+                const int64_t at = r * width + j;
+                if (tokens[at] != m->tokens[j] || path[at] != m->path[j])
+                    FAIL("%s request %lld position %lld: token %d at node %d, the section 7 model "
+                         "token %d at node %d", name, (long long)r, (long long)j, tokens[at],
+                         path[at], m->tokens[j], m->path[j]);
+                if (!close_enough(logprobs[at], m->logprobs[j], PROBS_RELATIVE))
+                    FAIL("%s request %lld position %lld: logprob %.9g, the section 7 model %.9g",
+                         name, (long long)r, (long long)j, (double)logprobs[at], m->logprobs[j]);
+            }
+        }
+    }
+    free(v->target);
+    free(v->draft);
+}
+
 static int32_t cpu_tokens[MAX_ROWS * MAX_SAMPLES], gpu_tokens[MAX_ROWS * MAX_SAMPLES];
 static float cpu_logprobs[MAX_ROWS * MAX_SAMPLES], gpu_logprobs[MAX_ROWS * MAX_SAMPLES];
 static float cpu_probs[MAX_ROWS * MAX_VOCAB], gpu_probs[MAX_ROWS * MAX_VOCAB];
@@ -572,5 +849,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                      (double)cpu_probs[i]);
     }
     free(b->logits);
+    /* Decoded after the batch, so that an input that ends before it (every
+     * seed written before it existed) makes no verification. */
+    if (fuzz_u8(&input) >= 128)
+        check_verification(&input);
     return 0;
 }

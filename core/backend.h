@@ -115,18 +115,24 @@ static inline psm_u32 psm_request_per_row(const psm_params *p)
            (p->offset_pointer ? PSM_OFFSET_AT_POINTER : 0u);
 }
 
-static inline psm_row_scalars psm_request_row_scalars(const psm_request *request)
+/* The scalars of psm_params as psm_resolve_row takes them, for a call whose
+ * per-row arrays have logits_rows entries (psm_verify: one per request). */
+static inline psm_row_scalars psm_params_row_scalars(const psm_params *p, int64_t logits_rows)
 {
-    const psm_params *p = &request->params;
     psm_row_scalars scalars;
     scalars.seed = p->seed;
     scalars.offset = p->offset;
-    scalars.logits_rows = request->logits.rows;
+    scalars.logits_rows = logits_rows;
     scalars.temperature = p->temperature;
     scalars.top_k = p->top_k;
     scalars.top_p = p->top_p;
     scalars.min_p = p->min_p;
     return scalars;
+}
+
+static inline psm_row_scalars psm_request_row_scalars(const psm_request *request)
+{
+    return psm_params_row_scalars(&request->params, request->logits.rows);
 }
 
 /* The per-row pointers as the caller gave them (a backend whose kernels read

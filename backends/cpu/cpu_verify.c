@@ -49,15 +49,8 @@ static row_filters filters_of(const psm_row_params *params, int32_t filter_order
  * entry per request: its seed, offset and stream resolve as output row r's. */
 static psm_row_params request_params(const psm_params *params, int64_t requests, int64_t r)
 {
-    psm_row_scalars scalars;
-    scalars.seed = params->seed;
-    scalars.offset = params->offset;
-    scalars.logits_rows = requests;
-    scalars.temperature = params->temperature;
-    scalars.top_k = params->top_k;
-    scalars.top_p = params->top_p;
-    scalars.min_p = params->min_p;
-    return psm_resolve_row(r, psm_request_per_row(params), scalars,
+    return psm_resolve_row(r, psm_request_per_row(params),
+                           psm_params_row_scalars(params, requests),
                            psm_request_row_arrays(params));
 }
 

@@ -61,27 +61,53 @@ static psm_status check_scalar(const char *name, float temperature, int32_t top_
     return PSM_OK;
 }
 
+/* Row `row`'s temperature, top-k, top-p and min-p (its host per-row values,
+ * else the scalars) go through the scalars' check, so that the message names
+ * the row: "row 5: " for a call, "target_params, request 5: " for
+ * psm_verify (which, may be NULL; unit "row" or "request"). */
+static psm_status check_row_values(const psm_params *params, int64_t row, const char *which,
+                                   const char *unit)
+{
+    float temperature =
+        params->temperature_per_row ? params->temperature_per_row[row] : params->temperature;
+    int32_t top_k = params->top_k_per_row ? params->top_k_per_row[row] : params->top_k;
+    float top_p = params->top_p_per_row ? params->top_p_per_row[row] : params->top_p;
+    float min_p = params->min_p_per_row ? params->min_p_per_row[row] : params->min_p;
+    if (psm_row_params_valid(temperature, top_k, top_p, min_p))
+        return PSM_OK;
+    char name[96];
+    if (which)
+        snprintf(name, sizeof name, "%s, %s %lld: ", which, unit, (long long)row);
+    else
+        snprintf(name, sizeof name, "%s %lld: ", unit, (long long)row);
+    return check_scalar(name, temperature, top_k, top_p, min_p);
+}
+
+/* name: "" for a call's psm_params, "target_params." for psm_verify's. */
+static psm_status check_filter_order(const char *name, int32_t filter_order)
+{
+    if (filter_order >= 0 && filter_order < PSM_FILTER_ORDER_COUNT)
+        return PSM_OK;
+    return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                         "%sfilter_order has the unknown value %d; expected 0 .. %d "
+                         "(psm_filter_order)",
+                         name, (int)filter_order, PSM_FILTER_ORDER_COUNT - 1);
+}
+
 /* Each value of a host per-row array goes through the same check as the
  * scalar, so the message names the array and the row. */
 static psm_status check_per_row_arrays(const psm_params *params, int64_t rows,
                                        int64_t logits_rows)
 {
-    char name[64];
     for (int64_t row = 0; row < rows; ++row) {
         if (params->row_indices &&
             !(params->row_indices[row] >= 0 && params->row_indices[row] < logits_rows))
             return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
                                  "row_indices[%lld] is %lld; logits have %lld rows", (long long)row,
                                  (long long)params->row_indices[row], (long long)logits_rows);
-        float temperature =
-            params->temperature_per_row ? params->temperature_per_row[row] : params->temperature;
-        int32_t top_k = params->top_k_per_row ? params->top_k_per_row[row] : params->top_k;
-        float top_p = params->top_p_per_row ? params->top_p_per_row[row] : params->top_p;
-        float min_p = params->min_p_per_row ? params->min_p_per_row[row] : params->min_p;
-        if (psm_row_params_valid(temperature, top_k, top_p, min_p))
-            continue;
-        snprintf(name, sizeof name, "row %lld: ", (long long)row);
-        return check_scalar(name, temperature, top_k, top_p, min_p);
+        psm_status status = check_row_values(params, row, NULL, "row");
+        if (status != PSM_OK)
+            return status;
     }
     return PSM_OK;
 }
@@ -291,11 +317,9 @@ psm_status psm_validate_request(const psm_tensor *logits, const psm_params *para
     if (params->num_samples < 1)
         return psm_set_error(PSM_ERR_INVALID_PARAMETER, "num_samples is %d; expected >= 1",
                              (int)params->num_samples);
-    if (params->filter_order < 0 || params->filter_order >= PSM_FILTER_ORDER_COUNT)
-        return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
-                             "filter_order has the unknown value %d; expected 0 .. %d "
-                             "(psm_filter_order)",
-                             (int)params->filter_order, PSM_FILTER_ORDER_COUNT - 1);
+    status = check_filter_order("", params->filter_order);
+    if (status != PSM_OK)
+        return status;
     int64_t rows = 0;
     status = check_rows_and_state(logits, params, &rows);
     if (status != PSM_OK)
@@ -398,28 +422,15 @@ static psm_status check_verify_params(const char *which, const psm_params *param
     snprintf(name, sizeof name, "%s.", which);
     psm_status status =
         check_scalar(name, params->temperature, params->top_k, params->top_p, params->min_p);
-    if (status == PSM_OK &&
-        (params->filter_order < 0 || params->filter_order >= PSM_FILTER_ORDER_COUNT))
-        status = psm_set_error(PSM_ERR_INVALID_ARGUMENT,
-                               "%s.filter_order has the unknown value %d; expected 0 .. %d "
-                               "(psm_filter_order)",
-                               which, (int)params->filter_order, PSM_FILTER_ORDER_COUNT - 1);
+    if (status == PSM_OK)
+        status = check_filter_order(name, params->filter_order);
     if (status == PSM_OK)
         status = check_verify_unsupported(which, params);
     if (status != PSM_OK || !host_side_arrays)
         return status;
-    for (int64_t r = 0; r < requests; ++r) {
-        float temperature =
-            params->temperature_per_row ? params->temperature_per_row[r] : params->temperature;
-        int32_t top_k = params->top_k_per_row ? params->top_k_per_row[r] : params->top_k;
-        float top_p = params->top_p_per_row ? params->top_p_per_row[r] : params->top_p;
-        float min_p = params->min_p_per_row ? params->min_p_per_row[r] : params->min_p;
-        if (psm_row_params_valid(temperature, top_k, top_p, min_p))
-            continue;
-        snprintf(name, sizeof name, "%s, request %lld: ", which, (long long)r);
-        return check_scalar(name, temperature, top_k, top_p, min_p);
-    }
-    return PSM_OK;
+    for (int64_t r = 0; r < requests && status == PSM_OK; ++r)
+        status = check_row_values(params, r, which, "request");
+    return status;
 }
 
 /* A draft tensor: requests x k rows of the target's vocab, in its memory. */

@@ -149,6 +149,38 @@ PSM_DEVICE_FN psm_i32 psm_draw_tile(PSM_TEAM_TYPE team, PSM_GLOBAL const psm_u64
     return psm_team_first_above(team, running, tiles, psm_pick(tile_bits, total));
 }
 
+/* How the first round of a draw reads an item's run: on OpenCL in 16-byte
+ * vectors, PSM_DRAW_VECTOR_RUN tokens at a time; on CUDA and HIP one logit
+ * at a time, because the filtered row kernel, which draws too, is at its
+ * register limit and the vectors' registers spill there (docs/ARCHITECTURE.md,
+ * "The GPU stages"). The same tokens in the same order either way. */
+#if PSM_PLATFORM_OPENCL
+#define PSM_DRAW_VECTOR_LOADS 1
+#else
+#define PSM_DRAW_VECTOR_LOADS 0
+#endif
+#define PSM_DRAW_VECTOR_RUN 8
+
+/* x[0 .. PSM_DRAW_VECTOR_RUN - 1] = the raw logits at offsets offset ..
+ * offset + 7 of a tile (offset a multiple of 8), -inf past its count
+ * tokens: 32 bytes of f32 or 16 of a 16-bit type, as vectors where the tile
+ * is aligned and they lie inside it. */
+PSM_DEVICE_FN void psm_load_draw_run(psm_tile_place tile, int offset, float *x)
+{
+    if (tile.aligned && offset + PSM_DRAW_VECTOR_RUN <= tile.count) {
+        PSM_GLOBAL const uint4 *vectors =
+            (PSM_GLOBAL const uint4 *)(tile.logits + offset * psm_element_bytes(tile.dtype));
+        psm_unpack_vector(vectors[0], tile.dtype, x);
+        if (tile.dtype == PSM_LOGITS_F32)
+            psm_unpack_vector(vectors[1], tile.dtype, x + 4);
+        return;
+    }
+#pragma unroll
+    for (int k = 0; k < PSM_DRAW_VECTOR_RUN; ++k)
+        x[k] = offset + k < tile.count ? psm_raw_logit(tile.logits, tile.dtype, offset + k)
+                                       : -INFINITY;
+}
+
 /* The second round of a draw: the slots of the holder's run that each item
  * weighs. One on a team at least as large as the run (CUDA, HIP, OpenCL
  * groups of 32 and more); PSM_TEAM_SLOTS / PSM_TEAM consecutive ones where
@@ -194,7 +226,16 @@ PSM_LOCAL_FN psm_drawn psm_stage_draw(PSM_TEAM_TYPE team, psm_tile_place tile, p
 {
     const int run_offset = team.lane * PSM_TEAM_SLOTS;
     psm_u64 run_weight = 0;
-    if (drawing) {
+    if (drawing && PSM_DRAW_VECTOR_LOADS) {
+        for (int s = 0; s < PSM_TEAM_SLOTS; s += PSM_DRAW_VECTOR_RUN) {
+            float x[PSM_DRAW_VECTOR_RUN];
+            psm_load_draw_run(tile, run_offset + s, x);
+#pragma unroll
+            for (int k = 0; k < PSM_DRAW_VECTOR_RUN; ++k)
+                run_weight += psm_kept_weight(rule, share.reference, psm_read_logit(x[k]),
+                                              (psm_u32)(tile.first + run_offset + s + k));
+        }
+    } else if (drawing) {
         /* Past the tile's end every slot is; stop there. */
         for (int s = 0; s < PSM_TEAM_SLOTS && run_offset + s < tile.count; ++s)
             run_weight += psm_kept_weight(

@@ -1077,7 +1077,7 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const unsigned char *row_base, const psm_
                             out + tile * PSM_TILE);
         return;
     }
-    for (psm_i64 sample = warp; sample < call.num_samples; sample += psm_gpu_block_warps<WarpSize>()) {
+    for (psm_i32 sample = warp; sample < call.num_samples; sample += psm_gpu_block_warps<WarpSize>()) {
         const psm_draw_bits bits = psm_sample_bits(p.seed, p.offset, p.stream, (psm_u32)sample);
         const psm_i32 tile = psm_draw_tile(team, tile_prefix, (psm_i32)tiles, bits.tile, total);
         const psm_drawn drawn =

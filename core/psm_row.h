@@ -5,8 +5,9 @@
  * layer. psm_contract.h defines the arithmetic that decides a token; this
  * header holds the row-level steps around it that the backends share: which
  * parameters apply to a row (the scalars or its entries in per-row arrays),
- * the gap bins of the cutoff searches, min-p's drop gap, and the search that
- * turns a draw's random integer into a tile or a token.
+ * the gap bins of the cutoff searches, min-p's drop gap, the search that
+ * turns a draw's random integer into a tile or a token, and the kept test
+ * of the GPU stages.
  */
 #ifndef PSM_ROW_H
 #define PSM_ROW_H
@@ -209,5 +210,74 @@ PSM_FN int psm_tile_needs_read(float maximum)
 #define PSM_LOGITS_F32 0
 #define PSM_LOGITS_F16 1
 #define PSM_LOGITS_BF16 2
+
+/* ---- the kept test ---------------------------------------------------------- */
+
+/* A filtered row's kept set (docs/SAMPLING.md section 4), as every GPU stage
+ * tests it: a valid token with rank key >= cutoff whose global weight g_i
+ * (against the row maximum M) is at least min_weight. Top-k's and top-p's
+ * kept set is a prefix of the rank order, hence one key; min-p's test is on
+ * g_i itself, because the weight is not monotone at its last bit. A row
+ * without filters has cutoff 0 and min_weight 0: every valid token. */
+typedef struct psm_kept_rule {
+    psm_u64 cutoff;     /* kept: rank key >= cutoff (0: any) */
+    psm_u64 min_weight; /* kept: g_i >= min_weight (0: no min-p) */
+    float row_max;      /* M */
+    float scale;        /* s */
+    float drop_gap;     /* with min-p: a gap to M at or above this weighs below min_weight */
+    int weight_bits;
+} psm_kept_rule;
+
+PSM_FN psm_kept_rule psm_make_kept_rule(psm_u64 cutoff, psm_u64 min_weight, float row_max,
+                                        float scale, int weight_bits)
+{
+    psm_kept_rule rule;
+    rule.cutoff = cutoff;
+    rule.min_weight = min_weight;
+    rule.row_max = row_max;
+    rule.scale = scale;
+    rule.drop_gap = min_weight != 0 ? psm_min_p_drop_gap(min_weight, weight_bits)
+                                    : psm_bits_float(0x7f800000u); /* +inf */
+    rule.weight_bits = weight_bits;
+    return rule;
+}
+
+/* Is the token kept? x after psm_read_logit (any class). The drop gap
+ * decides most of min-p's tokens without their weight; g_i is
+ * psm_weight_of_gap of the unclamped gap, equal to psm_weight of
+ * psm_scaled_gap since M >= x (psm_contract.h). */
+PSM_FN int psm_token_kept(psm_kept_rule rule, float x, psm_u32 token)
+{
+    if (psm_logit_class(x) != PSM_LOGIT_VALID)
+        return 0;
+    if (rule.cutoff != 0 && psm_rank_key(x, token) < rule.cutoff)
+        return 0;
+    if (rule.min_weight != 0) {
+        const float gap = psm_unclamped_gap(rule.row_max, x, rule.scale);
+        if (!(gap < rule.drop_gap) || psm_weight_of_gap(gap, rule.weight_bits) < rule.min_weight)
+            return 0;
+    }
+    return 1;
+}
+
+/* A token's weight within its tile: w_i against the tile's reference m_t
+ * (its largest kept logit, so m_t >= x) when the token is kept, else 0. */
+PSM_FN psm_u64 psm_kept_weight(psm_kept_rule rule, float reference, float x, psm_u32 token)
+{
+    return psm_token_kept(rule, x, token)
+               ? psm_weight_of_gap(psm_unclamped_gap(reference, x, rule.scale), rule.weight_bits)
+               : 0;
+}
+
+/* Can a tile whose largest rank key is tile_key (0: no valid logit) keep a
+ * token? Not when that key is below the cutoff, nor (min-p) when its logit
+ * is at or beyond the drop gap: every token of the tile then fails too. */
+PSM_FN int psm_tile_may_keep(psm_kept_rule rule, psm_u64 tile_key)
+{
+    if (tile_key == 0 || tile_key < rule.cutoff)
+        return 0;
+    return rule.min_weight == 0 ||
+           psm_unclamped_gap(rule.row_max, psm_rank_key_logit(tile_key), rule.scale) < rule.drop_gap;
+}
 
 #endif /* PSM_ROW_H */

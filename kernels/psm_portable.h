@@ -13,9 +13,11 @@
  *   (PSM_TEAM_TEMPLATE: both wave sizes are compiled into one HIP binary);
  *   on OpenCL it is PSM_TEAM consecutive work-items, a macro of the build
  *   option PSM_WG;
- * - team reductions: CUDA/HIP shuffles (the warp algorithms of
- *   backends/cuda/psm_gpu_warp.h on the hardware lanes of psm_gpu.h), OpenCL
- *   posts to local memory;
+ * - team reductions and searches over running sums: CUDA/HIP shuffles (the
+ *   warp algorithms of backends/cuda/psm_gpu_warp.h on the hardware lanes
+ *   of psm_gpu.h), OpenCL posts to local memory;
+ * - float64 (PSM_HAVE_FP64): everywhere but OpenCL devices without
+ *   cl_khr_fp64;
  * - the per-element instructions where a platform has a faster exact one
  *   (NaN-keeping max, half to float).
  * The tile's element layout and the loads that fill it are written once,
@@ -219,6 +221,100 @@ PSM_DEVICE_FN float psm_half_bits_float(psm_u16 bits)
 
 #else
 #error "psm_portable.h compiles as CUDA, HIP or OpenCL C only"
+#endif
+
+/* ---- team searches over running sums, float64 (the draw's) ----------------- */
+
+/* The item whose interval holds target, when the items' values laid end to
+ * end in lane order cover [0, total): its lane (-1 when target >= total)
+ * and its interval's begin, the exclusive scan of the values at it. Every
+ * item gets both. */
+typedef struct psm_team_holder {
+    int lane;
+    psm_u64 begin;
+} psm_team_holder;
+
+#if PSM_PLATFORM_GPU_CXX
+PSM_STAGE_BEGIN
+
+/* The warp's inclusive scan and a ballot (psm_gpu_warp.h's
+ * psm_warp_find_owner), then the holder's begin from its lane. */
+PSM_TEAM_TEMPLATE
+PSM_LOCAL_FN psm_team_holder psm_team_find_holder(PSM_TEAM_TYPE team, psm_u64 value,
+                                                  psm_u64 target, psm_no_posts)
+{
+    const psm_gpu_hardware_lanes<PSM_TEAM> lanes;
+    const psm_warp_owner<psm_u64> owner =
+        psm_warp_find_owner<PSM_TEAM>(value, target, team.lane, lanes);
+    psm_team_holder holder;
+    holder.lane = owner.lane;
+    holder.begin = lanes.exchange_from(owner.begin, owner.lane < 0 ? 0 : owner.lane);
+    return holder;
+}
+
+/* Running sums as psm_warp_upper_bound reads them. */
+struct psm_running_reader {
+    const psm_u64 *running;
+    PSM_DEVICE_FN psm_u64 operator()(long long index) const { return running[index]; }
+};
+
+/* The first index whose running sum exceeds target, for running sums in
+ * index order and target below the last (psm_first_above's answer); every
+ * item gets it. The warp reads WarpSize sums a round, about
+ * log_WarpSize(count) rounds where a binary search takes log2(count). */
+PSM_TEAM_TEMPLATE
+PSM_DEVICE_FN psm_i32 psm_team_first_above(PSM_TEAM_TYPE team, const psm_u64 *running,
+                                           psm_i32 count, psm_u64 target)
+{
+    const psm_running_reader reader = {running};
+    return (psm_i32)psm_warp_upper_bound<PSM_TEAM>(reader, (long long)count, target, team.lane,
+                                                   psm_gpu_hardware_lanes<PSM_TEAM>());
+}
+
+PSM_STAGE_END
+
+#define PSM_HAVE_FP64 1
+
+#else /* OpenCL */
+
+/* Each item walks its team's posts (a barrier after the posts): the scan
+ * and the search in one read. */
+PSM_LOCAL_FN psm_team_holder psm_team_find_holder(psm_team team, ulong value, ulong target,
+                                                  __local ulong *posts)
+{
+    __local const ulong *mine = posts + (get_local_id(0) - (uint)team.lane);
+    psm_team_holder holder;
+    holder.lane = -1;
+    holder.begin = 0;
+    ulong running = 0;
+    for (int j = 0; j < PSM_TEAM; ++j) {
+        const ulong posted = mine[j];
+        if (holder.lane < 0 && target < running + posted) {
+            holder.lane = j;
+            holder.begin = running;
+        }
+        running += posted;
+    }
+    (void)value; /* among the posts */
+    return holder;
+}
+
+/* Each item alike: a binary search needs no exchange, so no barrier. */
+PSM_DEVICE_FN int psm_team_first_above(psm_team team, __global const ulong *running, int count,
+                                       ulong target)
+{
+    (void)team;
+    return psm_first_above(running, count, target);
+}
+
+/* Float64 where the device has it (the draw's log-probabilities). */
+#ifdef cl_khr_fp64
+#pragma OPENCL EXTENSION cl_khr_fp64 : enable
+#define PSM_HAVE_FP64 1
+#else
+#define PSM_HAVE_FP64 0
+#endif
+
 #endif
 
 /* ---- a tile in a team's registers (both platforms) ----------------------- */

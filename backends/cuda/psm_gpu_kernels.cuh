@@ -17,9 +17,11 @@
  *     combines the tiles (row max M, greedy token, bad rows); with filters,
  *     finds the top-k / top-p cutoff and makes the tile masses over the kept
  *     set; then rescales the tile masses to the row (T_t), scans them, and
- *     draws each sample: the tile by a binary search over the scan, the
- *     token by a warp scan of w_i over that tile only. psm_probs runs the
- *     same kernel and writes the final distribution instead of drawing.
+ *     draws each sample: the tile by a warp search over the scan, the token
+ *     by warp scans of w_i over that tile only. psm_probs runs the same
+ *     kernel and writes the final distribution instead of drawing. The
+ *     kept tile masses, the draw and the distribution are the stages of
+ *     kernels/psm_stage_draw.h, shared with the OpenCL backend.
  *
  * Filtered rows: the row kernel bins the row's tokens by their gap to M,
  * gathers the tokens of the bin where the cutoff lies into a short list and
@@ -35,6 +37,7 @@
 #include "psm_contract.h"
 #include "psm_row.h"
 #include "psm_stage_tile.h"
+#include "psm_stage_draw.h"
 #include "polysample.h"
 
 namespace PSM_GPU_NAMESPACE {
@@ -401,36 +404,32 @@ struct psm_gpu_row_state {
     float scale;       /* s */
     psm_u64 cutoff;    /* kept: rank key >= cutoff (0: every valid token) */
     psm_u64 min_weight; /* kept: g_i >= min_weight (0: no min-p) */
-    float drop_gap;    /* with min-p: a gap to M at or above this weighs below min_weight */
     int filtered;      /* tile masses are made over the kept set here */
 };
 
-/* The contract's kept set (docs/SAMPLING.md section 4) for one logit. The
- * kept set of top-k and top-p is every key >= cutoff; min-p's test is on
- * g_i itself (the weight is not monotone at the last bit, so its kept set is
- * no prefix of the rank order), skipped where the gap alone decides it. */
-PSM_GPU_DEVICE int psm_gpu_is_kept(const psm_gpu_row_state &state, int weight_bits, float x,
-                                   psm_i64 token)
+/* The row's kept test (core/psm_row.h), once its cutoff is known. */
+PSM_GPU_DEVICE psm_kept_rule psm_gpu_kept_rule(const psm_gpu_call &call,
+                                               const psm_gpu_row_state &state)
 {
-    if (psm_logit_class(x) != PSM_LOGIT_VALID)
-        return 0;
-    if (state.cutoff != 0 && psm_rank_key(x, (psm_u32)token) < state.cutoff)
-        return 0;
-    if (state.min_weight != 0) {
-        const float gap = psm_unclamped_gap(state.row_max, x, state.scale);
-        if (!(gap < state.drop_gap) || psm_weight_of_gap(gap, weight_bits) < state.min_weight)
-            return 0;
-    }
-    return 1;
+    return psm_make_kept_rule(state.cutoff, state.min_weight, state.row_max, state.scale,
+                              call.weight_bits);
 }
 
-/* min-p's drop gap: g = floor(2^-r (1 + e) 2^(bits - n)) < 2^(bits - d + 1)
- * (|e| <= 1.1e-7, d = n + r exactly), so g >= threshold >= 2^L needs
- * d < bits + 1 - L, L = floor(log2(threshold)). */
-PSM_GPU_DEVICE float psm_gpu_min_p_drop_gap(psm_u64 threshold, int weight_bits)
+/* Tile `tile` of a row whose first element is row_base, for the stages of
+ * kernels/psm_stage_draw.h. */
+template <int Dtype>
+PSM_GPU_DEVICE psm_tile_place psm_gpu_tile_place(const psm_gpu_call &call,
+                                                 const unsigned char *row_base, psm_i64 tile)
 {
-    const int log2_floor = 63 - __clzll((long long)threshold);
-    return (float)(weight_bits + 1 - log2_floor);
+    const psm_i64 first = tile * PSM_TILE;
+    const psm_i64 remaining = call.vocab - first;
+    psm_tile_place place;
+    place.logits = row_base + first * psm_gpu_dtype_traits<Dtype>::element_bytes;
+    place.first = first;
+    place.count = remaining < PSM_TILE ? (int)remaining : PSM_TILE;
+    place.dtype = Dtype;
+    place.aligned = call.logits_aligned;
+    return place;
 }
 
 /* The radix histogram as psm_warp_search_running reads it: position p is
@@ -993,79 +992,60 @@ PSM_GPU_DEVICE void psm_gpu_list_masses(const psm_gpu_call &call, const psm_gpu_
     }
 }
 
-/* Tile masses over the kept set by reading the tiles (one warp per tile);
- * a tile whose best key is below the cutoff, or (min-p) whose maximum is
- * too far below M, keeps nothing and is not read. */
+/* Tile masses over the kept set by reading the tiles: one warp per tile,
+ * the stage of kernels/psm_stage_draw.h. */
 template <int WarpSize, int Dtype>
 PSM_GPU_DEVICE void psm_gpu_scan_masses(const unsigned char *row_base, const psm_gpu_call &call,
-                                        const psm_gpu_row_state &state, psm_gpu_row_split &split)
+                                        const psm_gpu_row_state &state, psm_kept_rule rule,
+                                        psm_gpu_row_split &split)
 {
-    const psm_gpu_hardware_lanes<WarpSize> lanes;
-    const int lane = threadIdx.x % WarpSize, warp = threadIdx.x / WarpSize;
+    const psm_team<WarpSize> team = psm_team_of_thread<WarpSize>();
+    const int warp = threadIdx.x / WarpSize;
     const psm_i64 warps = psm_gpu_block_warps<WarpSize>();
     psm_u64 *tile_key = call.tile_key + state.tile_base;
     psm_u64 *tile_mass = call.tile_mass + state.tile_base;
     /* Split rows: the tiles are dealt out over every warp of the row's blocks. */
     for (psm_i64 tile = split.part * warps + warp; tile < call.tiles_per_row;
          tile += split.parts * warps) {
-        const psm_i64 start = tile * PSM_TILE;
-        const psm_u64 tile_best = tile_key[tile]; /* launch 1: the unfiltered tile maximum */
-        int skip = tile_best == 0 || tile_best < state.cutoff;
-        if (!skip && state.min_weight != 0)
-            skip = !(psm_unclamped_gap(state.row_max, psm_rank_key_logit(tile_best), state.scale) <
-                     state.drop_gap);
-        psm_u64 best_key = 0, mass = 0;
-        if (!skip) {
-            float x[(PSM_TILE / WarpSize)];
-            psm_gpu_load_tile<WarpSize, Dtype>(call, row_base, start, lane, x);
-            float lane_max = -INFINITY;
-#pragma unroll
-            for (int slot = 0; slot < (PSM_TILE / WarpSize); ++slot) {
-                const float value = psm_read_logit(x[slot]);
-                x[slot] = psm_gpu_is_kept(state, call.weight_bits, value,
-                                          psm_gpu_tile_token<WarpSize, Dtype>(start, lane, slot))
-                              ? value
-                              : -INFINITY;
-                lane_max = fmaxf(lane_max, x[slot]);
-            }
-            const float kept_max = psm_warp_max<WarpSize>(lane_max, lanes);
-            if (kept_max != -INFINITY) {
-                /* A dropped token (-inf here) weighs 0: skip its weight, which
-                 * for min-p and top-p is most tokens of most tiles, so the
-                 * whole warp mostly skips it. */
-#pragma unroll
-                for (int slot = 0; slot < (PSM_TILE / WarpSize); ++slot)
-                    if (x[slot] != -INFINITY)
-                        mass += psm_weight_of_gap(psm_unclamped_gap(kept_max, x[slot], state.scale),
-                                                  call.weight_bits);
-                mass = psm_warp_sum<WarpSize>(mass, lanes);
-                /* Only the logit and non-zero-ness of this key are read later. */
-                best_key = psm_rank_key(kept_max, (psm_u32)start);
-            }
-        }
-        if (lane == 0) {
-            tile_key[tile] = best_key;
-            tile_mass[tile] = mass;
+        /* tile_key: launch 1's unfiltered tile maximum, until replaced here. */
+        const psm_kept_tile kept =
+            psm_stage_kept_masses(team, psm_gpu_tile_place<Dtype>(call, row_base, tile), rule,
+                                  tile_key[tile], psm_kept_posts());
+        if (team.lane == 0) {
+            /* Only the logit and non-zero-ness of this key are read later. */
+            tile_key[tile] = kept.maximum != -INFINITY
+                                 ? psm_rank_key(kept.maximum, (psm_u32)(tile * PSM_TILE))
+                                 : 0;
+            tile_mass[tile] = kept.mass;
         }
     }
     psm_gpu_row_barrier(split);
 }
 
-/* The running sums of T_t as psm_warp_upper_bound reads them. */
-struct psm_gpu_prefix_reader {
-    const psm_u64 *prefix;
-    PSM_GPU_DEVICE psm_u64 operator()(long long tile) const { return prefix[tile]; }
-};
+/* m_t, S_t and T_t of tile `tile` of a row (its entries in the workspace
+ * start at tile_base) whose T_t sum to total. */
+PSM_GPU_DEVICE psm_tile_share psm_gpu_tile_share(const psm_gpu_call &call, psm_i64 tile_base,
+                                                 psm_i64 tile, psm_u64 total)
+{
+    psm_tile_share share;
+    share.reference = psm_rank_key_logit(call.tile_key[tile_base + tile]);
+    share.mass = call.tile_mass[tile_base + tile];
+    share.rescaled = psm_tile_rescaled(call.tile_prefix + tile_base, (psm_i32)tile);
+    share.total = total;
+    return share;
+}
 
 /* From the tile masses over the kept set to the outputs: T_t and their scan,
- * then the draws or the probabilities. */
-template <int WarpSize, class Row>
-PSM_GPU_DEVICE void psm_gpu_finish_row(const Row &source, const psm_gpu_call &call,
-                                       const psm_gpu_row_state &state, const psm_row_params &p,
-                                       int probs_mode, psm_gpu_row_scratch<WarpSize> &scratch)
+ * then the draws (a warp per sample) or the probabilities (a warp per tile),
+ * the stages of kernels/psm_stage_draw.h. */
+template <int WarpSize, int Dtype>
+PSM_GPU_DEVICE void psm_gpu_finish_row(const unsigned char *row_base, const psm_gpu_call &call,
+                                       const psm_gpu_row_state &state, psm_kept_rule rule,
+                                       const psm_row_params &p, int probs_mode,
+                                       psm_gpu_row_scratch<WarpSize> &scratch)
 {
-    const psm_gpu_hardware_lanes<WarpSize> lanes;
-    const int lane = threadIdx.x % WarpSize, warp = threadIdx.x / WarpSize;
+    const psm_team<WarpSize> team = psm_team_of_thread<WarpSize>();
+    const int warp = threadIdx.x / WarpSize;
     const psm_i64 tiles = call.tiles_per_row;
     psm_u64 *tile_key = call.tile_key + state.tile_base;
     psm_u64 *tile_mass = call.tile_mass + state.tile_base;
@@ -1091,77 +1071,23 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const Row &source, const psm_gpu_call &ca
 
     if (probs_mode) {
         float *out = call.probs + state.row * call.probs_stride;
-        for (psm_i64 tile = warp; tile < tiles; tile += psm_gpu_block_warps<WarpSize>()) {
-            const psm_u64 key = tile_key[tile];
-            const psm_u64 tile_total = tile_mass[tile];
-            const psm_u64 rescaled = tile_prefix[tile] - (tile > 0 ? tile_prefix[tile - 1] : 0);
-            const float tile_max = psm_rank_key_logit(key);
-            const double tile_share = (double)rescaled / (double)total;
-            for (int r = 0; r < (PSM_TILE / WarpSize); ++r) {
-                const psm_i64 i = tile * PSM_TILE + r * WarpSize + lane;
-                if (i >= call.vocab)
-                    break;
-                float probability = 0.0f;
-                const float x = source.value(i);
-                if (key != 0 && tile_total != 0 && psm_gpu_is_kept(state, call.weight_bits, x, i)) {
-                    psm_u64 w = psm_weight_of_gap(psm_unclamped_gap(tile_max, x, state.scale), call.weight_bits);
-                    probability = (float)(((double)w / (double)tile_total) * tile_share);
-                }
-                out[i] = probability;
-            }
-        }
+        for (psm_i64 tile = warp; tile < tiles; tile += psm_gpu_block_warps<WarpSize>())
+            psm_stage_probs(team, psm_gpu_tile_place<Dtype>(call, row_base, tile), rule,
+                            psm_gpu_tile_share(call, state.tile_base, tile, total),
+                            out + tile * PSM_TILE);
         return;
     }
-
-    /* One warp per sample. Lane l owns the tile's tokens
-     * [l * per_lane, (l + 1) * per_lane), so that a scan of the lanes' sums
-     * gives running sums in index order. */
-    for (psm_i64 sample = warp; sample < call.num_samples; sample += psm_gpu_block_warps<WarpSize>()) {
+    for (psm_i32 sample = warp; sample < call.num_samples; sample += psm_gpu_block_warps<WarpSize>()) {
         const psm_draw_bits bits = psm_sample_bits(p.seed, p.offset, p.stream, (psm_u32)sample);
-        const psm_u64 tile_target = psm_pick(bits.tile, total);
-        /* The first tile whose prefix exceeds the target (target < total). */
-        const psm_gpu_prefix_reader prefixes = {tile_prefix};
-        const psm_i64 tile = psm_warp_upper_bound<WarpSize>(prefixes, tiles, tile_target, lane, lanes);
-        const psm_u64 tile_total = tile_mass[tile];
-        const psm_u64 rescaled = tile_prefix[tile] - (tile > 0 ? tile_prefix[tile - 1] : 0);
-        const float tile_max = psm_rank_key_logit(tile_key[tile]);
-        const psm_u64 token_target = psm_pick(bits.token, tile_total);
-
-        const psm_i64 lane_start = tile * PSM_TILE + (psm_i64)lane * (PSM_TILE / WarpSize);
-        psm_u64 lane_mass = 0;
-        for (int r = 0; r < (PSM_TILE / WarpSize); ++r) {
-            const psm_i64 i = lane_start + r;
-            if (i >= call.vocab)
-                break;
-            const float x = source.value(i);
-            if (psm_gpu_is_kept(state, call.weight_bits, x, i))
-                lane_mass += psm_weight_of_gap(psm_unclamped_gap(tile_max, x, state.scale), call.weight_bits);
-        }
-        const psm_warp_owner<psm_u64> owner =
-            psm_warp_find_owner<WarpSize>(lane_mass, token_target, lane, lanes);
-        /* Then the owner lane's tokens, one a lane (the same running sums
-         * in index order, from the owner's begin): the token whose interval
-         * holds the target. owner.lane < 0 cannot happen (the target is below
-         * the tile's mass); it would leave token -1. */
-        const int per_lane = PSM_TILE / WarpSize;
-        const psm_i64 owner_start = tile * PSM_TILE + (psm_i64)owner.lane * per_lane;
-        const psm_i64 i = owner_start + lane;
-        psm_u64 w = 0;
-        if (owner.lane >= 0 && lane < per_lane && i < call.vocab) {
-            const float x = source.value(i);
-            if (psm_gpu_is_kept(state, call.weight_bits, x, i))
-                w = psm_weight_of_gap(psm_unclamped_gap(tile_max, x, state.scale), call.weight_bits);
-        }
-        const psm_u64 owner_begin = lanes.exchange_from(owner.begin, owner.lane < 0 ? 0 : owner.lane);
-        const psm_warp_owner<psm_u64> chosen = psm_warp_find_owner<WarpSize>(
-            w, owner.lane < 0 ? 0 : token_target - owner_begin, lane, lanes);
-        if (lane == (chosen.lane < 0 || owner.lane < 0 ? 0 : chosen.lane)) {
-            const int found = chosen.lane >= 0 && owner.lane >= 0;
-            call.tokens[state.row * call.num_samples + sample] = found ? (psm_i32)i : -1;
+        const psm_i32 tile = psm_draw_tile(team, tile_prefix, (psm_i32)tiles, bits.tile, total);
+        const psm_drawn drawn =
+            psm_stage_draw(team, psm_gpu_tile_place<Dtype>(call, row_base, tile), rule,
+                           psm_gpu_tile_share(call, state.tile_base, tile, total), bits.token, 1,
+                           call.logprobs != nullptr, psm_draw_posts());
+        if (drawn.writes) {
+            call.tokens[state.row * call.num_samples + sample] = drawn.token;
             if (call.logprobs)
-                call.logprobs[state.row * call.num_samples + sample] =
-                    (float)log(((double)(found ? w : 0) / (double)tile_total) *
-                               ((double)rescaled / (double)total));
+                call.logprobs[state.row * call.num_samples + sample] = drawn.log_probability;
         }
     }
 }
@@ -1214,7 +1140,6 @@ PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scrat
         state.scale = psm_inverse_temperature_scale(p.temperature);
         state.cutoff = 0;
         state.min_weight = 0;
-        state.drop_gap = INFINITY;
         /* Launch 1 made no tile masses for these rows (the same test). */
         state.filtered = psm_may_filter(p.top_k, p.top_p, p.min_p, call.vocab);
         /* Only valid rows get here: their logits row lies inside the logits. */
@@ -1224,10 +1149,8 @@ PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scrat
             if (state.filtered) {
                 const int top_k_on = psm_top_k_active(p.top_k, (psm_i64)valid_count);
                 const int top_p_on = p.top_p < 1.0f;
-                if (p.min_p > 0.0f) {
+                if (p.min_p > 0.0f)
                     state.min_weight = psm_min_p_threshold(p.min_p, call.weight_bits);
-                    state.drop_gap = psm_gpu_min_p_drop_gap(state.min_weight, call.weight_bits);
-                }
                 int status = PSM_GPU_SELECT_LIST;
                 if (top_k_on || top_p_on) {
                     status = psm_gpu_select_cutoff<WarpSize, Dtype>(source.base, call, state, top_k_on,
@@ -1250,13 +1173,15 @@ PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scrat
                     if (part == 0) /* from the list alone: nothing to share */
                         psm_gpu_list_masses(call, state, *select);
                 } else {
-                    psm_gpu_scan_masses<WarpSize, Dtype>(source.base, call, state, split);
+                    psm_gpu_scan_masses<WarpSize, Dtype>(source.base, call, state,
+                                                         psm_gpu_kept_rule(call, state), split);
                 }
             }
         }
         if (part != 0) /* block 0 of a split row draws */
             continue;
-        psm_gpu_finish_row(source, call, state, p, ProbsMode, scratch);
+        psm_gpu_finish_row<WarpSize, Dtype>(source.base, call, state,
+                                            psm_gpu_kept_rule(call, state), p, ProbsMode, scratch);
         /* The next row reuses the scratch. */
         psm_gpu_block_barrier();
     }

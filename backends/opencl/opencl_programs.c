@@ -25,10 +25,15 @@ const char *const opencl_kernel_names[KERNEL_COUNT] = {
 
 /* ---- sources: embedded, or read from a tree in development mode --------- */
 
+/* The most source strings a program has: the headers psm_kernels.cl
+ * includes, then itself (backends/opencl/CMakeLists.txt lists them);
+ * load_sources refuses more. */
+#define PROGRAM_SOURCES_MAX 12
+
 typedef struct program_sources {
-    const char *texts[8];
-    size_t sizes[8];
-    char *owned[8];
+    const char *texts[PROGRAM_SOURCES_MAX];
+    size_t sizes[PROGRAM_SOURCES_MAX];
+    char *owned[PROGRAM_SOURCES_MAX];
     size_t count;
     uint64_t hash;
 } program_sources;
@@ -54,6 +59,10 @@ static psm_status load_sources(program_sources *sources)
     memset(sources, 0, sizeof *sources);
     const psm_environment *environment = psm_environment_of_creation();
     const char *root = environment ? environment->opencl_source_dir : NULL;
+    if (psm_opencl_embedded_source_count > PROGRAM_SOURCES_MAX)
+        return psm_set_error(PSM_ERR_INTERNAL,
+                             "OpenCL program: %zu source files, at most %d are supported",
+                             psm_opencl_embedded_source_count, PROGRAM_SOURCES_MAX);
     sources->count = psm_opencl_embedded_source_count;
     if (!root) {
         for (size_t i = 0; i < sources->count; ++i) {

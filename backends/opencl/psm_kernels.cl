@@ -48,6 +48,9 @@
  *   psm_draw         a team per (sample, row): picks the tile by binary
  *                    search of the prefix, then the token within the tile.
  *   psm_probs        a team per tile: the final distribution.
+ * psm_tile_filter, psm_draw and psm_probs are the stages of
+ * kernels/psm_stage_draw.h (shared with CUDA and HIP), with the kept test
+ * of core/psm_row.h.
  * With logit processing, three kernels run first ("logit processing" at the
  * end of this file) and the pipeline reads their output.
  * No kernel needs 64-bit atomics: 64-bit sums add posted partials, and the
@@ -78,12 +81,8 @@
 #ifndef PSM_STAGE_TILE_H
 #include "psm_stage_tile.h"
 #endif
-
-#ifdef cl_khr_fp64
-#pragma OPENCL EXTENSION cl_khr_fp64 : enable
-#define PSM_HAVE_FP64 1
-#else
-#define PSM_HAVE_FP64 0
+#ifndef PSM_STAGE_DRAW_H
+#include "psm_stage_draw.h"
 #endif
 
 #define PSM_BUCKETS 256
@@ -249,22 +248,46 @@ PSM_LOCAL_FN ulong psm_group_sum_u64(ulong value, __local ulong *posts)
     return total;
 }
 
-/* ---- reading a tile into an item's private slots ---------------------------
- * kernels/psm_portable.h defines the slots' layouts and loads them
- * (psm_team_load_tile); the tile's address decides whether it is read in
- * 16-byte vectors (a cl_mem is aligned far more than that, so only the row
- * stride decides). */
+/* ---- a tile and a row's kept test, for the stages of psm_stage_draw.h ---- */
 
-/* x[slot] = the raw logit at psm_slot_offset(slot) of the tile that starts
- * at token tile_start of the row whose first element is row_base, -inf past
- * the row's end (count tokens from tile_start). */
-static void psm_load_tile(__global const uchar *logits, int dtype, long row_base, int tile_start,
-                          int count, uint lane, int layout, float *x)
+/* The tile whose first token is `first` (count tokens) of the row whose
+ * first element is row_base. It is read in 16-byte vectors where its
+ * address allows (a cl_mem is aligned far more than that, so only the row
+ * stride decides). */
+static psm_tile_place psm_tile_place_of(__global const uchar *logits, int dtype, long row_base,
+                                        int first, int count)
 {
-    __global const uchar *tile = logits + (row_base + tile_start) * psm_element_bytes(dtype);
-    psm_team team;
-    team.lane = (int)lane;
-    psm_team_load_tile(team, tile, dtype, count, ((uintptr_t)tile & 15) == 0, layout, x);
+    psm_tile_place place;
+    place.logits = logits + (row_base + first) * psm_element_bytes(dtype);
+    place.first = first;
+    place.count = count;
+    place.dtype = dtype;
+    place.aligned = ((uintptr_t)place.logits & 15) == 0;
+    return place;
+}
+
+/* A row's kept test from the state the filter kernels left (cutoff 0 and
+ * min_weight 0 for rows without filters). */
+static psm_kept_rule psm_row_kept_rule(__global const psm_row_state *state,
+                                       const psm_row_params *p, int vocab)
+{
+    return psm_make_kept_rule(state->cutoff, state->min_weight, state->maximum,
+                              psm_inverse_temperature_scale(p->temperature),
+                              psm_weight_bits(vocab));
+}
+
+/* The masses that place tile `tile` of a row in its distribution. */
+static psm_tile_share psm_row_tile_share(__global const float *tile_ref,
+                                         __global const ulong *tile_mass,
+                                         __global const ulong *tile_prefix, long row_tiles,
+                                         int tile, ulong total)
+{
+    psm_tile_share share;
+    share.reference = tile_ref[row_tiles + tile];
+    share.mass = tile_mass[row_tiles + tile];
+    share.rescaled = psm_tile_rescaled(tile_prefix + row_tiles, tile);
+    share.total = total;
+    return share;
 }
 
 /* ---- row summary from the tile summaries of psm_tile_reduce -------------- */
@@ -1096,17 +1119,9 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global cons
 
 /* ---- kernel 3: tile masses over the kept tokens --------------------------- */
 
-static int psm_kept(float x, uint token, ulong cutoff, ulong min_weight, float maximum,
-                    float scale, int bits)
-{
-    if (!psm_is_valid(x) || psm_rank_key(x, token) < cutoff)
-        return 0;
-    return min_weight == 0 ||
-           psm_weight(psm_scaled_gap(maximum, x, scale), bits) >= min_weight;
-}
-
-/* One team per tile of the filtered rows, as psm_tile_reduce: (m_t, S_t)
- * over the kept tokens, two barriers per group. */
+/* One team per tile of the rows psm_row_filter filtered: (m_t, S_t) over
+ * the kept tokens, the stage of kernels/psm_stage_draw.h; two barriers per
+ * group. A tile that keeps nothing gets m_t -inf and S_t 0. */
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_tile_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key,
                 __global const psm_row_state *state, __global float *tile_ref,
@@ -1115,53 +1130,19 @@ psm_tile_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key,
     __local float posted_max[PSM_WG];
     __local ulong posted_mass[PSM_WG];
     const psm_team team = psm_team_of_item();
-    const uint lane = (uint)team.lane;
     const psm_team_tile where = psm_locate_tile(request.rows, request.vocab, request.tiles);
-    const uint row = where.row;
-    const long slot = where.slot;
-    const int first = where.first;
-    /* Teams past the last tile or in unfiltered rows only pass the barriers. */
-    const int active = where.in_range && state[row].filtered == PSM_FILTER_SCAN;
-    const ulong cutoff = state[row].cutoff;
-    /* A tile whose best key ranks below the cutoff keeps nothing. */
-    const int reachable = active && tile_key[slot] >= cutoff;
-    const ulong min_weight = state[row].min_weight;
-    const float row_maximum = state[row].maximum;
-    const psm_row_params p = PSM_RESOLVE_ROW(row);
-    const float scale = psm_inverse_temperature_scale(p.temperature);
-    const int bits = psm_weight_bits(request.vocab);
-
-    float x[PSM_TEAM_SLOTS];
-    float maximum = -INFINITY;
-    if (reachable) {
-        psm_load_tile(logits, request.dtype, PSM_ROW_BASE(p), first, where.count,
-                      lane, PSM_INTERLEAVED, x);
-#pragma unroll
-        for (int j = 0; j < PSM_TEAM_SLOTS; ++j) {
-            uint token = (uint)(first + psm_slot_offset(j, (int)lane, PSM_TEAM,
-                                                        psm_vector_shift(request.dtype),
-                                                        PSM_INTERLEAVED));
-            float value = psm_candidate_logit(x[j]);
-            x[j] = psm_kept(value, token, cutoff, min_weight, row_maximum, scale, bits)
-                       ? value
-                       : -INFINITY;
-            maximum = x[j] > maximum ? x[j] : maximum;
-        }
-    }
-    PSM_TEAM_POST(posted_max, maximum);
-    psm_team_barrier();
-    maximum = psm_team_max_f32(team, maximum, posted_max);
-    ulong mass = 0;
-    if (reachable && psm_is_valid(maximum))
-#pragma unroll
-        for (int j = 0; j < PSM_TEAM_SLOTS; ++j) /* x <= maximum: as in psm_tile_reduce */
-            mass += psm_weight_of_gap(psm_unclamped_gap(maximum, x[j], scale), bits);
-    ulong before;
-    mass = psm_posted_sum_u64(mass, lane, PSM_TEAM, posted_mass, &before);
-    if (active && lane == 0) {
-        if (reachable)
-            tile_ref[slot] = maximum;
-        tile_mass[slot] = mass;
+    /* Teams past the last tile or in unfiltered rows read nothing (key 0)
+     * and only pass the barriers. */
+    const int active = where.in_range && state[where.row].filtered == PSM_FILTER_SCAN;
+    const psm_row_params p = PSM_RESOLVE_ROW(where.row);
+    const psm_kept_posts posts = {.maximum = posted_max, .mass = posted_mass};
+    const psm_kept_tile kept = psm_stage_kept_masses(
+        team, psm_tile_place_of(logits, request.dtype, PSM_ROW_BASE(p), where.first, where.count),
+        psm_row_kept_rule(&state[where.row], &p, request.vocab),
+        active ? tile_key[where.slot] : 0ul, posts);
+    if (active && team.lane == 0) {
+        tile_ref[where.slot] = kept.maximum;
+        tile_mass[where.slot] = kept.mass;
     }
 }
 
@@ -1230,63 +1211,26 @@ psm_row_combine(PSM_REQUEST_PARAMS, __global const ulong *tile_key,
     }
 }
 
-/* ---- the kept tile weight of one token, shared by the draw and probs ------- */
-
-typedef struct psm_tile_view {
-    ulong cutoff;
-    ulong min_weight;
-    float row_maximum;
-    float reference;   /* m_t */
-    float scale;
-    int bits;
-} psm_tile_view;
-
-static ulong psm_tile_weight(const psm_tile_view *view, float x, uint token)
-{
-    if (!psm_kept(x, token, view->cutoff, view->min_weight, view->row_maximum, view->scale,
-                  view->bits))
-        return 0;
-    return psm_weight(psm_scaled_gap(view->reference, x, view->scale), view->bits);
-}
-
-/* (w / S) x (T / total), in double where the device has it. */
-static float psm_probability(ulong weight, ulong mass, ulong rescaled, ulong total)
-{
-#if PSM_HAVE_FP64
-    return (float)(((double)weight / (double)mass) * ((double)rescaled / (double)total));
-#else
-    return ((float)weight / (float)mass) * ((float)rescaled / (float)total);
-#endif
-}
-
-static float psm_log_probability(ulong weight, ulong mass, ulong rescaled, ulong total)
-{
-#if PSM_HAVE_FP64
-    return (float)log(((double)weight / (double)mass) * ((double)rescaled / (double)total));
-#else
-    return log(psm_probability(weight, mass, rescaled, total));
-#endif
-}
-
 /* ---- kernel 5: the draw --------------------------------------------------- */
 
 /* One team per (sample, row) pair, numbered row * num_samples + sample (the
- * output's place). The tile is found by binary search of the prefix (each
- * item alike), then read in the contiguous layout, so that the exclusive
- * scan of the items' sums places every token; one barrier per group. */
+ * output's place): the tile by binary search of the prefix (each item
+ * alike), then the token by the stage of kernels/psm_stage_draw.h; two
+ * barriers per group. */
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_draw(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulong *tile_mass,
          __global const ulong *tile_prefix, __global const psm_row_state *state,
          __global int *tokens, __global float *logprobs)
 {
-    __local ulong posted_weight[PSM_WG];
-    const uint lane = get_local_id(0) % PSM_TEAM;
+    __local ulong posted_run[PSM_WG];
+    __local ulong posted_part[PSM_WG];
+    const psm_team team = psm_team_of_item();
     const long out = psm_team_unit();
     const int active = out < (long)request.rows * request.num_samples;
     const uint row = active ? (uint)(out / request.num_samples) : 0u;
     const uint sample = (uint)(out - (long)row * request.num_samples);
     const int status = state[row].status;
-    if (active && status != PSM_ROW_SAMPLE && lane == 0) {
+    if (active && status != PSM_ROW_SAMPLE && team.lane == 0) {
         tokens[out] = status == PSM_ROW_GREEDY ? (int)state[row].greedy_token : -1;
         if (request.want_logprobs)
             logprobs[out] = status == PSM_ROW_GREEDY ? 0.0f : NAN;
@@ -1295,125 +1239,56 @@ psm_draw(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulon
     const psm_row_params p = PSM_RESOLVE_ROW(row);
     const long row_tiles = (long)row * request.tiles;
     const ulong total = state[row].total;
-    const psm_draw_bits random = psm_sample_bits(p.seed, p.offset, p.stream, sample);
-    /* The tile: the first whose inclusive prefix exceeds a. */
+    const psm_draw_bits bits = psm_sample_bits(p.seed, p.offset, p.stream, sample);
     const int tile =
-        drawing
-            ? psm_first_above(tile_prefix + row_tiles, request.tiles, psm_pick(random.tile, total))
-            : 0;
-    const ulong mass = tile_mass[row_tiles + tile];
-    const ulong rescaled =
-        tile_prefix[row_tiles + tile] - (tile > 0 ? tile_prefix[row_tiles + tile - 1] : 0);
-    const ulong b = psm_pick(random.token, mass);
+        drawing ? psm_draw_tile(team, tile_prefix + row_tiles, request.tiles, bits.tile, total) : 0;
     const int first = tile * PSM_TILE;
-
-    psm_tile_view view;
-    view.cutoff = state[row].cutoff;
-    view.min_weight = state[row].min_weight;
-    view.row_maximum = state[row].maximum;
-    view.reference = tile_ref[row_tiles + tile];
-    view.scale = psm_inverse_temperature_scale(p.temperature);
-    view.bits = psm_weight_bits(request.vocab);
-
-    float x[PSM_TEAM_SLOTS];
-    ulong own = 0;
-    if (drawing) {
-        psm_load_tile(logits, request.dtype, PSM_ROW_BASE(p), first,
-                      min(PSM_TILE, request.vocab - first), lane, PSM_CONTIGUOUS, x);
-#pragma unroll
-        for (int j = 0; j < PSM_TEAM_SLOTS; ++j) {
-            x[j] = psm_candidate_logit(x[j]);
-            own += psm_tile_weight(&view, x[j],
-                                   (uint)(first + psm_slot_offset(j, (int)lane, PSM_TEAM,
-                                                                  psm_vector_shift(request.dtype),
-                                                                  PSM_CONTIGUOUS)));
-        }
-    }
-    ulong running;
-    const ulong tile_total = psm_posted_sum_u64(own, lane, PSM_TEAM, posted_weight, &running);
-    if (!drawing)
-        return;
-    if (running <= b && b < running + own) {
-#pragma unroll
-        for (int j = 0; j < PSM_TEAM_SLOTS; ++j) {
-            uint token = (uint)(first + psm_slot_offset(j, (int)lane, PSM_TEAM,
-                                                        psm_vector_shift(request.dtype),
-                                                        PSM_CONTIGUOUS));
-            ulong weight = psm_tile_weight(&view, x[j], token);
-            running += weight;
-            if (running > b) {
-                tokens[out] = (int)token;
-                if (request.want_logprobs)
-                    logprobs[out] = psm_log_probability(weight, mass, rescaled, total);
-                break;
-            }
-        }
-    }
-    /* No item finds the token only if b is past the tile's weights:
-     * unreachable when the masses are consistent. */
-    if (lane == 0 && b >= tile_total) {
-        tokens[out] = -1;
+    const psm_draw_posts posts = {.run = posted_run, .part = posted_part};
+    const psm_drawn drawn = psm_stage_draw(
+        team,
+        psm_tile_place_of(logits, request.dtype, PSM_ROW_BASE(p), first,
+                          min(PSM_TILE, request.vocab - first)),
+        psm_row_kept_rule(&state[row], &p, request.vocab),
+        psm_row_tile_share(tile_ref, tile_mass, tile_prefix, row_tiles, tile, total), bits.token,
+        drawing, request.want_logprobs, posts);
+    if (drawn.writes) {
+        tokens[out] = drawn.token;
         if (request.want_logprobs)
-            logprobs[out] = NAN;
+            logprobs[out] = drawn.log_probability;
     }
 }
 
 /* ---- kernel 6: the final distribution ------------------------------------- */
 
-/* One team per tile; each item writes the probabilities of its own slots. */
+/* One team per tile: the stage of kernels/psm_stage_draw.h for sampled rows,
+ * a point mass or NaN for the others. */
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_probs(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulong *tile_mass,
           __global const ulong *tile_prefix, __global const psm_row_state *state,
           __global float *probs)
 {
-    const uint lane = get_local_id(0) % PSM_TEAM;
+    const psm_team team = psm_team_of_item();
     const psm_team_tile where = psm_locate_tile(request.rows, request.vocab, request.tiles);
     if (!where.in_range)
         return; /* no barrier below */
     const uint row = where.row;
-    const long slot = where.slot;
-    const int tile = where.tile;
-    const int first = where.first;
-    const int count = where.count;
-    const int vector_shift = psm_vector_shift(request.dtype);
-    __global float *out = probs + (long)row * request.probs_stride + first;
+    __global float *out = probs + (long)row * request.probs_stride + where.first;
     const int status = state[row].status;
-    const ulong mass = tile_mass[slot];
-    const ulong rescaled = tile_prefix[slot] - (tile > 0 ? tile_prefix[slot - 1] : 0);
-    if (status != PSM_ROW_SAMPLE || mass == 0 || rescaled == 0) {
+    if (status != PSM_ROW_SAMPLE) {
         const uint greedy = state[row].greedy_token;
-#pragma unroll
-        for (int j = 0; j < PSM_TEAM_SLOTS; ++j) {
-            int offset = psm_slot_offset(j, (int)lane, PSM_TEAM, vector_shift, PSM_INTERLEAVED);
-            if (offset < count)
-                out[offset] = status == PSM_ROW_BAD                        ? NAN
-                              : status == PSM_ROW_GREEDY &&
-                                      (uint)(first + offset) == greedy ? 1.0f
-                                                                           : 0.0f;
-        }
+        for (int offset = team.lane; offset < where.count; offset += PSM_TEAM)
+            out[offset] = status == PSM_ROW_BAD                                ? NAN
+                          : (uint)(where.first + offset) == greedy ? 1.0f
+                                                                   : 0.0f;
         return;
     }
     const psm_row_params p = PSM_RESOLVE_ROW(row);
-    const ulong total = state[row].total;
-    psm_tile_view view;
-    view.cutoff = state[row].cutoff;
-    view.min_weight = state[row].min_weight;
-    view.row_maximum = state[row].maximum;
-    view.reference = tile_ref[slot];
-    view.scale = psm_inverse_temperature_scale(p.temperature);
-    view.bits = psm_weight_bits(request.vocab);
-    float x[PSM_TEAM_SLOTS];
-    psm_load_tile(logits, request.dtype, PSM_ROW_BASE(p), first, count, lane,
-                  PSM_INTERLEAVED, x);
-#pragma unroll
-    for (int j = 0; j < PSM_TEAM_SLOTS; ++j) {
-        int offset = psm_slot_offset(j, (int)lane, PSM_TEAM, vector_shift, PSM_INTERLEAVED);
-        if (offset < count) {
-            ulong weight =
-                psm_tile_weight(&view, psm_candidate_logit(x[j]), (uint)(first + offset));
-            out[offset] = weight ? psm_probability(weight, mass, rescaled, total) : 0.0f;
-        }
-    }
+    psm_stage_probs(
+        team, psm_tile_place_of(logits, request.dtype, PSM_ROW_BASE(p), where.first, where.count),
+        psm_row_kept_rule(&state[row], &p, request.vocab),
+        psm_row_tile_share(tile_ref, tile_mass, tile_prefix, (long)row * request.tiles, where.tile,
+                           state[row].total),
+        out);
 }
 
 /* ---- logit processing (docs/SAMPLING.md section 1) ---------------------------

@@ -25,10 +25,14 @@ const char *const opencl_kernel_names[KERNEL_COUNT] = {
 
 /* ---- sources: embedded, or read from a tree in development mode --------- */
 
+/* The program's source strings (backends/opencl/CMakeLists.txt lists them):
+ * room for the stage headers still to come; load_sources refuses more. */
+#define PROGRAM_SOURCES_MAX 16
+
 typedef struct program_sources {
-    const char *texts[8];
-    size_t sizes[8];
-    char *owned[8];
+    const char *texts[PROGRAM_SOURCES_MAX];
+    size_t sizes[PROGRAM_SOURCES_MAX];
+    char *owned[PROGRAM_SOURCES_MAX];
     size_t count;
     uint64_t hash;
 } program_sources;
@@ -52,6 +56,10 @@ static uint64_t fnv1a(uint64_t hash, const char *bytes, size_t size)
 static psm_status load_sources(program_sources *sources)
 {
     memset(sources, 0, sizeof *sources);
+    if (psm_opencl_embedded_source_count > PROGRAM_SOURCES_MAX)
+        return psm_set_error(PSM_ERR_INTERNAL, "the OpenCL program has %zu source strings, "
+                                               "more than PROGRAM_SOURCES_MAX (%d)",
+                             psm_opencl_embedded_source_count, PROGRAM_SOURCES_MAX);
     const psm_environment *environment = psm_environment_of_creation();
     const char *root = environment ? environment->opencl_source_dir : NULL;
     sources->count = psm_opencl_embedded_source_count;

@@ -153,6 +153,27 @@ PSM_LOCAL_FN psm_u64 psm_radix_select(PSM_TEAM_TYPE team, const psm_reader *read
     return cutoff > lower_bound ? cutoff : lower_bound;
 }
 
+/* Ranks a candidate list (the keys of a gap-bin or lane-maxima gathering,
+ * `size` of them, at most 65536) by counting, which needs no sort because
+ * keys are unique: order[rank] = the index of the key of that rank (rank 0
+ * the largest key), weight[index] = the key's g_i against row_max. Every
+ * item of the group calls it; the caller's barrier must follow before order
+ * or weight is read. */
+PSM_LOCAL_FN void psm_rank_list(PSM_LOCAL const psm_u64 *keys, psm_u32 size,
+                                PSM_LOCAL psm_u16 *order, PSM_LOCAL psm_u64 *weight,
+                                float row_max, float scale, int weight_bits)
+{
+    for (psm_u32 j = (psm_u32)psm_group_item(); j < size; j += (psm_u32)psm_group_size()) {
+        const psm_u64 key = keys[j];
+        psm_u32 rank = 0;
+        for (psm_u32 m = 0; m < size; ++m)
+            rank += keys[m] > key ? 1u : 0u;
+        order[rank] = (psm_u16)j;
+        weight[j] = psm_weight_of_gap(
+            psm_unclamped_gap(row_max, psm_rank_key_logit(key), scale), weight_bits);
+    }
+}
+
 PSM_STAGE_END
 
 #endif /* PSM_STAGE_SELECT_H */

@@ -797,17 +797,9 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
             return PSM_GPU_SELECT_FALLBACK;
     }
 
-    /* Rank by counting (keys are unique), and g_i of each listed token. */
     const psm_u32 size = select.list_size;
-    for (psm_u32 j = threadIdx.x; j < size; j += blockDim.x) {
-        const psm_u64 key = select.list_key[j];
-        psm_u32 rank = 0;
-        for (psm_u32 m = 0; m < size; ++m)
-            rank += select.list_key[m] > key ? 1u : 0u;
-        select.order[rank] = (psm_u16)j;
-        select.list_weight[j] = psm_weight_of_gap(
-            psm_unclamped_gap(state.row_max, psm_rank_key_logit(key), state.scale), call.weight_bits);
-    }
+    psm_rank_list(select.list_key, size, select.order, select.list_weight, state.row_max,
+                  state.scale, call.weight_bits);
     psm_gpu_block_barrier();
 
     if (warp == 0) {

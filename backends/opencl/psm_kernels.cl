@@ -406,12 +406,6 @@ PSM_LOCAL_FN ulong psm_cutoff_over_row(psm_team team, const psm_reader *reader, 
     return listed > 0 ? lowest_selected : cutoff;
 }
 
-/* A candidate's global weight g_i, from its rank key. */
-static ulong psm_key_weight(ulong key, float maximum, float scale, int bits)
-{
-    return psm_weight(psm_scaled_gap(maximum, psm_rank_key_logit(key), scale), bits);
-}
-
 /* ---- the global path's candidate list ------------------------------------
  * A row too long for local memory is not read once per radix level. Each
  * level over global memory also counts its bucket's tokens; as soon as the
@@ -682,9 +676,9 @@ PSM_LOCAL_FN int psm_bin_collect(int active, __global const uchar *logits, int d
  * Every barrier is unconditional and every step is guarded by flags instead
  * of early returns, for PoCL's compiler (see psm_radix_collect). */
 
-/* Local memory for ranking a list of n keys: the keys, a weight per key and
- * a uint rank order. */
-#define PSM_RANKED_LIST_FITS(n, capacity) (5 * (long)(n) <= 2 * (long)(capacity))
+/* Local memory for ranking a list of n keys (psm_rank_list): the keys, a
+ * weight per key and a 16-bit rank order, 18 bytes a key. */
+#define PSM_RANKED_LIST_FITS(n, capacity) (9 * (long)(n) <= 4 * (long)(capacity))
 /* The lanes psm_row_top_k gathers from, at most (about k of them; more, and
  * the list would not fit either). */
 #define PSM_TOP_K_LANES 512
@@ -805,16 +799,8 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
     const int ranked = gathering && PSM_RANKED_LIST_FITS(shared_size, request.top_k_list_capacity);
     const uint n = ranked ? shared_size : 0u;
     __local ulong *weight = list + n;
-    __local uint *order = (__local uint *)(list + 2 * n);
-    if (ranked)
-        for (uint j = lid; j < n; j += PSM_WG) {
-            const ulong key = list[j];
-            uint rank = 0;
-            for (uint m = 0; m < n; ++m)
-                rank += list[m] > key ? 1u : 0u;
-            order[rank] = j;
-            weight[j] = psm_key_weight(key, summary.maximum, scale, bits);
-        }
+    __local ushort *order = (__local ushort *)(list + 2 * n);
+    psm_rank_list(list, n, order, weight, summary.maximum, scale, bits);
     barrier(CLK_LOCAL_MEM_FENCE);
 
     /* 5. Top-p on the top k: the first rank at which their running weight

@@ -134,7 +134,7 @@ PSM_STAGE_END
  *
  * Why: clang's interprocedural optimisation removes a static helper's
  * pointer parameter when every call passes the same kernel-scope __local
- * array (psm_descend, called twice from psm_row_filter), and the helper
+ * array (a helper a kernel calls twice on its buckets), and the helper
  * then names the array directly. PoCL gives each work-group its own copy
  * of a kernel's __local variables by rewriting their uses in the kernel
  * function only, so uses left in a helper address one copy that all the
@@ -435,5 +435,173 @@ PSM_DEVICE_FN void psm_team_load_tile(PSM_TEAM_TYPE team, PSM_GLOBAL const unsig
 }
 
 PSM_STAGE_END
+
+/* ---- group operations: the whole work-group (CUDA/HIP: the block) -------
+ * Row stages give a unit of work (a row) a whole group and combine its
+ * items' values over the group. Like the team reductions these are
+ * collective: every item of the group calls each one, under branches that
+ * are uniform over the group, and each ends with a barrier, so its scratch
+ * may be used again as soon as it returns. CUDA and HIP combine in two
+ * steps (the warp's shuffles, then one warp over the warps' values:
+ * psm_gpu_warp.h's block algorithms); OpenCL posts every item's value to
+ * local memory and each item reads all the group's posts (one barrier where
+ * a tree takes log2(PSM_WG)).
+ * PSM_LOCAL qualifies pointers to group-shared memory (a stage's scratch
+ * structs, declared by the entry: __shared__ on CUDA, __local on OpenCL).
+ * Local atomics add to group-shared counters; psm_local_add_u64 is exact on
+ * both (OpenCL C 1.2 has no 64-bit atomics: two 32-bit words with carry). */
+#if PSM_PLATFORM_GPU_CXX
+
+#define PSM_LOCAL
+/* Stages generic over where they read their entries (a "reader": a logits
+ * row in global memory, a list in local memory, ...) are templates over it
+ * here; on OpenCL the program defines one reader type, psm_reader. */
+#define PSM_TEAM_READER_TEMPLATE template <int PSM_TEAM, class psm_reader>
+
+PSM_STAGE_BEGIN
+
+/* A group of at most 32 warps (1024 threads), so that one warp combines the
+ * warps' values. */
+struct psm_group_scratch {
+    psm_u64 warp_values[32];
+    psm_u64 broadcast;
+};
+
+PSM_DEVICE_FN int psm_group_item(void)
+{
+    return (int)threadIdx.x;
+}
+
+PSM_DEVICE_FN int psm_group_size(void)
+{
+    return (int)blockDim.x;
+}
+
+PSM_DEVICE_FN void psm_group_barrier(void)
+{
+    psm_gpu_block_barrier();
+}
+
+#define PSM_GROUP_REDUCTION(name, warp_op)                                                      \
+    PSM_TEAM_TEMPLATE                                                                         \
+    PSM_LOCAL_FN psm_u64 name(PSM_TEAM_TYPE, psm_u64 value, psm_group_scratch *scratch)       \
+    {                                                                                         \
+        return psm_block_reduce<PSM_TEAM>(value, warp_op(), (int)threadIdx.x, (int)blockDim.x, \
+                                          scratch->warp_values, &scratch->broadcast,          \
+                                          psm_gpu_hardware_lanes<PSM_TEAM>(),                 \
+                                          psm_gpu_hardware_block());                          \
+    }
+PSM_GROUP_REDUCTION(psm_group_max_u64, psm_warp_op_max)
+PSM_GROUP_REDUCTION(psm_group_sum_u64, psm_warp_op_sum)
+
+/* Inclusive scan over the group in item order; *total gets the sum. */
+PSM_TEAM_TEMPLATE
+PSM_LOCAL_FN psm_u64 psm_group_inclusive_scan_u64(PSM_TEAM_TYPE, psm_u64 value, psm_u64 *total,
+                                                  psm_group_scratch *scratch)
+{
+    return psm_block_inclusive_scan<PSM_TEAM>(value, total, (int)threadIdx.x, (int)blockDim.x,
+                                              scratch->warp_values, &scratch->broadcast,
+                                              psm_gpu_hardware_lanes<PSM_TEAM>(),
+                                              psm_gpu_hardware_block());
+}
+
+/* Returns the value before the add. */
+PSM_DEVICE_FN psm_u32 psm_local_add_u32(psm_u32 *address, psm_u32 value)
+{
+    return psm_gpu_atomic_add_u32(address, value);
+}
+
+PSM_DEVICE_FN void psm_local_add_u64(psm_u64 *address, psm_u64 value)
+{
+    psm_gpu_atomic_add_u64((unsigned long long *)address, value);
+}
+
+PSM_STAGE_END
+
+#else /* OpenCL */
+
+#define PSM_LOCAL __local
+/* The program defines struct psm_reader and these functions after the
+ * stages that call them. */
+#define PSM_TEAM_READER_TEMPLATE
+typedef struct psm_reader psm_reader;
+PSM_LOCAL_FN long psm_reader_count(const psm_reader *reader);
+PSM_LOCAL_FN ulong psm_reader_key(const psm_reader *reader, long index, float *x);
+
+typedef struct psm_group_scratch {
+    ulong posts[PSM_WG];
+} psm_group_scratch;
+
+PSM_DEVICE_FN int psm_group_item(void)
+{
+    return (int)get_local_id(0);
+}
+
+PSM_DEVICE_FN int psm_group_size(void)
+{
+    return PSM_WG;
+}
+
+PSM_DEVICE_FN void psm_group_barrier(void)
+{
+    barrier(CLK_LOCAL_MEM_FENCE);
+}
+
+#define PSM_GROUP_REDUCTION(name, combine)                                                      \
+    PSM_LOCAL_FN ulong name(psm_team team, ulong value, __local psm_group_scratch *scratch)   \
+    {                                                                                         \
+        scratch->posts[get_local_id(0)] = value;                                              \
+        barrier(CLK_LOCAL_MEM_FENCE);                                                         \
+        ulong result = 0;                                                                     \
+        for (int j = 0; j < PSM_WG; ++j) {                                                    \
+            const ulong posted = scratch->posts[j];                                           \
+            result = combine;                                                                 \
+        }                                                                                     \
+        barrier(CLK_LOCAL_MEM_FENCE);                                                         \
+        return result;                                                                        \
+    }
+PSM_GROUP_REDUCTION(psm_group_max_u64, max(result, posted))
+PSM_GROUP_REDUCTION(psm_group_sum_u64, result + posted)
+
+PSM_LOCAL_FN ulong psm_group_inclusive_scan_u64(psm_team team, ulong value, ulong *total,
+                                                __local psm_group_scratch *scratch)
+{
+    const int item = (int)get_local_id(0);
+    scratch->posts[item] = value;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    ulong sum = 0, inclusive = 0;
+    for (int j = 0; j < PSM_WG; ++j) {
+        sum += scratch->posts[j];
+        inclusive = j == item ? sum : inclusive;
+    }
+    *total = sum;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    return inclusive;
+}
+
+PSM_LOCAL_FN uint psm_local_add_u32(__local uint *address, uint value)
+{
+    return atomic_add(address, value);
+}
+
+/* The low word's add returns the word before it, which tells whether it
+ * wrapped: then exactly one carries into the high word. Exact once every
+ * add has finished. */
+#ifdef __ENDIAN_LITTLE__
+#define PSM_LOW_WORD 0
+#else
+#define PSM_LOW_WORD 1
+#endif
+PSM_LOCAL_FN void psm_local_add_u64(__local ulong *address, ulong value)
+{
+    __local uint *words = (__local uint *)address;
+    const uint low = (uint)value;
+    const uint before = atomic_add(&words[PSM_LOW_WORD], low);
+    const uint high = (uint)(value >> 32) + (before + low < before ? 1u : 0u);
+    if (high != 0)
+        atomic_add(&words[1 - PSM_LOW_WORD], high);
+}
+
+#endif
 
 #endif /* PSM_PORTABLE_H */

@@ -38,6 +38,7 @@
 #include "psm_row.h"
 #include "psm_stage_tile.h"
 #include "psm_stage_draw.h"
+#include "psm_stage_select.h"
 #include "polysample.h"
 
 namespace PSM_GPU_NAMESPACE {
@@ -53,14 +54,10 @@ namespace PSM_GPU_NAMESPACE {
 #define PSM_GPU_ROW_THREADS 128
 #define PSM_GPU_ROW_BLOCKS_PER_SM 6
 #define PSM_GPU_ROW_THREADS_PLAIN 128
-/* Radix select digits: 8 bits, 256 buckets per level, 8 levels for 64 bits. */
-#define PSM_GPU_RADIX_BITS 8
-#define PSM_GPU_RADIX_BUCKETS 256
-#define PSM_GPU_RADIX_LEVELS 8
-
-/* The block algorithms combine one value per warp in a single warp. */
+/* The group operations (kernels/psm_portable.h) combine one value per warp
+ * in a single warp. */
 static_assert(PSM_GPU_ROW_THREADS <= 32 * 32,
-              "psm_block_reduce needs at most WarpSize warps a block, for WarpSize 32 too");
+              "psm_group_scratch holds at most 32 warps' values");
 
 /* The kernels test the logits' dtype by psm_dtype's values (the template
  * arguments) and the shared stages by core/psm_row.h's. */
@@ -172,11 +169,28 @@ PSM_GPU_DEVICE const unsigned char *psm_gpu_row_base(const psm_gpu_call &call, p
 template <int Dtype>
 struct psm_gpu_global_row {
     const unsigned char *base;
+    psm_i64 vocab;
     PSM_GPU_DEVICE float value(psm_i64 index) const
     {
         return psm_read_logit(psm_raw_logit(base, Dtype, index));
     }
 };
+
+/* The row as the shared selection stage reads it (a reader of
+ * kernels/psm_portable.h): every token, its rank key where it is valid. */
+template <int Dtype>
+PSM_GPU_DEVICE psm_i64 psm_reader_count(const psm_gpu_global_row<Dtype> *row)
+{
+    return row->vocab;
+}
+
+template <int Dtype>
+PSM_GPU_DEVICE psm_u64 psm_reader_key(const psm_gpu_global_row<Dtype> *row, psm_i64 index,
+                                      float *x)
+{
+    *x = row->value(index);
+    return psm_logit_class(*x) == PSM_LOGIT_VALID ? psm_rank_key(*x, (psm_u32)index) : 0;
+}
 
 /* Output row `row`'s parameters (core/psm_row.h). */
 PSM_GPU_DEVICE psm_row_params psm_gpu_row_params(const psm_gpu_call &call, psm_i64 row)
@@ -192,42 +206,11 @@ PSM_GPU_DEVICE int psm_gpu_block_warps(void)
     return (int)(blockDim.x / WarpSize);
 }
 
-template <int WarpSize>
+/* The row kernel's group-shared memory besides the filters' own. */
 struct psm_gpu_row_scratch {
-    psm_u32 bucket_count[PSM_GPU_RADIX_BUCKETS];
-    unsigned long long bucket_mass[PSM_GPU_RADIX_BUCKETS];
-    psm_u64 warp_values[PSM_GPU_ROW_THREADS / WarpSize];
-    psm_u64 broadcast[4];
+    psm_group_scratch group;
+    psm_radix_scratch radix;
 };
-
-/* The block algorithms of psm_gpu_warp.h on the hardware. */
-template <int WarpSize>
-PSM_GPU_DEVICE psm_u64 psm_gpu_block_max_u64(psm_u64 value, psm_gpu_row_scratch<WarpSize> &scratch)
-{
-    return psm_block_reduce<WarpSize>(value, psm_warp_op_max(), (int)threadIdx.x, (int)blockDim.x,
-                                      scratch.warp_values, &scratch.broadcast[0],
-                                      psm_gpu_hardware_lanes<WarpSize>(), psm_gpu_hardware_block());
-}
-
-template <int WarpSize>
-PSM_GPU_DEVICE psm_u64 psm_gpu_block_sum_u64(psm_u64 value, psm_gpu_row_scratch<WarpSize> &scratch)
-{
-    return psm_block_reduce<WarpSize>(value, psm_warp_op_sum(), (int)threadIdx.x, (int)blockDim.x,
-                                      scratch.warp_values, &scratch.broadcast[0],
-                                      psm_gpu_hardware_lanes<WarpSize>(), psm_gpu_hardware_block());
-}
-
-/* Inclusive scan over the block in thread order; *block_total gets the sum. */
-template <int WarpSize>
-PSM_GPU_DEVICE psm_u64 psm_gpu_block_inclusive_scan_u64(psm_u64 value, psm_u64 *block_total,
-                                                        psm_gpu_row_scratch<WarpSize> &scratch)
-{
-    return psm_block_inclusive_scan<WarpSize>(value, block_total, (int)threadIdx.x,
-                                              (int)blockDim.x, scratch.warp_values,
-                                              &scratch.broadcast[0],
-                                              psm_gpu_hardware_lanes<WarpSize>(),
-                                              psm_gpu_hardware_block());
-}
 
 /* Loads tile `tile_start` of a row into x, in the team layout of
  * kernels/psm_portable.h (interleaved: 16-byte vectors, consecutive lanes on
@@ -432,23 +415,6 @@ PSM_GPU_DEVICE psm_tile_place psm_gpu_tile_place(const psm_gpu_call &call,
     return place;
 }
 
-/* The radix histogram as psm_warp_search_running reads it: position p is
- * bucket 255 - p (keys in decreasing order); its amount is the bucket's
- * count or mass, and only non-empty buckets can be chosen. */
-template <int WarpSize>
-struct psm_gpu_bucket_totals {
-    const psm_gpu_row_scratch<WarpSize> *scratch;
-    int by_mass;
-    PSM_GPU_DEVICE psm_u64 amount(int position) const
-    {
-        const int b = PSM_GPU_RADIX_BUCKETS - 1 - position;
-        return by_mass ? (psm_u64)scratch->bucket_mass[b] : (psm_u64)scratch->bucket_count[b];
-    }
-    PSM_GPU_DEVICE bool eligible(int position) const
-    {
-        return scratch->bucket_count[PSM_GPU_RADIX_BUCKETS - 1 - position] > 0;
-    }
-};
 /* The top-p target from Z, the mass of the candidates. */
 struct psm_gpu_top_p_need {
     float top_p;
@@ -457,98 +423,6 @@ struct psm_gpu_top_p_need {
         return psm_top_p_target(row_mass, top_p);
     }
 };
-
-/* Radix select over the row's valid logits with rank key >= lower_bound, in
- * decreasing key order. By count: the cutoff that keeps exactly `need`
- * tokens. By mass (g_i against M): `need` is ignored; the target is
- * psm_top_p_target(Z, top_p) with Z the mass above lower_bound, and the
- * cutoff keeps the shortest prefix reaching it (at least one token).
- * Returns a key c such that the selected tokens are exactly those with
- * key >= c. Keys are unique (they carry the token), so the last level always
- * isolates one token. Called by the whole block. */
-template <int WarpSize, class Row>
-PSM_GPU_DEVICE psm_u64 psm_gpu_radix_select(const Row &source, const psm_gpu_call &call,
-                                            const psm_gpu_row_state &state,
-                                            psm_u64 lower_bound, int by_mass, psm_u64 need,
-                                            float top_p, psm_gpu_row_scratch<WarpSize> &scratch)
-{
-    const psm_gpu_hardware_lanes<WarpSize> lanes;
-    const int lane = threadIdx.x % WarpSize, warp = threadIdx.x / WarpSize;
-    psm_u64 prefix = 0; /* the digits chosen so far */
-    psm_u64 cutoff = lower_bound;
-
-    for (int level = 0; level < PSM_GPU_RADIX_LEVELS; ++level) {
-        const int shift = 64 - PSM_GPU_RADIX_BITS * (level + 1);
-        for (int b = threadIdx.x; b < PSM_GPU_RADIX_BUCKETS; b += blockDim.x) {
-            scratch.bucket_count[b] = 0;
-            scratch.bucket_mass[b] = 0;
-        }
-        psm_gpu_block_barrier();
-        for (psm_i64 i = threadIdx.x; i < call.vocab; i += blockDim.x) {
-            const float x = source.value(i);
-            if (psm_logit_class(x) != PSM_LOGIT_VALID)
-                continue;
-            const psm_u64 key = psm_rank_key(x, (psm_u32)i);
-            if (key < lower_bound)
-                continue;
-            if (level > 0 && (key >> (shift + PSM_GPU_RADIX_BITS)) != prefix)
-                continue;
-            const int bucket = (int)((key >> shift) & (PSM_GPU_RADIX_BUCKETS - 1));
-            psm_gpu_atomic_add_u32(&scratch.bucket_count[bucket], 1u);
-            if (by_mass)
-                psm_gpu_atomic_add_u64(
-                    &scratch.bucket_mass[bucket],
-                    psm_weight_of_gap(psm_unclamped_gap(state.row_max, x, state.scale), call.weight_bits));
-        }
-        psm_gpu_block_barrier();
-
-        /* Warp 0 finds the first bucket, from the top, that is non-empty and
-         * whose running total reaches need (psm_warp_search_running: lane l
-         * owns buckets 255 - l*buckets_per_lane downwards). By mass, at the
-         * first level, need comes from Z, the mass of the candidates. */
-        if (warp == 0) {
-            const psm_gpu_bucket_totals<WarpSize> totals = {&scratch, by_mass};
-            const psm_gpu_top_p_need top_p_need = {top_p};
-            const psm_warp_search<psm_u64> hit =
-                psm_warp_search_running<WarpSize, PSM_GPU_RADIX_BUCKETS / WarpSize>(
-                    totals, need, by_mass && level == 0, top_p_need, lane, lanes);
-            if (lane == (hit.winner < 0 ? 0 : hit.winner)) {
-                /* winner < 0 cannot happen (need never exceeds the total at
-                 * its level); stop with the whole prefix as a safe cutoff. */
-                scratch.broadcast[0] =
-                    (psm_u64)(hit.winner < 0 ? 0 : PSM_GPU_RADIX_BUCKETS - 1 - hit.position);
-                scratch.broadcast[1] = hit.before;
-                scratch.broadcast[2] = hit.need;
-                scratch.broadcast[3] = hit.winner < 0 ? 1u : 0u;
-            }
-        }
-        psm_gpu_block_barrier();
-        const psm_u64 bucket = scratch.broadcast[0];
-        const psm_u64 above = scratch.broadcast[1];
-        need = scratch.broadcast[2];
-        const int failed = (int)scratch.broadcast[3];
-        const psm_u32 bucket_count = scratch.bucket_count[bucket];
-        const psm_u64 bucket_value = by_mass ? (psm_u64)scratch.bucket_mass[bucket] : bucket_count;
-        psm_gpu_block_barrier();
-
-        const psm_u64 bucket_prefix = (prefix << PSM_GPU_RADIX_BITS) | bucket;
-        if (failed) {
-            cutoff = prefix << (shift + PSM_GPU_RADIX_BITS);
-            break;
-        }
-        /* The whole bucket is selected when it holds one token, or (by
-         * count) when it ends exactly at need. Then every key at or above
-         * bucket_prefix << shift is selected and nothing below. */
-        if (bucket_count == 1 || (!by_mass && above + bucket_value == need) ||
-            level == PSM_GPU_RADIX_LEVELS - 1) {
-            cutoff = bucket_prefix << shift;
-            break;
-        }
-        prefix = bucket_prefix;
-        need -= above;
-    }
-    return cutoff > lower_bound ? cutoff : lower_bound;
-}
 
 /* Outputs of a row that has no distribution: bad (token -1, NaN) or greedy
  * (the argmax, logprob 0, a point mass). */
@@ -922,17 +796,9 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
             return PSM_GPU_SELECT_FALLBACK;
     }
 
-    /* Rank by counting (keys are unique), and g_i of each listed token. */
     const psm_u32 size = select.list_size;
-    for (psm_u32 j = threadIdx.x; j < size; j += blockDim.x) {
-        const psm_u64 key = select.list_key[j];
-        psm_u32 rank = 0;
-        for (psm_u32 m = 0; m < size; ++m)
-            rank += select.list_key[m] > key ? 1u : 0u;
-        select.order[rank] = (psm_u16)j;
-        select.list_weight[j] = psm_weight_of_gap(
-            psm_unclamped_gap(state.row_max, psm_rank_key_logit(key), state.scale), call.weight_bits);
-    }
+    psm_rank_list(select.list_key, size, select.order, select.list_weight, state.row_max,
+                  state.scale, call.weight_bits);
     psm_gpu_block_barrier();
 
     if (warp == 0) {
@@ -1042,7 +908,7 @@ template <int WarpSize, int Dtype>
 PSM_GPU_DEVICE void psm_gpu_finish_row(const unsigned char *row_base, const psm_gpu_call &call,
                                        const psm_gpu_row_state &state, psm_kept_rule rule,
                                        const psm_row_params &p, int probs_mode,
-                                       psm_gpu_row_scratch<WarpSize> &scratch)
+                                       psm_gpu_row_scratch &scratch)
 {
     const psm_team<WarpSize> team = psm_team_of_thread<WarpSize>();
     const int warp = threadIdx.x / WarpSize;
@@ -1061,7 +927,7 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const unsigned char *row_base, const psm_
                 tile_mass[tile],
                 psm_scaled_gap(state.row_max, psm_rank_key_logit(tile_key[tile]), state.scale));
         psm_u64 chunk_total;
-        psm_u64 inclusive = psm_gpu_block_inclusive_scan_u64(rescaled, &chunk_total, scratch);
+        psm_u64 inclusive = psm_group_inclusive_scan_u64(team, rescaled, &chunk_total, &scratch.group);
         if (tile < tiles)
             tile_prefix[tile] = carry + inclusive;
         carry += chunk_total;
@@ -1097,9 +963,10 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const unsigned char *row_base, const psm_
  * memory); the other runs plain and greedy rows. ProbsMode: write
  * psm_probs' distribution instead of drawing. */
 template <int WarpSize, int Dtype, bool Filtered, bool ProbsMode>
-PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scratch<WarpSize> &scratch,
+PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scratch &scratch,
                                      psm_gpu_select_scratch *select)
 {
+    const psm_team<WarpSize> team = psm_team_of_thread<WarpSize>();
     /* A split launch has row_parts blocks per row and one row per block
      * group; otherwise blocks take rows in turn. */
     const int part = (int)(blockIdx.x % call.row_parts);
@@ -1118,9 +985,9 @@ PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scrat
             valid_count += info & PSM_TILE_COUNT_MASK;
             bad |= (info & PSM_TILE_BAD_FLAG) ? 1u : 0u;
         }
-        best_key = psm_gpu_block_max_u64(best_key, scratch);
-        valid_count = psm_gpu_block_sum_u64(valid_count, scratch);
-        bad = (psm_u32)psm_gpu_block_max_u64(bad, scratch);
+        best_key = psm_group_max_u64(team, best_key, &scratch.group);
+        valid_count = psm_group_sum_u64(team, valid_count, &scratch.group);
+        bad = (psm_u32)psm_group_max_u64(team, bad, &scratch.group);
 
         if (bad || valid_count == 0 || !p.valid) {
             if (part == 0)
@@ -1143,7 +1010,8 @@ PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scrat
         /* Launch 1 made no tile masses for these rows (the same test). */
         state.filtered = psm_may_filter(p.top_k, p.top_p, p.min_p, call.vocab);
         /* Only valid rows get here: their logits row lies inside the logits. */
-        psm_gpu_global_row<Dtype> source = {psm_gpu_row_base<Dtype>(call, p.logits_row)};
+        psm_gpu_global_row<Dtype> source = {psm_gpu_row_base<Dtype>(call, p.logits_row),
+                                            call.vocab};
 
         if constexpr (Filtered) {
             if (state.filtered) {
@@ -1162,11 +1030,13 @@ PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scrat
                         state.cutoff = best_key;
                     } else {
                         if (top_k_on)
-                            state.cutoff = psm_gpu_radix_select(source, call, state, 0, 0,
-                                                                (psm_u64)p.top_k, 1.0f, scratch);
+                            state.cutoff = psm_radix_select(
+                                team, &source, 0, 0, (psm_u64)p.top_k, 1.0f, state.row_max,
+                                state.scale, call.weight_bits, &scratch.radix, &scratch.group);
                         if (top_p_on)
-                            state.cutoff = psm_gpu_radix_select(source, call, state, state.cutoff,
-                                                                1, 0, p.top_p, scratch);
+                            state.cutoff = psm_radix_select(
+                                team, &source, state.cutoff, 1, 0, p.top_p, state.row_max,
+                                state.scale, call.weight_bits, &scratch.radix, &scratch.group);
                     }
                 }
                 if (top_k_on && status == PSM_GPU_SELECT_LIST) {
@@ -1191,7 +1061,7 @@ template <int WarpSize, int Dtype, bool Filtered, bool ProbsMode>
 PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_ROW_THREADS, PSM_GPU_ROW_BLOCKS_PER_SM)
     psm_gpu_row_kernel(const psm_gpu_call call)
 {
-    __shared__ psm_gpu_row_scratch<WarpSize> scratch;
+    __shared__ psm_gpu_row_scratch scratch;
     if constexpr (psm_gpu_wave_compiled<WarpSize>()) {
         if constexpr (Filtered) {
             __shared__ psm_gpu_select_scratch select;

@@ -26,9 +26,9 @@ const char *const opencl_kernel_names[KERNEL_COUNT] = {
 /* ---- sources: embedded, or read from a tree in development mode --------- */
 
 /* The most source strings a program has: the headers psm_kernels.cl
- * includes, then itself (backends/opencl/CMakeLists.txt lists them);
- * load_sources refuses more. */
-#define PROGRAM_SOURCES_MAX 12
+ * includes, then itself (backends/opencl/CMakeLists.txt lists them), with
+ * room for the stage headers still to come; load_sources refuses more. */
+#define PROGRAM_SOURCES_MAX 16
 
 typedef struct program_sources {
     const char *texts[PROGRAM_SOURCES_MAX];
@@ -57,6 +57,10 @@ static uint64_t fnv1a(uint64_t hash, const char *bytes, size_t size)
 static psm_status load_sources(program_sources *sources)
 {
     memset(sources, 0, sizeof *sources);
+    if (psm_opencl_embedded_source_count > PROGRAM_SOURCES_MAX)
+        return psm_set_error(PSM_ERR_INTERNAL, "the OpenCL program has %zu source strings, "
+                                               "more than PROGRAM_SOURCES_MAX (%d)",
+                             psm_opencl_embedded_source_count, PROGRAM_SOURCES_MAX);
     const psm_environment *environment = psm_environment_of_creation();
     const char *root = environment ? environment->opencl_source_dir : NULL;
     if (psm_opencl_embedded_source_count > PROGRAM_SOURCES_MAX)

@@ -31,9 +31,10 @@
  *                    list. The row is not read again (the next two skip
  *                    it); rows it cannot finish go on to psm_row_filter.
  *   psm_row_filter   a group per row, only when a filter may be active:
- *                    finds the top-k / top-p cutoff key by radix descent over
- *                    psm_rank_key (counts for top-k, exact 64-bit masses per
- *                    bucket for top-p) and the min-p weight threshold. A row
+ *                    finds the top-k / top-p cutoff key by the radix select
+ *                    of kernels/psm_stage_select.h (shared with CUDA and
+ *                    HIP: counts for top-k, exact 64-bit masses per bucket
+ *                    for top-p) and the min-p weight threshold. A row
  *                    that fits in local memory is read once. A longer one is
  *                    read once to tally its tokens by gap to M and once to
  *                    collect the keys of the bin holding the cutoff
@@ -81,11 +82,12 @@
 #ifndef PSM_STAGE_TILE_H
 #include "psm_stage_tile.h"
 #endif
+#ifndef PSM_STAGE_SELECT_H
+#include "psm_stage_select.h"
+#endif
 #ifndef PSM_STAGE_DRAW_H
 #include "psm_stage_draw.h"
 #endif
-
-#define PSM_BUCKETS 256
 
 /* This compiler lays the host's structs out as the host does (see
  * psm_opencl_request.h); the build fails otherwise. */
@@ -204,8 +206,8 @@ static psm_team_tile psm_locate_tile(int rows, int vocab, int tiles)
  * `members` items (its team with PSM_TEAM, the whole group with PSM_WG),
  * member being its own place among them. A posts array is written again only
  * after another barrier has followed every read of it: the tile kernels give
- * each round its own array; psm_row_filter's group rounds end with a barrier
- * (psm_group_sum_u64). */
+ * each round its own array; psm_row_filter's group rounds use the layer's
+ * group operations, which end with a barrier. */
 
 PSM_LOCAL_FN ulong psm_posted_max_u64(ulong value, uint member, uint members,
                                       __local ulong *posts)
@@ -236,15 +238,6 @@ PSM_LOCAL_FN ulong psm_posted_sum_u64(ulong value, uint member, uint members,
         total += posted;
     }
     *before = earlier;
-    return total;
-}
-
-/* The sum over the whole group, ready for the next round on the same posts. */
-PSM_LOCAL_FN ulong psm_group_sum_u64(ulong value, __local ulong *posts)
-{
-    ulong before;
-    ulong total = psm_posted_sum_u64(value, get_local_id(0), PSM_WG, posts, &before);
-    barrier(CLK_LOCAL_MEM_FENCE);
     return total;
 }
 
@@ -379,12 +372,13 @@ psm_tile_reduce(PSM_REQUEST_PARAMS, __global ulong *tile_key, __global uint *til
 
 /* Where psm_row_filter's searches read the candidates' rank keys: the row
  * itself (from its on-chip copy when it fits in local memory, else from
- * global memory), or the list of keys psm_radix_collect gathered. */
+ * global memory), or the list of keys psm_radix_collect gathered. This is
+ * the reader of kernels/psm_stage_select.h. */
 #define PSM_SOURCE_GLOBAL 0
 #define PSM_SOURCE_CACHE 1
 #define PSM_SOURCE_LIST 2
 
-typedef struct psm_key_source {
+struct psm_reader {
     __global const uchar *logits;
     __local const float *cache;  /* the row's candidate values (PSM_SOURCE_CACHE) */
     __local const ulong *list;   /* candidate keys (PSM_SOURCE_LIST) */
@@ -392,141 +386,47 @@ typedef struct psm_key_source {
     int dtype;
     int kind;
     int count;                   /* the row's tokens, or the list's keys */
-} psm_key_source;
+};
 
-/* Entry i's rank key, 0 when it is no candidate (not a valid token). */
-PSM_LOCAL_FN ulong psm_source_key(const psm_key_source *source, int i)
+PSM_LOCAL_FN long psm_reader_count(const psm_reader *reader)
 {
-    if (source->kind == PSM_SOURCE_LIST)
-        return source->list[i];
-    float x = source->kind == PSM_SOURCE_CACHE
-                  ? source->cache[i]
-                  : psm_load_candidate(source->logits, source->dtype, source->base + i);
-    return psm_is_valid(x) ? psm_rank_key(x, (uint)i) : 0;
+    return reader->count;
 }
 
-/* A candidate's global weight g_i, from its rank key. */
-static ulong psm_key_weight(ulong key, float maximum, float scale, int bits)
+/* Entry i's rank key, 0 when it is no candidate (not a valid token); *x
+ * gets its value. */
+PSM_LOCAL_FN ulong psm_reader_key(const psm_reader *reader, long i, float *x)
 {
-    return psm_weight(psm_scaled_gap(maximum, psm_rank_key_logit(key), scale), bits);
-}
-
-/* Adds a 64-bit mass to a bucket kept as two 32-bit words: a wrapped low
- * word carries exactly one into the high word. */
-PSM_LOCAL_FN void psm_bucket_add(__local uint *bucket_low, __local uint *bucket_high, uint digit,
-                                 ulong g)
-{
-    uint low = (uint)g;
-    uint old = atomic_add(&bucket_low[digit], low);
-    uint carry = (old + low < old) ? 1u : 0u;
-    uint high = (uint)(g >> 32) + carry;
-    if (high)
-        atomic_add(&bucket_high[digit], high);
-}
-
-/* The highest bucket at which the running amount from the top reaches want;
- * *above grows by the amount of the buckets above it. */
-PSM_LOCAL_FN uint psm_choose_bucket(__local const uint *bucket_low,
-                                    __local const uint *bucket_high, ulong want, ulong *above)
-{
-    for (int digit = PSM_BUCKETS - 1; digit >= 0; --digit) {
-        ulong amount = ((ulong)bucket_high[digit] << 32) | bucket_low[digit];
-        if (*above + amount >= want)
-            return (uint)digit;
-        *above += amount;
+    if (reader->kind == PSM_SOURCE_LIST) {
+        const ulong key = reader->list[i];
+        *x = psm_rank_key_logit(key);
+        return key;
     }
-    return 0;
+    *x = reader->kind == PSM_SOURCE_CACHE
+             ? reader->cache[i]
+             : psm_load_candidate(reader->logits, reader->dtype, reader->base + i);
+    return psm_is_valid(*x) ? psm_rank_key(*x, (uint)i) : 0;
 }
 
-/* Radix descent over the full 64-bit rank keys (8 bits per level) of the
- * candidates with key >= floor_key: the key of the want-th candidate in rank
- * order (counting mode), or the key at which the running sum of global
- * weights first reaches want (mass mode; candidates of weight 0 do not
- * count). The key holds the token, so the last level leaves one candidate
- * and no tie needs a separate search. As soon as the chosen bucket holds a
- * single candidate, the remaining levels do nothing (their barriers stay,
- * unconditional: see psm_row_top_k on PoCL) and one pass over the source
- * finds that candidate; most rows get there in two or three levels. */
-PSM_LOCAL_FN ulong psm_descend(const psm_key_source *source, ulong floor_key, int mass_mode,
-                               ulong want, float maximum, float scale, int bits,
-                               __local uint *bucket_low, __local uint *bucket_high,
-                               __local uint *bucket_count, __local uint *shared_choice,
-                               __local ulong *shared_above, __local ulong *shared_key)
+/* A cutoff of psm_radix_select over this reader as a cutoff over the row.
+ * Over the row or its copy it is one already. A list leaves out some of the
+ * row's tokens (those of weight 0, those below the bin or bucket it
+ * gathered), which may lie between the cutoff (a bucket's start) and the
+ * smallest selected key: over a list the cutoff is that key. Every item
+ * calls it, whatever the reader (the group operation holds barriers, which
+ * PoCL compiles slowly inside a branch). */
+PSM_LOCAL_FN ulong psm_cutoff_over_row(psm_team team, const psm_reader *reader, ulong cutoff,
+                                       __local psm_group_scratch *group)
 {
-    const uint lid = get_local_id(0);
-    ulong prefix = 0, prefix_mask = 0, above = 0;
-    int single = 0;
-    for (int shift = 56; shift >= 0; shift -= 8) {
-        if (!single)
-            for (int b = lid; b < PSM_BUCKETS; b += PSM_WG) {
-                bucket_low[b] = 0;
-                bucket_high[b] = 0;
-                bucket_count[b] = 0;
-            }
-        barrier(CLK_LOCAL_MEM_FENCE);
-        const int count = single ? 0 : source->count;
-        for (int i = lid; i < count; i += PSM_WG) {
-            ulong key = psm_source_key(source, i);
-            if (key == 0 || key < floor_key || (key & prefix_mask) != prefix)
-                continue;
-            uint digit = (uint)(key >> shift) & 0xffu;
-            if (mass_mode) {
-                ulong g = psm_key_weight(key, maximum, scale, bits);
-                if (g == 0)
-                    continue;
-                psm_bucket_add(bucket_low, bucket_high, digit, g);
-            }
-            atomic_inc(&bucket_count[digit]);
-        }
-        barrier(CLK_LOCAL_MEM_FENCE);
-        if (lid == 0 && !single) {
-            /* Counting mode reads the counts (its high words stay 0). */
-            const uint chosen = psm_choose_bucket(mass_mode ? bucket_low : bucket_count,
-                                                  bucket_high, want, &above);
-            /* The choice in the low byte, "a single candidate" above it. */
-            *shared_choice = chosen | (bucket_count[chosen] == 1 ? 0x100u : 0u);
-            *shared_above = above;
-        }
-        barrier(CLK_LOCAL_MEM_FENCE);
-        if (!single) {
-            const uint choice = *shared_choice;
-            prefix |= (ulong)(choice & 0xffu) << shift;
-            prefix_mask |= (ulong)0xffu << shift;
-            above = *shared_above;
-            single = (choice & 0x100u) && shift > 0;
-        }
-        barrier(CLK_LOCAL_MEM_FENCE);
+    const int listed = reader->kind == PSM_SOURCE_LIST ? reader->count : 0;
+    ulong lowest = ~0ul;
+    for (int i = get_local_id(0); i < listed; i += PSM_WG) {
+        const ulong key = reader->list[i];
+        if (key >= cutoff && key < lowest)
+            lowest = key;
     }
-    if (single) {
-        for (int i = lid; i < source->count; i += PSM_WG) {
-            ulong key = psm_source_key(source, i);
-            if (key == 0 || key < floor_key || (key & prefix_mask) != prefix)
-                continue;
-            if (!mass_mode || psm_key_weight(key, maximum, scale, bits) != 0)
-                *shared_key = key;
-        }
-    }
-    barrier(CLK_LOCAL_MEM_FENCE);
-    const ulong found = single ? *shared_key : prefix;
-    barrier(CLK_LOCAL_MEM_FENCE);
-    return found;
-}
-
-/* The top-p target over the candidates with key >= floor_key: a target of 0
- * keeps one token, as a target of 1 does (the top token alone weighs
- * 2^bits). */
-PSM_LOCAL_FN ulong psm_top_p_target_from(const psm_key_source *source, ulong floor_key,
-                                         float top_p, float maximum, float scale, int bits,
-                                         __local ulong *scratch)
-{
-    ulong mass = 0;
-    for (int i = get_local_id(0); i < source->count; i += PSM_WG) {
-        ulong key = psm_source_key(source, i);
-        if (key != 0 && key >= floor_key)
-            mass += psm_key_weight(key, maximum, scale, bits);
-    }
-    mass = psm_group_sum_u64(mass, scratch);
-    return max(psm_top_p_target(mass, top_p), (ulong)1);
+    const ulong lowest_selected = ~psm_group_max_u64(team, ~lowest, group);
+    return listed > 0 ? lowest_selected : cutoff;
 }
 
 /* ---- the global path's candidate list ------------------------------------
@@ -534,7 +434,7 @@ PSM_LOCAL_FN ulong psm_top_p_target_from(const psm_key_source *source, ulong flo
  * level over global memory also counts its bucket's tokens; as soon as the
  * tokens the remaining search needs fit in local memory, one more pass
  * appends their rank keys there (in any order: a key holds its value and its
- * token) and the rest of the search (psm_descend), top-p after top-k
+ * token) and the rest of the search (psm_radix_select), top-p after top-k
  * included, runs on that list. The keys found are those of the definitions;
  * only where the search looks changes. */
 
@@ -554,8 +454,8 @@ PSM_LOCAL_FN ulong psm_top_p_target_from(const psm_key_source *source, ulong flo
 PSM_LOCAL_FN int psm_radix_collect(int active, __global const uchar *logits, int dtype, long base,
                                    int vocab, int mass_mode, ulong want, float top_p,
                                    float maximum, float scale, int bits, __local ulong *list,
-                                   uint capacity, __local uint *bucket_low,
-                                   __local uint *bucket_high, __local uint *bucket_count,
+                                   uint capacity, __local ulong *bucket_mass,
+                                   __local uint *bucket_count,
                                    __local uint *shared_choice, __local ulong *shared_above,
                                    __local ulong *shared_want, __local uint *shared_size,
                                    ulong *above_out, ulong *want_out)
@@ -567,9 +467,8 @@ PSM_LOCAL_FN int psm_radix_collect(int active, __global const uchar *logits, int
     for (int shift = 24; shift >= 0; shift -= 8) {
         const int searching = active && !found;
         if (searching)
-            for (int b = lid; b < PSM_BUCKETS; b += PSM_WG) {
-                bucket_low[b] = 0;
-                bucket_high[b] = 0;
+            for (int b = lid; b < PSM_RADIX_BUCKETS; b += PSM_WG) {
+                bucket_mass[b] = 0;
                 bucket_count[b] = 0;
             }
         barrier(CLK_LOCAL_MEM_FENCE);
@@ -586,7 +485,7 @@ PSM_LOCAL_FN int psm_radix_collect(int active, __global const uchar *logits, int
                 ulong g = psm_weight(psm_scaled_gap(maximum, x, scale), bits);
                 if (g == 0)
                     continue;
-                psm_bucket_add(bucket_low, bucket_high, digit, g);
+                psm_local_add_u64(&bucket_mass[digit], g);
             }
             atomic_inc(&bucket_count[digit]);
         }
@@ -595,15 +494,14 @@ PSM_LOCAL_FN int psm_radix_collect(int active, __global const uchar *logits, int
             /* above and target are lid 0's own across the levels. */
             if (shift == 24 && mass_mode && want == 0) {
                 ulong total = 0;
-                for (int digit = 0; digit < PSM_BUCKETS; ++digit)
-                    total += ((ulong)bucket_high[digit] << 32) | bucket_low[digit];
+                for (int digit = 0; digit < PSM_RADIX_BUCKETS; ++digit)
+                    total += bucket_mass[digit];
                 /* A target of 0 keeps one token, as a target of 1 does. */
                 target = max(psm_top_p_target(total, top_p), (ulong)1);
             }
             uint chosen = 0;
-            for (int digit = PSM_BUCKETS - 1; digit >= 0; --digit) {
-                ulong amount = mass_mode ? (((ulong)bucket_high[digit] << 32) | bucket_low[digit])
-                                         : bucket_count[digit];
+            for (int digit = PSM_RADIX_BUCKETS - 1; digit >= 0; --digit) {
+                ulong amount = mass_mode ? bucket_mass[digit] : bucket_count[digit];
                 if (above + amount >= target) {
                     chosen = (uint)digit;
                     break;
@@ -701,8 +599,7 @@ PSM_LOCAL_FN int psm_bin_collect(int active, __global const uchar *logits, int d
 {
     const uint lid = get_local_id(0);
     __local uint *bin_count = (__local uint *)list;
-    __local uint *bin_low = bin_count + PSM_GAP_BINS;
-    __local uint *bin_high = bin_low + PSM_GAP_BINS;
+    __local ulong *bin_mass = list + PSM_GAP_BINS / 2;
     if (active)
         for (int b = lid; b < PSM_GAP_BIN_WORDS; b += PSM_WG)
             bin_count[b] = 0;
@@ -719,7 +616,7 @@ PSM_LOCAL_FN int psm_bin_collect(int active, __global const uchar *logits, int d
             ulong g = psm_weight_of_gap(gap, bits);
             if (g == 0)
                 continue;
-            psm_bucket_add(bin_low, bin_high, (uint)bin, g);
+            psm_local_add_u64(&bin_mass[bin], g);
         }
         atomic_inc(&bin_count[bin]);
     }
@@ -732,7 +629,7 @@ PSM_LOCAL_FN int psm_bin_collect(int active, __global const uchar *logits, int d
     ulong own = 0;
     if (active)
         for (int b = first_bin; b < first_bin + run; ++b)
-            own += mass_mode ? ((ulong)bin_high[b] << 32) | bin_low[b] : bin_count[b];
+            own += mass_mode ? bin_mass[b] : bin_count[b];
     ulong before;
     const ulong total = psm_posted_sum_u64(own, lid, PSM_WG, posts, &before);
     /* Top-p alone: the target from the mass of every candidate; a target of
@@ -742,7 +639,7 @@ PSM_LOCAL_FN int psm_bin_collect(int active, __global const uchar *logits, int d
     if (active && before < target && target <= before + own) {
         ulong above = before;
         for (int b = first_bin; b < first_bin + run; ++b) {
-            ulong amount = mass_mode ? ((ulong)bin_high[b] << 32) | bin_low[b] : bin_count[b];
+            ulong amount = mass_mode ? bin_mass[b] : bin_count[b];
             if (above + amount >= target) {
                 /* Counting mode keeps the candidates of the bins before too. */
                 ulong kept = (mass_mode ? 0 : above) + bin_count[b];
@@ -802,9 +699,9 @@ PSM_LOCAL_FN int psm_bin_collect(int active, __global const uchar *logits, int d
  * Every barrier is unconditional and every step is guarded by flags instead
  * of early returns, for PoCL's compiler (see psm_radix_collect). */
 
-/* Local memory for ranking a list of n keys: the keys, a weight per key and
- * a uint rank order. */
-#define PSM_RANKED_LIST_FITS(n, capacity) (5 * (long)(n) <= 2 * (long)(capacity))
+/* Local memory for ranking a list of n keys (psm_rank_list): the keys, a
+ * weight per key and a 16-bit rank order, 18 bytes a key. */
+#define PSM_RANKED_LIST_FITS(n, capacity) (9 * (long)(n) <= 4 * (long)(capacity))
 /* The lanes psm_row_top_k gathers from, at most (about k of them; more, and
  * the list would not fit either). */
 #define PSM_TOP_K_LANES 512
@@ -925,16 +822,8 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
     const int ranked = gathering && PSM_RANKED_LIST_FITS(shared_size, request.top_k_list_capacity);
     const uint n = ranked ? shared_size : 0u;
     __local ulong *weight = list + n;
-    __local uint *order = (__local uint *)(list + 2 * n);
-    if (ranked)
-        for (uint j = lid; j < n; j += PSM_WG) {
-            const ulong key = list[j];
-            uint rank = 0;
-            for (uint m = 0; m < n; ++m)
-                rank += list[m] > key ? 1u : 0u;
-            order[rank] = j;
-            weight[j] = psm_key_weight(key, summary.maximum, scale, bits);
-        }
+    __local ushort *order = (__local ushort *)(list + 2 * n);
+    psm_rank_list(list, n, order, weight, summary.maximum, scale, bits);
     barrier(CLK_LOCAL_MEM_FENCE);
 
     /* 5. Top-p on the top k: the first rank at which their running weight
@@ -1013,16 +902,13 @@ __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const uint *tile_info,
                __global psm_row_state *state, __local ulong *local_store)
 {
-    __local ulong scratch_u64[PSM_WG];
+    __local psm_group_scratch group;
     __local ulong scratch_counts[PSM_WG];
-    __local uint bucket_low[PSM_BUCKETS];
-    __local uint bucket_high[PSM_BUCKETS];
-    __local uint bucket_count[PSM_BUCKETS];
+    __local psm_radix_scratch radix;
     __local uint shared_choice;
     __local ulong shared_above;
     __local ulong shared_want;
     __local uint shared_size;
-    __local ulong shared_key;
     /* The row's values when the row fits (request.use_row_cache), else the list of
      * candidate keys (request.list_capacity entries). */
     __local float *row_cache = (__local float *)local_store;
@@ -1035,8 +921,8 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global cons
     const psm_row_params p = PSM_RESOLVE_ROW(row);
     const psm_row_summary summary =
         psm_summarise_row(tile_key, tile_info, (long)row * request.tiles, request.tiles, lid,
-                          PSM_WG, scratch_u64, scratch_counts);
-    /* Every item has read the summary's posts: scratch_u64 is free again. */
+                          PSM_WG, group.posts, scratch_counts);
+    /* Every item has read the summary's posts: group is free again. */
     barrier(CLK_LOCAL_MEM_FENCE);
     const int filtered = psm_row_status(&p, &summary) == PSM_ROW_SAMPLE &&
                          psm_may_filter(p.top_k, p.top_p, p.min_p, summary.valid);
@@ -1049,7 +935,7 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global cons
         return;
     }
 
-    psm_key_source source;
+    psm_reader source;
     source.logits = logits;
     source.cache = row_cache;
     source.list = local_store;
@@ -1081,12 +967,12 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global cons
         const int from_bins = psm_bin_collect(
             request.list_capacity >= PSM_GAP_BIN_WORDS / 2, logits, request.dtype, source.base,
             request.vocab, !top_k_on, want, p.top_p, summary.maximum, scale, bits, local_store,
-            (uint)request.list_capacity, scratch_u64, &shared_choice, &shared_above, &shared_want,
+            (uint)request.list_capacity, group.posts, &shared_choice, &shared_above, &shared_want,
             &shared_size, &above, &target);
         const int from_radix = psm_radix_collect(
             from_bins < 0, logits, request.dtype, source.base, request.vocab, !top_k_on, want,
-            p.top_p, summary.maximum, scale, bits, local_store, (uint)request.list_capacity, bucket_low,
-            bucket_high, bucket_count, &shared_choice, &shared_above, &shared_want,
+            p.top_p, summary.maximum, scale, bits, local_store, (uint)request.list_capacity,
+            radix.bucket_mass, radix.bucket_count, &shared_choice, &shared_above, &shared_want,
             &shared_size, &above, &target);
         const int size = from_bins >= 0 ? from_bins : from_radix;
         if (size >= 0) {
@@ -1095,20 +981,23 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global cons
             list_want = target - above;
         }
     }
-    /* With top-k, every candidate at or above the k-th is on a list. */
+    /* With top-k, every candidate at or above the k-th is on a list. Top-p
+     * takes its target from the mass of its candidates (need 0), except on
+     * top-p alone's list, which holds only the bin or bucket that reaches it. */
+    const psm_team team = psm_team_of_item();
     if (top_k_on)
-        cutoff = psm_descend(&source, 0, 0, (ulong)p.top_k, summary.maximum, scale, bits,
-                             bucket_low, bucket_high, bucket_count, &shared_choice,
-                             &shared_above, &shared_key);
-    if (top_p_on) {
-        ulong want = source.kind == PSM_SOURCE_LIST && !top_k_on
-                         ? list_want
-                         : psm_top_p_target_from(&source, cutoff, p.top_p, summary.maximum,
-                                                 scale, bits, scratch_u64);
-        cutoff = psm_descend(&source, cutoff, 1, want, summary.maximum, scale, bits, bucket_low,
-                             bucket_high, bucket_count, &shared_choice, &shared_above,
-                             &shared_key);
-    }
+        cutoff = psm_cutoff_over_row(
+            team, &source,
+            psm_radix_select(team, &source, 0, 0, (ulong)p.top_k, 1.0f, summary.maximum, scale,
+                             bits, &radix, &group),
+            &group);
+    if (top_p_on)
+        cutoff = psm_cutoff_over_row(
+            team, &source,
+            psm_radix_select(team, &source, cutoff, 1,
+                             source.kind == PSM_SOURCE_LIST && !top_k_on ? list_want : 0,
+                             p.top_p, summary.maximum, scale, bits, &radix, &group),
+            &group);
     if (lid == 0) {
         state[row].maximum = summary.maximum;
         state[row].filtered = PSM_FILTER_SCAN;

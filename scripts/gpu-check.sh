@@ -25,7 +25,9 @@
 # GPU_CHECK_CUDA_TESTS=0 leaves out steps 3a and 4 (test_cuda, test_cuda_graph,
 # the sanitizers and the fault-injection build: for a run after changes
 # outside the CUDA backend; ctest still runs both programs among the others);
-# GPU_CHECK_GRAPH_COUNT=0 leaves out only the fault-injection build.
+# GPU_CHECK_GRAPH_COUNT=0 leaves out only the fault-injection build;
+# GPU_CHECK_ROWS sets step 5's --rows (default 101000; fewer when another
+# job shares the call's time limit, and then the summary says so).
 # Full logs are kept in /tmp/gpu-check-logs and packed at the end into
 # $OUT/logs.tgz (the device tool returns at most 8 files); $OUT/steps.log
 # (each step's tail, written as it goes) and $OUT/summary.txt sit beside it.
@@ -200,8 +202,8 @@ if [ -x "$CLI" ] && "$CLI" check --help >/dev/null 2>&1; then
     # PoCL 5.0 (this machine's) crashes in its default work-group method
     # (loopvec) on these kernels, with old and new sources alike; PoCL 3.1
     # (CI's) does not. Its cbs method runs them.
-    run_step "polysample check" "$CHECK_LIMIT" check.log \
-        env POCL_WORK_GROUP_METHOD=cbs "$CLI" check --rows 101000
+    run_step "polysample check (--rows ${GPU_CHECK_ROWS:-101000})" "$CHECK_LIMIT" check.log \
+        env POCL_WORK_GROUP_METHOD=cbs "$CLI" check --rows "${GPU_CHECK_ROWS:-101000}"
 else
     skip_step "polysample check" "the tool has no check command"
 fi

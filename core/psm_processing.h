@@ -7,8 +7,9 @@
  *   1. every logit read (psm_read_logit) into the buffer (dense);
  *   2. psm_process_row_lists: the row's sparse lists, in order: penalties
  *      for the tokens of its history and prompt lists, then its bias entries
- *      in list order (one thread per row: the order of the bias entries is
- *      part of the rule, and the lists are short next to the row);
+ *      in list order (the order of the bias entries is part of the rule);
+ *      the GPU backends spread the penalties over a group,
+ *      kernels/psm_stage_lists.h, with the same result;
  *   3. psm_processed_logit: the allowed-token mask and a final read (dense).
  * The passes of the sampling pipeline then read the buffer as f32 logits.
  */
@@ -95,29 +96,45 @@ PSM_FN psm_row_lists psm_row_lists_of(const psm_processing_arrays *a, psm_i64 ro
 
 /* Are a row's lists usable? Always true for host arrays (core checked
  * them); device arrays are checked here, and a row that fails is a bad row
- * whose logits are not processed. */
-PSM_FN int psm_row_lists_valid(const psm_row_lists *lists, psm_i64 vocab)
+ * whose logits are not processed. In two parts, so that a group of GPU
+ * items can share the entries (kernels/psm_stage_lists.h): the penalties
+ * and ranges, then each entry. */
+PSM_FN int psm_row_lists_shape_valid(const psm_row_lists *lists)
 {
-    psm_i64 e;
     if (!psm_penalties_valid(lists->repetition, lists->frequency, lists->presence))
         return 0;
     /* Offsets below 0 would read before the arrays; how far a device array
      * reaches is the caller's to keep (the OpenCL host also bounds it by its
      * buffer's size). */
-    if (lists->history_begin < 0 || lists->prompt_begin < 0 || lists->bias_begin < 0 ||
-        lists->history_end < lists->history_begin || lists->prompt_end < lists->prompt_begin ||
-        lists->bias_end < lists->bias_begin ||
-        lists->history_end - lists->history_begin > PSM_MAX_HISTORY_TOKENS)
+    return !(lists->history_begin < 0 || lists->prompt_begin < 0 || lists->bias_begin < 0 ||
+             lists->history_end < lists->history_begin ||
+             lists->prompt_end < lists->prompt_begin || lists->bias_end < lists->bias_begin ||
+             lists->history_end - lists->history_begin > PSM_MAX_HISTORY_TOKENS);
+}
+
+PSM_FN int psm_list_token_valid(psm_i32 token, psm_i64 vocab)
+{
+    return token >= 0 && token < vocab;
+}
+
+PSM_FN int psm_bias_entry_valid(psm_i32 token, float value, psm_i64 vocab)
+{
+    return psm_list_token_valid(token, vocab) && psm_logit_class(value) == PSM_LOGIT_VALID;
+}
+
+PSM_FN int psm_row_lists_valid(const psm_row_lists *lists, psm_i64 vocab)
+{
+    psm_i64 e;
+    if (!psm_row_lists_shape_valid(lists))
         return 0;
     for (e = lists->history_begin; e < lists->history_end; ++e)
-        if (lists->history_tokens[e] < 0 || lists->history_tokens[e] >= vocab)
+        if (!psm_list_token_valid(lists->history_tokens[e], vocab))
             return 0;
     for (e = lists->prompt_begin; e < lists->prompt_end; ++e)
-        if (lists->prompt_tokens[e] < 0 || lists->prompt_tokens[e] >= vocab)
+        if (!psm_list_token_valid(lists->prompt_tokens[e], vocab))
             return 0;
     for (e = lists->bias_begin; e < lists->bias_end; ++e)
-        if (lists->bias_tokens[e] < 0 || lists->bias_tokens[e] >= vocab ||
-            psm_logit_class(lists->bias_values[e]) != PSM_LOGIT_VALID)
+        if (!psm_bias_entry_valid(lists->bias_tokens[e], lists->bias_values[e], vocab))
             return 0;
     return 1;
 }

@@ -516,6 +516,30 @@ PSM_DEVICE_FN void psm_local_add_u64(psm_u64 *address, psm_u64 value)
     psm_gpu_atomic_add_u64((unsigned long long *)address, value);
 }
 
+/* Atomics on global memory (a row's token counts, shared by the group), and
+ * a group barrier after which the group's global writes are seen by all its
+ * items (__syncthreads orders global memory within the block). Each returns
+ * the value before. */
+PSM_DEVICE_FN psm_u32 psm_global_add_u32(psm_u32 *address, psm_u32 value)
+{
+    return psm_gpu_atomic_add_u32(address, value);
+}
+
+PSM_DEVICE_FN psm_u32 psm_global_or_u32(psm_u32 *address, psm_u32 value)
+{
+    return psm_gpu_atomic_or_u32(address, value);
+}
+
+PSM_DEVICE_FN psm_u32 psm_global_exchange_u32(psm_u32 *address, psm_u32 value)
+{
+    return psm_gpu_atomic_exchange_u32(address, value);
+}
+
+PSM_DEVICE_FN void psm_group_barrier_global(void)
+{
+    psm_gpu_block_barrier();
+}
+
 PSM_STAGE_END
 
 #else /* OpenCL */
@@ -600,6 +624,26 @@ PSM_LOCAL_FN void psm_local_add_u64(__local ulong *address, ulong value)
     const uint high = (uint)(value >> 32) + (before + low < before ? 1u : 0u);
     if (high != 0)
         atomic_add(&words[1 - PSM_LOW_WORD], high);
+}
+
+PSM_DEVICE_FN uint psm_global_add_u32(__global uint *address, uint value)
+{
+    return atomic_add(address, value);
+}
+
+PSM_DEVICE_FN uint psm_global_or_u32(__global uint *address, uint value)
+{
+    return atomic_or(address, value);
+}
+
+PSM_DEVICE_FN uint psm_global_exchange_u32(__global uint *address, uint value)
+{
+    return atomic_xchg(address, value);
+}
+
+PSM_DEVICE_FN void psm_group_barrier_global(void)
+{
+    barrier(CLK_LOCAL_MEM_FENCE | CLK_GLOBAL_MEM_FENCE);
 }
 
 #endif

@@ -259,6 +259,14 @@ PSM_GPU_DEVICE unsigned psm_gpu_atomic_add_u32(unsigned *address, unsigned value
 {
     return atomicAdd(address, value);
 }
+PSM_GPU_DEVICE unsigned psm_gpu_atomic_or_u32(unsigned *address, unsigned value)
+{
+    return atomicOr(address, value);
+}
+PSM_GPU_DEVICE unsigned psm_gpu_atomic_exchange_u32(unsigned *address, unsigned value)
+{
+    return atomicExch(address, value);
+}
 PSM_GPU_DEVICE unsigned long long psm_gpu_atomic_add_u64(unsigned long long *address,
                                                          unsigned long long value)
 {

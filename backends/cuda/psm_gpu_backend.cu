@@ -705,9 +705,8 @@ psm_status run_processing(psm_gpu_state *state, const psm_request *request,
         break;
     }
     PSM_GPU_TRY(psm_gpu_get_last_error(), "launching the processing read kernel");
-    psm_i64 row_blocks = (call.rows + 63) / 64;
-    row_blocks = row_blocks < cap ? row_blocks : cap;
-    psm_gpu_process_lists_kernel<<<(unsigned)row_blocks, 64, 0, state->stream>>>(call, processing);
+    const psm_i64 row_blocks = call.rows < cap ? call.rows : cap;
+    psm_gpu_process_lists_kernel<<<(unsigned)row_blocks, 256, 0, state->stream>>>(call, processing);
     PSM_GPU_TRY(psm_gpu_get_last_error(), "launching the processing lists kernel");
     psm_gpu_process_mask_kernel<<<(unsigned)blocks, threads, 0, state->stream>>>(call, processing);
     PSM_GPU_TRY(psm_gpu_get_last_error(), "launching the processing mask kernel");

@@ -6,9 +6,9 @@
  *   1. read: every output row's logits, read (psm_read_logit) into a dense
  *      f32 buffer, its counts cleared; a row whose parameters or row index
  *      are out of range is written as NaN, so that the pipeline finds it bad;
- *   2. lists: one thread per row applies its penalties and bias in list
- *      order (the order is part of the rule; lists are short next to rows);
- *      a row whose lists are out of range is marked bad the same way;
+ *   2. lists: a block per row, kernels/psm_stage_lists.h (its penalties
+ *      over the block, its bias in list order); a row whose lists are out
+ *      of range is marked bad the same way;
  *   3. mask: the allowed-token mask and the final read.
  * The pipeline then samples the buffer as f32 logits, one row per output
  * row. This costs a write and two reads of the batch more than sampling
@@ -19,6 +19,7 @@
 
 #include "psm_gpu_kernels.cuh"
 #include "psm_processing.h"
+#include "psm_stage_lists.h"
 
 namespace PSM_GPU_NAMESPACE {
 
@@ -48,17 +49,15 @@ PSM_GPU_KERNEL void psm_gpu_process_read_kernel(const psm_gpu_call call,
     }
 }
 
+/* A block per row (rows in turn), its threads sharing the row's lists. */
 PSM_GPU_KERNEL void psm_gpu_process_lists_kernel(const psm_gpu_call call,
                                                  const psm_gpu_processing processing)
 {
-    for (psm_i64 row = (psm_i64)blockIdx.x * blockDim.x + threadIdx.x; row < call.rows;
-         row += (psm_i64)gridDim.x * blockDim.x) {
-        float *x = processing.processed + row * call.vocab;
+    __shared__ psm_u32 bad;
+    for (psm_i64 row = blockIdx.x; row < call.rows; row += gridDim.x) {
         const psm_row_lists lists = psm_row_lists_of(&processing.arrays, row);
-        if (psm_row_lists_valid(&lists, call.vocab))
-            psm_process_row_lists(x, processing.counts + row * call.vocab, &lists);
-        else
-            x[0] = NAN;
+        psm_stage_row_lists(processing.processed + row * call.vocab,
+                            processing.counts + row * call.vocab, &lists, call.vocab, 1, &bad);
     }
 }
 

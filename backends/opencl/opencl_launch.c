@@ -319,7 +319,7 @@ static psm_status run_processing(launch *call)
         PSM_TRY(set_arg(kernel, &index, sizeof(cl_long), &call->list_capacity[list]));
     PSM_TRY(SET_MEM(kernel, &index, part[PART_PROCESSED]));
     PSM_TRY(SET_MEM(kernel, &index, part[PART_COUNTS]));
-    PSM_TRY(enqueue(state, kernel, groups_over(state, (size_t)call->rows), 1,
+    PSM_TRY(enqueue(state, kernel, 1, (size_t)call->rows,
                     opencl_kernel_names[KERNEL_PROCESS_LISTS]));
 
     kernel = state->kernels[KERNEL_PROCESS_MASK];

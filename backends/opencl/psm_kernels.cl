@@ -88,6 +88,9 @@
 #ifndef PSM_STAGE_DRAW_H
 #include "psm_stage_draw.h"
 #endif
+#ifndef PSM_STAGE_LISTS_H
+#include "psm_stage_lists.h"
+#endif
 
 /* This compiler lays the host's structs out as the host does (see
  * psm_opencl_request.h); the build fails otherwise. */
@@ -1183,15 +1186,15 @@ psm_probs(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulo
 /* ---- logit processing (docs/SAMPLING.md section 1) ---------------------------
  * Before the pipeline, when the call has psm_params.processing: the rules
  * are core/psm_processing.h's, the code the CPU, CUDA and HIP backends run;
- * these kernels only spread them over the device, and need no barrier.
+ * these kernels only spread them over the device.
  *   psm_process_read   an item per (token, output row): the row's logit
  *                      read into `processed` (rows x vocab f32), its count
  *                      cleared; a row whose parameters or row index are out
  *                      of range is written as NaN, so the pipeline finds it
  *                      bad and its logits are never read;
- *   psm_process_lists  an item per row: its penalties and bias in list
- *                      order (the order is part of the rule; lists are short
- *                      next to rows); lists out of range make the row bad
+ *   psm_process_lists  a group per row, kernels/psm_stage_lists.h: its
+ *                      penalties over the group, its bias in list order (the
+ *                      order is part of the rule); lists out of range make the row bad
  *                      the same way;
  *   psm_process_mask   an item per (token, output row): the allowed-token
  *                      mask and the final read.
@@ -1237,16 +1240,16 @@ static int psm_lists_within(const psm_row_lists *lists, long history_capacity,
            lists->bias_begin >= 0 && lists->bias_end <= bias_capacity;
 }
 
-/* history/prompt/bias_capacity: the entries each token array holds (bias:
+/* A group per output row (kernels/psm_stage_lists.h).
+ * history/prompt/bias_capacity: the entries each token array holds (bias:
  * its tokens' and values' fewer). */
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_process_lists(PSM_REQUEST_PARAMS, PSM_PROCESSING_PARAMS, const long history_capacity,
                   const long prompt_capacity, const long bias_capacity,
                   __global float *processed, __global uint *counts)
 {
-    const long row = (long)get_global_id(0);
-    if (row >= request.rows)
-        return;
+    __local uint bad;
+    const long row = PSM_PROCESS_ROW;
     psm_processing_arrays arrays;
     arrays.present = present;
     arrays.history_offsets = history_offsets;
@@ -1264,12 +1267,11 @@ psm_process_lists(PSM_REQUEST_PARAMS, PSM_PROCESSING_PARAMS, const long history_
     arrays.presence = presence;
     const psm_row_lists lists = psm_row_lists_of(&arrays, row);
     __global float *x = processed + row * request.vocab;
-    /* Within the buffers first: psm_row_lists_valid reads the entries. */
-    if (psm_lists_within(&lists, history_capacity, prompt_capacity, bias_capacity) &&
-        psm_row_lists_valid(&lists, request.vocab))
-        psm_process_row_lists(x, counts + row * request.vocab, &lists);
-    else
-        x[0] = NAN;
+    /* Within the buffers first: the stage then reads the entries. */
+    psm_stage_row_lists(x, counts + row * request.vocab, &lists, request.vocab,
+                        psm_lists_within(&lists, history_capacity, prompt_capacity,
+                                         bias_capacity),
+                        &bad);
 }
 
 /* allowed_mask: NULL when every token is allowed; mask_words per row. */

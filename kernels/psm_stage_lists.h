@@ -1,0 +1,92 @@
+/*
+ * psm_stage_lists.h: step 2 of logit processing (docs/SAMPLING.md section
+ * 1; core/psm_processing.h) for one row, spread over a whole group, written
+ * once for CUDA, HIP and OpenCL over kernels/psm_portable.h.
+ *
+ * The result is psm_process_row_lists' (the CPU backend's one-thread form):
+ * a token's penalty depends only on its history count and whether the
+ * prompt holds it, which atomic adds and ors give in any order, and is
+ * applied once, by the one item whose exchange finds the token's count word
+ * non-zero (clearing it, so the counts are zero again on return). The bias
+ * entries stay with one item in list order: a token listed twice gets two
+ * rounded adds, whose order is part of the rule. One thread walking a
+ * history of a few hundred tokens is a chain of dependent global accesses;
+ * a group takes them a group at a time.
+ */
+#ifndef PSM_STAGE_LISTS_H
+#define PSM_STAGE_LISTS_H
+
+#ifndef PSM_PORTABLE_H /* the OpenCL program has them already */
+#include "psm_portable.h"
+#endif
+#ifndef PSM_PROCESSING_H
+#include "psm_processing.h"
+#endif
+
+PSM_STAGE_BEGIN
+
+/* Called by every item of the group, for one row (uniform). x: the row's
+ * read logits; counts: its vocab count words, zero on entry and on return.
+ * lists_in_range: the backend's own bound on the entries (OpenCL: within
+ * the buffers), checked before any entry is read. bad: group-shared
+ * scratch. A row whose lists are unusable gets x[0] = NaN, which makes it a
+ * bad row for the pipeline, and is otherwise left as read. */
+PSM_LOCAL_FN void psm_stage_row_lists(PSM_GLOBAL float *x, PSM_GLOBAL psm_u32 *counts,
+                                      const psm_row_lists *lists, psm_i64 vocab,
+                                      int lists_in_range, PSM_LOCAL psm_u32 *bad)
+{
+    const int item = psm_group_item(), items = psm_group_size();
+    const int shape_valid = lists_in_range && psm_row_lists_shape_valid(lists);
+    psm_i64 e;
+    if (item == 0)
+        *bad = 0u;
+    psm_group_barrier();
+    if (shape_valid) {
+        for (e = lists->history_begin + item; e < lists->history_end; e += items)
+            if (!psm_list_token_valid(lists->history_tokens[e], vocab))
+                psm_local_add_u32(bad, 1u);
+        for (e = lists->prompt_begin + item; e < lists->prompt_end; e += items)
+            if (!psm_list_token_valid(lists->prompt_tokens[e], vocab))
+                psm_local_add_u32(bad, 1u);
+        for (e = lists->bias_begin + item; e < lists->bias_end; e += items)
+            if (!psm_bias_entry_valid(lists->bias_tokens[e], lists->bias_values[e], vocab))
+                psm_local_add_u32(bad, 1u);
+    }
+    psm_group_barrier();
+    const int usable = shape_valid && *bad == 0u;
+    /* Before *bad is written again for the group's next row. */
+    psm_group_barrier();
+    if (!usable) {
+        if (item == 0)
+            x[0] = psm_bits_float(0x7fc00000u); /* NaN */
+        return;
+    }
+
+    const psm_i64 history_count = lists->history_end - lists->history_begin;
+    const psm_i64 listed = history_count + (lists->prompt_end - lists->prompt_begin);
+    const float reciprocal = psm_penalty_reciprocal(lists->repetition);
+    for (e = lists->history_begin + item; e < lists->history_end; e += items)
+        psm_global_add_u32(&counts[lists->history_tokens[e]], 1u);
+    for (e = lists->prompt_begin + item; e < lists->prompt_end; e += items)
+        psm_global_or_u32(&counts[lists->prompt_tokens[e]], PSM_IN_PROMPT);
+    psm_group_barrier_global();
+    for (e = item; e < listed; e += items) {
+        const psm_i32 token = e < history_count
+                                  ? lists->history_tokens[lists->history_begin + e]
+                                  : lists->prompt_tokens[lists->prompt_begin + (e - history_count)];
+        const psm_u32 word = psm_global_exchange_u32(&counts[token], 0u);
+        if (word != 0u)
+            x[token] = psm_penalised_logit(x[token], word & ~PSM_IN_PROMPT,
+                                           (word & PSM_IN_PROMPT) != 0u, lists->repetition,
+                                           reciprocal, lists->frequency, lists->presence);
+    }
+    psm_group_barrier_global();
+    if (item == 0)
+        for (e = lists->bias_begin; e < lists->bias_end; ++e)
+            x[lists->bias_tokens[e]] =
+                PSM_FADD(x[lists->bias_tokens[e]], lists->bias_values[e]);
+}
+
+PSM_STAGE_END
+
+#endif /* PSM_STAGE_LISTS_H */

@@ -29,18 +29,6 @@ static int top_full_above(const top_keys *top, uint64_t bound)
     return top->count == top->capacity && bound <= top->key[top->count - 1];
 }
 
-/* Is token i (logit x) a candidate of the processed mode: a kept token? */
-static int is_kept(const cpu_row *row, float x, uint32_t token)
-{
-    if (!is_valid_logit(x))
-        return 0;
-    if (!row->filtered)
-        return 1;
-    if (psm_rank_key(x, token) < row->key_cutoff)
-        return 0;
-    return row->min_weight == 0 || global_weight(row, x) >= row->min_weight;
-}
-
 /* The drawn tokens' ranks: 1 + the candidates whose key is above theirs.
  * Each candidate key adds one to every drawn key below it, through a
  * difference array over the drawn keys in ascending order. */
@@ -170,6 +158,12 @@ static void processed_top_logprobs(const psm_request *request, const cpu_row *ro
     const psm_top_logprobs *top = request->params.top_logprobs;
     top_keys best = {.count = 0, .capacity = top->count};
     const uint64_t lowest_drawn = ranks ? ranks->sorted[0] : UINT64_MAX;
+    /* The candidates are the kept tokens: core/psm_row.h's test, which the
+     * GPU stages run too (an unfiltered row keeps every valid token). */
+    const psm_kept_rule rule =
+        psm_make_kept_rule(row->filtered ? row->key_cutoff : 0,
+                           row->filtered ? row->min_weight : 0, row->row_max, row->scale,
+                           row->weight_bits);
     for (int64_t tile = 0; tile < row->tiles; ++tile) {
         if (owner->tile_valid[tile] == 0 || owner->tile_max[tile] == -INFINITY)
             continue;
@@ -179,7 +173,7 @@ static void processed_top_logprobs(const psm_request *request, const cpu_row *ro
         int64_t start = tile * PSM_TILE, n = tile_length(row, tile);
         for (int64_t k = 0; k < n; ++k) {
             float x = cpu_logit_at(row->data, row->dtype, start + k);
-            if (!is_kept(row, x, (uint32_t)(start + k)))
+            if (!psm_token_kept(rule, x, (uint32_t)(start + k)))
                 continue;
             uint64_t key = psm_rank_key(x, (uint32_t)(start + k));
             offer_key(&best, key);

@@ -8,10 +8,11 @@
 # Steps, each with a time limit, each run even when an earlier one failed:
 #   1. the Rust example that samples from a CUDA buffer (its binary built on
 #      the development machine, where cargo is, and carried in .carry/)
-#   2. python/gpu-tests.sh: pytest with the CUDA tests, the benchmark plot,
-#      the overhead figures and the decode-loop example
-#   3. fuzz/gpu-soak.sh: mixed calls checked against the CPU backend, part
+#   2. fuzz/gpu-soak.sh: mixed calls checked against the CPU backend, part
 #      of them under compute-sanitizer memcheck
+#   3. python/gpu-tests.sh: pytest with the CUDA tests, the benchmark plot,
+#      the overhead figures and the decode-loop example (last: the longest,
+#      so that a call cut short by its time limit still has the others)
 # Output: $OUT/extras.log (every step's tail) and the Python files
 # (bench.png, bench.json, overhead.json, pytest.txt) in $OUT.
 set -u
@@ -40,8 +41,11 @@ export PKG_CONFIG_PATH="$PREFIX/usr/lib/x86_64-linux-gnu/pkgconfig:${PKG_CONFIG_
 export CMAKE_PREFIX_PATH="$PREFIX/usr${CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH}"
 export LD_LIBRARY_PATH="$PREFIX/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 if [ ! -x "$BUILD/tests/polysample_soak" ]; then
+    ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d '. ')
+    ARCH_FLAG=""
+    [[ "$ARCH" =~ ^[0-9]+$ ]] && ARCH_FLAG="-DCMAKE_CUDA_ARCHITECTURES=$ARCH-real"
     step "build" 240 bash -c "cmake -S '$ROOT' -B '$BUILD' -G Ninja -DCMAKE_BUILD_TYPE=Release \
-        -DPSM_WITH_HIP=OFF && cmake --build '$BUILD' -j 16"
+        -DPSM_WITH_HIP=OFF $ARCH_FLAG && cmake --build '$BUILD' -j 16"
 fi
 
 if [ -x "$ROOT/.carry/cuda_buffer" ]; then
@@ -50,11 +54,12 @@ else
     echo "--- rust cuda_buffer example: not run (no .carry/cuda_buffer)" | tee -a "$log"
 fi
 
-step "python gpu tests" 330 "$ROOT/python/gpu-tests.sh" "$OUT" "$ROOT/build-python-gpu"
-cp "$OUT/step.txt" "$OUT/python-step.txt"
-
 if [ -x "$ROOT/fuzz/gpu-soak.sh" ]; then
     step "soak" $((SOAK_MINUTES * 60 + 150)) "$ROOT/fuzz/gpu-soak.sh" "$BUILD" "$SOAK_MINUTES"
     cp "$OUT/step.txt" "$OUT/soak.txt"
 fi
+
+step "python gpu tests" 330 "$ROOT/python/gpu-tests.sh" "$OUT" "$ROOT/build-python-gpu"
+cp "$OUT/step.txt" "$OUT/python-step.txt"
+
 cat "$log"

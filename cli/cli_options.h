@@ -91,7 +91,7 @@ typedef struct cli_command {
 #define CLI_USAGE_WIDTH 79
 
 /* The most options one command may have. */
-#define CLI_MAX_OPTIONS 32
+#define CLI_MAX_OPTIONS 48
 
 enum {
     CLI_PARSE_OK = 0,

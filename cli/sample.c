@@ -51,7 +51,7 @@ static const char sample_notes[] =
     "  --draft-logits   the distribution each node's token was drawn from,\n"
     "                   requests x k rows of the target's vocab (float32 or\n"
     "                   float16), shaped by --draft-temperature, --draft-top-k,\n"
-    "                   --draft-top-p and --draft-min-p\n"
+    "                   --draft-top-p, --draft-min-p and --draft-filter-order\n"
     "  --draft-probs    or the same as float32 probabilities in [0, 1]\n"
     "                   (neither: one-hot drafts, as from n-grams or prompt\n"
     "                   lookup)\n"
@@ -255,7 +255,7 @@ static int draft_params_given(const cli_verify_options *verify)
     return verify->draft_params.temperature != defaults.temperature ||
            verify->draft_top_k != (uint64_t)defaults.top_k ||
            verify->draft_params.top_p != defaults.top_p ||
-           verify->draft_params.min_p != defaults.min_p;
+           verify->draft_params.min_p != defaults.min_p || verify->draft_filter_order;
 }
 
 /* Refuses --verify's options without it, --verify without its drafts, and
@@ -268,7 +268,8 @@ static int check_verify_options(const cli_verify_options *verify, const psm_para
                                : verify->logits_path  ? "--draft-logits"
                                : verify->probs_path   ? "--draft-probs"
                                : draft_params_given(verify) ? "--draft-temperature, --draft-top-k, "
-                                                              "--draft-top-p or --draft-min-p"
+                                                              "--draft-top-p, --draft-min-p or "
+                                                              "--draft-filter-order"
                                                             : NULL;
     if (!verify->verify) {
         if (draft_option)
@@ -285,8 +286,8 @@ static int check_verify_options(const cli_verify_options *verify, const psm_para
         return -1;
     }
     if (!verify->logits_path && draft_params_given(verify)) {
-        cli_error("sample", "--draft-temperature, --draft-top-k, --draft-top-p and --draft-min-p "
-                            "shape --draft-logits, which is not given");
+        cli_error("sample", "--draft-temperature, --draft-top-k, --draft-top-p, --draft-min-p "
+                            "and --draft-filter-order shape --draft-logits, which is not given");
         return -1;
     }
     if (params->num_samples != 1 || top->count || processing_requested(processing)) {
@@ -401,6 +402,9 @@ static int read_command_line(int argc, char **argv, psm_context_options *options
          .target = &verify->draft_params.top_p, .help = "--draft-logits' top-p; 1 is off"},
         {.name = "--draft-min-p", .kind = CLI_OPTION_FLOAT, .value_name = "P",
          .target = &verify->draft_params.min_p, .help = "--draft-logits' min-p; 0 is off"},
+        {.name = "--draft-filter-order", .kind = CLI_OPTION_STRING, .value_name = "NAME",
+         .target = &verify->draft_filter_order,
+         .help = "--draft-logits' filter order (as\n--filter-order)", .default_text = "polysample"},
     };
     const cli_command sample_command = {
         .name = "sample",
@@ -438,6 +442,13 @@ static int read_command_line(int argc, char **argv, psm_context_options *options
     }
     if (filter_order && cli_parse_filter_order(filter_order, &params->filter_order) != 0) {
         cli_error("sample", "--filter-order %s: expected " CLI_FILTER_ORDER_NAMES, filter_order);
+        return CLI_EXIT_USAGE;
+    }
+    if (verify->draft_filter_order &&
+        cli_parse_filter_order(verify->draft_filter_order, &verify->draft_params.filter_order) !=
+            0) {
+        cli_error("sample", "--draft-filter-order %s: expected " CLI_FILTER_ORDER_NAMES,
+                  verify->draft_filter_order);
         return CLI_EXIT_USAGE;
     }
     if (top->raw && !top->count) {

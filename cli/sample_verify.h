@@ -18,8 +18,10 @@ typedef struct cli_verify_options {
     const char *parents_path;  /* --draft-parents: int32, requests x k; NULL: a chain */
     const char *logits_path;   /* --draft-logits: requests * k rows of the target's vocab */
     const char *probs_path;    /* --draft-probs: float32, the same shape */
-    psm_params draft_params;   /* --draft-temperature, --draft-top-p, --draft-min-p */
+    psm_params draft_params;   /* --draft-temperature, --draft-top-p, --draft-min-p,
+                                  --draft-filter-order */
     uint64_t draft_top_k;      /* --draft-top-k (the table parses into a uint64_t) */
+    const char *draft_filter_order; /* --draft-filter-order's text; NULL: not given */
 } cli_verify_options;
 
 /* Verifies the drafts against the target logits in target_path with

@@ -448,7 +448,7 @@ static void test_commands(void)
                         "--logit-bias --history --prompt --repetition-penalty "
                         "--frequency-penalty --presence-penalty --verify --draft-tokens "
                         "--draft-parents --draft-logits --draft-probs --draft-temperature "
-                        "--draft-top-k --draft-top-p --draft-min-p");
+                        "--draft-top-k --draft-top-p --draft-min-p --draft-filter-order");
     expect_command_help("bench", cli_bench,
                         "--backend --rows --vocab --dtype --setting --distribution "
                         "--filter-order --repeat "
@@ -1611,6 +1611,8 @@ typedef struct verify_case {
     uint64_t seed;
     float draft_temperature;
     int32_t draft_top_k;
+    int32_t draft_filter_order; /* psm_filter_order; the target's is the default */
+    float draft_top_p;
 } verify_case;
 
 static void library_verify(const verify_case *c, verify_outputs *out)
@@ -1631,6 +1633,8 @@ static void library_verify(const verify_case *c, verify_outputs *out)
     psm_params_init(&draft_params);
     draft_params.temperature = c->draft_temperature;
     draft_params.top_k = c->draft_top_k;
+    draft_params.filter_order = c->draft_filter_order;
+    draft_params.top_p = c->draft_top_p;
     psm_drafts drafts;
     psm_drafts_init(&drafts);
     drafts.nodes = VERIFY_K;
@@ -1664,12 +1668,13 @@ static void library_verify(const verify_case *c, verify_outputs *out)
 static void test_sample_verify(void)
 {
     static const verify_case cases[] = {
-        {0, VERIFY_ONE_HOT, 1.0f, 1.0f, 0, 11, 1.0f, 0},
-        {0, VERIFY_LOGITS, 0.8f, 1.0f, 8, 12, 0.9f, 10},
-        {0, VERIFY_PROBS, 1.2f, 0.9f, 0, 13, 1.0f, 0},
-        {1, VERIFY_ONE_HOT, 0.7f, 1.0f, 0, 14, 1.0f, 0},
-        {1, VERIFY_LOGITS, 1.0f, 1.0f, 0, 15, 1.0f, 0},
-        {1, VERIFY_PROBS, 1.0f, 0.95f, 20, 16, 1.0f, 0},
+        {0, VERIFY_ONE_HOT, 1.0f, 1.0f, 0, 11, 1.0f, 0, PSM_FILTER_ORDER_POLYSAMPLE, 1.0f},
+        {0, VERIFY_LOGITS, 0.8f, 1.0f, 8, 12, 0.9f, 10, PSM_FILTER_ORDER_POLYSAMPLE, 1.0f},
+        {0, VERIFY_PROBS, 1.2f, 0.9f, 0, 13, 1.0f, 0, PSM_FILTER_ORDER_POLYSAMPLE, 1.0f},
+        {1, VERIFY_ONE_HOT, 0.7f, 1.0f, 0, 14, 1.0f, 0, PSM_FILTER_ORDER_POLYSAMPLE, 1.0f},
+        {1, VERIFY_LOGITS, 1.0f, 1.0f, 0, 15, 1.0f, 0, PSM_FILTER_ORDER_POLYSAMPLE, 1.0f},
+        {1, VERIFY_PROBS, 1.0f, 0.95f, 20, 16, 1.0f, 0, PSM_FILTER_ORDER_POLYSAMPLE, 1.0f},
+        {0, VERIFY_LOGITS, 0.9f, 1.0f, 0, 17, 1.6f, 0, PSM_FILTER_ORDER_LLAMA_CPP, 0.6f},
     };
     static const char *const kinds[] = {"one-hot", "logits", "probs"};
     int full_paths = 0, rejections = 0;
@@ -1680,8 +1685,9 @@ static void test_sample_verify(void)
         if (c->kind == VERIFY_LOGITS)
             snprintf(draft, sizeof draft,
                      " --draft-logits @/verify_%s_logits.npy --draft-temperature %g "
-                     "--draft-top-k %d",
-                     layout, (double)c->draft_temperature, (int)c->draft_top_k);
+                     "--draft-top-k %d --draft-top-p %g --draft-filter-order %s",
+                     layout, (double)c->draft_temperature, (int)c->draft_top_k,
+                     (double)c->draft_top_p, cli_filter_order_name(c->draft_filter_order));
         else if (c->kind == VERIFY_PROBS)
             snprintf(draft, sizeof draft, " --draft-probs @/verify_%s_probs.npy", layout);
         snprintf(line, sizeof line,
@@ -1699,6 +1705,19 @@ static void test_sample_verify(void)
             continue;
         }
         library_verify(c, &library);
+        if (c->draft_filter_order != PSM_FILTER_ORDER_POLYSAMPLE) {
+            /* The order must change this case's outcome, or the comparison
+             * would pass with the option ignored. */
+            verify_case default_order = *c;
+            verify_outputs unordered;
+            default_order.draft_filter_order = PSM_FILTER_ORDER_POLYSAMPLE;
+            library_verify(&default_order, &unordered);
+            EXPECT(memcmp(unordered.accepted, library.accepted, sizeof library.accepted) ||
+                       memcmp(unordered.tokens, library.tokens, sizeof library.tokens),
+                   "sample --verify (%s drafts, order %s): the same outcome as the default "
+                   "order; the case does not test --draft-filter-order",
+                   kinds[c->kind], cli_filter_order_name(c->draft_filter_order));
+        }
         EXPECT(!memcmp(printed.accepted, library.accepted, sizeof library.accepted) &&
                    !memcmp(printed.tokens, library.tokens, sizeof library.tokens) &&
                    !memcmp(printed.nodes, library.nodes, sizeof library.nodes),
@@ -1833,8 +1852,17 @@ static void test_sample_verify_refusals(void)
          "--draft-logits and --draft-probs are two forms of the draft's distribution; give one",
          CLI_EXIT_USAGE},
         {"--draft-tokens @/verify_chain_tokens.npy --draft-top-k 5",
-         "--draft-temperature, --draft-top-k, --draft-top-p and --draft-min-p shape "
-         "--draft-logits, which is not given",
+         "--draft-temperature, --draft-top-k, --draft-top-p, --draft-min-p and "
+         "--draft-filter-order shape --draft-logits, which is not given",
+         CLI_EXIT_USAGE},
+        {"--draft-tokens @/verify_chain_tokens.npy --draft-filter-order vllm",
+         "--draft-temperature, --draft-top-k, --draft-top-p, --draft-min-p and "
+         "--draft-filter-order shape --draft-logits, which is not given",
+         CLI_EXIT_USAGE},
+        {"--draft-tokens @/verify_chain_tokens.npy --draft-logits @/verify_chain_logits.npy "
+         "--draft-filter-order vlm",
+         "--draft-filter-order vlm: expected polysample, vllm, sglang, llama.cpp, "
+         "flashinfer-top-k-first or flashinfer-joint",
          CLI_EXIT_USAGE},
         {"--num-samples 2 --draft-tokens @/verify_chain_tokens.npy",
          "--verify emits one token per draft node and takes no --num-samples", CLI_EXIT_USAGE},
@@ -1865,7 +1893,11 @@ static void test_sample_verify_refusals(void)
         {"--draft-probs @/verify_chain_probs.npy @/verify_target.npy",
          "--draft-probs needs --verify"},
         {"--draft-temperature 0.5 @/verify_target.npy",
-         "--draft-temperature, --draft-top-k, --draft-top-p or --draft-min-p needs --verify"},
+         "--draft-temperature, --draft-top-k, --draft-top-p, --draft-min-p or "
+         "--draft-filter-order needs --verify"},
+        {"--draft-filter-order sglang @/verify_target.npy",
+         "--draft-temperature, --draft-top-k, --draft-top-p, --draft-min-p or "
+         "--draft-filter-order needs --verify"},
     };
     for (size_t i = 0; i < sizeof without_verify / sizeof without_verify[0]; ++i) {
         captured run;

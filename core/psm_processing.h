@@ -139,14 +139,40 @@ PSM_FN int psm_row_lists_valid(const psm_row_lists *lists, psm_i64 vocab)
     return 1;
 }
 
+/* Entry e of a row's listed tokens: its history, then its prompt. */
+PSM_FN psm_i32 psm_listed_token(const psm_row_lists *lists, psm_i64 e)
+{
+    const psm_i64 history_count = lists->history_end - lists->history_begin;
+    return e < history_count ? lists->history_tokens[lists->history_begin + e]
+                             : lists->prompt_tokens[lists->prompt_begin + (e - history_count)];
+}
+
+/* A listed token's penalty from its count word (history count, and
+ * PSM_IN_PROMPT), applied once. */
+PSM_FN void psm_penalise_token(PSM_GLOBAL float *x, psm_i32 token, psm_u32 word,
+                               const psm_row_lists *lists, float reciprocal)
+{
+    x[token] = psm_penalised_logit(x[token], word & ~PSM_IN_PROMPT,
+                                   (word & PSM_IN_PROMPT) != 0u, lists->repetition, reciprocal,
+                                   lists->frequency, lists->presence);
+}
+
+/* The bias entries, each one rounded add, in list order. */
+PSM_FN void psm_apply_bias(PSM_GLOBAL float *x, const psm_row_lists *lists)
+{
+    psm_i64 e;
+    for (e = lists->bias_begin; e < lists->bias_end; ++e)
+        x[lists->bias_tokens[e]] = PSM_FADD(x[lists->bias_tokens[e]], lists->bias_values[e]);
+}
+
 /* Step 2 on a row of read logits x: penalties, then bias. counts holds vocab
  * zeros on entry and on return. The lists must be valid. */
 PSM_FN void psm_process_row_lists(PSM_GLOBAL float *x, PSM_GLOBAL psm_u32 *counts,
                                   const psm_row_lists *lists)
 {
     psm_i64 e;
-    const psm_i64 history_count = lists->history_end - lists->history_begin;
-    const psm_i64 listed = history_count + (lists->prompt_end - lists->prompt_begin);
+    const psm_i64 listed = (lists->history_end - lists->history_begin) +
+                           (lists->prompt_end - lists->prompt_begin);
     const float reciprocal = psm_penalty_reciprocal(lists->repetition);
     for (e = lists->history_begin; e < lists->history_end; ++e)
         counts[lists->history_tokens[e]] += 1u;
@@ -155,19 +181,14 @@ PSM_FN void psm_process_row_lists(PSM_GLOBAL float *x, PSM_GLOBAL psm_u32 *count
     /* Each listed token once: its count word is cleared when it is done,
      * which also leaves every count zero for the next row. */
     for (e = 0; e < listed; ++e) {
-        const psm_i32 token = e < history_count
-                                  ? lists->history_tokens[lists->history_begin + e]
-                                  : lists->prompt_tokens[lists->prompt_begin + (e - history_count)];
+        const psm_i32 token = psm_listed_token(lists, e);
         const psm_u32 word = counts[token];
         if (word == 0u)
             continue;
-        x[token] = psm_penalised_logit(x[token], word & ~PSM_IN_PROMPT,
-                                       (word & PSM_IN_PROMPT) != 0u, lists->repetition,
-                                       reciprocal, lists->frequency, lists->presence);
+        psm_penalise_token(x, token, word, lists, reciprocal);
         counts[token] = 0u;
     }
-    for (e = lists->bias_begin; e < lists->bias_end; ++e)
-        x[lists->bias_tokens[e]] = PSM_FADD(x[lists->bias_tokens[e]], lists->bias_values[e]);
+    psm_apply_bias(x, lists);
 }
 
 /* Step 3 for one token: the mask (allowed: its bit), then the final read.

@@ -62,8 +62,8 @@ PSM_LOCAL_FN void psm_stage_row_lists(PSM_GLOBAL float *x, PSM_GLOBAL psm_u32 *c
         return;
     }
 
-    const psm_i64 history_count = lists->history_end - lists->history_begin;
-    const psm_i64 listed = history_count + (lists->prompt_end - lists->prompt_begin);
+    const psm_i64 listed = (lists->history_end - lists->history_begin) +
+                           (lists->prompt_end - lists->prompt_begin);
     const float reciprocal = psm_penalty_reciprocal(lists->repetition);
     for (e = lists->history_begin + item; e < lists->history_end; e += items)
         psm_global_add_u32(&counts[lists->history_tokens[e]], 1u);
@@ -71,20 +71,14 @@ PSM_LOCAL_FN void psm_stage_row_lists(PSM_GLOBAL float *x, PSM_GLOBAL psm_u32 *c
         psm_global_or_u32(&counts[lists->prompt_tokens[e]], PSM_IN_PROMPT);
     psm_group_barrier_global();
     for (e = item; e < listed; e += items) {
-        const psm_i32 token = e < history_count
-                                  ? lists->history_tokens[lists->history_begin + e]
-                                  : lists->prompt_tokens[lists->prompt_begin + (e - history_count)];
+        const psm_i32 token = psm_listed_token(lists, e);
         const psm_u32 word = psm_global_exchange_u32(&counts[token], 0u);
         if (word != 0u)
-            x[token] = psm_penalised_logit(x[token], word & ~PSM_IN_PROMPT,
-                                           (word & PSM_IN_PROMPT) != 0u, lists->repetition,
-                                           reciprocal, lists->frequency, lists->presence);
+            psm_penalise_token(x, token, word, lists, reciprocal);
     }
     psm_group_barrier_global();
     if (item == 0)
-        for (e = lists->bias_begin; e < lists->bias_end; ++e)
-            x[lists->bias_tokens[e]] =
-                PSM_FADD(x[lists->bias_tokens[e]], lists->bias_values[e]);
+        psm_apply_bias(x, lists);
 }
 
 PSM_STAGE_END

@@ -25,6 +25,14 @@ fi
 if ! "$venv/bin/python" -c "import numpy, pytest" 2>/dev/null; then
   "$venv/bin/python" -m pip install --quiet numpy pytest
 fi
+# PyTorch (PyPI's wheel; its CUDA libraries are not used on a machine
+# without a GPU) for the torch ops' tests on CPU tensors: opcheck,
+# torch.compile, identity with the array API. POLYSAMPLE_TEST_TORCH=0 skips
+# the install; without torch those tests skip with their reason.
+if [ "${POLYSAMPLE_TEST_TORCH:-1}" != 0 ] && ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
+  "$venv/bin/python" -m pip install --quiet torch >"$build/torch-install.log" 2>&1 ||
+    echo "python tests: PyTorch did not install from PyPI (log: $build/torch-install.log); its tests skip"
+fi
 if ! "$venv/bin/python" -m pip install --quiet "$repo" \
     -C build-dir="$build/python-build" \
     -C cmake.define.PSM_WITH_CUDA=OFF -C cmake.define.PSM_WITH_HIP=OFF \

@@ -66,6 +66,9 @@ class SampleResult(namedtuple("SampleResult", ("tokens", "logprobs", "top_tokens
 
 
 _LOGPROB_MODES = {"processed": 0, "raw": 1}
+# Read once: polysample.torch checks top-N requests while torch.compile
+# traces, which cannot call into the extension.
+_MAX_TOP_LOGPROBS = _core.max_top_logprobs()
 
 
 def _top_request(top_logprobs, logprob_mode, return_ranks):
@@ -85,9 +88,9 @@ def _top_request(top_logprobs, logprob_mode, return_ranks):
             raise Error("INVALID_ARGUMENT", "return_ranks needs top_logprobs (the ranks are in "
                                             "the order of the top-N logprobs' mode)")
         return None
-    if not 1 <= count <= _core.max_top_logprobs():
+    if not 1 <= count <= _MAX_TOP_LOGPROBS:
         raise Error("INVALID_PARAMETER", f"top_logprobs is {count}; expected 1 to "
-                                         f"{_core.max_top_logprobs()} (0: none)")
+                                         f"{_MAX_TOP_LOGPROBS} (0: none)")
     return count, mode, bool(return_ranks)
 
 

@@ -139,18 +139,24 @@ def _bias_lists(value, rows, one_row):
             host_per_row(np.array(values, np.float64), "float32", "logit_bias values"))
 
 
+def check_mask_shape(shape, is_bool, rows, vocab):
+    """Error unless a mask of this shape (after a one-row mask gained its row
+    dimension) has a row per output row, and a bool one a column per token."""
+    if len(shape) != 2 or shape[0] != rows:
+        raise Error("INVALID_ARGUMENT", f"allowed_mask must have one row per output row: "
+                                        f"shape ({rows}, vocab) of bool or ({rows}, words) of "
+                                        f"32-bit words; got shape {tuple(shape)}")
+    if is_bool and shape[1] != vocab:
+        raise Error("INVALID_ARGUMENT", f"allowed_mask (bool) has {shape[1]} columns; "
+                                        f"expected the vocabulary ({vocab})")
+
+
 def _mask(value, rows, vocab, one_row):
     array = np.asarray(value)
     if one_row and array.ndim == 1:
         array = array[np.newaxis]
-    if array.ndim != 2 or array.shape[0] != rows:
-        raise Error("INVALID_ARGUMENT", f"allowed_mask must have one row per output row: "
-                                        f"shape ({rows}, vocab) of bool or ({rows}, words) of "
-                                        f"uint32; got shape {array.shape}")
+    check_mask_shape(array.shape, array.dtype == np.bool_, rows, vocab)
     if array.dtype == np.bool_:
-        if array.shape[1] != vocab:
-            raise Error("INVALID_ARGUMENT", f"allowed_mask (bool) has {array.shape[1]} columns; "
-                                            f"expected the vocabulary ({vocab})")
         words = -(-vocab // 32)
         packed = np.zeros((rows, words * 4), np.uint8)
         packed[:, :-(-vocab // 8)] = np.packbits(array, axis=1, bitorder="little")

@@ -10,6 +10,10 @@ work runs on torch's current stream, with no synchronisation: a context of
 the library bound to that stream is made at first use and kept per
 (device, stream). CPU tensors run on the CPU backend.
 
+Logit processing, filter orders and top-N logprobs take polysample.sample's
+arguments; processing given as tensors on the logits' device reaches the
+kernels without a copy (sample's docstring).
+
 CUDA graphs: scalars (temperature, seed, offset, ...) are frozen into the
 graph at capture, so a replay with them draws the same random numbers. To
 draw anew at each replay, keep the positions on the device: offset_tensor
@@ -31,7 +35,7 @@ import torch
 
 from . import _core
 from ._arguments import (ARRAY_NAMES, ARRAYS, BACKEND_CODES, PROBS_ARRAYS, ROW_INDICES,
-                         arrays_of, parse_backend, scalars)
+                         arrays_of, filter_order_code, parse_backend, scalars)
 from ._errors import Error
 from ._frameworks import host_per_row
 
@@ -194,10 +198,11 @@ def _torch_workspace(device, kept):
 
 
 def _processing_tensors(processing, device, kept):
-    """The processing tuple (polysample._processing.processing_tuple: host
-    NumPy arrays) as raw tensors on the logits' device, the tensors kept
-    alive in `kept` until the call has been queued. The uint32 mask travels
-    as int32 (the same bits)."""
+    """The processing tuple (polysample._processing.processing_tuple's
+    order; its arrays host NumPy arrays or tensors already on the logits'
+    device, as the op passes them) as raw tensors on the logits' device,
+    the copies kept alive in `kept` until the call has been queued. The
+    uint32 mask travels as int32 (the same bits)."""
     if processing is None:
         return None
     raw = []
@@ -205,11 +210,12 @@ def _processing_tensors(processing, device, kept):
         if array is None:
             raw.append(None)
             continue
-        if array.dtype == np.uint32:
-            array = array.view(np.int32)
-        tensor = torch.from_numpy(array).to(device)
-        kept.append(tensor)
-        raw.append(_raw(tensor))
+        if not isinstance(array, torch.Tensor):
+            if array.dtype == np.uint32:
+                array = array.view(np.int32)
+            array = torch.from_numpy(array).to(device)
+            kept.append(array)
+        raw.append(_raw(array))
     return tuple(raw) + (processing[-1],)
 
 
@@ -314,20 +320,36 @@ def _run_on_context(context, mode, logits, values, arrays, return_logprobs, work
 
 
 # The ops. Seeds and offsets are unsigned 64-bit in the C API and signed in
-# a schema's `int`: the wrappers pass their two's-complement bits.
+# a schema's `int`: the wrappers pass their two's-complement bits. Logit
+# processing enters as tensors on the logits' device (the C struct
+# psm_logit_processing's arrays, polysample._processing.processing_tuple's
+# order) and three penalty scalars; top-N as N (0: none), the mode's code
+# and return_ranks. A schema cannot return None: outputs that were not
+# asked for are empty tensors, and the wrappers return None for them.
+_PROCESSING_SCHEMA = (
+    "Tensor? allowed_mask, Tensor? bias_offsets, Tensor? bias_tokens, Tensor? bias_values, "
+    "Tensor? history_offsets, Tensor? history_tokens, Tensor? prompt_offsets, "
+    "Tensor? prompt_tokens, Tensor? repetition_penalty_per_row, "
+    "Tensor? frequency_penalty_per_row, Tensor? presence_penalty_per_row, "
+    "float repetition_penalty, float frequency_penalty, float presence_penalty")
 _library = torch.library.Library("polysample", "DEF")
 _library.define(
     "sample(Tensor logits, float temperature, int top_k, float top_p, float min_p, int seed, "
     "int offset, int num_samples, Tensor? temperature_per_row, Tensor? top_k_per_row, "
     "Tensor? top_p_per_row, Tensor? min_p_per_row, Tensor? seed_per_row, "
     "Tensor? offset_per_row, Tensor? subsequence_per_row, Tensor? row_indices, "
-    "Tensor? seed_tensor, Tensor? offset_tensor, bool return_logprobs) -> (Tensor, Tensor)")
+    "Tensor? seed_tensor, Tensor? offset_tensor, bool return_logprobs, int filter_order, "
+    + _PROCESSING_SCHEMA + ", int top_logprobs, int logprob_mode, bool return_ranks) -> "
+    "(Tensor, Tensor, Tensor, Tensor, Tensor)")
 _library.define(
     "probs(Tensor logits, float temperature, int top_k, float top_p, float min_p, "
     "Tensor? temperature_per_row, Tensor? top_k_per_row, Tensor? top_p_per_row, "
-    "Tensor? min_p_per_row, Tensor? row_indices) -> Tensor")
+    "Tensor? min_p_per_row, Tensor? row_indices, int filter_order, "
+    + _PROCESSING_SCHEMA + ") -> Tensor")
 
 _PROBS_INDICES = tuple(ARRAY_NAMES.index(name) for name in PROBS_ARRAYS)
+_PROCESSING_OFF = (1.0, 0.0, 0.0)
+_NO_PROCESSING = (None,) * 11 + _PROCESSING_OFF
 
 
 def _probs_arrays(temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row,
@@ -337,32 +359,61 @@ def _probs_arrays(temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_r
                           min_p_per_row=min_p_per_row, row_indices=row_indices))
 
 
+def _op_processing(processing):
+    """The extension's processing tuple from the op's 14 processing
+    arguments, or None when they ask for nothing."""
+    arrays, penalties = tuple(processing[:11]), tuple(float(value) for value in processing[11:])
+    if all(array is None for array in arrays) and penalties == _PROCESSING_OFF:
+        return None
+    return arrays + (penalties,)
+
+
+def _op_top(top_logprobs, logprob_mode, return_ranks):
+    return (int(top_logprobs), int(logprob_mode), bool(return_ranks)) if top_logprobs else None
+
+
 def _sample_kernel(logits, temperature, top_k, top_p, min_p, seed, offset, num_samples,
                    temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row,
                    seed_per_row, offset_per_row, subsequence_per_row, row_indices, seed_tensor,
-                   offset_tensor, return_logprobs):
+                   offset_tensor, return_logprobs, filter_order, *rest):
+    processing, (top_logprobs, logprob_mode, return_ranks) = rest[:14], rest[14:]
     values = scalars(temperature, top_k, top_p, min_p, seed & _UINT64_MASK,
-                     offset & _UINT64_MASK, num_samples)
+                     offset & _UINT64_MASK, num_samples)[:7] + (int(filter_order),)
     _check_logits(logits)
     arrays = (temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row, seed_per_row,
               offset_per_row, subsequence_per_row, row_indices, seed_tensor, offset_tensor)
     context = _context_for(logits.device, None)
-    return _run(0, context, logits, values, arrays, return_logprobs, "torch")
+    top = _op_top(top_logprobs, logprob_mode, return_ranks)
+    results = _run(0, context, logits, values, arrays, return_logprobs, "torch",
+                   _op_processing(processing), top)
+    tokens, logprobs = results[0], results[1]
+    if top is None:
+        return tokens, logprobs, _empty(logits, torch.int32), _empty(logits, torch.float32), \
+            _empty(logits, torch.int32)
+    top_tokens, top_values, ranks = results[2]
+    return tokens, logprobs, top_tokens, top_values, \
+        ranks if ranks is not None else _empty(logits, torch.int32)
 
 
 def _probs_kernel(logits, temperature, top_k, top_p, min_p, temperature_per_row,
-                  top_k_per_row, top_p_per_row, min_p_per_row, row_indices):
-    values = scalars(temperature, top_k, top_p, min_p, 0, 0, 1)
+                  top_k_per_row, top_p_per_row, min_p_per_row, row_indices, filter_order,
+                  *processing):
+    values = scalars(temperature, top_k, top_p, min_p, 0, 0, 1)[:7] + (int(filter_order),)
     _check_logits(logits)
     arrays = _probs_arrays(temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row,
                            row_indices)
     context = _context_for(logits.device, None)
-    return _run(1, context, logits, values, arrays, False, "torch")[0]
+    return _run(1, context, logits, values, arrays, False, "torch",
+                _op_processing(processing))[0]
 
 
 for _key in ("CPU", "CUDA"):
     _library.impl("sample", _sample_kernel, _key)
     _library.impl("probs", _probs_kernel, _key)
+
+
+def _empty(logits, dtype):
+    return logits.new_empty((0,), dtype=dtype)
 
 
 def _fake_rows(logits, row_indices):
@@ -373,16 +424,22 @@ def _fake_rows(logits, row_indices):
 def _sample_fake(logits, temperature, top_k, top_p, min_p, seed, offset, num_samples,
                  temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row,
                  seed_per_row, offset_per_row, subsequence_per_row, row_indices, seed_tensor,
-                 offset_tensor, return_logprobs):
-    shape = _fake_rows(logits, row_indices) + (num_samples,)
+                 offset_tensor, return_logprobs, filter_order, *rest):
+    top_logprobs, _, return_ranks = rest[14:]
+    rows = _fake_rows(logits, row_indices)
+    shape = rows + (num_samples,)
     tokens = logits.new_empty(shape, dtype=torch.int32)
-    logprobs = logits.new_empty(shape if return_logprobs else (0,), dtype=torch.float32)
-    return tokens, logprobs
+    logprobs = logits.new_empty(shape if return_logprobs or top_logprobs else (0,),
+                                dtype=torch.float32)
+    top_shape = rows + (top_logprobs,) if top_logprobs else (0,)
+    return (tokens, logprobs, logits.new_empty(top_shape, dtype=torch.int32),
+            logits.new_empty(top_shape, dtype=torch.float32),
+            logits.new_empty(shape if top_logprobs and return_ranks else (0,), dtype=torch.int32))
 
 
 @torch.library.register_fake("polysample::probs")
 def _probs_fake(logits, temperature, top_k, top_p, min_p, temperature_per_row, top_k_per_row,
-                top_p_per_row, min_p_per_row, row_indices):
+                top_p_per_row, min_p_per_row, row_indices, filter_order, *processing):
     return logits.new_empty(_fake_rows(logits, row_indices) + (logits.shape[-1],),
                             dtype=torch.float32)
 
@@ -394,10 +451,104 @@ def _signed64(value, name):
     return value - 2**64 if value >= 2**63 else value
 
 
+# ---- logit processing as the ops' tensors ---------------------------------
+# Tensors already of the right dtype on the logits' device pass untouched
+# (what a CUDA graph needs: the graph then reads the tensors the caller
+# updates); other forms (dicts, lists, NumPy, tensors of another dtype or
+# device) go through polysample._processing's host checks, which also
+# check each value's range, and are copied to the device.
+_CSR_PARTS = {"logit_bias": (1, (torch.int64, torch.int32, torch.float32)),
+              "history": (4, (torch.int64, torch.int32)),
+              "prompt": (6, (torch.int64, torch.int32))}
+_PENALTIES = ("repetition_penalty", "frequency_penalty", "presence_penalty")
+
+
+def _as_given(value, dtype, device):
+    """Whether a processing argument is a 1-D tensor of `dtype` on the
+    logits' device, which the op takes as it is."""
+    return (isinstance(value, torch.Tensor) and value.device == device and value.dtype == dtype
+            and value.dim() == 1)
+
+
+def _device_mask(mask, rows, vocab, one_row):
+    """An allowed-token mask tensor as the library's int32 words on its own
+    device: bool (rows, vocab) packed with tensor operations (traceable,
+    no copy to the host), int32 or uint32 (rows, words) as it is."""
+    from ._processing import check_mask_shape
+    if one_row and mask.dim() == 1:
+        mask = mask.unsqueeze(0)
+    check_mask_shape(tuple(mask.shape), mask.dtype == torch.bool, rows, vocab)
+    if mask.dtype == torch.bool:
+        words = -(-vocab // 32)
+        bits = torch.nn.functional.pad(mask.to(torch.int64), (0, words * 32 - vocab))
+        weights = torch.bitwise_left_shift(
+            torch.ones(32, dtype=torch.int64, device=mask.device),
+            torch.arange(32, dtype=torch.int64, device=mask.device))
+        packed = (bits.view(rows, words, 32) * weights).sum(-1)
+        # The words' bits as int32: values from 2^31 up wrap to negative.
+        return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    if mask.dtype == torch.int32 or (hasattr(torch, "uint32") and mask.dtype == torch.uint32):
+        return mask.contiguous().view(torch.int32)
+    raise Error("INVALID_ARGUMENT", f"allowed_mask must be bool (rows, vocab) or int32/uint32 "
+                                    f"(rows, words); got {mask.dtype}")
+
+
+def _device_processing(logits, row_indices, arguments):
+    """The ops' 14 processing arguments (11 tensors or None, then the three
+    penalty scalars) from polysample.sample's processing arguments."""
+    from ._processing import NAMES, RowLists, processing_tuple
+    # Whether anything is asked, without NumPy on tensors (torch.compile
+    # traces this): a tensor penalty asks, as any list or mask does.
+    if all(arguments[name] is None for name in NAMES[:4]) and all(
+            isinstance(arguments[name], (int, float)) and arguments[name] == off
+            for name, off in zip(_PENALTIES, _PROCESSING_OFF)):
+        return _NO_PROCESSING
+    device = logits.device
+    rows, _ = _check_logits(logits)
+    one_row = row_indices is None and logits.dim() == 1
+    if row_indices is not None:
+        rows = len(row_indices)
+    vocab = logits.shape[-1]
+    tensors, penalties, host = [None] * 11, list(_PROCESSING_OFF), {}
+    mask = arguments.get("allowed_mask")
+    if isinstance(mask, torch.Tensor) and mask.device == device:
+        tensors[0] = _device_mask(mask, rows, vocab, one_row)
+    elif mask is not None:
+        host["allowed_mask"] = mask
+    for name, (first, dtypes) in _CSR_PARTS.items():
+        lists = arguments.get(name)
+        if isinstance(lists, RowLists) and all(
+                _as_given(part, dtype, device) for part, dtype in zip(lists, dtypes)):
+            # Lengths are checked by the extension, host offsets too.
+            tensors[first:first + len(dtypes)] = lists[:len(dtypes)]
+        elif lists is not None:
+            host[name] = lists
+    for index, name in enumerate(_PENALTIES):
+        value = arguments.get(name, _PROCESSING_OFF[index])
+        if _as_given(value, torch.float32, device):
+            tensors[8 + index] = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            penalties[index] = float(value)
+        else:
+            host[name] = value
+    converted = processing_tuple(host, rows, vocab, one_row) if host else None
+    if converted is not None:
+        for index, array in enumerate(converted[:-1]):
+            if array is not None:
+                tensors[index] = torch.from_numpy(
+                    array.view(np.int32) if array.dtype == np.uint32 else array).to(device)
+        penalties = [converted[-1][index] if name in host else penalties[index]
+                     for index, name in enumerate(_PENALTIES)]
+    return tuple(tensors) + tuple(penalties)
+
+
 def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, offset=0,
            num_samples=1, temperature_per_row=None, top_k_per_row=None, top_p_per_row=None,
            min_p_per_row=None, seed_per_row=None, offset_per_row=None, subsequence_per_row=None,
-           row_indices=None, seed_tensor=None, offset_tensor=None, return_logprobs=False):
+           row_indices=None, seed_tensor=None, offset_tensor=None, return_logprobs=False,
+           filter_order="polysample", allowed_mask=None, logit_bias=None, history=None,
+           prompt=None, repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0,
+           top_logprobs=0, logprob_mode="processed", return_ranks=False):
     """torch.ops.polysample.sample with polysample.sample's arguments.
 
     Array arguments are tensors on the logits' device: float32 for
@@ -406,29 +557,60 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, of
     row_indices; seed_tensor and offset_tensor hold one int64 each, read
     when the kernels run. Other inputs are converted first (a copy, which a
     CUDA graph would not see updated). The workspace comes from torch's
-    allocator (the module's docstring). Returns tokens (int32, of shape
-    logits.shape[:-1] + (num_samples,), or (len(row_indices), num_samples)),
-    or (tokens, logprobs)."""
+    allocator (the module's docstring).
+
+    Logit processing takes polysample.sample's forms; for CUDA graphs pass
+    tensors on the logits' device, which the graph then reads as they are:
+    allowed_mask as bool (rows, vocab) (packed on the device each call) or
+    int32/uint32 words (rows, words); logit_bias, history and prompt as
+    polysample.RowLists of 1-D tensors (offsets int64, tokens int32, values
+    float32); penalties as numbers or float32 tensors of one value per row.
+    The device lists are read as far as their offsets say: keep each
+    offsets' last value within its tokens (the host forms are checked).
+
+    Returns tokens (int32, of shape logits.shape[:-1] + (num_samples,), or
+    (len(row_indices), num_samples)), or (tokens, logprobs) with
+    return_logprobs, or with top_logprobs=N a polysample.SampleResult
+    (tokens, logprobs, top_tokens, top_logprobs, ranks or None)."""
+    from . import SampleResult, _top_request
     arrays = (temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row, seed_per_row,
               offset_per_row, subsequence_per_row, row_indices, seed_tensor, offset_tensor)
+    order = filter_order_code(filter_order)
+    top = _top_request(top_logprobs, logprob_mode, return_ranks)
+    processing = dict(allowed_mask=allowed_mask, logit_bias=logit_bias, history=history,
+                      prompt=prompt, repetition_penalty=repetition_penalty,
+                      frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
     if not torch.compiler.is_compiling():
         scalars(temperature, top_k, top_p, min_p, seed, offset, num_samples)
         arrays = _prepare_arrays(arrays, logits.device)
-    tokens, logprobs = torch.ops.polysample.sample(
+    processing = _device_processing(logits, arrays[ROW_INDICES], processing)
+    count, mode, ranks_on = top if top is not None else (0, 0, False)
+    tokens, logprobs, top_tokens, top_values, ranks = torch.ops.polysample.sample(
         logits, float(temperature), int(top_k), float(top_p), float(min_p),
         _signed64(seed, "seed"), _signed64(offset, "offset"), int(num_samples), *arrays,
-        bool(return_logprobs))
+        bool(return_logprobs), order, *processing, count, mode, ranks_on)
+    if top is not None:
+        return SampleResult(tokens, logprobs, top_tokens, top_values,
+                            ranks if ranks_on else None)
     return (tokens, logprobs) if return_logprobs else tokens
 
 
 def probs(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, temperature_per_row=None,
-          top_k_per_row=None, top_p_per_row=None, min_p_per_row=None, row_indices=None):
+          top_k_per_row=None, top_p_per_row=None, min_p_per_row=None, row_indices=None,
+          filter_order="polysample", allowed_mask=None, logit_bias=None, history=None,
+          prompt=None, repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0):
     """torch.ops.polysample.probs: the distribution sample() draws from
-    (with row_indices, one row per entry)."""
+    (with row_indices, one row per entry); processing as for sample()."""
     arrays = _probs_arrays(temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row,
                            row_indices)
+    order = filter_order_code(filter_order)
+    processing = dict(allowed_mask=allowed_mask, logit_bias=logit_bias, history=history,
+                      prompt=prompt, repetition_penalty=repetition_penalty,
+                      frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
     if not torch.compiler.is_compiling():
         scalars(temperature, top_k, top_p, min_p, 0, 0, 1)
         arrays = _prepare_arrays(arrays, logits.device)
+    processing = _device_processing(logits, arrays[ROW_INDICES], processing)
     return torch.ops.polysample.probs(logits, float(temperature), int(top_k), float(top_p),
-                                      float(min_p), *(arrays[index] for index in _PROBS_INDICES))
+                                      float(min_p), *(arrays[index] for index in _PROBS_INDICES),
+                                      order, *processing)

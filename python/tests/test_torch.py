@@ -130,22 +130,134 @@ def test_bad_tensor_arguments():
         pst.sample(logits_tensor().t())
 
 
+# The ops' arguments after the per-row arrays (sample: return_logprobs
+# first): filter order, the 14 processing arguments (none), and for sample
+# top-N (none).
+NO_PROCESSING = (None,) * 11 + (1.0, 0.0, 0.0)
+SAMPLE_TAIL = (0,) + NO_PROCESSING + (0, 0, False)
+PROBS_TAIL = (0,) + NO_PROCESSING
+
+
 def test_opcheck():
     logits = logits_tensor(rows=3, vocab=300)
     seeds = torch.tensor([1, 2, 3])
     torch.library.opcheck(torch.ops.polysample.sample.default,
                           (logits, 0.8, 20, 0.9, 0.0, 7, 1, 2, None, None, None, None, seeds,
-                           None, None, None, None, None, True))
+                           None, None, None, None, None, True) + SAMPLE_TAIL)
     indices = torch.tensor([2, 0, 2, 1])
     torch.library.opcheck(torch.ops.polysample.sample.default,
                           (logits, 0.8, 20, 0.9, 0.0, 7, 1, 2, None, None, None, None, None,
                            torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 0, 1],
                                                                     dtype=torch.int32),
-                           indices, None, None, True))
+                           indices, None, None, True) + SAMPLE_TAIL)
+    # Processing, an engine's order and top-N with ranks, as tensors.
+    mask = torch.full((3, 10), -1, dtype=torch.int32)
+    mask[1, 0] = 0x7ffffffe
+    history = (torch.tensor([0, 2, 2, 5]), torch.tensor([4, 4, 7, 8, 9], dtype=torch.int32))
+    bias = (torch.tensor([0, 1, 1, 2]), torch.tensor([3, 5], dtype=torch.int32),
+            torch.tensor([2.5, -1.0]))
+    processing = (mask,) + bias + history + (None, None, None, None, None, 1.3, 0.2, 0.1)
+    torch.library.opcheck(torch.ops.polysample.sample.default,
+                          (logits, 0.8, 20, 0.9, 0.0, 7, 1, 2) + (None,) * 10 +
+                          (False, 1) + processing + (5, 0, True))
     torch.library.opcheck(torch.ops.polysample.probs.default,
-                          (logits, 1.0, 20, 0.9, 0.0, None, None, None, None, None))
+                          (logits, 1.0, 20, 0.9, 0.0, None, None, None, None, None) + PROBS_TAIL)
     torch.library.opcheck(torch.ops.polysample.probs.default,
-                          (logits, 1.0, 20, 0.9, 0.0, None, None, None, None, indices))
+                          (logits, 1.0, 20, 0.9, 0.0, None, None, None, None, indices) +
+                          PROBS_TAIL)
+    torch.library.opcheck(torch.ops.polysample.probs.default,
+                          (logits, 1.0, 20, 0.9, 0.05, None, None, None, None, None, 3) +
+                          processing)
+
+
+PROCESSING = dict(repetition_penalty=1.3, frequency_penalty=0.2, presence_penalty=0.1)
+
+
+def processing_forms(rows, vocab, generator):
+    """Host forms of every processing argument, and the same as tensors."""
+    mask = torch.rand(rows, vocab, generator=generator) < 0.7
+    mask[:, 0] = True
+    history = [list(range(row, row + 2 * row + 1)) for row in range(rows)]
+    bias = [{1: 3.0, 7: -2.0}] + [{row: 1.5} for row in range(1, rows)]
+    host = dict(allowed_mask=mask.numpy(), history=history, logit_bias=bias,
+                prompt=[[9, 10]] * rows, **PROCESSING)
+    offsets = np.cumsum([0] + [len(item) for item in history])
+    bias_offsets = np.cumsum([0] + [len(item) for item in bias])
+    tensors = dict(
+        allowed_mask=mask,
+        history=polysample.RowLists(torch.from_numpy(offsets),
+                                    torch.tensor(sum(history, []), dtype=torch.int32)),
+        logit_bias=polysample.RowLists(
+            torch.from_numpy(bias_offsets),
+            torch.tensor([token for item in bias for token in item], dtype=torch.int32),
+            torch.tensor([value for item in bias for value in item.values()])),
+        prompt=polysample.RowLists(torch.arange(0, 2 * rows + 1, 2),
+                                   torch.tensor([9, 10] * rows, dtype=torch.int32)),
+        repetition_penalty=torch.full((rows,), 1.3), frequency_penalty=0.2,
+        presence_penalty=torch.full((rows,), 0.1))
+    return host, tensors
+
+
+def test_op_processing_top_logprobs_and_orders_equal_numpy():
+    rows, vocab = 5, 700
+    logits = logits_tensor(rows=rows, vocab=vocab, seed=3)
+    host, tensors = processing_forms(rows, vocab, torch.Generator().manual_seed(5))
+    setting = dict(temperature=0.9, top_k=40, top_p=0.8, min_p=0.02, seed=11, num_samples=3)
+    for order in ("polysample", "vllm", "llama.cpp"):
+        expected = polysample.sample(logits.numpy(), backend="cpu", top_logprobs=6,
+                                     return_ranks=True, filter_order=order, **host, **setting)
+        for forms in (host, tensors):
+            result = pst.sample(logits, top_logprobs=6, return_ranks=True, filter_order=order,
+                                **forms, **setting)
+            assert isinstance(result, polysample.SampleResult)
+            for name in result._fields:
+                np.testing.assert_array_equal(getattr(result, name).numpy(),
+                                              getattr(expected, name), err_msg=name)
+        probs = pst.probs(logits, filter_order=order, **tensors, **setting_of_probs(setting))
+        np.testing.assert_array_equal(probs.numpy(), polysample.probs(
+            logits.numpy(), filter_order=order, **host, **setting_of_probs(setting)))
+    raw = pst.sample(logits, top_logprobs=3, logprob_mode="raw", **setting)
+    assert raw.ranks is None and raw.top_tokens.shape == (rows, 3)
+    expected = polysample.sample(logits.numpy(), top_logprobs=3, logprob_mode="raw", **setting)
+    np.testing.assert_array_equal(raw.top_logprobs.numpy(), expected.top_logprobs)
+    # Without top-N the op's empty outputs do not reach the caller.
+    tokens, logprobs = pst.sample(logits, return_logprobs=True, **tensors, **setting)
+    np.testing.assert_array_equal(tokens.numpy(), polysample.sample(logits.numpy(), **host,
+                                                                    **setting))
+
+
+def setting_of_probs(setting):
+    return {name: setting[name] for name in ("temperature", "top_k", "top_p", "min_p")}
+
+
+def test_bool_mask_packs_on_the_device_as_on_the_host():
+    from polysample import torch as module
+    generator = torch.Generator().manual_seed(8)
+    for vocab in (1, 31, 32, 33, 100):
+        mask = torch.rand(3, vocab, generator=generator) < 0.5
+        mask[:, -1] = True  # the top bit of a full last word: the int32 wrap
+        packed = module._device_mask(mask, 3, vocab, False)
+        from polysample._processing import _mask
+        np.testing.assert_array_equal(packed.numpy().view(np.uint32), _mask(mask.numpy(), 3,
+                                                                             vocab, False))
+
+
+def test_bad_processing_tensors():
+    logits = logits_tensor(rows=2, vocab=50)
+    with pytest.raises(polysample.Error, match="allowed_mask .bool. has 40 columns"):
+        pst.sample(logits, allowed_mask=torch.ones(2, 40, dtype=torch.bool))
+    with pytest.raises(polysample.Error, match="one row per output row"):
+        pst.sample(logits, allowed_mask=torch.ones(3, 50, dtype=torch.bool))
+    with pytest.raises(polysample.Error, match="history offsets"):
+        pst.sample(logits, history=polysample.RowLists(torch.tensor([0, 1]),
+                                                       torch.tensor([3], dtype=torch.int32)))
+    with pytest.raises(polysample.Error, match="offsets.2. is 5; the lists hold 1"):
+        pst.sample(logits, history=polysample.RowLists(torch.tensor([0, 1, 5]),
+                                                       torch.tensor([3], dtype=torch.int32)))
+    with pytest.raises(polysample.Error, match="top_logprobs is 65"):
+        pst.sample(logits, top_logprobs=65)
+    with pytest.raises(ValueError, match="filter_order must be one of"):
+        pst.sample(logits, filter_order="greedy")
 
 
 def test_torch_compile_cpu_traces_the_op():
@@ -156,6 +268,21 @@ def test_torch_compile_cpu_traces_the_op():
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     np.testing.assert_array_equal(compiled(logits).numpy(), step(logits).numpy())
+
+    # With processing tensors (the bool mask packed inside the graph) and top-N.
+    _, tensors = processing_forms(6, 4000, torch.Generator().manual_seed(2))
+
+    def processed_step(values, mask, history, penalty):
+        result = pst.sample(values, temperature=0.7, top_k=40, seed=4, num_samples=2,
+                            allowed_mask=mask, history=history, repetition_penalty=penalty,
+                            top_logprobs=4, return_ranks=True, filter_order="vllm")
+        return result.tokens, result.top_tokens, result.ranks
+
+    arguments = (logits, tensors["allowed_mask"], tensors["history"],
+                 tensors["repetition_penalty"])
+    compiled = torch.compile(processed_step, fullgraph=True, backend="aot_eager")
+    for got, expected in zip(compiled(*arguments), processed_step(*arguments)):
+        np.testing.assert_array_equal(got.numpy(), expected.numpy())
 
 
 # --- CUDA tensors ------------------------------------------------------------
@@ -339,6 +466,24 @@ def test_cuda_request_state_equals_the_cpu_backend():
     host = {name: value.cpu().numpy() for name, value in arguments.items()}
     expected_tokens, expected_logprobs = polysample.sample(
         logits.cpu().numpy(), return_logprobs=True, **SETTING_NO_SEED, **host)
+    np.testing.assert_array_equal(tokens.cpu().numpy(), expected_tokens)
+    np.testing.assert_allclose(logprobs.cpu().numpy(), expected_logprobs, rtol=2e-6, atol=1e-6)
+
+
+@needs_cuda
+def test_cuda_processing_tensors_equal_the_cpu_backend():
+    """Processing given as CUDA tensors (the bool mask packed on the GPU)
+    reaches the CUDA backend as it is and draws the CPU backend's tokens."""
+    rows, vocab = 5, 32000
+    logits = logits_tensor(rows=rows, vocab=vocab, seed=4, device="cuda")
+    host, tensors = processing_forms(rows, vocab, torch.Generator().manual_seed(6))
+    on_device = {name: (polysample.RowLists(*(part.cuda() for part in value if part is not None))
+                        if isinstance(value, polysample.RowLists)
+                        else value.cuda() if isinstance(value, torch.Tensor) else value)
+                 for name, value in tensors.items()}
+    tokens, logprobs = pst.sample(logits, return_logprobs=True, **SETTING, **on_device)
+    expected_tokens, expected_logprobs = polysample.sample(
+        logits.cpu().numpy(), backend="cpu", return_logprobs=True, **SETTING, **host)
     np.testing.assert_array_equal(tokens.cpu().numpy(), expected_tokens)
     np.testing.assert_allclose(logprobs.cpu().numpy(), expected_logprobs, rtol=2e-6, atol=1e-6)
 

@@ -2,6 +2,7 @@
 #include "contract_model.h"
 
 #include "psm_contract.h"
+#include "wide_limbs.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -201,92 +202,6 @@ int model_distribution(const float *x, int64_t vocab, const model_params *params
     return good;
 }
 
-/* Unsigned integers of 256 bits in 32-bit limbs, little end first: enough
- * for every product of section 7 (below 2^192), with room to see that none
- * overflows. */
-typedef struct wide {
-    uint32_t limb[8];
-} wide;
-
-static wide wide_of(uint64_t value)
-{
-    wide w = {{(uint32_t)value, (uint32_t)(value >> 32)}};
-    return w;
-}
-
-/* a x b, schoolbook over the limbs. */
-static wide wide_times(wide a, uint64_t b)
-{
-    const uint32_t b_limb[2] = {(uint32_t)b, (uint32_t)(b >> 32)};
-    wide product = {{0}};
-    for (int j = 0; j < 2; ++j) {
-        uint64_t carry = 0;
-        for (int i = 0; i + j < 8; ++i) {
-            uint64_t sum = (uint64_t)a.limb[i] * b_limb[j] + product.limb[i + j] + carry;
-            product.limb[i + j] = (uint32_t)sum;
-            carry = sum >> 32;
-        }
-        if (carry)
-            abort(); /* beyond 256 bits: the sizes of section 7 do not hold */
-    }
-    return product;
-}
-
-/* a x 2^64 */
-static wide wide_times_2_64(wide a)
-{
-    wide shifted = {{0}};
-    if (a.limb[6] || a.limb[7])
-        abort();
-    for (int i = 0; i < 6; ++i)
-        shifted.limb[i + 2] = a.limb[i];
-    return shifted;
-}
-
-static int wide_less(wide a, wide b)
-{
-    for (int i = 7; i >= 0; --i)
-        if (a.limb[i] != b.limb[i])
-            return a.limb[i] < b.limb[i];
-    return 0;
-}
-
-/* a - b for a >= b */
-static wide wide_minus(wide a, wide b)
-{
-    wide difference;
-    int64_t borrow = 0;
-    for (int i = 0; i < 8; ++i) {
-        int64_t digit = (int64_t)a.limb[i] - b.limb[i] - borrow;
-        borrow = digit < 0;
-        difference.limb[i] = (uint32_t)(digit + (borrow ? ((int64_t)1 << 32) : 0));
-    }
-    return difference;
-}
-
-static int wide_bit_length(wide a)
-{
-    for (int i = 7; i >= 0; --i)
-        for (int bit = 31; bit >= 0; --bit)
-            if (a.limb[i] >> bit & 1u)
-                return i * 32 + bit + 1;
-    return 0;
-}
-
-/* a >> shift, which must fit in 64 bits. */
-static uint64_t wide_shift_right(wide a, int shift)
-{
-    uint64_t value = 0;
-    for (int bit = 0; bit < 64; ++bit) {
-        int from = bit + shift;
-        if (from < 256 && (a.limb[from / 32] >> (from % 32) & 1u))
-            value |= (uint64_t)1 << bit;
-    }
-    if (wide_bit_length(a) > shift + 64)
-        abort();
-    return value;
-}
-
 /* Node `node`'s draft weights (k rows of the draft, node 1 at row 0). */
 static int draft_weights(const model_verify_request *request, int32_t node, uint64_t *q,
                          uint64_t *q_total)
@@ -319,7 +234,7 @@ void model_verify(const model_verify_request *request, model_verify_result *resu
     const model_params *target = &request->target_params;
     uint64_t *p = malloc((size_t)vocab * sizeof *p), *q = malloc((size_t)vocab * sizeof *q),
              *residual = malloc((size_t)vocab * sizeof *residual);
-    wide *excess = malloc((size_t)vocab * sizeof *excess);
+    limbs256 *excess = malloc((size_t)vocab * sizeof *excess);
     if (!p || !q || !residual || !excess)
         abort();
     memset(result, 0, sizeof *result);
@@ -355,9 +270,9 @@ void model_verify(const model_verify_request *request, model_verify_result *resu
             draft_weights(request, child, q, &q_total);
             uint64_t u = psm_sample_bits(target->seed, target->offset, target->stream,
                                          (uint32_t)child).tile;
-            wide left = wide_times(wide_times(wide_of(u), q[x]), r_total);
-            wide right = wide_times_2_64(wide_times(wide_of(residual[x]), q_total));
-            if (wide_less(left, right)) {
+            limbs256 left = limbs256_times(limbs256_times(limbs256_of(u), q[x]), r_total);
+            limbs256 right = limbs256_times_2_64(limbs256_times(limbs256_of(residual[x]), q_total));
+            if (limbs256_compare(left, right) < 0) {
                 result->tokens[emitted] = x;
                 result->path[emitted] = node;
                 result->logprobs[emitted] = log((double)p[x] / (double)p_total);
@@ -368,16 +283,16 @@ void model_verify(const model_verify_request *request, model_verify_result *resu
             /* Rejected: R_i = max(0, R_i Q_tot - Q_i R_tot), shifted. */
             int longest = 0;
             for (int64_t i = 0; i < vocab; ++i) {
-                wide kept = wide_times(wide_of(residual[i]), q_total);
-                wide removed = wide_times(wide_of(q[i]), r_total);
-                excess[i] = wide_less(removed, kept) ? wide_minus(kept, removed) : wide_of(0);
-                int length = wide_bit_length(excess[i]);
+                limbs256 kept = limbs256_times(limbs256_of(residual[i]), q_total);
+                limbs256 removed = limbs256_times(limbs256_of(q[i]), r_total);
+                excess[i] = limbs256_compare(removed, kept) < 0 ? limbs256_minus(kept, removed) : limbs256_of(0);
+                int length = limbs256_bit_length(excess[i]);
                 longest = length > longest ? length : longest;
             }
             int shift = longest > bits + 1 ? longest - (bits + 1) : 0;
             r_total = 0;
             for (int64_t i = 0; i < vocab; ++i) {
-                residual[i] = wide_shift_right(excess[i], shift);
+                residual[i] = limbs256_shift_right(excess[i], shift);
                 r_total += residual[i];
             }
         }
@@ -389,8 +304,8 @@ void model_verify(const model_verify_request *request, model_verify_result *resu
          * running sum in index order. */
         uint64_t draw = psm_sample_bits(target->seed, target->offset, target->stream,
                                         (uint32_t)node).token;
-        wide scaled = wide_times(wide_of(draw), r_total);
-        uint64_t pick = wide_shift_right(scaled, 64), running = 0;
+        limbs256 scaled = limbs256_times(limbs256_of(draw), r_total);
+        uint64_t pick = limbs256_shift_right(scaled, 64), running = 0;
         int64_t token = -1;
         for (int64_t i = 0; i < vocab && token < 0; ++i) {
             running += residual[i];

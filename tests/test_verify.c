@@ -19,6 +19,7 @@
 #include "harness.h"
 #include "psm_reference.h"
 #include "psm_verify.h"
+#include "wide_limbs.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -33,54 +34,12 @@
 
 /* ---- slow references for the contract's wide arithmetic ------------------- */
 
-/* Little-endian 32-bit limbs: products and comparisons digit by digit. */
-typedef struct limbs {
-    uint32_t digit[8];
-} limbs;
-
-static limbs limbs_of(uint64_t value)
-{
-    limbs result = {{(uint32_t)value, (uint32_t)(value >> 32)}};
-    return result;
-}
-
-static limbs limbs_times(limbs a, uint64_t b)
-{
-    limbs result = {{0}};
-    uint32_t b_digit[2] = {(uint32_t)b, (uint32_t)(b >> 32)};
-    for (int j = 0; j < 2; ++j) {
-        uint64_t carry = 0;
-        for (int i = 0; i + j < 8; ++i) {
-            uint64_t sum = (uint64_t)a.digit[i] * b_digit[j] + result.digit[i + j] + carry;
-            result.digit[i + j] = (uint32_t)sum;
-            carry = sum >> 32;
-        }
-    }
-    return result;
-}
-
-static int limbs_compare(limbs a, limbs b)
-{
-    for (int i = 7; i >= 0; --i)
-        if (a.digit[i] != b.digit[i])
-            return a.digit[i] < b.digit[i] ? -1 : 1;
-    return 0;
-}
-
-static limbs limbs_shift_up_64(limbs a)
-{
-    limbs result = {{0}};
-    for (int i = 2; i < 8; ++i)
-        result.digit[i] = a.digit[i - 2];
-    return result;
-}
-
 static int reference_accepts(uint64_t u, uint64_t q_x, uint64_t q_total, uint64_t r_x,
                              uint64_t r_total)
 {
-    limbs left = limbs_times(limbs_times(limbs_of(u), q_x), r_total);
-    limbs right = limbs_shift_up_64(limbs_times(limbs_of(r_x), q_total));
-    return limbs_compare(left, right) < 0;
+    limbs256 left = limbs256_times(limbs256_times(limbs256_of(u), q_x), r_total);
+    limbs256 right = limbs256_times_2_64(limbs256_times(limbs256_of(r_x), q_total));
+    return limbs256_compare(left, right) < 0;
 }
 
 typedef unsigned __int128 wide;
@@ -118,11 +77,11 @@ START_TEST(wide_products_match_reference)
         psm_u128 product = psm_u128_product(a, b);
         ck_assert(wide_of(product) == (wide)a * b);
         psm_u192 triple = psm_u192_product(product, c);
-        limbs expected = limbs_times(limbs_times(limbs_of(a), b), c);
-        limbs got = {{(uint32_t)triple.low, (uint32_t)(triple.low >> 32),
+        limbs256 expected = limbs256_times(limbs256_times(limbs256_of(a), b), c);
+        limbs256 got = {{(uint32_t)triple.low, (uint32_t)(triple.low >> 32),
                       (uint32_t)triple.middle, (uint32_t)(triple.middle >> 32),
                       (uint32_t)triple.high, (uint32_t)(triple.high >> 32)}};
-        ck_assert_msg(limbs_compare(got, expected) == 0, "a=%llu b=%llu c=%llu",
+        ck_assert_msg(limbs256_compare(got, expected) == 0, "a=%llu b=%llu c=%llu",
                       (unsigned long long)a, (unsigned long long)b, (unsigned long long)c);
     }
 }

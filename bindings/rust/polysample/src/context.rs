@@ -254,6 +254,8 @@ pub struct DevicePerRow {
     pub seed_pointer: *const u64,
     /// The scalar offset, one value.
     pub offset_pointer: *const u64,
+    /// Logit processing from arrays in the same memory; `None`: none.
+    pub processing: Option<DeviceProcessing>,
 }
 
 impl Default for DevicePerRow {
@@ -270,6 +272,7 @@ impl Default for DevicePerRow {
             output_rows: 0,
             seed_pointer: ptr::null(),
             offset_pointer: ptr::null(),
+            processing: None,
         }
     }
 }
@@ -282,6 +285,93 @@ impl DevicePerRow {
         } else {
             self.output_rows
         }
+    }
+}
+
+/// Logit processing for the `unsafe` device calls (docs/SAMPLING.md, section
+/// 1; the fields of the C API's `psm_logit_processing`, which
+/// [`Processing`](crate::Processing) fills from host slices): every array in
+/// the same memory as [`DeviceLogits`], per output row, a null pointer
+/// meaning none. Lists are CSR: row r's entries are `[offsets[r],
+/// offsets[r + 1])` of their token (and bias value) arrays, offsets having
+/// output rows + 1 entries. Token ids, penalty ranges and offsets' order are
+/// checked by the library (a bad value fails the call before anything is
+/// written, or marks the row bad where only the device can see it); the
+/// arrays' lengths cannot be: the library reads as far as the offsets say.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceProcessing {
+    /// Bit `i % 32` of word `row * words + i / 32` set: token i allowed.
+    pub allowed_mask: *const u32,
+    /// Words a row of `allowed_mask`; 0 means `ceil(vocab / 32)`.
+    pub allowed_mask_words: usize,
+    pub bias_offsets: *const i64,
+    pub bias_tokens: *const i32,
+    pub bias_values: *const f32,
+    /// The tokens the penalties count (e.g. those generated so far).
+    pub history_offsets: *const i64,
+    pub history_tokens: *const i32,
+    /// Tokens the repetition penalty takes without counting (e.g. the prompt).
+    pub prompt_offsets: *const i64,
+    pub prompt_tokens: *const i32,
+    /// 1 is off.
+    pub repetition_penalty: f32,
+    /// 0 is off.
+    pub frequency_penalty: f32,
+    /// 0 is off.
+    pub presence_penalty: f32,
+    pub repetition_penalty_per_row: *const f32,
+    pub frequency_penalty_per_row: *const f32,
+    pub presence_penalty_per_row: *const f32,
+}
+
+impl Default for DeviceProcessing {
+    /// No processing: every pointer null, the penalties off.
+    fn default() -> Self {
+        DeviceProcessing {
+            allowed_mask: ptr::null(),
+            allowed_mask_words: 0,
+            bias_offsets: ptr::null(),
+            bias_tokens: ptr::null(),
+            bias_values: ptr::null(),
+            history_offsets: ptr::null(),
+            history_tokens: ptr::null(),
+            prompt_offsets: ptr::null(),
+            prompt_tokens: ptr::null(),
+            repetition_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            repetition_penalty_per_row: ptr::null(),
+            frequency_penalty_per_row: ptr::null(),
+            presence_penalty_per_row: ptr::null(),
+        }
+    }
+}
+
+impl DeviceProcessing {
+    fn raw(&self) -> Result<sys::psm_logit_processing> {
+        let words = i64::try_from(self.allowed_mask_words).map_err(|_| {
+            Error::invalid_argument(format!(
+                "processing: allowed_mask_words {} is above 2^63-1",
+                self.allowed_mask_words
+            ))
+        })?;
+        Ok(sys::psm_logit_processing {
+            allowed_mask: self.allowed_mask,
+            allowed_mask_words: words,
+            bias_offsets: self.bias_offsets,
+            bias_tokens: self.bias_tokens,
+            bias_values: self.bias_values,
+            history_offsets: self.history_offsets,
+            history_tokens: self.history_tokens,
+            prompt_offsets: self.prompt_offsets,
+            prompt_tokens: self.prompt_tokens,
+            repetition_penalty: self.repetition_penalty,
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
+            repetition_penalty_per_row: self.repetition_penalty_per_row,
+            frequency_penalty_per_row: self.frequency_penalty_per_row,
+            presence_penalty_per_row: self.presence_penalty_per_row,
+        })
     }
 }
 
@@ -696,7 +786,8 @@ impl Context {
         workspace: Option<&DeviceWorkspace>,
     ) -> Result<()> {
         let raw_logits = device_tensor("logits", logits)?;
-        let mut raw_params = device_params(params, per_row, logits)?;
+        let mut processing = None;
+        let mut raw_params = device_params(params, per_row, logits, &mut processing)?;
         if let Some(workspace) = workspace {
             raw_params.workspace = workspace.data;
             raw_params.workspace_bytes = workspace.bytes;
@@ -754,7 +845,8 @@ impl Context {
         workspace: Option<&DeviceWorkspace>,
     ) -> Result<()> {
         let raw_logits = device_tensor("logits", logits)?;
-        let mut raw_params = device_params(params, per_row, logits)?;
+        let mut processing = None;
+        let mut raw_params = device_params(params, per_row, logits, &mut processing)?;
         if let Some(workspace) = workspace {
             raw_params.workspace = workspace.data;
             raw_params.workspace_bytes = workspace.bytes;
@@ -779,7 +871,8 @@ impl Context {
         per_row: &DevicePerRow,
     ) -> Result<usize> {
         let raw_logits = device_tensor("logits", logits)?;
-        let raw_params = device_params(params, per_row, logits)?;
+        let mut processing = None;
+        let raw_params = device_params(params, per_row, logits, &mut processing)?;
         let output = sys::psm_output { data: ptr::null_mut(), memory: sys::PSM_MEMORY_DEVICE };
         let mut bytes = 0;
         // SAFETY: psm_sample_workspace_size reads no memory behind the data
@@ -802,7 +895,8 @@ impl Context {
         per_row: &DevicePerRow,
     ) -> Result<usize> {
         let raw_logits = device_tensor("logits", logits)?;
-        let raw_params = device_params(params, per_row, logits)?;
+        let mut processing = None;
+        let raw_params = device_params(params, per_row, logits, &mut processing)?;
         let raw_probs =
             probs_tensor(ptr::null_mut(), sys::PSM_MEMORY_DEVICE, per_row.output_rows(logits.rows), &raw_logits);
         let mut bytes = 0;
@@ -838,11 +932,18 @@ fn device_tensor(name: &str, logits: &DeviceLogits) -> Result<sys::psm_tensor> {
     })
 }
 
-fn device_params(params: &Params<'_>, per_row: &DevicePerRow, logits: &DeviceLogits) -> Result<sys::psm_params> {
+/// The C parameters of a device call; `processing` holds the processing
+/// struct they point to, so it must outlive their use.
+fn device_params(
+    params: &Params<'_>,
+    per_row: &DevicePerRow,
+    logits: &DeviceLogits,
+    processing: &mut Option<sys::psm_logit_processing>,
+) -> Result<sys::psm_params> {
     let (logits_rows, vocab) = (logits.rows, logits.vocab);
     if params.has_processing() {
         return Err(Error::invalid_argument(
-            "logit processing of Params is host memory; the device calls do not take processing".into(),
+            "logit processing of Params is host memory; device calls take it in DevicePerRow::processing".into(),
         ));
     }
     if params.has_per_row_slices() {
@@ -863,6 +964,8 @@ fn device_params(params: &Params<'_>, per_row: &DevicePerRow, logits: &DeviceLog
         .map_err(|_| Error::invalid_argument(format!("output_rows {} is above 2^63-1", per_row.output_rows)))?;
     raw.seed_pointer = per_row.seed_pointer;
     raw.offset_pointer = per_row.offset_pointer;
+    *processing = per_row.processing.as_ref().map(DeviceProcessing::raw).transpose()?;
+    raw.processing = processing.as_ref().map_or(ptr::null(), |processing| processing as *const _);
     Ok(raw)
 }
 

@@ -31,7 +31,9 @@ mod params;
 mod processing;
 mod verify;
 
-pub use context::{Context, ContextOptions, DeviceLogits, DevicePerRow, DeviceWorkspace, LogprobMode, TopLogprobs};
+pub use context::{
+    Context, ContextOptions, DeviceLogits, DevicePerRow, DeviceProcessing, DeviceWorkspace, LogprobMode, TopLogprobs,
+};
 pub use error::{Error, Result, Status};
 pub use info::{backends, version, version_number, Availability, Backend, BackendInfo, Dtype};
 pub use params::{FilterOrder, Logits, LogitsData, Params};

@@ -8,7 +8,9 @@
 mod common;
 
 use common::*;
-use polysample::{Backend, Context, DeviceLogits, DevicePerRow, Dtype, Error, Logits, Params, Processing, Status};
+use polysample::{
+    Backend, Context, DeviceLogits, DevicePerRow, DeviceProcessing, Dtype, Error, Logits, Params, Processing, Status,
+};
 
 const VOCAB: usize = 700;
 const WORDS: usize = VOCAB.div_ceil(32);
@@ -368,23 +370,70 @@ fn a_mask_that_allows_nothing_makes_a_bad_row() {
 }
 
 #[test]
-fn the_device_calls_refuse_processing() {
-    let values = vec![0.0f32; VOCAB];
+fn device_processing_equals_host_processing() {
+    let batch = batch(5, 43);
+    let (history_offsets, history_tokens) = csr(&batch.history);
+    let (prompt_offsets, prompt_tokens) = csr(&batch.prompt);
+    let bias_tokens: Vec<Vec<i32>> = batch.bias.iter().map(|row| row.iter().map(|entry| entry.0).collect()).collect();
+    let bias_values: Vec<Vec<f32>> = batch.bias.iter().map(|row| row.iter().map(|entry| entry.1).collect()).collect();
+    let ((bias_offsets, bias_tokens), (_, bias_values)) = (csr(&bias_tokens), csr(&bias_values));
+    let host = Processing::new()
+        .history(&batch.history)
+        .prompt(&batch.prompt)
+        .logit_bias(&batch.bias)
+        .allowed_mask(&batch.mask)
+        .repetition_penalty_per_row(&batch.repetition)
+        .frequency_penalty(0.25)
+        .presence_penalty_per_row(&batch.presence);
+    // The CPU backend's device memory is host memory: the same arrays.
+    let device = DeviceProcessing {
+        allowed_mask: batch.mask.as_ptr(),
+        bias_offsets: bias_offsets.as_ptr(),
+        bias_tokens: bias_tokens.as_ptr(),
+        bias_values: bias_values.as_ptr(),
+        history_offsets: history_offsets.as_ptr(),
+        history_tokens: history_tokens.as_ptr(),
+        prompt_offsets: prompt_offsets.as_ptr(),
+        prompt_tokens: prompt_tokens.as_ptr(),
+        frequency_penalty: 0.25,
+        repetition_penalty_per_row: batch.repetition.as_ptr(),
+        presence_penalty_per_row: batch.presence.as_ptr(),
+        ..DeviceProcessing::default()
+    };
+    let per_row = DevicePerRow { processing: Some(device), ..DevicePerRow::default() };
     let logits = DeviceLogits {
-        data: values.as_ptr().cast_mut().cast(),
+        data: batch.logits.as_ptr().cast_mut().cast(),
         dtype: Dtype::F32,
-        rows: 1,
+        rows: batch.rows,
         vocab: VOCAB,
         row_stride: 0,
     };
-    let processing = Processing::new().presence_penalty(1.0);
+    let setting = Params::new().temperature(0.8).top_k(60).top_p(0.95).seed(17).num_samples(8);
+    let mut context = cpu_context();
+    let expected = context
+        .sample_with_logprobs(&Logits::f32(&batch.logits, batch.rows, VOCAB), &setting.processing(&host))
+        .unwrap();
+    let (mut tokens, mut logprobs) = (vec![SENTINEL; batch.rows * 8], vec![0.0f32; batch.rows * 8]);
+    let mut probs = vec![0.0f32; batch.rows * VOCAB];
+    // SAFETY: host memory serves as the CPU backend's device memory; every
+    // array lives through the calls and holds what its offsets and rows say.
+    unsafe {
+        context.sample_device(&logits, &setting, &per_row, tokens.as_mut_ptr(), logprobs.as_mut_ptr()).unwrap();
+        context.probs_device(&logits, &setting, &per_row, probs.as_mut_ptr()).unwrap();
+    }
+    assert_eq!(tokens, expected.0);
+    assert_eq!(logprobs, expected.1);
+    let expected_probs =
+        context.probs(&Logits::f32(&batch.logits, batch.rows, VOCAB), &setting.processing(&host)).unwrap();
+    assert_eq!(probs, expected_probs);
+    // Processing in Params (host slices) is refused by the device calls, and
+    // nothing is written.
     let mut token = SENTINEL;
-    // SAFETY: the CPU backend's device memory is host memory; logits and the
-    // token live through the call, which fails before reading either.
+    // SAFETY: as above; the call fails before reading anything.
     let error = unsafe {
-        cpu_context().sample_device(
+        context.sample_device(
             &logits,
-            &Params::new().processing(&processing),
+            &Params::new().processing(&Processing::new().presence_penalty(1.0)),
             &DevicePerRow::default(),
             &mut token,
             std::ptr::null_mut(),
@@ -392,6 +441,9 @@ fn the_device_calls_refuse_processing() {
     }
     .unwrap_err();
     assert_eq!(error.status, Status::InvalidArgument);
-    assert_eq!(error.message, "logit processing of Params is host memory; the device calls do not take processing");
+    assert_eq!(
+        error.message,
+        "logit processing of Params is host memory; device calls take it in DevicePerRow::processing"
+    );
     assert_eq!(token, SENTINEL);
 }

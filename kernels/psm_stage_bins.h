@@ -1,0 +1,108 @@
+/*
+ * psm_stage_bins.h: the searches of the gap-bin cutoff path
+ * (docs/SAMPLING.md section 4), written once for CUDA, HIP and OpenCL over
+ * kernels/psm_portable.h.
+ *
+ * The GPU cutoff searches tally a row's tokens (or, for top-k, launch 1's
+ * lane maxima) by gap bin (core/psm_row.h's psm_gap_bin), find the bin where
+ * the running count or g mass reaches what is needed, gather that bin's
+ * tokens (for top-k, every token up to it) into a list, rank the list
+ * (psm_rank_list, kernels/psm_stage_select.h) and, for top-p, walk the
+ * ranked list to the rank where the running mass reaches the target. Here
+ * is the choice of the bin from the tallies, psm_team_choose_bin: a team's
+ * work (CUDA and HIP: one warp; OpenCL: a team of PSM_TEAM items) in two
+ * steps: each item sums a run of consecutive bins, the team finds the item
+ * whose run holds the point where the running amount reaches the need
+ * (psm_team_find_holder), and that item walks its run. Every item of the
+ * team calls it; on OpenCL every item of the work-group (it holds a
+ * barrier), with `searching` 0 on the teams whose answer is not used (those
+ * only pass the barrier).
+ *
+ * The tallying and gathering passes over the row and the walk are still
+ * each backend's (docs/ARCHITECTURE.md, "Still written per backend").
+ */
+#ifndef PSM_STAGE_BINS_H
+#define PSM_STAGE_BINS_H
+
+#ifndef PSM_PORTABLE_H /* the OpenCL program has it already */
+#include "psm_portable.h"
+#endif
+
+/* The bins each item of a team sums. */
+#define PSM_BINS_PER_ITEM (PSM_GAP_BINS / PSM_TEAM)
+
+PSM_STAGE_BEGIN
+
+/* A team search's answer. Every item gets `found` (the search reached its
+ * need) and `need`; the item that `reports` (the one whose run holds the
+ * answer, or lane 0 when none does) also gets `position` and `before`, the
+ * running amount of the positions before it. */
+typedef struct psm_team_found {
+    int found;
+    int reports;
+    int position;
+    psm_u64 before;
+    psm_u64 need;
+} psm_team_found;
+
+/* The team's answer from each item's run total `own` (posted before the
+ * barrier that precedes this call) and a need of at least 1: the holder of
+ * need - 1 is the item whose run's running amount first reaches need. The
+ * reporting item then walks its run. */
+PSM_TEAM_TEMPLATE
+PSM_LOCAL_FN psm_team_found psm_team_found_of(PSM_TEAM_TYPE team, psm_u64 own, psm_u64 need,
+                                              int searching, PSM_POSTS(psm_u64) posts)
+{
+    const psm_team_holder holder = psm_team_find_holder(team, own, need - 1, posts);
+    psm_team_found answer;
+    answer.found = searching && holder.lane >= 0;
+    answer.reports = searching && team.lane == (holder.lane >= 0 ? holder.lane : 0);
+    answer.position = -1;
+    answer.before = holder.begin;
+    answer.need = need;
+    return answer;
+}
+
+/* The first gap bin at which the running amount in bin order (most probable
+ * first) reaches need: the bins' counts, or with by_mass their g masses.
+ * With need_from_total, need is psm_top_p_target(total, top_p) first, total
+ * being the sum over the bins (top-p alone); answer.need is that need, and
+ * the search is for at least 1 (a target of 0 keeps the top token, as 1
+ * does). The bin found holds a positive amount. bin_mass is read only
+ * by_mass. */
+PSM_TEAM_TEMPLATE
+PSM_LOCAL_FN psm_team_found psm_team_choose_bin(PSM_TEAM_TYPE team,
+                                                PSM_LOCAL const psm_u32 *bin_count,
+                                                PSM_LOCAL const psm_u64 *bin_mass, int by_mass,
+                                                psm_u64 need, int need_from_total, float top_p,
+                                                int searching, PSM_POSTS(psm_u64) posts)
+{
+    const int first_bin = team.lane * PSM_BINS_PER_ITEM;
+    psm_u64 own = 0;
+    if (searching)
+        for (int b = first_bin; b < first_bin + PSM_BINS_PER_ITEM; ++b)
+            own += by_mass ? bin_mass[b] : (psm_u64)bin_count[b];
+    PSM_TEAM_POST(posts, own);
+    psm_team_barrier();
+    if (need_from_total)
+        need = psm_top_p_target(psm_team_sum_u64(team, own, posts), top_p);
+    const psm_u64 reach = need > 1 ? need : 1;
+    psm_team_found answer = psm_team_found_of(team, own, reach, searching, posts);
+    answer.need = need;
+    if (answer.found && answer.reports) {
+        psm_u64 running = answer.before;
+        for (int b = first_bin; b < first_bin + PSM_BINS_PER_ITEM && answer.position < 0; ++b) {
+            const psm_u64 amount = by_mass ? bin_mass[b] : (psm_u64)bin_count[b];
+            if (running + amount >= reach) {
+                answer.position = b;
+                answer.before = running;
+            }
+            running += amount;
+        }
+    }
+    return answer;
+}
+
+PSM_STAGE_END
+
+#endif /* PSM_STAGE_BINS_H */

@@ -8,18 +8,20 @@
  * the running count or g mass reaches what is needed, gather that bin's
  * tokens (for top-k, every token up to it) into a list, rank the list
  * (psm_rank_list, kernels/psm_stage_select.h) and, for top-p, walk the
- * ranked list to the rank where the running mass reaches the target. Here
- * is the choice of the bin from the tallies, psm_team_choose_bin: a team's
- * work (CUDA and HIP: one warp; OpenCL: a team of PSM_TEAM items) in two
- * steps: each item sums a run of consecutive bins, the team finds the item
- * whose run holds the point where the running amount reaches the need
- * (psm_team_find_holder), and that item walks its run. Every item of the
- * team calls it; on OpenCL every item of the work-group (it holds a
- * barrier), with `searching` 0 on the teams whose answer is not used (those
- * only pass the barrier).
+ * ranked list to the rank where the running mass reaches the target. The
+ * two searches over running amounts are here, each a team's work (CUDA and
+ * HIP: one warp; OpenCL: a team of PSM_TEAM items):
+ * - psm_team_choose_bin, the bin from the tallies: each item sums a run of
+ *   consecutive bins, the team finds the item whose run holds the point
+ *   where the running amount reaches the need (psm_team_find_holder), and
+ *   that item walks its run;
+ * - psm_team_walk_ranks, the rank from the ranked list's weights: PSM_TEAM
+ *   ranks a round, until one reaches the target.
+ * Every item of the team calls them; on OpenCL every item of the work-group
+ * (they hold barriers).
  *
- * The tallying and gathering passes over the row and the walk are still
- * each backend's (docs/ARCHITECTURE.md, "Still written per backend").
+ * The tallying and gathering passes over the row are still each backend's
+ * (docs/ARCHITECTURE.md, "Still written per backend").
  */
 #ifndef PSM_STAGE_BINS_H
 #define PSM_STAGE_BINS_H
@@ -101,6 +103,58 @@ PSM_LOCAL_FN psm_team_found psm_team_choose_bin(PSM_TEAM_TYPE team,
         }
     }
     return answer;
+}
+
+/* The first rank r < limit at which carry plus the running sum of the
+ * ranked list's weights (weight[order[r]], psm_rank_list's arrays) reaches
+ * target; limit - 1 when none does. With target_from_total, target is
+ * psm_top_p_target(Z, top_p) first, Z the weight of ranks [0, limit), and
+ * at least 1 (a target of 0 keeps the top token, as 1 does); otherwise the
+ * caller's carry is below target. The team takes PSM_TEAM ranks a round,
+ * one an item, and psm_team_reach finds the first that reaches the target:
+ * the hit is usually in the first rounds, which a team that may leave the
+ * loop (PSM_TEAM_MAY_EXIT) does not read past; elsewhere the rounds after
+ * it pass their barriers. Each round's posts are read before the barrier
+ * that ends it, so the next round may post again. Every item gets the
+ * rank. */
+PSM_TEAM_TEMPLATE
+PSM_LOCAL_FN psm_u32 psm_team_walk_ranks(PSM_TEAM_TYPE team, PSM_LOCAL const psm_u64 *weight,
+                                         PSM_LOCAL const psm_u16 *order, psm_u32 limit,
+                                         psm_u64 carry, psm_u64 target, int target_from_total,
+                                         float top_p, PSM_POSTS(psm_u64) posts)
+{
+    /* The barriers stay outside the branches (the PoCL rule). */
+    psm_u64 partial = 0;
+    if (target_from_total)
+        for (psm_u32 r = (psm_u32)team.lane; r < limit; r += PSM_TEAM)
+            partial += weight[order[r]];
+    PSM_TEAM_POST(posts, partial);
+    psm_team_barrier();
+    if (target_from_total) {
+        target = psm_top_p_target(psm_team_sum_u64(team, partial, posts), top_p);
+        target = target > 1 ? target : 1;
+    }
+    psm_team_barrier();
+    psm_u32 last_rank = limit - 1;
+    int open = 1;
+    for (psm_u32 base = 0; base < limit; base += PSM_TEAM) {
+        const psm_u32 rank = base + (psm_u32)team.lane;
+        const psm_u64 value = open && rank < limit ? weight[order[rank]] : 0;
+        PSM_TEAM_POST(posts, value);
+        psm_team_barrier();
+        const psm_team_reached reached = psm_team_reach(team, value, target - carry, posts);
+        psm_team_barrier();
+        if (open && reached.lane >= 0) {
+            last_rank = base + (psm_u32)reached.lane;
+            open = 0;
+        }
+        carry += reached.total;
+#if PSM_TEAM_MAY_EXIT
+        if (!open)
+            break;
+#endif
+    }
+    return last_rank;
 }
 
 PSM_STAGE_END

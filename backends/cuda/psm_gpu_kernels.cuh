@@ -523,26 +523,6 @@ struct psm_gpu_select_scratch {
 #define PSM_GPU_SELECT_TOP_ONLY 1  /* top-p target 0: the top token alone */
 #define PSM_GPU_SELECT_FALLBACK 2  /* the list would not fit: radix select */
 
-/* First rank r < limit at which carry + the running sum of list_weight in
- * rank order reaches target (limit - 1 if none). Called by one whole warp. */
-template <int WarpSize>
-PSM_GPU_DEVICE psm_u32 psm_gpu_walk_list(const psm_gpu_select_scratch &select, psm_u32 limit,
-                                         psm_u64 carry, psm_u64 target)
-{
-    const psm_gpu_hardware_lanes<WarpSize> lanes;
-    const int lane = threadIdx.x % WarpSize;
-    for (psm_u32 base = 0; base < limit; base += WarpSize) {
-        const psm_u32 rank = base + (psm_u32)lane;
-        const psm_u64 value = rank < limit ? select.list_weight[select.order[rank]] : 0;
-        const psm_u64 inclusive = psm_warp_inclusive_scan<WarpSize>(value, lane, lanes);
-        const unsigned long long hits = psm_gpu_ballot(rank < limit && carry + inclusive >= target);
-        if (hits)
-            return base + (psm_u32)psm_gpu_first_set_lane(hits);
-        carry += psm_gpu_shfl<WarpSize>(inclusive, WarpSize - 1);
-    }
-    return limit - 1;
-}
-
 /* A 64-bit shared-memory sum made with 32-bit atomics on its two words
  * (little-endian, as NVIDIA and AMD GPUs are): the low word's add returns
  * the value before it, which tells whether it carried into the high word.
@@ -662,7 +642,6 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
                                          psm_u64 top_k, int top_p_on, float top_p,
                                          psm_gpu_row_split &split, psm_gpu_select_scratch &select)
 {
-    const psm_gpu_hardware_lanes<WarpSize> lanes;
     const psm_team<WarpSize> team = psm_team_of_thread<WarpSize>();
     const int lane = team.lane, warp = threadIdx.x / WarpSize;
     const int by_mass = !top_k_on;
@@ -779,22 +758,17 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
                   state.scale, call.weight_bits);
     psm_gpu_block_barrier();
 
+    /* Warp 0 walks the ranked list: top-p over the top k (the list holds
+     * them, and a few more, in rank order), or top-p alone from the mass of
+     * the bins before the list. */
     if (warp == 0) {
-        psm_u32 last_rank;
-        if (top_k_on) {
-            /* The list holds the top k (and a few more) in rank order. */
-            last_rank = (psm_u32)top_k - 1;
-            if (top_p_on) {
-                psm_u64 partial = 0;
-                for (psm_u32 r = lane; r < (psm_u32)top_k; r += WarpSize)
-                    partial += select.list_weight[select.order[r]];
-                const psm_u64 target =
-                    psm_top_p_target(psm_warp_sum<WarpSize>(partial, lanes), top_p);
-                last_rank = target == 0 ? 0 : psm_gpu_walk_list<WarpSize>(select, (psm_u32)top_k, 0, target);
-            }
-        } else {
-            last_rank = psm_gpu_walk_list<WarpSize>(select, size, select.mass_before, select.need);
-        }
+        psm_u32 last_rank = (psm_u32)top_k - 1;
+        if (top_p_on)
+            last_rank = psm_team_walk_ranks(team, select.list_weight, select.order,
+                                            top_k_on ? (psm_u32)top_k : size,
+                                            top_k_on ? 0 : select.mass_before,
+                                            top_k_on ? 0 : select.need, top_k_on, top_p,
+                                            psm_no_posts());
         if (lane == 0) {
             select.cutoff = select.list_key[select.order[last_rank]];
             select.kept = last_rank + 1;

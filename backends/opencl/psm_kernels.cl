@@ -806,34 +806,15 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
     barrier(CLK_LOCAL_MEM_FENCE);
 
     /* 5. Top-p on the top k: the first rank at which their running weight
-     * reaches the target (the item whose run of ranks reaches it walks it). */
+     * reaches the target (psm_stage_bins.h; every team walks alike). */
     const int walking = ranked && p.top_p < 1.0f;
-    const uint rank_run = (k + PSM_WG - 1) / PSM_WG;
-    const uint begin = min(lid * rank_run, k), end = min(begin + rank_run, k);
-    ulong top_k_mass = 0;
-    if (walking)
-        for (uint r = begin; r < end; ++r)
-            top_k_mass += weight[order[r]];
-    ulong mass_before;
-    const ulong total = psm_posted_sum_u64(top_k_mass, lid, PSM_WG, scratch_counts, &mass_before);
-    /* A target of 0 keeps one token, as a target of 1 does. */
-    const ulong target = max(psm_top_p_target(total, p.top_p), (ulong)1);
-    if (walking && mass_before < target && target <= mass_before + top_k_mass) {
-        ulong running = mass_before;
-        for (uint r = begin; r < end; ++r) {
-            running += weight[order[r]];
-            if (running >= target) {
-                shared_choice = r;
-                break;
-            }
-        }
-    }
-    barrier(CLK_LOCAL_MEM_FENCE);
+    const uint walked = psm_team_walk_ranks(team, weight, order, walking ? k : 0u, 0, 0, 1,
+                                            p.top_p, scratch_counts);
 
     /* 6. The kept ranks; then each tile's (m_t, S_t). Min-p keeps a prefix
      * of them: weights do not grow down the ranks, and the top token's
      * 2^bits meets any threshold. */
-    uint kept = walking ? shared_choice + 1 : k;
+    uint kept = walking ? walked + 1 : k;
     ulong cutoff = 0;
     const ulong min_weight = psm_min_p_threshold(p.min_p, bits);
     if (ranked) {

@@ -648,4 +648,61 @@ PSM_DEVICE_FN void psm_group_barrier_global(void)
 
 #endif
 
+/* ---- the cutoff searches' team operations (kernels/psm_stage_bins.h) -----
+ * psm_team_reach: the first item (lane) at which the running sum of the
+ * team's values in lane order reaches need (-1 when none), and the team's
+ * total; every item gets both. CUDA and HIP: the warp's inclusive scan, a
+ * ballot and one shuffle; OpenCL: each item walks its team's posts (after
+ * the barrier that follows the posts).
+ * PSM_TEAM_MAY_EXIT: whether a team may leave a loop on its own decision
+ * (uniform over the team) while other teams go on. On CUDA and HIP a team's
+ * exchanges are its warp's own; on OpenCL every item of the group must pass
+ * every barrier, so a team loop there runs to its end, its steps guarded
+ * by a flag. */
+typedef struct psm_team_reached {
+    int lane;
+    psm_u64 total;
+} psm_team_reached;
+
+#if PSM_PLATFORM_GPU_CXX
+#define PSM_TEAM_MAY_EXIT 1
+
+PSM_STAGE_BEGIN
+
+PSM_TEAM_TEMPLATE
+PSM_LOCAL_FN psm_team_reached psm_team_reach(PSM_TEAM_TYPE team, psm_u64 value, psm_u64 need,
+                                             psm_no_posts)
+{
+    const psm_gpu_hardware_lanes<PSM_TEAM> lanes;
+    const psm_u64 inclusive = psm_warp_inclusive_scan<PSM_TEAM>(value, team.lane, lanes);
+    psm_team_reached reached;
+    reached.lane = lanes.first_lane_where(inclusive >= need);
+    reached.total = lanes.exchange_from(inclusive, PSM_TEAM - 1);
+    return reached;
+}
+
+PSM_STAGE_END
+
+#else /* OpenCL */
+#define PSM_TEAM_MAY_EXIT 0
+
+PSM_LOCAL_FN psm_team_reached psm_team_reach(psm_team team, ulong value, ulong need,
+                                             __local ulong *posts)
+{
+    __local const ulong *mine = posts + (get_local_id(0) - (uint)team.lane);
+    psm_team_reached reached;
+    reached.lane = -1;
+    ulong running = 0;
+    for (int j = 0; j < PSM_TEAM; ++j) {
+        running += mine[j];
+        if (reached.lane < 0 && running >= need)
+            reached.lane = j;
+    }
+    reached.total = running;
+    (void)value; /* among the posts */
+    return reached;
+}
+
+#endif
+
 #endif /* PSM_PORTABLE_H */

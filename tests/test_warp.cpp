@@ -245,22 +245,19 @@ bool check_warp_reductions(int width, bool quiet)
     return ok;
 }
 
-/* Owner of a target in lane order, and the first eligible position whose
- * running total reaches a need (the radix select's bucket search: PerLane
- * positions a lane, 256 in all). */
+/* Owner of a target in lane order. */
 template <int WarpSize>
-void check_warp_searches()
+void check_warp_find_owner()
 {
-    const int width = WarpSize, per_lane = 256 / WarpSize;
+    const int width = WarpSize;
     u64 seed = 77 + width;
     struct Case {
-        std::vector<u64> amounts; /* per lane (owner) or per position (search) */
+        std::vector<u64> amounts; /* per lane */
         u64 target;
-        bool from_total;
     };
-    std::vector<Case> owner_cases, search_cases;
+    std::vector<Case> owner_cases;
     for (int c = 0; c < 40; ++c) {
-        Case owner = {std::vector<u64>(width), 0, false};
+        Case owner = {std::vector<u64>(width), 0};
         u64 total = 0;
         for (int l = 0; l < width; ++l) {
             /* zero-amount lanes own nothing; later cases favour high lanes */
@@ -273,32 +270,10 @@ void check_warp_searches()
             owner.amounts[width - 1] = total = 5;
         owner.target = c == 0 ? total - 1 : splitmix(&seed) % total;
         owner_cases.push_back(owner);
-
-        Case search = {std::vector<u64>(256), 0, c % 3 == 0};
-        u64 sum = 0;
-        for (int p = 0; p < 256; ++p) {
-            search.amounts[p] = splitmix(&seed) % 4 == 0 ? 0 : splitmix(&seed) % 50;
-            if (c % 2 && p < 200)
-                search.amounts[p] = 0; /* the hit falls in the last lanes */
-            sum += search.amounts[p];
-        }
-        search.target = c == 1 ? sum + 1 : (sum ? splitmix(&seed) % (sum + 1) : 0);
-        search_cases.push_back(search);
     }
 
-    /* amount(p) from the current case; eligible: a non-zero amount */
-    struct Positions {
-        const std::vector<u64> *amounts;
-        u64 amount(int p) const { return (*amounts)[p]; }
-        bool eligible(int p) const { return (*amounts)[p] != 0; }
-    };
-    struct HalfTotal {
-        u64 operator()(u64 total) const { return total / 2 + 1; }
-    };
-
     const std::size_t n = owner_cases.size();
-    std::vector<u64> owner_lane(n * width), owner_begin(n * width), winner(n * width),
-        position(n * width), before(n * width);
+    std::vector<u64> owner_lane(n * width), owner_begin(n * width);
     run_block(width, width, [&](int lane, const SimLanes &lanes, const SimBlock &) {
         for (std::size_t c = 0; c < n; ++c) {
             const Case &o = owner_cases[c];
@@ -306,21 +281,10 @@ void check_warp_searches()
                 psm_warp_find_owner<WarpSize>(o.amounts[lane], o.target, lane, lanes);
             owner_lane[c * width + lane] = (u64)(long long)found.lane;
             owner_begin[c * width + lane] = found.begin;
-
-            const Case &s = search_cases[c];
-            const Positions positions = {&s.amounts};
-            const psm_warp_search<u64> hit = psm_warp_search_running<WarpSize, 256 / WarpSize>(
-                positions, s.target, s.from_total, HalfTotal(), lane, lanes);
-            winner[c * width + lane] = (u64)(long long)hit.winner;
-            /* the position and the total before it, from the winner lane */
-            position[c * width + lane] =
-                lane == hit.winner ? (u64)(long long)hit.position : ~(u64)0;
-            before[c * width + lane] = lane == hit.winner ? hit.before : ~(u64)0;
         }
     });
 
-    std::vector<u64> want_owner(n * width), want_begin(n * width), want_winner(n * width),
-        want_position(n * width), want_before(n * width);
+    std::vector<u64> want_owner(n * width), want_begin(n * width);
     for (std::size_t c = 0; c < n; ++c) {
         const Case &o = owner_cases[c];
         u64 running = 0;
@@ -331,35 +295,11 @@ void check_warp_searches()
                 owner = l;
             running += o.amounts[l];
         }
-        const Case &s = search_cases[c];
-        u64 need = s.target, total = 0;
-        for (int p = 0; p < 256; ++p)
-            total += s.amounts[p];
-        if (s.from_total)
-            need = HalfTotal()(total);
-        int hit = -1;
-        u64 hit_before = 0;
-        running = 0;
-        for (int p = 0; p < 256 && hit < 0; ++p) {
-            if (s.amounts[p] != 0 && running + s.amounts[p] >= need) {
-                hit = p;
-                hit_before = running;
-            }
-            running += s.amounts[p];
-        }
-        const int hit_lane = hit < 0 ? -1 : hit / per_lane;
-        for (int l = 0; l < width; ++l) {
+        for (int l = 0; l < width; ++l)
             want_owner[c * width + l] = (u64)(long long)owner;
-            want_winner[c * width + l] = (u64)(long long)hit_lane;
-            want_position[c * width + l] = l == hit_lane ? (u64)(long long)hit : ~(u64)0;
-            want_before[c * width + l] = l == hit_lane ? hit_before : ~(u64)0;
-        }
     }
     expect_equal("find owner: lane", width, owner_lane, want_owner);
     expect_equal("find owner: begin", width, owner_begin, want_begin);
-    expect_equal("search running: winner lane", width, winner, want_winner);
-    expect_equal("search running: position", width, position, want_position);
-    expect_equal("search running: total before", width, before, want_before);
 }
 
 /* The warp upper bound over sorted arrays of many lengths (empty, shorter
@@ -483,7 +423,7 @@ void check_wave()
 {
     const int failed_before = checks_failed, run_before = checks_run;
     check_warp_reductions<WarpSize>(WarpSize, false);
-    check_warp_searches<WarpSize>();
+    check_warp_find_owner<WarpSize>();
     check_warp_upper_bound<WarpSize>();
     check_block<WarpSize>(128);
     check_block<WarpSize>(512);

@@ -39,6 +39,7 @@
 #include "psm_stage_tile.h"
 #include "psm_stage_draw.h"
 #include "psm_stage_select.h"
+#include "psm_stage_bins.h"
 #include "polysample.h"
 
 namespace PSM_GPU_NAMESPACE {
@@ -415,15 +416,6 @@ PSM_GPU_DEVICE psm_tile_place psm_gpu_tile_place(const psm_gpu_call &call,
     return place;
 }
 
-/* The top-p target from Z, the mass of the candidates. */
-struct psm_gpu_top_p_need {
-    float top_p;
-    PSM_GPU_DEVICE psm_u64 operator()(psm_u64 row_mass) const
-    {
-        return psm_top_p_target(row_mass, top_p);
-    }
-};
-
 /* Outputs of a row that has no distribution: bad (token -1, NaN) or greedy
  * (the argmax, logprob 0, a point mass). */
 PSM_GPU_DEVICE void psm_gpu_write_point_row(const psm_gpu_call &call, psm_i64 row, int probs_mode,
@@ -513,7 +505,7 @@ PSM_GPU_DEVICE void psm_gpu_row_barrier(psm_gpu_row_split &split)
  * pass into a list that is ranked by counting and walked exactly. */
 struct psm_gpu_select_scratch {
     psm_u32 bin_count[PSM_GAP_BINS];
-    unsigned long long bin_mass[PSM_GAP_BINS];
+    psm_u64 bin_mass[PSM_GAP_BINS];
     psm_u64 list_key[PSM_GPU_LIST_CAPACITY];
     psm_u64 list_weight[PSM_GPU_LIST_CAPACITY]; /* g_i of each listed token */
     psm_u16 order[PSM_GPU_LIST_CAPACITY];       /* order[rank] = list index */
@@ -530,39 +522,6 @@ struct psm_gpu_select_scratch {
 #define PSM_GPU_SELECT_LIST 0      /* cutoff found; with top-k the list holds every kept token */
 #define PSM_GPU_SELECT_TOP_ONLY 1  /* top-p target 0: the top token alone */
 #define PSM_GPU_SELECT_FALLBACK 2  /* the list would not fit: radix select */
-
-/* The gap bins as psm_warp_search_running reads them: position p is bin p
- * (most probable first); its amount is the bin's count (top-k) or g mass
- * (top-p alone), and only non-empty bins can be chosen. */
-struct psm_gpu_bin_totals {
-    const psm_gpu_select_scratch *select;
-    int by_mass;
-    PSM_GPU_DEVICE psm_u64 amount(int position) const
-    {
-        return by_mass ? (psm_u64)select->bin_mass[position] : (psm_u64)select->bin_count[position];
-    }
-    PSM_GPU_DEVICE bool eligible(int position) const { return amount(position) > 0; }
-};
-
-/* First rank r < limit at which carry + the running sum of list_weight in
- * rank order reaches target (limit - 1 if none). Called by one whole warp. */
-template <int WarpSize>
-PSM_GPU_DEVICE psm_u32 psm_gpu_walk_list(const psm_gpu_select_scratch &select, psm_u32 limit,
-                                         psm_u64 carry, psm_u64 target)
-{
-    const psm_gpu_hardware_lanes<WarpSize> lanes;
-    const int lane = threadIdx.x % WarpSize;
-    for (psm_u32 base = 0; base < limit; base += WarpSize) {
-        const psm_u32 rank = base + (psm_u32)lane;
-        const psm_u64 value = rank < limit ? select.list_weight[select.order[rank]] : 0;
-        const psm_u64 inclusive = psm_warp_inclusive_scan<WarpSize>(value, lane, lanes);
-        const unsigned long long hits = psm_gpu_ballot(rank < limit && carry + inclusive >= target);
-        if (hits)
-            return base + (psm_u32)psm_gpu_first_set_lane(hits);
-        carry += psm_gpu_shfl<WarpSize>(inclusive, WarpSize - 1);
-    }
-    return limit - 1;
-}
 
 /* A 64-bit shared-memory sum made with 32-bit atomics on its two words
  * (little-endian, as NVIDIA and AMD GPUs are): the low word's add returns
@@ -593,7 +552,7 @@ PSM_GPU_DEVICE void psm_gpu_pool_bins(psm_gpu_row_split &split, psm_gpu_select_s
         if (select.bin_count[b] != 0)
             psm_gpu_atomic_add_u32(&pool_count[b], select.bin_count[b]);
         if (pool_mass && select.bin_mass[b] != 0)
-            psm_gpu_atomic_add_u64(&pool_mass[b], select.bin_mass[b]);
+            psm_gpu_atomic_add_u64(&pool_mass[b], (unsigned long long)select.bin_mass[b]);
     }
     psm_gpu_row_barrier(split);
     for (int b = threadIdx.x; b < PSM_GAP_BINS; b += blockDim.x) {
@@ -683,8 +642,8 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
                                          psm_u64 top_k, int top_p_on, float top_p,
                                          psm_gpu_row_split &split, psm_gpu_select_scratch &select)
 {
-    const psm_gpu_hardware_lanes<WarpSize> lanes;
-    const int lane = threadIdx.x % WarpSize, warp = threadIdx.x / WarpSize;
+    const psm_team<WarpSize> team = psm_team_of_thread<WarpSize>();
+    const int lane = team.lane, warp = threadIdx.x / WarpSize;
     const int by_mass = !top_k_on;
     /* Top-k tries the lane maxima of launch 1 first (a bin that k of them
      * reach holds the cutoff or lies below it: the list is then every token
@@ -717,7 +676,7 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
                  * reaches the target), and the list's size is checked as it
                  * is gathered: no count. */
                 if (by_mass)
-                    psm_gpu_shared_add_u64_by_words(&select.bin_mass[bin],
+                    psm_gpu_shared_add_u64_by_words((unsigned long long *)&select.bin_mass[bin],
                                                     psm_weight_of_gap(gap, call.weight_bits));
                 else
                     psm_gpu_atomic_add_u32(&select.bin_count[bin], 1u);
@@ -731,18 +690,16 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
         /* Warp 0 finds the bin where the running count (top-k) or mass (top-p
          * alone) in bin order first reaches what is needed. */
         if (warp == 0) {
-            const psm_gpu_bin_totals totals = {&select, by_mass};
-            const psm_gpu_top_p_need top_p_need = {top_p};
-            const psm_warp_search<psm_u64> hit =
-                psm_warp_search_running<WarpSize, PSM_GAP_BINS / WarpSize>(
-                    totals, top_k, by_mass != 0, top_p_need, lane, lanes);
-            if (lane == (hit.winner < 0 ? 0 : hit.winner)) {
+            const psm_team_found hit =
+                psm_team_choose_bin(team, select.bin_count, select.bin_mass, by_mass, top_k,
+                                    by_mass, top_p, 1, psm_no_posts());
+            if (hit.reports) {
                 const int found = hit.position;
                 int status = PSM_GPU_SELECT_LIST;
                 psm_u64 size = 0;
                 if (by_mass && hit.need == 0)
                     status = PSM_GPU_SELECT_TOP_ONLY;
-                else if (hit.winner < 0)
+                else if (!hit.found)
                     status = PSM_GPU_SELECT_FALLBACK; /* cannot happen: need <= the total */
                 else if (!by_mass)
                     size = hit.before + select.bin_count[found];
@@ -801,22 +758,17 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
                   state.scale, call.weight_bits);
     psm_gpu_block_barrier();
 
+    /* Warp 0 walks the ranked list: top-p over the top k (the list holds
+     * them, and a few more, in rank order), or top-p alone from the mass of
+     * the bins before the list. */
     if (warp == 0) {
-        psm_u32 last_rank;
-        if (top_k_on) {
-            /* The list holds the top k (and a few more) in rank order. */
-            last_rank = (psm_u32)top_k - 1;
-            if (top_p_on) {
-                psm_u64 partial = 0;
-                for (psm_u32 r = lane; r < (psm_u32)top_k; r += WarpSize)
-                    partial += select.list_weight[select.order[r]];
-                const psm_u64 target =
-                    psm_top_p_target(psm_warp_sum<WarpSize>(partial, lanes), top_p);
-                last_rank = target == 0 ? 0 : psm_gpu_walk_list<WarpSize>(select, (psm_u32)top_k, 0, target);
-            }
-        } else {
-            last_rank = psm_gpu_walk_list<WarpSize>(select, size, select.mass_before, select.need);
-        }
+        psm_u32 last_rank = (psm_u32)top_k - 1;
+        if (top_p_on)
+            last_rank = psm_team_walk_ranks(team, select.list_weight, select.order,
+                                            top_k_on ? (psm_u32)top_k : size,
+                                            top_k_on ? 0 : select.mass_before,
+                                            top_k_on ? 0 : select.need, top_k_on, top_p,
+                                            psm_no_posts());
         if (lane == 0) {
             select.cutoff = select.list_key[select.order[last_rank]];
             select.kept = last_rank + 1;

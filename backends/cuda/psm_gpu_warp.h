@@ -140,57 +140,6 @@ PSM_WARP_FN long long psm_warp_upper_bound(const Values &values, long long count
     return high;
 }
 
-/* The first position, in order, that is eligible and whose running total
- * (the amounts of the positions before it plus its own) reaches `need`.
- * Positions 0 .. WarpSize * PerLane - 1; lane l owns
- * [l * PerLane, (l + 1) * PerLane). values.amount(p) >= 0 is the amount at
- * position p, values.eligible(p) whether p may be chosen.
- *
- * When need_from_total is set, need is replaced first by
- * need_of_total(total), total being the sum over every position.
- *
- * Every lane gets `winner`, the lane that holds the position (-1: none).
- * The winner's own result also has the position, `before` (the running
- * total before it) and the need used; the other lanes' have position -1. */
-template <typename T>
-struct psm_warp_search {
-    int winner;
-    int position;
-    T before;
-    T need;
-};
-template <int WarpSize, int PerLane, typename T, typename Values, typename NeedOfTotal,
-          typename Lanes>
-PSM_WARP_FN psm_warp_search<T> psm_warp_search_running(const Values &values, T need,
-                                                       bool need_from_total,
-                                                       const NeedOfTotal &need_of_total,
-                                                       int lane, const Lanes &lanes)
-{
-    T lane_total = 0;
-    for (int k = 0; k < PerLane; ++k)
-        lane_total += values.amount(lane * PerLane + k);
-    const T inclusive = psm_warp_inclusive_scan<WarpSize>(lane_total, lane, lanes);
-    if (need_from_total)
-        need = need_of_total(lanes.exchange_from(inclusive, WarpSize - 1));
-
-    psm_warp_search<T> result;
-    result.position = -1;
-    result.before = 0;
-    result.need = need;
-    T running = inclusive - lane_total;
-    for (int k = 0; k < PerLane; ++k) {
-        const int position = lane * PerLane + k;
-        const T amount = values.amount(position);
-        if (result.position < 0 && values.eligible(position) && running + amount >= need) {
-            result.position = position;
-            result.before = running;
-        }
-        running += amount;
-    }
-    result.winner = lanes.first_lane_where(result.position >= 0);
-    return result;
-}
-
 /* ---- block reductions and scans ----------------------------------------- */
 
 /* Blocks of `threads` threads (a multiple of WarpSize, at most

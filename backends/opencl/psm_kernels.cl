@@ -85,6 +85,9 @@
 #ifndef PSM_STAGE_SELECT_H
 #include "psm_stage_select.h"
 #endif
+#ifndef PSM_STAGE_BINS_H
+#include "psm_stage_bins.h"
+#endif
 #ifndef PSM_STAGE_DRAW_H
 #include "psm_stage_draw.h"
 #endif
@@ -625,35 +628,20 @@ PSM_LOCAL_FN int psm_bin_collect(int active, __global const uchar *logits, int d
     }
     barrier(CLK_LOCAL_MEM_FENCE);
 
-    /* Each item sums a run of bins; the posted sums place the runs, and the
-     * item whose run reaches the target finds the bin. */
-    const int run = PSM_GAP_BINS / PSM_WG;
-    const int first_bin = (int)lid * run;
-    ulong own = 0;
-    if (active)
-        for (int b = first_bin; b < first_bin + run; ++b)
-            own += mass_mode ? bin_mass[b] : bin_count[b];
-    ulong before;
-    const ulong total = psm_posted_sum_u64(own, lid, PSM_WG, posts, &before);
-    /* Top-p alone: the target from the mass of every candidate; a target of
-     * 0 keeps one token, as a target of 1 does. */
-    const ulong target =
-        mass_mode && want == 0 ? max(psm_top_p_target(total, top_p), (ulong)1) : want;
-    if (active && before < target && target <= before + own) {
-        ulong above = before;
-        for (int b = first_bin; b < first_bin + run; ++b) {
-            ulong amount = mass_mode ? bin_mass[b] : bin_count[b];
-            if (above + amount >= target) {
-                /* Counting mode keeps the candidates of the bins before too. */
-                ulong kept = (mass_mode ? 0 : above) + bin_count[b];
-                *shared_choice = (uint)b;
-                *shared_above = above;
-                *shared_want = target;
-                *shared_size = kept <= capacity ? 0u : 0xffffffffu;
-                break;
-            }
-            above += amount;
-        }
+    /* The first team finds the bin where the running amount reaches the
+     * target (psm_stage_bins.h). Top-p alone takes its target from the mass
+     * of every candidate; a target of 0 keeps one token, as a target of 1
+     * does. */
+    const psm_team_found reached = psm_team_choose_bin(
+        psm_team_of_item(), bin_count, bin_mass, mass_mode, want, mass_mode && want == 0, top_p,
+        active && lid < PSM_TEAM, posts);
+    if (reached.found && reached.reports) {
+        /* Counting mode keeps the candidates of the bins before too. */
+        const ulong kept = (mass_mode ? 0 : reached.before) + bin_count[reached.position];
+        *shared_choice = (uint)reached.position;
+        *shared_above = reached.before;
+        *shared_want = max(reached.need, (ulong)1);
+        *shared_size = kept <= capacity ? 0u : 0xffffffffu;
     }
     barrier(CLK_LOCAL_MEM_FENCE);
     const int chosen = (int)*shared_choice;
@@ -758,26 +746,14 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
         }
     barrier(CLK_LOCAL_MEM_FENCE);
 
-    /* 2. The first bin at which the running count reaches k: each item sums
-     * a run of bins, the posted sums place the runs. */
-    const int bin_run = PSM_GAP_BINS / PSM_WG;
-    const int first_bin = (int)lid * bin_run;
-    ulong own = 0;
-    if (mine)
-        for (int b = first_bin; b < first_bin + bin_run; ++b)
-            own += bin_count[b];
-    ulong before;
-    psm_posted_sum_u64(own, lid, PSM_WG, scratch_u64, &before);
-    if (mine && before < k && k <= before + own) {
-        ulong running = before;
-        for (int b = first_bin; b < first_bin + bin_run; ++b) {
-            running += bin_count[b];
-            if (running >= k) {
-                shared_choice = (uint)b;
-                break;
-            }
-        }
-    }
+    /* 2. The first bin at which the running count reaches k, found by the
+     * first team (psm_stage_bins.h). */
+    const psm_team team = psm_team_of_item();
+    const int lead_team = lid < PSM_TEAM;
+    const psm_team_found reached = psm_team_choose_bin(
+        team, bin_count, (__local const ulong *)0, 0, k, 0, 1.0f, mine && lead_team, scratch_u64);
+    if (reached.found && reached.reports)
+        shared_choice = (uint)reached.position;
     /* Every item has read the bins before the list (over them) grows. */
     barrier(CLK_LOCAL_MEM_FENCE);
 
@@ -830,34 +806,15 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
     barrier(CLK_LOCAL_MEM_FENCE);
 
     /* 5. Top-p on the top k: the first rank at which their running weight
-     * reaches the target (the item whose run of ranks reaches it walks it). */
+     * reaches the target (psm_stage_bins.h; every team walks alike). */
     const int walking = ranked && p.top_p < 1.0f;
-    const uint rank_run = (k + PSM_WG - 1) / PSM_WG;
-    const uint begin = min(lid * rank_run, k), end = min(begin + rank_run, k);
-    ulong top_k_mass = 0;
-    if (walking)
-        for (uint r = begin; r < end; ++r)
-            top_k_mass += weight[order[r]];
-    ulong mass_before;
-    const ulong total = psm_posted_sum_u64(top_k_mass, lid, PSM_WG, scratch_counts, &mass_before);
-    /* A target of 0 keeps one token, as a target of 1 does. */
-    const ulong target = max(psm_top_p_target(total, p.top_p), (ulong)1);
-    if (walking && mass_before < target && target <= mass_before + top_k_mass) {
-        ulong running = mass_before;
-        for (uint r = begin; r < end; ++r) {
-            running += weight[order[r]];
-            if (running >= target) {
-                shared_choice = r;
-                break;
-            }
-        }
-    }
-    barrier(CLK_LOCAL_MEM_FENCE);
+    const uint walked = psm_team_walk_ranks(team, weight, order, walking ? k : 0u, 0, 0, 1,
+                                            p.top_p, scratch_counts);
 
     /* 6. The kept ranks; then each tile's (m_t, S_t). Min-p keeps a prefix
      * of them: weights do not grow down the ranks, and the top token's
      * 2^bits meets any threshold. */
-    uint kept = walking ? shared_choice + 1 : k;
+    uint kept = walking ? walked + 1 : k;
     ulong cutoff = 0;
     const ulong min_weight = psm_min_p_threshold(p.min_p, bits);
     if (ranked) {

@@ -1,0 +1,162 @@
+/*
+ * psm_stage_bins.h: the searches of the gap-bin cutoff path
+ * (docs/SAMPLING.md section 4), written once for CUDA, HIP and OpenCL over
+ * kernels/psm_portable.h.
+ *
+ * The GPU cutoff searches tally a row's tokens (or, for top-k, launch 1's
+ * lane maxima) by gap bin (core/psm_row.h's psm_gap_bin), find the bin where
+ * the running count or g mass reaches what is needed, gather that bin's
+ * tokens (for top-k, every token up to it) into a list, rank the list
+ * (psm_rank_list, kernels/psm_stage_select.h) and, for top-p, walk the
+ * ranked list to the rank where the running mass reaches the target. The
+ * two searches over running amounts are here, each a team's work (CUDA and
+ * HIP: one warp; OpenCL: a team of PSM_TEAM items):
+ * - psm_team_choose_bin, the bin from the tallies: each item sums a run of
+ *   consecutive bins, the team finds the item whose run holds the point
+ *   where the running amount reaches the need (psm_team_find_holder), and
+ *   that item walks its run;
+ * - psm_team_walk_ranks, the rank from the ranked list's weights: PSM_TEAM
+ *   ranks a round, until one reaches the target.
+ * Every item of the team calls them; on OpenCL every item of the work-group
+ * (they hold barriers).
+ *
+ * The tallying and gathering passes over the row are still each backend's
+ * (docs/ARCHITECTURE.md, "Still written per backend").
+ */
+#ifndef PSM_STAGE_BINS_H
+#define PSM_STAGE_BINS_H
+
+#ifndef PSM_PORTABLE_H /* the OpenCL program has it already */
+#include "psm_portable.h"
+#endif
+
+/* The bins each item of a team sums. */
+#define PSM_BINS_PER_ITEM (PSM_GAP_BINS / PSM_TEAM)
+
+PSM_STAGE_BEGIN
+
+/* A team search's answer. Every item gets `found` (the search reached its
+ * need) and `need`; the item that `reports` (the one whose run holds the
+ * answer, or lane 0 when none does) also gets `position` and `before`, the
+ * running amount of the positions before it. */
+typedef struct psm_team_found {
+    int found;
+    int reports;
+    int position;
+    psm_u64 before;
+    psm_u64 need;
+} psm_team_found;
+
+/* The team's answer from each item's run total `own` (posted before the
+ * barrier that precedes this call) and a need of at least 1: the holder of
+ * need - 1 is the item whose run's running amount first reaches need. The
+ * reporting item then walks its run. */
+PSM_TEAM_TEMPLATE
+PSM_LOCAL_FN psm_team_found psm_team_found_of(PSM_TEAM_TYPE team, psm_u64 own, psm_u64 need,
+                                              int searching, PSM_POSTS(psm_u64) posts)
+{
+    const psm_team_holder holder = psm_team_find_holder(team, own, need - 1, posts);
+    psm_team_found answer;
+    answer.found = searching && holder.lane >= 0;
+    answer.reports = searching && team.lane == (holder.lane >= 0 ? holder.lane : 0);
+    answer.position = -1;
+    answer.before = holder.begin;
+    answer.need = need;
+    return answer;
+}
+
+/* The first gap bin at which the running amount in bin order (most probable
+ * first) reaches need: the bins' counts, or with by_mass their g masses.
+ * With need_from_total, need is psm_top_p_target(total, top_p) first, total
+ * being the sum over the bins (top-p alone); answer.need is that need, and
+ * the search is for at least 1 (a target of 0 keeps the top token, as 1
+ * does). The bin found holds a positive amount. bin_mass is read only
+ * by_mass. */
+PSM_TEAM_TEMPLATE
+PSM_LOCAL_FN psm_team_found psm_team_choose_bin(PSM_TEAM_TYPE team,
+                                                PSM_LOCAL const psm_u32 *bin_count,
+                                                PSM_LOCAL const psm_u64 *bin_mass, int by_mass,
+                                                psm_u64 need, int need_from_total, float top_p,
+                                                int searching, PSM_POSTS(psm_u64) posts)
+{
+    const int first_bin = team.lane * PSM_BINS_PER_ITEM;
+    psm_u64 own = 0;
+    if (searching)
+        for (int b = first_bin; b < first_bin + PSM_BINS_PER_ITEM; ++b)
+            own += by_mass ? bin_mass[b] : (psm_u64)bin_count[b];
+    PSM_TEAM_POST(posts, own);
+    psm_team_barrier();
+    if (need_from_total)
+        need = psm_top_p_target(psm_team_sum_u64(team, own, posts), top_p);
+    const psm_u64 reach = need > 1 ? need : 1;
+    psm_team_found answer = psm_team_found_of(team, own, reach, searching, posts);
+    answer.need = need;
+    if (answer.found && answer.reports) {
+        psm_u64 running = answer.before;
+        for (int b = first_bin; b < first_bin + PSM_BINS_PER_ITEM && answer.position < 0; ++b) {
+            const psm_u64 amount = by_mass ? bin_mass[b] : (psm_u64)bin_count[b];
+            if (running + amount >= reach) {
+                answer.position = b;
+                answer.before = running;
+            }
+            running += amount;
+        }
+    }
+    return answer;
+}
+
+/* The first rank r < limit at which carry plus the running sum of the
+ * ranked list's weights (weight[order[r]], psm_rank_list's arrays) reaches
+ * target; limit - 1 when none does. With target_from_total, target is
+ * psm_top_p_target(Z, top_p) first, Z the weight of ranks [0, limit), and
+ * at least 1 (a target of 0 keeps the top token, as 1 does); otherwise the
+ * caller's carry is below target. The team takes PSM_TEAM ranks a round,
+ * one an item, and psm_team_reach finds the first that reaches the target:
+ * the hit is usually in the first rounds, which a team that may leave the
+ * loop (PSM_TEAM_MAY_EXIT) does not read past; elsewhere the rounds after
+ * it pass their barriers. Each round's posts are read before the barrier
+ * that ends it, so the next round may post again. Every item gets the
+ * rank. */
+PSM_TEAM_TEMPLATE
+PSM_LOCAL_FN psm_u32 psm_team_walk_ranks(PSM_TEAM_TYPE team, PSM_LOCAL const psm_u64 *weight,
+                                         PSM_LOCAL const psm_u16 *order, psm_u32 limit,
+                                         psm_u64 carry, psm_u64 target, int target_from_total,
+                                         float top_p, PSM_POSTS(psm_u64) posts)
+{
+    /* The barriers stay outside the branches (the PoCL rule). */
+    psm_u64 partial = 0;
+    if (target_from_total)
+        for (psm_u32 r = (psm_u32)team.lane; r < limit; r += PSM_TEAM)
+            partial += weight[order[r]];
+    PSM_TEAM_POST(posts, partial);
+    psm_team_barrier();
+    if (target_from_total) {
+        target = psm_top_p_target(psm_team_sum_u64(team, partial, posts), top_p);
+        target = target > 1 ? target : 1;
+    }
+    psm_team_barrier();
+    psm_u32 last_rank = limit - 1;
+    int open = 1;
+    for (psm_u32 base = 0; base < limit; base += PSM_TEAM) {
+        const psm_u32 rank = base + (psm_u32)team.lane;
+        const psm_u64 value = open && rank < limit ? weight[order[rank]] : 0;
+        PSM_TEAM_POST(posts, value);
+        psm_team_barrier();
+        const psm_team_reached reached = psm_team_reach(team, value, target - carry, posts);
+        psm_team_barrier();
+        if (open && reached.lane >= 0) {
+            last_rank = base + (psm_u32)reached.lane;
+            open = 0;
+        }
+        carry += reached.total;
+#if PSM_TEAM_MAY_EXIT
+        if (!open)
+            break;
+#endif
+    }
+    return last_rank;
+}
+
+PSM_STAGE_END
+
+#endif /* PSM_STAGE_BINS_H */

@@ -679,6 +679,53 @@ PSM_LOCAL_FN psm_team_reached psm_team_reach(PSM_TEAM_TYPE team, psm_u64 value, 
     reached.lane = lanes.first_lane_where(inclusive >= need);
     reached.total = lanes.exchange_from(inclusive, PSM_TEAM - 1);
     return reached;
+/* ---- a reader of min-p's survivors (the engines' filter orders) ---------
+ * vLLM's order takes top-k and top-p over the tokens that pass min-p
+ * (docs/SAMPLING.md section 4, "Filter orders"), so the selection stage
+ * reads the row through psm_survivors_of(row, test, 1): the same entries as
+ * the reader `row`, an entry whose token fails `test` (psm_token_kept of
+ * core/psm_row.h with cutoff 0: valid, g_i at least test.min_weight) reading
+ * as key 0, no candidate. With active 0 it has no entries: a search over it
+ * reads nothing and only passes its barriers, so that a stage calls its
+ * searches unconditionally (a search inside a branch multiplies the code
+ * PoCL compiles). Its type is PSM_SURVIVOR_READER: on CUDA and HIP a
+ * template over the row's reader, so the default order's readers are not
+ * touched; on OpenCL, which has one reader type, the program's psm_reader
+ * holds the test and the program defines psm_survivors_of. An entry's index
+ * is its token (row readers only, never a list). */
+#if PSM_PLATFORM_GPU_CXX
+
+PSM_STAGE_BEGIN
+
+template <class Row>
+struct psm_survivor_reader {
+    const Row *row;
+    psm_kept_rule test;
+    psm_i64 count;
+};
+
+/* Inside a stage templated by PSM_TEAM_READER_TEMPLATE. */
+#define PSM_SURVIVOR_READER psm_survivor_reader<psm_reader>
+
+template <class Row>
+PSM_DEVICE_FN psm_survivor_reader<Row> psm_survivors_of(const Row *row, psm_kept_rule test,
+                                                        int active)
+{
+    return psm_survivor_reader<Row>{row, test, active ? psm_reader_count(row) : 0};
+}
+
+template <class Row>
+PSM_DEVICE_FN psm_i64 psm_reader_count(const psm_survivor_reader<Row> *reader)
+{
+    return reader->count;
+}
+
+template <class Row>
+PSM_DEVICE_FN psm_u64 psm_reader_key(const psm_survivor_reader<Row> *reader, psm_i64 index,
+                                     float *x)
+{
+    const psm_u64 key = psm_reader_key(reader->row, index, x);
+    return key != 0 && psm_token_kept(reader->test, *x, (psm_u32)index) ? key : 0;
 }
 
 PSM_STAGE_END
@@ -702,6 +749,9 @@ PSM_LOCAL_FN psm_team_reached psm_team_reach(psm_team team, ulong value, ulong n
     (void)value; /* among the posts */
     return reached;
 }
+
+#define PSM_SURVIVOR_READER psm_reader
+PSM_LOCAL_FN psm_reader psm_survivors_of(const psm_reader *row, psm_kept_rule test, int active);
 
 #endif
 

@@ -10,6 +10,8 @@
  *   against the float64 reference (reference/psm_reference.c, written
  *   independently from the CPU backend), in batches and in single rows
  *   split over threads;
+ * - every backend draws the CPU backend's tokens, logprobs and probs in every
+ *   order, with per-row parameters, logit processing and 16-bit logits;
  * - an unknown order is refused, writing nothing.
  * A backend without the orders must refuse them with PSM_ERR_UNSUPPORTED,
  * writing nothing; its tests then skip visibly.
@@ -441,6 +443,192 @@ PSM_PROPERTY(each_search_path_matches_the_reference)
 }
 END_TEST
 
+/* ---- the CPU backend's tokens ----------------------------------------------------- */
+
+/* Every backend draws the CPU backend's tokens in every order, with the same
+ * logprobs and psm_probs (the same kept sets), on batches that mix the
+ * cases a row meets, one per row: 0, masked tokens and a top-k past the
+ * valid tokens (top-p and min-p decide); 1, greedy; 2, no filter; 3, coarse
+ * logits (ties at every boundary) with a top-k that top-p cuts within its
+ * ties; 4, min-p strong enough to leave vLLM's top-k fewer survivors than k;
+ * 5, top-p and min-p alone. Each row has its own seed and several samples;
+ * the batch comes as f32 and as bf16 (more ties), then with logit
+ * processing, and a single long row with row 3's filters (many radix
+ * levels; on CUDA a row split over several blocks). */
+#define MATCH_ROWS 6
+#define MATCH_SAMPLES 8
+#define MATCH_SENTINEL -7
+#define MATCH_SCALAR_ROW 3
+
+static const float match_temperatures[MATCH_ROWS] = {0.7f, 0.0f, 1.3f, 1.0f, 0.5f, 2.0f};
+static const int32_t match_top_ks[MATCH_ROWS] = {4700, 10, 0, 25, 300, 0};
+static const float match_top_ps[MATCH_ROWS] = {0.9f, 1.0f, 1.0f, 0.9f, 0.95f, 0.5f};
+static const float match_min_ps[MATCH_ROWS] = {0.05f, 0.0f, 0.0f, 0.0f, 0.01f, 0.2f};
+static const uint64_t match_seeds[MATCH_ROWS] = {11, 12, 13, 14, 15, 16};
+
+/* The batch's parameters: per-row filters for MATCH_ROWS rows, else the
+ * scalars of row MATCH_SCALAR_ROW. */
+static psm_params match_params(int32_t order, int per_row)
+{
+    psm_params params;
+    psm_params_init(&params);
+    params.filter_order = order;
+    params.num_samples = MATCH_SAMPLES;
+    params.seed = 99;
+    params.temperature = match_temperatures[MATCH_SCALAR_ROW];
+    params.top_k = match_top_ks[MATCH_SCALAR_ROW];
+    params.top_p = match_top_ps[MATCH_SCALAR_ROW];
+    params.min_p = match_min_ps[MATCH_SCALAR_ROW];
+    if (per_row) {
+        params.temperature_per_row = match_temperatures;
+        params.top_k_per_row = match_top_ks;
+        params.top_p_per_row = match_top_ps;
+        params.min_p_per_row = match_min_ps;
+        params.seed_per_row = match_seeds;
+    }
+    return params;
+}
+
+/* Samples and probs of `tensor` on both contexts, compared. Returns 0 when
+ * the tested backend refused the order (a skip is recorded). */
+static int match_cpu(psm_context *tested, psm_context *cpu, psm_backend backend,
+                     const char *label, const psm_tensor *tensor, const psm_params *params)
+{
+    const char *test = "each_order_draws_the_cpu_tokens";
+    const int64_t rows = tensor->rows, vocab = tensor->vocab;
+    const size_t draws = (size_t)(rows * params->num_samples);
+    int32_t *tokens = psm_test_alloc(draws, sizeof *tokens);
+    int32_t *cpu_tokens = psm_test_alloc(draws, sizeof *cpu_tokens);
+    float *logprobs = psm_test_alloc(draws, sizeof *logprobs);
+    float *cpu_logprobs = psm_test_alloc(draws, sizeof *cpu_logprobs);
+    float *probs = psm_test_alloc((size_t)(rows * vocab), sizeof *probs);
+    float *cpu_probs = psm_test_alloc((size_t)(rows * vocab), sizeof *cpu_probs);
+    for (size_t i = 0; i < draws; ++i)
+        tokens[i] = MATCH_SENTINEL;
+    const char *order = order_names[params->filter_order];
+    int ran = psm_test_feature_ran(tested, backend,
+                                   psm_sample(tested, tensor, params, psm_test_output(tokens),
+                                              psm_test_output(logprobs)),
+                                   test, "filter orders", tokens, draws, MATCH_SENTINEL);
+    if (ran) {
+        PSM_CHECK_OK(psm_sample(cpu, tensor, params, psm_test_output(cpu_tokens),
+                                psm_test_output(cpu_logprobs)));
+        for (size_t i = 0; i < draws; ++i) {
+            const int64_t row = (int64_t)i / params->num_samples;
+            ck_assert_msg(tokens[i] == cpu_tokens[i],
+                          "%s, %s, row %lld sample %lld: token %d, the CPU backend's %d", label,
+                          order, (long long)row, (long long)(i % (size_t)params->num_samples),
+                          tokens[i], cpu_tokens[i]);
+            ck_assert_msg(fabsf(logprobs[i] - cpu_logprobs[i]) <= 1e-5f,
+                          "%s, %s, row %lld: logprob %.9g, the CPU backend's %.9g", label, order,
+                          (long long)row, (double)logprobs[i], (double)cpu_logprobs[i]);
+        }
+        psm_tensor probs_tensor = psm_test_tensor(probs, PSM_DTYPE_F32, rows, vocab, 0);
+        psm_tensor cpu_probs_tensor = psm_test_tensor(cpu_probs, PSM_DTYPE_F32, rows, vocab, 0);
+        PSM_CHECK_OK(psm_probs(tested, tensor, params, &probs_tensor));
+        PSM_CHECK_OK(psm_synchronize(tested));
+        PSM_CHECK_OK(psm_probs(cpu, tensor, params, &cpu_probs_tensor));
+        for (int64_t i = 0; i < rows * vocab; ++i) {
+            const float got = probs[i], want = cpu_probs[i];
+            ck_assert_msg((got > 0.0f) == (want > 0.0f) &&
+                              fabsf(got - want) <= 1e-5f * fmaxf(got, want),
+                          "%s, %s, row %lld: probs[%lld] = %.9g, the CPU backend's %.9g", label,
+                          order, (long long)(i / vocab), (long long)(i % vocab), (double)got,
+                          (double)want);
+        }
+    }
+    free(cpu_probs);
+    free(probs);
+    free(cpu_logprobs);
+    free(logprobs);
+    free(cpu_tokens);
+    free(tokens);
+    return ran;
+}
+
+/* Normal rows (sigma 2), every 13th token of row 0 masked, row 3 coarse
+ * (rounded to 1/4: ties at every boundary). */
+static void fill_match_rows(float *logits, int64_t rows, int64_t vocab, psm_test_rng *rng)
+{
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t i = 0; i < vocab; ++i) {
+            double x = 2.0 * psm_test_rng_normal(rng);
+            logits[r * vocab + i] = r == 0 && i % 13 == 5 ? -INFINITY
+                                    : r == 3            ? (float)(round(4.0 * x) / 4.0)
+                                                        : (float)x;
+        }
+}
+
+PSM_PROPERTY(each_order_draws_the_cpu_tokens)
+{
+    const int64_t vocab = 5000;
+    psm_test_rng rng = psm_test_rng_make(44);
+    float *logits = psm_test_alloc((size_t)(MATCH_ROWS * vocab), sizeof *logits);
+    uint16_t *brain = psm_test_alloc((size_t)(MATCH_ROWS * vocab), sizeof *brain);
+    fill_match_rows(logits, MATCH_ROWS, vocab, &rng);
+    /* bf16 by truncation: coarse values, many ties. */
+    for (int64_t i = 0; i < MATCH_ROWS * vocab; ++i) {
+        uint32_t bits;
+        memcpy(&bits, &logits[i], sizeof bits);
+        brain[i] = (uint16_t)(bits >> 16);
+    }
+    const psm_tensor f32 = psm_test_tensor(logits, PSM_DTYPE_F32, MATCH_ROWS, vocab, 0);
+    const psm_tensor bf16 = psm_test_tensor(brain, PSM_DTYPE_BF16, MATCH_ROWS, vocab, 0);
+
+    /* Logit processing: a history (penalised by frequency and repetition) and
+     * a bias per row. */
+    int64_t history_offsets[MATCH_ROWS + 1], bias_offsets[MATCH_ROWS + 1];
+    int32_t history_tokens[MATCH_ROWS * 4], bias_tokens[MATCH_ROWS * 2];
+    float bias_values[MATCH_ROWS * 2];
+    for (int r = 0; r <= MATCH_ROWS; ++r) {
+        history_offsets[r] = 4 * r;
+        bias_offsets[r] = 2 * r;
+    }
+    for (int e = 0; e < MATCH_ROWS * 4; ++e)
+        history_tokens[e] = (int32_t)psm_test_rng_below(&rng, (uint64_t)vocab);
+    for (int e = 0; e < MATCH_ROWS * 2; ++e) {
+        bias_tokens[e] = (int32_t)psm_test_rng_below(&rng, (uint64_t)vocab);
+        bias_values[e] = e % 2 ? -3.0f : 6.0f;
+    }
+    psm_logit_processing processing;
+    psm_logit_processing_init(&processing);
+    processing.history_offsets = history_offsets;
+    processing.history_tokens = history_tokens;
+    processing.bias_offsets = bias_offsets;
+    processing.bias_tokens = bias_tokens;
+    processing.bias_values = bias_values;
+    processing.frequency_penalty = 0.5f;
+    processing.repetition_penalty = 1.3f;
+
+    /* One long row, coarse like row 3, with its scalar parameters. */
+    const int64_t long_vocab = 151936;
+    float *long_row = psm_test_alloc((size_t)long_vocab, sizeof *long_row);
+    for (int64_t i = 0; i < long_vocab; ++i)
+        long_row[i] = (float)(round(8.0 * psm_test_rng_normal(&rng)) / 4.0);
+    const psm_tensor long_f32 = psm_test_tensor(long_row, PSM_DTYPE_F32, 1, long_vocab, 0);
+
+    psm_context *tested = psm_test_open(backend);
+    psm_context *cpu = psm_test_open_threads(PSM_BACKEND_CPU, 1);
+    int ran = 1;
+    for (int32_t order = 1; order < PSM_FILTER_ORDER_COUNT && ran; ++order) {
+        psm_params params = match_params(order, 1);
+        ran = match_cpu(tested, cpu, backend, "f32 batch", &f32, &params) &&
+              match_cpu(tested, cpu, backend, "bf16 batch", &bf16, &params);
+        if (!ran)
+            break;
+        params.processing = &processing;
+        ran = match_cpu(tested, cpu, backend, "processed batch", &f32, &params);
+        params = match_params(order, 0);
+        ran = ran && match_cpu(tested, cpu, backend, "long row", &long_f32, &params);
+    }
+    psm_context_destroy(cpu);
+    psm_context_destroy(tested);
+    free(long_row);
+    free(brain);
+    free(logits);
+}
+END_TEST
+
 /* ---- refusals ------------------------------------------------------------------- */
 
 START_TEST(bad_filter_orders_are_refused)
@@ -476,5 +664,6 @@ int main(void)
     psm_test_register_property(llama_cpp_sampler_queue_expectations);
     psm_test_register_property(orders_match_the_reference);
     psm_test_register_property(each_search_path_matches_the_reference);
+    psm_test_register_property(each_order_draws_the_cpu_tokens);
     return psm_test_run("test_filter_orders");
 }

@@ -37,13 +37,14 @@ namespace PSM_GPU_NAMESPACE {
 namespace {
 
 /* The kernel instantiations of one wave size, indexed by dtype (and, for
- * the row kernel, by filtered variant and probs mode). */
+ * the row kernel, by variant: plain, filtered, filtered in an engine's
+ * filter order; and by probs mode). */
 typedef void (*kernel_fn)(const psm_gpu_call);
 struct kernel_set {
     int warp_size;
     kernel_fn tile[3];
     kernel_fn check;
-    kernel_fn row[3][2][2];
+    kernel_fn row[3][3][2];
 };
 
 template <int WarpSize, int Dtype>
@@ -54,6 +55,8 @@ void add_dtype_kernels(kernel_set *set)
     set->row[Dtype][0][1] = psm_gpu_row_kernel<WarpSize, Dtype, false, true>;
     set->row[Dtype][1][0] = psm_gpu_row_kernel<WarpSize, Dtype, true, false>;
     set->row[Dtype][1][1] = psm_gpu_row_kernel<WarpSize, Dtype, true, true>;
+    set->row[Dtype][2][0] = psm_gpu_row_kernel<WarpSize, Dtype, true, false, true>;
+    set->row[Dtype][2][1] = psm_gpu_row_kernel<WarpSize, Dtype, true, true, true>;
 }
 
 template <int WarpSize>
@@ -610,6 +613,7 @@ psm_status stage_inputs(psm_gpu_state *state, const psm_request *request,
     call->per_row = psm_request_per_row(params);
     call->per_row_arrays = psm_request_row_arrays(params);
     call->num_samples = params->num_samples;
+    call->filter_order = params->filter_order;
     call->weight_bits = psm_weight_bits(logits->vocab);
 
     if (logits->memory == PSM_MEMORY_HOST) {
@@ -867,7 +871,12 @@ psm_status launch(psm_gpu_state *state, psm_request *request, call_buffers *buff
         }
     }
 
-    const kernel_fn row_kernel = kernels.row[dtype][filtered ? 1 : 0][probs_mode ? 1 : 0];
+    /* An engine's filter order has a variant of its own; it needs less
+     * shared memory than the filtered one, so the split capacity of that
+     * one holds for it too. */
+    const int variant =
+        !filtered ? 0 : call.filter_order == PSM_FILTER_ORDER_POLYSAMPLE ? 1 : 2;
+    const kernel_fn row_kernel = kernels.row[dtype][variant][probs_mode ? 1 : 0];
     bool row_launched = false;
     if (call.row_parts > 1) {
         void *arguments[] = {&call};
@@ -1113,7 +1122,7 @@ static psm_status gpu_synchronize(void *opaque_state)
 static const psm_backend_ops gpu_ops = {
     PSM_BACKEND_API_VERSION, /* api_version */
     PSM_GPU_BACKEND_ID,      /* id */
-    PSM_FEATURE_LOGIT_PROCESSING, /* features */
+    PSM_FEATURE_LOGIT_PROCESSING | PSM_FEATURE_FILTER_ORDERS, /* features */
     gpu_probe,               /* probe */
     gpu_create,              /* create */
     gpu_destroy,             /* destroy */

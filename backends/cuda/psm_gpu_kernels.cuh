@@ -40,6 +40,7 @@
 #include "psm_stage_draw.h"
 #include "psm_stage_select.h"
 #include "psm_stage_bins.h"
+#include "psm_stage_orders.h"
 #include "polysample.h"
 
 namespace PSM_GPU_NAMESPACE {
@@ -65,6 +66,15 @@ static_assert(PSM_GPU_ROW_THREADS <= 32 * 32,
 static_assert(PSM_LOGITS_F32 == PSM_DTYPE_F32 && PSM_LOGITS_F16 == PSM_DTYPE_F16 &&
                   PSM_LOGITS_BF16 == PSM_DTYPE_BF16,
               "core/psm_row.h's dtype values are psm_dtype's");
+/* ... and kernels/psm_stage_orders.h's order values psm_filter_order's (the
+ * OpenCL kernels read the same header). */
+static_assert(PSM_ORDER_POLYSAMPLE == PSM_FILTER_ORDER_POLYSAMPLE &&
+                  PSM_ORDER_VLLM == PSM_FILTER_ORDER_VLLM &&
+                  PSM_ORDER_SGLANG == PSM_FILTER_ORDER_SGLANG &&
+                  PSM_ORDER_LLAMA_CPP == PSM_FILTER_ORDER_LLAMA_CPP &&
+                  PSM_ORDER_FLASHINFER_TOP_K_FIRST == PSM_FILTER_ORDER_FLASHINFER_TOP_K_FIRST &&
+                  PSM_ORDER_FLASHINFER_JOINT == PSM_FILTER_ORDER_FLASHINFER_JOINT,
+              "kernels/psm_stage_orders.h's order values are psm_filter_order's");
 
 /* Filtered rows' cutoff search (psm_gpu_select_cutoff, over the gap bins of
  * core/psm_row.h): the most tokens its candidate list holds. */
@@ -109,6 +119,7 @@ struct psm_gpu_call {
     psm_u32 per_row;               /* PSM_PER_ROW_* bits: what is read from memory */
     psm_row_arrays per_row_arrays; /* device pointers */
     psm_i32 num_samples;
+    psm_i32 filter_order; /* psm_params.filter_order: PSM_ORDER_* */
 
     /* workspace: one entry per tile of every output row */
     psm_i64 tiles_per_row;
@@ -913,8 +924,11 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const unsigned char *row_base, const psm_
 /* One block per row (several for split rows). Filtered: the variant for
  * calls whose parameters may ask for a filter (with the selection's shared
  * memory); the other runs plain and greedy rows. ProbsMode: write
- * psm_probs' distribution instead of drawing. */
-template <int WarpSize, int Dtype, bool Filtered, bool ProbsMode>
+ * psm_probs' distribution instead of drawing. Ordered (with Filtered): the
+ * variant for calls in an engine's filter order, whose cutoffs come from
+ * kernels/psm_stage_orders.h; a variant of its own, so that the others'
+ * code, registers and local memory stay as they were. */
+template <int WarpSize, int Dtype, bool Filtered, bool ProbsMode, bool Ordered>
 PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scratch &scratch,
                                      psm_gpu_select_scratch *select)
 {
@@ -965,7 +979,29 @@ PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scrat
         psm_gpu_global_row<Dtype> source = {psm_gpu_row_base<Dtype>(call, p.logits_row),
                                             call.vocab};
 
-        if constexpr (Filtered) {
+        if constexpr (Ordered) {
+            if (state.filtered) {
+                /* An engine's order: its cutoffs over the row (every block of
+                 * a split row alike), then the kept masses as for any cutoff. */
+                psm_order_row filters;
+                filters.row_max = state.row_max;
+                filters.scale = state.scale;
+                filters.weight_bits = call.weight_bits;
+                filters.valid = (psm_i64)valid_count;
+                filters.top_k = p.top_k;
+                filters.top_p = p.top_p;
+                filters.min_p = p.min_p;
+                const psm_kept_rule test = psm_order_candidates(call.filter_order, filters);
+                const auto candidates = psm_survivors_of(&source, test, 1);
+                const auto no_candidates = psm_survivors_of(&source, test, 0);
+                const psm_kept_rule kept =
+                    psm_stage_orders(team, &source, &candidates, &no_candidates,
+                                     call.filter_order, filters, &scratch.radix, &scratch.group);
+                state.cutoff = kept.cutoff;
+                state.min_weight = kept.min_weight;
+                psm_gpu_scan_masses<WarpSize, Dtype>(source.base, call, state, kept, split);
+            }
+        } else if constexpr (Filtered) {
             if (state.filtered) {
                 const int top_k_on = psm_top_k_active(p.top_k, (psm_i64)valid_count);
                 const int top_p_on = p.top_p < 1.0f;
@@ -1009,17 +1045,20 @@ PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scrat
     }
 }
 
-template <int WarpSize, int Dtype, bool Filtered, bool ProbsMode>
+template <int WarpSize, int Dtype, bool Filtered, bool ProbsMode, bool Ordered = false>
 PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_ROW_THREADS, PSM_GPU_ROW_BLOCKS_PER_SM)
     psm_gpu_row_kernel(const psm_gpu_call call)
 {
     __shared__ psm_gpu_row_scratch scratch;
     if constexpr (psm_gpu_wave_compiled<WarpSize>()) {
-        if constexpr (Filtered) {
+        if constexpr (Ordered) {
+            /* The orders search with the row scratch alone. */
+            psm_gpu_row_loop<WarpSize, Dtype, true, ProbsMode, true>(call, scratch, nullptr);
+        } else if constexpr (Filtered) {
             __shared__ psm_gpu_select_scratch select;
-            psm_gpu_row_loop<WarpSize, Dtype, true, ProbsMode>(call, scratch, &select);
+            psm_gpu_row_loop<WarpSize, Dtype, true, ProbsMode, false>(call, scratch, &select);
         } else {
-            psm_gpu_row_loop<WarpSize, Dtype, false, ProbsMode>(call, scratch, nullptr);
+            psm_gpu_row_loop<WarpSize, Dtype, false, ProbsMode, false>(call, scratch, nullptr);
         }
     }
 }

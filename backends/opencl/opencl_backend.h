@@ -73,6 +73,7 @@ enum {
     KERNEL_PROCESS_READ,  /* logit processing, before the pipeline */
     KERNEL_PROCESS_LISTS,
     KERNEL_PROCESS_MASK,
+    KERNEL_ROW_ORDERS,    /* an engine's filter order, instead of the row top-k and filter */
     KERNEL_COUNT
 };
 /* The kernels' names in the program, by the enum above. */

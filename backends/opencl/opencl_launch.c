@@ -66,7 +66,9 @@ typedef struct launch {
  * Top-k rows first try the lane maxima (psm_row_top_k, with a list of its
  * own, small enough for several groups per compute unit: top-k up to a few
  * hundred), which reads far less than even the on-chip path; the row filter
- * takes the rows it leaves. */
+ * takes the rows it leaves. A call in an engine's filter order
+ * (psm_params.filter_order) runs neither: psm_row_orders searches the rows in
+ * global memory. */
 static void plan_filters(launch *call)
 {
     const opencl_state *state = call->state;
@@ -93,7 +95,7 @@ static void plan_filters(launch *call)
     plan->list_capacity = use_cache ? 0 : (psm_i32)(list_bytes / sizeof(cl_ulong));
     call->list_bytes = list_bytes >= sizeof(cl_ulong) ? (size_t)list_bytes : sizeof(cl_ulong);
     plan->top_k_list_capacity = PSM_TOP_K_LIST;
-    plan->top_k_ran = call->may_top_k &&
+    plan->top_k_ran = call->may_top_k && plan->filter_order == PSM_FILTER_ORDER_POLYSAMPLE &&
                       (cl_ulong)PSM_TOP_K_LIST * sizeof(cl_ulong) <= free_local;
     plan->filters_ran = 1;
 }
@@ -114,6 +116,7 @@ static void describe(launch *call)
     description->num_samples = (psm_i32)request->params.num_samples;
     description->want_logprobs = request->logprobs.data != NULL;
     description->check_rows = request->check_rows;
+    description->filter_order = request->params.filter_order;
 }
 
 /* The entries a token or value buffer holds. */
@@ -386,14 +389,18 @@ static psm_status run_rows(launch *call)
                             opencl_kernel_names[KERNEL_ROW_TOP_K]));
         }
 
-        kernel = state->kernels[KERNEL_ROW_FILTER];
+        /* An engine's filter order has a row kernel of its own. */
+        const int row_kernel = call->description.filter_order == PSM_FILTER_ORDER_POLYSAMPLE
+                                   ? KERNEL_ROW_FILTER
+                                   : KERNEL_ROW_ORDERS;
+        kernel = state->kernels[row_kernel];
         PSM_TRY(set_request_args(call, kernel, &index));
         PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_KEY]));
         PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_INFO]));
         PSM_TRY(SET_MEM(kernel, &index, part[PART_ROW_STATE]));
-        PSM_TRY(set_arg(kernel, &index, call->list_bytes, NULL));
-        PSM_TRY(enqueue(state, kernel, 1, (size_t)call->rows,
-                        opencl_kernel_names[KERNEL_ROW_FILTER]));
+        if (row_kernel == KERNEL_ROW_FILTER) /* its row cache or candidate list */
+            PSM_TRY(set_arg(kernel, &index, call->list_bytes, NULL));
+        PSM_TRY(enqueue(state, kernel, 1, (size_t)call->rows, opencl_kernel_names[row_kernel]));
 
         kernel = state->kernels[KERNEL_TILE_FILTER];
         PSM_TRY(set_request_args(call, kernel, &index));

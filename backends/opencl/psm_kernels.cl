@@ -42,7 +42,12 @@
  *                    radix level until the tokens still needed fit and once
  *                    more to collect them (psm_radix_collect). The search
  *                    ends on that list.
- *   psm_tile_filter  a team per tile of rows psm_row_filter filtered:
+ *   psm_row_orders   a group per row, instead of the two kernels above when
+ *                    the call's filter order is an engine's: the cutoff and
+ *                    min-p weight of kernels/psm_stage_orders.h (shared with
+ *                    CUDA and HIP) over the row in global memory.
+ *   psm_tile_filter  a team per tile of rows psm_row_filter or
+ *                    psm_row_orders filtered:
  *                    (m_t, S_t) over the kept tokens.
  *   psm_row_combine  a team per row: status, M, T_t, the inclusive prefix of
  *                    T_t over tiles and the row total.
@@ -93,6 +98,9 @@
 #endif
 #ifndef PSM_STAGE_LISTS_H
 #include "psm_stage_lists.h"
+#endif
+#ifndef PSM_STAGE_ORDERS_H
+#include "psm_stage_orders.h"
 #endif
 
 /* This compiler lays the host's structs out as the host does (see
@@ -392,6 +400,8 @@ struct psm_reader {
     int dtype;
     int kind;
     int count;                   /* the row's tokens, or the list's keys */
+    int survivors_only;          /* psm_survivors_of's reader: a token that fails */
+    psm_kept_rule survivors;     /* this test reads as no candidate */
 };
 
 PSM_LOCAL_FN long psm_reader_count(const psm_reader *reader)
@@ -411,7 +421,21 @@ PSM_LOCAL_FN ulong psm_reader_key(const psm_reader *reader, long i, float *x)
     *x = reader->kind == PSM_SOURCE_CACHE
              ? reader->cache[i]
              : psm_load_candidate(reader->logits, reader->dtype, reader->base + i);
-    return psm_is_valid(*x) ? psm_rank_key(*x, (uint)i) : 0;
+    if (!psm_is_valid(*x) ||
+        (reader->survivors_only && !psm_token_kept(reader->survivors, *x, (uint)i)))
+        return 0;
+    return psm_rank_key(*x, (uint)i);
+}
+
+/* The reader of the same tokens that pass `test`, or with active 0 of none
+ * (kernels/psm_portable.h). */
+PSM_LOCAL_FN psm_reader psm_survivors_of(const psm_reader *row, psm_kept_rule test, int active)
+{
+    psm_reader survivors = *row;
+    survivors.count = active ? row->count : 0;
+    survivors.survivors_only = 1;
+    survivors.survivors = test;
+    return survivors;
 }
 
 /* A cutoff of psm_radix_select over this reader as a cutoff over the row.
@@ -903,6 +927,7 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global cons
     source.dtype = request.dtype;
     source.kind = PSM_SOURCE_GLOBAL;
     source.count = request.vocab;
+    source.survivors_only = 0;
     if (request.use_row_cache) {
         for (int i = lid; i < request.vocab; i += PSM_WG)
             row_cache[i] = psm_load_candidate(logits, request.dtype, source.base + i);
@@ -966,11 +991,68 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global cons
     }
 }
 
+/* ---- kernel 2b: an engine's filter order ---------------------------------- */
+
+/* A group per row, instead of psm_row_top_k and psm_row_filter when the
+ * call's filter order is an engine's (psm_params.filter_order): the cutoff
+ * key and min-p weight of psm_stage_orders (kernels/psm_stage_orders.h,
+ * shared with CUDA and HIP), searched over the row in global memory, for
+ * psm_tile_filter. A kernel of its own, so that the row filter's code and
+ * its compile time stay as they were. A row that does not filter passes
+ * the barriers with every filter off, reading nothing. */
+__kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
+psm_row_orders(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const uint *tile_info,
+               __global psm_row_state *state)
+{
+    __local psm_group_scratch group;
+    __local ulong scratch_counts[PSM_WG];
+    __local psm_radix_scratch radix;
+    const uint row = get_group_id(1);
+    const psm_row_params p = PSM_RESOLVE_ROW(row);
+    const psm_row_summary summary =
+        psm_summarise_row(tile_key, tile_info, (long)row * request.tiles, request.tiles,
+                          get_local_id(0), PSM_WG, group.posts, scratch_counts);
+    /* Every item has read the summary's posts: group is free again. */
+    barrier(CLK_LOCAL_MEM_FENCE);
+    const int filtered = psm_row_status(&p, &summary) == PSM_ROW_SAMPLE &&
+                         psm_may_filter(p.top_k, p.top_p, p.min_p, summary.valid);
+
+    psm_reader source;
+    source.logits = logits;
+    source.cache = 0;
+    source.list = 0;
+    source.base = PSM_ROW_BASE(p);
+    source.dtype = request.dtype;
+    source.kind = PSM_SOURCE_GLOBAL;
+    source.count = filtered ? request.vocab : 0;
+    source.survivors_only = 0;
+    const psm_order_row filters = {.row_max = summary.maximum,
+                                   .scale = psm_inverse_temperature_scale(p.temperature),
+                                   .weight_bits = psm_weight_bits(request.vocab),
+                                   .valid = summary.valid,
+                                   .top_k = filtered ? p.top_k : 0,
+                                   .top_p = filtered ? p.top_p : 1.0f,
+                                   .min_p = filtered ? p.min_p : 0.0f};
+    const psm_kept_rule test = psm_order_candidates(request.filter_order, filters);
+    const psm_reader candidates = psm_survivors_of(&source, test, 1);
+    const psm_reader no_candidates = psm_survivors_of(&source, test, 0);
+    const psm_kept_rule kept =
+        psm_stage_orders(psm_team_of_item(), &source, &candidates, &no_candidates,
+                         request.filter_order, filters, &radix, &group);
+    if (get_local_id(0) == 0) {
+        state[row].maximum = summary.maximum;
+        state[row].filtered = filtered ? PSM_FILTER_SCAN : PSM_FILTER_NONE;
+        state[row].cutoff = kept.cutoff;
+        state[row].min_weight = kept.min_weight;
+    }
+}
+
 /* ---- kernel 3: tile masses over the kept tokens --------------------------- */
 
-/* One team per tile of the rows psm_row_filter filtered: (m_t, S_t) over
- * the kept tokens, the stage of kernels/psm_stage_draw.h; two barriers per
- * group. A tile that keeps nothing gets m_t -inf and S_t 0. */
+/* One team per tile of the rows psm_row_filter (or psm_row_orders)
+ * filtered: (m_t, S_t) over the kept tokens, the stage of
+ * kernels/psm_stage_draw.h; two barriers per group. A tile that keeps
+ * nothing gets m_t -inf and S_t 0. */
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_tile_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key,
                 __global const psm_row_state *state, __global float *tile_ref,

@@ -38,7 +38,7 @@ typedef struct psm_opencl_request {
     psm_i32 top_k_list_capacity; /* psm_row_top_k's list, in keys */
     psm_i32 use_row_cache;   /* psm_row_filter keeps the row in local memory */
     psm_i32 list_capacity;   /* else its candidate list, in keys (0: none) */
-    psm_i32 pad;             /* the size a multiple of 8 */
+    psm_i32 filter_order;    /* psm_params.filter_order: PSM_ORDER_* (kernels/psm_stage_orders.h) */
 } psm_opencl_request;
 
 #define PSM_OPENCL_REQUEST_BYTES 112

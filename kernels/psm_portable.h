@@ -679,6 +679,32 @@ PSM_LOCAL_FN psm_team_reached psm_team_reach(PSM_TEAM_TYPE team, psm_u64 value, 
     reached.lane = lanes.first_lane_where(inclusive >= need);
     reached.total = lanes.exchange_from(inclusive, PSM_TEAM - 1);
     return reached;
+}
+
+PSM_STAGE_END
+
+#else /* OpenCL */
+#define PSM_TEAM_MAY_EXIT 0
+
+PSM_LOCAL_FN psm_team_reached psm_team_reach(psm_team team, ulong value, ulong need,
+                                             __local ulong *posts)
+{
+    __local const ulong *mine = posts + (get_local_id(0) - (uint)team.lane);
+    psm_team_reached reached;
+    reached.lane = -1;
+    ulong running = 0;
+    for (int j = 0; j < PSM_TEAM; ++j) {
+        running += mine[j];
+        if (reached.lane < 0 && running >= need)
+            reached.lane = j;
+    }
+    reached.total = running;
+    (void)value; /* among the posts */
+    return reached;
+}
+
+#endif
+
 /* ---- a reader of min-p's survivors (the engines' filter orders) ---------
  * vLLM's order takes top-k and top-p over the tokens that pass min-p
  * (docs/SAMPLING.md section 4, "Filter orders"), so the selection stage
@@ -731,24 +757,6 @@ PSM_DEVICE_FN psm_u64 psm_reader_key(const psm_survivor_reader<Row> *reader, psm
 PSM_STAGE_END
 
 #else /* OpenCL */
-#define PSM_TEAM_MAY_EXIT 0
-
-PSM_LOCAL_FN psm_team_reached psm_team_reach(psm_team team, ulong value, ulong need,
-                                             __local ulong *posts)
-{
-    __local const ulong *mine = posts + (get_local_id(0) - (uint)team.lane);
-    psm_team_reached reached;
-    reached.lane = -1;
-    ulong running = 0;
-    for (int j = 0; j < PSM_TEAM; ++j) {
-        running += mine[j];
-        if (reached.lane < 0 && running >= need)
-            reached.lane = j;
-    }
-    reached.total = running;
-    (void)value; /* among the posts */
-    return reached;
-}
 
 #define PSM_SURVIVOR_READER psm_reader
 PSM_LOCAL_FN psm_reader psm_survivors_of(const psm_reader *row, psm_kept_rule test, int active);

@@ -20,7 +20,7 @@ CPU backend, CUDA tensors on CUDA (ROCm on HIP). backend="auto" applies the
 C library's AUTO rule (POLYSAMPLE_BACKEND, else CUDA, HIP, OpenCL, CPU);
 "cpu", "cuda", "hip", "opencl", optionally with ":N", name one.
 
-filter_order picks another engine's filter order and rules (CPU backend).
+filter_order picks another engine's filter order and rules (every backend).
 verify() checks a speculative decoder's drafted tokens against the target's
 logits (docs/SAMPLING.md section 7; CPU backend) and returns a VerifyResult.
 

@@ -72,8 +72,7 @@ pub struct Params<'a> {
 
 /// Whose order and rules the filters follow (docs/SAMPLING.md, section 4,
 /// "Filter orders"). Every order is exact and draws at the row's
-/// temperature; only the CPU backend runs orders other than `Polysample`
-/// (the others return [`Status::Unsupported`](crate::Status)).
+/// temperature, on every backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FilterOrder {
     /// Temperature, top-k, top-p over the top-k set, min-p.

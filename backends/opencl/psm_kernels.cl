@@ -49,6 +49,8 @@
  *   psm_draw         a team per (sample, row): picks the tile by binary
  *                    search of the prefix, then the token within the tile.
  *   psm_probs        a team per tile: the final distribution.
+ *   psm_top_logprobs a group per row, after psm_draw, only for calls with
+ *                    top_logprobs: kernels/psm_stage_top_logprobs.h.
  * psm_tile_filter, psm_draw and psm_probs are the stages of
  * kernels/psm_stage_draw.h (shared with CUDA and HIP), with the kept test
  * of core/psm_row.h.

@@ -6,13 +6,13 @@
  * are known:
  *   psm_top_raw_scan      raw mode only: each tile's best valid rank key, M
  *                         and Z (two reads of the row);
- *   psm_top_best_tiles    the N tiles with the largest best keys, in
+ *   psm_top_best_keys     the N tiles with the largest best keys, in
  *                         decreasing order: the N best candidates lie in
  *                         them (each of the N holds a candidate above every
- *                         token of the other tiles);
- *   psm_top_best_keys     the N best candidate keys, from those tiles only,
- *                         most probable tiles first, so that a tile whose
- *                         best key cannot enter the full list is not read;
+ *                         token of the other tiles); then the N best
+ *                         candidate keys, from those tiles only, most
+ *                         probable tiles first, so that a tile whose best
+ *                         key cannot enter the full list is not read;
  *   psm_top_write_list    the tokens and logprobs;
  *   psm_top_write_ranks   each drawn token's rank: from the list when it
  *                         is in it, else 1 + the candidates above it,
@@ -38,6 +38,9 @@
 #ifndef PSM_PORTABLE_H /* the OpenCL program has it already */
 #include "psm_portable.h"
 #endif
+#ifndef PSM_STAGE_DRAW_H /* psm_tile_share and a token's probability */
+#include "psm_stage_draw.h"
+#endif
 
 /* The longest list (polysample.h's PSM_MAX_TOP_LOGPROBS; each backend
  * checks they agree). */
@@ -54,8 +57,9 @@ PSM_STAGE_BEGIN
 
 /* The stage's group-shared memory (declared by the entry). */
 typedef struct psm_top_scratch {
-    psm_u64 list[2][PSM_TOP_LIST_MAX]; /* the list and the merge's output, in turn */
-    psm_u64 tiles[PSM_TOP_LIST_MAX];   /* psm_top_best_tiles' keys */
+    /* The list and the merge's output, in turn: 0 and 1 for the best tiles,
+     * 2 and 3 for the best candidates (psm_top_best_keys). */
+    psm_u64 list[4][PSM_TOP_LIST_MAX];
     psm_u64 staged[PSM_TOP_GROUP_ITEMS];
     psm_u32 staged_count[2];           /* by round parity */
     psm_group_scratch group;
@@ -159,7 +163,7 @@ PSM_LOCAL_FN void psm_top_offer(psm_top_list *list, psm_u64 key, int count,
         scratch->staged_count[1 - parity] = 0;
     if (staged > 0) {
         PSM_LOCAL const psm_u64 *old = scratch->list[list->current];
-        PSM_LOCAL psm_u64 *merged = scratch->list[1 - list->current];
+        PSM_LOCAL psm_u64 *merged = scratch->list[list->current ^ 1];
         const int pooled = list->size + staged;
         for (int u = item; u < pooled; u += items) {
             const psm_u64 mine = u < list->size ? old[u] : scratch->staged[u - list->size];
@@ -172,7 +176,7 @@ PSM_LOCAL_FN void psm_top_offer(psm_top_list *list, psm_u64 key, int count,
                 merged[rank] = mine;
         }
         list->size = pooled < count ? pooled : count;
-        list->current = 1 - list->current;
+        list->current ^= 1;
     }
     psm_group_barrier();
     list->round += 1;
@@ -229,44 +233,85 @@ PSM_LOCAL_FN psm_top_raw psm_top_raw_scan(PSM_TEAM_TYPE team, const psm_top_row 
 
 /* ---- the list of a row --------------------------------------------------------- */
 
-/* scratch->tiles[0 .. returned) = the largest tile keys (at most row->count),
- * in decreasing order. */
-PSM_LOCAL_FN int psm_top_best_tiles(const psm_top_row *row, PSM_GLOBAL const psm_u64 *tile_key,
-                                    PSM_LOCAL psm_top_scratch *scratch)
+/* Where psm_top_best_keys' rounds are: the same on every item. */
+typedef struct psm_top_walk {
+    int reading_tiles; /* 1: the tiles' keys; 0: the best tiles' tokens */
+    int next;          /* the next round's first tile, or token of the tile */
+    int chosen;        /* the best tiles, once they are known */
+    int tiles_array;   /* the list array that holds them */
+    int tile;          /* the best tile being read: its place among them */
+    int more;          /* a round is left */
+} psm_top_walk;
+
+/* Moves the walk to its next round: from the tiles to their tokens when the
+ * tiles are done (the list then starts again in list[2]), and past the
+ * tiles that are done or whose best key is at or below the full list's
+ * last (the later ones' keys are lower still, and are passed too). */
+PSM_LOCAL_FN void psm_top_advance(psm_top_walk *walk, psm_top_list *list, const psm_top_row *row,
+                                  PSM_LOCAL const psm_top_scratch *scratch)
 {
-    const int item = psm_group_item(), items = psm_group_size();
-    psm_top_list list = psm_top_begin(scratch);
-    for (psm_i32 base = 0; base < row->tiles; base += items) {
-        const psm_i32 tile = base + item;
-        psm_top_offer(&list, tile < row->tiles ? tile_key[tile] : 0, row->count, scratch);
+    if (walk->reading_tiles && walk->next >= row->tiles) {
+        walk->reading_tiles = 0;
+        walk->chosen = list->size;
+        walk->tiles_array = list->current;
+        list->size = 0;
+        list->current = 2;
+        walk->next = 0;
     }
-    for (int e = item; e < list.size; e += items)
-        scratch->tiles[e] = scratch->list[list.current][e];
-    psm_group_barrier();
-    return list.size;
+    if (!walk->reading_tiles) {
+        PSM_LOCAL const psm_u64 *tiles = scratch->list[walk->tiles_array];
+        const psm_u64 floor = psm_top_floor(list, row->count, scratch);
+        while (walk->tile < walk->chosen &&
+               (tiles[walk->tile] <= floor ||
+                walk->next >= psm_top_tile_count(row, psm_rank_key_token(tiles[walk->tile]) /
+                                                          PSM_TILE))) {
+            ++walk->tile;
+            walk->next = 0;
+        }
+    }
+    walk->more = walk->reading_tiles || walk->tile < walk->chosen;
 }
 
 /* The row's best candidates, scratch->list[returned.current][0 ..
- * returned.size), decreasing: the candidates of the chosen tiles, a tile
- * at a time in decreasing order of its best key, a round per group-size
- * run of its tokens; the tiles after one whose best key is at or below the
- * full list's last are not read (their rounds have no tokens). */
-PSM_LOCAL_FN psm_top_list psm_top_best_keys(const psm_top_row *row, int chosen_tiles,
+ * returned.size), decreasing, in one loop of rounds (so that the merge is
+ * compiled once: PoCL's compile time grows with every copy of code between
+ * barriers):
+ * - first the tiles: a round offers group-size tile keys, and the list that
+ *   ends this phase (in list[0] or list[1]) holds the best tiles, in
+ *   decreasing order;
+ * - then their candidates, in list[2] and list[3]: a tile at a time in
+ *   that order, a round per group-size run of its tokens, skipping what
+ *   psm_top_advance skips.
+ * Every item takes the same decisions from the same values, so the loop
+ * ends on all of them at once (by its condition: no early exit around the
+ * barriers). */
+PSM_LOCAL_FN psm_top_list psm_top_best_keys(const psm_top_row *row,
+                                            PSM_GLOBAL const psm_u64 *tile_key,
                                             PSM_LOCAL psm_top_scratch *scratch)
 {
     const int item = psm_group_item(), items = psm_group_size();
     psm_top_list list = psm_top_begin(scratch);
-    for (int c = 0; c < chosen_tiles; ++c) {
-        const psm_u64 bound = scratch->tiles[c];
-        const psm_i64 tile = (psm_i64)(psm_rank_key_token(bound) / PSM_TILE);
-        const int count =
-            bound > psm_top_floor(&list, row->count, scratch) ? psm_top_tile_count(row, tile) : 0;
-        for (int s = 0; s < count; s += items) {
-            const int offset = s + item;
-            const psm_u64 key =
-                offset < count ? psm_top_candidate_key(row, tile * PSM_TILE + offset) : 0;
-            psm_top_offer(&list, key, row->count, scratch);
+    psm_top_walk walk;
+    walk.reading_tiles = 1;
+    walk.next = 0;
+    walk.chosen = 0;
+    walk.tiles_array = 0;
+    walk.tile = 0;
+    psm_top_advance(&walk, &list, row, scratch);
+    while (walk.more) {
+        const int offset = walk.next + item;
+        psm_u64 key = 0;
+        if (walk.reading_tiles) {
+            key = offset < row->tiles ? tile_key[offset] : 0;
+        } else {
+            const psm_i64 tile =
+                psm_rank_key_token(scratch->list[walk.tiles_array][walk.tile]) / PSM_TILE;
+            if (offset < psm_top_tile_count(row, tile))
+                key = psm_top_candidate_key(row, tile * PSM_TILE + offset);
         }
+        walk.next += items;
+        psm_top_offer(&list, key, row->count, scratch);
+        psm_top_advance(&walk, &list, row, scratch);
     }
     return list;
 }
@@ -387,8 +432,7 @@ PSM_LOCAL_FN void psm_stage_top_logprobs(PSM_TEAM_TYPE team, psm_top_row row, in
     const psm_top_raw raw = psm_top_raw_scan(team, &row, raw_mode, tile_key, &scratch->group);
     if (raw_mode)
         row.rule.row_max = raw.row_max;
-    const int chosen = psm_top_best_tiles(&row, tile_key, scratch);
-    const psm_top_list list = psm_top_best_keys(&row, chosen, scratch);
+    const psm_top_list list = psm_top_best_keys(&row, tile_key, scratch);
     psm_top_write_list(&row, list, raw_mode, raw, tile_key, masses, scratch, out);
     psm_top_write_ranks(team, &row, list, tile_key, scratch, out);
 }

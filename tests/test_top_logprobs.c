@@ -152,6 +152,17 @@ static void raw_expectation(const float *row, int64_t vocab, int *candidate, dou
     }
 }
 
+/* The processed mode's expectation of a row from psm_probs' row: the
+ * tokens of positive probability are the candidates, with its log. */
+static void processed_expectation(const float *probs, int64_t vocab, int *candidate,
+                                  double *expected)
+{
+    for (int64_t i = 0; i < vocab; ++i) {
+        candidate[i] = probs[i] > 0.0f;
+        expected[i] = log((double)probs[i]);
+    }
+}
+
 PSM_PROPERTY(processed_top_logprobs_follow_the_kept_set)
 {
     const int64_t rows = 5, vocab = 1500;
@@ -186,10 +197,7 @@ PSM_PROPERTY(processed_top_logprobs_follow_the_kept_set)
             break;
         }
         for (int64_t r = 0; r < rows; ++r) {
-            for (int64_t i = 0; i < vocab; ++i) {
-                candidate[i] = probs[r * vocab + i] > 0.0f;
-                expected[i] = log((double)probs[r * vocab + i]);
-            }
+            processed_expectation(probs + r * vocab, vocab, candidate, expected);
             char label[64];
             snprintf(label, sizeof label, "setting %zu row %lld", s, (long long)r);
             check_row(label, logits + r * vocab, vocab, candidate, expected,
@@ -303,6 +311,51 @@ done:
     free(probs);
     free(candidate);
     free(expected);
+}
+
+/* A row of more tiles than a group has items (so that choosing the best
+ * tiles takes several rounds) and N = 64, with ties on a grid of 0.25
+ * across tiles, in both modes; min-p keeps tokens by their own weight. */
+PSM_PROPERTY(many_tiles_and_the_longest_list)
+{
+    const int64_t rows = 1, vocab = 300000;
+    const int32_t samples = 8, count = PSM_MAX_TOP_LOGPROBS;
+    float *logits = make_rows(rows, vocab, 0x70907);
+    /* psm_probs' row, then each mode's candidates and logprobs */
+    float *probs = psm_test_alloc((size_t)vocab, sizeof(float));
+    int *candidate = psm_test_alloc((size_t)vocab, sizeof(int));
+    double *expected = psm_test_alloc((size_t)vocab, sizeof(double));
+    psm_context *context = psm_test_open(backend);
+    psm_params params;
+    psm_params_init(&params);
+    params.temperature = 0.9f;
+    params.min_p = 1e-6f;
+    params.num_samples = samples;
+    params.seed = 0x70908;
+    PSM_CHECK_OK(psm_test_probs_f32(context, logits, rows, vocab, &params, probs));
+    PSM_CHECK_OK(psm_synchronize(context));
+    for (int mode = 0; mode < 2; ++mode) {
+        outputs out = make_outputs(rows, samples, count);
+        psm_top_logprobs top = {.count = count,
+                                .mode = mode ? PSM_LOGPROBS_RAW : PSM_LOGPROBS_PROCESSED};
+        if (!sample_with_top(context, backend, "many_tiles_and_the_longest_list", logits, rows,
+                             vocab, &params, &top, &out)) {
+            free_outputs(&out);
+            break;
+        }
+        if (mode)
+            raw_expectation(logits, vocab, candidate, expected);
+        else
+            processed_expectation(probs, vocab, candidate, expected);
+        check_row(mode ? "raw" : "processed", logits, vocab, candidate, expected, out.top_tokens,
+                  out.top_logprobs, count, out.tokens, out.ranks, samples);
+        free_outputs(&out);
+    }
+    free(expected);
+    free(candidate);
+    free(probs);
+    free(logits);
+    psm_context_destroy(context);
 }
 
 /* Greedy rows: a point mass in the processed mode; bad rows: -1 and NaN. */
@@ -574,10 +627,7 @@ PSM_PROPERTY(top_logprobs_with_processing_a_gather_and_device_memory)
                 memcpy(row, given, GATHER_VOCAB * sizeof(float));
             } else {
                 processed_row(&call, r, row);
-                for (int64_t i = 0; i < GATHER_VOCAB; ++i) {
-                    candidate[i] = probs[r * GATHER_VOCAB + i] > 0.0f;
-                    expected[i] = log((double)probs[r * GATHER_VOCAB + i]);
-                }
+                processed_expectation(probs + r * GATHER_VOCAB, GATHER_VOCAB, candidate, expected);
             }
             char label[64];
             snprintf(label, sizeof label, "mode %d, output row %d", mode, r);
@@ -617,6 +667,7 @@ int main(void)
     psm_test_register_property(processed_top_logprobs_follow_the_kept_set);
     psm_test_register_property(raw_top_logprobs_are_the_log_softmax_as_given);
     psm_test_register_property(greedy_and_bad_rows);
+    psm_test_register_property(many_tiles_and_the_longest_list);
     psm_test_register_property(ranks_of_few_samples_below_the_top);
     psm_test_register_property(top_logprobs_with_processing_a_gather_and_device_memory);
     return psm_test_run("test_top_logprobs");

@@ -120,7 +120,7 @@ struct psm_gpu_state {
     void *staged_processing;
     size_t staged_processing_bytes;
     /* top-N logprobs: the rows' filter values, the raw mode's tile keys and
-     * the stagings of host outputs (top_layout) */
+     * the stagings of host outputs (place_top_logprobs) */
     void *top;
     size_t top_bytes;
 };
@@ -544,7 +544,7 @@ struct call_memory {
     void *outputs;     /* staging for host outputs */
     void *processed;   /* logit processing: processed rows, then counts */
     void *processing;  /* staging for host processing arrays */
-    void *top;         /* top-N logprobs: top_layout's parts */
+    void *top;         /* top-N logprobs: place_top_logprobs' parts */
 };
 
 void carve_workspace(void *workspace, const call_plan &plan, call_memory *memory)
@@ -772,7 +772,7 @@ psm_status run_processing(psm_gpu_state *state, const psm_request *request,
     return PSM_OK;
 }
 
-/* The top-N call's buffers, top_layout: the rows' filter values, the raw
+/* The top-N call's buffers: the rows' filter values, the raw
  * mode's tile keys, then the stagings of host outputs, each from a
  * workspace_alignment boundary of `top` (the call's top part). Where the
  * mode reads its logits is set by launch, before logit processing. */

@@ -26,11 +26,14 @@
  * its first token (CUDA's kept tile keys): that orders tiles as their true
  * best keys do, since tiles hold disjoint runs of tokens.
  *
- * The list is built in rounds of one candidate per item: items whose key
- * is above the list's last key (when the list is full) stage it, and the
- * group merges the staged keys into the list by counting ranks (keys are
- * unique, so a key's rank is the number of larger ones). Two barriers per
- * round; a round where no item stages costs no merge.
+ * The list is built in rounds of PSM_TILE keys (a tile's tokens, or that
+ * many tiles' keys), PSM_TILE / group size per item (the group has at most
+ * PSM_TILE items, a power of two): keys above the list's last key (when the
+ * list is full), and for tokens at least the least key the best tiles
+ * guarantee, are staged, and the group merges them into the list by
+ * counting ranks (keys are unique, so a key's rank is the number of larger
+ * ones). Two barriers per round; a round where no item stages costs no
+ * merge.
  */
 #ifndef PSM_STAGE_TOP_LOGPROBS_H
 #define PSM_STAGE_TOP_LOGPROBS_H
@@ -46,13 +49,6 @@
  * checks they agree). */
 #define PSM_TOP_LIST_MAX 64
 
-/* The most items a group may have: a round stages at most one key each. */
-#if PSM_PLATFORM_OPENCL
-#define PSM_TOP_GROUP_ITEMS PSM_WG
-#else
-#define PSM_TOP_GROUP_ITEMS 256
-#endif
-
 PSM_STAGE_BEGIN
 
 /* The stage's group-shared memory (declared by the entry). */
@@ -60,7 +56,7 @@ typedef struct psm_top_scratch {
     /* The list and the merge's output, in turn: 0 and 1 for the best tiles,
      * 2 and 3 for the best candidates (psm_top_best_keys). */
     psm_u64 list[4][PSM_TOP_LIST_MAX];
-    psm_u64 staged[PSM_TOP_GROUP_ITEMS];
+    psm_u64 staged[PSM_TILE]; /* a round's keys: a tile's worth at most */
     psm_u32 staged_count[2];           /* by round parity */
     psm_group_scratch group;
 } psm_top_scratch;
@@ -144,19 +140,25 @@ PSM_LOCAL_FN psm_u64 psm_top_floor(const psm_top_list *list, int count,
     return list->size == count ? scratch->list[list->current][count - 1] : 0;
 }
 
-/* One round: each item offers one key (0: none). Staged keys and the list
- * are merged into the other list array, each key written at its rank among
- * them when that is below count. The counter of the next round is cleared
- * after this round's barrier, when every item has read the previous use. */
-PSM_LOCAL_FN void psm_top_offer(psm_top_list *list, psm_u64 key, int count,
+/* Stages a key of this round when it is above `threshold` (the list's
+ * floor, or more): no barrier. */
+PSM_LOCAL_FN void psm_top_stage(const psm_top_list *list, psm_u64 key, psm_u64 threshold,
                                 PSM_LOCAL psm_top_scratch *scratch)
+{
+    if (key > threshold) {
+        const psm_u32 slot = psm_local_add_u32(&scratch->staged_count[list->round & 1], 1u);
+        scratch->staged[slot] = key;
+    }
+}
+
+/* Ends a round: the staged keys and the list are merged into the other list
+ * array, each key written at its rank among them when that is below count.
+ * The counter of the next round is cleared after this round's barrier, when
+ * every item has read its previous use. */
+PSM_LOCAL_FN void psm_top_merge(psm_top_list *list, int count, PSM_LOCAL psm_top_scratch *scratch)
 {
     const int item = psm_group_item(), items = psm_group_size();
     const int parity = list->round & 1;
-    if (key > psm_top_floor(list, count, scratch)) {
-        const psm_u32 slot = psm_local_add_u32(&scratch->staged_count[parity], 1u);
-        scratch->staged[slot] = key;
-    }
     psm_group_barrier();
     const int staged = (int)scratch->staged_count[parity];
     if (item == 0)
@@ -240,13 +242,18 @@ typedef struct psm_top_walk {
     int chosen;        /* the best tiles, once they are known */
     int tiles_array;   /* the list array that holds them */
     int tile;          /* the best tile being read: its place among them */
+    psm_u64 least;     /* the tokens' rounds: a best-N key is at least this */
     int more;          /* a round is left */
 } psm_top_walk;
 
 /* Moves the walk to its next round: from the tiles to their tokens when the
  * tiles are done (the list then starts again in list[2]), and past the
  * tiles that are done or whose best key is at or below the full list's
- * last (the later ones' keys are lower still, and are passed too). */
+ * last (the later ones' keys are lower still, and are passed too). With N
+ * best tiles, each holds a candidate of at least its key's logit, so the N
+ * best candidates' keys are at least the least key of the N-th tile's
+ * logit (psm_rank_key_tie_floor: a tile's key may carry its first token
+ * instead of its best token's). */
 PSM_LOCAL_FN void psm_top_advance(psm_top_walk *walk, psm_top_list *list, const psm_top_row *row,
                                   PSM_LOCAL const psm_top_scratch *scratch)
 {
@@ -254,6 +261,9 @@ PSM_LOCAL_FN void psm_top_advance(psm_top_walk *walk, psm_top_list *list, const 
         walk->reading_tiles = 0;
         walk->chosen = list->size;
         walk->tiles_array = list->current;
+        walk->least = list->size == row->count
+                          ? psm_rank_key_tie_floor(scratch->list[list->current][row->count - 1])
+                          : 0;
         list->size = 0;
         list->current = 2;
         walk->next = 0;
@@ -276,12 +286,11 @@ PSM_LOCAL_FN void psm_top_advance(psm_top_walk *walk, psm_top_list *list, const 
  * returned.size), decreasing, in one loop of rounds (so that the merge is
  * compiled once: PoCL's compile time grows with every copy of code between
  * barriers):
- * - first the tiles: a round offers group-size tile keys, and the list that
+ * - first the tiles: a round offers PSM_TILE tile keys, and the list that
  *   ends this phase (in list[0] or list[1]) holds the best tiles, in
  *   decreasing order;
- * - then their candidates, in list[2] and list[3]: a tile at a time in
- *   that order, a round per group-size run of its tokens, skipping what
- *   psm_top_advance skips.
+ * - then their candidates, in list[2] and list[3]: a round per tile, in
+ *   that order, skipping what psm_top_advance skips.
  * Every item takes the same decisions from the same values, so the loop
  * ends on all of them at once (by its condition: no early exit around the
  * barriers). */
@@ -290,6 +299,7 @@ PSM_LOCAL_FN psm_top_list psm_top_best_keys(const psm_top_row *row,
                                             PSM_LOCAL psm_top_scratch *scratch)
 {
     const int item = psm_group_item(), items = psm_group_size();
+    const int per_item = PSM_TILE / items;
     psm_top_list list = psm_top_begin(scratch);
     psm_top_walk walk;
     walk.reading_tiles = 1;
@@ -297,20 +307,30 @@ PSM_LOCAL_FN psm_top_list psm_top_best_keys(const psm_top_row *row,
     walk.chosen = 0;
     walk.tiles_array = 0;
     walk.tile = 0;
+    walk.least = 0;
     psm_top_advance(&walk, &list, row, scratch);
     while (walk.more) {
-        const int offset = walk.next + item;
-        psm_u64 key = 0;
+        const psm_u64 floor = psm_top_floor(&list, row->count, scratch);
         if (walk.reading_tiles) {
-            key = offset < row->tiles ? tile_key[offset] : 0;
+            for (int j = 0; j < per_item; ++j) {
+                const int tile = walk.next + j * items + item;
+                psm_top_stage(&list, tile < row->tiles ? tile_key[tile] : 0, floor, scratch);
+            }
         } else {
+            const psm_u64 threshold =
+                walk.least > 0 && walk.least - 1 > floor ? walk.least - 1 : floor;
             const psm_i64 tile =
                 psm_rank_key_token(scratch->list[walk.tiles_array][walk.tile]) / PSM_TILE;
-            if (offset < psm_top_tile_count(row, tile))
-                key = psm_top_candidate_key(row, tile * PSM_TILE + offset);
+            const int count = psm_top_tile_count(row, tile);
+            for (int j = 0; j < per_item; ++j) {
+                const int offset = j * items + item;
+                if (offset < count)
+                    psm_top_stage(&list, psm_top_candidate_key(row, tile * PSM_TILE + offset),
+                                  threshold, scratch);
+            }
         }
-        walk.next += items;
-        psm_top_offer(&list, key, row->count, scratch);
+        walk.next += PSM_TILE;
+        psm_top_merge(&list, row->count, scratch);
         psm_top_advance(&walk, &list, row, scratch);
     }
     return list;

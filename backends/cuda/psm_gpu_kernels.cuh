@@ -1097,10 +1097,11 @@ PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_ROW_THREADS, PSM_GPU_ROW_BLOCKS_PE
 /* ---- launch 3 (top_logprobs only): top-N logprobs ------------------------ */
 
 /* Threads of the top-N kernel's blocks (one row per block): a round of the
- * stage's list takes one token per thread. */
+ * stage's list takes a tile, PSM_TILE / PSM_GPU_TOP_THREADS tokens a
+ * thread. */
 #define PSM_GPU_TOP_THREADS 128
-static_assert(PSM_GPU_TOP_THREADS <= PSM_TOP_GROUP_ITEMS,
-              "a round of the top-N stage stages one key per thread");
+static_assert(PSM_TILE % PSM_GPU_TOP_THREADS == 0,
+              "a round of the top-N stage spreads a tile evenly over the threads");
 static_assert(PSM_TOP_LIST_MAX == PSM_MAX_TOP_LOGPROBS,
               "the top-N stage's lists hold PSM_MAX_TOP_LOGPROBS entries");
 

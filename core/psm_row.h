@@ -280,4 +280,36 @@ PSM_FN int psm_tile_may_keep(psm_kept_rule rule, psm_u64 tile_key)
            psm_unclamped_gap(rule.row_max, psm_rank_key_logit(tile_key), rule.scale) < rule.drop_gap;
 }
 
+/* ---- log-probabilities (SAMPLING.md sections 5 and 6) ---------------------
+ * Every backend writes a token's logprob with these, in float64, so that the
+ * CPU backend and the GPUs round the same double (their log functions may
+ * still differ in the last bit of the double, which the float hides but
+ * rarely). OpenCL devices without cl_khr_fp64 have neither; the GPU stages
+ * compute in float there (kernels/psm_portable.h's PSM_HAVE_FP64). */
+#if PSM_PLATFORM_OPENCL && defined(cl_khr_fp64)
+#pragma OPENCL EXTENSION cl_khr_fp64 : enable
+#endif
+#if !PSM_PLATFORM_OPENCL || defined(cl_khr_fp64)
+#if !PSM_PLATFORM_OPENCL && !PSM_PLATFORM_GPU_CXX
+#include <math.h>
+#endif
+
+/* ln((w / S_t) x (T_t / total)), a kept token's probability, as a sum of
+ * logs: a small probability keeps its digits. */
+PSM_FN float psm_log_probability(psm_u64 weight, psm_u64 tile_mass, psm_u64 tile_rescaled,
+                                 psm_u64 total)
+{
+    return (float)(log((double)weight) - log((double)tile_mass) + log((double)tile_rescaled) -
+                   log((double)total));
+}
+
+/* The raw mode's log-softmax of logit x: (x - M) - (ln Z - B ln 2), with Z
+ * the row's total weight against M at temperature 1 and B its weight bits. */
+PSM_FN float psm_raw_log_probability(float x, float row_max, psm_u64 total, int weight_bits)
+{
+    const double log_total = log((double)total) - (double)weight_bits * log(2.0);
+    return (float)(((double)x - (double)row_max) - log_total);
+}
+#endif
+
 #endif /* PSM_ROW_H */

@@ -18,6 +18,10 @@
  * workspace, uncaptured, does allocate. Other builds report that count as a
  * skip.
  *
+ * The third captures a step with top-N logprobs (lists and ranks in device
+ * memory) through a caller's workspace and checks each replay against the
+ * CPU backend.
+ *
  * Needs a CUDA device: without one each test is reported as a skip.
  */
 #include "harness.h"
@@ -402,10 +406,116 @@ START_TEST(graph_replays_with_row_offsets_in_a_workspace)
 }
 END_TEST
 
+/* Top-N logprobs (processed mode, with the drawn tokens' ranks) inside the
+ * captured step, through a caller's workspace on a fresh context: each
+ * replay's tokens, lists and ranks are the CPU backend's at that step's
+ * offsets, and its logprobs agree to float rounding. */
+START_TEST(graph_replays_with_top_logprobs_in_a_workspace)
+{
+    enum { ROWS = 4, COUNT = 8, TOP_STEPS = 10 };
+    const int64_t vocab = 3000;
+    float *logits = make_logits(ROWS, vocab, 2.5, 13);
+    const uint64_t first_offsets[ROWS] = {5, 9, 13, 17};
+    psm_params filtered;
+    psm_params_init(&filtered);
+    filtered.top_p = 0.95f;
+    filtered.min_p = 0.01f;
+    filtered.seed = 778;
+    const psm_tensor host_logits = psm_test_tensor(logits, PSM_DTYPE_F32, ROWS, vocab, 0);
+
+    enum { DRAWS = TOP_STEPS * ROWS, ENTRIES = TOP_STEPS * ROWS * COUNT };
+    int32_t expected_tokens[DRAWS], expected_ranks[DRAWS], expected_top[ENTRIES];
+    float expected_logprobs[ENTRIES];
+    psm_context *cpu = psm_test_open(PSM_BACKEND_CPU);
+    for (int k = 0; k < TOP_STEPS; ++k) {
+        uint64_t offsets[ROWS];
+        for (int r = 0; r < ROWS; ++r)
+            offsets[r] = first_offsets[r] + (uint64_t)k;
+        psm_top_logprobs top = {COUNT, PSM_LOGPROBS_PROCESSED,
+                                psm_test_output(expected_top + k * ROWS * COUNT),
+                                psm_test_output(expected_logprobs + k * ROWS * COUNT),
+                                psm_test_output(expected_ranks + k * ROWS)};
+        psm_params at_step = filtered;
+        at_step.offset_per_row = offsets;
+        at_step.top_logprobs = &top;
+        PSM_CHECK_OK(psm_sample(cpu, &host_logits, &at_step,
+                                psm_test_output(expected_tokens + k * ROWS),
+                                psm_test_output(NULL)));
+    }
+    psm_context_destroy(cpu);
+
+    cudaStream_t stream;
+    CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    psm_context *gpu = open_gpu(stream);
+    void *device_logits = to_device(logits, (size_t)(ROWS * vocab) * sizeof(float));
+    uint64_t *device_offsets = to_device(first_offsets, sizeof first_offsets);
+    int32_t *device_tokens = NULL, *device_ranks = NULL, *device_top = NULL;
+    float *device_logprobs = NULL;
+    CUDA_OK(cudaMalloc((void **)&device_tokens, ROWS * sizeof(int32_t)));
+    CUDA_OK(cudaMalloc((void **)&device_ranks, ROWS * sizeof(int32_t)));
+    CUDA_OK(cudaMalloc((void **)&device_top, ROWS * COUNT * sizeof(int32_t)));
+    CUDA_OK(cudaMalloc((void **)&device_logprobs, ROWS * COUNT * sizeof(float)));
+    const psm_tensor tensor = device_tensor(device_logits, ROWS, vocab);
+    const psm_output tokens_out = {device_tokens, PSM_MEMORY_DEVICE};
+    psm_top_logprobs device_top_logprobs = {COUNT, PSM_LOGPROBS_PROCESSED,
+                                            {device_top, PSM_MEMORY_DEVICE},
+                                            {device_logprobs, PSM_MEMORY_DEVICE},
+                                            {device_ranks, PSM_MEMORY_DEVICE}};
+    psm_params step = filtered;
+    step.offset_per_row = device_offsets;
+    step.top_logprobs = &device_top_logprobs;
+    size_t needed = 0;
+    PSM_CHECK_OK(psm_sample_workspace_size(gpu, &tensor, &step, tokens_out,
+                                           (psm_output){NULL, PSM_MEMORY_DEVICE}, &needed));
+    void *workspace = NULL;
+    CUDA_OK(cudaMalloc(&workspace, needed));
+    step.workspace = workspace;
+    step.workspace_bytes = needed;
+    cudaGraphExec_t exec =
+        capture_step(stream, gpu, &tensor, &step, tokens_out, device_offsets, ROWS);
+
+    int32_t tokens[DRAWS], ranks[DRAWS], top[ENTRIES];
+    float top_logprobs[ENTRIES];
+    for (int k = 0; k < TOP_STEPS; ++k) {
+        CUDA_OK(cudaGraphLaunch(exec, stream));
+        CUDA_OK(cudaMemcpyAsync(tokens + k * ROWS, device_tokens, ROWS * sizeof(int32_t),
+                                cudaMemcpyDeviceToHost, stream));
+        CUDA_OK(cudaMemcpyAsync(ranks + k * ROWS, device_ranks, ROWS * sizeof(int32_t),
+                                cudaMemcpyDeviceToHost, stream));
+        CUDA_OK(cudaMemcpyAsync(top + k * ROWS * COUNT, device_top, ROWS * COUNT * sizeof(int32_t),
+                                cudaMemcpyDeviceToHost, stream));
+        CUDA_OK(cudaMemcpyAsync(top_logprobs + k * ROWS * COUNT, device_logprobs,
+                                ROWS * COUNT * sizeof(float), cudaMemcpyDeviceToHost, stream));
+    }
+    CUDA_OK(cudaStreamSynchronize(stream));
+    ck_assert(memcmp(tokens, expected_tokens, sizeof tokens) == 0);
+    ck_assert(memcmp(ranks, expected_ranks, sizeof ranks) == 0);
+    ck_assert(memcmp(top, expected_top, sizeof top) == 0);
+    for (int e = 0; e < ENTRIES; ++e) {
+        const double want = expected_logprobs[e], got = top_logprobs[e];
+        ck_assert_msg(got == want || fabs(got - want) <= 1e-6 * fabs(want) + 1e-7,
+                      "entry %d: logprob %.9g, the CPU backend's %.9g", e, got, want);
+    }
+
+    CUDA_OK(cudaGraphExecDestroy(exec));
+    psm_context_destroy(gpu);
+    CUDA_OK(cudaStreamDestroy(stream));
+    CUDA_OK(cudaFree(workspace));
+    CUDA_OK(cudaFree(device_logprobs));
+    CUDA_OK(cudaFree(device_top));
+    CUDA_OK(cudaFree(device_ranks));
+    CUDA_OK(cudaFree(device_tokens));
+    CUDA_OK(cudaFree(device_offsets));
+    CUDA_OK(cudaFree(device_logits));
+    free(logits);
+}
+END_TEST
+
 int main(void)
 {
     const TTest *tests[] = {graph_replays_with_seed_and_offset_pointers,
-                            graph_replays_with_row_offsets_in_a_workspace};
+                            graph_replays_with_row_offsets_in_a_workspace,
+                            graph_replays_with_top_logprobs_in_a_workspace};
     const size_t count = sizeof tests / sizeof tests[0];
     const char *skip = psm_test_backend_skip_reason(PSM_BACKEND_CUDA);
     for (size_t t = 0; t < count; ++t) {

@@ -10,6 +10,7 @@
  * token, counted by brute force. A backend that does not run top-N logprobs
  * yet must refuse them with PSM_ERR_UNSUPPORTED, writing nothing.
  */
+#include "device_memory.h"
 #include "harness.h"
 
 #include "psm_contract.h"
@@ -134,6 +135,34 @@ static float *make_rows(int64_t rows, int64_t vocab, uint64_t seed)
     return logits;
 }
 
+/* The raw mode's expectation of a row: its finite logits are the
+ * candidates, with their float64 log-softmax. */
+static void raw_expectation(const float *row, int64_t vocab, int *candidate, double *expected)
+{
+    double max = -INFINITY, sum = 0.0;
+    for (int64_t i = 0; i < vocab; ++i)
+        if (isfinite(row[i]) && row[i] > max)
+            max = row[i];
+    for (int64_t i = 0; i < vocab; ++i)
+        if (isfinite(row[i]))
+            sum += exp((double)row[i] - max);
+    for (int64_t i = 0; i < vocab; ++i) {
+        candidate[i] = isfinite(row[i]);
+        expected[i] = (double)row[i] - max - log(sum);
+    }
+}
+
+/* The processed mode's expectation of a row from psm_probs' row: the
+ * tokens of positive probability are the candidates, with its log. */
+static void processed_expectation(const float *probs, int64_t vocab, int *candidate,
+                                  double *expected)
+{
+    for (int64_t i = 0; i < vocab; ++i) {
+        candidate[i] = probs[i] > 0.0f;
+        expected[i] = log((double)probs[i]);
+    }
+}
+
 PSM_PROPERTY(processed_top_logprobs_follow_the_kept_set)
 {
     const int64_t rows = 5, vocab = 1500;
@@ -168,10 +197,7 @@ PSM_PROPERTY(processed_top_logprobs_follow_the_kept_set)
             break;
         }
         for (int64_t r = 0; r < rows; ++r) {
-            for (int64_t i = 0; i < vocab; ++i) {
-                candidate[i] = probs[r * vocab + i] > 0.0f;
-                expected[i] = log((double)probs[r * vocab + i]);
-            }
+            processed_expectation(probs + r * vocab, vocab, candidate, expected);
             char label[64];
             snprintf(label, sizeof label, "setting %zu row %lld", s, (long long)r);
             check_row(label, logits + r * vocab, vocab, candidate, expected,
@@ -206,17 +232,7 @@ PSM_PROPERTY(raw_top_logprobs_are_the_log_softmax_as_given)
                         rows, vocab, &params, &top, &out)) {
         for (int64_t r = 0; r < rows; ++r) {
             const float *row = logits + r * vocab;
-            double max = -INFINITY, sum = 0.0;
-            for (int64_t i = 0; i < vocab; ++i)
-                if (isfinite(row[i]) && row[i] > max)
-                    max = row[i];
-            for (int64_t i = 0; i < vocab; ++i)
-                if (isfinite(row[i]))
-                    sum += exp((double)row[i] - max);
-            for (int64_t i = 0; i < vocab; ++i) {
-                candidate[i] = isfinite(row[i]);
-                expected[i] = (double)row[i] - max - log(sum);
-            }
+            raw_expectation(row, vocab, candidate, expected);
             char label[64];
             snprintf(label, sizeof label, "raw row %lld", (long long)r);
             check_row(label, row, vocab, candidate, expected, out.top_tokens + r * count,
@@ -295,6 +311,51 @@ done:
     free(probs);
     free(candidate);
     free(expected);
+}
+
+/* A row of more tiles than a group has items (so that choosing the best
+ * tiles takes several rounds) and N = 64, with ties on a grid of 0.25
+ * across tiles, in both modes; min-p keeps tokens by their own weight. */
+PSM_PROPERTY(many_tiles_and_the_longest_list)
+{
+    const int64_t rows = 1, vocab = 300000;
+    const int32_t samples = 8, count = PSM_MAX_TOP_LOGPROBS;
+    float *logits = make_rows(rows, vocab, 0x70907);
+    /* psm_probs' row, then each mode's candidates and logprobs */
+    float *probs = psm_test_alloc((size_t)vocab, sizeof(float));
+    int *candidate = psm_test_alloc((size_t)vocab, sizeof(int));
+    double *expected = psm_test_alloc((size_t)vocab, sizeof(double));
+    psm_context *context = psm_test_open(backend);
+    psm_params params;
+    psm_params_init(&params);
+    params.temperature = 0.9f;
+    params.min_p = 1e-6f;
+    params.num_samples = samples;
+    params.seed = 0x70908;
+    PSM_CHECK_OK(psm_test_probs_f32(context, logits, rows, vocab, &params, probs));
+    PSM_CHECK_OK(psm_synchronize(context));
+    for (int mode = 0; mode < 2; ++mode) {
+        outputs out = make_outputs(rows, samples, count);
+        psm_top_logprobs top = {.count = count,
+                                .mode = mode ? PSM_LOGPROBS_RAW : PSM_LOGPROBS_PROCESSED};
+        if (!sample_with_top(context, backend, "many_tiles_and_the_longest_list", logits, rows,
+                             vocab, &params, &top, &out)) {
+            free_outputs(&out);
+            break;
+        }
+        if (mode)
+            raw_expectation(logits, vocab, candidate, expected);
+        else
+            processed_expectation(probs, vocab, candidate, expected);
+        check_row(mode ? "raw" : "processed", logits, vocab, candidate, expected, out.top_tokens,
+                  out.top_logprobs, count, out.tokens, out.ranks, samples);
+        free_outputs(&out);
+    }
+    free(expected);
+    free(candidate);
+    free(probs);
+    free(logits);
+    psm_context_destroy(context);
 }
 
 /* Greedy rows: a point mass in the processed mode; bad rows: -1 and NaN. */
@@ -420,6 +481,185 @@ START_TEST(bad_top_logprobs_are_refused)
 }
 END_TEST
 
+/* ---- logit processing, a row gather, device memory and a workspace ------- */
+
+/* Output rows gather logits rows {2, 0, 2, 1}; each has a bias list that
+ * lifts a token of its second tile above the rest (+6.5), pushes another
+ * (+3) and touches the masked token 3 (which stays -inf). */
+#define GATHER_LOGITS_ROWS 3
+#define GATHER_ROWS 4
+#define GATHER_VOCAB 2500
+#define GATHER_BIAS 3
+
+typedef struct gathered_call {
+    float *logits; /* GATHER_LOGITS_ROWS x GATHER_VOCAB */
+    int64_t row_indices[GATHER_ROWS];
+    int64_t bias_offsets[GATHER_ROWS + 1];
+    int32_t bias_tokens[GATHER_ROWS * GATHER_BIAS];
+    float bias_values[GATHER_ROWS * GATHER_BIAS];
+} gathered_call;
+
+static void make_gathered_call(gathered_call *call)
+{
+    static const int64_t indices[GATHER_ROWS] = {2, 0, 2, 1};
+    call->logits = make_rows(GATHER_LOGITS_ROWS, GATHER_VOCAB, 0x70905);
+    call->bias_offsets[0] = 0;
+    for (int r = 0; r < GATHER_ROWS; ++r) {
+        call->row_indices[r] = indices[r];
+        call->bias_offsets[r + 1] = (r + 1) * GATHER_BIAS;
+        const int32_t tokens[GATHER_BIAS] = {1500 + 17 * r, 11 + 7 * r, 3};
+        const float values[GATHER_BIAS] = {6.5f, 3.0f, 1.0f};
+        for (int e = 0; e < GATHER_BIAS; ++e) {
+            call->bias_tokens[r * GATHER_BIAS + e] = tokens[e];
+            call->bias_values[r * GATHER_BIAS + e] = values[e];
+        }
+    }
+}
+
+/* Output row r's processed logits: the gathered row plus its bias. */
+static void processed_row(const gathered_call *call, int r, float *out)
+{
+    memcpy(out, call->logits + call->row_indices[r] * GATHER_VOCAB, GATHER_VOCAB * sizeof(float));
+    for (int64_t e = call->bias_offsets[r]; e < call->bias_offsets[r + 1]; ++e)
+        out[call->bias_tokens[e]] += call->bias_values[e];
+}
+
+/* One psm_sample with top-N logprobs, every buffer in the memory's kind
+ * (and, in device memory, through a caller's workspace of the asked
+ * size), the outputs read back into out. */
+static void sample_gathered(psm_test_memory *memory, const gathered_call *call,
+                            const psm_params *host_params, psm_logprob_mode mode, outputs *out,
+                            int32_t samples, int32_t count)
+{
+    const size_t draws = (size_t)(GATHER_ROWS * samples), entries = (size_t)(GATHER_ROWS * count);
+    const psm_memory kind = psm_test_memory_kind(memory);
+    psm_params params = *host_params;
+    params.row_indices =
+        psm_test_memory_copy_in(memory, call->row_indices, sizeof call->row_indices);
+    psm_logit_processing processing;
+    psm_logit_processing_init(&processing);
+    processing.bias_offsets =
+        psm_test_memory_copy_in(memory, call->bias_offsets, sizeof call->bias_offsets);
+    processing.bias_tokens =
+        psm_test_memory_copy_in(memory, call->bias_tokens, sizeof call->bias_tokens);
+    processing.bias_values =
+        psm_test_memory_copy_in(memory, call->bias_values, sizeof call->bias_values);
+    params.processing = &processing;
+    psm_tensor logits = psm_test_tensor(
+        psm_test_memory_copy_in(memory, call->logits,
+                                GATHER_LOGITS_ROWS * GATHER_VOCAB * sizeof(float)),
+        PSM_DTYPE_F32, GATHER_LOGITS_ROWS, GATHER_VOCAB, 0);
+    logits.memory = kind;
+    psm_output tokens = {psm_test_memory_filled(memory, draws * sizeof(int32_t), 0xff), kind};
+    psm_top_logprobs top = {.count = count, .mode = mode};
+    top.tokens = (psm_output){psm_test_memory_filled(memory, entries * sizeof(int32_t), 0xff), kind};
+    top.logprobs = (psm_output){psm_test_memory_filled(memory, entries * sizeof(float), 0xff), kind};
+    top.sampled_ranks =
+        (psm_output){psm_test_memory_filled(memory, draws * sizeof(int32_t), 0xff), kind};
+    params.top_logprobs = &top;
+    psm_context *context = psm_test_memory_context(memory);
+    if (kind == PSM_MEMORY_DEVICE) {
+        size_t bytes = 0;
+        PSM_CHECK_OK(psm_sample_workspace_size(context, &logits, &params, tokens,
+                                               (psm_output){NULL, kind}, &bytes));
+        params.workspace = psm_test_memory_workspace(memory, bytes, 0xa5);
+        params.workspace_bytes = bytes;
+    }
+    PSM_CHECK_OK(psm_sample(context, &logits, &params, tokens, (psm_output){NULL, kind}));
+    psm_test_memory_read(memory, out->tokens, tokens.data, draws * sizeof(int32_t));
+    psm_test_memory_read(memory, out->top_tokens, top.tokens.data, entries * sizeof(int32_t));
+    psm_test_memory_read(memory, out->top_logprobs, top.logprobs.data, entries * sizeof(float));
+    psm_test_memory_read(memory, out->ranks, top.sampled_ranks.data, draws * sizeof(int32_t));
+}
+
+/* Raw mode lists the logits as given (the gathered row, before the bias),
+ * processed mode the distribution psm_probs gives the processed row; then
+ * the same calls from the backend's device memory through a caller's
+ * workspace give the same outputs, bit for bit. */
+PSM_PROPERTY(top_logprobs_with_processing_a_gather_and_device_memory)
+{
+    const int32_t samples = 12, count = 24;
+    gathered_call call;
+    make_gathered_call(&call);
+    float *probs = psm_test_alloc(GATHER_ROWS * GATHER_VOCAB, sizeof(float));
+    float *row = psm_test_alloc(GATHER_VOCAB, sizeof(float));
+    int *candidate = psm_test_alloc(GATHER_VOCAB, sizeof(int));
+    double *expected = psm_test_alloc(GATHER_VOCAB, sizeof(double));
+    psm_params params;
+    psm_params_init(&params);
+    params.temperature = 0.8f;
+    params.top_p = 0.97f;
+    params.min_p = 0.002f;
+    params.num_samples = samples;
+    params.seed = 0x70906;
+    params.output_rows = GATHER_ROWS;
+
+    psm_test_memory *host = psm_test_memory_open(backend, PSM_MEMORY_HOST, 0);
+    psm_logit_processing processing;
+    psm_logit_processing_init(&processing);
+    processing.bias_offsets = call.bias_offsets;
+    processing.bias_tokens = call.bias_tokens;
+    processing.bias_values = call.bias_values;
+    psm_params probs_params = params;
+    probs_params.row_indices = call.row_indices;
+    probs_params.processing = &processing;
+    psm_tensor logits =
+        psm_test_tensor(call.logits, PSM_DTYPE_F32, GATHER_LOGITS_ROWS, GATHER_VOCAB, 0);
+    psm_tensor probs_tensor = psm_test_tensor(probs, PSM_DTYPE_F32, GATHER_ROWS, GATHER_VOCAB, 0);
+    PSM_CHECK_OK(psm_probs(psm_test_memory_context(host), &logits, &probs_params, &probs_tensor));
+    PSM_CHECK_OK(psm_synchronize(psm_test_memory_context(host)));
+
+    const char *no_device = psm_test_memory_unavailable(backend, PSM_MEMORY_DEVICE);
+    if (!no_device)
+        no_device = psm_test_memory_workspace_unavailable(backend);
+    if (no_device)
+        psm_test_skip(psm_backend_name(backend),
+                      "top_logprobs_with_processing_a_gather_and_device_memory (device memory)",
+                      no_device);
+    for (int mode = 0; mode < 2; ++mode) {
+        const psm_logprob_mode logprob_mode = mode ? PSM_LOGPROBS_RAW : PSM_LOGPROBS_PROCESSED;
+        outputs out = make_outputs(GATHER_ROWS, samples, count);
+        sample_gathered(host, &call, &params, logprob_mode, &out, samples, count);
+        for (int r = 0; r < GATHER_ROWS; ++r) {
+            const float *given = call.logits + call.row_indices[r] * GATHER_VOCAB;
+            if (mode) {
+                raw_expectation(given, GATHER_VOCAB, candidate, expected);
+                memcpy(row, given, GATHER_VOCAB * sizeof(float));
+            } else {
+                processed_row(&call, r, row);
+                processed_expectation(probs + r * GATHER_VOCAB, GATHER_VOCAB, candidate, expected);
+            }
+            char label[64];
+            snprintf(label, sizeof label, "mode %d, output row %d", mode, r);
+            check_row(label, row, GATHER_VOCAB, candidate, expected, out.top_tokens + r * count,
+                      out.top_logprobs + r * count, count, out.tokens + r * samples,
+                      out.ranks + r * samples, samples);
+        }
+        if (!no_device) {
+            outputs device_out = make_outputs(GATHER_ROWS, samples, count);
+            psm_test_memory *device = psm_test_memory_open(backend, PSM_MEMORY_DEVICE, 0);
+            sample_gathered(device, &call, &params, logprob_mode, &device_out, samples, count);
+            psm_test_memory_close(device);
+            const size_t draws = (size_t)(GATHER_ROWS * samples);
+            const size_t entries = (size_t)(GATHER_ROWS * count);
+            ck_assert(memcmp(out.tokens, device_out.tokens, draws * sizeof(int32_t)) == 0);
+            ck_assert(memcmp(out.ranks, device_out.ranks, draws * sizeof(int32_t)) == 0);
+            ck_assert(memcmp(out.top_tokens, device_out.top_tokens, entries * sizeof(int32_t)) ==
+                      0);
+            ck_assert(memcmp(out.top_logprobs, device_out.top_logprobs,
+                             entries * sizeof(float)) == 0);
+            free_outputs(&device_out);
+        }
+        free_outputs(&out);
+    }
+    psm_test_memory_close(host);
+    free(call.logits);
+    free(probs);
+    free(row);
+    free(candidate);
+    free(expected);
+}
+
 int main(void)
 {
     psm_test_register_common(bad_top_logprobs_are_refused);
@@ -427,6 +667,8 @@ int main(void)
     psm_test_register_property(processed_top_logprobs_follow_the_kept_set);
     psm_test_register_property(raw_top_logprobs_are_the_log_softmax_as_given);
     psm_test_register_property(greedy_and_bad_rows);
+    psm_test_register_property(many_tiles_and_the_longest_list);
     psm_test_register_property(ranks_of_few_samples_below_the_top);
+    psm_test_register_property(top_logprobs_with_processing_a_gather_and_device_memory);
     return psm_test_run("test_top_logprobs");
 }

@@ -102,8 +102,8 @@ void cpu_write_bad_top_logprobs(const psm_request *request, int64_t r)
 }
 
 /* The raw mode: log-softmax of the logits as given (temperature 1, no
- * filters), with the contract's weights: logprob = (x - M) - ln(Z / 2^B),
- * Z the row's total weight against M at temperature 1. */
+ * filters), with the contract's weights: psm_raw_log_probability, with Z
+ * the row's total weight against M at temperature 1. */
 static void raw_top_logprobs(const psm_request *request, int64_t r, int64_t logits_row,
                                    const uint64_t *drawn_keys_raw, rank_counter *ranks)
 {
@@ -135,11 +135,9 @@ static void raw_top_logprobs(const psm_request *request, int64_t r, int64_t logi
     }
     int32_t *tokens = (int32_t *)top->tokens.data + r * top->count;
     float *logprobs = (float *)top->logprobs.data + r * top->count;
-    const double log_total = log((double)total) - (double)bits * log(2.0);
     for (int e = 0; e < best.count; ++e) {
         tokens[e] = (int32_t)psm_rank_key_token(best.key[e]);
-        logprobs[e] =
-            (float)(((double)psm_rank_key_logit(best.key[e]) - (double)max) - log_total);
+        logprobs[e] = psm_raw_log_probability(psm_rank_key_logit(best.key[e]), max, total, bits);
     }
     write_empty_entries(tokens, logprobs, best.count, top->count);
     if (ranks)
@@ -193,8 +191,7 @@ static void processed_top_logprobs(const psm_request *request, const cpu_row *ro
         const uint64_t mass =
             owner->tile_prefix[tile] - (tile > 0 ? owner->tile_prefix[tile - 1] : 0);
         tokens[e] = (int32_t)token;
-        logprobs[e] = (float)(log((double)weight) - log((double)owner->tile_sum[tile]) +
-                              log((double)mass) - log((double)total));
+        logprobs[e] = psm_log_probability(weight, owner->tile_sum[tile], mass, total);
     }
     write_empty_entries(tokens, logprobs, best.count, top->count);
     if (ranks)

@@ -193,8 +193,7 @@ static void draw_row(const psm_request *request, const cpu_row *row, cpu_scratch
         uint64_t weight = running[chosen] - (chosen > 0 ? running[chosen - 1] : 0);
         tokens[j] = (int32_t)(tile * PSM_TILE + chosen);
         if (logprobs)
-            logprobs[j] = (float)(log((double)weight) - log((double)tile_sum) + log((double)mass) -
-                                  log((double)total));
+            logprobs[j] = psm_log_probability(weight, tile_sum, mass, total);
     }
 }
 

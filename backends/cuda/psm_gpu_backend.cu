@@ -7,7 +7,8 @@
  * code never prints, aborts or exits.
  *
  * Launches per call: the tile kernel and the row kernel (plus the check
- * kernel and one small copy in checking mode), whatever the batch size. A
+ * kernel and one small copy in checking mode, and the top-N kernel with
+ * top_logprobs), whatever the batch size. A
  * call with filters and fewer rows than multiprocessors launches the row
  * kernel cooperatively with several blocks per row (split rows,
  * psm_gpu_kernels.cuh), where the device supports it. With
@@ -40,11 +41,13 @@ namespace {
  * the row kernel, by variant: plain, filtered, filtered in an engine's
  * filter order; and by probs mode). */
 typedef void (*kernel_fn)(const psm_gpu_call);
+typedef void (*top_kernel_fn)(const psm_gpu_call, const psm_gpu_top_call);
 struct kernel_set {
     int warp_size;
     kernel_fn tile[3];
     kernel_fn check;
     kernel_fn row[3][3][2];
+    top_kernel_fn top[3]; /* by the dtype the mode reads */
 };
 
 template <int WarpSize, int Dtype>
@@ -57,6 +60,7 @@ void add_dtype_kernels(kernel_set *set)
     set->row[Dtype][1][1] = psm_gpu_row_kernel<WarpSize, Dtype, true, true>;
     set->row[Dtype][2][0] = psm_gpu_row_kernel<WarpSize, Dtype, true, false, true>;
     set->row[Dtype][2][1] = psm_gpu_row_kernel<WarpSize, Dtype, true, true, true>;
+    set->top[Dtype] = psm_gpu_top_kernel<WarpSize, Dtype>;
 }
 
 template <int WarpSize>
@@ -118,6 +122,10 @@ struct psm_gpu_state {
     size_t processed_bytes;
     void *staged_processing;
     size_t staged_processing_bytes;
+    /* top-N logprobs: the rows' filter values, the raw mode's tile keys and
+     * the stagings of host outputs (place_top_logprobs) */
+    void *top;
+    size_t top_bytes;
 };
 
 /* Every device (and pinned host) allocation of the backend, so that test
@@ -256,6 +264,8 @@ void release_state(psm_gpu_state *state)
         (void)psm_gpu_free(state->processed);
     if (state->staged_processing)
         (void)psm_gpu_free(state->staged_processing);
+    if (state->top)
+        (void)psm_gpu_free(state->top);
     if (state->owns_stream && state->stream)
         (void)psm_gpu_stream_destroy(state->stream);
     (void)psm_gpu_get_last_error();
@@ -415,6 +425,13 @@ struct call_plan {
     size_t outputs_bytes;  /* tokens then logprobs, or probs: one staging */
     size_t processed_bytes;  /* logit processing: the processed rows, then their counts */
     size_t processing_bytes; /* host logits with processing: its arrays (staged_array) */
+    /* top-N logprobs, each from a workspace_alignment boundary: */
+    size_t kept_filters_bytes; /* the rows' filter values */
+    size_t top_key_bytes;      /* raw mode: a key per tile */
+    size_t top_tokens_bytes;   /* host outputs' stagings */
+    size_t top_logprobs_bytes;
+    size_t top_ranks_bytes;
+    size_t top_bytes;          /* all of the above */
 };
 
 psm_status too_large(const psm_request *request)
@@ -481,6 +498,26 @@ psm_status plan_call(const psm_request *request, bool probs_mode, call_plan *pla
         if (request->logprobs.memory == PSM_MEMORY_HOST)
             plan->logprobs_bytes = samples * sizeof(float);
         plan->outputs_bytes = plan->tokens_bytes + plan->logprobs_bytes;
+        const psm_top_logprobs *top = request->params.top_logprobs;
+        if (top) {
+            const size_t entries = rows * (size_t)top->count;
+            plan->kept_filters_bytes = rows * sizeof(psm_gpu_kept_filters);
+            if (top->mode == PSM_LOGPROBS_RAW)
+                plan->top_key_bytes = plan->tile_count * sizeof(psm_u64);
+            if (top->tokens.memory == PSM_MEMORY_HOST)
+                plan->top_tokens_bytes = entries * sizeof(psm_i32);
+            if (top->logprobs.memory == PSM_MEMORY_HOST)
+                plan->top_logprobs_bytes = entries * sizeof(float);
+            /* Counted whatever sampled_ranks.data is, as logprobs are. */
+            if (top->sampled_ranks.memory == PSM_MEMORY_HOST)
+                plan->top_ranks_bytes = samples * sizeof(psm_i32);
+            const size_t parts[] = {plan->kept_filters_bytes, plan->top_key_bytes,
+                                    plan->top_tokens_bytes, plan->top_logprobs_bytes,
+                                    plan->top_ranks_bytes};
+            for (size_t part : parts)
+                if (!add_bytes(&plan->top_bytes, workspace_round(part)))
+                    return too_large(request);
+        }
     }
     return PSM_OK;
 }
@@ -490,8 +527,9 @@ psm_status plan_call(const psm_request *request, bool probs_mode, call_plan *pla
  * that align the first. */
 psm_status workspace_bytes(const psm_request *request, const call_plan &plan, size_t *bytes)
 {
-    const size_t parts[] = {plan.tiles_bytes,   plan.logits_bytes,    plan.params_bytes,
-                            plan.outputs_bytes, plan.processed_bytes, plan.processing_bytes};
+    const size_t parts[] = {plan.tiles_bytes,     plan.logits_bytes,     plan.params_bytes,
+                            plan.outputs_bytes,   plan.processed_bytes,  plan.processing_bytes,
+                            plan.top_bytes};
     size_t total = workspace_alignment - 1;
     for (size_t part : parts)
         if (part > SIZE_MAX - workspace_alignment || !add_bytes(&total, workspace_round(part)))
@@ -509,6 +547,7 @@ struct call_memory {
     void *outputs;     /* staging for host outputs */
     void *processed;   /* logit processing: processed rows, then counts */
     void *processing;  /* staging for host processing arrays */
+    void *top;         /* top-N logprobs: place_top_logprobs' parts */
 };
 
 void carve_workspace(void *workspace, const call_plan &plan, call_memory *memory)
@@ -528,6 +567,8 @@ void carve_workspace(void *workspace, const call_plan &plan, call_memory *memory
     memory->processed = next;
     next += workspace_round(plan.processed_bytes);
     memory->processing = next;
+    next += workspace_round(plan.processing_bytes);
+    memory->top = next;
 }
 
 /* The context's own buffers, grown to the plan. */
@@ -574,6 +615,13 @@ psm_status own_memory(psm_gpu_state *state, const psm_request *request, const ca
         if (status != PSM_OK)
             return status;
     }
+    if (plan.top_bytes) {
+        status = grow_buffer(&state->top, &state->top_bytes, plan.top_bytes,
+                             "allocating the top-N logprobs' buffers");
+        if (status != PSM_OK)
+            return status;
+    }
+    memory->top = state->top;
     memory->processed = state->processed;
     memory->processing = state->staged_processing;
     memory->tiles = (unsigned char *)state->tiles;
@@ -590,6 +638,10 @@ psm_status own_memory(psm_gpu_state *state, const psm_request *request, const ca
  * host-memory outputs are written to staging and copied back afterwards. */
 struct call_buffers {
     psm_gpu_call call;
+    psm_gpu_top_call top; /* with top_logprobs */
+    void *host_top_tokens;
+    void *host_top_logprobs;
+    void *host_top_ranks;
     bool processing_active;
     psm_gpu_processing processing;
     void *host_tokens;
@@ -724,6 +776,40 @@ psm_status run_processing(psm_gpu_state *state, const psm_request *request,
     return PSM_OK;
 }
 
+/* The top-N call's buffers: the rows' filter values, the raw
+ * mode's tile keys, then the stagings of host outputs, each from a
+ * workspace_alignment boundary of `top` (the call's top part). Where the
+ * mode reads its logits is set by launch, before logit processing. */
+void place_top_logprobs(const psm_request *request, const call_plan &plan, unsigned char *top,
+                        call_buffers *buffers)
+{
+    const psm_top_logprobs *given = request->params.top_logprobs;
+    psm_gpu_top_call &call = buffers->top;
+    buffers->call.kept_filters = (psm_gpu_kept_filters *)top;
+    top += workspace_round(plan.kept_filters_bytes);
+    call.tile_key = (psm_u64 *)top;
+    top += workspace_round(plan.top_key_bytes);
+    call.raw_mode = given->mode == PSM_LOGPROBS_RAW;
+    call.count = given->count;
+    call.tokens = (psm_i32 *)given->tokens.data;
+    call.logprobs = (float *)given->logprobs.data;
+    call.ranks = (psm_i32 *)given->sampled_ranks.data;
+    if (plan.top_tokens_bytes) {
+        buffers->host_top_tokens = given->tokens.data;
+        call.tokens = (psm_i32 *)top;
+    }
+    top += workspace_round(plan.top_tokens_bytes);
+    if (plan.top_logprobs_bytes) {
+        buffers->host_top_logprobs = given->logprobs.data;
+        call.logprobs = (float *)top;
+    }
+    top += workspace_round(plan.top_logprobs_bytes);
+    if (plan.top_ranks_bytes && given->sampled_ranks.data) {
+        buffers->host_top_ranks = given->sampled_ranks.data;
+        call.ranks = (psm_i32 *)top;
+    }
+}
+
 /* Everything a call needs before its launches: its buffers (the context's,
  * grown if needed, or carved from the caller's workspace, which core checked
  * is large enough: then nothing is allocated) and its staged inputs. */
@@ -788,6 +874,8 @@ psm_status prepare_call(psm_gpu_state *state, psm_request *request, bool probs_m
             buffers->host_logprobs = request->logprobs.data;
             call->logprobs = (float *)(outputs + plan.tokens_bytes);
         }
+        if (request->params.top_logprobs)
+            place_top_logprobs(request, plan, (unsigned char *)memory.top, buffers);
     }
     return PSM_OK;
 }
@@ -823,6 +911,13 @@ psm_status launch(psm_gpu_state *state, psm_request *request, call_buffers *buff
 {
     psm_gpu_call &call = buffers->call;
     psm_dtype dtype = request->logits.dtype;
+    /* The raw mode of top-N logprobs reads the logits as given. */
+    psm_gpu_top_call &top = buffers->top;
+    top.logits = call.logits;
+    top.row_stride = call.row_stride;
+    top.per_row = call.per_row;
+    top.logits_rows = call.scalars.logits_rows;
+    const psm_dtype given_dtype = dtype;
     if (buffers->processing_active) {
         psm_status status = run_processing(state, request, buffers, &dtype);
         if (status != PSM_OK)
@@ -900,6 +995,19 @@ psm_status launch(psm_gpu_state *state, psm_request *request, call_buffers *buff
         PSM_GPU_TRY(psm_gpu_get_last_error(), "launching the row kernel");
     }
 
+    if (request->params.top_logprobs) {
+        if (!top.raw_mode) {
+            top.logits = call.logits;
+            top.row_stride = call.row_stride;
+            top.per_row = call.per_row;
+            top.logits_rows = call.scalars.logits_rows;
+        }
+        const psm_i64 top_blocks = call.rows < (psm_i64)1 << 30 ? call.rows : (psm_i64)1 << 30;
+        kernels.top[top.raw_mode ? given_dtype : dtype]<<<(unsigned)top_blocks, PSM_GPU_TOP_THREADS,
+                                                          0, state->stream>>>(call, top);
+        PSM_GPU_TRY(psm_gpu_get_last_error(), "launching the top-N logprobs kernel");
+    }
+
     /* Host outputs: copy back and wait, so the caller can read them. */
     if (buffers->host_probs) {
         const size_t row_bytes = (size_t)request->logits.vocab * sizeof(float);
@@ -919,7 +1027,26 @@ psm_status launch(psm_gpu_state *state, psm_request *request, call_buffers *buff
                                          samples * sizeof(float), psm_gpu_memcpy_device_to_host,
                                          state->stream),
                     "copying logprobs to the host");
+    if (request->params.top_logprobs) {
+        const size_t entries = (size_t)call.rows * (size_t)top.count;
+        if (buffers->host_top_tokens)
+            PSM_GPU_TRY(psm_gpu_memcpy_async(buffers->host_top_tokens, top.tokens,
+                                             entries * sizeof(psm_i32),
+                                             psm_gpu_memcpy_device_to_host, state->stream),
+                        "copying top-N tokens to the host");
+        if (buffers->host_top_logprobs)
+            PSM_GPU_TRY(psm_gpu_memcpy_async(buffers->host_top_logprobs, top.logprobs,
+                                             entries * sizeof(float),
+                                             psm_gpu_memcpy_device_to_host, state->stream),
+                        "copying top-N logprobs to the host");
+        if (buffers->host_top_ranks)
+            PSM_GPU_TRY(psm_gpu_memcpy_async(buffers->host_top_ranks, top.ranks,
+                                             samples * sizeof(psm_i32),
+                                             psm_gpu_memcpy_device_to_host, state->stream),
+                        "copying the drawn tokens' ranks to the host");
+    }
     if (buffers->host_probs || buffers->host_tokens || buffers->host_logprobs ||
+        buffers->host_top_tokens || buffers->host_top_logprobs || buffers->host_top_ranks ||
         request->logits.memory == PSM_MEMORY_HOST)
         PSM_GPU_TRY(psm_gpu_stream_synchronize(state->stream), "waiting for host outputs");
     return PSM_OK;
@@ -1122,7 +1249,8 @@ static psm_status gpu_synchronize(void *opaque_state)
 static const psm_backend_ops gpu_ops = {
     PSM_BACKEND_API_VERSION, /* api_version */
     PSM_GPU_BACKEND_ID,      /* id */
-    PSM_FEATURE_LOGIT_PROCESSING | PSM_FEATURE_FILTER_ORDERS, /* features */
+    PSM_FEATURE_LOGIT_PROCESSING | PSM_FEATURE_FILTER_ORDERS |
+        PSM_FEATURE_TOP_LOGPROBS, /* features */
     gpu_probe,               /* probe */
     gpu_create,              /* create */
     gpu_destroy,             /* destroy */

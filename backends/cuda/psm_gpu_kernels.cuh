@@ -22,6 +22,10 @@
  *     kernel and writes the final distribution instead of drawing. The
  *     kept tile masses, the draw and the distribution are the stages of
  *     kernels/psm_stage_draw.h, shared with the OpenCL backend.
+ *   launch 3, top-N kernel (one block per row; calls with top_logprobs
+ *     only): the stage of kernels/psm_stage_top_logprobs.h over the tile
+ *     masses launch 2 left, with each row's filter values, which launch 2
+ *     stores for it (psm_gpu_kept_filters).
  *
  * Filtered rows: the row kernel bins the row's tokens by their gap to M,
  * gathers the tokens of the bin where the cutoff lies into a short list and
@@ -41,6 +45,7 @@
 #include "psm_stage_select.h"
 #include "psm_stage_bins.h"
 #include "psm_stage_orders.h"
+#include "psm_stage_top_logprobs.h"
 #include "polysample.h"
 
 namespace PSM_GPU_NAMESPACE {
@@ -102,6 +107,14 @@ struct psm_gpu_split_row {
     psm_u64 list_key[PSM_GPU_LIST_CAPACITY];
 };
 
+/* A row's kept rule's filter values, as the row kernel found them, for the
+ * top-N kernel (launch 3): cutoff 0 and min_weight 0 keep every valid
+ * token. */
+struct psm_gpu_kept_filters {
+    psm_u64 cutoff;
+    psm_u64 min_weight;
+};
+
 /* Everything one call needs on the device, passed by value to each kernel.
  * Per-row pointers are device pointers or NULL (use the scalar). Rows are
  * the request's output rows: output row r reads logits row
@@ -134,6 +147,9 @@ struct psm_gpu_call {
      * rows pool their work in split[row] */
     psm_i32 row_parts;
     psm_gpu_split_row *split;
+
+    /* top-N logprobs: each row's filter values (NULL: the call has none) */
+    psm_gpu_kept_filters *kept_filters;
 
     /* outputs (device memory) */
     psm_i32 *tokens;
@@ -1038,6 +1054,12 @@ PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scrat
         }
         if (part != 0) /* block 0 of a split row draws */
             continue;
+        /* Top-N logprobs are psm_sample's only: psm_probs' kernels do not
+         * carry the store. */
+        if constexpr (!ProbsMode) {
+            if (call.kept_filters && threadIdx.x == 0)
+                call.kept_filters[row] = psm_gpu_kept_filters{state.cutoff, state.min_weight};
+        }
         psm_gpu_finish_row<WarpSize, Dtype>(source.base, call, state,
                                             psm_gpu_kept_rule(call, state), p, ProbsMode, scratch);
         /* The next row reuses the scratch. */
@@ -1061,6 +1083,107 @@ PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_ROW_THREADS, PSM_GPU_ROW_BLOCKS_PE
             psm_gpu_row_loop<WarpSize, Dtype, false, ProbsMode, false>(call, scratch, nullptr);
         }
     }
+}
+
+/* ---- launch 3 (top_logprobs only): top-N logprobs ------------------------ */
+
+/* Threads of the top-N kernel's blocks (one row per block): a round of the
+ * stage's list takes a tile, PSM_TILE / PSM_GPU_TOP_THREADS tokens a
+ * thread. */
+#define PSM_GPU_TOP_THREADS 128
+static_assert(PSM_TILE % PSM_GPU_TOP_THREADS == 0,
+              "a round of the top-N stage spreads a tile evenly over the threads");
+static_assert(PSM_TOP_LIST_MAX == PSM_MAX_TOP_LOGPROBS,
+              "the top-N stage's lists hold PSM_MAX_TOP_LOGPROBS entries");
+
+/* The top-N call besides psm_gpu_call (whose logits are the processed ones
+ * when the call has logit processing): where the mode reads its logits, and
+ * the outputs (device memory). */
+struct psm_gpu_top_call {
+    const void *logits;  /* processed mode: call.logits; raw: the logits as given */
+    psm_i64 row_stride;
+    psm_u32 per_row;     /* their row gather: call.per_row's PSM_PER_ROW_LOGITS_ROW */
+    psm_i64 logits_rows;
+    int raw_mode;
+    psm_i32 count;       /* N */
+    psm_u64 *tile_key;   /* raw mode: per tile of every row, the stage's own keys */
+    psm_i32 *tokens;
+    float *logprobs;
+    psm_i32 *ranks;      /* NULL: not asked for */
+};
+
+/* One block per row: the row's status as the row kernel wrote it (a bad
+ * row's tokens are -1, and only a bad row's: a sampled row always draws a
+ * token), then the stage of kernels/psm_stage_top_logprobs.h over the
+ * tile masses the row kernel left: tile_key (m_t as a key: the kept tiles'
+ * best keys, or an upper bound with their logit), tile_mass, tile_prefix. */
+template <int WarpSize, int Dtype>
+PSM_GPU_DEVICE void psm_gpu_top_body(const psm_gpu_call &call, const psm_gpu_top_call &top,
+                                     psm_top_scratch &scratch)
+{
+    const psm_team<WarpSize> team = psm_team_of_thread<WarpSize>();
+    for (psm_i64 row = blockIdx.x; row < call.rows; row += gridDim.x) {
+        const psm_row_params p = psm_gpu_row_params(call, row);
+        const psm_i64 tile_base = row * call.tiles_per_row;
+        psm_top_outputs out;
+        out.tokens = top.tokens + row * top.count;
+        out.logprobs = top.logprobs + row * top.count;
+        out.ranks = top.ranks ? top.ranks + row * call.num_samples : nullptr;
+        out.drawn = call.tokens + row * call.num_samples;
+        out.samples = call.num_samples;
+        const psm_i32 first_drawn = out.drawn[0];
+        if (first_drawn < 0 || (psm_is_greedy(p.temperature) && !top.raw_mode)) {
+            psm_top_write_point(top.count, first_drawn, out);
+            continue;
+        }
+
+        psm_top_row source;
+        source.dtype = Dtype;
+        source.vocab = call.vocab;
+        source.tiles = (psm_i32)call.tiles_per_row;
+        source.count = top.count;
+        psm_u64 *tile_key = call.tile_key + tile_base;
+        if (top.raw_mode) {
+            psm_row_scalars scalars = call.scalars;
+            scalars.logits_rows = top.logits_rows;
+            const psm_row_params given =
+                psm_resolve_row(row, top.per_row, scalars, call.per_row_arrays);
+            source.logits = (const unsigned char *)top.logits +
+                            given.logits_row * top.row_stride *
+                                (psm_i64)psm_gpu_dtype_traits<Dtype>::element_bytes;
+            source.rule = psm_make_kept_rule(0, 0, 0.0f, psm_inverse_temperature_scale(1.0f),
+                                             call.weight_bits);
+            tile_key = top.tile_key + tile_base;
+        } else {
+            /* M: the best tile key's logit (the top token is always kept). */
+            psm_u64 best_key = 0;
+            for (psm_i64 tile = threadIdx.x; tile < call.tiles_per_row; tile += blockDim.x)
+                best_key = tile_key[tile] > best_key ? tile_key[tile] : best_key;
+            best_key = psm_group_max_u64(team, best_key, &scratch.group);
+            const psm_gpu_kept_filters filters = call.kept_filters[row];
+            source.logits = psm_gpu_row_base<Dtype>(call, p.logits_row);
+            source.rule = psm_make_kept_rule(filters.cutoff, filters.min_weight,
+                                             psm_rank_key_logit(best_key),
+                                             psm_inverse_temperature_scale(p.temperature),
+                                             call.weight_bits);
+        }
+        psm_top_masses masses;
+        masses.tile_mass = call.tile_mass + tile_base;
+        masses.tile_prefix = call.tile_prefix + tile_base;
+        masses.total = call.tile_prefix[tile_base + call.tiles_per_row - 1];
+        psm_stage_top_logprobs(team, source, top.raw_mode, tile_key, masses, &scratch, out);
+        /* The next row reuses the scratch. */
+        psm_gpu_block_barrier();
+    }
+}
+
+template <int WarpSize, int Dtype>
+PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_TOP_THREADS)
+    psm_gpu_top_kernel(const psm_gpu_call call, const psm_gpu_top_call top)
+{
+    __shared__ psm_top_scratch scratch;
+    if constexpr (psm_gpu_wave_compiled<WarpSize>())
+        psm_gpu_top_body<WarpSize, Dtype>(call, top, scratch);
 }
 
 #if PSM_GPU_HIP

@@ -227,7 +227,8 @@ static psm_status opencl_create(const psm_context_options *options, int device_i
 static const psm_backend_ops opencl_ops = {
     .api_version = PSM_BACKEND_API_VERSION,
     .id = PSM_BACKEND_OPENCL,
-    .features = PSM_FEATURE_LOGIT_PROCESSING | PSM_FEATURE_FILTER_ORDERS,
+    .features = PSM_FEATURE_LOGIT_PROCESSING | PSM_FEATURE_FILTER_ORDERS |
+                PSM_FEATURE_TOP_LOGPROBS,
     .probe = opencl_probe,
     .create = opencl_create,
     .destroy = opencl_destroy,

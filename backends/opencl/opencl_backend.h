@@ -74,6 +74,7 @@ enum {
     KERNEL_PROCESS_LISTS,
     KERNEL_PROCESS_MASK,
     KERNEL_ROW_ORDERS,    /* an engine's filter order, instead of the row top-k and filter */
+    KERNEL_TOP_LOGPROBS,  /* top-N logprobs, after the draw */
     KERNEL_COUNT
 };
 /* The kernels' names in the program, by the enum above. */
@@ -128,6 +129,12 @@ enum {
     PART_TOKENS = PART_PROCESSING_ARRAY + OPENCL_PROCESSING_ARRAYS,
     PART_LOGPROBS,
     PART_PROBS,
+    /* top-N logprobs: the stage's tile keys (rows x tiles), then its
+     * outputs' stagings (host memory or checking mode) */
+    PART_TOP_KEY,
+    PART_TOP_TOKENS,
+    PART_TOP_LOGPROBS,
+    PART_TOP_RANKS,
     PART_COUNT
 };
 

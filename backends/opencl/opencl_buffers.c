@@ -80,6 +80,10 @@ static const char *part_name(int part)
     case PART_TOKENS: return "token";
     case PART_LOGPROBS: return "logprob";
     case PART_PROBS: return "probs";
+    case PART_TOP_KEY: return "top-N tile key";
+    case PART_TOP_TOKENS: return "top-N token";
+    case PART_TOP_LOGPROBS: return "top-N logprob";
+    case PART_TOP_RANKS: return "drawn tokens' rank";
     default: return "tile";
     }
 }
@@ -228,6 +232,19 @@ psm_status opencl_plan_call(const psm_request *request, int probs_mode, call_pla
          * NULL (a call without logprobs does not use the part). */
         if (request->logprobs.memory == PSM_MEMORY_HOST || staged)
             plan->bytes[PART_LOGPROBS] = outputs * sizeof(cl_float);
+        const psm_top_logprobs *top = request->params.top_logprobs;
+        if (top) {
+            const size_t entries = rows * (size_t)top->count;
+            plan->bytes[PART_TOP_KEY] = rows * opencl_tile_count(request->logits.vocab) *
+                                        sizeof(cl_ulong);
+            if (top->tokens.memory == PSM_MEMORY_HOST || staged)
+                plan->bytes[PART_TOP_TOKENS] = entries * sizeof(cl_int);
+            if (top->logprobs.memory == PSM_MEMORY_HOST || staged)
+                plan->bytes[PART_TOP_LOGPROBS] = entries * sizeof(cl_float);
+            /* Counted whatever sampled_ranks.data is, as logprobs are. */
+            if (top->sampled_ranks.memory == PSM_MEMORY_HOST || staged)
+                plan->bytes[PART_TOP_RANKS] = outputs * sizeof(cl_int);
+        }
     }
     return PSM_OK;
 }
@@ -266,9 +283,12 @@ psm_status opencl_workspace_size(void *opaque, const psm_request *request, int p
     return plan_workspace_bytes(state, &plan, bytes);
 }
 
-/* A part the call uses: logprobs only when the call has them. */
+/* A part the call uses: logprobs and the drawn tokens' ranks only when the
+ * call has them. */
 static int part_used(const psm_request *request, const call_plan *plan, int part)
 {
+    if (part == PART_TOP_RANKS)
+        return plan->bytes[part] && request->params.top_logprobs->sampled_ranks.data;
     return plan->bytes[part] && (part != PART_LOGPROBS || request->logprobs.data);
 }
 

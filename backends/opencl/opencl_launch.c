@@ -23,6 +23,8 @@ _Static_assert(sizeof(psm_row_scalars) == 40 &&
                "psm_opencl_request is laid out with padding");
 _Static_assert(sizeof(psm_row_state) == PSM_ROW_STATE_BYTES,
                "psm_row_state is laid out with padding");
+/* kernels/psm_stage_top_logprobs.h's PSM_TOP_LIST_MAX: its lists hold 64. */
+_Static_assert(PSM_MAX_TOP_LOGPROBS == 64, "the top-N stage's lists hold 64 entries");
 _Static_assert(PSM_LOGITS_F32 == PSM_DTYPE_F32 && PSM_LOGITS_F16 == PSM_DTYPE_F16 &&
                    PSM_LOGITS_BF16 == PSM_DTYPE_BF16,
                "the kernels' dtype values differ from psm_dtype");
@@ -452,6 +454,77 @@ static psm_status output_target(const launch *call, psm_output output, int part,
     return PSM_OK;
 }
 
+/* Where psm_top_logprobs writes the top-N outputs: the caller's or staging. */
+typedef struct top_targets {
+    cl_mem tokens, logprobs, ranks; /* ranks: NULL when not asked for */
+} top_targets;
+
+static psm_status top_output_targets(const launch *call, top_targets *targets)
+{
+    const psm_top_logprobs *top = call->request->params.top_logprobs;
+    const size_t entries = (size_t)call->rows * (size_t)top->count;
+    const size_t samples = (size_t)call->rows * (size_t)call->request->params.num_samples;
+    PSM_TRY(output_target(call, top->tokens, PART_TOP_TOKENS, entries * sizeof(cl_int),
+                          "top_logprobs.tokens", &targets->tokens));
+    PSM_TRY(output_target(call, top->logprobs, PART_TOP_LOGPROBS, entries * sizeof(cl_float),
+                          "top_logprobs.logprobs", &targets->logprobs));
+    targets->ranks = NULL;
+    if (top->sampled_ranks.data)
+        PSM_TRY(output_target(call, top->sampled_ranks, PART_TOP_RANKS, samples * sizeof(cl_int),
+                              "top_logprobs.sampled_ranks", &targets->ranks));
+    return PSM_OK;
+}
+
+/* The top-N kernel, after the draw: a group per row. raw_logits and
+ * raw_description are the call before logit processing. */
+static psm_status run_top_logprobs(launch *call, cl_mem raw_logits,
+                                   const psm_opencl_request *raw_description, cl_mem tokens,
+                                   const top_targets *targets)
+{
+    opencl_state *state = call->state;
+    const psm_top_logprobs *top = call->request->params.top_logprobs;
+    const cl_mem *part = call->buffers.part;
+    const cl_int count = top->count;
+    const cl_int raw_mode = top->mode == PSM_LOGPROBS_RAW;
+    cl_kernel kernel = state->kernels[KERNEL_TOP_LOGPROBS];
+    cl_uint index = 0;
+    PSM_TRY(set_request_args(call, kernel, &index));
+    PSM_TRY(set_arg(kernel, &index, sizeof *raw_description, raw_description));
+    PSM_TRY(SET_MEM(kernel, &index, raw_logits));
+    PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_REF]));
+    PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_MASS]));
+    PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_PREFIX]));
+    PSM_TRY(SET_MEM(kernel, &index, part[PART_ROW_STATE]));
+    PSM_TRY(SET_MEM(kernel, &index, tokens));
+    PSM_TRY(SET_MEM(kernel, &index, part[PART_TOP_KEY]));
+    PSM_TRY(set_arg(kernel, &index, sizeof count, &count));
+    PSM_TRY(set_arg(kernel, &index, sizeof raw_mode, &raw_mode));
+    PSM_TRY(SET_MEM(kernel, &index, targets->tokens));
+    PSM_TRY(SET_MEM(kernel, &index, targets->logprobs));
+    PSM_TRY(SET_MEM(kernel, &index, targets->ranks));
+    return enqueue(state, kernel, 1, (size_t)call->rows,
+                   opencl_kernel_names[KERNEL_TOP_LOGPROBS]);
+}
+
+/* Delivers the staged top-N outputs (after the row check). */
+static psm_status deliver_top_logprobs(const launch *call, const top_targets *targets)
+{
+    const psm_top_logprobs *top = call->request->params.top_logprobs;
+    const cl_mem *part = call->buffers.part;
+    const size_t entries = (size_t)call->rows * (size_t)top->count;
+    const size_t samples = (size_t)call->rows * (size_t)call->request->params.num_samples;
+    if (targets->tokens == part[PART_TOP_TOKENS])
+        PSM_TRY(opencl_deliver(call->state, targets->tokens, top->tokens,
+                               entries * sizeof(cl_int)));
+    if (targets->logprobs == part[PART_TOP_LOGPROBS])
+        PSM_TRY(opencl_deliver(call->state, targets->logprobs, top->logprobs,
+                               entries * sizeof(cl_float)));
+    if (targets->ranks && targets->ranks == part[PART_TOP_RANKS])
+        PSM_TRY(opencl_deliver(call->state, targets->ranks, top->sampled_ranks,
+                               samples * sizeof(cl_int)));
+    return PSM_OK;
+}
+
 static psm_status sample_call(launch *call)
 {
     opencl_state *state = call->state;
@@ -468,6 +541,12 @@ static psm_status sample_call(launch *call)
                               outputs * sizeof(cl_float), "logprobs", &logprobs));
     else
         logprobs = tokens; /* never written: want_logprobs is 0 */
+    top_targets top = {NULL, NULL, NULL};
+    if (request->params.top_logprobs)
+        PSM_TRY(top_output_targets(call, &top));
+    /* Before run_rows points the call at the processed logits. */
+    const cl_mem raw_logits = call->logits;
+    const psm_opencl_request raw_description = call->description;
 
     PSM_TRY(run_rows(call));
     cl_kernel kernel = state->kernels[KERNEL_DRAW];
@@ -481,6 +560,8 @@ static psm_status sample_call(launch *call)
     PSM_TRY(SET_MEM(kernel, &index, logprobs));
     PSM_TRY(enqueue(state, kernel, team_groups(state, outputs), 1,
                     opencl_kernel_names[KERNEL_DRAW]));
+    if (request->params.top_logprobs)
+        PSM_TRY(run_top_logprobs(call, raw_logits, &raw_description, tokens, &top));
 
     if (request->check_rows)
         PSM_TRY(check_rows_result(state, request));
@@ -488,6 +569,8 @@ static psm_status sample_call(launch *call)
         PSM_TRY(opencl_deliver(state, tokens, request->tokens, outputs * sizeof(cl_int)));
     if (want_logprobs && logprobs == part[PART_LOGPROBS])
         PSM_TRY(opencl_deliver(state, logprobs, request->logprobs, outputs * sizeof(cl_float)));
+    if (request->params.top_logprobs)
+        PSM_TRY(deliver_top_logprobs(call, &top));
     return PSM_OK;
 }
 

@@ -54,6 +54,8 @@
  *   psm_draw         a team per (sample, row): picks the tile by binary
  *                    search of the prefix, then the token within the tile.
  *   psm_probs        a team per tile: the final distribution.
+ *   psm_top_logprobs a group per row, after psm_draw, only for calls with
+ *                    top_logprobs: kernels/psm_stage_top_logprobs.h.
  * psm_tile_filter, psm_draw and psm_probs are the stages of
  * kernels/psm_stage_draw.h (shared with CUDA and HIP), with the kept test
  * of core/psm_row.h.
@@ -101,6 +103,9 @@
 #endif
 #ifndef PSM_STAGE_ORDERS_H
 #include "psm_stage_orders.h"
+#endif
+#ifndef PSM_STAGE_TOP_LOGPROBS_H
+#include "psm_stage_top_logprobs.h"
 #endif
 
 /* This compiler lays the host's structs out as the host does (see
@@ -1220,6 +1225,77 @@ psm_probs(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulo
         psm_row_tile_share(tile_ref, tile_mass, tile_prefix, (long)row * request.tiles, where.tile,
                            state[row].total),
         out);
+}
+
+/* ---- kernel 7: top-N logprobs ---------------------------------------------- */
+
+/* A group per row, after psm_draw (psm_sample with top_logprobs only): the
+ * stage of kernels/psm_stage_top_logprobs.h. raw_request and raw_logits are
+ * the call before logit processing (the same as request and logits without
+ * it): the raw mode reads the logits as given. top_key: per tile of each
+ * row, the stage's tile keys: in the processed mode the kept tiles' m_t as
+ * a key with the tile's first token (an upper bound of the tile's best
+ * kept key with its logit), in the raw mode psm_top_raw_scan's. top_ranks
+ * may be NULL. */
+__kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
+psm_top_logprobs(PSM_REQUEST_PARAMS, const psm_opencl_request raw_request,
+                 __global const uchar *raw_logits, __global const float *tile_ref,
+                 __global const ulong *tile_mass, __global const ulong *tile_prefix,
+                 __global const psm_row_state *state, __global const int *tokens,
+                 __global ulong *top_key, const int count, const int raw_mode,
+                 __global int *top_tokens, __global float *top_logprobs, __global int *top_ranks)
+{
+    __local psm_top_scratch scratch;
+    const psm_team team = psm_team_of_item();
+    const uint row = get_group_id(1);
+    const long row_tiles = (long)row * request.tiles;
+    psm_top_outputs out;
+    out.tokens = top_tokens + (long)row * count;
+    out.logprobs = top_logprobs + (long)row * count;
+    out.ranks = top_ranks ? top_ranks + (long)row * request.num_samples : 0;
+    out.drawn = tokens + (long)row * request.num_samples;
+    out.samples = request.num_samples;
+    const int status = state[row].status;
+    if (status == PSM_ROW_BAD || (status == PSM_ROW_GREEDY && !raw_mode)) {
+        psm_top_write_point(count, status == PSM_ROW_BAD ? -1 : (int)state[row].greedy_token,
+                            out);
+        return; /* the same for the whole group, before any barrier */
+    }
+    const psm_row_params p = PSM_RESOLVE_ROW(row);
+    __global ulong *row_key = top_key + row_tiles;
+    psm_top_row top;
+    top.vocab = request.vocab;
+    top.tiles = request.tiles;
+    top.count = count;
+    if (raw_mode) {
+        const psm_row_params source = psm_resolve_row(
+            row, raw_request.per_row, raw_request.scalars,
+            psm_make_row_arrays(temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row,
+                                seed_per_row, offset_per_row, subsequence_per_row, row_indices,
+                                seed_pointer, offset_pointer));
+        top.dtype = raw_request.dtype;
+        top.logits = raw_logits + (long)source.logits_row * raw_request.row_stride *
+                                      psm_element_bytes(raw_request.dtype);
+        top.rule = psm_make_kept_rule(0, 0, 0.0f, psm_inverse_temperature_scale(1.0f),
+                                      psm_weight_bits(request.vocab));
+    } else {
+        top.dtype = request.dtype;
+        top.logits = logits + PSM_ROW_BASE(p) * psm_element_bytes(request.dtype);
+        top.rule = psm_row_kept_rule(&state[row], &p, request.vocab);
+        for (int tile = get_local_id(0); tile < request.tiles; tile += PSM_WG) {
+            const float reference = tile_ref[row_tiles + tile];
+            row_key[tile] = tile_mass[row_tiles + tile] != 0 &&
+                                    psm_logit_class(reference) == PSM_LOGIT_VALID
+                                ? psm_rank_key(reference, (uint)(tile * PSM_TILE))
+                                : 0;
+        }
+    }
+    psm_group_barrier_global(); /* row_key's writes, for every item */
+    psm_top_masses masses;
+    masses.tile_mass = tile_mass + row_tiles;
+    masses.tile_prefix = tile_prefix + row_tiles;
+    masses.total = state[row].total;
+    psm_stage_top_logprobs(team, top, raw_mode, row_key, masses, &scratch, out);
 }
 
 /* ---- logit processing (docs/SAMPLING.md section 1) ---------------------------

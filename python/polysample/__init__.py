@@ -406,8 +406,8 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, of
     row dimension is left out (a 1-D mask, one dict, one token sequence).
     These are host data; with tensors on a device they are copied there.
 
-    Top-N logprobs (docs/SAMPLING.md section 6; the CPU backend runs them,
-    the GPU backends raise UNSUPPORTED): top_logprobs=N (1 to 64; 0: none)
+    Top-N logprobs (docs/SAMPLING.md section 6; every backend runs them):
+    top_logprobs=N (1 to 64; 0: none)
     returns a SampleResult (tokens, logprobs, top_tokens, top_logprobs,
     ranks) instead: each row's N most probable tokens and their logprobs in
     logprob_mode "processed" (the distribution the row is drawn from: after

@@ -446,8 +446,7 @@ impl Context {
     /// returning each output row's `count` most probable tokens with their
     /// logprobs and the rank of each drawn token (docs/SAMPLING.md,
     /// section 6), in the [`LogprobMode`] asked for. `count` is 1 ..= 64.
-    /// The CPU backend computes them; other backends fail with
-    /// [`Status::Unsupported`] for now.
+    /// Every backend computes them.
     ///
     /// ```
     /// use polysample::{Backend, ContextOptions, LogprobMode, Logits, Params};

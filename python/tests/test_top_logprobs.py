@@ -3,8 +3,7 @@ top_logprobs=N, logprob_mode and return_ranks on polysample.sample and
 Context.sample. Processed mode against the float64 reference distribution
 (tests/reference.py), raw mode against the float64 log-softmax, ranks by
 brute force, and every output identical to the C tool's `sample
---top-logprobs`. A backend that does not run top-N logprobs yet must refuse
-them with UNSUPPORTED (the test is then skipped, saying so)."""
+--top-logprobs`, on every backend."""
 import json
 import os
 import subprocess
@@ -23,18 +22,6 @@ def make_logits(rows, seed):
     logits = np.random.default_rng(seed).normal(0, 2, size=(rows, VOCAB)).astype(np.float32)
     logits[:, 7] = -np.inf  # masked: never a candidate
     return logits
-
-
-def run_or_skip(context, call):
-    """The call's result; a backend other than the CPU one that refuses
-    top-N logprobs says UNSUPPORTED and skips."""
-    try:
-        return call()
-    except polysample.Error as error:
-        if context.backend != "cpu" and error.status == "UNSUPPORTED":
-            pytest.skip(f"{context.backend} refuses top-N logprobs as it should "
-                        f"({error.message}); the rest needs the backend to run them")
-        raise
 
 
 def expected_list(row, candidates, logprob_of):
@@ -56,8 +43,8 @@ SETTINGS = [dict(temperature=1.0), dict(temperature=0.8, top_p=0.9),
                                                                       for k, v in s.items()))
 def test_processed_top_logprobs_follow_the_reference(context, setting):
     logits = make_logits(4, seed=21)
-    result = run_or_skip(context, lambda: context.sample(
-        logits, num_samples=16, seed=5, top_logprobs=COUNT, return_ranks=True, **setting))
+    result = context.sample(
+        logits, num_samples=16, seed=5, top_logprobs=COUNT, return_ranks=True, **setting)
     assert isinstance(result, polysample.SampleResult)
     assert result.top_tokens.shape == (4, COUNT) and result.top_tokens.dtype == np.int32
     assert result.top_logprobs.shape == (4, COUNT) and result.top_logprobs.dtype == np.float32
@@ -85,9 +72,9 @@ def test_processed_top_logprobs_follow_the_reference(context, setting):
 
 def test_raw_top_logprobs_are_the_log_softmax_as_given(context):
     logits = make_logits(3, seed=22)
-    result = run_or_skip(context, lambda: context.sample(
+    result = context.sample(
         logits, temperature=0.6, top_k=10, num_samples=8, seed=9, top_logprobs=COUNT,
-        logprob_mode="raw", return_ranks=True))
+        logprob_mode="raw", return_ranks=True)
     for row in range(3):
         valid = np.isfinite(logits[row])
         finite = np.where(valid, logits[row], -np.inf).astype(np.float64)
@@ -104,8 +91,8 @@ def test_raw_top_logprobs_are_the_log_softmax_as_given(context):
 def test_one_row_bad_rows_and_no_ranks(context):
     logits = make_logits(2, seed=23)
     logits[1, 40] = np.nan  # a bad row
-    result = run_or_skip(context, lambda: context.sample(
-        logits, num_samples=3, top_logprobs=5))
+    result = context.sample(
+        logits, num_samples=3, top_logprobs=5)
     assert result.ranks is None
     assert result.top_tokens[1].tolist() == [-1] * 5
     assert np.isnan(result.top_logprobs[1]).all()
@@ -121,7 +108,7 @@ def test_one_row_bad_rows_and_no_ranks(context):
 def test_module_function_and_workspace_size(context):
     logits = make_logits(2, seed=24)
     arguments = dict(num_samples=4, seed=3, top_logprobs=8, return_ranks=True)
-    expected = run_or_skip(context, lambda: context.sample(logits, **arguments))
+    expected = context.sample(logits, **arguments)
     got = polysample.sample(logits, backend=context.backend, **arguments)
     for name in polysample.SampleResult._fields:
         np.testing.assert_array_equal(getattr(got, name), getattr(expected, name))
@@ -157,9 +144,9 @@ def test_top_logprobs_equal_the_cli(context, tmp_path, mode):
     command = [CLI, "sample", "--backend", context.backend, "--json", "--temperature", "0.9",
                "--top-p", "0.95", "--seed", "77", "--num-samples", "3", "--top-logprobs",
                str(COUNT), str(path)] + (["--raw-logprobs"] if mode == "raw" else [])
-    result = run_or_skip(context, lambda: context.sample(
+    result = context.sample(
         logits, temperature=0.9, top_p=0.95, seed=77, num_samples=3, top_logprobs=COUNT,
-        logprob_mode=mode, return_ranks=True))
+        logprob_mode=mode, return_ranks=True)
     completed = subprocess.run(command, capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr
     expected = json.loads(completed.stdout)

@@ -473,7 +473,8 @@ def test_cuda_request_state_equals_the_cpu_backend():
 @needs_cuda
 def test_cuda_processing_tensors_equal_the_cpu_backend():
     """Processing given as CUDA tensors (the bool mask packed on the GPU)
-    reaches the CUDA backend as it is and draws the CPU backend's tokens."""
+    reaches the CUDA backend as it is and draws the CPU backend's tokens;
+    so do an engine's filter order and top-N logprobs with ranks."""
     rows, vocab = 5, 32000
     logits = logits_tensor(rows=rows, vocab=vocab, seed=4, device="cuda")
     host, tensors = processing_forms(rows, vocab, torch.Generator().manual_seed(6))
@@ -486,6 +487,20 @@ def test_cuda_processing_tensors_equal_the_cpu_backend():
         logits.cpu().numpy(), backend="cpu", return_logprobs=True, **SETTING, **host)
     np.testing.assert_array_equal(tokens.cpu().numpy(), expected_tokens)
     np.testing.assert_allclose(logprobs.cpu().numpy(), expected_logprobs, rtol=2e-6, atol=1e-6)
+    # With an engine's order and top-N with ranks, both modes.
+    for mode in ("processed", "raw"):
+        result = pst.sample(logits, filter_order="vllm", top_logprobs=8, logprob_mode=mode,
+                            return_ranks=True, **SETTING, **on_device)
+        expected = polysample.sample(logits.cpu().numpy(), backend="cpu", filter_order="vllm",
+                                     top_logprobs=8, logprob_mode=mode, return_ranks=True,
+                                     **SETTING, **host)
+        for name in ("tokens", "top_tokens", "ranks"):
+            np.testing.assert_array_equal(getattr(result, name).cpu().numpy(),
+                                          getattr(expected, name), err_msg=f"{mode} {name}")
+        for name in ("logprobs", "top_logprobs"):
+            np.testing.assert_allclose(getattr(result, name).cpu().numpy(),
+                                       getattr(expected, name), rtol=2e-6, atol=1e-6,
+                                       err_msg=f"{mode} {name}")
 
 
 @needs_cuda

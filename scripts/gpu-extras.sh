@@ -22,14 +22,17 @@ BUILD=$ROOT/build-gpu
 SOAK_MINUTES=${1:-3}
 mkdir -p "$OUT"
 log=$OUT/extras.log
+# Each step's whole output, outside $OUT: the device tool brings back only a
+# few files, which should be the logs and the Python results.
+STEP=$(mktemp)
 
 step() {
     local name=$1 limit=$2
     shift 2
     local begin=$(date +%s) rc=0
     echo "=== $name (limit ${limit}s)" | tee -a "$log"
-    timeout --kill-after=10 "$limit" "$@" >"$OUT/step.txt" 2>&1 || rc=$?
-    tail -n 40 "$OUT/step.txt" >>"$log"
+    timeout --kill-after=10 "$limit" "$@" >"$STEP" 2>&1 || rc=$?
+    tail -n 40 "$STEP" >>"$log"
     echo "--- $name: rc=$rc ($(($(date +%s) - begin))s)" | tee -a "$log"
 }
 
@@ -56,10 +59,9 @@ fi
 
 if [ -x "$ROOT/fuzz/gpu-soak.sh" ]; then
     step "soak" $((SOAK_MINUTES * 60 + 150)) "$ROOT/fuzz/gpu-soak.sh" "$BUILD" "$SOAK_MINUTES"
-    cp "$OUT/step.txt" "$OUT/soak.txt"
+    grep -v '^=========' "$STEP" >"$OUT/soak.txt"
 fi
 
 step "python gpu tests" 330 "$ROOT/python/gpu-tests.sh" "$OUT" "$ROOT/build-python-gpu"
-cp "$OUT/step.txt" "$OUT/python-step.txt"
 
 cat "$log"

@@ -18,7 +18,9 @@
  * - psm_team_walk_ranks, the rank from the ranked list's weights: PSM_TEAM
  *   ranks a round, until one reaches the target.
  * Every item of the team calls them; on OpenCL every item of the work-group
- * (they hold barriers).
+ * (they hold barriers). With top-k the ranked list holds every kept token,
+ * and psm_group_list_masses, a whole group's work, makes the kept tiles'
+ * (m_t, S_t) from it.
  *
  * The tallying and gathering passes over the row are still each backend's
  * (docs/ARCHITECTURE.md, "Still written per backend").
@@ -155,6 +157,47 @@ PSM_LOCAL_FN psm_u32 psm_team_walk_ranks(PSM_TEAM_TYPE team, PSM_LOCAL const psm
 #endif
     }
     return last_rank;
+}
+
+/* Each tile's (m_t, S_t) over the kept set from a ranked list that holds
+ * every kept token (top-k's): ranks [0, kept) of the list (psm_rank_list's
+ * keys, weights and order) whose weight meets min_weight (0: any; min-p
+ * keeps a prefix of the ranks, since weights do not grow down them). Two
+ * passes over the kept ranks with an atomic per rank: each tile's best kept
+ * token (m_t, psm_tile_best), then each token's weight against it added to
+ * S_t. Every tile of the row gets its entry, tile_best 0 and tile_mass 0
+ * for a tile that keeps nothing. A group's work: every item calls it (it
+ * holds barriers); a group that keeps nothing passes tiles 0. */
+PSM_LOCAL_FN void psm_group_list_masses(PSM_LOCAL const psm_u64 *key,
+                                        PSM_LOCAL const psm_u64 *weight,
+                                        PSM_LOCAL const psm_u16 *order, psm_u32 kept,
+                                        psm_u64 min_weight, float scale, int bits,
+                                        PSM_GLOBAL psm_tile_best *tile_best,
+                                        PSM_GLOBAL psm_u64 *tile_mass, psm_i64 tiles)
+{
+    const psm_u32 item = (psm_u32)psm_group_item(), items = (psm_u32)psm_group_size();
+    for (psm_i64 tile = item; tile < tiles; tile += items) {
+        tile_best[tile] = 0;
+        tile_mass[tile] = 0;
+    }
+    psm_group_barrier_global();
+    for (int pass = 0; pass < 2; ++pass) {
+        for (psm_u32 rank = item; rank < kept; rank += items) {
+            const psm_u32 j = order[rank];
+            if (min_weight != 0 && weight[j] < min_weight)
+                continue;
+            const psm_u64 token_key = key[j];
+            const psm_i64 tile = (psm_i32)psm_rank_key_token(token_key) / PSM_TILE;
+            if (pass == 0) {
+                psm_tile_best_raise(&tile_best[tile], token_key);
+            } else {
+                const float gap = psm_unclamped_gap(psm_tile_best_logit(&tile_best[tile]),
+                                                    psm_rank_key_logit(token_key), scale);
+                psm_global_add_u64(&tile_mass[tile], psm_weight_of_gap(gap, bits));
+            }
+        }
+        psm_group_barrier_global();
+    }
 }
 
 PSM_STAGE_END

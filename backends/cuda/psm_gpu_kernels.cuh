@@ -778,38 +778,6 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
     return PSM_GPU_SELECT_LIST;
 }
 
-/* Tile masses over the kept set when the list holds every kept token (top-k):
- * m_t is the best kept key of the tile, then S_t sums the kept w_i. */
-PSM_GPU_DEVICE void psm_gpu_list_masses(const psm_gpu_call &call, const psm_gpu_row_state &state,
-                                        const psm_gpu_select_scratch &select)
-{
-    psm_u64 *tile_key = call.tile_key + state.tile_base;
-    psm_u64 *tile_mass = call.tile_mass + state.tile_base;
-    for (psm_i64 tile = threadIdx.x; tile < call.tiles_per_row; tile += blockDim.x) {
-        tile_key[tile] = 0;
-        tile_mass[tile] = 0;
-    }
-    psm_gpu_block_barrier();
-    for (int pass = 0; pass < 2; ++pass) {
-        for (psm_u32 rank = threadIdx.x; rank < select.kept; rank += blockDim.x) {
-            const psm_u32 j = select.order[rank];
-            if (state.min_weight != 0 && select.list_weight[j] < state.min_weight)
-                continue;
-            const psm_u64 key = select.list_key[j];
-            const psm_i64 tile = (psm_i32)psm_rank_key_token(key) / PSM_TILE;
-            if (pass == 0) {
-                psm_gpu_atomic_max_u64((unsigned long long *)&tile_key[tile], key);
-            } else {
-                const float gap = psm_unclamped_gap(psm_rank_key_logit(tile_key[tile]),
-                                              psm_rank_key_logit(key), state.scale);
-                psm_gpu_atomic_add_u64((unsigned long long *)&tile_mass[tile],
-                                       psm_weight_of_gap(gap, call.weight_bits));
-            }
-        }
-        psm_gpu_block_barrier();
-    }
-}
-
 /* Tile masses over the kept set by reading the tiles: one warp per tile,
  * the stage of kernels/psm_stage_draw.h. */
 template <int WarpSize, int Dtype>
@@ -993,7 +961,12 @@ PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scrat
                 }
                 if (top_k_on && status == PSM_GPU_SELECT_LIST) {
                     if (part == 0) /* from the list alone: nothing to share */
-                        psm_gpu_list_masses(call, state, *select);
+                        psm_group_list_masses(select->list_key, select->list_weight,
+                                              select->order, select->kept, state.min_weight,
+                                              state.scale, call.weight_bits,
+                                              call.tile_key + state.tile_base,
+                                              call.tile_mass + state.tile_base,
+                                              call.tiles_per_row);
                 } else {
                     psm_gpu_scan_masses<WarpSize, Dtype>(source.base, call, state,
                                                          psm_gpu_kept_rule(call, state), split);

@@ -55,7 +55,8 @@
  * With logit processing, three kernels run first ("logit processing" at the
  * end of this file) and the pipeline reads their output.
  * No kernel needs 64-bit atomics: 64-bit sums add posted partials, and the
- * per-bucket masses of top-p are kept as two 32-bit words with exact carries.
+ * per-bucket masses of top-p and top-k's tile masses from its list are kept
+ * as two 32-bit words with exact carries.
  */
 
 /* The shared headers. The host hands them to the OpenCL compiler as the
@@ -811,43 +812,17 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
     const uint walked = psm_team_walk_ranks(team, weight, order, walking ? k : 0u, 0, 0, 1,
                                             p.top_p, scratch_counts);
 
-    /* 6. The kept ranks; then each tile's (m_t, S_t). Min-p keeps a prefix
-     * of them: weights do not grow down the ranks, and the top token's
-     * 2^bits meets any threshold. */
-    uint kept = walking ? walked + 1 : k;
-    ulong cutoff = 0;
+    /* 6. The kept ranks, then each tile's (m_t, S_t) from them
+     * (psm_stage_bins.h), m_t first as a psm_tile_best in tile_ref's word. */
+    const uint kept = walking ? walked + 1 : k;
+    const ulong cutoff = ranked ? list[order[kept - 1]] : 0;
     const ulong min_weight = psm_min_p_threshold(p.min_p, bits);
-    if (ranked) {
-        cutoff = list[order[kept - 1]];
-        if (min_weight != 0)
-            while (kept > 1 && weight[order[kept - 1]] < min_weight)
-                --kept;
-        for (int t = lid; t < request.tiles; t += PSM_WG)
-            tile_mass[row_tiles + t] = 0;
-    }
-    barrier(CLK_GLOBAL_MEM_FENCE);
-    /* A kept token leads its tile when no better-ranked kept token shares
-     * it: its value is m_t, and it sums the tile's kept weights against it. */
-    if (ranked)
-        for (uint r = lid; r < kept; r += PSM_WG) {
-            const ulong key = list[order[r]];
-            const uint tile = psm_rank_key_token(key) / PSM_TILE;
-            int leads = 1;
-            for (uint q = 0; q < r && leads; ++q)
-                leads = psm_rank_key_token(list[order[q]]) / PSM_TILE != tile;
-            if (!leads)
-                continue;
-            const float reference = psm_rank_key_logit(key);
-            ulong mass = 0;
-            for (uint q = r; q < kept; ++q) {
-                const ulong other = list[order[q]];
-                if (psm_rank_key_token(other) / PSM_TILE == tile)
-                    mass += psm_weight_of_gap(
-                        psm_unclamped_gap(reference, psm_rank_key_logit(other), scale), bits);
-            }
-            tile_ref[row_tiles + tile] = reference;
-            tile_mass[row_tiles + tile] = mass;
-        }
+    const int tiles = ranked ? request.tiles : 0;
+    __global psm_tile_best *tile_best = (__global psm_tile_best *)(tile_ref + row_tiles);
+    psm_group_list_masses(list, weight, order, ranked ? kept : 0u, min_weight, scale, bits,
+                          tile_best, tile_mass + row_tiles, tiles);
+    for (int t = lid; t < tiles; t += PSM_WG)
+        tile_ref[row_tiles + t] = tile_best[t] != 0 ? psm_tile_best_logit(&tile_best[t]) : -INFINITY;
     if (lid == 0) {
         state[row].filtered = ranked ? PSM_FILTER_DONE : PSM_FILTER_NONE;
         if (ranked) {

@@ -758,4 +758,31 @@ PSM_ADD_U64_BY_WORDS(psm_global_add_u64, __global)
 
 #endif
 
+/* psm_local_add_u64_by_words: an exact 64-bit add to group-shared memory
+ * made of 32-bit atomics on its two words, for sums that many items of a
+ * group add to a few addresses at once (the gap bins' masses), where CUDA's
+ * 64-bit shared atomic add is a compare-and-swap loop that the items retry.
+ * The low word's add returns the word before it, which tells whether it
+ * wrapped and so carried into the high word; a zero word is not added. */
+#if PSM_PLATFORM_GPU_CXX
+#define PSM_LOW_WORD 0 /* NVIDIA and AMD GPUs are little-endian */
+#endif
+
+PSM_STAGE_BEGIN
+
+PSM_LOCAL_FN void psm_local_add_u64_by_words(PSM_LOCAL psm_u64 *address, psm_u64 value)
+{
+    PSM_LOCAL psm_u32 *words = (PSM_LOCAL psm_u32 *)address;
+    const psm_u32 low = (psm_u32)value;
+    psm_u32 high = (psm_u32)(value >> 32);
+    if (low != 0) {
+        const psm_u32 before = psm_local_add_u32(&words[PSM_LOW_WORD], low);
+        high += before + low < before ? 1u : 0u;
+    }
+    if (high != 0)
+        psm_local_add_u32(&words[1 - PSM_LOW_WORD], high);
+}
+
+PSM_STAGE_END
+
 #endif /* PSM_PORTABLE_H */

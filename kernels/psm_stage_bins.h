@@ -67,6 +67,44 @@ PSM_LOCAL_FN psm_team_found psm_team_found_of(PSM_TEAM_TYPE team, psm_u64 own, p
     return answer;
 }
 
+/* A token's part in tallying the gap bins, x its logit after
+ * psm_read_logit (any class): a valid token adds 1 to its bin's count or,
+ * by_mass, its weight g to its bin's mass. By mass the bins are told apart
+ * by their masses alone (a bin without mass cannot be where the running
+ * mass first reaches the target), and the list's size is checked as it is
+ * gathered: no count. */
+PSM_LOCAL_FN void psm_bins_tally(float x, float maximum, float scale, int by_mass, int bits,
+                                 PSM_LOCAL psm_u32 *bin_count, PSM_LOCAL psm_u64 *bin_mass)
+{
+    if (psm_logit_class(x) != PSM_LOGIT_VALID)
+        return;
+    const float gap = psm_unclamped_gap(maximum, x, scale);
+    const int bin = psm_gap_bin(gap);
+    if (by_mass)
+        psm_local_add_u64_by_words(&bin_mass[bin], psm_weight_of_gap(gap, bits));
+    else
+        psm_local_add_u32(&bin_count[bin], 1u);
+}
+
+/* Token `token`'s part in gathering a candidate list, x as for
+ * psm_bins_tally: a valid token whose gap bin lies in [first_bin, last_bin]
+ * takes the next slot of the list and writes its rank key there when the
+ * slot is below capacity. The size counts on past capacity, which tells the
+ * caller that the list did not fit. */
+PSM_LOCAL_FN void psm_bins_gather(float x, psm_u32 token, float maximum, float scale,
+                                  int first_bin, int last_bin, PSM_LOCAL psm_u32 *size,
+                                  PSM_LOCAL psm_u64 *list, psm_u32 capacity)
+{
+    if (psm_logit_class(x) != PSM_LOGIT_VALID)
+        return;
+    const int bin = psm_gap_bin(psm_unclamped_gap(maximum, x, scale));
+    if (bin < first_bin || bin > last_bin)
+        return;
+    const psm_u32 slot = psm_local_add_u32(size, 1u);
+    if (slot < capacity)
+        list[slot] = psm_rank_key(x, token);
+}
+
 /* The first gap bin at which the running amount in bin order (most probable
  * first) reaches need: the bins' counts, or with by_mass their g masses.
  * With need_from_total, need is psm_top_p_target(total, top_p) first, total

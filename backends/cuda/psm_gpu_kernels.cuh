@@ -523,25 +523,6 @@ struct psm_gpu_select_scratch {
 #define PSM_GPU_SELECT_TOP_ONLY 1  /* top-p target 0: the top token alone */
 #define PSM_GPU_SELECT_FALLBACK 2  /* the list would not fit: radix select */
 
-/* A 64-bit shared-memory sum made with 32-bit atomics on its two words
- * (little-endian, as NVIDIA and AMD GPUs are): the low word's add returns
- * the value before it, which tells whether it carried into the high word.
- * Once every add has finished the 64-bit value is the exact sum. Used on
- * top-p's mass bins, where a 64-bit shared atomic add is a compare-and-swap
- * loop that many lanes of a warp retry on the same few bins. */
-PSM_GPU_DEVICE void psm_gpu_shared_add_u64_by_words(unsigned long long *address, psm_u64 value)
-{
-    psm_u32 *words = (psm_u32 *)address;
-    const psm_u32 low = (psm_u32)value;
-    psm_u32 high = (psm_u32)(value >> 32);
-    if (low != 0) {
-        const psm_u32 before = psm_gpu_atomic_add_u32(&words[0], low);
-        high += before + low < before ? 1u : 0u;
-    }
-    if (high != 0)
-        psm_gpu_atomic_add_u32(&words[1], high);
-}
-
 /* Split rows: adds this block's gap-bin counts (and, with masses, their
  * masses) to the row's pool, then takes the pooled totals as its own. */
 PSM_GPU_DEVICE void psm_gpu_pool_bins(psm_gpu_row_split &split, psm_gpu_select_scratch &select,
@@ -667,19 +648,8 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
                 psm_gpu_pool_bins(split, select, split.shared->pool.lane_bin_count, nullptr);
         } else {
             psm_gpu_for_each_logit<Dtype>(call, row_base, split.slice, [&](psm_i64, float x) {
-                if (psm_logit_class(x) != PSM_LOGIT_VALID)
-                    return;
-                const float gap = psm_unclamped_gap(state.row_max, x, state.scale);
-                const int bin = psm_gap_bin(gap);
-                /* By mass the bins are told apart by their masses alone (a
-                 * bin without mass cannot be where the running mass first
-                 * reaches the target), and the list's size is checked as it
-                 * is gathered: no count. */
-                if (by_mass)
-                    psm_gpu_shared_add_u64_by_words((unsigned long long *)&select.bin_mass[bin],
-                                                    psm_weight_of_gap(gap, call.weight_bits));
-                else
-                    psm_gpu_atomic_add_u32(&select.bin_count[bin], 1u);
+                psm_bins_tally(x, state.row_max, state.scale, by_mass, call.weight_bits,
+                               select.bin_count, select.bin_mass);
             });
             if (split.parts > 1)
                 psm_gpu_pool_bins(split, select, split.shared->pool.bin_count,
@@ -726,14 +696,8 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
         }
 
         const auto gather = [&](psm_i64 i, float x) {
-            if (psm_logit_class(x) != PSM_LOGIT_VALID)
-                return;
-            const int bin = psm_gap_bin(psm_unclamped_gap(state.row_max, x, state.scale));
-            if (bin < first_bin || bin > last_bin)
-                return;
-            const psm_u32 slot = psm_gpu_atomic_add_u32(&select.list_size, 1u);
-            if (slot < PSM_GPU_LIST_CAPACITY)
-                select.list_key[slot] = psm_rank_key(x, (psm_u32)i);
+            psm_bins_gather(x, (psm_u32)i, state.row_max, state.scale, first_bin, last_bin,
+                            &select.list_size, select.list_key, PSM_GPU_LIST_CAPACITY);
         };
         if (from_lanes)
             psm_gpu_for_each_logit_of_lanes<WarpSize, Dtype>(call, row_base, state, split.slice,

@@ -565,24 +565,11 @@ PSM_LOCAL_FN int psm_radix_collect(int active, __global const uchar *logits, int
  * bits) puts nearly all of a row into a handful of buckets, whose local
  * atomics then collide on every step; the bins spread the row thinly, and
  * the bin that holds the cutoff is usually small enough to collect at once:
- * one pass to tally, one to collect. (The CUDA backend's
- * psm_gpu_select_cutoff does the same, on the same bins: core/psm_row.h.)
- * The bins live where the list will go. */
+ * one pass to tally, one to collect. Each token's part in both passes is
+ * psm_stage_bins.h's (psm_bins_tally, psm_bins_gather), as in the CUDA
+ * backend's psm_gpu_select_cutoff. The bins live where the list will go. */
 /* A count and a two-word mass per bin, in 32-bit words. */
 #define PSM_GAP_BIN_WORDS (3 * PSM_GAP_BINS)
-
-/* Token i's gap bin, or -1 when it is no candidate; *x and *gap get its
- * value and its scaled gap to M (M >= x, so psm_weight_of_gap of that gap
- * is g_i, as in psm_tile_reduce). */
-static int psm_load_gap_bin(__global const uchar *logits, int dtype, long base, int i,
-                            float maximum, float scale, float *x, float *gap)
-{
-    *x = psm_load_candidate(logits, dtype, base + i);
-    if (!psm_is_valid(*x))
-        return -1;
-    *gap = psm_unclamped_gap(maximum, *x, scale);
-    return psm_gap_bin(*gap);
-}
 
 /* The gap bin of a valid value. */
 static int psm_value_bin(float x, float maximum, float scale)
@@ -590,12 +577,12 @@ static int psm_value_bin(float x, float maximum, float scale)
     return psm_gap_bin(psm_unclamped_gap(maximum, x, scale));
 }
 
-/* psm_radix_collect's list and results from the gap bins: counting mode
- * collects every candidate of the bins up to the one where the k-th lies,
- * mass mode that bin's candidates of nonzero weight. Returns -1 when they do
- * not fit (the caller then runs psm_radix_collect) or !active. The list must
- * hold at least PSM_GAP_BIN_WORDS / 2 keys. Every item calls it and passes
- * every barrier (see psm_radix_collect). */
+/* psm_radix_collect's list and results from the gap bins
+ * (psm_stage_bins.h): counting mode collects every candidate of the bins up
+ * to the one where the k-th lies, mass mode that bin's candidates. Returns
+ * -1 when they do not fit (the caller then runs psm_radix_collect) or
+ * !active. The list must hold at least PSM_GAP_BIN_WORDS / 2 keys. Every
+ * item calls it and passes every barrier (see psm_radix_collect). */
 PSM_LOCAL_FN int psm_bin_collect(int active, __global const uchar *logits, int dtype, long base,
                                  int vocab, int mass_mode, ulong want, float top_p,
                                  float maximum, float scale, int bits, __local ulong *list,
@@ -614,59 +601,45 @@ PSM_LOCAL_FN int psm_bin_collect(int active, __global const uchar *logits, int d
         *shared_size = 0xffffffffu; /* kept only if no bin reaches want: unreachable */
     barrier(CLK_LOCAL_MEM_FENCE);
     const int count = active ? vocab : 0;
-    for (int i = lid; i < count; i += PSM_WG) {
-        float x, gap;
-        int bin = psm_load_gap_bin(logits, dtype, base, i, maximum, scale, &x, &gap);
-        if (bin < 0)
-            continue;
-        if (mass_mode) {
-            ulong g = psm_weight_of_gap(gap, bits);
-            if (g == 0)
-                continue;
-            psm_local_add_u64(&bin_mass[bin], g);
-        }
-        atomic_inc(&bin_count[bin]);
-    }
+    for (int i = lid; i < count; i += PSM_WG)
+        psm_bins_tally(psm_load_candidate(logits, dtype, base + i), maximum, scale, mass_mode,
+                       bits, bin_count, bin_mass);
     barrier(CLK_LOCAL_MEM_FENCE);
 
     /* The first team finds the bin where the running amount reaches the
      * target (psm_stage_bins.h). Top-p alone takes its target from the mass
      * of every candidate; a target of 0 keeps one token, as a target of 1
-     * does. */
+     * does. Counting mode knows the list's size from the counts (the bins
+     * before too); mass mode learns it as it gathers. */
     const psm_team_found reached = psm_team_choose_bin(
         psm_team_of_item(), bin_count, bin_mass, mass_mode, want, mass_mode && want == 0, top_p,
         active && lid < PSM_TEAM, posts);
     if (reached.found && reached.reports) {
-        /* Counting mode keeps the candidates of the bins before too. */
-        const ulong kept = (mass_mode ? 0 : reached.before) + bin_count[reached.position];
+        const ulong size = mass_mode ? 0 : reached.before + bin_count[reached.position];
         *shared_choice = (uint)reached.position;
         *shared_above = reached.before;
         *shared_want = max(reached.need, (ulong)1);
-        *shared_size = kept <= capacity ? 0u : 0xffffffffu;
+        *shared_size = size <= capacity ? 0u : 0xffffffffu;
     }
     barrier(CLK_LOCAL_MEM_FENCE);
     const int chosen = (int)*shared_choice;
-    const int fits = active && *shared_size == 0;
+    int fits = active && *shared_size == 0;
     /* Every item has read the bins and the choice before the list (over the
      * bins) grows. */
     barrier(CLK_LOCAL_MEM_FENCE);
     const int collect_count = fits ? vocab : 0;
-    for (int i = lid; i < collect_count; i += PSM_WG) {
-        float x, gap;
-        int bin = psm_load_gap_bin(logits, dtype, base, i, maximum, scale, &x, &gap);
-        if (bin < 0 ||
-            (mass_mode ? bin != chosen || psm_weight_of_gap(gap, bits) == 0 : bin > chosen))
-            continue;
-        list[atomic_inc(shared_size)] = psm_rank_key(x, (uint)i);
-    }
+    for (int i = lid; i < collect_count; i += PSM_WG)
+        psm_bins_gather(psm_load_candidate(logits, dtype, base + i), (uint)i, maximum, scale,
+                        mass_mode ? chosen : 0, chosen, shared_size, list, capacity);
     barrier(CLK_LOCAL_MEM_FENCE);
-    const int size = (int)*shared_size;
+    const uint size = *shared_size;
+    fits = fits && size <= capacity;
     if (fits) {
         *above_out = *shared_above;
         *want_out = *shared_want;
     }
     barrier(CLK_LOCAL_MEM_FENCE);
-    return fits ? size : -1;
+    return fits ? (int)size : -1;
 }
 
 /* ---- kernel 2a: top-k from the lane maxima --------------------------------

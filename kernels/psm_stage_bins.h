@@ -22,8 +22,11 @@
  * and psm_group_list_masses, a whole group's work, makes the kept tiles'
  * (m_t, S_t) from it.
  *
- * The tallying and gathering passes over the row are still each backend's
- * (docs/ARCHITECTURE.md, "Still written per backend").
+ * Each token's (or lane maximum's) part in the passes that tally the bins
+ * and gather the list is here too (psm_bins_tally, psm_bins_gather,
+ * psm_lane_max_bin); the loops of those passes over the row are each
+ * backend's, over its own loads and tile layout (docs/ARCHITECTURE.md,
+ * "Still written per backend").
  */
 #ifndef PSM_STAGE_BINS_H
 #define PSM_STAGE_BINS_H
@@ -103,6 +106,20 @@ PSM_LOCAL_FN void psm_bins_gather(float x, psm_u32 token, float maximum, float s
     const psm_u32 slot = psm_local_add_u32(size, 1u);
     if (slot < capacity)
         list[slot] = psm_rank_key(x, token);
+}
+
+/* The gap bin of a lane maximum that launch 1 keeps for top-k rows
+ * (psm_stage_tile.h: the ordered bits of the best logit of the lane, the
+ * tokens one item of a tile's team reads; 0 when the lane holds no
+ * candidate), -1 for none. A token is at most its lane's maximum, so its bin
+ * is at least that of the maximum: k lane maxima in the bins up to b prove
+ * k candidates there, and every candidate of those bins lies in a lane whose
+ * maximum's bin is at most b. Top-k tallies the lane maxima by bin and
+ * gathers the tokens of those lanes (psm_bins_gather) instead of the row. */
+PSM_DEVICE_FN int psm_lane_max_bin(psm_u32 high, float maximum, float scale)
+{
+    return high != 0 ? psm_gap_bin(psm_unclamped_gap(maximum, psm_ordered_logit(high), scale))
+                     : -1;
 }
 
 /* The first gap bin at which the running amount in bin order (most probable

@@ -572,7 +572,8 @@ PSM_GPU_DEVICE void psm_gpu_pool_list(psm_gpu_row_split &split, psm_gpu_select_s
 
 /* Calls visit(j, bin) for each lane maximum of launch 1 (top-k rows) in the
  * tiles of this block's slice that is not empty: j indexes the row's lanes
- * (tile * WarpSize + lane), bin is the maximum's gap bin. */
+ * (tile * WarpSize + lane), bin is the maximum's gap bin
+ * (psm_lane_max_bin). */
 template <int WarpSize, class Visit>
 PSM_GPU_DEVICE void psm_gpu_for_each_lane_max(const psm_gpu_call &call,
                                               const psm_gpu_row_state &state, psm_gpu_slice slice,
@@ -583,18 +584,17 @@ PSM_GPU_DEVICE void psm_gpu_for_each_lane_max(const psm_gpu_call &call,
     const psm_u32 *lane_max = call.lane_max + state.tile_base * WarpSize;
     const psm_i64 end = (slice.end + PSM_TILE - 1) / PSM_TILE * WarpSize;
     for (psm_i64 j = slice.begin / PSM_TILE * WarpSize + threadIdx.x; j < end; j += blockDim.x) {
-        const psm_u32 high = lane_max[j];
-        if (high != 0)
-            visit(j, psm_gap_bin(psm_unclamped_gap(
-                         state.row_max, psm_ordered_logit(high), state.scale)));
+        const int bin = psm_lane_max_bin(lane_max[j], state.row_max, state.scale);
+        if (bin >= 0)
+            visit(j, bin);
     }
 }
 
 /* Calls visit(i, x) for the tokens of this block's slice that lie in lanes
  * (of launch 1's tile layout, psm_gpu_load_tile) whose maximum falls in a
- * gap bin up to last_bin. A token is at most its lane's maximum, so its bin
- * is at least that of the maximum: no other token can lie in those bins, and
- * top-k's gathering reads these lanes (a few per k) instead of the row. */
+ * gap bin up to last_bin: no other token can lie in those bins
+ * (psm_lane_max_bin), and top-k's gathering reads these lanes (a few per k)
+ * instead of the row. */
 template <int WarpSize, int Dtype, class Visit>
 PSM_GPU_DEVICE void psm_gpu_for_each_logit_of_lanes(const psm_gpu_call &call,
                                                     const unsigned char *row_base,
@@ -642,7 +642,7 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
         if (from_lanes) {
             /* The lanes of this block's tiles (every tile without a split). */
             psm_gpu_for_each_lane_max<WarpSize>(call, state, split.slice, [&](psm_i64, int bin) {
-                psm_gpu_atomic_add_u32(&select.bin_count[bin], 1u);
+                psm_local_add_u32(&select.bin_count[bin], 1u);
             });
             if (split.parts > 1)
                 psm_gpu_pool_bins(split, select, split.shared->pool.lane_bin_count, nullptr);

@@ -571,12 +571,6 @@ PSM_LOCAL_FN int psm_radix_collect(int active, __global const uchar *logits, int
 /* A count and a two-word mass per bin, in 32-bit words. */
 #define PSM_GAP_BIN_WORDS (3 * PSM_GAP_BINS)
 
-/* The gap bin of a valid value. */
-static int psm_value_bin(float x, float maximum, float scale)
-{
-    return psm_gap_bin(psm_unclamped_gap(maximum, x, scale));
-}
-
 /* psm_radix_collect's list and results from the gap bins
  * (psm_stage_bins.h): counting mode collects every candidate of the bins up
  * to the one where the k-th lies, mass mode that bin's candidates. Returns
@@ -713,10 +707,9 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
     barrier(CLK_LOCAL_MEM_FENCE);
     if (mine)
         for (int j = lid; j < lanes; j += PSM_WG) {
-            const uint high = row_lanes[j];
-            if (high)
-                atomic_inc(&bin_count[psm_value_bin(psm_ordered_logit(high), summary.maximum,
-                                                    scale)]);
+            const int bin = psm_lane_max_bin(row_lanes[j], summary.maximum, scale);
+            if (bin >= 0)
+                psm_local_add_u32(&bin_count[bin], 1u);
         }
     barrier(CLK_LOCAL_MEM_FENCE);
 
@@ -739,10 +732,8 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
     int gathering = mine && last_bin != none;
     if (gathering)
         for (int j = lid; j < lanes; j += PSM_WG) {
-            const uint high = row_lanes[j];
-            if (high &&
-                psm_value_bin(psm_ordered_logit(high), summary.maximum, scale) <=
-                    (int)last_bin) {
+            const int bin = psm_lane_max_bin(row_lanes[j], summary.maximum, scale);
+            if (bin >= 0 && bin <= (int)last_bin) {
                 const uint at = atomic_inc(&shared_lanes);
                 if (at < PSM_TOP_K_LANES)
                     lane_list[at] = (uint)j;
@@ -759,14 +750,10 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
         const int offset =
             psm_slot_offset(w % PSM_TEAM_SLOTS, (int)(j % PSM_TEAM), PSM_TEAM, vector_shift,
                             PSM_INTERLEAVED);
-        if (offset >= request.vocab - first)
-            continue;
-        const float x = psm_load_candidate(logits, request.dtype, base + first + offset);
-        if (!psm_is_valid(x) || psm_value_bin(x, summary.maximum, scale) > (int)last_bin)
-            continue;
-        const uint at = atomic_inc(&shared_size);
-        if (at < (uint)request.top_k_list_capacity)
-            list[at] = psm_rank_key(x, (uint)(first + offset));
+        if (offset < request.vocab - first)
+            psm_bins_gather(psm_load_candidate(logits, request.dtype, base + first + offset),
+                            (uint)(first + offset), summary.maximum, scale, 0, (int)last_bin,
+                            &shared_size, list, (uint)request.top_k_list_capacity);
     }
     barrier(CLK_LOCAL_MEM_FENCE);
 

@@ -417,9 +417,10 @@ PSM_LOCAL_FN ulong psm_reader_key(const psm_reader *reader, long i, float *x)
 
 /* A cutoff of psm_radix_select over this reader as a cutoff over the row.
  * Over the row or its copy it is one already. A list leaves out some of the
- * row's tokens (those of weight 0, those below the bin or bucket it
- * gathered), which may lie between the cutoff (a bucket's start) and the
- * smallest selected key: over a list the cutoff is that key. Every item
+ * row's tokens (those below the bin or bucket it gathered; psm_radix_collect
+ * leaves out those of weight 0 too), which may lie between the cutoff (a
+ * bucket's start) and the smallest selected key: over a list the cutoff is
+ * that key. Every item
  * calls it, whatever the reader (the group operation holds barriers, which
  * PoCL compiles slowly inside a branch). */
 PSM_LOCAL_FN ulong psm_cutoff_over_row(psm_team team, const psm_reader *reader, ulong cutoff,

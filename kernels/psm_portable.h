@@ -610,21 +610,24 @@ PSM_LOCAL_FN uint psm_local_add_u32(__local uint *address, uint value)
 
 /* The low word's add returns the word before it, which tells whether it
  * wrapped: then exactly one carries into the high word. Exact once every
- * add has finished. */
+ * add has finished. One body for each address space that needs it (OpenCL
+ * C 1.2 has no generic one). */
 #ifdef __ENDIAN_LITTLE__
 #define PSM_LOW_WORD 0
 #else
 #define PSM_LOW_WORD 1
 #endif
-PSM_LOCAL_FN void psm_local_add_u64(__local ulong *address, ulong value)
-{
-    __local uint *words = (__local uint *)address;
-    const uint low = (uint)value;
-    const uint before = atomic_add(&words[PSM_LOW_WORD], low);
-    const uint high = (uint)(value >> 32) + (before + low < before ? 1u : 0u);
-    if (high != 0)
-        atomic_add(&words[1 - PSM_LOW_WORD], high);
-}
+#define PSM_ADD_U64_BY_WORDS(name, space)                                    \
+    PSM_LOCAL_FN void name(space ulong *address, ulong value)              \
+    {                                                                      \
+        space uint *words = (space uint *)address;                         \
+        const uint low = (uint)value;                                      \
+        const uint before = atomic_add(&words[PSM_LOW_WORD], low);         \
+        const uint high = (uint)(value >> 32) + (before + low < before ? 1u : 0u); \
+        if (high != 0)                                                     \
+            atomic_add(&words[1 - PSM_LOW_WORD], high);                    \
+    }
+PSM_ADD_U64_BY_WORDS(psm_local_add_u64, __local)
 
 PSM_DEVICE_FN uint psm_global_add_u32(__global uint *address, uint value)
 {
@@ -705,6 +708,83 @@ PSM_LOCAL_FN psm_team_reached psm_team_reach(psm_team team, ulong value, ulong n
 
 #endif
 
+/* ---- tile entries of the cutoff searches' stage (kernels/psm_stage_bins.h)
+ * A tile's best kept token, raised by atomics from a group's items:
+ * psm_tile_best holds it (0: none yet), psm_tile_best_raise raises it to a
+ * rank key's, psm_tile_best_logit reads its logit. CUDA and HIP keep the
+ * rank key, the row's tile_key entry; OpenCL the key's high half (the
+ * ordered bits of its logit), since OpenCL C 1.2 has no 64-bit atomics. Ties
+ * between tokens of one logit do not matter: only the logit is read.
+ * psm_global_add_u64 adds to a row's tile masses in global memory (OpenCL:
+ * two 32-bit words with carry, as psm_local_add_u64). */
+#if PSM_PLATFORM_GPU_CXX
+
+PSM_STAGE_BEGIN
+
+typedef psm_u64 psm_tile_best;
+
+PSM_DEVICE_FN void psm_tile_best_raise(psm_tile_best *best, psm_u64 key)
+{
+    psm_gpu_atomic_max_u64((unsigned long long *)best, key);
+}
+
+PSM_DEVICE_FN float psm_tile_best_logit(const psm_tile_best *best)
+{
+    return psm_rank_key_logit(*best);
+}
+
+PSM_DEVICE_FN void psm_global_add_u64(psm_u64 *address, psm_u64 value)
+{
+    psm_gpu_atomic_add_u64((unsigned long long *)address, value);
+}
+
+PSM_STAGE_END
+
+#else /* OpenCL */
+
+typedef uint psm_tile_best;
+
+PSM_DEVICE_FN void psm_tile_best_raise(__global psm_tile_best *best, ulong key)
+{
+    atomic_max(best, (uint)(key >> 32));
+}
+
+PSM_DEVICE_FN float psm_tile_best_logit(__global const psm_tile_best *best)
+{
+    return psm_ordered_logit(*best);
+}
+
+PSM_ADD_U64_BY_WORDS(psm_global_add_u64, __global)
+
+#endif
+
+/* psm_local_add_u64_by_words: an exact 64-bit add to group-shared memory
+ * made of 32-bit atomics on its two words, for sums that many items of a
+ * group add to a few addresses at once (the gap bins' masses), where CUDA's
+ * 64-bit shared atomic add is a compare-and-swap loop that the items retry.
+ * The low word's add returns the word before it, which tells whether it
+ * wrapped and so carried into the high word; a zero word is not added. */
+#if PSM_PLATFORM_GPU_CXX
+#define PSM_LOW_WORD 0 /* NVIDIA and AMD GPUs are little-endian */
+#endif
+
+PSM_STAGE_BEGIN
+
+PSM_LOCAL_FN void psm_local_add_u64_by_words(PSM_LOCAL psm_u64 *address, psm_u64 value)
+{
+    PSM_LOCAL psm_u32 *words = (PSM_LOCAL psm_u32 *)address;
+    const psm_u32 low = (psm_u32)value;
+    psm_u32 high = (psm_u32)(value >> 32);
+    if (low != 0) {
+        const psm_u32 before = psm_local_add_u32(&words[PSM_LOW_WORD], low);
+        high += before + low < before ? 1u : 0u;
+    }
+    if (high != 0)
+        psm_local_add_u32(&words[1 - PSM_LOW_WORD], high);
+}
+
+PSM_STAGE_END
+
 /* ---- a reader of min-p's survivors (the engines' filter orders) ---------
  * vLLM's order takes top-k and top-p over the tokens that pass min-p
  * (docs/SAMPLING.md section 4, "Filter orders"), so the selection stage
@@ -762,5 +842,6 @@ PSM_STAGE_END
 PSM_LOCAL_FN psm_reader psm_survivors_of(const psm_reader *row, psm_kept_rule test, int active);
 
 #endif
+
 
 #endif /* PSM_PORTABLE_H */

@@ -18,10 +18,15 @@
  * - psm_team_walk_ranks, the rank from the ranked list's weights: PSM_TEAM
  *   ranks a round, until one reaches the target.
  * Every item of the team calls them; on OpenCL every item of the work-group
- * (they hold barriers).
+ * (they hold barriers). With top-k the ranked list holds every kept token,
+ * and psm_group_list_masses, a whole group's work, makes the kept tiles'
+ * (m_t, S_t) from it.
  *
- * The tallying and gathering passes over the row are still each backend's
- * (docs/ARCHITECTURE.md, "Still written per backend").
+ * Each token's (or lane maximum's) part in the passes that tally the bins
+ * and gather the list is here too (psm_bins_tally, psm_bins_gather,
+ * psm_lane_max_bin); the loops of those passes over the row are each
+ * backend's, over its own loads and tile layout (docs/ARCHITECTURE.md,
+ * "Still written per backend").
  */
 #ifndef PSM_STAGE_BINS_H
 #define PSM_STAGE_BINS_H
@@ -63,6 +68,58 @@ PSM_LOCAL_FN psm_team_found psm_team_found_of(PSM_TEAM_TYPE team, psm_u64 own, p
     answer.before = holder.begin;
     answer.need = need;
     return answer;
+}
+
+/* A token's part in tallying the gap bins, x its logit after
+ * psm_read_logit (any class): a valid token adds 1 to its bin's count or,
+ * by_mass, its weight g to its bin's mass. By mass the bins are told apart
+ * by their masses alone (a bin without mass cannot be where the running
+ * mass first reaches the target), and the list's size is checked as it is
+ * gathered: no count. */
+PSM_LOCAL_FN void psm_bins_tally(float x, float maximum, float scale, int by_mass, int bits,
+                                 PSM_LOCAL psm_u32 *bin_count, PSM_LOCAL psm_u64 *bin_mass)
+{
+    if (psm_logit_class(x) != PSM_LOGIT_VALID)
+        return;
+    const float gap = psm_unclamped_gap(maximum, x, scale);
+    const int bin = psm_gap_bin(gap);
+    if (by_mass)
+        psm_local_add_u64_by_words(&bin_mass[bin], psm_weight_of_gap(gap, bits));
+    else
+        psm_local_add_u32(&bin_count[bin], 1u);
+}
+
+/* Token `token`'s part in gathering a candidate list, x as for
+ * psm_bins_tally: a valid token whose gap bin lies in [first_bin, last_bin]
+ * takes the next slot of the list and writes its rank key there when the
+ * slot is below capacity. The size counts on past capacity, which tells the
+ * caller that the list did not fit. */
+PSM_LOCAL_FN void psm_bins_gather(float x, psm_u32 token, float maximum, float scale,
+                                  int first_bin, int last_bin, PSM_LOCAL psm_u32 *size,
+                                  PSM_LOCAL psm_u64 *list, psm_u32 capacity)
+{
+    if (psm_logit_class(x) != PSM_LOGIT_VALID)
+        return;
+    const int bin = psm_gap_bin(psm_unclamped_gap(maximum, x, scale));
+    if (bin < first_bin || bin > last_bin)
+        return;
+    const psm_u32 slot = psm_local_add_u32(size, 1u);
+    if (slot < capacity)
+        list[slot] = psm_rank_key(x, token);
+}
+
+/* The gap bin of a lane maximum that launch 1 keeps for top-k rows
+ * (psm_stage_tile.h: the ordered bits of the best logit of the lane, the
+ * tokens one item of a tile's team reads; 0 when the lane holds no
+ * candidate), -1 for none. A token is at most its lane's maximum, so its bin
+ * is at least that of the maximum: k lane maxima in the bins up to b prove
+ * k candidates there, and every candidate of those bins lies in a lane whose
+ * maximum's bin is at most b. Top-k tallies the lane maxima by bin and
+ * gathers the tokens of those lanes (psm_bins_gather) instead of the row. */
+PSM_DEVICE_FN int psm_lane_max_bin(psm_u32 high, float maximum, float scale)
+{
+    return high != 0 ? psm_gap_bin(psm_unclamped_gap(maximum, psm_ordered_logit(high), scale))
+                     : -1;
 }
 
 /* The first gap bin at which the running amount in bin order (most probable
@@ -155,6 +212,47 @@ PSM_LOCAL_FN psm_u32 psm_team_walk_ranks(PSM_TEAM_TYPE team, PSM_LOCAL const psm
 #endif
     }
     return last_rank;
+}
+
+/* Each tile's (m_t, S_t) over the kept set from a ranked list that holds
+ * every kept token (top-k's): ranks [0, kept) of the list (psm_rank_list's
+ * keys, weights and order) whose weight meets min_weight (0: any; min-p
+ * keeps a prefix of the ranks, since weights do not grow down them). Two
+ * passes over the kept ranks with an atomic per rank: each tile's best kept
+ * token (m_t, psm_tile_best), then each token's weight against it added to
+ * S_t. Every tile of the row gets its entry, tile_best 0 and tile_mass 0
+ * for a tile that keeps nothing. A group's work: every item calls it (it
+ * holds barriers); a group that keeps nothing passes tiles 0. */
+PSM_LOCAL_FN void psm_group_list_masses(PSM_LOCAL const psm_u64 *key,
+                                        PSM_LOCAL const psm_u64 *weight,
+                                        PSM_LOCAL const psm_u16 *order, psm_u32 kept,
+                                        psm_u64 min_weight, float scale, int bits,
+                                        PSM_GLOBAL psm_tile_best *tile_best,
+                                        PSM_GLOBAL psm_u64 *tile_mass, psm_i64 tiles)
+{
+    const psm_u32 item = (psm_u32)psm_group_item(), items = (psm_u32)psm_group_size();
+    for (psm_i64 tile = item; tile < tiles; tile += items) {
+        tile_best[tile] = 0;
+        tile_mass[tile] = 0;
+    }
+    psm_group_barrier_global();
+    for (int pass = 0; pass < 2; ++pass) {
+        for (psm_u32 rank = item; rank < kept; rank += items) {
+            const psm_u32 j = order[rank];
+            if (min_weight != 0 && weight[j] < min_weight)
+                continue;
+            const psm_u64 token_key = key[j];
+            const psm_i64 tile = (psm_i32)psm_rank_key_token(token_key) / PSM_TILE;
+            if (pass == 0) {
+                psm_tile_best_raise(&tile_best[tile], token_key);
+            } else {
+                const float gap = psm_unclamped_gap(psm_tile_best_logit(&tile_best[tile]),
+                                                    psm_rank_key_logit(token_key), scale);
+                psm_global_add_u64(&tile_mass[tile], psm_weight_of_gap(gap, bits));
+            }
+        }
+        psm_group_barrier_global();
+    }
 }
 
 PSM_STAGE_END

@@ -550,25 +550,6 @@ struct psm_gpu_select_scratch {
 #define PSM_GPU_SELECT_TOP_ONLY 1  /* top-p target 0: the top token alone */
 #define PSM_GPU_SELECT_FALLBACK 2  /* the list would not fit: radix select */
 
-/* A 64-bit shared-memory sum made with 32-bit atomics on its two words
- * (little-endian, as NVIDIA and AMD GPUs are): the low word's add returns
- * the value before it, which tells whether it carried into the high word.
- * Once every add has finished the 64-bit value is the exact sum. Used on
- * top-p's mass bins, where a 64-bit shared atomic add is a compare-and-swap
- * loop that many lanes of a warp retry on the same few bins. */
-PSM_GPU_DEVICE void psm_gpu_shared_add_u64_by_words(unsigned long long *address, psm_u64 value)
-{
-    psm_u32 *words = (psm_u32 *)address;
-    const psm_u32 low = (psm_u32)value;
-    psm_u32 high = (psm_u32)(value >> 32);
-    if (low != 0) {
-        const psm_u32 before = psm_gpu_atomic_add_u32(&words[0], low);
-        high += before + low < before ? 1u : 0u;
-    }
-    if (high != 0)
-        psm_gpu_atomic_add_u32(&words[1], high);
-}
-
 /* Split rows: adds this block's gap-bin counts (and, with masses, their
  * masses) to the row's pool, then takes the pooled totals as its own. */
 PSM_GPU_DEVICE void psm_gpu_pool_bins(psm_gpu_row_split &split, psm_gpu_select_scratch &select,
@@ -618,7 +599,8 @@ PSM_GPU_DEVICE void psm_gpu_pool_list(psm_gpu_row_split &split, psm_gpu_select_s
 
 /* Calls visit(j, bin) for each lane maximum of launch 1 (top-k rows) in the
  * tiles of this block's slice that is not empty: j indexes the row's lanes
- * (tile * WarpSize + lane), bin is the maximum's gap bin. */
+ * (tile * WarpSize + lane), bin is the maximum's gap bin
+ * (psm_lane_max_bin). */
 template <int WarpSize, class Visit>
 PSM_GPU_DEVICE void psm_gpu_for_each_lane_max(const psm_gpu_call &call,
                                               const psm_gpu_row_state &state, psm_gpu_slice slice,
@@ -629,18 +611,17 @@ PSM_GPU_DEVICE void psm_gpu_for_each_lane_max(const psm_gpu_call &call,
     const psm_u32 *lane_max = call.lane_max + state.tile_base * WarpSize;
     const psm_i64 end = (slice.end + PSM_TILE - 1) / PSM_TILE * WarpSize;
     for (psm_i64 j = slice.begin / PSM_TILE * WarpSize + threadIdx.x; j < end; j += blockDim.x) {
-        const psm_u32 high = lane_max[j];
-        if (high != 0)
-            visit(j, psm_gap_bin(psm_unclamped_gap(
-                         state.row_max, psm_ordered_logit(high), state.scale)));
+        const int bin = psm_lane_max_bin(lane_max[j], state.row_max, state.scale);
+        if (bin >= 0)
+            visit(j, bin);
     }
 }
 
 /* Calls visit(i, x) for the tokens of this block's slice that lie in lanes
  * (of launch 1's tile layout, psm_gpu_load_tile) whose maximum falls in a
- * gap bin up to last_bin. A token is at most its lane's maximum, so its bin
- * is at least that of the maximum: no other token can lie in those bins, and
- * top-k's gathering reads these lanes (a few per k) instead of the row. */
+ * gap bin up to last_bin: no other token can lie in those bins
+ * (psm_lane_max_bin), and top-k's gathering reads these lanes (a few per k)
+ * instead of the row. */
 template <int WarpSize, int Dtype, class Visit>
 PSM_GPU_DEVICE void psm_gpu_for_each_logit_of_lanes(const psm_gpu_call &call,
                                                     const unsigned char *row_base,
@@ -688,25 +669,14 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
         if (from_lanes) {
             /* The lanes of this block's tiles (every tile without a split). */
             psm_gpu_for_each_lane_max<WarpSize>(call, state, split.slice, [&](psm_i64, int bin) {
-                psm_gpu_atomic_add_u32(&select.bin_count[bin], 1u);
+                psm_local_add_u32(&select.bin_count[bin], 1u);
             });
             if (split.parts > 1)
                 psm_gpu_pool_bins(split, select, split.shared->pool.lane_bin_count, nullptr);
         } else {
             psm_gpu_for_each_logit<Dtype>(call, row_base, split.slice, [&](psm_i64, float x) {
-                if (psm_logit_class(x) != PSM_LOGIT_VALID)
-                    return;
-                const float gap = psm_unclamped_gap(state.row_max, x, state.scale);
-                const int bin = psm_gap_bin(gap);
-                /* By mass the bins are told apart by their masses alone (a
-                 * bin without mass cannot be where the running mass first
-                 * reaches the target), and the list's size is checked as it
-                 * is gathered: no count. */
-                if (by_mass)
-                    psm_gpu_shared_add_u64_by_words((unsigned long long *)&select.bin_mass[bin],
-                                                    psm_weight_of_gap(gap, call.weight_bits));
-                else
-                    psm_gpu_atomic_add_u32(&select.bin_count[bin], 1u);
+                psm_bins_tally(x, state.row_max, state.scale, by_mass, call.weight_bits,
+                               select.bin_count, select.bin_mass);
             });
             if (split.parts > 1)
                 psm_gpu_pool_bins(split, select, split.shared->pool.bin_count,
@@ -753,14 +723,8 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
         }
 
         const auto gather = [&](psm_i64 i, float x) {
-            if (psm_logit_class(x) != PSM_LOGIT_VALID)
-                return;
-            const int bin = psm_gap_bin(psm_unclamped_gap(state.row_max, x, state.scale));
-            if (bin < first_bin || bin > last_bin)
-                return;
-            const psm_u32 slot = psm_gpu_atomic_add_u32(&select.list_size, 1u);
-            if (slot < PSM_GPU_LIST_CAPACITY)
-                select.list_key[slot] = psm_rank_key(x, (psm_u32)i);
+            psm_bins_gather(x, (psm_u32)i, state.row_max, state.scale, first_bin, last_bin,
+                            &select.list_size, select.list_key, PSM_GPU_LIST_CAPACITY);
         };
         if (from_lanes)
             psm_gpu_for_each_logit_of_lanes<WarpSize, Dtype>(call, row_base, state, split.slice,
@@ -803,38 +767,6 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
     }
     psm_gpu_block_barrier();
     return PSM_GPU_SELECT_LIST;
-}
-
-/* Tile masses over the kept set when the list holds every kept token (top-k):
- * m_t is the best kept key of the tile, then S_t sums the kept w_i. */
-PSM_GPU_DEVICE void psm_gpu_list_masses(const psm_gpu_call &call, const psm_gpu_row_state &state,
-                                        const psm_gpu_select_scratch &select)
-{
-    psm_u64 *tile_key = call.tile_key + state.tile_base;
-    psm_u64 *tile_mass = call.tile_mass + state.tile_base;
-    for (psm_i64 tile = threadIdx.x; tile < call.tiles_per_row; tile += blockDim.x) {
-        tile_key[tile] = 0;
-        tile_mass[tile] = 0;
-    }
-    psm_gpu_block_barrier();
-    for (int pass = 0; pass < 2; ++pass) {
-        for (psm_u32 rank = threadIdx.x; rank < select.kept; rank += blockDim.x) {
-            const psm_u32 j = select.order[rank];
-            if (state.min_weight != 0 && select.list_weight[j] < state.min_weight)
-                continue;
-            const psm_u64 key = select.list_key[j];
-            const psm_i64 tile = (psm_i32)psm_rank_key_token(key) / PSM_TILE;
-            if (pass == 0) {
-                psm_gpu_atomic_max_u64((unsigned long long *)&tile_key[tile], key);
-            } else {
-                const float gap = psm_unclamped_gap(psm_rank_key_logit(tile_key[tile]),
-                                              psm_rank_key_logit(key), state.scale);
-                psm_gpu_atomic_add_u64((unsigned long long *)&tile_mass[tile],
-                                       psm_weight_of_gap(gap, call.weight_bits));
-            }
-        }
-        psm_gpu_block_barrier();
-    }
 }
 
 /* Tile masses over the kept set by reading the tiles: one warp per tile,
@@ -1045,7 +977,12 @@ PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scrat
                 }
                 if (top_k_on && status == PSM_GPU_SELECT_LIST) {
                     if (part == 0) /* from the list alone: nothing to share */
-                        psm_gpu_list_masses(call, state, *select);
+                        psm_group_list_masses(select->list_key, select->list_weight,
+                                              select->order, select->kept, state.min_weight,
+                                              state.scale, call.weight_bits,
+                                              call.tile_key + state.tile_base,
+                                              call.tile_mass + state.tile_base,
+                                              call.tiles_per_row);
                 } else {
                     psm_gpu_scan_masses<WarpSize, Dtype>(source.base, call, state,
                                                          psm_gpu_kept_rule(call, state), split);

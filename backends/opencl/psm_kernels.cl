@@ -62,7 +62,8 @@
  * With logit processing, three kernels run first ("logit processing" at the
  * end of this file) and the pipeline reads their output.
  * No kernel needs 64-bit atomics: 64-bit sums add posted partials, and the
- * per-bucket masses of top-p are kept as two 32-bit words with exact carries.
+ * per-bucket masses of top-p and top-k's tile masses from its list are kept
+ * as two 32-bit words with exact carries.
  */
 
 /* The shared headers. The host hands them to the OpenCL compiler as the
@@ -445,9 +446,10 @@ PSM_LOCAL_FN psm_reader psm_survivors_of(const psm_reader *row, psm_kept_rule te
 
 /* A cutoff of psm_radix_select over this reader as a cutoff over the row.
  * Over the row or its copy it is one already. A list leaves out some of the
- * row's tokens (those of weight 0, those below the bin or bucket it
- * gathered), which may lie between the cutoff (a bucket's start) and the
- * smallest selected key: over a list the cutoff is that key. Every item
+ * row's tokens (those below the bin or bucket it gathered; psm_radix_collect
+ * leaves out those of weight 0 too), which may lie between the cutoff (a
+ * bucket's start) and the smallest selected key: over a list the cutoff is
+ * that key. Every item
  * calls it, whatever the reader (the group operation holds barriers, which
  * PoCL compiles slowly inside a branch). */
 PSM_LOCAL_FN ulong psm_cutoff_over_row(psm_team team, const psm_reader *reader, ulong cutoff,
@@ -593,37 +595,18 @@ PSM_LOCAL_FN int psm_radix_collect(int active, __global const uchar *logits, int
  * bits) puts nearly all of a row into a handful of buckets, whose local
  * atomics then collide on every step; the bins spread the row thinly, and
  * the bin that holds the cutoff is usually small enough to collect at once:
- * one pass to tally, one to collect. (The CUDA backend's
- * psm_gpu_select_cutoff does the same, on the same bins: core/psm_row.h.)
- * The bins live where the list will go. */
+ * one pass to tally, one to collect. Each token's part in both passes is
+ * psm_stage_bins.h's (psm_bins_tally, psm_bins_gather), as in the CUDA
+ * backend's psm_gpu_select_cutoff. The bins live where the list will go. */
 /* A count and a two-word mass per bin, in 32-bit words. */
 #define PSM_GAP_BIN_WORDS (3 * PSM_GAP_BINS)
 
-/* Token i's gap bin, or -1 when it is no candidate; *x and *gap get its
- * value and its scaled gap to M (M >= x, so psm_weight_of_gap of that gap
- * is g_i, as in psm_tile_reduce). */
-static int psm_load_gap_bin(__global const uchar *logits, int dtype, long base, int i,
-                            float maximum, float scale, float *x, float *gap)
-{
-    *x = psm_load_candidate(logits, dtype, base + i);
-    if (!psm_is_valid(*x))
-        return -1;
-    *gap = psm_unclamped_gap(maximum, *x, scale);
-    return psm_gap_bin(*gap);
-}
-
-/* The gap bin of a valid value. */
-static int psm_value_bin(float x, float maximum, float scale)
-{
-    return psm_gap_bin(psm_unclamped_gap(maximum, x, scale));
-}
-
-/* psm_radix_collect's list and results from the gap bins: counting mode
- * collects every candidate of the bins up to the one where the k-th lies,
- * mass mode that bin's candidates of nonzero weight. Returns -1 when they do
- * not fit (the caller then runs psm_radix_collect) or !active. The list must
- * hold at least PSM_GAP_BIN_WORDS / 2 keys. Every item calls it and passes
- * every barrier (see psm_radix_collect). */
+/* psm_radix_collect's list and results from the gap bins
+ * (psm_stage_bins.h): counting mode collects every candidate of the bins up
+ * to the one where the k-th lies, mass mode that bin's candidates. Returns
+ * -1 when they do not fit (the caller then runs psm_radix_collect) or
+ * !active. The list must hold at least PSM_GAP_BIN_WORDS / 2 keys. Every
+ * item calls it and passes every barrier (see psm_radix_collect). */
 PSM_LOCAL_FN int psm_bin_collect(int active, __global const uchar *logits, int dtype, long base,
                                  int vocab, int mass_mode, ulong want, float top_p,
                                  float maximum, float scale, int bits, __local ulong *list,
@@ -642,59 +625,45 @@ PSM_LOCAL_FN int psm_bin_collect(int active, __global const uchar *logits, int d
         *shared_size = 0xffffffffu; /* kept only if no bin reaches want: unreachable */
     barrier(CLK_LOCAL_MEM_FENCE);
     const int count = active ? vocab : 0;
-    for (int i = lid; i < count; i += PSM_WG) {
-        float x, gap;
-        int bin = psm_load_gap_bin(logits, dtype, base, i, maximum, scale, &x, &gap);
-        if (bin < 0)
-            continue;
-        if (mass_mode) {
-            ulong g = psm_weight_of_gap(gap, bits);
-            if (g == 0)
-                continue;
-            psm_local_add_u64(&bin_mass[bin], g);
-        }
-        atomic_inc(&bin_count[bin]);
-    }
+    for (int i = lid; i < count; i += PSM_WG)
+        psm_bins_tally(psm_load_candidate(logits, dtype, base + i), maximum, scale, mass_mode,
+                       bits, bin_count, bin_mass);
     barrier(CLK_LOCAL_MEM_FENCE);
 
     /* The first team finds the bin where the running amount reaches the
      * target (psm_stage_bins.h). Top-p alone takes its target from the mass
      * of every candidate; a target of 0 keeps one token, as a target of 1
-     * does. */
+     * does. Counting mode knows the list's size from the counts (the bins
+     * before too); mass mode learns it as it gathers. */
     const psm_team_found reached = psm_team_choose_bin(
         psm_team_of_item(), bin_count, bin_mass, mass_mode, want, mass_mode && want == 0, top_p,
         active && lid < PSM_TEAM, posts);
     if (reached.found && reached.reports) {
-        /* Counting mode keeps the candidates of the bins before too. */
-        const ulong kept = (mass_mode ? 0 : reached.before) + bin_count[reached.position];
+        const ulong size = mass_mode ? 0 : reached.before + bin_count[reached.position];
         *shared_choice = (uint)reached.position;
         *shared_above = reached.before;
         *shared_want = max(reached.need, (ulong)1);
-        *shared_size = kept <= capacity ? 0u : 0xffffffffu;
+        *shared_size = size <= capacity ? 0u : 0xffffffffu;
     }
     barrier(CLK_LOCAL_MEM_FENCE);
     const int chosen = (int)*shared_choice;
-    const int fits = active && *shared_size == 0;
+    int fits = active && *shared_size == 0;
     /* Every item has read the bins and the choice before the list (over the
      * bins) grows. */
     barrier(CLK_LOCAL_MEM_FENCE);
     const int collect_count = fits ? vocab : 0;
-    for (int i = lid; i < collect_count; i += PSM_WG) {
-        float x, gap;
-        int bin = psm_load_gap_bin(logits, dtype, base, i, maximum, scale, &x, &gap);
-        if (bin < 0 ||
-            (mass_mode ? bin != chosen || psm_weight_of_gap(gap, bits) == 0 : bin > chosen))
-            continue;
-        list[atomic_inc(shared_size)] = psm_rank_key(x, (uint)i);
-    }
+    for (int i = lid; i < collect_count; i += PSM_WG)
+        psm_bins_gather(psm_load_candidate(logits, dtype, base + i), (uint)i, maximum, scale,
+                        mass_mode ? chosen : 0, chosen, shared_size, list, capacity);
     barrier(CLK_LOCAL_MEM_FENCE);
-    const int size = (int)*shared_size;
+    const uint size = *shared_size;
+    fits = fits && size <= capacity;
     if (fits) {
         *above_out = *shared_above;
         *want_out = *shared_want;
     }
     barrier(CLK_LOCAL_MEM_FENCE);
-    return fits ? size : -1;
+    return fits ? (int)size : -1;
 }
 
 /* ---- kernel 2a: top-k from the lane maxima --------------------------------
@@ -768,10 +737,9 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
     barrier(CLK_LOCAL_MEM_FENCE);
     if (mine)
         for (int j = lid; j < lanes; j += PSM_WG) {
-            const uint high = row_lanes[j];
-            if (high)
-                atomic_inc(&bin_count[psm_value_bin(psm_ordered_logit(high), summary.maximum,
-                                                    scale)]);
+            const int bin = psm_lane_max_bin(row_lanes[j], summary.maximum, scale);
+            if (bin >= 0)
+                psm_local_add_u32(&bin_count[bin], 1u);
         }
     barrier(CLK_LOCAL_MEM_FENCE);
 
@@ -794,10 +762,8 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
     int gathering = mine && last_bin != none;
     if (gathering)
         for (int j = lid; j < lanes; j += PSM_WG) {
-            const uint high = row_lanes[j];
-            if (high &&
-                psm_value_bin(psm_ordered_logit(high), summary.maximum, scale) <=
-                    (int)last_bin) {
+            const int bin = psm_lane_max_bin(row_lanes[j], summary.maximum, scale);
+            if (bin >= 0 && bin <= (int)last_bin) {
                 const uint at = atomic_inc(&shared_lanes);
                 if (at < PSM_TOP_K_LANES)
                     lane_list[at] = (uint)j;
@@ -814,14 +780,10 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
         const int offset =
             psm_slot_offset(w % PSM_TEAM_SLOTS, (int)(j % PSM_TEAM), PSM_TEAM, vector_shift,
                             PSM_INTERLEAVED);
-        if (offset >= request.vocab - first)
-            continue;
-        const float x = psm_load_candidate(logits, request.dtype, base + first + offset);
-        if (!psm_is_valid(x) || psm_value_bin(x, summary.maximum, scale) > (int)last_bin)
-            continue;
-        const uint at = atomic_inc(&shared_size);
-        if (at < (uint)request.top_k_list_capacity)
-            list[at] = psm_rank_key(x, (uint)(first + offset));
+        if (offset < request.vocab - first)
+            psm_bins_gather(psm_load_candidate(logits, request.dtype, base + first + offset),
+                            (uint)(first + offset), summary.maximum, scale, 0, (int)last_bin,
+                            &shared_size, list, (uint)request.top_k_list_capacity);
     }
     barrier(CLK_LOCAL_MEM_FENCE);
 
@@ -840,43 +802,17 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
     const uint walked = psm_team_walk_ranks(team, weight, order, walking ? k : 0u, 0, 0, 1,
                                             p.top_p, scratch_counts);
 
-    /* 6. The kept ranks; then each tile's (m_t, S_t). Min-p keeps a prefix
-     * of them: weights do not grow down the ranks, and the top token's
-     * 2^bits meets any threshold. */
-    uint kept = walking ? walked + 1 : k;
-    ulong cutoff = 0;
+    /* 6. The kept ranks, then each tile's (m_t, S_t) from them
+     * (psm_stage_bins.h), m_t first as a psm_tile_best in tile_ref's word. */
+    const uint kept = walking ? walked + 1 : k;
+    const ulong cutoff = ranked ? list[order[kept - 1]] : 0;
     const ulong min_weight = psm_min_p_threshold(p.min_p, bits);
-    if (ranked) {
-        cutoff = list[order[kept - 1]];
-        if (min_weight != 0)
-            while (kept > 1 && weight[order[kept - 1]] < min_weight)
-                --kept;
-        for (int t = lid; t < request.tiles; t += PSM_WG)
-            tile_mass[row_tiles + t] = 0;
-    }
-    barrier(CLK_GLOBAL_MEM_FENCE);
-    /* A kept token leads its tile when no better-ranked kept token shares
-     * it: its value is m_t, and it sums the tile's kept weights against it. */
-    if (ranked)
-        for (uint r = lid; r < kept; r += PSM_WG) {
-            const ulong key = list[order[r]];
-            const uint tile = psm_rank_key_token(key) / PSM_TILE;
-            int leads = 1;
-            for (uint q = 0; q < r && leads; ++q)
-                leads = psm_rank_key_token(list[order[q]]) / PSM_TILE != tile;
-            if (!leads)
-                continue;
-            const float reference = psm_rank_key_logit(key);
-            ulong mass = 0;
-            for (uint q = r; q < kept; ++q) {
-                const ulong other = list[order[q]];
-                if (psm_rank_key_token(other) / PSM_TILE == tile)
-                    mass += psm_weight_of_gap(
-                        psm_unclamped_gap(reference, psm_rank_key_logit(other), scale), bits);
-            }
-            tile_ref[row_tiles + tile] = reference;
-            tile_mass[row_tiles + tile] = mass;
-        }
+    const int tiles = ranked ? request.tiles : 0;
+    __global psm_tile_best *tile_best = (__global psm_tile_best *)(tile_ref + row_tiles);
+    psm_group_list_masses(list, weight, order, ranked ? kept : 0u, min_weight, scale, bits,
+                          tile_best, tile_mass + row_tiles, tiles);
+    for (int t = lid; t < tiles; t += PSM_WG)
+        tile_ref[row_tiles + t] = tile_best[t] != 0 ? psm_tile_best_logit(&tile_best[t]) : -INFINITY;
     if (lid == 0) {
         state[row].filtered = ranked ? PSM_FILTER_DONE : PSM_FILTER_NONE;
         if (ranked) {

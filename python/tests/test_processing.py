@@ -2,8 +2,8 @@
 the allowed-token mask. A processed call must give exactly the tokens,
 logprobs and probabilities of a plain call on logits processed here by the
 contract's rules; every accepted form of an argument must mean the same;
-bad input raises with its status. A backend that does not run processing
-yet must refuse it with UNSUPPORTED (the test is then skipped, saying so)."""
+bad input raises with its status. Every backend runs processing: a refusal
+fails."""
 import numpy as np
 import pytest
 
@@ -85,18 +85,6 @@ def arguments_of(batch):
                 frequency_penalty=batch["frequency"], presence_penalty=batch["presence"])
 
 
-def run_or_skip(context, call):
-    """The call's result; on a backend that refuses processing, checks that
-    it says UNSUPPORTED and skips."""
-    try:
-        return call()
-    except polysample.Error as error:
-        if context.backend != "cpu" and error.status == "UNSUPPORTED":
-            pytest.skip(f"{context.backend} refuses processing as it should ({error.message}); "
-                        "the rest needs the backend to run it")
-        raise
-
-
 SETTINGS = [dict(temperature=0.9), dict(temperature=0.8, top_k=50, top_p=0.9),
             dict(temperature=0.7, min_p=0.05), dict(temperature=0.0)]
 
@@ -109,8 +97,8 @@ def test_processing_equals_a_plain_call_on_the_processed_logits(context, setting
                                   batch["bias"], batch["mask"], batch["repetition"],
                                   batch["frequency"], batch["presence"])
     sampling = dict(setting, seed=11, num_samples=16)
-    tokens, logprobs = run_or_skip(context, lambda: context.sample(
-        batch["logits"], return_logprobs=True, **sampling, **arguments_of(batch)))
+    tokens, logprobs = context.sample(
+        batch["logits"], return_logprobs=True, **sampling, **arguments_of(batch))
     expected_tokens, expected_logprobs = context.sample(processed, return_logprobs=True,
                                                         **sampling)
     np.testing.assert_array_equal(tokens, expected_tokens)
@@ -144,7 +132,7 @@ def test_every_form_of_an_argument_means_the_same(context):
                   allowed_mask=packed, repetition_penalty=np.full(rows, 1.3, np.float32),
                   frequency_penalty=[0.25] * rows, presence_penalty=np.full(rows, -0.5))
     sampling = dict(seed=5, num_samples=20)
-    expected = run_or_skip(context, lambda: context.sample(batch["logits"], **sampling, **as_lists))
+    expected = context.sample(batch["logits"], **sampling, **as_lists)
     np.testing.assert_array_equal(context.sample(batch["logits"], **sampling, **as_csr), expected)
     # One dict for every row equals the same dict in each row's place.
     shared = {3: 2.5, 700: -1.0}
@@ -159,8 +147,7 @@ def test_processing_follows_the_output_rows_of_a_row_gather(context):
     history = [[10, 10, 11], [], [6, 7], [1] * 30]
     arguments = dict(history=history, frequency_penalty=1.5, presence_penalty=0.5,
                      logit_bias=[{4: 3.0}, None, {}, {9: -2.0}], seed=3, num_samples=8)
-    got = run_or_skip(context, lambda: context.sample(batch["logits"], row_indices=indices,
-                                                      **arguments))
+    got = context.sample(batch["logits"], row_indices=indices, **arguments)
     copied = np.ascontiguousarray(batch["logits"][indices])
     np.testing.assert_array_equal(got, context.sample(copied, **arguments))
 
@@ -170,7 +157,7 @@ def test_one_dimensional_logits_take_one_rows_arguments(context):
     one = dict(history=batch["history"][0], prompt=batch["prompt"][0],
                logit_bias=batch["bias"][0], allowed_mask=batch["mask"][0],
                repetition_penalty=1.7, seed=8, num_samples=10)
-    got = run_or_skip(context, lambda: context.sample(batch["logits"][0], **one))
+    got = context.sample(batch["logits"][0], **one)
     assert got.shape == (10,)
     rows = dict(one, history=batch["history"], prompt=batch["prompt"],
                 logit_bias=batch["bias"], allowed_mask=batch["mask"])

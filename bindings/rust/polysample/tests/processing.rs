@@ -2,8 +2,7 @@
 //! processed call gives exactly the tokens, logprobs and probabilities of a
 //! plain call on logits processed here by the contract's rules; bad input
 //! fails with the library's (or this crate's) message and writes nothing.
-//! A backend that does not run processing yet must refuse it with
-//! Status::Unsupported; its remaining checks are reported as skipped.
+//! Every backend runs processing, so a refusal fails the test.
 
 mod common;
 
@@ -135,8 +134,7 @@ fn csr<T: Copy>(rows: &[Vec<T>]) -> (Vec<i64>, Vec<T>) {
     (offsets, rows.concat())
 }
 
-/// Runs a processed sample; on a backend that refuses processing, checks the
-/// refusal (nothing written) and reports the skip. None then.
+/// Runs a processed sample: tokens and logprobs.
 fn sample_processed(
     context: &mut Context,
     backend: Backend,
@@ -144,17 +142,12 @@ fn sample_processed(
     logits: &Logits<'_>,
     params: &Params<'_>,
     samples: usize,
-) -> Option<(Vec<i32>, Vec<f32>)> {
+) -> (Vec<i32>, Vec<f32>) {
     let length = params.output_rows(logits.rows()) * samples;
     let (mut tokens, mut logprobs) = (vec![SENTINEL; length], vec![0.0f32; length]);
     match context.sample_into(logits, params, &mut tokens, Some(&mut logprobs)) {
-        Ok(()) => Some((tokens, logprobs)),
-        Err(error) if error.status == Status::Unsupported && backend != Backend::Cpu => {
-            assert!(tokens.iter().all(|&token| token == SENTINEL), "{backend}: tokens written despite {error}");
-            report_skip(&format!("{test} on {backend}"), &format!("refused as it should be ({})", error.message));
-            None
-        }
-        Err(error) => panic!("{backend}: {error}"),
+        Ok(()) => (tokens, logprobs),
+        Err(error) => panic!("{test} on {backend}: {error}"),
     }
 }
 
@@ -184,9 +177,7 @@ fn a_processed_call_equals_a_plain_call_on_the_processed_logits() {
             let setting = setting.seed(100 + index as u64).num_samples(samples as u32);
             let expected = context.sample_with_logprobs(&plain_logits, &setting).unwrap();
             let params = setting.processing(&processing);
-            let Some(got) = sample_processed(&mut context, backend, "processing", &logits, &params, samples) else {
-                break;
-            };
+            let got = sample_processed(&mut context, backend, "processing", &logits, &params, samples);
             // Bit for bit: NaN logprobs of bad rows would differ under ==.
             assert_eq!(got.0, expected.0, "{backend} setting {index}: tokens");
             let bits = |values: &[f32]| values.iter().map(|value| value.to_bits()).collect::<Vec<_>>();
@@ -230,11 +221,7 @@ fn csr_slices_and_scalar_penalties_equal_per_row_lists() {
     let logits = Logits::f32(&batch.logits, batch.rows, VOCAB);
     for (backend, mut context) in contexts("CSR processing") {
         let params = Params::new().seed(9).num_samples(20);
-        let Some(got) =
-            sample_processed(&mut context, backend, "CSR processing", &logits, &params.processing(&borrowed), 20)
-        else {
-            continue;
-        };
+        let got = sample_processed(&mut context, backend, "CSR processing", &logits, &params.processing(&borrowed), 20);
         let expected = context.sample_with_logprobs(&logits, &params.processing(&owned)).unwrap();
         assert_eq!(got, expected, "{backend}");
         assert_ne!(got.0, context.sample(&logits, &params).unwrap(), "{backend}: processing changed nothing");
@@ -255,16 +242,14 @@ fn processing_follows_the_output_rows_of_a_row_gather() {
     let params = Params::new().seed(3).num_samples(8).processing(&processing);
     for (backend, mut context) in contexts("processing with a row gather") {
         let gathered = params.row_indices(&indices);
-        let Some(got) = sample_processed(
+        let got = sample_processed(
             &mut context,
             backend,
             "processing with a row gather",
             &Logits::f32(&batch.logits, 3, VOCAB),
             &gathered,
             8,
-        ) else {
-            continue;
-        };
+        );
         assert_eq!(got, context.sample_with_logprobs(&Logits::f32(&copied, 4, VOCAB), &params).unwrap(), "{backend}");
     }
 }

@@ -843,5 +843,4 @@ PSM_LOCAL_FN psm_reader psm_survivors_of(const psm_reader *row, psm_kept_rule te
 
 #endif
 
-
 #endif /* PSM_PORTABLE_H */

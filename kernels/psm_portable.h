@@ -608,26 +608,6 @@ PSM_LOCAL_FN uint psm_local_add_u32(__local uint *address, uint value)
     return atomic_add(address, value);
 }
 
-/* The low word's add returns the word before it, which tells whether it
- * wrapped: then exactly one carries into the high word. Exact once every
- * add has finished. One body for each address space that needs it (OpenCL
- * C 1.2 has no generic one). */
-#ifdef __ENDIAN_LITTLE__
-#define PSM_LOW_WORD 0
-#else
-#define PSM_LOW_WORD 1
-#endif
-#define PSM_ADD_U64_BY_WORDS(name, space)                                    \
-    PSM_LOCAL_FN void name(space ulong *address, ulong value)              \
-    {                                                                      \
-        space uint *words = (space uint *)address;                         \
-        const uint low = (uint)value;                                      \
-        const uint before = atomic_add(&words[PSM_LOW_WORD], low);         \
-        const uint high = (uint)(value >> 32) + (before + low < before ? 1u : 0u); \
-        if (high != 0)                                                     \
-            atomic_add(&words[1 - PSM_LOW_WORD], high);                    \
-    }
-PSM_ADD_U64_BY_WORDS(psm_local_add_u64, __local)
 
 PSM_DEVICE_FN uint psm_global_add_u32(__global uint *address, uint value)
 {
@@ -754,36 +734,47 @@ PSM_DEVICE_FN float psm_tile_best_logit(__global const psm_tile_best *best)
     return psm_ordered_logit(*best);
 }
 
-PSM_ADD_U64_BY_WORDS(psm_global_add_u64, __global)
-
 #endif
 
-/* psm_local_add_u64_by_words: an exact 64-bit add to group-shared memory
- * made of 32-bit atomics on its two words, for sums that many items of a
- * group add to a few addresses at once (the gap bins' masses), where CUDA's
- * 64-bit shared atomic add is a compare-and-swap loop that the items retry.
- * The low word's add returns the word before it, which tells whether it
- * wrapped and so carried into the high word; a zero word is not added. */
-#if PSM_PLATFORM_GPU_CXX
-#define PSM_LOW_WORD 0 /* NVIDIA and AMD GPUs are little-endian */
+/* An exact 64-bit add made of 32-bit atomics on the value's two words, for
+ * OpenCL C 1.2 (no 64-bit atomics) and for sums that many items of a group
+ * add to a few addresses at once (the gap bins' masses), where CUDA's 64-bit
+ * shared atomic add is a compare-and-swap loop that the items retry. The low
+ * word's add returns the word before it, which tells whether it wrapped and
+ * so carried into the high word (exact once every add has finished); a zero
+ * word is not added. One body for each address space that needs it (OpenCL
+ * C 1.2 has no generic one): add_u32 is that space's 32-bit atomic add. */
+#if PSM_PLATFORM_OPENCL && !defined(__ENDIAN_LITTLE__)
+#define PSM_LOW_WORD 1
+#else
+#define PSM_LOW_WORD 0 /* NVIDIA and AMD GPUs, and little-endian OpenCL devices */
 #endif
+#define PSM_ADD_U64_BY_WORDS(name, space, add_u32)                          \
+    PSM_LOCAL_FN void name(space psm_u64 *address, psm_u64 value)           \
+    {                                                                       \
+        space psm_u32 *words = (space psm_u32 *)address;                    \
+        const psm_u32 low = (psm_u32)value;                                 \
+        psm_u32 high = (psm_u32)(value >> 32);                              \
+        if (low != 0) {                                                     \
+            const psm_u32 before = add_u32(&words[PSM_LOW_WORD], low);      \
+            high += before + low < before ? 1u : 0u;                        \
+        }                                                                   \
+        if (high != 0)                                                      \
+            add_u32(&words[1 - PSM_LOW_WORD], high);                        \
+    }
 
 PSM_STAGE_BEGIN
-
-PSM_LOCAL_FN void psm_local_add_u64_by_words(PSM_LOCAL psm_u64 *address, psm_u64 value)
-{
-    PSM_LOCAL psm_u32 *words = (PSM_LOCAL psm_u32 *)address;
-    const psm_u32 low = (psm_u32)value;
-    psm_u32 high = (psm_u32)(value >> 32);
-    if (low != 0) {
-        const psm_u32 before = psm_local_add_u32(&words[PSM_LOW_WORD], low);
-        high += before + low < before ? 1u : 0u;
-    }
-    if (high != 0)
-        psm_local_add_u32(&words[1 - PSM_LOW_WORD], high);
-}
-
+PSM_ADD_U64_BY_WORDS(psm_local_add_u64_by_words, PSM_LOCAL, psm_local_add_u32)
 PSM_STAGE_END
+
+#if PSM_PLATFORM_OPENCL
+/* Every 64-bit sum, by words; psm_local_add_u64 is CUDA's native atomic. */
+PSM_ADD_U64_BY_WORDS(psm_global_add_u64, __global, psm_global_add_u32)
+PSM_LOCAL_FN void psm_local_add_u64(__local ulong *address, ulong value)
+{
+    psm_local_add_u64_by_words(address, value);
+}
+#endif
 
 /* ---- a reader of min-p's survivors (the engines' filter orders) ---------
  * vLLM's order takes top-k and top-p over the tokens that pass min-p

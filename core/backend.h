@@ -162,6 +162,16 @@ static inline int psm_processing_active(const psm_params *p)
                           processing->history_offsets || processing->prompt_offsets);
 }
 
+/* Does the call's processing have lists (history, prompt or bias)? Without
+ * them the GPU backends' read step is the whole of it, and the token counts
+ * need no memory. */
+static inline int psm_processing_has_lists(const psm_params *p)
+{
+    const psm_logit_processing *processing = p->processing;
+    return processing &&
+           (processing->bias_offsets || processing->history_offsets || processing->prompt_offsets);
+}
+
 /* The call's processing arrays as the caller gave them (request->params
  * .processing must be non-NULL). */
 static inline psm_processing_arrays psm_request_processing_arrays(const psm_logit_processing *p)

@@ -7,11 +7,19 @@
  * a token's penalty depends only on its history count and whether the
  * prompt holds it, which atomic adds and ors give in any order, and is
  * applied once, by the one item whose exchange finds the token's count word
- * non-zero (clearing it, so the counts are zero again on return). The bias
- * entries stay with one item in list order: a token listed twice gets two
- * rounded adds, whose order is part of the rule. One thread walking a
- * history of a few hundred tokens is a chain of dependent global accesses;
- * a group takes them a group at a time.
+ * non-zero (clearing it again). The bias entries stay with one item in list
+ * order: a token listed twice gets two rounded adds, whose order is part of
+ * the rule. One thread walking a history of a few hundred tokens is a chain
+ * of dependent global accesses; a group takes them a group at a time.
+ *
+ * The GPU backends run step 3 (the mask and the final read) first, in the
+ * dense read step, so that a call with processing writes and reads the batch
+ * once instead of three times: every token's value is then final except the
+ * listed ones'. This stage reads those again from the row as given, applies
+ * the lists, and then step 3 to them alone, which gives each token exactly
+ * the value of steps 1, 2, 3 in order (step 3 only reads a token's own value
+ * and its mask bit). The counts are cleared here for the listed tokens only:
+ * no dense pass clears them.
  */
 #ifndef PSM_STAGE_LISTS_H
 #define PSM_STAGE_LISTS_H
@@ -25,15 +33,20 @@
 
 PSM_STAGE_BEGIN
 
-/* Called by every item of the group, for one row (uniform). x: the row's
- * read logits; counts: its vocab count words, zero on entry and on return.
- * lists_in_range: the backend's own bound on the entries (OpenCL: within
- * the buffers), checked before any entry is read. bad: group-shared
+/* Called by every item of the group, for one row (uniform). x: the row after
+ * the read step (read, masked and read again: step 3 made early). raw: the
+ * row's logits as given (dtype PSM_LOGITS_*), NULL for a row the read step
+ * made bad (then the listed values are not read again: the row stays bad).
+ * mask: the row's allowed-token words, NULL for none. counts: the row's
+ * vocab count words, of any value on entry; the listed tokens' are zero on
+ * return. lists_in_range: the backend's own bound on the entries (OpenCL:
+ * within the buffers), checked before any entry is read. bad: group-shared
  * scratch. A row whose lists are unusable gets x[0] = NaN, which makes it a
  * bad row for the pipeline, and is otherwise left as read. */
-PSM_LOCAL_FN void psm_stage_row_lists(PSM_GLOBAL float *x, PSM_GLOBAL psm_u32 *counts,
-                                      const psm_row_lists *lists, psm_i64 vocab,
-                                      int lists_in_range, PSM_LOCAL psm_u32 *bad)
+PSM_LOCAL_FN void psm_stage_row_lists(PSM_GLOBAL float *x, PSM_GLOBAL const unsigned char *raw,
+                                      int dtype, PSM_GLOBAL const psm_u32 *mask,
+                                      PSM_GLOBAL psm_u32 *counts, const psm_row_lists *lists,
+                                      psm_i64 vocab, int lists_in_range, PSM_LOCAL psm_u32 *bad)
 {
     const int item = psm_group_item(), items = psm_group_size();
     const int shape_valid = lists_in_range && psm_row_lists_shape_valid(lists);
@@ -64,6 +77,18 @@ PSM_LOCAL_FN void psm_stage_row_lists(PSM_GLOBAL float *x, PSM_GLOBAL psm_u32 *c
 
     const psm_i64 listed = (lists->history_end - lists->history_begin) +
                            (lists->prompt_end - lists->prompt_begin);
+    const psm_i64 bias_entries = lists->bias_end - lists->bias_begin;
+    /* The listed tokens as step 1 read them (before the early step 3), and
+     * their counts from zero. */
+    for (e = item; e < listed + bias_entries; e += items) {
+        const psm_i32 token = e < listed ? psm_listed_token(lists, e)
+                                         : lists->bias_tokens[lists->bias_begin + e - listed];
+        if (e < listed)
+            counts[token] = 0u;
+        if (raw)
+            x[token] = psm_read_logit(psm_raw_logit(raw, dtype, token));
+    }
+    psm_group_barrier_global();
     const float reciprocal = psm_penalty_reciprocal(lists->repetition);
     for (e = lists->history_begin + item; e < lists->history_end; e += items)
         psm_global_add_u32(&counts[lists->history_tokens[e]], 1u);
@@ -79,6 +104,15 @@ PSM_LOCAL_FN void psm_stage_row_lists(PSM_GLOBAL float *x, PSM_GLOBAL psm_u32 *c
     psm_group_barrier_global();
     if (item == 0)
         psm_apply_bias(x, lists);
+    psm_group_barrier_global();
+    /* Step 3 for the listed tokens (a token listed twice gets it twice, which
+     * changes nothing: it is idempotent). */
+    if (raw)
+        for (e = item; e < listed + bias_entries; e += items) {
+            const psm_i32 token = e < listed ? psm_listed_token(lists, e)
+                                             : lists->bias_tokens[lists->bias_begin + e - listed];
+            x[token] = psm_processed_logit(x[token], mask ? psm_token_allowed(mask, token) : 1);
+        }
 }
 
 PSM_STAGE_END

@@ -8,10 +8,11 @@ kernel with OpenCL's profiling events, and can show the driver's build log:
     (build /tmp/tree with OpenCL on, then:)
     KTIMES_FILE=kt.txt polysample bench --backend opencl:0 ...   # per-kernel means
     KT_OPTIONS=-cl-nv-verbose KT_BUILDLOG=build.log ...          # NVIDIA: registers
+    KT_BINARY=program.ptx ...        # the program binary (PTX on NVIDIA's driver)
 
 KTIMES_FILE gets one line per kernel at exit: calls and mean ms (warm-up
 included). KT_OPTIONS is appended to the program's build options and
-KT_BUILDLOG receives the build log. It works on every tree since feedc36
+KT_BUILDLOG receives the build log, KT_BINARY the program's binary. It works on every tree since feedc36
 (the edits assert that their anchors exist); bench/RESULTS.md's tenth-session
 probes were taken with it."""
 import sys, re, pathlib
@@ -92,6 +93,17 @@ s = s.replace(old, old + r'''
                 if (f) { fprintf(f, "options: %s\n%s\n", options, text); fclose(f); }
             }
             free(text);
+        }
+        if (getenv("KT_BINARY")) {
+            size_t n = 0;
+            unsigned char *bytes = NULL;
+            if (clGetProgramInfo(program, CL_PROGRAM_BINARY_SIZES, sizeof n, &n, NULL) == CL_SUCCESS &&
+                (bytes = malloc(n)) != NULL &&
+                clGetProgramInfo(program, CL_PROGRAM_BINARIES, sizeof bytes, &bytes, NULL) == CL_SUCCESS) {
+                FILE *f = fopen(getenv("KT_BINARY"), "wb");
+                if (f) { fwrite(bytes, 1, n, f); fclose(f); }
+            }
+            free(bytes);
         }''')
 if "#include <stdlib.h>" not in s:
     s = "#include <stdlib.h>\n#include <stdio.h>\n" + s

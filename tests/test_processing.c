@@ -131,9 +131,9 @@ static void free_batch(batch *b)
 
 /* The rules of SAMPLING.md section 1, one token at a time, from the raw
  * logits (already floats: f32 input, or 16-bit input widened). */
-static void process_literally(const batch *b, const float *raw, float *out)
+static void process_literally(const batch *b, const psm_logit_processing *p, const float *raw,
+                              float *out)
 {
-    const psm_logit_processing *p = &b->processing;
     const int64_t words = (b->vocab + 31) / 32;
     for (int64_t r = 0; r < b->rows; ++r) {
         const float repetition = p->repetition_penalty_per_row[r];
@@ -141,9 +141,11 @@ static void process_literally(const batch *b, const float *raw, float *out)
             float x = psm_read_logit(raw[r * b->vocab + i]);
             uint32_t count = 0;
             int in_prompt = 0;
-            for (int64_t e = p->history_offsets[r]; e < p->history_offsets[r + 1]; ++e)
+            for (int64_t e = p->history_offsets ? p->history_offsets[r] : 0;
+                 p->history_offsets && e < p->history_offsets[r + 1]; ++e)
                 count += p->history_tokens[e] == i;
-            for (int64_t e = p->prompt_offsets[r]; e < p->prompt_offsets[r + 1]; ++e)
+            for (int64_t e = p->prompt_offsets ? p->prompt_offsets[r] : 0;
+                 p->prompt_offsets && e < p->prompt_offsets[r + 1]; ++e)
                 in_prompt |= p->prompt_tokens[e] == i;
             if (count > 0 || in_prompt) {
                 if (repetition != 1.0f)
@@ -153,7 +155,8 @@ static void process_literally(const batch *b, const float *raw, float *out)
                     x = x - p->presence_penalty_per_row[r];
                 }
             }
-            for (int64_t e = p->bias_offsets[r]; e < p->bias_offsets[r + 1]; ++e)
+            for (int64_t e = p->bias_offsets ? p->bias_offsets[r] : 0;
+                 p->bias_offsets && e < p->bias_offsets[r + 1]; ++e)
                 if (p->bias_tokens[e] == i)
                     x = x + p->bias_values[e];
             if (!((p->allowed_mask[r * words + i / 32] >> (i % 32)) & 1u) && !isnan(x) &&
@@ -181,7 +184,9 @@ static int sample_processed(psm_context *context, psm_backend backend, const cha
 }
 
 /* Processing equals a plain call on the literally processed logits: tokens,
- * logprobs and psm_probs, for each filter setting and for f32 and bf16. */
+ * logprobs and psm_probs, for each filter setting, for f32 and bf16 with
+ * every kind of processing, and for f32 with the mask alone (the GPU
+ * backends' call without lists: one dense step). */
 PSM_PROPERTY(processing_equals_plain_call_on_processed_logits)
 {
     psm_context *context = psm_test_open(backend);
@@ -212,8 +217,14 @@ PSM_PROPERTY(processing_equals_plain_call_on_processed_logits)
         float top_p, min_p;
     } settings[] = {{0.9f, 0, 1.0f, 0.0f}, {0.8f, 50, 0.9f, 0.0f}, {1.1f, 0, 0.8f, 0.0f},
                     {0.7f, 0, 1.0f, 0.05f}, {0.0f, 0, 1.0f, 0.0f}};
-    for (int dtype = 0; dtype < 2; ++dtype) {
-        process_literally(&b, dtype == 0 ? b.logits : widened, processed);
+    psm_logit_processing mask_only = b.processing;
+    mask_only.history_offsets = mask_only.prompt_offsets = mask_only.bias_offsets = NULL;
+    mask_only.history_tokens = mask_only.prompt_tokens = mask_only.bias_tokens = NULL;
+    mask_only.bias_values = NULL;
+    for (int variant = 0; variant < 3; ++variant) {
+        const int dtype = variant == 1; /* 0: f32, 1: bf16 */
+        const psm_logit_processing *processing = variant == 2 ? &mask_only : &b.processing;
+        process_literally(&b, processing, dtype == 0 ? b.logits : widened, processed);
         psm_tensor input = dtype == 0 ? psm_test_tensor(b.logits, PSM_DTYPE_F32, b.rows, b.vocab, 0)
                                       : psm_test_tensor(bf16, PSM_DTYPE_BF16, b.rows, b.vocab, 0);
         for (size_t s = 0; s < sizeof settings / sizeof settings[0]; ++s) {
@@ -228,17 +239,17 @@ PSM_PROPERTY(processing_equals_plain_call_on_processed_logits)
             PSM_CHECK_OK(psm_test_sample_f32(context, processed, b.rows, b.vocab, &params,
                                              expected_tokens, expected_logprobs));
             PSM_CHECK_OK(psm_synchronize(context));
-            params.processing = &b.processing;
+            params.processing = processing;
             if (!sample_processed(context, backend, "processing_equals_plain_call_on_processed_logits",
                                   input, &params, tokens, logprobs))
                 goto done;
             for (int64_t k = 0; k < b.rows * samples; ++k) {
                 ck_assert_msg(tokens[k] == expected_tokens[k],
-                              "dtype %d setting %zu row %lld sample %lld: token %d, expected %d",
-                              dtype, s, (long long)(k / samples), (long long)(k % samples),
+                              "variant %d setting %zu row %lld sample %lld: token %d, expected %d",
+                              variant, s, (long long)(k / samples), (long long)(k % samples),
                               tokens[k], expected_tokens[k]);
                 ck_assert_msg(memcmp(&logprobs[k], &expected_logprobs[k], sizeof(float)) == 0,
-                              "dtype %d setting %zu: logprob %.9g, expected %.9g", dtype, s,
+                              "variant %d setting %zu: logprob %.9g, expected %.9g", variant, s,
                               (double)logprobs[k], (double)expected_logprobs[k]);
             }
 
@@ -249,8 +260,8 @@ PSM_PROPERTY(processing_equals_plain_call_on_processed_logits)
                                             expected_probs));
             PSM_CHECK_OK(psm_synchronize(context));
             ck_assert_msg(memcmp(probs, expected_probs, (size_t)cells * sizeof(float)) == 0,
-                          "dtype %d setting %zu: psm_probs differ from the processed logits'",
-                          dtype, s);
+                          "variant %d setting %zu: psm_probs differ from the processed logits'",
+                          variant, s);
         }
     }
 done:
@@ -412,8 +423,9 @@ PSM_PROPERTY(empty_processing_is_plain_sampling)
     psm_context_destroy(context);
 }
 
-/* A mask that allows nothing valid, a bias that overflows to +inf, or a NaN
- * (masked or not) makes the row bad: token -1 and logprob NaN, other rows unaffected; in checking
+/* A mask that allows nothing valid, a bias that overflows to +inf (masked
+ * or not: the mask comes after the bias), or a NaN (masked or not) makes the
+ * row bad: token -1 and logprob NaN, other rows unaffected; in checking
  * mode PSM_ERR_BAD_ROW names it and nothing is written. */
 PSM_PROPERTY(processing_can_make_a_row_bad)
 {
@@ -426,8 +438,9 @@ PSM_PROPERTY(processing_can_make_a_row_bad)
     uint32_t mask[4 * 2];
     for (int i = 0; i < 8; ++i)
         mask[i] = 0xffffffffu;
-    mask[2] = mask[3] = 0; /* row 1 allows nothing */
-    mask[7] = 0;           /* row 3 disallows tokens 32 .. 63 */
+    mask[2] = mask[3] = 0;     /* row 1 allows nothing */
+    mask[4] = ~(1u << 9);      /* row 2 disallows its token 9, whose bias overflows */
+    mask[7] = 0;               /* row 3 disallows tokens 32 .. 63 */
     int64_t bias_offsets[5] = {0, 0, 0, 1, 1};
     int32_t bias_tokens[1] = {9};
     float bias_values[1] = {3e38f}; /* row 2: 3e38 + 3e38 = +inf */

@@ -471,8 +471,9 @@ psm_status plan_call(const psm_request *request, bool probs_mode, call_plan *pla
     }
 
     if (psm_processing_active(&request->params)) {
-        /* Processed rows (f32) and their counts (u32). */
-        plan->processed_bytes = 2 * rows * vocab * sizeof(float);
+        /* Processed rows (f32) and, with lists, their counts (u32). */
+        plan->processed_bytes =
+            (psm_processing_has_lists(&request->params) ? 2 : 1) * rows * vocab * sizeof(float);
         if (logits->memory == PSM_MEMORY_HOST) {
             psm_processing_arrays unused;
             const psm_u32 *unused_mask;
@@ -714,7 +715,10 @@ psm_status stage_processing(psm_gpu_state *state, const psm_request *request,
         p->allowed_mask_words ? p->allowed_mask_words : (request->logits.vocab + 31) / 32;
     const size_t cells = (size_t)request->rows * (size_t)request->logits.vocab;
     processing.processed = (float *)memory.processed;
-    processing.counts = (psm_u32 *)((unsigned char *)memory.processed + cells * sizeof(float));
+    processing.counts =
+        psm_processing_has_lists(&request->params)
+            ? (psm_u32 *)((unsigned char *)memory.processed + cells * sizeof(float))
+            : NULL;
     if (request->logits.memory != PSM_MEMORY_HOST)
         return PSM_OK;
     staged_array list[staged_processing_count];
@@ -733,6 +737,20 @@ psm_status stage_processing(psm_gpu_state *state, const psm_request *request,
     return PSM_OK;
 }
 
+/* The processing kernels of one dtype: the read step, then the lists step
+ * when the call has lists (without them the read step's values are final). */
+template <int Dtype>
+void launch_processing(psm_gpu_state *state, const psm_gpu_call &call,
+                       const psm_gpu_processing &processing, psm_i64 blocks, psm_i64 row_blocks,
+                       int lists)
+{
+    psm_gpu_process_read_kernel<Dtype>
+        <<<(unsigned)blocks, 256, 0, state->stream>>>(call, processing);
+    if (lists)
+        psm_gpu_process_lists_kernel<Dtype>
+            <<<(unsigned)row_blocks, 256, 0, state->stream>>>(call, processing);
+}
+
 /* Runs the processing kernels (psm_gpu_processing.cuh), then points the call
  * at the processed rows: f32, one per output row, no gather left to do.
  * Returns the dtype the sampling kernels then read. */
@@ -741,31 +759,24 @@ psm_status run_processing(psm_gpu_state *state, const psm_request *request,
 {
     psm_gpu_call &call = buffers->call;
     const psm_gpu_processing &processing = buffers->processing;
-    const psm_i64 cells = call.rows * call.vocab;
     const unsigned threads = 256;
     const psm_i64 cap = (psm_i64)state->multiprocessors * 32;
-    psm_i64 blocks = (cells + threads - 1) / threads;
-    blocks = blocks < cap ? blocks : cap;
+    const psm_i64 units = call.rows * ((call.vocab + threads - 1) / threads);
+    const psm_i64 blocks = units < cap ? units : cap;
+    const psm_i64 row_blocks = call.rows < cap ? call.rows : cap;
+    const int lists = psm_processing_has_lists(&request->params);
     switch (request->logits.dtype) {
     case PSM_DTYPE_F32:
-        psm_gpu_process_read_kernel<PSM_DTYPE_F32>
-            <<<(unsigned)blocks, threads, 0, state->stream>>>(call, processing);
+        launch_processing<PSM_DTYPE_F32>(state, call, processing, blocks, row_blocks, lists);
         break;
     case PSM_DTYPE_F16:
-        psm_gpu_process_read_kernel<PSM_DTYPE_F16>
-            <<<(unsigned)blocks, threads, 0, state->stream>>>(call, processing);
+        launch_processing<PSM_DTYPE_F16>(state, call, processing, blocks, row_blocks, lists);
         break;
     case PSM_DTYPE_BF16:
-        psm_gpu_process_read_kernel<PSM_DTYPE_BF16>
-            <<<(unsigned)blocks, threads, 0, state->stream>>>(call, processing);
+        launch_processing<PSM_DTYPE_BF16>(state, call, processing, blocks, row_blocks, lists);
         break;
     }
-    PSM_GPU_TRY(psm_gpu_get_last_error(), "launching the processing read kernel");
-    const psm_i64 row_blocks = call.rows < cap ? call.rows : cap;
-    psm_gpu_process_lists_kernel<<<(unsigned)row_blocks, 256, 0, state->stream>>>(call, processing);
-    PSM_GPU_TRY(psm_gpu_get_last_error(), "launching the processing lists kernel");
-    psm_gpu_process_mask_kernel<<<(unsigned)blocks, threads, 0, state->stream>>>(call, processing);
-    PSM_GPU_TRY(psm_gpu_get_last_error(), "launching the processing mask kernel");
+    PSM_GPU_TRY(psm_gpu_get_last_error(), "launching the processing kernels");
 
     call.logits = processing.processed;
     call.row_stride = call.vocab;

@@ -3,16 +3,18 @@
  * sampling kernels (docs/SAMPLING.md section 1). The rules are
  * core/psm_processing.h's, the same code the CPU backend runs; these kernels
  * only spread them over the GPU:
- *   1. read: every output row's logits, read (psm_read_logit) into a dense
- *      f32 buffer, its counts cleared; a row whose parameters or row index
- *      are out of range is written as NaN, so that the pipeline finds it bad;
- *   2. lists: a block per row, kernels/psm_stage_lists.h (its penalties
- *      over the block, its bias in list order); a row whose lists are out
- *      of range is marked bad the same way;
- *   3. mask: the allowed-token mask and the final read.
+ *   1. read: every output row's logits read (psm_read_logit), masked and
+ *      read again (step 3, made early: kernels/psm_stage_lists.h says why
+ *      that is exact) into a dense f32 buffer; a row whose parameters or row
+ *      index are out of range is written as NaN, so that the pipeline finds
+ *      it bad;
+ *   2. lists: a block per row, kernels/psm_stage_lists.h (the listed tokens
+ *      read again from the row as given, its penalties over the block, its
+ *      bias in list order, then step 3 for them); a row whose lists are out
+ *      of range is marked bad the same way. Calls without lists skip it.
  * The pipeline then samples the buffer as f32 logits, one row per output
- * row. This costs a write and two reads of the batch more than sampling
- * alone; fusing the dense steps into the tile pass is future work.
+ * row. This costs a write and a read of the batch (as f32) more than
+ * sampling alone; fusing the read into the tile pass is future work.
  */
 #ifndef PSM_GPU_PROCESSING_CUH
 #define PSM_GPU_PROCESSING_CUH
@@ -32,47 +34,51 @@ struct psm_gpu_processing {
     psm_i64 mask_words;           /* words per row of the mask */
 };
 
+/* The mask words of an output row; NULL when every token is allowed. */
+PSM_GPU_DEVICE const psm_u32 *psm_gpu_row_mask(const psm_gpu_processing &processing, psm_i64 row)
+{
+    return processing.mask ? processing.mask + row * processing.mask_words : NULL;
+}
+
+/* Steps 1 and 3 of every token. A grid-stride loop over rows x chunks of
+ * the vocab, so that no token pays a 64-bit division for its row. */
 template <int Dtype>
 PSM_GPU_KERNEL void psm_gpu_process_read_kernel(const psm_gpu_call call,
                                                 const psm_gpu_processing processing)
 {
-    const psm_i64 total = call.rows * call.vocab;
-    for (psm_i64 k = (psm_i64)blockIdx.x * blockDim.x + threadIdx.x; k < total;
-         k += (psm_i64)gridDim.x * blockDim.x) {
-        const psm_i64 row = k / call.vocab;
+    const psm_i64 chunks = (call.vocab + blockDim.x - 1) / blockDim.x;
+    for (psm_i64 unit = blockIdx.x; unit < call.rows * chunks; unit += gridDim.x) {
+        const psm_i64 row = unit / chunks;
+        const psm_i64 token = (unit - row * chunks) * blockDim.x + threadIdx.x;
+        if (token >= call.vocab)
+            continue;
         const psm_row_params p = psm_gpu_row_params(call, row);
-        processing.counts[k] = 0u;
-        processing.processed[k] =
-            p.valid ? psm_read_logit(psm_raw_logit(psm_gpu_row_base<Dtype>(call, p.logits_row),
-                                                   Dtype, k - row * call.vocab))
-                    : NAN;
+        const psm_u32 *mask = psm_gpu_row_mask(processing, row);
+        float *out = processing.processed + row * call.vocab + token;
+        if (!p.valid) {
+            *out = NAN;
+            continue;
+        }
+        const float x =
+            psm_read_logit(psm_raw_logit(psm_gpu_row_base<Dtype>(call, p.logits_row), Dtype, token));
+        *out = psm_processed_logit(x, mask ? psm_token_allowed(mask, token) : 1);
     }
 }
 
-/* A block per row (rows in turn), its threads sharing the row's lists. */
+/* Step 2: a block per row (rows in turn), its threads sharing the row's
+ * lists. */
+template <int Dtype>
 PSM_GPU_KERNEL void psm_gpu_process_lists_kernel(const psm_gpu_call call,
                                                  const psm_gpu_processing processing)
 {
     __shared__ psm_u32 bad;
     for (psm_i64 row = blockIdx.x; row < call.rows; row += gridDim.x) {
+        const psm_row_params p = psm_gpu_row_params(call, row);
         const psm_row_lists lists = psm_row_lists_of(&processing.arrays, row);
         psm_stage_row_lists(processing.processed + row * call.vocab,
+                            p.valid ? psm_gpu_row_base<Dtype>(call, p.logits_row) : NULL, Dtype,
+                            psm_gpu_row_mask(processing, row),
                             processing.counts + row * call.vocab, &lists, call.vocab, 1, &bad);
-    }
-}
-
-PSM_GPU_KERNEL void psm_gpu_process_mask_kernel(const psm_gpu_call call,
-                                                const psm_gpu_processing processing)
-{
-    const psm_i64 total = call.rows * call.vocab;
-    for (psm_i64 k = (psm_i64)blockIdx.x * blockDim.x + threadIdx.x; k < total;
-         k += (psm_i64)gridDim.x * blockDim.x) {
-        const psm_i64 row = k / call.vocab;
-        const int allowed =
-            processing.mask
-                ? psm_token_allowed(processing.mask + row * processing.mask_words, k - row * call.vocab)
-                : 1;
-        processing.processed[k] = psm_processed_logit(processing.processed[k], allowed);
     }
 }
 

@@ -72,7 +72,6 @@ enum {
     KERNEL_PROBS,
     KERNEL_PROCESS_READ,  /* logit processing, before the pipeline */
     KERNEL_PROCESS_LISTS,
-    KERNEL_PROCESS_MASK,
     KERNEL_ROW_ORDERS,    /* an engine's filter order, instead of the row top-k and filter */
     KERNEL_TOP_LOGPROBS,  /* top-N logprobs, after the draw */
     KERNEL_COUNT
@@ -93,7 +92,7 @@ typedef struct device_buffer {
 #define OPENCL_ROW_ARRAYS 10
 
 /* The logit-processing arrays as the kernels take them: psm_process_lists'
- * arguments in order, then psm_process_mask's mask. */
+ * arguments in order, then the allowed-token mask. */
 enum {
     PROCESSING_HISTORY_OFFSETS,
     PROCESSING_HISTORY_TOKENS,

@@ -208,7 +208,8 @@ psm_status opencl_plan_call(const psm_request *request, int probs_mode, call_pla
     if (psm_processing_active(&request->params)) {
         /* Core bounds rows x vocab by 2^60, so these fit. */
         plan->bytes[PART_PROCESSED] = rows * vocab * sizeof(cl_float);
-        plan->bytes[PART_COUNTS] = rows * vocab * sizeof(cl_uint);
+        if (psm_processing_has_lists(&request->params))
+            plan->bytes[PART_COUNTS] = rows * vocab * sizeof(cl_uint);
         if (logits->memory == PSM_MEMORY_HOST) {
             const void *arrays[OPENCL_PROCESSING_ARRAYS];
             size_t bytes[OPENCL_PROCESSING_ARRAYS];

@@ -303,39 +303,37 @@ static psm_status run_processing(launch *call)
     const size_t token_groups = groups_over(state, (size_t)call->vocab);
     cl_uint index = 0;
 
-    cl_kernel kernel = state->kernels[KERNEL_PROCESS_READ];
-    PSM_TRY(set_request_args(call, kernel, &index));
-    PSM_TRY(SET_MEM(kernel, &index, part[PART_PROCESSED]));
-    PSM_TRY(SET_MEM(kernel, &index, part[PART_COUNTS]));
-    PSM_TRY(enqueue(state, kernel, token_groups, (size_t)call->rows,
-                    opencl_kernel_names[KERNEL_PROCESS_READ]));
-
-    kernel = state->kernels[KERNEL_PROCESS_LISTS];
-    const psm_processing_arrays given = psm_request_processing_arrays(p);
-    const cl_uint present = given.present;
-    PSM_TRY(set_request_args(call, kernel, &index));
-    PSM_TRY(set_arg(kernel, &index, sizeof present, &present));
-    PSM_TRY(set_arg(kernel, &index, sizeof(cl_float), &given.repetition));
-    PSM_TRY(set_arg(kernel, &index, sizeof(cl_float), &given.frequency));
-    PSM_TRY(set_arg(kernel, &index, sizeof(cl_float), &given.presence));
-    for (int i = 0; i < PROCESSING_MASK; ++i)
-        PSM_TRY(SET_MEM(kernel, &index, arrays[i]));
-    for (int list = 0; list < 3; ++list)
-        PSM_TRY(set_arg(kernel, &index, sizeof(cl_long), &call->list_capacity[list]));
-    PSM_TRY(SET_MEM(kernel, &index, part[PART_PROCESSED]));
-    PSM_TRY(SET_MEM(kernel, &index, part[PART_COUNTS]));
-    PSM_TRY(enqueue(state, kernel, 1, (size_t)call->rows,
-                    opencl_kernel_names[KERNEL_PROCESS_LISTS]));
-
-    kernel = state->kernels[KERNEL_PROCESS_MASK];
     const cl_long mask_words =
         p->allowed_mask_words ? p->allowed_mask_words : (call->vocab + 31) / 32;
+    cl_kernel kernel = state->kernels[KERNEL_PROCESS_READ];
     PSM_TRY(set_request_args(call, kernel, &index));
     PSM_TRY(SET_MEM(kernel, &index, arrays[PROCESSING_MASK]));
     PSM_TRY(set_arg(kernel, &index, sizeof mask_words, &mask_words));
     PSM_TRY(SET_MEM(kernel, &index, part[PART_PROCESSED]));
     PSM_TRY(enqueue(state, kernel, token_groups, (size_t)call->rows,
-                    opencl_kernel_names[KERNEL_PROCESS_MASK]));
+                    opencl_kernel_names[KERNEL_PROCESS_READ]));
+
+    /* Without lists the read step's values are final. */
+    if (psm_processing_has_lists(&call->request->params)) {
+        const psm_processing_arrays given = psm_request_processing_arrays(p);
+        kernel = state->kernels[KERNEL_PROCESS_LISTS];
+        const cl_uint present = given.present;
+        PSM_TRY(set_request_args(call, kernel, &index));
+        PSM_TRY(set_arg(kernel, &index, sizeof present, &present));
+        PSM_TRY(set_arg(kernel, &index, sizeof(cl_float), &given.repetition));
+        PSM_TRY(set_arg(kernel, &index, sizeof(cl_float), &given.frequency));
+        PSM_TRY(set_arg(kernel, &index, sizeof(cl_float), &given.presence));
+        for (int i = 0; i < PROCESSING_MASK; ++i)
+            PSM_TRY(SET_MEM(kernel, &index, arrays[i]));
+        for (int list = 0; list < 3; ++list)
+            PSM_TRY(set_arg(kernel, &index, sizeof(cl_long), &call->list_capacity[list]));
+        PSM_TRY(SET_MEM(kernel, &index, arrays[PROCESSING_MASK]));
+        PSM_TRY(set_arg(kernel, &index, sizeof mask_words, &mask_words));
+        PSM_TRY(SET_MEM(kernel, &index, part[PART_PROCESSED]));
+        PSM_TRY(SET_MEM(kernel, &index, part[PART_COUNTS]));
+        PSM_TRY(enqueue(state, kernel, 1, (size_t)call->rows,
+                        opencl_kernel_names[KERNEL_PROCESS_LISTS]));
+    }
 
     psm_opencl_request *description = &call->description;
     call->logits = part[PART_PROCESSED];

@@ -1260,16 +1260,18 @@ psm_top_logprobs(PSM_REQUEST_PARAMS, const psm_opencl_request raw_request,
  * are core/psm_processing.h's, the code the CPU, CUDA and HIP backends run;
  * these kernels only spread them over the device.
  *   psm_process_read   an item per (token, output row): the row's logit
- *                      read into `processed` (rows x vocab f32), its count
- *                      cleared; a row whose parameters or row index are out
- *                      of range is written as NaN, so the pipeline finds it
- *                      bad and its logits are never read;
- *   psm_process_lists  a group per row, kernels/psm_stage_lists.h: its
+ *                      read, masked and read again (step 3 made early:
+ *                      kernels/psm_stage_lists.h says why that is exact)
+ *                      into `processed` (rows x vocab f32); a row whose
+ *                      parameters or row index are out of range is written
+ *                      as NaN, so the pipeline finds it bad and its logits
+ *                      are never read;
+ *   psm_process_lists  a group per row, kernels/psm_stage_lists.h: the
+ *                      listed tokens read again from the row as given, its
  *                      penalties over the group, its bias in list order (the
- *                      order is part of the rule); lists out of range make the row bad
- *                      the same way;
- *   psm_process_mask   an item per (token, output row): the allowed-token
- *                      mask and the final read.
+ *                      order is part of the rule), then step 3 for them;
+ *                      lists out of range make the row bad the same way.
+ *                      Calls without lists skip it.
  * The pipeline then samples `processed` as f32 logits, one row per output
  * row (the host rewrites the description accordingly). */
 
@@ -1288,18 +1290,25 @@ psm_top_logprobs(PSM_REQUEST_PARAMS, const psm_opencl_request raw_request,
 #define PSM_PROCESS_TOKEN ((long)get_global_id(0))
 #define PSM_PROCESS_ROW ((long)get_global_id(1))
 
+/* allowed_mask: NULL when every token is allowed; mask_words per row. */
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
-psm_process_read(PSM_REQUEST_PARAMS, __global float *processed, __global uint *counts)
+psm_process_read(PSM_REQUEST_PARAMS, __global const uint *allowed_mask, const long mask_words,
+                 __global float *processed)
 {
     const long token = PSM_PROCESS_TOKEN, row = PSM_PROCESS_ROW;
     if (token >= request.vocab)
         return;
     const psm_row_params p = PSM_RESOLVE_ROW(row);
     const long cell = row * request.vocab + token;
-    counts[cell] = 0u;
-    processed[cell] =
-        p.valid ? psm_read_logit(psm_raw_logit(logits, request.dtype, PSM_ROW_BASE(p) + token))
-                : NAN;
+    if (!p.valid) {
+        processed[cell] = NAN;
+        return;
+    }
+    const float x =
+        psm_read_logit(psm_raw_logit(logits, request.dtype, PSM_ROW_BASE(p) + token));
+    const int allowed =
+        allowed_mask ? psm_token_allowed(allowed_mask + row * mask_words, token) : 1;
+    processed[cell] = psm_processed_logit(x, allowed);
 }
 
 /* Entries a device list may name: its buffer's, so that offsets out of
@@ -1318,6 +1327,7 @@ static int psm_lists_within(const psm_row_lists *lists, long history_capacity,
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_process_lists(PSM_REQUEST_PARAMS, PSM_PROCESSING_PARAMS, const long history_capacity,
                   const long prompt_capacity, const long bias_capacity,
+                  __global const uint *allowed_mask, const long mask_words,
                   __global float *processed, __global uint *counts)
 {
     __local uint bad;
@@ -1338,24 +1348,16 @@ psm_process_lists(PSM_REQUEST_PARAMS, PSM_PROCESSING_PARAMS, const long history_
     arrays.frequency = frequency;
     arrays.presence = presence;
     const psm_row_lists lists = psm_row_lists_of(&arrays, row);
+    const psm_row_params p = PSM_RESOLVE_ROW(row);
     __global float *x = processed + row * request.vocab;
     /* Within the buffers first: the stage then reads the entries. */
-    psm_stage_row_lists(x, counts + row * request.vocab, &lists, request.vocab,
+    psm_stage_row_lists(x,
+                        p.valid ? logits + PSM_ROW_BASE(p) * psm_element_bytes(request.dtype)
+                                : (__global const uchar *)0,
+                        request.dtype, allowed_mask ? allowed_mask + row * mask_words : 0,
+                        counts + row * request.vocab, &lists, request.vocab,
                         psm_lists_within(&lists, history_capacity, prompt_capacity,
                                          bias_capacity),
                         &bad);
 }
 
-/* allowed_mask: NULL when every token is allowed; mask_words per row. */
-__kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
-psm_process_mask(PSM_REQUEST_PARAMS, __global const uint *allowed_mask, const long mask_words,
-                 __global float *processed)
-{
-    const long token = PSM_PROCESS_TOKEN, row = PSM_PROCESS_ROW;
-    if (token >= request.vocab)
-        return;
-    const int allowed =
-        allowed_mask ? psm_token_allowed(allowed_mask + row * mask_words, token) : 1;
-    const long cell = row * request.vocab + token;
-    processed[cell] = psm_processed_logit(processed[cell], allowed);
-}

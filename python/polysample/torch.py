@@ -30,12 +30,18 @@ pool like any other tensor of the captured step, and outside from the
 caching allocator. The library context bound to a (device, stream) is made
 once and never grows.
 """
+import importlib.util
+import os
+import re
+
 import numpy as np
 import torch
 
 from . import _core
+from . import SampleResult, _top_request
 from ._arguments import (ARRAY_NAMES, ARRAYS, BACKEND_CODES, PROBS_ARRAYS, ROW_INDICES,
-                         arrays_of, filter_order_code, parse_backend, scalars)
+                         arrays_of, filter_order_code, parse_backend, plain_processing_off,
+                         plain_scalars, plain_top_off, scalars)
 from ._errors import Error
 from ._frameworks import host_per_row
 
@@ -282,7 +288,6 @@ def _result(mode, results, return_logprobs):
     if mode == 1:
         return results[0]
     if len(results) == 3:
-        from . import SampleResult
         return SampleResult(results[0], results[1], *results[2])
     return results if return_logprobs else results[0]
 
@@ -407,9 +412,39 @@ def _probs_kernel(logits, temperature, top_k, top_p, min_p, temperature_per_row,
                 _op_processing(processing))[0]
 
 
-for _key in ("CPU", "CUDA"):
-    _library.impl("sample", _sample_kernel, _key)
-    _library.impl("probs", _probs_kernel, _key)
+def _cpp_kernels():
+    """Registers polysample._torch_ops' C++ kernels as the ops' CPU and CUDA
+    kernels; returns None, or why they are not used (the Python kernels
+    above then are)."""
+    if os.environ.get("POLYSAMPLE_TORCH_OPS", "1") == "0":
+        return "POLYSAMPLE_TORCH_OPS=0 asks for the Python kernels"
+    if importlib.util.find_spec(__package__ + "._torch_ops") is None:
+        return ("polysample was built without them (torch was not importable where it was "
+                "built; python/README.md says how to build them)")
+    try:
+        from . import _torch_ops
+    except ImportError as error:
+        return f"polysample._torch_ops did not load: {error}"
+    if _torch_ops.TORCH_VERSION != torch.__version__:
+        return (f"polysample._torch_ops was built against torch {_torch_ops.TORCH_VERSION}; "
+                f"this is torch {torch.__version__}")
+    arguments = (len(torch.ops.polysample.sample.default._schema.arguments),
+                 len(torch.ops.polysample.probs.default._schema.arguments))
+    if arguments != (_torch_ops.SAMPLE_ARGUMENTS, _torch_ops.PROBS_ARGUMENTS):
+        return (f"polysample._torch_ops reads {_torch_ops.SAMPLE_ARGUMENTS} and "
+                f"{_torch_ops.PROBS_ARGUMENTS} arguments; the schemas have {arguments}")
+    _torch_ops.register_kernels(_IS_ROCM)
+    return None
+
+
+KERNELS_REASON = _cpp_kernels()
+"""None when the ops run polysample._torch_ops' C++ kernels, else why they
+run the Python kernels (_sample_kernel, _probs_kernel)."""
+KERNELS = "python" if KERNELS_REASON else "c++"
+if KERNELS == "python":
+    for _key in ("CPU", "CUDA"):
+        _library.impl("sample", _sample_kernel, _key)
+        _library.impl("probs", _probs_kernel, _key)
 
 
 def _empty(logits, dtype):
@@ -542,6 +577,50 @@ def _device_processing(logits, row_indices, arguments):
     return tuple(tensors) + tuple(penalties)
 
 
+# ---- the wrappers ------------------------------------------------------------
+_SAMPLE = torch.ops.polysample.sample.default
+_PROBS = torch.ops.polysample.probs.default
+# The overloads' own callables: an eager call without OpOverload.__call__'s
+# Python frame (torch.compile traces the OpOverloads instead).
+_SAMPLE_CALL = getattr(_SAMPLE, "_op", _SAMPLE)
+_PROBS_CALL = getattr(_PROBS, "_op", _PROBS)
+_NO_ARRAYS = (None,) * 10
+_NO_TOP = (0, 0, False)
+_INT64_MAX = 2**63 - 1
+_CPP_FAILURE = re.compile(r"polysample ([A-Z_]+): (.*)", re.S)
+
+
+def _call(op, arguments):
+    """op(*arguments), a C++ kernel's failure (a RuntimeError saying
+    "polysample STATUS: message") raised as polysample.Error."""
+    try:
+        return op(*arguments)
+    except RuntimeError as error:
+        match = _CPP_FAILURE.match(str(error))
+        if match is None:
+            raise
+        raise Error(match.group(1), match.group(2)) from None
+
+
+def _plain_sample(logits, values, return_logprobs):
+    """The sample op with scalars only (polysample._arguments.plain_scalars'
+    values): no arrays, processing or top-N; nothing left to convert."""
+    seed, offset = values[4], values[5]
+    return_logprobs = bool(return_logprobs)
+    tokens, logprobs, _, _, _ = _call(_SAMPLE_CALL, (
+        logits, values[0], values[1], values[2], values[3],
+        seed - 2**64 if seed > _INT64_MAX else seed,
+        offset - 2**64 if offset > _INT64_MAX else offset, values[6]) + _NO_ARRAYS +
+        (return_logprobs, values[7]) + _NO_PROCESSING + _NO_TOP)
+    return (tokens, logprobs) if return_logprobs else tokens
+
+
+def _plain_probs(logits, values):
+    """The probs op with scalars only, as _plain_sample."""
+    return _call(_PROBS_CALL, (logits, values[0], values[1], values[2], values[3], None, None,
+                               None, None, None, values[7]) + _NO_PROCESSING)
+
+
 def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, offset=0,
            num_samples=1, temperature_per_row=None, top_k_per_row=None, top_p_per_row=None,
            min_p_per_row=None, seed_per_row=None, offset_per_row=None, subsequence_per_row=None,
@@ -572,7 +651,18 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, of
     (len(row_indices), num_samples)), or (tokens, logprobs) with
     return_logprobs, or with top_logprobs=N a polysample.SampleResult
     (tokens, logprobs, top_tokens, top_logprobs, ranks or None)."""
-    from . import SampleResult, _top_request
+    if (temperature_per_row is None and top_k_per_row is None and top_p_per_row is None
+            and min_p_per_row is None and seed_per_row is None and offset_per_row is None
+            and subsequence_per_row is None and row_indices is None and seed_tensor is None
+            and offset_tensor is None
+            and plain_processing_off(allowed_mask, logit_bias, history, prompt,
+                                     repetition_penalty, frequency_penalty, presence_penalty)
+            and plain_top_off(top_logprobs, logprob_mode, return_ranks)
+            and not torch.compiler.is_compiling()):
+        values = plain_scalars(temperature, top_k, top_p, min_p, seed, offset, num_samples,
+                               filter_order)
+        if values is not None:
+            return _plain_sample(logits, values, return_logprobs)
     arrays = (temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row, seed_per_row,
               offset_per_row, subsequence_per_row, row_indices, seed_tensor, offset_tensor)
     order = filter_order_code(filter_order)
@@ -580,15 +670,18 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, of
     processing = dict(allowed_mask=allowed_mask, logit_bias=logit_bias, history=history,
                       prompt=prompt, repetition_penalty=repetition_penalty,
                       frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
-    if not torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
         scalars(temperature, top_k, top_p, min_p, seed, offset, num_samples)
         arrays = _prepare_arrays(arrays, logits.device)
     processing = _device_processing(logits, arrays[ROW_INDICES], processing)
-    count, mode, ranks_on = top if top is not None else (0, 0, False)
-    tokens, logprobs, top_tokens, top_values, ranks = torch.ops.polysample.sample(
-        logits, float(temperature), int(top_k), float(top_p), float(min_p),
-        _signed64(seed, "seed"), _signed64(offset, "offset"), int(num_samples), *arrays,
-        bool(return_logprobs), order, *processing, count, mode, ranks_on)
+    count, mode, ranks_on = top if top is not None else _NO_TOP
+    arguments = (logits, float(temperature), int(top_k), float(top_p), float(min_p),
+                 _signed64(seed, "seed"), _signed64(offset, "offset"), int(num_samples)) + \
+        tuple(arrays) + (bool(return_logprobs), order) + tuple(processing) + \
+        (count, mode, ranks_on)
+    tokens, logprobs, top_tokens, top_values, ranks = \
+        _SAMPLE(*arguments) if compiling else _call(_SAMPLE_CALL, arguments)
     if top is not None:
         return SampleResult(tokens, logprobs, top_tokens, top_values,
                             ranks if ranks_on else None)
@@ -601,16 +694,24 @@ def probs(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, temperature
           prompt=None, repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0):
     """torch.ops.polysample.probs: the distribution sample() draws from
     (with row_indices, one row per entry); processing as for sample()."""
+    compiling = torch.compiler.is_compiling()
+    if (temperature_per_row is None and top_k_per_row is None and top_p_per_row is None
+            and min_p_per_row is None and row_indices is None and not compiling
+            and plain_processing_off(allowed_mask, logit_bias, history, prompt,
+                                     repetition_penalty, frequency_penalty, presence_penalty)):
+        values = plain_scalars(temperature, top_k, top_p, min_p, 0, 0, 1, filter_order)
+        if values is not None:
+            return _plain_probs(logits, values)
     arrays = _probs_arrays(temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row,
                            row_indices)
     order = filter_order_code(filter_order)
     processing = dict(allowed_mask=allowed_mask, logit_bias=logit_bias, history=history,
                       prompt=prompt, repetition_penalty=repetition_penalty,
                       frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
-    if not torch.compiler.is_compiling():
+    if not compiling:
         scalars(temperature, top_k, top_p, min_p, 0, 0, 1)
         arrays = _prepare_arrays(arrays, logits.device)
     processing = _device_processing(logits, arrays[ROW_INDICES], processing)
-    return torch.ops.polysample.probs(logits, float(temperature), int(top_k), float(top_p),
-                                      float(min_p), *(arrays[index] for index in _PROBS_INDICES),
-                                      order, *processing)
+    arguments = (logits, float(temperature), int(top_k), float(top_p), float(min_p)) + \
+        tuple(arrays[index] for index in _PROBS_INDICES) + (order,) + tuple(processing)
+    return _PROBS(*arguments) if compiling else _call(_PROBS_CALL, arguments)

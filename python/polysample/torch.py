@@ -346,6 +346,13 @@ _library.define(
     "Tensor? seed_tensor, Tensor? offset_tensor, bool return_logprobs, int filter_order, "
     + _PROCESSING_SCHEMA + ", int top_logprobs, int logprob_mode, bool return_ranks) -> "
     "(Tensor, Tensor, Tensor, Tensor, Tensor)")
+# sample with its scalars alone, the call polysample.torch.sample and
+# polysample.sample make when no array, processing or top-N is given: fewer
+# arguments for the dispatcher to convert, two outputs instead of five.
+_library.define(
+    "sample_scalars(Tensor logits, float temperature, int top_k, float top_p, float min_p, "
+    "int seed, int offset, int num_samples, bool return_logprobs, int filter_order) -> "
+    "(Tensor, Tensor)")
 _library.define(
     "probs(Tensor logits, float temperature, int top_k, float top_p, float min_p, "
     "Tensor? temperature_per_row, Tensor? top_k_per_row, Tensor? top_p_per_row, "
@@ -400,6 +407,13 @@ def _sample_kernel(logits, temperature, top_k, top_p, min_p, seed, offset, num_s
         ranks if ranks is not None else _empty(logits, torch.int32)
 
 
+def _sample_scalars_kernel(logits, temperature, top_k, top_p, min_p, seed, offset,
+                           num_samples, return_logprobs, filter_order):
+    return _sample_kernel(logits, temperature, top_k, top_p, min_p, seed, offset, num_samples,
+                          *(None,) * 10, return_logprobs, filter_order, *_NO_PROCESSING,
+                          0, 0, False)[:2]
+
+
 def _probs_kernel(logits, temperature, top_k, top_p, min_p, temperature_per_row,
                   top_k_per_row, top_p_per_row, min_p_per_row, row_indices, filter_order,
                   *processing):
@@ -428,11 +442,13 @@ def _cpp_kernels():
     if _torch_ops.TORCH_VERSION != torch.__version__:
         return (f"polysample._torch_ops was built against torch {_torch_ops.TORCH_VERSION}; "
                 f"this is torch {torch.__version__}")
-    arguments = (len(torch.ops.polysample.sample.default._schema.arguments),
-                 len(torch.ops.polysample.probs.default._schema.arguments))
-    if arguments != (_torch_ops.SAMPLE_ARGUMENTS, _torch_ops.PROBS_ARGUMENTS):
-        return (f"polysample._torch_ops reads {_torch_ops.SAMPLE_ARGUMENTS} and "
-                f"{_torch_ops.PROBS_ARGUMENTS} arguments; the schemas have {arguments}")
+    arguments = tuple(len(getattr(torch.ops.polysample, name).default._schema.arguments)
+                      for name in ("sample", "sample_scalars", "probs"))
+    expected = (_torch_ops.SAMPLE_ARGUMENTS, _torch_ops.SAMPLE_SCALARS_ARGUMENTS,
+                _torch_ops.PROBS_ARGUMENTS)
+    if arguments != expected:
+        return (f"polysample._torch_ops reads {expected} arguments; the schemas (sample, "
+                f"sample_scalars, probs) have {arguments}")
     _torch_ops.register_kernels(_IS_ROCM)
     return None
 
@@ -444,6 +460,7 @@ KERNELS = "python" if KERNELS_REASON else "c++"
 if KERNELS == "python":
     for _key in ("CPU", "CUDA"):
         _library.impl("sample", _sample_kernel, _key)
+        _library.impl("sample_scalars", _sample_scalars_kernel, _key)
         _library.impl("probs", _probs_kernel, _key)
 
 
@@ -470,6 +487,14 @@ def _sample_fake(logits, temperature, top_k, top_p, min_p, seed, offset, num_sam
     return (tokens, logprobs, logits.new_empty(top_shape, dtype=torch.int32),
             logits.new_empty(top_shape, dtype=torch.float32),
             logits.new_empty(shape if top_logprobs and return_ranks else (0,), dtype=torch.int32))
+
+
+@torch.library.register_fake("polysample::sample_scalars")
+def _sample_scalars_fake(logits, temperature, top_k, top_p, min_p, seed, offset, num_samples,
+                         return_logprobs, filter_order):
+    shape = tuple(logits.shape[:-1]) + (num_samples,)
+    return (logits.new_empty(shape, dtype=torch.int32),
+            logits.new_empty(shape if return_logprobs else (0,), dtype=torch.float32))
 
 
 @torch.library.register_fake("polysample::probs")
@@ -583,6 +608,8 @@ _PROBS = torch.ops.polysample.probs.default
 # The overloads' own callables: an eager call without OpOverload.__call__'s
 # Python frame (torch.compile traces the OpOverloads instead).
 _SAMPLE_CALL = getattr(_SAMPLE, "_op", _SAMPLE)
+_SAMPLE_SCALARS_CALL = getattr(torch.ops.polysample.sample_scalars.default, "_op",
+                               torch.ops.polysample.sample_scalars.default)
 _PROBS_CALL = getattr(_PROBS, "_op", _PROBS)
 _NO_ARRAYS = (None,) * 10
 _NO_TOP = (0, 0, False)
@@ -604,14 +631,21 @@ def _call(op, arguments):
 
 def _plain_sample(logits, values, return_logprobs):
     """The sample op with scalars only (polysample._arguments.plain_scalars'
-    values): no arrays, processing or top-N; nothing left to convert."""
+    values): no arrays, processing or top-N; nothing left to convert. With
+    the C++ kernels, sample_scalars; with the Python ones, sample (whose
+    kernel sample_scalars' would call anyway)."""
     seed, offset = values[4], values[5]
+    seed = seed - 2**64 if seed > _INT64_MAX else seed
+    offset = offset - 2**64 if offset > _INT64_MAX else offset
     return_logprobs = bool(return_logprobs)
-    tokens, logprobs, _, _, _ = _call(_SAMPLE_CALL, (
-        logits, values[0], values[1], values[2], values[3],
-        seed - 2**64 if seed > _INT64_MAX else seed,
-        offset - 2**64 if offset > _INT64_MAX else offset, values[6]) + _NO_ARRAYS +
-        (return_logprobs, values[7]) + _NO_PROCESSING + _NO_TOP)
+    if KERNELS == "c++":
+        tokens, logprobs = _call(_SAMPLE_SCALARS_CALL, (
+            logits, values[0], values[1], values[2], values[3], seed, offset, values[6],
+            return_logprobs, values[7]))
+    else:
+        tokens, logprobs, _, _, _ = _call(_SAMPLE_CALL, (
+            logits, values[0], values[1], values[2], values[3], seed, offset, values[6]) +
+            _NO_ARRAYS + (return_logprobs, values[7]) + _NO_PROCESSING + _NO_TOP)
     return (tokens, logprobs) if return_logprobs else tokens
 
 

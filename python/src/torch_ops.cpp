@@ -1,6 +1,6 @@
 // polysample._torch_ops: C++ kernels (CPU and CUDA dispatch keys) for the
-// ops torch.ops.polysample.sample and .probs, whose schemas and fake
-// implementations python/polysample/torch.py defines.
+// ops torch.ops.polysample.sample, .sample_scalars and .probs, whose
+// schemas and fake implementations python/polysample/torch.py defines.
 //
 // The Python kernels there pay for every tensor the call touches in Python
 // (an output, a workspace, a tuple describing each array); these do the
@@ -312,7 +312,7 @@ public:
     {
         if (value.isNone())
             fail(PSM_ERR_INVALID_ARGUMENT, role + " must be an array supporting DLPack or the "
-                                                  "buffer protocol; got NoneType");
+                                                  "buffer protocol; got <class 'NoneType'>");
         const at::Tensor &tensor = value.toTensor();
         at_most_2d(tensor, role);
         expect_kind(tensor, kind, role);
@@ -629,10 +629,15 @@ void execute(Call &call, const psm_output &tokens, const psm_output &logprobs,
         fail(status, psm_last_error());
 }
 
-void sample_kernel(const c10::OperatorHandle &, torch::jit::Stack *stack)
+// What psm_sample gives: the tokens and logprobs ((0,) when not asked), and
+// with top-N its outputs (the ranks undefined without return_ranks).
+struct SampleOutputs {
+    at::Tensor tokens, logprobs, top_tokens, top_values, ranks;
+};
+
+// The sample op's work on its arguments `a` (schema order).
+SampleOutputs run_sample(const c10::IValue *a)
 {
-    auto arguments = torch::jit::last(*stack, sample_argument_count);
-    const c10::IValue *a = arguments.data();
     // polysample/_arguments.py's scalars(): what the Python kernel checks
     // first. Seeds and offsets arrive as their unsigned bits.
     const float temperature = (float)a[s_temperature].toDouble();
@@ -679,35 +684,70 @@ void sample_kernel(const c10::OperatorHandle &, torch::jit::Stack *stack)
 
     // Every check passed: the outputs.
     const psm_memory memory = call.c_logits.memory;
-    at::Tensor tokens = empty(call, rows_and(call, num_samples), c10::ScalarType::Int);
-    at::Tensor logprobs = call.return_logprobs
-                              ? empty(call, rows_and(call, num_samples), c10::ScalarType::Float)
-                              : empty(call, {0}, c10::ScalarType::Float);
-    at::Tensor top_tokens, top_values, ranks;
+    SampleOutputs out;
+    out.tokens = empty(call, rows_and(call, num_samples), c10::ScalarType::Int);
+    out.logprobs = call.return_logprobs
+                       ? empty(call, rows_and(call, num_samples), c10::ScalarType::Float)
+                       : empty(call, {0}, c10::ScalarType::Float);
     if (call.has_top) {
-        top_tokens = empty(call, rows_and(call, top_count), c10::ScalarType::Int);
-        top_values = empty(call, rows_and(call, top_count), c10::ScalarType::Float);
+        out.top_tokens = empty(call, rows_and(call, top_count), c10::ScalarType::Int);
+        out.top_values = empty(call, rows_and(call, top_count), c10::ScalarType::Float);
         call.top.count = (int32_t)top_count;
         call.top.mode = (psm_logprob_mode)logprob_mode;
-        call.top.tokens = psm_output{top_tokens.data_ptr(), memory};
-        call.top.logprobs = psm_output{top_values.data_ptr(), memory};
-    } else {
-        top_tokens = empty(call, {0}, c10::ScalarType::Int);
-        top_values = empty(call, {0}, c10::ScalarType::Float);
+        call.top.tokens = psm_output{out.top_tokens.data_ptr(), memory};
+        call.top.logprobs = psm_output{out.top_values.data_ptr(), memory};
     }
     if (call.return_ranks) {
-        ranks = empty(call, rows_and(call, num_samples), c10::ScalarType::Int);
-        call.top.sampled_ranks = psm_output{ranks.data_ptr(), memory};
-    } else {
-        ranks = empty(call, {0}, c10::ScalarType::Int);
+        out.ranks = empty(call, rows_and(call, num_samples), c10::ScalarType::Int);
+        call.top.sampled_ranks = psm_output{out.ranks.data_ptr(), memory};
     }
-    const psm_output tokens_out{tokens.data_ptr(), memory};
-    const psm_output logprobs_out{call.return_logprobs ? logprobs.data_ptr() : nullptr, memory};
+    const psm_output tokens_out{out.tokens.data_ptr(), memory};
+    const psm_output logprobs_out{call.return_logprobs ? out.logprobs.data_ptr() : nullptr,
+                                  memory};
     execute(call, tokens_out, logprobs_out, nullptr);
+    return out;
+}
 
+// polysample::sample: outputs not asked for are empty tensors.
+void sample_kernel(const c10::OperatorHandle &, torch::jit::Stack *stack)
+{
+    auto arguments = torch::jit::last(*stack, sample_argument_count);
+    SampleOutputs out = run_sample(arguments.data());
+    auto absent = [&](at::Tensor &tensor, c10::ScalarType type) {
+        if (!tensor.defined())
+            tensor = at::empty({0}, out.tokens.options().dtype(type));
+    };
+    absent(out.top_tokens, c10::ScalarType::Int);
+    absent(out.top_values, c10::ScalarType::Float);
+    absent(out.ranks, c10::ScalarType::Int);
     torch::jit::drop(*stack, sample_argument_count);
-    torch::jit::push(*stack, std::move(tokens), std::move(logprobs), std::move(top_tokens),
-                     std::move(top_values), std::move(ranks));
+    torch::jit::push(*stack, std::move(out.tokens), std::move(out.logprobs),
+                     std::move(out.top_tokens), std::move(out.top_values), std::move(out.ranks));
+}
+
+// polysample::sample_scalars: sample with its scalars alone (no arrays,
+// processing or top-N), the call the wrappers make most; fewer arguments
+// to convert and two outputs instead of five.
+enum ScalarsArgument : size_t { c_return_logprobs = s_num_samples + 1, c_filter_order,
+                                scalars_argument_count };
+
+void sample_scalars_kernel(const c10::OperatorHandle &, torch::jit::Stack *stack)
+{
+    auto arguments = torch::jit::last(*stack, scalars_argument_count);
+    c10::IValue full[sample_argument_count]; // None where not set below
+    for (size_t i = 0; i < s_arrays; ++i)
+        full[i] = arguments[i];
+    full[s_return_logprobs] = arguments[c_return_logprobs];
+    full[s_filter_order] = arguments[c_filter_order];
+    full[(size_t)s_processing + q_repetition] = 1.0;
+    full[(size_t)s_processing + q_frequency] = 0.0;
+    full[(size_t)s_processing + q_presence] = 0.0;
+    full[s_top_logprobs] = (int64_t)0;
+    full[s_logprob_mode] = (int64_t)0;
+    full[s_return_ranks] = false;
+    SampleOutputs out = run_sample(full);
+    torch::jit::drop(*stack, scalars_argument_count);
+    torch::jit::push(*stack, std::move(out.tokens), std::move(out.logprobs));
 }
 
 void probs_kernel(const c10::OperatorHandle &, torch::jit::Stack *stack)
@@ -771,6 +811,8 @@ void register_kernels(bool is_rocm)
             auto *library = new torch::Library(torch::Library::IMPL, "polysample", key,
                                                __FILE__, __LINE__);
             library->impl("sample", torch::CppFunction::makeFromBoxedFunction<&sample_kernel>());
+            library->impl("sample_scalars",
+                          torch::CppFunction::makeFromBoxedFunction<&sample_scalars_kernel>());
             library->impl("probs", torch::CppFunction::makeFromBoxedFunction<&probs_kernel>());
         }
     });
@@ -784,6 +826,7 @@ NB_MODULE(_torch_ops, module)
                    "registers them.";
     module.attr("TORCH_VERSION") = PSM_TORCH_VERSION;
     module.attr("SAMPLE_ARGUMENTS") = (int)sample_argument_count;
+    module.attr("SAMPLE_SCALARS_ARGUMENTS") = (int)scalars_argument_count;
     module.attr("PROBS_ARGUMENTS") = (int)probs_argument_count;
     module.def("register_kernels", &register_kernels, nb::arg("rocm"));
 }

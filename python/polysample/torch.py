@@ -1,11 +1,17 @@
-"""polysample as PyTorch ops: torch.ops.polysample.sample and .probs.
+"""polysample as PyTorch ops: torch.ops.polysample.sample, .sample_scalars
+(sample with scalars only, which the wrappers call when nothing else is
+given) and .probs.
 
     import polysample.torch as pst
     tokens = pst.sample(logits, temperature=0.8, top_p=0.9, seed=1234, offset=step)
 
 The ops are registered with torch.library (a schema and a fake
 implementation), so they trace under torch.compile and run inside CUDA
-graphs. Outputs are allocated by torch on the logits' device. On CUDA the
+graphs. Their CPU and CUDA kernels are C++ (polysample._torch_ops, when
+the package was built with torch importable, against the torch that runs)
+or else the Python kernels below; KERNELS says which and KERNELS_REASON
+why not C++. Both check alike and give the same outputs bit for bit.
+Outputs are allocated by torch on the logits' device. On CUDA the
 work runs on torch's current stream, with no synchronisation: a context of
 the library bound to that stream is made at first use and kept per
 (device, stream). CPU tensors run on the CPU backend.
@@ -22,9 +28,9 @@ sequence's position), and seed_tensor or seed_per_row likewise; the kernels
 read them when they run, so advancing them in place (inside the graph after
 the sampling node, or between replays) makes the next replay draw anew.
 
-Workspace: each call takes its workspace from torch's allocator
-(torch.empty of the bytes the library's size query gives, on the logits'
-device and torch's current stream), so the library allocates nothing:
+Workspace: each call takes its workspace from torch's allocator (a uint8
+tensor of the bytes the library's size query gives, on the logits' device
+and torch's current stream), so the library allocates nothing:
 inside a CUDA graph capture the workspace comes from the graph's memory
 pool like any other tensor of the captured step, and outside from the
 caching allocator. The library context bound to a (device, stream) is made

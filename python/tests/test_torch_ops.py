@@ -181,7 +181,6 @@ def test_probs_kernels_agree(device):
             raise AssertionError(f"case {name!r}: {error}") from None
 
 
-@needs_cpp
 @pytest.mark.parametrize("device", DEVICES)
 def test_sample_scalars_equals_sample(device):
     logits = logits_of(3, 900, seed=6, device=device)
@@ -280,7 +279,6 @@ def test_cpp_refusals_name_the_status_for_direct_callers():
                   sample_arguments(logits_of(2, 10), top=(65, 0, False)))
 
 
-@needs_cpp
 def test_opcheck_sample_scalars():
     logits = logits_of(3, 300)
     torch.library.opcheck(torch.ops.polysample.sample_scalars.default,

@@ -28,6 +28,9 @@
 #include <ATen/ops/empty.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
+#if defined(PSM_TORCH_CUDA_STREAM)
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 #include <polysample.h>
 
@@ -166,11 +169,16 @@ OpContext &context_for(const c10::Device &device)
     if (device.is_cuda()) {
         backend = rocm ? PSM_BACKEND_HIP : PSM_BACKEND_CUDA;
         index = device.index();
+#if defined(PSM_TORCH_CUDA_STREAM)
+        // A torch without the device-generic handle (python/CMakeLists.txt).
+        stream = (uintptr_t)c10::cuda::getCurrentCUDAStream(device.index()).stream();
+#else
         // torch's current stream through its device-generic interface, so
         // that this file needs neither CUDA's nor HIP's headers.
         const c10::impl::DeviceGuardImplInterface *guard =
             c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
         stream = (uintptr_t)guard->getStreamNativeHandle(guard->getStream(device));
+#endif
         if (stream == 0) {
             if (rocm)
                 fail(PSM_ERR_UNSUPPORTED, "ROCm: run under a torch.cuda.Stream; the library "
@@ -365,7 +373,7 @@ int32_t int32_argument(int64_t value, const char *name)
 struct Call {
     int mode = 0;
     at::Tensor logits;
-    const OpContext *context = nullptr;
+    OpContext *context = nullptr;
     psm_tensor c_logits{};
     psm_params params{};
     psm_logit_processing processing{};
@@ -604,7 +612,7 @@ std::vector<int64_t> rows_and(const Call &call, int64_t last)
 void execute(Call &call, const psm_output &tokens, const psm_output &logprobs,
              const psm_tensor *probs)
 {
-    OpContext &context = *const_cast<OpContext *>(call.context);
+    OpContext &context = *call.context;
     std::lock_guard<std::mutex> lock(context.mutex);
     psm_params params = c_params(call);
     size_t bytes = 0;
@@ -649,18 +657,12 @@ SampleOutputs run_sample(const c10::IValue *a)
         fail(PSM_ERR_INVALID_PARAMETER, "num_samples is " + std::to_string(num_samples) +
                                             "; expected 1 to 2^31 - 1");
     const int32_t filter_order = int32_argument(a[s_filter_order].toInt(), "filter_order");
-    const int64_t top_count = a[s_top_logprobs].toInt();
-    if (top_count < 0 || top_count > PSM_MAX_TOP_LOGPROBS)
-        fail(PSM_ERR_INVALID_PARAMETER,
-             "top_logprobs is " + std::to_string(top_count) + "; expected 1 to " +
-                 std::to_string(PSM_MAX_TOP_LOGPROBS) + " (0: none)");
-    const int32_t logprob_mode = int32_argument(a[s_logprob_mode].toInt(), "logprob_mode");
 
     Call call;
     call.mode = 0;
     call.logits = a[s_logits].toTensor();
     check_logits_kind(call.logits);
-    const OpContext &context = context_for(call.logits.device());
+    OpContext &context = context_for(call.logits.device());
     call.context = &context;
     Checks checks(context, call.logits);
 
@@ -678,6 +680,14 @@ SampleOutputs run_sample(const c10::IValue *a)
         arrays[i] = &a[s_arrays + i];
     prepare(checks, call, arrays);
     attach_processing(checks, call, &a[s_processing]);
+    // The library checks N and the mode too, but the outputs are shaped by
+    // N before it is called.
+    const int64_t top_count = a[s_top_logprobs].toInt();
+    if (top_count < 0 || top_count > PSM_MAX_TOP_LOGPROBS)
+        fail(PSM_ERR_INVALID_PARAMETER,
+             "top_logprobs is " + std::to_string(top_count) + "; expected 1 to " +
+                 std::to_string(PSM_MAX_TOP_LOGPROBS) + " (0: none)");
+    const int32_t logprob_mode = int32_argument(a[s_logprob_mode].toInt(), "logprob_mode");
     call.has_top = top_count > 0;
     call.return_logprobs = a[s_return_logprobs].toBool() || call.has_top;
     call.return_ranks = call.has_top && a[s_return_ranks].toBool();
@@ -764,7 +774,7 @@ void probs_kernel(const c10::OperatorHandle &, torch::jit::Stack *stack)
     call.mode = 1;
     call.logits = a[p_logits].toTensor();
     check_logits_kind(call.logits);
-    const OpContext &context = context_for(call.logits.device());
+    OpContext &context = context_for(call.logits.device());
     call.context = &context;
     Checks checks(context, call.logits);
 
@@ -825,6 +835,11 @@ NB_MODULE(_torch_ops, module)
     module.doc() = "polysample's C++ kernels for torch.ops.polysample; polysample.torch "
                    "registers them.";
     module.attr("TORCH_VERSION") = PSM_TORCH_VERSION;
+#if defined(PSM_TORCH_CUDA_STREAM)
+    module.attr("CUDA_STREAM") = "c10::cuda::getCurrentCUDAStream";
+#else
+    module.attr("CUDA_STREAM") = "c10::impl::DeviceGuardImplInterface::getStreamNativeHandle";
+#endif
     module.attr("SAMPLE_ARGUMENTS") = (int)sample_argument_count;
     module.attr("SAMPLE_SCALARS_ARGUMENTS") = (int)scalars_argument_count;
     module.attr("PROBS_ARGUMENTS") = (int)probs_argument_count;

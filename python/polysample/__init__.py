@@ -29,6 +29,7 @@ the benchmark (python -m polysample.bench).
 """
 import logging
 import operator
+import sys
 import threading
 from collections import namedtuple
 
@@ -36,7 +37,8 @@ import numpy as np
 
 from . import _core
 from ._arguments import (ARRAY_NAMES, ARRAYS, BACKEND_CODES, BACKEND_NAMES, PROBS_ARRAYS,
-                         ROW_INDICES, arrays_of, parse_backend, scalars)
+                         ROW_INDICES, arrays_of, parse_backend, plain_processing_off,
+                         plain_scalars, plain_top_off, scalars)
 from ._errors import Error
 from ._frameworks import HostResults, host_per_row, is_torch_tensor
 from ._processing import NAMES as PROCESSING_NAMES
@@ -363,6 +365,32 @@ def _default_context(backend, check_rows=False):
     return context
 
 
+def _torch_module():
+    """polysample.torch, imported at first use (it imports torch)."""
+    module = sys.modules.get(__name__ + ".torch")
+    if module is None:
+        from . import torch as module
+    return module
+
+
+def _plain_host_call(mode, context, logits, values, return_logprobs):
+    """sample (mode 0) or probs (1) on a NumPy array with scalars only
+    (polysample._arguments.plain_scalars' values): no arrays, processing,
+    top-N or workspace, so nothing but the outputs to make."""
+    shape = logits.shape
+    if len(shape) not in (1, 2):
+        raise Error("INVALID_ARGUMENT", f"logits must be 1-D or 2-D; got {len(shape)}-D")
+    if mode == 1:
+        out = np.empty(shape, np.float32)
+        context._context.run(1, logits, values, (), out, None, None)
+        return out
+    rows = shape[:-1] + (values[6],)
+    tokens = np.empty(rows, np.int32)
+    logprobs = np.empty(rows, np.float32) if return_logprobs else None
+    context._context.run(0, logits, values, (), tokens, logprobs, None)
+    return (tokens, logprobs) if return_logprobs else tokens
+
+
 def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, offset=0,
            num_samples=1, temperature_per_row=None, top_k_per_row=None, top_p_per_row=None,
            min_p_per_row=None, seed_per_row=None, offset_per_row=None, subsequence_per_row=None,
@@ -424,6 +452,25 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, of
     with status INVALID_ARGUMENT) listing them. Only the CPU backend runs
     orders other than "polysample"; the others raise UNSUPPORTED.
     """
+    # The common call (scalars only) skips the general path's conversions:
+    # the same checks, the same C call.
+    if (temperature_per_row is None and top_k_per_row is None and top_p_per_row is None
+            and min_p_per_row is None and seed_per_row is None and offset_per_row is None
+            and subsequence_per_row is None and row_indices is None and seed_tensor is None
+            and offset_tensor is None and workspace is None
+            and plain_processing_off(allowed_mask, logit_bias, history, prompt,
+                                     repetition_penalty, frequency_penalty, presence_penalty)
+            and plain_top_off(top_logprobs, logprob_mode, return_ranks)):
+        values = plain_scalars(temperature, top_k, top_p, min_p, seed, offset, num_samples,
+                               filter_order)
+        if values is not None:
+            if type(logits) is np.ndarray:
+                return _plain_host_call(0, _default_context(backend), logits, values,
+                                        bool(return_logprobs))
+            if backend is None and is_torch_tensor(logits):
+                polysample_torch = _torch_module()
+                if polysample_torch.KERNELS == "c++":
+                    return polysample_torch._plain_sample(logits, values, return_logprobs)
     values = scalars(temperature, top_k, top_p, min_p, seed, offset, num_samples, filter_order)
     arrays = (temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row, seed_per_row,
               offset_per_row, subsequence_per_row, row_indices, seed_tensor, offset_tensor)
@@ -454,6 +501,18 @@ def probs(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, temperature
     a bad row is all NaN. workspace: as for sample(), sized by
     Context.probs_workspace_size(); logit processing and filter_order as
     for sample()."""
+    if (temperature_per_row is None and top_k_per_row is None and top_p_per_row is None
+            and min_p_per_row is None and row_indices is None and workspace is None
+            and plain_processing_off(allowed_mask, logit_bias, history, prompt,
+                                     repetition_penalty, frequency_penalty, presence_penalty)):
+        values = plain_scalars(temperature, top_k, top_p, min_p, 0, 0, 1, filter_order)
+        if values is not None:
+            if type(logits) is np.ndarray:
+                return _plain_host_call(1, _default_context(backend), logits, values, False)
+            if backend is None and is_torch_tensor(logits):
+                polysample_torch = _torch_module()
+                if polysample_torch.KERNELS == "c++":
+                    return polysample_torch._plain_probs(logits, values)
     values = scalars(temperature, top_k, top_p, min_p, 0, 0, 1, filter_order)
     processing = dict(allowed_mask=allowed_mask, logit_bias=logit_bias, history=history,
                       prompt=prompt, repetition_penalty=repetition_penalty,

@@ -87,6 +87,46 @@ def scalars(temperature, top_k, top_p, min_p, seed, offset, num_samples,
             _real(min_p, "min_p"), seed, offset, num_samples, filter_order_code(filter_order))
 
 
+_PLAIN_REALS = (float, int)
+
+
+def plain_scalars(temperature, top_k, top_p, min_p, seed, offset, num_samples,
+                  filter_order="polysample"):
+    """scalars()' result when every value is a plain float or int in its
+    range and filter_order one of the names, else None: the caller then
+    calls scalars(), which converts the other forms or raises. The same
+    checks without scalars()' conversions, for the calls' fast paths."""
+    if (type(top_k) is int and type(seed) is int and type(offset) is int
+            and type(num_samples) is int and type(temperature) in _PLAIN_REALS
+            and type(top_p) in _PLAIN_REALS and type(min_p) in _PLAIN_REALS
+            and type(filter_order) is str and INT32_MIN <= top_k <= INT32_MAX
+            and 0 <= seed <= UINT64_MAX and 0 <= offset <= UINT64_MAX
+            and 1 <= num_samples <= INT32_MAX):
+        order = FILTER_ORDERS.get(filter_order)
+        if order is not None:
+            return (float(temperature), top_k, float(top_p), float(min_p), seed, offset,
+                    num_samples, order)
+    return None
+
+
+def plain_processing_off(allowed_mask, logit_bias, history, prompt, repetition_penalty,
+                         frequency_penalty, presence_penalty):
+    """Whether the processing arguments ask for nothing, told from plain
+    values alone (a penalty that is not a plain number is left to the
+    general path, which checks it)."""
+    return (allowed_mask is None and logit_bias is None and history is None and prompt is None
+            and type(repetition_penalty) in _PLAIN_REALS and repetition_penalty == 1.0
+            and type(frequency_penalty) in _PLAIN_REALS and frequency_penalty == 0.0
+            and type(presence_penalty) in _PLAIN_REALS and presence_penalty == 0.0)
+
+
+def plain_top_off(top_logprobs, logprob_mode, return_ranks):
+    """Whether the top-N arguments are their defaults (no top-N), told from
+    plain values alone."""
+    return (type(top_logprobs) is int and top_logprobs == 0 and return_ranks is False
+            and type(logprob_mode) is str and logprob_mode == "processed")
+
+
 def parse_backend(backend):
     """'cpu', 'cuda:1', ... -> (code, device index or None); None -> (None, None)."""
     if backend is None:

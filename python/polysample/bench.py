@@ -14,8 +14,10 @@ CUDA times are CUDA-event medians; CPU times are wall-clock medians.
 
 It also measures the Python-to-launch overhead at batch 1: the host time of
 one Python call (polysample.torch.sample through the dispatcher, and
-polysample.sample) against the host time of one psm_sample call on the same
-context and arrays, timed in C inside the extension (Context.time_sample).
+polysample.sample; on the CPU, on a NumPy array and, with PyTorch, on a CPU
+tensor) against the host time of one psm_sample call on the same context
+and arrays, timed in C inside the extension (Context.time_sample), and
+says whether the torch ops ran their C++ kernels (polysample._torch_ops).
 Every call is timed alone, with a synchronisation every 32 calls outside
 the timed part so that the device queue stays short; medians are reported.
 
@@ -172,7 +174,16 @@ def run_overhead(device, vocab, repeats):
         sync = context.synchronize
         c_times = context.time_sample(logits, tokens, repeats, SYNC_EVERY)
         python_calls = {"polysample.sample": lambda: polysample.sample(logits)}
+        if torch is not None:
+            import polysample.torch as pst
+            tensor = torch.from_numpy(logits)
+            python_calls["polysample.torch.sample (CPU tensor)"] = lambda: pst.sample(tensor)
+            python_calls["polysample.sample (CPU tensor)"] = lambda: polysample.sample(tensor)
         result["context"] = "CPU backend (the call does the sampling itself)"
+    if torch is not None:
+        import polysample.torch as pst
+        result["torch_kernels"] = pst.KERNELS
+        result["torch_kernels_reason"] = pst.KERNELS_REASON
     result["c_call_us"] = statistics.median(c_times) * 1e6
     result["python_calls"] = {}
     for name, call in python_calls.items():
@@ -260,6 +271,10 @@ def main(argv=None):
     overhead["device_name"] = name
     print(f"\nPython-to-launch overhead, batch 1, vocab {overhead['vocab']} "
           f"({overhead['context']}): C call {overhead['c_call_us']:.2f} us (median host time)")
+    if "torch_kernels" in overhead:
+        reason = overhead["torch_kernels_reason"]
+        print(f"  torch ops' kernels: {overhead['torch_kernels']}"
+              f"{'' if reason is None else f' ({reason})'}")
     for call, figures in overhead["python_calls"].items():
         print(f"  {call}: {figures['call_us']:.2f} us, "
               f"{figures['overhead_us']:+.2f} us over the C call")

@@ -1,11 +1,17 @@
-"""polysample as PyTorch ops: torch.ops.polysample.sample and .probs.
+"""polysample as PyTorch ops: torch.ops.polysample.sample, .sample_scalars
+(sample with scalars only, which the wrappers call when nothing else is
+given) and .probs.
 
     import polysample.torch as pst
     tokens = pst.sample(logits, temperature=0.8, top_p=0.9, seed=1234, offset=step)
 
 The ops are registered with torch.library (a schema and a fake
 implementation), so they trace under torch.compile and run inside CUDA
-graphs. Outputs are allocated by torch on the logits' device. On CUDA the
+graphs. Their CPU and CUDA kernels are C++ (polysample._torch_ops, when
+the package was built with torch importable, against the torch that runs)
+or else the Python kernels below; KERNELS says which and KERNELS_REASON
+why not C++. Both check alike and give the same outputs bit for bit.
+Outputs are allocated by torch on the logits' device. On CUDA the
 work runs on torch's current stream, with no synchronisation: a context of
 the library bound to that stream is made at first use and kept per
 (device, stream). CPU tensors run on the CPU backend.
@@ -22,20 +28,26 @@ sequence's position), and seed_tensor or seed_per_row likewise; the kernels
 read them when they run, so advancing them in place (inside the graph after
 the sampling node, or between replays) makes the next replay draw anew.
 
-Workspace: each call takes its workspace from torch's allocator
-(torch.empty of the bytes the library's size query gives, on the logits'
-device and torch's current stream), so the library allocates nothing:
+Workspace: each call takes its workspace from torch's allocator (a uint8
+tensor of the bytes the library's size query gives, on the logits' device
+and torch's current stream), so the library allocates nothing:
 inside a CUDA graph capture the workspace comes from the graph's memory
 pool like any other tensor of the captured step, and outside from the
 caching allocator. The library context bound to a (device, stream) is made
 once and never grows.
 """
+import importlib.util
+import os
+import re
+
 import numpy as np
 import torch
 
 from . import _core
+from . import SampleResult, _top_request
 from ._arguments import (ARRAY_NAMES, ARRAYS, BACKEND_CODES, PROBS_ARRAYS, ROW_INDICES,
-                         arrays_of, filter_order_code, parse_backend, scalars)
+                         arrays_of, filter_order_code, parse_backend, plain_processing_off,
+                         plain_scalars, plain_top_off, scalars)
 from ._errors import Error
 from ._frameworks import host_per_row
 
@@ -282,7 +294,6 @@ def _result(mode, results, return_logprobs):
     if mode == 1:
         return results[0]
     if len(results) == 3:
-        from . import SampleResult
         return SampleResult(results[0], results[1], *results[2])
     return results if return_logprobs else results[0]
 
@@ -341,6 +352,13 @@ _library.define(
     "Tensor? seed_tensor, Tensor? offset_tensor, bool return_logprobs, int filter_order, "
     + _PROCESSING_SCHEMA + ", int top_logprobs, int logprob_mode, bool return_ranks) -> "
     "(Tensor, Tensor, Tensor, Tensor, Tensor)")
+# sample with its scalars alone, the call polysample.torch.sample and
+# polysample.sample make when no array, processing or top-N is given: fewer
+# arguments for the dispatcher to convert, two outputs instead of five.
+_library.define(
+    "sample_scalars(Tensor logits, float temperature, int top_k, float top_p, float min_p, "
+    "int seed, int offset, int num_samples, bool return_logprobs, int filter_order) -> "
+    "(Tensor, Tensor)")
 _library.define(
     "probs(Tensor logits, float temperature, int top_k, float top_p, float min_p, "
     "Tensor? temperature_per_row, Tensor? top_k_per_row, Tensor? top_p_per_row, "
@@ -395,6 +413,13 @@ def _sample_kernel(logits, temperature, top_k, top_p, min_p, seed, offset, num_s
         ranks if ranks is not None else _empty(logits, torch.int32)
 
 
+def _sample_scalars_kernel(logits, temperature, top_k, top_p, min_p, seed, offset,
+                           num_samples, return_logprobs, filter_order):
+    return _sample_kernel(logits, temperature, top_k, top_p, min_p, seed, offset, num_samples,
+                          *(None,) * 10, return_logprobs, filter_order, *_NO_PROCESSING,
+                          0, 0, False)[:2]
+
+
 def _probs_kernel(logits, temperature, top_k, top_p, min_p, temperature_per_row,
                   top_k_per_row, top_p_per_row, min_p_per_row, row_indices, filter_order,
                   *processing):
@@ -407,9 +432,42 @@ def _probs_kernel(logits, temperature, top_k, top_p, min_p, temperature_per_row,
                 _op_processing(processing))[0]
 
 
-for _key in ("CPU", "CUDA"):
-    _library.impl("sample", _sample_kernel, _key)
-    _library.impl("probs", _probs_kernel, _key)
+def _cpp_kernels():
+    """Registers polysample._torch_ops' C++ kernels as the ops' CPU and CUDA
+    kernels; returns None, or why they are not used (the Python kernels
+    above then are)."""
+    if os.environ.get("POLYSAMPLE_TORCH_OPS", "1") == "0":
+        return "POLYSAMPLE_TORCH_OPS=0 asks for the Python kernels"
+    if importlib.util.find_spec(__package__ + "._torch_ops") is None:
+        return ("polysample was built without them (torch was not importable where it was "
+                "built; python/README.md says how to build them)")
+    try:
+        from . import _torch_ops
+    except ImportError as error:
+        return f"polysample._torch_ops did not load: {error}"
+    if _torch_ops.TORCH_VERSION != torch.__version__:
+        return (f"polysample._torch_ops was built against torch {_torch_ops.TORCH_VERSION}; "
+                f"this is torch {torch.__version__}")
+    arguments = tuple(len(getattr(torch.ops.polysample, name).default._schema.arguments)
+                      for name in ("sample", "sample_scalars", "probs"))
+    expected = (_torch_ops.SAMPLE_ARGUMENTS, _torch_ops.SAMPLE_SCALARS_ARGUMENTS,
+                _torch_ops.PROBS_ARGUMENTS)
+    if arguments != expected:
+        return (f"polysample._torch_ops reads {expected} arguments; the schemas (sample, "
+                f"sample_scalars, probs) have {arguments}")
+    _torch_ops.register_kernels(_IS_ROCM)
+    return None
+
+
+KERNELS_REASON = _cpp_kernels()
+"""None when the ops run polysample._torch_ops' C++ kernels, else why they
+run the Python kernels (_sample_kernel, _probs_kernel)."""
+KERNELS = "python" if KERNELS_REASON else "c++"
+if KERNELS == "python":
+    for _key in ("CPU", "CUDA"):
+        _library.impl("sample", _sample_kernel, _key)
+        _library.impl("sample_scalars", _sample_scalars_kernel, _key)
+        _library.impl("probs", _probs_kernel, _key)
 
 
 def _empty(logits, dtype):
@@ -435,6 +493,14 @@ def _sample_fake(logits, temperature, top_k, top_p, min_p, seed, offset, num_sam
     return (tokens, logprobs, logits.new_empty(top_shape, dtype=torch.int32),
             logits.new_empty(top_shape, dtype=torch.float32),
             logits.new_empty(shape if top_logprobs and return_ranks else (0,), dtype=torch.int32))
+
+
+@torch.library.register_fake("polysample::sample_scalars")
+def _sample_scalars_fake(logits, temperature, top_k, top_p, min_p, seed, offset, num_samples,
+                         return_logprobs, filter_order):
+    shape = tuple(logits.shape[:-1]) + (num_samples,)
+    return (logits.new_empty(shape, dtype=torch.int32),
+            logits.new_empty(shape if return_logprobs else (0,), dtype=torch.float32))
 
 
 @torch.library.register_fake("polysample::probs")
@@ -542,6 +608,59 @@ def _device_processing(logits, row_indices, arguments):
     return tuple(tensors) + tuple(penalties)
 
 
+# ---- the wrappers ------------------------------------------------------------
+_SAMPLE = torch.ops.polysample.sample.default
+_PROBS = torch.ops.polysample.probs.default
+# The overloads' own callables: an eager call without OpOverload.__call__'s
+# Python frame (torch.compile traces the OpOverloads instead).
+_SAMPLE_CALL = getattr(_SAMPLE, "_op", _SAMPLE)
+_SAMPLE_SCALARS_CALL = getattr(torch.ops.polysample.sample_scalars.default, "_op",
+                               torch.ops.polysample.sample_scalars.default)
+_PROBS_CALL = getattr(_PROBS, "_op", _PROBS)
+_NO_ARRAYS = (None,) * 10
+_NO_TOP = (0, 0, False)
+_INT64_MAX = 2**63 - 1
+_CPP_FAILURE = re.compile(r"polysample ([A-Z_]+): (.*)", re.S)
+
+
+def _call(op, arguments):
+    """op(*arguments), a C++ kernel's failure (a RuntimeError saying
+    "polysample STATUS: message") raised as polysample.Error."""
+    try:
+        return op(*arguments)
+    except RuntimeError as error:
+        match = _CPP_FAILURE.match(str(error))
+        if match is None:
+            raise
+        raise Error(match.group(1), match.group(2)) from None
+
+
+def _plain_sample(logits, values, return_logprobs):
+    """The sample op with scalars only (polysample._arguments.plain_scalars'
+    values): no arrays, processing or top-N; nothing left to convert. With
+    the C++ kernels, sample_scalars; with the Python ones, sample (whose
+    kernel sample_scalars' would call anyway)."""
+    seed, offset = values[4], values[5]
+    seed = seed - 2**64 if seed > _INT64_MAX else seed
+    offset = offset - 2**64 if offset > _INT64_MAX else offset
+    return_logprobs = bool(return_logprobs)
+    if KERNELS == "c++":
+        tokens, logprobs = _call(_SAMPLE_SCALARS_CALL, (
+            logits, values[0], values[1], values[2], values[3], seed, offset, values[6],
+            return_logprobs, values[7]))
+    else:
+        tokens, logprobs, _, _, _ = _call(_SAMPLE_CALL, (
+            logits, values[0], values[1], values[2], values[3], seed, offset, values[6]) +
+            _NO_ARRAYS + (return_logprobs, values[7]) + _NO_PROCESSING + _NO_TOP)
+    return (tokens, logprobs) if return_logprobs else tokens
+
+
+def _plain_probs(logits, values):
+    """The probs op with scalars only, as _plain_sample."""
+    return _call(_PROBS_CALL, (logits, values[0], values[1], values[2], values[3], None, None,
+                               None, None, None, values[7]) + _NO_PROCESSING)
+
+
 def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, offset=0,
            num_samples=1, temperature_per_row=None, top_k_per_row=None, top_p_per_row=None,
            min_p_per_row=None, seed_per_row=None, offset_per_row=None, subsequence_per_row=None,
@@ -572,7 +691,18 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, of
     (len(row_indices), num_samples)), or (tokens, logprobs) with
     return_logprobs, or with top_logprobs=N a polysample.SampleResult
     (tokens, logprobs, top_tokens, top_logprobs, ranks or None)."""
-    from . import SampleResult, _top_request
+    if (temperature_per_row is None and top_k_per_row is None and top_p_per_row is None
+            and min_p_per_row is None and seed_per_row is None and offset_per_row is None
+            and subsequence_per_row is None and row_indices is None and seed_tensor is None
+            and offset_tensor is None
+            and plain_processing_off(allowed_mask, logit_bias, history, prompt,
+                                     repetition_penalty, frequency_penalty, presence_penalty)
+            and plain_top_off(top_logprobs, logprob_mode, return_ranks)
+            and not torch.compiler.is_compiling()):
+        values = plain_scalars(temperature, top_k, top_p, min_p, seed, offset, num_samples,
+                               filter_order)
+        if values is not None:
+            return _plain_sample(logits, values, return_logprobs)
     arrays = (temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row, seed_per_row,
               offset_per_row, subsequence_per_row, row_indices, seed_tensor, offset_tensor)
     order = filter_order_code(filter_order)
@@ -580,15 +710,18 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, of
     processing = dict(allowed_mask=allowed_mask, logit_bias=logit_bias, history=history,
                       prompt=prompt, repetition_penalty=repetition_penalty,
                       frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
-    if not torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
         scalars(temperature, top_k, top_p, min_p, seed, offset, num_samples)
         arrays = _prepare_arrays(arrays, logits.device)
     processing = _device_processing(logits, arrays[ROW_INDICES], processing)
-    count, mode, ranks_on = top if top is not None else (0, 0, False)
-    tokens, logprobs, top_tokens, top_values, ranks = torch.ops.polysample.sample(
-        logits, float(temperature), int(top_k), float(top_p), float(min_p),
-        _signed64(seed, "seed"), _signed64(offset, "offset"), int(num_samples), *arrays,
-        bool(return_logprobs), order, *processing, count, mode, ranks_on)
+    count, mode, ranks_on = top if top is not None else _NO_TOP
+    arguments = (logits, float(temperature), int(top_k), float(top_p), float(min_p),
+                 _signed64(seed, "seed"), _signed64(offset, "offset"), int(num_samples)) + \
+        tuple(arrays) + (bool(return_logprobs), order) + tuple(processing) + \
+        (count, mode, ranks_on)
+    tokens, logprobs, top_tokens, top_values, ranks = \
+        _SAMPLE(*arguments) if compiling else _call(_SAMPLE_CALL, arguments)
     if top is not None:
         return SampleResult(tokens, logprobs, top_tokens, top_values,
                             ranks if ranks_on else None)
@@ -601,16 +734,24 @@ def probs(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, temperature
           prompt=None, repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0):
     """torch.ops.polysample.probs: the distribution sample() draws from
     (with row_indices, one row per entry); processing as for sample()."""
+    compiling = torch.compiler.is_compiling()
+    if (temperature_per_row is None and top_k_per_row is None and top_p_per_row is None
+            and min_p_per_row is None and row_indices is None and not compiling
+            and plain_processing_off(allowed_mask, logit_bias, history, prompt,
+                                     repetition_penalty, frequency_penalty, presence_penalty)):
+        values = plain_scalars(temperature, top_k, top_p, min_p, 0, 0, 1, filter_order)
+        if values is not None:
+            return _plain_probs(logits, values)
     arrays = _probs_arrays(temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row,
                            row_indices)
     order = filter_order_code(filter_order)
     processing = dict(allowed_mask=allowed_mask, logit_bias=logit_bias, history=history,
                       prompt=prompt, repetition_penalty=repetition_penalty,
                       frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
-    if not torch.compiler.is_compiling():
+    if not compiling:
         scalars(temperature, top_k, top_p, min_p, 0, 0, 1)
         arrays = _prepare_arrays(arrays, logits.device)
     processing = _device_processing(logits, arrays[ROW_INDICES], processing)
-    return torch.ops.polysample.probs(logits, float(temperature), int(top_k), float(top_p),
-                                      float(min_p), *(arrays[index] for index in _PROBS_INDICES),
-                                      order, *processing)
+    arguments = (logits, float(temperature), int(top_k), float(top_p), float(min_p)) + \
+        tuple(arrays[index] for index in _PROBS_INDICES) + (order,) + tuple(processing)
+    return _PROBS(*arguments) if compiling else _call(_PROBS_CALL, arguments)

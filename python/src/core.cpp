@@ -13,6 +13,8 @@
 
 #include <polysample.h>
 
+#include "names.h"
+
 #include <dlfcn.h>
 
 #include <algorithm>
@@ -35,25 +37,7 @@ constexpr int32_t dl_rocm = 10;
 constexpr int32_t dl_rocm_host = 11;
 constexpr int32_t dl_cuda_managed = 13;
 
-// Element kinds the calls accept; the numbers are also the `kind` field of a
-// RawArray tuple (polysample/_frameworks.py keeps the same table).
-enum Kind : int { kind_f32 = 0, kind_f16 = 1, kind_bf16 = 2, kind_i32 = 3, kind_i64 = 4,
-                  kind_u64 = 5, kind_u32 = 6, kind_u8 = 7, kind_other = -1 };
-
-const char *kind_name(int kind)
-{
-    switch (kind) {
-    case kind_f32: return "float32";
-    case kind_f16: return "float16";
-    case kind_bf16: return "bfloat16";
-    case kind_i32: return "int32";
-    case kind_i64: return "int64";
-    case kind_u64: return "uint64";
-    case kind_u32: return "uint32";
-    case kind_u8: return "uint8";
-    }
-    return "an unsupported dtype";
-}
+using namespace polysample_python;
 
 int kind_of(nb::dlpack::dtype dtype)
 {
@@ -82,24 +66,6 @@ struct Failure {
     throw Failure{status, std::move(message)};
 }
 
-const char *status_name(psm_status status)
-{
-    switch (status) {
-    case PSM_OK: return "OK";
-    case PSM_ERR_INVALID_ARGUMENT: return "INVALID_ARGUMENT";
-    case PSM_ERR_INVALID_PARAMETER: return "INVALID_PARAMETER";
-    case PSM_ERR_UNSUPPORTED: return "UNSUPPORTED";
-    case PSM_ERR_BACKEND_NOT_COMPILED: return "BACKEND_NOT_COMPILED";
-    case PSM_ERR_NO_DEVICE: return "NO_DEVICE";
-    case PSM_ERR_DRIVER: return "DRIVER";
-    case PSM_ERR_OUT_OF_MEMORY: return "OUT_OF_MEMORY";
-    case PSM_ERR_BAD_ROW: return "BAD_ROW";
-    case PSM_ERR_WRONG_BACKEND: return "WRONG_BACKEND";
-    case PSM_ERR_ENVIRONMENT: return "ENVIRONMENT";
-    case PSM_ERR_INTERNAL: return "INTERNAL";
-    }
-    return "UNKNOWN";
-}
 
 // One array as the checks see it. keep_* hold the imported DLPack array (if
 // any) so that its memory stays valid until the call returns.

@@ -34,6 +34,8 @@
 
 #include <polysample.h>
 
+#include "names.h"
+
 #include <dlfcn.h>
 
 #include <cstdint>
@@ -49,33 +51,12 @@ namespace nb = nanobind;
 
 namespace {
 
-const char *status_name(psm_status status)
-{
-    switch (status) {
-    case PSM_OK: return "OK";
-    case PSM_ERR_INVALID_ARGUMENT: return "INVALID_ARGUMENT";
-    case PSM_ERR_INVALID_PARAMETER: return "INVALID_PARAMETER";
-    case PSM_ERR_UNSUPPORTED: return "UNSUPPORTED";
-    case PSM_ERR_BACKEND_NOT_COMPILED: return "BACKEND_NOT_COMPILED";
-    case PSM_ERR_NO_DEVICE: return "NO_DEVICE";
-    case PSM_ERR_DRIVER: return "DRIVER";
-    case PSM_ERR_OUT_OF_MEMORY: return "OUT_OF_MEMORY";
-    case PSM_ERR_BAD_ROW: return "BAD_ROW";
-    case PSM_ERR_WRONG_BACKEND: return "WRONG_BACKEND";
-    case PSM_ERR_ENVIRONMENT: return "ENVIRONMENT";
-    case PSM_ERR_INTERNAL: return "INTERNAL";
-    }
-    return "UNKNOWN";
-}
+using namespace polysample_python;
 
 [[noreturn]] void fail(psm_status status, const std::string &message)
 {
     throw std::runtime_error(std::string("polysample ") + status_name(status) + ": " + message);
 }
-
-// Element kinds, as python/src/core.cpp names them in messages.
-enum Kind : int { kind_f32, kind_f16, kind_bf16, kind_i32, kind_i64, kind_u64, kind_u32, kind_u8,
-                  kind_other };
 
 Kind kind_of(c10::ScalarType type)
 {
@@ -89,21 +70,6 @@ Kind kind_of(c10::ScalarType type)
     case c10::ScalarType::UInt32: return kind_u32;
     case c10::ScalarType::Byte: return kind_u8;
     default: return kind_other;
-    }
-}
-
-const char *kind_name(Kind kind)
-{
-    switch (kind) {
-    case kind_f32: return "float32";
-    case kind_f16: return "float16";
-    case kind_bf16: return "bfloat16";
-    case kind_i32: return "int32";
-    case kind_i64: return "int64";
-    case kind_u64: return "uint64";
-    case kind_u32: return "uint32";
-    case kind_u8: return "uint8";
-    default: return "an unsupported dtype";
     }
 }
 

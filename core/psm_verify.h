@@ -31,7 +31,7 @@
 
 /* What the check of a draft node found (every backend's phase 1; the first
  * bad node in request and node order is the call's error,
- * core/verify_report.h). The last three come only from arrays in device
+ * core/verify_backend.h). The last three come only from arrays in device
  * memory, which the host does not read. */
 #define PSM_NODE_GOOD 0
 #define PSM_NODE_BAD_DRAFT_ROW 1 /* draft logits: a NaN or +inf logit, or no finite logit */

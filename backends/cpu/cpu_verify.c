@@ -15,10 +15,10 @@
  *    only at the nodes the walk reaches. */
 #include "cpu_backend.h"
 #include "psm_verify.h"
-#include "verify_report.h"
+#include "verify_backend.h"
 
 /* What phase 1 found at a draft node (its status goes to a separate array,
- * which core/verify_report.h reads). */
+ * which core/verify_backend.h reads). */
 typedef struct node_check {
     uint64_t drawn; /* Q_x */
     uint64_t total; /* Q_tot */

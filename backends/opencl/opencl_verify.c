@@ -10,7 +10,7 @@
  * 4. Where a failure can be reported (host memory, where the outputs are
  *    read back anyway, or checking mode, which waits for its check), the
  *    host reads the checks and fails the call as the CPU backend does
- *    (core/verify_report.h), before anything is written. Otherwise nothing
+ *    (core/verify_backend.h), before anything is written. Otherwise nothing
  *    waits: psm_verify_walk gives a request with a bad draft node -1
  *    everywhere, as it does a request with a bad target row.
  * 5. psm_verify_walk, a group per request, writes the outputs (staged and
@@ -24,7 +24,7 @@
 #include "psm_opencl_request.h"
 #include "psm_row.h"
 #include "psm_verify.h"
-#include "verify_report.h"
+#include "verify_backend.h"
 
 #include <CL/cl.h>
 
@@ -126,9 +126,7 @@ static psm_status row_passes(opencl_state *state, verify_buffers *buffers,
                              cl_mem rows_out)
 {
     const int64_t rows = logits->rows;
-    const psm_u32 filter_bits = PSM_PER_ROW_TEMPERATURE | PSM_PER_ROW_TOP_K | PSM_PER_ROW_TOP_P |
-                                PSM_PER_ROW_MIN_P;
-    const int per_request = (psm_request_per_row(params) & filter_bits) != 0;
+    const int per_request = psm_verify_per_request_filters(params);
     cl_mem filters[4] = {NULL, NULL, NULL, NULL};
     if (per_request) {
         psm_opencl_request by_request;
@@ -155,16 +153,9 @@ static psm_status row_passes(opencl_state *state, verify_buffers *buffers,
     request.logits = *logits;
     request.logits.data = logits_mem;
     request.logits.memory = PSM_MEMORY_DEVICE;
-    request.params.num_samples = 1;
-    request.params.temperature = params->temperature;
-    request.params.top_k = params->top_k;
-    request.params.top_p = params->top_p;
-    request.params.min_p = params->min_p;
-    request.params.filter_order = params->filter_order;
-    request.params.temperature_per_row = (const float *)filters[0];
-    request.params.top_k_per_row = (const int32_t *)filters[1];
-    request.params.top_p_per_row = (const float *)filters[2];
-    request.params.min_p_per_row = (const float *)filters[3];
+    request.params =
+        psm_verify_rows_params(params, (const float *)filters[0], (const int32_t *)filters[1],
+                               (const float *)filters[2], (const float *)filters[3]);
     request.rows = rows;
     request.tokens.memory = PSM_MEMORY_DEVICE;
     request.logprobs.memory = PSM_MEMORY_DEVICE;
@@ -261,9 +252,7 @@ static psm_status verify_call(verify_launch *v)
                   "drafts->tokens", &v->tokens));
     PSM_TRY(input(state, buffers, request->parents, memory, nodes * sizeof(cl_int),
                   "drafts->parents", &v->parents));
-    const psm_tensor *draft = request->draft_logits.data ? &request->draft_logits
-                              : request->draft_probs.data ? &request->draft_probs
-                                                          : NULL;
+    const psm_tensor *draft = psm_verify_draft_tensor(request);
     v->draft = NULL;
     if (draft)
         PSM_TRY(input(state, buffers, draft->data, memory, tensor_bytes(draft),
@@ -290,23 +279,7 @@ static psm_status verify_call(verify_launch *v)
     PSM_TRY(new_buffer(state, buffers, nodes * sizeof(cl_ulong), &v->node_total));
     PSM_TRY(new_buffer(state, buffers, nodes * sizeof(cl_int), &v->node_status));
     PSM_TRY(new_buffer(state, buffers, (size_t)requests * sizeof(cl_int), &v->request_bad));
-    psm_verify_call *call = &v->call;
-    memset(call, 0, sizeof *call);
-    call->target_stride = request->target.row_stride;
-    call->draft_stride = draft ? draft->row_stride : 0;
-    call->requests = (psm_i32)requests;
-    call->nodes = k;
-    call->vocab = (psm_i32)request->target.vocab;
-    call->weight_bits = psm_weight_bits(request->target.vocab);
-    call->target_dtype = (psm_i32)request->target.dtype;
-    call->draft_dtype = draft ? (psm_i32)draft->dtype : PSM_LOGITS_F32;
-    call->draft_kind = request->draft_logits.data  ? PSM_DRAFT_LOGITS
-                       : request->draft_probs.data ? PSM_DRAFT_PROBS
-                                                   : PSM_DRAFT_ONE_HOT;
-    call->has_parents = request->parents != NULL;
-    call->check_drafts = memory == PSM_MEMORY_DEVICE;
-    call->want_path = request->outputs.path_nodes.data != NULL;
-    call->want_logprobs = request->outputs.logprobs.data != NULL;
+    v->call = psm_verify_describe(request);
 
     cl_kernel kernel = state->kernels[KERNEL_VERIFY_CHECK];
     cl_uint index = 0;

@@ -9,15 +9,17 @@
  * written each row's kept rule as a psm_verify_row; a token's weight is then
  * one element read and psm_kept_weight against the row maximum (the global
  * weight g_i), so every sum over a row is exact and takes one pass.
- *   psm_stage_verify_check  phase 1: per draft node, Q_x and Q_tot (a pass
- *                           over its draft row) and its status
- *                           (PSM_NODE_*); per request, whether a target row
- *                           or a parameter is bad. Writes only workspace.
+ *   psm_stage_verify_check  phase 1: per draft node, Q_x (one element) and
+ *                           its status (PSM_NODE_*); per request, whether a
+ *                           target row or a parameter is bad. Writes only
+ *                           workspace; reads a draft row whole only to
+ *                           check probabilities in device memory.
  *   psm_stage_verify_walk   phase 2: the walk from the root; per node it
- *                           reaches, one pass for G; per rejection, two
- *                           passes (the residual's largest excess, then its
- *                           sum) and, after the last one, one for the draw.
- *                           Writes the outputs.
+ *                           reaches, one pass for G; per child it tests,
+ *                           one for Q_tot; per rejection, two passes (the
+ *                           residual's largest excess, then its sum) and,
+ *                           after the last one, one for the draw. Writes
+ *                           the outputs.
  * A residual is never stored: its weight at token i is recomputed from
  * P_i and the rejected siblings' Q_i by the steps taken so far (each step's
  * Q_tot, R_tot before it and shift, the same on every item), which gives
@@ -49,7 +51,6 @@ typedef struct psm_verify_arrays {
     PSM_GLOBAL const psm_verify_row *target_rows;
     PSM_GLOBAL const psm_verify_row *draft_rows; /* unread unless draft logits */
     PSM_GLOBAL psm_u64 *node_drawn;         /* workspace: Q_x per node */
-    PSM_GLOBAL psm_u64 *node_total;         /* workspace: Q_tot per node */
     PSM_GLOBAL psm_i32 *node_status;        /* workspace: PSM_NODE_* per node */
     PSM_GLOBAL psm_i32 *request_bad;        /* workspace: per request */
 } psm_verify_arrays;
@@ -159,7 +160,7 @@ PSM_LOCAL_FN psm_u64 psm_verify_total(PSM_TEAM_TYPE team, psm_verify_dist dist, 
     return psm_group_sum_u64(team, sum, scratch);
 }
 
-/* Phase 1 for request r: its draft nodes' Q_x, Q_tot and status, and
+/* Phase 1 for request r: its draft nodes' Q_x and status, and
  * whether its target rows and parameters are good (params_valid: its
  * resolved parameters are in range). Item 0 writes. */
 PSM_TEAM_TEMPLATE
@@ -196,16 +197,14 @@ PSM_LOCAL_FN void psm_stage_verify_check(PSM_TEAM_TYPE team, const psm_verify_ca
             if (psm_group_max_u64(team, invalid, &scratch->group) != 0)
                 status = PSM_NODE_BAD_PROB;
         }
-        psm_u64 total = 0, drawn = 0;
+        psm_u64 drawn = 0;
         if (status == PSM_NODE_GOOD) {
-            total = psm_verify_total(team, dist, call.vocab, &scratch->group);
             drawn = psm_verify_weight(dist, token);
             if (drawn == 0)
                 status = PSM_NODE_ZERO_DRAFT;
         }
         if (writer) {
             arrays.node_drawn[at] = drawn;
-            arrays.node_total[at] = total;
             arrays.node_status[at] = status;
         }
     }
@@ -312,8 +311,12 @@ PSM_LOCAL_FN void psm_stage_verify_walk(PSM_TEAM_TYPE team, const psm_verify_cal
             const psm_draw_bits bits = psm_sample_bits(seed, offset, stream, (psm_u32)child);
             const psm_u64 residual =
                 psm_verify_residual(call, arrays, r, target, steps, token, scratch);
-            if (psm_draft_accepted(bits.tile, arrays.node_drawn[at], arrays.node_total[at],
-                                   residual, residual_total)) {
+            /* Q_tot only for the children tested: a pass over their draft
+             * rows alone. */
+            const psm_u64 draft_total = psm_verify_total(
+                team, psm_verify_draft_dist(call, arrays, r, child), call.vocab, &scratch->group);
+            if (psm_draft_accepted(bits.tile, arrays.node_drawn[at], draft_total, residual,
+                                   residual_total)) {
                 if (writer)
                     psm_verify_emit(call, outputs, r, emitted, token, node,
                                     psm_verify_weight(target, token), target_total);
@@ -324,7 +327,7 @@ PSM_LOCAL_FN void psm_stage_verify_walk(PSM_TEAM_TYPE team, const psm_verify_cal
             /* Rejected: the residual step, recorded for the tokens' recomputation. */
             if (writer) {
                 scratch->step_node[steps] = child;
-                scratch->step_q_total[steps] = arrays.node_total[at];
+                scratch->step_q_total[steps] = draft_total;
                 scratch->step_r_total[steps] = residual_total;
             }
             psm_group_barrier();

@@ -1086,8 +1086,8 @@ psm_status run_request(void *opaque_state, psm_request *request, bool probs_mode
  *    with its request's filters (psm_gpu_verify_expand_kernel spreads
  *    per-request arrays to the rows) and kept_filters set; the rows kernel
  *    keeps each row's kept rule as a psm_verify_row.
- * 3. The check kernel (a block per request) writes each draft node's Q_x,
- *    Q_tot and status, and each request's target check, to the buffer.
+ * 3. The check kernel (a block per request) writes each draft node's Q_x
+ *    and status, and each request's target check, to the buffer.
  * 4. With host memory (read back anyway) or in checking mode (which waits
  *    for its check), the host reads the checks and fails the call as every
  *    backend does (core/verify_backend.h), before anything is written.
@@ -1124,7 +1124,6 @@ struct verify_device {
     psm_i32 *row_tokens[2];
     psm_verify_row *rows[2];
     psm_u64 *node_drawn;
-    psm_u64 *node_total;
     psm_i32 *node_status;
     psm_i32 *request_bad;
     psm_i32 *accepted, *tokens_out, *path_out;
@@ -1217,7 +1216,6 @@ psm_status verify_place(psm_gpu_state *state, const psm_verify_request *request,
         d->rows[which] = (psm_verify_row *)verify_take(carve, rows[which] * sizeof(psm_verify_row));
     }
     d->node_drawn = (psm_u64 *)verify_take(carve, rows[1] * sizeof(psm_u64));
-    d->node_total = (psm_u64 *)verify_take(carve, rows[1] * sizeof(psm_u64));
     d->node_status = (psm_i32 *)verify_take(carve, rows[1] * sizeof(psm_i32));
     d->request_bad = (psm_i32 *)verify_take(carve, (size_t)requests * sizeof(psm_i32));
     const psm_verification *out = &request->outputs;
@@ -1371,7 +1369,6 @@ psm_status verify_request(psm_gpu_state *state, psm_verify_request *request)
     arrays.target_rows = d.rows[0];
     arrays.draft_rows = d.rows[1];
     arrays.node_drawn = d.node_drawn;
-    arrays.node_total = d.node_total;
     arrays.node_status = d.node_status;
     arrays.request_bad = d.request_bad;
     const psm_gpu_call by_request =

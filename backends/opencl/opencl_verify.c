@@ -5,7 +5,7 @@
  * 2. psm_verify_expand gives each target row (and draft logits row) its
  *    request's filters, and the rows go through the pipeline's row passes
  *    (opencl_verify_row_passes), which leave each row's kept rule.
- * 3. psm_verify_check, a group per request: each draft node's Q_x, Q_tot
+ * 3. psm_verify_check, a group per request: each draft node's Q_x
  *    and status, each request's target check, into workspace.
  * 4. Where a failure can be reported (host memory, where the outputs are
  *    read back anyway, or checking mode, which waits for its check), the
@@ -171,7 +171,7 @@ typedef struct verify_launch {
     psm_opencl_request by_request; /* the target's per-request view */
     cl_mem target, draft, tokens, parents;
     cl_mem target_arrays[OPENCL_ROW_ARRAYS];
-    cl_mem target_rows, draft_rows, node_drawn, node_total, node_status, request_bad;
+    cl_mem target_rows, draft_rows, node_drawn, node_status, request_bad;
     psm_verify_call call;
 } verify_launch;
 
@@ -180,8 +180,7 @@ static psm_status set_verify_args(verify_launch *v, cl_kernel kernel, cl_uint *i
     PSM_TRY(opencl_set_request_args(kernel, &v->by_request, v->target, v->target_arrays, index));
     PSM_TRY(opencl_set_arg(kernel, index, sizeof v->call, &v->call));
     const cl_mem mems[] = {v->draft,      v->tokens,     v->parents,     v->target_rows,
-                           v->draft_rows, v->node_drawn, v->node_total, v->node_status,
-                           v->request_bad};
+                           v->draft_rows, v->node_drawn, v->node_status, v->request_bad};
     for (size_t i = 0; i < sizeof mems / sizeof mems[0]; ++i)
         PSM_TRY(opencl_set_arg(kernel, index, sizeof(cl_mem), &mems[i]));
     return PSM_OK;
@@ -276,7 +275,6 @@ static psm_status verify_call(verify_launch *v)
     }
 
     PSM_TRY(new_buffer(state, buffers, nodes * sizeof(cl_ulong), &v->node_drawn));
-    PSM_TRY(new_buffer(state, buffers, nodes * sizeof(cl_ulong), &v->node_total));
     PSM_TRY(new_buffer(state, buffers, nodes * sizeof(cl_int), &v->node_status));
     PSM_TRY(new_buffer(state, buffers, (size_t)requests * sizeof(cl_int), &v->request_bad));
     v->call = psm_verify_describe(request);

@@ -1418,7 +1418,7 @@ psm_verify_rows(PSM_REQUEST_PARAMS, __global const psm_row_state *state,
     const psm_verify_call call, __global const uchar *draft, __global const int *tokens,     \
         __global const int *parents, __global const psm_verify_row *target_rows,             \
         __global const psm_verify_row *draft_rows, __global ulong *node_drawn,               \
-        __global ulong *node_total, __global int *node_status, __global int *request_bad
+        __global int *node_status, __global int *request_bad
 
 #define PSM_VERIFY_ARRAYS(arrays)                                                            \
     psm_verify_arrays arrays;                                                                \
@@ -1429,7 +1429,6 @@ psm_verify_rows(PSM_REQUEST_PARAMS, __global const psm_row_state *state,
     arrays.target_rows = target_rows;                                                        \
     arrays.draft_rows = draft_rows;                                                          \
     arrays.node_drawn = node_drawn;                                                          \
-    arrays.node_total = node_total;                                                          \
     arrays.node_status = node_status;                                                        \
     arrays.request_bad = request_bad
 

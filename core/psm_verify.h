@@ -213,4 +213,23 @@ typedef struct psm_verify_call {
 
 #define PSM_VERIFY_CALL_BYTES 64
 
+/* Tokens of a slice of psm_stage_verify_totals: a group's share of a row. */
+#define PSM_VERIFY_SLICE 16384
+
+/* Slices of a row of `vocab` tokens. */
+PSM_FN int psm_verify_slices(int vocab)
+{
+    return (vocab + PSM_VERIFY_SLICE - 1) / PSM_VERIFY_SLICE;
+}
+
+/* Rows whose totals psm_stage_verify_totals makes: the target rows, then
+ * the draft rows unless the drafts are one-hot (whose Q_tot is 1). */
+PSM_FN psm_i64 psm_verify_total_rows(const psm_verify_call call)
+{
+    const psm_i64 target_rows = (psm_i64)call.requests * (call.nodes + 1);
+    return call.draft_kind == PSM_DRAFT_ONE_HOT
+               ? target_rows
+               : target_rows + (psm_i64)call.requests * call.nodes;
+}
+
 #endif /* PSM_VERIFY_H */

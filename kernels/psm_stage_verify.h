@@ -14,12 +14,17 @@
  *                           target row or a parameter is bad. Writes only
  *                           workspace; reads a draft row whole only to
  *                           check probabilities in device memory.
- *   psm_stage_verify_walk   phase 2: the walk from the root; per node it
- *                           reaches, one pass for G; per child it tests,
- *                           one for Q_tot; per rejection, two passes (the
- *                           residual's largest excess, then its sum) and,
- *                           after the last one, one for the draw. Writes
- *                           the outputs.
+ *   psm_stage_verify_totals every target row's G and every draft row's
+ *                           Q_tot, as partial sums of slices of the rows, a
+ *                           group per slice: all rows at once, over the
+ *                           whole device, whatever the batch.
+ *   psm_stage_verify_walk   phase 2: the walk from the root, with those
+ *                           totals; per rejection, two passes over the row
+ *                           (the residual's largest excess, then its sum)
+ *                           and, at the end, the draw: over the row after a
+ *                           rejection, else over the one slice that the
+ *                           partials say holds the pick. Writes the
+ *                           outputs.
  * A residual is never stored: its weight at token i is recomputed from
  * P_i and the rejected siblings' Q_i by the steps taken so far (each step's
  * Q_tot, R_tot before it and shift, the same on every item), which gives
@@ -51,6 +56,7 @@ typedef struct psm_verify_arrays {
     PSM_GLOBAL const psm_verify_row *target_rows;
     PSM_GLOBAL const psm_verify_row *draft_rows; /* unread unless draft logits */
     PSM_GLOBAL psm_u64 *node_drawn;         /* workspace: Q_x per node */
+    PSM_GLOBAL psm_u64 *partials;           /* workspace: psm_stage_verify_totals' sums */
     PSM_GLOBAL psm_i32 *node_status;        /* workspace: PSM_NODE_* per node */
     PSM_GLOBAL psm_i32 *request_bad;        /* workspace: per request */
 } psm_verify_arrays;
@@ -144,20 +150,71 @@ PSM_DEVICE_FN psm_verify_dist psm_verify_draft_dist(const psm_verify_call call,
     return dist;
 }
 
-/* The sum of a distribution's weights: one pass over its row, item-strided
- * (consecutive items read consecutive elements). */
+/* The part of G (a target row) or Q_tot (a draft row) in one slice of the
+ * row: unit = row x slices + slice over psm_verify_total_rows rows, a group
+ * each, so that every row's sum is read by many groups at once (one
+ * request's rows too) instead of in turn by its request's walk. Integer
+ * partials, so the sum of a row's slices is exact in any order. A bad row,
+ * whose total is never read, gets 0. */
 PSM_TEAM_TEMPLATE
-PSM_LOCAL_FN psm_u64 psm_verify_total(PSM_TEAM_TYPE team, psm_verify_dist dist, int vocab,
-                                      PSM_LOCAL psm_group_scratch *scratch)
+PSM_LOCAL_FN void psm_stage_verify_totals(PSM_TEAM_TYPE team, const psm_verify_call call,
+                                          const psm_verify_arrays arrays, psm_i64 unit,
+                                          PSM_GLOBAL psm_u64 *partials,
+                                          PSM_LOCAL psm_group_scratch *scratch)
 {
-    psm_u64 sum = 0;
-    if (dist.kind == PSM_DIST_POINT) {
-        sum = psm_group_item() == 0 ? 1u : 0u;
+    const int slices = psm_verify_slices(call.vocab);
+    const psm_i64 row = unit / slices;
+    const int slice = (int)(unit - row * slices);
+    const psm_i64 target_rows = (psm_i64)call.requests * (call.nodes + 1);
+    psm_verify_dist dist;
+    int bad;
+    if (row < target_rows) {
+        const psm_i64 r = row / (call.nodes + 1);
+        dist = psm_verify_target_dist(call, arrays, r, (int)(row - r * (call.nodes + 1)));
+        bad = arrays.target_rows[row].status == PSM_VERIFY_ROW_BAD;
     } else {
-        for (int i = psm_group_item(); i < vocab; i += psm_group_size())
+        const psm_i64 draft_row = row - target_rows;
+        const psm_i64 r = draft_row / call.nodes;
+        dist = psm_verify_draft_dist(call, arrays, r, (int)(draft_row - r * call.nodes) + 1);
+        bad = call.draft_kind == PSM_DRAFT_LOGITS &&
+              arrays.draft_rows[draft_row].status == PSM_VERIFY_ROW_BAD;
+    }
+    const int begin = slice * PSM_VERIFY_SLICE;
+    const int end = begin + PSM_VERIFY_SLICE < call.vocab ? begin + PSM_VERIFY_SLICE : call.vocab;
+    psm_u64 sum = 0;
+    if (!bad && dist.kind == PSM_DIST_POINT) {
+        sum = slice == 0 && psm_group_item() == 0 ? 1u : 0u;
+    } else if (!bad) {
+        for (int i = begin + psm_group_item(); i < end; i += psm_group_size())
             sum += psm_verify_weight(dist, i);
     }
-    return psm_group_sum_u64(team, sum, scratch);
+    sum = psm_group_sum_u64(team, sum, scratch);
+    if (psm_group_item() == 0)
+        partials[unit] = sum;
+}
+
+/* A row's total from its slices' partials (row: as psm_stage_verify_totals
+ * numbers them); every item reads the same. */
+PSM_DEVICE_FN psm_u64 psm_verify_row_total(const psm_verify_call call,
+                                           PSM_GLOBAL const psm_u64 *partials, psm_i64 row)
+{
+    const int slices = psm_verify_slices(call.vocab);
+    psm_u64 total = 0;
+    for (int j = 0; j < slices; ++j)
+        total += partials[row * slices + j];
+    return total;
+}
+
+/* A draft node's Q_tot: its row's partials, or 1 for a one-hot draft. */
+PSM_DEVICE_FN psm_u64 psm_verify_draft_total(const psm_verify_call call,
+                                             PSM_GLOBAL const psm_u64 *partials, psm_i64 r,
+                                             int node)
+{
+    if (call.draft_kind == PSM_DRAFT_ONE_HOT)
+        return 1u;
+    return psm_verify_row_total(call, partials,
+                                (psm_i64)call.requests * (call.nodes + 1) + r * call.nodes +
+                                    node - 1);
 }
 
 /* Phase 1 for request r: its draft nodes' Q_x and status, and
@@ -300,7 +357,8 @@ PSM_LOCAL_FN void psm_stage_verify_walk(PSM_TEAM_TYPE team, const psm_verify_cal
     int node = 0, emitted = 0;
     for (;;) {
         const psm_verify_dist target = psm_verify_target_dist(call, arrays, r, node);
-        const psm_u64 target_total = psm_verify_total(team, target, call.vocab, &scratch->group);
+        const psm_u64 target_total =
+            psm_verify_row_total(call, arrays.partials, r * (k + 1) + node);
         psm_u64 residual_total = target_total;
         int steps = 0, accepted_child = 0;
         for (int child = node + 1; child <= k; ++child) {
@@ -311,10 +369,7 @@ PSM_LOCAL_FN void psm_stage_verify_walk(PSM_TEAM_TYPE team, const psm_verify_cal
             const psm_draw_bits bits = psm_sample_bits(seed, offset, stream, (psm_u32)child);
             const psm_u64 residual =
                 psm_verify_residual(call, arrays, r, target, steps, token, scratch);
-            /* Q_tot only for the children tested: a pass over their draft
-             * rows alone. */
-            const psm_u64 draft_total = psm_verify_total(
-                team, psm_verify_draft_dist(call, arrays, r, child), call.vocab, &scratch->group);
+            const psm_u64 draft_total = psm_verify_draft_total(call, arrays.partials, r, child);
             if (psm_draft_accepted(bits.tile, arrays.node_drawn[at], draft_total, residual,
                                    residual_total)) {
                 if (writer)
@@ -359,19 +414,39 @@ PSM_LOCAL_FN void psm_stage_verify_walk(PSM_TEAM_TYPE team, const psm_verify_cal
             continue;
         }
         /* No child accepted (or none): the correction or bonus token from
-         * the residual at this node, words 2-3 of its counter. Each item
-         * sums a contiguous run of tokens; the one whose run holds the pick
-         * finds the token in it. */
+         * the residual at this node, words 2-3 of its counter. Without a
+         * rejection here the residual is P, whose slices' sums are the
+         * totals' partials: the pick's slice is found from them and only
+         * its tokens are read. Each item sums a contiguous run of the
+         * tokens searched; the one whose run holds the pick finds the token
+         * in it. */
         const psm_draw_bits bits = psm_sample_bits(seed, offset, stream, (psm_u32)node);
         const psm_u64 pick = psm_pick(bits.token, residual_total);
-        const int run = (call.vocab + psm_group_size() - 1) / psm_group_size();
-        const int begin = psm_group_item() * run < call.vocab ? psm_group_item() * run : call.vocab;
-        const int end = begin + run < call.vocab ? begin + run : call.vocab;
+        int low = 0, high = call.vocab;
+        psm_u64 before = 0;
+        if (steps == 0) {
+            const int slices = psm_verify_slices(call.vocab);
+            const psm_i64 row = r * (k + 1) + node;
+            int slice = 0;
+            for (; slice < slices - 1; ++slice) {
+                const psm_u64 part = arrays.partials[row * slices + slice];
+                if (before + part > pick)
+                    break;
+                before += part;
+            }
+            low = slice * PSM_VERIFY_SLICE;
+            high = low + PSM_VERIFY_SLICE < call.vocab ? low + PSM_VERIFY_SLICE : call.vocab;
+        }
+        const int run = (high - low + psm_group_size() - 1) / psm_group_size();
+        const int begin =
+            low + psm_group_item() * run < high ? low + psm_group_item() * run : high;
+        const int end = begin + run < high ? begin + run : high;
         psm_u64 own = 0;
         for (int i = begin; i < end; ++i)
             own += psm_verify_residual(call, arrays, r, target, steps, i, scratch);
         psm_u64 all = 0;
-        const psm_u64 through = psm_group_inclusive_scan_u64(team, own, &all, &scratch->group);
+        const psm_u64 through =
+            before + psm_group_inclusive_scan_u64(team, own, &all, &scratch->group);
         psm_u64 running = through - own;
         if (pick >= running && pick < through) {
             for (int i = begin; i < end; ++i) {

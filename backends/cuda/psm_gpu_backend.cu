@@ -1087,7 +1087,8 @@ psm_status run_request(void *opaque_state, psm_request *request, bool probs_mode
  *    per-request arrays to the rows) and kept_filters set; the rows kernel
  *    keeps each row's kept rule as a psm_verify_row.
  * 3. The check kernel (a block per request) writes each draft node's Q_x
- *    and status, and each request's target check, to the buffer.
+ *    and status, and each request's target check, to the buffer; the
+ *    totals kernel (a block per slice of every row) the rows' totals.
  * 4. With host memory (read back anyway) or in checking mode (which waits
  *    for its check), the host reads the checks and fails the call as every
  *    backend does (core/verify_backend.h), before anything is written.
@@ -1124,6 +1125,7 @@ struct verify_device {
     psm_i32 *row_tokens[2];
     psm_verify_row *rows[2];
     psm_u64 *node_drawn;
+    psm_u64 *partials;
     psm_i32 *node_status;
     psm_i32 *request_bad;
     psm_i32 *accepted, *tokens_out, *path_out;
@@ -1216,6 +1218,10 @@ psm_status verify_place(psm_gpu_state *state, const psm_verify_request *request,
         d->rows[which] = (psm_verify_row *)verify_take(carve, rows[which] * sizeof(psm_verify_row));
     }
     d->node_drawn = (psm_u64 *)verify_take(carve, rows[1] * sizeof(psm_u64));
+    const psm_verify_call call = psm_verify_describe(request);
+    d->partials = (psm_u64 *)verify_take(carve, (size_t)psm_verify_total_rows(call) *
+                                                   (size_t)psm_verify_slices(call.vocab) *
+                                                   sizeof(psm_u64));
     d->node_status = (psm_i32 *)verify_take(carve, rows[1] * sizeof(psm_i32));
     d->request_bad = (psm_i32 *)verify_take(carve, (size_t)requests * sizeof(psm_i32));
     const psm_verification *out = &request->outputs;
@@ -1291,13 +1297,15 @@ psm_status verify_row_passes(psm_gpu_state *state, const psm_tensor &given, cons
 }
 
 typedef void (*verify_check_fn)(const psm_gpu_call, const psm_verify_call, const psm_verify_arrays);
+typedef void (*verify_totals_fn)(const psm_verify_call, const psm_verify_arrays);
 typedef void (*verify_walk_fn)(const psm_gpu_call, const psm_verify_call, const psm_verify_arrays,
                                const psm_verify_outputs);
 
 template <int WarpSize>
-void verify_kernels(verify_check_fn *check, verify_walk_fn *walk)
+void verify_kernels(verify_check_fn *check, verify_totals_fn *totals, verify_walk_fn *walk)
 {
     *check = psm_gpu_verify_check_kernel<WarpSize>;
+    *totals = psm_gpu_verify_totals_kernel<WarpSize>;
     *walk = psm_gpu_verify_walk_kernel<WarpSize>;
 }
 
@@ -1369,22 +1377,33 @@ psm_status verify_request(psm_gpu_state *state, psm_verify_request *request)
     arrays.target_rows = d.rows[0];
     arrays.draft_rows = d.rows[1];
     arrays.node_drawn = d.node_drawn;
+    arrays.partials = d.partials;
     arrays.node_status = d.node_status;
     arrays.request_bad = d.request_bad;
     const psm_gpu_call by_request =
         verify_by_request(&request->target_params, d.target_arrays, requests);
 
     verify_check_fn check = NULL;
+    verify_totals_fn totals = NULL;
     verify_walk_fn walk = NULL;
 #if PSM_GPU_HAS_WAVE64
     if (state->kernels.warp_size == 64)
-        verify_kernels<64>(&check, &walk);
+        verify_kernels<64>(&check, &totals, &walk);
     else
 #endif
-        verify_kernels<32>(&check, &walk);
+        verify_kernels<32>(&check, &totals, &walk);
     check<<<(unsigned)requests, PSM_GPU_VERIFY_THREADS, 0, state->stream>>>(by_request, call,
                                                                              arrays);
     PSM_GPU_TRY(psm_gpu_get_last_error(), "launching psm_verify's check kernel");
+    const psm_i64 units = psm_verify_total_rows(call) * psm_verify_slices(call.vocab);
+    if (units > ((psm_i64)1 << 31) - 1)
+        return psm_set_error(PSM_ERR_UNSUPPORTED,
+                             "%s backend: psm_verify of %lld rows of %lld tokens; at most 2^31 - "
+                             "1 slices of %d tokens",
+                             PSM_GPU_RUNTIME_NAME, (long long)psm_verify_total_rows(call),
+                             (long long)call.vocab, PSM_VERIFY_SLICE);
+    totals<<<(unsigned)units, PSM_GPU_VERIFY_THREADS, 0, state->stream>>>(call, arrays);
+    PSM_GPU_TRY(psm_gpu_get_last_error(), "launching psm_verify's totals kernel");
     if (request->target.memory == PSM_MEMORY_HOST || request->check_rows)
         PSM_TRY_STATUS(verify_report_checks(state, request, d));
 

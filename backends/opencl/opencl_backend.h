@@ -78,6 +78,7 @@ enum {
     KERNEL_VERIFY_EXPAND, /* psm_verify (opencl_verify.c) */
     KERNEL_VERIFY_ROWS,
     KERNEL_VERIFY_CHECK,
+    KERNEL_VERIFY_TOTALS,
     KERNEL_VERIFY_WALK,
     KERNEL_COUNT
 };

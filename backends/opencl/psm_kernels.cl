@@ -1418,7 +1418,7 @@ psm_verify_rows(PSM_REQUEST_PARAMS, __global const psm_row_state *state,
     const psm_verify_call call, __global const uchar *draft, __global const int *tokens,     \
         __global const int *parents, __global const psm_verify_row *target_rows,             \
         __global const psm_verify_row *draft_rows, __global ulong *node_drawn,               \
-        __global int *node_status, __global int *request_bad
+        __global ulong *partials, __global int *node_status, __global int *request_bad
 
 #define PSM_VERIFY_ARRAYS(arrays)                                                            \
     psm_verify_arrays arrays;                                                                \
@@ -1429,6 +1429,7 @@ psm_verify_rows(PSM_REQUEST_PARAMS, __global const psm_row_state *state,
     arrays.target_rows = target_rows;                                                        \
     arrays.draft_rows = draft_rows;                                                          \
     arrays.node_drawn = node_drawn;                                                          \
+    arrays.partials = partials;                                                              \
     arrays.node_status = node_status;                                                        \
     arrays.request_bad = request_bad
 
@@ -1441,6 +1442,16 @@ psm_verify_check(PSM_REQUEST_PARAMS, PSM_VERIFY_PARAMS)
     PSM_VERIFY_ARRAYS(arrays);
     const psm_row_params p = PSM_RESOLVE_ROW(r);
     psm_stage_verify_check(psm_team_of_item(), call, arrays, r, p.valid, &scratch);
+}
+
+/* A group per slice of a row (dimension 0: row x slices + slice). */
+__kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
+psm_verify_totals(PSM_REQUEST_PARAMS, PSM_VERIFY_PARAMS)
+{
+    __local psm_group_scratch scratch;
+    PSM_VERIFY_ARRAYS(arrays);
+    psm_stage_verify_totals(psm_team_of_item(), call, arrays, (long)get_group_id(0), partials,
+                            &scratch);
 }
 
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void

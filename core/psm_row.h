@@ -303,6 +303,13 @@ PSM_FN float psm_log_probability(psm_u64 weight, psm_u64 tile_mass, psm_u64 tile
                    log((double)total));
 }
 
+/* ln(weight / total), psm_verify's logprob of an emitted token under the
+ * target's integer distribution at its node (docs/SAMPLING.md, section 7). */
+PSM_FN float psm_weight_log_probability(psm_u64 weight, psm_u64 total)
+{
+    return (float)(log((double)weight) - log((double)total));
+}
+
 /* The raw mode's log-softmax of logit x: (x - M) - (ln Z - B ln 2), with Z
  * the row's total weight against M at temperature 1 and B its weight bits. */
 PSM_FN float psm_raw_log_probability(float x, float row_max, psm_u64 total, int weight_bits)

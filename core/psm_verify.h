@@ -25,6 +25,21 @@
 #include "psm_contract.h"
 #endif
 
+/* polysample.h's PSM_MAX_DRAFT_NODES, for device code (core/verify.c checks
+ * they agree). */
+#define PSM_VERIFY_MAX_NODES 64
+
+/* What the check of a draft node found (every backend's phase 1; the first
+ * bad node in request and node order is the call's error,
+ * core/verify_backend.h). The last three come only from arrays in device
+ * memory, which the host does not read. */
+#define PSM_NODE_GOOD 0
+#define PSM_NODE_BAD_DRAFT_ROW 1 /* draft logits: a NaN or +inf logit, or no finite logit */
+#define PSM_NODE_ZERO_DRAFT 2    /* the drawn token has draft weight 0 */
+#define PSM_NODE_BAD_TOKEN 3     /* the token lies outside the vocab */
+#define PSM_NODE_BAD_PARENT 4    /* the parent is not an earlier node */
+#define PSM_NODE_BAD_PROB 5      /* a draft probability outside [0, 1] (NaN included) */
+
 typedef struct psm_u128 {
     psm_u64 low;
     psm_u64 high;
@@ -147,6 +162,74 @@ PSM_FN int psm_draft_prob_valid(float q)
 PSM_FN psm_u64 psm_draft_prob_weight(float q, int weight_bits)
 {
     return (psm_u64)PSM_FMUL(q, psm_bits_float((psm_u32)(127 + weight_bits) << 23));
+}
+
+/* ---- what the GPU backends' host and stages exchange ------------------------
+ * (kernels/psm_stage_verify.h runs the stages; the OpenCL host passes these
+ * by value, so each has fixed-size members, 8-byte ones first.) */
+
+/* A row's status in psm_verify_row. */
+#define PSM_VERIFY_ROW_SAMPLE 0
+#define PSM_VERIFY_ROW_GREEDY 1
+#define PSM_VERIFY_ROW_BAD 2
+
+/* Where the draft distributions come from (psm_verify_call.draft_kind). */
+#define PSM_DRAFT_LOGITS 0
+#define PSM_DRAFT_PROBS 1
+#define PSM_DRAFT_ONE_HOT 2
+
+/* A row's distribution as the row passes left it: kept iff psm_token_kept
+ * of psm_make_kept_rule(cutoff, min_weight, maximum, scale, B). 32 bytes,
+ * 8-byte members first (the OpenCL host reads the same layout). */
+typedef struct psm_verify_row {
+    psm_u64 cutoff;
+    psm_u64 min_weight;
+    float maximum;
+    float scale;
+    psm_i32 status;       /* PSM_VERIFY_ROW_* */
+    psm_u32 greedy_token; /* PSM_VERIFY_ROW_GREEDY: the point mass */
+} psm_verify_row;
+
+#define PSM_VERIFY_ROW_BYTES 32
+
+/* The call, by value (an OpenCL kernel argument: fixed-size members, 8-byte
+ * ones first, no padding). */
+typedef struct psm_verify_call {
+    psm_i64 target_stride; /* elements */
+    psm_i64 draft_stride;  /* elements of draft logits or probs */
+    psm_i32 requests;
+    psm_i32 nodes;         /* k */
+    psm_i32 vocab;
+    psm_i32 weight_bits;
+    psm_i32 target_dtype;  /* PSM_LOGITS_* */
+    psm_i32 draft_dtype;   /* draft logits: PSM_LOGITS_*; probs: f32 */
+    psm_i32 draft_kind;    /* PSM_DRAFT_* */
+    psm_i32 has_parents;   /* else a chain */
+    psm_i32 check_drafts;  /* tokens, parents and probs were not checked on the host */
+    psm_i32 want_path;
+    psm_i32 want_logprobs;
+    psm_i32 pad;
+} psm_verify_call;
+
+#define PSM_VERIFY_CALL_BYTES 64
+
+/* Tokens of a slice of psm_stage_verify_totals: a group's share of a row. */
+#define PSM_VERIFY_SLICE 16384
+
+/* Slices of a row of `vocab` tokens. */
+PSM_FN int psm_verify_slices(int vocab)
+{
+    return (vocab + PSM_VERIFY_SLICE - 1) / PSM_VERIFY_SLICE;
+}
+
+/* Rows whose totals psm_stage_verify_totals makes: the target rows, then
+ * the draft rows unless the drafts are one-hot (whose Q_tot is 1). */
+PSM_FN psm_i64 psm_verify_total_rows(const psm_verify_call call)
+{
+    const psm_i64 target_rows = (psm_i64)call.requests * (call.nodes + 1);
+    return call.draft_kind == PSM_DRAFT_ONE_HOT
+               ? target_rows
+               : target_rows + (psm_i64)call.requests * call.nodes;
 }
 
 #endif /* PSM_VERIFY_H */

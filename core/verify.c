@@ -2,7 +2,11 @@
  * section 7): validate, then hand to the context's backend. */
 #include "context.h"
 #include "error.h"
+#include "psm_verify.h"
 #include "validate.h"
+
+_Static_assert(PSM_VERIFY_MAX_NODES == PSM_MAX_DRAFT_NODES,
+               "core/psm_verify.h's node cap differs from polysample.h's");
 
 void psm_drafts_init(psm_drafts *drafts)
 {

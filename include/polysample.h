@@ -373,7 +373,14 @@ PSM_API psm_status psm_probs_workspace_size(psm_context *context, const psm_tens
  * supported yet (PSM_ERR_UNSUPPORTED). Every array (drafts, per-request
  * arrays, outputs) lives in the target logits' memory. A request with a bad
  * target row (NaN, +inf, no finite logit) gets -1 everywhere (checking mode:
- * PSM_ERR_BAD_ROW). Backends: CPU; the others return PSM_ERR_UNSUPPORTED. */
+ * PSM_ERR_BAD_ROW). Draft arrays in a GPU's device memory are not read on the
+ * host: a bad draft node there (a token outside the vocab, a bad parent or
+ * probability, a drawn token of draft probability 0) makes its request bad,
+ * unless checking mode fails the call (SAMPLING.md, section 7). Every
+ * backend runs it, with the same outputs. On the GPU backends a call with
+ * device memory and no checking mode needs no host synchronisation (CUDA
+ * and HIP: it can be captured in a graph once a call of the same shape has
+ * grown the context's buffers). */
 PSM_API psm_status psm_verify(psm_context *context, const psm_tensor *target_logits,
                               const psm_params *target_params, const psm_drafts *drafts,
                               const psm_verification *outputs);

@@ -13,9 +13,17 @@
  *   probabilities;
  * - edge cases with exact answers, bad inputs (a clear status, the outputs
  *   untouched), and determinism (seeds, batch composition, thread counts).
+ * - agreement: every backend gives the CPU backend's outputs bit for bit
+ *   (accepted counts, tokens, path nodes, logprobs) over chains and trees,
+ *   draft logits with their parameters, draft probabilities and one-hot
+ *   drafts, greedy and filtered targets, per-request arrays, f32 and bf16,
+ *   from host memory and from device memory; and the rule for bad drafts in
+ *   device memory (the request made bad, or the call failed in checking
+ *   mode, as the CPU backend reports it).
  * A backend without verification skips each property with the reason it
  * gives (the SKIP line), after checking that it wrote nothing.
  */
+#include "device_memory.h"
 #include "harness.h"
 #include "psm_reference.h"
 #include "psm_verify.h"
@@ -1077,6 +1085,358 @@ PSM_PROPERTY(bad_inputs_refused_nothing_written)
     psm_context_destroy(context);
 }
 
+/* ---- agreement with the CPU backend ------------------------------------------ */
+
+#define AGREE_REQUESTS 6
+
+/* One configuration of the agreement cases. */
+typedef struct agree_case {
+    const char *name;
+    int64_t vocab;
+    int32_t k;
+    int tree;          /* parents: two candidates per level */
+    int draft;         /* 0 logits, 1 probs, 2 one-hot */
+    int bf16;          /* target and draft logits in bf16 */
+    float temperature; /* the target's */
+    int32_t top_k;
+    float top_p;
+    float min_p;
+    int32_t filter_order;
+    int per_request;   /* per-request temperature, top-k, seeds and offsets */
+    float draft_temperature;
+    int32_t draft_top_k;
+} agree_case;
+
+static const agree_case agree_cases[] = {
+    {"chain, draft logits", 3000, 4, 0, 0, 0, 0.9f, 0, 1.0f, 0.0f, 0, 0, 1.2f, 0},
+    {"chain, filters", 3000, 4, 0, 0, 0, 1.1f, 200, 0.9f, 0.0f, 0, 0, 1.0f, 100},
+    {"chain, min-p, per request", 2100, 5, 0, 0, 0, 1.0f, 0, 1.0f, 0.01f, 0, 1, 1.3f, 0},
+    {"tree, draft probs", 1500, 6, 1, 1, 0, 1.0f, 0, 0.95f, 0.0f, 0, 0, 1.0f, 0},
+    {"tree, draft logits, per request", 1500, 6, 1, 0, 0, 0.8f, 50, 1.0f, 0.0f, 0, 1, 1.0f, 0},
+    {"chain, one-hot", 1000, 4, 0, 2, 0, 0.7f, 0, 1.0f, 0.0f, 0, 0, 1.0f, 0},
+    {"chain, greedy target", 1000, 4, 0, 2, 0, 0.0f, 0, 1.0f, 0.0f, 0, 0, 1.0f, 0},
+    {"chain, bf16", 4100, 3, 0, 0, 1, 1.0f, 30, 1.0f, 0.0f, 0, 0, 0.9f, 0},
+    {"chain, greedy draft", 800, 3, 0, 0, 0, 1.0f, 0, 1.0f, 0.0f, 0, 0, 0.0f, 0},
+    {"tree, one-hot, filter order", 1200, 6, 1, 2, 0, 1.0f, 40, 0.9f, 0.0f,
+     PSM_FILTER_ORDER_FLASHINFER_JOINT, 0, 1.0f, 0},
+};
+
+/* A case's inputs (host), drafts drawn near their parent's target row so
+ * that some are accepted. */
+typedef struct agree_inputs {
+    float *target, *draft;
+    uint16_t *target_bf16, *draft_bf16;
+    int32_t *tokens, *parents;
+    float temperature[AGREE_REQUESTS];
+    int32_t top_k[AGREE_REQUESTS];
+    uint64_t seeds[AGREE_REQUESTS], offsets[AGREE_REQUESTS];
+} agree_inputs;
+
+static uint16_t to_bf16(float x)
+{
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    return (uint16_t)(bits >> 16);
+}
+
+static void agree_make(const agree_case *c, uint64_t seed, agree_inputs *in)
+{
+    const int64_t v = c->vocab, k = c->k, requests = AGREE_REQUESTS;
+    const int64_t target_rows = requests * (k + 1), draft_rows = requests * k;
+    memset(in, 0, sizeof *in);
+    in->target = psm_test_alloc((size_t)(target_rows * v), sizeof(float));
+    in->draft = psm_test_alloc((size_t)(draft_rows * v), sizeof(float));
+    in->tokens = psm_test_alloc((size_t)draft_rows, sizeof(int32_t));
+    normal_logits(in->target, target_rows * v, seed);
+    normal_logits(in->draft, draft_rows * v, seed + 1);
+    for (int64_t r = 0; r < requests; ++r)
+        for (int64_t i = 1; i <= k; ++i) {
+            const int64_t parent = c->tree ? (i - 1) / 2 : i - 1;
+            float *d = in->draft + (r * k + i - 1) * v;
+            const float *t = in->target + (r * (k + 1) + parent) * v;
+            for (int64_t j = 0; j < v; ++j)
+                d[j] = 0.4f * d[j] + t[j];
+        }
+    if (c->tree) {
+        in->parents = psm_test_alloc((size_t)draft_rows, sizeof(int32_t));
+        for (int64_t r = 0; r < requests; ++r)
+            for (int32_t i = 1; i <= c->k; ++i)
+                in->parents[r * k + i - 1] = (i - 1) / 2;
+    }
+    psm_test_rng rng = psm_test_rng_make(seed + 2);
+    double *probs = psm_test_alloc((size_t)v, sizeof(double));
+    for (int64_t row = 0; row < draft_rows; ++row) {
+        const float draft_temperature =
+            c->draft == 0 && c->draft_temperature > 0.0f ? c->draft_temperature : 1.0f;
+        reference_probs(in->draft + row * v, v,
+                        (psm_ref_params){draft_temperature, c->draft == 0 ? c->draft_top_k : 0,
+                                         1.0f, 0.0f},
+                        probs);
+        in->tokens[row] = draw_from(probs, v, &rng);
+        if (c->draft == 1) /* probabilities: this distribution, in f32 */
+            for (int64_t j = 0; j < v; ++j)
+                in->draft[row * v + j] = (float)probs[j];
+        if (c->draft == 0 && c->draft_temperature == 0.0f) /* a greedy draft's argmax */
+            in->tokens[row] = (int32_t)psm_ref_argmax(in->draft + row * v, v);
+    }
+    free(probs);
+    if (c->bf16) {
+        in->target_bf16 = psm_test_alloc((size_t)(target_rows * v), sizeof(uint16_t));
+        in->draft_bf16 = psm_test_alloc((size_t)(draft_rows * v), sizeof(uint16_t));
+        for (int64_t i = 0; i < target_rows * v; ++i)
+            in->target_bf16[i] = to_bf16(in->target[i]);
+        for (int64_t i = 0; i < draft_rows * v; ++i)
+            in->draft_bf16[i] = to_bf16(in->draft[i]);
+    }
+    for (int r = 0; r < AGREE_REQUESTS; ++r) {
+        in->temperature[r] = r == 2 ? 0.0f : 0.6f + 0.15f * (float)r; /* request 2 greedy */
+        in->top_k[r] = r % 3 == 0 ? 0 : 20 * r;
+        in->seeds[r] = seed * 31u + (uint64_t)r;
+        in->offsets[r] = (uint64_t)r * 1000u + 7u;
+    }
+}
+
+static void agree_free(agree_inputs *in)
+{
+    free(in->target);
+    free(in->draft);
+    free(in->target_bf16);
+    free(in->draft_bf16);
+    free(in->tokens);
+    free(in->parents);
+}
+
+typedef struct agree_outputs {
+    int32_t accepted[AGREE_REQUESTS];
+    int32_t tokens[AGREE_REQUESTS * (PSM_MAX_DRAFT_NODES + 1)];
+    int32_t path[AGREE_REQUESTS * (PSM_MAX_DRAFT_NODES + 1)];
+    float logprobs[AGREE_REQUESTS * (PSM_MAX_DRAFT_NODES + 1)];
+} agree_outputs;
+
+/* The case with every array in the memory's kind (tokens and draft values
+ * replaced when given), outputs first set to sentinels and read back to
+ * host; the message of a failure into message. */
+static psm_status agree_run(psm_test_memory *memory, const agree_case *c, const agree_inputs *in,
+                            const int32_t *tokens, const float *draft_values, agree_outputs *out,
+                            char *message, size_t message_size)
+{
+    const int64_t v = c->vocab, k = c->k, requests = AGREE_REQUESTS;
+    const int64_t target_rows = requests * (k + 1), draft_rows = requests * k;
+    const size_t element = c->bf16 ? 2 : 4;
+    const psm_dtype dtype = c->bf16 ? PSM_DTYPE_BF16 : PSM_DTYPE_F32;
+    const void *target_host = c->bf16 ? (const void *)in->target_bf16 : in->target;
+    const int draft_in_bf16 = c->bf16 && c->draft == 0;
+    const void *draft_host = draft_values    ? (const void *)draft_values
+                             : draft_in_bf16 ? (const void *)in->draft_bf16
+                                             : in->draft;
+    psm_tensor target = psm_test_tensor(
+        psm_test_memory_copy_in(memory, target_host, (size_t)(target_rows * v) * element), dtype,
+        target_rows, v, 0);
+    target.memory = psm_test_memory_kind(memory);
+    psm_tensor draft = psm_test_tensor(
+        psm_test_memory_copy_in(memory, draft_host,
+                                (size_t)(draft_rows * v) * (draft_in_bf16 ? 2 : 4)),
+        draft_in_bf16 ? PSM_DTYPE_BF16 : PSM_DTYPE_F32, draft_rows, v, 0);
+    draft.memory = target.memory;
+    psm_params params;
+    psm_params_init(&params);
+    params.temperature = c->temperature;
+    params.top_k = c->top_k;
+    params.top_p = c->top_p;
+    params.min_p = c->min_p;
+    params.filter_order = c->filter_order;
+    params.seed = 0x5eed + (uint64_t)v;
+    params.offset = 3;
+    if (c->per_request) {
+        params.temperature_per_row =
+            psm_test_memory_copy_in(memory, in->temperature, sizeof in->temperature);
+        params.top_k_per_row = psm_test_memory_copy_in(memory, in->top_k, sizeof in->top_k);
+        params.seed_per_row = psm_test_memory_copy_in(memory, in->seeds, sizeof in->seeds);
+        params.offset_per_row = psm_test_memory_copy_in(memory, in->offsets, sizeof in->offsets);
+    }
+    psm_params draft_params;
+    psm_params_init(&draft_params);
+    draft_params.temperature = c->draft_temperature;
+    draft_params.top_k = c->draft_top_k;
+    psm_drafts drafts;
+    psm_drafts_init(&drafts);
+    drafts.nodes = c->k;
+    drafts.tokens = psm_test_memory_copy_in(memory, tokens ? tokens : in->tokens,
+                                            (size_t)draft_rows * sizeof(int32_t));
+    drafts.parents =
+        psm_test_memory_copy_in(memory, in->parents, (size_t)draft_rows * sizeof(int32_t));
+    if (c->draft == 0) {
+        drafts.draft_logits = &draft;
+        drafts.draft_params = &draft_params;
+    } else if (c->draft == 1) {
+        drafts.draft_probs = &draft;
+    }
+    const size_t width = (size_t)(requests * (k + 1));
+    int32_t sentinel[AGREE_REQUESTS * (PSM_MAX_DRAFT_NODES + 1)];
+    for (size_t i = 0; i < sizeof sentinel / sizeof sentinel[0]; ++i)
+        sentinel[i] = SENTINEL_TOKEN;
+    psm_verification outputs;
+    outputs.accepted.data = psm_test_memory_copy_in(memory, sentinel, sizeof out->accepted);
+    outputs.tokens.data = psm_test_memory_copy_in(memory, sentinel, width * sizeof(int32_t));
+    outputs.path_nodes.data = psm_test_memory_copy_in(memory, sentinel, width * sizeof(int32_t));
+    outputs.logprobs.data = psm_test_memory_copy_in(memory, sentinel, width * sizeof(float));
+    outputs.accepted.memory = outputs.tokens.memory = outputs.path_nodes.memory =
+        outputs.logprobs.memory = target.memory;
+    psm_status status = psm_verify(psm_test_memory_context(memory), &target, &params, &drafts,
+                                   &outputs);
+    snprintf(message, message_size, "%s", psm_last_error());
+    memset(out, 0, sizeof *out);
+    psm_test_memory_read(memory, out->accepted, outputs.accepted.data, sizeof out->accepted);
+    psm_test_memory_read(memory, out->tokens, outputs.tokens.data, width * sizeof(int32_t));
+    psm_test_memory_read(memory, out->path, outputs.path_nodes.data, width * sizeof(int32_t));
+    psm_test_memory_read(memory, out->logprobs, outputs.logprobs.data, width * sizeof(float));
+    return status;
+}
+
+/* Every case on this backend, from host memory and from device memory,
+ * against the CPU backend from host memory: equal bytes. */
+PSM_PROPERTY(outputs_equal_the_cpu_backends)
+{
+    const char *no_device = psm_test_memory_unavailable(backend, PSM_MEMORY_DEVICE);
+    if (no_device)
+        psm_test_skip(psm_backend_name(backend), "outputs_equal_the_cpu_backends (device memory)",
+                      no_device);
+    psm_test_memory *cpu = psm_test_memory_open(PSM_BACKEND_CPU, PSM_MEMORY_HOST, 0);
+    psm_test_memory *host = psm_test_memory_open(backend, PSM_MEMORY_HOST, 0);
+    psm_test_memory *device =
+        no_device ? NULL : psm_test_memory_open(backend, PSM_MEMORY_DEVICE, 0);
+    char message[512];
+    const size_t cases = sizeof agree_cases / sizeof agree_cases[0];
+    for (size_t i = 0; i < cases; ++i) {
+        const agree_case *c = &agree_cases[i];
+        agree_inputs in;
+        agree_make(c, 0xa9e0 + (uint64_t)i * 17u, &in);
+        agree_outputs expected, got;
+        psm_status status = agree_run(cpu, c, &in, NULL, NULL, &expected, message, sizeof message);
+        ck_assert_msg(status == PSM_OK, "%s: cpu: %s", c->name, message);
+        int accepted_total = 0;
+        for (int r = 0; r < AGREE_REQUESTS; ++r)
+            accepted_total += expected.accepted[r];
+        ck_assert_msg(accepted_total > 0 || c->draft == 2 || c->draft_temperature == 0.0f,
+                      "%s: no draft accepted", c->name);
+        for (int where = 0; where < 2; ++where) {
+            psm_test_memory *memory = where ? device : host;
+            if (!memory)
+                continue;
+            status = agree_run(memory, c, &in, NULL, NULL, &got, message, sizeof message);
+            if (status == PSM_ERR_UNSUPPORTED && backend != PSM_BACKEND_CPU) {
+                char reason[600];
+                snprintf(reason, sizeof reason, "refused as it should be (%s)", message);
+                psm_test_skip(psm_backend_name(backend), "outputs_equal_the_cpu_backends", reason);
+                agree_free(&in);
+                goto done;
+            }
+            ck_assert_msg(status == PSM_OK, "%s (%s memory): %s", c->name,
+                          where ? "device" : "host", message);
+            const size_t width = (size_t)(AGREE_REQUESTS * (c->k + 1));
+            for (int r = 0; r < AGREE_REQUESTS; ++r)
+                ck_assert_msg(got.accepted[r] == expected.accepted[r],
+                              "%s (%s memory): request %d accepted %d, cpu %d", c->name,
+                              where ? "device" : "host", r, got.accepted[r],
+                              expected.accepted[r]);
+            ck_assert_msg(memcmp(got.tokens, expected.tokens, width * sizeof(int32_t)) == 0,
+                          "%s: tokens differ", c->name);
+            ck_assert_msg(memcmp(got.path, expected.path, width * sizeof(int32_t)) == 0,
+                          "%s: path nodes differ", c->name);
+            ck_assert_msg(memcmp(got.logprobs, expected.logprobs, width * sizeof(float)) == 0,
+                          "%s: logprobs differ", c->name);
+        }
+        agree_free(&in);
+    }
+done:
+    if (device)
+        psm_test_memory_close(device);
+    psm_test_memory_close(host);
+    psm_test_memory_close(cpu);
+}
+
+/* Bad drafts in device memory (a drawn token of draft probability 0, a
+ * token outside the vocab, a parent that is not earlier): where the host
+ * reads the arrays (host memory, the CPU backend) or in checking mode the
+ * call fails as the CPU backend fails it, writing nothing; otherwise the
+ * request holding the bad node gets -1 everywhere and the others their
+ * usual outputs. */
+PSM_PROPERTY(bad_drafts_in_device_memory)
+{
+    const char *no_device = psm_test_memory_unavailable(backend, PSM_MEMORY_DEVICE);
+    if (no_device) {
+        psm_test_skip(psm_backend_name(backend), "bad_drafts_in_device_memory", no_device);
+        return;
+    }
+    const agree_case *c = &agree_cases[3]; /* a tree with draft probabilities */
+    agree_inputs in;
+    agree_make(c, 0xbad0, &in);
+    char message[512];
+    agree_outputs expected, got;
+    psm_test_memory *cpu = psm_test_memory_open(PSM_BACKEND_CPU, PSM_MEMORY_HOST, 0);
+    PSM_CHECK_OK(agree_run(cpu, c, &in, NULL, NULL, &expected, message, sizeof message));
+    psm_test_memory_close(cpu);
+    const int64_t v = c->vocab, k = c->k;
+    const int bad_request = 2, bad_node = 3;
+    const int64_t at = bad_request * k + bad_node - 1;
+    float *zeroed = psm_test_alloc((size_t)(AGREE_REQUESTS * k * v), sizeof(float));
+    memcpy(zeroed, in.draft, (size_t)(AGREE_REQUESTS * k * v) * sizeof(float));
+    zeroed[at * v + in.tokens[at]] = 0.0f;
+    int32_t *outside = psm_test_alloc((size_t)(AGREE_REQUESTS * k), sizeof(int32_t));
+    memcpy(outside, in.tokens, (size_t)(AGREE_REQUESTS * k) * sizeof(int32_t));
+    outside[at] = (int32_t)v;
+    /* Device memory's message does not read the token (it is not on the host). */
+    const char *expected_message[2] = {"draft probability 0", "outside the vocab"};
+    for (int check_rows = 0; check_rows < 2; ++check_rows) {
+        psm_test_memory *device = psm_test_memory_open(backend, PSM_MEMORY_DEVICE, check_rows);
+        const int fails = check_rows || psm_test_memory_checked_on_host(device);
+        for (int which = 0; which < 2; ++which) {
+            psm_status status =
+                agree_run(device, c, &in, which ? outside : NULL, which ? NULL : zeroed, &got,
+                          message, sizeof message);
+            if (status == PSM_ERR_UNSUPPORTED && backend != PSM_BACKEND_CPU) {
+                psm_test_skip(psm_backend_name(backend), "bad_drafts_in_device_memory", message);
+                psm_test_memory_close(device);
+                goto done;
+            }
+            const size_t width = (size_t)(AGREE_REQUESTS * (k + 1));
+            if (fails) {
+                ck_assert_msg(status == PSM_ERR_INVALID_PARAMETER, "expected a failure, got %s",
+                              psm_status_string(status));
+                ck_assert_msg(strstr(message, "request 2, draft node 3:") != NULL &&
+                                  strstr(message, expected_message[which]) != NULL,
+                              "%s", message);
+                for (size_t j = 0; j < width; ++j)
+                    ck_assert(got.tokens[j] == SENTINEL_TOKEN);
+                continue;
+            }
+            ck_assert_msg(status == PSM_OK, "%s", message);
+            for (int r = 0; r < AGREE_REQUESTS; ++r) {
+                const int64_t base = r * (k + 1);
+                if (r == bad_request) {
+                    ck_assert_int_eq(got.accepted[r], -1);
+                    for (int64_t j = 0; j <= k; ++j) {
+                        ck_assert_int_eq(got.tokens[base + j], -1);
+                        ck_assert_int_eq(got.path[base + j], -1);
+                        ck_assert(isnan(got.logprobs[base + j]));
+                    }
+                    continue;
+                }
+                ck_assert_int_eq(got.accepted[r], expected.accepted[r]);
+                ck_assert(memcmp(got.tokens + base, expected.tokens + base,
+                                 (size_t)(k + 1) * sizeof(int32_t)) == 0);
+                ck_assert(memcmp(got.logprobs + base, expected.logprobs + base,
+                                 (size_t)(k + 1) * sizeof(float)) == 0);
+            }
+        }
+        psm_test_memory_close(device);
+    }
+done:
+    free(zeroed);
+    free(outside);
+    agree_free(&in);
+}
+
 /* ---- determinism ------------------------------------------------------------------ */
 
 /* A batch of 7 requests with per-request seeds (stream 0), a chain drafted
@@ -1196,5 +1556,7 @@ int main(void)
     psm_test_register_property(bad_target_row_makes_request_bad);
     psm_test_register_property(bad_inputs_refused_nothing_written);
     psm_test_register_property(batch_composition_and_threads_do_not_matter);
+    psm_test_register_property(outputs_equal_the_cpu_backends);
+    psm_test_register_property(bad_drafts_in_device_memory);
     return psm_test_run("test_verify");
 }

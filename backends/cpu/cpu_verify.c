@@ -15,18 +15,13 @@
  *    only at the nodes the walk reaches. */
 #include "cpu_backend.h"
 #include "psm_verify.h"
+#include "verify_backend.h"
 
-/* What phase 1 found at a draft node. */
-typedef enum node_status {
-    NODE_GOOD,
-    NODE_BAD_DRAFT_ROW, /* draft logits: a NaN or +inf logit, or no finite logit */
-    NODE_ZERO_DRAFT     /* the drawn token has draft weight 0 */
-} node_status;
-
+/* What phase 1 found at a draft node (its status goes to a separate array,
+ * which core/verify_backend.h reads). */
 typedef struct node_check {
     uint64_t drawn; /* Q_x */
     uint64_t total; /* Q_tot */
-    node_status status;
 } node_check;
 
 /* The distribution's parameters of a row. */
@@ -160,18 +155,20 @@ static int draft_distribution(const cpu_state *state, cpu_scratch *owner,
 /* Phase 1 for request r: its target rows, then its draft nodes into
  * checks[r * k .. r * k + k). Returns whether the request is good. */
 static int check_request(const cpu_state *state, cpu_scratch *owner,
-                         const psm_verify_request *request, int64_t r, node_check *checks)
+                         const psm_verify_request *request, int64_t r, node_check *checks,
+                         int32_t *node_status)
 {
     const int32_t k = request->nodes;
     for (int32_t node = 1; node <= k; ++node) {
         node_check *check = &checks[r * k + node - 1];
+        int32_t *status = &node_status[r * k + node - 1];
         uint64_t *q = owner->verify_draft;
         if (!draft_distribution(state, owner, request, r, node, q, &check->total)) {
-            check->status = NODE_BAD_DRAFT_ROW;
+            *status = PSM_NODE_BAD_DRAFT_ROW;
             continue;
         }
         check->drawn = q[request->tokens[r * k + node - 1]];
-        check->status = check->drawn == 0 ? NODE_ZERO_DRAFT : NODE_GOOD;
+        *status = check->drawn == 0 ? PSM_NODE_ZERO_DRAFT : PSM_NODE_GOOD;
     }
     psm_row_params params = request_params(&request->target_params, request->requests, r);
     if (!params.valid)
@@ -250,8 +247,7 @@ static void write_emitted(const psm_verify_request *request, int64_t r, int32_t 
     if (request->outputs.path_nodes.data)
         ((int32_t *)request->outputs.path_nodes.data)[at] = node;
     if (request->outputs.logprobs.data)
-        ((float *)request->outputs.logprobs.data)[at] =
-            (float)(log((double)weight) - log((double)total));
+        ((float *)request->outputs.logprobs.data)[at] = psm_weight_log_probability(weight, total);
 }
 
 /* Phase 2 for a good request: the walk of section 7. */
@@ -309,30 +305,6 @@ static void walk_request(const cpu_state *state, cpu_scratch *owner,
     write_tail(request, r, emitted);
 }
 
-/* The first failing draft node, in request and node order, as the call's
- * error; PSM_OK when there is none. */
-static psm_status draft_failure(const psm_verify_request *request, const node_check *checks)
-{
-    const int64_t count = request->requests * request->nodes;
-    for (int64_t at = 0; at < count; ++at) {
-        if (checks[at].status == NODE_GOOD)
-            continue;
-        const long long r = (long long)(at / request->nodes);
-        const int node = (int)(at % request->nodes) + 1;
-        if (checks[at].status == NODE_BAD_DRAFT_ROW)
-            return psm_set_error(PSM_ERR_INVALID_PARAMETER,
-                                 "request %lld, draft node %d: draft_logits row %lld has a NaN "
-                                 "or +inf logit, or no finite logit",
-                                 r, node, (long long)at);
-        return psm_set_error(PSM_ERR_INVALID_PARAMETER,
-                             "request %lld, draft node %d: token %d has draft probability 0 "
-                             "under the draft distribution given for it (it cannot have been "
-                             "drawn from it)",
-                             r, node, (int)request->tokens[at]);
-    }
-    return PSM_OK;
-}
-
 psm_status cpu_verify(void *opaque, psm_verify_request *request)
 {
     cpu_state *state = opaque;
@@ -340,31 +312,27 @@ psm_status cpu_verify(void *opaque, psm_verify_request *request)
     if (status != PSM_OK)
         return status;
     const int64_t requests = request->requests;
-    node_check *checks = psm_alloc((size_t)(requests * request->nodes) * sizeof *checks);
-    uint8_t *good = psm_alloc((size_t)requests);
-    if (!checks || !good) {
+    const size_t nodes = (size_t)(requests * request->nodes);
+    node_check *checks = psm_alloc(nodes * sizeof *checks);
+    int32_t *node_status = psm_alloc(nodes * sizeof *node_status);
+    int32_t *bad = psm_alloc((size_t)requests * sizeof *bad);
+    if (!checks || !node_status || !bad) {
         psm_free(checks);
-        psm_free(good);
+        psm_free(node_status);
+        psm_free(bad);
         return psm_set_error(PSM_ERR_OUT_OF_MEMORY,
                              "cpu backend: cannot allocate the checks of %lld requests",
                              (long long)requests);
     }
 #pragma omp parallel for num_threads(state->threads) schedule(dynamic, 1)
     for (int64_t r = 0; r < requests; ++r)
-        good[r] = (uint8_t)check_request(state, state->scratch[omp_get_thread_num()], request, r,
-                                         checks);
-    status = draft_failure(request, checks);
-    for (int64_t r = 0; status == PSM_OK && request->check_rows && r < requests; ++r)
-        if (!good[r])
-            status = psm_set_error(PSM_ERR_BAD_ROW,
-                                   "request %lld has a target row with a NaN or +inf logit, or "
-                                   "no finite logit, or a parameter out of range (checking "
-                                   "mode; nothing was written)",
-                                   (long long)r);
+        bad[r] = !check_request(state, state->scratch[omp_get_thread_num()], request, r, checks,
+                                node_status);
+    status = psm_verify_report(request, node_status, bad, 1);
     if (status == PSM_OK) {
 #pragma omp parallel for num_threads(state->threads) schedule(dynamic, 1)
         for (int64_t r = 0; r < requests; ++r) {
-            if (good[r]) {
+            if (!bad[r]) {
                 walk_request(state, state->scratch[omp_get_thread_num()], request, r, checks);
             } else {
                 ((int32_t *)request->outputs.accepted.data)[r] = -1;
@@ -373,6 +341,7 @@ psm_status cpu_verify(void *opaque, psm_verify_request *request)
         }
     }
     psm_free(checks);
-    psm_free(good);
+    psm_free(node_status);
+    psm_free(bad);
     return status;
 }

@@ -20,6 +20,7 @@
  */
 #include "psm_gpu_kernels.cuh"
 #include "psm_gpu_processing.cuh"
+#include "psm_gpu_verify.cuh"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,6 +33,7 @@ extern "C" {
 #include "backend.h"
 #include "error.h"
 #include "module.h"
+#include "verify_backend.h"
 }
 
 namespace PSM_GPU_NAMESPACE {
@@ -126,6 +128,10 @@ struct psm_gpu_state {
      * the stagings of host outputs (place_top_logprobs) */
     void *top;
     size_t top_bytes;
+    /* psm_verify: its staged inputs, rows' rules, checks and staged outputs
+     * (verify_place) */
+    void *verify;
+    size_t verify_bytes;
 };
 
 /* Every device (and pinned host) allocation of the backend, so that test
@@ -266,6 +272,8 @@ void release_state(psm_gpu_state *state)
         (void)psm_gpu_free(state->staged_processing);
     if (state->top)
         (void)psm_gpu_free(state->top);
+    if (state->verify)
+        (void)psm_gpu_free(state->verify);
     if (state->owns_stream && state->stream)
         (void)psm_gpu_stream_destroy(state->stream);
     (void)psm_gpu_get_last_error();
@@ -1073,6 +1081,380 @@ psm_status run_request(void *opaque_state, psm_request *request, bool probs_mode
     return launch(state, request, &buffers, probs_mode);
 }
 
+
+#define PSM_TRY_STATUS(call)                    \
+    do {                                        \
+        psm_status psm_try_status_ = (call);    \
+        if (psm_try_status_ != PSM_OK)          \
+            return psm_try_status_;             \
+    } while (0)
+
+/* ---- psm_verify ------------------------------------------------------------------
+ * (docs/SAMPLING.md, section 7; the kernels are psm_gpu_verify.cuh.)
+ * 1. Host inputs are copied to the device, into the context's verify buffer.
+ * 2. The target rows (and draft logits rows) go through the sampling
+ *    kernels as a plain call of their own (prepare_call, launch), each row
+ *    with its request's filters (psm_gpu_verify_expand_kernel spreads
+ *    per-request arrays to the rows) and kept_filters set; the rows kernel
+ *    keeps each row's kept rule as a psm_verify_row.
+ * 3. The check kernel (a block per request) writes each draft node's Q_x
+ *    and status, and each request's target check, to the buffer; the
+ *    totals kernel (a block per slice of every row) the rows' totals.
+ * 4. With host memory (read back anyway) or in checking mode (which waits
+ *    for its check), the host reads the checks and fails the call as every
+ *    backend does (core/verify_backend.h), before anything is written.
+ *    Otherwise nothing waits: the walk kernel makes a request with a bad
+ *    draft node bad (-1 everywhere).
+ * 5. The walk kernel (a block per request) writes the outputs.
+ * With device memory and a buffer already large enough (a call of the same
+ * shape before), nothing is allocated and nothing waits: the call can be
+ * captured in a CUDA graph. */
+
+/* Parts of the verify buffer, each from a workspace_alignment boundary: a
+ * pass with base NULL counts the bytes, the next one places them. */
+struct verify_carve {
+    unsigned char *base;
+    size_t used;
+};
+
+void *verify_take(verify_carve *carve, size_t bytes)
+{
+    void *at = carve->base ? carve->base + carve->used : NULL;
+    carve->used += workspace_round(bytes);
+    return at;
+}
+
+struct verify_device {
+    const void *target;
+    const void *draft;
+    const psm_i32 *tokens;
+    const psm_i32 *parents;
+    psm_row_arrays target_arrays;
+    psm_row_arrays draft_arrays;
+    float *filters[2][4]; /* target, draft: temperature, top-k, top-p, min-p per row */
+    psm_gpu_kept_filters *kept[2];
+    psm_i32 *row_tokens[2];
+    psm_verify_row *rows[2];
+    psm_u64 *node_drawn;
+    psm_u64 *partials;
+    psm_i32 *node_status;
+    psm_i32 *request_bad;
+    psm_i32 *accepted, *tokens_out, *path_out;
+    float *logprobs_out;
+};
+
+size_t verify_tensor_bytes(const psm_tensor *tensor)
+{
+    return ((size_t)(tensor->rows - 1) * (size_t)tensor->row_stride + (size_t)tensor->vocab) *
+           dtype_bytes(tensor->dtype);
+}
+
+/* A psm_params' per-request arrays as device pointers: the caller's, or
+ * copies of host arrays into the carve. */
+psm_status verify_arrays_of(psm_gpu_state *state, const psm_params *params, psm_i64 requests,
+                            bool host, verify_carve *carve, psm_row_arrays *out)
+{
+    *out = psm_request_row_arrays(params);
+    const void **slots[] = {(const void **)&out->temperature, (const void **)&out->top_k,
+                            (const void **)&out->top_p,       (const void **)&out->min_p,
+                            (const void **)&out->seed,        (const void **)&out->offset,
+                            (const void **)&out->subsequence, (const void **)&out->seed_pointer,
+                            (const void **)&out->offset_pointer};
+    const size_t element[] = {4, 4, 4, 4, 8, 8, 4, 8, 8};
+    for (int a = 0; a < 9; ++a) {
+        if (!host || !*slots[a])
+            continue;
+        const size_t bytes = element[a] * (a >= 7 ? 1 : (size_t)requests);
+        void *copy = verify_take(carve, bytes);
+        if (carve->base) {
+            PSM_GPU_TRY(psm_gpu_memcpy_async(copy, *slots[a], bytes,
+                                             psm_gpu_memcpy_host_to_device, state->stream),
+                        "copying per-request parameters to the device");
+            *slots[a] = copy;
+        }
+    }
+    return PSM_OK;
+}
+
+/* The buffer's parts (carve->base NULL: only their size). */
+psm_status verify_place(psm_gpu_state *state, const psm_verify_request *request,
+                        verify_carve *carve, verify_device *d)
+{
+    const bool host = request->target.memory == PSM_MEMORY_HOST;
+    const psm_i64 requests = request->requests, k = request->nodes;
+    const size_t rows[2] = {(size_t)(requests * (k + 1)), (size_t)(requests * k)};
+    const size_t width = rows[0];
+    const psm_tensor *draft = psm_verify_draft_tensor(request);
+    memset(d, 0, sizeof *d);
+    d->target = request->target.data;
+    d->draft = draft ? draft->data : NULL;
+    d->tokens = request->tokens;
+    d->parents = request->parents;
+    struct copy {
+        const void **device;
+        const void *host;
+        size_t bytes;
+    } copies[] = {
+        {&d->target, request->target.data, verify_tensor_bytes(&request->target)},
+        {&d->draft, draft ? draft->data : NULL, draft ? verify_tensor_bytes(draft) : 0},
+        {(const void **)&d->tokens, request->tokens, rows[1] * sizeof(psm_i32)},
+        {(const void **)&d->parents, request->parents, rows[1] * sizeof(psm_i32)},
+    };
+    for (size_t c = 0; host && c < sizeof copies / sizeof copies[0]; ++c) {
+        if (!copies[c].host)
+            continue;
+        void *at = verify_take(carve, copies[c].bytes);
+        if (carve->base) {
+            PSM_GPU_TRY(psm_gpu_memcpy_async(at, copies[c].host, copies[c].bytes,
+                                             psm_gpu_memcpy_host_to_device, state->stream),
+                        "copying psm_verify's inputs to the device");
+            *copies[c].device = at;
+        }
+    }
+    psm_status status =
+        verify_arrays_of(state, &request->target_params, requests, host, carve, &d->target_arrays);
+    if (status == PSM_OK && request->draft_logits.data)
+        status = verify_arrays_of(state, &request->draft_params, requests, host, carve,
+                                  &d->draft_arrays);
+    if (status != PSM_OK)
+        return status;
+    const psm_params *params[2] = {&request->target_params, &request->draft_params};
+    for (int which = 0; which < (request->draft_logits.data ? 2 : 1); ++which) {
+        if (psm_verify_per_request_filters(params[which]))
+            for (int f = 0; f < 4; ++f)
+                d->filters[which][f] = (float *)verify_take(carve, rows[which] * sizeof(float));
+        d->kept[which] =
+            (psm_gpu_kept_filters *)verify_take(carve, rows[which] * sizeof(psm_gpu_kept_filters));
+        d->row_tokens[which] = (psm_i32 *)verify_take(carve, rows[which] * sizeof(psm_i32));
+        d->rows[which] = (psm_verify_row *)verify_take(carve, rows[which] * sizeof(psm_verify_row));
+    }
+    d->node_drawn = (psm_u64 *)verify_take(carve, rows[1] * sizeof(psm_u64));
+    const psm_verify_call call = psm_verify_describe(request);
+    d->partials = (psm_u64 *)verify_take(carve, (size_t)psm_verify_total_rows(call) *
+                                                   (size_t)psm_verify_slices(call.vocab) *
+                                                   sizeof(psm_u64));
+    d->node_status = (psm_i32 *)verify_take(carve, rows[1] * sizeof(psm_i32));
+    d->request_bad = (psm_i32 *)verify_take(carve, (size_t)requests * sizeof(psm_i32));
+    const psm_verification *out = &request->outputs;
+    d->accepted = (psm_i32 *)out->accepted.data;
+    d->tokens_out = (psm_i32 *)out->tokens.data;
+    d->path_out = (psm_i32 *)out->path_nodes.data;
+    d->logprobs_out = (float *)out->logprobs.data;
+    if (out->accepted.memory == PSM_MEMORY_HOST)
+        d->accepted = (psm_i32 *)verify_take(carve, (size_t)requests * sizeof(psm_i32));
+    if (out->tokens.memory == PSM_MEMORY_HOST)
+        d->tokens_out = (psm_i32 *)verify_take(carve, width * sizeof(psm_i32));
+    if (out->path_nodes.data && out->path_nodes.memory == PSM_MEMORY_HOST)
+        d->path_out = (psm_i32 *)verify_take(carve, width * sizeof(psm_i32));
+    if (out->logprobs.data && out->logprobs.memory == PSM_MEMORY_HOST)
+        d->logprobs_out = (float *)verify_take(carve, width * sizeof(float));
+    return PSM_OK;
+}
+
+/* A psm_gpu_call of the per-request parameters (what psm_gpu_row_params
+ * reads), for the expand, check and walk kernels. */
+psm_gpu_call verify_by_request(const psm_params *params, const psm_row_arrays &arrays,
+                               psm_i64 requests)
+{
+    psm_gpu_call call;
+    memset(&call, 0, sizeof call);
+    call.rows = requests;
+    call.scalars = psm_params_row_scalars(params, requests);
+    call.per_row = psm_request_per_row(params);
+    call.per_row_arrays = arrays;
+    return call;
+}
+
+/* Rows of `logits` (device memory, rows x vocab) through the sampling
+ * kernels with their requests' filters (per rows a request), then their
+ * psm_verify_rows. */
+psm_status verify_row_passes(psm_gpu_state *state, const psm_tensor &given, const void *logits,
+                             const psm_params *params, const psm_row_arrays &arrays,
+                             psm_i64 requests, int per, float *const filters[4],
+                             psm_gpu_kept_filters *kept, psm_i32 *tokens, psm_verify_row *rows)
+{
+    const psm_i64 count = given.rows;
+    const unsigned threads = 256;
+    const unsigned blocks = (unsigned)((count + threads - 1) / threads);
+    psm_request request;
+    memset(&request, 0, sizeof request);
+    request.logits = given;
+    request.logits.data = (void *)logits; /* only read */
+    request.logits.memory = PSM_MEMORY_DEVICE;
+    if (filters[0]) {
+        psm_gpu_verify_expand_kernel<<<blocks, threads, 0, state->stream>>>(
+            verify_by_request(params, arrays, requests), count, per, filters[0],
+            (psm_i32 *)filters[1], filters[2], filters[3]);
+        PSM_GPU_TRY(psm_gpu_get_last_error(), "launching psm_verify's expand kernel");
+    }
+    request.params = psm_verify_rows_params(params, filters[0], (const int32_t *)filters[1],
+                                            filters[2], filters[3]);
+    request.rows = count;
+    request.tokens = psm_output{tokens, PSM_MEMORY_DEVICE};
+    request.logprobs = psm_output{NULL, PSM_MEMORY_DEVICE};
+    request.first_bad_row = -1;
+    call_buffers buffers;
+    psm_status status = prepare_call(state, &request, false, &buffers);
+    if (status != PSM_OK)
+        return status;
+    buffers.call.kept_filters = kept;
+    status = launch(state, &request, &buffers, false);
+    if (status != PSM_OK)
+        return status;
+    psm_gpu_verify_rows_kernel<<<blocks, threads, 0, state->stream>>>(buffers.call, kept, tokens,
+                                                                       rows);
+    PSM_GPU_TRY(psm_gpu_get_last_error(), "launching psm_verify's rows kernel");
+    return PSM_OK;
+}
+
+typedef void (*verify_check_fn)(const psm_gpu_call, const psm_verify_call, const psm_verify_arrays);
+typedef void (*verify_totals_fn)(const psm_verify_call, const psm_verify_arrays);
+typedef void (*verify_walk_fn)(const psm_gpu_call, const psm_verify_call, const psm_verify_arrays,
+                               const psm_verify_outputs);
+
+template <int WarpSize>
+void verify_kernels(verify_check_fn *check, verify_totals_fn *totals, verify_walk_fn *walk)
+{
+    *check = psm_gpu_verify_check_kernel<WarpSize>;
+    *totals = psm_gpu_verify_totals_kernel<WarpSize>;
+    *walk = psm_gpu_verify_walk_kernel<WarpSize>;
+}
+
+/* Step 4: the checks, read back and reported as every backend does. */
+psm_status verify_report_checks(psm_gpu_state *state, const psm_verify_request *request,
+                                const verify_device &d)
+{
+    const size_t nodes = (size_t)(request->requests * request->nodes);
+    int32_t *node_status = (int32_t *)malloc(nodes * sizeof *node_status);
+    int32_t *bad = (int32_t *)malloc((size_t)request->requests * sizeof *bad);
+    psm_status status = PSM_OK;
+    if (!node_status || !bad) {
+        status = psm_set_error(PSM_ERR_OUT_OF_MEMORY,
+                               "%s backend: cannot allocate the checks of %lld requests",
+                               PSM_GPU_RUNTIME_NAME, (long long)request->requests);
+    } else {
+        psm_gpu_error_t error = psm_gpu_memcpy_async(node_status, d.node_status,
+                                                     nodes * sizeof *node_status,
+                                                     psm_gpu_memcpy_device_to_host, state->stream);
+        if (error == psm_gpu_success)
+            error = psm_gpu_memcpy_async(bad, d.request_bad,
+                                         (size_t)request->requests * sizeof *bad,
+                                         psm_gpu_memcpy_device_to_host, state->stream);
+        if (error == psm_gpu_success)
+            error = psm_gpu_stream_synchronize(state->stream);
+        status = error == psm_gpu_success
+                     ? psm_verify_report(request, node_status, bad,
+                                         request->target.memory == PSM_MEMORY_HOST)
+                     : gpu_failure(error, "reading psm_verify's checks");
+    }
+    free(node_status);
+    free(bad);
+    return status;
+}
+
+psm_status verify_request(psm_gpu_state *state, psm_verify_request *request)
+{
+    PSM_TRY_STATUS(select_device(state));
+    const psm_i64 requests = request->requests;
+    const int k = request->nodes;
+    if (requests > ((psm_i64)1 << 31) - 1)
+        return psm_set_error(PSM_ERR_UNSUPPORTED,
+                             "%s backend: psm_verify of %lld requests; at most 2^31 - 1",
+                             PSM_GPU_RUNTIME_NAME, (long long)requests);
+    verify_carve carve = {NULL, 0};
+    verify_device d;
+    PSM_TRY_STATUS(verify_place(state, request, &carve, &d));
+    PSM_TRY_STATUS(grow_buffer(&state->verify, &state->verify_bytes, carve.used,
+                               "allocating psm_verify's buffer"));
+    carve.base = (unsigned char *)state->verify;
+    carve.used = 0;
+    PSM_TRY_STATUS(verify_place(state, request, &carve, &d));
+
+    psm_tensor target_shape = request->target;
+    PSM_TRY_STATUS(verify_row_passes(state, target_shape, d.target, &request->target_params,
+                                     d.target_arrays, requests, k + 1, d.filters[0], d.kept[0],
+                                     d.row_tokens[0], d.rows[0]));
+    if (request->draft_logits.data)
+        PSM_TRY_STATUS(verify_row_passes(state, request->draft_logits, d.draft,
+                                         &request->draft_params, d.draft_arrays, requests, k,
+                                         d.filters[1], d.kept[1], d.row_tokens[1], d.rows[1]));
+
+    const psm_verify_call call = psm_verify_describe(request);
+    psm_verify_arrays arrays;
+    arrays.target = (const unsigned char *)d.target;
+    arrays.draft = (const unsigned char *)d.draft;
+    arrays.tokens = d.tokens;
+    arrays.parents = d.parents;
+    arrays.target_rows = d.rows[0];
+    arrays.draft_rows = d.rows[1];
+    arrays.node_drawn = d.node_drawn;
+    arrays.partials = d.partials;
+    arrays.node_status = d.node_status;
+    arrays.request_bad = d.request_bad;
+    const psm_gpu_call by_request =
+        verify_by_request(&request->target_params, d.target_arrays, requests);
+
+    verify_check_fn check = NULL;
+    verify_totals_fn totals = NULL;
+    verify_walk_fn walk = NULL;
+#if PSM_GPU_HAS_WAVE64
+    if (state->kernels.warp_size == 64)
+        verify_kernels<64>(&check, &totals, &walk);
+    else
+#endif
+        verify_kernels<32>(&check, &totals, &walk);
+    check<<<(unsigned)requests, PSM_GPU_VERIFY_THREADS, 0, state->stream>>>(by_request, call,
+                                                                             arrays);
+    PSM_GPU_TRY(psm_gpu_get_last_error(), "launching psm_verify's check kernel");
+    const psm_i64 units = psm_verify_total_rows(call) * psm_verify_slices(call.vocab);
+    if (units > ((psm_i64)1 << 31) - 1)
+        return psm_set_error(PSM_ERR_UNSUPPORTED,
+                             "%s backend: psm_verify of %lld rows of %lld tokens; at most 2^31 - "
+                             "1 slices of %d tokens",
+                             PSM_GPU_RUNTIME_NAME, (long long)psm_verify_total_rows(call),
+                             (long long)call.vocab, PSM_VERIFY_SLICE);
+    totals<<<(unsigned)units, PSM_GPU_VERIFY_THREADS, 0, state->stream>>>(call, arrays);
+    PSM_GPU_TRY(psm_gpu_get_last_error(), "launching psm_verify's totals kernel");
+    if (request->target.memory == PSM_MEMORY_HOST || request->check_rows)
+        PSM_TRY_STATUS(verify_report_checks(state, request, d));
+
+    psm_verify_outputs outputs;
+    outputs.accepted = d.accepted;
+    outputs.tokens = d.tokens_out;
+    outputs.path_nodes = d.path_out;
+    outputs.logprobs = d.logprobs_out;
+    walk<<<(unsigned)requests, PSM_GPU_VERIFY_THREADS, 0, state->stream>>>(by_request, call,
+                                                                            arrays, outputs);
+    PSM_GPU_TRY(psm_gpu_get_last_error(), "launching psm_verify's walk kernel");
+
+    const psm_verification *given = &request->outputs;
+    const size_t width = (size_t)requests * (size_t)(k + 1);
+    struct back {
+        void *host;
+        const void *device;
+        size_t bytes;
+    } backs[] = {
+        {given->accepted.data, d.accepted, (size_t)requests * sizeof(psm_i32)},
+        {given->tokens.data, d.tokens_out, width * sizeof(psm_i32)},
+        {given->path_nodes.data, d.path_out, width * sizeof(psm_i32)},
+        {given->logprobs.data, d.logprobs_out, width * sizeof(float)},
+    };
+    const psm_memory kinds[] = {given->accepted.memory, given->tokens.memory,
+                                given->path_nodes.memory, given->logprobs.memory};
+    bool copied = false;
+    for (int b = 0; b < 4; ++b) {
+        if (!backs[b].host || kinds[b] != PSM_MEMORY_HOST)
+            continue;
+        PSM_GPU_TRY(psm_gpu_memcpy_async(backs[b].host, backs[b].device, backs[b].bytes,
+                                         psm_gpu_memcpy_device_to_host, state->stream),
+                    "copying psm_verify's outputs to the host");
+        copied = true;
+    }
+    if (copied || request->target.memory == PSM_MEMORY_HOST)
+        PSM_GPU_TRY(psm_gpu_stream_synchronize(state->stream), "waiting for host outputs");
+    return PSM_OK;
+}
+
 } /* namespace */
 } /* namespace PSM_GPU_NAMESPACE */
 
@@ -1243,6 +1625,11 @@ static psm_status gpu_probs(void *state, psm_request *request)
     return run_request(state, request, true);
 }
 
+static psm_status gpu_verify(void *state, psm_verify_request *request)
+{
+    return verify_request((psm_gpu_state *)state, request);
+}
+
 static psm_status gpu_synchronize(void *opaque_state)
 {
     psm_gpu_state *state = (psm_gpu_state *)opaque_state;
@@ -1270,6 +1657,7 @@ static const psm_backend_ops gpu_ops = {
     gpu_sample,              /* sample */
     gpu_probs,               /* probs */
     gpu_synchronize,         /* synchronize */
+    gpu_verify,              /* verify */
 };
 
 PSM_DEFINE_BACKEND_MODULE(gpu_ops)

@@ -108,11 +108,14 @@ struct psm_gpu_split_row {
 };
 
 /* A row's kept rule's filter values, as the row kernel found them, for the
- * top-N kernel (launch 3): cutoff 0 and min_weight 0 keep every valid
- * token. */
+ * top-N kernel (launch 3) and psm_verify: cutoff 0 and min_weight 0 keep
+ * every valid token. Written for sampled rows only (not bad or greedy
+ * ones). */
 struct psm_gpu_kept_filters {
     psm_u64 cutoff;
     psm_u64 min_weight;
+    float row_max; /* M, for psm_verify's rows (psm_gpu_verify.cuh) */
+    psm_u32 unused;
 };
 
 /* Everything one call needs on the device, passed by value to each kernel.
@@ -995,7 +998,8 @@ PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scrat
          * carry the store. */
         if constexpr (!ProbsMode) {
             if (call.kept_filters && threadIdx.x == 0)
-                call.kept_filters[row] = psm_gpu_kept_filters{state.cutoff, state.min_weight};
+                call.kept_filters[row] =
+                    psm_gpu_kept_filters{state.cutoff, state.min_weight, state.row_max, 0u};
         }
         psm_gpu_finish_row<WarpSize, Dtype>(source.base, call, state,
                                             psm_gpu_kept_rule(call, state), p, ProbsMode, scratch);

@@ -237,6 +237,7 @@ static const psm_backend_ops opencl_ops = {
     .sample = opencl_sample,
     .probs = opencl_probs,
     .synchronize = opencl_synchronize,
+    .verify = opencl_verify,
 };
 
 PSM_DEFINE_BACKEND_MODULE(opencl_ops)

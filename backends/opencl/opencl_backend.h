@@ -74,6 +74,11 @@ enum {
     KERNEL_PROCESS_LISTS,
     KERNEL_ROW_ORDERS,    /* an engine's filter order, instead of the row top-k and filter */
     KERNEL_TOP_LOGPROBS,  /* top-N logprobs, after the draw */
+    KERNEL_VERIFY_EXPAND, /* psm_verify (opencl_verify.c) */
+    KERNEL_VERIFY_ROWS,
+    KERNEL_VERIFY_CHECK,
+    KERNEL_VERIFY_TOTALS,
+    KERNEL_VERIFY_WALK,
     KERNEL_COUNT
 };
 /* The kernels' names in the program, by the enum above. */
@@ -227,5 +232,19 @@ psm_status opencl_deliver(opencl_state *state, cl_mem staged, psm_output output,
 psm_status opencl_sample(void *opaque, psm_request *request);
 psm_status opencl_probs(void *opaque, psm_request *request);
 psm_status opencl_synchronize(void *opaque);
+psm_status opencl_verify(void *opaque, psm_verify_request *request);
+
+/* opencl_launch.c's parts that opencl_verify.c runs too. The description
+ * type is psm_opencl_request.h's. */
+struct psm_opencl_request;
+void opencl_describe(const psm_request *request, struct psm_opencl_request *description);
+psm_status opencl_set_request_args(cl_kernel kernel, const struct psm_opencl_request *description,
+                                   cl_mem logits, const cl_mem arrays[OPENCL_ROW_ARRAYS],
+                                   cl_uint *next);
+psm_status opencl_set_arg(cl_kernel kernel, cl_uint *index, size_t size, const void *value);
+psm_status opencl_enqueue(opencl_state *state, cl_kernel kernel, size_t groups_x, size_t rows,
+                          const char *name);
+size_t opencl_groups_over(const opencl_state *state, size_t items);
+psm_status opencl_verify_row_passes(opencl_state *state, psm_request *request, cl_mem rows);
 
 #endif /* PSM_OPENCL_BACKEND_H */

@@ -102,18 +102,17 @@ static void plan_filters(launch *call)
     plan->filters_ran = 1;
 }
 
-/* The rest of the call's description: the request as the kernels read it. */
-static void describe(launch *call)
+/* A request as the kernels read it (the host's launch choices left 0). */
+void opencl_describe(const psm_request *request, psm_opencl_request *description)
 {
-    const psm_request *request = call->request;
-    psm_opencl_request *description = &call->description;
+    memset(description, 0, sizeof *description);
     description->scalars = psm_request_row_scalars(request);
-    description->row_stride = call->stride;
+    description->row_stride = request->logits.row_stride;
     description->probs_stride = request->probs.row_stride;
     description->dtype = (psm_i32)request->logits.dtype;
-    description->rows = (psm_i32)call->rows;
-    description->vocab = (psm_i32)call->vocab;
-    description->tiles = (psm_i32)call->tiles;
+    description->rows = (psm_i32)request->rows;
+    description->vocab = (psm_i32)request->logits.vocab;
+    description->tiles = (psm_i32)opencl_tile_count(request->logits.vocab);
     description->per_row = psm_request_per_row(&request->params);
     description->num_samples = (psm_i32)request->params.num_samples;
     description->want_logprobs = request->logprobs.data != NULL;
@@ -204,7 +203,7 @@ static psm_status prepare(opencl_state *state, psm_request *request, int probs_m
         return status;
     }
 
-    describe(call);
+    opencl_describe(request, &call->description);
     const psm_params *params = &request->params;
     const cl_uint per_row = call->description.per_row;
     int scalar_filter = (params->top_k > 0 && params->top_k < call->vocab) ||
@@ -230,20 +229,28 @@ static psm_status finish_call(launch *call, psm_status status)
 /* The arguments every kernel starts with (PSM_REQUEST_PARAMS): the call's
  * description, the logits and the per-row arrays (NULL where absent), set
  * here only. */
-static psm_status set_request_args(const launch *call, cl_kernel kernel, cl_uint *next)
+psm_status opencl_set_request_args(cl_kernel kernel, const psm_opencl_request *description,
+                                   cl_mem logits, const cl_mem arrays[OPENCL_ROW_ARRAYS],
+                                   cl_uint *next)
 {
     cl_uint index = 0;
-    cl_int code = clSetKernelArg(kernel, index++, sizeof call->description, &call->description);
-    code |= clSetKernelArg(kernel, index++, sizeof(cl_mem), &call->logits);
+    cl_int code = clSetKernelArg(kernel, index++, sizeof *description, description);
+    code |= clSetKernelArg(kernel, index++, sizeof(cl_mem), &logits);
     for (int i = 0; i < OPENCL_ROW_ARRAYS; ++i)
-        code |= clSetKernelArg(kernel, index++, sizeof(cl_mem), &call->per_row_arrays[i]);
+        code |= clSetKernelArg(kernel, index++, sizeof(cl_mem), &arrays[i]);
     if (code != CL_SUCCESS)
         return psm_set_error(PSM_ERR_INTERNAL, "OpenCL: clSetKernelArg failed for the request");
     *next = index;
     return PSM_OK;
 }
 
-static psm_status set_arg(cl_kernel kernel, cl_uint *index, size_t size, const void *value)
+static psm_status set_request_args(const launch *call, cl_kernel kernel, cl_uint *next)
+{
+    return opencl_set_request_args(kernel, &call->description, call->logits,
+                                   call->per_row_arrays, next);
+}
+
+psm_status opencl_set_arg(cl_kernel kernel, cl_uint *index, size_t size, const void *value)
 {
     cl_int code = clSetKernelArg(kernel, (*index)++, size, value);
     if (code != CL_SUCCESS)
@@ -252,11 +259,12 @@ static psm_status set_arg(cl_kernel kernel, cl_uint *index, size_t size, const v
     return PSM_OK;
 }
 
+#define set_arg opencl_set_arg
 #define SET_MEM(kernel, index, buffer) set_arg((kernel), (index), sizeof(cl_mem), &(buffer))
 
 /* Enqueues over groups_x x rows groups; on an out-of-order caller queue a
  * barrier keeps our kernels in order. */
-static psm_status enqueue(opencl_state *state, cl_kernel kernel, size_t groups_x, size_t rows,
+psm_status opencl_enqueue(opencl_state *state, cl_kernel kernel, size_t groups_x, size_t rows,
                           const char *name)
 {
     size_t global[2] = {groups_x * state->group_size, rows};
@@ -274,6 +282,8 @@ static psm_status enqueue(opencl_state *state, cl_kernel kernel, size_t groups_x
     return PSM_OK;
 }
 
+#define enqueue opencl_enqueue
+
 /* Groups for `units` units of work (tiles, rows or draws) of the kernels
  * that give each unit a team of min(32, group size) items (psm_kernels.cl,
  * PSM_TEAM), several teams per group. */
@@ -286,7 +296,7 @@ static size_t team_groups(const opencl_state *state, size_t units)
 
 /* Groups of the processing kernels' items: one per (token, row) in groups
  * along the vocab, or one per row. */
-static size_t groups_over(const opencl_state *state, size_t items)
+size_t opencl_groups_over(const opencl_state *state, size_t items)
 {
     return (items + state->group_size - 1) / state->group_size;
 }
@@ -300,7 +310,7 @@ static psm_status run_processing(launch *call)
     const psm_logit_processing *p = call->request->params.processing;
     const cl_mem *part = call->buffers.part;
     const cl_mem *arrays = call->processing_arrays;
-    const size_t token_groups = groups_over(state, (size_t)call->vocab);
+    const size_t token_groups = opencl_groups_over(state, (size_t)call->vocab);
     cl_uint index = 0;
 
     const cl_long mask_words =
@@ -570,6 +580,28 @@ static psm_status sample_call(launch *call)
     if (request->params.top_logprobs)
         PSM_TRY(deliver_top_logprobs(call, &top));
     return PSM_OK;
+}
+
+/* psm_verify's row passes (opencl_verify.c): the pipeline up to
+ * psm_row_combine over the request's rows (device memory, no checking
+ * mode), then each row's kept rule into `rows` (psm_verify_row). */
+psm_status opencl_verify_row_passes(opencl_state *state, psm_request *request, cl_mem rows)
+{
+    launch call;
+    PSM_TRY(prepare(state, request, 0, &call));
+    psm_status status = run_rows(&call);
+    cl_kernel kernel = state->kernels[KERNEL_VERIFY_ROWS];
+    cl_uint index = 0;
+    if (status == PSM_OK)
+        status = set_request_args(&call, kernel, &index);
+    if (status == PSM_OK)
+        status = SET_MEM(kernel, &index, call.buffers.part[PART_ROW_STATE]);
+    if (status == PSM_OK)
+        status = SET_MEM(kernel, &index, rows);
+    if (status == PSM_OK)
+        status = enqueue(state, kernel, opencl_groups_over(state, (size_t)call.rows), 1,
+                         opencl_kernel_names[KERNEL_VERIFY_ROWS]);
+    return finish_call(&call, status);
 }
 
 psm_status opencl_sample(void *opaque, psm_request *request)

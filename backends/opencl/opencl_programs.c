@@ -21,7 +21,8 @@
 const char *const opencl_kernel_names[KERNEL_COUNT] = {
     "psm_tile_reduce", "psm_row_top_k", "psm_row_filter", "psm_tile_filter",
     "psm_row_combine", "psm_draw",      "psm_probs",       "psm_process_read",
-    "psm_process_lists", "psm_row_orders", "psm_top_logprobs"};
+    "psm_process_lists", "psm_row_orders", "psm_top_logprobs", "psm_verify_expand",
+    "psm_verify_rows", "psm_verify_check", "psm_verify_totals", "psm_verify_walk"};
 
 /* ---- sources: embedded, or read from a tree in development mode --------- */
 

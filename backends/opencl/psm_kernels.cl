@@ -108,12 +108,20 @@
 #ifndef PSM_STAGE_TOP_LOGPROBS_H
 #include "psm_stage_top_logprobs.h"
 #endif
+#ifndef PSM_VERIFY_H
+#include "psm_verify.h"
+#endif
+#ifndef PSM_STAGE_VERIFY_H
+#include "psm_stage_verify.h"
+#endif
 
 /* This compiler lays the host's structs out as the host does (see
  * psm_opencl_request.h); the build fails otherwise. */
 typedef char psm_request_layout_check[
     sizeof(psm_opencl_request) == PSM_OPENCL_REQUEST_BYTES ? 1 : -1];
 typedef char psm_row_state_layout_check[sizeof(psm_row_state) == PSM_ROW_STATE_BYTES ? 1 : -1];
+typedef char psm_verify_call_layout_check[sizeof(psm_verify_call) == PSM_VERIFY_CALL_BYTES ? 1 : -1];
+typedef char psm_verify_row_layout_check[sizeof(psm_verify_row) == PSM_VERIFY_ROW_BYTES ? 1 : -1];
 
 /* Every kernel's first arguments: the call's description, then the buffers
  * every row reads, the logits and the per-row arrays in psm_row_arrays'
@@ -1361,3 +1369,105 @@ psm_process_lists(PSM_REQUEST_PARAMS, PSM_PROCESSING_PARAMS, const long history_
                         &bad);
 }
 
+/* ---- speculative verification (psm_verify) --------------------------------
+ * The host runs the pipeline up to psm_row_combine over the target rows (and
+ * the draft logits rows), each row with its request's filters, which
+ * psm_verify_expand spreads from the per-request values; psm_verify_rows
+ * keeps each row's kept rule; then the stages of kernels/psm_stage_verify.h,
+ * a group per request. The request description of the last two is the
+ * per-request one: rows = requests, the caller's per-request arrays. */
+
+/* One item per pipeline row: the filters of its request (row / per). */
+__kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
+psm_verify_expand(PSM_REQUEST_PARAMS, const int per, const int pipeline_rows,
+                  __global float *temperature, __global int *top_k, __global float *top_p,
+                  __global float *min_p)
+{
+    const long row = get_global_id(0);
+    if (row >= pipeline_rows)
+        return;
+    const psm_row_params p = PSM_RESOLVE_ROW(row / per);
+    temperature[row] = p.temperature;
+    top_k[row] = p.top_k;
+    top_p[row] = p.top_p;
+    min_p[row] = p.min_p;
+}
+
+/* One item per pipeline row: its kept rule, from the state the row kernels
+ * left (the pipeline's description: rows = its rows). */
+__kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
+psm_verify_rows(PSM_REQUEST_PARAMS, __global const psm_row_state *state,
+                __global psm_verify_row *rows)
+{
+    const long row = get_global_id(0);
+    if (row >= request.rows)
+        return;
+    const psm_row_params p = PSM_RESOLVE_ROW(row);
+    psm_verify_row out;
+    out.cutoff = state[row].cutoff;
+    out.min_weight = state[row].min_weight;
+    out.maximum = state[row].maximum;
+    out.scale = psm_inverse_temperature_scale(p.temperature);
+    out.status = state[row].status == PSM_ROW_BAD      ? PSM_VERIFY_ROW_BAD
+                 : state[row].status == PSM_ROW_GREEDY ? PSM_VERIFY_ROW_GREEDY
+                                                       : PSM_VERIFY_ROW_SAMPLE;
+    out.greedy_token = state[row].greedy_token;
+    rows[row] = out;
+}
+
+#define PSM_VERIFY_PARAMS                                                                    \
+    const psm_verify_call call, __global const uchar *draft, __global const int *tokens,     \
+        __global const int *parents, __global const psm_verify_row *target_rows,             \
+        __global const psm_verify_row *draft_rows, __global ulong *node_drawn,               \
+        __global ulong *partials, __global int *node_status, __global int *request_bad
+
+#define PSM_VERIFY_ARRAYS(arrays)                                                            \
+    psm_verify_arrays arrays;                                                                \
+    arrays.target = logits;                                                                  \
+    arrays.draft = draft;                                                                    \
+    arrays.tokens = tokens;                                                                  \
+    arrays.parents = parents;                                                                \
+    arrays.target_rows = target_rows;                                                        \
+    arrays.draft_rows = draft_rows;                                                          \
+    arrays.node_drawn = node_drawn;                                                          \
+    arrays.partials = partials;                                                              \
+    arrays.node_status = node_status;                                                        \
+    arrays.request_bad = request_bad
+
+/* A group per request (dimension 1). */
+__kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
+psm_verify_check(PSM_REQUEST_PARAMS, PSM_VERIFY_PARAMS)
+{
+    __local psm_verify_scratch scratch;
+    const long r = get_group_id(1);
+    PSM_VERIFY_ARRAYS(arrays);
+    const psm_row_params p = PSM_RESOLVE_ROW(r);
+    psm_stage_verify_check(psm_team_of_item(), call, arrays, r, p.valid, &scratch);
+}
+
+/* A group per slice of a row (dimension 0: row x slices + slice). */
+__kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
+psm_verify_totals(PSM_REQUEST_PARAMS, PSM_VERIFY_PARAMS)
+{
+    __local psm_group_scratch scratch;
+    PSM_VERIFY_ARRAYS(arrays);
+    psm_stage_verify_totals(psm_team_of_item(), call, arrays, (long)get_group_id(0), partials,
+                            &scratch);
+}
+
+__kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
+psm_verify_walk(PSM_REQUEST_PARAMS, PSM_VERIFY_PARAMS, __global int *accepted,
+                __global int *out_tokens, __global int *path_nodes, __global float *logprobs)
+{
+    __local psm_verify_scratch scratch;
+    const long r = get_group_id(1);
+    PSM_VERIFY_ARRAYS(arrays);
+    psm_verify_outputs outputs;
+    outputs.accepted = accepted;
+    outputs.tokens = out_tokens;
+    outputs.path_nodes = path_nodes;
+    outputs.logprobs = logprobs;
+    const psm_row_params p = PSM_RESOLVE_ROW(r);
+    psm_stage_verify_walk(psm_team_of_item(), call, arrays, outputs, r, p.seed, p.offset,
+                          p.stream, &scratch);
+}

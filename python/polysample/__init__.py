@@ -574,8 +574,7 @@ def verify(target_logits, draft_tokens, *, parents=None, draft_logits=None, draf
     gives probability 0, a parent that is not an earlier node, a
     probability outside [0, 1]) raise Error("INVALID_PARAMETER") with the
     library's message naming the request and node, and nothing is written.
-    Only the CPU backend verifies so far; the GPU backends raise
-    UNSUPPORTED.
+    Every backend verifies, with the CPU backend's results.
     """
     backend = _verify.module_backend(target_logits, backend)
     parse_backend(backend)

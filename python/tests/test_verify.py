@@ -4,8 +4,8 @@ accepted whole; a draft token the target masks is never accepted; a greedy
 tree takes the target's path; results equal the C tool's `sample --verify`
 on the same .npy files; both target layouts and every input form mean the
 same; bad inputs raise with the library's message; the first emitted token
-follows the target at a fixed seed. Only the CPU backend verifies so far:
-another backend must refuse with UNSUPPORTED and the library's message."""
+follows the target at a fixed seed; every backend gives the CPU backend's
+results bit for bit."""
 import json
 import os
 import subprocess
@@ -21,8 +21,7 @@ VOCAB = 50
 
 def cpu_only(context):
     if context.backend != "cpu":
-        pytest.skip(f"{context.backend} does not verify yet; "
-                    "test_other_backends_refuse_verification covers it")
+        pytest.skip(f"{context.backend}: torch CPU tensors are the CPU backend's")
 
 
 def target_logits(requests, k, seed, vocab=VOCAB):
@@ -32,7 +31,6 @@ def target_logits(requests, k, seed, vocab=VOCAB):
 
 
 def test_result_shapes_and_types(context):
-    cpu_only(context)
     target = target_logits(3, 4, seed=1)
     drafts = np.zeros((3, 4), np.int32)
     result = context.verify(target, drafts, seed=5)
@@ -56,7 +54,6 @@ def test_result_shapes_and_types(context):
                          ids=["plain", "filters", "vllm-order"])
 def test_a_draft_equal_to_the_target_is_accepted_whole(context, setting):
     """q = p at every node: the acceptance test holds for every u."""
-    cpu_only(context)
     requests, k = 64, 5
     target = target_logits(requests, k, seed=2)
     # Chain node i was drawn from the target's row after node i - 1 (the
@@ -81,7 +78,6 @@ def test_a_draft_equal_to_the_target_is_accepted_whole(context, setting):
 
 
 def test_a_token_the_target_masks_is_never_accepted(context):
-    cpu_only(context)
     requests, k = 400, 3
     target = target_logits(requests, k, seed=3, vocab=8)
     target *= 0.1
@@ -101,7 +97,6 @@ def test_a_greedy_tree_follows_the_targets_argmax(context):
     """Root children: nodes 1 (token 4) and 2 (token 7); node 2's children:
     nodes 3 (token 0) and 4 (token 9); node 1's child: node 5 (token 3).
     The greedy target picks 7 at the root and 9 after node 2."""
-    cpu_only(context)
     parents = np.array([[0, 0, 2, 2, 1]], np.int32)
     tokens = np.array([[4, 7, 0, 9, 3]], np.int32)
     target = np.zeros((1, 6, 12), np.float32)
@@ -117,7 +112,6 @@ def test_a_greedy_tree_follows_the_targets_argmax(context):
 
 
 def test_layouts_and_input_forms_mean_the_same(context):
-    cpu_only(context)
     requests, k = 6, 3
     target = target_logits(requests, k, seed=4)
     draft = target_logits(requests, k - 1, seed=5)  # (requests, k, vocab)
@@ -140,7 +134,6 @@ def test_layouts_and_input_forms_mean_the_same(context):
 
 
 def test_per_request_arrays_equal_single_requests(context):
-    cpu_only(context)
     requests, k = 4, 2
     target = target_logits(requests, k, seed=6)
     probs = np.random.default_rng(7).dirichlet(np.ones(VOCAB), size=(requests, k)) \
@@ -158,7 +151,6 @@ def test_per_request_arrays_equal_single_requests(context):
 
 
 def test_bad_requests_get_minus_one_or_raise_bad_row(context):
-    cpu_only(context)
     target = target_logits(3, 2, seed=8)
     target[1, 2, 4] = np.nan  # request 1's last row: bad whether the walk reaches it or not
     tokens = np.zeros((3, 2), np.int32)
@@ -177,7 +169,6 @@ def test_a_small_chain_follows_the_target_at_a_fixed_seed(context):
     correction) is distributed as the target's row at the root, whatever the
     draft's q; and the acceptance rate is sum(min(p, q)). 20,000 requests,
     one stream each."""
-    cpu_only(context)
     requests = 20000
     p_logits = np.array([1.0, 0.0, -0.5, 0.5], np.float32)
     q = np.array([0.1, 0.6, 0.2, 0.1], np.float32)
@@ -228,7 +219,6 @@ CLI_CASES = {
                                     "set")
 @pytest.mark.parametrize("case", CLI_CASES.values(), ids=CLI_CASES.keys())
 def test_results_equal_the_cli(context, tmp_path, case):
-    cpu_only(context)
     requests, k = 12, case["k"]
     target = target_logits(requests, k, seed=13)
     rng = np.random.default_rng(14)
@@ -273,7 +263,6 @@ def test_results_equal_the_cli(context, tmp_path, case):
 
 
 def test_bad_drafts_raise_the_librarys_message(context):
-    cpu_only(context)
     target = target_logits(2, 3, seed=15)
     tokens = np.array([[1, 2, 3], [4, 5, 6]], np.int32)
     draft = target_logits(2, 2, seed=16)
@@ -341,15 +330,22 @@ def test_bad_shapes_and_forms_raise(context):
         context.verify(target, tokens, filter_order="VLLM")
 
 
-def test_other_backends_refuse_verification(context):
+def test_every_backend_gives_the_cpu_backends_results(context):
     if context.backend == "cpu":
-        pytest.skip("the CPU backend verifies (the tests above)")
-    target = target_logits(2, 2, seed=18)
-    with pytest.raises(polysample.Error) as caught:
-        context.verify(target, np.zeros((2, 2), np.int32))
-    assert caught.value.status == "UNSUPPORTED"
-    assert caught.value.message == (f"the {context.backend} backend has no speculative "
-                                    "verification yet (psm_verify); the CPU backend runs it")
+        pytest.skip("the CPU backend is the reference here")
+    cpu = polysample.Context("cpu")
+    rng = np.random.default_rng(18)
+    target = target_logits(4, 3, seed=18)
+    draft = target[:, :3, :] + rng.normal(0, 0.5, size=(4, 3, VOCAB)).astype(np.float32)
+    tokens = rng.integers(0, VOCAB, size=(4, 3)).astype(np.int32)
+    for kwargs in ({"draft_logits": draft, "temperature": 0.9, "top_k": 20},
+                   {"parents": np.array([[0, 0, 1]] * 4, np.int32), "draft_logits": draft,
+                    "top_p": 0.9},
+                   {"seed": 7}):
+        expected = cpu.verify(target, tokens, **kwargs)
+        result = context.verify(target, tokens, **kwargs)
+        for got, want in zip(result, expected):
+            np.testing.assert_array_equal(got, want)
 
 
 def test_torch_cpu_tensors_give_torch_results(context):

@@ -184,8 +184,8 @@ impl Context {
     /// request's seed, offset and stream are those of row r of
     /// [`sample`](Self::sample). Row indices, logit processing and
     /// `num_samples` other than 1 are not supported
-    /// ([`Status::Unsupported`](crate::Status)). The CPU backend runs it;
-    /// the GPU backends refuse it with `Unsupported` for now.
+    /// ([`Status::Unsupported`](crate::Status)). Every backend runs it, with
+    /// the CPU backend's results.
     ///
     /// A request whose target rows include a bad row (NaN, +inf, no finite
     /// logit) gets -1 and NaN everywhere, or fails the call with

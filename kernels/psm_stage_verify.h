@@ -1,0 +1,475 @@
+/*
+ * psm_stage_verify.h: speculative decoding verification (docs/SAMPLING.md,
+ * section 7) on the GPUs, written once for CUDA, HIP and OpenCL over
+ * kernels/psm_portable.h; the exact arithmetic is core/psm_verify.h.
+ *
+ * A request is one group's work. Before these stages run, the backend has
+ * sent the target rows (and draft logits rows) through the row passes of a
+ * plain call (the tile pass, the cutoff selection, the row combination) and
+ * written each row's kept rule as a psm_verify_row; a token's weight is then
+ * one element read and psm_kept_weight against the row maximum (the global
+ * weight g_i), so every sum over a row is exact and takes one pass.
+ *   psm_stage_verify_check  phase 1: per draft node, Q_x (one element) and
+ *                           its status (PSM_NODE_*); per request, whether a
+ *                           target row or a parameter is bad. Writes only
+ *                           workspace; reads a draft row whole only to
+ *                           check probabilities in device memory.
+ *   psm_stage_verify_totals every target row's G and every draft row's
+ *                           Q_tot, as partial sums of slices of the rows, a
+ *                           group per slice: all rows at once, over the
+ *                           whole device, whatever the batch.
+ *   psm_stage_verify_walk   phase 2: the walk from the root, with those
+ *                           totals; per rejection, two passes over the row
+ *                           (the residual's largest excess, then its sum)
+ *                           and, at the end, the draw: over the row after a
+ *                           rejection, else over the one slice that the
+ *                           partials say holds the pick. Writes the
+ *                           outputs.
+ * A residual is never stored: its weight at token i is recomputed from
+ * P_i and the rejected siblings' Q_i by the steps taken so far (each step's
+ * Q_tot, R_tot before it and shift, the same on every item), which gives
+ * exactly the CPU backend's residual without a vocab-sized buffer per
+ * request.
+ *
+ * Every item of the group calls every function with the same values (all
+ * the walk's decisions come from group reductions), so the branches around
+ * the group operations are uniform, as the layer requires.
+ */
+#ifndef PSM_STAGE_VERIFY_H
+#define PSM_STAGE_VERIFY_H
+
+#ifndef PSM_PORTABLE_H /* the OpenCL program has it already */
+#include "psm_portable.h"
+#endif
+#ifndef PSM_VERIFY_H
+#include "psm_verify.h"
+#endif
+
+PSM_STAGE_BEGIN
+
+/* The call's arrays (device memory). */
+typedef struct psm_verify_arrays {
+    PSM_GLOBAL const unsigned char *target; /* target logits */
+    PSM_GLOBAL const unsigned char *draft;  /* draft logits or probs; unread for one-hot */
+    PSM_GLOBAL const psm_i32 *tokens;
+    PSM_GLOBAL const psm_i32 *parents;      /* unread for a chain */
+    PSM_GLOBAL const psm_verify_row *target_rows;
+    PSM_GLOBAL const psm_verify_row *draft_rows; /* unread unless draft logits */
+    PSM_GLOBAL psm_u64 *node_drawn;         /* workspace: Q_x per node */
+    PSM_GLOBAL psm_u64 *partials;           /* workspace: psm_stage_verify_totals' sums */
+    PSM_GLOBAL psm_i32 *node_status;        /* workspace: PSM_NODE_* per node */
+    PSM_GLOBAL psm_i32 *request_bad;        /* workspace: per request */
+} psm_verify_arrays;
+
+/* The outputs (device memory; path_nodes and logprobs unread when not
+ * wanted). */
+typedef struct psm_verify_outputs {
+    PSM_GLOBAL psm_i32 *accepted;
+    PSM_GLOBAL psm_i32 *tokens;
+    PSM_GLOBAL psm_i32 *path_nodes;
+    PSM_GLOBAL float *logprobs;
+} psm_verify_outputs;
+
+/* A distribution over the vocab as integer weights. */
+#define PSM_DIST_KEPT 0  /* g_i of the kept tokens of a logits row */
+#define PSM_DIST_POINT 1 /* weight 1 at `point` */
+#define PSM_DIST_PROBS 2 /* floor(q_i 2^B) */
+
+typedef struct psm_verify_dist {
+    int kind;
+    PSM_GLOBAL const unsigned char *data; /* the row's first element */
+    int dtype;
+    psm_kept_rule rule;
+    psm_u32 point;
+} psm_verify_dist;
+
+/* The group-shared memory (declared by the entry). */
+typedef struct psm_verify_scratch {
+    psm_group_scratch group;
+    /* The residual's steps at the current node: the rejected child, its
+     * Q_tot, R_tot before the step, the shift after it. */
+    psm_u64 step_q_total[PSM_VERIFY_MAX_NODES];
+    psm_u64 step_r_total[PSM_VERIFY_MAX_NODES];
+    psm_i32 step_node[PSM_VERIFY_MAX_NODES];
+    psm_i32 step_shift[PSM_VERIFY_MAX_NODES];
+    psm_u64 found; /* the drawn token, from the item that finds it */
+} psm_verify_scratch;
+
+PSM_DEVICE_FN psm_u64 psm_verify_weight(psm_verify_dist dist, psm_i64 token)
+{
+    if (dist.kind == PSM_DIST_POINT)
+        return (psm_u32)token == dist.point ? 1u : 0u;
+    if (dist.kind == PSM_DIST_PROBS)
+        return psm_draft_prob_weight(((PSM_GLOBAL const float *)dist.data)[token],
+                                     dist.rule.weight_bits);
+    const float x = psm_read_logit(psm_raw_logit(dist.data, dist.dtype, token));
+    return psm_kept_weight(dist.rule, dist.rule.row_max, x, (psm_u32)token);
+}
+
+/* A logits row's distribution from its psm_verify_row (not a bad row). */
+PSM_DEVICE_FN psm_verify_dist psm_verify_row_dist(PSM_GLOBAL const unsigned char *data, int dtype,
+                                                  psm_verify_row row, int weight_bits)
+{
+    psm_verify_dist dist;
+    dist.kind = row.status == PSM_VERIFY_ROW_GREEDY ? PSM_DIST_POINT : PSM_DIST_KEPT;
+    dist.data = data;
+    dist.dtype = dtype;
+    dist.rule = psm_make_kept_rule(row.cutoff, row.min_weight, row.maximum, row.scale,
+                                   weight_bits);
+    dist.point = row.greedy_token;
+    return dist;
+}
+
+/* Target row of node v of request r. */
+PSM_DEVICE_FN psm_verify_dist psm_verify_target_dist(const psm_verify_call call,
+                                                     const psm_verify_arrays arrays, psm_i64 r,
+                                                     int v)
+{
+    const psm_i64 row = r * (call.nodes + 1) + v;
+    return psm_verify_row_dist(arrays.target + row * call.target_stride *
+                                                   psm_element_bytes(call.target_dtype),
+                               call.target_dtype, arrays.target_rows[row], call.weight_bits);
+}
+
+/* The draft distribution of node `node` (1..k) of request r. */
+PSM_DEVICE_FN psm_verify_dist psm_verify_draft_dist(const psm_verify_call call,
+                                                    const psm_verify_arrays arrays, psm_i64 r,
+                                                    int node)
+{
+    const psm_i64 row = r * call.nodes + node - 1;
+    if (call.draft_kind == PSM_DRAFT_LOGITS)
+        return psm_verify_row_dist(arrays.draft + row * call.draft_stride *
+                                                      psm_element_bytes(call.draft_dtype),
+                                   call.draft_dtype, arrays.draft_rows[row], call.weight_bits);
+    psm_verify_dist dist;
+    dist.kind = call.draft_kind == PSM_DRAFT_PROBS ? PSM_DIST_PROBS : PSM_DIST_POINT;
+    dist.data = arrays.draft + row * call.draft_stride * 4;
+    dist.dtype = PSM_LOGITS_F32;
+    dist.rule = psm_make_kept_rule(0, 0, 0.0f, 1.0f, call.weight_bits);
+    dist.point = (psm_u32)arrays.tokens[row];
+    return dist;
+}
+
+/* The part of G (a target row) or Q_tot (a draft row) in one slice of the
+ * row: unit = row x slices + slice over psm_verify_total_rows rows, a group
+ * each, so that every row's sum is read by many groups at once (one
+ * request's rows too) instead of in turn by its request's walk. Integer
+ * partials, so the sum of a row's slices is exact in any order. A bad row,
+ * whose total is never read, gets 0. */
+PSM_TEAM_TEMPLATE
+PSM_LOCAL_FN void psm_stage_verify_totals(PSM_TEAM_TYPE team, const psm_verify_call call,
+                                          const psm_verify_arrays arrays, psm_i64 unit,
+                                          PSM_GLOBAL psm_u64 *partials,
+                                          PSM_LOCAL psm_group_scratch *scratch)
+{
+    const int slices = psm_verify_slices(call.vocab);
+    const psm_i64 row = unit / slices;
+    const int slice = (int)(unit - row * slices);
+    const psm_i64 target_rows = (psm_i64)call.requests * (call.nodes + 1);
+    psm_verify_dist dist;
+    int bad;
+    if (row < target_rows) {
+        const psm_i64 r = row / (call.nodes + 1);
+        dist = psm_verify_target_dist(call, arrays, r, (int)(row - r * (call.nodes + 1)));
+        bad = arrays.target_rows[row].status == PSM_VERIFY_ROW_BAD;
+    } else {
+        const psm_i64 draft_row = row - target_rows;
+        const psm_i64 r = draft_row / call.nodes;
+        dist = psm_verify_draft_dist(call, arrays, r, (int)(draft_row - r * call.nodes) + 1);
+        bad = call.draft_kind == PSM_DRAFT_LOGITS &&
+              arrays.draft_rows[draft_row].status == PSM_VERIFY_ROW_BAD;
+    }
+    const int begin = slice * PSM_VERIFY_SLICE;
+    const int end = begin + PSM_VERIFY_SLICE < call.vocab ? begin + PSM_VERIFY_SLICE : call.vocab;
+    psm_u64 sum = 0;
+    if (!bad && dist.kind == PSM_DIST_POINT) {
+        sum = slice == 0 && psm_group_item() == 0 ? 1u : 0u;
+    } else if (!bad) {
+        for (int i = begin + psm_group_item(); i < end; i += psm_group_size())
+            sum += psm_verify_weight(dist, i);
+    }
+    sum = psm_group_sum_u64(team, sum, scratch);
+    if (psm_group_item() == 0)
+        partials[unit] = sum;
+}
+
+/* A row's total from its slices' partials (row: as psm_stage_verify_totals
+ * numbers them); every item reads the same. */
+PSM_DEVICE_FN psm_u64 psm_verify_row_total(const psm_verify_call call,
+                                           PSM_GLOBAL const psm_u64 *partials, psm_i64 row)
+{
+    const int slices = psm_verify_slices(call.vocab);
+    psm_u64 total = 0;
+    for (int j = 0; j < slices; ++j)
+        total += partials[row * slices + j];
+    return total;
+}
+
+/* A draft node's Q_tot: its row's partials, or 1 for a one-hot draft. */
+PSM_DEVICE_FN psm_u64 psm_verify_draft_total(const psm_verify_call call,
+                                             PSM_GLOBAL const psm_u64 *partials, psm_i64 r,
+                                             int node)
+{
+    if (call.draft_kind == PSM_DRAFT_ONE_HOT)
+        return 1u;
+    return psm_verify_row_total(call, partials,
+                                (psm_i64)call.requests * (call.nodes + 1) + r * call.nodes +
+                                    node - 1);
+}
+
+/* Phase 1 for request r: its draft nodes' Q_x and status, and
+ * whether its target rows and parameters are good (params_valid: its
+ * resolved parameters are in range). Item 0 writes. */
+PSM_TEAM_TEMPLATE
+PSM_LOCAL_FN void psm_stage_verify_check(PSM_TEAM_TYPE team, const psm_verify_call call,
+                                         const psm_verify_arrays arrays, psm_i64 r,
+                                         int params_valid, PSM_LOCAL psm_verify_scratch *scratch)
+{
+    const int k = call.nodes;
+    const int writer = psm_group_item() == 0;
+    int bad = !params_valid;
+    for (int v = 0; v <= k; ++v)
+        bad |= arrays.target_rows[r * (k + 1) + v].status == PSM_VERIFY_ROW_BAD;
+    if (writer)
+        arrays.request_bad[r] = bad;
+    for (int node = 1; node <= k; ++node) {
+        const psm_i64 at = r * k + node - 1;
+        const psm_i32 token = arrays.tokens[at];
+        int status = PSM_NODE_GOOD;
+        if (call.check_drafts) {
+            if (token < 0 || token >= call.vocab)
+                status = PSM_NODE_BAD_TOKEN;
+            else if (call.has_parents && !(arrays.parents[at] >= 0 && arrays.parents[at] < node))
+                status = PSM_NODE_BAD_PARENT;
+        }
+        if (status == PSM_NODE_GOOD && call.draft_kind == PSM_DRAFT_LOGITS &&
+            arrays.draft_rows[at].status == PSM_VERIFY_ROW_BAD)
+            status = PSM_NODE_BAD_DRAFT_ROW;
+        const psm_verify_dist dist = psm_verify_draft_dist(call, arrays, r, node);
+        if (status == PSM_NODE_GOOD && call.check_drafts && dist.kind == PSM_DIST_PROBS) {
+            psm_u64 invalid = 0;
+            for (int i = psm_group_item(); i < call.vocab; i += psm_group_size())
+                invalid |= psm_draft_prob_valid(((PSM_GLOBAL const float *)dist.data)[i]) ? 0u
+                                                                                          : 1u;
+            if (psm_group_max_u64(team, invalid, &scratch->group) != 0)
+                status = PSM_NODE_BAD_PROB;
+        }
+        psm_u64 drawn = 0;
+        if (status == PSM_NODE_GOOD) {
+            drawn = psm_verify_weight(dist, token);
+            if (drawn == 0)
+                status = PSM_NODE_ZERO_DRAFT;
+        }
+        if (writer) {
+            arrays.node_drawn[at] = drawn;
+            arrays.node_status[at] = status;
+        }
+    }
+}
+
+/* The residual's weight at token i after the first `steps` rejections at
+ * the current node, whose target distribution is `target`. */
+PSM_LOCAL_FN psm_u64 psm_verify_residual(const psm_verify_call call,
+                                         const psm_verify_arrays arrays, psm_i64 r,
+                                         psm_verify_dist target, int steps, psm_i64 token,
+                                         PSM_LOCAL const psm_verify_scratch *scratch)
+{
+    psm_u64 weight = psm_verify_weight(target, token);
+    for (int j = 0; j < steps; ++j) {
+        const psm_u64 q = psm_verify_weight(
+            psm_verify_draft_dist(call, arrays, r, scratch->step_node[j]), token);
+        weight = psm_u128_shift_right(psm_residual_excess(weight, scratch->step_q_total[j], q,
+                                                          scratch->step_r_total[j]),
+                                      scratch->step_shift[j]);
+    }
+    return weight;
+}
+
+/* The excess of step `steps` (the rejection of its child) at token i,
+ * before the shift. */
+PSM_LOCAL_FN psm_u128 psm_verify_excess(const psm_verify_call call,
+                                        const psm_verify_arrays arrays, psm_i64 r,
+                                        psm_verify_dist target, int steps, psm_i64 token,
+                                        PSM_LOCAL const psm_verify_scratch *scratch)
+{
+    const psm_u64 residual = psm_verify_residual(call, arrays, r, target, steps, token, scratch);
+    const psm_u64 q =
+        psm_verify_weight(psm_verify_draft_dist(call, arrays, r, scratch->step_node[steps]), token);
+    return psm_residual_excess(residual, scratch->step_q_total[steps], q,
+                               scratch->step_r_total[steps]);
+}
+
+/* Writes emitted position `position` of request r (item 0 only). */
+PSM_DEVICE_FN void psm_verify_emit(const psm_verify_call call, const psm_verify_outputs outputs,
+                                   psm_i64 r, int position, psm_i32 token, int node,
+                                   psm_u64 weight, psm_u64 total)
+{
+    const psm_i64 at = r * (call.nodes + 1) + position;
+    outputs.tokens[at] = token;
+    if (call.want_path)
+        outputs.path_nodes[at] = node;
+    if (call.want_logprobs) {
+#if PSM_HAVE_FP64
+        outputs.logprobs[at] = psm_weight_log_probability(weight, total);
+#else
+        outputs.logprobs[at] = log((float)weight) - log((float)total);
+#endif
+    }
+}
+
+/* Request r's outputs from position `from` on: -1 (NaN logprobs); item 0. */
+PSM_DEVICE_FN void psm_verify_tail(const psm_verify_call call, const psm_verify_outputs outputs,
+                                   psm_i64 r, int from)
+{
+    for (int j = from; j <= call.nodes; ++j) {
+        const psm_i64 at = r * (call.nodes + 1) + j;
+        outputs.tokens[at] = -1;
+        if (call.want_path)
+            outputs.path_nodes[at] = -1;
+        if (call.want_logprobs)
+            outputs.logprobs[at] = psm_bits_float(0x7fc00000u); /* NaN */
+    }
+}
+
+/* Phase 2 for request r: section 7's walk, with its seed, offset and stream.
+ * A bad request (a bad target row or parameter, or a bad draft node, which
+ * only arrays in device memory leave for this phase: the host fails the
+ * call on the others) gets -1 everywhere. */
+PSM_TEAM_TEMPLATE
+PSM_LOCAL_FN void psm_stage_verify_walk(PSM_TEAM_TYPE team, const psm_verify_call call,
+                                        const psm_verify_arrays arrays,
+                                        const psm_verify_outputs outputs, psm_i64 r,
+                                        psm_u64 seed, psm_u64 offset, psm_u32 stream,
+                                        PSM_LOCAL psm_verify_scratch *scratch)
+{
+    const int k = call.nodes;
+    const int writer = psm_group_item() == 0;
+    int bad = arrays.request_bad[r] != 0;
+    for (int node = 1; node <= k; ++node)
+        bad |= arrays.node_status[r * k + node - 1] != PSM_NODE_GOOD;
+    if (bad) {
+        if (writer) {
+            outputs.accepted[r] = -1;
+            psm_verify_tail(call, outputs, r, 0);
+        }
+        return;
+    }
+    int node = 0, emitted = 0;
+    for (;;) {
+        const psm_verify_dist target = psm_verify_target_dist(call, arrays, r, node);
+        const psm_u64 target_total =
+            psm_verify_row_total(call, arrays.partials, r * (k + 1) + node);
+        psm_u64 residual_total = target_total;
+        int steps = 0, accepted_child = 0;
+        for (int child = node + 1; child <= k; ++child) {
+            const psm_i64 at = r * k + child - 1;
+            if ((call.has_parents ? arrays.parents[at] : child - 1) != node)
+                continue;
+            const psm_i32 token = arrays.tokens[at];
+            const psm_draw_bits bits = psm_sample_bits(seed, offset, stream, (psm_u32)child);
+            const psm_u64 residual =
+                psm_verify_residual(call, arrays, r, target, steps, token, scratch);
+            const psm_u64 draft_total = psm_verify_draft_total(call, arrays.partials, r, child);
+            if (psm_draft_accepted(bits.tile, arrays.node_drawn[at], draft_total, residual,
+                                   residual_total)) {
+                if (writer)
+                    psm_verify_emit(call, outputs, r, emitted, token, node,
+                                    psm_verify_weight(target, token), target_total);
+                ++emitted;
+                accepted_child = child;
+                break;
+            }
+            /* Rejected: the residual step, recorded for the tokens' recomputation. */
+            if (writer) {
+                scratch->step_node[steps] = child;
+                scratch->step_q_total[steps] = draft_total;
+                scratch->step_r_total[steps] = residual_total;
+            }
+            psm_group_barrier();
+            psm_u64 high = 0, low = 0;
+            for (int i = psm_group_item(); i < call.vocab; i += psm_group_size()) {
+                const psm_u128 excess =
+                    psm_verify_excess(call, arrays, r, target, steps, i, scratch);
+                if (excess.high > high || (excess.high == high && excess.low > low)) {
+                    high = excess.high;
+                    low = excess.low;
+                }
+            }
+            psm_u128 largest;
+            largest.high = psm_group_max_u64(team, high, &scratch->group);
+            largest.low = psm_group_max_u64(team, high == largest.high ? low : 0u, &scratch->group);
+            const int shift = psm_residual_shift(largest, call.weight_bits);
+            if (writer)
+                scratch->step_shift[steps] = shift;
+            psm_group_barrier();
+            psm_u64 sum = 0;
+            for (int i = psm_group_item(); i < call.vocab; i += psm_group_size())
+                sum += psm_u128_shift_right(
+                    psm_verify_excess(call, arrays, r, target, steps, i, scratch), shift);
+            residual_total = psm_group_sum_u64(team, sum, &scratch->group);
+            ++steps;
+        }
+        if (accepted_child) {
+            node = accepted_child;
+            continue;
+        }
+        /* No child accepted (or none): the correction or bonus token from
+         * the residual at this node, words 2-3 of its counter. Without a
+         * rejection here the residual is P, whose slices' sums are the
+         * totals' partials: the pick's slice is found from them and only
+         * its tokens are read. Each item sums a contiguous run of the
+         * tokens searched; the one whose run holds the pick finds the token
+         * in it. */
+        const psm_draw_bits bits = psm_sample_bits(seed, offset, stream, (psm_u32)node);
+        const psm_u64 pick = psm_pick(bits.token, residual_total);
+        int low = 0, high = call.vocab;
+        psm_u64 before = 0;
+        if (steps == 0) {
+            const int slices = psm_verify_slices(call.vocab);
+            const psm_i64 row = r * (k + 1) + node;
+            int slice = 0;
+            for (; slice < slices - 1; ++slice) {
+                const psm_u64 part = arrays.partials[row * slices + slice];
+                if (before + part > pick)
+                    break;
+                before += part;
+            }
+            low = slice * PSM_VERIFY_SLICE;
+            high = low + PSM_VERIFY_SLICE < call.vocab ? low + PSM_VERIFY_SLICE : call.vocab;
+        }
+        const int run = (high - low + psm_group_size() - 1) / psm_group_size();
+        const int begin =
+            low + psm_group_item() * run < high ? low + psm_group_item() * run : high;
+        const int end = begin + run < high ? begin + run : high;
+        psm_u64 own = 0;
+        for (int i = begin; i < end; ++i)
+            own += psm_verify_residual(call, arrays, r, target, steps, i, scratch);
+        psm_u64 all = 0;
+        const psm_u64 through =
+            before + psm_group_inclusive_scan_u64(team, own, &all, &scratch->group);
+        psm_u64 running = through - own;
+        if (pick >= running && pick < through) {
+            for (int i = begin; i < end; ++i) {
+                running += psm_verify_residual(call, arrays, r, target, steps, i, scratch);
+                if (running > pick) {
+                    scratch->found = (psm_u64)i;
+                    break;
+                }
+            }
+        }
+        psm_group_barrier();
+        const psm_i32 token = (psm_i32)scratch->found;
+        if (writer) {
+            psm_verify_emit(call, outputs, r, emitted, token, node,
+                            psm_verify_weight(target, token), target_total);
+            outputs.accepted[r] = emitted;
+            psm_verify_tail(call, outputs, r, emitted + 1);
+        }
+        psm_group_barrier();
+        return;
+    }
+}
+
+PSM_STAGE_END
+
+#endif /* PSM_STAGE_VERIFY_H */

@@ -701,13 +701,10 @@ private:
             list_array(call, items[tokens_at], kind_i32, base + " tokens", -1, memory, device);
         const int64_t entries = tokens.shape[0];
         if (memory == PSM_MEMORY_HOST) {
-            const int64_t *offset = (const int64_t *)offsets.data;
-            for (int64_t r = 0; r <= rows; ++r)
-                if (offset[r] < 0 || offset[r] > entries)
-                    fail(PSM_ERR_INVALID_ARGUMENT,
-                         base + " offsets[" + std::to_string(r) + "] is " +
-                             std::to_string(offset[r]) + "; the lists hold " +
-                             std::to_string(entries) + " entries");
+            const std::string problem =
+                list_offsets_problem((const int64_t *)offsets.data, rows, entries, base);
+            if (!problem.empty())
+                fail(PSM_ERR_INVALID_ARGUMENT, problem);
         }
         *offsets_out = (const int64_t *)offsets.data;
         *tokens_out = entries > 0 ? (const int32_t *)tokens.data : no_tokens;

@@ -1,10 +1,14 @@
-// names.h: the names both extension modules (core.cpp, torch_ops.cpp) put in
+// names.h: what both extension modules (core.cpp, torch_ops.cpp) put in
 // their messages, so that the two paths raise the same text: status names
-// (polysample.Error's status) and the element kinds the calls accept.
+// (polysample.Error's status), the element kinds the calls accept, and the
+// check of a host list's offsets.
 #ifndef POLYSAMPLE_PYTHON_NAMES_H
 #define POLYSAMPLE_PYTHON_NAMES_H
 
 #include <polysample.h>
+
+#include <cstdint>
+#include <string>
 
 namespace polysample_python {
 
@@ -45,6 +49,18 @@ inline const char *status_name(psm_status status)
     case PSM_ERR_INTERNAL: return "INTERNAL";
     }
     return "UNKNOWN";
+}
+
+// A host list's offsets (rows + 1 of them) against its entries: "" when
+// every offset is within [0, entries], else the message the call fails with.
+inline std::string list_offsets_problem(const int64_t *offset, int64_t rows, int64_t entries,
+                                        const std::string &name)
+{
+    for (int64_t r = 0; r <= rows; ++r)
+        if (offset[r] < 0 || offset[r] > entries)
+            return name + " offsets[" + std::to_string(r) + "] is " + std::to_string(offset[r]) +
+                   "; the lists hold " + std::to_string(entries) + " entries";
+    return "";
 }
 
 } // namespace polysample_python

@@ -366,6 +366,22 @@ void check_logits_kind(const at::Tensor &logits)
                  torch_dtype_name(logits.scalar_type()));
 }
 
+// The start of a sample (mode 0) or probs (mode 1) call: the logits'
+// kind, the library context for their device, the filters.
+void begin_call(Call &call, int mode, const at::Tensor &logits, float temperature, int32_t top_k,
+                float top_p, float min_p)
+{
+    call.mode = mode;
+    call.logits = logits;
+    check_logits_kind(call.logits);
+    call.context = &context_for(call.logits.device());
+    psm_params_init(&call.params);
+    call.params.temperature = temperature;
+    call.params.top_k = top_k;
+    call.params.top_p = top_p;
+    call.params.min_p = min_p;
+}
+
 psm_tensor logits_tensor(const Checks &checks, const at::Tensor &logits)
 {
     const int64_t last = logits.dim() - 1;
@@ -485,13 +501,10 @@ void row_lists(const Checks &checks, Call &call, const c10::IValue *items, size_
                                                  base + " tokens", -1, memory, device);
     const int64_t entries = tokens.size(0);
     if (memory == PSM_MEMORY_HOST) {
-        const int64_t *offset = (const int64_t *)offsets.data_ptr();
-        for (int64_t r = 0; r <= rows; ++r)
-            if (offset[r] < 0 || offset[r] > entries)
-                fail(PSM_ERR_INVALID_ARGUMENT,
-                     base + " offsets[" + std::to_string(r) + "] is " +
-                         std::to_string(offset[r]) + "; the lists hold " +
-                         std::to_string(entries) + " entries");
+        const std::string problem =
+            list_offsets_problem((const int64_t *)offsets.data_ptr(), rows, entries, base);
+        if (!problem.empty())
+            fail(PSM_ERR_INVALID_ARGUMENT, problem);
     }
     *offsets_out = (const int64_t *)offsets.data_ptr();
     *tokens_out = entries > 0 ? (const int32_t *)tokens.data_ptr() : no_tokens;
@@ -625,18 +638,8 @@ SampleOutputs run_sample(const c10::IValue *a)
     const int32_t filter_order = int32_argument(a[s_filter_order].toInt(), "filter_order");
 
     Call call;
-    call.mode = 0;
-    call.logits = a[s_logits].toTensor();
-    check_logits_kind(call.logits);
-    OpContext &context = context_for(call.logits.device());
-    call.context = &context;
-    Checks checks(context, call.logits);
-
-    psm_params_init(&call.params);
-    call.params.temperature = temperature;
-    call.params.top_k = top_k;
-    call.params.top_p = top_p;
-    call.params.min_p = min_p;
+    begin_call(call, 0, a[s_logits].toTensor(), temperature, top_k, top_p, min_p);
+    Checks checks(*call.context, call.logits);
     call.params.seed = (uint64_t)a[s_seed].toInt();
     call.params.offset = (uint64_t)a[s_offset].toInt();
     call.params.num_samples = (int32_t)num_samples;
@@ -737,18 +740,8 @@ void probs_kernel(const c10::OperatorHandle &, torch::jit::Stack *stack)
     const int32_t filter_order = int32_argument(a[p_filter_order].toInt(), "filter_order");
 
     Call call;
-    call.mode = 1;
-    call.logits = a[p_logits].toTensor();
-    check_logits_kind(call.logits);
-    OpContext &context = context_for(call.logits.device());
-    call.context = &context;
-    Checks checks(context, call.logits);
-
-    psm_params_init(&call.params);
-    call.params.temperature = temperature;
-    call.params.top_k = top_k;
-    call.params.top_p = top_p;
-    call.params.min_p = min_p;
+    begin_call(call, 1, a[p_logits].toTensor(), temperature, top_k, top_p, min_p);
+    Checks checks(*call.context, call.logits);
     call.params.filter_order = filter_order;
     const c10::IValue *arrays[array_count] = {};
     arrays[a_temperature] = &a[p_arrays + 0];

@@ -94,10 +94,8 @@ if [ -d /etc/OpenCL/vendors ] && [ -w /etc/OpenCL/vendors ]; then
 fi
 
 # ---- 2. configure + build -------------------------------------------------
-# PSM_GPU_VERIFY: psm_verify on CUDA is off in other builds until a run here
-# has checked it (test_verify compares it with the CPU backend).
 CONFIGURE=(cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release
-           -DPSM_WITH_CUDA=ON -DPSM_WITH_OPENCL=ON -DPSM_GPU_VERIFY=ON)
+           -DPSM_WITH_CUDA=ON -DPSM_WITH_OPENCL=ON)
 # No HIP toolchain on the GPU machine.
 CONFIGURE+=(-DPSM_WITH_HIP=OFF)
 run_step configure 120 configure.log "${CONFIGURE[@]}"

@@ -1625,19 +1625,8 @@ static psm_status gpu_probs(void *state, psm_request *request)
     return run_request(state, request, true);
 }
 
-#ifndef PSM_GPU_VERIFY
-#define PSM_GPU_VERIFY 0
-#endif
-
-/* Off unless built with PSM_GPU_VERIFY: these kernels have not run on a GPU
- * yet (the same stage source runs on OpenCL, PoCL included). */
 static psm_status gpu_verify(void *state, psm_verify_request *request)
 {
-    if (!PSM_GPU_VERIFY)
-        return psm_set_error(PSM_ERR_UNSUPPORTED,
-                             "psm_verify on " PSM_GPU_RUNTIME_NAME
-                             " is built but off until it has been checked on a GPU: configure "
-                             "with -DPSM_GPU_VERIFY=ON to run it (the OpenCL backend runs it)");
     return verify_request((psm_gpu_state *)state, request);
 }
 

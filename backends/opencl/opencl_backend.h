@@ -95,6 +95,7 @@ typedef struct device_buffer {
 
 /* The per-row arrays as the kernels take them: psm_row_arrays' order. */
 #define OPENCL_ROW_ARRAYS 10
+#define OPENCL_VERIFY_BUFFERS 48
 
 /* The logit-processing arrays as the kernels take them: psm_process_lists'
  * arguments in order, then the allowed-token mask. */
@@ -157,6 +158,11 @@ typedef struct opencl_state {
     size_t base_alignment; /* bytes: a sub-buffer's origin is a multiple of it */
 
     device_buffer own[PART_COUNT];
+    /* psm_verify's buffers (opencl_verify.c): its stagings, per-row filters,
+     * row results and checks, the n-th a call takes in the n-th slot. At
+     * most 42 in a call: 4 inputs, 2 x 10 per-request arrays, 2 x 4 row
+     * filters, 6 results and checks, 4 outputs. */
+    device_buffer verify_own[OPENCL_VERIFY_BUFFERS];
     device_buffer first_bad_row; /* checking mode's result: allocated with the state */
 } opencl_state;
 

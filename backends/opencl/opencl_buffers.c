@@ -56,6 +56,8 @@ void opencl_release_workspace(opencl_state *state)
 {
     for (int part = 0; part < PART_COUNT; ++part)
         release_buffer(&state->own[part]);
+    for (int slot = 0; slot < OPENCL_VERIFY_BUFFERS; ++slot)
+        release_buffer(&state->verify_own[slot]);
     release_buffer(&state->first_bad_row);
 }
 

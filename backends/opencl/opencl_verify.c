@@ -16,9 +16,11 @@
  *    everywhere, as it does a request with a bad target row.
  * 5. psm_verify_walk, a group per request, writes the outputs (staged and
  *    read back for host memory).
- * The buffers are made per call (a verification's are small next to its
- * rows) and released once enqueued: OpenCL keeps them until the commands
- * that use them have run. */
+ * The call's buffers are the context's (state->verify_own, grown as calls
+ * need them and kept, as the plain call's are): the n-th buffer a call asks
+ * for is the n-th of them. Commands run in order (in-order queue, or a
+ * barrier after each), so the next call's writes come after this one's
+ * reads. */
 #include "error.h"
 #include "opencl_backend.h"
 #include "psm_contract.h"
@@ -37,31 +39,20 @@ _Static_assert(sizeof(psm_verify_call) == PSM_VERIFY_CALL_BYTES,
 _Static_assert(sizeof(psm_verify_row) == PSM_VERIFY_ROW_BYTES,
                "psm_verify_row is laid out with padding");
 
-#define VERIFY_BUFFERS_MAX 48
-
+/* How many of the context's verify buffers this call has taken. */
 typedef struct verify_buffers {
-    cl_mem list[VERIFY_BUFFERS_MAX];
     int count;
 } verify_buffers;
-
-static void release_buffers(verify_buffers *buffers)
-{
-    for (int i = 0; i < buffers->count; ++i)
-        clReleaseMemObject(buffers->list[i]);
-    buffers->count = 0;
-}
 
 static psm_status new_buffer(opencl_state *state, verify_buffers *buffers, size_t bytes,
                              cl_mem *out)
 {
-    if (buffers->count == VERIFY_BUFFERS_MAX)
+    if (buffers->count == OPENCL_VERIFY_BUFFERS)
         return psm_set_error(PSM_ERR_INTERNAL, "OpenCL: psm_verify ran out of buffer slots");
-    cl_int code = CL_SUCCESS;
-    cl_mem mem = clCreateBuffer(state->context, CL_MEM_READ_WRITE, bytes ? bytes : 8, NULL, &code);
-    if (code != CL_SUCCESS)
-        return opencl_failure(code, "clCreateBuffer (psm_verify)");
-    buffers->list[buffers->count++] = mem;
-    *out = mem;
+    device_buffer *buffer = &state->verify_own[buffers->count];
+    PSM_TRY(opencl_ensure_buffer(state, buffer, bytes, "psm_verify"));
+    buffers->count++;
+    *out = buffer->mem;
     return PSM_OK;
 }
 
@@ -333,7 +324,5 @@ psm_status opencl_verify(void *opaque, psm_verify_request *request)
     memset(&v, 0, sizeof v);
     v.state = opaque;
     v.request = request;
-    psm_status status = verify_call(&v);
-    release_buffers(&v.buffers);
-    return status;
+    return verify_call(&v);
 }

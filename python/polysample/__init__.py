@@ -574,9 +574,7 @@ def verify(target_logits, draft_tokens, *, parents=None, draft_logits=None, draf
     gives probability 0, a parent that is not an earlier node, a
     probability outside [0, 1]) raise Error("INVALID_PARAMETER") with the
     library's message naming the request and node, and nothing is written.
-    The CPU and OpenCL backends verify, with the same results; CUDA and HIP
-    only when the library is built with -DPSM_GPU_VERIFY=ON (until they
-    have run on a GPU).
+    Every backend verifies, with the same results.
     """
     backend = _verify.module_backend(target_logits, backend)
     parse_backend(backend)

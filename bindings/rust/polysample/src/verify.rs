@@ -184,9 +184,8 @@ impl Context {
     /// request's seed, offset and stream are those of row r of
     /// [`sample`](Self::sample). Row indices, logit processing and
     /// `num_samples` other than 1 are not supported
-    /// ([`Status::Unsupported`](crate::Status)). The CPU and OpenCL backends
-    /// run it, with the same results; CUDA and HIP only when the library is
-    /// built with `-DPSM_GPU_VERIFY=ON` (until they have run on a GPU).
+    /// ([`Status::Unsupported`](crate::Status)). Every backend runs it,
+    /// with the same results.
     ///
     /// A request whose target rows include a bad row (NaN, +inf, no finite
     /// logit) gets -1 and NaN everywhere, or fails the call with

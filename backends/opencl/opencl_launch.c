@@ -533,6 +533,18 @@ static psm_status deliver_top_logprobs(const launch *call, const top_targets *ta
     return PSM_OK;
 }
 
+/* The arguments psm_draw and psm_probs share: the request's, then what the
+ * row passes left (tile maxima, masses and prefixes, the rows' state). */
+static psm_status set_row_result_args(launch *call, cl_kernel kernel, cl_uint *index)
+{
+    const cl_mem *part = call->buffers.part;
+    PSM_TRY(set_request_args(call, kernel, index));
+    PSM_TRY(SET_MEM(kernel, index, part[PART_TILE_REF]));
+    PSM_TRY(SET_MEM(kernel, index, part[PART_TILE_MASS]));
+    PSM_TRY(SET_MEM(kernel, index, part[PART_TILE_PREFIX]));
+    return SET_MEM(kernel, index, part[PART_ROW_STATE]);
+}
+
 static psm_status sample_call(launch *call)
 {
     opencl_state *state = call->state;
@@ -559,11 +571,7 @@ static psm_status sample_call(launch *call)
     PSM_TRY(run_rows(call));
     cl_kernel kernel = state->kernels[KERNEL_DRAW];
     cl_uint index = 0;
-    PSM_TRY(set_request_args(call, kernel, &index));
-    PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_REF]));
-    PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_MASS]));
-    PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_PREFIX]));
-    PSM_TRY(SET_MEM(kernel, &index, part[PART_ROW_STATE]));
+    PSM_TRY(set_row_result_args(call, kernel, &index));
     PSM_TRY(SET_MEM(kernel, &index, tokens));
     PSM_TRY(SET_MEM(kernel, &index, logprobs));
     PSM_TRY(enqueue(state, kernel, team_groups(state, outputs), 1,
@@ -673,11 +681,7 @@ static psm_status probs_call(launch *call)
     PSM_TRY(run_rows(call));
     cl_kernel kernel = state->kernels[KERNEL_PROBS];
     cl_uint index = 0;
-    PSM_TRY(set_request_args(call, kernel, &index));
-    PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_REF]));
-    PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_MASS]));
-    PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_PREFIX]));
-    PSM_TRY(SET_MEM(kernel, &index, part[PART_ROW_STATE]));
+    PSM_TRY(set_row_result_args(call, kernel, &index));
     PSM_TRY(SET_MEM(kernel, &index, target));
     PSM_TRY(enqueue(state, kernel, team_groups(state, (size_t)call->rows * call->tiles), 1,
                     opencl_kernel_names[KERNEL_PROBS]));

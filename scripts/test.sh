@@ -291,7 +291,15 @@ else
     # stays on, on PoCL's CPU device. Smaller problem sizes keep this under
     # ten minutes (the chi-square tests keep their 10^6 draws).
     export POLYSAMPLE_TEST_QUICK=1
-    export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0:strict_string_checks=1}
+    # use_sigaltstack=0: PoCL's LLVM gives a thread that compiles kernels a
+    # signal stack of its own (malloc'd, MINSIGSTKSZ + 64 KiB) where
+    # AddressSanitizer's is smaller, which it is on CPUs with a large
+    # signal frame (MINSIGSTKSZ follows the CPU's register state); at that
+    # thread's exit AddressSanitizer then unmaps LLVM's heap block as if it
+    # were its own stack and aborts ("unable to unmap"; test_threads, whose
+    # threads build the OpenCL program at once). Without its own signal
+    # stack it leaves every thread's alone.
+    export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0:strict_string_checks=1:use_sigaltstack=0}
     export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
     # Allocation-failure injection is compiled into this build only, so that
     # test_fault_injection runs where LeakSanitizer watches it.

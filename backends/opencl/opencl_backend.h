@@ -4,7 +4,8 @@
  * and the error helpers. opencl_backend.c creates and destroys the state and
  * lists the backend's operations; opencl_devices.c lists and probes devices;
  * opencl_programs.c loads the kernel sources and builds the program (with
- * the shared contexts and the program and binary caches); opencl_buffers.c
+ * the shared contexts and the program and binary caches; opencl_ptx.c adds
+ * NVIDIA's register caps); opencl_buffers.c
  * holds each call's buffers (the context's own or carved from a caller's
  * workspace) and the checks of the caller's; opencl_launch.c turns a
  * request into the kernels' description and enqueues the pipeline.

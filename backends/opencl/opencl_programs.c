@@ -3,11 +3,13 @@
  * creates (shared per device), the program cache (per cl_context, device,
  * options and source hash) and the binary cache (per device, options and
  * hash, for the process's lifetime), and building the kernels at the
- * largest work-group size they allow. */
+ * largest work-group size they allow (on NVIDIA's driver with the register
+ * caps of opencl_ptx.c). */
 #include "environment.h"
 #include "error.h"
 #include "opencl_backend.h"
 #include "opencl_embedded.h"
+#include "opencl_ptx.h"
 
 #include <CL/cl.h>
 
@@ -216,22 +218,31 @@ static psm_status build_failure(cl_program program, cl_device_id device, cl_int 
     return status;
 }
 
-/* Remembers the program's binary for later contexts. Caller holds the lock;
- * a failure only means no binary is cached. */
-static void remember_binary(cl_program program, cl_device_id device, const char *options,
-                            uint64_t hash)
+/* The program's binary (malloc'd), or NULL. */
+static unsigned char *read_program_binary(cl_program program, size_t *size_out)
 {
     size_t size = 0;
     if (clGetProgramInfo(program, CL_PROGRAM_BINARY_SIZES, sizeof size, &size, NULL) !=
             CL_SUCCESS ||
         size == 0)
-        return;
-    cached_binary *entry = calloc(1, sizeof *entry);
+        return NULL;
     unsigned char *bytes = malloc(size);
-    if (!entry || !bytes ||
-        clGetProgramInfo(program, CL_PROGRAM_BINARIES, sizeof bytes, &bytes, NULL) !=
-            CL_SUCCESS) {
-        free(entry);
+    if (bytes &&
+        clGetProgramInfo(program, CL_PROGRAM_BINARIES, sizeof bytes, &bytes, NULL) != CL_SUCCESS) {
+        free(bytes);
+        return NULL;
+    }
+    *size_out = size;
+    return bytes;
+}
+
+/* Remembers a program binary for later contexts, taking `bytes`. Caller
+ * holds the lock; a failure only means no binary is cached. */
+static void remember_binary(cl_device_id device, const char *options, uint64_t hash,
+                            unsigned char *bytes, size_t size)
+{
+    cached_binary *entry = calloc(1, sizeof *entry);
+    if (!entry) {
         free(bytes);
         return;
     }
@@ -244,25 +255,56 @@ static void remember_binary(cl_program program, cl_device_id device, const char 
     cached_binaries = entry;
 }
 
+static cl_program program_from_bytes(cl_context context, cl_device_id device, const char *options,
+                                     const unsigned char *bytes, size_t size)
+{
+    cl_int binary_status = CL_SUCCESS, code = CL_SUCCESS;
+    cl_program program =
+        clCreateProgramWithBinary(context, 1, &device, &size, &bytes, &binary_status, &code);
+    if (code != CL_SUCCESS || binary_status != CL_SUCCESS) {
+        if (code == CL_SUCCESS)
+            clReleaseProgram(program);
+        return NULL;
+    }
+    if (clBuildProgram(program, 1, &device, options, NULL, NULL) != CL_SUCCESS) {
+        clReleaseProgram(program);
+        return NULL;
+    }
+    return program;
+}
+
+/* A source-built program as it will be used and cached: rebuilt from its
+ * binary with the register caps of opencl_ptx.c where the binary is PTX
+ * (NVIDIA's driver); a rebuild that fails leaves the program as the driver
+ * built it. Caller holds the lock. */
+static cl_program finish_program(cl_context context, cl_device_id device, const char *options,
+                                 uint64_t hash, cl_program program)
+{
+    size_t size = 0, capped_size = 0;
+    unsigned char *bytes = read_program_binary(program, &size);
+    if (!bytes)
+        return program;
+    unsigned char *capped = opencl_ptx_with_register_caps(bytes, size, &capped_size);
+    cl_program rebuilt =
+        capped ? program_from_bytes(context, device, options, capped, capped_size) : NULL;
+    if (rebuilt) {
+        clReleaseProgram(program);
+        free(bytes);
+        remember_binary(device, options, hash, capped, capped_size);
+        return rebuilt;
+    }
+    free(capped);
+    remember_binary(device, options, hash, bytes, size);
+    return program;
+}
+
 static cl_program program_from_binary(cl_context context, cl_device_id device,
                                       const char *options, uint64_t hash)
 {
-    for (cached_binary *entry = cached_binaries; entry; entry = entry->next) {
-        if (entry->device != device || entry->hash != hash ||
-            strcmp(entry->options, options) != 0)
-            continue;
-        const unsigned char *bytes = entry->bytes;
-        cl_int binary_status = CL_SUCCESS, code = CL_SUCCESS;
-        cl_program program = clCreateProgramWithBinary(context, 1, &device, &entry->size,
-                                                       &bytes, &binary_status, &code);
-        if (code != CL_SUCCESS || binary_status != CL_SUCCESS)
-            return NULL;
-        if (clBuildProgram(program, 1, &device, options, NULL, NULL) != CL_SUCCESS) {
-            clReleaseProgram(program);
-            return NULL;
-        }
-        return program;
-    }
+    for (cached_binary *entry = cached_binaries; entry; entry = entry->next)
+        if (entry->device == device && entry->hash == hash &&
+            strcmp(entry->options, options) == 0)
+            return program_from_bytes(context, device, options, entry->bytes, entry->size);
     return NULL;
 }
 
@@ -318,7 +360,7 @@ static psm_status acquire_program(cl_context context, cl_device_id device, const
             pthread_mutex_unlock(&cache_lock);
             return status;
         }
-        remember_binary(program, device, options, sources->hash);
+        program = finish_program(context, device, options, sources->hash, program);
     }
     entry->context = context;
     entry->device = device;

@@ -376,13 +376,13 @@ PSM_API psm_status psm_probs_workspace_size(psm_context *context, const psm_tens
  * PSM_ERR_BAD_ROW). Draft arrays in a GPU's device memory are not read on the
  * host: a bad draft node there (a token outside the vocab, a bad parent or
  * probability, a drawn token of draft probability 0) makes its request bad,
- * unless checking mode fails the call (SAMPLING.md, section 7). The CPU and
- * OpenCL backends run it, with the same outputs; CUDA and HIP answer
- * PSM_ERR_UNSUPPORTED unless the library was built with PSM_GPU_VERIFY (until
- * their kernels have run on a GPU). On the GPU backends a call with
+ * unless checking mode fails the call (SAMPLING.md, section 7). Every
+ * backend runs it, with the same outputs. On the GPU backends a call with
  * device memory and no checking mode needs no host synchronisation (CUDA
- * and HIP: it can be captured in a graph once a call of the same shape has
- * grown the context's buffers). */
+ * and HIP: it can be captured in a graph once an uncaptured call of the
+ * same or a larger shape has grown the context's buffers; a larger call
+ * after the capture grows them again and leaves the graph reading freed
+ * memory). */
 PSM_API psm_status psm_verify(psm_context *context, const psm_tensor *target_logits,
                               const psm_params *target_params, const psm_drafts *drafts,
                               const psm_verification *outputs);

@@ -22,6 +22,14 @@
  * memory) through a caller's workspace and checks each replay against the
  * CPU backend.
  *
+ * The fourth captures psm_verify (speculative decoding: chains of drafts
+ * with draft logits, a filtered target, every array in device memory) once
+ * an uncaptured call of the same shape has grown the context's buffers: in
+ * global capture mode an allocation or a host wait inside the call fails
+ * the capture. The outputs are poisoned before each replay, and each replay
+ * must write exactly the uncaptured call's outputs, which are the CPU
+ * backend's (logprobs bit for bit).
+ *
  * Needs a CUDA device: without one each test is reported as a skip.
  */
 #include "harness.h"
@@ -33,6 +41,7 @@
 
 #include <cuda_runtime_api.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -511,11 +520,219 @@ START_TEST(graph_replays_with_top_logprobs_in_a_workspace)
 }
 END_TEST
 
+/* The fourth test's verification: VERIFY_REQUESTS chains of VERIFY_K drafts. */
+#define VERIFY_REQUESTS 8
+#define VERIFY_K 4
+#define VERIFY_WIDTH (VERIFY_REQUESTS * (VERIFY_K + 1))
+#define VERIFY_REPLAYS 5
+
+/* psm_verify's four outputs in one block (no padding: 4-byte members), so
+ * that one memset poisons them and one copy reads them back. */
+typedef struct verify_result {
+    int32_t accepted[VERIFY_REQUESTS];
+    int32_t tokens[VERIFY_WIDTH];
+    int32_t path_nodes[VERIFY_WIDTH];
+    float logprobs[VERIFY_WIDTH];
+} verify_result;
+
+/* No output takes this byte pattern: 0x5a5a5a5a is no count, token or node
+ * (-1, which 0xff would give, is a valid one), and as a float it is about
+ * 1.5e16, no logprob. */
+#define VERIFY_POISON 0x5a
+
+/* The outputs of a block laid out as a verify_result, host or device. */
+static psm_verification verification_in(void *block, psm_memory memory)
+{
+    unsigned char *base = block;
+    const psm_verification outputs = {{base + offsetof(verify_result, accepted), memory},
+                                      {base + offsetof(verify_result, tokens), memory},
+                                      {base + offsetof(verify_result, path_nodes), memory},
+                                      {base + offsetof(verify_result, logprobs), memory}};
+    return outputs;
+}
+
+static int32_t argmax_of(const float *row, int64_t vocab)
+{
+    int64_t best = 0;
+    for (int64_t i = 1; i < vocab; ++i)
+        if (row[i] > row[best])
+            best = i;
+    return (int32_t)best;
+}
+
+/* A random token with at least `top` larger logits in row: outside a top-k
+ * of `top`, so the target gives it weight 0 and never accepts it. */
+static int32_t token_outside_top(const float *row, int64_t vocab, int64_t top, psm_test_rng *rng)
+{
+    for (;;) {
+        const int64_t token = (int64_t)psm_test_rng_below(rng, (uint64_t)vocab);
+        int64_t larger = 0;
+        for (int64_t i = 0; i < vocab; ++i)
+            larger += row[i] > row[token];
+        if (larger >= top)
+            return (int32_t)token;
+    }
+}
+
+/* Equal outputs; logprobs bit for bit, the NaNs after the emitted tokens
+ * included. */
+static void expect_same_verification(const char *what, const verify_result *expected,
+                                     const verify_result *got)
+{
+    for (int r = 0; r < VERIFY_REQUESTS; ++r)
+        ck_assert_msg(got->accepted[r] == expected->accepted[r],
+                      "%s: request %d accepted %d drafts, expected %d", what, r,
+                      got->accepted[r], expected->accepted[r]);
+    for (int i = 0; i < VERIFY_WIDTH; ++i) {
+        const int r = i / (VERIFY_K + 1), j = i % (VERIFY_K + 1);
+        ck_assert_msg(got->tokens[i] == expected->tokens[i] &&
+                          got->path_nodes[i] == expected->path_nodes[i],
+                      "%s: request %d, position %d: token %d at node %d, expected token %d at "
+                      "node %d",
+                      what, r, j, got->tokens[i], got->path_nodes[i], expected->tokens[i],
+                      expected->path_nodes[i]);
+        ck_assert_msg(memcmp(&got->logprobs[i], &expected->logprobs[i], sizeof(float)) == 0,
+                      "%s: request %d, position %d: logprob %.9g, expected %.9g (bit for bit)",
+                      what, r, j, got->logprobs[i], expected->logprobs[i]);
+    }
+}
+
+/* One psm_verify call captured on the stream, as a graph ready to launch;
+ * as in capture_step, the capture ends before anything is asserted. */
+static cudaGraphExec_t capture_verify(cudaStream_t stream, psm_context *gpu,
+                                      const psm_tensor *target, const psm_params *params,
+                                      const psm_drafts *drafts, const psm_verification *outputs)
+{
+    cudaGraph_t graph = NULL;
+    CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+    const psm_status verified = psm_verify(gpu, target, params, drafts, outputs);
+    const cudaError_t ended = cudaStreamEndCapture(stream, &graph);
+    ck_assert_msg(verified == PSM_OK, "psm_verify under capture returned %s: %s",
+                  psm_status_string(verified), psm_last_error());
+    CUDA_OK(ended);
+    cudaGraphExec_t exec = NULL;
+    CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+    CUDA_OK(cudaGraphDestroy(graph));
+    return exec;
+}
+
+/* Speculative verification inside the graph. Each draft node's logits are
+ * its parent's target row plus a little noise, and its token that row's
+ * argmax, which the target mostly accepts; request r's node r % 6 + 1 (none
+ * for r % 6 >= 4) has a token outside the target's top-k instead, which it
+ * always rejects: the outputs hold corrections after rejections and bonus
+ * tokens after fully accepted chains. The target's seed and offset are
+ * fixed, so every replay writes the same outputs. */
+START_TEST(graph_replays_speculative_verification)
+{
+    const int64_t vocab = 6000; /* six tiles, the last one partial */
+    const int64_t target_rows = VERIFY_REQUESTS * (VERIFY_K + 1);
+    const int64_t draft_rows = VERIFY_REQUESTS * VERIFY_K;
+    float *target = make_logits(target_rows, vocab, 2.5, 14);
+    float *draft = make_logits(draft_rows, vocab, 0.5, 15);
+    int32_t draft_tokens[VERIFY_REQUESTS * VERIFY_K];
+    psm_test_rng rng = psm_test_rng_make(16);
+    for (int r = 0; r < VERIFY_REQUESTS; ++r)
+        for (int i = 1; i <= VERIFY_K; ++i) {
+            const float *parent = target + (r * (VERIFY_K + 1) + i - 1) * vocab;
+            float *row = draft + (r * VERIFY_K + i - 1) * vocab;
+            for (int64_t j = 0; j < vocab; ++j)
+                row[j] += parent[j];
+            draft_tokens[r * VERIFY_K + i - 1] = i == r % 6 + 1
+                                                     ? token_outside_top(parent, vocab, 50, &rng)
+                                                     : argmax_of(row, vocab);
+        }
+    psm_params params;
+    psm_params_init(&params);
+    params.temperature = 0.8f;
+    params.top_k = 50;
+    params.top_p = 0.9f;
+    params.seed = 0x5eed4;
+    params.offset = 321;
+
+    /* The CPU backend's outputs, from host memory. */
+    verify_result expected_cpu;
+    const psm_tensor host_target = psm_test_tensor(target, PSM_DTYPE_F32, target_rows, vocab, 0);
+    const psm_tensor host_draft = psm_test_tensor(draft, PSM_DTYPE_F32, draft_rows, vocab, 0);
+    psm_drafts host_drafts;
+    psm_drafts_init(&host_drafts);
+    host_drafts.nodes = VERIFY_K;
+    host_drafts.tokens = draft_tokens;
+    host_drafts.draft_logits = &host_draft;
+    const psm_verification host_outputs = verification_in(&expected_cpu, PSM_MEMORY_HOST);
+    psm_context *cpu = psm_test_open(PSM_BACKEND_CPU);
+    PSM_CHECK_OK(psm_verify(cpu, &host_target, &params, &host_drafts, &host_outputs));
+    psm_context_destroy(cpu);
+    int fully_accepted = 0;
+    for (int r = 0; r < VERIFY_REQUESTS; ++r) {
+        ck_assert_msg(expected_cpu.accepted[r] >= 0, "request %d is bad on the cpu backend", r);
+        fully_accepted += expected_cpu.accepted[r] == VERIFY_K;
+    }
+    ck_assert_msg(fully_accepted > 0 && fully_accepted < VERIFY_REQUESTS,
+                  "%d of %d requests accept every draft on the cpu backend: the inputs should "
+                  "give both bonus tokens and corrections",
+                  fully_accepted, VERIFY_REQUESTS);
+
+    cudaStream_t stream;
+    CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    psm_context *gpu = open_gpu(stream);
+    void *device_target = to_device(target, (size_t)(target_rows * vocab) * sizeof(float));
+    void *device_draft = to_device(draft, (size_t)(draft_rows * vocab) * sizeof(float));
+    int32_t *device_tokens = to_device(draft_tokens, sizeof draft_tokens);
+    void *device_result = NULL;
+    CUDA_OK(cudaMalloc(&device_result, sizeof(verify_result)));
+    const psm_tensor target_tensor = device_tensor(device_target, target_rows, vocab);
+    const psm_tensor draft_tensor = device_tensor(device_draft, draft_rows, vocab);
+    psm_drafts drafts;
+    psm_drafts_init(&drafts);
+    drafts.nodes = VERIFY_K;
+    drafts.tokens = device_tokens;
+    drafts.draft_logits = &draft_tensor;
+    const psm_verification outputs = verification_in(device_result, PSM_MEMORY_DEVICE);
+
+    /* The uncaptured call, which grows the context's buffers for this
+     * shape, so that the captured one allocates nothing. */
+    CUDA_OK(cudaMemsetAsync(device_result, VERIFY_POISON, sizeof(verify_result), stream));
+    PSM_CHECK_OK(psm_verify(gpu, &target_tensor, &params, &drafts, &outputs));
+    verify_result uncaptured;
+    CUDA_OK(cudaMemcpyAsync(&uncaptured, device_result, sizeof uncaptured, cudaMemcpyDeviceToHost,
+                            stream));
+    CUDA_OK(cudaStreamSynchronize(stream));
+    expect_same_verification("uncaptured call, against the cpu backend", &expected_cpu,
+                             &uncaptured);
+
+    cudaGraphExec_t exec =
+        capture_verify(stream, gpu, &target_tensor, &params, &drafts, &outputs);
+    for (int replay = 0; replay < VERIFY_REPLAYS; ++replay) {
+        verify_result replayed;
+        CUDA_OK(cudaMemsetAsync(device_result, VERIFY_POISON, sizeof(verify_result), stream));
+        CUDA_OK(cudaGraphLaunch(exec, stream));
+        CUDA_OK(cudaMemcpyAsync(&replayed, device_result, sizeof replayed,
+                                cudaMemcpyDeviceToHost, stream));
+        CUDA_OK(cudaStreamSynchronize(stream));
+        char what[64];
+        snprintf(what, sizeof what, "replay %d, against the uncaptured call", replay);
+        expect_same_verification(what, &uncaptured, &replayed);
+    }
+
+    CUDA_OK(cudaGraphExecDestroy(exec));
+    psm_context_destroy(gpu);
+    CUDA_OK(cudaStreamDestroy(stream));
+    CUDA_OK(cudaFree(device_result));
+    CUDA_OK(cudaFree(device_tokens));
+    CUDA_OK(cudaFree(device_draft));
+    CUDA_OK(cudaFree(device_target));
+    free(draft);
+    free(target);
+}
+END_TEST
+
 int main(void)
 {
     const TTest *tests[] = {graph_replays_with_seed_and_offset_pointers,
                             graph_replays_with_row_offsets_in_a_workspace,
-                            graph_replays_with_top_logprobs_in_a_workspace};
+                            graph_replays_with_top_logprobs_in_a_workspace,
+                            graph_replays_speculative_verification};
     const size_t count = sizeof tests / sizeof tests[0];
     const char *skip = psm_test_backend_skip_reason(PSM_BACKEND_CUDA);
     for (size_t t = 0; t < count; ++t) {

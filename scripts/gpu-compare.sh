@@ -6,10 +6,11 @@
 #
 # BASE.tar is `git archive` of the base commit, made on the development
 # machine and carried (e.g. .carry/base.tar, git-ignored). The working tree
-# is the candidate. Both are built alike (Release, CUDA for this GPU's
-# architecture only, OpenCL on), then benchmarked in alternating rounds
-# (base, candidate, base, candidate) so that clock drift and warm-up land on
-# both; a case's figure is its lower median of the two rounds. BENCH OPTIONS
+# is the candidate. Both are built alike (Release, OpenCL on, CUDA for this
+# GPU's architecture only when a bench option names cuda), then benchmarked
+# in alternating rounds (base, candidate, base, candidate) so that clock
+# drift and warm-up land on both; a case's figure is its lower median of the
+# two rounds. BENCH OPTIONS
 # default to `--backend cuda,opencl:0`. COMPARE_BENCH_LIMIT (seconds, default
 # 110) bounds each of the four bench runs, so that the call fits the device
 # tool's 10 minutes with the builds.
@@ -33,12 +34,19 @@ ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | he
 ARCH_FLAG=()
 [[ "$ARCH" =~ ^[0-9]+$ ]] && ARCH_FLAG=(-DCMAKE_CUDA_ARCHITECTURES="$ARCH-real")
 
+# The CUDA backend is the slowest to build: left out when no bench option
+# names it (e.g. --backend opencl:0).
+WITH_CUDA=OFF
+TARGETS=(polysample_cli polysample-opencl)
+case " ${BENCH_OPTIONS[*]} " in
+    *cuda*) WITH_CUDA=ON; TARGETS+=(polysample-cuda) ;;
+esac
 build() { # build NAME SOURCE
     local build_dir=/tmp/compare-build-$1
-    cmake -S "$2" -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=Release -DPSM_WITH_CUDA=ON \
+    cmake -S "$2" -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=Release -DPSM_WITH_CUDA=$WITH_CUDA \
         -DPSM_WITH_OPENCL=ON -DPSM_WITH_HIP=OFF -DPSM_BUILD_TESTS=OFF "${ARCH_FLAG[@]}" \
         >"$OUT/build-$1.log" 2>&1 &&
-        cmake --build "$build_dir" -j 8 --target polysample_cli polysample-cuda polysample-opencl \
+        cmake --build "$build_dir" -j 8 --target "${TARGETS[@]}" \
             >>"$OUT/build-$1.log" 2>&1
     echo "build $1: rc=$?"
 }

@@ -11,7 +11,8 @@ kernel with OpenCL's profiling events, and can show the driver's build log:
     KT_BINARY=program.ptx ...        # the program binary (PTX on NVIDIA's driver)
 
 KTIMES_FILE gets one line per kernel at exit: calls and mean ms (warm-up
-included). KT_OPTIONS is appended to the program's build options and
+included), and the first call's wall time from enqueue to completion (with a
+first-use compile such as PoCL's, that compile). KT_OPTIONS is appended to the program's build options and
 KT_BUILDLOG receives the build log, KT_BINARY the program's binary. It works on every tree since feedc36
 (the edits assert that their anchors exist); bench/RESULTS.md's tenth-session
 probes were taken with it."""
@@ -31,7 +32,14 @@ helper = r'''
 #include <stdio.h>
 #include <string.h>
 #include <stdlib.h>
-static struct { const char *name; double ms; long n; } ktimes[64];
+#include <time.h>
+static struct { const char *name; double ms; long n; double first_wall_ms; } ktimes[64];
+static double ktimes_now(void)
+{
+    struct timespec t;
+    timespec_get(&t, TIME_UTC);
+    return t.tv_sec * 1e3 + t.tv_nsec * 1e-6;
+}
 static int ktimes_count;
 static void ktimes_dump(void)
 {
@@ -39,13 +47,15 @@ static void ktimes_dump(void)
     FILE *f = path ? fopen(path, "a") : stderr;
     if (!f) return;
     for (int i = 0; i < ktimes_count; ++i)
-        fprintf(f, "%-22s %6ld calls %10.4f ms each\n", ktimes[i].name, ktimes[i].n, ktimes[i].ms / ktimes[i].n);
+        fprintf(f, "%-22s %6ld calls %10.4f ms each, first call %10.1f ms wall\n", ktimes[i].name,
+                ktimes[i].n, ktimes[i].ms / ktimes[i].n, ktimes[i].first_wall_ms);
     if (path) fclose(f);
 }
-static void ktimes_add(const char *name, cl_event ev)
+static void ktimes_add(const char *name, cl_event ev, double start_ms)
 {
     cl_ulong a = 0, b = 0;
     clWaitForEvents(1, &ev);
+    const double wall_ms = ktimes_now() - start_ms;
     clGetEventProfilingInfo(ev, CL_PROFILING_COMMAND_START, sizeof a, &a, NULL);
     clGetEventProfilingInfo(ev, CL_PROFILING_COMMAND_END, sizeof b, &b, NULL);
     clReleaseEvent(ev);
@@ -56,23 +66,27 @@ static void ktimes_add(const char *name, cl_event ev)
         if (i == 64) return;
         if (i == 0) atexit(ktimes_dump);
         ktimes[i].name = name;
+        ktimes[i].first_wall_ms = wall_ms;
         ++ktimes_count;
     }
     ktimes[i].ms += (double)(b - a) * 1e-6;
     ktimes[i].n++;
 }
 '''
-anchor = "static psm_status enqueue(opencl_state *state, cl_kernel kernel"
-assert s.count(anchor) == 1, "enqueue"
+anchors = [a for a in ("static psm_status enqueue(opencl_state *state, cl_kernel kernel",
+                        "psm_status opencl_enqueue(opencl_state *state, cl_kernel kernel")
+           if s.count(a) == 1]
+assert len(anchors) == 1, "enqueue"
+anchor = anchors[0]
 s = s.replace(anchor, helper + anchor)
 old = re.compile(r"cl_int code = clEnqueueNDRangeKernel\(state->queue, kernel, 2, NULL, global, local, 0, NULL,\s*NULL\);")
 assert len(old.findall(s)) == 1, "call"
-s = old.sub("cl_event kt_ev = NULL;\n    cl_int code = clEnqueueNDRangeKernel(state->queue, kernel, 2, NULL, global, local, 0, NULL, &kt_ev);\n    if (code == CL_SUCCESS) ktimes_add(name, kt_ev);", s)
+s = old.sub("cl_event kt_ev = NULL;\n    const double kt_start = ktimes_now();\n    cl_int code = clEnqueueNDRangeKernel(state->queue, kernel, 2, NULL, global, local, 0, NULL, &kt_ev);\n    if (code == CL_SUCCESS) ktimes_add(name, kt_ev, kt_start);", s)
 l.write_text(s)
 c = root / "cli/bench_opencl.c"
 s = c.read_text()
-s2 = s.replace("clCreateCommandQueue(session->context, device, 0, &status)",
-               "clCreateCommandQueue(session->context, device, CL_QUEUE_PROFILING_ENABLE, &status)")
+s2 = re.sub(r"clCreateCommandQueue\(session->context, device, 0, &status\)",
+            "clCreateCommandQueue(session->context, device, CL_QUEUE_PROFILING_ENABLE, &status)", s)
 assert s2 != s, "bench queue"
 c.write_text(s2)
 print("patched", root)

@@ -276,7 +276,9 @@ static cl_program program_from_bytes(cl_context context, cl_device_id device, co
 /* A source-built program as it will be used and cached: rebuilt from its
  * binary with the register caps of opencl_ptx.c where the binary is PTX
  * (NVIDIA's driver); a rebuild that fails leaves the program as the driver
- * built it. Caller holds the lock. */
+ * built it. The rebuild compiles the PTX a second time, once per device,
+ * options and process; later contexts take the capped binary from the
+ * cache. Caller holds the lock. */
 static cl_program finish_program(cl_context context, cl_device_id device, const char *options,
                                  uint64_t hash, cl_program program)
 {

@@ -162,7 +162,8 @@ int psm_test_run(const char *program_name)
 
     printf("skipped: %d\n", skip_count);
     printf("summary: %s: %d run, %d failed, %d skipped; backends run: %s\n", program_name, run,
-           failed, skip_count, backends_run[0] ? backends_run : "none");
+           failed, skip_count,
+           backends_run[0] ? backends_run : property_count ? "none" : "(its tests pick their own)");
     fflush(stdout);
     if (failed > 0)
         return EXIT_FAILURE;

@@ -552,8 +552,19 @@ typedef struct psm_reader psm_reader;
 PSM_LOCAL_FN long psm_reader_count(const psm_reader *reader);
 PSM_LOCAL_FN ulong psm_reader_key(const psm_reader *reader, long index, float *x);
 
+/* A group operation reads the group's posts in chunks: PSM_GROUP_CHUNKS
+ * items each combine PSM_GROUP_CHUNK posts, then every item reads the chunk
+ * results and at most one chunk of posts, about 2 x sqrt(PSM_WG) reads. Every
+ * item reading all PSM_WG posts (PSM_WG broadcast reads per warp) is local
+ * memory traffic that the radix select's eight levels pay per row: on
+ * NVIDIA's OpenCL it made the row filter 1.4x slower at 10,000 x 32,000
+ * top-p (bench/RESULTS.md, fourteenth session). */
+#define PSM_GROUP_CHUNK 16
+#define PSM_GROUP_CHUNKS ((PSM_WG + PSM_GROUP_CHUNK - 1) / PSM_GROUP_CHUNK)
+
 typedef struct psm_group_scratch {
     ulong posts[PSM_WG];
+    ulong chunks[PSM_GROUP_CHUNKS];
 } psm_group_scratch;
 
 PSM_DEVICE_FN int psm_group_item(void)
@@ -571,14 +582,31 @@ PSM_DEVICE_FN void psm_group_barrier(void)
     barrier(CLK_LOCAL_MEM_FENCE);
 }
 
+/* Item `item` < PSM_GROUP_CHUNKS combines its chunk of the posts; the
+ * caller's barrier must follow before the chunks are read. */
+#define PSM_GROUP_COMBINE_CHUNK(scratch, item, combine)                                         \
+    if ((item) < PSM_GROUP_CHUNKS) {                                                          \
+        const int chunk_end = min(((item) + 1) * PSM_GROUP_CHUNK, PSM_WG);                   \
+        ulong result = 0;                                                                     \
+        for (int j = (item) * PSM_GROUP_CHUNK; j < chunk_end; ++j) {                          \
+            const ulong posted = (scratch)->posts[j];                                         \
+            result = combine;                                                                 \
+        }                                                                                     \
+        (scratch)->chunks[item] = result;                                                     \
+    }
+
+/* Max and sum over the group (0 is the identity of both on ulong). */
 #define PSM_GROUP_REDUCTION(name, combine)                                                      \
     PSM_LOCAL_FN ulong name(psm_team team, ulong value, __local psm_group_scratch *scratch)   \
     {                                                                                         \
-        scratch->posts[get_local_id(0)] = value;                                              \
+        const int item = (int)get_local_id(0);                                                \
+        scratch->posts[item] = value;                                                         \
+        barrier(CLK_LOCAL_MEM_FENCE);                                                         \
+        PSM_GROUP_COMBINE_CHUNK(scratch, item, combine)                                       \
         barrier(CLK_LOCAL_MEM_FENCE);                                                         \
         ulong result = 0;                                                                     \
-        for (int j = 0; j < PSM_WG; ++j) {                                                    \
-            const ulong posted = scratch->posts[j];                                           \
+        for (int j = 0; j < PSM_GROUP_CHUNKS; ++j) {                                          \
+            const ulong posted = scratch->chunks[j];                                          \
             result = combine;                                                                 \
         }                                                                                     \
         barrier(CLK_LOCAL_MEM_FENCE);                                                         \
@@ -587,17 +615,26 @@ PSM_DEVICE_FN void psm_group_barrier(void)
 PSM_GROUP_REDUCTION(psm_group_max_u64, max(result, posted))
 PSM_GROUP_REDUCTION(psm_group_sum_u64, result + posted)
 
+/* Inclusive scan in item order: the chunks before the item's own, then its
+ * chunk's posts up to its own (sums wrap mod 2^64, so any grouping gives the
+ * same value). */
 PSM_LOCAL_FN ulong psm_group_inclusive_scan_u64(psm_team team, ulong value, ulong *total,
                                                 __local psm_group_scratch *scratch)
 {
     const int item = (int)get_local_id(0);
     scratch->posts[item] = value;
     barrier(CLK_LOCAL_MEM_FENCE);
+    PSM_GROUP_COMBINE_CHUNK(scratch, item, result + posted)
+    barrier(CLK_LOCAL_MEM_FENCE);
+    const int own_chunk = item / PSM_GROUP_CHUNK;
     ulong sum = 0, inclusive = 0;
-    for (int j = 0; j < PSM_WG; ++j) {
-        sum += scratch->posts[j];
-        inclusive = j == item ? sum : inclusive;
+    for (int j = 0; j < PSM_GROUP_CHUNKS; ++j) {
+        const ulong chunk = scratch->chunks[j];
+        sum += chunk;
+        inclusive += j < own_chunk ? chunk : 0;
     }
+    for (int j = own_chunk * PSM_GROUP_CHUNK; j <= item; ++j)
+        inclusive += scratch->posts[j];
     *total = sum;
     barrier(CLK_LOCAL_MEM_FENCE);
     return inclusive;

@@ -387,6 +387,55 @@ PSM_API psm_status psm_verify(psm_context *context, const psm_tensor *target_log
                               const psm_params *target_params, const psm_drafts *drafts,
                               const psm_verification *outputs);
 
+/* ---- A batch split by vocabulary across ranks (docs/SAMPLING.md, section 8)
+ * With tensor parallelism a row's logits come out split by vocabulary: each
+ * rank holds rows x shard_vocab logits, the columns first_token ..
+ * first_token + shard_vocab - 1 of every row. A sharded call gives every rank
+ * the tokens and logprobs of psm_sample on the full rows, bit for bit,
+ * without gathering the logits: each rank starts the call on its shard, then
+ * in each round psm_sharded_next names the bytes this rank contributes, the
+ * caller all-gathers every rank's bytes in shard_index order with its own
+ * collective (NCCL, MPI, torch.distributed; polysample owns no
+ * communicator) and passes the result to the next psm_sharded_next. When
+ * nothing is left to send the outputs are written. Every rank passes the
+ * same params, rows and full_vocab; the shards cover the full row without
+ * overlap, in any sizes (a shard may begin or end inside a tile), and each
+ * round's bytes are the same size on every rank. Bytes and rounds per call
+ * are in docs/SAMPLING.md. So far the CPU backend runs it, with host
+ * memory; other backends, logit processing, top-N logprobs and filter
+ * orders other than POLYSAMPLE give PSM_ERR_UNSUPPORTED. */
+#define PSM_MAX_SHARDS 64
+
+typedef struct psm_shard {
+    int64_t first_token; /* the shard's first column's token index in the full row */
+    int64_t full_vocab;  /* the full row's tokens (weights and filters use it) */
+    int32_t shard_index; /* this rank's place in every all-gather, 0 .. shard_count - 1 */
+    int32_t shard_count; /* 1 .. PSM_MAX_SHARDS */
+} psm_shard;
+
+typedef struct psm_sharded psm_sharded;
+
+/* Validates the call (logits_shard: rows x shard_vocab) and starts it;
+ * nothing is written until the last round. *call must be ended with
+ * psm_sharded_end. */
+PSM_API psm_status psm_sharded_begin(psm_context *context, const psm_tensor *logits_shard,
+                                     const psm_shard *shard, const psm_params *params,
+                                     psm_output tokens, psm_output logprobs,
+                                     psm_sharded **call);
+
+/* One round: gathered is NULL (gathered_bytes 0) on the first call, then the
+ * all-gather of the previous round (shard_count x its send_bytes, in
+ * shard_index order). Sets *send to this rank's next contribution and
+ * *send_bytes to its size, valid until the next call; *send_bytes 0: the
+ * outputs are written and the call is over. A failure (a bad exchange, a
+ * bad row in checking mode) ends the call with nothing written. */
+PSM_API psm_status psm_sharded_next(psm_sharded *call, const void *gathered,
+                                    size_t gathered_bytes, const void **send,
+                                    size_t *send_bytes);
+
+/* Frees the call (NULL is allowed). */
+PSM_API void psm_sharded_end(psm_sharded *call);
+
 /* Waits until the context's queued work is done. */
 PSM_API psm_status psm_synchronize(psm_context *context);
 

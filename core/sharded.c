@@ -1,0 +1,953 @@
+/* sharded.c: psm_sample over one rank's shard of rows split by vocabulary
+ * (docs/SAMPLING.md, section 8). The contract's quantities are integers or
+ * short fixed float sequences of one token's logit, so a row splits into
+ * per-shard partials that combine exactly in any order: the row's best key
+ * and valid count, radix histograms (counts and g_i masses) for the top-k
+ * and top-p cutoffs, the best kept key and kept mass of the tiles a shard
+ * boundary cuts, the T_t of the tiles a shard holds whole. Each round every
+ * rank sends the same-sized record, every rank combines all of them the
+ * same way, so every rank takes the same decisions; the rank that holds a
+ * drawn token reports it in the last round.
+ *
+ * This is the host implementation (the CPU backend's): one thread, the
+ * contract's helpers of core/psm_row.h, no backend state. */
+#include "alloc.h"
+#include "backend.h"
+#include "context.h"
+#include "error.h"
+#include "psm_contract.h"
+#include "psm_row.h"
+#include "validate.h"
+
+#include <stdint.h>
+#include <string.h>
+
+/* A record: this header, then the round's words per row. */
+#define HEADER_WORDS 4
+#define ROUND_MAGIC 0x7073686172640000ull /* "pshard" */
+#define RADIX_BUCKETS 256
+#define RADIX_LEVELS 8
+
+enum round_kind {
+    ROUND_SUMMARY = 1,     /* per row: best key, valid count, bad */
+    ROUND_SELECT = 2,      /* per row: 256 x (count, mass) of one radix level */
+    ROUND_CUT_MAXIMA = 3,  /* per row: best kept key of the first and last tile */
+    ROUND_MASSES = 4,      /* per row: kept mass of the first and last tile, whole tiles' T */
+    ROUND_DRAWS = 5,       /* per row and sample: token, logprob bits */
+    ROUND_DONE = 6
+};
+
+enum row_status { ROW_SAMPLE, ROW_GREEDY, ROW_BAD };
+enum search { SEARCH_NONE, SEARCH_TOP_K, SEARCH_TOP_P };
+
+typedef struct shard_row {
+    psm_row_params p;
+    int status;
+    psm_u64 best_key;  /* the row's largest rank key */
+    psm_u64 valid;
+    float row_max, scale;
+    int top_p_on;
+    /* the cutoff search (psm_radix_select's, level by level over the ranks) */
+    int search, level, by_mass;
+    psm_u64 prefix, need, lower_bound, cutoff, min_weight;
+    psm_kept_rule rule;
+    psm_u64 total; /* sum of T_t over the row */
+} shard_row;
+
+/* A shard of the row as every rank sees it (from the summary round). */
+typedef struct shard_span {
+    int64_t first, count;
+    int64_t first_tile, last_tile;
+} shard_span;
+
+struct psm_sharded {
+    psm_request request; /* the shard's call: logits are rows x shard_vocab */
+    psm_shard shard;
+    int check_rows;
+    int weight_bits;
+    int64_t rows;             /* output rows */
+    int64_t local_tiles;      /* tiles this shard touches */
+    int round, select_round;  /* the kind of the record out; radix rounds so far */
+    psm_u64 *send;
+    size_t send_words, send_capacity;
+    shard_row *row;
+    psm_u64 *local_key;       /* rows x local_tiles: best kept key of this shard's part */
+    psm_u64 *local_mass;      /* rows x local_tiles: kept mass of this shard's part */
+    shard_span span[PSM_MAX_SHARDS]; /* by shard_index */
+    int order[PSM_MAX_SHARDS];        /* shard indices by first token */
+    /* The cut tiles' combined values, per row: best kept key and mass of the
+     * first and last tile of every shard (2 x shard_count entries). */
+    psm_u64 *cut_key, *cut_mass;
+    int *draw_owner;          /* rows x num_samples: the shard that holds each draw */
+    int32_t *tokens_out;      /* rows x num_samples, written to the caller at the end */
+    float *logprobs_out;
+};
+
+/* ---- reading the shard -------------------------------------------------- */
+
+static float shard_logit(const psm_sharded *call, const shard_row *row, int64_t column)
+{
+    const psm_tensor *t = &call->request.logits;
+    const int64_t at = row->p.logits_row * t->row_stride + column;
+    float x;
+    switch (t->dtype) {
+    case PSM_DTYPE_F16: x = psm_f16_to_float(((const psm_u16 *)t->data)[at]); break;
+    case PSM_DTYPE_BF16: x = psm_bf16_to_float(((const psm_u16 *)t->data)[at]); break;
+    default: x = ((const float *)t->data)[at]; break;
+    }
+    return psm_read_logit(x);
+}
+
+static int64_t tile_end(const psm_sharded *call, int64_t tile)
+{
+    const int64_t end = (tile + 1) * PSM_TILE;
+    return end < call->shard.full_vocab ? end : call->shard.full_vocab;
+}
+
+/* This shard's columns of tile `tile`: [*begin, *end) in full-row tokens. */
+static void part_of_tile(const psm_sharded *call, const shard_span *span, int64_t tile,
+                         int64_t *begin, int64_t *end)
+{
+    const int64_t tile_begin = tile * PSM_TILE, last = span->first + span->count;
+    *begin = tile_begin > span->first ? tile_begin : span->first;
+    *end = tile_end(call, tile) < last ? tile_end(call, tile) : last;
+}
+
+/* Is the tile whole in this span (no other shard holds a part of it)? */
+static int tile_whole_in(const psm_sharded *call, const shard_span *span, int64_t tile)
+{
+    return tile * PSM_TILE >= span->first &&
+           tile_end(call, tile) <= span->first + span->count;
+}
+
+/* ---- records ------------------------------------------------------------ */
+
+static size_t round_words_per_row(const psm_sharded *call, int kind)
+{
+    switch (kind) {
+    case ROUND_SUMMARY: return 3;
+    case ROUND_SELECT: return 2 * RADIX_BUCKETS;
+    case ROUND_CUT_MAXIMA: return 2;
+    case ROUND_MASSES: return 3;
+    case ROUND_DRAWS: return 2 * (size_t)call->request.params.num_samples;
+    default: return 0;
+    }
+}
+
+static psm_u64 round_tag(const psm_sharded *call)
+{
+    return ROUND_MAGIC | ((psm_u64)call->round << 8) | (psm_u64)call->select_round;
+}
+
+/* Sizes the send record for the current round and writes its header; the
+ * payload (rows x words) is zeroed. */
+static psm_status open_record(psm_sharded *call)
+{
+    const size_t words = HEADER_WORDS + (size_t)call->rows * round_words_per_row(call, call->round);
+    if (words > call->send_capacity) {
+        psm_u64 *grown = psm_alloc(words * sizeof *grown);
+        if (!grown)
+            return psm_set_error(PSM_ERR_OUT_OF_MEMORY,
+                                 "sharded call: %zu bytes for a round's record",
+                                 words * sizeof *grown);
+        psm_free(call->send);
+        call->send = grown;
+        call->send_capacity = words;
+    }
+    memset(call->send, 0, words * sizeof *call->send);
+    call->send_words = words;
+    call->send[0] = round_tag(call);
+    call->send[1] = (psm_u64)call->shard.shard_index;
+    call->send[2] = (psm_u64)call->shard.first_token;
+    call->send[3] = (psm_u64)call->request.logits.vocab;
+    return PSM_OK;
+}
+
+static const psm_u64 *record_of(const psm_sharded *call, const psm_u64 *gathered, int shard)
+{
+    return gathered + (size_t)shard * call->send_words;
+}
+
+static const psm_u64 *row_words(const psm_sharded *call, const psm_u64 *record, int64_t row)
+{
+    return record + HEADER_WORDS + (size_t)row * round_words_per_row(call, call->round);
+}
+
+static psm_u64 *send_row(psm_sharded *call, int64_t row)
+{
+    return call->send + HEADER_WORDS + (size_t)row * round_words_per_row(call, call->round);
+}
+
+/* The gathered records must be this round's, one per shard in order, each
+ * naming the span its shard named in the summary round. */
+static psm_status check_gathered(psm_sharded *call, const void *gathered, size_t bytes)
+{
+    const size_t expected = (size_t)call->shard.shard_count * call->send_words * sizeof(psm_u64);
+    if (!gathered)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "sharded call: gathered is NULL");
+    if (bytes != expected)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                             "sharded call: gathered_bytes is %zu; this round's all-gather is "
+                             "%d x %zu = %zu bytes",
+                             bytes, (int)call->shard.shard_count,
+                             call->send_words * sizeof(psm_u64), expected);
+    for (int s = 0; s < call->shard.shard_count; ++s) {
+        const psm_u64 *record = record_of(call, gathered, s);
+        if (record[0] != round_tag(call) || record[1] != (psm_u64)s)
+            return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                                 "sharded call: gathered record %d is not shard %d's record of "
+                                 "this round (ranks out of step, or not in shard_index order)",
+                                 s, s);
+        if (call->round != ROUND_SUMMARY &&
+            (record[2] != (psm_u64)call->span[s].first || record[3] != (psm_u64)call->span[s].count))
+            return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                                 "sharded call: shard %d changed its columns between rounds", s);
+    }
+    return PSM_OK;
+}
+
+/* ---- round 1: the row's best key, valid count and bad flag -------------- */
+
+static void send_summary(psm_sharded *call)
+{
+    const shard_span *me = &call->span[call->shard.shard_index];
+    for (int64_t r = 0; r < call->rows; ++r) {
+        shard_row *row = &call->row[r];
+        psm_u64 *out = send_row(call, r);
+        if (!row->p.valid)
+            continue; /* its logits are not read; every rank marks it bad */
+        psm_u64 best = 0, valid = 0, bad = 0;
+        for (int64_t i = 0; i < me->count; ++i) {
+            const float x = shard_logit(call, row, i);
+            const int kind = psm_logit_class(x);
+            if (kind == PSM_LOGIT_BAD)
+                bad = 1;
+            if (kind != PSM_LOGIT_VALID)
+                continue;
+            const psm_u64 key = psm_rank_key(x, (psm_u32)(me->first + i));
+            best = key > best ? key : best;
+            ++valid;
+        }
+        out[0] = best;
+        out[1] = valid;
+        out[2] = bad;
+    }
+}
+
+/* The shards' spans from their headers: they must tile the full row. */
+static psm_status take_spans(psm_sharded *call, const psm_u64 *gathered)
+{
+    const int n = call->shard.shard_count;
+    for (int s = 0; s < n; ++s) {
+        const psm_u64 *record = record_of(call, gathered, s);
+        shard_span *span = &call->span[s];
+        span->first = (int64_t)record[2];
+        span->count = (int64_t)record[3];
+        span->first_tile = span->first / PSM_TILE;
+        span->last_tile = (span->first + span->count - 1) / PSM_TILE;
+        call->order[s] = s;
+    }
+    for (int a = 1; a < n; ++a) /* insertion sort by first token: n is small */
+        for (int b = a; b > 0 && call->span[call->order[b]].first <
+                                     call->span[call->order[b - 1]].first; --b) {
+            const int swap = call->order[b];
+            call->order[b] = call->order[b - 1];
+            call->order[b - 1] = swap;
+        }
+    int64_t next = 0;
+    for (int k = 0; k < n; ++k) {
+        const shard_span *span = &call->span[call->order[k]];
+        if (span->first != next)
+            return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                                 "sharded call: the shards do not cover the row without "
+                                 "overlap: a shard starts at token %lld where %lld was expected",
+                                 (long long)span->first, (long long)next);
+        next += span->count;
+    }
+    if (next != call->shard.full_vocab)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                             "sharded call: the shards cover %lld tokens; full_vocab is %lld",
+                             (long long)next, (long long)call->shard.full_vocab);
+    return PSM_OK;
+}
+
+static void start_search(shard_row *row, int search, psm_u64 need, psm_u64 lower_bound)
+{
+    row->search = search;
+    row->by_mass = search == SEARCH_TOP_P;
+    row->level = 0;
+    row->prefix = 0;
+    row->need = need;
+    row->lower_bound = lower_bound;
+}
+
+static psm_status take_summary(psm_sharded *call, const psm_u64 *gathered)
+{
+    psm_status status = take_spans(call, gathered);
+    if (status != PSM_OK)
+        return status;
+    for (int64_t r = 0; r < call->rows; ++r) {
+        shard_row *row = &call->row[r];
+        psm_u64 best = 0, valid = 0, bad = 0;
+        for (int s = 0; s < call->shard.shard_count; ++s) {
+            const psm_u64 *in = row_words(call, record_of(call, gathered, s), r);
+            best = in[0] > best ? in[0] : best;
+            valid += in[1];
+            bad |= in[2];
+        }
+        row->best_key = best;
+        row->valid = valid;
+        if (!row->p.valid || bad || valid == 0) {
+            row->status = ROW_BAD;
+            if (call->check_rows)
+                return psm_set_error(PSM_ERR_BAD_ROW,
+                                     "row %lld has a NaN or +inf logit, no finite logit, or a "
+                                     "parameter out of range (checking mode; nothing was "
+                                     "written)",
+                                     (long long)r);
+            continue;
+        }
+        if (psm_is_greedy(row->p.temperature)) {
+            row->status = ROW_GREEDY;
+            continue;
+        }
+        row->status = ROW_SAMPLE;
+        row->row_max = psm_rank_key_logit(best);
+        row->scale = psm_inverse_temperature_scale(row->p.temperature);
+        row->min_weight = psm_min_p_threshold(row->p.min_p, call->weight_bits);
+        row->top_p_on = row->p.top_p < 1.0f;
+        if (psm_top_k_active(row->p.top_k, (psm_i64)valid))
+            start_search(row, SEARCH_TOP_K, (psm_u64)row->p.top_k, 0);
+        else if (row->top_p_on)
+            start_search(row, SEARCH_TOP_P, 0, 0);
+    }
+    return PSM_OK;
+}
+
+/* ---- radix rounds: the top-k and top-p cutoffs ----------------------------
+ * psm_radix_select (kernels/psm_stage_select.h) with the tally summed over
+ * the shards: the same levels, buckets, choices and cutoffs. */
+
+static int any_searching(const psm_sharded *call)
+{
+    for (int64_t r = 0; r < call->rows; ++r)
+        if (call->row[r].status == ROW_SAMPLE && call->row[r].search != SEARCH_NONE)
+            return 1;
+    return 0;
+}
+
+static void send_select(psm_sharded *call)
+{
+    const shard_span *me = &call->span[call->shard.shard_index];
+    for (int64_t r = 0; r < call->rows; ++r) {
+        shard_row *row = &call->row[r];
+        if (row->status != ROW_SAMPLE || row->search == SEARCH_NONE)
+            continue;
+        psm_u64 *buckets = send_row(call, r); /* count, mass per bucket */
+        const int shift = 64 - 8 * (row->level + 1);
+        for (int64_t i = 0; i < me->count; ++i) {
+            const float x = shard_logit(call, row, i);
+            if (psm_logit_class(x) != PSM_LOGIT_VALID)
+                continue;
+            const psm_u64 key = psm_rank_key(x, (psm_u32)(me->first + i));
+            if (key < row->lower_bound)
+                continue;
+            if (row->level > 0 && (key >> (shift + 8)) != row->prefix)
+                continue;
+            const int b = (int)((key >> shift) & (RADIX_BUCKETS - 1));
+            buckets[2 * b] += 1;
+            if (row->by_mass)
+                buckets[2 * b + 1] += psm_weight_of_gap(
+                    psm_unclamped_gap(row->row_max, x, row->scale), call->weight_bits);
+        }
+    }
+}
+
+/* A finished search: top-k's cutoff starts top-p's search above it. */
+static void finish_search(shard_row *row, psm_u64 cutoff)
+{
+    row->cutoff = cutoff > row->lower_bound ? cutoff : row->lower_bound;
+    if (row->search == SEARCH_TOP_K && row->top_p_on)
+        start_search(row, SEARCH_TOP_P, 0, row->cutoff);
+    else
+        row->search = SEARCH_NONE;
+}
+
+static void take_select(psm_sharded *call, const psm_u64 *gathered)
+{
+    for (int64_t r = 0; r < call->rows; ++r) {
+        shard_row *row = &call->row[r];
+        if (row->status != ROW_SAMPLE || row->search == SEARCH_NONE)
+            continue;
+        psm_u64 count[RADIX_BUCKETS] = {0}, mass[RADIX_BUCKETS] = {0};
+        for (int s = 0; s < call->shard.shard_count; ++s) {
+            const psm_u64 *in = row_words(call, record_of(call, gathered, s), r);
+            for (int b = 0; b < RADIX_BUCKETS; ++b) {
+                count[b] += in[2 * b];
+                mass[b] += in[2 * b + 1];
+            }
+        }
+        const int shift = 64 - 8 * (row->level + 1);
+        if (row->level == 0 && row->by_mass && row->need == 0) {
+            psm_u64 total = 0;
+            for (int b = 0; b < RADIX_BUCKETS; ++b)
+                total += mass[b];
+            const psm_u64 target = psm_top_p_target(total, row->p.top_p);
+            row->need = target > 1 ? target : 1;
+        }
+        int chosen = RADIX_BUCKETS;
+        psm_u64 above = 0, running = 0;
+        for (int b = RADIX_BUCKETS - 1; b >= 0; --b) {
+            const psm_u64 amount = row->by_mass ? mass[b] : count[b];
+            if (running + amount >= row->need) {
+                chosen = b;
+                above = running;
+                break;
+            }
+            running += amount;
+        }
+        if (chosen == RADIX_BUCKETS) { /* cannot happen: need <= the level's total */
+            finish_search(row, row->level == 0 ? 0 : row->prefix << (shift + 8));
+        } else if (count[chosen] == 1 || (!row->by_mass && above + count[chosen] == row->need) ||
+                   row->level == RADIX_LEVELS - 1) {
+            finish_search(row, ((row->prefix << 8) | (psm_u64)chosen) << shift);
+        } else {
+            row->prefix = (row->prefix << 8) | (psm_u64)chosen;
+            row->need -= above;
+            ++row->level;
+        }
+    }
+}
+
+/* ---- the kept tile masses ----------------------------------------------- */
+
+static void make_rules(psm_sharded *call)
+{
+    for (int64_t r = 0; r < call->rows; ++r) {
+        shard_row *row = &call->row[r];
+        if (row->status == ROW_SAMPLE)
+            row->rule = psm_make_kept_rule(row->cutoff, row->min_weight, row->row_max, row->scale,
+                                           call->weight_bits);
+    }
+}
+
+/* Best kept key of this shard's part of each tile it touches. */
+static void send_cut_maxima(psm_sharded *call)
+{
+    const shard_span *me = &call->span[call->shard.shard_index];
+    for (int64_t r = 0; r < call->rows; ++r) {
+        shard_row *row = &call->row[r];
+        if (row->status != ROW_SAMPLE)
+            continue;
+        psm_u64 *keys = call->local_key + r * call->local_tiles;
+        for (int64_t t = 0; t < call->local_tiles; ++t) {
+            int64_t begin, end;
+            part_of_tile(call, me, me->first_tile + t, &begin, &end);
+            psm_u64 best = 0;
+            for (int64_t i = begin; i < end; ++i) {
+                const float x = shard_logit(call, row, i - me->first);
+                if (psm_token_kept(row->rule, x, (psm_u32)i)) {
+                    const psm_u64 key = psm_rank_key(x, (psm_u32)i);
+                    best = key > best ? key : best;
+                }
+            }
+            keys[t] = best;
+        }
+        psm_u64 *out = send_row(call, r);
+        out[0] = keys[0];
+        out[1] = keys[call->local_tiles - 1];
+    }
+}
+
+/* Every shard's first and last tile's combined value: the max (keys) or
+ * the sum (masses) over the shards whose part of that tile was sent. */
+static void combine_cut(psm_sharded *call, const psm_u64 *gathered, int64_t r, int is_sum,
+                        psm_u64 *combined)
+{
+    const int n = call->shard.shard_count;
+    for (int s = 0; s < n; ++s)
+        for (int end = 0; end < 2; ++end) {
+            const int64_t tile = end ? call->span[s].last_tile : call->span[s].first_tile;
+            psm_u64 value = 0;
+            for (int o = 0; o < n; ++o) {
+                const shard_span *other = &call->span[o];
+                const psm_u64 *in = row_words(call, record_of(call, gathered, o), r);
+                if (other->first_tile == tile)
+                    value = is_sum ? value + in[0] : (in[0] > value ? in[0] : value);
+                if (other->last_tile == tile && other->last_tile != other->first_tile)
+                    value = is_sum ? value + in[1] : (in[1] > value ? in[1] : value);
+            }
+            combined[2 * s + end] = value;
+        }
+}
+
+static psm_u64 tile_rescaled(const shard_row *row, psm_u64 key, psm_u64 mass)
+{
+    return mass != 0 ? psm_rescale_mass(mass, psm_scaled_gap(row->row_max,
+                                                             psm_rank_key_logit(key), row->scale))
+                     : 0;
+}
+
+/* m_t of this shard's tile t (local index): combined for a cut tile. */
+static psm_u64 local_tile_key(const psm_sharded *call, int64_t r, int64_t t)
+{
+    const int me = call->shard.shard_index;
+    if (t == 0)
+        return call->cut_key[(size_t)r * 2 * call->shard.shard_count + 2 * me];
+    if (t == call->local_tiles - 1)
+        return call->cut_key[(size_t)r * 2 * call->shard.shard_count + 2 * me + 1];
+    return call->local_key[r * call->local_tiles + t];
+}
+
+static void send_masses(psm_sharded *call)
+{
+    const shard_span *me = &call->span[call->shard.shard_index];
+    for (int64_t r = 0; r < call->rows; ++r) {
+        shard_row *row = &call->row[r];
+        if (row->status != ROW_SAMPLE)
+            continue;
+        psm_u64 *masses = call->local_mass + r * call->local_tiles;
+        psm_u64 whole_rescaled = 0;
+        for (int64_t t = 0; t < call->local_tiles; ++t) {
+            const int64_t tile = me->first_tile + t;
+            const psm_u64 key = local_tile_key(call, r, t);
+            psm_u64 mass = 0;
+            if (key != 0) {
+                const float reference = psm_rank_key_logit(key);
+                int64_t begin, end;
+                part_of_tile(call, me, tile, &begin, &end);
+                for (int64_t i = begin; i < end; ++i)
+                    mass += psm_kept_weight(row->rule, reference,
+                                            shard_logit(call, row, i - me->first), (psm_u32)i);
+            }
+            masses[t] = mass;
+            if (tile_whole_in(call, me, tile))
+                whole_rescaled += tile_rescaled(row, key, mass);
+        }
+        psm_u64 *out = send_row(call, r);
+        out[0] = tile_whole_in(call, me, me->first_tile) ? 0 : masses[0];
+        out[1] = tile_whole_in(call, me, me->last_tile) ? 0 : masses[call->local_tiles - 1];
+        out[2] = whole_rescaled;
+    }
+}
+
+/* ---- the draw ------------------------------------------------------------ *
+ * The full row's tiles in order are runs of tiles a shard holds whole (their
+ * T_t known to that shard, their sum to all) and cut tiles (T_t known to
+ * all). A draw's tile bits choose a run or a cut tile; a run's shard finds
+ * the tile and the token, a cut tile's token bits choose the part (its
+ * shards' kept masses in token order) and the part's shard finds the token. */
+
+typedef struct draw_place {
+    int owner;        /* the shard that finds the token */
+    int64_t tile;     /* -1: a tile of the owner's whole run, found by the owner */
+    psm_u64 within;   /* the tile bits' pick left within the run, or the token pick left
+                         within the owner's part of the cut tile */
+    psm_u64 tile_mass, tile_rescaled; /* of the cut tile */
+} draw_place;
+
+/* Which shard holds the pick, from the combined masses of row r. */
+static draw_place place_draw(const psm_sharded *call, const psm_u64 *gathered, int64_t r,
+                             psm_draw_bits bits)
+{
+    const shard_row *row = &call->row[r];
+    const int n = call->shard.shard_count;
+    const psm_u64 *cut_key = call->cut_key + (size_t)r * 2 * n;
+    const psm_u64 *cut_mass = call->cut_mass + (size_t)r * 2 * n;
+    const psm_u64 pick = psm_pick(bits.tile, row->total);
+    psm_u64 running = 0;
+    int64_t last_cut = -1;
+    draw_place place = {0};
+    for (int k = 0; k < n; ++k) {
+        const int s = call->order[k];
+        const shard_span *span = &call->span[s];
+        for (int end = 0; end < 3; ++end) {
+            /* end 0: the first tile if cut, 1: the whole run, 2: the last tile if cut */
+            const int64_t tile = end == 2 ? span->last_tile : span->first_tile;
+            if (end == 1) {
+                const psm_u64 run = row_words(call, record_of(call, gathered, s), r)[2];
+                if (pick < running + run) {
+                    place.owner = s;
+                    place.tile = -1;
+                    place.within = pick - running;
+                    return place;
+                }
+                running += run;
+                continue;
+            }
+            if (tile_whole_in(call, span, tile) || tile == last_cut)
+                continue;
+            last_cut = tile;
+            const psm_u64 key = cut_key[2 * s + (end == 2)];
+            const psm_u64 mass = cut_mass[2 * s + (end == 2)];
+            const psm_u64 rescaled = tile_rescaled(row, key, mass);
+            if (pick < running + rescaled) {
+                /* The token pick over the tile's parts, in token order. */
+                psm_u64 token_pick = psm_pick(bits.token, mass), before = 0;
+                place.tile = tile;
+                place.tile_mass = mass;
+                place.tile_rescaled = rescaled;
+                for (int j = 0; j < n; ++j) {
+                    const int o = call->order[j];
+                    const shard_span *other = &call->span[o];
+                    if (tile < other->first_tile || tile > other->last_tile)
+                        continue;
+                    const psm_u64 *in = row_words(call, record_of(call, gathered, o), r);
+                    const psm_u64 part = tile == other->first_tile ? in[0] : in[1];
+                    if (token_pick < before + part) {
+                        place.owner = o;
+                        place.within = token_pick - before;
+                        return place;
+                    }
+                    before += part;
+                }
+                place.owner = -1; /* cannot happen: the pick is below the tile's mass */
+                return place;
+            }
+            running += rescaled;
+        }
+    }
+    place.owner = -1; /* cannot happen: the pick is below the row's total */
+    return place;
+}
+
+/* The owner's token of a placed draw, and its logprob. */
+static void find_token(const psm_sharded *call, int64_t r, draw_place place, psm_draw_bits bits,
+                       psm_i32 *token, float *logprob)
+{
+    const shard_row *row = &call->row[r];
+    const shard_span *me = &call->span[call->shard.shard_index];
+    *token = -1; /* cannot stay so: the picks are below the masses they pick in */
+    *logprob = psm_bits_float(0x7fc00000u);
+    int64_t local = -1;
+    psm_u64 mass = place.tile_mass, rescaled = place.tile_rescaled, token_pick = place.within;
+    if (place.tile < 0) { /* a tile of this shard's whole run */
+        psm_u64 running = 0;
+        for (int64_t t = 0; t < call->local_tiles; ++t) {
+            if (!tile_whole_in(call, me, me->first_tile + t))
+                continue;
+            const psm_u64 m = call->local_mass[r * call->local_tiles + t];
+            const psm_u64 amount = tile_rescaled(row, local_tile_key(call, r, t), m);
+            if (place.within < running + amount) {
+                local = t;
+                mass = m;
+                rescaled = amount;
+                break;
+            }
+            running += amount;
+        }
+        if (local < 0)
+            return;
+        token_pick = psm_pick(bits.token, mass);
+    } else {
+        local = place.tile - me->first_tile;
+    }
+    const float reference = psm_rank_key_logit(local_tile_key(call, r, local));
+    int64_t begin, end;
+    part_of_tile(call, me, me->first_tile + local, &begin, &end);
+    psm_u64 running = 0;
+    for (int64_t i = begin; i < end; ++i) {
+        const psm_u64 w = psm_kept_weight(row->rule, reference,
+                                          shard_logit(call, row, i - me->first), (psm_u32)i);
+        if (token_pick < running + w) {
+            *token = (psm_i32)i;
+            *logprob = psm_log_probability(w, mass, rescaled, row->total);
+            return;
+        }
+        running += w;
+    }
+}
+
+static void take_cut_maxima(psm_sharded *call, const psm_u64 *gathered)
+{
+    for (int64_t r = 0; r < call->rows; ++r)
+        if (call->row[r].status == ROW_SAMPLE)
+            combine_cut(call, gathered, r, 0,
+                        call->cut_key + (size_t)r * 2 * call->shard.shard_count);
+}
+
+/* The row totals, then where each draw lands: its owner and, for this
+ * shard's draws, the token (kept until the draws round). */
+static void take_masses(psm_sharded *call, const psm_u64 *gathered)
+{
+    const int n = call->shard.shard_count;
+    const int32_t samples = call->request.params.num_samples;
+    for (int64_t r = 0; r < call->rows; ++r) {
+        shard_row *row = &call->row[r];
+        if (row->status != ROW_SAMPLE)
+            continue;
+        psm_u64 *cut_mass = call->cut_mass + (size_t)r * 2 * n;
+        combine_cut(call, gathered, r, 1, cut_mass);
+        /* Every cut tile once (by the first shard in token order that
+         * touches it) and every whole run. */
+        psm_u64 total = 0;
+        int64_t last_cut = -1;
+        for (int k = 0; k < n; ++k) {
+            const int s = call->order[k];
+            const shard_span *span = &call->span[s];
+            total += row_words(call, record_of(call, gathered, s), r)[2];
+            for (int end = 0; end < 2; ++end) {
+                const int64_t tile = end ? span->last_tile : span->first_tile;
+                if (tile_whole_in(call, span, tile) || tile == last_cut)
+                    continue;
+                last_cut = tile;
+                total += tile_rescaled(row, call->cut_key[(size_t)r * 2 * n + 2 * s + end],
+                                       cut_mass[2 * s + end]);
+            }
+        }
+        row->total = total;
+        for (int32_t j = 0; j < samples; ++j) {
+            const psm_draw_bits bits =
+                psm_sample_bits(row->p.seed, row->p.offset, row->p.stream, (psm_u32)j);
+            const draw_place place = place_draw(call, gathered, r, bits);
+            const size_t at = (size_t)r * samples + j;
+            call->draw_owner[at] = place.owner;
+            if (place.owner == call->shard.shard_index)
+                find_token(call, r, place, bits, &call->tokens_out[at], &call->logprobs_out[at]);
+        }
+    }
+}
+
+static void send_draws(psm_sharded *call)
+{
+    const int32_t samples = call->request.params.num_samples;
+    for (int64_t r = 0; r < call->rows; ++r) {
+        if (call->row[r].status != ROW_SAMPLE)
+            continue;
+        psm_u64 *out = send_row(call, r);
+        for (int32_t j = 0; j < samples; ++j) {
+            const size_t at = (size_t)r * samples + j;
+            if (call->draw_owner[at] != call->shard.shard_index)
+                continue;
+            out[2 * j] = (psm_u64)(psm_u32)call->tokens_out[at];
+            out[2 * j + 1] = psm_float_bits(call->logprobs_out[at]);
+        }
+    }
+}
+
+static void take_draws(psm_sharded *call, const psm_u64 *gathered)
+{
+    const int32_t samples = call->request.params.num_samples;
+    for (int64_t r = 0; r < call->rows; ++r) {
+        const shard_row *row = &call->row[r];
+        for (int32_t j = 0; j < samples; ++j) {
+            const size_t at = (size_t)r * samples + j;
+            if (row->status == ROW_BAD) {
+                call->tokens_out[at] = -1;
+                call->logprobs_out[at] = psm_bits_float(0x7fc00000u);
+            } else if (row->status == ROW_GREEDY) {
+                call->tokens_out[at] = (psm_i32)psm_rank_key_token(row->best_key);
+                call->logprobs_out[at] = 0.0f;
+            } else if (call->draw_owner[at] < 0) {
+                call->tokens_out[at] = -1; /* cannot happen (place_draw) */
+                call->logprobs_out[at] = psm_bits_float(0x7fc00000u);
+            } else {
+                const psm_u64 *in =
+                    row_words(call, record_of(call, gathered, call->draw_owner[at]), r);
+                call->tokens_out[at] = (psm_i32)(psm_u32)in[2 * j];
+                call->logprobs_out[at] = psm_bits_float((psm_u32)in[2 * j + 1]);
+            }
+        }
+    }
+}
+
+/* ---- the public calls ---------------------------------------------------- */
+
+void psm_sharded_end(psm_sharded *call)
+{
+    if (!call)
+        return;
+    psm_free(call->send);
+    psm_free(call->row);
+    psm_free(call->local_key);
+    psm_free(call->local_mass);
+    psm_free(call->cut_key);
+    psm_free(call->cut_mass);
+    psm_free(call->draw_owner);
+    psm_free(call->tokens_out);
+    psm_free(call->logprobs_out);
+    psm_free(call);
+}
+
+static psm_status check_shard(const psm_context *context, const psm_tensor *logits,
+                              const psm_shard *shard, const psm_params *params)
+{
+    if (!shard)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "shard is NULL");
+    if (shard->shard_count < 1 || shard->shard_count > PSM_MAX_SHARDS)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                             "shard_count is %d; expected 1 to %d (PSM_MAX_SHARDS)",
+                             (int)shard->shard_count, PSM_MAX_SHARDS);
+    if (shard->shard_index < 0 || shard->shard_index >= shard->shard_count)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                             "shard_index is %d; expected 0 to %d", (int)shard->shard_index,
+                             (int)shard->shard_count - 1);
+    if (shard->full_vocab < 1 || shard->full_vocab > (int64_t)INT32_MAX)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                             "full_vocab is %lld; expected 1 to 2^31 - 1",
+                             (long long)shard->full_vocab);
+    if (shard->first_token < 0 || logits->vocab > shard->full_vocab - shard->first_token)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                             "the shard's columns %lld .. %lld lie outside the full row of %lld "
+                             "tokens",
+                             (long long)shard->first_token,
+                             (long long)(shard->first_token + logits->vocab - 1),
+                             (long long)shard->full_vocab);
+    if (context->backend != PSM_BACKEND_CPU)
+        return psm_set_error(PSM_ERR_UNSUPPORTED,
+                             "sharded sampling runs on the CPU backend so far, not on %s",
+                             psm_backend_name(context->backend));
+    if (psm_processing_active(params) || params->top_logprobs ||
+        params->filter_order != PSM_FILTER_ORDER_POLYSAMPLE)
+        return psm_set_error(PSM_ERR_UNSUPPORTED,
+                             "sharded sampling does not run logit processing, top-N logprobs "
+                             "or filter orders other than POLYSAMPLE yet");
+    return PSM_OK;
+}
+
+psm_status psm_sharded_begin(psm_context *context, const psm_tensor *logits_shard,
+                             const psm_shard *shard, const psm_params *params,
+                             psm_output tokens, psm_output logprobs, psm_sharded **call_out)
+{
+    psm_clear_error();
+    if (!call_out)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "call is NULL");
+    *call_out = NULL;
+    if (!context)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "context is NULL");
+    psm_request request;
+    psm_status status =
+        psm_validate_request(logits_shard, params, &tokens, &logprobs, NULL, 1, 0, &request);
+    if (status == PSM_OK)
+        status = check_shard(context, logits_shard, shard, params);
+    if (status != PSM_OK)
+        return status;
+
+    psm_sharded *call = psm_alloc_zeroed(1, sizeof *call);
+    if (!call)
+        return psm_set_error(PSM_ERR_OUT_OF_MEMORY, "sharded call: its state");
+    call->request = request;
+    call->shard = *shard;
+    call->check_rows = context->check_rows;
+    call->weight_bits = psm_weight_bits(shard->full_vocab);
+    call->rows = request.rows;
+    shard_span *me = &call->span[shard->shard_index];
+    me->first = shard->first_token;
+    me->count = logits_shard->vocab;
+    me->first_tile = me->first / PSM_TILE;
+    me->last_tile = (me->first + me->count - 1) / PSM_TILE;
+    call->local_tiles = me->last_tile - me->first_tile + 1;
+    const size_t rows = (size_t)call->rows, n = (size_t)shard->shard_count;
+    const size_t draws = rows * (size_t)params->num_samples;
+    call->row = psm_alloc_zeroed(rows, sizeof *call->row);
+    call->local_key = psm_alloc_zeroed(rows * (size_t)call->local_tiles, sizeof(psm_u64));
+    call->local_mass = psm_alloc_zeroed(rows * (size_t)call->local_tiles, sizeof(psm_u64));
+    call->cut_key = psm_alloc_zeroed(rows * 2 * n, sizeof(psm_u64));
+    call->cut_mass = psm_alloc_zeroed(rows * 2 * n, sizeof(psm_u64));
+    call->draw_owner = psm_alloc_zeroed(draws, sizeof *call->draw_owner);
+    call->tokens_out = psm_alloc_zeroed(draws, sizeof *call->tokens_out);
+    call->logprobs_out = psm_alloc_zeroed(draws, sizeof *call->logprobs_out);
+    if (!call->row || !call->local_key || !call->local_mass || !call->cut_key ||
+        !call->cut_mass || !call->draw_owner || !call->tokens_out || !call->logprobs_out) {
+        psm_sharded_end(call);
+        return psm_set_error(PSM_ERR_OUT_OF_MEMORY, "sharded call: its state for %zu rows",
+                             rows);
+    }
+    const psm_u32 per_row = psm_request_per_row(params);
+    const psm_row_scalars scalars = psm_request_row_scalars(&request);
+    const psm_row_arrays arrays = psm_request_row_arrays(params);
+    for (int64_t r = 0; r < call->rows; ++r)
+        call->row[r].p = psm_resolve_row(r, per_row, scalars, arrays);
+    *call_out = call;
+    return PSM_OK;
+}
+
+/* Writes the outputs (the last round's combined draws). */
+static void write_outputs(const psm_sharded *call)
+{
+    const size_t draws = (size_t)call->rows * (size_t)call->request.params.num_samples;
+    memcpy(call->request.tokens.data, call->tokens_out, draws * sizeof *call->tokens_out);
+    if (call->request.logprobs.data)
+        memcpy(call->request.logprobs.data, call->logprobs_out, draws * sizeof(float));
+}
+
+psm_status psm_sharded_next(psm_sharded *call, const void *gathered, size_t gathered_bytes,
+                            const void **send, size_t *send_bytes)
+{
+    psm_clear_error();
+    if (!call || !send || !send_bytes)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "call, send or send_bytes is NULL");
+    *send = NULL;
+    *send_bytes = 0;
+    if (call->round == ROUND_DONE)
+        return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "sharded call: already finished");
+    psm_status status = PSM_OK;
+    if (call->round == 0) {
+        if (gathered || gathered_bytes)
+            return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                                 "sharded call: the first round takes no gathered bytes");
+    } else {
+        status = check_gathered(call, gathered, gathered_bytes);
+        if (status != PSM_OK) {
+            call->round = ROUND_DONE;
+            return status;
+        }
+    }
+    const psm_u64 *in = gathered;
+    int next = ROUND_SUMMARY;
+    switch (call->round) {
+    case 0:
+        break;
+    case ROUND_SUMMARY:
+        status = take_summary(call, in);
+        next = ROUND_SELECT;
+        break;
+    case ROUND_SELECT:
+        take_select(call, in);
+        ++call->select_round;
+        next = ROUND_SELECT;
+        break;
+    case ROUND_CUT_MAXIMA:
+        take_cut_maxima(call, in);
+        next = ROUND_MASSES;
+        break;
+    case ROUND_MASSES:
+        take_masses(call, in);
+        next = ROUND_DRAWS;
+        break;
+    case ROUND_DRAWS:
+        take_draws(call, in);
+        next = ROUND_DONE;
+        break;
+    default:
+        status = psm_set_error(PSM_ERR_INTERNAL, "sharded call: round %d", call->round);
+    }
+    if (status != PSM_OK) {
+        call->round = ROUND_DONE;
+        return status;
+    }
+    if (next == ROUND_SELECT && !any_searching(call)) {
+        make_rules(call);
+        next = ROUND_CUT_MAXIMA;
+    }
+    call->round = next;
+    if (next == ROUND_DONE) {
+        write_outputs(call);
+        return PSM_OK;
+    }
+    status = open_record(call);
+    if (status != PSM_OK) {
+        call->round = ROUND_DONE;
+        return status;
+    }
+    switch (next) {
+    case ROUND_SUMMARY: send_summary(call); break;
+    case ROUND_SELECT: send_select(call); break;
+    case ROUND_CUT_MAXIMA: send_cut_maxima(call); break;
+    case ROUND_MASSES: send_masses(call); break;
+    case ROUND_DRAWS: send_draws(call); break;
+    }
+    *send = call->send;
+    *send_bytes = call->send_words * sizeof *call->send;
+    return PSM_OK;
+}

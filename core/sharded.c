@@ -68,6 +68,10 @@ struct psm_sharded {
     int64_t rows;             /* output rows */
     int64_t local_tiles;      /* tiles this shard touches */
     int round, select_round;  /* the kind of the record out; radix rounds so far */
+    /* A radix round's record holds the rows still searching only (every
+     * rank knows which): select_slot[r] is row r's place in it, or -1. */
+    int64_t *select_slot;
+    int64_t select_rows;
     psm_u64 *send;
     size_t send_words, send_capacity;
     shard_row *row;
@@ -143,7 +147,8 @@ static psm_u64 round_tag(const psm_sharded *call)
  * payload (rows x words) is zeroed. */
 static psm_status open_record(psm_sharded *call)
 {
-    const size_t words = HEADER_WORDS + (size_t)call->rows * round_words_per_row(call, call->round);
+    const int64_t entries = call->round == ROUND_SELECT ? call->select_rows : call->rows;
+    const size_t words = HEADER_WORDS + (size_t)entries * round_words_per_row(call, call->round);
     if (words > call->send_capacity) {
         psm_u64 *grown = psm_alloc(words * sizeof *grown);
         if (!grown)
@@ -328,12 +333,17 @@ static psm_status take_summary(psm_sharded *call, const psm_u64 *gathered)
  * psm_radix_select (kernels/psm_stage_select.h) with the tally summed over
  * the shards: the same levels, buckets, choices and cutoffs. */
 
-static int any_searching(const psm_sharded *call)
+/* Numbers the rows still searching (their slots in the next radix record);
+ * returns how many there are. */
+static int64_t number_searching_rows(psm_sharded *call)
 {
+    int64_t slots = 0;
     for (int64_t r = 0; r < call->rows; ++r)
-        if (call->row[r].status == ROW_SAMPLE && call->row[r].search != SEARCH_NONE)
-            return 1;
-    return 0;
+        call->select_slot[r] =
+            call->row[r].status == ROW_SAMPLE && call->row[r].search != SEARCH_NONE ? slots++
+                                                                                   : -1;
+    call->select_rows = slots;
+    return slots;
 }
 
 static void send_select(psm_sharded *call)
@@ -341,9 +351,9 @@ static void send_select(psm_sharded *call)
     const shard_span *me = &call->span[call->shard.shard_index];
     for (int64_t r = 0; r < call->rows; ++r) {
         shard_row *row = &call->row[r];
-        if (row->status != ROW_SAMPLE || row->search == SEARCH_NONE)
+        if (call->select_slot[r] < 0)
             continue;
-        psm_u64 *buckets = send_row(call, r); /* count, mass per bucket */
+        psm_u64 *buckets = send_row(call, call->select_slot[r]); /* count, mass per bucket */
         const int shift = 64 - 8 * (row->level + 1);
         for (int64_t i = 0; i < me->count; ++i) {
             const float x = shard_logit(call, row, i);
@@ -377,11 +387,12 @@ static void take_select(psm_sharded *call, const psm_u64 *gathered)
 {
     for (int64_t r = 0; r < call->rows; ++r) {
         shard_row *row = &call->row[r];
-        if (row->status != ROW_SAMPLE || row->search == SEARCH_NONE)
+        if (call->select_slot[r] < 0)
             continue;
         psm_u64 count[RADIX_BUCKETS] = {0}, mass[RADIX_BUCKETS] = {0};
         for (int s = 0; s < call->shard.shard_count; ++s) {
-            const psm_u64 *in = row_words(call, record_of(call, gathered, s), r);
+            const psm_u64 *in =
+                row_words(call, record_of(call, gathered, s), call->select_slot[r]);
             for (int b = 0; b < RADIX_BUCKETS; ++b) {
                 count[b] += in[2 * b];
                 mass[b] += in[2 * b + 1];
@@ -759,6 +770,7 @@ void psm_sharded_end(psm_sharded *call)
         return;
     psm_free(call->send);
     psm_free(call->row);
+    psm_free(call->select_slot);
     psm_free(call->local_key);
     psm_free(call->local_mass);
     psm_free(call->cut_key);
@@ -840,6 +852,7 @@ psm_status psm_sharded_begin(psm_context *context, const psm_tensor *logits_shar
     const size_t rows = (size_t)call->rows, n = (size_t)shard->shard_count;
     const size_t draws = rows * (size_t)params->num_samples;
     call->row = psm_alloc_zeroed(rows, sizeof *call->row);
+    call->select_slot = psm_alloc_zeroed(rows, sizeof *call->select_slot);
     call->local_key = psm_alloc_zeroed(rows * (size_t)call->local_tiles, sizeof(psm_u64));
     call->local_mass = psm_alloc_zeroed(rows * (size_t)call->local_tiles, sizeof(psm_u64));
     call->cut_key = psm_alloc_zeroed(rows * 2 * n, sizeof(psm_u64));
@@ -847,7 +860,7 @@ psm_status psm_sharded_begin(psm_context *context, const psm_tensor *logits_shar
     call->draw_owner = psm_alloc_zeroed(draws, sizeof *call->draw_owner);
     call->tokens_out = psm_alloc_zeroed(draws, sizeof *call->tokens_out);
     call->logprobs_out = psm_alloc_zeroed(draws, sizeof *call->logprobs_out);
-    if (!call->row || !call->local_key || !call->local_mass || !call->cut_key ||
+    if (!call->row || !call->select_slot || !call->local_key || !call->local_mass || !call->cut_key ||
         !call->cut_mass || !call->draw_owner || !call->tokens_out || !call->logprobs_out) {
         psm_sharded_end(call);
         return psm_set_error(PSM_ERR_OUT_OF_MEMORY, "sharded call: its state for %zu rows",
@@ -926,7 +939,7 @@ psm_status psm_sharded_next(psm_sharded *call, const void *gathered, size_t gath
         call->round = ROUND_DONE;
         return status;
     }
-    if (next == ROUND_SELECT && !any_searching(call)) {
+    if (next == ROUND_SELECT && number_searching_rows(call) == 0) {
         make_rules(call);
         next = ROUND_CUT_MAXIMA;
     }

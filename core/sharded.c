@@ -827,9 +827,18 @@ psm_status psm_sharded_begin(psm_context *context, const psm_tensor *logits_shar
     *call_out = NULL;
     if (!context)
         return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "context is NULL");
+    /* Validated without logit processing and top-N logprobs, which the
+     * sharded call refuses (their token lists and outputs are the full
+     * row's, not the shard's). */
+    psm_params checked;
+    if (params) {
+        checked = *params;
+        checked.processing = NULL;
+        checked.top_logprobs = NULL;
+    }
     psm_request request;
-    psm_status status =
-        psm_validate_request(logits_shard, params, &tokens, &logprobs, NULL, 1, 0, &request);
+    psm_status status = psm_validate_request(logits_shard, params ? &checked : NULL, &tokens,
+                                             &logprobs, NULL, 1, 0, &request);
     if (status == PSM_OK)
         status = check_shard(context, logits_shard, shard, params);
     if (status != PSM_OK)

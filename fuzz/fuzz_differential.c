@@ -25,6 +25,10 @@
  *    it with PSM_ERR_UNSUPPORTED). Its context is made once per process
  *    (PoCL compiles the kernels at first use).
  *
+ * Then the batch split by vocabulary (psm_sharded_*, 1-8 shards at cuts
+ * hashed from the input): every rank's tokens and logprobs equal the CPU
+ * backend's bit for bit (check_sharded).
+ *
  * After the batch, on about half the inputs, a psm_verify call (1-3
  * requests, k 1-12, chains or trees, vocab 1-64, every draft kind) against
  * docs/SAMPLING.md section 7 written out in contract_model.c
@@ -827,6 +831,110 @@ static int32_t cpu_tokens[MAX_ROWS * MAX_SAMPLES], gpu_tokens[MAX_ROWS * MAX_SAM
 static float cpu_logprobs[MAX_ROWS * MAX_SAMPLES], gpu_logprobs[MAX_ROWS * MAX_SAMPLES];
 static float cpu_probs[MAX_ROWS * MAX_VOCAB], gpu_probs[MAX_ROWS * MAX_VOCAB];
 
+/* ---- sharded sampling (docs/SAMPLING.md section 8) ------------------------ */
+
+#define MAX_SHARDS 8
+
+/* The batch split by vocabulary into 1-8 shards at cuts drawn from a hash of
+ * the whole input (so that the bytes the batch and the verification read
+ * keep their meaning), shard indices in a random order; every rank's tokens
+ * and logprobs must equal the unsharded CPU call's bit for bit. A batch with
+ * logit processing must be refused (PSM_ERR_UNSUPPORTED) with nothing
+ * written. */
+static void check_sharded(const batch *b, const uint8_t *data, size_t size)
+{
+    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+    for (size_t i = 0; i < size; ++i)
+        h = (h ^ data[i]) * 1099511628211ull;
+    const int wanted = 1 + (int)(h % MAX_SHARDS);
+    int64_t cuts[MAX_SHARDS + 1];
+    int count = 0;
+    cuts[count++] = 0;
+    for (int k = 1; k < wanted && b->vocab > 1; ++k) {
+        h = h * 6364136223846793005ull + 1442695040888963407ull;
+        const int64_t cut = 1 + (int64_t)((h >> 33) % (uint64_t)(b->vocab - 1));
+        int seen = 0;
+        for (int j = 0; j < count; ++j)
+            seen |= cuts[j] == cut;
+        if (!seen)
+            cuts[count++] = cut;
+    }
+    for (int a = 1; a < count; ++a)
+        for (int j = a; j > 0 && cuts[j] < cuts[j - 1]; --j) {
+            const int64_t t = cuts[j];
+            cuts[j] = cuts[j - 1];
+            cuts[j - 1] = t;
+        }
+    cuts[count] = b->vocab;
+    int index[MAX_SHARDS];
+    for (int k = 0; k < count; ++k)
+        index[k] = k;
+    for (int k = count - 1; k > 0; --k) {
+        h = h * 6364136223846793005ull + 1442695040888963407ull;
+        const int j = (int)((h >> 33) % (uint64_t)(k + 1));
+        const int t = index[k];
+        index[k] = index[j];
+        index[j] = t;
+    }
+
+    static int32_t tokens[MAX_SHARDS][MAX_ROWS * MAX_SAMPLES];
+    static float logprobs[MAX_SHARDS][MAX_ROWS * MAX_SAMPLES];
+    psm_sharded *calls[MAX_SHARDS] = {0};
+    const size_t element = b->dtype == PSM_DTYPE_F32 ? 4 : 2;
+    const size_t outputs = (size_t)(b->rows * b->samples);
+    for (int k = 0; k < count; ++k) {
+        const int rank = index[k];
+        psm_tensor shard_logits = {(char *)b->logits + (size_t)cuts[k] * element, b->dtype,
+                                   PSM_MEMORY_HOST, b->rows, cuts[k + 1] - cuts[k], b->stride};
+        const psm_shard shard = {cuts[k], b->vocab, rank, count};
+        for (size_t i = 0; i < outputs; ++i)
+            tokens[rank][i] = -7;
+        const psm_status status = psm_sharded_begin(
+            cpu_context, &shard_logits, &shard, &b->params, (psm_output){tokens[rank], PSM_MEMORY_HOST},
+            (psm_output){logprobs[rank], PSM_MEMORY_HOST}, &calls[rank]);
+        if (b->params.processing) {
+            if (status != PSM_ERR_UNSUPPORTED || calls[rank] || tokens[rank][0] != -7)
+                FAIL("sharded: a batch with processing gave %s (%s), not a refusal",
+                     psm_status_string(status), psm_last_error());
+            return;
+        }
+        if (status != PSM_OK)
+            FAIL("sharded: begin on rank %d of %d failed: %s", rank, count, psm_last_error());
+    }
+    static unsigned char gathered[MAX_SHARDS * (32 + MAX_ROWS * 4096 + 64 * MAX_ROWS)];
+    size_t gathered_bytes = 0;
+    for (int round = 0;; ++round) {
+        const void *send[MAX_SHARDS];
+        size_t bytes[MAX_SHARDS];
+        for (int rank = 0; rank < count; ++rank)
+            if (psm_sharded_next(calls[rank], round ? gathered : NULL, gathered_bytes, &send[rank],
+                                 &bytes[rank]) != PSM_OK)
+                FAIL("sharded: round %d on rank %d failed: %s", round, rank, psm_last_error());
+        for (int rank = 1; rank < count; ++rank)
+            if (bytes[rank] != bytes[0])
+                FAIL("sharded: round %d: rank %d sends %zu bytes, rank 0 %zu", round, rank,
+                     bytes[rank], bytes[0]);
+        if (bytes[0] == 0)
+            break;
+        if (round > 20 || (size_t)count * bytes[0] > sizeof gathered)
+            FAIL("sharded: round %d of %zu bytes a rank", round, bytes[0]);
+        for (int rank = 0; rank < count; ++rank)
+            memcpy(gathered + (size_t)rank * bytes[0], send[rank], bytes[0]);
+        gathered_bytes = (size_t)count * bytes[0];
+    }
+    for (int rank = 0; rank < count; ++rank) {
+        psm_sharded_end(calls[rank]);
+        for (size_t i = 0; i < outputs; ++i)
+            if (tokens[rank][i] != cpu_tokens[i] ||
+                memcmp(&logprobs[rank][i], &cpu_logprobs[i], sizeof(float)) != 0)
+                FAIL("sharded (%d shards): rank %d, row %lld sample %lld: token %d logprob %.9g, "
+                     "unsharded %d %.9g",
+                     count, rank, (long long)(i / (size_t)b->samples),
+                     (long long)(i % (size_t)b->samples), tokens[rank][i],
+                     (double)logprobs[rank][i], cpu_tokens[i], (double)cpu_logprobs[i]);
+    }
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     fuzz_input input = fuzz_input_make(data, size);
@@ -848,6 +956,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                      (long long)(i / b->vocab), (long long)(i % b->vocab), (double)gpu_probs[i],
                      (double)cpu_probs[i]);
     }
+    check_sharded(b, data, size);
     free(b->logits);
     /* Decoded after the batch, so that an input that ends before it (every
      * seed written before it existed) makes no verification. */

@@ -422,6 +422,21 @@ START_TEST(sharded_begin_refuses)
     ck_assert_int_eq(psm_sharded_begin(context, &t, &ok, &bad, psm_test_output(tokens),
                                        psm_test_output(NULL), &call),
                      PSM_ERR_UNSUPPORTED);
+    /* Processing whose lists name tokens of the full row (beyond this
+     * shard's columns): refused as unsupported, not as out of range. */
+    const int64_t history_offsets[3] = {0, 1, 1};
+    const int32_t history_tokens[1] = {150};
+    psm_logit_processing processing;
+    psm_logit_processing_init(&processing);
+    processing.history_offsets = history_offsets;
+    processing.history_tokens = history_tokens;
+    processing.repetition_penalty = 1.2f;
+    bad = p;
+    bad.processing = &processing;
+    const psm_shard first_half = {0, 200, 0, 2};
+    ck_assert_int_eq(psm_sharded_begin(context, &t, &first_half, &bad, psm_test_output(tokens),
+                                       psm_test_output(NULL), &call),
+                     PSM_ERR_UNSUPPORTED);
     bad = p;
     bad.filter_order = PSM_FILTER_ORDER_VLLM;
     ck_assert_int_eq(psm_sharded_begin(context, &t, &ok, &bad, psm_test_output(tokens),

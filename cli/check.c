@@ -32,7 +32,8 @@ static const char check_description[] =
     "order_flashinfer_top_k_first and order_flashinfer_joint (T 0.8, top-k\n"
     "40, top-p 0.9, min-p 0.02)) through every\n"
     "device of every available backend (e.g. opencl:0 and opencl:1 for a GPU\n"
-    "driver and PoCL), the CPU backend at 1 and 2 threads, device-resident\n"
+    "driver and PoCL), the CPU backend at 1 and 2 threads and with each\n"
+    "batch split by vocabulary into 3 shards (psm_sharded_*), device-resident\n"
     "buffers (CUDA, OpenCL; per-row arrays, indices, pointers and processing\n"
     "lists too) and, with per-row seeds, rows alone, split and reversed\n"
     "batches; every other case has padded rows (row_stride > vocab) and\n"
@@ -181,8 +182,9 @@ int cli_check(int argc, char **argv)
         return parsed == CLI_PARSE_HELP ? CLI_EXIT_OK : CLI_EXIT_USAGE;
     state.show_progress = isatty(STDERR_FILENO);
 
-    /* The participants: the CPU backend at 1 and 2 threads, then every other
-     * backend from host memory and, where the tool can, device memory. */
+    /* The participants: the CPU backend at 1 and 2 threads and sharded, then
+     * every other backend from host memory and, where the tool can, device
+     * memory. */
     if (check_open_participants(&state, requested.backends, requested.device_indices,
                                 requested.count ? requested.count : -1) != 0) {
         exit_status = CLI_EXIT_FAILURE;

@@ -64,6 +64,8 @@ typedef struct participant {
     const bench_device_ops *device; /* non-NULL: buffers live on the device */
     void *session;
     char refusal[256]; /* the library's message when it last refused a feature */
+    int shards;        /* > 0: each batch split by vocabulary into this many shards,
+                          sampled with psm_sharded_* (CPU backend, host memory) */
 } participant;
 
 /* One batch of inputs on the host. */

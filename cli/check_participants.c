@@ -194,6 +194,79 @@ static int call_outcome(participant *who, const check_batch *batch, psm_status s
     return 0;
 }
 
+/* The batch split by vocabulary into who->shards shards (cut inside tiles,
+ * shard indices in reverse column order), every rank's call run in turn and
+ * each round's all-gather made by copying; rank 0's outputs are written to
+ * the caller's, and every other rank's must equal them. */
+static psm_status run_sharded(participant *who, const check_batch *batch, const psm_params *params,
+                              psm_output tokens, psm_output logprobs)
+{
+    enum { MOST = 8 };
+    const int shards = (int)(batch->vocab < who->shards ? batch->vocab : who->shards);
+    const size_t drawn = (size_t)check_output_rows(batch) * (size_t)params->num_samples;
+    const size_t element = cli_dtype_size(batch->dtype);
+    psm_sharded *calls[MOST] = {NULL};
+    int32_t *rank_tokens[MOST] = {NULL};
+    float *rank_logprobs[MOST] = {NULL};
+    unsigned char *gathered = NULL;
+    size_t gathered_bytes = 0;
+    psm_status status = PSM_OK;
+    /* Cuts 7 tokens past the even ones (inside a tile) when the shards are
+     * long enough that they stay in order. */
+    const int64_t nudge = batch->vocab / shards > 14 ? 7 : 0;
+    for (int k = 0; k < shards && status == PSM_OK; ++k) {
+        const int64_t first = k == 0 ? 0 : batch->vocab * k / shards + nudge;
+        const int64_t next = k + 1 == shards ? batch->vocab : batch->vocab * (k + 1) / shards + nudge;
+        const int rank = shards - 1 - k;
+        psm_tensor shard_logits = {(char *)batch->logits + (size_t)first * element, batch->dtype,
+                                   PSM_MEMORY_HOST, batch->rows, next - first, batch->row_stride};
+        const psm_shard shard = {first, batch->vocab, rank, shards};
+        rank_tokens[rank] = rank == 0 ? tokens.data : malloc(drawn * sizeof(int32_t));
+        rank_logprobs[rank] = rank == 0 ? logprobs.data : malloc(drawn * sizeof(float));
+        if (!rank_tokens[rank] || !rank_logprobs[rank]) {
+            status = PSM_ERR_OUT_OF_MEMORY;
+            break;
+        }
+        status = psm_sharded_begin(who->context, &shard_logits, &shard, params,
+                                   (psm_output){rank_tokens[rank], PSM_MEMORY_HOST},
+                                   (psm_output){rank_logprobs[rank], PSM_MEMORY_HOST},
+                                   &calls[rank]);
+    }
+    for (int round = 0; status == PSM_OK; ++round) {
+        const void *send[MOST];
+        size_t bytes[MOST];
+        for (int rank = 0; rank < shards && status == PSM_OK; ++rank)
+            status = psm_sharded_next(calls[rank], round ? gathered : NULL, gathered_bytes,
+                                      &send[rank], &bytes[rank]);
+        if (status != PSM_OK || bytes[0] == 0)
+            break;
+        free(gathered);
+        gathered_bytes = (size_t)shards * bytes[0];
+        gathered = malloc(gathered_bytes);
+        if (!gathered) {
+            status = PSM_ERR_OUT_OF_MEMORY;
+            break;
+        }
+        for (int rank = 0; rank < shards; ++rank)
+            memcpy(gathered + (size_t)rank * bytes[0], send[rank], bytes[0]);
+    }
+    for (int rank = 1; rank < shards && status == PSM_OK; ++rank)
+        if (memcmp(rank_tokens[rank], rank_tokens[0], drawn * sizeof(int32_t)) != 0 ||
+            memcmp(rank_logprobs[rank], rank_logprobs[0], drawn * sizeof(float)) != 0) {
+            cli_error("check", "%s: rank %d's outputs differ from rank 0's", who->name, rank);
+            status = PSM_ERR_INTERNAL;
+        }
+    for (int rank = 0; rank < shards; ++rank) {
+        psm_sharded_end(calls[rank]);
+        if (rank > 0) {
+            free(rank_tokens[rank]);
+            free(rank_logprobs[rank]);
+        }
+    }
+    free(gathered);
+    return status;
+}
+
 int check_run_batch(participant *who, const check_batch *batch, const check_outputs *outputs)
 {
     psm_tensor logits;
@@ -225,6 +298,9 @@ int check_run_batch(participant *who, const check_batch *batch, const check_outp
         top.tokens = (psm_output){outputs->top_tokens, PSM_MEMORY_HOST};
         top.logprobs = (psm_output){outputs->top_logprobs, PSM_MEMORY_HOST};
         top.sampled_ranks = (psm_output){outputs->ranks, PSM_MEMORY_HOST};
+        if (who->shards > 0)
+            return call_outcome(who, batch,
+                                run_sharded(who, batch, &params, token_output, logprob_output));
         return call_outcome(who, batch,
                             psm_sample(who->context, &logits, &params, token_output,
                                        logprob_output));
@@ -333,6 +409,12 @@ int check_open_participants(check_state *state, const psm_backend *requested,
                                0) != 0)
         return -1;
     state->participant_count = 2;
+    /* The batch split by vocabulary (psm_sharded_*), against the unsplit calls. */
+    if (check_open_participant(&state->participants[2], "cpu/sharded-3", PSM_BACKEND_CPU, -1, 1,
+                               0) != 0)
+        return -1;
+    state->participants[2].shards = 3;
+    state->participant_count = 3;
     if (requested_count < 0) {
         requested_count = 0;
         /* Every device of every available backend (OpenCL on a GPU driver

@@ -892,7 +892,10 @@ static void check_sharded(const batch *b, const uint8_t *data, size_t size)
         const psm_status status = psm_sharded_begin(
             cpu_context, &shard_logits, &shard, &b->params, (psm_output){tokens[rank], PSM_MEMORY_HOST},
             (psm_output){logprobs[rank], PSM_MEMORY_HOST}, &calls[rank]);
-        if (b->params.processing) {
+        /* Processing with something to do (penalties alone, without a
+         * history or prompt, change nothing and run). */
+        const psm_logit_processing *p = b->params.processing;
+        if (p && (p->allowed_mask || p->bias_offsets || p->history_offsets || p->prompt_offsets)) {
             if (status != PSM_ERR_UNSUPPORTED || calls[rank] || tokens[rank][0] != -7)
                 FAIL("sharded: a batch with processing gave %s (%s), not a refusal",
                      psm_status_string(status), psm_last_error());

@@ -416,7 +416,9 @@ typedef struct psm_shard {
 typedef struct psm_sharded psm_sharded;
 
 /* Validates the call (logits_shard: rows x shard_vocab) and starts it;
- * nothing is written until the last round. *call must be ended with
+ * nothing is written until the last round. params (and its per-row arrays
+ * and pointers) are read here; the shard's logits are read in the rounds
+ * and must stay valid until the call ends. *call must be ended with
  * psm_sharded_end. */
 PSM_API psm_status psm_sharded_begin(psm_context *context, const psm_tensor *logits_shard,
                                      const psm_shard *shard, const psm_params *params,

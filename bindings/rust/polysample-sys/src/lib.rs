@@ -160,6 +160,27 @@ pub const PSM_FILTER_ORDER_COUNT: c_int = 6;
 /// The most draft nodes (k) a request may have in `psm_drafts.nodes`.
 pub const PSM_MAX_DRAFT_NODES: c_int = 64;
 
+/// The most ranks a sharded call may have (`psm_shard.shard_count`).
+pub const PSM_MAX_SHARDS: c_int = 64;
+
+/// `psm_shard`: one rank's columns of rows split by vocabulary
+/// (docs/SAMPLING.md, section 8).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct psm_shard {
+    pub first_token: i64,
+    pub full_vocab: i64,
+    pub shard_index: i32,
+    pub shard_count: i32,
+}
+
+/// Opaque `struct psm_sharded`: a sharded call in progress, behind a pointer.
+#[repr(C)]
+pub struct psm_sharded {
+    _opaque: [u8; 0],
+    _not_send_sync_unpin: core::marker::PhantomData<(*mut u8, core::marker::PhantomPinned)>,
+}
+
 /// `psm_drafts`: what a draft proposed for speculative verification
 /// (docs/SAMPLING.md, section 7), k nodes per request as a chain or a tree,
 /// and the distribution each node's token was drawn from: `draft_logits`
@@ -282,6 +303,23 @@ extern "C" {
         drafts: *const psm_drafts,
         outputs: *const psm_verification,
     ) -> psm_status;
+    pub fn psm_sharded_begin(
+        context: *mut psm_context,
+        logits_shard: *const psm_tensor,
+        shard: *const psm_shard,
+        params: *const psm_params,
+        tokens: psm_output,
+        logprobs: psm_output,
+        call: *mut *mut psm_sharded,
+    ) -> psm_status;
+    pub fn psm_sharded_next(
+        call: *mut psm_sharded,
+        gathered: *const c_void,
+        gathered_bytes: usize,
+        send: *mut *const c_void,
+        send_bytes: *mut usize,
+    ) -> psm_status;
+    pub fn psm_sharded_end(call: *mut psm_sharded);
     pub fn psm_synchronize(context: *mut psm_context) -> psm_status;
 
     pub fn psm_status_string(status: psm_status) -> *const c_char;

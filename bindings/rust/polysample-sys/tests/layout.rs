@@ -74,6 +74,7 @@ struct_facts! {
     psm_top_logprobs { count, mode, tokens, logprobs, sampled_ranks }
     psm_drafts { nodes, tokens, parents, draft_logits, draft_params, draft_probs }
     psm_verification { accepted, tokens, path_nodes, logprobs }
+    psm_shard { first_token, full_vocab, shard_index, shard_count }
 }
 
 macro_rules! constant_facts {
@@ -117,7 +118,7 @@ constant_facts! {
     }
     ;
     macros { PSM_VERSION_MAJOR, PSM_VERSION_MINOR, PSM_VERSION_PATCH, PSM_VERSION_NUMBER, PSM_BACKEND_COUNT, PSM_MAX_CPU_THREADS,
-             PSM_MAX_TOP_LOGPROBS, PSM_FILTER_ORDER_COUNT, PSM_MAX_DRAFT_NODES }
+             PSM_MAX_TOP_LOGPROBS, PSM_FILTER_ORDER_COUNT, PSM_MAX_DRAFT_NODES, PSM_MAX_SHARDS }
 }
 
 /// Each function with its C type (return type, parameter list) and its Rust
@@ -167,6 +168,13 @@ function_signatures! {
     psm_verify:
         "psm_status" ("psm_context *, const psm_tensor *, const psm_params *, const psm_drafts *, const psm_verification *")
         = unsafe extern "C" fn(*mut psm_context, *const psm_tensor, *const psm_params, *const psm_drafts, *const psm_verification) -> psm_status;
+    psm_sharded_begin:
+        "psm_status" ("psm_context *, const psm_tensor *, const psm_shard *, const psm_params *, psm_output, psm_output, psm_sharded **")
+        = unsafe extern "C" fn(*mut psm_context, *const psm_tensor, *const psm_shard, *const psm_params, psm_output, psm_output, *mut *mut psm_sharded) -> psm_status;
+    psm_sharded_next: "psm_status" ("psm_sharded *, const void *, size_t, const void **, size_t *")
+        = unsafe extern "C" fn(*mut psm_sharded, *const c_void, usize, *mut *const c_void, *mut usize) -> psm_status;
+    psm_sharded_end: "void" ("psm_sharded *")
+        = unsafe extern "C" fn(*mut psm_sharded);
     psm_synchronize: "psm_status" ("psm_context *")
         = unsafe extern "C" fn(*mut psm_context) -> psm_status;
     psm_status_string: "const char *" ("psm_status")

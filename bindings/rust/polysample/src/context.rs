@@ -201,6 +201,13 @@ pub struct Context {
 // thread; `!Sync` and `&mut self` on every call that works keep it to one.
 unsafe impl Send for Context {}
 
+impl Context {
+    /// The C context, for the calls of other modules (which take `&mut self`).
+    pub(crate) fn raw_mut(&mut self) -> *mut sys::psm_context {
+        self.raw.as_ptr()
+    }
+}
+
 impl Drop for Context {
     fn drop(&mut self) {
         // SAFETY: raw came from psm_context_create and is destroyed once.

@@ -29,6 +29,7 @@ mod error;
 mod info;
 mod params;
 mod processing;
+mod sharded;
 mod verify;
 
 pub use context::{
@@ -38,6 +39,7 @@ pub use error::{Error, Result, Status};
 pub use info::{backends, version, version_number, Availability, Backend, BackendInfo, Dtype};
 pub use params::{FilterOrder, Logits, LogitsData, Params};
 pub use processing::Processing;
+pub use sharded::{Shard, Sharded};
 pub use verify::{Drafts, Verification};
 
 /// The raw declarations, for what this crate does not wrap.

@@ -46,8 +46,8 @@ from ._processing import RowLists, processing_tuple
 from . import _verify
 from ._verify import VerifyResult
 
-__all__ = ["Context", "Error", "RowLists", "SampleResult", "VerifyResult", "info", "probs",
-           "sample", "verify", "__version__"]
+__all__ = ["Context", "Error", "RowLists", "SampleResult", "Sharded", "VerifyResult", "info",
+           "probs", "sample", "verify", "__version__"]
 __version__ = _core.version()
 
 _logger = logging.getLogger("polysample")
@@ -260,6 +260,35 @@ class Context:
                  top_k_per_row=draft_top_k_per_row, top_p_per_row=draft_top_p_per_row,
                  min_p_per_row=draft_min_p_per_row))
 
+    def sharded(self, logits, *, first_token, full_vocab, shard_index, shard_count,
+                temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, offset=0,
+                num_samples=1, temperature_per_row=None, top_k_per_row=None,
+                top_p_per_row=None, min_p_per_row=None, seed_per_row=None,
+                offset_per_row=None, subsequence_per_row=None, row_indices=None):
+        """Starts a sharded call on this rank's columns of rows split by
+        vocabulary (docs/SAMPLING.md section 8): logits holds the columns
+        first_token .. first_token + logits.shape[-1] - 1 of rows of
+        full_vocab tokens, and this rank is shard_index of shard_count in
+        every all-gather. Every rank passes the same sampling arguments (as
+        for sample(); host arrays). Returns a Sharded: call next() with each
+        round's all-gather until it returns None, then result() is what
+        sample(..., return_logprobs=True) gives on the whole rows, bit for
+        bit. Runs on the CPU backend with host logits so far."""
+        values = scalars(temperature, top_k, top_p, min_p, seed, offset, num_samples)
+        arrays = _host_arrays((temperature_per_row, top_k_per_row, top_p_per_row,
+                               min_p_per_row, seed_per_row, offset_per_row,
+                               subsequence_per_row, row_indices, None, None))
+        rows = _output_rows(logits, arrays)
+        output_rows = 1
+        for extent in rows:
+            output_rows *= extent
+        call = self._context.sharded(logits, _index(first_token, "first_token"),
+                                     _index(full_vocab, "full_vocab"),
+                                     _index(shard_index, "shard_index"),
+                                     _index(shard_count, "shard_count"), values, arrays,
+                                     output_rows)
+        return Sharded(call, rows + (values[6],))
+
     def sample_workspace_size(self, logits, **arguments):
         """The bytes of workspace that sample(logits, **arguments) needs on
         this context: the same keyword arguments as sample(), without
@@ -319,6 +348,42 @@ def _shape(array):
     if len(shape) not in (1, 2):
         raise Error("INVALID_ARGUMENT", f"logits must be 1-D or 2-D; got {len(shape)}-D")
     return shape
+
+
+def _index(value, name):
+    """A non-negative integer argument of the sharded call."""
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise Error("INVALID_ARGUMENT", f"{name} must be an integer") from None
+    if not 0 <= value < 2**62:
+        raise Error("INVALID_ARGUMENT", f"{name} is {value}; expected 0 or more")
+    return value
+
+
+class Sharded:
+    """A sharded call on one rank (Context.sharded). next(gathered) takes the
+    previous round's all-gather (every rank's bytes concatenated in
+    shard_index order; None the first time) and returns this rank's bytes
+    for the next one, the same length on every rank, or None when the call
+    is over; result() then gives (tokens, logprobs) as NumPy arrays."""
+
+    def __init__(self, call, shape):
+        self._call = call
+        self._shape = shape
+        self._result = None
+
+    def next(self, gathered=None):
+        if gathered is not None and not isinstance(gathered, bytes):
+            gathered = bytes(memoryview(gathered))
+        return self._call.next(gathered)
+
+    def result(self):
+        if self._result is None:
+            tokens, logprobs = self._call.outputs()
+            self._result = (np.frombuffer(tokens, dtype=np.int32).reshape(self._shape),
+                            np.frombuffer(logprobs, dtype=np.float32).reshape(self._shape))
+        return self._result
 
 
 def _output_rows(logits, arrays):

@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -177,6 +178,70 @@ exchange_capture_mode_fn find_exchange_capture_mode()
         return nullptr;
     return (exchange_capture_mode_fn)dlsym(driver, "cuThreadExchangeStreamCaptureMode");
 }
+
+// A sharded call in progress (docs/SAMPLING.md section 8): the views keep
+// the shard's logits alive for the rounds; the outputs are written into the
+// vectors at the last round and handed to Python as bytes.
+class Sharded {
+public:
+    Sharded(std::vector<View> views, psm_sharded *call, size_t outputs)
+        : views_(std::move(views)), call_(call), tokens_(outputs), logprobs_(outputs)
+    {
+    }
+    Sharded(const Sharded &) = delete;
+    Sharded &operator=(const Sharded &) = delete;
+    ~Sharded() { psm_sharded_end(call_); }
+
+    psm_output tokens_output() { return psm_output{tokens_.data(), PSM_MEMORY_HOST}; }
+    psm_output logprobs_output() { return psm_output{logprobs_.data(), PSM_MEMORY_HOST}; }
+    void attach(psm_sharded *call) { call_ = call; }
+
+    // One round: gathered is None the first time, then the previous round's
+    // all-gather (bytes). Returns this rank's bytes, or None once the
+    // outputs are written.
+    nb::object next(nb::handle gathered)
+    {
+        const char *data = nullptr;
+        size_t size = 0;
+        if (!gathered.is_none()) {
+            if (!nb::isinstance<nb::bytes>(gathered))
+                fail(PSM_ERR_INVALID_ARGUMENT, "gathered must be bytes (or None the first time)");
+            nb::bytes bytes = nb::borrow<nb::bytes>(gathered);
+            data = bytes.c_str();
+            size = bytes.size();
+        }
+        const void *send = nullptr;
+        size_t send_bytes = 0;
+        psm_status status;
+        {
+            nb::gil_scoped_release release;
+            status = psm_sharded_next(call_, data, size, &send, &send_bytes);
+        }
+        if (status != PSM_OK)
+            fail(status, psm_last_error());
+        if (send_bytes == 0) {
+            done_ = true;
+            return nb::none();
+        }
+        return nb::bytes((const char *)send, send_bytes);
+    }
+
+    // (tokens, logprobs) as bytes of int32 and float32, once next() gave None.
+    nb::tuple outputs() const
+    {
+        if (!done_)
+            fail(PSM_ERR_INVALID_ARGUMENT, "the sharded call has not finished its rounds");
+        return nb::make_tuple(nb::bytes((const char *)tokens_.data(), tokens_.size() * 4),
+                              nb::bytes((const char *)logprobs_.data(), logprobs_.size() * 4));
+    }
+
+private:
+    std::vector<View> views_;
+    psm_sharded *call_ = nullptr;
+    std::vector<int32_t> tokens_;
+    std::vector<float> logprobs_;
+    bool done_ = false;
+};
 
 class Context {
 public:
@@ -405,6 +470,44 @@ public:
         }
         if (status != PSM_OK)
             fail(status, psm_last_error());
+    }
+
+    // Starts a sharded call (docs/SAMPLING.md section 8) on this rank's
+    // columns of host logits; scalars and arrays as for run() (host arrays
+    // only); output_rows: the logits' rows, or the entries of row_indices.
+    Sharded *sharded(nb::handle logits_object, int64_t first_token, int64_t full_vocab,
+                     int32_t shard_index, int32_t shard_count, nb::tuple scalars,
+                     nb::tuple arrays, int64_t output_rows)
+    {
+        std::vector<View> views;
+        views.reserve(16);
+        const psm_tensor logits = logits_tensor(views, logits_object, "logits");
+        if (logits.memory != PSM_MEMORY_HOST)
+            fail(PSM_ERR_UNSUPPORTED, "sharded calls take host logits so far");
+        psm_params params;
+        set_scalars(params, Scalars::of(scalars));
+        if (params.num_samples < 1)
+            fail(PSM_ERR_INVALID_PARAMETER, "num_samples is " +
+                                                std::to_string(params.num_samples) +
+                                                "; expected >= 1");
+        set_arrays(views, params, arrays, "", output_rows, logits.memory,
+                   views.front().device_id);
+        if (params.row_indices)
+            params.output_rows = output_rows;
+        const size_t outputs = (size_t)output_rows * (size_t)params.num_samples;
+        const psm_shard shard{first_token, full_vocab, shard_index, shard_count};
+        auto call = std::make_unique<Sharded>(std::move(views), nullptr, outputs);
+        psm_sharded *raw = nullptr;
+        psm_status status;
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            status = psm_sharded_begin(context_, &logits, &shard, &params, call->tokens_output(),
+                                       call->logprobs_output(), &raw);
+        }
+        if (status != PSM_OK)
+            fail(status, psm_last_error());
+        call->attach(raw);
+        return call.release();
     }
 
     // The C call's own time, for the overhead measurement in polysample.bench:
@@ -1089,7 +1192,15 @@ NB_MODULE(_core, module)
         .def("verify", &Context::verify, nb::arg("target"), nb::arg("scalars"),
              nb::arg("arrays"), nb::arg("drafts"), nb::arg("draft_params").none(),
              nb::arg("outputs"))
-        .def("time_sample", &Context::time_sample);
+        .def("time_sample", &Context::time_sample)
+        .def("sharded", &Context::sharded, nb::arg("logits"), nb::arg("first_token"),
+             nb::arg("full_vocab"), nb::arg("shard_index"), nb::arg("shard_count"),
+             nb::arg("scalars"), nb::arg("arrays"), nb::arg("output_rows"),
+             nb::rv_policy::take_ownership);
+
+    nb::class_<Sharded>(module, "Sharded")
+        .def("next", &Sharded::next, nb::arg("gathered").none())
+        .def("outputs", &Sharded::outputs);
 
     module.def("backend_info", &backend_info);
     module.def("exchange_capture_mode", &exchange_capture_mode);

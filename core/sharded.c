@@ -245,6 +245,12 @@ static psm_status take_spans(psm_sharded *call, const psm_u64 *gathered)
     const int n = call->shard.shard_count;
     for (int s = 0; s < n; ++s) {
         const psm_u64 *record = record_of(call, gathered, s);
+        const psm_u64 full = (psm_u64)call->shard.full_vocab;
+        if (record[2] >= full || record[3] < 1 || record[3] > full - record[2])
+            return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                                 "sharded call: shard %d's record names columns outside the "
+                                 "full row (a corrupt exchange)",
+                                 s);
         shard_span *span = &call->span[s];
         span->first = (int64_t)record[2];
         span->count = (int64_t)record[3];
@@ -300,6 +306,13 @@ static psm_status take_summary(psm_sharded *call, const psm_u64 *gathered)
             valid += in[1];
             bad |= in[2];
         }
+        /* Honest records give a finite logit (a bad row is flagged); a
+         * corrupt one must not reach the weights' float-to-integer steps. */
+        if (best != 0 && psm_logit_class(psm_rank_key_logit(best)) != PSM_LOGIT_VALID)
+            return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                                 "sharded call: row %lld's best key is not a finite logit (a "
+                                 "corrupt exchange)",
+                                 (long long)r);
         row->best_key = best;
         row->valid = valid;
         if (!row->p.valid || bad || valid == 0) {

@@ -500,6 +500,43 @@ START_TEST(sharded_bad_exchanges)
     ck_assert_int_eq(psm_sharded_next(calls[0], gathered, 2 * bytes[0], &next, &next_bytes),
                      PSM_ERR_INVALID_ARGUMENT);
     ck_assert_msg(strstr(psm_last_error(), "shard_index order"), "%s", psm_last_error());
+    /* A corrupt record: columns beyond the full row. */
+    for (int rank = 0; rank < 2; ++rank)
+        psm_sharded_end(calls[rank]);
+    for (int rank = 0; rank < 2; ++rank) {
+        psm_tensor t = psm_test_tensor(logits + rank * 2500, PSM_DTYPE_F32, ROWS, 2500, VOCAB);
+        const psm_shard shard = {rank * 2500, VOCAB, rank, 2};
+        PSM_CHECK_OK(psm_sharded_begin(context, &t, &shard, &p, psm_test_output(out[rank].tokens),
+                                       psm_test_output(NULL), &calls[rank]));
+        PSM_CHECK_OK(psm_sharded_next(calls[rank], NULL, 0, &send[rank], &bytes[rank]));
+    }
+    memcpy(gathered, send[0], bytes[0]);
+    memcpy(gathered + bytes[0], send[1], bytes[1]);
+    uint64_t huge = UINT64_MAX - 5;
+    memcpy(gathered + bytes[0] + 3 * sizeof(uint64_t), &huge, sizeof huge); /* rank 1's count */
+    ck_assert_int_eq(psm_sharded_next(calls[0], gathered, 2 * bytes[0], &next, &next_bytes),
+                     PSM_ERR_INVALID_ARGUMENT);
+    ck_assert_msg(strstr(psm_last_error(), "corrupt"), "%s", psm_last_error());
+    /* A corrupt record: row 0's best key is +inf's (rank 1's; the header is
+     * 4 words, the summary's first word per row the best key). */
+    ck_assert_int_eq(psm_sharded_next(calls[1], NULL, 0, &send[1], &bytes[1]),
+                     PSM_ERR_INVALID_ARGUMENT); /* calls[1] is mid-call: NULL is refused */
+    for (int rank = 0; rank < 2; ++rank)
+        psm_sharded_end(calls[rank]);
+    for (int rank = 0; rank < 2; ++rank) {
+        psm_tensor t = psm_test_tensor(logits + rank * 2500, PSM_DTYPE_F32, ROWS, 2500, VOCAB);
+        const psm_shard shard = {rank * 2500, VOCAB, rank, 2};
+        PSM_CHECK_OK(psm_sharded_begin(context, &t, &shard, &p, psm_test_output(out[rank].tokens),
+                                       psm_test_output(NULL), &calls[rank]));
+        PSM_CHECK_OK(psm_sharded_next(calls[rank], NULL, 0, &send[rank], &bytes[rank]));
+    }
+    memcpy(gathered, send[0], bytes[0]);
+    memcpy(gathered + bytes[0], send[1], bytes[1]);
+    const uint64_t infinite_key = 0xff800000ffffffffull;
+    memcpy(gathered + bytes[0] + 4 * sizeof(uint64_t), &infinite_key, sizeof infinite_key);
+    ck_assert_int_eq(psm_sharded_next(calls[0], gathered, 2 * bytes[0], &next, &next_bytes),
+                     PSM_ERR_INVALID_ARGUMENT);
+    ck_assert_msg(strstr(psm_last_error(), "not a finite logit"), "%s", psm_last_error());
     /* A failed call is over. */
     ck_assert_int_eq(psm_sharded_next(calls[0], gathered, 2 * bytes[0], &next, &next_bytes),
                      PSM_ERR_INVALID_ARGUMENT);

@@ -44,6 +44,7 @@ typedef struct shard_row {
     psm_row_params p;
     int status;
     psm_u64 best_key;  /* the row's largest rank key */
+    psm_u64 own_best;  /* this shard's largest (a combined one below it: a corrupt exchange) */
     psm_u64 valid;
     float row_max, scale;
     int top_p_on;
@@ -233,6 +234,7 @@ static void send_summary(psm_sharded *call)
             best = key > best ? key : best;
             ++valid;
         }
+        row->own_best = best;
         out[0] = best;
         out[1] = valid;
         out[2] = bad;
@@ -308,10 +310,13 @@ static psm_status take_summary(psm_sharded *call, const psm_u64 *gathered)
         }
         /* Honest records give a finite logit (a bad row is flagged); a
          * corrupt one must not reach the weights' float-to-integer steps. */
-        if (best != 0 && psm_logit_class(psm_rank_key_logit(best)) != PSM_LOGIT_VALID)
+        if (best < row->own_best ||
+            (best != 0 && (psm_logit_class(psm_rank_key_logit(best)) != PSM_LOGIT_VALID ||
+                           psm_rank_key_token(best) >= (psm_u64)call->shard.full_vocab)))
             return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
-                                 "sharded call: row %lld's best key is not a finite logit (a "
-                                 "corrupt exchange)",
+                                 "sharded call: row %lld's best key is below this shard's, or "
+                                 "not a finite logit of a token of the row (a corrupt "
+                                 "exchange)",
                                  (long long)r);
         row->best_key = best;
         row->valid = valid;
@@ -682,12 +687,32 @@ static void find_token(const psm_sharded *call, int64_t r, draw_place place, psm
     }
 }
 
-static void take_cut_maxima(psm_sharded *call, const psm_u64 *gathered)
+/* The cut tiles' m_t. Honest records give, for every tile, a key of a
+ * finite logit at most M's and at least this shard's own part's; anything
+ * else is a corrupt exchange, refused before a gap of the wrong sign or a
+ * NaN reaches the weights. */
+static psm_status take_cut_maxima(psm_sharded *call, const psm_u64 *gathered)
 {
-    for (int64_t r = 0; r < call->rows; ++r)
-        if (call->row[r].status == ROW_SAMPLE)
-            combine_cut(call, gathered, r, 0,
-                        call->cut_key + (size_t)r * 2 * call->shard.shard_count);
+    const int n = call->shard.shard_count, me = call->shard.shard_index;
+    for (int64_t r = 0; r < call->rows; ++r) {
+        const shard_row *row = &call->row[r];
+        if (row->status != ROW_SAMPLE)
+            continue;
+        psm_u64 *combined = call->cut_key + (size_t)r * 2 * n;
+        combine_cut(call, gathered, r, 0, combined);
+        const psm_u64 *own = call->local_key + r * call->local_tiles;
+        int corrupt = combined[2 * me] < own[0] || combined[2 * me + 1] < own[call->local_tiles - 1];
+        for (int k = 0; k < 2 * n; ++k)
+            corrupt |= combined[k] != 0 &&
+                       (combined[k] > row->best_key ||
+                        psm_logit_class(psm_rank_key_logit(combined[k])) != PSM_LOGIT_VALID);
+        if (corrupt)
+            return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                                 "sharded call: row %lld's tile maxima disagree with this "
+                                 "shard's (a corrupt exchange)",
+                                 (long long)r);
+    }
+    return PSM_OK;
 }
 
 /* The row totals, then where each draw lands: its owner and, for this
@@ -749,7 +774,7 @@ static void send_draws(psm_sharded *call)
     }
 }
 
-static void take_draws(psm_sharded *call, const psm_u64 *gathered)
+static psm_status take_draws(psm_sharded *call, const psm_u64 *gathered)
 {
     const int32_t samples = call->request.params.num_samples;
     for (int64_t r = 0; r < call->rows; ++r) {
@@ -768,11 +793,19 @@ static void take_draws(psm_sharded *call, const psm_u64 *gathered)
             } else {
                 const psm_u64 *in =
                     row_words(call, record_of(call, gathered, call->draw_owner[at]), r);
+                /* The owner draws a token of the row, or -1 (a corrupt
+                 * exchange may give anything). */
+                if (in[2 * j] >= (psm_u64)call->shard.full_vocab && in[2 * j] != 0xffffffffu)
+                    return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
+                                         "sharded call: row %lld's draw from shard %d is not a "
+                                         "token of the row (a corrupt exchange)",
+                                         (long long)r, call->draw_owner[at]);
                 call->tokens_out[at] = (psm_i32)(psm_u32)in[2 * j];
                 call->logprobs_out[at] = psm_bits_float((psm_u32)in[2 * j + 1]);
             }
         }
     }
+    return PSM_OK;
 }
 
 /* ---- the public calls ---------------------------------------------------- */
@@ -813,10 +846,9 @@ static psm_status check_shard(const psm_context *context, const psm_tensor *logi
                              (long long)shard->full_vocab);
     if (shard->first_token < 0 || logits->vocab > shard->full_vocab - shard->first_token)
         return psm_set_error(PSM_ERR_INVALID_ARGUMENT,
-                             "the shard's columns %lld .. %lld lie outside the full row of %lld "
-                             "tokens",
-                             (long long)shard->first_token,
-                             (long long)(shard->first_token + logits->vocab - 1),
+                             "the shard's %lld columns from token %lld lie outside the full row "
+                             "of %lld tokens",
+                             (long long)logits->vocab, (long long)shard->first_token,
                              (long long)shard->full_vocab);
     if (context->backend != PSM_BACKEND_CPU)
         return psm_set_error(PSM_ERR_UNSUPPORTED,
@@ -943,7 +975,7 @@ psm_status psm_sharded_next(psm_sharded *call, const void *gathered, size_t gath
         next = ROUND_SELECT;
         break;
     case ROUND_CUT_MAXIMA:
-        take_cut_maxima(call, in);
+        status = take_cut_maxima(call, in);
         next = ROUND_MASSES;
         break;
     case ROUND_MASSES:
@@ -951,7 +983,7 @@ psm_status psm_sharded_next(psm_sharded *call, const void *gathered, size_t gath
         next = ROUND_DRAWS;
         break;
     case ROUND_DRAWS:
-        take_draws(call, in);
+        status = take_draws(call, in);
         next = ROUND_DONE;
         break;
     default:

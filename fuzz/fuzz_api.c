@@ -13,7 +13,7 @@
  * trees, draft logits with parameters, draft probabilities from NaN to
  * above 1, point-mass drafts, target rows with NaN, +inf or nothing but
  * -inf, parameters refused or unsupported there, NULL outputs, checking
- * mode).
+ * mode); sharded calls (fuzz_sharded: any shard, exchanges of any bytes).
  *
  * Every call must:
  * - succeed exactly when the arguments are valid by the rules of
@@ -1317,6 +1317,99 @@ done:
     free_verify_params(&draft_params);
 }
 
+/* Sharded calls (docs/SAMPLING.md section 8): shards of any first token,
+ * full vocabulary, index and count; then rounds whose gathered bytes are
+ * this rank's own record repeated, with the input's bytes laid over the
+ * payloads (the headers kept or not), or of the wrong size. The call must
+ * refuse a bad shard at begin and a bad exchange in next, writing nothing
+ * either time; whatever it combines, it must not fault (ASan, UBSan), and
+ * tokens it writes lie in [-1, full_vocab). */
+static void fuzz_sharded(fuzz_input *input)
+{
+    enum { MAX_SHARD_COUNT = 4, SHARD_ROWS = 3, SHARD_VOCAB = 40, SAMPLES = 2 };
+    const int64_t rows = fuzz_range(input, 1, SHARD_ROWS);
+    const int64_t vocab = fuzz_range(input, 1, SHARD_VOCAB);
+    psm_shard shard;
+    shard.shard_count = (int32_t)(fuzz_u8(input) < 240 ? fuzz_range(input, 1, MAX_SHARD_COUNT)
+                                                        : (int64_t)(int32_t)fuzz_u32(input));
+    shard.shard_index = (int32_t)(fuzz_u8(input) < 240 ? fuzz_range(input, 0, MAX_SHARD_COUNT)
+                                                        : (int64_t)(int32_t)fuzz_u32(input));
+    shard.full_vocab = fuzz_u8(input) < 240 ? vocab + fuzz_range(input, 0, 3000)
+                                            : (int64_t)fuzz_u64(input);
+    shard.first_token = fuzz_u8(input) < 240 ? fuzz_range(input, 0, 3000)
+                                             : (int64_t)fuzz_u64(input);
+    const int valid = shard.shard_count >= 1 && shard.shard_count <= PSM_MAX_SHARDS &&
+                      shard.shard_index >= 0 && shard.shard_index < shard.shard_count &&
+                      shard.full_vocab >= 1 && shard.full_vocab <= INT32_MAX &&
+                      shard.first_token >= 0 && vocab <= shard.full_vocab - shard.first_token;
+    float *logits = malloc((size_t)(rows * vocab) * sizeof(float));
+    if (!logits)
+        abort();
+    for (int64_t i = 0; i < rows * vocab; ++i)
+        logits[i] = fuzz_u8(input) < 250 ? (float)fuzz_range(input, -40, 40) / 4.0f
+                                         : fuzz_raw_float(input);
+    psm_params params;
+    psm_params_init(&params);
+    params.temperature = (float)fuzz_range(input, 0, 20) / 10.0f;
+    params.top_k = (int32_t)fuzz_range(input, 0, 50);
+    params.top_p = (float)fuzz_range(input, 1, 10) / 10.0f;
+    params.min_p = (float)fuzz_range(input, 0, 5) / 10.0f;
+    params.seed = fuzz_u64(input);
+    params.num_samples = SAMPLES;
+    int32_t tokens[SHARD_ROWS * SAMPLES];
+    memset(tokens, CANARY, sizeof tokens);
+    psm_tensor tensor = {logits, PSM_DTYPE_F32, PSM_MEMORY_HOST, rows, vocab, 0};
+    psm_sharded *call = NULL;
+    psm_status status = psm_sharded_begin(contexts[fuzz_u8(input) & 1], &tensor, &shard, &params,
+                                          (psm_output){tokens, PSM_MEMORY_HOST},
+                                          (psm_output){NULL, PSM_MEMORY_HOST}, &call);
+    if ((status == PSM_OK) != valid)
+        FAIL("sharded begin: %s for a shard that is %s (%s)", psm_status_string(status),
+             valid ? "valid" : "invalid", psm_last_error());
+    if (status != PSM_OK) {
+        if (call || !psm_last_error()[0])
+            FAIL("sharded begin failed without a message, or gave a call");
+        free(logits);
+        return;
+    }
+    const void *send = NULL;
+    size_t bytes = 0;
+    status = psm_sharded_next(call, NULL, 0, &send, &bytes);
+    unsigned char *gathered = NULL;
+    for (int round = 0; status == PSM_OK && bytes > 0 && round < 24; ++round) {
+        const size_t count = (size_t)shard.shard_count;
+        const uint8_t shape = fuzz_u8(input);
+        const size_t size = shape < 240 ? count * bytes : (size_t)fuzz_range(input, 0, 4096);
+        gathered = realloc(gathered, size ? size : 1);
+        if (!gathered)
+            abort();
+        for (size_t k = 0; k + bytes <= size; k += bytes)
+            memcpy(gathered + k, send, bytes);
+        /* Each record's header: shard index k (the order check), columns
+         * as this rank's unless the input says otherwise. */
+        for (size_t k = 0; shape < 240 && k < count; ++k)
+            memcpy(gathered + k * bytes + 8, &k, sizeof k);
+        const size_t overlay = (size_t)fuzz_range(input, 0, 64);
+        for (size_t j = 0; j < overlay && size > 0; ++j)
+            gathered[fuzz_range(input, 0, (int64_t)size - 1)] = fuzz_u8(input);
+        status = psm_sharded_next(call, gathered, size, &send, &bytes);
+    }
+    psm_sharded_end(call);
+    free(gathered);
+    for (int64_t i = 0; i < rows * SAMPLES; ++i) {
+        int32_t canary;
+        memset(&canary, CANARY, sizeof canary);
+        if (status != PSM_OK && tokens[i] != canary)
+            FAIL("sharded: a failed call wrote token %lld", (long long)i);
+        if (status == PSM_OK && bytes == 0 &&
+            (tokens[i] < -1 || tokens[i] >= shard.full_vocab))
+            FAIL("sharded: token %d outside [-1, %lld)", tokens[i], (long long)shard.full_vocab);
+    }
+    if (status != PSM_OK && !psm_last_error()[0])
+        FAIL("sharded: a failure without a message");
+    free(logits);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     fuzz_input input = fuzz_input_make(data, size);
@@ -1335,7 +1428,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         fuzz_reserve(&input);
         break;
     default:
-        fuzz_create(&input);
+        if (mode >= 248)
+            fuzz_sharded(&input);
+        else
+            fuzz_create(&input);
         break;
     }
     return 0;

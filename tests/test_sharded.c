@@ -449,6 +449,19 @@ START_TEST(sharded_begin_refuses)
 }
 END_TEST
 
+/* Two ranks, each half of the row, through their first round. */
+static void start_halves(psm_context *context, float *logits, const psm_params *p,
+                         rank_outputs *out, psm_sharded **calls, const void **send, size_t *bytes)
+{
+    for (int rank = 0; rank < 2; ++rank) {
+        psm_tensor t = psm_test_tensor(logits + rank * 2500, PSM_DTYPE_F32, ROWS, 2500, VOCAB);
+        const psm_shard shard = {rank * 2500, VOCAB, rank, 2};
+        PSM_CHECK_OK(psm_sharded_begin(context, &t, &shard, p, psm_test_output(out[rank].tokens),
+                                       psm_test_output(NULL), &calls[rank]));
+        PSM_CHECK_OK(psm_sharded_next(calls[rank], NULL, 0, &send[rank], &bytes[rank]));
+    }
+}
+
 /* A bad exchange fails the call with nothing written: shards that overlap,
  * a gathered buffer of the wrong size or out of shard order, a call asked
  * for more after it finished. */
@@ -488,13 +501,7 @@ START_TEST(sharded_bad_exchanges)
     ck_assert_msg(strstr(psm_last_error(), "gathered_bytes"), "%s", psm_last_error());
     for (int rank = 0; rank < 2; ++rank)
         psm_sharded_end(calls[rank]);
-    for (int rank = 0; rank < 2; ++rank) {
-        psm_tensor t = psm_test_tensor(logits + rank * 2500, PSM_DTYPE_F32, ROWS, 2500, VOCAB);
-        const psm_shard shard = {rank * 2500, VOCAB, rank, 2};
-        PSM_CHECK_OK(psm_sharded_begin(context, &t, &shard, &p, psm_test_output(out[rank].tokens),
-                                       psm_test_output(NULL), &calls[rank]));
-        PSM_CHECK_OK(psm_sharded_next(calls[rank], NULL, 0, &send[rank], &bytes[rank]));
-    }
+    start_halves(context, logits, &p, out, calls, send, bytes);
     memcpy(gathered, send[1], bytes[1]); /* rank 1's record first */
     memcpy(gathered + bytes[0], send[0], bytes[0]);
     ck_assert_int_eq(psm_sharded_next(calls[0], gathered, 2 * bytes[0], &next, &next_bytes),
@@ -503,13 +510,7 @@ START_TEST(sharded_bad_exchanges)
     /* A corrupt record: columns beyond the full row. */
     for (int rank = 0; rank < 2; ++rank)
         psm_sharded_end(calls[rank]);
-    for (int rank = 0; rank < 2; ++rank) {
-        psm_tensor t = psm_test_tensor(logits + rank * 2500, PSM_DTYPE_F32, ROWS, 2500, VOCAB);
-        const psm_shard shard = {rank * 2500, VOCAB, rank, 2};
-        PSM_CHECK_OK(psm_sharded_begin(context, &t, &shard, &p, psm_test_output(out[rank].tokens),
-                                       psm_test_output(NULL), &calls[rank]));
-        PSM_CHECK_OK(psm_sharded_next(calls[rank], NULL, 0, &send[rank], &bytes[rank]));
-    }
+    start_halves(context, logits, &p, out, calls, send, bytes);
     memcpy(gathered, send[0], bytes[0]);
     memcpy(gathered + bytes[0], send[1], bytes[1]);
     uint64_t huge = UINT64_MAX - 5;
@@ -523,13 +524,7 @@ START_TEST(sharded_bad_exchanges)
                      PSM_ERR_INVALID_ARGUMENT); /* calls[1] is mid-call: NULL is refused */
     for (int rank = 0; rank < 2; ++rank)
         psm_sharded_end(calls[rank]);
-    for (int rank = 0; rank < 2; ++rank) {
-        psm_tensor t = psm_test_tensor(logits + rank * 2500, PSM_DTYPE_F32, ROWS, 2500, VOCAB);
-        const psm_shard shard = {rank * 2500, VOCAB, rank, 2};
-        PSM_CHECK_OK(psm_sharded_begin(context, &t, &shard, &p, psm_test_output(out[rank].tokens),
-                                       psm_test_output(NULL), &calls[rank]));
-        PSM_CHECK_OK(psm_sharded_next(calls[rank], NULL, 0, &send[rank], &bytes[rank]));
-    }
+    start_halves(context, logits, &p, out, calls, send, bytes);
     memcpy(gathered, send[0], bytes[0]);
     memcpy(gathered + bytes[0], send[1], bytes[1]);
     const uint64_t infinite_key = 0xff800000ffffffffull;

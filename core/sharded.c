@@ -567,6 +567,27 @@ static void send_masses(psm_sharded *call)
  * the tile and the token, a cut tile's token bits choose the part (its
  * shards' kept masses in token order) and the part's shard finds the token. */
 
+/* Segment `end` of shard s in the full row's tile order (0: its first tile
+ * when a boundary cuts it, 1: its run of whole tiles, 2: its last tile when
+ * cut) and that segment's T: the run's sum from shard s's masses record, a
+ * cut tile's T_t from the combined m_t and S_t. A tile the shard holds
+ * whole belongs to its run, and a cut tile already counted (*last_cut, the
+ * previous shard's last tile) is 0 here. *tile: the cut tile, or -1. */
+static psm_u64 segment_rescaled(const psm_sharded *call, const psm_u64 *gathered, int64_t r,
+                                int s, int end, int64_t *last_cut, int64_t *tile)
+{
+    const shard_span *span = &call->span[s];
+    const size_t at = (size_t)r * 2 * call->shard.shard_count + 2 * (size_t)s + (end == 2);
+    *tile = -1;
+    if (end == 1)
+        return row_words(call, record_of(call, gathered, s), r)[2];
+    const int64_t cut = end == 2 ? span->last_tile : span->first_tile;
+    if (tile_whole_in(call, span, cut) || cut == *last_cut)
+        return 0;
+    *last_cut = *tile = cut;
+    return tile_rescaled(&call->row[r], call->cut_key[at], call->cut_mass[at]);
+}
+
 typedef struct draw_place {
     int owner;        /* the shard that finds the token */
     int64_t tile;     /* -1: a tile of the owner's whole run, found by the owner */
@@ -581,7 +602,6 @@ static draw_place place_draw(const psm_sharded *call, const psm_u64 *gathered, i
 {
     const shard_row *row = &call->row[r];
     const int n = call->shard.shard_count;
-    const psm_u64 *cut_key = call->cut_key + (size_t)r * 2 * n;
     const psm_u64 *cut_mass = call->cut_mass + (size_t)r * 2 * n;
     const psm_u64 pick = psm_pick(bits.tile, row->total);
     psm_u64 running = 0;
@@ -589,51 +609,41 @@ static draw_place place_draw(const psm_sharded *call, const psm_u64 *gathered, i
     draw_place place = {0};
     for (int k = 0; k < n; ++k) {
         const int s = call->order[k];
-        const shard_span *span = &call->span[s];
         for (int end = 0; end < 3; ++end) {
-            /* end 0: the first tile if cut, 1: the whole run, 2: the last tile if cut */
-            const int64_t tile = end == 2 ? span->last_tile : span->first_tile;
-            if (end == 1) {
-                const psm_u64 run = row_words(call, record_of(call, gathered, s), r)[2];
-                if (pick < running + run) {
-                    place.owner = s;
-                    place.tile = -1;
-                    place.within = pick - running;
-                    return place;
-                }
-                running += run;
+            int64_t tile;
+            const psm_u64 rescaled = segment_rescaled(call, gathered, r, s, end, &last_cut, &tile);
+            if (!(pick < running + rescaled)) {
+                running += rescaled;
                 continue;
             }
-            if (tile_whole_in(call, span, tile) || tile == last_cut)
-                continue;
-            last_cut = tile;
-            const psm_u64 key = cut_key[2 * s + (end == 2)];
-            const psm_u64 mass = cut_mass[2 * s + (end == 2)];
-            const psm_u64 rescaled = tile_rescaled(row, key, mass);
-            if (pick < running + rescaled) {
-                /* The token pick over the tile's parts, in token order. */
-                psm_u64 token_pick = psm_pick(bits.token, mass), before = 0;
-                place.tile = tile;
-                place.tile_mass = mass;
-                place.tile_rescaled = rescaled;
-                for (int j = 0; j < n; ++j) {
-                    const int o = call->order[j];
-                    const shard_span *other = &call->span[o];
-                    if (tile < other->first_tile || tile > other->last_tile)
-                        continue;
-                    const psm_u64 *in = row_words(call, record_of(call, gathered, o), r);
-                    const psm_u64 part = tile == other->first_tile ? in[0] : in[1];
-                    if (token_pick < before + part) {
-                        place.owner = o;
-                        place.within = token_pick - before;
-                        return place;
-                    }
-                    before += part;
-                }
-                place.owner = -1; /* cannot happen: the pick is below the tile's mass */
+            if (tile < 0) { /* shard s's run: it finds the tile */
+                place.owner = s;
+                place.tile = -1;
+                place.within = pick - running;
                 return place;
             }
-            running += rescaled;
+            /* The token pick over the cut tile's parts, in token order. */
+            const psm_u64 mass = cut_mass[2 * s + (end == 2)];
+            psm_u64 token_pick = psm_pick(bits.token, mass), before = 0;
+            place.tile = tile;
+            place.tile_mass = mass;
+            place.tile_rescaled = rescaled;
+            for (int j = 0; j < n; ++j) {
+                const int o = call->order[j];
+                const shard_span *other = &call->span[o];
+                if (tile < other->first_tile || tile > other->last_tile)
+                    continue;
+                const psm_u64 *in = row_words(call, record_of(call, gathered, o), r);
+                const psm_u64 part = tile == other->first_tile ? in[0] : in[1];
+                if (token_pick < before + part) {
+                    place.owner = o;
+                    place.within = token_pick - before;
+                    return place;
+                }
+                before += part;
+            }
+            place.owner = -1; /* cannot happen: the pick is below the tile's mass */
+            return place;
         }
     }
     place.owner = -1; /* cannot happen: the pick is below the row's total */
@@ -727,23 +737,12 @@ static void take_masses(psm_sharded *call, const psm_u64 *gathered)
             continue;
         psm_u64 *cut_mass = call->cut_mass + (size_t)r * 2 * n;
         combine_cut(call, gathered, r, 1, cut_mass);
-        /* Every cut tile once (by the first shard in token order that
-         * touches it) and every whole run. */
+        /* Every whole run and every cut tile once, as place_draw walks them. */
         psm_u64 total = 0;
-        int64_t last_cut = -1;
-        for (int k = 0; k < n; ++k) {
-            const int s = call->order[k];
-            const shard_span *span = &call->span[s];
-            total += row_words(call, record_of(call, gathered, s), r)[2];
-            for (int end = 0; end < 2; ++end) {
-                const int64_t tile = end ? span->last_tile : span->first_tile;
-                if (tile_whole_in(call, span, tile) || tile == last_cut)
-                    continue;
-                last_cut = tile;
-                total += tile_rescaled(row, call->cut_key[(size_t)r * 2 * n + 2 * s + end],
-                                       cut_mass[2 * s + end]);
-            }
-        }
+        int64_t last_cut = -1, tile;
+        for (int k = 0; k < n; ++k)
+            for (int end = 0; end < 3; ++end)
+                total += segment_rescaled(call, gathered, r, call->order[k], end, &last_cut, &tile);
         row->total = total;
         for (int32_t j = 0; j < samples; ++j) {
             const psm_draw_bits bits =

@@ -21,11 +21,12 @@
 #include "polysample.h"
 #include "psm_processing.h"
 #include "psm_row.h"
+#include "psm_shard_pass.h"
 
 #include <stddef.h>
 #include <stdint.h>
 
-#define PSM_BACKEND_API_VERSION 2
+#define PSM_BACKEND_API_VERSION 3
 
 /* One validated call of psm_sample or psm_probs. */
 typedef struct psm_request {
@@ -96,6 +97,18 @@ typedef struct psm_backend_ops {
      * (PSM_ERR_UNSUPPORTED). The backend writes the message of a failure
      * (a draft token of draft probability 0, checking mode's bad request). */
     psm_status (*verify)(void *state, psm_verify_request *request);
+
+    /* One pass of a sharded call over this rank's shard (core/sharded.c
+     * drives the rounds; core/psm_shard_pass.h says what each pass
+     * computes). logits: the shard, validated for this backend (host or
+     * device memory); items (item_count >= 1) and tile_keys (TILE_MASSES:
+     * item_count x local_tiles, else NULL) are host memory; out: item_count
+     * x psm_shard_pass_words words of host memory, written for each item
+     * whose logits_row is >= 0 before the call returns. NULL: the backend
+     * has no sharded sampling (PSM_ERR_UNSUPPORTED). */
+    psm_status (*shard_pass)(void *state, const psm_tensor *logits,
+                             const psm_shard_geometry *geometry, const psm_shard_item *items,
+                             int64_t item_count, const psm_u64 *tile_keys, psm_u64 *out);
 } psm_backend_ops;
 
 /* ---- a request's rows, as psm_resolve_row (core/psm_row.h) reads them ---- */

@@ -9,18 +9,25 @@
  * same way, so every rank takes the same decisions; the rank that holds a
  * drawn token reports it in the last round.
  *
- * This is the host implementation (the CPU backend's): one thread, the
- * contract's helpers of core/psm_row.h, no backend state. */
+ * Core holds the rounds: the records, their checks and every decision taken
+ * from the combined records, on the host. What reads the shard's logits is
+ * the backend's: the passes of core/psm_shard_pass.h, each over a list of
+ * rows or draws, answering a few words each in host memory. */
 #include "alloc.h"
 #include "backend.h"
 #include "context.h"
 #include "error.h"
 #include "psm_contract.h"
 #include "psm_row.h"
+#include "psm_shard_pass.h"
 #include "validate.h"
 
 #include <stdint.h>
 #include <string.h>
+
+_Static_assert(PSM_LOGITS_F32 == PSM_DTYPE_F32 && PSM_LOGITS_F16 == PSM_DTYPE_F16 &&
+                   PSM_LOGITS_BF16 == PSM_DTYPE_BF16,
+               "the passes' dtype ids are psm_dtype's");
 
 /* A record: this header, then the round's words per row. */
 #define HEADER_WORDS 4
@@ -51,7 +58,6 @@ typedef struct shard_row {
     /* the cutoff search (psm_radix_select's, level by level over the ranks) */
     int search, level, by_mass;
     psm_u64 prefix, need, lower_bound, cutoff, min_weight;
-    psm_kept_rule rule;
     psm_u64 total; /* sum of T_t over the row */
 } shard_row;
 
@@ -62,8 +68,11 @@ typedef struct shard_span {
 } shard_span;
 
 struct psm_sharded {
-    psm_request request; /* the shard's call: logits are rows x shard_vocab */
+    psm_context *context; /* its backend runs the passes over the shard */
+    psm_request request;  /* the shard's call: logits are rows x shard_vocab */
     psm_shard shard;
+    psm_shard_geometry geometry;
+    psm_shard_item *item; /* a pass's items: max(rows, draws) of them */
     int check_rows;
     int weight_bits;
     int64_t rows;             /* output rows */
@@ -78,44 +87,56 @@ struct psm_sharded {
     shard_row *row;
     psm_u64 *local_key;       /* rows x local_tiles: best kept key of this shard's part */
     psm_u64 *local_mass;      /* rows x local_tiles: kept mass of this shard's part */
+    psm_u64 *tile_key;        /* rows x local_tiles: each tile's m_t (combined when cut) */
     shard_span span[PSM_MAX_SHARDS]; /* by shard_index */
     int order[PSM_MAX_SHARDS];        /* shard indices by first token */
     /* The cut tiles' combined values, per row: best kept key and mass of the
      * first and last tile of every shard (2 x shard_count entries). */
     psm_u64 *cut_key, *cut_mass;
     int *draw_owner;          /* rows x num_samples: the shard that holds each draw */
+    psm_u64 *pick;            /* draws x 2: the pick pass's token and weight */
+    psm_u64 *pick_mass, *pick_rescaled; /* draws: kept mass and T_t of the pick's tile */
     int32_t *tokens_out;      /* rows x num_samples, written to the caller at the end */
     float *logprobs_out;
 };
 
-/* ---- reading the shard -------------------------------------------------- */
+/* ---- the backend's passes over the shard ---------------------------------- */
 
-static float shard_logit(const psm_sharded *call, const shard_row *row, int64_t column)
+/* Item i of the next pass, reading nothing until the caller names a row. */
+static psm_shard_item *clear_item(psm_sharded *call, int64_t i)
 {
-    const psm_tensor *t = &call->request.logits;
-    const int64_t at = row->p.logits_row * t->row_stride + column;
-    float x;
-    switch (t->dtype) {
-    case PSM_DTYPE_F16: x = psm_f16_to_float(((const psm_u16 *)t->data)[at]); break;
-    case PSM_DTYPE_BF16: x = psm_bf16_to_float(((const psm_u16 *)t->data)[at]); break;
-    default: x = ((const float *)t->data)[at]; break;
-    }
-    return psm_read_logit(x);
+    psm_shard_item *item = &call->item[i];
+    memset(item, 0, sizeof *item);
+    item->logits_row = -1;
+    return item;
+}
+
+/* An item reading row r with its kept rule (its cutoff and min-p). */
+static psm_shard_item *rule_item(psm_sharded *call, int64_t i, const shard_row *row)
+{
+    psm_shard_item *item = clear_item(call, i);
+    item->logits_row = row->p.logits_row;
+    item->cutoff = row->cutoff;
+    item->min_weight = row->min_weight;
+    item->row_max = row->row_max;
+    item->scale = row->scale;
+    return item;
+}
+
+static psm_status run_pass(psm_sharded *call, int kind, int64_t items, const psm_u64 *tile_keys,
+                           psm_u64 *out)
+{
+    if (items == 0)
+        return PSM_OK;
+    call->geometry.kind = kind;
+    return call->context->ops->shard_pass(call->context->state, &call->request.logits,
+                                          &call->geometry, call->item, items, tile_keys, out);
 }
 
 static int64_t tile_end(const psm_sharded *call, int64_t tile)
 {
     const int64_t end = (tile + 1) * PSM_TILE;
     return end < call->shard.full_vocab ? end : call->shard.full_vocab;
-}
-
-/* This shard's columns of tile `tile`: [*begin, *end) in full-row tokens. */
-static void part_of_tile(const psm_sharded *call, const shard_span *span, int64_t tile,
-                         int64_t *begin, int64_t *end)
-{
-    const int64_t tile_begin = tile * PSM_TILE, last = span->first + span->count;
-    *begin = tile_begin > span->first ? tile_begin : span->first;
-    *end = tile_end(call, tile) < last ? tile_end(call, tile) : last;
 }
 
 /* Is the tile whole in this span (no other shard holds a part of it)? */
@@ -214,31 +235,19 @@ static psm_status check_gathered(psm_sharded *call, const void *gathered, size_t
 
 /* ---- round 1: the row's best key, valid count and bad flag -------------- */
 
-static void send_summary(psm_sharded *call)
+static psm_status send_summary(psm_sharded *call)
 {
-    const shard_span *me = &call->span[call->shard.shard_index];
-    for (int64_t r = 0; r < call->rows; ++r) {
-        shard_row *row = &call->row[r];
-        psm_u64 *out = send_row(call, r);
-        if (!row->p.valid)
-            continue; /* its logits are not read; every rank marks it bad */
-        psm_u64 best = 0, valid = 0, bad = 0;
-        for (int64_t i = 0; i < me->count; ++i) {
-            const float x = shard_logit(call, row, i);
-            const int kind = psm_logit_class(x);
-            if (kind == PSM_LOGIT_BAD)
-                bad = 1;
-            if (kind != PSM_LOGIT_VALID)
-                continue;
-            const psm_u64 key = psm_rank_key(x, (psm_u32)(me->first + i));
-            best = key > best ? key : best;
-            ++valid;
-        }
-        row->own_best = best;
-        out[0] = best;
-        out[1] = valid;
-        out[2] = bad;
-    }
+    /* A row with a parameter out of range is not read: every rank marks it
+     * bad. The record's row words are the pass's output. */
+    for (int64_t r = 0; r < call->rows; ++r)
+        if (call->row[r].p.valid)
+            clear_item(call, r)->logits_row = call->row[r].p.logits_row;
+        else
+            clear_item(call, r);
+    psm_status status = run_pass(call, PSM_SHARD_PASS_SUMMARY, call->rows, NULL, send_row(call, 0));
+    for (int64_t r = 0; r < call->rows && status == PSM_OK; ++r)
+        call->row[r].own_best = send_row(call, r)[0];
+    return status;
 }
 
 /* The shards' spans from their headers: they must tile the full row. */
@@ -364,31 +373,24 @@ static int64_t number_searching_rows(psm_sharded *call)
     return slots;
 }
 
-static void send_select(psm_sharded *call)
+/* The record holds the searching rows' tallies (count, mass per bucket) in
+ * slot order, as the pass writes them. */
+static psm_status send_select(psm_sharded *call)
 {
-    const shard_span *me = &call->span[call->shard.shard_index];
     for (int64_t r = 0; r < call->rows; ++r) {
-        shard_row *row = &call->row[r];
+        const shard_row *row = &call->row[r];
         if (call->select_slot[r] < 0)
             continue;
-        psm_u64 *buckets = send_row(call, call->select_slot[r]); /* count, mass per bucket */
-        const int shift = 64 - 8 * (row->level + 1);
-        for (int64_t i = 0; i < me->count; ++i) {
-            const float x = shard_logit(call, row, i);
-            if (psm_logit_class(x) != PSM_LOGIT_VALID)
-                continue;
-            const psm_u64 key = psm_rank_key(x, (psm_u32)(me->first + i));
-            if (key < row->lower_bound)
-                continue;
-            if (row->level > 0 && (key >> (shift + 8)) != row->prefix)
-                continue;
-            const int b = (int)((key >> shift) & (RADIX_BUCKETS - 1));
-            buckets[2 * b] += 1;
-            if (row->by_mass)
-                buckets[2 * b + 1] += psm_weight_of_gap(
-                    psm_unclamped_gap(row->row_max, x, row->scale), call->weight_bits);
-        }
+        psm_shard_item *item = clear_item(call, call->select_slot[r]);
+        item->logits_row = row->p.logits_row;
+        item->lower_bound = row->lower_bound;
+        item->prefix = row->prefix;
+        item->level = row->level;
+        item->by_mass = row->by_mass;
+        item->row_max = row->row_max;
+        item->scale = row->scale;
     }
+    return run_pass(call, PSM_SHARD_PASS_TALLY, call->select_rows, NULL, send_row(call, 0));
 }
 
 /* A finished search: top-k's cutoff starts top-p's search above it. */
@@ -450,42 +452,26 @@ static void take_select(psm_sharded *call, const psm_u64 *gathered)
 
 /* ---- the kept tile masses ----------------------------------------------- */
 
-static void make_rules(psm_sharded *call)
+/* Best kept key of this shard's part of each tile it touches; the record
+ * has the first and the last (the ones a boundary may cut). */
+static psm_status send_cut_maxima(psm_sharded *call)
 {
-    for (int64_t r = 0; r < call->rows; ++r) {
-        shard_row *row = &call->row[r];
-        if (row->status == ROW_SAMPLE)
-            row->rule = psm_make_kept_rule(row->cutoff, row->min_weight, row->row_max, row->scale,
-                                           call->weight_bits);
-    }
-}
-
-/* Best kept key of this shard's part of each tile it touches. */
-static void send_cut_maxima(psm_sharded *call)
-{
-    const shard_span *me = &call->span[call->shard.shard_index];
-    for (int64_t r = 0; r < call->rows; ++r) {
-        shard_row *row = &call->row[r];
-        if (row->status != ROW_SAMPLE)
+    for (int64_t r = 0; r < call->rows; ++r)
+        if (call->row[r].status == ROW_SAMPLE)
+            rule_item(call, r, &call->row[r]);
+        else
+            clear_item(call, r);
+    const psm_status status =
+        run_pass(call, PSM_SHARD_PASS_TILE_MAXIMA, call->rows, NULL, call->local_key);
+    for (int64_t r = 0; r < call->rows && status == PSM_OK; ++r) {
+        if (call->row[r].status != ROW_SAMPLE)
             continue;
-        psm_u64 *keys = call->local_key + r * call->local_tiles;
-        for (int64_t t = 0; t < call->local_tiles; ++t) {
-            int64_t begin, end;
-            part_of_tile(call, me, me->first_tile + t, &begin, &end);
-            psm_u64 best = 0;
-            for (int64_t i = begin; i < end; ++i) {
-                const float x = shard_logit(call, row, i - me->first);
-                if (psm_token_kept(row->rule, x, (psm_u32)i)) {
-                    const psm_u64 key = psm_rank_key(x, (psm_u32)i);
-                    best = key > best ? key : best;
-                }
-            }
-            keys[t] = best;
-        }
+        const psm_u64 *keys = call->local_key + r * call->local_tiles;
         psm_u64 *out = send_row(call, r);
         out[0] = keys[0];
         out[1] = keys[call->local_tiles - 1];
     }
+    return status;
 }
 
 /* Every shard's first and last tile's combined value: the max (keys) or
@@ -528,36 +514,38 @@ static psm_u64 local_tile_key(const psm_sharded *call, int64_t r, int64_t t)
     return call->local_key[r * call->local_tiles + t];
 }
 
-static void send_masses(psm_sharded *call)
+/* The kept masses of this shard's parts: the record has the cut first and
+ * last tiles' and the sum of T_t over the tiles it holds whole. */
+static psm_status send_masses(psm_sharded *call)
 {
     const shard_span *me = &call->span[call->shard.shard_index];
     for (int64_t r = 0; r < call->rows; ++r) {
-        shard_row *row = &call->row[r];
+        if (call->row[r].status != ROW_SAMPLE) {
+            clear_item(call, r);
+            continue;
+        }
+        rule_item(call, r, &call->row[r]);
+        for (int64_t t = 0; t < call->local_tiles; ++t)
+            call->tile_key[r * call->local_tiles + t] = local_tile_key(call, r, t);
+    }
+    const psm_status status = run_pass(call, PSM_SHARD_PASS_TILE_MASSES, call->rows,
+                                       call->tile_key, call->local_mass);
+    for (int64_t r = 0; r < call->rows && status == PSM_OK; ++r) {
+        const shard_row *row = &call->row[r];
         if (row->status != ROW_SAMPLE)
             continue;
-        psm_u64 *masses = call->local_mass + r * call->local_tiles;
+        const psm_u64 *masses = call->local_mass + r * call->local_tiles;
         psm_u64 whole_rescaled = 0;
-        for (int64_t t = 0; t < call->local_tiles; ++t) {
-            const int64_t tile = me->first_tile + t;
-            const psm_u64 key = local_tile_key(call, r, t);
-            psm_u64 mass = 0;
-            if (key != 0) {
-                const float reference = psm_rank_key_logit(key);
-                int64_t begin, end;
-                part_of_tile(call, me, tile, &begin, &end);
-                for (int64_t i = begin; i < end; ++i)
-                    mass += psm_kept_weight(row->rule, reference,
-                                            shard_logit(call, row, i - me->first), (psm_u32)i);
-            }
-            masses[t] = mass;
-            if (tile_whole_in(call, me, tile))
-                whole_rescaled += tile_rescaled(row, key, mass);
-        }
+        for (int64_t t = 0; t < call->local_tiles; ++t)
+            if (tile_whole_in(call, me, me->first_tile + t))
+                whole_rescaled +=
+                    tile_rescaled(row, call->tile_key[r * call->local_tiles + t], masses[t]);
         psm_u64 *out = send_row(call, r);
         out[0] = tile_whole_in(call, me, me->first_tile) ? 0 : masses[0];
         out[1] = tile_whole_in(call, me, me->last_tile) ? 0 : masses[call->local_tiles - 1];
         out[2] = whole_rescaled;
     }
+    return status;
 }
 
 /* ---- the draw ------------------------------------------------------------ *
@@ -650,14 +638,16 @@ static draw_place place_draw(const psm_sharded *call, const psm_u64 *gathered, i
     return place;
 }
 
-/* The owner's token of a placed draw, and its logprob. */
-static void find_token(const psm_sharded *call, int64_t r, draw_place place, psm_draw_bits bits,
-                       psm_i32 *token, float *logprob)
+/* The pick item of this shard's draw `at`: its tile (for a run's draw,
+ * found from this shard's whole tiles' T_t) and the token pick within this
+ * shard's part of it; the tile's kept mass and T_t are kept for its
+ * logprob. Leaves the item reading nothing if no tile holds the pick (which
+ * cannot happen: the picks are below the masses they pick in). */
+static void prepare_pick(psm_sharded *call, int64_t r, size_t at, draw_place place,
+                         psm_draw_bits bits)
 {
     const shard_row *row = &call->row[r];
     const shard_span *me = &call->span[call->shard.shard_index];
-    *token = -1; /* cannot stay so: the picks are below the masses they pick in */
-    *logprob = psm_bits_float(0x7fc00000u);
     int64_t local = -1;
     psm_u64 mass = place.tile_mass, rescaled = place.tile_rescaled, token_pick = place.within;
     if (place.tile < 0) { /* a tile of this shard's whole run */
@@ -681,20 +671,12 @@ static void find_token(const psm_sharded *call, int64_t r, draw_place place, psm
     } else {
         local = place.tile - me->first_tile;
     }
-    const float reference = psm_rank_key_logit(local_tile_key(call, r, local));
-    int64_t begin, end;
-    part_of_tile(call, me, me->first_tile + local, &begin, &end);
-    psm_u64 running = 0;
-    for (int64_t i = begin; i < end; ++i) {
-        const psm_u64 w = psm_kept_weight(row->rule, reference,
-                                          shard_logit(call, row, i - me->first), (psm_u32)i);
-        if (token_pick < running + w) {
-            *token = (psm_i32)i;
-            *logprob = psm_log_probability(w, mass, rescaled, row->total);
-            return;
-        }
-        running += w;
-    }
+    psm_shard_item *item = rule_item(call, (int64_t)at, row);
+    item->tile = (psm_i32)local;
+    item->pick = token_pick;
+    item->reference = local_tile_key(call, r, local);
+    call->pick_mass[at] = mass;
+    call->pick_rescaled[at] = rescaled;
 }
 
 /* The cut tiles' m_t. Honest records give, for every tile, a key of a
@@ -727,10 +709,13 @@ static psm_status take_cut_maxima(psm_sharded *call, const psm_u64 *gathered)
 
 /* The row totals, then where each draw lands: its owner and, for this
  * shard's draws, the token (kept until the draws round). */
-static void take_masses(psm_sharded *call, const psm_u64 *gathered)
+static psm_status take_masses(psm_sharded *call, const psm_u64 *gathered)
 {
     const int n = call->shard.shard_count;
     const int32_t samples = call->request.params.num_samples;
+    const int64_t draws = call->rows * samples;
+    for (int64_t at = 0; at < draws; ++at)
+        clear_item(call, at);
     for (int64_t r = 0; r < call->rows; ++r) {
         shard_row *row = &call->row[r];
         if (row->status != ROW_SAMPLE)
@@ -751,9 +736,24 @@ static void take_masses(psm_sharded *call, const psm_u64 *gathered)
             const size_t at = (size_t)r * samples + j;
             call->draw_owner[at] = place.owner;
             if (place.owner == call->shard.shard_index)
-                find_token(call, r, place, bits, &call->tokens_out[at], &call->logprobs_out[at]);
+                prepare_pick(call, r, at, place, bits);
         }
     }
+    const psm_status status = run_pass(call, PSM_SHARD_PASS_PICK, draws, NULL, call->pick);
+    for (int64_t at = 0; at < draws && status == PSM_OK; ++at) {
+        if (call->draw_owner[at] != call->shard.shard_index ||
+            call->row[at / samples].status != ROW_SAMPLE)
+            continue;
+        const psm_u64 token = call->pick[2 * at], weight = call->pick[2 * at + 1];
+        const int found = call->item[at].logits_row >= 0 && token < (psm_u64)call->shard.full_vocab;
+        /* Not found cannot happen: the picks are below the masses they pick in. */
+        call->tokens_out[at] = found ? (psm_i32)token : -1;
+        call->logprobs_out[at] =
+            found ? psm_log_probability(weight, call->pick_mass[at], call->pick_rescaled[at],
+                                        call->row[at / samples].total)
+                  : psm_bits_float(0x7fc00000u);
+    }
+    return status;
 }
 
 static void send_draws(psm_sharded *call)
@@ -818,6 +818,11 @@ void psm_sharded_end(psm_sharded *call)
     psm_free(call->select_slot);
     psm_free(call->local_key);
     psm_free(call->local_mass);
+    psm_free(call->tile_key);
+    psm_free(call->item);
+    psm_free(call->pick);
+    psm_free(call->pick_mass);
+    psm_free(call->pick_rescaled);
     psm_free(call->cut_key);
     psm_free(call->cut_mass);
     psm_free(call->draw_owner);
@@ -849,9 +854,17 @@ static psm_status check_shard(const psm_context *context, const psm_tensor *logi
                              "of %lld tokens",
                              (long long)logits->vocab, (long long)shard->first_token,
                              (long long)shard->full_vocab);
-    if (context->backend != PSM_BACKEND_CPU)
+    if (!context->ops->shard_pass)
+        return psm_set_error(PSM_ERR_UNSUPPORTED, "the %s backend has no sharded sampling",
+                             psm_backend_name(context->backend));
+    /* The rounds' decisions are the host's: a GPU's device-memory per-row
+     * arrays (and seed or offset pointers) would need a copy back first. */
+    if (logits->memory == PSM_MEMORY_DEVICE && context->backend != PSM_BACKEND_CPU &&
+        psm_request_per_row(params) != 0)
         return psm_set_error(PSM_ERR_UNSUPPORTED,
-                             "sharded sampling runs on the CPU backend so far, not on %s",
+                             "sharded sampling reads per-row arrays, row_indices and the seed "
+                             "and offset pointers on the host; with %s device logits they "
+                             "would be device memory",
                              psm_backend_name(context->backend));
     if (psm_processing_active(params) || params->top_logprobs ||
         params->filter_order != PSM_FILTER_ORDER_POLYSAMPLE)
@@ -891,6 +904,7 @@ psm_status psm_sharded_begin(psm_context *context, const psm_tensor *logits_shar
     psm_sharded *call = psm_alloc_zeroed(1, sizeof *call);
     if (!call)
         return psm_set_error(PSM_ERR_OUT_OF_MEMORY, "sharded call: its state");
+    call->context = context;
     call->request = request;
     call->shard = *shard;
     call->check_rows = context->check_rows;
@@ -902,19 +916,35 @@ psm_status psm_sharded_begin(psm_context *context, const psm_tensor *logits_shar
     me->first_tile = me->first / PSM_TILE;
     me->last_tile = (me->first + me->count - 1) / PSM_TILE;
     call->local_tiles = me->last_tile - me->first_tile + 1;
+    psm_shard_geometry *geometry = &call->geometry;
+    geometry->row_stride = request.logits.row_stride;
+    geometry->shard_vocab = logits_shard->vocab;
+    geometry->first_token = shard->first_token;
+    geometry->full_vocab = shard->full_vocab;
+    geometry->first_tile = me->first_tile;
+    geometry->local_tiles = call->local_tiles;
+    geometry->dtype = (psm_i32)request.logits.dtype; /* the PSM_LOGITS_* of the same type */
+    geometry->weight_bits = call->weight_bits;
     const size_t rows = (size_t)call->rows, n = (size_t)shard->shard_count;
     const size_t draws = rows * (size_t)params->num_samples;
     call->row = psm_alloc_zeroed(rows, sizeof *call->row);
     call->select_slot = psm_alloc_zeroed(rows, sizeof *call->select_slot);
     call->local_key = psm_alloc_zeroed(rows * (size_t)call->local_tiles, sizeof(psm_u64));
     call->local_mass = psm_alloc_zeroed(rows * (size_t)call->local_tiles, sizeof(psm_u64));
+    call->tile_key = psm_alloc_zeroed(rows * (size_t)call->local_tiles, sizeof(psm_u64));
+    call->item = psm_alloc_zeroed(draws > rows ? draws : rows, sizeof *call->item);
+    call->pick = psm_alloc_zeroed(2 * draws, sizeof(psm_u64));
+    call->pick_mass = psm_alloc_zeroed(draws, sizeof(psm_u64));
+    call->pick_rescaled = psm_alloc_zeroed(draws, sizeof(psm_u64));
     call->cut_key = psm_alloc_zeroed(rows * 2 * n, sizeof(psm_u64));
     call->cut_mass = psm_alloc_zeroed(rows * 2 * n, sizeof(psm_u64));
     call->draw_owner = psm_alloc_zeroed(draws, sizeof *call->draw_owner);
     call->tokens_out = psm_alloc_zeroed(draws, sizeof *call->tokens_out);
     call->logprobs_out = psm_alloc_zeroed(draws, sizeof *call->logprobs_out);
-    if (!call->row || !call->select_slot || !call->local_key || !call->local_mass || !call->cut_key ||
-        !call->cut_mass || !call->draw_owner || !call->tokens_out || !call->logprobs_out) {
+    if (!call->row || !call->select_slot || !call->local_key || !call->local_mass ||
+        !call->tile_key || !call->item || !call->pick || !call->pick_mass ||
+        !call->pick_rescaled || !call->cut_key || !call->cut_mass || !call->draw_owner ||
+        !call->tokens_out || !call->logprobs_out) {
         psm_sharded_end(call);
         return psm_set_error(PSM_ERR_OUT_OF_MEMORY, "sharded call: its state for %zu rows",
                              rows);
@@ -978,7 +1008,7 @@ psm_status psm_sharded_next(psm_sharded *call, const void *gathered, size_t gath
         next = ROUND_MASSES;
         break;
     case ROUND_MASSES:
-        take_masses(call, in);
+        status = take_masses(call, in);
         next = ROUND_DRAWS;
         break;
     case ROUND_DRAWS:
@@ -992,10 +1022,8 @@ psm_status psm_sharded_next(psm_sharded *call, const void *gathered, size_t gath
         call->round = ROUND_DONE;
         return status;
     }
-    if (next == ROUND_SELECT && number_searching_rows(call) == 0) {
-        make_rules(call);
+    if (next == ROUND_SELECT && number_searching_rows(call) == 0)
         next = ROUND_CUT_MAXIMA;
-    }
     call->round = next;
     if (next == ROUND_DONE) {
         write_outputs(call);
@@ -1007,11 +1035,15 @@ psm_status psm_sharded_next(psm_sharded *call, const void *gathered, size_t gath
         return status;
     }
     switch (next) {
-    case ROUND_SUMMARY: send_summary(call); break;
-    case ROUND_SELECT: send_select(call); break;
-    case ROUND_CUT_MAXIMA: send_cut_maxima(call); break;
-    case ROUND_MASSES: send_masses(call); break;
+    case ROUND_SUMMARY: status = send_summary(call); break;
+    case ROUND_SELECT: status = send_select(call); break;
+    case ROUND_CUT_MAXIMA: status = send_cut_maxima(call); break;
+    case ROUND_MASSES: status = send_masses(call); break;
     case ROUND_DRAWS: send_draws(call); break;
+    }
+    if (status != PSM_OK) {
+        call->round = ROUND_DONE;
+        return status;
     }
     *send = call->send;
     *send_bytes = call->send_words * sizeof *call->send;

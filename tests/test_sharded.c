@@ -6,6 +6,7 @@
  * for splits at and inside tile boundaries, uneven and one-token shards,
  * shards smaller than a tile, 1 to 8 shards and shard indices out of token
  * order; and a bad exchange or input must fail with nothing written. */
+#include "device_memory.h"
 #include "harness.h"
 
 #include <math.h>
@@ -76,20 +77,43 @@ typedef struct rank_outputs {
     float logprobs[ROWS * SAMPLES];
 } rank_outputs;
 
-/* Runs one sharded call over the split, every rank in turn each round.
- * Returns PSM_OK or the first failing status (every rank must fail alike,
- * in the same round). */
-static psm_status run_split(psm_context *context, const void *logits, psm_dtype dtype,
-                            const psm_params *params, const split *s, rank_outputs *out)
+/* Rank's shard as a tensor: a strided view of the host rows, or (memory
+ * given) its columns copied into a buffer of their own of the memory's
+ * kind, as a tensor-parallel rank holds them. */
+static psm_tensor shard_tensor(psm_test_memory *memory, const void *logits, psm_dtype dtype,
+                               int64_t first, int64_t count)
+{
+    const size_t element = dtype == PSM_DTYPE_F32 ? 4 : 2;
+    if (!memory)
+        return psm_test_tensor((char *)logits + (size_t)first * element, dtype, ROWS, count,
+                               VOCAB);
+    unsigned char *packed = psm_test_alloc((size_t)ROWS * (size_t)count, element);
+    for (int r = 0; r < ROWS; ++r)
+        memcpy(packed + (size_t)r * (size_t)count * element,
+               (const char *)logits + ((size_t)r * VOCAB + (size_t)first) * element,
+               (size_t)count * element);
+    psm_tensor t = psm_test_tensor(
+        psm_test_memory_copy_in(memory, packed, (size_t)ROWS * (size_t)count * element), dtype,
+        ROWS, count, 0);
+    t.memory = psm_test_memory_kind(memory);
+    free(packed);
+    return t;
+}
+
+/* Runs one sharded call over the split, every rank in turn each round, on
+ * host logits or (memory given) on copies in its memory. Returns PSM_OK or
+ * the first failing status (every rank must fail alike, in the same
+ * round). */
+static psm_status run_split_in(psm_context *context, psm_test_memory *memory, const void *logits,
+                               psm_dtype dtype, const psm_params *params, const split *s,
+                               rank_outputs *out)
 {
     psm_sharded *calls[8] = {0};
     psm_status status = PSM_OK;
     int64_t first = 0;
-    const size_t element = dtype == PSM_DTYPE_F32 ? 4 : 2;
     for (int k = 0; k < s->count; ++k) {
         const int rank = s->index[k];
-        psm_tensor shard_logits = psm_test_tensor((char *)logits + (size_t)first * element, dtype,
-                                                  ROWS, s->sizes[k], VOCAB);
+        psm_tensor shard_logits = shard_tensor(memory, logits, dtype, first, s->sizes[k]);
         const psm_shard shard = {first, VOCAB, rank, s->count};
         for (int i = 0; i < ROWS * SAMPLES; ++i) {
             out[rank].tokens[i] = POISON;
@@ -138,6 +162,12 @@ static psm_status run_split(psm_context *context, const void *logits, psm_dtype 
     for (int rank = 0; rank < s->count; ++rank)
         psm_sharded_end(calls[rank]);
     return status;
+}
+
+static psm_status run_split(psm_context *context, const void *logits, psm_dtype dtype,
+                            const psm_params *params, const split *s, rank_outputs *out)
+{
+    return run_split_in(context, NULL, logits, dtype, params, s, out);
 }
 
 static void expect_equal(const char *what, const split *s, const rank_outputs *expected,
@@ -259,6 +289,27 @@ static psm_params params_of(int set, float *temperature, int32_t *top_k, float *
     return p;
 }
 
+/* Every split's ranks (host logits, or copies in memory) against the
+ * reference context's unsharded call on the host logits. */
+static void expect_splits_equal(psm_context *context, psm_test_memory *memory,
+                                psm_context *reference, const void *data, psm_dtype dtype,
+                                const psm_params *p, const split *splits, int split_count,
+                                const char *label, int set)
+{
+    rank_outputs expected;
+    psm_tensor whole = psm_test_tensor((void *)data, dtype, ROWS, VOCAB, 0);
+    PSM_CHECK_OK(psm_sample(reference, &whole, p, psm_test_output(expected.tokens),
+                            psm_test_output(expected.logprobs)));
+    for (int k = 0; k < split_count; ++k) {
+        rank_outputs out[8];
+        const psm_status status = run_split_in(context, memory, data, dtype, p, &splits[k], out);
+        ck_assert_msg(status == PSM_OK, "%s: %s", label, psm_last_error());
+        char what[96];
+        snprintf(what, sizeof what, "%s, parameter set %d", label, set);
+        expect_equal(what, &splits[k], &expected, out);
+    }
+}
+
 static void check_identity(psm_backend backend, psm_dtype dtype, const char *test_name)
 {
     psm_context *context = psm_test_open(backend);
@@ -274,18 +325,8 @@ static void check_identity(psm_backend backend, psm_dtype dtype, const char *tes
     uint32_t subsequences[ROWS];
     for (int set = 0; set < PARAM_SETS; ++set) {
         const psm_params p = params_of(set, temperature, top_k, top_p, min_p, seeds, subsequences);
-        rank_outputs expected;
-        psm_tensor whole = psm_test_tensor((void *)data, dtype, ROWS, VOCAB, 0);
-        PSM_CHECK_OK(psm_sample(reference, &whole, &p, psm_test_output(expected.tokens),
-                                psm_test_output(expected.logprobs)));
-        for (int k = 0; k < split_count; ++k) {
-            rank_outputs out[8];
-            const psm_status status = run_split(context, data, dtype, &p, &splits[k], out);
-            ck_assert_msg(status == PSM_OK, "%s: %s", test_name, psm_last_error());
-            char what[64];
-            snprintf(what, sizeof what, "parameter set %d", set);
-            expect_equal(what, &splits[k], &expected, out);
-        }
+        expect_splits_equal(context, NULL, reference, data, dtype, &p, splits, split_count,
+                            test_name, set);
     }
     free(bf16);
     free(logits);
@@ -325,6 +366,60 @@ PSM_PROPERTY(sharded_bf16_equals_unsharded)
 {
     if (sharded_runs_on(backend, "sharded_bf16_equals_unsharded"))
         check_identity(backend, PSM_DTYPE_BF16, "sharded_bf16_equals_unsharded");
+}
+
+/* Each rank's shard in a buffer of the backend's device memory (a GPU's, or
+ * the CPU backend's host memory), bf16 here: every split, the parameter sets
+ * without per-row arrays. On a GPU backend per-row arrays would be device
+ * memory too, which the host rounds cannot read: refused, nothing
+ * written. */
+PSM_PROPERTY(sharded_device_logits_equal_unsharded)
+{
+    const char *why = psm_test_memory_unavailable(backend, PSM_MEMORY_DEVICE);
+    if (why) {
+        psm_test_skip(psm_backend_name(backend), "sharded_device_logits_equal_unsharded", why);
+        return;
+    }
+    if (!sharded_runs_on(backend, "sharded_device_logits_equal_unsharded"))
+        return;
+    psm_test_memory *memory = psm_test_memory_open(backend, PSM_MEMORY_DEVICE, 0);
+    psm_context *context = psm_test_memory_context(memory);
+    psm_context *reference = psm_test_open(PSM_BACKEND_CPU);
+    float *logits = make_logits(123);
+    uint16_t *bf16 = to_bf16(logits);
+    split splits[6 + RANDOM_SPLITS];
+    const int split_count = splits_for(splits, 11);
+    float temperature[ROWS], top_p[ROWS], min_p[ROWS];
+    int32_t top_k[ROWS];
+    uint64_t seeds[ROWS];
+    uint32_t subsequences[ROWS];
+    for (int set = 0; set < PARAM_SETS; ++set) {
+        const psm_params p = params_of(set, temperature, top_k, top_p, min_p, seeds, subsequences);
+        const int per_row = p.temperature_per_row || p.top_k_per_row || p.top_p_per_row ||
+                            p.min_p_per_row || p.seed_per_row || p.offset_per_row ||
+                            p.subsequence_per_row || p.row_indices;
+        if (per_row && backend != PSM_BACKEND_CPU) {
+            int32_t tokens[ROWS * SAMPLES];
+            for (int i = 0; i < ROWS * SAMPLES; ++i)
+                tokens[i] = POISON;
+            psm_tensor t = shard_tensor(memory, bf16, PSM_DTYPE_BF16, 0, VOCAB);
+            const psm_shard shard = {0, VOCAB, 0, 1};
+            psm_sharded *call = NULL;
+            ck_assert_int_eq(psm_sharded_begin(context, &t, &shard, &p, psm_test_output(tokens),
+                                               psm_test_output(NULL), &call),
+                             PSM_ERR_UNSUPPORTED);
+            ck_assert_ptr_null(call);
+            for (int i = 0; i < ROWS * SAMPLES; ++i)
+                ck_assert_int_eq(tokens[i], POISON);
+            continue;
+        }
+        expect_splits_equal(context, memory, reference, bf16, PSM_DTYPE_BF16, &p, splits,
+                            split_count, "device logits", set);
+    }
+    free(bf16);
+    free(logits);
+    psm_context_destroy(reference);
+    psm_test_memory_close(memory);
 }
 
 /* ---- bad rows and bad input (the CPU backend) ---------------------------- */
@@ -552,6 +647,7 @@ int main(void)
 {
     psm_test_register_property(sharded_f32_equals_unsharded);
     psm_test_register_property(sharded_bf16_equals_unsharded);
+    psm_test_register_property(sharded_device_logits_equal_unsharded);
     psm_test_register_common(sharded_bad_rows);
     psm_test_register_common(sharded_begin_refuses);
     psm_test_register_common(sharded_bad_exchanges);

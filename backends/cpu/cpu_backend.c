@@ -449,4 +449,5 @@ const psm_backend_ops psm_cpu_ops = {
     .probs = cpu_probs,
     .synchronize = cpu_synchronize,
     .verify = cpu_verify,
+    .shard_pass = cpu_shard_pass,
 };

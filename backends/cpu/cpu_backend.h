@@ -441,4 +441,11 @@ psm_status cpu_prepare_verify(cpu_state *state, int64_t vocab);
 /* cpu_verify.c: the backend's psm_verify. */
 psm_status cpu_verify(void *state, psm_verify_request *request);
 
+/* ---- sharded sampling ------------------------------------------------------ */
+
+/* cpu_sharded.c: the passes of a sharded call over its shard. */
+psm_status cpu_shard_pass(void *state, const psm_tensor *logits,
+                          const psm_shard_geometry *geometry, const psm_shard_item *items,
+                          int64_t item_count, const psm_u64 *tile_keys, psm_u64 *out);
+
 #endif /* PSM_CPU_BACKEND_H */

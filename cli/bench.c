@@ -10,6 +10,7 @@
 #include "polysample.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -62,7 +63,19 @@ static const char bench_description[] =
     "          rows; a backend that refuses it shows 'unsupported'.\n"
     "\n"
     "--filter-order runs every case in that order (docs/SAMPLING.md, section 4);\n"
-    "the table names it after the setting (top_p@vllm), the JSON in filter_order.\n";
+    "the table names it after the setting (top_p@vllm), the JSON in filter_order.\n"
+    "\n"
+    "--shards 2,4,8 also runs each case split by vocabulary (psm_sharded_*,\n"
+    "docs/SAMPLING.md section 8) into that many contiguous shards, each a\n"
+    "simulated rank with its own context and buffer on the same device, run one\n"
+    "after another and exchanging by memcpy; every rank's tokens must equal\n"
+    "psm_sample's (a difference fails the run). A second table gives the passes'\n"
+    "time (measured: each round's slowest rank), the rounds and the bytes a rank\n"
+    "sends, against gathering the logits and sampling them on one device. The\n"
+    "all-gathers are not run but modelled, each --collective-us of latency plus\n"
+    "(shards - 1) x a rank's bytes at --link-gb-per-s: the defaults, 10 us (a\n"
+    "typical small NCCL all-gather) and 450 GB/s (NVLink 4 on an H100 or H200,\n"
+    "one direction), are assumptions, not measurements.\n";
 
 /* Every available backend, each on its first device. */
 static void every_available_backend(cli_backend_list *list)
@@ -114,7 +127,7 @@ static int open_backends(const cli_backend_list *list, const bench_config *confi
  * order. 0, or -1 after a message. */
 static int run_cases(const bench_config *config, bench_backend *backends, int backend_count,
                      const bench_case *cases, int case_count, bench_result *results,
-                     int *result_count)
+                     bench_sharded_result *sharded, int *result_count)
 {
     int progress = 0, progress_total = case_count * backend_count, first;
     for (first = 0; first < case_count; ++first) {
@@ -176,10 +189,11 @@ static int run_cases(const bench_config *config, bench_backend *backends, int ba
                 bench_result *slice = &results[*result_count];
                 for (k = 0; k < group_count; ++k)
                     slice[k].which = group[k];
-                bench_run_backend_cases(config, &backends[b], data,
-                                        count * cli_dtype_size((psm_dtype)dtype),
-                                        with_processing ? &processing : NULL, slice,
-                                        group_count, &progress, progress_total);
+                bench_run_backend_cases(
+                    config, &backends[b], data, count * cli_dtype_size((psm_dtype)dtype),
+                    with_processing ? &processing : NULL, slice, group_count,
+                    sharded ? &sharded[*result_count * config->sharding_count] : NULL, &progress,
+                    progress_total);
                 *result_count += group_count;
             }
             free(converted);
@@ -228,14 +242,16 @@ static void compare_with_plain(bench_result *results, int result_count)
     }
 }
 
-static int write_json_file(const char *path, const bench_result *results, int result_count)
+static int write_json_file(const char *path, const bench_result *results, int result_count,
+                           const bench_sharded_result *sharded, int sharded_count,
+                           const bench_exchange_model *model)
 {
     FILE *out = fopen(path, "w");
     if (!out) {
         cli_error("bench", "cannot write '%s': %s", path, strerror(errno));
         return -1;
     }
-    bench_write_json(out, results, result_count);
+    bench_write_json(out, results, result_count, sharded, sharded_count, model);
     if (fclose(out) != 0) {
         cli_error("bench", "writing '%s' failed", path);
         return -1;
@@ -245,7 +261,8 @@ static int write_json_file(const char *path, const bench_result *results, int re
 
 int cli_bench(int argc, char **argv)
 {
-    bench_config config = {0, 2.0, 0, 1, 0, PSM_FILTER_ORDER_POLYSAMPLE};
+    bench_config config = {.time_budget_s = 2.0, .seed = 1,
+                           .filter_order = PSM_FILTER_ORDER_POLYSAMPLE};
     bench_backend backends[BENCH_MAX_BACKENDS];
     cli_backend_list backend_list = {0};
     cli_item_list dtype_list = {0}, setting_list = {0}, distribution_list = {0};
@@ -256,7 +273,12 @@ int cli_bench(int argc, char **argv)
     bench_selection selection;
     bench_case cases[BENCH_MAX_CASES];
     bench_result *results = NULL;
-    int backend_count = 0, case_count, result_count = 0, parsed, i, b;
+    bench_sharded_result *sharded = NULL;
+    cli_item_list shards_list = {0};
+    /* NAN: not given (a parsed value is never NaN). */
+    float link_gb_per_s = NAN, collective_us = NAN;
+    int backend_count = 0, case_count, result_count = 0, sharded_count = 0, parsed, i, b;
+    int tokens_differ = 0;
     int exit_status = CLI_EXIT_OK;
     const cli_option bench_options[] = {
         {.name = "--backend", .kind = CLI_OPTION_BACKEND_LIST, .value_name = "LIST",
@@ -288,6 +310,19 @@ int cli_bench(int argc, char **argv)
          .help = "the filters' order and rules: polysample,\nvllm, sglang, llama.cpp,\n"
                  "flashinfer-top-k-first or flashinfer-joint",
          .default_text = "polysample"},
+        {.name = "--shards", .kind = CLI_OPTION_LIST, .value_name = "LIST",
+         .target = &shards_list, .maximum = BENCH_MAX_SHARDINGS,
+         .parse_item = bench_parse_shards_item, .items = "a shard count, 1 to 64",
+         .help = "also run each case split into that many\nshards (comma-separated; above)",
+         .default_text = "none"},
+        {.name = "--link-gb-per-s", .kind = CLI_OPTION_FLOAT, .value_name = "B",
+         .target = &link_gb_per_s,
+         .help = "--shards: the modelled link's bandwidth,\nGB/s a direction (an assumption)",
+         .default_text = "450"},
+        {.name = "--collective-us", .kind = CLI_OPTION_FLOAT, .value_name = "T",
+         .target = &collective_us,
+         .help = "--shards: the modelled latency of one\nall-gather in us (an assumption)",
+         .default_text = "10"},
         {.name = "--repeat", .kind = CLI_OPTION_DECIMAL, .value_name = "N", .target = &repeat,
          .minimum = 1, .maximum = BENCH_MAX_RUNS,
          .help = "timed runs per case (default: 3 to 20\nwithin ~2 s; one when the warm-up "
@@ -320,6 +355,31 @@ int cli_bench(int argc, char **argv)
         cli_error("bench", "--filter-order %s: expected " CLI_FILTER_ORDER_NAMES, filter_order);
         return CLI_EXIT_USAGE;
     }
+    if ((!isnan(link_gb_per_s) || !isnan(collective_us)) && shards_list.count == 0) {
+        cli_error("bench", "%s models the exchange of --shards, which is not given",
+                  isnan(link_gb_per_s) ? "--collective-us" : "--link-gb-per-s");
+        return CLI_EXIT_USAGE;
+    }
+    if (!isnan(link_gb_per_s) && !(link_gb_per_s > 0.0f)) {
+        cli_error("bench", "--link-gb-per-s %g: expected a bandwidth above 0",
+                  (double)link_gb_per_s);
+        return CLI_EXIT_USAGE;
+    }
+    if (!isnan(collective_us) && collective_us < 0.0f) {
+        cli_error("bench", "--collective-us %g: expected a latency of 0 or more",
+                  (double)collective_us);
+        return CLI_EXIT_USAGE;
+    }
+    config.exchange.link_gb_per_s = isnan(link_gb_per_s) ? 450.0 : (double)link_gb_per_s;
+    config.exchange.collective_us = isnan(collective_us) ? 10.0 : (double)collective_us;
+    /* Each shard count once, in the order given. */
+    for (i = 0; i < shards_list.count; ++i) {
+        int k, seen = 0;
+        for (k = 0; k < config.sharding_count; ++k)
+            seen |= config.shard_counts[k] == shards_list.values[i];
+        if (!seen)
+            config.shard_counts[config.sharding_count++] = shards_list.values[i];
+    }
     config.repeat = (int)repeat;
     config.threads = (int)threads;
     if (quick)
@@ -347,30 +407,49 @@ int cli_bench(int argc, char **argv)
         goto done;
     }
     results = calloc((size_t)case_count * (size_t)backend_count, sizeof *results);
-    if (!results) {
+    if (config.sharding_count > 0)
+        sharded = calloc((size_t)case_count * (size_t)backend_count *
+                             (size_t)config.sharding_count,
+                         sizeof *sharded);
+    if (!results || (config.sharding_count > 0 && !sharded)) {
         cli_error("bench", "out of memory");
         exit_status = CLI_EXIT_FAILURE;
         goto done;
     }
-    if (run_cases(&config, backends, backend_count, cases, case_count, results, &result_count) !=
-        0) {
+    if (run_cases(&config, backends, backend_count, cases, case_count, results, sharded,
+                  &result_count) != 0) {
         exit_status = CLI_EXIT_FAILURE;
         goto done;
     }
+    sharded_count = result_count * config.sharding_count;
     compare_with_cpu(results, result_count);
     compare_with_plain(results, result_count);
     for (i = 0; i < result_count; ++i)
         if (results[i].failed)
             exit_status = CLI_EXIT_FAILURE;
+    for (i = 0; i < sharded_count; ++i) {
+        if (sharded[i].failed)
+            exit_status = CLI_EXIT_FAILURE;
+        tokens_differ += sharded[i].tokens_differ;
+    }
 
-    if (json_to_stdout)
-        bench_write_json(stdout, results, result_count);
-    else
+    if (json_to_stdout) {
+        bench_write_json(stdout, results, result_count, sharded, sharded_count, &config.exchange);
+    } else {
         bench_print_table(results, result_count);
-    if (json_path && write_json_file(json_path, results, result_count) != 0)
+        if (sharded_count > 0)
+            bench_print_sharded_table(sharded, sharded_count, &config.exchange);
+    }
+    if (json_path && write_json_file(json_path, results, result_count, sharded, sharded_count,
+                                     &config.exchange) != 0)
         exit_status = CLI_EXIT_FAILURE;
+    /* A wrong token is the one result that must not scroll by unseen. */
+    if (tokens_differ > 0)
+        cli_error("bench", "in %d sharded case%s a rank's tokens differ from psm_sample's",
+                  tokens_differ, tokens_differ == 1 ? "" : "s");
 
 done:
+    free(sharded);
     free(results);
     for (b = 0; b < backend_count; ++b)
         bench_close_backend(&backends[b]);

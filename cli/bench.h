@@ -3,7 +3,8 @@
  * command (options, the order of the work); bench_cases.c says what is run
  * (settings, logits distributions, the case list) and makes the logits;
  * bench_run.c opens the backends and times the cases against a read ceiling;
- * bench_report.c prints the table and writes the JSON.
+ * bench_sharded.c runs the cases split by vocabulary over simulated ranks
+ * (--shards); bench_report.c prints the tables and writes the JSON.
  */
 #ifndef PSM_CLI_BENCH_H
 #define PSM_CLI_BENCH_H
@@ -156,6 +157,10 @@ typedef struct bench_backend {
     const bench_device_ops *device; /* NULL: host memory, host clock */
     void *session;
     char device_name[160];
+    /* The simulated ranks' contexts of the sharded runs, on the same device
+     * and stream as context; made when first needed. */
+    psm_context *rank_contexts[PSM_MAX_SHARDS];
+    int rank_context_count;
 } bench_backend;
 
 typedef struct bench_result {
@@ -174,6 +179,16 @@ typedef struct bench_result {
     int32_t filter_order;   /* psm_params.filter_order of the run (bench_config's) */
 } bench_result;
 
+/* The all-gathers of a sharded step are not run but modelled: each costs
+ * a fixed latency plus the bytes a rank receives over its link. */
+typedef struct bench_exchange_model {
+    double link_gb_per_s; /* one direction of one GPU's link, 1e9 bytes/s */
+    double collective_us; /* the latency of one collective */
+} bench_exchange_model;
+
+/* The most shard counts --shards takes. */
+#define BENCH_MAX_SHARDINGS 8
+
 typedef struct bench_config {
     int repeat;            /* 0: adaptive */
     double time_budget_s;  /* adaptive: stop adding runs after this */
@@ -181,25 +196,86 @@ typedef struct bench_config {
     uint64_t seed;
     int show_progress;
     int32_t filter_order;  /* psm_params.filter_order of every case */
+    /* --shards: each case is also run split into shard_counts[i] ranks. */
+    int shard_counts[BENCH_MAX_SHARDINGS];
+    int sharding_count;
+    bench_exchange_model exchange;
 } bench_config;
 
 int bench_open_backend(const char *command, psm_backend backend, int device_index,
                        const bench_config *config, bench_backend *opened);
+/* Makes the backend's rank contexts up to count (those made stay). */
+psm_status bench_open_rank_contexts(const bench_config *config, bench_backend *backend,
+                                    int count);
 void bench_close_backend(bench_backend *backend);
+
+/* Have the timed runs so far, elapsed_s after a warm-up of warm_up_s,
+ * enough? (--repeat, or adaptive within the time budget.) */
+int bench_enough_runs(const bench_config *config, int runs, double elapsed_s, double warm_up_s);
+
+/* A case split by vocabulary (--shards) over simulated ranks. */
+typedef struct bench_sharded_result {
+    const bench_result *unsharded; /* the same case on the whole rows */
+    int shards;
+    int failed;
+    int unsupported;          /* the backend or the library refused it: no time */
+    int tokens_differ;        /* a rank's tokens are not psm_sample's (failed too) */
+    char error[320];          /* why it failed, or the refusal */
+    int runs;
+    int rounds;               /* all-gathers per call */
+    double send_bytes_per_row; /* what one rank sends over all rounds, per row */
+    double phases_ms;         /* measured: the median run's begin, rounds and end */
+    double exchange_ms;       /* modelled: the rounds' all-gathers */
+    double gather_ms;         /* modelled: one all-gather of the whole logits */
+} bench_sharded_result;
 
 /* Runs every case of one (shape, distribution, dtype) on one backend:
  * results[0 .. result_count - 1].which name the cases; host_logits holds
  * bytes of their logits; processing (NULL when no case needs it) the
  * shape's processing inputs, which a device backend gets in device memory.
- * progress counts the cases started, for the progress lines. */
+ * sharded (NULL without --shards) gets config->sharding_count results per
+ * case, case i's at i * sharding_count. progress counts the cases started,
+ * for the progress lines. */
 void bench_run_backend_cases(const bench_config *config, bench_backend *backend,
                              const void *host_logits, size_t bytes,
                              const bench_processing *processing, bench_result *results,
-                             int result_count, int *progress, int progress_total);
+                             int result_count, bench_sharded_result *sharded, int *progress,
+                             int progress_total);
+
+/* ---- sharded runs (bench_sharded.c) -------------------------------------------- */
+
+/* --shards items: a shard count, 1 to PSM_MAX_SHARDS. */
+int bench_parse_shards_item(const char *item, int *value);
+
+/* A case as its sharded runs see it: the unsharded call's parameters and
+ * the tokens it drew, which every rank must draw too. */
+typedef struct bench_sharded_case {
+    const bench_result *unsharded;
+    psm_params params;
+    const int32_t *expected_tokens; /* rows of them; NULL: the unsharded call drew none */
+} bench_sharded_case;
+
+/* Runs each case split into each of config's shard counts on the backend:
+ * the shards (contiguous columns, sizes within one of each other) are
+ * copied from host_logits, in rotation copies in device memory as the
+ * unsharded runs use; results[i * sharding_count + s] is case i's at
+ * shard_counts[s]. */
+void bench_run_sharded(const bench_config *config, bench_backend *backend,
+                       const void *host_logits, int rotation, const bench_sharded_case *cases,
+                       int case_count, bench_sharded_result *results);
+
+/* The model's all-gather time, in ms, when each of shards ranks
+ * contributes bytes (none for one rank: nothing moves). */
+double bench_all_gather_ms(const bench_exchange_model *model, int shards, double bytes);
 
 /* ---- report (bench_report.c) --------------------------------------------------- */
 
-void bench_write_json(FILE *out, const bench_result *results, int result_count);
+/* sharded: sharded_count results (none without --shards). */
+void bench_write_json(FILE *out, const bench_result *results, int result_count,
+                      const bench_sharded_result *sharded, int sharded_count,
+                      const bench_exchange_model *model);
 void bench_print_table(const bench_result *results, int result_count);
+void bench_print_sharded_table(const bench_sharded_result *sharded, int sharded_count,
+                               const bench_exchange_model *model);
 
 #endif /* PSM_CLI_BENCH_H */

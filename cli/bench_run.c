@@ -150,7 +150,7 @@ typedef struct case_extras {
 /* Adaptive repeats: at least 3 runs and up to 20 within the time budget; a
  * case whose warm-up alone took longer than the budget gets a single timed
  * run, so that the default CPU run stays within minutes. */
-static int enough_runs(const bench_config *config, int runs, double elapsed_s, double warm_up_s)
+int bench_enough_runs(const bench_config *config, int runs, double elapsed_s, double warm_up_s)
 {
     int minimum = warm_up_s > config->time_budget_s ? 1 : 3;
     if (config->repeat > 0)
@@ -174,7 +174,7 @@ static void time_call(const bench_config *config, bench_backend *backend, const 
     }
     warm_up_s = cli_now_seconds() - started;
     started = cli_now_seconds();
-    while (!enough_runs(config, runs, cli_now_seconds() - started, warm_up_s)) {
+    while (!bench_enough_runs(config, runs, cli_now_seconds() - started, warm_up_s)) {
         if (backend->device) {
             if (backend->device->time_work(backend->session, 1, call->work, call->argument,
                                            &times[runs]) != 0) {
@@ -244,12 +244,28 @@ static psm_params setting_params(const bench_config *config, const bench_setting
     return params;
 }
 
+/* A sampling case's parameters: the setting's, with what it adds to the
+ * draw (extras) in the backend's memory. */
+static psm_params case_params(const bench_config *config, const bench_case *which,
+                              const case_extras *extras)
+{
+    const bench_setting *setting = &bench_settings[which->setting];
+    psm_params params = setting_params(config, setting);
+    switch (setting->extra) {
+    case EXTRA_MASK_BIAS: params.processing = &extras->mask_bias; break;
+    case EXTRA_PENALTIES: params.processing = &extras->penalties; break;
+    case EXTRA_TOP_20: params.top_logprobs = &extras->top; break;
+    case EXTRA_NONE:
+    case EXTRA_VERIFY: break;
+    }
+    return params;
+}
+
 /* Times one sampling case on one backend; inputs already hold the logits. */
 static void time_case(const bench_config *config, bench_backend *backend, void **inputs,
                       int input_count, void *tokens, const case_extras *extras,
                       bench_result *result)
 {
-    const bench_setting *setting = &bench_settings[result->which.setting];
     sample_launch launch;
     psm_status status;
 
@@ -258,20 +274,12 @@ static void time_case(const bench_config *config, bench_backend *backend, void *
     launch.logits = case_tensor(backend, &result->which, result->which.rows);
     launch.inputs = inputs;
     launch.input_count = input_count;
-    launch.params = setting_params(config, setting);
+    launch.params = case_params(config, &result->which, extras);
     launch.tokens.data = tokens;
     launch.tokens.memory = launch.logits.memory;
     launch.logprobs.memory = launch.logits.memory;
-    switch (setting->extra) {
-    case EXTRA_MASK_BIAS: launch.params.processing = &extras->mask_bias; break;
-    case EXTRA_PENALTIES: launch.params.processing = &extras->penalties; break;
-    case EXTRA_TOP_20:
-        launch.params.top_logprobs = &extras->top;
+    if (launch.params.top_logprobs)
         launch.logprobs = extras->logprobs;
-        break;
-    case EXTRA_NONE:
-    case EXTRA_VERIFY: break;
-    }
 
     status = psm_context_reserve(backend->context, result->which.rows, result->which.vocab, 1);
     if (status != PSM_OK) {
@@ -461,11 +469,22 @@ static int place_extras(bench_backend *backend, const bench_processing *processi
     return failed ? -1 : 0;
 }
 
+/* The tokens a timed call left in tokens (the backend's memory), copied
+ * to host. 0, or -1. */
+static int keep_tokens(bench_backend *backend, void *tokens, size_t bytes, int32_t *kept)
+{
+    if (backend->device)
+        return backend->device->download(backend->session, kept, tokens, bytes);
+    memcpy(kept, tokens, bytes);
+    return 0;
+}
+
 /* Runs every case of one (shape, dtype) on one backend. */
 void bench_run_backend_cases(const bench_config *config, bench_backend *backend,
                              const void *host_logits, size_t bytes,
                              const bench_processing *processing, bench_result *results,
-                             int result_count, int *progress, int progress_total)
+                             int result_count, bench_sharded_result *sharded, int *progress,
+                             int progress_total)
 {
     /* Each input is one buffer, or for verify two: the target rows and the
      * draft rows (a cl_mem cannot be offset into). */
@@ -480,6 +499,10 @@ void bench_run_backend_cases(const bench_config *config, bench_backend *backend,
     double ceiling_ms = NAN;
     char error[320] = "";
     size_t token_bytes = (size_t)results[0].which.rows * sizeof(int32_t);
+    /* With --shards: each case's parameters and tokens, which its sharded
+     * runs must draw too. */
+    bench_sharded_case *sharded_cases = NULL;
+    int32_t *kept_tokens = NULL;
 
     if (results[0].which.setting == SETTING_VERIFY) {
         parts = 2;
@@ -528,6 +551,12 @@ void bench_run_backend_cases(const bench_config *config, bench_backend *backend,
         snprintf(error, sizeof error, "%s",
                  backend->device ? backend->device->last_error(backend->session)
                                  : "out of memory");
+    if (sharded) {
+        sharded_cases = calloc((size_t)result_count, sizeof *sharded_cases);
+        kept_tokens = malloc((size_t)result_count * token_bytes);
+        if (!sharded_cases || !kept_tokens)
+            snprintf(error, sizeof error, "out of memory");
+    }
 
     for (i = 0; i < result_count; ++i) {
         bench_result *result = &results[i];
@@ -553,7 +582,16 @@ void bench_run_backend_cases(const bench_config *config, bench_backend *backend,
             time_verify_case(config, backend, inputs, input_count, &extras, result);
         } else {
             time_case(config, backend, inputs, input_count, tokens, &extras, result);
+            if (sharded_cases) {
+                int32_t *kept = kept_tokens + (size_t)i * (size_t)result->which.rows;
+                sharded_cases[i].params = case_params(config, &result->which, &extras);
+                if (!result->failed && !result->unsupported &&
+                    keep_tokens(backend, tokens, token_bytes, kept) == 0)
+                    sharded_cases[i].expected_tokens = kept;
+            }
         }
+        if (sharded_cases)
+            sharded_cases[i].unsharded = result;
         if (config->show_progress) {
             if (result->unsupported)
                 fprintf(stderr, "unsupported: %s\n", result->error);
@@ -564,14 +602,45 @@ void bench_run_backend_cases(const bench_config *config, bench_backend *backend,
         }
     }
 
-    release_extras(backend, extra_buffers);
-    if (backend->device) {
+    /* The unsharded inputs go before the sharded runs place their shards:
+     * a device then holds one set at a time. */
+    if (backend->device)
         for (i = 0; i < input_count * parts; ++i)
             backend->device->release(backend->session, inputs[i]);
-        backend->device->release(backend->session, tokens);
-    } else {
-        free(tokens);
+    if (sharded_cases) {
+        bench_run_sharded(config, backend, host_logits, input_count, sharded_cases, result_count,
+                          sharded);
+    } else if (sharded) {
+        for (i = 0; i < result_count * config->sharding_count; ++i) {
+            sharded[i].unsharded = &results[i / config->sharding_count];
+            sharded[i].shards = config->shard_counts[i % config->sharding_count];
+            sharded[i].failed = 1;
+            snprintf(sharded[i].error, sizeof sharded[i].error, "out of memory");
+        }
     }
+    free(sharded_cases);
+    free(kept_tokens);
+
+    release_extras(backend, extra_buffers);
+    if (backend->device)
+        backend->device->release(backend->session, tokens);
+    else
+        free(tokens);
+}
+
+/* The options of a context on the backend's device; with a device helper,
+ * on its session's stream or queue (so that its buffers are the context's). */
+static psm_context_options context_options(const bench_config *config,
+                                           const bench_backend *backend)
+{
+    psm_context_options options;
+    cli_context_options_init(&options);
+    options.backend = backend->backend;
+    options.device_index = backend->device_index;
+    options.cpu_threads = config->threads;
+    if (backend->device)
+        options.native_stream = backend->device->native_stream(backend->session);
+    return options;
 }
 
 int bench_open_backend(const char *command, psm_backend backend, int device_index,
@@ -584,17 +653,12 @@ int bench_open_backend(const char *command, psm_backend backend, int device_inde
     opened->backend = backend;
     opened->device_index = device_index;
     opened->device = bench_device_find(backend);
-    cli_context_options_init(&options);
-    options.backend = backend;
-    options.device_index = device_index;
-    options.cpu_threads = config->threads;
-    if (opened->device) {
-        if (opened->device->open(device_index, &opened->session, error, sizeof error) != 0) {
-            cli_error(command, "%s: %s", psm_backend_name(backend), error);
-            return -1;
-        }
-        options.native_stream = opened->device->native_stream(opened->session);
+    if (opened->device &&
+        opened->device->open(device_index, &opened->session, error, sizeof error) != 0) {
+        cli_error(command, "%s: %s", psm_backend_name(backend), error);
+        return -1;
     }
+    options = context_options(config, opened);
     status = psm_context_create(&options, &opened->context);
     if (status != PSM_OK) {
         cli_library_error(command, psm_backend_name(backend), status);
@@ -607,8 +671,25 @@ int bench_open_backend(const char *command, psm_backend backend, int device_inde
     return 0;
 }
 
+psm_status bench_open_rank_contexts(const bench_config *config, bench_backend *backend,
+                                    int count)
+{
+    while (backend->rank_context_count < count) {
+        psm_context_options options = context_options(config, backend);
+        psm_status status =
+            psm_context_create(&options, &backend->rank_contexts[backend->rank_context_count]);
+        if (status != PSM_OK)
+            return status;
+        ++backend->rank_context_count;
+    }
+    return PSM_OK;
+}
+
 void bench_close_backend(bench_backend *backend)
 {
+    int rank;
+    for (rank = 0; rank < backend->rank_context_count; ++rank)
+        psm_context_destroy(backend->rank_contexts[rank]);
     psm_context_destroy(backend->context);
     if (backend->device)
         backend->device->close(backend->session);

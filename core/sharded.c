@@ -832,7 +832,8 @@ void psm_sharded_end(psm_sharded *call)
 }
 
 static psm_status check_shard(const psm_context *context, const psm_tensor *logits,
-                              const psm_shard *shard, const psm_params *params)
+                              const psm_shard *shard, const psm_params *params,
+                              const psm_output *tokens, const psm_output *logprobs)
 {
     if (!shard)
         return psm_set_error(PSM_ERR_INVALID_ARGUMENT, "shard is NULL");
@@ -857,14 +858,21 @@ static psm_status check_shard(const psm_context *context, const psm_tensor *logi
     if (!context->ops->shard_pass)
         return psm_set_error(PSM_ERR_UNSUPPORTED, "the %s backend has no sharded sampling",
                              psm_backend_name(context->backend));
-    /* The rounds' decisions are the host's: a GPU's device-memory per-row
-     * arrays (and seed or offset pointers) would need a copy back first. */
-    if (logits->memory == PSM_MEMORY_DEVICE && context->backend != PSM_BACKEND_CPU &&
-        psm_request_per_row(params) != 0)
+    /* The rounds' decisions and the outputs are the host's: a GPU's
+     * device-memory per-row arrays (and seed or offset pointers) would need
+     * a copy back first, and device outputs a copy out. */
+    const int device = context->backend != PSM_BACKEND_CPU;
+    if (device && logits->memory == PSM_MEMORY_DEVICE && psm_request_per_row(params) != 0)
         return psm_set_error(PSM_ERR_UNSUPPORTED,
                              "sharded sampling reads per-row arrays, row_indices and the seed "
                              "and offset pointers on the host; with %s device logits they "
                              "would be device memory",
+                             psm_backend_name(context->backend));
+    if (device && (tokens->memory == PSM_MEMORY_DEVICE ||
+                   (logprobs->data && logprobs->memory == PSM_MEMORY_DEVICE)))
+        return psm_set_error(PSM_ERR_UNSUPPORTED,
+                             "sharded sampling writes its tokens and logprobs from the host: "
+                             "give them in host memory on the %s backend",
                              psm_backend_name(context->backend));
     if (psm_processing_active(params) || params->top_logprobs ||
         params->filter_order != PSM_FILTER_ORDER_POLYSAMPLE)
@@ -897,7 +905,7 @@ psm_status psm_sharded_begin(psm_context *context, const psm_tensor *logits_shar
     psm_status status = psm_validate_request(logits_shard, params ? &checked : NULL, &tokens,
                                              &logprobs, NULL, 1, 0, &request);
     if (status == PSM_OK)
-        status = check_shard(context, logits_shard, shard, params);
+        status = check_shard(context, logits_shard, shard, params, &tokens, &logprobs);
     if (status != PSM_OK)
         return status;
 

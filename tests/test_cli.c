@@ -3,7 +3,8 @@
  * strict decimal and float parsers every number option goes through
  * (cli/cli_util.c), the option parser (cli/cli_options.c) on a table of every
  * kind and through the subcommands themselves (--help, refusals, usage
- * texts), the bench's language-model logits (cli/bench_cases.c), the notice
+ * texts), the bench's language-model logits (cli/bench_cases.c), its
+ * sharded runs and their exchange model (cli/bench_sharded.c), the notice
  * callback the tool gives the library (shown on a terminal only),
  * and the .npy reader (cli/npy.c) on well-formed and malformed files, which
  * this program writes into a temporary directory (and through a FIFO, for
@@ -451,7 +452,7 @@ static void test_commands(void)
                         "--draft-top-k --draft-top-p --draft-min-p --draft-filter-order");
     expect_command_help("bench", cli_bench,
                         "--backend --rows --vocab --dtype --setting --distribution "
-                        "--filter-order --repeat "
+                        "--filter-order --shards --link-gb-per-s --collective-us --repeat "
                         "--threads --seed --quick --json --json=PATH");
     expect_command_help("check", cli_check, "--rows --backend --seed --draws");
 
@@ -482,6 +483,15 @@ static void test_commands(void)
          "--filter-order vllm2: expected polysample, vllm, sglang"},
         {"bench", cli_bench, "--quick --quick", "option --quick is given more than once"},
         {"bench", cli_bench, "--repeat 201", "bad --repeat '201': out of range (1 to 200)"},
+        {"bench", cli_bench, "--shards 0", "bad --shards item '0' (a shard count, 1 to 64)"},
+        {"bench", cli_bench, "--shards 2,65", "bad --shards item '65' (a shard count, 1 to 64)"},
+        {"bench", cli_bench, "--shards 1,2,3,4,5,6,7,8,9", "--shards takes at most 8 items"},
+        {"bench", cli_bench, "--collective-us 5",
+         "--collective-us models the exchange of --shards, which is not given"},
+        {"bench", cli_bench, "--shards 2 --link-gb-per-s 0",
+         "--link-gb-per-s 0: expected a bandwidth above 0"},
+        {"bench", cli_bench, "--shards 2 --collective-us -1",
+         "--collective-us -1: expected a latency of 0 or more"},
         {"check", cli_check, "--backend cpu,cpu,cpu,cpu,cpu,cpu",
          "--backend takes at most 5 items"},
         {"check", cli_check, "--draws -1", "bad --draws '-1'"},
@@ -553,6 +563,67 @@ static void test_bench_verify_cases(void)
                           target + (request * (K + 1) + node - 1) * VOCAB,
                           VOCAB * sizeof(float)) == 0,
                    "request %d node %d: the draft row is not its target row", request, node);
+}
+
+/* ---- the bench's sharded runs ---------------------------------------------- */
+
+static int occurrences(const char *text, const char *part)
+{
+    int count = 0;
+    for (text = strstr(text, part); text; text = strstr(text + 1, part))
+        ++count;
+    return count;
+}
+
+/* The exchange model: nothing for one rank; a latency plus the other
+ * ranks' bytes at the link's bandwidth. A tiny sharded bench on the CPU:
+ * every rank's tokens equal psm_sample's, plain sampling takes the 4
+ * rounds of SAMPLING.md section 8, a setting the sharded call refuses is
+ * "unsupported" and not a failure, and without --shards the JSON is as
+ * before. */
+static void test_bench_sharded(void)
+{
+    const bench_exchange_model model = {400.0, 10.0};
+    static char buffer[512];
+    char *words[32];
+    captured result;
+    int count;
+
+    EXPECT(bench_all_gather_ms(&model, 1, 1e6) == 0.0, "one shard: %g ms",
+           bench_all_gather_ms(&model, 1, 1e6));
+    EXPECT(fabs(bench_all_gather_ms(&model, 5, 1e6) - (0.010 + 4e6 / 400e9 * 1e3)) < 1e-12,
+           "five shards of 1 MB: %g ms", bench_all_gather_ms(&model, 5, 1e6));
+
+    count = split_words("--backend cpu --rows 3 --vocab 3000 --dtype f32 --distribution normal "
+                        "--setting plain,top_p,mask+bias --shards 1,3,3 --repeat 1 --json",
+                        buffer, sizeof buffer, words, 32);
+    capture(&result, cli_bench, NULL, count, words);
+    EXPECT(result.status == CLI_EXIT_OK, "bench --shards: status %d, stderr '%s'", result.status,
+           result.err);
+    EXPECT(strstr(result.out, "\"exchange_model\": {\"measured\": false, \"link_gb_per_s\": 450, "
+                              "\"collective_us\": 10}"),
+           "bench --shards: no exchange model in '%.300s'", result.out);
+    EXPECT(occurrences(result.out, "\"shards\": ") == 6 &&
+               occurrences(result.out, "\"tokens_equal\": true") == 4 &&
+               occurrences(result.out, "\"unsupported\": true") == 2,
+           "bench --shards 1,3,3 (one 3 kept) of plain, top_p, mask+bias: %d results, %d with "
+           "equal tokens, %d unsupported; expected 6, 4, 2",
+           occurrences(result.out, "\"shards\": "),
+           occurrences(result.out, "\"tokens_equal\": true"),
+           occurrences(result.out, "\"unsupported\": true"));
+    EXPECT(occurrences(result.out, "\"setting\": \"plain\", \"temperature\": 0.8, \"top_k\": 0, "
+                                   "\"top_p\": 1, \"min_p\": 0, \"filter_order\": \"polysample\", "
+                                   "\"shards\": 3, \"tokens_equal\": true, \"runs\": 1, "
+                                   "\"rounds\": 4,") == 1,
+           "bench --shards: plain at 3 shards is not 4 rounds in '%s'", result.out);
+
+    count = split_words("--backend cpu --rows 3 --vocab 3000 --dtype f32 --distribution normal "
+                        "--setting plain --repeat 1 --json",
+                        buffer, sizeof buffer, words, 32);
+    capture(&result, cli_bench, NULL, count, words);
+    EXPECT(result.status == CLI_EXIT_OK && !strstr(result.out, "sharded") &&
+               !strstr(result.out, "exchange_model"),
+           "bench without --shards: status %d, JSON '%s'", result.status, result.out);
 }
 
 /* ---- the bench's language-model logits ------------------------------------- */
@@ -1920,6 +1991,7 @@ int main(void)
     test_commands();
     test_language_model_logits();
     test_bench_verify_cases();
+    test_bench_sharded();
     test_notice();
     snprintf(directory, sizeof directory, "%s/test_cli.XXXXXX",
              temporary && temporary[0] && strlen(temporary) < 32 ? temporary : "/tmp");

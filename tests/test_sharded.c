@@ -371,8 +371,8 @@ PSM_PROPERTY(sharded_bf16_equals_unsharded)
 /* Each rank's shard in a buffer of the backend's device memory (a GPU's, or
  * the CPU backend's host memory), bf16 here: every split, the parameter sets
  * without per-row arrays. On a GPU backend per-row arrays would be device
- * memory too, which the host rounds cannot read: refused, nothing
- * written. */
+ * memory too, which the host rounds cannot read, and outputs in device
+ * memory cannot be written by them: refused, nothing written. */
 PSM_PROPERTY(sharded_device_logits_equal_unsharded)
 {
     const char *why = psm_test_memory_unavailable(backend, PSM_MEMORY_DEVICE);
@@ -412,6 +412,18 @@ PSM_PROPERTY(sharded_device_logits_equal_unsharded)
             for (int i = 0; i < ROWS * SAMPLES; ++i)
                 ck_assert_int_eq(tokens[i], POISON);
             continue;
+        }
+        if (set == 0 && backend != PSM_BACKEND_CPU) { /* outputs are written by the host */
+            psm_tensor t = shard_tensor(memory, bf16, PSM_DTYPE_BF16, 0, VOCAB);
+            const psm_shard shard = {0, VOCAB, 0, 1};
+            psm_output device_tokens = {
+                psm_test_memory_filled(memory, ROWS * SAMPLES * sizeof(int32_t), 0x5a),
+                PSM_MEMORY_DEVICE};
+            psm_sharded *call = NULL;
+            ck_assert_int_eq(psm_sharded_begin(context, &t, &shard, &p, device_tokens,
+                                               psm_test_output(NULL), &call),
+                             PSM_ERR_UNSUPPORTED);
+            ck_assert_ptr_null(call);
         }
         expect_splits_equal(context, memory, reference, bf16, PSM_DTYPE_BF16, &p, splits,
                             split_count, "device logits", set);

@@ -103,8 +103,8 @@ typedef struct psm_backend_ops {
      * computes). logits: the shard, validated for this backend (host or
      * device memory); items (item_count >= 1) and tile_keys (TILE_MASSES:
      * item_count x local_tiles, else NULL) are host memory; out: item_count
-     * x psm_shard_pass_words words of host memory, written for each item
-     * whose logits_row is >= 0 before the call returns. NULL: the backend
+     * x psm_shard_pass_words words of host memory, all written before the
+     * call returns (0 for an item whose logits_row is -1). NULL: the backend
      * has no sharded sampling (PSM_ERR_UNSUPPORTED). */
     psm_status (*shard_pass)(void *state, const psm_tensor *logits,
                              const psm_shard_geometry *geometry, const psm_shard_item *items,

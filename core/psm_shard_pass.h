@@ -39,7 +39,7 @@
 
 /* One item of a pass, in host memory (the GPU backends copy the list). */
 typedef struct psm_shard_item {
-    psm_i64 logits_row;  /* the shard's row to read; -1: skip (its output is left as is) */
+    psm_i64 logits_row;  /* the shard's row to read; -1: skip (its output words are 0) */
     psm_u64 lower_bound; /* TALLY */
     psm_u64 prefix;      /* TALLY: the digits chosen at the levels above */
     psm_u64 cutoff;      /* TILE_*, PICK: the kept rule's (psm_make_kept_rule) */

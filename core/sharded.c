@@ -128,6 +128,13 @@ static psm_status run_pass(psm_sharded *call, int kind, int64_t items, const psm
 {
     if (items == 0)
         return PSM_OK;
+    /* The backends read the rows an item names without checking them. */
+    for (int64_t i = 0; i < items; ++i)
+        if (call->item[i].logits_row >= call->request.logits.rows)
+            return psm_set_error(PSM_ERR_INTERNAL,
+                                 "sharded call: pass item %lld names row %lld of %lld",
+                                 (long long)i, (long long)call->item[i].logits_row,
+                                 (long long)call->request.logits.rows);
     call->geometry.kind = kind;
     return call->context->ops->shard_pass(call->context->state, &call->request.logits,
                                           &call->geometry, call->item, items, tile_keys, out);

@@ -124,8 +124,10 @@ psm_status cpu_shard_pass(void *opaque, const psm_tensor *logits,
     for (int64_t i = 0; i < item_count; ++i) {
         const psm_shard_item *item = &items[i];
         psm_u64 *answer = out + i * words;
-        if (item->logits_row < 0)
+        if (item->logits_row < 0) {
+            memset(answer, 0, (size_t)words * sizeof *answer);
             continue;
+        }
         switch (geometry->kind) {
         case PSM_SHARD_PASS_SUMMARY: summary(logits, geometry, item, answer); break;
         case PSM_SHARD_PASS_TALLY: tally(logits, geometry, item, answer); break;

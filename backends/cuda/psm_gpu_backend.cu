@@ -20,6 +20,7 @@
  */
 #include "psm_gpu_kernels.cuh"
 #include "psm_gpu_processing.cuh"
+#include "psm_gpu_sharded.cuh"
 #include "psm_gpu_verify.cuh"
 
 #include <stdio.h>
@@ -132,6 +133,10 @@ struct psm_gpu_state {
      * (verify_place) */
     void *verify;
     size_t verify_bytes;
+    /* a sharded call's pass: its items, tile keys, out words and staged
+     * logits (shard_pass) */
+    void *shard;
+    size_t shard_bytes;
 };
 
 /* Every device (and pinned host) allocation of the backend, so that test
@@ -274,6 +279,8 @@ void release_state(psm_gpu_state *state)
         (void)psm_gpu_free(state->top);
     if (state->verify)
         (void)psm_gpu_free(state->verify);
+    if (state->shard)
+        (void)psm_gpu_free(state->shard);
     if (state->owns_stream && state->stream)
         (void)psm_gpu_stream_destroy(state->stream);
     (void)psm_gpu_get_last_error();
@@ -1455,6 +1462,83 @@ psm_status verify_request(psm_gpu_state *state, psm_verify_request *request)
     return PSM_OK;
 }
 
+/* ---- sharded sampling ------------------------------------------------------------
+ * One pass of a sharded call (core/psm_shard_pass.h; the kernel is
+ * psm_gpu_sharded.cuh): the items, tile keys and out words go to the
+ * context's shard buffer, host logits too, then a block per item (zeroing a skipped item's words) and
+ * the out words back. */
+
+static_assert(sizeof(psm_shard_item) == PSM_SHARD_ITEM_BYTES,
+              "psm_shard_item is laid out with padding");
+static_assert(sizeof(psm_shard_geometry) == PSM_SHARD_GEOMETRY_BYTES,
+              "psm_shard_geometry is laid out with padding");
+
+typedef void (*shard_pass_fn)(const psm_shard_geometry, const psm_shard_arrays);
+
+psm_status shard_pass(psm_gpu_state *state, const psm_tensor *logits,
+                      const psm_shard_geometry *geometry, const psm_shard_item *items,
+                      psm_i64 item_count, const psm_u64 *tile_keys, psm_u64 *out)
+{
+    if (item_count > ((psm_i64)1 << 31) - 1)
+        return psm_set_error(PSM_ERR_UNSUPPORTED,
+                             "%s backend: a sharded pass of %lld items; at most 2^31 - 1",
+                             PSM_GPU_RUNTIME_NAME, (long long)item_count);
+    PSM_TRY_STATUS(select_device(state));
+
+    const size_t count = (size_t)item_count;
+    const size_t items_bytes = count * sizeof(psm_shard_item);
+    const size_t keys_bytes = geometry->kind == PSM_SHARD_PASS_TILE_MASSES
+                                  ? count * (size_t)geometry->local_tiles * sizeof(psm_u64)
+                                  : 0;
+    const size_t out_bytes =
+        count * (size_t)psm_shard_pass_words(geometry->kind, geometry->local_tiles) *
+        sizeof(psm_u64);
+    const bool host_logits = logits->memory == PSM_MEMORY_HOST;
+    const size_t logits_bytes =
+        host_logits ? ((size_t)(logits->rows - 1) * (size_t)logits->row_stride +
+                       (size_t)logits->vocab) *
+                          dtype_bytes(logits->dtype)
+                    : 0;
+    const size_t parts[] = {items_bytes, keys_bytes, out_bytes, logits_bytes};
+    size_t offsets[4], used = 0;
+    for (int p = 0; p < 4; ++p) {
+        offsets[p] = used;
+        used += workspace_round(parts[p]);
+    }
+    PSM_TRY_STATUS(grow_buffer(&state->shard, &state->shard_bytes, used,
+                               "allocating the sharded pass's buffer"));
+    unsigned char *base = (unsigned char *)state->shard;
+    psm_shard_arrays arrays;
+    arrays.items = (const psm_shard_item *)(base + offsets[0]);
+    arrays.tile_keys = keys_bytes ? (const psm_u64 *)(base + offsets[1]) : NULL;
+    arrays.out = (psm_u64 *)(base + offsets[2]);
+    arrays.logits = host_logits ? base + offsets[3] : (const unsigned char *)logits->data;
+    const struct {
+        const void *device, *host;
+        size_t bytes;
+    } copies[] = {{arrays.items, items, items_bytes},
+                  {arrays.tile_keys, tile_keys, keys_bytes},
+                  {arrays.logits, logits->data, logits_bytes}};
+    for (const auto &copy : copies)
+        if (copy.bytes)
+            PSM_GPU_TRY(psm_gpu_memcpy_async((void *)copy.device, copy.host, copy.bytes,
+                                             psm_gpu_memcpy_host_to_device, state->stream),
+                        "copying a sharded pass's inputs to the device");
+
+    shard_pass_fn kernel = psm_gpu_shard_pass_kernel<32>;
+#if PSM_GPU_HAS_WAVE64
+    if (state->kernels.warp_size == 64)
+        kernel = psm_gpu_shard_pass_kernel<64>;
+#endif
+    kernel<<<(unsigned)item_count, PSM_GPU_SHARD_THREADS, 0, state->stream>>>(*geometry, arrays);
+    PSM_GPU_TRY(psm_gpu_get_last_error(), "launching the sharded pass kernel");
+    PSM_GPU_TRY(psm_gpu_memcpy_async(out, arrays.out, out_bytes, psm_gpu_memcpy_device_to_host,
+                                     state->stream),
+                "copying a sharded pass's words to the host");
+    PSM_GPU_TRY(psm_gpu_stream_synchronize(state->stream), "waiting for a sharded pass");
+    return PSM_OK;
+}
+
 } /* namespace */
 } /* namespace PSM_GPU_NAMESPACE */
 
@@ -1630,6 +1714,14 @@ static psm_status gpu_verify(void *state, psm_verify_request *request)
     return verify_request((psm_gpu_state *)state, request);
 }
 
+static psm_status gpu_shard_pass(void *state, const psm_tensor *logits,
+                                 const psm_shard_geometry *geometry, const psm_shard_item *items,
+                                 int64_t item_count, const psm_u64 *tile_keys, psm_u64 *out)
+{
+    return shard_pass((psm_gpu_state *)state, logits, geometry, items, item_count, tile_keys,
+                      out);
+}
+
 static psm_status gpu_synchronize(void *opaque_state)
 {
     psm_gpu_state *state = (psm_gpu_state *)opaque_state;
@@ -1658,6 +1750,7 @@ static const psm_backend_ops gpu_ops = {
     gpu_probs,               /* probs */
     gpu_synchronize,         /* synchronize */
     gpu_verify,              /* verify */
+    gpu_shard_pass,          /* shard_pass */
 };
 
 PSM_DEFINE_BACKEND_MODULE(gpu_ops)

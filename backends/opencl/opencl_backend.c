@@ -238,6 +238,7 @@ static const psm_backend_ops opencl_ops = {
     .probs = opencl_probs,
     .synchronize = opencl_synchronize,
     .verify = opencl_verify,
+    .shard_pass = opencl_shard_pass,
 };
 
 PSM_DEFINE_BACKEND_MODULE(opencl_ops)

@@ -80,6 +80,7 @@ enum {
     KERNEL_VERIFY_CHECK,
     KERNEL_VERIFY_TOTALS,
     KERNEL_VERIFY_WALK,
+    KERNEL_SHARD_PASS,    /* a sharded call's pass (opencl_sharded.c) */
     KERNEL_COUNT
 };
 /* The kernels' names in the program, by the enum above. */
@@ -97,6 +98,7 @@ typedef struct device_buffer {
 /* The per-row arrays as the kernels take them: psm_row_arrays' order. */
 #define OPENCL_ROW_ARRAYS 10
 #define OPENCL_VERIFY_BUFFERS 48
+#define OPENCL_SHARD_BUFFERS 4
 
 /* The logit-processing arrays as the kernels take them: psm_process_lists'
  * arguments in order, then the allowed-token mask. */
@@ -164,6 +166,8 @@ typedef struct opencl_state {
      * most 42 in a call: 4 inputs, 2 x 10 per-request arrays, 2 x 4 row
      * filters, 6 results and checks, 4 outputs. */
     device_buffer verify_own[OPENCL_VERIFY_BUFFERS];
+    /* A sharded call's pass (opencl_sharded.c), by the SHARD_* enum there. */
+    device_buffer shard_own[OPENCL_SHARD_BUFFERS];
     device_buffer first_bad_row; /* checking mode's result: allocated with the state */
 } opencl_state;
 
@@ -240,6 +244,10 @@ psm_status opencl_sample(void *opaque, psm_request *request);
 psm_status opencl_probs(void *opaque, psm_request *request);
 psm_status opencl_synchronize(void *opaque);
 psm_status opencl_verify(void *opaque, psm_verify_request *request);
+/* opencl_sharded.c */
+psm_status opencl_shard_pass(void *opaque, const psm_tensor *logits,
+                             const psm_shard_geometry *geometry, const psm_shard_item *items,
+                             int64_t item_count, const psm_u64 *tile_keys, psm_u64 *out);
 
 /* opencl_launch.c's parts that opencl_verify.c runs too. The description
  * type is psm_opencl_request.h's. */

@@ -58,6 +58,8 @@ void opencl_release_workspace(opencl_state *state)
         release_buffer(&state->own[part]);
     for (int slot = 0; slot < OPENCL_VERIFY_BUFFERS; ++slot)
         release_buffer(&state->verify_own[slot]);
+    for (int slot = 0; slot < OPENCL_SHARD_BUFFERS; ++slot)
+        release_buffer(&state->shard_own[slot]);
     release_buffer(&state->first_bad_row);
 }
 

@@ -24,14 +24,15 @@ const char *const opencl_kernel_names[KERNEL_COUNT] = {
     "psm_tile_reduce", "psm_row_top_k", "psm_row_filter", "psm_tile_filter",
     "psm_row_combine", "psm_draw",      "psm_probs",       "psm_process_read",
     "psm_process_lists", "psm_row_orders", "psm_top_logprobs", "psm_verify_expand",
-    "psm_verify_rows", "psm_verify_check", "psm_verify_totals", "psm_verify_walk"};
+    "psm_verify_rows", "psm_verify_check", "psm_verify_totals", "psm_verify_walk",
+    "psm_shard_pass"};
 
 /* ---- sources: embedded, or read from a tree in development mode --------- */
 
 /* The most source strings a program has: the headers psm_kernels.cl
  * includes, then itself (backends/opencl/CMakeLists.txt lists them), with
  * room for the stage headers still to come; load_sources refuses more. */
-#define PROGRAM_SOURCES_MAX 16
+#define PROGRAM_SOURCES_MAX 24
 
 typedef struct program_sources {
     const char *texts[PROGRAM_SOURCES_MAX];

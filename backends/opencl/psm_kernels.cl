@@ -114,6 +114,12 @@
 #ifndef PSM_STAGE_VERIFY_H
 #include "psm_stage_verify.h"
 #endif
+#ifndef PSM_SHARD_PASS_H
+#include "psm_shard_pass.h"
+#endif
+#ifndef PSM_STAGE_SHARDED_H
+#include "psm_stage_sharded.h"
+#endif
 
 /* This compiler lays the host's structs out as the host does (see
  * psm_opencl_request.h); the build fails otherwise. */
@@ -122,6 +128,9 @@ typedef char psm_request_layout_check[
 typedef char psm_row_state_layout_check[sizeof(psm_row_state) == PSM_ROW_STATE_BYTES ? 1 : -1];
 typedef char psm_verify_call_layout_check[sizeof(psm_verify_call) == PSM_VERIFY_CALL_BYTES ? 1 : -1];
 typedef char psm_verify_row_layout_check[sizeof(psm_verify_row) == PSM_VERIFY_ROW_BYTES ? 1 : -1];
+typedef char psm_shard_item_layout_check[sizeof(psm_shard_item) == PSM_SHARD_ITEM_BYTES ? 1 : -1];
+typedef char psm_shard_geometry_layout_check[
+    sizeof(psm_shard_geometry) == PSM_SHARD_GEOMETRY_BYTES ? 1 : -1];
 
 /* Every kernel's first arguments: the call's description, then the buffers
  * every row reads, the logits and the per-row arrays in psm_row_arrays'
@@ -1470,4 +1479,22 @@ psm_verify_walk(PSM_REQUEST_PARAMS, PSM_VERIFY_PARAMS, __global int *accepted,
     const psm_row_params p = PSM_RESOLVE_ROW(r);
     psm_stage_verify_walk(psm_team_of_item(), call, arrays, outputs, r, p.seed, p.offset,
                           p.stream, &scratch);
+}
+
+/* ---- sharded sampling (core/sharded.c) ------------------------------------
+ * One pass of a sharded call over this rank's shard: a group per item
+ * (dimension 1), the stage of kernels/psm_stage_sharded.h (shared with CUDA
+ * and HIP). tile_keys is NULL but for TILE_MASSES. */
+__kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
+psm_shard_pass(const psm_shard_geometry geometry, __global const uchar *logits,
+               __global const psm_shard_item *items, __global const ulong *tile_keys,
+               __global ulong *out)
+{
+    __local psm_shard_scratch scratch;
+    psm_shard_arrays arrays;
+    arrays.logits = logits;
+    arrays.items = items;
+    arrays.tile_keys = tile_keys;
+    arrays.out = out;
+    psm_stage_shard_pass(psm_team_of_item(), geometry, arrays, (long)get_group_id(1), &scratch);
 }

@@ -401,9 +401,13 @@ PSM_API psm_status psm_verify(psm_context *context, const psm_tensor *target_log
  * same params, rows and full_vocab; the shards cover the full row without
  * overlap, in any sizes (a shard may begin or end inside a tile), and each
  * round's bytes are the same size on every rank. Bytes and rounds per call
- * are in docs/SAMPLING.md. So far the CPU backend runs it, with host
- * memory; other backends, logit processing, top-N logprobs and filter
- * orders other than POLYSAMPLE give PSM_ERR_UNSUPPORTED. */
+ * are in docs/SAMPLING.md. Every backend runs it: the rounds are decided
+ * on the host (the exchanged bytes and the outputs are host memory) and
+ * the backend reads the shard (on a GPU from device or host memory). On a
+ * GPU backend, device logits with per-row arrays (or seed/offset pointers),
+ * which would be device memory too, and outputs in device memory give
+ * PSM_ERR_UNSUPPORTED; so do logit processing, top-N logprobs and filter
+ * orders other than POLYSAMPLE on every backend. */
 #define PSM_MAX_SHARDS 64
 
 typedef struct psm_shard {

@@ -32,8 +32,9 @@ static const char check_description[] =
     "order_flashinfer_top_k_first and order_flashinfer_joint (T 0.8, top-k\n"
     "40, top-p 0.9, min-p 0.02)) through every\n"
     "device of every available backend (e.g. opencl:0 and opencl:1 for a GPU\n"
-    "driver and PoCL), the CPU backend at 1 and 2 threads and with each\n"
-    "batch split by vocabulary into 3 shards (psm_sharded_*), device-resident\n"
+    "driver and PoCL), the CPU backend at 1 and 2 threads, each batch split\n"
+    "by vocabulary into 3 shards (psm_sharded_*) on the CPU and on every\n"
+    "device, device-resident\n"
     "buffers (CUDA, OpenCL; per-row arrays, indices, pointers and processing\n"
     "lists too) and, with per-row seeds, rows alone, split and reversed\n"
     "batches; every other case has padded rows (row_stride > vocab) and\n"
@@ -159,7 +160,7 @@ int cli_check(int argc, char **argv)
         /* Each named backend adds up to two participants (host and device
          * memory) beside the two CPU ones. */
         {.name = "--backend", .kind = CLI_OPTION_BACKEND_LIST, .value_name = "LIST",
-         .target = &requested, .maximum = CHECK_MAX_PARTICIPANTS / 2 - 1,
+         .target = &requested, .maximum = (CHECK_MAX_PARTICIPANTS - 3) / 3,
          .help = "comma-separated backends (each optionally\n:N) to compare with the CPU "
                  "backend, at\nmost 5 (default: every device of every\navailable backend)",
          .default_text = ""},

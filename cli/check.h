@@ -18,7 +18,7 @@
 
 #include <stdint.h>
 
-#define CHECK_MAX_PARTICIPANTS 12
+#define CHECK_MAX_PARTICIPANTS 16
 #define CHECK_MAX_REPORTED 10
 
 /* Request state a case exercises (include/polysample.h, psm_params). */

@@ -423,7 +423,8 @@ int check_open_participants(check_state *state, const psm_backend *requested,
             int devices = psm_backend_available(backend, NULL) ? psm_backend_device_count(backend)
                                                                : 0;
             for (int device = 0; device < devices; ++device) {
-                if (requested_count == CHECK_MAX_PARTICIPANTS / 2 - 1) {
+                /* Up to three participants a device, after the CPU's three. */
+                if (requested_count == (CHECK_MAX_PARTICIPANTS - 3) / 3) {
                     fprintf(stderr, "polysample check: more devices than it compares at once; "
                                     "name them with --backend\n");
                     break;
@@ -463,6 +464,18 @@ int check_open_participants(check_state *state, const psm_backend *requested,
                 return -1;
             state->participant_count++;
         }
+        /* The device's sharded call (host logits, split as the CPU's). */
+        if (requested_devices[q] >= 0)
+            snprintf(name, sizeof name, "%s:%d/sharded-3", psm_backend_name(backend),
+                     requested_devices[q]);
+        else
+            snprintf(name, sizeof name, "%s/sharded-3", psm_backend_name(backend));
+        if (state->participant_count == CHECK_MAX_PARTICIPANTS)
+            return 0;
+        if (check_open_participant(&state->participants[state->participant_count], name, backend,
+                                   requested_devices[q], 0, 0) != 0)
+            return -1;
+        state->participants[state->participant_count++].shards = 3;
     }
     return 0;
 }

@@ -129,12 +129,23 @@ static psm_status run_pass(psm_sharded *call, int kind, int64_t items, const psm
     if (items == 0)
         return PSM_OK;
     /* The backends read the rows an item names without checking them. */
-    for (int64_t i = 0; i < items; ++i)
+    int64_t reading = 0;
+    for (int64_t i = 0; i < items; ++i) {
         if (call->item[i].logits_row >= call->request.logits.rows)
             return psm_set_error(PSM_ERR_INTERNAL,
                                  "sharded call: pass item %lld names row %lld of %lld",
                                  (long long)i, (long long)call->item[i].logits_row,
                                  (long long)call->request.logits.rows);
+        reading += call->item[i].logits_row >= 0;
+    }
+    /* Nothing to read (greedy or bad rows only, draws all another shard's):
+     * a GPU pass would still cost a round trip to the device. */
+    if (reading == 0) {
+        memset(out, 0,
+               (size_t)items * (size_t)psm_shard_pass_words(kind, call->local_tiles) *
+                   sizeof *out);
+        return PSM_OK;
+    }
     call->geometry.kind = kind;
     return call->context->ops->shard_pass(call->context->state, &call->request.logits,
                                           &call->geometry, call->item, items, tile_keys, out);

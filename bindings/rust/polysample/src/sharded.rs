@@ -93,7 +93,8 @@ impl Context {
     /// columns, with the row stride of the full rows where it is a view of
     /// them). Every rank passes the same `params`, which are read here;
     /// logit processing, top-N logprobs and filter orders other than the
-    /// default are refused, and so is every backend but the CPU one so far
+    /// default are refused, and on a GPU backend device logits with
+    /// per-row arrays and device outputs
     /// ([`Status::Unsupported`](crate::Status::Unsupported)).
     pub fn sharded<'a>(&'a mut self, logits: &'a Logits<'a>, shard: Shard, params: &Params<'_>) -> Result<Sharded<'a>> {
         let to_i64 = |name: &str, value: usize| {

@@ -101,6 +101,7 @@ PSM_DEVICE_FN void psm_team_barrier(void)
     }
 PSM_TEAM_REDUCTION(psm_team_max_f32, float, psm_warp_max)
 PSM_TEAM_REDUCTION(psm_team_max_u32, psm_u32, psm_warp_max)
+PSM_TEAM_REDUCTION(psm_team_max_u64, psm_u64, psm_warp_max)
 PSM_TEAM_REDUCTION(psm_team_sum_u32, psm_u32, psm_warp_sum)
 PSM_TEAM_REDUCTION(psm_team_sum_u64, psm_u64, psm_warp_sum)
 /* Is flag (0 or 1) set on some item of the team? */
@@ -198,6 +199,7 @@ PSM_DEVICE_FN void psm_team_barrier(void)
     }
 PSM_TEAM_REDUCTION(psm_team_max_f32, float, -INFINITY, posted > result ? posted : result)
 PSM_TEAM_REDUCTION(psm_team_max_u32, uint, 0u, max(result, posted))
+PSM_TEAM_REDUCTION(psm_team_max_u64, ulong, 0ul, max(result, posted))
 PSM_TEAM_REDUCTION(psm_team_sum_u32, uint, 0u, result + posted)
 PSM_TEAM_REDUCTION(psm_team_sum_u64, ulong, 0ul, result + posted)
 PSM_TEAM_REDUCTION(psm_team_or_u32, uint, 0u, result | posted)

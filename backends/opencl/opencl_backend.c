@@ -22,20 +22,26 @@
  * allocates no device memory at all; only the row check's one int
  * (first_bad_row) is the context's, allocated with it.
  *
- * Programs. The kernels (psm_kernels.cl, after the headers it includes:
- * core/psm_contract.h, core/psm_row.h, core/psm_processing.h,
- * psm_opencl_request.h) are embedded at
- * build time (embed.cmake) and handed to the compiler as one program's
- * source strings, headers first. Every kernel takes the call's description,
- * a psm_opencl_request (psm_opencl_request.h, shared with the kernels), as
- * its first argument, then its buffers. A program is built once per
- * (cl_context, device, build options, source hash) and shared by every
- * psm_context using that key; contexts this backend creates are shared per
- * device for the same reason. Program binaries are also kept in host memory
- * for the process's lifetime (keyed by device, options and hash), so that a
- * later context on the same device loads a binary instead of compiling.
+ * Programs. The kernels (psm_kernels.cl, after the headers it includes,
+ * which backends/opencl/CMakeLists.txt lists) are embedded at build time
+ * (embed.cmake) and handed to the compiler as a program's source strings,
+ * headers first, for two programs: the sampling program (what a
+ * psm_sample or psm_probs call without logit processing, top-N logprobs or
+ * an engine's filter order runs), built at context creation, and the
+ * features program (those, psm_verify and the sharded passes), built by the
+ * context's first call that needs it, so that PoCL's first-use compile of a
+ * plain call is only the sampling program's. Every kernel takes the call's
+ * description, a psm_opencl_request (psm_opencl_request.h, shared with the
+ * kernels), as its first argument, then its buffers. A program is built
+ * once per (cl_context, device, build options, source hash) and shared by
+ * every psm_context using that key; contexts this backend creates are
+ * shared per device for the same reason. Program binaries are also kept in
+ * host memory for the process's lifetime (keyed by device, options and
+ * hash), so that a later context on the same device loads a binary instead
+ * of compiling.
  * Development mode: POLYSAMPLE_OPENCL_SOURCE_DIR (read by core/environment.c)
- * names a source tree whose kernel files replace the embedded copies.
+ * names a source tree whose kernel files replace the embedded copies; they
+ * are read at context creation, for both programs.
  */
 #include "backend.h"
 #include "error.h"
@@ -112,11 +118,7 @@ static void opencl_destroy(void *opaque)
     if (state->queue)
         clFinish(state->queue);
     opencl_release_workspace(state);
-    for (int k = 0; k < KERNEL_COUNT; ++k)
-        if (state->kernels[k])
-            clReleaseKernel(state->kernels[k]);
-    if (state->program)
-        opencl_release_program(state->program);
+    opencl_release_programs(state);
     if (state->queue)
         clReleaseCommandQueue(state->queue);
     if (state->context) {

@@ -63,6 +63,23 @@ size_t opencl_initial_group_size(cl_device_id device, psm_status *status);
 
 /* ---- the state ------------------------------------------------------------- */
 
+/* psm_kernels.cl's programs (its PSM_PROGRAM_* names, in this order): the
+ * sampling program, built with the context, and one program per feature,
+ * built by the first call that needs it (opencl_use_programs), so that a
+ * context compiles only the kernels its calls may run. */
+enum {
+    PROGRAM_SAMPLING,
+    PROGRAM_PROCESSING,
+    PROGRAM_ORDERS,
+    PROGRAM_TOP_LOGPROBS,
+    PROGRAM_VERIFY,
+    PROGRAM_SHARDED,
+    PROGRAM_COUNT
+};
+#define PROGRAM_BIT(program) (1u << (program))
+
+/* The kernels, grouped by program in the order above (opencl_programs.c's
+ * program_first_kernel). */
 enum {
     KERNEL_TILE_REDUCE,
     KERNEL_ROW_TOP_K,
@@ -89,6 +106,9 @@ extern const char *const opencl_kernel_names[KERNEL_COUNT];
 /* A program in the cache (opencl_programs.c), shared by the psm_contexts of
  * one (cl_context, device, options, sources). */
 typedef struct cached_program cached_program;
+/* The kernel sources a context builds its programs from (opencl_programs.c),
+ * read at its creation and kept for the programs built later. */
+typedef struct program_sources program_sources;
 
 typedef struct device_buffer {
     cl_mem mem;
@@ -152,9 +172,10 @@ typedef struct opencl_state {
     cl_device_id device;
     cl_command_queue queue;
     int queue_out_of_order;
-    cached_program *program;
-    cl_kernel kernels[KERNEL_COUNT];
-    size_t group_size;
+    program_sources *sources;
+    cached_program *programs[PROGRAM_COUNT]; /* a feature's: NULL until a call needs it */
+    cl_kernel kernels[KERNEL_COUNT];         /* NULL where their program is */
+    size_t group_size; /* of every kernel of every program */
     cl_ulong local_memory;
     cl_ulong row_filter_local; /* local memory the row filter uses besides its row cache */
     cl_ulong max_allocation;
@@ -187,12 +208,22 @@ typedef struct call_buffers {
 /* A context of our own for the device, shared with other psm_contexts. */
 psm_status opencl_acquire_own_context(cl_device_id device, cl_context *context_out);
 void opencl_release_own_context(cl_context context);
-/* Loads the kernel sources, builds (or finds) the program for the state's
- * context and device at the largest work-group size every kernel allows,
- * and creates the kernels: state->program, kernels, group_size. */
+/* At context creation: loads the kernel sources, builds (or finds) the
+ * sampling program for the state's context and device at the largest
+ * work-group size each of its kernels allows, and creates its kernels:
+ * state->sources, programs, kernels, group_size, row_filter_local. A
+ * compile is told to options->notice. */
 psm_status opencl_build_program(opencl_state *state, const psm_context_options *options,
                                 const char *device_name);
-void opencl_release_program(cached_program *target);
+/* Before a call enqueues anything: builds (or finds) the programs of
+ * `programs` (PROGRAM_BIT()s) that the state does not have yet. The group
+ * size stays one for every kernel: where a new kernel cannot run groups of
+ * the state's size, every program the state has and the new ones are built
+ * again at a smaller one (the state keeps its own until they are). No
+ * notice: the callback belongs to psm_context_create. */
+psm_status opencl_use_programs(opencl_state *state, unsigned programs);
+/* Releases the state's kernels, programs and sources. */
+void opencl_release_programs(opencl_state *state);
 
 /* ---- buffers (opencl_buffers.c) ---------------------------------------------- */
 

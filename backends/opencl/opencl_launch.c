@@ -215,6 +215,21 @@ static psm_status prepare(opencl_state *state, psm_request *request, int probs_m
     call->may_top_k = call->filters && (params->top_k > 0 || (per_row & PSM_PER_ROW_TOP_K));
     call->may_search = call->may_top_k || (call->filters && (params->top_p < 1.0f ||
                                                             (per_row & PSM_PER_ROW_TOP_P)));
+    /* The programs of the kernels this call may run beyond the sampling
+     * program's; before plan_filters, which reads the row filter's local
+     * memory, which a rebuild at a smaller group size changes. */
+    unsigned programs = 0;
+    if (call->processing)
+        programs |= PROGRAM_BIT(PROGRAM_PROCESSING);
+    if (params->top_logprobs)
+        programs |= PROGRAM_BIT(PROGRAM_TOP_LOGPROBS);
+    if (call->filters && params->filter_order != PSM_FILTER_ORDER_POLYSAMPLE)
+        programs |= PROGRAM_BIT(PROGRAM_ORDERS);
+    status = opencl_use_programs(state, programs);
+    if (status != PSM_OK) {
+        opencl_release_call_buffers(&call->buffers);
+        return status;
+    }
     plan_filters(call);
     return PSM_OK;
 }

@@ -1,10 +1,13 @@
-/* opencl_programs.c: the OpenCL program: its sources (embedded at build
+/* opencl_programs.c: the OpenCL programs: their sources (embedded at build
  * time, or read from a tree in development mode), the contexts this backend
  * creates (shared per device), the program cache (per cl_context, device,
  * options and source hash) and the binary cache (per device, options and
  * hash, for the process's lifetime), and building the kernels at the
  * largest work-group size they allow (on NVIDIA's driver with the register
- * caps of opencl_ptx.c). */
+ * caps of opencl_ptx.c). psm_kernels.cl holds several programs, chosen by
+ * the build option PSM_PROGRAM: the sampling program, built with the
+ * context, and one per feature, built by the first call that needs it;
+ * all from the sources read at the context's creation. */
 #include "environment.h"
 #include "error.h"
 #include "opencl_backend.h"
@@ -58,6 +61,8 @@ static uint64_t fnv1a(uint64_t hash, const char *bytes, size_t size)
     return hash;
 }
 
+/* The sources of the context being created: the environment is only known
+ * during psm_context_create. */
 static psm_status load_sources(program_sources *sources)
 {
     memset(sources, 0, sizeof *sources);
@@ -67,10 +72,6 @@ static psm_status load_sources(program_sources *sources)
                              psm_opencl_embedded_source_count, PROGRAM_SOURCES_MAX);
     const psm_environment *environment = psm_environment_of_creation();
     const char *root = environment ? environment->opencl_source_dir : NULL;
-    if (psm_opencl_embedded_source_count > PROGRAM_SOURCES_MAX)
-        return psm_set_error(PSM_ERR_INTERNAL,
-                             "OpenCL program: %zu source files, at most %d are supported",
-                             psm_opencl_embedded_source_count, PROGRAM_SOURCES_MAX);
     sources->count = psm_opencl_embedded_source_count;
     if (!root) {
         for (size_t i = 0; i < sources->count; ++i) {
@@ -195,9 +196,22 @@ void opencl_release_own_context(cl_context context)
     pthread_mutex_unlock(&cache_lock);
 }
 
+/* Each program's name in psm_kernels.cl, and what it holds for a failure's
+ * message. */
+static const char *const program_macros[PROGRAM_COUNT] = {
+    "PSM_PROGRAM_SAMPLING", "PSM_PROGRAM_PROCESSING", "PSM_PROGRAM_ORDERS",
+    "PSM_PROGRAM_TOP_LOGPROBS", "PSM_PROGRAM_VERIFY", "PSM_PROGRAM_SHARDED"};
+static const char *const program_descriptions[PROGRAM_COUNT] = {
+    "sampling kernels",
+    "logit-processing kernels (built by the first call with logit processing)",
+    "filter-order kernel (built by the first call in an engine's filter order)",
+    "top-N logprobs kernel (built by the first call with top_logprobs)",
+    "psm_verify kernels (built by the first psm_verify)",
+    "sharded-pass kernel (built by the first sharded call)"};
+
 /* The build log, cut to a length a message can carry. Caller holds the lock. */
 static psm_status build_failure(cl_program program, cl_device_id device, cl_int code,
-                                const char *options)
+                                const char *options, int which)
 {
     size_t log_size = 0;
     clGetProgramBuildInfo(program, device, CL_PROGRAM_BUILD_LOG, 0, NULL, &log_size);
@@ -211,10 +225,11 @@ static psm_status build_failure(cl_program program, cl_device_id device, cl_int 
     int truncated = shown > PSM_BUILD_LOG_LIMIT;
     psm_status status = psm_set_error(
         opencl_status_of(code),
-        "OpenCL: building the polysample kernels failed (%s, options \"%s\"); build "
+        "OpenCL: building the polysample %s failed (%s, options \"%s\"); build "
         "log%s:\n%.*s%s",
-        opencl_error_name(code), options, truncated ? " (first 3000 bytes)" : "",
-        (int)(truncated ? PSM_BUILD_LOG_LIMIT : shown), log ? log : "", truncated ? "\n[...]" : "");
+        program_descriptions[which], opencl_error_name(code), options,
+        truncated ? " (first 3000 bytes)" : "", (int)(truncated ? PSM_BUILD_LOG_LIMIT : shown),
+        log ? log : "", truncated ? "\n[...]" : "");
     free(log);
     return status;
 }
@@ -311,7 +326,8 @@ static cl_program program_from_binary(cl_context context, cl_device_id device,
     return NULL;
 }
 
-/* Tells the caller (psm_context_options.notice) that a long step starts. */
+/* Tells the caller (psm_context_options.notice, NULL outside
+ * psm_context_create) that a long step starts. */
 static void notify(const psm_context_options *context_options, const char *format,
                    const char *argument)
 {
@@ -323,7 +339,7 @@ static void notify(const psm_context_options *context_options, const char *forma
 }
 
 static psm_status acquire_program(cl_context context, cl_device_id device, const char *options,
-                                  const program_sources *sources,
+                                  const program_sources *sources, int which,
                                   const psm_context_options *context_options,
                                   const char *device_name, cached_program **entry_out)
 {
@@ -357,7 +373,7 @@ static psm_status acquire_program(cl_context context, cl_device_id device, const
         }
         code = clBuildProgram(program, 1, &device, options, NULL, NULL);
         if (code != CL_SUCCESS) {
-            psm_status status = build_failure(program, device, code, options);
+            psm_status status = build_failure(program, device, code, options, which);
             clReleaseProgram(program);
             free(entry);
             pthread_mutex_unlock(&cache_lock);
@@ -378,7 +394,7 @@ static psm_status acquire_program(cl_context context, cl_device_id device, const
     return PSM_OK;
 }
 
-void opencl_release_program(cached_program *target)
+static void release_program(cached_program *target)
 {
     pthread_mutex_lock(&cache_lock);
     for (cached_program **link = &cached_programs; *link; link = &(*link)->next) {
@@ -396,64 +412,170 @@ void opencl_release_program(cached_program *target)
 
 /* ---- the kernels ---------------------------------------------------------- */
 
-static psm_status build_kernels(opencl_state *state, const program_sources *sources,
-                                const psm_context_options *context_options,
-                                const char *device_name)
+/* Each program's kernels: [program_first_kernel[p], program_first_kernel[p + 1]). */
+static const int program_first_kernel[PROGRAM_COUNT + 1] = {
+    KERNEL_TILE_REDUCE,   KERNEL_PROCESS_READ, KERNEL_ROW_ORDERS, KERNEL_TOP_LOGPROBS,
+    KERNEL_VERIFY_EXPAND, KERNEL_SHARD_PASS,   KERNEL_COUNT};
+
+/* Releases program `which`'s kernels (those created) and the program. */
+static void release_kernels(cached_program **programs, cl_kernel *kernels, int which)
 {
-    psm_status status = PSM_OK;
-    size_t group = opencl_initial_group_size(state->device, &status);
-    PSM_TRY(status);
-    for (;;) {
-        if (group < 16)
-            return psm_set_error(PSM_ERR_UNSUPPORTED,
-                                 "OpenCL: the device runs work-groups of at most %zu items; "
-                                 "polysample needs 16",
-                                 group);
-        char options[160];
-        snprintf(options, sizeof options, "-cl-std=CL1.2 -DPSM_WG=%zu", group);
-        PSM_TRY(acquire_program(state->context, state->device, options, sources,
-                                context_options, device_name, &state->program));
-        int fits = 1;
-        for (int k = 0; k < KERNEL_COUNT; ++k) {
-            cl_int code = CL_SUCCESS;
-            state->kernels[k] =
-                clCreateKernel(state->program->program, opencl_kernel_names[k], &code);
-            if (code != CL_SUCCESS)
-                return opencl_failure(code, "clCreateKernel");
-            size_t kernel_group = 0;
-            CL_TRY(clGetKernelWorkGroupInfo(state->kernels[k], state->device,
-                                            CL_KERNEL_WORK_GROUP_SIZE, sizeof kernel_group,
-                                            &kernel_group, NULL),
-                   "clGetKernelWorkGroupInfo");
-            if (kernel_group < group)
-                fits = 0;
-        }
-        if (fits) {
-            state->group_size = group;
-            return PSM_OK;
-        }
-        /* A kernel needs more registers than the group size allows: halve it. */
-        for (int k = 0; k < KERNEL_COUNT; ++k) {
-            clReleaseKernel(state->kernels[k]);
-            state->kernels[k] = NULL;
-        }
-        opencl_release_program(state->program);
-        state->program = NULL;
-        group /= 2;
+    for (int k = program_first_kernel[which]; k < program_first_kernel[which + 1]; ++k) {
+        if (kernels[k])
+            clReleaseKernel(kernels[k]);
+        kernels[k] = NULL;
     }
+    if (programs[which])
+        release_program(programs[which]);
+    programs[which] = NULL;
+}
+
+/* Creates program `which`'s kernels; *fits: whether each runs groups of `group` items. */
+static psm_status create_kernels(const opencl_state *state, int which, size_t group,
+                                 const cached_program *program, cl_kernel *kernels, int *fits)
+{
+    *fits = 1;
+    for (int k = program_first_kernel[which]; k < program_first_kernel[which + 1]; ++k) {
+        cl_int code = CL_SUCCESS;
+        kernels[k] = clCreateKernel(program->program, opencl_kernel_names[k], &code);
+        if (code != CL_SUCCESS) {
+            kernels[k] = NULL;
+            return opencl_failure(code, "clCreateKernel");
+        }
+        size_t kernel_group = 0;
+        CL_TRY(clGetKernelWorkGroupInfo(kernels[k], state->device, CL_KERNEL_WORK_GROUP_SIZE,
+                                        sizeof kernel_group, &kernel_group, NULL),
+               "clGetKernelWorkGroupInfo");
+        if (kernel_group < group)
+            *fits = 0;
+    }
+    return PSM_OK;
+}
+
+/* Builds (or finds) program `which` at work-group size `group` into
+ * programs[which], and its kernels into kernels; *fits: whether each of
+ * them runs groups of that size. On failure neither holds anything of it. */
+static psm_status build_at(opencl_state *state, int which, size_t group,
+                           const psm_context_options *context_options, const char *device_name,
+                           cached_program **programs, cl_kernel *kernels, int *fits)
+{
+    if (group < 16)
+        return psm_set_error(PSM_ERR_UNSUPPORTED,
+                             "OpenCL: the device runs work-groups of at most %zu items; "
+                             "polysample needs 16",
+                             group);
+    char options[160];
+    snprintf(options, sizeof options, "-cl-std=CL1.2 -DPSM_WG=%zu", group);
+    const size_t used = strlen(options);
+    snprintf(options + used, sizeof options - used, " -DPSM_PROGRAM=%s", program_macros[which]);
+    PSM_TRY(acquire_program(state->context, state->device, options, state->sources, which,
+                            context_options, device_name, &programs[which]));
+    psm_status status = create_kernels(state, which, group, programs[which], kernels, fits);
+    if (status != PSM_OK)
+        release_kernels(programs, kernels, which);
+    return status;
+}
+
+/* Local memory the row filter uses besides its row cache (plan_filters). */
+static psm_status row_filter_local_bytes(const opencl_state *state, cl_kernel row_filter,
+                                         cl_ulong *bytes)
+{
+    CL_TRY(clGetKernelWorkGroupInfo(row_filter, state->device, CL_KERNEL_LOCAL_MEM_SIZE,
+                                    sizeof *bytes, bytes, NULL),
+           "clGetKernelWorkGroupInfo");
+    return PSM_OK;
 }
 
 psm_status opencl_build_program(opencl_state *state, const psm_context_options *options,
                                 const char *device_name)
 {
-    program_sources sources;
-    PSM_TRY(load_sources(&sources));
-    psm_status status = build_kernels(state, &sources, options, device_name);
-    free_sources(&sources);
+    state->sources = calloc(1, sizeof *state->sources);
+    if (!state->sources)
+        return psm_set_error(PSM_ERR_OUT_OF_MEMORY, "cannot allocate the OpenCL sources");
+    psm_status status = load_sources(state->sources);
+    if (status != PSM_OK) {
+        free(state->sources);
+        state->sources = NULL;
+        return status;
+    }
+    size_t group = opencl_initial_group_size(state->device, &status);
     PSM_TRY(status);
-    CL_TRY(clGetKernelWorkGroupInfo(state->kernels[KERNEL_ROW_FILTER], state->device,
-                                    CL_KERNEL_LOCAL_MEM_SIZE, sizeof state->row_filter_local,
-                                    &state->row_filter_local, NULL),
-           "clGetKernelWorkGroupInfo");
+    for (;;) {
+        int fits = 0;
+        PSM_TRY(build_at(state, PROGRAM_SAMPLING, group, options, device_name, state->programs,
+                         state->kernels, &fits));
+        if (fits)
+            break;
+        /* A kernel needs more registers than the group size allows: halve it. */
+        release_kernels(state->programs, state->kernels, PROGRAM_SAMPLING);
+        group /= 2;
+    }
+    state->group_size = group;
+    return row_filter_local_bytes(state, state->kernels[KERNEL_ROW_FILTER],
+                                  &state->row_filter_local);
+}
+
+/* Builds every program of `wanted` at the largest group size below the
+ * state's that each of their kernels allows, then gives them to the state
+ * in place of its own. On failure the state keeps its own. */
+static psm_status rebuild_smaller(opencl_state *state, unsigned wanted)
+{
+    cached_program *programs[PROGRAM_COUNT] = {NULL};
+    cl_kernel kernels[KERNEL_COUNT] = {NULL};
+    for (size_t group = state->group_size / 2;; group /= 2) {
+        psm_status status = PSM_OK;
+        int all_fit = 1;
+        for (int which = 0; which < PROGRAM_COUNT && all_fit && status == PSM_OK; ++which)
+            if (wanted & PROGRAM_BIT(which))
+                status = build_at(state, which, group, NULL, NULL, programs, kernels, &all_fit);
+        cl_ulong filter_local = 0;
+        if (status == PSM_OK && all_fit)
+            status = row_filter_local_bytes(state, kernels[KERNEL_ROW_FILTER], &filter_local);
+        if (status == PSM_OK && all_fit) {
+            for (int which = 0; which < PROGRAM_COUNT; ++which)
+                release_kernels(state->programs, state->kernels, which);
+            memcpy(state->programs, programs, sizeof programs);
+            memcpy(state->kernels, kernels, sizeof kernels);
+            state->group_size = group;
+            state->row_filter_local = filter_local;
+            return PSM_OK;
+        }
+        for (int which = 0; which < PROGRAM_COUNT; ++which)
+            release_kernels(programs, kernels, which);
+        if (status != PSM_OK)
+            return status;
+    }
+}
+
+psm_status opencl_use_programs(opencl_state *state, unsigned programs)
+{
+    for (int which = 0; which < PROGRAM_COUNT; ++which) {
+        if (!(programs & PROGRAM_BIT(which)) || state->programs[which])
+            continue;
+        int fits = 0;
+        PSM_TRY(build_at(state, which, state->group_size, NULL, NULL, state->programs,
+                         state->kernels, &fits));
+        if (!fits) {
+            /* The launch code gives every kernel the state's group size, so
+             * every program moves to a smaller one. */
+            release_kernels(state->programs, state->kernels, which);
+            unsigned wanted = programs;
+            for (int held = 0; held < PROGRAM_COUNT; ++held)
+                if (state->programs[held])
+                    wanted |= PROGRAM_BIT(held);
+            return rebuild_smaller(state, wanted);
+        }
+    }
     return PSM_OK;
+}
+
+void opencl_release_programs(opencl_state *state)
+{
+    for (int which = 0; which < PROGRAM_COUNT; ++which)
+        release_kernels(state->programs, state->kernels, which);
+    if (state->sources) {
+        free_sources(state->sources);
+        free(state->sources);
+        state->sources = NULL;
+    }
 }

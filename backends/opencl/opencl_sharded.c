@@ -41,6 +41,7 @@ psm_status opencl_shard_pass(void *opaque, const psm_tensor *logits,
                              int64_t item_count, const psm_u64 *tile_keys, psm_u64 *out)
 {
     opencl_state *state = opaque;
+    PSM_TRY(opencl_use_programs(state, PROGRAM_BIT(PROGRAM_SHARDED)));
     const size_t count = (size_t)item_count;
     const size_t out_bytes =
         count * (size_t)psm_shard_pass_words(geometry->kind, geometry->local_tiles) *

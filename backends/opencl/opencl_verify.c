@@ -320,6 +320,12 @@ psm_status opencl_verify(void *opaque, psm_verify_request *request)
                              "OpenCL: psm_verify of %lld requests; this backend handles at "
                              "most 2^31 - 1 rows",
                              (long long)request->requests);
+    /* Every program the call may run, before it enqueues anything: the
+     * row passes of an engine's filter order need theirs. */
+    const int orders = request->target_params.filter_order != PSM_FILTER_ORDER_POLYSAMPLE ||
+                       request->draft_params.filter_order != PSM_FILTER_ORDER_POLYSAMPLE;
+    PSM_TRY(opencl_use_programs(opaque, PROGRAM_BIT(PROGRAM_VERIFY) |
+                                            (orders ? PROGRAM_BIT(PROGRAM_ORDERS) : 0)));
     verify_launch v;
     memset(&v, 0, sizeof v);
     v.state = opaque;

@@ -9,7 +9,16 @@
  * the host compiles too.
  *
  * Build options give PSM_WG, the work-group size of every kernel (a power of
- * two between 16 and 1024, chosen by the host from device queries).
+ * two between 16 and 1024, chosen by the host from device queries), and
+ * PSM_PROGRAM, which of this file's programs to build (the PSM_PROGRAM_*
+ * names below). The sampling program holds the kernels of a psm_sample or
+ * psm_probs call without logit processing, top-N logprobs or an engine's
+ * filter order (psm_tile_reduce to psm_probs) and is built with the
+ * context; each other program holds the kernels of one feature and is
+ * built by the first call that needs it (opencl_programs.c), so that a
+ * call's first-use compile (PoCL compiles at run time) is only of kernels
+ * it may run. Each kernel is in one program; the helpers are static, so a
+ * program emits only those its kernels call.
  *
  * Pipeline for one psm_sample call (docs/SAMPLING.md). The per-tile, per-row
  * and per-draw kernels give each unit of work a team of 32 items (one warp
@@ -131,6 +140,17 @@ typedef char psm_verify_row_layout_check[sizeof(psm_verify_row) == PSM_VERIFY_RO
 typedef char psm_shard_item_layout_check[sizeof(psm_shard_item) == PSM_SHARD_ITEM_BYTES ? 1 : -1];
 typedef char psm_shard_geometry_layout_check[
     sizeof(psm_shard_geometry) == PSM_SHARD_GEOMETRY_BYTES ? 1 : -1];
+
+/* The programs, in the order of the host's PROGRAM_* (opencl_backend.h). */
+#define PSM_PROGRAM_SAMPLING 1
+#define PSM_PROGRAM_PROCESSING 2
+#define PSM_PROGRAM_ORDERS 3
+#define PSM_PROGRAM_TOP_LOGPROBS 4
+#define PSM_PROGRAM_VERIFY 5
+#define PSM_PROGRAM_SHARDED 6
+#if !defined(PSM_PROGRAM) || PSM_PROGRAM < PSM_PROGRAM_SAMPLING || PSM_PROGRAM > PSM_PROGRAM_SHARDED
+#error "PSM_PROGRAM (a PSM_PROGRAM_* name) must be given as a build option"
+#endif
 
 /* Every kernel's first arguments: the call's description, then the buffers
  * every row reads, the logits and the per-row arrays in psm_row_arrays'
@@ -361,6 +381,7 @@ static int psm_row_status(const psm_row_params *p, const psm_row_summary *summar
     return psm_is_greedy(p->temperature) ? PSM_ROW_GREEDY : PSM_ROW_SAMPLE;
 }
 
+#if PSM_PROGRAM == PSM_PROGRAM_SAMPLING
 /* ---- kernel 1: per-tile reduction ----------------------------------------- */
 
 /* One team per tile (psm_team_unit: row * tiles + tile): the tile pass of
@@ -404,6 +425,7 @@ psm_tile_reduce(PSM_REQUEST_PARAMS, __global ulong *tile_key, __global uint *til
     psm_stage_tile(psm_team_of_item(), call, PSM_RESOLVE_ROW(where.row), where.slot, where.first,
                    where.in_range, posts, out);
 }
+#endif /* PSM_PROGRAM_SAMPLING */
 
 /* ---- kernel 2: filter cutoffs per row ------------------------------------- */
 
@@ -733,6 +755,7 @@ PSM_LOCAL_FN int psm_bin_collect(int active, __global const uchar *logits, int d
  * the list would not fit either). */
 #define PSM_TOP_K_LANES 512
 
+#if PSM_PROGRAM == PSM_PROGRAM_SAMPLING
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const uint *tile_info,
               __global const uint *lane_max, __global float *tile_ref,
@@ -969,7 +992,9 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global cons
         state[row].min_weight = psm_min_p_threshold(p.min_p, bits);
     }
 }
+#endif /* PSM_PROGRAM_SAMPLING */
 
+#if PSM_PROGRAM == PSM_PROGRAM_ORDERS
 /* ---- kernel 2b: an engine's filter order ---------------------------------- */
 
 /* A group per row, instead of psm_row_top_k and psm_row_filter when the
@@ -1025,7 +1050,9 @@ psm_row_orders(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global cons
         state[row].min_weight = kept.min_weight;
     }
 }
+#endif /* PSM_PROGRAM_ORDERS */
 
+#if PSM_PROGRAM == PSM_PROGRAM_SAMPLING
 /* ---- kernel 3: tile masses over the kept tokens --------------------------- */
 
 /* One team per tile of the rows psm_row_filter (or psm_row_orders)
@@ -1200,7 +1227,9 @@ psm_probs(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulo
                            state[row].total),
         out);
 }
+#endif /* PSM_PROGRAM_SAMPLING */
 
+#if PSM_PROGRAM == PSM_PROGRAM_TOP_LOGPROBS
 /* ---- kernel 7: top-N logprobs ---------------------------------------------- */
 
 /* A group per row, after psm_draw (psm_sample with top_logprobs only): the
@@ -1271,7 +1300,9 @@ psm_top_logprobs(PSM_REQUEST_PARAMS, const psm_opencl_request raw_request,
     masses.total = state[row].total;
     psm_stage_top_logprobs(team, top, raw_mode, row_key, masses, &scratch, out);
 }
+#endif /* PSM_PROGRAM_TOP_LOGPROBS */
 
+#if PSM_PROGRAM == PSM_PROGRAM_PROCESSING
 /* ---- logit processing (docs/SAMPLING.md section 1) ---------------------------
  * Before the pipeline, when the call has psm_params.processing: the rules
  * are core/psm_processing.h's, the code the CPU, CUDA and HIP backends run;
@@ -1377,7 +1408,9 @@ psm_process_lists(PSM_REQUEST_PARAMS, PSM_PROCESSING_PARAMS, const long history_
                                          bias_capacity),
                         &bad);
 }
+#endif /* PSM_PROGRAM_PROCESSING */
 
+#if PSM_PROGRAM == PSM_PROGRAM_VERIFY
 /* ---- speculative verification (psm_verify) --------------------------------
  * The host runs the pipeline up to psm_row_combine over the target rows (and
  * the draft logits rows), each row with its request's filters, which
@@ -1480,7 +1513,9 @@ psm_verify_walk(PSM_REQUEST_PARAMS, PSM_VERIFY_PARAMS, __global int *accepted,
     psm_stage_verify_walk(psm_team_of_item(), call, arrays, outputs, r, p.seed, p.offset,
                           p.stream, &scratch);
 }
+#endif /* PSM_PROGRAM_VERIFY */
 
+#if PSM_PROGRAM == PSM_PROGRAM_SHARDED
 /* ---- sharded sampling (core/sharded.c) ------------------------------------
  * One pass of a sharded call over this rank's shard: a group per item
  * (dimension 1), the stage of kernels/psm_stage_sharded.h (shared with CUDA
@@ -1498,3 +1533,4 @@ psm_shard_pass(const psm_shard_geometry geometry, __global const uchar *logits,
     arrays.out = out;
     psm_stage_shard_pass(psm_team_of_item(), geometry, arrays, (long)get_group_id(1), &scratch);
 }
+#endif /* PSM_PROGRAM_SHARDED */

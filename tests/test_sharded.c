@@ -310,28 +310,76 @@ static void expect_splits_equal(psm_context *context, psm_test_memory *memory,
     }
 }
 
-static void check_identity(psm_backend backend, psm_dtype dtype, const char *test_name)
+/* On a GPU backend with device logits (memory given), the calls the host
+ * rounds cannot serve are refused at begin with nothing written: per-row
+ * arrays, which would be device memory too, and outputs in device memory.
+ * Returns whether parameter set `set` is refused (and so not compared). */
+static int refused_with_device_logits(psm_backend backend, psm_test_memory *memory,
+                                      const void *data, psm_dtype dtype, const psm_params *p,
+                                      int set)
 {
-    psm_context *context = psm_test_open(backend);
+    if (!memory || backend == PSM_BACKEND_CPU)
+        return 0;
+    const int per_row = p->temperature_per_row || p->top_k_per_row || p->top_p_per_row ||
+                        p->min_p_per_row || p->seed_per_row || p->offset_per_row ||
+                        p->subsequence_per_row || p->row_indices;
+    if (!per_row && set != 0)
+        return 0;
+    psm_context *context = psm_test_memory_context(memory);
+    psm_tensor t = shard_tensor(memory, data, dtype, 0, VOCAB);
+    const psm_shard shard = {0, VOCAB, 0, 1};
+    psm_sharded *call = NULL;
+    if (per_row) {
+        int32_t tokens[ROWS * SAMPLES];
+        for (int i = 0; i < ROWS * SAMPLES; ++i)
+            tokens[i] = POISON;
+        ck_assert_int_eq(psm_sharded_begin(context, &t, &shard, p, psm_test_output(tokens),
+                                           psm_test_output(NULL), &call),
+                         PSM_ERR_UNSUPPORTED);
+        ck_assert_ptr_null(call);
+        for (int i = 0; i < ROWS * SAMPLES; ++i)
+            ck_assert_int_eq(tokens[i], POISON);
+        return 1;
+    }
+    /* Set 0 without per-row arrays: outputs are written by the host. */
+    psm_output device_tokens = {
+        psm_test_memory_filled(memory, ROWS * SAMPLES * sizeof(int32_t), 0x5a),
+        PSM_MEMORY_DEVICE};
+    ck_assert_int_eq(psm_sharded_begin(context, &t, &shard, p, device_tokens,
+                                       psm_test_output(NULL), &call),
+                     PSM_ERR_UNSUPPORTED);
+    ck_assert_ptr_null(call);
+    return 0;
+}
+
+/* Every split and parameter set against the CPU backend's unsharded call:
+ * host logits as strided views, or (memory given) each rank's shard copied
+ * into a buffer of that memory. */
+static void check_identity(psm_backend backend, psm_test_memory *memory, psm_dtype dtype,
+                           uint64_t logits_seed, uint64_t split_seed, const char *test_name)
+{
+    psm_context *own = memory ? NULL : psm_test_open(backend);
+    psm_context *context = memory ? psm_test_memory_context(memory) : own;
     psm_context *reference = psm_test_open(PSM_BACKEND_CPU);
-    float *logits = make_logits(99);
+    float *logits = make_logits(logits_seed);
     uint16_t *bf16 = dtype == PSM_DTYPE_BF16 ? to_bf16(logits) : NULL;
     const void *data = bf16 ? (const void *)bf16 : (const void *)logits;
     split splits[6 + RANDOM_SPLITS];
-    const int split_count = splits_for(splits, 7);
+    const int split_count = splits_for(splits, split_seed);
     float temperature[ROWS], top_p[ROWS], min_p[ROWS];
     int32_t top_k[ROWS];
     uint64_t seeds[ROWS];
     uint32_t subsequences[ROWS];
     for (int set = 0; set < PARAM_SETS; ++set) {
         const psm_params p = params_of(set, temperature, top_k, top_p, min_p, seeds, subsequences);
-        expect_splits_equal(context, NULL, reference, data, dtype, &p, splits, split_count,
-                            test_name, set);
+        if (!refused_with_device_logits(backend, memory, data, dtype, &p, set))
+            expect_splits_equal(context, memory, reference, data, dtype, &p, splits, split_count,
+                                test_name, set);
     }
     free(bf16);
     free(logits);
     psm_context_destroy(reference);
-    psm_context_destroy(context);
+    psm_context_destroy(own);
 }
 
 /* A backend other than the CPU one refuses at begin, writing nothing. */
@@ -359,20 +407,19 @@ static int sharded_runs_on(psm_backend backend, const char *test_name)
 PSM_PROPERTY(sharded_f32_equals_unsharded)
 {
     if (sharded_runs_on(backend, "sharded_f32_equals_unsharded"))
-        check_identity(backend, PSM_DTYPE_F32, "sharded_f32_equals_unsharded");
+        check_identity(backend, NULL, PSM_DTYPE_F32, 99, 7, "sharded_f32_equals_unsharded");
 }
 
 PSM_PROPERTY(sharded_bf16_equals_unsharded)
 {
     if (sharded_runs_on(backend, "sharded_bf16_equals_unsharded"))
-        check_identity(backend, PSM_DTYPE_BF16, "sharded_bf16_equals_unsharded");
+        check_identity(backend, NULL, PSM_DTYPE_BF16, 99, 7, "sharded_bf16_equals_unsharded");
 }
 
 /* Each rank's shard in a buffer of the backend's device memory (a GPU's, or
- * the CPU backend's host memory), bf16 here: every split, the parameter sets
- * without per-row arrays. On a GPU backend per-row arrays would be device
- * memory too, which the host rounds cannot read, and outputs in device
- * memory cannot be written by them: refused, nothing written. */
+ * the CPU backend's host memory), bf16 here: every split; on a GPU backend
+ * the parameter sets with per-row arrays, and device outputs, are refused
+ * (refused_with_device_logits). */
 PSM_PROPERTY(sharded_device_logits_equal_unsharded)
 {
     const char *why = psm_test_memory_unavailable(backend, PSM_MEMORY_DEVICE);
@@ -383,54 +430,7 @@ PSM_PROPERTY(sharded_device_logits_equal_unsharded)
     if (!sharded_runs_on(backend, "sharded_device_logits_equal_unsharded"))
         return;
     psm_test_memory *memory = psm_test_memory_open(backend, PSM_MEMORY_DEVICE, 0);
-    psm_context *context = psm_test_memory_context(memory);
-    psm_context *reference = psm_test_open(PSM_BACKEND_CPU);
-    float *logits = make_logits(123);
-    uint16_t *bf16 = to_bf16(logits);
-    split splits[6 + RANDOM_SPLITS];
-    const int split_count = splits_for(splits, 11);
-    float temperature[ROWS], top_p[ROWS], min_p[ROWS];
-    int32_t top_k[ROWS];
-    uint64_t seeds[ROWS];
-    uint32_t subsequences[ROWS];
-    for (int set = 0; set < PARAM_SETS; ++set) {
-        const psm_params p = params_of(set, temperature, top_k, top_p, min_p, seeds, subsequences);
-        const int per_row = p.temperature_per_row || p.top_k_per_row || p.top_p_per_row ||
-                            p.min_p_per_row || p.seed_per_row || p.offset_per_row ||
-                            p.subsequence_per_row || p.row_indices;
-        if (per_row && backend != PSM_BACKEND_CPU) {
-            int32_t tokens[ROWS * SAMPLES];
-            for (int i = 0; i < ROWS * SAMPLES; ++i)
-                tokens[i] = POISON;
-            psm_tensor t = shard_tensor(memory, bf16, PSM_DTYPE_BF16, 0, VOCAB);
-            const psm_shard shard = {0, VOCAB, 0, 1};
-            psm_sharded *call = NULL;
-            ck_assert_int_eq(psm_sharded_begin(context, &t, &shard, &p, psm_test_output(tokens),
-                                               psm_test_output(NULL), &call),
-                             PSM_ERR_UNSUPPORTED);
-            ck_assert_ptr_null(call);
-            for (int i = 0; i < ROWS * SAMPLES; ++i)
-                ck_assert_int_eq(tokens[i], POISON);
-            continue;
-        }
-        if (set == 0 && backend != PSM_BACKEND_CPU) { /* outputs are written by the host */
-            psm_tensor t = shard_tensor(memory, bf16, PSM_DTYPE_BF16, 0, VOCAB);
-            const psm_shard shard = {0, VOCAB, 0, 1};
-            psm_output device_tokens = {
-                psm_test_memory_filled(memory, ROWS * SAMPLES * sizeof(int32_t), 0x5a),
-                PSM_MEMORY_DEVICE};
-            psm_sharded *call = NULL;
-            ck_assert_int_eq(psm_sharded_begin(context, &t, &shard, &p, device_tokens,
-                                               psm_test_output(NULL), &call),
-                             PSM_ERR_UNSUPPORTED);
-            ck_assert_ptr_null(call);
-        }
-        expect_splits_equal(context, memory, reference, bf16, PSM_DTYPE_BF16, &p, splits,
-                            split_count, "device logits", set);
-    }
-    free(bf16);
-    free(logits);
-    psm_context_destroy(reference);
+    check_identity(backend, memory, PSM_DTYPE_BF16, 123, 11, "device logits");
     psm_test_memory_close(memory);
 }
 

@@ -214,6 +214,31 @@ PSM_LOCAL_FN psm_u32 psm_team_walk_ranks(PSM_TEAM_TYPE team, PSM_LOCAL const psm
     return last_rank;
 }
 
+/* Completes the tile masses that psm_stage_gather_and_weigh began, once the
+ * cutoff is known: each kept token of the list (key at least the cutoff)
+ * adds its weight against its tile's maximum (tile_key, the tile pass's
+ * rank keys) to that tile's mass. A tile whose mass is then 0 keeps
+ * nothing: one that keeps a token keeps its maximum, whose own weight is
+ * 2^bits. Each backend then marks those tiles in its own tile references.
+ * A group's work: every item calls it (it ends with a barrier). */
+PSM_LOCAL_FN void psm_group_add_list_masses(PSM_LOCAL const psm_u64 *list, psm_u32 size,
+                                            psm_u64 cutoff, float scale, int bits,
+                                            PSM_GLOBAL const psm_u64 *tile_key,
+                                            PSM_GLOBAL psm_u64 *tile_mass)
+{
+    const psm_u32 item = (psm_u32)psm_group_item(), items = (psm_u32)psm_group_size();
+    for (psm_u32 j = item; j < size; j += items) {
+        const psm_u64 token_key = list[j];
+        if (token_key < cutoff)
+            continue;
+        const psm_i64 tile = (psm_i32)psm_rank_key_token(token_key) / PSM_TILE;
+        const float gap = psm_unclamped_gap(psm_rank_key_logit(tile_key[tile]),
+                                            psm_rank_key_logit(token_key), scale);
+        psm_global_add_u64(&tile_mass[tile], psm_weight_of_gap(gap, bits));
+    }
+    psm_group_barrier_global();
+}
+
 /* Each tile's (m_t, S_t) over the kept set from a ranked list that holds
  * every kept token (top-k's): ranks [0, kept) of the list (psm_rank_list's
  * keys, weights and order) whose weight meets min_weight (0: any; min-p

@@ -5,11 +5,14 @@
  *   psm_stage_kept_masses  (m_t, S_t) over the tile's kept tokens, for rows
  *                          whose cutoff is known (the tile pass made the
  *                          masses of the rows that keep every valid token);
+ *   psm_stage_gather_and_weigh  top-p alone: the cutoff bin's tokens into
+ *                          the list and the part of S_t that the cutoff
+ *                          does not decide, before the cutoff is known;
  *   psm_stage_draw         one sample's token within the tile its tile bits
  *                          chose (psm_draw_tile), its log-probability;
  *   psm_stage_probs        psm_probs' values of the tile's tokens.
  * Which token is kept is core/psm_row.h's psm_kept_rule, the same test in
- * all three. The row around them (M, the cutoff, T_t and their running
+ * the other three. The row around them (M, the cutoff, T_t and their running
  * sums, m_t) is the backends' kernels' to find and pass in; each takes m_t
  * as a float (CUDA derives it from the tile's key, OpenCL keeps it).
  */
@@ -136,6 +139,59 @@ PSM_LOCAL_FN psm_kept_tile psm_stage_kept_masses(PSM_TEAM_TYPE team, psm_tile_pl
     if (kept.maximum != -INFINITY)
         kept.mass = psm_team_sum_u64(team, lane_mass, posts.mass);
     return kept;
+}
+
+/* Top-p alone (no min-p), once the tally has chosen the cutoff's gap bin:
+ * one tile's part (a team's work) in the pass that gathers that bin's tokens
+ * into the list, as psm_bins_gather does, and weighs the tile's tokens of the
+ * bins before it against the tile's maximum (tile_max, the tile pass's;
+ * -inf: no valid token). Every token of an earlier bin is kept (its logit
+ * exceeds every logit of the cutoff bin), so a tile whose maximum lies in
+ * such a bin keeps its maximum: m_t is known before the cutoff is, and this
+ * pass makes the part of S_t that does not depend on it. The list's kept
+ * tokens are added once the cutoff is known (psm_group_add_list_masses),
+ * which saves the pass over the kept tiles that psm_stage_kept_masses
+ * makes. A tile whose maximum lies beyond the cutoff bin keeps nothing and
+ * is not read. Returns the partial S_t (at least 2^bits, the maximum's own
+ * weight, when the maximum lies before the cutoff bin; else 0) on every
+ * item. */
+PSM_TEAM_TEMPLATE
+PSM_LOCAL_FN psm_u64 psm_stage_gather_and_weigh(PSM_TEAM_TYPE team, psm_tile_place tile,
+                                                float tile_max, float maximum, float scale,
+                                                int bits, int cutoff_bin, PSM_LOCAL psm_u32 *size,
+                                                PSM_LOCAL psm_u64 *list, psm_u32 capacity,
+                                                PSM_POSTS(psm_u64) posts)
+{
+    /* The same for the whole team. */
+    const int reachable = tile_max != -INFINITY &&
+                          psm_gap_bin(psm_unclamped_gap(maximum, tile_max, scale)) <= cutoff_bin;
+    psm_u64 lane_mass = 0;
+    if (reachable) {
+        const int vector_shift = psm_vector_shift(tile.dtype);
+        float x[PSM_TEAM_SLOTS];
+        psm_team_load_tile(team, tile.logits, tile.dtype, tile.count, tile.aligned,
+                           PSM_INTERLEAVED, x);
+#pragma unroll
+        for (int s = 0; s < PSM_TEAM_SLOTS; ++s) {
+            const float value = psm_read_logit(x[s]);
+            if (psm_logit_class(value) != PSM_LOGIT_VALID)
+                continue;
+            const int bin = psm_gap_bin(psm_unclamped_gap(maximum, value, scale));
+            if (bin < cutoff_bin) {
+                lane_mass += psm_weight_of_gap(psm_unclamped_gap(tile_max, value, scale), bits);
+            } else if (bin == cutoff_bin) {
+                const psm_u32 slot = psm_local_add_u32(size, 1u);
+                if (slot < capacity)
+                    list[slot] = psm_rank_key(
+                        value, (psm_u32)(tile.first + psm_slot_offset(s, team.lane, PSM_TEAM,
+                                                                       vector_shift,
+                                                                       PSM_INTERLEAVED)));
+            }
+        }
+    }
+    PSM_TEAM_POST(posts, lane_mass);
+    psm_team_barrier();
+    return reachable ? psm_team_sum_u64(team, lane_mass, posts) : 0;
 }
 
 /* ---- the draw ------------------------------------------------------------------- */

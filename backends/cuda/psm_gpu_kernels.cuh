@@ -644,14 +644,63 @@ PSM_GPU_DEVICE void psm_gpu_for_each_logit_of_lanes(const psm_gpu_call &call,
     });
 }
 
+/* Top-p alone: the pass after the tally, a warp per tile of this block's
+ * share (split rows: the tiles dealt out over the row's warps), which
+ * gathers the cutoff bin's tokens into the list and leaves each tile's
+ * partial S_t in the workspace (psm_stage_gather_and_weigh). */
+template <int WarpSize, int Dtype>
+PSM_GPU_DEVICE void psm_gpu_gather_and_weigh(const unsigned char *row_base,
+                                             const psm_gpu_call &call,
+                                             const psm_gpu_row_state &state,
+                                             const psm_gpu_row_split &split, int cutoff_bin,
+                                             psm_gpu_select_scratch &select)
+{
+    const psm_team<WarpSize> team = psm_team_of_thread<WarpSize>();
+    const psm_i64 warps = psm_gpu_block_warps<WarpSize>();
+    const psm_u64 *tile_key = call.tile_key + state.tile_base;
+    psm_u64 *tile_mass = call.tile_mass + state.tile_base;
+    for (psm_i64 tile = split.part * warps + threadIdx.x / WarpSize; tile < call.tiles_per_row;
+         tile += split.parts * warps) {
+        const psm_u64 key = tile_key[tile];
+        const psm_u64 mass = psm_stage_gather_and_weigh(
+            team, psm_gpu_tile_place<Dtype>(call, row_base, tile),
+            key != 0 ? psm_rank_key_logit(key) : -INFINITY, state.row_max, state.scale,
+            call.weight_bits, cutoff_bin, &select.list_size, select.list_key,
+            PSM_GPU_LIST_CAPACITY, psm_no_posts());
+        if (team.lane == 0)
+            tile_mass[tile] = mass;
+    }
+}
+
+/* After psm_gpu_gather_and_weigh and the walk: the list's kept tokens
+ * added to the tile masses, and a tile that keeps nothing marked so in its
+ * key (the kept maximum's key, launch 1's where it is kept). */
+PSM_GPU_DEVICE void psm_gpu_finish_weighed_tiles(const psm_gpu_call &call,
+                                                 const psm_gpu_row_state &state,
+                                                 const psm_gpu_select_scratch &select)
+{
+    psm_u64 *tile_key = call.tile_key + state.tile_base;
+    const psm_u64 *tile_mass = call.tile_mass + state.tile_base;
+    psm_group_add_list_masses(select.list_key, select.list_size, select.cutoff, state.scale,
+                              call.weight_bits, tile_key, call.tile_mass + state.tile_base);
+    for (psm_i64 tile = threadIdx.x; tile < call.tiles_per_row; tile += blockDim.x)
+        if (tile_mass[tile] == 0)
+            tile_key[tile] = 0;
+    psm_gpu_block_barrier();
+}
+
 /* The top-k / top-p cutoff of one row (called by the whole block; top-p
  * alone when !top_k_on). Returns a PSM_GPU_SELECT_* status; with LIST,
- * select.cutoff and select.kept are set. */
+ * select.cutoff and select.kept are set. With weigh_tiles (top-p alone
+ * without min-p) and LIST, the list was gathered by psm_gpu_gather_and_weigh
+ * and the tile masses want psm_group_add_list_masses, not a pass over the
+ * kept tiles. */
 template <int WarpSize, int Dtype>
 PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const psm_gpu_call &call,
                                          const psm_gpu_row_state &state, int top_k_on,
                                          psm_u64 top_k, int top_p_on, float top_p,
-                                         psm_gpu_row_split &split, psm_gpu_select_scratch &select)
+                                         int weigh_tiles, psm_gpu_row_split &split,
+                                         psm_gpu_select_scratch &select)
 {
     const psm_team<WarpSize> team = psm_team_of_thread<WarpSize>();
     const int lane = team.lane, warp = threadIdx.x / WarpSize;
@@ -732,6 +781,9 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
         if (from_lanes)
             psm_gpu_for_each_logit_of_lanes<WarpSize, Dtype>(call, row_base, state, split.slice,
                                                              last_bin, gather);
+        else if (by_mass && weigh_tiles)
+            psm_gpu_gather_and_weigh<WarpSize, Dtype>(row_base, call, state, split, last_bin,
+                                                      select);
         else
             psm_gpu_for_each_logit<Dtype>(call, row_base, split.slice, gather);
         psm_gpu_block_barrier();
@@ -958,11 +1010,12 @@ PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scrat
                 const int top_p_on = p.top_p < 1.0f;
                 if (p.min_p > 0.0f)
                     state.min_weight = psm_min_p_threshold(p.min_p, call.weight_bits);
+                const int weigh_tiles = top_p_on && !top_k_on && state.min_weight == 0;
                 int status = PSM_GPU_SELECT_LIST;
                 if (top_k_on || top_p_on) {
-                    status = psm_gpu_select_cutoff<WarpSize, Dtype>(source.base, call, state, top_k_on,
-                                                          (psm_u64)p.top_k, top_p_on, p.top_p,
-                                                          split, *select);
+                    status = psm_gpu_select_cutoff<WarpSize, Dtype>(
+                        source.base, call, state, top_k_on, (psm_u64)p.top_k, top_p_on, p.top_p,
+                        weigh_tiles, split, *select);
                     if (status == PSM_GPU_SELECT_LIST) {
                         state.cutoff = select->cutoff;
                     } else if (status == PSM_GPU_SELECT_TOP_ONLY) {
@@ -986,6 +1039,9 @@ PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scrat
                                               call.tile_key + state.tile_base,
                                               call.tile_mass + state.tile_base,
                                               call.tiles_per_row);
+                } else if (weigh_tiles && status == PSM_GPU_SELECT_LIST) {
+                    if (part == 0) /* the other blocks' partial masses are in */
+                        psm_gpu_finish_weighed_tiles(call, state, *select);
                 } else {
                     psm_gpu_scan_masses<WarpSize, Dtype>(source.base, call, state,
                                                          psm_gpu_kept_rule(call, state), split);

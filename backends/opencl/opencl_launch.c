@@ -423,8 +423,12 @@ static psm_status run_rows(launch *call)
         PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_KEY]));
         PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_INFO]));
         PSM_TRY(SET_MEM(kernel, &index, part[PART_ROW_STATE]));
-        if (row_kernel == KERNEL_ROW_FILTER) /* its row cache or candidate list */
+        if (row_kernel == KERNEL_ROW_FILTER) {
+            /* the tile masses of top-p alone, then its row cache or candidate list */
+            PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_REF]));
+            PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_MASS]));
             PSM_TRY(set_arg(kernel, &index, call->list_bytes, NULL));
+        }
         PSM_TRY(enqueue(state, kernel, 1, (size_t)call->rows, opencl_kernel_names[row_kernel]));
 
         kernel = state->kernels[KERNEL_TILE_FILTER];

@@ -652,7 +652,9 @@ PSM_LOCAL_FN int psm_bin_collect(int active, __global const uchar *logits, int d
                                  uint capacity, __local ulong *posts,
                                  __local uint *shared_choice, __local ulong *shared_above,
                                  __local ulong *shared_want, __local uint *shared_size,
-                                 ulong *above_out, ulong *want_out)
+                                 ulong *above_out, ulong *want_out, int weigh_tiles,
+                                 __global const ulong *tile_key, __global ulong *tile_mass,
+                                 int tiles)
 {
     const uint lid = get_local_id(0);
     __local uint *bin_count = (__local uint *)list;
@@ -711,10 +713,31 @@ PSM_LOCAL_FN int psm_bin_collect(int active, __global const uchar *logits, int d
     /* Every item has read the bins and the choice before the list (over the
      * bins) grows. */
     barrier(CLK_LOCAL_MEM_FENCE);
-    const int collect_count = fits ? vocab : 0;
+    const int collect_count = fits && !weigh_tiles ? vocab : 0;
     for (int i = lid; i < collect_count; i += PSM_WG)
         psm_bins_gather(psm_load_candidate(logits, dtype, base + i), (uint)i, maximum, scale,
                         mass_mode ? chosen : 0, chosen, shared_size, list, capacity);
+    /* Top-p alone without min-p: a team per tile gathers the same list and
+     * leaves each tile's partial mass (psm_stage_gather_and_weigh), for
+     * psm_group_add_list_masses once the cutoff is known. A barrier after
+     * each round: the next round's posts, and the masses' global writes
+     * before that function's atomics. */
+    const int teams = PSM_WG / PSM_TEAM;
+    const int rounds = fits && weigh_tiles ? (tiles + teams - 1) / teams : 0;
+    for (int round = 0; round < rounds; ++round) {
+        const int tile = round * teams + (int)lid / PSM_TEAM;
+        const int here = tile < tiles;
+        const ulong key = here ? tile_key[tile] : 0ul;
+        const int first = here ? tile * PSM_TILE : 0;
+        const ulong mass = psm_stage_gather_and_weigh(
+            psm_team_of_item(),
+            psm_tile_place_of(logits, dtype, base, first, here ? min(PSM_TILE, vocab - first) : 0),
+            key != 0 ? psm_rank_key_logit(key) : -INFINITY, maximum, scale, bits, chosen,
+            shared_size, list, capacity, posts);
+        if (here && lid % PSM_TEAM == 0)
+            tile_mass[tile] = mass;
+        barrier(CLK_LOCAL_MEM_FENCE | CLK_GLOBAL_MEM_FENCE);
+    }
     barrier(CLK_LOCAL_MEM_FENCE);
     const uint size = *shared_size;
     fits = fits && size <= capacity;
@@ -886,7 +909,8 @@ psm_row_top_k(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const
 
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global const uint *tile_info,
-               __global psm_row_state *state, __local ulong *local_store)
+               __global psm_row_state *state, __global float *tile_ref,
+               __global ulong *tile_mass, __local ulong *local_store)
 {
     __local psm_group_scratch group;
     __local ulong scratch_counts[PSM_WG];
@@ -945,6 +969,12 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global cons
     /* Top-p alone on the list: the list is the bucket where the target is
      * reached, and its search wants what is left of the target. */
     ulong list_want = 0;
+    /* Top-p alone without min-p on the gap bins' list: the tile masses are
+     * made here (psm_bin_collect, psm_group_add_list_masses), and
+     * psm_tile_filter skips the row. */
+    const long row_tiles = (long)row * request.tiles;
+    const int weigh_tiles = top_p_on && !top_k_on && !(p.min_p > 0.0f);
+    int weighed = 0;
     /* Inside, both collections are called by every item, active or not (see
      * psm_radix_collect); rows that make no list (min-p alone, the on-chip
      * path) skip their barriers. */
@@ -955,7 +985,9 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global cons
             request.list_capacity >= PSM_GAP_BIN_WORDS / 2, logits, request.dtype, source.base,
             request.vocab, !top_k_on, want, p.top_p, summary.maximum, scale, bits, local_store,
             (uint)request.list_capacity, group.posts, &shared_choice, &shared_above, &shared_want,
-            &shared_size, &above, &target);
+            &shared_size, &above, &target, weigh_tiles, tile_key + row_tiles,
+            tile_mass + row_tiles, request.tiles);
+        weighed = weigh_tiles && from_bins >= 0;
         const int from_radix = psm_radix_collect(
             from_bins < 0, logits, request.dtype, source.base, request.vocab, !top_k_on, want,
             p.top_p, summary.maximum, scale, bits, local_store, (uint)request.list_capacity,
@@ -985,9 +1017,16 @@ psm_row_filter(PSM_REQUEST_PARAMS, __global const ulong *tile_key, __global cons
                              source.kind == PSM_SOURCE_LIST && !top_k_on ? list_want : 0,
                              p.top_p, summary.maximum, scale, bits, &radix, &group),
             &group);
+    /* Unconditional (its barrier), with nothing to add for other rows. */
+    psm_group_add_list_masses(local_store, weighed ? (uint)source.count : 0u, cutoff, scale,
+                              bits, tile_key + row_tiles, tile_mass + row_tiles);
+    for (int t = lid; t < (weighed ? request.tiles : 0); t += PSM_WG)
+        tile_ref[row_tiles + t] = tile_mass[row_tiles + t] != 0
+                                      ? psm_rank_key_logit(tile_key[row_tiles + t])
+                                      : -INFINITY;
     if (lid == 0) {
         state[row].maximum = summary.maximum;
-        state[row].filtered = PSM_FILTER_SCAN;
+        state[row].filtered = weighed ? PSM_FILTER_DONE : PSM_FILTER_SCAN;
         state[row].cutoff = cutoff;
         state[row].min_weight = psm_min_p_threshold(p.min_p, bits);
     }

@@ -51,7 +51,8 @@ typedef struct psm_opencl_request {
 /* Whether a row is filtered, and who makes its kept tiles' masses. */
 #define PSM_FILTER_NONE 0 /* no filter: psm_tile_reduce's masses stand */
 #define PSM_FILTER_SCAN 1 /* psm_tile_filter reads the kept tiles again */
-#define PSM_FILTER_DONE 2 /* psm_row_top_k made them from its list */
+#define PSM_FILTER_DONE 2 /* made in the row kernel: psm_row_top_k from its list,
+                            psm_row_filter for top-p alone */
 
 /* Per-row results passed from kernel to kernel; only the kernels read it,
  * the host allocates rows x PSM_ROW_STATE_BYTES. */

@@ -774,9 +774,9 @@ psm_status run_processing(psm_gpu_state *state, const psm_request *request,
 {
     psm_gpu_call &call = buffers->call;
     const psm_gpu_processing &processing = buffers->processing;
-    const unsigned threads = 256;
     const psm_i64 cap = (psm_i64)state->multiprocessors * 32;
-    const psm_i64 units = call.rows * ((call.vocab + threads - 1) / threads);
+    const psm_i64 units =
+        call.rows * ((call.vocab + PSM_GPU_PROCESS_SPAN - 1) / PSM_GPU_PROCESS_SPAN);
     const psm_i64 blocks = units < cap ? units : cap;
     const psm_i64 row_blocks = call.rows < cap ? call.rows : cap;
     const int lists = psm_processing_has_lists(&request->params);

@@ -325,7 +325,8 @@ static psm_status run_processing(launch *call)
     const psm_logit_processing *p = call->request->params.processing;
     const cl_mem *part = call->buffers.part;
     const cl_mem *arrays = call->processing_arrays;
-    const size_t token_groups = opencl_groups_over(state, (size_t)call->vocab);
+    const size_t token_groups = opencl_groups_over(
+        state, ((size_t)call->vocab + PSM_PROCESS_SPAN - 1) / PSM_PROCESS_SPAN);
     cl_uint index = 0;
 
     const cl_long mask_words =

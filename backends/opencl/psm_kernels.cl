@@ -1346,7 +1346,9 @@ psm_top_logprobs(PSM_REQUEST_PARAMS, const psm_opencl_request raw_request,
  * Before the pipeline, when the call has psm_params.processing: the rules
  * are core/psm_processing.h's, the code the CPU, CUDA and HIP backends run;
  * these kernels only spread them over the device.
- *   psm_process_read   an item per (token, output row): the row's logit
+ *   psm_process_read   an item per PSM_PROCESS_SPAN tokens of an output
+ *                      row (a group's items take them in turn, so that
+ *                      the loads stay consecutive): each logit
  *                      read, masked and read again (step 3 made early:
  *                      kernels/psm_stage_lists.h says why that is exact)
  *                      into `processed` (rows x vocab f32); a row whose
@@ -1372,30 +1374,34 @@ psm_top_logprobs(PSM_REQUEST_PARAMS, const psm_opencl_request raw_request,
         __global const float *bias_values, __global const float *repetition_per_row,        \
         __global const float *frequency_per_row, __global const float *presence_per_row
 
-/* The (token, output row) of an item of the read and mask kernels; the
- * last group of a row has items past the vocab. */
-#define PSM_PROCESS_TOKEN ((long)get_global_id(0))
+/* The output row of an item of the processing kernels. */
 #define PSM_PROCESS_ROW ((long)get_global_id(1))
 
-/* allowed_mask: NULL when every token is allowed; mask_words per row. */
+/* allowed_mask: NULL when every token is allowed; mask_words per row. The
+ * row's parameters are resolved once per item, for its PSM_PROCESS_SPAN
+ * tokens (opencl_launch.c sizes the launch by it): per token they made
+ * the CUDA backend's same step compute-bound. */
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_process_read(PSM_REQUEST_PARAMS, __global const uint *allowed_mask, const long mask_words,
                  __global float *processed)
 {
-    const long token = PSM_PROCESS_TOKEN, row = PSM_PROCESS_ROW;
-    if (token >= request.vocab)
-        return;
+    const long row = PSM_PROCESS_ROW;
+    const long first = (long)get_group_id(0) * PSM_WG * PSM_PROCESS_SPAN + get_local_id(0);
     const psm_row_params p = PSM_RESOLVE_ROW(row);
-    const long cell = row * request.vocab + token;
-    if (!p.valid) {
-        processed[cell] = NAN;
-        return;
+    const long base = PSM_ROW_BASE(p);
+    __global float *out = processed + row * request.vocab;
+    __global const uint *row_mask = allowed_mask ? allowed_mask + row * mask_words : 0;
+    for (int k = 0; k < PSM_PROCESS_SPAN; ++k) {
+        const long token = first + (long)k * PSM_WG;
+        if (token >= request.vocab)
+            break;
+        if (!p.valid) {
+            out[token] = NAN;
+            continue;
+        }
+        const float x = psm_read_logit(psm_raw_logit(logits, request.dtype, base + token));
+        out[token] = psm_processed_logit(x, row_mask ? psm_token_allowed(row_mask, token) : 1);
     }
-    const float x =
-        psm_read_logit(psm_raw_logit(logits, request.dtype, PSM_ROW_BASE(p) + token));
-    const int allowed =
-        allowed_mask ? psm_token_allowed(allowed_mask + row * mask_words, token) : 1;
-    processed[cell] = psm_processed_logit(x, allowed);
 }
 
 /* Entries a device list may name: its buffer's, so that offsets out of

@@ -43,6 +43,10 @@ typedef struct psm_opencl_request {
 
 #define PSM_OPENCL_REQUEST_BYTES 112
 
+/* Tokens of an output row that one item of psm_process_read processes: the
+ * host launches a group per PSM_WG x PSM_PROCESS_SPAN tokens of a row. */
+#define PSM_PROCESS_SPAN 16
+
 /* Whether a row is sampled, and how. */
 #define PSM_ROW_SAMPLE 0
 #define PSM_ROW_GREEDY 1

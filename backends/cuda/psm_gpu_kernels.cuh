@@ -680,9 +680,9 @@ PSM_GPU_DEVICE void psm_gpu_finish_weighed_tiles(const psm_gpu_call &call,
                                                  const psm_gpu_select_scratch &select)
 {
     psm_u64 *tile_key = call.tile_key + state.tile_base;
-    const psm_u64 *tile_mass = call.tile_mass + state.tile_base;
+    psm_u64 *tile_mass = call.tile_mass + state.tile_base;
     psm_group_add_list_masses(select.list_key, select.list_size, select.cutoff, state.scale,
-                              call.weight_bits, tile_key, call.tile_mass + state.tile_base);
+                              call.weight_bits, tile_key, tile_mass);
     for (psm_i64 tile = threadIdx.x; tile < call.tiles_per_row; tile += blockDim.x)
         if (tile_mass[tile] == 0)
             tile_key[tile] = 0;

@@ -123,7 +123,8 @@ build_and_test() {
         return
     fi
     local listed
-    listed=$(cd "$dir" && ctest -N | sed -n 's/^Total Tests: *//p')
+    listed=$(cd "$dir" && ctest -N ${ctest_select:+-R "$ctest_select"} |
+        sed -n 's/^Total Tests: *//p')
     if [[ -z $listed || $listed -eq 0 ]]; then
         failures+=("$label: no tests were registered (is Check installed?)")
         return

@@ -14,9 +14,14 @@
  *                         probable tiles first, so that a tile whose best
  *                         key cannot enter the full list is not read;
  *   psm_top_write_list    the tokens and logprobs;
- *   psm_top_write_ranks   each drawn token's rank: from the list when it
- *                         is in it, else 1 + the candidates above it,
- *                         counted in the tiles whose best key is above it.
+ *   psm_top_begin_ranks   each drawn token's rank as 1, or -1 for none.
+ * The ranks are then finished by psm_top_count_ranks, run by many groups at
+ * once over parts of the rows (one more launch): it adds the candidates
+ * above each drawn token in the part's tiles whose best key is above it. A
+ * drawn token is often far down the rank order (a quarter of the draws at
+ * temperature 0.8 from a language model's logits lie below the 20th), and
+ * one group counting over the whole row was the stage's cost (614 us at 256
+ * x 151,936 on an H100, latency-bound).
  * A candidate is a token that passes the row's psm_kept_rule
  * (core/psm_row.h): the row's own rule in the processed mode, where the
  * kept set need not be a prefix of the rank order (min-p), and the rule
@@ -26,14 +31,17 @@
  * its first token (CUDA's kept tile keys): that orders tiles as their true
  * best keys do, since tiles hold disjoint runs of tokens.
  *
- * The list is built in rounds of PSM_TILE keys (a tile's tokens, or that
- * many tiles' keys), PSM_TILE / group size per item (the group has at most
- * PSM_TILE items, a power of two): keys above the list's last key (when the
- * list is full), and for tokens at least the least key the best tiles
- * guarantee, are staged, and the group merges them into the list by
- * counting ranks (keys are unique, so a key's rank is the number of larger
- * ones). Two barriers per round; a round where no item stages costs no
- * merge.
+ * The list is built in rounds of PSM_TOP_ROUND keys (the tokens of
+ * PSM_TOP_ROUND_TILES tiles, or that many tiles' keys), PSM_TOP_ROUND /
+ * group size per item (the group has at most PSM_TOP_ROUND items, a power
+ * of two), read PSM_TOP_BATCH at a time so that their loads overlap: keys
+ * above the list's last key (when the list is full), and for tokens at
+ * least the least key the best tiles guarantee, are staged, and the group
+ * merges them into the list by counting ranks (keys are unique, so a key's
+ * rank is the number of larger ones). Two barriers per round; a round where
+ * no item stages costs no merge. A round reads several tiles because each
+ * round is a chain of waits (loads, barriers, the merge): with a tile a
+ * round, N = 20 took 21 of them per row.
  */
 #ifndef PSM_STAGE_TOP_LOGPROBS_H
 #define PSM_STAGE_TOP_LOGPROBS_H
@@ -48,6 +56,11 @@
 /* The longest list (polysample.h's PSM_MAX_TOP_LOGPROBS; each backend
  * checks they agree). */
 #define PSM_TOP_LIST_MAX 64
+/* Tiles a round of the list reads, the keys it may stage, and the keys an
+ * item loads before it stages them. */
+#define PSM_TOP_ROUND_TILES 4
+#define PSM_TOP_ROUND (PSM_TOP_ROUND_TILES * PSM_TILE)
+#define PSM_TOP_BATCH 4
 
 PSM_STAGE_BEGIN
 
@@ -56,7 +69,7 @@ typedef struct psm_top_scratch {
     /* The list and the merge's output, in turn: 0 and 1 for the best tiles,
      * 2 and 3 for the best candidates (psm_top_best_keys). */
     psm_u64 list[4][PSM_TOP_LIST_MAX];
-    psm_u64 staged[PSM_TILE]; /* a round's keys: a tile's worth at most */
+    psm_u64 staged[PSM_TOP_ROUND]; /* a round's keys: all of them at most */
     psm_u32 staged_count[2];           /* by round parity */
     psm_group_scratch group;
 } psm_top_scratch;
@@ -238,22 +251,22 @@ PSM_LOCAL_FN psm_top_raw psm_top_raw_scan(PSM_TEAM_TYPE team, const psm_top_row 
 /* Where psm_top_best_keys' rounds are: the same on every item. */
 typedef struct psm_top_walk {
     int reading_tiles; /* 1: the tiles' keys; 0: the best tiles' tokens */
-    int next;          /* the next round's first tile, or token of the tile */
+    int next;          /* the tiles' rounds: the next round's first tile */
     int chosen;        /* the best tiles, once they are known */
     int tiles_array;   /* the list array that holds them */
-    int tile;          /* the best tile being read: its place among them */
+    int tile;          /* the tokens' rounds: the next round's first best tile */
     psm_u64 least;     /* the tokens' rounds: a best-N key is at least this */
     int more;          /* a round is left */
 } psm_top_walk;
 
 /* Moves the walk to its next round: from the tiles to their tokens when the
- * tiles are done (the list then starts again in list[2]), and past the
- * tiles that are done or whose best key is at or below the full list's
- * last (the later ones' keys are lower still, and are passed too). With N
- * best tiles, each holds a candidate of at least its key's logit, so the N
- * best candidates' keys are at least the least key of the N-th tile's
- * logit (psm_rank_key_tie_floor: a tile's key may carry its first token
- * instead of its best token's). */
+ * tiles are done (the list then starts again in list[2]), and ends it when
+ * the best tiles are read or the next one's key is at or below the full
+ * list's last (the later ones' keys are lower still). With N best tiles,
+ * each holds a candidate of at least its key's logit, so the N best
+ * candidates' keys are at least the least key of the N-th tile's logit
+ * (psm_rank_key_tie_floor: a tile's key may carry its first token instead
+ * of its best token's). */
 PSM_LOCAL_FN void psm_top_advance(psm_top_walk *walk, psm_top_list *list, const psm_top_row *row,
                                   PSM_LOCAL const psm_top_scratch *scratch)
 {
@@ -266,31 +279,43 @@ PSM_LOCAL_FN void psm_top_advance(psm_top_walk *walk, psm_top_list *list, const 
                           : 0;
         list->size = 0;
         list->current = 2;
-        walk->next = 0;
+        walk->tile = 0;
     }
-    if (!walk->reading_tiles) {
-        PSM_LOCAL const psm_u64 *tiles = scratch->list[walk->tiles_array];
-        const psm_u64 floor = psm_top_floor(list, row->count, scratch);
-        while (walk->tile < walk->chosen &&
-               (tiles[walk->tile] <= floor ||
-                walk->next >= psm_top_tile_count(row, psm_rank_key_token(tiles[walk->tile]) /
-                                                          PSM_TILE))) {
-            ++walk->tile;
-            walk->next = 0;
-        }
+    walk->more = walk->reading_tiles ||
+                 (walk->tile < walk->chosen && scratch->list[walk->tiles_array][walk->tile] >
+                                                   psm_top_floor(list, row->count, scratch));
+}
+
+/* The key at place `offset` of the walk's round (0: none): a tile's key, or
+ * a token's candidate key in the round's best tiles. */
+PSM_LOCAL_FN psm_u64 psm_top_round_key(const psm_top_walk *walk, const psm_top_row *row,
+                                       PSM_GLOBAL const psm_u64 *tile_key,
+                                       PSM_LOCAL const psm_top_scratch *scratch, int offset)
+{
+    if (walk->reading_tiles) {
+        const int tile = walk->next + offset;
+        return tile < row->tiles ? tile_key[tile] : 0;
     }
-    walk->more = walk->reading_tiles || walk->tile < walk->chosen;
+    const int place = walk->tile + offset / PSM_TILE;
+    if (place >= walk->chosen)
+        return 0;
+    const psm_i64 tile = psm_rank_key_token(scratch->list[walk->tiles_array][place]) / PSM_TILE;
+    const int within = offset % PSM_TILE;
+    return within < psm_top_tile_count(row, tile)
+               ? psm_top_candidate_key(row, tile * PSM_TILE + within)
+               : 0;
 }
 
 /* The row's best candidates, scratch->list[returned.current][0 ..
  * returned.size), decreasing, in one loop of rounds (so that the merge is
  * compiled once: PoCL's compile time grows with every copy of code between
  * barriers):
- * - first the tiles: a round offers PSM_TILE tile keys, and the list that
- *   ends this phase (in list[0] or list[1]) holds the best tiles, in
+ * - first the tiles: a round offers PSM_TOP_ROUND tile keys, and the list
+ *   that ends this phase (in list[0] or list[1]) holds the best tiles, in
  *   decreasing order;
- * - then their candidates, in list[2] and list[3]: a round per tile, in
- *   that order, skipping what psm_top_advance skips.
+ * - then their candidates, in list[2] and list[3]: a round per
+ *   PSM_TOP_ROUND_TILES best tiles, in that order, until psm_top_advance
+ *   ends the walk.
  * Every item takes the same decisions from the same values, so the loop
  * ends on all of them at once (by its condition: no early exit around the
  * barriers). */
@@ -299,7 +324,7 @@ PSM_LOCAL_FN psm_top_list psm_top_best_keys(const psm_top_row *row,
                                             PSM_LOCAL psm_top_scratch *scratch)
 {
     const int item = psm_group_item(), items = psm_group_size();
-    const int per_item = PSM_TILE / items;
+    const int per_item = PSM_TOP_ROUND / items;
     psm_top_list list = psm_top_begin(scratch);
     psm_top_walk walk;
     walk.reading_tiles = 1;
@@ -311,25 +336,23 @@ PSM_LOCAL_FN psm_top_list psm_top_best_keys(const psm_top_row *row,
     psm_top_advance(&walk, &list, row, scratch);
     while (walk.more) {
         const psm_u64 floor = psm_top_floor(&list, row->count, scratch);
-        if (walk.reading_tiles) {
-            for (int j = 0; j < per_item; ++j) {
-                const int tile = walk.next + j * items + item;
-                psm_top_stage(&list, tile < row->tiles ? tile_key[tile] : 0, floor, scratch);
-            }
-        } else {
-            const psm_u64 threshold =
-                walk.least > 0 && walk.least - 1 > floor ? walk.least - 1 : floor;
-            const psm_i64 tile =
-                psm_rank_key_token(scratch->list[walk.tiles_array][walk.tile]) / PSM_TILE;
-            const int count = psm_top_tile_count(row, tile);
-            for (int j = 0; j < per_item; ++j) {
-                const int offset = j * items + item;
-                if (offset < count)
-                    psm_top_stage(&list, psm_top_candidate_key(row, tile * PSM_TILE + offset),
-                                  threshold, scratch);
-            }
+        const psm_u64 threshold = !walk.reading_tiles && walk.least > 0 && walk.least - 1 > floor
+                                      ? walk.least - 1
+                                      : floor;
+        for (int j = 0; j < per_item; j += PSM_TOP_BATCH) {
+            psm_u64 keys[PSM_TOP_BATCH];
+            for (int b = 0; b < PSM_TOP_BATCH; ++b)
+                keys[b] = j + b < per_item
+                              ? psm_top_round_key(&walk, row, tile_key, scratch,
+                                                  (j + b) * items + item)
+                              : 0;
+            for (int b = 0; b < PSM_TOP_BATCH; ++b)
+                psm_top_stage(&list, keys[b], threshold, scratch);
         }
-        walk.next += PSM_TILE;
+        if (walk.reading_tiles)
+            walk.next += PSM_TOP_ROUND;
+        else
+            walk.tile += PSM_TOP_ROUND_TILES;
         psm_top_merge(&list, row->count, scratch);
         psm_top_advance(&walk, &list, row, scratch);
     }
@@ -386,42 +409,52 @@ PSM_LOCAL_FN void psm_top_write_list(const psm_top_row *row, psm_top_list list, 
     }
 }
 
-/* Each drawn token's rank (when out.ranks is set): 1 + the candidates whose
- * key is above its key
- * (its logit in the mode's logits). A token in the list is ranked by the
- * list; another by counting, in the tiles whose best key is above its key,
- * over the group (one group sum per sample, taken by every item so that the
- * barriers stay out of branches). */
+/* Each drawn token's rank as 1, or -1 for no token (when out.ranks is set);
+ * psm_top_count_ranks then adds the candidates above it. */
+PSM_DEVICE_FN void psm_top_begin_ranks(psm_top_outputs out)
+{
+    const psm_i32 samples = out.ranks ? out.samples : 0;
+    for (psm_i32 sample = psm_group_item(); sample < samples; sample += psm_group_size())
+        out.ranks[sample] = out.drawn[sample] >= 0 ? 1 : -1;
+}
+
+/* Adds to each drawn token's rank (when out.ranks is set) the candidates
+ * whose key is above its key (its logit in the mode's logits) among tiles
+ * [first, end) of the row, counting only in the tiles whose best key is
+ * above it: a group's part of the count, after psm_top_begin_ranks (and, in
+ * the raw mode, after psm_top_raw_scan wrote tile_key). Every item calls it
+ * (one group sum per sample, taken by every item so that the barriers stay
+ * out of branches). */
 PSM_TEAM_TEMPLATE
-PSM_LOCAL_FN void psm_top_write_ranks(PSM_TEAM_TYPE team, const psm_top_row *row,
-                                      psm_top_list list, PSM_GLOBAL const psm_u64 *tile_key,
-                                      PSM_LOCAL psm_top_scratch *scratch, psm_top_outputs out)
+PSM_LOCAL_FN void psm_top_count_ranks(PSM_TEAM_TYPE team, const psm_top_row *row, psm_i32 first,
+                                      psm_i32 end, PSM_GLOBAL const psm_u64 *tile_key,
+                                      psm_top_outputs out, PSM_LOCAL psm_group_scratch *group)
 {
     const int item = psm_group_item(), items = psm_group_size();
-    PSM_LOCAL const psm_u64 *listed = scratch->list[list.current];
     const psm_i32 samples = out.ranks ? out.samples : 0;
     for (psm_i32 sample = 0; sample < samples; ++sample) {
         const psm_i32 token = out.drawn[sample];
         const psm_u64 key =
             token >= 0 ? psm_rank_key(psm_top_logit(row, token), (psm_u32)token) : 0;
-        const int in_list = list.size > 0 && key >= listed[list.size - 1];
         psm_u64 above = 0;
-        if (in_list) {
-            for (int e = 0; e < list.size; ++e)
-                above += listed[e] > key ? 1u : 0u;
-        } else if (key != 0) {
-            for (psm_i32 tile = 0; tile < row->tiles; ++tile) {
-                if (tile_key[tile] <= key)
-                    continue;
-                const psm_i64 first = (psm_i64)tile * PSM_TILE;
-                const int count = psm_top_tile_count(row, tile);
-                for (int k = item; k < count; k += items)
-                    above += psm_top_candidate_key(row, first + k) > key ? 1u : 0u;
+        for (psm_i32 tile = first; key != 0 && tile < end; ++tile) {
+            if (tile_key[tile] <= key)
+                continue;
+            const psm_i64 base = (psm_i64)tile * PSM_TILE;
+            const int count = psm_top_tile_count(row, tile);
+            for (int k = item; k < count; k += PSM_TOP_BATCH * items) {
+                psm_u64 keys[PSM_TOP_BATCH];
+                for (int b = 0; b < PSM_TOP_BATCH; ++b)
+                    keys[b] = k + b * items < count
+                                  ? psm_top_candidate_key(row, base + k + b * items)
+                                  : 0;
+                for (int b = 0; b < PSM_TOP_BATCH; ++b)
+                    above += keys[b] > key ? 1u : 0u;
             }
         }
-        const psm_u64 counted = psm_group_sum_u64(team, in_list ? 0 : above, &scratch->group);
-        if (item == 0)
-            out.ranks[sample] = key == 0 ? -1 : (psm_i32)(1 + (in_list ? above : counted));
+        const psm_u64 counted = psm_group_sum_u64(team, above, group);
+        if (item == 0 && counted != 0)
+            psm_global_add_u32((PSM_GLOBAL psm_u32 *)&out.ranks[sample], (psm_u32)counted);
     }
 }
 
@@ -440,8 +473,8 @@ PSM_DEVICE_FN void psm_top_write_point(int count, psm_i32 token, psm_top_outputs
             out.ranks[sample] = token < 0 ? -1 : 1;
 }
 
-/* A sampled row's list and ranks, after its draw: every item of the group
- * calls it. tile_key: the row's tiles' best candidate keys (processed mode)
+/* A sampled row's list, and its ranks begun, after its draw: every item of
+ * the group calls it. tile_key: the row's tiles' best candidate keys (processed mode)
  * or where psm_top_raw_scan writes them (raw mode, whose row.rule keeps
  * every valid token at temperature 1; masses are unused there). */
 PSM_TEAM_TEMPLATE
@@ -454,7 +487,7 @@ PSM_LOCAL_FN void psm_stage_top_logprobs(PSM_TEAM_TYPE team, psm_top_row row, in
         row.rule.row_max = raw.row_max;
     const psm_top_list list = psm_top_best_keys(&row, tile_key, scratch);
     psm_top_write_list(&row, list, raw_mode, raw, tile_key, masses, scratch, out);
-    psm_top_write_ranks(team, &row, list, tile_key, scratch, out);
+    psm_top_begin_ranks(out);
 }
 
 PSM_STAGE_END

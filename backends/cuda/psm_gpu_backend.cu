@@ -7,8 +7,9 @@
  * code never prints, aborts or exits.
  *
  * Launches per call: the tile kernel and the row kernel (plus the check
- * kernel and one small copy in checking mode, and the top-N kernel with
- * top_logprobs), whatever the batch size. A
+ * kernel and one small copy in checking mode, the top-N kernel with
+ * top_logprobs and the rank kernel with its sampled ranks), whatever the
+ * batch size. A
  * call with filters and fewer rows than multiprocessors launches the row
  * kernel cooperatively with several blocks per row (split rows,
  * psm_gpu_kernels.cuh), where the device supports it. With
@@ -50,7 +51,8 @@ struct kernel_set {
     kernel_fn tile[3];
     kernel_fn check;
     kernel_fn row[3][3][2];
-    top_kernel_fn top[3]; /* by the dtype the mode reads */
+    top_kernel_fn top[3];  /* by the dtype the mode reads */
+    top_kernel_fn rank[3]; /* likewise */
 };
 
 template <int WarpSize, int Dtype>
@@ -64,6 +66,7 @@ void add_dtype_kernels(kernel_set *set)
     set->row[Dtype][2][0] = psm_gpu_row_kernel<WarpSize, Dtype, true, false, true>;
     set->row[Dtype][2][1] = psm_gpu_row_kernel<WarpSize, Dtype, true, true, true>;
     set->top[Dtype] = psm_gpu_top_kernel<WarpSize, Dtype>;
+    set->rank[Dtype] = psm_gpu_rank_kernel<WarpSize, Dtype>;
 }
 
 template <int WarpSize>
@@ -763,7 +766,7 @@ void launch_processing(psm_gpu_state *state, const psm_gpu_call &call,
         <<<(unsigned)blocks, 256, 0, state->stream>>>(call, processing);
     if (lists)
         psm_gpu_process_lists_kernel<Dtype>
-            <<<(unsigned)row_blocks, 256, 0, state->stream>>>(call, processing);
+            <<<(unsigned)row_blocks, PSM_GPU_LISTS_THREADS, 0, state->stream>>>(call, processing);
 }
 
 /* Runs the processing kernels (psm_gpu_processing.cuh), then points the call
@@ -1028,10 +1031,19 @@ psm_status launch(psm_gpu_state *state, psm_request *request, call_buffers *buff
             top.per_row = call.per_row;
             top.logits_rows = call.scalars.logits_rows;
         }
+        const psm_dtype top_dtype = top.raw_mode ? given_dtype : dtype;
         const psm_i64 top_blocks = call.rows < (psm_i64)1 << 30 ? call.rows : (psm_i64)1 << 30;
-        kernels.top[top.raw_mode ? given_dtype : dtype]<<<(unsigned)top_blocks, PSM_GPU_TOP_THREADS,
-                                                          0, state->stream>>>(call, top);
+        kernels.top[top_dtype]<<<(unsigned)top_blocks, PSM_GPU_TOP_THREADS, 0, state->stream>>>(
+            call, top);
         PSM_GPU_TRY(psm_gpu_get_last_error(), "launching the top-N logprobs kernel");
+        if (top.ranks) {
+            const psm_i64 units =
+                call.rows * ((call.tiles_per_row + PSM_GPU_RANK_TILES - 1) / PSM_GPU_RANK_TILES);
+            const psm_i64 cap = (psm_i64)state->multiprocessors * 8;
+            kernels.rank[top_dtype]<<<(unsigned)(units < cap ? units : cap), PSM_GPU_TOP_THREADS,
+                                      0, state->stream>>>(call, top);
+            PSM_GPU_TRY(psm_gpu_get_last_error(), "launching the rank kernel");
+        }
     }
 
     /* Host outputs: copy back and wait, so the caller can read them. */

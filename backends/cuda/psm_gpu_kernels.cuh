@@ -25,7 +25,9 @@
  *   launch 3, top-N kernel (one block per row; calls with top_logprobs
  *     only): the stage of kernels/psm_stage_top_logprobs.h over the tile
  *     masses launch 2 left, with each row's filter values, which launch 2
- *     stores for it (psm_gpu_kept_filters).
+ *     stores for it (psm_gpu_kept_filters);
+ *   launch 4, rank kernel (with sampled ranks only; a block per few tiles
+ *     of a row): the count that finishes each drawn token's rank.
  *
  * Filtered rows: the row kernel bins the row's tokens by their gap to M,
  * gathers the tokens of the bin where the cutoff lies into a short list and
@@ -1085,11 +1087,13 @@ PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_ROW_THREADS, PSM_GPU_ROW_BLOCKS_PE
 /* ---- launch 3 (top_logprobs only): top-N logprobs ------------------------ */
 
 /* Threads of the top-N kernel's blocks (one row per block): a round of the
- * stage's list takes a tile, PSM_TILE / PSM_GPU_TOP_THREADS tokens a
- * thread. */
-#define PSM_GPU_TOP_THREADS 128
-static_assert(PSM_TILE % PSM_GPU_TOP_THREADS == 0,
-              "a round of the top-N stage spreads a tile evenly over the threads");
+ * stage's list takes PSM_TOP_ROUND keys, PSM_TOP_ROUND / PSM_GPU_TOP_THREADS
+ * a thread. The rank kernel's blocks are as large, and count over
+ * PSM_GPU_RANK_TILES tiles of a row each. */
+#define PSM_GPU_TOP_THREADS 256
+#define PSM_GPU_RANK_TILES 4
+static_assert(PSM_TOP_ROUND % PSM_GPU_TOP_THREADS == 0,
+              "a round of the top-N stage spreads its keys evenly over the threads");
 static_assert(PSM_TOP_LIST_MAX == PSM_MAX_TOP_LOGPROBS,
               "the top-N stage's lists hold PSM_MAX_TOP_LOGPROBS entries");
 
@@ -1109,61 +1113,80 @@ struct psm_gpu_top_call {
     psm_i32 *ranks;      /* NULL: not asked for */
 };
 
-/* One block per row: the row's status as the row kernel wrote it (a bad
- * row's tokens are -1, and only a bad row's: a sampled row always draws a
- * token), then the stage of kernels/psm_stage_top_logprobs.h over the
- * tile masses the row kernel left: tile_key (m_t as a key: the kept tiles'
- * best keys, or an upper bound with their logit), tile_mass, tile_prefix. */
+/* Output row `row` as the stage reads it, for the top-N and rank kernels
+ * alike (every thread of the block calls it: the processed mode takes a
+ * block maximum). Returns false for a row without a list: bad (its tokens
+ * are -1, and only a bad row's: a sampled row always draws a token) or, in
+ * the processed mode, greedy; psm_top_write_point writes those. *tile_key:
+ * the row's tiles' best keys (processed mode: the kept tiles' m_t as a key,
+ * or an upper bound with their logit, as the row kernel left them; raw
+ * mode: where psm_top_raw_scan writes them). */
+template <int WarpSize, int Dtype>
+PSM_GPU_DEVICE bool psm_gpu_top_source(const psm_team<WarpSize> team, const psm_gpu_call &call,
+                                       const psm_gpu_top_call &top, psm_i64 row,
+                                       psm_group_scratch &group, psm_top_row &source,
+                                       psm_u64 *&tile_key, psm_top_outputs &out)
+{
+    const psm_row_params p = psm_gpu_row_params(call, row);
+    const psm_i64 tile_base = row * call.tiles_per_row;
+    out.tokens = top.tokens + row * top.count;
+    out.logprobs = top.logprobs + row * top.count;
+    out.ranks = top.ranks ? top.ranks + row * call.num_samples : nullptr;
+    out.drawn = call.tokens + row * call.num_samples;
+    out.samples = call.num_samples;
+    if (out.drawn[0] < 0 || (psm_is_greedy(p.temperature) && !top.raw_mode))
+        return false;
+
+    source.dtype = Dtype;
+    source.vocab = call.vocab;
+    source.tiles = (psm_i32)call.tiles_per_row;
+    source.count = top.count;
+    tile_key = call.tile_key + tile_base;
+    if (top.raw_mode) {
+        psm_row_scalars scalars = call.scalars;
+        scalars.logits_rows = top.logits_rows;
+        const psm_row_params given =
+            psm_resolve_row(row, top.per_row, scalars, call.per_row_arrays);
+        source.logits = (const unsigned char *)top.logits +
+                        given.logits_row * top.row_stride *
+                            (psm_i64)psm_gpu_dtype_traits<Dtype>::element_bytes;
+        source.rule = psm_make_kept_rule(0, 0, 0.0f, psm_inverse_temperature_scale(1.0f),
+                                         call.weight_bits);
+        tile_key = top.tile_key + tile_base;
+    } else {
+        /* M: the best tile key's logit (the top token is always kept). */
+        psm_u64 best_key = 0;
+        for (psm_i64 tile = threadIdx.x; tile < call.tiles_per_row; tile += blockDim.x)
+            best_key = tile_key[tile] > best_key ? tile_key[tile] : best_key;
+        best_key = psm_group_max_u64(team, best_key, &group);
+        const psm_gpu_kept_filters filters = call.kept_filters[row];
+        source.logits = psm_gpu_row_base<Dtype>(call, p.logits_row);
+        source.rule = psm_make_kept_rule(filters.cutoff, filters.min_weight,
+                                         psm_rank_key_logit(best_key),
+                                         psm_inverse_temperature_scale(p.temperature),
+                                         call.weight_bits);
+    }
+    return true;
+}
+
+/* One block per row: the stage of kernels/psm_stage_top_logprobs.h over the
+ * tile masses the row kernel left (tile_mass, tile_prefix), with the rank
+ * of each drawn token begun. */
 template <int WarpSize, int Dtype>
 PSM_GPU_DEVICE void psm_gpu_top_body(const psm_gpu_call &call, const psm_gpu_top_call &top,
                                      psm_top_scratch &scratch)
 {
     const psm_team<WarpSize> team = psm_team_of_thread<WarpSize>();
     for (psm_i64 row = blockIdx.x; row < call.rows; row += gridDim.x) {
-        const psm_row_params p = psm_gpu_row_params(call, row);
-        const psm_i64 tile_base = row * call.tiles_per_row;
+        psm_top_row source;
+        psm_u64 *tile_key = nullptr;
         psm_top_outputs out;
-        out.tokens = top.tokens + row * top.count;
-        out.logprobs = top.logprobs + row * top.count;
-        out.ranks = top.ranks ? top.ranks + row * call.num_samples : nullptr;
-        out.drawn = call.tokens + row * call.num_samples;
-        out.samples = call.num_samples;
-        const psm_i32 first_drawn = out.drawn[0];
-        if (first_drawn < 0 || (psm_is_greedy(p.temperature) && !top.raw_mode)) {
-            psm_top_write_point(top.count, first_drawn, out);
+        if (!psm_gpu_top_source<WarpSize, Dtype>(team, call, top, row, scratch.group, source,
+                                                 tile_key, out)) {
+            psm_top_write_point(top.count, out.drawn[0], out);
             continue;
         }
-
-        psm_top_row source;
-        source.dtype = Dtype;
-        source.vocab = call.vocab;
-        source.tiles = (psm_i32)call.tiles_per_row;
-        source.count = top.count;
-        psm_u64 *tile_key = call.tile_key + tile_base;
-        if (top.raw_mode) {
-            psm_row_scalars scalars = call.scalars;
-            scalars.logits_rows = top.logits_rows;
-            const psm_row_params given =
-                psm_resolve_row(row, top.per_row, scalars, call.per_row_arrays);
-            source.logits = (const unsigned char *)top.logits +
-                            given.logits_row * top.row_stride *
-                                (psm_i64)psm_gpu_dtype_traits<Dtype>::element_bytes;
-            source.rule = psm_make_kept_rule(0, 0, 0.0f, psm_inverse_temperature_scale(1.0f),
-                                             call.weight_bits);
-            tile_key = top.tile_key + tile_base;
-        } else {
-            /* M: the best tile key's logit (the top token is always kept). */
-            psm_u64 best_key = 0;
-            for (psm_i64 tile = threadIdx.x; tile < call.tiles_per_row; tile += blockDim.x)
-                best_key = tile_key[tile] > best_key ? tile_key[tile] : best_key;
-            best_key = psm_group_max_u64(team, best_key, &scratch.group);
-            const psm_gpu_kept_filters filters = call.kept_filters[row];
-            source.logits = psm_gpu_row_base<Dtype>(call, p.logits_row);
-            source.rule = psm_make_kept_rule(filters.cutoff, filters.min_weight,
-                                             psm_rank_key_logit(best_key),
-                                             psm_inverse_temperature_scale(p.temperature),
-                                             call.weight_bits);
-        }
+        const psm_i64 tile_base = row * call.tiles_per_row;
         psm_top_masses masses;
         masses.tile_mass = call.tile_mass + tile_base;
         masses.tile_prefix = call.tile_prefix + tile_base;
@@ -1181,6 +1204,35 @@ PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_TOP_THREADS)
     __shared__ psm_top_scratch scratch;
     if constexpr (psm_gpu_wave_compiled<WarpSize>())
         psm_gpu_top_body<WarpSize, Dtype>(call, top, scratch);
+}
+
+/* After the top-N kernel, with sampled ranks: a block per PSM_GPU_RANK_TILES
+ * tiles of a row (a grid-stride loop over rows x parts), adding the
+ * candidates above each drawn token there (psm_top_count_ranks). */
+template <int WarpSize, int Dtype>
+PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_TOP_THREADS)
+    psm_gpu_rank_kernel(const psm_gpu_call call, const psm_gpu_top_call top)
+{
+    __shared__ psm_group_scratch group;
+    if constexpr (psm_gpu_wave_compiled<WarpSize>()) {
+        const psm_team<WarpSize> team = psm_team_of_thread<WarpSize>();
+        const psm_i64 parts = (call.tiles_per_row + PSM_GPU_RANK_TILES - 1) / PSM_GPU_RANK_TILES;
+        for (psm_i64 unit = blockIdx.x; unit < call.rows * parts; unit += gridDim.x) {
+            const psm_i64 row = unit / parts;
+            const psm_i32 first = (psm_i32)((unit - row * parts) * PSM_GPU_RANK_TILES);
+            const psm_i32 end = first + PSM_GPU_RANK_TILES < call.tiles_per_row
+                                    ? first + PSM_GPU_RANK_TILES
+                                    : (psm_i32)call.tiles_per_row;
+            psm_top_row source;
+            psm_u64 *tile_key = nullptr;
+            psm_top_outputs out;
+            if (psm_gpu_top_source<WarpSize, Dtype>(team, call, top, row, group, source,
+                                                    tile_key, out))
+                psm_top_count_ranks(team, &source, first, end, tile_key, out, &group);
+            /* The next unit reuses the group scratch. */
+            psm_gpu_block_barrier();
+        }
+    }
 }
 
 #if PSM_GPU_HIP

@@ -75,10 +75,17 @@ PSM_GPU_KERNEL void psm_gpu_process_read_kernel(const psm_gpu_call call,
     }
 }
 
+/* Threads of the lists step's blocks (one row per block): a row's lists
+ * are walked in chains of dependent accesses, a block's width at a time
+ * (104 us for 2,048-token histories at 256 x 151,936 on an H100 with blocks
+ * of 256, at 4% of SM throughput), so the widest block takes the fewest
+ * steps. */
+#define PSM_GPU_LISTS_THREADS 1024
+
 /* Step 2: a block per row (rows in turn), its threads sharing the row's
  * lists. */
 template <int Dtype>
-PSM_GPU_KERNEL void psm_gpu_process_lists_kernel(const psm_gpu_call call,
+PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_LISTS_THREADS) psm_gpu_process_lists_kernel(const psm_gpu_call call,
                                                  const psm_gpu_processing processing)
 {
     __shared__ psm_u32 bad;

@@ -92,6 +92,7 @@ enum {
     KERNEL_PROCESS_LISTS,
     KERNEL_ROW_ORDERS,    /* an engine's filter order, instead of the row top-k and filter */
     KERNEL_TOP_LOGPROBS,  /* top-N logprobs, after the draw */
+    KERNEL_TOP_RANKS,     /* the sampled ranks, after it */
     KERNEL_VERIFY_EXPAND, /* psm_verify (opencl_verify.c) */
     KERNEL_VERIFY_ROWS,
     KERNEL_VERIFY_CHECK,

@@ -503,8 +503,12 @@ static psm_status top_output_targets(const launch *call, top_targets *targets)
     return PSM_OK;
 }
 
-/* The top-N kernel, after the draw: a group per row. raw_logits and
- * raw_description are the call before logit processing. */
+/* psm_kernels.cl's PSM_RANK_TILES: the tiles a group of psm_top_ranks counts over. */
+#define OPENCL_RANK_TILES 4
+
+/* The top-N kernel, after the draw: a group per row; then, with sampled
+ * ranks, the rank kernel. raw_logits and raw_description are the call
+ * before logit processing. */
 static psm_status run_top_logprobs(launch *call, cl_mem raw_logits,
                                    const psm_opencl_request *raw_description, cl_mem tokens,
                                    const top_targets *targets)
@@ -530,8 +534,25 @@ static psm_status run_top_logprobs(launch *call, cl_mem raw_logits,
     PSM_TRY(SET_MEM(kernel, &index, targets->tokens));
     PSM_TRY(SET_MEM(kernel, &index, targets->logprobs));
     PSM_TRY(SET_MEM(kernel, &index, targets->ranks));
-    return enqueue(state, kernel, 1, (size_t)call->rows,
-                   opencl_kernel_names[KERNEL_TOP_LOGPROBS]);
+    PSM_TRY(enqueue(state, kernel, 1, (size_t)call->rows,
+                    opencl_kernel_names[KERNEL_TOP_LOGPROBS]));
+    if (!top->sampled_ranks.data)
+        return PSM_OK;
+    /* The ranks' counts: a group per OPENCL_RANK_TILES tiles of a row. */
+    kernel = state->kernels[KERNEL_TOP_RANKS];
+    index = 0;
+    PSM_TRY(set_request_args(call, kernel, &index));
+    PSM_TRY(set_arg(kernel, &index, sizeof *raw_description, raw_description));
+    PSM_TRY(SET_MEM(kernel, &index, raw_logits));
+    PSM_TRY(SET_MEM(kernel, &index, part[PART_ROW_STATE]));
+    PSM_TRY(SET_MEM(kernel, &index, tokens));
+    PSM_TRY(SET_MEM(kernel, &index, part[PART_TOP_KEY]));
+    PSM_TRY(set_arg(kernel, &index, sizeof raw_mode, &raw_mode));
+    PSM_TRY(SET_MEM(kernel, &index, targets->ranks));
+    const size_t parts = (call->tiles + OPENCL_RANK_TILES - 1) /
+                         OPENCL_RANK_TILES;
+    return enqueue(state, kernel, parts, (size_t)call->rows,
+                   opencl_kernel_names[KERNEL_TOP_RANKS]);
 }
 
 /* Delivers the staged top-N outputs (after the row check). */

@@ -1271,14 +1271,69 @@ psm_probs(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulo
 #if PSM_PROGRAM == PSM_PROGRAM_TOP_LOGPROBS
 /* ---- kernel 7: top-N logprobs ---------------------------------------------- */
 
+/* Row `row` as the top-N stage reads it (psm_top_logprobs and psm_top_ranks
+ * alike). raw_request and raw_logits are the call before logit processing
+ * (the same as request and logits without it): the raw mode reads the
+ * logits as given. */
+#define PSM_TOP_ROW_OF(row, p, raw_mode)                                                      \
+    psm_top_row_of(row, &(p), raw_mode, request, logits, raw_request, raw_logits, state,      \
+                   psm_make_row_arrays(temperature_per_row, top_k_per_row, top_p_per_row,       \
+                                       min_p_per_row, seed_per_row, offset_per_row,             \
+                                       subsequence_per_row, row_indices, seed_pointer,          \
+                                       offset_pointer))
+static psm_top_row psm_top_row_of(uint row, const psm_row_params *p, int raw_mode,
+                                  const psm_opencl_request request, __global const uchar *logits,
+                                  const psm_opencl_request raw_request,
+                                  __global const uchar *raw_logits,
+                                  __global const psm_row_state *state, const psm_row_arrays arrays)
+{
+    psm_top_row top;
+    top.vocab = request.vocab;
+    top.tiles = request.tiles;
+    if (raw_mode) {
+        const psm_row_params source =
+            psm_resolve_row(row, raw_request.per_row, raw_request.scalars, arrays);
+        top.dtype = raw_request.dtype;
+        top.logits = raw_logits + (long)source.logits_row * raw_request.row_stride *
+                                      psm_element_bytes(raw_request.dtype);
+        top.rule = psm_make_kept_rule(0, 0, 0.0f, psm_inverse_temperature_scale(1.0f),
+                                      psm_weight_bits(request.vocab));
+    } else {
+        top.dtype = request.dtype;
+        top.logits = logits + PSM_ROW_BASE(*p) * psm_element_bytes(request.dtype);
+        top.rule = psm_row_kept_rule(&state[row], p, request.vocab);
+    }
+    return top;
+}
+
+/* Does row `row` have a list (psm_top_write_point writes the others: bad
+ * rows and, in the processed mode, greedy ones)? */
+static int psm_top_row_listed(__global const psm_row_state *state, uint row, int raw_mode)
+{
+    const int status = state[row].status;
+    return !(status == PSM_ROW_BAD || (status == PSM_ROW_GREEDY && !raw_mode));
+}
+
+/* The outputs of row `row`. */
+static psm_top_outputs psm_top_outputs_of(uint row, int count, int samples,
+                                          __global const int *tokens, __global int *top_tokens,
+                                          __global float *top_logprobs, __global int *top_ranks)
+{
+    psm_top_outputs out;
+    out.tokens = top_tokens + (long)row * count;
+    out.logprobs = top_logprobs + (long)row * count;
+    out.ranks = top_ranks ? top_ranks + (long)row * samples : 0;
+    out.drawn = tokens + (long)row * samples;
+    out.samples = samples;
+    return out;
+}
+
 /* A group per row, after psm_draw (psm_sample with top_logprobs only): the
- * stage of kernels/psm_stage_top_logprobs.h. raw_request and raw_logits are
- * the call before logit processing (the same as request and logits without
- * it): the raw mode reads the logits as given. top_key: per tile of each
- * row, the stage's tile keys: in the processed mode the kept tiles' m_t as
- * a key with the tile's first token (an upper bound of the tile's best
- * kept key with its logit), in the raw mode psm_top_raw_scan's. top_ranks
- * may be NULL. */
+ * stage of kernels/psm_stage_top_logprobs.h, with the ranks begun (when
+ * top_ranks is set: psm_top_ranks finishes them). top_key: per tile of
+ * each row, the stage's tile keys: in the processed mode the kept tiles'
+ * m_t as a key with the tile's first token (an upper bound of the tile's
+ * best kept key with its logit), in the raw mode psm_top_raw_scan's. */
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_top_logprobs(PSM_REQUEST_PARAMS, const psm_opencl_request raw_request,
                  __global const uchar *raw_logits, __global const float *tile_ref,
@@ -1291,39 +1346,18 @@ psm_top_logprobs(PSM_REQUEST_PARAMS, const psm_opencl_request raw_request,
     const psm_team team = psm_team_of_item();
     const uint row = get_group_id(1);
     const long row_tiles = (long)row * request.tiles;
-    psm_top_outputs out;
-    out.tokens = top_tokens + (long)row * count;
-    out.logprobs = top_logprobs + (long)row * count;
-    out.ranks = top_ranks ? top_ranks + (long)row * request.num_samples : 0;
-    out.drawn = tokens + (long)row * request.num_samples;
-    out.samples = request.num_samples;
-    const int status = state[row].status;
-    if (status == PSM_ROW_BAD || (status == PSM_ROW_GREEDY && !raw_mode)) {
-        psm_top_write_point(count, status == PSM_ROW_BAD ? -1 : (int)state[row].greedy_token,
-                            out);
+    const psm_top_outputs out = psm_top_outputs_of(row, count, request.num_samples, tokens,
+                                                   top_tokens, top_logprobs, top_ranks);
+    if (!psm_top_row_listed(state, row, raw_mode)) {
+        psm_top_write_point(
+            count, state[row].status == PSM_ROW_BAD ? -1 : (int)state[row].greedy_token, out);
         return; /* the same for the whole group, before any barrier */
     }
     const psm_row_params p = PSM_RESOLVE_ROW(row);
     __global ulong *row_key = top_key + row_tiles;
-    psm_top_row top;
-    top.vocab = request.vocab;
-    top.tiles = request.tiles;
+    psm_top_row top = PSM_TOP_ROW_OF(row, p, raw_mode);
     top.count = count;
-    if (raw_mode) {
-        const psm_row_params source = psm_resolve_row(
-            row, raw_request.per_row, raw_request.scalars,
-            psm_make_row_arrays(temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row,
-                                seed_per_row, offset_per_row, subsequence_per_row, row_indices,
-                                seed_pointer, offset_pointer));
-        top.dtype = raw_request.dtype;
-        top.logits = raw_logits + (long)source.logits_row * raw_request.row_stride *
-                                      psm_element_bytes(raw_request.dtype);
-        top.rule = psm_make_kept_rule(0, 0, 0.0f, psm_inverse_temperature_scale(1.0f),
-                                      psm_weight_bits(request.vocab));
-    } else {
-        top.dtype = request.dtype;
-        top.logits = logits + PSM_ROW_BASE(p) * psm_element_bytes(request.dtype);
-        top.rule = psm_row_kept_rule(&state[row], &p, request.vocab);
+    if (!raw_mode)
         for (int tile = get_local_id(0); tile < request.tiles; tile += PSM_WG) {
             const float reference = tile_ref[row_tiles + tile];
             row_key[tile] = tile_mass[row_tiles + tile] != 0 &&
@@ -1331,13 +1365,37 @@ psm_top_logprobs(PSM_REQUEST_PARAMS, const psm_opencl_request raw_request,
                                 ? psm_rank_key(reference, (uint)(tile * PSM_TILE))
                                 : 0;
         }
-    }
     psm_group_barrier_global(); /* row_key's writes, for every item */
     psm_top_masses masses;
     masses.tile_mass = tile_mass + row_tiles;
     masses.tile_prefix = tile_prefix + row_tiles;
     masses.total = state[row].total;
     psm_stage_top_logprobs(team, top, raw_mode, row_key, masses, &scratch, out);
+}
+
+/* After psm_top_logprobs, with sampled ranks: a group per PSM_RANK_TILES
+ * tiles of a row (groups x parts, rows), adding the candidates above each
+ * drawn token there (psm_top_count_ranks) over the tile keys
+ * psm_top_logprobs left in top_key. */
+#define PSM_RANK_TILES 4
+__kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
+psm_top_ranks(PSM_REQUEST_PARAMS, const psm_opencl_request raw_request,
+              __global const uchar *raw_logits, __global const psm_row_state *state,
+              __global const int *tokens, __global const ulong *top_key, const int raw_mode,
+              __global int *top_ranks)
+{
+    __local psm_group_scratch group;
+    const psm_team team = psm_team_of_item();
+    const uint row = get_group_id(1);
+    if (!psm_top_row_listed(state, row, raw_mode))
+        return; /* the same for the whole group, before any barrier */
+    const psm_top_outputs out =
+        psm_top_outputs_of(row, 0, request.num_samples, tokens, 0, 0, top_ranks);
+    const psm_row_params p = PSM_RESOLVE_ROW(row);
+    const psm_top_row top = PSM_TOP_ROW_OF(row, p, raw_mode);
+    const int first = (int)get_group_id(0) * PSM_RANK_TILES;
+    const int end = min(first + PSM_RANK_TILES, request.tiles);
+    psm_top_count_ranks(team, &top, first, end, top_key + (long)row * request.tiles, out, &group);
 }
 #endif /* PSM_PROGRAM_TOP_LOGPROBS */
 

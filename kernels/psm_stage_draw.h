@@ -22,6 +22,9 @@
 #ifndef PSM_PORTABLE_H /* the OpenCL program has it already */
 #include "psm_portable.h"
 #endif
+#ifndef PSM_STAGE_BINS_H /* psm_bins_gather */
+#include "psm_stage_bins.h"
+#endif
 
 PSM_STAGE_BEGIN
 
@@ -143,7 +146,7 @@ PSM_LOCAL_FN psm_kept_tile psm_stage_kept_masses(PSM_TEAM_TYPE team, psm_tile_pl
 
 /* Top-p alone (no min-p), once the tally has chosen the cutoff's gap bin:
  * one tile's part (a team's work) in the pass that gathers that bin's tokens
- * into the list, as psm_bins_gather does, and weighs the tile's tokens of the
+ * into the list (psm_bins_gather), and weighs the tile's tokens of the
  * bins before it against the tile's maximum (tile_max, the tile pass's;
  * -inf: no valid token). Every token of an earlier bin is kept (its logit
  * exceeds every logit of the cutoff bin), so a tile whose maximum lies in
@@ -177,16 +180,14 @@ PSM_LOCAL_FN psm_u64 psm_stage_gather_and_weigh(PSM_TEAM_TYPE team, psm_tile_pla
             if (psm_logit_class(value) != PSM_LOGIT_VALID)
                 continue;
             const int bin = psm_gap_bin(psm_unclamped_gap(maximum, value, scale));
-            if (bin < cutoff_bin) {
+            if (bin < cutoff_bin)
                 lane_mass += psm_weight_of_gap(psm_unclamped_gap(tile_max, value, scale), bits);
-            } else if (bin == cutoff_bin) {
-                const psm_u32 slot = psm_local_add_u32(size, 1u);
-                if (slot < capacity)
-                    list[slot] = psm_rank_key(
-                        value, (psm_u32)(tile.first + psm_slot_offset(s, team.lane, PSM_TEAM,
+            else if (bin == cutoff_bin)
+                psm_bins_gather(value,
+                                (psm_u32)(tile.first + psm_slot_offset(s, team.lane, PSM_TEAM,
                                                                        vector_shift,
-                                                                       PSM_INTERLEAVED)));
-            }
+                                                                       PSM_INTERLEAVED)),
+                                maximum, scale, cutoff_bin, cutoff_bin, size, list, capacity);
         }
     }
     PSM_TEAM_POST(posts, lane_mass);

@@ -783,7 +783,7 @@ PSM_GPU_DEVICE int psm_gpu_select_cutoff(const unsigned char *row_base, const ps
         if (from_lanes)
             psm_gpu_for_each_logit_of_lanes<WarpSize, Dtype>(call, row_base, state, split.slice,
                                                              last_bin, gather);
-        else if (by_mass && weigh_tiles)
+        else if (weigh_tiles) /* top-p alone: by mass */
             psm_gpu_gather_and_weigh<WarpSize, Dtype>(row_base, call, state, split, last_bin,
                                                       select);
         else

@@ -60,7 +60,7 @@
  * item loads before it stages them. */
 #define PSM_TOP_ROUND_TILES 4
 #define PSM_TOP_ROUND (PSM_TOP_ROUND_TILES * PSM_TILE)
-#define PSM_TOP_BATCH 4
+#define PSM_TOP_BATCH 8
 
 PSM_STAGE_BEGIN
 
@@ -418,13 +418,20 @@ PSM_DEVICE_FN void psm_top_begin_ranks(psm_top_outputs out)
         out.ranks[sample] = out.drawn[sample] >= 0 ? 1 : -1;
 }
 
+/* Drawn token `sample`'s rank key (0: no token). */
+PSM_DEVICE_FN psm_u64 psm_top_drawn_key(const psm_top_row *row, psm_top_outputs out, psm_i32 sample)
+{
+    const psm_i32 token = out.drawn[sample];
+    return token >= 0 ? psm_rank_key(psm_top_logit(row, token), (psm_u32)token) : 0;
+}
+
 /* Adds to each drawn token's rank (when out.ranks is set) the candidates
  * whose key is above its key (its logit in the mode's logits) among tiles
  * [first, end) of the row, counting only in the tiles whose best key is
  * above it: a group's part of the count, after psm_top_begin_ranks (and, in
  * the raw mode, after psm_top_raw_scan wrote tile_key). Every item calls it
- * (one group sum per sample, taken by every item so that the barriers stay
- * out of branches). */
+ * (one group sum per sample when any is counted, taken by every item so
+ * that the barriers stay out of branches). */
 PSM_TEAM_TEMPLATE
 PSM_LOCAL_FN void psm_top_count_ranks(PSM_TEAM_TYPE team, const psm_top_row *row, psm_i32 first,
                                       psm_i32 end, PSM_GLOBAL const psm_u64 *tile_key,
@@ -432,10 +439,20 @@ PSM_LOCAL_FN void psm_top_count_ranks(PSM_TEAM_TYPE team, const psm_top_row *row
 {
     const int item = psm_group_item(), items = psm_group_size();
     const psm_i32 samples = out.ranks ? out.samples : 0;
+    /* Most parts of a row hold no token above any drawn one: they return
+     * here, the same on every item, before any barrier (a barrier skipped
+     * by a branch inside the loop below would need every item to skip it,
+     * which PoCL does not compile reliably). */
+    int reading = 0;
     for (psm_i32 sample = 0; sample < samples; ++sample) {
-        const psm_i32 token = out.drawn[sample];
-        const psm_u64 key =
-            token >= 0 ? psm_rank_key(psm_top_logit(row, token), (psm_u32)token) : 0;
+        const psm_u64 key = psm_top_drawn_key(row, out, sample);
+        for (psm_i32 tile = first; key != 0 && tile < end; ++tile)
+            reading |= tile_key[tile] > key;
+    }
+    if (!reading)
+        return;
+    for (psm_i32 sample = 0; sample < samples; ++sample) {
+        const psm_u64 key = psm_top_drawn_key(row, out, sample);
         psm_u64 above = 0;
         for (psm_i32 tile = first; key != 0 && tile < end; ++tile) {
             if (tile_key[tile] <= key)

@@ -764,9 +764,12 @@ void launch_processing(psm_gpu_state *state, const psm_gpu_call &call,
 {
     psm_gpu_process_read_kernel<Dtype>
         <<<(unsigned)blocks, 256, 0, state->stream>>>(call, processing);
+    const bool histories =
+        (processing.arrays.present & (PSM_LISTS_HISTORY | PSM_LISTS_PROMPT)) != 0;
     if (lists)
         psm_gpu_process_lists_kernel<Dtype>
-            <<<(unsigned)row_blocks, PSM_GPU_LISTS_THREADS, 0, state->stream>>>(call, processing);
+            <<<(unsigned)row_blocks, histories ? PSM_GPU_LISTS_THREADS : PSM_GPU_LISTS_THREADS_BIAS,
+               0, state->stream>>>(call, processing);
 }
 
 /* Runs the processing kernels (psm_gpu_processing.cuh), then points the call

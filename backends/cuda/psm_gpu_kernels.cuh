@@ -1114,18 +1114,17 @@ struct psm_gpu_top_call {
 };
 
 /* Output row `row` as the stage reads it, for the top-N and rank kernels
- * alike (every thread of the block calls it: the processed mode takes a
- * block maximum). Returns false for a row without a list: bad (its tokens
+ * alike: in the processed mode with the kept rule the row kernel left
+ * (psm_gpu_kept_filters, its M among them). Returns false for a row without a list: bad (its tokens
  * are -1, and only a bad row's: a sampled row always draws a token) or, in
  * the processed mode, greedy; psm_top_write_point writes those. *tile_key:
  * the row's tiles' best keys (processed mode: the kept tiles' m_t as a key,
  * or an upper bound with their logit, as the row kernel left them; raw
  * mode: where psm_top_raw_scan writes them). */
-template <int WarpSize, int Dtype>
-PSM_GPU_DEVICE bool psm_gpu_top_source(const psm_team<WarpSize> team, const psm_gpu_call &call,
-                                       const psm_gpu_top_call &top, psm_i64 row,
-                                       psm_group_scratch &group, psm_top_row &source,
-                                       psm_u64 *&tile_key, psm_top_outputs &out)
+template <int Dtype>
+PSM_GPU_DEVICE bool psm_gpu_top_source(const psm_gpu_call &call, const psm_gpu_top_call &top,
+                                       psm_i64 row, psm_top_row &source, psm_u64 *&tile_key,
+                                       psm_top_outputs &out)
 {
     const psm_row_params p = psm_gpu_row_params(call, row);
     const psm_i64 tile_base = row * call.tiles_per_row;
@@ -1154,15 +1153,9 @@ PSM_GPU_DEVICE bool psm_gpu_top_source(const psm_team<WarpSize> team, const psm_
                                          call.weight_bits);
         tile_key = top.tile_key + tile_base;
     } else {
-        /* M: the best tile key's logit (the top token is always kept). */
-        psm_u64 best_key = 0;
-        for (psm_i64 tile = threadIdx.x; tile < call.tiles_per_row; tile += blockDim.x)
-            best_key = tile_key[tile] > best_key ? tile_key[tile] : best_key;
-        best_key = psm_group_max_u64(team, best_key, &group);
         const psm_gpu_kept_filters filters = call.kept_filters[row];
         source.logits = psm_gpu_row_base<Dtype>(call, p.logits_row);
-        source.rule = psm_make_kept_rule(filters.cutoff, filters.min_weight,
-                                         psm_rank_key_logit(best_key),
+        source.rule = psm_make_kept_rule(filters.cutoff, filters.min_weight, filters.row_max,
                                          psm_inverse_temperature_scale(p.temperature),
                                          call.weight_bits);
     }
@@ -1181,8 +1174,7 @@ PSM_GPU_DEVICE void psm_gpu_top_body(const psm_gpu_call &call, const psm_gpu_top
         psm_top_row source;
         psm_u64 *tile_key = nullptr;
         psm_top_outputs out;
-        if (!psm_gpu_top_source<WarpSize, Dtype>(team, call, top, row, scratch.group, source,
-                                                 tile_key, out)) {
+        if (!psm_gpu_top_source<Dtype>(call, top, row, source, tile_key, out)) {
             psm_top_write_point(top.count, out.drawn[0], out);
             continue;
         }
@@ -1226,8 +1218,7 @@ PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_TOP_THREADS)
             psm_top_row source;
             psm_u64 *tile_key = nullptr;
             psm_top_outputs out;
-            if (psm_gpu_top_source<WarpSize, Dtype>(team, call, top, row, group, source,
-                                                    tile_key, out))
+            if (psm_gpu_top_source<Dtype>(call, top, row, source, tile_key, out))
                 psm_top_count_ranks(team, &source, first, end, tile_key, out, &group);
             /* The next unit reuses the group scratch. */
             psm_gpu_block_barrier();

@@ -76,11 +76,13 @@ PSM_GPU_KERNEL void psm_gpu_process_read_kernel(const psm_gpu_call call,
 }
 
 /* Threads of the lists step's blocks (one row per block): a row's lists
- * are walked in chains of dependent accesses, a block's width at a time
- * (104 us for 2,048-token histories at 256 x 151,936 on an H100 with blocks
- * of 256, at 4% of SM throughput), so the widest block takes the fewest
- * steps. */
+ * are walked in chains of dependent accesses, a block's width at a time.
+ * Token histories take the widest blocks (2,048-token histories at 256 x
+ * 151,936 took 104 us on an H100 with blocks of 256, at 4% of SM
+ * throughput); a bias list alone, applied by one thread in list order,
+ * runs faster in blocks of 256 (blocks of 1,024 cost it 7 us). */
 #define PSM_GPU_LISTS_THREADS 1024
+#define PSM_GPU_LISTS_THREADS_BIAS 256
 
 /* Step 2: a block per row (rows in turn), its threads sharing the row's
  * lists. */

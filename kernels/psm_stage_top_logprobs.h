@@ -61,6 +61,8 @@
 #define PSM_TOP_ROUND_TILES 4
 #define PSM_TOP_ROUND (PSM_TOP_ROUND_TILES * PSM_TILE)
 #define PSM_TOP_BATCH 8
+/* The loads an item of psm_top_count_ranks has in flight. */
+#define PSM_TOP_RANK_BATCH 16
 
 PSM_STAGE_BEGIN
 
@@ -451,23 +453,26 @@ PSM_LOCAL_FN void psm_top_count_ranks(PSM_TEAM_TYPE team, const psm_top_row *row
     }
     if (!reading)
         return;
+    /* The part's tokens in one loop, PSM_TOP_RANK_BATCH loads in flight an
+     * item across its tiles (a tile a step left each item one load in
+     * flight, and the kernel at a fifth of the memory bandwidth). */
+    const psm_i64 begin = (psm_i64)first * PSM_TILE;
+    const psm_i64 stop = (psm_i64)end * PSM_TILE < row->vocab ? (psm_i64)end * PSM_TILE
+                                                                : row->vocab;
     for (psm_i32 sample = 0; sample < samples; ++sample) {
         const psm_u64 key = psm_top_drawn_key(row, out, sample);
         psm_u64 above = 0;
-        for (psm_i32 tile = first; key != 0 && tile < end; ++tile) {
-            if (tile_key[tile] <= key)
-                continue;
-            const psm_i64 base = (psm_i64)tile * PSM_TILE;
-            const int count = psm_top_tile_count(row, tile);
-            for (int k = item; k < count; k += PSM_TOP_BATCH * items) {
-                psm_u64 keys[PSM_TOP_BATCH];
-                for (int b = 0; b < PSM_TOP_BATCH; ++b)
-                    keys[b] = k + b * items < count
-                                  ? psm_top_candidate_key(row, base + k + b * items)
-                                  : 0;
-                for (int b = 0; b < PSM_TOP_BATCH; ++b)
-                    above += keys[b] > key ? 1u : 0u;
+        for (psm_i64 i = begin + item; key != 0 && i < stop;
+             i += (psm_i64)PSM_TOP_RANK_BATCH * items) {
+            psm_u64 keys[PSM_TOP_RANK_BATCH];
+            for (int b = 0; b < PSM_TOP_RANK_BATCH; ++b) {
+                const psm_i64 token = i + (psm_i64)b * items;
+                keys[b] = token < stop && tile_key[token / PSM_TILE] > key
+                              ? psm_top_candidate_key(row, token)
+                              : 0;
             }
+            for (int b = 0; b < PSM_TOP_RANK_BATCH; ++b)
+                above += keys[b] > key ? 1u : 0u;
         }
         const psm_u64 counted = psm_group_sum_u64(team, above, group);
         if (item == 0 && counted != 0)

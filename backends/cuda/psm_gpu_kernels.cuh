@@ -1091,7 +1091,7 @@ PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_ROW_THREADS, PSM_GPU_ROW_BLOCKS_PE
  * a thread. The rank kernel's blocks are as large, and count over
  * PSM_GPU_RANK_TILES tiles of a row each. */
 #define PSM_GPU_TOP_THREADS 256
-#define PSM_GPU_RANK_TILES 4
+#define PSM_GPU_RANK_TILES 8
 static_assert(PSM_TOP_ROUND % PSM_GPU_TOP_THREADS == 0,
               "a round of the top-N stage spreads its keys evenly over the threads");
 static_assert(PSM_TOP_LIST_MAX == PSM_MAX_TOP_LOGPROBS,

@@ -504,7 +504,7 @@ static psm_status top_output_targets(const launch *call, top_targets *targets)
 }
 
 /* psm_kernels.cl's PSM_RANK_TILES: the tiles a group of psm_top_ranks counts over. */
-#define OPENCL_RANK_TILES 4
+#define OPENCL_RANK_TILES 8
 
 /* The top-N kernel, after the draw: a group per row; then, with sampled
  * ranks, the rank kernel. raw_logits and raw_description are the call

@@ -421,7 +421,8 @@ PSM_DEVICE_FN void psm_top_begin_ranks(psm_top_outputs out)
 }
 
 /* Drawn token `sample`'s rank key (0: no token). */
-PSM_DEVICE_FN psm_u64 psm_top_drawn_key(const psm_top_row *row, psm_top_outputs out, psm_i32 sample)
+PSM_DEVICE_FN psm_u64 psm_top_drawn_key(const psm_top_row *row, psm_top_outputs out,
+                                        psm_i32 sample)
 {
     const psm_i32 token = out.drawn[sample];
     return token >= 0 ? psm_rank_key(psm_top_logit(row, token), (psm_u32)token) : 0;
@@ -454,8 +455,7 @@ PSM_LOCAL_FN void psm_top_count_ranks(PSM_TEAM_TYPE team, const psm_top_row *row
     if (!reading)
         return;
     /* The part's tokens in one loop, PSM_TOP_RANK_BATCH loads in flight an
-     * item across its tiles (a tile a step left each item one load in
-     * flight, and the kernel at a fifth of the memory bandwidth). */
+     * item across its tiles, the tiles not above the drawn token skipped. */
     const psm_i64 begin = (psm_i64)first * PSM_TILE;
     const psm_i64 stop = (psm_i64)end * PSM_TILE < row->vocab ? (psm_i64)end * PSM_TILE
                                                                 : row->vocab;

@@ -87,8 +87,8 @@ PSM_GPU_KERNEL void psm_gpu_process_read_kernel(const psm_gpu_call call,
 /* Step 2: a block per row (rows in turn), its threads sharing the row's
  * lists. */
 template <int Dtype>
-PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_LISTS_THREADS) psm_gpu_process_lists_kernel(const psm_gpu_call call,
-                                                 const psm_gpu_processing processing)
+PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_LISTS_THREADS)
+    psm_gpu_process_lists_kernel(const psm_gpu_call call, const psm_gpu_processing processing)
 {
     __shared__ psm_u32 bad;
     for (psm_i64 row = blockIdx.x; row < call.rows; row += gridDim.x) {

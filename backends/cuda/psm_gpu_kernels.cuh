@@ -1115,9 +1115,10 @@ struct psm_gpu_top_call {
 
 /* Output row `row` as the stage reads it, for the top-N and rank kernels
  * alike: in the processed mode with the kept rule the row kernel left
- * (psm_gpu_kept_filters, its M among them). Returns false for a row without a list: bad (its tokens
- * are -1, and only a bad row's: a sampled row always draws a token) or, in
- * the processed mode, greedy; psm_top_write_point writes those. *tile_key:
+ * (psm_gpu_kept_filters, its M among them). Returns false for a row without
+ * a list: bad (its tokens are -1, and only a bad row's: a sampled row always
+ * draws a token) or, in the processed mode, greedy; psm_top_write_point
+ * writes those. *tile_key:
  * the row's tiles' best keys (processed mode: the kept tiles' m_t as a key,
  * or an upper bound with their logit, as the row kernel left them; raw
  * mode: where psm_top_raw_scan writes them). */

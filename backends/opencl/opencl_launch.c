@@ -503,9 +503,6 @@ static psm_status top_output_targets(const launch *call, top_targets *targets)
     return PSM_OK;
 }
 
-/* psm_kernels.cl's PSM_RANK_TILES: the tiles a group of psm_top_ranks counts over. */
-#define OPENCL_RANK_TILES 8
-
 /* The top-N kernel, after the draw: a group per row; then, with sampled
  * ranks, the rank kernel. raw_logits and raw_description are the call
  * before logit processing. */
@@ -538,7 +535,7 @@ static psm_status run_top_logprobs(launch *call, cl_mem raw_logits,
                     opencl_kernel_names[KERNEL_TOP_LOGPROBS]));
     if (!top->sampled_ranks.data)
         return PSM_OK;
-    /* The ranks' counts: a group per OPENCL_RANK_TILES tiles of a row. */
+    /* The ranks' counts: a group per PSM_RANK_TILES tiles of a row. */
     kernel = state->kernels[KERNEL_TOP_RANKS];
     index = 0;
     PSM_TRY(set_request_args(call, kernel, &index));
@@ -549,8 +546,7 @@ static psm_status run_top_logprobs(launch *call, cl_mem raw_logits,
     PSM_TRY(SET_MEM(kernel, &index, part[PART_TOP_KEY]));
     PSM_TRY(set_arg(kernel, &index, sizeof raw_mode, &raw_mode));
     PSM_TRY(SET_MEM(kernel, &index, targets->ranks));
-    const size_t parts = (call->tiles + OPENCL_RANK_TILES - 1) /
-                         OPENCL_RANK_TILES;
+    const size_t parts = (call->tiles + PSM_RANK_TILES - 1) / PSM_RANK_TILES;
     return enqueue(state, kernel, parts, (size_t)call->rows,
                    opencl_kernel_names[KERNEL_TOP_RANKS]);
 }

@@ -1377,7 +1377,6 @@ psm_top_logprobs(PSM_REQUEST_PARAMS, const psm_opencl_request raw_request,
  * tiles of a row (groups x parts, rows), adding the candidates above each
  * drawn token there (psm_top_count_ranks) over the tile keys
  * psm_top_logprobs left in top_key. */
-#define PSM_RANK_TILES 8
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_top_ranks(PSM_REQUEST_PARAMS, const psm_opencl_request raw_request,
               __global const uchar *raw_logits, __global const psm_row_state *state,

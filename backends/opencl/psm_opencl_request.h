@@ -47,6 +47,10 @@ typedef struct psm_opencl_request {
  * host launches a group per PSM_WG x PSM_PROCESS_SPAN tokens of a row. */
 #define PSM_PROCESS_SPAN 16
 
+/* Tiles of a row that one group of psm_top_ranks counts over: the host
+ * launches a group per PSM_RANK_TILES tiles of each row. */
+#define PSM_RANK_TILES 8
+
 /* Whether a row is sampled, and how. */
 #define PSM_ROW_SAMPLE 0
 #define PSM_ROW_GREEDY 1

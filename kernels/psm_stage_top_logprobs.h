@@ -116,6 +116,33 @@ PSM_DEVICE_FN float psm_top_logit(const psm_top_row *row, psm_i64 index)
     return psm_read_logit(psm_raw_logit(row->logits, row->dtype, index));
 }
 
+/* Entries at[0 .. PSM_TOP_RANK_BATCH) of the row into x after
+ * psm_read_logit, every load issued before any value is used; an entry -1
+ * loads the row's first element, which the caller ignores. A load behind
+ * its own condition compiles to a branch that waits for it before the next
+ * one starts: the rank parts' sixteen such loads had been one in flight.
+ * (The list's rounds keep their loads behind conditions: an unconditional
+ * load there makes PoCL 5's vectorised work-item loops write out of
+ * bounds.) */
+PSM_DEVICE_FN void psm_top_load_batch(const psm_top_row *row, const psm_i32 *at, float *x)
+{
+    if (row->dtype == PSM_LOGITS_F32) {
+        PSM_GLOBAL const float *values = (PSM_GLOBAL const float *)row->logits;
+        for (int b = 0; b < PSM_TOP_RANK_BATCH; ++b)
+            x[b] = values[at[b] >= 0 ? at[b] : 0];
+    } else {
+        PSM_GLOBAL const psm_u16 *halves = (PSM_GLOBAL const psm_u16 *)row->logits;
+        psm_u16 bits[PSM_TOP_RANK_BATCH];
+        for (int b = 0; b < PSM_TOP_RANK_BATCH; ++b)
+            bits[b] = halves[at[b] >= 0 ? at[b] : 0];
+        for (int b = 0; b < PSM_TOP_RANK_BATCH; ++b)
+            x[b] = row->dtype == PSM_LOGITS_F16 ? psm_half_bits_float(bits[b])
+                                                : psm_bf16_to_float(bits[b]);
+    }
+    for (int b = 0; b < PSM_TOP_RANK_BATCH; ++b)
+        x[b] = psm_read_logit(x[b]);
+}
+
 /* Token `token`'s rank key when it is a candidate, else 0. */
 PSM_DEVICE_FN psm_u64 psm_top_candidate_key(const psm_top_row *row, psm_i64 token)
 {
@@ -464,15 +491,19 @@ PSM_LOCAL_FN void psm_top_count_ranks(PSM_TEAM_TYPE team, const psm_top_row *row
         psm_u64 above = 0;
         for (psm_i64 i = begin + item; key != 0 && i < stop;
              i += (psm_i64)PSM_TOP_RANK_BATCH * items) {
-            psm_u64 keys[PSM_TOP_RANK_BATCH];
+            psm_i32 at[PSM_TOP_RANK_BATCH];
             for (int b = 0; b < PSM_TOP_RANK_BATCH; ++b) {
                 const psm_i64 token = i + (psm_i64)b * items;
-                keys[b] = token < stop && tile_key[token / PSM_TILE] > key
-                              ? psm_top_candidate_key(row, token)
-                              : 0;
+                const psm_u64 best = tile_key[(token < stop ? token : begin) / PSM_TILE];
+                at[b] = token < stop && best > key ? (psm_i32)token : -1;
             }
+            float x[PSM_TOP_RANK_BATCH];
+            psm_top_load_batch(row, at, x);
             for (int b = 0; b < PSM_TOP_RANK_BATCH; ++b)
-                above += keys[b] > key ? 1u : 0u;
+                above += at[b] >= 0 && psm_rank_key(x[b], (psm_u32)at[b]) > key &&
+                                 psm_token_kept(row->rule, x[b], (psm_u32)at[b])
+                             ? 1u
+                             : 0u;
         }
         const psm_u64 counted = psm_group_sum_u64(team, above, group);
         if (item == 0 && counted != 0)

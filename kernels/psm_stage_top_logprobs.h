@@ -63,6 +63,13 @@
 #define PSM_TOP_BATCH 8
 /* The loads an item of psm_top_count_ranks has in flight. */
 #define PSM_TOP_RANK_BATCH 16
+/* The largest batch psm_top_load_batch takes. */
+#define PSM_TOP_LOAD_MAX PSM_TOP_RANK_BATCH
+/* Whether the list's rounds load a batch before testing it, as the rank
+ * parts do (psm_top_load_batch): on CUDA and HIP. PoCL 5's vectorised
+ * work-item loops write out of bounds on that shape of the list's loop, so
+ * the OpenCL program keeps a load behind each place's test there. */
+#define PSM_TOP_LIST_BATCH_LOADS PSM_PLATFORM_GPU_CXX
 
 PSM_STAGE_BEGIN
 
@@ -116,38 +123,41 @@ PSM_DEVICE_FN float psm_top_logit(const psm_top_row *row, psm_i64 index)
     return psm_read_logit(psm_raw_logit(row->logits, row->dtype, index));
 }
 
-/* Entries at[0 .. PSM_TOP_RANK_BATCH) of the row into x after
+/* Entries at[0 .. n) of the row (n at most PSM_TOP_LOAD_MAX) into x after
  * psm_read_logit, every load issued before any value is used; an entry -1
  * loads the row's first element, which the caller ignores. A load behind
  * its own condition compiles to a branch that waits for it before the next
- * one starts: the rank parts' sixteen such loads had been one in flight.
- * (The list's rounds keep their loads behind conditions: an unconditional
- * load there makes PoCL 5's vectorised work-item loops write out of
- * bounds.) */
-PSM_DEVICE_FN void psm_top_load_batch(const psm_top_row *row, const psm_i32 *at, float *x)
+ * one starts: the rank parts' sixteen such loads had been one in flight. */
+PSM_DEVICE_FN void psm_top_load_batch(const psm_top_row *row, const psm_i32 *at, float *x, int n)
 {
     if (row->dtype == PSM_LOGITS_F32) {
         PSM_GLOBAL const float *values = (PSM_GLOBAL const float *)row->logits;
-        for (int b = 0; b < PSM_TOP_RANK_BATCH; ++b)
+        for (int b = 0; b < n; ++b)
             x[b] = values[at[b] >= 0 ? at[b] : 0];
     } else {
         PSM_GLOBAL const psm_u16 *halves = (PSM_GLOBAL const psm_u16 *)row->logits;
-        psm_u16 bits[PSM_TOP_RANK_BATCH];
-        for (int b = 0; b < PSM_TOP_RANK_BATCH; ++b)
+        psm_u16 bits[PSM_TOP_LOAD_MAX];
+        for (int b = 0; b < n; ++b)
             bits[b] = halves[at[b] >= 0 ? at[b] : 0];
-        for (int b = 0; b < PSM_TOP_RANK_BATCH; ++b)
+        for (int b = 0; b < n; ++b)
             x[b] = row->dtype == PSM_LOGITS_F16 ? psm_half_bits_float(bits[b])
                                                 : psm_bf16_to_float(bits[b]);
     }
-    for (int b = 0; b < PSM_TOP_RANK_BATCH; ++b)
+    for (int b = 0; b < n; ++b)
         x[b] = psm_read_logit(x[b]);
+}
+
+/* Token `token` with logit x (after psm_read_logit): its rank key when it
+ * is a candidate, else 0. */
+PSM_DEVICE_FN psm_u64 psm_top_kept_key(const psm_top_row *row, float x, psm_u32 token)
+{
+    return psm_token_kept(row->rule, x, token) ? psm_rank_key(x, token) : 0;
 }
 
 /* Token `token`'s rank key when it is a candidate, else 0. */
 PSM_DEVICE_FN psm_u64 psm_top_candidate_key(const psm_top_row *row, psm_i64 token)
 {
-    const float x = psm_top_logit(row, token);
-    return psm_token_kept(row->rule, x, (psm_u32)token) ? psm_rank_key(x, (psm_u32)token) : 0;
+    return psm_top_kept_key(row, psm_top_logit(row, token), (psm_u32)token);
 }
 
 /* The tokens of tile `tile` of the row. */
@@ -315,24 +325,21 @@ PSM_LOCAL_FN void psm_top_advance(psm_top_walk *walk, psm_top_list *list, const 
                                                    psm_top_floor(list, row->count, scratch));
 }
 
-/* The key at place `offset` of the walk's round (0: none): a tile's key, or
- * a token's candidate key in the round's best tiles. */
-PSM_LOCAL_FN psm_u64 psm_top_round_key(const psm_top_walk *walk, const psm_top_row *row,
-                                       PSM_GLOBAL const psm_u64 *tile_key,
-                                       PSM_LOCAL const psm_top_scratch *scratch, int offset)
+/* Place `offset` of the walk's round: a tile (the tiles' rounds) or a
+ * token of the round's best tiles; -1 for none. */
+PSM_LOCAL_FN psm_i32 psm_top_round_place(const psm_top_walk *walk, const psm_top_row *row,
+                                         PSM_LOCAL const psm_top_scratch *scratch, int offset)
 {
     if (walk->reading_tiles) {
         const int tile = walk->next + offset;
-        return tile < row->tiles ? tile_key[tile] : 0;
+        return tile < row->tiles ? tile : -1;
     }
     const int place = walk->tile + offset / PSM_TILE;
     if (place >= walk->chosen)
-        return 0;
+        return -1;
     const psm_i64 tile = psm_rank_key_token(scratch->list[walk->tiles_array][place]) / PSM_TILE;
     const int within = offset % PSM_TILE;
-    return within < psm_top_tile_count(row, tile)
-               ? psm_top_candidate_key(row, tile * PSM_TILE + within)
-               : 0;
+    return within < psm_top_tile_count(row, tile) ? (psm_i32)(tile * PSM_TILE + within) : -1;
 }
 
 /* The row's best candidates, scratch->list[returned.current][0 ..
@@ -370,11 +377,29 @@ PSM_LOCAL_FN psm_top_list psm_top_best_keys(const psm_top_row *row,
                                       : floor;
         for (int j = 0; j < per_item; j += PSM_TOP_BATCH) {
             psm_u64 keys[PSM_TOP_BATCH];
+#if PSM_TOP_LIST_BATCH_LOADS
+            /* (The tiles' round loads logits it does not use: one round.) */
+            psm_i32 at[PSM_TOP_BATCH];
             for (int b = 0; b < PSM_TOP_BATCH; ++b)
-                keys[b] = j + b < per_item
-                              ? psm_top_round_key(&walk, row, tile_key, scratch,
-                                                  (j + b) * items + item)
-                              : 0;
+                at[b] = j + b < per_item
+                            ? psm_top_round_place(&walk, row, scratch, (j + b) * items + item)
+                            : -1;
+            float x[PSM_TOP_BATCH];
+            psm_top_load_batch(row, at, x, PSM_TOP_BATCH);
+            for (int b = 0; b < PSM_TOP_BATCH; ++b)
+                keys[b] = at[b] < 0 ? 0
+                          : walk.reading_tiles ? tile_key[at[b]]
+                          : psm_top_kept_key(row, x[b], (psm_u32)at[b]);
+#else
+            for (int b = 0; b < PSM_TOP_BATCH; ++b) {
+                const psm_i32 at = j + b < per_item ? psm_top_round_place(&walk, row, scratch,
+                                                                          (j + b) * items + item)
+                                                    : -1;
+                keys[b] = at < 0 ? 0
+                          : walk.reading_tiles ? tile_key[at]
+                          : psm_top_candidate_key(row, at);
+            }
+#endif
             for (int b = 0; b < PSM_TOP_BATCH; ++b)
                 psm_top_stage(&list, keys[b], threshold, scratch);
         }
@@ -498,7 +523,7 @@ PSM_LOCAL_FN void psm_top_count_ranks(PSM_TEAM_TYPE team, const psm_top_row *row
                 at[b] = token < stop && best > key ? (psm_i32)token : -1;
             }
             float x[PSM_TOP_RANK_BATCH];
-            psm_top_load_batch(row, at, x);
+            psm_top_load_batch(row, at, x, PSM_TOP_RANK_BATCH);
             for (int b = 0; b < PSM_TOP_RANK_BATCH; ++b)
                 above += at[b] >= 0 && psm_rank_key(x[b], (psm_u32)at[b]) > key &&
                                  psm_token_kept(row->rule, x[b], (psm_u32)at[b])

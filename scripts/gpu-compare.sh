@@ -27,6 +27,13 @@ BENCH_OPTIONS=("$@")
 
 BASE_SRC=/tmp/compare-base-src
 rm -rf "$BASE_SRC" && mkdir -p "$BASE_SRC" && tar -xf "$BASE_TAR" -C "$BASE_SRC" || exit 1
+# A tar from git archive carries its commit's file times, which may be older
+# than a base build left by an earlier compare: ninja would keep that build.
+# The build is kept only for the same tar.
+BASE_SUM=$(sha256sum "$BASE_TAR" | cut -d' ' -f1)
+if [ "$(cat /tmp/compare-build-base/base-tar.sha256 2>/dev/null)" != "$BASE_SUM" ]; then
+    rm -rf /tmp/compare-build-base
+fi
 if [ -d /etc/OpenCL/vendors ] && [ -w /etc/OpenCL/vendors ]; then
     echo libnvidia-opencl.so.1 >/etc/OpenCL/vendors/nvidia.icd
 fi
@@ -53,6 +60,7 @@ build() { # build NAME SOURCE
 build base "$BASE_SRC" &
 build candidate "$ROOT" &
 wait
+[ -d /tmp/compare-build-base ] && echo "$BASE_SUM" >/tmp/compare-build-base/base-tar.sha256
 
 for round in 1 2; do
     for tree in base candidate; do

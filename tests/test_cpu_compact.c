@@ -1,12 +1,12 @@
 /*
- * test_cpu_compact.c: checks backends/cpu/cpu_compact.h. Both forms of the
- * compaction step (the portable loop and, where the CPU has AVX-512F, the
- * compress instructions) against the definition written as a plain filter,
+ * test_cpu_compact.c: checks backends/cpu/cpu_compact.h. Every form of the
+ * compaction step (the portable loop and, where the CPU has them, AVX-512F's
+ * compress instructions and AVX2's permutations) against the definition written as a plain filter,
  * on random inputs of every length from 0 to 100 and of 1024 (a tile):
  * logits with NaNs, infinities, -0, equal values and floors on and between
  * them; with and without the indices and a paired array. Outputs are compared over the count,
- * and the count itself. Exits 0 when every output agrees; says so when the AVX-512
- * form could not run here.
+ * and the count itself. Exits 0 when every output agrees; says which vector
+ * forms could not run here.
  */
 #include "cpu_compact.h"
 
@@ -81,9 +81,12 @@ static void check_logits(const char *form, select_logits_fn select, const float 
 
 int main(void)
 {
-    int vector_form = 0;
+    int vector_form = 0, avx2_form = 0;
 #if PSM_CPU_COMPACT_AVX512
     vector_form = __builtin_cpu_supports("avx512f");
+#endif
+#if PSM_CPU_COMPACT_AVX2
+    avx2_form = __builtin_cpu_supports("avx2");
 #endif
     float x[MAX_N], paired[MAX_N];
     const float floors[] = {-INFINITY, -1000.0f, -0.0f, 0.0f, 1.5f, 0.1f, 3.9f, INFINITY};
@@ -103,11 +106,18 @@ int main(void)
                         check_logits("avx512", psm_cpu_select_at_least_avx512, x, paired, length,
                                      floors[f], with);
 #endif
+#if PSM_CPU_COMPACT_AVX2
+                    if (avx2_form)
+                        check_logits("avx2", psm_cpu_select_at_least_avx2, x, paired, length,
+                                     floors[f], with);
+#endif
                 }
         }
     }
     if (!vector_form)
-        printf("test_cpu_compact: this CPU has no AVX-512F: only the portable form was checked\n");
+        printf("test_cpu_compact: this CPU has no AVX-512F: its form was not checked\n");
+    if (!avx2_form)
+        printf("test_cpu_compact: this CPU has no AVX2: its form was not checked\n");
     printf("test_cpu_compact: %s\n", failures ? "FAILED" : "every output agrees");
     return failures ? 1 : 0;
 }

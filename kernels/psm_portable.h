@@ -370,6 +370,34 @@ PSM_DEVICE_FN float psm_raw_logit(PSM_GLOBAL const unsigned char *logits, int dt
     return dtype == PSM_LOGITS_F16 ? psm_half_bits_float(bits) : psm_bf16_to_float(bits);
 }
 
+/* The largest batch psm_load_logits_batch takes. */
+#define PSM_LOAD_BATCH_MAX 16
+
+/* Elements at[0 .. n) of logits (n at most PSM_LOAD_BATCH_MAX) into x after
+ * psm_read_logit, every load issued before any value is used; an entry -1
+ * loads element 0, which the caller ignores. A load behind its own condition
+ * compiles to a branch that waits for it before the next one starts: the
+ * top-N rank parts' sixteen such loads had been one in flight. */
+PSM_DEVICE_FN void psm_load_logits_batch(PSM_GLOBAL const unsigned char *logits, int dtype,
+                                         const psm_i32 *at, float *x, int n)
+{
+    if (dtype == PSM_LOGITS_F32) {
+        PSM_GLOBAL const float *values = (PSM_GLOBAL const float *)logits;
+        for (int b = 0; b < n; ++b)
+            x[b] = values[at[b] >= 0 ? at[b] : 0];
+    } else {
+        PSM_GLOBAL const psm_u16 *halves = (PSM_GLOBAL const psm_u16 *)logits;
+        psm_u16 bits[PSM_LOAD_BATCH_MAX];
+        for (int b = 0; b < n; ++b)
+            bits[b] = halves[at[b] >= 0 ? at[b] : 0];
+        for (int b = 0; b < n; ++b)
+            x[b] = dtype == PSM_LOGITS_F16 ? psm_half_bits_float(bits[b])
+                                           : psm_bf16_to_float(bits[b]);
+    }
+    for (int b = 0; b < n; ++b)
+        x[b] = psm_read_logit(x[b]);
+}
+
 /* The elements of 16 loaded bytes as floats, out[0 .. 3] for f32 and
  * out[0 .. 7] for the 16-bit types. A bf16 is the top half of a float: two
  * instructions a pair. Each dtype is its own loop, so that the choice is

@@ -61,10 +61,13 @@
 #define PSM_TOP_ROUND_TILES 4
 #define PSM_TOP_ROUND (PSM_TOP_ROUND_TILES * PSM_TILE)
 #define PSM_TOP_BATCH 8
-/* The loads an item of psm_top_count_ranks has in flight. */
+/* The loads an item of psm_top_count_ranks has in flight, and the most
+ * tiles of its part (a bit each in a 32-bit word). */
 #define PSM_TOP_RANK_BATCH 16
-/* The largest batch psm_top_load_batch takes. */
-#define PSM_TOP_LOAD_MAX PSM_TOP_RANK_BATCH
+#define PSM_TOP_RANK_PART_MAX 32
+#if PSM_TOP_BATCH > PSM_LOAD_BATCH_MAX || PSM_TOP_RANK_BATCH > PSM_LOAD_BATCH_MAX
+#error "psm_load_logits_batch takes at most PSM_LOAD_BATCH_MAX loads"
+#endif
 /* Whether the list's rounds load a batch before testing it, as the rank
  * parts do (psm_top_load_batch): on CUDA and HIP. PoCL 5's vectorised
  * work-item loops write out of bounds on that shape of the list's loop, so
@@ -123,28 +126,10 @@ PSM_DEVICE_FN float psm_top_logit(const psm_top_row *row, psm_i64 index)
     return psm_read_logit(psm_raw_logit(row->logits, row->dtype, index));
 }
 
-/* Entries at[0 .. n) of the row (n at most PSM_TOP_LOAD_MAX) into x after
- * psm_read_logit, every load issued before any value is used; an entry -1
- * loads the row's first element, which the caller ignores. A load behind
- * its own condition compiles to a branch that waits for it before the next
- * one starts: the rank parts' sixteen such loads had been one in flight. */
+/* Entries at[0 .. n) of the row into x (psm_load_logits_batch). */
 PSM_DEVICE_FN void psm_top_load_batch(const psm_top_row *row, const psm_i32 *at, float *x, int n)
 {
-    if (row->dtype == PSM_LOGITS_F32) {
-        PSM_GLOBAL const float *values = (PSM_GLOBAL const float *)row->logits;
-        for (int b = 0; b < n; ++b)
-            x[b] = values[at[b] >= 0 ? at[b] : 0];
-    } else {
-        PSM_GLOBAL const psm_u16 *halves = (PSM_GLOBAL const psm_u16 *)row->logits;
-        psm_u16 bits[PSM_TOP_LOAD_MAX];
-        for (int b = 0; b < n; ++b)
-            bits[b] = halves[at[b] >= 0 ? at[b] : 0];
-        for (int b = 0; b < n; ++b)
-            x[b] = row->dtype == PSM_LOGITS_F16 ? psm_half_bits_float(bits[b])
-                                                : psm_bf16_to_float(bits[b]);
-    }
-    for (int b = 0; b < n; ++b)
-        x[b] = psm_read_logit(x[b]);
+    psm_load_logits_batch(row->logits, row->dtype, at, x, n);
 }
 
 /* Token `token` with logit x (after psm_read_logit): its rank key when it
@@ -480,13 +465,24 @@ PSM_DEVICE_FN psm_u64 psm_top_drawn_key(const psm_top_row *row, psm_top_outputs 
     return token >= 0 ? psm_rank_key(psm_top_logit(row, token), (psm_u32)token) : 0;
 }
 
+/* Bits t - first of the tiles t of [first, end) whose best key is above
+ * `key` (0: no token, no tile). */
+PSM_DEVICE_FN psm_u32 psm_top_tiles_above(PSM_GLOBAL const psm_u64 *tile_key, psm_i32 first,
+                                          psm_i32 end, psm_u64 key)
+{
+    psm_u32 above = 0u;
+    for (psm_i32 tile = first; key != 0 && tile < end; ++tile)
+        above |= (tile_key[tile] > key ? 1u : 0u) << (tile - first);
+    return above;
+}
+
 /* Adds to each drawn token's rank (when out.ranks is set) the candidates
  * whose key is above its key (its logit in the mode's logits) among tiles
- * [first, end) of the row, counting only in the tiles whose best key is
- * above it: a group's part of the count, after psm_top_begin_ranks (and, in
- * the raw mode, after psm_top_raw_scan wrote tile_key). Every item calls it
- * (one group sum per sample when any is counted, taken by every item so
- * that the barriers stay out of branches). */
+ * [first, end) of the row (at most PSM_TOP_RANK_PART_MAX), counting only in
+ * the tiles whose best key is above it: a group's part of the count, after
+ * psm_top_begin_ranks (and, in the raw mode, after psm_top_raw_scan wrote
+ * tile_key). Every item calls it (one group sum per sample when any is
+ * counted, taken by every item so that the barriers stay out of branches). */
 PSM_TEAM_TEMPLATE
 PSM_LOCAL_FN void psm_top_count_ranks(PSM_TEAM_TYPE team, const psm_top_row *row, psm_i32 first,
                                       psm_i32 end, PSM_GLOBAL const psm_u64 *tile_key,
@@ -498,39 +494,36 @@ PSM_LOCAL_FN void psm_top_count_ranks(PSM_TEAM_TYPE team, const psm_top_row *row
      * here, the same on every item, before any barrier (a barrier skipped
      * by a branch inside the loop below would need every item to skip it,
      * which PoCL does not compile reliably). */
-    int reading = 0;
-    for (psm_i32 sample = 0; sample < samples; ++sample) {
-        const psm_u64 key = psm_top_drawn_key(row, out, sample);
-        for (psm_i32 tile = first; key != 0 && tile < end; ++tile)
-            reading |= tile_key[tile] > key;
-    }
-    if (!reading)
+    psm_u32 reading = 0u;
+    for (psm_i32 sample = 0; sample < samples; ++sample)
+        reading |= psm_top_tiles_above(tile_key, first, end, psm_top_drawn_key(row, out, sample));
+    if (reading == 0u)
         return;
     /* The part's tokens in one loop, PSM_TOP_RANK_BATCH loads in flight an
-     * item across its tiles, the tiles not above the drawn token skipped. */
+     * item across its tiles, the tiles not above the drawn token skipped:
+     * their test is a bit of a word held in a register, read once a sample,
+     * not a tile key loaded for every token. */
     const psm_i64 begin = (psm_i64)first * PSM_TILE;
     const psm_i64 stop = (psm_i64)end * PSM_TILE < row->vocab ? (psm_i64)end * PSM_TILE
                                                                 : row->vocab;
     for (psm_i32 sample = 0; sample < samples; ++sample) {
         const psm_u64 key = psm_top_drawn_key(row, out, sample);
-        psm_u64 above = 0;
-        for (psm_i64 i = begin + item; key != 0 && i < stop;
+        const psm_u32 live = psm_top_tiles_above(tile_key, first, end, key);
+        psm_u32 above = 0u;
+        for (psm_i64 i = begin + item; live != 0u && i < stop;
              i += (psm_i64)PSM_TOP_RANK_BATCH * items) {
             psm_i32 at[PSM_TOP_RANK_BATCH];
             for (int b = 0; b < PSM_TOP_RANK_BATCH; ++b) {
                 const psm_i64 token = i + (psm_i64)b * items;
-                const psm_u64 best = tile_key[(token < stop ? token : begin) / PSM_TILE];
-                at[b] = token < stop && best > key ? (psm_i32)token : -1;
+                const int bit = (int)((token - begin) >> PSM_TILE_LOG2);
+                at[b] = token < stop && ((live >> bit) & 1u) != 0u ? (psm_i32)token : -1;
             }
             float x[PSM_TOP_RANK_BATCH];
             psm_top_load_batch(row, at, x, PSM_TOP_RANK_BATCH);
             for (int b = 0; b < PSM_TOP_RANK_BATCH; ++b)
-                above += at[b] >= 0 && psm_rank_key(x[b], (psm_u32)at[b]) > key &&
-                                 psm_token_kept(row->rule, x[b], (psm_u32)at[b])
-                             ? 1u
-                             : 0u;
+                above += at[b] >= 0 && psm_top_kept_key(row, x[b], (psm_u32)at[b]) > key ? 1u : 0u;
         }
-        const psm_u64 counted = psm_group_sum_u64(team, above, group);
+        const psm_u64 counted = psm_group_sum_u64(team, (psm_u64)above, group);
         if (item == 0 && counted != 0)
             psm_global_add_u32((PSM_GLOBAL psm_u32 *)&out.ranks[sample], (psm_u32)counted);
     }

@@ -75,6 +75,10 @@ typedef struct psm_verify_outputs {
 #define PSM_DIST_POINT 1 /* weight 1 at `point` */
 #define PSM_DIST_PROBS 2 /* floor(q_i 2^B) */
 
+/* The loads an item of psm_stage_verify_totals has in flight over a logits
+ * row. */
+#define PSM_VERIFY_TOTALS_BATCH 8
+
 typedef struct psm_verify_dist {
     int kind;
     PSM_GLOBAL const unsigned char *data; /* the row's first element */
@@ -184,6 +188,21 @@ PSM_LOCAL_FN void psm_stage_verify_totals(PSM_TEAM_TYPE team, const psm_verify_c
     psm_u64 sum = 0;
     if (!bad && dist.kind == PSM_DIST_POINT) {
         sum = slice == 0 && psm_group_item() == 0 ? 1u : 0u;
+    } else if (!bad && dist.kind == PSM_DIST_KEPT) {
+        /* PSM_VERIFY_TOTALS_BATCH loads in flight an item (see
+         * psm_load_logits_batch), not one. */
+        const int items = psm_group_size();
+        for (int i = begin + psm_group_item(); i < end; i += PSM_VERIFY_TOTALS_BATCH * items) {
+            psm_i32 at[PSM_VERIFY_TOTALS_BATCH];
+            float x[PSM_VERIFY_TOTALS_BATCH];
+            for (int b = 0; b < PSM_VERIFY_TOTALS_BATCH; ++b)
+                at[b] = i + b * items < end ? i + b * items : -1;
+            psm_load_logits_batch(dist.data, dist.dtype, at, x, PSM_VERIFY_TOTALS_BATCH);
+            for (int b = 0; b < PSM_VERIFY_TOTALS_BATCH; ++b)
+                sum += at[b] >= 0 ? psm_kept_weight(dist.rule, dist.rule.row_max, x[b],
+                                                    (psm_u32)at[b])
+                                  : 0u;
+        }
     } else if (!bad) {
         for (int i = begin + psm_group_item(); i < end; i += psm_group_size())
             sum += psm_verify_weight(dist, i);

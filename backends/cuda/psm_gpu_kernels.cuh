@@ -1096,6 +1096,8 @@ static_assert(PSM_TOP_ROUND % PSM_GPU_TOP_THREADS == 0,
               "a round of the top-N stage spreads its keys evenly over the threads");
 static_assert(PSM_TOP_LIST_MAX == PSM_MAX_TOP_LOGPROBS,
               "the top-N stage's lists hold PSM_MAX_TOP_LOGPROBS entries");
+static_assert(PSM_GPU_RANK_TILES <= PSM_TOP_RANK_PART_MAX,
+              "a rank part's tiles are bits of a 32-bit word (psm_top_count_ranks)");
 
 /* The top-N call besides psm_gpu_call (whose logits are the processed ones
  * when the call has logit processing): where the mode reads its logits, and

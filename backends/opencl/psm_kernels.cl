@@ -117,6 +117,9 @@
 #ifndef PSM_STAGE_TOP_LOGPROBS_H
 #include "psm_stage_top_logprobs.h"
 #endif
+#if PSM_RANK_TILES > PSM_TOP_RANK_PART_MAX
+#error "a rank part's tiles are bits of a 32-bit word (psm_top_count_ranks)"
+#endif
 #ifndef PSM_VERIFY_H
 #include "psm_verify.h"
 #endif

@@ -190,18 +190,28 @@ PSM_LOCAL_FN void psm_stage_verify_totals(PSM_TEAM_TYPE team, const psm_verify_c
         sum = slice == 0 && psm_group_item() == 0 ? 1u : 0u;
     } else if (!bad && dist.kind == PSM_DIST_KEPT) {
         /* PSM_VERIFY_TOTALS_BATCH loads in flight an item (see
-         * psm_load_logits_batch), not one. */
+         * psm_load_logits_batch), not one. The kernel is bound by its
+         * arithmetic: a rule without top-k, top-p or min-p keeps every
+         * valid token, and a row that is not bad holds only valid logits
+         * and -inf (whose infinite gap weighs 0), so there the kept test is
+         * left out. */
         const int items = psm_group_size();
+        const int keeps_valid = dist.rule.cutoff == 0 && dist.rule.min_weight == 0;
         for (int i = begin + psm_group_item(); i < end; i += PSM_VERIFY_TOTALS_BATCH * items) {
             psm_i32 at[PSM_VERIFY_TOTALS_BATCH];
             float x[PSM_VERIFY_TOTALS_BATCH];
             for (int b = 0; b < PSM_VERIFY_TOTALS_BATCH; ++b)
                 at[b] = i + b * items < end ? i + b * items : -1;
             psm_load_logits_batch(dist.data, dist.dtype, at, x, PSM_VERIFY_TOTALS_BATCH);
-            for (int b = 0; b < PSM_VERIFY_TOTALS_BATCH; ++b)
-                sum += at[b] >= 0 ? psm_kept_weight(dist.rule, dist.rule.row_max, x[b],
-                                                    (psm_u32)at[b])
-                                  : 0u;
+            for (int b = 0; b < PSM_VERIFY_TOTALS_BATCH; ++b) {
+                const psm_u64 weight =
+                    keeps_valid ? psm_weight_of_gap(psm_unclamped_gap(dist.rule.row_max, x[b],
+                                                                      dist.rule.scale),
+                                                    dist.rule.weight_bits)
+                                : psm_kept_weight(dist.rule, dist.rule.row_max, x[b],
+                                                  (psm_u32)at[b]);
+                sum += at[b] >= 0 ? weight : 0u;
+            }
         }
     } else if (!bad) {
         for (int i = begin + psm_group_item(); i < end; i += psm_group_size())

@@ -38,12 +38,13 @@
 /* Copies x[i] >= floor to out and, for those i, paired[i] to paired_out and
  * i to index when these are not NULL (all in index order); returns how
  * many. A NaN never passes. */
-static inline int psm_cpu_select_at_least_portable(const float *x, const float *paired, int n,
-                                                   float floor, float *out, float *paired_out,
-                                                   int32_t *index)
+/* The portable loop over entries [first, n), after `count` outputs: the
+ * portable form, and the vector forms' last entries. */
+static inline int psm_cpu_select_from(const float *x, const float *paired, int first, int n,
+                                      float floor, float *out, float *paired_out, int32_t *index,
+                                      int count)
 {
-    int count = 0;
-    for (int i = 0; i < n; ++i) {
+    for (int i = first; i < n; ++i) {
         out[count] = x[i];
         if (paired)
             paired_out[count] = paired[i];
@@ -52,6 +53,13 @@ static inline int psm_cpu_select_at_least_portable(const float *x, const float *
         count += x[i] >= floor;
     }
     return count;
+}
+
+static inline int psm_cpu_select_at_least_portable(const float *x, const float *paired, int n,
+                                                   float floor, float *out, float *paired_out,
+                                                   int32_t *index)
+{
+    return psm_cpu_select_from(x, paired, 0, n, floor, out, paired_out, index, 0);
 }
 
 #if PSM_CPU_COMPACT_AVX512
@@ -75,15 +83,7 @@ psm_cpu_select_at_least_avx512(const float *x, const float *paired, int n, float
         count += __builtin_popcount((unsigned)pass);
         lanes = _mm512_add_epi32(lanes, step);
     }
-    for (; i < n; ++i) {
-        out[count] = x[i];
-        if (paired)
-            paired_out[count] = paired[i];
-        if (index)
-            index[count] = i;
-        count += x[i] >= floor;
-    }
-    return count;
+    return psm_cpu_select_from(x, paired, i, n, floor, out, paired_out, index, count);
 }
 #endif
 
@@ -136,15 +136,7 @@ psm_cpu_select_at_least_avx2(const float *x, const float *paired, int n, float f
         count += __builtin_popcount(pass);
         lanes = _mm256_add_epi32(lanes, step);
     }
-    for (; i < n; ++i) {
-        out[count] = x[i];
-        if (paired)
-            paired_out[count] = paired[i];
-        if (index)
-            index[count] = i;
-        count += x[i] >= floor;
-    }
-    return count;
+    return psm_cpu_select_from(x, paired, i, n, floor, out, paired_out, index, count);
 }
 #endif
 

@@ -17,7 +17,7 @@
  * the CPU can run with the definition.
  *
  * Outputs need room for CPU_COMPACT_SLACK entries past the count: the vector
- * form stores 16 lanes at a time.
+ * forms store 16 (AVX-512F) or 8 (AVX2) lanes at a time.
  */
 #ifndef PSM_CPU_COMPACT_H
 #define PSM_CPU_COMPACT_H
@@ -35,9 +35,6 @@
 #define PSM_CPU_COMPACT_AVX2 0
 #endif
 
-/* Copies x[i] >= floor to out and, for those i, paired[i] to paired_out and
- * i to index when these are not NULL (all in index order); returns how
- * many. A NaN never passes. */
 /* The portable loop over entries [first, n), after `count` outputs: the
  * portable form, and the vector forms' last entries. */
 static inline int psm_cpu_select_from(const float *x, const float *paired, int first, int n,
@@ -55,6 +52,9 @@ static inline int psm_cpu_select_from(const float *x, const float *paired, int f
     return count;
 }
 
+/* Copies x[i] >= floor to out and, for those i, paired[i] to paired_out and
+ * i to index when these are not NULL (all in index order); returns how
+ * many. A NaN never passes. Every form below does the same. */
 static inline int psm_cpu_select_at_least_portable(const float *x, const float *paired, int n,
                                                    float floor, float *out, float *paired_out,
                                                    int32_t *index)
@@ -88,10 +88,11 @@ psm_cpu_select_at_least_avx512(const float *x, const float *paired, int n, float
 #endif
 
 #if PSM_CPU_COMPACT_AVX2
-/* The AVX2 form's permutations (its table moves_of): entry m holds, byte by byte from the lowest,
- * the lanes whose bit m sets, in order (byte j: the lane that moves to lane
- * j; bytes past the count are 0). Built by the preprocessor, so the table is
- * constant data with nothing to initialise at run time. */
+/* The AVX2 form's permutations (its table moves_of): entry m holds, byte by
+ * byte from the lowest, the lanes whose bit m sets, in order (byte j: the
+ * lane that moves to lane j; bytes past the count are 0). Built by the
+ * preprocessor, so the table is constant data with nothing to initialise at
+ * run time. */
 #define PSM_COMPACT_BIT(m, b) (((m) >> (b)) & 1u)
 #define PSM_COMPACT_BELOW(m, b) /* set bits of m below bit b */                                  \
     (PSM_COMPACT_BIT((m) & ((1u << (b)) - 1u), 0) + PSM_COMPACT_BIT((m) & ((1u << (b)) - 1u), 1) + \

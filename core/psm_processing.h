@@ -191,20 +191,75 @@ PSM_FN void psm_process_row_lists(PSM_GLOBAL float *x, PSM_GLOBAL psm_u32 *count
     psm_apply_bias(x, lists);
 }
 
-/* Step 3 for one token: the mask (allowed: its bit), then the final read.
- * A NaN or +inf stays, masked or not: the row is bad either way, so a mask
- * never hides a broken row (nor a row a GPU backend marked bad with NaN). */
+/* Step 3 for one token: the mask (allowed: its bit), then the final read
+ * (psm_processed_logit). A NaN or +inf stays, masked or not: the row is bad
+ * either way, so a mask never hides a broken row (nor a row a GPU backend
+ * marked bad with NaN). */
+PSM_FN float psm_masked_logit(float x, int allowed)
+{
+    return allowed || psm_logit_class(x) == PSM_LOGIT_BAD ? x : psm_bits_float(0xff800000u);
+}
+
 PSM_FN float psm_processed_logit(float x, int allowed)
 {
-    if (allowed || psm_logit_class(x) == PSM_LOGIT_BAD)
-        return psm_read_logit(x);
-    return psm_bits_float(0xff800000u); /* -inf */
+    return psm_read_logit(psm_masked_logit(x, allowed));
+}
+
+/* Bit `token` of a row's words, 32 tokens a word, lowest token in the
+ * lowest bit (the layout of the allowed-token mask). */
+PSM_FN int psm_token_bit(PSM_GLOBAL const psm_u32 *row_words, psm_i64 token)
+{
+    return (int)((row_words[token >> 5] >> (token & 31)) & 1u);
 }
 
 /* The mask bit of token i in its row's words. */
 PSM_FN int psm_token_allowed(PSM_GLOBAL const psm_u32 *row_mask, psm_i64 token)
 {
-    return (int)((row_mask[token >> 5] >> (token & 31)) & 1u);
+    return psm_token_bit(row_mask, token);
+}
+
+/* ---- processing as the GPU stages read a row ------------------------------
+ * Where a call's pipeline reads its rows only through the tile and draw
+ * stages (kernels/psm_stage_tile.h, psm_stage_draw.h), the CUDA and HIP
+ * backends write no processed copy of the batch: the lists step
+ * (kernels/psm_stage_lists.h) leaves the listed tokens' final values in an
+ * overlay row and sets their bits, and every read of a token applies the
+ * rest, which gives each token the value of steps 1, 2 and 3:
+ *   listed: the overlay's value (steps 1 to 3, made by the lists step);
+ *   else:   psm_masked_logit of the logit as given (step 2 changes nothing
+ *           it does not list), which the stage then reads (psm_read_logit,
+ *           step 1's and step 3's read in one: it is idempotent and leaves
+ *           -inf, NaN and +inf as they are). */
+typedef struct psm_read_processing {
+    PSM_GLOBAL const psm_u32 *mask;   /* the row's allowed-token words; NULL: all */
+    PSM_GLOBAL const psm_u32 *listed; /* the row's listed-token bits; NULL: none */
+    PSM_GLOBAL const float *overlay;  /* the row's listed tokens' values */
+} psm_read_processing;
+
+/* No processing: the logits as given. */
+PSM_FN psm_read_processing psm_no_read_processing(void)
+{
+    psm_read_processing none;
+    none.mask = 0;
+    none.listed = 0;
+    none.overlay = 0;
+    return none;
+}
+
+/* Words of a row's listed-token bits. */
+PSM_FN psm_i64 psm_listed_words(psm_i64 vocab)
+{
+    return (vocab + 31) / 32;
+}
+
+/* Token `token` of a row, given its logit as read from memory, before
+ * psm_read_logit. */
+PSM_FN float psm_processed_raw(psm_read_processing processing, psm_i64 token, float raw)
+{
+    if (processing.listed && psm_token_bit(processing.listed, token))
+        return processing.overlay[token];
+    return processing.mask ? psm_masked_logit(raw, psm_token_allowed(processing.mask, token))
+                           : raw;
 }
 
 #endif /* PSM_PROCESSING_H */

@@ -52,6 +52,9 @@
 #ifndef PSM_ROW_H
 #include "psm_row.h"
 #endif
+#ifndef PSM_PROCESSING_H /* psm_processed_raw, for the loads at the end */
+#include "psm_processing.h"
+#endif
 
 #if PSM_PLATFORM_GPU_CXX
 /* ---------------------------------------------------------- CUDA, HIP --- */
@@ -461,6 +464,38 @@ PSM_DEVICE_FN void psm_team_load_tile(PSM_TEAM_TYPE team, PSM_GLOBAL const unsig
     for (int slot = 0; slot < PSM_TEAM_SLOTS; ++slot) {
         const int offset = psm_slot_offset(slot, team.lane, PSM_TEAM, vector_shift, layout);
         x[slot] = offset < count ? psm_raw_logit(tile, dtype, offset) : -INFINITY;
+    }
+}
+
+/* Logit processing (core/psm_processing.h's psm_processed_raw) applied to x
+ * as psm_team_load_tile filled it, for a tile whose first token in its row
+ * is `first`, a multiple of 32, and which holds `count` tokens. Nothing to
+ * do without a mask or listed tokens (the same for every item). A vector's
+ * elements share a word of each bit array: the words are loaded once a
+ * vector, and not past the row's end, where every slot is -inf already. */
+PSM_TEAM_TEMPLATE
+PSM_DEVICE_FN void psm_team_process_tile(PSM_TEAM_TYPE team, psm_read_processing processing,
+                                         psm_i64 first, int count, int dtype, int layout,
+                                         float *x)
+{
+    if (!processing.mask && !processing.listed)
+        return;
+    const int vector_shift = psm_vector_shift(dtype);
+    psm_u32 allowed = 0xffffffffu, listed = 0u;
+#pragma unroll
+    for (int slot = 0; slot < PSM_TEAM_SLOTS; ++slot) {
+        const int offset = psm_slot_offset(slot, team.lane, PSM_TEAM, vector_shift, layout);
+        if ((slot & ((1 << vector_shift) - 1)) == 0) {
+            const psm_i64 word = (first + offset) >> 5;
+            const int inside = offset < count;
+            allowed = processing.mask && inside ? processing.mask[word] : 0xffffffffu;
+            listed = processing.listed && inside ? processing.listed[word] : 0u;
+        }
+        const psm_u32 bit = 1u << (offset & 31);
+        if (listed & bit)
+            x[slot] = processing.overlay[first + offset];
+        else
+            x[slot] = psm_masked_logit(x[slot], (allowed & bit) != 0u);
     }
 }
 

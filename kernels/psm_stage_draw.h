@@ -35,7 +35,25 @@ typedef struct psm_tile_place {
     int count;                              /* its tokens: PSM_TILE, fewer at the row's end */
     int dtype;                              /* PSM_LOGITS_* */
     int aligned;                            /* the tile's address allows 16-byte loads */
+    psm_read_processing processing;         /* the row's, applied as it is read */
 } psm_tile_place;
+
+/* Slot offset of a tile as read, before psm_read_logit (the tile's count
+ * bounds it). */
+PSM_DEVICE_FN float psm_tile_raw(psm_tile_place tile, int offset)
+{
+    return psm_processed_raw(tile.processing, tile.first + offset,
+                             psm_raw_logit(tile.logits, tile.dtype, offset));
+}
+
+/* x[slot] = the tile's logits in a team's layout, processed, before
+ * psm_read_logit: psm_team_load_tile, then psm_team_process_tile. */
+PSM_TEAM_TEMPLATE
+PSM_DEVICE_FN void psm_team_read_tile(PSM_TEAM_TYPE team, psm_tile_place tile, int layout, float *x)
+{
+    psm_team_load_tile(team, tile.logits, tile.dtype, tile.count, tile.aligned, layout, x);
+    psm_team_process_tile(team, tile.processing, tile.first, tile.count, tile.dtype, layout, x);
+}
 
 /* The masses that place a tile's tokens in the row's distribution. */
 typedef struct psm_tile_share {
@@ -109,8 +127,7 @@ PSM_LOCAL_FN psm_kept_tile psm_stage_kept_masses(PSM_TEAM_TYPE team, psm_tile_pl
     float lane_max = -INFINITY;
     if (reachable) {
         const int vector_shift = psm_vector_shift(tile.dtype);
-        psm_team_load_tile(team, tile.logits, tile.dtype, tile.count, tile.aligned,
-                           PSM_INTERLEAVED, x);
+        psm_team_read_tile(team, tile, PSM_INTERLEAVED, x);
 #pragma unroll
         for (int s = 0; s < PSM_TEAM_SLOTS; ++s) {
             const float value = psm_read_logit(x[s]);
@@ -172,8 +189,7 @@ PSM_LOCAL_FN psm_u64 psm_stage_gather_and_weigh(PSM_TEAM_TYPE team, psm_tile_pla
     if (reachable) {
         const int vector_shift = psm_vector_shift(tile.dtype);
         float x[PSM_TEAM_SLOTS];
-        psm_team_load_tile(team, tile.logits, tile.dtype, tile.count, tile.aligned,
-                           PSM_INTERLEAVED, x);
+        psm_team_read_tile(team, tile, PSM_INTERLEAVED, x);
 #pragma unroll
         for (int s = 0; s < PSM_TEAM_SLOTS; ++s) {
             const float value = psm_read_logit(x[s]);
@@ -230,12 +246,14 @@ PSM_DEVICE_FN void psm_load_draw_run(psm_tile_place tile, int offset, float *x)
         psm_unpack_vector(vectors[0], tile.dtype, x);
         if (tile.dtype == PSM_LOGITS_F32)
             psm_unpack_vector(vectors[1], tile.dtype, x + 4);
+#pragma unroll
+        for (int k = 0; k < PSM_DRAW_VECTOR_RUN; ++k)
+            x[k] = psm_processed_raw(tile.processing, tile.first + offset + k, x[k]);
         return;
     }
 #pragma unroll
     for (int k = 0; k < PSM_DRAW_VECTOR_RUN; ++k)
-        x[k] = offset + k < tile.count ? psm_raw_logit(tile.logits, tile.dtype, offset + k)
-                                       : -INFINITY;
+        x[k] = offset + k < tile.count ? psm_tile_raw(tile, offset + k) : -INFINITY;
 }
 
 /* The second round of a draw: the slots of the holder's run that each item
@@ -255,8 +273,7 @@ typedef struct psm_draw_posts {
  * tile's tokens. */
 PSM_DEVICE_FN float psm_tile_logit(psm_tile_place tile, int offset)
 {
-    return offset < tile.count ? psm_read_logit(psm_raw_logit(tile.logits, tile.dtype, offset))
-                               : -INFINITY;
+    return offset < tile.count ? psm_read_logit(psm_tile_raw(tile, offset)) : -INFINITY;
 }
 
 /* What a draw gives the item that writes it. */
@@ -297,7 +314,7 @@ PSM_LOCAL_FN psm_drawn psm_stage_draw(PSM_TEAM_TYPE team, psm_tile_place tile, p
         for (int s = 0; s < PSM_TEAM_SLOTS && run_offset + s < tile.count; ++s)
             run_weight += psm_kept_weight(
                 rule, share.reference,
-                psm_read_logit(psm_raw_logit(tile.logits, tile.dtype, run_offset + s)),
+                psm_read_logit(psm_tile_raw(tile, run_offset + s)),
                 (psm_u32)(tile.first + run_offset + s));
     }
     const psm_u64 target = psm_pick(token_bits, share.mass);
@@ -364,7 +381,7 @@ PSM_DEVICE_FN void psm_stage_probs(PSM_TEAM_TYPE team, psm_tile_place tile, psm_
         psm_u64 weight = 0;
         if (any_kept)
             weight = psm_kept_weight(rule, share.reference,
-                                     psm_read_logit(psm_raw_logit(tile.logits, tile.dtype, offset)),
+                                     psm_read_logit(psm_tile_raw(tile, offset)),
                                      (psm_u32)(tile.first + offset));
         out[offset] = weight ? psm_token_probability(weight, share) : 0.0f;
     }

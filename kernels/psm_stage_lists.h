@@ -19,7 +19,10 @@
  * the lists, and then step 3 to them alone, which gives each token exactly
  * the value of steps 1, 2, 3 in order (step 3 only reads a token's own value
  * and its mask bit). The counts are cleared here for the listed tokens only:
- * no dense pass clears them.
+ * no dense pass clears them. Where the pipeline applies the processing as
+ * it reads (psm_read_processing), there is no dense step: the row here is
+ * an overlay whose other values are never read, and the stage sets the
+ * listed tokens' bits.
  */
 #ifndef PSM_STAGE_LISTS_H
 #define PSM_STAGE_LISTS_H
@@ -41,12 +44,15 @@ PSM_STAGE_BEGIN
  * vocab count words, of any value on entry; the listed tokens' are zero on
  * return. lists_in_range: the backend's own bound on the entries (OpenCL:
  * within the buffers), checked before any entry is read. bad: group-shared
- * scratch. A row whose lists are unusable gets x[0] = NaN, which makes it a
- * bad row for the pipeline, and is otherwise left as read. */
-PSM_LOCAL_FN void psm_stage_row_lists(PSM_GLOBAL float *x, PSM_GLOBAL const unsigned char *raw,
-                                      int dtype, PSM_GLOBAL const psm_u32 *mask,
-                                      PSM_GLOBAL psm_u32 *counts, const psm_row_lists *lists,
-                                      psm_i64 vocab, int lists_in_range, PSM_LOCAL psm_u32 *bad)
+ * scratch. listed_bits: the row's listed-token bits, zero on entry, for an overlay
+ * row x; NULL for a row x that the read step wrote. A row whose lists are
+ * unusable gets x[0] = NaN (listed), which makes it a bad row for the
+ * pipeline, and is otherwise left as read. */
+PSM_LOCAL_FN void psm_stage_row_lists(PSM_GLOBAL float *x, PSM_GLOBAL psm_u32 *listed_bits,
+                                      PSM_GLOBAL const unsigned char *raw, int dtype,
+                                      PSM_GLOBAL const psm_u32 *mask, PSM_GLOBAL psm_u32 *counts,
+                                      const psm_row_lists *lists, psm_i64 vocab,
+                                      int lists_in_range, PSM_LOCAL psm_u32 *bad)
 {
     const int item = psm_group_item(), items = psm_group_size();
     const int shape_valid = lists_in_range && psm_row_lists_shape_valid(lists);
@@ -70,8 +76,11 @@ PSM_LOCAL_FN void psm_stage_row_lists(PSM_GLOBAL float *x, PSM_GLOBAL const unsi
     /* Before *bad is written again for the group's next row. */
     psm_group_barrier();
     if (!usable) {
-        if (item == 0)
+        if (item == 0) {
             x[0] = psm_bits_float(0x7fc00000u); /* NaN */
+            if (listed_bits)
+                listed_bits[0] |= 1u;
+        }
         return;
     }
 
@@ -87,6 +96,8 @@ PSM_LOCAL_FN void psm_stage_row_lists(PSM_GLOBAL float *x, PSM_GLOBAL const unsi
             counts[token] = 0u;
         if (raw)
             x[token] = psm_read_logit(psm_raw_logit(raw, dtype, token));
+        if (listed_bits)
+            psm_global_or_u32(&listed_bits[token >> 5], 1u << (token & 31));
     }
     psm_group_barrier_global();
     const float reciprocal = psm_penalty_reciprocal(lists->repetition);

@@ -89,24 +89,26 @@ typedef struct psm_tile_posts {
 } psm_tile_posts;
 
 /* Tile `slot` (row * tiles per row + tile) of an output row whose
- * parameters are `params`; its first token is `first`. in_range 0: a spare
+ * parameters are `params` and whose logits are processed as `processing`
+ * says as they are read; its first token is `first`. in_range 0: a spare
  * team with no tile, which only passes the barriers. A row whose parameters
  * or row index are out of range is never read: its tile reads as holding no
  * valid logit, and the row stages give it token -1. Every item of the team
  * calls this (on OpenCL every item of the work-group). */
 PSM_TEAM_TEMPLATE
 PSM_LOCAL_FN void psm_stage_tile(PSM_TEAM_TYPE team, psm_tile_call call, psm_row_params params,
-                                 psm_i64 slot, psm_i64 first, int in_range, psm_tile_posts posts,
-                                 psm_tile_outputs out)
+                                 psm_read_processing processing, psm_i64 slot, psm_i64 first,
+                                 int in_range, psm_tile_posts posts, psm_tile_outputs out)
 {
     float x[PSM_TEAM_SLOTS];
     if (in_range && params.valid) {
         const psm_i64 remaining = call.vocab - first;
+        const int count = remaining < PSM_TILE ? (int)remaining : PSM_TILE;
         psm_team_load_tile(team,
                            call.logits + (params.logits_row * call.row_stride + first) *
                                              psm_element_bytes(call.dtype),
-                           call.dtype, remaining < PSM_TILE ? (int)remaining : PSM_TILE,
-                           call.aligned, PSM_INTERLEAVED, x);
+                           call.dtype, count, call.aligned, PSM_INTERLEAVED, x);
+        psm_team_process_tile(team, processing, first, count, call.dtype, PSM_INTERLEAVED, x);
     } else {
 #pragma unroll
         for (int s = 0; s < PSM_TEAM_SLOTS; ++s)

@@ -42,13 +42,14 @@ namespace PSM_GPU_NAMESPACE {
 namespace {
 
 /* The kernel instantiations of one wave size, indexed by dtype (and, for
+ * the tile kernel, by whether it processes the rows as it reads them; for
  * the row kernel, by variant: plain, filtered, filtered in an engine's
  * filter order; and by probs mode). */
 typedef void (*kernel_fn)(const psm_gpu_call);
 typedef void (*top_kernel_fn)(const psm_gpu_call, const psm_gpu_top_call);
 struct kernel_set {
     int warp_size;
-    kernel_fn tile[3];
+    kernel_fn tile[3][2];
     kernel_fn check;
     kernel_fn row[3][3][2];
     top_kernel_fn top[3];  /* by the dtype the mode reads */
@@ -58,7 +59,8 @@ struct kernel_set {
 template <int WarpSize, int Dtype>
 void add_dtype_kernels(kernel_set *set)
 {
-    set->tile[Dtype] = psm_gpu_tile_kernel<WarpSize, Dtype>;
+    set->tile[Dtype][0] = psm_gpu_tile_kernel<WarpSize, Dtype, false>;
+    set->tile[Dtype][1] = psm_gpu_tile_kernel<WarpSize, Dtype, true>;
     set->row[Dtype][0][0] = psm_gpu_row_kernel<WarpSize, Dtype, false, false>;
     set->row[Dtype][0][1] = psm_gpu_row_kernel<WarpSize, Dtype, false, true>;
     set->row[Dtype][1][0] = psm_gpu_row_kernel<WarpSize, Dtype, true, false>;
@@ -461,6 +463,26 @@ psm_status too_large(const psm_request *request)
                          (long long)request->logits.vocab);
 }
 
+int filters_possible(const psm_request *request)
+{
+    const psm_params *p = &request->params;
+    return p->top_k_per_row || p->top_p_per_row || p->min_p_per_row ||
+           psm_may_filter(p->top_k, p->top_p, p->min_p, request->logits.vocab);
+}
+
+/* Whether a call's logit processing is applied as the tile and draw stages
+ * read its rows (psm_read_processing), instead of in a processed copy of
+ * the batch that the pipeline then reads: where those stages are the only
+ * readers of the rows, which is so for calls whose rows do not filter and
+ * that want no top-N logprobs (the filters' cutoff searches and the top-N
+ * kernels read the rows through paths of their own). The copy costs a
+ * write and a read of the batch more. */
+bool processing_on_read(const psm_request *request)
+{
+    return psm_processing_active(&request->params) && !filters_possible(request) &&
+           !request->params.top_logprobs;
+}
+
 psm_status plan_call(const psm_request *request, bool probs_mode, call_plan *plan)
 {
     memset(plan, 0, sizeof *plan);
@@ -489,9 +511,17 @@ psm_status plan_call(const psm_request *request, bool probs_mode, call_plan *pla
     }
 
     if (psm_processing_active(&request->params)) {
-        /* Processed rows (f32) and, with lists, their counts (u32). */
-        plan->processed_bytes =
-            (psm_processing_has_lists(&request->params) ? 2 : 1) * rows * vocab * sizeof(float);
+        /* Processed rows (f32), or where the processing is applied as the
+         * rows are read, overlay rows (f32) and their listed bits when there
+         * are lists; with lists, their counts (u32). */
+        const bool lists = psm_processing_has_lists(&request->params);
+        if (processing_on_read(request))
+            plan->processed_bytes =
+                lists ? 2 * rows * vocab * sizeof(float) +
+                            rows * (size_t)psm_listed_words((psm_i64)vocab) * sizeof(psm_u32)
+                      : 0;
+        else
+            plan->processed_bytes = (lists ? 2 : 1) * rows * vocab * sizeof(float);
         if (logits->memory == PSM_MEMORY_HOST) {
             psm_processing_arrays unused;
             const psm_u32 *unused_mask;
@@ -662,6 +692,7 @@ struct call_buffers {
     void *host_top_logprobs;
     void *host_top_ranks;
     bool processing_active;
+    bool processing_on_read; /* processing_on_read(): no processed copy */
     psm_gpu_processing processing;
     void *host_tokens;
     void *host_logprobs;
@@ -732,11 +763,16 @@ psm_status stage_processing(psm_gpu_state *state, const psm_request *request,
     processing.mask_words =
         p->allowed_mask_words ? p->allowed_mask_words : (request->logits.vocab + 31) / 32;
     const size_t cells = (size_t)request->rows * (size_t)request->logits.vocab;
-    processing.processed = (float *)memory.processed;
+    const bool lists = psm_processing_has_lists(&request->params);
+    buffers->processing_on_read = processing_on_read(request);
+    processing.processed =
+        !buffers->processing_on_read || lists ? (float *)memory.processed : NULL;
     processing.counts =
-        psm_processing_has_lists(&request->params)
-            ? (psm_u32 *)((unsigned char *)memory.processed + cells * sizeof(float))
-            : NULL;
+        lists ? (psm_u32 *)((unsigned char *)memory.processed + cells * sizeof(float)) : NULL;
+    processing.listed = buffers->processing_on_read && lists
+                            ? (psm_u32 *)((unsigned char *)memory.processed +
+                                          2 * cells * sizeof(float))
+                            : NULL;
     if (request->logits.memory != PSM_MEMORY_HOST)
         return PSM_OK;
     staged_array list[staged_processing_count];
@@ -755,15 +791,17 @@ psm_status stage_processing(psm_gpu_state *state, const psm_request *request,
     return PSM_OK;
 }
 
-/* The processing kernels of one dtype: the read step, then the lists step
- * when the call has lists (without them the read step's values are final). */
+/* The processing kernels of one dtype: the read step (unless the rows are
+ * processed as they are read), then the lists step when the call has lists
+ * (without them the read step's values are final). */
 template <int Dtype>
 void launch_processing(psm_gpu_state *state, const psm_gpu_call &call,
                        const psm_gpu_processing &processing, psm_i64 blocks, psm_i64 row_blocks,
-                       int lists)
+                       int lists, bool on_read)
 {
-    psm_gpu_process_read_kernel<Dtype>
-        <<<(unsigned)blocks, 256, 0, state->stream>>>(call, processing);
+    if (!on_read)
+        psm_gpu_process_read_kernel<Dtype>
+            <<<(unsigned)blocks, 256, 0, state->stream>>>(call, processing);
     const bool histories =
         (processing.arrays.present & (PSM_LISTS_HISTORY | PSM_LISTS_PROMPT)) != 0;
     if (lists)
@@ -773,31 +811,50 @@ void launch_processing(psm_gpu_state *state, const psm_gpu_call &call,
 }
 
 /* Runs the processing kernels (psm_gpu_processing.cuh), then points the call
- * at the processed rows: f32, one per output row, no gather left to do.
- * Returns the dtype the sampling kernels then read. */
+ * at the processed rows: f32, one per output row, no gather left to do; or,
+ * where the rows are processed as they are read, gives the call the mask
+ * and the listed tokens. Returns the dtype the sampling kernels then read. */
 psm_status run_processing(psm_gpu_state *state, const psm_request *request,
                           call_buffers *buffers, psm_dtype *dtype)
 {
     psm_gpu_call &call = buffers->call;
     const psm_gpu_processing &processing = buffers->processing;
+    const bool on_read = buffers->processing_on_read;
+    const int lists = psm_processing_has_lists(&request->params);
+    if (on_read && lists)
+        PSM_GPU_TRY(psm_gpu_memset_async(processing.listed, 0,
+                                         (size_t)call.rows * (size_t)psm_listed_words(call.vocab) *
+                                             sizeof(psm_u32),
+                                         state->stream),
+                    "clearing the listed-token bits");
     const psm_i64 cap = (psm_i64)state->multiprocessors * 32;
     const psm_i64 units =
         call.rows * ((call.vocab + PSM_GPU_PROCESS_SPAN - 1) / PSM_GPU_PROCESS_SPAN);
     const psm_i64 blocks = units < cap ? units : cap;
     const psm_i64 row_blocks = call.rows < cap ? call.rows : cap;
-    const int lists = psm_processing_has_lists(&request->params);
     switch (request->logits.dtype) {
     case PSM_DTYPE_F32:
-        launch_processing<PSM_DTYPE_F32>(state, call, processing, blocks, row_blocks, lists);
+        launch_processing<PSM_DTYPE_F32>(state, call, processing, blocks, row_blocks, lists,
+                                         on_read);
         break;
     case PSM_DTYPE_F16:
-        launch_processing<PSM_DTYPE_F16>(state, call, processing, blocks, row_blocks, lists);
+        launch_processing<PSM_DTYPE_F16>(state, call, processing, blocks, row_blocks, lists,
+                                         on_read);
         break;
     case PSM_DTYPE_BF16:
-        launch_processing<PSM_DTYPE_BF16>(state, call, processing, blocks, row_blocks, lists);
+        launch_processing<PSM_DTYPE_BF16>(state, call, processing, blocks, row_blocks, lists,
+                                          on_read);
         break;
     }
     PSM_GPU_TRY(psm_gpu_get_last_error(), "launching the processing kernels");
+
+    if (on_read) {
+        call.read_mask = processing.mask;
+        call.read_mask_words = processing.mask_words;
+        call.read_listed = processing.listed;
+        call.read_overlay = processing.processed;
+        return PSM_OK;
+    }
 
     call.logits = processing.processed;
     call.row_stride = call.vocab;
@@ -912,13 +969,6 @@ psm_status prepare_call(psm_gpu_state *state, psm_request *request, bool probs_m
     return PSM_OK;
 }
 
-int filters_possible(const psm_request *request)
-{
-    const psm_params *p = &request->params;
-    return p->top_k_per_row || p->top_p_per_row || p->min_p_per_row ||
-           psm_may_filter(p->top_k, p->top_p, p->min_p, request->logits.vocab);
-}
-
 /* Blocks per row of the row kernel: more than one only for calls that may
  * filter (a plain row's row-kernel work is per tile and per sample, not a
  * pass over the row) with fewer rows than multiprocessors, and only as many
@@ -970,7 +1020,7 @@ psm_status launch(psm_gpu_state *state, psm_request *request, call_buffers *buff
     const psm_i64 tile_block_cap = (psm_i64)state->multiprocessors * 64;
     if (tile_blocks > tile_block_cap)
         tile_blocks = tile_block_cap;
-    kernels.tile[dtype]<<<(unsigned)tile_blocks, (unsigned)(tile_block_tiles * kernels.warp_size), 0,
+    kernels.tile[dtype][buffers->processing_on_read ? 1 : 0]<<<(unsigned)tile_blocks, (unsigned)(tile_block_tiles * kernels.warp_size), 0,
                           state->stream>>>(call);
     PSM_GPU_TRY(psm_gpu_get_last_error(), "launching the tile kernel");
 

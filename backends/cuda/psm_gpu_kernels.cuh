@@ -153,6 +153,15 @@ struct psm_gpu_call {
     psm_i32 row_parts;
     psm_gpu_split_row *split;
 
+    /* logit processing applied as the tile and draw stages read the rows
+     * (psm_read_processing); NULL pointers where the call has none, or where
+     * the pipeline reads a processed copy of the batch instead (the launch
+     * decides, backends/cuda/psm_gpu_processing.cuh) */
+    const psm_u32 *read_mask;   /* the output rows' allowed-token words */
+    psm_i64 read_mask_words;    /* per row */
+    const psm_u32 *read_listed; /* their listed-token bits, psm_listed_words a row */
+    const float *read_overlay;  /* their listed tokens' values, vocab a row */
+
     /* top-N logprobs: each row's filter values (NULL: the call has none) */
     psm_gpu_kept_filters *kept_filters;
 
@@ -223,6 +232,17 @@ PSM_GPU_DEVICE psm_u64 psm_reader_key(const psm_gpu_global_row<Dtype> *row, psm_
 {
     *x = row->value(index);
     return psm_logit_class(*x) == PSM_LOGIT_VALID ? psm_rank_key(*x, (psm_u32)index) : 0;
+}
+
+/* Output row `row`'s processing as its tiles are read. */
+PSM_GPU_DEVICE psm_read_processing psm_gpu_read_processing(const psm_gpu_call &call, psm_i64 row)
+{
+    psm_read_processing processing;
+    processing.mask = call.read_mask ? call.read_mask + row * call.read_mask_words : nullptr;
+    processing.listed = call.read_listed ? call.read_listed + row * psm_listed_words(call.vocab)
+                                         : nullptr;
+    processing.overlay = call.read_overlay ? call.read_overlay + row * call.vocab : nullptr;
+    return processing;
 }
 
 /* Output row `row`'s parameters (core/psm_row.h). */
@@ -332,8 +352,11 @@ PSM_GPU_DEVICE void psm_gpu_clear_split_pools(const psm_gpu_call &call)
 
 /* One warp per tile, the blocks' warps taking the call's tiles in turn: the
  * tile pass of kernels/psm_stage_tile.h. The row kernel remakes the tile
- * masses of every row that may filter. */
-template <int WarpSize, int Dtype>
+ * masses of every row that may filter. OnRead: the variant for calls whose
+ * rows it processes as it reads them (call.read_*), a variant of its own
+ * because that code takes registers (97 against 57 for f32 on sm_90), which
+ * would lower every other call's occupancy. */
+template <int WarpSize, int Dtype, bool OnRead>
 PSM_GPU_DEVICE void psm_gpu_tile_body(const psm_gpu_call &call)
 {
     const psm_team<WarpSize> team = psm_team_of_thread<WarpSize>();
@@ -362,17 +385,19 @@ PSM_GPU_DEVICE void psm_gpu_tile_body(const psm_gpu_call &call)
         const psm_i64 row = tile_id / call.tiles_per_row;
         /* The seed, offset and stream are not used by the tile pass, so they
          * compile away. */
-        psm_stage_tile(team, tile_call, psm_gpu_row_params(call, row), tile_id,
+        psm_stage_tile(team, tile_call, psm_gpu_row_params(call, row),
+                       OnRead ? psm_gpu_read_processing(call, row) : psm_no_read_processing(),
+                       tile_id,
                        (tile_id - row * call.tiles_per_row) * PSM_TILE, 1, psm_tile_posts(), out);
     }
 }
 
-template <int WarpSize, int Dtype>
+template <int WarpSize, int Dtype, bool OnRead>
 PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_TILE_THREADS)
     psm_gpu_tile_kernel(const psm_gpu_call call)
 {
     if constexpr (psm_gpu_wave_compiled<WarpSize>())
-        psm_gpu_tile_body<WarpSize, Dtype>(call);
+        psm_gpu_tile_body<WarpSize, Dtype, OnRead>(call);
 }
 
 /* ---- launch 1b (checking mode): the first bad row ----------------------- */
@@ -431,11 +456,13 @@ PSM_GPU_DEVICE psm_kept_rule psm_gpu_kept_rule(const psm_gpu_call &call,
                               call.weight_bits);
 }
 
-/* Tile `tile` of a row whose first element is row_base, for the stages of
+/* Tile `tile` of a row whose logits row starts at row_base, processed as
+ * they are read as `processing` says, for the stages of
  * kernels/psm_stage_draw.h. */
 template <int Dtype>
 PSM_GPU_DEVICE psm_tile_place psm_gpu_tile_place(const psm_gpu_call &call,
-                                                 const unsigned char *row_base, psm_i64 tile)
+                                                 const unsigned char *row_base,
+                                                 psm_read_processing processing, psm_i64 tile)
 {
     const psm_i64 first = tile * PSM_TILE;
     const psm_i64 remaining = call.vocab - first;
@@ -445,6 +472,7 @@ PSM_GPU_DEVICE psm_tile_place psm_gpu_tile_place(const psm_gpu_call &call,
     place.count = remaining < PSM_TILE ? (int)remaining : PSM_TILE;
     place.dtype = Dtype;
     place.aligned = call.logits_aligned;
+    place.processing = processing;
     return place;
 }
 
@@ -665,7 +693,7 @@ PSM_GPU_DEVICE void psm_gpu_gather_and_weigh(const unsigned char *row_base,
          tile += split.parts * warps) {
         const psm_u64 key = tile_key[tile];
         const psm_u64 mass = psm_stage_gather_and_weigh(
-            team, psm_gpu_tile_place<Dtype>(call, row_base, tile),
+            team, psm_gpu_tile_place<Dtype>(call, row_base, psm_no_read_processing(), tile),
             key != 0 ? psm_rank_key_logit(key) : -INFINITY, state.row_max, state.scale,
             call.weight_bits, cutoff_bin, &select.list_size, select.list_key,
             PSM_GPU_LIST_CAPACITY, psm_no_posts());
@@ -843,8 +871,10 @@ PSM_GPU_DEVICE void psm_gpu_scan_masses(const unsigned char *row_base, const psm
          tile += split.parts * warps) {
         /* tile_key: launch 1's unfiltered tile maximum, until replaced here. */
         const psm_kept_tile kept =
-            psm_stage_kept_masses(team, psm_gpu_tile_place<Dtype>(call, row_base, tile), rule,
-                                  tile_key[tile], psm_kept_posts());
+            psm_stage_kept_masses(team,
+                                  psm_gpu_tile_place<Dtype>(call, row_base,
+                                                            psm_no_read_processing(), tile),
+                                  rule, tile_key[tile], psm_kept_posts());
         if (team.lane == 0) {
             /* Only the logit and non-zero-ness of this key are read later. */
             tile_key[tile] = kept.maximum != -INFINITY
@@ -871,9 +901,11 @@ PSM_GPU_DEVICE psm_tile_share psm_gpu_tile_share(const psm_gpu_call &call, psm_i
 
 /* From the tile masses over the kept set to the outputs: T_t and their scan,
  * then the draws (a warp per sample) or the probabilities (a warp per tile),
- * the stages of kernels/psm_stage_draw.h. */
+ * the stages of kernels/psm_stage_draw.h, which read the row as
+ * `processing` says. */
 template <int WarpSize, int Dtype>
-PSM_GPU_DEVICE void psm_gpu_finish_row(const unsigned char *row_base, const psm_gpu_call &call,
+PSM_GPU_DEVICE void psm_gpu_finish_row(const unsigned char *row_base,
+                                       psm_read_processing processing, const psm_gpu_call &call,
                                        const psm_gpu_row_state &state, psm_kept_rule rule,
                                        const psm_row_params &p, int probs_mode,
                                        psm_gpu_row_scratch &scratch)
@@ -906,7 +938,7 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const unsigned char *row_base, const psm_
     if (probs_mode) {
         float *out = call.probs + state.row * call.probs_stride;
         for (psm_i64 tile = warp; tile < tiles; tile += psm_gpu_block_warps<WarpSize>())
-            psm_stage_probs(team, psm_gpu_tile_place<Dtype>(call, row_base, tile), rule,
+            psm_stage_probs(team, psm_gpu_tile_place<Dtype>(call, row_base, processing, tile), rule,
                             psm_gpu_tile_share(call, state.tile_base, tile, total),
                             out + tile * PSM_TILE);
         return;
@@ -915,7 +947,7 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const unsigned char *row_base, const psm_
         const psm_draw_bits bits = psm_sample_bits(p.seed, p.offset, p.stream, (psm_u32)sample);
         const psm_i32 tile = psm_draw_tile(team, tile_prefix, (psm_i32)tiles, bits.tile, total);
         const psm_drawn drawn =
-            psm_stage_draw(team, psm_gpu_tile_place<Dtype>(call, row_base, tile), rule,
+            psm_stage_draw(team, psm_gpu_tile_place<Dtype>(call, row_base, processing, tile), rule,
                            psm_gpu_tile_share(call, state.tile_base, tile, total), bits.token, 1,
                            call.logprobs != nullptr, psm_draw_posts());
         if (drawn.writes) {
@@ -1059,8 +1091,12 @@ PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scrat
                 call.kept_filters[row] =
                     psm_gpu_kept_filters{state.cutoff, state.min_weight, state.row_max, 0u};
         }
-        psm_gpu_finish_row<WarpSize, Dtype>(source.base, call, state,
-                                            psm_gpu_kept_rule(call, state), p, ProbsMode, scratch);
+        /* Only the plain variant's calls may process their rows as they
+         * read them (psm_gpu_backend.cu's processing_on_read); the others'
+         * code stays without it. */
+        psm_gpu_finish_row<WarpSize, Dtype>(
+            source.base, Filtered ? psm_no_read_processing() : psm_gpu_read_processing(call, row),
+            call, state, psm_gpu_kept_rule(call, state), p, ProbsMode, scratch);
         /* The next row reuses the scratch. */
         psm_gpu_block_barrier();
     }

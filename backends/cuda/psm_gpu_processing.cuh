@@ -14,7 +14,12 @@
  *      of range is marked bad the same way. Calls without lists skip it.
  * The pipeline then samples the buffer as f32 logits, one row per output
  * row. This costs a write and a read of the batch (as f32) more than
- * sampling alone; fusing the read into the tile pass is future work.
+ * sampling alone. Calls whose rows are read only by the tile and draw
+ * stages (psm_gpu_backend.cu's processing_on_read: no filters, no top-N)
+ * skip step 1 and the buffer: step 2 writes the listed tokens' values into
+ * an overlay row and sets their bits, and those stages apply the mask and
+ * the overlay as they read each tile (core/psm_processing.h's
+ * psm_read_processing).
  */
 #ifndef PSM_GPU_PROCESSING_CUH
 #define PSM_GPU_PROCESSING_CUH
@@ -27,8 +32,10 @@ namespace PSM_GPU_NAMESPACE {
 
 /* The processing of one call, on the device. */
 struct psm_gpu_processing {
-    float *processed; /* rows x vocab: the logits the pipeline then samples */
+    float *processed; /* rows x vocab: the logits the pipeline then samples, or
+                         where it processes them as it reads, the overlay */
     psm_u32 *counts;  /* rows x vocab: step 2's token counts */
+    psm_u32 *listed;  /* the overlay's listed-token bits; NULL: no overlay */
     psm_processing_arrays arrays; /* device pointers */
     const psm_u32 *mask;          /* NULL: every token allowed */
     psm_i64 mask_words;           /* words per row of the mask */
@@ -95,6 +102,9 @@ PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_LISTS_THREADS)
         const psm_row_params p = psm_gpu_row_params(call, row);
         const psm_row_lists lists = psm_row_lists_of(&processing.arrays, row);
         psm_stage_row_lists(processing.processed + row * call.vocab,
+                            processing.listed
+                                ? processing.listed + row * psm_listed_words(call.vocab)
+                                : NULL,
                             p.valid ? psm_gpu_row_base<Dtype>(call, p.logits_row) : NULL, Dtype,
                             psm_gpu_row_mask(processing, row),
                             processing.counts + row * call.vocab, &lists, call.vocab, 1, &bad);

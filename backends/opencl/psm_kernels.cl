@@ -316,6 +316,7 @@ static psm_tile_place psm_tile_place_of(__global const uchar *logits, int dtype,
     place.count = count;
     place.dtype = dtype;
     place.aligned = ((uintptr_t)place.logits & 15) == 0;
+    place.processing = psm_no_read_processing();
     return place;
 }
 
@@ -425,8 +426,8 @@ psm_tile_reduce(PSM_REQUEST_PARAMS, __global ulong *tile_key, __global uint *til
                                   .tile_mass = tile_mass,
                                   .lane_max = lane_max,
                                   .tile_reference = tile_ref};
-    psm_stage_tile(psm_team_of_item(), call, PSM_RESOLVE_ROW(where.row), where.slot, where.first,
-                   where.in_range, posts, out);
+    psm_stage_tile(psm_team_of_item(), call, PSM_RESOLVE_ROW(where.row), psm_no_read_processing(),
+                   where.slot, where.first, where.in_range, posts, out);
 }
 #endif /* PSM_PROGRAM_SAMPLING */
 
@@ -1504,7 +1505,7 @@ psm_process_lists(PSM_REQUEST_PARAMS, PSM_PROCESSING_PARAMS, const long history_
     const psm_row_params p = PSM_RESOLVE_ROW(row);
     __global float *x = processed + row * request.vocab;
     /* Within the buffers first: the stage then reads the entries. */
-    psm_stage_row_lists(x,
+    psm_stage_row_lists(x, (__global uint *)0,
                         p.valid ? logits + PSM_ROW_BASE(p) * psm_element_bytes(request.dtype)
                                 : (__global const uchar *)0,
                         request.dtype, allowed_mask ? allowed_mask + row * mask_words : 0,

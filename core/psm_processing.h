@@ -147,14 +147,14 @@ PSM_FN psm_i32 psm_listed_token(const psm_row_lists *lists, psm_i64 e)
                              : lists->prompt_tokens[lists->prompt_begin + (e - history_count)];
 }
 
-/* A listed token's penalty from its count word (history count, and
- * PSM_IN_PROMPT), applied once. */
-PSM_FN void psm_penalise_token(PSM_GLOBAL float *x, psm_i32 token, psm_u32 word,
-                               const psm_row_lists *lists, float reciprocal)
+/* A listed token's value x penalised by its count word (history count, and
+ * PSM_IN_PROMPT), which is applied once a token. */
+PSM_FN float psm_penalised_by_word(float x, psm_u32 word, const psm_row_lists *lists,
+                                   float reciprocal)
 {
-    x[token] = psm_penalised_logit(x[token], word & ~PSM_IN_PROMPT,
-                                   (word & PSM_IN_PROMPT) != 0u, lists->repetition, reciprocal,
-                                   lists->frequency, lists->presence);
+    return psm_penalised_logit(x, word & ~PSM_IN_PROMPT, (word & PSM_IN_PROMPT) != 0u,
+                               lists->repetition, reciprocal, lists->frequency,
+                               lists->presence);
 }
 
 /* The bias entries, each one rounded add, in list order. */
@@ -185,7 +185,7 @@ PSM_FN void psm_process_row_lists(PSM_GLOBAL float *x, PSM_GLOBAL psm_u32 *count
         const psm_u32 word = counts[token];
         if (word == 0u)
             continue;
-        psm_penalise_token(x, token, word, lists, reciprocal);
+        x[token] = psm_penalised_by_word(x[token], word, lists, reciprocal);
         counts[token] = 0u;
     }
     psm_apply_bias(x, lists);

@@ -570,10 +570,21 @@ PSM_LOCAL_FN psm_u64 psm_group_inclusive_scan_u64(PSM_TEAM_TYPE, psm_u64 value, 
                                               psm_gpu_hardware_block());
 }
 
-/* Returns the value before the add. */
+/* Atomics on group-shared memory; each returns the value before. */
 PSM_DEVICE_FN psm_u32 psm_local_add_u32(psm_u32 *address, psm_u32 value)
 {
     return psm_gpu_atomic_add_u32(address, value);
+}
+
+PSM_DEVICE_FN psm_u32 psm_local_or_u32(psm_u32 *address, psm_u32 value)
+{
+    return psm_gpu_atomic_or_u32(address, value);
+}
+
+/* Stores value where *address is expected. */
+PSM_DEVICE_FN psm_u32 psm_local_cas_u32(psm_u32 *address, psm_u32 expected, psm_u32 value)
+{
+    return psm_gpu_atomic_cas_u32(address, expected, value);
 }
 
 PSM_DEVICE_FN void psm_local_add_u64(psm_u64 *address, psm_u64 value)
@@ -708,6 +719,16 @@ PSM_LOCAL_FN ulong psm_group_inclusive_scan_u64(psm_team team, ulong value, ulon
 PSM_LOCAL_FN uint psm_local_add_u32(__local uint *address, uint value)
 {
     return atomic_add(address, value);
+}
+
+PSM_LOCAL_FN uint psm_local_or_u32(__local uint *address, uint value)
+{
+    return atomic_or(address, value);
+}
+
+PSM_LOCAL_FN uint psm_local_cas_u32(__local uint *address, uint expected, uint value)
+{
+    return atomic_cmpxchg(address, expected, value);
 }
 
 

@@ -50,10 +50,16 @@ static void make_batch(batch *b, int64_t rows, int64_t vocab, uint64_t seed)
     }
 
     const int64_t max_list = 48;
+    /* The GPU backends count a row's tokens in a group-shared table when its
+     * entries fit (kernels/psm_stage_lists.h, up to 3,072), else in global
+     * memory: the last two rows' histories take each way, the second last
+     * with tokens from the whole vocab, which fills the table unevenly. */
+    const int64_t wide_history = 3000, long_history = 4000;
     b->history_offsets = psm_test_alloc((size_t)rows + 1, sizeof(int64_t));
     b->prompt_offsets = psm_test_alloc((size_t)rows + 1, sizeof(int64_t));
     b->bias_offsets = psm_test_alloc((size_t)rows + 1, sizeof(int64_t));
-    b->history_tokens = psm_test_alloc((size_t)(rows * max_list), sizeof(int32_t));
+    b->history_tokens = psm_test_alloc((size_t)(rows * max_list + wide_history + long_history),
+                                       sizeof(int32_t));
     b->prompt_tokens = psm_test_alloc((size_t)(rows * max_list), sizeof(int32_t));
     b->bias_tokens = psm_test_alloc((size_t)(rows * max_list), sizeof(int32_t));
     b->bias_values = psm_test_alloc((size_t)(rows * max_list), sizeof(float));
@@ -61,9 +67,14 @@ static void make_batch(batch *b, int64_t rows, int64_t vocab, uint64_t seed)
         /* Tokens from a pool of 64 (plus the masked and zero ones), so that
          * histories repeat tokens and the lists overlap. */
         int64_t n = (int64_t)psm_test_rng_below(&rng, (uint64_t)max_list + 1);
+        const int wide = rows >= 4 && r == rows - 2;
+        if (rows >= 4 && r >= rows - 2)
+            n = wide ? wide_history : long_history;
         b->history_offsets[r + 1] = b->history_offsets[r] + n;
         for (int64_t e = b->history_offsets[r]; e < b->history_offsets[r + 1]; ++e)
-            b->history_tokens[e] = (int32_t)psm_test_rng_below(&rng, 64) * 37 % (int32_t)vocab;
+            b->history_tokens[e] =
+                wide ? (int32_t)psm_test_rng_below(&rng, (uint64_t)vocab)
+                     : (int32_t)psm_test_rng_below(&rng, 64) * 37 % (int32_t)vocab;
         n = (int64_t)psm_test_rng_below(&rng, 24);
         b->prompt_offsets[r + 1] = b->prompt_offsets[r] + n;
         for (int64_t e = b->prompt_offsets[r]; e < b->prompt_offsets[r + 1]; ++e)

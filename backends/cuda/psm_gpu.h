@@ -267,6 +267,11 @@ PSM_GPU_DEVICE unsigned psm_gpu_atomic_exchange_u32(unsigned *address, unsigned 
 {
     return atomicExch(address, value);
 }
+PSM_GPU_DEVICE unsigned psm_gpu_atomic_cas_u32(unsigned *address, unsigned expected,
+                                               unsigned value)
+{
+    return atomicCAS(address, expected, value);
+}
 PSM_GPU_DEVICE unsigned long long psm_gpu_atomic_add_u64(unsigned long long *address,
                                                          unsigned long long value)
 {

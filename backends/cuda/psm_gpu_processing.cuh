@@ -98,6 +98,8 @@ PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_LISTS_THREADS)
     psm_gpu_process_lists_kernel(const psm_gpu_call call, const psm_gpu_processing processing)
 {
     __shared__ psm_u32 bad;
+    __shared__ psm_u32 table_tokens[PSM_LISTS_TABLE_SLOTS], table_words[PSM_LISTS_TABLE_SLOTS];
+    const psm_lists_table table = {table_tokens, table_words};
     for (psm_i64 row = blockIdx.x; row < call.rows; row += gridDim.x) {
         const psm_row_params p = psm_gpu_row_params(call, row);
         const psm_row_lists lists = psm_row_lists_of(&processing.arrays, row);
@@ -107,7 +109,8 @@ PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_LISTS_THREADS)
                                 : NULL,
                             p.valid ? psm_gpu_row_base<Dtype>(call, p.logits_row) : NULL, Dtype,
                             psm_gpu_row_mask(processing, row),
-                            processing.counts + row * call.vocab, &lists, call.vocab, 1, &bad);
+                            processing.counts + row * call.vocab, &lists, call.vocab, 1, &bad,
+                            table);
     }
 }
 

@@ -1485,6 +1485,8 @@ psm_process_lists(PSM_REQUEST_PARAMS, PSM_PROCESSING_PARAMS, const long history_
                   __global float *processed, __global uint *counts)
 {
     __local uint bad;
+    __local uint table_tokens[PSM_LISTS_TABLE_SLOTS], table_words[PSM_LISTS_TABLE_SLOTS];
+    const psm_lists_table table = {table_tokens, table_words};
     const long row = PSM_PROCESS_ROW;
     psm_processing_arrays arrays;
     arrays.present = present;
@@ -1512,7 +1514,7 @@ psm_process_lists(PSM_REQUEST_PARAMS, PSM_PROCESSING_PARAMS, const long history_
                         counts + row * request.vocab, &lists, request.vocab,
                         psm_lists_within(&lists, history_capacity, prompt_capacity,
                                          bias_capacity),
-                        &bad);
+                        &bad, table);
 }
 #endif /* PSM_PROGRAM_PROCESSING */
 

@@ -126,12 +126,10 @@ PSM_LOCAL_FN void psm_lists_by_table(PSM_GLOBAL float *x, PSM_GLOBAL psm_u32 *li
             psm_global_or_u32(&listed_bits[token >> 5], 1u << (token & 31));
     }
     psm_group_barrier_global();
-    if (lists->bias_end > lists->bias_begin) {
-        if (item == 0)
-            psm_apply_bias(x, lists);
-        psm_group_barrier_global();
-        psm_mask_bias_tokens(x, mask, lists, item, items);
-    }
+    if (item == 0)
+        psm_apply_bias(x, lists);
+    psm_group_barrier_global();
+    psm_mask_bias_tokens(x, mask, lists, item, items);
     /* Before the table is cleared for the group's next row. */
     psm_group_barrier();
 }

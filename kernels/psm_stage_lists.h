@@ -41,14 +41,16 @@
 #include "psm_processing.h"
 #endif
 
-/* The group's table: PSM_LISTS_TABLE_SLOTS slots (a power of two), each a
- * token (PSM_LISTS_TABLE_EMPTY: none) and its count word, open addressing;
- * 32 KB of group-shared memory. A row uses it when it has at most
- * PSM_LISTS_TABLE_ENTRIES entries, so the table is at most three quarters
- * full and a probe ends within a few slots. */
+/* The group's table: up to PSM_LISTS_TABLE_SLOTS slots, each a token
+ * (PSM_LISTS_TABLE_EMPTY: none) and its count word, open addressing; 32 KB
+ * of group-shared memory. A row uses the fewest slots, a power of two from
+ * 64, that its entries fill to at most three quarters (so a probe ends
+ * within a few slots), when there are at most PSM_LISTS_TABLE_ENTRIES:
+ * a short list clears and walks a short table. */
 #define PSM_LISTS_TABLE_BITS 12
 #define PSM_LISTS_TABLE_SLOTS (1 << PSM_LISTS_TABLE_BITS)
 #define PSM_LISTS_TABLE_ENTRIES (PSM_LISTS_TABLE_SLOTS / 4 * 3)
+#define PSM_LISTS_TABLE_MIN_BITS 6
 #define PSM_LISTS_TABLE_EMPTY 0xffffffffu
 /* A count word's bit for a token that the bias list holds (the history
  * count is at most 2^24, PSM_IN_PROMPT the top bit). */
@@ -59,19 +61,31 @@ PSM_STAGE_BEGIN
 typedef struct psm_lists_table {
     PSM_LOCAL psm_u32 *tokens; /* PSM_LISTS_TABLE_SLOTS each */
     PSM_LOCAL psm_u32 *words;
+    int bits; /* the row's slots: 1 << bits */
 } psm_lists_table;
 
+/* The table's size for a row of `entries` entries (at most
+ * PSM_LISTS_TABLE_ENTRIES). */
+PSM_DEVICE_FN int psm_lists_table_bits(psm_i64 entries)
+{
+    int bits = PSM_LISTS_TABLE_MIN_BITS;
+    while (bits < PSM_LISTS_TABLE_BITS && ((psm_i64)1 << bits) / 4 * 3 < entries)
+        ++bits;
+    return bits;
+}
+
 /* The slot of `token` in the table, claimed if no slot holds it yet. The
- * table has room (see PSM_LISTS_TABLE_ENTRIES), so a free slot is found;
- * the bound only keeps the loop finite. */
+ * table has room (see psm_lists_table_bits), so a free slot is found; the
+ * bound only keeps the loop finite. */
 PSM_LOCAL_FN psm_u32 psm_lists_table_slot(psm_lists_table table, psm_u32 token)
 {
-    psm_u32 slot = (token * 2654435761u) >> (32 - PSM_LISTS_TABLE_BITS);
-    for (int probe = 0; probe < PSM_LISTS_TABLE_SLOTS; ++probe) {
+    const psm_u32 last = (1u << table.bits) - 1u;
+    psm_u32 slot = (token * 2654435761u) >> (32 - table.bits);
+    for (psm_u32 probe = 0; probe <= last; ++probe) {
         const psm_u32 seen = psm_local_cas_u32(&table.tokens[slot], PSM_LISTS_TABLE_EMPTY, token);
         if (seen == PSM_LISTS_TABLE_EMPTY || seen == token)
             break;
-        slot = (slot + 1u) & (PSM_LISTS_TABLE_SLOTS - 1);
+        slot = (slot + 1u) & last;
     }
     return slot;
 }
@@ -94,8 +108,9 @@ PSM_LOCAL_FN void psm_lists_by_table(PSM_GLOBAL float *x, PSM_GLOBAL psm_u32 *li
                                      psm_lists_table table)
 {
     const int item = psm_group_item(), items = psm_group_size();
+    const int slots = 1 << table.bits;
     psm_i64 e;
-    for (int slot = item; slot < PSM_LISTS_TABLE_SLOTS; slot += items) {
+    for (int slot = item; slot < slots; slot += items) {
         table.tokens[slot] = PSM_LISTS_TABLE_EMPTY;
         table.words[slot] = 0u;
     }
@@ -111,7 +126,7 @@ PSM_LOCAL_FN void psm_lists_by_table(PSM_GLOBAL float *x, PSM_GLOBAL psm_u32 *li
                          PSM_HAS_BIAS);
     psm_group_barrier();
     const float reciprocal = psm_penalty_reciprocal(lists->repetition);
-    for (int slot = item; slot < PSM_LISTS_TABLE_SLOTS; slot += items) {
+    for (int slot = item; slot < slots; slot += items) {
         const psm_u32 token = table.tokens[slot];
         if (token == PSM_LISTS_TABLE_EMPTY)
             continue;
@@ -239,10 +254,12 @@ PSM_LOCAL_FN void psm_stage_row_lists(PSM_GLOBAL float *x, PSM_GLOBAL psm_u32 *l
     const psm_i64 entries = (lists->history_end - lists->history_begin) +
                             (lists->prompt_end - lists->prompt_begin) +
                             (lists->bias_end - lists->bias_begin);
-    if (entries <= PSM_LISTS_TABLE_ENTRIES)
+    if (entries <= PSM_LISTS_TABLE_ENTRIES) {
+        table.bits = psm_lists_table_bits(entries);
         psm_lists_by_table(x, listed_bits, raw, dtype, mask, lists, table);
-    else
+    } else {
         psm_lists_by_counts(x, listed_bits, raw, dtype, mask, counts, lists);
+    }
 }
 
 PSM_STAGE_END

@@ -44,14 +44,15 @@ namespace {
 /* The kernel instantiations of one wave size, indexed by dtype (and, for
  * the tile kernel, by whether it processes the rows as it reads them; for
  * the row kernel, by variant: plain, filtered, filtered in an engine's
- * filter order; and by probs mode). */
+ * filter order, plain processing its rows as it reads them; and by probs
+ * mode). */
 typedef void (*kernel_fn)(const psm_gpu_call);
 typedef void (*top_kernel_fn)(const psm_gpu_call, const psm_gpu_top_call);
 struct kernel_set {
     int warp_size;
     kernel_fn tile[3][2];
     kernel_fn check;
-    kernel_fn row[3][3][2];
+    kernel_fn row[3][4][2];
     top_kernel_fn top[3];  /* by the dtype the mode reads */
     top_kernel_fn rank[3]; /* likewise */
 };
@@ -67,6 +68,8 @@ void add_dtype_kernels(kernel_set *set)
     set->row[Dtype][1][1] = psm_gpu_row_kernel<WarpSize, Dtype, true, true>;
     set->row[Dtype][2][0] = psm_gpu_row_kernel<WarpSize, Dtype, true, false, true>;
     set->row[Dtype][2][1] = psm_gpu_row_kernel<WarpSize, Dtype, true, true, true>;
+    set->row[Dtype][3][0] = psm_gpu_row_kernel<WarpSize, Dtype, false, false, false, true>;
+    set->row[Dtype][3][1] = psm_gpu_row_kernel<WarpSize, Dtype, false, true, false, true>;
     set->top[Dtype] = psm_gpu_top_kernel<WarpSize, Dtype>;
     set->rank[Dtype] = psm_gpu_rank_kernel<WarpSize, Dtype>;
 }
@@ -1051,8 +1054,9 @@ psm_status launch(psm_gpu_state *state, psm_request *request, call_buffers *buff
     /* An engine's filter order has a variant of its own; it needs less
      * shared memory than the filtered one, so the split capacity of that
      * one holds for it too. */
-    const int variant =
-        !filtered ? 0 : call.filter_order == PSM_FILTER_ORDER_POLYSAMPLE ? 1 : 2;
+    const int variant = !filtered ? (buffers->processing_on_read ? 3 : 0)
+                        : call.filter_order == PSM_FILTER_ORDER_POLYSAMPLE ? 1
+                                                                            : 2;
     const kernel_fn row_kernel = kernels.row[dtype][variant][probs_mode ? 1 : 0];
     bool row_launched = false;
     if (call.row_parts > 1) {

@@ -964,8 +964,10 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const unsigned char *row_base,
  * psm_probs' distribution instead of drawing. Ordered (with Filtered): the
  * variant for calls in an engine's filter order, whose cutoffs come from
  * kernels/psm_stage_orders.h; a variant of its own, so that the others'
- * code, registers and local memory stay as they were. */
-template <int WarpSize, int Dtype, bool Filtered, bool ProbsMode, bool Ordered>
+ * code, registers and local memory stay as they were. OnRead (without
+ * Filtered): plain calls whose rows are processed as they are read
+ * (call.read_*), likewise a variant of its own. */
+template <int WarpSize, int Dtype, bool Filtered, bool ProbsMode, bool Ordered, bool OnRead>
 PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scratch &scratch,
                                      psm_gpu_select_scratch *select)
 {
@@ -1091,18 +1093,16 @@ PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scrat
                 call.kept_filters[row] =
                     psm_gpu_kept_filters{state.cutoff, state.min_weight, state.row_max, 0u};
         }
-        /* Only the plain variant's calls may process their rows as they
-         * read them (psm_gpu_backend.cu's processing_on_read); the others'
-         * code stays without it. */
         psm_gpu_finish_row<WarpSize, Dtype>(
-            source.base, Filtered ? psm_no_read_processing() : psm_gpu_read_processing(call, row),
+            source.base, OnRead ? psm_gpu_read_processing(call, row) : psm_no_read_processing(),
             call, state, psm_gpu_kept_rule(call, state), p, ProbsMode, scratch);
         /* The next row reuses the scratch. */
         psm_gpu_block_barrier();
     }
 }
 
-template <int WarpSize, int Dtype, bool Filtered, bool ProbsMode, bool Ordered = false>
+template <int WarpSize, int Dtype, bool Filtered, bool ProbsMode, bool Ordered = false,
+          bool OnRead = false>
 PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_ROW_THREADS, PSM_GPU_ROW_BLOCKS_PER_SM)
     psm_gpu_row_kernel(const psm_gpu_call call)
 {
@@ -1110,12 +1110,15 @@ PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_ROW_THREADS, PSM_GPU_ROW_BLOCKS_PE
     if constexpr (psm_gpu_wave_compiled<WarpSize>()) {
         if constexpr (Ordered) {
             /* The orders search with the row scratch alone. */
-            psm_gpu_row_loop<WarpSize, Dtype, true, ProbsMode, true>(call, scratch, nullptr);
+            psm_gpu_row_loop<WarpSize, Dtype, true, ProbsMode, true, false>(call, scratch,
+                                                                            nullptr);
         } else if constexpr (Filtered) {
             __shared__ psm_gpu_select_scratch select;
-            psm_gpu_row_loop<WarpSize, Dtype, true, ProbsMode, false>(call, scratch, &select);
+            psm_gpu_row_loop<WarpSize, Dtype, true, ProbsMode, false, false>(call, scratch,
+                                                                             &select);
         } else {
-            psm_gpu_row_loop<WarpSize, Dtype, false, ProbsMode, false>(call, scratch, nullptr);
+            psm_gpu_row_loop<WarpSize, Dtype, false, ProbsMode, false, OnRead>(call, scratch,
+                                                                               nullptr);
         }
     }
 }

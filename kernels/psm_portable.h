@@ -471,11 +471,8 @@ PSM_DEVICE_FN void psm_team_load_tile(PSM_TEAM_TYPE team, PSM_GLOBAL const unsig
  * as psm_team_load_tile filled it, for a tile whose first token in its row
  * is `first`, a multiple of 32, and which holds `count` tokens. Nothing to
  * do without a mask or listed tokens (the same for every item). A vector's
- * elements share a word of each bit array: every word is loaded, once a
- * vector, before any is used (a load behind a test of the last would wait
- * for it), and not past the row's end, where every slot is -inf already.
- * The mask is a select; the overlay is read only by an item with a listed
- * token, which few are. */
+ * elements share a word of each bit array: the words are loaded once a
+ * vector, and not past the row's end, where every slot is -inf already. */
 PSM_TEAM_TEMPLATE
 PSM_DEVICE_FN void psm_team_process_tile(PSM_TEAM_TYPE team, psm_read_processing processing,
                                          psm_i64 first, int count, int dtype, int layout,
@@ -484,35 +481,21 @@ PSM_DEVICE_FN void psm_team_process_tile(PSM_TEAM_TYPE team, psm_read_processing
     if (!processing.mask && !processing.listed)
         return;
     const int vector_shift = psm_vector_shift(dtype);
-    const int vectors = PSM_TEAM_SLOTS >> vector_shift;
-    psm_u32 allowed[PSM_TEAM_SLOTS / 4], listed[PSM_TEAM_SLOTS / 4];
-    psm_u32 any_listed = 0u;
-#pragma unroll
-    for (int v = 0; v < PSM_TEAM_SLOTS / 4; ++v) {
-        if (v >= vectors)
-            break;
-        const int offset = psm_slot_offset(v << vector_shift, team.lane, PSM_TEAM, vector_shift,
-                                           layout);
-        const psm_i64 word = (first + offset) >> 5;
-        const int inside = offset < count;
-        allowed[v] = processing.mask && inside ? processing.mask[word] : 0xffffffffu;
-        listed[v] = processing.listed && inside ? processing.listed[word] : 0u;
-    }
+    psm_u32 allowed = 0xffffffffu, listed = 0u;
 #pragma unroll
     for (int slot = 0; slot < PSM_TEAM_SLOTS; ++slot) {
-        const int v = slot >> vector_shift;
         const int offset = psm_slot_offset(slot, team.lane, PSM_TEAM, vector_shift, layout);
+        if ((slot & ((1 << vector_shift) - 1)) == 0) {
+            const psm_i64 word = (first + offset) >> 5;
+            const int inside = offset < count;
+            allowed = processing.mask && inside ? processing.mask[word] : 0xffffffffu;
+            listed = processing.listed && inside ? processing.listed[word] : 0u;
+        }
         const psm_u32 bit = 1u << (offset & 31);
-        x[slot] = psm_masked_logit(x[slot], (allowed[v] & bit) != 0u);
-        any_listed |= listed[v] & bit;
-    }
-    if (!any_listed)
-        return;
-#pragma unroll
-    for (int slot = 0; slot < PSM_TEAM_SLOTS; ++slot) {
-        const int offset = psm_slot_offset(slot, team.lane, PSM_TEAM, vector_shift, layout);
-        if (listed[slot >> vector_shift] & (1u << (offset & 31)))
+        if (listed & bit)
             x[slot] = processing.overlay[first + offset];
+        else
+            x[slot] = psm_masked_logit(x[slot], (allowed & bit) != 0u);
     }
 }
 

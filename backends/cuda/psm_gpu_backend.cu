@@ -446,7 +446,7 @@ struct call_plan {
     size_t logprobs_bytes; /* host logprobs */
     size_t probs_bytes;    /* host probs */
     size_t outputs_bytes;  /* tokens then logprobs, or probs: one staging */
-    size_t processed_bytes;  /* logit processing: the processed rows, then their counts */
+    size_t processed_bytes;  /* logit processing: processed or overlay rows, counts, listed bits */
     size_t processing_bytes; /* host logits with processing: its arrays (staged_array) */
     /* top-N logprobs, each from a workspace_alignment boundary: */
     size_t kept_filters_bytes; /* the rows' filter values */
@@ -597,7 +597,7 @@ struct call_memory {
     void *logits;      /* staging for host logits */
     void *params;      /* staging for host per-row inputs */
     void *outputs;     /* staging for host outputs */
-    void *processed;   /* logit processing: processed rows, then counts */
+    void *processed;   /* logit processing: as call_plan.processed_bytes */
     void *processing;  /* staging for host processing arrays */
     void *top;         /* top-N logprobs: place_top_logprobs' parts */
 };

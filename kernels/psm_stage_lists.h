@@ -61,7 +61,6 @@ PSM_STAGE_BEGIN
 typedef struct psm_lists_table {
     PSM_LOCAL psm_u32 *tokens; /* PSM_LISTS_TABLE_SLOTS each */
     PSM_LOCAL psm_u32 *words;
-    int bits; /* the row's slots: 1 << bits */
 } psm_lists_table;
 
 /* The table's size for a row of `entries` entries (at most
@@ -74,20 +73,23 @@ PSM_DEVICE_FN int psm_lists_table_bits(psm_i64 entries)
     return bits;
 }
 
-/* The slot of `token` in the table, claimed if no slot holds it yet. The
- * table has room (see psm_lists_table_bits), so a free slot is found; the
- * bound only keeps the loop finite. */
-PSM_LOCAL_FN psm_u32 psm_lists_table_slot(psm_lists_table table, psm_u32 token)
+/* The count word of `token` in the row's 1 << bits slots of the table, its
+ * slot claimed if no slot holds it yet. The table has room (see
+ * psm_lists_table_bits), so a free slot is found; the bound only keeps the
+ * loop finite. */
+PSM_LOCAL_FN PSM_LOCAL psm_u32 *psm_lists_table_word(psm_lists_table table, int bits,
+                                                     psm_i32 listed)
 {
-    const psm_u32 last = (1u << table.bits) - 1u;
-    psm_u32 slot = (token * 2654435761u) >> (32 - table.bits);
+    const psm_u32 token = (psm_u32)listed;
+    const psm_u32 last = (1u << bits) - 1u;
+    psm_u32 slot = (token * 2654435761u) >> (32 - bits);
     for (psm_u32 probe = 0; probe <= last; ++probe) {
         const psm_u32 seen = psm_local_cas_u32(&table.tokens[slot], PSM_LISTS_TABLE_EMPTY, token);
         if (seen == PSM_LISTS_TABLE_EMPTY || seen == token)
             break;
         slot = (slot + 1u) & last;
     }
-    return slot;
+    return &table.words[slot];
 }
 
 /* Step 3 for the bias entries, once the bias is applied (a token listed
@@ -101,14 +103,15 @@ PSM_DEVICE_FN void psm_mask_bias_tokens(PSM_GLOBAL float *x, PSM_GLOBAL const ps
     }
 }
 
-/* The lists of a row whose entries fit the table (see the top). */
+/* The lists of a row whose entries fit the table (see the top), in 1 <<
+ * bits of its slots. */
 PSM_LOCAL_FN void psm_lists_by_table(PSM_GLOBAL float *x, PSM_GLOBAL psm_u32 *listed_bits,
                                      PSM_GLOBAL const unsigned char *raw, int dtype,
                                      PSM_GLOBAL const psm_u32 *mask, const psm_row_lists *lists,
-                                     psm_lists_table table)
+                                     psm_lists_table table, int bits)
 {
     const int item = psm_group_item(), items = psm_group_size();
-    const int slots = 1 << table.bits;
+    const int slots = 1 << bits;
     psm_i64 e;
     for (int slot = item; slot < slots; slot += items) {
         table.tokens[slot] = PSM_LISTS_TABLE_EMPTY;
@@ -116,14 +119,12 @@ PSM_LOCAL_FN void psm_lists_by_table(PSM_GLOBAL float *x, PSM_GLOBAL psm_u32 *li
     }
     psm_group_barrier();
     for (e = lists->history_begin + item; e < lists->history_end; e += items)
-        psm_local_add_u32(&table.words[psm_lists_table_slot(table, (psm_u32)lists->history_tokens[e])],
-                          1u);
+        psm_local_add_u32(psm_lists_table_word(table, bits, lists->history_tokens[e]), 1u);
     for (e = lists->prompt_begin + item; e < lists->prompt_end; e += items)
-        psm_local_or_u32(&table.words[psm_lists_table_slot(table, (psm_u32)lists->prompt_tokens[e])],
+        psm_local_or_u32(psm_lists_table_word(table, bits, lists->prompt_tokens[e]),
                          PSM_IN_PROMPT);
     for (e = lists->bias_begin + item; e < lists->bias_end; e += items)
-        psm_local_or_u32(&table.words[psm_lists_table_slot(table, (psm_u32)lists->bias_tokens[e])],
-                         PSM_HAS_BIAS);
+        psm_local_or_u32(psm_lists_table_word(table, bits, lists->bias_tokens[e]), PSM_HAS_BIAS);
     psm_group_barrier();
     const float reciprocal = psm_penalty_reciprocal(lists->repetition);
     for (int slot = item; slot < slots; slot += items) {
@@ -205,9 +206,9 @@ PSM_LOCAL_FN void psm_lists_by_counts(PSM_GLOBAL float *x, PSM_GLOBAL psm_u32 *l
  * row's logits as given (dtype PSM_LOGITS_*), NULL for a row the read step
  * made bad (then the listed values are not read again: the row stays bad).
  * mask: the row's allowed-token words, NULL for none. counts: the row's
- * vocab count words, for psm_lists_by_counts. lists_in_range: the backend's own bound on the entries
- * (OpenCL: within the buffers), checked before any entry is read. bad and
- * table: group-shared scratch. listed_bits: the row's listed-token bits,
+ * vocab count words, for psm_lists_by_counts. lists_in_range: the backend's
+ * own bound on the entries (OpenCL: within the buffers), checked before any
+ * entry is read. bad and table: group-shared scratch. listed_bits: the row's listed-token bits,
  * zero on entry, for an overlay row x; NULL for a row x that the read step
  * wrote. A row whose lists are unusable gets x[0] = NaN (listed), which
  * makes it a bad row for the pipeline, and is otherwise left as read. */
@@ -254,12 +255,11 @@ PSM_LOCAL_FN void psm_stage_row_lists(PSM_GLOBAL float *x, PSM_GLOBAL psm_u32 *l
     const psm_i64 entries = (lists->history_end - lists->history_begin) +
                             (lists->prompt_end - lists->prompt_begin) +
                             (lists->bias_end - lists->bias_begin);
-    if (entries <= PSM_LISTS_TABLE_ENTRIES) {
-        table.bits = psm_lists_table_bits(entries);
-        psm_lists_by_table(x, listed_bits, raw, dtype, mask, lists, table);
-    } else {
+    if (entries <= PSM_LISTS_TABLE_ENTRIES)
+        psm_lists_by_table(x, listed_bits, raw, dtype, mask, lists, table,
+                           psm_lists_table_bits(entries));
+    else
         psm_lists_by_counts(x, listed_bits, raw, dtype, mask, counts, lists);
-    }
 }
 
 PSM_STAGE_END

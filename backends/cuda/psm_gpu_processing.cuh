@@ -99,7 +99,7 @@ PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_LISTS_THREADS)
 {
     __shared__ psm_u32 bad;
     __shared__ psm_u32 table_tokens[PSM_LISTS_TABLE_SLOTS], table_words[PSM_LISTS_TABLE_SLOTS];
-    const psm_lists_table table = {table_tokens, table_words, PSM_LISTS_TABLE_BITS};
+    const psm_lists_table table = {table_tokens, table_words};
     for (psm_i64 row = blockIdx.x; row < call.rows; row += gridDim.x) {
         const psm_row_params p = psm_gpu_row_params(call, row);
         const psm_row_lists lists = psm_row_lists_of(&processing.arrays, row);

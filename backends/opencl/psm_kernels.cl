@@ -1486,7 +1486,7 @@ psm_process_lists(PSM_REQUEST_PARAMS, PSM_PROCESSING_PARAMS, const long history_
 {
     __local uint bad;
     __local uint table_tokens[PSM_LISTS_TABLE_SLOTS], table_words[PSM_LISTS_TABLE_SLOTS];
-    const psm_lists_table table = {table_tokens, table_words, PSM_LISTS_TABLE_BITS};
+    const psm_lists_table table = {table_tokens, table_words};
     const long row = PSM_PROCESS_ROW;
     psm_processing_arrays arrays;
     arrays.present = present;

@@ -506,9 +506,19 @@ PSM_LOCAL_FN void psm_top_count_ranks(PSM_TEAM_TYPE team, const psm_top_row *row
     const psm_i64 begin = (psm_i64)first * PSM_TILE;
     const psm_i64 stop = (psm_i64)end * PSM_TILE < row->vocab ? (psm_i64)end * PSM_TILE
                                                                 : row->vocab;
+    /* Without min-p a row keeps every valid token at or above a cutoff key,
+     * so every token above a kept one (the drawn token) is kept, and a
+     * token is counted when its logit is above the drawn one's, or equal
+     * with a lower index (the rank key's order: psm_read_logit has made -0
+     * +0, and a row with a NaN draws nothing). Min-p's rounded weights are
+     * not monotone at their last bit (SAMPLING.md section 3): each token is
+     * tested. */
+    const int kept_above = row->rule.min_weight == 0;
     for (psm_i32 sample = 0; sample < samples; ++sample) {
         const psm_u64 key = psm_top_drawn_key(row, out, sample);
         const psm_u32 live = psm_top_tiles_above(tile_key, first, end, key);
+        const float drawn_x = psm_rank_key_logit(key);
+        const psm_i32 drawn_token = (psm_i32)psm_rank_key_token(key);
         psm_u32 above = 0u;
         for (psm_i64 i = begin + item; live != 0u && i < stop;
              i += (psm_i64)PSM_TOP_RANK_BATCH * items) {
@@ -520,8 +530,18 @@ PSM_LOCAL_FN void psm_top_count_ranks(PSM_TEAM_TYPE team, const psm_top_row *row
             }
             float x[PSM_TOP_RANK_BATCH];
             psm_top_load_batch(row, at, x, PSM_TOP_RANK_BATCH);
-            for (int b = 0; b < PSM_TOP_RANK_BATCH; ++b)
-                above += at[b] >= 0 && psm_top_kept_key(row, x[b], (psm_u32)at[b]) > key ? 1u : 0u;
+            if (kept_above) {
+                for (int b = 0; b < PSM_TOP_RANK_BATCH; ++b)
+                    above += at[b] >= 0 && (x[b] > drawn_x ||
+                                            (x[b] == drawn_x && at[b] < drawn_token))
+                                 ? 1u
+                                 : 0u;
+            } else {
+                for (int b = 0; b < PSM_TOP_RANK_BATCH; ++b)
+                    above += at[b] >= 0 && psm_top_kept_key(row, x[b], (psm_u32)at[b]) > key
+                                 ? 1u
+                                 : 0u;
+            }
         }
         const psm_u64 counted = psm_group_sum_u64(team, (psm_u64)above, group);
         if (item == 0 && counted != 0)

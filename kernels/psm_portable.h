@@ -110,6 +110,29 @@ PSM_TEAM_REDUCTION(psm_team_sum_u64, psm_u64, psm_warp_sum)
 /* Is flag (0 or 1) set on some item of the team? */
 PSM_TEAM_REDUCTION(psm_team_any, psm_u32, psm_warp_any)
 
+/* A tile's words of a bit array (the tile's token t is bit t % 32 of word
+ * t / 32), shared by the team that reads the tile: lane i holds word i and
+ * hands it to the lanes that need it through a shuffle, so that the team
+ * loads the words once, in one instruction. */
+typedef psm_u32 psm_team_words;
+
+/* `words`: the tile's first word, NULL for none; a word past the tile's
+ * `count` tokens, or of no array, reads as `absent`. */
+PSM_TEAM_TEMPLATE
+PSM_DEVICE_FN psm_team_words psm_team_share_words(PSM_TEAM_TYPE team,
+                                                  PSM_GLOBAL const psm_u32 *words, int count,
+                                                  psm_u32 absent)
+{
+    return words && team.lane < ((count + 31) >> 5) ? words[team.lane] : absent;
+}
+
+/* Word `index` of the shared words; every lane of the team calls it. */
+PSM_TEAM_TEMPLATE
+PSM_DEVICE_FN psm_u32 psm_team_word(PSM_TEAM_TYPE, psm_team_words shared, int index)
+{
+    return psm_gpu_shfl<PSM_TEAM>(shared, index);
+}
+
 /* max(a, b), NaN when either is NaN. */
 PSM_DEVICE_FN float psm_max_keep_nan(float a, float b)
 {
@@ -210,6 +233,32 @@ PSM_TEAM_REDUCTION(psm_team_or_u32, uint, 0u, result | posted)
 PSM_LOCAL_FN uint psm_team_any(psm_team team, uint flag, __local uint *posts)
 {
     return psm_team_or_u32(team, flag, posts) != 0;
+}
+
+/* A tile's words of a bit array (as the CUDA section's): each item loads
+ * the words it needs, since an exchange between items would take local
+ * memory and a barrier. */
+typedef struct psm_team_words {
+    __global const uint *words;
+    int count;
+    uint absent;
+} psm_team_words;
+
+PSM_DEVICE_FN psm_team_words psm_team_share_words(psm_team team, __global const uint *words,
+                                                  int count, uint absent)
+{
+    psm_team_words shared;
+    (void)team;
+    shared.words = words;
+    shared.count = (count + 31) >> 5;
+    shared.absent = absent;
+    return shared;
+}
+
+PSM_DEVICE_FN uint psm_team_word(psm_team team, psm_team_words shared, int index)
+{
+    (void)team;
+    return shared.words && index < shared.count ? shared.words[index] : shared.absent;
 }
 
 /* max(a, b), NaN when either is NaN. */
@@ -471,8 +520,9 @@ PSM_DEVICE_FN void psm_team_load_tile(PSM_TEAM_TYPE team, PSM_GLOBAL const unsig
  * as psm_team_load_tile filled it, for a tile whose first token in its row
  * is `first`, a multiple of 32, and which holds `count` tokens. Nothing to
  * do without a mask or listed tokens (the same for every item). A vector's
- * elements share a word of each bit array: the words are loaded once a
- * vector, and not past the row's end, where every slot is -inf already. */
+ * elements share their words of the bit arrays, which the team shares
+ * (psm_team_share_words): the mask is a select, and the overlay is read only
+ * for the slots that hold a listed token, which few do. */
 PSM_TEAM_TEMPLATE
 PSM_DEVICE_FN void psm_team_process_tile(PSM_TEAM_TYPE team, psm_read_processing processing,
                                          psm_i64 first, int count, int dtype, int layout,
@@ -480,19 +530,22 @@ PSM_DEVICE_FN void psm_team_process_tile(PSM_TEAM_TYPE team, psm_read_processing
 {
     if (!processing.mask && !processing.listed)
         return;
+    const psm_i64 first_word = first >> 5;
+    const psm_team_words mask = psm_team_share_words(
+        team, processing.mask ? processing.mask + first_word : 0, count, 0xffffffffu);
+    const psm_team_words listed = psm_team_share_words(
+        team, processing.listed ? processing.listed + first_word : 0, count, 0u);
     const int vector_shift = psm_vector_shift(dtype);
-    psm_u32 allowed = 0xffffffffu, listed = 0u;
+    psm_u32 allowed = 0xffffffffu, listed_word = 0u;
 #pragma unroll
     for (int slot = 0; slot < PSM_TEAM_SLOTS; ++slot) {
         const int offset = psm_slot_offset(slot, team.lane, PSM_TEAM, vector_shift, layout);
         if ((slot & ((1 << vector_shift) - 1)) == 0) {
-            const psm_i64 word = (first + offset) >> 5;
-            const int inside = offset < count;
-            allowed = processing.mask && inside ? processing.mask[word] : 0xffffffffu;
-            listed = processing.listed && inside ? processing.listed[word] : 0u;
+            allowed = psm_team_word(team, mask, offset >> 5);
+            listed_word = psm_team_word(team, listed, offset >> 5);
         }
         const psm_u32 bit = 1u << (offset & 31);
-        if (listed & bit)
+        if (listed_word & bit)
             x[slot] = processing.overlay[first + offset];
         else
             x[slot] = psm_masked_logit(x[slot], (allowed & bit) != 0u);

@@ -55,6 +55,14 @@ namespace PSM_GPU_NAMESPACE {
 /* Threads of the tile kernel's blocks: several warps, one tile each (at most;
  * a call with few tiles launches blocks of two warps). */
 #define PSM_GPU_TILE_THREADS 256
+/* Blocks of it per multiprocessor that the variant processing logits as it
+ * reads them must fit, as many as the plain variant fits (64 registers a
+ * thread, none spilled): left free, the compiler gives it some 100
+ * registers, half the blocks at once, and the tile pass then waits on
+ * memory with half the loads in flight. */
+#ifndef PSM_GPU_TILE_ON_READ_BLOCKS
+#define PSM_GPU_TILE_ON_READ_BLOCKS 4
+#endif
 /* Threads of the row kernel's blocks (one row per block): rows with filters
  * and plain rows (whose work is per tile and per sample). A filtered row's
  * work is mostly a chain of short steps, each waiting for the one before
@@ -393,7 +401,7 @@ PSM_GPU_DEVICE void psm_gpu_tile_body(const psm_gpu_call &call)
 }
 
 template <int WarpSize, int Dtype, bool OnRead>
-PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_TILE_THREADS)
+PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_TILE_THREADS, OnRead ? PSM_GPU_TILE_ON_READ_BLOCKS : 0)
     psm_gpu_tile_kernel(const psm_gpu_call call)
 {
     if constexpr (psm_gpu_wave_compiled<WarpSize>())

@@ -165,6 +165,16 @@ PSM_FN void psm_apply_bias(PSM_GLOBAL float *x, const psm_row_lists *lists)
         x[lists->bias_tokens[e]] = PSM_FADD(x[lists->bias_tokens[e]], lists->bias_values[e]);
 }
 
+/* psm_apply_bias for one token: x plus its entries, in list order. */
+PSM_FN float psm_token_bias(float x, const psm_row_lists *lists, psm_i32 token)
+{
+    psm_i64 e;
+    for (e = lists->bias_begin; e < lists->bias_end; ++e)
+        if (lists->bias_tokens[e] == token)
+            x = PSM_FADD(x, lists->bias_values[e]);
+    return x;
+}
+
 /* Step 2 on a row of read logits x: penalties, then bias. counts holds vocab
  * zeros on entry and on return. The lists must be valid. */
 PSM_FN void psm_process_row_lists(PSM_GLOBAL float *x, PSM_GLOBAL psm_u32 *counts,
@@ -194,10 +204,14 @@ PSM_FN void psm_process_row_lists(PSM_GLOBAL float *x, PSM_GLOBAL psm_u32 *count
 /* Step 3 for one token: the mask (allowed: its bit), then the final read
  * (psm_processed_logit). A NaN or +inf stays, masked or not: the row is bad
  * either way, so a mask never hides a broken row (nor a row a GPU backend
- * marked bad with NaN). */
+ * marked bad with NaN). Since -inf stays -inf too, the test is on the
+ * magnitude alone (every infinity and NaN stays): two instructions a token
+ * on a GPU, which applies it to every token it reads. */
 PSM_FN float psm_masked_logit(float x, int allowed)
 {
-    return allowed || psm_logit_class(x) == PSM_LOGIT_BAD ? x : psm_bits_float(0xff800000u);
+    return allowed || (psm_float_bits(x) & 0x7fffffffu) >= 0x7f800000u
+               ? x
+               : psm_bits_float(0xff800000u);
 }
 
 PSM_FN float psm_processed_logit(float x, int allowed)

@@ -6,19 +6,21 @@
  * The result is psm_process_row_lists' (the CPU backend's one-thread form):
  * a token's penalty depends only on its history count and whether the
  * prompt holds it, which atomic adds and ors give in any order, and is
- * applied once a token. The bias entries stay with one item in list order:
- * a token listed twice gets two rounded adds, whose order is part of the
+ * applied once a token. A token's bias entries are added in list order: a
+ * token listed twice gets two rounded adds, whose order is part of the
  * rule. One thread walking a history of a few hundred tokens is a chain of
  * dependent global accesses; a group takes them a group at a time. Where
  * the counts are kept:
  * - a row of at most PSM_LISTS_TABLE_ENTRIES entries (history, prompt and
  *   bias together): in a table in group-shared memory, a slot per distinct
  *   token, and each token's value made once, by the item that walks its
- *   slot (psm_lists_by_table): the logit read, penalised and, where no
- *   bias follows, masked, in one read and one write of global memory;
+ *   slot (psm_lists_by_table): the logit read, penalised, given its bias
+ *   entries (the item walks the bias list for them) and masked, in one read
+ *   and one write of global memory;
  * - a longer row: in the row's vocab count words in global memory, each
  *   token penalised by the one item whose exchange finds its count word
- *   non-zero (clearing it again), then masked (psm_lists_by_counts).
+ *   non-zero (clearing it again), then masked; the bias entries then stay
+ *   with one item, in list order (psm_lists_by_counts).
  *
  * The GPU backends run step 3 (the mask and the final read) first, in the
  * dense read step, so that a call with processing writes and reads the batch
@@ -134,18 +136,12 @@ PSM_LOCAL_FN void psm_lists_by_table(PSM_GLOBAL float *x, PSM_GLOBAL psm_u32 *li
         const psm_u32 word = table.words[slot];
         float value = psm_penalised_by_word(psm_read_logit(psm_raw_logit(raw, dtype, token)),
                                             word & ~PSM_HAS_BIAS, lists, reciprocal);
-        /* A token with bias is masked after it (psm_mask_bias_tokens). */
-        if (!(word & PSM_HAS_BIAS))
-            value = psm_processed_logit(value, mask ? psm_token_allowed(mask, token) : 1);
-        x[token] = value;
+        if (word & PSM_HAS_BIAS)
+            value = psm_token_bias(value, lists, (psm_i32)token);
+        x[token] = psm_processed_logit(value, mask ? psm_token_allowed(mask, token) : 1);
         if (listed_bits)
             psm_global_or_u32(&listed_bits[token >> 5], 1u << (token & 31));
     }
-    psm_group_barrier_global();
-    if (item == 0)
-        psm_apply_bias(x, lists);
-    psm_group_barrier_global();
-    psm_mask_bias_tokens(x, mask, lists, item, items);
     /* Before the table is cleared for the group's next row. */
     psm_group_barrier();
 }

@@ -204,14 +204,10 @@ PSM_FN void psm_process_row_lists(PSM_GLOBAL float *x, PSM_GLOBAL psm_u32 *count
 /* Step 3 for one token: the mask (allowed: its bit), then the final read
  * (psm_processed_logit). A NaN or +inf stays, masked or not: the row is bad
  * either way, so a mask never hides a broken row (nor a row a GPU backend
- * marked bad with NaN). Since -inf stays -inf too, the test is on the
- * magnitude alone (every infinity and NaN stays): two instructions a token
- * on a GPU, which applies it to every token it reads. */
+ * marked bad with NaN). */
 PSM_FN float psm_masked_logit(float x, int allowed)
 {
-    return allowed || (psm_float_bits(x) & 0x7fffffffu) >= 0x7f800000u
-               ? x
-               : psm_bits_float(0xff800000u);
+    return allowed || psm_logit_class(x) == PSM_LOGIT_BAD ? x : psm_bits_float(0xff800000u);
 }
 
 PSM_FN float psm_processed_logit(float x, int allowed)

@@ -536,22 +536,19 @@ PSM_DEVICE_FN void psm_team_process_tile(PSM_TEAM_TYPE team, psm_read_processing
     const psm_team_words listed = psm_team_share_words(
         team, processing.listed ? processing.listed + first_word : 0, count, 0u);
     const int vector_shift = psm_vector_shift(dtype);
-    const int vector_slots = 1 << vector_shift;
-    psm_u32 allowed = 0xffffffffu, listed_here = 0u;
+    psm_u32 allowed = 0xffffffffu, listed_word = 0u;
 #pragma unroll
     for (int slot = 0; slot < PSM_TEAM_SLOTS; ++slot) {
-        const int element = slot & (vector_slots - 1);
         const int offset = psm_slot_offset(slot, team.lane, PSM_TEAM, vector_shift, layout);
-        if (element == 0) {
-            /* The vector's bits from bit 0: its tokens are consecutive
-             * within one word. */
-            allowed = psm_team_word(team, mask, offset >> 5) >> (offset & 31);
-            listed_here = psm_team_word(team, listed, offset >> 5) >> (offset & 31);
-            listed_here &= (psm_u32)((1u << vector_slots) - 1u);
+        if ((slot & ((1 << vector_shift) - 1)) == 0) {
+            allowed = psm_team_word(team, mask, offset >> 5);
+            listed_word = psm_team_word(team, listed, offset >> 5);
         }
-        x[slot] = psm_masked_logit(x[slot], (int)((allowed >> element) & 1u));
-        if (listed_here != 0u && ((listed_here >> element) & 1u))
+        const psm_u32 bit = 1u << (offset & 31);
+        if (listed_word & bit)
             x[slot] = processing.overlay[first + offset];
+        else
+            x[slot] = psm_masked_logit(x[slot], (allowed & bit) != 0u);
     }
 }
 

@@ -240,7 +240,7 @@ PSM_LOCAL_FN uint psm_team_any(psm_team team, uint flag, __local uint *posts)
  * memory and a barrier. */
 typedef struct psm_team_words {
     __global const uint *words;
-    int count;
+    int word_count; /* the tile's words: ceil(count / 32) */
     uint absent;
 } psm_team_words;
 
@@ -250,7 +250,7 @@ PSM_DEVICE_FN psm_team_words psm_team_share_words(psm_team team, __global const 
     psm_team_words shared;
     (void)team;
     shared.words = words;
-    shared.count = (count + 31) >> 5;
+    shared.word_count = (count + 31) >> 5;
     shared.absent = absent;
     return shared;
 }
@@ -258,7 +258,7 @@ PSM_DEVICE_FN psm_team_words psm_team_share_words(psm_team team, __global const 
 PSM_DEVICE_FN uint psm_team_word(psm_team team, psm_team_words shared, int index)
 {
     (void)team;
-    return shared.words && index < shared.count ? shared.words[index] : shared.absent;
+    return shared.words && index < shared.word_count ? shared.words[index] : shared.absent;
 }
 
 /* max(a, b), NaN when either is NaN. */

@@ -204,10 +204,11 @@ PSM_LOCAL_FN void psm_lists_by_counts(PSM_GLOBAL float *x, PSM_GLOBAL psm_u32 *l
  * mask: the row's allowed-token words, NULL for none. counts: the row's
  * vocab count words, for psm_lists_by_counts. lists_in_range: the backend's
  * own bound on the entries (OpenCL: within the buffers), checked before any
- * entry is read. bad and table: group-shared scratch. listed_bits: the row's listed-token bits,
- * zero on entry, for an overlay row x; NULL for a row x that the read step
- * wrote. A row whose lists are unusable gets x[0] = NaN (listed), which
- * makes it a bad row for the pipeline, and is otherwise left as read. */
+ * entry is read. bad and table: group-shared scratch. listed_bits: the
+ * row's listed-token bits, zero on entry, for an overlay row x; NULL for a
+ * row x that the read step wrote. A row whose lists are unusable gets x[0]
+ * = NaN (listed), which makes it a bad row for the pipeline, and is
+ * otherwise left as read. */
 PSM_LOCAL_FN void psm_stage_row_lists(PSM_GLOBAL float *x, PSM_GLOBAL psm_u32 *listed_bits,
                                       PSM_GLOBAL const unsigned char *raw, int dtype,
                                       PSM_GLOBAL const psm_u32 *mask, PSM_GLOBAL psm_u32 *counts,

@@ -59,7 +59,8 @@ namespace PSM_GPU_NAMESPACE {
  * reads them must fit, as many as the plain variant fits (64 registers a
  * thread, none spilled): left free, the compiler gives it some 100
  * registers, half the blocks at once, and the tile pass then waits on
- * memory with half the loads in flight. */
+ * memory with half the loads in flight. 0 (the plain variant's) sets no
+ * bound. */
 #ifndef PSM_GPU_TILE_ON_READ_BLOCKS
 #define PSM_GPU_TILE_ON_READ_BLOCKS 4
 #endif
@@ -401,7 +402,8 @@ PSM_GPU_DEVICE void psm_gpu_tile_body(const psm_gpu_call &call)
 }
 
 template <int WarpSize, int Dtype, bool OnRead>
-PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_TILE_THREADS, OnRead ? PSM_GPU_TILE_ON_READ_BLOCKS : 0)
+PSM_GPU_KERNEL void
+    __launch_bounds__(PSM_GPU_TILE_THREADS, OnRead ? PSM_GPU_TILE_ON_READ_BLOCKS : 0)
     psm_gpu_tile_kernel(const psm_gpu_call call)
 {
     if constexpr (psm_gpu_wave_compiled<WarpSize>())

@@ -230,7 +230,7 @@ PSM_FN int psm_token_allowed(PSM_GLOBAL const psm_u32 *row_mask, psm_i64 token)
 
 /* ---- processing as the GPU stages read a row ------------------------------
  * Where a call's pipeline reads its rows only through the tile and draw
- * stages (kernels/psm_stage_tile.h, psm_stage_draw.h), the CUDA and HIP
+ * stages (kernels/psm_stage_tile.h, psm_stage_draw.h), the GPU
  * backends write no processed copy of the batch: the lists step
  * (kernels/psm_stage_lists.h) leaves the listed tokens' final values in an
  * overlay row and sets their bits, and every read of a token applies the

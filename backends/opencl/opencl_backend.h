@@ -90,6 +90,8 @@ enum {
     KERNEL_PROBS,
     KERNEL_PROCESS_READ,  /* logit processing, before the pipeline */
     KERNEL_PROCESS_LISTS,
+    KERNEL_TILE_REDUCE_ON_READ, /* or applied as the rows are read */
+    KERNEL_DRAW_ON_READ,
     KERNEL_ROW_ORDERS,    /* an engine's filter order, instead of the row top-k and filter */
     KERNEL_TOP_LOGPROBS,  /* top-N logprobs, after the draw */
     KERNEL_TOP_RANKS,     /* the sampled ranks, after it */
@@ -152,8 +154,10 @@ enum {
     PART_ROW_STATE,
     PART_LOGITS,   /* host logits copied in */
     PART_ROW_ARRAY, /* host per-row arrays copied in: OPENCL_ROW_ARRAYS parts */
-    PART_PROCESSED = PART_ROW_ARRAY + OPENCL_ROW_ARRAYS, /* logit processing: rows x vocab f32 */
+    PART_PROCESSED = PART_ROW_ARRAY + OPENCL_ROW_ARRAYS, /* logit processing: rows x vocab f32
+                                                          * (on read: the listed tokens' overlay) */
     PART_COUNTS,    /* logit processing: rows x vocab token counts */
+    PART_LISTED,    /* processing on read: the rows' listed-token bits */
     PART_PROCESSING_ARRAY, /* host processing arrays copied in: OPENCL_PROCESSING_ARRAYS parts */
     PART_TOKENS = PART_PROCESSING_ARRAY + OPENCL_PROCESSING_ARRAYS,
     PART_LOGPROBS,
@@ -256,6 +260,13 @@ extern const char *const opencl_processing_array_names[OPENCL_PROCESSING_ARRAYS]
  * per-row pointers it has, never from its data pointers, so that a size
  * query and the call agree. */
 psm_status opencl_plan_call(const psm_request *request, int probs_mode, call_plan *plan);
+/* Whether a call's logit processing is applied as its rows are read
+ * (psm_tile_reduce_on_read, psm_draw_on_read), without a processed copy of
+ * the batch: for sampling calls whose rows can not filter and that want no
+ * top-N logprobs, since only the tile pass and the draw then read the rows
+ * (the filter kernels, top-N and psm_probs read them through paths of their
+ * own). The copy costs a write and a read of the batch more. */
+int opencl_processing_on_read(const psm_request *request, int probs_mode);
 psm_status opencl_workspace_size(void *opaque, const psm_request *request, int probs_mode,
                                  size_t *bytes);
 /* The call's buffers: carved from the caller's workspace, or the context's

@@ -78,6 +78,7 @@ static const char *part_name(int part)
     switch (part) {
     case PART_PROCESSED: return "processed logits";
     case PART_COUNTS: return "token count";
+    case PART_LISTED: return "listed-token bit";
     case PART_LANE_MAX: return "lane";
     case PART_ROW_STATE: return "row state";
     case PART_LOGITS: return "logits";
@@ -192,6 +193,14 @@ psm_status opencl_processing_arrays(const psm_request *request,
     return PSM_OK;
 }
 
+int opencl_processing_on_read(const psm_request *request, int probs_mode)
+{
+    const psm_params *p = &request->params;
+    return psm_processing_active(p) && !probs_mode && !p->top_logprobs && !p->top_k_per_row &&
+           !p->top_p_per_row && !p->min_p_per_row &&
+           !psm_may_filter(p->top_k, p->top_p, p->min_p, request->logits.vocab);
+}
+
 psm_status opencl_plan_call(const psm_request *request, int probs_mode, call_plan *plan)
 {
     memset(plan, 0, sizeof *plan);
@@ -210,9 +219,17 @@ psm_status opencl_plan_call(const psm_request *request, int probs_mode, call_pla
             plan->bytes[PART_ROW_ARRAY + i] = arrays[i] ? bytes[i] : 0;
     }
     if (psm_processing_active(&request->params)) {
-        /* Core bounds rows x vocab by 2^60, so these fit. */
-        plan->bytes[PART_PROCESSED] = rows * vocab * sizeof(cl_float);
-        if (psm_processing_has_lists(&request->params))
+        /* Core bounds rows x vocab by 2^60, so these fit. Processed rows, or
+         * where the processing is applied as the rows are read, with lists
+         * only: the overlay rows and their listed bits. */
+        const int lists = psm_processing_has_lists(&request->params);
+        const int on_read = opencl_processing_on_read(request, probs_mode);
+        if (!on_read || lists)
+            plan->bytes[PART_PROCESSED] = rows * vocab * sizeof(cl_float);
+        if (on_read && lists)
+            plan->bytes[PART_LISTED] = rows * (size_t)psm_listed_words((psm_i64)vocab) *
+                                       sizeof(cl_uint);
+        if (lists)
             plan->bytes[PART_COUNTS] = rows * vocab * sizeof(cl_uint);
         if (logits->memory == PSM_MEMORY_HOST) {
             const void *arrays[OPENCL_PROCESSING_ARRAYS];

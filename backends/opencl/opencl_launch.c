@@ -48,6 +48,8 @@ typedef struct launch {
     cl_mem logits;
     cl_mem per_row_arrays[OPENCL_ROW_ARRAYS]; /* NULL where absent */
     int processing;   /* the call has logit processing (psm_processing_active) */
+    int processing_on_read; /* applied as the rows are read (opencl_processing_on_read) */
+    cl_long mask_words; /* the allowed-token mask's words per row */
     cl_mem processing_arrays[OPENCL_PROCESSING_ARRAYS]; /* NULL where absent or empty */
     cl_long list_capacity[3]; /* entries of the history, prompt and bias buffers */
     int filters;      /* some row may have an active filter */
@@ -134,7 +136,7 @@ static psm_status buffer_entries(cl_mem buffer, size_t element, cl_long *entries
 /* Logit processing's arrays on the device: the caller's cl_mem (checked
  * like the per-row arrays), or copies of host arrays, each in its part.
  * An empty host list stays NULL: the kernels never read it. */
-static psm_status stage_processing(launch *call)
+static psm_status stage_processing(launch *call, int probs_mode)
 {
     opencl_state *state = call->state;
     const psm_request *request = call->request;
@@ -157,7 +159,10 @@ static psm_status stage_processing(launch *call)
     PSM_TRY(buffer_entries(staged[PROCESSING_BIAS_TOKENS], sizeof(cl_int), &bias_tokens));
     PSM_TRY(buffer_entries(staged[PROCESSING_BIAS_VALUES], sizeof(cl_float), &bias_values));
     call->list_capacity[2] = bias_tokens < bias_values ? bias_tokens : bias_values;
+    const psm_logit_processing *p = request->params.processing;
+    call->mask_words = p->allowed_mask_words ? p->allowed_mask_words : (call->vocab + 31) / 32;
     call->processing = 1;
+    call->processing_on_read = opencl_processing_on_read(request, probs_mode);
     return PSM_OK;
 }
 
@@ -197,7 +202,7 @@ static psm_status prepare(opencl_state *state, psm_request *request, int probs_m
                                          logits->memory, bytes[i], opencl_row_array_names[i],
                                          &call->per_row_arrays[i]);
     if (status == PSM_OK && psm_processing_active(&request->params))
-        status = stage_processing(call);
+        status = stage_processing(call, probs_mode);
     if (status != PSM_OK) {
         opencl_release_call_buffers(&call->buffers);
         return status;
@@ -316,34 +321,50 @@ size_t opencl_groups_over(const opencl_state *state, size_t items)
     return (items + state->group_size - 1) / state->group_size;
 }
 
-/* Runs the logit-processing kernels (psm_kernels.cl, "logit processing"),
- * then describes the call as the pipeline reads their output: f32 logits,
- * one dense row per output row, no row index left to follow. */
+/* Runs the logit-processing kernels (psm_kernels.cl, "logit processing").
+ * Then the pipeline reads their output (f32 logits, one dense row per
+ * output row, no row index left to follow), or, where the processing is
+ * applied as the rows are read, the rows as given with the mask and the
+ * lists step's overlay (its listed tokens' values and bits). */
 static psm_status run_processing(launch *call)
 {
     opencl_state *state = call->state;
     const psm_logit_processing *p = call->request->params.processing;
     const cl_mem *part = call->buffers.part;
     const cl_mem *arrays = call->processing_arrays;
-    const size_t token_groups = opencl_groups_over(
-        state, ((size_t)call->vocab + PSM_PROCESS_SPAN - 1) / PSM_PROCESS_SPAN);
+    const int on_read = call->processing_on_read;
+    const int lists = psm_processing_has_lists(&call->request->params);
     cl_uint index = 0;
+    cl_kernel kernel;
 
-    const cl_long mask_words =
-        p->allowed_mask_words ? p->allowed_mask_words : (call->vocab + 31) / 32;
-    cl_kernel kernel = state->kernels[KERNEL_PROCESS_READ];
-    PSM_TRY(set_request_args(call, kernel, &index));
-    PSM_TRY(SET_MEM(kernel, &index, arrays[PROCESSING_MASK]));
-    PSM_TRY(set_arg(kernel, &index, sizeof mask_words, &mask_words));
-    PSM_TRY(SET_MEM(kernel, &index, part[PART_PROCESSED]));
-    PSM_TRY(enqueue(state, kernel, token_groups, (size_t)call->rows,
-                    opencl_kernel_names[KERNEL_PROCESS_READ]));
+    if (!on_read) {
+        const size_t token_groups = opencl_groups_over(
+            state, ((size_t)call->vocab + PSM_PROCESS_SPAN - 1) / PSM_PROCESS_SPAN);
+        kernel = state->kernels[KERNEL_PROCESS_READ];
+        PSM_TRY(set_request_args(call, kernel, &index));
+        PSM_TRY(SET_MEM(kernel, &index, arrays[PROCESSING_MASK]));
+        PSM_TRY(set_arg(kernel, &index, sizeof call->mask_words, &call->mask_words));
+        PSM_TRY(SET_MEM(kernel, &index, part[PART_PROCESSED]));
+        PSM_TRY(enqueue(state, kernel, token_groups, (size_t)call->rows,
+                        opencl_kernel_names[KERNEL_PROCESS_READ]));
+    } else if (lists) {
+        const cl_uint zero = 0;
+        CL_TRY(clEnqueueFillBuffer(state->queue, part[PART_LISTED], &zero, sizeof zero, 0,
+                                   (size_t)call->rows *
+                                       (size_t)psm_listed_words(call->vocab) * sizeof zero,
+                                   0, NULL, NULL),
+               "clEnqueueFillBuffer");
+        if (state->queue_out_of_order)
+            CL_TRY(clEnqueueBarrierWithWaitList(state->queue, 0, NULL, NULL),
+                   "clEnqueueBarrierWithWaitList");
+    }
 
     /* Without lists the read step's values are final. */
-    if (psm_processing_has_lists(&call->request->params)) {
+    if (lists) {
         const psm_processing_arrays given = psm_request_processing_arrays(p);
         kernel = state->kernels[KERNEL_PROCESS_LISTS];
         const cl_uint present = given.present;
+        const cl_mem listed = on_read ? part[PART_LISTED] : NULL;
         PSM_TRY(set_request_args(call, kernel, &index));
         PSM_TRY(set_arg(kernel, &index, sizeof present, &present));
         PSM_TRY(set_arg(kernel, &index, sizeof(cl_float), &given.repetition));
@@ -354,12 +375,15 @@ static psm_status run_processing(launch *call)
         for (int list = 0; list < 3; ++list)
             PSM_TRY(set_arg(kernel, &index, sizeof(cl_long), &call->list_capacity[list]));
         PSM_TRY(SET_MEM(kernel, &index, arrays[PROCESSING_MASK]));
-        PSM_TRY(set_arg(kernel, &index, sizeof mask_words, &mask_words));
+        PSM_TRY(set_arg(kernel, &index, sizeof call->mask_words, &call->mask_words));
         PSM_TRY(SET_MEM(kernel, &index, part[PART_PROCESSED]));
+        PSM_TRY(SET_MEM(kernel, &index, listed));
         PSM_TRY(SET_MEM(kernel, &index, part[PART_COUNTS]));
         PSM_TRY(enqueue(state, kernel, 1, (size_t)call->rows,
                         opencl_kernel_names[KERNEL_PROCESS_LISTS]));
     }
+    if (on_read)
+        return PSM_OK;
 
     psm_opencl_request *description = &call->description;
     call->logits = part[PART_PROCESSED];
@@ -368,6 +392,20 @@ static psm_status run_processing(launch *call)
     description->per_row &= ~PSM_PER_ROW_LOGITS_ROW;
     description->scalars.logits_rows = call->rows;
     return PSM_OK;
+}
+
+/* The on-read kernels' last arguments (psm_kernels.cl's
+ * PSM_READ_PROCESSING_PARAMS): the mask, its words per row, and with lists
+ * the listed bits and the overlay; NULL where the call has none. */
+static psm_status set_read_processing_args(const launch *call, cl_kernel kernel, cl_uint *index)
+{
+    const int lists = psm_processing_has_lists(&call->request->params);
+    const cl_mem listed = lists ? call->buffers.part[PART_LISTED] : NULL;
+    const cl_mem overlay = lists ? call->buffers.part[PART_PROCESSED] : NULL;
+    PSM_TRY(SET_MEM(kernel, index, call->processing_arrays[PROCESSING_MASK]));
+    PSM_TRY(set_arg(kernel, index, sizeof call->mask_words, &call->mask_words));
+    PSM_TRY(SET_MEM(kernel, index, listed));
+    return SET_MEM(kernel, index, overlay);
 }
 
 /* The pipeline up to the per-row combination, shared by sample and probs:
@@ -391,14 +429,18 @@ static psm_status run_rows(launch *call)
         PSM_TRY(run_processing(call));
 
     const size_t tile_groups = team_groups(state, (size_t)call->rows * call->tiles);
-    cl_kernel kernel = state->kernels[KERNEL_TILE_REDUCE];
+    const int tile_kernel =
+        call->processing_on_read ? KERNEL_TILE_REDUCE_ON_READ : KERNEL_TILE_REDUCE;
+    cl_kernel kernel = state->kernels[tile_kernel];
     PSM_TRY(set_request_args(call, kernel, &index));
     PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_KEY]));
     PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_INFO]));
     PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_REF]));
     PSM_TRY(SET_MEM(kernel, &index, part[PART_TILE_MASS]));
     PSM_TRY(SET_MEM(kernel, &index, part[PART_LANE_MAX]));
-    PSM_TRY(enqueue(state, kernel, tile_groups, 1, opencl_kernel_names[KERNEL_TILE_REDUCE]));
+    if (call->processing_on_read)
+        PSM_TRY(set_read_processing_args(call, kernel, &index));
+    PSM_TRY(enqueue(state, kernel, tile_groups, 1, opencl_kernel_names[tile_kernel]));
 
     if (call->filters) {
         if (call->description.top_k_ran) {
@@ -606,13 +648,16 @@ static psm_status sample_call(launch *call)
     const psm_opencl_request raw_description = call->description;
 
     PSM_TRY(run_rows(call));
-    cl_kernel kernel = state->kernels[KERNEL_DRAW];
+    const int draw_kernel = call->processing_on_read ? KERNEL_DRAW_ON_READ : KERNEL_DRAW;
+    cl_kernel kernel = state->kernels[draw_kernel];
     cl_uint index = 0;
     PSM_TRY(set_row_result_args(call, kernel, &index));
     PSM_TRY(SET_MEM(kernel, &index, tokens));
     PSM_TRY(SET_MEM(kernel, &index, logprobs));
+    if (call->processing_on_read)
+        PSM_TRY(set_read_processing_args(call, kernel, &index));
     PSM_TRY(enqueue(state, kernel, team_groups(state, outputs), 1,
-                    opencl_kernel_names[KERNEL_DRAW]));
+                    opencl_kernel_names[draw_kernel]));
     if (request->params.top_logprobs)
         PSM_TRY(run_top_logprobs(call, raw_logits, &raw_description, tokens, &top));
 

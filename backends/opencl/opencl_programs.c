@@ -26,7 +26,7 @@
 const char *const opencl_kernel_names[KERNEL_COUNT] = {
     "psm_tile_reduce", "psm_row_top_k", "psm_row_filter", "psm_tile_filter",
     "psm_row_combine", "psm_draw",      "psm_probs",       "psm_process_read",
-    "psm_process_lists", "psm_row_orders", "psm_top_logprobs", "psm_top_ranks", "psm_verify_expand",
+    "psm_process_lists", "psm_tile_reduce_on_read", "psm_draw_on_read", "psm_row_orders", "psm_top_logprobs", "psm_top_ranks", "psm_verify_expand",
     "psm_verify_rows", "psm_verify_check", "psm_verify_totals", "psm_verify_walk",
     "psm_shard_pass"};
 

@@ -68,8 +68,11 @@
  * psm_tile_filter, psm_draw and psm_probs are the stages of
  * kernels/psm_stage_draw.h (shared with CUDA and HIP), with the kept test
  * of core/psm_row.h.
- * With logit processing, three kernels run first ("logit processing" at the
- * end of this file) and the pipeline reads their output.
+ * With logit processing, the processing kernels run first ("logit
+ * processing" below) and the pipeline reads their output; or, for calls
+ * whose rows only the tile pass and the draw read (opencl_processing_on_read),
+ * the lists step alone runs first and psm_tile_reduce_on_read and
+ * psm_draw_on_read apply the processing as they read the rows.
  * No kernel needs 64-bit atomics: 64-bit sums add posted partials, and the
  * per-bucket masses of top-p and top-k's tile masses from its list are kept
  * as two 32-bit words with exact carries.
@@ -165,6 +168,38 @@ typedef char psm_shard_geometry_layout_check[
         __global const ulong *seed_per_row, __global const ulong *offset_per_row,           \
         __global const uint *subsequence_per_row, __global const long *row_indices,         \
         __global const ulong *seed_pointer, __global const ulong *offset_pointer
+
+/* The same names, passed on to a function that takes PSM_REQUEST_PARAMS. */
+#define PSM_REQUEST_ARGS                                                                     \
+    request, logits, temperature_per_row, top_k_per_row, top_p_per_row, min_p_per_row,     \
+        seed_per_row, offset_per_row, subsequence_per_row, row_indices, seed_pointer,      \
+        offset_pointer
+
+/* The on-read kernels' last arguments: logit processing applied as the tile
+ * pass and the draw read the rows (opencl_processing_on_read). The output
+ * rows' allowed-token words (NULL: every token allowed), mask_words a row;
+ * with lists, their listed-token bits and the lists step's overlay rows
+ * (NULL without). */
+#define PSM_READ_PROCESSING_PARAMS                                                           \
+    __global const uint *read_mask, const long read_mask_words,                             \
+        __global const uint *read_listed, __global const float *read_overlay
+
+/* Output row `row`'s psm_read_processing from those arguments. */
+#define PSM_READ_PROCESSING_OF(row)                                                          \
+    psm_read_processing_of(read_mask, read_mask_words, read_listed, read_overlay, (row),    \
+                           request.vocab)
+
+static psm_read_processing psm_read_processing_of(__global const uint *mask, long mask_words,
+                                                  __global const uint *listed,
+                                                  __global const float *overlay, long row,
+                                                  long vocab)
+{
+    psm_read_processing processing;
+    processing.mask = mask ? mask + row * mask_words : 0;
+    processing.listed = listed ? listed + row * psm_listed_words(vocab) : 0;
+    processing.overlay = overlay ? overlay + row * vocab : 0;
+    return processing;
+}
 
 static psm_row_arrays psm_make_row_arrays(
     __global const float *temperature, __global const int *top_k, __global const float *top_p,
@@ -385,7 +420,7 @@ static int psm_row_status(const psm_row_params *p, const psm_row_summary *summar
     return psm_is_greedy(p->temperature) ? PSM_ROW_GREEDY : PSM_ROW_SAMPLE;
 }
 
-#if PSM_PROGRAM == PSM_PROGRAM_SAMPLING
+#if PSM_PROGRAM == PSM_PROGRAM_SAMPLING || PSM_PROGRAM == PSM_PROGRAM_PROCESSING
 /* ---- kernel 1: per-tile reduction ----------------------------------------- */
 
 /* One team per tile (psm_team_unit: row * tiles + tile): the tile pass of
@@ -394,16 +429,15 @@ static int psm_row_status(const psm_row_params *p, const psm_row_summary *summar
  * alone keeps the masses made here when k turns out to keep every valid
  * token. tile_ref gets m_t (the later kernels' reference for T_t and the
  * draw). psm_row_top_k and psm_row_filter find top-k's candidates from
- * lane_max (psm_lane_collect). */
-__kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
-psm_tile_reduce(PSM_REQUEST_PARAMS, __global ulong *tile_key, __global uint *tile_info,
-                __global float *tile_ref, __global ulong *tile_mass, __global uint *lane_max)
+ * lane_max (psm_lane_collect). The sampling program's psm_tile_reduce reads
+ * the rows as given; the processing program's psm_tile_reduce_on_read
+ * applies each row's processing as it reads them. */
+static void psm_tile_reduce_with(PSM_REQUEST_PARAMS, __global ulong *tile_key,
+                                 __global uint *tile_info, __global float *tile_ref,
+                                 __global ulong *tile_mass, __global uint *lane_max,
+                                 const int on_read, PSM_READ_PROCESSING_PARAMS,
+                                 const psm_tile_posts posts)
 {
-    __local float posted_maximum[PSM_WG];
-    __local uint posted_nan[PSM_WG];
-    __local uint posted_count[PSM_WG];
-    __local uint posted_first[PSM_WG];
-    __local ulong posted_mass[PSM_WG];
     const psm_team_tile where = psm_locate_tile(request.rows, request.vocab, request.tiles);
 
     const psm_tile_call call = {
@@ -416,18 +450,39 @@ psm_tile_reduce(PSM_REQUEST_PARAMS, __global ulong *tile_key, __global uint *til
                     15) == 0,
         .weight_bits = psm_weight_bits(request.vocab),
         .mass_rule = PSM_TILE_MASS_UNLESS_FILTER_CERTAIN};
-    const psm_tile_posts posts = {.maximum = posted_maximum,
-                                  .nan = posted_nan,
-                                  .count = posted_count,
-                                  .first = posted_first,
-                                  .mass = posted_mass};
     const psm_tile_outputs out = {.tile_key = tile_key,
                                   .tile_info = tile_info,
                                   .tile_mass = tile_mass,
                                   .lane_max = lane_max,
                                   .tile_reference = tile_ref};
-    psm_stage_tile(psm_team_of_item(), call, PSM_RESOLVE_ROW(where.row), psm_no_read_processing(),
+    psm_stage_tile(psm_team_of_item(), call, PSM_RESOLVE_ROW(where.row),
+                   on_read ? PSM_READ_PROCESSING_OF(where.row) : psm_no_read_processing(),
                    where.slot, where.first, where.in_range, posts, out);
+}
+
+/* The group-shared posts of psm_tile_reduce_with, declared by a kernel. */
+#define PSM_TILE_REDUCE_POSTS                                                                \
+    __local float posted_maximum[PSM_WG];                                                    \
+    __local uint posted_nan[PSM_WG];                                                         \
+    __local uint posted_count[PSM_WG];                                                       \
+    __local uint posted_first[PSM_WG];                                                       \
+    __local ulong posted_mass[PSM_WG];                                                       \
+    const psm_tile_posts posts = {.maximum = posted_maximum,                                 \
+                                  .nan = posted_nan,                                         \
+                                  .count = posted_count,                                     \
+                                  .first = posted_first,                                     \
+                                  .mass = posted_mass}
+#endif /* PSM_PROGRAM_SAMPLING || PSM_PROGRAM_PROCESSING */
+
+#if PSM_PROGRAM == PSM_PROGRAM_SAMPLING
+__kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
+psm_tile_reduce(PSM_REQUEST_PARAMS, __global ulong *tile_key, __global uint *tile_info,
+                __global float *tile_ref, __global ulong *tile_mass, __global uint *lane_max)
+{
+    PSM_TILE_REDUCE_POSTS;
+    psm_tile_reduce_with(PSM_REQUEST_ARGS, tile_key, tile_info, tile_ref, tile_mass, lane_max, 0,
+                         (__global const uint *)0, 0, (__global const uint *)0,
+                         (__global const float *)0, posts);
 }
 #endif /* PSM_PROGRAM_SAMPLING */
 
@@ -1191,19 +1246,22 @@ psm_row_combine(PSM_REQUEST_PARAMS, __global const ulong *tile_key,
     }
 }
 
+#endif /* PSM_PROGRAM_SAMPLING */
+
+#if PSM_PROGRAM == PSM_PROGRAM_SAMPLING || PSM_PROGRAM == PSM_PROGRAM_PROCESSING
 /* ---- kernel 5: the draw --------------------------------------------------- */
 
 /* One team per (sample, row) pair, numbered row * num_samples + sample (the
  * output's place): the tile by binary search of the prefix (each item
  * alike), then the token by the stage of kernels/psm_stage_draw.h; two
- * barriers per group. */
-__kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
-psm_draw(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulong *tile_mass,
-         __global const ulong *tile_prefix, __global const psm_row_state *state,
-         __global int *tokens, __global float *logprobs)
+ * barriers per group. psm_draw reads the rows as given, psm_draw_on_read
+ * applies their processing as psm_tile_reduce_on_read did. */
+static void psm_draw_with(PSM_REQUEST_PARAMS, __global const float *tile_ref,
+                          __global const ulong *tile_mass, __global const ulong *tile_prefix,
+                          __global const psm_row_state *state, __global int *tokens,
+                          __global float *logprobs, const int on_read, PSM_READ_PROCESSING_PARAMS,
+                          const psm_draw_posts posts)
 {
-    __local ulong posted_run[PSM_WG];
-    __local ulong posted_part[PSM_WG];
     const psm_team team = psm_team_of_item();
     const long out = psm_team_unit();
     const int active = out < (long)request.rows * request.num_samples;
@@ -1223,12 +1281,12 @@ psm_draw(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulon
     const int tile =
         drawing ? psm_draw_tile(team, tile_prefix + row_tiles, request.tiles, bits.tile, total) : 0;
     const int first = tile * PSM_TILE;
-    const psm_draw_posts posts = {.run = posted_run, .part = posted_part};
+    psm_tile_place place = psm_tile_place_of(logits, request.dtype, PSM_ROW_BASE(p), first,
+                                             min(PSM_TILE, request.vocab - first));
+    if (on_read)
+        place.processing = PSM_READ_PROCESSING_OF(row);
     const psm_drawn drawn = psm_stage_draw(
-        team,
-        psm_tile_place_of(logits, request.dtype, PSM_ROW_BASE(p), first,
-                          min(PSM_TILE, request.vocab - first)),
-        psm_row_kept_rule(&state[row], &p, request.vocab),
+        team, place, psm_row_kept_rule(&state[row], &p, request.vocab),
         psm_row_tile_share(tile_ref, tile_mass, tile_prefix, row_tiles, tile, total), bits.token,
         drawing, request.want_logprobs, posts);
     if (drawn.writes) {
@@ -1236,6 +1294,25 @@ psm_draw(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulon
         if (request.want_logprobs)
             logprobs[out] = drawn.log_probability;
     }
+}
+
+/* The group-shared posts of psm_draw_with, declared by a kernel. */
+#define PSM_DRAW_POSTS                                                                       \
+    __local ulong posted_run[PSM_WG];                                                        \
+    __local ulong posted_part[PSM_WG];                                                       \
+    const psm_draw_posts posts = {.run = posted_run, .part = posted_part}
+#endif /* PSM_PROGRAM_SAMPLING || PSM_PROGRAM_PROCESSING */
+
+#if PSM_PROGRAM == PSM_PROGRAM_SAMPLING
+__kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
+psm_draw(PSM_REQUEST_PARAMS, __global const float *tile_ref, __global const ulong *tile_mass,
+         __global const ulong *tile_prefix, __global const psm_row_state *state,
+         __global int *tokens, __global float *logprobs)
+{
+    PSM_DRAW_POSTS;
+    psm_draw_with(PSM_REQUEST_ARGS, tile_ref, tile_mass, tile_prefix, state, tokens, logprobs, 0,
+                  (__global const uint *)0, 0, (__global const uint *)0,
+                  (__global const float *)0, posts);
 }
 
 /* ---- kernel 6: the final distribution ------------------------------------- */
@@ -1423,7 +1500,11 @@ psm_top_ranks(PSM_REQUEST_PARAMS, const psm_opencl_request raw_request,
  *                      lists out of range make the row bad the same way.
  *                      Calls without lists skip it.
  * The pipeline then samples `processed` as f32 logits, one row per output
- * row (the host rewrites the description accordingly). */
+ * row (the host rewrites the description accordingly). Where the call's
+ * processing is applied as its rows are read (opencl_processing_on_read),
+ * psm_process_read does not run, psm_process_lists writes its listed
+ * tokens' values into `processed` as an overlay and sets their bits in
+ * `listed`, and the on-read kernels below take the tile pass and the draw. */
 
 /* The processing arrays (psm_processing_arrays; NULL where absent) and the
  * scalars: present holds the PSM_LISTS_* bits of those given. */
@@ -1482,7 +1563,7 @@ __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_process_lists(PSM_REQUEST_PARAMS, PSM_PROCESSING_PARAMS, const long history_capacity,
                   const long prompt_capacity, const long bias_capacity,
                   __global const uint *allowed_mask, const long mask_words,
-                  __global float *processed, __global uint *counts)
+                  __global float *processed, __global uint *listed, __global uint *counts)
 {
     __local uint bad;
     __local uint table_tokens[PSM_LISTS_TABLE_SLOTS], table_words[PSM_LISTS_TABLE_SLOTS];
@@ -1507,7 +1588,7 @@ psm_process_lists(PSM_REQUEST_PARAMS, PSM_PROCESSING_PARAMS, const long history_
     const psm_row_params p = PSM_RESOLVE_ROW(row);
     __global float *x = processed + row * request.vocab;
     /* Within the buffers first: the stage then reads the entries. */
-    psm_stage_row_lists(x, (__global uint *)0,
+    psm_stage_row_lists(x, listed ? listed + row * psm_listed_words(request.vocab) : 0,
                         p.valid ? logits + PSM_ROW_BASE(p) * psm_element_bytes(request.dtype)
                                 : (__global const uchar *)0,
                         request.dtype, allowed_mask ? allowed_mask + row * mask_words : 0,
@@ -1515,6 +1596,30 @@ psm_process_lists(PSM_REQUEST_PARAMS, PSM_PROCESSING_PARAMS, const long history_
                         psm_lists_within(&lists, history_capacity, prompt_capacity,
                                          bias_capacity),
                         &bad, table);
+}
+
+/* The sampling program's psm_tile_reduce and psm_draw, applying each row's
+ * processing as they read it: where only they read the rows (see
+ * opencl_processing_on_read), no processed copy is written and read. */
+__kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
+psm_tile_reduce_on_read(PSM_REQUEST_PARAMS, __global ulong *tile_key, __global uint *tile_info,
+                        __global float *tile_ref, __global ulong *tile_mass,
+                        __global uint *lane_max, PSM_READ_PROCESSING_PARAMS)
+{
+    PSM_TILE_REDUCE_POSTS;
+    psm_tile_reduce_with(PSM_REQUEST_ARGS, tile_key, tile_info, tile_ref, tile_mass, lane_max, 1,
+                         read_mask, read_mask_words, read_listed, read_overlay, posts);
+}
+
+__kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
+psm_draw_on_read(PSM_REQUEST_PARAMS, __global const float *tile_ref,
+                 __global const ulong *tile_mass, __global const ulong *tile_prefix,
+                 __global const psm_row_state *state, __global int *tokens,
+                 __global float *logprobs, PSM_READ_PROCESSING_PARAMS)
+{
+    PSM_DRAW_POSTS;
+    psm_draw_with(PSM_REQUEST_ARGS, tile_ref, tile_mass, tile_prefix, state, tokens, logprobs, 1,
+                  read_mask, read_mask_words, read_listed, read_overlay, posts);
 }
 #endif /* PSM_PROGRAM_PROCESSING */
 

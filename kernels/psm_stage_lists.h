@@ -54,11 +54,6 @@
 #define PSM_LISTS_TABLE_ENTRIES (PSM_LISTS_TABLE_SLOTS / 4 * 3)
 #define PSM_LISTS_TABLE_MIN_BITS 6
 #define PSM_LISTS_TABLE_EMPTY 0xffffffffu
-/* Slots of the table an item reads before it writes any (see
- * psm_lists_by_table). */
-#ifndef PSM_LISTS_WALK_BATCH
-#define PSM_LISTS_WALK_BATCH 4
-#endif
 /* A count word's bit for a token that the bias list holds (the history
  * count is at most 2^24, PSM_IN_PROMPT the top bit). */
 #define PSM_HAS_BIAS 0x40000000u
@@ -134,33 +129,18 @@ PSM_LOCAL_FN void psm_lists_by_table(PSM_GLOBAL float *x, PSM_GLOBAL psm_u32 *li
         psm_local_or_u32(psm_lists_table_word(table, bits, lists->bias_tokens[e]), PSM_HAS_BIAS);
     psm_group_barrier();
     const float reciprocal = psm_penalty_reciprocal(lists->repetition);
-    /* PSM_LISTS_WALK_BATCH slots an item at a time, their logits loaded
-     * before any is written: a load behind the previous slot's store waits
-     * for it (x may alias the row as far as the compiler knows), which made
-     * the walk a chain of one random read a slot. */
-    for (int batch = item; batch < slots; batch += PSM_LISTS_WALK_BATCH * items) {
-        psm_u32 token[PSM_LISTS_WALK_BATCH];
-        float logit[PSM_LISTS_WALK_BATCH];
-#pragma unroll
-        for (int j = 0; j < PSM_LISTS_WALK_BATCH; ++j) {
-            const int slot = batch + j * items;
-            token[j] = slot < slots ? table.tokens[slot] : PSM_LISTS_TABLE_EMPTY;
-            logit[j] = token[j] != PSM_LISTS_TABLE_EMPTY ? psm_raw_logit(raw, dtype, token[j])
-                                                          : 0.0f;
-        }
-#pragma unroll
-        for (int j = 0; j < PSM_LISTS_WALK_BATCH; ++j) {
-            if (token[j] == PSM_LISTS_TABLE_EMPTY)
-                continue;
-            const psm_u32 word = table.words[batch + j * items];
-            float value = psm_penalised_by_word(psm_read_logit(logit[j]), word & ~PSM_HAS_BIAS,
-                                                lists, reciprocal);
-            if (word & PSM_HAS_BIAS)
-                value = psm_token_bias(value, lists, (psm_i32)token[j]);
-            x[token[j]] = psm_processed_logit(value, mask ? psm_token_allowed(mask, token[j]) : 1);
-            if (listed_bits)
-                psm_global_or_u32(&listed_bits[token[j] >> 5], 1u << (token[j] & 31));
-        }
+    for (int slot = item; slot < slots; slot += items) {
+        const psm_u32 token = table.tokens[slot];
+        if (token == PSM_LISTS_TABLE_EMPTY)
+            continue;
+        const psm_u32 word = table.words[slot];
+        float value = psm_penalised_by_word(psm_read_logit(psm_raw_logit(raw, dtype, token)),
+                                            word & ~PSM_HAS_BIAS, lists, reciprocal);
+        if (word & PSM_HAS_BIAS)
+            value = psm_token_bias(value, lists, (psm_i32)token);
+        x[token] = psm_processed_logit(value, mask ? psm_token_allowed(mask, token) : 1);
+        if (listed_bits)
+            psm_global_or_u32(&listed_bits[token >> 5], 1u << (token & 31));
     }
     /* Before the table is cleared for the group's next row. */
     psm_group_barrier();

@@ -90,17 +90,11 @@ PSM_GPU_KERNEL void psm_gpu_process_read_kernel(const psm_gpu_call call,
  * runs faster in blocks of 256 (blocks of 1,024 cost it 7 us). */
 #define PSM_GPU_LISTS_THREADS 1024
 #define PSM_GPU_LISTS_THREADS_BIAS 256
-/* Blocks of PSM_GPU_LISTS_THREADS a multiprocessor runs at once: left free
- * the kernel took 51-53 registers on sm_90, so one block ran on each and 256
- * rows took two waves of a 132-multiprocessor H100; two cap it at 32. */
-#ifndef PSM_GPU_LISTS_BLOCKS
-#define PSM_GPU_LISTS_BLOCKS 2
-#endif
 
 /* Step 2: a block per row (rows in turn), its threads sharing the row's
  * lists. */
 template <int Dtype>
-PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_LISTS_THREADS, PSM_GPU_LISTS_BLOCKS)
+PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_LISTS_THREADS)
     psm_gpu_process_lists_kernel(const psm_gpu_call call, const psm_gpu_processing processing)
 {
     __shared__ psm_u32 bad;

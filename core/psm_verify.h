@@ -101,6 +101,68 @@ PSM_FN int psm_draft_accepted(psm_u64 u, psm_u64 draft_weight, psm_u64 draft_tot
     return psm_u192_less(left, right);
 }
 
+/* ---- totals known only within bounds -------------------------------------
+ * The GPU backends need a row's exact G (or Q_tot) only where a walk uses
+ * it whole: a residual, a draw, a logprob, or an acceptance test too close
+ * to call. Every other test is decided from bounds on the totals, which
+ * the row passes give for free: a sampled row's `mass`, the total of
+ * section 5 (the sum over tiles of T_t, each tile's kept weights against
+ * its own maximum rescaled to the row's), differs from G, the sum of the
+ * same tokens' weights against the row maximum, only by roundings. Per
+ * token: the gap's (both gaps are the same float differences up to
+ * 2^-24 relative each, and the scaling's 2^-24, so d_i and d'_i + D_t
+ * differ by at most 2^-22 d_i, and a weight is 0 from d = B + 1 <= 41 on:
+ * a relative 2^-22 x 41 x ln 2 < 7e-6), the polynomial's (1.1e-7 relative,
+ * once in the token's weight and once in the tile's rescaling) and the
+ * truncations (a unit per token and per tile). So |G - mass| < 1e-5 x mass
+ * + 2 x vocab + 2; the bounds below allow 2^-12 x mass (24 times the
+ * relative part) and 4 x vocab + 4. A test decided at both ends of the
+ * bounds is decided as the exact totals would decide it; the others (a
+ * fraction of about 2^-11 of uniform u) wait for the exact totals. */
+typedef struct psm_total_bounds {
+    psm_u64 low;
+    psm_u64 high;
+} psm_total_bounds;
+
+/* An exactly known total. */
+PSM_FN psm_total_bounds psm_total_exactly(psm_u64 total)
+{
+    psm_total_bounds bounds;
+    bounds.low = total;
+    bounds.high = total;
+    return bounds;
+}
+
+/* Bounds on G (or a draft row's Q_tot) from its row's mass (< 2^63). */
+PSM_FN psm_total_bounds psm_total_bounds_of_mass(psm_u64 mass, psm_i64 vocab)
+{
+    const psm_u64 slack = (mass >> 12) + 4u * (psm_u64)vocab + 4u;
+    psm_total_bounds bounds;
+    bounds.low = mass > slack ? mass - slack : 1u;
+    bounds.high = mass + slack;
+    return bounds;
+}
+
+#define PSM_TEST_REJECTED 0
+#define PSM_TEST_ACCEPTED 1
+#define PSM_TEST_UNDECIDED 2
+
+/* psm_draft_accepted with totals known within bounds: PSM_TEST_ACCEPTED
+ * or PSM_TEST_REJECTED where every pair of totals in the bounds gives that
+ * answer (the test's left side grows with R_tot, its right side with
+ * Q_tot), else PSM_TEST_UNDECIDED. */
+PSM_FN int psm_draft_test_within(psm_u64 u, psm_u64 draft_weight, psm_total_bounds draft_total,
+                                 psm_u64 residual_weight, psm_total_bounds residual_total)
+{
+    if (psm_draft_accepted(u, draft_weight, draft_total.low, residual_weight,
+                           residual_total.high))
+        return PSM_TEST_ACCEPTED;
+    if (!psm_draft_accepted(u, draft_weight, draft_total.high, residual_weight,
+                            residual_total.low))
+        return PSM_TEST_REJECTED;
+    return PSM_TEST_UNDECIDED;
+}
+
 /* One token's part of the residual after a rejection, before the shift:
  * max(0, R_i x Q_tot - Q_i x R_tot), the integer form of
  * max(0, R_i / R_tot - Q_i / Q_tot) scaled by R_tot x Q_tot. */
@@ -184,13 +246,14 @@ PSM_FN psm_u64 psm_draft_prob_weight(float q, int weight_bits)
 typedef struct psm_verify_row {
     psm_u64 cutoff;
     psm_u64 min_weight;
+    psm_u64 mass;         /* PSM_VERIFY_ROW_SAMPLE: the row's total of section 5 */
     float maximum;
     float scale;
     psm_i32 status;       /* PSM_VERIFY_ROW_* */
     psm_u32 greedy_token; /* PSM_VERIFY_ROW_GREEDY: the point mass */
 } psm_verify_row;
 
-#define PSM_VERIFY_ROW_BYTES 32
+#define PSM_VERIFY_ROW_BYTES 40
 
 /* The call, by value (an OpenCL kernel argument: fixed-size members, 8-byte
  * ones first, no padding). */

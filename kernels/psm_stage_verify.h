@@ -11,13 +11,15 @@
  * weight g_i), so every sum over a row is exact and takes one pass.
  *   psm_stage_verify_check  phase 1: per draft node, Q_x (one element) and
  *                           its status (PSM_NODE_*); per request, whether a
- *                           target row or a parameter is bad. Writes only
+ *                           target row or a parameter is bad, and which
+ *                           rows' exact totals its walk will need
+ *                           (psm_verify_mark_needed). Writes only
  *                           workspace; reads a draft row whole only to
  *                           check probabilities in device memory.
- *   psm_stage_verify_totals every target row's G and every draft row's
- *                           Q_tot, as partial sums of slices of the rows, a
- *                           group per slice: all rows at once, over the
- *                           whole device, whatever the batch.
+ *   psm_stage_verify_totals those rows' G and Q_tot, as partial sums of
+ *                           slices of the rows, a group per slice: all rows
+ *                           at once, over the whole device, whatever the
+ *                           batch.
  *   psm_stage_verify_walk   phase 2: the walk from the root, with those
  *                           totals; per rejection, two passes over the row
  *                           (the residual's largest excess, then its sum)
@@ -25,6 +27,11 @@
  *                           rejection, else over the one slice that the
  *                           partials say holds the pick. Writes the
  *                           outputs.
+ * The walk's other acceptance tests are decided from bounds on the totals
+ * (psm_draft_test_within, core/psm_verify.h), which the row passes leave in
+ * each psm_verify_row: a walk down accepted drafts without logprobs reads
+ * no row whole but the one it draws the bonus token from, and after a
+ * rejection only the node's target row and the rejected draft's row.
  * A residual is never stored: its weight at token i is recomputed from
  * P_i and the rejected siblings' Q_i by the steps taken so far (each step's
  * Q_tot, R_tot before it and shift, the same on every item), which gives
@@ -57,6 +64,8 @@ typedef struct psm_verify_arrays {
     PSM_GLOBAL const psm_verify_row *draft_rows; /* unread unless draft logits */
     PSM_GLOBAL psm_u64 *node_drawn;         /* workspace: Q_x per node */
     PSM_GLOBAL psm_u64 *partials;           /* workspace: psm_stage_verify_totals' sums */
+    PSM_GLOBAL psm_i32 *row_needed;         /* workspace: per row of the totals, whether the
+                                             * walk needs its exact total */
     PSM_GLOBAL psm_i32 *node_status;        /* workspace: PSM_NODE_* per node */
     PSM_GLOBAL psm_i32 *request_bad;        /* workspace: per request */
 } psm_verify_arrays;
@@ -158,8 +167,8 @@ PSM_DEVICE_FN psm_verify_dist psm_verify_draft_dist(const psm_verify_call call,
  * row: unit = row x slices + slice over psm_verify_total_rows rows, a group
  * each, so that every row's sum is read by many groups at once (one
  * request's rows too) instead of in turn by its request's walk. Integer
- * partials, so the sum of a row's slices is exact in any order. A bad row,
- * whose total is never read, gets 0. */
+ * partials, so the sum of a row's slices is exact in any order. A bad row
+ * and a row whose exact total the walk does not need get 0. */
 PSM_TEAM_TEMPLATE
 PSM_LOCAL_FN void psm_stage_verify_totals(PSM_TEAM_TYPE team, const psm_verify_call call,
                                           const psm_verify_arrays arrays, psm_i64 unit,
@@ -183,6 +192,9 @@ PSM_LOCAL_FN void psm_stage_verify_totals(PSM_TEAM_TYPE team, const psm_verify_c
         bad = call.draft_kind == PSM_DRAFT_LOGITS &&
               arrays.draft_rows[draft_row].status == PSM_VERIFY_ROW_BAD;
     }
+    /* A row the walk does not need whole is not read (its partials stay 0,
+     * as a bad row's): the walk decides with bounds there. */
+    bad |= arrays.row_needed[row] == 0;
     const int begin = slice * PSM_VERIFY_SLICE;
     const int end = begin + PSM_VERIFY_SLICE < call.vocab ? begin + PSM_VERIFY_SLICE : call.vocab;
     psm_u64 sum = 0;
@@ -246,13 +258,134 @@ PSM_DEVICE_FN psm_u64 psm_verify_draft_total(const psm_verify_call call,
                                     node - 1);
 }
 
+/* Bounds on G of target row v of request r (from its row's mass; a
+ * greedy row's point mass weighs 1). */
+PSM_DEVICE_FN psm_total_bounds psm_verify_target_bounds(const psm_verify_call call,
+                                                        const psm_verify_arrays arrays,
+                                                        psm_i64 r, int v)
+{
+    const psm_verify_row row = arrays.target_rows[r * (call.nodes + 1) + v];
+    return row.status == PSM_VERIFY_ROW_GREEDY ? psm_total_exactly(1u)
+                                               : psm_total_bounds_of_mass(row.mass, call.vocab);
+}
+
+/* Bounds on Q_tot of draft node `node` of request r: exact for one-hot
+ * drafts and for probabilities (whose rows have no mass: every total of
+ * such a call is made, see psm_verify_mark_needed), else from the row's
+ * mass. */
+PSM_DEVICE_FN psm_total_bounds psm_verify_draft_bounds(const psm_verify_call call,
+                                                       const psm_verify_arrays arrays,
+                                                       psm_i64 r, int node)
+{
+    if (call.draft_kind != PSM_DRAFT_LOGITS)
+        return psm_total_exactly(psm_verify_draft_total(call, arrays.partials, r, node));
+    const psm_verify_row row = arrays.draft_rows[r * call.nodes + node - 1];
+    return row.status == PSM_VERIFY_ROW_GREEDY ? psm_total_exactly(1u)
+                                               : psm_total_bounds_of_mass(row.mass, call.vocab);
+}
+
+/* The first acceptance test at a node (the residual is still the target's
+ * P, R_tot = G): within the bounds, and where they leave it undecided, with
+ * the exact totals (which psm_verify_mark_needed then asked for). */
+PSM_DEVICE_FN int psm_verify_first_test(const psm_verify_call call,
+                                        const psm_verify_arrays arrays, psm_i64 r, int node,
+                                        int child, psm_u64 u, psm_u64 target_weight)
+{
+    const psm_u64 drawn = arrays.node_drawn[r * call.nodes + child - 1];
+    const int decided =
+        psm_draft_test_within(u, drawn, psm_verify_draft_bounds(call, arrays, r, child),
+                              target_weight, psm_verify_target_bounds(call, arrays, r, node));
+    if (decided != PSM_TEST_UNDECIDED)
+        return decided;
+    return psm_draft_accepted(u, drawn, psm_verify_draft_total(call, arrays.partials, r, child),
+                              target_weight,
+                              psm_verify_row_total(call, arrays.partials,
+                                                   r * (call.nodes + 1) + node))
+               ? PSM_TEST_ACCEPTED
+               : PSM_TEST_REJECTED;
+}
+
+/* The first child of node v after node `after` (0: none). */
+PSM_DEVICE_FN int psm_verify_next_child(const psm_verify_call call,
+                                        const psm_verify_arrays arrays, psm_i64 r, int v,
+                                        int after)
+{
+    for (int child = after + 1; child <= call.nodes; ++child)
+        if ((call.has_parents ? arrays.parents[r * call.nodes + child - 1] : child - 1) == v)
+            return child;
+    return 0;
+}
+
+/* row_needed for request r's rows: the walk of psm_stage_verify_walk
+ * followed as far as tests decided within bounds take it. Down accepted
+ * drafts it needs no total but G of each node it emits at when logprobs
+ * are wanted; it ends at a leaf (the bonus draw: G there), at a rejection
+ * (the residual: G there and that draft's Q_tot; a later sibling is tested
+ * against the residual, so past it every row is marked), or at a test the
+ * bounds leave undecided (every row). Draft probabilities have no mass for
+ * bounds: every row. A bad request reads no total. Item 0 (uniform
+ * values, no group operation); node_drawn and node_status as this item
+ * wrote them. */
+PSM_DEVICE_FN void psm_verify_mark_needed(const psm_verify_call call,
+                                          const psm_verify_arrays arrays, psm_i64 r,
+                                          psm_u64 seed, psm_u64 offset, psm_u32 stream)
+{
+    const int k = call.nodes;
+    const psm_i64 target_first = r * (k + 1);
+    const int draft_totals = call.draft_kind != PSM_DRAFT_ONE_HOT;
+    const psm_i64 draft_first = (psm_i64)call.requests * (k + 1) + r * k;
+    int bad = arrays.request_bad[r] != 0;
+    for (int node = 1; node <= k; ++node)
+        bad |= arrays.node_status[r * k + node - 1] != PSM_NODE_GOOD;
+    int all = !bad && call.draft_kind == PSM_DRAFT_PROBS;
+    for (int v = 0; v <= k; ++v)
+        arrays.row_needed[target_first + v] = 0;
+    for (int node = 1; draft_totals && node <= k; ++node)
+        arrays.row_needed[draft_first + node - 1] = 0;
+    int v = 0;
+    while (!bad && !all) {
+        const int child = psm_verify_next_child(call, arrays, r, v, v);
+        if (!child) {
+            arrays.row_needed[target_first + v] = 1; /* the bonus draw */
+            break;
+        }
+        const psm_i32 token = arrays.tokens[r * k + child - 1];
+        const psm_u64 u = psm_sample_bits(seed, offset, stream, (psm_u32)child).tile;
+        const psm_total_bounds draft = psm_verify_draft_bounds(call, arrays, r, child);
+        const int decided = psm_draft_test_within(
+            u, arrays.node_drawn[r * k + child - 1], draft,
+            psm_verify_weight(psm_verify_target_dist(call, arrays, r, v), token),
+            psm_verify_target_bounds(call, arrays, r, v));
+        if (decided == PSM_TEST_UNDECIDED) {
+            all = 1;
+        } else if (decided == PSM_TEST_ACCEPTED) {
+            if (call.want_logprobs)
+                arrays.row_needed[target_first + v] = 1;
+            v = child;
+        } else {
+            arrays.row_needed[target_first + v] = 1;
+            if (draft_totals)
+                arrays.row_needed[draft_first + child - 1] = 1;
+            all = psm_verify_next_child(call, arrays, r, v, child) != 0;
+            break;
+        }
+    }
+    if (all) {
+        for (int w = 0; w <= k; ++w)
+            arrays.row_needed[target_first + w] = 1;
+        for (int node = 1; draft_totals && node <= k; ++node)
+            arrays.row_needed[draft_first + node - 1] = 1;
+    }
+}
+
 /* Phase 1 for request r: its draft nodes' Q_x and status, and
  * whether its target rows and parameters are good (params_valid: its
  * resolved parameters are in range). Item 0 writes. */
 PSM_TEAM_TEMPLATE
 PSM_LOCAL_FN void psm_stage_verify_check(PSM_TEAM_TYPE team, const psm_verify_call call,
                                          const psm_verify_arrays arrays, psm_i64 r,
-                                         int params_valid, PSM_LOCAL psm_verify_scratch *scratch)
+                                         int params_valid, psm_u64 seed, psm_u64 offset,
+                                         psm_u32 stream, PSM_LOCAL psm_verify_scratch *scratch)
 {
     const int k = call.nodes;
     const int writer = psm_group_item() == 0;
@@ -294,6 +427,8 @@ PSM_LOCAL_FN void psm_stage_verify_check(PSM_TEAM_TYPE team, const psm_verify_ca
             arrays.node_status[at] = status;
         }
     }
+    if (writer)
+        psm_verify_mark_needed(call, arrays, r, seed, offset, stream);
 }
 
 /* The residual's weight at token i after the first `steps` rejections at
@@ -399,8 +534,12 @@ PSM_LOCAL_FN void psm_stage_verify_walk(PSM_TEAM_TYPE team, const psm_verify_cal
             const psm_u64 residual =
                 psm_verify_residual(call, arrays, r, target, steps, token, scratch);
             const psm_u64 draft_total = psm_verify_draft_total(call, arrays.partials, r, child);
-            if (psm_draft_accepted(bits.tile, arrays.node_drawn[at], draft_total, residual,
-                                   residual_total)) {
+            const int accepted =
+                steps == 0 ? psm_verify_first_test(call, arrays, r, node, child, bits.tile,
+                                                   residual) == PSM_TEST_ACCEPTED
+                           : psm_draft_accepted(bits.tile, arrays.node_drawn[at], draft_total,
+                                                residual, residual_total);
+            if (accepted) {
                 if (writer)
                     psm_verify_emit(call, outputs, r, emitted, token, node,
                                     psm_verify_weight(target, token), target_total);

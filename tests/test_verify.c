@@ -223,6 +223,142 @@ START_TEST(draft_prob_weights)
 }
 END_TEST
 
+/* ---- totals known within bounds (psm_total_bounds_of_mass) ---------------- */
+
+/* One row's G (global weights of the kept tokens) and mass (section 5's
+ * total over the same tokens), as the contract defines them; kept: every
+ * valid token, or each with probability one half. */
+static void row_totals(const float *x, int64_t vocab, float temperature, int half_kept,
+                       psm_test_rng *rng, uint64_t *g_total, uint64_t *mass)
+{
+    const float s = psm_inverse_temperature_scale(temperature);
+    const int bits = psm_weight_bits(vocab);
+    unsigned char *kept = malloc((size_t)vocab);
+    ck_assert_ptr_nonnull(kept);
+    float row_max = -INFINITY;
+    for (int64_t i = 0; i < vocab; ++i) {
+        kept[i] = x[i] > -INFINITY && (!half_kept || psm_test_rng_below(rng, 2));
+        row_max = kept[i] && x[i] > row_max ? x[i] : row_max;
+    }
+    *g_total = 0;
+    *mass = 0;
+    for (int64_t first = 0; first < vocab; first += PSM_TILE) {
+        const int64_t end = first + PSM_TILE < vocab ? first + PSM_TILE : vocab;
+        float tile_max = -INFINITY;
+        for (int64_t i = first; i < end; ++i)
+            tile_max = kept[i] && x[i] > tile_max ? x[i] : tile_max;
+        if (tile_max == -INFINITY)
+            continue;
+        uint64_t tile_sum = 0;
+        for (int64_t i = first; i < end; ++i) {
+            if (!kept[i])
+                continue;
+            *g_total += psm_weight(psm_scaled_gap(row_max, x[i], s), bits);
+            tile_sum += psm_weight(psm_scaled_gap(tile_max, x[i], s), bits);
+        }
+        *mass += psm_rescale_mass(tile_sum, psm_scaled_gap(row_max, tile_max, s));
+    }
+    free(kept);
+}
+
+/* The bounds hold G on rows of normal logits and of a language model's
+ * shape, at temperatures from near-greedy to flat, large logits and masked
+ * tokens, every valid token kept or a random half; and G stays within
+ * 2^-20 of the mass (past the truncations). */
+START_TEST(total_bounds_hold)
+{
+    static const int64_t vocabs[] = {1000, 32000, 151936};
+    static const float temperatures[] = {2e-5f, 0.05f, 0.3f, 0.8f, 1.0f, 3.0f, 1e4f};
+    psm_test_rng rng = psm_test_rng_make(0xb0b5d5u);
+    double worst = 0;
+    for (size_t v = 0; v < sizeof vocabs / sizeof vocabs[0]; ++v) {
+        const int64_t vocab = vocabs[v];
+        float *x = malloc((size_t)vocab * sizeof *x);
+        ck_assert_ptr_nonnull(x);
+        for (int shape = 0; shape < 4; ++shape) {
+            for (int64_t i = 0; i < vocab; ++i) {
+                const double z = psm_test_rng_normal(&rng);
+                if (shape == 0)
+                    x[i] = (float)(3.0 * z);
+                else if (shape == 1) /* a language model's: -1.1 ln(rank) + noise */
+                    x[i] = (float)(-1.1 * log(1.0 + (double)psm_test_rng_below(&rng, vocab)) +
+                                   0.3 * z);
+                else if (shape == 2) /* large logits, small gaps */
+                    x[i] = (float)(4096.0 + 2.0 * z);
+                else /* masked tokens among them */
+                    x[i] = psm_test_rng_below(&rng, 4) ? (float)(2.0 * z) : -INFINITY;
+            }
+            for (size_t t = 0; t < sizeof temperatures / sizeof temperatures[0]; ++t) {
+                for (int half = 0; half <= 1; ++half) {
+                    uint64_t g_total, mass;
+                    row_totals(x, vocab, temperatures[t], half, &rng, &g_total, &mass);
+                    if (mass == 0)
+                        continue;
+                    const psm_total_bounds bounds = psm_total_bounds_of_mass(mass, vocab);
+                    ck_assert_msg(bounds.low <= g_total && g_total <= bounds.high,
+                                  "vocab %lld, shape %d, T %g: G %llu outside [%llu, %llu]",
+                                  (long long)vocab, shape, (double)temperatures[t],
+                                  (unsigned long long)g_total, (unsigned long long)bounds.low,
+                                  (unsigned long long)bounds.high);
+                    const double gap = fabs((double)g_total - (double)mass) - 2.0 * (double)vocab;
+                    if (gap / (double)mass > worst)
+                        worst = gap / (double)mass;
+                }
+            }
+        }
+        free(x);
+    }
+    /* Far inside the bounds' 2^-12 (and the 1e-5 of core/psm_verify.h's
+     * worst case: here the gaps' roundings mostly cancel). */
+    ck_assert_msg(worst < ldexp(1.0, -20), "G differed from the mass by %g relative", worst);
+}
+END_TEST
+
+/* A test decided within bounds is the exact test's answer, for every pair
+ * of totals in them, and few tests are left undecided. */
+START_TEST(test_within_bounds_is_exact)
+{
+    psm_test_rng rng = psm_test_rng_make(0x3b0d5u);
+    int undecided = 0;
+    const int trials = 400000;
+    for (int trial = 0; trial < trials; ++trial) {
+        const int64_t vocab = 1 + (int64_t)psm_test_rng_below(&rng, 200000);
+        const int bits = psm_weight_bits(vocab);
+        const uint64_t top = (uint64_t)1 << bits;
+        const uint64_t g_mass = top + psm_test_rng_below(&rng, (uint64_t)vocab * top);
+        const uint64_t q_mass = top + psm_test_rng_below(&rng, (uint64_t)vocab * top);
+        const psm_total_bounds g = psm_total_bounds_of_mass(g_mass, vocab);
+        const psm_total_bounds q = psm_total_bounds_of_mass(q_mass, vocab);
+        /* Weights in the ratio's interesting range: the drawn token is
+         * often where p and q are close. */
+        const uint64_t q_x = 1 + psm_test_rng_below(&rng, top);
+        const uint64_t p_x = psm_test_rng_below(&rng, 4) == 0
+                                 ? q_x
+                                 : psm_test_rng_below(&rng, top + 1);
+        const uint64_t u = psm_test_rng_next(&rng);
+        const int decided = psm_draft_test_within(u, q_x, q, p_x, g);
+        if (decided == PSM_TEST_UNDECIDED) {
+            ++undecided;
+            continue;
+        }
+        for (int end = 0; end < 4; ++end) {
+            const uint64_t g_total = end & 1 ? g.high : g.low;
+            const uint64_t q_total = end & 2 ? q.high : q.low;
+            ck_assert_int_eq(decided == PSM_TEST_ACCEPTED,
+                             reference_accepts(u, q_x, q_total, p_x, g_total));
+        }
+        const uint64_t g_total = g.low + psm_test_rng_below(&rng, g.high - g.low + 1);
+        const uint64_t q_total = q.low + psm_test_rng_below(&rng, q.high - q.low + 1);
+        ck_assert_int_eq(decided == PSM_TEST_ACCEPTED,
+                         reference_accepts(u, q_x, q_total, p_x, g_total));
+    }
+    /* About 2^-11 of uniform u per test lies between the ends. */
+    ck_assert_msg(undecided < trials / 256, "%d of %d tests undecided", undecided, trials);
+    const psm_total_bounds exact = psm_total_exactly(77u);
+    ck_assert(exact.low == 77u && exact.high == 77u);
+}
+END_TEST
+
 /* ---- chi-square p-values ------------------------------------------------- */
 
 /* Q(a, x), the regularised upper incomplete gamma function: a series for
@@ -1505,6 +1641,8 @@ int main(void)
     psm_test_register_common(residual_step_matches_reference);
     psm_test_register_common(rejection_leaves_mass);
     psm_test_register_common(draft_prob_weights);
+    psm_test_register_common(total_bounds_hold);
+    psm_test_register_common(test_within_bounds_is_exact);
     psm_test_register_common(chi_square_p_values);
     psm_test_register_property(chain_emits_target_distribution);
     psm_test_register_property(tree_emits_target_distribution);

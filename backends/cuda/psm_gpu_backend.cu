@@ -1174,8 +1174,9 @@ psm_status run_request(void *opaque_state, psm_request *request, bool probs_mode
  *    per-request arrays to the rows) and kept_filters set; the rows kernel
  *    keeps each row's kept rule as a psm_verify_row.
  * 3. The check kernel (a block per request) writes each draft node's Q_x
- *    and status, and each request's target check, to the buffer; the
- *    totals kernel (a block per slice of every row) the rows' totals.
+ *    and status, each request's target check and which rows' exact totals
+ *    its walk needs, to the buffer; the totals kernel (a block per slice of
+ *    every row) those rows' totals.
  * 4. With host memory (read back anyway) or in checking mode (which waits
  *    for its check), the host reads the checks and fails the call as every
  *    backend does (core/verify_backend.h), before anything is written.
@@ -1213,6 +1214,7 @@ struct verify_device {
     psm_verify_row *rows[2];
     psm_u64 *node_drawn;
     psm_u64 *partials;
+    psm_i32 *row_needed;
     psm_i32 *node_status;
     psm_i32 *request_bad;
     psm_i32 *accepted, *tokens_out, *path_out;
@@ -1309,6 +1311,8 @@ psm_status verify_place(psm_gpu_state *state, const psm_verify_request *request,
     d->partials = (psm_u64 *)verify_take(carve, (size_t)psm_verify_total_rows(call) *
                                                    (size_t)psm_verify_slices(call.vocab) *
                                                    sizeof(psm_u64));
+    d->row_needed = (psm_i32 *)verify_take(carve, (size_t)psm_verify_total_rows(call) *
+                                                      sizeof(psm_i32));
     d->node_status = (psm_i32 *)verify_take(carve, rows[1] * sizeof(psm_i32));
     d->request_bad = (psm_i32 *)verify_take(carve, (size_t)requests * sizeof(psm_i32));
     const psm_verification *out = &request->outputs;
@@ -1465,6 +1469,7 @@ psm_status verify_request(psm_gpu_state *state, psm_verify_request *request)
     arrays.draft_rows = d.rows[1];
     arrays.node_drawn = d.node_drawn;
     arrays.partials = d.partials;
+    arrays.row_needed = d.row_needed;
     arrays.node_status = d.node_status;
     arrays.request_bad = d.request_bad;
     const psm_gpu_call by_request =

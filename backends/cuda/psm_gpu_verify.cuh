@@ -48,6 +48,7 @@ PSM_GPU_KERNEL void psm_gpu_verify_rows_kernel(const psm_gpu_call call,
     psm_verify_row out;
     out.cutoff = 0;
     out.min_weight = 0;
+    out.mass = 0;
     out.maximum = 0.0f;
     out.scale = 1.0f;
     out.greedy_token = 0;
@@ -62,6 +63,8 @@ PSM_GPU_KERNEL void psm_gpu_verify_rows_kernel(const psm_gpu_call call,
         out.min_weight = filters[row].min_weight;
         out.maximum = filters[row].row_max;
         out.scale = psm_inverse_temperature_scale(p.temperature);
+        /* The row's total: the last of its running sums of T_t. */
+        out.mass = call.tile_prefix[(row + 1) * call.tiles_per_row - 1];
     }
     rows[row] = out;
 }
@@ -76,8 +79,8 @@ PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_VERIFY_THREADS)
     if constexpr (psm_gpu_wave_compiled<WarpSize>()) {
         const psm_i64 r = blockIdx.x;
         const psm_row_params p = psm_gpu_row_params(by_request, r);
-        psm_stage_verify_check(psm_team_of_thread<WarpSize>(), call, arrays, r, p.valid,
-                               &scratch);
+        psm_stage_verify_check(psm_team_of_thread<WarpSize>(), call, arrays, r, p.valid, p.seed,
+                               p.offset, p.stream, &scratch);
     }
 }
 

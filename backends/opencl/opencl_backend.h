@@ -189,8 +189,8 @@ typedef struct opencl_state {
     device_buffer own[PART_COUNT];
     /* psm_verify's buffers (opencl_verify.c): its stagings, per-row filters,
      * row results and checks, the n-th a call takes in the n-th slot. At
-     * most 42 in a call: 4 inputs, 2 x 10 per-request arrays, 2 x 4 row
-     * filters, 6 results and checks, 4 outputs. */
+     * most 43 in a call: 4 inputs, 2 x 10 per-request arrays, 2 x 4 row
+     * filters, 7 results, checks and marks, 4 outputs. */
     device_buffer verify_own[OPENCL_VERIFY_BUFFERS];
     /* A sharded call's pass (opencl_sharded.c), by the SHARD_* enum there. */
     device_buffer shard_own[OPENCL_SHARD_BUFFERS];

@@ -163,7 +163,7 @@ typedef struct verify_launch {
     psm_opencl_request by_request; /* the target's per-request view */
     cl_mem target, draft, tokens, parents;
     cl_mem target_arrays[OPENCL_ROW_ARRAYS];
-    cl_mem target_rows, draft_rows, node_drawn, partials, node_status, request_bad;
+    cl_mem target_rows, draft_rows, node_drawn, partials, row_needed, node_status, request_bad;
     psm_verify_call call;
 } verify_launch;
 
@@ -171,9 +171,9 @@ static psm_status set_verify_args(verify_launch *v, cl_kernel kernel, cl_uint *i
 {
     PSM_TRY(opencl_set_request_args(kernel, &v->by_request, v->target, v->target_arrays, index));
     PSM_TRY(opencl_set_arg(kernel, index, sizeof v->call, &v->call));
-    const cl_mem mems[] = {v->draft,      v->tokens,     v->parents,     v->target_rows,
-                           v->draft_rows, v->node_drawn, v->partials,   v->node_status,
-                           v->request_bad};
+    const cl_mem mems[] = {v->draft,      v->tokens,     v->parents,    v->target_rows,
+                           v->draft_rows, v->node_drawn, v->partials,   v->row_needed,
+                           v->node_status, v->request_bad};
     for (size_t i = 0; i < sizeof mems / sizeof mems[0]; ++i)
         PSM_TRY(opencl_set_arg(kernel, index, sizeof(cl_mem), &mems[i]));
     return PSM_OK;
@@ -273,6 +273,8 @@ static psm_status verify_call(verify_launch *v)
     const size_t units = (size_t)psm_verify_total_rows(v->call) *
                          (size_t)psm_verify_slices(v->call.vocab);
     PSM_TRY(new_buffer(state, buffers, units * sizeof(cl_ulong), &v->partials));
+    PSM_TRY(new_buffer(state, buffers, (size_t)psm_verify_total_rows(v->call) * sizeof(cl_int),
+                       &v->row_needed));
     PSM_TRY(new_buffer(state, buffers, (size_t)requests * sizeof(cl_int), &v->request_bad));
     cl_kernel kernel = state->kernels[KERNEL_VERIFY_CHECK];
     cl_uint index = 0;

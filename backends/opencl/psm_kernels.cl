@@ -1661,6 +1661,7 @@ psm_verify_rows(PSM_REQUEST_PARAMS, __global const psm_row_state *state,
     psm_verify_row out;
     out.cutoff = state[row].cutoff;
     out.min_weight = state[row].min_weight;
+    out.mass = state[row].status == PSM_ROW_SAMPLE ? state[row].total : 0ul;
     out.maximum = state[row].maximum;
     out.scale = psm_inverse_temperature_scale(p.temperature);
     out.status = state[row].status == PSM_ROW_BAD      ? PSM_VERIFY_ROW_BAD
@@ -1674,7 +1675,8 @@ psm_verify_rows(PSM_REQUEST_PARAMS, __global const psm_row_state *state,
     const psm_verify_call call, __global const uchar *draft, __global const int *tokens,     \
         __global const int *parents, __global const psm_verify_row *target_rows,             \
         __global const psm_verify_row *draft_rows, __global ulong *node_drawn,               \
-        __global ulong *partials, __global int *node_status, __global int *request_bad
+        __global ulong *partials, __global int *row_needed, __global int *node_status,        \
+        __global int *request_bad
 
 #define PSM_VERIFY_ARRAYS(arrays)                                                            \
     psm_verify_arrays arrays;                                                                \
@@ -1686,6 +1688,7 @@ psm_verify_rows(PSM_REQUEST_PARAMS, __global const psm_row_state *state,
     arrays.draft_rows = draft_rows;                                                          \
     arrays.node_drawn = node_drawn;                                                          \
     arrays.partials = partials;                                                              \
+    arrays.row_needed = row_needed;                                                          \
     arrays.node_status = node_status;                                                        \
     arrays.request_bad = request_bad
 
@@ -1697,7 +1700,8 @@ psm_verify_check(PSM_REQUEST_PARAMS, PSM_VERIFY_PARAMS)
     const long r = get_group_id(1);
     PSM_VERIFY_ARRAYS(arrays);
     const psm_row_params p = PSM_RESOLVE_ROW(r);
-    psm_stage_verify_check(psm_team_of_item(), call, arrays, r, p.valid, &scratch);
+    psm_stage_verify_check(psm_team_of_item(), call, arrays, r, p.valid, p.seed, p.offset,
+                           p.stream, &scratch);
 }
 
 /* A group per slice of a row (dimension 0: row x slices + slice). */

@@ -105,6 +105,8 @@ typedef struct psm_verify_scratch {
     psm_u64 step_r_total[PSM_VERIFY_MAX_NODES];
     psm_i32 step_node[PSM_VERIFY_MAX_NODES];
     psm_i32 step_shift[PSM_VERIFY_MAX_NODES];
+    /* Phase 1: each node's first-test decision within bounds (PSM_TEST_*). */
+    psm_i32 decided[PSM_VERIFY_MAX_NODES];
     psm_u64 found; /* the drawn token, from the item that finds it */
 } psm_verify_scratch;
 
@@ -316,27 +318,43 @@ PSM_DEVICE_FN int psm_verify_next_child(const psm_verify_call call,
     return 0;
 }
 
+/* Node `node`'s acceptance test decided within bounds, as the walk makes
+ * it when the node is the first child tested at its parent: the residual
+ * is then the parent's target row, so the decision does not depend on the
+ * walk's path, and the nodes' decisions are made side by side. For a good
+ * request (Q_x, found again here, is then positive). */
+PSM_DEVICE_FN int psm_verify_decide_within(const psm_verify_call call,
+                                           const psm_verify_arrays arrays, psm_i64 r, int node,
+                                           psm_u64 seed, psm_u64 offset, psm_u32 stream)
+{
+    const psm_i64 at = r * call.nodes + node - 1;
+    const int parent = call.has_parents ? arrays.parents[at] : node - 1;
+    const psm_i32 token = arrays.tokens[at];
+    return psm_draft_test_within(
+        psm_sample_bits(seed, offset, stream, (psm_u32)node).tile,
+        psm_verify_weight(psm_verify_draft_dist(call, arrays, r, node), token),
+        psm_verify_draft_bounds(call, arrays, r, node),
+        psm_verify_weight(psm_verify_target_dist(call, arrays, r, parent), token),
+        psm_verify_target_bounds(call, arrays, r, parent));
+}
+
 /* row_needed for request r's rows: the walk of psm_stage_verify_walk
- * followed as far as tests decided within bounds take it. Down accepted
- * drafts it needs no total but G of each node it emits at when logprobs
- * are wanted; it ends at a leaf (the bonus draw: G there), at a rejection
- * (the residual: G there and that draft's Q_tot; a later sibling is tested
- * against the residual, so past it every row is marked), or at a test the
- * bounds leave undecided (every row). Draft probabilities have no mass for
- * bounds: every row. A bad request reads no total. Item 0 (uniform
- * values, no group operation); node_drawn and node_status as this item
- * wrote them. */
+ * followed as far as tests decided within bounds take it (decided: each
+ * node's psm_verify_decide_within). Down accepted drafts it needs no total
+ * but G of each node it emits at when logprobs are wanted; it ends at a
+ * leaf (the bonus draw: G there), at a rejection (the residual: G there and
+ * that draft's Q_tot; a later sibling is tested against the residual, so
+ * past it every row is marked), or at a test the bounds leave undecided
+ * (every row). Draft probabilities have no mass for bounds: every row. A
+ * bad request reads no total. */
 PSM_DEVICE_FN void psm_verify_mark_needed(const psm_verify_call call,
-                                          const psm_verify_arrays arrays, psm_i64 r,
-                                          psm_u64 seed, psm_u64 offset, psm_u32 stream)
+                                          const psm_verify_arrays arrays, psm_i64 r, int bad,
+                                          PSM_LOCAL const psm_i32 *decided)
 {
     const int k = call.nodes;
     const psm_i64 target_first = r * (k + 1);
     const int draft_totals = call.draft_kind != PSM_DRAFT_ONE_HOT;
     const psm_i64 draft_first = (psm_i64)call.requests * (k + 1) + r * k;
-    int bad = arrays.request_bad[r] != 0;
-    for (int node = 1; node <= k; ++node)
-        bad |= arrays.node_status[r * k + node - 1] != PSM_NODE_GOOD;
     int all = !bad && call.draft_kind == PSM_DRAFT_PROBS;
     for (int v = 0; v <= k; ++v)
         arrays.row_needed[target_first + v] = 0;
@@ -349,16 +367,9 @@ PSM_DEVICE_FN void psm_verify_mark_needed(const psm_verify_call call,
             arrays.row_needed[target_first + v] = 1; /* the bonus draw */
             break;
         }
-        const psm_i32 token = arrays.tokens[r * k + child - 1];
-        const psm_u64 u = psm_sample_bits(seed, offset, stream, (psm_u32)child).tile;
-        const psm_total_bounds draft = psm_verify_draft_bounds(call, arrays, r, child);
-        const int decided = psm_draft_test_within(
-            u, arrays.node_drawn[r * k + child - 1], draft,
-            psm_verify_weight(psm_verify_target_dist(call, arrays, r, v), token),
-            psm_verify_target_bounds(call, arrays, r, v));
-        if (decided == PSM_TEST_UNDECIDED) {
+        if (decided[child - 1] == PSM_TEST_UNDECIDED) {
             all = 1;
-        } else if (decided == PSM_TEST_ACCEPTED) {
+        } else if (decided[child - 1] == PSM_TEST_ACCEPTED) {
             if (call.want_logprobs)
                 arrays.row_needed[target_first + v] = 1;
             v = child;
@@ -394,6 +405,7 @@ PSM_LOCAL_FN void psm_stage_verify_check(PSM_TEAM_TYPE team, const psm_verify_ca
         bad |= arrays.target_rows[r * (k + 1) + v].status == PSM_VERIFY_ROW_BAD;
     if (writer)
         arrays.request_bad[r] = bad;
+    int nodes_bad = 0;
     for (int node = 1; node <= k; ++node) {
         const psm_i64 at = r * k + node - 1;
         const psm_i32 token = arrays.tokens[at];
@@ -426,9 +438,20 @@ PSM_LOCAL_FN void psm_stage_verify_check(PSM_TEAM_TYPE team, const psm_verify_ca
             arrays.node_drawn[at] = drawn;
             arrays.node_status[at] = status;
         }
+        nodes_bad |= status != PSM_NODE_GOOD;
     }
+    /* Every node's test within bounds, an item a node (their loads side by
+     * side), then the marks from item 0. Only for a good request with draft
+     * logits or one-hot drafts (probabilities mark every row). */
+    const int unusable = bad || nodes_bad;
+    for (int node = 1 + psm_group_item(); node <= k; node += psm_group_size())
+        scratch->decided[node - 1] =
+            !unusable && call.draft_kind != PSM_DRAFT_PROBS
+                ? psm_verify_decide_within(call, arrays, r, node, seed, offset, stream)
+                : PSM_TEST_UNDECIDED;
+    psm_group_barrier();
     if (writer)
-        psm_verify_mark_needed(call, arrays, r, seed, offset, stream);
+        psm_verify_mark_needed(call, arrays, r, unusable, scratch->decided);
 }
 
 /* The residual's weight at token i after the first `steps` rejections at

@@ -286,17 +286,29 @@ PSM_DEVICE_FN psm_total_bounds psm_verify_draft_bounds(const psm_verify_call cal
                                                : psm_total_bounds_of_mass(row.mass, call.vocab);
 }
 
-/* The first acceptance test at a node (the residual is still the target's
- * P, R_tot = G): within the bounds, and where they leave it undecided, with
- * the exact totals (which psm_verify_mark_needed then asked for). */
+/* Child `child`'s acceptance test as the first at its parent `node` (the
+ * residual is still the target's P, R_tot = G), within bounds on the
+ * totals: PSM_TEST_* (drawn: its Q_x; target_weight: P_x at the parent).
+ * Phase 1 and the walk both decide through it. */
+PSM_DEVICE_FN int psm_verify_test_within(const psm_verify_call call,
+                                         const psm_verify_arrays arrays, psm_i64 r, int node,
+                                         int child, psm_u64 u, psm_u64 drawn,
+                                         psm_u64 target_weight)
+{
+    return psm_draft_test_within(u, drawn, psm_verify_draft_bounds(call, arrays, r, child),
+                                 target_weight, psm_verify_target_bounds(call, arrays, r, node));
+}
+
+/* The first acceptance test at a node: within the bounds, and where they
+ * leave it undecided, with the exact totals (which psm_verify_mark_needed
+ * then asked for). */
 PSM_DEVICE_FN int psm_verify_first_test(const psm_verify_call call,
                                         const psm_verify_arrays arrays, psm_i64 r, int node,
                                         int child, psm_u64 u, psm_u64 target_weight)
 {
     const psm_u64 drawn = arrays.node_drawn[r * call.nodes + child - 1];
     const int decided =
-        psm_draft_test_within(u, drawn, psm_verify_draft_bounds(call, arrays, r, child),
-                              target_weight, psm_verify_target_bounds(call, arrays, r, node));
+        psm_verify_test_within(call, arrays, r, node, child, u, drawn, target_weight);
     if (decided != PSM_TEST_UNDECIDED)
         return decided;
     return psm_draft_accepted(u, drawn, psm_verify_draft_total(call, arrays.partials, r, child),
@@ -330,12 +342,10 @@ PSM_DEVICE_FN int psm_verify_decide_within(const psm_verify_call call,
     const psm_i64 at = r * call.nodes + node - 1;
     const int parent = call.has_parents ? arrays.parents[at] : node - 1;
     const psm_i32 token = arrays.tokens[at];
-    return psm_draft_test_within(
-        psm_sample_bits(seed, offset, stream, (psm_u32)node).tile,
+    return psm_verify_test_within(
+        call, arrays, r, parent, node, psm_sample_bits(seed, offset, stream, (psm_u32)node).tile,
         psm_verify_weight(psm_verify_draft_dist(call, arrays, r, node), token),
-        psm_verify_draft_bounds(call, arrays, r, node),
-        psm_verify_weight(psm_verify_target_dist(call, arrays, r, parent), token),
-        psm_verify_target_bounds(call, arrays, r, parent));
+        psm_verify_weight(psm_verify_target_dist(call, arrays, r, parent), token));
 }
 
 /* row_needed for request r's rows: the walk of psm_stage_verify_walk

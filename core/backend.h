@@ -175,6 +175,29 @@ static inline int psm_processing_active(const psm_params *p)
                           processing->history_offsets || processing->prompt_offsets);
 }
 
+/* Whether a filter may remove a valid token of some row of the request: a
+ * per-row filter array, or scalar filters that psm_may_filter finds active.
+ * Without one every row keeps its valid tokens. */
+static inline int psm_request_may_filter(const psm_request *request)
+{
+    const psm_params *p = &request->params;
+    return p->top_k_per_row || p->top_p_per_row || p->min_p_per_row ||
+           psm_may_filter(p->top_k, p->top_p, p->min_p, request->logits.vocab);
+}
+
+/* Whether a GPU backend may apply a psm_sample call's logit processing as
+ * its tile and draw stages read the rows (psm_read_processing), instead of
+ * in a processed copy of the batch that the pipeline then reads: where
+ * those stages are the only readers of the rows, which is so when no row
+ * can filter and no top-N logprobs are asked for (the filters' cutoff
+ * searches and the top-N kernels read the rows through paths of their
+ * own). The copy costs a write and a read of the batch more. */
+static inline int psm_processing_on_read_possible(const psm_request *request)
+{
+    return psm_processing_active(&request->params) && !psm_request_may_filter(request) &&
+           !request->params.top_logprobs;
+}
+
 /* Does the call's processing have lists (history, prompt or bias)? Without
  * them the GPU backends' read step is the whole of it, and the token counts
  * need no memory. */

@@ -262,6 +262,22 @@ PSM_FN psm_i64 psm_listed_words(psm_i64 vocab)
     return (vocab + 31) / 32;
 }
 
+/* Output row `row`'s psm_read_processing from the call's arrays: the
+ * allowed-token words (mask_words a row; NULL: every token allowed), the
+ * listed-token bits and the overlay rows (NULL: no lists). */
+PSM_FN psm_read_processing psm_row_read_processing(PSM_GLOBAL const psm_u32 *mask,
+                                                   psm_i64 mask_words,
+                                                   PSM_GLOBAL const psm_u32 *listed,
+                                                   PSM_GLOBAL const float *overlay, psm_i64 row,
+                                                   psm_i64 vocab)
+{
+    psm_read_processing processing;
+    processing.mask = mask ? mask + row * mask_words : 0;
+    processing.listed = listed ? listed + row * psm_listed_words(vocab) : 0;
+    processing.overlay = overlay ? overlay + row * vocab : 0;
+    return processing;
+}
+
 /* Token `token` of a row, given its logit as read from memory, before
  * psm_read_logit. */
 PSM_FN float psm_processed_raw(psm_read_processing processing, psm_i64 token, float raw)

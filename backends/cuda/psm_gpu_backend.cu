@@ -466,24 +466,11 @@ psm_status too_large(const psm_request *request)
                          (long long)request->logits.vocab);
 }
 
-int filters_possible(const psm_request *request)
-{
-    const psm_params *p = &request->params;
-    return p->top_k_per_row || p->top_p_per_row || p->min_p_per_row ||
-           psm_may_filter(p->top_k, p->top_p, p->min_p, request->logits.vocab);
-}
-
-/* Whether a call's logit processing is applied as the tile and draw stages
- * read its rows (psm_read_processing), instead of in a processed copy of
- * the batch that the pipeline then reads: where those stages are the only
- * readers of the rows, which is so for calls whose rows do not filter and
- * that want no top-N logprobs (the filters' cutoff searches and the top-N
- * kernels read the rows through paths of their own). The copy costs a
- * write and a read of the batch more. */
+/* Whether a call's logit processing is applied as its rows are read
+ * (core/backend.h says when that may be): psm_probs' kernels apply it too. */
 bool processing_on_read(const psm_request *request)
 {
-    return psm_processing_active(&request->params) && !filters_possible(request) &&
-           !request->params.top_logprobs;
+    return psm_processing_on_read_possible(request) != 0;
 }
 
 psm_status plan_call(const psm_request *request, bool probs_mode, call_plan *plan)
@@ -1009,7 +996,7 @@ psm_status launch(psm_gpu_state *state, psm_request *request, call_buffers *buff
             return status;
     }
     /* The same test as the kernels' psm_may_filter, over every row. */
-    const bool filtered = filters_possible(request) != 0;
+    const bool filtered = psm_request_may_filter(request) != 0;
     call.row_parts = (psm_i32)row_parts(state, call, dtype, filtered, probs_mode);
 
     const psm_i64 total_tiles = call.rows * call.tiles_per_row;

@@ -246,12 +246,8 @@ PSM_GPU_DEVICE psm_u64 psm_reader_key(const psm_gpu_global_row<Dtype> *row, psm_
 /* Output row `row`'s processing as its tiles are read. */
 PSM_GPU_DEVICE psm_read_processing psm_gpu_read_processing(const psm_gpu_call &call, psm_i64 row)
 {
-    psm_read_processing processing;
-    processing.mask = call.read_mask ? call.read_mask + row * call.read_mask_words : nullptr;
-    processing.listed = call.read_listed ? call.read_listed + row * psm_listed_words(call.vocab)
-                                         : nullptr;
-    processing.overlay = call.read_overlay ? call.read_overlay + row * call.vocab : nullptr;
-    return processing;
+    return psm_row_read_processing(call.read_mask, call.read_mask_words, call.read_listed,
+                                   call.read_overlay, row, call.vocab);
 }
 
 /* Output row `row`'s parameters (core/psm_row.h). */

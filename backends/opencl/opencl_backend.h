@@ -262,10 +262,9 @@ extern const char *const opencl_processing_array_names[OPENCL_PROCESSING_ARRAYS]
 psm_status opencl_plan_call(const psm_request *request, int probs_mode, call_plan *plan);
 /* Whether a call's logit processing is applied as its rows are read
  * (psm_tile_reduce_on_read, psm_draw_on_read), without a processed copy of
- * the batch: for sampling calls whose rows can not filter and that want no
- * top-N logprobs, since only the tile pass and the draw then read the rows
- * (the filter kernels, top-N and psm_probs read them through paths of their
- * own). The copy costs a write and a read of the batch more. */
+ * the batch: where core/backend.h's psm_processing_on_read_possible says it
+ * may be, for psm_sample calls (psm_probs keeps the copy: its on-read
+ * kernel would be one more for PoCL to compile). */
 int opencl_processing_on_read(const psm_request *request, int probs_mode);
 psm_status opencl_workspace_size(void *opaque, const psm_request *request, int probs_mode,
                                  size_t *bytes);

@@ -195,10 +195,7 @@ psm_status opencl_processing_arrays(const psm_request *request,
 
 int opencl_processing_on_read(const psm_request *request, int probs_mode)
 {
-    const psm_params *p = &request->params;
-    return psm_processing_active(p) && !probs_mode && !p->top_logprobs && !p->top_k_per_row &&
-           !p->top_p_per_row && !p->min_p_per_row &&
-           !psm_may_filter(p->top_k, p->top_p, p->min_p, request->logits.vocab);
+    return !probs_mode && psm_processing_on_read_possible(request);
 }
 
 psm_status opencl_plan_call(const psm_request *request, int probs_mode, call_plan *plan)

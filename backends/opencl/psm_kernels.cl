@@ -186,20 +186,8 @@ typedef char psm_shard_geometry_layout_check[
 
 /* Output row `row`'s psm_read_processing from those arguments. */
 #define PSM_READ_PROCESSING_OF(row)                                                          \
-    psm_read_processing_of(read_mask, read_mask_words, read_listed, read_overlay, (row),    \
-                           request.vocab)
-
-static psm_read_processing psm_read_processing_of(__global const uint *mask, long mask_words,
-                                                  __global const uint *listed,
-                                                  __global const float *overlay, long row,
-                                                  long vocab)
-{
-    psm_read_processing processing;
-    processing.mask = mask ? mask + row * mask_words : 0;
-    processing.listed = listed ? listed + row * psm_listed_words(vocab) : 0;
-    processing.overlay = overlay ? overlay + row * vocab : 0;
-    return processing;
-}
+    psm_row_read_processing(read_mask, read_mask_words, read_listed, read_overlay, (row),   \
+                            request.vocab)
 
 static psm_row_arrays psm_make_row_arrays(
     __global const float *temperature, __global const int *top_k, __global const float *top_p,

@@ -279,10 +279,21 @@ typedef struct psm_verify_call {
 /* Tokens of a slice of psm_stage_verify_totals: a group's share of a row. */
 #define PSM_VERIFY_SLICE 16384
 
+/* Tokens of a part: the totals are kept as one partial sum per part of a
+ * row, so that a draw whose residual is the row finds its part from the
+ * partials and reads only that part's tokens. A slice is whole parts. */
+#define PSM_VERIFY_PART 2048
+
 /* Slices of a row of `vocab` tokens. */
 PSM_FN int psm_verify_slices(int vocab)
 {
     return (vocab + PSM_VERIFY_SLICE - 1) / PSM_VERIFY_SLICE;
+}
+
+/* Parts of a row of `vocab` tokens (the partials per row). */
+PSM_FN int psm_verify_parts(int vocab)
+{
+    return (vocab + PSM_VERIFY_PART - 1) / PSM_VERIFY_PART;
 }
 
 /* Rows whose totals psm_stage_verify_totals makes: the target rows, then

@@ -17,14 +17,14 @@
  *                           workspace; reads a draft row whole only to
  *                           check probabilities in device memory.
  *   psm_stage_verify_totals those rows' G and Q_tot, as partial sums of
- *                           slices of the rows, a group per slice: all rows
- *                           at once, over the whole device, whatever the
- *                           batch.
+ *                           parts of the rows (PSM_VERIFY_PART tokens), a
+ *                           group per slice of parts: all rows at once,
+ *                           over the whole device, whatever the batch.
  *   psm_stage_verify_walk   phase 2: the walk from the root, with those
  *                           totals; per rejection, two passes over the row
  *                           (the residual's largest excess, then its sum)
  *                           and, at the end, the draw: over the row after a
- *                           rejection, else over the one slice that the
+ *                           rejection, else over the one part that the
  *                           partials say holds the pick. Writes the
  *                           outputs.
  * The walk's other acceptance tests are decided from bounds on the totals
@@ -105,9 +105,12 @@ typedef struct psm_verify_scratch {
     psm_u64 step_r_total[PSM_VERIFY_MAX_NODES];
     psm_i32 step_node[PSM_VERIFY_MAX_NODES];
     psm_i32 step_shift[PSM_VERIFY_MAX_NODES];
-    /* Phase 1: each node's first-test decision within bounds (PSM_TEST_*). */
+    /* Each node's first-test decision within bounds (PSM_TEST_*). */
     psm_i32 decided[PSM_VERIFY_MAX_NODES];
-    psm_u64 found; /* the drawn token, from the item that finds it */
+    /* Phase 1: whether a node's draft probabilities hold an invalid one. */
+    psm_i32 bad_probs[PSM_VERIFY_MAX_NODES];
+    psm_u64 found;        /* the drawn token (or part), from the item that finds it */
+    psm_u64 found_before; /* the sum of the parts before the found part */
 } psm_verify_scratch;
 
 PSM_DEVICE_FN psm_u64 psm_verify_weight(psm_verify_dist dist, psm_i64 token)
@@ -165,12 +168,13 @@ PSM_DEVICE_FN psm_verify_dist psm_verify_draft_dist(const psm_verify_call call,
     return dist;
 }
 
-/* The part of G (a target row) or Q_tot (a draft row) in one slice of the
- * row: unit = row x slices + slice over psm_verify_total_rows rows, a group
- * each, so that every row's sum is read by many groups at once (one
- * request's rows too) instead of in turn by its request's walk. Integer
- * partials, so the sum of a row's slices is exact in any order. A bad row
- * and a row whose exact total the walk does not need get 0. */
+/* The partial sums of G (a target row) or Q_tot (a draft row) over the
+ * parts of one slice of the row: unit = row x slices + slice over
+ * psm_verify_total_rows rows, a group each, so that every row's sum is
+ * read by many groups at once (one request's rows too) instead of in turn
+ * by its request's walk. Integer partials, so the sum of a row's parts is
+ * exact in any order. A bad row and a row whose exact total the walk does
+ * not need get 0. */
 PSM_TEAM_TEMPLATE
 PSM_LOCAL_FN void psm_stage_verify_totals(PSM_TEAM_TYPE team, const psm_verify_call call,
                                           const psm_verify_arrays arrays, psm_i64 unit,
@@ -178,6 +182,7 @@ PSM_LOCAL_FN void psm_stage_verify_totals(PSM_TEAM_TYPE team, const psm_verify_c
                                           PSM_LOCAL psm_group_scratch *scratch)
 {
     const int slices = psm_verify_slices(call.vocab);
+    const int parts = psm_verify_parts(call.vocab);
     const psm_i64 row = unit / slices;
     const int slice = (int)(unit - row * slices);
     const psm_i64 target_rows = (psm_i64)call.requests * (call.nodes + 1);
@@ -194,70 +199,85 @@ PSM_LOCAL_FN void psm_stage_verify_totals(PSM_TEAM_TYPE team, const psm_verify_c
         bad = call.draft_kind == PSM_DRAFT_LOGITS &&
               arrays.draft_rows[draft_row].status == PSM_VERIFY_ROW_BAD;
     }
-    /* A row the walk does not need whole is not read (its partials stay 0,
-     * as a bad row's): the walk decides with bounds there. */
-    bad |= arrays.row_needed[row] == 0;
     const int begin = slice * PSM_VERIFY_SLICE;
     const int end = begin + PSM_VERIFY_SLICE < call.vocab ? begin + PSM_VERIFY_SLICE : call.vocab;
-    psm_u64 sum = 0;
-    if (!bad && dist.kind == PSM_DIST_POINT) {
-        sum = slice == 0 && psm_group_item() == 0 ? 1u : 0u;
-    } else if (!bad && dist.kind == PSM_DIST_KEPT) {
-        /* PSM_VERIFY_TOTALS_BATCH loads in flight an item (see
-         * psm_load_logits_batch), not one. The kernel is bound by its
-         * arithmetic: a rule without top-k, top-p or min-p keeps every
-         * valid token, and a row that is not bad holds only valid logits
-         * and -inf (whose infinite gap weighs 0), so there the kept test is
-         * left out. */
-        const int items = psm_group_size();
-        const int keeps_valid = dist.rule.cutoff == 0 && dist.rule.min_weight == 0;
-        for (int i = begin + psm_group_item(); i < end; i += PSM_VERIFY_TOTALS_BATCH * items) {
-            psm_i32 at[PSM_VERIFY_TOTALS_BATCH];
-            float x[PSM_VERIFY_TOTALS_BATCH];
-            for (int b = 0; b < PSM_VERIFY_TOTALS_BATCH; ++b)
-                at[b] = i + b * items < end ? i + b * items : -1;
-            psm_load_logits_batch(dist.data, dist.dtype, at, x, PSM_VERIFY_TOTALS_BATCH);
-            for (int b = 0; b < PSM_VERIFY_TOTALS_BATCH; ++b) {
-                const psm_u64 weight =
-                    keeps_valid ? psm_weight_of_gap(psm_unclamped_gap(dist.rule.row_max, x[b],
-                                                                      dist.rule.scale),
-                                                    dist.rule.weight_bits)
-                                : psm_kept_weight(dist.rule, dist.rule.row_max, x[b],
-                                                  (psm_u32)at[b]);
-                sum += at[b] >= 0 ? weight : 0u;
-            }
-        }
-    } else if (!bad) {
-        for (int i = begin + psm_group_item(); i < end; i += psm_group_size())
-            sum += psm_verify_weight(dist, i);
+    /* A row the walk does not need whole is not read (its partials are 0,
+     * as a bad row's): the walk decides with bounds there. */
+    if (bad || arrays.row_needed[row] == 0) {
+        for (int from = begin + psm_group_item() * PSM_VERIFY_PART; from < end;
+             from += psm_group_size() * PSM_VERIFY_PART)
+            partials[row * parts + from / PSM_VERIFY_PART] = 0;
+        return;
     }
-    sum = psm_group_sum_u64(team, sum, scratch);
-    if (psm_group_item() == 0)
-        partials[unit] = sum;
+    const int items = psm_group_size();
+    /* PSM_VERIFY_TOTALS_BATCH loads in flight an item (see
+     * psm_load_logits_batch), not one. The kernel is bound by its
+     * arithmetic: a rule without top-k, top-p or min-p keeps every valid
+     * token, and a row that is not bad holds only valid logits and -inf
+     * (whose infinite gap weighs 0), so there the kept test is left out. */
+    const int keeps_valid = dist.rule.cutoff == 0 && dist.rule.min_weight == 0;
+    for (int from = begin; from < end; from += PSM_VERIFY_PART) {
+        const int to = from + PSM_VERIFY_PART < end ? from + PSM_VERIFY_PART : end;
+        psm_u64 sum = 0;
+        if (dist.kind == PSM_DIST_POINT) {
+            /* in the part that holds the point, where a draw finds it */
+            sum = psm_group_item() == 0 && dist.point >= (psm_u32)from && dist.point < (psm_u32)to
+                      ? 1u
+                      : 0u;
+        } else if (dist.kind == PSM_DIST_KEPT) {
+            for (int i = from + psm_group_item(); i < to; i += PSM_VERIFY_TOTALS_BATCH * items) {
+                psm_i32 at[PSM_VERIFY_TOTALS_BATCH];
+                float x[PSM_VERIFY_TOTALS_BATCH];
+                for (int b = 0; b < PSM_VERIFY_TOTALS_BATCH; ++b)
+                    at[b] = i + b * items < to ? i + b * items : -1;
+                psm_load_logits_batch(dist.data, dist.dtype, at, x, PSM_VERIFY_TOTALS_BATCH);
+                for (int b = 0; b < PSM_VERIFY_TOTALS_BATCH; ++b) {
+                    const psm_u64 weight =
+                        keeps_valid
+                            ? psm_weight_of_gap(psm_unclamped_gap(dist.rule.row_max, x[b],
+                                                                  dist.rule.scale),
+                                                dist.rule.weight_bits)
+                            : psm_kept_weight(dist.rule, dist.rule.row_max, x[b], (psm_u32)at[b]);
+                    sum += at[b] >= 0 ? weight : 0u;
+                }
+            }
+        } else {
+            for (int i = from + psm_group_item(); i < to; i += items)
+                sum += psm_verify_weight(dist, i);
+        }
+        sum = psm_group_sum_u64(team, sum, scratch);
+        if (psm_group_item() == 0)
+            partials[row * parts + from / PSM_VERIFY_PART] = sum;
+    }
 }
 
-/* A row's total from its slices' partials (row: as psm_stage_verify_totals
- * numbers them); every item reads the same. */
-PSM_DEVICE_FN psm_u64 psm_verify_row_total(const psm_verify_call call,
-                                           PSM_GLOBAL const psm_u64 *partials, psm_i64 row)
+/* A row's total from its parts' partials (row: as psm_stage_verify_totals
+ * numbers them), summed by the group; every item gets it. */
+PSM_TEAM_TEMPLATE
+PSM_LOCAL_FN psm_u64 psm_verify_row_total(PSM_TEAM_TYPE team, const psm_verify_call call,
+                                          PSM_GLOBAL const psm_u64 *partials, psm_i64 row,
+                                          PSM_LOCAL psm_verify_scratch *scratch)
 {
-    const int slices = psm_verify_slices(call.vocab);
+    const int parts = psm_verify_parts(call.vocab);
     psm_u64 total = 0;
-    for (int j = 0; j < slices; ++j)
-        total += partials[row * slices + j];
-    return total;
+    for (int j = psm_group_item(); j < parts; j += psm_group_size())
+        total += partials[row * parts + j];
+    return psm_group_sum_u64(team, total, &scratch->group);
 }
 
-/* A draft node's Q_tot: its row's partials, or 1 for a one-hot draft. */
-PSM_DEVICE_FN psm_u64 psm_verify_draft_total(const psm_verify_call call,
-                                             PSM_GLOBAL const psm_u64 *partials, psm_i64 r,
-                                             int node)
+/* A draft node's Q_tot: its row's partials, or 1 for a one-hot draft
+ * (group-uniform). */
+PSM_TEAM_TEMPLATE
+PSM_LOCAL_FN psm_u64 psm_verify_draft_total(PSM_TEAM_TYPE team, const psm_verify_call call,
+                                            PSM_GLOBAL const psm_u64 *partials, psm_i64 r,
+                                            int node, PSM_LOCAL psm_verify_scratch *scratch)
 {
     if (call.draft_kind == PSM_DRAFT_ONE_HOT)
         return 1u;
-    return psm_verify_row_total(call, partials,
+    return psm_verify_row_total(team, call, partials,
                                 (psm_i64)call.requests * (call.nodes + 1) + r * call.nodes +
-                                    node - 1);
+                                    node - 1,
+                                scratch);
 }
 
 /* Bounds on G of target row v of request r (from its row's mass; a
@@ -272,51 +292,17 @@ PSM_DEVICE_FN psm_total_bounds psm_verify_target_bounds(const psm_verify_call ca
 }
 
 /* Bounds on Q_tot of draft node `node` of request r: exact for one-hot
- * drafts and for probabilities (whose rows have no mass: every total of
- * such a call is made, see psm_verify_mark_needed), else from the row's
- * mass. */
+ * drafts, else from the row's mass (not for probabilities, whose rows have
+ * no mass: their tests are decided with the exact totals). */
 PSM_DEVICE_FN psm_total_bounds psm_verify_draft_bounds(const psm_verify_call call,
                                                        const psm_verify_arrays arrays,
                                                        psm_i64 r, int node)
 {
-    if (call.draft_kind != PSM_DRAFT_LOGITS)
-        return psm_total_exactly(psm_verify_draft_total(call, arrays.partials, r, node));
+    if (call.draft_kind == PSM_DRAFT_ONE_HOT)
+        return psm_total_exactly(1u);
     const psm_verify_row row = arrays.draft_rows[r * call.nodes + node - 1];
     return row.status == PSM_VERIFY_ROW_GREEDY ? psm_total_exactly(1u)
                                                : psm_total_bounds_of_mass(row.mass, call.vocab);
-}
-
-/* Child `child`'s acceptance test as the first at its parent `node` (the
- * residual is still the target's P, R_tot = G), within bounds on the
- * totals: PSM_TEST_* (drawn: its Q_x; target_weight: P_x at the parent).
- * Phase 1 and the walk both decide through it. */
-PSM_DEVICE_FN int psm_verify_test_within(const psm_verify_call call,
-                                         const psm_verify_arrays arrays, psm_i64 r, int node,
-                                         int child, psm_u64 u, psm_u64 drawn,
-                                         psm_u64 target_weight)
-{
-    return psm_draft_test_within(u, drawn, psm_verify_draft_bounds(call, arrays, r, child),
-                                 target_weight, psm_verify_target_bounds(call, arrays, r, node));
-}
-
-/* The first acceptance test at a node: within the bounds, and where they
- * leave it undecided, with the exact totals (which psm_verify_mark_needed
- * then asked for). */
-PSM_DEVICE_FN int psm_verify_first_test(const psm_verify_call call,
-                                        const psm_verify_arrays arrays, psm_i64 r, int node,
-                                        int child, psm_u64 u, psm_u64 target_weight)
-{
-    const psm_u64 drawn = arrays.node_drawn[r * call.nodes + child - 1];
-    const int decided =
-        psm_verify_test_within(call, arrays, r, node, child, u, drawn, target_weight);
-    if (decided != PSM_TEST_UNDECIDED)
-        return decided;
-    return psm_draft_accepted(u, drawn, psm_verify_draft_total(call, arrays.partials, r, child),
-                              target_weight,
-                              psm_verify_row_total(call, arrays.partials,
-                                                   r * (call.nodes + 1) + node))
-               ? PSM_TEST_ACCEPTED
-               : PSM_TEST_REJECTED;
 }
 
 /* The first child of node v after node `after` (0: none). */
@@ -330,22 +316,29 @@ PSM_DEVICE_FN int psm_verify_next_child(const psm_verify_call call,
     return 0;
 }
 
-/* Node `node`'s acceptance test decided within bounds, as the walk makes
- * it when the node is the first child tested at its parent: the residual
- * is then the parent's target row, so the decision does not depend on the
- * walk's path, and the nodes' decisions are made side by side. For a good
- * request (Q_x, found again here, is then positive). */
+/* Node `node`'s acceptance test as the first at its parent (the residual
+ * is then the parent's target row P, R_tot = G), decided within bounds on
+ * the totals (PSM_TEST_*). It does not depend on the walk's path, so the
+ * nodes' decisions are made side by side, an item each, in phase 1 (for
+ * the marks) and again at the walk's start (whose tests where it leaves
+ * them undecided take the exact totals). For a good request (Q_x, found
+ * again here, is then positive); a test with draft probabilities is left
+ * undecided (they have no mass for bounds). */
 PSM_DEVICE_FN int psm_verify_decide_within(const psm_verify_call call,
                                            const psm_verify_arrays arrays, psm_i64 r, int node,
                                            psm_u64 seed, psm_u64 offset, psm_u32 stream)
 {
+    if (call.draft_kind == PSM_DRAFT_PROBS)
+        return PSM_TEST_UNDECIDED;
     const psm_i64 at = r * call.nodes + node - 1;
     const int parent = call.has_parents ? arrays.parents[at] : node - 1;
     const psm_i32 token = arrays.tokens[at];
-    return psm_verify_test_within(
-        call, arrays, r, parent, node, psm_sample_bits(seed, offset, stream, (psm_u32)node).tile,
+    return psm_draft_test_within(
+        psm_sample_bits(seed, offset, stream, (psm_u32)node).tile,
         psm_verify_weight(psm_verify_draft_dist(call, arrays, r, node), token),
-        psm_verify_weight(psm_verify_target_dist(call, arrays, r, parent), token));
+        psm_verify_draft_bounds(call, arrays, r, node),
+        psm_verify_weight(psm_verify_target_dist(call, arrays, r, parent), token),
+        psm_verify_target_bounds(call, arrays, r, parent));
 }
 
 /* row_needed for request r's rows: the walk of psm_stage_verify_walk
@@ -409,14 +402,30 @@ PSM_LOCAL_FN void psm_stage_verify_check(PSM_TEAM_TYPE team, const psm_verify_ca
                                          psm_u32 stream, PSM_LOCAL psm_verify_scratch *scratch)
 {
     const int k = call.nodes;
-    const int writer = psm_group_item() == 0;
     int bad = !params_valid;
     for (int v = 0; v <= k; ++v)
         bad |= arrays.target_rows[r * (k + 1) + v].status == PSM_VERIFY_ROW_BAD;
-    if (writer)
+    if (psm_group_item() == 0)
         arrays.request_bad[r] = bad;
-    int nodes_bad = 0;
-    for (int node = 1; node <= k; ++node) {
+    /* Draft probabilities in device memory: each node's row is checked
+     * whole by the group. */
+    const int check_probs = call.check_drafts && call.draft_kind == PSM_DRAFT_PROBS;
+    for (int node = 1; check_probs && node <= k; ++node) {
+        PSM_GLOBAL const float *probs = (PSM_GLOBAL const float *)psm_verify_draft_dist(
+                                            call, arrays, r, node)
+                                            .data;
+        psm_u64 invalid = 0;
+        for (int i = psm_group_item(); i < call.vocab; i += psm_group_size())
+            invalid |= psm_draft_prob_valid(probs[i]) ? 0u : 1u;
+        invalid = psm_group_max_u64(team, invalid, &scratch->group);
+        if (psm_group_item() == 0)
+            scratch->bad_probs[node - 1] = invalid != 0;
+    }
+    psm_group_barrier();
+    /* Each node's status and Q_x, an item a node (their loads side by
+     * side). */
+    psm_u64 nodes_bad = 0;
+    for (int node = 1 + psm_group_item(); node <= k; node += psm_group_size()) {
         const psm_i64 at = r * k + node - 1;
         const psm_i32 token = arrays.tokens[at];
         int status = PSM_NODE_GOOD;
@@ -429,38 +438,27 @@ PSM_LOCAL_FN void psm_stage_verify_check(PSM_TEAM_TYPE team, const psm_verify_ca
         if (status == PSM_NODE_GOOD && call.draft_kind == PSM_DRAFT_LOGITS &&
             arrays.draft_rows[at].status == PSM_VERIFY_ROW_BAD)
             status = PSM_NODE_BAD_DRAFT_ROW;
-        const psm_verify_dist dist = psm_verify_draft_dist(call, arrays, r, node);
-        if (status == PSM_NODE_GOOD && call.check_drafts && dist.kind == PSM_DIST_PROBS) {
-            psm_u64 invalid = 0;
-            for (int i = psm_group_item(); i < call.vocab; i += psm_group_size())
-                invalid |= psm_draft_prob_valid(((PSM_GLOBAL const float *)dist.data)[i]) ? 0u
-                                                                                          : 1u;
-            if (psm_group_max_u64(team, invalid, &scratch->group) != 0)
-                status = PSM_NODE_BAD_PROB;
-        }
+        if (status == PSM_NODE_GOOD && check_probs && scratch->bad_probs[node - 1])
+            status = PSM_NODE_BAD_PROB;
         psm_u64 drawn = 0;
         if (status == PSM_NODE_GOOD) {
-            drawn = psm_verify_weight(dist, token);
+            drawn = psm_verify_weight(psm_verify_draft_dist(call, arrays, r, node), token);
             if (drawn == 0)
                 status = PSM_NODE_ZERO_DRAFT;
         }
-        if (writer) {
-            arrays.node_drawn[at] = drawn;
-            arrays.node_status[at] = status;
-        }
-        nodes_bad |= status != PSM_NODE_GOOD;
+        arrays.node_drawn[at] = drawn;
+        arrays.node_status[at] = status;
+        nodes_bad |= status != PSM_NODE_GOOD ? 1u : 0u;
     }
-    /* Every node's test within bounds, an item a node (their loads side by
-     * side), then the marks from item 0. Only for a good request with draft
-     * logits or one-hot drafts (probabilities mark every row). */
-    const int unusable = bad || nodes_bad;
+    /* Every node's test within bounds, an item a node, then the marks from
+     * item 0; only for a good request. */
+    const int unusable = bad || psm_group_max_u64(team, nodes_bad, &scratch->group) != 0;
     for (int node = 1 + psm_group_item(); node <= k; node += psm_group_size())
         scratch->decided[node - 1] =
-            !unusable && call.draft_kind != PSM_DRAFT_PROBS
-                ? psm_verify_decide_within(call, arrays, r, node, seed, offset, stream)
-                : PSM_TEST_UNDECIDED;
+            !unusable ? psm_verify_decide_within(call, arrays, r, node, seed, offset, stream)
+                      : PSM_TEST_UNDECIDED;
     psm_group_barrier();
-    if (writer)
+    if (psm_group_item() == 0)
         psm_verify_mark_needed(call, arrays, r, unusable, scratch->decided);
 }
 
@@ -528,10 +526,48 @@ PSM_DEVICE_FN void psm_verify_tail(const psm_verify_call call, const psm_verify_
     }
 }
 
+/* The part of row `row` (as psm_stage_verify_totals numbers them) that
+ * holds `pick` (< the row's total): the parts' partials scanned in item
+ * order, a round of the group's size at a time; *before gets the sum of
+ * the parts before it. Every item gets the same. */
+PSM_TEAM_TEMPLATE
+PSM_LOCAL_FN int psm_verify_find_part(PSM_TEAM_TYPE team, const psm_verify_call call,
+                                      PSM_GLOBAL const psm_u64 *partials, psm_i64 row,
+                                      psm_u64 pick, psm_u64 *before,
+                                      PSM_LOCAL psm_verify_scratch *scratch)
+{
+    const int parts = psm_verify_parts(call.vocab);
+    if (psm_group_item() == 0) { /* where no part holds it: the last, read whole */
+        scratch->found = (psm_u64)(parts - 1);
+        scratch->found_before = 0;
+    }
+    psm_group_barrier();
+    psm_u64 passed = 0; /* the sum of the earlier rounds' parts */
+    for (int round = 0; round < parts && pick >= passed; round += psm_group_size()) {
+        const int j = round + psm_group_item();
+        const psm_u64 part = j < parts ? partials[row * parts + j] : 0u;
+        psm_u64 all = 0;
+        const psm_u64 through =
+            passed + psm_group_inclusive_scan_u64(team, part, &all, &scratch->group);
+        if (part != 0 && pick >= through - part && pick < through) {
+            scratch->found = (psm_u64)j;
+            scratch->found_before = through - part;
+        }
+        passed += all;
+    }
+    psm_group_barrier();
+    *before = scratch->found_before;
+    return (int)scratch->found;
+}
+
 /* Phase 2 for request r: section 7's walk, with its seed, offset and stream.
  * A bad request (a bad target row or parameter, or a bad draft node, which
  * only arrays in device memory leave for this phase: the host fails the
- * call on the others) gets -1 everywhere. */
+ * call on the others) gets -1 everywhere. A first test at a node is taken
+ * from the decisions within bounds (psm_verify_decide_within, made side by
+ * side at the start) where they decide it, so a walk down accepted drafts
+ * reads no total; a total is summed from its partials where it is first
+ * used (target_total 0: not yet), as phase 1 marked it needed. */
 PSM_TEAM_TEMPLATE
 PSM_LOCAL_FN void psm_stage_verify_walk(PSM_TEAM_TYPE team, const psm_verify_call call,
                                         const psm_verify_arrays arrays,
@@ -551,31 +587,49 @@ PSM_LOCAL_FN void psm_stage_verify_walk(PSM_TEAM_TYPE team, const psm_verify_cal
         }
         return;
     }
+    for (int node = 1 + psm_group_item(); node <= k; node += psm_group_size())
+        scratch->decided[node - 1] =
+            psm_verify_decide_within(call, arrays, r, node, seed, offset, stream);
+    psm_group_barrier();
     int node = 0, emitted = 0;
     for (;;) {
+        const psm_i64 target_row = r * (k + 1) + node;
         const psm_verify_dist target = psm_verify_target_dist(call, arrays, r, node);
-        const psm_u64 target_total =
-            psm_verify_row_total(call, arrays.partials, r * (k + 1) + node);
-        psm_u64 residual_total = target_total;
+        psm_u64 target_total = 0; /* G: summed where first used */
+        psm_u64 residual_total = 0;
         int steps = 0, accepted_child = 0;
         for (int child = node + 1; child <= k; ++child) {
             const psm_i64 at = r * k + child - 1;
             if ((call.has_parents ? arrays.parents[at] : child - 1) != node)
                 continue;
             const psm_i32 token = arrays.tokens[at];
-            const psm_draw_bits bits = psm_sample_bits(seed, offset, stream, (psm_u32)child);
-            const psm_u64 residual =
-                psm_verify_residual(call, arrays, r, target, steps, token, scratch);
-            const psm_u64 draft_total = psm_verify_draft_total(call, arrays.partials, r, child);
-            const int accepted =
-                steps == 0 ? psm_verify_first_test(call, arrays, r, node, child, bits.tile,
-                                                   residual) == PSM_TEST_ACCEPTED
-                           : psm_draft_accepted(bits.tile, arrays.node_drawn[at], draft_total,
-                                                residual, residual_total);
+            const int decided = steps == 0 ? scratch->decided[child - 1] : PSM_TEST_UNDECIDED;
+            int accepted = decided == PSM_TEST_ACCEPTED;
+            psm_u64 draft_total = 0;
+            if (!accepted) { /* a test with the exact totals, or a rejection */
+                if (target_total == 0)
+                    target_total = psm_verify_row_total(team, call, arrays.partials, target_row,
+                                                        scratch);
+                if (steps == 0)
+                    residual_total = target_total;
+                draft_total = psm_verify_draft_total(team, call, arrays.partials, r, child, scratch);
+            }
+            if (decided == PSM_TEST_UNDECIDED)
+                accepted = psm_draft_accepted(
+                    psm_sample_bits(seed, offset, stream, (psm_u32)child).tile,
+                    arrays.node_drawn[at], draft_total,
+                    psm_verify_residual(call, arrays, r, target, steps, token, scratch),
+                    residual_total);
             if (accepted) {
+                psm_u64 weight = 0;
+                if (call.want_logprobs) {
+                    if (target_total == 0)
+                        target_total = psm_verify_row_total(team, call, arrays.partials,
+                                                            target_row, scratch);
+                    weight = psm_verify_weight(target, token);
+                }
                 if (writer)
-                    psm_verify_emit(call, outputs, r, emitted, token, node,
-                                    psm_verify_weight(target, token), target_total);
+                    psm_verify_emit(call, outputs, r, emitted, token, node, weight, target_total);
                 ++emitted;
                 accepted_child = child;
                 break;
@@ -616,27 +670,25 @@ PSM_LOCAL_FN void psm_stage_verify_walk(PSM_TEAM_TYPE team, const psm_verify_cal
         }
         /* No child accepted (or none): the correction or bonus token from
          * the residual at this node, words 2-3 of its counter. Without a
-         * rejection here the residual is P, whose slices' sums are the
-         * totals' partials: the pick's slice is found from them and only
+         * rejection here the residual is P, whose parts' sums are the
+         * totals' partials: the pick's part is found from them and only
          * its tokens are read. Each item sums a contiguous run of the
          * tokens searched; the one whose run holds the pick finds the token
          * in it. */
+        if (target_total == 0)
+            target_total =
+                psm_verify_row_total(team, call, arrays.partials, target_row, scratch);
+        if (steps == 0)
+            residual_total = target_total;
         const psm_draw_bits bits = psm_sample_bits(seed, offset, stream, (psm_u32)node);
         const psm_u64 pick = psm_pick(bits.token, residual_total);
         int low = 0, high = call.vocab;
         psm_u64 before = 0;
         if (steps == 0) {
-            const int slices = psm_verify_slices(call.vocab);
-            const psm_i64 row = r * (k + 1) + node;
-            int slice = 0;
-            for (; slice < slices - 1; ++slice) {
-                const psm_u64 part = arrays.partials[row * slices + slice];
-                if (before + part > pick)
-                    break;
-                before += part;
-            }
-            low = slice * PSM_VERIFY_SLICE;
-            high = low + PSM_VERIFY_SLICE < call.vocab ? low + PSM_VERIFY_SLICE : call.vocab;
+            low = psm_verify_find_part(team, call, arrays.partials, target_row, pick, &before,
+                                       scratch) *
+                  PSM_VERIFY_PART;
+            high = low + PSM_VERIFY_PART < call.vocab ? low + PSM_VERIFY_PART : call.vocab;
         }
         const int run = (high - low + psm_group_size() - 1) / psm_group_size();
         const int begin =

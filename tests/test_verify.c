@@ -878,7 +878,10 @@ PSM_PROPERTY(draft_equal_to_target_accepts_all)
 
 /* A greedy target accepts exactly the argmax tokens: with one-hot drafts
  * (no draft distribution) and with draft logits alike, the output is the
- * target's greedy chain up to the first wrong draft, then its argmax. */
+ * target's greedy chain up to the first wrong draft, then its argmax. Half
+ * the rows have their argmax planted near the end of the vocabulary, past
+ * the first part of the GPUs' totals (PSM_VERIFY_PART), where the bonus
+ * draw must find it from the partials. */
 PSM_PROPERTY(greedy_target_accepts_argmax_only)
 {
     const int64_t vocab = 2100, requests = 12;
@@ -887,6 +890,8 @@ PSM_PROPERTY(greedy_target_accepts_argmax_only)
     verify_call call;
     call_make(&call, requests, k, vocab);
     normal_logits(call.target, requests * (k + 1) * vocab, 0x9eed1u);
+    for (int64_t row = 0; row < requests * (k + 1); row += 2)
+        call.target[row * vocab + vocab - 1 - row % 40] = 9.0f;
     call.target_params.temperature = 0.0f;
     for (int64_t r = 0; r < requests; ++r) {
         int wrong_at = (int)(r % (k + 1)) + 1; /* k + 1: every draft right */

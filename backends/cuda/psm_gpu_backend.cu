@@ -1296,7 +1296,7 @@ psm_status verify_place(psm_gpu_state *state, const psm_verify_request *request,
     d->node_drawn = (psm_u64 *)verify_take(carve, rows[1] * sizeof(psm_u64));
     const psm_verify_call call = psm_verify_describe(request);
     d->partials = (psm_u64 *)verify_take(carve, (size_t)psm_verify_total_rows(call) *
-                                                   (size_t)psm_verify_slices(call.vocab) *
+                                                   (size_t)psm_verify_parts(call.vocab) *
                                                    sizeof(psm_u64));
     d->row_needed = (psm_i32 *)verify_take(carve, (size_t)psm_verify_total_rows(call) *
                                                       sizeof(psm_i32));
@@ -1365,6 +1365,7 @@ psm_status verify_row_passes(psm_gpu_state *state, const psm_tensor &given, cons
     if (status != PSM_OK)
         return status;
     buffers.call.kept_filters = kept;
+    buffers.call.rule_only = 1;
     status = launch(state, &request, &buffers, false);
     if (status != PSM_OK)
         return status;

@@ -171,8 +171,15 @@ struct psm_gpu_call {
     const psm_u32 *read_listed; /* their listed-token bits, psm_listed_words a row */
     const float *read_overlay;  /* their listed tokens' values, vocab a row */
 
-    /* top-N logprobs: each row's filter values (NULL: the call has none) */
+    /* top-N logprobs and psm_verify: each row's filter values (NULL: the
+     * call has none) */
     psm_gpu_kept_filters *kept_filters;
+    /* psm_verify's row passes: each row's kept rule, M and running sums of
+     * T_t (tile_prefix) are all they use, so a sampled row of the plain
+     * variants draws nothing and its token is 0 (a bad row's -1 and a
+     * greedy row's token stay); the filtered variants draw all the same,
+     * so that their registers stay as they were */
+    psm_i32 rule_only;
 
     /* outputs (device memory) */
     psm_i32 *tokens;
@@ -914,7 +921,7 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const unsigned char *row_base,
                                        psm_read_processing processing, const psm_gpu_call &call,
                                        const psm_gpu_row_state &state, psm_kept_rule rule,
                                        const psm_row_params &p, int probs_mode,
-                                       psm_gpu_row_scratch &scratch)
+                                       bool rule_only, psm_gpu_row_scratch &scratch)
 {
     const psm_team<WarpSize> team = psm_team_of_thread<WarpSize>();
     const int warp = threadIdx.x / WarpSize;
@@ -941,6 +948,11 @@ PSM_GPU_DEVICE void psm_gpu_finish_row(const unsigned char *row_base,
     const psm_u64 total = carry;
     psm_gpu_block_barrier();
 
+    if (rule_only) {
+        for (psm_i32 sample = threadIdx.x; sample < call.num_samples; sample += blockDim.x)
+            call.tokens[state.row * call.num_samples + sample] = 0;
+        return;
+    }
     if (probs_mode) {
         float *out = call.probs + state.row * call.probs_stride;
         for (psm_i64 tile = warp; tile < tiles; tile += psm_gpu_block_warps<WarpSize>())
@@ -1101,7 +1113,8 @@ PSM_GPU_DEVICE void psm_gpu_row_loop(const psm_gpu_call &call, psm_gpu_row_scrat
         }
         psm_gpu_finish_row<WarpSize, Dtype>(
             source.base, OnRead ? psm_gpu_read_processing(call, row) : psm_no_read_processing(),
-            call, state, psm_gpu_kept_rule(call, state), p, ProbsMode, scratch);
+            call, state, psm_gpu_kept_rule(call, state), p, ProbsMode,
+            !Filtered && call.rule_only, scratch);
         /* The next row reuses the scratch. */
         psm_gpu_block_barrier();
     }

@@ -272,7 +272,10 @@ static psm_status verify_call(verify_launch *v)
     v->call = psm_verify_describe(request);
     const size_t units = (size_t)psm_verify_total_rows(v->call) *
                          (size_t)psm_verify_slices(v->call.vocab);
-    PSM_TRY(new_buffer(state, buffers, units * sizeof(cl_ulong), &v->partials));
+    PSM_TRY(new_buffer(state, buffers,
+                       (size_t)psm_verify_total_rows(v->call) *
+                           (size_t)psm_verify_parts(v->call.vocab) * sizeof(cl_ulong),
+                       &v->partials));
     PSM_TRY(new_buffer(state, buffers, (size_t)psm_verify_total_rows(v->call) * sizeof(cl_int),
                        &v->row_needed));
     PSM_TRY(new_buffer(state, buffers, (size_t)requests * sizeof(cl_int), &v->request_bad));

@@ -394,7 +394,8 @@ PSM_DEVICE_FN void psm_verify_mark_needed(const psm_verify_call call,
 
 /* Phase 1 for request r: its draft nodes' Q_x and status, and
  * whether its target rows and parameters are good (params_valid: its
- * resolved parameters are in range). Item 0 writes. */
+ * resolved parameters are in range). A node's item writes the node's;
+ * item 0 the request's flag and its rows' marks. */
 PSM_TEAM_TEMPLATE
 PSM_LOCAL_FN void psm_stage_verify_check(PSM_TEAM_TYPE team, const psm_verify_call call,
                                          const psm_verify_arrays arrays, psm_i64 r,

@@ -276,19 +276,11 @@ typedef struct psm_verify_call {
 
 #define PSM_VERIFY_CALL_BYTES 64
 
-/* Tokens of a slice of psm_stage_verify_totals: a group's share of a row. */
-#define PSM_VERIFY_SLICE 16384
-
 /* Tokens of a part: the totals are kept as one partial sum per part of a
- * row, so that a draw whose residual is the row finds its part from the
- * partials and reads only that part's tokens. A slice is whole parts. */
+ * row, a group's work in psm_stage_verify_totals, so that a draw whose
+ * residual is the row finds its part from the partials and reads only that
+ * part's tokens. */
 #define PSM_VERIFY_PART 2048
-
-/* Slices of a row of `vocab` tokens. */
-PSM_FN int psm_verify_slices(int vocab)
-{
-    return (vocab + PSM_VERIFY_SLICE - 1) / PSM_VERIFY_SLICE;
-}
 
 /* Parts of a row of `vocab` tokens (the partials per row). */
 PSM_FN int psm_verify_parts(int vocab)

@@ -12,14 +12,17 @@
  *   psm_stage_verify_check  phase 1: per draft node, Q_x (one element) and
  *                           its status (PSM_NODE_*); per request, whether a
  *                           target row or a parameter is bad, and which
- *                           rows' exact totals its walk will need
- *                           (psm_verify_mark_needed). Writes only
+ *                           rows' exact totals its walk will need, appended
+ *                           to one list for the whole call
+ *                           (psm_verify_list_needed). Writes only
  *                           workspace; reads a draft row whole only to
  *                           check probabilities in device memory.
  *   psm_stage_verify_totals those rows' G and Q_tot, as partial sums of
  *                           parts of the rows (PSM_VERIFY_PART tokens), a
- *                           group per slice of parts: all rows at once,
- *                           over the whole device, whatever the batch.
+ *                           group a part, the listed rows' parts shared
+ *                           out over a grid that fills the device: all
+ *                           rows at once, whatever the batch, and no
+ *                           group for a row that is not listed.
  *   psm_stage_verify_walk   phase 2: the walk from the root, with those
  *                           totals; per rejection, two passes over the row
  *                           (the residual's largest excess, then its sum)
@@ -63,9 +66,13 @@ typedef struct psm_verify_arrays {
     PSM_GLOBAL const psm_verify_row *target_rows;
     PSM_GLOBAL const psm_verify_row *draft_rows; /* unread unless draft logits */
     PSM_GLOBAL psm_u64 *node_drawn;         /* workspace: Q_x per node */
-    PSM_GLOBAL psm_u64 *partials;           /* workspace: psm_stage_verify_totals' sums */
-    PSM_GLOBAL psm_i32 *row_needed;         /* workspace: per row of the totals, whether the
-                                             * walk needs its exact total */
+    PSM_GLOBAL psm_u64 *partials;           /* workspace: psm_stage_verify_totals' sums, a row's
+                                             * parts in turn (rows numbered as
+                                             * psm_verify_total_rows counts them) */
+    PSM_GLOBAL psm_u32 *needed_rows;        /* workspace: the rows whose exact totals a walk
+                                             * needs, in no particular order */
+    PSM_GLOBAL psm_u32 *needed_count;       /* workspace: their number (zeroed by the host
+                                             * before phase 1) */
     PSM_GLOBAL psm_i32 *node_status;        /* workspace: PSM_NODE_* per node */
     PSM_GLOBAL psm_i32 *request_bad;        /* workspace: per request */
 } psm_verify_arrays;
@@ -83,6 +90,9 @@ typedef struct psm_verify_outputs {
 #define PSM_DIST_KEPT 0  /* g_i of the kept tokens of a logits row */
 #define PSM_DIST_POINT 1 /* weight 1 at `point` */
 #define PSM_DIST_PROBS 2 /* floor(q_i 2^B) */
+
+/* The walk's mark for a node of a bad request, beside PSM_TEST_*. */
+#define PSM_VERIFY_NODE_BAD (-1)
 
 /* The loads an item of psm_stage_verify_totals has in flight over a logits
  * row. */
@@ -105,10 +115,15 @@ typedef struct psm_verify_scratch {
     psm_u64 step_r_total[PSM_VERIFY_MAX_NODES];
     psm_i32 step_node[PSM_VERIFY_MAX_NODES];
     psm_i32 step_shift[PSM_VERIFY_MAX_NODES];
-    /* Each node's first-test decision within bounds (PSM_TEST_*). */
+    /* Each node's first-test decision within bounds (PSM_TEST_*; in the
+     * walk, PSM_VERIFY_NODE_BAD for a bad node), token and parent. */
     psm_i32 decided[PSM_VERIFY_MAX_NODES];
+    psm_i32 node_token[PSM_VERIFY_MAX_NODES];
+    psm_i32 node_parent[PSM_VERIFY_MAX_NODES];
     /* Phase 1: whether a node's draft probabilities hold an invalid one. */
     psm_i32 bad_probs[PSM_VERIFY_MAX_NODES];
+    /* Phase 1: the request's rows whose exact totals its walk needs. */
+    psm_u32 listed[2 * PSM_VERIFY_MAX_NODES + 1];
     psm_u64 found;        /* the drawn token (or part), from the item that finds it */
     psm_u64 found_before; /* the sum of the parts before the found part */
 } psm_verify_scratch;
@@ -168,86 +183,81 @@ PSM_DEVICE_FN psm_verify_dist psm_verify_draft_dist(const psm_verify_call call,
     return dist;
 }
 
-/* The partial sums of G (a target row) or Q_tot (a draft row) over the
- * parts of one slice of the row: unit = row x slices + slice over
- * psm_verify_total_rows rows, a group each, so that every row's sum is
- * read by many groups at once (one request's rows too) instead of in turn
- * by its request's walk. Integer partials, so the sum of a row's parts is
- * exact in any order. A bad row and a row whose exact total the walk does
- * not need get 0. */
-PSM_TEAM_TEMPLATE
-PSM_LOCAL_FN void psm_stage_verify_totals(PSM_TEAM_TYPE team, const psm_verify_call call,
-                                          const psm_verify_arrays arrays, psm_i64 unit,
-                                          PSM_GLOBAL psm_u64 *partials,
-                                          PSM_LOCAL psm_group_scratch *scratch)
+/* An item's share of the weights of tokens [from, to) of `dist` (its
+ * items: the group's). */
+PSM_DEVICE_FN psm_u64 psm_verify_part_weights(psm_verify_dist dist, int from, int to)
 {
-    const int slices = psm_verify_slices(call.vocab);
-    const int parts = psm_verify_parts(call.vocab);
-    const psm_i64 row = unit / slices;
-    const int slice = (int)(unit - row * slices);
-    const psm_i64 target_rows = (psm_i64)call.requests * (call.nodes + 1);
-    psm_verify_dist dist;
-    int bad;
-    if (row < target_rows) {
-        const psm_i64 r = row / (call.nodes + 1);
-        dist = psm_verify_target_dist(call, arrays, r, (int)(row - r * (call.nodes + 1)));
-        bad = arrays.target_rows[row].status == PSM_VERIFY_ROW_BAD;
-    } else {
-        const psm_i64 draft_row = row - target_rows;
-        const psm_i64 r = draft_row / call.nodes;
-        dist = psm_verify_draft_dist(call, arrays, r, (int)(draft_row - r * call.nodes) + 1);
-        bad = call.draft_kind == PSM_DRAFT_LOGITS &&
-              arrays.draft_rows[draft_row].status == PSM_VERIFY_ROW_BAD;
-    }
-    const int begin = slice * PSM_VERIFY_SLICE;
-    const int end = begin + PSM_VERIFY_SLICE < call.vocab ? begin + PSM_VERIFY_SLICE : call.vocab;
-    /* A row the walk does not need whole is not read (its partials are 0,
-     * as a bad row's): the walk decides with bounds there. */
-    if (bad || arrays.row_needed[row] == 0) {
-        for (int from = begin + psm_group_item() * PSM_VERIFY_PART; from < end;
-             from += psm_group_size() * PSM_VERIFY_PART)
-            partials[row * parts + from / PSM_VERIFY_PART] = 0;
-        return;
-    }
     const int items = psm_group_size();
+    psm_u64 sum = 0;
+    if (dist.kind == PSM_DIST_POINT) {
+        /* in the part that holds the point, where a draw finds it */
+        return psm_group_item() == 0 && dist.point >= (psm_u32)from && dist.point < (psm_u32)to
+                   ? 1u
+                   : 0u;
+    }
+    if (dist.kind == PSM_DIST_PROBS) {
+        for (int i = from + psm_group_item(); i < to; i += items)
+            sum += psm_verify_weight(dist, i);
+        return sum;
+    }
     /* PSM_VERIFY_TOTALS_BATCH loads in flight an item (see
-     * psm_load_logits_batch), not one. The kernel is bound by its
-     * arithmetic: a rule without top-k, top-p or min-p keeps every valid
-     * token, and a row that is not bad holds only valid logits and -inf
-     * (whose infinite gap weighs 0), so there the kept test is left out. */
+     * psm_load_logits_batch), not one. The arithmetic bounds the stage: a
+     * rule without top-k, top-p or min-p keeps every valid token, and a
+     * listed row is not bad, so holds only valid logits and -inf (whose
+     * infinite gap weighs 0); there the kept test is left out. */
     const int keeps_valid = dist.rule.cutoff == 0 && dist.rule.min_weight == 0;
-    for (int from = begin; from < end; from += PSM_VERIFY_PART) {
-        const int to = from + PSM_VERIFY_PART < end ? from + PSM_VERIFY_PART : end;
-        psm_u64 sum = 0;
-        if (dist.kind == PSM_DIST_POINT) {
-            /* in the part that holds the point, where a draw finds it */
-            sum = psm_group_item() == 0 && dist.point >= (psm_u32)from && dist.point < (psm_u32)to
-                      ? 1u
-                      : 0u;
-        } else if (dist.kind == PSM_DIST_KEPT) {
-            for (int i = from + psm_group_item(); i < to; i += PSM_VERIFY_TOTALS_BATCH * items) {
-                psm_i32 at[PSM_VERIFY_TOTALS_BATCH];
-                float x[PSM_VERIFY_TOTALS_BATCH];
-                for (int b = 0; b < PSM_VERIFY_TOTALS_BATCH; ++b)
-                    at[b] = i + b * items < to ? i + b * items : -1;
-                psm_load_logits_batch(dist.data, dist.dtype, at, x, PSM_VERIFY_TOTALS_BATCH);
-                for (int b = 0; b < PSM_VERIFY_TOTALS_BATCH; ++b) {
-                    const psm_u64 weight =
-                        keeps_valid
-                            ? psm_weight_of_gap(psm_unclamped_gap(dist.rule.row_max, x[b],
+    for (int i = from + psm_group_item(); i < to; i += PSM_VERIFY_TOTALS_BATCH * items) {
+        psm_i32 at[PSM_VERIFY_TOTALS_BATCH];
+        float x[PSM_VERIFY_TOTALS_BATCH];
+        for (int b = 0; b < PSM_VERIFY_TOTALS_BATCH; ++b)
+            at[b] = i + b * items < to ? i + b * items : -1;
+        psm_load_logits_batch(dist.data, dist.dtype, at, x, PSM_VERIFY_TOTALS_BATCH);
+        for (int b = 0; b < PSM_VERIFY_TOTALS_BATCH; ++b) {
+            const psm_u64 weight =
+                keeps_valid ? psm_weight_of_gap(psm_unclamped_gap(dist.rule.row_max, x[b],
                                                                   dist.rule.scale),
                                                 dist.rule.weight_bits)
                             : psm_kept_weight(dist.rule, dist.rule.row_max, x[b], (psm_u32)at[b]);
-                    sum += at[b] >= 0 ? weight : 0u;
-                }
-            }
-        } else {
-            for (int i = from + psm_group_item(); i < to; i += items)
-                sum += psm_verify_weight(dist, i);
+            sum += at[b] >= 0 ? weight : 0u;
         }
-        sum = psm_group_sum_u64(team, sum, scratch);
+    }
+    return sum;
+}
+
+/* The partial sums of G (a target row) or Q_tot (a draft row) over the
+ * parts of the rows phase 1 listed: a unit is a listed row's part, a group
+ * each, taken in turn by the `groups` groups of the grid (group: this
+ * one's index), so that every row is summed by many groups at once (one
+ * request's rows too) instead of in turn by its request's walk, and a
+ * grid sized for the device covers any batch. Integer partials, so the
+ * sum of a row's parts is exact in any order. The partials of a row that
+ * is not listed are not written: no walk reads them. */
+PSM_TEAM_TEMPLATE
+PSM_LOCAL_FN void psm_stage_verify_totals(PSM_TEAM_TYPE team, const psm_verify_call call,
+                                          const psm_verify_arrays arrays, psm_i64 group,
+                                          psm_i64 groups, PSM_LOCAL psm_group_scratch *scratch)
+{
+    const int parts = psm_verify_parts(call.vocab);
+    const psm_i64 target_rows = (psm_i64)call.requests * (call.nodes + 1);
+    const psm_i64 units = (psm_i64)arrays.needed_count[0] * parts;
+    for (psm_i64 unit = group; unit < units; unit += groups) {
+        const psm_i64 row = arrays.needed_rows[unit / parts];
+        const int part = (int)(unit - unit / parts * parts);
+        psm_verify_dist dist;
+        if (row < target_rows) {
+            const psm_i64 r = row / (call.nodes + 1);
+            dist = psm_verify_target_dist(call, arrays, r, (int)(row - r * (call.nodes + 1)));
+        } else {
+            const psm_i64 draft_row = row - target_rows;
+            const psm_i64 r = draft_row / call.nodes;
+            dist = psm_verify_draft_dist(call, arrays, r, (int)(draft_row - r * call.nodes) + 1);
+        }
+        const int from = part * PSM_VERIFY_PART;
+        const int to = from + PSM_VERIFY_PART < call.vocab ? from + PSM_VERIFY_PART : call.vocab;
+        const psm_u64 sum =
+            psm_group_sum_u64(team, psm_verify_part_weights(dist, from, to), scratch);
         if (psm_group_item() == 0)
-            partials[row * parts + from / PSM_VERIFY_PART] = sum;
+            arrays.partials[row * parts + part] = sum;
     }
 }
 
@@ -320,8 +330,8 @@ PSM_DEVICE_FN int psm_verify_next_child(const psm_verify_call call,
  * is then the parent's target row P, R_tot = G), decided within bounds on
  * the totals (PSM_TEST_*). It does not depend on the walk's path, so the
  * nodes' decisions are made side by side, an item each, in phase 1 (for
- * the marks) and again at the walk's start (whose tests where it leaves
- * them undecided take the exact totals). For a good request (Q_x, found
+ * the list of needed rows) and again at the walk's start (whose tests
+ * where it leaves them undecided take the exact totals). For a good request (Q_x, found
  * again here, is then positive); a test with draft probabilities is left
  * undecided (they have no mass for bounds). */
 PSM_DEVICE_FN int psm_verify_decide_within(const psm_verify_call call,
@@ -341,61 +351,67 @@ PSM_DEVICE_FN int psm_verify_decide_within(const psm_verify_call call,
         psm_verify_target_bounds(call, arrays, r, parent));
 }
 
-/* row_needed for request r's rows: the walk of psm_stage_verify_walk
- * followed as far as tests decided within bounds take it (decided: each
- * node's psm_verify_decide_within). Down accepted drafts it needs no total
- * but G of each node it emits at when logprobs are wanted; it ends at a
- * leaf (the bonus draw: G there), at a rejection (the residual: G there and
+/* Appends request r's rows whose exact totals its walk will need to
+ * arrays.needed_rows: the walk of psm_stage_verify_walk followed as far as
+ * tests decided within bounds take it (scratch->decided: each node's
+ * psm_verify_decide_within). Down accepted drafts it needs no total but G
+ * of each node it emits at when logprobs are wanted; it ends at a leaf
+ * (the bonus draw: G there), at a rejection (the residual: G there and
  * that draft's Q_tot; a later sibling is tested against the residual, so
- * past it every row is marked), or at a test the bounds leave undecided
+ * past it every row is listed), or at a test the bounds leave undecided
  * (every row). Draft probabilities have no mass for bounds: every row. A
- * bad request reads no total. */
-PSM_DEVICE_FN void psm_verify_mark_needed(const psm_verify_call call,
+ * bad request lists none. The walk visits each row once, so no row is
+ * listed twice. One item calls it. */
+PSM_DEVICE_FN void psm_verify_list_needed(const psm_verify_call call,
                                           const psm_verify_arrays arrays, psm_i64 r, int bad,
-                                          PSM_LOCAL const psm_i32 *decided)
+                                          PSM_LOCAL psm_verify_scratch *scratch)
 {
     const int k = call.nodes;
-    const psm_i64 target_first = r * (k + 1);
+    const psm_u32 target_first = (psm_u32)(r * (k + 1));
     const int draft_totals = call.draft_kind != PSM_DRAFT_ONE_HOT;
-    const psm_i64 draft_first = (psm_i64)call.requests * (k + 1) + r * k;
+    const psm_u32 draft_first = (psm_u32)((psm_i64)call.requests * (k + 1) + r * k);
+    PSM_LOCAL psm_u32 *listed = scratch->listed;
+    int count = 0;
     int all = !bad && call.draft_kind == PSM_DRAFT_PROBS;
-    for (int v = 0; v <= k; ++v)
-        arrays.row_needed[target_first + v] = 0;
-    for (int node = 1; draft_totals && node <= k; ++node)
-        arrays.row_needed[draft_first + node - 1] = 0;
     int v = 0;
     while (!bad && !all) {
         const int child = psm_verify_next_child(call, arrays, r, v, v);
         if (!child) {
-            arrays.row_needed[target_first + v] = 1; /* the bonus draw */
+            listed[count++] = target_first + v; /* the bonus draw */
             break;
         }
-        if (decided[child - 1] == PSM_TEST_UNDECIDED) {
+        if (scratch->decided[child - 1] == PSM_TEST_UNDECIDED) {
             all = 1;
-        } else if (decided[child - 1] == PSM_TEST_ACCEPTED) {
+        } else if (scratch->decided[child - 1] == PSM_TEST_ACCEPTED) {
             if (call.want_logprobs)
-                arrays.row_needed[target_first + v] = 1;
+                listed[count++] = target_first + v;
             v = child;
         } else {
-            arrays.row_needed[target_first + v] = 1;
+            listed[count++] = target_first + v;
             if (draft_totals)
-                arrays.row_needed[draft_first + child - 1] = 1;
+                listed[count++] = draft_first + child - 1;
             all = psm_verify_next_child(call, arrays, r, v, child) != 0;
             break;
         }
     }
     if (all) {
+        count = 0;
         for (int w = 0; w <= k; ++w)
-            arrays.row_needed[target_first + w] = 1;
+            listed[count++] = target_first + w;
         for (int node = 1; draft_totals && node <= k; ++node)
-            arrays.row_needed[draft_first + node - 1] = 1;
+            listed[count++] = draft_first + node - 1;
     }
+    if (count == 0)
+        return;
+    const psm_u32 at = psm_global_add_u32(arrays.needed_count, (psm_u32)count);
+    for (int j = 0; j < count; ++j)
+        arrays.needed_rows[at + j] = listed[j];
 }
 
 /* Phase 1 for request r: its draft nodes' Q_x and status, and
  * whether its target rows and parameters are good (params_valid: its
  * resolved parameters are in range). A node's item writes the node's;
- * item 0 the request's flag and its rows' marks. */
+ * item 0 the request's flag and the list of its needed rows. */
 PSM_TEAM_TEMPLATE
 PSM_LOCAL_FN void psm_stage_verify_check(PSM_TEAM_TYPE team, const psm_verify_call call,
                                          const psm_verify_arrays arrays, psm_i64 r,
@@ -451,7 +467,7 @@ PSM_LOCAL_FN void psm_stage_verify_check(PSM_TEAM_TYPE team, const psm_verify_ca
         arrays.node_status[at] = status;
         nodes_bad |= status != PSM_NODE_GOOD ? 1u : 0u;
     }
-    /* Every node's test within bounds, an item a node, then the marks from
+    /* Every node's test within bounds, an item a node, then the list from
      * item 0; only for a good request. */
     const int unusable = bad || psm_group_max_u64(team, nodes_bad, &scratch->group) != 0;
     for (int node = 1 + psm_group_item(); node <= k; node += psm_group_size())
@@ -460,7 +476,7 @@ PSM_LOCAL_FN void psm_stage_verify_check(PSM_TEAM_TYPE team, const psm_verify_ca
                       : PSM_TEST_UNDECIDED;
     psm_group_barrier();
     if (psm_group_item() == 0)
-        psm_verify_mark_needed(call, arrays, r, unusable, scratch->decided);
+        psm_verify_list_needed(call, arrays, r, unusable, scratch);
 }
 
 /* The residual's weight at token i after the first `steps` rejections at
@@ -568,7 +584,7 @@ PSM_LOCAL_FN int psm_verify_find_part(PSM_TEAM_TYPE team, const psm_verify_call 
  * from the decisions within bounds (psm_verify_decide_within, made side by
  * side at the start) where they decide it, so a walk down accepted drafts
  * reads no total; a total is summed from its partials where it is first
- * used (target_total 0: not yet), as phase 1 marked it needed. */
+ * used (target_total 0: not yet), as phase 1 listed it. */
 PSM_TEAM_TEMPLATE
 PSM_LOCAL_FN void psm_stage_verify_walk(PSM_TEAM_TYPE team, const psm_verify_call call,
                                         const psm_verify_arrays arrays,
@@ -578,9 +594,23 @@ PSM_LOCAL_FN void psm_stage_verify_walk(PSM_TEAM_TYPE team, const psm_verify_cal
 {
     const int k = call.nodes;
     const int writer = psm_group_item() == 0;
-    int bad = arrays.request_bad[r] != 0;
+    /* Each node's token, parent, status and first test within bounds, an
+     * item a node, so that their loads go side by side and the walk below
+     * loads nothing per node it passes. */
+    const int request_bad = arrays.request_bad[r] != 0;
+    for (int node = 1 + psm_group_item(); node <= k; node += psm_group_size()) {
+        const psm_i64 at = r * k + node - 1;
+        scratch->node_token[node - 1] = arrays.tokens[at];
+        scratch->node_parent[node - 1] = call.has_parents ? arrays.parents[at] : node - 1;
+        scratch->decided[node - 1] =
+            request_bad || arrays.node_status[at] != PSM_NODE_GOOD
+                ? PSM_VERIFY_NODE_BAD
+                : psm_verify_decide_within(call, arrays, r, node, seed, offset, stream);
+    }
+    psm_group_barrier();
+    int bad = request_bad;
     for (int node = 1; node <= k; ++node)
-        bad |= arrays.node_status[r * k + node - 1] != PSM_NODE_GOOD;
+        bad |= scratch->decided[node - 1] == PSM_VERIFY_NODE_BAD;
     if (bad) {
         if (writer) {
             outputs.accepted[r] = -1;
@@ -588,10 +618,6 @@ PSM_LOCAL_FN void psm_stage_verify_walk(PSM_TEAM_TYPE team, const psm_verify_cal
         }
         return;
     }
-    for (int node = 1 + psm_group_item(); node <= k; node += psm_group_size())
-        scratch->decided[node - 1] =
-            psm_verify_decide_within(call, arrays, r, node, seed, offset, stream);
-    psm_group_barrier();
     int node = 0, emitted = 0;
     for (;;) {
         const psm_i64 target_row = r * (k + 1) + node;
@@ -601,9 +627,9 @@ PSM_LOCAL_FN void psm_stage_verify_walk(PSM_TEAM_TYPE team, const psm_verify_cal
         int steps = 0, accepted_child = 0;
         for (int child = node + 1; child <= k; ++child) {
             const psm_i64 at = r * k + child - 1;
-            if ((call.has_parents ? arrays.parents[at] : child - 1) != node)
+            if (scratch->node_parent[child - 1] != node)
                 continue;
-            const psm_i32 token = arrays.tokens[at];
+            const psm_i32 token = scratch->node_token[child - 1];
             const int decided = steps == 0 ? scratch->decided[child - 1] : PSM_TEST_UNDECIDED;
             int accepted = decided == PSM_TEST_ACCEPTED;
             psm_u64 draft_total = 0;

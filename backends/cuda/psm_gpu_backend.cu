@@ -1161,9 +1161,10 @@ psm_status run_request(void *opaque_state, psm_request *request, bool probs_mode
  *    per-request arrays to the rows) and kept_filters set; the rows kernel
  *    keeps each row's kept rule as a psm_verify_row.
  * 3. The check kernel (a block per request) writes each draft node's Q_x
- *    and status, each request's target check and which rows' exact totals
- *    its walk needs, to the buffer; the totals kernel (a block per slice of
- *    every row) those rows' totals.
+ *    and status, each request's target check and the rows whose exact
+ *    totals its walk needs (one list for the call, its count zeroed first),
+ *    to the buffer; the totals kernel (a grid that fills the device, a
+ *    block per part of a listed row in turn) those rows' totals.
  * 4. With host memory (read back anyway) or in checking mode (which waits
  *    for its check), the host reads the checks and fails the call as every
  *    backend does (core/verify_backend.h), before anything is written.
@@ -1201,7 +1202,8 @@ struct verify_device {
     psm_verify_row *rows[2];
     psm_u64 *node_drawn;
     psm_u64 *partials;
-    psm_i32 *row_needed;
+    psm_u32 *needed_rows;
+    psm_u32 *needed_count;
     psm_i32 *node_status;
     psm_i32 *request_bad;
     psm_i32 *accepted, *tokens_out, *path_out;
@@ -1298,8 +1300,9 @@ psm_status verify_place(psm_gpu_state *state, const psm_verify_request *request,
     d->partials = (psm_u64 *)verify_take(carve, (size_t)psm_verify_total_rows(call) *
                                                    (size_t)psm_verify_parts(call.vocab) *
                                                    sizeof(psm_u64));
-    d->row_needed = (psm_i32 *)verify_take(carve, (size_t)psm_verify_total_rows(call) *
-                                                      sizeof(psm_i32));
+    d->needed_rows = (psm_u32 *)verify_take(carve, (size_t)psm_verify_total_rows(call) *
+                                                       sizeof(psm_u32));
+    d->needed_count = (psm_u32 *)verify_take(carve, sizeof(psm_u32));
     d->node_status = (psm_i32 *)verify_take(carve, rows[1] * sizeof(psm_i32));
     d->request_bad = (psm_i32 *)verify_take(carve, (size_t)requests * sizeof(psm_i32));
     const psm_verification *out = &request->outputs;
@@ -1425,10 +1428,12 @@ psm_status verify_request(psm_gpu_state *state, psm_verify_request *request)
     PSM_TRY_STATUS(select_device(state));
     const psm_i64 requests = request->requests;
     const int k = request->nodes;
-    if (requests > ((psm_i64)1 << 31) - 1)
+    /* The kernels number the target and draft rows in 32 bits. */
+    if (requests > (((psm_i64)1 << 31) - 1) / (2 * k + 1))
         return psm_set_error(PSM_ERR_UNSUPPORTED,
-                             "%s backend: psm_verify of %lld requests; at most 2^31 - 1",
-                             PSM_GPU_RUNTIME_NAME, (long long)requests);
+                             "%s backend: psm_verify of %lld requests of %d drafts; at most "
+                             "2^31 - 1 target and draft rows",
+                             PSM_GPU_RUNTIME_NAME, (long long)requests, k);
     verify_carve carve = {NULL, 0};
     verify_device d;
     PSM_TRY_STATUS(verify_place(state, request, &carve, &d));
@@ -1457,7 +1462,8 @@ psm_status verify_request(psm_gpu_state *state, psm_verify_request *request)
     arrays.draft_rows = d.rows[1];
     arrays.node_drawn = d.node_drawn;
     arrays.partials = d.partials;
-    arrays.row_needed = d.row_needed;
+    arrays.needed_rows = d.needed_rows;
+    arrays.needed_count = d.needed_count;
     arrays.node_status = d.node_status;
     arrays.request_bad = d.request_bad;
     const psm_gpu_call by_request =
@@ -1472,17 +1478,18 @@ psm_status verify_request(psm_gpu_state *state, psm_verify_request *request)
     else
 #endif
         verify_kernels<32>(&check, &totals, &walk);
+    PSM_GPU_TRY(psm_gpu_memset_async(d.needed_count, 0, sizeof *d.needed_count, state->stream),
+                "zeroing psm_verify's count of needed rows");
     check<<<(unsigned)requests, PSM_GPU_VERIFY_THREADS, 0, state->stream>>>(by_request, call,
                                                                              arrays);
     PSM_GPU_TRY(psm_gpu_get_last_error(), "launching psm_verify's check kernel");
-    const psm_i64 units = psm_verify_total_rows(call) * psm_verify_slices(call.vocab);
-    if (units > ((psm_i64)1 << 31) - 1)
-        return psm_set_error(PSM_ERR_UNSUPPORTED,
-                             "%s backend: psm_verify of %lld rows of %lld tokens; at most 2^31 - "
-                             "1 slices of %d tokens",
-                             PSM_GPU_RUNTIME_NAME, (long long)psm_verify_total_rows(call),
-                             (long long)call.vocab, PSM_VERIFY_SLICE);
-    totals<<<(unsigned)units, PSM_GPU_VERIFY_THREADS, 0, state->stream>>>(call, arrays);
+    /* Every listed row's part a block at once where they fit on the
+     * device (8 blocks a multiprocessor: its 2,048 threads); else the
+     * blocks take them in turn. */
+    const psm_i64 units = psm_verify_total_rows(call) * psm_verify_parts(call.vocab);
+    const psm_i64 resident = (psm_i64)state->multiprocessors * 8;
+    totals<<<(unsigned)(units < resident ? units : resident), PSM_GPU_VERIFY_THREADS, 0,
+             state->stream>>>(call, arrays);
     PSM_GPU_TRY(psm_gpu_get_last_error(), "launching psm_verify's totals kernel");
     if (request->target.memory == PSM_MEMORY_HOST || request->check_rows)
         PSM_TRY_STATUS(verify_report_checks(state, request, d));

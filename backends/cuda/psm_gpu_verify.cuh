@@ -84,7 +84,8 @@ PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_VERIFY_THREADS)
     }
 }
 
-/* A block per slice of a row (block index: row x slices + slice). */
+/* A grid sized for the device; the blocks take the listed rows' parts in
+ * turn. */
 template <int WarpSize>
 PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_VERIFY_THREADS)
     psm_gpu_verify_totals_kernel(const psm_verify_call call, const psm_verify_arrays arrays)
@@ -92,7 +93,7 @@ PSM_GPU_KERNEL void __launch_bounds__(PSM_GPU_VERIFY_THREADS)
     __shared__ psm_group_scratch scratch;
     if constexpr (psm_gpu_wave_compiled<WarpSize>())
         psm_stage_verify_totals(psm_team_of_thread<WarpSize>(), call, arrays,
-                                (psm_i64)blockIdx.x, arrays.partials, &scratch);
+                                (psm_i64)blockIdx.x, (psm_i64)gridDim.x, &scratch);
 }
 
 template <int WarpSize>

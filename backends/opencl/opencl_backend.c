@@ -194,6 +194,9 @@ static psm_status create_state(const psm_context_options *options, int device_in
     CL_TRY(clGetDeviceInfo(state->device, CL_DEVICE_LOCAL_MEM_SIZE, sizeof state->local_memory,
                            &state->local_memory, NULL),
            "clGetDeviceInfo");
+    CL_TRY(clGetDeviceInfo(state->device, CL_DEVICE_MAX_COMPUTE_UNITS,
+                           sizeof state->compute_units, &state->compute_units, NULL),
+           "clGetDeviceInfo");
     CL_TRY(clGetDeviceInfo(state->device, CL_DEVICE_MAX_MEM_ALLOC_SIZE,
                            sizeof state->max_allocation, &state->max_allocation, NULL),
            "clGetDeviceInfo");

@@ -181,6 +181,7 @@ typedef struct opencl_state {
     cached_program *programs[PROGRAM_COUNT]; /* a feature's: NULL until a call needs it */
     cl_kernel kernels[KERNEL_COUNT];         /* NULL where their program is */
     size_t group_size; /* of every kernel of every program */
+    cl_uint compute_units;
     cl_ulong local_memory;
     cl_ulong row_filter_local; /* local memory the row filter uses besides its row cache */
     cl_ulong max_allocation;
@@ -189,8 +190,8 @@ typedef struct opencl_state {
     device_buffer own[PART_COUNT];
     /* psm_verify's buffers (opencl_verify.c): its stagings, per-row filters,
      * row results and checks, the n-th a call takes in the n-th slot. At
-     * most 43 in a call: 4 inputs, 2 x 10 per-request arrays, 2 x 4 row
-     * filters, 7 results, checks and marks, 4 outputs. */
+     * most 44 in a call: 4 inputs, 2 x 10 per-request arrays, 2 x 4 row
+     * filters, 8 results, checks and the list of needed rows, 4 outputs. */
     device_buffer verify_own[OPENCL_VERIFY_BUFFERS];
     /* A sharded call's pass (opencl_sharded.c), by the SHARD_* enum there. */
     device_buffer shard_own[OPENCL_SHARD_BUFFERS];

@@ -6,8 +6,11 @@
  *    request's filters, and the rows go through the pipeline's row passes
  *    (opencl_verify_row_passes), which leave each row's kept rule.
  * 3. psm_verify_check, a group per request: each draft node's Q_x
- *    and status, each request's target check, into workspace; then
- *    psm_verify_totals, a group per slice of every row: the rows' totals.
+ *    and status, each request's target check and the rows whose exact
+ *    totals its walk needs (one list for the call, its count zeroed
+ *    first), into workspace; then psm_verify_totals, a grid sized for the
+ *    device whose groups take the listed rows' parts in turn: their
+ *    totals.
  * 4. Where a failure can be reported (host memory, where the outputs are
  *    read back anyway, or checking mode, which waits for its check), the
  *    host reads the checks and fails the call as the CPU backend does
@@ -163,7 +166,8 @@ typedef struct verify_launch {
     psm_opencl_request by_request; /* the target's per-request view */
     cl_mem target, draft, tokens, parents;
     cl_mem target_arrays[OPENCL_ROW_ARRAYS];
-    cl_mem target_rows, draft_rows, node_drawn, partials, row_needed, node_status, request_bad;
+    cl_mem target_rows, draft_rows, node_drawn, partials, needed_rows, needed_count, node_status,
+        request_bad;
     psm_verify_call call;
 } verify_launch;
 
@@ -171,9 +175,9 @@ static psm_status set_verify_args(verify_launch *v, cl_kernel kernel, cl_uint *i
 {
     PSM_TRY(opencl_set_request_args(kernel, &v->by_request, v->target, v->target_arrays, index));
     PSM_TRY(opencl_set_arg(kernel, index, sizeof v->call, &v->call));
-    const cl_mem mems[] = {v->draft,      v->tokens,     v->parents,    v->target_rows,
-                           v->draft_rows, v->node_drawn, v->partials,   v->row_needed,
-                           v->node_status, v->request_bad};
+    const cl_mem mems[] = {v->draft,        v->tokens,      v->parents,     v->target_rows,
+                           v->draft_rows,   v->node_drawn,  v->partials,    v->needed_rows,
+                           v->needed_count, v->node_status, v->request_bad};
     for (size_t i = 0; i < sizeof mems / sizeof mems[0]; ++i)
         PSM_TRY(opencl_set_arg(kernel, index, sizeof(cl_mem), &mems[i]));
     return PSM_OK;
@@ -270,23 +274,34 @@ static psm_status verify_call(verify_launch *v)
     PSM_TRY(new_buffer(state, buffers, nodes * sizeof(cl_ulong), &v->node_drawn));
     PSM_TRY(new_buffer(state, buffers, nodes * sizeof(cl_int), &v->node_status));
     v->call = psm_verify_describe(request);
-    const size_t units = (size_t)psm_verify_total_rows(v->call) *
-                         (size_t)psm_verify_slices(v->call.vocab);
+    const size_t total_rows = (size_t)psm_verify_total_rows(v->call);
     PSM_TRY(new_buffer(state, buffers,
-                       (size_t)psm_verify_total_rows(v->call) *
-                           (size_t)psm_verify_parts(v->call.vocab) * sizeof(cl_ulong),
+                       total_rows * (size_t)psm_verify_parts(v->call.vocab) * sizeof(cl_ulong),
                        &v->partials));
-    PSM_TRY(new_buffer(state, buffers, (size_t)psm_verify_total_rows(v->call) * sizeof(cl_int),
-                       &v->row_needed));
+    PSM_TRY(new_buffer(state, buffers, total_rows * sizeof(cl_uint), &v->needed_rows));
+    PSM_TRY(new_buffer(state, buffers, sizeof(cl_uint), &v->needed_count));
     PSM_TRY(new_buffer(state, buffers, (size_t)requests * sizeof(cl_int), &v->request_bad));
+    const cl_uint zero = 0;
+    CL_TRY(clEnqueueFillBuffer(state->queue, v->needed_count, &zero, sizeof zero, 0, sizeof zero,
+                               0, NULL, NULL),
+           "clEnqueueFillBuffer");
+    if (state->queue_out_of_order)
+        CL_TRY(clEnqueueBarrierWithWaitList(state->queue, 0, NULL, NULL),
+               "clEnqueueBarrierWithWaitList");
     cl_kernel kernel = state->kernels[KERNEL_VERIFY_CHECK];
     cl_uint index = 0;
     PSM_TRY(set_verify_args(v, kernel, &index));
     PSM_TRY(opencl_enqueue(state, kernel, 1, (size_t)requests,
                            opencl_kernel_names[KERNEL_VERIFY_CHECK]));
+    /* Every listed row's part a group at once where they fit on the
+     * device (8 groups a compute unit); else the groups take them in
+     * turn. */
+    const size_t units = total_rows * (size_t)psm_verify_parts(v->call.vocab);
+    const size_t resident = (size_t)(state->compute_units ? state->compute_units : 1) * 8;
     kernel = state->kernels[KERNEL_VERIFY_TOTALS];
     PSM_TRY(set_verify_args(v, kernel, &index));
-    PSM_TRY(opencl_enqueue(state, kernel, units, 1, opencl_kernel_names[KERNEL_VERIFY_TOTALS]));
+    PSM_TRY(opencl_enqueue(state, kernel, units < resident ? units : resident, 1,
+                           opencl_kernel_names[KERNEL_VERIFY_TOTALS]));
     if (memory == PSM_MEMORY_HOST || request->check_rows)
         PSM_TRY(report_checks(v));
 

@@ -1663,8 +1663,8 @@ psm_verify_rows(PSM_REQUEST_PARAMS, __global const psm_row_state *state,
     const psm_verify_call call, __global const uchar *draft, __global const int *tokens,     \
         __global const int *parents, __global const psm_verify_row *target_rows,             \
         __global const psm_verify_row *draft_rows, __global ulong *node_drawn,               \
-        __global ulong *partials, __global int *row_needed, __global int *node_status,        \
-        __global int *request_bad
+        __global ulong *partials, __global uint *needed_rows, __global uint *needed_count,   \
+        __global int *node_status, __global int *request_bad
 
 #define PSM_VERIFY_ARRAYS(arrays)                                                            \
     psm_verify_arrays arrays;                                                                \
@@ -1676,7 +1676,8 @@ psm_verify_rows(PSM_REQUEST_PARAMS, __global const psm_row_state *state,
     arrays.draft_rows = draft_rows;                                                          \
     arrays.node_drawn = node_drawn;                                                          \
     arrays.partials = partials;                                                              \
-    arrays.row_needed = row_needed;                                                          \
+    arrays.needed_rows = needed_rows;                                                        \
+    arrays.needed_count = needed_count;                                                      \
     arrays.node_status = node_status;                                                        \
     arrays.request_bad = request_bad
 
@@ -1692,14 +1693,15 @@ psm_verify_check(PSM_REQUEST_PARAMS, PSM_VERIFY_PARAMS)
                            p.stream, &scratch);
 }
 
-/* A group per slice of a row (dimension 0: row x slices + slice). */
+/* A grid sized for the device (dimension 0); the groups take the listed
+ * rows' parts in turn. */
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void
 psm_verify_totals(PSM_REQUEST_PARAMS, PSM_VERIFY_PARAMS)
 {
     __local psm_group_scratch scratch;
     PSM_VERIFY_ARRAYS(arrays);
-    psm_stage_verify_totals(psm_team_of_item(), call, arrays, (long)get_group_id(0), partials,
-                            &scratch);
+    psm_stage_verify_totals(psm_team_of_item(), call, arrays, (long)get_group_id(0),
+                            (long)get_num_groups(0), &scratch);
 }
 
 __kernel __attribute__((reqd_work_group_size(PSM_WG, 1, 1))) void

@@ -74,6 +74,8 @@ typedef struct psm_verify_arrays {
     PSM_GLOBAL psm_u32 *needed_count;       /* workspace: their number (zeroed by the host
                                              * before phase 1) */
     PSM_GLOBAL psm_i32 *node_status;        /* workspace: PSM_NODE_* per node */
+    PSM_GLOBAL psm_i32 *node_decided;       /* workspace: per node, its first test within
+                                             * bounds (PSM_TEST_*) */
     PSM_GLOBAL psm_i32 *request_bad;        /* workspace: per request */
 } psm_verify_arrays;
 
@@ -328,24 +330,21 @@ PSM_DEVICE_FN int psm_verify_next_child(const psm_verify_call call,
 
 /* Node `node`'s acceptance test as the first at its parent (the residual
  * is then the parent's target row P, R_tot = G), decided within bounds on
- * the totals (PSM_TEST_*). It does not depend on the walk's path, so the
- * nodes' decisions are made side by side, an item each, in phase 1 (for
- * the list of needed rows) and again at the walk's start (whose tests
- * where it leaves them undecided take the exact totals). For a good request (Q_x, found
- * again here, is then positive); a test with draft probabilities is left
- * undecided (they have no mass for bounds). */
+ * the totals (PSM_TEST_*). It does not depend on the walk's path, so phase
+ * 1 decides every node's side by side, an item a node, for the list of
+ * needed rows and for the walk (whose tests where it leaves them undecided
+ * take the exact totals). For a good node (token: its draft token, in the
+ * vocab; parent: an earlier node; drawn: its Q_x, positive); a test with
+ * draft probabilities is left undecided (they have no mass for bounds). */
 PSM_DEVICE_FN int psm_verify_decide_within(const psm_verify_call call,
                                            const psm_verify_arrays arrays, psm_i64 r, int node,
+                                           psm_i32 token, int parent, psm_u64 drawn,
                                            psm_u64 seed, psm_u64 offset, psm_u32 stream)
 {
     if (call.draft_kind == PSM_DRAFT_PROBS)
         return PSM_TEST_UNDECIDED;
-    const psm_i64 at = r * call.nodes + node - 1;
-    const int parent = call.has_parents ? arrays.parents[at] : node - 1;
-    const psm_i32 token = arrays.tokens[at];
     return psm_draft_test_within(
-        psm_sample_bits(seed, offset, stream, (psm_u32)node).tile,
-        psm_verify_weight(psm_verify_draft_dist(call, arrays, r, node), token),
+        psm_sample_bits(seed, offset, stream, (psm_u32)node).tile, drawn,
         psm_verify_draft_bounds(call, arrays, r, node),
         psm_verify_weight(psm_verify_target_dist(call, arrays, r, parent), token),
         psm_verify_target_bounds(call, arrays, r, parent));
@@ -408,10 +407,11 @@ PSM_DEVICE_FN void psm_verify_list_needed(const psm_verify_call call,
         arrays.needed_rows[at + j] = listed[j];
 }
 
-/* Phase 1 for request r: its draft nodes' Q_x and status, and
- * whether its target rows and parameters are good (params_valid: its
- * resolved parameters are in range). A node's item writes the node's;
- * item 0 the request's flag and the list of its needed rows. */
+/* Phase 1 for request r: its draft nodes' Q_x, status and first test
+ * within bounds, and whether its target rows and parameters are good
+ * (params_valid: its resolved parameters are in range). A node's item
+ * writes the node's; item 0 the request's flag and the list of its needed
+ * rows. */
 PSM_TEAM_TEMPLATE
 PSM_LOCAL_FN void psm_stage_verify_check(PSM_TEAM_TYPE team, const psm_verify_call call,
                                          const psm_verify_arrays arrays, psm_i64 r,
@@ -419,11 +419,6 @@ PSM_LOCAL_FN void psm_stage_verify_check(PSM_TEAM_TYPE team, const psm_verify_ca
                                          psm_u32 stream, PSM_LOCAL psm_verify_scratch *scratch)
 {
     const int k = call.nodes;
-    int bad = !params_valid;
-    for (int v = 0; v <= k; ++v)
-        bad |= arrays.target_rows[r * (k + 1) + v].status == PSM_VERIFY_ROW_BAD;
-    if (psm_group_item() == 0)
-        arrays.request_bad[r] = bad;
     /* Draft probabilities in device memory: each node's row is checked
      * whole by the group. */
     const int check_probs = call.check_drafts && call.draft_kind == PSM_DRAFT_PROBS;
@@ -439,17 +434,24 @@ PSM_LOCAL_FN void psm_stage_verify_check(PSM_TEAM_TYPE team, const psm_verify_ca
             scratch->bad_probs[node - 1] = invalid != 0;
     }
     psm_group_barrier();
-    /* Each node's status and Q_x, an item a node (their loads side by
-     * side). */
-    psm_u64 nodes_bad = 0;
+    /* Each target row's status, and each node's status, Q_x and first test
+     * within bounds, an item a row and an item a node, so that their loads
+     * go side by side; one group sum counts the bad target rows (high
+     * word) and the bad nodes (low word). */
+    psm_u64 bad_counts = 0;
+    for (int v = psm_group_item(); v <= k; v += psm_group_size())
+        bad_counts += arrays.target_rows[r * (k + 1) + v].status == PSM_VERIFY_ROW_BAD
+                          ? (psm_u64)1 << 32
+                          : 0u;
     for (int node = 1 + psm_group_item(); node <= k; node += psm_group_size()) {
         const psm_i64 at = r * k + node - 1;
         const psm_i32 token = arrays.tokens[at];
+        const int parent = call.has_parents ? arrays.parents[at] : node - 1;
         int status = PSM_NODE_GOOD;
         if (call.check_drafts) {
             if (token < 0 || token >= call.vocab)
                 status = PSM_NODE_BAD_TOKEN;
-            else if (call.has_parents && !(arrays.parents[at] >= 0 && arrays.parents[at] < node))
+            else if (!(parent >= 0 && parent < node))
                 status = PSM_NODE_BAD_PARENT;
         }
         if (status == PSM_NODE_GOOD && call.draft_kind == PSM_DRAFT_LOGITS &&
@@ -463,20 +465,25 @@ PSM_LOCAL_FN void psm_stage_verify_check(PSM_TEAM_TYPE team, const psm_verify_ca
             if (drawn == 0)
                 status = PSM_NODE_ZERO_DRAFT;
         }
+        /* A good node's target rows may still be bad (the request is then
+         * bad, and its decisions unused); their arithmetic is safe. */
+        const int decided = status == PSM_NODE_GOOD
+                                ? psm_verify_decide_within(call, arrays, r, node, token, parent,
+                                                           drawn, seed, offset, stream)
+                                : PSM_TEST_UNDECIDED;
         arrays.node_drawn[at] = drawn;
         arrays.node_status[at] = status;
-        nodes_bad |= status != PSM_NODE_GOOD ? 1u : 0u;
+        arrays.node_decided[at] = decided;
+        scratch->decided[node - 1] = decided;
+        bad_counts += status != PSM_NODE_GOOD ? 1u : 0u;
     }
-    /* Every node's test within bounds, an item a node, then the list from
-     * item 0; only for a good request. */
-    const int unusable = bad || psm_group_max_u64(team, nodes_bad, &scratch->group) != 0;
-    for (int node = 1 + psm_group_item(); node <= k; node += psm_group_size())
-        scratch->decided[node - 1] =
-            !unusable ? psm_verify_decide_within(call, arrays, r, node, seed, offset, stream)
-                      : PSM_TEST_UNDECIDED;
-    psm_group_barrier();
-    if (psm_group_item() == 0)
-        psm_verify_list_needed(call, arrays, r, unusable, scratch);
+    bad_counts = psm_group_sum_u64(team, bad_counts, &scratch->group);
+    const int bad = !params_valid || (bad_counts >> 32) != 0;
+    if (psm_group_item() == 0) {
+        arrays.request_bad[r] = bad;
+        psm_verify_list_needed(call, arrays, r, bad || (bad_counts & 0xffffffffu) != 0,
+                               scratch);
+    }
 }
 
 /* The residual's weight at token i after the first `steps` rejections at
@@ -581,8 +588,8 @@ PSM_LOCAL_FN int psm_verify_find_part(PSM_TEAM_TYPE team, const psm_verify_call 
  * A bad request (a bad target row or parameter, or a bad draft node, which
  * only arrays in device memory leave for this phase: the host fails the
  * call on the others) gets -1 everywhere. A first test at a node is taken
- * from the decisions within bounds (psm_verify_decide_within, made side by
- * side at the start) where they decide it, so a walk down accepted drafts
+ * from phase 1's decisions within bounds (psm_verify_decide_within)
+ * where they decide it, so a walk down accepted drafts
  * reads no total; a total is summed from its partials where it is first
  * used (target_total 0: not yet), as phase 1 listed it. */
 PSM_TEAM_TEMPLATE
@@ -594,18 +601,17 @@ PSM_LOCAL_FN void psm_stage_verify_walk(PSM_TEAM_TYPE team, const psm_verify_cal
 {
     const int k = call.nodes;
     const int writer = psm_group_item() == 0;
-    /* Each node's token, parent, status and first test within bounds, an
-     * item a node, so that their loads go side by side and the walk below
-     * loads nothing per node it passes. */
+    /* Each node's token, parent, status and first test within bounds (as
+     * phase 1 decided it), an item a node, so that their loads go side by
+     * side and the walk below loads nothing per node it passes. */
     const int request_bad = arrays.request_bad[r] != 0;
     for (int node = 1 + psm_group_item(); node <= k; node += psm_group_size()) {
         const psm_i64 at = r * k + node - 1;
         scratch->node_token[node - 1] = arrays.tokens[at];
         scratch->node_parent[node - 1] = call.has_parents ? arrays.parents[at] : node - 1;
-        scratch->decided[node - 1] =
-            request_bad || arrays.node_status[at] != PSM_NODE_GOOD
-                ? PSM_VERIFY_NODE_BAD
-                : psm_verify_decide_within(call, arrays, r, node, seed, offset, stream);
+        scratch->decided[node - 1] = request_bad || arrays.node_status[at] != PSM_NODE_GOOD
+                                         ? PSM_VERIFY_NODE_BAD
+                                         : arrays.node_decided[at];
     }
     psm_group_barrier();
     int bad = request_bad;

@@ -1205,6 +1205,7 @@ struct verify_device {
     psm_u32 *needed_rows;
     psm_u32 *needed_count;
     psm_i32 *node_status;
+    psm_i32 *node_decided;
     psm_i32 *request_bad;
     psm_i32 *accepted, *tokens_out, *path_out;
     float *logprobs_out;
@@ -1304,6 +1305,7 @@ psm_status verify_place(psm_gpu_state *state, const psm_verify_request *request,
                                                        sizeof(psm_u32));
     d->needed_count = (psm_u32 *)verify_take(carve, sizeof(psm_u32));
     d->node_status = (psm_i32 *)verify_take(carve, rows[1] * sizeof(psm_i32));
+    d->node_decided = (psm_i32 *)verify_take(carve, rows[1] * sizeof(psm_i32));
     d->request_bad = (psm_i32 *)verify_take(carve, (size_t)requests * sizeof(psm_i32));
     const psm_verification *out = &request->outputs;
     d->accepted = (psm_i32 *)out->accepted.data;
@@ -1465,6 +1467,7 @@ psm_status verify_request(psm_gpu_state *state, psm_verify_request *request)
     arrays.needed_rows = d.needed_rows;
     arrays.needed_count = d.needed_count;
     arrays.node_status = d.node_status;
+    arrays.node_decided = d.node_decided;
     arrays.request_bad = d.request_bad;
     const psm_gpu_call by_request =
         verify_by_request(&request->target_params, d.target_arrays, requests);

@@ -190,8 +190,8 @@ typedef struct opencl_state {
     device_buffer own[PART_COUNT];
     /* psm_verify's buffers (opencl_verify.c): its stagings, per-row filters,
      * row results and checks, the n-th a call takes in the n-th slot. At
-     * most 44 in a call: 4 inputs, 2 x 10 per-request arrays, 2 x 4 row
-     * filters, 8 results, checks and the list of needed rows, 4 outputs. */
+     * most 45 in a call: 4 inputs, 2 x 10 per-request arrays, 2 x 4 row
+     * filters, 9 results, checks and the list of needed rows, 4 outputs. */
     device_buffer verify_own[OPENCL_VERIFY_BUFFERS];
     /* A sharded call's pass (opencl_sharded.c), by the SHARD_* enum there. */
     device_buffer shard_own[OPENCL_SHARD_BUFFERS];

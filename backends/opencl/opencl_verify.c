@@ -167,7 +167,7 @@ typedef struct verify_launch {
     cl_mem target, draft, tokens, parents;
     cl_mem target_arrays[OPENCL_ROW_ARRAYS];
     cl_mem target_rows, draft_rows, node_drawn, partials, needed_rows, needed_count, node_status,
-        request_bad;
+        node_decided, request_bad;
     psm_verify_call call;
 } verify_launch;
 
@@ -177,7 +177,8 @@ static psm_status set_verify_args(verify_launch *v, cl_kernel kernel, cl_uint *i
     PSM_TRY(opencl_set_arg(kernel, index, sizeof v->call, &v->call));
     const cl_mem mems[] = {v->draft,        v->tokens,      v->parents,     v->target_rows,
                            v->draft_rows,   v->node_drawn,  v->partials,    v->needed_rows,
-                           v->needed_count, v->node_status, v->request_bad};
+                           v->needed_count, v->node_status, v->node_decided,
+                           v->request_bad};
     for (size_t i = 0; i < sizeof mems / sizeof mems[0]; ++i)
         PSM_TRY(opencl_set_arg(kernel, index, sizeof(cl_mem), &mems[i]));
     return PSM_OK;
@@ -273,6 +274,7 @@ static psm_status verify_call(verify_launch *v)
 
     PSM_TRY(new_buffer(state, buffers, nodes * sizeof(cl_ulong), &v->node_drawn));
     PSM_TRY(new_buffer(state, buffers, nodes * sizeof(cl_int), &v->node_status));
+    PSM_TRY(new_buffer(state, buffers, nodes * sizeof(cl_int), &v->node_decided));
     v->call = psm_verify_describe(request);
     const size_t total_rows = (size_t)psm_verify_total_rows(v->call);
     PSM_TRY(new_buffer(state, buffers,

@@ -1664,7 +1664,7 @@ psm_verify_rows(PSM_REQUEST_PARAMS, __global const psm_row_state *state,
         __global const int *parents, __global const psm_verify_row *target_rows,             \
         __global const psm_verify_row *draft_rows, __global ulong *node_drawn,               \
         __global ulong *partials, __global uint *needed_rows, __global uint *needed_count,   \
-        __global int *node_status, __global int *request_bad
+        __global int *node_status, __global int *node_decided, __global int *request_bad
 
 #define PSM_VERIFY_ARRAYS(arrays)                                                            \
     psm_verify_arrays arrays;                                                                \
@@ -1679,6 +1679,7 @@ psm_verify_rows(PSM_REQUEST_PARAMS, __global const psm_row_state *state,
     arrays.needed_rows = needed_rows;                                                        \
     arrays.needed_count = needed_count;                                                      \
     arrays.node_status = node_status;                                                        \
+    arrays.node_decided = node_decided;                                                      \
     arrays.request_bad = request_bad
 
 /* A group per request (dimension 1). */

@@ -341,7 +341,10 @@ PSM_DEVICE_FN int psm_verify_decide_within(const psm_verify_call call,
                                            psm_i32 token, int parent, psm_u64 drawn,
                                            psm_u64 seed, psm_u64 offset, psm_u32 stream)
 {
-    if (call.draft_kind == PSM_DRAFT_PROBS)
+    /* A bad parent row (its request is bad, the decision unused) is not
+     * weighed: it may hold NaN and infinite logits. */
+    if (call.draft_kind == PSM_DRAFT_PROBS ||
+        arrays.target_rows[r * (call.nodes + 1) + parent].status == PSM_VERIFY_ROW_BAD)
         return PSM_TEST_UNDECIDED;
     return psm_draft_test_within(
         psm_sample_bits(seed, offset, stream, (psm_u32)node).tile, drawn,
@@ -465,8 +468,6 @@ PSM_LOCAL_FN void psm_stage_verify_check(PSM_TEAM_TYPE team, const psm_verify_ca
             if (drawn == 0)
                 status = PSM_NODE_ZERO_DRAFT;
         }
-        /* A good node's target rows may still be bad (the request is then
-         * bad, and its decisions unused); their arithmetic is safe. */
         const int decided = status == PSM_NODE_GOOD
                                 ? psm_verify_decide_within(call, arrays, r, node, token, parent,
                                                            drawn, seed, offset, stream)

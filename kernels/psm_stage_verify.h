@@ -190,13 +190,13 @@ PSM_DEVICE_FN psm_verify_dist psm_verify_draft_dist(const psm_verify_call call,
 PSM_DEVICE_FN psm_u64 psm_verify_part_weights(psm_verify_dist dist, int from, int to)
 {
     const int items = psm_group_size();
-    psm_u64 sum = 0;
     if (dist.kind == PSM_DIST_POINT) {
         /* in the part that holds the point, where a draw finds it */
         return psm_group_item() == 0 && dist.point >= (psm_u32)from && dist.point < (psm_u32)to
                    ? 1u
                    : 0u;
     }
+    psm_u64 sum = 0;
     if (dist.kind == PSM_DIST_PROBS) {
         for (int i = from + psm_group_item(); i < to; i += items)
             sum += psm_verify_weight(dist, i);
@@ -275,6 +275,16 @@ PSM_LOCAL_FN psm_u64 psm_verify_row_total(PSM_TEAM_TYPE team, const psm_verify_c
     for (int j = psm_group_item(); j < parts; j += psm_group_size())
         total += partials[row * parts + j];
     return psm_group_sum_u64(team, total, &scratch->group);
+}
+
+/* G of a walk's target row, `known` where it was summed already (a good
+ * row's G is at least 1, so 0 means not yet), else summed now. */
+PSM_TEAM_TEMPLATE
+PSM_LOCAL_FN psm_u64 psm_verify_target_total(PSM_TEAM_TYPE team, const psm_verify_call call,
+                                             PSM_GLOBAL const psm_u64 *partials, psm_i64 row,
+                                             psm_u64 known, PSM_LOCAL psm_verify_scratch *scratch)
+{
+    return known != 0 ? known : psm_verify_row_total(team, call, partials, row, scratch);
 }
 
 /* A draft node's Q_tot: its row's partials, or 1 for a one-hot draft
@@ -629,7 +639,7 @@ PSM_LOCAL_FN void psm_stage_verify_walk(PSM_TEAM_TYPE team, const psm_verify_cal
     for (;;) {
         const psm_i64 target_row = r * (k + 1) + node;
         const psm_verify_dist target = psm_verify_target_dist(call, arrays, r, node);
-        psm_u64 target_total = 0; /* G: summed where first used */
+        psm_u64 target_total = 0; /* G: summed where first used (0: not yet) */
         psm_u64 residual_total = 0;
         int steps = 0, accepted_child = 0;
         for (int child = node + 1; child <= k; ++child) {
@@ -641,9 +651,8 @@ PSM_LOCAL_FN void psm_stage_verify_walk(PSM_TEAM_TYPE team, const psm_verify_cal
             int accepted = decided == PSM_TEST_ACCEPTED;
             psm_u64 draft_total = 0;
             if (!accepted) { /* a test with the exact totals, or a rejection */
-                if (target_total == 0)
-                    target_total = psm_verify_row_total(team, call, arrays.partials, target_row,
-                                                        scratch);
+                target_total = psm_verify_target_total(team, call, arrays.partials, target_row,
+                                                       target_total, scratch);
                 if (steps == 0)
                     residual_total = target_total;
                 draft_total = psm_verify_draft_total(team, call, arrays.partials, r, child, scratch);
@@ -657,9 +666,8 @@ PSM_LOCAL_FN void psm_stage_verify_walk(PSM_TEAM_TYPE team, const psm_verify_cal
             if (accepted) {
                 psm_u64 weight = 0;
                 if (call.want_logprobs) {
-                    if (target_total == 0)
-                        target_total = psm_verify_row_total(team, call, arrays.partials,
-                                                            target_row, scratch);
+                    target_total = psm_verify_target_total(team, call, arrays.partials,
+                                                           target_row, target_total, scratch);
                     weight = psm_verify_weight(target, token);
                 }
                 if (writer)
@@ -709,9 +717,8 @@ PSM_LOCAL_FN void psm_stage_verify_walk(PSM_TEAM_TYPE team, const psm_verify_cal
          * its tokens are read. Each item sums a contiguous run of the
          * tokens searched; the one whose run holds the pick finds the token
          * in it. */
-        if (target_total == 0)
-            target_total =
-                psm_verify_row_total(team, call, arrays.partials, target_row, scratch);
+        target_total = psm_verify_target_total(team, call, arrays.partials, target_row,
+                                               target_total, scratch);
         if (steps == 0)
             residual_total = target_total;
         const psm_draw_bits bits = psm_sample_bits(seed, offset, stream, (psm_u32)node);

@@ -310,12 +310,13 @@ typedef struct shape {
 
 /* One partial tile; an aligned multi-tile row; an odd stride (no 16-byte
  * loads); a row that fits in shared memory (32000); rows that do not (the
- * global-memory path); a large batch. Batches smaller than the multiprocessor
- * count with 8 tiles or more per row run filtered rows split over several
- * blocks (24576 with an odd stride: also under the sanitizers). */
+ * global-memory path); a large batch. Batches of at most half the filtered
+ * row kernel's resident blocks with 8 tiles or more per row run filtered
+ * rows split over several blocks (24576 with an odd stride: also under the
+ * sanitizers; 200 rows: more rows than an H100 or H200 has multiprocessors). */
 static const shape shapes[] = {
     {3, 1000, 1000, 1},     {5, 4096, 4101, 1},     {2, 24576, 24579, 1},  {2, 32000, 32000, 0},
-    {1, 151936, 151936, 0}, {4, 100003, 100008, 0}, {600, 2000, 2000, 0},
+    {1, 151936, 151936, 0}, {4, 100003, 100008, 0}, {600, 2000, 2000, 0},    {200, 16384, 16387, 0},
 };
 #define SHAPE_COUNT (sizeof shapes / sizeof shapes[0])
 

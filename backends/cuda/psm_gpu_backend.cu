@@ -9,15 +9,15 @@
  * Launches per call: the tile kernel and the row kernel (plus the check
  * kernel and one small copy in checking mode, the top-N kernel with
  * top_logprobs and the rank kernel with its sampled ranks), whatever the
- * batch size. A
- * call with filters and fewer rows than multiprocessors launches the row
- * kernel cooperatively with several blocks per row (split rows,
- * psm_gpu_kernels.cuh), where the device supports it. With
- * device buffers and no checking, a call queues only those launches on the
- * stream (no synchronisation, and no allocation once the shape has been seen,
- * or ever with a caller's workspace), so it can be captured in a graph; the
- * seed and offset given by pointer and the per-row arrays are read by the
- * kernels, so each replay of the graph reads their current values.
+ * batch size. A call with filters and few enough rows (each with two blocks
+ * resident at once) launches the row kernel cooperatively with several
+ * blocks per row (split rows, psm_gpu_kernels.cuh), where the device
+ * supports it. With device buffers and no checking, a call queues only those
+ * launches on the stream (no synchronisation, and no allocation once the
+ * shape has been seen, or ever with a caller's workspace), so it can be
+ * captured in a graph; the seed and offset given by pointer and the per-row
+ * arrays are read by the kernels, so each replay of the graph reads their
+ * current values.
  */
 #include "psm_gpu_kernels.cuh"
 #include "psm_gpu_processing.cuh"
@@ -109,7 +109,10 @@ struct psm_gpu_state {
     /* split rows: how many blocks of the filtered row kernel (by dtype and
      * probs mode) can be resident at once; 0 without cooperative launch */
     psm_i64 split_capacity[3][2];
-    psm_gpu_split_row *split_rows; /* one pool per multiprocessor: split calls have fewer rows */
+    /* the most rows a split call may have: every row at least two blocks
+     * resident at once, and never fewer than the multiprocessors */
+    psm_i64 split_pool_rows;
+    psm_gpu_split_row *split_rows; /* split_pool_rows pools */
     /* The split pools above and the bad-row flag are allocated with the
      * context, sized by the device and not by a request, and every call uses
      * them, a call with a caller's workspace too. */
@@ -350,6 +353,17 @@ void find_split_capacity(psm_gpu_state *state)
             state->split_capacity[dtype][probs] =
                 (psm_i64)per_multiprocessor * state->multiprocessors;
         }
+}
+
+/* Rows whose pools the context holds (see split_pool_rows). */
+psm_i64 split_pool_rows(const psm_gpu_state *state)
+{
+    psm_i64 rows = state->multiprocessors;
+    for (int dtype = 0; dtype < 3; ++dtype)
+        for (int probs = 0; probs < 2; ++probs)
+            if (state->split_capacity[dtype][probs] / 2 > rows)
+                rows = state->split_capacity[dtype][probs] / 2;
+    return rows;
 }
 
 /* ---- one call's device memory -------------------------------------------- */
@@ -961,16 +975,16 @@ psm_status prepare_call(psm_gpu_state *state, psm_request *request, bool probs_m
 
 /* Blocks per row of the row kernel: more than one only for calls that may
  * filter (a plain row's row-kernel work is per tile and per sample, not a
- * pass over the row) with fewer rows than multiprocessors, and only as many
- * as can be resident together, each with at least PSM_GPU_SPLIT_MIN_TILES
- * tiles to read. */
+ * pass over the row) with few enough rows that each can have two blocks
+ * resident at once, and only as many as can be resident together, each
+ * with at least PSM_GPU_SPLIT_MIN_TILES tiles to read. */
 #define PSM_GPU_SPLIT_MIN_TILES 2
 
 psm_i64 row_parts(const psm_gpu_state *state, const psm_gpu_call &call, psm_dtype dtype,
                   bool filtered, bool probs_mode)
 {
     const psm_i64 capacity = state->split_capacity[dtype][probs_mode ? 1 : 0];
-    if (!filtered || capacity == 0 || call.rows >= state->multiprocessors)
+    if (!filtered || capacity == 0 || call.rows > state->split_pool_rows)
         return 1;
     const psm_i64 by_work = (call.tiles_per_row + PSM_GPU_SPLIT_MIN_TILES - 1) / PSM_GPU_SPLIT_MIN_TILES;
     const psm_i64 by_room = capacity / call.rows;
@@ -1707,6 +1721,7 @@ static psm_status gpu_create(const psm_context_options *options, int device_inde
     }
     state->multiprocessors = properties.multiProcessorCount > 0 ? properties.multiProcessorCount : 1;
     find_split_capacity(state);
+    state->split_pool_rows = split_pool_rows(state);
 
     if (options->native_stream) {
         state->stream = (psm_gpu_stream_t)options->native_stream;
@@ -1720,7 +1735,7 @@ static psm_status gpu_create(const psm_context_options *options, int device_inde
         state->owns_stream = 1;
     }
     error = device_malloc((void **)&state->split_rows,
-                          (size_t)state->multiprocessors * sizeof *state->split_rows);
+                          (size_t)state->split_pool_rows * sizeof *state->split_rows);
     if (error == psm_gpu_success)
         error = device_malloc((void **)&state->first_bad_row, sizeof *state->first_bad_row);
     if (error == psm_gpu_success)

@@ -12,8 +12,8 @@
  *     rank key), valid count, bad flag, and for plain rows the tile mass S_t
  *     against m_t.
  *   launch 1b, check kernel (checking mode only): first bad row.
- *   launch 2, row kernel (one block per row; with fewer rows than
- *   multiprocessors and filters, several blocks per row, see "split rows"):
+ *   launch 2, row kernel (one block per row; with filters and few enough
+ *   rows, several blocks per row, see "split rows"):
  *     combines the tiles (row max M, greedy token, bad rows); with filters,
  *     finds the top-k / top-p cutoff and makes the tile masses over the kept
  *     set; then rescales the tile masses to the row (T_t), scans them, and
@@ -96,15 +96,16 @@ static_assert(PSM_ORDER_POLYSAMPLE == PSM_FILTER_ORDER_POLYSAMPLE &&
  * core/psm_row.h): the most tokens its candidate list holds. */
 #define PSM_GPU_LIST_CAPACITY 1024
 
-/* Split rows. When a call has fewer rows than multiprocessors and may
- * filter, one block per row would leave most of the GPU idle while it reads
- * its row several times. The host then launches the row kernel
- * cooperatively (every block resident at once, or the launch fails) with
- * row_parts blocks per row: the blocks of a row read disjoint slices of it,
- * pool what they found (gap-bin counts, candidate keys, tile masses) here in
- * global memory, and meet at a per-row barrier; the decisions that follow
- * are taken by every block alike from the pooled data, and block 0 of the
- * row alone writes the outputs. */
+/* Split rows. When a call may filter and has too few rows to fill the
+ * device (at most half the blocks of the filtered row kernel that can be
+ * resident at once), one block per row would leave most of the GPU idle,
+ * or at low occupancy, while it reads its row several times. The host then
+ * launches the row kernel cooperatively (every block resident at once, or
+ * the launch fails) with row_parts blocks per row: the blocks of a row read
+ * disjoint slices of it, pool what they found (gap-bin counts, candidate
+ * keys, tile masses) here in global memory, and meet at a per-row barrier;
+ * the decisions that follow are taken by every block alike from the pooled
+ * data, and block 0 of the row alone writes the outputs. */
 struct psm_gpu_split_pool {
     unsigned long long bin_mass[PSM_GAP_BINS];
     psm_u32 bin_count[PSM_GAP_BINS];      /* the row's tokens */

@@ -332,11 +332,13 @@ psm_status check_device_wave_size(psm_gpu_state *state)
 
 /* Split rows need a cooperative launch of the filtered row kernel; its
  * capacity is the occupancy the runtime reports for each variant. A device
- * or runtime that cannot tell leaves rows unsplit. */
+ * or runtime that cannot tell leaves rows unsplit. Also sets the rows whose
+ * pools the context holds (split_pool_rows). */
 void find_split_capacity(psm_gpu_state *state)
 {
     int cooperative = 0;
     memset(state->split_capacity, 0, sizeof state->split_capacity);
+    state->split_pool_rows = state->multiprocessors;
     if (psm_gpu_cooperative_supported(&cooperative, state->device) != psm_gpu_success ||
         !cooperative) {
         (void)psm_gpu_get_last_error();
@@ -350,20 +352,11 @@ void find_split_capacity(psm_gpu_state *state)
                 (void)psm_gpu_get_last_error();
                 per_multiprocessor = 0;
             }
-            state->split_capacity[dtype][probs] =
-                (psm_i64)per_multiprocessor * state->multiprocessors;
+            const psm_i64 capacity = (psm_i64)per_multiprocessor * state->multiprocessors;
+            state->split_capacity[dtype][probs] = capacity;
+            if (capacity / 2 > state->split_pool_rows)
+                state->split_pool_rows = capacity / 2;
         }
-}
-
-/* Rows whose pools the context holds (see split_pool_rows). */
-psm_i64 split_pool_rows(const psm_gpu_state *state)
-{
-    psm_i64 rows = state->multiprocessors;
-    for (int dtype = 0; dtype < 3; ++dtype)
-        for (int probs = 0; probs < 2; ++probs)
-            if (state->split_capacity[dtype][probs] / 2 > rows)
-                rows = state->split_capacity[dtype][probs] / 2;
-    return rows;
 }
 
 /* ---- one call's device memory -------------------------------------------- */
@@ -1721,7 +1714,6 @@ static psm_status gpu_create(const psm_context_options *options, int device_inde
     }
     state->multiprocessors = properties.multiProcessorCount > 0 ? properties.multiProcessorCount : 1;
     find_split_capacity(state);
-    state->split_pool_rows = split_pool_rows(state);
 
     if (options->native_stream) {
         state->stream = (psm_gpu_stream_t)options->native_stream;
